@@ -1,0 +1,52 @@
+# The two commands a newcomer needs: `make run` and `make test`.
+PYTHON ?= python3.11
+VENV ?= .venv
+BIN := $(VENV)/bin
+CONFIG ?= etc/cim.ini
+
+.PHONY: run test install install-test proto lint typecheck bench bench-full clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip==25.3
+
+$(VENV)/.installed: $(BIN)/python setup.cfg pyproject.toml requirements/constraints.txt
+	$(BIN)/pip install --quiet -c requirements/constraints.txt -e .
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(BIN)/pip install --quiet -c requirements/constraints.txt -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+install-test: $(VENV)/.installed-test
+
+## Install and run the daemon in the foreground on the embedded backends.
+run: install
+	$(BIN)/twistd --nodaemon --pidfile= cim --config $(CONFIG)
+
+## Install the test dependencies and run the whole test suite.
+test: install-test
+	$(BIN)/trial $(TRIAL_ARGS) tests
+
+## Regenerate cim/protocols/cim_pb2.py(i) from cim.proto.
+proto: install-test
+	$(BIN)/python -m grpc_tools.protoc -Icim/protocols --python_out=cim/protocols \
+		--pyi_out=cim/protocols cim/protocols/cim.proto
+
+lint: install-test
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: install-test
+	$(BIN)/mypy
+
+bench: install-test
+	$(BIN)/python -m bench.run --quick
+
+bench-full: install-test
+	$(BIN)/python -m bench.run --full
+
+clean:
+	rm -rf $(VENV) _trial_temp build *.egg-info

@@ -1,0 +1,3 @@
+"""cim: an instant-messaging server on Twisted."""
+
+__version__ = "0.1.0"

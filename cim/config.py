@@ -1,0 +1,421 @@
+"""Typed configuration: one class per INI section, validated before anything starts.
+
+Every error names the section, the key and the offending value in one line, so an
+operator can fix ``etc/cim.ini`` without reading a traceback. ``cimctl check-config``
+and the daemon run exactly the same validation.
+"""
+
+from __future__ import annotations
+
+import configparser
+import dataclasses
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, TypeVar
+
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.testing import MemoryReactor
+
+SUITE_CHACHA = "chacha20-poly1305"
+SUITE_RC4 = "rc4-hmac-sha256"
+KNOWN_SUITES = (SUITE_CHACHA, SUITE_RC4)
+
+
+class ConfigError(Exception):
+    """A configuration problem, rendered as one line naming where it is."""
+
+    def __init__(self, section: str, key: str | None, value: str | None, reason: str) -> None:
+        super().__init__(section, key, value, reason)
+        self.section = section
+        self.key = key
+        self.value = value
+        self.reason = reason
+
+    def __str__(self) -> str:
+        where = f"[{self.section}]"
+        if self.key is not None:
+            where += f" {self.key}"
+            if self.value is not None:
+                where += f" = {self.value!r}"
+        return f"config error: {where}: {self.reason}"
+
+
+# --- value parsers -------------------------------------------------------------------
+# Each takes the raw string and returns the typed value or raises ValueError whose text
+# says what was expected; the loader turns that into a ConfigError with the path.
+
+
+def parse_bool(raw: str) -> bool:
+    lowered = raw.strip().lower()
+    if lowered in ("true", "yes", "on", "1"):
+        return True
+    if lowered in ("false", "no", "off", "0"):
+        return False
+    raise ValueError("expected true or false")
+
+
+def parse_int(raw: str) -> int:
+    try:
+        return int(raw.strip().replace("_", ""))
+    except ValueError:
+        raise ValueError("expected a whole number") from None
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+
+
+def parse_duration(raw: str) -> float:
+    """Seconds; a bare number is seconds, or a suffix ms, s, m, h, d."""
+    match = _DURATION.match(raw)
+    if match is None:
+        raise ValueError("expected a duration such as 30, 30s, 5m, 2h or 7d")
+    return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+
+
+_SIZE = re.compile(r"^\s*(\d+)\s*(b|k|kib|m|mib|g|gib)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {None: 1, "b": 1, "k": 1024, "kib": 1024, "m": 1 << 20, "mib": 1 << 20}
+_SIZE_UNITS.update({"g": 1 << 30, "gib": 1 << 30})
+
+
+def parse_size(raw: str) -> int:
+    """Bytes; a bare number is bytes, or a suffix KiB, MiB, GiB."""
+    match = _SIZE.match(raw)
+    if match is None:
+        raise ValueError("expected a size such as 65536, 64KiB or 1MiB")
+    unit = match.group(2).lower() if match.group(2) else None
+    return int(match.group(1)) * _SIZE_UNITS[unit]
+
+
+def parse_str(raw: str) -> str:
+    return raw.strip()
+
+
+def parse_list(raw: str) -> tuple[str, ...]:
+    return tuple(item.strip() for item in raw.split(",") if item.strip())
+
+
+def parse_endpoint(raw: str) -> str:
+    """A Twisted server endpoint description, checked without listening."""
+    description = raw.strip()
+    try:
+        endpoint = serverFromString(MemoryReactor(), description)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"not a valid endpoint description ({exc})") from None
+    port = getattr(endpoint, "_port", None)
+    if port is not None and not 0 <= int(port) <= 65535:
+        raise ValueError("port must be between 0 and 65535")
+    return description
+
+
+def parse_host_port(raw: str) -> str:
+    host, sep, port = raw.strip().rpartition(":")
+    if not sep or not host:
+        raise ValueError("expected host:port")
+    try:
+        number = int(port)
+    except ValueError:
+        raise ValueError("expected host:port with a numeric port") from None
+    if not 1 <= number <= 65535:
+        raise ValueError("port must be between 1 and 65535")
+    return raw.strip()
+
+
+REQUIRED: Any = object()
+"""Default of a key the operator must set."""
+
+
+def _opt(
+    default: Any,
+    parse: Callable[[str], Any],
+    *,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    choices: tuple[str, ...] | None = None,
+    doc: str = "",
+) -> Any:
+    return field(
+        default=default,
+        metadata={"parse": parse, "min": minimum, "max": maximum, "choices": choices, "doc": doc},
+    )
+
+
+# --- sections ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    section: ClassVar[str] = "node"
+    id: str = _opt(REQUIRED, parse_str)
+    data_dir: str = _opt("data", parse_str)
+
+    def validate(self) -> None:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", self.id):
+            raise ConfigError(
+                "node", "id", self.id, "use 1-64 letters, digits, '.', '_' or '-'"
+            )
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    section: ClassVar[str] = "router"
+    enabled: bool = _opt(True, parse_bool)
+    listen: str = _opt("tcp:8080:interface=127.0.0.1", parse_endpoint)
+    duplicate_login: str = _opt("kick_old", parse_str, choices=("kick_old", "refuse_new"))
+    token_ttl: float = _opt(7 * 86400.0, parse_duration, minimum=60)
+    max_failed_logins_per_user: int = _opt(5, parse_int, minimum=1)
+    max_failed_logins_per_address: int = _opt(20, parse_int, minimum=1)
+    failed_login_window: float = _opt(300.0, parse_duration, minimum=1)
+    max_body_size: int = _opt(16384, parse_size, minimum=256)
+
+    def validate(self) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class AccountsConfig:
+    section: ClassVar[str] = "accounts"
+    scrypt_n: int = _opt(16384, parse_int, minimum=1024, maximum=1 << 20)
+    scrypt_r: int = _opt(8, parse_int, minimum=1, maximum=32)
+    scrypt_p: int = _opt(1, parse_int, minimum=1, maximum=16)
+    min_password_length: int = _opt(8, parse_int, minimum=1, maximum=1024)
+
+    def validate(self) -> None:
+        if self.scrypt_n & (self.scrypt_n - 1):
+            raise ConfigError("accounts", "scrypt_n", str(self.scrypt_n), "must be a power of 2")
+
+
+@dataclass(frozen=True)
+class ImConfig:
+    section: ClassVar[str] = "im"
+    enabled: bool = _opt(True, parse_bool)
+    listen: str = _opt("tcp:9000:interface=127.0.0.1", parse_endpoint)
+    advertise: str = _opt("", parse_host_port)
+    max_frame_size: int = _opt(65536, parse_size, minimum=1024, maximum=16 << 20)
+    handshake_timeout: float = _opt(10.0, parse_duration, minimum=0.1)
+    heartbeat_interval: float = _opt(30.0, parse_duration, minimum=1)
+    heartbeat_timeout: float = _opt(0.0, parse_duration, minimum=0)
+    max_connections_per_address: int = _opt(1000, parse_int, minimum=1)
+    cipher_suites: tuple[str, ...] = _opt((SUITE_CHACHA, SUITE_RC4), parse_list)
+    rsa_key: str = _opt("", parse_str)
+    rsa_key_bits: int = _opt(2048, parse_int, minimum=2048, maximum=8192)
+    handshake_replay_window: float = _opt(300.0, parse_duration, minimum=10)
+
+    def validate(self) -> None:
+        if not self.cipher_suites:
+            raise ConfigError("im", "cipher_suites", "", "name at least one cipher suite")
+        for suite in self.cipher_suites:
+            if suite not in KNOWN_SUITES:
+                raise ConfigError(
+                    "im",
+                    "cipher_suites",
+                    ",".join(self.cipher_suites),
+                    f"unknown suite {suite!r}; known: {', '.join(KNOWN_SUITES)}",
+                )
+        if self.heartbeat_timeout and self.heartbeat_timeout <= self.heartbeat_interval:
+            raise ConfigError(
+                "im",
+                "heartbeat_timeout",
+                str(self.heartbeat_timeout),
+                "must be longer than heartbeat_interval",
+            )
+
+    @property
+    def effective_heartbeat_timeout(self) -> float:
+        """Three silent intervals unless configured."""
+        return self.heartbeat_timeout or 3 * self.heartbeat_interval
+
+
+@dataclass(frozen=True)
+class LogicConfig:
+    section: ClassVar[str] = "logic"
+    enabled: bool = _opt(False, parse_bool)
+    listen: str = _opt("tcp:8081:interface=127.0.0.1", parse_endpoint)
+
+    def validate(self) -> None:
+        if self.enabled:
+            raise ConfigError(
+                "logic", "enabled", "true", "the logic service is not part of this release yet"
+            )
+
+
+@dataclass(frozen=True)
+class FilesConfig:
+    section: ClassVar[str] = "files"
+    enabled: bool = _opt(False, parse_bool)
+    listen: str = _opt("tcp:8082:interface=127.0.0.1", parse_endpoint)
+
+    def validate(self) -> None:
+        if self.enabled:
+            raise ConfigError(
+                "files", "enabled", "true", "the file service is not part of this release yet"
+            )
+
+
+@dataclass(frozen=True)
+class AdminConfig:
+    section: ClassVar[str] = "admin"
+    enabled: bool = _opt(True, parse_bool)
+    listen: str = _opt("tcp:9100:interface=127.0.0.1", parse_endpoint)
+
+    def validate(self) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class StateConfig:
+    section: ClassVar[str] = "state"
+    backend: str = _opt("memory", parse_str, choices=("memory",))
+
+    def validate(self) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class RegistryConfig:
+    section: ClassVar[str] = "registry"
+    backend: str = _opt("local", parse_str, choices=("local",))
+
+    def validate(self) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class QueueConfig:
+    section: ClassVar[str] = "queue"
+    backend: str = _opt("memory", parse_str, choices=("memory",))
+
+    def validate(self) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class DatabaseConfig:
+    section: ClassVar[str] = "database"
+    url: str = _opt("", parse_str)
+    threads: int = _opt(4, parse_int, minimum=1, maximum=64)
+
+    def validate(self) -> None:
+        if self.url and not self.url.startswith(("sqlite://", "postgresql://", "postgresql+")):
+            raise ConfigError(
+                "database", "url", self.url, "expected a sqlite:// or postgresql:// URL"
+            )
+
+
+SectionT = TypeVar("SectionT")
+
+
+@dataclass(frozen=True)
+class CimConfig:
+    """The whole validated configuration."""
+
+    node: NodeConfig
+    router: RouterConfig
+    accounts: AccountsConfig
+    im: ImConfig
+    logic: LogicConfig
+    files: FilesConfig
+    admin: AdminConfig
+    state: StateConfig
+    registry: RegistryConfig
+    queue: QueueConfig
+    database: DatabaseConfig
+    path: str = ""
+
+    @property
+    def database_url(self) -> str:
+        return self.database.url or "sqlite:///" + os.path.join(self.node.data_dir, "cim.db")
+
+    @property
+    def rsa_key_path(self) -> str:
+        return self.im.rsa_key or os.path.join(self.node.data_dir, "node_key.pem")
+
+
+SECTIONS: tuple[type, ...] = (
+    NodeConfig,
+    RouterConfig,
+    AccountsConfig,
+    ImConfig,
+    LogicConfig,
+    FilesConfig,
+    AdminConfig,
+    StateConfig,
+    RegistryConfig,
+    QueueConfig,
+    DatabaseConfig,
+)
+
+
+def _parse_section(cls: type[SectionT], values: Mapping[str, str]) -> SectionT:
+    section: str = cls.section  # type: ignore[attr-defined]
+    known = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    kwargs: dict[str, Any] = {}
+    for key, raw in values.items():
+        spec = known.get(key)
+        if spec is None:
+            hint = ", ".join(sorted(known))
+            raise ConfigError(section, key, raw, f"unknown key (known keys: {hint})")
+        meta = spec.metadata
+        try:
+            value = meta["parse"](raw)
+        except ValueError as exc:
+            raise ConfigError(section, key, raw, str(exc)) from None
+        if meta["choices"] is not None and value not in meta["choices"]:
+            raise ConfigError(section, key, raw, f"expected one of: {', '.join(meta['choices'])}")
+        if meta["min"] is not None and value < meta["min"]:
+            raise ConfigError(section, key, raw, f"must be at least {meta['min']}")
+        if meta["max"] is not None and value > meta["max"]:
+            raise ConfigError(section, key, raw, f"must be at most {meta['max']}")
+        kwargs[key] = value
+    for name, spec in known.items():
+        if spec.default is REQUIRED and name not in kwargs:
+            raise ConfigError(section, name, None, "required key is missing")
+    instance = cls(**kwargs)
+    instance.validate()  # type: ignore[attr-defined]
+    return instance
+
+
+def parse_config(text: str, path: str = "<string>") -> CimConfig:
+    """Parse and validate INI text; raise ConfigError naming the first problem."""
+    parser = configparser.ConfigParser(
+        interpolation=None, inline_comment_prefixes=("#", ";"), default_section="\0defaults"
+    )
+    try:
+        parser.read_string(text, source=path)
+    except configparser.DuplicateOptionError as exc:
+        raise ConfigError(exc.section, exc.option, None, "key given twice") from None
+    except configparser.DuplicateSectionError as exc:
+        raise ConfigError(exc.section, None, None, "section given twice") from None
+    except configparser.Error as exc:
+        raise ConfigError("?", None, None, f"cannot parse {path}: {exc.message}") from None
+    by_name = {cls.section: cls for cls in SECTIONS}  # type: ignore[attr-defined]
+    for name in parser.sections():
+        if name not in by_name:
+            raise ConfigError(name, None, None, f"unknown section (known: {', '.join(by_name)})")
+    parsed = {
+        name: _parse_section(cls, dict(parser[name]) if parser.has_section(name) else {})
+        for name, cls in by_name.items()
+    }
+    config = CimConfig(path=path, **parsed)
+    if config.im.enabled and not config.im.advertise:
+        _advertise_from_listen(config.im.listen)
+    return config
+
+
+def _advertise_from_listen(listen: str) -> None:
+    if not listen.startswith(("tcp:", "ssl:")):
+        raise ConfigError(
+            "im", "advertise", "", f"set it: it cannot be derived from listen = {listen!r}"
+        )
+
+
+def load_config(path: str) -> CimConfig:
+    """Read a config file; a missing or unreadable file is a ConfigError too."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read()
+    except OSError as exc:
+        raise ConfigError("-", None, None, f"cannot read {path}: {exc.strerror}") from None
+    return parse_config(text, path)

@@ -1,0 +1,107 @@
+"""The contracts between cim's rooms and the backends that can be swapped under them.
+
+Every backend method returns a Deferred, even where the embedded backend could answer
+at once, so that Redis or ZooKeeper can stand in without changing any caller.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from twisted.internet.defer import Deferred
+from zope.interface import Attribute, Interface
+
+
+@dataclass(frozen=True)
+class SessionRecord:
+    """One login: what the router issued and the IM node checks.
+
+    The token itself is never stored; backends key sessions by its SHA-256 so a
+    dump of the state store holds nothing a client could log in with.
+    """
+
+    session_id: str
+    user: str
+    device: str
+    node_id: str
+    created_at: float
+    expires_at: float
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    """A live IM node as clients should reach it."""
+
+    node_id: str
+    host: str
+    port: int
+    public_key_der: bytes = b""
+    """The node's RSA public key (SubjectPublicKeyInfo DER), handed to clients at login."""
+
+
+class AlreadyLoggedIn(Exception):
+    """duplicate_login = refuse_new and the user has a connected session."""
+
+
+SessionEndedListener = Callable[[SessionRecord, str], None]
+"""Called with the ended session and a reason: 'logged in elsewhere', 'logged out'."""
+
+
+class IStateStore(Interface):
+    """Sessions, routes and who is online."""
+
+    def create_session(
+        token_hash: str,
+        user: str,
+        device: str,
+        node_id: str,
+        ttl: float,
+        policy: str,
+    ) -> Deferred[tuple[SessionRecord, SessionRecord | None]]:
+        """Atomically decide a duplicate login and store the new session.
+
+        policy 'kick_old': any previous session of the user ends (listeners are told,
+        reason 'logged in elsewhere') and is returned as the second element.
+        policy 'refuse_new': fails with AlreadyLoggedIn when the user has a session
+        that is currently online; a previous session that is not online is replaced.
+        """
+
+    def session_for_token(token_hash: str) -> Deferred[SessionRecord | None]:
+        """The live, unexpired session for a token hash, or None."""
+
+    def end_session(token_hash: str, reason: str) -> Deferred[SessionRecord | None]:
+        """Logout: remove the session and its route; listeners are told."""
+
+    def mark_online(record: SessionRecord) -> Deferred[None]:
+        """The session's connection finished its handshake on record.node_id."""
+
+    def mark_offline(record: SessionRecord) -> Deferred[None]:
+        """The session's connection closed; a no-op if a newer one took over."""
+
+    def route(user: str) -> Deferred[str | None]:
+        """The node id the user is connected to, or None when offline."""
+
+    def online_users(offset: int, limit: int) -> Deferred[tuple[int, list[str]]]:
+        """(total online, a page of user names sorted by name)."""
+
+    def online_count_by_node() -> Deferred[dict[str, int]]:
+        """Online users per node id."""
+
+    def add_session_ended_listener(listener: SessionEndedListener) -> None:
+        """Be told whenever a session ends (kick, logout, expiry)."""
+
+
+class INodeRegistry(Interface):
+    """Which IM nodes are alive."""
+
+    local_node = Attribute("NodeInfo of this process's IM node, or None before it listens.")
+
+    def register(node: NodeInfo) -> Deferred[None]:
+        """Announce this node; fails if the id is already live elsewhere."""
+
+    def unregister() -> Deferred[None]:
+        """Withdraw this node (clean shutdown)."""
+
+    def live_nodes() -> list[NodeInfo]:
+        """The current view, answered from memory without I/O."""

@@ -1,0 +1,126 @@
+"""Counters the node keeps while it works, and their Prometheus rendering.
+
+The per-frame path only increments plain Python ints and list slots: a
+prometheus_client Counter takes a lock on every ``inc()``, which would cost more
+than the frame's encryption. The numbers are turned into metric families only when
+someone scrapes ``/metrics``.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterator
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from cim.protocols import cim_pb2
+
+
+def _frame_type_names() -> dict[int, str]:
+    return {number: name.lower() for name, number in cim_pb2.FrameType.items()}
+
+
+class NodeMetrics:
+    """Plain counters for one daemon; every field is cheap to bump."""
+
+    def __init__(self) -> None:
+        self.connections_open = 0
+        self.connections_total = 0
+        self.connections_refused: Counter[str] = Counter()
+        self.handshakes_ok = 0
+        self.handshake_failures: Counter[str] = Counter()
+        # Indexed by the frame type byte: a list slot is the cheapest counter there is.
+        self.frames_in = [0] * 256
+        self.frames_out = [0] * 256
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.heartbeats_in = 0
+        self.heartbeats_out = 0
+        self.heartbeat_timeouts = 0
+        self.frames_rejected: Counter[str] = Counter()
+        self.messages: Counter[str] = Counter()
+        self.logins: Counter[str] = Counter()
+
+
+class NodeMetricsCollector(Collector):
+    """Renders NodeMetrics as Prometheus families at scrape time."""
+
+    def __init__(self, metrics: NodeMetrics, node_id: str) -> None:
+        self._metrics = metrics
+        self._node_id = node_id
+        self._type_names = _frame_type_names()
+
+    def collect(self) -> Iterator[Metric]:
+        m = self._metrics
+        gauge = GaugeMetricFamily(
+            "cim_connections", "Client connections currently open.", labels=["node"]
+        )
+        gauge.add_metric([self._node_id], m.connections_open)
+        yield gauge
+
+        accepted = CounterMetricFamily(
+            "cim_connections_accepted", "Client connections accepted.", labels=["node"]
+        )
+        accepted.add_metric([self._node_id], m.connections_total)
+        yield accepted
+
+        refused = CounterMetricFamily(
+            "cim_connections_refused", "Client connections refused, by reason.", labels=["reason"]
+        )
+        for reason, count in sorted(m.connections_refused.items()):
+            refused.add_metric([reason], count)
+        yield refused
+
+        handshakes = CounterMetricFamily(
+            "cim_handshakes", "Handshakes by outcome.", labels=["outcome", "reason"]
+        )
+        handshakes.add_metric(["ok", ""], m.handshakes_ok)
+        for reason, count in sorted(m.handshake_failures.items()):
+            handshakes.add_metric(["failed", reason], count)
+        yield handshakes
+
+        frames = CounterMetricFamily(
+            "cim_frames", "Frames by direction and type.", labels=["direction", "type"]
+        )
+        for direction, counts in (("in", m.frames_in), ("out", m.frames_out)):
+            for number, count in enumerate(counts):
+                if count:
+                    name = self._type_names.get(number, str(number))
+                    frames.add_metric([direction, name], count)
+        frames.add_metric(["in", "heartbeat"], m.heartbeats_in)
+        frames.add_metric(["out", "heartbeat"], m.heartbeats_out)
+        yield frames
+
+        wire_bytes = CounterMetricFamily(
+            "cim_wire_bytes", "Bytes on client connections.", labels=["direction"], unit="bytes"
+        )
+        wire_bytes.add_metric(["in"], m.bytes_in)
+        wire_bytes.add_metric(["out"], m.bytes_out)
+        yield wire_bytes
+
+        rejected = CounterMetricFamily(
+            "cim_frames_rejected", "Frames that closed their connection, by reason.",
+            labels=["reason"],
+        )
+        for reason, count in sorted(m.frames_rejected.items()):
+            rejected.add_metric([reason], count)
+        yield rejected
+
+        timeouts = CounterMetricFamily(
+            "cim_heartbeat_timeouts", "Connections closed for silence."
+        )
+        timeouts.add_metric([], m.heartbeat_timeouts)
+        yield timeouts
+
+        messages = CounterMetricFamily(
+            "cim_messages", "One-to-one messages by outcome.", labels=["outcome"]
+        )
+        for outcome, count in sorted(m.messages.items()):
+            messages.add_metric([outcome], count)
+        yield messages
+
+        logins = CounterMetricFamily("cim_logins", "Router logins by outcome.", labels=["outcome"])
+        for outcome, count in sorted(m.logins.items()):
+            logins.add_metric([outcome], count)
+        yield logins

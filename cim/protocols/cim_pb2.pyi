@@ -1,0 +1,270 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class FrameType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    FRAME_TYPE_UNSPECIFIED: _ClassVar[FrameType]
+    CLIENT_HELLO: _ClassVar[FrameType]
+    HANDSHAKE_ERROR: _ClassVar[FrameType]
+    LOGIN_RESULT: _ClassVar[FrameType]
+    MSG_R: _ClassVar[FrameType]
+    MSG_A: _ClassVar[FrameType]
+    MSG_N: _ClassVar[FrameType]
+    ACK_R: _ClassVar[FrameType]
+    ACK_A: _ClassVar[FrameType]
+    ACK_N: _ClassVar[FrameType]
+    ONLINE_R: _ClassVar[FrameType]
+    ONLINE_A: _ClassVar[FrameType]
+    KICKED: _ClassVar[FrameType]
+    GOING_AWAY: _ClassVar[FrameType]
+    ERROR: _ClassVar[FrameType]
+
+class MessageType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    TEXT: _ClassVar[MessageType]
+    IMAGE: _ClassVar[MessageType]
+    VOICE: _ClassVar[MessageType]
+    FILE: _ClassVar[MessageType]
+    LOCATION: _ClassVar[MessageType]
+    SYSTEM: _ClassVar[MessageType]
+
+class DeliveryStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DELIVERY_STATUS_UNSPECIFIED: _ClassVar[DeliveryStatus]
+    DELIVERED: _ClassVar[DeliveryStatus]
+    STORED: _ClassVar[DeliveryStatus]
+    FAILED: _ClassVar[DeliveryStatus]
+FRAME_TYPE_UNSPECIFIED: FrameType
+CLIENT_HELLO: FrameType
+HANDSHAKE_ERROR: FrameType
+LOGIN_RESULT: FrameType
+MSG_R: FrameType
+MSG_A: FrameType
+MSG_N: FrameType
+ACK_R: FrameType
+ACK_A: FrameType
+ACK_N: FrameType
+ONLINE_R: FrameType
+ONLINE_A: FrameType
+KICKED: FrameType
+GOING_AWAY: FrameType
+ERROR: FrameType
+TEXT: MessageType
+IMAGE: MessageType
+VOICE: MessageType
+FILE: MessageType
+LOCATION: MessageType
+SYSTEM: MessageType
+DELIVERY_STATUS_UNSPECIFIED: DeliveryStatus
+DELIVERED: DeliveryStatus
+STORED: DeliveryStatus
+FAILED: DeliveryStatus
+
+class ClientHello(_message.Message):
+    __slots__ = ("version", "offered_suites", "suite", "client_nonce", "key_fingerprint", "sealed_key")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    OFFERED_SUITES_FIELD_NUMBER: _ClassVar[int]
+    SUITE_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_NONCE_FIELD_NUMBER: _ClassVar[int]
+    KEY_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    SEALED_KEY_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    offered_suites: _containers.RepeatedScalarFieldContainer[str]
+    suite: str
+    client_nonce: bytes
+    key_fingerprint: bytes
+    sealed_key: bytes
+    def __init__(self, version: _Optional[int] = ..., offered_suites: _Optional[_Iterable[str]] = ..., suite: _Optional[str] = ..., client_nonce: _Optional[bytes] = ..., key_fingerprint: _Optional[bytes] = ..., sealed_key: _Optional[bytes] = ...) -> None: ...
+
+class KeyMaterial(_message.Message):
+    __slots__ = ("secret", "token", "timestamp_ms", "device")
+    SECRET_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    TIMESTAMP_MS_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    secret: bytes
+    token: str
+    timestamp_ms: int
+    device: str
+    def __init__(self, secret: _Optional[bytes] = ..., token: _Optional[str] = ..., timestamp_ms: _Optional[int] = ..., device: _Optional[str] = ...) -> None: ...
+
+class HandshakeError(_message.Message):
+    __slots__ = ("reason", "message", "allowed_suites")
+    class Reason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        REASON_UNSPECIFIED: _ClassVar[HandshakeError.Reason]
+        UNSUPPORTED_VERSION: _ClassVar[HandshakeError.Reason]
+        SUITE_NOT_ALLOWED: _ClassVar[HandshakeError.Reason]
+        UNKNOWN_KEY: _ClassVar[HandshakeError.Reason]
+        BAD_HELLO: _ClassVar[HandshakeError.Reason]
+        TOO_MANY_CONNECTIONS: _ClassVar[HandshakeError.Reason]
+    REASON_UNSPECIFIED: HandshakeError.Reason
+    UNSUPPORTED_VERSION: HandshakeError.Reason
+    SUITE_NOT_ALLOWED: HandshakeError.Reason
+    UNKNOWN_KEY: HandshakeError.Reason
+    BAD_HELLO: HandshakeError.Reason
+    TOO_MANY_CONNECTIONS: HandshakeError.Reason
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    ALLOWED_SUITES_FIELD_NUMBER: _ClassVar[int]
+    reason: HandshakeError.Reason
+    message: str
+    allowed_suites: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, reason: _Optional[_Union[HandshakeError.Reason, str]] = ..., message: _Optional[str] = ..., allowed_suites: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class NodeAddress(_message.Message):
+    __slots__ = ("id", "host", "port")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    HOST_FIELD_NUMBER: _ClassVar[int]
+    PORT_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    host: str
+    port: int
+    def __init__(self, id: _Optional[str] = ..., host: _Optional[str] = ..., port: _Optional[int] = ...) -> None: ...
+
+class LoginResult(_message.Message):
+    __slots__ = ("status", "message", "user", "device", "heartbeat_interval_ms", "heartbeat_timeout_ms", "node", "server_time_ms")
+    class Status(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        OK: _ClassVar[LoginResult.Status]
+        INVALID_TOKEN: _ClassVar[LoginResult.Status]
+        LOGGED_IN_ELSEWHERE: _ClassVar[LoginResult.Status]
+        WRONG_NODE: _ClassVar[LoginResult.Status]
+        REPLAYED_HELLO: _ClassVar[LoginResult.Status]
+    OK: LoginResult.Status
+    INVALID_TOKEN: LoginResult.Status
+    LOGGED_IN_ELSEWHERE: LoginResult.Status
+    WRONG_NODE: LoginResult.Status
+    REPLAYED_HELLO: LoginResult.Status
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    USER_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_INTERVAL_MS_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    SERVER_TIME_MS_FIELD_NUMBER: _ClassVar[int]
+    status: LoginResult.Status
+    message: str
+    user: str
+    device: str
+    heartbeat_interval_ms: int
+    heartbeat_timeout_ms: int
+    node: NodeAddress
+    server_time_ms: int
+    def __init__(self, status: _Optional[_Union[LoginResult.Status, str]] = ..., message: _Optional[str] = ..., user: _Optional[str] = ..., device: _Optional[str] = ..., heartbeat_interval_ms: _Optional[int] = ..., heartbeat_timeout_ms: _Optional[int] = ..., node: _Optional[_Union[NodeAddress, _Mapping]] = ..., server_time_ms: _Optional[int] = ...) -> None: ...
+
+class Message(_message.Message):
+    __slots__ = ("id", "to", "type", "text", "client_seq", "sent_at_ms", "device", "client_time_ms")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    FROM_FIELD_NUMBER: _ClassVar[int]
+    TO_FIELD_NUMBER: _ClassVar[int]
+    TYPE_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_SEQ_FIELD_NUMBER: _ClassVar[int]
+    SENT_AT_MS_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_TIME_MS_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    to: str
+    type: MessageType
+    text: str
+    client_seq: int
+    sent_at_ms: int
+    device: str
+    client_time_ms: int
+    def __init__(self, id: _Optional[int] = ..., to: _Optional[str] = ..., type: _Optional[_Union[MessageType, str]] = ..., text: _Optional[str] = ..., client_seq: _Optional[int] = ..., sent_at_ms: _Optional[int] = ..., device: _Optional[str] = ..., client_time_ms: _Optional[int] = ..., **kwargs) -> None: ...
+
+class MsgA(_message.Message):
+    __slots__ = ("client_seq", "msg_id", "sent_at_ms")
+    CLIENT_SEQ_FIELD_NUMBER: _ClassVar[int]
+    MSG_ID_FIELD_NUMBER: _ClassVar[int]
+    SENT_AT_MS_FIELD_NUMBER: _ClassVar[int]
+    client_seq: int
+    msg_id: int
+    sent_at_ms: int
+    def __init__(self, client_seq: _Optional[int] = ..., msg_id: _Optional[int] = ..., sent_at_ms: _Optional[int] = ...) -> None: ...
+
+class AckR(_message.Message):
+    __slots__ = ("msg_id",)
+    MSG_ID_FIELD_NUMBER: _ClassVar[int]
+    msg_id: int
+    def __init__(self, msg_id: _Optional[int] = ...) -> None: ...
+
+class AckA(_message.Message):
+    __slots__ = ("msg_id",)
+    MSG_ID_FIELD_NUMBER: _ClassVar[int]
+    msg_id: int
+    def __init__(self, msg_id: _Optional[int] = ...) -> None: ...
+
+class AckN(_message.Message):
+    __slots__ = ("msg_id", "client_seq", "status", "reason", "to")
+    MSG_ID_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_SEQ_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    TO_FIELD_NUMBER: _ClassVar[int]
+    msg_id: int
+    client_seq: int
+    status: DeliveryStatus
+    reason: str
+    to: str
+    def __init__(self, msg_id: _Optional[int] = ..., client_seq: _Optional[int] = ..., status: _Optional[_Union[DeliveryStatus, str]] = ..., reason: _Optional[str] = ..., to: _Optional[str] = ...) -> None: ...
+
+class OnlineR(_message.Message):
+    __slots__ = ("offset", "limit")
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    offset: int
+    limit: int
+    def __init__(self, offset: _Optional[int] = ..., limit: _Optional[int] = ...) -> None: ...
+
+class OnlineA(_message.Message):
+    __slots__ = ("total", "users")
+    TOTAL_FIELD_NUMBER: _ClassVar[int]
+    USERS_FIELD_NUMBER: _ClassVar[int]
+    total: int
+    users: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, total: _Optional[int] = ..., users: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class Kicked(_message.Message):
+    __slots__ = ("reason",)
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    reason: str
+    def __init__(self, reason: _Optional[str] = ...) -> None: ...
+
+class GoingAway(_message.Message):
+    __slots__ = ("reason", "reconnect_after_ms")
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    RECONNECT_AFTER_MS_FIELD_NUMBER: _ClassVar[int]
+    reason: str
+    reconnect_after_ms: int
+    def __init__(self, reason: _Optional[str] = ..., reconnect_after_ms: _Optional[int] = ...) -> None: ...
+
+class Error(_message.Message):
+    __slots__ = ("code", "message", "request_type", "client_seq")
+    class Code(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        CODE_UNSPECIFIED: _ClassVar[Error.Code]
+        BAD_REQUEST: _ClassVar[Error.Code]
+        RATE_LIMITED: _ClassVar[Error.Code]
+        INTERNAL: _ClassVar[Error.Code]
+    CODE_UNSPECIFIED: Error.Code
+    BAD_REQUEST: Error.Code
+    RATE_LIMITED: Error.Code
+    INTERNAL: Error.Code
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_TYPE_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_SEQ_FIELD_NUMBER: _ClassVar[int]
+    code: Error.Code
+    message: str
+    request_type: FrameType
+    client_seq: int
+    def __init__(self, code: _Optional[_Union[Error.Code, str]] = ..., message: _Optional[str] = ..., request_type: _Optional[_Union[FrameType, str]] = ..., client_seq: _Optional[int] = ...) -> None: ...

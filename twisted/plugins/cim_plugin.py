@@ -1,0 +1,3 @@
+from twisted.application.service import ServiceMaker
+
+cim = ServiceMaker("cim", "cim.tap", "cim instant-messaging server", "cim")
