@@ -8,14 +8,14 @@ CONFIG ?= etc/cim.ini
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip==25.3
+	$(BIN)/pip install --quiet --upgrade pip==26.3
 
 $(VENV)/.installed: $(BIN)/python setup.cfg pyproject.toml requirements/constraints.txt
-	$(BIN)/pip install --quiet -c requirements/constraints.txt -e .
+	$(BIN)/pip install --quiet -c requirements/constraints.txt --config-settings editable_mode=compat -e .
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed
-	$(BIN)/pip install --quiet -c requirements/constraints.txt -e '.[test]'
+	$(BIN)/pip install --quiet -c requirements/constraints.txt --config-settings editable_mode=compat -e '.[test]'
 	touch $@
 
 install: $(VENV)/.installed
@@ -28,7 +28,7 @@ run: install
 
 ## Install the test dependencies and run the whole test suite.
 test: install-test
-	$(BIN)/trial $(TRIAL_ARGS) tests
+	$(BIN)/python -m twisted.trial $(TRIAL_ARGS) tests
 
 ## Regenerate cim/protocols/cim_pb2.py(i) from cim.proto.
 proto: install-test

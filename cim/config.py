@@ -34,6 +34,8 @@ class ConfigError(Exception):
         self.reason = reason
 
     def __str__(self) -> str:
+        if not self.section:
+            return f"config error: {self.reason}"
         where = f"[{self.section}]"
         if self.key is not None:
             where += f" {self.key}"
@@ -111,6 +113,9 @@ def parse_endpoint(raw: str) -> str:
 
 
 def parse_host_port(raw: str) -> str:
+    """host:port, or empty for "derive it"."""
+    if not raw.strip():
+        return ""
     host, sep, port = raw.strip().rpartition(":")
     if not sep or not host:
         raise ValueError("expected host:port")
@@ -389,7 +394,7 @@ def parse_config(text: str, path: str = "<string>") -> CimConfig:
     except configparser.DuplicateSectionError as exc:
         raise ConfigError(exc.section, None, None, "section given twice") from None
     except configparser.Error as exc:
-        raise ConfigError("?", None, None, f"cannot parse {path}: {exc.message}") from None
+        raise ConfigError("", None, None, f"cannot parse {path}: {exc.message}") from None
     by_name = {cls.section: cls for cls in SECTIONS}  # type: ignore[attr-defined]
     for name in parser.sections():
         if name not in by_name:
@@ -417,5 +422,5 @@ def load_config(path: str) -> CimConfig:
         with open(path, encoding="utf-8") as handle:
             text = handle.read()
     except OSError as exc:
-        raise ConfigError("-", None, None, f"cannot read {path}: {exc.strerror}") from None
+        raise ConfigError("", None, None, f"cannot read {path}: {exc.strerror}") from None
     return parse_config(text, path)

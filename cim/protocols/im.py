@@ -1,0 +1,325 @@
+"""The IM node's side of a client connection.
+
+States: waiting for the hello (only a plaintext ClientHello is allowed, under the
+handshake deadline), authenticating (the token is being looked up; nothing is
+allowed), established (the allow-list below; silence longer than the heartbeat
+timeout closes the connection). Each state's allow-list is the whole of what the
+client may send then: anything else closes the connection.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from enum import Enum
+from typing import TYPE_CHECKING, Any
+
+from google.protobuf.message import Message as ProtobufMessage
+from twisted.internet.interfaces import IAddress, IReactorTime, ITCPTransport
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+from twisted.protocols.policies import TimeoutMixin
+from twisted.python.failure import Failure
+
+from cim.config import ImConfig
+from cim.interfaces import INodeRegistry, IStateStore, SessionRecord
+from cim.metrics import NodeMetrics
+from cim.protocols import cim_pb2
+from cim.protocols.crypto import NodeKey
+from cim.protocols.handshake import (
+    ClientHelloAccepted,
+    HandshakeRefused,
+    ReplayGuard,
+    accept_client_hello,
+)
+from cim.protocols.wire import FrameProtocol
+
+if TYPE_CHECKING:
+    from cim.switchboard import Switchboard
+
+LOGIN_RESULT = cim_pb2.LOGIN_RESULT
+KICKED = cim_pb2.KICKED
+GOING_AWAY = cim_pb2.GOING_AWAY
+_STATUS = cim_pb2.LoginResult
+
+
+class ConnectionState(Enum):
+    AWAITING_HELLO = "awaiting hello"
+    AUTHENTICATING = "authenticating"
+    ESTABLISHED = "established"
+    CLOSING = "closing"
+
+
+def token_hash(token: str) -> str:
+    """How tokens are keyed in the state store: the token itself is never stored."""
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+class ImServerProtocol(FrameProtocol, TimeoutMixin):
+    log = Logger()
+
+    def __init__(self, factory: ImServerFactory, address: IAddress) -> None:
+        super().__init__(factory.config.max_frame_size, factory.metrics)
+        self.factory = factory
+        self.callLater = factory.clock.callLater  # TimeoutMixin must use the injected clock
+        self.address = address
+        self.peer_host = getattr(address, "host", str(address))
+        self.state = ConnectionState.AWAITING_HELLO
+        self.record: SessionRecord | None = None
+        self.admitted = False
+        self.inbound = {}
+        self._established_inbound = {
+            cim_pb2.MSG_R: (cim_pb2.Message, self._message_received),
+            cim_pb2.ACK_R: (cim_pb2.AckR, self._ack_received),
+            cim_pb2.ONLINE_R: (cim_pb2.OnlineR, self._online_requested),
+        }
+
+    # --- connection lifecycle ---------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        factory = self.factory
+        factory.metrics.connections_open += 1
+        factory.metrics.connections_total += 1
+        if ITCPTransport.providedBy(self.transport):
+            self.transport.setTcpNoDelay(True)
+        self.admitted = factory.admit(self.peer_host)
+        if not self.admitted:
+            factory.metrics.connections_refused["per_address_limit"] += 1
+            refusal = HandshakeRefused(
+                cim_pb2.HandshakeError.TOO_MANY_CONNECTIONS,
+                "too many connections from your address",
+                (),
+            )
+            self.state = ConnectionState.CLOSING
+            self.send_plaintext(refusal.to_body())
+            self.transport.loseConnection()
+            return
+        self.setTimeout(factory.config.handshake_timeout)
+
+    def connectionLost(self, reason: Failure = Failure(Exception("connection lost"))) -> None:
+        self.setTimeout(None)
+        factory = self.factory
+        factory.metrics.connections_open -= 1
+        factory.release(self)
+        if self.record is not None:
+            factory.switchboard.session_closed(self)  # a no-op if it already left
+        self.state = ConnectionState.CLOSING
+
+    def timeoutConnection(self) -> None:
+        if self.state is ConnectionState.ESTABLISHED:
+            self.factory.metrics.heartbeat_timeouts += 1
+            self.log.info(
+                "closing silent connection of {user} from {peer}",
+                user=self.record.user if self.record else "?",
+                peer=self.peer_host,
+            )
+        else:
+            self.factory.metrics.handshake_failures["timeout"] += 1
+            self.log.info("handshake deadline passed for {peer}", peer=self.peer_host)
+        self.state = ConnectionState.CLOSING
+        self.transport.abortConnection()
+
+    # --- frames -----------------------------------------------------------------------
+
+    def frame_activity(self) -> None:
+        # Before the handshake only the deadline counts: heartbeats cannot stretch it.
+        if self.state is ConnectionState.ESTABLISHED:
+            self.resetTimeout()
+
+    def heartbeat_received(self) -> None:
+        if self.state is not ConnectionState.ESTABLISHED:
+            self.frame_rejected("unexpected heartbeat", "before the handshake")
+            return
+        self.send_heartbeat()
+
+    def plaintext_frame_received(self, body: bytes) -> None:
+        if self.state is not ConnectionState.AWAITING_HELLO:
+            self.frame_rejected("unexpected frame type", "plaintext after the hello")
+            return
+        self.state = ConnectionState.AUTHENTICATING
+        factory = self.factory
+        try:
+            accepted = accept_client_hello(body, factory.node_key, factory.config.cipher_suites)
+        except HandshakeRefused as refusal:
+            reason = cim_pb2.HandshakeError.Reason.Name(refusal.reason).lower()
+            factory.metrics.handshake_failures[reason] += 1
+            self.log.info(
+                "handshake from {peer} refused: {reason}", peer=self.peer_host, reason=reason
+            )
+            self.state = ConnectionState.CLOSING
+            self.send_plaintext(refusal.to_body())
+            self.transport.loseConnection()
+            return
+        if not factory.replay_guard.fresh(accepted.client_nonce, accepted.timestamp_ms):
+            self._refuse_login(
+                accepted,
+                _STATUS.REPLAYED_HELLO,
+                "hello replayed or too old: check the device clock",
+                "replayed",
+            )
+            return
+        d = factory.state.session_for_token(token_hash(accepted.token))
+        d.addCallback(self._token_checked, accepted)
+        d.addErrback(self._token_check_failed)
+
+    def _token_checked(self, record: SessionRecord | None, accepted: ClientHelloAccepted) -> None:
+        if self.state is not ConnectionState.AUTHENTICATING:
+            return  # the connection went away while we looked
+        factory = self.factory
+        if record is None:
+            self._refuse_login(
+                accepted, _STATUS.INVALID_TOKEN, "unknown or expired token", "invalid_token"
+            )
+            return
+        if record.node_id != factory.node_id:
+            self._refuse_login(
+                accepted,
+                _STATUS.WRONG_NODE,
+                f"this session belongs to node {record.node_id}",
+                "wrong_node",
+                node=factory.address_of(record.node_id),
+            )
+            return
+        self.record = record
+        self.state = ConnectionState.ESTABLISHED
+        config = factory.config
+        result = cim_pb2.LoginResult(
+            status=_STATUS.OK,
+            user=record.user,
+            device=accepted.device or record.device,
+            heartbeat_interval_ms=int(config.heartbeat_interval * 1000),
+            heartbeat_timeout_ms=int(config.effective_heartbeat_timeout * 1000),
+            server_time_ms=int(factory.clock.seconds() * 1000),
+        )
+        self._send_login_result(accepted, result)
+        self.inbound = self._established_inbound
+        self.setTimeout(config.effective_heartbeat_timeout)
+        factory.metrics.handshakes_ok += 1
+        self.log.info(
+            "{user} connected from {peer} with {suite}",
+            user=record.user,
+            peer=self.peer_host,
+            suite=accepted.suite,
+        )
+        factory.switchboard.session_opened(self)
+
+    def _token_check_failed(self, failure: Failure) -> None:
+        self.log.failure("token lookup failed", failure)
+        self.factory.metrics.handshake_failures["state_unavailable"] += 1
+        if self.state is ConnectionState.AUTHENTICATING:
+            self.state = ConnectionState.CLOSING
+            self.transport.abortConnection()
+
+    def _refuse_login(
+        self,
+        accepted: ClientHelloAccepted,
+        status: int,
+        message: str,
+        metric: str,
+        node: cim_pb2.NodeAddress | None = None,
+    ) -> None:
+        self.factory.metrics.handshake_failures[metric] += 1
+        self.log.info("login from {peer} refused: {why}", peer=self.peer_host, why=metric)
+        result = cim_pb2.LoginResult(status=status, message=message)
+        if node is not None:
+            result.node.CopyFrom(node)
+        self.state = ConnectionState.CLOSING
+        self._send_login_result(accepted, result)
+        self.transport.loseConnection()
+
+    def _send_login_result(self, accepted: ClientHelloAccepted, result: Any) -> None:
+        plaintext = bytes((LOGIN_RESULT,)) + result.SerializeToString()
+        self.send_plaintext(accepted.reply_body(plaintext))
+        self.start_encryption(accepted.sealer, accepted.opener)
+
+    # --- established: the allow-list's targets ----------------------------------------
+
+    def _message_received(self, message: cim_pb2.Message) -> None:
+        self.factory.switchboard.message_received(self, message)
+
+    def _ack_received(self, ack: cim_pb2.AckR) -> None:
+        self.factory.switchboard.ack_received(self, ack)
+
+    def _online_requested(self, request: cim_pb2.OnlineR) -> None:
+        self.factory.switchboard.online_requested(self, request)
+
+    # --- ClientSession (what the switchboard calls) -----------------------------------
+
+    def deliver(self, frame_type: int, message: ProtobufMessage) -> None:
+        if self.state is ConnectionState.ESTABLISHED:
+            self.send_frame(frame_type, message)
+
+    def kick(self, reason: str) -> None:
+        self._close_with(KICKED, cim_pb2.Kicked(reason=reason))
+        self.log.info("kicked {user}: {reason}", user=self.record and self.record.user,
+                      reason=reason)
+
+    def going_away(self, reason: str, reconnect_after_ms: int) -> None:
+        self._close_with(
+            GOING_AWAY, cim_pb2.GoingAway(reason=reason, reconnect_after_ms=reconnect_after_ms)
+        )
+
+    def _close_with(self, frame_type: int, message: ProtobufMessage) -> None:
+        if self.state is not ConnectionState.ESTABLISHED:
+            return
+        self.send_frame(frame_type, message)
+        # The session is over for the switchboard now, not when TCP finishes closing.
+        self.factory.switchboard.session_closed(self)
+        self.state = ConnectionState.CLOSING
+        self.inbound = {}
+        self.transport.loseConnection()
+
+
+class ImServerFactory(Factory):
+    """Shared by every connection of one IM listener."""
+
+    def __init__(
+        self,
+        node_id: str,
+        config: ImConfig,
+        node_key: NodeKey,
+        switchboard: Switchboard,
+        state: IStateStore,
+        registry: INodeRegistry,
+        clock: IReactorTime,
+        metrics: NodeMetrics,
+    ) -> None:
+        self.node_id = node_id
+        self.config = config
+        self.node_key = node_key
+        self.switchboard = switchboard
+        self.state = state
+        self.registry = registry
+        self.clock = clock
+        self.metrics = metrics
+        self.replay_guard = ReplayGuard(clock, config.handshake_replay_window)
+        self._per_address: dict[str, int] = {}
+        self.protocols: set[ImServerProtocol] = set()
+
+    def buildProtocol(self, addr: IAddress) -> ImServerProtocol:
+        protocol = ImServerProtocol(self, addr)
+        self.protocols.add(protocol)
+        return protocol
+
+    def admit(self, host: str) -> bool:
+        count = self._per_address.get(host, 0)
+        if count >= self.config.max_connections_per_address:
+            return False
+        self._per_address[host] = count + 1
+        return True
+
+    def release(self, protocol: ImServerProtocol) -> None:
+        self.protocols.discard(protocol)
+        if not protocol.admitted:
+            return
+        host = protocol.peer_host
+        count = self._per_address.get(host, 0) - 1
+        if count > 0:
+            self._per_address[host] = count
+        else:
+            self._per_address.pop(host, None)
+
+    def address_of(self, node_id: str) -> cim_pb2.NodeAddress:
+        for node in self.registry.live_nodes():
+            if node.node_id == node_id:
+                return cim_pb2.NodeAddress(id=node.node_id, host=node.host, port=node.port)
+        return cim_pb2.NodeAddress(id=node_id)

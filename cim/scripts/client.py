@@ -1,0 +1,200 @@
+"""cim-client: script-friendly subcommands with JSON-lines output, or a chat console.
+
+    cim-client [--router URL] --user U [--cipher SUITE] send TO TEXT
+    cim-client --user U listen [--count N] [--timeout S]
+    cim-client --user U online
+    cim-client --user U                      (interactive console)
+
+The password comes from CIM_PASSWORD or a prompt. Exit status: 0 on success, 1 when
+the operation failed (message failed, router refused, timeout), 2 for usage errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import getpass
+import json
+import os
+import socket
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from cim.config import KNOWN_SUITES
+
+DEFAULT_ROUTER = "http://127.0.0.1:8080"
+
+
+class ClientExit(Exception):
+    def __init__(self, status: int, message: str = "") -> None:
+        super().__init__(status, message)
+        self.status = status
+        self.message = message
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cim-client", description="Chat through a cim node.")
+    parser.add_argument(
+        "--router",
+        default=os.environ.get("CIM_ROUTER", DEFAULT_ROUTER),
+        help=f"router base URL (default $CIM_ROUTER or {DEFAULT_ROUTER})",
+    )
+    parser.add_argument("--user", default=os.environ.get("CIM_USER"), help="your user name")
+    parser.add_argument(
+        "--device", default=f"cli-{socket.gethostname()}"[:64], help="this device's name"
+    )
+    parser.add_argument(
+        "--cipher", choices=KNOWN_SUITES, default=None, help="insist on one cipher suite"
+    )
+    commands = parser.add_subparsers(dest="command")
+    send = commands.add_parser("send", help="send a text and wait for its outcome")
+    send.add_argument("to")
+    send.add_argument("text")
+    send.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for ack:N")
+    listen = commands.add_parser("listen", help="print received messages as JSON lines")
+    listen.add_argument("--count", type=int, default=0, help="exit after N messages")
+    listen.add_argument("--timeout", type=float, default=0.0, help="give up after S seconds")
+    commands.add_parser("online", help="list online users as JSON")
+    return parser
+
+
+def message_json(message: Any) -> str:
+    sent_at = datetime.datetime.fromtimestamp(message.sent_at_ms / 1000, datetime.UTC)
+    from cim.protocols import cim_pb2
+
+    return json.dumps(
+        {
+            "msg_id": str(message.id),
+            "from": getattr(message, "from"),
+            "to": message.to,
+            "type": cim_pb2.MessageType.Name(message.type).lower(),
+            "text": message.text,
+            "sent_at": sent_at.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            "device": message.device,
+        },
+        ensure_ascii=False,
+    )
+
+
+def _password() -> str:
+    password = os.environ.get("CIM_PASSWORD")
+    if password is not None:
+        return password
+    if not sys.stdin.isatty():
+        raise ClientExit(2, "set CIM_PASSWORD or run in a terminal to be asked for the password")
+    return getpass.getpass("password: ")
+
+
+def _print(line: str) -> None:
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+async def run(reactor: Any, options: argparse.Namespace) -> int:
+    from twisted.internet.defer import Deferred
+
+    from cim.client.session import ChatClient, SessionFailed
+
+    client = ChatClient(
+        reactor, options.router, options.user, _password(), options.device, options.cipher
+    )
+    try:
+        await client.start()
+    except SessionFailed as failure:
+        raise ClientExit(1, str(failure)) from None
+    try:
+        if options.command == "send":
+            outcome = await _with_timeout(
+                reactor, client.send_text(options.to, options.text), options.timeout
+            )
+            if outcome is None:
+                _print(json.dumps({"msg_id": None, "status": "failed", "reason": "timeout"}))
+                return 1
+            result = {"msg_id": str(outcome.msg_id), "status": outcome.status, "to": outcome.to}
+            if outcome.reason:
+                result["reason"] = outcome.reason
+            _print(json.dumps(result))
+            return 0 if outcome.status in ("delivered", "stored") else 1
+        if options.command == "online":
+            page = await client.online(0, 1000)
+            _print(json.dumps({"total": page.total, "users": list(page.users)}))
+            return 0
+        if options.command == "listen":
+            done: Deferred[None] = Deferred()
+            received = 0
+
+            def arrived(message: Any) -> None:
+                nonlocal received
+                _print(message_json(message))
+                received += 1
+                if options.count and received >= options.count and not done.called:
+                    done.callback(None)
+
+            client.on_message = arrived
+            finished = await _with_timeout(reactor, done, options.timeout or None)
+            if finished is None and options.count:
+                raise ClientExit(1, f"timed out after {received} of {options.count} messages")
+            return 0
+        from cim.client.console import run_console
+
+        await run_console(reactor, client)
+        return 0
+    finally:
+        await client.stop(logout=True)
+
+
+async def _with_timeout(reactor: Any, d: Any, timeout: float | None) -> Any:
+    """The result, or None if the timeout passed first (the Deferred is cancelled)."""
+    from twisted.internet.defer import CancelledError
+    from twisted.internet.error import TimeoutError as DeadlinePassed
+
+    if timeout:
+        d.addTimeout(timeout, reactor)
+    try:
+        return await d
+    except (CancelledError, DeadlinePassed):
+        return None
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = build_parser()
+    options = parser.parse_args(argv)
+    if not options.user:
+        parser.error("--user is required (or set CIM_USER)")
+    from twisted.internet import asyncioreactor
+
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    asyncioreactor.install(loop)
+    from twisted.internet import reactor
+    from twisted.internet.defer import ensureDeferred
+
+    status = {"code": 0}
+
+    def finished(code: int) -> None:
+        status["code"] = code
+
+    def failed(failure: Any) -> None:
+        error = failure.value
+        if isinstance(error, ClientExit):
+            if error.message:
+                sys.stderr.write(f"cim-client: {error.message}\n")
+            status["code"] = error.status
+        else:
+            sys.stderr.write(f"cim-client: {error}\n")
+            status["code"] = 1
+
+    def go() -> None:
+        d = ensureDeferred(run(reactor, options))
+        d.addCallbacks(finished, failed)
+        d.addBoth(lambda _: reactor.stop())
+
+    reactor.callWhenRunning(go)
+    reactor.run()
+    sys.exit(status["code"])
+
+
+if __name__ == "__main__":
+    main()

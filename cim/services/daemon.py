@@ -1,0 +1,192 @@
+"""The whole daemon as one twistd service: start-up in dependency order, stop in reverse.
+
+Start-up is asynchronous (the database migrates, listeners bind). If any step fails
+the daemon logs one line saying what and why, stops the reactor and exits non-zero,
+rather than running half-started.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import IListeningPort
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from cim.accounts import AccountStore
+from cim.config import CimConfig
+from cim.message_ids import MessageIdGenerator, node_number_for
+from cim.metrics import NodeMetrics
+from cim.protocols.crypto import NodeKey
+from cim.protocols.im import ImServerFactory
+from cim.registry.local import LocalRegistry
+from cim.services.admin import admin_site
+from cim.services.im import ImListener
+from cim.services.router import router_site
+from cim.state.memory import MemoryStateStore
+from cim.storage.database import Database
+from cim.switchboard import Switchboard
+
+
+class StartupError(Exception):
+    """A start-up step failed; the message is what the operator needs to read."""
+
+
+class CimDaemon(Service):
+    log = Logger()
+
+    def __init__(self, config: CimConfig, reactor: Any) -> None:
+        self.config = config
+        self.reactor = reactor
+        self.metrics = NodeMetrics()
+        self.started: Deferred[None] | None = None
+        self.database: Database | None = None
+        self.accounts: AccountStore | None = None
+        self.state: MemoryStateStore | None = None
+        self.registry = LocalRegistry()
+        self.switchboard: Switchboard | None = None
+        self.im: ImListener | None = None
+        self.http_ports: dict[str, IListeningPort] = {}
+        self._stoppers: list[Callable[[], Any]] = []
+
+    def startService(self) -> None:
+        super().startService()
+        self.started = self._start()
+        self.started.addErrback(self._start_failed)
+
+    @inlineCallbacks
+    def _start(self) -> Any:
+        config = self.config
+        node_id = config.node.id
+        os.makedirs(config.node.data_dir, exist_ok=True)
+        node_key = NodeKey.load_or_create(config.rsa_key_path, config.im.rsa_key_bits)
+
+        self.database = Database(config.database_url, self.reactor, config.database.threads)
+        yield self.database.start()
+        self._stoppers.append(self.database.stop)
+
+        self.accounts = AccountStore(self.database, config.accounts, reactor=self.reactor)
+        self.accounts.start()
+        self._stoppers.append(self.accounts.stop)
+
+        self.state = MemoryStateStore(self.reactor)
+        self.state.start()
+        self._stoppers.append(self.state.stop)
+
+        self.switchboard = Switchboard(
+            node_id,
+            self.state,
+            self.accounts.exists,
+            self.reactor,
+            self.metrics,
+            MessageIdGenerator(self.reactor, node_number_for(node_id)),
+        )
+
+        if config.im.enabled:
+            factory = ImServerFactory(
+                node_id,
+                config.im,
+                node_key,
+                self.switchboard,
+                self.state,
+                self.registry,
+                self.reactor,
+                self.metrics,
+            )
+            self.im = ImListener(node_id, config.im, factory, self.registry, self.reactor)
+            yield self._listen_step("im", config.im.listen, self.im.start)
+            self._stoppers.append(self.im.stop)
+
+        if config.router.enabled:
+            site = router_site(
+                config.router,
+                config.im,
+                self.accounts,
+                self.state,
+                self.registry,
+                self.reactor,
+                self.metrics,
+            )
+            yield self._listen_http("router", config.router.listen, site)
+
+        if config.admin.enabled:
+            yield self._listen_http("admin", config.admin.listen, admin_site(node_id, self.metrics, self.health))
+
+        self.log.info("cim node {node} started", node=node_id)
+
+    def _listen_step(self, section: str, description: str, start: Callable[[], Any]) -> Any:
+        d: Deferred[Any] = Deferred.fromCoroutine(self._guard_listen(section, description, start))
+        return d
+
+    async def _guard_listen(self, section: str, description: str, start: Callable[[], Any]) -> Any:
+        try:
+            return await start()
+        except CannotListenError as exc:
+            why = exc.socketError.strerror if exc.socketError is not None else str(exc)
+            raise StartupError(f"[{section}] listen = {description!r}: cannot listen: {why}") from None
+
+    def _listen_http(self, section: str, description: str, site: Any) -> Any:
+        async def listen() -> None:
+            port = await serverFromString(self.reactor, description).listen(site)
+            self.http_ports[section] = port
+            self._stoppers.append(port.stopListening)
+            self.log.info("{section} listening on {listen}", section=section, listen=description)
+
+        return self._listen_step(section, description, listen)
+
+    def health(self) -> dict[str, Any]:
+        return {
+            "status": "ok" if self.running and self.started and self.started.called else "starting",
+            "node": self.config.node.id,
+            "connections": self.metrics.connections_open,
+            "online_here": self.switchboard.connected_count if self.switchboard else 0,
+        }
+
+    def _start_failed(self, failure: Failure) -> None:
+        if failure.check(StartupError):
+            why = failure.getErrorMessage()
+        else:
+            why = f"{failure.type.__name__}: {failure.getErrorMessage()}"
+            self.log.failure("start-up failed", failure)
+        message = f"cim: could not start node {self.config.node.id}: {why}"
+        self.log.critical("{message}", message=message)
+        sys.stderr.write(message + "\n")
+        sys.stderr.flush()
+        _exit_non_zero_at_exit()
+        if self.reactor.running:
+            self.reactor.stop()
+        else:
+            self.reactor.callWhenRunning(self.reactor.stop)
+
+    @inlineCallbacks
+    def stopService(self) -> Any:
+        """Reverse order: listeners first (clients told), then state, then the database."""
+        super().stopService()
+        if self.started is not None and not self.started.called:
+            self.started.cancel()
+        while self._stoppers:
+            stop = self._stoppers.pop()
+            try:
+                yield stop()
+            except Exception:
+                self.log.failure("error while stopping")
+        self.log.info("cim node {node} stopped", node=self.config.node.id)
+
+
+def _exit_non_zero_at_exit() -> None:
+    """twistd has no way to set the exit status; make the interpreter's last act do it."""
+
+    def leave() -> None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
+
+    atexit.register(leave)
