@@ -44,6 +44,17 @@ DEFAULT_ONLINE_PAGE = 100
 
 REASON_LOGGED_IN_ELSEWHERE = "logged in elsewhere"
 REASON_REPLACED = "replaced by a newer connection of the same session"
+_KICK_CODES = {
+    REASON_LOGGED_IN_ELSEWHERE: cim_pb2.Kicked.LOGGED_IN_ELSEWHERE,
+    REASON_REPLACED: cim_pb2.Kicked.REPLACED,
+    "logged out": cim_pb2.Kicked.LOGGED_OUT,
+    "expired": cim_pb2.Kicked.SESSION_EXPIRED,
+}
+
+
+def kick_code(reason: str) -> int:
+    """The machine-readable code a client acts on (reconnect or not) for a reason."""
+    return _KICK_CODES.get(reason, cim_pb2.Kicked.CODE_UNSPECIFIED)
 
 
 class ClientSession(Protocol):

@@ -132,6 +132,7 @@ class NodeHarness:
             self.metrics,
         )
         self._next_port = 40000
+        self.pumps: list[iosim.IOPump] = []
 
     def login(
         self, user: str, device: str = "phone", node_id: str = "node1"
@@ -175,6 +176,15 @@ class NodeHarness:
             offered if offered is not None else KNOWN_SUITES,
         )
         events.protocol = client
+        server, server_transport, client_transport, pump, recorded = self.attach(client, host)
+        return ConnectedClient(
+            client, server, events, pump, client_transport, server_transport, token, recorded
+        )
+
+    def attach(
+        self, client: Any, host: str = "10.0.0.1"
+    ) -> tuple[ImServerProtocol, iosim.FakeTransport, iosim.FakeTransport, iosim.IOPump, list[bytes]]:
+        """Wire a client protocol to a new server protocol of this node."""
         self._next_port += 1
         server_address = IPv4Address("TCP", "127.0.0.1", 9000)
         client_address = IPv4Address("TCP", host, self._next_port)
@@ -197,6 +207,11 @@ class NodeHarness:
         pump = iosim.connect(
             server, server_transport, client, client_transport, greet=True, clock=self.clock
         )
-        return ConnectedClient(
-            client, server, events, pump, client_transport, server_transport, token, recorded
-        )
+        self.pumps.append(pump)
+        return server, server_transport, client_transport, pump, recorded
+
+    def flush_all(self) -> None:
+        """Pump every connection until nothing moves."""
+        for _ in range(100):
+            if not any(pump.pump() for pump in self.pumps):
+                return

@@ -179,15 +179,17 @@ class ChatClient:
         return ticket
 
     async def _open(self, ticket: LoginTicket) -> None:
+        events = _CurrentConnectionOnly(self)
         protocol = ImClientProtocol(
             self.clock,
-            self,
+            events,
             ticket.server_key,
             ticket.token,
             self.device,
             self.suite,
             self.offered,
         )
+        events.protocol = protocol
         await self._connect(ticket.node.host, ticket.node.port, protocol)
         try:
             await protocol.logged_in
@@ -223,11 +225,19 @@ class ChatClient:
             if self._online_requests:
                 self._online_requests.pop(0).callback(message)
         elif frame_type == cim_pb2.KICKED:
-            self._give_up(f"kicked: {message.reason}")  # type: ignore[attr-defined]
+            self._kicked(message)  # type: ignore[arg-type]
         elif frame_type == cim_pb2.GOING_AWAY:
             self._going_away = message.reconnect_after_ms / 1000  # type: ignore[attr-defined]
         elif frame_type == cim_pb2.ERROR:
             self._request_refused(message)  # type: ignore[arg-type]
+
+    def _kicked(self, kicked: cim_pb2.Kicked) -> None:
+        if self._stopping:
+            return  # our own logout, or we already gave up
+        if kicked.code == cim_pb2.Kicked.SESSION_EXPIRED:
+            self.ticket = None  # log in again through the router, then reconnect
+            return
+        self._give_up(f"kicked: {kicked.reason}")
 
     def connection_closed(self, reason: Failure) -> None:
         protocol, self.protocol = self.protocol, None
@@ -238,7 +248,8 @@ class ChatClient:
             request.errback(reason)
         self._online_requests = []
         if self._stopping:
-            self._set_state("offline")
+            if self.state != "stopped":
+                self._set_state("offline")
             return
         delay = getattr(self, "_going_away", 0.0) or self._backoff.delay(0, self._rng)
         self._going_away = 0.0
@@ -324,3 +335,23 @@ class ChatClient:
                 self.log.info("logout failed: {why}", why=error)
         self.ticket = None
 
+
+
+class _CurrentConnectionOnly:
+    """Passes a connection's events on only while it is the session's current one.
+
+    After a fast reconnect the abandoned connection may still say something (such as
+    "replaced by a newer connection"); that must not stop the new one.
+    """
+
+    def __init__(self, client: ChatClient) -> None:
+        self.client = client
+        self.protocol: ImClientProtocol | None = None
+
+    def frame_received(self, frame_type: int, message: ProtobufMessage) -> None:
+        if self.client.protocol is self.protocol:
+            self.client.frame_received(frame_type, message)
+
+    def connection_closed(self, reason: Failure) -> None:
+        if self.client.protocol is self.protocol:
+            self.client.connection_closed(reason)

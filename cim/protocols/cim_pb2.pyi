@@ -234,10 +234,26 @@ class OnlineA(_message.Message):
     def __init__(self, total: _Optional[int] = ..., users: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Kicked(_message.Message):
-    __slots__ = ("reason",)
+    __slots__ = ("reason", "code")
+    class Code(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        CODE_UNSPECIFIED: _ClassVar[Kicked.Code]
+        LOGGED_IN_ELSEWHERE: _ClassVar[Kicked.Code]
+        LOGGED_OUT: _ClassVar[Kicked.Code]
+        SESSION_EXPIRED: _ClassVar[Kicked.Code]
+        REPLACED: _ClassVar[Kicked.Code]
+        BY_ADMIN: _ClassVar[Kicked.Code]
+    CODE_UNSPECIFIED: Kicked.Code
+    LOGGED_IN_ELSEWHERE: Kicked.Code
+    LOGGED_OUT: Kicked.Code
+    SESSION_EXPIRED: Kicked.Code
+    REPLACED: Kicked.Code
+    BY_ADMIN: Kicked.Code
     REASON_FIELD_NUMBER: _ClassVar[int]
+    CODE_FIELD_NUMBER: _ClassVar[int]
     reason: str
-    def __init__(self, reason: _Optional[str] = ...) -> None: ...
+    code: Kicked.Code
+    def __init__(self, reason: _Optional[str] = ..., code: _Optional[_Union[Kicked.Code, str]] = ...) -> None: ...
 
 class GoingAway(_message.Message):
     __slots__ = ("reason", "reconnect_after_ms")

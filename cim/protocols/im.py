@@ -9,7 +9,6 @@ client may send then: anything else closes the connection.
 
 from __future__ import annotations
 
-import hashlib
 from enum import Enum
 from typing import TYPE_CHECKING, Any
 
@@ -32,6 +31,9 @@ from cim.protocols.handshake import (
     accept_client_hello,
 )
 from cim.protocols.wire import FrameProtocol
+from cim.state import token_hash
+
+from cim.switchboard import kick_code
 
 if TYPE_CHECKING:
     from cim.switchboard import Switchboard
@@ -47,11 +49,6 @@ class ConnectionState(Enum):
     AUTHENTICATING = "authenticating"
     ESTABLISHED = "established"
     CLOSING = "closing"
-
-
-def token_hash(token: str) -> str:
-    """How tokens are keyed in the state store: the token itself is never stored."""
-    return hashlib.sha256(token.encode()).hexdigest()
 
 
 class ImServerProtocol(FrameProtocol, TimeoutMixin):
@@ -249,7 +246,7 @@ class ImServerProtocol(FrameProtocol, TimeoutMixin):
             self.send_frame(frame_type, message)
 
     def kick(self, reason: str) -> None:
-        self._close_with(KICKED, cim_pb2.Kicked(reason=reason))
+        self._close_with(KICKED, cim_pb2.Kicked(reason=reason, code=kick_code(reason)))
         self.log.info("kicked {user}: {reason}", user=self.record and self.record.user,
                       reason=reason)
 

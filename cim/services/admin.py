@@ -1,0 +1,78 @@
+"""The admin service: /health for supervisors and load balancers, /metrics for Prometheus.
+
+It listens on loopback by default; it also refuses any peer that is not local, so a
+mistaken ``listen`` line does not publish the node's internals.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Callable
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.web import server
+from twisted.web.resource import Resource
+
+from cim.metrics import NodeMetrics, NodeMetricsCollector
+from cim.services.http import HttpError, JsonRoutes, Reply, bounded_site, json_reply, write_reply
+
+# Admin requests carry no body worth the name.
+ADMIN_MAX_BODY_SIZE = 1024
+
+
+def is_local_peer(request: server.Request) -> bool:
+    address = request.getClientAddress()
+    if isinstance(address, IPv4Address | IPv6Address):
+        try:
+            ip = ipaddress.ip_address(address.host.split("%", 1)[0])
+        except ValueError:
+            return False
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            return ip.ipv4_mapped.is_loopback
+        return ip.is_loopback
+    # A UNIX socket is local, and its file permissions already decide who may connect.
+    return isinstance(address, UNIXAddress)
+
+
+class LocalPeersOnly(Resource):
+    """Refuses every non-local peer before the wrapped resource sees the request."""
+
+    isLeaf = True
+    _log = Logger()
+
+    def __init__(self, inner: Resource) -> None:
+        super().__init__()
+        self._inner = inner
+
+    def render(self, request: server.Request) -> bytes | int:
+        if not is_local_peer(request):
+            self._log.warn(
+                "admin request refused from non-local peer {peer}", peer=request.getClientAddress()
+            )
+            error = HttpError(403, "forbidden", "the admin service answers local peers only")
+            return write_reply(request, error.reply())
+        return self._inner.render(request)
+
+
+def admin_site(
+    node_id: str,
+    metrics: NodeMetrics,
+    health: Callable[[], dict[str, Any]],
+    reactor: IReactorTime | None = None,
+) -> server.Site:
+    registry = CollectorRegistry()
+    registry.register(NodeMetricsCollector(metrics, node_id))
+
+    def health_route(request: server.Request) -> Reply:
+        report = health()
+        return json_reply(200 if report.get("status") == "ok" else 503, report)
+
+    def metrics_route(request: server.Request) -> Reply:
+        return Reply(200, generate_latest(registry), CONTENT_TYPE_LATEST.encode())
+
+    routes = JsonRoutes({(b"/health", b"GET"): health_route, (b"/metrics", b"GET"): metrics_route})
+    return bounded_site(LocalPeersOnly(routes), ADMIN_MAX_BODY_SIZE, reactor)

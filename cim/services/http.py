@@ -1,0 +1,223 @@
+"""What cim's small HTTP services share: bounded JSON bodies and JSON errors.
+
+Clients and scripts should be able to rely on every response, errors included, being
+JSON ``{"error": code, "message": text}`` with a meaningful status, so twisted.web's
+HTML error pages never reach them.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web import server
+from twisted.web.resource import Resource
+
+JSON_TYPE = b"application/json"
+
+
+@dataclass(frozen=True)
+class Reply:
+    status: int
+    body: bytes
+    content_type: bytes = JSON_TYPE
+    headers: tuple[tuple[bytes, bytes], ...] = ()
+
+
+class HttpError(Exception):
+    """Raised anywhere below a route to answer with a JSON error."""
+
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        headers: tuple[tuple[bytes, bytes], ...] = (),
+    ) -> None:
+        super().__init__(status, code, message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.headers = headers
+
+    def reply(self) -> Reply:
+        return json_reply(self.status, {"error": self.code, "message": self.message}, self.headers)
+
+
+def json_reply(
+    status: int, payload: Mapping[str, Any], headers: tuple[tuple[bytes, bytes], ...] = ()
+) -> Reply:
+    return Reply(status, json.dumps(payload, separators=(",", ":")).encode(), JSON_TYPE, headers)
+
+
+def too_many_requests(code: str, message: str, retry_after: float) -> HttpError:
+    seconds = max(1, math.ceil(retry_after))
+    return HttpError(429, code, message, ((b"Retry-After", str(seconds).encode()),))
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def read_json_object(request: server.Request, max_size: int) -> dict[str, Any]:
+    """The request body as a JSON object, or an HttpError saying what is wrong with it."""
+    if getattr(request, "body_too_large", False):
+        raise HttpError(413, "body_too_large", f"the request body exceeds {max_size} bytes")
+    content_type = request.getHeader(b"content-type") or b""
+    if content_type.split(b";", 1)[0].strip().lower() != JSON_TYPE:
+        raise HttpError(415, "unsupported_media_type", "send the body as application/json")
+    content = request.content
+    raw = content.read(max_size + 1) if content is not None else b""
+    if len(raw) > max_size:
+        raise HttpError(413, "body_too_large", f"the request body exceeds {max_size} bytes")
+    try:
+        parsed = json.loads(raw, parse_constant=_reject_constant)
+    except (ValueError, RecursionError):
+        raise HttpError(400, "bad_request", "the body is not valid UTF-8 JSON") from None
+    if not isinstance(parsed, dict):
+        raise HttpError(400, "bad_request", "the body must be a JSON object")
+    return parsed
+
+
+def client_host(request: server.Request) -> str:
+    """The peer's address as a throttling and logging key (no port: it changes per connection)."""
+    address = request.getClientAddress()
+    if isinstance(address, IPv4Address | IPv6Address):
+        return address.host
+    if isinstance(address, UNIXAddress):
+        return "unix"
+    return str(address)
+
+
+class BoundedRequest(server.Request):
+    """A request that stops storing its body past ``max_body_size``.
+
+    twisted.web buffers a whole body (to a temporary file when large) before any
+    resource sees it; this keeps at most the limit in memory and remembers the
+    overflow, so the resource answers 413 without the server having held the excess.
+    """
+
+    max_body_size = 16384
+    body_too_large = False
+
+    def gotLength(self, length: int | None) -> None:
+        self.content = io.BytesIO()
+        if length is not None and length > self.max_body_size:
+            self.body_too_large = True
+
+    def handleContentChunk(self, data: bytes) -> None:
+        if self.body_too_large or self.content is None:
+            return
+        if self.content.tell() + len(data) > self.max_body_size:
+            self.body_too_large = True
+            self.content = io.BytesIO()
+            return
+        self.content.write(data)
+
+
+def bounded_site(
+    root: Resource, max_body_size: int, reactor: IReactorTime | None = None
+) -> server.Site:
+    """A Site whose requests hold at most ``max_body_size`` body bytes.
+
+    ``reactor`` drives idle timeouts and access-log timestamps; tests pass a Clock.
+    """
+    request_class = type("BoundedRequest", (BoundedRequest,), {"max_body_size": max_body_size})
+    site = server.Site(root, requestFactory=request_class, reactor=reactor)
+    site.displayTracebacks = False
+    return site
+
+
+Route = Callable[[server.Request], "Reply | Deferred[Reply]"]
+
+
+class JsonRoutes(Resource):
+    """A flat table of (path, method) -> route, answering everything else in JSON.
+
+    Routes return a Reply or a Deferred of one and raise HttpError for expected
+    failures; anything else becomes a logged 500 whose text reveals nothing.
+    """
+
+    isLeaf = True
+    _log = Logger()
+
+    def __init__(self, routes: Mapping[tuple[bytes, bytes], Route]) -> None:
+        super().__init__()
+        self._routes = dict(routes)
+        self._methods: dict[bytes, list[bytes]] = {}
+        for path, method in self._routes:
+            self._methods.setdefault(path, []).append(method)
+
+    def render(self, request: server.Request) -> bytes | int:
+        method = request.method
+        path = request.path
+        route = self._routes.get((path, method))
+        if route is None and method == b"HEAD":
+            route = self._routes.get((path, b"GET"))
+        if route is None:
+            allowed = self._methods.get(path)
+            if allowed is None:
+                return write_reply(request, HttpError(404, "not_found", "no such resource").reply())
+            allow = b", ".join(sorted(allowed))
+            error = HttpError(
+                405, "method_not_allowed", "method not allowed here", ((b"Allow", allow),)
+            )
+            return write_reply(request, error.reply())
+        try:
+            result = route(request)
+        except Exception:
+            return write_reply(request, self._failure_reply(request, Failure()))
+        if isinstance(result, Reply):
+            return write_reply(request, result)
+        self._finish_later(request, result)
+        return server.NOT_DONE_YET
+
+    def _finish_later(self, request: server.Request, result: Deferred[Reply]) -> None:
+        gone: list[bool] = []
+        request.notifyFinish().addErrback(lambda _: gone.append(True))
+
+        def failed(failure: Failure) -> Reply:
+            return self._failure_reply(request, failure)
+
+        def send(reply: Reply) -> None:
+            if not gone:
+                request.write(write_reply(request, reply))
+                request.finish()
+
+        result.addErrback(failed).addCallback(send).addErrback(
+            lambda failure: self._log.failure("could not send a reply", failure)
+        )
+
+    def _failure_reply(self, request: server.Request, failure: Failure) -> Reply:
+        if failure.check(HttpError):
+            error: HttpError = failure.value  # type: ignore[assignment]
+            return error.reply()
+        # The request body may hold secrets; log only where the request went.
+        self._log.failure(
+            "unexpected error serving {method} {path}",
+            failure,
+            method=request.method.decode("latin-1"),
+            path=request.path.decode("latin-1"),
+        )
+        return HttpError(500, "internal_error", "the server failed to handle the request").reply()
+
+
+def write_reply(request: server.Request, reply: Reply) -> bytes:
+    """Set status and headers; returns the body for render() or request.write()."""
+    request.setResponseCode(reply.status)
+    request.setHeader(b"Content-Type", reply.content_type)
+    request.setHeader(b"Content-Length", str(len(reply.body)).encode())
+    request.setHeader(b"Cache-Control", b"no-store")
+    request.setHeader(b"X-Content-Type-Options", b"nosniff")
+    for name, value in reply.headers:
+        request.setHeader(name, value)
+    return reply.body

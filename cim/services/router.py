@@ -1,0 +1,252 @@
+"""The router: HTTP login and logout, the front door before a client's TCP connection.
+
+Login checks the password, decides a duplicate login, picks the IM node and issues a
+token; the client then presents that token in its handshake with the node. Only the
+token's hash is stored and nothing secret is ever logged: log lines carry the user,
+the peer address and the outcome.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.web import server
+
+from cim.config import ImConfig, RouterConfig
+from cim.interfaces import AlreadyLoggedIn, INodeRegistry, IStateStore, NodeInfo
+from cim.metrics import NodeMetrics
+from cim.services.http import (
+    HttpError,
+    JsonRoutes,
+    Reply,
+    bounded_site,
+    client_host,
+    json_reply,
+    read_json_object,
+    too_many_requests,
+)
+from cim.state import token_hash
+from cim.state.memory import REASON_LOGGED_OUT
+from cim.throttle import FailedLoginThrottle
+
+LOGIN_PATH = b"/api/v1/login"
+LOGOUT_PATH = b"/api/v1/logout"
+TOKEN_BYTES = 32
+DEFAULT_DEVICE = "default"
+MAX_DEVICE_LENGTH = 64
+MAX_USER_LENGTH = 256
+MAX_PASSWORD_LENGTH = 4096
+
+# What each refusal counts as in metrics.logins; anything unlisted is "error".
+_OUTCOME_BY_CODE = {
+    "body_too_large": "bad_request",
+    "unsupported_media_type": "bad_request",
+    "bad_request": "bad_request",
+    "throttled": "throttled",
+    "invalid_credentials": "invalid_credentials",
+    "already_logged_in": "refused",
+    "no_node": "no_node",
+}
+
+
+class AccountsLike(Protocol):
+    def check_password(self, name: str, password: str) -> Deferred[bool]: ...
+
+
+def choose_node(user: str, nodes: Sequence[NodeInfo]) -> NodeInfo | None:
+    """The node a user should connect to; the consistent-hash ring will replace this.
+
+    Hashing the name (rather than taking the first node) keeps a user on the same
+    node across logins while the set of nodes does not change.
+    """
+    if not nodes:
+        return None
+    ordered = sorted(nodes, key=lambda node: node.node_id)
+    digest = hashlib.sha256(user.encode()).digest()
+    return ordered[int.from_bytes(digest[:8], "big") % len(ordered)]
+
+
+class RouterResource(JsonRoutes):
+    """POST /api/v1/login and POST /api/v1/logout."""
+
+    _log = Logger()
+
+    def __init__(
+        self,
+        config: RouterConfig,
+        im_config: ImConfig,
+        accounts: AccountsLike,
+        state: IStateStore,
+        registry: INodeRegistry,
+        clock: IReactorTime,
+        metrics: NodeMetrics,
+        token_bytes: Callable[[int], bytes] = os.urandom,
+    ) -> None:
+        super().__init__({(LOGIN_PATH, b"POST"): self._login, (LOGOUT_PATH, b"POST"): self._logout})
+        self._config = config
+        self._im_config = im_config
+        self._accounts = accounts
+        self._state = state
+        self._registry = registry
+        self._metrics = metrics
+        self._token_bytes = token_bytes
+        window = config.failed_login_window
+        self.user_throttle = FailedLoginThrottle(clock, config.max_failed_logins_per_user, window)
+        self.address_throttle = FailedLoginThrottle(
+            clock, config.max_failed_logins_per_address, window
+        )
+
+    # --- login ------------------------------------------------------------------------
+
+    def _login(self, request: server.Request) -> Deferred[Reply]:
+        return Deferred.fromCoroutine(self._counted_login(request))
+
+    async def _counted_login(self, request: server.Request) -> Reply:
+        address = client_host(request)
+        user: str | None = None
+        outcome = "error"
+        try:
+            user, password, device = self._credentials(request)
+            reply = await self._authenticate(user, password, device, address)
+            outcome = "ok"
+            return reply
+        except HttpError as error:
+            outcome = _OUTCOME_BY_CODE.get(error.code, "error")
+            raise
+        finally:
+            self._metrics.logins[outcome] += 1
+            self._log.info(
+                "login {outcome} for {user!r} from {address}",
+                outcome=outcome,
+                user=user,
+                address=address,
+            )
+
+    def _credentials(self, request: server.Request) -> tuple[str, str, str]:
+        body = read_json_object(request, self._config.max_body_size)
+        user = body.get("user")
+        password = body.get("password")
+        device = body.get("device", DEFAULT_DEVICE)
+        if not isinstance(user, str) or not 1 <= len(user) <= MAX_USER_LENGTH:
+            raise HttpError(
+                400, "bad_request", f"'user' must be a string of 1 to {MAX_USER_LENGTH} characters"
+            )
+        if not isinstance(password, str) or len(password) > MAX_PASSWORD_LENGTH:
+            raise HttpError(
+                400,
+                "bad_request",
+                f"'password' must be a string of at most {MAX_PASSWORD_LENGTH} characters",
+            )
+        if (
+            not isinstance(device, str)
+            or not 1 <= len(device) <= MAX_DEVICE_LENGTH
+            or not device.isprintable()
+        ):
+            raise HttpError(
+                400,
+                "bad_request",
+                f"'device' must be 1 to {MAX_DEVICE_LENGTH} printable characters",
+            )
+        return user, password, device
+
+    async def _authenticate(self, user: str, password: str, device: str, address: str) -> Reply:
+        # Checked before the KDF, so a blocked guesser costs no hashing at all.
+        wait = max(self.user_throttle.blocked(user), self.address_throttle.blocked(address))
+        if wait > 0:
+            raise too_many_requests("throttled", "too many failed logins; try again later", wait)
+
+        if not await self._accounts.check_password(user, password):
+            self.user_throttle.record_failure(user)
+            self.address_throttle.record_failure(address)
+            raise HttpError(401, "invalid_credentials", "wrong user name or password")
+        # The address counter is deliberately not reset: otherwise one valid account
+        # would let its owner reset the limit between guesses at other accounts.
+        self.user_throttle.record_success(user)
+
+        node = choose_node(user, self._registry.live_nodes())
+        if node is None:
+            raise HttpError(503, "no_node", "no IM node is available; try again later")
+
+        token = base64.urlsafe_b64encode(self._token_bytes(TOKEN_BYTES)).rstrip(b"=").decode()
+        try:
+            record, _ = await self._state.create_session(
+                token_hash(token),
+                user,
+                device,
+                node.node_id,
+                self._config.token_ttl,
+                self._config.duplicate_login,
+            )
+        except AlreadyLoggedIn:
+            raise HttpError(
+                409, "already_logged_in", "this user is already logged in on another device"
+            ) from None
+
+        im = self._im_config
+        body: dict[str, Any] = {
+            "token": token,
+            "session_id": record.session_id,
+            "user": user,
+            "node": {"id": node.node_id, "host": node.host, "port": node.port},
+            "server_key": base64.b64encode(node.public_key_der).decode(),
+            "key_fingerprint": hashlib.sha256(node.public_key_der).hexdigest(),
+            "heartbeat_interval": im.heartbeat_interval,
+            "heartbeat_timeout": im.effective_heartbeat_timeout,
+            "cipher_suites": list(im.cipher_suites),
+            "expires_at": record.expires_at,
+        }
+        return json_reply(200, body)
+
+    # --- logout -----------------------------------------------------------------------
+
+    def _logout(self, request: server.Request) -> Deferred[Reply]:
+        return Deferred.fromCoroutine(self._end_session(request))
+
+    async def _end_session(self, request: server.Request) -> Reply:
+        address = client_host(request)
+        token = _bearer_token(request)
+        record = None
+        if token is not None:
+            record = await self._state.end_session(token_hash(token), REASON_LOGGED_OUT)
+        if record is None:
+            self._log.info("logout refused from {address}: unknown token", address=address)
+            raise HttpError(
+                401,
+                "invalid_token",
+                "the bearer token is missing, expired or unknown",
+                ((b"WWW-Authenticate", b'Bearer realm="cim"'),),
+            )
+        self._log.info("logout of {user!r} from {address}", user=record.user, address=address)
+        return json_reply(200, {"ok": True})
+
+
+def _bearer_token(request: server.Request) -> str | None:
+    header = request.getHeader(b"authorization")
+    if header is None:
+        return None
+    scheme, _, token = header.decode("latin-1").partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
+        return None
+    return token
+
+
+def router_site(
+    config: RouterConfig,
+    im_config: ImConfig,
+    accounts: AccountsLike,
+    state: IStateStore,
+    registry: INodeRegistry,
+    clock: IReactorTime,
+    metrics: NodeMetrics,
+    token_bytes: Callable[[int], bytes] = os.urandom,
+) -> server.Site:
+    root = RouterResource(config, im_config, accounts, state, registry, clock, metrics, token_bytes)
+    return bounded_site(root, config.max_body_size, clock)
