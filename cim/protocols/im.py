@@ -146,14 +146,6 @@ class ImServerProtocol(FrameProtocol, TimeoutMixin):
             self.send_plaintext(refusal.to_body())
             self.transport.loseConnection()
             return
-        if not factory.replay_guard.fresh(accepted.client_nonce, accepted.timestamp_ms):
-            self._refuse_login(
-                accepted,
-                _STATUS.REPLAYED_HELLO,
-                "hello replayed or too old: check the device clock",
-                "replayed",
-            )
-            return
         d = factory.state.session_for_token(token_hash(accepted.token))
         d.addCallback(self._token_checked, accepted)
         d.addErrback(self._token_check_failed)
@@ -165,6 +157,15 @@ class ImServerProtocol(FrameProtocol, TimeoutMixin):
         if record is None:
             self._refuse_login(
                 accepted, _STATUS.INVALID_TOKEN, "unknown or expired token", "invalid_token"
+            )
+            return
+        # Checked after the token so a flood of junk hellos cannot fill the guard.
+        if not factory.replay_guard.fresh(accepted.client_nonce, accepted.timestamp_ms):
+            self._refuse_login(
+                accepted,
+                _STATUS.REPLAYED_HELLO,
+                "hello replayed or too old: check the device clock",
+                "replayed",
             )
             return
         if record.node_id != factory.node_id:

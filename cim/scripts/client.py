@@ -122,7 +122,7 @@ async def run(reactor: Any, options: argparse.Namespace) -> int:
             _print(json.dumps({"total": page.total, "users": list(page.users)}))
             return 0
         if options.command == "listen":
-            done: Deferred[None] = Deferred()
+            done: Deferred[bool] = Deferred()
             received = 0
 
             def arrived(message: Any) -> None:
@@ -130,7 +130,7 @@ async def run(reactor: Any, options: argparse.Namespace) -> int:
                 _print(message_json(message))
                 received += 1
                 if options.count and received >= options.count and not done.called:
-                    done.callback(None)
+                    done.callback(True)
 
             client.on_message = arrived
             finished = await _with_timeout(reactor, done, options.timeout or None)

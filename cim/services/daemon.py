@@ -158,8 +158,9 @@ class CimDaemon(Service):
             self.log.failure("start-up failed", failure)
         message = f"cim: could not start node {self.config.node.id}: {why}"
         self.log.critical("{message}", message=message)
-        sys.stderr.write(message + "\n")
-        sys.stderr.flush()
+        # twistd has redirected sys.stderr into the log; fd 2 is still the terminal
+        # (or /dev/null when daemonised), where the operator looks first.
+        os.write(2, (message + "\n").encode())
         _exit_non_zero_at_exit()
         if self.reactor.running:
             self.reactor.stop()

@@ -1,0 +1,329 @@
+"""The one-round-trip handshake, both sides, as pure functions over frame bodies.
+
+No I/O and no clock reads happen here (the replay guard takes its clock), so the
+node protocol and the client drive it from whatever event they like and the tests
+check it byte for byte. The node does not look at the token or the timestamp: the
+token lookup is asynchronous and belongs to the caller, which also consults a
+``ReplayGuard`` before trusting a hello.
+"""
+
+from __future__ import annotations
+
+import heapq
+import hmac
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from google.protobuf.message import DecodeError
+from twisted.internet.interfaces import IReactorTime
+
+from cim.protocols import cim_pb2
+from cim.protocols.crypto import (
+    PROTOCOL_VERSION,
+    SECRET_SIZE,
+    FrameAuthenticationError,
+    FrameOpener,
+    FrameSealer,
+    NodeKey,
+    fingerprint_of,
+    seal_for_node,
+    session_ciphers,
+)
+
+__all__ = [
+    "MAX_OFFERED_SUITES",
+    "MAX_SUITE_NAME",
+    "MAX_TOKEN_LENGTH",
+    "NONCE_SIZE",
+    "PROTOCOL_VERSION",
+    "ClientHandshake",
+    "ClientHelloAccepted",
+    "HandshakeRefused",
+    "ReplayGuard",
+    "accept_client_hello",
+]
+
+NONCE_SIZE = 16
+MAX_TOKEN_LENGTH = 256
+MAX_OFFERED_SUITES = 16
+MAX_SUITE_NAME = 64
+
+# Resolved once: enum attribute lookups on the generated module are not free.
+_CLIENT_HELLO = cim_pb2.CLIENT_HELLO
+_HANDSHAKE_ERROR = cim_pb2.HANDSHAKE_ERROR
+_LOGIN_RESULT = cim_pb2.LOGIN_RESULT
+_UNSUPPORTED_VERSION = cim_pb2.HandshakeError.UNSUPPORTED_VERSION
+_SUITE_NOT_ALLOWED = cim_pb2.HandshakeError.SUITE_NOT_ALLOWED
+_UNKNOWN_KEY = cim_pb2.HandshakeError.UNKNOWN_KEY
+_BAD_HELLO = cim_pb2.HandshakeError.BAD_HELLO
+
+
+class HandshakeRefused(Exception):
+    """The node said no; carries exactly what goes into the HANDSHAKE_ERROR frame."""
+
+    def __init__(self, reason: int, message: str, allowed_suites: Sequence[str] = ()) -> None:
+        super().__init__(reason, message)
+        self.reason = reason
+        self.message = message
+        self.allowed_suites: tuple[str, ...] = tuple(allowed_suites)
+
+    @property
+    def reason_name(self) -> str:
+        """The Reason enum name, lowercased: a stable metrics label."""
+        try:
+            return cim_pb2.HandshakeError.Reason.Name(self.reason).lower()
+        except ValueError:
+            return str(self.reason)
+
+    def to_body(self) -> bytes:
+        error = cim_pb2.HandshakeError(
+            reason=self.reason,  # type: ignore[arg-type]
+            message=self.message,
+            allowed_suites=self.allowed_suites,
+        )
+        return bytes((_HANDSHAKE_ERROR,)) + error.SerializeToString()
+
+    @classmethod
+    def from_body(cls, body: bytes) -> HandshakeRefused:
+        """Rebuild the refusal on the client from a HANDSHAKE_ERROR frame body."""
+        if not body or body[0] != _HANDSHAKE_ERROR:
+            raise ValueError("not a HANDSHAKE_ERROR frame")
+        error = cim_pb2.HandshakeError()
+        try:
+            error.ParseFromString(body[1:])
+        except DecodeError:
+            raise ValueError("malformed HANDSHAKE_ERROR frame") from None
+        return cls(error.reason, error.message, tuple(error.allowed_suites))
+
+    def __str__(self) -> str:
+        text = f"{self.reason_name}: {self.message}"
+        if self.allowed_suites:
+            text += f" (the node allows: {', '.join(self.allowed_suites)})"
+        return text
+
+
+def _bad_hello(message: str) -> HandshakeRefused:
+    return HandshakeRefused(_BAD_HELLO, message)
+
+
+@dataclass
+class ClientHelloAccepted:
+    """A hello that decrypted and checked out; the token is not verified yet."""
+
+    suite: str
+    token: str = field(repr=False)
+    device: str
+    timestamp_ms: int
+    client_nonce: bytes = field(repr=False)
+    server_nonce: bytes = field(repr=False)
+    sealer: FrameSealer = field(repr=False)
+    opener: FrameOpener = field(repr=False)
+
+    def reply_body(self, first_plaintext: bytes) -> bytes:
+        """The node's answer: type byte, server nonce, then the first sealed frame.
+
+        ``first_plaintext`` is the LOGIN_RESULT type byte and a LoginResult. Call it
+        once: it consumes the node's first frame counter.
+        """
+        return bytes((_LOGIN_RESULT,)) + self.server_nonce + self.sealer.seal(first_plaintext)
+
+
+def accept_client_hello(
+    body: bytes,
+    node_key: NodeKey,
+    allowed_suites: Sequence[str],
+    random_bytes: Callable[[int], bytes] = os.urandom,
+) -> ClientHelloAccepted:
+    """Check a CLIENT_HELLO frame body and derive the session's ciphers (node side).
+
+    Raises HandshakeRefused with the reason to send back. The cheap checks come
+    before the RSA decryption so junk costs the node as little as possible.
+    """
+    if not body or body[0] != _CLIENT_HELLO:
+        raise _bad_hello("the first frame must be a CLIENT_HELLO")
+    hello = cim_pb2.ClientHello()
+    try:
+        hello.ParseFromString(body[1:])
+    except DecodeError:
+        raise _bad_hello("the ClientHello cannot be parsed") from None
+    if hello.version != PROTOCOL_VERSION:
+        raise HandshakeRefused(
+            _UNSUPPORTED_VERSION,
+            f"protocol version {hello.version} is not supported; this node speaks "
+            f"version {PROTOCOL_VERSION}",
+        )
+    offered = tuple(hello.offered_suites)
+    if len(offered) > MAX_OFFERED_SUITES or any(
+        not name or len(name.encode("utf-8")) > MAX_SUITE_NAME for name in offered
+    ):
+        raise _bad_hello(
+            f"offered_suites must hold at most {MAX_OFFERED_SUITES} names "
+            f"of 1 to {MAX_SUITE_NAME} bytes"
+        )
+    allowed = tuple(allowed_suites)
+    if hello.suite not in allowed:
+        raise HandshakeRefused(
+            _SUITE_NOT_ALLOWED,
+            f"cipher suite {hello.suite!r} is not allowed here; "
+            f"this node allows: {', '.join(allowed)}",
+            allowed,
+        )
+    if hello.suite not in offered:
+        raise HandshakeRefused(
+            _SUITE_NOT_ALLOWED,
+            f"the chosen suite {hello.suite!r} is not among offered_suites",
+            allowed,
+        )
+    if not hmac.compare_digest(hello.key_fingerprint, node_key.fingerprint):
+        raise HandshakeRefused(
+            _UNKNOWN_KEY,
+            "key_fingerprint is not this node's key; log in through the router again",
+        )
+    if len(hello.client_nonce) != NONCE_SIZE:
+        raise _bad_hello(f"client_nonce must be {NONCE_SIZE} bytes")
+    # Decryption and parse failures get the same message: the node must not tell a
+    # prober which step failed.
+    try:
+        sealed = node_key.unseal(hello.sealed_key)
+        material = cim_pb2.KeyMaterial()
+        material.ParseFromString(sealed)
+    except (ValueError, DecodeError):
+        raise _bad_hello("sealed_key cannot be decrypted to valid key material") from None
+    if len(material.secret) != SECRET_SIZE:
+        raise _bad_hello(f"the key material secret must be {SECRET_SIZE} bytes")
+    if not material.token or len(material.token) > MAX_TOKEN_LENGTH:
+        raise _bad_hello(f"the token must be 1 to {MAX_TOKEN_LENGTH} characters")
+    server_nonce = random_bytes(NONCE_SIZE)
+    if len(server_nonce) != NONCE_SIZE:
+        raise ValueError("random_bytes returned the wrong number of bytes")
+    sealer, opener = session_ciphers(
+        hello.suite,
+        material.secret,
+        hello.client_nonce,
+        server_nonce,
+        node_key.fingerprint,
+        offered,
+        "node",
+    )
+    return ClientHelloAccepted(
+        suite=hello.suite,
+        token=material.token,
+        device=material.device,
+        timestamp_ms=material.timestamp_ms,
+        client_nonce=hello.client_nonce,
+        server_nonce=server_nonce,
+        sealer=sealer,
+        opener=opener,
+    )
+
+
+class ReplayGuard:
+    """Refuses a hello seen before or stamped too far from the node's clock.
+
+    A nonce is remembered only as long as its timestamp could still pass the clock
+    check; after that the timestamp check alone refuses a replay. Expiries sit in a
+    heap pruned on every call, so memory is bounded by the hellos accepted within
+    twice the window and no timer is needed per nonce.
+    """
+
+    def __init__(self, clock: IReactorTime, window: float) -> None:
+        if window <= 0:
+            raise ValueError("the replay window must be positive")
+        # mypy without the zope plugin cannot type an interface's methods.
+        self._seconds: Callable[[], float] = clock.seconds  # type: ignore[misc]
+        self._window_ms = window * 1000.0
+        self._expiries: list[tuple[float, bytes]] = []
+        self._seen: set[bytes] = set()
+
+    def __len__(self) -> int:
+        return len(self._seen)
+
+    def fresh(self, client_nonce: bytes, timestamp_ms: int) -> bool:
+        now_ms = self._seconds() * 1000.0
+        expiries = self._expiries
+        while expiries and expiries[0][0] < now_ms:
+            self._seen.discard(heapq.heappop(expiries)[1])
+        if abs(now_ms - timestamp_ms) > self._window_ms:
+            return False
+        if client_nonce in self._seen:
+            return False
+        self._seen.add(client_nonce)
+        heapq.heappush(expiries, (timestamp_ms + self._window_ms, client_nonce))
+        return True
+
+
+class ClientHandshake:
+    """The client's half: builds the hello and turns the node's reply into ciphers."""
+
+    def __init__(
+        self,
+        public_der: bytes,
+        token: str,
+        device: str,
+        suite: str,
+        offered: Sequence[str],
+        now_ms: int,
+        random_bytes: Callable[[int], bytes] = os.urandom,
+    ) -> None:
+        offered = tuple(offered)
+        if suite not in offered:
+            raise ValueError(f"the chosen suite {suite!r} must be one of the offered suites")
+        if not token or len(token) > MAX_TOKEN_LENGTH:
+            raise ValueError(f"the token must be 1 to {MAX_TOKEN_LENGTH} characters")
+        self.suite = suite
+        self.offered = offered
+        self.fingerprint = fingerprint_of(public_der)
+        self.client_nonce = random_bytes(NONCE_SIZE)
+        self._secret = random_bytes(SECRET_SIZE)
+        if len(self.client_nonce) != NONCE_SIZE or len(self._secret) != SECRET_SIZE:
+            raise ValueError("random_bytes returned the wrong number of bytes")
+        material = cim_pb2.KeyMaterial(
+            secret=self._secret, token=token, timestamp_ms=now_ms, device=device
+        )
+        hello = cim_pb2.ClientHello(
+            version=PROTOCOL_VERSION,
+            offered_suites=offered,
+            suite=suite,
+            client_nonce=self.client_nonce,
+            key_fingerprint=self.fingerprint,
+            sealed_key=seal_for_node(public_der, material.SerializeToString()),
+        )
+        self._hello_body = bytes((_CLIENT_HELLO,)) + hello.SerializeToString()
+
+    def hello_body(self) -> bytes:
+        return self._hello_body
+
+    def finish(self, reply_body: bytes) -> tuple[FrameSealer, FrameOpener, bytes]:
+        """Turn the node's first frame into (sealer, opener, first plaintext).
+
+        Raises HandshakeRefused if the node refused, FrameAuthenticationError if the
+        sealed part does not authenticate (a downgraded or tampered hello, or the
+        wrong node), ValueError for anything else that is not a valid reply.
+        """
+        if not reply_body:
+            raise ValueError("empty handshake reply")
+        kind = reply_body[0]
+        if kind == _HANDSHAKE_ERROR:
+            raise HandshakeRefused.from_body(reply_body)
+        if kind != _LOGIN_RESULT:
+            raise ValueError(f"unexpected handshake reply type {kind}")
+        server_nonce = reply_body[1 : 1 + NONCE_SIZE]
+        if len(server_nonce) != NONCE_SIZE:
+            raise FrameAuthenticationError("handshake reply truncated")
+        sealer, opener = session_ciphers(
+            self.suite,
+            self._secret,
+            self.client_nonce,
+            server_nonce,
+            self.fingerprint,
+            self.offered,
+            "client",
+        )
+        first_plaintext = opener.open(reply_body[1 + NONCE_SIZE :])
+        if not first_plaintext or first_plaintext[0] != _LOGIN_RESULT:
+            raise ValueError("the first encrypted frame is not a LOGIN_RESULT")
+        return sealer, opener, first_plaintext
+
+    def __repr__(self) -> str:
+        return f"<ClientHandshake suite={self.suite} offered={','.join(self.offered)}>"

@@ -1,0 +1,219 @@
+"""Framing shared by the node and the client: length prefix, heartbeats, sealing, dispatch.
+
+A frame that fails in any way (too long, not authentic, a type the connection state
+does not allow, a body protobuf cannot parse) ends the connection at once and
+nothing from it or after it reaches the application: a peer that sends one bad
+frame cannot be trusted with the next one (P5 in the architecture).
+
+This is the per-frame hot path, so it avoids per-frame allocations beyond the
+frame itself, looks the allow-list up with one dict get, and resolves protobuf
+constants at import time.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from google.protobuf.message import DecodeError, Message
+from twisted.logger import Logger
+from twisted.protocols.basic import Int32StringReceiver, IntNStringReceiver
+
+from cim.metrics import NodeMetrics
+from cim.protocols.crypto import FrameAuthenticationError, FrameOpener, FrameSealer
+
+__all__ = ["HEARTBEAT_FRAME", "FrameProtocol", "Inbound"]
+
+HEARTBEAT_FRAME = b"\x00\x00\x00\x00"
+"""A zero-length frame: the whole heartbeat is its 4-byte length prefix."""
+
+Inbound = Mapping[int, tuple[type[Message], Callable[[Any], None]]]
+"""Frame type byte -> (protobuf class, receiver): what a connection state accepts."""
+
+_LENGTH = struct.Struct(">I").pack
+_TYPE_BYTES = tuple(bytes((number,)) for number in range(256))
+_PREFIX_SIZE = 4
+_NOTHING_ALLOWED: Inbound = {}
+
+
+class _NotEncrypting:
+    """Stands in for the sealer until the handshake is done, so send_frame needs no check."""
+
+    def seal(self, plaintext: bytes) -> bytes:
+        raise RuntimeError("send_frame before start_encryption; use send_plaintext")
+
+
+class FrameProtocol(Int32StringReceiver):
+    """Length-prefixed frames, heartbeats, encryption and allow-list dispatch.
+
+    Subclasses set ``inbound`` for their connection state and override the hooks
+    ``plaintext_frame_received`` (the handshake), ``heartbeat_received`` and
+    ``frame_activity`` (idle timers).
+    """
+
+    log = Logger()
+
+    def __init__(self, max_frame_size: int, metrics: NodeMetrics | None = None) -> None:
+        self.MAX_LENGTH = max_frame_size
+        self.metrics = metrics
+        self.inbound: Inbound = _NOTHING_ALLOWED
+        self._sealer: FrameSealer = _NotEncrypting()
+        self._opener: FrameOpener | None = None
+        self._rejected = False
+
+    # ---------------------------------------------------------------- receiving
+
+    def dataReceived(self, data: bytes) -> None:
+        # After a rejection the connection is being torn down; bytes still arriving
+        # are dropped instead of piling up in the receive buffer.
+        if not self._rejected:
+            IntNStringReceiver.dataReceived(self, data)
+
+    def stringReceived(self, body: bytes) -> None:
+        self.frame_activity()
+        metrics = self.metrics
+        if not body:
+            if metrics is not None:
+                metrics.heartbeats_in += 1
+                metrics.bytes_in += _PREFIX_SIZE
+            self.heartbeat_received()
+            return
+        if metrics is not None:
+            metrics.bytes_in += _PREFIX_SIZE + len(body)
+        opener = self._opener
+        if opener is None:
+            if metrics is not None:
+                metrics.frames_in[body[0]] += 1
+            self.plaintext_frame_received(body)
+            return
+        try:
+            plaintext = opener.open(body)
+        except FrameAuthenticationError:
+            self.frame_rejected("authentication")
+            return
+        self.dispatch_plaintext(plaintext)
+
+    def dispatch_plaintext(self, plaintext: bytes) -> None:
+        """Parse an opened frame and hand it to the receiver the current state allows.
+
+        Public so the client can feed the LOGIN_RESULT that came sealed inside the
+        handshake reply through the same checks as every later frame.
+        """
+        if not plaintext:
+            self.frame_rejected("empty")
+            return
+        frame_type = plaintext[0]
+        entry = self.inbound.get(frame_type)
+        if entry is None:
+            self.frame_rejected("unexpected frame type", f"type {frame_type}")
+            return
+        message_class, receive = entry
+        message = message_class()
+        try:
+            message.ParseFromString(plaintext[1:])
+        except DecodeError:
+            self.frame_rejected("malformed", f"type {frame_type}")
+            return
+        metrics = self.metrics
+        if metrics is not None:
+            metrics.frames_in[frame_type] += 1
+        receive(message)
+
+    def lengthLimitExceeded(self, length: int) -> None:
+        self.frame_rejected("oversized", f"{length} bytes, limit {self.MAX_LENGTH}")
+
+    # ------------------------------------------------------------------ sending
+
+    def start_encryption(self, sealer: FrameSealer, opener: FrameOpener) -> None:
+        """Every frame after this one is sealed and opened; heartbeats stay plain."""
+        if self._opener is not None:
+            raise RuntimeError("encryption already started")
+        self._sealer = sealer
+        self._opener = opener
+
+    def send_frame(self, frame_type: int, message: Message) -> None:
+        body = self._sealer.seal(_TYPE_BYTES[frame_type] + message.SerializeToString())
+        transport: Any = self.transport  # zope interfaces are opaque to mypy
+        transport.write(_LENGTH(len(body)) + body)
+        metrics = self.metrics
+        if metrics is not None:
+            metrics.frames_out[frame_type] += 1
+            metrics.bytes_out += _PREFIX_SIZE + len(body)
+
+    def send_plaintext(self, body: bytes) -> None:
+        """Send a handshake frame body (type byte included) without sealing it."""
+        if not body:
+            raise ValueError("an empty body is a heartbeat; use send_heartbeat")
+        self.sendString(body)
+        metrics = self.metrics
+        if metrics is not None:
+            metrics.frames_out[body[0]] += 1
+            metrics.bytes_out += _PREFIX_SIZE + len(body)
+
+    def send_heartbeat(self) -> None:
+        transport: Any = self.transport
+        transport.write(HEARTBEAT_FRAME)
+        metrics = self.metrics
+        if metrics is not None:
+            metrics.heartbeats_out += 1
+            metrics.bytes_out += _PREFIX_SIZE
+
+    # ---------------------------------------------------------------- rejection
+
+    def frame_rejected(self, reason: str, detail: str = "") -> None:
+        """Stop reading, log one line, count it and drop the connection.
+
+        ``reason`` is a short fixed label (it becomes a metrics label); ``detail``
+        may say more but must never contain payload or key material.
+        """
+        if self._rejected:
+            return
+        self._rejected = True
+        # IntNStringReceiver's loop stops at the next frame when paused.
+        self.paused = True
+        transport: Any = self.transport
+        peer = transport.getPeer() if transport is not None else None
+        self.log.warn(
+            "Closing connection from {peer}: {reason}{detail}",
+            peer=_describe_peer(peer),
+            reason=reason,
+            detail=f" ({detail})" if detail else "",
+        )
+        if self.metrics is not None:
+            self.metrics.frames_rejected[reason] += 1
+        self.close_rejected()
+
+    def close_rejected(self) -> None:
+        """Drop the connection without flushing: a hostile peer need not read.
+
+        A subclass that sends a last frame before closing can override this to use
+        ``loseConnection`` (with its own deadline) so the frame is delivered.
+        """
+        transport: Any = self.transport
+        if transport is None:
+            return
+        abort = getattr(transport, "abortConnection", None)
+        if abort is not None:
+            abort()
+        else:
+            transport.loseConnection()
+
+    # -------------------------------------------------------- hooks (no-op default)
+
+    def heartbeat_received(self) -> None:
+        pass
+
+    def plaintext_frame_received(self, body: bytes) -> None:
+        self.frame_rejected("unexpected plaintext")
+
+    def frame_activity(self) -> None:
+        pass
+
+
+def _describe_peer(peer: object) -> str:
+    host = getattr(peer, "host", None)
+    port = getattr(peer, "port", None)
+    if host is not None and port is not None:
+        return f"{host}:{port}"
+    return str(peer)

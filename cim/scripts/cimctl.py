@@ -1,0 +1,325 @@
+"""cimctl: the operator's command line for a cim node.
+
+A short-lived process, so it blocks freely: it opens the database the way the daemon
+does (SQLite is created and migrated, PostgreSQL must be at the code's revision) and
+runs the same account rules and transactions inline.
+
+Every expected problem ends in one line on stderr and an exit status, never a
+traceback: 0 done, 1 refused (the user exists, no such user, a weak password, the
+database is behind), 2 usage or configuration errors.
+
+To add a subcommand, write ``def name(invocation: Invocation) -> int`` (and, if it
+takes arguments, a function adding them to its parser), then add a ``Subcommand`` row
+to ``SUBCOMMANDS``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hmac
+import json
+import os
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from getpass import getpass
+from typing import TextIO
+
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import SQLAlchemyError
+
+from cim.accounts import (
+    BlockingAccountStore,
+    InvalidUserKind,
+    InvalidUserName,
+    NoSuchUser,
+    UserExists,
+    WeakPassword,
+    check_user_kind,
+    check_user_name,
+)
+from cim.config import CimConfig, ConfigError, load_config
+from cim.storage.database import DatabaseRevisionError, open_engine, upgrade
+from cim.storage.schema import USER_KINDS
+
+EXIT_OK = 0
+EXIT_REFUSED = 1
+EXIT_USAGE = 2
+
+LOCAL_CONFIG = "etc/cim.ini"
+SYSTEM_CONFIG = "/etc/cim/cim.ini"
+
+
+class CommandFailed(Exception):
+    """An expected failure: main prints the message as one line and exits with status."""
+
+    def __init__(self, message: str, status: int = EXIT_REFUSED) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def default_config_path() -> str:
+    """The checkout's config when run from one, else the system-wide file."""
+    return LOCAL_CONFIG if os.path.exists(LOCAL_CONFIG) else SYSTEM_CONFIG
+
+
+@dataclass
+class Invocation:
+    """One run of cimctl: parsed arguments, the streams, and the config loaded on demand."""
+
+    args: argparse.Namespace
+    stdin: TextIO
+    stdout: TextIO
+    stderr: TextIO
+    _config: CimConfig | None = field(default=None, repr=False)
+
+    @property
+    def config_path(self) -> str:
+        return str(self.args.config)
+
+    @property
+    def config(self) -> CimConfig:
+        if self._config is None:
+            self._config = load_config(self.config_path)
+        return self._config
+
+    def say(self, line: str) -> None:
+        print(line, file=self.stdout)
+
+    @contextlib.contextmanager
+    def accounts(self) -> Iterator[BlockingAccountStore]:
+        engine = open_engine(self.config.database_url)
+        try:
+            yield BlockingAccountStore(engine, self.config.accounts)
+        finally:
+            engine.dispose()
+
+
+def shown_url(url: str) -> str:
+    return make_url(url).render_as_string(hide_password=True)
+
+
+def read_new_password(invocation: Invocation, name: str) -> str:
+    """From stdin's first line when it is not a terminal (scripts), else asked twice."""
+    if not invocation.stdin.isatty():
+        line = invocation.stdin.readline()
+        if not line:
+            raise CommandFailed("no password: expected it on the first line of stdin", EXIT_USAGE)
+        return line.removesuffix("\n").removesuffix("\r")
+    try:
+        first = getpass(f"New password for {name}: ")
+        second = getpass(f"Repeat the password for {name}: ")
+    except EOFError:
+        raise CommandFailed("no password given", EXIT_USAGE) from None
+    if not hmac.compare_digest(first.encode("utf-8"), second.encode("utf-8")):
+        raise CommandFailed("the two passwords do not match")
+    return first
+
+
+# --- subcommands ----------------------------------------------------------------------
+
+
+def check_config(invocation: Invocation) -> int:
+    config = invocation.config  # loading is the check; main reports a ConfigError
+    invocation.say(f"config ok: {config.path}")
+    return EXIT_OK
+
+
+def db_upgrade(invocation: Invocation) -> int:
+    url = invocation.config.database_url
+    before, after = upgrade(url)
+    if before == after:
+        invocation.say(f"database {shown_url(url)}: already at revision {after}")
+    else:
+        invocation.say(
+            f"database {shown_url(url)}: upgraded from revision {before or 'none'} to {after}"
+        )
+    return EXIT_OK
+
+
+def _user_name_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("name", help="1-64 letters, digits, '.', '_' or '-'")
+
+
+def _user_add_arguments(parser: argparse.ArgumentParser) -> None:
+    _user_name_argument(parser)
+    parser.add_argument("--kind", choices=USER_KINDS, default="person")
+
+
+def user_add(invocation: Invocation) -> int:
+    name, kind = invocation.args.name, invocation.args.kind
+    check_user_name(name)
+    check_user_kind(kind)
+    with invocation.accounts() as accounts:
+        if accounts.exists(name):  # before asking for a password that would be wasted
+            raise UserExists(name)
+        accounts.add_user(name, read_new_password(invocation, name), kind)
+    invocation.say(f"added user {name} ({kind})")
+    return EXIT_OK
+
+
+def user_passwd(invocation: Invocation) -> int:
+    name = invocation.args.name
+    check_user_name(name)
+    with invocation.accounts() as accounts:
+        if not accounts.exists(name):
+            raise NoSuchUser(name)
+        accounts.set_password(name, read_new_password(invocation, name))
+    invocation.say(f"changed the password of {name}")
+    return EXIT_OK
+
+
+def user_del(invocation: Invocation) -> int:
+    name = invocation.args.name
+    check_user_name(name)
+    with invocation.accounts() as accounts:
+        if not accounts.delete_user(name):
+            raise NoSuchUser(name)
+    invocation.say(f"deleted user {name}")
+    return EXIT_OK
+
+
+def _user_list_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--json", action="store_true", help="one JSON array of {name, kind, created_at}"
+    )
+
+
+def user_list(invocation: Invocation) -> int:
+    with invocation.accounts() as accounts:
+        records = accounts.list_users()
+    if invocation.args.json:
+        rows = [{"name": r.name, "kind": r.kind, "created_at": r.created_at} for r in records]
+        invocation.say(json.dumps(rows))
+    else:
+        for record in records:
+            invocation.say(record.name)
+    return EXIT_OK
+
+
+def _no_arguments(parser: argparse.ArgumentParser) -> None:
+    pass
+
+
+@dataclass(frozen=True)
+class Subcommand:
+    path: tuple[str, ...]
+    help: str
+    run: Callable[[Invocation], int]
+    arguments: Callable[[argparse.ArgumentParser], None] = _no_arguments
+
+
+GROUP_HELP: dict[tuple[str, ...], str] = {
+    ("db",): "the database schema",
+    ("user",): "accounts",
+}
+
+SUBCOMMANDS: tuple[Subcommand, ...] = (
+    Subcommand(("check-config",), "validate the config file as the daemon does", check_config),
+    Subcommand(("db", "upgrade"), "migrate the database to the code's revision", db_upgrade),
+    Subcommand(
+        ("user", "add"),
+        "add a user; the password from stdin, or asked twice",
+        user_add,
+        _user_add_arguments,
+    ),
+    Subcommand(("user", "passwd"), "set a user's password", user_passwd, _user_name_argument),
+    Subcommand(("user", "del"), "delete a user", user_del, _user_name_argument),
+    Subcommand(("user", "list"), "list the users", user_list, _user_list_arguments),
+)
+
+
+def build_parser(subcommands: Sequence[Subcommand] = SUBCOMMANDS) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cimctl", description="Administer a cim node.")
+    parser.add_argument(
+        "--config",
+        default=default_config_path(),
+        metavar="PATH",
+        help=f"the node's config (default: {LOCAL_CONFIG} if present, else {SYSTEM_CONFIG})",
+    )
+    choosers: dict[tuple[str, ...], argparse._SubParsersAction[argparse.ArgumentParser]] = {}
+    parsers: dict[tuple[str, ...], argparse.ArgumentParser] = {(): parser}
+
+    def chooser(path: tuple[str, ...]) -> argparse._SubParsersAction[argparse.ArgumentParser]:
+        if path not in choosers:
+            parent = parser_for(path)
+            dest = "command" if not path else f"{'_'.join(path)}_command"
+            choosers[path] = parent.add_subparsers(dest=dest, metavar="COMMAND", required=True)
+        return choosers[path]
+
+    def parser_for(path: tuple[str, ...]) -> argparse.ArgumentParser:
+        if path not in parsers:
+            help_text = GROUP_HELP.get(path, "")
+            parsers[path] = chooser(path[:-1]).add_parser(path[-1], help=help_text)
+        return parsers[path]
+
+    for subcommand in subcommands:
+        leaf = chooser(subcommand.path[:-1]).add_parser(
+            subcommand.path[-1], help=subcommand.help, description=subcommand.help
+        )
+        parsers[subcommand.path] = leaf
+        subcommand.arguments(leaf)
+        leaf.set_defaults(subcommand=subcommand)
+    return parser
+
+
+def _parse(
+    parser: argparse.ArgumentParser, argv: Sequence[str], stdout: TextIO, stderr: TextIO
+) -> argparse.Namespace | int:
+    """Parsed arguments, or the exit status argparse chose (usage error, --help)."""
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        try:
+            return parser.parse_args(argv)
+        except SystemExit as exc:
+            return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+
+
+def _first_line(exc: BaseException) -> str:
+    cause = getattr(exc, "orig", None) or exc
+    lines = str(cause).strip().splitlines()
+    return lines[0] if lines else type(cause).__name__
+
+
+def main(
+    argv: Sequence[str] | None = None,
+    *,
+    stdin: TextIO | None = None,
+    stdout: TextIO | None = None,
+    stderr: TextIO | None = None,
+) -> int:
+    stdin = stdin if stdin is not None else sys.stdin
+    stdout = stdout if stdout is not None else sys.stdout
+    stderr = stderr if stderr is not None else sys.stderr
+    parsed = _parse(build_parser(), sys.argv[1:] if argv is None else argv, stdout, stderr)
+    if isinstance(parsed, int):
+        return parsed
+    invocation = Invocation(parsed, stdin, stdout, stderr)
+    subcommand: Subcommand = parsed.subcommand
+    try:
+        return subcommand.run(invocation)
+    except ConfigError as exc:
+        print(str(exc), file=stderr)
+        return EXIT_USAGE
+    except CommandFailed as exc:
+        print(f"cimctl: {exc}", file=stderr)
+        return exc.status
+    except (InvalidUserName, InvalidUserKind) as exc:
+        print(f"cimctl: {exc}", file=stderr)
+        return EXIT_USAGE
+    except (UserExists, NoSuchUser, WeakPassword, DatabaseRevisionError) as exc:
+        print(f"cimctl: {exc}", file=stderr)
+        return EXIT_REFUSED
+    except SQLAlchemyError as exc:
+        print(f"cimctl: database error: {_first_line(exc)}", file=stderr)
+        return EXIT_REFUSED
+    except OSError as exc:
+        print(f"cimctl: {exc}", file=stderr)
+        return EXIT_REFUSED
+    except KeyboardInterrupt:
+        print("cimctl: interrupted", file=stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

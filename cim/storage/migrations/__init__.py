@@ -1,0 +1,1 @@
+"""Alembic migrations for cim's database, run programmatically by cim.storage.database."""
