@@ -158,9 +158,7 @@ class NodeConfig:
 
     def validate(self) -> None:
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", self.id):
-            raise ConfigError(
-                "node", "id", self.id, "use 1-64 letters, digits, '.', '_' or '-'"
-            )
+            raise ConfigError("node", "id", self.id, "use 1-64 letters, digits, '.', '_' or '-'")
 
 
 @dataclass(frozen=True)
@@ -190,6 +188,15 @@ class AccountsConfig:
     def validate(self) -> None:
         if self.scrypt_n & (self.scrypt_n - 1):
             raise ConfigError("accounts", "scrypt_n", str(self.scrypt_n), "must be a power of 2")
+        memory = 128 * self.scrypt_r * (self.scrypt_n + self.scrypt_p + 2)
+        if memory > (1 << 31) - 1:
+            raise ConfigError(
+                "accounts",
+                "scrypt_n",
+                str(self.scrypt_n),
+                f"with scrypt_r = {self.scrypt_r} each check would need {memory >> 20} MiB; "
+                "scrypt allows at most 2 GiB",
+            )
 
 
 @dataclass(frozen=True)
@@ -399,7 +406,7 @@ def parse_config(text: str, path: str = "<string>") -> CimConfig:
     for name in parser.sections():
         if name not in by_name:
             raise ConfigError(name, None, None, f"unknown section (known: {', '.join(by_name)})")
-    parsed = {
+    parsed: dict[str, Any] = {
         name: _parse_section(cls, dict(parser[name]) if parser.has_section(name) else {})
         for name, cls in by_name.items()
     }

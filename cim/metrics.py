@@ -100,16 +100,15 @@ class NodeMetricsCollector(Collector):
         yield wire_bytes
 
         rejected = CounterMetricFamily(
-            "cim_frames_rejected", "Frames that closed their connection, by reason.",
+            "cim_frames_rejected",
+            "Frames that closed their connection, by reason.",
             labels=["reason"],
         )
         for reason, count in sorted(m.frames_rejected.items()):
             rejected.add_metric([reason], count)
         yield rejected
 
-        timeouts = CounterMetricFamily(
-            "cim_heartbeat_timeouts", "Connections closed for silence."
-        )
+        timeouts = CounterMetricFamily("cim_heartbeat_timeouts", "Connections closed for silence.")
         timeouts.add_metric([], m.heartbeat_timeouts)
         yield timeouts
 

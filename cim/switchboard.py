@@ -52,7 +52,7 @@ _KICK_CODES = {
 }
 
 
-def kick_code(reason: str) -> int:
+def kick_code(reason: str) -> cim_pb2.Kicked.Code:
     """The machine-readable code a client acts on (reconnect or not) for a reason."""
     return _KICK_CODES.get(reason, cim_pb2.Kicked.CODE_UNSPECIFIED)
 
@@ -169,7 +169,7 @@ class Switchboard:
         msg_id = self._ids.next_id()
         sent_at_ms = MessageIdGenerator.timestamp_ms(msg_id)
         message.id = msg_id
-        setattr(message, "from", record.user)  # noqa: B010 - 'from' is a keyword
+        setattr(message, "from", record.user)
         message.device = record.device
         message.sent_at_ms = sent_at_ms
         session.deliver(
@@ -221,7 +221,13 @@ class Switchboard:
                 )
 
     def _tell_sender(
-        self, sender: str, msg_id: int, client_seq: int, to: str, status: int, reason: str
+        self,
+        sender: str,
+        msg_id: int,
+        client_seq: int,
+        to: str,
+        status: cim_pb2.DeliveryStatus,
+        reason: str,
     ) -> None:
         session = self._sessions.get(sender)
         if session is not None:

@@ -183,7 +183,9 @@ class NodeHarness:
 
     def attach(
         self, client: Any, host: str = "10.0.0.1"
-    ) -> tuple[ImServerProtocol, iosim.FakeTransport, iosim.FakeTransport, iosim.IOPump, list[bytes]]:
+    ) -> tuple[
+        ImServerProtocol, iosim.FakeTransport, iosim.FakeTransport, iosim.IOPump, list[bytes]
+    ]:
         """Wire a client protocol to a new server protocol of this node."""
         self._next_port += 1
         server_address = IPv4Address("TCP", "127.0.0.1", 9000)

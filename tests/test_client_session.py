@@ -71,14 +71,25 @@ class Network:
         return succeed(protocol)
 
 
-def make_client(node: NodeHarness, user: str = "alice", suite: str | None = None,
-                router: FakeRouter | None = None) -> tuple[ChatClient, FakeRouter, Network]:
+def make_client(
+    node: NodeHarness,
+    user: str = "alice",
+    suite: str | None = None,
+    router: FakeRouter | None = None,
+) -> tuple[ChatClient, FakeRouter, Network]:
     router = router or FakeRouter(node)
     network = Network(node)
     client = ChatClient(
-        node.clock, "http://router.invalid", user, "pw", device="phone", suite=suite,
-        connector=network, router=router,  # type: ignore[arg-type]
-        backoff=Backoff(initial=1.0, maximum=8.0), rng=random.Random(7),
+        node.clock,
+        "http://router.invalid",
+        user,
+        "pw",
+        device="phone",
+        suite=suite,
+        connector=network,
+        router=router,  # type: ignore[arg-type]
+        backoff=Backoff(initial=1.0, maximum=8.0),
+        rng=random.Random(7),
     )
     return client, router, network
 
@@ -171,8 +182,7 @@ class ChatClientTests(SynchronousTestCase):
         settle(node)
         assert client.ticket is not None and client.protocol is not None
         # The session ended server-side (e.g. expired): the token is now invalid.
-        node.state.end_session(hashlib.sha256(client.ticket.token.encode()).hexdigest(),
-                               "expired")
+        node.state.end_session(hashlib.sha256(client.ticket.token.encode()).hexdigest(), "expired")
         settle(node)
         settle(node, 2.0)
         self.assertEqual(client.state, "online")
@@ -255,10 +265,14 @@ class TicketTests(SynchronousTestCase):
     def test_key_must_match_its_fingerprint(self) -> None:
         key = secrets.token_bytes(64)
         body = {
-            "token": "t", "user": "alice", "node": {"id": "n", "host": "h", "port": 1},
+            "token": "t",
+            "user": "alice",
+            "node": {"id": "n", "host": "h", "port": 1},
             "server_key": base64.b64encode(key).decode(),
             "key_fingerprint": hashlib.sha256(key).hexdigest(),
-            "heartbeat_interval": 30, "heartbeat_timeout": 90, "cipher_suites": list(KNOWN_SUITES),
+            "heartbeat_interval": 30,
+            "heartbeat_timeout": 90,
+            "cipher_suites": list(KNOWN_SUITES),
         }
         self.assertEqual(parse_ticket(body).server_key, key)
         body["key_fingerprint"] = hashlib.sha256(b"other").hexdigest()
@@ -266,6 +280,7 @@ class TicketTests(SynchronousTestCase):
             parse_ticket(body)
 
     def test_repr_hides_the_token(self) -> None:
-        ticket = LoginTicket("secret-token", "s", "alice", NodeTarget("n", "h", 1), b"", b"",
-                             30, 90, (), 0)
+        ticket = LoginTicket(
+            "secret-token", "s", "alice", NodeTarget("n", "h", 1), b"", b"", 30, 90, (), 0
+        )
         self.assertNotIn("secret-token", repr(ticket))

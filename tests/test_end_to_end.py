@@ -57,14 +57,28 @@ class Daemon:
     def cimctl(self, *args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [os.path.join(BIN, "cimctl"), "--config", self.config, *args],
-            input=stdin, capture_output=True, text=True, timeout=60, cwd=ROOT,
+            input=stdin,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=ROOT,
         )
 
     def start(self) -> None:
         self.process = subprocess.Popen(
-            [os.path.join(BIN, "twistd"), "--nodaemon", "--pidfile=", f"--logfile={self.log_path}",
-             "cim", "--config", self.config],
-            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            [
+                os.path.join(BIN, "twistd"),
+                "--nodaemon",
+                "--pidfile=",
+                f"--logfile={self.log_path}",
+                "cim",
+                "--config",
+                self.config,
+            ],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
@@ -106,16 +120,18 @@ class Daemon:
                     stream.close()
 
 
-def client(daemon: Daemon, user: str, *args: str, cipher: str | None = None,
-           background: bool = False) -> Any:
+def client(
+    daemon: Daemon, user: str, *args: str, cipher: str | None = None, background: bool = False
+) -> Any:
     command = [os.path.join(BIN, "cim-client"), "--router", daemon.router_url, "--user", user]
     if cipher:
         command += ["--cipher", cipher]
     command += list(args)
     env = dict(os.environ, CIM_PASSWORD=PASSWORD)
     if background:
-        return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True, cwd=ROOT)
+        return subprocess.Popen(
+            command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT
+        )
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=60, cwd=ROOT)
 
 
@@ -129,8 +145,17 @@ class WalkThroughTests(SynchronousTestCase):
         self.addCleanup(self.daemon.stop)
 
     def _exchange(self, cipher: str | None, text: str) -> None:
-        listener = client(self.daemon, "bob", "listen", "--count", "1", "--timeout", "30",
-                          cipher=cipher, background=True)
+        listener = client(
+            self.daemon,
+            "bob",
+            "listen",
+            "--count",
+            "1",
+            "--timeout",
+            "30",
+            cipher=cipher,
+            background=True,
+        )
         try:
             self.daemon.wait_connections(1)
             sent = client(self.daemon, "alice", "send", "bob", text, cipher=cipher)
@@ -146,8 +171,10 @@ class WalkThroughTests(SynchronousTestCase):
         lines = out.strip().splitlines()
         self.assertEqual(len(lines), 1, out)
         message = json.loads(lines[0])
-        self.assertEqual((message["from"], message["to"], message["text"], message["type"]),
-                         ("alice", "bob", text, "text"))
+        self.assertEqual(
+            (message["from"], message["to"], message["text"], message["type"]),
+            ("alice", "bob", text, "text"),
+        )
         self.assertEqual(message["msg_id"], outcome["msg_id"])
         self.assertTrue(message["sent_at"].endswith("Z"))
 
@@ -163,8 +190,18 @@ class WalkThroughTests(SynchronousTestCase):
         self.assertEqual(json.loads(online.stdout)["users"], ["alice"])
         env = dict(os.environ, CIM_PASSWORD="wrong password!")
         refused = subprocess.run(
-            [os.path.join(BIN, "cim-client"), "--router", self.daemon.router_url, "--user",
-             "alice", "online"], env=env, capture_output=True, text=True, timeout=60,
+            [
+                os.path.join(BIN, "cim-client"),
+                "--router",
+                self.daemon.router_url,
+                "--user",
+                "alice",
+                "online",
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
         self.assertEqual(refused.returncode, 1)
         self.assertIn("invalid_credentials", refused.stderr)
@@ -188,8 +225,7 @@ class WalkThroughTests(SynchronousTestCase):
 class RefusalTests(SynchronousTestCase):
     def test_suite_the_node_does_not_allow(self) -> None:
         daemon = Daemon(os.path.abspath(self.mktemp()), "cipher_suites = chacha20-poly1305\n")
-        self.assertEqual(daemon.cimctl("user", "add", "alice", stdin=PASSWORD + "\n").returncode,
-                         0)
+        self.assertEqual(daemon.cimctl("user", "add", "alice", stdin=PASSWORD + "\n").returncode, 0)
         daemon.start()
         self.addCleanup(daemon.stop)
         refused = client(daemon, "alice", "online", cipher="rc4-hmac-sha256")
@@ -207,9 +243,19 @@ class RefusalTests(SynchronousTestCase):
             squatter.bind(("127.0.0.1", daemon.im_port))
             squatter.listen()
             result = subprocess.run(
-                [os.path.join(BIN, "twistd"), "--nodaemon", "--pidfile=",
-                 f"--logfile={daemon.log_path}", "cim", "--config", daemon.config],
-                capture_output=True, text=True, timeout=60, cwd=ROOT,
+                [
+                    os.path.join(BIN, "twistd"),
+                    "--nodaemon",
+                    "--pidfile=",
+                    f"--logfile={daemon.log_path}",
+                    "cim",
+                    "--config",
+                    daemon.config,
+                ],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                cwd=ROOT,
             )
         self.assertNotEqual(result.returncode, 0)
         self.assertEqual(

@@ -336,7 +336,7 @@ class HostileFrameTests(SynchronousTestCase):
 
     def test_replayed_frame(self) -> None:
         for suite in SUITES:
-            node, alice, bob = self._pair(suite)
+            _node, alice, bob = self._pair(suite)
             wire = self._capture_next_frame(
                 alice, cim_pb2.MSG_R, cim_pb2.Message(to="bob", text="once", client_seq=1)
             )

@@ -18,14 +18,20 @@ class GeneratedModuleTests(SynchronousTestCase):
         out = os.path.abspath(self.mktemp())
         os.makedirs(out)
         status = protoc.main(
-            ["protoc", f"-I{PROTOCOLS}", f"--python_out={out}", f"--pyi_out={out}",
-             os.path.join(PROTOCOLS, "cim.proto")]
+            [
+                "protoc",
+                f"-I{PROTOCOLS}",
+                f"--python_out={out}",
+                f"--pyi_out={out}",
+                os.path.join(PROTOCOLS, "cim.proto"),
+            ]
         )
         self.assertEqual(status, 0)
         for name in ("cim_pb2.py", "cim_pb2.pyi"):
-            with open(os.path.join(out, name), encoding="utf-8") as fresh, open(
-                os.path.join(PROTOCOLS, name), encoding="utf-8"
-            ) as committed:
+            with (
+                open(os.path.join(out, name), encoding="utf-8") as fresh,
+                open(os.path.join(PROTOCOLS, name), encoding="utf-8") as committed,
+            ):
                 self.assertEqual(
                     committed.read(), fresh.read(), f"{name} is stale: run `make proto`"
                 )

@@ -13,6 +13,7 @@ from typing import Any, Protocol
 
 from google.protobuf.message import Message as ProtobufMessage
 from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IDelayedCall, IReactorTime, ITCPTransport
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -20,7 +21,7 @@ from twisted.python.failure import Failure
 from cim.protocols import cim_pb2
 from cim.protocols.crypto import FrameAuthenticationError
 from cim.protocols.handshake import ClientHandshake, HandshakeRefused
-from cim.protocols.wire import FrameProtocol
+from cim.protocols.wire import FrameProtocol, Inbound
 
 _STATUS = cim_pb2.LoginResult
 DEFAULT_MAX_FRAME_SIZE = 1 << 20
@@ -79,7 +80,7 @@ class ImClientProtocol(FrameProtocol):
         self._silence_call: IDelayedCall | None = None
         self.inbound = {}
         forward = self._forward
-        self._established_inbound = {
+        self._established_inbound: Inbound = {
             frame_type: (message_class, _bind(forward, frame_type))
             for frame_type, message_class in (
                 (cim_pb2.MSG_A, cim_pb2.MsgA),
@@ -97,23 +98,24 @@ class ImClientProtocol(FrameProtocol):
 
     def connectionMade(self) -> None:
         if ITCPTransport.providedBy(self.transport):
-            self.transport.setTcpNoDelay(True)
+            self.tcp.setTcpNoDelay(True)
         self.send_plaintext(self._handshake.hello_body())
         self._silence_call = self.clock.callLater(self._handshake_timeout, self._silent)
 
-    def connectionLost(self, reason: Failure = Failure(Exception("connection lost"))) -> None:
+    def connectionLost(self, reason: Failure | None = None) -> None:
         for call in (self._idle_call, self._silence_call):
             if call is not None and call.active():
                 call.cancel()
         self._idle_call = self._silence_call = None
+        why = reason if reason is not None else Failure(ConnectionDone())
         if not self.logged_in.called:
-            self.logged_in.errback(reason)
-        self.events.connection_closed(reason)
+            self.logged_in.errback(why)
+        self.events.connection_closed(why)
 
     def _silent(self) -> None:
         self._silence_call = None
         self.log.info("the node went silent; closing the connection")
-        self.transport.abortConnection()
+        self.tcp.abortConnection()
 
     # --- handshake --------------------------------------------------------------------
 
@@ -124,7 +126,7 @@ class ImClientProtocol(FrameProtocol):
         try:
             sealer, opener, first = self._handshake.finish(body)
         except HandshakeRefused as refusal:
-            self.transport.loseConnection()
+            self.tcp.loseConnection()
             self.logged_in.errback(refusal)
             return
         except (FrameAuthenticationError, ValueError) as exc:
@@ -135,7 +137,7 @@ class ImClientProtocol(FrameProtocol):
         result = cim_pb2.LoginResult.FromString(first[1:])
         self.login_result = result
         if result.status != _STATUS.OK:
-            self.transport.loseConnection()
+            self.tcp.loseConnection()
             node = result.node if result.HasField("node") else None
             self.logged_in.errback(LoginRefused(result.status, result.message, node))
             return

@@ -72,7 +72,9 @@ def parse_ticket(body: dict[str, Any]) -> LoginTicket:
             expires_at=float(body.get("expires_at", 0)),
         )
     except (KeyError, TypeError, ValueError) as exc:
-        raise RouterError(0, "bad_response", f"the router's login answer is malformed: {exc}")
+        raise RouterError(
+            0, "bad_response", f"the router's login answer is malformed: {exc}"
+        ) from None
     if not hmac.compare_digest(hashlib.sha256(server_key).digest(), fingerprint):
         raise RouterError(0, "bad_key", "the node key does not match its fingerprint")
     return ticket
@@ -95,7 +97,7 @@ class RouterClient:
     async def _post(
         self, path: str, payload: dict[str, Any], headers: dict[str, str] | None = None
     ) -> dict[str, Any]:
-        all_headers = {"Content-Type": "application/json"}
+        all_headers: dict[bytes | str, bytes | str] = {"Content-Type": "application/json"}
         all_headers.update(headers or {})
         try:
             response = await self._http.post(
@@ -103,7 +105,9 @@ class RouterClient:
             )
             raw = await treq.content(response)
         except Exception as exc:  # connection refused, DNS, reset: all mean unreachable
-            raise RouterError(0, "unreachable", f"cannot reach the router at {self._base}: {exc}")
+            raise RouterError(
+                0, "unreachable", f"cannot reach the router at {self._base}: {exc}"
+            ) from None
         try:
             body = json.loads(raw)
         except ValueError:

@@ -140,8 +140,9 @@ class ChatClient:
         except Exception as exc:
             self._attempt += 1
             delay = self._backoff.delay(self._attempt, self._rng)
-            self.log.info("connecting failed ({why}); retrying in {delay:.1f} s", why=exc,
-                          delay=delay)
+            self.log.info(
+                "connecting failed ({why}); retrying in {delay:.1f} s", why=exc, delay=delay
+            )
             self._connect_soon(delay)
 
     async def _connect_once(self) -> None:
@@ -223,7 +224,7 @@ class ChatClient:
             self._ack_arrived(message)  # type: ignore[arg-type]
         elif frame_type == cim_pb2.ONLINE_A:
             if self._online_requests:
-                self._online_requests.pop(0).callback(message)
+                self._online_requests.pop(0).callback(message)  # type: ignore[arg-type]
         elif frame_type == cim_pb2.KICKED:
             self._kicked(message)  # type: ignore[arg-type]
         elif frame_type == cim_pb2.GOING_AWAY:
@@ -284,8 +285,9 @@ class ChatClient:
     def _fail_all_pending(self, reason: str) -> None:
         pending, self._pending = self._pending, {}
         for client_seq, (waiter, to) in pending.items():
-            outcome = DeliveryOutcome(client_seq, self._msg_ids.pop(client_seq, 0), to, "failed",
-                                      reason)
+            outcome = DeliveryOutcome(
+                client_seq, self._msg_ids.pop(client_seq, 0), to, "failed", reason
+            )
             self.on_outcome(outcome)
             waiter.callback(outcome)
 
@@ -334,7 +336,6 @@ class ChatClient:
             except RouterError as error:
                 self.log.info("logout failed: {why}", why=error)
         self.ticket = None
-
 
 
 class _CurrentConnectionOnly:

@@ -231,7 +231,7 @@ class ReplayGuard:
         if window <= 0:
             raise ValueError("the replay window must be positive")
         # mypy without the zope plugin cannot type an interface's methods.
-        self._seconds: Callable[[], float] = clock.seconds  # type: ignore[misc]
+        self._seconds: Callable[[], float] = clock.seconds
         self._window_ms = window * 1000.0
         self._expiries: list[tuple[float, bytes]] = []
         self._seen: set[bytes] = set()

@@ -30,9 +30,8 @@ from cim.protocols.handshake import (
     ReplayGuard,
     accept_client_hello,
 )
-from cim.protocols.wire import FrameProtocol
+from cim.protocols.wire import FrameProtocol, Inbound
 from cim.state import token_hash
-
 from cim.switchboard import kick_code
 
 if TYPE_CHECKING:
@@ -54,17 +53,18 @@ class ConnectionState(Enum):
 class ImServerProtocol(FrameProtocol, TimeoutMixin):
     log = Logger()
 
-    def __init__(self, factory: ImServerFactory, address: IAddress) -> None:
+    def __init__(self, factory: ImServerFactory, address: IAddress | None) -> None:
         super().__init__(factory.config.max_frame_size, factory.metrics)
         self.factory = factory
-        self.callLater = factory.clock.callLater  # TimeoutMixin must use the injected clock
+        # TimeoutMixin must use the injected clock, not the global reactor.
+        self.callLater = factory.clock.callLater  # type: ignore[method-assign,assignment]
         self.address = address
         self.peer_host = getattr(address, "host", str(address))
         self.state = ConnectionState.AWAITING_HELLO
         self.record: SessionRecord | None = None
         self.admitted = False
         self.inbound = {}
-        self._established_inbound = {
+        self._established_inbound: Inbound = {
             cim_pb2.MSG_R: (cim_pb2.Message, self._message_received),
             cim_pb2.ACK_R: (cim_pb2.AckR, self._ack_received),
             cim_pb2.ONLINE_R: (cim_pb2.OnlineR, self._online_requested),
@@ -77,7 +77,7 @@ class ImServerProtocol(FrameProtocol, TimeoutMixin):
         factory.metrics.connections_open += 1
         factory.metrics.connections_total += 1
         if ITCPTransport.providedBy(self.transport):
-            self.transport.setTcpNoDelay(True)
+            self.tcp.setTcpNoDelay(True)
         self.admitted = factory.admit(self.peer_host)
         if not self.admitted:
             factory.metrics.connections_refused["per_address_limit"] += 1
@@ -88,11 +88,11 @@ class ImServerProtocol(FrameProtocol, TimeoutMixin):
             )
             self.state = ConnectionState.CLOSING
             self.send_plaintext(refusal.to_body())
-            self.transport.loseConnection()
+            self.tcp.loseConnection()
             return
         self.setTimeout(factory.config.handshake_timeout)
 
-    def connectionLost(self, reason: Failure = Failure(Exception("connection lost"))) -> None:
+    def connectionLost(self, reason: Failure | None = None) -> None:
         self.setTimeout(None)
         factory = self.factory
         factory.metrics.connections_open -= 1
@@ -113,7 +113,7 @@ class ImServerProtocol(FrameProtocol, TimeoutMixin):
             self.factory.metrics.handshake_failures["timeout"] += 1
             self.log.info("handshake deadline passed for {peer}", peer=self.peer_host)
         self.state = ConnectionState.CLOSING
-        self.transport.abortConnection()
+        self.tcp.abortConnection()
 
     # --- frames -----------------------------------------------------------------------
 
@@ -144,7 +144,7 @@ class ImServerProtocol(FrameProtocol, TimeoutMixin):
             )
             self.state = ConnectionState.CLOSING
             self.send_plaintext(refusal.to_body())
-            self.transport.loseConnection()
+            self.tcp.loseConnection()
             return
         d = factory.state.session_for_token(token_hash(accepted.token))
         d.addCallback(self._token_checked, accepted)
@@ -205,12 +205,12 @@ class ImServerProtocol(FrameProtocol, TimeoutMixin):
         self.factory.metrics.handshake_failures["state_unavailable"] += 1
         if self.state is ConnectionState.AUTHENTICATING:
             self.state = ConnectionState.CLOSING
-            self.transport.abortConnection()
+            self.tcp.abortConnection()
 
     def _refuse_login(
         self,
         accepted: ClientHelloAccepted,
-        status: int,
+        status: cim_pb2.LoginResult.Status,
         message: str,
         metric: str,
         node: cim_pb2.NodeAddress | None = None,
@@ -222,7 +222,7 @@ class ImServerProtocol(FrameProtocol, TimeoutMixin):
             result.node.CopyFrom(node)
         self.state = ConnectionState.CLOSING
         self._send_login_result(accepted, result)
-        self.transport.loseConnection()
+        self.tcp.loseConnection()
 
     def _send_login_result(self, accepted: ClientHelloAccepted, result: Any) -> None:
         plaintext = bytes((LOGIN_RESULT,)) + result.SerializeToString()
@@ -248,8 +248,9 @@ class ImServerProtocol(FrameProtocol, TimeoutMixin):
 
     def kick(self, reason: str) -> None:
         self._close_with(KICKED, cim_pb2.Kicked(reason=reason, code=kick_code(reason)))
-        self.log.info("kicked {user}: {reason}", user=self.record and self.record.user,
-                      reason=reason)
+        self.log.info(
+            "kicked {user}: {reason}", user=self.record and self.record.user, reason=reason
+        )
 
     def going_away(self, reason: str, reconnect_after_ms: int) -> None:
         self._close_with(
@@ -264,7 +265,7 @@ class ImServerProtocol(FrameProtocol, TimeoutMixin):
         self.factory.switchboard.session_closed(self)
         self.state = ConnectionState.CLOSING
         self.inbound = {}
-        self.transport.loseConnection()
+        self.tcp.loseConnection()
 
 
 class ImServerFactory(Factory):
@@ -293,7 +294,7 @@ class ImServerFactory(Factory):
         self._per_address: dict[str, int] = {}
         self.protocols: set[ImServerProtocol] = set()
 
-    def buildProtocol(self, addr: IAddress) -> ImServerProtocol:
+    def buildProtocol(self, addr: IAddress | None) -> ImServerProtocol:
         protocol = ImServerProtocol(self, addr)
         self.protocols.add(protocol)
         return protocol

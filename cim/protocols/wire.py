@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, cast
 
 from google.protobuf.message import DecodeError, Message
+from twisted.internet.interfaces import ITCPTransport
 from twisted.logger import Logger
 from twisted.protocols.basic import Int32StringReceiver, IntNStringReceiver
 
@@ -124,6 +125,11 @@ class FrameProtocol(Int32StringReceiver):
         self.frame_rejected("oversized", f"{length} bytes, limit {self.MAX_LENGTH}")
 
     # ------------------------------------------------------------------ sending
+
+    @property
+    def tcp(self) -> ITCPTransport:
+        """The transport, typed: every cim connection runs over a stream transport."""
+        return cast(ITCPTransport, self.transport)
 
     def start_encryption(self, sealer: FrameSealer, opener: FrameOpener) -> None:
         """Every frame after this one is sealed and opened; heartbeats stay plain."""

@@ -118,7 +118,9 @@ class CimDaemon(Service):
             yield self._listen_http("router", config.router.listen, site)
 
         if config.admin.enabled:
-            yield self._listen_http("admin", config.admin.listen, admin_site(node_id, self.metrics, self.health))
+            yield self._listen_http(
+                "admin", config.admin.listen, admin_site(node_id, self.metrics, self.health)
+            )
 
         self.log.info("cim node {node} started", node=node_id)
 
@@ -131,7 +133,9 @@ class CimDaemon(Service):
             return await start()
         except CannotListenError as exc:
             why = exc.socketError.strerror if exc.socketError is not None else str(exc)
-            raise StartupError(f"[{section}] listen = {description!r}: cannot listen: {why}") from None
+            raise StartupError(
+                f"[{section}] listen = {description!r}: cannot listen: {why}"
+            ) from None
 
     def _listen_http(self, section: str, description: str, site: Any) -> Any:
         async def listen() -> None:
@@ -154,7 +158,8 @@ class CimDaemon(Service):
         if failure.check(StartupError):
             why = failure.getErrorMessage()
         else:
-            why = f"{failure.type.__name__}: {failure.getErrorMessage()}"
+            kind = failure.type.__name__ if failure.type is not None else "error"
+            why = f"{kind}: {failure.getErrorMessage()}"
             self.log.failure("start-up failed", failure)
         message = f"cim: could not start node {self.config.node.id}: {why}"
         self.log.critical("{message}", message=message)

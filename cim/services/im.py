@@ -87,9 +87,8 @@ class ImListener:
             waited += DRAIN_POLL
         for protocol in list(self.factory.protocols):
             if protocol.transport is not None:
-                protocol.transport.abortConnection()
+                protocol.tcp.abortConnection()
 
     def listening_port(self) -> int:
         assert self.port is not None
         return int(getattr(self.port.getHost(), "port", 0))
-
