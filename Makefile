@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 CONFIG ?= etc/cim.ini
 
-.PHONY: run test install install-test proto lint typecheck bench bench-full clean
+.PHONY: run test install install-test proto lint typecheck bench bench-full services clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,10 @@ test: install-test
 proto: install-test
 	$(BIN)/python -m grpc_tools.protoc -Icim/protocols --python_out=cim/protocols \
 		--pyi_out=cim/protocols cim/protocols/cim.proto
+
+## Install and start Redis, RabbitMQ, PostgreSQL and ZooKeeper on loopback (as root).
+services:
+	scripts/services.sh
 
 lint: install-test
 	$(BIN)/ruff check .

@@ -172,6 +172,7 @@ class RouterConfig:
     max_failed_logins_per_address: int = _opt(20, parse_int, minimum=1)
     failed_login_window: float = _opt(300.0, parse_duration, minimum=1)
     max_body_size: int = _opt(16384, parse_size, minimum=256)
+    virtual_nodes: int = _opt(160, parse_int, minimum=1, maximum=4096)
 
     def validate(self) -> None:
         pass
@@ -279,19 +280,31 @@ class AdminConfig:
 @dataclass(frozen=True)
 class StateConfig:
     section: ClassVar[str] = "state"
-    backend: str = _opt("memory", parse_str, choices=("memory",))
+    backend: str = _opt("memory", parse_str, choices=("memory", "redis"))
+    redis_url: str = _opt("redis://127.0.0.1:6379/0", parse_str)
+    redis_timeout: float = _opt(5.0, parse_duration, minimum=0.1)
+    route_ttl: float = _opt(60.0, parse_duration, minimum=3)
 
     def validate(self) -> None:
-        pass
+        if not self.redis_url.startswith(("redis://", "unix://")):
+            raise ConfigError(
+                "state", "redis_url", self.redis_url, "expected redis://host:port/db or unix://path"
+            )
 
 
 @dataclass(frozen=True)
 class RegistryConfig:
     section: ClassVar[str] = "registry"
-    backend: str = _opt("local", parse_str, choices=("local",))
+    backend: str = _opt("local", parse_str, choices=("local", "zookeeper"))
+    zookeeper_hosts: str = _opt("127.0.0.1:2181", parse_str)
+    path: str = _opt("/cim/nodes", parse_str)
+    session_timeout: float = _opt(10.0, parse_duration, minimum=2, maximum=600)
 
     def validate(self) -> None:
-        pass
+        if not re.fullmatch(r"(/[A-Za-z0-9_.-]+)+", self.path):
+            raise ConfigError(
+                "registry", "path", self.path, "expected an absolute ZooKeeper path like /cim/nodes"
+            )
 
 
 @dataclass(frozen=True)

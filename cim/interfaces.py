@@ -27,6 +27,8 @@ class SessionRecord:
     node_id: str
     created_at: float
     expires_at: float
+    token_hash: str = ""
+    """So a node can rewrite its sessions into a state store that lost them."""
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,14 @@ class NodeInfo:
 
 class AlreadyLoggedIn(Exception):
     """duplicate_login = refuse_new and the user has a connected session."""
+
+
+class StateUnavailable(Exception):
+    """The state backend cannot be reached or did not answer in time."""
+
+
+class NodeIdTaken(Exception):
+    """Another live node is registered under this node id."""
 
 
 SessionEndedListener = Callable[[SessionRecord, str], None]
@@ -89,13 +99,36 @@ class IStateStore(Interface):
         """Online users per node id."""
 
     def add_session_ended_listener(listener: SessionEndedListener) -> None:
-        """Be told whenever a session ends (kick, logout, expiry)."""
+        """Be told whenever a session ends (kick, logout, expiry), on any node."""
+
+    def refresh_sessions(node_id: str, records: list[SessionRecord]) -> Deferred[None]:
+        """The node's connected sessions are alive: extend their routes' TTL.
+
+        Also rewrites sessions, routes and online entries the backend lost (a Redis
+        restart), so connected users stay reachable without reconnecting.
+        """
+
+    def start() -> Deferred[None] | None:
+        """Connect / begin housekeeping."""
+
+    def stop() -> Deferred[None] | None:
+        """Disconnect / end housekeeping."""
 
 
 class INodeRegistry(Interface):
     """Which IM nodes are alive."""
 
     local_node = Attribute("NodeInfo of this process's IM node, or None before it listens.")
+    accepting = Attribute(
+        "True while this node's registration is live; while False (the registry session "
+        "was lost) the node takes no new logins."
+    )
+
+    def start() -> Deferred[None]:
+        """Connect and learn the live nodes."""
+
+    def stop() -> Deferred[None]:
+        """Disconnect (which also withdraws this node)."""
 
     def register(node: NodeInfo) -> Deferred[None]:
         """Announce this node; fails if the id is already live elsewhere."""
@@ -105,3 +138,6 @@ class INodeRegistry(Interface):
 
     def live_nodes() -> list[NodeInfo]:
         """The current view, answered from memory without I/O."""
+
+    def add_listener(listener: Callable[[list[NodeInfo]], None]) -> None:
+        """Called on the reactor thread with the new view whenever it changes."""

@@ -22,7 +22,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from cim.interfaces import IStateStore, SessionRecord
+from cim.interfaces import IStateStore, SessionRecord, StateUnavailable
 from cim.message_ids import MessageIdGenerator
 from cim.metrics import NodeMetrics
 from cim.protocols import cim_pb2
@@ -143,6 +143,19 @@ class Switchboard:
         session = self._sessions.get(record.user)
         if session is not None and session.record.session_id == record.session_id:
             session.kick(reason)
+
+    def refresh_routes(self) -> Deferred[None]:
+        """Tell the state store this node's users are still here (extends route TTLs).
+
+        Runs periodically; it also rewrites what a restarted state store lost, so
+        connected users stay reachable without reconnecting.
+        """
+        records = [session.record for session in self._sessions.values()]
+        d = self._state.refresh_sessions(self.node_id, records)
+        # The store already logged the outage once; retrying next period is enough.
+        d.addErrback(lambda failure: failure.trap(StateUnavailable))
+        d.addErrback(self._log_failure, "refresh routes")
+        return d
 
     def shutdown(self, reason: str, reconnect_after_ms: int) -> None:
         """Tell every client the node is going away; their connections then close."""

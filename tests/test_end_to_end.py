@@ -10,134 +10,15 @@ import json
 import os
 import signal
 import socket
-import subprocess
-import sys
-import time
-import urllib.request
-from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
 
-BIN = os.path.dirname(sys.executable)
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PASSWORD = "correct horse battery"
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-class Daemon:
-    """One cim node in its own process, with its own data directory and ports."""
-
-    def __init__(self, workdir: str, extra: str = "") -> None:
-        os.makedirs(workdir, exist_ok=True)
-        self.workdir = workdir
-        self.router_port = free_port()
-        self.im_port = free_port()
-        self.admin_port = free_port()
-        self.config = os.path.join(workdir, "cim.ini")
-        with open(self.config, "w", encoding="utf-8") as handle:
-            handle.write(
-                f"[node]\nid = e2e\ndata_dir = {workdir}/data\n"
-                f"[router]\nlisten = tcp:{self.router_port}:interface=127.0.0.1\n"
-                f"[im]\nlisten = tcp:{self.im_port}:interface=127.0.0.1\n{extra}"
-                f"[admin]\nlisten = tcp:{self.admin_port}:interface=127.0.0.1\n"
-                "[accounts]\nscrypt_n = 4096\n"
-            )
-        self.process: subprocess.Popen[str] | None = None
-        self.log_path = os.path.join(workdir, "twistd.log")
-
-    @property
-    def router_url(self) -> str:
-        return f"http://127.0.0.1:{self.router_port}"
-
-    def cimctl(self, *args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [os.path.join(BIN, "cimctl"), "--config", self.config, *args],
-            input=stdin,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            cwd=ROOT,
-        )
-
-    def start(self) -> None:
-        self.process = subprocess.Popen(
-            [
-                os.path.join(BIN, "twistd"),
-                "--nodaemon",
-                "--pidfile=",
-                f"--logfile={self.log_path}",
-                "cim",
-                "--config",
-                self.config,
-            ],
-            cwd=ROOT,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise AssertionError(f"daemon exited: {self.process.stderr.read()}")  # type: ignore[union-attr]
-            try:
-                if self.health()["status"] == "ok":
-                    return
-            except OSError:
-                pass
-            time.sleep(0.1)
-        raise AssertionError("daemon did not become healthy in 60 s")
-
-    def health(self) -> dict[str, Any]:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.admin_port}/health", timeout=5) as r:
-            return json.loads(r.read())  # type: ignore[no-any-return]
-
-    def metrics(self) -> str:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.admin_port}/metrics", timeout=5) as r:
-            return r.read().decode()
-
-    def wait_connections(self, count: int) -> None:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if self.health().get("online_here", 0) >= count:
-                return
-            time.sleep(0.05)
-        raise AssertionError(f"{count} clients did not come online")
-
-    def stop(self) -> int:
-        if self.process is None or self.process.poll() is not None:
-            return self.process.returncode if self.process else 0
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            return self.process.wait(timeout=30)
-        finally:
-            for stream in (self.process.stdout, self.process.stderr):
-                if stream is not None:
-                    stream.close()
-
-
-def client(
-    daemon: Daemon, user: str, *args: str, cipher: str | None = None, background: bool = False
-) -> Any:
-    command = [os.path.join(BIN, "cim-client"), "--router", daemon.router_url, "--user", user]
-    if cipher:
-        command += ["--cipher", cipher]
-    command += list(args)
-    env = dict(os.environ, CIM_PASSWORD=PASSWORD)
-    if background:
-        return subprocess.Popen(
-            command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT
-        )
-    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=60, cwd=ROOT)
+from tests.daemons import PASSWORD, DaemonProcess, client
 
 
 class WalkThroughTests(SynchronousTestCase):
     def setUp(self) -> None:
-        self.daemon = Daemon(os.path.abspath(self.mktemp()))
+        self.daemon = DaemonProcess(os.path.abspath(self.mktemp()))
         for user in ("alice", "bob"):
             added = self.daemon.cimctl("user", "add", user, stdin=PASSWORD + "\n")
             self.assertEqual(added.returncode, 0, added.stderr)
@@ -188,21 +69,7 @@ class WalkThroughTests(SynchronousTestCase):
         online = client(self.daemon, "alice", "online")
         self.assertEqual(online.returncode, 0, online.stderr)
         self.assertEqual(json.loads(online.stdout)["users"], ["alice"])
-        env = dict(os.environ, CIM_PASSWORD="wrong password!")
-        refused = subprocess.run(
-            [
-                os.path.join(BIN, "cim-client"),
-                "--router",
-                self.daemon.router_url,
-                "--user",
-                "alice",
-                "online",
-            ],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        refused = client(self.daemon, "alice", "online", password="wrong password!")
         self.assertEqual(refused.returncode, 1)
         self.assertIn("invalid_credentials", refused.stderr)
         self.assertNotIn("Traceback", refused.stderr)
@@ -216,15 +83,16 @@ class WalkThroughTests(SynchronousTestCase):
         finally:
             listener.kill()
             listener.communicate()
-        with open(self.daemon.log_path, encoding="utf-8") as handle:
-            log = handle.read()
+        log = self.daemon.log()
         self.assertIn("cim node e2e stopped", log)
         self.assertNotIn(PASSWORD, log)
 
 
 class RefusalTests(SynchronousTestCase):
     def test_suite_the_node_does_not_allow(self) -> None:
-        daemon = Daemon(os.path.abspath(self.mktemp()), "cipher_suites = chacha20-poly1305\n")
+        daemon = DaemonProcess(
+            os.path.abspath(self.mktemp()), extra="[im]\ncipher_suites = chacha20-poly1305\n"
+        )
         self.assertEqual(daemon.cimctl("user", "add", "alice", stdin=PASSWORD + "\n").returncode, 0)
         daemon.start()
         self.addCleanup(daemon.stop)
@@ -237,26 +105,12 @@ class RefusalTests(SynchronousTestCase):
         )
 
     def test_port_in_use_stops_the_daemon_with_one_line(self) -> None:
-        daemon = Daemon(os.path.abspath(self.mktemp()))
+        daemon = DaemonProcess(os.path.abspath(self.mktemp()))
         with socket.socket() as squatter:
             squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             squatter.bind(("127.0.0.1", daemon.im_port))
             squatter.listen()
-            result = subprocess.run(
-                [
-                    os.path.join(BIN, "twistd"),
-                    "--nodaemon",
-                    "--pidfile=",
-                    f"--logfile={daemon.log_path}",
-                    "cim",
-                    "--config",
-                    daemon.config,
-                ],
-                capture_output=True,
-                text=True,
-                timeout=60,
-                cwd=ROOT,
-            )
+            result = daemon.run_to_exit()
         self.assertNotEqual(result.returncode, 0)
         self.assertEqual(
             result.stderr.strip(),

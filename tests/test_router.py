@@ -22,10 +22,10 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.server import Site
 
 from cim.config import ImConfig, RouterConfig
-from cim.interfaces import NodeInfo, SessionRecord
+from cim.interfaces import NodeInfo, SessionRecord, StateUnavailable
 from cim.metrics import NodeMetrics
 from cim.registry.local import LocalRegistry
-from cim.services.router import choose_node, router_site
+from cim.services.router import router_site
 from cim.state import token_hash
 from cim.state.memory import MemoryStateStore
 
@@ -472,14 +472,60 @@ class RouterTests(SynchronousTestCase):
         self.assertError(response, 405, "method_not_allowed")
         self.assertEqual(response.headers["allow"], "POST")
 
-    def test_choose_node(self) -> None:
-        self.assertIsNone(choose_node("alice", []))
-        nodes = [NodeInfo(f"n{i}", "h", 9000 + i) for i in range(3)]
-        chosen = choose_node("alice", nodes)
-        self.assertIn(chosen, nodes)
-        self.assertEqual(choose_node("alice", list(reversed(nodes))), chosen)
-        spread = {choose_node(f"user{i}", nodes) for i in range(100)}
-        self.assertEqual(len(spread), 3)
+    def test_node_follows_the_ring_and_registry_changes(self) -> None:
+        """Users spread over the live nodes; a node that leaves gets nobody new."""
+        second = NodeInfo("n2", "im2.example", 9001, NODE.public_key_der)
+        self.successResultOf(self.registry.register(second))
+        # LocalRegistry holds one node; simulate a cluster view through its listeners.
+        root: Any = self.site.resource
+        root._chooser._nodes_changed([NODE, second])
+        chosen = {}
+        for number in range(40):
+            user = f"user{number}"
+            self.accounts.passwords[user] = self.PASSWORD
+            response = self.login(user)
+            self.assertEqual(response.status, 200, response.body)
+            chosen[user] = response.json()["node"]["id"]
+        self.assertEqual(set(chosen.values()), {"n1", "n2"})
+        root._chooser._nodes_changed([NODE])
+        self.assertEqual(self.login("user1").json()["node"]["id"], "n1")
+        root._chooser._nodes_changed([])
+        self.assertError(self.login("user2"), 503, "no_node")
+
+    def test_state_store_down_gives_503(self) -> None:
+        def unavailable(*args: Any, **kwargs: Any) -> Deferred[Any]:
+            return defer.fail(StateUnavailable("redis is down"))
+
+        self.state.create_session = unavailable  # type: ignore[method-assign]
+        self.state.end_session = unavailable  # type: ignore[method-assign]
+        response = self.login()
+        self.assertError(response, 503, "state_unavailable")
+        self.assertEqual(response.headers["retry-after"], "5")
+        logout = exchange(
+            self.site, "POST", "/api/v1/logout", headers=[("Authorization", "Bearer whatever")]
+        )
+        self.assertError(logout, 503, "state_unavailable")
+        self.assertEqual(self.metrics.logins["unavailable"], 1)
+
+    def test_online_list_for_local_peers(self) -> None:
+        for user in ("bob", "alice"):
+            token = self.login(user, self.accounts.passwords[user]).json()["token"]
+            record = self.successResultOf(self.state.session_for_token(token_hash(token)))
+            assert record is not None
+            self.successResultOf(self.state.mark_online(record))
+        response = exchange(self.site, "GET", "/api/v1/online?limit=1")
+        self.assertEqual(response.status, 200, response.body)
+        self.assertEqual(
+            response.json(),
+            {"total": 2, "nodes": {"n1": 2}, "offset": 0, "limit": 1, "users": ["alice"]},
+        )
+        page = exchange(self.site, "GET", "/api/v1/online?offset=1&limit=5").json()
+        self.assertEqual(page["users"], ["bob"])
+        self.assertError(exchange(self.site, "GET", "/api/v1/online?limit=0"), 400, "bad_request")
+        remote = IPv4Address("TCP", "203.0.113.9", 5555)
+        self.assertError(
+            exchange(self.site, "GET", "/api/v1/online", peer=remote), 403, "forbidden"
+        )
 
     # --- secrets ------------------------------------------------------------------------
 

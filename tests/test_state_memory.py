@@ -1,29 +1,376 @@
-"""MemoryStateStore: duplicate-login policies, expiry on a fake clock, bounded memory."""
+"""The IStateStore contract every backend keeps, and MemoryStateStore's own promises.
+
+``StateStoreContract`` holds the behaviour tests as coroutines; each backend mixes it
+into a TestCase of its own (tests/test_state_redis.py runs it against real Redis). The
+memory backend runs it synchronously: every Deferred it returns has already fired, so
+a contract test that would have to wait fails here instead.
+"""
 
 from __future__ import annotations
 
-from typing import Any, TypeVar
+import functools
+import inspect
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
 from cim.interfaces import AlreadyLoggedIn, IStateStore, SessionRecord
-from cim.state import token_hash
+from cim.state import make_state_store, token_hash
 from cim.state.memory import MemoryStateStore
 
 T = TypeVar("T")
 TTL = 3600.0
+START = 1000.0
+
+Ended = list[tuple[SessionRecord, str]]
+
+if TYPE_CHECKING:
+    _ContractBase = SynchronousTestCase
+else:
+    _ContractBase = object
+
+
+def listen(store: IStateStore) -> Ended:
+    ended: Ended = []
+    store.add_session_ended_listener(lambda record, why: ended.append((record, why)))
+    return ended
+
+
+class StateStoreContract(_ContractBase):
+    """Behaviour both backends promise. Subclasses set store, clock and ended in setUp.
+
+    ``clock`` is the store's source of session time (a task.Clock for every backend),
+    so expiry is tested by advancing it, never by waiting.
+    """
+
+    store: IStateStore
+    clock: Clock
+    ended: Ended
+
+    async def fresh_store(self) -> IStateStore:
+        """Another started store on the same state, with no listeners yet."""
+        raise NotImplementedError
+
+    async def leftovers(self) -> int:
+        """How many entries the backend still holds (tombstones aside)."""
+        raise NotImplementedError
+
+    async def login(
+        self,
+        token: str,
+        user: str,
+        policy: str = "kick_old",
+        ttl: float = TTL,
+        node: str = "n1",
+        store: IStateStore | None = None,
+    ) -> tuple[SessionRecord, SessionRecord | None]:
+        target = store if store is not None else self.store
+        return await target.create_session(token_hash(token), user, "phone", node, ttl, policy)
+
+    async def lookup(self, token: str) -> SessionRecord | None:
+        return await self.store.session_for_token(token_hash(token))
+
+    async def assert_fails(self, d: Deferred[Any], exception: type[BaseException]) -> None:
+        try:
+            await d
+        except exception:
+            return
+        self.fail(f"expected {exception.__name__}")
+
+    # --- sessions ---------------------------------------------------------------------
+
+    async def test_provides_interface(self) -> None:
+        self.assertTrue(verifyObject(IStateStore, self.store))
+
+    async def test_create_and_lookup(self) -> None:
+        record, previous = await self.login("t1", "alice")
+        self.assertIsNone(previous)
+        self.assertEqual((record.user, record.device, record.node_id), ("alice", "phone", "n1"))
+        self.assertEqual(record.created_at, START)
+        self.assertEqual(record.expires_at, START + TTL)
+        self.assertEqual(record.token_hash, token_hash("t1"))
+        self.assertEqual(await self.lookup("t1"), record)
+        self.assertIsNone(await self.lookup("other"))
+
+    async def test_lookup_after_expiry_ends_the_session(self) -> None:
+        record, _ = await self.login("t1", "alice")
+        self.clock.advance(TTL - 1)
+        self.assertEqual(await self.lookup("t1"), record)
+        self.clock.advance(1)
+        self.assertIsNone(await self.lookup("t1"))
+        self.assertEqual(self.ended, [(record, "expired")])
+        self.assertEqual(await self.leftovers(), 0)
+
+    async def test_kick_old_ends_previous_and_tells_listeners(self) -> None:
+        first, _ = await self.login("t1", "alice")
+        await self.store.mark_online(first)
+        second, previous = await self.login("t2", "alice")
+        self.assertEqual(previous, first)
+        self.assertNotEqual(second.session_id, first.session_id)
+        self.assertEqual(self.ended, [(first, "logged in elsewhere")])
+        self.assertIsNone(await self.lookup("t1"))
+        self.assertEqual(await self.lookup("t2"), second)
+        # The kicked session's connection was online; the route is gone with it.
+        self.assertIsNone(await self.store.route("alice"))
+        self.assertEqual(await self.store.online_count_by_node(), {})
+
+    async def test_listener_sees_the_new_session_in_place(self) -> None:
+        await self.login("t1", "alice")
+        seen: list[Deferred[SessionRecord | None]] = []
+        self.store.add_session_ended_listener(
+            lambda record, why: seen.append(self.store.session_for_token(token_hash("t2")))
+        )
+        second, _ = await self.login("t2", "alice")
+        self.assertEqual(len(seen), 1)
+        self.assertEqual(await seen[0], second)
+
+    async def test_refuse_new_refuses_only_while_previous_is_online(self) -> None:
+        first, _ = await self.login("t1", "alice", "refuse_new")
+        # Not online yet: a second login replaces it.
+        second, previous = await self.login("t2", "alice", "refuse_new")
+        self.assertEqual(previous, first)
+        await self.store.mark_online(second)
+        await self.assert_fails(
+            self.store.create_session(token_hash("t3"), "alice", "pc", "n1", TTL, "refuse_new"),
+            AlreadyLoggedIn,
+        )
+        self.assertEqual(await self.lookup("t2"), second)
+        self.assertIsNone(await self.lookup("t3"))
+        await self.store.mark_offline(second)
+        third, previous = await self.login("t3", "alice", "refuse_new")
+        self.assertEqual(previous, second)
+        self.assertEqual(third.user, "alice")
+
+    async def test_refuse_new_ignores_an_expired_online_session(self) -> None:
+        first, _ = await self.login("t1", "alice", "refuse_new", ttl=100)
+        await self.store.mark_online(first)
+        self.clock.advance(100)
+        _, previous = await self.login("t2", "alice", "refuse_new")
+        self.assertIsNone(previous)
+        self.assertEqual(self.ended, [(first, "expired")])
+
+    async def test_unknown_policy_fails(self) -> None:
+        await self.assert_fails(
+            self.store.create_session(token_hash("t"), "alice", "pc", "n1", TTL, "nope"),
+            ValueError,
+        )
+
+    async def test_token_hash_reuse_fails(self) -> None:
+        first, _ = await self.login("t1", "alice")
+        await self.assert_fails(
+            self.store.create_session(token_hash("t1"), "bob", "pc", "n1", TTL, "kick_old"),
+            ValueError,
+        )
+        self.assertEqual(await self.lookup("t1"), first)
+
+    async def test_end_session(self) -> None:
+        record, _ = await self.login("t1", "alice")
+        await self.store.mark_online(record)
+        self.assertEqual(await self.store.end_session(token_hash("t1"), "logged out"), record)
+        self.assertEqual(self.ended, [(record, "logged out")])
+        self.assertIsNone(await self.store.end_session(token_hash("t1"), "logged out"))
+        self.assertIsNone(await self.store.route("alice"))
+        self.assertEqual(await self.leftovers(), 0)
+
+    async def test_end_session_of_expired_token_is_unknown(self) -> None:
+        record, _ = await self.login("t1", "alice", ttl=10)
+        self.clock.advance(10)
+        self.assertIsNone(await self.store.end_session(token_hash("t1"), "logged out"))
+        self.assertEqual(self.ended, [(record, "expired")])
+
+    async def test_raising_listener_does_not_break_the_store(self) -> None:
+        def broken(record: SessionRecord, why: str) -> None:
+            raise RuntimeError("listener bug")
+
+        store = await self.fresh_store()
+        after: list[str] = []
+        store.add_session_ended_listener(broken)
+        store.add_session_ended_listener(lambda record, why: after.append(why))
+        await self.login("t1", "alice", store=store)
+        second, previous = await self.login("t2", "alice", store=store)
+        self.assertIsNotNone(previous)
+        self.assertEqual(after, ["logged in elsewhere"])
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertEqual(await store.session_for_token(token_hash("t2")), second)
+
+    async def test_login_cycles_leave_nothing_behind(self) -> None:
+        for i in range(50):
+            record, _ = await self.login(f"t{i}", f"user{i % 7}")
+            await self.store.mark_online(record)
+            await self.store.mark_offline(record)
+            await self.store.end_session(token_hash(f"t{i}"), "logged out")
+        self.assertEqual(await self.leftovers(), 0)
+
+    # --- presence ---------------------------------------------------------------------
+
+    async def test_mark_offline_of_replaced_session_keeps_new_one_online(self) -> None:
+        first, _ = await self.login("t1", "alice")
+        await self.store.mark_online(first)
+        second, _ = await self.login("t2", "alice", node="n2")
+        await self.store.mark_online(second)
+        await self.store.mark_offline(first)
+        self.assertEqual(await self.store.route("alice"), "n2")
+        self.assertEqual(await self.store.online_count_by_node(), {"n2": 1})
+        self.assertEqual(await self.store.online_users(0, 10), (1, ["alice"]))
+
+    async def test_mark_online_of_ended_session_is_ignored(self) -> None:
+        first, _ = await self.login("t1", "alice")
+        await self.login("t2", "alice")
+        await self.store.mark_online(first)
+        self.assertIsNone(await self.store.route("alice"))
+        self.assertEqual(await self.store.online_count_by_node(), {})
+
+    async def test_route_and_counts(self) -> None:
+        alice, _ = await self.login("ta", "alice", node="n1")
+        bob, _ = await self.login("tb", "bob", node="n2")
+        carol, _ = await self.login("tc", "carol", node="n1")
+        for record in (alice, bob, carol):
+            await self.store.mark_online(record)
+        self.assertEqual(await self.store.route("bob"), "n2")
+        self.assertIsNone(await self.store.route("dave"))
+        self.assertEqual(await self.store.online_count_by_node(), {"n1": 2, "n2": 1})
+        await self.store.mark_offline(bob)
+        self.assertEqual(await self.store.online_count_by_node(), {"n1": 2})
+        self.assertIsNone(await self.store.route("bob"))
+
+    async def test_online_users_paging(self) -> None:
+        names = [f"user{i:02d}" for i in range(25)]
+        for name in reversed(names):
+            record, _ = await self.login("t-" + name, name)
+            await self.store.mark_online(record)
+        await self.login("t-offline", "zed")
+        self.assertEqual(await self.store.online_users(0, 10), (25, names[:10]))
+        self.assertEqual(await self.store.online_users(20, 10), (25, names[20:]))
+        self.assertEqual(await self.store.online_users(30, 10), (25, []))
+        self.assertEqual(await self.store.online_users(0, 0), (25, []))
+        await self.assert_fails(self.store.online_users(-1, 10), ValueError)
+        await self.assert_fails(self.store.online_users(0, -1), ValueError)
+
+    # --- refresh ----------------------------------------------------------------------
+
+    async def test_refresh_keeps_live_sessions_and_ignores_other_nodes(self) -> None:
+        alice, _ = await self.login("ta", "alice", node="n1")
+        bob, _ = await self.login("tb", "bob", node="n2")
+        for record in (alice, bob):
+            await self.store.mark_online(record)
+        await self.store.refresh_sessions("n1", [alice, bob])
+        self.assertEqual(self.ended, [])
+        self.assertEqual(await self.store.route("alice"), "n1")
+        self.assertEqual(await self.store.route("bob"), "n2")
+        self.assertEqual(await self.store.online_count_by_node(), {"n1": 1, "n2": 1})
+        self.assertEqual(await self.lookup("ta"), alice)
+
+    async def test_refresh_puts_back_a_missing_online_entry(self) -> None:
+        alice, _ = await self.login("ta", "alice")
+        await self.store.refresh_sessions("n1", [alice])
+        self.assertEqual(await self.store.route("alice"), "n1")
+        self.assertEqual(await self.store.online_users(0, 10), (1, ["alice"]))
+        self.assertEqual(await self.store.online_count_by_node(), {"n1": 1})
+        await self.store.refresh_sessions("n1", [])
+
+    async def test_refresh_does_not_bring_back_an_ended_session(self) -> None:
+        alice, _ = await self.login("ta", "alice")
+        await self.store.mark_online(alice)
+        await self.store.end_session(token_hash("ta"), "logged out")
+        # A refresh built from the node's list just before the logout arrives after it.
+        await self.store.refresh_sessions("n1", [alice])
+        self.assertIsNone(await self.lookup("ta"))
+        self.assertIsNone(await self.store.route("alice"))
+        self.assertEqual(self.ended, [(alice, "logged out")])
+        self.assertEqual(await self.leftovers(), 0)
+
+    async def test_refresh_does_not_bring_back_a_replaced_session(self) -> None:
+        first, _ = await self.login("t1", "alice", node="n1")
+        await self.store.mark_online(first)
+        second, _ = await self.login("t2", "alice", node="n2")
+        await self.store.refresh_sessions("n1", [first])
+        self.assertIsNone(await self.lookup("t1"))
+        self.assertEqual(await self.lookup("t2"), second)
+        self.assertIsNone(await self.store.route("alice"))
+        self.assertEqual(self.ended, [(first, "logged in elsewhere")])
+
+    async def test_refresh_ends_an_expired_session_once(self) -> None:
+        alice, _ = await self.login("ta", "alice", ttl=100)
+        await self.store.mark_online(alice)
+        self.clock.advance(100)
+        await self.store.refresh_sessions("n1", [alice])
+        await self.store.refresh_sessions("n1", [alice])
+        self.assertEqual(self.ended, [(alice, "expired")])
+        self.assertIsNone(await self.store.route("alice"))
+        self.assertEqual(await self.leftovers(), 0)
+
+
+def run_synchronously(cls: type[T]) -> type[T]:
+    """Run each coroutine test of the class without a reactor, as a plain method.
+
+    Fails a test whose coroutine is still waiting when its Deferreds stop firing:
+    for the memory backend that would mean it started depending on time or I/O.
+    """
+    for name in dir(cls):
+        if not name.startswith("test_"):
+            continue
+        method = getattr(cls, name)
+        if inspect.iscoroutinefunction(method):
+            setattr(cls, name, _synchronous(method))
+    return cls
+
+
+def _synchronous(
+    method: Callable[[Any], Coroutine[Deferred[Any], Any, None]],
+) -> Callable[[Any], None]:
+    @functools.wraps(method)
+    def run(self: SynchronousTestCase) -> None:
+        outcome: list[object] = []
+        Deferred.fromCoroutine(method(self)).addBoth(outcome.append)
+        if not outcome:
+            self.fail("the test waited on a Deferred that never fired")
+        if isinstance(outcome[0], Failure):
+            outcome[0].raiseException()
+
+    return run
+
+
+@run_synchronously
+class MemoryStateStoreContractTests(StateStoreContract, SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(START)
+        self.memory = MemoryStateStore(self.clock, prune_interval=60)
+        self.store = self.memory
+        self.ended = listen(self.store)
+
+    async def fresh_store(self) -> IStateStore:
+        return MemoryStateStore(self.clock)
+
+    async def leftovers(self) -> int:
+        return sum(sizes(self.memory).values())
+
+
+def sizes(store: MemoryStateStore) -> dict[str, int]:
+    inner: Any = store
+    return {
+        "sessions": len(inner._sessions),
+        "users": len(inner._token_hash_by_user),
+        "online": len(inner._online),
+        "per_node": len(inner._online_per_node),
+        "expiry": sum(len(queue) for queue in inner._expiry_queues.values()),
+        "queues": len(inner._expiry_queues),
+    }
 
 
 class MemoryStateStoreTests(SynchronousTestCase):
+    """What only the embedded backend promises: bounded memory and its prune."""
+
     def setUp(self) -> None:
         self.clock = Clock()
-        self.clock.advance(1000)
+        self.clock.advance(START)
         self.store = MemoryStateStore(self.clock, prune_interval=60)
-        self.ended: list[tuple[SessionRecord, str]] = []
-        self.store.add_session_ended_listener(lambda record, why: self.ended.append((record, why)))
+        self.ended = listen(self.store)
 
     def result(self, d: Deferred[T]) -> T:
         return self.successResultOf(d)
@@ -35,170 +382,6 @@ class MemoryStateStoreTests(SynchronousTestCase):
             self.store.create_session(token_hash(token), user, "phone", node, ttl, policy)
         )
 
-    def sizes(self) -> dict[str, int]:
-        store: Any = self.store
-        return {
-            "sessions": len(store._sessions),
-            "users": len(store._token_hash_by_user),
-            "online": len(store._online),
-            "per_node": len(store._online_per_node),
-            "expiry": sum(len(queue) for queue in store._expiry_queues.values()),
-            "queues": len(store._expiry_queues),
-        }
-
-    def test_provides_interface(self) -> None:
-        self.assertTrue(verifyObject(IStateStore, self.store))
-
-    def test_create_and_lookup(self) -> None:
-        record, previous = self.login("t1", "alice")
-        self.assertIsNone(previous)
-        self.assertEqual((record.user, record.device, record.node_id), ("alice", "phone", "n1"))
-        self.assertEqual(record.created_at, 1000)
-        self.assertEqual(record.expires_at, 1000 + TTL)
-        self.assertEqual(self.result(self.store.session_for_token(token_hash("t1"))), record)
-        self.assertIsNone(self.result(self.store.session_for_token(token_hash("other"))))
-
-    def test_lookup_after_expiry_ends_the_session(self) -> None:
-        record, _ = self.login("t1", "alice")
-        self.clock.advance(TTL - 1)
-        self.assertEqual(self.result(self.store.session_for_token(token_hash("t1"))), record)
-        self.clock.advance(1)
-        self.assertIsNone(self.result(self.store.session_for_token(token_hash("t1"))))
-        self.assertEqual(self.ended, [(record, "expired")])
-        self.assertEqual(self.sizes()["sessions"], 0)
-
-    def test_kick_old_ends_previous_and_tells_listeners(self) -> None:
-        first, _ = self.login("t1", "alice")
-        self.result(self.store.mark_online(first))
-        second, previous = self.login("t2", "alice")
-        self.assertEqual(previous, first)
-        self.assertNotEqual(second.session_id, first.session_id)
-        self.assertEqual(self.ended, [(first, "logged in elsewhere")])
-        self.assertIsNone(self.result(self.store.session_for_token(token_hash("t1"))))
-        self.assertEqual(self.result(self.store.session_for_token(token_hash("t2"))), second)
-        # The kicked session's connection was online; the route is gone with it.
-        self.assertIsNone(self.result(self.store.route("alice")))
-
-    def test_listener_sees_the_new_session_in_place(self) -> None:
-        self.login("t1", "alice")
-        seen: list[SessionRecord | None] = []
-        self.store.add_session_ended_listener(
-            lambda record, why: seen.append(
-                self.result(self.store.session_for_token(token_hash("t2")))
-            )
-        )
-        second, _ = self.login("t2", "alice")
-        self.assertEqual(seen, [second])
-
-    def test_refuse_new_refuses_only_while_previous_is_online(self) -> None:
-        first, _ = self.login("t1", "alice", "refuse_new")
-        # Not online yet: a second login replaces it.
-        second, previous = self.login("t2", "alice", "refuse_new")
-        self.assertEqual(previous, first)
-        self.result(self.store.mark_online(second))
-        self.failureResultOf(
-            self.store.create_session(token_hash("t3"), "alice", "pc", "n1", TTL, "refuse_new"),
-            AlreadyLoggedIn,
-        )
-        self.assertEqual(self.result(self.store.session_for_token(token_hash("t2"))), second)
-        self.assertIsNone(self.result(self.store.session_for_token(token_hash("t3"))))
-        self.result(self.store.mark_offline(second))
-        third, previous = self.login("t3", "alice", "refuse_new")
-        self.assertEqual(previous, second)
-        self.assertEqual(third.user, "alice")
-
-    def test_refuse_new_ignores_an_expired_online_session(self) -> None:
-        first, _ = self.login("t1", "alice", "refuse_new", ttl=100)
-        self.result(self.store.mark_online(first))
-        self.clock.advance(100)
-        _, previous = self.login("t2", "alice", "refuse_new")
-        self.assertIsNone(previous)
-        self.assertEqual(self.ended, [(first, "expired")])
-
-    def test_unknown_policy_fails(self) -> None:
-        self.failureResultOf(
-            self.store.create_session(token_hash("t"), "alice", "pc", "n1", TTL, "nope"),
-            ValueError,
-        )
-
-    def test_token_hash_reuse_fails(self) -> None:
-        self.login("t1", "alice")
-        self.failureResultOf(
-            self.store.create_session(token_hash("t1"), "bob", "pc", "n1", TTL, "kick_old"),
-            ValueError,
-        )
-
-    def test_mark_offline_of_replaced_session_keeps_new_one_online(self) -> None:
-        first, _ = self.login("t1", "alice")
-        self.result(self.store.mark_online(first))
-        second, _ = self.login("t2", "alice", node="n2")
-        self.result(self.store.mark_online(second))
-        self.result(self.store.mark_offline(first))
-        self.assertEqual(self.result(self.store.route("alice")), "n2")
-        self.assertEqual(self.result(self.store.online_count_by_node()), {"n2": 1})
-
-    def test_mark_online_of_ended_session_is_ignored(self) -> None:
-        first, _ = self.login("t1", "alice")
-        self.login("t2", "alice")
-        self.result(self.store.mark_online(first))
-        self.assertIsNone(self.result(self.store.route("alice")))
-
-    def test_route_and_counts(self) -> None:
-        alice, _ = self.login("ta", "alice", node="n1")
-        bob, _ = self.login("tb", "bob", node="n2")
-        carol, _ = self.login("tc", "carol", node="n1")
-        for record in (alice, bob, carol):
-            self.result(self.store.mark_online(record))
-        self.assertEqual(self.result(self.store.route("bob")), "n2")
-        self.assertIsNone(self.result(self.store.route("dave")))
-        self.assertEqual(self.result(self.store.online_count_by_node()), {"n1": 2, "n2": 1})
-        self.result(self.store.mark_offline(bob))
-        self.assertEqual(self.result(self.store.online_count_by_node()), {"n1": 2})
-        self.assertIsNone(self.result(self.store.route("bob")))
-
-    def test_online_users_paging(self) -> None:
-        names = [f"user{i:02d}" for i in range(25)]
-        for name in reversed(names):
-            record, _ = self.login("t-" + name, name)
-            self.result(self.store.mark_online(record))
-        self.login("t-offline", "zed")
-        self.assertEqual(self.result(self.store.online_users(0, 10)), (25, names[:10]))
-        self.assertEqual(self.result(self.store.online_users(20, 10)), (25, names[20:]))
-        self.assertEqual(self.result(self.store.online_users(30, 10)), (25, []))
-        self.failureResultOf(self.store.online_users(-1, 10), ValueError)
-
-    def test_end_session(self) -> None:
-        record, _ = self.login("t1", "alice")
-        self.result(self.store.mark_online(record))
-        self.assertEqual(
-            self.result(self.store.end_session(token_hash("t1"), "logged out")), record
-        )
-        self.assertEqual(self.ended, [(record, "logged out")])
-        self.assertIsNone(self.result(self.store.end_session(token_hash("t1"), "logged out")))
-        self.assertIsNone(self.result(self.store.route("alice")))
-        self.assertEqual(set(self.sizes().values()), {0})
-
-    def test_end_session_of_expired_token_is_unknown(self) -> None:
-        record, _ = self.login("t1", "alice", ttl=10)
-        self.clock.advance(10)
-        self.assertIsNone(self.result(self.store.end_session(token_hash("t1"), "logged out")))
-        self.assertEqual(self.ended, [(record, "expired")])
-
-    def test_raising_listener_does_not_break_the_store(self) -> None:
-        def broken(record: SessionRecord, why: str) -> None:
-            raise RuntimeError("listener bug")
-
-        self.store = MemoryStateStore(self.clock)
-        after: list[str] = []
-        self.store.add_session_ended_listener(broken)
-        self.store.add_session_ended_listener(lambda record, why: after.append(why))
-        self.login("t1", "alice")
-        second, previous = self.login("t2", "alice")
-        self.assertIsNotNone(previous)
-        self.assertEqual(after, ["logged in elsewhere"])
-        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
-        self.assertEqual(self.result(self.store.session_for_token(token_hash("t2"))), second)
-
     def test_prune_releases_expired_sessions(self) -> None:
         self.store.start()
         self.addCleanup(self.store.stop)
@@ -207,18 +390,18 @@ class MemoryStateStoreTests(SynchronousTestCase):
             self.result(self.store.mark_online(record))
         for i in range(30):
             self.login(f"long{i}", f"l{i}", ttl=1000)
-        self.assertEqual(self.sizes()["sessions"], 80)
+        self.assertEqual(sizes(self.store)["sessions"], 80)
         self.clock.advance(120)  # one prune run after the short sessions expired
-        sizes = self.sizes()
-        self.assertEqual(sizes["sessions"], 30)
-        self.assertEqual(sizes["users"], 30)
-        self.assertEqual(sizes["online"], 0)
-        self.assertEqual(sizes["per_node"], 0)
-        self.assertEqual(sizes["expiry"], 30)
-        self.assertEqual(sizes["queues"], 1)
+        counts = sizes(self.store)
+        self.assertEqual(counts["sessions"], 30)
+        self.assertEqual(counts["users"], 30)
+        self.assertEqual(counts["online"], 0)
+        self.assertEqual(counts["per_node"], 0)
+        self.assertEqual(counts["expiry"], 30)
+        self.assertEqual(counts["queues"], 1)
         self.assertEqual(len([why for _, why in self.ended if why == "expired"]), 50)
         self.clock.advance(1000)
-        self.assertEqual(set(self.sizes().values()), {0})
+        self.assertEqual(set(sizes(self.store).values()), {0})
 
     def test_prune_with_mixed_ttls(self) -> None:
         # A long-lived session created first must not hold back shorter ones behind it.
@@ -226,7 +409,7 @@ class MemoryStateStoreTests(SynchronousTestCase):
         self.login("short", "b", ttl=10)
         self.clock.advance(10)
         self.assertEqual(self.store.prune_expired(), 1)
-        self.assertEqual(self.sizes()["sessions"], 1)
+        self.assertEqual(sizes(self.store)["sessions"], 1)
 
     def test_login_cycles_leave_nothing_behind(self) -> None:
         for i in range(2000):
@@ -234,7 +417,7 @@ class MemoryStateStoreTests(SynchronousTestCase):
             self.result(self.store.mark_online(record))
             self.result(self.store.mark_offline(record))
             self.result(self.store.end_session(token_hash(f"t{i}"), "logged out"))
-        self.assertEqual(set(self.sizes().values()), {0})
+        self.assertEqual(set(sizes(self.store).values()), {0})
 
     def test_stop_without_start(self) -> None:
         self.store.stop()
@@ -242,3 +425,25 @@ class MemoryStateStoreTests(SynchronousTestCase):
         self.store.start()
         self.store.stop()
         self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_refresh_of_a_record_without_token_hash(self) -> None:
+        # Records built before token_hash existed still find their session by user.
+        record, _ = self.login("t1", "alice")
+        bare = SessionRecord(
+            record.session_id,
+            record.user,
+            record.device,
+            record.node_id,
+            record.created_at,
+            record.expires_at,
+        )
+        self.result(self.store.refresh_sessions("n1", [bare]))
+        self.assertEqual(self.result(self.store.route("alice")), "n1")
+
+
+class MakeStateStoreTests(SynchronousTestCase):
+    def test_memory_is_the_default(self) -> None:
+        from cim.config import StateConfig
+
+        store = make_state_store(StateConfig(), Clock())
+        self.assertIsInstance(store, MemoryStateStore)

@@ -6,12 +6,13 @@ import base64
 import hashlib
 import hmac
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import treq
 from treq.client import HTTPClient
-from twisted.web.client import Agent
+from twisted.web.client import Agent, HTTPConnectionPool
 
 
 class RouterError(Exception):
@@ -81,9 +82,26 @@ def parse_ticket(body: dict[str, Any]) -> LoginTicket:
 
 
 class RouterClient:
-    def __init__(self, reactor: Any, base_url: str) -> None:
-        self._http = HTTPClient(Agent(reactor))
-        self._base = base_url.rstrip("/")
+    """Talks to the first router that answers, then sticks to it until it stops answering.
+
+    Several base URLs let a client survive a router that is down (design: 本地缓存
+    服务器IP), the way a DNS name with several addresses would.
+    """
+
+    def __init__(self, reactor: Any, base_urls: str | Sequence[str]) -> None:
+        # One short-lived connection per call: logins are rare, and a persistent pool
+        # would keep idle sockets and timers alive for nothing.
+        pool = HTTPConnectionPool(reactor, persistent=False)
+        self._http = HTTPClient(Agent(reactor, pool=pool))
+        urls = [base_urls] if isinstance(base_urls, str) else list(base_urls)
+        if not urls:
+            raise ValueError("at least one router URL is needed")
+        self._bases = [url.rstrip("/") for url in urls]
+        self._current = 0
+
+    @property
+    def _base(self) -> str:
+        return self._bases[self._current]
 
     async def login(self, user: str, password: str, device: str) -> LoginTicket:
         body = await self._post(
@@ -95,6 +113,19 @@ class RouterClient:
         await self._post("/api/v1/logout", {}, headers={"Authorization": f"Bearer {token}"})
 
     async def _post(
+        self, path: str, payload: dict[str, Any], headers: dict[str, str] | None = None
+    ) -> dict[str, Any]:
+        """POST to the current router, moving on to the next ones while unreachable."""
+        for _ in range(len(self._bases)):
+            try:
+                return await self._post_once(path, payload, headers)
+            except RouterError as error:
+                if error.code != "unreachable" or len(self._bases) == 1:
+                    raise
+                self._current = (self._current + 1) % len(self._bases)
+        raise RouterError(0, "unreachable", f"no router answered ({', '.join(self._bases)})")
+
+    async def _post_once(
         self, path: str, payload: dict[str, Any], headers: dict[str, str] | None = None
     ) -> dict[str, Any]:
         all_headers: dict[bytes | str, bytes | str] = {"Content-Type": "application/json"}

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -66,7 +66,7 @@ class ChatClient:
     def __init__(
         self,
         reactor: Any,
-        router_url: str,
+        router_url: str | Sequence[str],
         user: str,
         password: str,
         device: str = "cli",
@@ -100,6 +100,7 @@ class ChatClient:
         self._msg_ids: dict[int, int] = {}
         self._online_requests: list[Deferred[cim_pb2.OnlineA]] = []
         self._reconnect_call: Any = None
+        self._connecting: Deferred[Any] | None = None
         self._attempt = 0
         # Application callbacks.
         self.on_message: Callable[[cim_pb2.Message], None] = lambda message: None
@@ -191,7 +192,11 @@ class ChatClient:
             self.offered,
         )
         events.protocol = protocol
-        await self._connect(ticket.node.host, ticket.node.port, protocol)
+        self._connecting = self._connect(ticket.node.host, ticket.node.port, protocol)
+        try:
+            await self._connecting
+        finally:
+            self._connecting = None
         try:
             await protocol.logged_in
         except HandshakeRefused as refusal:
@@ -327,6 +332,8 @@ class ChatClient:
         self._stopping = True
         if self._reconnect_call is not None and self._reconnect_call.active():
             self._reconnect_call.cancel()
+        if self._connecting is not None:
+            self._connecting.cancel()
         protocol = self.protocol
         if protocol is not None and protocol.transport is not None:
             protocol.transport.loseConnection()

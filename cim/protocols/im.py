@@ -159,6 +159,16 @@ class ImServerProtocol(FrameProtocol, TimeoutMixin):
                 accepted, _STATUS.INVALID_TOKEN, "unknown or expired token", "invalid_token"
             )
             return
+        if not factory.registry.accepting:
+            # Our registry session is lost: routers no longer send users here, and a
+            # session taken now could not be found by other nodes.
+            self._refuse_login(
+                accepted,
+                _STATUS.WRONG_NODE,
+                "this node is not taking new logins; log in again through the router",
+                "not_accepting",
+            )
+            return
         # Checked after the token so a flood of junk hellos cannot fill the guard.
         if not factory.replay_guard.fresh(accepted.client_nonce, accepted.timestamp_ms):
             self._refuse_login(

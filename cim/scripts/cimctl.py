@@ -21,6 +21,8 @@ import hmac
 import json
 import os
 import sys
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from getpass import getpass
@@ -198,6 +200,59 @@ def user_list(invocation: Invocation) -> int:
     return EXIT_OK
 
 
+def router_base_url(config: CimConfig) -> str:
+    """Where this config's router answers, as seen from this machine."""
+    parts = config.router.listen.split(":")
+    if parts[0] not in ("tcp", "ssl") or len(parts) < 2:
+        raise CommandFailed(
+            f"[router] listen = {config.router.listen!r}: only tcp/ssl routers can be asked",
+            EXIT_USAGE,
+        )
+    options = dict(part.split("=", 1) for part in parts[2:] if "=" in part)
+    host = options.get("interface", "127.0.0.1")
+    if host in ("", "0.0.0.0", "::"):
+        host = "127.0.0.1"
+    if ":" in host:
+        host = f"[{host}]"
+    scheme = "https" if parts[0] == "ssl" else "http"
+    return f"{scheme}://{host}:{parts[1]}"
+
+
+def _online_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print JSON")
+    parser.add_argument("--limit", type=int, default=1000, help="users to list (max 1000)")
+    parser.add_argument("--offset", type=int, default=0, help="skip this many users")
+
+
+def online(invocation: Invocation) -> int:
+    """Ask the running router (it sees the whole cluster's state) who is online."""
+    args = invocation.args
+    url = (
+        f"{router_base_url(invocation.config)}/api/v1/online"
+        f"?offset={args.offset}&limit={args.limit}"
+    )
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            page = json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        try:
+            message = json.loads(error.read()).get("message", error.reason)
+        except ValueError:
+            message = error.reason
+        raise CommandFailed(f"the router refused: {message} (HTTP {error.code})") from None
+    except OSError as error:
+        raise CommandFailed(f"cannot reach the router at {url}: {error}") from None
+    if args.json:
+        invocation.say(json.dumps(page))
+        return EXIT_OK
+    invocation.say(f"{page['total']} online")
+    for node, count in page["nodes"].items():
+        invocation.say(f"  {node}: {count}")
+    for user in page["users"]:
+        invocation.say(user)
+    return EXIT_OK
+
+
 def _no_arguments(parser: argparse.ArgumentParser) -> None:
     pass
 
@@ -227,6 +282,7 @@ SUBCOMMANDS: tuple[Subcommand, ...] = (
     Subcommand(("user", "passwd"), "set a user's password", user_passwd, _user_name_argument),
     Subcommand(("user", "del"), "delete a user", user_del, _user_name_argument),
     Subcommand(("user", "list"), "list the users", user_list, _user_list_arguments),
+    Subcommand(("online",), "who is online (asks the running router)", online, _online_arguments),
 )
 
 

@@ -6,36 +6,28 @@ mistaken ``listen`` line does not publish the node's internals.
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Callable
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.web import server
 from twisted.web.resource import Resource
 
 from cim.metrics import NodeMetrics, NodeMetricsCollector
-from cim.services.http import HttpError, JsonRoutes, Reply, bounded_site, json_reply, write_reply
+from cim.services.http import (
+    HttpError,
+    JsonRoutes,
+    Reply,
+    bounded_site,
+    is_local_peer,
+    json_reply,
+    write_reply,
+)
 
 # Admin requests carry no body worth the name.
 ADMIN_MAX_BODY_SIZE = 1024
-
-
-def is_local_peer(request: server.Request) -> bool:
-    address = request.getClientAddress()
-    if isinstance(address, IPv4Address | IPv6Address):
-        try:
-            ip = ipaddress.ip_address(address.host.split("%", 1)[0])
-        except ValueError:
-            return False
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-            return ip.ipv4_mapped.is_loopback
-        return ip.is_loopback
-    # A UNIX socket is local, and its file permissions already decide who may connect.
-    return isinstance(address, UNIXAddress)
 
 
 class LocalPeersOnly(Resource):

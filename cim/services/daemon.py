@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort
@@ -23,15 +23,16 @@ from twisted.python.failure import Failure
 
 from cim.accounts import AccountStore
 from cim.config import CimConfig
+from cim.interfaces import INodeRegistry, IStateStore, NodeIdTaken, StateUnavailable
 from cim.message_ids import MessageIdGenerator, node_number_for
 from cim.metrics import NodeMetrics
 from cim.protocols.crypto import NodeKey
 from cim.protocols.im import ImServerFactory
-from cim.registry.local import LocalRegistry
+from cim.registry import make_registry
 from cim.services.admin import admin_site
 from cim.services.im import ImListener
 from cim.services.router import router_site
-from cim.state.memory import MemoryStateStore
+from cim.state import make_state_store
 from cim.storage.database import Database
 from cim.switchboard import Switchboard
 
@@ -50,8 +51,8 @@ class CimDaemon(Service):
         self.started: Deferred[None] | None = None
         self.database: Database | None = None
         self.accounts: AccountStore | None = None
-        self.state: MemoryStateStore | None = None
-        self.registry = LocalRegistry()
+        self.state: IStateStore | None = None
+        self.registry: INodeRegistry | None = None
         self.switchboard: Switchboard | None = None
         self.im: ImListener | None = None
         self.http_ports: dict[str, IListeningPort] = {}
@@ -77,9 +78,13 @@ class CimDaemon(Service):
         self.accounts.start()
         self._stoppers.append(self.accounts.stop)
 
-        self.state = MemoryStateStore(self.reactor)
-        self.state.start()
+        self.state = make_state_store(config.state, self.reactor)
+        yield self._backend_step("state", config.state.backend, self.state.start)
         self._stoppers.append(self.state.stop)
+
+        self.registry = make_registry(config.registry, self.reactor)
+        yield self._backend_step("registry", config.registry.backend, self.registry.start)
+        self._stoppers.append(self.registry.stop)
 
         self.switchboard = Switchboard(
             node_id,
@@ -101,7 +106,9 @@ class CimDaemon(Service):
                 self.reactor,
                 self.metrics,
             )
-            self.im = ImListener(node_id, config.im, factory, self.registry, self.reactor)
+            self.im = ImListener(
+                node_id, config.im, factory, self.registry, self.reactor, config.state.route_ttl
+            )
             yield self._listen_step("im", config.im.listen, self.im.start)
             self._stoppers.append(self.im.stop)
 
@@ -123,6 +130,19 @@ class CimDaemon(Service):
             )
 
         self.log.info("cim node {node} started", node=node_id)
+
+    async def _backend_step_async(
+        self, section: str, backend: str, start: Callable[[], Any]
+    ) -> None:
+        try:
+            await maybeDeferred(start)
+        except (StateUnavailable, NodeIdTaken) as exc:
+            raise StartupError(f"[{section}] backend = {backend!r}: {exc}") from None
+        except Exception as exc:
+            raise StartupError(f"[{section}] backend = {backend!r}: cannot start: {exc}") from None
+
+    def _backend_step(self, section: str, backend: str, start: Callable[[], Any]) -> Any:
+        return Deferred.fromCoroutine(self._backend_step_async(section, backend, start))
 
     def _listen_step(self, section: str, description: str, start: Callable[[], Any]) -> Any:
         d: Deferred[Any] = Deferred.fromCoroutine(self._guard_listen(section, description, start))

@@ -8,6 +8,7 @@ HTML error pages never reach them.
 from __future__ import annotations
 
 import io
+import ipaddress
 import json
 import math
 from collections.abc import Callable, Mapping
@@ -221,3 +222,17 @@ def write_reply(request: server.Request, reply: Reply) -> bytes:
     for name, value in reply.headers:
         request.setHeader(name, value)
     return reply.body
+
+
+def is_local_peer(request: server.Request) -> bool:
+    address = request.getClientAddress()
+    if isinstance(address, IPv4Address | IPv6Address):
+        try:
+            ip = ipaddress.ip_address(address.host.split("%", 1)[0])
+        except ValueError:
+            return False
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            return ip.ipv4_mapped.is_loopback
+        return ip.is_loopback
+    # A UNIX socket is local, and its file permissions already decide who may connect.
+    return isinstance(address, UNIXAddress)

@@ -8,7 +8,7 @@ from typing import Any
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort
-from twisted.internet.task import deferLater
+from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 
 from cim.config import ImConfig
@@ -33,14 +33,18 @@ class ImListener:
         factory: ImServerFactory,
         registry: INodeRegistry,
         reactor: Any,
+        route_ttl: float = 60.0,
     ) -> None:
         self.node_id = node_id
+        self.route_ttl = route_ttl
         self.config = config
         self.factory = factory
         self.registry = registry
         self.reactor = reactor
         self.port: IListeningPort | None = None
         self.node: NodeInfo | None = None
+        self._refresh = LoopingCall(factory.switchboard.refresh_routes)
+        self._refresh.clock = reactor
 
     @inlineCallbacks
     def start(self) -> Any:
@@ -49,6 +53,9 @@ class ImListener:
         host, port = self._advertised_address()
         self.node = NodeInfo(self.node_id, host, port, self.factory.node_key.public_der)
         yield self.registry.register(self.node)
+        # Three refreshes per TTL: a route survives two missed refreshes, and the
+        # routes of a crashed node expire within one TTL.
+        self._refresh.start(self.route_ttl / 3, now=False)
         self.log.info(
             "IM node {node} listening on {listen}, advertised as {host}:{port}",
             node=self.node_id,
@@ -76,6 +83,8 @@ class ImListener:
     @inlineCallbacks
     def stop(self) -> Any:
         """Withdraw from the registry, tell clients, let them go, stop listening."""
+        if self._refresh.running:
+            self._refresh.stop()
         if self.node is not None:
             yield self.registry.unregister()
         if self.port is not None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred
@@ -20,14 +20,22 @@ from twisted.logger import Logger
 from twisted.web import server
 
 from cim.config import ImConfig, RouterConfig
-from cim.interfaces import AlreadyLoggedIn, INodeRegistry, IStateStore, NodeInfo
+from cim.interfaces import (
+    AlreadyLoggedIn,
+    INodeRegistry,
+    IStateStore,
+    NodeInfo,
+    StateUnavailable,
+)
 from cim.metrics import NodeMetrics
+from cim.ring import HashRing
 from cim.services.http import (
     HttpError,
     JsonRoutes,
     Reply,
     bounded_site,
     client_host,
+    is_local_peer,
     json_reply,
     read_json_object,
     too_many_requests,
@@ -38,6 +46,9 @@ from cim.throttle import FailedLoginThrottle
 
 LOGIN_PATH = b"/api/v1/login"
 LOGOUT_PATH = b"/api/v1/logout"
+ONLINE_PATH = b"/api/v1/online"
+MAX_ONLINE_PAGE = 1000
+DEFAULT_ONLINE_PAGE = 100
 TOKEN_BYTES = 32
 DEFAULT_DEVICE = "default"
 MAX_DEVICE_LENGTH = 64
@@ -53,6 +64,7 @@ _OUTCOME_BY_CODE = {
     "invalid_credentials": "invalid_credentials",
     "already_logged_in": "refused",
     "no_node": "no_node",
+    "state_unavailable": "unavailable",
 }
 
 
@@ -60,17 +72,23 @@ class AccountsLike(Protocol):
     def check_password(self, name: str, password: str) -> Deferred[bool]: ...
 
 
-def choose_node(user: str, nodes: Sequence[NodeInfo]) -> NodeInfo | None:
-    """The node a user should connect to; the consistent-hash ring will replace this.
+class NodeChooser:
+    """Picks each user's IM node on a consistent-hash ring over the live nodes.
 
-    Hashing the name (rather than taking the first node) keeps a user on the same
-    node across logins while the set of nodes does not change.
+    The ring is rebuilt only when the registry reports a change (design: watcher
+    mechanism), never per login.
     """
-    if not nodes:
-        return None
-    ordered = sorted(nodes, key=lambda node: node.node_id)
-    digest = hashlib.sha256(user.encode()).digest()
-    return ordered[int.from_bytes(digest[:8], "big") % len(ordered)]
+
+    def __init__(self, registry: INodeRegistry, virtual_nodes: int) -> None:
+        self._virtual_nodes = virtual_nodes
+        self._ring = HashRing(registry.live_nodes(), virtual_nodes)
+        registry.add_listener(self._nodes_changed)
+
+    def _nodes_changed(self, nodes: list[NodeInfo]) -> None:
+        self._ring = HashRing(nodes, self._virtual_nodes)
+
+    def node_for(self, user: str) -> NodeInfo | None:
+        return self._ring.node_for(user)
 
 
 class RouterResource(JsonRoutes):
@@ -89,12 +107,19 @@ class RouterResource(JsonRoutes):
         metrics: NodeMetrics,
         token_bytes: Callable[[int], bytes] = os.urandom,
     ) -> None:
-        super().__init__({(LOGIN_PATH, b"POST"): self._login, (LOGOUT_PATH, b"POST"): self._logout})
+        super().__init__(
+            {
+                (LOGIN_PATH, b"POST"): self._login,
+                (LOGOUT_PATH, b"POST"): self._logout,
+                (ONLINE_PATH, b"GET"): self._online,
+            }
+        )
         self._config = config
         self._im_config = im_config
         self._accounts = accounts
         self._state = state
         self._registry = registry
+        self._chooser = NodeChooser(registry, config.virtual_nodes)
         self._metrics = metrics
         self._token_bytes = token_bytes
         window = config.failed_login_window
@@ -170,7 +195,7 @@ class RouterResource(JsonRoutes):
         # would let its owner reset the limit between guesses at other accounts.
         self.user_throttle.record_success(user)
 
-        node = choose_node(user, self._registry.live_nodes())
+        node = self._chooser.node_for(user)
         if node is None:
             raise HttpError(503, "no_node", "no IM node is available; try again later")
 
@@ -188,6 +213,8 @@ class RouterResource(JsonRoutes):
             raise HttpError(
                 409, "already_logged_in", "this user is already logged in on another device"
             ) from None
+        except StateUnavailable:
+            raise _state_unavailable() from None
 
         im = self._im_config
         body: dict[str, Any] = {
@@ -214,7 +241,10 @@ class RouterResource(JsonRoutes):
         token = _bearer_token(request)
         record = None
         if token is not None:
-            record = await self._state.end_session(token_hash(token), REASON_LOGGED_OUT)
+            try:
+                record = await self._state.end_session(token_hash(token), REASON_LOGGED_OUT)
+            except StateUnavailable:
+                raise _state_unavailable() from None
         if record is None:
             self._log.info("logout refused from {address}: unknown token", address=address)
             raise HttpError(
@@ -225,6 +255,56 @@ class RouterResource(JsonRoutes):
             )
         self._log.info("logout of {user!r} from {address}", user=record.user, address=address)
         return json_reply(200, {"ok": True})
+
+    # --- online users (design: 后台监控 获取在线用户数) ----------------------------------
+
+    def _online(self, request: server.Request) -> Deferred[Reply]:
+        return Deferred.fromCoroutine(self._online_page(request))
+
+    async def _online_page(self, request: server.Request) -> Reply:
+        if not is_local_peer(request):
+            raise HttpError(403, "forbidden", "the online list answers local peers only")
+        offset = _query_int(request, b"offset", 0, 0, 1 << 31)
+        limit = _query_int(request, b"limit", DEFAULT_ONLINE_PAGE, 1, MAX_ONLINE_PAGE)
+        try:
+            total, users = await self._state.online_users(offset, limit)
+            per_node = await self._state.online_count_by_node()
+        except StateUnavailable:
+            raise _state_unavailable() from None
+        return json_reply(
+            200,
+            {
+                "total": total,
+                "nodes": dict(sorted(per_node.items())),
+                "offset": offset,
+                "limit": limit,
+                "users": users,
+            },
+        )
+
+
+def _query_int(request: server.Request, name: bytes, default: int, low: int, high: int) -> int:
+    values = (request.args or {}).get(name)
+    if not values:
+        return default
+    try:
+        value = int(values[0])
+    except ValueError:
+        value = low - 1
+    if not low <= value <= high:
+        raise HttpError(
+            400, "bad_request", f"'{name.decode()}' must be a whole number from {low} to {high}"
+        )
+    return value
+
+
+def _state_unavailable() -> HttpError:
+    return HttpError(
+        503,
+        "state_unavailable",
+        "the session store is unreachable; try again shortly",
+        ((b"Retry-After", b"5"),),
+    )
 
 
 def _bearer_token(request: server.Request) -> str | None:

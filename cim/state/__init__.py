@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+from typing import Any
+
+from cim.config import StateConfig
+from cim.interfaces import IStateStore
 
 
 def token_hash(token: str) -> str:
@@ -13,3 +17,19 @@ def token_hash(token: str) -> str:
     them) must agree on this exact formula.
     """
     return hashlib.sha256(token.encode()).hexdigest()
+
+
+def make_state_store(config: StateConfig, reactor: Any) -> IStateStore:
+    """The backend the [state] section names, not yet started.
+
+    The Redis backend is imported only when configured: txredisapi installs the
+    default reactor as a side effect of being imported, which must not happen before
+    twistd has installed the one it was asked for.
+    """
+    if config.backend == "redis":
+        from cim.state.redis import RedisStateStore
+
+        return RedisStateStore(reactor, config.redis_url, config.redis_timeout, config.route_ttl)
+    from cim.state.memory import MemoryStateStore
+
+    return MemoryStateStore(reactor)

@@ -111,6 +111,7 @@ class MemoryStateStore:
             node_id=node_id,
             created_at=now,
             expires_at=now + ttl,
+            token_hash=token_hash,
         )
         self._sessions[token_hash] = record
         self._token_hash_by_user[user] = token_hash
@@ -136,9 +137,7 @@ class MemoryStateStore:
         if current is None or current.session_id != record.session_id:
             # The session ended (kicked, logged out) while its handshake was in flight.
             return defer.succeed(None)
-        self._set_offline(record.user)
-        self._online[record.user] = record
-        self._online_per_node[record.node_id] = self._online_per_node.get(record.node_id, 0) + 1
+        self._set_online(record)
         return defer.succeed(None)
 
     def mark_offline(self, record: SessionRecord) -> Deferred[None]:
@@ -167,6 +166,27 @@ class MemoryStateStore:
 
     def add_session_ended_listener(self, listener: SessionEndedListener) -> None:
         self._listeners.append(listener)
+
+    def refresh_sessions(self, node_id: str, records: list[SessionRecord]) -> Deferred[None]:
+        """Put back the online entry of any live session the node still holds.
+
+        Routes here never expire (this process is the only node, and it cannot crash
+        without losing them), so there is no TTL to extend. Nor can this store lose a
+        session behind the node's back: a missing session has ended and its listeners
+        were told, so it stays ended rather than coming back from a stale list.
+        """
+        for record in records:
+            if record.node_id != node_id:
+                continue
+            current_hash = record.token_hash or self._token_hash_by_user.get(record.user)
+            if current_hash is None:
+                continue
+            live = self._live(current_hash)
+            if live is None or live.session_id != record.session_id:
+                continue
+            if not self._is_online(live):
+                self._set_online(live)
+        return defer.succeed(None)
 
     # --- internals --------------------------------------------------------------------
 
@@ -205,6 +225,11 @@ class MemoryStateStore:
             if not queue:
                 del self._expiry_queues[lifetime]
         return record
+
+    def _set_online(self, record: SessionRecord) -> None:
+        self._set_offline(record.user)
+        self._online[record.user] = record
+        self._online_per_node[record.node_id] = self._online_per_node.get(record.node_id, 0) + 1
 
     def _set_offline(self, user: str) -> None:
         online = self._online.pop(user, None)

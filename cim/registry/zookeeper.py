@@ -1,0 +1,602 @@
+"""INodeRegistry on ZooKeeper: the design's 注册中心.
+
+Each IM node holds an ephemeral znode ``<path>/<node id>`` carrying how clients reach
+it; the znode lives exactly as long as the node's ZooKeeper session, so a node killed
+with kill -9 disappears once the server expires its session. Routers keep a children
+watch on ``<path>`` and re-read the view whenever ZooKeeper says it changed, so they
+never poll.
+
+kazoo runs its own threads. Its callbacks here do nothing but hand the event to the
+reactor with ``callFromThread``; kazoo's blocking calls run on the small
+"cim-zookeeper" thread pool; every Twisted object (Deferreds, timers, listeners) is
+touched on the reactor thread only.
+
+Session rules (what ``accepting`` means):
+
+- SUSPENDED (connection lost, session maybe alive): keep serving, because the server
+  keeps the znode until the session times out and a reconnect within that time resumes
+  the same session. After a whole session timeout without a reconnect the session has
+  certainly expired on the server, so ``accepting`` turns False.
+- LOST (the server expired the session, so the znode is gone): ``accepting`` turns
+  False at once. When kazoo establishes a new session the znode is created again and
+  ``accepting`` turns True; if another node has taken the id meanwhile, this node stays
+  not accepting and says so at critical level.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import logging
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from kazoo.client import KazooClient, KazooState
+from kazoo.exceptions import (
+    BadVersionError,
+    KazooException,
+    NodeExistsError,
+    NoNodeError,
+)
+from kazoo.handlers.threading import KazooTimeoutError
+from kazoo.retry import KazooRetry
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger, LogLevel
+from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
+from zope.interface import implementer
+
+from cim.interfaces import INodeRegistry, NodeIdTaken, NodeInfo
+from cim.registry.local import ViewListener, tell_listeners
+
+T = TypeVar("T")
+
+THREAD_POOL_NAME = "cim-zookeeper"
+RETRY_DELAY = 1.0
+"""Seconds before retrying a failed re-registration or view read while connected."""
+
+BlockingRunner = Callable[[Callable[[], Any]], "Deferred[Any]"]
+
+
+def _retry(func: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Call a kazoo method, retrying connection hiccups for a few seconds.
+
+    A fresh KazooRetry per call: one shared object counts attempts for every thread
+    that uses it at once.
+    """
+    result: T = KazooRetry(max_tries=5, delay=0.1, max_delay=2.0)(func, *args, **kwargs)
+    return result
+
+
+class ZooKeeperUnavailable(Exception):
+    """ZooKeeper could not be reached when the registry started."""
+
+
+class RegistryNotStarted(RuntimeError):
+    """A call that needs ZooKeeper came before start() or after stop()."""
+
+
+class _ToTwistedLog(logging.Handler):
+    """kazoo logs with the stdlib from its own threads; this moves its records onto
+    the reactor thread and into Twisted's log, where the daemon's other lines go.
+    """
+
+    _log = Logger(namespace="cim.registry.kazoo")
+    _levels = (
+        (logging.ERROR, LogLevel.error),
+        (logging.WARNING, LogLevel.warn),
+        (logging.INFO, LogLevel.info),
+    )
+
+    def __init__(self, reactor: Any) -> None:
+        super().__init__()
+        self._reactor = reactor
+
+    def emit(self, record: logging.LogRecord) -> None:
+        level = next((ours for at, ours in self._levels if record.levelno >= at), LogLevel.debug)
+        message = record.getMessage()
+        if record.exc_info:
+            message += "\n" + logging.Formatter().formatException(record.exc_info)
+        self._reactor.callFromThread(self._log.emit, level, "kazoo: {message}", message=message)
+
+
+def _kazoo_logger(reactor: Any) -> logging.Logger:
+    # A private Logger object, not logging.getLogger: each registry gets its own
+    # handler without piling handlers onto one global logger.
+    logger = logging.Logger("kazoo", logging.INFO)
+    logger.propagate = False
+    logger.addHandler(_ToTwistedLog(reactor))
+    return logger
+
+
+def encode_node(node: NodeInfo) -> bytes:
+    """The znode's data: JSON, so operators can read it with zkCli.sh."""
+    return json.dumps(
+        {
+            "id": node.node_id,
+            "host": node.host,
+            "port": node.port,
+            "public_key": base64.b64encode(node.public_key_der).decode("ascii"),
+        },
+        sort_keys=True,
+    ).encode()
+
+
+def decode_node(name: str, data: bytes) -> NodeInfo:
+    """Parse a znode written by encode_node; ValueError names what is wrong."""
+    try:
+        fields = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"not JSON: {error}") from None
+    if not isinstance(fields, dict):
+        raise ValueError("not a JSON object")
+    node_id, host, port = fields.get("id"), fields.get("host"), fields.get("port")
+    key = fields.get("public_key", "")
+    if node_id != name:
+        raise ValueError(f"id {node_id!r} does not match the znode name")
+    if not isinstance(host, str) or not host:
+        raise ValueError("host missing")
+    if not isinstance(port, int) or isinstance(port, bool) or not 0 < port < 65536:
+        raise ValueError(f"bad port {port!r}")
+    if not isinstance(key, str):
+        raise ValueError("public_key is not a string")
+    try:
+        key_der = base64.b64decode(key, validate=True)
+    except binascii.Error:
+        raise ValueError("public_key is not base64") from None
+    return NodeInfo(node_id, host, port, key_der)
+
+
+class _BlockingCalls:
+    """kazoo's blocking calls on a named thread pool, stopped only once they are done.
+
+    Waiting for the calls in flight before ``ThreadPool.stop`` keeps that join from
+    blocking the reactor thread. Tests inject ``runner`` to run calls inline.
+    """
+
+    def __init__(self, reactor: Any, runner: BlockingRunner | None) -> None:
+        self._reactor = reactor
+        self._runner = runner
+        self._pool: ThreadPool | None = None
+        self._pending = 0
+        self._idle: list[Deferred[None]] = []
+
+    def start(self) -> None:
+        if self._runner is None and self._pool is None:
+            self._pool = ThreadPool(minthreads=0, maxthreads=2, name=THREAD_POOL_NAME)
+            self._pool.start()
+
+    def run(self, work: Callable[[], T]) -> Deferred[T]:
+        if self._runner is not None:
+            d: Deferred[T] = self._runner(work)
+        elif self._pool is not None:
+            d = deferToThreadPool(self._reactor, self._pool, work)
+        else:
+            raise RegistryNotStarted("the ZooKeeper registry is not started")
+        self._pending += 1
+        d.addBoth(self._finished)
+        return d
+
+    def _finished(self, result: T) -> T:
+        self._pending -= 1
+        if self._pending == 0:
+            waiters, self._idle = self._idle, []
+            for waiter in waiters:
+                waiter.callback(None)
+        return result
+
+    async def stop(self) -> None:
+        if self._pending:
+            waiter: Deferred[None] = Deferred()
+            self._idle.append(waiter)
+            await waiter
+        if self._pool is not None:
+            pool, self._pool = self._pool, None
+            pool.stop()  # every thread is idle now, so the join is immediate
+
+
+@implementer(INodeRegistry)
+class ZooKeeperRegistry:
+    """The live IM nodes as ZooKeeper sees them, and this node's place among them."""
+
+    _log = Logger()
+
+    def __init__(
+        self,
+        reactor: Any,
+        hosts: str,
+        path: str,
+        session_timeout: float,
+        connect_timeout: float = 15.0,
+        client: Any = None,
+        run_blocking: BlockingRunner | None = None,
+    ) -> None:
+        """``client`` and ``run_blocking`` replace kazoo and the thread pool in tests."""
+        self.local_node: NodeInfo | None = None
+        self.accepting = False
+        self.hosts = hosts
+        self.path = path.rstrip("/") or "/"
+        self.session_timeout = session_timeout
+        self._reactor = reactor
+        self._connect_timeout = connect_timeout
+        if client is None:
+            client = KazooClient(
+                hosts=hosts,
+                timeout=session_timeout,
+                # Never give up reconnecting, and do not back off so far that a
+                # restarted ZooKeeper goes unnoticed for long.
+                connection_retry=KazooRetry(max_tries=-1, delay=0.1, max_delay=2.0),
+                command_retry=KazooRetry(max_tries=5, delay=0.1, max_delay=2.0),
+                logger=_kazoo_logger(reactor),
+            )
+        self._client = client
+        self._blocking = _BlockingCalls(reactor, run_blocking)
+        self._listeners: list[ViewListener] = []
+        self._view: list[NodeInfo] = []
+        self._watching = False
+        self._stopping = False
+        self._stopped: Deferred[None] | None = None
+        self._shutdown_trigger: Any = None
+        self._view_generation = 0
+        self._published_generation = 0
+        self._session_epoch = 0
+        """Bumped on every LOST, so a claim that finished on an old session counts for nothing."""
+        self._expiry_call: IDelayedCall | None = None
+        self._reclaim_call: IDelayedCall | None = None
+        self._refresh_call: IDelayedCall | None = None
+
+    def __repr__(self) -> str:
+        return f"<ZooKeeperRegistry {self.hosts}{self.path}>"
+
+    # --- INodeRegistry ---------------------------------------------------------------
+
+    def start(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._start())
+
+    async def _start(self) -> None:
+        self._blocking.start()
+        self._shutdown_trigger = self._reactor.addSystemEventTrigger(
+            "during", "shutdown", self._stop_at_shutdown
+        )
+        try:
+            try:
+                await self._blocking.run(self._connect_txn)
+            except KazooTimeoutError:
+                raise ZooKeeperUnavailable(
+                    f"could not connect to ZooKeeper at {self.hosts} within "
+                    f"{self._connect_timeout:g} s"
+                ) from None
+            self._watching = True
+            await self._refresh()
+        except BaseException:
+            await self.stop()
+            raise
+        self._log.info(
+            "registry: watching {path} on ZooKeeper {hosts}; {count} live node(s)",
+            path=self.path,
+            hosts=self.hosts,
+            count=len(self._view),
+        )
+
+    def stop(self) -> Deferred[None]:
+        if self._stopped is None:
+            self._stopped = Deferred.fromCoroutine(self._stop())
+        # Every caller gets its own Deferred, so one caller's callbacks cannot alter
+        # what another receives.
+        mine: Deferred[None] = Deferred()
+        self._stopped.addBoth(_chain_to, mine)
+        return mine
+
+    async def _stop(self) -> None:
+        self._stopping = True
+        self.accepting = False
+        self.local_node = None
+        self._watching = False
+        for call in (self._expiry_call, self._reclaim_call, self._refresh_call):
+            if call is not None and call.active():
+                call.cancel()
+        self._expiry_call = self._reclaim_call = self._refresh_call = None
+        if self._shutdown_trigger is not None:
+            self._reactor.removeSystemEventTrigger(self._shutdown_trigger)
+            self._shutdown_trigger = None
+        try:
+            # Closing the session deletes this node's znode at once, so routers drop
+            # it now rather than after the session timeout.
+            await self._blocking.run(self._close_txn)
+        except RegistryNotStarted:
+            pass  # never started: there is no session to close
+        except Exception:
+            self._log.failure("registry: closing the ZooKeeper session failed")
+        await self._blocking.stop()
+
+    def _stop_at_shutdown(self) -> Deferred[None]:
+        # A forgotten stop() would leave the pool's threads keeping the process alive.
+        self._shutdown_trigger = None
+        return self.stop()
+
+    def register(self, node: NodeInfo) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._register(node))
+
+    async def _register(self, node: NodeInfo) -> None:
+        epoch = self._session_epoch
+        self.local_node = node
+        try:
+            await self._blocking.run(lambda: self._claim_txn(node))
+        except BaseException:
+            if self.local_node is node:
+                self.local_node = None
+            raise
+        if self.local_node is node and epoch == self._session_epoch:
+            self.accepting = True
+        self._log.info(
+            "registry: node {node_id} registered as {host}:{port}",
+            node_id=node.node_id,
+            host=node.host,
+            port=node.port,
+        )
+
+    def unregister(self) -> Deferred[None]:
+        node = self.local_node
+        if node is None:
+            return succeed(None)
+        self.local_node = None
+        self.accepting = False
+        d = self._blocking.run(lambda: self._withdraw_txn(node.node_id))
+        d.addErrback(self._withdraw_failed, node)
+        return d
+
+    def _withdraw_failed(self, failure: Failure, node: NodeInfo) -> None:
+        failure.trap(KazooException)
+        self._log.warn(
+            "registry: could not delete the znode of {node_id} ({error}); it goes when "
+            "the ZooKeeper session closes or expires",
+            node_id=node.node_id,
+            error=failure.getErrorMessage(),
+        )
+
+    def live_nodes(self) -> list[NodeInfo]:
+        return list(self._view)
+
+    def add_listener(self, listener: ViewListener) -> None:
+        self._listeners.append(listener)
+
+    # --- on kazoo's threads: hand over to the reactor, touch nothing else -------------
+
+    def _state_from_kazoo(self, state: str) -> None:
+        self._reactor.callFromThread(self._state_changed, state)
+
+    def _children_from_kazoo(self, children: list[str]) -> bool | None:
+        if self._stopping:
+            return False  # tells kazoo to drop the watch
+        self._reactor.callFromThread(self._children_changed)
+        return None
+
+    # --- on the thread pool: blocking kazoo calls, plain data in and out --------------
+
+    def _connect_txn(self) -> None:
+        self._client.add_listener(self._state_from_kazoo)
+        self._client.start(timeout=self._connect_timeout)
+        _retry(self._client.ensure_path, self.path)
+        # The first call of the watch function happens here, before this returns.
+        self._client.ChildrenWatch(self.path, self._children_from_kazoo)
+
+    def _close_txn(self) -> None:
+        self._client.remove_listener(self._state_from_kazoo)
+        self._client.stop()
+        self._client.close()
+
+    def _session_id(self) -> int | None:
+        client_id = self._client.client_id
+        return None if client_id is None else int(client_id[0])
+
+    def _claim_txn(self, node: NodeInfo) -> None:
+        """Create our ephemeral znode, or accept the one our own session already holds.
+
+        A create retried after a lost reply finds the znode it made itself, so
+        ownership (the znode's ephemeralOwner) decides, not mere existence.
+        """
+        znode = f"{self.path}/{node.node_id}"
+        data = encode_node(node)
+        for _ in range(3):
+            try:
+                _retry(self._client.create, znode, data, ephemeral=True)
+                return
+            except NodeExistsError:
+                pass
+            try:
+                existing, stat = _retry(self._client.get, znode)
+            except NoNodeError:
+                continue  # its owner went away between our two calls: try again
+            if stat.ephemeralOwner == self._session_id():
+                if existing != data:
+                    _retry(self._client.set, znode, data, version=stat.version)
+                return
+            raise NodeIdTaken(self._taken_message(node.node_id, existing))
+        raise NodeIdTaken(self._taken_message(node.node_id, b""))
+
+    def _taken_message(self, node_id: str, existing: bytes) -> str:
+        try:
+            other = decode_node(node_id, existing)
+            where = f" by a live node at {other.host}:{other.port}"
+        except ValueError:
+            where = " by another live node"
+        return (
+            f"node id {node_id!r} is already registered under {self.path} on ZooKeeper "
+            f"{self.hosts}{where}; give this node another [node] id, or, if that node "
+            f"has just crashed, wait up to {self.session_timeout:g} s for its session "
+            "to expire"
+        )
+
+    def _withdraw_txn(self, node_id: str) -> None:
+        znode = f"{self.path}/{node_id}"
+        try:
+            _, stat = _retry(self._client.get, znode)
+            if stat.ephemeralOwner != self._session_id():
+                return  # not ours (anymore): never delete another node's registration
+            _retry(self._client.delete, znode, version=stat.version)
+        except (NoNodeError, BadVersionError):
+            pass
+
+    def _read_view_txn(self) -> tuple[list[NodeInfo], list[tuple[str, str]]]:
+        """The live nodes sorted by id, and the znodes that could not be parsed."""
+        nodes: list[NodeInfo] = []
+        broken: list[tuple[str, str]] = []
+        for name in sorted(_retry(self._client.get_children, self.path)):
+            try:
+                data, _ = _retry(self._client.get, f"{self.path}/{name}")
+            except NoNodeError:
+                continue  # gone since the listing; the watch reports that change too
+            try:
+                nodes.append(decode_node(name, data))
+            except ValueError as error:
+                broken.append((name, str(error)))
+        return nodes, broken
+
+    # --- on the reactor thread --------------------------------------------------------
+
+    def _children_changed(self) -> None:
+        if not self._stopping:
+            self._refresh().addErrback(self._refresh_failed)
+
+    def _refresh(self) -> Deferred[None]:
+        """Re-read the whole view; a read never replaces one that started after it."""
+        if not self._watching or self._stopping:
+            return succeed(None)
+        if self._refresh_call is not None and self._refresh_call.active():
+            self._refresh_call.cancel()
+        self._refresh_call = None
+        self._view_generation += 1
+        generation = self._view_generation
+        d = self._blocking.run(self._read_view_txn)
+
+        def publish(result: tuple[list[NodeInfo], list[tuple[str, str]]]) -> None:
+            if generation <= self._published_generation or self._stopping:
+                return  # a read that started later has already published
+            self._published_generation = generation
+            nodes, broken = result
+            for name, error in broken:
+                self._log.warn(
+                    "registry: ignoring znode {path}/{name}: {error}",
+                    path=self.path,
+                    name=name,
+                    error=error,
+                )
+            if nodes != self._view:
+                self._view = nodes
+                tell_listeners(self._listeners, nodes, self._log)
+
+        def stale(failure: Failure) -> Failure | None:
+            if generation < self._view_generation or self._stopping:
+                return None  # a read that started later will publish instead
+            return failure
+
+        return d.addCallbacks(publish, stale)
+
+    def _refresh_failed(self, failure: Failure) -> None:
+        self._log.warn(
+            "registry: could not read the live nodes ({error}); retrying",
+            error=failure.getErrorMessage(),
+        )
+        # While disconnected, the CONNECTED state change reads the view again.
+        if not self._stopping and self._refresh_call is None and self._client.connected:
+            self._refresh_call = self._reactor.callLater(RETRY_DELAY, self._children_changed)
+
+    def _state_changed(self, state: str) -> None:
+        if self._stopping:
+            return
+        if state == KazooState.SUSPENDED:
+            self._log.warn(
+                "registry: connection to ZooKeeper lost; still serving while the session "
+                "may be alive (up to {timeout:g} s)",
+                timeout=self.session_timeout,
+            )
+            if self._expiry_call is None:
+                self._expiry_call = self._reactor.callLater(
+                    self.session_timeout, self._presume_expired
+                )
+        elif state == KazooState.LOST:
+            self._cancel_expiry()
+            self._session_epoch += 1
+            if self.local_node is not None:
+                self.accepting = False
+                self._log.error(
+                    "registry: ZooKeeper session expired; node {node_id} is withdrawn and "
+                    "takes no new logins until it registers again",
+                    node_id=self.local_node.node_id,
+                )
+        elif state == KazooState.CONNECTED:
+            self._cancel_expiry()
+            self._log.info("registry: connected to ZooKeeper")
+            self._children_changed()  # changes made while we were away fire no watch
+            if self.local_node is not None:
+                self._reclaim()
+
+    def _cancel_expiry(self) -> None:
+        if self._expiry_call is not None and self._expiry_call.active():
+            self._expiry_call.cancel()
+        self._expiry_call = None
+
+    def _presume_expired(self) -> None:
+        self._expiry_call = None
+        if self.local_node is not None and self.accepting:
+            self.accepting = False
+            self._log.error(
+                "registry: no contact with ZooKeeper for {timeout:g} s, so its session has "
+                "expired; node {node_id} takes no new logins until it registers again",
+                timeout=self.session_timeout,
+                node_id=self.local_node.node_id,
+            )
+
+    def _reclaim(self) -> None:
+        """Make sure our znode exists on the current session (it is gone after LOST)."""
+        if self._reclaim_call is not None and self._reclaim_call.active():
+            self._reclaim_call.cancel()
+        self._reclaim_call = None
+        node = self.local_node
+        if node is None or self._stopping:
+            return
+        epoch = self._session_epoch
+        d = self._blocking.run(lambda: self._claim_txn(node))
+
+        def claimed(_: None) -> None:
+            if self.local_node is not node or epoch != self._session_epoch:
+                return  # withdrawn or lost again meanwhile; the next CONNECTED retries
+            if not self.accepting:
+                self._log.info(
+                    "registry: node {node_id} registered again; taking logins",
+                    node_id=node.node_id,
+                )
+            self.accepting = True
+
+        def failed(failure: Failure) -> None:
+            if self.local_node is not node or self._stopping:
+                return
+            if failure.check(NodeIdTaken):
+                self.accepting = False
+                self._log.critical(
+                    "registry: cannot register again: {error}; this node takes no new logins",
+                    error=failure.getErrorMessage(),
+                )
+                return
+            self._log.warn(
+                "registry: registering node {node_id} again failed ({error}); retrying",
+                node_id=node.node_id,
+                error=failure.getErrorMessage(),
+            )
+            # A lost connection is left to LOST / the expiry timer to judge, and the
+            # next CONNECTED claims again; a failure while connected is retried here.
+            if self._client.connected:
+                self._reclaim_call = self._reactor.callLater(RETRY_DELAY, self._reclaim)
+
+        d.addCallbacks(claimed, failed)
+
+
+def _chain_to(result: object, target: Deferred[None]) -> object:
+    if isinstance(result, Failure):
+        target.errback(result)
+        return None
+    target.callback(None)
+    return result
