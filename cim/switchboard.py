@@ -57,6 +57,26 @@ def kick_code(reason: str) -> cim_pb2.Kicked.Code:
     return _KICK_CODES.get(reason, cim_pb2.Kicked.CODE_UNSPECIFIED)
 
 
+_MEDIA_TYPES = frozenset((cim_pb2.IMAGE, cim_pb2.VOICE, cim_pb2.FILE))
+
+
+def message_problem(message: cim_pb2.Message) -> str | None:
+    """Why a client's msg:R is refused, or None when it is acceptable."""
+    if message.group:
+        return "group messages are not supported by this node"
+    if not message.to:
+        return "a message needs a receiver ('to')"
+    if message.type == SYSTEM:
+        return "system messages come from the server only"
+    if len(message.text) > MAX_TEXT_LENGTH:
+        return f"a message text holds at most {MAX_TEXT_LENGTH} characters"
+    if message.type in _MEDIA_TYPES and not message.media.url:
+        return "an image, voice or file message needs media.url"
+    if message.type == cim_pb2.LOCATION and not message.HasField("location"):
+        return "a location message needs location"
+    return None
+
+
 class ClientSession(Protocol):
     """What the switchboard needs from an authenticated connection."""
 
@@ -166,13 +186,13 @@ class Switchboard:
 
     def message_received(self, session: ClientSession, message: cim_pb2.Message) -> None:
         """msg:R. The sender is the connection's user, whatever the frame claims."""
-        if not message.to or message.type == SYSTEM or len(message.text) > MAX_TEXT_LENGTH:
+        problem = message_problem(message)
+        if problem is not None:
             session.deliver(
                 ERROR,
                 cim_pb2.Error(
                     code=BAD_REQUEST,
-                    message="a message needs a receiver, a user type and at most "
-                    f"{MAX_TEXT_LENGTH} characters",
+                    message=problem,
                     request_type=cim_pb2.MSG_R,
                     client_seq=message.client_seq,
                 ),

@@ -298,21 +298,26 @@ class ChatClient:
 
     def send_text(self, to: str, text: str) -> Deferred[DeliveryOutcome]:
         """Send a text; fires with its outcome once the node says delivered or failed."""
+        return self.send_message(cim_pb2.Message(to=to, text=text))
+
+    def send_message(self, message: cim_pb2.Message) -> Deferred[DeliveryOutcome]:
+        """Send any user message (text, media, location); the library numbers it.
+
+        Fires with the outcome once the node reports it: the Deferred never fails, a
+        message that could not go out ends as a "failed" outcome with a reason.
+        """
         client_seq = self._next_seq
         self._next_seq += 1
+        message.client_seq = client_seq
+        message.client_time_ms = int(self.clock.seconds() * 1000)
         waiter: Deferred[DeliveryOutcome] = Deferred()
+        to = message.to or message.group
         if self.protocol is None:
             outcome = DeliveryOutcome(client_seq, 0, to, "failed", f"not connected ({self.state})")
             self.on_outcome(outcome)
             waiter.callback(outcome)
             return waiter
         self._pending[client_seq] = (waiter, to)
-        message = cim_pb2.Message(
-            to=to,
-            text=text,
-            client_seq=client_seq,
-            client_time_ms=int(self.clock.seconds() * 1000),
-        )
         self.protocol.send(cim_pb2.MSG_R, message)
         return waiter
 

@@ -160,8 +160,42 @@ class LoginResult(_message.Message):
     server_time_ms: int
     def __init__(self, status: _Optional[_Union[LoginResult.Status, str]] = ..., message: _Optional[str] = ..., user: _Optional[str] = ..., device: _Optional[str] = ..., heartbeat_interval_ms: _Optional[int] = ..., heartbeat_timeout_ms: _Optional[int] = ..., node: _Optional[_Union[NodeAddress, _Mapping]] = ..., server_time_ms: _Optional[int] = ...) -> None: ...
 
+class Media(_message.Message):
+    __slots__ = ("url", "size", "mime", "name", "thumbnail_url", "duration_ms", "width", "height", "file_id")
+    URL_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    MIME_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    THUMBNAIL_URL_FIELD_NUMBER: _ClassVar[int]
+    DURATION_MS_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    FILE_ID_FIELD_NUMBER: _ClassVar[int]
+    url: str
+    size: int
+    mime: str
+    name: str
+    thumbnail_url: str
+    duration_ms: int
+    width: int
+    height: int
+    file_id: str
+    def __init__(self, url: _Optional[str] = ..., size: _Optional[int] = ..., mime: _Optional[str] = ..., name: _Optional[str] = ..., thumbnail_url: _Optional[str] = ..., duration_ms: _Optional[int] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., file_id: _Optional[str] = ...) -> None: ...
+
+class Location(_message.Message):
+    __slots__ = ("lat", "lon", "accuracy_m", "name")
+    LAT_FIELD_NUMBER: _ClassVar[int]
+    LON_FIELD_NUMBER: _ClassVar[int]
+    ACCURACY_M_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    lat: float
+    lon: float
+    accuracy_m: float
+    name: str
+    def __init__(self, lat: _Optional[float] = ..., lon: _Optional[float] = ..., accuracy_m: _Optional[float] = ..., name: _Optional[str] = ...) -> None: ...
+
 class Message(_message.Message):
-    __slots__ = ("id", "to", "type", "text", "client_seq", "sent_at_ms", "device", "client_time_ms")
+    __slots__ = ("id", "to", "type", "text", "client_seq", "sent_at_ms", "device", "client_time_ms", "group", "media", "location")
     ID_FIELD_NUMBER: _ClassVar[int]
     FROM_FIELD_NUMBER: _ClassVar[int]
     TO_FIELD_NUMBER: _ClassVar[int]
@@ -171,6 +205,9 @@ class Message(_message.Message):
     SENT_AT_MS_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     CLIENT_TIME_MS_FIELD_NUMBER: _ClassVar[int]
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    MEDIA_FIELD_NUMBER: _ClassVar[int]
+    LOCATION_FIELD_NUMBER: _ClassVar[int]
     id: int
     to: str
     type: MessageType
@@ -179,7 +216,10 @@ class Message(_message.Message):
     sent_at_ms: int
     device: str
     client_time_ms: int
-    def __init__(self, id: _Optional[int] = ..., to: _Optional[str] = ..., type: _Optional[_Union[MessageType, str]] = ..., text: _Optional[str] = ..., client_seq: _Optional[int] = ..., sent_at_ms: _Optional[int] = ..., device: _Optional[str] = ..., client_time_ms: _Optional[int] = ..., **kwargs) -> None: ...
+    group: str
+    media: Media
+    location: Location
+    def __init__(self, id: _Optional[int] = ..., to: _Optional[str] = ..., type: _Optional[_Union[MessageType, str]] = ..., text: _Optional[str] = ..., client_seq: _Optional[int] = ..., sent_at_ms: _Optional[int] = ..., device: _Optional[str] = ..., client_time_ms: _Optional[int] = ..., group: _Optional[str] = ..., media: _Optional[_Union[Media, _Mapping]] = ..., location: _Optional[_Union[Location, _Mapping]] = ..., **kwargs) -> None: ...
 
 class MsgA(_message.Message):
     __slots__ = ("client_seq", "msg_id", "sent_at_ms")

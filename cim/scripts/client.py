@@ -61,21 +61,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def message_json(message: Any) -> str:
-    sent_at = datetime.datetime.fromtimestamp(message.sent_at_ms / 1000, datetime.UTC)
+    """One received message as the JSON object `listen` prints."""
+    from google.protobuf.json_format import MessageToDict
+
     from cim.protocols import cim_pb2
 
-    return json.dumps(
-        {
-            "msg_id": str(message.id),
-            "from": getattr(message, "from"),
-            "to": message.to,
-            "type": cim_pb2.MessageType.Name(message.type).lower(),
-            "text": message.text,
-            "sent_at": sent_at.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
-            "device": message.device,
-        },
-        ensure_ascii=False,
-    )
+    sent_at = datetime.datetime.fromtimestamp(message.sent_at_ms / 1000, datetime.UTC)
+    record: dict[str, Any] = {
+        "msg_id": str(message.id),
+        "from": getattr(message, "from"),
+        "to": message.to,
+        "type": cim_pb2.MessageType.Name(message.type).lower(),
+        "text": message.text,
+        "sent_at": sent_at.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+        "device": message.device,
+    }
+    if message.group:
+        record["group"] = message.group
+    if message.HasField("media"):
+        record["media"] = MessageToDict(message.media, preserving_proto_field_name=True)
+    if message.HasField("location"):
+        record["location"] = MessageToDict(message.location, preserving_proto_field_name=True)
+    return json.dumps(record, ensure_ascii=False)
 
 
 def _password() -> str:
