@@ -21,6 +21,8 @@ class FrameType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ACK_N: _ClassVar[FrameType]
     ONLINE_R: _ClassVar[FrameType]
     ONLINE_A: _ClassVar[FrameType]
+    GROUP_R: _ClassVar[FrameType]
+    GROUP_A: _ClassVar[FrameType]
     KICKED: _ClassVar[FrameType]
     GOING_AWAY: _ClassVar[FrameType]
     ERROR: _ClassVar[FrameType]
@@ -40,6 +42,7 @@ class DeliveryStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     DELIVERED: _ClassVar[DeliveryStatus]
     STORED: _ClassVar[DeliveryStatus]
     FAILED: _ClassVar[DeliveryStatus]
+    ACCEPTED: _ClassVar[DeliveryStatus]
 FRAME_TYPE_UNSPECIFIED: FrameType
 CLIENT_HELLO: FrameType
 HANDSHAKE_ERROR: FrameType
@@ -52,6 +55,8 @@ ACK_A: FrameType
 ACK_N: FrameType
 ONLINE_R: FrameType
 ONLINE_A: FrameType
+GROUP_R: FrameType
+GROUP_A: FrameType
 KICKED: FrameType
 GOING_AWAY: FrameType
 ERROR: FrameType
@@ -65,6 +70,7 @@ DELIVERY_STATUS_UNSPECIFIED: DeliveryStatus
 DELIVERED: DeliveryStatus
 STORED: DeliveryStatus
 FAILED: DeliveryStatus
+ACCEPTED: DeliveryStatus
 
 class ClientHello(_message.Message):
     __slots__ = ("version", "offered_suites", "suite", "client_nonce", "key_fingerprint", "sealed_key")
@@ -272,6 +278,136 @@ class OnlineA(_message.Message):
     total: int
     users: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, total: _Optional[int] = ..., users: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class GroupRequest(_message.Message):
+    __slots__ = ("request_id", "create", "rename", "add", "remove", "leave", "dissolve", "list", "members", "promote")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    CREATE_FIELD_NUMBER: _ClassVar[int]
+    RENAME_FIELD_NUMBER: _ClassVar[int]
+    ADD_FIELD_NUMBER: _ClassVar[int]
+    REMOVE_FIELD_NUMBER: _ClassVar[int]
+    LEAVE_FIELD_NUMBER: _ClassVar[int]
+    DISSOLVE_FIELD_NUMBER: _ClassVar[int]
+    LIST_FIELD_NUMBER: _ClassVar[int]
+    MEMBERS_FIELD_NUMBER: _ClassVar[int]
+    PROMOTE_FIELD_NUMBER: _ClassVar[int]
+    request_id: int
+    create: CreateGroup
+    rename: RenameGroup
+    add: ChangeMembers
+    remove: ChangeMembers
+    leave: GroupRef
+    dissolve: GroupRef
+    list: ListGroups
+    members: GroupRef
+    promote: ChangeMembers
+    def __init__(self, request_id: _Optional[int] = ..., create: _Optional[_Union[CreateGroup, _Mapping]] = ..., rename: _Optional[_Union[RenameGroup, _Mapping]] = ..., add: _Optional[_Union[ChangeMembers, _Mapping]] = ..., remove: _Optional[_Union[ChangeMembers, _Mapping]] = ..., leave: _Optional[_Union[GroupRef, _Mapping]] = ..., dissolve: _Optional[_Union[GroupRef, _Mapping]] = ..., list: _Optional[_Union[ListGroups, _Mapping]] = ..., members: _Optional[_Union[GroupRef, _Mapping]] = ..., promote: _Optional[_Union[ChangeMembers, _Mapping]] = ...) -> None: ...
+
+class CreateGroup(_message.Message):
+    __slots__ = ("name", "members")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    MEMBERS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    members: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., members: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class RenameGroup(_message.Message):
+    __slots__ = ("group", "name")
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    group: str
+    name: str
+    def __init__(self, group: _Optional[str] = ..., name: _Optional[str] = ...) -> None: ...
+
+class ChangeMembers(_message.Message):
+    __slots__ = ("group", "users")
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    USERS_FIELD_NUMBER: _ClassVar[int]
+    group: str
+    users: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, group: _Optional[str] = ..., users: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class GroupRef(_message.Message):
+    __slots__ = ("group",)
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    group: str
+    def __init__(self, group: _Optional[str] = ...) -> None: ...
+
+class ListGroups(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class GroupInfo(_message.Message):
+    __slots__ = ("id", "name", "owner", "admins", "member_count", "created_at_ms")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    OWNER_FIELD_NUMBER: _ClassVar[int]
+    ADMINS_FIELD_NUMBER: _ClassVar[int]
+    MEMBER_COUNT_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_MS_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    name: str
+    owner: str
+    admins: _containers.RepeatedScalarFieldContainer[str]
+    member_count: int
+    created_at_ms: int
+    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., owner: _Optional[str] = ..., admins: _Optional[_Iterable[str]] = ..., member_count: _Optional[int] = ..., created_at_ms: _Optional[int] = ...) -> None: ...
+
+class GroupMember(_message.Message):
+    __slots__ = ("user", "role")
+    USER_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    user: str
+    role: str
+    def __init__(self, user: _Optional[str] = ..., role: _Optional[str] = ...) -> None: ...
+
+class GroupAnswer(_message.Message):
+    __slots__ = ("request_id", "ok", "error", "message", "group", "groups", "members")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    OK_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    GROUPS_FIELD_NUMBER: _ClassVar[int]
+    MEMBERS_FIELD_NUMBER: _ClassVar[int]
+    request_id: int
+    ok: bool
+    error: str
+    message: str
+    group: GroupInfo
+    groups: _containers.RepeatedCompositeFieldContainer[GroupInfo]
+    members: _containers.RepeatedCompositeFieldContainer[GroupMember]
+    def __init__(self, request_id: _Optional[int] = ..., ok: _Optional[bool] = ..., error: _Optional[str] = ..., message: _Optional[str] = ..., group: _Optional[_Union[GroupInfo, _Mapping]] = ..., groups: _Optional[_Iterable[_Union[GroupInfo, _Mapping]]] = ..., members: _Optional[_Iterable[_Union[GroupMember, _Mapping]]] = ...) -> None: ...
+
+class BusEnvelope(_message.Message):
+    __slots__ = ("origin_node", "deliver", "outcome")
+    ORIGIN_NODE_FIELD_NUMBER: _ClassVar[int]
+    DELIVER_FIELD_NUMBER: _ClassVar[int]
+    OUTCOME_FIELD_NUMBER: _ClassVar[int]
+    origin_node: str
+    deliver: BusDelivery
+    outcome: BusOutcome
+    def __init__(self, origin_node: _Optional[str] = ..., deliver: _Optional[_Union[BusDelivery, _Mapping]] = ..., outcome: _Optional[_Union[BusOutcome, _Mapping]] = ...) -> None: ...
+
+class BusDelivery(_message.Message):
+    __slots__ = ("message", "receivers", "sender_device")
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    RECEIVERS_FIELD_NUMBER: _ClassVar[int]
+    SENDER_DEVICE_FIELD_NUMBER: _ClassVar[int]
+    message: Message
+    receivers: _containers.RepeatedScalarFieldContainer[str]
+    sender_device: str
+    def __init__(self, message: _Optional[_Union[Message, _Mapping]] = ..., receivers: _Optional[_Iterable[str]] = ..., sender_device: _Optional[str] = ...) -> None: ...
+
+class BusOutcome(_message.Message):
+    __slots__ = ("sender", "sender_device", "ack")
+    SENDER_FIELD_NUMBER: _ClassVar[int]
+    SENDER_DEVICE_FIELD_NUMBER: _ClassVar[int]
+    ACK_FIELD_NUMBER: _ClassVar[int]
+    sender: str
+    sender_device: str
+    ack: AckN
+    def __init__(self, sender: _Optional[str] = ..., sender_device: _Optional[str] = ..., ack: _Optional[_Union[AckN, _Mapping]] = ...) -> None: ...
 
 class Kicked(_message.Message):
     __slots__ = ("reason", "code")
