@@ -310,10 +310,24 @@ class RegistryConfig:
 @dataclass(frozen=True)
 class QueueConfig:
     section: ClassVar[str] = "queue"
-    backend: str = _opt("memory", parse_str, choices=("memory",))
+    backend: str = _opt("memory", parse_str, choices=("memory", "rabbitmq"))
+    amqp_url: str = _opt("amqp://guest:guest@127.0.0.1:5672/%2F", parse_str)
+    confirm_timeout: float = _opt(5.0, parse_duration, minimum=0.1)
+    exchange: str = _opt("cim.nodes", parse_str)
 
     def validate(self) -> None:
-        pass
+        if not self.amqp_url.startswith(("amqp://", "amqps://")):
+            raise ConfigError(
+                "queue",
+                "amqp_url",
+                _hide_password(self.amqp_url),
+                "expected amqp://user:pass@host/vhost",
+            )
+
+
+def _hide_password(url: str) -> str:
+    """URLs in error messages and logs never show a password."""
+    return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
 
 
 @dataclass(frozen=True)

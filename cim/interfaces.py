@@ -141,3 +141,36 @@ class INodeRegistry(Interface):
 
     def add_listener(listener: Callable[[list[NodeInfo]], None]) -> None:
         """Called on the reactor thread with the new view whenever it changes."""
+
+
+class BusUnavailable(Exception):
+    """The bus did not take a message (broker down, or no confirm in time)."""
+
+
+BusConsumer = Callable[[bytes], "Deferred[None] | None"]
+"""Receives one message; the bus acknowledges it when the result fires (or at once)."""
+
+
+class IMessageBus(Interface):
+    """Node-to-node delivery: each node consumes its own queue, keyed by node id."""
+
+    def start() -> Deferred[None]:
+        """Connect; fails (BusUnavailable) if the broker cannot be reached at start."""
+
+    def stop() -> Deferred[None]:
+        """Stop consuming and disconnect."""
+
+    def publish(node_id: str, payload: bytes) -> Deferred[None]:
+        """Queue payload for node_id; fires once the bus holds it durably.
+
+        Fails with BusUnavailable when the broker is unreachable or does not confirm
+        within the configured time: the caller then treats the message as not
+        forwarded (never as silently sent).
+        """
+
+    def consume(node_id: str, consumer: BusConsumer) -> None:
+        """Deliver the messages queued for node_id to consumer, surviving reconnects.
+
+        A message is acknowledged to the broker only after consumer's Deferred
+        fires; if it fails or the node dies first, the broker delivers it again.
+        """
