@@ -284,6 +284,7 @@ class StateConfig:
     redis_url: str = _opt("redis://127.0.0.1:6379/0", parse_str)
     redis_timeout: float = _opt(5.0, parse_duration, minimum=0.1)
     route_ttl: float = _opt(60.0, parse_duration, minimum=3)
+    dedup_window: float = _opt(600.0, parse_duration, minimum=60)
 
     def validate(self) -> None:
         if not self.redis_url.startswith(("redis://", "unix://")):

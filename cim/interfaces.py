@@ -42,6 +42,20 @@ class NodeInfo:
     """The node's RSA public key (SubjectPublicKeyInfo DER), handed to clients at login."""
 
 
+@dataclass(frozen=True)
+class MessageReceipt:
+    """What the node answered for one sender message, kept to answer retries the same.
+
+    status is a cim_pb2.DeliveryStatus value; 0 (unspecified) while the outcome is
+    still open.
+    """
+
+    msg_id: int
+    sent_at_ms: int
+    status: int = 0
+    reason: str = ""
+
+
 class AlreadyLoggedIn(Exception):
     """duplicate_login = refuse_new and the user has a connected session."""
 
@@ -92,6 +106,9 @@ class IStateStore(Interface):
     def route(user: str) -> Deferred[str | None]:
         """The node id the user is connected to, or None when offline."""
 
+    def routes(users: list[str]) -> Deferred[dict[str, str]]:
+        """The node id of each online user among users (offline ones are left out)."""
+
     def online_users(offset: int, limit: int) -> Deferred[tuple[int, list[str]]]:
         """(total online, a page of user names sorted by name)."""
 
@@ -107,6 +124,21 @@ class IStateStore(Interface):
         Also rewrites sessions, routes and online entries the backend lost (a Redis
         restart), so connected users stay reachable without reconnecting.
         """
+
+    def remember_message(
+        sender: str, device: str, client_seq: int, msg_id: int, sent_at_ms: int
+    ) -> Deferred[MessageReceipt | None]:
+        """Atomically claim (sender, device, client_seq) for msg_id.
+
+        None: the first time; the caller delivers. A receipt: a retry of a message
+        already taken; the caller answers with the receipt's id (and outcome, once
+        known) and does not deliver again. Kept for the dedup window, on every node.
+        """
+
+    def record_outcome(
+        sender: str, device: str, client_seq: int, status: int, reason: str
+    ) -> Deferred[None]:
+        """The final outcome of a remembered message, for answering later retries."""
 
     def start() -> Deferred[None] | None:
         """Connect / begin housekeeping."""

@@ -82,6 +82,39 @@ class StateStoreContract(_ContractBase):
             return
         self.fail(f"expected {exception.__name__}")
 
+    # --- sent-message receipts (dedup of retried msg:R) --------------------------------
+
+    async def test_remember_message_claims_once_per_sender_device_sequence(self) -> None:
+        self.assertIsNone(await self.store.remember_message("alice", "phone", 7, 1001, 55))
+        again = await self.store.remember_message("alice", "phone", 7, 2002, 66)
+        assert again is not None
+        self.assertEqual((again.msg_id, again.sent_at_ms, again.status), (1001, 55, 0))
+        # Another device or another sequence is another message.
+        self.assertIsNone(await self.store.remember_message("alice", "tablet", 7, 3003, 77))
+        self.assertIsNone(await self.store.remember_message("alice", "phone", 8, 4004, 88))
+        # Names cannot be combined into someone else's key.
+        self.assertIsNone(await self.store.remember_message("alice:phone", "", 7, 5005, 99))
+
+    async def test_routes_of_many_users(self) -> None:
+        alice, _ = await self.login("t1", "alice", node="n1")
+        bob, _ = await self.login("t2", "bob", node="n2")
+        await self.store.mark_online(alice)
+        await self.store.mark_online(bob)
+        self.assertEqual(
+            await self.store.routes(["alice", "bob", "carol"]), {"alice": "n1", "bob": "n2"}
+        )
+        self.assertEqual(await self.store.routes([]), {})
+
+    async def test_outcome_is_kept_for_retries(self) -> None:
+        await self.store.remember_message("alice", "phone", 1, 1001, 55)
+        await self.store.record_outcome("alice", "phone", 1, 1, "")
+        receipt = await self.store.remember_message("alice", "phone", 1, 9, 9)
+        assert receipt is not None
+        self.assertEqual((receipt.msg_id, receipt.status), (1001, 1))
+        # An outcome for a message never remembered is ignored.
+        await self.store.record_outcome("bob", "phone", 1, 1, "")
+        self.assertIsNone(await self.store.remember_message("bob", "phone", 1, 7, 7))
+
     # --- sessions ---------------------------------------------------------------------
 
     async def test_provides_interface(self) -> None:

@@ -447,10 +447,12 @@ class Error(_message.Message):
         BAD_REQUEST: _ClassVar[Error.Code]
         RATE_LIMITED: _ClassVar[Error.Code]
         INTERNAL: _ClassVar[Error.Code]
+        UNAVAILABLE: _ClassVar[Error.Code]
     CODE_UNSPECIFIED: Error.Code
     BAD_REQUEST: Error.Code
     RATE_LIMITED: Error.Code
     INTERNAL: Error.Code
+    UNAVAILABLE: Error.Code
     CODE_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     REQUEST_TYPE_FIELD_NUMBER: _ClassVar[int]

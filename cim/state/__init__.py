@@ -29,7 +29,13 @@ def make_state_store(config: StateConfig, reactor: Any) -> IStateStore:
     if config.backend == "redis":
         from cim.state.redis import RedisStateStore
 
-        return RedisStateStore(reactor, config.redis_url, config.redis_timeout, config.route_ttl)
+        return RedisStateStore(
+            reactor,
+            config.redis_url,
+            config.redis_timeout,
+            config.route_ttl,
+            dedup_window=config.dedup_window,
+        )
     from cim.state.memory import MemoryStateStore
 
-    return MemoryStateStore(reactor)
+    return MemoryStateStore(reactor, dedup_window=config.dedup_window)

@@ -16,7 +16,13 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from cim.interfaces import AlreadyLoggedIn, IStateStore, SessionEndedListener, SessionRecord
+from cim.interfaces import (
+    AlreadyLoggedIn,
+    IStateStore,
+    MessageReceipt,
+    SessionEndedListener,
+    SessionRecord,
+)
 
 REASON_LOGGED_IN_ELSEWHERE = "logged in elsewhere"
 REASON_LOGGED_OUT = "logged out"
@@ -37,9 +43,17 @@ class MemoryStateStore:
 
     _log = Logger()
 
-    def __init__(self, clock: IReactorTime, prune_interval: float = 60.0) -> None:
+    def __init__(
+        self, clock: IReactorTime, prune_interval: float = 60.0, dedup_window: float = 600.0
+    ) -> None:
         self._clock = clock
         self._prune_interval = prune_interval
+        self._dedup_window = dedup_window
+        # (sender, device, client_seq) -> (receipt, forget at); insertion order is
+        # time order, so forgetting pops from the front.
+        self._receipts: OrderedDict[tuple[str, str, int], tuple[MessageReceipt, float]] = (
+            OrderedDict()
+        )
         self._sessions: dict[str, SessionRecord] = {}
         self._token_hash_by_user: dict[str, str] = {}
         self._online: dict[str, SessionRecord] = {}
@@ -65,6 +79,12 @@ class MemoryStateStore:
     def prune_expired(self) -> int:
         """End every session past its expiry; returns how many ended."""
         now = self._clock.seconds()
+        receipts = self._receipts
+        while receipts:
+            key, (_, forget_at) = next(iter(receipts.items()))
+            if forget_at > now:
+                break
+            del receipts[key]
         ended = 0
         for ttl in list(self._expiry_queues):
             queue = self._expiry_queues.get(ttl)
@@ -77,6 +97,31 @@ class MemoryStateStore:
         return ended
 
     # --- IStateStore ------------------------------------------------------------------
+
+    def remember_message(
+        self, sender: str, device: str, client_seq: int, msg_id: int, sent_at_ms: int
+    ) -> Deferred[MessageReceipt | None]:
+        key = (sender, device, client_seq)
+        known = self._receipts.get(key)
+        if known is not None and known[1] > self._clock.seconds():
+            return defer.succeed(known[0])
+        forget_at = self._clock.seconds() + self._dedup_window
+        self._receipts[key] = (MessageReceipt(msg_id, sent_at_ms), forget_at)
+        self._receipts.move_to_end(key)
+        return defer.succeed(None)
+
+    def record_outcome(
+        self, sender: str, device: str, client_seq: int, status: int, reason: str
+    ) -> Deferred[None]:
+        key = (sender, device, client_seq)
+        known = self._receipts.get(key)
+        if known is not None:
+            receipt, forget_at = known
+            self._receipts[key] = (
+                MessageReceipt(receipt.msg_id, receipt.sent_at_ms, status, reason),
+                forget_at,
+            )
+        return defer.succeed(None)
 
     def create_session(
         self,
@@ -153,6 +198,10 @@ class MemoryStateStore:
     def route(self, user: str) -> Deferred[str | None]:
         online = self._online.get(user)
         return defer.succeed(online.node_id if online is not None else None)
+
+    def routes(self, users: list[str]) -> Deferred[dict[str, str]]:
+        online = self._online
+        return defer.succeed({user: online[user].node_id for user in users if user in online})
 
     def online_users(self, offset: int, limit: int) -> Deferred[tuple[int, list[str]]]:
         if offset < 0 or limit < 0:

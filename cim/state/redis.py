@@ -63,6 +63,7 @@ from zope.interface import implementer
 from cim.interfaces import (
     AlreadyLoggedIn,
     IStateStore,
+    MessageReceipt,
     SessionEndedListener,
     SessionRecord,
     StateUnavailable,
@@ -629,6 +630,35 @@ return {total, redis.call('ZRANGE', p .. 'online', offset, offset + limit - 1)}
 """)
 
 # ARGV: prefix. Returns node, count, node, count, ...
+# ARGV: prefix, user... Returns each user's node, or false when offline.
+_ROUTES = _script("""
+local nodes = {}
+for i = 2, #ARGV do
+  nodes[i - 1] = redis.call('HGET', p .. 'route:' .. ARGV[i], 'node')
+end
+return nodes
+""")
+
+# ARGV: prefix, key suffix, msg_id, sent_at_ms, ttl (ms). Returns nil the first time,
+# else {msg_id, sent_at_ms, status, reason}.
+_REMEMBER = _script("""
+local key = p .. 'sent:' .. ARGV[2]
+local known = redis.call('HMGET', key, 'msg_id', 'sent_at_ms', 'status', 'reason')
+if known[1] then return known end
+redis.call('HSET', key, 'msg_id', ARGV[3], 'sent_at_ms', ARGV[4], 'status', '0', 'reason', '')
+redis.call('PEXPIRE', key, ARGV[5])
+return nil
+""")
+
+# ARGV: prefix, key suffix, status, reason.
+_OUTCOME = _script("""
+local key = p .. 'sent:' .. ARGV[2]
+if redis.call('EXISTS', key) == 1 then
+  redis.call('HSET', key, 'status', ARGV[3], 'reason', ARGV[4])
+end
+return 1
+""")
+
 _COUNT_BY_NODE = _script("""
 local clock = int(now_ms())
 local out = {}
@@ -668,8 +698,10 @@ class RedisStateStore:
         sweep_interval: float | None = None,
         reconnect_delay: float = 0.2,
         max_reconnect_delay: float = 5.0,
+        dedup_window: float = 600.0,
     ) -> None:
         self._reactor = reactor
+        self._dedup_window = dedup_window
         self._clock: IReactorTime = clock if clock is not None else reactor
         self._address = parse_redis_url(redis_url)
         self._timeout = reply_timeout
@@ -847,6 +879,16 @@ class RedisStateStore:
     def route(self, user: str) -> Deferred[str | None]:
         return self._command("HGET", self._prefix + "route:" + user, "node")
 
+    def routes(self, users: list[str]) -> Deferred[dict[str, str]]:
+        if not users:
+            return defer.succeed({})
+        d = self._eval(_ROUTES, *users)
+
+        def pair(nodes: list[Any]) -> dict[str, str]:
+            return {user: node for user, node in zip(users, nodes, strict=True) if node}
+
+        return d.addCallback(pair)
+
     def online_users(self, offset: int, limit: int) -> Deferred[tuple[int, list[str]]]:
         if offset < 0 or limit < 0:
             return defer.fail(ValueError("offset and limit must not be negative"))
@@ -861,6 +903,31 @@ class RedisStateStore:
 
     def add_session_ended_listener(self, listener: SessionEndedListener) -> None:
         self._listeners.append(listener)
+
+    def remember_message(
+        self, sender: str, device: str, client_seq: int, msg_id: int, sent_at_ms: int
+    ) -> Deferred[MessageReceipt | None]:
+        d = self._eval(
+            _REMEMBER,
+            _sent_key(sender, device, client_seq),
+            str(msg_id),
+            str(sent_at_ms),
+            str(int(self._dedup_window * 1000)),
+        )
+
+        def receipt(reply: list[Any] | None) -> MessageReceipt | None:
+            if not reply:
+                return None
+            msg, sent_at, status, reason = reply
+            return MessageReceipt(int(msg), int(sent_at), int(status or 0), reason or "")
+
+        return d.addCallback(receipt)
+
+    def record_outcome(
+        self, sender: str, device: str, client_seq: int, status: int, reason: str
+    ) -> Deferred[None]:
+        d = self._eval(_OUTCOME, _sent_key(sender, device, client_seq), str(status), reason)
+        return d.addCallback(lambda _: None)
 
     def refresh_sessions(self, node_id: str, records: list[SessionRecord]) -> Deferred[None]:
         """Extend routes and rewrite what Redis lost, in batches of one script each.
@@ -1024,6 +1091,11 @@ class RedisStateStore:
             return failure
 
         return d.addErrback(load).addErrback(_unavailable)
+
+
+def _sent_key(sender: str, device: str, client_seq: int) -> str:
+    # Lengths first, so no user or device name can make two triples collide.
+    return f"{len(sender)}:{sender}:{len(device)}:{device}:{client_seq}"
 
 
 def _ping(protocol: Any) -> Deferred[Any]:
