@@ -254,16 +254,40 @@ class LogicConfig:
             )
 
 
+def parse_base_url(raw: str) -> str:
+    """An http(s) base URL without a trailing slash, or empty for "derive it"."""
+    url = raw.strip().rstrip("/")
+    if not url:
+        return ""
+    if not re.fullmatch(r"https?://[^\s/?#]+(/[^\s?#]*)?", url):
+        raise ValueError("expected a base URL such as https://files.example.com")
+    return url
+
+
 @dataclass(frozen=True)
 class FilesConfig:
     section: ClassVar[str] = "files"
     enabled: bool = _opt(False, parse_bool)
     listen: str = _opt("tcp:8082:interface=127.0.0.1", parse_endpoint)
+    public_url: str = _opt("", parse_base_url)
+    storage_dir: str = _opt("", parse_str)
+    url_key: str = _opt("", parse_str)
+    url_ttl: float = _opt(7 * 86400.0, parse_duration, minimum=60)
+    max_file_size: int = _opt(1 << 30, parse_size, minimum=1)
+    chunk_size: int = _opt(1 << 20, parse_size, minimum=64 << 10, maximum=64 << 20)
+    user_quota: int = _opt(10 << 30, parse_size, minimum=0)
+    upload_expiry: float = _opt(86400.0, parse_duration, minimum=60)
+    thumbnail_size: int = _opt(256, parse_int, minimum=16, maximum=4096)
+    max_image_pixels: int = _opt(100_000_000, parse_int, minimum=1024, maximum=1 << 31)
+    threads: int = _opt(4, parse_int, minimum=1, maximum=64)
 
     def validate(self) -> None:
-        if self.enabled:
+        if self.enabled and not self.public_url and not self.listen.startswith(("tcp:", "ssl:")):
             raise ConfigError(
-                "files", "enabled", "true", "the file service is not part of this release yet"
+                "files",
+                "public_url",
+                "",
+                f"set it: it cannot be derived from listen = {self.listen!r}",
             )
 
 

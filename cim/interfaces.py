@@ -140,6 +140,9 @@ class IStateStore(Interface):
     ) -> Deferred[None]:
         """The final outcome of a remembered message, for answering later retries."""
 
+    def next_group_seq(group: str) -> Deferred[int]:
+        """The group's next message number (1, 2, 3, ...), shared by every node."""
+
     def start() -> Deferred[None] | None:
         """Connect / begin housekeeping."""
 

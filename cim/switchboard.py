@@ -8,21 +8,36 @@ frame, then calls one method here; everything the switchboard says goes back thr
 The flow is the design's six packets: msg:R from the sender is answered at once with
 msg:A (the node took it and gave it a server id); msg:N goes to the receiver; the
 receiver's ack:R is answered with ack:A and the sender is told with ack:N.
+
+A receiver connected to another node is reached over the bus (its route says which
+node); its ack comes back the same way to whichever node the sender is on. Every
+msg:R is first claimed in the state store under (sender, device, client sequence), so
+a retry, even one arriving on another node or after a restart, gets the same msg:A
+and is not delivered as a second message.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from google.protobuf.message import Message as ProtobufMessage
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from cim.interfaces import IStateStore, SessionRecord, StateUnavailable
+from cim.interfaces import (
+    BusUnavailable,
+    IMessageBus,
+    IStateStore,
+    MessageReceipt,
+    SessionRecord,
+    StateUnavailable,
+)
 from cim.message_ids import MessageIdGenerator
 from cim.metrics import NodeMetrics
 from cim.protocols import cim_pb2
@@ -35,10 +50,20 @@ ONLINE_A = cim_pb2.ONLINE_A
 ERROR = cim_pb2.ERROR
 DELIVERED = cim_pb2.DELIVERED
 FAILED = cim_pb2.FAILED
+ACCEPTED = cim_pb2.ACCEPTED
+GROUP_A = cim_pb2.GROUP_A
+UNAVAILABLE = cim_pb2.Error.UNAVAILABLE
 SYSTEM = cim_pb2.SYSTEM
 BAD_REQUEST = cim_pb2.Error.BAD_REQUEST
 
 MAX_TEXT_LENGTH = 16384
+FANOUT_SLICE = 100
+"""Group deliveries made per reactor turn, so a big group does not stall other users."""
+
+REASON_RECEIVER_OFFLINE = "the receiver is offline"
+REASON_NO_SUCH_USER = "no such user"
+REASON_RECEIVER_LEFT = "the receiver disconnected before acknowledging"
+REASON_FORWARD_FAILED = "the receiver's node could not be reached"
 MAX_ONLINE_PAGE = 1000
 DEFAULT_ONLINE_PAGE = 100
 
@@ -62,10 +87,10 @@ _MEDIA_TYPES = frozenset((cim_pb2.IMAGE, cim_pb2.VOICE, cim_pb2.FILE))
 
 def message_problem(message: cim_pb2.Message) -> str | None:
     """Why a client's msg:R is refused, or None when it is acceptable."""
-    if message.group:
-        return "group messages are not supported by this node"
-    if not message.to:
-        return "a message needs a receiver ('to')"
+    if message.group and message.to:
+        return "a message goes to a user ('to') or a group ('group'), not both"
+    if not message.to and not message.group:
+        return "a message needs a receiver ('to') or a group ('group')"
     if message.type == SYSTEM:
         return "system messages come from the server only"
     if len(message.text) > MAX_TEXT_LENGTH:
@@ -92,11 +117,24 @@ class ClientSession(Protocol):
 UserExists = Callable[[str], "Deferred[bool]"]
 
 
+class GroupMembership(Protocol):
+    """What the switchboard needs from the group directory (cim.groups)."""
+
+    def is_member(self, group: str, user: str) -> Deferred[bool]: ...
+
+    def member_names(self, group: str) -> Deferred[list[str]]: ...
+
+    def answer(
+        self, actor: str, request: cim_pb2.GroupRequest
+    ) -> Deferred[cim_pb2.GroupAnswer]: ...
+
+
 @dataclass(slots=True)
 class _Pending:
-    """A msg:N sent and not yet acknowledged by its receiver."""
+    """A 1:1 msg:N sent here and not yet acknowledged by its receiver."""
 
     sender: str
+    sender_device: str
     client_seq: int
     receiver: str
 
@@ -112,6 +150,8 @@ class Switchboard:
         clock: IReactorTime,
         metrics: NodeMetrics,
         message_ids: MessageIdGenerator,
+        bus: IMessageBus | None = None,
+        groups: GroupMembership | None = None,
     ) -> None:
         self.node_id = node_id
         self._state = state
@@ -119,11 +159,18 @@ class Switchboard:
         self._clock = clock
         self._metrics = metrics
         self._ids = message_ids
+        self._bus = bus
+        self._groups = groups
         self._sessions: dict[str, ClientSession] = {}
-        self._pending: dict[int, _Pending] = {}
-        # receiver -> ids of its unacknowledged msg:N, to settle them when it leaves.
+        # (msg_id, receiver) -> who to tell when the receiver acknowledges.
+        self._pending: dict[tuple[int, str], _Pending] = {}
+        # receiver -> its unacknowledged msg ids, to settle them when it leaves.
         self._pending_by_receiver: dict[str, set[int]] = {}
+        # Group messages fan out one after another per group, in server-id order.
+        self._fanout_queues: dict[str, deque[cim_pb2.Message]] = {}
         state.add_session_ended_listener(self._session_ended)
+        if bus is not None:
+            bus.consume(node_id, self.bus_message_received)
 
     # --- sessions ---------------------------------------------------------------------
 
@@ -155,7 +202,7 @@ class Switchboard:
         if self._sessions.get(user) is not session:
             return
         del self._sessions[user]
-        self._fail_pending_for(user, "the receiver disconnected before acknowledging")
+        self._fail_pending_for(user, REASON_RECEIVER_LEFT)
         self._background(self._state.mark_offline(session.record), "mark offline")
 
     def _session_ended(self, record: SessionRecord, reason: str) -> None:
@@ -182,21 +229,13 @@ class Switchboard:
         for session in list(self._sessions.values()):
             session.going_away(reason, reconnect_after_ms)
 
-    # --- messages ---------------------------------------------------------------------
+    # --- messages from clients --------------------------------------------------------
 
     def message_received(self, session: ClientSession, message: cim_pb2.Message) -> None:
         """msg:R. The sender is the connection's user, whatever the frame claims."""
         problem = message_problem(message)
         if problem is not None:
-            session.deliver(
-                ERROR,
-                cim_pb2.Error(
-                    code=BAD_REQUEST,
-                    message=problem,
-                    request_type=cim_pb2.MSG_R,
-                    client_seq=message.client_seq,
-                ),
-            )
+            self._refuse(session, message.client_seq, BAD_REQUEST, problem)
             return
         record = session.record
         msg_id = self._ids.next_id()
@@ -205,71 +244,371 @@ class Switchboard:
         setattr(message, "from", record.user)
         message.device = record.device
         message.sent_at_ms = sent_at_ms
-        session.deliver(
-            MSG_A, cim_pb2.MsgA(client_seq=message.client_seq, msg_id=msg_id, sent_at_ms=sent_at_ms)
+        if message.group:
+            d = self._check_member(message.group, record.user)
+            d.addCallback(self._claim, session, message)
+        else:
+            d = self._claim(True, session, message)  # the hot path: no extra Deferred
+        d.addErrback(self._claim_failed, session, message.client_seq)
+
+    def _check_member(self, group: str, user: str) -> Deferred[bool]:
+        if self._groups is None:
+            return succeed(False)
+        return self._groups.is_member(group, user)
+
+    def _claim(self, member: bool, session: ClientSession, message: cim_pb2.Message) -> Any:
+        if not member:
+            self._refuse(
+                session, message.client_seq, BAD_REQUEST, "only members can post to a group"
+            )
+            return succeed(None)
+        record = session.record
+        d = self._state.remember_message(
+            record.user, record.device, message.client_seq, message.id, message.sent_at_ms
         )
-        receiver = self._sessions.get(message.to)
-        if receiver is not None:
-            self._pending[msg_id] = _Pending(record.user, message.client_seq, message.to)
-            self._pending_by_receiver.setdefault(message.to, set()).add(msg_id)
-            receiver.deliver(MSG_N, message)
+        d.addCallback(self._claimed, session, message)
+        return d
+
+    def _claimed(
+        self, receipt: MessageReceipt | None, session: ClientSession, message: cim_pb2.Message
+    ) -> None:
+        if receipt is not None:
+            # A retry: the same id as the first time, and never a second message.
+            message.id = receipt.msg_id
+            message.sent_at_ms = receipt.sent_at_ms
+        session.deliver(
+            MSG_A,
+            cim_pb2.MsgA(
+                client_seq=message.client_seq, msg_id=message.id, sent_at_ms=message.sent_at_ms
+            ),
+        )
+        if receipt is not None and receipt.status:
+            self._tell_sender(
+                session.record.user,
+                session.record.device,
+                cim_pb2.AckN(
+                    msg_id=message.id,
+                    client_seq=message.client_seq,
+                    status=receipt.status,  # type: ignore[arg-type]
+                    reason=receipt.reason,
+                    to=message.to or message.group,
+                ),
+            )
             return
-        self._receiver_not_here(record.user, message)
+        if message.group:
+            if receipt is None:
+                d = self._state.next_group_seq(message.group)
+                d.addCallback(self._numbered, session, message)
+                d.addErrback(self._claim_failed, session, message.client_seq)
+            return
+        # First time, or a retry whose outcome is still open (the node that held it may
+        # have died): deliver (again). The receiver's client drops a duplicate by id.
+        self._route(message, session.record.device)
 
-    def _receiver_not_here(self, sender: str, message: cim_pb2.Message) -> None:
-        msg_id, client_seq, to = message.id, message.client_seq, message.to
+    def _claim_failed(self, failure: Failure, session: ClientSession, client_seq: int) -> None:
+        if failure.check(StateUnavailable):
+            self._refuse(
+                session, client_seq, UNAVAILABLE, "the node cannot take messages right now; retry"
+            )
+            return
+        self._log_failure(failure, "take a message")
+        self._refuse(session, client_seq, cim_pb2.Error.INTERNAL, "the node failed to take it")
 
+    def _refuse(self, session: ClientSession, client_seq: int, code: Any, text: str) -> None:
+        session.deliver(
+            ERROR,
+            cim_pb2.Error(
+                code=code, message=text, request_type=cim_pb2.MSG_R, client_seq=client_seq
+            ),
+        )
+
+    # --- one-to-one routing -----------------------------------------------------------
+
+    def _route(self, message: cim_pb2.Message, sender_device: str) -> None:
+        receiver = message.to
+        if receiver in self._sessions:
+            self._deliver_here(message, sender_device, receiver)
+            return
+        if self._bus is None:
+            self._receiver_not_here(message, sender_device)
+            return
+        d = self._state.route(receiver)
+        d.addCallback(self._routed, message, sender_device)
+        d.addErrback(self._forward_failed, message, sender_device)
+
+    def _routed(self, node: str | None, message: cim_pb2.Message, sender_device: str) -> Any:
+        if node is None or node == self.node_id:
+            self._receiver_not_here(message, sender_device)
+            return None
+        return self._forward(node, message, [message.to], sender_device)
+
+    def _forward(
+        self, node: str, message: cim_pb2.Message, receivers: list[str], sender_device: str
+    ) -> Deferred[None]:
+        assert self._bus is not None
+        envelope = cim_pb2.BusEnvelope(
+            origin_node=self.node_id,
+            deliver=cim_pb2.BusDelivery(
+                message=message, receivers=receivers, sender_device=sender_device
+            ),
+        )
+        self._metrics.messages["forwarded"] += 1
+        return self._bus.publish(node, envelope.SerializeToString())
+
+    def _forward_failed(
+        self, failure: Failure, message: cim_pb2.Message, sender_device: str
+    ) -> None:
+        failure.trap(BusUnavailable, StateUnavailable)
+        self.log.warn(
+            "could not forward message {id} to {to}: {why}",
+            id=message.id,
+            to=message.to,
+            why=failure.getErrorMessage(),
+        )
+        self._settle(message, sender_device, FAILED, REASON_FORWARD_FAILED)
+
+    def _deliver_here(self, message: cim_pb2.Message, sender_device: str, receiver: str) -> None:
+        key = (message.id, receiver)
+        if key in self._pending:
+            return  # a retry while the receiver still holds it unacknowledged here
+        self._pending[key] = _Pending(
+            getattr(message, "from"), sender_device, message.client_seq, receiver
+        )
+        self._pending_by_receiver.setdefault(receiver, set()).add(message.id)
+        self._sessions[receiver].deliver(MSG_N, message)
+
+    def _receiver_not_here(self, message: cim_pb2.Message, sender_device: str) -> None:
         def decided(exists: bool) -> None:
-            reason = "the receiver is offline" if exists else "no such user"
-            self._metrics.messages["failed"] += 1
-            self._tell_sender(sender, msg_id, client_seq, to, FAILED, reason)
+            reason = REASON_RECEIVER_OFFLINE if exists else REASON_NO_SUCH_USER
+            self._settle(message, sender_device, FAILED, reason)
 
-        d = self._user_exists(to)
+        d = self._user_exists(message.to)
         d.addCallback(decided)
         d.addErrback(self._log_failure, "look up the receiver")
+
+    def _settle(
+        self, message: cim_pb2.Message, sender_device: str, status: Any, reason: str
+    ) -> None:
+        """A 1:1 message's final outcome: remember it and tell the sender."""
+        self._metrics.messages["delivered" if status == DELIVERED else "failed"] += 1
+        self._tell_sender(
+            getattr(message, "from"),
+            sender_device,
+            cim_pb2.AckN(
+                msg_id=message.id,
+                client_seq=message.client_seq,
+                status=status,
+                reason=reason,
+                to=message.to,
+            ),
+        )
 
     def ack_received(self, session: ClientSession, ack: cim_pb2.AckR) -> None:
         """ack:R. Only the message's receiver can acknowledge it."""
         user = session.record.user
-        pending = self._pending.get(ack.msg_id)
         session.deliver(ACK_A, cim_pb2.AckA(msg_id=ack.msg_id))
-        if pending is None or pending.receiver != user:
-            return
-        del self._pending[ack.msg_id]
-        waiting = self._pending_by_receiver.get(user)
-        if waiting is not None:
-            waiting.discard(ack.msg_id)
-            if not waiting:
-                del self._pending_by_receiver[user]
+        pending = self._pending.pop((ack.msg_id, user), None)
+        if pending is None:
+            return  # a group message, a duplicate ack, or someone else's message
+        self._forget_pending(user, ack.msg_id)
         self._metrics.messages["delivered"] += 1
-        self._tell_sender(pending.sender, ack.msg_id, pending.client_seq, user, DELIVERED, "")
+        self._tell_sender(
+            pending.sender,
+            pending.sender_device,
+            cim_pb2.AckN(
+                msg_id=ack.msg_id, client_seq=pending.client_seq, status=DELIVERED, to=user
+            ),
+        )
+
+    def _forget_pending(self, receiver: str, msg_id: int) -> None:
+        waiting = self._pending_by_receiver.get(receiver)
+        if waiting is not None:
+            waiting.discard(msg_id)
+            if not waiting:
+                del self._pending_by_receiver[receiver]
 
     def _fail_pending_for(self, receiver: str, reason: str) -> None:
         for msg_id in self._pending_by_receiver.pop(receiver, ()):
-            pending = self._pending.pop(msg_id, None)
+            pending = self._pending.pop((msg_id, receiver), None)
             if pending is not None:
                 self._metrics.messages["failed"] += 1
                 self._tell_sender(
-                    pending.sender, msg_id, pending.client_seq, receiver, FAILED, reason
+                    pending.sender,
+                    pending.sender_device,
+                    cim_pb2.AckN(
+                        msg_id=msg_id,
+                        client_seq=pending.client_seq,
+                        status=FAILED,
+                        reason=reason,
+                        to=receiver,
+                    ),
                 )
 
-    def _tell_sender(
-        self,
-        sender: str,
-        msg_id: int,
-        client_seq: int,
-        to: str,
-        status: cim_pb2.DeliveryStatus,
-        reason: str,
-    ) -> None:
+    def _tell_sender(self, sender: str, sender_device: str, ack: cim_pb2.AckN) -> None:
+        """Record the outcome for retries, then reach the sender wherever it is."""
+        self._background(
+            self._state.record_outcome(
+                sender, sender_device, ack.client_seq, ack.status, ack.reason
+            ),
+            "record an outcome",
+        )
         session = self._sessions.get(sender)
         if session is not None:
+            if session.record.device == sender_device:
+                session.deliver(ACK_N, ack)
+            return
+        if self._bus is None:
+            return  # offline: a retry finds the outcome in the state store
+        envelope = cim_pb2.BusEnvelope(
+            origin_node=self.node_id,
+            outcome=cim_pb2.BusOutcome(sender=sender, sender_device=sender_device, ack=ack),
+        )
+
+        def routed(node: str | None) -> Any:
+            if node is None or node == self.node_id or self._bus is None:
+                return None
+            return self._bus.publish(node, envelope.SerializeToString())
+
+        d = self._state.route(sender)
+        d.addCallback(routed)
+        # Not reaching the sender is not fatal: its retry reads the recorded outcome.
+        d.addErrback(lambda failure: failure.trap(BusUnavailable, StateUnavailable))
+        self._background(d, "tell a sender on another node")
+
+    # --- groups -----------------------------------------------------------------------
+
+    def group_requested(self, session: ClientSession, request: cim_pb2.GroupRequest) -> None:
+        if self._groups is None:
             session.deliver(
-                ACK_N,
-                cim_pb2.AckN(
-                    msg_id=msg_id, client_seq=client_seq, status=status, reason=reason, to=to
+                GROUP_A,
+                cim_pb2.GroupAnswer(
+                    request_id=request.request_id,
+                    ok=False,
+                    error="unavailable",
+                    message="groups are not available on this node",
                 ),
             )
+            return
+        d = self._groups.answer(session.record.user, request)
+        d.addCallback(lambda answer: session.deliver(GROUP_A, answer))
+        d.addErrback(self._log_failure, "answer a group request")
+
+    def _numbered(self, seq: int, session: ClientSession, message: cim_pb2.Message) -> None:
+        message.group_seq = seq
+        self._group_accepted(session, message)
+
+    def _group_accepted(self, session: ClientSession, message: cim_pb2.Message) -> None:
+        """The node is responsible for the group message now: tell the sender, fan out."""
+        self._metrics.messages["group"] += 1
+        self._tell_sender(
+            session.record.user,
+            session.record.device,
+            cim_pb2.AckN(
+                msg_id=message.id,
+                client_seq=message.client_seq,
+                status=ACCEPTED,
+                to=message.group,
+            ),
+        )
+        queue = self._fanout_queues.get(message.group)
+        if queue is not None:
+            queue.append(message)  # a fan-out of this group is running: keep the order
+            return
+        self._fanout_queues[message.group] = deque([message])
+        done = Deferred.fromCoroutine(self._fan_out(message.group))
+        done.addErrback(self._log_failure, "fan out a group message")
+
+    async def _fan_out(self, group: str) -> None:
+        """Each queued message of a group to every member, in slices, in order."""
+        queue = self._fanout_queues[group]
+        try:
+            while queue:
+                message = queue[0]
+                try:
+                    await self._fan_out_one(message)
+                except Exception:
+                    self.log.failure("fan-out of group message {id} failed", id=message.id)
+                queue.popleft()
+        finally:
+            del self._fanout_queues[group]
+
+    async def _fan_out_one(self, message: cim_pb2.Message) -> None:
+        assert self._groups is not None
+        sender = getattr(message, "from")
+        members = [m for m in await self._groups.member_names(message.group) if m != sender]
+        here = [m for m in members if m in self._sessions]
+        elsewhere = [m for m in members if m not in self._sessions]
+        for start in range(0, len(here), FANOUT_SLICE):
+            if start:
+                await deferLater(self._clock, 0, lambda: None)  # let other users in
+            for member in here[start : start + FANOUT_SLICE]:
+                session = self._sessions.get(member)
+                if session is not None:
+                    session.deliver(MSG_N, message)
+                    self._metrics.messages["group_delivered"] += 1
+        if not elsewhere:
+            return
+        routes: dict[str, str] = {}
+        if self._bus is not None:
+            try:
+                routes = await self._state.routes(elsewhere)
+            except StateUnavailable:
+                routes = {}
+        by_node: dict[str, list[str]] = {}
+        for member in elsewhere:
+            node = routes.get(member)
+            if node is not None and node != self.node_id:
+                by_node.setdefault(node, []).append(member)
+        for node, users in by_node.items():
+            try:
+                await self._forward(node, message, users, "")
+            except BusUnavailable as exc:
+                self._group_missed(message, len(users), f"node {node} unreachable: {exc}")
+        missed = len(elsewhere) - sum(len(users) for users in by_node.values())
+        if missed:
+            # Offline members get group messages with offline storage (a later release).
+            self._group_missed(message, missed, "offline")
+
+    def _group_missed(self, message: cim_pb2.Message, count: int, why: str) -> None:
+        self._metrics.messages["group_missed"] += count
+        self.log.info(
+            "group message {id} in {group} missed by {count} members: {why}",
+            id=message.id,
+            group=message.group,
+            count=count,
+            why=why,
+        )
+
+    # --- the bus: other nodes talking to this one -------------------------------------
+
+    def bus_message_received(self, payload: bytes) -> None:
+        envelope = cim_pb2.BusEnvelope.FromString(payload)
+        kind = envelope.WhichOneof("body")
+        if kind == "deliver":
+            self._delivery_from_bus(envelope.deliver)
+        elif kind == "outcome":
+            outcome = envelope.outcome
+            session = self._sessions.get(outcome.sender)
+            if session is not None and session.record.device == outcome.sender_device:
+                session.deliver(ACK_N, outcome.ack)
+
+    def _delivery_from_bus(self, delivery: cim_pb2.BusDelivery) -> None:
+        message = delivery.message
+        if message.group:
+            for member in delivery.receivers:
+                session = self._sessions.get(member)
+                if session is not None:
+                    session.deliver(MSG_N, message)
+                    self._metrics.messages["group_delivered"] += 1
+                else:
+                    self._metrics.messages["group_missed"] += 1
+            return
+        for receiver in delivery.receivers:
+            if receiver in self._sessions:
+                self._deliver_here(message, delivery.sender_device, receiver)
+            else:
+                # It moved or left since the sender's node looked up its route.
+                self._receiver_not_here(message, delivery.sender_device)
 
     # --- presence ---------------------------------------------------------------------
 
@@ -286,7 +625,7 @@ class Switchboard:
 
     # --- plumbing ---------------------------------------------------------------------
 
-    def _background(self, d: Deferred[None], what: str) -> None:
+    def _background(self, d: Deferred[Any], what: str) -> None:
         d.addErrback(self._log_failure, what)
 
     def _log_failure(self, failure: Failure, what: str) -> None:

@@ -96,7 +96,8 @@ class DaemonProcess:
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 stderr = self.process.stderr.read() if self.process.stderr else ""
-                raise AssertionError(f"daemon {self.node_id} exited: {stderr}")
+                tail = "\n".join(self.log().splitlines()[-15:])
+                raise AssertionError(f"daemon {self.node_id} exited: {stderr}\n{tail}")
             try:
                 if self.health()["status"] == "ok":
                     return

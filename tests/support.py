@@ -101,28 +101,44 @@ class NodeHarness:
     """A node (switchboard + factory + memory state) driven by a MemoryReactorClock."""
 
     def __init__(
-        self, config_extra: str = "", policy: str = "kick_old", users: tuple[str, ...] = ()
+        self,
+        config_extra: str = "",
+        policy: str = "kick_old",
+        users: tuple[str, ...] = (),
+        node_id: str = "node1",
+        clock: MemoryReactorClock | None = None,
+        state: MemoryStateStore | None = None,
+        bus: Any = None,
+        groups: Any = None,
+        known: KnownUsers | None = None,
     ) -> None:
-        self.clock = MemoryReactorClock()
-        self.clock.advance(1_800_000_000)  # a realistic wall-clock time for timestamps
+        """One node; pass clock, state, bus and known users of another to make a cluster."""
+        if clock is None:
+            clock = MemoryReactorClock()
+            clock.advance(1_800_000_000)  # a realistic wall-clock time for timestamps
+        self.clock = clock
+        self.node_id = node_id
         self.config = im_config(config_extra)
         self.policy = policy
         self.metrics = NodeMetrics()
-        self.state = MemoryStateStore(self.clock)
+        self.state = state if state is not None else MemoryStateStore(self.clock)
         self.registry = LocalRegistry()
         self.key = node_key()
-        self.registry.register(NodeInfo("node1", "127.0.0.1", 9000, self.key.public_der))
-        self.users = KnownUsers(*users)
+        self.registry.register(NodeInfo(node_id, "127.0.0.1", 9000, self.key.public_der))
+        self.users = known if known is not None else KnownUsers()
+        self.users.names.update(users)
         self.switchboard = Switchboard(
-            "node1",
+            node_id,
             self.state,
             self.users,
             self.clock,
             self.metrics,
-            MessageIdGenerator(self.clock, 1),
+            MessageIdGenerator(self.clock, int(node_id[-1]) if node_id[-1].isdigit() else 1),
+            bus=bus,
+            groups=groups,
         )
         self.factory = ImServerFactory(
-            "node1",
+            node_id,
             self.config,
             self.key,
             self.switchboard,
@@ -135,9 +151,10 @@ class NodeHarness:
         self.pumps: list[iosim.IOPump] = []
 
     def login(
-        self, user: str, device: str = "phone", node_id: str = "node1"
+        self, user: str, device: str = "phone", node_id: str | None = None
     ) -> tuple[str, SessionRecord]:
         """What the router does: a token and a session in the state store."""
+        node_id = node_id or self.node_id
         self.users.names.add(user)
         token = secrets.token_urlsafe(32)
         d = self.state.create_session(

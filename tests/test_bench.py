@@ -118,6 +118,16 @@ class GeneratorCountTests(SynchronousTestCase):
         self.assertEqual(totals["received"], totals["delivered"])
         self.assertEqual(set(drained["failure_reasons"]), {"no such user"})
 
+        # Reconnected clients must not reuse sequence numbers: the node would take
+        # their messages for retries of old ones and not deliver them again.
+        self.call({"cmd": "close"})
+        self.call({"cmd": "connect", "prefix": "p", "count": 2})
+        self.call({"cmd": "load", "window": 4})
+        self.wait_for(lambda t: t["delivered"] >= totals["delivered"] + 20)
+        again = self.call({"cmd": "stop_load", "timeout": 30})["totals"]
+        self.assertEqual(again["sent"], again["delivered"] + again["failed"])
+        self.assertEqual(again["received"], again["delivered"])
+
     def test_paced_load_and_churn_count_every_message_once(self) -> None:
         self.call({"cmd": "login", "prefix": "p", "count": 2, "password": PASSWORD})
         self.call({"cmd": "connect", "prefix": "p", "count": 2})

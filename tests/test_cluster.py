@@ -8,196 +8,30 @@ one shared account database. Clients are the real client library on the real rea
 from __future__ import annotations
 
 import os
-import random
 import time
-from collections.abc import Awaitable, Callable
-from typing import Any
 
-from twisted.internet import reactor as global_reactor
-from twisted.internet.defer import Deferred, DeferredList, ensureDeferred
-from twisted.internet.endpoints import HostnameEndpoint, connectProtocol
+from twisted.internet.defer import DeferredList, ensureDeferred
 from twisted.trial.unittest import TestCase
 
-from cim.client.connection import ImClientProtocol, LoginRefused
-from cim.client.router import RouterClient, RouterError, parse_ticket
-from cim.client.session import Backoff, ChatClient
-from cim.config import AccountsConfig
-from cim.interfaces import NodeInfo
+from cim.client.router import RouterClient, RouterError
+from cim.client.session import ChatClient
 from cim.protocols import cim_pb2
-from cim.ring import HashRing
-from cim.storage.database import open_engine, upgrade
-from tests.daemons import PASSWORD, DaemonProcess
-from tests.services import PrivateRedis
-from tests.zookeeper import private_zookeeper
-
-reactor: Any = global_reactor
-SESSION_TIMEOUT = 4.0
-ROUTE_TTL = 6.0
-HEARTBEAT = 1.0
-USERS = 300
-
-
-async def eventually(
-    check: Callable[[], Awaitable[bool] | bool], timeout: float, what: str
-) -> float:
-    """Poll until check() holds; return how long it took; fail after timeout."""
-    started = time.monotonic()
-    while True:
-        result = check()
-        if not isinstance(result, bool):
-            result = await result
-        if result:
-            return time.monotonic() - started
-        if time.monotonic() - started > timeout:
-            raise AssertionError(f"gave up after {timeout:g} s waiting for {what}")
-        await sleep(0.1)
-
-
-def sleep(seconds: float) -> Deferred[None]:
-    d: Deferred[None] = Deferred()
-    reactor.callLater(seconds, d.callback, None)
-    return d
-
-
-def add_users(database_url: str, names: list[str]) -> None:
-    """Straight into the shared database, with the cheap scrypt the daemons use."""
-    from cim.accounts import BlockingAccountStore
-
-    upgrade(database_url)
-    engine = open_engine(database_url)
-    try:
-        accounts = BlockingAccountStore(engine, AccountsConfig(scrypt_n=4096))
-        for name in names:
-            accounts.add_user(name, PASSWORD)
-    finally:
-        engine.dispose()
-
-
-class Cluster:
-    def __init__(self, test: TestCase, count: int = 3, state: str = "redis") -> None:
-        self.test = test
-        self.zookeeper = private_zookeeper(test)
-        self.redis = PrivateRedis(test)
-        self.redis.start()
-        base = os.path.abspath(test.mktemp())
-        os.makedirs(base)
-        self.database_url = f"sqlite:///{base}/shared.db"
-        self.nodes = [
-            self.node(f"node{i + 1}", os.path.join(base, f"n{i + 1}"), state) for i in range(count)
-        ]
-
-    def node(self, node_id: str, workdir: str, state: str = "redis") -> DaemonProcess:
-        state_section = (
-            f"[state]\nbackend = redis\nredis_url = {self.redis.url}\nredis_timeout = 1s\n"
-            f"route_ttl = {ROUTE_TTL:g}s\n"
-            if state == "redis"
-            else "[state]\nbackend = memory\n"
-        )
-        return DaemonProcess(
-            workdir,
-            node_id,
-            extra=state_section
-            + f"[registry]\nbackend = zookeeper\nzookeeper_hosts = {self.zookeeper.hosts}\n"
-            f"session_timeout = {SESSION_TIMEOUT:g}s\n"
-            f"[database]\nurl = {self.database_url}\n"
-            f"[im]\nheartbeat_interval = {HEARTBEAT:g}s\n",
-        )
-
-    def start(self, users: list[str]) -> None:
-        add_users(self.database_url, users)
-        for node in self.nodes:
-            node.spawn()
-            self.test.addCleanup(node.stop)
-        for node in self.nodes:
-            node.wait_healthy()
-
-    def by_id(self, node_id: str) -> DaemonProcess:
-        return next(node for node in self.nodes if node.node_id == node_id)
-
-
-def ring_of(nodes: list[DaemonProcess]) -> HashRing:
-    return HashRing([NodeInfo(n.node_id, "127.0.0.1", n.im_port) for n in nodes], 160)
-
-
-def chat_client(cluster: Cluster, first: DaemonProcess, user: str) -> ChatClient:
-    """A client that knows every router, starting with `first`."""
-    routers = [first.router_url] + [n.router_url for n in cluster.nodes if n is not first]
-    return ChatClient(
-        reactor,
-        routers,
-        user,
-        PASSWORD,
-        device="test",
-        backoff=Backoff(initial=0.2, maximum=2.0),
-        rng=random.Random(user),
-    )
-
-
-async def start_clients(cluster: Cluster, users: list[str]) -> dict[str, ChatClient]:
-    clients = {}
-    waits = []
-    for number, user in enumerate(users):
-        client = chat_client(cluster, cluster.nodes[number % len(cluster.nodes)], user)
-        clients[user] = client
-        waits.append(client.start())
-        if number % 25 == 24:
-            await DeferredList(waits, fireOnOneErrback=True, consumeErrors=True)
-            waits = []
-    await DeferredList(waits, fireOnOneErrback=True, consumeErrors=True)
-    return clients
-
-
-def connected_port(client: ChatClient) -> int:
-    assert client.protocol is not None and client.protocol.transport is not None
-    return int(client.protocol.transport.getPeer().port)
-
-
-async def handshake_status(ticket_body: dict[str, Any]) -> int:
-    """Connect with a login's token; the node's LoginResult status (OK = 0)."""
-    ticket = parse_ticket(ticket_body)
-
-    class Events:
-        def frame_received(self, frame_type: int, message: Any) -> None:
-            pass
-
-        def connection_closed(self, reason: Any) -> None:
-            pass
-
-    protocol = ImClientProtocol(
-        reactor,
-        Events(),
-        ticket.server_key,
-        ticket.token,
-        "probe",
-        "chacha20-poly1305",
-        ("chacha20-poly1305",),
-    )
-    await connectProtocol(HostnameEndpoint(reactor, ticket.node.host, ticket.node.port), protocol)
-    try:
-        await protocol.logged_in
-        status = cim_pb2.LoginResult.OK
-    except LoginRefused as refusal:
-        status = refusal.status
-    finally:
-        if protocol.transport is not None:
-            protocol.transport.loseConnection()
-    return status
-
-
-async def login_body(node: DaemonProcess, user: str) -> dict[str, Any]:
-    import json
-
-    import treq
-
-    response = await treq.post(
-        f"{node.router_url}/api/v1/login",
-        data=json.dumps({"user": user, "password": PASSWORD}).encode(),
-        headers={"Content-Type": "application/json"},
-        persistent=False,
-    )
-    body = await treq.json_content(response)
-    body["status"] = response.code
-    return body  # type: ignore[no-any-return]
+from tests.cluster import (
+    HEARTBEAT,
+    ROUTE_TTL,
+    SESSION_TIMEOUT,
+    USERS,
+    Cluster,
+    connected_port,
+    eventually,
+    handshake_status,
+    login_body,
+    reactor,
+    ring_of,
+    sleep,
+    start_clients,
+)
+from tests.daemons import PASSWORD
 
 
 class ClusterTests(TestCase):

@@ -88,6 +88,7 @@ class ImClientProtocol(FrameProtocol):
                 (cim_pb2.ACK_A, cim_pb2.AckA),
                 (cim_pb2.ACK_N, cim_pb2.AckN),
                 (cim_pb2.ONLINE_A, cim_pb2.OnlineA),
+                (cim_pb2.GROUP_A, cim_pb2.GroupAnswer),
                 (cim_pb2.KICKED, cim_pb2.Kicked),
                 (cim_pb2.GOING_AWAY, cim_pb2.GoingAway),
                 (cim_pb2.ERROR, cim_pb2.Error),

@@ -16,6 +16,7 @@ from prompt_toolkit.completion import WordCompleter
 from prompt_toolkit.patch_stdout import patch_stdout
 from twisted.internet.defer import Deferred
 
+from cim.client.files import media_summary
 from cim.client.session import ChatClient, DeliveryOutcome
 from cim.protocols import cim_pb2
 
@@ -47,7 +48,9 @@ class Console:
     def message_arrived(self, message: cim_pb2.Message) -> None:
         sender = getattr(message, "from")
         self.known_users.add(sender)
-        print(f"[{_clock(message.sent_at_ms)}] {sender}: {message.text}")
+        text = media_summary(message) if message.HasField("media") else message.text
+        where = f"#{message.group} " if message.group else ""
+        print(f"[{_clock(message.sent_at_ms)}] {where}{sender}: {text}")
 
     def outcome_arrived(self, outcome: DeliveryOutcome) -> None:
         detail = f" ({outcome.reason})" if outcome.reason else ""

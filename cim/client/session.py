@@ -4,6 +4,11 @@ It logs in through the router, connects to the node the router picked, and when 
 connection drops it reconnects with jittered exponential backoff. Reconnecting tries
 the cached node with the still-valid token first (design: 快速连接, one round trip);
 only if that fails does it go back to the router for a new login.
+
+Sent messages wait in an ``Outbox`` for their ack:N and are retried or reported failed
+by the chosen policy (``retry="auto"`` or ``"manual"``); received ones pass through an
+``Inbox`` that drops duplicates and restores each sender's order before ``on_message``.
+Both live in ``cim.client.delivery``; the connection only feeds them frames.
 """
 
 from __future__ import annotations
@@ -23,30 +28,37 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from cim.client.connection import ImClientProtocol, LoginRefused
+from cim.client.delivery import (
+    REASON_CONNECTION_CLOSED,
+    RETRY_AUTO,
+    STATUS_NAMES,
+    DeliveryOutcome,
+    Inbox,
+    Outbox,
+    RetryPolicy,
+)
 from cim.client.router import LoginTicket, NodeTarget, RouterClient, RouterError
+from cim.client.seen import FileSeenStore, MemorySeenStore, SeenStore
 from cim.config import KNOWN_SUITES, SUITE_CHACHA
 from cim.protocols import cim_pb2
 from cim.protocols.handshake import HandshakeRefused
 
+__all__ = [
+    "STATUS_NAMES",
+    "Backoff",
+    "ChatClient",
+    "DeliveryOutcome",
+    "RetryPolicy",
+    "SessionFailed",
+]
+
 _STATUS = cim_pb2.LoginResult
-STATUS_NAMES = {cim_pb2.DELIVERED: "delivered", cim_pb2.STORED: "stored", cim_pb2.FAILED: "failed"}
 
 Connector = Callable[[str, int, ImClientProtocol], "Deferred[Any]"]
 
 
 class SessionFailed(Exception):
     """The session cannot go on without the user (bad password, refused suite, kicked)."""
-
-
-@dataclass(frozen=True)
-class DeliveryOutcome:
-    """The end of one sent message: delivered, stored or failed (with a reason)."""
-
-    client_seq: int
-    msg_id: int
-    to: str
-    status: str
-    reason: str = ""
 
 
 @dataclass(frozen=True)
@@ -61,6 +73,21 @@ class Backoff:
 
 
 class ChatClient:
+    """One user's device, online for as long as it runs.
+
+    ``retry`` is ``"auto"`` (resend after 10, 30, 60 s, then report failed) or
+    ``"manual"`` (report failed after 10 s or when the connection drops; the user calls
+    ``resend``), or a full ``RetryPolicy``. ``seen_path`` is a file where the inbox
+    remembers what it handed to the application, so duplicates stay out across a
+    restart of the client (None: memory only); ``seen_store`` replaces it with any
+    ``SeenStore``. ``order_window`` is how long a message after a gap (1:1 or group)
+    message is held to restore order (0: arrival order).
+
+    Client sequences start from the wall clock in microseconds, so they keep
+    increasing across restarts of the sender and receivers' dedup by sequence never
+    mistakes a new message for an old one (unless the clock goes back).
+    """
+
     log = Logger()
 
     def __init__(
@@ -75,6 +102,10 @@ class ChatClient:
         router: RouterClient | None = None,
         backoff: Backoff = Backoff(),
         rng: random.Random | None = None,
+        retry: str | RetryPolicy = RETRY_AUTO,
+        seen_path: str | None = None,
+        seen_store: SeenStore | None = None,
+        order_window: float = 2.0,
     ) -> None:
         self.reactor = reactor
         self.clock: IReactorTime = reactor
@@ -96,9 +127,18 @@ class ChatClient:
         self._stopping = False
         self._online_waiters: list[Deferred[None]] = []
         self._next_seq = int(time.time() * 1_000_000)
-        self._pending: dict[int, tuple[Deferred[DeliveryOutcome], str]] = {}
-        self._msg_ids: dict[int, int] = {}
+        policy = retry if isinstance(retry, RetryPolicy) else RetryPolicy(mode=retry)
+        self.outbox = Outbox(self.clock, self._transmit, self._outcome, policy)
+        if seen_store is None:
+            seen_store = FileSeenStore(seen_path) if seen_path else MemorySeenStore()
+        self.inbox = Inbox(
+            self.clock, seen_store, self._hand_to_application, self._acknowledge, order_window
+        )
         self._online_requests: list[Deferred[cim_pb2.OnlineA]] = []
+        self._group_requests: dict[int, Deferred[cim_pb2.GroupAnswer]] = {}
+        self._next_request_id = 1
+        # The last client_seq sent to each receiver or group, for Message.prev_seq.
+        self._last_seq_to: dict[tuple[str, str], int] = {}
         self._reconnect_call: Any = None
         self._connecting: Deferred[Any] | None = None
         self._attempt = 0
@@ -203,6 +243,8 @@ class ChatClient:
             raise SessionFailed(f"the node refused the handshake: {refusal.message}") from None
         self.protocol = protocol
         self._attempt = 0
+        # Before anyone hears "online" (and sends more), so the resends keep their order.
+        self.outbox.connection_made()
         self._set_state("online", f"{ticket.node.host}:{ticket.node.port}")
         waiters, self._online_waiters = self._online_waiters, []
         for waiter in waiters:
@@ -214,6 +256,8 @@ class ChatClient:
     def _give_up(self, why: str) -> None:
         self._stopping = True
         self._set_state("stopped", why)
+        self.inbox.flush()
+        self.outbox.fail_all(f"the session stopped: {why}")
         waiters, self._online_waiters = self._online_waiters, []
         for waiter in waiters:
             waiter.errback(SessionFailed(why))
@@ -222,20 +266,25 @@ class ChatClient:
 
     def frame_received(self, frame_type: int, message: ProtobufMessage) -> None:
         if frame_type == cim_pb2.MSG_N:
-            self._message_arrived(message)  # type: ignore[arg-type]
+            if not self._stopping:  # unacknowledged, so the sender hears it failed
+                self.inbox.receive(message)  # type: ignore[arg-type]
         elif frame_type == cim_pb2.MSG_A:
-            self._msg_ids[message.client_seq] = message.msg_id  # type: ignore[attr-defined]
+            self.outbox.taken(message)  # type: ignore[arg-type]
         elif frame_type == cim_pb2.ACK_N:
-            self._ack_arrived(message)  # type: ignore[arg-type]
+            self.outbox.acknowledged(message)  # type: ignore[arg-type]
         elif frame_type == cim_pb2.ONLINE_A:
             if self._online_requests:
                 self._online_requests.pop(0).callback(message)  # type: ignore[arg-type]
+        elif frame_type == cim_pb2.GROUP_A:
+            waiter = self._group_requests.pop(message.request_id, None)  # type: ignore[attr-defined]
+            if waiter is not None:
+                waiter.callback(message)  # type: ignore[arg-type]
         elif frame_type == cim_pb2.KICKED:
             self._kicked(message)  # type: ignore[arg-type]
         elif frame_type == cim_pb2.GOING_AWAY:
             self._going_away = message.reconnect_after_ms / 1000  # type: ignore[attr-defined]
         elif frame_type == cim_pb2.ERROR:
-            self._request_refused(message)  # type: ignore[arg-type]
+            self.outbox.refused(message)  # type: ignore[arg-type]
 
     def _kicked(self, kicked: cim_pb2.Kicked) -> None:
         if self._stopping:
@@ -249,10 +298,13 @@ class ChatClient:
         protocol, self.protocol = self.protocol, None
         if protocol is None:
             return  # never got online; _establish handles it
-        self._fail_all_pending("the connection closed before the receiver acknowledged")
+        self.outbox.connection_lost(REASON_CONNECTION_CLOSED)
         for request in self._online_requests:
             request.errback(reason)
         self._online_requests = []
+        groups, self._group_requests = self._group_requests, {}
+        for waiter in groups.values():
+            waiter.errback(reason)
         if self._stopping:
             if self.state != "stopped":
                 self._set_state("offline")
@@ -263,63 +315,53 @@ class ChatClient:
 
     # --- messages ---------------------------------------------------------------------
 
-    def _message_arrived(self, message: cim_pb2.Message) -> None:
-        try:
-            self.on_message(message)
-        finally:
-            if self.protocol is not None:
-                self.protocol.send(cim_pb2.ACK_R, cim_pb2.AckR(msg_id=message.id))
+    def _hand_to_application(self, message: cim_pb2.Message) -> None:
+        self.on_message(message)  # looked up now: the application sets it after __init__
 
-    def _ack_arrived(self, ack: cim_pb2.AckN) -> None:
-        entry = self._pending.pop(ack.client_seq, None)
-        self._msg_ids.pop(ack.client_seq, None)
-        outcome = DeliveryOutcome(
-            ack.client_seq, ack.msg_id, ack.to, STATUS_NAMES.get(ack.status, "failed"), ack.reason
-        )
+    def _acknowledge(self, msg_id: int) -> None:
+        if self.protocol is not None:
+            self.protocol.send(cim_pb2.ACK_R, cim_pb2.AckR(msg_id=msg_id))
+
+    def _transmit(self, message: cim_pb2.Message) -> bool:
+        if self.protocol is None:
+            return False
+        self.protocol.send(cim_pb2.MSG_R, message)
+        return True
+
+    def _outcome(self, outcome: DeliveryOutcome) -> None:
         self.on_outcome(outcome)
-        if entry is not None:
-            entry[0].callback(outcome)
-
-    def _request_refused(self, error: cim_pb2.Error) -> None:
-        entry = self._pending.pop(error.client_seq, None)
-        if entry is not None:
-            outcome = DeliveryOutcome(error.client_seq, 0, entry[1], "failed", error.message)
-            self.on_outcome(outcome)
-            entry[0].callback(outcome)
-
-    def _fail_all_pending(self, reason: str) -> None:
-        pending, self._pending = self._pending, {}
-        for client_seq, (waiter, to) in pending.items():
-            outcome = DeliveryOutcome(
-                client_seq, self._msg_ids.pop(client_seq, 0), to, "failed", reason
-            )
-            self.on_outcome(outcome)
-            waiter.callback(outcome)
 
     def send_text(self, to: str, text: str) -> Deferred[DeliveryOutcome]:
-        """Send a text; fires with its outcome once the node says delivered or failed."""
+        """Send a text; fires with its outcome once it is known (see send_message)."""
         return self.send_message(cim_pb2.Message(to=to, text=text))
 
     def send_message(self, message: cim_pb2.Message) -> Deferred[DeliveryOutcome]:
-        """Send any user message (text, media, location); the library numbers it.
+        """Send any user message (text, media, location, group); the library numbers it.
 
-        Fires with the outcome once the node reports it: the Deferred never fails, a
-        message that could not go out ends as a "failed" outcome with a reason.
+        Fires once with the outcome: delivered, stored, accepted (group) or failed with
+        a reason; the Deferred never fails. While the session is reconnecting, ``auto``
+        keeps the message for the new connection and ``manual`` fails it at once.
         """
         client_seq = self._next_seq
         self._next_seq += 1
         message.client_seq = client_seq
         message.client_time_ms = int(self.clock.seconds() * 1000)
-        waiter: Deferred[DeliveryOutcome] = Deferred()
-        to = message.to or message.group
-        if self.protocol is None:
-            outcome = DeliveryOutcome(client_seq, 0, to, "failed", f"not connected ({self.state})")
-            self.on_outcome(outcome)
-            waiter.callback(outcome)
-            return waiter
-        self._pending[client_seq] = (waiter, to)
-        self.protocol.send(cim_pb2.MSG_R, message)
-        return waiter
+        conversation = ("group", message.group) if message.group else ("user", message.to)
+        message.prev_seq = self._last_seq_to.get(conversation, 0)
+        self._last_seq_to[conversation] = client_seq
+        refuse = None
+        if self.protocol is None and (self._stopping or self.state in ("offline", "stopped")):
+            refuse = f"not connected ({self.state})"
+        return self.outbox.add(message, refuse)
+
+    def resend(self, client_seq: int) -> Deferred[DeliveryOutcome]:
+        """Send a failed (or still waiting) message again with the same client_seq.
+
+        The node answers a repeated msg:R with the same server id and the receiver
+        shows it once, so this is safe whatever became of the first try. Raises
+        KeyError for a sequence that is neither waiting nor among the recent failures.
+        """
+        return self.outbox.resend(client_seq)
 
     def online(self, offset: int = 0, limit: int = 100) -> Deferred[cim_pb2.OnlineA]:
         waiter: Deferred[cim_pb2.OnlineA] = Deferred()
@@ -330,11 +372,31 @@ class ChatClient:
         self.protocol.send(cim_pb2.ONLINE_R, cim_pb2.OnlineR(offset=offset, limit=limit))
         return waiter
 
+    def group_request(self, request: cim_pb2.GroupRequest) -> Deferred[cim_pb2.GroupAnswer]:
+        """Send a GROUP_R (create, rename, add, remove, leave, ...) and get its answer."""
+        waiter: Deferred[cim_pb2.GroupAnswer] = Deferred()
+        if self.protocol is None:
+            waiter.errback(SessionFailed(f"not connected ({self.state})"))
+            return waiter
+        request.request_id = self._next_request_id
+        self._next_request_id += 1
+        self._group_requests[request.request_id] = waiter
+        self.protocol.send(cim_pb2.GROUP_R, request)
+        return waiter
+
+    def send_group(self, group_id: str, text: str) -> Deferred[DeliveryOutcome]:
+        """Post a text to a group; the outcome is "accepted" once the node took it."""
+        return self.send_message(cim_pb2.Message(group=group_id, text=text))
+
     # --- stopping ---------------------------------------------------------------------
 
     async def stop(self, logout: bool = True) -> None:
         """Close the connection; with logout, also end the session at the router."""
         self._stopping = True
+        # Held messages were received: hand them over (and ack them) while we can.
+        self.inbox.flush()
+        self.outbox.fail_all("the client stopped before an answer came")
+        self.inbox.seen.close()
         if self._reconnect_call is not None and self._reconnect_call.active():
             self._reconnect_call.cancel()
         if self._connecting is not None:

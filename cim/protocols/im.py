@@ -68,6 +68,7 @@ class ImServerProtocol(FrameProtocol, TimeoutMixin):
             cim_pb2.MSG_R: (cim_pb2.Message, self._message_received),
             cim_pb2.ACK_R: (cim_pb2.AckR, self._ack_received),
             cim_pb2.ONLINE_R: (cim_pb2.OnlineR, self._online_requested),
+            cim_pb2.GROUP_R: (cim_pb2.GroupRequest, self._group_requested),
         }
 
     # --- connection lifecycle ---------------------------------------------------------
@@ -249,6 +250,9 @@ class ImServerProtocol(FrameProtocol, TimeoutMixin):
 
     def _online_requested(self, request: cim_pb2.OnlineR) -> None:
         self.factory.switchboard.online_requested(self, request)
+
+    def _group_requested(self, request: cim_pb2.GroupRequest) -> None:
+        self.factory.switchboard.group_requested(self, request)
 
     # --- ClientSession (what the switchboard calls) -----------------------------------
 

@@ -3,6 +3,8 @@
     cim-client [--router URL] --user U [--cipher SUITE] send TO TEXT
     cim-client --user U listen [--count N] [--timeout S]
     cim-client --user U online
+    cim-client [--files URL] --user U send-file TO PATH [--group]
+    cim-client [--files URL] [--user U] download URL [-o PATH]
     cim-client --user U                      (interactive console)
 
 The password comes from CIM_PASSWORD or a prompt. Exit status: 0 on success, 1 when
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime
 import getpass
 import json
@@ -25,6 +28,7 @@ from typing import Any
 from cim.config import KNOWN_SUITES
 
 DEFAULT_ROUTER = "http://127.0.0.1:8080"
+DEFAULT_FILES = "http://127.0.0.1:8082"
 
 
 class ClientExit(Exception):
@@ -40,6 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--router",
         default=os.environ.get("CIM_ROUTER", DEFAULT_ROUTER),
         help=f"router base URL (default $CIM_ROUTER or {DEFAULT_ROUTER})",
+    )
+    parser.add_argument(
+        "--files",
+        default=os.environ.get("CIM_FILES", DEFAULT_FILES),
+        help=f"file service base URL (default $CIM_FILES or {DEFAULT_FILES})",
     )
     parser.add_argument("--user", default=os.environ.get("CIM_USER"), help="your user name")
     parser.add_argument(
@@ -57,6 +66,27 @@ def build_parser() -> argparse.ArgumentParser:
     listen.add_argument("--count", type=int, default=0, help="exit after N messages")
     listen.add_argument("--timeout", type=float, default=0.0, help="give up after S seconds")
     commands.add_parser("online", help="list online users as JSON")
+    send_file = commands.add_parser(
+        "send-file", help="upload a file (resuming an interrupted upload) and send it"
+    )
+    send_file.add_argument("to", help="the receiving user (or group, with --group)")
+    send_file.add_argument("path")
+    send_file.add_argument("--group", action="store_true", help="TO names a group")
+    send_file.add_argument("--name", help="the name receivers see (default: the file's)")
+    send_file.add_argument("--mime", help="the MIME type (default: guessed from the name)")
+    send_file.add_argument(
+        "--duration", type=float, default=None, help="voice: length in seconds (WAV: measured)"
+    )
+    send_file.add_argument(
+        "--parallel", type=int, default=4, help="chunks in flight at once (default 4)"
+    )
+    send_file.add_argument(
+        "--limit-rate", default="0", help="average upload rate, e.g. 500KiB or 2MiB (per second)"
+    )
+    send_file.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for ack:N")
+    download = commands.add_parser("download", help="download a file from a message's URL")
+    download.add_argument("url")
+    download.add_argument("-o", "--output", help="file or directory to save to")
     return parser
 
 
@@ -104,6 +134,9 @@ async def run(reactor: Any, options: argparse.Namespace) -> int:
 
     from cim.client.session import ChatClient, SessionFailed
 
+    if options.command == "download":
+        return await _download(reactor, options)
+
     client = ChatClient(
         reactor, options.router, options.user, _password(), options.device, options.cipher
     )
@@ -124,6 +157,8 @@ async def run(reactor: Any, options: argparse.Namespace) -> int:
                 result["reason"] = outcome.reason
             _print(json.dumps(result))
             return 0 if outcome.status in ("delivered", "stored") else 1
+        if options.command == "send-file":
+            return await _send_file(reactor, client, options)
         if options.command == "online":
             page = await client.online(0, 1000)
             _print(json.dumps({"total": page.total, "users": list(page.users)}))
@@ -152,6 +187,143 @@ async def run(reactor: Any, options: argparse.Namespace) -> int:
         await client.stop(logout=True)
 
 
+class _ProgressBar:
+    """A tqdm bar on stderr; tqdm leaves it out when stderr is not a terminal."""
+
+    def __init__(self, label: str) -> None:
+        self._label = label
+        self._bar: Any = None
+
+    def begin(self, total: int, done: int) -> None:
+        from tqdm import tqdm
+
+        self._bar = tqdm(
+            total=total,
+            initial=done,
+            desc=self._label,
+            unit="B",
+            unit_scale=True,
+            unit_divisor=1024,
+            file=sys.stderr,
+            disable=None,
+            leave=False,
+        )
+
+    def advance(self, count: int) -> None:
+        if self._bar is not None:
+            self._bar.update(count)
+
+    def end(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
+async def _send_file(reactor: Any, client: Any, options: argparse.Namespace) -> int:
+    from cim.client.files import (
+        FileClient,
+        FileServiceError,
+        UploadState,
+        media_message,
+        voice_duration_ms,
+    )
+    from cim.config import parse_size
+
+    path = options.path
+    if not os.path.isfile(path):
+        raise ClientExit(2, f"{path}: not a readable file")
+    try:
+        rate = parse_size(options.limit_rate)
+    except ValueError as exc:
+        raise ClientExit(2, f"--limit-rate: {exc}") from None
+    assert client.ticket is not None
+    files = FileClient(
+        reactor,
+        options.files,
+        client.ticket.token,
+        user=options.user,
+        parallel=options.parallel,
+        rate_limit=float(rate),
+    )
+    name = options.name or os.path.basename(path)
+    try:
+        report = await files.upload(
+            path,
+            name=name,
+            mime=options.mime,
+            state=UploadState(),
+            progress=_ProgressBar(name),
+        )
+    except FileServiceError as error:
+        hint = "; run the same command again to resume" if error.status in (0, 507) else ""
+        raise ClientExit(1, f"upload failed: {error}{hint}") from None
+    finally:
+        await files.close()
+    stored = report.file
+    duration_ms = 0
+    if options.duration is not None:
+        duration_ms = int(options.duration * 1000)
+    elif stored.mime.startswith("audio/"):
+        duration_ms = voice_duration_ms(path)
+    message = media_message(options.to, stored, name, options.group, duration_ms)
+    result: dict[str, Any] = {
+        "file_id": stored.file_id,
+        "url": stored.url,
+        "thumbnail_url": stored.thumbnail_url,
+        "size": stored.size,
+        "mime": stored.mime,
+        "instant": report.instant,
+        "resumed": report.resumed,
+        "chunks_sent": report.chunks_sent,
+        "chunk_count": report.chunk_count,
+    }
+    outcome = await _with_timeout(reactor, client.send_message(message), options.timeout)
+    if outcome is None:
+        result.update(msg_id=None, status="failed", reason="timeout")
+        _print(json.dumps(result))
+        return 1
+    result.update(msg_id=str(outcome.msg_id), status=outcome.status)
+    if outcome.reason:
+        result["reason"] = outcome.reason
+    _print(json.dumps(result))
+    return 0 if outcome.status in ("delivered", "stored") else 1
+
+
+async def _download(reactor: Any, options: argparse.Namespace) -> int:
+    """A signed URL needs no login; any other file URL is fetched with a token."""
+    import urllib.parse
+
+    from cim.client.files import FileClient, FileServiceError
+    from cim.client.router import RouterClient, RouterError
+
+    signed = "sig=" in urllib.parse.urlsplit(options.url).query
+    router = None
+    token = None
+    if not signed:
+        if not options.user:
+            raise ClientExit(2, "this URL is not signed: give --user to download it with a login")
+        router = RouterClient(reactor, options.router)
+        try:
+            ticket = await router.login(options.user, _password(), options.device)
+        except RouterError as error:
+            raise ClientExit(1, str(error)) from None
+        token = ticket.token
+    files = FileClient(reactor, options.files, token, user=options.user or "")
+    try:
+        path, size = await files.download(options.url, options.output, _ProgressBar("download"))
+    except FileServiceError as error:
+        raise ClientExit(1, f"download failed: {error}") from None
+    except OSError as error:
+        raise ClientExit(1, f"cannot write the file: {error}") from None
+    finally:
+        await files.close()
+        if router is not None and token is not None:
+            with contextlib.suppress(RouterError):
+                await router.logout(token)
+    _print(json.dumps({"path": path, "size": size}))
+    return 0
+
+
 async def _with_timeout(reactor: Any, d: Any, timeout: float | None) -> Any:
     """The result, or None if the timeout passed first (the Deferred is cancelled)."""
     from twisted.internet.defer import CancelledError
@@ -168,7 +340,7 @@ async def _with_timeout(reactor: Any, d: Any, timeout: float | None) -> Any:
 def main(argv: Sequence[str] | None = None) -> None:
     parser = build_parser()
     options = parser.parse_args(argv)
-    if not options.user:
+    if not options.user and options.command != "download":
         parser.error("--user is required (or set CIM_USER)")
     from twisted.internet import asyncioreactor
 

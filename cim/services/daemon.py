@@ -22,14 +22,25 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from cim.accounts import AccountStore
+from cim.bus import make_bus
 from cim.config import CimConfig
-from cim.interfaces import INodeRegistry, IStateStore, NodeIdTaken, StateUnavailable
+from cim.files.signing import UrlKeyError
+from cim.groups import GroupDirectory
+from cim.interfaces import (
+    BusUnavailable,
+    IMessageBus,
+    INodeRegistry,
+    IStateStore,
+    NodeIdTaken,
+    StateUnavailable,
+)
 from cim.message_ids import MessageIdGenerator, node_number_for
 from cim.metrics import NodeMetrics
 from cim.protocols.crypto import NodeKey
 from cim.protocols.im import ImServerFactory
 from cim.registry import make_registry
 from cim.services.admin import admin_site
+from cim.services.files import FilesListener
 from cim.services.im import ImListener
 from cim.services.router import router_site
 from cim.state import make_state_store
@@ -53,8 +64,11 @@ class CimDaemon(Service):
         self.accounts: AccountStore | None = None
         self.state: IStateStore | None = None
         self.registry: INodeRegistry | None = None
+        self.bus: IMessageBus | None = None
+        self.groups: GroupDirectory | None = None
         self.switchboard: Switchboard | None = None
         self.im: ImListener | None = None
+        self.files: FilesListener | None = None
         self.http_ports: dict[str, IListeningPort] = {}
         self._stoppers: list[Callable[[], Any]] = []
 
@@ -86,6 +100,11 @@ class CimDaemon(Service):
         yield self._backend_step("registry", config.registry.backend, self.registry.start)
         self._stoppers.append(self.registry.stop)
 
+        self.bus = make_bus(config.queue, node_id, self.reactor)
+        # Each node caches group members; changes made on another node reach this
+        # cache after its TTL, so a cluster keeps it short.
+        member_cache_ttl = 60.0 if config.registry.backend == "local" else 5.0
+        self.groups = GroupDirectory(self.database, self.reactor, cache_ttl=member_cache_ttl)
         self.switchboard = Switchboard(
             node_id,
             self.state,
@@ -93,7 +112,13 @@ class CimDaemon(Service):
             self.reactor,
             self.metrics,
             MessageIdGenerator(self.reactor, node_number_for(node_id)),
+            bus=self.bus,
+            groups=self.groups,
         )
+        # Started after the switchboard registered its consumer, so nothing queued for
+        # this node while it was down is handed to nobody.
+        yield self._backend_step("queue", config.queue.backend, self.bus.start)
+        self._stoppers.append(self.bus.stop)
 
         if config.im.enabled:
             factory = ImServerFactory(
@@ -124,6 +149,9 @@ class CimDaemon(Service):
             )
             yield self._listen_http("router", config.router.listen, site)
 
+        if config.files.enabled:
+            yield self._start_files()
+
         if config.admin.enabled:
             yield self._listen_http(
                 "admin", config.admin.listen, admin_site(node_id, self.metrics, self.health)
@@ -131,12 +159,35 @@ class CimDaemon(Service):
 
         self.log.info("cim node {node} started", node=node_id)
 
+    def _start_files(self) -> Any:
+        """Storage, signing key and listener of the file service, one start-up step."""
+        config = self.config
+        assert self.database is not None and self.state is not None
+        files = FilesListener(
+            config.files, config.node.data_dir, self.database, self.state, self.reactor
+        )
+        try:
+            files.prepare()
+        except UrlKeyError as exc:
+            raise StartupError(f"[files] url_key: {exc}") from None
+        except OSError as exc:
+            raise StartupError(
+                f"[files] storage_dir = {files.storage_dir!r}: cannot use it: {exc.strerror}"
+            ) from None
+        self.files = files
+
+        async def start() -> None:
+            await files.start()
+            self._stoppers.append(files.stop)
+
+        return self._listen_step("files", config.files.listen, start)
+
     async def _backend_step_async(
         self, section: str, backend: str, start: Callable[[], Any]
     ) -> None:
         try:
             await maybeDeferred(start)
-        except (StateUnavailable, NodeIdTaken) as exc:
+        except (StateUnavailable, NodeIdTaken, BusUnavailable) as exc:
             raise StartupError(f"[{section}] backend = {backend!r}: {exc}") from None
         except Exception as exc:
             raise StartupError(f"[{section}] backend = {backend!r}: cannot start: {exc}") from None
@@ -172,7 +223,13 @@ class CimDaemon(Service):
             "node": self.config.node.id,
             "connections": self.metrics.connections_open,
             "online_here": self.switchboard.connected_count if self.switchboard else 0,
+            **self._files_health(),
         }
+
+    def _files_health(self) -> dict[str, Any]:
+        if self.files is None or self.files.store is None:
+            return {}
+        return {"files": self.files.store.metrics.snapshot()}
 
     def _start_failed(self, failure: Failure) -> None:
         if failure.check(StartupError):

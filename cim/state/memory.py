@@ -49,6 +49,7 @@ class MemoryStateStore:
         self._clock = clock
         self._prune_interval = prune_interval
         self._dedup_window = dedup_window
+        self._group_seqs: dict[str, int] = {}
         # (sender, device, client_seq) -> (receipt, forget at); insertion order is
         # time order, so forgetting pops from the front.
         self._receipts: OrderedDict[tuple[str, str, int], tuple[MessageReceipt, float]] = (
@@ -109,6 +110,11 @@ class MemoryStateStore:
         self._receipts[key] = (MessageReceipt(msg_id, sent_at_ms), forget_at)
         self._receipts.move_to_end(key)
         return defer.succeed(None)
+
+    def next_group_seq(self, group: str) -> Deferred[int]:
+        number = self._group_seqs.get(group, 0) + 1
+        self._group_seqs[group] = number
+        return defer.succeed(number)
 
     def record_outcome(
         self, sender: str, device: str, client_seq: int, status: int, reason: str

@@ -923,6 +923,10 @@ class RedisStateStore:
 
         return d.addCallback(receipt)
 
+    def next_group_seq(self, group: str) -> Deferred[int]:
+        d = self._command("INCR", self._prefix + "gseq:" + group)
+        return d.addCallback(int)
+
     def record_outcome(
         self, sender: str, device: str, client_seq: int, status: int, reason: str
     ) -> Deferred[None]:

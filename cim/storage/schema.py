@@ -20,6 +20,8 @@ from sqlalchemy import (
     CheckConstraint,
     Column,
     Double,
+    ForeignKey,
+    Index,
     Integer,
     MetaData,
     String,
@@ -57,4 +59,122 @@ users = Table(
     Column("kind", String(16), nullable=False, server_default="person"),
     Column("created_at", Double, nullable=False),
     CheckConstraint("kind IN ('person', 'device')", name="kind"),
+)
+
+GROUP_ID_LENGTH = 26
+"""16 random bytes in lowercase base32 without padding: opaque and unguessable."""
+GROUP_NAME_MAX = 64
+GROUP_ROLES = ("owner", "admin", "member")
+
+groups = Table(
+    "groups",
+    metadata,
+    Column("id", String(GROUP_ID_LENGTH), primary_key=True),
+    Column("name", String(GROUP_NAME_MAX), nullable=False),
+    # Also the one member row with role 'owner'; both change in the same transaction.
+    Column("owner", String(USER_NAME_MAX), nullable=False),
+    Column("created_at", Double, nullable=False),
+    # Dissolving keeps the row (member rows go): stored messages can still name the
+    # group, the id is never handed out again, and a late request gets "dissolved"
+    # instead of a puzzling "not found".
+    Column("dissolved_at", Double, nullable=True),
+    CheckConstraint("length(name) > 0", name="name_not_empty"),
+)
+
+group_members = Table(
+    "group_members",
+    metadata,
+    Column(
+        "group_id",
+        String(GROUP_ID_LENGTH),
+        ForeignKey("groups.id", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+    # By name, the way every other part of cim names users; deleting the account
+    # removes its memberships (cim.storage.groups.leave_all_groups_txn first hands
+    # ownership on, so call it before deleting a user).
+    Column(
+        "user_name",
+        String(USER_NAME_MAX),
+        ForeignKey("users.name", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+    Column("role", String(8), nullable=False),
+    Column("joined_at", Double, nullable=False),
+    CheckConstraint("role IN ('owner', 'admin', 'member')", name="role"),
+    # "List my groups" and "resolve a group name" start from the user.
+    Index(None, "user_name"),
+)
+
+# --- the file service (cim.files) ---------------------------------------------------
+
+FILE_ID_LENGTH = 22
+"""16 random bytes, URL-safe base64 without padding: unguessable file and upload ids."""
+FILE_NAME_MAX = 255
+MIME_MAX = 127
+
+files = Table(
+    "files",
+    metadata,
+    Column("id", String(FILE_ID_LENGTH), primary_key=True),
+    # The content address: the blob's path is derived from it, never from a name.
+    Column("sha256", String(64), nullable=False, unique=True),
+    # What instant upload (闪电上传) looks files up by, together with the size.
+    Column("md5", String(32), nullable=False, index=True),
+    Column("size", BigInteger, nullable=False),
+    Column("mime", String(MIME_MAX), nullable=False),
+    # For display and Content-Disposition only; already stripped of any path.
+    Column("name", String(FILE_NAME_MAX), nullable=False),
+    Column("width", Integer, nullable=True),
+    Column("height", Integer, nullable=True),
+    # The thumbnail's format ("jpeg" or "png"), NULL when the file is no image.
+    Column("thumbnail", String(16), nullable=True),
+    Column("created_by", String(USER_NAME_MAX), nullable=False),
+    Column("created_at", Double, nullable=False),
+)
+
+file_refs = Table(
+    "file_refs",
+    metadata,
+    # Who holds which file, for quotas: a deduplicated file counts for each holder.
+    # No foreign key to users: an attachment outlives its sender's account.
+    Column(
+        "file_id",
+        String(FILE_ID_LENGTH),
+        ForeignKey("files.id", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+    Column("user_name", String(USER_NAME_MAX), primary_key=True),
+    Column("created_at", Double, nullable=False),
+    Index(None, "user_name"),
+)
+
+uploads = Table(
+    "uploads",
+    metadata,
+    Column("id", String(FILE_ID_LENGTH), primary_key=True),
+    Column("user_name", String(USER_NAME_MAX), nullable=False, index=True),
+    Column("name", String(FILE_NAME_MAX), nullable=False),
+    Column("size", BigInteger, nullable=False),
+    Column("md5", String(32), nullable=False),
+    Column("mime", String(MIME_MAX), nullable=False),
+    Column("chunk_size", Integer, nullable=False),
+    Column("chunk_count", Integer, nullable=False),
+    Column("created_at", Double, nullable=False),
+    # Moved forward by every stored chunk; the sweeper deletes what is past it.
+    Column("expires_at", Double, nullable=False, index=True),
+)
+
+upload_chunks = Table(
+    "upload_chunks",
+    metadata,
+    Column(
+        "upload_id",
+        String(FILE_ID_LENGTH),
+        ForeignKey("uploads.id", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+    Column("chunk", Integer, primary_key=True),
+    Column("size", Integer, nullable=False),
+    Column("received_at", Double, nullable=False),
 )

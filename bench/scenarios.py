@@ -1,0 +1,638 @@
+"""The benchmark's scenarios: each starts its own daemon, drives it, returns plain data.
+
+Every scenario follows the same pattern: sample the daemon (and the workers) from
+/proc, run one phase, sample again, and divide the daemon's CPU by the work the
+workers counted. Phases are separated by a settle (the daemon idle again) so one
+phase's tail is not charged to the next. Everything is bounded: counts come from the
+plan and every wait has a deadline.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from bench.daemon import BenchDaemon, CoreSample, DaemonSettings, ProcSample, sample_cores
+from bench.workers import Answer, WorkerPool, cpu_between, split
+
+PASSWORD = "bench-password"
+SUITES = ("chacha20-poly1305", "rc4-hmac-sha256")
+DAEMON_CPU = 0
+GENERATOR_CPU = 1
+SATURATED = 0.85
+"""A side using at least this share of its core is the one that limits the rate.
+
+Not 100 %: a saturated side still waits a little for the other between bursts, and
+/proc counts CPU in 10 ms ticks."""
+
+Log = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How big and how long each scenario is: ``--quick`` and ``--full``."""
+
+    name: str
+    idle_counts: tuple[int, ...]
+    idle_hold: float
+    heartbeat_interval: float
+    router_default_logins: int
+    pairs: int
+    windows: tuple[int, ...]
+    throughput_seconds: float
+    warmup_seconds: float
+    latency_rates: tuple[int, ...]
+    latency_seconds: float
+    churn_cycles: int
+    churn_concurrency: int
+    churn_messages: int
+    workers: int = 2
+    profile_seconds: float = 0.0
+    profile_window: int = 8
+    """The 1:1 window during which the daemon is profiled (chacha20-poly1305)."""
+
+
+QUICK = Plan(
+    name="quick",
+    idle_counts=(2000,),
+    idle_hold=6.0,
+    heartbeat_interval=5.0,
+    router_default_logins=16,
+    pairs=100,
+    windows=(8,),
+    throughput_seconds=4.0,
+    warmup_seconds=1.0,
+    latency_rates=(1000, 2000, 5000),
+    latency_seconds=4.0,
+    churn_cycles=2000,
+    churn_concurrency=16,
+    churn_messages=4,
+)
+
+FULL = Plan(
+    name="full",
+    idle_counts=(5000, 15000),
+    idle_hold=11.0,
+    heartbeat_interval=5.0,
+    router_default_logins=48,
+    pairs=100,
+    windows=(1, 8, 32),
+    throughput_seconds=10.0,
+    warmup_seconds=2.0,
+    latency_rates=(1000, 2000, 5000),
+    latency_seconds=10.0,
+    churn_cycles=20000,
+    churn_concurrency=16,
+    churn_messages=4,
+    profile_seconds=10.0,
+)
+
+
+@dataclass
+class Context:
+    """Where a run keeps its scratch files, and which daemon source it runs."""
+
+    run_dir: str
+    log: Log
+    source: str | None = None
+    keep: bool = False
+    notes: list[str] = field(default_factory=list)
+
+    def daemon(self, name: str, settings: DaemonSettings) -> BenchDaemon:
+        return BenchDaemon(os.path.join(self.run_dir, name), settings, self.source)
+
+    def finish(self, daemon: BenchDaemon) -> None:
+        daemon.stop()
+        if not self.keep:
+            shutil.rmtree(os.path.join(daemon.workdir, "data"), ignore_errors=True)
+
+
+def _utilisation(cpu: float, wall: float) -> float:
+    return cpu / wall if wall > 0 else 0.0
+
+
+def saturated_side(daemon_core_busy: float, generator_core_busy: float) -> str:
+    """Which side ran out of CPU: the one whose core was (nearly) always busy.
+
+    The cores' busy shares come from /proc/stat, so a core full because some other
+    process ran on it too still counts as full: that side could go no faster. The
+    daemon's and the generator's own shares say how much of it they had.
+    """
+    if daemon_core_busy >= SATURATED:
+        return "daemon"
+    if generator_core_busy >= SATURATED:
+        return "generator"
+    return "neither (the offered load or the window limits the rate)"
+
+
+def _sum(answers: Sequence[Answer], *path: str) -> int:
+    total = 0
+    for answer in answers:
+        value: Any = answer
+        for key in path:
+            value = value[key]
+        total += int(value)
+    return total
+
+
+def _merge_counts(answers: Sequence[Answer], key: str) -> dict[str, int]:
+    merged: dict[str, int] = {}
+    for answer in answers:
+        for name, count in answer.get(key, {}).items():
+            merged[name] = merged.get(name, 0) + int(count)
+    return merged
+
+
+def _consistency(
+    answers: Sequence[Answer], before: Sequence[Answer] | None = None
+) -> dict[str, Any]:
+    """Exact totals of a drained load: sent must equal delivered + failed.
+
+    ``before`` (the workers' totals when the load started) makes them this load's own.
+    """
+
+    def count(name: str) -> int:
+        earlier = _sum(before, "totals", name) if before else 0
+        return _sum(answers, "totals", name) - earlier
+
+    sent, delivered, failed = count("sent"), count("delivered"), count("failed")
+    return {
+        "sent": sent,
+        "delivered": delivered,
+        "failed": failed,
+        "received": count("received"),
+        "consistent": sent == delivered + failed,
+        # Every delivered message was seen by its receiver (1:1: exactly once).
+        "received_matches": count("received") == delivered,
+        "failure_reasons": _merge_counts(answers, "failure_reasons"),
+        "errors": _merge_counts(answers, "errors"),
+    }
+
+
+def _names(prefix: str, count: int, parts: int) -> list[dict[str, Any]]:
+    return [{"prefix": prefix, "start": start, "count": n} for start, n in split(count, parts)]
+
+
+def _login(pool: WorkerPool, prefix: str, count: int, concurrency: int = 8) -> list[Answer]:
+    slices = _names(prefix, count, len(pool))
+    answers = pool.call(
+        lambda i: {"cmd": "login", "password": PASSWORD, "concurrency": concurrency, **slices[i]},
+        timeout=600,
+    )
+    failed = _sum(answers, "failed")
+    if failed:
+        raise RuntimeError(f"{failed} router logins failed: {_merge_counts(answers, 'errors')}")
+    return answers
+
+
+CONNECTS_IN_FLIGHT = 32
+"""Handshakes under way at once, over all workers: below the listen backlog (50), so
+no SYN is dropped and retried a second later, which would measure the backlog."""
+
+
+def _connect(pool: WorkerPool, prefix: str, count: int, suite: str) -> list[Answer]:
+    slices = _names(prefix, count, len(pool))
+    concurrency = max(1, CONNECTS_IN_FLIGHT // len(pool))
+    answers = pool.call(
+        lambda i: {"cmd": "connect", "suite": suite, "concurrency": concurrency, **slices[i]},
+        timeout=600,
+    )
+    failed = _sum(answers, "failed")
+    if failed:
+        raise RuntimeError(f"{failed} connections failed: {_merge_counts(answers, 'errors')}")
+    return answers
+
+
+# ----------------------------------------------------------------------------- idle
+
+
+def idle(ctx: Context, plan: Plan, count: int) -> dict[str, Any]:
+    """N authenticated, heartbeating, idle connections: memory, login rate, CPU."""
+    settings = DaemonSettings(heartbeat_interval=plan.heartbeat_interval)
+    daemon = ctx.daemon(f"idle-{count}", settings)
+    daemon.add_users((f"i{n}" for n in range(count)), PASSWORD)
+    daemon.add_users((f"w{n}" for n in range(50)), PASSWORD)
+    daemon.add_users((f"r{n}" for n in range(plan.router_default_logins)), PASSWORD, True)
+    daemon.start()
+    workers = max(plan.workers, math.ceil(count / 4000))
+    try:
+        with WorkerPool(workers, daemon.router_url, GENERATOR_CPU, daemon.workdir) as pool:
+            ctx.log(f"idle {count}: warming up")
+            _warm_up(pool, "w", 50)
+            empty = daemon.settle()
+
+            ctx.log(f"idle {count}: {count} router logins")
+            started = time.monotonic()
+            _login(pool, "i", count)
+            login_wall = time.monotonic() - started
+            logged_in = daemon.settle()
+
+            ctx.log(f"idle {count}: {count} connections with handshake")
+            cores_before = sample_cores()
+            before_connect = daemon.sample()
+            generators_before = pool.samples()
+            started = time.monotonic()
+            _connect(pool, "i", count, SUITES[0])
+            connect_wall = time.monotonic() - started
+            connected = daemon.sample()
+            generator_cpu = cpu_between(generators_before, pool.samples())
+            cores_after = sample_cores()
+
+            ctx.log(
+                f"idle {count}: holding {plan.idle_hold:.0f} s (heartbeats every "
+                f"{plan.heartbeat_interval:g} s)"
+            )
+            hold_start = daemon.sample()
+            beats_before = pool.call({"cmd": "totals"}, 60)
+            time.sleep(plan.idle_hold)
+            hold_end = daemon.sample()
+            beats_after = pool.call({"cmd": "totals"}, 60)
+
+            pool.call({"cmd": "close"}, 120)
+            # Last: each check at the default cost allocates 16 MiB, which the
+            # allocator may keep, and must not sit in the "empty" RSS above.
+            ctx.log(f"idle {count}: router check at the default KDF cost")
+            router = _router_default_cost(daemon, pool, plan.router_default_logins)
+    finally:
+        ctx.finish(daemon)
+    rss_growth = hold_end.rss_kib - empty.rss_kib
+    return {
+        "connections": count,
+        "workers": workers,
+        "rss_empty_kib": empty.rss_kib,
+        "rss_logged_in_kib": logged_in.rss_kib,
+        "rss_connected_kib": hold_end.rss_kib,
+        "rss_per_connection_kib": rss_growth / count,
+        "rss_per_connection_socket_only_kib": (hold_end.rss_kib - logged_in.rss_kib) / count,
+        "router_logins_per_s": count / login_wall,
+        "router_cpu_ms_per_login": logged_in.cpu_since(empty) * 1000 / count,
+        "handshakes_per_s": count / connect_wall,
+        "handshake_cpu_ms": connected.cpu_since(before_connect) * 1000 / count,
+        "handshake_daemon_share": _utilisation(
+            connected.cpu_since(before_connect), connected.wall_since(before_connect)
+        ),
+        "handshake_generator_share": _utilisation(generator_cpu, connect_wall),
+        "handshake_daemon_core_busy": cores_after.busy_share_since(cores_before, DAEMON_CPU),
+        "handshake_generator_core_busy": cores_after.busy_share_since(cores_before, GENERATOR_CPU),
+        "idle_daemon_cpu_share": _utilisation(
+            hold_end.cpu_since(hold_start), hold_end.wall_since(hold_start)
+        ),
+        "heartbeats_sent": _sum(beats_after, "totals", "heartbeats_sent")
+        - _sum(beats_before, "totals", "heartbeats_sent"),
+        "heartbeats_answered": _sum(beats_after, "totals", "heartbeats_received")
+        - _sum(beats_before, "totals", "heartbeats_received"),
+        "router_default_cost": router,
+    }
+
+
+def _warm_up(pool: WorkerPool, prefix: str, count: int) -> None:
+    """A few logins and messages first, so lazy imports and caches are not measured."""
+    _login(pool, prefix, count)
+    _connect(pool, prefix, count, SUITES[0])
+    pool.call({"cmd": "load", "window": 2}, 60)
+    time.sleep(0.5)
+    pool.call({"cmd": "stop_load", "timeout": 30}, 60)
+    pool.call({"cmd": "close"}, 60)
+
+
+def _router_default_cost(daemon: BenchDaemon, pool: WorkerPool, count: int) -> dict[str, Any]:
+    """Logins/s through the router with passwords hashed at the shipped scrypt cost."""
+    before = daemon.settle()
+    started = time.monotonic()
+    # One worker, a few concurrent requests: the KDF pool has two threads.
+    pool.workers[0].send(
+        {"cmd": "login", "prefix": "r", "count": count, "password": PASSWORD, "concurrency": 4}
+    )
+    answer = pool.workers[0].receive(600)
+    wall = time.monotonic() - started
+    after = daemon.sample()
+    return {
+        "logins": int(answer["logged_in"]),
+        "failed": int(answer["failed"]),
+        "logins_per_s": count / wall,
+        "cpu_ms_per_login": after.cpu_since(before) * 1000 / count,
+    }
+
+
+# ----------------------------------------------------------------- 1:1 and latency
+
+
+@dataclass
+class Interval:
+    """A measured interval: daemon, generators and both cores, sampled at both ends."""
+
+    start: ProcSample
+    end: ProcSample
+    generator_cpu: float
+    cores_start: CoreSample
+    cores_end: CoreSample
+
+    def core_busy(self, core: int) -> float:
+        return self.cores_end.busy_share_since(self.cores_start, core)
+
+
+def _measure(
+    daemon: BenchDaemon, pool: WorkerPool, seconds: float, latency: bool
+) -> tuple[Interval, list[Answer]]:
+    pool.call({"cmd": "mark", "latency": latency}, 60)
+    cores = sample_cores()
+    start = daemon.sample()
+    generators = pool.samples()
+    time.sleep(seconds)
+    reports = pool.call({"cmd": "report"}, 120)
+    end = daemon.sample()
+    generator_cpu = cpu_between(generators, pool.samples())
+    return Interval(start, end, generator_cpu, cores, sample_cores()), reports
+
+
+def _rates(interval: Interval, reports: Sequence[Answer]) -> dict[str, Any]:
+    start, end = interval.start, interval.end
+    wall = end.wall_since(start)
+    delivered = _sum(reports, "counts", "delivered")
+    cpu = end.cpu_since(start)
+    daemon_share = _utilisation(cpu, wall)
+    generator_share = _utilisation(interval.generator_cpu, wall)
+    daemon_core = interval.core_busy(DAEMON_CPU)
+    generator_core = interval.core_busy(GENERATOR_CPU)
+    return {
+        "seconds": wall,
+        "delivered": delivered,
+        "delivered_per_s": delivered / wall if wall else 0.0,
+        "failed_in_window": _sum(reports, "counts", "failed"),
+        "daemon_cpu_us_per_message": cpu * 1e6 / delivered if delivered else None,
+        "daemon_cpu_share": daemon_share,
+        "generator_cpu_share": generator_share,
+        "daemon_core_busy": daemon_core,
+        "generator_core_busy": generator_core,
+        "saturated": saturated_side(daemon_core, generator_core),
+        "rss_kib": end.rss_kib,
+    }
+
+
+def one_to_one(
+    ctx: Context, plan: Plan, profile: Callable[[int, float], dict[str, Any]] | None = None
+) -> dict[str, Any]:
+    """Saturation per suite and window, then paced latency, on one daemon."""
+    settings = DaemonSettings(heartbeat_interval=plan.heartbeat_interval)
+    daemon = ctx.daemon("one-to-one", settings)
+    users = 2 * plan.pairs
+    daemon.add_users((f"p{n}" for n in range(users)), PASSWORD)
+    daemon.start()
+    results: dict[str, Any] = {"pairs": plan.pairs, "throughput": [], "latency": []}
+    try:
+        with WorkerPool(plan.workers, daemon.router_url, GENERATOR_CPU, daemon.workdir) as pool:
+            _login(pool, "p", users)
+            for suite in SUITES:
+                _connect(pool, "p", users, suite)
+                for window in plan.windows:
+                    ctx.log(f"1:1 {suite}: {plan.pairs} pairs, window {window}")
+                    before = pool.call({"cmd": "totals"}, 60)
+                    pool.call({"cmd": "load", "window": window}, 60)
+                    time.sleep(plan.warmup_seconds)
+                    interval, reports = _measure(
+                        daemon, pool, plan.throughput_seconds, latency=False
+                    )
+                    row = {"suite": suite, "window": window}
+                    row.update(_rates(interval, reports))
+                    profile_here = (
+                        plan.profile_window
+                        if plan.profile_window in plan.windows
+                        else (plan.windows[-1])
+                    )
+                    if profile is not None and suite == SUITES[0] and window == profile_here:
+                        ctx.log(f"profiling the daemon for {plan.profile_seconds:.0f} s")
+                        results["profile"] = profile(daemon.pid, plan.profile_seconds)
+                    drained = pool.call({"cmd": "stop_load", "timeout": 30}, 120)
+                    row["totals"] = _consistency(drained, before)
+                    results["throughput"].append(row)
+                    daemon.settle()
+                pool.call({"cmd": "close"}, 120)
+                daemon.settle()
+
+            suite = SUITES[0]
+            _connect(pool, "p", users, suite)
+            for rate in plan.latency_rates:
+                ctx.log(f"latency {suite}: {rate} msg/s offered")
+                share = rate / len(pool)
+                before = pool.call({"cmd": "totals"}, 60)
+                pool.call({"cmd": "load", "rate": share}, 60)
+                time.sleep(plan.warmup_seconds)
+                interval, reports = _measure(daemon, pool, plan.latency_seconds, latency=True)
+                drained = pool.call({"cmd": "stop_load", "timeout": 30}, 120)
+                samples = sorted(v for report in reports for v in report["latencies_us"])
+                row = {"suite": suite, "offered_per_s": rate}
+                row.update(_rates(interval, reports))
+                row.update(percentiles(samples))
+                row["totals"] = _consistency(drained, before)
+                results["latency"].append(row)
+                daemon.settle()
+            pool.call({"cmd": "close"}, 120)
+    finally:
+        ctx.finish(daemon)
+    return results
+
+
+def percentiles(sorted_samples: Sequence[int]) -> dict[str, Any]:
+    """p50, p99, p99.9 and max in milliseconds (nearest-rank)."""
+    count = len(sorted_samples)
+    if not count:
+        return {"samples": 0, "p50_ms": None, "p99_ms": None, "p999_ms": None, "max_ms": None}
+
+    def rank(q: float) -> float:
+        index = min(count - 1, max(0, math.ceil(q * count) - 1))
+        return sorted_samples[index] / 1000
+
+    return {
+        "samples": count,
+        "p50_ms": rank(0.50),
+        "p99_ms": rank(0.99),
+        "p999_ms": rank(0.999),
+        "max_ms": sorted_samples[-1] / 1000,
+    }
+
+
+# ---------------------------------------------------------------------------- churn
+
+
+def churn(ctx: Context, plan: Plan) -> dict[str, Any]:
+    """K connect-login-chat-disconnect cycles in ten equal segments, sampled after each."""
+    settings = DaemonSettings(heartbeat_interval=plan.heartbeat_interval)
+    daemon = ctx.daemon("churn", settings)
+    workers = plan.workers
+    churners = plan.churn_concurrency * workers
+    daemon.add_users((f"c{n}" for n in range(churners)), PASSWORD)
+    daemon.add_users((f"s{n}" for n in range(workers)), PASSWORD)
+    daemon.start()
+    segments: list[dict[str, Any]] = []
+    try:
+        with WorkerPool(workers, daemon.router_url, GENERATOR_CPU, daemon.workdir) as pool:
+            _login(pool, "s", workers)
+            _connect(pool, "s", workers, SUITES[0])
+            churner_slices = _names("c", churners, workers)
+
+            def run(cycles: int) -> list[Answer]:
+                per_worker = split(cycles, workers)
+                return pool.call(
+                    lambda i: {
+                        "cmd": "churn",
+                        "cycles": per_worker[i][1],
+                        "messages": plan.churn_messages,
+                        "password": PASSWORD,
+                        "suite": SUITES[0],
+                        **churner_slices[i],
+                    },
+                    timeout=1200,
+                )
+
+            ctx.log("churn: warming up")
+            run(min(100, plan.churn_cycles // 10))
+            before = daemon.settle()
+            previous = before
+            last: list[Answer] = []
+            delivered_so_far = _sum(pool.call({"cmd": "totals"}, 60), "totals", "delivered")
+            for segment in range(10):
+                cycles = plan.churn_cycles // 10
+                generators = pool.samples()
+                started = time.monotonic()
+                last = run(cycles)
+                wall = time.monotonic() - started
+                generator_cpu = cpu_between(generators, pool.samples())
+                now = daemon.settle(0.2)
+                delivered_total = _sum(last, "totals", "delivered")
+                delivered = delivered_total - delivered_so_far
+                delivered_so_far = delivered_total
+                cpu = now.cpu_since(previous)
+                done = _sum(last, "cycles")
+                segments.append(
+                    {
+                        "segment": segment + 1,
+                        "cycles": done,
+                        "messages_delivered": delivered,
+                        "seconds": wall,
+                        "cycles_per_s": done / wall,
+                        "daemon_cpu_us_per_message": cpu * 1e6 / delivered if delivered else None,
+                        "daemon_cpu_ms_per_cycle": cpu * 1000 / done if done else None,
+                        "rss_kib": now.rss_kib,
+                        "daemon_cpu_share": _utilisation(cpu, wall),
+                        "generator_cpu_share": _utilisation(generator_cpu, wall),
+                    }
+                )
+                ctx.log(
+                    f"churn: segment {segment + 1}/10: {done} cycles, RSS {now.rss_kib} KiB, "
+                    f"{segments[-1]['daemon_cpu_ms_per_cycle']:.2f} ms CPU per cycle"
+                )
+                previous = now
+            pool.call({"cmd": "close"}, 120)
+            after = daemon.settle()
+            totals = _consistency(last)
+    finally:
+        ctx.finish(daemon)
+    first, final = segments[0], segments[-1]
+    return {
+        "cycles": sum(s["cycles"] for s in segments),
+        "messages_per_cycle": plan.churn_messages,
+        "concurrency": churners,
+        "rss_before_kib": before.rss_kib,
+        "rss_after_kib": after.rss_kib,
+        "first_tenth": first,
+        "last_tenth": final,
+        "segments": segments,
+        "totals": totals,
+    }
+
+
+# -------------------------------------------------------------------------- profile
+
+
+def py_spy_profiler(out_dir: str, log: Log) -> Callable[[int, float], dict[str, Any]] | None:
+    """A function that samples a pid with py-spy, or None if py-spy is not installed."""
+    binary = shutil.which("py-spy") or os.path.join(os.path.dirname(sys.executable), "py-spy")
+    if not os.path.exists(binary):
+        log("py-spy is not installed: no profile (pip install py-spy==0.4.3)")
+        return None
+
+    def profile(pid: int, seconds: float) -> dict[str, Any]:
+        raw = os.path.join(out_dir, "profile.folded")
+        version = subprocess.run(
+            [binary, "--version"], capture_output=True, text=True, timeout=30
+        ).stdout.strip()
+        completed = subprocess.run(
+            [
+                binary,
+                "record",
+                "--pid",
+                str(pid),
+                "--duration",
+                str(int(seconds)),
+                "--rate",
+                "250",
+                "--format",
+                "raw",
+                "--output",
+                raw,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=seconds + 60,
+        )
+        if completed.returncode != 0 or not os.path.exists(raw):
+            return {"error": completed.stderr.strip()[-500:], "tool": version}
+        with open(raw, encoding="utf-8") as handle:
+            return {"tool": version, **summarise_folded(handle.read())}
+
+    return profile
+
+
+REACTOR_FRAME = "mainLoop ("
+
+
+def summarise_folded(text: str, top: int = 25) -> dict[str, Any]:
+    """Own and inclusive shares per function of the reactor thread's py-spy samples."""
+    own: dict[str, int] = {}
+    inclusive: dict[str, int] = {}
+    total = 0
+    for line in text.splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        # Only the reactor thread: the idle database and KDF pool threads sit in
+        # Condition.wait, which py-spy does not count as idle.
+        if not stack or not count_text.isdigit() or REACTOR_FRAME not in stack:
+            continue
+        count = int(count_text)
+        frames = [_short_frame(frame) for frame in stack.split(";")]
+        total += count
+        own[frames[-1]] = own.get(frames[-1], 0) + count
+        for frame in set(frames):
+            inclusive[frame] = inclusive.get(frame, 0) + count
+
+    def ranked(table: dict[str, int]) -> list[tuple[str, float]]:
+        rows = sorted(table.items(), key=lambda item: -item[1])
+        # Frames on every stack (twistd's start-up chain, the reactor loop) say nothing.
+        rows = [(name, count) for name, count in rows if count < 0.99 * total][:top]
+        return [(name, 100.0 * count / total) for name, count in rows]
+
+    return {"samples": total, "own": ranked(own), "inclusive": ranked(inclusive)}
+
+
+def _short_frame(frame: str) -> str:
+    """``function (path/to/module.py:123)`` -> ``function (module.py)``; lines dropped."""
+    name, _, where = frame.partition(" (")
+    where = where.rstrip(")")
+    path = where.rsplit(":", 1)[0]
+    parts = path.split("/")
+    for marker in ("site-packages", "main", "cim_head"):
+        if marker in parts:
+            parts = parts[parts.index(marker) + 1 :]
+            break
+    short = "/".join(parts[-2:]) if parts else path
+    return f"{name} ({short})" if where else name
+
+
+def plan_dict(plan: Plan) -> dict[str, Any]:
+    return asdict(plan)
