@@ -74,6 +74,40 @@ class WalkThroughTests(SynchronousTestCase):
         self.assertIn("invalid_credentials", refused.stderr)
         self.assertNotIn("Traceback", refused.stderr)
 
+    def test_groups_from_the_command_line(self) -> None:
+        created = client(self.daemon, "alice", "group", "create", "friends")
+        self.assertEqual(created.returncode, 0, created.stderr)
+        group = json.loads(created.stdout)
+        self.assertEqual(
+            (group["name"], group["owner"], group["member_count"]), ("friends", "alice", 1)
+        )
+        added = client(self.daemon, "alice", "group", "add", "friends", "bob")
+        self.assertEqual(json.loads(added.stdout)["member_count"], 2, added.stderr)
+        listed = client(self.daemon, "bob", "group", "list")
+        self.assertEqual([g["id"] for g in json.loads(listed.stdout)], [group["id"]])
+        listener = client(
+            self.daemon, "bob", "listen", "--count", "1", "--timeout", "30", background=True
+        )
+        try:
+            self.daemon.wait_connections(1)
+            sent = client(self.daemon, "alice", "group", "send", "friends", "hi all")
+            out, err = listener.communicate(timeout=60)
+        finally:
+            if listener.poll() is None:
+                listener.kill()
+                listener.communicate()
+        self.assertEqual(sent.returncode, 0, sent.stderr)
+        self.assertEqual(json.loads(sent.stdout)["status"], "accepted")
+        message = json.loads(out.strip().splitlines()[0])
+        self.assertEqual(
+            (message["group"], message["from"], message["text"]), (group["id"], "alice", "hi all")
+        )
+        refused = client(self.daemon, "bob", "group", "send", "nonexistent", "x")
+        self.assertEqual(refused.returncode, 1)
+        self.assertIn("no group", refused.stderr)
+        left = client(self.daemon, "bob", "group", "leave", "friends")
+        self.assertEqual(json.loads(left.stdout), {"ok": True}, left.stderr)
+
     def test_sigterm_tells_clients_and_exits_cleanly(self) -> None:
         listener = client(self.daemon, "bob", "listen", "--timeout", "60", background=True)
         try:

@@ -214,16 +214,30 @@ class FilesDaemonTests(SynchronousTestCase):
         log = self.daemon.log()
         self.assertNotIn(media["url"].split("sig=")[1], log)
 
-    def test_group_send_is_refused_clearly(self) -> None:
+    def test_a_file_sent_to_a_group_reaches_its_members(self) -> None:
+        created = client(self.daemon, "alice", "group", "create", "team", "bob")
+        self.assertEqual(created.returncode, 0, created.stderr)
+        group_id = json.loads(created.stdout)["id"]
         path = os.path.join(self.workdir, "note.txt")
         with open(path, "w", encoding="utf-8") as handle:
             handle.write("hello group")
-        sent = self.send_file("team", path, "--group")
-        self.assertEqual(sent.returncode, 1, sent.stderr)
-        result = json.loads(sent.stdout)
-        self.assertEqual(result["status"], "failed")
-        self.assertIn("group", result.get("reason", ""))
-        self.assertNotIn("Traceback", sent.stderr)
+        listener = client(
+            self.daemon, "bob", "listen", "--count", "1", "--timeout", "60", background=True
+        )
+        try:
+            self.daemon.wait_connections(1)
+            sent = self.send_file("team", path, "--group")
+            out_text, err = listener.communicate(timeout=90)
+        finally:
+            if listener.poll() is None:
+                listener.kill()
+                listener.communicate()
+        self.assertEqual(sent.returncode, 0, sent.stderr)
+        self.assertEqual(json.loads(sent.stdout)["status"], "accepted")
+        self.assertEqual(listener.returncode, 0, err)
+        message = json.loads(out_text.strip().splitlines()[0])
+        self.assertEqual((message["type"], message["group"]), ("file", group_id))
+        self.assertEqual(message["media"]["name"], "note.txt")
 
 
 class FilesRefusalTests(SynchronousTestCase):

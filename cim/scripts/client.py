@@ -61,7 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
     send = commands.add_parser("send", help="send a text and wait for its outcome")
     send.add_argument("to")
     send.add_argument("text")
-    send.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for ack:N")
+    send.add_argument(
+        "--timeout",
+        type=float,
+        default=200.0,
+        help="seconds to wait for the outcome (the library retries for up to 160 s)",
+    )
     listen = commands.add_parser("listen", help="print received messages as JSON lines")
     listen.add_argument("--count", type=int, default=0, help="exit after N messages")
     listen.add_argument("--timeout", type=float, default=0.0, help="give up after S seconds")
@@ -84,6 +89,24 @@ def build_parser() -> argparse.ArgumentParser:
         "--limit-rate", default="0", help="average upload rate, e.g. 500KiB or 2MiB (per second)"
     )
     send_file.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for ack:N")
+    group = commands.add_parser("group", help="create, change, list and post to groups")
+    group_commands = group.add_subparsers(dest="group_command", required=True)
+    create = group_commands.add_parser("create", help="create a group (you own it)")
+    create.add_argument("name")
+    create.add_argument("members", nargs="*")
+    for verb, text in (("add", "add members"), ("remove", "remove members")):
+        change = group_commands.add_parser(verb, help=text)
+        change.add_argument("group", help="the group's id, or its name if unambiguous")
+        change.add_argument("users", nargs="+")
+    leave = group_commands.add_parser("leave", help="leave a group")
+    leave.add_argument("group")
+    group_commands.add_parser("list", help="the groups you are in")
+    members = group_commands.add_parser("members", help="a group's members")
+    members.add_argument("group")
+    group_send = group_commands.add_parser("send", help="post a text to a group")
+    group_send.add_argument("group")
+    group_send.add_argument("text")
+    group_send.add_argument("--timeout", type=float, default=200.0)
     download = commands.add_parser("download", help="download a file from a message's URL")
     download.add_argument("url")
     download.add_argument("-o", "--output", help="file or directory to save to")
@@ -152,13 +175,12 @@ async def run(reactor: Any, options: argparse.Namespace) -> int:
             if outcome is None:
                 _print(json.dumps({"msg_id": None, "status": "failed", "reason": "timeout"}))
                 return 1
-            result = {"msg_id": str(outcome.msg_id), "status": outcome.status, "to": outcome.to}
-            if outcome.reason:
-                result["reason"] = outcome.reason
-            _print(json.dumps(result))
+            _print(json.dumps(_outcome_line(outcome)))
             return 0 if outcome.status in ("delivered", "stored") else 1
         if options.command == "send-file":
             return await _send_file(reactor, client, options)
+        if options.command == "group":
+            return await _group(reactor, client, options)
         if options.command == "online":
             page = await client.online(0, 1000)
             _print(json.dumps({"total": page.total, "users": list(page.users)}))
@@ -185,6 +207,80 @@ async def run(reactor: Any, options: argparse.Namespace) -> int:
         return 0
     finally:
         await client.stop(logout=True)
+
+
+def _outcome_line(outcome: Any) -> dict[str, Any]:
+    result = {"msg_id": str(outcome.msg_id), "status": outcome.status, "to": outcome.to}
+    if outcome.reason:
+        result["reason"] = outcome.reason
+    return result
+
+
+def _group_json(info: Any) -> dict[str, Any]:
+    return {
+        "id": info.id,
+        "name": info.name,
+        "owner": info.owner,
+        "admins": list(info.admins),
+        "member_count": info.member_count,
+    }
+
+
+async def resolve_group(client: Any, reference: str) -> str:
+    """A group id from an id or a name the user has exactly one group of."""
+    from cim.protocols import cim_pb2
+
+    answer = await client.group_request(cim_pb2.GroupRequest(list=cim_pb2.ListGroups()))
+    if not answer.ok:
+        raise ClientExit(1, f"cannot list your groups: {answer.message}")
+    matches = [g.id for g in answer.groups if reference in (g.id, g.name)]
+    if len(matches) == 1:
+        return str(matches[0])
+    if not matches:
+        raise ClientExit(1, f"you are in no group {reference!r}")
+    raise ClientExit(1, f"you are in {len(matches)} groups named {reference!r}: use an id")
+
+
+async def _group(reactor: Any, client: Any, options: argparse.Namespace) -> int:
+    from cim.protocols import cim_pb2
+
+    verb = options.group_command
+    if verb == "send":
+        group_id = await resolve_group(client, options.group)
+        outcome = await _with_timeout(
+            reactor, client.send_group(group_id, options.text), options.timeout
+        )
+        if outcome is None:
+            _print(json.dumps({"msg_id": None, "status": "failed", "reason": "timeout"}))
+            return 1
+        _print(json.dumps(_outcome_line(outcome) | {"group": group_id}))
+        return 0 if outcome.status == "accepted" else 1
+    requests = {
+        "create": lambda: cim_pb2.GroupRequest(
+            create=cim_pb2.CreateGroup(name=options.name, members=options.members)
+        ),
+        "add": lambda: cim_pb2.GroupRequest(
+            add=cim_pb2.ChangeMembers(group=options.group, users=options.users)
+        ),
+        "remove": lambda: cim_pb2.GroupRequest(
+            remove=cim_pb2.ChangeMembers(group=options.group, users=options.users)
+        ),
+        "leave": lambda: cim_pb2.GroupRequest(leave=cim_pb2.GroupRef(group=options.group)),
+        "list": lambda: cim_pb2.GroupRequest(list=cim_pb2.ListGroups()),
+        "members": lambda: cim_pb2.GroupRequest(members=cim_pb2.GroupRef(group=options.group)),
+    }
+    answer = await client.group_request(requests[verb]())
+    if not answer.ok:
+        raise ClientExit(1, f"{answer.message} ({answer.error})")
+    if verb == "list":
+        _print(json.dumps([_group_json(info) for info in answer.groups]))
+    elif verb == "members":
+        _print(json.dumps([{"user": m.user, "role": m.role} for m in answer.members]))
+    elif answer.HasField("group"):
+        _print(json.dumps(_group_json(answer.group)))
+    else:
+        _print(json.dumps({"ok": True}))
+    return 0
 
 
 class _ProgressBar:
@@ -265,7 +361,8 @@ async def _send_file(reactor: Any, client: Any, options: argparse.Namespace) -> 
         duration_ms = int(options.duration * 1000)
     elif stored.mime.startswith("audio/"):
         duration_ms = voice_duration_ms(path)
-    message = media_message(options.to, stored, name, options.group, duration_ms)
+    target = await resolve_group(client, options.to) if options.group else options.to
+    message = media_message(target, stored, name, options.group, duration_ms)
     result: dict[str, Any] = {
         "file_id": stored.file_id,
         "url": stored.url,
@@ -286,7 +383,7 @@ async def _send_file(reactor: Any, client: Any, options: argparse.Namespace) -> 
     if outcome.reason:
         result["reason"] = outcome.reason
     _print(json.dumps(result))
-    return 0 if outcome.status in ("delivered", "stored") else 1
+    return 0 if outcome.status in ("delivered", "stored", "accepted") else 1
 
 
 async def _download(reactor: Any, options: argparse.Namespace) -> int:
