@@ -91,7 +91,7 @@ class WalkThroughTests(SynchronousTestCase):
         try:
             self.daemon.wait_connections(1)
             sent = client(self.daemon, "alice", "group", "send", "friends", "hi all")
-            out, err = listener.communicate(timeout=60)
+            out, _err = listener.communicate(timeout=60)
         finally:
             if listener.poll() is None:
                 listener.kill()
