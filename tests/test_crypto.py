@@ -90,6 +90,21 @@ class SuiteTestsMixin(_MixinBase):
             self.assertEqual(node_opener.open(client_sealer.seal(text)), text)
             self.assertEqual(client_opener.open(node_sealer.seal(text)), text)
 
+    def test_release_while_idle_keeps_the_stream_going(self) -> None:
+        """An idle connection frees its cipher contexts; the next frames still work."""
+        client_sealer, _, _, node_opener = pair(self.suite)
+        first = client_sealer.seal(b"\x0cone")
+        self.assertEqual(node_opener.open(first), b"\x0cone")
+        client_sealer.release()
+        node_opener.release()
+        second = client_sealer.seal(b"\x0ctwo")
+        self.assertEqual(node_opener.open(second), b"\x0ctwo")
+        # Counters kept going: replaying the first frame still fails.
+        node_opener.release()
+        self.assertRaises(FrameAuthenticationError, node_opener.open, first)
+        node_opener.release()
+        self.assertRaises(FrameAuthenticationError, node_opener.open, client_sealer.seal(b"x"))
+
     def test_ciphertext_hides_plaintext_and_adds_a_tag(self) -> None:
         client_sealer, _, _, _ = pair(self.suite)
         text = b"hello bob, this is alice" * 4

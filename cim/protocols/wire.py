@@ -44,6 +44,9 @@ class _NotEncrypting:
     def seal(self, plaintext: bytes) -> bytes:
         raise RuntimeError("send_frame before start_encryption; use send_plaintext")
 
+    def release(self) -> None:
+        pass
+
 
 class FrameProtocol(Int32StringReceiver):
     """Length-prefixed frames, heartbeats, encryption and allow-list dispatch.
@@ -79,6 +82,11 @@ class FrameProtocol(Int32StringReceiver):
                 metrics.heartbeats_in += 1
                 metrics.bytes_in += _PREFIX_SIZE
             self.heartbeat_received()
+            # Heartbeats flow only while the connection is idle: a good moment to free
+            # the cipher contexts an idle connection does not need.
+            self._sealer.release()
+            if self._opener is not None:
+                self._opener.release()
             return
         if metrics is not None:
             metrics.bytes_in += _PREFIX_SIZE + len(body)
