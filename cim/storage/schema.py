@@ -23,9 +23,11 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Table,
+    Text,
 )
 
 NAMING_CONVENTION = {
@@ -177,4 +179,52 @@ upload_chunks = Table(
     Column("chunk", Integer, primary_key=True),
     Column("size", Integer, nullable=False),
     Column("received_at", Double, nullable=False),
+)
+
+# --- offline messages and history (cim.offline) -------------------------------------
+
+MSG_ID = BigInteger()
+"""Server message ids (``cim.message_ids``): 63 bits used, so a signed BIGINT holds them."""
+
+offline_msgs = Table(
+    "offline_msgs",
+    metadata,
+    # The design's columns (离线消息), the uids being user names as everywhere in cim.
+    # No foreign keys: a consumer writing a batch must not fail on an account deleted
+    # meanwhile, and the messages of a deleted account are cleaned up by the caller.
+    Column("receiver_uid", String(USER_NAME_MAX), primary_key=True),
+    # Primary key (receiver_uid, msg_id): a second write of the same message (a
+    # consumer that crashed between commit and broker ack) is a no-op, and the key's
+    # index also serves the pull "this receiver's messages, newest first" (a backward
+    # scan) and the per-sender summary, so the table needs no other index.
+    Column("msg_id", MSG_ID, primary_key=True, autoincrement=False),
+    Column("send_time", Double, nullable=False),
+    Column("sender_uid", String(USER_NAME_MAX), nullable=False),
+    # cim_pb2.MessageType's number.
+    Column("msg_type", Integer, nullable=False),
+    # The text, for people inspecting the table; delivery uses ``payload``.
+    Column("msg_content", Text, nullable=False),
+    Column("group_id", String(GROUP_ID_LENGTH), nullable=True),
+    # The serialized cim_pb2.Message, so the receiver gets exactly what was sent.
+    Column("payload", LargeBinary, nullable=False),
+)
+
+CONVERSATION_MAX = 2 + 2 * 3 * USER_NAME_MAX + 1
+""""u:" and two user names with every character escaped ("%3A"), or "g:" and a group id."""
+
+history = Table(
+    "history",
+    metadata,
+    # "u:<name>:<name>" (sorted, ':' and '%' escaped) or "g:<group id>": see
+    # cim.offline.direct_conversation. The primary key (conversation, msg_id) makes
+    # archiving idempotent and serves the history page (newest first, a backward scan).
+    Column("conversation", String(CONVERSATION_MAX), primary_key=True),
+    Column("msg_id", MSG_ID, primary_key=True, autoincrement=False),
+    Column("sender", String(USER_NAME_MAX), nullable=False),
+    Column("receiver", String(USER_NAME_MAX), nullable=True),
+    Column("group_id", String(GROUP_ID_LENGTH), nullable=True),
+    # The retention purge deletes by age, oldest first.
+    Column("sent_at", Double, nullable=False, index=True),
+    Column("msg_type", Integer, nullable=False),
+    Column("payload", LargeBinary, nullable=False),
 )
