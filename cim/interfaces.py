@@ -140,6 +140,10 @@ class IStateStore(Interface):
     ) -> Deferred[None]:
         """The final outcome of a remembered message, for answering later retries."""
 
+    def node_number(node_id: str) -> Deferred[int]:
+        """This node's number for message ids (0-1023), the same for the same id and
+        unique among the nodes sharing this store."""
+
     def next_group_seq(group: str) -> Deferred[int]:
         """The group's next message number (1, 2, 3, ...), shared by every node."""
 

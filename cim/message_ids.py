@@ -4,12 +4,12 @@ Layout (most significant first): 41 bits of milliseconds since 2024-01-01 UTC, 1
 bits of node number, 12 bits of per-millisecond sequence. Sorting ids sorts messages
 by the time the node took them, which is what group ordering needs (design: 群聊以
 服务器收到的顺序为准), and a node never repeats or goes back even when the wall
-clock steps backwards: it keeps counting from the last millisecond it used.
+clock steps backwards: it keeps counting from the last millisecond it used. The node
+number comes from the state store (``IStateStore.node_number``), which never hands the
+same number to two node ids.
 """
 
 from __future__ import annotations
-
-import hashlib
 
 from twisted.internet.interfaces import IReactorTime
 
@@ -18,11 +18,6 @@ NODE_BITS = 10
 SEQUENCE_BITS = 12
 MAX_NODE_NUMBER = (1 << NODE_BITS) - 1
 _MAX_SEQUENCE = (1 << SEQUENCE_BITS) - 1
-
-
-def node_number_for(node_id: str) -> int:
-    """A stable 10-bit number for a node id (until the registry hands out numbers)."""
-    return int.from_bytes(hashlib.sha256(node_id.encode()).digest()[:2], "big") & MAX_NODE_NUMBER
 
 
 class MessageIdGenerator:

@@ -95,6 +95,11 @@ class StateStoreContract(_ContractBase):
         # Names cannot be combined into someone else's key.
         self.assertIsNone(await self.store.remember_message("alice:phone", "", 7, 5005, 99))
 
+    async def test_node_numbers_are_stable_and_distinct(self) -> None:
+        first = await self.store.node_number("n1")
+        self.assertEqual(await self.store.node_number("n1"), first)
+        self.assertTrue(0 <= first <= 1023)
+
     async def test_routes_of_many_users(self) -> None:
         alice, _ = await self.login("t1", "alice", node="n1")
         bob, _ = await self.login("t2", "bob", node="n2")

@@ -152,6 +152,14 @@ class RedisStateStoreContractTests(RedisFixture, StateStoreContract):
 class RedisClusterTests(RedisFixture):
     """Two stores on one prefix are two nodes of a cluster."""
 
+    async def test_node_numbers_differ_between_nodes(self) -> None:
+        first = await self.make_store()
+        other = await self.make_store()
+        one = await first.node_number("node-a")
+        two = await other.node_number("node-b")
+        self.assertNotEqual(one, two)
+        self.assertEqual(await other.node_number("node-a"), one)
+
     async def nodes(self) -> tuple[RedisStateStore, RedisStateStore, Ended, Ended]:
         n1 = await self.make_store()
         n2 = await self.make_store()

@@ -34,7 +34,7 @@ from cim.interfaces import (
     NodeIdTaken,
     StateUnavailable,
 )
-from cim.message_ids import MessageIdGenerator, node_number_for
+from cim.message_ids import MessageIdGenerator
 from cim.metrics import NodeMetrics
 from cim.protocols.crypto import NodeKey
 from cim.protocols.im import ImServerFactory
@@ -92,14 +92,18 @@ class CimDaemon(Service):
         self.accounts.start()
         self._stoppers.append(self.accounts.stop)
 
-        self.state = make_state_store(config.state, self.reactor)
-        yield self._backend_step("state", config.state.backend, self.state.start)
-        self._stoppers.append(self.state.stop)
+        state = self.state = make_state_store(config.state, self.reactor)
+        yield self._backend_step("state", config.state.backend, state.start)
+        self._stoppers.append(state.stop)
 
         self.registry = make_registry(config.registry, self.reactor)
         yield self._backend_step("registry", config.registry.backend, self.registry.start)
         self._stoppers.append(self.registry.stop)
 
+        # Message ids embed a node number the state store hands out, unique in a cluster.
+        node_number = yield self._backend_step(
+            "state", config.state.backend, lambda: state.node_number(node_id)
+        )
         self.bus = make_bus(config.queue, node_id, self.reactor)
         # Each node caches group members; changes made on another node reach this
         # cache after its TTL, so a cluster keeps it short.
@@ -111,7 +115,7 @@ class CimDaemon(Service):
             self.accounts.exists,
             self.reactor,
             self.metrics,
-            MessageIdGenerator(self.reactor, node_number_for(node_id)),
+            MessageIdGenerator(self.reactor, node_number),
             bus=self.bus,
             groups=self.groups,
         )
@@ -184,9 +188,9 @@ class CimDaemon(Service):
 
     async def _backend_step_async(
         self, section: str, backend: str, start: Callable[[], Any]
-    ) -> None:
+    ) -> Any:
         try:
-            await maybeDeferred(start)
+            return await maybeDeferred(start)
         except (StateUnavailable, NodeIdTaken, BusUnavailable) as exc:
             raise StartupError(f"[{section}] backend = {backend!r}: {exc}") from None
         except Exception as exc:

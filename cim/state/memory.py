@@ -111,6 +111,10 @@ class MemoryStateStore:
         self._receipts.move_to_end(key)
         return defer.succeed(None)
 
+    def node_number(self, node_id: str) -> Deferred[int]:
+        # One process, one node: any fixed number is unique.
+        return defer.succeed(1)
+
     def next_group_seq(self, group: str) -> Deferred[int]:
         number = self._group_seqs.get(group, 0) + 1
         self._group_seqs[group] = number

@@ -68,6 +68,7 @@ from cim.interfaces import (
     SessionRecord,
     StateUnavailable,
 )
+from cim.message_ids import MAX_NODE_NUMBER
 from cim.state.memory import KICK_OLD, REASON_EXPIRED, REASON_LOGGED_IN_ELSEWHERE, REFUSE_NEW
 
 DEFAULT_PREFIX = "cim:"
@@ -630,6 +631,19 @@ return {total, redis.call('ZRANGE', p .. 'online', offset, offset + limit - 1)}
 """)
 
 # ARGV: prefix. Returns node, count, node, count, ...
+# ARGV: prefix, node id, highest number. A node keeps its number across restarts;
+# numbers are never handed out twice, so message ids of two nodes never collide.
+_NODE_NUMBER = _script("""
+local known = redis.call('HGET', p .. 'node-numbers', ARGV[2])
+if known then return known end
+local number = redis.call('INCR', p .. 'node-number-seq')
+if number > tonumber(ARGV[3]) then
+  return redis.error_reply('no node numbers left: ' .. ARGV[3] .. ' node ids were used')
+end
+redis.call('HSET', p .. 'node-numbers', ARGV[2], number)
+return number
+""")
+
 # ARGV: prefix, user... Returns each user's node, or false when offline.
 _ROUTES = _script("""
 local nodes = {}
@@ -922,6 +936,10 @@ class RedisStateStore:
             return MessageReceipt(int(msg), int(sent_at), int(status or 0), reason or "")
 
         return d.addCallback(receipt)
+
+    def node_number(self, node_id: str) -> Deferred[int]:
+        d = self._eval(_NODE_NUMBER, node_id, str(MAX_NODE_NUMBER))
+        return d.addCallback(int)
 
     def next_group_seq(self, group: str) -> Deferred[int]:
         d = self._command("INCR", self._prefix + "gseq:" + group)
