@@ -64,6 +64,10 @@ REASON_RECEIVER_OFFLINE = "the receiver is offline"
 REASON_NO_SUCH_USER = "no such user"
 REASON_RECEIVER_LEFT = "the receiver disconnected before acknowledging"
 REASON_FORWARD_FAILED = "the receiver's node could not be reached"
+REASON_NOT_ACKNOWLEDGED = "the receiver did not acknowledge in time"
+PENDING_TIMEOUT = 160.0
+"""A receiver that holds a msg:N this long without ack:R fails it (the sender's client
+gives up at the same point), so a client that never acks cannot grow the node."""
 MAX_ONLINE_PAGE = 1000
 DEFAULT_ONLINE_PAGE = 100
 
@@ -137,6 +141,8 @@ class _Pending:
     sender_device: str
     client_seq: int
     receiver: str
+    message: cim_pb2.Message
+    deadline: float
 
 
 class Switchboard:
@@ -195,6 +201,12 @@ class Switchboard:
         if previous is not None and previous is not session:
             same = previous.record.session_id == session.record.session_id
             previous.kick(REASON_REPLACED if same else REASON_LOGGED_IN_ELSEWHERE)
+            # What the old connection held unacknowledged goes to the new one at once
+            # (the client drops what it already showed).
+            for msg_id in sorted(self._pending_by_receiver.get(user, ())):
+                pending = self._pending.get((msg_id, user))
+                if pending is not None:
+                    session.deliver(MSG_N, pending.message)
         self._background(self._state.mark_online(session.record), "mark online")
 
     def session_closed(self, session: ClientSession) -> None:
@@ -217,6 +229,7 @@ class Switchboard:
         Runs periodically; it also rewrites what a restarted state store lost, so
         connected users stay reachable without reconnecting.
         """
+        self.expire_pending()
         records = [session.record for session in self._sessions.values()]
         d = self._state.refresh_sessions(self.node_id, records)
         # The store already logged the outage once; retrying next period is enough.
@@ -282,7 +295,9 @@ class Switchboard:
                 client_seq=message.client_seq, msg_id=message.id, sent_at_ms=message.sent_at_ms
             ),
         )
-        if receipt is not None and receipt.status:
+        if receipt is not None and receipt.status and receipt.status != FAILED:
+            # Settled: answer the retry with the same outcome, deliver nothing again.
+            # A FAILED one is routed again (a user's resend), under the same id.
             self._tell_sender(
                 session.record.user,
                 session.record.device,
@@ -296,7 +311,9 @@ class Switchboard:
             )
             return
         if message.group:
-            if receipt is None:
+            # First time, or a retry of one never numbered (the state store failed in
+            # between): number it and fan out. Members drop a second copy by id.
+            if receipt is None or not receipt.status:
                 d = self._state.next_group_seq(message.group)
                 d.addCallback(self._numbered, session, message)
                 d.addErrback(self._claim_failed, session, message.client_seq)
@@ -372,7 +389,12 @@ class Switchboard:
         if key in self._pending:
             return  # a retry while the receiver still holds it unacknowledged here
         self._pending[key] = _Pending(
-            getattr(message, "from"), sender_device, message.client_seq, receiver
+            getattr(message, "from"),
+            sender_device,
+            message.client_seq,
+            receiver,
+            message,
+            self._clock.seconds() + PENDING_TIMEOUT,
         )
         self._pending_by_receiver.setdefault(receiver, set()).add(message.id)
         self._sessions[receiver].deliver(MSG_N, message)
@@ -426,6 +448,27 @@ class Switchboard:
             waiting.discard(msg_id)
             if not waiting:
                 del self._pending_by_receiver[receiver]
+
+    def expire_pending(self) -> int:
+        """Fail every msg:N held unacknowledged past its deadline; returns how many."""
+        now = self._clock.seconds()
+        expired = [key for key, pending in self._pending.items() if pending.deadline <= now]
+        for msg_id, receiver in expired:
+            pending = self._pending.pop((msg_id, receiver))
+            self._forget_pending(receiver, msg_id)
+            self._metrics.messages["failed"] += 1
+            self._tell_sender(
+                pending.sender,
+                pending.sender_device,
+                cim_pb2.AckN(
+                    msg_id=msg_id,
+                    client_seq=pending.client_seq,
+                    status=FAILED,
+                    reason=REASON_NOT_ACKNOWLEDGED,
+                    to=receiver,
+                ),
+            )
+        return len(expired)
 
     def _fail_pending_for(self, receiver: str, reason: str) -> None:
         for msg_id in self._pending_by_receiver.pop(receiver, ()):

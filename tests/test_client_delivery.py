@@ -465,14 +465,16 @@ class MemorySeenStoreTests(SynchronousTestCase):
         store.record(2, "alice", "phone", 3)
         self.assertEqual(store.last_seq("alice", "phone"), 5)
 
-    def test_bounded_with_a_floor_for_what_it_forgot(self) -> None:
+    def test_bounded_and_forgotten_means_not_seen(self) -> None:
         store = MemorySeenStore(max_ids=3, max_senders=2)
         for msg_id, seq in ((1, 10), (2, 11), (3, 12), (4, 13)):
             store.record(msg_id, "alice", "phone", seq)
         self.assertEqual(len(store), 3)
-        self.assertFalse(store.is_duplicate(1, "bob", "phone", 0))  # id 1 forgotten...
-        self.assertTrue(store.is_duplicate(1, "alice", "phone", 10))  # ...but under the floor
-        self.assertTrue(store.is_duplicate(99, "alice", "phone", 9))
+        self.assertFalse(store.is_duplicate(1, "bob", "phone", 0))  # id 1 forgotten
+        # A forgotten sequence is not assumed seen: other senders' traffic evicts too,
+        # and a late first arrival must reach the application.
+        self.assertFalse(store.is_duplicate(99, "alice", "phone", 10))
+        self.assertTrue(store.is_duplicate(99, "alice", "phone", 12))
         self.assertFalse(store.is_duplicate(99, "alice", "phone", 14))
         store.record(5, "bob", "phone", 1)
         store.record(6, "carol", "phone", 1)  # a third sender evicts alice's mark
@@ -523,7 +525,7 @@ class FileSeenStoreTests(SynchronousTestCase):
         again = FileSeenStore(path, max_ids=5, max_senders=2)
         self.assertEqual(len(again), 5)
         self.assertTrue(again.is_duplicate(39, "", "", 0))
-        self.assertTrue(again.is_duplicate(1000, "alice", "phone", 20))  # under the floor
+        self.assertTrue(again.is_duplicate(1000, "alice", "phone", 39))
         self.assertFalse(again.is_duplicate(1000, "alice", "phone", 40))
         self.assertEqual(again.last_seq("alice", "phone"), 39)
         self.assertFalse(os.path.exists(path + ".tmp"))

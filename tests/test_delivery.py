@@ -72,6 +72,51 @@ class RetryTests(SynchronousTestCase):
         [again] = alice_on_two.events.of_type(cim_pb2.MSG_A)
         self.assertEqual(first, again)
 
+    def test_a_resend_after_failure_is_delivered_once_the_receiver_is_back(self) -> None:
+        node = NodeHarness(users=("bob",))
+        alice = node.connect("alice")
+        request = cim_pb2.Message(to="bob", text="are you there", client_seq=4)
+        alice.protocol.send(cim_pb2.MSG_R, request)
+        settle(node)
+        [failed] = alice.events.of_type(cim_pb2.ACK_N)
+        self.assertEqual(failed.status, cim_pb2.FAILED)
+        bob = node.connect("bob", auto_ack=True)
+        alice.protocol.send(cim_pb2.MSG_R, request)  # the user's resend, same sequence
+        settle(node)
+        [delivered] = bob.events.of_type(cim_pb2.MSG_N)
+        self.assertEqual(delivered.id, failed.msg_id)
+        self.assertEqual(alice.events.of_type(cim_pb2.ACK_N)[-1].status, cim_pb2.DELIVERED)
+
+    def test_a_reconnected_receiver_gets_what_its_old_connection_held(self) -> None:
+        node = NodeHarness()
+        alice = node.connect("alice")
+        bob = node.connect("bob")  # receives, never acks, then its link silently dies
+        alice.protocol.send(cim_pb2.MSG_R, cim_pb2.Message(to="bob", text="x", client_seq=1))
+        settle(node)
+        [held] = bob.events.of_type(cim_pb2.MSG_N)
+        bob_again = node.connect(token=bob.token)  # fast reconnect, same session
+        settle(node)
+        self.assertEqual([m.id for m in bob_again.events.of_type(cim_pb2.MSG_N)], [held.id])
+
+    def test_unacknowledged_messages_fail_after_the_deadline(self) -> None:
+        from cim.switchboard import PENDING_TIMEOUT
+
+        node = NodeHarness()
+        alice = node.connect("alice")
+        node.connect("bob")  # never acks, stays connected
+        for seq in range(1, 4):
+            alice.protocol.send(cim_pb2.MSG_R, cim_pb2.Message(to="bob", text="x", client_seq=seq))
+        settle(node)
+        self.assertEqual(node.switchboard.expire_pending(), 0)
+        for _ in range(int(PENDING_TIMEOUT // 10)):  # heartbeats keep both connected
+            node.clock.advance(10)
+            settle(node)
+        self.assertEqual(node.switchboard.expire_pending(), 3)
+        settle(node)
+        outcomes = alice.events.of_type(cim_pb2.ACK_N)
+        self.assertEqual([a.status for a in outcomes], [cim_pb2.FAILED] * 3)
+        self.assertEqual(node.switchboard._pending, {})
+
     def test_state_store_down_refuses_with_unavailable(self) -> None:
         from twisted.internet.defer import fail
 
@@ -212,6 +257,28 @@ class GroupFanOutTests(SynchronousTestCase):
             if name not in senders:
                 orders.add(tuple(sorted(ids)))
         self.assertEqual(len(orders), 1)
+
+    def test_a_group_retry_after_a_numbering_failure_still_fans_out(self) -> None:
+        from twisted.internet.defer import fail
+
+        from cim.interfaces import StateUnavailable
+
+        groups = FakeGroups({"g1": ["alice", "bob"]})
+        one, _ = cluster(groups)
+        alice = one.connect("alice")
+        bob = one.connect("bob", auto_ack=True)
+        numbering = one.state.next_group_seq
+        one.state.next_group_seq = lambda group: fail(StateUnavailable("down"))  # type: ignore[method-assign]
+        request = cim_pb2.Message(group="g1", text="hello", client_seq=1)
+        alice.protocol.send(cim_pb2.MSG_R, request)
+        settle(one)
+        [error] = alice.events.of_type(cim_pb2.ERROR)
+        self.assertEqual(error.code, cim_pb2.Error.UNAVAILABLE)
+        one.state.next_group_seq = numbering  # type: ignore[method-assign]
+        alice.protocol.send(cim_pb2.MSG_R, request)
+        settle(one)
+        self.assertEqual([m.text for m in bob.events.of_type(cim_pb2.MSG_N)], ["hello"])
+        self.assertEqual(alice.events.of_type(cim_pb2.ACK_N)[-1].status, cim_pb2.ACCEPTED)
 
     def test_only_members_can_post(self) -> None:
         groups = FakeGroups({"g1": ["alice", "bob"]})

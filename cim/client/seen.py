@@ -71,10 +71,11 @@ class MemorySeenStore:
             return True
         if client_seq <= 0:
             return False  # not numbered by its sender: only the server id can tell
-        if (sender, device, client_seq) in self._seqs:
-            return True
-        mark = self._marks.get((sender, device))
-        return mark is not None and client_seq <= mark.floor
+        # A sequence forgotten to stay within max_ids is not treated as seen: eviction
+        # is shared by every sender, so a busy group could otherwise push out a device's
+        # entries and make its late (resent) message look like a duplicate. Past the
+        # memory, only the server id tells.
+        return (sender, device, client_seq) in self._seqs
 
     def last_seq(self, sender: str, device: str) -> int | None:
         mark = self._marks.get((sender, device))

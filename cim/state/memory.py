@@ -24,6 +24,9 @@ from cim.interfaces import (
     SessionRecord,
 )
 
+_FAILED = 3  # cim_pb2.FAILED; DELIVERED, STORED, ACCEPTED below
+_SUCCESS = frozenset((1, 2, 4))
+
 REASON_LOGGED_IN_ELSEWHERE = "logged in elsewhere"
 REASON_LOGGED_OUT = "logged out"
 REASON_EXPIRED = "expired"
@@ -127,6 +130,8 @@ class MemoryStateStore:
         known = self._receipts.get(key)
         if known is not None:
             receipt, forget_at = known
+            if status == _FAILED and receipt.status in _SUCCESS:
+                return defer.succeed(None)  # a stale failure never undoes a success
             self._receipts[key] = (
                 MessageReceipt(receipt.msg_id, receipt.sent_at_ms, status, reason),
                 forget_at,
