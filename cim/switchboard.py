@@ -19,7 +19,7 @@ and is not delivered as a second message.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -65,6 +65,7 @@ REASON_NO_SUCH_USER = "no such user"
 REASON_RECEIVER_LEFT = "the receiver disconnected before acknowledging"
 REASON_FORWARD_FAILED = "the receiver's node could not be reached"
 REASON_NOT_ACKNOWLEDGED = "the receiver did not acknowledge in time"
+REASON_NODE_GONE = "the receiver's node is gone"
 PENDING_TIMEOUT = 160.0
 """A receiver that holds a msg:N this long without ack:R fails it (the sender's client
 gives up at the same point), so a client that never acks cannot grow the node."""
@@ -158,6 +159,7 @@ class Switchboard:
         message_ids: MessageIdGenerator,
         bus: IMessageBus | None = None,
         groups: GroupMembership | None = None,
+        live_nodes: Callable[[], Iterable[str]] | None = None,
     ) -> None:
         self.node_id = node_id
         self._state = state
@@ -167,6 +169,8 @@ class Switchboard:
         self._ids = message_ids
         self._bus = bus
         self._groups = groups
+        # Which node ids the registry sees alive; a route to any other is stale.
+        self._live_nodes = live_nodes
         self._sessions: dict[str, ClientSession] = {}
         # (msg_id, receiver) -> who to tell when the receiver acknowledges.
         self._pending: dict[tuple[int, str], _Pending] = {}
@@ -357,7 +361,15 @@ class Switchboard:
         if node is None or node == self.node_id:
             self._receiver_not_here(message, sender_device)
             return None
+        if not self._alive(node):
+            # Its node died and the route has not expired yet: the receiver is not
+            # reachable until it logs in again elsewhere.
+            self._settle(message, sender_device, FAILED, REASON_NODE_GONE)
+            return None
         return self._forward(node, message, [message.to], sender_device)
+
+    def _alive(self, node: str) -> bool:
+        return self._live_nodes is None or node in set(self._live_nodes())
 
     def _forward(
         self, node: str, message: cim_pb2.Message, receivers: list[str], sender_device: str
@@ -375,7 +387,8 @@ class Switchboard:
     def _forward_failed(
         self, failure: Failure, message: cim_pb2.Message, sender_device: str
     ) -> None:
-        failure.trap(BusUnavailable, StateUnavailable)
+        if not failure.check(BusUnavailable, StateUnavailable):
+            self._log_failure(failure, "forward a message")
         self.log.warn(
             "could not forward message {id} to {to}: {why}",
             id=message.id,
@@ -404,9 +417,13 @@ class Switchboard:
             reason = REASON_RECEIVER_OFFLINE if exists else REASON_NO_SUCH_USER
             self._settle(message, sender_device, FAILED, reason)
 
+        def unknown(failure: Failure) -> None:
+            # The account lookup failed: the receiver is not here either way.
+            self._log_failure(failure, "look up the receiver")
+            decided(True)
+
         d = self._user_exists(message.to)
-        d.addCallback(decided)
-        d.addErrback(self._log_failure, "look up the receiver")
+        d.addCallbacks(decided, unknown)
 
     def _settle(
         self, message: cim_pb2.Message, sender_device: str, status: Any, reason: str
@@ -571,6 +588,7 @@ class Switchboard:
                     await self._fan_out_one(message)
                 except Exception:
                     self.log.failure("fan-out of group message {id} failed", id=message.id)
+                    self._metrics.messages["group_fanout_failed"] += 1
                 queue.popleft()
         finally:
             del self._fanout_queues[group]
@@ -600,7 +618,7 @@ class Switchboard:
         by_node: dict[str, list[str]] = {}
         for member in elsewhere:
             node = routes.get(member)
-            if node is not None and node != self.node_id:
+            if node is not None and node != self.node_id and self._alive(node):
                 by_node.setdefault(node, []).append(member)
         for node, users in by_node.items():
             try:

@@ -185,6 +185,20 @@ class AcrossNodesTests(SynchronousTestCase):
         [ack_n] = alice_again.events.of_type(cim_pb2.ACK_N)
         self.assertEqual((ack_n.client_seq, ack_n.status), (5, cim_pb2.DELIVERED))
 
+    def test_a_route_to_a_dead_node_fails_at_once(self) -> None:
+        one, two = cluster()
+        alice = one.connect("alice")
+        two.connect("bob")
+        settle(one, two)
+        one.switchboard._live_nodes = lambda: ["node1"]  # the registry lost node2
+        alice.protocol.send(cim_pb2.MSG_R, cim_pb2.Message(to="bob", text="hi", client_seq=8))
+        settle(one, two)
+        [ack_n] = alice.events.of_type(cim_pb2.ACK_N)
+        self.assertEqual(
+            (ack_n.status, ack_n.reason), (cim_pb2.FAILED, "the receiver's node is gone")
+        )
+        self.assertEqual(one.metrics.messages["forwarded"], 0)
+
     def test_unreachable_node_fails_the_message_explicitly(self) -> None:
         one, two = cluster()
         alice = one.connect("alice")

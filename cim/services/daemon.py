@@ -96,7 +96,7 @@ class CimDaemon(Service):
         yield self._backend_step("state", config.state.backend, state.start)
         self._stoppers.append(state.stop)
 
-        self.registry = make_registry(config.registry, self.reactor)
+        registry = self.registry = make_registry(config.registry, self.reactor)
         yield self._backend_step("registry", config.registry.backend, self.registry.start)
         self._stoppers.append(self.registry.stop)
 
@@ -118,6 +118,7 @@ class CimDaemon(Service):
             MessageIdGenerator(self.reactor, node_number),
             bus=self.bus,
             groups=self.groups,
+            live_nodes=lambda: [node.node_id for node in registry.live_nodes()],
         )
         # Started after the switchboard registered its consumer, so nothing queued for
         # this node while it was down is handed to nobody.
