@@ -368,6 +368,16 @@ class DatabaseConfig:
             )
 
 
+@dataclass(frozen=True)
+class OfflineConfig:
+    section: ClassVar[str] = "offline"
+    max_per_user: int = _opt(10000, parse_int, minimum=1)
+    page_size: int = _opt(100, parse_int, minimum=1, maximum=1000)
+
+    def validate(self) -> None:
+        pass
+
+
 SectionT = TypeVar("SectionT")
 
 
@@ -386,6 +396,7 @@ class CimConfig:
     registry: RegistryConfig
     queue: QueueConfig
     database: DatabaseConfig
+    offline: OfflineConfig
     path: str = ""
 
     @property
@@ -409,6 +420,7 @@ SECTIONS: tuple[type, ...] = (
     RegistryConfig,
     QueueConfig,
     DatabaseConfig,
+    OfflineConfig,
 )
 
 

@@ -41,6 +41,7 @@ from cim.interfaces import (
 from cim.message_ids import MessageIdGenerator
 from cim.metrics import NodeMetrics
 from cim.protocols import cim_pb2
+from cim.storage.offline import OfflineFull
 
 MSG_A = cim_pb2.MSG_A
 MSG_N = cim_pb2.MSG_N
@@ -66,6 +67,13 @@ REASON_RECEIVER_LEFT = "the receiver disconnected before acknowledging"
 REASON_FORWARD_FAILED = "the receiver's node could not be reached"
 REASON_NOT_ACKNOWLEDGED = "the receiver did not acknowledge in time"
 REASON_NODE_GONE = "the receiver's node is gone"
+REASON_OFFLINE_FULL = "the receiver has too many stored messages"
+REASON_NOT_STORED = "the message could not be stored for the receiver"
+STORED = cim_pb2.STORED
+OFFLINE_A = cim_pb2.OFFLINE_A
+OFFLINE_ACK_A = cim_pb2.OFFLINE_ACK_A
+OFFLINE_SUMMARY_A = cim_pb2.OFFLINE_SUMMARY_A
+OFFLINE_NOTICE = cim_pb2.OFFLINE_NOTICE
 PENDING_TIMEOUT = 160.0
 """A receiver that holds a msg:N this long without ack:R fails it (the sender's client
 gives up at the same point), so a client that never acks cannot grow the node."""
@@ -122,6 +130,18 @@ class ClientSession(Protocol):
 UserExists = Callable[[str], "Deferred[bool]"]
 
 
+class OfflineBox(Protocol):
+    """What the switchboard needs from offline storage (cim.offline.OfflineStore)."""
+
+    def store(self, messages: Iterable[Any]) -> Deferred[int]: ...
+
+    def page(self, receiver: str, before: int | None = None, limit: int = ...) -> Deferred[Any]: ...
+
+    def acknowledge(self, receiver: str, msg_ids: Iterable[int]) -> Deferred[int]: ...
+
+    def summary(self, receiver: str) -> Deferred[list[Any]]: ...
+
+
 class GroupMembership(Protocol):
     """What the switchboard needs from the group directory (cim.groups)."""
 
@@ -160,6 +180,8 @@ class Switchboard:
         bus: IMessageBus | None = None,
         groups: GroupMembership | None = None,
         live_nodes: Callable[[], Iterable[str]] | None = None,
+        offline: OfflineBox | None = None,
+        offline_page_size: int = 100,
     ) -> None:
         self.node_id = node_id
         self._state = state
@@ -171,6 +193,8 @@ class Switchboard:
         self._groups = groups
         # Which node ids the registry sees alive; a route to any other is stale.
         self._live_nodes = live_nodes
+        self._offline = offline
+        self._page_size = offline_page_size
         self._sessions: dict[str, ClientSession] = {}
         # (msg_id, receiver) -> who to tell when the receiver acknowledges.
         self._pending: dict[tuple[int, str], _Pending] = {}
@@ -363,8 +387,8 @@ class Switchboard:
             return None
         if not self._alive(node):
             # Its node died and the route has not expired yet: the receiver is not
-            # reachable until it logs in again elsewhere.
-            self._settle(message, sender_device, FAILED, REASON_NODE_GONE)
+            # reachable until it logs in again elsewhere; it finds the message then.
+            self._fall_back(message, sender_device, REASON_NODE_GONE)
             return None
         return self._forward(node, message, [message.to], sender_device)
 
@@ -395,7 +419,7 @@ class Switchboard:
             to=message.to,
             why=failure.getErrorMessage(),
         )
-        self._settle(message, sender_device, FAILED, REASON_FORWARD_FAILED)
+        self._fall_back(message, sender_device, REASON_FORWARD_FAILED)
 
     def _deliver_here(self, message: cim_pb2.Message, sender_device: str, receiver: str) -> None:
         key = (message.id, receiver)
@@ -414,8 +438,12 @@ class Switchboard:
 
     def _receiver_not_here(self, message: cim_pb2.Message, sender_device: str) -> None:
         def decided(exists: bool) -> None:
-            reason = REASON_RECEIVER_OFFLINE if exists else REASON_NO_SUCH_USER
-            self._settle(message, sender_device, FAILED, reason)
+            if not exists:
+                self._settle(message, sender_device, FAILED, REASON_NO_SUCH_USER)
+            elif self._offline is None:
+                self._settle(message, sender_device, FAILED, REASON_RECEIVER_OFFLINE)
+            else:
+                self._store_offline(message, sender_device)
 
         def unknown(failure: Failure) -> None:
             # The account lookup failed: the receiver is not here either way.
@@ -425,11 +453,46 @@ class Switchboard:
         d = self._user_exists(message.to)
         d.addCallbacks(decided, unknown)
 
+    def _fall_back(self, message: cim_pb2.Message, sender_device: str, reason: str) -> None:
+        """The receiver cannot be reached now: store the message, or fail it explicitly."""
+        if self._offline is not None:
+            self._store_offline(message, sender_device)
+        else:
+            self._settle(message, sender_device, FAILED, reason)
+
+    def _store_offline(self, message: cim_pb2.Message, sender_device: str) -> None:
+        """Keep it for the receiver's next pull; the sender hears "stored" only after
+        the store has it (design: 伪造ack:N)."""
+        assert self._offline is not None
+        d = self._offline.store([message])
+
+        def stored(_: int) -> None:
+            self._settle(message, sender_device, STORED, "")
+            self._notify_stored([message.to])
+
+        def not_stored(failure: Failure) -> None:
+            if failure.check(OfflineFull):
+                reason = REASON_OFFLINE_FULL
+            else:
+                self._log_failure(failure, "store a message offline")
+                reason = REASON_NOT_STORED
+            self._settle(message, sender_device, FAILED, reason)
+
+        d.addCallbacks(stored, not_stored)
+
+    def _notify_stored(self, receivers: list[str]) -> None:
+        """A receiver that logged in while its message was being stored pulls again."""
+        for receiver in receivers:
+            session = self._sessions.get(receiver)
+            if session is not None:
+                session.deliver(OFFLINE_NOTICE, cim_pb2.OfflineNotice())
+
     def _settle(
         self, message: cim_pb2.Message, sender_device: str, status: Any, reason: str
     ) -> None:
         """A 1:1 message's final outcome: remember it and tell the sender."""
-        self._metrics.messages["delivered" if status == DELIVERED else "failed"] += 1
+        outcome = {DELIVERED: "delivered", STORED: "stored"}.get(status, "failed")
+        self._metrics.messages[outcome] += 1
         self._tell_sender(
             getattr(message, "from"),
             sender_device,
@@ -488,9 +551,13 @@ class Switchboard:
         return len(expired)
 
     def _fail_pending_for(self, receiver: str, reason: str) -> None:
+        """The receiver left holding unacknowledged messages: store them for its next
+        login (it drops any it did show), or fail them where nothing can be stored."""
         for msg_id in self._pending_by_receiver.pop(receiver, ()):
             pending = self._pending.pop((msg_id, receiver), None)
-            if pending is not None:
+            if pending is not None and self._offline is not None:
+                self._store_offline(pending.message, pending.sender_device)
+            elif pending is not None:
                 self._metrics.messages["failed"] += 1
                 self._tell_sender(
                     pending.sender,
@@ -534,6 +601,69 @@ class Switchboard:
         # Not reaching the sender is not fatal: its retry reads the recorded outcome.
         d.addErrback(lambda failure: failure.trap(BusUnavailable, StateUnavailable))
         self._background(d, "tell a sender on another node")
+
+    # --- offline pull (design: 方案2) -------------------------------------------------
+
+    def offline_requested(self, session: ClientSession, request: cim_pb2.OfflineR) -> None:
+        """A page of the user's stored messages; asking acknowledges the previous page."""
+        if self._offline is None:
+            session.deliver(OFFLINE_A, cim_pb2.OfflineA())
+            return
+        offline = self._offline
+        user = session.record.user
+        limit = min(request.limit or self._page_size, 1000)
+
+        async def answer() -> None:
+            acknowledged = 0
+            if request.ack_ids:
+                acknowledged = await offline.acknowledge(user, list(request.ack_ids))
+            page = await offline.page(user, request.before or None, limit)
+            session.deliver(
+                OFFLINE_A,
+                cim_pb2.OfflineA(
+                    messages=[cim_pb2.Message.FromString(r.payload) for r in page.records],
+                    more=page.more,
+                    next_before=page.next_before or 0,
+                    acknowledged=acknowledged,
+                ),
+            )
+
+        Deferred.fromCoroutine(answer()).addErrback(self._log_failure, "answer an offline pull")
+
+    def offline_acknowledged(self, session: ClientSession, request: cim_pb2.OfflineAckR) -> None:
+        if self._offline is None:
+            session.deliver(OFFLINE_ACK_A, cim_pb2.OfflineAckA())
+            return
+        d = self._offline.acknowledge(session.record.user, list(request.ack_ids))
+        d.addCallback(
+            lambda count: session.deliver(OFFLINE_ACK_A, cim_pb2.OfflineAckA(acknowledged=count))
+        )
+        d.addErrback(self._log_failure, "acknowledge offline messages")
+
+    def offline_summary_requested(
+        self, session: ClientSession, request: cim_pb2.OfflineSummaryR
+    ) -> None:
+        if self._offline is None:
+            session.deliver(OFFLINE_SUMMARY_A, cim_pb2.OfflineSummaryA())
+            return
+
+        def answer(senders: list[Any]) -> None:
+            session.deliver(
+                OFFLINE_SUMMARY_A,
+                cim_pb2.OfflineSummaryA(
+                    senders=[
+                        cim_pb2.SenderCount(
+                            sender=s.sender, count=s.count, newest_msg_id=s.newest_msg_id
+                        )
+                        for s in senders
+                    ],
+                    total=sum(s.count for s in senders),
+                ),
+            )
+
+        d = self._offline.summary(session.record.user)
+        d.addCallback(answer)
+        d.addErrback(self._log_failure, "summarise offline messages")
 
     # --- groups -----------------------------------------------------------------------
 
@@ -625,10 +755,27 @@ class Switchboard:
                 await self._forward(node, message, users, "")
             except BusUnavailable as exc:
                 self._group_missed(message, len(users), f"node {node} unreachable: {exc}")
-        missed = len(elsewhere) - sum(len(users) for users in by_node.values())
-        if missed:
-            # Offline members get group messages with offline storage (a later release).
-            self._group_missed(message, missed, "offline")
+        reached = {user for users in by_node.values() for user in users}
+        offline = [member for member in elsewhere if member not in reached]
+        if offline:
+            await self._store_group_copies(message, offline)
+
+    async def _store_group_copies(self, message: cim_pb2.Message, members: list[str]) -> None:
+        """Offline members get their copy through the offline store."""
+        if self._offline is None:
+            self._group_missed(message, len(members), "offline")
+            return
+        try:
+            await self._offline.store([(member, message) for member in members])
+        except OfflineFull as full:
+            # Leave out the full boxes (never silently: counted and logged), keep the rest.
+            rest = [member for member in members if member not in set(full.receivers)]
+            self._group_missed(message, len(members) - len(rest), "offline box full")
+            if rest:
+                await self._store_group_copies(message, rest)
+            return
+        self._metrics.messages["group_stored"] += len(members)
+        self._notify_stored(members)
 
     def _group_missed(self, message: cim_pb2.Message, count: int, why: str) -> None:
         self._metrics.messages["group_missed"] += count

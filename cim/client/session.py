@@ -57,6 +57,10 @@ _STATUS = cim_pb2.LoginResult
 Connector = Callable[[str, int, ImClientProtocol], "Deferred[Any]"]
 
 
+OFFLINE_ACK_CHUNK = 1000
+"""Ids per OFFLINE_ACK_R frame, far below the frame size limit."""
+
+
 class SessionFailed(Exception):
     """The session cannot go on without the user (bad password, refused suite, kicked)."""
 
@@ -136,6 +140,13 @@ class ChatClient:
         )
         self._online_requests: list[Deferred[cim_pb2.OnlineA]] = []
         self._group_requests: dict[int, Deferred[cim_pb2.GroupAnswer]] = {}
+        self._offline_requests: list[Deferred[cim_pb2.OfflineA]] = []
+        self._summary_requests: list[Deferred[cim_pb2.OfflineSummaryA]] = []
+        self._offline_ids: set[int] = set()
+        self._offline_acks: list[int] = []
+        self._ack_flush: Any = None
+        self._pulling: Deferred[int] | None = None
+        self._pull_again = False
         self._next_request_id = 1
         # The last client_seq sent to each receiver or group, for Message.prev_seq.
         self._last_seq_to: dict[tuple[str, str], int] = {}
@@ -249,6 +260,7 @@ class ChatClient:
         waiters, self._online_waiters = self._online_waiters, []
         for waiter in waiters:
             waiter.callback(None)
+        self.pull_offline()
 
     def _tcp_connect(self, host: str, port: int, protocol: ImClientProtocol) -> Deferred[Any]:
         return connectProtocol(HostnameEndpoint(self.reactor, host, port, timeout=10), protocol)
@@ -275,6 +287,16 @@ class ChatClient:
         elif frame_type == cim_pb2.ONLINE_A:
             if self._online_requests:
                 self._online_requests.pop(0).callback(message)  # type: ignore[arg-type]
+        elif frame_type == cim_pb2.OFFLINE_A:
+            if self._offline_requests:
+                self._offline_requests.pop(0).callback(message)  # type: ignore[arg-type]
+        elif frame_type == cim_pb2.OFFLINE_SUMMARY_A:
+            if self._summary_requests:
+                self._summary_requests.pop(0).callback(message)  # type: ignore[arg-type]
+        elif frame_type == cim_pb2.OFFLINE_NOTICE:
+            self.pull_offline()
+        elif frame_type == cim_pb2.OFFLINE_ACK_A:
+            pass  # the store deleted what we acknowledged
         elif frame_type == cim_pb2.GROUP_A:
             waiter = self._group_requests.pop(message.request_id, None)  # type: ignore[attr-defined]
             if waiter is not None:
@@ -305,6 +327,12 @@ class ChatClient:
         groups, self._group_requests = self._group_requests, {}
         for waiter in groups.values():
             waiter.errback(reason)
+        pulls, self._offline_requests = self._offline_requests, []
+        summaries, self._summary_requests = self._summary_requests, []
+        for pull in pulls:
+            pull.errback(reason)
+        for summary in summaries:
+            summary.errback(reason)
         if self._stopping:
             if self.state != "stopped":
                 self._set_state("offline")
@@ -319,8 +347,92 @@ class ChatClient:
         self.on_message(message)  # looked up now: the application sets it after __init__
 
     def _acknowledge(self, msg_id: int) -> None:
+        """The application has the message: acknowledge it where it came from."""
+        if msg_id in self._offline_ids:
+            # Pulled from the offline store: deleted there once the application has it.
+            self._offline_ids.discard(msg_id)
+            self._offline_acks.append(msg_id)
+            if self._ack_flush is None:
+                self._ack_flush = self.clock.callLater(0, self._flush_offline_acks)
+            return
         if self.protocol is not None:
             self.protocol.send(cim_pb2.ACK_R, cim_pb2.AckR(msg_id=msg_id))
+
+    # --- offline messages (design: 方案2) ------------------------------------------
+
+    def pull_offline(self) -> Deferred[int]:
+        """Pull every stored message (all senders, page by page, newest page first).
+
+        Runs on every login and reconnect and when the node says something was stored.
+        The messages go through the inbox (dedup, order) oldest first, and each is
+        acknowledged to the store only once the application has it: a client that
+        dies before that gets the same messages again and shows them once. Fires with
+        how many messages the pull brought.
+        """
+        if self._pulling is not None:
+            self._pull_again = True
+            return self._pulling
+        self._pulling = Deferred.fromCoroutine(self._pull())
+
+        def done(result: Any) -> Any:
+            self._pulling = None
+            if self._pull_again and self.protocol is not None:
+                self._pull_again = False
+                self.pull_offline()
+            return result
+
+        self._pulling.addBoth(done)
+        self._pulling.addErrback(self._pull_failed)
+        return self._pulling
+
+    async def _pull(self) -> int:
+        self._pull_again = False
+        batch: list[cim_pb2.Message] = []
+        before = 0
+        while True:
+            page = await self._offline_request(cim_pb2.OfflineR(before=before))
+            batch.extend(page.messages)
+            if not page.more:
+                break
+            before = page.next_before
+        for message in sorted(batch, key=lambda m: m.id):
+            self._offline_ids.add(message.id)
+            self.inbox.receive(message)
+        return len(batch)
+
+    def _pull_failed(self, failure: Failure) -> int:
+        self.log.info("offline pull interrupted: {why}", why=failure.getErrorMessage())
+        return 0
+
+    def _offline_request(self, request: cim_pb2.OfflineR) -> Deferred[cim_pb2.OfflineA]:
+        waiter: Deferred[cim_pb2.OfflineA] = Deferred()
+        if self.protocol is None:
+            waiter.errback(SessionFailed(f"not connected ({self.state})"))
+            return waiter
+        self._offline_requests.append(waiter)
+        self.protocol.send(cim_pb2.OFFLINE_R, request)
+        return waiter
+
+    def _flush_offline_acks(self) -> None:
+        self._ack_flush = None
+        acks, self._offline_acks = self._offline_acks, []
+        if self.protocol is None:
+            return  # not acknowledged: the next pull brings them again, the inbox drops them
+        for start in range(0, len(acks), OFFLINE_ACK_CHUNK):
+            self.protocol.send(
+                cim_pb2.OFFLINE_ACK_R,
+                cim_pb2.OfflineAckR(ack_ids=acks[start : start + OFFLINE_ACK_CHUNK]),
+            )
+
+    def offline_summary(self) -> Deferred[cim_pb2.OfflineSummaryA]:
+        """Counts per sender without the messages (design: 优化方案1)."""
+        waiter: Deferred[cim_pb2.OfflineSummaryA] = Deferred()
+        if self.protocol is None:
+            waiter.errback(SessionFailed(f"not connected ({self.state})"))
+            return waiter
+        self._summary_requests.append(waiter)
+        self.protocol.send(cim_pb2.OFFLINE_SUMMARY_R, cim_pb2.OfflineSummaryR())
+        return waiter
 
     def _transmit(self, message: cim_pb2.Message) -> bool:
         if self.protocol is None:

@@ -21,6 +21,13 @@ class FrameType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ACK_N: _ClassVar[FrameType]
     ONLINE_R: _ClassVar[FrameType]
     ONLINE_A: _ClassVar[FrameType]
+    OFFLINE_R: _ClassVar[FrameType]
+    OFFLINE_A: _ClassVar[FrameType]
+    OFFLINE_ACK_R: _ClassVar[FrameType]
+    OFFLINE_ACK_A: _ClassVar[FrameType]
+    OFFLINE_SUMMARY_R: _ClassVar[FrameType]
+    OFFLINE_SUMMARY_A: _ClassVar[FrameType]
+    OFFLINE_NOTICE: _ClassVar[FrameType]
     GROUP_R: _ClassVar[FrameType]
     GROUP_A: _ClassVar[FrameType]
     KICKED: _ClassVar[FrameType]
@@ -55,6 +62,13 @@ ACK_A: FrameType
 ACK_N: FrameType
 ONLINE_R: FrameType
 ONLINE_A: FrameType
+OFFLINE_R: FrameType
+OFFLINE_A: FrameType
+OFFLINE_ACK_R: FrameType
+OFFLINE_ACK_A: FrameType
+OFFLINE_SUMMARY_R: FrameType
+OFFLINE_SUMMARY_A: FrameType
+OFFLINE_NOTICE: FrameType
 GROUP_R: FrameType
 GROUP_A: FrameType
 KICKED: FrameType
@@ -282,6 +296,66 @@ class OnlineA(_message.Message):
     total: int
     users: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, total: _Optional[int] = ..., users: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class OfflineR(_message.Message):
+    __slots__ = ("ack_ids", "before", "limit")
+    ACK_IDS_FIELD_NUMBER: _ClassVar[int]
+    BEFORE_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    ack_ids: _containers.RepeatedScalarFieldContainer[int]
+    before: int
+    limit: int
+    def __init__(self, ack_ids: _Optional[_Iterable[int]] = ..., before: _Optional[int] = ..., limit: _Optional[int] = ...) -> None: ...
+
+class OfflineA(_message.Message):
+    __slots__ = ("messages", "more", "next_before", "acknowledged")
+    MESSAGES_FIELD_NUMBER: _ClassVar[int]
+    MORE_FIELD_NUMBER: _ClassVar[int]
+    NEXT_BEFORE_FIELD_NUMBER: _ClassVar[int]
+    ACKNOWLEDGED_FIELD_NUMBER: _ClassVar[int]
+    messages: _containers.RepeatedCompositeFieldContainer[Message]
+    more: bool
+    next_before: int
+    acknowledged: int
+    def __init__(self, messages: _Optional[_Iterable[_Union[Message, _Mapping]]] = ..., more: _Optional[bool] = ..., next_before: _Optional[int] = ..., acknowledged: _Optional[int] = ...) -> None: ...
+
+class OfflineAckR(_message.Message):
+    __slots__ = ("ack_ids",)
+    ACK_IDS_FIELD_NUMBER: _ClassVar[int]
+    ack_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, ack_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class OfflineAckA(_message.Message):
+    __slots__ = ("acknowledged",)
+    ACKNOWLEDGED_FIELD_NUMBER: _ClassVar[int]
+    acknowledged: int
+    def __init__(self, acknowledged: _Optional[int] = ...) -> None: ...
+
+class OfflineSummaryR(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class SenderCount(_message.Message):
+    __slots__ = ("sender", "count", "newest_msg_id")
+    SENDER_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    NEWEST_MSG_ID_FIELD_NUMBER: _ClassVar[int]
+    sender: str
+    count: int
+    newest_msg_id: int
+    def __init__(self, sender: _Optional[str] = ..., count: _Optional[int] = ..., newest_msg_id: _Optional[int] = ...) -> None: ...
+
+class OfflineSummaryA(_message.Message):
+    __slots__ = ("senders", "total")
+    SENDERS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_FIELD_NUMBER: _ClassVar[int]
+    senders: _containers.RepeatedCompositeFieldContainer[SenderCount]
+    total: int
+    def __init__(self, senders: _Optional[_Iterable[_Union[SenderCount, _Mapping]]] = ..., total: _Optional[int] = ...) -> None: ...
+
+class OfflineNotice(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
 
 class GroupRequest(_message.Message):
     __slots__ = ("request_id", "create", "rename", "add", "remove", "leave", "dissolve", "list", "members", "promote")

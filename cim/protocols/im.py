@@ -69,6 +69,9 @@ class ImServerProtocol(FrameProtocol, TimeoutMixin):
             cim_pb2.ACK_R: (cim_pb2.AckR, self._ack_received),
             cim_pb2.ONLINE_R: (cim_pb2.OnlineR, self._online_requested),
             cim_pb2.GROUP_R: (cim_pb2.GroupRequest, self._group_requested),
+            cim_pb2.OFFLINE_R: (cim_pb2.OfflineR, self._offline_requested),
+            cim_pb2.OFFLINE_ACK_R: (cim_pb2.OfflineAckR, self._offline_acknowledged),
+            cim_pb2.OFFLINE_SUMMARY_R: (cim_pb2.OfflineSummaryR, self._offline_summary),
         }
 
     # --- connection lifecycle ---------------------------------------------------------
@@ -253,6 +256,15 @@ class ImServerProtocol(FrameProtocol, TimeoutMixin):
 
     def _group_requested(self, request: cim_pb2.GroupRequest) -> None:
         self.factory.switchboard.group_requested(self, request)
+
+    def _offline_requested(self, request: cim_pb2.OfflineR) -> None:
+        self.factory.switchboard.offline_requested(self, request)
+
+    def _offline_acknowledged(self, request: cim_pb2.OfflineAckR) -> None:
+        self.factory.switchboard.offline_acknowledged(self, request)
+
+    def _offline_summary(self, request: cim_pb2.OfflineSummaryR) -> None:
+        self.factory.switchboard.offline_summary_requested(self, request)
 
     # --- ClientSession (what the switchboard calls) -----------------------------------
 

@@ -36,6 +36,7 @@ from cim.interfaces import (
 )
 from cim.message_ids import MessageIdGenerator
 from cim.metrics import NodeMetrics
+from cim.offline import OfflineStore
 from cim.protocols.crypto import NodeKey
 from cim.protocols.im import ImServerFactory
 from cim.registry import make_registry
@@ -119,6 +120,8 @@ class CimDaemon(Service):
             bus=self.bus,
             groups=self.groups,
             live_nodes=lambda: [node.node_id for node in registry.live_nodes()],
+            offline=OfflineStore(self.database, config.offline.max_per_user),
+            offline_page_size=config.offline.page_size,
         )
         # Started after the switchboard registered its consumer, so nothing queued for
         # this node while it was down is handed to nobody.
