@@ -28,6 +28,8 @@ class FrameType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     OFFLINE_SUMMARY_R: _ClassVar[FrameType]
     OFFLINE_SUMMARY_A: _ClassVar[FrameType]
     OFFLINE_NOTICE: _ClassVar[FrameType]
+    HISTORY_R: _ClassVar[FrameType]
+    HISTORY_A: _ClassVar[FrameType]
     GROUP_R: _ClassVar[FrameType]
     GROUP_A: _ClassVar[FrameType]
     KICKED: _ClassVar[FrameType]
@@ -69,6 +71,8 @@ OFFLINE_ACK_A: FrameType
 OFFLINE_SUMMARY_R: FrameType
 OFFLINE_SUMMARY_A: FrameType
 OFFLINE_NOTICE: FrameType
+HISTORY_R: FrameType
+HISTORY_A: FrameType
 GROUP_R: FrameType
 GROUP_A: FrameType
 KICKED: FrameType
@@ -356,6 +360,32 @@ class OfflineSummaryA(_message.Message):
 class OfflineNotice(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class HistoryR(_message.Message):
+    __slots__ = ("peer", "group", "before", "limit")
+    PEER_FIELD_NUMBER: _ClassVar[int]
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    BEFORE_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    peer: str
+    group: str
+    before: int
+    limit: int
+    def __init__(self, peer: _Optional[str] = ..., group: _Optional[str] = ..., before: _Optional[int] = ..., limit: _Optional[int] = ...) -> None: ...
+
+class HistoryA(_message.Message):
+    __slots__ = ("messages", "more", "next_before", "error", "message")
+    MESSAGES_FIELD_NUMBER: _ClassVar[int]
+    MORE_FIELD_NUMBER: _ClassVar[int]
+    NEXT_BEFORE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    messages: _containers.RepeatedCompositeFieldContainer[Message]
+    more: bool
+    next_before: int
+    error: str
+    message: str
+    def __init__(self, messages: _Optional[_Iterable[_Union[Message, _Mapping]]] = ..., more: _Optional[bool] = ..., next_before: _Optional[int] = ..., error: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
 
 class GroupRequest(_message.Message):
     __slots__ = ("request_id", "create", "rename", "add", "remove", "leave", "dissolve", "list", "members", "promote")
