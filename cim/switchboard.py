@@ -487,6 +487,34 @@ class Switchboard:
             if session is not None:
                 session.deliver(OFFLINE_NOTICE, cim_pb2.OfflineNotice())
 
+    def stored_for(self, receivers: list[str]) -> Deferred[None]:
+        """Messages reached the store for these users (the offline writer committed):
+        those connected anywhere are told to pull (design: no gap)."""
+        here = [user for user in receivers if user in self._sessions]
+        self._notify_stored(here)
+        elsewhere = [user for user in receivers if user not in self._sessions]
+        if not elsewhere or self._bus is None:
+            return succeed(None)
+        bus = self._bus
+
+        async def tell() -> None:
+            routes = await self._state.routes(elsewhere)
+            by_node: dict[str, list[str]] = {}
+            for user, node in routes.items():
+                if node != self.node_id and self._alive(node):
+                    by_node.setdefault(node, []).append(user)
+            for node, users in by_node.items():
+                envelope = cim_pb2.BusEnvelope(
+                    origin_node=self.node_id, stored=cim_pb2.OfflineReady(receivers=users)
+                )
+                await bus.publish(node, envelope.SerializeToString())
+
+        d = Deferred.fromCoroutine(tell())
+        # Not telling is not losing: the receiver's next pull finds the messages.
+        d.addErrback(lambda failure: failure.trap(BusUnavailable, StateUnavailable))
+        d.addErrback(self._log_failure, "tell receivers to pull")
+        return d
+
     def _settle(
         self, message: cim_pb2.Message, sender_device: str, status: Any, reason: str
     ) -> None:
@@ -794,6 +822,8 @@ class Switchboard:
         kind = envelope.WhichOneof("body")
         if kind == "deliver":
             self._delivery_from_bus(envelope.deliver)
+        elif kind == "stored":
+            self._notify_stored(list(envelope.stored.receivers))
         elif kind == "outcome":
             outcome = envelope.outcome
             session = self._sessions.get(outcome.sender)

@@ -185,6 +185,16 @@ class AcrossNodesTests(SynchronousTestCase):
         [ack_n] = alice_again.events.of_type(cim_pb2.ACK_N)
         self.assertEqual((ack_n.client_seq, ack_n.status), (5, cim_pb2.DELIVERED))
 
+    def test_receivers_on_other_nodes_are_told_to_pull(self) -> None:
+        one, two = cluster()
+        bob = two.connect("bob")
+        carol = one.connect("carol")
+        settle(one, two)
+        one.switchboard.stored_for(["bob", "carol", "nobody"])
+        settle(one, two)
+        self.assertEqual(len(bob.events.of_type(cim_pb2.OFFLINE_NOTICE)), 1)
+        self.assertEqual(len(carol.events.of_type(cim_pb2.OFFLINE_NOTICE)), 1)
+
     def test_a_route_to_a_dead_node_fails_at_once(self) -> None:
         one, two = cluster()
         alice = one.connect("alice")

@@ -488,14 +488,16 @@ class GroupAnswer(_message.Message):
     def __init__(self, request_id: _Optional[int] = ..., ok: _Optional[bool] = ..., error: _Optional[str] = ..., message: _Optional[str] = ..., group: _Optional[_Union[GroupInfo, _Mapping]] = ..., groups: _Optional[_Iterable[_Union[GroupInfo, _Mapping]]] = ..., members: _Optional[_Iterable[_Union[GroupMember, _Mapping]]] = ...) -> None: ...
 
 class BusEnvelope(_message.Message):
-    __slots__ = ("origin_node", "deliver", "outcome")
+    __slots__ = ("origin_node", "deliver", "outcome", "stored")
     ORIGIN_NODE_FIELD_NUMBER: _ClassVar[int]
     DELIVER_FIELD_NUMBER: _ClassVar[int]
     OUTCOME_FIELD_NUMBER: _ClassVar[int]
+    STORED_FIELD_NUMBER: _ClassVar[int]
     origin_node: str
     deliver: BusDelivery
     outcome: BusOutcome
-    def __init__(self, origin_node: _Optional[str] = ..., deliver: _Optional[_Union[BusDelivery, _Mapping]] = ..., outcome: _Optional[_Union[BusOutcome, _Mapping]] = ...) -> None: ...
+    stored: OfflineReady
+    def __init__(self, origin_node: _Optional[str] = ..., deliver: _Optional[_Union[BusDelivery, _Mapping]] = ..., outcome: _Optional[_Union[BusOutcome, _Mapping]] = ..., stored: _Optional[_Union[OfflineReady, _Mapping]] = ...) -> None: ...
 
 class BusDelivery(_message.Message):
     __slots__ = ("message", "receivers", "sender_device")
@@ -506,6 +508,12 @@ class BusDelivery(_message.Message):
     receivers: _containers.RepeatedScalarFieldContainer[str]
     sender_device: str
     def __init__(self, message: _Optional[_Union[Message, _Mapping]] = ..., receivers: _Optional[_Iterable[str]] = ..., sender_device: _Optional[str] = ...) -> None: ...
+
+class OfflineReady(_message.Message):
+    __slots__ = ("receivers",)
+    RECEIVERS_FIELD_NUMBER: _ClassVar[int]
+    receivers: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, receivers: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class BusOutcome(_message.Message):
     __slots__ = ("sender", "sender_device", "ack")
