@@ -155,6 +155,8 @@ class NodeConfig:
     section: ClassVar[str] = "node"
     id: str = _opt(REQUIRED, parse_str)
     data_dir: str = _opt("data", parse_str)
+    # The operation log (cim.oplog): empty means <data_dir>/operations.log, "off" none.
+    operation_log: str = _opt("", parse_str)
 
     def validate(self) -> None:
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", self.id):
@@ -373,9 +375,39 @@ class OfflineConfig:
     section: ClassVar[str] = "offline"
     max_per_user: int = _opt(10000, parse_int, minimum=1)
     page_size: int = _opt(100, parse_int, minimum=1, maximum=1000)
+    queue: str = _opt("cim.offline", parse_str)
+    max_queued: int = _opt(1_000_000, parse_int, minimum=1)
+    writer: bool = _opt(True, parse_bool)
+    batch_size: int = _opt(200, parse_int, minimum=1, maximum=10000)
+    batch_wait: float = _opt(0.2, parse_duration, minimum=0.001, maximum=60)
 
     def validate(self) -> None:
-        pass
+        if not re.fullmatch(r"[A-Za-z0-9_.:-]{1,200}", self.queue):
+            raise ConfigError(
+                "offline", "queue", self.queue, "expected a RabbitMQ queue name like cim.offline"
+            )
+
+
+@dataclass(frozen=True)
+class ArchiveConfig:
+    """The history archive (cim.archive); its transport follows ``[queue] backend``."""
+
+    section: ClassVar[str] = "archive"
+    enabled: bool = _opt(True, parse_bool)
+    writer: bool = _opt(True, parse_bool)
+    queue: str = _opt("cim.archive", parse_str)
+    retention_days: int = _opt(0, parse_int, minimum=0)
+    batch_size: int = _opt(500, parse_int, minimum=1, maximum=10000)
+    batch_wait: float = _opt(1.0, parse_duration, minimum=0.001, maximum=3600)
+    max_buffer: int = _opt(50000, parse_int, minimum=1)
+    purge_interval: float = _opt(3600.0, parse_duration, minimum=0)
+    purge_batch: int = _opt(1000, parse_int, minimum=1, maximum=100000)
+
+    def validate(self) -> None:
+        if not re.fullmatch(r"[A-Za-z0-9_.:-]{1,255}", self.queue):
+            raise ConfigError(
+                "archive", "queue", self.queue, "use 1-255 letters, digits, '.', '_', ':' or '-'"
+            )
 
 
 SectionT = TypeVar("SectionT")
@@ -397,6 +429,7 @@ class CimConfig:
     queue: QueueConfig
     database: DatabaseConfig
     offline: OfflineConfig
+    archive: ArchiveConfig
     path: str = ""
 
     @property
@@ -406,6 +439,19 @@ class CimConfig:
     @property
     def rsa_key_path(self) -> str:
         return self.im.rsa_key or os.path.join(self.node.data_dir, "node_key.pem")
+
+    @property
+    def operation_log_path(self) -> str | None:
+        """Where the operation log goes; None when ``[node] operation_log = off``."""
+        value = self.node.operation_log
+        if value.lower() in ("off", "none", "false", "no"):
+            return None
+        return value or os.path.join(self.node.data_dir, "operations.log")
+
+    @property
+    def retention_days(self) -> float | None:
+        """For HistoryStore: None keeps the history for ever (``retention_days = 0``)."""
+        return float(self.archive.retention_days) or None
 
 
 SECTIONS: tuple[type, ...] = (
@@ -421,6 +467,7 @@ SECTIONS: tuple[type, ...] = (
     QueueConfig,
     DatabaseConfig,
     OfflineConfig,
+    ArchiveConfig,
 )
 
 

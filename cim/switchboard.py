@@ -74,6 +74,7 @@ OFFLINE_A = cim_pb2.OFFLINE_A
 OFFLINE_ACK_A = cim_pb2.OFFLINE_ACK_A
 OFFLINE_SUMMARY_A = cim_pb2.OFFLINE_SUMMARY_A
 OFFLINE_NOTICE = cim_pb2.OFFLINE_NOTICE
+HISTORY_A = cim_pb2.HISTORY_A
 PENDING_TIMEOUT = 160.0
 """A receiver that holds a msg:N this long without ack:R fails it (the sender's client
 gives up at the same point), so a client that never acks cannot grow the node."""
@@ -142,6 +143,16 @@ class OfflineBox(Protocol):
     def summary(self, receiver: str) -> Deferred[list[Any]]: ...
 
 
+class Archive(Protocol):
+    """Takes every message that reached its receiver or the store (cim.archive)."""
+
+    def archive(self, message: cim_pb2.Message) -> None: ...
+
+
+class HistoryAnswers(Protocol):
+    def answer(self, user: str, request: cim_pb2.HistoryR) -> Deferred[cim_pb2.HistoryA]: ...
+
+
 class GroupMembership(Protocol):
     """What the switchboard needs from the group directory (cim.groups)."""
 
@@ -182,6 +193,8 @@ class Switchboard:
         live_nodes: Callable[[], Iterable[str]] | None = None,
         offline: OfflineBox | None = None,
         offline_page_size: int = 100,
+        archive: Archive | None = None,
+        history: HistoryAnswers | None = None,
     ) -> None:
         self.node_id = node_id
         self._state = state
@@ -195,6 +208,8 @@ class Switchboard:
         self._live_nodes = live_nodes
         self._offline = offline
         self._page_size = offline_page_size
+        self._archive = archive
+        self._history = history
         self._sessions: dict[str, ClientSession] = {}
         # (msg_id, receiver) -> who to tell when the receiver acknowledges.
         self._pending: dict[tuple[int, str], _Pending] = {}
@@ -468,7 +483,7 @@ class Switchboard:
 
         def stored(_: int) -> None:
             self._settle(message, sender_device, STORED, "")
-            self._notify_stored([message.to])
+            self.stored_for([message.to])
 
         def not_stored(failure: Failure) -> None:
             if failure.check(OfflineFull):
@@ -521,6 +536,8 @@ class Switchboard:
         """A 1:1 message's final outcome: remember it and tell the sender."""
         outcome = {DELIVERED: "delivered", STORED: "stored"}.get(status, "failed")
         self._metrics.messages[outcome] += 1
+        if outcome != "failed" and self._archive is not None:
+            self._archive.archive(message)
         self._tell_sender(
             getattr(message, "from"),
             sender_device,
@@ -542,6 +559,8 @@ class Switchboard:
             return  # a group message, a duplicate ack, or someone else's message
         self._forget_pending(user, ack.msg_id)
         self._metrics.messages["delivered"] += 1
+        if self._archive is not None:
+            self._archive.archive(pending.message)
         self._tell_sender(
             pending.sender,
             pending.sender_device,
@@ -693,6 +712,19 @@ class Switchboard:
         d.addCallback(answer)
         d.addErrback(self._log_failure, "summarise offline messages")
 
+    # --- history ----------------------------------------------------------------------
+
+    def history_requested(self, session: ClientSession, request: cim_pb2.HistoryR) -> None:
+        if self._history is None:
+            session.deliver(
+                HISTORY_A,
+                cim_pb2.HistoryA(error="unavailable", message="history is not kept on this node"),
+            )
+            return
+        d = self._history.answer(session.record.user, request)
+        d.addCallback(lambda answer: session.deliver(HISTORY_A, answer))
+        d.addErrback(self._log_failure, "answer a history request")
+
     # --- groups -----------------------------------------------------------------------
 
     def group_requested(self, session: ClientSession, request: cim_pb2.GroupRequest) -> None:
@@ -718,6 +750,8 @@ class Switchboard:
     def _group_accepted(self, session: ClientSession, message: cim_pb2.Message) -> None:
         """The node is responsible for the group message now: tell the sender, fan out."""
         self._metrics.messages["group"] += 1
+        if self._archive is not None:
+            self._archive.archive(message)
         self._tell_sender(
             session.record.user,
             session.record.device,
@@ -803,7 +837,7 @@ class Switchboard:
                 await self._store_group_copies(message, rest)
             return
         self._metrics.messages["group_stored"] += len(members)
-        self._notify_stored(members)
+        self.stored_for(members)
 
     def _group_missed(self, message: cim_pb2.Message, count: int, why: str) -> None:
         self._metrics.messages["group_missed"] += count

@@ -108,6 +108,30 @@ class WalkThroughTests(SynchronousTestCase):
         left = client(self.daemon, "bob", "group", "leave", "friends")
         self.assertEqual(json.loads(left.stdout), {"ok": True}, left.stderr)
 
+    def test_offline_message_is_stored_then_pulled_and_in_history(self) -> None:
+        sent = client(self.daemon, "alice", "send", "bob", "while you were away")
+        self.assertEqual(sent.returncode, 0, sent.stderr)
+        outcome = json.loads(sent.stdout)
+        self.assertEqual(outcome["status"], "stored")
+        listened = client(self.daemon, "bob", "listen", "--count", "1", "--timeout", "30")
+        self.assertEqual(listened.returncode, 0, listened.stderr)
+        message = json.loads(listened.stdout.strip().splitlines()[0])
+        self.assertEqual((message["from"], message["text"]), ("alice", "while you were away"))
+        self.assertEqual(message["msg_id"], outcome["msg_id"])
+        # Pulled and acknowledged: a second login brings nothing more.
+        again = client(self.daemon, "bob", "listen", "--count", "1", "--timeout", "3")
+        self.assertEqual(again.stdout.strip(), "")
+        history = client(self.daemon, "bob", "history", "alice")
+        self.assertEqual(history.returncode, 0, history.stderr)
+        texts = [json.loads(line)["text"] for line in history.stdout.strip().splitlines()]
+        self.assertIn("while you were away", texts)
+        log_path = os.path.join(self.daemon.workdir, "data", "operations.log")
+        with open(log_path, encoding="utf-8") as handle:
+            events = [json.loads(line) for line in handle]
+        self.assertIn("login", {event["event"] for event in events})
+        with open(log_path, encoding="utf-8") as handle:
+            self.assertNotIn(PASSWORD, handle.read())
+
     def test_sigterm_tells_clients_and_exits_cleanly(self) -> None:
         listener = client(self.daemon, "bob", "listen", "--timeout", "60", background=True)
         try:

@@ -142,6 +142,8 @@ class ChatClient:
         self._group_requests: dict[int, Deferred[cim_pb2.GroupAnswer]] = {}
         self._offline_requests: list[Deferred[cim_pb2.OfflineA]] = []
         self._summary_requests: list[Deferred[cim_pb2.OfflineSummaryA]] = []
+        self._history_requests: list[Deferred[cim_pb2.HistoryA]] = []
+        self._history_waiting: list[tuple[cim_pb2.HistoryR, Deferred[cim_pb2.HistoryA]]] = []
         self._offline_ids: set[int] = set()
         self._offline_acks: list[int] = []
         self._ack_flush: Any = None
@@ -293,6 +295,10 @@ class ChatClient:
         elif frame_type == cim_pb2.OFFLINE_SUMMARY_A:
             if self._summary_requests:
                 self._summary_requests.pop(0).callback(message)  # type: ignore[arg-type]
+        elif frame_type == cim_pb2.HISTORY_A:
+            if self._history_requests:
+                self._history_requests.pop(0).callback(message)  # type: ignore[arg-type]
+            self._send_history()
         elif frame_type == cim_pb2.OFFLINE_NOTICE:
             self.pull_offline()
         elif frame_type == cim_pb2.OFFLINE_ACK_A:
@@ -333,6 +339,11 @@ class ChatClient:
             pull.errback(reason)
         for summary in summaries:
             summary.errback(reason)
+        histories, self._history_requests = self._history_requests, []
+        histories.extend(waiter for _, waiter in self._history_waiting)
+        self._history_waiting = []
+        for history in histories:
+            history.errback(reason)
         if self._stopping:
             if self.state != "stopped":
                 self._set_state("offline")
@@ -434,6 +445,38 @@ class ChatClient:
         self.protocol.send(cim_pb2.OFFLINE_SUMMARY_R, cim_pb2.OfflineSummaryR())
         return waiter
 
+    def history(
+        self, peer_or_group: str, limit: int = 50, before: int = 0, group: bool = False
+    ) -> Deferred[cim_pb2.HistoryA]:
+        """One page of a conversation's archive, newest first, for catching up.
+
+        ``group`` says ``peer_or_group`` is a group id. ``before`` is 0 for the newest
+        page, else the previous answer's ``next_before``. A refusal (not a participant:
+        ``error == "forbidden"``) comes as an answer with ``error`` set, not a failure.
+        These messages bypass the inbox: they are the record, not new arrivals.
+        """
+        waiter: Deferred[cim_pb2.HistoryA] = Deferred()
+        if self.protocol is None:
+            waiter.errback(SessionFailed(f"not connected ({self.state})"))
+            return waiter
+        request = cim_pb2.HistoryR(before=before, limit=limit)
+        if group:
+            request.group = peer_or_group
+        else:
+            request.peer = peer_or_group
+        self._history_waiting.append((request, waiter))
+        self._send_history()
+        return waiter
+
+    def _send_history(self) -> None:
+        # HISTORY_A carries no request id and the node may answer two requests out of
+        # order (each is a database query): one at a time keeps answers matched.
+        if self._history_requests or not self._history_waiting or self.protocol is None:
+            return
+        request, waiter = self._history_waiting.pop(0)
+        self._history_requests.append(waiter)
+        self.protocol.send(cim_pb2.HISTORY_R, request)
+
     def _transmit(self, message: cim_pb2.Message) -> bool:
         if self.protocol is None:
             return False
@@ -507,6 +550,9 @@ class ChatClient:
         self._stopping = True
         # Held messages were received: hand them over (and ack them) while we can.
         self.inbox.flush()
+        if self._ack_flush is not None and self._ack_flush.active():
+            self._ack_flush.cancel()
+        self._flush_offline_acks()  # what the application has, the store may delete
         self.outbox.fail_all("the client stopped before an answer came")
         self.inbox.seen.close()
         if self._reconnect_call is not None and self._reconnect_call.active():

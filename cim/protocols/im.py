@@ -19,9 +19,11 @@ from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 
+from cim import oplog as oplog_events
 from cim.config import ImConfig
 from cim.interfaces import INodeRegistry, IStateStore, SessionRecord
 from cim.metrics import NodeMetrics
+from cim.oplog import OperationLog
 from cim.protocols import cim_pb2
 from cim.protocols.crypto import NodeKey
 from cim.protocols.handshake import (
@@ -72,6 +74,7 @@ class ImServerProtocol(FrameProtocol, TimeoutMixin):
             cim_pb2.OFFLINE_R: (cim_pb2.OfflineR, self._offline_requested),
             cim_pb2.OFFLINE_ACK_R: (cim_pb2.OfflineAckR, self._offline_acknowledged),
             cim_pb2.OFFLINE_SUMMARY_R: (cim_pb2.OfflineSummaryR, self._offline_summary),
+            cim_pb2.HISTORY_R: (cim_pb2.HistoryR, self._history_requested),
         }
 
     # --- connection lifecycle ---------------------------------------------------------
@@ -143,6 +146,7 @@ class ImServerProtocol(FrameProtocol, TimeoutMixin):
         except HandshakeRefused as refusal:
             reason = cim_pb2.HandshakeError.Reason.Name(refusal.reason).lower()
             factory.metrics.handshake_failures[reason] += 1
+            factory.record(oplog_events.HANDSHAKE_FAILED, peer=self.peer_host, reason=reason)
             self.log.info(
                 "handshake from {peer} refused: {reason}", peer=self.peer_host, reason=reason
             )
@@ -230,6 +234,7 @@ class ImServerProtocol(FrameProtocol, TimeoutMixin):
         node: cim_pb2.NodeAddress | None = None,
     ) -> None:
         self.factory.metrics.handshake_failures[metric] += 1
+        self.factory.record(oplog_events.HANDSHAKE_FAILED, peer=self.peer_host, reason=metric)
         self.log.info("login from {peer} refused: {why}", peer=self.peer_host, why=metric)
         result = cim_pb2.LoginResult(status=status, message=message)
         if node is not None:
@@ -266,6 +271,9 @@ class ImServerProtocol(FrameProtocol, TimeoutMixin):
     def _offline_summary(self, request: cim_pb2.OfflineSummaryR) -> None:
         self.factory.switchboard.offline_summary_requested(self, request)
 
+    def _history_requested(self, request: cim_pb2.HistoryR) -> None:
+        self.factory.switchboard.history_requested(self, request)
+
     # --- ClientSession (what the switchboard calls) -----------------------------------
 
     def deliver(self, frame_type: int, message: ProtobufMessage) -> None:
@@ -274,6 +282,8 @@ class ImServerProtocol(FrameProtocol, TimeoutMixin):
 
     def kick(self, reason: str) -> None:
         self._close_with(KICKED, cim_pb2.Kicked(reason=reason, code=kick_code(reason)))
+        user = self.record.user if self.record else None
+        self.factory.record(oplog_events.KICK, user=user, peer=self.peer_host, reason=reason)
         self.log.info(
             "kicked {user}: {reason}", user=self.record and self.record.user, reason=reason
         )
@@ -319,6 +329,12 @@ class ImServerFactory(Factory):
         self.replay_guard = ReplayGuard(clock, config.handshake_replay_window)
         self._per_address: dict[str, int] = {}
         self.protocols: set[ImServerProtocol] = set()
+        self.oplog: OperationLog | None = None
+
+    def record(self, event: str, **fields: Any) -> None:
+        """An operation-log event (design: 用户的操作日志), when the log is on."""
+        if self.oplog is not None:
+            self.oplog.emit(event, **fields)
 
     def buildProtocol(self, addr: IAddress | None) -> ImServerProtocol:
         protocol = ImServerProtocol(self, addr)

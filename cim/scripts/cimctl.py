@@ -89,6 +89,19 @@ class Invocation:
     def say(self, line: str) -> None:
         print(line, file=self.stdout)
 
+    def record(self, action: str, target: str) -> None:
+        """An admin action in the operation log (design: 用户的操作日志)."""
+        import getpass
+
+        from cim.oplog import ADMIN, OperationLog
+
+        config = self.config
+        log = OperationLog(config.operation_log_path, node=config.node.id)
+        try:
+            log.emit(ADMIN, user=getpass.getuser(), action=action, target=target)
+        finally:
+            log.close()
+
     @contextlib.contextmanager
     def accounts(self) -> Iterator[BlockingAccountStore]:
         engine = open_engine(self.config.database_url)
@@ -158,6 +171,7 @@ def user_add(invocation: Invocation) -> int:
             raise UserExists(name)
         accounts.add_user(name, read_new_password(invocation, name), kind)
     invocation.say(f"added user {name} ({kind})")
+    invocation.record("user.add", name)
     return EXIT_OK
 
 
@@ -169,6 +183,7 @@ def user_passwd(invocation: Invocation) -> int:
             raise NoSuchUser(name)
         accounts.set_password(name, read_new_password(invocation, name))
     invocation.say(f"changed the password of {name}")
+    invocation.record("user.passwd", name)
     return EXIT_OK
 
 
@@ -179,6 +194,7 @@ def user_del(invocation: Invocation) -> int:
         if not accounts.delete_user(name):
             raise NoSuchUser(name)
     invocation.say(f"deleted user {name}")
+    invocation.record("user.del", name)
     return EXIT_OK
 
 

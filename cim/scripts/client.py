@@ -3,6 +3,7 @@
     cim-client [--router URL] --user U [--cipher SUITE] send TO TEXT
     cim-client --user U listen [--count N] [--timeout S]
     cim-client --user U online
+    cim-client --user U history PEER [--group] [--limit N] [--before ID]
     cim-client [--files URL] --user U send-file TO PATH [--group]
     cim-client [--files URL] [--user U] download URL [-o PATH]
     cim-client --user U                      (interactive console)
@@ -71,6 +72,20 @@ def build_parser() -> argparse.ArgumentParser:
     listen.add_argument("--count", type=int, default=0, help="exit after N messages")
     listen.add_argument("--timeout", type=float, default=0.0, help="give up after S seconds")
     commands.add_parser("online", help="list online users as JSON")
+    history = commands.add_parser(
+        "history", help="print a conversation's archived messages as JSON lines, newest first"
+    )
+    history.add_argument("peer", help="the other user (or the group, with --group)")
+    history.add_argument("--group", action="store_true", help="PEER names a group (id or name)")
+    history.add_argument(
+        "--limit", type=_positive, default=50, help="messages to print (default 50)"
+    )
+    history.add_argument(
+        "--before",
+        type=_message_id,
+        default=0,
+        help="only messages older than this msg_id (the last one printed, to go on)",
+    )
     send_file = commands.add_parser(
         "send-file", help="upload a file (resuming an interrupted upload) and send it"
     )
@@ -111,6 +126,26 @@ def build_parser() -> argparse.ArgumentParser:
     download.add_argument("url")
     download.add_argument("-o", "--output", help="file or directory to save to")
     return parser
+
+
+def _positive(raw: str) -> int:
+    try:
+        value = int(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, not {raw!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def _message_id(raw: str) -> int:
+    try:
+        value = int(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a msg_id, not {raw!r}") from None
+    if not 0 <= value < 1 << 64:
+        raise argparse.ArgumentTypeError("not a msg_id")
+    return value
 
 
 def message_json(message: Any) -> str:
@@ -181,6 +216,8 @@ async def run(reactor: Any, options: argparse.Namespace) -> int:
             return await _send_file(reactor, client, options)
         if options.command == "group":
             return await _group(reactor, client, options)
+        if options.command == "history":
+            return await history_command(client, options)
         if options.command == "online":
             page = await client.online(0, 1000)
             _print(json.dumps({"total": page.total, "users": list(page.users)}))
@@ -194,6 +231,11 @@ async def run(reactor: Any, options: argparse.Namespace) -> int:
                 _print(message_json(message))
                 received += 1
                 if options.count and received >= options.count and not done.called:
+                    # Next turn: the library acknowledges the message after this returns.
+                    reactor.callLater(0, finish)
+
+            def finish() -> None:
+                if not done.called:
                     done.callback(True)
 
             client.on_message = arrived
@@ -280,6 +322,34 @@ async def _group(reactor: Any, client: Any, options: argparse.Namespace) -> int:
         _print(json.dumps(_group_json(answer.group)))
     else:
         _print(json.dumps({"ok": True}))
+    return 0
+
+
+HISTORY_PAGE = 200
+"""The most the node answers per HISTORY_R."""
+
+
+async def history_command(client: Any, options: argparse.Namespace) -> int:
+    """Print up to --limit messages, newest first, asking page after page.
+
+    Stops at the first refusal with exit status 1, even after printing: a script must
+    not take a partial history for a whole one.
+    """
+    target = await resolve_group(client, options.peer) if options.group else options.peer
+    before = options.before
+    remaining = options.limit
+    while remaining > 0:
+        page = await client.history(
+            target, min(remaining, HISTORY_PAGE), before, group=options.group
+        )
+        if page.error:
+            raise ClientExit(1, f"history refused: {page.message or page.error} ({page.error})")
+        for message in page.messages[:remaining]:
+            _print(message_json(message))
+        remaining -= len(page.messages)
+        if not page.more or not page.next_before or not page.messages:
+            break
+        before = page.next_before
     return 0
 
 

@@ -22,6 +22,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from cim.accounts import AccountStore
+from cim.archive import HistoryService, archive_from_config
 from cim.bus import make_bus
 from cim.config import CimConfig
 from cim.files.signing import UrlKeyError
@@ -36,7 +37,9 @@ from cim.interfaces import (
 )
 from cim.message_ids import MessageIdGenerator
 from cim.metrics import NodeMetrics
-from cim.offline import OfflineStore
+from cim.offline import HistoryStore
+from cim.offline_pipeline import make_offline_pipeline
+from cim.oplog import OperationLog
 from cim.protocols.crypto import NodeKey
 from cim.protocols.im import ImServerFactory
 from cim.registry import make_registry
@@ -72,6 +75,7 @@ class CimDaemon(Service):
         self.files: FilesListener | None = None
         self.http_ports: dict[str, IListeningPort] = {}
         self._stoppers: list[Callable[[], Any]] = []
+        self.oplog: OperationLog | None = None
 
     def startService(self) -> None:
         super().startService()
@@ -84,6 +88,11 @@ class CimDaemon(Service):
         node_id = config.node.id
         os.makedirs(config.node.data_dir, exist_ok=True)
         node_key = NodeKey.load_or_create(config.rsa_key_path, config.im.rsa_key_bits)
+        self.oplog = OperationLog(
+            config.operation_log_path, node=node_id, clock=self.reactor.seconds
+        )
+        self._stoppers.append(self.oplog.close)
+        _reopen_on_sighup(self.reactor, self.oplog)
 
         self.database = Database(config.database_url, self.reactor, config.database.threads)
         yield self.database.start()
@@ -110,6 +119,17 @@ class CimDaemon(Service):
         # cache after its TTL, so a cluster keeps it short.
         member_cache_ttl = 60.0 if config.registry.backend == "local" else 5.0
         self.groups = GroupDirectory(self.database, self.reactor, cache_ttl=member_cache_ttl)
+        offline = make_offline_pipeline(config, self.database, self.reactor)
+        history = HistoryStore(
+            self.database,
+            config.retention_days,
+            self.reactor,
+            purge_batch=config.archive.purge_batch,
+        )
+        # The archive rides the node bus's broker connection when there is one.
+        archive = archive_from_config(
+            config, history, getattr(self.bus, "link", None), self.reactor
+        )
         self.switchboard = Switchboard(
             node_id,
             self.state,
@@ -120,13 +140,22 @@ class CimDaemon(Service):
             bus=self.bus,
             groups=self.groups,
             live_nodes=lambda: [node.node_id for node in registry.live_nodes()],
-            offline=OfflineStore(self.database, config.offline.max_per_user),
+            offline=offline,
             offline_page_size=config.offline.page_size,
+            archive=archive,
+            history=HistoryService(history, self.groups.is_member),
         )
+        # The offline writer tells connected receivers to pull once it has committed.
+        offline.on_stored = self.switchboard.stored_for
         # Started after the switchboard registered its consumer, so nothing queued for
         # this node while it was down is handed to nobody.
         yield self._backend_step("queue", config.queue.backend, self.bus.start)
         self._stoppers.append(self.bus.stop)
+        yield self._backend_step("queue", config.queue.backend, offline.start)
+        self._stoppers.append(offline.stop)
+        if archive is not None:
+            yield self._backend_step("queue", config.queue.backend, archive.start)
+            self._stoppers.append(archive.stop)
 
         if config.im.enabled:
             factory = ImServerFactory(
@@ -139,6 +168,7 @@ class CimDaemon(Service):
                 self.reactor,
                 self.metrics,
             )
+            factory.oplog = self.oplog
             self.im = ImListener(
                 node_id, config.im, factory, self.registry, self.reactor, config.state.route_ttl
             )
@@ -154,6 +184,7 @@ class CimDaemon(Service):
                 self.registry,
                 self.reactor,
                 self.metrics,
+                oplog=self.oplog,
             )
             yield self._listen_http("router", config.router.listen, site)
 
@@ -270,6 +301,22 @@ class CimDaemon(Service):
             except Exception:
                 self.log.failure("error while stopping")
         self.log.info("cim node {node} stopped", node=self.config.node.id)
+
+
+def _reopen_on_sighup(reactor: Any, oplog: OperationLog) -> None:
+    """SIGHUP reopens the operation log (after logrotate moved it)."""
+    import signal
+
+    if not hasattr(signal, "SIGHUP"):
+        return
+    previous = signal.getsignal(signal.SIGHUP)
+
+    def reopen(signum: int, frame: Any) -> None:
+        reactor.callFromThread(oplog.reopen)
+        if callable(previous):
+            previous(signum, frame)
+
+    signal.signal(signal.SIGHUP, reopen)
 
 
 def _exit_non_zero_at_exit() -> None:

@@ -19,6 +19,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.web import server
 
+from cim import oplog as oplog_events
 from cim.config import ImConfig, RouterConfig
 from cim.interfaces import (
     AlreadyLoggedIn,
@@ -28,6 +29,7 @@ from cim.interfaces import (
     StateUnavailable,
 )
 from cim.metrics import NodeMetrics
+from cim.oplog import OperationLog
 from cim.ring import HashRing
 from cim.services.http import (
     HttpError,
@@ -106,7 +108,9 @@ class RouterResource(JsonRoutes):
         clock: IReactorTime,
         metrics: NodeMetrics,
         token_bytes: Callable[[int], bytes] = os.urandom,
+        oplog: OperationLog | None = None,
     ) -> None:
+        self._oplog = oplog
         super().__init__(
             {
                 (LOGIN_PATH, b"POST"): self._login,
@@ -147,6 +151,9 @@ class RouterResource(JsonRoutes):
             raise
         finally:
             self._metrics.logins[outcome] += 1
+            if self._oplog is not None:
+                event = oplog_events.LOGIN if outcome == "ok" else oplog_events.LOGIN_FAILED
+                self._oplog.emit(event, user=user, peer=address, outcome=outcome)
             self._log.info(
                 "login {outcome} for {user!r} from {address}",
                 outcome=outcome,
@@ -254,6 +261,8 @@ class RouterResource(JsonRoutes):
                 ((b"WWW-Authenticate", b'Bearer realm="cim"'),),
             )
         self._log.info("logout of {user!r} from {address}", user=record.user, address=address)
+        if self._oplog is not None:
+            self._oplog.emit(oplog_events.LOGOUT, user=record.user, peer=address)
         return json_reply(200, {"ok": True})
 
     # --- online users (design: 后台监控 获取在线用户数) ----------------------------------
@@ -327,6 +336,9 @@ def router_site(
     clock: IReactorTime,
     metrics: NodeMetrics,
     token_bytes: Callable[[int], bytes] = os.urandom,
+    oplog: OperationLog | None = None,
 ) -> server.Site:
-    root = RouterResource(config, im_config, accounts, state, registry, clock, metrics, token_bytes)
+    root = RouterResource(
+        config, im_config, accounts, state, registry, clock, metrics, token_bytes, oplog
+    )
     return bounded_site(root, config.max_body_size, clock)

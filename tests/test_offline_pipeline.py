@@ -1,0 +1,528 @@
+"""cim.offline_pipeline: write-through, the RabbitMQ queue, the batching writer, outages.
+
+The unit tests drive the writer with a fake link and a ``task.Clock`` and run the
+database synchronously. The integration tests use the real reactor, a SQLite file on
+the database's thread pool, and RabbitMQ: the machine's broker (each test under a
+queue of its own, deleted afterwards) or, for the outage, a private node it can stop.
+Without RabbitMQ they skip, or fail when CIM_REQUIRE_SERVICES=1.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import pika
+from sqlalchemy import func, select
+from sqlalchemy.engine import Connection
+from twisted.internet import defer, reactor, task, threads
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.task import Clock
+from twisted.python.failure import Failure
+from twisted.trial.unittest import TestCase
+
+from cim.bus.rabbitmq import Queue, parse_amqp_url
+from cim.config import CimConfig, load_config
+from cim.interfaces import BusConsumer, BusUnavailable
+from cim.offline import OfflineItem, OfflineStore
+from cim.offline_pipeline import (
+    OfflinePipeline,
+    OfflineWriter,
+    decode,
+    encode,
+    make_offline_pipeline,
+)
+from cim.storage.database import Database
+from cim.storage.offline import OfflineFull
+from cim.storage.schema import offline_msgs
+from tests.rabbitmq import SHARED_URL, amqp_answers, shared_rabbitmq
+from tests.services import eventually, service_missing
+from tests.test_offline import START, message
+from tests.test_storage import run_now, sqlite_url
+
+BASE_ID = 1 << 40
+
+
+def rows_txn(connection: Connection) -> list[tuple[str, int]]:
+    return [
+        (row.receiver_uid, row.msg_id)
+        for row in connection.execute(
+            select(offline_msgs.c.receiver_uid, offline_msgs.c.msg_id).order_by(
+                offline_msgs.c.msg_id
+            )
+        )
+    ]
+
+
+def count_txn(connection: Connection) -> int:
+    return int(connection.execute(select(func.count()).select_from(offline_msgs)).scalar_one())
+
+
+class FakeLink:
+    """Records what the pipeline asks of an AmqpLink; the test plays the broker."""
+
+    def __init__(self) -> None:
+        self.declared: list[Any] = []
+        self.consumers: list[tuple[str, BusConsumer, int]] = []
+        self.published: list[tuple[str, str, bytes]] = []
+        self.confirms: list[Deferred[None]] = []
+
+    def declare(self, *declarations: Any) -> Deferred[None]:
+        self.declared.extend(declarations)
+        return succeed(None)
+
+    def consume(self, queue: str, consumer: BusConsumer, prefetch: int = 256) -> None:
+        self.consumers.append((queue, consumer, prefetch))
+
+    def publish(
+        self, exchange: str, routing_key: str, body: bytes, *, mandatory: bool = True
+    ) -> Deferred[None]:
+        self.published.append((exchange, routing_key, body))
+        d: Deferred[None] = Deferred()
+        self.confirms.append(d)
+        return d
+
+    def deliver(self, body: bytes) -> Deferred[None]:
+        _queue, consumer, _prefetch = self.consumers[0]
+        result = consumer(body)
+        assert isinstance(result, Deferred)
+        return result
+
+
+class RecordingStore:
+    """Passes batches on to a real store, remembering their sizes; can be told to fail."""
+
+    def __init__(self, inner: OfflineStore) -> None:
+        self.inner = inner
+        self.batches: list[int] = []
+        self.fail_next = 0
+
+    def store(self, messages: Iterable[OfflineItem]) -> Deferred[int]:
+        items = list(messages)
+        if self.fail_next:
+            self.fail_next -= 1
+            return fail(RuntimeError("database down"))
+        self.batches.append(len(items))
+        return self.inner.store(items)
+
+
+# --- no broker ------------------------------------------------------------------------
+
+
+class FramingTests(TestCase):
+    def test_round_trip_keeps_the_receiver_and_the_message(self) -> None:
+        m = message(BASE_ID + 1, group="g1")
+        receiver, back = decode(encode("carol", m))
+        self.assertEqual(receiver, "carol")
+        self.assertEqual(back, m)
+
+    def test_foreign_bodies_are_refused(self) -> None:
+        for body in (b"", b"\x02\x00\x01x", b"\x01\x00\x09ab"):
+            self.assertRaises(ValueError, decode, body)
+
+
+class SyncDatabase:
+    def setUp(self) -> None:
+        case: Any = self
+        self.db = Database(sqlite_url(case), None, runner=run_now)
+        case.successResultOf(self.db.start())
+        case.addCleanup(self.db.stop)
+
+    def rows(self) -> list[tuple[str, int]]:
+        case: Any = self
+        result: list[tuple[str, int]] = case.successResultOf(self.db.run(rows_txn))
+        return result
+
+
+class WriteThroughTests(SyncDatabase, TestCase):
+    def test_memory_backend_writes_through_and_reads_back(self) -> None:
+        pipeline = OfflinePipeline(OfflineStore(self.db, 2), self.db)
+        self.assertEqual(
+            self.successResultOf(pipeline.store([message(BASE_ID + 1), ("carol", message(2))])),
+            2,
+        )
+        self.assertEqual(self.rows(), [("carol", 2), ("bob", BASE_ID + 1)])
+        page = self.successResultOf(pipeline.page("bob"))
+        self.assertEqual([r.msg_id for r in page.records], [BASE_ID + 1])
+        self.assertEqual(self.successResultOf(pipeline.summary("bob"))[0].count, 1)
+        self.assertEqual(self.successResultOf(pipeline.acknowledge("bob", [BASE_ID + 1])), 1)
+        self.successResultOf(pipeline.store([message(BASE_ID + 2)]))
+        self.successResultOf(pipeline.store([message(BASE_ID + 3)]))
+        self.failureResultOf(pipeline.store([message(BASE_ID + 4)]), OfflineFull)
+
+    def test_make_offline_pipeline_with_the_memory_backend_has_no_link(self) -> None:
+        pipeline = make_offline_pipeline(config_for(self, "memory"), self.db, None)
+        self.assertIsNone(pipeline.link)
+        self.assertIsNone(pipeline.writer)
+
+
+class QueuedStoreTests(SyncDatabase, TestCase):
+    """The publishing side against a fake link."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.link = FakeLink()
+        self.pipeline = OfflinePipeline(
+            OfflineStore(self.db, 3),
+            self.db,
+            link=self.link,  # type: ignore[arg-type]
+            queue="q",
+            max_queued=50,
+        )
+
+    def test_the_queue_is_durable_bounded_and_rejects_publishes_beyond(self) -> None:
+        self.assertEqual(
+            self.link.declared,
+            [Queue("q", arguments=(("x-max-length", 50), ("x-overflow", "reject-publish")))],
+        )
+
+    def test_store_fires_only_after_every_confirm(self) -> None:
+        d = self.pipeline.store([("carol", message(BASE_ID + 1, group="g")), message(BASE_ID + 2)])
+        self.assertNoResult(d)
+        self.assertEqual([(e, k) for e, k, _ in self.link.published], [("", "q"), ("", "q")])
+        self.assertEqual(decode(self.link.published[0][2])[0], "carol")
+        self.link.confirms[0].callback(None)
+        self.assertNoResult(d)
+        self.link.confirms[1].callback(None)
+        self.assertEqual(self.successResultOf(d), 2)
+        self.assertEqual(self.rows(), [])  # the writer's job
+
+    def test_an_unconfirmed_message_fails_the_store(self) -> None:
+        d = self.pipeline.store([message(BASE_ID + 1), message(BASE_ID + 2)])
+        self.link.confirms[0].callback(None)
+        self.link.confirms[1].errback(BusUnavailable("nack"))
+        self.failureResultOf(d, BusUnavailable)
+
+    def test_the_cap_refuses_before_publishing(self) -> None:
+        self.successResultOf(
+            OfflineStore(self.db, None).store([message(BASE_ID + i) for i in range(1, 3)])
+        )
+        # bob holds 2 of 3: one more fits, two do not; carol is fine.
+        d = self.pipeline.store([message(BASE_ID + 10), ("carol", message(BASE_ID + 10))])
+        self.link.confirms[0].callback(None)
+        self.link.confirms[1].callback(None)
+        self.successResultOf(d)
+        self.successResultOf(OfflineStore(self.db, None).store([message(BASE_ID + 3)]))
+        full = self.failureResultOf(
+            self.pipeline.store([message(BASE_ID + 11), ("carol", message(BASE_ID + 11))]),
+            OfflineFull,
+        ).value
+        self.assertEqual(full.receivers, ("bob",))
+        self.assertEqual(len(self.link.published), 2)  # nothing more was published
+
+    def test_malformed_messages_are_refused_before_publishing(self) -> None:
+        self.failureResultOf(self.pipeline.store([message(0)]), ValueError)
+        self.failureResultOf(self.pipeline.store([("", message(BASE_ID))]), ValueError)
+        self.assertEqual(self.link.published, [])
+
+
+class WriterTests(SyncDatabase, TestCase):
+    """Batching, acknowledgement after commit and retries, on a Clock."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.clock = Clock()
+        self.clock.advance(START)
+        self.link = FakeLink()
+        self.store = RecordingStore(OfflineStore(self.db, None))
+        self.told: list[list[str]] = []
+        self.writer = OfflineWriter(
+            self.link,  # type: ignore[arg-type]
+            self.store,
+            self.clock,
+            queue="q",
+            batch_size=3,
+            batch_wait=0.5,
+            on_stored=self.told.append,
+        )
+        self.writer.start()
+
+    def body(self, i: int, to: str = "bob") -> bytes:
+        return encode(to, message(BASE_ID + i, to=to))
+
+    def test_consumes_the_queue_with_a_prefetch_of_two_batches(self) -> None:
+        self.assertEqual([(q, p) for q, _, p in self.link.consumers], [("q", 6)])
+
+    def test_a_full_batch_is_written_at_once_and_acknowledged_after_commit(self) -> None:
+        acks = [self.link.deliver(self.body(i, to)) for i, to in ((1, "bob"), (2, "ann"))]
+        self.assertEqual(self.store.batches, [])
+        for ack in acks:
+            self.assertNoResult(ack)
+        acks.append(self.link.deliver(self.body(3)))
+        self.assertEqual(self.store.batches, [3])
+        for ack in acks:
+            self.successResultOf(ack)
+        self.assertEqual(len(self.rows()), 3)
+        self.assertEqual(self.told, [["ann", "bob"]])
+
+    def test_a_partial_batch_is_written_after_the_wait(self) -> None:
+        ack = self.link.deliver(self.body(1))
+        self.clock.advance(0.4)
+        self.assertNoResult(ack)
+        self.clock.advance(0.1)
+        self.successResultOf(ack)
+        self.assertEqual(self.store.batches, [1])
+
+    def test_a_burst_is_cut_into_batches(self) -> None:
+        acks = [self.link.deliver(self.body(i)) for i in range(1, 8)]
+        self.clock.advance(0.5)
+        self.assertEqual(self.store.batches, [3, 3, 1])
+        for ack in acks:
+            self.successResultOf(ack)
+
+    def test_a_failing_database_is_retried_holding_the_messages(self) -> None:
+        self.store.fail_next = 3
+        acks = [self.link.deliver(self.body(i)) for i in range(1, 4)]
+        for _ in range(3):
+            for ack in acks:
+                self.assertNoResult(ack)  # never handed back to the redelivery limit
+            self.clock.advance(10)
+        for ack in acks:
+            self.successResultOf(ack)
+        self.assertEqual(len(self.rows()), 3)
+
+    def test_writing_the_same_message_twice_keeps_one_row(self) -> None:
+        for _ in range(2):
+            ack = self.link.deliver(self.body(1))
+            self.clock.advance(0.5)
+            self.successResultOf(ack)
+        self.assertEqual(self.rows(), [("bob", BASE_ID + 1)])
+
+    def test_an_undecodable_message_fails_alone(self) -> None:
+        self.failureResultOf(self.link.deliver(b"junk"), ValueError)
+        ack = self.link.deliver(self.body(1))
+        self.clock.advance(0.5)
+        self.successResultOf(ack)
+
+    def test_stop_waits_for_the_batch_being_written_and_leaves_the_rest(self) -> None:
+        self.store.fail_next = 1
+        acks = [self.link.deliver(self.body(i)) for i in range(1, 5)]
+        stopped = self.writer.stop()
+        self.successResultOf(stopped)  # the retry pause was cut short
+        for ack in acks:
+            self.assertNoResult(ack)  # the broker gets them back when the link closes
+        self.assertEqual(self.rows(), [])
+
+
+def config_for(test: TestCase, backend: str, url: str = SHARED_URL, **offline: Any) -> CimConfig:
+    lines = [
+        "[node]",
+        "id = t1",
+        f"data_dir = {os.path.abspath(test.mktemp())}",
+        "[queue]",
+        f"backend = {backend}",
+        f"amqp_url = {url}",
+        "confirm_timeout = 3",
+        "[offline]",
+    ] + [f"{key} = {value}" for key, value in offline.items()]
+    path = os.path.abspath(test.mktemp())
+    with open(path, "w") as out:
+        out.write("\n".join(lines) + "\n")
+    return load_config(path)
+
+
+# --- with RabbitMQ --------------------------------------------------------------------
+
+
+class RabbitFixture(TestCase):
+    timeout = 60
+    url = SHARED_URL
+
+    def setUp(self) -> None:
+        self.check_broker()
+        self.queue = f"cimtest-{uuid.uuid4().hex[:10]}.offline"
+        self.addCleanup(self.delete_queue)
+
+    def check_broker(self) -> None:
+        address = parse_amqp_url(self.url)
+        if not amqp_answers(address.host, address.port):
+            service_missing(self, "RabbitMQ", f"nothing speaks AMQP at {address}")
+
+    def delete_queue(self) -> None:
+        address = parse_amqp_url(self.url)
+        if not amqp_answers(address.host, address.port):
+            return
+        connection = pika.BlockingConnection(pika.URLParameters(self.url))
+        try:
+            connection.channel().queue_delete(self.queue)
+        finally:
+            connection.close()
+
+    def depth(self) -> int:
+        connection = pika.BlockingConnection(pika.URLParameters(self.url))
+        try:
+            frame = connection.channel().queue_declare(self.queue, passive=True)
+            count: int = frame.method.message_count
+            return count
+        finally:
+            connection.close()
+
+    async def database(self) -> Database:
+        db = Database(sqlite_url(self), reactor)
+        await db.start()
+        self.addCleanup(db.stop)
+        return db
+
+    async def pipeline(
+        self, db: Database, on_stored: Callable[[list[str]], Any] | None = None, **offline: Any
+    ) -> OfflinePipeline:
+        offline.setdefault("queue", self.queue)
+        config = config_for(self, "rabbitmq", self.url, **offline)
+        pipeline = make_offline_pipeline(config, db, reactor, on_stored=on_stored)
+        assert pipeline.link is not None
+        pipeline.link._initial_delay = 0.1
+        pipeline.link._max_delay = 0.5
+        self.addCleanup(pipeline.stop)
+        await pipeline.start()
+        return pipeline
+
+    async def until(self, check: Callable[[], Any], what: str, timeout: float = 20.0) -> None:
+        async def holds() -> bool:
+            result = check()
+            if isinstance(result, Deferred):
+                result = await result
+            return bool(result)
+
+        await eventually(reactor, holds, timeout, what)
+
+
+class RabbitPipelineTests(RabbitFixture):
+    async def test_store_fires_after_the_confirm_and_the_writer_commits_later(self) -> None:
+        db = await self.database()
+        publisher = await self.pipeline(db, writer="false")
+        await publisher.store([message(BASE_ID + 1), ("carol", message(BASE_ID + 2, group="g"))])
+        self.assertEqual(self.depth(), 2)  # the confirm means the broker has them
+        self.assertEqual(await db.run(count_txn), 0)
+        told: list[list[str]] = []
+        await self.pipeline(db, on_stored=told.append)  # a writer on another "node"
+        await self.until(lambda: told, "the writer's commit")
+        self.assertEqual(await db.run(rows_txn), [("bob", BASE_ID + 1), ("carol", BASE_ID + 2)])
+        self.assertEqual(told, [["bob", "carol"]])
+        await self.until(lambda: self.depth() == 0, "the acknowledgements")
+
+    async def test_a_burst_is_written_in_batches(self) -> None:
+        db = await self.database()
+        pipeline = await self.pipeline(db, batch_size=10, batch_wait="100ms")
+        assert pipeline.writer is not None
+        store = RecordingStore(OfflineStore(db, None))
+        pipeline.writer._store = store
+        await defer.gatherResults([pipeline.store([message(BASE_ID + i)]) for i in range(1, 36)])
+        await self.until(lambda: sum(store.batches) >= 35, "every message written")
+        self.assertLessEqual(max(store.batches), 10)
+        self.assertLess(len(store.batches), 35)
+        self.assertEqual(await db.run(count_txn), 35)
+
+    async def test_the_queue_length_limit_refuses_publishes(self) -> None:
+        db = await self.database()
+        pipeline = await self.pipeline(db, writer="false", max_queued=3)
+        for i in range(1, 4):
+            await pipeline.store([message(BASE_ID + i)])
+        with self.assertRaises(BusUnavailable):
+            await pipeline.store([message(BASE_ID + 4)])
+        self.assertEqual(self.depth(), 3)
+
+    async def test_the_cap_refuses_with_offline_full(self) -> None:
+        db = await self.database()
+        pipeline = await self.pipeline(db, max_per_user=2, writer="false")
+        await OfflineStore(db, None).store([message(BASE_ID + 1), message(BASE_ID + 2)])
+        with self.assertRaises(OfflineFull):
+            await pipeline.store([message(BASE_ID + 3)])
+        await pipeline.store([("carol", message(BASE_ID + 3))])
+        self.assertEqual(self.depth(), 1)
+
+    async def test_a_crash_between_commit_and_ack_redelivers_harmlessly(self) -> None:
+        db = await self.database()
+        first = await self.pipeline(db, batch_wait="50ms")
+        assert first.writer is not None and first.link is not None
+        inner = OfflineStore(db, None)
+        written: list[int] = []
+        hung: Deferred[int] = Deferred()
+
+        # Released at the end, so that stopping this writer does not wait for ever.
+        def release() -> None:
+            if not hung.called:
+                hung.callback(0)  # its acks go nowhere: the connection is closed
+
+        self.addCleanup(release)
+
+        class CrashAfterWrite:
+            """Commits, then never lets the writer acknowledge (the process dies)."""
+
+            def store(self, messages: Iterable[OfflineItem]) -> Deferred[int]:
+                d = inner.store(messages)
+                d.addCallback(written.append)
+                return d.addCallback(lambda _: hung)
+
+        first.writer._store = CrashAfterWrite()
+        await first.store([message(BASE_ID + i) for i in range(1, 6)])
+        await self.until(lambda: sum(written) == 5, "the first write")
+        await first.link.stop()  # the crash: nothing was acknowledged
+        await self.until(lambda: self.depth() == 5, "the messages back in the queue")
+
+        second = await self.pipeline(db, batch_wait="50ms")
+        writer = second.writer
+        assert writer is not None
+        await self.until(lambda: writer.batches_written >= 1, "the redelivery")
+        await self.until(lambda: self.depth() == 0, "the acknowledgements")
+        self.assertEqual(await db.run(rows_txn), [("bob", BASE_ID + i) for i in range(1, 6)])
+
+
+class RabbitOutageTests(RabbitFixture):
+    """Acceptance 3 of issue 5 for the component: the broker stopped during a burst."""
+
+    timeout = 240
+
+    def check_broker(self) -> None:
+        self.broker = shared_rabbitmq(self)
+        self.url = self.broker.url
+
+    async def test_broker_stopped_during_a_burst(self) -> None:
+        db = await self.database()
+        pipeline = await self.pipeline(db, batch_size=20, batch_wait="50ms")
+        outcomes: dict[int, bool | None] = {}
+        self.errors: list[Failure] = []
+
+        def send(msg_id: int) -> None:
+            outcomes[msg_id] = None
+
+            def refused(failure: Failure) -> None:
+                failure.trap(BusUnavailable)
+                outcomes[msg_id] = False
+
+            d = pipeline.store([message(msg_id, sender=f"s{msg_id % 7}")])
+            d.addCallbacks(lambda _: outcomes.__setitem__(msg_id, True), refused)
+            d.addErrback(self.errors.append)
+
+        async def burst(first: int, count: int) -> None:
+            for i in range(first, first + count):
+                send(BASE_ID + i)
+                await task.deferLater(reactor, 0.005, lambda: None)
+
+        sending = Deferred.fromCoroutine(burst(1, 600))
+        await self.until(lambda: len(outcomes) >= 150, "the burst to be under way")
+        stopping = threads.deferToThread(self.broker.stop)
+        await sending
+        await stopping
+        await self.until(lambda: None not in outcomes.values(), "every store to settle")
+        confirmed = sorted(i for i, ok in outcomes.items() if ok)
+        refused = sorted(i for i, ok in outcomes.items() if not ok)
+        self.assertEqual(self.errors, [])
+        self.assertTrue(confirmed, "nothing was confirmed before the stop")
+        self.assertTrue(refused, "nothing failed while the broker was away")
+
+        await threads.deferToThread(self.broker.start)
+
+        async def all_stored() -> bool:
+            rows = await db.run(rows_txn)
+            return {msg_id for _, msg_id in rows} >= set(confirmed)
+
+        await eventually(reactor, all_stored, 60, "every confirmed message in the database")
+        rows = await db.run(rows_txn)
+        ids = [msg_id for _, msg_id in rows]
+        self.assertEqual(len(ids), len(set(ids)))  # exactly once
+        # Anything else in the table is a message whose confirm was lost with the
+        # broker: stored although its sender heard "failed", never the reverse.
+        self.assertLessEqual(set(ids) - set(confirmed), set(refused))
+        await self.until(lambda: self.depth() == 0, "the queue to drain")
