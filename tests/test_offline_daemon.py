@@ -1,0 +1,132 @@
+"""The offline pipeline with real processes: a daemon on RabbitMQ killed with kill -9
+while its writer is storing a burst; after the restart every message whose sender was
+told "stored" is in the database exactly once, and the receiver gets each of them."""
+
+from __future__ import annotations
+
+import os
+import random
+import sqlite3
+import uuid
+
+from twisted.internet.defer import DeferredList, ensureDeferred
+from twisted.trial.unittest import TestCase
+
+from cim.client.session import Backoff, ChatClient, DeliveryOutcome
+from tests.cluster import add_users, delete_queues, eventually, reactor
+from tests.daemons import PASSWORD, DaemonProcess
+from tests.test_reliability import shared_broker
+
+
+def client_for(daemon: DaemonProcess, user: str) -> ChatClient:
+    return ChatClient(
+        reactor,
+        daemon.router_url,
+        user,
+        PASSWORD,
+        device="test",
+        backoff=Backoff(initial=0.2, maximum=1.0),
+        rng=random.Random(user),
+    )
+
+
+class OfflinePipelineDaemonTests(TestCase):
+    timeout = 240
+
+    def test_kill_9_while_the_writer_stores_loses_and_doubles_nothing(self) -> None:
+        return ensureDeferred(self._kill_while_writing())
+
+    async def _kill_while_writing(self) -> None:
+        amqp = shared_broker(self)
+        suffix = uuid.uuid4().hex[:8]
+        workdir = os.path.abspath(self.mktemp())
+        os.makedirs(workdir)
+        database = os.path.join(workdir, "shared.db")
+        queue = f"cim.offline.{suffix}"
+        archive_queue = f"cim.archive.{suffix}"
+        exchange = f"cim.test.{suffix}"
+        node_id = f"o{suffix}"
+        daemon = DaemonProcess(
+            os.path.join(workdir, "node"),
+            node_id,
+            extra=(
+                f"[queue]\nbackend = rabbitmq\namqp_url = {amqp}\nexchange = {exchange}\n"
+                f"[offline]\nqueue = {queue}\nbatch_size = 20\nbatch_wait = 100ms\n"
+                f"[archive]\nqueue = {archive_queue}\n"
+                f"[database]\nurl = sqlite:///{database}\n"
+            ),
+        )
+        self.addCleanup(delete_queues, amqp, exchange, [node_id])
+        self.addCleanup(_delete_plain_queues, amqp, [queue, archive_queue])
+        add_users(f"sqlite:///{database}", ["alice", "bob"])
+        daemon.start()
+        self.addCleanup(daemon.stop)
+
+        alice = client_for(daemon, "alice")
+        self.addCleanup(lambda: ensureDeferred(alice.stop(logout=False)))
+        await alice.start()
+        outcomes: dict[str, DeliveryOutcome] = {}
+
+        def record(text: str, outcome: DeliveryOutcome) -> None:
+            outcomes[text] = outcome
+
+        def rows() -> list[tuple[int, str]]:
+            with sqlite3.connect(database) as connection:
+                return list(
+                    connection.execute(
+                        "SELECT msg_id, msg_content FROM offline_msgs WHERE receiver_uid = 'bob'"
+                    )
+                )
+
+        sends = []
+        for number in range(600):
+            text = f"m{number}"
+            sends.append(alice.send_text("bob", text).addCallback(lambda o, t=text: record(t, o)))
+        # Kill -9 once the writer has committed some batches and the broker holds more.
+        await eventually(lambda: len(rows()) >= 40, 30, "the writer to commit a few batches")
+        written_before = len(rows())
+        daemon.kill()
+        daemon.start()
+        await DeferredList(sends)
+        stored = {text: o.msg_id for text, o in outcomes.items() if o.status == "stored"}
+        self.assertTrue(stored, "some messages were stored")
+
+        # The restarted writer drains what the broker still holds.
+        await eventually(
+            lambda: {content for _, content in rows()} >= set(stored), 60, "the queue to drain"
+        )
+        in_database = rows()
+        ids = [msg_id for msg_id, _ in in_database]
+        self.assertEqual(len(ids), len(set(ids)), "no message twice")
+        by_text = {content: msg_id for msg_id, content in in_database}
+        for text, msg_id in stored.items():
+            self.assertEqual(by_text[text], msg_id, text)
+
+        # bob logs in once and gets every stored message, each once.
+        bob = client_for(daemon, "bob")
+        self.addCleanup(lambda: ensureDeferred(bob.stop(logout=False)))
+        shown: list[str] = []
+        bob.on_message = lambda message: shown.append(message.text)
+        await bob.start()
+        await eventually(lambda: set(shown) >= set(stored), 30, "bob to get them all")
+        self.assertEqual(len(shown), len(set(shown)))
+        print(
+            f"\n{len(outcomes)} sent, kill -9 after {written_before} rows were written, "
+            f"{len(stored)} stored, "
+            f"{len(in_database)} rows, {len(shown)} shown to bob once each"
+        )
+
+
+def _delete_plain_queues(amqp_url: str, queues: list[str]) -> None:
+    import pika
+
+    try:
+        connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
+    except Exception:
+        return
+    try:
+        channel = connection.channel()
+        for queue in queues:
+            channel.queue_delete(queue)
+    finally:
+        connection.close()
