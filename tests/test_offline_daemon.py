@@ -6,16 +6,18 @@ from __future__ import annotations
 
 import os
 import random
-import sqlite3
 import uuid
 
+from sqlalchemy import text
 from twisted.internet.defer import DeferredList, ensureDeferred
 from twisted.trial.unittest import TestCase
 
 from cim.client.session import Backoff, ChatClient, DeliveryOutcome
+from cim.storage.database import open_engine, upgrade
 from tests.cluster import add_users, delete_queues, eventually, reactor
 from tests.daemons import PASSWORD, DaemonProcess
 from tests.test_reliability import shared_broker
+from tests.test_storage import scratch_postgresql_url
 
 
 def client_for(daemon: DaemonProcess, user: str) -> ChatClient:
@@ -33,15 +35,21 @@ def client_for(daemon: DaemonProcess, user: str) -> ChatClient:
 class OfflinePipelineDaemonTests(TestCase):
     timeout = 240
 
-    def test_kill_9_while_the_writer_stores_loses_and_doubles_nothing(self) -> None:
-        return ensureDeferred(self._kill_while_writing())
+    def test_kill_9_while_the_writer_stores_on_sqlite(self) -> None:
+        workdir = os.path.abspath(self.mktemp())
+        os.makedirs(workdir)
+        return ensureDeferred(self._kill_while_writing(f"sqlite:///{workdir}/shared.db"))
 
-    async def _kill_while_writing(self) -> None:
+    def test_kill_9_while_the_writer_stores_on_postgresql(self) -> None:
+        url = scratch_postgresql_url(self)
+        upgrade(url)  # the daemon refuses a PostgreSQL database that is behind
+        return ensureDeferred(self._kill_while_writing(url))
+
+    async def _kill_while_writing(self, database_url: str) -> None:
         amqp = shared_broker(self)
         suffix = uuid.uuid4().hex[:8]
         workdir = os.path.abspath(self.mktemp())
         os.makedirs(workdir)
-        database = os.path.join(workdir, "shared.db")
         queue = f"cim.offline.{suffix}"
         archive_queue = f"cim.archive.{suffix}"
         exchange = f"cim.test.{suffix}"
@@ -53,12 +61,14 @@ class OfflinePipelineDaemonTests(TestCase):
                 f"[queue]\nbackend = rabbitmq\namqp_url = {amqp}\nexchange = {exchange}\n"
                 f"[offline]\nqueue = {queue}\nbatch_size = 20\nbatch_wait = 100ms\n"
                 f"[archive]\nqueue = {archive_queue}\n"
-                f"[database]\nurl = sqlite:///{database}\n"
+                f"[database]\nurl = {database_url}\n"
             ),
         )
         self.addCleanup(delete_queues, amqp, exchange, [node_id])
         self.addCleanup(_delete_plain_queues, amqp, [queue, archive_queue])
-        add_users(f"sqlite:///{database}", ["alice", "bob"])
+        add_users(database_url, ["alice", "bob"])
+        engine = open_engine(database_url)
+        self.addCleanup(engine.dispose)
         daemon.start()
         self.addCleanup(daemon.stop)
 
@@ -71,24 +81,23 @@ class OfflinePipelineDaemonTests(TestCase):
             outcomes[text] = outcome
 
         def rows() -> list[tuple[int, str]]:
-            with sqlite3.connect(database) as connection:
-                return list(
-                    connection.execute(
-                        "SELECT msg_id, msg_content FROM offline_msgs WHERE receiver_uid = 'bob'"
-                    )
+            with engine.connect() as connection:
+                result = connection.execute(
+                    text("SELECT msg_id, msg_content FROM offline_msgs WHERE receiver_uid = 'bob'")
                 )
+                return [(int(row[0]), str(row[1])) for row in result]
 
         sends = []
         for number in range(600):
-            text = f"m{number}"
-            sends.append(alice.send_text("bob", text).addCallback(lambda o, t=text: record(t, o)))
+            body = f"m{number}"
+            sends.append(alice.send_text("bob", body).addCallback(lambda o, t=body: record(t, o)))
         # Kill -9 once the writer has committed some batches and the broker holds more.
         await eventually(lambda: len(rows()) >= 40, 30, "the writer to commit a few batches")
         written_before = len(rows())
         daemon.kill()
         daemon.start()
         await DeferredList(sends)
-        stored = {text: o.msg_id for text, o in outcomes.items() if o.status == "stored"}
+        stored = {body: o.msg_id for body, o in outcomes.items() if o.status == "stored"}
         self.assertTrue(stored, "some messages were stored")
 
         # The restarted writer drains what the broker still holds.
@@ -99,8 +108,8 @@ class OfflinePipelineDaemonTests(TestCase):
         ids = [msg_id for msg_id, _ in in_database]
         self.assertEqual(len(ids), len(set(ids)), "no message twice")
         by_text = {content: msg_id for msg_id, content in in_database}
-        for text, msg_id in stored.items():
-            self.assertEqual(by_text[text], msg_id, text)
+        for body, msg_id in stored.items():
+            self.assertEqual(by_text[body], msg_id, body)
 
         # bob logs in once and gets every stored message, each once.
         bob = client_for(daemon, "bob")
