@@ -22,7 +22,7 @@ ANALYSIS_END = "<!-- /analysis -->"
 NOT_YET = {
     "4. Group fan-out (500 members)": "groups exist; the generator has no group scenario yet",
     "5. Offline: 10,000 stored messages pulled by one login": (
-        "offline storage does not exist yet (issue 5)"
+        "offline storage exists; the generator has no offline scenario yet"
     ),
     "6. Redis + RabbitMQ + PostgreSQL backends": "the backends exist; the generator does not "
     "start a cluster yet",
