@@ -120,9 +120,12 @@ class Cluster:
     def _queue_section(self) -> str:
         if self.amqp_url is None:
             return ""
+        # A broker shared with other tests: queues of this cluster's own.
         return (
             f"[queue]\nbackend = rabbitmq\namqp_url = {self.amqp_url}\n"
             f"exchange = {self.exchange}\nconfirm_timeout = 2s\n"
+            f"[offline]\nqueue = {self.exchange}.offline\n"
+            f"[archive]\nqueue = {self.exchange}.archive\n"
         )
 
     def start(self, users: list[str]) -> None:
@@ -151,6 +154,8 @@ def delete_queues(amqp_url: str, exchange: str, node_ids: list[str]) -> None:
         channel = connection.channel()
         for node_id in node_ids:
             channel.queue_delete(node_queue(node_id))
+        channel.queue_delete(f"{exchange}.offline")
+        channel.queue_delete(f"{exchange}.archive")
         channel.exchange_delete(exchange)
     finally:
         connection.close()
