@@ -583,18 +583,7 @@ class Switchboard:
         for msg_id, receiver in expired:
             pending = self._pending.pop((msg_id, receiver))
             self._forget_pending(receiver, msg_id)
-            self._metrics.messages["failed"] += 1
-            self._tell_sender(
-                pending.sender,
-                pending.sender_device,
-                cim_pb2.AckN(
-                    msg_id=msg_id,
-                    client_seq=pending.client_seq,
-                    status=FAILED,
-                    reason=REASON_NOT_ACKNOWLEDGED,
-                    to=receiver,
-                ),
-            )
+            self._fail_pending(pending, msg_id, REASON_NOT_ACKNOWLEDGED)
         return len(expired)
 
     def _fail_pending_for(self, receiver: str, reason: str) -> None:
@@ -605,18 +594,21 @@ class Switchboard:
             if pending is not None and self._offline is not None:
                 self._store_offline(pending.message, pending.sender_device)
             elif pending is not None:
-                self._metrics.messages["failed"] += 1
-                self._tell_sender(
-                    pending.sender,
-                    pending.sender_device,
-                    cim_pb2.AckN(
-                        msg_id=msg_id,
-                        client_seq=pending.client_seq,
-                        status=FAILED,
-                        reason=reason,
-                        to=receiver,
-                    ),
-                )
+                self._fail_pending(pending, msg_id, reason)
+
+    def _fail_pending(self, pending: _Pending, msg_id: int, reason: str) -> None:
+        self._metrics.messages["failed"] += 1
+        self._tell_sender(
+            pending.sender,
+            pending.sender_device,
+            cim_pb2.AckN(
+                msg_id=msg_id,
+                client_seq=pending.client_seq,
+                status=FAILED,
+                reason=reason,
+                to=pending.receiver,
+            ),
+        )
 
     def _tell_sender(self, sender: str, sender_device: str, ack: cim_pb2.AckN) -> None:
         """Record the outcome for retries, then reach the sender wherever it is."""
