@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 CONFIG ?= etc/cim.ini
 
-.PHONY: run test install install-test proto lint typecheck bench bench-full services clean
+.PHONY: run test install install-test plugin-cache proto lint typecheck bench bench-full services clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -12,7 +12,15 @@ $(BIN)/python:
 
 $(VENV)/.installed: $(BIN)/python setup.cfg pyproject.toml requirements/constraints.txt
 	$(BIN)/pip install --quiet -c requirements/constraints.txt --config-settings editable_mode=compat -e .
+	$(MAKE) --no-print-directory plugin-cache
 	touch $@
+
+# twistd finds the cim plugin through twisted/plugins/dropin.cache; writing it once here
+# keeps daemons started side by side (the cluster tests) from racing to write it.
+plugin-cache: $(BIN)/python
+	$(BIN)/python -c "from twisted.application.service import IServiceMaker; \
+		from twisted.plugin import getPlugins; \
+		assert 'cim' in [p.tapname for p in getPlugins(IServiceMaker)]"
 
 $(VENV)/.installed-test: $(VENV)/.installed
 	$(BIN)/pip install --quiet -c requirements/constraints.txt --config-settings editable_mode=compat -e '.[test]'
@@ -27,7 +35,7 @@ run: install
 	$(BIN)/twistd --nodaemon --pidfile= cim --config $(CONFIG)
 
 ## Install the test dependencies and run the whole test suite.
-test: install-test
+test: install-test plugin-cache
 	$(BIN)/python -m twisted.trial $(TRIAL_ARGS) tests
 
 ## Regenerate cim/protocols/cim_pb2.py(i) from cim.proto.
