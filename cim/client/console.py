@@ -1,113 +1,488 @@
 """The interactive chat console (``cim-client --user U`` with no subcommand).
 
-Incoming messages and delivery outcomes print above the prompt without disturbing
-what the user is typing (prompt_toolkit's patch_stdout), so one can chat while the
-other side answers.
+Incoming messages, delivery outcomes and connection changes print above the prompt
+without disturbing what the user is typing (prompt_toolkit's patch_stdout), so one can
+chat while the other side answers. The bottom toolbar always shows the connection
+state, so a user typing into a dead connection knows it (the library keeps the
+message and sends it after reconnecting).
+
+Everything that decides what to print is plain methods on ``Console`` taking a
+``write`` function, so it is tested without a terminal; only ``run`` needs one.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
+import os
+import re
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 from prompt_toolkit import PromptSession
-from prompt_toolkit.completion import WordCompleter
+from prompt_toolkit.completion import CompleteEvent, Completer, Completion
+from prompt_toolkit.document import Document
+from prompt_toolkit.history import FileHistory, History, InMemoryHistory
 from prompt_toolkit.patch_stdout import patch_stdout
 from twisted.internet.defer import Deferred
 
 from cim.client.files import media_summary
-from cim.client.session import ChatClient, DeliveryOutcome
+from cim.client.session import DeliveryOutcome
 from cim.protocols import cim_pb2
 
 HELP = """commands:
   /to USER          talk to USER from now on (plain lines go to them)
-  /msg USER TEXT    send one message to USER
+  /group NAME       talk in a group from now on (its name, or its id)
+  /msg USER TEXT    send one message to USER, staying where you are
   /online           list online users
+  /groups           list your groups
+  /history [N]      the last N messages (default 20) of this conversation
+  /retry            send the last failed message again
   /help             this text
-  /quit             log out and leave"""
+  /quit             log out and leave (also Ctrl-D)
+Tab completes commands, user and group names; Up/Down recall earlier lines."""
+
+COMMANDS = (
+    "/to",
+    "/group",
+    "/msg",
+    "/online",
+    "/groups",
+    "/history",
+    "/retry",
+    "/help",
+    "/quit",
+)
+
+HISTORY_DEFAULT = 20
+HISTORY_MOST = 1000
+HISTORY_PAGE = 200
+"""The most the node answers per HISTORY_R: longer histories take several pages."""
 
 
-def _clock(ms: int) -> str:
-    return datetime.datetime.fromtimestamp(ms / 1000).strftime("%H:%M:%S")
+@dataclass(frozen=True)
+class Conversation:
+    """Where plain lines go: a user, or a group (by id, shown by name)."""
+
+    target: str
+    label: str
+    group: bool = False
+
+    def __str__(self) -> str:
+        return f"#{self.label}" if self.group else self.label
+
+
+def parse_command(line: str) -> tuple[str, str]:
+    """Split an input line into (command, argument); a plain line is ("", text).
+
+    A leading "//" escapes the slash, so a message may start with one.
+    """
+    line = line.strip()
+    if line.startswith("//"):
+        return "", line[1:]
+    if not line.startswith("/"):
+        return "", line
+    name, _, rest = line.partition(" ")
+    return name.lower(), rest.strip()
+
+
+def snippet(text: str, words: int = 5, width: int = 32) -> str:
+    """The first words of a message, so an outcome line says which message it is."""
+    parts = text.split()
+    short = " ".join(parts[:words])
+    if len(short) > width:
+        short = short[: width - 1].rstrip() + "…"
+    elif len(parts) > words:
+        short += " …"
+    return f'"{short}"'
+
+
+def clock(ms: int, now: float | None = None) -> str:
+    """Time of day for today's messages; older ones (stored, history) get the date."""
+    when = datetime.datetime.fromtimestamp(ms / 1000)
+    today = datetime.datetime.fromtimestamp(time.time() if now is None else now).date()
+    if when.date() == today:
+        return when.strftime("%H:%M:%S")
+    return when.strftime("%Y-%m-%d %H:%M")
+
+
+def body(message: cim_pb2.Message) -> str:
+    if message.HasField("media"):
+        text = media_summary(message)
+        return f"{text} {message.text}" if message.text else text
+    if message.type == cim_pb2.LOCATION and message.HasField("location"):
+        place = message.location
+        name = f"{place.name} " if place.name else ""
+        return f"[location] {name}({place.lat:.5f}, {place.lon:.5f})"
+    return message.text
+
+
+def offline_summary_line(summary: cim_pb2.OfflineSummaryA) -> str:
+    """ "3 stored messages from alice, 1 from carol" (biggest senders first)."""
+    senders = sorted(summary.senders, key=lambda s: (-s.count, s.sender))
+    parts = []
+    for index, sender in enumerate(senders):
+        if index == 0:
+            noun = "message" if sender.count == 1 else "messages"
+            parts.append(f"{sender.count} stored {noun} from {sender.sender}")
+        else:
+            parts.append(f"{sender.count} from {sender.sender}")
+    return ", ".join(parts)
+
+
+def history_path(user: str) -> str:
+    """Per-user input history under the XDG cache dir (it holds what the user typed)."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", user)
+    return os.path.join(base, "cim", f"history-{safe}")
+
+
+def input_history(user: str) -> History:
+    """A file history when the cache dir is writable, else one for this run only."""
+    path = history_path(user)
+    try:
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        with open(path, "a", encoding="utf-8"):
+            pass
+        os.chmod(path, 0o600)
+    except OSError:
+        return InMemoryHistory()
+    return FileHistory(path)
+
+
+class ChatCompleter(Completer):
+    """Commands first; then user names after /to and /msg, group names after /group."""
+
+    def __init__(self, console: Console) -> None:
+        self.console = console
+
+    def get_completions(
+        self, document: Document, complete_event: CompleteEvent
+    ) -> Iterable[Completion]:
+        text = document.text_before_cursor
+        if not text.startswith("/"):
+            return
+        command, space, argument = text.partition(" ")
+        if not space:
+            for name in COMMANDS:
+                if name.startswith(command.lower()):
+                    yield Completion(name, -len(command))
+            return
+        command = command.lower()
+        if command == "/group":
+            names = sorted(set(self.console.groups.values()))
+            for name in names:
+                if name.lower().startswith(argument.lower()):
+                    yield Completion(name, -len(argument))
+        elif command in ("/to", "/msg") and " " not in argument:
+            for user in sorted(self.console.known_users):
+                if user.lower().startswith(argument.lower()):
+                    yield Completion(user, -len(argument))
 
 
 class Console:
-    def __init__(self, reactor: Any, client: ChatClient) -> None:
+    """One user's chat console over a running ``ChatClient``.
+
+    ``client`` is a ChatClient (or anything with its methods, for tests); ``write``
+    prints one line above the prompt.
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        client: Any,
+        write: Callable[[str], None] | None = None,
+    ) -> None:
         self.reactor = reactor
         self.client = client
-        self.peer: str | None = None
+        self.write: Callable[[str], None] = write or (lambda line: print(line, flush=True))
+        self.conversation: Conversation | None = None
         self.known_users: set[str] = set()
-        self.completer = WordCompleter(
-            lambda: ["/to", "/msg", "/online", "/help", "/quit", *sorted(self.known_users)],
-        )
+        self.groups: dict[str, str] = {}  # id -> name, from group lists
+        self.completer = ChatCompleter(self)
+        self.state: str = client.state
+        self.state_detail = ""
+        self.reconnect_at: float | None = None
+        self.last_failed: tuple[int, str, Conversation] | None = None
+        self._asked_groups_for: set[str] = set()
+        self._app: Any = None
         client.on_message = self.message_arrived
-        client.on_outcome = self.outcome_arrived
         client.on_state = self.state_changed
+
+    # --- what arrives -----------------------------------------------------------------
+
+    def format_message(self, message: cim_pb2.Message) -> str:
+        sender = getattr(message, "from")
+        where = ""
+        if message.group:
+            where = f"#{self.groups.get(message.group, message.group)} "
+        elif sender == self.user and message.to:
+            where = f"→ {message.to} "  # sent from another of my devices, or history
+        return f"[{clock(message.sent_at_ms)}] {where}{sender}: {body(message)}"
 
     def message_arrived(self, message: cim_pb2.Message) -> None:
         sender = getattr(message, "from")
-        self.known_users.add(sender)
-        text = media_summary(message) if message.HasField("media") else message.text
-        where = f"#{message.group} " if message.group else ""
-        print(f"[{_clock(message.sent_at_ms)}] {where}{sender}: {text}")
+        if sender != self.user:
+            self.known_users.add(sender)
+        if message.group and message.group not in self.groups:
+            self._learn_group_name(message.group)
+        self.write(self.format_message(message))
 
-    def outcome_arrived(self, outcome: DeliveryOutcome) -> None:
-        detail = f" ({outcome.reason})" if outcome.reason else ""
-        print(f"  -> {outcome.to}: {outcome.status}{detail}")
+    def _learn_group_name(self, group_id: str) -> None:
+        """An unknown group (added since the last list): list once, name later lines."""
+        if group_id in self._asked_groups_for:
+            return
+        self._asked_groups_for.add(group_id)
+        Deferred.fromCoroutine(self._quietly_list_groups())
+
+    async def _quietly_list_groups(self) -> None:
+        with contextlib.suppress(Exception):  # names only make lines nicer; ids still work
+            await self.list_groups()
+
+    @property
+    def user(self) -> str:
+        return str(self.client.user)
+
+    def format_outcome(self, outcome: DeliveryOutcome, what: str, where: Conversation) -> str:
+        if outcome.status == "delivered":
+            return f"  ✓ delivered to {where}: {what}"
+        if outcome.status == "stored":
+            return f"  ✓ stored for {where} (offline; delivered when they log in): {what}"
+        if outcome.status == "accepted":
+            return f"  ✓ accepted by {where}: {what}"
+        reason = outcome.reason or "no reason given"
+        return f"  ✗ failed: {reason}: {what} (/retry sends it again)"
+
+    def outcome_arrived(self, outcome: DeliveryOutcome, what: str, where: Conversation) -> None:
+        if outcome.status == "failed":
+            self.last_failed = (outcome.client_seq, what, where)
+        elif self.last_failed is not None and self.last_failed[0] == outcome.client_seq:
+            self.last_failed = None
+        self.write(self.format_outcome(outcome, what, where))
 
     def state_changed(self, state: str, detail: str) -> None:
-        print(f"* {state}{' ' + detail if detail else ''}")
+        """A line for each change the user must know of; the toolbar shows the rest."""
+        previous, self.state, self.state_detail = self.state, state, detail
+        self.reconnect_at = None
+        if state == "reconnecting":
+            match = re.search(r"in ([0-9.]+) s", detail)
+            if match:
+                self.reconnect_at = self.reactor.seconds() + float(match.group(1))
+            if previous == "online":
+                self.write(f"* connection lost; reconnecting {detail}".rstrip())
+        elif state == "online":
+            self.write(f"* online again ({detail})" if detail else "* online again")
+            Deferred.fromCoroutine(self.show_offline_summary())
+        elif state == "stopped":
+            self.write(f"* stopped: {detail}; /quit to leave")
+        if self._app is not None:
+            self._app.invalidate()
 
-    async def run(self) -> None:
-        session: PromptSession[str] = PromptSession(completer=self.completer)
-        print(f"* logged in as {self.client.user}; /help lists the commands")
-        with patch_stdout():
-            while True:
-                prompt = f"{self.client.user}{' -> ' + self.peer if self.peer else ''}> "
-                try:
-                    future = asyncio.ensure_future(session.prompt_async(prompt))
-                    line = await Deferred.fromFuture(future)
-                except (EOFError, KeyboardInterrupt):
-                    return
-                if not await self.command(line.strip()):
-                    return
+    def status_text(self) -> str:
+        """The connection state as the toolbar shows it, with a live countdown."""
+        state = self.state
+        if state == "reconnecting" and self.reconnect_at is not None:
+            left = max(0.0, self.reconnect_at - self.reactor.seconds())
+            state = f"reconnecting in {left:.0f} s"
+        elif state == "stopped":
+            state = f"stopped: {self.state_detail}"
+        elif state == "online" and self.state_detail:
+            state = f"online {self.state_detail}"
+        where = f" → {self.conversation}" if self.conversation else ""
+        return f" {self.user}{where} │ {state} │ /help"
+
+    def prompt_text(self) -> str:
+        where = f" → {self.conversation}" if self.conversation else ""
+        offline = "" if self.state == "online" else f" ({self.state})"
+        return f"{self.user}{where}{offline}> "
+
+    async def show_offline_summary(self) -> None:
+        """What waited while we were away; the library pulls the messages themselves."""
+        try:
+            summary = await self.client.offline_summary()
+        except Exception:
+            return  # the connection went again; the next "online" asks again
+        if summary.total:
+            for sender in summary.senders:
+                self.known_users.add(sender.sender)
+            self.write(f"* while you were away: {offline_summary_line(summary)}")
+
+    # --- what the user types ------------------------------------------------------------
 
     async def command(self, line: str) -> bool:
         """Run one input line; False means leave."""
-        if not line:
+        name, argument = parse_command(line)
+        if not name:
+            if argument:
+                self.send_here(argument)
             return True
-        if line in ("/quit", "/exit"):
+        if name in ("/quit", "/exit"):
             return False
-        if line == "/help":
-            print(HELP)
-        elif line == "/online":
-            try:
-                page = await self.client.online(0, 1000)
-            except Exception as exc:
-                print(f"* cannot list online users: {exc}")
-                return True
-            self.known_users.update(page.users)
-            print(f"* {page.total} online: {', '.join(page.users)}")
-        elif line.startswith("/to "):
-            self.peer = line[4:].strip() or None
-            if self.peer:
-                self.known_users.add(self.peer)
-        elif line.startswith("/msg "):
-            _, _, rest = line.partition(" ")
-            to, _, text = rest.strip().partition(" ")
-            if not to or not text:
-                print("* usage: /msg USER TEXT")
-            else:
-                self.client.send_text(to, text)
-        elif line.startswith("/"):
-            print(f"* unknown command {line.split()[0]}; /help lists them")
-        elif self.peer is None:
-            print("* choose someone first: /to USER")
-        else:
-            self.client.send_text(self.peer, line)
+        handler = {
+            "/help": self._help,
+            "/to": self._to,
+            "/group": self._group,
+            "/msg": self._msg,
+            "/online": self._online,
+            "/groups": self._groups,
+            "/history": self._history,
+            "/retry": self._retry,
+        }.get(name)
+        if handler is None:
+            self.write(f"* unknown command {name}; /help lists them")
+            return True
+        try:
+            await handler(argument)
+        except Exception as exc:  # not connected, connection lost mid-request, ...
+            self.write(f"* {name} failed: {exc}")
         return True
 
+    def send_here(self, text: str) -> None:
+        if self.conversation is None:
+            self.write("* choose someone first: /to USER or /group NAME")
+            return
+        self.send(self.conversation, text)
 
-async def run_console(reactor: Any, client: ChatClient) -> None:
+    def send(self, where: Conversation, text: str) -> None:
+        if where.group:
+            message = cim_pb2.Message(group=where.target, text=text)
+        else:
+            message = cim_pb2.Message(to=where.target, text=text)
+        what = snippet(text)
+        # The Deferred, not on_outcome: it fires even when the send is refused at once.
+        outcome: Deferred[DeliveryOutcome] = self.client.send_message(message)
+        outcome.addCallback(self.outcome_arrived, what, where)
+
+    async def _help(self, argument: str) -> None:
+        self.write(HELP)
+
+    async def _to(self, argument: str) -> None:
+        if not argument or " " in argument:
+            self.write("* usage: /to USER")
+            return
+        self.conversation = Conversation(argument, argument)
+        self.known_users.add(argument)
+        self.write(f"* talking to {argument}")
+
+    async def _msg(self, argument: str) -> None:
+        to, _, text = argument.partition(" ")
+        if not to or not text.strip():
+            self.write("* usage: /msg USER TEXT")
+            return
+        self.known_users.add(to)
+        self.send(Conversation(to, to), text.strip())
+
+    async def list_groups(self) -> list[cim_pb2.GroupInfo]:
+        answer = await self.client.group_request(cim_pb2.GroupRequest(list=cim_pb2.ListGroups()))
+        if not answer.ok:
+            raise RuntimeError(f"{answer.message or answer.error}")
+        self.groups = {info.id: info.name for info in answer.groups}
+        return list(answer.groups)
+
+    async def _group(self, argument: str) -> None:
+        if not argument:
+            self.write("* usage: /group NAME (or its id; /groups lists them)")
+            return
+        matches = [info for info in await self.list_groups() if argument in (info.id, info.name)]
+        if not matches:
+            self.write(f"* you are in no group {argument!r}; /groups lists yours")
+        elif len(matches) > 1:
+            ids = ", ".join(info.id for info in matches)
+            self.write(f"* {len(matches)} groups are named {argument!r}; use an id: {ids}")
+        else:
+            info = matches[0]
+            self.conversation = Conversation(info.id, info.name, group=True)
+            self.write(f"* talking in #{info.name} ({info.member_count} members)")
+
+    async def _groups(self, argument: str) -> None:
+        groups = await self.list_groups()
+        if not groups:
+            self.write("* you are in no group")
+        for info in groups:
+            self.write(f"  #{info.name}  id {info.id}, {info.member_count} members")
+
+    async def _online(self, argument: str) -> None:
+        page = await self.client.online(0, 1000)
+        self.known_users.update(user for user in page.users if user != self.user)
+        self.write(f"* {page.total} online: {', '.join(page.users)}")
+
+    async def _history(self, argument: str) -> None:
+        where = self.conversation
+        if where is None:
+            self.write("* choose a conversation first: /to USER or /group NAME")
+            return
+        try:
+            wanted = int(argument) if argument else HISTORY_DEFAULT
+        except ValueError:
+            wanted = 0
+        if not 1 <= wanted <= HISTORY_MOST:
+            self.write(f"* usage: /history [N], N from 1 to {HISTORY_MOST}")
+            return
+        messages: list[cim_pb2.Message] = []
+        before = 0
+        while len(messages) < wanted:
+            page = await self.client.history(
+                where.target, min(wanted - len(messages), HISTORY_PAGE), before, group=where.group
+            )
+            if page.error:
+                self.write(f"* history refused: {page.message or page.error}")
+                return
+            messages.extend(page.messages)
+            if not page.more or not page.next_before or not page.messages:
+                break
+            before = page.next_before
+        if not messages:
+            self.write(f"* no history with {where}")
+            return
+        self.write(f"--- the last {len(messages)} messages with {where} ---")
+        for message in reversed(messages[:wanted]):  # pages come newest first
+            self.write(self.format_message(message))
+        self.write("---")
+
+    async def _retry(self, argument: str) -> None:
+        if self.last_failed is None:
+            self.write("* nothing failed to send")
+            return
+        client_seq, what, where = self.last_failed
+        self.last_failed = None
+        try:
+            outcome: Deferred[DeliveryOutcome] = self.client.resend(client_seq)
+        except KeyError:
+            self.write(f"* {what} is too old to send again; type it again")
+            return
+        self.write(f"* sending {what} again")
+        outcome.addCallback(self.outcome_arrived, what, where)
+
+    # --- the terminal -----------------------------------------------------------------
+
+    async def run(self, history: History | None = None) -> None:
+        session: PromptSession[str] = PromptSession(
+            completer=self.completer,
+            complete_while_typing=False,
+            history=history if history is not None else input_history(self.user),
+            bottom_toolbar=self.status_text,
+            refresh_interval=0.5,
+        )
+        self._app = session.app
+        self.write(f"* logged in as {self.user}; /help lists the commands")
+        if self.state == "online":  # it went online before we were listening
+            Deferred.fromCoroutine(self.show_offline_summary())
+        Deferred.fromCoroutine(self._quietly_list_groups())
+        with patch_stdout():
+            while True:
+                try:
+                    future = asyncio.ensure_future(session.prompt_async(self.prompt_text))
+                    line = await Deferred.fromFuture(future)
+                except KeyboardInterrupt:
+                    continue  # Ctrl-C drops the line being typed; Ctrl-D leaves
+                except EOFError:
+                    return
+                if not await self.command(line):
+                    return
+
+
+async def run_console(reactor: Any, client: Any) -> None:
     await Console(reactor, client).run()
