@@ -303,6 +303,29 @@ class AdminConfig:
         pass
 
 
+LOG_FORMATS = ("text", "json")
+LOG_LEVELS = ("debug", "info", "warn", "error", "critical")
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    section: ClassVar[str] = "log"
+    # text: twistd's human-readable lines; json: one JSON object per line.
+    format: str = _opt("text", parse_str, choices=LOG_FORMATS)
+    # The lowest level written.
+    level: str = _opt("info", parse_str, choices=LOG_LEVELS)
+    # Empty: where twistd logs (--logfile, stdout with --nodaemon). SIGHUP reopens it.
+    file: str = _opt("", parse_str)
+
+    def validate(self) -> None:
+        pass
+
+    @property
+    def is_default(self) -> bool:
+        """Nothing to change in twistd's own logging."""
+        return self.format == "text" and self.level == "info" and not self.file
+
+
 @dataclass(frozen=True)
 class StateConfig:
     section: ClassVar[str] = "state"
@@ -430,6 +453,7 @@ class CimConfig:
     database: DatabaseConfig
     offline: OfflineConfig
     archive: ArchiveConfig
+    log: LogConfig = field(default_factory=LogConfig)
     path: str = ""
 
     @property
@@ -468,6 +492,7 @@ SECTIONS: tuple[type, ...] = (
     DatabaseConfig,
     OfflineConfig,
     ArchiveConfig,
+    LogConfig,
 )
 
 

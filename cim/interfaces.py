@@ -97,6 +97,10 @@ class IStateStore(Interface):
     def end_session(token_hash: str, reason: str) -> Deferred[SessionRecord | None]:
         """Logout: remove the session and its route; listeners are told."""
 
+    def end_user_session(user: str, reason: str) -> Deferred[SessionRecord | None]:
+        """End the user's current session whatever its token (an administrator's
+        kick); listeners are told with reason. None when the user has no live session."""
+
     def mark_online(record: SessionRecord) -> Deferred[None]:
         """The session's connection finished its handshake on record.node_id."""
 

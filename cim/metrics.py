@@ -8,10 +8,17 @@ someone scrapes ``/metrics``.
 
 from __future__ import annotations
 
+import threading
+from bisect import bisect_left
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
 from cim.protocols import cim_pb2
@@ -19,6 +26,51 @@ from cim.protocols import cim_pb2
 
 def _frame_type_names() -> dict[int, str]:
     return {number: name.lower() for name, number in cim_pb2.FrameType.items()}
+
+
+# Seconds from the node taking a msg:R to the receiver's ack:R.
+DELIVERY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+# Seconds a transaction waits for a database thread.
+DB_WAIT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0)
+
+
+class Histogram:
+    """A Prometheus-style histogram kept as plain ints; rendered at scrape time.
+
+    ``observe`` is safe from worker threads (the database pool) through a lock only
+    when ``threaded`` is set; on the reactor thread it takes no lock.
+    """
+
+    def __init__(self, buckets: Sequence[float], threaded: bool = False) -> None:
+        self.bounds = tuple(sorted(buckets))
+        self.counts = [0] * (len(self.bounds) + 1)  # the last slot is +Inf
+        self.sum = 0.0
+        self._lock = threading.Lock() if threaded else None
+
+    def observe(self, value: float) -> None:
+        value = max(value, 0.0)
+        slot = bisect_left(self.bounds, value)
+        if self._lock is None:
+            self.counts[slot] += 1
+            self.sum += value
+        else:
+            with self._lock:
+                self.counts[slot] += 1
+                self.sum += value
+
+    @property
+    def count(self) -> int:
+        return sum(self.counts)
+
+    def family(self, name: str, documentation: str) -> HistogramMetricFamily:
+        family = HistogramMetricFamily(name, documentation, unit="seconds")
+        cumulative = 0
+        buckets: list[tuple[str, float]] = []
+        for bound, count in zip((*self.bounds, float("inf")), self.counts, strict=True):
+            cumulative += count
+            buckets.append(("+Inf" if bound == float("inf") else repr(bound), cumulative))
+        family.add_metric([], buckets, self.sum)
+        return family
 
 
 class NodeMetrics:
@@ -41,6 +93,15 @@ class NodeMetrics:
         self.frames_rejected: Counter[str] = Counter()
         self.messages: Counter[str] = Counter()
         self.logins: Counter[str] = Counter()
+        self.delivery_latency = Histogram(DELIVERY_BUCKETS)
+        self.db_wait = Histogram(DB_WAIT_BUCKETS, threaded=True)
+        # Read at scrape time; the daemon points them at the switchboard and the
+        # offline writer once those exist.
+        self.connections_established: Callable[[], int] = lambda: 0
+        self.offline_pending: Callable[[], int | None] = lambda: None
+
+    def observe_delivery(self, seconds: float) -> None:
+        self.delivery_latency.observe(seconds)
 
 
 class NodeMetricsCollector(Collector):
@@ -58,6 +119,16 @@ class NodeMetricsCollector(Collector):
         )
         gauge.add_metric([self._node_id], m.connections_open)
         yield gauge
+
+        established = min(m.connections_established(), m.connections_open)
+        states = GaugeMetricFamily(
+            "cim_connection_states",
+            "Client connections currently open, by state.",
+            labels=["state"],
+        )
+        states.add_metric(["handshaking"], max(m.connections_open - established, 0))
+        states.add_metric(["established"], established)
+        yield states
 
         accepted = CounterMetricFamily(
             "cim_connections_accepted", "Client connections accepted.", labels=["node"]
@@ -123,3 +194,21 @@ class NodeMetricsCollector(Collector):
         for outcome, count in sorted(m.logins.items()):
             logins.add_metric([outcome], count)
         yield logins
+
+        yield m.delivery_latency.family(
+            "cim_delivery_latency",
+            "Seconds from the node taking a one-to-one message to the receiver's ack.",
+        )
+        yield m.db_wait.family(
+            "cim_database_pool_wait",
+            "Seconds a database transaction waited for a pool thread.",
+        )
+
+        pending = m.offline_pending()
+        if pending is not None:
+            offline = GaugeMetricFamily(
+                "cim_offline_writer_pending",
+                "Offline messages this node's writer holds, not yet committed.",
+            )
+            offline.add_metric([], pending)
+            yield offline

@@ -194,6 +194,11 @@ class OfflineWriter:
         self._consuming = False
         self.batches_written = 0
 
+    @property
+    def pending(self) -> int:
+        """Messages taken from the queue and not yet committed."""
+        return len(self._waiting)
+
     def start(self) -> None:
         """Consume from now on (on every connection of the link)."""
         self._running = True
@@ -394,6 +399,11 @@ class OfflinePipeline:
             link = self.link
             d.addCallback(lambda _: link.stop())
         return d
+
+    @property
+    def pending(self) -> int | None:
+        """What this node's writer holds uncommitted; None when it runs none."""
+        return self.writer.pending if self.writer is not None else None
 
     # --- OfflineBox -------------------------------------------------------------------
 

@@ -559,6 +559,9 @@ class Switchboard:
             return  # a group message, a duplicate ack, or someone else's message
         self._forget_pending(user, ack.msg_id)
         self._metrics.messages["delivered"] += 1
+        self._metrics.observe_delivery(
+            self._clock.seconds() - MessageIdGenerator.timestamp_ms(ack.msg_id) / 1000
+        )
         if self._archive is not None:
             self._archive.archive(pending.message)
         self._tell_sender(

@@ -24,6 +24,20 @@ def makeService(options: Options) -> IService:
         raise SystemExit(f"cim: {error}") from None
     from twisted.internet import reactor
 
+    from cim.logs import DaemonLog
     from cim.services.daemon import CimDaemon
 
-    return CimDaemon(config, reactor)
+    daemon_log = None
+    if not config.log.is_default:
+        # twistd's own options (--logfile, --nodaemon) decide where an unset file goes.
+        parent = getattr(options, "parent", None) or {}
+        try:
+            daemon_log = DaemonLog(
+                config.log,
+                config.node.id,
+                twistd_logfile=parent.get("logfile"),
+                nodaemon=bool(parent.get("nodaemon", True)),
+            )
+        except OSError as error:
+            raise SystemExit(f"cim: [log] file = {config.log.file!r}: {error.strerror}") from None
+    return CimDaemon(config, reactor, daemon_log=daemon_log)

@@ -226,3 +226,117 @@ class CimctlTests(TestCase):
         self.patch(cimctl, "getpass", no_prompt)
         outcome = self.cimctl("user", "add", "alice", stdin=TerminalInput())
         self.assertOneLineError(outcome, 1, "already exists")
+
+
+class GroupAndKeyTests(CimctlTests):
+    """cimctl group list|show and keygen, in-process on a temporary node."""
+
+    def make_groups(self) -> None:
+        from cim.storage.database import upgrade
+        from cim.storage.groups import create_group_txn
+
+        for name in ("alice", "bob", "carol"):
+            self.assertEqual(self.add(name).status, 0)
+        config = load_config(self.config_path)
+        upgrade(config.database_url)
+        engine = create_engine_for(config.database_url)
+        self.addCleanup(engine.dispose)
+        with engine.begin() as connection:
+            create_group_txn(connection, "g1", "team", "alice", ["bob"], 1000.0, 500)
+            create_group_txn(connection, "g2", "club", "bob", ["alice", "carol"], 2000.0, 500)
+            create_group_txn(connection, "g3", "club", "carol", [], 3000.0, 500)
+
+    def test_group_list_table_and_json(self) -> None:
+        self.make_groups()
+        listed = self.cimctl("group", "list")
+        self.assertEqual(listed.status, 0, listed)
+        lines = listed.out.splitlines()
+        self.assertEqual(lines[0].split(), ["ID", "NAME", "OWNER", "MEMBERS", "CREATED"])
+        self.assertEqual(
+            [line.split()[:4] for line in lines[1:]],
+            [
+                ["g2", "club", "bob", "3"],
+                ["g3", "club", "carol", "1"],
+                ["g1", "team", "alice", "2"],
+            ],
+        )
+        rows = json.loads(self.cimctl("group", "list", "--json").out)
+        self.assertEqual([(r["id"], r["members"]) for r in rows], [("g2", 3), ("g3", 1), ("g1", 2)])
+        self.assertEqual(rows[2]["owner"], "alice")
+
+    def test_group_show(self) -> None:
+        self.make_groups()
+        shown = self.cimctl("group", "show", "team")
+        self.assertEqual(shown.status, 0, shown)
+        self.assertIn("group g1: team", shown.out)
+        detail = json.loads(self.cimctl("group", "show", "g2", "--json").out)
+        self.assertEqual(
+            [(m["user"], m["role"]) for m in detail["members"]],
+            [("bob", "owner"), ("alice", "member"), ("carol", "member")],
+        )
+        self.assertOneLineError(self.cimctl("group", "show", "club"), 1, "g2", "g3", "group id")
+        self.assertOneLineError(self.cimctl("group", "show", "nope"), 1, "no such group")
+
+    def test_group_list_empty(self) -> None:
+        self.assertEqual(self.cimctl("db", "upgrade").status, 0)
+        self.assertEqual(json.loads(self.cimctl("group", "list", "--json").out), [])
+
+    def test_keygen_rotates_and_keeps_the_previous_key(self) -> None:
+        from cim.protocols.crypto import NodeKey
+
+        path = os.path.join(self.data_dir, "node_key.pem")
+        first = self.cimctl("keygen", "--json")
+        self.assertEqual(first.status, 0, first)
+        made = json.loads(first.out)
+        self.assertEqual((made["path"], made["previous"]), (path, None))
+        self.assertEqual(os.stat(path).st_mode & 0o777, 0o600)
+        old = NodeKey.load_or_create(path)
+        self.assertEqual(old.fingerprint.hex(), made["fingerprint"])
+
+        second = self.cimctl("keygen")
+        self.assertEqual(second.status, 0, second)
+        new = NodeKey.load_or_create(path)
+        self.assertNotEqual(new.fingerprint, old.fingerprint)
+        self.assertIn(new.fingerprint.hex(), second.out)
+        self.assertIn("next login", second.out)
+        previous = path + ".previous"
+        self.assertEqual(os.stat(previous).st_mode & 0o777, 0o600)
+        self.assertEqual(NodeKey.load_or_create(previous).fingerprint, old.fingerprint)
+        self.assertEqual([n for n in os.listdir(self.data_dir) if n.endswith(".tmp")], [])
+
+    def test_keygen_refuses_a_short_key(self) -> None:
+        self.assertOneLineError(self.cimctl("keygen", "--bits", "512"), 2, "at least")
+
+
+class KickTests(TestCase):
+    """cimctl kick against a running node: the client is told, with the admin's code."""
+
+    def test_kick_a_connected_user(self) -> None:
+        from tests.daemons import PASSWORD as DAEMON_PASSWORD
+        from tests.daemons import DaemonProcess, client
+
+        daemon = DaemonProcess(os.path.abspath(self.mktemp()))
+        added = daemon.cimctl("user", "add", "bob", stdin=DAEMON_PASSWORD + "\n")
+        self.assertEqual(added.returncode, 0, added.stderr)
+        daemon.start()
+        self.addCleanup(daemon.stop)
+        listener = client(daemon, "bob", "listen", "--timeout", "30", background=True)
+        try:
+            daemon.wait_connections(1)
+            kicked = daemon.cimctl("kick", "bob", "--json")
+            self.assertEqual(kicked.returncode, 0, kicked.stderr)
+            reply = json.loads(kicked.stdout)
+            self.assertEqual((reply["user"], reply["node"]), ("bob", daemon.node_id))
+            listener.communicate(timeout=30)
+        finally:
+            if listener.poll() is None:
+                listener.kill()
+                listener.communicate()
+        self.assertEqual(daemon.online()["total"], 0)
+        again = daemon.cimctl("kick", "bob")
+        self.assertEqual(again.returncode, 1)
+        self.assertEqual(again.stderr.strip(), "cimctl: bob is not logged in")
+        self.assertIn(
+            '"action": "user.kick"',
+            open(os.path.join(daemon.workdir, "data", "operations.log")).read(),
+        )

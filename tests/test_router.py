@@ -527,6 +527,31 @@ class RouterTests(SynchronousTestCase):
             exchange(self.site, "GET", "/api/v1/online", peer=remote), 403, "forbidden"
         )
 
+    def test_admin_kick_ends_the_session_by_user_name(self) -> None:
+        ended: list[tuple[SessionRecord, str]] = []
+        self.state.add_session_ended_listener(lambda record, why: ended.append((record, why)))
+        token = self.login().json()["token"]
+        record = self.successResultOf(self.state.session_for_token(token_hash(token)))
+        assert record is not None
+        body = json.dumps({"user": "alice"}).encode()
+        headers = [("Content-Type", "application/json")]
+        remote = IPv4Address("TCP", "203.0.113.9", 5555)
+        refused = exchange(self.site, "POST", "/api/v1/admin/kick", body, headers, peer=remote)
+        self.assertError(refused, 403, "forbidden")
+        self.assertEqual(ended, [])
+        response = exchange(self.site, "POST", "/api/v1/admin/kick", body, headers)
+        self.assertEqual(response.status, 200, response.body)
+        self.assertEqual(
+            response.json(),
+            {"ok": True, "user": "alice", "session_id": record.session_id, "node": "n1"},
+        )
+        self.assertEqual(ended, [(record, "kicked by an administrator")])
+        self.assertIsNone(self.successResultOf(self.state.session_for_token(token_hash(token))))
+        again = exchange(self.site, "POST", "/api/v1/admin/kick", body, headers)
+        self.assertError(again, 404, "no_session")
+        bad = exchange(self.site, "POST", "/api/v1/admin/kick", b'{"user": 7}', headers)
+        self.assertError(bad, 400, "bad_request")
+
     # --- secrets ------------------------------------------------------------------------
 
     def assertNoSecretsLogged(self, secrets: list[str]) -> None:

@@ -157,6 +157,26 @@ class StateStoreContract(_ContractBase):
         self.assertIsNone(await self.store.route("alice"))
         self.assertEqual(await self.store.online_count_by_node(), {})
 
+    async def test_end_user_session_by_name(self) -> None:
+        record, _ = await self.login("t1", "alice")
+        await self.store.mark_online(record)
+        await self.login("t2", "bob")
+        ended = await self.store.end_user_session("alice", "kicked by an administrator")
+        self.assertEqual(ended, record)
+        self.assertEqual(self.ended, [(record, "kicked by an administrator")])
+        self.assertIsNone(await self.lookup("t1"))
+        self.assertIsNone(await self.store.route("alice"))
+        self.assertIsNotNone(await self.lookup("t2"))  # nobody else's session
+        self.assertIsNone(await self.store.end_user_session("alice", "again"))
+        self.assertIsNone(await self.store.end_user_session("carol", "never logged in"))
+        self.assertEqual(len(self.ended), 1)
+
+    async def test_end_user_session_after_expiry_is_none(self) -> None:
+        record, _ = await self.login("t1", "alice")
+        self.clock.advance(TTL)
+        self.assertIsNone(await self.store.end_user_session("alice", "kicked"))
+        self.assertEqual(self.ended, [(record, "expired")])
+
     async def test_listener_sees_the_new_session_in_place(self) -> None:
         await self.login("t1", "alice")
         seen: list[Deferred[SessionRecord | None]] = []

@@ -112,13 +112,19 @@ class ImServerProtocol(FrameProtocol, TimeoutMixin):
         if self.state is ConnectionState.ESTABLISHED:
             self.factory.metrics.heartbeat_timeouts += 1
             self.log.info(
-                "closing silent connection of {user} from {peer}",
+                "closing silent connection of {user} on {node} from {peer}",
                 user=self.record.user if self.record else "?",
+                node=self.factory.node_id,
                 peer=self.peer_host,
             )
         else:
             self.factory.metrics.handshake_failures["timeout"] += 1
-            self.log.info("handshake deadline passed for {peer}", peer=self.peer_host)
+            self.log.info(
+                "handshake deadline passed for {peer} on {node} (user {user})",
+                peer=self.peer_host,
+                node=self.factory.node_id,
+                user="-",
+            )
         self.state = ConnectionState.CLOSING
         self.tcp.abortConnection()
 
@@ -148,7 +154,11 @@ class ImServerProtocol(FrameProtocol, TimeoutMixin):
             factory.metrics.handshake_failures[reason] += 1
             factory.record(oplog_events.HANDSHAKE_FAILED, peer=self.peer_host, reason=reason)
             self.log.info(
-                "handshake from {peer} refused: {reason}", peer=self.peer_host, reason=reason
+                "handshake from {peer} on {node} (user {user}) refused: {reason}",
+                peer=self.peer_host,
+                node=factory.node_id,
+                user="-",
+                reason=reason,
             )
             self.state = ConnectionState.CLOSING
             self.send_plaintext(refusal.to_body())
@@ -175,6 +185,7 @@ class ImServerProtocol(FrameProtocol, TimeoutMixin):
                 _STATUS.WRONG_NODE,
                 "this node is not taking new logins; log in again through the router",
                 "not_accepting",
+                user=record.user,
             )
             return
         # Checked after the token so a flood of junk hellos cannot fill the guard.
@@ -184,6 +195,7 @@ class ImServerProtocol(FrameProtocol, TimeoutMixin):
                 _STATUS.REPLAYED_HELLO,
                 "hello replayed or too old: check the device clock",
                 "replayed",
+                user=record.user,
             )
             return
         if record.node_id != factory.node_id:
@@ -193,6 +205,7 @@ class ImServerProtocol(FrameProtocol, TimeoutMixin):
                 f"this session belongs to node {record.node_id}",
                 "wrong_node",
                 node=factory.address_of(record.node_id),
+                user=record.user,
             )
             return
         self.record = record
@@ -211,15 +224,22 @@ class ImServerProtocol(FrameProtocol, TimeoutMixin):
         self.setTimeout(config.effective_heartbeat_timeout)
         factory.metrics.handshakes_ok += 1
         self.log.info(
-            "{user} connected from {peer} with {suite}",
+            "{user} connected to {node} from {peer} with {suite}",
             user=record.user,
+            node=factory.node_id,
             peer=self.peer_host,
             suite=accepted.suite,
         )
         factory.switchboard.session_opened(self)
 
     def _token_check_failed(self, failure: Failure) -> None:
-        self.log.failure("token lookup failed", failure)
+        self.log.failure(
+            "token lookup failed for {peer} on {node} (user {user})",
+            failure,
+            peer=self.peer_host,
+            node=self.factory.node_id,
+            user="-",
+        )
         self.factory.metrics.handshake_failures["state_unavailable"] += 1
         if self.state is ConnectionState.AUTHENTICATING:
             self.state = ConnectionState.CLOSING
@@ -232,10 +252,17 @@ class ImServerProtocol(FrameProtocol, TimeoutMixin):
         message: str,
         metric: str,
         node: cim_pb2.NodeAddress | None = None,
+        user: str = "-",
     ) -> None:
         self.factory.metrics.handshake_failures[metric] += 1
         self.factory.record(oplog_events.HANDSHAKE_FAILED, peer=self.peer_host, reason=metric)
-        self.log.info("login from {peer} refused: {why}", peer=self.peer_host, why=metric)
+        self.log.info(
+            "login of {user} from {peer} on {node} refused: {why}",
+            user=user,
+            peer=self.peer_host,
+            node=self.factory.node_id,
+            why=metric,
+        )
         result = cim_pb2.LoginResult(status=status, message=message)
         if node is not None:
             result.node.CopyFrom(node)
@@ -285,7 +312,10 @@ class ImServerProtocol(FrameProtocol, TimeoutMixin):
         user = self.record.user if self.record else None
         self.factory.record(oplog_events.KICK, user=user, peer=self.peer_host, reason=reason)
         self.log.info(
-            "kicked {user}: {reason}", user=self.record and self.record.user, reason=reason
+            "kicked {user} on {node}: {reason}",
+            user=user,
+            node=self.factory.node_id,
+            reason=reason,
         )
 
     def going_away(self, reason: str, reconnect_after_ms: int) -> None:

@@ -21,12 +21,13 @@ import hmac
 import json
 import os
 import sys
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from getpass import getpass
-from typing import TextIO
+from typing import Any, TextIO
 
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
@@ -240,16 +241,23 @@ def _online_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--offset", type=int, default=0, help="skip this many users")
 
 
-def online(invocation: Invocation) -> int:
-    """Ask the running router (it sees the whole cluster's state) who is online."""
-    args = invocation.args
-    url = (
-        f"{router_base_url(invocation.config)}/api/v1/online"
-        f"?offset={args.offset}&limit={args.limit}"
-    )
+def ask_router(
+    invocation: Invocation, path: str, body: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """GET path (POST body as JSON when given) on the running router; its JSON reply."""
+    url = f"{router_base_url(invocation.config)}{path}"
+    request = urllib.request.Request(url)
+    if body is not None:
+        request = urllib.request.Request(
+            url,
+            data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
+            method="POST",
+        )
     try:
-        with urllib.request.urlopen(url, timeout=10) as response:
-            page = json.loads(response.read())
+        with urllib.request.urlopen(request, timeout=10) as response:
+            reply: dict[str, Any] = json.loads(response.read())
+            return reply
     except urllib.error.HTTPError as error:
         try:
             message = json.loads(error.read()).get("message", error.reason)
@@ -258,6 +266,12 @@ def online(invocation: Invocation) -> int:
         raise CommandFailed(f"the router refused: {message} (HTTP {error.code})") from None
     except OSError as error:
         raise CommandFailed(f"cannot reach the router at {url}: {error}") from None
+
+
+def online(invocation: Invocation) -> int:
+    """Ask the running router (it sees the whole cluster's state) who is online."""
+    args = invocation.args
+    page = ask_router(invocation, f"/api/v1/online?offset={args.offset}&limit={args.limit}")
     if args.json:
         invocation.say(json.dumps(page))
         return EXIT_OK
@@ -273,6 +287,194 @@ def _no_arguments(parser: argparse.ArgumentParser) -> None:
     pass
 
 
+def _json_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print JSON")
+
+
+def _kick_arguments(parser: argparse.ArgumentParser) -> None:
+    _user_name_argument(parser)
+    _json_argument(parser)
+
+
+def kick(invocation: Invocation) -> int:
+    """End a user's session through the router; the client is told not to reconnect."""
+    name = invocation.args.name
+    check_user_name(name)
+    try:
+        reply = ask_router(invocation, "/api/v1/admin/kick", {"user": name})
+    except CommandFailed as failure:
+        if "(HTTP 404)" in str(failure):
+            raise CommandFailed(f"{name} is not logged in") from None
+        raise
+    invocation.record("user.kick", name)
+    if invocation.args.json:
+        invocation.say(json.dumps(reply))
+    else:
+        invocation.say(f"kicked {name} (session {reply['session_id']} on node {reply['node']})")
+    return EXIT_OK
+
+
+@contextlib.contextmanager
+def _database(invocation: Invocation) -> Iterator[Any]:
+    """One read transaction on the node's database (its schema must be current)."""
+    engine = open_engine(invocation.config.database_url)
+    try:
+        with engine.begin() as connection:
+            yield connection
+    finally:
+        engine.dispose()
+
+
+def _when(timestamp: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(timestamp))
+
+
+def _table(invocation: Invocation, header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows, strict=False)]
+    for row in (header, *rows):
+        cells = [str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)]
+        invocation.say("  ".join(cells).rstrip())
+
+
+def group_list(invocation: Invocation) -> int:
+    from cim.storage.groups import all_groups_txn
+
+    with _database(invocation) as connection:
+        records = all_groups_txn(connection)
+    if invocation.args.json:
+        rows = [
+            {
+                "id": r.id,
+                "name": r.name,
+                "owner": r.owner,
+                "admins": list(r.admins),
+                "members": r.member_count,
+                "created_at": r.created_at,
+            }
+            for r in records
+        ]
+        invocation.say(json.dumps(rows))
+        return EXIT_OK
+    _table(
+        invocation,
+        ("ID", "NAME", "OWNER", "MEMBERS", "CREATED"),
+        [(r.id, r.name, r.owner, str(r.member_count), _when(r.created_at)) for r in records],
+    )
+    return EXIT_OK
+
+
+def _group_show_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("group", help="the group's id, or its name when no other group has it")
+    _json_argument(parser)
+
+
+def group_show(invocation: Invocation) -> int:
+    from cim.storage.groups import AmbiguousGroupName, GroupNotFound, group_detail_txn
+
+    ref = invocation.args.group
+    try:
+        with _database(invocation) as connection:
+            record, members = group_detail_txn(connection, ref)
+    except GroupNotFound:
+        raise CommandFailed(f"no such group: {ref}") from None
+    except AmbiguousGroupName as exc:
+        raise CommandFailed(
+            f"{len(exc.group_ids)} groups are named {ref!r} ({', '.join(exc.group_ids)}): "
+            "use the group id"
+        ) from None
+    if invocation.args.json:
+        detail = {
+            "id": record.id,
+            "name": record.name,
+            "owner": record.owner,
+            "created_at": record.created_at,
+            "members": [
+                {"user": m.user, "role": m.role, "joined_at": m.joined_at} for m in members
+            ],
+        }
+        invocation.say(json.dumps(detail))
+        return EXIT_OK
+    invocation.say(f"group {record.id}: {record.name}")
+    invocation.say(
+        f"owner {record.owner}, {record.member_count} members, created {_when(record.created_at)}"
+    )
+    _table(
+        invocation,
+        ("USER", "ROLE", "JOINED"),
+        [(m.user, m.role, _when(m.joined_at)) for m in members],
+    )
+    return EXIT_OK
+
+
+def _keygen_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--bits", type=int, default=None, help="default: [im] rsa_key_bits")
+    _json_argument(parser)
+
+
+def _write_private(path: str, data: bytes) -> None:
+    """data at path, atomically, never readable by others (mode 0600 from the start)."""
+    temporary = f"{path}.{os.getpid()}.{os.urandom(4).hex()}.tmp"
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+
+
+def keygen(invocation: Invocation) -> int:
+    """A new node key at the configured path; the old one is kept as PATH.previous."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    from cim.protocols.crypto import MIN_RSA_BITS, NodeKey
+
+    config = invocation.config
+    path = config.rsa_key_path
+    bits = invocation.args.bits or config.im.rsa_key_bits
+    if bits < MIN_RSA_BITS:
+        raise CommandFailed(f"--bits {bits}: at least {MIN_RSA_BITS} are required", EXIT_USAGE)
+    private = rsa.generate_private_key(public_exponent=65537, key_size=bits)
+    key = NodeKey(private)
+    pem = private.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    previous = path + ".previous"
+    had_key = os.path.exists(path)
+    if had_key:
+        with open(path, "rb") as handle:
+            _write_private(previous, handle.read())
+    _write_private(path, pem)
+    invocation.record("node.keygen", key.fingerprint.hex())
+    if invocation.args.json:
+        invocation.say(
+            json.dumps(
+                {
+                    "path": path,
+                    "previous": previous if had_key else None,
+                    "bits": bits,
+                    "fingerprint": key.fingerprint.hex(),
+                }
+            )
+        )
+        return EXIT_OK
+    invocation.say(f"new node key {path} ({bits} bits)")
+    if had_key:
+        invocation.say(f"the old key is kept as {previous}")
+    invocation.say(f"fingerprint (SHA-256): {key.fingerprint.hex()}")
+    invocation.say(
+        "restart the node to use it; clients get the new key at their next login "
+        "(a client that pinned the old fingerprint must be told the new one)"
+    )
+    return EXIT_OK
+
+
 @dataclass(frozen=True)
 class Subcommand:
     path: tuple[str, ...]
@@ -284,6 +486,7 @@ class Subcommand:
 GROUP_HELP: dict[tuple[str, ...], str] = {
     ("db",): "the database schema",
     ("user",): "accounts",
+    ("group",): "groups (read from the database)",
 }
 
 SUBCOMMANDS: tuple[Subcommand, ...] = (
@@ -299,6 +502,20 @@ SUBCOMMANDS: tuple[Subcommand, ...] = (
     Subcommand(("user", "del"), "delete a user", user_del, _user_name_argument),
     Subcommand(("user", "list"), "list the users", user_list, _user_list_arguments),
     Subcommand(("online",), "who is online (asks the running router)", online, _online_arguments),
+    Subcommand(
+        ("kick",),
+        "end a user's session (asks the running router); the client does not reconnect",
+        kick,
+        _kick_arguments,
+    ),
+    Subcommand(("group", "list"), "list the groups", group_list, _json_argument),
+    Subcommand(("group", "show"), "a group and its members", group_show, _group_show_arguments),
+    Subcommand(
+        ("keygen",),
+        "rotate the node's RSA key (the old one is kept as .previous)",
+        keygen,
+        _keygen_arguments,
+    ),
 )
 
 

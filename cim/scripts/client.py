@@ -198,6 +198,11 @@ async def run(reactor: Any, options: argparse.Namespace) -> int:
     client = ChatClient(
         reactor, options.router, options.user, _password(), options.device, options.cipher
     )
+    if options.command is None:
+        # The console takes over once online; until then show how the login goes.
+        client.on_state = lambda state, detail: sys.stderr.write(
+            f"* {state}{' ' + detail if detail else ''}\n"
+        )
     try:
         await client.start()
     except SessionFailed as failure:

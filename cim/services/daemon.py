@@ -18,7 +18,7 @@ from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort
-from twisted.logger import Logger
+from twisted.logger import ILogObserver, Logger
 from twisted.python.failure import Failure
 
 from cim.accounts import AccountStore
@@ -35,6 +35,7 @@ from cim.interfaces import (
     NodeIdTaken,
     StateUnavailable,
 )
+from cim.logs import DaemonLog
 from cim.message_ids import MessageIdGenerator
 from cim.metrics import NodeMetrics
 from cim.offline import HistoryStore
@@ -59,8 +60,11 @@ class StartupError(Exception):
 class CimDaemon(Service):
     log = Logger()
 
-    def __init__(self, config: CimConfig, reactor: Any) -> None:
+    def __init__(
+        self, config: CimConfig, reactor: Any, daemon_log: DaemonLog | None = None
+    ) -> None:
         self.config = config
+        self.daemon_log = daemon_log
         self.reactor = reactor
         self.metrics = NodeMetrics()
         self.started: Deferred[None] | None = None
@@ -77,6 +81,13 @@ class CimDaemon(Service):
         self._stoppers: list[Callable[[], Any]] = []
         self.oplog: OperationLog | None = None
 
+    def setServiceParent(self, parent: Any) -> None:
+        """Under twistd the parent is the application: its ILogObserver component is
+        the observer twistd starts logging to, so ``[log]`` needs no twistd flag."""
+        super().setServiceParent(parent)
+        if self.daemon_log is not None and hasattr(parent, "setComponent"):
+            parent.setComponent(ILogObserver, self.daemon_log.observer)
+
     def startService(self) -> None:
         super().startService()
         self.started = self._start()
@@ -92,9 +103,17 @@ class CimDaemon(Service):
             config.operation_log_path, node=node_id, clock=self.reactor.seconds
         )
         self._stoppers.append(self.oplog.close)
-        _reopen_on_sighup(self.reactor, self.oplog)
+        reopen = [self.oplog.reopen]
+        if self.daemon_log is not None:
+            reopen.append(self.daemon_log.reopen)
+        _reopen_on_sighup(self.reactor, reopen)
 
-        self.database = Database(config.database_url, self.reactor, config.database.threads)
+        self.database = Database(
+            config.database_url,
+            self.reactor,
+            config.database.threads,
+            on_wait=self.metrics.db_wait.observe,
+        )
         yield self.database.start()
         self._stoppers.append(self.database.stop)
 
@@ -147,6 +166,9 @@ class CimDaemon(Service):
         )
         # The offline writer tells connected receivers to pull once it has committed.
         offline.on_stored = self.switchboard.stored_for
+        switchboard = self.switchboard
+        self.metrics.connections_established = lambda: switchboard.connected_count
+        self.metrics.offline_pending = lambda: offline.pending
         # Started after the switchboard registered its consumer, so nothing queued for
         # this node while it was down is handed to nobody.
         yield self._backend_step("queue", config.queue.backend, self.bus.start)
@@ -303,8 +325,8 @@ class CimDaemon(Service):
         self.log.info("cim node {node} stopped", node=self.config.node.id)
 
 
-def _reopen_on_sighup(reactor: Any, oplog: OperationLog) -> None:
-    """SIGHUP reopens the operation log (after logrotate moved it)."""
+def _reopen_on_sighup(reactor: Any, reopeners: list[Callable[[], None]]) -> None:
+    """SIGHUP reopens the operation log and the log file (after logrotate moved them)."""
     import signal
 
     if not hasattr(signal, "SIGHUP"):
@@ -312,7 +334,8 @@ def _reopen_on_sighup(reactor: Any, oplog: OperationLog) -> None:
     previous = signal.getsignal(signal.SIGHUP)
 
     def reopen(signum: int, frame: Any) -> None:
-        reactor.callFromThread(oplog.reopen)
+        for reopener in reopeners:
+            reactor.callFromThread(reopener)
         if callable(previous):
             previous(signum, frame)
 

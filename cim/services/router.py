@@ -43,12 +43,13 @@ from cim.services.http import (
     too_many_requests,
 )
 from cim.state import token_hash
-from cim.state.memory import REASON_LOGGED_OUT
+from cim.state.memory import REASON_KICKED_BY_ADMIN, REASON_LOGGED_OUT
 from cim.throttle import FailedLoginThrottle
 
 LOGIN_PATH = b"/api/v1/login"
 LOGOUT_PATH = b"/api/v1/logout"
 ONLINE_PATH = b"/api/v1/online"
+KICK_PATH = b"/api/v1/admin/kick"
 MAX_ONLINE_PAGE = 1000
 DEFAULT_ONLINE_PAGE = 100
 TOKEN_BYTES = 32
@@ -116,6 +117,7 @@ class RouterResource(JsonRoutes):
                 (LOGIN_PATH, b"POST"): self._login,
                 (LOGOUT_PATH, b"POST"): self._logout,
                 (ONLINE_PATH, b"GET"): self._online,
+                (KICK_PATH, b"POST"): self._kick,
             }
         )
         self._config = config
@@ -289,6 +291,44 @@ class RouterResource(JsonRoutes):
                 "limit": limit,
                 "users": users,
             },
+        )
+
+    # --- kick (cimctl kick) -----------------------------------------------------------
+
+    def _kick(self, request: server.Request) -> Deferred[Reply]:
+        return Deferred.fromCoroutine(self._kick_user(request))
+
+    async def _kick_user(self, request: server.Request) -> Reply:
+        """End a user's session by name, on whichever node it is connected."""
+        if not is_local_peer(request):
+            raise HttpError(403, "forbidden", "kicking answers local peers only")
+        body = read_json_object(request, self._config.max_body_size)
+        user = body.get("user")
+        if not isinstance(user, str) or not 1 <= len(user) <= MAX_USER_LENGTH:
+            raise HttpError(
+                400, "bad_request", f"'user' must be a string of 1 to {MAX_USER_LENGTH} characters"
+            )
+        try:
+            record = await self._state.end_user_session(user, REASON_KICKED_BY_ADMIN)
+        except StateUnavailable:
+            raise _state_unavailable() from None
+        address = client_host(request)
+        if record is None:
+            self._log.info(
+                "kick of {user!r} from {address}: no session", user=user, address=address
+            )
+            raise HttpError(404, "no_session", f"{user} has no session")
+        self._log.info(
+            "kicked {user!r} on {node} at the request of {address}",
+            user=user,
+            node=record.node_id,
+            address=address,
+        )
+        # The operation log hears of it from the node that closes the connection
+        # (a kick event) and from cimctl (an admin event).
+        return json_reply(
+            200,
+            {"ok": True, "user": user, "session_id": record.session_id, "node": record.node_id},
         )
 
 

@@ -30,6 +30,7 @@ _SUCCESS = frozenset((1, 2, 4))
 REASON_LOGGED_IN_ELSEWHERE = "logged in elsewhere"
 REASON_LOGGED_OUT = "logged out"
 REASON_EXPIRED = "expired"
+REASON_KICKED_BY_ADMIN = "kicked by an administrator"
 
 KICK_OLD = "kick_old"
 REFUSE_NEW = "refuse_new"
@@ -188,6 +189,12 @@ class MemoryStateStore:
 
     def end_session(self, token_hash: str, reason: str) -> Deferred[SessionRecord | None]:
         if self._live(token_hash) is None:
+            return defer.succeed(None)
+        return defer.succeed(self._end(token_hash, reason))
+
+    def end_user_session(self, user: str, reason: str) -> Deferred[SessionRecord | None]:
+        token_hash = self._token_hash_by_user.get(user)
+        if token_hash is None or self._live(token_hash) is None:
             return defer.succeed(None)
         return defer.succeed(self._end(token_hash, reason))
 

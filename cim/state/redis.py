@@ -519,6 +519,22 @@ finish(th, s, reason, ARGV[5])
 return {'ended', as_list(s)}
 """)
 
+# ARGV: prefix, user, now, reason, tombstone ttl (ms). The user's session, whatever
+# its token: an administrator's kick.
+_END_USER = _script("""
+local user, now, reason = ARGV[2], tonumber(ARGV[3]), ARGV[4]
+local th = redis.call('GET', p .. 'user:' .. user)
+if not th then return false end
+local s = session_fields(th)
+if not s then return false end
+if tonumber(s.expires_at) <= now then
+  finish(th, s, $EXPIRED, ARGV[5])
+  return {'expired', as_list(s)}
+end
+finish(th, s, reason, ARGV[5])
+return {'ended', as_list(s)}
+""")
+
 # ARGV: prefix, user, session_id, node, route ttl (ms).
 _MARK_ONLINE = _script("""
 local user, sid, node = ARGV[2], ARGV[3], ARGV[4]
@@ -871,18 +887,21 @@ class RedisStateStore:
 
     def end_session(self, token_hash: str, reason: str) -> Deferred[SessionRecord | None]:
         d = self._eval(_END, token_hash, repr(self._clock.seconds()), reason, self._tombstone_ms)
+        return d.addCallback(self._ended, reason)
 
-        def ended(reply: list[Any] | None) -> SessionRecord | None:
-            if reply is None:
-                return None
-            record = _record(reply[1])
-            if reply[0] == "expired":
-                self._tell(record, REASON_EXPIRED)
-                return None
-            self._tell(record, reason)
-            return record
+    def end_user_session(self, user: str, reason: str) -> Deferred[SessionRecord | None]:
+        d = self._eval(_END_USER, user, repr(self._clock.seconds()), reason, self._tombstone_ms)
+        return d.addCallback(self._ended, reason)
 
-        return d.addCallback(ended)
+    def _ended(self, reply: list[Any] | None, reason: str) -> SessionRecord | None:
+        if reply is None:
+            return None
+        record = _record(reply[1])
+        if reply[0] == "expired":
+            self._tell(record, REASON_EXPIRED)
+            return None
+        self._tell(record, reason)
+        return record
 
     def mark_online(self, record: SessionRecord) -> Deferred[None]:
         d = self._eval(_MARK_ONLINE, record.user, record.session_id, record.node_id, self._route_ms)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import os
+import time
 from collections.abc import Callable
 from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar
 
@@ -309,8 +310,17 @@ class ThreadPoolRunner:
     running, and lets an injected runner (tests) be waited for the same way.
     """
 
-    def __init__(self, name: str, threads: int, reactor: Any, runner: Runner | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        threads: int,
+        reactor: Any,
+        runner: Runner | None = None,
+        on_wait: Callable[[float], None] | None = None,
+    ) -> None:
         self.name = name
+        # Told (on the worker thread) how long each piece of work waited for a thread.
+        self.on_wait = on_wait
         self._reactor = reactor
         self._pool: ThreadPool | None = None
         self._threads = threads
@@ -337,6 +347,16 @@ class ThreadPoolRunner:
     def run(self, work: Callable[[], T]) -> Deferred[T]:
         if self._stopping:
             return fail(PoolNotRunning(f"{self.name} is stopping"))
+        on_wait = self.on_wait
+        if on_wait is not None:
+            queued = time.monotonic()
+            inner = work
+
+            def timed() -> T:
+                on_wait(time.monotonic() - queued)
+                return inner()
+
+            work = timed
         if self._runner is not None:
             d = self._runner(work)
         elif self._pool is not None:
@@ -397,12 +417,17 @@ class Database:
     """cim's database, used from the reactor thread; every call returns a Deferred."""
 
     def __init__(
-        self, url: str, reactor: Any, threads: int = 4, runner: Runner | None = None
+        self,
+        url: str,
+        reactor: Any,
+        threads: int = 4,
+        runner: Runner | None = None,
+        on_wait: Callable[[float], None] | None = None,
     ) -> None:
         self.url = url
         # SQLite has one writer anyway; one thread turns lock waits into a queue.
         self._threads = 1 if is_sqlite(url) else threads
-        self._work = ThreadPoolRunner("cim-db", self._threads, reactor, runner)
+        self._work = ThreadPoolRunner("cim-db", self._threads, reactor, runner, on_wait)
         self._engine: Engine | None = None
         self._closing = False
 

@@ -47,9 +47,11 @@ __all__ = [
     "MemberRecord",
     "NoSuchUsers",
     "add_members_txn",
+    "all_groups_txn",
     "create_group_txn",
     "dissolve_group_txn",
     "find_groups_txn",
+    "group_detail_txn",
     "group_members_txn",
     "groups_of_txn",
     "leave_all_groups_txn",
@@ -544,3 +546,41 @@ def find_groups_txn(connection: Connection, user: str, ref: str) -> list[str]:
             .order_by(groups.c.created_at, groups.c.id)
         ).scalars()
     )
+
+
+# --- administration (cimctl group list|show): no actor, no permission checks ---------
+
+
+def all_groups_txn(connection: Connection) -> list[GroupRecord]:
+    """Every live group, by name and then id."""
+    rows = connection.execute(
+        select(groups).where(groups.c.dissolved_at.is_(None)).order_by(groups.c.name, groups.c.id)
+    ).all()
+    return _records(connection, rows)
+
+
+def group_detail_txn(connection: Connection, ref: str) -> tuple[GroupRecord, list[MemberRecord]]:
+    """A live group by id, or by name when exactly one live group has it, with its
+    members (owner, then admins, then members). GroupNotFound, AmbiguousGroupName."""
+    row = connection.execute(
+        select(groups).where(groups.c.id == ref, groups.c.dissolved_at.is_(None))
+    ).first()
+    if row is None:
+        rows = connection.execute(
+            select(groups)
+            .where(groups.c.name == ref, groups.c.dissolved_at.is_(None))
+            .order_by(groups.c.created_at, groups.c.id)
+        ).all()
+        if not rows:
+            raise GroupNotFound(f"no such group: {ref}")
+        if len(rows) > 1:
+            raise AmbiguousGroupName(ref, [r.id for r in rows])
+        row = rows[0]
+    members = connection.execute(
+        select(group_members.c.user_name, group_members.c.role, group_members.c.joined_at)
+        .where(group_members.c.group_id == row.id)
+        .order_by(_ROLE_RANK, group_members.c.joined_at, group_members.c.user_name)
+    ).all()
+    return _records(connection, [row])[0], [
+        MemberRecord(m.user_name, m.role, m.joined_at) for m in members
+    ]
