@@ -200,9 +200,10 @@ async def run(reactor: Any, options: argparse.Namespace) -> int:
     )
     if options.command is None:
         # The console takes over once online; until then show how the login goes.
-        client.on_state = lambda state, detail: sys.stderr.write(
-            f"* {state}{' ' + detail if detail else ''}\n"
-        )
+        def show_state(state: str, detail: str) -> None:
+            sys.stderr.write(f"* {state}{' ' + detail if detail else ''}\n")
+
+        client.on_state = show_state
     try:
         await client.start()
     except SessionFailed as failure:
