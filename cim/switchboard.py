@@ -88,6 +88,7 @@ _KICK_CODES = {
     REASON_REPLACED: cim_pb2.Kicked.REPLACED,
     "logged out": cim_pb2.Kicked.LOGGED_OUT,
     "expired": cim_pb2.Kicked.SESSION_EXPIRED,
+    "kicked by an administrator": cim_pb2.Kicked.BY_ADMIN,
 }
 
 
