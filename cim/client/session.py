@@ -149,6 +149,7 @@ class ChatClient:
         self._ack_flush: Any = None
         self._pulling: Deferred[int] | None = None
         self._pull_again = False
+        self._live_during_pull: list[cim_pb2.Message] = []
         self._next_request_id = 1
         # The last client_seq sent to each receiver or group, for Message.prev_seq.
         self._last_seq_to: dict[tuple[str, str], int] = {}
@@ -280,7 +281,12 @@ class ChatClient:
 
     def frame_received(self, frame_type: int, message: ProtobufMessage) -> None:
         if frame_type == cim_pb2.MSG_N:
-            if not self._stopping:  # unacknowledged, so the sender hears it failed
+            if self._stopping:
+                return  # unacknowledged, so the node stores it for the next login
+            if self._pulling is not None:
+                # Stored messages are older than live ones: let the pull go first.
+                self._live_during_pull.append(message)  # type: ignore[arg-type]
+            else:
                 self.inbox.receive(message)  # type: ignore[arg-type]
         elif frame_type == cim_pb2.MSG_A:
             self.outbox.taken(message)  # type: ignore[arg-type]
@@ -387,6 +393,9 @@ class ChatClient:
 
         def done(result: Any) -> Any:
             self._pulling = None
+            live, self._live_during_pull = self._live_during_pull, []
+            for message in live:
+                self.inbox.receive(message)
             if self._pull_again and self.protocol is not None:
                 self._pull_again = False
                 self.pull_offline()
