@@ -3,7 +3,7 @@
 ``systemd-analyze verify`` checks that ExecStart's binary exists and is executable,
 so the test verifies a copy whose ExecStart points at this checkout's twistd (and
 whose User is root, since the ``cim`` user need not exist here); every other line is
-the shipped unit's. CI installs systemd's tools when missing (.ci/systemd.sh).
+the shipped unit's. CI installs systemd's tools when missing (.ci/tools.sh).
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ class UnitFileTests(SynchronousTestCase):
         analyze = shutil.which("systemd-analyze")
         if analyze is None:
             if os.environ.get("CIM_REQUIRE_SERVICES"):
-                self.fail("systemd-analyze is missing (.ci/systemd.sh installs it)")
+                self.fail("systemd-analyze is missing (.ci/tools.sh installs it)")
             raise SkipTest("systemd-analyze is not installed")
         directory = os.path.abspath(self.mktemp())
         os.makedirs(directory)

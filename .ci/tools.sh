@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Makes sure the command-line tools some tests drive are installed: systemd-analyze
+# (tests/test_systemd.py verifies etc/systemd/cim.service) and tmux (tests/test_console.py
+# drives two chat consoles in it). Silent when nothing is missing; `.ci/run` calls it
+# before the tests.
+set -euo pipefail
+
+missing=()
+command -v systemd-analyze >/dev/null || missing+=(systemd)
+command -v tmux >/dev/null || missing+=(tmux)
+[ "${#missing[@]}" -eq 0 ] && exit 0
+
+sudo=()
+[ "$(id -u)" -eq 0 ] || sudo=(sudo)
+echo "tools.sh: installing ${missing[*]}"
+"${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null
+"${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+  "${missing[@]}" >/dev/null
