@@ -81,8 +81,10 @@ class Cluster:
         state: str = "redis",
         amqp_url: str | None = None,
         prefix: str = "node",
+        session_timeout: float = SESSION_TIMEOUT,
     ) -> None:
         self.test = test
+        self.session_timeout = session_timeout
         self.zookeeper = private_zookeeper(test)
         self.redis = PrivateRedis(test)
         self.redis.start()
@@ -112,7 +114,7 @@ class Cluster:
             node_id,
             extra=state_section
             + f"[registry]\nbackend = zookeeper\nzookeeper_hosts = {self.zookeeper.hosts}\n"
-            f"session_timeout = {SESSION_TIMEOUT:g}s\n"
+            f"session_timeout = {self.session_timeout:g}s\n"
             f"[database]\nurl = {self.database_url}\n"
             f"[im]\nheartbeat_interval = {HEARTBEAT:g}s\n" + self._queue_section(),
         )
@@ -123,7 +125,7 @@ class Cluster:
         # A broker shared with other tests: queues of this cluster's own.
         return (
             f"[queue]\nbackend = rabbitmq\namqp_url = {self.amqp_url}\n"
-            f"exchange = {self.exchange}\nconfirm_timeout = 2s\n"
+            f"exchange = {self.exchange}\nconfirm_timeout = 10s\n"
             f"[offline]\nqueue = {self.exchange}.offline\n"
             f"[archive]\nqueue = {self.exchange}.archive\n"
         )

@@ -514,7 +514,9 @@ class ReceiverTests(SynchronousTestCase):
         bob.frame_received(cim_pb2.MSG_N, incoming(19, 10))
         settle(node, 1.9)
         self.assertEqual(len(shown), 4)
-        settle(node, 0.1)  # the window (2 s by default) passed: 9 is not coming
+        settle(node, 0.1)  # the window (2 s) passed: the client asks the store once more
+        self.assertEqual(len(shown), 4)
+        settle(node, 2.0)  # a second window without 9: it is not coming
         self.assertEqual([m.client_seq for m in shown], [5, 6, 7, 8, 10, 11])
         self.assertEqual(
             [m.msg_id for _, m in of_type(sent, cim_pb2.ACK_R)], [10, 11, 12, 13, 19, 20]

@@ -319,6 +319,7 @@ class _Stream:
     group: bool
     held: dict[int, _Held] = field(default_factory=dict)
     timer: IDelayedCall | None = None
+    asked: bool = False  # the missing one was asked for once (gap_persists)
 
 
 class Inbox:
@@ -370,6 +371,8 @@ class Inbox:
         self._group_marks: OrderedDict[str, int] = OrderedDict()
         self._max_groups = max_groups
         self.duplicates = 0
+        # Called when a gap outlasts the window, before giving up on the missing one.
+        self.gap_persists: Callable[[], object] | None = None
         self.late = 0
 
     @property
@@ -459,6 +462,13 @@ class Inbox:
 
     def _window_ended(self, stream: _Stream) -> None:
         stream.timer = None
+        if not stream.asked and self.gap_persists is not None:
+            # The missing one may be waiting in the offline store (stored while this
+            # client was reconnecting): ask for it once and give it one more window.
+            stream.asked = True
+            self.gap_persists()
+            stream.timer = self.clock.callLater(self.window, self._window_ended, stream)
+            return
         now = self.clock.seconds() + 1e-9
         due = [order for order, held in stream.held.items() if held.arrived + self.window <= now]
         if due:

@@ -138,6 +138,7 @@ class ChatClient:
         self.inbox = Inbox(
             self.clock, seen_store, self._hand_to_application, self._acknowledge, order_window
         )
+        self.inbox.gap_persists = self._gap_persists
         self._online_requests: list[Deferred[cim_pb2.OnlineA]] = []
         self._group_requests: dict[int, Deferred[cim_pb2.GroupAnswer]] = {}
         self._offline_requests: list[Deferred[cim_pb2.OfflineA]] = []
@@ -419,6 +420,10 @@ class ChatClient:
             self._offline_ids.add(message.id)
             self.inbox.receive(message)
         return len(batch)
+
+    def _gap_persists(self) -> None:
+        if self.protocol is not None:
+            self.pull_offline()
 
     def _pull_failed(self, failure: Failure) -> int:
         self.log.info("offline pull interrupted: {why}", why=failure.getErrorMessage())
