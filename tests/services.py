@@ -9,6 +9,7 @@ does not hang the run.
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
 import socket
@@ -46,12 +47,25 @@ def redis_available(host: str = "127.0.0.1", port: int = 6379, timeout: float = 
         return False
 
 
+_ports = random.Random()
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A port nothing listens on right now (another process could still take it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        port: int = sock.getsockname()[1]
-        return port
+    """A port nothing listens on right now, below Linux's ephemeral range (32768 and up).
+
+    Port 0 would hand out an ephemeral port, which the kernel may give to one of the
+    many outgoing connections (to Redis, RabbitMQ, the daemons) before the server
+    binds it; picking below that range leaves only listeners to collide with.
+    """
+    for _ in range(200):
+        port = _ports.randrange(20000, 32000)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind((host, port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port found between 20000 and 32000")
 
 
 async def eventually(
