@@ -463,6 +463,16 @@ local function finish(th, s, reason, tombstone_ms)
     created_at = s.created_at, expires_at = s.expires_at, token_hash = th,
     reason = reason}))
 end
+
+-- A logout or kick; a session already past its expiry is reported as expired.
+local function end_session(th, s, now, reason, tombstone_ms)
+  if tonumber(s.expires_at) <= now then
+    finish(th, s, $EXPIRED, tombstone_ms)
+    return {'expired', as_list(s)}
+  end
+  finish(th, s, reason, tombstone_ms)
+  return {'ended', as_list(s)}
+end
 """
 
 # ARGV: prefix, token_hash, user, device, node, now, expires_at, policy, session_id,
@@ -511,12 +521,7 @@ _END = _script("""
 local th, now, reason = ARGV[2], tonumber(ARGV[3]), ARGV[4]
 local s = session_fields(th)
 if not s then return false end
-if tonumber(s.expires_at) <= now then
-  finish(th, s, $EXPIRED, ARGV[5])
-  return {'expired', as_list(s)}
-end
-finish(th, s, reason, ARGV[5])
-return {'ended', as_list(s)}
+return end_session(th, s, now, reason, ARGV[5])
 """)
 
 # ARGV: prefix, user, now, reason, tombstone ttl (ms). The user's session, whatever
@@ -527,12 +532,7 @@ local th = redis.call('GET', p .. 'user:' .. user)
 if not th then return false end
 local s = session_fields(th)
 if not s then return false end
-if tonumber(s.expires_at) <= now then
-  finish(th, s, $EXPIRED, ARGV[5])
-  return {'expired', as_list(s)}
-end
-finish(th, s, reason, ARGV[5])
-return {'ended', as_list(s)}
+return end_session(th, s, now, reason, ARGV[5])
 """)
 
 # ARGV: prefix, user, session_id, node, route ttl (ms).
