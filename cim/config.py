@@ -91,6 +91,16 @@ def parse_size(raw: str) -> int:
     return int(match.group(1)) * _SIZE_UNITS[unit]
 
 
+def parse_float(raw: str) -> float:
+    try:
+        value = float(raw.strip())
+    except ValueError:
+        raise ValueError("expected a number") from None
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ValueError("expected a finite number")
+    return value
+
+
 def parse_str(raw: str) -> str:
     return raw.strip()
 
@@ -245,15 +255,44 @@ class ImConfig:
 
 @dataclass(frozen=True)
 class LogicConfig:
+    """The logic service (cim.logic): accounts, device binding, SOS, geofences, likes."""
+
     section: ClassVar[str] = "logic"
     enabled: bool = _opt(False, parse_bool)
     listen: str = _opt("tcp:8081:interface=127.0.0.1", parse_endpoint)
+    max_body_size: int = _opt(256 << 10, parse_size, minimum=1024, maximum=16 << 20)
+    # Off: accounts come from cimctl (or an operator's own tooling) only.
+    open_registration: bool = _opt(True, parse_bool)
+    # Names registered over HTTP must also match this (cimctl is not bound by it).
+    name_pattern: str = _opt(r"[a-z0-9][a-z0-9_.-]{2,31}", parse_str)
+    # How many of lower case, upper case, digits and other characters a new password
+    # must mix; the length rule is [accounts] min_password_length.
+    password_classes: int = _opt(2, parse_int, minimum=1, maximum=4)
+    # Each registration runs the password KDF: at most this many per address and window.
+    registrations_per_address: int = _opt(20, parse_int, minimum=1)
+    registration_window: float = _opt(3600.0, parse_duration, minimum=1)
+    binding_code_ttl: float = _opt(600.0, parse_duration, minimum=30, maximum=86400)
+    binding_code_digits: int = _opt(6, parse_int, minimum=6, maximum=12)
+    # Wrong codes a person may try per window before further tries are refused.
+    binding_attempts: int = _opt(5, parse_int, minimum=1, maximum=1000)
+    binding_attempt_window: float = _opt(900.0, parse_duration, minimum=10)
+    # Geofences: a position must be this far past the boundary, and that many
+    # consecutive reports must agree, before entering or leaving is announced.
+    fence_margin: float = _opt(15.0, parse_float, minimum=0, maximum=10000)
+    fence_confirmations: int = _opt(2, parse_int, minimum=1, maximum=50)
+    max_fences_per_device: int = _opt(50, parse_int, minimum=1, maximum=10000)
+    max_fence_points: int = _opt(200, parse_int, minimum=3, maximum=10000)
+    max_positions_per_report: int = _opt(500, parse_int, minimum=1, maximum=100000)
+    location_retention: float = _opt(30 * 86400.0, parse_duration, minimum=3600)
+    purge_interval: float = _opt(3600.0, parse_duration, minimum=10)
 
     def validate(self) -> None:
-        if self.enabled:
+        try:
+            re.compile(self.name_pattern)
+        except re.error as exc:
             raise ConfigError(
-                "logic", "enabled", "true", "the logic service is not part of this release yet"
-            )
+                "logic", "name_pattern", self.name_pattern, f"not a regular expression: {exc}"
+            ) from None
 
 
 def parse_base_url(raw: str) -> str:

@@ -55,6 +55,9 @@ ACCEPTED = cim_pb2.ACCEPTED
 GROUP_A = cim_pb2.GROUP_A
 UNAVAILABLE = cim_pb2.Error.UNAVAILABLE
 SYSTEM = cim_pb2.SYSTEM
+SYSTEM_SENDER = "@system"
+"""The sender of server-made messages: no account can have it (names start with a
+letter or digit), so a client can trust a message from it came from the server."""
 BAD_REQUEST = cim_pb2.Error.BAD_REQUEST
 
 MAX_TEXT_LENGTH = 16384
@@ -495,6 +498,53 @@ class Switchboard:
             self._settle(message, sender_device, FAILED, reason)
 
         d.addCallbacks(stored, not_stored)
+
+    def send_system(self, receivers: Iterable[str], text: str) -> Deferred[list[str]]:
+        """A message the server itself sends (the logic service's notices) to users.
+
+        It is stored first and connected receivers are then told to pull, the path an
+        offline message takes: a notice is on disk before anyone is told about it, so a
+        connection that drops before acknowledging, a node that dies, or a receiver who
+        is offline all end the same way, with the notice delivered at the next pull and
+        dropped by id if it ever arrives twice. Fires with the receivers it was stored
+        for; a receiver whose store is full is logged and left out, the others still
+        get it.
+        """
+        if self._offline is None:
+            raise RuntimeError("system messages need offline storage")
+        offline = self._offline
+        msg_id = self._ids.next_id()
+        unique = sorted(set(receivers))
+
+        def copy_for(receiver: str) -> tuple[str, cim_pb2.Message]:
+            message = cim_pb2.Message(
+                id=msg_id,
+                to=receiver,
+                type=SYSTEM,
+                text=text,
+                sent_at_ms=MessageIdGenerator.timestamp_ms(msg_id),
+            )
+            setattr(message, "from", SYSTEM_SENDER)
+            return receiver, message
+
+        async def store() -> list[str]:
+            stored: list[str] = []
+            for receiver in unique:
+                try:
+                    await offline.store([copy_for(receiver)])
+                except OfflineFull:
+                    self.log.warn(
+                        "system message {id} not stored for {user}: offline store full",
+                        id=msg_id,
+                        user=receiver,
+                    )
+                    continue
+                stored.append(receiver)
+            self._metrics.messages["system"] += len(stored)
+            self._background(self.stored_for(stored), "announce system messages")
+            return stored
+
+        return Deferred.fromCoroutine(store())
 
     def _notify_stored(self, receivers: list[str]) -> None:
         """A receiver that logged in while its message was being stored pulls again."""

@@ -35,6 +35,8 @@ from cim.interfaces import (
     NodeIdTaken,
     StateUnavailable,
 )
+from cim.logic.context import LogicContext
+from cim.logic.notices import Notices
 from cim.logs import DaemonLog
 from cim.message_ids import MessageIdGenerator
 from cim.metrics import NodeMetrics
@@ -47,6 +49,7 @@ from cim.registry import make_registry
 from cim.services.admin import admin_site
 from cim.services.files import FilesListener
 from cim.services.im import ImListener
+from cim.services.logic import LogicListener
 from cim.services.router import router_site
 from cim.state import make_state_store
 from cim.storage.database import Database
@@ -77,6 +80,7 @@ class CimDaemon(Service):
         self.switchboard: Switchboard | None = None
         self.im: ImListener | None = None
         self.files: FilesListener | None = None
+        self.logic: LogicListener | None = None
         self.http_ports: dict[str, IListeningPort] = {}
         self._stoppers: list[Callable[[], Any]] = []
         self.oplog: OperationLog | None = None
@@ -213,12 +217,40 @@ class CimDaemon(Service):
         if config.files.enabled:
             yield self._start_files()
 
+        if config.logic.enabled:
+            yield self._start_logic()
+
         if config.admin.enabled:
             yield self._listen_http(
                 "admin", config.admin.listen, admin_site(node_id, self.metrics, self.health)
             )
 
         self.log.info("cim node {node} started", node=node_id)
+
+    def _start_logic(self) -> Any:
+        config = self.config
+        assert self.database is not None and self.state is not None
+        assert self.accounts is not None and self.switchboard is not None
+        logic = LogicListener(
+            LogicContext(
+                config.logic,
+                config.accounts,
+                self.database,
+                self.accounts,
+                self.state,
+                Notices(self.switchboard, self.reactor),
+                self.reactor,
+            )
+        )
+        self.logic = logic
+
+        async def start() -> None:
+            await logic.start()
+            self._stoppers.append(logic.stop)
+            if logic.port is not None:
+                self.http_ports["logic"] = logic.port
+
+        return self._listen_step("logic", config.logic.listen, start)
 
     def _start_files(self) -> Any:
         """Storage, signing key and listener of the file service, one start-up step."""

@@ -1,0 +1,27 @@
+"""What every logic feature is built from, passed as one object."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from twisted.internet.interfaces import IReactorTime
+
+from cim.accounts import AccountStore
+from cim.config import AccountsConfig, LogicConfig
+from cim.interfaces import IStateStore
+from cim.logic.notices import Notices
+from cim.storage.database import Database
+
+
+@dataclass(frozen=True)
+class LogicContext:
+    config: LogicConfig
+    accounts_config: AccountsConfig
+    database: Database
+    accounts: AccountStore
+    state: IStateStore
+    notices: Notices
+    clock: IReactorTime
+
+    def now(self) -> float:
+        return float(self.clock.seconds())

@@ -1,0 +1,112 @@
+"""Accounts over the logic service's HTTP API."""
+
+from __future__ import annotations
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from tests.logic_support import PASSWORD, LogicHarness
+
+
+class RegistrationTests(SynchronousTestCase):
+    def test_register_then_read_and_update_the_profile(self) -> None:
+        h = LogicHarness(self)
+        status, body = h.call(
+            "POST", "/register", body={"name": "ann", "password": PASSWORD, "display_name": "Ann"}
+        )
+        self.assertEqual((status, body["name"], body["kind"]), (201, "ann", "person"))
+        self.assertEqual(body["display_name"], "Ann")
+        status, body = h.call("PATCH", "/me", "ann", {"about": "hello"})
+        self.assertEqual((status, body["about"], body["display_name"]), (200, "hello", "Ann"))
+        h.add_user("ben")
+        status, body = h.call("GET", "/users/ann", "ben")
+        self.assertEqual((status, body["about"]), (200, "hello"))
+
+    def test_taken_name_bad_name_and_weak_password_are_refused(self) -> None:
+        h = LogicHarness(self)
+        h.add_user("ann")
+        status, body = h.call("POST", "/register", body={"name": "ann", "password": PASSWORD})
+        self.assertEqual((status, body["error"]), (409, "name_taken"))
+        status, body = h.call("POST", "/register", body={"name": "A!", "password": PASSWORD})
+        self.assertEqual((status, body["error"]), (400, "invalid_name"))
+        status, body = h.call("POST", "/register", body={"name": "cat", "password": "aaaaaaaaaa"})
+        self.assertEqual((status, body["error"]), (400, "weak_password"))
+        self.assertNotIn("aaaaaaaaaa", body["message"])
+
+    def test_closed_registration(self) -> None:
+        h = LogicHarness(self, "open_registration = false\n")
+        status, body = h.call("POST", "/register", body={"name": "ann", "password": PASSWORD})
+        self.assertEqual((status, body["error"]), (403, "registration_closed"))
+
+    def test_schema_errors_never_echo_a_password(self) -> None:
+        h = LogicHarness(self)
+        status, body = h.call("POST", "/register", body={"name": "ann", "password": "x" * 2000})
+        self.assertEqual(status, 400)
+        self.assertNotIn("xxxx", body["message"])
+        status, body = h.call("POST", "/register", body={"name": "ann", "pasword": PASSWORD})
+        self.assertEqual(status, 400)
+        self.assertNotIn(PASSWORD, body["message"])
+
+    def test_nul_and_lone_surrogates_are_refused(self) -> None:
+        h = LogicHarness(self)
+        h.add_user("ann")
+        for raw in (b'{"about": "a\\u0000b"}', b'{"about": "\\ud800"}', b'{"about": 1e999}'):
+            status, body = h.call("PATCH", "/me", "ann", raw=raw)
+            self.assertEqual((status, body["error"]), (400, "bad_request"), raw)
+
+
+class AuthenticationTests(SynchronousTestCase):
+    def test_no_token_or_unknown_token_is_401(self) -> None:
+        h = LogicHarness(self)
+        self.assertEqual(h.call("GET", "/me")[0], 401)
+        self.assertEqual(h.call("GET", "/me", token="nope")[0], 401)
+
+    def test_openapi_document_lists_every_endpoint(self) -> None:
+        h = LogicHarness(self)
+        status, spec = h.call("GET", "/openapi.json")
+        self.assertEqual((status, spec["openapi"]), (200, "3.1.0"))
+        operations = {
+            (method.upper(), path) for path, item in spec["paths"].items() for method in item
+        }
+        declared = {(e.method, "/api/v1" + e.path) for e in h.resource.endpoints}
+        self.assertEqual(operations, declared)
+
+
+class PasswordAndDeletionTests(SynchronousTestCase):
+    def test_change_password_needs_the_current_one(self) -> None:
+        h = LogicHarness(self)
+        h.add_user("ann")
+        body = {"current_password": "Wrong-pass-1", "new_password": "New-pass-12"}
+        status, answer = h.call("POST", "/me/password", "ann", body)
+        self.assertEqual((status, answer["error"]), (403, "wrong_password"))
+        body["current_password"] = PASSWORD
+        self.assertEqual(h.call("POST", "/me/password", "ann", body)[0], 200)
+        self.assertTrue(fired_check(h, "ann", "New-pass-12"))
+
+    def test_delete_ends_the_session_and_tells_bound_accounts(self) -> None:
+        h = LogicHarness(self)
+        h.add_user("ann")
+        h.add_user("watch", kind="device")
+        from cim.storage.schema import bindings
+
+        def bind(connection: object) -> None:
+            connection.execute(  # type: ignore[attr-defined]
+                bindings.insert().values(
+                    device="watch", guardian="ann", status="active", created_at=1.0
+                )
+            )
+
+        h.db.run(bind)
+        h.connect("watch")
+        ann_token = h.token("ann")
+        status, body = h.call("DELETE", "/me", "ann", {"password": PASSWORD})
+        self.assertEqual((status, body), (200, {"deleted": "ann"}))
+        self.assertEqual(h.call("GET", "/me", token=ann_token)[0], 401)
+        [notice] = h.notices("watch", "binding.removed")
+        self.assertEqual((notice["account"], notice["reason"]), ("ann", "account_deleted"))
+        self.assertFalse(fired_check(h, "ann", PASSWORD))
+
+
+def fired_check(h: LogicHarness, user: str, password: str) -> bool:
+    from tests.logic_support import fired
+
+    return bool(fired(h.accounts.check_password(user, password)))
