@@ -14,6 +14,7 @@ from twisted.logger import Logger
 from cim.logic.accounts import AccountApi
 from cim.logic.api import Endpoint, LogicResource, logic_site
 from cim.logic.context import LogicContext
+from cim.logic.posts import PostApi
 
 __all__ = ["LogicListener", "logic_endpoints"]
 
@@ -30,7 +31,7 @@ class Housekeeping(Protocol):
 
 def logic_features(ctx: LogicContext) -> list[Any]:
     """Every feature of the service, in the order the OpenAPI document lists them."""
-    return [AccountApi(ctx)]
+    return [AccountApi(ctx), PostApi(ctx)]
 
 
 def logic_endpoints(features: Sequence[Feature]) -> list[Endpoint]:
