@@ -28,6 +28,7 @@ from sqlalchemy import insert
 from cim.accounts import hash_password
 from cim.config import AccountsConfig, load_config
 from cim.storage.database import open_engine
+from cim.storage.offline import count_offline_txn
 from cim.storage.schema import users
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -124,6 +125,12 @@ class DaemonSettings:
     max_connections_per_address: int = 100_000
     cpu: int | None = 0
     """The core to pin the daemon to; None leaves it unpinned (the tests)."""
+    node_id: str = "bench"
+    """Also names the daemon's RabbitMQ queue, so runs on a shared broker differ."""
+    extra_config: str = ""
+    """Whole sections appended to the config (the external backends of figure 6)."""
+    external: bool = False
+    """The daemon uses the machine's PostgreSQL, Redis and RabbitMQ (bench.services)."""
 
 
 class BenchDaemon:
@@ -155,7 +162,7 @@ class BenchDaemon:
         s = self.settings
         return (
             "# Written by bench/daemon.py for one benchmark run.\n"
-            f"[node]\nid = bench\ndata_dir = {self.workdir}/data\n"
+            f"[node]\nid = {s.node_id}\ndata_dir = {self.workdir}/data\n"
             f"[router]\nlisten = tcp:{self.router_port}:interface=127.0.0.1\n"
             # Every benchmark client logs in from 127.0.0.1, so only the address cap
             # has to go; the per-user throttle only counts failures.
@@ -167,6 +174,7 @@ class BenchDaemon:
             f"max_connections_per_address = {s.max_connections_per_address}\n"
             f"cipher_suites = {', '.join(s.cipher_suites)}\n"
             f"[admin]\nlisten = tcp:{self.admin_port}:interface=127.0.0.1\n"
+            f"{s.extra_config}"
         )
 
     @property
@@ -208,6 +216,20 @@ class BenchDaemon:
         finally:
             engine.dispose()
         return len(rows)
+
+    def offline_count(self, user: str) -> int:
+        """Messages the daemon's database holds for ``user`` (the offline store).
+
+        With RabbitMQ, "stored" reaches the sender when the offline queue has the
+        message; its writer puts it in the database a little later, and a pull only
+        sees what is there. Read with the daemon's own query, not SQL of ours.
+        """
+        engine = open_engine(self.config.database_url)
+        try:
+            with engine.connect() as connection:
+                return count_offline_txn(connection, user)
+        finally:
+            engine.dispose()
 
     # --- process ----------------------------------------------------------------------
 

@@ -18,10 +18,12 @@ the daemon and not this process is the side that runs out of CPU:
 - the router login uses a bare HTTP/1.1 keep-alive connection, not an HTTP library.
 
 Counting is exact, whatever happens: every msg:R sent ends counted once, as
-delivered (ack:N DELIVERED) or failed (ack:N FAILED, an ERROR frame, the connection
-closing with it unanswered, or still unanswered at the drain deadline). So
-``sent == delivered + failed`` always holds after a drain; ``tests/test_bench.py``
-checks it.
+delivered (ack:N DELIVERED), accepted (ack:N ACCEPTED: a group message the node took
+to fan out), stored (ack:N STORED: kept for an offline receiver) or failed (ack:N
+FAILED, an ERROR frame, the connection closing with it unanswered, or still
+unanswered at the drain deadline). So ``sent == delivered + accepted + stored +
+failed`` always holds after a drain; ``tests/test_bench.py`` checks it. Receivers
+count every msg:N they get (1:1 or group) and every ack:A that answers their ack:R.
 """
 
 from __future__ import annotations
@@ -75,6 +77,18 @@ _KICKED = cim_pb2.KICKED
 _GOING_AWAY = cim_pb2.GOING_AWAY
 _ERROR = cim_pb2.ERROR
 _DELIVERED = cim_pb2.DELIVERED
+_ACCEPTED = cim_pb2.ACCEPTED
+_STORED = cim_pb2.STORED
+_OFFLINE_R = cim_pb2.OFFLINE_R
+_OFFLINE_A = cim_pb2.OFFLINE_A
+_OFFLINE_ACK_R = cim_pb2.OFFLINE_ACK_R
+_OFFLINE_ACK_A = cim_pb2.OFFLINE_ACK_A
+_OFFLINE_NOTICE = cim_pb2.OFFLINE_NOTICE
+_GROUP_R = cim_pb2.GROUP_R
+_GROUP_A = cim_pb2.GROUP_A
+_ANSWERS = frozenset((_OFFLINE_A, _OFFLINE_ACK_A, _GROUP_A))
+"""Answers to the few requests a bench client makes outside the message flow; each
+type is answered in the order asked, so one FIFO per type pairs them."""
 _Message = cim_pb2.Message
 _AckN = cim_pb2.AckN
 _Error = cim_pb2.Error
@@ -84,6 +98,8 @@ TEXT_SIZE = 80
 _STAMP_DIGITS = 20
 _PADDING = b"." * (TEXT_SIZE - _STAMP_DIGITS)
 _TEXT_TAG = b"\x2a" + bytes((TEXT_SIZE,))  # Message.text (field 5), length-delimited
+_TO_TAG = b"\x1a"  # Message.to (field 3), length-delimited
+_GROUP_TAG = b"\x52"  # Message.group (field 10), length-delimited
 _SEQ_TAG = b"\x30"  # Message.client_seq (field 6), varint
 _ACK_R_HEAD = bytes((_ACK_R,)) + b"\x08"  # AckR.msg_id (field 1), varint
 _SMALL_VARINTS = tuple(bytes((n,)) for n in range(128))
@@ -206,13 +222,19 @@ class BenchConnection(FrameProtocol):
         self.pending: dict[int, int] = {}
         """client_seq -> send time (monotonic ns) of every unanswered msg:R."""
         self.window = 0
+        self.budget = -1
+        """msg:R this connection may still send (a fixed-count fill); -1: no limit."""
         self.sent = 0
         self.delivered = 0
+        self.accepted = 0
+        self.stored = 0
         self.failed = 0
         self.received = 0
+        self.acks_answered = 0
         self.heartbeats_sent = 0
         self.heartbeats_received = 0
         self.drained: Deferred[None] | None = None
+        self._answers: dict[int, list[Deferred[bytes]]] = {}
 
     # --- lifecycle --------------------------------------------------------------------
 
@@ -263,6 +285,10 @@ class BenchConnection(FrameProtocol):
         worker.retire(self)
         if not self.ready.called:
             self.ready.errback(BenchError("connection closed during the handshake"))
+        answers, self._answers = self._answers, {}
+        for waiting in answers.values():
+            for d in waiting:
+                d.errback(BenchError("connection closed before the answer"))
         self._check_drained()
         self.closed.callback(None)
 
@@ -285,9 +311,17 @@ class BenchConnection(FrameProtocol):
         elif kind == _ACK_N:
             self._outcome_arrived(plaintext)
         elif kind == _ACK_A:
-            return
+            self.acks_answered += 1  # the node saw this client's ack:R
         elif kind == _ERROR:
             self._request_refused(plaintext)
+        elif kind in _ANSWERS:
+            waiting = self._answers.get(kind)
+            if waiting:
+                waiting.pop(0).callback(plaintext)
+            else:
+                self.frame_rejected("unexpected answer", f"type {kind}")
+        elif kind == _OFFLINE_NOTICE:
+            return  # only a pull in progress cares, and it asks until the store is empty
         elif kind in (_KICKED, _GOING_AWAY):
             self.worker.failure_reasons[f"frame type {kind} from the node"] += 1
         else:
@@ -308,12 +342,17 @@ class BenchConnection(FrameProtocol):
         if self.pending.pop(outcome.client_seq, None) is None:
             self.worker.failure_reasons["ack:N for an unknown client_seq"] += 1
             return
-        if outcome.status == _DELIVERED:
+        status = outcome.status
+        if status == _DELIVERED:
             self.delivered += 1
+        elif status == _ACCEPTED:
+            self.accepted += 1  # a group message: the node took it and fans it out
+        elif status == _STORED:
+            self.stored += 1  # the receiver is offline: kept for its next pull
         else:
             self.failed += 1
             self.worker.failure_reasons[outcome.reason or "failed"] += 1
-        if self.window and self.worker.loading:
+        if self.window and self.worker.loading and self.budget:
             self.queue_message(_monotonic_ns())
         elif not self.pending:
             self._check_drained()
@@ -327,14 +366,17 @@ class BenchConnection(FrameProtocol):
 
     # --- sending ----------------------------------------------------------------------
 
-    def aim_at(self, peer: str) -> None:
-        """Every msg:R from now on goes to ``peer``: only the timestamp and seq vary."""
+    def aim_at(self, peer: str, group: bool = False) -> None:
+        """Every msg:R from now on goes to ``peer`` (a user, or a group id with
+        ``group``): only the timestamp and seq vary."""
         to = peer.encode()
-        self._msg_head = bytes((_MSG_R,)) + b"\x1a" + varint(len(to)) + to + _TEXT_TAG
+        tag = _GROUP_TAG if group else _TO_TAG
+        self._msg_head = bytes((_MSG_R,)) + tag + varint(len(to)) + to + _TEXT_TAG
 
     def queue_message(self, now_ns: int) -> None:
         seq = self.next_seq
         self.next_seq = seq + 1
+        self.budget -= 1  # from -1 it never reaches 0: no limit
         plaintext = b"%s%020d%s%s%s" % (self._msg_head, now_ns, _PADDING, _SEQ_TAG, varint(seq))
         body = self._sealer.seal(plaintext)
         self.out.append(_length_prefix(len(body)) + body)
@@ -352,6 +394,19 @@ class BenchConnection(FrameProtocol):
             else:
                 send_now(transport, data)
         out.clear()
+
+    def request(self, frame_type: int, body: bytes, answer_type: int) -> Deferred[bytes]:
+        """Send one request frame now; fires with the plaintext of its answer.
+
+        For the few requests outside the message flow (GROUP_R, OFFLINE_R,
+        OFFLINE_ACK_R); ``body`` is the serialized request.
+        """
+        waiter: Deferred[bytes] = Deferred()
+        self._answers.setdefault(answer_type, []).append(waiter)
+        sealed = self._sealer.seal(bytes((frame_type,)) + body)
+        self.out.append(_length_prefix(len(sealed)) + sealed)
+        self.flush()
+        return waiter
 
     def send_heartbeat_frame(self) -> None:
         self.transport.write(HEARTBEAT_FRAME)  # type: ignore[union-attr]
@@ -416,23 +471,30 @@ class Totals:
     """Message counts; a closed connection's counts are folded in here and dropped."""
 
     __slots__ = (
+        "accepted",
+        "acks_answered",
         "delivered",
         "failed",
         "heartbeats_received",
         "heartbeats_sent",
         "received",
         "sent",
+        "stored",
     )
 
     def __init__(self) -> None:
         self.sent = self.delivered = self.failed = self.received = 0
+        self.accepted = self.stored = self.acks_answered = 0
         self.heartbeats_sent = self.heartbeats_received = 0
 
     def add(self, conn: BenchConnection | Totals) -> None:
         self.sent += conn.sent
         self.delivered += conn.delivered
+        self.accepted += conn.accepted
+        self.stored += conn.stored
         self.failed += conn.failed
         self.received += conn.received
+        self.acks_answered += conn.acks_answered
         self.heartbeats_sent += conn.heartbeats_sent
         self.heartbeats_received += conn.heartbeats_received
 
@@ -471,6 +533,7 @@ class Worker:
     def retire(self, conn: BenchConnection) -> None:
         self.retired.add(conn)
         conn.sent = conn.delivered = conn.failed = conn.received = 0
+        conn.accepted = conn.stored = conn.acks_answered = 0
         conn.heartbeats_sent = conn.heartbeats_received = 0
 
     def totals(self) -> Totals:
@@ -623,7 +686,15 @@ class Worker:
         each ack:N. ``rate``: this worker's senders together send that many per
         second, paced every millisecond, each sender capped at ``max_in_flight``.
         """
-        self._senders = self._pair_up(dict(spec.get("redirect", {})))
+        group = spec.get("group")
+        if group:
+            # The first ``senders`` connections post to the group; every connection
+            # (senders included) is a member and receives the others' messages.
+            self._senders = self.conns[: int(spec.get("senders", 1))]
+            for sender in self._senders:
+                sender.aim_at(str(group), group=True)
+        else:
+            self._senders = self._pair_up(dict(spec.get("redirect", {})))
         if not self._senders:
             raise BenchError("no pairs connected")
         self.loading = True
@@ -709,6 +780,151 @@ class Worker:
 
     def cmd_totals(self, spec: dict[str, Any]) -> dict[str, Any]:
         return self._exact_totals()
+
+    # --- groups -----------------------------------------------------------------------
+
+    async def cmd_group_create(self, spec: dict[str, Any]) -> dict[str, Any]:
+        """This worker's first connection creates a group of the named users.
+
+        Over the protocol, as a real client does it (one GROUP_R create naming the
+        members; the creator becomes the owner), so the daemon's own checks run and
+        the rows are whatever the daemon writes. Answers with the group's id.
+        """
+        if not self.conns:
+            raise BenchError("group_create needs a connected creator")
+        creator = self.conns[0]
+        request = cim_pb2.GroupRequest(
+            request_id=1,
+            create=cim_pb2.CreateGroup(name=str(spec.get("name", "bench")), members=_names(spec)),
+        )
+        plaintext = await _timeout(
+            creator.request(_GROUP_R, request.SerializeToString(), _GROUP_A), 60
+        )
+        answer = cim_pb2.GroupAnswer.FromString(plaintext[1:])
+        if not answer.ok:
+            raise BenchError(f"group create refused: {answer.error}: {answer.message}")
+        return {
+            "group": answer.group.id,
+            "member_count": answer.group.member_count,
+            "creator": creator.user,
+        }
+
+    # --- offline messages ---------------------------------------------------------------
+
+    async def cmd_fill(self, spec: dict[str, Any]) -> dict[str, Any]:
+        """Exactly ``count`` msg:R to ``to`` from this worker's connections, then wait.
+
+        Each connection keeps ``window`` unanswered and sends the next on each ack:N
+        until its share is sent; the answer comes once every outcome is in (or the
+        deadline passed: what is left is counted as failed). For an offline ``to``,
+        each ack:N STORED means the daemon has the message in its store (or, with
+        RabbitMQ, in the offline queue on its way there).
+        """
+        senders = list(self.conns)
+        if not senders:
+            raise BenchError("fill needs connected senders")
+        to = str(spec["to"])
+        count = int(spec["count"])
+        window = max(1, int(spec.get("window", 8)))
+        before = self.totals().as_dict()
+        started = time.monotonic()
+        self._senders = senders
+        self.loading = True
+        now = _monotonic_ns()
+        base, extra = divmod(count, len(senders))
+        for index, sender in enumerate(senders):
+            share = base + (1 if index < extra else 0)
+            sender.aim_at(to)
+            sender.window = window
+            sender.budget = share
+            for _ in range(min(window, share)):
+                sender.queue_message(now)
+            sender.flush()
+        waits = [sender.until_drained() for sender in senders]
+        drained = await _gather_deferreds(waits, float(spec.get("timeout", 300)))
+        self.loading = False
+        for sender in senders:
+            sender.window = 0
+            sender.budget = -1
+            sender.give_up_pending("unanswered at the fill deadline")
+        return {
+            "drained": drained,
+            "seconds": time.monotonic() - started,
+            "counts": self.totals().minus(before),
+            **self._exact_totals(),
+        }
+
+    async def cmd_offline_pull(self, spec: dict[str, Any]) -> dict[str, Any]:
+        """Log ``user`` in and pull every stored message the way the client library does.
+
+        Router login, handshake, then OFFLINE_R pages newest first (``before`` = the
+        previous page's ``next_before``) until ``more`` is false; then, oldest first,
+        OFFLINE_ACK_R in chunks of ``ack_chunk`` ids, each answered by OFFLINE_ACK_A
+        with how many the store deleted (``cim.client.session``: ``_pull`` and
+        ``_flush_offline_acks``). Every page is parsed in full, as the client's is.
+        After the timed part, one more OFFLINE_R checks that nothing is left.
+        """
+        user = str(spec["user"])
+        suite = str(spec.get("suite", KNOWN_SUITES[0]))
+        limit = int(spec.get("limit", 0))
+        ack_chunk = int(spec.get("ack_chunk", 1000))
+        max_pages = int(spec.get("max_pages", 100_000))
+        started = time.monotonic()
+        http, ticket = await self.login_one(None, user, str(spec["password"]))
+        if http.transport is not None:
+            http.transport.loseConnection()
+        logged_in = time.monotonic()
+        conn = await self.open(ticket, suite)
+        connected = time.monotonic()
+        ids: list[int] = []
+        senders: Counter[str] = Counter()
+        pages = 0
+        before = 0
+        while True:
+            ask = cim_pb2.OfflineR(before=before, limit=limit).SerializeToString()
+            plaintext = await _timeout(conn.request(_OFFLINE_R, ask, _OFFLINE_A), 60)
+            page = cim_pb2.OfflineA.FromString(plaintext[1:])
+            pages += 1
+            for message in page.messages:
+                ids.append(message.id)
+                senders[getattr(message, "from")] += 1
+            if not page.more:
+                break
+            if pages >= max_pages:
+                raise BenchError(f"still more after {pages} pages")
+            before = page.next_before
+        pulled = time.monotonic()
+        oldest_first = sorted(set(ids))
+        waits = [
+            conn.request(
+                _OFFLINE_ACK_R,
+                cim_pb2.OfflineAckR(ack_ids=oldest_first[i : i + ack_chunk]).SerializeToString(),
+                _OFFLINE_ACK_A,
+            )
+            for i in range(0, len(oldest_first), ack_chunk)
+        ]
+        acknowledged = 0
+        for waiting in waits:
+            answer = await _timeout(waiting, 60)
+            acknowledged += cim_pb2.OfflineAckA.FromString(answer[1:]).acknowledged
+        done = time.monotonic()
+        check = cim_pb2.OfflineR().SerializeToString()
+        left = cim_pb2.OfflineA.FromString(
+            (await _timeout(conn.request(_OFFLINE_R, check, _OFFLINE_A), 60))[1:]
+        )
+        return {
+            "pulled": len(ids),
+            "unique": len(oldest_first),
+            "pages": pages,
+            "acknowledged": acknowledged,
+            "left_after": len(left.messages),
+            "senders": dict(senders),
+            "login_seconds": logged_in - started,
+            "handshake_seconds": connected - logged_in,
+            "pull_seconds": pulled - connected,
+            "ack_seconds": done - pulled,
+            "seconds": done - started,
+        }
 
     # --- churn ------------------------------------------------------------------------
 

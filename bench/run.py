@@ -4,11 +4,16 @@
 JSON under ``bench/results/``); ``make bench-full`` runs everything and regenerates
 ``docs/benchmarks.md``. The daemon is pinned to core 0 and the generator (and this
 script, which mostly sleeps) to core 1.
+
+``backends`` (figure 6) runs the 1:1, group and offline scenarios again on a daemon
+using the machine's PostgreSQL, Redis and RabbitMQ; it is part of ``--full`` and can
+be asked for with ``--only backends`` (or ``--backends``) in either plan.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -22,7 +27,9 @@ from bench.daemon import ROOT
 
 RESULTS_DIR = os.path.join(ROOT, "bench", "results")
 DOCS_PATH = os.path.join(ROOT, "docs", "benchmarks.md")
-SCENARIOS = ("idle", "one_to_one", "churn")
+SCENARIOS = ("idle", "one_to_one", "group", "offline", "churn", "backends")
+QUICK_SCENARIOS = ("idle", "one_to_one", "group", "offline", "churn")
+"""The quick plan leaves out the external backends (they need the services)."""
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -33,8 +40,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.set_defaults(plan="quick")
     parser.add_argument(
         "--only",
-        default=",".join(SCENARIOS),
-        help=f"comma-separated scenarios to run (default: all of {', '.join(SCENARIOS)})",
+        default=None,
+        help=f"comma-separated scenarios to run, of {', '.join(SCENARIOS)} (default: all "
+        "with --full; all but backends with --quick)",
+    )
+    parser.add_argument(
+        "--backends",
+        action="store_true",
+        help="add the external backends (figure 6) to the scenarios run",
     )
     parser.add_argument(
         "--source",
@@ -89,7 +102,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"rewrote {os.path.relpath(DOCS_PATH, ROOT)}")
         return 0
     plan = scenarios.FULL if args.plan == "full" else scenarios.QUICK
-    wanted = [name.strip() for name in args.only.split(",") if name.strip()]
+    default = SCENARIOS if plan.name == "full" else QUICK_SCENARIOS
+    only = args.only if args.only is not None else ",".join(default)
+    wanted = [name.strip() for name in only.split(",") if name.strip()]
+    if args.backends and "backends" not in wanted:
+        wanted.append("backends")
     unknown = set(wanted) - set(SCENARIOS)
     if unknown:
         print(f"bench: unknown scenario(s): {', '.join(sorted(unknown))}", file=sys.stderr)
@@ -137,8 +154,15 @@ def main(argv: list[str] | None = None) -> int:
     if "one_to_one" in wanted:
         profiler = scenarios.py_spy_profiler(run_dir, log) if profile_on else None
         results["one_to_one"] = attempt("1:1", lambda: scenarios.one_to_one(ctx, plan, profiler))
+    if "group" in wanted:
+        results["group"] = attempt("group", lambda: scenarios.group(ctx, plan))
+    if "offline" in wanted:
+        results["offline"] = attempt("offline", lambda: scenarios.offline(ctx, plan))
     if "churn" in wanted:
         results["churn"] = attempt("churn", lambda: scenarios.churn(ctx, plan))
+    if "backends" in wanted:
+        results["backends"] = run_external(ctx, plan, attempt)
+    results["notes"] += ctx.notes
     results["seconds"] = time.monotonic() - began
 
     raw_path = os.path.join(RESULTS_DIR, f"{stamp}-{plan.name}.json")
@@ -153,8 +177,33 @@ def main(argv: list[str] | None = None) -> int:
     failed = [
         name for name, value in results.items() if isinstance(value, dict) and "error" in value
     ]
+    failed += [
+        f"backends {name}"
+        for name, value in results.get("backends", {}).items()
+        if isinstance(value, dict) and "error" in value
+    ]
     failed += [f"idle {r.get('connections')}" for r in results.get("idle", []) if "error" in r]
     return 1 if failed else 0
+
+
+def run_external(
+    ctx: scenarios.Context, plan: scenarios.Plan, attempt: Callable[[str, Callable[[], Any]], Any]
+) -> dict[str, Any]:
+    """Figure 6: the same scenarios on PostgreSQL + Redis + RabbitMQ.
+
+    1:1 runs chacha20-poly1305 only (the suite does not touch the backends); each
+    scenario gets a fresh database, Redis database and queues of its own.
+    """
+    external = dataclasses.replace(ctx, external=True, notes=ctx.notes, _services={})
+    one_plan = dataclasses.replace(plan, suites=(scenarios.SUITES[0],))
+    ctx.log("backends: PostgreSQL + Redis + RabbitMQ")
+    return {
+        "one_to_one": attempt(
+            "backends 1:1", lambda: scenarios.one_to_one(external, one_plan, None)
+        ),
+        "group": attempt("backends group", lambda: scenarios.group(external, plan)),
+        "offline": attempt("backends offline", lambda: scenarios.offline(external, plan)),
+    }
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ plan and every wait has a deadline.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import shutil
@@ -20,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from bench.daemon import BenchDaemon, CoreSample, DaemonSettings, ProcSample, sample_cores
+from bench.services import ExternalServices, sample_service_cpu, wait_until
 from bench.workers import Answer, WorkerPool, cpu_between, split
 
 PASSWORD = "bench-password"
@@ -53,6 +55,17 @@ class Plan:
     churn_cycles: int
     churn_concurrency: int
     churn_messages: int
+    group_rates: tuple[int, ...] = (20,)
+    """Group messages per second offered (all senders together); each reaches
+    ``group_members - 1`` members."""
+    group_seconds: float = 4.0
+    group_members: int = 500
+    group_senders_per_worker: int = 1
+    offline_messages: int = 10_000
+    offline_senders: int = 8
+    offline_window: int = 8
+    suites: tuple[str, ...] = ("chacha20-poly1305", "rc4-hmac-sha256")
+    """The 1:1 saturation runs' suites (figure 6 runs chacha20-poly1305 only)."""
     workers: int = 2
     profile_seconds: float = 0.0
     profile_window: int = 8
@@ -74,6 +87,8 @@ QUICK = Plan(
     churn_cycles=2000,
     churn_concurrency=16,
     churn_messages=4,
+    group_rates=(20,),
+    group_seconds=4.0,
 )
 
 FULL = Plan(
@@ -91,25 +106,57 @@ FULL = Plan(
     churn_cycles=20000,
     churn_concurrency=16,
     churn_messages=4,
+    group_rates=(10, 20, 40),
+    group_seconds=10.0,
     profile_seconds=10.0,
 )
 
 
 @dataclass
 class Context:
-    """Where a run keeps its scratch files, and which daemon source it runs."""
+    """Where a run keeps its scratch files, which daemon source it runs, and on what.
+
+    With ``external``, every daemon runs on a private share of the machine's
+    PostgreSQL, Redis and RabbitMQ (``bench.services``), prepared when the daemon is
+    made and removed again by ``finish``; the scenarios themselves do not change.
+    """
 
     run_dir: str
     log: Log
     source: str | None = None
     keep: bool = False
     notes: list[str] = field(default_factory=list)
+    external: bool = False
+    _services: dict[str, ExternalServices] = field(default_factory=dict)
 
     def daemon(self, name: str, settings: DaemonSettings) -> BenchDaemon:
-        return BenchDaemon(os.path.join(self.run_dir, name), settings, self.source)
+        if not self.external:
+            return BenchDaemon(os.path.join(self.run_dir, name), settings, self.source)
+        services = ExternalServices()
+        services.open()
+        try:
+            settings = dataclasses.replace(
+                settings,
+                node_id=services.node_id,
+                extra_config=services.config_text(),
+                external=True,
+            )
+            daemon = BenchDaemon(
+                os.path.join(self.run_dir, f"{name}-external"), settings, self.source
+            )
+        except BaseException:
+            services.close()
+            raise
+        self._services[daemon.workdir] = services
+        return daemon
 
     def finish(self, daemon: BenchDaemon) -> None:
         daemon.stop()
+        services = self._services.pop(daemon.workdir, None)
+        if services is not None:
+            for problem in services.close():
+                self.log(f"cleaning up: {problem}")
+                self.notes.append(f"left behind: {problem}")
         if not self.keep:
             shutil.rmtree(os.path.join(daemon.workdir, "data"), ignore_errors=True)
 
@@ -163,12 +210,16 @@ def _consistency(
         return _sum(answers, "totals", name) - earlier
 
     sent, delivered, failed = count("sent"), count("delivered"), count("failed")
+    accepted, stored = count("accepted"), count("stored")
     return {
         "sent": sent,
         "delivered": delivered,
+        "accepted": accepted,
+        "stored": stored,
         "failed": failed,
         "received": count("received"),
-        "consistent": sent == delivered + failed,
+        "acks_answered": count("acks_answered"),
+        "consistent": sent == delivered + accepted + stored + failed,
         # Every delivered message was seen by its receiver (1:1: exactly once).
         "received_matches": count("received") == delivered,
         "failure_reasons": _merge_counts(answers, "failure_reasons"),
@@ -333,47 +384,78 @@ class Interval:
     generator_cpu: float
     cores_start: CoreSample
     cores_end: CoreSample
+    services_cpu: float | None = None
+    """CPU of the machine's PostgreSQL, Redis and RabbitMQ (external daemons only)."""
 
     def core_busy(self, core: int) -> float:
         return self.cores_end.busy_share_since(self.cores_start, core)
+
+
+class _Meter:
+    """Samples the daemon, the workers, both cores (and the services) at both ends."""
+
+    def __init__(self, daemon: BenchDaemon, pool: WorkerPool) -> None:
+        self.daemon = daemon
+        self.pool = pool
+        self.cores = sample_cores()
+        self.services = sample_service_cpu() if daemon.settings.external else None
+        self.start = daemon.sample()
+        self.generators = pool.samples()
+
+    def stop(self) -> Interval:
+        end = self.daemon.sample()
+        generator_cpu = cpu_between(self.generators, self.pool.samples())
+        services = None
+        if self.services is not None:
+            services = sample_service_cpu() - self.services
+        return Interval(self.start, end, generator_cpu, self.cores, sample_cores(), services)
 
 
 def _measure(
     daemon: BenchDaemon, pool: WorkerPool, seconds: float, latency: bool
 ) -> tuple[Interval, list[Answer]]:
     pool.call({"cmd": "mark", "latency": latency}, 60)
-    cores = sample_cores()
-    start = daemon.sample()
-    generators = pool.samples()
+    meter = _Meter(daemon, pool)
     time.sleep(seconds)
     reports = pool.call({"cmd": "report"}, 120)
-    end = daemon.sample()
-    generator_cpu = cpu_between(generators, pool.samples())
-    return Interval(start, end, generator_cpu, cores, sample_cores()), reports
+    return meter.stop(), reports
 
 
-def _rates(interval: Interval, reports: Sequence[Answer]) -> dict[str, Any]:
+def _shares(interval: Interval, work: int) -> dict[str, Any]:
+    """CPU shares of both sides and both cores, which side saturated, CPU per unit."""
     start, end = interval.start, interval.end
     wall = end.wall_since(start)
-    delivered = _sum(reports, "counts", "delivered")
     cpu = end.cpu_since(start)
-    daemon_share = _utilisation(cpu, wall)
-    generator_share = _utilisation(interval.generator_cpu, wall)
     daemon_core = interval.core_busy(DAEMON_CPU)
     generator_core = interval.core_busy(GENERATOR_CPU)
-    return {
+    shares = {
         "seconds": wall,
-        "delivered": delivered,
-        "delivered_per_s": delivered / wall if wall else 0.0,
-        "failed_in_window": _sum(reports, "counts", "failed"),
-        "daemon_cpu_us_per_message": cpu * 1e6 / delivered if delivered else None,
-        "daemon_cpu_share": daemon_share,
-        "generator_cpu_share": generator_share,
+        "daemon_cpu_share": _utilisation(cpu, wall),
+        "generator_cpu_share": _utilisation(interval.generator_cpu, wall),
         "daemon_core_busy": daemon_core,
         "generator_core_busy": generator_core,
         "saturated": saturated_side(daemon_core, generator_core),
         "rss_kib": end.rss_kib,
+        "daemon_cpu_us_per_unit": cpu * 1e6 / work if work else None,
+        "generator_cpu_us_per_unit": interval.generator_cpu * 1e6 / work if work else None,
     }
+    if interval.services_cpu is not None:
+        shares["services_cpu_share"] = _utilisation(interval.services_cpu, wall)
+        shares["services_cpu_us_per_unit"] = interval.services_cpu * 1e6 / work if work else None
+    return shares
+
+
+def _rates(interval: Interval, reports: Sequence[Answer]) -> dict[str, Any]:
+    delivered = _sum(reports, "counts", "delivered")
+    row = _shares(interval, delivered)
+    wall = row["seconds"]
+    row.update(
+        delivered=delivered,
+        delivered_per_s=delivered / wall if wall else 0.0,
+        failed_in_window=_sum(reports, "counts", "failed"),
+        daemon_cpu_us_per_message=row["daemon_cpu_us_per_unit"],
+    )
+    return row
 
 
 def one_to_one(
@@ -383,13 +465,13 @@ def one_to_one(
     settings = DaemonSettings(heartbeat_interval=plan.heartbeat_interval)
     daemon = ctx.daemon("one-to-one", settings)
     users = 2 * plan.pairs
-    daemon.add_users((f"p{n}" for n in range(users)), PASSWORD)
-    daemon.start()
     results: dict[str, Any] = {"pairs": plan.pairs, "throughput": [], "latency": []}
     try:
+        daemon.add_users((f"p{n}" for n in range(users)), PASSWORD)
+        daemon.start()
         with WorkerPool(plan.workers, daemon.router_url, GENERATOR_CPU, daemon.workdir) as pool:
             _login(pool, "p", users)
-            for suite in SUITES:
+            for suite in plan.suites:
                 _connect(pool, "p", users, suite)
                 for window in plan.windows:
                     ctx.log(f"1:1 {suite}: {plan.pairs} pairs, window {window}")
@@ -456,6 +538,243 @@ def percentiles(sorted_samples: Sequence[int]) -> dict[str, Any]:
         "p999_ms": rank(0.999),
         "max_ms": sorted_samples[-1] / 1000,
     }
+
+
+# ---------------------------------------------------------------------------- group
+
+
+def group(ctx: Context, plan: Plan) -> dict[str, Any]:
+    """One group of ``group_members`` connected members; a few of them post to it.
+
+    The group is made over the protocol: worker 0's first connection (the owner)
+    sends one GROUP_R create naming everyone else. Then, per offered rate, the
+    senders (``group_senders_per_worker`` per worker, members themselves) post paced
+    msg:R; every other member gets each msg:N, answers ack:R and gets ack:A. The
+    daemon's CPU is divided by the msg:N its members received in the interval
+    ("group deliveries"), and latency runs from the send stamp to each member's
+    receipt, so it includes the fan-out's slices.
+    """
+    settings = DaemonSettings(heartbeat_interval=plan.heartbeat_interval)
+    daemon = ctx.daemon("group", settings)
+    members = plan.group_members
+    results: dict[str, Any] = {"members": members, "rates": []}
+    try:
+        daemon.add_users((f"g{n}" for n in range(members)), PASSWORD)
+        daemon.start()
+        with WorkerPool(plan.workers, daemon.router_url, GENERATOR_CPU, daemon.workdir) as pool:
+            ctx.log(f"group: {members} members log in and connect")
+            _login(pool, "g", members)
+            _connect(pool, "g", members, SUITES[0])
+            creator = pool.workers[0]
+            creator.send({"cmd": "group_create", "prefix": "g", "count": members})
+            created = creator.receive(120)
+            if created["member_count"] != members:
+                raise RuntimeError(
+                    f"the group has {created['member_count']} members, not {members}"
+                )
+            group_id = str(created["group"])
+            senders = plan.group_senders_per_worker * len(pool)
+            results.update(group=group_id, senders=senders, receivers_per_message=members - 1)
+
+            def post(rate: float) -> list[Answer]:
+                return pool.call(
+                    {
+                        "cmd": "load",
+                        "group": group_id,
+                        "senders": plan.group_senders_per_worker,
+                        "rate": rate / len(pool),
+                    },
+                    60,
+                )
+
+            ctx.log("group: warming up")
+            before = pool.call({"cmd": "totals"}, 60)
+            post(min(plan.group_rates))
+            time.sleep(plan.warmup_seconds)
+            drained = pool.call({"cmd": "stop_load", "timeout": 30}, 120)
+            results["warm_up"] = _fanout_finished(pool, before, drained, members - 1)
+            daemon.settle()
+            for rate in plan.group_rates:
+                ctx.log(f"group: {rate} messages/s to {members} members")
+                before = pool.call({"cmd": "totals"}, 60)
+                post(rate)
+                time.sleep(plan.warmup_seconds)
+                interval, reports = _measure(daemon, pool, plan.group_seconds, latency=True)
+                drained = pool.call({"cmd": "stop_load", "timeout": 30}, 120)
+                deliveries = _sum(reports, "counts", "received")
+                row: dict[str, Any] = {"offered_per_s": rate}
+                row.update(_shares(interval, deliveries))
+                wall = row["seconds"]
+                row.update(
+                    posted=_sum(reports, "counts", "sent"),
+                    deliveries=deliveries,
+                    deliveries_per_s=deliveries / wall if wall else 0.0,
+                    acknowledged=_sum(reports, "counts", "acks_answered"),
+                    daemon_cpu_us_per_delivery=row["daemon_cpu_us_per_unit"],
+                )
+                row.update(
+                    percentiles(sorted(v for report in reports for v in report["latencies_us"]))
+                )
+                row["totals"] = _fanout_finished(pool, before, drained, members - 1)
+                results["rates"].append(row)
+                daemon.settle()
+            pool.call({"cmd": "close"}, 120)
+    finally:
+        ctx.finish(daemon)
+    return results
+
+
+def _fanout_finished(
+    pool: WorkerPool,
+    before: Sequence[Answer],
+    drained: Sequence[Answer],
+    receivers: int,
+    timeout: float = 60.0,
+) -> dict[str, Any]:
+    """Exact counts of a group load once its fan-out is over (bounded wait).
+
+    The senders' ack:N ACCEPTED comes before the fan-out, so a drained load may still
+    have msg:N on the way: wait until members got ``accepted x receivers`` of them
+    and every ack:R was answered, or nothing moved for five seconds, or ``timeout``.
+    """
+    totals = _consistency(drained, before)
+    expected = totals["accepted"] * receivers
+    deadline = time.monotonic() + timeout
+    last, last_change = -1, time.monotonic()
+    while True:
+        now = _consistency(pool.call({"cmd": "totals"}, 60), before)
+        done = now["received"] >= expected and now["acks_answered"] >= now["received"]
+        if now["received"] + now["acks_answered"] != last:
+            last, last_change = now["received"] + now["acks_answered"], time.monotonic()
+        if done or time.monotonic() > deadline or time.monotonic() - last_change > 5:
+            break
+        time.sleep(0.1)
+    totals.update(
+        received=now["received"],
+        acks_answered=now["acks_answered"],
+        expected_deliveries=expected,
+        # Every accepted message reached every other member once, and each of those
+        # msg:N was acknowledged (ack:R answered by ack:A).
+        received_matches=now["received"] == expected,
+        acknowledged_all=now["acks_answered"] == now["received"],
+        errors=now["errors"],
+    )
+    return totals
+
+
+# -------------------------------------------------------------------------- offline
+
+
+OFFLINE_USER = "o0"
+OFFLINE_WARM_UP_USER = "o1"
+
+
+def offline(ctx: Context, plan: Plan) -> dict[str, Any]:
+    """``offline_messages`` stored for one user, then pulled by one login, timed.
+
+    The store is filled over the protocol: ``offline_senders`` connections send
+    msg:R to the offline user (``offline_window`` unanswered each) until every one
+    is answered ack:N STORED. Then, the daemon idle again, one worker logs the user
+    in (router, handshake) and pulls and acknowledges everything as the client
+    library does; the daemon's CPU from the login to the last OFFLINE_ACK_A is
+    divided by the messages pulled.
+    """
+    settings = DaemonSettings(heartbeat_interval=plan.heartbeat_interval)
+    daemon = ctx.daemon("offline", settings)
+    count = plan.offline_messages
+    senders = plan.offline_senders
+    results: dict[str, Any] = {
+        "messages": count,
+        "senders": senders,
+        "window": plan.offline_window,
+    }
+    try:
+        daemon.add_users((f"f{n}" for n in range(senders)), PASSWORD)
+        daemon.add_users([OFFLINE_USER, OFFLINE_WARM_UP_USER], PASSWORD)
+        daemon.start()
+        with WorkerPool(plan.workers, daemon.router_url, GENERATOR_CPU, daemon.workdir) as pool:
+            _login(pool, "f", senders)
+            _connect(pool, "f", senders, SUITES[0])
+
+            ctx.log("offline: warming up (200 messages stored and pulled)")
+            _fill(pool, daemon, OFFLINE_WARM_UP_USER, 200, plan.offline_window)
+            _pull(pool, OFFLINE_WARM_UP_USER)
+
+            ctx.log(f"offline: storing {count:,} messages for {OFFLINE_USER}")
+            before = daemon.settle()
+            meter = _Meter(daemon, pool)
+            fill = _fill(pool, daemon, OFFLINE_USER, count, plan.offline_window)
+            interval = meter.stop()
+            stored = fill["totals"]["stored"]
+            row = _shares(interval, stored)
+            row.update(fill)
+            row["stored_per_s"] = stored / row["seconds"] if row["seconds"] else 0.0
+            results["fill"] = row
+            pool.call({"cmd": "close"}, 120)
+
+            ctx.log(f"offline: {OFFLINE_USER} logs in and pulls")
+            before = daemon.settle()
+            meter = _Meter(daemon, pool)
+            pulled = _pull(pool, OFFLINE_USER)
+            interval = meter.stop()
+            row = _shares(interval, pulled["pulled"])
+            row.update(pulled)
+            # The wall time is the worker's, login to last OFFLINE_ACK_A; the CPU
+            # interval is the same plus the command round trip (the daemon idle).
+            row["wall_seconds"] = pulled["seconds"]
+            row["messages_per_s"] = pulled["pulled"] / pulled["seconds"]
+            row["daemon_cpu_us_per_message"] = row["daemon_cpu_us_per_unit"]
+            row["stored"] = stored
+            row["consistent"] = (
+                pulled["pulled"] == stored
+                and pulled["unique"] == pulled["pulled"]
+                and pulled["acknowledged"] == stored
+                and pulled["left_after"] == 0
+            )
+            results["pull"] = row
+            results["rss_before_kib"] = before.rss_kib
+            pool.call({"cmd": "close"}, 120)
+    finally:
+        ctx.finish(daemon)
+    return results
+
+
+def _fill(
+    pool: WorkerPool, daemon: BenchDaemon, user: str, count: int, window: int
+) -> dict[str, Any]:
+    """Store ``count`` messages for ``user`` over the protocol; wait until the
+    daemon's database holds them all (the RabbitMQ writer is a little behind)."""
+    shares = split(count, len(pool))
+    started = time.monotonic()
+    answers = pool.call(
+        lambda i: {"cmd": "fill", "to": user, "count": shares[i][1], "window": window},
+        timeout=900,
+    )
+    sent_for = time.monotonic() - started
+    # This fill's own counts (the workers' totals run from their start).
+    totals = _consistency(
+        [{**answer, "totals": answer["counts"]} for answer in answers],
+    )
+    if totals["stored"] != count:
+        raise RuntimeError(
+            f"{totals['stored']} of {count} messages stored for {user}: "
+            f"{totals['failure_reasons'] or totals['errors']}"
+        )
+    # With RabbitMQ, STORED means the offline queue has it; the writer is behind.
+    if not wait_until(lambda: daemon.offline_count(user) >= count, timeout=300, interval=0.25):
+        raise RuntimeError(f"the database holds {daemon.offline_count(user)} of {count} for {user}")
+    return {
+        "fill_seconds": sent_for,
+        "in_database_seconds": time.monotonic() - started,
+        "totals": totals,
+    }
+
+
+def _pull(pool: WorkerPool, user: str) -> dict[str, Any]:
+    worker = pool.workers[0]
+    worker.send({"cmd": "offline_pull", "user": user, "password": PASSWORD, "suite": SUITES[0]})
+    answer = worker.receive(600)
+    return {k: v for k, v in answer.items() if k not in ("cmd", "id", "pid", "ok")}
 
 
 # ---------------------------------------------------------------------------- churn

@@ -15,7 +15,13 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from bench.daemon import BenchDaemon, DaemonSettings
 from bench.loadgen import TEXT_SIZE, BenchConnection, varint
-from bench.scenarios import PASSWORD, percentiles, saturated_side, summarise_folded
+from bench.scenarios import (
+    PASSWORD,
+    _fanout_finished,
+    percentiles,
+    saturated_side,
+    summarise_folded,
+)
 from bench.workers import WorkerPool, split
 from cim.protocols import cim_pb2
 
@@ -39,6 +45,7 @@ class FrameTests(SynchronousTestCase):
         conn.pending = {}
         conn.next_seq = 300
         conn.sent = 0
+        conn.budget = -1
         conn.aim_at("bob")
         conn.queue_message(123456789)
         frame = conn.out[0]
@@ -49,6 +56,11 @@ class FrameTests(SynchronousTestCase):
         self.assertEqual(len(message.text), TEXT_SIZE)
         self.assertEqual(int(message.text[:20]), 123456789)
         self.assertEqual((conn.sent, list(conn.pending)), (1, [300]))
+
+        conn.aim_at("abcdefgh", group=True)
+        conn.queue_message(5)
+        message = cim_pb2.Message.FromString(conn.out[1][5:])
+        self.assertEqual((message.group, message.to, message.client_seq), ("abcdefgh", "", 301))
 
 
 class ArithmeticTests(SynchronousTestCase):
@@ -85,6 +97,8 @@ class GeneratorCountTests(SynchronousTestCase):
         self.daemon = BenchDaemon(workdir, DaemonSettings(cpu=None))
         self.daemon.add_users([f"p{n}" for n in range(4)], PASSWORD)
         self.daemon.add_users(["s0", "c0", "c1"], PASSWORD)
+        self.daemon.add_users([f"g{n}" for n in range(6)], PASSWORD)
+        self.daemon.add_users(["f0", "f1", "o0"], PASSWORD)
         self.daemon.start()
         self.addCleanup(self.daemon.stop)
         self.pool = WorkerPool(1, self.daemon.router_url, None, workdir)
@@ -153,3 +167,42 @@ class GeneratorCountTests(SynchronousTestCase):
         self.assertEqual(churned["cycles"], 6)
         self.assertEqual(totals["sent"], totals["delivered"] + totals["failed"])
         self.assertEqual(totals["sent"] - paced["sent"], 18)
+
+    def test_group_fan_out_counts_every_delivery_once(self) -> None:
+        """Every accepted group message reaches every other member once, acknowledged."""
+        self.call({"cmd": "login", "prefix": "g", "count": 6, "password": PASSWORD})
+        self.call({"cmd": "connect", "prefix": "g", "count": 6})
+        created = self.call({"cmd": "group_create", "prefix": "g", "count": 6})
+        self.assertEqual(created["member_count"], 6)
+        before = self.pool.call({"cmd": "totals"}, 60)
+        # Two of the six post; each message goes to the five others.
+        self.call({"cmd": "load", "group": created["group"], "senders": 2, "rate": 100})
+        self.wait_for(lambda t: t["accepted"] >= 20)
+        drained = self.pool.call({"cmd": "stop_load", "timeout": 30}, 60)
+        totals = _fanout_finished(self.pool, before, drained, receivers=5, timeout=30)
+        self.assertTrue(totals["consistent"])
+        self.assertEqual(totals["failed"], 0)
+        self.assertEqual(totals["delivered"] + totals["stored"], 0)
+        self.assertGreaterEqual(totals["accepted"], 20)
+        self.assertEqual(totals["received"], totals["accepted"] * 5)
+        self.assertEqual(totals["acks_answered"], totals["received"])
+        self.assertTrue(totals["received_matches"] and totals["acknowledged_all"])
+
+    def test_offline_pull_brings_every_stored_message_once(self) -> None:
+        """Filled over the protocol, pulled by one login: pulled = stored, no duplicates."""
+        self.call({"cmd": "login", "prefix": "f", "count": 2, "password": PASSWORD})
+        self.call({"cmd": "connect", "prefix": "f", "count": 2})
+        fill = self.call({"cmd": "fill", "to": "o0", "count": 150, "window": 4})
+        self.assertTrue(fill["drained"])
+        self.assertEqual((fill["counts"]["sent"], fill["counts"]["stored"]), (150, 150))
+        self.assertEqual(fill["counts"]["failed"], 0)
+        self.assertEqual(self.daemon.offline_count("o0"), 150)
+        self.call({"cmd": "close"})
+
+        pulled = self.call({"cmd": "offline_pull", "user": "o0", "password": PASSWORD})
+        self.assertEqual((pulled["pulled"], pulled["unique"]), (150, 150))
+        self.assertEqual(pulled["pages"], 2)  # the node's page size is 100
+        self.assertEqual(pulled["acknowledged"], 150)
+        self.assertEqual(pulled["left_after"], 0)
+        self.assertEqual(pulled["senders"], {"f0": 75, "f1": 75})
+        self.assertEqual(self.daemon.offline_count("o0"), 0)
