@@ -13,8 +13,10 @@ from twisted.logger import Logger
 
 from cim.logic.accounts import AccountApi
 from cim.logic.api import Endpoint, LogicResource, logic_site
+from cim.logic.bindings import BindingApi
 from cim.logic.context import LogicContext
 from cim.logic.posts import PostApi
+from cim.logic.sos import SosApi
 
 __all__ = ["LogicListener", "logic_endpoints"]
 
@@ -31,7 +33,7 @@ class Housekeeping(Protocol):
 
 def logic_features(ctx: LogicContext) -> list[Any]:
     """Every feature of the service, in the order the OpenAPI document lists them."""
-    return [AccountApi(ctx), PostApi(ctx)]
+    return [AccountApi(ctx), BindingApi(ctx), SosApi(ctx), PostApi(ctx)]
 
 
 def logic_endpoints(features: Sequence[Feature]) -> list[Endpoint]:
