@@ -15,6 +15,7 @@ from cim.logic.accounts import AccountApi
 from cim.logic.api import Endpoint, LogicResource, logic_site
 from cim.logic.bindings import BindingApi
 from cim.logic.context import LogicContext
+from cim.logic.fences import FenceApi
 from cim.logic.posts import PostApi
 from cim.logic.sos import SosApi
 
@@ -33,7 +34,7 @@ class Housekeeping(Protocol):
 
 def logic_features(ctx: LogicContext) -> list[Any]:
     """Every feature of the service, in the order the OpenAPI document lists them."""
-    return [AccountApi(ctx), BindingApi(ctx), SosApi(ctx), PostApi(ctx)]
+    return [AccountApi(ctx), BindingApi(ctx), SosApi(ctx), FenceApi(ctx), PostApi(ctx)]
 
 
 def logic_endpoints(features: Sequence[Feature]) -> list[Endpoint]:
