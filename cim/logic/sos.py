@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from cim.accounts import USER_NAME
 from cim.logic.accounts import NAME_PARAM
 from cim.logic.api import Answer, Call, Endpoint, array_of, object_schema
 from cim.logic.context import LogicContext
@@ -182,6 +183,9 @@ class SosApi:
                 devices = await self.ctx.database.run(guarded_devices_txn, caller.user)
         else:
             device = str(device)
+            # The framework checks a query's length, not its pattern.
+            if USER_NAME.fullmatch(device) is None:
+                raise HttpError(400, "bad_request", "query device: not an account name")
             if device != caller.user and not await self.ctx.database.run(
                 is_active_guardian_txn, device, caller.user
             ):
