@@ -8,6 +8,20 @@
     cim-client [--files URL] [--user U] download URL [-o PATH]
     cim-client --user U                      (interactive console)
 
+The logic service (docs/logic.md), each printing the JSON answer:
+
+    cim-client [--logic URL] --user U register [--kind person|device]
+    cim-client --user U bind code | add DEVICE CODE | list | approve DEVICE GUARDIAN
+                             | del DEVICE GUARDIAN
+    cim-client --user U sos raise LAT LON [--accuracy M] [--battery PCT]
+                            | list [--device D] | show ID | ack ID
+    cim-client --user U fence add DEVICE NAME (--circle LAT,LON,RADIUS | --polygon LAT,LON ...)
+                              | list DEVICE | del DEVICE FENCE
+    cim-client --user U locate report LAT LON [--accuracy M] [--at T] | list DEVICE
+    cim-client --user U post add TEXT [--media-url URL] [--goal N] [--family]
+                             | list [--author A] | show ID | del ID
+    cim-client --user U like POST | unlike POST | likers POST
+
 The password comes from CIM_PASSWORD or a prompt. Exit status: 0 on success, 1 when
 the operation failed (message failed, router refused, timeout), 2 for usage errors.
 """
@@ -20,6 +34,7 @@ import contextlib
 import datetime
 import getpass
 import json
+import math
 import os
 import socket
 import sys
@@ -30,6 +45,7 @@ from cim.config import KNOWN_SUITES
 
 DEFAULT_ROUTER = "http://127.0.0.1:8080"
 DEFAULT_FILES = "http://127.0.0.1:8082"
+DEFAULT_LOGIC = "http://127.0.0.1:8081"
 
 
 class ClientExit(Exception):
@@ -50,6 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--files",
         default=os.environ.get("CIM_FILES", DEFAULT_FILES),
         help=f"file service base URL (default $CIM_FILES or {DEFAULT_FILES})",
+    )
+    parser.add_argument(
+        "--logic",
+        default=os.environ.get("CIM_LOGIC", DEFAULT_LOGIC),
+        help=f"logic service base URL (default $CIM_LOGIC or {DEFAULT_LOGIC})",
     )
     parser.add_argument("--user", default=os.environ.get("CIM_USER"), help="your user name")
     parser.add_argument(
@@ -125,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     download = commands.add_parser("download", help="download a file from a message's URL")
     download.add_argument("url")
     download.add_argument("-o", "--output", help="file or directory to save to")
+    add_logic_commands(commands)
     return parser
 
 
@@ -194,6 +216,8 @@ async def run(reactor: Any, options: argparse.Namespace) -> int:
 
     if options.command == "download":
         return await _download(reactor, options)
+    if options.command in LOGIC_COMMANDS:
+        return await logic_command(reactor, options)
 
     client = ChatClient(
         reactor, options.router, options.user, _password(), options.device, options.cipher
@@ -494,6 +518,266 @@ async def _download(reactor: Any, options: argparse.Namespace) -> int:
             with contextlib.suppress(RouterError):
                 await router.logout(token)
     _print(json.dumps({"path": path, "size": size}))
+    return 0
+
+
+# --- the logic service ------------------------------------------------------------------
+
+LOGIC_COMMANDS = frozenset(
+    ("register", "bind", "sos", "fence", "locate", "post", "like", "unlike", "likers")
+)
+
+
+def add_logic_commands(commands: Any) -> None:
+    """Subcommands for the logic service's calls, one verb per call (docs/logic.md)."""
+    register = commands.add_parser("register", help="create the --user account (logic service)")
+    register.add_argument("--kind", choices=("person", "device"), default="person")
+    register.add_argument("--display-name", help="the name others see")
+
+    bind = commands.add_parser("bind", help="bind devices to their guardians")
+    bind_verbs = bind.add_subparsers(dest="verb", required=True)
+    bind_verbs.add_parser("code", help="(device) a binding code to give a guardian")
+    add = bind_verbs.add_parser("add", help="(guardian) bind a device with its code")
+    add.add_argument("of_device", metavar="DEVICE")
+    add.add_argument("code")
+    bind_verbs.add_parser("list", help="your bindings, and requests waiting for you")
+    for verb, text in (
+        ("approve", "(first guardian) approve a pending request"),
+        ("del", "remove a binding or decline a request"),
+    ):
+        change = bind_verbs.add_parser(verb, help=text)
+        change.add_argument("of_device", metavar="DEVICE")
+        change.add_argument("guardian")
+
+    sos = commands.add_parser("sos", help="raise, list and acknowledge SOS alarms")
+    sos_verbs = sos.add_subparsers(dest="verb", required=True)
+    raise_sos = sos_verbs.add_parser("raise", help="(device) raise an alarm where you are")
+    _position_arguments(raise_sos)
+    raise_sos.add_argument("--battery", type=_battery, help="battery percentage, 0-100")
+    sos_list = sos_verbs.add_parser("list", help="recent alarms")
+    sos_list.add_argument("--device", dest="of_device", help="one device's (default: yours)")
+    sos_list.add_argument("--limit", type=_positive)
+    for verb, text in (("show", "one alarm"), ("ack", "(guardian) acknowledge an alarm")):
+        one = sos_verbs.add_parser(verb, help=text)
+        one.add_argument("id", type=_record_id)
+
+    fence = commands.add_parser("fence", help="a device's geofences")
+    fence_verbs = fence.add_subparsers(dest="verb", required=True)
+    fence_add = fence_verbs.add_parser("add", help="(guardian) add a circle or polygon fence")
+    fence_add.add_argument("of_device", metavar="DEVICE")
+    fence_add.add_argument("name")
+    shape = fence_add.add_mutually_exclusive_group(required=True)
+    shape.add_argument("--circle", type=_circle, metavar="LAT,LON,RADIUS_M")
+    shape.add_argument("--polygon", type=_point, nargs="+", metavar="LAT,LON")
+    fence_list = fence_verbs.add_parser("list", help="a device's fences")
+    fence_list.add_argument("of_device", metavar="DEVICE")
+    fence_del = fence_verbs.add_parser("del", help="(guardian) delete a fence")
+    fence_del.add_argument("of_device", metavar="DEVICE")
+    fence_del.add_argument("fence", type=_record_id)
+
+    locate = commands.add_parser("locate", help="report or read positions")
+    locate_verbs = locate.add_subparsers(dest="verb", required=True)
+    report = locate_verbs.add_parser("report", help="(device) report where you are")
+    _position_arguments(report)
+    report.add_argument("--at", type=_timestamp, help="the fix's time, epoch seconds")
+    history = locate_verbs.add_parser("list", help="a device's recent positions")
+    history.add_argument("of_device", metavar="DEVICE")
+    history.add_argument("--since", type=_timestamp)
+    history.add_argument("--until", type=_timestamp)
+    history.add_argument("--limit", type=_positive)
+
+    post = commands.add_parser("post", help="publish, list, read and delete posts")
+    post_verbs = post.add_subparsers(dest="verb", required=True)
+    post_add = post_verbs.add_parser("add", help="publish a post")
+    post_add.add_argument("text")
+    post_add.add_argument("--media-url", help="an http(s) URL, e.g. from send-file")
+    post_add.add_argument("--goal", type=_positive, help="likes to collect (you are told once)")
+    post_add.add_argument(
+        "--family", action="store_true", help="only for the accounts bound to you"
+    )
+    post_list = post_verbs.add_parser("list", help="posts you can see, newest first")
+    post_list.add_argument("--author")
+    post_list.add_argument("--before", type=_record_id, help="older than this post id")
+    post_list.add_argument("--limit", type=_positive)
+    for verb, text in (("show", "one post"), ("del", "delete one of your posts")):
+        one = post_verbs.add_parser(verb, help=text)
+        one.add_argument("id", type=_record_id)
+
+    for verb, text in (("like", "like a post"), ("unlike", "withdraw your like")):
+        commands.add_parser(verb, help=text).add_argument("post", type=_record_id)
+    likers = commands.add_parser("likers", help="how many liked a post, and who")
+    likers.add_argument("post", type=_record_id)
+    likers.add_argument("--limit", type=_positive)
+    likers.add_argument("--offset", type=_offset)
+
+
+def _position_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("lat", type=_latitude)
+    parser.add_argument("lon", type=_longitude)
+    parser.add_argument("--accuracy", type=_metres, help="metres")
+
+
+def _finite(raw: str, what: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {what}, not {raw!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected {what}, not {raw!r}")
+    return value
+
+
+def _bounded(raw: str, what: str, low: float, high: float) -> float:
+    value = _finite(raw, what)
+    if not low <= value <= high:
+        raise argparse.ArgumentTypeError(f"{what} must be between {low:g} and {high:g}")
+    return value
+
+
+def _latitude(raw: str) -> float:
+    return _bounded(raw, "a latitude", -90, 90)
+
+
+def _longitude(raw: str) -> float:
+    return _bounded(raw, "a longitude", -180, 180)
+
+
+def _metres(raw: str) -> float:
+    return _bounded(raw, "a distance in metres", 0, 1e7)
+
+
+def _timestamp(raw: str) -> float:
+    return _bounded(raw, "epoch seconds", 0, 1e11)
+
+
+def _whole(raw: str, what: str, low: int, high: int) -> int:
+    try:
+        value = int(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {what}, not {raw!r}") from None
+    if not low <= value <= high:
+        raise argparse.ArgumentTypeError(f"{what} must be between {low} and {high}")
+    return value
+
+
+def _battery(raw: str) -> int:
+    return _whole(raw, "a percentage", 0, 100)
+
+
+def _record_id(raw: str) -> int:
+    return _whole(raw, "an id", 1, 2**63 - 1)
+
+
+def _offset(raw: str) -> int:
+    return _whole(raw, "an offset", 0, 1_000_000)
+
+
+def _point(raw: str) -> tuple[float, float]:
+    parts = raw.split(",")
+    if len(parts) != 2:
+        raise argparse.ArgumentTypeError(f"expected LAT,LON, not {raw!r}")
+    return _latitude(parts[0]), _longitude(parts[1])
+
+
+def _circle(raw: str) -> tuple[float, float, float]:
+    parts = raw.split(",")
+    if len(parts) != 3:
+        raise argparse.ArgumentTypeError(f"expected LAT,LON,RADIUS_M, not {raw!r}")
+    return _latitude(parts[0]), _longitude(parts[1]), _metres(parts[2])
+
+
+async def logic_call(api: Any, options: argparse.Namespace) -> Any:
+    """Make the subcommand's call on a ``LogicClient``; returns what to print."""
+    command, verb = options.command, getattr(options, "verb", None)
+    if command == "register":
+        return await api.register(options.user, _password(), options.kind, options.display_name)
+    if command == "bind":
+        if verb == "code":
+            return await api.binding_code()
+        if verb == "add":
+            return await api.bind(options.of_device, options.code)
+        if verb == "list":
+            return {"bindings": await api.bindings()}
+        if verb == "approve":
+            return await api.approve_binding(options.of_device, options.guardian)
+        return await api.unbind(options.of_device, options.guardian)
+    if command == "sos":
+        if verb == "raise":
+            return await api.raise_sos(options.lat, options.lon, options.accuracy, options.battery)
+        if verb == "list":
+            return {"events": await api.sos_events(options.of_device, options.limit)}
+        if verb == "show":
+            return await api.sos_event(options.id)
+        return await api.acknowledge_sos(options.id)
+    if command == "fence":
+        if verb == "add":
+            if options.circle is not None:
+                lat, lon, radius = options.circle
+                return await api.add_circle_fence(options.of_device, options.name, lat, lon, radius)
+            return await api.add_polygon_fence(options.of_device, options.name, options.polygon)
+        if verb == "list":
+            return {"fences": await api.fences(options.of_device)}
+        return await api.delete_fence(options.of_device, options.fence)
+    if command == "locate":
+        if verb == "report":
+            position = {
+                "lat": options.lat,
+                "lon": options.lon,
+                "accuracy_m": options.accuracy,
+                "at": options.at,
+            }
+            return await api.report_positions([position])
+        positions = await api.positions(
+            options.of_device, options.since, options.until, options.limit
+        )
+        return {"positions": positions}
+    if command == "post":
+        if verb == "add":
+            audience = "family" if options.family else None
+            return await api.create_post(options.text, options.media_url, options.goal, audience)
+        if verb == "list":
+            return {"posts": await api.posts(options.author, options.before, options.limit)}
+        if verb == "show":
+            return await api.post(options.id)
+        return await api.delete_post(options.id)
+    if command == "like":
+        return await api.like(options.post)
+    if command == "unlike":
+        return await api.unlike(options.post)
+    if command == "likers":
+        return await api.likers(options.post, options.limit, options.offset)
+    raise ClientExit(2, f"unknown command {command!r}")
+
+
+async def logic_command(reactor: Any, options: argparse.Namespace) -> int:
+    """Log in through the router (except to register), make the call, print the answer.
+
+    The login is a session like any other: with one session per user, it ends a
+    ``listen`` of the same user running elsewhere (notices wait for its next login).
+    """
+    from cim.client.logic import LogicClient, LogicError
+    from cim.client.router import RouterClient, RouterError
+
+    router = None
+    token = None
+    if options.command != "register":
+        router = RouterClient(reactor, options.router)
+        try:
+            ticket = await router.login(options.user, _password(), options.device)
+        except RouterError as error:
+            raise ClientExit(1, str(error)) from None
+        token = ticket.token
+    api = LogicClient(reactor, options.logic, token)
+    try:
+        answer = await logic_call(api, options)
+    except LogicError as error:
+        raise ClientExit(1, str(error)) from None
+    finally:
+        await api.close()
+        if router is not None and token is not None:
+            with contextlib.suppress(RouterError):
+                await router.logout(token)
+    _print(json.dumps(answer, ensure_ascii=False))
     return 0
 
 
