@@ -60,6 +60,7 @@ class ProjectionTests(SynchronousTestCase):
         close(self, y, 0.0, delta=1e-6)
         x, y = LocalPlane(90.0, 0.0).project_point(89.999, 120.0)
         close(self, math.hypot(x, y), 111.69, delta=0.1)
+        self.assertLess(circle_fence(10.0, 20.0, 500).signed_distance(-10.0, -160.0), -1e7)
 
 
 class ShapeTests(SynchronousTestCase):

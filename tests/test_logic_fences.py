@@ -238,6 +238,16 @@ class FenceManagementTests(SynchronousTestCase):
         self.assertIn("future", body["message"])
         self.assertEqual(count_positions(h), 0)
 
+    def test_a_new_fence_is_not_mistaken_for_a_deleted_one(self) -> None:
+        # SQLite may hand the deleted fence's id to the next one; its shape must not stick.
+        h = family("fence_confirmations = 1\n")(self)
+        far = {"name": "far", "circle": {"lat": -LAT, "lon": LON, "radius_m": 200}}
+        _, old = h.call("POST", "/devices/watch/fences", "ann", far)
+        report(h, 0)
+        h.call("DELETE", f"/devices/watch/fences/{old['id']}", "ann")
+        h.call("POST", "/devices/watch/fences", "ann", CIRCLE)
+        self.assertEqual(report(h, 0, 500), [("left", "school")])
+
 
 class AuthorizationTests(SynchronousTestCase):
     def test_a_person_not_bound_cannot_touch_fences_or_positions(self) -> None:

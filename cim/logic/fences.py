@@ -14,6 +14,7 @@ active guardians.
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Any
 
@@ -159,7 +160,7 @@ def shape_of(fence: Fence, max_points: int) -> FenceShape:
 class FenceApi:
     def __init__(self, ctx: LogicContext) -> None:
         self.ctx = ctx
-        self._shapes: dict[tuple[int, str], FenceShape] = {}
+        self._shapes: dict[tuple[str, str], FenceShape] = {}
 
     def endpoints(self) -> list[Endpoint]:
         config = self.ctx.config
@@ -401,8 +402,12 @@ class FenceApi:
         }
 
     def _shape(self, fence: Fence) -> FenceShape:
-        """Fences never change shape, so each is built (and validated) once per id."""
-        key = (fence.id, fence.shape)
+        """Fences never change shape, so each shape is built (and validated) once.
+
+        Keyed by the geometry itself, not the id: SQLite may give a deleted fence's
+        id to the next one.
+        """
+        key = (fence.shape, json.dumps(fence.geometry, sort_keys=True))
         shape = self._shapes.get(key)
         if shape is None:
             if len(self._shapes) >= 10_000:

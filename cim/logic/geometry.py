@@ -92,7 +92,10 @@ class LocalPlane:
         c = np.arctan2(sin_c, cos_c)
         scale = np.divide(c, sin_c, out=np.ones_like(c), where=sin_c > 0)
         meridian, prime_vertical = self._radii
-        return prime_vertical * scale * east, meridian * scale * north
+        x = prime_vertical * scale * east
+        # The antipode has no direction; put it half a world away rather than at the centre.
+        x = np.where((sin_c == 0) & (cos_c < 0), math.pi * prime_vertical, x)
+        return x, meridian * scale * north
 
     def project_point(self, lat: float, lon: float) -> tuple[float, float]:
         x, y = self.project([lat], [lon])
