@@ -221,6 +221,8 @@ class PostTests(SynchronousTestCase):
             {"text": "x" * 4001},
             {"text": "hi", "media_url": "ftp://files.example/f"},
             {"text": "hi", "media_url": "javascript:alert(1)"},
+            {"text": "hi", "media_url": "https://files.example/f\n"},
+            {"text": "hi", "media_url": "https://files.example/a b"},
             {"text": "hi", "media_url": "https://" + "a" * 3000},
             {"text": "hi", "like_goal": 0},
             {"text": "hi", "like_goal": 1_000_001},

@@ -13,6 +13,7 @@ new, did it reach the goal first) are taken inside the transaction that stored i
 
 from __future__ import annotations
 
+import re
 from typing import Any, NoReturn
 
 from cim.logic.api import Answer, Call, Endpoint, array_of, object_schema
@@ -42,6 +43,8 @@ MAX_PAGE = 100
 MAX_OFFSET = 1_000_000
 """Deep pages of likers are not a use case; a bound keeps OFFSET cheap."""
 
+_MEDIA_URL = re.compile(r"https?://\S+")
+"""Checked again in full: a schema pattern's ``$`` also matches before a final newline."""
 _POST_PARAM = {"post": {"type": "integer"}}
 _POST_FIELDS: dict[str, dict[str, Any]] = {
     "text": {
@@ -231,6 +234,8 @@ class PostApi:
     async def create_post(self, call: Call) -> Answer:
         body = call.body
         media_url = body.get("media_url")
+        if media_url is not None and _MEDIA_URL.fullmatch(str(media_url)) is None:
+            raise HttpError(400, "bad_request", "body.media_url: expected an http(s) URL")
         like_goal = body.get("like_goal")
         post = await self.ctx.database.run(
             create_post_txn,
