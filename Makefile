@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 CONFIG ?= etc/cim.ini
 
-.PHONY: run test install install-test plugin-cache proto lint typecheck bench bench-full services clean
+.PHONY: run test install install-test plugin-cache proto openapi lint typecheck bench bench-full services clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,10 @@ test: install-test plugin-cache
 proto: install-test
 	$(BIN)/python -m grpc_tools.protoc -Icim/protocols --python_out=cim/protocols \
 		--pyi_out=cim/protocols cim/protocols/cim.proto
+
+## Regenerate docs/openapi.json, the logic service's API description.
+openapi: install
+	$(BIN)/python -m cim.logic.openapi docs/openapi.json
 
 ## Install and start Redis, RabbitMQ, PostgreSQL and ZooKeeper on loopback (as root).
 services:
