@@ -175,3 +175,27 @@ class DaemonRefusesBadConfigTests(SynchronousTestCase):
             "expected a size such as 65536, 64KiB or 1MiB",
         )
         self.assertNotIn("Traceback", result.stdout + result.stderr)
+
+
+class LogicConfigTests(SynchronousTestCase):
+    def test_logic_keys(self) -> None:
+        config = parse_config(
+            MINIMAL + "[logic]\nenabled = true\nfence_margin = 12.5\nbinding_code_ttl = 5m\n"
+        )
+        self.assertTrue(config.logic.enabled)
+        self.assertEqual((config.logic.fence_margin, config.logic.binding_code_ttl), (12.5, 300.0))
+
+    def test_bad_name_pattern_names_section_key_and_value(self) -> None:
+        with self.assertRaises(ConfigError) as caught:
+            parse_config(MINIMAL + "[logic]\nname_pattern = [a-z\n")
+        message = str(caught.exception)
+        self.assertTrue(
+            message.startswith("config error: [logic] name_pattern = '[a-z': not a regular"),
+            message,
+        )
+
+    def test_fence_margin_must_be_a_finite_number(self) -> None:
+        for value in ("nan", "inf", "wide"):
+            with self.assertRaises(ConfigError) as caught:
+                parse_config(MINIMAL + f"[logic]\nfence_margin = {value}\n")
+            self.assertIn("[logic] fence_margin", str(caught.exception))
