@@ -26,7 +26,7 @@ from cim.interfaces import NodeInfo
 from cim.protocols import cim_pb2
 from cim.ring import HashRing
 from cim.storage.database import open_engine, upgrade
-from tests.daemons import PASSWORD, DaemonProcess
+from tests.daemons import PASSWORD, DaemonProcess, free_port
 from tests.services import PrivateRedis
 from tests.zookeeper import private_zookeeper
 
@@ -82,8 +82,12 @@ class Cluster:
         amqp_url: str | None = None,
         prefix: str = "node",
         session_timeout: float = SESSION_TIMEOUT,
+        logic: bool = False,
     ) -> None:
         self.test = test
+        self.logic = logic
+        # Each node's [logic] port when the logic service runs on every node.
+        self.logic_ports: dict[str, int] = {}
         self.session_timeout = session_timeout
         self.zookeeper = private_zookeeper(test)
         self.redis = PrivateRedis(test)
@@ -103,6 +107,10 @@ class Cluster:
             test.addCleanup(delete_queues, amqp_url, self.exchange, [n.node_id for n in self.nodes])
 
     def node(self, node_id: str, workdir: str, state: str = "redis") -> DaemonProcess:
+        logic_section = ""
+        if self.logic:
+            port = self.logic_ports[node_id] = free_port()
+            logic_section = f"[logic]\nenabled = true\nlisten = tcp:{port}:interface=127.0.0.1\n"
         state_section = (
             f"[state]\nbackend = redis\nredis_url = {self.redis.url}\nredis_timeout = 1s\n"
             f"route_ttl = {ROUTE_TTL:g}s\n"
@@ -116,7 +124,7 @@ class Cluster:
             + f"[registry]\nbackend = zookeeper\nzookeeper_hosts = {self.zookeeper.hosts}\n"
             f"session_timeout = {self.session_timeout:g}s\n"
             f"[database]\nurl = {self.database_url}\n"
-            f"[im]\nheartbeat_interval = {HEARTBEAT:g}s\n" + self._queue_section(),
+            f"[im]\nheartbeat_interval = {HEARTBEAT:g}s\n" + self._queue_section() + logic_section,
         )
 
     def _queue_section(self) -> str:

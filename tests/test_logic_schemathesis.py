@@ -47,6 +47,7 @@ class NoServerErrorTests(TestCase):
         status, body = daemon.login(user)
         self.assertEqual(status, 200, body)
         report = os.path.abspath(self.mktemp())
+        os.makedirs(report)
         command = [
             os.path.join(BIN, "st"),
             "run",
@@ -71,7 +72,9 @@ class NoServerErrorTests(TestCase):
             "--report-dir",
             report,
         ]
-        outcome = subprocess.run(command, capture_output=True, text=True, timeout=MAX_SECONDS)
+        outcome = subprocess.run(
+            command, capture_output=True, text=True, timeout=MAX_SECONDS, cwd=report
+        )
         tail = (outcome.stdout + outcome.stderr)[-6000:]
         self.assertEqual(outcome.returncode, 0, f"schemathesis found problems as {user}:\n{tail}")
         # It really exercised the API (a spec it could not load would also exit non-zero,
