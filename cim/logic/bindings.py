@@ -19,7 +19,7 @@ import secrets
 from typing import Any
 
 from cim.logic.accounts import NAME_PARAM
-from cim.logic.api import Answer, Call, Caller, Endpoint, array_of, object_schema
+from cim.logic.api import Answer, Call, Endpoint, array_of, object_schema
 from cim.logic.context import LogicContext
 from cim.services.http import HttpError, too_many_requests
 from cim.storage.bindings import (
@@ -30,7 +30,6 @@ from cim.storage.bindings import (
     approve_binding_txn,
     bind_with_code_txn,
     bindings_of_txn,
-    first_guardian_txn,
     purge_binding_codes_txn,
     remove_binding_txn,
     store_binding_code_txn,
@@ -268,18 +267,17 @@ class BindingApi:
     async def approve(self, call: Call) -> Answer:
         device, guardian = str(call.params["device"]), str(call.params["guardian"])
         approver = call.user.user
-        first = await self.ctx.database.run(first_guardian_txn, device)
-        if first != approver:
+        outcome = await self.ctx.database.run(
+            approve_binding_txn, device, guardian, approver, self.ctx.now()
+        )
+        if not outcome.allowed:
             raise HttpError(
                 403, "not_first_guardian", "only the device's first guardian approves bindings"
             )
-        approved = await self.ctx.database.run(
-            approve_binding_txn, device, guardian, approver, self.ctx.now()
-        )
-        if approved is None:
+        binding = outcome.binding
+        if binding is None:
             raise HttpError(404, "not_found", "no such binding")
-        binding, changed = approved
-        if changed:
+        if outcome.changed:
             await self.ctx.notices.send(
                 [binding.guardian, binding.device],
                 "binding.approved",
@@ -291,19 +289,20 @@ class BindingApi:
 
     async def unbind(self, call: Call) -> Answer:
         device, guardian = str(call.params["device"]), str(call.params["guardian"])
-        caller = call.user
-        if not await self._may_unbind(caller, device, guardian):
+        remover = call.user.user
+        outcome = await self.ctx.database.run(remove_binding_txn, device, guardian, remover)
+        if not outcome.allowed:
             raise HttpError(
                 403,
                 "not_allowed",
                 "only the device, that guardian or the first guardian may remove a binding",
             )
-        removed = await self.ctx.database.run(remove_binding_txn, device, guardian)
-        if removed is None:
+        removed = outcome.binding
+        if removed is None or not outcome.changed:
             raise HttpError(404, "not_found", "no such binding")
         if removed.status == ACTIVE:
             reason = "unbound"
-        elif caller.user == guardian:
+        elif remover == guardian:
             reason = "withdrawn"
         else:
             reason = "declined"
@@ -312,16 +311,10 @@ class BindingApi:
             "binding.removed",
             device=device,
             guardian=guardian,
-            removed_by=caller.user,
+            removed_by=remover,
             reason=reason,
         )
         return 200, {"device": device, "guardian": guardian, "removed": True}
-
-    async def _may_unbind(self, caller: Caller, device: str, guardian: str) -> bool:
-        if caller.user in (device, guardian):
-            return True
-        first = await self.ctx.database.run(first_guardian_txn, device)
-        return first == caller.user
 
     async def housekeeping(self) -> None:
         await self.ctx.database.run(purge_binding_codes_txn, self.ctx.now())

@@ -204,15 +204,26 @@ def bind_with_code_txn(
     return BindOutcome(BindResult.CREATED, binding, first)
 
 
+@dataclass(frozen=True)
+class BindingChange:
+    allowed: bool
+    """False: the caller may not make this change (nothing was read beyond that)."""
+    binding: Binding | None = None
+    """The binding as it is now (approval) or as it was (removal); None: no such one."""
+    changed: bool = False
+
+
 def approve_binding_txn(
     connection: Connection, device: str, guardian: str, approver: str, now: float
-) -> tuple[Binding, bool] | None:
-    """Make a pending binding active; returns it and whether this call changed it.
+) -> BindingChange:
+    """Make a pending binding active if ``approver`` is the device's first guardian.
 
-    The caller has checked that ``approver`` is the first guardian. The UPDATE is
-    conditional on the row still being pending, so two approvals race harmlessly.
-    None when there is no such binding.
+    Who is first is read in the same transaction as the change, so a guardian unbound
+    a moment ago cannot approve. The UPDATE is conditional on the row still being
+    pending, so two approvals race harmlessly and only one reports a change.
     """
+    if first_guardian_txn(connection, device) != approver:
+        return BindingChange(False)
     changed = connection.execute(
         update(bindings)
         .where(
@@ -223,20 +234,23 @@ def approve_binding_txn(
         .values(status=ACTIVE, approved_by=approver, approved_at=now)
     )
     binding = binding_txn(connection, device, guardian)
-    if binding is None:
-        return None
-    return binding, changed.rowcount == 1
+    return BindingChange(True, binding, changed.rowcount == 1)
 
 
-def remove_binding_txn(connection: Connection, device: str, guardian: str) -> Binding | None:
-    """Delete the binding; returns it as it was, or None when there was none."""
+def remove_binding_txn(
+    connection: Connection, device: str, guardian: str, remover: str
+) -> BindingChange:
+    """Delete the binding if ``remover`` is the device, that guardian or the first guardian."""
+    allowed = remover in (device, guardian) or first_guardian_txn(connection, device) == remover
+    if not allowed:
+        return BindingChange(False)
     binding = binding_txn(connection, device, guardian)
     if binding is None:
-        return None
+        return BindingChange(True)
     removed = connection.execute(
         delete(bindings).where(bindings.c.device == device, bindings.c.guardian == guardian)
     )
-    return binding if removed.rowcount == 1 else None
+    return BindingChange(True, binding, removed.rowcount == 1)
 
 
 def bindings_of_txn(connection: Connection, user: str) -> list[Binding]:
