@@ -3,17 +3,33 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+import threading
+from types import SimpleNamespace
+from typing import Any, cast
 
 from sqlalchemy import delete, func, insert, select
 from sqlalchemy.engine import Connection
 from twisted.internet.defer import Deferred
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from cim.config import parse_config
 from cim.logic import fences as fence_feature
+from cim.logic.context import LogicContext
 from cim.logic.fences import FenceApi
-from cim.storage.schema import bindings, fences, locations
+from cim.storage.accounts import insert_user_txn
+from cim.storage.database import create_engine_for
+from cim.storage.fences import (
+    NewPosition,
+    Report,
+    create_fence_txn,
+    positions_txn,
+    purge_positions_txn,
+    report_positions_txn,
+)
+from cim.storage.schema import bindings, fences, locations, metadata
 from tests.logic_support import LogicHarness, fired
+from tests.test_logic_posts import wait_for_a_lock_wait
+from tests.test_storage import scratch_postgresql_url
 
 LAT, LON = 48.8566, 2.3522
 METRE_LAT = 1 / 111_250.0
@@ -342,3 +358,56 @@ class HistoryTests(SynchronousTestCase):
         h.clock.advance(3600)
         fired(Deferred.fromCoroutine(feature.housekeeping()))
         self.assertEqual(count_positions(h), 0)
+
+
+class PostgresqlReportTests(TestCase):
+    """The storage on PostgreSQL: two reports racing over one crossing announce it once."""
+
+    def test_racing_reports_announce_a_crossing_once(self) -> None:
+        engine = create_engine_for(scratch_postgresql_url(self))
+        self.addCleanup(engine.dispose)
+        metadata.create_all(engine)
+        config = parse_config("[node]\nid = n1\n[logic]\nfence_confirmations = 1\n").logic
+        advance = FenceApi(cast(LogicContext, SimpleNamespace(config=config)))._advance
+        with engine.begin() as connection:
+            insert_user_txn(connection, "watch", "hash", "device", 1.0)
+            insert_user_txn(connection, "ann", "hash", "person", 1.0)
+            connection.execute(
+                insert(bindings).values(
+                    device="watch", guardian="ann", status="active", created_at=1.0
+                )
+            )
+            create_fence_txn(
+                connection, "watch", "ann", "home", "circle", CIRCLE["circle"], 1.0, 10
+            )
+            inside = [NewPosition(LAT, LON, 5.0, 10.0)]
+            first = report_positions_txn(connection, "watch", inside, 10.0, advance)
+        self.assertEqual((first.accepted, first.transitions), (1, []))
+
+        outside = [NewPosition(north(500), LON, None, 20.0)]
+        reports: dict[str, Report] = {}
+        holder = engine.connect()
+        self.addCleanup(holder.close)
+        transaction = holder.begin()
+        reports["first"] = report_positions_txn(holder, "watch", outside, 20.0, advance)
+
+        def report_again() -> None:
+            again = [NewPosition(north(600), LON, None, 21.0)]
+            with engine.begin() as connection:
+                reports["second"] = report_positions_txn(connection, "watch", again, 21.0, advance)
+
+        racer = threading.Thread(target=report_again)
+        racer.start()
+        self.assertTrue(wait_for_a_lock_wait(engine), "the second report did not wait")
+        transaction.commit()
+        racer.join(10)
+        self.assertFalse(racer.is_alive())
+        self.assertEqual([t.event for t in reports["first"].transitions], ["left"])
+        self.assertEqual(reports["first"].guardians, ["ann"])
+        self.assertEqual(reports["second"].transitions, [])
+        with engine.begin() as connection:
+            history = positions_txn(connection, "watch", "ann", None, None, 10)
+            self.assertEqual([p.at for p in history], [21.0, 20.0, 10.0])
+            self.assertEqual(purge_positions_txn(connection, 20.5, 1), 1)
+            self.assertEqual(purge_positions_txn(connection, 20.5, 5), 1)
+            self.assertEqual(purge_positions_txn(connection, 20.5, 5), 0)
