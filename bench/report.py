@@ -596,11 +596,15 @@ def _group_rows(group: dict[str, Any] | None, label: str = "4.") -> list[Row]:
             )
         )
     exact = _group_counts_exact(group)
+    running = sum(1 for row in group["rates"] if row["totals"].get("still_running"))
     out.append(
         Row(
             f"{label} group counts: received = accepted x {group['receivers_per_message']}, "
             "every msg:N acknowledged",
-            f"exact in all {len(group['rates'])} loads" if exact else "WRONG",
+            f"exact in all {len(group['rates'])} loads"
+            if exact
+            else "WRONG"
+            + (f" (fan-out still running at the drain deadline in {running})" if running else ""),
             "exact",
             _verdict(exact),
         )

@@ -106,7 +106,7 @@ FULL = Plan(
     churn_cycles=20000,
     churn_concurrency=16,
     churn_messages=4,
-    group_rates=(10, 20, 40),
+    group_rates=(10, 20, 30),
     group_seconds=10.0,
     profile_seconds=10.0,
 )
@@ -629,7 +629,7 @@ def _fanout_finished(
     before: Sequence[Answer],
     drained: Sequence[Answer],
     receivers: int,
-    timeout: float = 60.0,
+    timeout: float = 120.0,
 ) -> dict[str, Any]:
     """Exact counts of a group load once its fan-out is over (bounded wait).
 
@@ -657,6 +657,9 @@ def _fanout_finished(
         # msg:N was acknowledged (ack:R answered by ack:A).
         received_matches=now["received"] == expected,
         acknowledged_all=now["acks_answered"] == now["received"],
+        # Stopped waiting while msg:N were still arriving: an overloaded daemon's
+        # backlog, not a loss (the counts are then short by what was still queued).
+        still_running=not done and time.monotonic() - last_change <= 5,
         errors=now["errors"],
     )
     return totals
