@@ -40,6 +40,14 @@ def message_body(text: str, frame_type: int = cim_pb2.MSG_R) -> bytes:
     return bytes((frame_type,)) + cim_pb2.Message(to="bob", text=text).SerializeToString()
 
 
+def _record(protocol: Any, message: Any) -> None:
+    protocol.received.append(message)
+
+
+def _record_login(protocol: Any, message: Any) -> None:
+    protocol.login_results.append(message)
+
+
 class RecordingProtocol(FrameProtocol):
     """Allows MSG_R and ACK_R once encrypted and records what reaches it."""
 
@@ -50,8 +58,8 @@ class RecordingProtocol(FrameProtocol):
         self.heartbeats = 0
         self.activity = 0
         self.inbound = {
-            cim_pb2.MSG_R: (cim_pb2.Message, self.received.append),
-            cim_pb2.ACK_R: (cim_pb2.AckR, self.received.append),
+            cim_pb2.MSG_R: (cim_pb2.Message, _record),
+            cim_pb2.ACK_R: (cim_pb2.AckR, _record),
         }
 
     def heartbeat_received(self) -> None:
@@ -312,9 +320,9 @@ class ClientSide(RecordingProtocol):
     def plaintext_frame_received(self, body: bytes) -> None:
         sealer, opener, first = self.handshake.finish(body)
         self.start_encryption(sealer, opener)
-        self.inbound = {cim_pb2.LOGIN_RESULT: (cim_pb2.LoginResult, self.login_results.append)}
+        self.inbound = {cim_pb2.LOGIN_RESULT: (cim_pb2.LoginResult, _record_login)}
         self.dispatch_plaintext(first)
-        self.inbound = {cim_pb2.MSG_N: (cim_pb2.Message, self.received.append)}
+        self.inbound = {cim_pb2.MSG_N: (cim_pb2.Message, _record)}
 
 
 class ConnectedTests(unittest.TestCase):

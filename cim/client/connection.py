@@ -79,26 +79,6 @@ class ImClientProtocol(FrameProtocol):
         self._idle_call: IDelayedCall | None = None
         self._silence_call: IDelayedCall | None = None
         self.inbound = {}
-        forward = self._forward
-        self._established_inbound: Inbound = {
-            frame_type: (message_class, _bind(forward, frame_type))
-            for frame_type, message_class in (
-                (cim_pb2.MSG_A, cim_pb2.MsgA),
-                (cim_pb2.MSG_N, cim_pb2.Message),
-                (cim_pb2.ACK_A, cim_pb2.AckA),
-                (cim_pb2.ACK_N, cim_pb2.AckN),
-                (cim_pb2.ONLINE_A, cim_pb2.OnlineA),
-                (cim_pb2.GROUP_A, cim_pb2.GroupAnswer),
-                (cim_pb2.OFFLINE_A, cim_pb2.OfflineA),
-                (cim_pb2.OFFLINE_ACK_A, cim_pb2.OfflineAckA),
-                (cim_pb2.OFFLINE_SUMMARY_A, cim_pb2.OfflineSummaryA),
-                (cim_pb2.OFFLINE_NOTICE, cim_pb2.OfflineNotice),
-                (cim_pb2.HISTORY_A, cim_pb2.HistoryA),
-                (cim_pb2.KICKED, cim_pb2.Kicked),
-                (cim_pb2.GOING_AWAY, cim_pb2.GoingAway),
-                (cim_pb2.ERROR, cim_pb2.Error),
-            )
-        }
 
     # --- lifecycle --------------------------------------------------------------------
 
@@ -149,7 +129,7 @@ class ImClientProtocol(FrameProtocol):
             return
         self.heartbeat_interval = result.heartbeat_interval_ms / 1000 or self.heartbeat_interval
         self.heartbeat_timeout = result.heartbeat_timeout_ms / 1000 or self.heartbeat_timeout
-        self.inbound = self._established_inbound
+        self.inbound = ESTABLISHED_INBOUND
         self._restart_silence_timer()
         self._restart_idle_timer()
         self.logged_in.callback(result)
@@ -193,8 +173,30 @@ class ImClientProtocol(FrameProtocol):
         self.events.frame_received(frame_type, message)
 
 
-def _bind(forward: Any, frame_type: int) -> Any:
-    def dispatch(message: ProtobufMessage) -> None:
-        forward(frame_type, message)
+def _forwarder(frame_type: int) -> Any:
+    def forward(protocol: ImClientProtocol, message: ProtobufMessage) -> None:
+        protocol._forward(frame_type, message)
 
-    return dispatch
+    return forward
+
+
+ESTABLISHED_INBOUND: Inbound = {
+    frame_type: (message_class, _forwarder(frame_type))
+    for frame_type, message_class in (
+        (cim_pb2.MSG_A, cim_pb2.MsgA),
+        (cim_pb2.MSG_N, cim_pb2.Message),
+        (cim_pb2.ACK_A, cim_pb2.AckA),
+        (cim_pb2.ACK_N, cim_pb2.AckN),
+        (cim_pb2.ONLINE_A, cim_pb2.OnlineA),
+        (cim_pb2.GROUP_A, cim_pb2.GroupAnswer),
+        (cim_pb2.OFFLINE_A, cim_pb2.OfflineA),
+        (cim_pb2.OFFLINE_ACK_A, cim_pb2.OfflineAckA),
+        (cim_pb2.OFFLINE_SUMMARY_A, cim_pb2.OfflineSummaryA),
+        (cim_pb2.OFFLINE_NOTICE, cim_pb2.OfflineNotice),
+        (cim_pb2.HISTORY_A, cim_pb2.HistoryA),
+        (cim_pb2.KICKED, cim_pb2.Kicked),
+        (cim_pb2.GOING_AWAY, cim_pb2.GoingAway),
+        (cim_pb2.ERROR, cim_pb2.Error),
+    )
+}
+"""What a logged-in client accepts; each goes to ConnectionEvents.frame_received."""

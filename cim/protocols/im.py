@@ -66,16 +66,6 @@ class ImServerProtocol(FrameProtocol, TimeoutMixin):
         self.record: SessionRecord | None = None
         self.admitted = False
         self.inbound = {}
-        self._established_inbound: Inbound = {
-            cim_pb2.MSG_R: (cim_pb2.Message, self._message_received),
-            cim_pb2.ACK_R: (cim_pb2.AckR, self._ack_received),
-            cim_pb2.ONLINE_R: (cim_pb2.OnlineR, self._online_requested),
-            cim_pb2.GROUP_R: (cim_pb2.GroupRequest, self._group_requested),
-            cim_pb2.OFFLINE_R: (cim_pb2.OfflineR, self._offline_requested),
-            cim_pb2.OFFLINE_ACK_R: (cim_pb2.OfflineAckR, self._offline_acknowledged),
-            cim_pb2.OFFLINE_SUMMARY_R: (cim_pb2.OfflineSummaryR, self._offline_summary),
-            cim_pb2.HISTORY_R: (cim_pb2.HistoryR, self._history_requested),
-        }
 
     # --- connection lifecycle ---------------------------------------------------------
 
@@ -220,7 +210,7 @@ class ImServerProtocol(FrameProtocol, TimeoutMixin):
             server_time_ms=int(factory.clock.seconds() * 1000),
         )
         self._send_login_result(accepted, result)
-        self.inbound = self._established_inbound
+        self.inbound = ESTABLISHED_INBOUND
         self.setTimeout(config.effective_heartbeat_timeout)
         factory.metrics.handshakes_ok += 1
         self.log.info(
@@ -332,6 +322,19 @@ class ImServerProtocol(FrameProtocol, TimeoutMixin):
         self.state = ConnectionState.CLOSING
         self.inbound = {}
         self.tcp.loseConnection()
+
+
+ESTABLISHED_INBOUND: Inbound = {
+    cim_pb2.MSG_R: (cim_pb2.Message, ImServerProtocol._message_received),
+    cim_pb2.ACK_R: (cim_pb2.AckR, ImServerProtocol._ack_received),
+    cim_pb2.ONLINE_R: (cim_pb2.OnlineR, ImServerProtocol._online_requested),
+    cim_pb2.GROUP_R: (cim_pb2.GroupRequest, ImServerProtocol._group_requested),
+    cim_pb2.OFFLINE_R: (cim_pb2.OfflineR, ImServerProtocol._offline_requested),
+    cim_pb2.OFFLINE_ACK_R: (cim_pb2.OfflineAckR, ImServerProtocol._offline_acknowledged),
+    cim_pb2.OFFLINE_SUMMARY_R: (cim_pb2.OfflineSummaryR, ImServerProtocol._offline_summary),
+    cim_pb2.HISTORY_R: (cim_pb2.HistoryR, ImServerProtocol._history_requested),
+}
+"""What an authenticated client may send: every other frame type closes the connection."""
 
 
 class ImServerFactory(Factory):

@@ -29,8 +29,14 @@ __all__ = ["HEARTBEAT_FRAME", "FrameProtocol", "Inbound"]
 HEARTBEAT_FRAME = b"\x00\x00\x00\x00"
 """A zero-length frame: the whole heartbeat is its 4-byte length prefix."""
 
-Inbound = Mapping[int, tuple[type[Message], Callable[[Any], None]]]
-"""Frame type byte -> (protobuf class, receiver): what a connection state accepts."""
+Inbound = Mapping[int, tuple[type[Message], Callable[[Any, Any], None]]]
+"""Frame type byte -> (protobuf class, receiver): what a connection state accepts.
+
+The receiver is called as ``receive(protocol, message)``: a plain function (an unbound
+method), so one table per class and state serves every connection. Bound methods would
+cost each idle connection a dict and a tuple and a method object per frame type, about
+1.3 KiB of the few KiB an idle connection is allowed.
+"""
 
 _LENGTH = struct.Struct(">I").pack
 _TYPE_BYTES = tuple(bytes((number,)) for number in range(256))
@@ -127,7 +133,7 @@ class FrameProtocol(Int32StringReceiver):
         metrics = self.metrics
         if metrics is not None:
             metrics.frames_in[frame_type] += 1
-        receive(message)
+        receive(self, message)
 
     def lengthLimitExceeded(self, length: int) -> None:
         self.frame_rejected("oversized", f"{length} bytes, limit {self.MAX_LENGTH}")
