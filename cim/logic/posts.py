@@ -14,6 +14,7 @@ new, did it reach the goal first) are taken inside the transaction that stored i
 from __future__ import annotations
 
 import re
+import urllib.parse
 from typing import Any, NoReturn
 
 from cim.logic.api import Answer, Call, Endpoint, array_of, object_schema
@@ -35,7 +36,7 @@ from cim.storage.posts import (
 )
 from cim.storage.schema import POST_AUDIENCES, URL_MAX
 
-__all__ = ["MAX_LIKE_GOAL", "MAX_POST_TEXT", "PostApi", "post_json"]
+__all__ = ["MAX_LIKE_GOAL", "MAX_POST_TEXT", "PostApi", "is_media_url", "post_json"]
 
 MAX_POST_TEXT = 4000
 MAX_LIKE_GOAL = 1_000_000
@@ -118,6 +119,19 @@ def post_json(post: Post) -> dict[str, Any]:
         "created_at": post.created_at,
         "liked_by_me": post.liked_by_me,
     }
+
+
+def is_media_url(value: str) -> bool:
+    """An http(s) URL with a host that URL parsers accept, so every client can open it
+    (``http://[`` passes the schema's pattern but breaks ``urlsplit``)."""
+    if _MEDIA_URL.fullmatch(value) is None:
+        return False
+    try:
+        parts = urllib.parse.urlsplit(value)
+        _ = parts.port
+    except ValueError:
+        return False
+    return bool(parts.hostname)
 
 
 def _refuse(refusal: Refusal) -> NoReturn:
@@ -234,7 +248,7 @@ class PostApi:
     async def create_post(self, call: Call) -> Answer:
         body = call.body
         media_url = body.get("media_url")
-        if media_url is not None and _MEDIA_URL.fullmatch(str(media_url)) is None:
+        if media_url is not None and not is_media_url(str(media_url)):
             raise HttpError(400, "bad_request", "body.media_url: expected an http(s) URL")
         like_goal = body.get("like_goal")
         post = await self.ctx.database.run(
