@@ -206,6 +206,16 @@ class EncryptedFramingTestsMixin(_MixinBase):
         self.assertEqual(self.protocol.activity, 2)
         self.assertFalse(self.transport.disconnecting)
 
+    def test_frames_split_anywhere_arrive_whole(self) -> None:
+        stream = self.sealed(message_body("one")) + HEARTBEAT_FRAME
+        stream += self.sealed(message_body("two"))
+        for index in range(len(stream)):
+            self.protocol.dataReceived(stream[index : index + 1])
+        self.assertEqual([m.text for m in self.protocol.received], ["one", "two"])
+        self.assertEqual(self.protocol.heartbeats, 1)
+        self.assertEqual(self.protocol._unprocessed, b"")
+        self.assertFalse(self.transport.disconnecting)
+
     def test_send_frame_is_sealed(self) -> None:
         self.protocol.send_frame(cim_pb2.MSG_N, cim_pb2.Message(text="secret words"))
         wire = self.transport.value()

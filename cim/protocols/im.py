@@ -66,6 +66,11 @@ class ImServerProtocol(FrameProtocol, TimeoutMixin):
         self.record: SessionRecord | None = None
         self.admitted = False
         self.inbound = {}
+        # Set by makeConnection and setTimeout later; named here so every instance's
+        # attributes keep one order and share one key table (see FrameProtocol).
+        self.connected = 0
+        self.transport = None
+        self.timeOut = None
 
     # --- connection lifecycle ---------------------------------------------------------
 
