@@ -105,7 +105,7 @@ class HandshakeTests(SynchronousTestCase):
         token, _ = node.login("bob")
         second = node.connect(token=token)
         logged_in(second)
-        replay = node.factory.buildProtocol(second.server.address)
+        replay = node.factory.buildProtocol(second.server_transport.getPeer())
         replay.makeConnection(_NullTransport())
         replay.dataReceived(hello)
         self.assertEqual(node.metrics.handshake_failures["replayed"], 1)

@@ -16,7 +16,6 @@ from google.protobuf.message import Message as ProtobufMessage
 from twisted.internet.interfaces import IAddress, IReactorTime, ITCPTransport
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
-from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 
 from cim import oplog as oplog_events
@@ -32,6 +31,7 @@ from cim.protocols.handshake import (
     ReplayGuard,
     accept_client_hello,
 )
+from cim.protocols.timeouts import NEVER, DeadlineSweeper, SweptTimeoutMixin
 from cim.protocols.wire import FrameProtocol, Inbound
 from cim.state import token_hash
 from cim.switchboard import kick_code
@@ -52,15 +52,14 @@ class ConnectionState(Enum):
     CLOSING = "closing"
 
 
-class ImServerProtocol(FrameProtocol, TimeoutMixin):
+class ImServerProtocol(FrameProtocol, SweptTimeoutMixin):
     log = Logger()
 
     def __init__(self, factory: ImServerFactory, address: IAddress | None) -> None:
         super().__init__(factory.config.max_frame_size, factory.metrics)
         self.factory = factory
-        # TimeoutMixin must use the injected clock, not the global reactor.
-        self.callLater = factory.clock.callLater  # type: ignore[method-assign,assignment]
-        self.address = address
+        # The handshake deadline, then the heartbeat timeout, on the node's one timer.
+        self.deadlines = factory.deadlines
         self.peer_host = getattr(address, "host", str(address))
         self.state = ConnectionState.AWAITING_HELLO
         self.record: SessionRecord | None = None
@@ -71,6 +70,7 @@ class ImServerProtocol(FrameProtocol, TimeoutMixin):
         self.connected = 0
         self.transport = None
         self.timeOut = None
+        self.deadline = NEVER
 
     # --- connection lifecycle ---------------------------------------------------------
 
@@ -365,6 +365,9 @@ class ImServerFactory(Factory):
         self.clock = clock
         self.metrics = metrics
         self.replay_guard = ReplayGuard(clock, config.handshake_replay_window)
+        # Deadlines are checked at a quarter of the shortest timeout, at most each second.
+        shortest = min(config.handshake_timeout, config.effective_heartbeat_timeout)
+        self.deadlines = DeadlineSweeper(clock, min(1.0, shortest / 4))
         self._per_address: dict[str, int] = {}
         self.protocols: set[ImServerProtocol] = set()
         self.oplog: OperationLog | None = None
