@@ -13,7 +13,7 @@ from twisted.internet.defer import Deferred
 from zope.interface import Attribute, Interface
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class SessionRecord:
     """One login: what the router issued and the IM node checks.
 
@@ -42,7 +42,7 @@ class NodeInfo:
     """The node's RSA public key (SubjectPublicKeyInfo DER), handed to clients at login."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class MessageReceipt:
     """What the node answered for one sender message, kept to answer retries the same.
 
