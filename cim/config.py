@@ -167,6 +167,8 @@ class NodeConfig:
     data_dir: str = _opt("data", parse_str)
     # The operation log (cim.oplog): empty means <data_dir>/operations.log, "off" none.
     operation_log: str = _opt("", parse_str)
+    # How often freed heap memory is handed back to the system (cim.heap); 0: never.
+    heap_trim_interval: float = _opt(5.0, parse_duration, minimum=0)
 
     def validate(self) -> None:
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", self.id):

@@ -27,6 +27,7 @@ from cim.bus import make_bus
 from cim.config import CimConfig
 from cim.files.signing import UrlKeyError
 from cim.groups import GroupDirectory
+from cim.heap import HeapTrimmer
 from cim.interfaces import (
     BusUnavailable,
     IMessageBus,
@@ -224,6 +225,10 @@ class CimDaemon(Service):
             yield self._listen_http(
                 "admin", config.admin.listen, admin_site(node_id, self.metrics, self.health)
             )
+
+        trimmer = HeapTrimmer(self.reactor, config.node.heap_trim_interval)
+        trimmer.start()
+        self._stoppers.append(trimmer.stop)
 
         self.log.info("cim node {node} started", node=node_id)
 
