@@ -46,6 +46,17 @@ class RegistrationTests(SynchronousTestCase):
         self.assertEqual(status, 400)
         self.assertNotIn(PASSWORD, body["message"])
 
+    def test_avatar_must_be_an_http_url_with_a_host(self) -> None:
+        h = LogicHarness(self)
+        h.add_user("ann")
+        for bad in ("http://[", "http://x.example/a\n", "ftp://x.example/a", "http:///a"):
+            status, body = h.call("PATCH", "/me", "ann", {"avatar_url": bad})
+            self.assertEqual(status, 400, bad)
+        good = "https://files.example.com/files/abc"
+        status, body = h.call("PATCH", "/me", "ann", {"avatar_url": good})
+        self.assertEqual((status, body["avatar_url"]), (200, good))
+        self.assertEqual(h.call("PATCH", "/me", "ann", {"avatar_url": ""})[0], 200)
+
     def test_nul_and_lone_surrogates_are_refused(self) -> None:
         h = LogicHarness(self)
         h.add_user("ann")

@@ -23,6 +23,7 @@ from cim.accounts import (
 from cim.interfaces import StateUnavailable
 from cim.logic.api import Answer, Call, Endpoint, object_schema
 from cim.logic.context import LogicContext
+from cim.logic.posts import is_media_url
 from cim.services.http import HttpError, too_many_requests
 from cim.storage.profiles import Profile, delete_account_txn, profile_txn, update_profile_txn
 from cim.storage.schema import DISPLAY_NAME_MAX, URL_MAX, USER_KINDS
@@ -232,6 +233,9 @@ class AccountApi:
 
     async def update_me(self, call: Call) -> Answer:
         changes = {key: str(value) for key, value in call.body.items()}
+        avatar = changes.get("avatar_url")
+        if avatar and not is_media_url(avatar):
+            raise HttpError(400, "bad_request", "body.avatar_url: expected an http(s) URL")
         profile = await self.ctx.database.run(
             update_profile_txn, call.user.user, changes, self.ctx.now()
         )
