@@ -61,6 +61,20 @@ class FailedLoginThrottle:
     def record_success(self, key: str) -> None:
         self._failures.pop(key, None)
 
+    def forgive(self, key: str) -> None:
+        """Take back one failure recorded for ``key`` (the newest).
+
+        For callers that count an attempt before its outcome is known, so that
+        attempts running at once cannot all pass ``blocked``: an attempt that turns
+        out not to be a failure is forgiven, leaving the others counted.
+        """
+        failures = self._failures.get(key)
+        if failures is None:
+            return
+        failures.pop()
+        if not failures:
+            del self._failures[key]
+
     def __len__(self) -> int:
         """How many keys are remembered (for tests and memory checks)."""
         return len(self._failures)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from typing import Any
 
 from treq.testing import StubTreq
@@ -137,6 +138,47 @@ class LogicHarness:
         text = fired(content)
         payload = json.loads(text) if text else None
         return int(response.code), payload
+
+    def start(
+        self, method: str, path: str, user: str, body: Any = None
+    ) -> Deferred[tuple[int, Any]]:
+        """A request left running, for races: fires with the status and the JSON answer."""
+        headers = {"Authorization": f"Bearer {self.token(user)}"}
+        data = None
+        if body is not None:
+            data = json.dumps(body).encode()
+            headers["Content-Type"] = "application/json"
+
+        def decode(response: Any) -> Deferred[tuple[int, Any]]:
+            content: Deferred[bytes] = self.http.content(response)
+            return content.addCallback(
+                lambda text: (int(response.code), json.loads(text) if text else None)
+            )
+
+        d = self.http.request(method, BASE + path, headers=headers, data=data)
+        d.addCallback(decode)
+        self.flush()
+        return d
+
+    def hold(self, txn: Callable[..., Any]) -> list[Callable[[], None]]:
+        """From now on, database runs of ``txn`` wait: each leaves a function in the
+        returned list that runs it (so a test can start requests together)."""
+        waiting: list[Callable[[], None]] = []
+        run = self.db.run
+
+        def held(work: Callable[..., Any], *args: Any, **kwargs: Any) -> Deferred[Any]:
+            if work is not txn:
+                return run(work, *args, **kwargs)
+            d: Deferred[Any] = Deferred()
+
+            def release() -> None:
+                run(work, *args, **kwargs).chainDeferred(d)
+
+            waiting.append(release)
+            return d
+
+        self.test.patch(self.db, "run", held)
+        return waiting
 
     def flush(self) -> None:
         for _ in range(5):

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.logic_support import PASSWORD, LogicHarness
+from cim.storage.accounts import password_hash_txn
+from tests.logic_support import PASSWORD, LogicHarness, fired
 
 
 class RegistrationTests(SynchronousTestCase):
@@ -92,6 +93,20 @@ class PasswordAndDeletionTests(SynchronousTestCase):
         body["current_password"] = PASSWORD
         self.assertEqual(h.call("POST", "/me/password", "ann", body)[0], 200)
         self.assertTrue(fired_check(h, "ann", "New-pass-12"))
+
+    def test_wrong_passwords_sent_at_once_cannot_exceed_the_budget(self) -> None:
+        """Each attempt counts before the KDF answers, not after."""
+        h = LogicHarness(self)
+        h.add_user("ann")
+        waiting = h.hold(password_hash_txn)
+        body = {"current_password": "Wrong-pass-1", "new_password": "New-pass-12"}
+        calls = [h.start("POST", "/me/password", "ann", body) for _ in range(8)]
+        self.assertEqual(len(waiting), 5)
+        for release in waiting:
+            release()
+        h.flush()
+        statuses = sorted(fired(d)[0] for d in calls)
+        self.assertEqual(statuses, [403] * 5 + [429] * 3)
 
     def test_delete_ends_the_session_and_tells_bound_accounts(self) -> None:
         h = LogicHarness(self)

@@ -7,6 +7,7 @@ from typing import Any
 from twisted.internet.defer import ensureDeferred
 from twisted.trial.unittest import SynchronousTestCase
 
+from cim.storage.bindings import bind_with_code_txn
 from cim.storage.schema import binding_codes
 from tests.logic_support import LogicHarness, fired
 
@@ -149,6 +150,34 @@ class BindTests(SynchronousTestCase):
         h.clock.advance(61)
         status, body = h.call("POST", "/bindings", "ann", {"device": "watch", "code": code})
         self.assertEqual(status, 201)
+
+    def test_wrong_codes_sent_at_once_cannot_exceed_the_budget(self) -> None:
+        """Each attempt counts before the database answers, not after."""
+        h = LogicHarness(self, "binding_attempts = 3\nbinding_attempt_window = 60s\n")
+        family(h, "watch", "ann")
+        code = new_code(h)
+        waiting = h.hold(bind_with_code_txn)
+        body = {"device": "watch", "code": wrong(code)}
+        calls = [h.start("POST", "/bindings", "ann", body) for _ in range(10)]
+        self.assertEqual(len(waiting), 3)
+        for release in waiting:
+            release()
+        h.flush()
+        statuses = sorted(fired(d)[0] for d in calls)
+        self.assertEqual(statuses, [403] * 3 + [429] * 7)
+
+    def test_a_right_code_takes_back_its_own_count_only(self) -> None:
+        h = LogicHarness(self, "binding_attempts = 2\nbinding_attempt_window = 60s\n")
+        family(h, "watch", "ann")
+        family(h, "clock")
+        code = new_code(h)
+        status, _ = h.call("POST", "/bindings", "ann", {"device": "watch", "code": wrong(code)})
+        self.assertEqual(status, 403)
+        self.assertEqual(bind(h, "ann", "clock")[0], 201)
+        status, _ = h.call("POST", "/bindings", "ann", {"device": "watch", "code": wrong(code)})
+        self.assertEqual(status, 403)
+        status, body = h.call("POST", "/bindings", "ann", {"device": "watch", "code": code})
+        self.assertEqual((status, body["error"]), (429, "too_many_attempts"))
 
     def test_many_people_cannot_brute_force_one_device(self) -> None:
         h = LogicHarness(self, "binding_attempts = 2\nbinding_attempt_window = 60s\n")

@@ -41,6 +41,28 @@ class ThrottleTests(SynchronousTestCase):
         self.assertEqual(len(self.throttle), 0)
         self.throttle.record_success("never-failed")
 
+    def test_forgive_takes_back_one_failure(self) -> None:
+        for _ in range(3):
+            self.throttle.record_failure("alice")
+        self.throttle.forgive("alice")
+        self.assertEqual(self.throttle.blocked("alice"), 0)
+        self.throttle.forgive("alice")
+        self.throttle.forgive("alice")
+        self.assertEqual(len(self.throttle), 0)
+        self.throttle.forgive("alice")
+        self.throttle.forgive("never-failed")
+        self.assertEqual(len(self.throttle), 0)
+
+    def test_counting_before_the_outcome_caps_concurrent_attempts(self) -> None:
+        """Attempts counted when they start: a burst started together stops at the limit."""
+        started = 0
+        for _ in range(10):
+            if self.throttle.blocked("alice"):
+                continue
+            self.throttle.record_failure("alice")
+            started += 1
+        self.assertEqual(started, 3)
+
     def test_old_keys_are_dropped(self) -> None:
         for i in range(1000):
             self.throttle.record_failure(f"user{i}")

@@ -249,13 +249,21 @@ class AccountApi:
     # --- password and deletion ------------------------------------------------------------
 
     async def _prove(self, user: str, password: str) -> None:
-        wait = self._password_failures.blocked(user)
+        """The attempt counts as a failure while the KDF runs, so guesses sent all at
+        once cannot each pass ``blocked`` before any of them is recorded."""
+        failures = self._password_failures
+        wait = failures.blocked(user)
         if wait:
             raise too_many_requests("too_many_attempts", "too many wrong passwords", wait)
-        if not await self.ctx.accounts.check_password(user, password):
-            self._password_failures.record_failure(user)
+        failures.record_failure(user)
+        try:
+            right = await self.ctx.accounts.check_password(user, password)
+        except BaseException:
+            failures.forgive(user)  # no answer is not a wrong password
+            raise
+        if not right:
             raise HttpError(403, "wrong_password", "the password is wrong")
-        self._password_failures.record_success(user)
+        failures.record_success(user)
 
     async def change_password(self, call: Call) -> Answer:
         user = call.user.user

@@ -204,20 +204,26 @@ class BindingApi:
             raise HttpError(403, "persons_only", "a device cannot bind to a device")
         device = str(call.body["device"])
         self._check_throttles(caller.user, device)
-        outcome = await self.ctx.database.run(
-            bind_with_code_txn,
-            device,
-            caller.user,
-            code_hash(str(call.body["code"])),
-            self.ctx.now(),
-        )
+        # Counted as wrong until the database says otherwise, so codes sent all at once
+        # cannot each pass the throttles before any of them is recorded.
+        self._person_failures.record_failure(caller.user)
+        self._device_failures.record_failure(device)
+        try:
+            outcome = await self.ctx.database.run(
+                bind_with_code_txn,
+                device,
+                caller.user,
+                code_hash(str(call.body["code"])),
+                self.ctx.now(),
+            )
+        except BaseException:
+            self._forgive_attempt(caller.user, device)  # no answer is not a wrong code
+            raise
+        if outcome.result is not BindResult.WRONG_CODE:
+            self._forgive_attempt(caller.user, device)
         if outcome.result is BindResult.NO_DEVICE:
             raise HttpError(404, "not_found", "no such device")
         if outcome.result is BindResult.WRONG_CODE:
-            # Never reset on success: an attacker could bind a device of their own to
-            # clear their count and keep guessing someone else's.
-            self._person_failures.record_failure(caller.user)
-            self._device_failures.record_failure(device)
             raise HttpError(403, "wrong_code", "that is not the device's binding code")
         if outcome.result is BindResult.EXPIRED_CODE:
             raise HttpError(
@@ -245,6 +251,12 @@ class BindingApi:
                 guardian=binding.guardian,
             )
         return 201, binding_json(binding)
+
+    def _forgive_attempt(self, person: str, device: str) -> None:
+        """Take back only this attempt's count, never reset it: an attacker could bind
+        a device of their own to clear theirs and keep guessing someone else's."""
+        self._person_failures.forgive(person)
+        self._device_failures.forgive(device)
 
     def _check_throttles(self, person: str, device: str) -> None:
         wait = self._person_failures.blocked(person)
