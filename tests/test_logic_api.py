@@ -6,11 +6,17 @@ import json
 import os
 
 from jsonschema import Draft202012Validator
+from sqlalchemy import delete
+from sqlalchemy.exc import OperationalError
+from twisted.internet.defer import fail
 from twisted.trial.unittest import SynchronousTestCase
 
 from cim.logic import openapi
 from cim.logic.api import Call, Endpoint, LogicResource, object_schema
-from tests.logic_support import LogicHarness
+from cim.storage.database import DatabaseNotRunning
+from cim.storage.posts import create_post_txn
+from cim.storage.schema import users
+from tests.logic_support import BASE, LogicHarness, fired
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -118,3 +124,36 @@ class RoutingTests(SynchronousTestCase):
         )
         self.assertEqual(h.call("POST", "/things", raw=b"{}", content_type="text/plain")[0], 415)
         self.assertEqual(h.call("POST", "/things", body={"n": 1})[0], 200)
+
+
+class DatabaseErrorTests(SynchronousTestCase):
+    def test_an_account_deleted_in_flight_is_a_409_not_a_500(self) -> None:
+        h = LogicHarness(self)
+        h.add_user("ann")
+        waiting = h.hold(create_post_txn)
+        call = h.start("POST", "/posts", "ann", {"text": "hello"})
+        fired(h.db.run(lambda c: c.execute(delete(users).where(users.c.name == "ann"))))
+        waiting[0]()
+        h.flush()
+        status, body = fired(call)
+        self.assertEqual((status, body["error"]), (409, "conflict"))
+
+    def test_a_database_that_is_down_is_a_503_with_retry_after(self) -> None:
+        h = LogicHarness(self)
+        h.add_user("ann")
+        headers = {"Authorization": f"Bearer {h.token('ann')}"}
+        for error in (DatabaseNotRunning(), OperationalError("SELECT 1", {}, Exception("gone"))):
+            self.patch(h.db, "run", lambda *args, error=error, **kwargs: fail(error))
+            d = h.http.get(BASE + "/me", headers=headers)
+            h.flush()
+            response = fired(d)
+            self.assertEqual(response.code, 503, error)
+            self.assertEqual(response.headers.getRawHeaders("Retry-After"), ["5"])
+
+
+class SuccessStatusTests(SynchronousTestCase):
+    def test_extra_success_statuses_are_documented_with_the_same_schema(self) -> None:
+        spec = openapi.document()
+        responses = spec["paths"]["/api/v1/bindings"]["post"]["responses"]
+        self.assertEqual(responses["200"], responses["201"])
+        self.assertIn("content", responses["200"])

@@ -22,6 +22,7 @@ from typing import Any
 
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import ValidationError
+from sqlalchemy.exc import IntegrityError, OperationalError
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
@@ -41,6 +42,7 @@ from cim.services.http import (
     write_reply,
 )
 from cim.state import token_hash
+from cim.storage.database import PoolNotRunning
 
 __all__ = [
     "API_PREFIX",
@@ -114,6 +116,9 @@ class Endpoint:
     authenticated: bool = True
     errors: tuple[int, ...] = ()
     """Refusals the operation documents beyond the ones every operation may give."""
+    also: tuple[int, ...] = ()
+    """Other success statuses, with the same response schema (e.g. 200 for a repeat of
+    a call that answers 201 when it creates)."""
     description: str = ""
 
 
@@ -158,6 +163,7 @@ ERROR_SCHEMA = object_schema(
 _COMMON_ERRORS = {
     400: "the request is malformed or breaks a rule; `message` says which",
     401: "the bearer token is missing, expired or unknown",
+    409: "the request conflicts with the current state (or with a concurrent change: retry)",
     413: "the body is too large",
     415: "the body is not application/json",
     503: "a backend is unreachable; retry after the Retry-After header",
@@ -385,10 +391,37 @@ class LogicResource(Resource):
             problem = _storable_problem(body, "body") or _schema_problem(route.validator, body)
             if problem is not None:
                 raise HttpError(400, "bad_request", problem)
-        caller = await self._authenticate(request) if endpoint.authenticated else None
-        status, payload = await endpoint.serve(
-            Call(caller, params, query, body, client_host(request))
-        )
+        try:
+            caller = await self._authenticate(request) if endpoint.authenticated else None
+            status, payload = await endpoint.serve(
+                Call(caller, params, query, body, client_host(request))
+            )
+        except IntegrityError as error:
+            # A concurrent change the feature's checks could not see, such as the
+            # caller's account deleted while this call was in flight: the write broke
+            # a key, nothing was stored, and a retry gets a proper answer.
+            self._log.info(
+                "{method} {path} conflicted with a concurrent change: {error}",
+                method=endpoint.method,
+                path=endpoint.path,
+                error=error.orig,
+            )
+            raise HttpError(
+                409, "conflict", "the request conflicts with a concurrent change; retry"
+            ) from None
+        except (OperationalError, PoolNotRunning) as error:
+            self._log.warn(
+                "database unavailable serving {method} {path}: {error}",
+                method=endpoint.method,
+                path=endpoint.path,
+                error=error,
+            )
+            raise HttpError(
+                503,
+                "database_unavailable",
+                "the database is unreachable; try again shortly",
+                ((b"Retry-After", b"5"),),
+            ) from None
         if status == 204:
             return Reply(204, b"")
         return json_reply(status, payload)
@@ -464,7 +497,8 @@ def _operation(endpoint: Endpoint) -> dict[str, Any]:
         success: dict[str, Any] = {"description": "success"}
         if endpoint.response is not None:
             success["content"] = {"application/json": {"schema": dict(endpoint.response)}}
-        responses[str(endpoint.status)] = success
+        for status in (endpoint.status, *endpoint.also):
+            responses[str(status)] = success
     errors = dict(_COMMON_ERRORS)
     if not endpoint.authenticated:
         errors.pop(401)

@@ -117,12 +117,18 @@ class BindingApi:
                 body=object_schema(
                     {
                         "device": _NAME,
-                        "code": {"type": "string", "minLength": 1, "maxLength": 32},
+                        "code": {
+                            "type": "string",
+                            "minLength": 1,
+                            "maxLength": 32,
+                            "writeOnly": True,
+                        },
                     },
                     ["device", "code"],
                 ),
                 response=BINDING_SCHEMA,
                 status=201,
+                also=(200,),
                 errors=(403, 409, 410, 429),
                 description=(
                     "Person accounts only. The device's first binding is `active` at once; "

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import and_, delete, func, insert, or_, select, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Row
 
 from cim.storage.schema import binding_codes, bindings, users
@@ -130,12 +131,16 @@ def account_kind_txn(connection: Connection, name: str) -> str | None:
 def store_binding_code_txn(
     connection: Connection, device: str, code_hash: str, expires_at: float, now: float
 ) -> None:
-    """The device's one live code: asking again replaces (and so revokes) the last one."""
-    connection.execute(delete(binding_codes).where(binding_codes.c.device == device))
+    """The device's one live code: asking again replaces (and so revokes) the last one.
+
+    An upsert, not DELETE then INSERT: two requests at once would both find no row to
+    delete and the second INSERT would break the primary key.
+    """
+    values = {"code_hash": code_hash, "expires_at": expires_at, "created_at": now}
+    dialect = postgresql if connection.dialect.name == "postgresql" else sqlite
+    statement = dialect.insert(binding_codes).values(device=device, **values)
     connection.execute(
-        insert(binding_codes).values(
-            device=device, code_hash=code_hash, expires_at=expires_at, created_at=now
-        )
+        statement.on_conflict_do_update(index_elements=[binding_codes.c.device], set_=values)
     )
 
 
@@ -187,6 +192,12 @@ def bind_with_code_txn(
         )
     )
     if consumed.rowcount != 1:
+        # Someone else consumed it first. When that was this same person's earlier try
+        # (a retry sent before the first answer came back), it has committed its
+        # binding by now: answer with it rather than count a wrong code.
+        existing = binding_txn(connection, device, guardian)
+        if existing is not None:
+            return BindOutcome(BindResult.EXISTS, existing)
         return BindOutcome(BindResult.WRONG_CODE)
     first = first_guardian_txn(connection, device)
     status = ACTIVE if first is None else PENDING
