@@ -21,7 +21,9 @@ from cim.storage.database import create_engine_for
 from cim.storage.fences import (
     NewPosition,
     Report,
+    TooManyFences,
     create_fence_txn,
+    list_fences_txn,
     positions_txn,
     purge_positions_txn,
     report_positions_txn,
@@ -173,6 +175,18 @@ class FenceCrossingTests(SynchronousTestCase):
         self.assertEqual(report(h, 1000, start=now - 50), [])
         self.assertEqual(count_positions(h), 4)
         self.assertEqual(h.notices("ann", "fence.left"), [])
+
+    def test_a_retried_report_does_not_count_its_fixes_twice(self) -> None:
+        h = family("fence_confirmations = 2\n")(self)
+        h.call("POST", "/devices/watch/fences", "ann", CIRCLE)
+        self.assertEqual(report(h, 0, 20), [])
+        start = h.ctx.now()
+        self.assertEqual(report(h, 500, start=start), [])
+        # The same report again (its answer was lost): one confirmation, not two.
+        self.assertEqual(report(h, 500, start=start), [])
+        # Another fix at that same moment but elsewhere still counts.
+        self.assertEqual(report(h, 510, start=start), [("left", "school")])
+        self.assertEqual(len(h.notices("ann", "fence.left")), 1)
 
     def test_a_batch_is_taken_in_time_order(self) -> None:
         h = family("fence_confirmations = 2\n")(self)
@@ -362,6 +376,47 @@ class HistoryTests(SynchronousTestCase):
 
 class PostgresqlReportTests(TestCase):
     """The storage on PostgreSQL: two reports racing over one crossing announce it once."""
+
+    def test_fences_created_at_once_keep_to_the_limit(self) -> None:
+        engine = create_engine_for(scratch_postgresql_url(self))
+        self.addCleanup(engine.dispose)
+        metadata.create_all(engine)
+        with engine.begin() as connection:
+            insert_user_txn(connection, "watch", "hash", "device", 1.0)
+            insert_user_txn(connection, "ann", "hash", "person", 1.0)
+            connection.execute(
+                insert(bindings).values(
+                    device="watch", guardian="ann", status="active", created_at=1.0
+                )
+            )
+
+        def create(connection: Connection) -> Any:
+            return create_fence_txn(
+                connection, "watch", "ann", "home", "circle", CIRCLE["circle"], 1.0, 1
+            )
+
+        holder = engine.connect()
+        self.addCleanup(holder.close)
+        transaction = holder.begin()
+        create(holder)
+        outcome: list[Any] = []
+
+        def create_again() -> None:
+            try:
+                with engine.begin() as connection:
+                    outcome.append(create(connection))
+            except TooManyFences as exc:
+                outcome.append(exc)
+
+        racer = threading.Thread(target=create_again)
+        racer.start()
+        wait_for_a_lock_wait(engine, 3.0)
+        transaction.commit()
+        racer.join(10)
+        self.assertFalse(racer.is_alive())
+        self.assertIsInstance(outcome[0], TooManyFences)
+        with engine.begin() as connection:
+            self.assertEqual(len(list_fences_txn(connection, "watch", "ann")), 1)
 
     def test_racing_reports_announce_a_crossing_once(self) -> None:
         engine = create_engine_for(scratch_postgresql_url(self))

@@ -18,7 +18,7 @@ from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.engine import Connection, Row
 
 from cim.storage.bindings import active_guardians_txn, is_active_guardian_txn
-from cim.storage.schema import fences, locations
+from cim.storage.schema import fences, locations, users
 
 __all__ = [
     "Fence",
@@ -146,6 +146,12 @@ def create_fence_txn(
     max_fences: int,
 ) -> Fence:
     _require_guardian(connection, device, guardian)
+    # The device's account row serialises fence creation per device, so two requests
+    # at once cannot both count one fence short of the limit. FOR NO KEY UPDATE does
+    # not hold up the device's position reports (their foreign key only shares it).
+    connection.execute(
+        select(users.c.id).where(users.c.name == device).with_for_update(key_share=True)
+    )
     count = connection.execute(
         select(func.count()).select_from(fences).where(fences.c.device == device)
     ).scalar_one()
@@ -227,7 +233,8 @@ def report_positions_txn(
 
     Positions older than the newest one the device had already reported are stored
     (they are history) but do not move fences: the fences have already moved past
-    that moment, and replaying it would announce a crossing out of order.
+    that moment, and replaying it would announce a crossing out of order. Nor does a
+    repeat of the newest one (same time and place).
     """
     ordered = sorted(positions, key=lambda p: p.at)
     locked = [
@@ -239,6 +246,18 @@ def report_positions_txn(
     newest = connection.execute(
         select(func.max(locations.c.recorded_at)).where(locations.c.device == device)
     ).scalar()
+    # A retried report (its first answer lost) repeats fixes already placed: one at
+    # exactly the newest time and place must not count twice toward a crossing.
+    seen_at_newest: set[tuple[float, float]] = set()
+    if newest is not None:
+        seen_at_newest = {
+            (float(row.lat), float(row.lon))
+            for row in connection.execute(
+                select(locations.c.lat, locations.c.lon).where(
+                    locations.c.device == device, locations.c.recorded_at == newest
+                )
+            )
+        }
     if ordered:
         connection.execute(
             insert(locations),
@@ -254,7 +273,13 @@ def report_positions_txn(
                 for p in ordered
             ],
         )
-    usable = [p for p in ordered if newest is None or p.at >= float(newest)]
+    usable = [
+        p
+        for p in ordered
+        if newest is None
+        or p.at > float(newest)
+        or (p.at == float(newest) and (p.lat, p.lon) not in seen_at_newest)
+    ]
     transitions: list[Transition] = []
     if locked and usable:
         for change in advance(locked, usable):
