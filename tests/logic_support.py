@@ -23,6 +23,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from cim.accounts import AccountStore
 from cim.client.session import ChatClient
 from cim.config import parse_config
+from cim.groups import GroupDirectory
 from cim.logic.api import LogicResource
 from cim.logic.context import LogicContext
 from cim.logic.notices import Notices
@@ -76,6 +77,7 @@ class LogicHarness:
         self.accounts.start()
         # The switchboard asks whether a receiver exists; the accounts table decides.
         self.node.switchboard._user_exists = self.accounts.exists
+        self.groups = GroupDirectory(self.db, self.clock)
         self.ctx = LogicContext(
             self.config,
             parsed.accounts,
@@ -84,6 +86,7 @@ class LogicHarness:
             self.node.state,
             Notices(self.node.switchboard, self.clock),
             self.clock,
+            self.groups,
         )
         self.listener = LogicListener(self.ctx)
         self.resource: LogicResource = self.listener.resource

@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
-from twisted.trial.unittest import SynchronousTestCase
+import threading
+from typing import Any
 
-from cim.storage.accounts import password_hash_txn
+from sqlalchemy.engine import Connection
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from cim.storage.accounts import insert_user_txn, password_hash_txn
+from cim.storage.database import create_engine_for
+from cim.storage.profiles import delete_account_txn
+from cim.storage.schema import bindings, metadata
 from tests.logic_support import PASSWORD, LogicHarness, fired
+from tests.test_logic_posts import wait_for_a_lock_wait
+from tests.test_storage import scratch_postgresql_url
 
 
 class RegistrationTests(SynchronousTestCase):
@@ -112,7 +121,6 @@ class PasswordAndDeletionTests(SynchronousTestCase):
         h = LogicHarness(self)
         h.add_user("ann")
         h.add_user("watch", kind="device")
-        from cim.storage.schema import bindings
 
         def bind(connection: object) -> None:
             connection.execute(  # type: ignore[attr-defined]
@@ -130,6 +138,71 @@ class PasswordAndDeletionTests(SynchronousTestCase):
         [notice] = h.notices("watch", "binding.removed")
         self.assertEqual((notice["account"], notice["reason"]), ("ann", "account_deleted"))
         self.assertFalse(fired_check(h, "ann", PASSWORD))
+
+    def test_deleting_takes_the_account_out_of_cached_group_member_lists(self) -> None:
+        h = LogicHarness(self)
+        for name in ("ann", "bob"):
+            h.add_user(name)
+        group = fired(h.groups.create("bob", "family", ["ann"]))
+        self.assertEqual(fired(h.groups.member_names(group.id)), ["ann", "bob"])
+        status, _ = h.call("DELETE", "/me", "ann", {"password": PASSWORD})
+        self.assertEqual(status, 200)
+        self.assertEqual(fired(h.groups.member_names(group.id)), ["bob"])
+        self.assertFalse(fired(h.groups.is_member(group.id, "ann")))
+
+    def test_a_deleted_persons_pending_request_is_withdrawn_for_all_who_saw_it(self) -> None:
+        h = LogicHarness(self)
+        h.add_user("watch", kind="device")
+        for name in ("mum", "ann"):
+            h.add_user(name)
+
+        def bind(connection: Connection) -> None:
+            for guardian, status in (("mum", "active"), ("ann", "pending")):
+                connection.execute(
+                    bindings.insert().values(
+                        device="watch", guardian=guardian, status=status, created_at=1.0
+                    )
+                )
+
+        fired(h.db.run(bind))
+        h.connect("watch")
+        h.connect("mum")
+        self.assertEqual(h.call("DELETE", "/me", "ann", {"password": PASSWORD})[0], 200)
+        for told in ("watch", "mum"):
+            [notice] = h.notices(told, "binding.removed")
+            self.assertEqual((notice["account"], notice["reason"]), ("ann", "account_deleted"))
+
+
+class PostgresqlDeletionTests(TestCase):
+    def test_two_deletions_at_once_delete_and_tell_once(self) -> None:
+        engine = create_engine_for(scratch_postgresql_url(self))
+        self.addCleanup(engine.dispose)
+        metadata.create_all(engine)
+        with engine.begin() as connection:
+            insert_user_txn(connection, "ann", "hash", "person", 1.0)
+            insert_user_txn(connection, "watch", "hash", "device", 1.0)
+            connection.execute(
+                bindings.insert().values(
+                    device="watch", guardian="ann", status="active", created_at=1.0
+                )
+            )
+        holder = engine.connect()
+        self.addCleanup(holder.close)
+        transaction = holder.begin()
+        first = delete_account_txn(holder, "ann", 2.0)
+        outcome: list[Any] = []
+
+        def delete_again() -> None:
+            with engine.begin() as connection:
+                outcome.append(delete_account_txn(connection, "ann", 2.0))
+
+        racer = threading.Thread(target=delete_again)
+        racer.start()
+        self.assertTrue(wait_for_a_lock_wait(engine), "the second deletion did not wait")
+        transaction.commit()
+        racer.join(10)
+        self.assertFalse(racer.is_alive())
+        self.assertEqual((first.told if first else None, outcome), (["watch"], [None]))
 
 
 def fired_check(h: LogicHarness, user: str, password: str) -> bool:

@@ -281,9 +281,14 @@ class AccountApi:
     async def delete_me(self, call: Call) -> Answer:
         user = call.user.user
         await self._prove(user, str(call.body["password"]))
-        bound = await self.ctx.database.run(delete_account_txn, user, self.ctx.now())
-        if bound is None:
+        deleted = await self.ctx.database.run(delete_account_txn, user, self.ctx.now())
+        if deleted is None:
             raise HttpError(404, "not_found", "no such user")
+        if self.ctx.groups is not None:
+            # As when leaving through the directory: fan-out must not keep sending to a
+            # deleted member. Other nodes' caches expire after their cache_ttl.
+            for left in deleted.left_groups:
+                self.ctx.groups.forget(left.group_id)
         try:
             await self.ctx.state.end_user_session(user, REASON_ACCOUNT_DELETED)
         except StateUnavailable:
@@ -291,6 +296,6 @@ class AccountApi:
             # connection ends when its session or route expires.
             self.log.warn("session store down: {user}'s session not ended at once", user=user)
         await self.ctx.notices.send(
-            bound, "binding.removed", account=user, reason="account_deleted"
+            deleted.told, "binding.removed", account=user, reason="account_deleted"
         )
         return 200, {"deleted": user}

@@ -8,6 +8,7 @@ from twisted.internet.interfaces import IReactorTime
 
 from cim.accounts import AccountStore
 from cim.config import AccountsConfig, LogicConfig
+from cim.groups import GroupDirectory
 from cim.interfaces import IStateStore
 from cim.logic.notices import Notices
 from cim.storage.database import Database
@@ -22,6 +23,8 @@ class LogicContext:
     state: IStateStore
     notices: Notices
     clock: IReactorTime
+    groups: GroupDirectory | None
+    """The node's group directory, whose member caches a deleted account leaves."""
 
     def now(self) -> float:
         return float(self.clock.seconds())

@@ -36,6 +36,7 @@ def document() -> dict[str, Any]:
         absent,
         Notices(absent, clock),
         clock,
+        None,
     )
     return openapi_document(logic_endpoints(logic_features(ctx)))
 

@@ -245,6 +245,7 @@ class CimDaemon(Service):
                 self.state,
                 Notices(self.switchboard, self.reactor),
                 self.reactor,
+                self.groups,
             )
         )
         self.logic = logic

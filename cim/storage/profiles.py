@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sqlalchemy import delete, select
+from sqlalchemy import delete, or_, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
-from cim.storage.bindings import bound_accounts_txn
-from cim.storage.groups import leave_all_groups_txn
+from cim.storage.bindings import PENDING, bound_accounts_txn, first_guardian_txn
+from cim.storage.groups import LeaveRecord, leave_all_groups_txn
 from cim.storage.schema import bindings, offline_msgs, profiles, users
 
 
@@ -69,22 +69,50 @@ def update_profile_txn(
     return profile_txn(connection, name)
 
 
-def delete_account_txn(connection: Connection, name: str, now: float) -> list[str] | None:
-    """Delete the account and what it owns; returns whom it was bound to (to tell them).
+@dataclass(frozen=True)
+class DeletedAccount:
+    told: list[str]
+    """Who had a binding with it, active or pending, or must approve one of its
+    pending requests: they are told it is gone."""
+    left_groups: list[LeaveRecord]
+    """The groups it was taken out of (their cached member lists are stale now)."""
 
-    Groups first, with the usual succession (an owned group gets a new owner), then
-    the stored offline messages (they have no foreign key), then the user row, whose
-    cascade takes profile, bindings, codes, fences, positions, SOS events, posts and
-    likes. None when there was no such user.
+
+def delete_account_txn(connection: Connection, name: str, now: float) -> DeletedAccount | None:
+    """Delete the account and what it owns; says whom to tell and which groups changed.
+
+    The user row is locked first, so two deletions at once run one after the other
+    and the second finds nothing (None, as for no such user) instead of telling
+    everyone twice. Groups next, with the usual succession (an owned group gets a new
+    owner), then the stored offline messages (they have no foreign key), then the
+    user row, whose cascade takes profile, bindings, codes, fences, positions, SOS
+    events, posts and likes.
     """
-    if connection.execute(select(users.c.id).where(users.c.name == name)).first() is None:
+    locked = connection.execute(
+        select(users.c.id).where(users.c.name == name).with_for_update()
+    ).first()
+    if locked is None:
         return None
-    bound = bound_accounts_txn(connection, name)
-    pending = connection.execute(
-        select(bindings.c.guardian).where(bindings.c.device == name)
-    ).scalars()
-    bound = sorted(set(bound) | {str(guardian) for guardian in pending})
-    leave_all_groups_txn(connection, name, now)
+    told = set(bound_accounts_txn(connection, name))
+    rows = connection.execute(
+        select(bindings.c.device, bindings.c.guardian, bindings.c.status).where(
+            or_(bindings.c.device == name, bindings.c.guardian == name)
+        )
+    ).all()
+    for row in rows:
+        if row.status != PENDING:
+            continue
+        if row.device == name:
+            told.add(str(row.guardian))
+            continue
+        # Its own request to a device: the device and whoever would approve it.
+        told.add(str(row.device))
+        first = first_guardian_txn(connection, str(row.device))
+        if first is not None:
+            told.add(first)
+    left = leave_all_groups_txn(connection, name, now)
     connection.execute(delete(offline_msgs).where(offline_msgs.c.receiver_uid == name))
-    connection.execute(delete(users).where(users.c.name == name))
-    return bound
+    deleted = connection.execute(delete(users).where(users.c.name == name))
+    if deleted.rowcount != 1:
+        return None
+    return DeletedAccount(sorted(told), left)
