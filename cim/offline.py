@@ -222,19 +222,20 @@ class OfflineStore:
         self._db = db
         self.max_per_user = max_per_user
 
-    def store(self, messages: Iterable[OfflineItem]) -> Deferred[int]:
+    def store(self, messages: Iterable[OfflineItem], *, capped: bool = True) -> Deferred[int]:
         """Store a batch in one transaction; fires with how many rows are new.
 
         Storing a message again is harmless (it is not counted). Fails with
         ``OfflineFull`` when a receiver would hold more than ``max_per_user``: then
         nothing of the batch is stored, and ``OfflineFull.receivers`` says whom to
-        leave out to store the rest.
+        leave out to store the rest. ``capped=False`` stores whatever the cap, for
+        the few messages that must never be dropped (an SOS alarm).
         """
         try:
             records = [_offline_record(item) for item in messages]
         except ValueError as exc:
             return fail(exc)
-        return self._db.run(store_offline_txn, records, self.max_per_user)
+        return self._db.run(store_offline_txn, records, self.max_per_user if capped else None)
 
     def count(self, receiver: str) -> Deferred[int]:
         return self._db.run(count_offline_txn, receiver)

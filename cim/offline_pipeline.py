@@ -407,10 +407,11 @@ class OfflinePipeline:
 
     # --- OfflineBox -------------------------------------------------------------------
 
-    def store(self, messages: Iterable[OfflineItem]) -> Deferred[int]:
+    def store(self, messages: Iterable[OfflineItem], *, capped: bool = True) -> Deferred[int]:
         """Fires once every message is safe: committed, or confirmed by the broker.
 
-        Fails with ``OfflineFull`` (nothing published) when a receiver's box is full,
+        Fails with ``OfflineFull`` (nothing published) when a receiver's box is full
+        (unless ``capped`` is False: the writer stores whatever the cap anyway),
         with BusUnavailable when the broker did not confirm every message (some may
         have been: the sender is told "failed" for a message a receiver may still get,
         never "stored" for one it will not). With the broker the result is how many
@@ -418,7 +419,7 @@ class OfflinePipeline:
         """
         items = list(messages)
         if self.link is None:
-            return self._store.store(items)
+            return self._store.store(items, capped=capped)
         try:
             pairs = [_pair(item) for item in items]
             bodies = [encode(receiver, message) for receiver, message in pairs]
@@ -426,10 +427,10 @@ class OfflinePipeline:
             return fail(exc)
         if not pairs:
             return succeed(0)
-        return Deferred.fromCoroutine(self._publish([r for r, _ in pairs], bodies))
+        return Deferred.fromCoroutine(self._publish([r for r, _ in pairs], bodies, capped))
 
-    async def _publish(self, receivers: list[str], bodies: list[bytes]) -> int:
-        limit = self._store.max_per_user
+    async def _publish(self, receivers: list[str], bodies: list[bytes], capped: bool) -> int:
+        limit = self._store.max_per_user if capped else None
         if limit is not None:
             adding: dict[str, int] = {}
             for receiver in receivers:

@@ -138,7 +138,7 @@ UserExists = Callable[[str], "Deferred[bool]"]
 class OfflineBox(Protocol):
     """What the switchboard needs from offline storage (cim.offline.OfflineStore)."""
 
-    def store(self, messages: Iterable[Any]) -> Deferred[int]: ...
+    def store(self, messages: Iterable[Any], *, capped: bool = True) -> Deferred[int]: ...
 
     def page(self, receiver: str, before: int | None = None, limit: int = ...) -> Deferred[Any]: ...
 
@@ -499,7 +499,9 @@ class Switchboard:
 
         d.addCallbacks(stored, not_stored)
 
-    def send_system(self, receivers: Iterable[str], text: str) -> Deferred[list[str]]:
+    def send_system(
+        self, receivers: Iterable[str], text: str, urgent: bool = False
+    ) -> Deferred[list[str]]:
         """A message the server itself sends (the logic service's notices) to users.
 
         It is stored first and connected receivers are then told to pull, the path an
@@ -508,7 +510,8 @@ class Switchboard:
         is offline all end the same way, with the notice delivered at the next pull and
         dropped by id if it ever arrives twice. Fires with the receivers it was stored
         for; a receiver whose store is full is logged and left out, the others still
-        get it.
+        get it. An ``urgent`` message (an SOS) ignores the cap: a full box of chat must
+        not cost anyone an alarm.
         """
         if self._offline is None:
             raise RuntimeError("system messages need offline storage")
@@ -531,7 +534,7 @@ class Switchboard:
             stored: list[str] = []
             for receiver in unique:
                 try:
-                    await offline.store([copy_for(receiver)])
+                    await offline.store([copy_for(receiver)], capped=not urgent)
                 except OfflineFull:
                     self.log.warn(
                         "system message {id} not stored for {user}: offline store full",

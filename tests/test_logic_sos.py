@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from twisted.internet.defer import Deferred
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.logic_support import LogicHarness
+from cim.offline import OfflineStore
+from tests.logic_support import LogicHarness, fired
 from tests.test_logic_bindings import bind, bind_pair, family
 
 HERE = {"lat": 31.2304, "lon": 121.4737, "accuracy_m": 12.5, "battery": 41}
@@ -20,6 +22,18 @@ def raise_sos(h: LogicHarness, device: str = "watch", **body: Any) -> dict[str, 
 
 def notice_ids(h: LogicHarness, user: str) -> list[str]:
     return [message.id for message in h.inbox.get(user, [])]
+
+
+class FullOfflineStoreTests(SynchronousTestCase):
+    def test_an_sos_reaches_a_guardian_whose_offline_store_is_full(self) -> None:
+        h = LogicHarness(self)
+        h.node.switchboard._offline = OfflineStore(h.db, 1)
+        family(h, "watch", "g1")
+        bind(h, "g1")  # binding.created fills g1's box
+        self.assertEqual(fired(Deferred.fromCoroutine(h.ctx.notices.send(["g1"], "x.y"))), [])
+        raise_sos(h)
+        h.connect("g1")
+        self.assertEqual(len(h.notices("g1", "sos.raised")), 1)
 
 
 class AcceptanceTests(SynchronousTestCase):

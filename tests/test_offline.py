@@ -270,6 +270,13 @@ class OfflineTests(DatabaseMixin, TestCase):
         self.ok(store.acknowledge("bob", [1]))
         self.assertEqual(self.ok(store.store([message(4)])), 1)
 
+    def test_uncapped_messages_are_stored_in_a_full_box(self) -> None:
+        store = OfflineStore(self.db, max_per_user=1)
+        self.ok(store.store([message(1)]))
+        self.failureResultOf(store.store([message(2)]), OfflineFull)
+        self.assertEqual(self.ok(store.store([message(2)], capped=False)), 1)
+        self.assertEqual(self.ids(), [2, 1])
+
     def test_cap_refuses_the_whole_batch_and_names_who_is_full(self) -> None:
         store = OfflineStore(self.db, max_per_user=2)
         self.ok(store.store([message(1, to="carol"), message(2, to="dave")]))

@@ -30,7 +30,9 @@ NORMAL = "normal"
 class SystemMessages(Protocol):
     """The switchboard's ``send_system``."""
 
-    def send_system(self, receivers: Iterable[str], text: str) -> Deferred[list[str]]: ...
+    def send_system(
+        self, receivers: Iterable[str], text: str, urgent: bool = False
+    ) -> Deferred[list[str]]: ...
 
 
 def notice_text(event: str, at: float, fields: Mapping[str, Any], urgent: bool) -> str:
@@ -60,13 +62,17 @@ class Notices:
         urgent: bool = False,
         **fields: Any,
     ) -> list[str]:
-        """Store the notice for each receiver; returns whom it was stored for."""
+        """Store the notice for each receiver; returns whom it was stored for.
+
+        An ``urgent`` notice is high priority and is stored even for a receiver whose
+        offline store is full (a normal one is then left out for that receiver).
+        """
         unique = sorted(set(receivers))
         if not unique:
             return []
         text = notice_text(event, self._clock.seconds(), fields, urgent)
         try:
-            return await self._messages.send_system(unique, text)
+            return await self._messages.send_system(unique, text, urgent)
         except Exception:
             self.log.failure("could not send the {event} notice", event=event)
             return []
