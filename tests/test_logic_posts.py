@@ -81,9 +81,8 @@ class LikeGoalTests(SynchronousTestCase):
         self.assertEqual((status, body["likes"], body["liked"]), (200, 2, False))
         self.assertEqual(h.call("PUT", path, "u3")[1]["likes"], 3)
         self.assertEqual(len(h.notices("author", "post.goal_reached")), 1)
-        self.assertEqual(
-            [n["by"] for n in h.notices("author", "post.liked")], ["u1", "u2", "u3", "u3"]
-        )
+        # A like given again after an unlike is not news to the author.
+        self.assertEqual([n["by"] for n in h.notices("author", "post.liked")], ["u1", "u2", "u3"])
 
         status, body = h.call("GET", f"/posts/{post['id']}", "u1")
         self.assertEqual(
@@ -122,6 +121,27 @@ class LikeGoalTests(SynchronousTestCase):
             ).scalar_one()
 
         self.assertEqual(fired(h.db.run(reached_at)), 10.0)
+
+    def test_liking_again_after_an_unlike_does_not_tell_the_author_again(self) -> None:
+        h = LogicHarness(self)
+        for name in ("author", "fan"):
+            h.add_user(name)
+        h.connect("author")
+        post = publish(h, "author")
+        path = f"/posts/{post['id']}/like"
+        for _ in range(3):
+            self.assertEqual(
+                h.call("PUT", path, "fan")[1], {"post": post["id"], "likes": 1, "liked": True}
+            )
+            self.assertEqual(h.call("DELETE", path, "fan")[1]["likes"], 0)
+        self.assertEqual(h.call("PUT", path, "fan")[1]["likes"], 1)
+        self.assertEqual(len(h.notices("author", "post.liked")), 1)
+        status, likers = h.call("GET", f"/posts/{post['id']}/likes", "author")
+        self.assertEqual((status, likers), (200, {"likes": 1, "likers": ["fan"]}))
+        h.call("DELETE", path, "fan")
+        status, got = h.call("GET", f"/posts/{post['id']}", "fan")
+        self.assertEqual((got["likes"], got["liked_by_me"]), (0, False))
+        self.assertEqual(h.call("GET", f"/posts/{post['id']}/likes", "author")[1]["likers"], [])
 
     def test_a_post_without_a_goal_never_announces_one(self) -> None:
         h = LogicHarness(self)
@@ -351,7 +371,7 @@ class PostgresqlLikeTests(TestCase):
         assert isinstance(first, LikeOutcome) and isinstance(again, LikeOutcome)
         self.assertEqual((first.added, again.added, again.likes), (True, False, 1))
         with engine.begin() as connection:
-            unlike_post_txn(connection, post.id, "u1")
+            unlike_post_txn(connection, post.id, "u1", 2.8)
 
         # u2 holds the post's row; u3's like must wait for it, then count both.
         outcomes: dict[str, Any] = {}

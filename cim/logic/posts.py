@@ -298,7 +298,7 @@ class PostApi:
         )
         if isinstance(outcome, Refusal):
             _refuse(outcome)
-        if outcome.added:
+        if outcome.first:
             await self.ctx.notices.send(
                 [outcome.author], "post.liked", post=outcome.post, by=user, likes=outcome.likes
             )
@@ -314,7 +314,7 @@ class PostApi:
 
     async def unlike_post(self, call: Call) -> Answer:
         outcome = await self.ctx.database.run(
-            unlike_post_txn, int(call.params["post"]), call.user.user
+            unlike_post_txn, int(call.params["post"]), call.user.user, self.ctx.now()
         )
         if isinstance(outcome, Refusal):
             _refuse(outcome)

@@ -1,10 +1,13 @@
 """Transactions on posts and their likes (``posts``, ``post_likes``).
 
-A like is a row, and a post's count is ``COUNT(*)`` over its rows: there is no counter
-column to drift from the truth when likes race. Whether a like reached the post's goal
-is decided in the transaction that stores it, against the post's row locked for the
-duration (``FOR UPDATE`` on PostgreSQL; SQLite serialises writers anyway), and recorded
-by a conditional update of ``goal_reached_at``, so the goal is announced exactly once.
+A like is a row, and a post's count is ``COUNT(*)`` over its rows not withdrawn: there
+is no counter column to drift from the truth when likes race. An unlike marks the row
+withdrawn rather than deleting it, so a like given again is known not to be new.
+
+Whether a like reached the post's goal is decided in the transaction that stores it,
+against the post's row locked for the duration (``FOR UPDATE`` on PostgreSQL; SQLite
+serialises writers anyway), and recorded by a conditional update of
+``goal_reached_at``, so the goal is announced exactly once.
 
 Visibility is decided here too, in the same transaction as the change it guards: a
 post is seen by everyone (audience ``everyone``) or by its author and the accounts
@@ -59,7 +62,10 @@ class LikeOutcome:
     likes: int
     liked: bool
     added: bool
-    """True only when this call stored a new like (not for a repeat)."""
+    """True only when this call made the like count (not for a repeat)."""
+    first: bool
+    """True only for the user's first like of the post, not one given again after an
+    unlike: the author hears of each liker once, however often they change their mind."""
     removed: bool
     goal: int | None
     goal_reached_now: bool
@@ -82,6 +88,10 @@ _POST_COLUMNS = (
     posts.c.goal_reached_at,
     posts.c.created_at,
 )
+
+
+_COUNTED = post_likes.c.withdrawn_at.is_(None)
+"""A like that has not been withdrawn."""
 
 
 def _can_see(connection: Connection, row: Row, viewer: str) -> bool:
@@ -109,7 +119,9 @@ def _visible_row(
 def _like_count(connection: Connection, post_id: int) -> int:
     return int(
         connection.execute(
-            select(func.count()).select_from(post_likes).where(post_likes.c.post_id == post_id)
+            select(func.count())
+            .select_from(post_likes)
+            .where(post_likes.c.post_id == post_id, _COUNTED)
         ).scalar_one()
     )
 
@@ -117,7 +129,7 @@ def _like_count(connection: Connection, post_id: int) -> int:
 def _has_liked(connection: Connection, post_id: int, user: str) -> bool:
     row = connection.execute(
         select(post_likes.c.post_id).where(
-            post_likes.c.post_id == post_id, post_likes.c.user_name == user
+            post_likes.c.post_id == post_id, post_likes.c.user_name == user, _COUNTED
         )
     ).first()
     return row is not None
@@ -130,13 +142,13 @@ def _posts_from_rows(connection: Connection, rows: Sequence[Row], viewer: str) -
     if ids:
         counted = connection.execute(
             select(post_likes.c.post_id, func.count())
-            .where(post_likes.c.post_id.in_(ids))
+            .where(post_likes.c.post_id.in_(ids), _COUNTED)
             .group_by(post_likes.c.post_id)
         )
         counts = {int(post_id): int(count) for post_id, count in counted}
         liked = connection.execute(
             select(post_likes.c.post_id).where(
-                post_likes.c.post_id.in_(ids), post_likes.c.user_name == viewer
+                post_likes.c.post_id.in_(ids), post_likes.c.user_name == viewer, _COUNTED
             )
         )
         mine = {int(post_id) for post_id in liked.scalars()}
@@ -248,7 +260,7 @@ def like_post_txn(
         return row
     if row.author == user:
         return Refusal.OWN_POST
-    added = False
+    added = first = False
     try:
         # A savepoint: on PostgreSQL a failed insert would otherwise abort the whole
         # transaction, and a repeated like is not an error.
@@ -256,9 +268,19 @@ def like_post_txn(
             connection.execute(
                 insert(post_likes).values(post_id=post_id, user_name=user, created_at=now)
             )
-        added = True
+        added = first = True
     except IntegrityError:
-        if not _has_liked(connection, post_id, user):
+        given_again = connection.execute(
+            update(post_likes)
+            .where(
+                post_likes.c.post_id == post_id,
+                post_likes.c.user_name == user,
+                post_likes.c.withdrawn_at.is_not(None),
+            )
+            .values(withdrawn_at=None, created_at=now)
+        )
+        added = given_again.rowcount == 1
+        if not added and not _has_liked(connection, post_id, user):
             raise
     likes = _like_count(connection, post_id)
     goal = row.like_goal
@@ -276,19 +298,24 @@ def like_post_txn(
         likes=likes,
         liked=True,
         added=added,
+        first=first,
         removed=False,
         goal=goal,
         goal_reached_now=reached_now,
     )
 
 
-def unlike_post_txn(connection: Connection, post_id: int, user: str) -> LikeOutcome | Refusal:
+def unlike_post_txn(
+    connection: Connection, post_id: int, user: str, now: float
+) -> LikeOutcome | Refusal:
     """Withdraw the like if there is one; not having liked is not an error."""
     row = _visible_row(connection, post_id, user, lock=True)
     if isinstance(row, Refusal):
         return row
     result = connection.execute(
-        delete(post_likes).where(post_likes.c.post_id == post_id, post_likes.c.user_name == user)
+        update(post_likes)
+        .where(post_likes.c.post_id == post_id, post_likes.c.user_name == user, _COUNTED)
+        .values(withdrawn_at=now)
     )
     return LikeOutcome(
         post=post_id,
@@ -296,6 +323,7 @@ def unlike_post_txn(connection: Connection, post_id: int, user: str) -> LikeOutc
         likes=_like_count(connection, post_id),
         liked=False,
         added=False,
+        first=False,
         removed=result.rowcount > 0,
         goal=row.like_goal,
         goal_reached_now=False,
@@ -311,7 +339,7 @@ def likers_txn(
         return row
     names = connection.execute(
         select(post_likes.c.user_name)
-        .where(post_likes.c.post_id == post_id)
+        .where(post_likes.c.post_id == post_id, _COUNTED)
         .order_by(post_likes.c.created_at, post_likes.c.user_name)
         .limit(limit)
         .offset(offset)

@@ -363,5 +363,8 @@ post_likes = Table(
     Column("post_id", BIG_ID, ForeignKey("posts.id", ondelete="CASCADE"), primary_key=True),
     _user_column("user_name", primary_key=True),
     Column("created_at", Double, nullable=False),
+    # Set by an unlike: the row stays so that liking again is known not to be a first
+    # like (the author is told of each liker once).
+    Column("withdrawn_at", Double, nullable=True),
     Index(None, "user_name"),
 )

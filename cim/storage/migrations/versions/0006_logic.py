@@ -181,6 +181,7 @@ def upgrade() -> None:
         sa.Column("post_id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), nullable=False),
         sa.Column("user_name", sa.String(length=64), nullable=False),
         sa.Column("created_at", sa.Double(), nullable=False),
+        sa.Column("withdrawn_at", sa.Double(), nullable=True),
         sa.ForeignKeyConstraint(
             ["post_id"], ["posts.id"], name=op.f("fk_post_likes_post_id_posts"), ondelete="CASCADE"
         ),
