@@ -102,14 +102,19 @@ class OfflinePipelineDaemonTests(TestCase):
 
         # The restarted writer drains what the broker still holds.
         await eventually(
-            lambda: {content for _, content in rows()} >= set(stored), 60, "the queue to drain"
+            lambda: {msg_id for msg_id, _ in rows()} >= set(stored.values()),
+            60,
+            "the queue to drain",
         )
         in_database = rows()
         ids = [msg_id for msg_id, _ in in_database]
         self.assertEqual(len(ids), len(set(ids)), "no message twice")
-        by_text = {content: msg_id for msg_id, content in in_database}
-        for body, msg_id in stored.items():
-            self.assertEqual(by_text[body], msg_id, body)
+        self.assertLessEqual(set(stored.values()), set(ids), "every stored id is in the table")
+        # A message the node had taken but whose "stored" never reached alice before
+        # the kill is sent again after the restart; the restarted node's dedup memory
+        # (the memory state store) is gone, so the resend is a second row under a new
+        # id with the same sender sequence, which bob's client drops (P2).
+        resent = len(in_database) - len({content for _, content in in_database})
 
         # bob logs in once and gets every stored message, each once.
         bob = client_for(daemon, "bob")
@@ -121,8 +126,8 @@ class OfflinePipelineDaemonTests(TestCase):
         self.assertEqual(len(shown), len(set(shown)))
         print(
             f"\n{len(outcomes)} sent, kill -9 after {written_before} rows were written, "
-            f"{len(stored)} stored, "
-            f"{len(in_database)} rows, {len(shown)} shown to bob once each"
+            f"{len(stored)} stored, {len(in_database)} rows ({resent} resent after the "
+            f"restart), {len(shown)} shown to bob once each"
         )
 
 

@@ -22,7 +22,7 @@ from cim.protocols.crypto import (
     session_ciphers,
 )
 from cim.protocols.handshake import ClientHandshake, accept_client_hello
-from cim.protocols.wire import HEARTBEAT_FRAME, FrameProtocol
+from cim.protocols.wire import HEARTBEAT_FRAME, FrameProtocol, send_now
 from tests.test_crypto import shared_node_key
 
 MAX_FRAME = 1024
@@ -380,3 +380,138 @@ class ConnectedTests(unittest.TestCase):
 
     def test_rc4(self) -> None:
         self.exchange(SUITE_RC4)
+
+
+class _Socket:
+    """Takes at most ``room`` bytes per send, like a socket with a full buffer."""
+
+    def __init__(self, room: int = 1 << 20, error: OSError | None = None) -> None:
+        self.room = room
+        self.error = error
+        self.sent: list[bytes] = []
+
+    def send(self, data: bytes) -> int:
+        if self.error is not None:
+            raise self.error
+        taken = data[: self.room]
+        self.sent.append(taken)
+        return len(taken)
+
+
+class _SocketTransport(StringTransport):
+    """A StringTransport with what send_now looks at on a tcp.Connection."""
+
+    def __init__(self, sock: _Socket) -> None:
+        super().__init__()
+        self.socket = sock
+        self.dataBuffer = b""
+        self._tempDataBuffer: list[bytes] = []
+        self.connected = True
+
+
+class SendNowTests(unittest.TestCase):
+    def test_straight_to_the_socket_when_nothing_is_queued(self) -> None:
+        transport = _SocketTransport(_Socket())
+        send_now(transport, b"frame")
+        self.assertEqual((transport.socket.sent, transport.value()), ([b"frame"], b""))
+
+    def test_the_rest_of_a_partial_send_is_queued(self) -> None:
+        transport = _SocketTransport(_Socket(room=2))
+        send_now(transport, b"frame")
+        self.assertEqual((transport.socket.sent, transport.value()), ([b"fr"], b"ame"))
+
+    def test_queued_data_keeps_its_place(self) -> None:
+        transport = _SocketTransport(_Socket())
+        transport._tempDataBuffer.append(b"earlier")
+        send_now(transport, b"later")
+        self.assertEqual((transport.socket.sent, transport.value()), ([], b"later"))
+
+    def test_a_socket_error_leaves_it_to_twisted(self) -> None:
+        transport = _SocketTransport(_Socket(error=BlockingIOError()))
+        send_now(transport, b"frame")
+        self.assertEqual(transport.value(), b"frame")
+
+    def test_closing_transport_is_not_written_directly(self) -> None:
+        transport = _SocketTransport(_Socket())
+        transport.disconnecting = True
+        send_now(transport, b"frame")
+        self.assertEqual((transport.socket.sent, transport.value()), ([], b"frame"))
+
+
+class Relay(RecordingProtocol):
+    """Answers each frame with two frames to itself and one to a peer."""
+
+    peer: FrameProtocol
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inbound = {cim_pb2.MSG_R: (cim_pb2.Message, _relay)}
+
+
+def _relay(protocol: Any, message: Any) -> None:
+    protocol.send_frame(cim_pb2.MSG_A, cim_pb2.MsgA(client_seq=1))
+    protocol.send_frame(cim_pb2.ACK_A, cim_pb2.AckA(msg_id=1))
+    protocol.peer.send_frame(cim_pb2.MSG_N, message)
+
+
+class HeldWritesTests(unittest.TestCase):
+    def connected(self, protocol: FrameProtocol) -> list[bytes]:
+        transport = StringTransport()
+        writes: list[bytes] = []
+        original = transport.write
+
+        def write(data: bytes) -> None:
+            writes.append(data)
+            original(data)
+
+        transport.write = write  # type: ignore[method-assign]
+        protocol.makeConnection(transport)
+        return writes
+
+    def test_frames_made_during_a_read_leave_in_one_write_per_connection(self) -> None:
+        relay, peer = Relay(), RecordingProtocol()
+        relay.peer = peer
+        relay_writes, peer_writes = self.connected(relay), self.connected(peer)
+        for protocol in (relay, peer):
+            protocol.start_encryption(*ciphers(SUITE_CHACHA, "node"))
+        sealer, _ = ciphers(SUITE_CHACHA, "client")
+        relay.dataReceived(b"".join(frame(sealer.seal(message_body(str(n)))) for n in range(3)))
+        # Six frames back to the sender and three to the peer, in one write each.
+        self.assertEqual((len(relay_writes), len(peer_writes)), (1, 1))
+        _, opener = ciphers(SUITE_CHACHA, "client")
+        frames, rest = split_frames(relay_writes[0])
+        self.assertEqual(rest, b"")
+        types = [opener.open(body)[0] for body in frames]
+        self.assertEqual(types, [cim_pb2.MSG_A, cim_pb2.ACK_A] * 3)
+        self.assertEqual(len(split_frames(peer_writes[0])[0]), 3)
+
+    def test_outside_a_read_frames_go_at_once(self) -> None:
+        protocol = RecordingProtocol()
+        writes = self.connected(protocol)
+        protocol.send_heartbeat()
+        protocol.send_heartbeat()
+        self.assertEqual(writes, [HEARTBEAT_FRAME, HEARTBEAT_FRAME])
+
+    def test_closing_during_a_read_sends_the_held_frames_first(self) -> None:
+        class Refuser(RecordingProtocol):
+            def plaintext_frame_received(self, body: bytes) -> None:
+                self.send_plaintext(b"\x07no")
+                self.lose_connection()
+
+        protocol = Refuser()
+        self.connected(protocol)
+        transport: Any = protocol.transport
+        protocol.dataReceived(frame(b"\x01hello"))
+        self.assertEqual(transport.value(), frame(b"\x07no"))
+        self.assertTrue(transport.disconnecting)
+
+
+def split_frames(data: bytes) -> tuple[list[bytes], bytes]:
+    frames = []
+    while len(data) >= 4:
+        (length,) = struct.unpack(">I", data[:4])
+        if len(data) < 4 + length:
+            break
+        frames.append(data[4 : 4 + length])
+        data = data[4 + length :]
+    return frames, data

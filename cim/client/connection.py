@@ -112,7 +112,7 @@ class ImClientProtocol(FrameProtocol):
         try:
             sealer, opener, first = self._handshake.finish(body)
         except HandshakeRefused as refusal:
-            self.tcp.loseConnection()
+            self.lose_connection()
             self.logged_in.errback(refusal)
             return
         except (FrameAuthenticationError, ValueError) as exc:
@@ -123,7 +123,7 @@ class ImClientProtocol(FrameProtocol):
         result = cim_pb2.LoginResult.FromString(first[1:])
         self.login_result = result
         if result.status != _STATUS.OK:
-            self.tcp.loseConnection()
+            self.lose_connection()
             node = result.node if result.HasField("node") else None
             self.logged_in.errback(LoginRefused(result.status, result.message, node))
             return

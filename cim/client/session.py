@@ -575,7 +575,7 @@ class ChatClient:
             self._connecting.cancel()
         protocol = self.protocol
         if protocol is not None and protocol.transport is not None:
-            protocol.transport.loseConnection()
+            protocol.lose_connection()
         if logout and self.ticket is not None:
             try:
                 await self._router.logout(self.ticket.token)

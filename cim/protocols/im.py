@@ -90,7 +90,7 @@ class ImServerProtocol(FrameProtocol, SweptTimeoutMixin):
             )
             self.state = ConnectionState.CLOSING
             self.send_plaintext(refusal.to_body())
-            self.tcp.loseConnection()
+            self.lose_connection()
             return
         self.setTimeout(factory.config.handshake_timeout)
 
@@ -157,7 +157,7 @@ class ImServerProtocol(FrameProtocol, SweptTimeoutMixin):
             )
             self.state = ConnectionState.CLOSING
             self.send_plaintext(refusal.to_body())
-            self.tcp.loseConnection()
+            self.lose_connection()
             return
         d = factory.state.session_for_token(token_hash(accepted.token))
         d.addCallback(self._token_checked, accepted)
@@ -263,7 +263,7 @@ class ImServerProtocol(FrameProtocol, SweptTimeoutMixin):
             result.node.CopyFrom(node)
         self.state = ConnectionState.CLOSING
         self._send_login_result(accepted, result)
-        self.tcp.loseConnection()
+        self.lose_connection()
 
     def _send_login_result(self, accepted: ClientHelloAccepted, result: Any) -> None:
         plaintext = bytes((LOGIN_RESULT,)) + result.SerializeToString()
@@ -326,7 +326,7 @@ class ImServerProtocol(FrameProtocol, SweptTimeoutMixin):
         self.factory.switchboard.session_closed(self)
         self.state = ConnectionState.CLOSING
         self.inbound = {}
-        self.tcp.loseConnection()
+        self.lose_connection()
 
 
 ESTABLISHED_INBOUND: Inbound = {

@@ -45,6 +45,57 @@ _PREFIX_SIZE = 4
 _NOTHING_ALLOWED: Inbound = {}
 
 
+# --- writing -------------------------------------------------------------------------
+# ``transport.write`` only queues: Twisted then watches the socket for writability
+# (an epoll_ctl), sends on the next reactor turn and stops watching (another
+# epoll_ctl). For a chat server that is most writes: a frame in, one or two frames
+# out. So frames are written straight to the socket when nothing is queued ahead of
+# them, and frames produced while a connection's bytes are being processed are held
+# and written once per connection when that processing ends (a read carrying eight
+# msg:R frames answers with one send of eight msg:A, not eight). Whatever the socket
+# does not take goes the normal way, through ``transport.write``.
+
+_held: list[FrameProtocol] = []
+"""Connections holding frames until the read being processed ends."""
+_reading = 0
+"""How many ``dataReceived`` calls are on the stack (a read can cause another)."""
+
+
+def send_now(transport: Any, data: bytes) -> None:
+    """Send on the socket at once when Twisted has nothing queued for it, else queue.
+
+    Only a plain, open TCP transport with an empty write buffer is written directly;
+    anything else (a closing or paused transport, a test transport) uses
+    ``transport.write``, which keeps Twisted's ordering and error handling.
+    """
+    sock = getattr(transport, "socket", None)
+    if (
+        sock is None
+        or transport.dataBuffer
+        or transport._tempDataBuffer
+        or not transport.connected
+        or transport.disconnecting
+        or transport.producer is not None
+    ):
+        transport.write(data)
+        return
+    try:
+        sent = sock.send(data)
+    except OSError:
+        # EAGAIN, or a broken connection that Twisted's own write path will report.
+        sent = 0
+    if sent < len(data):
+        transport.write(data[sent:] if sent else data)
+
+
+def _flush_held() -> None:
+    while _held:
+        connections = list(_held)
+        _held.clear()
+        for connection in connections:
+            connection.flush_held()
+
+
 class _NotEncrypting:
     """Stands in for the sealer until the handshake is done, so send_frame needs no check."""
 
@@ -74,6 +125,8 @@ class FrameProtocol(Int32StringReceiver):
         self._rejected = False
         # Bytes of a frame not yet complete.
         self._unprocessed = b""
+        # Frames produced during a read, written when it ends (see send_now).
+        self._out: list[bytes] | None = None
 
     # ---------------------------------------------------------------- receiving
 
@@ -89,6 +142,16 @@ class FrameProtocol(Int32StringReceiver):
         if self._rejected:
             # The connection is being torn down; later bytes are dropped, not buffered.
             return
+        global _reading
+        _reading += 1
+        try:
+            self._frames_received(data)
+        finally:
+            _reading -= 1
+            if not _reading:
+                _flush_held()
+
+    def _frames_received(self, data: bytes) -> None:
         buffer = self._unprocessed + data if self._unprocessed else data
         end = len(buffer)
         offset = 0
@@ -183,8 +246,7 @@ class FrameProtocol(Int32StringReceiver):
 
     def send_frame(self, frame_type: int, message: Message) -> None:
         body = self._sealer.seal(_TYPE_BYTES[frame_type] + message.SerializeToString())
-        transport: Any = self.transport  # zope interfaces are opaque to mypy
-        transport.write(_LENGTH(len(body)) + body)
+        self._emit(_LENGTH(len(body)) + body)
         metrics = self.metrics
         if metrics is not None:
             metrics.frames_out[frame_type] += 1
@@ -194,19 +256,46 @@ class FrameProtocol(Int32StringReceiver):
         """Send a handshake frame body (type byte included) without sealing it."""
         if not body:
             raise ValueError("an empty body is a heartbeat; use send_heartbeat")
-        self.sendString(body)
+        self._emit(_LENGTH(len(body)) + body)
         metrics = self.metrics
         if metrics is not None:
             metrics.frames_out[body[0]] += 1
             metrics.bytes_out += _PREFIX_SIZE + len(body)
 
     def send_heartbeat(self) -> None:
-        transport: Any = self.transport
-        transport.write(HEARTBEAT_FRAME)
+        self._emit(HEARTBEAT_FRAME)
         metrics = self.metrics
         if metrics is not None:
             metrics.heartbeats_out += 1
             metrics.bytes_out += _PREFIX_SIZE
+
+    def _emit(self, data: bytes) -> None:
+        if self.transport is None:
+            return
+        if not _reading:
+            send_now(self.transport, data)
+            return
+        out = self._out
+        if out is None:
+            self._out = [data]
+            _held.append(self)
+        else:
+            out.append(data)
+
+    def lose_connection(self) -> None:
+        """Close once everything sent so far is on its way, frames held by a read too."""
+        self.flush_held()
+        if self.transport is not None:
+            self.transport.loseConnection()
+
+    def flush_held(self) -> None:
+        """Write the frames held during the read that just ended, in one send."""
+        out = self._out
+        if out is None:
+            return
+        self._out = None
+        if self.transport is not None:
+            send_now(self.transport, out[0] if len(out) == 1 else b"".join(out))
 
     # ---------------------------------------------------------------- rejection
 
