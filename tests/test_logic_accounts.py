@@ -5,13 +5,14 @@ from __future__ import annotations
 import threading
 from typing import Any
 
+from sqlalchemy import select
 from sqlalchemy.engine import Connection
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from cim.storage.accounts import insert_user_txn, password_hash_txn
 from cim.storage.database import create_engine_for
 from cim.storage.profiles import delete_account_txn
-from cim.storage.schema import bindings, metadata
+from cim.storage.schema import bindings, history, metadata
 from tests.logic_support import PASSWORD, LogicHarness, fired
 from tests.test_logic_posts import wait_for_a_lock_wait
 from tests.test_storage import scratch_postgresql_url
@@ -138,6 +139,40 @@ class PasswordAndDeletionTests(SynchronousTestCase):
         [notice] = h.notices("watch", "binding.removed")
         self.assertEqual((notice["account"], notice["reason"]), ("ann", "account_deleted"))
         self.assertFalse(fired_check(h, "ann", PASSWORD))
+
+    def test_deleting_removes_the_accounts_one_to_one_history(self) -> None:
+        from cim.offline import HistoryStore
+        from cim.protocols import cim_pb2
+
+        h = LogicHarness(self)
+        for name in ("ann", "bob", "cat"):
+            h.add_user(name)
+        store = HistoryStore(h.db, None, h.clock)
+
+        def message(msg_id: int, sender: str, to: str = "", group: str = "") -> cim_pb2.Message:
+            m = cim_pb2.Message(id=msg_id, to=to, group=group, text="hi", sent_at_ms=1)
+            setattr(m, "from", sender)
+            return m
+
+        group = "g" * 26
+        fired(
+            store.archive(
+                [
+                    message(1, "ann", "bob"),
+                    message(2, "bob", "ann"),
+                    message(3, "bob", "cat"),
+                    message(4, "ann", group=group),
+                ]
+            )
+        )
+        self.assertEqual(h.call("DELETE", "/me", "ann", {"password": PASSWORD})[0], 200)
+
+        def left(connection: Connection) -> list[int]:
+            rows = connection.execute(select(history.c.msg_id).order_by(history.c.msg_id))
+            return [int(msg_id) for msg_id in rows.scalars()]
+
+        # bob and cat's chat stays, and so does ann's message in the group.
+        self.assertEqual(fired(h.db.run(left)), [3, 4])
 
     def test_deleting_takes_the_account_out_of_cached_group_member_lists(self) -> None:
         h = LogicHarness(self)
