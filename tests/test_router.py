@@ -306,6 +306,30 @@ class RouterTests(SynchronousTestCase):
         self.clock.advance(15)
         self.assertEqual(self.login().status, 200)
 
+    def test_guesses_sent_at_once_cannot_exceed_the_limit(self) -> None:
+        """Each attempt counts before its KDF answers, so twenty simultaneous guesses
+        get three password checks (the per-user limit), not twenty."""
+        self.accounts.hold = True
+        connections = []
+        body = json.dumps({"user": "alice", "password": "guess"}).encode()
+        for _ in range(20):
+            connection = HttpConnection(self.site)
+            connection.send(request_bytes("POST", "/api/v1/login", body, [("Content-Type", JSON)]))
+            connections.append(connection)
+        self.assertEqual(len(self.accounts.checked), 3)
+        self.accounts.hold = False
+        self.accounts.release()
+        statuses = sorted(connection.response().status for connection in connections)
+        self.assertEqual(statuses, [401] * 3 + [429] * 17)
+        for connection in connections:
+            connection.close()
+
+    def test_a_correct_password_is_not_counted_against_the_address(self) -> None:
+        peer = IPv4Address("TCP", "198.51.100.20", 1)
+        for _ in range(10):
+            self.assertEqual(self.login(peer=peer).status, 200)
+        self.assertEqual(len(self.site.resource.address_throttle), 0)  # type: ignore[attr-defined]
+
     def test_success_resets_user_failures(self) -> None:
         for _ in range(2):
             self.login(password="wrong")

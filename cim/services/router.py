@@ -196,12 +196,21 @@ class RouterResource(JsonRoutes):
         if wait > 0:
             raise too_many_requests("throttled", "too many failed logins; try again later", wait)
 
-        if not await self._accounts.check_password(user, password):
-            self.user_throttle.record_failure(user)
-            self.address_throttle.record_failure(address)
+        # Counted as failures before the KDF answers, so guesses sent at once cannot
+        # all pass the check above; a correct password takes its count back.
+        self.user_throttle.record_failure(user)
+        self.address_throttle.record_failure(address)
+        try:
+            correct = await self._accounts.check_password(user, password)
+        except BaseException:
+            self.user_throttle.forgive(user)
+            self.address_throttle.forgive(address)
+            raise
+        if not correct:
             raise HttpError(401, "invalid_credentials", "wrong user name or password")
-        # The address counter is deliberately not reset: otherwise one valid account
-        # would let its owner reset the limit between guesses at other accounts.
+        # Only this attempt is taken back from the address: clearing the address would
+        # let one valid account reset the limit between guesses at other accounts.
+        self.address_throttle.forgive(address)
         self.user_throttle.record_success(user)
 
         node = self._chooser.node_for(user)
