@@ -11,7 +11,7 @@ import atexit
 import os
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred
@@ -36,8 +36,6 @@ from cim.interfaces import (
     NodeIdTaken,
     StateUnavailable,
 )
-from cim.logic.context import LogicContext
-from cim.logic.notices import Notices
 from cim.logs import DaemonLog
 from cim.message_ids import MessageIdGenerator
 from cim.metrics import NodeMetrics
@@ -50,11 +48,13 @@ from cim.registry import make_registry
 from cim.services.admin import admin_site
 from cim.services.files import FilesListener
 from cim.services.im import ImListener
-from cim.services.logic import LogicListener
 from cim.services.router import router_site
 from cim.state import make_state_store
 from cim.storage.database import Database
 from cim.switchboard import Switchboard
+
+if TYPE_CHECKING:
+    from cim.services.logic import LogicListener
 
 
 class StartupError(Exception):
@@ -233,6 +233,12 @@ class CimDaemon(Service):
         self.log.info("cim node {node} started", node=node_id)
 
     def _start_logic(self) -> Any:
+        # Imported here: the logic service brings shapely and numpy (about 30 MiB of
+        # RSS), which a node without it should not carry.
+        from cim.logic.context import LogicContext
+        from cim.logic.notices import Notices
+        from cim.services.logic import LogicListener
+
         config = self.config
         assert self.database is not None and self.state is not None
         assert self.accounts is not None and self.switchboard is not None
