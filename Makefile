@@ -58,10 +58,15 @@ lint: install-test
 typecheck: install-test
 	$(BIN)/mypy
 
-bench: install-test
+# The benchmarks also want py-spy, for the profile of the 1:1 path in bench-full.
+$(VENV)/.installed-bench: $(VENV)/.installed-test
+	$(BIN)/pip install --quiet -c requirements/constraints.txt --config-settings editable_mode=compat -e '.[test,bench]'
+	touch $@
+
+bench: $(VENV)/.installed-bench
 	$(BIN)/python -m bench.run --quick
 
-bench-full: install-test
+bench-full: $(VENV)/.installed-bench
 	$(BIN)/python -m bench.run --full
 
 clean:
