@@ -17,22 +17,15 @@ import treq
 from treq.client import HTTPClient
 from twisted.web.client import Agent, HTTPConnectionPool
 
+from cim.client.errors import ServiceError
+
 __all__ = ["API_ROOT", "LogicClient", "LogicError"]
 
 API_ROOT = "/api/v1"
 
 
-class LogicError(Exception):
+class LogicError(ServiceError):
     """The service refused (``status`` 4xx/5xx) or could not be reached (``status`` 0)."""
-
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(status, code, message)
-        self.status = status
-        self.code = code
-        self.message = message
-
-    def __str__(self) -> str:
-        return f"{self.message} ({self.code}, HTTP {self.status})" if self.status else self.message
 
 
 def _segment(name: str) -> str:

@@ -14,18 +14,11 @@ import treq
 from treq.client import HTTPClient
 from twisted.web.client import Agent, HTTPConnectionPool
 
+from cim.client.errors import ServiceError
 
-class RouterError(Exception):
+
+class RouterError(ServiceError):
     """The router refused or could not be reached; ``code`` is its error code."""
-
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(status, code, message)
-        self.status = status
-        self.code = code
-        self.message = message
-
-    def __str__(self) -> str:
-        return f"{self.message} ({self.code}, HTTP {self.status})" if self.status else self.message
 
 
 @dataclass(frozen=True)

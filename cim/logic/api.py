@@ -26,7 +26,6 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 from twisted.web import server
 from twisted.web.resource import Resource
 
@@ -37,6 +36,7 @@ from cim.services.http import (
     Reply,
     bounded_site,
     client_host,
+    internal_error,
     json_reply,
     read_json_object,
     write_reply,
@@ -351,15 +351,7 @@ class LogicResource(Resource):
             except HttpError as error:
                 reply = error.reply()
             except Exception:
-                self._log.failure(
-                    "unexpected error serving {method} {path}",
-                    Failure(),
-                    method=request.method.decode("latin-1"),
-                    path=request.path.decode("latin-1"),
-                )
-                reply = HttpError(
-                    500, "internal_error", "the server failed to handle the request"
-                ).reply()
+                reply = internal_error(request)
             if gone:
                 return
             body = write_reply(request, reply)

@@ -33,7 +33,6 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort, IPushProducer, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 from twisted.web import http, server
 from twisted.web.resource import Resource
 from zope.interface import implementer
@@ -58,6 +57,7 @@ from cim.services.http import (
     HttpError,
     Reply,
     client_host,
+    internal_error,
     json_reply,
     read_json_object,
     write_reply,
@@ -388,15 +388,7 @@ class FilesResource(Resource):
             except HttpError as error:
                 reply = error.reply()
             except Exception:
-                self._log.failure(
-                    "unexpected error serving {method} {path}",
-                    Failure(),
-                    method=request.method.decode("latin-1"),
-                    path=request.path.decode("latin-1"),
-                )
-                reply = HttpError(
-                    500, "internal_error", "the server failed to handle the request"
-                ).reply()
+                reply = internal_error(request)
             if reply is None or gone:
                 return
             if request.startedWriting:

@@ -202,14 +202,25 @@ class JsonRoutes(Resource):
         if failure.check(HttpError):
             error: HttpError = failure.value  # type: ignore[assignment]
             return error.reply()
-        # The request body may hold secrets; log only where the request went.
-        self._log.failure(
-            "unexpected error serving {method} {path}",
-            failure,
-            method=request.method.decode("latin-1"),
-            path=request.path.decode("latin-1"),
-        )
-        return HttpError(500, "internal_error", "the server failed to handle the request").reply()
+        return internal_error(request, failure)
+
+
+_log = Logger()
+
+
+def internal_error(request: server.Request, failure: Failure | None = None) -> Reply:
+    """Log an unexpected failure with where the request went, and answer a bare 500.
+
+    The request body may hold secrets (passwords, tokens), so only the method and the
+    path go to the log, and the answer says nothing about what failed.
+    """
+    _log.failure(
+        "unexpected error serving {method} {path}",
+        failure if failure is not None else Failure(),
+        method=request.method.decode("latin-1"),
+        path=request.path.decode("latin-1"),
+    )
+    return HttpError(500, "internal_error", "the server failed to handle the request").reply()
 
 
 def write_reply(request: server.Request, reply: Reply) -> bytes:

@@ -1,0 +1,19 @@
+"""What the client's HTTP calls raise when a cim service says no."""
+
+from __future__ import annotations
+
+__all__ = ["ServiceError"]
+
+
+class ServiceError(Exception):
+    """A service refused (``status`` 4xx/5xx, ``code`` its error code) or could not be
+    reached (``status`` 0)."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(status, code, message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+    def __str__(self) -> str:
+        return f"{self.message} ({self.code}, HTTP {self.status})" if self.status else self.message
