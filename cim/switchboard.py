@@ -531,18 +531,22 @@ class Switchboard:
             return receiver, message
 
         async def store() -> list[str]:
-            stored: list[str] = []
-            for receiver in unique:
+            # One batch; the store names the full boxes when it refuses, as for groups.
+            stored = unique
+            while stored:
                 try:
-                    await offline.store([copy_for(receiver)], capped=not urgent)
-                except OfflineFull:
+                    await offline.store([copy_for(user) for user in stored], capped=not urgent)
+                    break
+                except OfflineFull as full:
                     self.log.warn(
-                        "system message {id} not stored for {user}: offline store full",
+                        "system message {id} not stored for {users}: offline store full",
                         id=msg_id,
-                        user=receiver,
+                        users=", ".join(full.receivers),
                     )
-                    continue
-                stored.append(receiver)
+                    rest = [user for user in stored if user not in set(full.receivers)]
+                    if len(rest) == len(stored):
+                        raise
+                    stored = rest
             self._metrics.messages["system"] += len(stored)
             self._background(self.stored_for(stored), "announce system messages")
             return stored

@@ -35,6 +35,16 @@ class FullOfflineStoreTests(SynchronousTestCase):
         h.connect("g1")
         self.assertEqual(len(h.notices("g1", "sos.raised")), 1)
 
+    def test_a_full_box_leaves_out_only_its_owner(self) -> None:
+        h = LogicHarness(self)
+        h.node.switchboard._offline = OfflineStore(h.db, 1)
+        for name in ("g1", "g2"):
+            h.add_user(name)
+        send = h.ctx.notices.send
+        self.assertEqual(fired(Deferred.fromCoroutine(send(["g1"], "first"))), ["g1"])
+        self.assertEqual(fired(Deferred.fromCoroutine(send(["g1", "g2"], "second"))), ["g2"])
+        self.assertEqual(len(self.flushLoggedErrors()), 0)
+
 
 class AcceptanceTests(SynchronousTestCase):
     def test_device_two_guardians_sos_reaches_both_and_one_handles_it(self) -> None:
