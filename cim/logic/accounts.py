@@ -21,9 +21,8 @@ from cim.accounts import (
     WeakPassword,
 )
 from cim.interfaces import StateUnavailable
-from cim.logic.api import Answer, Call, Endpoint, object_schema
+from cim.logic.api import Answer, Call, Endpoint, is_media_url, object_schema
 from cim.logic.context import LogicContext
-from cim.logic.posts import is_media_url
 from cim.services.http import HttpError, too_many_requests
 from cim.storage.profiles import Profile, delete_account_txn, profile_txn, update_profile_txn
 from cim.storage.schema import DISPLAY_NAME_MAX, URL_MAX, USER_KINDS

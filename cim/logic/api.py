@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import re
+import urllib.parse
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -52,6 +53,7 @@ __all__ = [
     "Endpoint",
     "LogicResource",
     "array_of",
+    "is_media_url",
     "logic_site",
     "object_schema",
     "openapi_document",
@@ -178,6 +180,21 @@ _ERROR_TEXT = {
 
 
 # --- input checks -----------------------------------------------------------------------
+
+_HTTP_URL = re.compile(r"https?://\S+")
+
+
+def is_media_url(value: str) -> bool:
+    """An http(s) URL with a host that URL parsers accept, so every client can open it
+    (``http://[`` passes the schema's pattern but breaks ``urlsplit``)."""
+    if _HTTP_URL.fullmatch(value) is None:
+        return False
+    try:
+        parts = urllib.parse.urlsplit(value)
+        _ = parts.port
+    except ValueError:
+        return False
+    return bool(parts.hostname)
 
 
 def _storable_problem(value: Any, where: str) -> str | None:

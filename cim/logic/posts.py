@@ -13,11 +13,9 @@ new, did it reach the goal first) are taken inside the transaction that stored i
 
 from __future__ import annotations
 
-import re
-import urllib.parse
 from typing import Any, NoReturn
 
-from cim.logic.api import Answer, Call, Endpoint, array_of, object_schema
+from cim.logic.api import Answer, Call, Endpoint, array_of, is_media_url, object_schema
 from cim.logic.context import LogicContext
 from cim.services.http import HttpError
 from cim.storage.posts import (
@@ -36,7 +34,7 @@ from cim.storage.posts import (
 )
 from cim.storage.schema import POST_AUDIENCES, URL_MAX
 
-__all__ = ["MAX_LIKE_GOAL", "MAX_POST_TEXT", "PostApi", "is_media_url", "post_json"]
+__all__ = ["MAX_LIKE_GOAL", "MAX_POST_TEXT", "PostApi", "post_json"]
 
 MAX_POST_TEXT = 4000
 MAX_LIKE_GOAL = 1_000_000
@@ -44,7 +42,6 @@ MAX_PAGE = 100
 MAX_OFFSET = 1_000_000
 """Deep pages of likers are not a use case; a bound keeps OFFSET cheap."""
 
-_MEDIA_URL = re.compile(r"https?://\S+")
 """Checked again in full: a schema pattern's ``$`` also matches before a final newline."""
 _POST_PARAM = {"post": {"type": "integer"}}
 _POST_FIELDS: dict[str, dict[str, Any]] = {
@@ -119,19 +116,6 @@ def post_json(post: Post) -> dict[str, Any]:
         "created_at": post.created_at,
         "liked_by_me": post.liked_by_me,
     }
-
-
-def is_media_url(value: str) -> bool:
-    """An http(s) URL with a host that URL parsers accept, so every client can open it
-    (``http://[`` passes the schema's pattern but breaks ``urlsplit``)."""
-    if _MEDIA_URL.fullmatch(value) is None:
-        return False
-    try:
-        parts = urllib.parse.urlsplit(value)
-        _ = parts.port
-    except ValueError:
-        return False
-    return bool(parts.hostname)
 
 
 def _refuse(refusal: Refusal) -> NoReturn:
