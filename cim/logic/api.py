@@ -74,7 +74,6 @@ class Caller:
 
     user: str
     kind: str
-    token_hash: str
 
     @property
     def is_device(self) -> bool:
@@ -440,9 +439,8 @@ class LogicResource(Resource):
         record = None
         user = None
         if token is not None:
-            hashed = token_hash(token)
             try:
-                record = await self._state.session_for_token(hashed)
+                record = await self._state.session_for_token(token_hash(token))
             except StateUnavailable:
                 raise HttpError(
                     503,
@@ -459,7 +457,7 @@ class LogicResource(Resource):
                 "send the router's token as Authorization: Bearer TOKEN",
                 ((b"WWW-Authenticate", b'Bearer realm="cim"'),),
             )
-        return Caller(user.name, user.kind, token_hash(token or ""))
+        return Caller(user.name, user.kind)
 
 
 _BEARER = re.compile(r"[Bb][Ee][Aa][Rr][Ee][Rr] +([A-Za-z0-9._~+/=-]{1,512})")
