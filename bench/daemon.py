@@ -25,7 +25,7 @@ from typing import Any
 
 from sqlalchemy import insert
 
-from cim.accounts import hash_password
+from cim.accounts.store import hash_password
 from cim.config import AccountsConfig, load_config
 from cim.storage.database import open_engine
 from cim.storage.offline import count_offline_txn

@@ -32,7 +32,7 @@ from sqlalchemy import create_engine
 from sqlalchemy.engine import make_url
 
 from bench.daemon import CLOCK_TICKS
-from cim.bus import node_queue
+from cim.backends.bus import node_queue
 from cim.storage.database import upgrade
 
 POSTGRESQL_ADMIN_URL = os.environ.get(

@@ -454,7 +454,7 @@ class OfflineConfig:
 
 @dataclass(frozen=True)
 class ArchiveConfig:
-    """The history archive (cim.archive); its transport follows ``[queue] backend``."""
+    """The history archive (cim.history.archive); its transport follows ``[queue] backend``."""
 
     section: ClassVar[str] = "archive"
     enabled: bool = _opt(True, parse_bool)

@@ -136,7 +136,7 @@ UserExists = Callable[[str], "Deferred[bool]"]
 
 
 class OfflineBox(Protocol):
-    """What the switchboard needs from offline storage (cim.offline.OfflineStore)."""
+    """What the switchboard needs from offline storage (cim.offline.store.OfflineStore)."""
 
     def store(self, messages: Iterable[Any], *, capped: bool = True) -> Deferred[int]: ...
 
@@ -148,7 +148,7 @@ class OfflineBox(Protocol):
 
 
 class Archive(Protocol):
-    """Takes every message that reached its receiver or the store (cim.archive)."""
+    """Takes every message that reached its receiver or the store (cim.history.archive)."""
 
     def archive(self, message: cim_pb2.Message) -> None: ...
 
@@ -158,7 +158,7 @@ class HistoryAnswers(Protocol):
 
 
 class GroupMembership(Protocol):
-    """What the switchboard needs from the group directory (cim.groups)."""
+    """What the switchboard needs from the group directory (cim.groups.directory)."""
 
     def is_member(self, group: str, user: str) -> Deferred[bool]: ...
 

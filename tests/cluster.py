@@ -61,7 +61,7 @@ def sleep(seconds: float) -> Deferred[None]:
 
 def add_users(database_url: str, names: list[str]) -> None:
     """Straight into the shared database, with the cheap scrypt the daemons use."""
-    from cim.accounts import BlockingAccountStore
+    from cim.accounts.store import BlockingAccountStore
 
     upgrade(database_url)
     engine = open_engine(database_url)
@@ -154,7 +154,7 @@ def delete_queues(amqp_url: str, exchange: str, node_ids: list[str]) -> None:
     """Leave the shared broker as it was: the cluster's queues and exchange go."""
     import pika
 
-    from cim.bus import node_queue
+    from cim.backends.bus import node_queue
 
     try:
         connection = pika.BlockingConnection(pika.URLParameters(amqp_url))

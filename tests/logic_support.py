@@ -20,14 +20,14 @@ from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from cim.accounts import AccountStore
+from cim.accounts.store import AccountStore
 from cim.client.session import ChatClient
 from cim.config import parse_config
-from cim.groups import GroupDirectory
+from cim.groups.directory import GroupDirectory
 from cim.logic.api import LogicResource
 from cim.logic.context import LogicContext
 from cim.logic.notices import Notices
-from cim.offline import OfflineStore
+from cim.offline.store import OfflineStore
 from cim.protocols import cim_pb2
 from cim.services.logic import LogicListener
 from cim.storage.database import Database

@@ -19,6 +19,8 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
 from twisted.test import iosim
 
+from cim.backends.registry.local import LocalRegistry
+from cim.backends.state.memory import MemoryStateStore
 from cim.client.connection import ImClientProtocol
 from cim.config import KNOWN_SUITES, ImConfig, parse_config
 from cim.interfaces import NodeInfo, SessionRecord
@@ -26,8 +28,6 @@ from cim.message_ids import MessageIdGenerator
 from cim.metrics import NodeMetrics
 from cim.protocols.crypto import NodeKey
 from cim.protocols.im import ImServerFactory, ImServerProtocol
-from cim.registry.local import LocalRegistry
-from cim.state.memory import MemoryStateStore
 from cim.switchboard import Switchboard
 
 _NODE_KEY: NodeKey | None = None

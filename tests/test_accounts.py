@@ -16,7 +16,7 @@ from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
-from cim.accounts import (
+from cim.accounts.store import (
     AccountStore,
     BlockingAccountStore,
     InvalidUserKind,

@@ -24,9 +24,9 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
-from cim.archive import ArchivePipeline, HistoryService
-from cim.bus.rabbitmq import AmqpLink, parse_amqp_url
-from cim.offline import HistoryStore, direct_conversation
+from cim.backends.bus.rabbitmq import AmqpLink, parse_amqp_url
+from cim.history.archive import ArchivePipeline, HistoryService
+from cim.offline.store import HistoryStore, direct_conversation
 from cim.protocols import cim_pb2
 from cim.scripts import client as cli
 from cim.storage.database import Database

@@ -20,8 +20,8 @@ from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
-from cim.bus import MAX_DELIVERIES, PREFETCH, make_bus, redelivery_delay
-from cim.bus.memory import QUEUE_LIMIT, MemoryBroker, MemoryBus
+from cim.backends.bus import MAX_DELIVERIES, PREFETCH, make_bus, redelivery_delay
+from cim.backends.bus.memory import QUEUE_LIMIT, MemoryBroker, MemoryBus
 from cim.config import QueueConfig
 from cim.interfaces import BusUnavailable, IMessageBus
 from tests.test_state_memory import run_synchronously
@@ -384,7 +384,7 @@ class MakeBusTests(SynchronousTestCase):
         self.assertTrue(verifyObject(IMessageBus, bus))
 
     def test_rabbitmq_is_built_unstarted(self) -> None:
-        from cim.bus.rabbitmq import RabbitMqBus
+        from cim.backends.bus.rabbitmq import RabbitMqBus
 
         reactor = MemoryReactorClock()
         config = QueueConfig(

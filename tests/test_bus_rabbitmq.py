@@ -26,8 +26,8 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from cim.bus import node_queue
-from cim.bus.rabbitmq import AmqpLink, RabbitMqBus, _Session, parse_amqp_url
+from cim.backends.bus import node_queue
+from cim.backends.bus.rabbitmq import AmqpLink, RabbitMqBus, _Session, parse_amqp_url
 from cim.interfaces import BusUnavailable, IMessageBus
 from tests.rabbitmq import SHARED_URL, amqp_answers, shared_rabbitmq
 from tests.services import eventually, free_port, service_missing

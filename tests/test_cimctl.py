@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from twisted.trial.unittest import TestCase
 
-from cim.accounts import BlockingAccountStore
+from cim.accounts.store import BlockingAccountStore
 from cim.config import load_config
 from cim.scripts import cimctl
 from cim.storage.database import create_engine_for, current_revision, head_revision

@@ -8,9 +8,9 @@ from typing import Any
 from twisted.internet.defer import Deferred, succeed
 from twisted.trial.unittest import SynchronousTestCase
 
-from cim.bus.memory import MemoryBroker, MemoryBus
+from cim.backends.bus.memory import MemoryBroker, MemoryBus
+from cim.backends.state.memory import MemoryStateStore
 from cim.protocols import cim_pb2
-from cim.state.memory import MemoryStateStore
 from tests.support import ConnectedClient, KnownUsers, NodeHarness
 
 

@@ -24,6 +24,8 @@ from twisted.logger import ILogObserver, LogEvent, formatEvent, globalLogPublish
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.server import Site
 
+from cim.backends.state import token_hash
+from cim.backends.state.memory import MemoryStateStore
 from cim.config import ConfigError, FilesConfig, parse_config
 from cim.files import records
 from cim.files.blobs import BlobStore
@@ -32,8 +34,6 @@ from cim.files.signing import UrlKeyError, UrlSigner, load_or_create_key
 from cim.files.store import FileStore
 from cim.files.thumbnails import set_pixel_limit
 from cim.services.files import ByteRange, files_site, parse_range
-from cim.state import token_hash
-from cim.state.memory import MemoryStateStore
 from cim.storage.database import Database, ThreadPoolRunner
 from tests.test_router import HttpConnection, HttpResponse, exchange, request_bytes
 

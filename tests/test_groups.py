@@ -18,7 +18,7 @@ from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
-from cim.groups import (
+from cim.groups.directory import (
     DEFAULT_MAX_MEMBERS,
     AmbiguousGroupName,
     BadGroupRequest,

@@ -14,7 +14,7 @@ import treq
 from twisted.internet.defer import ensureDeferred
 from twisted.trial.unittest import TestCase
 
-from cim.accounts import BlockingAccountStore
+from cim.accounts.store import BlockingAccountStore
 from cim.client.session import ChatClient
 from cim.config import AccountsConfig
 from cim.protocols import cim_pb2

@@ -7,7 +7,7 @@ from typing import Any
 from twisted.internet.defer import Deferred
 from twisted.trial.unittest import SynchronousTestCase
 
-from cim.offline import OfflineStore
+from cim.offline.store import OfflineStore
 from tests.logic_support import LogicHarness, fired
 from tests.test_logic_bindings import bind, bind_pair, family
 

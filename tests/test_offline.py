@@ -20,7 +20,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
 from cim.message_ids import MessageIdGenerator
-from cim.offline import (
+from cim.offline.store import (
     MAX_PAGE_SIZE,
     HistoryForbidden,
     HistoryStore,

@@ -10,7 +10,7 @@ from twisted.internet.defer import maybeDeferred
 from twisted.trial.unittest import SynchronousTestCase
 
 from cim.client.session import ChatClient
-from cim.offline import OfflineStore
+from cim.offline.store import OfflineStore
 from cim.protocols import cim_pb2
 from cim.storage.database import Database
 from tests.support import NodeHarness

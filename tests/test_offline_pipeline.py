@@ -23,17 +23,17 @@ from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
-from cim.bus.rabbitmq import Queue, parse_amqp_url
+from cim.backends.bus.rabbitmq import Queue, parse_amqp_url
 from cim.config import CimConfig, load_config
 from cim.interfaces import BusConsumer, BusUnavailable
-from cim.offline import OfflineItem, OfflineStore
-from cim.offline_pipeline import (
+from cim.offline.pipeline import (
     OfflinePipeline,
     OfflineWriter,
     decode,
     encode,
     make_offline_pipeline,
 )
+from cim.offline.store import OfflineItem, OfflineStore
 from cim.storage.database import Database
 from cim.storage.offline import OfflineFull
 from cim.storage.schema import offline_msgs

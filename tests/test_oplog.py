@@ -136,7 +136,7 @@ class ConfigTests(TestCase):
     def test_archive_from_config(self) -> None:
         from twisted.internet.task import Clock
 
-        from cim.archive import archive_from_config
+        from cim.history.archive import archive_from_config
 
         history: Any = object()
         config = parse_config("[node]\nid = n1\n[archive]\nwriter = false\nbatch_size = 7\n")

@@ -5,10 +5,10 @@ from __future__ import annotations
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
+from cim.backends.registry import make_registry
+from cim.backends.registry.local import LocalRegistry
 from cim.config import parse_config
 from cim.interfaces import INodeRegistry, NodeInfo
-from cim.registry import make_registry
-from cim.registry.local import LocalRegistry
 
 
 class LocalRegistryTests(SynchronousTestCase):
@@ -76,7 +76,7 @@ class MakeRegistryTests(SynchronousTestCase):
         self.assertIsInstance(registry, LocalRegistry)
 
     def test_zookeeper_backend(self) -> None:
-        from cim.registry.zookeeper import ZooKeeperRegistry
+        from cim.backends.registry.zookeeper import ZooKeeperRegistry
 
         config = parse_config(
             "[node]\nid = n1\n[registry]\nbackend = zookeeper\n"

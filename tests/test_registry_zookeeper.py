@@ -32,13 +32,13 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface.verify import verifyObject
 
-from cim.interfaces import INodeRegistry, NodeIdTaken, NodeInfo
-from cim.registry.zookeeper import (
+from cim.backends.registry.zookeeper import (
     ZooKeeperRegistry,
     ZooKeeperUnavailable,
     decode_node,
     encode_node,
 )
+from cim.interfaces import INodeRegistry, NodeIdTaken, NodeInfo
 from tests.zookeeper import shared_zookeeper
 
 NODE_A = NodeInfo("node-a", "10.0.0.1", 9000, b"key-a")
@@ -430,7 +430,7 @@ CRASHING_NODE = """
 import sys
 from twisted.internet import defer, reactor
 from cim.interfaces import NodeInfo
-from cim.registry.zookeeper import ZooKeeperRegistry
+from cim.backends.registry.zookeeper import ZooKeeperRegistry
 
 async def main():
     registry = ZooKeeperRegistry(reactor, sys.argv[1], sys.argv[2], float(sys.argv[3]))

@@ -21,13 +21,13 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.server import Site
 
+from cim.backends.registry.local import LocalRegistry
+from cim.backends.state import token_hash
+from cim.backends.state.memory import MemoryStateStore
 from cim.config import ImConfig, RouterConfig
 from cim.interfaces import NodeInfo, SessionRecord, StateUnavailable
 from cim.metrics import NodeMetrics
-from cim.registry.local import LocalRegistry
 from cim.services.router import router_site
-from cim.state import token_hash
-from cim.state.memory import MemoryStateStore
 
 LOCAL_PEER = IPv4Address("TCP", "127.0.0.1", 40000)
 NODE = NodeInfo("n1", "im.example", 9000, b"\x30\x82fake-der-public-key")

@@ -19,9 +19,9 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
+from cim.backends.state import make_state_store, token_hash
+from cim.backends.state.memory import MemoryStateStore
 from cim.interfaces import AlreadyLoggedIn, IStateStore, SessionRecord
-from cim.state import make_state_store, token_hash
-from cim.state.memory import MemoryStateStore
 
 T = TypeVar("T")
 TTL = 3600.0

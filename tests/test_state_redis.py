@@ -27,10 +27,8 @@ from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from cim.config import StateConfig
-from cim.interfaces import AlreadyLoggedIn, IStateStore, SessionRecord, StateUnavailable
-from cim.state import make_state_store, token_hash
-from cim.state.redis import (
+from cim.backends.state import make_state_store, token_hash
+from cim.backends.state.redis import (
     RedisAddress,
     RedisStateStore,
     _CommandProtocol,
@@ -38,6 +36,8 @@ from cim.state.redis import (
     _RedisFactory,
     parse_redis_url,
 )
+from cim.config import StateConfig
+from cim.interfaces import AlreadyLoggedIn, IStateStore, SessionRecord, StateUnavailable
 from tests.services import PrivateRedis, eventually, redis_available, service_missing
 from tests.test_state_memory import START, TTL, Ended, StateStoreContract, listen
 

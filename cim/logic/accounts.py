@@ -13,17 +13,17 @@ from typing import Any
 
 from twisted.logger import Logger
 
-from cim.accounts import (
+from cim.accounts.store import (
     USER_NAME,
     InvalidUserName,
     NoSuchUser,
     UserExists,
     WeakPassword,
 )
+from cim.http.site import HttpError, too_many_requests
 from cim.interfaces import StateUnavailable
 from cim.logic.api import Answer, Call, Endpoint, is_media_url, object_schema
 from cim.logic.context import LogicContext
-from cim.services.http import HttpError, too_many_requests
 from cim.storage.profiles import Profile, delete_account_txn, profile_txn, update_profile_txn
 from cim.storage.schema import DISPLAY_NAME_MAX, URL_MAX, USER_KINDS
 from cim.throttle import FailedLoginThrottle

@@ -30,9 +30,9 @@ from twisted.logger import Logger
 from twisted.web import server
 from twisted.web.resource import Resource
 
-from cim.accounts import UserRecord
-from cim.interfaces import IStateStore, StateUnavailable
-from cim.services.http import (
+from cim.accounts.store import UserRecord
+from cim.backends.state import token_hash
+from cim.http.site import (
     HttpError,
     Reply,
     bounded_site,
@@ -42,7 +42,7 @@ from cim.services.http import (
     read_json_object,
     write_reply,
 )
-from cim.state import token_hash
+from cim.interfaces import IStateStore, StateUnavailable
 from cim.storage.database import PoolNotRunning
 
 __all__ = [

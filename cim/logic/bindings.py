@@ -18,10 +18,10 @@ import hashlib
 import secrets
 from typing import Any
 
+from cim.http.site import HttpError, too_many_requests
 from cim.logic.accounts import NAME_PARAM
 from cim.logic.api import Answer, Call, Endpoint, array_of, object_schema
 from cim.logic.context import LogicContext
-from cim.services.http import HttpError, too_many_requests
 from cim.storage.bindings import (
     ACTIVE,
     PENDING,

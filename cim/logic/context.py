@@ -6,9 +6,9 @@ from dataclasses import dataclass
 
 from twisted.internet.interfaces import IReactorTime
 
-from cim.accounts import AccountStore
+from cim.accounts.store import AccountStore
 from cim.config import AccountsConfig, LogicConfig
-from cim.groups import GroupDirectory
+from cim.groups.directory import GroupDirectory
 from cim.interfaces import IStateStore
 from cim.logic.notices import Notices
 from cim.storage.database import Database

@@ -18,6 +18,7 @@ import json
 import math
 from typing import Any
 
+from cim.http.site import HttpError
 from cim.logic.accounts import NAME_PARAM
 from cim.logic.api import Answer, Call, Endpoint, array_of, object_schema
 from cim.logic.context import LogicContext
@@ -32,7 +33,6 @@ from cim.logic.geometry import (
     step,
     usable_accuracy,
 )
-from cim.services.http import HttpError
 from cim.storage.fences import (
     Fence,
     FenceUpdate,

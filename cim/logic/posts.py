@@ -15,9 +15,9 @@ from __future__ import annotations
 
 from typing import Any, NoReturn
 
+from cim.http.site import HttpError
 from cim.logic.api import Answer, Call, Endpoint, array_of, is_media_url, object_schema
 from cim.logic.context import LogicContext
-from cim.services.http import HttpError
 from cim.storage.posts import (
     EVERYONE,
     LikeOutcome,

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from cim.accounts import USER_NAME
+from cim.accounts.store import USER_NAME
+from cim.http.site import HttpError
 from cim.logic.accounts import NAME_PARAM
 from cim.logic.api import Answer, Call, Endpoint, array_of, object_schema
 from cim.logic.context import LogicContext
-from cim.services.http import HttpError
 from cim.storage.bindings import is_active_guardian_txn
 from cim.storage.sos import (
     SosEvent,

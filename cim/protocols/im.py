@@ -19,6 +19,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from cim import oplog as oplog_events
+from cim.backends.state import token_hash
 from cim.config import ImConfig
 from cim.interfaces import INodeRegistry, IStateStore, SessionRecord
 from cim.metrics import NodeMetrics
@@ -33,7 +34,6 @@ from cim.protocols.handshake import (
 )
 from cim.protocols.timeouts import NEVER, DeadlineSweeper, SweptTimeoutMixin
 from cim.protocols.wire import FrameProtocol, Inbound
-from cim.state import token_hash
 from cim.switchboard import kick_code
 
 if TYPE_CHECKING:

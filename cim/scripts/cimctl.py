@@ -32,7 +32,7 @@ from typing import Any, TextIO
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
-from cim.accounts import (
+from cim.accounts.store import (
     BlockingAccountStore,
     InvalidUserKind,
     InvalidUserName,

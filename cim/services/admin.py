@@ -15,8 +15,7 @@ from twisted.logger import Logger
 from twisted.web import server
 from twisted.web.resource import Resource
 
-from cim.metrics import NodeMetrics, NodeMetricsCollector
-from cim.services.http import (
+from cim.http.site import (
     HttpError,
     JsonRoutes,
     Reply,
@@ -25,6 +24,7 @@ from cim.services.http import (
     json_reply,
     write_reply,
 )
+from cim.metrics import NodeMetrics, NodeMetricsCollector
 
 # Admin requests carry no body worth the name.
 ADMIN_MAX_BODY_SIZE = 1024

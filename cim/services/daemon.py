@@ -21,13 +21,15 @@ from twisted.internet.interfaces import IListeningPort
 from twisted.logger import ILogObserver, Logger
 from twisted.python.failure import Failure
 
-from cim.accounts import AccountStore
-from cim.archive import HistoryService, archive_from_config
-from cim.bus import make_bus
+from cim.accounts.store import AccountStore
+from cim.backends.bus import make_bus
+from cim.backends.registry import make_registry
+from cim.backends.state import make_state_store
 from cim.config import CimConfig
 from cim.files.signing import UrlKeyError
-from cim.groups import GroupDirectory
+from cim.groups.directory import GroupDirectory
 from cim.heap import HeapTrimmer
+from cim.history.archive import HistoryService, archive_from_config
 from cim.interfaces import (
     BusUnavailable,
     IMessageBus,
@@ -39,17 +41,15 @@ from cim.interfaces import (
 from cim.logs import DaemonLog
 from cim.message_ids import MessageIdGenerator
 from cim.metrics import NodeMetrics
-from cim.offline import HistoryStore
-from cim.offline_pipeline import make_offline_pipeline
+from cim.offline.pipeline import make_offline_pipeline
+from cim.offline.store import HistoryStore
 from cim.oplog import OperationLog
 from cim.protocols.crypto import NodeKey
 from cim.protocols.im import ImServerFactory
-from cim.registry import make_registry
 from cim.services.admin import admin_site
 from cim.services.files import FilesListener
 from cim.services.im import ImListener
 from cim.services.router import router_site
-from cim.state import make_state_store
 from cim.storage.database import Database
 from cim.switchboard import Switchboard
 

@@ -37,6 +37,7 @@ from twisted.web import http, server
 from twisted.web.resource import Resource
 from zope.interface import implementer
 
+from cim.backends.state import token_hash
 from cim.config import FilesConfig
 from cim.files.blobs import BlobStore
 from cim.files.names import content_disposition, is_inline
@@ -52,8 +53,7 @@ from cim.files.store import (
     not_found,
 )
 from cim.files.thumbnails import THUMBNAIL_MIME, set_pixel_limit
-from cim.interfaces import IStateStore, StateUnavailable
-from cim.services.http import (
+from cim.http.site import (
     HttpError,
     Reply,
     client_host,
@@ -62,7 +62,7 @@ from cim.services.http import (
     read_json_object,
     write_reply,
 )
-from cim.state import token_hash
+from cim.interfaces import IStateStore, StateUnavailable
 from cim.storage.database import Database, Runner, ThreadPoolRunner
 
 JSON_MAX_BODY = 16384

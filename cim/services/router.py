@@ -20,18 +20,10 @@ from twisted.logger import Logger
 from twisted.web import server
 
 from cim import oplog as oplog_events
+from cim.backends.state import token_hash
+from cim.backends.state.memory import REASON_KICKED_BY_ADMIN, REASON_LOGGED_OUT
 from cim.config import ImConfig, RouterConfig
-from cim.interfaces import (
-    AlreadyLoggedIn,
-    INodeRegistry,
-    IStateStore,
-    NodeInfo,
-    StateUnavailable,
-)
-from cim.metrics import NodeMetrics
-from cim.oplog import OperationLog
-from cim.ring import HashRing
-from cim.services.http import (
+from cim.http.site import (
     HttpError,
     JsonRoutes,
     Reply,
@@ -42,8 +34,16 @@ from cim.services.http import (
     read_json_object,
     too_many_requests,
 )
-from cim.state import token_hash
-from cim.state.memory import REASON_KICKED_BY_ADMIN, REASON_LOGGED_OUT
+from cim.interfaces import (
+    AlreadyLoggedIn,
+    INodeRegistry,
+    IStateStore,
+    NodeInfo,
+    StateUnavailable,
+)
+from cim.metrics import NodeMetrics
+from cim.oplog import OperationLog
+from cim.ring import HashRing
 from cim.throttle import FailedLoginThrottle
 
 LOGIN_PATH = b"/api/v1/login"

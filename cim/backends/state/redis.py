@@ -60,6 +60,12 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from cim.backends.state.memory import (
+    KICK_OLD,
+    REASON_EXPIRED,
+    REASON_LOGGED_IN_ELSEWHERE,
+    REFUSE_NEW,
+)
 from cim.interfaces import (
     AlreadyLoggedIn,
     IStateStore,
@@ -69,7 +75,6 @@ from cim.interfaces import (
     StateUnavailable,
 )
 from cim.message_ids import MAX_NODE_NUMBER
-from cim.state.memory import KICK_OLD, REASON_EXPIRED, REASON_LOGGED_IN_ELSEWHERE, REFUSE_NEW
 
 DEFAULT_PREFIX = "cim:"
 SESSION_GRACE = 3600.0

@@ -39,11 +39,11 @@ from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from cim.bus import describe
-from cim.bus.rabbitmq import AmqpLink, Queue
+from cim.backends.bus import describe
+from cim.backends.bus.rabbitmq import AmqpLink, Queue
 from cim.config import CimConfig
 from cim.interfaces import BusUnavailable
-from cim.offline import OfflineItem, OfflinePage, OfflineStore, SenderCount
+from cim.offline.store import OfflineItem, OfflinePage, OfflineStore, SenderCount
 from cim.protocols import cim_pb2
 from cim.storage.database import Database
 from cim.storage.offline import OfflineFull

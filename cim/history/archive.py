@@ -42,7 +42,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from cim.config import CimConfig
-from cim.offline import (
+from cim.offline.store import (
     HistoryForbidden,
     HistoryPage,
     HistoryStore,
@@ -85,7 +85,7 @@ _log = Logger(namespace="cim.archive")
 
 
 class ArchiveLink(Protocol):
-    """The part of ``cim.bus.rabbitmq.AmqpLink`` the pipeline uses.
+    """The part of ``cim.backends.bus.rabbitmq.AmqpLink`` the pipeline uses.
 
     Spelled out here so this module (and the memory backend) never imports pika,
     whose Twisted adapter installs the default reactor when imported.
@@ -201,7 +201,7 @@ class ArchivePipeline:
         self._running = True
         ready: Deferred[None] = succeed(None)
         if self._link is not None:
-            from cim.bus.rabbitmq import Queue
+            from cim.backends.bus.rabbitmq import Queue
 
             ready = self._link.declare(Queue(self.queue))
             ready.addErrback(self._declare_failed)

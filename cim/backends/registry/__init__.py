@@ -12,11 +12,11 @@ def make_registry(config: RegistryConfig, reactor: Any) -> INodeRegistry:
     """The backend ``[registry] backend`` names, not yet started."""
     if config.backend == "zookeeper":
         # Imported here so that the embedded default never needs kazoo.
-        from cim.registry.zookeeper import ZooKeeperRegistry
+        from cim.backends.registry.zookeeper import ZooKeeperRegistry
 
         return ZooKeeperRegistry(
             reactor, config.zookeeper_hosts, config.path, config.session_timeout
         )
-    from cim.registry.local import LocalRegistry
+    from cim.backends.registry.local import LocalRegistry
 
     return LocalRegistry()

@@ -69,7 +69,14 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from cim.bus import MAX_DELIVERIES, PREFETCH, call_consumer, describe, node_queue, redelivery_delay
+from cim.backends.bus import (
+    MAX_DELIVERIES,
+    PREFETCH,
+    call_consumer,
+    describe,
+    node_queue,
+    redelivery_delay,
+)
 from cim.interfaces import BusConsumer, BusUnavailable, IMessageBus
 
 DEFAULT_HEARTBEAT = 10

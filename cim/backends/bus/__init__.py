@@ -63,7 +63,7 @@ def make_bus(config: QueueConfig, node_id: str, reactor: Any) -> IMessageBus:
     the one it was asked for.
     """
     if config.backend == "rabbitmq":
-        from cim.bus.rabbitmq import RabbitMqBus
+        from cim.backends.bus.rabbitmq import RabbitMqBus
 
         return RabbitMqBus(
             reactor,
@@ -72,6 +72,6 @@ def make_bus(config: QueueConfig, node_id: str, reactor: Any) -> IMessageBus:
             exchange=config.exchange,
             confirm_timeout=config.confirm_timeout,
         )
-    from cim.bus.memory import MemoryBus
+    from cim.backends.bus.memory import MemoryBus
 
     return MemoryBus(reactor, node_id)

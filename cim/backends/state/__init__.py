@@ -27,7 +27,7 @@ def make_state_store(config: StateConfig, reactor: Any) -> IStateStore:
     twistd has installed the one it was asked for.
     """
     if config.backend == "redis":
-        from cim.state.redis import RedisStateStore
+        from cim.backends.state.redis import RedisStateStore
 
         return RedisStateStore(
             reactor,
@@ -36,6 +36,6 @@ def make_state_store(config: StateConfig, reactor: Any) -> IStateStore:
             config.route_ttl,
             dedup_window=config.dedup_window,
         )
-    from cim.state.memory import MemoryStateStore
+    from cim.backends.state.memory import MemoryStateStore
 
     return MemoryStateStore(reactor, dedup_window=config.dedup_window)

@@ -49,8 +49,8 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
+from cim.backends.registry.local import ViewListener, tell_listeners
 from cim.interfaces import INodeRegistry, NodeIdTaken, NodeInfo
-from cim.registry.local import ViewListener, tell_listeners
 
 T = TypeVar("T")
 

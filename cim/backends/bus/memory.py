@@ -33,7 +33,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from cim.bus import MAX_DELIVERIES, PREFETCH, call_consumer, describe, redelivery_delay
+from cim.backends.bus import MAX_DELIVERIES, PREFETCH, call_consumer, describe, redelivery_delay
 from cim.interfaces import BusConsumer, BusUnavailable, IMessageBus
 
 QUEUE_LIMIT = 100_000

@@ -31,7 +31,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from cim.accounts import InvalidUserName, check_user_name
+from cim.accounts.store import InvalidUserName, check_user_name
 from cim.protocols import cim_pb2
 from cim.storage.database import Database
 from cim.storage.groups import (
