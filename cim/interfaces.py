@@ -72,8 +72,84 @@ SessionEndedListener = Callable[[SessionRecord, str], None]
 """Called with the ended session and a reason: 'logged in elsewhere', 'logged out'."""
 
 
+class ISessionStore(Interface):
+    """Logins: what the router issued and the IM node checks (the state backend's sessions)."""
+
+    def create_session(
+        token_hash: str, user: str, device: str, node_id: str, ttl: float, policy: str
+    ) -> Deferred[tuple[SessionRecord, SessionRecord | None]]:
+        """See IStateStore.create_session."""
+
+    def session_for_token(token_hash: str) -> Deferred[SessionRecord | None]:
+        """The live, unexpired session for a token hash, or None."""
+
+    def end_session(token_hash: str, reason: str) -> Deferred[SessionRecord | None]:
+        """Logout: remove the session and its route; listeners are told."""
+
+    def end_user_session(user: str, reason: str) -> Deferred[SessionRecord | None]:
+        """An administrator's kick of the user's current session."""
+
+    def add_session_ended_listener(listener: SessionEndedListener) -> None:
+        """Be told whenever a session ends (kick, logout, expiry), on any node."""
+
+
+class IRouteStore(Interface):
+    """Where each online user is connected (uid -> node) and who is online."""
+
+    def mark_online(record: SessionRecord) -> Deferred[None]:
+        """The session's connection finished its handshake on record.node_id."""
+
+    def mark_offline(record: SessionRecord) -> Deferred[None]:
+        """The session's connection closed; a no-op if a newer one took over."""
+
+    def route(user: str) -> Deferred[str | None]:
+        """The node id the user is connected to, or None when offline."""
+
+    def routes(users: list[str]) -> Deferred[dict[str, str]]:
+        """The node id of each online user among users (offline ones are left out)."""
+
+    def online_users(offset: int, limit: int) -> Deferred[tuple[int, list[str]]]:
+        """(total online, a page of user names sorted by name)."""
+
+    def online_count_by_node() -> Deferred[dict[str, int]]:
+        """Online users per node id."""
+
+    def refresh_sessions(node_id: str, records: list[SessionRecord]) -> Deferred[None]:
+        """The node's connected sessions are alive: extend their routes' TTL, rewriting
+        what the backend lost."""
+
+
+class IReceiptStore(Interface):
+    """What the node answered for each sender message, within the dedup window."""
+
+    def remember_message(
+        sender: str, device: str, client_seq: int, msg_id: int, sent_at_ms: int
+    ) -> Deferred[MessageReceipt | None]:
+        """Atomically claim (sender, device, client_seq) for msg_id (see IStateStore)."""
+
+    def record_outcome(
+        sender: str, device: str, client_seq: int, status: int, reason: str
+    ) -> Deferred[None]:
+        """The final outcome of a remembered message, for answering later retries."""
+
+
+class ISequenceStore(Interface):
+    """Numbers shared by every node: node numbers for message ids, group sequences."""
+
+    def node_number(node_id: str) -> Deferred[int]:
+        """This node's number for message ids (0-1023)."""
+
+    def next_group_seq(group: str) -> Deferred[int]:
+        """The group's next message number (1, 2, 3, ...), shared by every node."""
+
+
 class IStateStore(Interface):
     """Sessions, routes and who is online."""
+
+    sessions = Attribute("ISessionStore: logins")
+    presence = Attribute("IRouteStore: routes (uid -> node) and who is online")
+    receipts = Attribute("IReceiptStore: answers to sender messages, for retries")
+    sequences = Attribute("ISequenceStore: node numbers and group sequences")
 
     def create_session(
         token_hash: str,
