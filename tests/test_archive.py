@@ -24,7 +24,8 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
-from cim.backends.bus.rabbitmq import AmqpLink, parse_amqp_url
+from cim.backends.bus.amqp import parse_amqp_url
+from cim.backends.bus.amqp_link import AmqpLink
 from cim.history.archive import ArchivePipeline, HistoryService
 from cim.offline.store import HistoryStore, direct_conversation
 from cim.protocols import cim_pb2

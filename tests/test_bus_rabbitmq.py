@@ -23,11 +23,14 @@ from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.interfaces import IConnector
 from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import formatEvent
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from cim.backends.bus import node_queue
-from cim.backends.bus.rabbitmq import AmqpLink, RabbitMqBus, _Session, parse_amqp_url
+from cim.backends.bus.amqp import AmqpSession, parse_amqp_url
+from cim.backends.bus.amqp_link import AmqpLink
+from cim.backends.bus.rabbitmq import RabbitMqBus
 from cim.interfaces import BusUnavailable, IMessageBus
 from tests.rabbitmq import SHARED_URL, amqp_answers, shared_rabbitmq
 from tests.services import eventually, free_port, service_missing
@@ -284,7 +287,7 @@ class RabbitMqOutageTests(RabbitFixture):
         await self.until(lambda: got_c == [b"confirmed before the stop"], "c's message")
 
         # One line per change of state and link, however many attempts failed.
-        lost = [e for e in log.lines("warn") if "lost the connection" in e["log_format"]]
+        lost = [e for e in log.lines("warn") if "lost the connection" in formatEvent(e)]
         back = [e for e in log.lines("info") if e.get("state") == "back"]
         self.assertEqual(len(lost), 2)  # a and b (c was stopped)
         self.assertEqual(len(back), 2)
@@ -335,7 +338,7 @@ class RabbitMqOutageTests(RabbitFixture):
         self.broker.resume()
         await self.until(lambda: a.connected, "the link to come back", 30)
         await a.publish(b_id, b"after")
-        lost = [e for e in log.lines("warn") if "lost the connection" in e["log_format"]]
+        lost = [e for e in log.lines("warn") if "lost the connection" in formatEvent(e)]
         self.assertEqual(len(lost), 1)
         self.assertIn("heartbeat", lost[0]["why"].lower())
 
@@ -366,6 +369,12 @@ class Returned:
         )
 
 
+def pretend_connected(link: AmqpLink, channel: FakeChannel) -> None:
+    """Make ``channel`` the link's publishing channel, as if a connection were up."""
+    session = AmqpSession(protocol=cast(Any, object()), publisher=channel)
+    cast(Any, link.connection)._usable = (object(), session)
+
+
 class ConfirmBookkeepingTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.reactor = MemoryReactorClock()
@@ -373,8 +382,7 @@ class ConfirmBookkeepingTests(SynchronousTestCase):
             self.reactor, "amqp://cim:s3cret@127.0.0.1:5699/%2F", confirm_timeout=2.0
         )
         self.channel = FakeChannel()
-        link: Any = self.link
-        link._session = _Session(protocol=cast(Any, object()), publisher=self.channel)
+        pretend_connected(self.link, self.channel)
 
     def pika_outcome(self, index: int) -> Deferred[Any]:
         return self.channel.published[index][5]
@@ -429,7 +437,7 @@ class ConfirmBookkeepingTests(SynchronousTestCase):
             max_unconfirmed=2,
         )
         channel = FakeChannel()
-        cast(Any, link)._session = _Session(protocol=cast(Any, object()), publisher=channel)
+        pretend_connected(link, channel)
         waiting = [link.publish("x", "n2", b"%d" % i) for i in range(2)]
         failure = self.failureResultOf(link.publish("x", "n2", b"more"), BusUnavailable)
         self.assertIn("waiting for RabbitMQ's confirm", str(failure.value))
@@ -492,8 +500,7 @@ class RabbitMqConnectionLoopTests(SynchronousTestCase):
         self.assertEqual(self.reactor.getDelayedCalls(), [])
 
     def test_reconnects_forever_with_capped_jittered_backoff_and_logs_once(self) -> None:
-        self.bus.link._running = True
-        self.bus.link._connect()
+        self.bus.link.connection.start()  # without start()'s deadline
         delays: list[float] = []
         for _ in range(40):
             self.assertEqual(self.refuse_pending(), 1)

@@ -23,7 +23,9 @@ from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
-from cim.backends.bus.rabbitmq import Queue, parse_amqp_url
+from cim.backends.backoff import Backoff
+from cim.backends.bus.amqp import parse_amqp_url
+from cim.backends.bus.broker import Queue
 from cim.config import CimConfig, load_config
 from cim.interfaces import BusConsumer, BusUnavailable
 from cim.offline.pipeline import (
@@ -372,8 +374,8 @@ class RabbitFixture(TestCase):
         config = config_for(self, "rabbitmq", self.url, **offline)
         pipeline = make_offline_pipeline(config, db, reactor, on_stored=on_stored)
         assert pipeline.link is not None
-        pipeline.link._initial_delay = 0.1
-        pipeline.link._max_delay = 0.5
+        link: Any = pipeline.link
+        link.connection.backoff = Backoff(0.1, 0.5, jitter=0.2)
         self.addCleanup(pipeline.stop)
         await pipeline.start()
         return pipeline

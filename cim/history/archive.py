@@ -201,7 +201,7 @@ class ArchivePipeline:
         self._running = True
         ready: Deferred[None] = succeed(None)
         if self._link is not None:
-            from cim.backends.bus.rabbitmq import Queue
+            from cim.backends.bus.broker import Queue
 
             ready = self._link.declare(Queue(self.queue))
             ready.addErrback(self._declare_failed)

@@ -40,7 +40,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from cim.backends.bus import describe
-from cim.backends.bus.rabbitmq import AmqpLink, Queue
+from cim.backends.bus.amqp_link import AmqpLink
+from cim.backends.bus.broker import Queue
 from cim.config import CimConfig
 from cim.interfaces import BusUnavailable
 from cim.offline.store import OfflineItem, OfflinePage, OfflineStore, SenderCount

@@ -8,14 +8,27 @@ on a laptop and in a cluster: the message comes again after a growing pause, and
 
 from __future__ import annotations
 
-from typing import Any
-
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
-from twisted.python.failure import Failure
 
+from cim.backends.backoff import Backoff
+from cim.backends.link import describe
 from cim.config import QueueConfig
 from cim.interfaces import BusConsumer, IMessageBus
+from cim.reactor import ICimReactor
+
+__all__ = [
+    "FIRST_REDELIVERY_DELAY",
+    "MAX_DELIVERIES",
+    "MAX_REDELIVERY_DELAY",
+    "PREFETCH",
+    "REDELIVERY",
+    "call_consumer",
+    "describe",
+    "make_bus",
+    "node_queue",
+    "redelivery_delay",
+]
 
 MAX_DELIVERIES = 8
 """Deliveries of one message before a consumer that keeps failing it gives up."""
@@ -23,6 +36,8 @@ FIRST_REDELIVERY_DELAY = 0.25
 MAX_REDELIVERY_DELAY = 5.0
 PREFETCH = 256
 """Messages handed to one consumer before it acknowledges any: bounds its memory."""
+REDELIVERY = Backoff(FIRST_REDELIVERY_DELAY, MAX_REDELIVERY_DELAY)
+"""No jitter: one consumer's own message, nothing to spread."""
 
 
 def redelivery_delay(failures: int) -> float:
@@ -31,7 +46,7 @@ def redelivery_delay(failures: int) -> float:
     The pause grows because the usual cause of a failing consumer (its state store
     or database is down) takes a while to mend, and retrying at once only burns CPU.
     """
-    return min(MAX_REDELIVERY_DELAY, FIRST_REDELIVERY_DELAY * 2 ** max(0, failures - 1))
+    return REDELIVERY.after(failures)
 
 
 def call_consumer(consumer: BusConsumer, payload: bytes) -> Deferred[None]:
@@ -45,17 +60,12 @@ def call_consumer(consumer: BusConsumer, payload: bytes) -> Deferred[None]:
     return defer.succeed(None)
 
 
-def describe(failure: Failure) -> str:
-    """A short reason for a log line (some exceptions have an empty message)."""
-    return failure.getErrorMessage() or repr(failure.value)
-
-
 def node_queue(node_id: str) -> str:
     """The broker queue holding what other nodes forward to ``node_id``."""
     return f"cim.node.{node_id}"
 
 
-def make_bus(config: QueueConfig, node_id: str, reactor: Any) -> IMessageBus:
+def make_bus(config: QueueConfig, node_id: str, reactor: ICimReactor) -> IMessageBus:
     """The backend ``[queue] backend`` names, for this node, not yet started.
 
     pika is imported only when configured: its Twisted adapter imports (and so
