@@ -27,7 +27,7 @@ from twisted.trial.unittest import TestCase
 from cim.backends.bus.amqp import parse_amqp_url
 from cim.backends.bus.amqp_link import AmqpLink
 from cim.history.archive import ArchivePipeline, HistoryService
-from cim.offline.store import HistoryStore, direct_conversation
+from cim.history.store import HistoryStore, direct_conversation
 from cim.protocols import cim_pb2
 from cim.scripts import client as cli
 from cim.storage.database import Database

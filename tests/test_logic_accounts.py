@@ -141,7 +141,7 @@ class PasswordAndDeletionTests(SynchronousTestCase):
         self.assertFalse(fired_check(h, "ann", PASSWORD))
 
     def test_deleting_removes_the_accounts_one_to_one_history(self) -> None:
-        from cim.offline.store import HistoryStore
+        from cim.history.store import HistoryStore
         from cim.protocols import cim_pb2
 
         h = LogicHarness(self)

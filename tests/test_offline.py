@@ -1,4 +1,5 @@
-"""cim.offline and cim.storage.offline: offline messages, the history archive, the purge.
+"""cim.offline.store, cim.history.store and cim.storage.offline: offline messages, the
+history archive, the purge.
 
 The database runs synchronously through an injected runner (no reactor, no threads),
 and time is a ``task.Clock``. The ``*Tests`` classes run on a temporary SQLite file;
@@ -19,19 +20,21 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
-from cim.message_ids import MessageIdGenerator
-from cim.offline.store import (
-    MAX_PAGE_SIZE,
+from cim.history.store import (
     HistoryForbidden,
     HistoryStore,
-    OfflineFull,
-    OfflineStore,
-    SenderCount,
     conversation_of,
     direct_conversation,
     group_conversation,
-    message_of,
     parse_conversation,
+)
+from cim.message_ids import MessageIdGenerator
+from cim.offline.store import (
+    MAX_PAGE_SIZE,
+    OfflineFull,
+    OfflineStore,
+    SenderCount,
+    message_of,
 )
 from cim.protocols import cim_pb2
 from cim.storage.database import Database, create_engine_for, upgrade

@@ -1,4 +1,5 @@
-"""cim.offline_pipeline: write-through, the RabbitMQ queue, the batching writer, outages.
+"""cim.offline.pipeline and cim.offline.writer: write-through, the RabbitMQ queue, the
+batching writer, outages.
 
 The unit tests drive the writer with a fake link and a ``task.Clock`` and run the
 database synchronously. The integration tests use the real reactor, a SQLite file on
@@ -28,14 +29,10 @@ from cim.backends.bus.amqp import parse_amqp_url
 from cim.backends.bus.broker import Queue
 from cim.config import CimConfig, load_config
 from cim.interfaces import BusConsumer, BusUnavailable
-from cim.offline.pipeline import (
-    OfflinePipeline,
-    OfflineWriter,
-    decode,
-    encode,
-    make_offline_pipeline,
-)
+from cim.offline.pipeline import OfflinePipeline, make_offline_pipeline
+from cim.offline.queue import decode, encode
 from cim.offline.store import OfflineItem, OfflineStore
+from cim.offline.writer import OfflineWriter
 from cim.storage.database import Database
 from cim.storage.offline import OfflineFull
 from cim.storage.schema import offline_msgs

@@ -21,6 +21,9 @@ Two backends, following ``[queue] backend``:
   that fails (broker away, no confirm in time) falls back to the in-process writer,
   so a broker outage does not open a hole in the history.
 
+The batching and the retries are ``cim.backends.batching.BatchWriter``'s; the queue
+is declared through ``cim.backends.bus.broker``, which imports no pika.
+
 The retention purge runs on a ``LoopingCall`` here too, because it is the same
 operational concern (the size of the history table) and needs the same pool.
 """
@@ -28,21 +31,22 @@ operational concern (the size of the history table) and needs the same pool.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
 
 from google.protobuf.message import DecodeError
 from sqlalchemy.exc import DataError, IntegrityError
 from twisted.internet import defer
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from cim.backends.backoff import Backoff
+from cim.backends.batching import BatchWriter
+from cim.backends.bus.broker import BrokerLink, Queue
 from cim.config import CimConfig
-from cim.offline.store import (
+from cim.history.store import (
     HistoryForbidden,
     HistoryPage,
     HistoryStore,
@@ -57,7 +61,6 @@ __all__ = [
     "ARCHIVE_QUEUE",
     "DEFAULT_HISTORY_LIMIT",
     "MAX_HISTORY_LIMIT",
-    "ArchiveLink",
     "ArchivePipeline",
     "HistoryService",
     "archive_from_config",
@@ -73,8 +76,8 @@ only for short texts, so the node may still be configured with larger frames."""
 DEFAULT_BATCH_SIZE = 500
 DEFAULT_BATCH_WAIT = 1.0
 DEFAULT_PURGE_INTERVAL = 3600.0
-FIRST_RETRY_DELAY = 0.5
-MAX_RETRY_DELAY = 30.0
+RETRY = Backoff(0.5, 30.0)
+"""Seconds between attempts to write a batch while the database fails."""
 
 _MAX_MSG_ID = (1 << 63) - 1
 _PERMANENT = (ValueError, DataError, IntegrityError)
@@ -82,24 +85,6 @@ _PERMANENT = (ValueError, DataError, IntegrityError)
 down or busy): the batch is split to find the culprit instead of being retried."""
 
 _log = Logger(namespace="cim.archive")
-
-
-class ArchiveLink(Protocol):
-    """The part of ``cim.backends.bus.rabbitmq.AmqpLink`` the pipeline uses.
-
-    Spelled out here so this module (and the memory backend) never imports pika,
-    whose Twisted adapter installs the default reactor when imported.
-    """
-
-    def declare(self, *declarations: Any) -> Deferred[None]: ...
-
-    def publish(
-        self, exchange: str, routing_key: str, body: bytes, *, mandatory: bool = True
-    ) -> Deferred[None]: ...
-
-    def consume(
-        self, queue: str, consumer: Callable[[bytes], Any], prefetch: int = ...
-    ) -> None: ...
 
 
 def unarchivable(message: cim_pb2.Message) -> str | None:
@@ -120,11 +105,11 @@ def unarchivable(message: cim_pb2.Message) -> str | None:
     return None
 
 
-@dataclass(eq=False)
+@dataclass(frozen=True)
 class _Item:
     message: cim_pb2.Message
-    acked: Deferred[None] | None = None
-    """For a broker delivery: fired after the commit, which acknowledges it."""
+    from_broker: bool = False
+    """A broker delivery, acknowledged after the commit; else taken in this process."""
 
 
 class ArchivePipeline:
@@ -146,7 +131,7 @@ class ArchivePipeline:
         self,
         backend: str,
         history: HistoryStore,
-        link: ArchiveLink | None,
+        link: BrokerLink | None,
         reactor: IReactorTime,
         batch_size: int = DEFAULT_BATCH_SIZE,
         batch_wait: float = DEFAULT_BATCH_WAIT,
@@ -169,24 +154,28 @@ class ArchivePipeline:
         self._link = link if backend == "rabbitmq" else None
         self._reactor = reactor
         self._batch_size = batch_size
-        self._batch_wait = batch_wait
         self._purge_interval = purge_interval
         self.queue = queue
         self._writer = writer
         self._max_buffer = max_buffer if max_buffer is not None else 100 * batch_size
         self.counts: Counter[str] = Counter()
-        self._buffer: list[_Item] = []
-        self._timer: IDelayedCall | None = None
-        self._retry: IDelayedCall | None = None
-        self._writing = False
-        self._failures = 0
-        self._singles = 0
-        """Items still to be written one at a time, after a permanent batch failure."""
-        self._idle_waiters: list[Deferred[None]] = []
+        self._batches: BatchWriter[_Item] = BatchWriter(
+            reactor,
+            self._write,
+            name="archive",
+            log=_log,
+            batch_size=batch_size,
+            batch_wait=batch_wait,
+            retry=RETRY,
+            permanent=_PERMANENT,
+            on_written=self._written,
+            on_failure=self._write_failed,
+            on_rejected=self._refused,
+            on_abandoned=self._give_up,
+        )
         self._publishing: set[Deferred[None]] = set()
         self._publish_failing = False
         self._dropping = False
-        self._running = False
         self._stopping = False
         self._purge: LoopingCall | None = None
 
@@ -198,11 +187,8 @@ class ArchivePipeline:
         The node's link must be started by its owner (the bus); a declaration it
         cannot make now is made on its next connection, so this never fails.
         """
-        self._running = True
         ready: Deferred[None] = succeed(None)
         if self._link is not None:
-            from cim.backends.bus.broker import Queue
-
             ready = self._link.declare(Queue(self.queue))
             ready.addErrback(self._declare_failed)
             if self._writer:
@@ -228,7 +214,6 @@ class ArchivePipeline:
         Call before stopping the database and the link. Deliveries still arriving from
         the broker are left unacknowledged: the broker gives them to the next consumer.
         """
-        self._running = False
         self._stopping = True
         if self._purge is not None and self._purge.running:
             self._purge.stop()
@@ -236,19 +221,10 @@ class ArchivePipeline:
         return Deferred.fromCoroutine(self._drain())
 
     async def _drain(self) -> None:
+        # A publish that fails now still falls back to the in-process writer.
         while self._publishing:
             await defer.DeferredList(list(self._publishing))
-        for call in (self._timer, self._retry):
-            if call is not None and call.active():
-                call.cancel()
-        self._timer = self._retry = None
-        while self._writing or self._buffer:
-            if self._writing:
-                waiter: Deferred[None] = Deferred()
-                self._idle_waiters.append(waiter)
-                await waiter
-            else:
-                self._flush()
+        await self._batches.stop(flush=True)
 
     # --- the hot path -----------------------------------------------------------------
 
@@ -275,7 +251,7 @@ class ArchivePipeline:
             self._reject(message.id, reason)
             return
         if self._link is None:
-            self._add(_Item(message))
+            self._add(message)
             return
         d = self._link.publish(
             "", self.queue, message.SerializeToString(deterministic=True), mandatory=True
@@ -303,7 +279,7 @@ class ArchivePipeline:
             )
         # Maybe the broker has it after all (a confirm that came too late): the
         # second write of the message is a no-op.
-        self._add(_Item(message))
+        self._add(message)
 
     def _reject(self, msg_id: int, reason: str) -> None:
         self.counts["rejected"] += 1
@@ -324,120 +300,49 @@ class ArchivePipeline:
         if reason is not None:
             self._reject(message.id, reason)
             return succeed(None)
-        acked: Deferred[None] = Deferred()
-        self._add(_Item(message, acked))
-        return acked
+        # Fires after the commit, which acknowledges it; kept unacknowledged while the
+        # database is down: failing it would make the broker drop it after a few
+        # redeliveries.
+        return self._batches.add(_Item(message, from_broker=True))
 
     # --- batches ----------------------------------------------------------------------
 
-    def _add(self, item: _Item) -> None:
-        # Broker deliveries are bounded by the prefetch window, so only the in-process
-        # buffer needs a cap.
-        if item.acked is None and len(self._buffer) >= self._max_buffer:
+    def _add(self, message: cim_pb2.Message) -> None:
+        # Broker deliveries are bounded by the prefetch window, so only what this
+        # process takes needs a cap.
+        if self._batches.pending >= self._max_buffer:
             self.counts["dropped"] += 1
             if not self._dropping:
                 self._dropping = True
                 _log.error(
                     "archive: {count} messages wait for the database; dropping further "
                     "ones from the history until it catches up",
-                    count=len(self._buffer),
+                    count=self._batches.pending,
                 )
             return
-        self._buffer.append(item)
-        self._schedule()
+        # A failed final flush is counted by _give_up.
+        self._batches.add(_Item(message)).addErrback(lambda _: None)
 
-    def _schedule(self) -> None:
-        if self._writing or self._retry is not None or not self._buffer:
-            return  # the end of the write (or the retry) looks again
-        if self._stopping:
-            return  # _drain writes
-        if len(self._buffer) >= self._batch_size or self._singles:
-            self._flush()
-        elif self._timer is None:
-            self._timer = self._reactor.callLater(self._batch_wait, self._flush)
+    def _write(self, batch: list[_Item]) -> Deferred[int]:
+        return self._history.archive([item.message for item in batch])
 
-    def _flush(self) -> None:
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
-        if self._writing or not self._buffer:
-            return
-        size = 1 if self._singles else self._batch_size
-        batch, self._buffer = self._buffer[:size], self._buffer[size:]
-        self._writing = True
-        d = self._history.archive([item.message for item in batch])
-        d.addCallbacks(
-            self._written, self._write_failed, callbackArgs=(batch,), errbackArgs=(batch,)
-        )
-
-    def _written(self, new_rows: int, batch: list[_Item]) -> None:
-        self._writing = False
+    def _written(self, batch: list[_Item], new_rows: int) -> None:
         self.counts["archived"] += len(batch)
         self.counts["new_rows"] += new_rows
-        if self._singles:
-            self._singles -= 1
-        if self._failures:
-            _log.info("archive: writing to the history works again")
-        self._failures = 0
-        if self._dropping and len(self._buffer) < self._max_buffer // 2:
+        if self._dropping and self._batches.pending - len(batch) < self._max_buffer // 2:
             self._dropping = False
-        for item in batch:
-            if item.acked is not None:
-                item.acked.callback(None)
-        self._idle()
-        self._schedule()
 
-    def _write_failed(self, failure: Failure, batch: list[_Item]) -> None:
-        self._writing = False
+    def _write_failed(self, batch: list[_Item], failure: Failure) -> None:
         self.counts["write_failed"] += 1
-        if failure.check(*_PERMANENT):
-            if len(batch) > 1:
-                # Find the row the database refuses: retry the batch one by one.
-                self._singles = len(batch)
-                self._buffer[:0] = batch
-            else:
-                self._singles = max(0, self._singles - 1)
-                self._reject(batch[0].message.id, failure.getErrorMessage())
-                if batch[0].acked is not None:
-                    batch[0].acked.callback(None)  # redelivering it would fail again
-            self._idle()
-            self._schedule()
-            return
-        if self._stopping:
-            self._give_up(failure, batch)
-            self._idle()
-            return
-        self._failures += 1
-        delay = min(MAX_RETRY_DELAY, FIRST_RETRY_DELAY * 2 ** min(self._failures - 1, 16))
-        if self._failures == 1:
-            _log.warn(
-                "archive: writing {count} messages to the history failed ({why}); "
-                "retrying, at most every {cap:g} s",
-                count=len(batch),
-                why=failure.getErrorMessage(),
-                cap=MAX_RETRY_DELAY,
-            )
-        # Kept in memory (and, for broker deliveries, unacknowledged) until the
-        # database is back: failing them would make the broker drop them after a
-        # few redeliveries.
-        self._buffer[:0] = batch
-        self._retry = self._reactor.callLater(delay, self._retried)
-        self._idle()
 
-    def _retried(self) -> None:
-        self._retry = None
-        self._flush()
+    def _refused(self, item: _Item, failure: Failure) -> None:
+        """The database refuses this one message: acknowledged, never written."""
+        self._reject(item.message.id, failure.getErrorMessage())
 
-    def _give_up(self, failure: Failure, batch: list[_Item]) -> None:
+    def _give_up(self, batch: list[_Item], failure: Failure) -> None:
         """The final flush failed: what came through the broker is delivered again
         elsewhere, the rest is lost, and the operator is told how much."""
-        rest, self._buffer = batch + self._buffer, []
-        lost = 0
-        for item in rest:
-            if item.acked is not None:
-                item.acked.errback(failure)
-            else:
-                lost += 1
+        lost = sum(1 for item in batch if not item.from_broker)
         self.counts["dropped"] += lost
         if lost:
             _log.error(
@@ -446,11 +351,6 @@ class ArchivePipeline:
                 count=lost,
                 why=failure.getErrorMessage(),
             )
-
-    def _idle(self) -> None:
-        waiters, self._idle_waiters = self._idle_waiters, []
-        for waiter in waiters:
-            waiter.callback(None)
 
     # --- retention --------------------------------------------------------------------
 
@@ -470,7 +370,7 @@ class ArchivePipeline:
 
 
 def archive_from_config(
-    config: CimConfig, history: HistoryStore, link: ArchiveLink | None, reactor: IReactorTime
+    config: CimConfig, history: HistoryStore, link: BrokerLink | None, reactor: IReactorTime
 ) -> ArchivePipeline | None:
     """The pipeline ``[archive]`` and ``[queue] backend`` describe; None if disabled."""
     if not config.archive.enabled:

@@ -30,6 +30,7 @@ from cim.files.signing import UrlKeyError
 from cim.groups.directory import GroupDirectory
 from cim.heap import HeapTrimmer
 from cim.history.archive import HistoryService, archive_from_config
+from cim.history.store import HistoryStore
 from cim.interfaces import (
     BusUnavailable,
     IMessageBus,
@@ -42,7 +43,6 @@ from cim.logs import DaemonLog
 from cim.message_ids import MessageIdGenerator
 from cim.metrics import NodeMetrics
 from cim.offline.pipeline import make_offline_pipeline
-from cim.offline.store import HistoryStore
 from cim.oplog import OperationLog
 from cim.protocols.crypto import NodeKey
 from cim.protocols.im import ImServerFactory
