@@ -70,3 +70,13 @@ class BackoffTests(SynchronousTestCase):
         ):
             with self.assertRaises(ValueError):
                 Backoff(initial, maximum, jitter, factor)
+
+    def test_the_clients_backoff_is_this_one_with_its_old_defaults(self) -> None:
+        from cim.client.session import Backoff as ClientBackoff
+
+        client = ClientBackoff()
+        self.assertIsInstance(client, Backoff)
+        ours, old = random.Random(11), random.Random(11)
+        for attempt in range(20):
+            step = min(30.0, 0.5 * (2 ** min(attempt, 16)))
+            self.assertEqual(client.delay(attempt, ours), step / 2 + old.uniform(0, step / 2))

@@ -27,6 +27,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from cim.backends import backoff
 from cim.client.connection import ImClientProtocol, LoginRefused
 from cim.client.delivery import (
     REASON_CONNECTION_CLOSED,
@@ -66,14 +67,14 @@ class SessionFailed(Exception):
 
 
 @dataclass(frozen=True)
-class Backoff:
+class Backoff(backoff.Backoff):
+    """The client's reconnect wait: the one backoff policy, from 0.5 s up to 30 s, with
+    equal jitter (half the step fixed, half random) so that the clients of a node that
+    went away do not all come back at once."""
+
     initial: float = 0.5
     maximum: float = 30.0
-
-    def delay(self, attempt: int, rng: random.Random) -> float:
-        """Equal jitter: half the exponential step fixed, half random."""
-        step = min(self.maximum, self.initial * (2 ** min(attempt, 16)))
-        return step / 2 + rng.uniform(0, step / 2)
+    jitter: float = 0.5
 
 
 class ChatClient:
