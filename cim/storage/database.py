@@ -2,8 +2,9 @@
 
 SQLAlchemy blocks, so nothing here touches a connection on the reactor thread. Work is
 a plain function ending in ``_txn`` that takes a ``Connection`` and returns plain data;
-``Database.run`` runs it inside one transaction on the "cim-db" pool, in the style of
-Buildbot's ``db/pool.py`` and Synapse's ``runInteraction``.
+``Database.run`` runs it inside one transaction on the "cim-db" pool (the one
+thread-pool runner, ``cim.backends.threads``), in the style of Buildbot's
+``db/pool.py`` and Synapse's ``runInteraction``.
 
 The schema belongs to Alembic from the first table on. The embedded SQLite file
 migrates itself when the daemon starts, because nobody else administers it; a
@@ -15,9 +16,8 @@ from __future__ import annotations
 
 import functools
 import os
-import time
 from collections.abc import Callable
-from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from alembic import command
 from alembic.config import Config
@@ -26,10 +26,11 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import create_engine, event
 from sqlalchemy.engine import URL, Connection, Engine, make_url
 from sqlalchemy.pool import StaticPool
-from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.threads import deferToThreadPool
+from twisted.internet.defer import Deferred, fail
 from twisted.python.failure import Failure
-from twisted.python.threadpool import ThreadPool
+
+from cim.backends.threads import PoolNotRunning, Runner, ThreadPoolRunner
+from cim.reactor import ICimReactor
 
 T = TypeVar("T")
 P = ParamSpec("P")
@@ -43,16 +44,6 @@ POSTGRESQL_CONNECT_TIMEOUT = 10
 """Seconds before an unreachable PostgreSQL is reported instead of hanging start-up."""
 
 _MIGRATION_LOCK_KEY = 0x63696D  # "cim": one upgrade at a time on a shared PostgreSQL
-
-
-class Runner(Protocol):
-    """Runs a blocking callable somewhere else and reports its result in a Deferred.
-
-    Production uses a thread pool; tests pass ``lambda work: maybeDeferred(work)`` so
-    work runs synchronously with no reactor and no threads.
-    """
-
-    def __call__(self, work: Callable[[], T], /) -> Deferred[T]: ...
 
 
 class DatabaseRevisionError(Exception):
@@ -86,10 +77,6 @@ class DatabaseAhead(DatabaseRevisionError):
             f"database is at revision {current}, which this code (at {head}) does not know: "
             "it was upgraded by a newer cim",
         )
-
-
-class PoolNotRunning(Exception):
-    """Work was handed to a thread pool that is not started or is stopping."""
 
 
 class DatabaseNotRunning(PoolNotRunning):
@@ -299,117 +286,6 @@ def open_engine(url: str) -> Engine:
     return engine
 
 
-# --- the thread pool ----------------------------------------------------------------
-
-
-class ThreadPoolRunner:
-    """Runs blocking work on a named thread pool and stops only when the work is done.
-
-    Counting the work in flight here, rather than relying on ``ThreadPool.stop``,
-    keeps the reactor thread from blocking in ``join`` while a transaction is still
-    running, and lets an injected runner (tests) be waited for the same way.
-    """
-
-    def __init__(
-        self,
-        name: str,
-        threads: int,
-        reactor: Any,
-        runner: Runner | None = None,
-        on_wait: Callable[[float], None] | None = None,
-    ) -> None:
-        self.name = name
-        # Told (on the worker thread) how long each piece of work waited for a thread.
-        self.on_wait = on_wait
-        self._reactor = reactor
-        self._pool: ThreadPool | None = None
-        self._threads = threads
-        self._runner = runner
-        self._pending = 0
-        self._idle_waiters: list[Deferred[None]] = []
-        self._stop_waiters: list[Deferred[None]] = []
-        self._stopping = False
-        self._stopped = False
-        self._shutdown_trigger: Any = None
-
-    def start(self) -> None:
-        if self._runner is not None or self._pool is not None:
-            return
-        if self._reactor is None:
-            raise ValueError(f"{self.name}: a reactor is needed unless a runner is given")
-        self._pool = ThreadPool(minthreads=0, maxthreads=self._threads, name=self.name)
-        self._pool.start()
-        # A forgotten stop() would leave non-daemon threads keeping the process alive.
-        self._shutdown_trigger = self._reactor.addSystemEventTrigger(
-            "during", "shutdown", self._stop_at_shutdown
-        )
-
-    def run(self, work: Callable[[], T]) -> Deferred[T]:
-        if self._stopping:
-            return fail(PoolNotRunning(f"{self.name} is stopping"))
-        on_wait = self.on_wait
-        if on_wait is not None:
-            queued = time.monotonic()
-            inner = work
-
-            def timed() -> T:
-                on_wait(time.monotonic() - queued)
-                return inner()
-
-            work = timed
-        if self._runner is not None:
-            d = self._runner(work)
-        elif self._pool is not None:
-            d = deferToThreadPool(self._reactor, self._pool, work)
-        else:
-            return fail(PoolNotRunning(f"{self.name} is not started"))
-        self._pending += 1
-        d.addBoth(self._finished)
-        return d
-
-    def _finished(self, result: T) -> T:
-        self._pending -= 1
-        if self._pending == 0:
-            waiters, self._idle_waiters = self._idle_waiters, []
-            for waiter in waiters:
-                waiter.callback(None)
-        return result
-
-    def when_idle(self) -> Deferred[None]:
-        if self._pending == 0:
-            return succeed(None)
-        waiter: Deferred[None] = Deferred()
-        self._idle_waiters.append(waiter)
-        return waiter
-
-    def stop(self) -> Deferred[None]:
-        """Let the work already handed over finish, then stop the threads."""
-        if not self._stopping:
-            self._stopping = True
-            if self._shutdown_trigger is not None:
-                self._reactor.removeSystemEventTrigger(self._shutdown_trigger)
-                self._shutdown_trigger = None
-            self.when_idle().addCallback(self._stop_pool)
-        if self._stopped:
-            return succeed(None)
-        waiter: Deferred[None] = Deferred()
-        self._stop_waiters.append(waiter)
-        return waiter
-
-    def _stop_pool(self, _: object) -> None:
-        if self._pool is not None:
-            self._pool.stop()  # the threads are idle, so joining them is quick
-            self._pool = None
-        self._stopped = True
-        waiters, self._stop_waiters = self._stop_waiters, []
-        for waiter in waiters:
-            waiter.callback(None)
-
-    def _stop_at_shutdown(self) -> Deferred[None]:
-        self._shutdown_trigger = None
-        return self.stop()
-
-
 # --- the database -------------------------------------------------------------------
 
 
@@ -419,7 +295,7 @@ class Database:
     def __init__(
         self,
         url: str,
-        reactor: Any,
+        reactor: ICimReactor | None,
         threads: int = 4,
         runner: Runner | None = None,
         on_wait: Callable[[float], None] | None = None,

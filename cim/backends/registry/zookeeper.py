@@ -43,13 +43,12 @@ from kazoo.handlers.threading import KazooTimeoutError
 from kazoo.retry import KazooRetry
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
-from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from cim.backends.registry.local import ViewListener, tell_listeners
+from cim.backends.threads import PoolNotRunning, Runner, ThreadPoolRunner
 from cim.interfaces import INodeRegistry, NodeIdTaken, NodeInfo
 
 T = TypeVar("T")
@@ -57,8 +56,6 @@ T = TypeVar("T")
 THREAD_POOL_NAME = "cim-zookeeper"
 RETRY_DELAY = 1.0
 """Seconds before retrying a failed re-registration or view read while connected."""
-
-BlockingRunner = Callable[[Callable[[], Any]], "Deferred[Any]"]
 
 
 def _retry(func: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -73,10 +70,6 @@ def _retry(func: Callable[..., T], *args: Any, **kwargs: Any) -> T:
 
 class ZooKeeperUnavailable(Exception):
     """ZooKeeper could not be reached when the registry started."""
-
-
-class RegistryNotStarted(RuntimeError):
-    """A call that needs ZooKeeper came before start() or after stop()."""
 
 
 class _ToTwistedLog(logging.Handler):
@@ -150,54 +143,6 @@ def decode_node(name: str, data: bytes) -> NodeInfo:
     return NodeInfo(node_id, host, port, key_der)
 
 
-class _BlockingCalls:
-    """kazoo's blocking calls on a named thread pool, stopped only once they are done.
-
-    Waiting for the calls in flight before ``ThreadPool.stop`` keeps that join from
-    blocking the reactor thread. Tests inject ``runner`` to run calls inline.
-    """
-
-    def __init__(self, reactor: Any, runner: BlockingRunner | None) -> None:
-        self._reactor = reactor
-        self._runner = runner
-        self._pool: ThreadPool | None = None
-        self._pending = 0
-        self._idle: list[Deferred[None]] = []
-
-    def start(self) -> None:
-        if self._runner is None and self._pool is None:
-            self._pool = ThreadPool(minthreads=0, maxthreads=2, name=THREAD_POOL_NAME)
-            self._pool.start()
-
-    def run(self, work: Callable[[], T]) -> Deferred[T]:
-        if self._runner is not None:
-            d: Deferred[T] = self._runner(work)
-        elif self._pool is not None:
-            d = deferToThreadPool(self._reactor, self._pool, work)
-        else:
-            raise RegistryNotStarted("the ZooKeeper registry is not started")
-        self._pending += 1
-        d.addBoth(self._finished)
-        return d
-
-    def _finished(self, result: T) -> T:
-        self._pending -= 1
-        if self._pending == 0:
-            waiters, self._idle = self._idle, []
-            for waiter in waiters:
-                waiter.callback(None)
-        return result
-
-    async def stop(self) -> None:
-        if self._pending:
-            waiter: Deferred[None] = Deferred()
-            self._idle.append(waiter)
-            await waiter
-        if self._pool is not None:
-            pool, self._pool = self._pool, None
-            pool.stop()  # every thread is idle now, so the join is immediate
-
-
 @implementer(INodeRegistry)
 class ZooKeeperRegistry:
     """The live IM nodes as ZooKeeper sees them, and this node's place among them."""
@@ -212,7 +157,7 @@ class ZooKeeperRegistry:
         session_timeout: float,
         connect_timeout: float = 15.0,
         client: Any = None,
-        run_blocking: BlockingRunner | None = None,
+        run_blocking: Runner | None = None,
     ) -> None:
         """``client`` and ``run_blocking`` replace kazoo and the thread pool in tests."""
         self.local_node: NodeInfo | None = None
@@ -233,7 +178,10 @@ class ZooKeeperRegistry:
                 logger=_kazoo_logger(reactor),
             )
         self._client = client
-        self._blocking = _BlockingCalls(reactor, run_blocking)
+        # Stopped by stop(), at shutdown too, once the session is closed on it.
+        self._blocking = ThreadPoolRunner(
+            THREAD_POOL_NAME, 2, reactor, run_blocking, stop_at_shutdown=False
+        )
         self._listeners: list[ViewListener] = []
         self._view: list[NodeInfo] = []
         self._watching = False
@@ -306,7 +254,7 @@ class ZooKeeperRegistry:
             # Closing the session deletes this node's znode at once, so routers drop
             # it now rather than after the session timeout.
             await self._blocking.run(self._close_txn)
-        except RegistryNotStarted:
+        except PoolNotRunning:
             pass  # never started: there is no session to close
         except Exception:
             self._log.failure("registry: closing the ZooKeeper session failed")
