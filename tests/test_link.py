@@ -182,6 +182,17 @@ class ConnectingTests(LinkTestCase):
         self.assertTrue(self.link.connected)
         self.assertEqual(len(self.lines("warn")), 1)
 
+    def test_a_prepare_step_that_raises_fails_the_attempt(self) -> None:
+        def broken(protocol: FakeProtocol) -> Deferred[str]:
+            raise RuntimeError("no such command")
+
+        self.connections.prepare = broken  # type: ignore[method-assign]
+        self.link.start()
+        protocol = self.connections.tcp()
+        self.assertTrue(protocol.aborted)
+        self.assertEqual(self.link.last_error, "no such command")
+        self.assertEqual(self.retry_delay(), 0.5)
+
     def test_a_connection_lost_while_preparing_is_retried_and_its_late_result_ignored(
         self,
     ) -> None:

@@ -320,7 +320,9 @@ class Link(Generic[P, R]):
         self._connections.when_lost(protocol).addCallback(self._lost, watched)
         if self._connecting is not watched:
             return  # it ended at once, and _lost dealt with it
-        prepared = self._connections.prepare(protocol)
+        # maybeDeferred: a prepare step that raises fails the attempt like one that
+        # fails its Deferred, instead of leaving the link waiting on it.
+        prepared: Deferred[R] = defer.maybeDeferred(self._connections.prepare, protocol)
         prepared.addCallbacks(
             self._prepared,
             self._prepare_failed,
