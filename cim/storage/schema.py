@@ -181,7 +181,7 @@ upload_chunks = Table(
     Column("received_at", Double, nullable=False),
 )
 
-# --- offline messages and history (cim.offline.store) -------------------------------------
+# --- offline messages and history (cim.offline.store, cim.history.store) ---------------------
 
 MSG_ID = BigInteger()
 """Server message ids (``cim.message_ids``): 63 bits used, so a signed BIGINT holds them."""
@@ -216,7 +216,7 @@ history = Table(
     "history",
     metadata,
     # "u:<name>:<name>" (sorted, ':' and '%' escaped) or "g:<group id>": see
-    # cim.offline.store.direct_conversation. The primary key (conversation, msg_id) makes
+    # cim.history.store.direct_conversation. The primary key (conversation, msg_id) makes
     # archiving idempotent and serves the history page (newest first, a backward scan).
     Column("conversation", String(CONVERSATION_MAX), primary_key=True),
     Column("msg_id", MSG_ID, primary_key=True, autoincrement=False),
