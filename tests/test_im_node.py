@@ -42,7 +42,7 @@ class HandshakeTests(SynchronousTestCase):
             self.assertEqual(result.user, "alice")
             self.assertEqual(result.heartbeat_interval_ms, 30_000)
             self.assertEqual(result.heartbeat_timeout_ms, 90_000)
-            self.assertIs(node.switchboard.session_for("alice"), client.server)
+            self.assertIs(node.im.sessions.session_for("alice"), client.server)
             self.assertEqual(node.metrics.handshakes_ok, 1)
 
     def test_suite_not_allowed_is_a_clear_refusal(self) -> None:
@@ -53,7 +53,7 @@ class HandshakeTests(SynchronousTestCase):
         self.assertEqual(refusal.allowed_suites, (SUITE_RC4,))  # type: ignore[attr-defined]
         self.assertIn(SUITE_RC4, str(refusal))
         self.assertTrue(client.server_transport.disconnecting)
-        self.assertIsNone(node.switchboard.session_for("alice"))
+        self.assertIsNone(node.im.sessions.session_for("alice"))
 
     def test_downgrade_by_rewriting_the_hello_fails(self) -> None:
         """An attacker who flips the plaintext suite gets a connection nobody can use."""
@@ -109,7 +109,7 @@ class HandshakeTests(SynchronousTestCase):
         replay.makeConnection(_NullTransport())
         replay.dataReceived(hello)
         self.assertEqual(node.metrics.handshake_failures["replayed"], 1)
-        self.assertIsNot(node.switchboard.session_for("alice"), replay)
+        self.assertIsNot(node.im.sessions.session_for("alice"), replay)
 
     def test_handshake_deadline(self) -> None:
         node = NodeHarness("handshake_timeout = 5\n")
@@ -309,7 +309,7 @@ class HostileFrameTests(SynchronousTestCase):
         alice.flush()
         bob.flush()
         self.assertEqual(bob.events.of_type(cim_pb2.MSG_N), [])
-        self.assertIsNone(node.switchboard.session_for("alice"))
+        self.assertIsNone(node.im.sessions.session_for("alice"))
 
     def test_tampered_frame(self) -> None:
         for suite in SUITES:
@@ -414,7 +414,7 @@ class HeartbeatTests(SynchronousTestCase):
         self.assertTrue(alice.server_transport.disconnecting)
         self.assertEqual(node.metrics.heartbeat_timeouts, 1)
         alice.flush()
-        self.assertIsNone(node.switchboard.session_for("alice"))
+        self.assertIsNone(node.im.sessions.session_for("alice"))
 
     def test_client_notices_a_silent_node(self) -> None:
         node = NodeHarness("heartbeat_interval = 10\n")
@@ -443,7 +443,7 @@ class DuplicateLoginTests(SynchronousTestCase):
         [kicked] = first.events.of_type(cim_pb2.KICKED)
         self.assertEqual(kicked.reason, "logged in elsewhere")
         self.assertTrue(first.server_transport.disconnecting)
-        self.assertIs(node.switchboard.session_for("alice"), second.server)
+        self.assertIs(node.im.sessions.session_for("alice"), second.server)
         logged_in(second)
 
     def test_refuse_new(self) -> None:
@@ -454,7 +454,7 @@ class DuplicateLoginTests(SynchronousTestCase):
         logged_in(first)
         with self.assertRaises(AlreadyLoggedIn):
             node.login("alice", device="tablet")
-        self.assertIs(node.switchboard.session_for("alice"), first.server)
+        self.assertIs(node.im.sessions.session_for("alice"), first.server)
         self.assertEqual(first.events.of_type(cim_pb2.KICKED), [])
 
     def test_fast_reconnect_with_the_same_token_replaces_a_stale_connection(self) -> None:
@@ -463,13 +463,13 @@ class DuplicateLoginTests(SynchronousTestCase):
         logged_in(first)
         again = node.connect(token=first.token)
         logged_in(again)
-        self.assertIs(node.switchboard.session_for("alice"), again.server)
+        self.assertIs(node.im.sessions.session_for("alice"), again.server)
         self.assertTrue(first.server_transport.disconnecting)
 
     def test_going_away_on_shutdown(self) -> None:
         node = NodeHarness()
         alice = node.connect("alice")
-        node.switchboard.shutdown("the node is shutting down", 1000)
+        node.im.sessions.shutdown("the node is shutting down", 1000)
         alice.flush()
         [notice] = alice.events.of_type(cim_pb2.GOING_AWAY)
         self.assertEqual(notice.reconnect_after_ms, 1000)
