@@ -23,7 +23,14 @@ from cim.backends.registry.local import LocalRegistry
 from cim.backends.state.memory import MemoryStateStore
 from cim.client.connection import ImClientProtocol
 from cim.config import KNOWN_SUITES, ImConfig, parse_config
-from cim.im.collaborators import Directory, GroupMembership, NodeCore, NoGroups, Stores
+from cim.im.collaborators import (
+    Directory,
+    GroupMembership,
+    NodeCore,
+    NoGroups,
+    Stores,
+    UserExists,
+)
 from cim.im.node import ImNode
 from cim.im.peers import BusPeers, NoPeers, Peers
 from cim.interfaces import IMessageBus, NodeInfo, SessionRecord
@@ -114,12 +121,15 @@ class NodeHarness:
         groups: GroupMembership | None = None,
         known: KnownUsers | None = None,
         stores: Stores | None = None,
+        accounts: UserExists | None = None,
     ) -> None:
         """One node; pass clock, state, bus and known users of another to make a cluster.
 
         Without a bus the node is alone (``NoPeers``), without groups it has none
-        (``NoGroups``), without stores it keeps nothing (``Stores()``). ``im`` is the
-        node's rooms; its ``directory`` and ``stores`` can be swapped after the fact.
+        (``NoGroups``), without stores it keeps nothing (``Stores()``), without
+        ``accounts`` (e.g. ``AccountStore.exists``) the users it knows are ``users``
+        and whoever logs in. ``im`` is the node's rooms; its ``directory`` and
+        ``stores`` can be swapped after the fact.
         """
         if clock is None:
             clock = MemoryReactorClock()
@@ -147,7 +157,10 @@ class NodeHarness:
                 self.metrics,
                 MessageIdGenerator(self.clock, int(node_id[-1]) if node_id[-1].isdigit() else 1),
             ),
-            Directory(self.users, groups if groups is not None else NoGroups()),
+            Directory(
+                accounts if accounts is not None else self.users,
+                groups if groups is not None else NoGroups(),
+            ),
             stores if stores is not None else Stores(),
             self.peers,
         )
