@@ -476,6 +476,103 @@ class DuplicateLoginTests(SynchronousTestCase):
         self.assertTrue(alice.server_transport.disconnecting)
 
 
+class NodeWithoutCollaboratorsTests(SynchronousTestCase):
+    """A node without groups, offline storage, history or bus answers through its null
+    collaborators the way such a node always has."""
+
+    def test_the_rooms_answer_exactly_the_client_frame_types(self) -> None:
+        node = NodeHarness()
+        self.assertEqual(
+            sorted(node.im.inbound),
+            sorted(
+                [
+                    cim_pb2.MSG_R,
+                    cim_pb2.ACK_R,
+                    cim_pb2.ONLINE_R,
+                    cim_pb2.GROUP_R,
+                    cim_pb2.OFFLINE_R,
+                    cim_pb2.OFFLINE_ACK_R,
+                    cim_pb2.OFFLINE_SUMMARY_R,
+                    cim_pb2.HISTORY_R,
+                ]
+            ),
+        )
+
+    def test_two_rooms_cannot_answer_one_frame_type(self) -> None:
+        from cim.im.node import _merged
+
+        node = NodeHarness()
+        with self.assertRaises(ValueError):
+            _merged(node.im.direct, node.im.direct)
+
+    def test_requests_are_answered_as_unavailable_or_empty(self) -> None:
+        node = NodeHarness()
+        alice = node.connect("alice")
+        alice.protocol.send(cim_pb2.GROUP_R, cim_pb2.GroupRequest(request_id=3))
+        alice.protocol.send(cim_pb2.HISTORY_R, cim_pb2.HistoryR(peer="bob"))
+        alice.protocol.send(cim_pb2.OFFLINE_R, cim_pb2.OfflineR(ack_ids=[1, 2]))
+        alice.protocol.send(cim_pb2.OFFLINE_ACK_R, cim_pb2.OfflineAckR(ack_ids=[1]))
+        alice.protocol.send(cim_pb2.OFFLINE_SUMMARY_R, cim_pb2.OfflineSummaryR())
+        alice.flush()
+        [group] = alice.events.of_type(cim_pb2.GROUP_A)
+        self.assertEqual(
+            (group.request_id, group.ok, group.error, group.message),
+            (3, False, "unavailable", "groups are not available on this node"),
+        )
+        [history] = alice.events.of_type(cim_pb2.HISTORY_A)
+        self.assertEqual(
+            (history.error, history.message),
+            ("unavailable", "history is not kept on this node"),
+        )
+        self.assertEqual(alice.events.of_type(cim_pb2.OFFLINE_A), [cim_pb2.OfflineA()])
+        self.assertEqual(alice.events.of_type(cim_pb2.OFFLINE_ACK_A), [cim_pb2.OfflineAckA()])
+        self.assertEqual(
+            alice.events.of_type(cim_pb2.OFFLINE_SUMMARY_A), [cim_pb2.OfflineSummaryA()]
+        )
+
+    def test_nobody_posts_to_a_group(self) -> None:
+        node = NodeHarness()
+        alice = node.connect("alice")
+        alice.protocol.send(cim_pb2.MSG_R, cim_pb2.Message(group="g1", text="x", client_seq=4))
+        alice.flush()
+        [error] = alice.events.of_type(cim_pb2.ERROR)
+        self.assertEqual((error.client_seq, error.message), (4, "only members can post to a group"))
+
+    def test_a_receiver_on_another_node_is_offline_to_a_node_without_a_bus(self) -> None:
+        one = NodeHarness(node_id="node1")
+        two = NodeHarness(node_id="node2", clock=one.clock, state=one.state, known=one.users)
+        alice = one.connect("alice")
+        two.connect("bob")
+        alice.protocol.send(cim_pb2.MSG_R, cim_pb2.Message(to="bob", text="x", client_seq=1))
+        alice.flush()
+        [ack_n] = alice.events.of_type(cim_pb2.ACK_N)
+        self.assertEqual((ack_n.status, ack_n.reason), (cim_pb2.FAILED, "the receiver is offline"))
+
+    def test_a_receiver_leaving_unacknowledged_fails_the_message_with_why(self) -> None:
+        node = NodeHarness()
+        alice = node.connect("alice")
+        bob = node.connect("bob")
+        alice.protocol.send(cim_pb2.MSG_R, cim_pb2.Message(to="bob", text="x", client_seq=1))
+        alice.flush()
+        bob.flush()
+        bob.client_transport.loseConnection()
+        bob.flush()
+        alice.flush()
+        [ack_n] = alice.events.of_type(cim_pb2.ACK_N)
+        self.assertEqual(
+            (ack_n.status, ack_n.reason),
+            (cim_pb2.FAILED, "the receiver disconnected before acknowledging"),
+        )
+        self.assertEqual(node.metrics.messages["failed"], 1)
+
+    def test_system_messages_need_offline_storage(self) -> None:
+        from cim.im.collaborators import OfflineStorageOff
+
+        node = NodeHarness()
+        self.failureResultOf(node.im.system.send_system(["alice"], "{}"), OfflineStorageOff)
+        self.assertEqual(node.metrics.messages["system"], 0)
+
+
 class _NullTransport:
     """Just enough transport for a protocol nobody answers."""
 
