@@ -1,7 +1,7 @@
-"""The logic service in memory: real endpoints, real SQLite, real switchboard, fake time.
+"""The logic service in memory: real endpoints, real SQLite, a real IM node, fake time.
 
 ``LogicHarness`` puts the service's resource behind ``treq.testing.StubTreq`` (no
-sockets), on a ``NodeHarness`` whose switchboard stores system messages in a real
+sockets), on a ``NodeHarness`` whose node stores system messages in a real
 offline store, so a test can call the HTTP API and then watch the notices arrive at
 IM clients connected through iosim, or find them stored for a client that logs in
 later. Database and KDF work run inline, so every call completes before ``call``
@@ -24,6 +24,7 @@ from cim.accounts.store import AccountStore
 from cim.client.session import ChatClient
 from cim.config import parse_config
 from cim.groups.directory import GroupDirectory
+from cim.im.system import SYSTEM_SENDER
 from cim.logic.api import LogicResource
 from cim.logic.context import LogicContext
 from cim.logic.notices import Notices
@@ -31,7 +32,6 @@ from cim.offline.store import OfflineStore
 from cim.protocols import cim_pb2
 from cim.services.logic import LogicListener
 from cim.storage.database import Database
-from cim.switchboard import SYSTEM_SENDER
 from tests.support import NodeHarness
 from tests.test_client_session import make_client, settle
 
@@ -70,13 +70,13 @@ class LogicHarness:
         fired(self.db.start())
         test.addCleanup(self.db.stop)
         self.offline = OfflineStore(self.db, 10_000)
-        self.node.switchboard._offline = self.offline
+        self.node.im.stores.offline = self.offline
         self.accounts = AccountStore(
             self.db, parsed.accounts, kdf_runner=run_now, reactor=self.clock
         )
         self.accounts.start()
-        # The switchboard asks whether a receiver exists; the accounts table decides.
-        self.node.switchboard._user_exists = self.accounts.exists
+        # The node asks whether a receiver exists; the accounts table decides.
+        self.node.im.directory.user_exists = self.accounts.exists
         self.groups = GroupDirectory(self.db, self.clock)
         self.ctx = LogicContext(
             self.config,
@@ -84,7 +84,7 @@ class LogicHarness:
             self.db,
             self.accounts,
             self.node.state,
-            Notices(self.node.switchboard, self.clock),
+            Notices(self.node.im.system, self.clock),
             self.clock,
             self.groups,
         )

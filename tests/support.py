@@ -23,12 +23,21 @@ from cim.backends.registry.local import LocalRegistry
 from cim.backends.state.memory import MemoryStateStore
 from cim.client.connection import ImClientProtocol
 from cim.config import KNOWN_SUITES, ImConfig, parse_config
-from cim.interfaces import NodeInfo, SessionRecord
+from cim.im.collaborators import (
+    Directory,
+    GroupMembership,
+    NodeCore,
+    NoGroups,
+    Stores,
+    UserExists,
+)
+from cim.im.node import ImNode
+from cim.im.peers import BusPeers, NoPeers, Peers
+from cim.interfaces import IMessageBus, NodeInfo, SessionRecord
 from cim.message_ids import MessageIdGenerator
 from cim.metrics import NodeMetrics
 from cim.protocols.crypto import NodeKey
 from cim.protocols.im import ImServerFactory, ImServerProtocol
-from cim.switchboard import Switchboard
 
 _NODE_KEY: NodeKey | None = None
 
@@ -98,7 +107,7 @@ class ConnectedClient:
 
 
 class NodeHarness:
-    """A node (switchboard + factory + memory state) driven by a MemoryReactorClock."""
+    """A node (its rooms + factory + memory state) driven by a MemoryReactorClock."""
 
     def __init__(
         self,
@@ -108,11 +117,20 @@ class NodeHarness:
         node_id: str = "node1",
         clock: MemoryReactorClock | None = None,
         state: MemoryStateStore | None = None,
-        bus: Any = None,
-        groups: Any = None,
+        bus: IMessageBus | None = None,
+        groups: GroupMembership | None = None,
         known: KnownUsers | None = None,
+        stores: Stores | None = None,
+        accounts: UserExists | None = None,
     ) -> None:
-        """One node; pass clock, state, bus and known users of another to make a cluster."""
+        """One node; pass clock, state, bus and known users of another to make a cluster.
+
+        Without a bus the node is alone (``NoPeers``), without groups it has none
+        (``NoGroups``), without stores it keeps nothing (``Stores()``), without
+        ``accounts`` (e.g. ``AccountStore.exists``) the users it knows are ``users``
+        and whoever logs in. ``im`` is the node's rooms; its ``directory`` and
+        ``stores`` can be swapped after the fact.
+        """
         if clock is None:
             clock = MemoryReactorClock()
             clock.advance(1_800_000_000)  # a realistic wall-clock time for timestamps
@@ -127,21 +145,30 @@ class NodeHarness:
         self.registry.register(NodeInfo(node_id, "127.0.0.1", 9000, self.key.public_der))
         self.users = known if known is not None else KnownUsers()
         self.users.names.update(users)
-        self.switchboard = Switchboard(
-            node_id,
-            self.state,
-            self.users,
-            self.clock,
-            self.metrics,
-            MessageIdGenerator(self.clock, int(node_id[-1]) if node_id[-1].isdigit() else 1),
-            bus=bus,
-            groups=groups,
+        self.bus = bus
+        self.peers: Peers = (
+            BusPeers(node_id, bus, self.state.presence) if bus is not None else NoPeers()
+        )
+        self.im = ImNode(
+            NodeCore(
+                node_id,
+                self.state,
+                self.clock,
+                self.metrics,
+                MessageIdGenerator(self.clock, int(node_id[-1]) if node_id[-1].isdigit() else 1),
+            ),
+            Directory(
+                accounts if accounts is not None else self.users,
+                groups if groups is not None else NoGroups(),
+            ),
+            stores if stores is not None else Stores(),
+            self.peers,
         )
         self.factory = ImServerFactory(
             node_id,
             self.config,
             self.key,
-            self.switchboard,
+            self.im,
             self.state,
             self.registry,
             self.clock,

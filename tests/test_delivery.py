@@ -99,7 +99,7 @@ class RetryTests(SynchronousTestCase):
         self.assertEqual([m.id for m in bob_again.events.of_type(cim_pb2.MSG_N)], [held.id])
 
     def test_unacknowledged_messages_fail_after_the_deadline(self) -> None:
-        from cim.switchboard import PENDING_TIMEOUT
+        from cim.im.routing import PENDING_TIMEOUT
 
         node = NodeHarness()
         alice = node.connect("alice")
@@ -107,15 +107,15 @@ class RetryTests(SynchronousTestCase):
         for seq in range(1, 4):
             alice.protocol.send(cim_pb2.MSG_R, cim_pb2.Message(to="bob", text="x", client_seq=seq))
         settle(node)
-        self.assertEqual(node.switchboard.expire_pending(), 0)
+        self.assertEqual(node.im.routing.expire_pending(), 0)
         for _ in range(int(PENDING_TIMEOUT // 10)):  # heartbeats keep both connected
             node.clock.advance(10)
             settle(node)
-        self.assertEqual(node.switchboard.expire_pending(), 3)
+        self.assertEqual(node.im.routing.expire_pending(), 3)
         settle(node)
         outcomes = alice.events.of_type(cim_pb2.ACK_N)
         self.assertEqual([a.status for a in outcomes], [cim_pb2.FAILED] * 3)
-        self.assertEqual(node.switchboard._pending, {})
+        self.assertEqual(node.im.routing._pending, {})
 
     def test_state_store_down_refuses_with_unavailable(self) -> None:
         from twisted.internet.defer import fail
@@ -124,7 +124,7 @@ class RetryTests(SynchronousTestCase):
 
         node = NodeHarness()
         alice = node.connect("alice")
-        node.state.remember_message = lambda *a: fail(StateUnavailable("down"))  # type: ignore[method-assign]
+        node.state.receipts.remember_message = lambda *a: fail(StateUnavailable("down"))  # type: ignore[method-assign]
         alice.protocol.send(cim_pb2.MSG_R, cim_pb2.Message(to="bob", text="x", client_seq=3))
         settle(node)
         [error] = alice.events.of_type(cim_pb2.ERROR)
@@ -149,7 +149,8 @@ def cluster(groups: Any = None) -> tuple[NodeHarness, NodeHarness]:
         for node_id in ("node1", "node2")
     )
     for node in nodes:
-        node.switchboard._bus.start()  # type: ignore[union-attr]
+        assert node.bus is not None
+        node.bus.start()
     return nodes  # type: ignore[return-value]
 
 
@@ -190,7 +191,7 @@ class AcrossNodesTests(SynchronousTestCase):
         bob = two.connect("bob")
         carol = one.connect("carol")
         settle(one, two)
-        one.switchboard.stored_for(["bob", "carol", "nobody"])
+        one.im.catchup.stored_for(["bob", "carol", "nobody"])
         settle(one, two)
         self.assertEqual(len(bob.events.of_type(cim_pb2.OFFLINE_NOTICE)), 1)
         self.assertEqual(len(carol.events.of_type(cim_pb2.OFFLINE_NOTICE)), 1)
@@ -200,7 +201,7 @@ class AcrossNodesTests(SynchronousTestCase):
         alice = one.connect("alice")
         two.connect("bob")
         settle(one, two)
-        one.switchboard._live_nodes = lambda: ["node1"]  # the registry lost node2
+        one.peers.alive = {"node1"}  # type: ignore[attr-defined]  # the registry lost node2
         alice.protocol.send(cim_pb2.MSG_R, cim_pb2.Message(to="bob", text="hi", client_seq=8))
         settle(one, two)
         [ack_n] = alice.events.of_type(cim_pb2.ACK_N)
@@ -214,7 +215,7 @@ class AcrossNodesTests(SynchronousTestCase):
         alice = one.connect("alice")
         two.connect("bob")
         settle(one, two)
-        one.switchboard._bus.publish = lambda node, payload: _unavailable()  # type: ignore[union-attr]
+        one.bus.publish = lambda node, payload: _unavailable()  # type: ignore[method-assign,union-attr]
         alice.protocol.send(cim_pb2.MSG_R, cim_pb2.Message(to="bob", text="hi", client_seq=2))
         settle(one, two)
         [ack_n] = alice.events.of_type(cim_pb2.ACK_N)
@@ -291,14 +292,14 @@ class GroupFanOutTests(SynchronousTestCase):
         one, _ = cluster(groups)
         alice = one.connect("alice")
         bob = one.connect("bob", auto_ack=True)
-        numbering = one.state.next_group_seq
-        one.state.next_group_seq = lambda group: fail(StateUnavailable("down"))  # type: ignore[method-assign]
+        numbering = one.state.sequences.next_group_seq
+        one.state.sequences.next_group_seq = lambda group: fail(StateUnavailable("down"))  # type: ignore[method-assign]
         request = cim_pb2.Message(group="g1", text="hello", client_seq=1)
         alice.protocol.send(cim_pb2.MSG_R, request)
         settle(one)
         [error] = alice.events.of_type(cim_pb2.ERROR)
         self.assertEqual(error.code, cim_pb2.Error.UNAVAILABLE)
-        one.state.next_group_seq = numbering  # type: ignore[method-assign]
+        one.state.sequences.next_group_seq = numbering  # type: ignore[method-assign]
         alice.protocol.send(cim_pb2.MSG_R, request)
         settle(one)
         self.assertEqual([m.text for m in bob.events.of_type(cim_pb2.MSG_N)], ["hello"])

@@ -3,7 +3,10 @@
 The database runs synchronously through an injected runner (no reactor, no threads),
 and time is a ``task.Clock``. ``GroupTests`` runs on a temporary SQLite file;
 ``PostgresqlGroupTests`` runs the same tests on a scratch PostgreSQL database (see
-``tests.test_storage`` for when those are skipped).
+``tests.test_storage`` for when those are skipped). ``NodeRuleTests`` drive an IM node
+(``tests.support.NodeHarness``) whose membership and account checks go through the
+real directory and accounts; ``ThreadedNodeRuleTests`` do it with the database on its
+thread pool and the real reactor.
 """
 
 from __future__ import annotations
@@ -14,10 +17,13 @@ from typing import Any, TypeVar
 from sqlalchemy import inspect
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import OperationalError
+from twisted.internet import reactor
 from twisted.internet.defer import Deferred, maybeDeferred
-from twisted.internet.task import Clock
+from twisted.internet.task import Clock, deferLater
 from twisted.trial.unittest import TestCase
 
+from cim.accounts.store import AccountStore
+from cim.config import parse_config
 from cim.groups.directory import (
     DEFAULT_MAX_MEMBERS,
     AmbiguousGroupName,
@@ -36,6 +42,7 @@ from cim.groups.directory import (
     is_group_id,
     new_group_id,
 )
+from cim.offline.store import OfflineStore
 from cim.protocols import cim_pb2
 from cim.storage.accounts import delete_user_txn, insert_user_txn
 from cim.storage.database import Database, create_engine_for, upgrade
@@ -45,6 +52,8 @@ from cim.storage.groups import (
     leave_all_groups_txn,
     leave_group_txn,
 )
+from tests.support import ConnectedClient, NodeHarness
+from tests.test_delivery import settle
 from tests.test_storage import (
     QueuedRunner,
     schema_differences,
@@ -716,6 +725,201 @@ class AccountDeletionTests(GroupTestsMixin, TestCase):
         self.assertTrue(self.ok(self.db.run(delete_user_txn, "carol")))
         self.groups.forget(team.id)
         self.assertEqual(self.names(team.id), ["alice", "bob", "dave"])
+
+
+class NodeRuleTests(GroupTestsMixin, TestCase):
+    """The IM node's rules that ask a collaborator, through the real ones.
+
+    tests/test_delivery.py proves the message flow against ``FakeGroups`` and
+    ``KnownUsers``; here the node's "only members can post" check and its "does the
+    receiver exist" check run through ``GroupDirectory`` and ``AccountStore`` on the
+    database a daemon uses, and GROUP_R changes reach the next post's check.
+    """
+
+    def database_url(self) -> str:
+        return sqlite_url(self)
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.node = NodeHarness()
+        # The directory and accounts on the node's clock, as the daemon builds them.
+        self.groups = GroupDirectory(self.db, self.node.clock)
+        accounts = AccountStore(
+            self.db, parse_config("[node]\nid = node1\n").accounts, reactor=self.node.clock
+        )
+        self.node.im.directory.groups = self.groups
+        self.node.im.directory.user_exists = accounts.exists
+        self.offline = OfflineStore(self.db, 100)
+
+    def post(self, client: ConnectedClient, group: str, text: str, seq: int) -> None:
+        client.protocol.send(cim_pb2.MSG_R, cim_pb2.Message(group=group, text=text, client_seq=seq))
+        settle(self.node)
+
+    def test_a_stranger_cannot_post_to_a_group(self) -> None:
+        team = self.team()
+        erin = self.node.connect("erin")
+        bob = self.node.connect("bob", auto_ack=True)
+        self.post(erin, team.id, "let me in", 1)
+        [error] = erin.events.of_type(cim_pb2.ERROR)
+        self.assertEqual(
+            (error.code, error.client_seq, error.message),
+            (cim_pb2.Error.BAD_REQUEST, 1, "only members can post to a group"),
+        )
+        self.assertEqual(erin.events.of_type(cim_pb2.MSG_A), [])
+        self.assertEqual(bob.events.of_type(cim_pb2.MSG_N), [])
+        self.assertEqual(self.node.metrics.messages["group"], 0)
+
+    def test_a_members_post_fans_out_to_the_other_members(self) -> None:
+        team = self.team()
+        alice = self.node.connect("alice")
+        bob = self.node.connect("bob", auto_ack=True)
+        carol = self.node.connect("carol", auto_ack=True)
+        erin = self.node.connect("erin", auto_ack=True)  # not a member
+        self.post(alice, team.id, "hello team", 1)
+        [msg_a] = alice.events.of_type(cim_pb2.MSG_A)
+        [ack_n] = alice.events.of_type(cim_pb2.ACK_N)
+        self.assertEqual(
+            (ack_n.msg_id, ack_n.status, ack_n.to), (msg_a.msg_id, cim_pb2.ACCEPTED, team.id)
+        )
+        for member in (bob, carol):
+            [received] = member.events.of_type(cim_pb2.MSG_N)
+            self.assertEqual(
+                (received.id, received.group, received.group_seq, received.text),
+                (msg_a.msg_id, team.id, 1, "hello team"),
+            )
+            self.assertEqual(getattr(received, "from"), "alice")
+        self.assertEqual(alice.events.of_type(cim_pb2.MSG_N), [])
+        self.assertEqual(erin.events.of_type(cim_pb2.MSG_N), [])
+        # dave is a member but not connected, and this node keeps no offline storage.
+        self.assertEqual(self.node.metrics.messages["group_delivered"], 2)
+        self.assertEqual(self.node.metrics.messages["group_missed"], 1)
+
+    def test_an_offline_member_gets_a_stored_copy(self) -> None:
+        self.node.im.stores.offline = self.offline
+        team = self.team()
+        alice = self.node.connect("alice")
+        self.post(alice, team.id, "for later", 1)
+        for member in ("bob", "carol", "dave"):
+            self.assertEqual(self.ok(self.offline.count(member)), 1, member)
+        self.assertEqual(self.ok(self.offline.count("alice")), 0)
+
+    def test_a_member_removed_over_group_r_can_no_longer_post(self) -> None:
+        team = self.team()
+        alice = self.node.connect("alice")
+        carol = self.node.connect("carol", auto_ack=True)
+        self.post(carol, team.id, "still here", 1)
+        self.assertEqual(carol.events.of_type(cim_pb2.ACK_N)[0].status, cim_pb2.ACCEPTED)
+        alice.protocol.send(
+            cim_pb2.GROUP_R,
+            cim_pb2.GroupRequest(
+                request_id=5, remove=cim_pb2.ChangeMembers(group=team.id, users=["carol"])
+            ),
+        )
+        settle(self.node)
+        [answer] = alice.events.of_type(cim_pb2.GROUP_A)
+        self.assertEqual((answer.request_id, answer.ok), (5, True))
+        self.post(carol, team.id, "am I still in?", 2)
+        [error] = carol.events.of_type(cim_pb2.ERROR)
+        self.assertEqual((error.client_seq, error.message), (2, "only members can post to a group"))
+        self.assertEqual(len(alice.events.of_type(cim_pb2.MSG_N)), 1)  # only the first
+
+    def test_a_dissolved_group_takes_no_posts(self) -> None:
+        team = self.team()
+        alice = self.node.connect("alice")
+        self.ok(self.groups.dissolve("alice", team.id))
+        self.post(alice, team.id, "anyone?", 1)
+        [error] = alice.events.of_type(cim_pb2.ERROR)
+        self.assertEqual(error.message, "only members can post to a group")
+
+    def test_a_group_created_over_group_r_takes_its_members_posts(self) -> None:
+        alice = self.node.connect("alice")
+        bob = self.node.connect("bob", auto_ack=True)
+        alice.protocol.send(
+            cim_pb2.GROUP_R,
+            cim_pb2.GroupRequest(
+                request_id=1, create=cim_pb2.CreateGroup(name="new", members=["bob"])
+            ),
+        )
+        settle(self.node)
+        [answer] = alice.events.of_type(cim_pb2.GROUP_A)
+        self.assertTrue(answer.ok)
+        self.post(alice, answer.group.id, "first", 1)
+        self.assertEqual([m.text for m in bob.events.of_type(cim_pb2.MSG_N)], ["first"])
+
+    def test_a_message_to_someone_without_an_account_fails(self) -> None:
+        alice = self.node.connect("alice")
+        alice.protocol.send(cim_pb2.MSG_R, cim_pb2.Message(to="nobody", text="hi", client_seq=1))
+        alice.protocol.send(cim_pb2.MSG_R, cim_pb2.Message(to="frank", text="hi", client_seq=2))
+        settle(self.node)
+        outcomes = {a.client_seq: (a.status, a.reason) for a in alice.events.of_type(cim_pb2.ACK_N)}
+        self.assertEqual(
+            outcomes,
+            {
+                1: (cim_pb2.FAILED, "no such user"),
+                2: (cim_pb2.FAILED, "the receiver is offline"),
+            },
+        )
+
+    def test_an_offline_account_holder_gets_it_stored_and_a_deleted_one_does_not(self) -> None:
+        self.node.im.stores.offline = self.offline
+        alice = self.node.connect("alice")
+        alice.protocol.send(cim_pb2.MSG_R, cim_pb2.Message(to="frank", text="hi", client_seq=1))
+        settle(self.node)
+        self.assertTrue(self.ok(self.db.run(delete_user_txn, "frank")))
+        alice.protocol.send(cim_pb2.MSG_R, cim_pb2.Message(to="frank", text="hi", client_seq=2))
+        settle(self.node)
+        outcomes = [(a.status, a.reason) for a in alice.events.of_type(cim_pb2.ACK_N)]
+        self.assertEqual(outcomes, [(cim_pb2.STORED, ""), (cim_pb2.FAILED, "no such user")])
+
+
+class PostgresqlNodeRuleTests(NodeRuleTests):
+    def database_url(self) -> str:
+        url = scratch_postgresql_url(self)
+        upgrade(url)
+        return url
+
+
+class ThreadedNodeRuleTests(TestCase):
+    """The membership and account checks with the database on its thread pool, as in
+    the daemon: their answers come back on a later reactor turn (the node's own time
+    stays fake)."""
+
+    timeout = 30
+
+    async def test_members_post_and_strangers_are_refused(self) -> None:
+        db = Database(sqlite_url(self), reactor, threads=2)
+        await db.start()
+        self.addCleanup(db.stop)
+        await db.run(add_users_txn, USERS)
+        node = NodeHarness()
+        node.im.directory.groups = groups = GroupDirectory(db, node.clock)
+        node.im.directory.user_exists = AccountStore(
+            db, parse_config("[node]\nid = node1\n").accounts, reactor=node.clock
+        ).exists
+        team = await groups.create("alice", "team", ["bob"])
+        alice = node.connect("alice")
+        bob = node.connect("bob", auto_ack=True)
+        erin = node.connect("erin")
+
+        async def until(check: Callable[[], bool], what: str) -> None:
+            for _ in range(300):
+                settle(node)
+                if check():
+                    return
+                await deferLater(reactor, 0.01, lambda: None)
+            self.fail(f"gave up waiting for {what}")
+
+        erin.protocol.send(cim_pb2.MSG_R, cim_pb2.Message(group=team.id, text="x", client_seq=1))
+        await until(lambda: bool(erin.events.of_type(cim_pb2.ERROR)), "the refusal")
+        self.assertEqual(
+            erin.events.of_type(cim_pb2.ERROR)[0].message, "only members can post to a group"
+        )
+        alice.protocol.send(cim_pb2.MSG_R, cim_pb2.Message(group=team.id, text="y", client_seq=1))
+        alice.protocol.send(cim_pb2.MSG_R, cim_pb2.Message(to="nobody", text="z", client_seq=2))
+        await until(lambda: len(alice.events.of_type(cim_pb2.ACK_N)) == 2, "both outcomes")
+        outcomes = {a.client_seq: (a.status, a.reason) for a in alice.events.of_type(cim_pb2.ACK_N)}
+        self.assertEqual(outcomes, {1: (cim_pb2.ACCEPTED, ""), 2: (cim_pb2.FAILED, "no such user")})
+        self.assertEqual([m.text for m in bob.events.of_type(cim_pb2.MSG_N)], ["y"])
 
 
 class MigrationTests(TestCase):

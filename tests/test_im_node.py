@@ -42,7 +42,7 @@ class HandshakeTests(SynchronousTestCase):
             self.assertEqual(result.user, "alice")
             self.assertEqual(result.heartbeat_interval_ms, 30_000)
             self.assertEqual(result.heartbeat_timeout_ms, 90_000)
-            self.assertIs(node.switchboard.session_for("alice"), client.server)
+            self.assertIs(node.im.sessions.session_for("alice"), client.server)
             self.assertEqual(node.metrics.handshakes_ok, 1)
 
     def test_suite_not_allowed_is_a_clear_refusal(self) -> None:
@@ -53,7 +53,7 @@ class HandshakeTests(SynchronousTestCase):
         self.assertEqual(refusal.allowed_suites, (SUITE_RC4,))  # type: ignore[attr-defined]
         self.assertIn(SUITE_RC4, str(refusal))
         self.assertTrue(client.server_transport.disconnecting)
-        self.assertIsNone(node.switchboard.session_for("alice"))
+        self.assertIsNone(node.im.sessions.session_for("alice"))
 
     def test_downgrade_by_rewriting_the_hello_fails(self) -> None:
         """An attacker who flips the plaintext suite gets a connection nobody can use."""
@@ -109,7 +109,7 @@ class HandshakeTests(SynchronousTestCase):
         replay.makeConnection(_NullTransport())
         replay.dataReceived(hello)
         self.assertEqual(node.metrics.handshake_failures["replayed"], 1)
-        self.assertIsNot(node.switchboard.session_for("alice"), replay)
+        self.assertIsNot(node.im.sessions.session_for("alice"), replay)
 
     def test_handshake_deadline(self) -> None:
         node = NodeHarness("handshake_timeout = 5\n")
@@ -309,7 +309,7 @@ class HostileFrameTests(SynchronousTestCase):
         alice.flush()
         bob.flush()
         self.assertEqual(bob.events.of_type(cim_pb2.MSG_N), [])
-        self.assertIsNone(node.switchboard.session_for("alice"))
+        self.assertIsNone(node.im.sessions.session_for("alice"))
 
     def test_tampered_frame(self) -> None:
         for suite in SUITES:
@@ -414,7 +414,7 @@ class HeartbeatTests(SynchronousTestCase):
         self.assertTrue(alice.server_transport.disconnecting)
         self.assertEqual(node.metrics.heartbeat_timeouts, 1)
         alice.flush()
-        self.assertIsNone(node.switchboard.session_for("alice"))
+        self.assertIsNone(node.im.sessions.session_for("alice"))
 
     def test_client_notices_a_silent_node(self) -> None:
         node = NodeHarness("heartbeat_interval = 10\n")
@@ -443,7 +443,7 @@ class DuplicateLoginTests(SynchronousTestCase):
         [kicked] = first.events.of_type(cim_pb2.KICKED)
         self.assertEqual(kicked.reason, "logged in elsewhere")
         self.assertTrue(first.server_transport.disconnecting)
-        self.assertIs(node.switchboard.session_for("alice"), second.server)
+        self.assertIs(node.im.sessions.session_for("alice"), second.server)
         logged_in(second)
 
     def test_refuse_new(self) -> None:
@@ -454,7 +454,7 @@ class DuplicateLoginTests(SynchronousTestCase):
         logged_in(first)
         with self.assertRaises(AlreadyLoggedIn):
             node.login("alice", device="tablet")
-        self.assertIs(node.switchboard.session_for("alice"), first.server)
+        self.assertIs(node.im.sessions.session_for("alice"), first.server)
         self.assertEqual(first.events.of_type(cim_pb2.KICKED), [])
 
     def test_fast_reconnect_with_the_same_token_replaces_a_stale_connection(self) -> None:
@@ -463,17 +463,114 @@ class DuplicateLoginTests(SynchronousTestCase):
         logged_in(first)
         again = node.connect(token=first.token)
         logged_in(again)
-        self.assertIs(node.switchboard.session_for("alice"), again.server)
+        self.assertIs(node.im.sessions.session_for("alice"), again.server)
         self.assertTrue(first.server_transport.disconnecting)
 
     def test_going_away_on_shutdown(self) -> None:
         node = NodeHarness()
         alice = node.connect("alice")
-        node.switchboard.shutdown("the node is shutting down", 1000)
+        node.im.sessions.shutdown("the node is shutting down", 1000)
         alice.flush()
         [notice] = alice.events.of_type(cim_pb2.GOING_AWAY)
         self.assertEqual(notice.reconnect_after_ms, 1000)
         self.assertTrue(alice.server_transport.disconnecting)
+
+
+class NodeWithoutCollaboratorsTests(SynchronousTestCase):
+    """A node without groups, offline storage, history or bus answers through its null
+    collaborators the way such a node always has."""
+
+    def test_the_rooms_answer_exactly_the_client_frame_types(self) -> None:
+        node = NodeHarness()
+        self.assertEqual(
+            sorted(node.im.inbound),
+            sorted(
+                [
+                    cim_pb2.MSG_R,
+                    cim_pb2.ACK_R,
+                    cim_pb2.ONLINE_R,
+                    cim_pb2.GROUP_R,
+                    cim_pb2.OFFLINE_R,
+                    cim_pb2.OFFLINE_ACK_R,
+                    cim_pb2.OFFLINE_SUMMARY_R,
+                    cim_pb2.HISTORY_R,
+                ]
+            ),
+        )
+
+    def test_two_rooms_cannot_answer_one_frame_type(self) -> None:
+        from cim.im.node import _merged
+
+        node = NodeHarness()
+        with self.assertRaises(ValueError):
+            _merged(node.im.direct, node.im.direct)
+
+    def test_requests_are_answered_as_unavailable_or_empty(self) -> None:
+        node = NodeHarness()
+        alice = node.connect("alice")
+        alice.protocol.send(cim_pb2.GROUP_R, cim_pb2.GroupRequest(request_id=3))
+        alice.protocol.send(cim_pb2.HISTORY_R, cim_pb2.HistoryR(peer="bob"))
+        alice.protocol.send(cim_pb2.OFFLINE_R, cim_pb2.OfflineR(ack_ids=[1, 2]))
+        alice.protocol.send(cim_pb2.OFFLINE_ACK_R, cim_pb2.OfflineAckR(ack_ids=[1]))
+        alice.protocol.send(cim_pb2.OFFLINE_SUMMARY_R, cim_pb2.OfflineSummaryR())
+        alice.flush()
+        [group] = alice.events.of_type(cim_pb2.GROUP_A)
+        self.assertEqual(
+            (group.request_id, group.ok, group.error, group.message),
+            (3, False, "unavailable", "groups are not available on this node"),
+        )
+        [history] = alice.events.of_type(cim_pb2.HISTORY_A)
+        self.assertEqual(
+            (history.error, history.message),
+            ("unavailable", "history is not kept on this node"),
+        )
+        self.assertEqual(alice.events.of_type(cim_pb2.OFFLINE_A), [cim_pb2.OfflineA()])
+        self.assertEqual(alice.events.of_type(cim_pb2.OFFLINE_ACK_A), [cim_pb2.OfflineAckA()])
+        self.assertEqual(
+            alice.events.of_type(cim_pb2.OFFLINE_SUMMARY_A), [cim_pb2.OfflineSummaryA()]
+        )
+
+    def test_nobody_posts_to_a_group(self) -> None:
+        node = NodeHarness()
+        alice = node.connect("alice")
+        alice.protocol.send(cim_pb2.MSG_R, cim_pb2.Message(group="g1", text="x", client_seq=4))
+        alice.flush()
+        [error] = alice.events.of_type(cim_pb2.ERROR)
+        self.assertEqual((error.client_seq, error.message), (4, "only members can post to a group"))
+
+    def test_a_receiver_on_another_node_is_offline_to_a_node_without_a_bus(self) -> None:
+        one = NodeHarness(node_id="node1")
+        two = NodeHarness(node_id="node2", clock=one.clock, state=one.state, known=one.users)
+        alice = one.connect("alice")
+        two.connect("bob")
+        alice.protocol.send(cim_pb2.MSG_R, cim_pb2.Message(to="bob", text="x", client_seq=1))
+        alice.flush()
+        [ack_n] = alice.events.of_type(cim_pb2.ACK_N)
+        self.assertEqual((ack_n.status, ack_n.reason), (cim_pb2.FAILED, "the receiver is offline"))
+
+    def test_a_receiver_leaving_unacknowledged_fails_the_message_with_why(self) -> None:
+        node = NodeHarness()
+        alice = node.connect("alice")
+        bob = node.connect("bob")
+        alice.protocol.send(cim_pb2.MSG_R, cim_pb2.Message(to="bob", text="x", client_seq=1))
+        alice.flush()
+        bob.flush()
+        bob.client_transport.loseConnection()
+        bob.flush()
+        alice.flush()
+        [ack_n] = alice.events.of_type(cim_pb2.ACK_N)
+        self.assertEqual(
+            (ack_n.status, ack_n.reason),
+            (cim_pb2.FAILED, "the receiver disconnected before acknowledging"),
+        )
+        self.assertEqual(node.metrics.messages["failed"], 1)
+
+    def test_system_messages_need_offline_storage(self) -> None:
+        from cim.im.collaborators import OfflineStorageOff
+
+        node = NodeHarness()
+        self.failureResultOf(node.im.system.send_system(["alice"], "{}"), OfflineStorageOff)
+        self.assertEqual(node.metrics.messages["system"], 0)
 
 
 class _NullTransport:

@@ -17,10 +17,10 @@ from twisted.trial.unittest import TestCase
 from cim.accounts.store import BlockingAccountStore
 from cim.client.session import ChatClient
 from cim.config import AccountsConfig
+from cim.im.system import SYSTEM_SENDER
 from cim.protocols import cim_pb2
 from cim.storage.database import open_engine, upgrade
 from cim.storage.schema import bindings
-from cim.switchboard import SYSTEM_SENDER
 from tests.cluster import Cluster, chat_client, connected_port, eventually, login_body
 from tests.daemons import PASSWORD
 from tests.test_reliability import shared_broker

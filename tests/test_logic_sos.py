@@ -27,7 +27,7 @@ def notice_ids(h: LogicHarness, user: str) -> list[str]:
 class FullOfflineStoreTests(SynchronousTestCase):
     def test_an_sos_reaches_a_guardian_whose_offline_store_is_full(self) -> None:
         h = LogicHarness(self)
-        h.node.switchboard._offline = OfflineStore(h.db, 1)
+        h.node.im.stores.offline = OfflineStore(h.db, 1)
         family(h, "watch", "g1")
         bind(h, "g1")  # binding.created fills g1's box
         self.assertEqual(fired(Deferred.fromCoroutine(h.ctx.notices.send(["g1"], "x.y"))), [])
@@ -37,7 +37,7 @@ class FullOfflineStoreTests(SynchronousTestCase):
 
     def test_a_full_box_leaves_out_only_its_owner(self) -> None:
         h = LogicHarness(self)
-        h.node.switchboard._offline = OfflineStore(h.db, 1)
+        h.node.im.stores.offline = OfflineStore(h.db, 1)
         for name in ("g1", "g2"):
             h.add_user(name)
         send = h.ctx.notices.send

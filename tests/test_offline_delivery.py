@@ -10,6 +10,7 @@ from twisted.internet.defer import maybeDeferred
 from twisted.trial.unittest import SynchronousTestCase
 
 from cim.client.session import ChatClient
+from cim.im.collaborators import Stores
 from cim.offline.store import OfflineStore
 from cim.protocols import cim_pb2
 from cim.storage.database import Database
@@ -36,9 +37,11 @@ class OfflineHarness:
         test.successResultOf(self.db.start())
         test.addCleanup(self.db.stop)
         self.store = OfflineStore(self.db, max_per_user)
-        self.node = NodeHarness(users=("alice", "bob", "carol"), groups=groups)
-        self.node.switchboard._offline = self.store
-        self.node.switchboard._page_size = page_size
+        self.node = NodeHarness(
+            users=("alice", "bob", "carol"),
+            groups=groups,
+            stores=Stores(offline=self.store, offline_page_size=page_size),
+        )
         self.test = test
 
     def stored(self, receiver: str) -> int:
@@ -183,7 +186,7 @@ class OfflineTests(SynchronousTestCase):
         settle(h.node)
         # A message stored for bob while he was logging in (it raced his pull).
         self.successResultOf(h.store.store([message_from("alice", "bob", 77, 1, "raced")]))
-        h.node.switchboard._notify_stored(["bob"])
+        h.node.im.catchup.notify_stored(["bob"])
         settle(h.node)
         self.assertEqual(shown, ["raced"])
 

@@ -28,7 +28,7 @@ NORMAL = "normal"
 
 
 class SystemMessages(Protocol):
-    """The switchboard's ``send_system``."""
+    """The IM node's ``send_system`` (cim.im.system.SystemMessages)."""
 
     def send_system(
         self, receivers: Iterable[str], text: str, urgent: bool = False

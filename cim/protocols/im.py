@@ -2,9 +2,11 @@
 
 States: waiting for the hello (only a plaintext ClientHello is allowed, under the
 handshake deadline), authenticating (the token is being looked up; nothing is
-allowed), established (the allow-list below; silence longer than the heartbeat
-timeout closes the connection). Each state's allow-list is the whole of what the
-client may send then: anything else closes the connection.
+allowed), established (the frame table of the node's rooms, ``ImNode.inbound``;
+silence longer than the heartbeat timeout closes the connection). Each state's
+allow-list is the whole of what the client may send then: anything else closes the
+connection. An established connection's frames go straight to the room that answers
+them, with the connection as the session.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from twisted.python.failure import Failure
 from cim import oplog as oplog_events
 from cim.backends.state import token_hash
 from cim.config import ImConfig
+from cim.im.sessions import kick_code
 from cim.interfaces import INodeRegistry, IStateStore, SessionRecord
 from cim.metrics import NodeMetrics
 from cim.oplog import OperationLog
@@ -33,11 +36,10 @@ from cim.protocols.handshake import (
     accept_client_hello,
 )
 from cim.protocols.timeouts import NEVER, DeadlineSweeper, SweptTimeoutMixin
-from cim.protocols.wire import FrameProtocol, Inbound
-from cim.switchboard import kick_code
+from cim.protocols.wire import FrameProtocol
 
 if TYPE_CHECKING:
-    from cim.switchboard import Switchboard
+    from cim.im.node import ImNode
 
 LOGIN_RESULT = cim_pb2.LOGIN_RESULT
 KICKED = cim_pb2.KICKED
@@ -100,7 +102,7 @@ class ImServerProtocol(FrameProtocol, SweptTimeoutMixin):
         factory.metrics.connections_open -= 1
         factory.release(self)
         if self.record is not None:
-            factory.switchboard.session_closed(self)  # a no-op if it already left
+            factory.node.sessions.closed(self)  # a no-op if it already left
         self.state = ConnectionState.CLOSING
 
     def timeoutConnection(self) -> None:
@@ -215,7 +217,7 @@ class ImServerProtocol(FrameProtocol, SweptTimeoutMixin):
             server_time_ms=int(factory.clock.seconds() * 1000),
         )
         self._send_login_result(accepted, result)
-        self.inbound = ESTABLISHED_INBOUND
+        self.inbound = factory.node.inbound
         self.setTimeout(config.effective_heartbeat_timeout)
         factory.metrics.handshakes_ok += 1
         self.log.info(
@@ -225,7 +227,7 @@ class ImServerProtocol(FrameProtocol, SweptTimeoutMixin):
             peer=self.peer_host,
             suite=accepted.suite,
         )
-        factory.switchboard.session_opened(self)
+        factory.node.sessions.opened(self)
 
     def _token_check_failed(self, failure: Failure) -> None:
         self.log.failure(
@@ -270,33 +272,7 @@ class ImServerProtocol(FrameProtocol, SweptTimeoutMixin):
         self.send_plaintext(accepted.reply_body(plaintext))
         self.start_encryption(accepted.sealer, accepted.opener)
 
-    # --- established: the allow-list's targets ----------------------------------------
-
-    def _message_received(self, message: cim_pb2.Message) -> None:
-        self.factory.switchboard.message_received(self, message)
-
-    def _ack_received(self, ack: cim_pb2.AckR) -> None:
-        self.factory.switchboard.ack_received(self, ack)
-
-    def _online_requested(self, request: cim_pb2.OnlineR) -> None:
-        self.factory.switchboard.online_requested(self, request)
-
-    def _group_requested(self, request: cim_pb2.GroupRequest) -> None:
-        self.factory.switchboard.group_requested(self, request)
-
-    def _offline_requested(self, request: cim_pb2.OfflineR) -> None:
-        self.factory.switchboard.offline_requested(self, request)
-
-    def _offline_acknowledged(self, request: cim_pb2.OfflineAckR) -> None:
-        self.factory.switchboard.offline_acknowledged(self, request)
-
-    def _offline_summary(self, request: cim_pb2.OfflineSummaryR) -> None:
-        self.factory.switchboard.offline_summary_requested(self, request)
-
-    def _history_requested(self, request: cim_pb2.HistoryR) -> None:
-        self.factory.switchboard.history_requested(self, request)
-
-    # --- ClientSession (what the switchboard calls) -----------------------------------
+    # --- ClientSession (what the rooms call) ------------------------------------------
 
     def deliver(self, frame_type: int, message: ProtobufMessage) -> None:
         if self.state is ConnectionState.ESTABLISHED:
@@ -322,24 +298,11 @@ class ImServerProtocol(FrameProtocol, SweptTimeoutMixin):
         if self.state is not ConnectionState.ESTABLISHED:
             return
         self.send_frame(frame_type, message)
-        # The session is over for the switchboard now, not when TCP finishes closing.
-        self.factory.switchboard.session_closed(self)
+        # The session is over for the node now, not when TCP finishes closing.
+        self.factory.node.sessions.closed(self)
         self.state = ConnectionState.CLOSING
         self.inbound = {}
         self.lose_connection()
-
-
-ESTABLISHED_INBOUND: Inbound = {
-    cim_pb2.MSG_R: (cim_pb2.Message, ImServerProtocol._message_received),
-    cim_pb2.ACK_R: (cim_pb2.AckR, ImServerProtocol._ack_received),
-    cim_pb2.ONLINE_R: (cim_pb2.OnlineR, ImServerProtocol._online_requested),
-    cim_pb2.GROUP_R: (cim_pb2.GroupRequest, ImServerProtocol._group_requested),
-    cim_pb2.OFFLINE_R: (cim_pb2.OfflineR, ImServerProtocol._offline_requested),
-    cim_pb2.OFFLINE_ACK_R: (cim_pb2.OfflineAckR, ImServerProtocol._offline_acknowledged),
-    cim_pb2.OFFLINE_SUMMARY_R: (cim_pb2.OfflineSummaryR, ImServerProtocol._offline_summary),
-    cim_pb2.HISTORY_R: (cim_pb2.HistoryR, ImServerProtocol._history_requested),
-}
-"""What an authenticated client may send: every other frame type closes the connection."""
 
 
 class ImServerFactory(Factory):
@@ -350,7 +313,7 @@ class ImServerFactory(Factory):
         node_id: str,
         config: ImConfig,
         node_key: NodeKey,
-        switchboard: Switchboard,
+        node: ImNode,
         state: IStateStore,
         registry: INodeRegistry,
         clock: IReactorTime,
@@ -359,7 +322,7 @@ class ImServerFactory(Factory):
         self.node_id = node_id
         self.config = config
         self.node_key = node_key
-        self.switchboard = switchboard
+        self.node = node
         self.state = state
         self.registry = registry
         self.clock = clock

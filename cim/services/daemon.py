@@ -31,6 +31,9 @@ from cim.groups.directory import GroupDirectory
 from cim.heap import HeapTrimmer
 from cim.history.archive import HistoryService, archive_from_config
 from cim.history.store import HistoryStore
+from cim.im.collaborators import Directory, NoArchive, NodeCore, Stores
+from cim.im.node import ImNode
+from cim.im.peers import BusPeers, LiveNodes
 from cim.interfaces import (
     BusUnavailable,
     IMessageBus,
@@ -51,7 +54,6 @@ from cim.services.files import FilesListener
 from cim.services.im import ImListener
 from cim.services.router import router_site
 from cim.storage.database import Database
-from cim.switchboard import Switchboard
 
 if TYPE_CHECKING:
     from cim.services.logic import LogicListener
@@ -78,7 +80,7 @@ class CimDaemon(Service):
         self.registry: INodeRegistry | None = None
         self.bus: IMessageBus | None = None
         self.groups: GroupDirectory | None = None
-        self.switchboard: Switchboard | None = None
+        self.im_node: ImNode | None = None
         self.im: ImListener | None = None
         self.files: FilesListener | None = None
         self.logic: LogicListener | None = None
@@ -154,27 +156,28 @@ class CimDaemon(Service):
         archive = archive_from_config(
             config, history, getattr(self.bus, "link", None), self.reactor
         )
-        self.switchboard = Switchboard(
-            node_id,
-            self.state,
-            self.accounts.exists,
-            self.reactor,
-            self.metrics,
-            MessageIdGenerator(self.reactor, node_number),
-            bus=self.bus,
-            groups=self.groups,
-            live_nodes=lambda: [node.node_id for node in registry.live_nodes()],
-            offline=offline,
-            offline_page_size=config.offline.page_size,
-            archive=archive,
-            history=HistoryService(history, self.groups.is_member),
+        im_node = self.im_node = ImNode(
+            NodeCore(
+                node_id,
+                state,
+                self.reactor,
+                self.metrics,
+                MessageIdGenerator(self.reactor, node_number),
+            ),
+            Directory(self.accounts.exists, self.groups),
+            Stores(
+                offline,
+                config.offline.page_size,
+                archive if archive is not None else NoArchive(),
+                HistoryService(history, self.groups.is_member),
+            ),
+            BusPeers(node_id, self.bus, state.presence, LiveNodes(registry)),
         )
         # The offline writer tells connected receivers to pull once it has committed.
-        offline.on_stored = self.switchboard.stored_for
-        switchboard = self.switchboard
-        self.metrics.connections_established = lambda: switchboard.connected_count
+        offline.on_stored = im_node.catchup.stored_for
+        self.metrics.connections_established = lambda: im_node.sessions.connected_count
         self.metrics.offline_pending = lambda: offline.pending
-        # Started after the switchboard registered its consumer, so nothing queued for
+        # Started after the node registered its bus consumer, so nothing queued for
         # this node while it was down is handed to nobody.
         yield self._backend_step("queue", config.queue.backend, self.bus.start)
         self._stoppers.append(self.bus.stop)
@@ -189,7 +192,7 @@ class CimDaemon(Service):
                 node_id,
                 config.im,
                 node_key,
-                self.switchboard,
+                im_node,
                 self.state,
                 self.registry,
                 self.reactor,
@@ -241,7 +244,7 @@ class CimDaemon(Service):
 
         config = self.config
         assert self.database is not None and self.state is not None
-        assert self.accounts is not None and self.switchboard is not None
+        assert self.accounts is not None and self.im_node is not None
         logic = LogicListener(
             LogicContext(
                 config.logic,
@@ -249,7 +252,7 @@ class CimDaemon(Service):
                 self.database,
                 self.accounts,
                 self.state,
-                Notices(self.switchboard, self.reactor),
+                Notices(self.im_node.system, self.reactor),
                 self.reactor,
                 self.groups,
             )
@@ -327,7 +330,7 @@ class CimDaemon(Service):
             "status": "ok" if self.running and self.started and self.started.called else "starting",
             "node": self.config.node.id,
             "connections": self.metrics.connections_open,
-            "online_here": self.switchboard.connected_count if self.switchboard else 0,
+            "online_here": self.im_node.sessions.connected_count if self.im_node else 0,
             **self._files_health(),
         }
 

@@ -43,7 +43,7 @@ class ImListener:
         self.reactor = reactor
         self.port: IListeningPort | None = None
         self.node: NodeInfo | None = None
-        self._refresh = LoopingCall(factory.switchboard.refresh_routes)
+        self._refresh = LoopingCall(factory.node.sessions.refresh_routes)
         self._refresh.clock = reactor
 
     @inlineCallbacks
@@ -89,7 +89,7 @@ class ImListener:
             yield self.registry.unregister()
         if self.port is not None:
             yield self.port.stopListening()
-        self.factory.switchboard.shutdown(GOING_AWAY_REASON, RECONNECT_AFTER_MS)
+        self.factory.node.sessions.shutdown(GOING_AWAY_REASON, RECONNECT_AFTER_MS)
         waited = 0.0
         while self.factory.protocols and waited < DRAIN_SECONDS:
             yield deferLater(self.reactor, DRAIN_POLL, lambda: None)

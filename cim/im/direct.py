@@ -1,0 +1,174 @@
+"""msg:R and ack:R: the design's six packets, and the claim every client message takes.
+
+msg:R from the sender is answered at once with msg:A (the node took it and gave it a
+server id); msg:N goes to the receiver (``cim.im.routing``); the receiver's ack:R is
+answered with ack:A and the sender is told with ack:N.
+
+Every msg:R, 1:1 or group, is first checked, stamped with the connection's user and a
+server id, and claimed in the state store under (sender, device, client sequence), so
+a retry, even one arriving on another node or after a restart, gets the same msg:A
+and is not delivered as a second message. A group post is then handed to
+``cim.im.groups``; a 1:1 message is routed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.defer import succeed
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from cim.im.collaborators import ClientSession, FrameTable, NodeCore, log_failure
+from cim.im.groups import GroupMessages
+from cim.im.routing import Routing
+from cim.interfaces import MessageReceipt, StateUnavailable
+from cim.message_ids import MessageIdGenerator
+from cim.protocols import cim_pb2
+
+__all__ = ["MAX_TEXT_LENGTH", "DirectMessages", "message_problem"]
+
+MSG_A = cim_pb2.MSG_A
+ACK_A = cim_pb2.ACK_A
+ERROR = cim_pb2.ERROR
+FAILED = cim_pb2.FAILED
+SYSTEM = cim_pb2.SYSTEM
+BAD_REQUEST = cim_pb2.Error.BAD_REQUEST
+UNAVAILABLE = cim_pb2.Error.UNAVAILABLE
+
+MAX_TEXT_LENGTH = 16384
+
+_MEDIA_TYPES = frozenset((cim_pb2.IMAGE, cim_pb2.VOICE, cim_pb2.FILE))
+
+
+def message_problem(message: cim_pb2.Message) -> str | None:
+    """Why a client's msg:R is refused, or None when it is acceptable."""
+    if message.group and message.to:
+        return "a message goes to a user ('to') or a group ('group'), not both"
+    if not message.to and not message.group:
+        return "a message needs a receiver ('to') or a group ('group')"
+    if message.type == SYSTEM:
+        return "system messages come from the server only"
+    if len(message.text) > MAX_TEXT_LENGTH:
+        return f"a message text holds at most {MAX_TEXT_LENGTH} characters"
+    if message.type in _MEDIA_TYPES and not message.media.url:
+        return "an image, voice or file message needs media.url"
+    if message.type == cim_pb2.LOCATION and not message.HasField("location"):
+        return "a location message needs location"
+    return None
+
+
+class DirectMessages:
+    """Takes msg:R (claims it, answers msg:A and retries) and ack:R."""
+
+    log = Logger()
+
+    def __init__(self, core: NodeCore, routing: Routing, groups: GroupMessages) -> None:
+        self._ids = core.message_ids
+        self._receipts = core.state.receipts
+        self._routing = routing
+        self._groups = groups
+
+    def frame_table(self) -> FrameTable:
+        return {
+            cim_pb2.MSG_R: (cim_pb2.Message, self.message_received),
+            cim_pb2.ACK_R: (cim_pb2.AckR, self.ack_received),
+        }
+
+    # --- msg:R ------------------------------------------------------------------------
+
+    def message_received(self, session: ClientSession, message: cim_pb2.Message) -> None:
+        """msg:R. The sender is the connection's user, whatever the frame claims."""
+        problem = message_problem(message)
+        if problem is not None:
+            self._refuse(session, message.client_seq, BAD_REQUEST, problem)
+            return
+        record = session.record
+        msg_id = self._ids.next_id()
+        sent_at_ms = MessageIdGenerator.timestamp_ms(msg_id)
+        message.id = msg_id
+        setattr(message, "from", record.user)
+        message.device = record.device
+        message.sent_at_ms = sent_at_ms
+        if message.group:
+            d = self._groups.may_post(message.group, record.user)
+            d.addCallback(self._claim, session, message)
+        else:
+            d = self._claim(True, session, message)  # the hot path: no extra Deferred
+        d.addErrback(self._claim_failed, session, message.client_seq)
+
+    def _claim(self, member: bool, session: ClientSession, message: cim_pb2.Message) -> Any:
+        if not member:
+            self._refuse(
+                session, message.client_seq, BAD_REQUEST, "only members can post to a group"
+            )
+            return succeed(None)
+        record = session.record
+        d = self._receipts.remember_message(
+            record.user, record.device, message.client_seq, message.id, message.sent_at_ms
+        )
+        d.addCallback(self._claimed, session, message)
+        return d
+
+    def _claimed(
+        self, receipt: MessageReceipt | None, session: ClientSession, message: cim_pb2.Message
+    ) -> None:
+        if receipt is not None:
+            # A retry: the same id as the first time, and never a second message.
+            message.id = receipt.msg_id
+            message.sent_at_ms = receipt.sent_at_ms
+        session.deliver(
+            MSG_A,
+            cim_pb2.MsgA(
+                client_seq=message.client_seq, msg_id=message.id, sent_at_ms=message.sent_at_ms
+            ),
+        )
+        if receipt is not None and receipt.status and receipt.status != FAILED:
+            # Settled: answer the retry with the same outcome, deliver nothing again.
+            # A FAILED one is routed again (a user's resend), under the same id.
+            self._routing.tell_sender(
+                session.record.user,
+                session.record.device,
+                cim_pb2.AckN(
+                    msg_id=message.id,
+                    client_seq=message.client_seq,
+                    status=receipt.status,  # type: ignore[arg-type]
+                    reason=receipt.reason,
+                    to=message.to or message.group,
+                ),
+            )
+            return
+        if message.group:
+            # First time, or a retry of one never numbered (the state store failed in
+            # between): number it and fan out. Members drop a second copy by id.
+            if receipt is None or not receipt.status:
+                d = self._groups.number(session, message)
+                d.addErrback(self._claim_failed, session, message.client_seq)
+            return
+        # First time, or a retry whose outcome is still open (the node that held it may
+        # have died): deliver (again). The receiver's client drops a duplicate by id.
+        self._routing.route(message, session.record.device)
+
+    def _claim_failed(self, failure: Failure, session: ClientSession, client_seq: int) -> None:
+        if failure.check(StateUnavailable):
+            self._refuse(
+                session, client_seq, UNAVAILABLE, "the node cannot take messages right now; retry"
+            )
+            return
+        log_failure(failure, self.log, "take a message")
+        self._refuse(session, client_seq, cim_pb2.Error.INTERNAL, "the node failed to take it")
+
+    def _refuse(self, session: ClientSession, client_seq: int, code: Any, text: str) -> None:
+        session.deliver(
+            ERROR,
+            cim_pb2.Error(
+                code=code, message=text, request_type=cim_pb2.MSG_R, client_seq=client_seq
+            ),
+        )
+
+    # --- ack:R ------------------------------------------------------------------------
+
+    def ack_received(self, session: ClientSession, ack: cim_pb2.AckR) -> None:
+        """ack:R. Only the message's receiver can acknowledge it."""
+        session.deliver(ACK_A, cim_pb2.AckA(msg_id=ack.msg_id))
+        self._routing.acknowledged(session.record.user, ack.msg_id)

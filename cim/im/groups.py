@@ -1,0 +1,201 @@
+"""Group messages: who may post, numbering, and fan-out in order; and GROUP_R requests.
+
+A group post arrives as msg:R (``cim.im.direct`` takes it); only a member may post.
+Once claimed it is numbered (the group's sequence, shared by every node), the sender
+hears "accepted", and the message goes to every other member: those connected here
+directly, in slices so a big group does not stall other users; those on other nodes
+in one bus message per node; the rest into the offline store. Messages of one group
+fan out one after another, in the order the node numbered them.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from twisted.internet.defer import Deferred
+from twisted.internet.task import deferLater
+from twisted.logger import Logger
+
+from cim.im.catchup import Catchup
+from cim.im.collaborators import (
+    ClientSession,
+    Connected,
+    Directory,
+    FrameTable,
+    NodeCore,
+    OfflineStorageOff,
+    Stores,
+    log_failure,
+)
+from cim.im.peers import Peers
+from cim.im.routing import Routing
+from cim.interfaces import BusUnavailable, StateUnavailable
+from cim.protocols import cim_pb2
+from cim.storage.offline import OfflineFull
+
+__all__ = ["FANOUT_SLICE", "GroupMessages"]
+
+MSG_N = cim_pb2.MSG_N
+GROUP_A = cim_pb2.GROUP_A
+ACCEPTED = cim_pb2.ACCEPTED
+
+FANOUT_SLICE = 100
+"""Group deliveries made per reactor turn, so a big group does not stall other users."""
+
+
+class GroupMessages:
+    """GROUP_R, the membership rule for posts, and the fan-out of numbered posts."""
+
+    log = Logger()
+
+    def __init__(
+        self,
+        core: NodeCore,
+        directory: Directory,
+        stores: Stores,
+        peers: Peers,
+        connected: Connected,
+        routing: Routing,
+        catchup: Catchup,
+    ) -> None:
+        self._node_id = core.node_id
+        self._clock = core.clock
+        self._metrics = core.metrics
+        self._sequences = core.state.sequences
+        self._directory = directory
+        self._stores = stores
+        self._peers = peers
+        self._connected = connected
+        self._routing = routing
+        self._catchup = catchup
+        # Group messages fan out one after another per group, in server-id order.
+        self._fanout_queues: dict[str, deque[cim_pb2.Message]] = {}
+
+    def frame_table(self) -> FrameTable:
+        return {cim_pb2.GROUP_R: (cim_pb2.GroupRequest, self.group_requested)}
+
+    def group_requested(self, session: ClientSession, request: cim_pb2.GroupRequest) -> None:
+        d = self._directory.groups.answer(session.record.user, request)
+        d.addCallback(lambda answer: session.deliver(GROUP_A, answer))
+        d.addErrback(log_failure, self.log, "answer a group request")
+
+    # --- posting ----------------------------------------------------------------------
+
+    def may_post(self, group: str, user: str) -> Deferred[bool]:
+        """Only members post to a group."""
+        return self._directory.groups.is_member(group, user)
+
+    def number(self, session: ClientSession, message: cim_pb2.Message) -> Deferred[None]:
+        """Give a claimed post its group sequence number, then accept and fan it out.
+
+        Fails (for the caller to answer the sender) when the number cannot be had.
+        """
+        d = self._sequences.next_group_seq(message.group)
+        d.addCallback(self._numbered, session, message)
+        return d
+
+    def _numbered(self, seq: int, session: ClientSession, message: cim_pb2.Message) -> None:
+        message.group_seq = seq
+        self._accepted(session, message)
+
+    def _accepted(self, session: ClientSession, message: cim_pb2.Message) -> None:
+        """The node is responsible for the group message now: tell the sender, fan out."""
+        self._metrics.messages["group"] += 1
+        self._stores.archive.archive(message)
+        self._routing.tell_sender(
+            session.record.user,
+            session.record.device,
+            cim_pb2.AckN(
+                msg_id=message.id,
+                client_seq=message.client_seq,
+                status=ACCEPTED,
+                to=message.group,
+            ),
+        )
+        queue = self._fanout_queues.get(message.group)
+        if queue is not None:
+            queue.append(message)  # a fan-out of this group is running: keep the order
+            return
+        self._fanout_queues[message.group] = deque([message])
+        done = Deferred.fromCoroutine(self._fan_out(message.group))
+        done.addErrback(log_failure, self.log, "fan out a group message")
+
+    # --- fan-out ----------------------------------------------------------------------
+
+    async def _fan_out(self, group: str) -> None:
+        """Each queued message of a group to every member, in slices, in order."""
+        queue = self._fanout_queues[group]
+        try:
+            while queue:
+                message = queue[0]
+                try:
+                    await self._fan_out_one(message)
+                except Exception:
+                    self.log.failure("fan-out of group message {id} failed", id=message.id)
+                    self._metrics.messages["group_fanout_failed"] += 1
+                queue.popleft()
+        finally:
+            del self._fanout_queues[group]
+
+    async def _fan_out_one(self, message: cim_pb2.Message) -> None:
+        sender = getattr(message, "from")
+        names = await self._directory.groups.member_names(message.group)
+        members = [m for m in names if m != sender]
+        connected = self._connected
+        here = [m for m in members if m in connected]
+        elsewhere = [m for m in members if m not in connected]
+        for start in range(0, len(here), FANOUT_SLICE):
+            if start:
+                await deferLater(self._clock, 0, lambda: None)  # let other users in
+            for member in here[start : start + FANOUT_SLICE]:
+                session = connected.get(member)
+                if session is not None:
+                    session.deliver(MSG_N, message)
+                    self._metrics.messages["group_delivered"] += 1
+        if not elsewhere:
+            return
+        try:
+            routes = await self._peers.nodes_of(elsewhere)
+        except StateUnavailable:
+            routes = {}
+        by_node: dict[str, list[str]] = {}
+        for member in elsewhere:
+            node = routes.get(member)
+            if node is not None and node != self._node_id and self._peers.is_alive(node):
+                by_node.setdefault(node, []).append(member)
+        for node, users in by_node.items():
+            try:
+                await self._routing.forward(node, message, users, "")
+            except BusUnavailable as exc:
+                self._missed(message, len(users), f"node {node} unreachable: {exc}")
+        reached = {user for users in by_node.values() for user in users}
+        offline = [member for member in elsewhere if member not in reached]
+        if offline:
+            await self._store_copies(message, offline)
+
+    async def _store_copies(self, message: cim_pb2.Message, members: list[str]) -> None:
+        """Offline members get their copy through the offline store."""
+        try:
+            await self._stores.offline.store([(member, message) for member in members])
+        except OfflineStorageOff:
+            self._missed(message, len(members), "offline")
+            return
+        except OfflineFull as full:
+            # Leave out the full boxes (never silently: counted and logged), keep the rest.
+            rest = [member for member in members if member not in set(full.receivers)]
+            self._missed(message, len(members) - len(rest), "offline box full")
+            if rest:
+                await self._store_copies(message, rest)
+            return
+        self._metrics.messages["group_stored"] += len(members)
+        self._catchup.stored_for(members)
+
+    def _missed(self, message: cim_pb2.Message, count: int, why: str) -> None:
+        self._metrics.messages["group_missed"] += count
+        self.log.info(
+            "group message {id} in {group} missed by {count} members: {why}",
+            id=message.id,
+            group=message.group,
+            count=count,
+            why=why,
+        )

@@ -1,0 +1,77 @@
+"""The IM node's rooms, built once and wired together, and the frame table they answer.
+
+Each room answers one family of frames and says which in its ``frame_table()``; the
+node merges them into ``inbound``, the table an authenticated connection dispatches
+through (cim.protocols.im): the connection parses a frame and calls the room's
+function with itself and the message. A new frame type goes into the room of its
+family (or a new room, merged into ``inbound`` below).
+
+    sessions   who is connected here: arrivals, kicks, route refresh, shutdown
+    routing    1:1 route / forward / offline fallback, pending acks, tell the sender,
+               what other nodes send over the bus
+    direct     msg:R (every message's claim), ack:R
+    groups     group posts: membership, numbering, fan-out; GROUP_R
+    catchup    OFFLINE_R, OFFLINE_ACK_R, OFFLINE_SUMMARY_R, the notice to pull
+    history    HISTORY_R
+    presence   ONLINE_R
+    system     server-made messages (the logic service's notices)
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from cim.im.catchup import Catchup
+from cim.im.collaborators import Connected, Directory, FrameEntry, FrameTable, NodeCore, Stores
+from cim.im.direct import DirectMessages
+from cim.im.groups import GroupMessages
+from cim.im.history import HistoryRequests
+from cim.im.peers import Peers
+from cim.im.presence import PresenceRequests
+from cim.im.routing import Routing
+from cim.im.sessions import Sessions
+from cim.im.system import SystemMessages
+
+__all__ = ["ImNode", "Room"]
+
+
+class Room(Protocol):
+    def frame_table(self) -> FrameTable:
+        """The frame types this room answers, each with its class and function."""
+
+
+class ImNode:
+    """Builds the rooms from the node's collaborators; holds what the outside uses."""
+
+    def __init__(self, core: NodeCore, directory: Directory, stores: Stores, peers: Peers) -> None:
+        self.core = core
+        self.directory = directory
+        self.stores = stores
+        self.peers = peers
+        connected: Connected = {}
+        self.catchup = Catchup(core, stores, peers, connected)
+        self.routing = Routing(core, directory, stores, peers, connected, self.catchup)
+        self.groups = GroupMessages(
+            core, directory, stores, peers, connected, self.routing, self.catchup
+        )
+        self.direct = DirectMessages(core, self.routing, self.groups)
+        self.history = HistoryRequests(stores)
+        self.presence = PresenceRequests(core.state.presence)
+        self.system = SystemMessages(core, stores, self.catchup)
+        self.sessions = Sessions(core, connected, self.routing)
+        peers.listen(self.routing.bus_message_received)
+        self.inbound: FrameTable = _merged(
+            self.direct, self.groups, self.catchup, self.history, self.presence
+        )
+        """What an authenticated client may send: every other frame type closes the
+        connection."""
+
+
+def _merged(*rooms: Room) -> FrameTable:
+    table: dict[int, FrameEntry] = {}
+    for room in rooms:
+        for frame_type, entry in room.frame_table().items():
+            if frame_type in table:
+                raise ValueError(f"frame type {frame_type} is answered by two rooms")
+            table[frame_type] = entry
+    return table

@@ -1,0 +1,371 @@
+"""How a taken message travels: to a receiver here, over the bus to its node, or into
+the offline store; and how its sender hears the outcome, wherever the sender is.
+
+A receiver connected here gets msg:N at once, and the message waits here until its
+ack:R (a pending ack): the sender then hears "delivered". A receiver connected to
+another node is reached over the bus (its route says which node); its ack comes back
+the same way to whichever node the sender is on. A receiver nowhere, a node that
+cannot be reached, a receiver that leaves holding the message: the message is stored
+for the receiver's next pull, and the sender hears "stored" only once the store has
+it (design: 伪造ack:N); a node without offline storage fails it with the reason.
+
+Other nodes talk to this one through ``bus_message_received``: deliveries for users
+connected here, "stored for" notices, and outcomes for senders connected here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from cim.im.catchup import Catchup
+from cim.im.collaborators import (
+    ClientSession,
+    Connected,
+    Directory,
+    NodeCore,
+    OfflineStorageOff,
+    Stores,
+    in_background,
+    log_failure,
+)
+from cim.im.peers import Peers
+from cim.interfaces import BusUnavailable, StateUnavailable
+from cim.message_ids import MessageIdGenerator
+from cim.protocols import cim_pb2
+from cim.storage.offline import OfflineFull
+
+__all__ = [
+    "PENDING_TIMEOUT",
+    "REASON_FORWARD_FAILED",
+    "REASON_NODE_GONE",
+    "REASON_NOT_ACKNOWLEDGED",
+    "REASON_NOT_STORED",
+    "REASON_NO_SUCH_USER",
+    "REASON_OFFLINE_FULL",
+    "REASON_RECEIVER_LEFT",
+    "REASON_RECEIVER_OFFLINE",
+    "Routing",
+]
+
+MSG_N = cim_pb2.MSG_N
+ACK_N = cim_pb2.ACK_N
+DELIVERED = cim_pb2.DELIVERED
+STORED = cim_pb2.STORED
+FAILED = cim_pb2.FAILED
+
+REASON_RECEIVER_OFFLINE = "the receiver is offline"
+REASON_NO_SUCH_USER = "no such user"
+REASON_RECEIVER_LEFT = "the receiver disconnected before acknowledging"
+REASON_FORWARD_FAILED = "the receiver's node could not be reached"
+REASON_NOT_ACKNOWLEDGED = "the receiver did not acknowledge in time"
+REASON_NODE_GONE = "the receiver's node is gone"
+REASON_OFFLINE_FULL = "the receiver has too many stored messages"
+REASON_NOT_STORED = "the message could not be stored for the receiver"
+
+PENDING_TIMEOUT = 160.0
+"""A receiver that holds a msg:N this long without ack:R fails it (the sender's client
+gives up at the same point), so a client that never acks cannot grow the node."""
+
+
+@dataclass(slots=True)
+class _Pending:
+    """A 1:1 msg:N sent here and not yet acknowledged by its receiver."""
+
+    sender: str
+    sender_device: str
+    client_seq: int
+    receiver: str
+    message: cim_pb2.Message
+    deadline: float
+
+
+class Routing:
+    """Routes 1:1 messages, holds their pending acks, tells senders, reads the bus."""
+
+    log = Logger()
+
+    def __init__(
+        self,
+        core: NodeCore,
+        directory: Directory,
+        stores: Stores,
+        peers: Peers,
+        connected: Connected,
+        catchup: Catchup,
+    ) -> None:
+        self._node_id = core.node_id
+        self._clock = core.clock
+        self._metrics = core.metrics
+        self._receipts = core.state.receipts
+        self._directory = directory
+        self._stores = stores
+        self._peers = peers
+        self._connected = connected
+        self._catchup = catchup
+        # (msg_id, receiver) -> who to tell when the receiver acknowledges.
+        self._pending: dict[tuple[int, str], _Pending] = {}
+        # receiver -> its unacknowledged msg ids, to settle them when it leaves.
+        self._pending_by_receiver: dict[str, set[int]] = {}
+
+    # --- one-to-one routing -----------------------------------------------------------
+
+    def route(self, message: cim_pb2.Message, sender_device: str) -> None:
+        """A taken 1:1 message to its receiver, wherever that is."""
+        receiver = message.to
+        if receiver in self._connected:
+            self._deliver_here(message, sender_device, receiver)
+            return
+        d = self._peers.node_of(receiver)
+        d.addCallback(self._routed, message, sender_device)
+        d.addErrback(self._forward_failed, message, sender_device)
+
+    def _routed(self, node: str | None, message: cim_pb2.Message, sender_device: str) -> Any:
+        if node is None or node == self._node_id:
+            self._receiver_not_here(message, sender_device)
+            return None
+        if not self._peers.is_alive(node):
+            # Its node died and the route has not expired yet: the receiver is not
+            # reachable until it logs in again elsewhere; it finds the message then.
+            self._store_offline(message, sender_device, REASON_NODE_GONE)
+            return None
+        return self.forward(node, message, [message.to], sender_device)
+
+    def forward(
+        self, node: str, message: cim_pb2.Message, receivers: list[str], sender_device: str
+    ) -> Deferred[None]:
+        """The message to ``receivers`` connected to ``node``, over the bus."""
+        envelope = cim_pb2.BusEnvelope(
+            origin_node=self._node_id,
+            deliver=cim_pb2.BusDelivery(
+                message=message, receivers=receivers, sender_device=sender_device
+            ),
+        )
+        self._metrics.messages["forwarded"] += 1
+        return self._peers.publish(node, envelope)
+
+    def _forward_failed(
+        self, failure: Failure, message: cim_pb2.Message, sender_device: str
+    ) -> None:
+        if not failure.check(BusUnavailable, StateUnavailable):
+            log_failure(failure, self.log, "forward a message")
+        self.log.warn(
+            "could not forward message {id} to {to}: {why}",
+            id=message.id,
+            to=message.to,
+            why=failure.getErrorMessage(),
+        )
+        self._store_offline(message, sender_device, REASON_FORWARD_FAILED)
+
+    def _deliver_here(self, message: cim_pb2.Message, sender_device: str, receiver: str) -> None:
+        key = (message.id, receiver)
+        if key in self._pending:
+            return  # a retry while the receiver still holds it unacknowledged here
+        self._pending[key] = _Pending(
+            getattr(message, "from"),
+            sender_device,
+            message.client_seq,
+            receiver,
+            message,
+            self._clock.seconds() + PENDING_TIMEOUT,
+        )
+        self._pending_by_receiver.setdefault(receiver, set()).add(message.id)
+        self._connected[receiver].deliver(MSG_N, message)
+
+    def _receiver_not_here(self, message: cim_pb2.Message, sender_device: str) -> None:
+        def decided(exists: bool) -> None:
+            if not exists:
+                self._settle(message, sender_device, FAILED, REASON_NO_SUCH_USER)
+            else:
+                self._store_offline(message, sender_device, REASON_RECEIVER_OFFLINE)
+
+        def unknown(failure: Failure) -> None:
+            # The account lookup failed: the receiver is not here either way.
+            log_failure(failure, self.log, "look up the receiver")
+            decided(True)
+
+        d = self._directory.user_exists(message.to)
+        d.addCallbacks(decided, unknown)
+
+    def _store_offline(self, message: cim_pb2.Message, sender_device: str, why_not: str) -> None:
+        """The receiver cannot be reached now: keep the message for its next pull; the
+        sender hears "stored" only after the store has it (design: 伪造ack:N). Without
+        offline storage the message fails with ``why_not``."""
+        d = self._stores.offline.store([message])
+
+        def stored(_: int) -> None:
+            self._settle(message, sender_device, STORED, "")
+            self._catchup.stored_for([message.to])
+
+        def not_stored(failure: Failure) -> None:
+            if failure.check(OfflineFull):
+                reason = REASON_OFFLINE_FULL
+            elif failure.check(OfflineStorageOff):
+                reason = why_not
+            else:
+                log_failure(failure, self.log, "store a message offline")
+                reason = REASON_NOT_STORED
+            self._settle(message, sender_device, FAILED, reason)
+
+        d.addCallbacks(stored, not_stored)
+
+    def _settle(
+        self, message: cim_pb2.Message, sender_device: str, status: Any, reason: str
+    ) -> None:
+        """A 1:1 message's final outcome: remember it and tell the sender."""
+        outcome = {DELIVERED: "delivered", STORED: "stored"}.get(status, "failed")
+        self._metrics.messages[outcome] += 1
+        if outcome != "failed":
+            self._stores.archive.archive(message)
+        self.tell_sender(
+            getattr(message, "from"),
+            sender_device,
+            cim_pb2.AckN(
+                msg_id=message.id,
+                client_seq=message.client_seq,
+                status=status,
+                reason=reason,
+                to=message.to,
+            ),
+        )
+
+    # --- the sender -------------------------------------------------------------------
+
+    def tell_sender(self, sender: str, sender_device: str, ack: cim_pb2.AckN) -> None:
+        """Record the outcome for retries, then reach the sender wherever it is."""
+        in_background(
+            self._receipts.record_outcome(
+                sender, sender_device, ack.client_seq, ack.status, ack.reason
+            ),
+            self.log,
+            "record an outcome",
+        )
+        session = self._connected.get(sender)
+        if session is not None:
+            if session.record.device == sender_device:
+                session.deliver(ACK_N, ack)
+            return
+        envelope = cim_pb2.BusEnvelope(
+            origin_node=self._node_id,
+            outcome=cim_pb2.BusOutcome(sender=sender, sender_device=sender_device, ack=ack),
+        )
+
+        def routed(node: str | None) -> Any:
+            if node is None or node == self._node_id:
+                return None  # offline: a retry finds the outcome in the state store
+            return self._peers.publish(node, envelope)
+
+        d = self._peers.node_of(sender)
+        d.addCallback(routed)
+        # Not reaching the sender is not fatal: its retry reads the recorded outcome.
+        d.addErrback(lambda failure: failure.trap(BusUnavailable, StateUnavailable))
+        in_background(d, self.log, "tell a sender on another node")
+
+    # --- pending acks -----------------------------------------------------------------
+
+    def acknowledged(self, receiver: str, msg_id: int) -> None:
+        """ack:R from the receiver of a msg:N held here: its sender hears "delivered".
+
+        Anything else (a group message, a duplicate ack, someone else's message) is
+        ignored.
+        """
+        pending = self._pending.pop((msg_id, receiver), None)
+        if pending is None:
+            return
+        self._forget_pending(receiver, msg_id)
+        self._metrics.messages["delivered"] += 1
+        self._metrics.observe_delivery(
+            self._clock.seconds() - MessageIdGenerator.timestamp_ms(msg_id) / 1000
+        )
+        self._stores.archive.archive(pending.message)
+        self.tell_sender(
+            pending.sender,
+            pending.sender_device,
+            cim_pb2.AckN(
+                msg_id=msg_id, client_seq=pending.client_seq, status=DELIVERED, to=receiver
+            ),
+        )
+
+    def hand_over(self, receiver: str, session: ClientSession) -> None:
+        """What the receiver's old connection held unacknowledged goes to its new one at
+        once (the client drops what it already showed)."""
+        for msg_id in sorted(self._pending_by_receiver.get(receiver, ())):
+            pending = self._pending.get((msg_id, receiver))
+            if pending is not None:
+                session.deliver(MSG_N, pending.message)
+
+    def receiver_left(self, receiver: str) -> None:
+        """The receiver left holding unacknowledged messages: store them for its next
+        login (it drops any it did show), or fail them where nothing can be stored."""
+        for msg_id in self._pending_by_receiver.pop(receiver, ()):
+            pending = self._pending.pop((msg_id, receiver), None)
+            if pending is not None:
+                self._store_offline(pending.message, pending.sender_device, REASON_RECEIVER_LEFT)
+
+    def expire_pending(self) -> int:
+        """Fail every msg:N held unacknowledged past its deadline; returns how many."""
+        now = self._clock.seconds()
+        expired = [key for key, pending in self._pending.items() if pending.deadline <= now]
+        for msg_id, receiver in expired:
+            pending = self._pending.pop((msg_id, receiver))
+            self._forget_pending(receiver, msg_id)
+            self._fail_pending(pending, msg_id, REASON_NOT_ACKNOWLEDGED)
+        return len(expired)
+
+    def _forget_pending(self, receiver: str, msg_id: int) -> None:
+        waiting = self._pending_by_receiver.get(receiver)
+        if waiting is not None:
+            waiting.discard(msg_id)
+            if not waiting:
+                del self._pending_by_receiver[receiver]
+
+    def _fail_pending(self, pending: _Pending, msg_id: int, reason: str) -> None:
+        self._metrics.messages["failed"] += 1
+        self.tell_sender(
+            pending.sender,
+            pending.sender_device,
+            cim_pb2.AckN(
+                msg_id=msg_id,
+                client_seq=pending.client_seq,
+                status=FAILED,
+                reason=reason,
+                to=pending.receiver,
+            ),
+        )
+
+    # --- the bus: other nodes talking to this one -------------------------------------
+
+    def bus_message_received(self, payload: bytes) -> None:
+        envelope = cim_pb2.BusEnvelope.FromString(payload)
+        kind = envelope.WhichOneof("body")
+        if kind == "deliver":
+            self._delivery_from_bus(envelope.deliver)
+        elif kind == "stored":
+            self._catchup.notify_stored(list(envelope.stored.receivers))
+        elif kind == "outcome":
+            outcome = envelope.outcome
+            session = self._connected.get(outcome.sender)
+            if session is not None and session.record.device == outcome.sender_device:
+                session.deliver(ACK_N, outcome.ack)
+
+    def _delivery_from_bus(self, delivery: cim_pb2.BusDelivery) -> None:
+        message = delivery.message
+        if message.group:
+            for member in delivery.receivers:
+                session = self._connected.get(member)
+                if session is not None:
+                    session.deliver(MSG_N, message)
+                    self._metrics.messages["group_delivered"] += 1
+                else:
+                    self._metrics.messages["group_missed"] += 1
+            return
+        for receiver in delivery.receivers:
+            if receiver in self._connected:
+                self._deliver_here(message, delivery.sender_device, receiver)
+            else:
+                # It moved or left since the sender's node looked up its route.
+                self._receiver_not_here(message, delivery.sender_device)
