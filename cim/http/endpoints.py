@@ -170,7 +170,7 @@ class EndpointResource(Resource, Generic[CallerT]):
         head_as_get: bool = True,
     ) -> None:
         super().__init__()
-        self._authenticate = authenticate
+        self._caller_of = authenticate
         self._max_body_size = max_body_size
         self._error_replies = error_replies
         self._head_as_get = head_as_get
@@ -259,7 +259,7 @@ class EndpointResource(Resource, Generic[CallerT]):
             problem = body_problem(route.validator, body)
             if problem is not None:
                 raise HttpError(400, "bad_request", problem)
-        caller = await self._authenticate(request) if endpoint.authenticated else None
+        caller = await self._caller_of(request) if endpoint.authenticated else None
         return await endpoint.serve(
             Call(request, caller, params, query, body, client_host(request))
         )

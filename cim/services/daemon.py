@@ -207,7 +207,8 @@ class CimDaemon(Service):
                 config.router,
                 config.im,
                 self.accounts,
-                self.state,
+                self.state.sessions,
+                self.state.presence,
                 self.registry,
                 self.reactor,
                 self.metrics,
@@ -242,13 +243,14 @@ class CimDaemon(Service):
         config = self.config
         assert self.database is not None and self.state is not None
         assert self.accounts is not None and self.switchboard is not None
+        assert self.groups is not None
         logic = LogicListener(
             LogicContext(
                 config.logic,
                 config.accounts,
                 self.database,
                 self.accounts,
-                self.state,
+                self.state.sessions,
                 Notices(self.switchboard, self.reactor),
                 self.reactor,
                 self.groups,
@@ -269,7 +271,7 @@ class CimDaemon(Service):
         config = self.config
         assert self.database is not None and self.state is not None
         files = FilesListener(
-            config.files, config.node.data_dir, self.database, self.state, self.reactor
+            config.files, config.node.data_dir, self.database, self.state.sessions, self.reactor
         )
         try:
             files.prepare()
