@@ -124,9 +124,7 @@ class BoundedRequest(server.Request):
         self.content.write(data)
 
 
-def bounded_site(
-    root: Resource, max_body_size: int, reactor: IReactorTime | None = None
-) -> server.Site:
+def bounded_site(root: Resource, max_body_size: int, reactor: IReactorTime) -> server.Site:
     """A Site whose requests hold at most ``max_body_size`` body bytes.
 
     ``reactor`` drives idle timeouts and access-log timestamps; tests pass a Clock.

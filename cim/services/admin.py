@@ -54,7 +54,7 @@ def admin_site(
     node_id: str,
     metrics: NodeMetrics,
     health: Callable[[], dict[str, Any]],
-    reactor: IReactorTime | None = None,
+    reactor: IReactorTime,
 ) -> server.Site:
     registry = CollectorRegistry()
     registry.register(NodeMetricsCollector(metrics, node_id))

@@ -224,7 +224,9 @@ class CimDaemon(Service):
 
         if config.admin.enabled:
             yield self._listen_http(
-                "admin", config.admin.listen, admin_site(node_id, self.metrics, self.health)
+                "admin",
+                config.admin.listen,
+                admin_site(node_id, self.metrics, self.health, self.reactor),
             )
 
         trimmer = HeapTrimmer(self.reactor, config.node.heap_trim_interval)
