@@ -24,8 +24,8 @@ from cim.accounts.store import AccountStore
 from cim.client.session import ChatClient
 from cim.config import parse_config
 from cim.groups.directory import GroupDirectory
+from cim.http.openapi import PublishedSpec
 from cim.im.system import SYSTEM_SENDER
-from cim.logic.api import LogicResource
 from cim.logic.context import LogicContext
 from cim.logic.notices import Notices
 from cim.offline.store import OfflineStore
@@ -83,13 +83,13 @@ class LogicHarness:
             parsed.accounts,
             self.db,
             self.accounts,
-            self.node.state,
+            self.node.state.sessions,
             Notices(self.node.im.system, self.clock),
             self.clock,
             self.groups,
         )
         self.listener = LogicListener(self.ctx)
-        self.resource: LogicResource = self.listener.resource
+        self.resource: PublishedSpec = self.listener.resource
         self.http = StubTreq(self.resource)
         self.tokens: dict[str, str] = {}
         self.clients: dict[str, ChatClient] = {}

@@ -29,11 +29,13 @@ from cim.backends.state.memory import MemoryStateStore
 from cim.config import ConfigError, FilesConfig, parse_config
 from cim.files import records
 from cim.files.blobs import BlobStore
+from cim.files.http import bodies
+from cim.files.http.downloads import ByteRange, parse_range
+from cim.files.http.site import files_site
 from cim.files.names import clean_name, content_disposition
 from cim.files.signing import UrlKeyError, UrlSigner, load_or_create_key
 from cim.files.store import FileStore
 from cim.files.thumbnails import set_pixel_limit
-from cim.services.files import ByteRange, files_site, parse_range
 from cim.storage.database import Database, ThreadPoolRunner
 from tests.test_router import HttpConnection, HttpResponse, exchange, request_bytes
 
@@ -120,7 +122,9 @@ class FileServiceTestCase(SynchronousTestCase):
         self.state = MemoryStateStore(self.clock)
         for user, token in TOKENS.items():
             self.successResultOf(
-                self.state.create_session(token_hash(token), user, "d", "n1", 86400, "kick_old")
+                self.state.sessions.create_session(
+                    token_hash(token), user, "d", "n1", 86400, "kick_old"
+                )
             )
         self.database = Database("sqlite://", None, runner=run_now)
         self.successResultOf(self.database.start())
@@ -142,7 +146,7 @@ class FileServiceTestCase(SynchronousTestCase):
             new_id=lambda: next(self.ids),
         )
         self.site = files_site(
-            self.store, self.state, self.clock, self.config.chunk_size, self.memory_limit
+            self.store, self.state.sessions, self.clock, self.config.chunk_size, self.memory_limit
         )
         self.site.doStart()
         self.addCleanup(self.site.doStop)
@@ -433,7 +437,9 @@ class AuthenticationTests(FileServiceTestCase):
         self.assertError(done, 404, "not_found")
 
     def test_logged_out_token_stops_working(self) -> None:
-        self.successResultOf(self.state.end_session(token_hash(TOKENS["alice"]), "logged out"))
+        self.successResultOf(
+            self.state.sessions.end_session(token_hash(TOKENS["alice"]), "logged out")
+        )
         response = self.post_json("/api/v1/files/check", {"md5": "0" * 32, "size": 5})
         self.assertError(response, 401, "invalid_token")
 
@@ -714,7 +720,7 @@ class ExpiryAndDiskTests(FileServiceTestCase):
         def no_space(*args: Any, **kwargs: Any) -> Any:
             raise OSError(errno.ENOSPC, "No space left on device")
 
-        self.patch(__import__("cim.services.files", fromlist=["_mkstemp"]), "_mkstemp", no_space)
+        self.patch(bodies, "_mkstemp", no_space)
         self.assertError(self.put_chunk(upload_id, 0, data), 507, "insufficient_storage")
 
 
@@ -787,7 +793,7 @@ class ListenerTests(SynchronousTestCase):
             enabled=True, listen="tcp:0", public_url="http://f.test", upload_expiry=120
         )
         listener = FilesListener(
-            config, data_dir, database, MemoryStateStore(reactor), reactor, runner=run_now
+            config, data_dir, database, MemoryStateStore(reactor).sessions, reactor, runner=run_now
         )
         self.successResultOf(Deferred.fromCoroutine(listener.start()))
         self.assertEqual(os.stat(listener.key_path).st_mode & 0o777, 0o600)

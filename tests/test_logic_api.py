@@ -11,8 +11,10 @@ from sqlalchemy.exc import OperationalError
 from twisted.internet.defer import fail
 from twisted.trial.unittest import SynchronousTestCase
 
+from cim.http.schema import object_schema
+from cim.http.site import Reply
 from cim.logic import openapi
-from cim.logic.api import Call, Endpoint, LogicResource, object_schema
+from cim.logic.http.api import LogicCall, LogicEndpoint, answer, logic_resource
 from cim.storage.database import DatabaseNotRunning
 from cim.storage.posts import create_post_txn
 from cim.storage.schema import users
@@ -67,15 +69,15 @@ class SpecTests(SynchronousTestCase):
         self.assertEqual(problems, [])
 
 
-async def _echo(call: Call) -> tuple[int, object]:
-    return 200, {"params": dict(call.params), "query": dict(call.query)}
+async def _echo(call: LogicCall) -> Reply:
+    return answer(200, {"params": dict(call.params), "query": dict(call.query)})
 
 
 class RoutingTests(SynchronousTestCase):
     def harness(self) -> LogicHarness:
         h = LogicHarness(self)
         endpoints = [
-            Endpoint(
+            LogicEndpoint(
                 "GET",
                 "/things/{thing}",
                 "get_thing",
@@ -86,7 +88,7 @@ class RoutingTests(SynchronousTestCase):
                 query={"limit": {"type": "integer", "minimum": 1, "maximum": 10}},
                 authenticated=False,
             ),
-            Endpoint(
+            LogicEndpoint(
                 "POST",
                 "/things",
                 "add_thing",
@@ -97,7 +99,7 @@ class RoutingTests(SynchronousTestCase):
                 authenticated=False,
             ),
         ]
-        h.resource = LogicResource(endpoints, h.node.state, h.accounts.get_user, 1024)
+        h.resource = logic_resource(endpoints, h.node.state.sessions, h.accounts.get_user, 1024)
         from treq.testing import StubTreq
 
         h.http = StubTreq(h.resource)

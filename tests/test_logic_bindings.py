@@ -97,8 +97,7 @@ class CodeTests(SynchronousTestCase):
         family(h, "watch")
         new_code(h)
         h.clock.advance(h.config.binding_code_ttl + 1)
-        feature = next(f for f in h.listener.features if type(f).__name__ == "BindingApi")
-        fired(ensureDeferred(feature.housekeeping()))
+        fired(ensureDeferred(h.listener.features.bindings.housekeeping()))
         rows = fired(h.db.run(lambda c: c.execute(binding_codes.select()).all()))
         self.assertEqual(rows, [])
 

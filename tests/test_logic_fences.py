@@ -15,7 +15,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from cim.config import parse_config
 from cim.logic import fences as fence_feature
 from cim.logic.context import LogicContext
-from cim.logic.fences import FenceApi
+from cim.logic.fences import Fences
 from cim.storage.accounts import insert_user_txn
 from cim.storage.database import create_engine_for
 from cim.storage.fences import (
@@ -353,7 +353,7 @@ class HistoryTests(SynchronousTestCase):
 
     def test_retention_purges_old_positions_in_batches(self) -> None:
         h = family("location_retention = 2h\n")(self)
-        feature = next(f for f in h.listener.features if isinstance(f, FenceApi))
+        feature = h.listener.features.fences
         start = h.ctx.now()
         report(h, *([0.0] * 30), start=start)
         h.clock.advance(3600)
@@ -423,7 +423,7 @@ class PostgresqlReportTests(TestCase):
         self.addCleanup(engine.dispose)
         metadata.create_all(engine)
         config = parse_config("[node]\nid = n1\n[logic]\nfence_confirmations = 1\n").logic
-        advance = FenceApi(cast(LogicContext, SimpleNamespace(config=config)))._advance
+        advance = Fences(cast(LogicContext, SimpleNamespace(config=config)))._advance
         with engine.begin() as connection:
             insert_user_txn(connection, "watch", "hash", "device", 1.0)
             insert_user_txn(connection, "ann", "hash", "person", 1.0)

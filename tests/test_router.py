@@ -164,7 +164,9 @@ class RouterTests(SynchronousTestCase):
         self.accounts = FakeAccounts({"alice": self.PASSWORD, "bob": "bob-secret-pw"})
         self.state = MemoryStateStore(self.clock)
         self.ended: list[tuple[SessionRecord, str]] = []
-        self.state.add_session_ended_listener(lambda record, why: self.ended.append((record, why)))
+        self.state.sessions.add_session_ended_listener(
+            lambda record, why: self.ended.append((record, why))
+        )
         self.registry = LocalRegistry()
         self.successResultOf(self.registry.register(NODE))
         self.metrics = NodeMetrics()
@@ -197,7 +199,8 @@ class RouterTests(SynchronousTestCase):
             config,
             self.im_config,
             self.accounts,
-            self.state,
+            self.state.sessions,
+            self.state.presence,
             self.registry,
             self.clock,
             self.metrics,
@@ -271,7 +274,9 @@ class RouterTests(SynchronousTestCase):
         self.assertEqual(body["cipher_suites"], list(self.im_config.cipher_suites))
         self.assertEqual(body["expires_at"], 1_000_000 + 3600)
 
-        record = self.successResultOf(self.state.session_for_token(token_hash(body["token"])))
+        record = self.successResultOf(
+            self.state.sessions.session_for_token(token_hash(body["token"]))
+        )
         assert record is not None
         self.assertEqual(record.session_id, body["session_id"])
         self.assertEqual((record.user, record.device, record.node_id), ("alice", "phone", "n1"))
@@ -279,7 +284,7 @@ class RouterTests(SynchronousTestCase):
 
     def test_default_device(self) -> None:
         token = self.login().json()["token"]
-        record = self.successResultOf(self.state.session_for_token(token_hash(token)))
+        record = self.successResultOf(self.state.sessions.session_for_token(token_hash(token)))
         assert record is not None
         self.assertEqual(record.device, "default")
 
@@ -399,13 +404,13 @@ class RouterTests(SynchronousTestCase):
         first = self.login(site=site)
         self.assertEqual(first.status, 200)
         record = self.successResultOf(
-            self.state.session_for_token(token_hash(first.json()["token"]))
+            self.state.sessions.session_for_token(token_hash(first.json()["token"]))
         )
         assert record is not None
-        self.successResultOf(self.state.mark_online(record))
+        self.successResultOf(self.state.presence.mark_online(record))
         self.assertError(self.login(site=site), 409, "already_logged_in")
         self.assertEqual(self.metrics.logins["refused"], 1)
-        self.successResultOf(self.state.mark_offline(record))
+        self.successResultOf(self.state.presence.mark_offline(record))
         self.assertEqual(self.login(site=site).status, 200)
 
     def test_kick_old(self) -> None:
@@ -414,7 +419,7 @@ class RouterTests(SynchronousTestCase):
         self.assertNotEqual(first["token"], second["token"])
         self.assertEqual([why for _, why in self.ended], ["logged in elsewhere"])
         self.assertIsNone(
-            self.successResultOf(self.state.session_for_token(token_hash(first["token"])))
+            self.successResultOf(self.state.sessions.session_for_token(token_hash(first["token"])))
         )
 
     def test_no_node(self) -> None:
@@ -447,7 +452,7 @@ class RouterTests(SynchronousTestCase):
         def broken(*args: object) -> Deferred[Any]:
             return defer.fail(RuntimeError("state store exploded"))
 
-        self.patch(self.state, "create_session", broken)
+        self.patch(self.state.sessions, "create_session", broken)
         response = self.login()
         self.assertError(response, 500, "internal_error")
         self.assertNotIn(b"exploded", response.body)
@@ -463,7 +468,9 @@ class RouterTests(SynchronousTestCase):
         self.assertEqual(response.status, 200)
         self.assertEqual(response.json(), {"ok": True})
         self.assertEqual([why for _, why in self.ended], ["logged out"])
-        self.assertIsNone(self.successResultOf(self.state.session_for_token(token_hash(token))))
+        self.assertIsNone(
+            self.successResultOf(self.state.sessions.session_for_token(token_hash(token)))
+        )
         self.assertError(self.logout(token), 401, "invalid_token")
 
     def test_logout_without_valid_token(self) -> None:
@@ -520,8 +527,8 @@ class RouterTests(SynchronousTestCase):
         def unavailable(*args: Any, **kwargs: Any) -> Deferred[Any]:
             return defer.fail(StateUnavailable("redis is down"))
 
-        self.state.create_session = unavailable  # type: ignore[method-assign]
-        self.state.end_session = unavailable  # type: ignore[method-assign]
+        self.patch(self.state.sessions, "create_session", unavailable)
+        self.patch(self.state.sessions, "end_session", unavailable)
         response = self.login()
         self.assertError(response, 503, "state_unavailable")
         self.assertEqual(response.headers["retry-after"], "5")
@@ -534,9 +541,9 @@ class RouterTests(SynchronousTestCase):
     def test_online_list_for_local_peers(self) -> None:
         for user in ("bob", "alice"):
             token = self.login(user, self.accounts.passwords[user]).json()["token"]
-            record = self.successResultOf(self.state.session_for_token(token_hash(token)))
+            record = self.successResultOf(self.state.sessions.session_for_token(token_hash(token)))
             assert record is not None
-            self.successResultOf(self.state.mark_online(record))
+            self.successResultOf(self.state.presence.mark_online(record))
         response = exchange(self.site, "GET", "/api/v1/online?limit=1")
         self.assertEqual(response.status, 200, response.body)
         self.assertEqual(
@@ -553,9 +560,11 @@ class RouterTests(SynchronousTestCase):
 
     def test_admin_kick_ends_the_session_by_user_name(self) -> None:
         ended: list[tuple[SessionRecord, str]] = []
-        self.state.add_session_ended_listener(lambda record, why: ended.append((record, why)))
+        self.state.sessions.add_session_ended_listener(
+            lambda record, why: ended.append((record, why))
+        )
         token = self.login().json()["token"]
-        record = self.successResultOf(self.state.session_for_token(token_hash(token)))
+        record = self.successResultOf(self.state.sessions.session_for_token(token_hash(token)))
         assert record is not None
         body = json.dumps({"user": "alice"}).encode()
         headers = [("Content-Type", "application/json")]
@@ -570,7 +579,9 @@ class RouterTests(SynchronousTestCase):
             {"ok": True, "user": "alice", "session_id": record.session_id, "node": "n1"},
         )
         self.assertEqual(ended, [(record, "kicked by an administrator")])
-        self.assertIsNone(self.successResultOf(self.state.session_for_token(token_hash(token))))
+        self.assertIsNone(
+            self.successResultOf(self.state.sessions.session_for_token(token_hash(token)))
+        )
         again = exchange(self.site, "POST", "/api/v1/admin/kick", body, headers)
         self.assertError(again, 404, "no_session")
         bad = exchange(self.site, "POST", "/api/v1/admin/kick", b'{"user": 7}', headers)

@@ -2,5 +2,5 @@
 
 Images, voice and files travel beside the IM connection (design: 图片、语音等大文件先
 发送到HTTP服务器): a client uploads the bytes here and sends a message carrying a
-signed URL. Nothing in this package speaks HTTP; ``cim.services.files`` does.
+signed URL. Only ``cim.files.http`` speaks HTTP; ``cim.services.files`` runs it.
 """

@@ -11,12 +11,11 @@ import io
 import ipaddress
 import json
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
-from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -125,9 +124,7 @@ class BoundedRequest(server.Request):
         self.content.write(data)
 
 
-def bounded_site(
-    root: Resource, max_body_size: int, reactor: IReactorTime | None = None
-) -> server.Site:
+def bounded_site(root: Resource, max_body_size: int, reactor: IReactorTime) -> server.Site:
     """A Site whose requests hold at most ``max_body_size`` body bytes.
 
     ``reactor`` drives idle timeouts and access-log timestamps; tests pass a Clock.
@@ -136,73 +133,6 @@ def bounded_site(
     site = server.Site(root, requestFactory=request_class, reactor=reactor)
     site.displayTracebacks = False
     return site
-
-
-Route = Callable[[server.Request], "Reply | Deferred[Reply]"]
-
-
-class JsonRoutes(Resource):
-    """A flat table of (path, method) -> route, answering everything else in JSON.
-
-    Routes return a Reply or a Deferred of one and raise HttpError for expected
-    failures; anything else becomes a logged 500 whose text reveals nothing.
-    """
-
-    isLeaf = True
-    _log = Logger()
-
-    def __init__(self, routes: Mapping[tuple[bytes, bytes], Route]) -> None:
-        super().__init__()
-        self._routes = dict(routes)
-        self._methods: dict[bytes, list[bytes]] = {}
-        for path, method in self._routes:
-            self._methods.setdefault(path, []).append(method)
-
-    def render(self, request: server.Request) -> bytes | int:
-        method = request.method
-        path = request.path
-        route = self._routes.get((path, method))
-        if route is None and method == b"HEAD":
-            route = self._routes.get((path, b"GET"))
-        if route is None:
-            allowed = self._methods.get(path)
-            if allowed is None:
-                return write_reply(request, HttpError(404, "not_found", "no such resource").reply())
-            allow = b", ".join(sorted(allowed))
-            error = HttpError(
-                405, "method_not_allowed", "method not allowed here", ((b"Allow", allow),)
-            )
-            return write_reply(request, error.reply())
-        try:
-            result = route(request)
-        except Exception:
-            return write_reply(request, self._failure_reply(request, Failure()))
-        if isinstance(result, Reply):
-            return write_reply(request, result)
-        self._finish_later(request, result)
-        return server.NOT_DONE_YET
-
-    def _finish_later(self, request: server.Request, result: Deferred[Reply]) -> None:
-        gone: list[bool] = []
-        request.notifyFinish().addErrback(lambda _: gone.append(True))
-
-        def failed(failure: Failure) -> Reply:
-            return self._failure_reply(request, failure)
-
-        def send(reply: Reply) -> None:
-            if not gone:
-                request.write(write_reply(request, reply))
-                request.finish()
-
-        result.addErrback(failed).addCallback(send).addErrback(
-            lambda failure: self._log.failure("could not send a reply", failure)
-        )
-
-    def _failure_reply(self, request: server.Request, failure: Failure) -> Reply:
-        if failure.check(HttpError):
-            error: HttpError = failure.value  # type: ignore[assignment]
-            return error.reply()
-        return internal_error(request, failure)
 
 
 _log = Logger()

@@ -16,15 +16,11 @@ from __future__ import annotations
 
 import hashlib
 import secrets
-from typing import Any
 
-from cim.http.site import HttpError, too_many_requests
-from cim.logic.accounts import NAME_PARAM
-from cim.logic.api import Answer, Call, Endpoint, array_of, object_schema
-from cim.logic.context import LogicContext
+from cim.logic.context import Caller, LogicContext
+from cim.logic.errors import Expired, Forbidden, NotFound, TooManyAttempts
 from cim.storage.bindings import (
     ACTIVE,
-    PENDING,
     Binding,
     BindResult,
     approve_binding_txn,
@@ -36,45 +32,18 @@ from cim.storage.bindings import (
 )
 from cim.throttle import FailedLoginThrottle
 
-__all__ = ["BindingApi", "binding_json", "code_hash"]
+__all__ = ["Bindings", "code_hash"]
 
 DEVICE_ATTEMPTS_FACTOR = 4
 """Wrong codes one device's code may take per window, as a multiple of the per-person
 limit: a few people mistyping do not lock it, a crowd of accounts guessing does."""
-
-_NAME = {**NAME_PARAM, "maxLength": 64}
-_NULLABLE_NAME = {"type": ["string", "null"]}
-_NULLABLE_TIME = {"type": ["number", "null"]}
-BINDING_SCHEMA = object_schema(
-    {
-        "device": {"type": "string"},
-        "guardian": {"type": "string"},
-        "status": {"type": "string", "enum": [ACTIVE, PENDING]},
-        "created_at": {"type": "number"},
-        "approved_by": _NULLABLE_NAME,
-        "approved_at": _NULLABLE_TIME,
-    },
-    ["device", "guardian", "status", "created_at", "approved_by", "approved_at"],
-)
-_PAIR_PARAMS = {"device": NAME_PARAM, "guardian": NAME_PARAM}
 
 
 def code_hash(code: str) -> str:
     return hashlib.sha256(code.encode("utf-8")).hexdigest()
 
 
-def binding_json(binding: Binding) -> dict[str, Any]:
-    return {
-        "device": binding.device,
-        "guardian": binding.guardian,
-        "status": binding.status,
-        "created_at": binding.created_at,
-        "approved_by": binding.approved_by,
-        "approved_at": binding.approved_at,
-    }
-
-
-class BindingApi:
+class Bindings:
     def __init__(self, ctx: LogicContext) -> None:
         self.ctx = ctx
         config = ctx.config
@@ -87,109 +56,12 @@ class BindingApi:
             config.binding_attempt_window,
         )
 
-    def endpoints(self) -> list[Endpoint]:
-        return [
-            Endpoint(
-                "POST",
-                "/devices/me/binding-code",
-                "create_binding_code",
-                "A fresh binding code for the calling device (replaces its last one)",
-                "bindings",
-                self.create_code,
-                response=object_schema(
-                    {"code": {"type": "string"}, "expires_at": {"type": "number"}},
-                    ["code", "expires_at"],
-                ),
-                status=201,
-                errors=(403,),
-                description=(
-                    "Device accounts only. Show the code to the person who will bind; it "
-                    "works once, until `expires_at` ([logic] binding_code_ttl)."
-                ),
-            ),
-            Endpoint(
-                "POST",
-                "/bindings",
-                "create_binding",
-                "Bind the caller to a device with the code the device shows",
-                "bindings",
-                self.bind,
-                body=object_schema(
-                    {
-                        "device": _NAME,
-                        "code": {
-                            "type": "string",
-                            "minLength": 1,
-                            "maxLength": 32,
-                            "writeOnly": True,
-                        },
-                    },
-                    ["device", "code"],
-                ),
-                response=BINDING_SCHEMA,
-                status=201,
-                also=(200,),
-                errors=(403, 409, 410, 429),
-                description=(
-                    "Person accounts only. The device's first binding is `active` at once; "
-                    "later ones are `pending` until its first guardian approves. Binding "
-                    "again to a device one is already bound (or waiting) for answers 200 "
-                    "with the existing binding. A wrong code is 403 `wrong_code`, an expired "
-                    "one 410 `expired_code`; too many wrong codes, 429."
-                ),
-            ),
-            Endpoint(
-                "GET",
-                "/bindings",
-                "list_bindings",
-                "The caller's bindings, from either side",
-                "bindings",
-                self.list_bindings,
-                response=object_schema({"bindings": array_of(BINDING_SCHEMA)}, ["bindings"]),
-                description=(
-                    "A device sees all its guardians, pending ones included; a person its "
-                    "own bindings, plus the pending requests for devices it is the first "
-                    "guardian of."
-                ),
-            ),
-            Endpoint(
-                "POST",
-                "/bindings/{device}/{guardian}/approve",
-                "approve_binding",
-                "Let a pending guardian in (the device's first guardian only)",
-                "bindings",
-                self.approve,
-                params=_PAIR_PARAMS,
-                response=BINDING_SCHEMA,
-                errors=(403,),
-            ),
-            Endpoint(
-                "DELETE",
-                "/bindings/{device}/{guardian}",
-                "delete_binding",
-                "Unbind, or decline a pending request",
-                "bindings",
-                self.unbind,
-                params=_PAIR_PARAMS,
-                response=object_schema(
-                    {
-                        "device": {"type": "string"},
-                        "guardian": {"type": "string"},
-                        "removed": {"type": "boolean"},
-                    },
-                    ["device", "guardian", "removed"],
-                ),
-                errors=(403,),
-                description="Allowed to the device, to that guardian and to the first guardian.",
-            ),
-        ]
-
     # --- codes ----------------------------------------------------------------------------
 
-    async def create_code(self, call: Call) -> Answer:
-        caller = call.user
+    async def create_code(self, caller: Caller) -> tuple[str, float]:
+        """A fresh code for the calling device, and when it expires."""
         if not caller.is_device:
-            raise HttpError(403, "devices_only", "only a device account asks for a binding code")
+            raise Forbidden("devices_only", "only a device account asks for a binding code")
         digits = self.ctx.config.binding_code_digits
         code = str(secrets.randbelow(10**digits)).zfill(digits)
         now = self.ctx.now()
@@ -200,15 +72,14 @@ class BindingApi:
         # Only the device can make a new code, so a stranger's guessing at the old one
         # must not keep its owner out of the new one.
         self._device_failures.record_success(caller.user)
-        return 201, {"code": code, "expires_at": expires_at}
+        return code, expires_at
 
     # --- binding --------------------------------------------------------------------------
 
-    async def bind(self, call: Call) -> Answer:
-        caller = call.user
+    async def bind(self, caller: Caller, device: str, code: str) -> tuple[Binding, bool]:
+        """The caller's binding to ``device``, and whether this call created it."""
         if caller.is_device:
-            raise HttpError(403, "persons_only", "a device cannot bind to a device")
-        device = str(call.body["device"])
+            raise Forbidden("persons_only", "a device cannot bind to a device")
         self._check_throttles(caller.user, device)
         # Counted as wrong until the database says otherwise, so codes sent all at once
         # cannot each pass the throttles before any of them is recorded.
@@ -216,11 +87,7 @@ class BindingApi:
         self._device_failures.record_failure(device)
         try:
             outcome = await self.ctx.database.run(
-                bind_with_code_txn,
-                device,
-                caller.user,
-                code_hash(str(call.body["code"])),
-                self.ctx.now(),
+                bind_with_code_txn, device, caller.user, code_hash(code), self.ctx.now()
             )
         except BaseException:
             self._forgive_attempt(caller.user, device)  # no answer is not a wrong code
@@ -228,19 +95,15 @@ class BindingApi:
         if outcome.result is not BindResult.WRONG_CODE:
             self._forgive_attempt(caller.user, device)
         if outcome.result is BindResult.NO_DEVICE:
-            raise HttpError(404, "not_found", "no such device")
+            raise NotFound("not_found", "no such device")
         if outcome.result is BindResult.WRONG_CODE:
-            raise HttpError(403, "wrong_code", "that is not the device's binding code")
+            raise Forbidden("wrong_code", "that is not the device's binding code")
         if outcome.result is BindResult.EXPIRED_CODE:
-            raise HttpError(
-                410,
-                "expired_code",
-                "the code has expired; ask the device for a new one",
-            )
+            raise Expired("expired_code", "the code has expired; ask the device for a new one")
         binding = outcome.binding
         assert binding is not None
         if outcome.result is BindResult.EXISTS:
-            return 200, binding_json(binding)
+            return binding, False
         if binding.status == ACTIVE:
             await self.ctx.notices.send(
                 [binding.device, binding.guardian],
@@ -256,7 +119,7 @@ class BindingApi:
                 device=binding.device,
                 guardian=binding.guardian,
             )
-        return 201, binding_json(binding)
+        return binding, True
 
     def _forgive_attempt(self, person: str, device: str) -> None:
         """Take back only this attempt's count, never reset it: an attacker could bind
@@ -267,10 +130,10 @@ class BindingApi:
     def _check_throttles(self, person: str, device: str) -> None:
         wait = self._person_failures.blocked(person)
         if wait:
-            raise too_many_requests("too_many_attempts", "too many wrong binding codes", wait)
+            raise TooManyAttempts("too_many_attempts", "too many wrong binding codes", wait)
         wait = self._device_failures.blocked(device)
         if wait:
-            raise too_many_requests(
+            raise TooManyAttempts(
                 "too_many_attempts",
                 "too many wrong codes for this device; it can show a new one",
                 wait,
@@ -278,23 +141,20 @@ class BindingApi:
 
     # --- listing, approving, unbinding ----------------------------------------------------
 
-    async def list_bindings(self, call: Call) -> Answer:
-        found = await self.ctx.database.run(bindings_of_txn, call.user.user)
-        return 200, {"bindings": [binding_json(binding) for binding in found]}
+    async def bindings_of(self, user: str) -> list[Binding]:
+        return list(await self.ctx.database.run(bindings_of_txn, user))
 
-    async def approve(self, call: Call) -> Answer:
-        device, guardian = str(call.params["device"]), str(call.params["guardian"])
-        approver = call.user.user
+    async def approve(self, approver: str, device: str, guardian: str) -> Binding:
         outcome = await self.ctx.database.run(
             approve_binding_txn, device, guardian, approver, self.ctx.now()
         )
         if not outcome.allowed:
-            raise HttpError(
-                403, "not_first_guardian", "only the device's first guardian approves bindings"
+            raise Forbidden(
+                "not_first_guardian", "only the device's first guardian approves bindings"
             )
         binding = outcome.binding
         if binding is None:
-            raise HttpError(404, "not_found", "no such binding")
+            raise NotFound("not_found", "no such binding")
         if outcome.changed:
             await self.ctx.notices.send(
                 [binding.guardian, binding.device],
@@ -303,21 +163,18 @@ class BindingApi:
                 guardian=binding.guardian,
                 approved_by=approver,
             )
-        return 200, binding_json(binding)
+        return binding
 
-    async def unbind(self, call: Call) -> Answer:
-        device, guardian = str(call.params["device"]), str(call.params["guardian"])
-        remover = call.user.user
+    async def unbind(self, remover: str, device: str, guardian: str) -> None:
         outcome = await self.ctx.database.run(remove_binding_txn, device, guardian, remover)
         if not outcome.allowed:
-            raise HttpError(
-                403,
+            raise Forbidden(
                 "not_allowed",
                 "only the device, that guardian or the first guardian may remove a binding",
             )
         removed = outcome.binding
         if removed is None or not outcome.changed:
-            raise HttpError(404, "not_found", "no such binding")
+            raise NotFound("not_found", "no such binding")
         if removed.status == ACTIVE:
             reason = "unbound"
         elif remover == guardian:
@@ -332,7 +189,6 @@ class BindingApi:
             removed_by=remover,
             reason=reason,
         )
-        return 200, {"device": device, "guardian": guardian, "removed": True}
 
     async def housekeeping(self) -> None:
         await self.ctx.database.run(purge_binding_codes_txn, self.ctx.now())

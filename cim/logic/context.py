@@ -1,17 +1,47 @@
-"""What every logic feature is built from, passed as one object."""
+"""What every logic feature is built from, passed as one object; and who calls it."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 from twisted.internet.interfaces import IReactorTime
 
 from cim.accounts.store import AccountStore
 from cim.config import AccountsConfig, LogicConfig
-from cim.groups.directory import GroupDirectory
-from cim.interfaces import IStateStore
+from cim.interfaces import ISessionStore
 from cim.logic.notices import Notices
 from cim.storage.database import Database
+
+__all__ = ["NO_GROUP_CACHES", "Caller", "GroupCaches", "LogicContext"]
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who is calling, from the router's token: never from anything in the request."""
+
+    user: str
+    kind: str
+
+    @property
+    def is_device(self) -> bool:
+        return self.kind == "device"
+
+
+class GroupCaches(Protocol):
+    """The node's group directory, as far as the logic service changes memberships."""
+
+    def forget(self, group_id: str) -> None: ...
+
+
+class _NoGroupCaches:
+    """For a context without a node (the OpenAPI writer): there is nothing to forget."""
+
+    def forget(self, group_id: str) -> None:
+        pass
+
+
+NO_GROUP_CACHES: GroupCaches = _NoGroupCaches()
 
 
 @dataclass(frozen=True)
@@ -20,10 +50,11 @@ class LogicContext:
     accounts_config: AccountsConfig
     database: Database
     accounts: AccountStore
-    state: IStateStore
+    sessions: ISessionStore
+    """The state backend's sessions facet: a deleted account's session ends at once."""
     notices: Notices
     clock: IReactorTime
-    groups: GroupDirectory | None
+    groups: GroupCaches
     """The node's group directory, whose member caches a deleted account leaves."""
 
     def now(self) -> float:

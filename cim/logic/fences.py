@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
-from cim.http.site import HttpError
-from cim.logic.accounts import NAME_PARAM
-from cim.logic.api import Answer, Call, Endpoint, array_of, object_schema
-from cim.logic.context import LogicContext
+from cim.logic.context import Caller, LogicContext
+from cim.logic.errors import BadInput, Conflict, Forbidden, NotFound
 from cim.logic.geometry import (
-    MAX_FENCE_EXTENT_M,
     FenceShape,
     FenceTrack,
     InvalidFence,
@@ -39,6 +38,7 @@ from cim.storage.fences import (
     NewPosition,
     NotAGuardian,
     Position,
+    Report,
     TooManyFences,
     Transition,
     create_fence_txn,
@@ -48,105 +48,24 @@ from cim.storage.fences import (
     purge_positions_txn,
     report_positions_txn,
 )
-from cim.storage.schema import DISPLAY_NAME_MAX
 
-__all__ = ["FenceApi"]
+__all__ = ["Fences", "Fix"]
 
-MAX_TIME = 1e11
-"""Timestamps are epoch seconds; this is the year 5138, far past any real fix."""
 MAX_CLOCK_SKEW = 300.0
 """A fix from further in the future than this is a wrong clock: refused, because it
 would make every real position after it look stale."""
-MAX_ACCURACY_M = 1e6
-DEFAULT_LOCATIONS = 100
-MAX_LOCATIONS = 1000
 PURGE_BATCH = 1000
 PURGE_BATCHES_PER_ROUND = 100
 
-_LAT = {"type": "number", "minimum": -90, "maximum": 90}
-_LON = {"type": "number", "minimum": -180, "maximum": 180}
-_TIME = {"type": "number", "minimum": 0, "maximum": MAX_TIME}
-_CIRCLE = object_schema(
-    {
-        "lat": _LAT,
-        "lon": _LON,
-        "radius_m": {"type": "number", "minimum": 1, "maximum": MAX_FENCE_EXTENT_M},
-    },
-    ["lat", "lon", "radius_m"],
-)
-_POINT = {
-    "type": "array",
-    "prefixItems": [_LAT, _LON],
-    "minItems": 2,
-    "maxItems": 2,
-    "description": "[lat, lon]",
-}
-_POSITION = object_schema(
-    {
-        "lat": _LAT,
-        "lon": _LON,
-        "accuracy_m": {"type": "number", "minimum": 0, "maximum": MAX_ACCURACY_M},
-        "at": {**_TIME, "description": "the fix's time, epoch seconds (default: now)"},
-    },
-    ["lat", "lon"],
-)
-_TRANSITION = object_schema(
-    {
-        "fence": {"type": "integer"},
-        "name": {"type": "string"},
-        "event": {"type": "string", "enum": ["entered", "left"]},
-        "at": {"type": "number"},
-    },
-    ["fence", "name", "event", "at"],
-)
-_POSITION_OUT = object_schema(
-    {
-        "id": {"type": "integer"},
-        "lat": {"type": "number"},
-        "lon": {"type": "number"},
-        "accuracy_m": {"type": ["number", "null"]},
-        "at": {"type": "number"},
-        "received_at": {"type": "number"},
-    },
-    ["id", "lat", "lon", "accuracy_m", "at", "received_at"],
-)
 
+@dataclass(frozen=True)
+class Fix:
+    """A position as the device reports it; ``at`` None means "now"."""
 
-def fence_json(fence: Fence) -> dict[str, Any]:
-    answer: dict[str, Any] = {
-        "id": fence.id,
-        "device": fence.device,
-        "name": fence.name,
-        "shape": fence.shape,
-        "created_by": fence.created_by,
-        "created_at": fence.created_at,
-        "state": fence.state,
-    }
-    if fence.shape == "circle":
-        answer["circle"] = fence.geometry
-    else:
-        answer["polygon"] = fence.geometry["points"]
-    return answer
-
-
-def position_json(position: Position) -> dict[str, Any]:
-    return {
-        "id": position.id,
-        "lat": position.lat,
-        "lon": position.lon,
-        "accuracy_m": position.accuracy_m,
-        "at": position.at,
-        "received_at": position.received_at,
-    }
-
-
-def transition_json(transition: Transition) -> dict[str, Any]:
-    return {
-        "fence": transition.fence,
-        "name": transition.name,
-        "event": transition.event,
-        "at": transition.at,
-    }
+    lat: float
+    lon: float
+    accuracy_m: float | None
+    at: float | None
 
 
 def shape_of(fence: Fence, max_points: int) -> FenceShape:
@@ -157,147 +76,30 @@ def shape_of(fence: Fence, max_points: int) -> FenceShape:
     return polygon_fence(geometry["points"], max(max_points, len(geometry["points"])))
 
 
-class FenceApi:
+def _not_guardian() -> Forbidden:
+    return Forbidden("not_a_guardian", "only the device's active guardians may do this")
+
+
+class Fences:
     def __init__(self, ctx: LogicContext) -> None:
         self.ctx = ctx
         self._shapes: dict[tuple[str, str], FenceShape] = {}
 
-    def endpoints(self) -> list[Endpoint]:
-        config = self.ctx.config
-        fence_schema = object_schema(
-            {
-                "id": {"type": "integer"},
-                "device": {"type": "string"},
-                "name": {"type": "string"},
-                "shape": {"type": "string", "enum": ["circle", "polygon"]},
-                "circle": _CIRCLE,
-                "polygon": array_of(_POINT),
-                "created_by": {"type": "string"},
-                "created_at": {"type": "number"},
-                "state": {"type": "string", "enum": ["unknown", "inside", "outside"]},
-            },
-            ["id", "device", "name", "shape", "created_by", "created_at", "state"],
-        )
-        device_param = {"device": NAME_PARAM}
-        return [
-            Endpoint(
-                "POST",
-                "/devices/{device}/fences",
-                "create_fence",
-                "Define a fence (a circle or a polygon) for a bound device",
-                "fences",
-                self.create_fence,
-                params=device_param,
-                body={
-                    **object_schema(
-                        {
-                            "name": {
-                                "type": "string",
-                                "minLength": 1,
-                                "maxLength": DISPLAY_NAME_MAX,
-                            },
-                            "circle": _CIRCLE,
-                            "polygon": {
-                                **array_of(_POINT, config.max_fence_points + 1),
-                                "minItems": 3,
-                            },
-                        },
-                        ["name"],
-                    ),
-                    "oneOf": [{"required": ["circle"]}, {"required": ["polygon"]}],
-                },
-                response=fence_schema,
-                status=201,
-                errors=(403, 409),
-                description=(
-                    "Active guardians of the device only. `circle` is {lat, lon, radius_m} "
-                    "(1 to 100000 m); `polygon` is 3 or more [lat, lon] vertices, not "
-                    "self-intersecting, within 100 km of its centre. The fence starts in "
-                    "state `unknown`: its first confirmed side is not announced."
-                ),
-            ),
-            Endpoint(
-                "GET",
-                "/devices/{device}/fences",
-                "list_fences",
-                "The fences of a bound device",
-                "fences",
-                self.list_fences,
-                params=device_param,
-                response=object_schema({"fences": array_of(fence_schema)}, ["fences"]),
-                errors=(403,),
-            ),
-            Endpoint(
-                "DELETE",
-                "/devices/{device}/fences/{fence}",
-                "delete_fence",
-                "Remove one of a bound device's fences",
-                "fences",
-                self.delete_fence,
-                params={**device_param, "fence": {"type": "integer"}},
-                response=object_schema({"deleted": {"type": "integer"}}, ["deleted"]),
-                errors=(403,),
-            ),
-            Endpoint(
-                "POST",
-                "/locations",
-                "report_locations",
-                "The calling device reports where it is (one position or a batch)",
-                "fences",
-                self.report_locations,
-                body=object_schema(
-                    {
-                        "positions": {
-                            **array_of(_POSITION, config.max_positions_per_report),
-                            "minItems": 1,
-                        }
-                    },
-                    ["positions"],
-                ),
-                response=object_schema(
-                    {"accepted": {"type": "integer"}, "transitions": array_of(_TRANSITION)},
-                    ["accepted", "transitions"],
-                ),
-                errors=(403,),
-                description=(
-                    "Devices only. Positions are processed in `at` order; every one is "
-                    "stored, but one older than the newest already reported, or less "
-                    "precise than 500 m or the fence's own size, does not move fences."
-                ),
-            ),
-            Endpoint(
-                "GET",
-                "/devices/{device}/locations",
-                "list_locations",
-                "A device's position history, newest first",
-                "fences",
-                self.list_locations,
-                params=device_param,
-                query={
-                    "since": _TIME,
-                    "until": _TIME,
-                    "limit": {"type": "integer", "minimum": 1, "maximum": MAX_LOCATIONS},
-                },
-                response=object_schema({"positions": array_of(_POSITION_OUT)}, ["positions"]),
-                errors=(403,),
-                description="The device itself or its active guardians.",
-            ),
-        ]
-
     # --- fences -------------------------------------------------------------------------
 
-    @staticmethod
-    def _not_guardian() -> HttpError:
-        return HttpError(403, "not_a_guardian", "only the device's active guardians may do this")
-
-    async def create_fence(self, call: Call) -> Answer:
-        device = str(call.params["device"])
-        body = call.body
+    async def create_fence(
+        self,
+        guardian: str,
+        device: str,
+        name: str,
+        circle: Mapping[str, Any] | None,
+        polygon: Sequence[Sequence[float]] | None,
+    ) -> Fence:
+        """A circle or (when ``circle`` is None) a polygon fence for ``device``."""
         config = self.ctx.config
         geometry: dict[str, Any]
         try:
-            if "circle" in body:
-                circle = body["circle"]
+            if circle is not None:
                 geometry = {
                     "lat": float(circle["lat"]),
                     "lon": float(circle["lon"]),
@@ -306,83 +108,66 @@ class FenceApi:
                 circle_fence(geometry["lat"], geometry["lon"], geometry["radius_m"])
                 shape = "circle"
             else:
-                points = [[float(p[0]), float(p[1])] for p in body["polygon"]]
+                points = [[float(p[0]), float(p[1])] for p in polygon or ()]
                 if len(points) > 1 and points[0] == points[-1]:
                     points.pop()
                 polygon_fence(points, config.max_fence_points)
                 geometry = {"points": points}
                 shape = "polygon"
         except InvalidFence as exc:
-            raise HttpError(400, "invalid_fence", str(exc)) from None
+            raise BadInput("invalid_fence", str(exc)) from None
         try:
-            fence = await self.ctx.database.run(
+            return await self.ctx.database.run(
                 create_fence_txn,
                 device,
-                call.user.user,
-                str(body["name"]),
+                guardian,
+                name,
                 shape,
                 geometry,
                 self.ctx.now(),
                 config.max_fences_per_device,
             )
         except NotAGuardian:
-            raise self._not_guardian() from None
+            raise _not_guardian() from None
         except TooManyFences:
-            raise HttpError(
-                409,
+            raise Conflict(
                 "too_many_fences",
                 f"a device may have at most {config.max_fences_per_device} fences",
             ) from None
-        return 201, fence_json(fence)
 
-    async def list_fences(self, call: Call) -> Answer:
+    async def fences_of(self, guardian: str, device: str) -> list[Fence]:
         try:
-            found = await self.ctx.database.run(
-                list_fences_txn, str(call.params["device"]), call.user.user
-            )
+            return list(await self.ctx.database.run(list_fences_txn, device, guardian))
         except NotAGuardian:
-            raise self._not_guardian() from None
-        return 200, {"fences": [fence_json(fence) for fence in found]}
+            raise _not_guardian() from None
 
-    async def delete_fence(self, call: Call) -> Answer:
-        fence_id = int(call.params["fence"])
+    async def delete_fence(self, guardian: str, device: str, fence_id: int) -> None:
         try:
-            deleted = await self.ctx.database.run(
-                delete_fence_txn, str(call.params["device"]), call.user.user, fence_id
-            )
+            deleted = await self.ctx.database.run(delete_fence_txn, device, guardian, fence_id)
         except NotAGuardian:
-            raise self._not_guardian() from None
+            raise _not_guardian() from None
         if not deleted:
-            raise HttpError(404, "not_found", "the device has no such fence")
-        return 200, {"deleted": fence_id}
+            raise NotFound("not_found", "the device has no such fence")
 
     # --- positions ----------------------------------------------------------------------
 
-    async def report_locations(self, call: Call) -> Answer:
-        if not call.user.is_device:
-            raise HttpError(403, "devices_only", "only a device reports its own positions")
+    async def report_positions(self, caller: Caller, fixes: Sequence[Fix]) -> Report:
+        """Store the device's fixes, move its fences and announce the crossings."""
+        if not caller.is_device:
+            raise Forbidden("devices_only", "only a device reports its own positions")
         now = self.ctx.now()
         positions = []
-        for index, raw in enumerate(call.body["positions"]):
-            at = float(raw.get("at", now))
+        for index, fix in enumerate(fixes):
+            at = now if fix.at is None else fix.at
             if at > now + MAX_CLOCK_SKEW:
-                raise HttpError(
-                    400,
+                raise BadInput(
                     "bad_request",
                     f"body.positions.{index}.at: the fix is in the future; "
                     "check the device's clock",
                 )
-            accuracy = raw.get("accuracy_m")
-            positions.append(
-                NewPosition(
-                    float(raw["lat"]),
-                    float(raw["lon"]),
-                    None if accuracy is None else float(accuracy),
-                    at,
-                )
-            )
-        device = call.user.user
-        report = await self.ctx.database.run(
+            positions.append(NewPosition(fix.lat, fix.lon, fix.accuracy_m, at))
+        device = caller.user
+        report: Report = await self.ctx.database.run(
             report_positions_txn, device, positions, now, self._advance
         )
         for transition in report.transitions:
@@ -396,10 +181,7 @@ class FenceApi:
                 lon=transition.lon,
                 at=transition.at,
             )
-        return 200, {
-            "accepted": report.accepted,
-            "transitions": [transition_json(t) for t in report.transitions],
-        }
+        return report
 
     def _shape(self, fence: Fence) -> FenceShape:
         """Fences never change shape, so each shape is built (and validated) once.
@@ -463,20 +245,21 @@ class FenceApi:
 
     # --- history ------------------------------------------------------------------------
 
-    async def list_locations(self, call: Call) -> Answer:
-        query = call.query
+    async def positions(
+        self,
+        reader: str,
+        device: str,
+        since: float | None,
+        until: float | None,
+        limit: int,
+    ) -> list[Position]:
+        """The device's positions, newest first, for the device or an active guardian."""
         try:
-            found = await self.ctx.database.run(
-                positions_txn,
-                str(call.params["device"]),
-                call.user.user,
-                query.get("since"),
-                query.get("until"),
-                int(query.get("limit", DEFAULT_LOCATIONS)),
+            return list(
+                await self.ctx.database.run(positions_txn, device, reader, since, until, limit)
             )
         except NotAGuardian:
-            raise self._not_guardian() from None
-        return 200, {"positions": [position_json(p) for p in found]}
+            raise _not_guardian() from None
 
     async def housekeeping(self) -> None:
         """Forget positions past ``location_retention``, a bounded batch per transaction."""

@@ -15,16 +15,16 @@ from typing import Any, cast
 from twisted.internet.task import Clock
 
 from cim.config import parse_config
-from cim.logic.api import openapi_document
-from cim.logic.context import LogicContext
+from cim.logic.context import NO_GROUP_CACHES, LogicContext
+from cim.logic.features import LogicFeatures
+from cim.logic.http.api import logic_document
+from cim.logic.http.operations import logic_endpoints
 from cim.logic.notices import Notices
 
 __all__ = ["document", "main"]
 
 
 def document() -> dict[str, Any]:
-    from cim.services.logic import logic_endpoints, logic_features
-
     config = parse_config("[node]\nid = spec\n[logic]\nenabled = true\n")
     clock = Clock()
     absent = cast(Any, None)
@@ -36,9 +36,9 @@ def document() -> dict[str, Any]:
         absent,
         Notices(absent, clock),
         clock,
-        None,
+        NO_GROUP_CACHES,
     )
-    return openapi_document(logic_endpoints(logic_features(ctx)))
+    return logic_document(logic_endpoints(LogicFeatures.build(ctx)))
 
 
 def render() -> str:

@@ -15,9 +15,9 @@ from twisted.logger import Logger
 from twisted.web import server
 from twisted.web.resource import Resource
 
+from cim.http.endpoints import Call, Endpoint, EndpointResource, nobody
 from cim.http.site import (
     HttpError,
-    JsonRoutes,
     Reply,
     bounded_site,
     is_local_peer,
@@ -54,17 +54,37 @@ def admin_site(
     node_id: str,
     metrics: NodeMetrics,
     health: Callable[[], dict[str, Any]],
-    reactor: IReactorTime | None = None,
+    reactor: IReactorTime,
 ) -> server.Site:
     registry = CollectorRegistry()
     registry.register(NodeMetricsCollector(metrics, node_id))
 
-    def health_route(request: server.Request) -> Reply:
+    async def health_report(call: Call[None]) -> Reply:
         report = health()
         return json_reply(200 if report.get("status") == "ok" else 503, report)
 
-    def metrics_route(request: server.Request) -> Reply:
+    async def metrics_text(call: Call[None]) -> Reply:
         return Reply(200, generate_latest(registry), CONTENT_TYPE_LATEST.encode())
 
-    routes = JsonRoutes({(b"/health", b"GET"): health_route, (b"/metrics", b"GET"): metrics_route})
+    endpoints = [
+        Endpoint(
+            "GET",
+            "/health",
+            "health",
+            "The node's health: 200 when ready, 503 while starting or failing",
+            "admin",
+            health_report,
+            authenticated=False,
+        ),
+        Endpoint(
+            "GET",
+            "/metrics",
+            "metrics",
+            "The node's metrics in the Prometheus text format",
+            "admin",
+            metrics_text,
+            authenticated=False,
+        ),
+    ]
+    routes = EndpointResource(endpoints, nobody, ADMIN_MAX_BODY_SIZE)
     return bounded_site(LocalPeersOnly(routes), ADMIN_MAX_BODY_SIZE, reactor)

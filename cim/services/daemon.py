@@ -210,7 +210,8 @@ class CimDaemon(Service):
                 config.router,
                 config.im,
                 self.accounts,
-                self.state,
+                self.state.sessions,
+                self.state.presence,
                 self.registry,
                 self.reactor,
                 self.metrics,
@@ -226,7 +227,9 @@ class CimDaemon(Service):
 
         if config.admin.enabled:
             yield self._listen_http(
-                "admin", config.admin.listen, admin_site(node_id, self.metrics, self.health)
+                "admin",
+                config.admin.listen,
+                admin_site(node_id, self.metrics, self.health, self.reactor),
             )
 
         trimmer = HeapTrimmer(self.reactor, config.node.heap_trim_interval)
@@ -245,13 +248,14 @@ class CimDaemon(Service):
         config = self.config
         assert self.database is not None and self.state is not None
         assert self.accounts is not None and self.im_node is not None
+        assert self.groups is not None
         logic = LogicListener(
             LogicContext(
                 config.logic,
                 config.accounts,
                 self.database,
                 self.accounts,
-                self.state,
+                self.state.sessions,
                 Notices(self.im_node.system, self.reactor),
                 self.reactor,
                 self.groups,
@@ -272,7 +276,7 @@ class CimDaemon(Service):
         config = self.config
         assert self.database is not None and self.state is not None
         files = FilesListener(
-            config.files, config.node.data_dir, self.database, self.state, self.reactor
+            config.files, config.node.data_dir, self.database, self.state.sessions, self.reactor
         )
         try:
             files.prepare()

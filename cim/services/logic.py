@@ -2,43 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any, Protocol
-
 from twisted.internet.defer import maybeDeferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from cim.logic.accounts import AccountApi
-from cim.logic.api import Endpoint, LogicResource, logic_site
-from cim.logic.bindings import BindingApi
 from cim.logic.context import LogicContext
-from cim.logic.fences import FenceApi
-from cim.logic.posts import PostApi
-from cim.logic.sos import SosApi
+from cim.logic.features import LogicFeatures
+from cim.logic.http.api import logic_resource, logic_site
+from cim.logic.http.operations import logic_endpoints
 
-__all__ = ["LogicListener", "logic_endpoints"]
-
-
-class Feature(Protocol):
-    def endpoints(self) -> list[Endpoint]: ...
-
-
-class Housekeeping(Protocol):
-    """A feature with periodic work (the location retention purge)."""
-
-    async def housekeeping(self) -> None: ...
-
-
-def logic_features(ctx: LogicContext) -> list[Any]:
-    """Every feature of the service, in the order the OpenAPI document lists them."""
-    return [AccountApi(ctx), BindingApi(ctx), SosApi(ctx), FenceApi(ctx), PostApi(ctx)]
-
-
-def logic_endpoints(features: Sequence[Feature]) -> list[Endpoint]:
-    return [endpoint for feature in features for endpoint in feature.endpoints()]
+__all__ = ["LogicListener"]
 
 
 class LogicListener:
@@ -46,10 +21,10 @@ class LogicListener:
 
     def __init__(self, ctx: LogicContext) -> None:
         self.ctx = ctx
-        self.features = logic_features(ctx)
-        self.resource = LogicResource(
+        self.features = LogicFeatures.build(ctx)
+        self.resource = logic_resource(
             logic_endpoints(self.features),
-            ctx.state,
+            ctx.sessions,
             ctx.accounts.get_user,
             ctx.config.max_body_size,
         )
@@ -64,12 +39,9 @@ class LogicListener:
         self._log.info("logic listening on {listen}", listen=self.ctx.config.listen)
 
     async def _tidy(self) -> None:
-        for feature in self.features:
-            tidy = getattr(feature, "housekeeping", None)
-            if tidy is None:
-                continue
+        for feature in self.features.housekeeping():
             try:
-                await tidy()
+                await feature.housekeeping()
             except Exception:
                 self._log.failure("logic housekeeping failed; trying again later")
 

@@ -23,12 +23,12 @@ from cim import oplog as oplog_events
 from cim.backends.state import token_hash
 from cim.backends.state.memory import REASON_KICKED_BY_ADMIN, REASON_LOGGED_OUT
 from cim.config import ImConfig, RouterConfig
+from cim.http.auth import BearerSessions, invalid_token, state_unavailable
+from cim.http.endpoints import Call, Endpoint, EndpointResource, nobody
 from cim.http.site import (
     HttpError,
-    JsonRoutes,
     Reply,
     bounded_site,
-    client_host,
     is_local_peer,
     json_reply,
     read_json_object,
@@ -37,7 +37,8 @@ from cim.http.site import (
 from cim.interfaces import (
     AlreadyLoggedIn,
     INodeRegistry,
-    IStateStore,
+    IRouteStore,
+    ISessionStore,
     NodeInfo,
     StateUnavailable,
 )
@@ -46,10 +47,10 @@ from cim.oplog import OperationLog
 from cim.ring import HashRing
 from cim.throttle import FailedLoginThrottle
 
-LOGIN_PATH = b"/api/v1/login"
-LOGOUT_PATH = b"/api/v1/logout"
-ONLINE_PATH = b"/api/v1/online"
-KICK_PATH = b"/api/v1/admin/kick"
+LOGIN_PATH = "/api/v1/login"
+LOGOUT_PATH = "/api/v1/logout"
+ONLINE_PATH = "/api/v1/online"
+KICK_PATH = "/api/v1/admin/kick"
 MAX_ONLINE_PAGE = 1000
 DEFAULT_ONLINE_PAGE = 100
 TOKEN_BYTES = 32
@@ -94,8 +95,12 @@ class NodeChooser:
         return self._ring.node_for(user)
 
 
-class RouterResource(JsonRoutes):
-    """POST /api/v1/login and POST /api/v1/logout."""
+class RouterResource(EndpointResource[None]):
+    """POST /api/v1/login and /api/v1/logout; the online list and kicking, for local peers.
+
+    No endpoint is authenticated by the machinery: login is how a token is had, and
+    logout ends the session its token names rather than looking it up.
+    """
 
     _log = Logger()
 
@@ -104,7 +109,8 @@ class RouterResource(JsonRoutes):
         config: RouterConfig,
         im_config: ImConfig,
         accounts: AccountsLike,
-        state: IStateStore,
+        sessions: ISessionStore,
+        presence: IRouteStore,
         registry: INodeRegistry,
         clock: IReactorTime,
         metrics: NodeMetrics,
@@ -113,17 +119,53 @@ class RouterResource(JsonRoutes):
     ) -> None:
         self._oplog = oplog
         super().__init__(
-            {
-                (LOGIN_PATH, b"POST"): self._login,
-                (LOGOUT_PATH, b"POST"): self._logout,
-                (ONLINE_PATH, b"GET"): self._online,
-                (KICK_PATH, b"POST"): self._kick,
-            }
+            [
+                Endpoint(
+                    "POST",
+                    LOGIN_PATH,
+                    "login",
+                    "Check a password, pick the user's IM node and issue a token",
+                    "sessions",
+                    self._login,
+                    authenticated=False,
+                ),
+                Endpoint(
+                    "POST",
+                    LOGOUT_PATH,
+                    "logout",
+                    "End the session the bearer token names",
+                    "sessions",
+                    self._logout,
+                    authenticated=False,
+                ),
+                Endpoint(
+                    "GET",
+                    ONLINE_PATH,
+                    "list_online",
+                    "Who is online, a page at a time (local peers only)",
+                    "operations",
+                    self._online_page,
+                    authenticated=False,
+                ),
+                Endpoint(
+                    "POST",
+                    KICK_PATH,
+                    "kick",
+                    "End a user's session by name (local peers only)",
+                    "operations",
+                    self._kick_user,
+                    authenticated=False,
+                ),
+            ],
+            nobody,
+            config.max_body_size,
         )
         self._config = config
         self._im_config = im_config
         self._accounts = accounts
-        self._state = state
+        self._sessions = sessions
+        self._bearer = BearerSessions(sessions)
+        self._presence = presence
         self._registry = registry
         self._chooser = NodeChooser(registry, config.virtual_nodes)
         self._metrics = metrics
@@ -136,15 +178,12 @@ class RouterResource(JsonRoutes):
 
     # --- login ------------------------------------------------------------------------
 
-    def _login(self, request: server.Request) -> Deferred[Reply]:
-        return Deferred.fromCoroutine(self._counted_login(request))
-
-    async def _counted_login(self, request: server.Request) -> Reply:
-        address = client_host(request)
+    async def _login(self, call: Call[None]) -> Reply:
+        address = call.address
         user: str | None = None
         outcome = "error"
         try:
-            user, password, device = self._credentials(request)
+            user, password, device = self._credentials(call.request)
             reply = await self._authenticate(user, password, device, address)
             outcome = "ok"
             return reply
@@ -219,7 +258,7 @@ class RouterResource(JsonRoutes):
 
         token = base64.urlsafe_b64encode(self._token_bytes(TOKEN_BYTES)).rstrip(b"=").decode()
         try:
-            record, _ = await self._state.create_session(
+            record, _ = await self._sessions.create_session(
                 token_hash(token),
                 user,
                 device,
@@ -232,7 +271,7 @@ class RouterResource(JsonRoutes):
                 409, "already_logged_in", "this user is already logged in on another device"
             ) from None
         except StateUnavailable:
-            raise _state_unavailable() from None
+            raise state_unavailable() from None
 
         im = self._im_config
         body: dict[str, Any] = {
@@ -251,26 +290,12 @@ class RouterResource(JsonRoutes):
 
     # --- logout -----------------------------------------------------------------------
 
-    def _logout(self, request: server.Request) -> Deferred[Reply]:
-        return Deferred.fromCoroutine(self._end_session(request))
-
-    async def _end_session(self, request: server.Request) -> Reply:
-        address = client_host(request)
-        token = _bearer_token(request)
-        record = None
-        if token is not None:
-            try:
-                record = await self._state.end_session(token_hash(token), REASON_LOGGED_OUT)
-            except StateUnavailable:
-                raise _state_unavailable() from None
+    async def _logout(self, call: Call[None]) -> Reply:
+        address = call.address
+        record = await self._bearer.end_session(call.request, REASON_LOGGED_OUT)
         if record is None:
             self._log.info("logout refused from {address}: unknown token", address=address)
-            raise HttpError(
-                401,
-                "invalid_token",
-                "the bearer token is missing, expired or unknown",
-                ((b"WWW-Authenticate", b'Bearer realm="cim"'),),
-            )
+            raise invalid_token("the bearer token is missing, expired or unknown")
         self._log.info("logout of {user!r} from {address}", user=record.user, address=address)
         if self._oplog is not None:
             self._oplog.emit(oplog_events.LOGOUT, user=record.user, peer=address)
@@ -278,19 +303,17 @@ class RouterResource(JsonRoutes):
 
     # --- online users (design: 后台监控 获取在线用户数) ----------------------------------
 
-    def _online(self, request: server.Request) -> Deferred[Reply]:
-        return Deferred.fromCoroutine(self._online_page(request))
-
-    async def _online_page(self, request: server.Request) -> Reply:
+    async def _online_page(self, call: Call[None]) -> Reply:
+        request = call.request
         if not is_local_peer(request):
             raise HttpError(403, "forbidden", "the online list answers local peers only")
         offset = _query_int(request, b"offset", 0, 0, 1 << 31)
         limit = _query_int(request, b"limit", DEFAULT_ONLINE_PAGE, 1, MAX_ONLINE_PAGE)
         try:
-            total, users = await self._state.online_users(offset, limit)
-            per_node = await self._state.online_count_by_node()
+            total, users = await self._presence.online_users(offset, limit)
+            per_node = await self._presence.online_count_by_node()
         except StateUnavailable:
-            raise _state_unavailable() from None
+            raise state_unavailable() from None
         return json_reply(
             200,
             {
@@ -304,11 +327,9 @@ class RouterResource(JsonRoutes):
 
     # --- kick (cimctl kick) -----------------------------------------------------------
 
-    def _kick(self, request: server.Request) -> Deferred[Reply]:
-        return Deferred.fromCoroutine(self._kick_user(request))
-
-    async def _kick_user(self, request: server.Request) -> Reply:
+    async def _kick_user(self, call: Call[None]) -> Reply:
         """End a user's session by name, on whichever node it is connected."""
+        request = call.request
         if not is_local_peer(request):
             raise HttpError(403, "forbidden", "kicking answers local peers only")
         body = read_json_object(request, self._config.max_body_size)
@@ -318,10 +339,10 @@ class RouterResource(JsonRoutes):
                 400, "bad_request", f"'user' must be a string of 1 to {MAX_USER_LENGTH} characters"
             )
         try:
-            record = await self._state.end_user_session(user, REASON_KICKED_BY_ADMIN)
+            record = await self._sessions.end_user_session(user, REASON_KICKED_BY_ADMIN)
         except StateUnavailable:
-            raise _state_unavailable() from None
-        address = client_host(request)
+            raise state_unavailable() from None
+        address = call.address
         if record is None:
             self._log.info(
                 "kick of {user!r} from {address}: no session", user=user, address=address
@@ -356,31 +377,12 @@ def _query_int(request: server.Request, name: bytes, default: int, low: int, hig
     return value
 
 
-def _state_unavailable() -> HttpError:
-    return HttpError(
-        503,
-        "state_unavailable",
-        "the session store is unreachable; try again shortly",
-        ((b"Retry-After", b"5"),),
-    )
-
-
-def _bearer_token(request: server.Request) -> str | None:
-    header = request.getHeader(b"authorization")
-    if header is None:
-        return None
-    scheme, _, token = header.decode("latin-1").partition(" ")
-    token = token.strip()
-    if scheme.lower() != "bearer" or not token:
-        return None
-    return token
-
-
 def router_site(
     config: RouterConfig,
     im_config: ImConfig,
     accounts: AccountsLike,
-    state: IStateStore,
+    sessions: ISessionStore,
+    presence: IRouteStore,
     registry: INodeRegistry,
     clock: IReactorTime,
     metrics: NodeMetrics,
@@ -388,6 +390,15 @@ def router_site(
     oplog: OperationLog | None = None,
 ) -> server.Site:
     root = RouterResource(
-        config, im_config, accounts, state, registry, clock, metrics, token_bytes, oplog
+        config,
+        im_config,
+        accounts,
+        sessions,
+        presence,
+        registry,
+        clock,
+        metrics,
+        token_bytes,
+        oplog,
     )
     return bounded_site(root, config.max_body_size, clock)
