@@ -33,7 +33,7 @@ from twisted.python.failure import Failure
 from cim.interfaces import (
     BusUnavailable,
     IMessageBus,
-    IStateStore,
+    IStateBackend,
     MessageReceipt,
     SessionRecord,
     StateUnavailable,
@@ -187,7 +187,7 @@ class Switchboard:
     def __init__(
         self,
         node_id: str,
-        state: IStateStore,
+        state: IStateBackend,
         user_exists: UserExists,
         clock: IReactorTime,
         metrics: NodeMetrics,
@@ -221,7 +221,7 @@ class Switchboard:
         self._pending_by_receiver: dict[str, set[int]] = {}
         # Group messages fan out one after another per group, in server-id order.
         self._fanout_queues: dict[str, deque[cim_pb2.Message]] = {}
-        state.add_session_ended_listener(self._session_ended)
+        state.sessions.add_session_ended_listener(self._session_ended)
         if bus is not None:
             bus.consume(node_id, self.bus_message_received)
 
@@ -254,7 +254,7 @@ class Switchboard:
                 pending = self._pending.get((msg_id, user))
                 if pending is not None:
                     session.deliver(MSG_N, pending.message)
-        self._background(self._state.mark_online(session.record), "mark online")
+        self._background(self._state.presence.mark_online(session.record), "mark online")
 
     def session_closed(self, session: ClientSession) -> None:
         user = session.record.user
@@ -262,7 +262,7 @@ class Switchboard:
             return
         del self._sessions[user]
         self._fail_pending_for(user, REASON_RECEIVER_LEFT)
-        self._background(self._state.mark_offline(session.record), "mark offline")
+        self._background(self._state.presence.mark_offline(session.record), "mark offline")
 
     def _session_ended(self, record: SessionRecord, reason: str) -> None:
         """The state store ended a session (login elsewhere, logout): drop its connection."""
@@ -278,7 +278,7 @@ class Switchboard:
         """
         self.expire_pending()
         records = [session.record for session in self._sessions.values()]
-        d = self._state.refresh_sessions(self.node_id, records)
+        d = self._state.presence.refresh_sessions(self.node_id, records)
         # The store already logged the outage once; retrying next period is enough.
         d.addErrback(lambda failure: failure.trap(StateUnavailable))
         d.addErrback(self._log_failure, "refresh routes")
@@ -323,7 +323,7 @@ class Switchboard:
             )
             return succeed(None)
         record = session.record
-        d = self._state.remember_message(
+        d = self._state.receipts.remember_message(
             record.user, record.device, message.client_seq, message.id, message.sent_at_ms
         )
         d.addCallback(self._claimed, session, message)
@@ -361,7 +361,7 @@ class Switchboard:
             # First time, or a retry of one never numbered (the state store failed in
             # between): number it and fan out. Members drop a second copy by id.
             if receipt is None or not receipt.status:
-                d = self._state.next_group_seq(message.group)
+                d = self._state.sequences.next_group_seq(message.group)
                 d.addCallback(self._numbered, session, message)
                 d.addErrback(self._claim_failed, session, message.client_seq)
             return
@@ -396,7 +396,7 @@ class Switchboard:
         if self._bus is None:
             self._receiver_not_here(message, sender_device)
             return
-        d = self._state.route(receiver)
+        d = self._state.presence.route(receiver)
         d.addCallback(self._routed, message, sender_device)
         d.addErrback(self._forward_failed, message, sender_device)
 
@@ -571,7 +571,7 @@ class Switchboard:
         bus = self._bus
 
         async def tell() -> None:
-            routes = await self._state.routes(elsewhere)
+            routes = await self._state.presence.routes(elsewhere)
             by_node: dict[str, list[str]] = {}
             for user, node in routes.items():
                 if node != self.node_id and self._alive(node):
@@ -674,7 +674,7 @@ class Switchboard:
     def _tell_sender(self, sender: str, sender_device: str, ack: cim_pb2.AckN) -> None:
         """Record the outcome for retries, then reach the sender wherever it is."""
         self._background(
-            self._state.record_outcome(
+            self._state.receipts.record_outcome(
                 sender, sender_device, ack.client_seq, ack.status, ack.reason
             ),
             "record an outcome",
@@ -696,7 +696,7 @@ class Switchboard:
                 return None
             return self._bus.publish(node, envelope.SerializeToString())
 
-        d = self._state.route(sender)
+        d = self._state.presence.route(sender)
         d.addCallback(routed)
         # Not reaching the sender is not fatal: its retry reads the recorded outcome.
         d.addErrback(lambda failure: failure.trap(BusUnavailable, StateUnavailable))
@@ -857,7 +857,7 @@ class Switchboard:
         routes: dict[str, str] = {}
         if self._bus is not None:
             try:
-                routes = await self._state.routes(elsewhere)
+                routes = await self._state.presence.routes(elsewhere)
             except StateUnavailable:
                 routes = {}
         by_node: dict[str, list[str]] = {}
@@ -939,7 +939,7 @@ class Switchboard:
 
     def online_requested(self, session: ClientSession, request: cim_pb2.OnlineR) -> None:
         limit = min(request.limit or DEFAULT_ONLINE_PAGE, MAX_ONLINE_PAGE)
-        d = self._state.online_users(request.offset, limit)
+        d = self._state.presence.online_users(request.offset, limit)
 
         def answer(page: tuple[int, list[str]]) -> None:
             total, users = page

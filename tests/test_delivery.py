@@ -9,7 +9,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.trial.unittest import SynchronousTestCase
 
 from cim.backends.bus.memory import MemoryBroker, MemoryBus
-from cim.backends.state.memory import MemoryStateStore
+from cim.backends.state.memory import MemoryState
 from cim.protocols import cim_pb2
 from tests.support import ConnectedClient, KnownUsers, NodeHarness
 
@@ -57,7 +57,7 @@ class RetryTests(SynchronousTestCase):
     def test_retry_reaches_another_node_through_shared_state(self) -> None:
         """The dedup window lives in the state store, not in one node's memory."""
         state_clock = NodeHarness().clock
-        shared = MemoryStateStore(state_clock)
+        shared = MemoryState(state_clock)
         known = KnownUsers()
         one = NodeHarness(node_id="node1", clock=state_clock, state=shared, known=known)
         two = NodeHarness(node_id="node2", clock=state_clock, state=shared, known=known)
@@ -124,7 +124,7 @@ class RetryTests(SynchronousTestCase):
 
         node = NodeHarness()
         alice = node.connect("alice")
-        node.state.remember_message = lambda *a: fail(StateUnavailable("down"))  # type: ignore[method-assign]
+        node.state.receipts.remember_message = lambda *a: fail(StateUnavailable("down"))  # type: ignore[method-assign]
         alice.protocol.send(cim_pb2.MSG_R, cim_pb2.Message(to="bob", text="x", client_seq=3))
         settle(node)
         [error] = alice.events.of_type(cim_pb2.ERROR)
@@ -134,7 +134,7 @@ class RetryTests(SynchronousTestCase):
 
 def cluster(groups: Any = None) -> tuple[NodeHarness, NodeHarness]:
     clock = NodeHarness().clock
-    state = MemoryStateStore(clock)
+    state = MemoryState(clock)
     broker = MemoryBroker(clock)
     known = KnownUsers()
     nodes = tuple(
@@ -291,14 +291,14 @@ class GroupFanOutTests(SynchronousTestCase):
         one, _ = cluster(groups)
         alice = one.connect("alice")
         bob = one.connect("bob", auto_ack=True)
-        numbering = one.state.next_group_seq
-        one.state.next_group_seq = lambda group: fail(StateUnavailable("down"))  # type: ignore[method-assign]
+        numbering = one.state.sequences.next_group_seq
+        one.state.sequences.next_group_seq = lambda group: fail(StateUnavailable("down"))  # type: ignore[method-assign]
         request = cim_pb2.Message(group="g1", text="hello", client_seq=1)
         alice.protocol.send(cim_pb2.MSG_R, request)
         settle(one)
         [error] = alice.events.of_type(cim_pb2.ERROR)
         self.assertEqual(error.code, cim_pb2.Error.UNAVAILABLE)
-        one.state.next_group_seq = numbering  # type: ignore[method-assign]
+        one.state.sequences.next_group_seq = numbering  # type: ignore[method-assign]
         alice.protocol.send(cim_pb2.MSG_R, request)
         settle(one)
         self.assertEqual([m.text for m in bob.events.of_type(cim_pb2.MSG_N)], ["hello"])

@@ -25,7 +25,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.server import Site
 
 from cim.backends.state import token_hash
-from cim.backends.state.memory import MemoryStateStore
+from cim.backends.state.memory import MemoryState
 from cim.config import ConfigError, FilesConfig, parse_config
 from cim.files import records
 from cim.files.blobs import BlobStore
@@ -117,10 +117,12 @@ class FileServiceTestCase(SynchronousTestCase):
     def setUp(self) -> None:
         self.clock = Clock()
         self.clock.advance(1_700_000_000)
-        self.state = MemoryStateStore(self.clock)
+        self.state = MemoryState(self.clock)
         for user, token in TOKENS.items():
             self.successResultOf(
-                self.state.create_session(token_hash(token), user, "d", "n1", 86400, "kick_old")
+                self.state.sessions.create_session(
+                    token_hash(token), user, "d", "n1", 86400, "kick_old"
+                )
             )
         self.database = Database("sqlite://", None, runner=run_now)
         self.successResultOf(self.database.start())
@@ -433,7 +435,9 @@ class AuthenticationTests(FileServiceTestCase):
         self.assertError(done, 404, "not_found")
 
     def test_logged_out_token_stops_working(self) -> None:
-        self.successResultOf(self.state.end_session(token_hash(TOKENS["alice"]), "logged out"))
+        self.successResultOf(
+            self.state.sessions.end_session(token_hash(TOKENS["alice"]), "logged out")
+        )
         response = self.post_json("/api/v1/files/check", {"md5": "0" * 32, "size": 5})
         self.assertError(response, 401, "invalid_token")
 
@@ -787,7 +791,7 @@ class ListenerTests(SynchronousTestCase):
             enabled=True, listen="tcp:0", public_url="http://f.test", upload_expiry=120
         )
         listener = FilesListener(
-            config, data_dir, database, MemoryStateStore(reactor), reactor, runner=run_now
+            config, data_dir, database, MemoryState(reactor), reactor, runner=run_now
         )
         self.successResultOf(Deferred.fromCoroutine(listener.start()))
         self.assertEqual(os.stat(listener.key_path).st_mode & 0o777, 0o600)

@@ -23,7 +23,7 @@ from twisted.web.server import Site
 
 from cim.backends.registry.local import LocalRegistry
 from cim.backends.state import token_hash
-from cim.backends.state.memory import MemoryStateStore
+from cim.backends.state.memory import MemoryState
 from cim.config import ImConfig, RouterConfig
 from cim.interfaces import NodeInfo, SessionRecord, StateUnavailable
 from cim.metrics import NodeMetrics
@@ -162,9 +162,11 @@ class RouterTests(SynchronousTestCase):
         self.clock = Clock()
         self.clock.advance(1_000_000)
         self.accounts = FakeAccounts({"alice": self.PASSWORD, "bob": "bob-secret-pw"})
-        self.state = MemoryStateStore(self.clock)
+        self.state = MemoryState(self.clock)
         self.ended: list[tuple[SessionRecord, str]] = []
-        self.state.add_session_ended_listener(lambda record, why: self.ended.append((record, why)))
+        self.state.sessions.add_session_ended_listener(
+            lambda record, why: self.ended.append((record, why))
+        )
         self.registry = LocalRegistry()
         self.successResultOf(self.registry.register(NODE))
         self.metrics = NodeMetrics()
@@ -271,7 +273,9 @@ class RouterTests(SynchronousTestCase):
         self.assertEqual(body["cipher_suites"], list(self.im_config.cipher_suites))
         self.assertEqual(body["expires_at"], 1_000_000 + 3600)
 
-        record = self.successResultOf(self.state.session_for_token(token_hash(body["token"])))
+        record = self.successResultOf(
+            self.state.sessions.session_for_token(token_hash(body["token"]))
+        )
         assert record is not None
         self.assertEqual(record.session_id, body["session_id"])
         self.assertEqual((record.user, record.device, record.node_id), ("alice", "phone", "n1"))
@@ -279,7 +283,7 @@ class RouterTests(SynchronousTestCase):
 
     def test_default_device(self) -> None:
         token = self.login().json()["token"]
-        record = self.successResultOf(self.state.session_for_token(token_hash(token)))
+        record = self.successResultOf(self.state.sessions.session_for_token(token_hash(token)))
         assert record is not None
         self.assertEqual(record.device, "default")
 
@@ -287,7 +291,7 @@ class RouterTests(SynchronousTestCase):
         self.assertError(self.login(password="wrong"), 401, "invalid_credentials")
         self.assertError(self.login(user="nobody", password="x"), 401, "invalid_credentials")
         self.assertEqual(self.metrics.logins["invalid_credentials"], 2)
-        self.assertEqual(self.state._sessions, {})
+        self.assertEqual(self.state.table.sessions, {})
 
     def test_throttled_per_user(self) -> None:
         for _ in range(3):
@@ -399,13 +403,13 @@ class RouterTests(SynchronousTestCase):
         first = self.login(site=site)
         self.assertEqual(first.status, 200)
         record = self.successResultOf(
-            self.state.session_for_token(token_hash(first.json()["token"]))
+            self.state.sessions.session_for_token(token_hash(first.json()["token"]))
         )
         assert record is not None
-        self.successResultOf(self.state.mark_online(record))
+        self.successResultOf(self.state.presence.mark_online(record))
         self.assertError(self.login(site=site), 409, "already_logged_in")
         self.assertEqual(self.metrics.logins["refused"], 1)
-        self.successResultOf(self.state.mark_offline(record))
+        self.successResultOf(self.state.presence.mark_offline(record))
         self.assertEqual(self.login(site=site).status, 200)
 
     def test_kick_old(self) -> None:
@@ -414,14 +418,14 @@ class RouterTests(SynchronousTestCase):
         self.assertNotEqual(first["token"], second["token"])
         self.assertEqual([why for _, why in self.ended], ["logged in elsewhere"])
         self.assertIsNone(
-            self.successResultOf(self.state.session_for_token(token_hash(first["token"])))
+            self.successResultOf(self.state.sessions.session_for_token(token_hash(first["token"])))
         )
 
     def test_no_node(self) -> None:
         self.successResultOf(self.registry.unregister())
         self.assertError(self.login(), 503, "no_node")
         self.assertEqual(self.metrics.logins["no_node"], 1)
-        self.assertEqual(self.state._sessions, {})
+        self.assertEqual(self.state.table.sessions, {})
 
     def test_answer_after_slow_password_check(self) -> None:
         self.accounts.hold = True
@@ -447,7 +451,7 @@ class RouterTests(SynchronousTestCase):
         def broken(*args: object) -> Deferred[Any]:
             return defer.fail(RuntimeError("state store exploded"))
 
-        self.patch(self.state, "create_session", broken)
+        self.patch(self.state.sessions, "create_session", broken)
         response = self.login()
         self.assertError(response, 500, "internal_error")
         self.assertNotIn(b"exploded", response.body)
@@ -463,7 +467,9 @@ class RouterTests(SynchronousTestCase):
         self.assertEqual(response.status, 200)
         self.assertEqual(response.json(), {"ok": True})
         self.assertEqual([why for _, why in self.ended], ["logged out"])
-        self.assertIsNone(self.successResultOf(self.state.session_for_token(token_hash(token))))
+        self.assertIsNone(
+            self.successResultOf(self.state.sessions.session_for_token(token_hash(token)))
+        )
         self.assertError(self.logout(token), 401, "invalid_token")
 
     def test_logout_without_valid_token(self) -> None:
@@ -480,8 +486,8 @@ class RouterTests(SynchronousTestCase):
         for _ in range(200):
             token = self.login().json()["token"]
             self.assertEqual(self.logout(token).status, 200)
-        self.assertEqual(self.state._sessions, {})
-        self.assertEqual(self.state._token_hash_by_user, {})
+        self.assertEqual(self.state.table.sessions, {})
+        self.assertEqual(self.state.table.token_hash_by_user, {})
         root: Any = self.site.resource
         self.assertEqual(len(root.user_throttle), 0)
         self.assertEqual(len(root.address_throttle), 0)
@@ -520,8 +526,8 @@ class RouterTests(SynchronousTestCase):
         def unavailable(*args: Any, **kwargs: Any) -> Deferred[Any]:
             return defer.fail(StateUnavailable("redis is down"))
 
-        self.state.create_session = unavailable  # type: ignore[method-assign]
-        self.state.end_session = unavailable  # type: ignore[method-assign]
+        self.state.sessions.create_session = unavailable  # type: ignore[method-assign]
+        self.state.sessions.end_session = unavailable  # type: ignore[method-assign]
         response = self.login()
         self.assertError(response, 503, "state_unavailable")
         self.assertEqual(response.headers["retry-after"], "5")
@@ -534,9 +540,9 @@ class RouterTests(SynchronousTestCase):
     def test_online_list_for_local_peers(self) -> None:
         for user in ("bob", "alice"):
             token = self.login(user, self.accounts.passwords[user]).json()["token"]
-            record = self.successResultOf(self.state.session_for_token(token_hash(token)))
+            record = self.successResultOf(self.state.sessions.session_for_token(token_hash(token)))
             assert record is not None
-            self.successResultOf(self.state.mark_online(record))
+            self.successResultOf(self.state.presence.mark_online(record))
         response = exchange(self.site, "GET", "/api/v1/online?limit=1")
         self.assertEqual(response.status, 200, response.body)
         self.assertEqual(
@@ -553,9 +559,11 @@ class RouterTests(SynchronousTestCase):
 
     def test_admin_kick_ends_the_session_by_user_name(self) -> None:
         ended: list[tuple[SessionRecord, str]] = []
-        self.state.add_session_ended_listener(lambda record, why: ended.append((record, why)))
+        self.state.sessions.add_session_ended_listener(
+            lambda record, why: ended.append((record, why))
+        )
         token = self.login().json()["token"]
-        record = self.successResultOf(self.state.session_for_token(token_hash(token)))
+        record = self.successResultOf(self.state.sessions.session_for_token(token_hash(token)))
         assert record is not None
         body = json.dumps({"user": "alice"}).encode()
         headers = [("Content-Type", "application/json")]
@@ -570,7 +578,9 @@ class RouterTests(SynchronousTestCase):
             {"ok": True, "user": "alice", "session_id": record.session_id, "node": "n1"},
         )
         self.assertEqual(ended, [(record, "kicked by an administrator")])
-        self.assertIsNone(self.successResultOf(self.state.session_for_token(token_hash(token))))
+        self.assertIsNone(
+            self.successResultOf(self.state.sessions.session_for_token(token_hash(token)))
+        )
         again = exchange(self.site, "POST", "/api/v1/admin/kick", body, headers)
         self.assertError(again, 404, "no_session")
         bad = exchange(self.site, "POST", "/api/v1/admin/kick", b'{"user": 7}', headers)

@@ -289,7 +289,7 @@ class AccountApi:
             for left in deleted.left_groups:
                 self.ctx.groups.forget(left.group_id)
         try:
-            await self.ctx.state.end_user_session(user, REASON_ACCOUNT_DELETED)
+            await self.ctx.state.sessions.end_user_session(user, REASON_ACCOUNT_DELETED)
         except StateUnavailable:
             # The account is gone, so its token no longer authenticates anywhere; the
             # connection ends when its session or route expires.

@@ -42,7 +42,7 @@ from cim.http.site import (
     read_json_object,
     write_reply,
 )
-from cim.interfaces import IStateStore, StateUnavailable
+from cim.interfaces import IStateBackend, StateUnavailable
 from cim.storage.database import PoolNotRunning
 
 __all__ = [
@@ -307,7 +307,7 @@ class LogicResource(Resource):
     def __init__(
         self,
         endpoints: Sequence[Endpoint],
-        state: IStateStore,
+        state: IStateBackend,
         users: UserLookup,
         max_body_size: int,
         title: str = "cim logic service",
@@ -440,7 +440,7 @@ class LogicResource(Resource):
         user = None
         if token is not None:
             try:
-                record = await self._state.session_for_token(token_hash(token))
+                record = await self._state.sessions.session_for_token(token_hash(token))
             except StateUnavailable:
                 raise HttpError(
                     503,

@@ -9,7 +9,7 @@ from twisted.internet.interfaces import IReactorTime
 from cim.accounts.store import AccountStore
 from cim.config import AccountsConfig, LogicConfig
 from cim.groups.directory import GroupDirectory
-from cim.interfaces import IStateStore
+from cim.interfaces import IStateBackend
 from cim.logic.notices import Notices
 from cim.storage.database import Database
 
@@ -20,7 +20,7 @@ class LogicContext:
     accounts_config: AccountsConfig
     database: Database
     accounts: AccountStore
-    state: IStateStore
+    state: IStateBackend
     notices: Notices
     clock: IReactorTime
     groups: GroupDirectory | None

@@ -21,7 +21,7 @@ from twisted.python.failure import Failure
 from cim import oplog as oplog_events
 from cim.backends.state import token_hash
 from cim.config import ImConfig
-from cim.interfaces import INodeRegistry, IStateStore, SessionRecord
+from cim.interfaces import INodeRegistry, IStateBackend, SessionRecord
 from cim.metrics import NodeMetrics
 from cim.oplog import OperationLog
 from cim.protocols import cim_pb2
@@ -159,7 +159,7 @@ class ImServerProtocol(FrameProtocol, SweptTimeoutMixin):
             self.send_plaintext(refusal.to_body())
             self.lose_connection()
             return
-        d = factory.state.session_for_token(token_hash(accepted.token))
+        d = factory.state.sessions.session_for_token(token_hash(accepted.token))
         d.addCallback(self._token_checked, accepted)
         d.addErrback(self._token_check_failed)
 
@@ -351,7 +351,7 @@ class ImServerFactory(Factory):
         config: ImConfig,
         node_key: NodeKey,
         switchboard: Switchboard,
-        state: IStateStore,
+        state: IStateBackend,
         registry: INodeRegistry,
         clock: IReactorTime,
         metrics: NodeMetrics,

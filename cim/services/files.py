@@ -62,7 +62,7 @@ from cim.http.site import (
     read_json_object,
     write_reply,
 )
-from cim.interfaces import IStateStore, StateUnavailable
+from cim.interfaces import IStateBackend, StateUnavailable
 from cim.storage.database import Database, Runner, ThreadPoolRunner
 
 JSON_MAX_BODY = 16384
@@ -335,7 +335,7 @@ class FilesResource(Resource):
     isLeaf = True
     _log = Logger()
 
-    def __init__(self, store: FileStore, state: IStateStore, clock: IReactorTime) -> None:
+    def __init__(self, store: FileStore, state: IStateBackend, clock: IReactorTime) -> None:
         super().__init__()
         self.store = store
         self.state = state
@@ -411,7 +411,7 @@ class FilesResource(Resource):
         record = None
         if token is not None:
             try:
-                record = await self.state.session_for_token(token_hash(token))
+                record = await self.state.sessions.session_for_token(token_hash(token))
             except StateUnavailable:
                 raise HttpError(
                     503,
@@ -660,7 +660,7 @@ def _content_md5(request: server.Request) -> bytes:
 
 def files_site(
     store: FileStore,
-    state: IStateStore,
+    state: IStateBackend,
     clock: IReactorTime,
     max_body_size: int,
     memory_limit: int = MEMORY_SPOOL,
@@ -698,7 +698,7 @@ class FilesListener:
         config: FilesConfig,
         data_dir: str,
         database: Database,
-        state: IStateStore,
+        state: IStateBackend,
         reactor: Any,
         runner: Runner | None = None,
     ) -> None:

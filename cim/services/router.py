@@ -20,8 +20,7 @@ from twisted.logger import Logger
 from twisted.web import server
 
 from cim import oplog as oplog_events
-from cim.backends.state import token_hash
-from cim.backends.state.memory import REASON_KICKED_BY_ADMIN, REASON_LOGGED_OUT
+from cim.backends.state import REASON_KICKED_BY_ADMIN, REASON_LOGGED_OUT, token_hash
 from cim.config import ImConfig, RouterConfig
 from cim.http.site import (
     HttpError,
@@ -37,7 +36,7 @@ from cim.http.site import (
 from cim.interfaces import (
     AlreadyLoggedIn,
     INodeRegistry,
-    IStateStore,
+    IStateBackend,
     NodeInfo,
     StateUnavailable,
 )
@@ -104,7 +103,7 @@ class RouterResource(JsonRoutes):
         config: RouterConfig,
         im_config: ImConfig,
         accounts: AccountsLike,
-        state: IStateStore,
+        state: IStateBackend,
         registry: INodeRegistry,
         clock: IReactorTime,
         metrics: NodeMetrics,
@@ -219,7 +218,7 @@ class RouterResource(JsonRoutes):
 
         token = base64.urlsafe_b64encode(self._token_bytes(TOKEN_BYTES)).rstrip(b"=").decode()
         try:
-            record, _ = await self._state.create_session(
+            record, _ = await self._state.sessions.create_session(
                 token_hash(token),
                 user,
                 device,
@@ -260,7 +259,9 @@ class RouterResource(JsonRoutes):
         record = None
         if token is not None:
             try:
-                record = await self._state.end_session(token_hash(token), REASON_LOGGED_OUT)
+                record = await self._state.sessions.end_session(
+                    token_hash(token), REASON_LOGGED_OUT
+                )
             except StateUnavailable:
                 raise _state_unavailable() from None
         if record is None:
@@ -287,8 +288,8 @@ class RouterResource(JsonRoutes):
         offset = _query_int(request, b"offset", 0, 0, 1 << 31)
         limit = _query_int(request, b"limit", DEFAULT_ONLINE_PAGE, 1, MAX_ONLINE_PAGE)
         try:
-            total, users = await self._state.online_users(offset, limit)
-            per_node = await self._state.online_count_by_node()
+            total, users = await self._state.presence.online_users(offset, limit)
+            per_node = await self._state.presence.online_count_by_node()
         except StateUnavailable:
             raise _state_unavailable() from None
         return json_reply(
@@ -318,7 +319,7 @@ class RouterResource(JsonRoutes):
                 400, "bad_request", f"'user' must be a string of 1 to {MAX_USER_LENGTH} characters"
             )
         try:
-            record = await self._state.end_user_session(user, REASON_KICKED_BY_ADMIN)
+            record = await self._state.sessions.end_user_session(user, REASON_KICKED_BY_ADMIN)
         except StateUnavailable:
             raise _state_unavailable() from None
         address = client_host(request)
@@ -380,7 +381,7 @@ def router_site(
     config: RouterConfig,
     im_config: ImConfig,
     accounts: AccountsLike,
-    state: IStateStore,
+    state: IStateBackend,
     registry: INodeRegistry,
     clock: IReactorTime,
     metrics: NodeMetrics,
