@@ -28,10 +28,11 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface.verify import verifyObject
 
+from cim.backends.backoff import Backoff
 from cim.backends.state import make_state_store, token_hash
 from cim.backends.state.redis import RedisState
 from cim.backends.state.redis.address import RedisAddress, parse_redis_url
-from cim.backends.state.redis.connection import _CommandProtocol, _Link, _RedisFactory
+from cim.backends.state.redis.connection import _CommandProtocol, _link, _ping, _RedisFactory
 from cim.config import StateConfig
 from cim.interfaces import AlreadyLoggedIn, IStateBackend, SessionRecord, StateUnavailable
 from tests.services import PrivateRedis, eventually, redis_available, service_missing
@@ -551,15 +552,14 @@ class RedisConnectionLoopTests(SynchronousTestCase):
 
     def test_reconnects_forever_with_capped_backoff_and_logs_once(self) -> None:
         address = parse_redis_url("redis://127.0.0.1:6390/0")
-        link = _Link(
+        link = _link(
             "command",
             self.reactor,
             address.endpoint(self.reactor, 5.0),
             _RedisFactory(_CommandProtocol, self.reactor, address, 5.0),
             str(address),
-            None,
-            0.2,
-            5.0,
+            _ping,
+            Backoff(0.2, 5.0, jitter=0.2),
         )
         link.start()
         delays: list[float] = []

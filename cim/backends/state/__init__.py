@@ -10,10 +10,10 @@ share; ``make_state_store`` builds the one the [state] section names.
 from __future__ import annotations
 
 import hashlib
-from typing import Any
 
 from cim.config import StateConfig
 from cim.interfaces import IStateBackend
+from cim.reactor import ICimReactor
 
 # Why a session ended, as listeners are told (the IM node maps them to Kicked codes).
 REASON_LOGGED_IN_ELSEWHERE = "logged in elsewhere"
@@ -36,7 +36,7 @@ def token_hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-def make_state_store(config: StateConfig, reactor: Any) -> IStateBackend:
+def make_state_store(config: StateConfig, reactor: ICimReactor) -> IStateBackend:
     """The backend the [state] section names, not yet started.
 
     The Redis backend is imported only when configured: txredisapi installs the

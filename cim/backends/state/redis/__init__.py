@@ -28,6 +28,7 @@ from cim.backends.state.redis.routes import RedisRouteStore
 from cim.backends.state.redis.sequences import RedisSequenceStore
 from cim.backends.state.redis.sessions import RedisSessionStore
 from cim.interfaces import IStateBackend, StateUnavailable
+from cim.reactor import ICimReactor
 
 DEFAULT_PREFIX = "cim:"
 SWEEP_BATCH = 1000
@@ -45,7 +46,7 @@ class RedisState:
 
     def __init__(
         self,
-        reactor: Any,
+        reactor: ICimReactor,
         redis_url: str,
         reply_timeout: float,
         route_ttl: float,

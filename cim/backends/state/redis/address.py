@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from twisted.internet.abstract import isIPAddress, isIPv6Address
@@ -14,6 +13,8 @@ from twisted.internet.endpoints import (
     UNIXClientEndpoint,
 )
 from twisted.internet.interfaces import IStreamClientEndpoint
+
+from cim.reactor import ICimReactor
 
 
 @dataclass(frozen=True)
@@ -33,7 +34,7 @@ class RedisAddress:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"redis://{host}:{self.port}/{self.db}"
 
-    def endpoint(self, reactor: Any, timeout: float) -> IStreamClientEndpoint:
+    def endpoint(self, reactor: ICimReactor, timeout: float) -> IStreamClientEndpoint:
         if self.unix_path is not None:
             return UNIXClientEndpoint(reactor, self.unix_path, timeout=timeout)
         # IP literals skip name resolution (which would need the reactor's resolver).

@@ -5,27 +5,30 @@ bite a server: with no reply timeout a call can wait forever on a hung Redis, an
 disconnected a lazy connection queues calls until Redis is back. Here every command has
 a reply timeout, a call made while Redis is unreachable fails at once with
 StateUnavailable (the router turns that into a 503), and the two connections (commands
-and notifications) are re-established for as long as the backend runs, with a capped
-backoff and one log line per change of state rather than per attempt.
+and notifications) are re-established for as long as the backend runs. Reconnecting,
+backing off and logging once per change of state is cim.backends.link's job; this module
+only tells it what a usable Redis connection is.
 """
 
 from __future__ import annotations
 
-import random
 from collections.abc import Callable
 from typing import Any
 
 import txredisapi
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IDelayedCall, IStreamClientEndpoint
+from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from cim.backends.backoff import Backoff
+from cim.backends.link import Link, LinkReport, TcpConnections
 from cim.backends.state.redis.address import RedisAddress
 from cim.backends.state.redis.scripts import Script
 from cim.interfaces import StateUnavailable
+from cim.reactor import ICimReactor
 
 _log = Logger(namespace="cim.state.redis")
 
@@ -54,7 +57,7 @@ class _RedisFactory(Factory):
     def __init__(
         self,
         protocol_class: type,
-        reactor: Any,
+        reactor: ICimReactor,
         address: RedisAddress,
         reply_timeout: float,
         on_message: Callable[[str, str], None] | None = None,
@@ -86,173 +89,69 @@ class _RedisFactory(Factory):
         self.last_error = why
 
 
-class _Link:
-    """One connection to Redis, re-established with a capped backoff until stopped.
+class _RedisConnections(TcpConnections[Any, Any]):
+    """What the one reconnecting link (cim.backends.link) needs to know about Redis.
 
-    ``protocol`` is the usable connection or None: callers check it and fail fast
-    instead of waiting, which is what keeps a Redis outage from piling up requests.
+    A connection is usable once txredisapi has done AUTH and SELECT and ``check``
+    has had its answer (a PING for commands, the SUBSCRIBE for notifications); the
+    usable connection is the txredisapi protocol itself.
     """
 
     def __init__(
         self,
-        name: str,
-        reactor: Any,
         endpoint: IStreamClientEndpoint,
         factory: _RedisFactory,
-        where: str,
-        prepare: Callable[[Any], Deferred[Any]] | None,
-        initial_delay: float,
-        max_delay: float,
+        check: Callable[[Any], Deferred[Any]],
     ) -> None:
-        self._name = name
-        self._reactor = reactor
-        self._endpoint = endpoint
-        self._factory = factory
-        self._where = where
-        self._prepare = prepare
-        self._initial_delay = initial_delay
-        self._max_delay = max_delay
-        self.protocol: Any = None
-        self._connecting: Any = None
-        self._attempt: Deferred[Any] | None = None
-        self._retry: IDelayedCall | None = None
-        self._failures = 0
-        self._running = False
-        self._reported_up: bool | None = None
-        self._waiters: list[Deferred[None]] = []
-        self.last_error: str | None = None
+        super().__init__(endpoint, factory)
+        self._redis = factory
+        self._check = check
+        self._usable: Any = None
 
-    def start(self) -> None:
-        if not self._running:
-            self._running = True
-            self._connect()
+    def connect(self) -> Deferred[Any]:
+        self._redis.last_error = None
+        return super().connect()
 
-    def when_ready(self) -> Deferred[None]:
-        if self.protocol is not None:
-            return defer.succeed(None)
-        d: Deferred[None] = Deferred(lambda d: self._waiters.remove(d))
-        self._waiters.append(d)
-        return d
-
-    def stop(self) -> Deferred[None]:
-        self._running = False
-        if self._retry is not None and self._retry.active():
-            self._retry.cancel()
-        self._retry = None
-        if self._attempt is not None:
-            self._attempt.cancel()
-        connection = self._connecting or self.protocol
-        self.protocol = None
-        self._connecting = None
-        if connection is None or not connection.connected:
-            return defer.succeed(None)
-        lost: Deferred[Any] = connection.whenDisconnected()
-        connection.transport.loseConnection()
-        return lost.addCallback(lambda _: None)
-
-    # --- the loop ---------------------------------------------------------------------
-
-    def _connect(self) -> None:
-        self._retry = None
-        self._factory.last_error = None
-        attempt = self._endpoint.connect(self._factory)
-        self._attempt = attempt
-        attempt.addCallbacks(self._connected, self._connect_failed)
-
-    def _connected(self, protocol: Any) -> None:
-        self._attempt = None
-        if not self._running:
-            protocol.transport.loseConnection()
-            return
-        if not protocol.connected:
-            self._failed("connection closed at once")
-            return
-        self._connecting = protocol
-        protocol.whenDisconnected().addCallback(lambda _: self._lost(protocol))
+    def prepare(self, protocol: Any) -> Deferred[Any]:
         ready: Deferred[Any] = protocol.whenConnected()  # after AUTH and SELECT
-        if self._prepare is not None:
-            prepare = self._prepare
-            ready.addCallback(lambda _: prepare(protocol))
-        ready.addCallbacks(
-            lambda _: self._usable(protocol), self._prepare_failed, errbackArgs=(protocol,)
-        )
+        check = self._check
+        ready.addCallback(lambda _: check(protocol))
+        return ready.addCallback(lambda _: protocol)
 
-    def _prepare_failed(self, failure: Failure, protocol: Any) -> None:
-        self._factory.last_error = failure.getErrorMessage()
-        if protocol.connected:
-            protocol.transport.abortConnection()
+    def when_lost(self, protocol: Any) -> Deferred[str]:
+        if not protocol.connected:
+            return defer.succeed("connection closed at once")
+        lost: Deferred[Any] = protocol.whenDisconnected()
+        return lost.addCallback(lambda _: self._why_lost(protocol))
 
-    def _usable(self, protocol: Any) -> None:
-        if not self._running or not protocol.connected or self._connecting is not protocol:
-            return
-        self._connecting = None
-        self.protocol = protocol
-        self._failures = 0
-        self.last_error = None
-        self._report(True)
-        waiters, self._waiters = self._waiters, []
-        for waiter in waiters:
-            waiter.callback(None)
+    def _why_lost(self, protocol: Any) -> str:
+        if protocol is self._usable:
+            return "connection lost"
+        # A refused AUTH or SELECT closes the connection; txredisapi says why here.
+        return self._redis.last_error or "connection closed before it was ready"
 
-    def _connect_failed(self, failure: Failure) -> None:
-        self._attempt = None
-        if not self._running:
-            return
-        self._failed(failure.getErrorMessage())
+    def up(self, usable: Any) -> None:
+        self._usable = usable
 
-    def _lost(self, protocol: Any) -> None:
-        was_usable = self.protocol is protocol
-        if was_usable:
-            self.protocol = None
-        if self._connecting is protocol:
-            self._connecting = None
-        if not self._running:
-            return
-        if was_usable:
-            # A working connection dropped: try again soon, then back off.
-            self._failures = 0
-            self._failed("connection lost")
-        else:
-            self._failed(self._factory.last_error or "connection closed before it was ready")
+    def down(self, usable: Any) -> None:
+        if self._usable is usable:
+            self._usable = None
 
-    def _failed(self, why: str) -> None:
-        self.last_error = why
-        self._report(False)
-        self._failures += 1
-        delay = min(self._max_delay, self._initial_delay * 2 ** min(self._failures - 1, 30))
-        # Jitter keeps a fleet of nodes from reconnecting in lockstep after an outage.
-        delay *= random.uniform(0.8, 1.0)
-        self._retry = self._reactor.callLater(delay, self._connect)
 
-    def _report(self, up: bool) -> None:
-        if self._reported_up is up:
-            return
-        first = self._reported_up is None
-        self._reported_up = up
-        if up:
-            _log.info(
-                "state store: {link} connection to Redis at {where} is {state}",
-                link=self._name,
-                where=self._where,
-                state="up" if first else "back",
-            )
-        elif first:
-            _log.warn(
-                "state store: cannot open the {link} connection to Redis at {where} ({why}); "
-                "retrying",
-                link=self._name,
-                where=self._where,
-                why=self.last_error,
-            )
-        else:
-            _log.warn(
-                "state store: lost the {link} connection to Redis at {where} ({why}); "
-                "state calls fail until it is back, retrying at most every {cap} s",
-                link=self._name,
-                where=self._where,
-                why=self.last_error,
-                cap=self._max_delay,
-            )
+def _link(
+    name: str,
+    reactor: ICimReactor,
+    endpoint: IStreamClientEndpoint,
+    factory: _RedisFactory,
+    where: str,
+    check: Callable[[Any], Deferred[Any]],
+    backoff: Backoff,
+) -> Link[Any, Any]:
+    """One of the two connections, kept up by the one reconnecting link."""
+    report = LinkReport(
+        _log, "state store", f"{name} connection to Redis at {where}", "state calls fail"
+    )
+    return Link(reactor, _RedisConnections(endpoint, factory, check), backoff, report)
 
 
 class RedisConnection:
@@ -265,7 +164,7 @@ class RedisConnection:
 
     def __init__(
         self,
-        reactor: Any,
+        reactor: ICimReactor,
         address: RedisAddress,
         reply_timeout: float,
         channel: str,
@@ -278,32 +177,32 @@ class RedisConnection:
         self._channel = channel
         self.where = str(address)
         endpoint = address.endpoint(reactor, reply_timeout)
-        self._commands = _Link(
+        # Jitter keeps a fleet of nodes from reconnecting in lockstep after an outage.
+        backoff = Backoff(reconnect_delay, max_reconnect_delay, jitter=0.2)
+        self._commands = _link(
             "command",
             reactor,
             endpoint,
             _RedisFactory(_CommandProtocol, reactor, address, reply_timeout),
             self.where,
             _ping,
-            reconnect_delay,
-            max_reconnect_delay,
+            backoff,
         )
-        self._notifications = _Link(
+        self._notifications = _link(
             "notification",
             reactor,
             endpoint,
             _RedisFactory(_SubscriberProtocol, reactor, address, reply_timeout, on_message),
             self.where,
             self._subscribe,
-            reconnect_delay,
-            max_reconnect_delay,
+            backoff,
         )
         self._open = False
 
     @property
     def connected(self) -> bool:
         """Whether calls can reach Redis right now (both connections are up)."""
-        return self._commands.protocol is not None and self._notifications.protocol is not None
+        return self._commands.connected and self._notifications.connected
 
     def open(self) -> Deferred[None]:
         """Connect; fails with StateUnavailable if Redis is not reached in time."""
@@ -362,14 +261,14 @@ class RedisConnection:
 
     def ping_notifications(self) -> None:
         """A silent notification connection could be dead: make it answer or reconnect."""
-        protocol = self._notifications.protocol
+        protocol = self._notifications.usable
         if protocol is not None:
             # A ping that times out aborts the connection (txredisapi's reply timeout),
             # which the link then re-establishes.
             protocol.execute_command("PING").addErrback(lambda _: None)
 
     def _connection(self) -> Any:
-        protocol = self._commands.protocol
+        protocol = self._commands.usable
         if protocol is None:
             why = self._commands.last_error
             detail = f" ({why})" if why else ""

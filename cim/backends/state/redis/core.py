@@ -42,6 +42,7 @@ from cim.backends.state.redis.address import RedisAddress
 from cim.backends.state.redis.connection import RedisConnection
 from cim.backends.state.redis.scripts import Script
 from cim.interfaces import SessionEndedListener, SessionRecord
+from cim.reactor import ICimReactor
 
 SESSION_GRACE = 3600.0
 """Seconds a session's data outlives its expiry, so the sweep can announce it."""
@@ -61,7 +62,7 @@ class RedisCore:
 
     def __init__(
         self,
-        reactor: Any,
+        reactor: ICimReactor,
         clock: IReactorTime,
         address: RedisAddress,
         reply_timeout: float,
