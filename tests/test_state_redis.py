@@ -15,6 +15,7 @@ import functools
 import os
 import time
 import uuid
+from importlib import resources
 from typing import Any, cast
 
 import txredisapi
@@ -30,9 +31,10 @@ from zope.interface.verify import verifyObject
 
 from cim.backends.backoff import Backoff
 from cim.backends.state import make_state_store, token_hash
-from cim.backends.state.redis import RedisState
+from cim.backends.state.redis import RedisState, scripts
 from cim.backends.state.redis.address import RedisAddress, parse_redis_url
 from cim.backends.state.redis.connection import _CommandProtocol, _link, _ping, _RedisFactory
+from cim.backends.state.redis.scripts import Script
 from cim.config import StateConfig
 from cim.interfaces import AlreadyLoggedIn, IStateBackend, SessionRecord, StateUnavailable
 from tests.services import PrivateRedis, eventually, redis_available, service_missing
@@ -493,6 +495,30 @@ class RedisAddressTests(SynchronousTestCase):
     def test_bad_urls(self) -> None:
         for url in ("http://127.0.0.1", "redis://127.0.0.1/x", "unix://"):
             self.assertRaises(ValueError, parse_redis_url, url)
+
+
+class ScriptFilesTests(SynchronousTestCase):
+    """The Lua scripts are package files, read once when the backend is imported."""
+
+    def test_every_lua_file_is_a_loaded_script(self) -> None:
+        loaded = {
+            value.source: name for name, value in vars(scripts).items() if isinstance(value, Script)
+        }
+        files = sorted(
+            entry.name[: -len(".lua")]
+            for entry in resources.files("cim.backends.state.redis").iterdir()
+            if entry.name.endswith(".lua") and entry.name != "prelude.lua"
+        )
+        self.assertEqual(len(files), len(loaded))
+        for name in files:
+            self.assertIn(scripts.load_script(name).source, loaded)
+
+    def test_each_script_has_the_prelude_and_no_placeholder_left(self) -> None:
+        for value in vars(scripts).values():
+            if isinstance(value, Script):
+                self.assertNotIn("$", value.source)
+                # Every script begins with the prelude: the prefix and the shared helpers.
+                self.assertIn("local p = ARGV[1]", value.source.split("local function")[0])
 
 
 class RedisConnectionLoopTests(SynchronousTestCase):
