@@ -78,7 +78,13 @@ class ISessionStore(Interface):
     def create_session(
         token_hash: str, user: str, device: str, node_id: str, ttl: float, policy: str
     ) -> Deferred[tuple[SessionRecord, SessionRecord | None]]:
-        """See IStateStore.create_session."""
+        """Atomically decide a duplicate login and store the new session.
+
+        policy 'kick_old': any previous session of the user ends (listeners are told,
+        reason 'logged in elsewhere') and is returned as the second element.
+        policy 'refuse_new': fails with AlreadyLoggedIn when the user has a session
+        that is currently online; a previous session that is not online is replaced.
+        """
 
     def session_for_token(token_hash: str) -> Deferred[SessionRecord | None]:
         """The live, unexpired session for a token hash, or None."""
@@ -87,7 +93,8 @@ class ISessionStore(Interface):
         """Logout: remove the session and its route; listeners are told."""
 
     def end_user_session(user: str, reason: str) -> Deferred[SessionRecord | None]:
-        """An administrator's kick of the user's current session."""
+        """End the user's current session whatever its token (an administrator's
+        kick); listeners are told with reason. None when the user has no live session."""
 
     def add_session_ended_listener(listener: SessionEndedListener) -> None:
         """Be told whenever a session ends (kick, logout, expiry), on any node."""
@@ -115,95 +122,17 @@ class IRouteStore(Interface):
         """Online users per node id."""
 
     def refresh_sessions(node_id: str, records: list[SessionRecord]) -> Deferred[None]:
-        """The node's connected sessions are alive: extend their routes' TTL, rewriting
-        what the backend lost."""
+        """The node's connected sessions are alive: extend their routes' TTL.
+
+        Also rewrites sessions, routes and online entries the backend lost (a Redis
+        restart), so connected users stay reachable without reconnecting. A record
+        whose session turns out to be over is not brought back: the session-ended
+        listeners are told instead, so the node drops the connection.
+        """
 
 
 class IReceiptStore(Interface):
     """What the node answered for each sender message, within the dedup window."""
-
-    def remember_message(
-        sender: str, device: str, client_seq: int, msg_id: int, sent_at_ms: int
-    ) -> Deferred[MessageReceipt | None]:
-        """Atomically claim (sender, device, client_seq) for msg_id (see IStateStore)."""
-
-    def record_outcome(
-        sender: str, device: str, client_seq: int, status: int, reason: str
-    ) -> Deferred[None]:
-        """The final outcome of a remembered message, for answering later retries."""
-
-
-class ISequenceStore(Interface):
-    """Numbers shared by every node: node numbers for message ids, group sequences."""
-
-    def node_number(node_id: str) -> Deferred[int]:
-        """This node's number for message ids (0-1023)."""
-
-    def next_group_seq(group: str) -> Deferred[int]:
-        """The group's next message number (1, 2, 3, ...), shared by every node."""
-
-
-class IStateStore(Interface):
-    """Sessions, routes and who is online."""
-
-    sessions = Attribute("ISessionStore: logins")
-    presence = Attribute("IRouteStore: routes (uid -> node) and who is online")
-    receipts = Attribute("IReceiptStore: answers to sender messages, for retries")
-    sequences = Attribute("ISequenceStore: node numbers and group sequences")
-
-    def create_session(
-        token_hash: str,
-        user: str,
-        device: str,
-        node_id: str,
-        ttl: float,
-        policy: str,
-    ) -> Deferred[tuple[SessionRecord, SessionRecord | None]]:
-        """Atomically decide a duplicate login and store the new session.
-
-        policy 'kick_old': any previous session of the user ends (listeners are told,
-        reason 'logged in elsewhere') and is returned as the second element.
-        policy 'refuse_new': fails with AlreadyLoggedIn when the user has a session
-        that is currently online; a previous session that is not online is replaced.
-        """
-
-    def session_for_token(token_hash: str) -> Deferred[SessionRecord | None]:
-        """The live, unexpired session for a token hash, or None."""
-
-    def end_session(token_hash: str, reason: str) -> Deferred[SessionRecord | None]:
-        """Logout: remove the session and its route; listeners are told."""
-
-    def end_user_session(user: str, reason: str) -> Deferred[SessionRecord | None]:
-        """End the user's current session whatever its token (an administrator's
-        kick); listeners are told with reason. None when the user has no live session."""
-
-    def mark_online(record: SessionRecord) -> Deferred[None]:
-        """The session's connection finished its handshake on record.node_id."""
-
-    def mark_offline(record: SessionRecord) -> Deferred[None]:
-        """The session's connection closed; a no-op if a newer one took over."""
-
-    def route(user: str) -> Deferred[str | None]:
-        """The node id the user is connected to, or None when offline."""
-
-    def routes(users: list[str]) -> Deferred[dict[str, str]]:
-        """The node id of each online user among users (offline ones are left out)."""
-
-    def online_users(offset: int, limit: int) -> Deferred[tuple[int, list[str]]]:
-        """(total online, a page of user names sorted by name)."""
-
-    def online_count_by_node() -> Deferred[dict[str, int]]:
-        """Online users per node id."""
-
-    def add_session_ended_listener(listener: SessionEndedListener) -> None:
-        """Be told whenever a session ends (kick, logout, expiry), on any node."""
-
-    def refresh_sessions(node_id: str, records: list[SessionRecord]) -> Deferred[None]:
-        """The node's connected sessions are alive: extend their routes' TTL.
-
-        Also rewrites sessions, routes and online entries the backend lost (a Redis
-        restart), so connected users stay reachable without reconnecting.
-        """
 
     def remember_message(
         sender: str, device: str, client_seq: int, msg_id: int, sent_at_ms: int
@@ -220,6 +149,10 @@ class IStateStore(Interface):
     ) -> Deferred[None]:
         """The final outcome of a remembered message, for answering later retries."""
 
+
+class ISequenceStore(Interface):
+    """Numbers shared by every node: node numbers for message ids, group sequences."""
+
     def node_number(node_id: str) -> Deferred[int]:
         """This node's number for message ids (0-1023), the same for the same id and
         unique among the nodes sharing this store."""
@@ -227,11 +160,26 @@ class IStateStore(Interface):
     def next_group_seq(group: str) -> Deferred[int]:
         """The group's next message number (1, 2, 3, ...), shared by every node."""
 
-    def start() -> Deferred[None] | None:
-        """Connect / begin housekeeping."""
 
-    def stop() -> Deferred[None] | None:
-        """Disconnect / end housekeeping."""
+class IStateBackend(Interface):
+    """The state backend as the daemon holds it: four facets, started and stopped together.
+
+    A room depends on the facet it uses (``state.presence.route(user)``), not on the
+    whole backend. The facets of one backend share their data (a session's route goes
+    when the session ends), which is why they come, start and stop as one.
+    """
+
+    sessions: ISessionStore = Attribute("ISessionStore: logins")
+    presence: IRouteStore = Attribute("IRouteStore: routes (uid -> node) and who is online")
+    receipts: IReceiptStore = Attribute("IReceiptStore: answers to sender messages, for retries")
+    sequences: ISequenceStore = Attribute("ISequenceStore: node numbers and group sequences")
+
+    def start() -> Deferred[None]:
+        """Connect and begin housekeeping; fails with StateUnavailable when the backend
+        cannot be reached at start (once started, it survives outages)."""
+
+    def stop() -> Deferred[None]:
+        """End housekeeping and disconnect."""
 
 
 class INodeRegistry(Interface):

@@ -5,7 +5,7 @@ bits of node number, 12 bits of per-millisecond sequence. Sorting ids sorts mess
 by the time the node took them, which is what group ordering needs (design: 群聊以
 服务器收到的顺序为准), and a node never repeats or goes back even when the wall
 clock steps backwards: it keeps counting from the last millisecond it used. The node
-number comes from the state store (``IStateStore.node_number``), which never hands the
+number comes from the state store (``ISequenceStore.node_number``), which never hands the
 same number to two node ids.
 """
 

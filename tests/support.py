@@ -20,7 +20,7 @@ from twisted.python.failure import Failure
 from twisted.test import iosim
 
 from cim.backends.registry.local import LocalRegistry
-from cim.backends.state.memory import MemoryStateStore
+from cim.backends.state.memory import MemoryState
 from cim.client.connection import ImClientProtocol
 from cim.config import KNOWN_SUITES, ImConfig, parse_config
 from cim.im.collaborators import (
@@ -116,7 +116,7 @@ class NodeHarness:
         users: tuple[str, ...] = (),
         node_id: str = "node1",
         clock: MemoryReactorClock | None = None,
-        state: MemoryStateStore | None = None,
+        state: MemoryState | None = None,
         bus: IMessageBus | None = None,
         groups: GroupMembership | None = None,
         known: KnownUsers | None = None,
@@ -139,7 +139,7 @@ class NodeHarness:
         self.config = im_config(config_extra)
         self.policy = policy
         self.metrics = NodeMetrics()
-        self.state = state if state is not None else MemoryStateStore(self.clock)
+        self.state = state if state is not None else MemoryState(self.clock)
         self.registry = LocalRegistry()
         self.key = node_key()
         self.registry.register(NodeInfo(node_id, "127.0.0.1", 9000, self.key.public_der))
@@ -184,7 +184,7 @@ class NodeHarness:
         node_id = node_id or self.node_id
         self.users.names.add(user)
         token = secrets.token_urlsafe(32)
-        d = self.state.create_session(
+        d = self.state.sessions.create_session(
             hashlib.sha256(token.encode()).hexdigest(), user, device, node_id, 3600.0, self.policy
         )
         results: list[Any] = []

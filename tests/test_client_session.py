@@ -55,7 +55,9 @@ class FakeRouter:
 
     async def logout(self, token: str) -> None:
         self.logouts.append(token)
-        await self.node.state.end_session(hashlib.sha256(token.encode()).hexdigest(), "logged out")
+        await self.node.state.sessions.end_session(
+            hashlib.sha256(token.encode()).hexdigest(), "logged out"
+        )
 
 
 class Network:
@@ -245,7 +247,9 @@ class ChatClientTests(SynchronousTestCase):
         settle(node)
         assert client.ticket is not None and client.protocol is not None
         # The session ended server-side (e.g. expired): the token is now invalid.
-        node.state.end_session(hashlib.sha256(client.ticket.token.encode()).hexdigest(), "expired")
+        node.state.sessions.end_session(
+            hashlib.sha256(client.ticket.token.encode()).hexdigest(), "expired"
+        )
         settle(node)
         settle(node, 2.0)
         self.assertEqual(client.state, "online")

@@ -9,7 +9,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.trial.unittest import SynchronousTestCase
 
 from cim.backends.bus.memory import MemoryBroker, MemoryBus
-from cim.backends.state.memory import MemoryStateStore
+from cim.backends.state.memory import MemoryState
 from cim.protocols import cim_pb2
 from tests.support import ConnectedClient, KnownUsers, NodeHarness
 
@@ -57,7 +57,7 @@ class RetryTests(SynchronousTestCase):
     def test_retry_reaches_another_node_through_shared_state(self) -> None:
         """The dedup window lives in the state store, not in one node's memory."""
         state_clock = NodeHarness().clock
-        shared = MemoryStateStore(state_clock)
+        shared = MemoryState(state_clock)
         known = KnownUsers()
         one = NodeHarness(node_id="node1", clock=state_clock, state=shared, known=known)
         two = NodeHarness(node_id="node2", clock=state_clock, state=shared, known=known)
@@ -134,7 +134,7 @@ class RetryTests(SynchronousTestCase):
 
 def cluster(groups: Any = None) -> tuple[NodeHarness, NodeHarness]:
     clock = NodeHarness().clock
-    state = MemoryStateStore(clock)
+    state = MemoryState(clock)
     broker = MemoryBroker(clock)
     known = KnownUsers()
     nodes = tuple(

@@ -25,7 +25,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.server import Site
 
 from cim.backends.state import token_hash
-from cim.backends.state.memory import MemoryStateStore
+from cim.backends.state.memory import MemoryState
 from cim.config import ConfigError, FilesConfig, parse_config
 from cim.files import records
 from cim.files.blobs import BlobStore
@@ -119,7 +119,7 @@ class FileServiceTestCase(SynchronousTestCase):
     def setUp(self) -> None:
         self.clock = Clock()
         self.clock.advance(1_700_000_000)
-        self.state = MemoryStateStore(self.clock)
+        self.state = MemoryState(self.clock)
         for user, token in TOKENS.items():
             self.successResultOf(
                 self.state.sessions.create_session(
@@ -793,7 +793,7 @@ class ListenerTests(SynchronousTestCase):
             enabled=True, listen="tcp:0", public_url="http://f.test", upload_expiry=120
         )
         listener = FilesListener(
-            config, data_dir, database, MemoryStateStore(reactor).sessions, reactor, runner=run_now
+            config, data_dir, database, MemoryState(reactor).sessions, reactor, runner=run_now
         )
         self.successResultOf(Deferred.fromCoroutine(listener.start()))
         self.assertEqual(os.stat(listener.key_path).st_mode & 0o777, 0o600)

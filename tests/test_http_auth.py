@@ -12,7 +12,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.test.requesthelper import DummyRequest
 
 from cim.backends.state import token_hash
-from cim.backends.state.memory import MemoryStateStore
+from cim.backends.state.memory import MemoryState
 from cim.http.auth import (
     BEARER_CHALLENGE,
     SEND_TOKEN,
@@ -119,7 +119,7 @@ class CountingSessions:
 
 class BearerSessionsTests(SynchronousTestCase):
     def setUp(self) -> None:
-        self.state = MemoryStateStore(Clock())
+        self.state = MemoryState(Clock())
         self.record, _ = self.successResultOf(
             self.state.sessions.create_session(
                 token_hash(TOKEN), "alice", "phone", "n1", 3600, "kick_old"

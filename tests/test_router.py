@@ -23,7 +23,7 @@ from twisted.web.server import Site
 
 from cim.backends.registry.local import LocalRegistry
 from cim.backends.state import token_hash
-from cim.backends.state.memory import MemoryStateStore
+from cim.backends.state.memory import MemoryState
 from cim.config import ImConfig, RouterConfig
 from cim.interfaces import NodeInfo, SessionRecord, StateUnavailable
 from cim.metrics import NodeMetrics
@@ -162,7 +162,7 @@ class RouterTests(SynchronousTestCase):
         self.clock = Clock()
         self.clock.advance(1_000_000)
         self.accounts = FakeAccounts({"alice": self.PASSWORD, "bob": "bob-secret-pw"})
-        self.state = MemoryStateStore(self.clock)
+        self.state = MemoryState(self.clock)
         self.ended: list[tuple[SessionRecord, str]] = []
         self.state.sessions.add_session_ended_listener(
             lambda record, why: self.ended.append((record, why))
@@ -292,7 +292,7 @@ class RouterTests(SynchronousTestCase):
         self.assertError(self.login(password="wrong"), 401, "invalid_credentials")
         self.assertError(self.login(user="nobody", password="x"), 401, "invalid_credentials")
         self.assertEqual(self.metrics.logins["invalid_credentials"], 2)
-        self.assertEqual(self.state._sessions, {})
+        self.assertEqual(self.state.table.sessions, {})
 
     def test_throttled_per_user(self) -> None:
         for _ in range(3):
@@ -426,7 +426,7 @@ class RouterTests(SynchronousTestCase):
         self.successResultOf(self.registry.unregister())
         self.assertError(self.login(), 503, "no_node")
         self.assertEqual(self.metrics.logins["no_node"], 1)
-        self.assertEqual(self.state._sessions, {})
+        self.assertEqual(self.state.table.sessions, {})
 
     def test_answer_after_slow_password_check(self) -> None:
         self.accounts.hold = True
@@ -487,8 +487,8 @@ class RouterTests(SynchronousTestCase):
         for _ in range(200):
             token = self.login().json()["token"]
             self.assertEqual(self.logout(token).status, 200)
-        self.assertEqual(self.state._sessions, {})
-        self.assertEqual(self.state._token_hash_by_user, {})
+        self.assertEqual(self.state.table.sessions, {})
+        self.assertEqual(self.state.table.token_hash_by_user, {})
         root: Any = self.site.resource
         self.assertEqual(len(root.user_throttle), 0)
         self.assertEqual(len(root.address_throttle), 0)

@@ -1,4 +1,4 @@
-"""RedisStateStore: the shared contract against real Redis, plus what only a cluster needs.
+"""RedisState: the facet contracts against real Redis, plus what only a cluster needs.
 
 Integration tests use the real reactor and Redis at CIM_TEST_REDIS_URL (default
 127.0.0.1:6379), each under a key prefix of its own that is deleted afterwards; the
@@ -15,6 +15,7 @@ import functools
 import os
 import time
 import uuid
+from importlib import resources
 from typing import Any, cast
 
 import txredisapi
@@ -26,20 +27,28 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
+from zope.interface.verify import verifyObject
 
+from cim.backends.backoff import Backoff
 from cim.backends.state import make_state_store, token_hash
-from cim.backends.state.redis import (
-    RedisAddress,
-    RedisStateStore,
-    _CommandProtocol,
-    _Link,
-    _RedisFactory,
-    parse_redis_url,
-)
+from cim.backends.state.redis import RedisState, scripts
+from cim.backends.state.redis.address import RedisAddress, parse_redis_url
+from cim.backends.state.redis.connection import _CommandProtocol, _link, _ping, _RedisFactory
+from cim.backends.state.redis.scripts import Script
 from cim.config import StateConfig
-from cim.interfaces import AlreadyLoggedIn, IStateStore, SessionRecord, StateUnavailable
+from cim.interfaces import AlreadyLoggedIn, IStateBackend, SessionRecord, StateUnavailable
 from tests.services import PrivateRedis, eventually, redis_available, service_missing
-from tests.test_state_memory import START, TTL, Ended, StateStoreContract, listen
+from tests.test_state_memory import (
+    START,
+    TTL,
+    Ended,
+    ReceiptsContract,
+    RoutesContract,
+    SequencesContract,
+    SessionsContract,
+    StateContract,
+    listen,
+)
 
 REDIS_URL = os.environ.get("CIM_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 REPLY_TIMEOUT = 2.0
@@ -65,12 +74,12 @@ class RedisFixture(TestCase):
 
     async def make_store(
         self, route_ttl: float = CONTRACT_ROUTE_TTL, url: str | None = None, **options: Any
-    ) -> RedisStateStore:
+    ) -> RedisState:
         options.setdefault("clock", self.clock)
         options.setdefault("key_prefix", self.prefix)
         options.setdefault("sweep_interval", 3600.0)
         options.setdefault("max_reconnect_delay", 0.5)
-        store = RedisStateStore(
+        store = RedisState(
             reactor,
             url or self.url,
             options.pop("reply_timeout", REPLY_TIMEOUT),
@@ -111,7 +120,7 @@ class RedisFixture(TestCase):
             finally:
                 await connection.disconnect()
 
-    async def barrier(self, *stores: RedisStateStore) -> None:
+    async def barrier(self, *stores: RedisState) -> None:
         """Wait until every store has received every notification published so far.
 
         Pub/sub delivers in order, so once a fresh session's end reaches a store, any
@@ -122,9 +131,11 @@ class RedisFixture(TestCase):
         for store in stores:
             seen: set[str] = set()
             heard.append(seen)
-            store.add_session_ended_listener(functools.partial(_note_user, seen))
-        await stores[0].create_session(token_hash(marker), marker, "x", "n0", TTL, "kick_old")
-        await stores[0].end_session(token_hash(marker), "logged out")
+            store.sessions.add_session_ended_listener(functools.partial(_note_user, seen))
+        await stores[0].sessions.create_session(
+            token_hash(marker), marker, "x", "n0", TTL, "kick_old"
+        )
+        await stores[0].sessions.end_session(token_hash(marker), "logged out")
 
         async def everyone_heard() -> bool:
             return all(marker in seen for seen in heard)
@@ -132,21 +143,39 @@ class RedisFixture(TestCase):
         await eventually(reactor, everyone_heard, 10, "the barrier notification")
 
 
-class RedisStateStoreContractTests(RedisFixture, StateStoreContract):
+class RedisContractFixture(RedisFixture, StateContract):
+    """A started Redis backend on its own key prefix, for the contracts."""
+
     async def asyncSetUp(self) -> None:
-        self.store = await self.make_store()
-        self.ended = listen(self.store)
+        self.state = await self.make_store()
+        self.ended = listen(self.state)
 
     def setUp(self) -> Any:
         super().setUp()
         return defer.Deferred.fromCoroutine(self.asyncSetUp())
 
-    async def fresh_store(self) -> IStateStore:
+    async def fresh_state(self) -> IStateBackend:
         return await self.make_store()
 
     async def leftovers(self) -> int:
         # Tombstones of ended sessions expire by themselves; anything else is a leak.
         return len([key for key in await self.keys() if ":ended:" not in key])
+
+
+class RedisSessionsContractTests(SessionsContract, RedisContractFixture):
+    pass
+
+
+class RedisRoutesContractTests(RoutesContract, RedisContractFixture):
+    pass
+
+
+class RedisReceiptsContractTests(ReceiptsContract, RedisContractFixture):
+    pass
+
+
+class RedisSequencesContractTests(SequencesContract, RedisContractFixture):
+    pass
 
 
 class RedisClusterTests(RedisFixture):
@@ -155,12 +184,12 @@ class RedisClusterTests(RedisFixture):
     async def test_node_numbers_differ_between_nodes(self) -> None:
         first = await self.make_store()
         other = await self.make_store()
-        one = await first.node_number("node-a")
-        two = await other.node_number("node-b")
+        one = await first.sequences.node_number("node-a")
+        two = await other.sequences.node_number("node-b")
         self.assertNotEqual(one, two)
-        self.assertEqual(await other.node_number("node-a"), one)
+        self.assertEqual(await other.sequences.node_number("node-a"), one)
 
-    async def nodes(self) -> tuple[RedisStateStore, RedisStateStore, Ended, Ended]:
+    async def nodes(self) -> tuple[RedisState, RedisState, Ended, Ended]:
         n1 = await self.make_store()
         n2 = await self.make_store()
         return n1, n2, listen(n1), listen(n2)
@@ -168,13 +197,13 @@ class RedisClusterTests(RedisFixture):
     async def test_concurrent_kick_old_logins_leave_one_session(self) -> None:
         n1, n2, _, _ = await self.nodes()
         attempts = [
-            (n1 if i % 2 else n2).create_session(
+            (n1 if i % 2 else n2).sessions.create_session(
                 token_hash(f"t{i}"), "alice", "phone", "n1", TTL, "kick_old"
             )
             for i in range(10)
         ]
         results = await defer.gatherResults(attempts)
-        live = [await n1.session_for_token(token_hash(f"t{i}")) for i in range(10)]
+        live = [await n1.sessions.session_for_token(token_hash(f"t{i}")) for i in range(10)]
         survivors = [record for record in live if record is not None]
         self.assertEqual(len(survivors), 1)
         # Redis ran the logins one after another: each replaced exactly the one before.
@@ -188,20 +217,20 @@ class RedisClusterTests(RedisFixture):
 
     async def test_concurrent_refuse_new_logins_leave_one_session(self) -> None:
         n1, n2, _, _ = await self.nodes()
-        d1 = n1.create_session(token_hash("t1"), "alice", "phone", "n1", TTL, "refuse_new")
-        d2 = n2.create_session(token_hash("t2"), "alice", "pc", "n1", TTL, "refuse_new")
+        d1 = n1.sessions.create_session(token_hash("t1"), "alice", "phone", "n1", TTL, "refuse_new")
+        d2 = n2.sessions.create_session(token_hash("t2"), "alice", "pc", "n1", TTL, "refuse_new")
         await defer.gatherResults([d1, d2])
-        live = [await n1.session_for_token(token_hash(t)) for t in ("t1", "t2")]
+        live = [await n1.sessions.session_for_token(token_hash(t)) for t in ("t1", "t2")]
         self.assertEqual(len([record for record in live if record is not None]), 1)
 
     async def test_concurrent_logins_against_an_online_session_are_refused(self) -> None:
         n1, n2, _, _ = await self.nodes()
-        online, _ = await n1.create_session(
+        online, _ = await n1.sessions.create_session(
             token_hash("t0"), "alice", "phone", "n1", TTL, "refuse_new"
         )
-        await n1.mark_online(online)
+        await n1.presence.mark_online(online)
         attempts = [
-            (n1 if i % 2 else n2).create_session(
+            (n1 if i % 2 else n2).sessions.create_session(
                 token_hash(f"t{i}"), "alice", "pc", "n2", TTL, "refuse_new"
             )
             for i in range(1, 6)
@@ -210,30 +239,32 @@ class RedisClusterTests(RedisFixture):
         for success, result in outcomes:
             self.assertFalse(success)
             self.assertIsInstance(cast(Failure, result).value, AlreadyLoggedIn)
-        self.assertEqual(await n2.session_for_token(token_hash("t0")), online)
-        self.assertEqual(await n2.route("alice"), "n1")
+        self.assertEqual(await n2.sessions.session_for_token(token_hash("t0")), online)
+        self.assertEqual(await n2.presence.route("alice"), "n1")
 
     async def test_session_ended_reaches_every_node_once(self) -> None:
         n1, n2, ended1, ended2 = await self.nodes()
-        first, _ = await n1.create_session(
+        first, _ = await n1.sessions.create_session(
             token_hash("t1"), "alice", "phone", "n2", TTL, "kick_old"
         )
-        await n2.mark_online(first)
-        second, _ = await n1.create_session(token_hash("t2"), "alice", "pc", "n1", TTL, "kick_old")
-        await n2.end_session(token_hash("t2"), "logged out")
+        await n2.presence.mark_online(first)
+        second, _ = await n1.sessions.create_session(
+            token_hash("t2"), "alice", "pc", "n1", TTL, "kick_old"
+        )
+        await n2.sessions.end_session(token_hash("t2"), "logged out")
         await self.barrier(n1, n2)
         expected = [(first, "logged in elsewhere"), (second, "logged out")]
         self.assertEqual([e for e in ended1 if e[0].user == "alice"], expected)
         self.assertEqual([e for e in ended2 if e[0].user == "alice"], expected)
-        self.assertEqual(await n1.route("alice"), None)
+        self.assertEqual(await n1.presence.route("alice"), None)
 
     async def test_sweep_ends_expired_sessions_once_across_nodes(self) -> None:
         n1, n2, ended1, ended2 = await self.nodes()
-        alice, _ = await n1.create_session(
+        alice, _ = await n1.sessions.create_session(
             token_hash("ta"), "alice", "phone", "n1", 100, "kick_old"
         )
-        await n1.mark_online(alice)
-        await n1.create_session(token_hash("tb"), "bob", "phone", "n1", 1000, "kick_old")
+        await n1.presence.mark_online(alice)
+        await n1.sessions.create_session(token_hash("tb"), "bob", "phone", "n1", 1000, "kick_old")
         self.assertEqual(await n2.sweep(), 0)
         self.clock.advance(100)
         self.assertEqual(await n2.sweep(), 1)
@@ -241,83 +272,89 @@ class RedisClusterTests(RedisFixture):
         await self.barrier(n1, n2)
         self.assertEqual([e for e in ended1 if e[0].user == "alice"], [(alice, "expired")])
         self.assertEqual([e for e in ended2 if e[0].user == "alice"], [(alice, "expired")])
-        self.assertIsNone(await n1.route("alice"))
-        self.assertIsNotNone(await n1.session_for_token(token_hash("tb")))
+        self.assertIsNone(await n1.presence.route("alice"))
+        self.assertIsNotNone(await n1.sessions.session_for_token(token_hash("tb")))
 
     async def test_refresh_rewrites_lost_state(self) -> None:
         n1, n2, ended1, _ = await self.nodes()
-        alice, _ = await n1.create_session(
+        alice, _ = await n1.sessions.create_session(
             token_hash("ta"), "alice", "phone", "n1", TTL, "kick_old"
         )
-        bob, _ = await n1.create_session(token_hash("tb"), "bob", "phone", "n2", TTL, "kick_old")
-        await n1.mark_online(alice)
-        await n2.mark_online(bob)
+        bob, _ = await n1.sessions.create_session(
+            token_hash("tb"), "bob", "phone", "n2", TTL, "kick_old"
+        )
+        await n1.presence.mark_online(alice)
+        await n2.presence.mark_online(bob)
         await self.delete_keys()  # what a Redis restart without persistence leaves
-        self.assertIsNone(await n1.session_for_token(token_hash("ta")))
-        await n1.refresh_sessions("n1", [alice, bob])
-        await n2.refresh_sessions("n2", [alice, bob])
-        self.assertEqual(await n2.session_for_token(token_hash("ta")), alice)
-        self.assertEqual(await n2.session_for_token(token_hash("tb")), bob)
-        self.assertEqual(await n2.route("alice"), "n1")
-        self.assertEqual(await n2.online_count_by_node(), {"n1": 1, "n2": 1})
-        self.assertEqual(await n2.online_users(0, 10), (2, ["alice", "bob"]))
+        self.assertIsNone(await n1.sessions.session_for_token(token_hash("ta")))
+        await n1.presence.refresh_sessions("n1", [alice, bob])
+        await n2.presence.refresh_sessions("n2", [alice, bob])
+        self.assertEqual(await n2.sessions.session_for_token(token_hash("ta")), alice)
+        self.assertEqual(await n2.sessions.session_for_token(token_hash("tb")), bob)
+        self.assertEqual(await n2.presence.route("alice"), "n1")
+        self.assertEqual(await n2.presence.online_count_by_node(), {"n1": 1, "n2": 1})
+        self.assertEqual(await n2.presence.online_users(0, 10), (2, ["alice", "bob"]))
         self.assertEqual(ended1, [])
         # The rewritten state is whole: duplicate login and logout work on it.
         await self.assert_refused(n2, "alice")
-        _, previous = await n2.create_session(token_hash("tb2"), "bob", "pc", "n1", TTL, "kick_old")
+        _, previous = await n2.sessions.create_session(
+            token_hash("tb2"), "bob", "pc", "n1", TTL, "kick_old"
+        )
         self.assertEqual(previous, bob)
 
-    async def assert_refused(self, store: RedisStateStore, user: str) -> None:
+    async def assert_refused(self, store: RedisState, user: str) -> None:
         try:
-            await store.create_session(token_hash("x" + user), user, "pc", "n1", TTL, "refuse_new")
+            await store.sessions.create_session(
+                token_hash("x" + user), user, "pc", "n1", TTL, "refuse_new"
+            )
         except AlreadyLoggedIn:
             return
         self.fail("expected AlreadyLoggedIn")
 
     async def test_a_login_after_lost_state_kicks_the_old_connection_on_refresh(self) -> None:
         n1, n2, ended1, _ = await self.nodes()
-        alice, _ = await n1.create_session(
+        alice, _ = await n1.sessions.create_session(
             token_hash("ta"), "alice", "phone", "n1", TTL, "kick_old"
         )
-        await n1.mark_online(alice)
+        await n1.presence.mark_online(alice)
         await self.delete_keys()
         # Redis forgot alice, so this login replaces nothing and no one is told...
-        newer, previous = await n2.create_session(
+        newer, previous = await n2.sessions.create_session(
             token_hash("ta2"), "alice", "pc", "n2", TTL, "kick_old"
         )
         self.assertIsNone(previous)
         # ...until n1's refresh finds a newer session in place of its own.
-        await n1.refresh_sessions("n1", [alice])
+        await n1.presence.refresh_sessions("n1", [alice])
         self.assertEqual(ended1, [(alice, "logged in elsewhere")])
-        self.assertEqual(await n1.session_for_token(token_hash("ta2")), newer)
-        self.assertIsNone(await n1.session_for_token(token_hash("ta")))
+        self.assertEqual(await n1.sessions.session_for_token(token_hash("ta2")), newer)
+        self.assertIsNone(await n1.sessions.session_for_token(token_hash("ta")))
 
     async def test_routes_of_a_silent_node_expire(self) -> None:
         store = await self.make_store(route_ttl=3.0)
-        alice, _ = await store.create_session(
+        alice, _ = await store.sessions.create_session(
             token_hash("ta"), "alice", "phone", "dead", TTL, "kick_old"
         )
-        bob, _ = await store.create_session(
+        bob, _ = await store.sessions.create_session(
             token_hash("tb"), "bob", "phone", "live", TTL, "kick_old"
         )
-        await store.mark_online(alice)
-        await store.mark_online(bob)
-        self.assertEqual(await store.online_count_by_node(), {"dead": 1, "live": 1})
+        await store.presence.mark_online(alice)
+        await store.presence.mark_online(bob)
+        self.assertEqual(await store.presence.online_count_by_node(), {"dead": 1, "live": 1})
         started = time.monotonic()
 
         async def alice_gone() -> bool:
             # The live node refreshes its users meanwhile; the dead one does not.
-            await store.refresh_sessions("live", [bob])
-            return await store.route("alice") is None
+            await store.presence.refresh_sessions("live", [bob])
+            return await store.presence.route("alice") is None
 
         await eventually(reactor, alice_gone, 3.0 + 2.0, "alice's route to expire", interval=0.5)
         self.assertGreaterEqual(time.monotonic() - started, 2.0)
-        self.assertEqual(await store.route("bob"), "live")
-        self.assertEqual(await store.online_count_by_node(), {"live": 1})
+        self.assertEqual(await store.presence.route("bob"), "live")
+        self.assertEqual(await store.presence.online_count_by_node(), {"live": 1})
         await store.sweep()
-        self.assertEqual(await store.online_users(0, 10), (1, ["bob"]))
+        self.assertEqual(await store.presence.online_users(0, 10), (1, ["bob"]))
         # The session itself outlives its route: the user may reconnect elsewhere.
-        self.assertEqual(await store.session_for_token(token_hash("ta")), alice)
+        self.assertEqual(await store.sessions.session_for_token(token_hash("ta")), alice)
 
 
 class RedisOutageTests(TestCase):
@@ -330,8 +367,8 @@ class RedisOutageTests(TestCase):
         self.clock = Clock()
         self.clock.advance(START)
 
-    def make_store(self, **options: Any) -> RedisStateStore:
-        store = RedisStateStore(
+    def make_store(self, **options: Any) -> RedisState:
+        store = RedisState(
             reactor,
             self.redis.url,
             options.pop("reply_timeout", 1.0),
@@ -364,7 +401,7 @@ class RedisOutageTests(TestCase):
             self.fail("start() succeeded without Redis")
         self.assertLess(time.monotonic() - started, 1.0 + 1.0)
         self.assertFalse(store.connected)
-        await self.assert_fails_fast(store.session_for_token(token_hash("t")), 0.5)
+        await self.assert_fails_fast(store.sessions.session_for_token(token_hash("t")), 0.5)
 
     async def test_outage_fails_fast_then_state_is_rewritten(self) -> None:
         self.redis.start()
@@ -372,20 +409,23 @@ class RedisOutageTests(TestCase):
         await n1.start()
         await n2.start()
         ended2 = listen(n2)
-        alice, _ = await n1.create_session(
+        alice, _ = await n1.sessions.create_session(
             token_hash("ta"), "alice", "phone", "n1", TTL, "kick_old"
         )
-        bob, _ = await n1.create_session(token_hash("tb"), "bob", "phone", "n1", TTL, "kick_old")
-        await n1.mark_online(alice)
-        await n1.mark_online(bob)
+        bob, _ = await n1.sessions.create_session(
+            token_hash("tb"), "bob", "phone", "n1", TTL, "kick_old"
+        )
+        await n1.presence.mark_online(alice)
+        await n1.presence.mark_online(bob)
 
         self.redis.stop()
         for _ in range(3):
-            await self.assert_fails_fast(n1.session_for_token(token_hash("ta")), 1.0)
+            await self.assert_fails_fast(n1.sessions.session_for_token(token_hash("ta")), 1.0)
             await self.assert_fails_fast(
-                n1.create_session(token_hash("tc"), "carol", "pc", "n1", TTL, "kick_old"), 1.0
+                n1.sessions.create_session(token_hash("tc"), "carol", "pc", "n1", TTL, "kick_old"),
+                1.0,
             )
-            await self.assert_fails_fast(n1.refresh_sessions("n1", [alice, bob]), 1.0)
+            await self.assert_fails_fast(n1.presence.refresh_sessions("n1", [alice, bob]), 1.0)
         self.assertFalse(n1.connected)
 
         self.redis.start()
@@ -394,13 +434,15 @@ class RedisOutageTests(TestCase):
             return n1.connected and n2.connected
 
         await eventually(reactor, reconnected, 10, "the stores to reconnect by themselves")
-        self.assertIsNone(await n1.session_for_token(token_hash("ta")))  # Redis came back empty
-        await n1.refresh_sessions("n1", [alice, bob])
-        self.assertEqual(await n2.session_for_token(token_hash("ta")), alice)
-        self.assertEqual(await n2.route("bob"), "n1")
-        self.assertEqual(await n2.online_count_by_node(), {"n1": 2})
+        self.assertIsNone(
+            await n1.sessions.session_for_token(token_hash("ta"))
+        )  # Redis came back empty
+        await n1.presence.refresh_sessions("n1", [alice, bob])
+        self.assertEqual(await n2.sessions.session_for_token(token_hash("ta")), alice)
+        self.assertEqual(await n2.presence.route("bob"), "n1")
+        self.assertEqual(await n2.presence.online_count_by_node(), {"n1": 2})
         # Notifications flow again: n2 resubscribed after the restart.
-        await n1.create_session(token_hash("ta2"), "alice", "pc", "n1", TTL, "kick_old")
+        await n1.sessions.create_session(token_hash("ta2"), "alice", "pc", "n1", TTL, "kick_old")
 
         async def n2_told() -> bool:
             return (alice, "logged in elsewhere") in ended2
@@ -412,12 +454,12 @@ class RedisOutageTests(TestCase):
         store = self.make_store(reply_timeout=0.5)
         await store.start()
         self.redis.pause()
-        await self.assert_fails_fast(store.route("alice"), 0.5 + 0.5)
+        await self.assert_fails_fast(store.presence.route("alice"), 0.5 + 0.5)
         self.redis.resume()
 
         async def answers() -> bool:
             try:
-                await store.route("alice")
+                await store.presence.route("alice")
             except StateUnavailable:
                 return False
             return True
@@ -455,6 +497,30 @@ class RedisAddressTests(SynchronousTestCase):
             self.assertRaises(ValueError, parse_redis_url, url)
 
 
+class ScriptFilesTests(SynchronousTestCase):
+    """The Lua scripts are package files, read once when the backend is imported."""
+
+    def test_every_lua_file_is_a_loaded_script(self) -> None:
+        loaded = {
+            value.source: name for name, value in vars(scripts).items() if isinstance(value, Script)
+        }
+        files = sorted(
+            entry.name[: -len(".lua")]
+            for entry in resources.files("cim.backends.state.redis").iterdir()
+            if entry.name.endswith(".lua") and entry.name != "prelude.lua"
+        )
+        self.assertEqual(len(files), len(loaded))
+        for name in files:
+            self.assertIn(scripts.load_script(name).source, loaded)
+
+    def test_each_script_has_the_prelude_and_no_placeholder_left(self) -> None:
+        for value in vars(scripts).values():
+            if isinstance(value, Script):
+                self.assertNotIn("$", value.source)
+                # Every script begins with the prelude: the prefix and the shared helpers.
+                self.assertIn("local p = ARGV[1]", value.source.split("local function")[0])
+
+
 class RedisConnectionLoopTests(SynchronousTestCase):
     """The reconnect loop and fail-fast calls, on a fake reactor."""
 
@@ -464,7 +530,7 @@ class RedisConnectionLoopTests(SynchronousTestCase):
         observer = cast(ILogObserver, self.events.append)
         globalLogPublisher.addObserver(observer)
         self.addCleanup(globalLogPublisher.removeObserver, observer)
-        self.store = RedisStateStore(
+        self.state = RedisState(
             self.reactor,
             "redis://127.0.0.1:6390/0",
             5.0,
@@ -488,16 +554,18 @@ class RedisConnectionLoopTests(SynchronousTestCase):
 
     def test_calls_fail_at_once_before_start(self) -> None:
         failure = self.failureResultOf(
-            self.store.session_for_token(token_hash("t")), StateUnavailable
+            self.state.sessions.session_for_token(token_hash("t")), StateUnavailable
         )
         self.assertIn("not connected", str(failure.value))
-        self.failureResultOf(self.store.route("alice"), StateUnavailable)
-        self.failureResultOf(self.store.refresh_sessions("n1", [record()]), StateUnavailable)
+        self.failureResultOf(self.state.presence.route("alice"), StateUnavailable)
+        self.failureResultOf(
+            self.state.presence.refresh_sessions("n1", [record()]), StateUnavailable
+        )
         # Nothing was queued to be sent later.
         self.assertEqual(self.reactor.tcpClients, [])
 
     def test_start_fails_after_the_timeout(self) -> None:
-        started = self.store.start()
+        started = self.state.start()
         self.assertEqual(len(self.reactor.tcpClients), 2)  # commands and notifications
         self.assertNoResult(started)
         self.reactor.advance(4.9)
@@ -510,15 +578,14 @@ class RedisConnectionLoopTests(SynchronousTestCase):
 
     def test_reconnects_forever_with_capped_backoff_and_logs_once(self) -> None:
         address = parse_redis_url("redis://127.0.0.1:6390/0")
-        link = _Link(
+        link = _link(
             "command",
             self.reactor,
             address.endpoint(self.reactor, 5.0),
             _RedisFactory(_CommandProtocol, self.reactor, address, 5.0),
             str(address),
-            None,
-            0.2,
-            5.0,
+            _ping,
+            Backoff(0.2, 5.0, jitter=0.2),
         )
         link.start()
         delays: list[float] = []
@@ -536,11 +603,13 @@ class RedisConnectionLoopTests(SynchronousTestCase):
         self.assertEqual(self.reactor.getDelayedCalls(), [])
 
     def test_calls_fail_at_once_while_reconnecting(self) -> None:
-        started = self.store.start()
+        started = self.state.start()
         self.refuse_pending()
-        self.failureResultOf(self.store.route("alice"), StateUnavailable)
+        self.failureResultOf(self.state.presence.route("alice"), StateUnavailable)
         self.failureResultOf(
-            self.store.create_session(token_hash("t"), "alice", "pc", "n1", TTL, "kick_old"),
+            self.state.sessions.create_session(
+                token_hash("t"), "alice", "pc", "n1", TTL, "kick_old"
+            ),
             StateUnavailable,
         )
         self.reactor.advance(5)
@@ -550,8 +619,9 @@ class RedisConnectionLoopTests(SynchronousTestCase):
 class MakeRedisStoreTests(SynchronousTestCase):
     def test_redis_backend(self) -> None:
         config = StateConfig(backend="redis", redis_url="redis://127.0.0.1:6390/0")
-        store = make_state_store(config, MemoryReactorClock())
-        self.assertIsInstance(store, RedisStateStore)
+        state = make_state_store(config, MemoryReactorClock())
+        self.assertIsInstance(state, RedisState)
+        self.assertTrue(verifyObject(IStateBackend, state))
 
 
 def _note_user(seen: set[str], record: SessionRecord, why: str) -> None:

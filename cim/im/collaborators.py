@@ -23,7 +23,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from cim.interfaces import IStateStore, SessionRecord
+from cim.interfaces import IStateBackend, SessionRecord
 from cim.message_ids import MessageIdGenerator
 from cim.metrics import NodeMetrics
 from cim.offline.store import OfflineItem, OfflinePage, SenderCount
@@ -87,7 +87,7 @@ class NodeCore:
     """What every room shares: who this node is, its clock, counters, ids and state."""
 
     node_id: str
-    state: IStateStore
+    state: IStateBackend
     """Reached through its facets: ``state.presence``, ``state.receipts``, ..."""
     clock: IReactorTime
     metrics: NodeMetrics

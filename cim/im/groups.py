@@ -90,9 +90,9 @@ class GroupMessages:
 
         Fails (for the caller to answer the sender) when the number cannot be had.
         """
-        d = self._sequences.next_group_seq(message.group)
-        d.addCallback(self._numbered, session, message)
-        return d
+        return self._sequences.next_group_seq(message.group).addCallback(
+            self._numbered, session, message
+        )
 
     def _numbered(self, seq: int, session: ClientSession, message: cim_pb2.Message) -> None:
         message.group_seq = seq

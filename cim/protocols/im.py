@@ -24,7 +24,7 @@ from cim import oplog as oplog_events
 from cim.backends.state import token_hash
 from cim.config import ImConfig
 from cim.im.sessions import kick_code
-from cim.interfaces import INodeRegistry, IStateStore, SessionRecord
+from cim.interfaces import INodeRegistry, IStateBackend, SessionRecord
 from cim.metrics import NodeMetrics
 from cim.oplog import OperationLog
 from cim.protocols import cim_pb2
@@ -161,7 +161,7 @@ class ImServerProtocol(FrameProtocol, SweptTimeoutMixin):
             self.send_plaintext(refusal.to_body())
             self.lose_connection()
             return
-        d = factory.state.session_for_token(token_hash(accepted.token))
+        d = factory.state.sessions.session_for_token(token_hash(accepted.token))
         d.addCallback(self._token_checked, accepted)
         d.addErrback(self._token_check_failed)
 
@@ -314,7 +314,7 @@ class ImServerFactory(Factory):
         config: ImConfig,
         node_key: NodeKey,
         node: ImNode,
-        state: IStateStore,
+        state: IStateBackend,
         registry: INodeRegistry,
         clock: IReactorTime,
         metrics: NodeMetrics,

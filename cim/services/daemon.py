@@ -38,7 +38,7 @@ from cim.interfaces import (
     BusUnavailable,
     IMessageBus,
     INodeRegistry,
-    IStateStore,
+    IStateBackend,
     NodeIdTaken,
     StateUnavailable,
 )
@@ -76,7 +76,7 @@ class CimDaemon(Service):
         self.started: Deferred[None] | None = None
         self.database: Database | None = None
         self.accounts: AccountStore | None = None
-        self.state: IStateStore | None = None
+        self.state: IStateBackend | None = None
         self.registry: INodeRegistry | None = None
         self.bus: IMessageBus | None = None
         self.groups: GroupDirectory | None = None
@@ -138,7 +138,7 @@ class CimDaemon(Service):
 
         # Message ids embed a node number the state store hands out, unique in a cluster.
         node_number = yield self._backend_step(
-            "state", config.state.backend, lambda: state.node_number(node_id)
+            "state", config.state.backend, lambda: state.sequences.node_number(node_id)
         )
         self.bus = make_bus(config.queue, node_id, self.reactor)
         # Each node caches group members; changes made on another node reach this

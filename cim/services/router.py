@@ -20,8 +20,7 @@ from twisted.logger import Logger
 from twisted.web import server
 
 from cim import oplog as oplog_events
-from cim.backends.state import token_hash
-from cim.backends.state.memory import REASON_KICKED_BY_ADMIN, REASON_LOGGED_OUT
+from cim.backends.state import REASON_KICKED_BY_ADMIN, REASON_LOGGED_OUT, token_hash
 from cim.config import ImConfig, RouterConfig
 from cim.http.auth import BearerSessions, invalid_token, state_unavailable
 from cim.http.endpoints import Call, Endpoint, EndpointResource, nobody

@@ -1,12 +1,29 @@
-"""Session, route and online state behind IStateStore; the embedded backend is in memory."""
+"""Sessions, routes, receipts and sequence numbers: the state backend and its four facets.
+
+The contracts are in cim.interfaces (ISessionStore, IRouteStore, IReceiptStore,
+ISequenceStore, and IStateBackend that holds one of each). Two backends keep them:
+``memory`` (everything in this process, for a single node) and ``redis`` (shared by a
+cluster). Each is a package with one module per facet and one small core the facets
+share; ``make_state_store`` builds the one the [state] section names.
+"""
 
 from __future__ import annotations
 
 import hashlib
-from typing import Any
 
 from cim.config import StateConfig
-from cim.interfaces import IStateStore
+from cim.interfaces import IStateBackend
+from cim.reactor import ICimReactor
+
+# Why a session ended, as listeners are told (the IM node maps them to Kicked codes).
+REASON_LOGGED_IN_ELSEWHERE = "logged in elsewhere"
+REASON_LOGGED_OUT = "logged out"
+REASON_EXPIRED = "expired"
+REASON_KICKED_BY_ADMIN = "kicked by an administrator"
+
+# The duplicate-login policies ([router] duplicate_login) create_session decides by.
+KICK_OLD = "kick_old"
+REFUSE_NEW = "refuse_new"
 
 
 def token_hash(token: str) -> str:
@@ -19,7 +36,7 @@ def token_hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-def make_state_store(config: StateConfig, reactor: Any) -> IStateStore:
+def make_state_store(config: StateConfig, reactor: ICimReactor) -> IStateBackend:
     """The backend the [state] section names, not yet started.
 
     The Redis backend is imported only when configured: txredisapi installs the
@@ -27,15 +44,15 @@ def make_state_store(config: StateConfig, reactor: Any) -> IStateStore:
     twistd has installed the one it was asked for.
     """
     if config.backend == "redis":
-        from cim.backends.state.redis import RedisStateStore
+        from cim.backends.state.redis import RedisState
 
-        return RedisStateStore(
+        return RedisState(
             reactor,
             config.redis_url,
             config.redis_timeout,
             config.route_ttl,
             dedup_window=config.dedup_window,
         )
-    from cim.backends.state.memory import MemoryStateStore
+    from cim.backends.state.memory import MemoryState
 
-    return MemoryStateStore(reactor, dedup_window=config.dedup_window)
+    return MemoryState(reactor, dedup_window=config.dedup_window)

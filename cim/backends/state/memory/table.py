@@ -1,0 +1,139 @@
+"""The data the memory backend's sessions and routes facets share: one table of logins.
+
+A session and its online entry live and die together (a kick takes the route with it,
+a refuse_new login asks whether the old session is online), so both facets work on
+this one table instead of on each other. Every entry is reachable from a live session
+and is removed when that session ends, so memory follows the number of live sessions,
+never the number of logins made.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from cim.backends.state import REASON_EXPIRED
+from cim.interfaces import SessionEndedListener, SessionRecord
+
+
+class SessionTable:
+    """Sessions keyed by token hash, one current session per user, and who is online.
+
+    Expiry is enforced on every lookup (``live``), so correctness never waits for the
+    prune; ``end_expired`` only gives back the memory of sessions nobody looks up again.
+    The facets read the dicts directly; changes that touch more than one of them go
+    through the methods, which keep them consistent.
+    """
+
+    _log = Logger()
+
+    def __init__(self, clock: IReactorTime) -> None:
+        self.clock = clock
+        self.sessions: dict[str, SessionRecord] = {}
+        self.token_hash_by_user: dict[str, str] = {}
+        self.online: dict[str, SessionRecord] = {}
+        self.online_per_node: dict[str, int] = {}
+        # One queue per TTL, each in creation order. With a monotonic clock that is
+        # also expiry order, so the prune pops expired sessions off the front and
+        # never walks the live ones.
+        self.expiry_queues: dict[float, OrderedDict[str, float]] = {}
+        self._listeners: list[SessionEndedListener] = []
+
+    def add_listener(self, listener: SessionEndedListener) -> None:
+        self._listeners.append(listener)
+
+    # --- sessions ---------------------------------------------------------------------
+
+    def add(self, record: SessionRecord) -> None:
+        """Store a new session as its user's current one."""
+        token_hash = record.token_hash
+        self.sessions[token_hash] = record
+        self.token_hash_by_user[record.user] = token_hash
+        queue = self.expiry_queues.setdefault(_lifetime(record), OrderedDict())
+        queue[token_hash] = record.expires_at
+
+    def live(self, token_hash: str) -> SessionRecord | None:
+        """The session if it has not expired; an expired one is ended on the way."""
+        record = self.sessions.get(token_hash)
+        if record is None:
+            return None
+        if record.expires_at <= self.clock.seconds():
+            self.end(token_hash, REASON_EXPIRED)
+            return None
+        return record
+
+    def end(self, token_hash: str, reason: str) -> SessionRecord | None:
+        """Remove the session and tell the listeners why."""
+        record = self.forget(token_hash)
+        if record is not None:
+            self.tell(record, reason)
+        return record
+
+    def forget(self, token_hash: str) -> SessionRecord | None:
+        """Remove every trace of a session, without telling anyone."""
+        record = self.sessions.pop(token_hash, None)
+        if record is None:
+            return None
+        if self.token_hash_by_user.get(record.user) == token_hash:
+            del self.token_hash_by_user[record.user]
+        if self.is_online(record):
+            self.set_offline(record.user)
+        lifetime = _lifetime(record)
+        queue = self.expiry_queues.get(lifetime)
+        if queue is not None:
+            queue.pop(token_hash, None)
+            if not queue:
+                del self.expiry_queues[lifetime]
+        return record
+
+    def end_expired(self) -> int:
+        """End every session past its expiry; returns how many ended."""
+        now = self.clock.seconds()
+        ended = 0
+        for ttl in list(self.expiry_queues):
+            queue = self.expiry_queues.get(ttl)
+            while queue:
+                token_hash, expires_at = next(iter(queue.items()))
+                if expires_at > now:
+                    break
+                self.end(token_hash, REASON_EXPIRED)
+                ended += 1
+        return ended
+
+    def tell(self, record: SessionRecord, reason: str) -> None:
+        for listener in list(self._listeners):
+            try:
+                listener(record, reason)
+            except Exception:
+                # One faulty listener must not stop the others or corrupt the store.
+                self._log.failure(
+                    "session-ended listener failed for user {user!r}", user=record.user
+                )
+
+    # --- online entries ---------------------------------------------------------------
+
+    def is_online(self, record: SessionRecord) -> bool:
+        online = self.online.get(record.user)
+        return online is not None and online.session_id == record.session_id
+
+    def set_online(self, record: SessionRecord) -> None:
+        self.set_offline(record.user)
+        self.online[record.user] = record
+        self.online_per_node[record.node_id] = self.online_per_node.get(record.node_id, 0) + 1
+
+    def set_offline(self, user: str) -> None:
+        online = self.online.pop(user, None)
+        if online is None:
+            return
+        remaining = self.online_per_node[online.node_id] - 1
+        if remaining:
+            self.online_per_node[online.node_id] = remaining
+        else:
+            del self.online_per_node[online.node_id]
+
+
+def _lifetime(record: SessionRecord) -> float:
+    """The queue key, computed the same way on insert and removal so floats match."""
+    return record.expires_at - record.created_at
