@@ -106,7 +106,7 @@ class FirstContactTests(SynchronousTestCase):
 
     def test_online_in_time_cancels_the_deadline(self) -> None:
         node = NodeHarness()
-        client, router, network = make_client(node)
+        client, _, network = make_client(node)
         network.down = True
         started = client.start(deadline=10)
         settle(node, 2.0)
