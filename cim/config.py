@@ -566,7 +566,7 @@ def _parse_section(cls: type[SectionT], values: Mapping[str, str]) -> SectionT:
         instance.validate()  # type: ignore[attr-defined]
     except ConfigError as error:
         # validate() sees parsed values (1.0 for "1s"): show the operator what they typed.
-        if error.key in values and error.value is not None:
+        if error.key is not None and error.key in values and error.value is not None:
             error.value = _hide_password(values[error.key])
         raise
     return instance
