@@ -127,3 +127,35 @@ class MakeRunTests(SynchronousTestCase):
         self.assertEqual(make.returncode, 0, text)
         self.assertNotIn("make: ***", text)
         self.assertIn("stopped", text)  # the daemon's own goodbye in its log
+
+
+class GitIgnoreTests(SynchronousTestCase):
+    def test_what_the_readme_commands_create_is_ignored(self) -> None:
+        """A fresh clone's `git status` stays clean after the README's commands."""
+        if not os.path.exists(os.path.join(ROOT, ".git")) or shutil.which("git") is None:
+            raise SkipTest("not a git checkout")
+        created = [
+            "cim.log",
+            "cim.log.1",
+            "cim.pid",
+            "twistd.log",
+            "twistd.pid",
+            "data/cim.db",
+            "data/node_key.pem",
+            "data/operations.log",
+            "data/files/blobs/ab/cd/x",
+            ".venv/bin/python",
+            "_trial_temp/test.log",
+            "bench/results/quick.json",
+            "twisted/plugins/dropin.cache",
+        ]
+        checked = subprocess.run(
+            ["git", "-C", ROOT, "check-ignore", "--no-index", "-v", "--non-matching", *created],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        not_ignored = [
+            line.split("\t")[1] for line in checked.stdout.splitlines() if line.startswith("::")
+        ]
+        self.assertEqual(not_ignored, [])
