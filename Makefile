@@ -30,9 +30,10 @@ install: $(VENV)/.installed
 
 install-test: $(VENV)/.installed-test
 
-## Install and run the daemon in the foreground on the embedded backends.
+## Install and run the daemon in the foreground on the embedded backends. Ctrl-C (or
+## SIGTERM to the daemon) stops it cleanly and make exits 0 (cim/scripts/foreground.py).
 run: install
-	$(BIN)/twistd --nodaemon --pidfile= cim --config $(CONFIG)
+	$(BIN)/python -m cim.scripts.foreground $(BIN)/twistd --nodaemon --pidfile= cim --config $(CONFIG)
 
 ## Install the test dependencies and run the whole test suite.
 test: install-test plugin-cache

@@ -246,7 +246,7 @@ class ImConfig:
                 "im",
                 "heartbeat_timeout",
                 str(self.heartbeat_timeout),
-                "must be longer than heartbeat_interval",
+                f"must be longer than heartbeat_interval ({self.heartbeat_interval:g} s)",
             )
 
     @property
@@ -562,7 +562,13 @@ def _parse_section(cls: type[SectionT], values: Mapping[str, str]) -> SectionT:
         if spec.default is REQUIRED and name not in kwargs:
             raise ConfigError(section, name, None, "required key is missing")
     instance = cls(**kwargs)
-    instance.validate()  # type: ignore[attr-defined]
+    try:
+        instance.validate()  # type: ignore[attr-defined]
+    except ConfigError as error:
+        # validate() sees parsed values (1.0 for "1s"): show the operator what they typed.
+        if error.key is not None and error.key in values and error.value is not None:
+            error.value = _hide_password(values[error.key])
+        raise
     return instance
 
 

@@ -88,6 +88,12 @@ class CimctlTests(TestCase):
         outcome = self.cimctl("check-config", config=path)
         self.assertOneLineError(outcome, 2, "[accounts] scrypt_n = '3000'", "power of 2")
 
+    def test_check_config_echoes_the_value_as_typed(self) -> None:
+        path = self.write_config("[node]\nid = t1\n[im]\nheartbeat_timeout = 1s\n", "hb.ini")
+        outcome = self.cimctl("check-config", config=path)
+        self.assertOneLineError(outcome, 2, "[im] heartbeat_timeout = '1s': must be longer")
+        self.assertNotIn("1.0", outcome.err)
+
     def test_check_config_unknown_key(self) -> None:
         path = self.write_config("[node]\nid = t1\nda_dir = x\n", "typo.ini")
         outcome = self.cimctl("check-config", config=path)
@@ -113,6 +119,25 @@ class CimctlTests(TestCase):
         self.assertIn("usage: cimctl user", outcome.err)
         self.assertEqual(self.cimctl("frobnicate").status, 2)
         self.assertEqual(self.cimctl("user", "add", "x", "--kind", "robot").status, 2)
+
+    def test_version(self) -> None:
+        from cim.version import version_string
+
+        outcome = self.cimctl("--version")
+        self.assertEqual((outcome.status, outcome.out), (0, f"cimctl {version_string()}\n"))
+
+    def test_a_router_that_is_not_running_is_status_3(self) -> None:
+        from tests.services import free_port
+
+        port = free_port()
+        path = self.write_config(
+            f"[node]\nid = t1\n[router]\nlisten = tcp:{port}:interface=127.0.0.1\n", "r.ini"
+        )
+        for command in (["online", "--json"], ["kick", "bob"]):
+            outcome = self.cimctl(*command, config=path)
+            self.assertOneLineError(
+                outcome, 3, f"cannot reach the router at http://127.0.0.1:{port}"
+            )
 
     def test_help_exits_0(self) -> None:
         outcome = self.cimctl("--help")
@@ -165,11 +190,11 @@ class CimctlTests(TestCase):
         self.add("watch1", PASSWORD, "--kind", "device")
         outcome = self.cimctl("user", "list", "--json")
         self.assertEqual(outcome.status, 0)
-        rows = json.loads(outcome.out)
+        rows = json.loads(outcome.out)["items"]
         self.assertEqual(
             [(r["name"], r["kind"]) for r in rows], [("bob", "person"), ("watch1", "device")]
         )
-        self.assertIsInstance(rows[0]["created_at"], float)
+        self.assertRegex(rows[0]["created_at"], r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
         self.assertNotIn("password", outcome.out)
 
     def test_password_is_the_first_line_without_newline(self) -> None:
@@ -261,9 +286,10 @@ class GroupAndKeyTests(CimctlTests):
                 ["g1", "team", "alice", "2"],
             ],
         )
-        rows = json.loads(self.cimctl("group", "list", "--json").out)
+        rows = json.loads(self.cimctl("group", "list", "--json").out)["items"]
         self.assertEqual([(r["id"], r["members"]) for r in rows], [("g2", 3), ("g3", 1), ("g1", 2)])
         self.assertEqual(rows[2]["owner"], "alice")
+        self.assertEqual(rows[2]["created_at"], "1970-01-01T00:16:40.000Z")  # 1000.0
 
     def test_group_show(self) -> None:
         self.make_groups()
@@ -280,7 +306,7 @@ class GroupAndKeyTests(CimctlTests):
 
     def test_group_list_empty(self) -> None:
         self.assertEqual(self.cimctl("db", "upgrade").status, 0)
-        self.assertEqual(json.loads(self.cimctl("group", "list", "--json").out), [])
+        self.assertEqual(json.loads(self.cimctl("group", "list", "--json").out), {"items": []})
 
     def test_keygen_rotates_and_keeps_the_previous_key(self) -> None:
         from cim.protocols.crypto import NodeKey
@@ -289,7 +315,8 @@ class GroupAndKeyTests(CimctlTests):
         first = self.cimctl("keygen", "--json")
         self.assertEqual(first.status, 0, first)
         made = json.loads(first.out)
-        self.assertEqual((made["path"], made["previous"]), (path, None))
+        self.assertEqual(made["path"], path)
+        self.assertNotIn("previous", made)  # no key before: left out, not null
         self.assertEqual(os.stat(path).st_mode & 0o777, 0o600)
         old = NodeKey.load_or_create(path)
         self.assertEqual(old.fingerprint.hex(), made["fingerprint"])

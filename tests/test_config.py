@@ -141,6 +141,26 @@ class ConfigErrorTests(SynchronousTestCase):
             "known: chacha20-poly1305, rc4-hmac-sha256",
         )
 
+    def test_a_rule_across_keys_echoes_the_value_as_typed(self) -> None:
+        """Not the parsed 1.0: the operator looks for "1s" in the file."""
+        error = self.assertConfigError(
+            MINIMAL + "[im]\nheartbeat_timeout = 1s\n",
+            "config error: [im] heartbeat_timeout = '1s': "
+            "must be longer than heartbeat_interval (30 s)",
+        )
+        self.assertEqual(error.value, "1s")
+        self.assertConfigError(
+            MINIMAL + "[accounts]\nscrypt_n = 3_000\n",
+            "config error: [accounts] scrypt_n = '3_000': must be a power of 2",
+        )
+
+    def test_a_url_as_typed_still_hides_its_password(self) -> None:
+        self.assertConfigError(
+            MINIMAL + "[database]\nurl = mysql://cim:s3cret@db/cim\n",
+            "config error: [database] url = 'mysql://cim:***@db/cim': "
+            "expected a sqlite:// or postgresql:// URL",
+        )
+
     def test_key_given_twice(self) -> None:
         self.assertConfigError(
             MINIMAL + "[im]\nenabled = true\nenabled = false\n",

@@ -8,6 +8,7 @@ shows that only the missing chunks came the second time.
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 from typing import Any
 
@@ -16,13 +17,13 @@ from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionLost
 
 from cim.client.files import (
+    DestinationExists,
     FileClient,
     FileServiceError,
     UploadReport,
     UploadState,
-    media_message,
-    media_summary,
 )
+from cim.client.media import media_message, media_summary
 from cim.protocols import cim_pb2
 from tests.test_files import CHUNK, TOKENS, FileServiceTestCase, png_bytes, run_now
 
@@ -196,6 +197,41 @@ class FileClientTests(FileServiceTestCase):
         with open(target, "rb") as handle:
             self.assertEqual(handle.read(), data)
         self.assertFalse(os.path.exists(target + ".part"))
+
+    def test_download_does_not_replace_a_file_unless_asked(self) -> None:
+        data = os.urandom(3000)
+        report = self.successResultOf(self.send(self.client(), self.write("d.bin", data)))
+        out = os.path.join(self.path, "out")
+        os.makedirs(out)
+        for target in (os.path.join(out, "mine.bin"), os.path.join(out, "d.bin")):
+            with open(target, "wb") as handle:
+                handle.write(b"precious")
+            # A named file is checked before asking; a directory once the name is known.
+            where = target if target.endswith("mine.bin") else out
+            d = Deferred.fromCoroutine(self.client().download(report.file.url, where))
+            self.settle(d)
+            failure = self.failureResultOf(d, DestinationExists)
+            self.assertEqual(str(failure.value), f"{target} already exists")
+            with open(target, "rb") as handle:
+                self.assertEqual(handle.read(), b"precious")
+            self.assertFalse(os.path.exists(target + ".part"))
+            d = Deferred.fromCoroutine(
+                self.client().download(report.file.url, where, overwrite=True)
+            )
+            self.settle(d)
+            self.assertEqual(self.successResultOf(d), (target, len(data)))
+            with open(target, "rb") as handle:
+                self.assertEqual(handle.read(), data)
+
+    def test_download_into_a_stream(self) -> None:
+        data = os.urandom(CHUNK + 10)
+        report = self.successResultOf(self.send(self.client(), self.write("e.bin", data)))
+        stream = io.BytesIO()
+        d = Deferred.fromCoroutine(self.client().download_to(report.file.url, stream))
+        self.settle(d)
+        self.assertEqual(self.successResultOf(d), len(data))
+        self.assertEqual(stream.getvalue(), data)
+        self.assertEqual([n for n in os.listdir(self.path) if n.endswith(".part")], [])
 
     def test_refusals_are_reported_with_their_code(self) -> None:
         path = self.write("huge.bin", b"x")

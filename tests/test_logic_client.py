@@ -18,6 +18,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from cim.client.logic import LogicClient, LogicError
 from cim.scripts import client as cli
+from cim.scripts import login
 from tests.logic_support import PASSWORD, LogicHarness, fired
 
 
@@ -143,7 +144,7 @@ class SubcommandTests(SynchronousTestCase):
 
     def setUp(self) -> None:
         self.h = LogicHarness(self)
-        self.patch(cli, "_password", lambda: PASSWORD)
+        self.patch(login, "password", lambda: PASSWORD)
 
     def run_command(self, user: str | None, *argv: str) -> Any:
         token = None if user is None else self.h.token(user)
@@ -159,7 +160,7 @@ class SubcommandTests(SynchronousTestCase):
         h.add_user("ben")
         post = self.run_command("ann", "post", "add", "hello", "--goal", "2", "--family")
         self.assertEqual((post["audience"], post["like_goal"]), ("family", 2))
-        self.assertEqual(self.run_command("ben", "post", "list"), {"posts": []})
+        self.assertEqual(self.run_command("ben", "post", "list"), {"items": []})
         with self.assertRaises(LogicError) as hidden:
             self.run_command("ben", "like", str(post["id"]))
         self.assertEqual(hidden.exception.status, 404)
@@ -167,7 +168,7 @@ class SubcommandTests(SynchronousTestCase):
         self.assertEqual(self.run_command("ben", "like", str(public["id"]))["likes"], 1)
         self.assertEqual(
             self.run_command("ben", "likers", str(public["id"]), "--limit", "5"),
-            {"likes": 1, "likers": ["ben"]},
+            {"items": ["ben"], "likes": 1},
         )
         self.assertEqual(self.run_command("ben", "unlike", str(public["id"]))["likes"], 0)
         self.assertEqual(self.run_command("ann", "post", "show", str(post["id"]))["text"], "hello")
@@ -195,7 +196,7 @@ class ArgumentTests(SynchronousTestCase):
     """Each subcommand's arguments, and the call they become."""
 
     def dispatch(self, *argv: str) -> tuple[str, tuple[Any, ...]]:
-        self.patch(cli, "_password", lambda: PASSWORD)
+        self.patch(login, "password", lambda: PASSWORD)
         recorder = Recorder()
         d: Deferred[Any] = Deferred.fromCoroutine(cli.logic_call(recorder, parse(*argv)))
         fired(d)

@@ -29,7 +29,7 @@ from prompt_toolkit.history import FileHistory, History, InMemoryHistory
 from prompt_toolkit.patch_stdout import patch_stdout
 from twisted.internet.defer import Deferred
 
-from cim.client.files import media_summary
+from cim.client.media import media_summary
 from cim.client.session import DeliveryOutcome
 from cim.protocols import cim_pb2
 

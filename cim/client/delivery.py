@@ -346,7 +346,9 @@ class Inbox:
 
     The acknowledgement (ack:R) is sent when the message is handed over, not when it
     arrives: an ack:N DELIVERED then means the application has it. ``window`` 0 turns
-    holding off (arrival order).
+    holding off (arrival order). ``deliver`` returning False declines the message: it is
+    not acknowledged, so the node keeps it. After ``close`` nothing more is handed over
+    or acknowledged, held messages included: the node keeps those too.
     """
 
     log = Logger()
@@ -355,7 +357,7 @@ class Inbox:
         self,
         clock: IReactorTime,
         seen: SeenStore,
-        deliver: Callable[[cim_pb2.Message], None],
+        deliver: Callable[[cim_pb2.Message], object],
         acknowledge: Callable[[int], None],
         window: float = 0.5,
         max_groups: int = 10_000,
@@ -374,6 +376,7 @@ class Inbox:
         # Called when a gap outlasts the window, before giving up on the missing one.
         self.gap_persists: Callable[[], object] | None = None
         self.late = 0
+        self.closed = False
 
     @property
     def held(self) -> int:
@@ -381,6 +384,8 @@ class Inbox:
 
     def receive(self, message: cim_pb2.Message) -> None:
         """A msg:N from the node."""
+        if self.closed:
+            return  # unacknowledged: the node keeps it for the next login
         sender, device, seq = getattr(message, "from"), message.device, message.client_seq
         seq_key = (sender, device, seq)
         held = self._held_ids.get(message.id) or (self._held_seqs.get(seq_key) if seq else None)
@@ -402,6 +407,15 @@ class Inbox:
         """Hand over everything held now, each stream in order (the client stops)."""
         for stream in list(self._streams.values()):
             self._release(stream, max(stream.held))
+
+    def close(self) -> None:
+        """Hand over nothing more; what is held is dropped unacknowledged (the node keeps
+        it). A message being handed over right now is still acknowledged."""
+        self.closed = True
+        for stream in list(self._streams.values()):
+            for order in list(stream.held):
+                self._unhold(stream, order)
+            self._forget_if_empty(stream)
 
     # --- arrival ----------------------------------------------------------------------
 
@@ -524,6 +538,8 @@ class Inbox:
             del self._streams[stream.key]
 
     def _hand_over(self, held: _Held) -> None:
+        if self.closed:
+            return  # the application takes no more: unacknowledged, the node keeps it
         message = held.message
         sender = getattr(message, "from")
         # Recorded first: if the process dies inside on_message, the message is not
@@ -540,9 +556,12 @@ class Inbox:
             while len(self._group_marks) > self._max_groups:
                 self._group_marks.popitem(last=False)
         try:
-            self._deliver(message)
+            taken = self._deliver(message)
         except Exception:
             self.log.failure("on_message raised for message {id}", id=message.id)
+            taken = True
+        if taken is False:
+            return  # declined: the node keeps it (this inbox still counts it as seen)
         for msg_id in (message.id, *held.also_ack):
             self._ack(msg_id)
 

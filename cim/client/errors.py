@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["ServiceError"]
+__all__ = ["ServiceError", "failure_line"]
 
 
 class ServiceError(Exception):
@@ -17,3 +17,12 @@ class ServiceError(Exception):
 
     def __str__(self) -> str:
         return f"{self.message} ({self.code}, HTTP {self.status})" if self.status else self.message
+
+
+def failure_line(what: str, error: Exception) -> str:
+    """One line for a failed attempt to reach ``what`` ("the router", "the node n1 at
+    host:port"); a service's own "cannot reach" errors already name it."""
+    text = str(error).strip() or type(error).__name__
+    if isinstance(error, ServiceError):
+        return text if error.status == 0 else f"{what} answered: {text}"
+    return f"cannot reach {what}: {text}"

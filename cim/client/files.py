@@ -22,17 +22,17 @@ import urllib.parse
 import wave
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import IO, Any, Protocol
 
 import treq
 from treq.client import HTTPClient
 from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.protocol import Protocol as ProtocolBase
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThreadPool
 from twisted.web.client import Agent, HTTPConnectionPool
 
 from cim.files.names import clean_name
-from cim.protocols import cim_pb2
 
 STATE_ENV = "CIM_UPLOAD_STATE"
 HASH_BLOCK = 1 << 20
@@ -220,60 +220,6 @@ def voice_duration_ms(path: str) -> int:
             return int(recording.getnframes() * 1000 / rate) if rate else 0
     except (wave.Error, EOFError, OSError):
         return 0
-
-
-# --- media messages ------------------------------------------------------------------------
-
-
-def message_type_for(mime: str) -> cim_pb2.MessageType:
-    if mime.startswith("image/"):
-        return cim_pb2.IMAGE
-    if mime.startswith("audio/"):
-        return cim_pb2.VOICE
-    return cim_pb2.FILE
-
-
-def media_message(
-    to: str, stored: StoredFile, name: str, group: bool = False, duration_ms: int = 0
-) -> cim_pb2.Message:
-    """The image, voice or file message that points at an uploaded file."""
-    media = cim_pb2.Media(
-        url=stored.url,
-        size=stored.size,
-        mime=stored.mime,
-        name=name,
-        thumbnail_url=stored.thumbnail_url,
-        duration_ms=duration_ms,
-        width=stored.width,
-        height=stored.height,
-        file_id=stored.file_id,
-    )
-    message = cim_pb2.Message(type=message_type_for(stored.mime), media=media)
-    if group:
-        message.group = to
-    else:
-        message.to = to
-    return message
-
-
-def human_size(size: int) -> str:
-    value = float(size)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024 or unit == "GiB":
-            return f"{int(value)} B" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{size} B"
-
-
-def media_summary(message: cim_pb2.Message) -> str:
-    """How a console shows a media message: ``[image] name (1.2 MiB)``."""
-    kind = cim_pb2.MessageType.Name(message.type).lower()
-    media = message.media
-    name = media.name or media.file_id or "file"
-    detail = human_size(media.size)
-    if message.type == cim_pb2.VOICE and media.duration_ms:
-        detail += f", {media.duration_ms / 1000:.1f} s"
-    return f"[{kind}] {name} ({detail})"
 
 
 # --- the client ----------------------------------------------------------------------------
@@ -545,19 +491,56 @@ class FileClient:
     # --- downloads -----------------------------------------------------------------------
 
     async def download(
-        self, url: str, destination: str | None = None, progress: ProgressSink | None = None
+        self,
+        url: str,
+        destination: str | None = None,
+        progress: ProgressSink | None = None,
+        overwrite: bool = False,
     ) -> tuple[str, int]:
         """Save a file; a ``.part`` left by an interrupted run is continued with Range.
 
         ``destination`` may be a directory (the server's name for the file is used,
-        stripped of any directory part) or None for the current directory.
+        stripped of any directory part) or None for the current directory. A file
+        already there raises ``DestinationExists`` (before anything is written) unless
+        ``overwrite``.
         """
-        sink = progress or NoProgress()
-        signed = "sig=" in urllib.parse.urlsplit(url).query
-        headers: dict[bytes | str, bytes | str] = {}
         target = destination
         part = f"{target}.part" if target and not os.path.isdir(target) else None
+        if target and part and not overwrite and os.path.exists(target):
+            raise DestinationExists(target)
         offset = os.path.getsize(part) if part and os.path.exists(part) else 0
+        response = await self._fetch(url, offset)
+        if target is None or os.path.isdir(target):
+            disposition = response.headers.getRawHeaders(b"content-disposition", [None])[0]
+            name = clean_name(_filename_from_disposition(disposition) or "download")
+            target = os.path.join(target or ".", name)
+            part = f"{target}.part"
+            if not overwrite and os.path.exists(target):
+                response.deliverBody(_Abandon())
+                raise DestinationExists(target)
+        assert part is not None
+        if response.code == 200:
+            offset = 0
+        mode = "ab" if response.code == 206 else "wb"
+        with open(part, mode) as handle:
+            await self._receive(response, handle, progress, offset)
+        os.replace(part, target)
+        return target, os.path.getsize(target)
+
+    async def download_to(
+        self, url: str, output: IO[bytes], progress: ProgressSink | None = None
+    ) -> int:
+        """Write a file into an open stream (such as stdout): no ``.part``, no resuming.
+
+        Returns how many bytes were written.
+        """
+        response = await self._fetch(url, 0)
+        return await self._receive(response, output, progress, 0)
+
+    async def _fetch(self, url: str, offset: int) -> Any:
+        """The download's response (206 from ``offset`` when the server resumes)."""
+        signed = "sig=" in urllib.parse.urlsplit(url).query
+        headers: dict[bytes | str, bytes | str] = {}
         if offset:
             headers["Range"] = f"bytes={offset}-"
         all_headers = headers if signed else self._headers(headers)
@@ -578,26 +561,40 @@ class FileClient:
                 str(body.get("error", "http_error")),
                 str(body.get("message", f"HTTP {response.code}")),
             )
-        if target is None or os.path.isdir(target):
-            disposition = response.headers.getRawHeaders(b"content-disposition", [None])[0]
-            name = clean_name(_filename_from_disposition(disposition) or "download")
-            target = os.path.join(target or ".", name)
-            part = f"{target}.part"
-        assert part is not None
-        if response.code == 200:
-            offset = 0
+        return response
+
+    async def _receive(
+        self, response: Any, output: IO[bytes], progress: ProgressSink | None, offset: int
+    ) -> int:
+        sink = progress or NoProgress()
         length = response.length if isinstance(response.length, int) else 0
         sink.begin(offset + length, offset)
-        mode = "ab" if response.code == 206 else "wb"
-        with open(part, mode) as handle:
+        written = 0
 
-            def write(data: bytes) -> None:
-                handle.write(data)
-                sink.advance(len(data))
+        def write(data: bytes) -> None:
+            nonlocal written
+            output.write(data)
+            written += len(data)
+            sink.advance(len(data))
 
-            try:
-                await treq.collect(response, write)
-            finally:
-                sink.end()
-        os.replace(part, target)
-        return target, os.path.getsize(target)
+        try:
+            await treq.collect(response, write)
+        finally:
+            sink.end()
+        return written
+
+
+class DestinationExists(FileExistsError):
+    """A download would replace a file that is already there."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(f"{path} already exists")
+        self.path = path
+
+
+class _Abandon(ProtocolBase):
+    """Takes a response body only to drop the connection: nothing of it is wanted."""
+
+    def connectionMade(self) -> None:
+        assert self.transport is not None
+        self.transport.stopProducing()  # type: ignore[attr-defined]

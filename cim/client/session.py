@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from google.protobuf.message import Message as ProtobufMessage
-from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
+from twisted.internet.defer import CancelledError, Deferred, ensureDeferred, succeed
 from twisted.internet.endpoints import HostnameEndpoint, connectProtocol
 from twisted.internet.error import ConnectError
 from twisted.internet.interfaces import IReactorTime
@@ -28,6 +28,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from cim.backends import backoff
+from cim.client.answers import Answers
 from cim.client.connection import ImClientProtocol, LoginRefused
 from cim.client.delivery import (
     REASON_CONNECTION_CLOSED,
@@ -38,6 +39,7 @@ from cim.client.delivery import (
     Outbox,
     RetryPolicy,
 )
+from cim.client.errors import failure_line
 from cim.client.router import LoginTicket, NodeTarget, RouterClient, RouterError
 from cim.client.seen import FileSeenStore, MemorySeenStore, SeenStore
 from cim.config import KNOWN_SUITES, SUITE_CHACHA
@@ -51,6 +53,8 @@ __all__ = [
     "DeliveryOutcome",
     "RetryPolicy",
     "SessionFailed",
+    "SessionRefused",
+    "Unreachable",
 ]
 
 _STATUS = cim_pb2.LoginResult
@@ -140,37 +144,71 @@ class ChatClient:
             self.clock, seen_store, self._hand_to_application, self._acknowledge, order_window
         )
         self.inbox.gap_persists = self._gap_persists
-        self._online_requests: list[Deferred[cim_pb2.OnlineA]] = []
-        self._group_requests: dict[int, Deferred[cim_pb2.GroupAnswer]] = {}
-        self._offline_requests: list[Deferred[cim_pb2.OfflineA]] = []
-        self._summary_requests: list[Deferred[cim_pb2.OfflineSummaryA]] = []
-        self._history_requests: list[Deferred[cim_pb2.HistoryA]] = []
-        self._history_waiting: list[tuple[cim_pb2.HistoryR, Deferred[cim_pb2.HistoryA]]] = []
+        self.answers = Answers(
+            lambda: self.protocol, lambda: SessionFailed(f"not connected ({self.state})")
+        )
         self._offline_ids: set[int] = set()
         self._offline_acks: list[int] = []
         self._ack_flush: Any = None
         self._pulling: Deferred[int] | None = None
         self._pull_again = False
         self._live_during_pull: list[cim_pb2.Message] = []
-        self._next_request_id = 1
         # The last client_seq sent to each receiver or group, for Message.prev_seq.
         self._last_seq_to: dict[tuple[str, str], int] = {}
         self._reconnect_call: Any = None
         self._connecting: Deferred[Any] | None = None
+        self._attempting: Deferred[None] | None = None
         self._attempt = 0
+        # The first connection's deadline, and what was being reached when it passed.
+        self._first_contact: Any = None
+        self._reaching = "the router"
+        self._last_failure = ""
         # Application callbacks.
-        self.on_message: Callable[[cim_pb2.Message], None] = lambda message: None
+        # Returning False declines the message: it is not acknowledged, the node keeps it.
+        self.on_message: Callable[[cim_pb2.Message], object] = lambda message: None
         self.on_state: Callable[[str, str], None] = lambda state, detail: None
         self.on_outcome: Callable[[DeliveryOutcome], None] = lambda outcome: None
 
     # --- connecting -------------------------------------------------------------------
 
-    def start(self) -> Deferred[None]:
-        """Fires when the session is online for the first time, or fails for good."""
+    def start(self, deadline: float | None = None) -> Deferred[None]:
+        """Fires when the session is online for the first time, or fails for good.
+
+        With a ``deadline`` (seconds), a router or node that cannot be reached by then
+        fails it with ``Unreachable`` naming which one and why, and the session stops:
+        retrying is for a connection that was there, not for a daemon that is not.
+        Without one, the first connection is retried like any reconnection.
+        """
         waiter: Deferred[None] = Deferred()
         self._online_waiters.append(waiter)
+        if deadline is not None and self._first_contact is None:
+            self._first_contact = self.clock.callLater(deadline, self._unreachable, deadline)
         self._connect_soon(0)
         return waiter
+
+    def _end_first_contact(self) -> None:
+        if self._first_contact is not None and self._first_contact.active():
+            self._first_contact.cancel()
+        self._first_contact = None
+
+    def _unreachable(self, deadline: float) -> None:
+        self._first_contact = None
+        why = self._last_failure or f"cannot reach {self._reaching}: no answer"
+        if self._reconnect_call is not None and self._reconnect_call.active():
+            self._reconnect_call.cancel()
+        self._give_up(f"{why} (gave up after {deadline:g} s)", Unreachable)
+        for attempt in (self._connecting, self._attempting):
+            if attempt is not None:
+                attempt.cancel()
+
+    def stop_receiving(self) -> None:
+        """Take no more messages: those not yet handed to ``on_message`` stay unacknowledged,
+        so the node keeps them for the next login (and no offline pull is made).
+
+        Called from inside ``on_message``, the message being handed over was taken (it is
+        acknowledged); to decline that one too, also return False from ``on_message``.
+        """
+        self.inbox.close()
 
     def _set_state(self, state: str, detail: str = "") -> None:
         self.state = state
@@ -181,9 +219,10 @@ class ChatClient:
             return
         if delay:
             self._set_state("reconnecting", f"in {delay:.1f} s")
-        self._reconnect_call = self.clock.callLater(
-            delay, lambda: ensureDeferred(self._establish())
-        )
+        self._reconnect_call = self.clock.callLater(delay, self._attempt_now)
+
+    def _attempt_now(self) -> None:
+        self._attempting = ensureDeferred(self._establish())
 
     async def _establish(self) -> None:
         self._reconnect_call = None
@@ -203,6 +242,14 @@ class ChatClient:
             self._connect_soon(delay)
 
     async def _connect_once(self) -> None:
+        try:
+            await self._reach_a_node()
+        except Exception as exc:
+            if not isinstance(exc, CancelledError | SessionFailed):
+                self._last_failure = failure_line(self._reaching, exc)
+            raise
+
+    async def _reach_a_node(self) -> None:
         cached = self.ticket
         if cached is not None and cached.expires_at > self.clock.seconds():
             try:
@@ -221,15 +268,16 @@ class ChatClient:
         await self._open(self.ticket)
 
     async def _login(self) -> LoginTicket:
+        self._reaching = "the router"
         try:
             ticket = await self._router.login(self.user, self._password, self.device)
         except RouterError as error:
             if error.status in (400, 401, 403, 409):
-                raise SessionFailed(str(error)) from None
+                raise SessionRefused(str(error)) from None
             raise
         usable = [suite for suite in ticket.cipher_suites if suite in self.offered]
         if not usable:
-            raise SessionFailed(
+            raise SessionRefused(
                 f"the node does not allow cipher suite {self.offered[0]!r}; "
                 f"it allows: {', '.join(ticket.cipher_suites)}"
             )
@@ -248,6 +296,8 @@ class ChatClient:
             self.offered,
         )
         events.protocol = protocol
+        node = ticket.node
+        self._reaching = f"the node {node.node_id} at {node.host}:{node.port}".replace("  ", " ")
         self._connecting = self._connect(ticket.node.host, ticket.node.port, protocol)
         try:
             await self._connecting
@@ -256,9 +306,10 @@ class ChatClient:
         try:
             await protocol.logged_in
         except HandshakeRefused as refusal:
-            raise SessionFailed(f"the node refused the handshake: {refusal.message}") from None
+            raise SessionRefused(f"the node refused the handshake: {refusal.message}") from None
         self.protocol = protocol
         self._attempt = 0
+        self._end_first_contact()
         # Before anyone hears "online" (and sends more), so the resends keep their order.
         self.outbox.connection_made()
         self._set_state("online", f"{ticket.node.host}:{ticket.node.port}")
@@ -270,18 +321,21 @@ class ChatClient:
     def _tcp_connect(self, host: str, port: int, protocol: ImClientProtocol) -> Deferred[Any]:
         return connectProtocol(HostnameEndpoint(self.reactor, host, port, timeout=10), protocol)
 
-    def _give_up(self, why: str) -> None:
+    def _give_up(self, why: str, error: type[SessionFailed] | None = None) -> None:
         self._stopping = True
+        self._end_first_contact()
         self._set_state("stopped", why)
         self.inbox.flush()
         self.outbox.fail_all(f"the session stopped: {why}")
         waiters, self._online_waiters = self._online_waiters, []
         for waiter in waiters:
-            waiter.errback(SessionFailed(why))
+            waiter.errback((error or SessionRefused)(why))
 
     # --- ConnectionEvents -------------------------------------------------------------
 
     def frame_received(self, frame_type: int, message: ProtobufMessage) -> None:
+        if self.answers.answer(frame_type, message):
+            return
         if frame_type == cim_pb2.MSG_N:
             if self._stopping:
                 return  # unacknowledged, so the node stores it for the next login
@@ -294,27 +348,10 @@ class ChatClient:
             self.outbox.taken(message)  # type: ignore[arg-type]
         elif frame_type == cim_pb2.ACK_N:
             self.outbox.acknowledged(message)  # type: ignore[arg-type]
-        elif frame_type == cim_pb2.ONLINE_A:
-            if self._online_requests:
-                self._online_requests.pop(0).callback(message)  # type: ignore[arg-type]
-        elif frame_type == cim_pb2.OFFLINE_A:
-            if self._offline_requests:
-                self._offline_requests.pop(0).callback(message)  # type: ignore[arg-type]
-        elif frame_type == cim_pb2.OFFLINE_SUMMARY_A:
-            if self._summary_requests:
-                self._summary_requests.pop(0).callback(message)  # type: ignore[arg-type]
-        elif frame_type == cim_pb2.HISTORY_A:
-            if self._history_requests:
-                self._history_requests.pop(0).callback(message)  # type: ignore[arg-type]
-            self._send_history()
         elif frame_type == cim_pb2.OFFLINE_NOTICE:
             self.pull_offline()
         elif frame_type == cim_pb2.OFFLINE_ACK_A:
             pass  # the store deleted what we acknowledged
-        elif frame_type == cim_pb2.GROUP_A:
-            waiter = self._group_requests.pop(message.request_id, None)  # type: ignore[attr-defined]
-            if waiter is not None:
-                waiter.callback(message)  # type: ignore[arg-type]
         elif frame_type == cim_pb2.KICKED:
             self._kicked(message)  # type: ignore[arg-type]
         elif frame_type == cim_pb2.GOING_AWAY:
@@ -335,23 +372,7 @@ class ChatClient:
         if protocol is None:
             return  # never got online; _establish handles it
         self.outbox.connection_lost(REASON_CONNECTION_CLOSED)
-        for request in self._online_requests:
-            request.errback(reason)
-        self._online_requests = []
-        groups, self._group_requests = self._group_requests, {}
-        for waiter in groups.values():
-            waiter.errback(reason)
-        pulls, self._offline_requests = self._offline_requests, []
-        summaries, self._summary_requests = self._summary_requests, []
-        for pull in pulls:
-            pull.errback(reason)
-        for summary in summaries:
-            summary.errback(reason)
-        histories, self._history_requests = self._history_requests, []
-        histories.extend(waiter for _, waiter in self._history_waiting)
-        self._history_waiting = []
-        for history in histories:
-            history.errback(reason)
+        self.answers.connection_lost(reason)
         if self._stopping:
             if self.state != "stopped":
                 self._set_state("offline")
@@ -362,8 +383,8 @@ class ChatClient:
 
     # --- messages ---------------------------------------------------------------------
 
-    def _hand_to_application(self, message: cim_pb2.Message) -> None:
-        self.on_message(message)  # looked up now: the application sets it after __init__
+    def _hand_to_application(self, message: cim_pb2.Message) -> object:
+        return self.on_message(message)  # looked up now: the application sets it later
 
     def _acknowledge(self, msg_id: int) -> None:
         """The application has the message: acknowledge it where it came from."""
@@ -388,6 +409,8 @@ class ChatClient:
         dies before that gets the same messages again and shows them once. Fires with
         how many messages the pull brought.
         """
+        if self.inbox.closed:
+            return succeed(0)  # nothing more is taken: the store keeps what it has
         if self._pulling is not None:
             self._pull_again = True
             return self._pulling
@@ -412,7 +435,7 @@ class ChatClient:
         batch: list[cim_pb2.Message] = []
         before = 0
         while True:
-            page = await self._offline_request(cim_pb2.OfflineR(before=before))
+            page = await self.answers.offline_page(cim_pb2.OfflineR(before=before))
             batch.extend(page.messages)
             if not page.more:
                 break
@@ -430,15 +453,6 @@ class ChatClient:
         self.log.info("offline pull interrupted: {why}", why=failure.getErrorMessage())
         return 0
 
-    def _offline_request(self, request: cim_pb2.OfflineR) -> Deferred[cim_pb2.OfflineA]:
-        waiter: Deferred[cim_pb2.OfflineA] = Deferred()
-        if self.protocol is None:
-            waiter.errback(SessionFailed(f"not connected ({self.state})"))
-            return waiter
-        self._offline_requests.append(waiter)
-        self.protocol.send(cim_pb2.OFFLINE_R, request)
-        return waiter
-
     def _flush_offline_acks(self) -> None:
         self._ack_flush = None
         acks, self._offline_acks = self._offline_acks, []
@@ -452,13 +466,7 @@ class ChatClient:
 
     def offline_summary(self) -> Deferred[cim_pb2.OfflineSummaryA]:
         """Counts per sender without the messages (design: 优化方案1)."""
-        waiter: Deferred[cim_pb2.OfflineSummaryA] = Deferred()
-        if self.protocol is None:
-            waiter.errback(SessionFailed(f"not connected ({self.state})"))
-            return waiter
-        self._summary_requests.append(waiter)
-        self.protocol.send(cim_pb2.OFFLINE_SUMMARY_R, cim_pb2.OfflineSummaryR())
-        return waiter
+        return self.answers.offline_summary()
 
     def history(
         self, peer_or_group: str, limit: int = 50, before: int = 0, group: bool = False
@@ -470,27 +478,12 @@ class ChatClient:
         ``error == "forbidden"``) comes as an answer with ``error`` set, not a failure.
         These messages bypass the inbox: they are the record, not new arrivals.
         """
-        waiter: Deferred[cim_pb2.HistoryA] = Deferred()
-        if self.protocol is None:
-            waiter.errback(SessionFailed(f"not connected ({self.state})"))
-            return waiter
         request = cim_pb2.HistoryR(before=before, limit=limit)
         if group:
             request.group = peer_or_group
         else:
             request.peer = peer_or_group
-        self._history_waiting.append((request, waiter))
-        self._send_history()
-        return waiter
-
-    def _send_history(self) -> None:
-        # HISTORY_A carries no request id and the node may answer two requests out of
-        # order (each is a database query): one at a time keeps answers matched.
-        if self._history_requests or not self._history_waiting or self.protocol is None:
-            return
-        request, waiter = self._history_waiting.pop(0)
-        self._history_requests.append(waiter)
-        self.protocol.send(cim_pb2.HISTORY_R, request)
+        return self.answers.history(request)
 
     def _transmit(self, message: cim_pb2.Message) -> bool:
         if self.protocol is None:
@@ -534,25 +527,11 @@ class ChatClient:
         return self.outbox.resend(client_seq)
 
     def online(self, offset: int = 0, limit: int = 100) -> Deferred[cim_pb2.OnlineA]:
-        waiter: Deferred[cim_pb2.OnlineA] = Deferred()
-        if self.protocol is None:
-            waiter.errback(SessionFailed(f"not connected ({self.state})"))
-            return waiter
-        self._online_requests.append(waiter)
-        self.protocol.send(cim_pb2.ONLINE_R, cim_pb2.OnlineR(offset=offset, limit=limit))
-        return waiter
+        return self.answers.online(offset, limit)
 
     def group_request(self, request: cim_pb2.GroupRequest) -> Deferred[cim_pb2.GroupAnswer]:
         """Send a GROUP_R (create, rename, add, remove, leave, ...) and get its answer."""
-        waiter: Deferred[cim_pb2.GroupAnswer] = Deferred()
-        if self.protocol is None:
-            waiter.errback(SessionFailed(f"not connected ({self.state})"))
-            return waiter
-        request.request_id = self._next_request_id
-        self._next_request_id += 1
-        self._group_requests[request.request_id] = waiter
-        self.protocol.send(cim_pb2.GROUP_R, request)
-        return waiter
+        return self.answers.group(request)
 
     def send_group(self, group_id: str, text: str) -> Deferred[DeliveryOutcome]:
         """Post a text to a group; the outcome is "accepted" once the node took it."""
@@ -563,6 +542,7 @@ class ChatClient:
     async def stop(self, logout: bool = True) -> None:
         """Close the connection; with logout, also end the session at the router."""
         self._stopping = True
+        self._end_first_contact()
         # Held messages were received: hand them over (and ack them) while we can.
         self.inbox.flush()
         if self._ack_flush is not None and self._ack_flush.active():
@@ -583,6 +563,14 @@ class ChatClient:
             except RouterError as error:
                 self.log.info("logout failed: {why}", why=error)
         self.ticket = None
+
+
+class SessionRefused(SessionFailed):
+    """The router or node said no: wrong password, unknown user, cipher suite, kicked."""
+
+
+class Unreachable(SessionFailed):
+    """The router or the node could not be reached before the first connection's deadline."""
 
 
 class _CurrentConnectionOnly:

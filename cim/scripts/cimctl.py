@@ -6,7 +6,9 @@ runs the same account rules and transactions inline.
 
 Every expected problem ends in one line on stderr and an exit status, never a
 traceback: 0 done, 1 refused (the user exists, no such user, a weak password, the
-database is behind), 2 usage or configuration errors.
+database is behind), 2 usage or configuration errors, 3 the running router (``online``,
+``kick``) could not be reached. ``--json`` output follows the same convention as
+cim-client's (cim.scripts.output): one object, lists under ``items``, ISO 8601 times.
 
 To add a subcommand, write ``def name(invocation: Invocation) -> int`` (and, if it
 takes arguments, a function adding them to its parser), then add a ``Subcommand`` row
@@ -19,21 +21,17 @@ import argparse
 import contextlib
 import hmac
 import json
-import os
 import sys
-import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from getpass import getpass
 from typing import Any, TextIO
 
-from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
 from cim.accounts.store import (
-    BlockingAccountStore,
     InvalidUserKind,
     InvalidUserName,
     NoSuchUser,
@@ -42,78 +40,43 @@ from cim.accounts.store import (
     check_user_kind,
     check_user_name,
 )
-from cim.config import CimConfig, ConfigError, load_config
-from cim.storage.database import DatabaseRevisionError, open_engine, upgrade
+from cim.config import CimConfig, ConfigError
+from cim.scripts.invocation import (
+    EXIT_OK,
+    EXIT_REFUSED,
+    EXIT_UNREACHABLE,
+    EXIT_USAGE,
+    LOCAL_CONFIG,
+    SYSTEM_CONFIG,
+    CommandFailed,
+    Invocation,
+    default_config_path,
+    json_argument,
+    shown_url,
+)
+from cim.scripts.node_commands import (
+    group_list,
+    group_show,
+    group_show_arguments,
+    keygen,
+    keygen_arguments,
+)
+from cim.scripts.output import add_version_option, listing
+from cim.storage.database import DatabaseRevisionError, upgrade
 from cim.storage.schema import USER_KINDS
 
-EXIT_OK = 0
-EXIT_REFUSED = 1
-EXIT_USAGE = 2
-
-LOCAL_CONFIG = "etc/cim.ini"
-SYSTEM_CONFIG = "/etc/cim/cim.ini"
-
-
-class CommandFailed(Exception):
-    """An expected failure: main prints the message as one line and exits with status."""
-
-    def __init__(self, message: str, status: int = EXIT_REFUSED) -> None:
-        super().__init__(message)
-        self.status = status
-
-
-def default_config_path() -> str:
-    """The checkout's config when run from one, else the system-wide file."""
-    return LOCAL_CONFIG if os.path.exists(LOCAL_CONFIG) else SYSTEM_CONFIG
-
-
-@dataclass
-class Invocation:
-    """One run of cimctl: parsed arguments, the streams, and the config loaded on demand."""
-
-    args: argparse.Namespace
-    stdin: TextIO
-    stdout: TextIO
-    stderr: TextIO
-    _config: CimConfig | None = field(default=None, repr=False)
-
-    @property
-    def config_path(self) -> str:
-        return str(self.args.config)
-
-    @property
-    def config(self) -> CimConfig:
-        if self._config is None:
-            self._config = load_config(self.config_path)
-        return self._config
-
-    def say(self, line: str) -> None:
-        print(line, file=self.stdout)
-
-    def record(self, action: str, target: str) -> None:
-        """An admin action in the operation log (design: 用户的操作日志)."""
-        import getpass
-
-        from cim.oplog import ADMIN, OperationLog
-
-        config = self.config
-        log = OperationLog(config.operation_log_path, node=config.node.id)
-        try:
-            log.emit(ADMIN, user=getpass.getuser(), action=action, target=target)
-        finally:
-            log.close()
-
-    @contextlib.contextmanager
-    def accounts(self) -> Iterator[BlockingAccountStore]:
-        engine = open_engine(self.config.database_url)
-        try:
-            yield BlockingAccountStore(engine, self.config.accounts)
-        finally:
-            engine.dispose()
-
-
-def shown_url(url: str) -> str:
-    return make_url(url).render_as_string(hide_password=True)
+__all__ = [
+    "EXIT_OK",
+    "EXIT_REFUSED",
+    "EXIT_UNREACHABLE",
+    "EXIT_USAGE",
+    "LOCAL_CONFIG",
+    "SYSTEM_CONFIG",
+    "CommandFailed",
+    "Invocation",
+    "default_config_path",
+    "main",
+]
 
 
 def read_new_password(invocation: Invocation, name: str) -> str:
@@ -201,7 +164,7 @@ def user_del(invocation: Invocation) -> int:
 
 def _user_list_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--json", action="store_true", help="one JSON array of {name, kind, created_at}"
+        "--json", action="store_true", help='JSON: {"items": [{name, kind, created_at}]}'
     )
 
 
@@ -210,7 +173,7 @@ def user_list(invocation: Invocation) -> int:
         records = accounts.list_users()
     if invocation.args.json:
         rows = [{"name": r.name, "kind": r.kind, "created_at": r.created_at} for r in records]
-        invocation.say(json.dumps(rows))
+        invocation.say_json(listing(rows))
     else:
         for record in records:
             invocation.say(record.name)
@@ -265,7 +228,10 @@ def ask_router(
             message = error.reason
         raise CommandFailed(f"the router refused: {message} (HTTP {error.code})") from None
     except OSError as error:
-        raise CommandFailed(f"cannot reach the router at {url}: {error}") from None
+        reason = getattr(error, "reason", error)  # URLError wraps the socket's error
+        raise CommandFailed(
+            f"cannot reach the router at {url}: {reason}", EXIT_UNREACHABLE
+        ) from None
 
 
 def online(invocation: Invocation) -> int:
@@ -273,7 +239,8 @@ def online(invocation: Invocation) -> int:
     args = invocation.args
     page = ask_router(invocation, f"/api/v1/online?offset={args.offset}&limit={args.limit}")
     if args.json:
-        invocation.say(json.dumps(page))
+        users = page.pop("users", [])
+        invocation.say_json(listing(users, **page))
         return EXIT_OK
     invocation.say(f"{page['total']} online")
     for node, count in page["nodes"].items():
@@ -287,13 +254,9 @@ def _no_arguments(parser: argparse.ArgumentParser) -> None:
     pass
 
 
-def _json_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--json", action="store_true", help="print JSON")
-
-
 def _kick_arguments(parser: argparse.ArgumentParser) -> None:
     _user_name_argument(parser)
-    _json_argument(parser)
+    json_argument(parser)
 
 
 def kick(invocation: Invocation) -> int:
@@ -308,170 +271,9 @@ def kick(invocation: Invocation) -> int:
         raise
     invocation.record("user.kick", name)
     if invocation.args.json:
-        invocation.say(json.dumps(reply))
+        invocation.say_json(reply)
     else:
         invocation.say(f"kicked {name} (session {reply['session_id']} on node {reply['node']})")
-    return EXIT_OK
-
-
-@contextlib.contextmanager
-def _database(invocation: Invocation) -> Iterator[Any]:
-    """One read transaction on the node's database (its schema must be current)."""
-    engine = open_engine(invocation.config.database_url)
-    try:
-        with engine.begin() as connection:
-            yield connection
-    finally:
-        engine.dispose()
-
-
-def _when(timestamp: float) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(timestamp))
-
-
-def _table(invocation: Invocation, header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
-    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows, strict=False)]
-    for row in (header, *rows):
-        cells = [str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)]
-        invocation.say("  ".join(cells).rstrip())
-
-
-def group_list(invocation: Invocation) -> int:
-    from cim.storage.groups import all_groups_txn
-
-    with _database(invocation) as connection:
-        records = all_groups_txn(connection)
-    if invocation.args.json:
-        rows = [
-            {
-                "id": r.id,
-                "name": r.name,
-                "owner": r.owner,
-                "admins": list(r.admins),
-                "members": r.member_count,
-                "created_at": r.created_at,
-            }
-            for r in records
-        ]
-        invocation.say(json.dumps(rows))
-        return EXIT_OK
-    _table(
-        invocation,
-        ("ID", "NAME", "OWNER", "MEMBERS", "CREATED"),
-        [(r.id, r.name, r.owner, str(r.member_count), _when(r.created_at)) for r in records],
-    )
-    return EXIT_OK
-
-
-def _group_show_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("group", help="the group's id, or its name when no other group has it")
-    _json_argument(parser)
-
-
-def group_show(invocation: Invocation) -> int:
-    from cim.storage.groups import AmbiguousGroupName, GroupNotFound, group_detail_txn
-
-    ref = invocation.args.group
-    try:
-        with _database(invocation) as connection:
-            record, members = group_detail_txn(connection, ref)
-    except GroupNotFound:
-        raise CommandFailed(f"no such group: {ref}") from None
-    except AmbiguousGroupName as exc:
-        raise CommandFailed(
-            f"{len(exc.group_ids)} groups are named {ref!r} ({', '.join(exc.group_ids)}): "
-            "use the group id"
-        ) from None
-    if invocation.args.json:
-        detail = {
-            "id": record.id,
-            "name": record.name,
-            "owner": record.owner,
-            "created_at": record.created_at,
-            "members": [
-                {"user": m.user, "role": m.role, "joined_at": m.joined_at} for m in members
-            ],
-        }
-        invocation.say(json.dumps(detail))
-        return EXIT_OK
-    invocation.say(f"group {record.id}: {record.name}")
-    invocation.say(
-        f"owner {record.owner}, {record.member_count} members, created {_when(record.created_at)}"
-    )
-    _table(
-        invocation,
-        ("USER", "ROLE", "JOINED"),
-        [(m.user, m.role, _when(m.joined_at)) for m in members],
-    )
-    return EXIT_OK
-
-
-def _keygen_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--bits", type=int, default=None, help="default: [im] rsa_key_bits")
-    _json_argument(parser)
-
-
-def _write_private(path: str, data: bytes) -> None:
-    """data at path, atomically, never readable by others (mode 0600 from the start)."""
-    temporary = f"{path}.{os.getpid()}.{os.urandom(4).hex()}.tmp"
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-
-
-def keygen(invocation: Invocation) -> int:
-    """A new node key at the configured path; the old one is kept as PATH.previous."""
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import rsa
-
-    from cim.protocols.crypto import MIN_RSA_BITS, NodeKey
-
-    config = invocation.config
-    path = config.rsa_key_path
-    bits = invocation.args.bits or config.im.rsa_key_bits
-    if bits < MIN_RSA_BITS:
-        raise CommandFailed(f"--bits {bits}: at least {MIN_RSA_BITS} are required", EXIT_USAGE)
-    private = rsa.generate_private_key(public_exponent=65537, key_size=bits)
-    key = NodeKey(private)
-    pem = private.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, mode=0o700, exist_ok=True)
-    previous = path + ".previous"
-    had_key = os.path.exists(path)
-    if had_key:
-        with open(path, "rb") as handle:
-            _write_private(previous, handle.read())
-    _write_private(path, pem)
-    invocation.record("node.keygen", key.fingerprint.hex())
-    if invocation.args.json:
-        invocation.say(
-            json.dumps(
-                {
-                    "path": path,
-                    "previous": previous if had_key else None,
-                    "bits": bits,
-                    "fingerprint": key.fingerprint.hex(),
-                }
-            )
-        )
-        return EXIT_OK
-    invocation.say(f"new node key {path} ({bits} bits)")
-    if had_key:
-        invocation.say(f"the old key is kept as {previous}")
-    invocation.say(f"fingerprint (SHA-256): {key.fingerprint.hex()}")
-    invocation.say(
-        "restart the node to use it; clients get the new key at their next login "
-        "(a client that pinned the old fingerprint must be told the new one)"
-    )
     return EXIT_OK
 
 
@@ -508,19 +310,20 @@ SUBCOMMANDS: tuple[Subcommand, ...] = (
         kick,
         _kick_arguments,
     ),
-    Subcommand(("group", "list"), "list the groups", group_list, _json_argument),
-    Subcommand(("group", "show"), "a group and its members", group_show, _group_show_arguments),
+    Subcommand(("group", "list"), "list the groups", group_list, json_argument),
+    Subcommand(("group", "show"), "a group and its members", group_show, group_show_arguments),
     Subcommand(
         ("keygen",),
         "rotate the node's RSA key (the old one is kept as .previous)",
         keygen,
-        _keygen_arguments,
+        keygen_arguments,
     ),
 )
 
 
 def build_parser(subcommands: Sequence[Subcommand] = SUBCOMMANDS) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cimctl", description="Administer a cim node.")
+    add_version_option(parser)
     parser.add_argument(
         "--config",
         default=default_config_path(),

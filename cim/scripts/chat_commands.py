@@ -1,0 +1,199 @@
+"""cim-client send, listen, online and history: the IM connection's commands."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from twisted.logger import Logger
+
+from cim.scripts.arguments import message_id, positive
+from cim.scripts.group_commands import resolve_group
+from cim.scripts.login import with_timeout
+from cim.scripts.output import (
+    EXIT_CONNECTION_LOST,
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_REFUSED,
+    ClientExit,
+    OutputClosed,
+    emit,
+    listing,
+    write_line,
+)
+from cim.scripts.records import message_json, outcome_record
+
+HISTORY_PAGE = 200
+"""The most the node answers per HISTORY_R."""
+
+log = Logger(namespace="cim-client")
+
+
+def add_chat_commands(commands: Any) -> None:
+    send = commands.add_parser("send", help="send a text and wait for its outcome")
+    send.add_argument("to")
+    send.add_argument("text")
+    send.add_argument(
+        "--timeout",
+        type=float,
+        default=200.0,
+        help="seconds to wait for the outcome (the library retries for up to 160 s)",
+    )
+    listen = commands.add_parser("listen", help="print received messages as JSON lines")
+    listen.add_argument("--count", type=positive, default=0, help="print N messages, then exit 0")
+    listen.add_argument(
+        "--timeout",
+        type=float,
+        default=0.0,
+        help="stop after S seconds: exit 0, or 1 if --count messages had not come",
+    )
+    listen.add_argument(
+        "--no-reconnect",
+        action="store_true",
+        help="exit with status 5 when the connection is lost (default: reconnect)",
+    )
+    commands.add_parser("online", help="list online users as JSON")
+    history = commands.add_parser(
+        "history", help="print a conversation's archived messages as JSON lines, newest first"
+    )
+    history.add_argument("peer", help="the other user (or the group, with --group)")
+    history.add_argument("--group", action="store_true", help="PEER names a group (id or name)")
+    history.add_argument(
+        "--limit", type=positive, default=50, help="messages to print (default 50)"
+    )
+    history.add_argument(
+        "--before",
+        type=message_id,
+        default=0,
+        help="only messages older than this msg_id (the last one printed, to go on)",
+    )
+
+
+async def send_command(reactor: Any, client: Any, options: argparse.Namespace) -> int:
+    outcome = await with_timeout(
+        reactor, client.send_text(options.to, options.text), options.timeout
+    )
+    if outcome is None:
+        emit({"status": "failed", "reason": "timeout", "to": options.to})
+        raise ClientExit(EXIT_FAILED, f"no outcome in {options.timeout:g} s")
+    emit(outcome_record(outcome))
+    if outcome.status not in ("delivered", "stored"):
+        raise ClientExit(EXIT_FAILED, f"not delivered: {outcome.reason or outcome.status}")
+    return EXIT_OK
+
+
+async def online_command(client: Any) -> int:
+    page = await client.online(0, 1000)
+    emit(listing(list(page.users), total=page.total))
+    return EXIT_OK
+
+
+async def history_command(client: Any, options: argparse.Namespace) -> int:
+    """Print up to --limit messages, newest first, asking page after page.
+
+    Stops at the first refusal with exit status 1, even after printing: a script must
+    not take a partial history for a whole one.
+    """
+    target = await resolve_group(client, options.peer) if options.group else options.peer
+    before = options.before
+    remaining = options.limit
+    while remaining > 0:
+        page = await client.history(
+            target, min(remaining, HISTORY_PAGE), before, group=options.group
+        )
+        if page.error:
+            raise ClientExit(
+                EXIT_FAILED, f"history refused: {page.message or page.error} ({page.error})"
+            )
+        for message in page.messages[:remaining]:
+            write_line(message_json(message))
+        remaining -= len(page.messages)
+        if not page.more or not page.next_before or not page.messages:
+            break
+        before = page.next_before
+    return EXIT_OK
+
+
+class Listener:
+    """``listen``: prints messages until --count, --timeout, a kick or (with
+    --no-reconnect) a lost connection; a lost connection otherwise is one line on
+    stderr while the library reconnects.
+
+    Exactly --count messages are taken: the library acknowledges a message only once
+    it is printed, and once the count is reached it takes no more, so what came with
+    them (a page of stored messages, a live one) stays on the node for the next run.
+    """
+
+    def __init__(self, reactor: Any, client: Any, options: argparse.Namespace) -> None:
+        from twisted.internet.defer import Deferred
+
+        self.reactor = reactor
+        self.client = client
+        self.count: int = options.count
+        self.timeout: float = options.timeout
+        self.reconnect = not options.no_reconnect
+        self.received = 0
+        self.lost = False
+        self.done: Deferred[ClientExit] = Deferred()
+        ticket = client.ticket
+        self.node = f"node {ticket.node.node_id}" if ticket and ticket.node.node_id else "node"
+
+    async def run(self) -> int:
+        self.client.on_message = self.arrived
+        self.client.on_state = self.state_changed
+        if self.timeout:
+            self.reactor.callLater(self.timeout, self.timed_out)
+        ending = await self.done
+        if ending.status != EXIT_OK:
+            raise ending
+        return EXIT_OK
+
+    def finish(self, status: int, message: str = "") -> None:
+        """Take nothing more (what is held for ordering stays on the node, so what was
+        printed is what was taken) and end on the next turn: the library acknowledges
+        the last printed message after ``arrived`` returns."""
+        self.client.stop_receiving()
+        if not self.done.called:
+            self.reactor.callLater(0, self._fire, ClientExit(status, message))
+
+    def _fire(self, ending: ClientExit) -> None:
+        if not self.done.called:
+            self.done.callback(ending)
+
+    def arrived(self, message: Any) -> bool:
+        try:
+            write_line(message_json(message))
+        except OutputClosed:
+            self.finish(EXIT_OK)
+            return False  # not shown to anyone: the node keeps it
+        self.received += 1
+        if self.count and self.received >= self.count:
+            self.finish(EXIT_OK)  # after this one, which is taken
+        return True
+
+    def timed_out(self) -> None:
+        if self.count:
+            self.finish(
+                EXIT_FAILED,
+                f"timed out after {self.timeout:g} s, got {self.received} of {self.count}",
+            )
+        else:
+            self.finish(EXIT_OK)
+
+    def state_changed(self, state: str, detail: str) -> None:
+        if state == "stopped":
+            self.finish(EXIT_REFUSED, detail)
+        elif state == "online":
+            if self.lost:
+                log.info("online again at {where}", where=detail)
+            self.lost = False
+        elif state in ("reconnecting", "connecting") and not self.lost:
+            self.lost = True
+            if not self.reconnect:
+                self.finish(EXIT_CONNECTION_LOST, f"lost the connection to the {self.node}")
+            else:
+                sys.stderr.write(
+                    f"cim-client: lost the connection to the {self.node}; reconnecting\n"
+                )
+                sys.stderr.flush()

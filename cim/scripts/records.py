@@ -1,0 +1,61 @@
+"""IM messages and send outcomes as the JSON records cim-client prints.
+
+Built field by field rather than with protobuf's JSON mapping, which writes 64-bit
+integers (a file's size) as strings and empty fields as "": the convention
+(cim.scripts.output) wants numbers as numbers and absent values left out. Only the
+message id stays a string (it can pass 2^53).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from cim.scripts.output import conventional, iso_time
+
+MEDIA_FIELDS: tuple[str, ...] = ("url", "mime", "name", "thumbnail_url", "duration_ms")
+MEDIA_FIELDS += ("width", "height", "file_id")
+
+
+def message_record(message: Any) -> dict[str, Any]:
+    """One received (or archived) message."""
+    from cim.protocols import cim_pb2
+
+    record: dict[str, Any] = {
+        "msg_id": str(message.id),
+        "from": getattr(message, "from"),
+        "to": message.to,
+        "group": message.group,
+        "type": cim_pb2.MessageType.Name(message.type).lower(),
+        "text": message.text,
+        "sent_at": iso_time(message.sent_at_ms / 1000),
+        "device": message.device,
+    }
+    if message.HasField("media"):
+        media = message.media
+        fields = {name: getattr(media, name) or None for name in MEDIA_FIELDS}
+        record["media"] = fields | {"size": media.size}  # 0 bytes is a size, not a blank
+    if message.HasField("location"):
+        location = message.location
+        record["location"] = {"lat": location.lat, "lon": location.lon}  # 0 is a place
+        if location.accuracy_m:
+            record["location"]["accuracy_m"] = location.accuracy_m
+        if location.name:
+            record["location"]["name"] = location.name
+    return dict(conventional(record))
+
+
+def message_json(message: Any) -> str:
+    """One received message as the JSON line ``listen`` and ``history`` print."""
+    return json.dumps(message_record(message), ensure_ascii=False)
+
+
+def outcome_record(outcome: Any) -> dict[str, Any]:
+    """A sent message's outcome: msg_id, status, to, and the reason when it failed."""
+    record = {
+        "msg_id": str(outcome.msg_id) if outcome.msg_id else None,
+        "status": outcome.status,
+        "to": outcome.to,
+        "reason": outcome.reason,
+    }
+    return dict(conventional(record))
