@@ -33,7 +33,7 @@ from cim.protocols.handshake import (
     accept_client_hello,
 )
 from cim.protocols.timeouts import NEVER, DeadlineSweeper, SweptTimeoutMixin
-from cim.protocols.wire import FrameProtocol, Inbound
+from cim.protocols.wire import FrameProtocol, HeldWrites, Inbound
 from cim.switchboard import kick_code
 
 if TYPE_CHECKING:
@@ -56,7 +56,7 @@ class ImServerProtocol(FrameProtocol, SweptTimeoutMixin):
     log = Logger()
 
     def __init__(self, factory: ImServerFactory, address: IAddress | None) -> None:
-        super().__init__(factory.config.max_frame_size, factory.metrics)
+        super().__init__(factory.config.max_frame_size, factory.metrics, factory.held_writes)
         self.factory = factory
         # The handshake deadline, then the heartbeat timeout, on the node's one timer.
         self.deadlines = factory.deadlines
@@ -370,6 +370,8 @@ class ImServerFactory(Factory):
         self.deadlines = DeadlineSweeper(clock, min(1.0, shortest / 4))
         self._per_address: dict[str, int] = {}
         self.protocols: set[ImServerProtocol] = set()
+        # Frames a read produces for any connection leave when the read ends.
+        self.held_writes = HeldWrites()
         self.oplog: OperationLog | None = None
 
     def record(self, event: str, **fields: Any) -> None:
