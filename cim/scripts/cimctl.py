@@ -97,7 +97,7 @@ class Invocation:
         from cim.oplog import ADMIN, OperationLog
 
         config = self.config
-        log = OperationLog(config.operation_log_path, node=config.node.id)
+        log = OperationLog(config.operation_log_path, node=config.node.id, clock=time.time)
         try:
             log.emit(ADMIN, user=getpass.getuser(), action=action, target=target)
         finally:
@@ -107,7 +107,7 @@ class Invocation:
     def accounts(self) -> Iterator[BlockingAccountStore]:
         engine = open_engine(self.config.database_url)
         try:
-            yield BlockingAccountStore(engine, self.config.accounts)
+            yield BlockingAccountStore(engine, self.config.accounts, clock=time.time)
         finally:
             engine.dispose()
 
