@@ -262,9 +262,14 @@ class CimDaemon(OrderedServices):
 
     def startService(self) -> None:
         super().startService()
-        self.when_ready().addCallbacks(self._started, self._start_failed)
+        Deferred.fromCoroutine(self._report_start())
 
-    def _started(self, _: object) -> None:
+    async def _report_start(self) -> None:
+        try:
+            await self.when_ready()
+        except Exception:
+            self._start_failed(Failure())
+            return
         self.ready = True
         self.log.info("cim node {node} started", node=self.config.node.id)
 
@@ -291,9 +296,10 @@ class CimDaemon(OrderedServices):
     def stopService(self) -> Deferred[None]:
         """Reverse order: listeners first (clients told), then the backends, the database."""
         self.ready = False
-        return super().stopService().addCallback(self._stopped)
+        return Deferred.fromCoroutine(self._stop())
 
-    def _stopped(self, _: object) -> None:
+    async def _stop(self) -> None:
+        await super().stopService()
         self.log.info("cim node {node} stopped", node=self.config.node.id)
 
     def health(self) -> dict[str, Any]:

@@ -193,7 +193,10 @@ class AsyncService(Service):
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
-        return maybeDeferred(self.stop).addCallback(lambda _: None)
+        return Deferred.fromCoroutine(self._stop())
+
+    async def _stop(self) -> None:
+        await maybeDeferred(self.stop)
 
 
 class Step(AsyncService):
@@ -291,7 +294,11 @@ class Listener(StreamServerEndpointService):
     def __init__(
         self, section: str, description: str, reactor: IReactorCore, factory: IProtocolFactory
     ) -> None:
-        self._reported = _ReportedEndpoint(serverFromString(reactor, description))
+        try:
+            endpoint = serverFromString(reactor, description)
+        except (ValueError, KeyError, TypeError, OSError) as exc:
+            raise StartupError(f"[{section}] listen = {description!r}: {exc}") from None
+        self._reported = _ReportedEndpoint(endpoint)
         super().__init__(self._reported, factory)
         self.name = f"{section} listener"
         self.section = section
