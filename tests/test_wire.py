@@ -526,10 +526,10 @@ class LoopbackSendTests(unittest.TestCase):
         self.receiver.pauseProducing()
         body = b"\x01" + b"x" * 65536
         count = 0
-        while not self.sender._queued and count < 2000:
+        while self.sender._socket is not None and count < 2000:
             self.sender.send_plaintext(body)
             count += 1
-        self.assertTrue(self.sender._queued)
+        self.assertIsNone(self.sender._socket)  # writing through Twisted
         for _ in range(3):
             self.sender.send_plaintext(body)  # queued behind, not sent past them
         count += 3
@@ -537,7 +537,7 @@ class LoopbackSendTests(unittest.TestCase):
         await self.until(lambda: len(self.receiver.plaintexts) == count)
         self.assertEqual(set(self.receiver.plaintexts), {body})
         # Twisted said its buffer is empty: direct sends again, and nothing registered.
-        await self.until(lambda: not self.sender._queued)
+        await self.until(lambda: self.sender._socket is not None)
         self.assertIsNone(self.sender.transport.producer)  # type: ignore[union-attr]
         self.sender.send_plaintext(b"\x01last")
         await self.until(lambda: self.receiver.plaintexts[-1:] == [b"\x01last"])

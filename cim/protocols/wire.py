@@ -98,20 +98,22 @@ class _DrainWatch:
     """Told by Twisted when a connection's write buffer is empty again.
 
     Registered (as a pull producer, the consumer API's public way to hear "send more")
-    only while some of the connection's bytes wait in Twisted's buffer; until then the
-    connection writes through ``transport.write``, so nothing overtakes them.
+    only while some of the connection's bytes wait in Twisted's buffer. Meanwhile the
+    connection has no socket to write to and uses ``transport.write``, so nothing
+    overtakes them; the watch gives the socket back once they are sent.
     """
 
-    __slots__ = ("_protocol", "_transport")
+    __slots__ = ("_protocol", "_socket", "_transport")
 
-    def __init__(self, protocol: FrameProtocol, transport: IConsumer) -> None:
+    def __init__(self, protocol: FrameProtocol, transport: IConsumer, sock: socket.socket) -> None:
         self._protocol = protocol
         self._transport = transport
+        self._socket = sock
 
     def resumeProducing(self) -> None:
         # ``registerProducer`` asks a pull producer at once, before anything waits.
-        if self._protocol._queued:
-            self._protocol._queued = False
+        if self._protocol._socket is None:
+            self._protocol._socket = self._socket
             self._transport.unregisterProducer()
 
     def stopProducing(self) -> None:
@@ -163,9 +165,9 @@ class FrameProtocol(Int32StringReceiver):
         # Frames produced during a read, written when it ends (see HeldWrites).
         self._out: list[bytes] | None = None
         self._held_writes = held_writes if held_writes is not None else HeldWrites()
-        # The TCP socket, written to directly while nothing waits in Twisted's buffer.
+        # The TCP socket while frames may be written to it directly: None for other
+        # transports, and while some of this connection's bytes wait in Twisted's buffer.
         self._socket: socket.socket | None = None
-        self._queued = False
 
     def makeConnection(self, transport: ITransport) -> None:
         if isinstance(transport, tcp.Connection):
@@ -366,7 +368,7 @@ class FrameProtocol(Int32StringReceiver):
         """
         transport: Any = self.transport
         sock = self._socket
-        if sock is None or self._queued or transport.disconnecting or not transport.connected:
+        if sock is None or transport.disconnecting or not transport.connected:
             transport.write(data)
             return
         try:
@@ -376,15 +378,17 @@ class FrameProtocol(Int32StringReceiver):
             sent = 0
         if sent < len(data):
             transport.write(data[sent:] if sent else data)
-            self._write_through_twisted_until_drained(transport)
+            self._write_through_twisted_until_drained(transport, sock)
 
-    def _write_through_twisted_until_drained(self, transport: IConsumer) -> None:
+    def _write_through_twisted_until_drained(
+        self, transport: IConsumer, sock: socket.socket
+    ) -> None:
         # If someone else's producer holds the transport (RuntimeError), Twisted will
         # not say when its buffer empties, so this connection writes through it for good.
         with contextlib.suppress(RuntimeError):
-            transport.registerProducer(_DrainWatch(self, transport), False)
-        # Set after registering: Twisted asks a new pull producer for data at once.
-        self._queued = True
+            transport.registerProducer(_DrainWatch(self, transport, sock), False)
+        # Taken after registering: Twisted asks a new pull producer for data at once.
+        self._socket = None
 
     def lose_connection(self) -> None:
         """Close once everything sent so far is on its way, frames held by a read too."""
