@@ -284,3 +284,60 @@ class DaemonTreeTests(SynchronousTestCase):
         )
         self.assertFalse(os.path.exists(os.path.join(data_dir, "operations.log")))
         self.assertEqual(daemon.health()["status"], "starting")
+
+
+class ScriptedDaemon(CimDaemon):
+    """The daemon's start and stop reporting, over rooms the test controls."""
+
+    def __init__(self, rooms: list[Room], reactor: Any) -> None:
+        self.rooms = rooms
+        config = parse_config("[node]\nid = n1\n")
+        super().__init__(config, reactor)
+        self.switchboard = SimpleNamespace(connected_count=0)  # type: ignore[assignment]
+
+    def _build(self) -> None:
+        for room in self.rooms:
+            self.add(room.step(cannot_start("state", "redis")))
+
+
+class DaemonStartReportTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.journal: list[str] = []
+        self.rooms = [Room(name, self.journal) for name in ("db", "state")]
+        self.reactor = MemoryReactorClock()
+        self.reactor.running = True
+        self.stderr: list[bytes] = []
+        self.exits: list[bool] = []
+        self.patch(daemon_module.os, "write", lambda fd, data: self.stderr.append(data))
+        self.patch(daemon_module, "_exit_non_zero_at_exit", lambda: self.exits.append(True))
+        self.daemon = ScriptedDaemon(self.rooms, self.reactor)
+
+    def test_healthy_once_every_room_started(self) -> None:
+        self.daemon.startService()
+        self.assertEqual(self.daemon.health()["status"], "starting")
+        for room in self.rooms:
+            assert room.starting is not None
+            room.starting.callback(None)
+        self.assertEqual(self.daemon.health()["status"], "ok")
+        self.daemon.stopService()
+        self.assertEqual(self.daemon.health()["status"], "starting")
+
+    def test_a_failed_start_is_one_line_on_fd_2_and_exit_status_1(self) -> None:
+        self.daemon.startService()
+        assert self.rooms[0].starting is not None
+        self.rooms[0].starting.errback(ConnectionRefusedError("connection refused"))
+        self.assertEqual(
+            self.stderr,
+            [
+                b"cim: could not start node n1: [state] backend = 'redis': cannot start: "
+                b"connection refused\n"
+            ],
+        )
+        self.assertEqual(self.exits, [True])
+        self.assertTrue(self.reactor.hasStopped)
+
+    def test_stopping_while_starting_is_not_a_failure(self) -> None:
+        self.daemon.startService()
+        self.daemon.stopService()
+        self.assertEqual((self.stderr, self.exits), ([], []))
+        self.assertFalse(self.reactor.hasStopped)

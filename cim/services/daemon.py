@@ -267,6 +267,13 @@ class CimDaemon(OrderedServices):
     async def _report_start(self) -> None:
         try:
             await self.when_ready()
+        except CancelledError:
+            if self.running:
+                self._start_failed(Failure())
+            else:
+                # stopService cut the start short: the node is stopping, not failing.
+                self.log.info("cim node {node} stopped while starting", node=self.config.node.id)
+            return
         except Exception:
             self._start_failed(Failure())
             return
@@ -276,8 +283,6 @@ class CimDaemon(OrderedServices):
     def _start_failed(self, failure: Failure) -> None:
         if failure.check(StartupError):
             why = failure.getErrorMessage()
-        elif failure.check(CancelledError):
-            why = "told to stop while starting"
         else:
             kind = failure.type.__name__ if failure.type is not None else "error"
             why = f"{kind}: {failure.getErrorMessage()}"
