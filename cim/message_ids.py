@@ -21,13 +21,21 @@ _MAX_SEQUENCE = (1 << SEQUENCE_BITS) - 1
 
 
 class MessageIdGenerator:
+    """Ids for one node. The daemon makes it before start-up and ``claim``s the node
+    number the state store hands out during start-up, before anything takes a message."""
+
     def __init__(self, clock: IReactorTime, node_number: int) -> None:
-        if not 0 <= node_number <= MAX_NODE_NUMBER:
-            raise ValueError(f"node number must be 0..{MAX_NODE_NUMBER}")
         self._clock = clock
-        self._node_bits = node_number << SEQUENCE_BITS
+        self._node_bits = 0
         self._last_ms = 0
         self._sequence = 0
+        self.claim(node_number)
+
+    def claim(self, node_number: int) -> None:
+        """Put ``node_number`` into every id from now on."""
+        if not 0 <= node_number <= MAX_NODE_NUMBER:
+            raise ValueError(f"node number must be 0..{MAX_NODE_NUMBER}")
+        self._node_bits = node_number << SEQUENCE_BITS
 
     def next_id(self) -> int:
         now_ms = int(self._clock.seconds() * 1000) - EPOCH_MS

@@ -26,7 +26,6 @@ import json
 import os
 import re
 import threading
-import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -121,13 +120,12 @@ def address_text(peer: Any) -> str | None:
 class OperationLog:
     """Appends operation events to ``path``; with None it is disabled (emit does nothing).
 
-    ``clock`` gives seconds since the epoch (``reactor.seconds`` in the daemon, a test
-    clock in tests).
+    ``clock`` gives seconds since the epoch (``reactor.seconds`` in the daemon,
+    ``time.time`` in cimctl, a test clock in tests). Making one touches no file: the
+    file is opened by ``open`` (the daemon's start-up) or by the first event.
     """
 
-    def __init__(
-        self, path: str | None, node: str = "", clock: Callable[[], float] = time.time
-    ) -> None:
+    def __init__(self, path: str | None, node: str, clock: Callable[[], float]) -> None:
         self.path = path
         self.node = node
         self._clock = clock
@@ -137,12 +135,16 @@ class OperationLog:
         self._broken = False
         self.written = 0
         self.failed = 0
-        if path is not None:
-            self._open()
 
     @property
     def enabled(self) -> bool:
         return self.path is not None
+
+    def open(self) -> None:
+        """Open the file now (creating it), so a problem shows at start-up. Never raises."""
+        with self._lock:
+            if self.path is not None and self._fd is None:
+                self._open()
 
     def _open(self) -> None:
         assert self.path is not None

@@ -22,10 +22,9 @@ def makeService(options: Options) -> IService:
     except ConfigError as error:
         # One line, no traceback, non-zero status: SystemExit(str) does all three.
         raise SystemExit(f"cim: {error}") from None
-    from twisted.internet import reactor
-
     from cim.logs import DaemonLog
-    from cim.services.daemon import CimDaemon
+    from cim.reactor import installed_reactor
+    from cim.services.daemon import CimDaemon, StartupError
 
     daemon_log = None
     if not config.log.is_default:
@@ -40,4 +39,8 @@ def makeService(options: Options) -> IService:
             )
         except OSError as error:
             raise SystemExit(f"cim: [log] file = {config.log.file!r}: {error.strerror}") from None
-    return CimDaemon(config, reactor, daemon_log=daemon_log)
+    try:
+        return CimDaemon(config, installed_reactor(), daemon_log=daemon_log)
+    except StartupError as error:
+        # The node's identity (data directory, key) is read here, like the config.
+        raise SystemExit(f"cim: could not start node {config.node.id}: {error}") from None

@@ -66,7 +66,7 @@ def add_users(database_url: str, names: list[str]) -> None:
     upgrade(database_url)
     engine = open_engine(database_url)
     try:
-        accounts = BlockingAccountStore(engine, AccountsConfig(scrypt_n=4096))
+        accounts = BlockingAccountStore(engine, AccountsConfig(scrypt_n=4096), clock=time.time)
         for name in names:
             accounts.add_user(name, PASSWORD)
     finally:

@@ -68,7 +68,7 @@ class CimctlTests(TestCase):
         config = load_config(self.config_path)
         engine = create_engine_for(config.database_url)
         self.addCleanup(engine.dispose)
-        return BlockingAccountStore(engine, config.accounts)
+        return BlockingAccountStore(engine, config.accounts, clock=time.time)
 
     def assertOneLineError(self, outcome: Outcome, status: int, *fragments: str) -> None:
         self.assertEqual(outcome.status, status, outcome)

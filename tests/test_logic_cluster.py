@@ -8,6 +8,7 @@ tests.test_cluster; the guardians are the real client library on the real reacto
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 import treq
@@ -47,7 +48,7 @@ class SosAcrossNodesTests(TestCase):
         upgrade(cluster.database_url)
         engine = open_engine(cluster.database_url)
         try:
-            accounts = BlockingAccountStore(engine, AccountsConfig(scrypt_n=4096))
+            accounts = BlockingAccountStore(engine, AccountsConfig(scrypt_n=4096), clock=time.time)
             accounts.add_user("watch", PASSWORD, "device")
             for guardian in ("g1", "g2"):
                 accounts.add_user(guardian, PASSWORD)

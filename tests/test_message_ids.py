@@ -5,7 +5,7 @@ from __future__ import annotations
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from cim.message_ids import EPOCH_MS, MessageIdGenerator
+from cim.message_ids import EPOCH_MS, MAX_NODE_NUMBER, SEQUENCE_BITS, MessageIdGenerator
 
 
 def clock_at(ms: int) -> Clock:
@@ -52,3 +52,12 @@ class MessageIdTests(SynchronousTestCase):
     def test_node_number_must_fit(self) -> None:
         with self.assertRaises(ValueError):
             MessageIdGenerator(Clock(), 1024)
+
+    def test_the_claimed_number_goes_into_later_ids(self) -> None:
+        """The daemon makes the generator first and claims its number during start-up."""
+        clock = clock_at(EPOCH_MS + 42)
+        ids = MessageIdGenerator(clock, 0)
+        ids.claim(9)
+        self.assertEqual((ids.next_id() >> SEQUENCE_BITS) & MAX_NODE_NUMBER, 9)
+        with self.assertRaises(ValueError):
+            ids.claim(MAX_NODE_NUMBER + 1)

@@ -91,7 +91,7 @@ class OperationLogTests(TestCase):
             self.assertEqual(len(handle.readlines()), 2)
 
     def test_disabled_log_does_nothing(self) -> None:
-        log = OperationLog(None)
+        log = OperationLog(None, node="node1", clock=lambda: NOW)
         self.assertFalse(log.enabled)
         log.emit(LOGIN, user="alice")
         log.reopen()
@@ -103,7 +103,7 @@ class OperationLogTests(TestCase):
         with open(blocker, "w") as handle:
             handle.write("a file, not a directory")
         logs = LogCapture(self, "cim.oplog")
-        log = OperationLog(os.path.join(blocker, "operations.log"))
+        log = OperationLog(os.path.join(blocker, "operations.log"), "node1", lambda: NOW)
         log.emit(LOGIN, user="alice")
         log.emit(LOGIN, user="alice")
         self.assertEqual((log.written, log.failed), (0, 2))

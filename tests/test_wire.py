@@ -6,6 +6,8 @@ import struct
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred
+from twisted.internet.task import deferLater
 from twisted.internet.testing import StringTransport
 from twisted.logger import capturedLogs
 from twisted.test import iosim
@@ -22,7 +24,7 @@ from cim.protocols.crypto import (
     session_ciphers,
 )
 from cim.protocols.handshake import ClientHandshake, accept_client_hello
-from cim.protocols.wire import HEARTBEAT_FRAME, FrameProtocol, send_now
+from cim.protocols.wire import HEARTBEAT_FRAME, FrameProtocol, HeldWrites
 from tests.test_crypto import shared_node_key
 
 MAX_FRAME = 1024
@@ -51,8 +53,10 @@ def _record_login(protocol: Any, message: Any) -> None:
 class RecordingProtocol(FrameProtocol):
     """Allows MSG_R and ACK_R once encrypted and records what reaches it."""
 
-    def __init__(self, metrics: NodeMetrics | None = None) -> None:
-        super().__init__(MAX_FRAME, metrics)
+    def __init__(
+        self, metrics: NodeMetrics | None = None, held_writes: HeldWrites | None = None
+    ) -> None:
+        super().__init__(MAX_FRAME, metrics, held_writes)
         self.received: list[Any] = []
         self.plaintexts: list[bytes] = []
         self.heartbeats = 0
@@ -398,44 +402,148 @@ class _Socket:
         return len(taken)
 
 
-class _SocketTransport(StringTransport):
-    """A StringTransport with what send_now looks at on a tcp.Connection."""
+class DirectSendTests(unittest.TestCase):
+    """Frames go straight to the socket unless some of the connection's bytes wait in
+    Twisted's buffer; Twisted's consumer API (a pull producer) says when they no longer do.
 
-    def __init__(self, sock: _Socket) -> None:
-        super().__init__()
-        self.socket = sock
-        self.dataBuffer = b""
-        self._tempDataBuffer: list[bytes] = []
-        self.connected = True
+    A StringTransport stands in for the TCP connection, with a fake socket where
+    ``makeConnection`` would take ``tcp.Connection.getHandle()``.
+    """
 
+    def connected(self, sock: _Socket) -> tuple[RecordingProtocol, StringTransport]:
+        protocol = RecordingProtocol()
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        self.assertIsNone(protocol._socket)  # not a tcp.Connection: no direct sends
+        protocol._socket = sock  # type: ignore[assignment]
+        return protocol, transport
 
-class SendNowTests(unittest.TestCase):
     def test_straight_to_the_socket_when_nothing_is_queued(self) -> None:
-        transport = _SocketTransport(_Socket())
-        send_now(transport, b"frame")
-        self.assertEqual((transport.socket.sent, transport.value()), ([b"frame"], b""))
+        sock = _Socket()
+        protocol, transport = self.connected(sock)
+        protocol.send_plaintext(b"\x01frame")
+        self.assertEqual((sock.sent, transport.value()), ([frame(b"\x01frame")], b""))
+        self.assertIsNone(transport.producer)
 
     def test_the_rest_of_a_partial_send_is_queued(self) -> None:
-        transport = _SocketTransport(_Socket(room=2))
-        send_now(transport, b"frame")
-        self.assertEqual((transport.socket.sent, transport.value()), ([b"fr"], b"ame"))
+        sock = _Socket(room=2)
+        protocol, transport = self.connected(sock)
+        protocol.send_plaintext(b"\x01frame")
+        self.assertEqual((sock.sent, transport.value()), ([b"\x00\x00"], frame(b"\x01frame")[2:]))
+        # Registered to hear when Twisted's buffer is empty: a pull producer.
+        self.assertIsNotNone(transport.producer)
+        self.assertFalse(transport.streaming)
 
-    def test_queued_data_keeps_its_place(self) -> None:
-        transport = _SocketTransport(_Socket())
-        transport._tempDataBuffer.append(b"earlier")
-        send_now(transport, b"later")
-        self.assertEqual((transport.socket.sent, transport.value()), ([], b"later"))
+    def test_queued_data_keeps_its_place_until_twisted_has_sent_it(self) -> None:
+        sock = _Socket(room=2)
+        protocol, transport = self.connected(sock)
+        protocol.send_plaintext(b"\x01first")
+        sock.room = 1 << 20
+        protocol.send_plaintext(b"\x01second")
+        self.assertEqual(sock.sent, [b"\x00\x00"])
+        self.assertEqual(transport.value(), (frame(b"\x01first") + frame(b"\x01second"))[2:])
+        # Twisted's write loop emptied its buffer and asks its producer for more.
+        transport.producer.resumeProducing()
+        self.assertIsNone(transport.producer)
+        protocol.send_plaintext(b"\x01third")
+        self.assertEqual(sock.sent, [b"\x00\x00", frame(b"\x01third")])
 
     def test_a_socket_error_leaves_it_to_twisted(self) -> None:
-        transport = _SocketTransport(_Socket(error=BlockingIOError()))
-        send_now(transport, b"frame")
-        self.assertEqual(transport.value(), b"frame")
+        protocol, transport = self.connected(_Socket(error=BlockingIOError()))
+        protocol.send_heartbeat()
+        self.assertEqual(transport.value(), HEARTBEAT_FRAME)
+        self.assertIsNotNone(transport.producer)
 
     def test_closing_transport_is_not_written_directly(self) -> None:
-        transport = _SocketTransport(_Socket())
+        sock = _Socket()
+        protocol, transport = self.connected(sock)
         transport.disconnecting = True
-        send_now(transport, b"frame")
-        self.assertEqual((transport.socket.sent, transport.value()), ([], b"frame"))
+        protocol.send_heartbeat()
+        self.assertEqual((sock.sent, transport.value()), ([], HEARTBEAT_FRAME))
+
+    def test_with_another_producer_registered_writes_stay_in_twisted(self) -> None:
+        sock = _Socket(room=2)
+        protocol, transport = self.connected(sock)
+        other = object()
+        transport.registerProducer(other, True)
+        protocol.send_heartbeat()
+        sock.room = 1 << 20
+        protocol.send_heartbeat()
+        self.assertEqual(sock.sent, [b"\x00\x00"])
+        self.assertEqual(transport.value(), HEARTBEAT_FRAME[2:] + HEARTBEAT_FRAME)
+        self.assertIs(transport.producer, other)
+
+
+class LoopbackSendTests(unittest.TestCase):
+    """Direct sends over a real TCP connection on the loopback interface."""
+
+    def setUp(self) -> None:
+        from twisted.internet import reactor
+        from twisted.internet.protocol import Factory
+
+        self.reactor: Any = reactor
+        self.receiver = RecordingProtocol()
+        self.receiver.MAX_LENGTH = 1 << 20
+        received = Deferred[RecordingProtocol]()
+
+        def build() -> RecordingProtocol:
+            self.reactor.callLater(0, received.callback, self.receiver)
+            return self.receiver
+
+        port = reactor.listenTCP(0, Factory.forProtocol(build), interface="127.0.0.1")  # type: ignore[attr-defined]
+        self.addCleanup(port.stopListening)
+        self.sender = RecordingProtocol()
+        self.sender.MAX_LENGTH = 1 << 20
+        self.receiver_ready = received
+        self.port = port
+
+    async def connect(self) -> None:
+        from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+
+        endpoint = TCP4ClientEndpoint(self.reactor, "127.0.0.1", self.port.getHost().port)
+        await connectProtocol(endpoint, self.sender)
+        self.addCleanup(self.close)
+        await self.receiver_ready
+
+    async def close(self) -> None:
+        for protocol in (self.sender, self.receiver):
+            if protocol.transport is not None:
+                protocol.transport.loseConnection()
+        await deferLater(self.reactor, 0.01)
+
+    async def until(self, condition: Any) -> None:
+        for _ in range(500):
+            if condition():
+                return
+            await deferLater(self.reactor, 0.01)
+        self.fail("the condition did not come true in 5 s")
+
+    async def _fill_and_drain(self) -> None:
+        await self.connect()
+        self.assertIsNotNone(self.sender._socket)
+        # The receiver stops reading; the sender writes until the kernel's buffers are
+        # full and the rest waits in Twisted's.
+        self.receiver.pauseProducing()
+        body = b"\x01" + b"x" * 65536
+        count = 0
+        while self.sender._socket is not None and count < 2000:
+            self.sender.send_plaintext(body)
+            count += 1
+        self.assertIsNone(self.sender._socket)  # writing through Twisted
+        for _ in range(3):
+            self.sender.send_plaintext(body)  # queued behind, not sent past them
+        count += 3
+        self.receiver.resumeProducing()
+        await self.until(lambda: len(self.receiver.plaintexts) == count)
+        self.assertEqual(set(self.receiver.plaintexts), {body})
+        # Twisted said its buffer is empty: direct sends again, and nothing registered.
+        await self.until(lambda: self.sender._socket is not None)
+        self.assertIsNone(self.sender.transport.producer)  # type: ignore[union-attr]
+        self.sender.send_plaintext(b"\x01last")
+        await self.until(lambda: self.receiver.plaintexts[-1:] == [b"\x01last"])
+
+    def test_a_full_socket_queues_in_twisted_until_it_drains(self) -> None:
+        return Deferred.fromCoroutine(self._fill_and_drain())
 
 
 class Relay(RecordingProtocol):
@@ -443,8 +551,8 @@ class Relay(RecordingProtocol):
 
     peer: FrameProtocol
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, held_writes: HeldWrites | None = None) -> None:
+        super().__init__(held_writes=held_writes)
         self.inbound = {cim_pb2.MSG_R: (cim_pb2.Message, _relay)}
 
 
@@ -454,22 +562,29 @@ def _relay(protocol: Any, message: Any) -> None:
     protocol.peer.send_frame(cim_pb2.MSG_N, message)
 
 
+def connect_recording_writes(protocol: FrameProtocol) -> list[bytes]:
+    """Connect to a StringTransport; the list gets each ``write`` call's bytes."""
+    transport = StringTransport()
+    writes: list[bytes] = []
+    original = transport.write
+
+    def write(data: bytes) -> None:
+        writes.append(data)
+        original(data)
+
+    transport.write = write  # type: ignore[method-assign]
+    protocol.makeConnection(transport)
+    return writes
+
+
 class HeldWritesTests(unittest.TestCase):
     def connected(self, protocol: FrameProtocol) -> list[bytes]:
-        transport = StringTransport()
-        writes: list[bytes] = []
-        original = transport.write
-
-        def write(data: bytes) -> None:
-            writes.append(data)
-            original(data)
-
-        transport.write = write  # type: ignore[method-assign]
-        protocol.makeConnection(transport)
-        return writes
+        return connect_recording_writes(protocol)
 
     def test_frames_made_during_a_read_leave_in_one_write_per_connection(self) -> None:
-        relay, peer = Relay(), RecordingProtocol()
+        # The node's connections share one HeldWrites (the IM factory's).
+        held = HeldWrites()
+        relay, peer = Relay(held), RecordingProtocol(held_writes=held)
         relay.peer = peer
         relay_writes, peer_writes = self.connected(relay), self.connected(peer)
         for protocol in (relay, peer):
@@ -484,6 +599,16 @@ class HeldWritesTests(unittest.TestCase):
         types = [opener.open(body)[0] for body in frames]
         self.assertEqual(types, [cim_pb2.MSG_A, cim_pb2.ACK_A] * 3)
         self.assertEqual(len(split_frames(peer_writes[0])[0]), 3)
+
+    def test_without_a_shared_one_other_connections_send_at_once(self) -> None:
+        relay, peer = Relay(), RecordingProtocol()
+        relay.peer = peer
+        relay_writes, peer_writes = self.connected(relay), self.connected(peer)
+        for protocol in (relay, peer):
+            protocol.start_encryption(*ciphers(SUITE_CHACHA, "node"))
+        sealer, _ = ciphers(SUITE_CHACHA, "client")
+        relay.dataReceived(b"".join(frame(sealer.seal(message_body(str(n)))) for n in range(3)))
+        self.assertEqual((len(relay_writes), len(peer_writes)), (1, 3))
 
     def test_outside_a_read_frames_go_at_once(self) -> None:
         protocol = RecordingProtocol()
@@ -515,3 +640,96 @@ def split_frames(data: bytes) -> tuple[list[bytes], bytes]:
         frames.append(data[4 : 4 + length])
         data = data[4 + length :]
     return frames, data
+
+
+class PauseTests(unittest.TestCase):
+    """The framing is a push producer: paused, it delivers nothing, buffered or not."""
+
+    def setUp(self) -> None:
+        self.protocol = RecordingProtocol()
+        self.transport = StringTransport()
+        self.protocol.makeConnection(self.transport)
+
+    def test_pausing_stops_delivery_mid_read_and_resuming_delivers_the_rest(self) -> None:
+        class PausesOnSecond(RecordingProtocol):
+            def plaintext_frame_received(self, body: bytes) -> None:
+                super().plaintext_frame_received(body)
+                if body == b"\x01two":
+                    self.pauseProducing()
+
+        protocol = PausesOnSecond()
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        stream = b"".join(frame(b"\x01" + word) for word in (b"one", b"two", b"three"))
+        four = frame(b"\x01four")
+        protocol.dataReceived(stream + HEARTBEAT_FRAME + four[:6])
+        self.assertEqual(protocol.plaintexts, [b"\x01one", b"\x01two"])
+        self.assertEqual(transport.producerState, "paused")
+        # More bytes while paused are kept, not delivered.
+        protocol.dataReceived(four[6:] + frame(b"\x01fi"))
+        self.assertEqual(protocol.plaintexts, [b"\x01one", b"\x01two"])
+        self.assertEqual(protocol.heartbeats, 0)
+        protocol.resumeProducing()
+        self.assertEqual(transport.producerState, "producing")
+        self.assertEqual(
+            protocol.plaintexts, [b"\x01one", b"\x01two", b"\x01three", b"\x01four", b"\x01fi"]
+        )
+        self.assertEqual(protocol.heartbeats, 1)
+        # An incomplete frame waits for its end, as before the pause.
+        protocol.dataReceived(frame(b"\x01five")[:5])
+        self.assertEqual(protocol.plaintexts[-1], b"\x01fi")
+        protocol.dataReceived(frame(b"\x01five")[5:])
+        self.assertEqual(protocol.plaintexts[-1], b"\x01five")
+
+    def test_bytes_arriving_while_paused_wait_for_resume(self) -> None:
+        self.protocol.pauseProducing()
+        self.protocol.dataReceived(frame(b"\x01one") + frame(b"\x01two")[:-1])
+        self.protocol.dataReceived(b"o" + HEARTBEAT_FRAME)
+        self.assertEqual((self.protocol.plaintexts, self.protocol.heartbeats), ([], 0))
+        self.assertEqual(self.protocol.activity, 0)
+        self.protocol.resumeProducing()
+        self.assertEqual(self.protocol.plaintexts, [b"\x01one", b"\x01two"])
+        self.assertEqual(self.protocol.heartbeats, 1)
+        self.assertEqual(self.protocol._unprocessed, b"")
+
+    def test_pause_and_resume_inside_a_frame_handler_delivers_each_frame_once(self) -> None:
+        class Blinks(RecordingProtocol):
+            def plaintext_frame_received(self, body: bytes) -> None:
+                super().plaintext_frame_received(body)
+                self.pauseProducing()
+                self.resumeProducing()
+
+        protocol = Blinks()
+        protocol.makeConnection(StringTransport())
+        protocol.dataReceived(b"".join(frame(b"\x01%d" % n) for n in range(4)))
+        self.assertEqual(protocol.plaintexts, [b"\x01%d" % n for n in range(4)])
+
+    def test_resuming_a_rejected_connection_delivers_nothing(self) -> None:
+        sealer, opener = ciphers(SUITE_CHACHA, "node")
+        self.protocol.start_encryption(sealer, opener)
+        self.protocol.dataReceived(frame(b"not sealed") + HEARTBEAT_FRAME)
+        self.assertTrue(self.transport.disconnecting)
+        self.transport.disconnecting = False  # so resumeProducing may reach the transport
+        self.protocol.resumeProducing()
+        self.assertEqual(self.protocol.heartbeats, 0)
+
+    def test_frames_a_resume_produces_leave_in_one_write(self) -> None:
+        protocol = Relay()
+        protocol.peer = RecordingProtocol()
+        protocol.peer.makeConnection(StringTransport())
+        writes = connect_recording_writes(protocol)
+        protocol.start_encryption(*ciphers(SUITE_CHACHA, "node"))
+        protocol.peer.start_encryption(*ciphers(SUITE_CHACHA, "node"))
+        sealer, _ = ciphers(SUITE_CHACHA, "client")
+        protocol.pauseProducing()
+        protocol.dataReceived(b"".join(frame(sealer.seal(message_body(str(n)))) for n in range(2)))
+        self.assertEqual(writes, [])
+        protocol.resumeProducing()
+        self.assertEqual(len(writes), 1)
+        self.assertEqual(len(split_frames(writes[0])[0]), 4)
+
+    def test_stop_producing_closes_and_delivers_nothing_more(self) -> None:
+        self.protocol.stopProducing()
+        self.protocol.dataReceived(frame(b"\x01late"))
+        self.assertEqual(self.protocol.plaintexts, [])
+        self.assertEqual(self.transport.producerState, "stopped")

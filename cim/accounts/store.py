@@ -18,14 +18,14 @@ import hashlib
 import hmac
 import os
 import re
-import time
 from collections.abc import Callable
-from typing import Any, Concatenate, ParamSpec, TypeVar
+from typing import Concatenate, ParamSpec, TypeVar
 
 from sqlalchemy.engine import Connection, Engine
 from twisted.internet.defer import Deferred, fail, succeed
 
 from cim.config import AccountsConfig
+from cim.reactor import ICimReactor
 from cim.storage.accounts import (
     UserRecord,
     delete_user_txn,
@@ -221,8 +221,8 @@ class AccountStore:
         self,
         db: Database,
         config: AccountsConfig,
+        reactor: ICimReactor,
         kdf_runner: Runner | None = None,
-        reactor: Any = None,
     ) -> None:
         self._db = db
         self._config = config
@@ -238,7 +238,7 @@ class AccountStore:
         return self._kdf.stop()
 
     def _now(self) -> float:
-        return float(self._reactor.seconds()) if self._reactor is not None else time.time()
+        return float(self._reactor.seconds())
 
     def check_password(self, name: str, password: str) -> Deferred[bool]:
         """True only for an existing user with this password.
@@ -322,9 +322,8 @@ class AccountStore:
 class BlockingAccountStore:
     """The same rules and transactions, run inline: for cimctl, a short-lived CLI."""
 
-    def __init__(
-        self, engine: Engine, config: AccountsConfig, clock: Callable[[], float] = time.time
-    ) -> None:
+    def __init__(self, engine: Engine, config: AccountsConfig, clock: Callable[[], float]) -> None:
+        """``clock`` gives seconds since the epoch (cimctl passes ``time.time``)."""
         self._engine = engine
         self._config = config
         self._clock = clock

@@ -36,7 +36,7 @@ from cim.protocols.handshake import (
     accept_client_hello,
 )
 from cim.protocols.timeouts import NEVER, DeadlineSweeper, SweptTimeoutMixin
-from cim.protocols.wire import FrameProtocol
+from cim.protocols.wire import FrameProtocol, HeldWrites
 
 if TYPE_CHECKING:
     from cim.im.node import ImNode
@@ -58,7 +58,7 @@ class ImServerProtocol(FrameProtocol, SweptTimeoutMixin):
     log = Logger()
 
     def __init__(self, factory: ImServerFactory, address: IAddress | None) -> None:
-        super().__init__(factory.config.max_frame_size, factory.metrics)
+        super().__init__(factory.config.max_frame_size, factory.metrics, factory.held_writes)
         self.factory = factory
         # The handshake deadline, then the heartbeat timeout, on the node's one timer.
         self.deadlines = factory.deadlines
@@ -333,6 +333,8 @@ class ImServerFactory(Factory):
         self.deadlines = DeadlineSweeper(clock, min(1.0, shortest / 4))
         self._per_address: dict[str, int] = {}
         self.protocols: set[ImServerProtocol] = set()
+        # Frames a read produces for any connection leave when the read ends.
+        self.held_writes = HeldWrites()
         self.oplog: OperationLog | None = None
 
     def record(self, event: str, **fields: Any) -> None:

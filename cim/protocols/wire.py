@@ -12,19 +12,30 @@ constants at import time.
 
 from __future__ import annotations
 
+import contextlib
+import socket
 import struct
 from collections.abc import Callable, Mapping
+from types import MappingProxyType
 from typing import Any, cast
 
 from google.protobuf.message import DecodeError, Message
-from twisted.internet.interfaces import ITCPTransport
+from twisted.internet import tcp
+from twisted.internet.interfaces import (
+    IConsumer,
+    IPullProducer,
+    IPushProducer,
+    ITCPTransport,
+    ITransport,
+)
 from twisted.logger import Logger
 from twisted.protocols.basic import Int32StringReceiver
+from zope.interface import implementer
 
 from cim.metrics import NodeMetrics
 from cim.protocols.crypto import FrameAuthenticationError, FrameOpener, FrameSealer
 
-__all__ = ["HEARTBEAT_FRAME", "FrameProtocol", "Inbound"]
+__all__ = ["HEARTBEAT_FRAME", "FrameProtocol", "HeldWrites", "Inbound"]
 
 HEARTBEAT_FRAME = b"\x00\x00\x00\x00"
 """A zero-length frame: the whole heartbeat is its 4-byte length prefix."""
@@ -42,58 +53,71 @@ _LENGTH = struct.Struct(">I").pack
 _UNPACK_LENGTH = struct.Struct(">I").unpack_from
 _TYPE_BYTES = tuple(bytes((number,)) for number in range(256))
 _PREFIX_SIZE = 4
-_NOTHING_ALLOWED: Inbound = {}
+_NOTHING_ALLOWED: Inbound = MappingProxyType({})
 
 
 # --- writing -------------------------------------------------------------------------
 # ``transport.write`` only queues: Twisted then watches the socket for writability
 # (an epoll_ctl), sends on the next reactor turn and stops watching (another
 # epoll_ctl). For a chat server that is most writes: a frame in, one or two frames
-# out. So frames are written straight to the socket when nothing is queued ahead of
-# them, and frames produced while a connection's bytes are being processed are held
-# and written once per connection when that processing ends (a read carrying eight
+# out. So frames are written straight to the socket when nothing of this connection
+# waits in Twisted's buffer, and frames produced while reads are processed are held
+# and written once per connection when the outermost read ends (a read carrying eight
 # msg:R frames answers with one send of eight msg:A, not eight). Whatever the socket
-# does not take goes the normal way, through ``transport.write``.
-
-_held: list[FrameProtocol] = []
-"""Connections holding frames until the read being processed ends."""
-_reading = 0
-"""How many ``dataReceived`` calls are on the stack (a read can cause another)."""
+# does not take goes the normal way, through ``transport.write``, and the connection
+# then writes through Twisted until Twisted says its buffer is empty (see _DrainWatch).
 
 
-def send_now(transport: Any, data: bytes) -> None:
-    """Send on the socket at once when Twisted has nothing queued for it, else queue.
+class HeldWrites:
+    """Frames produced while reads are being processed, written when the outermost ends.
 
-    Only a plain, open TCP transport with an empty write buffer is written directly;
-    anything else (a closing or paused transport, a test transport) uses
-    ``transport.write``, which keeps Twisted's ordering and error handling.
+    One is shared by every connection of a node (the IM factory's), so a read on one
+    connection that produces frames for others (a msg:N to the receiver) also sends
+    once per connection. A protocol made without one gets its own.
     """
-    sock = getattr(transport, "socket", None)
-    if (
-        sock is None
-        or transport.dataBuffer
-        or transport._tempDataBuffer
-        or not transport.connected
-        or transport.disconnecting
-        or transport.producer is not None
-    ):
-        transport.write(data)
-        return
-    try:
-        sent = sock.send(data)
-    except OSError:
-        # EAGAIN, or a broken connection that Twisted's own write path will report.
-        sent = 0
-    if sent < len(data):
-        transport.write(data[sent:] if sent else data)
+
+    __slots__ = ("connections", "depth")
+
+    def __init__(self) -> None:
+        self.depth = 0
+        """How many reads are on the stack (a read can cause another)."""
+        self.connections: list[FrameProtocol] = []
+        """Connections holding frames until the outermost read ends."""
+
+    def flush(self) -> None:
+        connections = self.connections
+        while connections:
+            holding = list(connections)
+            connections.clear()
+            for connection in holding:
+                connection.flush_held()
 
 
-def _flush_held() -> None:
-    while _held:
-        connections = list(_held)
-        _held.clear()
-        for connection in connections:
-            connection.flush_held()
+@implementer(IPullProducer)
+class _DrainWatch:
+    """Told by Twisted when a connection's write buffer is empty again.
+
+    Registered (as a pull producer, the consumer API's public way to hear "send more")
+    only while some of the connection's bytes wait in Twisted's buffer. Meanwhile the
+    connection has no socket to write to and uses ``transport.write``, so nothing
+    overtakes them; the watch gives the socket back once they are sent.
+    """
+
+    __slots__ = ("_protocol", "_socket", "_transport")
+
+    def __init__(self, protocol: FrameProtocol, transport: IConsumer, sock: socket.socket) -> None:
+        self._protocol = protocol
+        self._transport = transport
+        self._socket = sock
+
+    def resumeProducing(self) -> None:
+        # ``registerProducer`` asks a pull producer at once, before anything waits.
+        if self._protocol._socket is None:
+            self._protocol._socket = self._socket
+            self._transport.unregisterProducer()
+
+    def stopProducing(self) -> None:
+        """The connection is gone; its protocol keeps writing through the transport."""
 
 
 class _NotEncrypting:
@@ -112,21 +136,45 @@ class FrameProtocol(Int32StringReceiver):
     Subclasses set ``inbound`` for their connection state and override the hooks
     ``plaintext_frame_received`` (the handshake), ``heartbeat_received`` and
     ``frame_activity`` (idle timers).
+
+    It is a push producer of frames, like Twisted's own receivers: ``pauseProducing``
+    stops the transport reading and delivers no further frame, not even one already
+    buffered, until ``resumeProducing``; ``stopProducing`` closes the connection.
     """
 
     log = Logger()
 
-    def __init__(self, max_frame_size: int, metrics: NodeMetrics | None = None) -> None:
+    def __init__(
+        self,
+        max_frame_size: int,
+        metrics: NodeMetrics | None = None,
+        held_writes: HeldWrites | None = None,
+    ) -> None:
         self.MAX_LENGTH = max_frame_size
         self.metrics = metrics
         self.inbound: Inbound = _NOTHING_ALLOWED
         self._sealer: FrameSealer = _NotEncrypting()
         self._opener: FrameOpener | None = None
         self._rejected = False
-        # Bytes of a frame not yet complete.
+        # Set whenever frames must stop: paused by a consumer, or rejected.
+        self.paused = False
+        # True while this connection's read loop is on the stack.
+        self._delivering = False
+        # Bytes of a frame not yet complete (or, while paused, of frames not delivered).
         self._unprocessed = b""
-        # Frames produced during a read, written when it ends (see send_now).
+        # Frames produced during a read, written when it ends (see HeldWrites).
         self._out: list[bytes] | None = None
+        self._held_writes = held_writes if held_writes is not None else HeldWrites()
+        # The TCP socket while frames may be written to it directly: None for other
+        # transports, and while some of this connection's bytes wait in Twisted's buffer.
+        self._socket: socket.socket | None = None
+
+    def makeConnection(self, transport: ITransport) -> None:
+        if isinstance(transport, tcp.Connection):
+            # Only a plain TCP (or UNIX) connection: a TLS transport's handle is its
+            # OpenSSL object, and bytes sent there would bypass the TLS layer's buffer.
+            self._socket = transport.getHandle()
+        super().makeConnection(transport)
 
     # ---------------------------------------------------------------- receiving
 
@@ -137,19 +185,25 @@ class FrameProtocol(Int32StringReceiver):
         frame (a compatibility hook), which makes CPython give each connection a real
         dict, about 0.5 KiB more per idle connection, and it goes on dispatching the
         frames after a rejected one. This loop stops at the first rejection, so no
-        frame after a bad one reaches the application (P5).
+        frame after a bad one reaches the application (P5), and, like Twisted's, at
+        ``pauseProducing``: what is left waits in the buffer until ``resumeProducing``.
         """
         if self._rejected:
             # The connection is being torn down; later bytes are dropped, not buffered.
             return
-        global _reading
-        _reading += 1
+        if self.paused:
+            self._unprocessed += data
+            return
+        held = self._held_writes
+        held.depth += 1
+        self._delivering = True
         try:
             self._frames_received(data)
         finally:
-            _reading -= 1
-            if not _reading:
-                _flush_held()
+            self._delivering = False
+            held.depth -= 1
+            if not held.depth:
+                held.flush()
 
     def _frames_received(self, data: bytes) -> None:
         buffer = self._unprocessed + data if self._unprocessed else data
@@ -168,9 +222,30 @@ class FrameProtocol(Int32StringReceiver):
                 break
             offset = stop
             self.stringReceived(buffer[start:stop])
-            if self._rejected:
-                return
+            # One check per frame covers both ways frames stop (rejection pauses too).
+            if self.paused:
+                if self._rejected:
+                    return
+                break
         self._unprocessed = buffer[offset:] if offset else buffer
+
+    def pauseProducing(self) -> None:
+        """Deliver no further frame and stop reading until ``resumeProducing``."""
+        self.paused = True
+        if self.transport is not None:
+            cast(IPushProducer, self.transport).pauseProducing()
+
+    def resumeProducing(self) -> None:
+        """Read again, and deliver at once the whole frames that waited in the buffer."""
+        if self._rejected:
+            return
+        self.paused = False
+        if self.transport is not None:
+            cast(IPushProducer, self.transport).resumeProducing()
+        # Resumed from inside this connection's own frame handling, the loop running
+        # below goes on by itself; otherwise the waiting frames are delivered now.
+        if not self._delivering:
+            self.dataReceived(b"")
 
     def stringReceived(self, body: bytes) -> None:
         self.frame_activity()
@@ -272,15 +347,48 @@ class FrameProtocol(Int32StringReceiver):
     def _emit(self, data: bytes) -> None:
         if self.transport is None:
             return
-        if not _reading:
-            send_now(self.transport, data)
+        held = self._held_writes
+        if not held.depth:
+            self._send(data)
             return
         out = self._out
         if out is None:
             self._out = [data]
-            _held.append(self)
+            held.connections.append(self)
         else:
             out.append(data)
+
+    def _send(self, data: bytes) -> None:
+        """Send on the socket at once when none of this connection's bytes wait in
+        Twisted's buffer, else queue behind them with ``transport.write``.
+
+        Only a plain, open TCP transport is written directly; anything else (a closing
+        transport, TLS, a test transport) uses ``transport.write``, which keeps
+        Twisted's ordering and error handling.
+        """
+        transport: Any = self.transport
+        sock = self._socket
+        if sock is None or transport.disconnecting or not transport.connected:
+            transport.write(data)
+            return
+        try:
+            sent = sock.send(data)
+        except OSError:
+            # EAGAIN, or a broken connection that Twisted's own write path will report.
+            sent = 0
+        if sent < len(data):
+            transport.write(data[sent:] if sent else data)
+            self._write_through_twisted_until_drained(transport, sock)
+
+    def _write_through_twisted_until_drained(
+        self, transport: IConsumer, sock: socket.socket
+    ) -> None:
+        # If someone else's producer holds the transport (RuntimeError), Twisted will
+        # not say when its buffer empties, so this connection writes through it for good.
+        with contextlib.suppress(RuntimeError):
+            transport.registerProducer(_DrainWatch(self, transport, sock), False)
+        # Taken after registering: Twisted asks a new pull producer for data at once.
+        self._socket = None
 
     def lose_connection(self) -> None:
         """Close once everything sent so far is on its way, frames held by a read too."""
@@ -295,7 +403,7 @@ class FrameProtocol(Int32StringReceiver):
             return
         self._out = None
         if self.transport is not None:
-            send_now(self.transport, out[0] if len(out) == 1 else b"".join(out))
+            self._send(out[0] if len(out) == 1 else b"".join(out))
 
     # ---------------------------------------------------------------- rejection
 
@@ -308,6 +416,7 @@ class FrameProtocol(Int32StringReceiver):
         if self._rejected:
             return
         self._rejected = True
+        self.paused = True
         transport: Any = self.transport
         peer = transport.getPeer() if transport is not None else None
         self.log.warn(

@@ -7,6 +7,7 @@ import argparse
 import contextlib
 import json
 import os
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, TextIO
@@ -74,7 +75,7 @@ class Invocation:
         from cim.oplog import ADMIN, OperationLog
 
         config = self.config
-        log = OperationLog(config.operation_log_path, node=config.node.id)
+        log = OperationLog(config.operation_log_path, node=config.node.id, clock=time.time)
         try:
             log.emit(ADMIN, user=getpass.getuser(), action=action, target=target)
         finally:
@@ -84,7 +85,7 @@ class Invocation:
     def accounts(self) -> Iterator[BlockingAccountStore]:
         engine = open_engine(self.config.database_url)
         try:
-            yield BlockingAccountStore(engine, self.config.accounts)
+            yield BlockingAccountStore(engine, self.config.accounts, clock=time.time)
         finally:
             engine.dispose()
 

@@ -1,23 +1,35 @@
-"""The whole daemon as one twistd service: start-up in dependency order, stop in reverse.
+"""The whole node as one twistd service: a tree of its rooms, started in dependency order.
 
-Start-up is asynchronous (the database migrates, listeners bind). If any step fails
-the daemon logs one line saying what and why, stops the reactor and exits non-zero,
-rather than running half-started.
+``CimDaemon`` makes every room from the config and adds one child per room that has a
+lifetime, in the order they depend on each other::
+
+    operation log, SIGHUP reopening, database, accounts (the KDF pool), state,
+    registry, node number, bus, offline pipeline, archive,
+    im (client drain, listener, registry entry), router listener, files, logic,
+    admin listener, heap trimmer
+
+``OrderedServices`` (cim.services.tree) starts them in that order, each once the one
+before is ready, and stops them in reverse, each once the one after has stopped.
+Making the tree does no I/O but for the node's identity (its data directory and RSA
+key, read like the config); everything else happens at start.
+
+If a child fails to start, the daemon writes one line saying what and why
+(``cim: could not start node X: [section] key = 'value': why``) to fd 2, stops the
+reactor and exits 1, rather than running half-started.
 """
 
 from __future__ import annotations
 
 import atexit
 import os
+import signal
 import sys
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from types import FrameType
+from typing import Any
 
-from twisted.application.service import Service
-from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred
-from twisted.internet.endpoints import serverFromString
-from twisted.internet.error import CannotListenError
-from twisted.internet.interfaces import IListeningPort
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.interfaces import IReactorFromThreads
 from twisted.logger import ILogObserver, Logger
 from twisted.python.failure import Failure
 
@@ -34,59 +46,213 @@ from cim.history.store import HistoryStore
 from cim.im.collaborators import Directory, NoArchive, NodeCore, Stores
 from cim.im.node import ImNode
 from cim.im.peers import BusPeers, LiveNodes
-from cim.interfaces import (
-    BusUnavailable,
-    IMessageBus,
-    INodeRegistry,
-    IStateBackend,
-    NodeIdTaken,
-    StateUnavailable,
-)
+from cim.interfaces import IStateBackend
 from cim.logs import DaemonLog
 from cim.message_ids import MessageIdGenerator
 from cim.metrics import NodeMetrics
 from cim.offline.pipeline import make_offline_pipeline
 from cim.oplog import OperationLog
-from cim.protocols.crypto import NodeKey
+from cim.protocols.crypto import KeyFileError, NodeKey
 from cim.protocols.im import ImServerFactory
+from cim.reactor import ICimReactor
 from cim.services.admin import admin_site
 from cim.services.files import FilesListener
-from cim.services.im import ImListener
+from cim.services.im import ImService
 from cim.services.router import router_site
+from cim.services.tree import (
+    AsyncService,
+    Explain,
+    Listener,
+    OrderedServices,
+    StartupError,
+    Step,
+    cannot_listen,
+    cannot_start,
+)
 from cim.storage.database import Database
 
-if TYPE_CHECKING:
-    from cim.services.logic import LogicListener
+__all__ = ["CimDaemon", "StartupError"]
 
 
-class StartupError(Exception):
-    """A start-up step failed; the message is what the operator needs to read."""
-
-
-class CimDaemon(Service):
+class CimDaemon(OrderedServices):
     log = Logger()
 
     def __init__(
-        self, config: CimConfig, reactor: Any, daemon_log: DaemonLog | None = None
+        self, config: CimConfig, reactor: ICimReactor, daemon_log: DaemonLog | None = None
     ) -> None:
+        super().__init__("cim")
         self.config = config
-        self.daemon_log = daemon_log
         self.reactor = reactor
+        self.daemon_log = daemon_log
         self.metrics = NodeMetrics()
-        self.started: Deferred[None] | None = None
-        self.database: Database | None = None
-        self.accounts: AccountStore | None = None
-        self.state: IStateBackend | None = None
-        self.registry: INodeRegistry | None = None
-        self.bus: IMessageBus | None = None
-        self.groups: GroupDirectory | None = None
-        self.im_node: ImNode | None = None
-        self.im: ImListener | None = None
-        self.files: FilesListener | None = None
-        self.logic: LogicListener | None = None
-        self.http_ports: dict[str, IListeningPort] = {}
-        self._stoppers: list[Callable[[], Any]] = []
-        self.oplog: OperationLog | None = None
+        self.ready = False
+        self._health_parts: list[Callable[[], dict[str, Any]]] = []
+        self._build()
+
+    # --- the tree ---------------------------------------------------------------------
+
+    def _build(self) -> None:
+        """Every room, made and added in the order it starts (and the reverse it stops)."""
+        config, reactor, metrics = self.config, self.reactor, self.metrics
+        node_id = config.node.id
+        node_key = load_node_key(config)
+        oplog = OperationLog(config.operation_log_path, node=node_id, clock=reactor.seconds)
+        self.add(Step("operation log", oplog.open, oplog.close))
+        reopeners = [oplog.reopen]
+        if self.daemon_log is not None:
+            reopeners.append(self.daemon_log.reopen)
+        self.add(ReopenOnSighup(reactor, reopeners))
+
+        # --- the backends, and the rooms made from them
+        database = Database(
+            config.database_url, reactor, config.database.threads, on_wait=metrics.db_wait.observe
+        )
+        self.add(Step("database", database.start, database.stop))
+        accounts = AccountStore(database, config.accounts, reactor)
+        self.add(Step("accounts", accounts.start, accounts.stop))
+        state = make_state_store(config.state, reactor)
+        state_failure = cannot_start("state", config.state.backend)
+        self.add(Step("state", state.start, state.stop, state_failure))
+        registry = make_registry(config.registry, reactor)
+        self.add(
+            Step(
+                "registry",
+                registry.start,
+                registry.stop,
+                cannot_start("registry", config.registry.backend),
+            )
+        )
+        # Message ids embed a node number the state store hands out, unique in a cluster.
+        ids = MessageIdGenerator(reactor, 0)
+        self.add(
+            Step("node number", lambda: claim_node_number(state, node_id, ids), None, state_failure)
+        )
+
+        bus = make_bus(config.queue, node_id, reactor)
+        # Each node caches group members; changes made on another node reach this
+        # cache after its TTL, so a cluster keeps it short.
+        member_cache_ttl = 60.0 if config.registry.backend == "local" else 5.0
+        groups = GroupDirectory(database, reactor, cache_ttl=member_cache_ttl)
+        offline = make_offline_pipeline(config, database, reactor)
+        history = HistoryStore(
+            database, config.retention_days, reactor, purge_batch=config.archive.purge_batch
+        )
+        # The archive rides the node bus's broker connection when there is one.
+        archive = archive_from_config(config, history, getattr(bus, "link", None), reactor)
+        im_node = self.im_node = ImNode(
+            NodeCore(node_id, state, reactor, metrics, ids),
+            Directory(accounts.exists, groups),
+            Stores(
+                offline,
+                config.offline.page_size,
+                archive if archive is not None else NoArchive(),
+                HistoryService(history, groups.is_member),
+            ),
+            BusPeers(node_id, bus, state.presence, LiveNodes(registry)),
+        )
+        # The offline writer tells connected receivers to pull once it has committed.
+        offline.on_stored = im_node.catchup.stored_for
+        metrics.connections_established = lambda: im_node.sessions.connected_count
+        metrics.offline_pending = lambda: offline.pending
+
+        # Started after the node registered its bus consumer, so nothing queued for
+        # this node while it was down is handed to nobody.
+        queue_failure = cannot_start("queue", config.queue.backend)
+        self.add(Step("bus", bus.start, bus.stop, queue_failure))
+        self.add(Step("offline pipeline", offline.start, offline.stop, queue_failure))
+        if archive is not None:
+            self.add(Step("archive", archive.start, archive.stop, queue_failure))
+
+        # --- the listeners
+        if config.im.enabled:
+            factory = ImServerFactory(
+                node_id, config.im, node_key, im_node, state, registry, reactor, metrics
+            )
+            factory.oplog = oplog
+            self.add(
+                ImService(
+                    node_id,
+                    config.im,
+                    factory,
+                    registry,
+                    config.registry.backend,
+                    reactor,
+                    config.state.route_ttl,
+                    refresh_routes=im_node.sessions.refresh_routes,
+                    going_away=im_node.sessions.shutdown,
+                )
+            )
+        if config.router.enabled:
+            site = router_site(
+                config.router,
+                config.im,
+                accounts,
+                state.sessions,
+                state.presence,
+                registry,
+                reactor,
+                metrics,
+                oplog=oplog,
+            )
+            self.add(Listener("router", config.router.listen, reactor, site))
+        if config.files.enabled:
+            self._add_files(database, state)
+        if config.logic.enabled:
+            self._add_logic(database, accounts, state, groups)
+        if config.admin.enabled:
+            site = admin_site(node_id, metrics, self.health, reactor)
+            self.add(Listener("admin", config.admin.listen, reactor, site))
+
+        trimmer = HeapTrimmer(reactor, config.node.heap_trim_interval)
+        self.add(Step("heap trimmer", trimmer.start, trimmer.stop))
+
+    def _add_files(self, database: Database, state: IStateBackend) -> None:
+        """The file service: its storage and key (prepared first), then its port."""
+        config = self.config
+        files = FilesListener(
+            config.files, config.node.data_dir, database, state.sessions, self.reactor
+        )
+        self.add(Step("files storage", files.prepare, None, files_storage_failure(files)))
+        self.add(
+            Step("files", files.start, files.stop, cannot_listen("files", config.files.listen))
+        )
+
+        def health() -> dict[str, Any]:
+            return {} if files.store is None else {"files": files.store.metrics.snapshot()}
+
+        self._health_parts.append(health)
+
+    def _add_logic(
+        self,
+        database: Database,
+        accounts: AccountStore,
+        state: IStateBackend,
+        groups: GroupDirectory,
+    ) -> None:
+        # Imported here: the logic service brings shapely and numpy (about 30 MiB of
+        # RSS), which a node without it should not carry.
+        from cim.logic.context import LogicContext
+        from cim.logic.notices import Notices
+        from cim.services.logic import LogicListener
+
+        config = self.config
+        logic = LogicListener(
+            LogicContext(
+                config.logic,
+                config.accounts,
+                database,
+                accounts,
+                state.sessions,
+                Notices(self.im_node.system, self.reactor),
+                self.reactor,
+                groups,
+            )
+        )
+        self.add(
+            Step("logic", logic.start, logic.stop, cannot_listen("logic", config.logic.listen))
+        )
+
+    # --- twistd ----------------------------------------------------------------------
 
     def setServiceParent(self, parent: Any) -> None:
         """Under twistd the parent is the application: its ILogObserver component is
@@ -97,251 +263,23 @@ class CimDaemon(Service):
 
     def startService(self) -> None:
         super().startService()
-        self.started = self._start()
-        self.started.addErrback(self._start_failed)
+        Deferred.fromCoroutine(self._report_start())
 
-    @inlineCallbacks
-    def _start(self) -> Any:
-        config = self.config
-        node_id = config.node.id
-        os.makedirs(config.node.data_dir, exist_ok=True)
-        node_key = NodeKey.load_or_create(config.rsa_key_path, config.im.rsa_key_bits)
-        self.oplog = OperationLog(
-            config.operation_log_path, node=node_id, clock=self.reactor.seconds
-        )
-        self._stoppers.append(self.oplog.close)
-        reopen = [self.oplog.reopen]
-        if self.daemon_log is not None:
-            reopen.append(self.daemon_log.reopen)
-        _reopen_on_sighup(self.reactor, reopen)
-
-        self.database = Database(
-            config.database_url,
-            self.reactor,
-            config.database.threads,
-            on_wait=self.metrics.db_wait.observe,
-        )
-        yield self.database.start()
-        self._stoppers.append(self.database.stop)
-
-        self.accounts = AccountStore(self.database, config.accounts, reactor=self.reactor)
-        self.accounts.start()
-        self._stoppers.append(self.accounts.stop)
-
-        state = self.state = make_state_store(config.state, self.reactor)
-        yield self._backend_step("state", config.state.backend, state.start)
-        self._stoppers.append(state.stop)
-
-        registry = self.registry = make_registry(config.registry, self.reactor)
-        yield self._backend_step("registry", config.registry.backend, self.registry.start)
-        self._stoppers.append(self.registry.stop)
-
-        # Message ids embed a node number the state store hands out, unique in a cluster.
-        node_number = yield self._backend_step(
-            "state", config.state.backend, lambda: state.sequences.node_number(node_id)
-        )
-        self.bus = make_bus(config.queue, node_id, self.reactor)
-        # Each node caches group members; changes made on another node reach this
-        # cache after its TTL, so a cluster keeps it short.
-        member_cache_ttl = 60.0 if config.registry.backend == "local" else 5.0
-        self.groups = GroupDirectory(self.database, self.reactor, cache_ttl=member_cache_ttl)
-        offline = make_offline_pipeline(config, self.database, self.reactor)
-        history = HistoryStore(
-            self.database,
-            config.retention_days,
-            self.reactor,
-            purge_batch=config.archive.purge_batch,
-        )
-        # The archive rides the node bus's broker connection when there is one.
-        archive = archive_from_config(
-            config, history, getattr(self.bus, "link", None), self.reactor
-        )
-        im_node = self.im_node = ImNode(
-            NodeCore(
-                node_id,
-                state,
-                self.reactor,
-                self.metrics,
-                MessageIdGenerator(self.reactor, node_number),
-            ),
-            Directory(self.accounts.exists, self.groups),
-            Stores(
-                offline,
-                config.offline.page_size,
-                archive if archive is not None else NoArchive(),
-                HistoryService(history, self.groups.is_member),
-            ),
-            BusPeers(node_id, self.bus, state.presence, LiveNodes(registry)),
-        )
-        # The offline writer tells connected receivers to pull once it has committed.
-        offline.on_stored = im_node.catchup.stored_for
-        self.metrics.connections_established = lambda: im_node.sessions.connected_count
-        self.metrics.offline_pending = lambda: offline.pending
-        # Started after the node registered its bus consumer, so nothing queued for
-        # this node while it was down is handed to nobody.
-        yield self._backend_step("queue", config.queue.backend, self.bus.start)
-        self._stoppers.append(self.bus.stop)
-        yield self._backend_step("queue", config.queue.backend, offline.start)
-        self._stoppers.append(offline.stop)
-        if archive is not None:
-            yield self._backend_step("queue", config.queue.backend, archive.start)
-            self._stoppers.append(archive.stop)
-
-        if config.im.enabled:
-            factory = ImServerFactory(
-                node_id,
-                config.im,
-                node_key,
-                im_node,
-                self.state,
-                self.registry,
-                self.reactor,
-                self.metrics,
-            )
-            factory.oplog = self.oplog
-            self.im = ImListener(
-                node_id, config.im, factory, self.registry, self.reactor, config.state.route_ttl
-            )
-            yield self._listen_step("im", config.im.listen, self.im.start)
-            self._stoppers.append(self.im.stop)
-
-        if config.router.enabled:
-            site = router_site(
-                config.router,
-                config.im,
-                self.accounts,
-                self.state.sessions,
-                self.state.presence,
-                self.registry,
-                self.reactor,
-                self.metrics,
-                oplog=self.oplog,
-            )
-            yield self._listen_http("router", config.router.listen, site)
-
-        if config.files.enabled:
-            yield self._start_files()
-
-        if config.logic.enabled:
-            yield self._start_logic()
-
-        if config.admin.enabled:
-            yield self._listen_http(
-                "admin",
-                config.admin.listen,
-                admin_site(node_id, self.metrics, self.health, self.reactor),
-            )
-
-        trimmer = HeapTrimmer(self.reactor, config.node.heap_trim_interval)
-        trimmer.start()
-        self._stoppers.append(trimmer.stop)
-
-        self.log.info("cim node {node} started", node=node_id)
-
-    def _start_logic(self) -> Any:
-        # Imported here: the logic service brings shapely and numpy (about 30 MiB of
-        # RSS), which a node without it should not carry.
-        from cim.logic.context import LogicContext
-        from cim.logic.notices import Notices
-        from cim.services.logic import LogicListener
-
-        config = self.config
-        assert self.database is not None and self.state is not None
-        assert self.accounts is not None and self.im_node is not None
-        assert self.groups is not None
-        logic = LogicListener(
-            LogicContext(
-                config.logic,
-                config.accounts,
-                self.database,
-                self.accounts,
-                self.state.sessions,
-                Notices(self.im_node.system, self.reactor),
-                self.reactor,
-                self.groups,
-            )
-        )
-        self.logic = logic
-
-        async def start() -> None:
-            await logic.start()
-            self._stoppers.append(logic.stop)
-            if logic.port is not None:
-                self.http_ports["logic"] = logic.port
-
-        return self._listen_step("logic", config.logic.listen, start)
-
-    def _start_files(self) -> Any:
-        """Storage, signing key and listener of the file service, one start-up step."""
-        config = self.config
-        assert self.database is not None and self.state is not None
-        files = FilesListener(
-            config.files, config.node.data_dir, self.database, self.state.sessions, self.reactor
-        )
+    async def _report_start(self) -> None:
         try:
-            files.prepare()
-        except UrlKeyError as exc:
-            raise StartupError(f"[files] url_key: {exc}") from None
-        except OSError as exc:
-            raise StartupError(
-                f"[files] storage_dir = {files.storage_dir!r}: cannot use it: {exc.strerror}"
-            ) from None
-        self.files = files
-
-        async def start() -> None:
-            await files.start()
-            self._stoppers.append(files.stop)
-
-        return self._listen_step("files", config.files.listen, start)
-
-    async def _backend_step_async(
-        self, section: str, backend: str, start: Callable[[], Any]
-    ) -> Any:
-        try:
-            return await maybeDeferred(start)
-        except (StateUnavailable, NodeIdTaken, BusUnavailable) as exc:
-            raise StartupError(f"[{section}] backend = {backend!r}: {exc}") from None
-        except Exception as exc:
-            raise StartupError(f"[{section}] backend = {backend!r}: cannot start: {exc}") from None
-
-    def _backend_step(self, section: str, backend: str, start: Callable[[], Any]) -> Any:
-        return Deferred.fromCoroutine(self._backend_step_async(section, backend, start))
-
-    def _listen_step(self, section: str, description: str, start: Callable[[], Any]) -> Any:
-        d: Deferred[Any] = Deferred.fromCoroutine(self._guard_listen(section, description, start))
-        return d
-
-    async def _guard_listen(self, section: str, description: str, start: Callable[[], Any]) -> Any:
-        try:
-            return await start()
-        except CannotListenError as exc:
-            why = exc.socketError.strerror if exc.socketError is not None else str(exc)
-            raise StartupError(
-                f"[{section}] listen = {description!r}: cannot listen: {why}"
-            ) from None
-
-    def _listen_http(self, section: str, description: str, site: Any) -> Any:
-        async def listen() -> None:
-            port = await serverFromString(self.reactor, description).listen(site)
-            self.http_ports[section] = port
-            self._stoppers.append(port.stopListening)
-            self.log.info("{section} listening on {listen}", section=section, listen=description)
-
-        return self._listen_step(section, description, listen)
-
-    def health(self) -> dict[str, Any]:
-        return {
-            "status": "ok" if self.running and self.started and self.started.called else "starting",
-            "node": self.config.node.id,
-            "connections": self.metrics.connections_open,
-            "online_here": self.im_node.sessions.connected_count if self.im_node else 0,
-            **self._files_health(),
-        }
-
-    def _files_health(self) -> dict[str, Any]:
-        if self.files is None or self.files.store is None:
-            return {}
-        return {"files": self.files.store.metrics.snapshot()}
+            await self.when_ready()
+        except CancelledError:
+            if self.running:
+                self._start_failed(Failure())
+            else:
+                # stopService cut the start short: the node is stopping, not failing.
+                self.log.info("cim node {node} stopped while starting", node=self.config.node.id)
+            return
+        except Exception:
+            self._start_failed(Failure())
+            return
+        self.ready = True
+        self.log.info("cim node {node} started", node=self.config.node.id)
 
     def _start_failed(self, failure: Failure) -> None:
         if failure.check(StartupError):
@@ -361,36 +299,84 @@ class CimDaemon(Service):
         else:
             self.reactor.callWhenRunning(self.reactor.stop)
 
-    @inlineCallbacks
-    def stopService(self) -> Any:
-        """Reverse order: listeners first (clients told), then state, then the database."""
-        super().stopService()
-        if self.started is not None and not self.started.called:
-            self.started.cancel()
-        while self._stoppers:
-            stop = self._stoppers.pop()
-            try:
-                yield stop()
-            except Exception:
-                self.log.failure("error while stopping")
+    def stopService(self) -> Deferred[None]:
+        """Reverse order: listeners first (clients told), then the backends, the database."""
+        self.ready = False
+        return Deferred.fromCoroutine(self._stop())
+
+    async def _stop(self) -> None:
+        await super().stopService()
         self.log.info("cim node {node} stopped", node=self.config.node.id)
 
+    def health(self) -> dict[str, Any]:
+        report = {
+            "status": "ok" if self.running and self.ready else "starting",
+            "node": self.config.node.id,
+            "connections": self.metrics.connections_open,
+            "online_here": self.im_node.sessions.connected_count,
+        }
+        for part in self._health_parts:
+            report.update(part())
+        return report
 
-def _reopen_on_sighup(reactor: Any, reopeners: list[Callable[[], None]]) -> None:
-    """SIGHUP reopens the operation log and the log file (after logrotate moved them)."""
-    import signal
 
-    if not hasattr(signal, "SIGHUP"):
-        return
-    previous = signal.getsignal(signal.SIGHUP)
+# --- start-up steps ------------------------------------------------------------------
 
-    def reopen(signum: int, frame: Any) -> None:
-        for reopener in reopeners:
-            reactor.callFromThread(reopener)
-        if callable(previous):
-            previous(signum, frame)
 
-    signal.signal(signal.SIGHUP, reopen)
+def load_node_key(config: CimConfig) -> NodeKey:
+    """The node's data directory and RSA key, created on first start."""
+    data_dir = config.node.data_dir
+    try:
+        os.makedirs(data_dir, exist_ok=True)
+    except OSError as exc:
+        raise StartupError(
+            f"[node] data_dir = {data_dir!r}: cannot create it: {exc.strerror}"
+        ) from None
+    try:
+        return NodeKey.load_or_create(config.rsa_key_path, config.im.rsa_key_bits)
+    except KeyFileError as exc:
+        raise StartupError(f"[im] rsa_key = {config.rsa_key_path!r}: {exc}") from None
+
+
+async def claim_node_number(state: IStateBackend, node_id: str, ids: MessageIdGenerator) -> None:
+    ids.claim(await state.sequences.node_number(node_id))
+
+
+def files_storage_failure(files: FilesListener) -> Explain:
+    def explain(exc: Exception) -> str | None:
+        if isinstance(exc, UrlKeyError):
+            return f"[files] url_key: {exc}"
+        if isinstance(exc, OSError):
+            return f"[files] storage_dir = {files.storage_dir!r}: cannot use it: {exc.strerror}"
+        return None
+
+    return explain
+
+
+class ReopenOnSighup(AsyncService):
+    """SIGHUP reopens the operation log and the log file (after logrotate moved them).
+
+    The handler stays for the life of the process: a SIGHUP while the node stops must
+    not end it half-way (SIGHUP's default action).
+    """
+
+    def __init__(self, reactor: IReactorFromThreads, reopeners: list[Callable[[], None]]) -> None:
+        super().__init__("SIGHUP reopening")
+        self.reactor = reactor
+        self.reopeners = reopeners
+        self._previous: Any = None
+
+    def start(self) -> None:
+        if not hasattr(signal, "SIGHUP"):
+            return
+        self._previous = signal.getsignal(signal.SIGHUP)
+        signal.signal(signal.SIGHUP, self._received)
+
+    def _received(self, signum: int, frame: FrameType | None) -> None:
+        for reopener in self.reopeners:
+            self.reactor.callFromThread(reopener)
+        if callable(self._previous):
+            self._previous(signum, frame)
 
 
 def _exit_non_zero_at_exit() -> None:

@@ -1,19 +1,31 @@
-"""The IM listener: accepts client connections and registers this node while it listens."""
+"""The IM room in the service tree: its port, its registry entry, its clients at stop.
+
+Three children, started in this order and stopped in reverse:
+
+1. ``ClientDrain``: nothing at start; at stop, the last thing the room does: tell every
+   client GOING_AWAY, give them ``DRAIN_SECONDS`` to leave, abort the rest.
+2. the IM ``Listener`` (a ``StreamServerEndpointService``): the port.
+3. ``NodeRegistration``: once the port listens, this node's entry in the registry
+   (with the address clients should use) and the route refresh; at stop, the first
+   thing: withdraw, so no new client is sent here while the others are told to go.
+"""
 
 from __future__ import annotations
 
 import socket
-from typing import Any
+from collections.abc import Callable
 
-from twisted.internet.defer import inlineCallbacks
-from twisted.internet.endpoints import serverFromString
-from twisted.internet.interfaces import IListeningPort
+from twisted.internet.interfaces import IListeningPort, IReactorTime
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 
 from cim.config import ImConfig
 from cim.interfaces import INodeRegistry, NodeInfo
 from cim.protocols.im import ImServerFactory
+from cim.reactor import ICimReactor
+from cim.services.tree import AsyncService, Listener, OrderedServices, backend_failure
+
+__all__ = ["ClientDrain", "ImService", "NodeRegistration", "advertised_address"]
 
 GOING_AWAY_REASON = "the node is shutting down"
 RECONNECT_AFTER_MS = 1000
@@ -21,10 +33,8 @@ DRAIN_SECONDS = 3.0
 DRAIN_POLL = 0.05
 
 
-class ImListener:
-    """Owns the IM listening port and the node's entry in the registry."""
-
-    log = Logger()
+class ImService(OrderedServices):
+    """The IM listener, the node's registry entry, and the goodbye to its clients."""
 
     def __init__(
         self,
@@ -32,27 +42,92 @@ class ImListener:
         config: ImConfig,
         factory: ImServerFactory,
         registry: INodeRegistry,
-        reactor: Any,
-        route_ttl: float = 60.0,
+        registry_backend: str,
+        reactor: ICimReactor,
+        route_ttl: float,
+        refresh_routes: Callable[[], object],
+        going_away: Callable[[str, int], None],
     ) -> None:
-        self.node_id = node_id
-        self.route_ttl = route_ttl
-        self.config = config
+        super().__init__("im")
         self.factory = factory
-        self.registry = registry
-        self.reactor = reactor
-        self.port: IListeningPort | None = None
-        self.node: NodeInfo | None = None
-        self._refresh = LoopingCall(factory.node.sessions.refresh_routes)
-        self._refresh.clock = reactor
+        self.add(ClientDrain(factory, reactor, going_away))
+        self.listener = self.add(Listener("im", config.listen, reactor, factory))
+        self.add(
+            NodeRegistration(
+                node_id,
+                config,
+                self.listener,
+                factory.node_key.public_der,
+                registry,
+                registry_backend,
+                reactor,
+                route_ttl,
+                refresh_routes,
+            )
+        )
 
-    @inlineCallbacks
-    def start(self) -> Any:
-        endpoint = serverFromString(self.reactor, self.config.listen)
-        self.port = yield endpoint.listen(self.factory)
-        host, port = self._advertised_address()
-        self.node = NodeInfo(self.node_id, host, port, self.factory.node_key.public_der)
-        yield self.registry.register(self.node)
+
+class ClientDrain(AsyncService):
+    """At stop: GOING_AWAY to every client, a few seconds to leave, then abort."""
+
+    def __init__(
+        self,
+        factory: ImServerFactory,
+        clock: IReactorTime,
+        going_away: Callable[[str, int], None],
+    ) -> None:
+        super().__init__("im clients")
+        self.factory = factory
+        self.clock = clock
+        self.going_away = going_away
+
+    async def stop(self) -> None:
+        self.going_away(GOING_AWAY_REASON, RECONNECT_AFTER_MS)
+        waited = 0.0
+        while self.factory.protocols and waited < DRAIN_SECONDS:
+            await deferLater(self.clock, DRAIN_POLL, lambda: None)
+            waited += DRAIN_POLL
+        for protocol in list(self.factory.protocols):
+            if protocol.transport is not None:
+                protocol.tcp.abortConnection()
+
+
+class NodeRegistration(AsyncService):
+    """This node in the registry while it listens, and its users' routes kept fresh."""
+
+    log = Logger()
+
+    def __init__(
+        self,
+        node_id: str,
+        config: ImConfig,
+        listener: Listener,
+        public_der: bytes,
+        registry: INodeRegistry,
+        registry_backend: str,
+        clock: IReactorTime,
+        route_ttl: float,
+        refresh_routes: Callable[[], object],
+    ) -> None:
+        super().__init__("node registration")
+        self.node_id = node_id
+        self.config = config
+        self.listener = listener
+        self.public_der = public_der
+        self.registry = registry
+        self.registry_backend = registry_backend
+        self.route_ttl = route_ttl
+        self.node: NodeInfo | None = None
+        self._refresh = LoopingCall(refresh_routes)
+        self._refresh.clock = clock
+
+    async def start(self) -> None:
+        port = self.listener.port
+        assert port is not None, "registered before the IM port listens"
+        host, number = advertised_address(self.config, port)
+        node = NodeInfo(self.node_id, host, number, self.public_der)
+        await self.registry.register(node)
+        self.node = node
         # Three refreshes per TTL: a route survives two missed refreshes, and the
         # routes of a crashed node expire within one TTL.
         self._refresh.start(self.route_ttl / 3, now=False)
@@ -61,43 +136,32 @@ class ImListener:
             node=self.node_id,
             listen=self.config.listen,
             host=host,
-            port=port,
+            port=number,
         )
 
-    def _advertised_address(self) -> tuple[str, int]:
-        if self.config.advertise:
-            host, _, port = self.config.advertise.rpartition(":")
-            return host.strip("[]"), int(port)
-        assert self.port is not None
-        address = self.port.getHost()
-        host = getattr(address, "host", "127.0.0.1")
-        if host in ("0.0.0.0", "::", ""):
-            host = socket.getfqdn()
-            self.log.warn(
-                "[im] listens on every interface; advertising {host}: set [im] advertise "
-                "to the address clients should use",
-                host=host,
-            )
-        return host, int(getattr(address, "port", 0))
+    def explain(self, exc: Exception) -> str | None:
+        return backend_failure("registry", self.registry_backend, exc)
 
-    @inlineCallbacks
-    def stop(self) -> Any:
-        """Withdraw from the registry, tell clients, let them go, stop listening."""
+    async def stop(self) -> None:
         if self._refresh.running:
             self._refresh.stop()
         if self.node is not None:
-            yield self.registry.unregister()
-        if self.port is not None:
-            yield self.port.stopListening()
-        self.factory.node.sessions.shutdown(GOING_AWAY_REASON, RECONNECT_AFTER_MS)
-        waited = 0.0
-        while self.factory.protocols and waited < DRAIN_SECONDS:
-            yield deferLater(self.reactor, DRAIN_POLL, lambda: None)
-            waited += DRAIN_POLL
-        for protocol in list(self.factory.protocols):
-            if protocol.transport is not None:
-                protocol.tcp.abortConnection()
+            self.node = None
+            await self.registry.unregister()
 
-    def listening_port(self) -> int:
-        assert self.port is not None
-        return int(getattr(self.port.getHost(), "port", 0))
+
+def advertised_address(config: ImConfig, port: IListeningPort) -> tuple[str, int]:
+    """The address clients are sent to: ``[im] advertise``, else the port's own."""
+    if config.advertise:
+        host, _, number = config.advertise.rpartition(":")
+        return host.strip("[]"), int(number)
+    address = port.getHost()
+    host = getattr(address, "host", "127.0.0.1")
+    if host in ("0.0.0.0", "::", ""):
+        host = socket.getfqdn()
+        NodeRegistration.log.warn(
+            "[im] listens on every interface; advertising {host}: set [im] advertise "
+            "to the address clients should use",
+            host=host,
+        )
+    return host, int(getattr(address, "port", 0))
