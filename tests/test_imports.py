@@ -24,7 +24,11 @@ from twisted.trial.unittest import SynchronousTestCase
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-BACKEND_LIBRARIES = {"pika": ("rabbitmq", "amqp"), "kazoo": ("zookeeper",), "txredisapi": ("redis",)}
+BACKEND_LIBRARIES = {
+    "pika": ("rabbitmq", "amqp"),
+    "kazoo": ("zookeeper",),
+    "txredisapi": ("redis",),
+}
 """Each backend library, and the words in the names of the only modules that may import it.
 
 Those modules are imported only when the config names their backend, by which time
