@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 CONFIG ?= etc/cim.ini
 
-.PHONY: run test install install-test plugin-cache proto openapi lint typecheck bench bench-full services clean
+.PHONY: run test test-unit test-integration install install-test plugin-cache proto openapi lint typecheck bench bench-full services clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,14 @@ run: install
 ## Install the test dependencies and run the whole test suite.
 test: install-test plugin-cache
 	$(BIN)/python -m twisted.trial $(TRIAL_ARGS) tests
+
+## The unit suite alone (tests/unit): no processes, no services, no sleeps; under a minute.
+test-unit: install-test
+	$(BIN)/python -m twisted.trial $(TRIAL_ARGS) tests.unit
+
+## The integration suite alone (tests/integration): real daemons and services, minutes.
+test-integration: install-test plugin-cache
+	$(BIN)/python -m twisted.trial $(TRIAL_ARGS) tests.integration
 
 ## Regenerate cim/protocols/cim_pb2.py(i) from cim.proto.
 proto: install-test

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Makes sure the command-line tools some tests drive are installed: systemd-analyze
-# (tests/test_systemd.py verifies etc/systemd/cim.service) and tmux (tests/test_console.py
+# (tests/integration/test_systemd.py verifies etc/systemd/cim.service) and tmux (tests/{unit,integration}/test_console.py
 # drives two chat consoles in it). Silent when nothing is missing; `.ci/run` calls it
 # before the tests.
 set -euo pipefail

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Makes sure Debian's `zookeeper` package (and a Java runtime) is installed, so the
-# integration tests can start their private ZooKeeper servers (tests/zookeeper.py).
+# integration tests can start their private ZooKeeper servers (tests/integration/support/zookeeper.py).
 # Silent when nothing is missing; `.ci/run` calls it before the tests.
 set -euo pipefail
 

@@ -22,7 +22,7 @@ delivered (ack:N DELIVERED), accepted (ack:N ACCEPTED: a group message the node 
 to fan out), stored (ack:N STORED: kept for an offline receiver) or failed (ack:N
 FAILED, an ERROR frame, the connection closing with it unanswered, or still
 unanswered at the drain deadline). So ``sent == delivered + accepted + stored +
-failed`` always holds after a drain; ``tests/test_bench.py`` checks it. Receivers
+failed`` always holds after a drain; ``tests/{unit,integration}/test_bench.py`` checks it. Receivers
 count every msg:N they get (1:1 or group) and every ack:A that answers their ack:R.
 """
 

@@ -1,6 +1,6 @@
 """Every table cim keeps, as SQLAlchemy Core ``Table`` objects on one ``MetaData``.
 
-This module is the reference the migrations must reproduce: ``tests.test_storage``
+This module is the reference the migrations must reproduce: ``tests.unit.test_storage``
 compares a freshly migrated database with ``metadata`` and fails on any difference, so
 a new table needs both a ``Table`` here and a migration in ``migrations/versions``.
 

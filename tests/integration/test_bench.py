@@ -1,0 +1,137 @@
+"""The benchmark's load generator counts every message exactly once.
+
+No timing is asserted anywhere here (figures depend on the machine); these tests
+check that the instrument is honest: its hand-built frames are the protocol's
+frames, and after a drained load every msg:R sent is counted as delivered or failed.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from bench.daemon import BenchDaemon, DaemonSettings
+from bench.scenarios import PASSWORD, _fanout_finished
+from bench.workers import WorkerPool
+
+
+class GeneratorCountTests(SynchronousTestCase):
+    """A tiny real run: one unpinned daemon, one worker process, a few users."""
+
+    def setUp(self) -> None:
+        workdir = os.path.abspath(self.mktemp())
+        self.daemon = BenchDaemon(workdir, DaemonSettings(cpu=None))
+        self.daemon.add_users([f"p{n}" for n in range(4)], PASSWORD)
+        self.daemon.add_users(["s0", "c0", "c1"], PASSWORD)
+        self.daemon.add_users([f"g{n}" for n in range(6)], PASSWORD)
+        self.daemon.add_users(["f0", "f1", "o0"], PASSWORD)
+        self.daemon.start()
+        self.addCleanup(self.daemon.stop)
+        self.pool = WorkerPool(1, self.daemon.router_url, None, workdir)
+        self.addCleanup(self.pool.close)
+
+    def call(self, command: dict[str, Any]) -> dict[str, Any]:
+        return self.pool.call(command, timeout=120)[0]
+
+    def wait_for(self, done: Any) -> dict[str, Any]:
+        """Poll the worker's totals until ``done(totals)`` (bounded; not a timing check)."""
+        deadline = time.monotonic() + 60
+        while True:
+            totals: dict[str, Any] = self.call({"cmd": "totals"})["totals"]
+            if done(totals) or time.monotonic() > deadline:
+                return totals
+            time.sleep(0.05)
+
+    def test_window_load_counts_every_message_once(self) -> None:
+        login = {"cmd": "login", "prefix": "p", "count": 4, "password": PASSWORD}
+        self.assertEqual(self.call(login)["logged_in"], 4)
+        self.assertEqual(self.call({"cmd": "connect", "prefix": "p", "count": 4})["connected"], 4)
+        # p0 -> p1 is delivered; p2's messages go to a user who does not exist.
+        self.call({"cmd": "load", "window": 4, "redirect": {"p2": "ghost"}})
+        self.wait_for(lambda t: t["delivered"] >= 20 and t["failed"] >= 20)
+        drained = self.call({"cmd": "stop_load", "timeout": 30})
+        totals = drained["totals"]
+        self.assertTrue(drained["drained"])
+        self.assertEqual(totals["sent"], totals["delivered"] + totals["failed"])
+        self.assertGreater(totals["delivered"], 0)
+        self.assertGreater(totals["failed"], 0)
+        self.assertEqual(totals["received"], totals["delivered"])
+        self.assertEqual(set(drained["failure_reasons"]), {"no such user"})
+
+        # Reconnected clients must not reuse sequence numbers: the node would take
+        # their messages for retries of old ones and not deliver them again.
+        self.call({"cmd": "close"})
+        self.call({"cmd": "connect", "prefix": "p", "count": 2})
+        self.call({"cmd": "load", "window": 4})
+        self.wait_for(lambda t: t["delivered"] >= totals["delivered"] + 20)
+        again = self.call({"cmd": "stop_load", "timeout": 30})["totals"]
+        self.assertEqual(again["sent"], again["delivered"] + again["failed"])
+        self.assertEqual(again["received"], again["delivered"])
+
+    def test_paced_load_and_churn_count_every_message_once(self) -> None:
+        self.call({"cmd": "login", "prefix": "p", "count": 2, "password": PASSWORD})
+        self.call({"cmd": "connect", "prefix": "p", "count": 2})
+        self.call({"cmd": "load", "rate": 200})
+        self.wait_for(lambda t: t["delivered"] >= 10)
+        paced = self.call({"cmd": "stop_load", "timeout": 30})["totals"]
+        self.assertEqual(paced["sent"], paced["delivered"] + paced["failed"])
+        self.call({"cmd": "close"})
+
+        self.call({"cmd": "login", "prefix": "s", "count": 1, "password": PASSWORD})
+        self.call({"cmd": "connect", "prefix": "s", "count": 1})
+        churned = self.call(
+            {
+                "cmd": "churn",
+                "prefix": "c",
+                "count": 2,
+                "cycles": 6,
+                "messages": 3,
+                "password": PASSWORD,
+            }
+        )
+        totals = churned["totals"]
+        self.assertEqual(churned["cycles"], 6)
+        self.assertEqual(totals["sent"], totals["delivered"] + totals["failed"])
+        self.assertEqual(totals["sent"] - paced["sent"], 18)
+
+    def test_group_fan_out_counts_every_delivery_once(self) -> None:
+        """Every accepted group message reaches every other member once, acknowledged."""
+        self.call({"cmd": "login", "prefix": "g", "count": 6, "password": PASSWORD})
+        self.call({"cmd": "connect", "prefix": "g", "count": 6})
+        created = self.call({"cmd": "group_create", "prefix": "g", "count": 6})
+        self.assertEqual(created["member_count"], 6)
+        before = self.pool.call({"cmd": "totals"}, 60)
+        # Two of the six post; each message goes to the five others.
+        self.call({"cmd": "load", "group": created["group"], "senders": 2, "rate": 100})
+        self.wait_for(lambda t: t["accepted"] >= 20)
+        drained = self.pool.call({"cmd": "stop_load", "timeout": 30}, 60)
+        totals = _fanout_finished(self.pool, before, drained, receivers=5, timeout=30)
+        self.assertTrue(totals["consistent"])
+        self.assertEqual(totals["failed"], 0)
+        self.assertEqual(totals["delivered"] + totals["stored"], 0)
+        self.assertGreaterEqual(totals["accepted"], 20)
+        self.assertEqual(totals["received"], totals["accepted"] * 5)
+        self.assertEqual(totals["acks_answered"], totals["received"])
+        self.assertTrue(totals["received_matches"] and totals["acknowledged_all"])
+
+    def test_offline_pull_brings_every_stored_message_once(self) -> None:
+        """Filled over the protocol, pulled by one login: pulled = stored, no duplicates."""
+        self.call({"cmd": "login", "prefix": "f", "count": 2, "password": PASSWORD})
+        self.call({"cmd": "connect", "prefix": "f", "count": 2})
+        fill = self.call({"cmd": "fill", "to": "o0", "count": 150, "window": 4})
+        self.assertTrue(fill["drained"])
+        self.assertEqual((fill["counts"]["sent"], fill["counts"]["stored"]), (150, 150))
+        self.assertEqual(fill["counts"]["failed"], 0)
+        self.assertEqual(self.daemon.offline_count("o0"), 150)
+        self.call({"cmd": "close"})
+
+        pulled = self.call({"cmd": "offline_pull", "user": "o0", "password": PASSWORD})
+        self.assertEqual((pulled["pulled"], pulled["unique"]), (150, 150))
+        self.assertEqual(pulled["pages"], 2)  # the node's page size is 100
+        self.assertEqual(pulled["acknowledged"], 150)
+        self.assertEqual(pulled["left_after"], 0)
+        self.assertEqual(pulled["senders"], {"f0": 75, "f1": 75})
+        self.assertEqual(self.daemon.offline_count("o0"), 0)

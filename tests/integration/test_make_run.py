@@ -1,0 +1,161 @@
+"""`make run` stops cleanly: Ctrl-C, or SIGTERM to the daemon, ends with exit status 0
+and no make error line (issue #21, Seen 8). make runs on the test's own virtualenv with
+`-o install`, so nothing is installed."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import termios
+import time
+
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
+
+from tests.integration.support.daemons import ROOT, DaemonProcess
+
+VENV = os.path.dirname(os.path.dirname(sys.executable))
+
+
+def make_command(config: str) -> list[str]:
+    make = shutil.which("make")
+    if make is None:
+        raise SkipTest("make is not installed")
+    return [
+        make,
+        "--no-print-directory",
+        "-o",
+        "install",
+        "run",
+        f"VENV={VENV}",
+        f"CONFIG={config}",
+    ]
+
+
+def twistd_pid(config: str, timeout: float = 30) -> int:
+    """The twistd process running on this config (not make, not the wrapper)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as handle:
+                    argv = handle.read().split(b"\0")
+            except OSError:
+                continue
+            if len(argv) > 2 and argv[1].endswith(b"/twistd") and config.encode() in argv:
+                return int(entry)
+        time.sleep(0.1)
+    raise AssertionError("twistd did not start")
+
+
+class MakeRunTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.daemon = DaemonProcess(os.path.abspath(self.mktemp()))
+
+    def test_sigterm_to_the_daemon_is_a_clean_exit(self) -> None:
+        make = subprocess.Popen(
+            make_command(self.daemon.config),
+            cwd=ROOT,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            self.daemon.process = make  # for wait_healthy's "did it die" check
+            self.daemon.wait_healthy()
+            os.kill(twistd_pid(self.daemon.config), signal.SIGTERM)
+            _, err = make.communicate(timeout=60)
+        finally:
+            if make.poll() is None:
+                os.kill(twistd_pid(self.daemon.config, 1), signal.SIGKILL)
+                make.kill()
+                make.wait()
+        self.assertEqual(make.returncode, 0, err)
+        self.assertNotIn("make: ***", err)
+
+    def test_ctrl_c_in_a_terminal_is_a_clean_exit(self) -> None:
+        master, terminal = os.openpty()
+
+        def own_terminal() -> None:
+            os.setsid()
+            fcntl.ioctl(terminal, termios.TIOCSCTTY, 0)
+
+        make = subprocess.Popen(
+            make_command(self.daemon.config),
+            cwd=ROOT,
+            stdin=terminal,
+            stdout=terminal,
+            stderr=terminal,
+            preexec_fn=own_terminal,
+        )
+        os.close(terminal)
+        shown = b""
+
+        def read_for(seconds: float) -> None:
+            nonlocal shown
+            end = time.monotonic() + seconds
+            while time.monotonic() < end:
+                ready, _, _ = select.select([master], [], [], 0.1)
+                if ready:
+                    try:
+                        shown += os.read(master, 4096)
+                    except OSError:
+                        return
+
+        try:
+            self.daemon.process = make
+            self.daemon.wait_healthy()
+            read_for(0.5)
+            os.write(master, b"\x03")  # the terminal turns it into SIGINT
+            deadline = time.monotonic() + 60
+            while make.poll() is None and time.monotonic() < deadline:
+                read_for(0.2)
+            read_for(0.3)
+        finally:
+            if make.poll() is None:
+                make.kill()
+            make.wait()
+            os.close(master)
+        text = shown.decode(errors="replace")
+        self.assertEqual(make.returncode, 0, text)
+        self.assertNotIn("make: ***", text)
+        self.assertIn("stopped", text)  # the daemon's own goodbye in its log
+
+
+class GitIgnoreTests(SynchronousTestCase):
+    def test_what_the_readme_commands_create_is_ignored(self) -> None:
+        """A fresh clone's `git status` stays clean after the README's commands."""
+        if not os.path.exists(os.path.join(ROOT, ".git")) or shutil.which("git") is None:
+            raise SkipTest("not a git checkout")
+        created = [
+            "cim.log",
+            "cim.log.1",
+            "cim.pid",
+            "twistd.log",
+            "twistd.pid",
+            "data/cim.db",
+            "data/node_key.pem",
+            "data/operations.log",
+            "data/files/blobs/ab/cd/x",
+            ".venv/bin/python",
+            "_trial_temp/test.log",
+            "bench/results/quick.json",
+            "twisted/plugins/dropin.cache",
+        ]
+        checked = subprocess.run(
+            ["git", "-C", ROOT, "check-ignore", "--no-index", "-v", "--non-matching", *created],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        not_ignored = [
+            line.split("\t")[1] for line in checked.stdout.splitlines() if line.startswith("::")
+        ]
+        self.assertEqual(not_ignored, [])

@@ -1,0 +1,90 @@
+"""The admin site: /health, /metrics, and refusal of non-local peers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST
+from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
+from twisted.internet.interfaces import IAddress
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.server import Site
+
+from cim.metrics import NodeMetrics
+from cim.protocols import cim_pb2
+from cim.services.admin import admin_site
+from tests.unit.test_router import LOCAL_PEER, HttpResponse, exchange
+
+
+def fetch(site: Site, path: str, peer: IAddress = LOCAL_PEER, method: str = "GET") -> HttpResponse:
+    return exchange(site, method, path, peer=peer)
+
+
+class AdminTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.metrics = NodeMetrics()
+        self.report: dict[str, Any] = {"status": "ok", "node": "n1", "connections": 0}
+        self.site = admin_site("n1", self.metrics, lambda: dict(self.report), Clock())
+
+    def test_health(self) -> None:
+        response = fetch(self.site, "/health")
+        self.assertEqual(response.status, 200)
+        self.assertEqual(response.json(), self.report)
+        self.report["status"] = "starting"
+        response = fetch(self.site, "/health")
+        self.assertEqual(response.status, 503)
+        self.assertEqual(response.json()["status"], "starting")
+
+    def test_metrics(self) -> None:
+        self.metrics.connections_open = 7
+        self.metrics.frames_in[cim_pb2.MSG_R] = 3
+        self.metrics.heartbeats_out = 2
+        self.metrics.logins["ok"] = 4
+        response = fetch(self.site, "/metrics")
+        self.assertEqual(response.status, 200)
+        self.assertEqual(response.headers["content-type"], CONTENT_TYPE_LATEST)
+        text = response.body.decode()
+        self.assertIn('cim_connections{node="n1"} 7.0', text)
+        self.assertIn('cim_frames_total{direction="in",type="msg_r"} 3.0', text)
+        self.assertIn('cim_frames_total{direction="out",type="heartbeat"} 2.0', text)
+        self.assertIn('cim_logins_total{outcome="ok"} 4.0', text)
+
+    def test_non_loopback_peer_refused(self) -> None:
+        for peer in (
+            IPv4Address("TCP", "192.168.1.20", 5000),
+            IPv6Address("TCP", "2001:db8::1", 5000),
+            IPv6Address("TCP", "::ffff:10.0.0.1", 5000),
+        ):
+            for path in ("/health", "/metrics", "/nope"):
+                response = fetch(self.site, path, peer)
+                self.assertEqual(response.status, 403, (peer, path))
+                self.assertEqual(response.json()["error"], "forbidden")
+                self.assertNotIn(b"cim_", response.body)
+
+    def test_local_peers_allowed(self) -> None:
+        for peer in (
+            IPv4Address("TCP", "127.0.0.2", 5000),
+            IPv6Address("TCP", "::1", 5000),
+            IPv6Address("TCP", "::ffff:127.0.0.1", 5000),
+            UNIXAddress(b"/run/cim-admin.sock"),
+        ):
+            self.assertEqual(fetch(self.site, "/health", peer).status, 200, peer)
+
+    def test_unknown_path_and_method(self) -> None:
+        response = fetch(self.site, "/nope")
+        self.assertEqual(response.status, 404)
+        self.assertEqual(response.json()["error"], "not_found")
+        response = fetch(self.site, "/metrics", method="POST")
+        self.assertEqual(response.status, 405)
+        self.assertEqual(response.headers["allow"], "GET")
+
+    def test_broken_health_is_a_500(self) -> None:
+        def broken() -> dict[str, Any]:
+            raise RuntimeError("health check bug")
+
+        site = admin_site("n1", self.metrics, broken, Clock())
+        response = fetch(site, "/health")
+        self.assertEqual(response.status, 500)
+        self.assertEqual(response.json()["error"], "internal_error")
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)

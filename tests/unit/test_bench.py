@@ -1,0 +1,76 @@
+"""The benchmark's instruments: hand-built frames are the protocol's, and the arithmetic.
+
+The real run (a daemon and a worker process) is in tests/integration/test_bench.py.
+"""
+
+from __future__ import annotations
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from bench.loadgen import TEXT_SIZE, BenchConnection, varint
+from bench.scenarios import percentiles, saturated_side, summarise_folded
+from bench.workers import split
+from cim.protocols import cim_pb2
+
+
+class _PlainSealer:
+    def seal(self, plaintext: bytes) -> bytes:
+        return plaintext
+
+
+class FrameTests(SynchronousTestCase):
+    def test_varint_matches_protobuf(self) -> None:
+        for value in (1, 127, 128, 300, 2**32, 2**63 - 1):  # 0 is omitted by proto3
+            self.assertEqual(
+                b"\x08" + varint(value), cim_pb2.AckR(msg_id=value).SerializeToString()
+            )
+
+    def test_hand_built_msg_r_parses_as_a_message(self) -> None:
+        conn = BenchConnection.__new__(BenchConnection)
+        conn._sealer = _PlainSealer()
+        conn.out = []
+        conn.pending = {}
+        conn.next_seq = 300
+        conn.sent = 0
+        conn.budget = -1
+        conn.aim_at("bob")
+        conn.queue_message(123456789)
+        frame = conn.out[0]
+        self.assertEqual(int.from_bytes(frame[:4], "big"), len(frame) - 4)
+        self.assertEqual(frame[4], cim_pb2.MSG_R)
+        message = cim_pb2.Message.FromString(frame[5:])
+        self.assertEqual((message.to, message.client_seq), ("bob", 300))
+        self.assertEqual(len(message.text), TEXT_SIZE)
+        self.assertEqual(int(message.text[:20]), 123456789)
+        self.assertEqual((conn.sent, list(conn.pending)), (1, [300]))
+
+        conn.aim_at("abcdefgh", group=True)
+        conn.queue_message(5)
+        message = cim_pb2.Message.FromString(conn.out[1][5:])
+        self.assertEqual((message.group, message.to, message.client_seq), ("abcdefgh", "", 301))
+
+
+class ArithmeticTests(SynchronousTestCase):
+    def test_split_covers_everything_once(self) -> None:
+        self.assertEqual(split(10, 3), [(0, 4), (4, 3), (7, 3)])
+        self.assertEqual(sum(count for _, count in split(15000, 4)), 15000)
+
+    def test_percentiles_nearest_rank(self) -> None:
+        result = percentiles(list(range(1000, 1001000, 1000)))
+        self.assertEqual((result["p50_ms"], result["p99_ms"]), (500.0, 990.0))
+        self.assertEqual(percentiles([])["samples"], 0)
+
+    def test_saturated_side(self) -> None:
+        self.assertEqual(saturated_side(0.97, 0.99), "daemon")
+        self.assertEqual(saturated_side(0.5, 0.95), "generator")
+        self.assertTrue(saturated_side(0.3, 0.3).startswith("neither"))
+
+    def test_profile_summary_keeps_the_reactor_thread(self) -> None:
+        folded = (
+            "run (app.py:1);mainLoop (base.py:2);doRead (tcp.py:3) 3\n"
+            "run (app.py:1);mainLoop (base.py:2);seal (crypto.py:4) 1\n"
+            "_bootstrap (threading.py:5);wait (threading.py:6) 50\n"
+        )
+        summary = summarise_folded(folded)
+        self.assertEqual(summary["samples"], 4)
+        self.assertEqual(dict(summary["own"]), {"doRead (tcp.py)": 75.0, "seal (crypto.py)": 25.0})

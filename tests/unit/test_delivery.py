@@ -1,0 +1,317 @@
+"""Reliable delivery on the node: retries deduplicated, nodes forwarding over the bus,
+group fan-out in order. In memory, on a fake clock."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.trial.unittest import SynchronousTestCase
+
+from cim.backends.bus.memory import MemoryBroker, MemoryBus
+from cim.backends.state.memory import MemoryState
+from cim.protocols import cim_pb2
+from tests.fakes.node import ConnectedClient, KnownUsers, NodeHarness
+
+
+def kinds(client: ConnectedClient) -> list[int]:
+    return [kind for kind, _ in client.events.frames]
+
+
+def settle(*nodes: NodeHarness) -> None:
+    for _ in range(20):
+        nodes[0].clock.advance(0)
+        for node in nodes:
+            node.flush_all()
+
+
+class RetryTests(SynchronousTestCase):
+    def test_same_msg_r_three_times_one_delivery_three_identical_msg_a(self) -> None:
+        node = NodeHarness()
+        alice = node.connect("alice")
+        bob = node.connect("bob")  # does not ack yet
+        request = cim_pb2.Message(to="bob", text="once", client_seq=41)
+        for _ in range(3):
+            alice.protocol.send(cim_pb2.MSG_R, request)
+            settle(node)
+        answers = alice.events.of_type(cim_pb2.MSG_A)
+        self.assertEqual(len(answers), 3)
+        self.assertEqual(len({a.SerializeToString() for a in answers}), 1)
+        [delivered] = bob.events.of_type(cim_pb2.MSG_N)
+        self.assertEqual(delivered.id, answers[0].msg_id)
+
+    def test_retry_after_the_outcome_gets_it_again_without_delivering(self) -> None:
+        node = NodeHarness()
+        alice = node.connect("alice")
+        bob = node.connect("bob", auto_ack=True)
+        request = cim_pb2.Message(to="bob", text="hello", client_seq=7)
+        alice.protocol.send(cim_pb2.MSG_R, request)
+        settle(node)
+        alice.protocol.send(cim_pb2.MSG_R, request)
+        settle(node)
+        self.assertEqual(len(bob.events.of_type(cim_pb2.MSG_N)), 1)
+        first, second = alice.events.of_type(cim_pb2.ACK_N)
+        self.assertEqual(first, second)
+        self.assertEqual(first.status, cim_pb2.DELIVERED)
+
+    def test_retry_reaches_another_node_through_shared_state(self) -> None:
+        """The dedup window lives in the state store, not in one node's memory."""
+        state_clock = NodeHarness().clock
+        shared = MemoryState(state_clock)
+        known = KnownUsers()
+        one = NodeHarness(node_id="node1", clock=state_clock, state=shared, known=known)
+        two = NodeHarness(node_id="node2", clock=state_clock, state=shared, known=known)
+        alice_on_one = one.connect("alice")
+        request = cim_pb2.Message(to="carol", text="x", client_seq=9)
+        alice_on_one.protocol.send(cim_pb2.MSG_R, request)
+        settle(one)
+        alice_on_two = two.connect("alice")
+        alice_on_two.protocol.send(cim_pb2.MSG_R, request)
+        settle(one, two)
+        [first] = alice_on_one.events.of_type(cim_pb2.MSG_A)
+        [again] = alice_on_two.events.of_type(cim_pb2.MSG_A)
+        self.assertEqual(first, again)
+
+    def test_a_resend_after_failure_is_delivered_once_the_receiver_is_back(self) -> None:
+        node = NodeHarness(users=("bob",))
+        alice = node.connect("alice")
+        request = cim_pb2.Message(to="bob", text="are you there", client_seq=4)
+        alice.protocol.send(cim_pb2.MSG_R, request)
+        settle(node)
+        [failed] = alice.events.of_type(cim_pb2.ACK_N)
+        self.assertEqual(failed.status, cim_pb2.FAILED)
+        bob = node.connect("bob", auto_ack=True)
+        alice.protocol.send(cim_pb2.MSG_R, request)  # the user's resend, same sequence
+        settle(node)
+        [delivered] = bob.events.of_type(cim_pb2.MSG_N)
+        self.assertEqual(delivered.id, failed.msg_id)
+        self.assertEqual(alice.events.of_type(cim_pb2.ACK_N)[-1].status, cim_pb2.DELIVERED)
+
+    def test_a_reconnected_receiver_gets_what_its_old_connection_held(self) -> None:
+        node = NodeHarness()
+        alice = node.connect("alice")
+        bob = node.connect("bob")  # receives, never acks, then its link silently dies
+        alice.protocol.send(cim_pb2.MSG_R, cim_pb2.Message(to="bob", text="x", client_seq=1))
+        settle(node)
+        [held] = bob.events.of_type(cim_pb2.MSG_N)
+        bob_again = node.connect(token=bob.token)  # fast reconnect, same session
+        settle(node)
+        self.assertEqual([m.id for m in bob_again.events.of_type(cim_pb2.MSG_N)], [held.id])
+
+    def test_unacknowledged_messages_fail_after_the_deadline(self) -> None:
+        from cim.im.routing import PENDING_TIMEOUT
+
+        node = NodeHarness()
+        alice = node.connect("alice")
+        node.connect("bob")  # never acks, stays connected
+        for seq in range(1, 4):
+            alice.protocol.send(cim_pb2.MSG_R, cim_pb2.Message(to="bob", text="x", client_seq=seq))
+        settle(node)
+        self.assertEqual(node.im.routing.expire_pending(), 0)
+        for _ in range(int(PENDING_TIMEOUT // 10)):  # heartbeats keep both connected
+            node.clock.advance(10)
+            settle(node)
+        self.assertEqual(node.im.routing.expire_pending(), 3)
+        settle(node)
+        outcomes = alice.events.of_type(cim_pb2.ACK_N)
+        self.assertEqual([a.status for a in outcomes], [cim_pb2.FAILED] * 3)
+        self.assertEqual(node.im.routing._pending, {})
+
+    def test_state_store_down_refuses_with_unavailable(self) -> None:
+        from twisted.internet.defer import fail
+
+        from cim.interfaces import StateUnavailable
+
+        node = NodeHarness()
+        alice = node.connect("alice")
+        node.state.receipts.remember_message = lambda *a: fail(StateUnavailable("down"))  # type: ignore[method-assign]
+        alice.protocol.send(cim_pb2.MSG_R, cim_pb2.Message(to="bob", text="x", client_seq=3))
+        settle(node)
+        [error] = alice.events.of_type(cim_pb2.ERROR)
+        self.assertEqual((error.code, error.client_seq), (cim_pb2.Error.UNAVAILABLE, 3))
+        self.assertEqual(alice.events.of_type(cim_pb2.MSG_A), [])
+
+
+def cluster(groups: Any = None) -> tuple[NodeHarness, NodeHarness]:
+    clock = NodeHarness().clock
+    state = MemoryState(clock)
+    broker = MemoryBroker(clock)
+    known = KnownUsers()
+    nodes = tuple(
+        NodeHarness(
+            node_id=node_id,
+            clock=clock,
+            state=state,
+            bus=MemoryBus(clock, node_id, broker),
+            groups=groups,
+            known=known,
+        )
+        for node_id in ("node1", "node2")
+    )
+    for node in nodes:
+        assert node.bus is not None
+        node.bus.start()
+    return nodes  # type: ignore[return-value]
+
+
+class AcrossNodesTests(SynchronousTestCase):
+    def test_six_packets_across_two_nodes(self) -> None:
+        one, two = cluster()
+        alice = one.connect("alice")
+        bob = two.connect("bob", auto_ack=True)
+        settle(one, two)
+        alice.protocol.send(cim_pb2.MSG_R, cim_pb2.Message(to="bob", text="hi", client_seq=1))
+        settle(one, two)
+        self.assertEqual(kinds(alice), [cim_pb2.MSG_A, cim_pb2.ACK_N])
+        self.assertEqual(kinds(bob), [cim_pb2.MSG_N, cim_pb2.ACK_A])
+        [msg_n] = bob.events.of_type(cim_pb2.MSG_N)
+        self.assertEqual(getattr(msg_n, "from"), "alice")
+        self.assertEqual(alice.events.of_type(cim_pb2.ACK_N)[0].status, cim_pb2.DELIVERED)
+        self.assertEqual(one.metrics.messages["forwarded"], 1)
+
+    def test_sender_moved_to_another_node_still_gets_ack_n(self) -> None:
+        one, two = cluster()
+        alice = two.connect("alice")
+        bob = two.connect("bob")
+        settle(one, two)
+        alice.protocol.send(cim_pb2.MSG_R, cim_pb2.Message(to="bob", text="hi", client_seq=5))
+        settle(one, two)
+        [msg_n] = bob.events.of_type(cim_pb2.MSG_N)
+        # alice logs in again and lands on node1 before bob acknowledges on node2.
+        token, _ = one.login("alice")
+        alice_again = one.connect(token=token)
+        settle(one, two)
+        bob.protocol.send(cim_pb2.ACK_R, cim_pb2.AckR(msg_id=msg_n.id))
+        settle(one, two)
+        [ack_n] = alice_again.events.of_type(cim_pb2.ACK_N)
+        self.assertEqual((ack_n.client_seq, ack_n.status), (5, cim_pb2.DELIVERED))
+
+    def test_receivers_on_other_nodes_are_told_to_pull(self) -> None:
+        one, two = cluster()
+        bob = two.connect("bob")
+        carol = one.connect("carol")
+        settle(one, two)
+        one.im.catchup.stored_for(["bob", "carol", "nobody"])
+        settle(one, two)
+        self.assertEqual(len(bob.events.of_type(cim_pb2.OFFLINE_NOTICE)), 1)
+        self.assertEqual(len(carol.events.of_type(cim_pb2.OFFLINE_NOTICE)), 1)
+
+    def test_a_route_to_a_dead_node_fails_at_once(self) -> None:
+        one, two = cluster()
+        alice = one.connect("alice")
+        two.connect("bob")
+        settle(one, two)
+        one.peers.alive = {"node1"}  # type: ignore[attr-defined]  # the registry lost node2
+        alice.protocol.send(cim_pb2.MSG_R, cim_pb2.Message(to="bob", text="hi", client_seq=8))
+        settle(one, two)
+        [ack_n] = alice.events.of_type(cim_pb2.ACK_N)
+        self.assertEqual(
+            (ack_n.status, ack_n.reason), (cim_pb2.FAILED, "the receiver's node is gone")
+        )
+        self.assertEqual(one.metrics.messages["forwarded"], 0)
+
+    def test_unreachable_node_fails_the_message_explicitly(self) -> None:
+        one, two = cluster()
+        alice = one.connect("alice")
+        two.connect("bob")
+        settle(one, two)
+        one.bus.publish = lambda node, payload: _unavailable()  # type: ignore[method-assign,union-attr]
+        alice.protocol.send(cim_pb2.MSG_R, cim_pb2.Message(to="bob", text="hi", client_seq=2))
+        settle(one, two)
+        [ack_n] = alice.events.of_type(cim_pb2.ACK_N)
+        self.assertEqual(ack_n.status, cim_pb2.FAILED)
+        self.assertEqual(ack_n.reason, "the receiver's node could not be reached")
+
+
+def _unavailable() -> Deferred[None]:
+    from twisted.internet.defer import fail
+
+    from cim.interfaces import BusUnavailable
+
+    return fail(BusUnavailable("broker down"))
+
+
+class FakeGroups:
+    def __init__(self, members: dict[str, list[str]]) -> None:
+        self.members = members
+
+    def is_member(self, group: str, user: str) -> Deferred[bool]:
+        return succeed(user in self.members.get(group, []))
+
+    def member_names(self, group: str) -> Deferred[list[str]]:
+        return succeed(list(self.members.get(group, [])))
+
+    def answer(self, actor: str, request: cim_pb2.GroupRequest) -> Deferred[cim_pb2.GroupAnswer]:
+        return succeed(cim_pb2.GroupAnswer(request_id=request.request_id, ok=True))
+
+
+class GroupFanOutTests(SynchronousTestCase):
+    def test_members_on_both_nodes_see_the_same_order(self) -> None:
+        names = [f"m{i}" for i in range(60)]
+        groups = FakeGroups({"g1": names})
+        one, two = cluster(groups)
+        clients = {
+            name: (one if i % 2 else two).connect(name, auto_ack=True)
+            for i, name in enumerate(names)
+        }
+        settle(one, two)
+        senders = names[:3]
+        for round_ in range(4):
+            for sender in senders:
+                clients[sender].protocol.send(
+                    cim_pb2.MSG_R,
+                    cim_pb2.Message(group="g1", text=f"{sender}-{round_}", client_seq=round_ + 1),
+                )
+            settle(one, two)
+        accepted = [
+            ack for sender in senders for ack in clients[sender].events.of_type(cim_pb2.ACK_N)
+        ]
+        self.assertEqual(len(accepted), 12)
+        self.assertTrue(all(ack.status == cim_pb2.ACCEPTED for ack in accepted))
+        orders = set()
+        for name, client in clients.items():
+            received = client.events.of_type(cim_pb2.MSG_N)
+            ids = [m.id for m in received]
+            expected = 12 - sum(1 for s in senders if s == name) * 4
+            self.assertEqual(len(ids), expected, name)
+            # Messages taken by one node reach every member in that node's id order; the
+            # client library merges the nodes' streams by id (its ordering window).
+            for origin in (1, 2):
+                from_origin = [i for i in ids if (i >> 12) & 0x3FF == origin]
+                self.assertEqual(from_origin, sorted(from_origin), name)
+            if name not in senders:
+                orders.add(tuple(sorted(ids)))
+        self.assertEqual(len(orders), 1)
+
+    def test_a_group_retry_after_a_numbering_failure_still_fans_out(self) -> None:
+        from twisted.internet.defer import fail
+
+        from cim.interfaces import StateUnavailable
+
+        groups = FakeGroups({"g1": ["alice", "bob"]})
+        one, _ = cluster(groups)
+        alice = one.connect("alice")
+        bob = one.connect("bob", auto_ack=True)
+        numbering = one.state.sequences.next_group_seq
+        one.state.sequences.next_group_seq = lambda group: fail(StateUnavailable("down"))  # type: ignore[method-assign]
+        request = cim_pb2.Message(group="g1", text="hello", client_seq=1)
+        alice.protocol.send(cim_pb2.MSG_R, request)
+        settle(one)
+        [error] = alice.events.of_type(cim_pb2.ERROR)
+        self.assertEqual(error.code, cim_pb2.Error.UNAVAILABLE)
+        one.state.sequences.next_group_seq = numbering  # type: ignore[method-assign]
+        alice.protocol.send(cim_pb2.MSG_R, request)
+        settle(one)
+        self.assertEqual([m.text for m in bob.events.of_type(cim_pb2.MSG_N)], ["hello"])
+        self.assertEqual(alice.events.of_type(cim_pb2.ACK_N)[-1].status, cim_pb2.ACCEPTED)
+
+    def test_only_members_can_post(self) -> None:
+        groups = FakeGroups({"g1": ["alice", "bob"]})
+        one, _ = cluster(groups)
+        mallory = one.connect("mallory")
+        bob = one.connect("bob")
+        mallory.protocol.send(cim_pb2.MSG_R, cim_pb2.Message(group="g1", text="x", client_seq=1))
+        settle(one)
+        self.assertEqual(bob.events.of_type(cim_pb2.MSG_N), [])
+        [error] = mallory.events.of_type(cim_pb2.ERROR)
+        self.assertEqual(error.message, "only members can post to a group")

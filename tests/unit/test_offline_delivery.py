@@ -1,0 +1,207 @@
+"""Offline messages end to end in memory: stored with ack:N "stored", pulled by pages at
+login, acknowledged only once the application has them, never shown twice."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from twisted.internet.defer import maybeDeferred
+from twisted.trial.unittest import SynchronousTestCase
+
+from cim.client.session import ChatClient
+from cim.im.collaborators import Stores
+from cim.offline.store import OfflineStore
+from cim.protocols import cim_pb2
+from cim.storage.database import Database
+from tests.fakes.node import NodeHarness
+from tests.unit.test_client_session import make_client, result_of, settle
+from tests.unit.test_delivery import FakeGroups
+
+
+def run_now(work: Any) -> Any:
+    return maybeDeferred(work)
+
+
+class OfflineHarness:
+    def __init__(
+        self,
+        test: SynchronousTestCase,
+        max_per_user: int = 10_000,
+        page_size: int = 100,
+        groups: Any = None,
+    ) -> None:
+        path = os.path.abspath(test.mktemp())
+        os.makedirs(path)
+        self.db = Database(f"sqlite:///{path}/cim.db", None, runner=run_now)
+        test.successResultOf(self.db.start())
+        test.addCleanup(self.db.stop)
+        self.store = OfflineStore(self.db, max_per_user)
+        self.node = NodeHarness(
+            users=("alice", "bob", "carol"),
+            groups=groups,
+            stores=Stores(offline=self.store, offline_page_size=page_size),
+        )
+        self.test = test
+
+    def stored(self, receiver: str) -> int:
+        return int(self.test.successResultOf(self.store.count(receiver)))
+
+
+def message_from(sender: str, to: str, msg_id: int, seq: int, text: str) -> cim_pb2.Message:
+    message = cim_pb2.Message(
+        id=msg_id, to=to, text=text, client_seq=seq, device="phone", sent_at_ms=1_800_000_000_000
+    )
+    setattr(message, "from", sender)
+    return message
+
+
+class OfflineTests(SynchronousTestCase):
+    def test_offline_receiver_gets_stored_and_pulls_at_login(self) -> None:
+        h = OfflineHarness(self)
+        alice = h.node.connect("alice")
+        alice.protocol.send(cim_pb2.MSG_R, cim_pb2.Message(to="bob", text="later", client_seq=1))
+        settle(h.node)
+        [ack_n] = alice.events.of_type(cim_pb2.ACK_N)
+        self.assertEqual(ack_n.status, cim_pb2.STORED)
+        self.assertEqual(h.stored("bob"), 1)
+        bob, _, _ = make_client(h.node, "bob")
+        shown: list[cim_pb2.Message] = []
+        bob.on_message = shown.append
+        bob.start()
+        settle(h.node)
+        self.assertEqual([(getattr(m, "from"), m.text) for m in shown], [("alice", "later")])
+        self.assertEqual(shown[0].id, ack_n.msg_id)
+        self.assertEqual(h.stored("bob"), 0)
+
+    def test_a_thousand_from_twenty_senders_in_pages_newest_first(self) -> None:
+        h = OfflineHarness(self, page_size=100)
+        messages = [
+            message_from(f"sender{n % 20}", "bob", 1000 + n, 10 + n // 20, f"{n}")
+            for n in range(1000)
+        ]
+        self.successResultOf(h.store.store(messages))
+        bob, _, _ = make_client(h.node, "bob")
+        shown: list[cim_pb2.Message] = []
+        bob.on_message = shown.append
+        pages: list[list[int]] = []
+        original = bob.frame_received
+
+        def watch(frame_type: int, message: Any) -> None:
+            if frame_type == cim_pb2.OFFLINE_A:
+                pages.append([m.id for m in message.messages])
+            original(frame_type, message)
+
+        bob.frame_received = watch  # type: ignore[method-assign]
+        bob.start()
+        settle(h.node)
+        self.assertEqual(len(pages), 10)
+        flat = [i for page in pages for i in page]
+        self.assertEqual(flat, sorted(flat, reverse=True))  # newest page first
+        self.assertEqual(sorted(m.id for m in shown), list(range(1000, 2000)))
+        for sender in range(20):
+            texts = [int(m.text) for m in shown if getattr(m, "from") == f"sender{sender}"]
+            self.assertEqual(texts, sorted(texts))  # each sender's order
+        self.assertEqual(h.stored("bob"), 0)
+
+    def test_a_page_not_acknowledged_comes_again_and_is_shown_once(self) -> None:
+        h = OfflineHarness(self, page_size=10)
+        self.successResultOf(
+            h.store.store([message_from("alice", "bob", 500 + n, n + 1, str(n)) for n in range(5)])
+        )
+        # A client that pulls a page and dies before acknowledging it.
+        raw = h.node.connect("bob")
+        raw.protocol.send(cim_pb2.OFFLINE_R, cim_pb2.OfflineR())
+        raw.flush()
+        [page] = raw.events.of_type(cim_pb2.OFFLINE_A)
+        self.assertEqual(len(page.messages), 5)
+        raw.client_transport.loseConnection()
+        raw.flush()
+        self.assertEqual(h.stored("bob"), 5)
+        # It logs in again (its seen store remembers two it had shown): five, once each.
+        seen_path = os.path.join(os.path.abspath(self.mktemp()))
+        first, _, _ = make_client(h.node, "bob", seen_path=seen_path)
+        first.inbox.seen.record(500, "alice", "phone", 1)
+        first.inbox.seen.record(501, "alice", "phone", 2)
+        shown: list[str] = []
+        first.on_message = lambda m: shown.append(m.text)
+        first.start()
+        settle(h.node)
+        self.assertEqual(shown, ["2", "3", "4"])
+        self.assertEqual(h.stored("bob"), 0)
+
+    def test_a_receiver_leaving_before_ack_finds_it_stored(self) -> None:
+        h = OfflineHarness(self)
+        alice = h.node.connect("alice")
+        bob_raw = h.node.connect("bob")  # gets msg:N, leaves without ack:R
+        alice.protocol.send(cim_pb2.MSG_R, cim_pb2.Message(to="bob", text="hold", client_seq=1))
+        settle(h.node)
+        self.assertEqual(len(bob_raw.events.of_type(cim_pb2.MSG_N)), 1)
+        bob_raw.client_transport.loseConnection()
+        settle(h.node)
+        [ack_n] = alice.events.of_type(cim_pb2.ACK_N)
+        self.assertEqual(ack_n.status, cim_pb2.STORED)
+        bob, _, _ = make_client(h.node, "bob")
+        shown: list[str] = []
+        bob.on_message = lambda m: shown.append(m.text)
+        bob.start()
+        settle(h.node)
+        self.assertEqual(shown, ["hold"])
+
+    def test_the_per_user_cap_refuses_explicitly(self) -> None:
+        h = OfflineHarness(self, max_per_user=3)
+        alice = h.node.connect("alice")
+        for seq in range(1, 5):
+            alice.protocol.send(cim_pb2.MSG_R, cim_pb2.Message(to="bob", text="x", client_seq=seq))
+        settle(h.node)
+        outcomes = [(a.status, a.reason) for a in alice.events.of_type(cim_pb2.ACK_N)]
+        self.assertEqual(outcomes[:3], [(cim_pb2.STORED, "")] * 3)
+        self.assertEqual(outcomes[3], (cim_pb2.FAILED, "the receiver has too many stored messages"))
+        self.assertEqual(h.stored("bob"), 3)
+
+    def test_summary_counts_per_sender(self) -> None:
+        h = OfflineHarness(self)
+        self.successResultOf(
+            h.store.store(
+                [message_from("alice", "bob", 10 + n, n + 1, "a") for n in range(3)]
+                + [message_from("carol", "bob", 20, 1, "c")]
+            )
+        )
+        bob, _, _ = make_client(h.node, "bob")
+        bob.pull_offline = lambda: None  # type: ignore[assignment,method-assign]  # lazy client
+        bob.start()
+        settle(h.node)
+        asked = bob.offline_summary()
+        settle(h.node)
+        summary = result_of(asked)
+        counts = {entry.sender: entry.count for entry in summary.senders}
+        self.assertEqual((counts, summary.total), ({"alice": 3, "carol": 1}, 4))
+
+    def test_online_receiver_told_to_pull_when_something_is_stored(self) -> None:
+        h = OfflineHarness(self)
+        bob, _, _ = make_client(h.node, "bob")
+        shown: list[str] = []
+        bob.on_message = lambda m: shown.append(m.text)
+        bob.start()
+        settle(h.node)
+        # A message stored for bob while he was logging in (it raced his pull).
+        self.successResultOf(h.store.store([message_from("alice", "bob", 77, 1, "raced")]))
+        h.node.im.catchup.notify_stored(["bob"])
+        settle(h.node)
+        self.assertEqual(shown, ["raced"])
+
+    def test_offline_group_members_get_their_copy(self) -> None:
+        groups = FakeGroups({"g1": ["alice", "bob", "carol"]})
+        h = OfflineHarness(self, groups=groups)
+        alice = h.node.connect("alice")
+        carol = h.node.connect("carol", auto_ack=True)
+        alice.protocol.send(cim_pb2.MSG_R, cim_pb2.Message(group="g1", text="hi", client_seq=1))
+        settle(h.node)
+        self.assertEqual(len(carol.events.of_type(cim_pb2.MSG_N)), 1)
+        self.assertEqual(h.stored("bob"), 1)
+        bob: ChatClient = make_client(h.node, "bob")[0]
+        shown: list[cim_pb2.Message] = []
+        bob.on_message = shown.append
+        bob.start()
+        settle(h.node, 3.0)
+        self.assertEqual([(m.group, m.text) for m in shown], [("g1", "hi")])
