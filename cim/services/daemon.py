@@ -10,8 +10,9 @@ lifetime, in the order they depend on each other::
 
 ``OrderedServices`` (cim.services.tree) starts them in that order, each once the one
 before is ready, and stops them in reverse, each once the one after has stopped.
-Making the tree does no I/O but for the node's identity (its data directory and RSA
-key, read like the config); everything else happens at start.
+Making the tree connects to nothing, opens no port, log or pool and starts no thread;
+only the node's identity (its data directory and RSA key) is read then, like the
+config, so a bad key stops twistd with one line as a bad config does.
 
 If a child fails to start, the daemon writes one line saying what and why
 (``cim: could not start node X: [section] key = 'value': why``) to fd 2, stops the
