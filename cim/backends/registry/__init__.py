@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
 
 from cim.config import RegistryConfig
 from cim.interfaces import INodeRegistry
+from cim.reactor import ICimReactor
 
 
-def make_registry(config: RegistryConfig, reactor: Any) -> INodeRegistry:
+def make_registry(config: RegistryConfig, reactor: ICimReactor) -> INodeRegistry:
     """The backend ``[registry] backend`` names, not yet started."""
     if config.backend == "zookeeper":
         # Imported here so that the embedded default never needs kazoo.

@@ -50,6 +50,7 @@ from zope.interface import implementer
 from cim.backends.registry.local import ViewListener, tell_listeners
 from cim.backends.threads import PoolNotRunning, Runner, ThreadPoolRunner
 from cim.interfaces import INodeRegistry, NodeIdTaken, NodeInfo
+from cim.reactor import ICimReactor
 
 T = TypeVar("T")
 
@@ -84,7 +85,7 @@ class _ToTwistedLog(logging.Handler):
         (logging.INFO, LogLevel.info),
     )
 
-    def __init__(self, reactor: Any) -> None:
+    def __init__(self, reactor: ICimReactor) -> None:
         super().__init__()
         self._reactor = reactor
 
@@ -96,7 +97,7 @@ class _ToTwistedLog(logging.Handler):
         self._reactor.callFromThread(self._log.emit, level, "kazoo: {message}", message=message)
 
 
-def _kazoo_logger(reactor: Any) -> logging.Logger:
+def _kazoo_logger(reactor: ICimReactor) -> logging.Logger:
     # A private Logger object, not logging.getLogger: each registry gets its own
     # handler without piling handlers onto one global logger.
     logger = logging.Logger("kazoo", logging.INFO)
@@ -151,7 +152,7 @@ class ZooKeeperRegistry:
 
     def __init__(
         self,
-        reactor: Any,
+        reactor: ICimReactor,
         hosts: str,
         path: str,
         session_timeout: float,
