@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 from cim.config import RegistryConfig
 from cim.interfaces import INodeRegistry
 from cim.reactor import ICimReactor
