@@ -144,6 +144,105 @@ def decode_node(name: str, data: bytes) -> NodeInfo:
     return NodeInfo(node_id, host, port, key_der)
 
 
+class ZNodes:
+    """The blocking side of the registry: kazoo calls on the registry's thread pool,
+    plain data in and out, touching nothing of the reactor's.
+
+    Kept apart from ``ZooKeeperRegistry`` (which lives on the reactor thread) so that
+    what may block and what must not are two classes, not two halves of one.
+    """
+
+    def __init__(
+        self, client: Any, hosts: str, path: str, session_timeout: float, connect_timeout: float
+    ) -> None:
+        self._client = client
+        self.hosts = hosts
+        self.path = path
+        self.session_timeout = session_timeout
+        self.connect_timeout = connect_timeout
+
+    def connect_txn(
+        self, on_state: Callable[[str], None], on_children: Callable[[list[str]], bool | None]
+    ) -> None:
+        self._client.add_listener(on_state)
+        self._client.start(timeout=self.connect_timeout)
+        _retry(self._client.ensure_path, self.path)
+        # The first call of the watch function happens here, before this returns.
+        self._client.ChildrenWatch(self.path, on_children)
+
+    def close_txn(self, on_state: Callable[[str], None]) -> None:
+        self._client.remove_listener(on_state)
+        self._client.stop()
+        self._client.close()
+
+    def session_id(self) -> int | None:
+        client_id = self._client.client_id
+        return None if client_id is None else int(client_id[0])
+
+    def claim_txn(self, node: NodeInfo) -> None:
+        """Create our ephemeral znode, or accept the one our own session already holds.
+
+        A create retried after a lost reply finds the znode it made itself, so
+        ownership (the znode's ephemeralOwner) decides, not mere existence.
+        """
+        znode = f"{self.path}/{node.node_id}"
+        data = encode_node(node)
+        for _ in range(3):
+            try:
+                _retry(self._client.create, znode, data, ephemeral=True)
+                return
+            except NodeExistsError:
+                pass
+            try:
+                existing, stat = _retry(self._client.get, znode)
+            except NoNodeError:
+                continue  # its owner went away between our two calls: try again
+            if stat.ephemeralOwner == self.session_id():
+                if existing != data:
+                    _retry(self._client.set, znode, data, version=stat.version)
+                return
+            raise NodeIdTaken(self.taken_message(node.node_id, existing))
+        raise NodeIdTaken(self.taken_message(node.node_id, b""))
+
+    def taken_message(self, node_id: str, existing: bytes) -> str:
+        try:
+            other = decode_node(node_id, existing)
+            where = f" by a live node at {other.host}:{other.port}"
+        except ValueError:
+            where = " by another live node"
+        return (
+            f"node id {node_id!r} is already registered under {self.path} on ZooKeeper "
+            f"{self.hosts}{where}; give this node another [node] id, or, if that node "
+            f"has just crashed, wait up to {self.session_timeout:g} s for its session "
+            "to expire"
+        )
+
+    def withdraw_txn(self, node_id: str) -> None:
+        znode = f"{self.path}/{node_id}"
+        try:
+            _, stat = _retry(self._client.get, znode)
+            if stat.ephemeralOwner != self.session_id():
+                return  # not ours (anymore): never delete another node's registration
+            _retry(self._client.delete, znode, version=stat.version)
+        except (NoNodeError, BadVersionError):
+            pass
+
+    def read_view_txn(self) -> tuple[list[NodeInfo], list[tuple[str, str]]]:
+        """The live nodes sorted by id, and the znodes that could not be parsed."""
+        nodes: list[NodeInfo] = []
+        broken: list[tuple[str, str]] = []
+        for name in sorted(_retry(self._client.get_children, self.path)):
+            try:
+                data, _ = _retry(self._client.get, f"{self.path}/{name}")
+            except NoNodeError:
+                continue  # gone since the listing; the watch reports that change too
+            try:
+                nodes.append(decode_node(name, data))
+            except ValueError as error:
+                broken.append((name, str(error)))
+        return nodes, broken
+
+
 @implementer(INodeRegistry)
 class ZooKeeperRegistry:
     """The live IM nodes as ZooKeeper sees them, and this node's place among them."""
@@ -179,6 +278,7 @@ class ZooKeeperRegistry:
                 logger=_kazoo_logger(reactor),
             )
         self._client = client
+        self._znodes = ZNodes(client, hosts, self.path, session_timeout, connect_timeout)
         # Stopped by stop(), at shutdown too, once the session is closed on it.
         self._blocking = ThreadPoolRunner(
             THREAD_POOL_NAME, 2, reactor, run_blocking, stop_at_shutdown=False
@@ -212,7 +312,11 @@ class ZooKeeperRegistry:
         )
         try:
             try:
-                await self._blocking.run(self._connect_txn)
+                await self._blocking.run(
+                    lambda: self._znodes.connect_txn(
+                        self._state_from_kazoo, self._children_from_kazoo
+                    )
+                )
             except KazooTimeoutError:
                 raise ZooKeeperUnavailable(
                     f"could not connect to ZooKeeper at {self.hosts} within "
@@ -254,7 +358,7 @@ class ZooKeeperRegistry:
         try:
             # Closing the session deletes this node's znode at once, so routers drop
             # it now rather than after the session timeout.
-            await self._blocking.run(self._close_txn)
+            await self._blocking.run(lambda: self._znodes.close_txn(self._state_from_kazoo))
         except PoolNotRunning:
             pass  # never started: there is no session to close
         except Exception:
@@ -273,7 +377,7 @@ class ZooKeeperRegistry:
         epoch = self._session_epoch
         self.local_node = node
         try:
-            await self._blocking.run(lambda: self._claim_txn(node))
+            await self._blocking.run(lambda: self._znodes.claim_txn(node))
         except BaseException:
             if self.local_node is node:
                 self.local_node = None
@@ -293,7 +397,7 @@ class ZooKeeperRegistry:
             return succeed(None)
         self.local_node = None
         self.accepting = False
-        d = self._blocking.run(lambda: self._withdraw_txn(node.node_id))
+        d = self._blocking.run(lambda: self._znodes.withdraw_txn(node.node_id))
         d.addErrback(self._withdraw_failed, node)
         return d
 
@@ -323,87 +427,6 @@ class ZooKeeperRegistry:
         self._reactor.callFromThread(self._children_changed)
         return None
 
-    # --- on the thread pool: blocking kazoo calls, plain data in and out --------------
-
-    def _connect_txn(self) -> None:
-        self._client.add_listener(self._state_from_kazoo)
-        self._client.start(timeout=self._connect_timeout)
-        _retry(self._client.ensure_path, self.path)
-        # The first call of the watch function happens here, before this returns.
-        self._client.ChildrenWatch(self.path, self._children_from_kazoo)
-
-    def _close_txn(self) -> None:
-        self._client.remove_listener(self._state_from_kazoo)
-        self._client.stop()
-        self._client.close()
-
-    def _session_id(self) -> int | None:
-        client_id = self._client.client_id
-        return None if client_id is None else int(client_id[0])
-
-    def _claim_txn(self, node: NodeInfo) -> None:
-        """Create our ephemeral znode, or accept the one our own session already holds.
-
-        A create retried after a lost reply finds the znode it made itself, so
-        ownership (the znode's ephemeralOwner) decides, not mere existence.
-        """
-        znode = f"{self.path}/{node.node_id}"
-        data = encode_node(node)
-        for _ in range(3):
-            try:
-                _retry(self._client.create, znode, data, ephemeral=True)
-                return
-            except NodeExistsError:
-                pass
-            try:
-                existing, stat = _retry(self._client.get, znode)
-            except NoNodeError:
-                continue  # its owner went away between our two calls: try again
-            if stat.ephemeralOwner == self._session_id():
-                if existing != data:
-                    _retry(self._client.set, znode, data, version=stat.version)
-                return
-            raise NodeIdTaken(self._taken_message(node.node_id, existing))
-        raise NodeIdTaken(self._taken_message(node.node_id, b""))
-
-    def _taken_message(self, node_id: str, existing: bytes) -> str:
-        try:
-            other = decode_node(node_id, existing)
-            where = f" by a live node at {other.host}:{other.port}"
-        except ValueError:
-            where = " by another live node"
-        return (
-            f"node id {node_id!r} is already registered under {self.path} on ZooKeeper "
-            f"{self.hosts}{where}; give this node another [node] id, or, if that node "
-            f"has just crashed, wait up to {self.session_timeout:g} s for its session "
-            "to expire"
-        )
-
-    def _withdraw_txn(self, node_id: str) -> None:
-        znode = f"{self.path}/{node_id}"
-        try:
-            _, stat = _retry(self._client.get, znode)
-            if stat.ephemeralOwner != self._session_id():
-                return  # not ours (anymore): never delete another node's registration
-            _retry(self._client.delete, znode, version=stat.version)
-        except (NoNodeError, BadVersionError):
-            pass
-
-    def _read_view_txn(self) -> tuple[list[NodeInfo], list[tuple[str, str]]]:
-        """The live nodes sorted by id, and the znodes that could not be parsed."""
-        nodes: list[NodeInfo] = []
-        broken: list[tuple[str, str]] = []
-        for name in sorted(_retry(self._client.get_children, self.path)):
-            try:
-                data, _ = _retry(self._client.get, f"{self.path}/{name}")
-            except NoNodeError:
-                continue  # gone since the listing; the watch reports that change too
-            try:
-                nodes.append(decode_node(name, data))
-            except ValueError as error:
-                broken.append((name, str(error)))
-        return nodes, broken
-
     # --- on the reactor thread --------------------------------------------------------
 
     def _children_changed(self) -> None:
@@ -419,7 +442,7 @@ class ZooKeeperRegistry:
         self._refresh_call = None
         self._view_generation += 1
         generation = self._view_generation
-        d = self._blocking.run(self._read_view_txn)
+        d = self._blocking.run(self._znodes.read_view_txn)
 
         def publish(result: tuple[list[NodeInfo], list[tuple[str, str]]]) -> None:
             if generation <= self._published_generation or self._stopping:
@@ -508,7 +531,7 @@ class ZooKeeperRegistry:
         if node is None or self._stopping:
             return
         epoch = self._session_epoch
-        d = self._blocking.run(lambda: self._claim_txn(node))
+        d = self._blocking.run(lambda: self._znodes.claim_txn(node))
 
         def claimed(_: None) -> None:
             if self.local_node is not node or epoch != self._session_epoch:
