@@ -43,6 +43,7 @@ from cim.groups.directory import GroupDirectory
 from cim.heap import HeapTrimmer
 from cim.history.archive import HistoryService, archive_from_config
 from cim.history.store import HistoryStore
+from cim.http.operators import OperatorTokens, TokenFileError
 from cim.im.collaborators import Directory, NoArchive, NodeCore, Stores
 from cim.im.node import ImNode
 from cim.im.peers import BusPeers, LiveNodes
@@ -164,6 +165,9 @@ class CimDaemon(OrderedServices):
             self.add(Step("archive", archive.start, archive.stop, queue_failure))
 
         # --- the listeners
+        operators = OperatorTokens(config.admin_token_path)
+        if config.router.enabled or config.admin.enabled:
+            self.add(Step("admin tokens", operators.load, None, admin_tokens_failure))
         if config.im.enabled:
             factory = ImServerFactory(
                 node_id, config.im, node_key, im_node, state, registry, reactor, metrics
@@ -193,6 +197,7 @@ class CimDaemon(OrderedServices):
                 reactor,
                 metrics,
                 oplog=oplog,
+                operators=operators,
             )
             self.add(Listener("router", config.router.listen, reactor, site))
         if config.files.enabled:
@@ -200,7 +205,14 @@ class CimDaemon(OrderedServices):
         if config.logic.enabled:
             self._add_logic(database, accounts, state, groups)
         if config.admin.enabled:
-            site = admin_site(node_id, metrics, self.health, reactor)
+            site = admin_site(
+                node_id,
+                metrics,
+                self.health,
+                reactor,
+                operators,
+                metrics_open=config.admin.metrics_open == "loopback",
+            )
             self.add(Listener("admin", config.admin.listen, reactor, site))
 
         trimmer = HeapTrimmer(reactor, config.node.heap_trim_interval)
@@ -340,6 +352,12 @@ def load_node_key(config: CimConfig) -> NodeKey:
 
 async def claim_node_number(state: IStateBackend, node_id: str, ids: MessageIdGenerator) -> None:
     ids.claim(await state.sequences.node_number(node_id))
+
+
+def admin_tokens_failure(exc: Exception) -> str | None:
+    if isinstance(exc, TokenFileError):
+        return f"[admin] token_file: {exc}"
+    return None
 
 
 def files_storage_failure(files: FilesListener) -> Explain:
