@@ -40,6 +40,7 @@ from cim.accounts.store import (
     NoSuchUser,
     UserExists,
     WeakPassword,
+    check_new_user_name,
     check_user_kind,
     check_user_name,
 )
@@ -131,7 +132,7 @@ def _user_add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def user_add(invocation: Invocation) -> int:
     name, kind = invocation.args.name, invocation.args.kind
-    check_user_name(name)
+    check_new_user_name(name, invocation.config.accounts)
     check_user_kind(kind)
     with invocation.accounts() as accounts:
         if accounts.exists(name):  # before asking for a password that would be wasted

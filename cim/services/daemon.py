@@ -38,6 +38,7 @@ from cim.backends.bus import make_bus
 from cim.backends.registry import make_registry
 from cim.backends.state import make_state_store
 from cim.config import CimConfig
+from cim.content import MediaUrls
 from cim.files.signing import UrlKeyError
 from cim.groups.directory import GroupDirectory
 from cim.heap import HeapTrimmer
@@ -140,8 +141,11 @@ class CimDaemon(OrderedServices):
         )
         # The archive rides the node bus's broker connection when there is one.
         archive = archive_from_config(config, history, getattr(bus, "link", None), reactor)
+        # What media URLs messages, posts and avatars may carry: https, or this node's
+        # file service's (its public_url, or the URL it derives once it listens).
+        self.media_urls = MediaUrls([config.files.public_url] if config.files.public_url else [])
         im_node = self.im_node = ImNode(
-            NodeCore(node_id, state, reactor, metrics, ids),
+            NodeCore(node_id, state, reactor, metrics, ids, self.media_urls),
             Directory(accounts.exists, groups),
             Stores(
                 offline,
@@ -229,6 +233,12 @@ class CimDaemon(OrderedServices):
             Step("files", files.start, files.stop, cannot_listen("files", config.files.listen))
         )
 
+        def trust_own_files() -> None:
+            assert files.store is not None  # started just before
+            self.media_urls.trust(files.store.public_url)
+
+        self.add(Step("own file URLs", trust_own_files))
+
         def health() -> dict[str, Any]:
             return {} if files.store is None else {"files": files.store.metrics.snapshot()}
 
@@ -258,6 +268,7 @@ class CimDaemon(OrderedServices):
                 Notices(self.im_node.system, self.reactor),
                 self.reactor,
                 groups,
+                self.media_urls,
             )
         )
         self.add(

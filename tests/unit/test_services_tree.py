@@ -271,6 +271,7 @@ class DaemonTreeTests(SynchronousTestCase):
                 "bus",
                 "offline pipeline",
                 "archive",
+                "admin tokens",
                 "im",
                 "router listener",
                 "admin listener",
