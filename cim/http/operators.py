@@ -160,7 +160,7 @@ class OperatorTokens:
     def __init__(self, path: str) -> None:
         self.path = path
         self._tokens: dict[str, str] = {}
-        self._identity: tuple[int, int, int, int] | None = None
+        self._identity: tuple[int, ...] | None = None
         self._problem: str | None = None
 
     def load(self) -> None:
@@ -182,7 +182,8 @@ class OperatorTokens:
         except OSError as exc:
             self._forget(None, f"cannot read {self.path}: {exc.strerror}")
             return
-        identity = (info.st_ino, info.st_dev, info.st_mtime_ns, info.st_size)
+        # ctime too: a chmod that makes an unreadable file readable changes only that.
+        identity = (info.st_ino, info.st_dev, info.st_mtime_ns, info.st_ctime_ns, info.st_size)
         if identity == self._identity:
             return
         if info.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
@@ -206,7 +207,7 @@ class OperatorTokens:
             "admin tokens: {count} operators in {path}", count=len(tokens), path=self.path
         )
 
-    def _forget(self, identity: tuple[int, int, int, int] | None, problem: str) -> None:
+    def _forget(self, identity: tuple[int, ...] | None, problem: str) -> None:
         self._tokens, self._identity, self._problem = {}, identity, problem
 
     def operator(self, token: str) -> str | None:

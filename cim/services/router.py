@@ -306,7 +306,7 @@ class RouterResource(EndpointResource[str]):
             self._oplog.emit(oplog_events.LOGOUT, user=record.user, peer=address)
         return json_reply(200, {"ok": True})
 
-    # --- online users (design: 后台监控 获取在线用户数) ----------------------------------
+    # --- operators (cim.http.operators) ------------------------------------------------
 
     async def _operator(self, request: server.Request) -> str:
         """A local peer with an admin token: its operator's name. A refusal is logged
@@ -317,13 +317,13 @@ class RouterResource(EndpointResource[str]):
                 raise HttpError(403, "forbidden", "operators' requests answer local peers only")
             return await self._operators.authenticate(request)
         except HttpError as error:
+            path = request.path.decode("latin-1")
             self._log.warn(
                 "operator request {path} refused from {address}: {code}",
-                path=request.path.decode("latin-1"),
+                path=path,
                 address=address,
                 code=error.code,
             )
-            path = request.path.decode("latin-1")
             self._operator_did(None, address, _OPERATOR_ACTIONS.get(path, path), "", error.code)
             raise
 
@@ -339,6 +339,8 @@ class RouterResource(EndpointResource[str]):
                 target=target,
                 outcome=outcome,
             )
+
+    # --- online users (design: 后台监控 获取在线用户数) ----------------------------------
 
     async def _online_page(self, call: Call[str]) -> Reply:
         request = call.request
