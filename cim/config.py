@@ -199,8 +199,19 @@ class AccountsConfig:
     scrypt_r: int = _opt(8, parse_int, minimum=1, maximum=32)
     scrypt_p: int = _opt(1, parse_int, minimum=1, maximum=16)
     min_password_length: int = _opt(8, parse_int, minimum=1, maximum=1024)
+    # Names nobody may register, beyond the built-in system, admin, root and every
+    # name starting with '@' (compared without regard to case).
+    reserved_names: tuple[str, ...] = _opt((), parse_list)
 
     def validate(self) -> None:
+        for name in self.reserved_names:
+            if not re.fullmatch(r"@?[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", name):
+                raise ConfigError(
+                    "accounts",
+                    "reserved_names",
+                    ", ".join(self.reserved_names),
+                    f"{name!r} is not a user name (1-64 letters, digits, '.', '_' or '-')",
+                )
         if self.scrypt_n & (self.scrypt_n - 1):
             raise ConfigError("accounts", "scrypt_n", str(self.scrypt_n), "must be a power of 2")
         memory = 128 * self.scrypt_r * (self.scrypt_n + self.scrypt_p + 2)
@@ -339,6 +350,12 @@ class AdminConfig:
     section: ClassVar[str] = "admin"
     enabled: bool = _opt(True, parse_bool)
     listen: str = _opt("tcp:9100:interface=127.0.0.1", parse_endpoint)
+    # The operators' tokens (cim.http.operators), one "name:token" line each, made by
+    # cimctl keygen --admin; empty means <data_dir>/admin_token.
+    token_file: str = _opt("", parse_str)
+    # "no": /metrics asks for an admin token like everything else; "loopback": any
+    # local peer may scrape it without one.
+    metrics_open: str = _opt("no", parse_str, choices=("no", "loopback"))
 
     def validate(self) -> None:
         pass
@@ -512,6 +529,10 @@ class CimConfig:
         if value.lower() in ("off", "none", "false", "no"):
             return None
         return value or os.path.join(self.node.data_dir, "operations.log")
+
+    @property
+    def admin_token_path(self) -> str:
+        return self.admin.token_file or os.path.join(self.node.data_dir, "admin_token")
 
     @property
     def retention_days(self) -> float | None:

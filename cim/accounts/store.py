@@ -8,6 +8,13 @@ A KDF run costs tens of milliseconds by design, so it never runs on the reactor
 thread: ``AccountStore`` runs it on its own small "cim-kdf" pool, apart from the
 database pool, so a burst of logins cannot starve message storage of database threads.
 ``BlockingAccountStore`` applies the same rules inline for ``cimctl``.
+
+Some names are never given to a new account, whoever creates it (cimctl, the logic
+service's registration, any other path through ``add_user``): ``system``, ``admin``,
+``root``, every name starting with ``@`` (the server's own senders, such as
+``@system``) and ``[accounts] reserved_names``, without regard to case, so nobody
+can pass for the service in a child's contact list. An existing account with such a
+name (made before the rule) keeps working; only creating one is refused.
 """
 
 from __future__ import annotations
@@ -40,18 +47,22 @@ from cim.storage.database import Database, Runner, ThreadPoolRunner
 from cim.storage.schema import USER_KINDS
 
 __all__ = [
+    "RESERVED_NAMES",
     "AccountStore",
     "BlockingAccountStore",
     "InvalidUserKind",
     "InvalidUserName",
     "NoSuchUser",
+    "ReservedUserName",
     "UserExists",
     "UserRecord",
     "WeakPassword",
     "check_new_password",
+    "check_new_user_name",
     "check_user_kind",
     "check_user_name",
     "hash_password",
+    "is_reserved_name",
     "verify_password",
 ]
 
@@ -59,6 +70,8 @@ T = TypeVar("T")
 P = ParamSpec("P")
 
 USER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+RESERVED_NAMES = frozenset({"system", "admin", "root"})
+"""Reserved whatever the config says; names starting with '@' are reserved too."""
 MAX_PASSWORD_LENGTH = 1024
 """Longer passwords are refused: scrypt's first pass is linear in the input length."""
 
@@ -82,6 +95,14 @@ class InvalidUserName(ValueError):
             f"invalid user name {shown!r}: use 1-64 letters, digits, '.', '_' or '-', "
             "starting with a letter or digit"
         )
+        self.name = name
+
+
+class ReservedUserName(InvalidUserName):
+    """A well-formed name no new account may take (see the module's docstring)."""
+
+    def __init__(self, name: str) -> None:
+        ValueError.__init__(self, f"the user name {name!r} is reserved")
         self.name = name
 
 
@@ -113,6 +134,22 @@ class NoSuchUser(Exception):
 def check_user_name(name: str) -> None:
     if USER_NAME.fullmatch(name) is None:
         raise InvalidUserName(name)
+
+
+def is_reserved_name(name: str, config: AccountsConfig) -> bool:
+    folded = name.casefold()
+    return (
+        folded.startswith("@")
+        or folded in RESERVED_NAMES
+        or any(folded == other.casefold() for other in config.reserved_names)
+    )
+
+
+def check_new_user_name(name: str, config: AccountsConfig) -> None:
+    """The rule for a name a new account takes: well-formed and not reserved."""
+    if is_reserved_name(name, config):
+        raise ReservedUserName(name[:80])
+    check_user_name(name)
 
 
 def check_user_kind(kind: str) -> None:
@@ -202,7 +239,7 @@ def _dummy_hash(config: AccountsConfig) -> str:
 
 
 def _check_new_account(name: str, password: str, kind: str, config: AccountsConfig) -> None:
-    check_user_name(name)
+    check_new_user_name(name, config)
     check_user_kind(kind)
     check_new_password(password, config)
 
@@ -268,7 +305,8 @@ class AccountStore:
         return self._db.run(user_txn, name)
 
     def add_user(self, name: str, password: str, kind: str = "person") -> Deferred[None]:
-        """Fails with InvalidUserName, InvalidUserKind, WeakPassword or UserExists."""
+        """Fails with InvalidUserName (ReservedUserName), InvalidUserKind, WeakPassword
+        or UserExists."""
         try:
             _check_new_account(name, password, kind, self._config)
         except ValueError as exc:

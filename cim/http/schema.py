@@ -2,9 +2,13 @@
 
 Input is checked before any endpoint code runs: a body must be a JSON object that
 matches the endpoint's schema (JSON Schema 2020-12, the dialect of OpenAPI 3.1), and
-strings that no database stores faithfully (NUL, lone surrogates) or numbers that are
-not finite are refused with a 400, so bad input never becomes a 500. Path and query
-parameters are converted to their schema's type the same way.
+strings that no database stores faithfully (lone surrogates) or that would reach
+another person's screen as a terminal command (control characters other than newline
+and tab: ``cim.content``), and numbers that are not finite, are refused with a 400,
+so bad input never becomes a 500 and no client has to clean what it reads. Path and
+query parameters are converted to their schema's type the same way (an endpoint that
+reads a ``json_body`` without a schema checks its fields itself: the file service
+cleans the file names it is given).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
+from cim.content import control_characters_in
 from cim.http.site import HttpError
 
 if TYPE_CHECKING:
@@ -91,8 +96,8 @@ def body_problem(validator: Draft202012Validator, body: Any) -> str | None:
 def _storable_problem(value: Any, where: str) -> str | None:
     """Why a decoded JSON value cannot be stored as given, or None."""
     if isinstance(value, str):
-        if "\x00" in value:
-            return f"{where}: text may not contain NUL characters"
+        if control_characters_in(value):
+            return f"{where}: text may not contain control characters (newline and tab are fine)"
         try:
             value.encode("utf-8")
         except UnicodeEncodeError:
@@ -164,6 +169,6 @@ def convert_query(name: str, raw: bytes, schema: Mapping[str, Any]) -> Any:
     if "enum" in schema and text not in schema["enum"]:
         choices = ", ".join(schema["enum"])
         raise HttpError(400, "bad_request", f"query {name}: expected one of {choices}")
-    if "\x00" in text or len(text) > int(schema.get("maxLength", 256)):
+    if control_characters_in(text) or len(text) > int(schema.get("maxLength", 256)):
         raise HttpError(400, "bad_request", f"query {name}: not an acceptable value")
     return text

@@ -23,6 +23,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from cim.content import MediaUrls
 from cim.interfaces import IStateBackend, SessionRecord
 from cim.message_ids import MessageIdGenerator
 from cim.metrics import NodeMetrics
@@ -92,6 +93,8 @@ class NodeCore:
     clock: IReactorTime
     metrics: NodeMetrics
     message_ids: MessageIdGenerator
+    media_urls: MediaUrls = field(default_factory=MediaUrls)
+    """Which media URLs a message may carry (cim.content): https, or this node's files."""
 
 
 # --- people and groups ----------------------------------------------------------------

@@ -19,6 +19,7 @@ from twisted.internet.defer import succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from cim.content import MediaUrls, control_characters_in
 from cim.im.collaborators import ClientSession, FrameTable, NodeCore, log_failure
 from cim.im.groups import GroupMessages
 from cim.im.routing import Routing
@@ -41,8 +42,13 @@ MAX_TEXT_LENGTH = 16384
 _MEDIA_TYPES = frozenset((cim_pb2.IMAGE, cim_pb2.VOICE, cim_pb2.FILE))
 
 
-def message_problem(message: cim_pb2.Message) -> str | None:
-    """Why a client's msg:R is refused, or None when it is acceptable."""
+def message_problem(message: cim_pb2.Message, media_urls: MediaUrls) -> str | None:
+    """Why a client's msg:R is refused, or None when it is acceptable.
+
+    Whatever a receiver will show or open is checked here, once, for everyone: text
+    without control characters but newline and tab, media URLs that are https or this
+    node's file service's (cim.content).
+    """
     if message.group and message.to:
         return "a message goes to a user ('to') or a group ('group'), not both"
     if not message.to and not message.group:
@@ -55,6 +61,19 @@ def message_problem(message: cim_pb2.Message) -> str | None:
         return "an image, voice or file message needs media.url"
     if message.type == cim_pb2.LOCATION and not message.HasField("location"):
         return "a location message needs location"
+    media, location = message.media, message.location
+    for field, value in (
+        ("text", message.text),
+        ("media.name", media.name),
+        ("media.mime", media.mime),
+        ("media.file_id", media.file_id),
+        ("location.name", location.name),
+    ):
+        if control_characters_in(value):
+            return f"{field} may not contain control characters (newline and tab are fine)"
+    for field, value in (("media.url", media.url), ("media.thumbnail_url", media.thumbnail_url)):
+        if value and not media_urls.accepts(value):
+            return f"{field} must be an https URL, or one of this node's file service"
     return None
 
 
@@ -65,6 +84,7 @@ class DirectMessages:
 
     def __init__(self, core: NodeCore, routing: Routing, groups: GroupMessages) -> None:
         self._ids = core.message_ids
+        self._media_urls = core.media_urls
         self._receipts = core.state.receipts
         self._routing = routing
         self._groups = groups
@@ -79,7 +99,7 @@ class DirectMessages:
 
     def message_received(self, session: ClientSession, message: cim_pb2.Message) -> None:
         """msg:R. The sender is the connection's user, whatever the frame claims."""
-        problem = message_problem(message)
+        problem = message_problem(message, self._media_urls)
         if problem is not None:
             self._refuse(session, message.client_seq, BAD_REQUEST, problem)
             return

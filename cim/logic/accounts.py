@@ -17,13 +17,14 @@ from cim.accounts.store import (
     USER_NAME,
     InvalidUserName,
     NoSuchUser,
+    ReservedUserName,
     UserExists,
     WeakPassword,
+    is_reserved_name,
 )
 from cim.interfaces import StateUnavailable
 from cim.logic.context import LogicContext
 from cim.logic.errors import BadInput, Conflict, Forbidden, NotFound, TooManyAttempts
-from cim.logic.urls import is_media_url
 from cim.storage.profiles import Profile, delete_account_txn, profile_txn, update_profile_txn
 from cim.throttle import FailedLoginThrottle
 
@@ -58,6 +59,8 @@ class Accounts:
         """Open registration, throttled per ``address``: every attempt counts."""
         if not self.ctx.config.open_registration:
             raise Forbidden("registration_closed", "open registration is switched off")
+        if is_reserved_name(name, self.ctx.accounts_config):
+            raise BadInput("reserved_name", "that name is reserved")
         if USER_NAME.fullmatch(name) is None or self._name_rule.fullmatch(name) is None:
             raise BadInput(
                 "invalid_name",
@@ -75,6 +78,8 @@ class Accounts:
             await self.ctx.accounts.add_user(name, password, kind)
         except UserExists:
             raise Conflict("name_taken", "that name is taken") from None
+        except ReservedUserName:
+            raise BadInput("reserved_name", "that name is reserved") from None
         except InvalidUserName:
             raise BadInput("invalid_name", "that name is not allowed") from None
         except WeakPassword as exc:
@@ -107,8 +112,10 @@ class Accounts:
 
     async def update_profile(self, user: str, changes: Mapping[str, str]) -> Profile:
         avatar = changes.get("avatar_url")
-        if avatar and not is_media_url(avatar):
-            raise BadInput("bad_request", "body.avatar_url: expected an http(s) URL")
+        if avatar and not self.ctx.media_urls.accepts(avatar):
+            raise BadInput(
+                "bad_request", "body.avatar_url: expected an https URL, or this node's file URL"
+            )
         profile = await self.ctx.database.run(
             update_profile_txn, user, dict(changes), self.ctx.now()
         )

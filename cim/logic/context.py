@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from twisted.internet.interfaces import IReactorTime
 
 from cim.accounts.store import AccountStore
 from cim.config import AccountsConfig, LogicConfig
+from cim.content import MediaUrls
 from cim.interfaces import ISessionStore
 from cim.logic.notices import Notices
 from cim.storage.database import Database
@@ -56,6 +57,8 @@ class LogicContext:
     clock: IReactorTime
     groups: GroupCaches
     """The node's group directory, whose member caches a deleted account leaves."""
+    media_urls: MediaUrls = field(default_factory=MediaUrls)
+    """Which URLs a post or a profile may carry for others to open (cim.content)."""
 
     def now(self) -> float:
         return float(self.clock.seconds())

@@ -17,7 +17,6 @@ from typing import NoReturn
 
 from cim.logic.context import LogicContext
 from cim.logic.errors import BadInput, Forbidden, NotFound
-from cim.logic.urls import is_media_url
 from cim.storage.posts import (
     LikeOutcome,
     Likers,
@@ -57,10 +56,12 @@ class Posts:
         audience: str,
         like_goal: int | None,
     ) -> Post:
-        if media_url is not None and not is_media_url(media_url):
+        if media_url is not None and not self.ctx.media_urls.accepts(media_url):
             # Checked again in full: a schema pattern's ``$`` also matches before a
             # final newline.
-            raise BadInput("bad_request", "body.media_url: expected an http(s) URL")
+            raise BadInput(
+                "bad_request", "body.media_url: expected an https URL, or this node's file URL"
+            )
         return await self.ctx.database.run(
             create_post_txn, author, text, media_url, audience, like_goal, self.ctx.now()
         )

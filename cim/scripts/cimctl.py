@@ -7,8 +7,10 @@ runs the same account rules and transactions inline.
 Every expected problem ends in one line on stderr and an exit status, never a
 traceback: 0 done, 1 refused (the user exists, no such user, a weak password, the
 database is behind), 2 usage or configuration errors, 3 the running router (``online``,
-``kick``) could not be reached. ``--json`` output follows the same convention as
-cim-client's (cim.scripts.output): one object, lists under ``items``, ISO 8601 times.
+``kick``) could not be reached. ``online`` and ``kick`` send an operator's admin token
+from ``[admin] token_file`` (``keygen --admin`` writes one; ``--operator`` picks one).
+``--json`` output follows the same convention as cim-client's (cim.scripts.output):
+one object, lists under ``items``, ISO 8601 times.
 
 To add a subcommand, write ``def name(invocation: Invocation) -> int`` (and, if it
 takes arguments, a function adding them to its parser), then add a ``Subcommand`` row
@@ -21,6 +23,7 @@ import argparse
 import contextlib
 import hmac
 import json
+import os
 import sys
 import urllib.error
 import urllib.request
@@ -37,6 +40,7 @@ from cim.accounts.store import (
     NoSuchUser,
     UserExists,
     WeakPassword,
+    check_new_user_name,
     check_user_kind,
     check_user_name,
 )
@@ -128,7 +132,7 @@ def _user_add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def user_add(invocation: Invocation) -> int:
     name, kind = invocation.args.name, invocation.args.kind
-    check_user_name(name)
+    check_new_user_name(name, invocation.config.accounts)
     check_user_kind(kind)
     with invocation.accounts() as accounts:
         if accounts.exists(name):  # before asking for a password that would be wasted
@@ -207,14 +211,17 @@ def _online_arguments(parser: argparse.ArgumentParser) -> None:
 def ask_router(
     invocation: Invocation, path: str, body: dict[str, Any] | None = None
 ) -> dict[str, Any]:
-    """GET path (POST body as JSON when given) on the running router; its JSON reply."""
+    """GET path (POST body as JSON when given) on the running router, as the operator
+    whose admin token ``[admin] token_file`` holds; its JSON reply."""
     url = f"{router_base_url(invocation.config)}{path}"
-    request = urllib.request.Request(url)
+    _, token = invocation.admin_token()
+    headers = {"Authorization": f"Bearer {token}"}
+    request = urllib.request.Request(url, headers=headers)
     if body is not None:
         request = urllib.request.Request(
             url,
             data=json.dumps(body).encode(),
-            headers={"Content-Type": "application/json"},
+            headers={**headers, "Content-Type": "application/json"},
             method="POST",
         )
     try:
@@ -269,7 +276,7 @@ def kick(invocation: Invocation) -> int:
         if "(HTTP 404)" in str(failure):
             raise CommandFailed(f"{name} is not logged in") from None
         raise
-    invocation.record("user.kick", name)
+    # The router writes the admin event, naming the operator whose token it was.
     if invocation.args.json:
         invocation.say_json(reply)
     else:
@@ -314,7 +321,8 @@ SUBCOMMANDS: tuple[Subcommand, ...] = (
     Subcommand(("group", "show"), "a group and its members", group_show, group_show_arguments),
     Subcommand(
         ("keygen",),
-        "rotate the node's RSA key (the old one is kept as .previous)",
+        "rotate the node's RSA key (the old one is kept as .previous); with --admin, "
+        "write an operator's admin token instead",
         keygen,
         keygen_arguments,
     ),
@@ -329,6 +337,13 @@ def build_parser(subcommands: Sequence[Subcommand] = SUBCOMMANDS) -> argparse.Ar
         default=default_config_path(),
         metavar="PATH",
         help=f"the node's config (default: {LOCAL_CONFIG} if present, else {SYSTEM_CONFIG})",
+    )
+    parser.add_argument(
+        "--operator",
+        default=os.environ.get("CIM_OPERATOR") or None,
+        metavar="NAME",
+        help="whose admin token to send to the router (default: $CIM_OPERATOR, else the "
+        "only token in [admin] token_file)",
     )
     choosers: dict[tuple[str, ...], argparse._SubParsersAction[argparse.ArgumentParser]] = {}
     parsers: dict[tuple[str, ...], argparse.ArgumentParser] = {(): parser}

@@ -68,6 +68,28 @@ class Invocation:
         """One JSON document in the CLI convention (no null or "", ISO 8601 times)."""
         self.say(json.dumps(conventional(document), ensure_ascii=False))
 
+    def admin_token(self) -> tuple[str, str]:
+        """(operator, token) for the admin API, from ``[admin] token_file``: the one
+        ``--operator`` names, or the file's only token."""
+        from cim.http.operators import choose_token, read_tokens
+
+        path = self.config.admin_token_path
+        try:
+            return choose_token(read_tokens(path), getattr(self.args, "operator", None), path)
+        except FileNotFoundError:
+            raise CommandFailed(
+                f"no admin token: {path} does not exist (cimctl keygen --admin writes one)",
+                EXIT_USAGE,
+            ) from None
+        except OSError as exc:
+            raise CommandFailed(
+                f"cannot read the admin token file {path}: {exc.strerror} "
+                "(run cimctl as the user the node runs as)",
+                EXIT_USAGE,
+            ) from None
+        except ValueError as exc:  # TokenFileError, UnicodeDecodeError
+            raise CommandFailed(f"[admin] token_file: {exc}", EXIT_USAGE) from None
+
     def record(self, action: str, target: str) -> None:
         """An admin action in the operation log (design: 用户的操作日志)."""
         import getpass

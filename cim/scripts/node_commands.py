@@ -1,5 +1,5 @@
-"""cimctl's commands on what the node keeps: its groups (read from the database) and
-its RSA key."""
+"""cimctl's commands on what the node keeps: its groups (read from the database), its
+RSA key and its operators' admin tokens."""
 
 from __future__ import annotations
 
@@ -10,6 +10,14 @@ import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+from cim.http.operators import (
+    DEFAULT_OPERATOR,
+    OPERATOR_NAME,
+    TokenFileError,
+    new_token,
+    parse_tokens,
+    with_token,
+)
 from cim.scripts.invocation import (
     EXIT_OK,
     EXIT_USAGE,
@@ -116,6 +124,17 @@ def group_show(invocation: Invocation) -> int:
 
 def keygen_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bits", type=int, default=None, help="default: [im] rsa_key_bits")
+    parser.add_argument(
+        "--admin",
+        action="store_true",
+        help="write a new admin token for an operator to [admin] token_file instead",
+    )
+    parser.add_argument(
+        "--name",
+        default=None,
+        help=f"with --admin: the operator the token is for (default: {DEFAULT_OPERATOR}); "
+        "an operator's earlier token stops working",
+    )
     json_argument(parser)
 
 
@@ -134,8 +153,49 @@ def _write_private(path: str, data: bytes) -> None:
             os.unlink(temporary)
 
 
+def admin_keygen(invocation: Invocation) -> int:
+    """A new admin token for one operator in ``[admin] token_file`` (mode 0600).
+
+    The other operators' lines stay; the named operator's old token, if any, is
+    replaced. The token itself is not printed: cimctl reads it from the file, and a
+    scraper that needs a copy takes its line from there.
+    """
+    args = invocation.args
+    if args.bits is not None:
+        raise CommandFailed("--bits is for the node's RSA key, not --admin", EXIT_USAGE)
+    name = args.name or DEFAULT_OPERATOR
+    if OPERATOR_NAME.fullmatch(name) is None:
+        raise CommandFailed(
+            f"--name {name!r}: use 1-64 letters, digits, '.', '_' or '-'", EXIT_USAGE
+        )
+    path = invocation.config.admin_token_path
+    try:
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read()
+    except FileNotFoundError:
+        text = ""
+    try:
+        replaced = name in parse_tokens(text, path)
+    except (TokenFileError, UnicodeDecodeError) as exc:
+        raise CommandFailed(f"[admin] token_file: {exc}; fix it first") from None
+    os.makedirs(os.path.dirname(os.path.abspath(path)), mode=0o700, exist_ok=True)
+    _write_private(path, with_token(text, name, new_token()).encode())
+    invocation.record("admin.keygen", name)
+    if args.json:
+        invocation.say_json({"path": path, "operator": name, "replaced": replaced})
+        return EXIT_OK
+    what = "replaced the admin token" if replaced else "new admin token"
+    invocation.say(f"{what} for operator {name} in {path} (mode 0600)")
+    invocation.say("the running node accepts it at once; cimctl online and kick send it")
+    return EXIT_OK
+
+
 def keygen(invocation: Invocation) -> int:
     """A new node key at the configured path; the old one is kept as PATH.previous."""
+    if invocation.args.admin:
+        return admin_keygen(invocation)
+    if invocation.args.name is not None:
+        raise CommandFailed("--name goes with --admin", EXIT_USAGE)
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import rsa
 

@@ -1,7 +1,11 @@
 """The admin service: /health for supervisors and load balancers, /metrics for Prometheus.
 
 It listens on loopback by default; it also refuses any peer that is not local, so a
-mistaken ``listen`` line does not publish the node's internals.
+mistaken ``listen`` line does not publish the node's internals. Being local proves
+nothing more (a reverse proxy on the host makes every caller local), so what is not
+for everyone asks for an operator's token (``cim.http.operators``): ``/metrics``
+unless ``[admin] metrics_open = loopback``, and the details of ``/health``, which
+without a token says only whether the node is up, for load balancers.
 """
 
 from __future__ import annotations
@@ -15,7 +19,8 @@ from twisted.logger import Logger
 from twisted.web import server
 from twisted.web.resource import Resource
 
-from cim.http.endpoints import Call, Endpoint, EndpointResource, nobody
+from cim.http.endpoints import Call, Endpoint, EndpointResource
+from cim.http.operators import NO_OPERATORS, Operators
 from cim.http.site import (
     HttpError,
     Reply,
@@ -28,6 +33,8 @@ from cim.metrics import NodeMetrics, NodeMetricsCollector
 
 # Admin requests carry no body worth the name.
 ADMIN_MAX_BODY_SIZE = 1024
+HEALTH_FOR_EVERYONE = ("status", "node")
+"""What /health tells a caller without a token: up or not, and which node answered."""
 
 
 class LocalPeersOnly(Resource):
@@ -55,15 +62,24 @@ def admin_site(
     metrics: NodeMetrics,
     health: Callable[[], dict[str, Any]],
     reactor: IReactorTime,
+    operators: Operators = NO_OPERATORS,
+    metrics_open: bool = False,
 ) -> server.Site:
+    """``metrics_open``: /metrics answers local peers without a token (``[admin]
+    metrics_open = loopback``)."""
     registry = CollectorRegistry()
     registry.register(NodeMetricsCollector(metrics, node_id))
 
-    async def health_report(call: Call[None]) -> Reply:
+    async def health_report(call: Call[str]) -> Reply:
         report = health()
-        return json_reply(200 if report.get("status") == "ok" else 503, report)
+        status = 200 if report.get("status") == "ok" else 503
+        if call.request.getHeader(b"authorization") is None:
+            report = {key: report[key] for key in HEALTH_FOR_EVERYONE if key in report}
+        else:
+            await operators.authenticate(call.request)  # a wrong token is told so
+        return json_reply(status, report)
 
-    async def metrics_text(call: Call[None]) -> Reply:
+    async def metrics_text(call: Call[str]) -> Reply:
         return Reply(200, generate_latest(registry), CONTENT_TYPE_LATEST.encode())
 
     endpoints = [
@@ -71,7 +87,8 @@ def admin_site(
             "GET",
             "/health",
             "health",
-            "The node's health: 200 when ready, 503 while starting or failing",
+            "The node's health: 200 when ready, 503 while starting or failing; "
+            "the details with an operator's token",
             "admin",
             health_report,
             authenticated=False,
@@ -83,8 +100,8 @@ def admin_site(
             "The node's metrics in the Prometheus text format",
             "admin",
             metrics_text,
-            authenticated=False,
+            authenticated=not metrics_open,
         ),
     ]
-    routes = EndpointResource(endpoints, nobody, ADMIN_MAX_BODY_SIZE)
+    routes = EndpointResource(endpoints, operators.authenticate, ADMIN_MAX_BODY_SIZE)
     return bounded_site(LocalPeersOnly(routes), ADMIN_MAX_BODY_SIZE, reactor)

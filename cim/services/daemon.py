@@ -39,11 +39,13 @@ from cim.backends.bus import make_bus
 from cim.backends.registry import make_registry
 from cim.backends.state import make_state_store
 from cim.config import CimConfig
+from cim.content import MediaUrls
 from cim.files.signing import UrlKeyError
 from cim.groups.directory import GroupDirectory
 from cim.heap import HeapTrimmer
 from cim.history.archive import HistoryService, archive_from_config
 from cim.history.store import HistoryStore
+from cim.http.operators import OperatorTokens, TokenFileError
 from cim.im.collaborators import Directory, NoArchive, NodeCore, Stores
 from cim.im.node import ImNode
 from cim.im.peers import BusPeers, LiveNodes
@@ -140,8 +142,11 @@ class CimDaemon(OrderedServices):
         )
         # The archive rides the node bus's broker connection when there is one.
         archive = archive_from_config(config, history, getattr(bus, "link", None), reactor)
+        # What media URLs messages, posts and avatars may carry: https, or this node's
+        # file service's (its public_url, or the URL it derives once it listens).
+        self.media_urls = MediaUrls([config.files.public_url] if config.files.public_url else [])
         im_node = self.im_node = ImNode(
-            NodeCore(node_id, state, reactor, metrics, ids),
+            NodeCore(node_id, state, reactor, metrics, ids, self.media_urls),
             Directory(accounts.exists, groups),
             Stores(
                 offline,
@@ -165,6 +170,9 @@ class CimDaemon(OrderedServices):
             self.add(Step("archive", archive.start, archive.stop, queue_failure))
 
         # --- the listeners
+        operators = OperatorTokens(config.admin_token_path)
+        if config.router.enabled or config.admin.enabled:
+            self.add(Step("admin tokens", operators.load, None, admin_tokens_failure))
         if config.im.enabled:
             factory = ImServerFactory(
                 node_id, config.im, node_key, im_node, state, registry, reactor, metrics
@@ -194,6 +202,7 @@ class CimDaemon(OrderedServices):
                 reactor,
                 metrics,
                 oplog=oplog,
+                operators=operators,
             )
             self.add(Listener("router", config.router.listen, reactor, site))
         if config.files.enabled:
@@ -201,7 +210,14 @@ class CimDaemon(OrderedServices):
         if config.logic.enabled:
             self._add_logic(database, accounts, state, groups)
         if config.admin.enabled:
-            site = admin_site(node_id, metrics, self.health, reactor)
+            site = admin_site(
+                node_id,
+                metrics,
+                self.health,
+                reactor,
+                operators,
+                metrics_open=config.admin.metrics_open == "loopback",
+            )
             self.add(Listener("admin", config.admin.listen, reactor, site))
 
         trimmer = HeapTrimmer(reactor, config.node.heap_trim_interval)
@@ -217,6 +233,12 @@ class CimDaemon(OrderedServices):
         self.add(
             Step("files", files.start, files.stop, cannot_listen("files", config.files.listen))
         )
+
+        def trust_own_files() -> None:
+            assert files.store is not None  # started just before
+            self.media_urls.trust(files.store.public_url)
+
+        self.add(Step("own file URLs", trust_own_files))
 
         def health() -> dict[str, Any]:
             return {} if files.store is None else {"files": files.store.metrics.snapshot()}
@@ -247,6 +269,7 @@ class CimDaemon(OrderedServices):
                 Notices(self.im_node.system, self.reactor),
                 self.reactor,
                 groups,
+                self.media_urls,
             )
         )
         self.add(
@@ -341,6 +364,12 @@ def load_node_key(config: CimConfig) -> NodeKey:
 
 async def claim_node_number(state: IStateBackend, node_id: str, ids: MessageIdGenerator) -> None:
     ids.claim(await state.sequences.node_number(node_id))
+
+
+def admin_tokens_failure(exc: Exception) -> str | None:
+    if isinstance(exc, TokenFileError):
+        return f"[admin] token_file: {exc}"
+    return None
 
 
 def files_storage_failure(files: FilesListener) -> Explain:

@@ -23,11 +23,13 @@ from cim import oplog as oplog_events
 from cim.backends.state import REASON_KICKED_BY_ADMIN, REASON_LOGGED_OUT, token_hash
 from cim.config import ImConfig, RouterConfig
 from cim.http.auth import BearerSessions, invalid_token, state_unavailable
-from cim.http.endpoints import Call, Endpoint, EndpointResource, nobody
+from cim.http.endpoints import Call, Endpoint, EndpointResource
+from cim.http.operators import NO_OPERATORS, Operators
 from cim.http.site import (
     HttpError,
     Reply,
     bounded_site,
+    client_host,
     is_local_peer,
     json_reply,
     read_json_object,
@@ -50,6 +52,8 @@ LOGIN_PATH = "/api/v1/login"
 LOGOUT_PATH = "/api/v1/logout"
 ONLINE_PATH = "/api/v1/online"
 KICK_PATH = "/api/v1/admin/kick"
+_OPERATOR_ACTIONS = {ONLINE_PATH: "online.list", KICK_PATH: "user.kick"}
+"""What the operation log calls each operator endpoint's action."""
 MAX_ONLINE_PAGE = 1000
 DEFAULT_ONLINE_PAGE = 100
 TOKEN_BYTES = 32
@@ -94,11 +98,13 @@ class NodeChooser:
         return self._ring.node_for(user)
 
 
-class RouterResource(EndpointResource[None]):
-    """POST /api/v1/login and /api/v1/logout; the online list and kicking, for local peers.
+class RouterResource(EndpointResource[str]):
+    """POST /api/v1/login and /api/v1/logout; the online list and kicking, for operators.
 
-    No endpoint is authenticated by the machinery: login is how a token is had, and
-    logout ends the session its token names rather than looking it up.
+    Login and logout are not authenticated by the machinery: login is how a token is
+    had, and logout ends the session its token names rather than looking it up. The
+    online list and kicking are the operators' (``cim.http.operators``): a local peer
+    with an admin token, whose name the operation log records with what they did.
     """
 
     _log = Logger()
@@ -115,8 +121,10 @@ class RouterResource(EndpointResource[None]):
         metrics: NodeMetrics,
         token_bytes: Callable[[int], bytes] = os.urandom,
         oplog: OperationLog | None = None,
+        operators: Operators = NO_OPERATORS,
     ) -> None:
         self._oplog = oplog
+        self._operators = operators
         super().__init__(
             [
                 Endpoint(
@@ -141,22 +149,20 @@ class RouterResource(EndpointResource[None]):
                     "GET",
                     ONLINE_PATH,
                     "list_online",
-                    "Who is online, a page at a time (local peers only)",
+                    "Who is online, a page at a time (an operator, from a local peer)",
                     "operations",
                     self._online_page,
-                    authenticated=False,
                 ),
                 Endpoint(
                     "POST",
                     KICK_PATH,
                     "kick",
-                    "End a user's session by name (local peers only)",
+                    "End a user's session by name (an operator, from a local peer)",
                     "operations",
                     self._kick_user,
-                    authenticated=False,
                 ),
             ],
-            nobody,
+            self._operator,
             config.max_body_size,
         )
         self._config = config
@@ -177,7 +183,7 @@ class RouterResource(EndpointResource[None]):
 
     # --- login ------------------------------------------------------------------------
 
-    async def _login(self, call: Call[None]) -> Reply:
+    async def _login(self, call: Call[str]) -> Reply:
         address = call.address
         user: str | None = None
         outcome = "error"
@@ -289,7 +295,7 @@ class RouterResource(EndpointResource[None]):
 
     # --- logout -----------------------------------------------------------------------
 
-    async def _logout(self, call: Call[None]) -> Reply:
+    async def _logout(self, call: Call[str]) -> Reply:
         address = call.address
         record = await self._bearer.end_session(call.request, REASON_LOGGED_OUT)
         if record is None:
@@ -300,12 +306,44 @@ class RouterResource(EndpointResource[None]):
             self._oplog.emit(oplog_events.LOGOUT, user=record.user, peer=address)
         return json_reply(200, {"ok": True})
 
+    # --- operators (cim.http.operators) ------------------------------------------------
+
+    async def _operator(self, request: server.Request) -> str:
+        """A local peer with an admin token: its operator's name. A refusal is logged
+        in the operation log too, since an auditor asks about those first."""
+        address = client_host(request)
+        try:
+            if not is_local_peer(request):
+                raise HttpError(403, "forbidden", "operators' requests answer local peers only")
+            return await self._operators.authenticate(request)
+        except HttpError as error:
+            path = request.path.decode("latin-1")
+            self._log.warn(
+                "operator request {path} refused from {address}: {code}",
+                path=path,
+                address=address,
+                code=error.code,
+            )
+            self._operator_did(None, address, _OPERATOR_ACTIONS.get(path, path), "", error.code)
+            raise
+
+    def _operator_did(
+        self, operator: str | None, address: str, action: str, target: str, outcome: str
+    ) -> None:
+        if self._oplog is not None:
+            self._oplog.emit(
+                oplog_events.ADMIN,
+                user=operator,
+                peer=address,
+                action=action,
+                target=target,
+                outcome=outcome,
+            )
+
     # --- online users (design: 后台监控 获取在线用户数) ----------------------------------
 
-    async def _online_page(self, call: Call[None]) -> Reply:
+    async def _online_page(self, call: Call[str]) -> Reply:
         request = call.request
-        if not is_local_peer(request):
-            raise HttpError(403, "forbidden", "the online list answers local peers only")
         offset = _query_int(request, b"offset", 0, 0, 1 << 31)
         limit = _query_int(request, b"limit", DEFAULT_ONLINE_PAGE, 1, MAX_ONLINE_PAGE)
         try:
@@ -313,6 +351,7 @@ class RouterResource(EndpointResource[None]):
             per_node = await self._presence.online_count_by_node()
         except StateUnavailable:
             raise state_unavailable() from None
+        self._operator_did(call.user, call.address, "online.list", "", "ok")
         return json_reply(
             200,
             {
@@ -326,11 +365,9 @@ class RouterResource(EndpointResource[None]):
 
     # --- kick (cimctl kick) -----------------------------------------------------------
 
-    async def _kick_user(self, call: Call[None]) -> Reply:
+    async def _kick_user(self, call: Call[str]) -> Reply:
         """End a user's session by name, on whichever node it is connected."""
         request = call.request
-        if not is_local_peer(request):
-            raise HttpError(403, "forbidden", "kicking answers local peers only")
         body = read_json_object(request, self._config.max_body_size)
         user = body.get("user")
         if not isinstance(user, str) or not 1 <= len(user) <= MAX_USER_LENGTH:
@@ -344,17 +381,23 @@ class RouterResource(EndpointResource[None]):
         address = call.address
         if record is None:
             self._log.info(
-                "kick of {user!r} from {address}: no session", user=user, address=address
+                "kick of {user!r} by {operator} from {address}: no session",
+                user=user,
+                operator=call.user,
+                address=address,
             )
+            self._operator_did(call.user, address, "user.kick", user, "no_session")
             raise HttpError(404, "no_session", f"{user} has no session")
         self._log.info(
-            "kicked {user!r} on {node} at the request of {address}",
+            "kicked {user!r} on {node} at the request of {operator} from {address}",
             user=user,
             node=record.node_id,
+            operator=call.user,
             address=address,
         )
-        # The operation log hears of it from the node that closes the connection
-        # (a kick event) and from cimctl (an admin event).
+        # The operation log hears of it here (an admin event naming the operator) and
+        # from the node that closes the connection (a kick event).
+        self._operator_did(call.user, address, "user.kick", user, "ok")
         return json_reply(
             200,
             {"ok": True, "user": user, "session_id": record.session_id, "node": record.node_id},
@@ -387,6 +430,7 @@ def router_site(
     metrics: NodeMetrics,
     token_bytes: Callable[[int], bytes] = os.urandom,
     oplog: OperationLog | None = None,
+    operators: Operators = NO_OPERATORS,
 ) -> server.Site:
     root = RouterResource(
         config,
@@ -399,5 +443,6 @@ def router_site(
         metrics,
         token_bytes,
         oplog,
+        operators,
     )
     return bounded_site(root, config.max_body_size, clock)

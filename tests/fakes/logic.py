@@ -23,6 +23,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from cim.accounts.store import AccountStore
 from cim.client.session import ChatClient
 from cim.config import parse_config
+from cim.content import MediaUrls
 from cim.groups.directory import GroupDirectory
 from cim.http.openapi import PublishedSpec
 from cim.im.system import SYSTEM_SENDER
@@ -53,7 +54,8 @@ def fired(d: Deferred[Any]) -> Any:
 
 
 class LogicHarness:
-    """One node with the logic service; ``config`` adds lines to the ``[logic]`` section."""
+    """One node with the logic service; ``config`` adds lines to the ``[logic]`` section
+    (and may open others: ``[files] public_url`` is the node's own file URL)."""
 
     def __init__(self, test: SynchronousTestCase, config: str = "") -> None:
         self.test = test
@@ -87,6 +89,7 @@ class LogicHarness:
             Notices(self.node.im.system, self.clock),
             self.clock,
             self.groups,
+            MediaUrls([parsed.files.public_url] if parsed.files.public_url else []),
         )
         self.listener = LogicListener(self.ctx)
         self.resource: PublishedSpec = self.listener.resource

@@ -22,8 +22,10 @@ from cim.accounts.store import (
     InvalidUserKind,
     InvalidUserName,
     NoSuchUser,
+    ReservedUserName,
     UserExists,
     WeakPassword,
+    check_new_user_name,
     check_user_name,
     hash_password,
     verify_password,
@@ -129,6 +131,17 @@ class NameRuleTests(TestCase):
         for name in INVALID_NAMES:
             self.assertRaises(InvalidUserName, check_user_name, name)
 
+    def test_reserved_names(self) -> None:
+        config = AccountsConfig(reserved_names=("support", "Help.Desk"))
+        for name in ("system", "admin", "root", "SYSTEM", "Admin", "rOOt", "@x", "@system"):
+            self.assertRaises(ReservedUserName, check_new_user_name, name, FAST)
+        for name in ("support", "SUPPORT", "help.desk"):
+            self.assertRaises(ReservedUserName, check_new_user_name, name, config)
+        for name in ("administrator", "rooted", "systems", "support"):
+            check_new_user_name(name, FAST)
+        self.assertRaises(InvalidUserName, check_new_user_name, ".alice", FAST)
+        check_user_name("admin")  # looking an existing account up is not creating one
+
 
 class AccountStoreTests(TestCase):
     def setUp(self) -> None:
@@ -196,6 +209,24 @@ class AccountStoreTests(TestCase):
             self.add(name)
         listed = self.successResultOf(self.store.list_users())
         self.assertEqual(sorted(listed), sorted(VALID_NAMES))
+
+    def test_reserved_names_are_refused_before_the_kdf(self) -> None:
+        """Issue 17, acceptance 5: no path through add_user creates a reserved name."""
+        for name in ("system", "admin", "root", "Root", "@x"):
+            failure = self.failureResultOf(self.store.add_user(name, PASSWORD), ReservedUserName)
+            self.assertIn("is reserved", str(failure.value))
+        self.assertEqual(self.kdf.runs, 0)
+        self.assertEqual(self.successResultOf(self.store.list_users()), [])
+
+    def test_an_existing_reserved_account_keeps_working(self) -> None:
+        """One made before the rule (here: straight into the database) is not locked out."""
+        from cim.storage.accounts import insert_user_txn
+
+        encoded = hash_password(PASSWORD, FAST)
+        self.successResultOf(self.db.run(insert_user_txn, "admin", encoded, "person", 1.0))
+        self.assertTrue(self.successResultOf(self.store.check_password("admin", PASSWORD)))
+        self.successResultOf(self.store.set_password("admin", "new password"))
+        self.assertTrue(self.successResultOf(self.store.delete_user("admin")))
 
     def test_names_are_case_sensitive(self) -> None:
         self.add("alice")
@@ -280,6 +311,7 @@ class BlockingAccountStoreTests(TestCase):
         self.store.add_user("watch1", PASSWORD, kind="device")
         self.assertRaises(UserExists, self.store.add_user, "alice", PASSWORD)
         self.assertRaises(InvalidUserName, self.store.add_user, "-x", PASSWORD)
+        self.assertRaises(ReservedUserName, self.store.add_user, "admin", PASSWORD)
         self.assertRaises(WeakPassword, self.store.add_user, "bob", "short")
         self.assertTrue(self.store.check_password("alice", PASSWORD))
         self.assertFalse(self.store.check_password("nobody", PASSWORD))

@@ -1,7 +1,8 @@
-"""The admin site: /health, /metrics, and refusal of non-local peers."""
+"""The admin site: /health, /metrics, operators' tokens, and refusal of non-local peers."""
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -14,18 +15,33 @@ from twisted.web.server import Site
 from cim.metrics import NodeMetrics
 from cim.protocols import cim_pb2
 from cim.services.admin import admin_site
+from tests.fakes.operators import OPS1_TOKEN, bearer, operator_tokens, write_tokens
 from tests.unit.test_router import LOCAL_PEER, HttpResponse, exchange
 
 
-def fetch(site: Site, path: str, peer: IAddress = LOCAL_PEER, method: str = "GET") -> HttpResponse:
-    return exchange(site, method, path, peer=peer)
+def fetch(
+    site: Site,
+    path: str,
+    peer: IAddress = LOCAL_PEER,
+    method: str = "GET",
+    token: str | None = OPS1_TOKEN,
+) -> HttpResponse:
+    return exchange(site, method, path, peer=peer, headers=[bearer(token)] if token else [])
 
 
 class AdminTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.metrics = NodeMetrics()
-        self.report: dict[str, Any] = {"status": "ok", "node": "n1", "connections": 0}
-        self.site = admin_site("n1", self.metrics, lambda: dict(self.report), Clock())
+        self.report: dict[str, Any] = {
+            "status": "ok",
+            "node": "n1",
+            "connections": 3,
+            "online_here": 2,
+        }
+        self.operators = operator_tokens(self)
+        self.site = admin_site(
+            "n1", self.metrics, lambda: dict(self.report), Clock(), self.operators
+        )
 
     def test_health(self) -> None:
         response = fetch(self.site, "/health")
@@ -35,6 +51,54 @@ class AdminTests(SynchronousTestCase):
         response = fetch(self.site, "/health")
         self.assertEqual(response.status, 503)
         self.assertEqual(response.json()["status"], "starting")
+
+    def test_health_without_a_token_says_only_whether_the_node_is_up(self) -> None:
+        response = fetch(self.site, "/health", token=None)
+        self.assertEqual((response.status, response.json()), (200, {"status": "ok", "node": "n1"}))
+        self.report["status"] = "starting"
+        response = fetch(self.site, "/health", token=None)
+        self.assertEqual(response.status, 503)
+        self.assertEqual(response.json(), {"status": "starting", "node": "n1"})
+        wrong = fetch(self.site, "/health", token="z" * 43)
+        self.assertEqual((wrong.status, wrong.json()["error"]), (401, "invalid_token"))
+        self.assertNotIn(b"online_here", wrong.body)
+
+    def test_metrics_need_an_admin_token_from_loopback_too(self) -> None:
+        self.metrics.connections_open = 7
+        for token in (None, "z" * 43, OPS1_TOKEN[:-1]):
+            response = fetch(self.site, "/metrics", token=token)
+            self.assertEqual(response.status, 401, token)
+            self.assertEqual(response.json()["error"], "invalid_token")
+            self.assertEqual(response.headers["www-authenticate"], 'Bearer realm="cim"')
+            self.assertNotIn(b"cim_", response.body)
+        self.assertEqual(fetch(self.site, "/metrics").status, 200)
+
+    def test_metrics_open_to_loopback_when_configured(self) -> None:
+        site = admin_site(
+            "n1", self.metrics, lambda: dict(self.report), Clock(), self.operators, True
+        )
+        response = fetch(site, "/metrics", token=None)
+        self.assertEqual(response.status, 200)
+        self.assertIn(b"cim_connections", response.body)
+        remote = IPv4Address("TCP", "192.168.1.20", 5000)
+        self.assertEqual(fetch(site, "/metrics", remote, token=None).status, 403)
+        # /health's details still need a token.
+        self.assertNotIn("connections", fetch(site, "/health", token=None).json())
+
+    def test_a_site_without_operators_refuses_every_token(self) -> None:
+        site = admin_site("n1", self.metrics, lambda: dict(self.report), Clock())
+        self.assertEqual(fetch(site, "/metrics").status, 401)
+        self.assertEqual(fetch(site, "/health").status, 401)
+        self.assertEqual(fetch(site, "/health", token=None).status, 200)
+
+    def test_a_broken_or_missing_token_file_refuses_everyone(self) -> None:
+        with open(self.operators.path, "w", encoding="utf-8") as handle:
+            handle.write(f"ops1 {OPS1_TOKEN}\n")
+        self.assertEqual(fetch(self.site, "/metrics").status, 401)
+        write_tokens(self.operators.path, {"ops1": OPS1_TOKEN})
+        self.assertEqual(fetch(self.site, "/metrics").status, 200)
+        os.unlink(self.operators.path)
+        self.assertEqual(fetch(self.site, "/metrics").status, 401)
 
     def test_metrics(self) -> None:
         self.metrics.connections_open = 7
@@ -84,7 +148,7 @@ class AdminTests(SynchronousTestCase):
             raise RuntimeError("health check bug")
 
         site = admin_site("n1", self.metrics, broken, Clock())
-        response = fetch(site, "/health")
+        response = fetch(site, "/health", token=None)
         self.assertEqual(response.status, 500)
         self.assertEqual(response.json()["error"], "internal_error")
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)

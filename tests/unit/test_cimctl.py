@@ -14,6 +14,7 @@ from cim.accounts.store import BlockingAccountStore
 from cim.config import load_config
 from cim.scripts import cimctl
 from cim.storage.database import create_engine_for, current_revision, head_revision
+from tests.fakes.operators import OPS1_TOKEN, OPS2_TOKEN, write_tokens
 
 PASSWORD = "correct horse"
 
@@ -130,8 +131,12 @@ class CimctlTests(TestCase):
         from tests.integration.support.services import free_port
 
         port = free_port()
+        tokens = os.path.join(self.dir, "tokens")
+        write_tokens(tokens, {"ops1": OPS1_TOKEN})
         path = self.write_config(
-            f"[node]\nid = t1\n[router]\nlisten = tcp:{port}:interface=127.0.0.1\n", "r.ini"
+            f"[node]\nid = t1\n[router]\nlisten = tcp:{port}:interface=127.0.0.1\n"
+            f"[admin]\ntoken_file = {tokens}\n",
+            "r.ini",
         )
         for command in (["online", "--json"], ["kick", "bob"]):
             outcome = self.cimctl(*command, config=path)
@@ -216,6 +221,23 @@ class CimctlTests(TestCase):
 
     def test_invalid_name(self) -> None:
         self.assertOneLineError(self.add(".alice"), 2, "invalid user name '.alice'")
+
+    def test_reserved_names_are_refused(self) -> None:
+        """Issue 17, acceptance 5: system, admin, @x cannot be created with cimctl."""
+        path = self.write_config(
+            f"[node]\nid = t1\ndata_dir = {self.data_dir}\n"
+            "[accounts]\nscrypt_n = 1024\nreserved_names = support, Helpdesk\n",
+            "reserved.ini",
+        )
+        for name in ("system", "admin", "root", "Admin", "ROOT", "support", "helpdesk"):
+            outcome = self.cimctl(
+                "user", "add", name, stdin=io.StringIO(PASSWORD + "\n"), config=path
+            )
+            self.assertOneLineError(outcome, 2, f"the user name {name!r} is reserved")
+        self.assertOneLineError(self.add("@x"), 2, "the user name '@x' is reserved")
+        self.assertOneLineError(self.add("@system"), 2, "is reserved")
+        self.assertEqual(self.cimctl("user", "list", config=path).out, "")
+        self.assertEqual(self.add("administrator").status, 0)  # only the names themselves
 
     def test_missing_users(self) -> None:
         self.assertOneLineError(self.cimctl("user", "del", "ghost"), 1, "no such user: 'ghost'")
@@ -331,6 +353,64 @@ class GroupAndKeyTests(CimctlTests):
         self.assertEqual(os.stat(previous).st_mode & 0o777, 0o600)
         self.assertEqual(NodeKey.load_or_create(previous).fingerprint, old.fingerprint)
         self.assertEqual([n for n in os.listdir(self.data_dir) if n.endswith(".tmp")], [])
+
+    def admin_token_file(self) -> str:
+        return os.path.join(self.data_dir, "admin_token")
+
+    def test_keygen_admin_writes_an_operators_token_mode_0600(self) -> None:
+        from cim.http.operators import read_tokens
+
+        first = self.cimctl("keygen", "--admin")
+        self.assertEqual(first.status, 0, first)
+        path = self.admin_token_file()
+        self.assertIn(f"new admin token for operator admin in {path} (mode 0600)", first.out)
+        self.assertEqual(os.stat(path).st_mode & 0o777, 0o600)
+        tokens = read_tokens(path)
+        self.assertEqual(list(tokens), ["admin"])
+        self.assertRegex(tokens["admin"], r"^[A-Za-z0-9_-]{43}$")
+        self.assertNotIn(tokens["admin"], first.out)  # never printed
+
+        second = self.cimctl("keygen", "--admin", "--name", "ops1", "--json")
+        self.assertEqual(
+            json.loads(second.out), {"path": path, "operator": "ops1", "replaced": False}
+        )
+        again = self.cimctl("keygen", "--admin", "--name", "ops1", "--json")
+        self.assertTrue(json.loads(again.out)["replaced"])
+        after = read_tokens(path)
+        self.assertEqual(list(after), ["admin", "ops1"])
+        self.assertEqual(after["admin"], tokens["admin"])
+        self.assertEqual(os.stat(path).st_mode & 0o777, 0o600)
+        self.assertEqual([n for n in os.listdir(self.data_dir) if n.endswith(".tmp")], [])
+        with open(os.path.join(self.data_dir, "operations.log"), encoding="utf-8") as log:
+            events = [json.loads(line) for line in log]
+        self.assertEqual(
+            [e["detail"] for e in events],
+            [{"action": "admin.keygen", "target": name} for name in ("admin", "ops1", "ops1")],
+        )
+        for event in events:
+            for token in after.values():
+                self.assertNotIn(token, json.dumps(event))
+
+    def test_keygen_admin_usage_errors(self) -> None:
+        self.assertOneLineError(self.cimctl("keygen", "--admin", "--bits", "2048"), 2, "--bits")
+        self.assertOneLineError(self.cimctl("keygen", "--name", "ops1"), 2, "--name goes with")
+        self.assertOneLineError(self.cimctl("keygen", "--admin", "--name", "a b"), 2, "--name")
+        os.makedirs(self.data_dir)
+        with open(self.admin_token_file(), "w", encoding="utf-8") as handle:
+            handle.write("not a token line\n")
+        self.assertOneLineError(self.cimctl("keygen", "--admin"), 1, "line 1", "fix it first")
+
+    def test_online_and_kick_need_a_token_to_send(self) -> None:
+        for command in (["online"], ["kick", "bob"]):
+            self.assertOneLineError(
+                self.cimctl(*command), 2, "no admin token", "cimctl keygen --admin"
+            )
+        os.makedirs(self.data_dir)
+        write_tokens(self.admin_token_file(), {"ops1": OPS1_TOKEN, "ops2": OPS2_TOKEN})
+        self.assertOneLineError(self.cimctl("online"), 2, "ops1, ops2: choose one with --operator")
+        self.assertOneLineError(
+            self.cimctl("--operator", "ops3", "online"), 2, "has no token for 'ops3'"
+        )
 
     def test_keygen_refuses_a_short_key(self) -> None:
         self.assertOneLineError(self.cimctl("keygen", "--bits", "512"), 2, "at least")

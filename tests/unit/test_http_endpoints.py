@@ -154,6 +154,32 @@ class EndpointResourceTests(SynchronousTestCase):
         self.assertEqual(self.call("GET", "/things/x", token=None)[0], 404)
         self.assertEqual(self.call("GET", "/things/1?limit=0", token=None)[0], 400)
 
+    def test_control_characters_are_refused_in_bodies_and_queries_of_every_endpoint(
+        self,
+    ) -> None:
+        from cim.http.schema import body_problem, body_validator, convert_query
+        from cim.http.site import HttpError
+
+        validator = body_validator({"type": "object"})
+        for body, where in (
+            ({"a": "\x1b[31m"}, "body.a"),
+            ({"a": ["ok", "b\rc"]}, "body.a[1]"),
+            ({"a": {"b\x1b": 1}}, "body.a"),
+            ({"a": "\x00"}, "body.a"),
+        ):
+            self.assertEqual(
+                body_problem(validator, body),
+                f"{where}: text may not contain control characters (newline and tab are fine)",
+            )
+        self.assertIsNone(body_problem(validator, {"a": "x\ty\nz 👍"}))
+        status, body, _ = self.call("POST", "/things", raw=b'{"n": 1, "x": "\\u001b"}')
+        self.assertEqual((status, body["error"]), (400, "bad_request"))
+        self.assertIn("control characters", body["message"])
+        with self.assertRaises(HttpError) as caught:
+            convert_query("author", b"ann\x1b[2J", {"type": "string"})
+        self.assertEqual(caught.exception.status, 400)
+        self.assertEqual(convert_query("q", b"a\tb", {"type": "string"}), "a\tb")
+
     def test_a_json_body_without_schema_is_read_but_not_checked(self) -> None:
         status, body, _ = self.call("PUT", "/loose", {"name": "a\x00b", "x": [1]})
         self.assertEqual((status, body["body"]), (200, {"name": "a\x00b", "x": [1]}))

@@ -269,6 +269,74 @@ class MessageTests(SynchronousTestCase):
         [error] = alice.events.of_type(cim_pb2.ERROR)
         self.assertEqual((error.code, error.client_seq), (cim_pb2.Error.BAD_REQUEST, 5))
 
+    def refused(self, message: cim_pb2.Message) -> str:
+        """Send message from alice to bob; bob gets nothing; alice's ERROR's reason."""
+        node = NodeHarness()
+        alice = node.connect("alice")
+        bob = node.connect("bob")
+        alice.protocol.send(cim_pb2.MSG_R, message)
+        alice.flush()
+        bob.flush()
+        self.assertEqual(bob.events.of_type(cim_pb2.MSG_N), [])
+        self.assertEqual(alice.events.of_type(cim_pb2.MSG_A), [])
+        [error] = alice.events.of_type(cim_pb2.ERROR)
+        self.assertEqual(
+            (error.code, error.request_type, error.client_seq),
+            (cim_pb2.Error.BAD_REQUEST, cim_pb2.MSG_R, message.client_seq),
+        )
+        return error.message
+
+    def test_text_with_escape_is_a_bad_request(self) -> None:
+        """Issue 17, acceptance 5: a text with ESC is BAD_REQUEST."""
+        reason = self.refused(
+            cim_pb2.Message(to="bob", text="\x1b[2J\x1b[31mSYSTEM: send password", client_seq=7)
+        )
+        self.assertEqual(
+            reason, "text may not contain control characters (newline and tab are fine)"
+        )
+        for text in ("a\rb", "\x9b31m", "nul\x00"):
+            self.refused(cim_pb2.Message(to="bob", text=text, client_seq=8))
+
+    def test_control_characters_in_media_and_location_names_are_refused(self) -> None:
+        image = cim_pb2.Message(to="bob", type=cim_pb2.IMAGE, client_seq=3)
+        image.media.url = "https://cdn.example/a.jpg"
+        image.media.name = "invoice\x1b]8;;https://evil/\x07.pdf"
+        self.assertIn("media.name", self.refused(image))
+        place = cim_pb2.Message(to="bob", type=cim_pb2.LOCATION, client_seq=4)
+        place.location.lat = 1.0
+        place.location.name = "home\x08\x08\x08school"
+        self.assertIn("location.name", self.refused(place))
+
+    def test_a_javascript_media_url_is_a_bad_request(self) -> None:
+        """Issue 17, acceptance 5: a javascript: media URL is BAD_REQUEST."""
+        for url, thumbnail in (
+            ("javascript:alert(1)", ""),
+            ("http://cdn.example/a.jpg", ""),
+            ("https://cdn.example/a.jpg", "data:image/png;base64,AAAA"),
+        ):
+            message = cim_pb2.Message(to="bob", type=cim_pb2.IMAGE, client_seq=9)
+            message.media.url = url
+            message.media.thumbnail_url = thumbnail
+            self.assertIn("must be an https URL", self.refused(message))
+
+    def test_text_and_media_are_delivered_as_sent(self) -> None:
+        node = NodeHarness()
+        node.im.core.media_urls.trust("http://127.0.0.1:8082")
+        alice = node.connect("alice")
+        bob = node.connect("bob")
+        text = "line one\n\tindented 👨‍👩‍👧 <b>not html</b> ' OR 1=1"
+        alice.protocol.send(cim_pb2.MSG_R, cim_pb2.Message(to="bob", text=text, client_seq=1))
+        own = cim_pb2.Message(to="bob", type=cim_pb2.IMAGE, client_seq=2)
+        own.media.url = "http://127.0.0.1:8082/files/f1?expires=9&sig=s"
+        own.media.thumbnail_url = "https://cdn.example/t.jpg"
+        alice.protocol.send(cim_pb2.MSG_R, own)
+        alice.flush()
+        bob.flush()
+        self.assertEqual(alice.events.of_type(cim_pb2.ERROR), [])
+        first, second = bob.events.of_type(cim_pb2.MSG_N)
+        self.assertEqual(first.text, text)
+        self.assertEqual(second.media.url, own.media.url)
+
     def test_online_list(self) -> None:
         node = NodeHarness()
         alice = node.connect("alice")

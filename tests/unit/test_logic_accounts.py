@@ -50,16 +50,56 @@ class RegistrationTests(SynchronousTestCase):
         self.assertEqual(status, 400)
         self.assertNotIn(PASSWORD, body["message"])
 
-    def test_avatar_must_be_an_http_url_with_a_host(self) -> None:
-        h = LogicHarness(self)
+    def test_avatar_must_be_https_or_this_nodes_file_url(self) -> None:
+        h = LogicHarness(self, "[files]\npublic_url = http://127.0.0.1:8082\n")
         h.add_user("ann")
-        for bad in ("http://[", "http://x.example/a\n", "ftp://x.example/a", "http:///a"):
+        for bad in (
+            "http://[",
+            "http://x.example/a\n",
+            "ftp://x.example/a",
+            "http:///a",
+            "http://x.example/a.png",
+            "javascript:alert(1)",
+            "https://bank.example@evil.example/a.png",
+        ):
             status, body = h.call("PATCH", "/me", "ann", {"avatar_url": bad})
             self.assertEqual(status, 400, bad)
-        good = "https://files.example.com/files/abc"
-        status, body = h.call("PATCH", "/me", "ann", {"avatar_url": good})
-        self.assertEqual((status, body["avatar_url"]), (200, good))
+        for good in ("https://files.example.com/files/abc", "http://127.0.0.1:8082/files/f1"):
+            status, body = h.call("PATCH", "/me", "ann", {"avatar_url": good})
+            self.assertEqual((status, body["avatar_url"]), (200, good))
         self.assertEqual(h.call("PATCH", "/me", "ann", {"avatar_url": ""})[0], 200)
+
+    def test_reserved_names_cannot_be_registered(self) -> None:
+        """Issue 17, acceptance 5: registering system, admin, @x is refused."""
+        h = LogicHarness(self, "name_pattern = [A-Za-z0-9@][a-z0-9_.-]{0,31}\n")
+        for name in ("system", "admin", "root", "Admin", "@x", "@system"):
+            status, body = h.call("POST", "/register", body={"name": name, "password": PASSWORD})
+            self.assertEqual((status, body["error"]), (400, "reserved_name"), name)
+            self.assertEqual(body["message"], "that name is reserved")
+        self.assertEqual(fired(h.accounts.list_users()), [])
+        status, _ = h.call("POST", "/register", body={"name": "adminton", "password": PASSWORD})
+        self.assertEqual(status, 201)
+
+    def test_control_characters_are_refused_in_every_string(self) -> None:
+        """Issue 17, acceptance 5 (logic API): text with ESC is a 400, newline and tab
+        are kept as sent."""
+        h = LogicHarness(self)
+        h.add_user("ann")
+        for body in (
+            {"about": "\x1b[2Jhello"},
+            {"display_name": "Ann\rAdmin"},
+            {"about": "C1 \x9b31m"},
+        ):
+            status, answer = h.call("PATCH", "/me", "ann", body)
+            self.assertEqual((status, answer["error"]), (400, "bad_request"), body)
+            self.assertIn("control characters", answer["message"])
+        status, body = h.call(
+            "POST", "/register", body={"name": "ben", "password": "pa\x1bss word"}
+        )
+        self.assertEqual((status, body["error"]), (400, "bad_request"))
+        self.assertNotIn("ss word", body["message"])  # the field, never the value
+        status, body = h.call("PATCH", "/me", "ann", {"about": "two\nlines\tand a tab"})
+        self.assertEqual((status, body["about"]), (200, "two\nlines\tand a tab"))
 
     def test_nul_and_lone_surrogates_are_refused(self) -> None:
         h = LogicHarness(self)

@@ -27,7 +27,9 @@ from cim.backends.state.memory import MemoryState
 from cim.config import ImConfig, RouterConfig
 from cim.interfaces import NodeInfo, SessionRecord, StateUnavailable
 from cim.metrics import NodeMetrics
+from cim.oplog import OperationLog
 from cim.services.router import router_site
+from tests.fakes.operators import OPS1_TOKEN, OPS2_TOKEN, bearer, operator_tokens
 
 LOCAL_PEER = IPv4Address("TCP", "127.0.0.1", 40000)
 NODE = NodeInfo("n1", "im.example", 9000, b"\x30\x82fake-der-public-key")
@@ -187,6 +189,10 @@ class RouterTests(SynchronousTestCase):
             self.tokens.append(value)
             return value
 
+        self.operators = operator_tokens(self, {"ops1": OPS1_TOKEN, "ops2": OPS2_TOKEN})
+        self.oplog_path = self.operators.path + ".log"
+        self.oplog = OperationLog(self.oplog_path, "n1", self.clock.seconds)
+        self.addCleanup(self.oplog.close)
         self.site = self.make_site(self.config, token_bytes)
         self.log_events: list[LogEvent] = []
         observer = cast(ILogObserver, self.log_events.append)
@@ -204,6 +210,8 @@ class RouterTests(SynchronousTestCase):
             self.registry,
             self.clock,
             self.metrics,
+            oplog=self.oplog,
+            operators=self.operators,
             **extra,
         )
         # Started, so the access log runs too and its lines are checked for secrets.
@@ -538,25 +546,84 @@ class RouterTests(SynchronousTestCase):
         self.assertError(logout, 503, "state_unavailable")
         self.assertEqual(self.metrics.logins["unavailable"], 1)
 
-    def test_online_list_for_local_peers(self) -> None:
+    def admin_events(self) -> list[dict[str, Any]]:
+        with open(self.oplog_path, encoding="utf-8") as handle:
+            events = [json.loads(line) for line in handle]
+        return [
+            {"user": e["user"], "peer": e["peer"], **e["detail"]}
+            for e in events
+            if e["event"] == "admin"
+        ]
+
+    def test_online_list_for_operators_from_local_peers(self) -> None:
         for user in ("bob", "alice"):
             token = self.login(user, self.accounts.passwords[user]).json()["token"]
             record = self.successResultOf(self.state.sessions.session_for_token(token_hash(token)))
             assert record is not None
             self.successResultOf(self.state.presence.mark_online(record))
-        response = exchange(self.site, "GET", "/api/v1/online?limit=1")
+        response = exchange(self.site, "GET", "/api/v1/online?limit=1", headers=[bearer()])
         self.assertEqual(response.status, 200, response.body)
         self.assertEqual(
             response.json(),
             {"total": 2, "nodes": {"n1": 2}, "offset": 0, "limit": 1, "users": ["alice"]},
         )
-        page = exchange(self.site, "GET", "/api/v1/online?offset=1&limit=5").json()
+        page = exchange(
+            self.site, "GET", "/api/v1/online?offset=1&limit=5", headers=[bearer()]
+        ).json()
         self.assertEqual(page["users"], ["bob"])
-        self.assertError(exchange(self.site, "GET", "/api/v1/online?limit=0"), 400, "bad_request")
+        self.assertError(
+            exchange(self.site, "GET", "/api/v1/online?limit=0", headers=[bearer()]),
+            400,
+            "bad_request",
+        )
         remote = IPv4Address("TCP", "203.0.113.9", 5555)
         self.assertError(
-            exchange(self.site, "GET", "/api/v1/online", peer=remote), 403, "forbidden"
+            exchange(self.site, "GET", "/api/v1/online", headers=[bearer()], peer=remote),
+            403,
+            "forbidden",
         )
+        self.assertIn(
+            {
+                "user": "ops1",
+                "peer": "127.0.0.1",
+                "action": "online.list",
+                "target": "",
+                "outcome": "ok",
+            },
+            self.admin_events(),
+        )
+
+    def test_online_list_needs_an_admin_token_from_loopback_too(self) -> None:
+        """Issue 17, acceptance 3: the admin API's online list requires the token."""
+        token = self.login().json()["token"]
+        record = self.successResultOf(self.state.sessions.session_for_token(token_hash(token)))
+        assert record is not None
+        self.successResultOf(self.state.presence.mark_online(record))
+        for headers in (
+            [],
+            [bearer("x" * 43)],
+            [bearer(token)],  # a user's own login token is not an operator's
+            [("Authorization", f"Basic {OPS1_TOKEN}")],
+            [("Authorization", f"Bearer {OPS1_TOKEN}x")],
+        ):
+            response = exchange(self.site, "GET", "/api/v1/online", headers=headers)
+            self.assertError(response, 401, "invalid_token")
+            self.assertEqual(response.headers["www-authenticate"], 'Bearer realm="cim"')
+            self.assertNotIn(b"alice", response.body)
+        refusals = [e for e in self.admin_events() if e["outcome"] == "invalid_token"]
+        self.assertEqual(len(refusals), 5)
+        self.assertEqual(
+            refusals[0],
+            {
+                "user": None,
+                "peer": "127.0.0.1",
+                "action": "online.list",
+                "target": "",
+                "outcome": "invalid_token",
+            },
+        )
+        with open(self.oplog_path, encoding="utf-8") as handle:
+            self.assertNotIn(OPS1_TOKEN[:20], handle.read())
 
     def test_admin_kick_ends_the_session_by_user_name(self) -> None:
         ended: list[tuple[SessionRecord, str]] = []
@@ -567,7 +634,7 @@ class RouterTests(SynchronousTestCase):
         record = self.successResultOf(self.state.sessions.session_for_token(token_hash(token)))
         assert record is not None
         body = json.dumps({"user": "alice"}).encode()
-        headers = [("Content-Type", "application/json")]
+        headers = [("Content-Type", "application/json"), bearer(OPS2_TOKEN)]
         remote = IPv4Address("TCP", "203.0.113.9", 5555)
         refused = exchange(self.site, "POST", "/api/v1/admin/kick", body, headers, peer=remote)
         self.assertError(refused, 403, "forbidden")
@@ -586,6 +653,68 @@ class RouterTests(SynchronousTestCase):
         self.assertError(again, 404, "no_session")
         bad = exchange(self.site, "POST", "/api/v1/admin/kick", b'{"user": 7}', headers)
         self.assertError(bad, 400, "bad_request")
+        events = self.admin_events()
+        self.assertEqual(
+            [e for e in events if e["action"] == "user.kick"],
+            [
+                {
+                    "user": None,
+                    "peer": "203.0.113.9",
+                    "action": "user.kick",
+                    "target": "",
+                    "outcome": "forbidden",
+                },
+                {
+                    "user": "ops2",
+                    "peer": "127.0.0.1",
+                    "action": "user.kick",
+                    "target": "alice",
+                    "outcome": "ok",
+                },
+                {
+                    "user": "ops2",
+                    "peer": "127.0.0.1",
+                    "action": "user.kick",
+                    "target": "alice",
+                    "outcome": "no_session",
+                },
+            ],
+        )
+
+    def test_kick_without_the_admin_token_is_401_from_loopback(self) -> None:
+        """Issue 17, acceptance 3: kick without the token is 401 from loopback too."""
+        token = self.login().json()["token"]
+        body = json.dumps({"user": "alice"}).encode()
+        for auth in ([], [bearer("y" * 43)], [bearer(token)]):
+            response = exchange(
+                self.site,
+                "POST",
+                "/api/v1/admin/kick",
+                body,
+                [("Content-Type", "application/json"), *auth],
+            )
+            self.assertError(response, 401, "invalid_token")
+        self.assertEqual(self.ended, [])
+        self.assertIsNotNone(
+            self.successResultOf(self.state.sessions.session_for_token(token_hash(token)))
+        )
+
+    def test_revoking_an_operator_takes_effect_at_once(self) -> None:
+        from tests.fakes.operators import write_tokens
+
+        self.assertEqual(
+            exchange(self.site, "GET", "/api/v1/online", headers=[bearer(OPS2_TOKEN)]).status,
+            200,
+        )
+        write_tokens(self.operators.path, {"ops1": OPS1_TOKEN})
+        self.assertError(
+            exchange(self.site, "GET", "/api/v1/online", headers=[bearer(OPS2_TOKEN)]),
+            401,
+            "invalid_token",
+        )
+        self.assertEqual(
+            exchange(self.site, "GET", "/api/v1/online", headers=[bearer()]).status, 200
+        )
 
     # --- secrets ------------------------------------------------------------------------
 

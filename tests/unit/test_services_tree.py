@@ -271,6 +271,7 @@ class DaemonTreeTests(SynchronousTestCase):
                 "bus",
                 "offline pipeline",
                 "archive",
+                "admin tokens",
                 "im",
                 "router listener",
                 "admin listener",
@@ -298,6 +299,46 @@ class ScriptedDaemon(CimDaemon):
     def _build(self) -> None:
         for room in self.rooms:
             self.add(room.step(cannot_start("state", "redis")))
+
+
+class AdminTokenStepTests(SynchronousTestCase):
+    def daemon(self, config_text: str = "") -> tuple[CimDaemon, str]:
+        self.patch(daemon_module, "load_node_key", lambda config: shared_node_key())
+        data_dir = os.path.abspath(self.mktemp())
+        os.makedirs(data_dir)
+        config = parse_config(f"[node]\nid = n1\ndata_dir = {data_dir}\n{config_text}")
+        return CimDaemon(config, MemoryReactorClock()), data_dir
+
+    def start_step(self, daemon: CimDaemon, name: str) -> Deferred[None]:
+        step = next(child for child in daemon.children() if child.name == name)
+        assert isinstance(step, Step)
+        step.startService()
+        return step.when_ready()
+
+    def test_a_malformed_token_file_stops_the_start_in_one_line(self) -> None:
+        daemon, data_dir = self.daemon()
+        with open(os.path.join(data_dir, "admin_token"), "w", encoding="utf-8") as handle:
+            handle.write("ops1 no-colon-here\n")
+        failure = self.failureResultOf(self.start_step(daemon, "admin tokens"), StartupError)
+        self.assertEqual(
+            failure.getErrorMessage(),
+            f"[admin] token_file: {data_dir}/admin_token, line 1: expected NAME:TOKEN, "
+            "NAME 1-64 letters, digits, '.', '_' or '-'",
+        )
+
+    def test_a_missing_token_file_starts(self) -> None:
+        daemon, _ = self.daemon()
+        self.successResultOf(self.start_step(daemon, "admin tokens"))
+
+    def test_no_token_step_without_router_or_admin(self) -> None:
+        daemon, _ = self.daemon("[router]\nenabled = false\n[admin]\nenabled = false\n")
+        self.assertNotIn("admin tokens", [child.name for child in daemon.children()])
+
+    def test_media_urls_trust_the_configured_file_service(self) -> None:
+        daemon, _ = self.daemon("[files]\npublic_url = http://files.internal:8082\n")
+        self.assertTrue(daemon.media_urls.accepts("http://files.internal:8082/files/f1"))
+        self.assertIs(daemon.im_node.core.media_urls, daemon.media_urls)
+        self.assertFalse(daemon.media_urls.accepts("http://elsewhere:8082/files/f1"))
 
 
 class DaemonStartReportTests(SynchronousTestCase):

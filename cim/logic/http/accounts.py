@@ -23,7 +23,7 @@ _PROFILE_FIELDS: dict[str, dict[str, Any]] = {
         "type": "string",
         "maxLength": URL_MAX,
         "pattern": r"^(https?://\S+)?$",
-        "description": "an http(s) URL (a file service download URL), or empty",
+        "description": "an https URL, or a URL of this node's file service, or empty",
     },
     "about": {"type": "string", "maxLength": 280},
 }

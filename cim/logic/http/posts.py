@@ -31,7 +31,7 @@ _POST_FIELDS: dict[str, dict[str, Any]] = {
         "type": "string",
         "maxLength": URL_MAX,
         "pattern": r"^https?://\S+$",
-        "description": "an http(s) URL, e.g. a file service download URL",
+        "description": "an https URL, or a URL of this node's file service",
     },
     "like_goal": {
         "type": "integer",

@@ -47,6 +47,7 @@ class DaemonProcess:
         )
         with open(self.config, "w", encoding="utf-8") as handle:
             handle.write(_merge(sections, extra))
+        self.admin_token = write_admin_token(self.config)
         self.process: subprocess.Popen[str] | None = None
         self.log_path = os.path.join(workdir, "twistd.log")
 
@@ -111,9 +112,15 @@ class DaemonProcess:
             self.command(), capture_output=True, text=True, timeout=timeout, cwd=ROOT
         )
 
+    def operator_headers(self) -> dict[str, str]:
+        """What an operator sends to the admin API: the test operator's token."""
+        return {"Authorization": f"Bearer {self.admin_token}"}
+
     def _get(self, path: str) -> bytes:
-        url = f"http://127.0.0.1:{self.admin_port}{path}"
-        with urllib.request.urlopen(url, timeout=5) as response:
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{self.admin_port}{path}", headers=self.operator_headers()
+        )
+        with urllib.request.urlopen(request, timeout=5) as response:
             return bytes(response.read())
 
     def health(self) -> dict[str, Any]:
@@ -123,8 +130,10 @@ class DaemonProcess:
         return self._get("/metrics").decode()
 
     def online(self) -> dict[str, Any]:
-        url = f"{self.router_url}/api/v1/online?limit=1000"
-        with urllib.request.urlopen(url, timeout=5) as response:
+        request = urllib.request.Request(
+            f"{self.router_url}/api/v1/online?limit=1000", headers=self.operator_headers()
+        )
+        with urllib.request.urlopen(request, timeout=5) as response:
             return json.loads(response.read())  # type: ignore[no-any-return]
 
     def login(self, user: str, password: str = PASSWORD) -> tuple[int, dict[str, Any]]:
@@ -174,6 +183,27 @@ class DaemonProcess:
                 return handle.read()
         except FileNotFoundError:
             return ""
+
+
+OPERATOR = "tester"
+"""The operator whose admin token every DaemonProcess writes (cimctl sends it too)."""
+
+
+def write_admin_token(config_path: str) -> str:
+    """The test operator's token in the config's [admin] token_file (what cimctl keygen
+    --admin writes), so cimctl online/kick and the helpers below are let in."""
+    from cim.config import load_config
+    from cim.http.operators import new_token, with_token
+
+    path = load_config(config_path).admin_token_path
+    if not os.path.isabs(path):
+        path = os.path.join(ROOT, path)  # the daemon and cimctl run in ROOT
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    token = new_token()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        handle.write(with_token("", OPERATOR, token))
+    return token
 
 
 def _merge(base: str, extra: str) -> str:
