@@ -155,17 +155,33 @@ class MemoryPipelineTests(DatabaseMixin, TestCase):
         self.assertEqual(self.stored(), [3, 2, 1])
         self.assertEqual(pipeline.counts["archived"], 3)
 
-    def test_a_full_buffer_drops_and_counts(self) -> None:
+    def test_a_full_buffer_holds_new_messages_back_and_drops_none(self) -> None:
+        """Seen 5: a flood while the database lags must not cost anyone history. Past
+        max_buffer the archive asks for backpressure (the IM rooms refuse new messages
+        before taking them); what was taken is all archived once the database is back."""
         self.history.fail_with = lambda _: OperationalError("INSERT", {}, Exception("down"))
         logs = LogCapture(self, "cim.archive")
         pipeline = self.pipeline(batch_size=2, max_buffer=4)
-        for msg_id in range(1, 8):
+        self.assertEqual(pipeline.behind(), 0.0)
+        for msg_id in range(1, 4):
             pipeline.archive(message(msg_id))
-        self.assertEqual(pipeline.counts["dropped"], 3)
-        self.assertEqual(len(logs.lines("error")), 1)
+        self.assertEqual(pipeline.behind(), 0.0)
+        pipeline.archive(message(4))
+        self.assertGreater(pipeline.behind(), 0.0)
+        self.assertEqual(len(logs.lines("warn")), 2)  # the failed write, then "behind"
+        # Messages already taken when it filled are still archived, never dropped.
+        for msg_id in range(5, 8):
+            pipeline.archive(message(msg_id))
+        self.assertGreater(pipeline.behind(), 0.0)
+        self.assertEqual(pipeline.counts["dropped"], 0)
+        self.assertEqual(pipeline.counts["behind"], 1)
         self.history.fail_with = lambda _: None
-        self.clock.advance(30)
-        self.assertEqual(self.stored(), [4, 3, 2, 1])
+        for _ in range(3):
+            self.clock.advance(30)
+        self.assertEqual(self.stored(), [7, 6, 5, 4, 3, 2, 1])
+        self.assertEqual(pipeline.behind(), 0.0)
+        caught_up = [e for e in logs.lines("info") if "caught up" in e["log_format"]]
+        self.assertEqual(len(caught_up), 1)
 
     def test_messages_that_cannot_be_archived_are_rejected_alone(self) -> None:
         logs = LogCapture(self, "cim.archive")
