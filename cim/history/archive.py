@@ -246,8 +246,9 @@ class ArchivePipeline:
             if waiting >= self._max_buffer // 2:
                 return BEHIND_RETRY
             self._behind = False
-            _log.info("archive: caught up ({count} messages wait); taking messages again",
-                      count=waiting)
+            _log.info(
+                "archive: caught up ({count} messages wait); taking messages again", count=waiting
+            )
             return 0.0
         if waiting < self._max_buffer:
             return 0.0

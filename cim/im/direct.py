@@ -47,9 +47,7 @@ MAX_TEXT_LENGTH = 16384
 _MEDIA_TYPES = frozenset((cim_pb2.IMAGE, cim_pb2.VOICE, cim_pb2.FILE))
 
 
-def message_problem(
-    message: cim_pb2.Message, max_text_length: int = MAX_TEXT_LENGTH
-) -> str | None:
+def message_problem(message: cim_pb2.Message, max_text_length: int = MAX_TEXT_LENGTH) -> str | None:
     """Why a client's msg:R is refused, or None when it is acceptable."""
     if message.group and message.to:
         return "a message goes to a user ('to') or a group ('group'), not both"

@@ -26,6 +26,7 @@ __all__ = [
     "LOGIC",
     "LOGINS",
     "MESSAGES",
+    "NO_LIMITS",
     "NO_OVERRIDES",
     "POSTS",
     "SOS",
@@ -133,3 +134,6 @@ class NoLimits:
 
     def give_back(self, kind: str, key: str) -> None:
         pass
+
+
+NO_LIMITS: RateLimits = NoLimits()

@@ -10,6 +10,7 @@ from twisted.internet.interfaces import IReactorTime
 from cim.accounts.store import AccountStore
 from cim.config import AccountsConfig, LogicConfig
 from cim.interfaces import ISessionStore
+from cim.limits.policy import NO_LIMITS, RateLimits
 from cim.logic.notices import Notices
 from cim.storage.database import Database
 
@@ -56,6 +57,8 @@ class LogicContext:
     clock: IReactorTime
     groups: GroupCaches
     """The node's group directory, whose member caches a deleted account leaves."""
+    limits: RateLimits = NO_LIMITS
+    """The node's rate limits ([limits] logic per caller, sos, posts)."""
 
     def now(self) -> float:
         return float(self.clock.seconds())

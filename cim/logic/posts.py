@@ -15,8 +15,9 @@ from __future__ import annotations
 
 from typing import NoReturn
 
+from cim.limits.policy import POSTS
 from cim.logic.context import LogicContext
-from cim.logic.errors import BadInput, Forbidden, NotFound
+from cim.logic.errors import BadInput, Forbidden, NotFound, TooManyAttempts
 from cim.logic.urls import is_media_url
 from cim.storage.posts import (
     LikeOutcome,
@@ -61,6 +62,10 @@ class Posts:
             # Checked again in full: a schema pattern's ``$`` also matches before a
             # final newline.
             raise BadInput("bad_request", "body.media_url: expected an http(s) URL")
+        # Every post is seen by everyone (or the family): an author gets [limits] posts.
+        wait = self.ctx.limits.take(POSTS, author)
+        if wait > 0:
+            raise TooManyAttempts("rate_limited", "too many posts; try again later", wait)
         return await self.ctx.database.run(
             create_post_txn, author, text, media_url, audience, like_goal, self.ctx.now()
         )

@@ -67,6 +67,7 @@ def page_budget(frame_limit: int, announced: int = 0) -> int:
     limit = min(frame_limit, announced) if announced else frame_limit
     return max(1, limit - PAGE_FRAME_RESERVE)
 
+
 _MAX_MSG_ID = (1 << 63) - 1  # the column is a signed BIGINT
 
 OfflineItem: TypeAlias = "cim_pb2.Message | tuple[str, cim_pb2.Message]"

@@ -25,6 +25,8 @@ from cim.backends.state import token_hash
 from cim.config import ImConfig
 from cim.im.sessions import kick_code
 from cim.interfaces import INodeRegistry, IStateBackend, SessionRecord
+from cim.limits.messages import retry_after_ms
+from cim.limits.policy import HELLOS, NO_LIMITS, RateLimits
 from cim.metrics import NodeMetrics
 from cim.oplog import OperationLog
 from cim.protocols import cim_pb2
@@ -145,6 +147,14 @@ class ImServerProtocol(FrameProtocol, SweptTimeoutMixin):
         self.state = ConnectionState.AUTHENTICATING
         factory = self.factory
         try:
+            # Before the RSA decryption: a flood of hellos costs the flooder, not the node.
+            wait = factory.limits.take(HELLOS, self.peer_host)
+            if wait > 0:
+                raise HandshakeRefused(
+                    cim_pb2.HandshakeError.RATE_LIMITED,
+                    "too many handshakes from your address; try again later",
+                    retry_after_ms=retry_after_ms(wait),
+                )
             accepted = accept_client_hello(body, factory.node_key, factory.config.cipher_suites)
         except HandshakeRefused as refusal:
             reason = cim_pb2.HandshakeError.Reason.Name(refusal.reason).lower()
@@ -318,9 +328,12 @@ class ImServerFactory(Factory):
         registry: INodeRegistry,
         clock: IReactorTime,
         metrics: NodeMetrics,
+        limits: RateLimits = NO_LIMITS,
     ) -> None:
         self.node_id = node_id
         self.config = config
+        self.limits = limits
+        """Hellos per address ([limits] hellos), checked before the RSA decryption."""
         self.node_key = node_key
         self.node = node
         self.state = state

@@ -41,6 +41,7 @@ from cim.interfaces import (
     NodeInfo,
     StateUnavailable,
 )
+from cim.limits.policy import LOGINS, NO_LIMITS, RateLimits
 from cim.metrics import NodeMetrics
 from cim.oplog import OperationLog
 from cim.ring import HashRing
@@ -64,6 +65,7 @@ _OUTCOME_BY_CODE = {
     "unsupported_media_type": "bad_request",
     "bad_request": "bad_request",
     "throttled": "throttled",
+    "rate_limited": "throttled",
     "invalid_credentials": "invalid_credentials",
     "already_logged_in": "refused",
     "no_node": "no_node",
@@ -115,8 +117,10 @@ class RouterResource(EndpointResource[None]):
         metrics: NodeMetrics,
         token_bytes: Callable[[int], bytes] = os.urandom,
         oplog: OperationLog | None = None,
+        limits: RateLimits = NO_LIMITS,
     ) -> None:
         self._oplog = oplog
+        self._limits = limits
         super().__init__(
             [
                 Endpoint(
@@ -229,6 +233,12 @@ class RouterResource(EndpointResource[None]):
         return user, password, device
 
     async def _authenticate(self, user: str, password: str, device: str, address: str) -> Reply:
+        # Every login costs a password hash: an address gets [limits] logins of them.
+        wait = self._limits.take(LOGINS, address)
+        if wait > 0:
+            raise too_many_requests(
+                "rate_limited", "too many logins from your address; try again later", wait
+            )
         # Checked before the KDF, so a blocked guesser costs no hashing at all.
         wait = max(self.user_throttle.blocked(user), self.address_throttle.blocked(address))
         if wait > 0:
@@ -387,6 +397,7 @@ def router_site(
     metrics: NodeMetrics,
     token_bytes: Callable[[int], bytes] = os.urandom,
     oplog: OperationLog | None = None,
+    limits: RateLimits = NO_LIMITS,
 ) -> server.Site:
     root = RouterResource(
         config,
@@ -399,5 +410,6 @@ def router_site(
         metrics,
         token_bytes,
         oplog,
+        limits,
     )
     return bounded_site(root, config.max_body_size, clock)

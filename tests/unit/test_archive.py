@@ -554,11 +554,20 @@ class ChatClientHistoryTests(TestCase):
         client.protocol = Protocol()  # type: ignore[assignment]
         first = client.history("alice", limit=10)
         second = client.history(GROUP, before=7, group=True)
-        self.assertEqual(sent, [(cim_pb2.HISTORY_R, cim_pb2.HistoryR(peer="alice", limit=10))])
+        # Each asks for pages below the client's own frame limit (max_bytes).
+        frame = client.max_frame_size
+        self.assertEqual(
+            sent,
+            [(cim_pb2.HISTORY_R, cim_pb2.HistoryR(peer="alice", limit=10, max_bytes=frame))],
+        )
         client.frame_received(cim_pb2.HISTORY_A, cim_pb2.HistoryA(messages=[message(1)]))
         self.assertEqual(ids(self.successResultOf(first).messages), [1])
         self.assertEqual(
-            sent[1], (cim_pb2.HISTORY_R, cim_pb2.HistoryR(group=GROUP, before=7, limit=50))
+            sent[1],
+            (
+                cim_pb2.HISTORY_R,
+                cim_pb2.HistoryR(group=GROUP, before=7, limit=50, max_bytes=frame),
+            ),
         )
         self.assertNoResult(second)
         from twisted.python.failure import Failure
