@@ -58,9 +58,7 @@ class StoredOverrides:
 
     def reload(self) -> Deferred[None]:
         """Read the table again; never fails (a failure keeps the old rates)."""
-        return self._database.run(all_user_limits_txn).addCallbacks(
-            self._loaded, self._load_failed
-        )
+        return self._database.run(all_user_limits_txn).addCallbacks(self._loaded, self._load_failed)
 
     def _loaded(self, rows: list[UserLimitRow]) -> None:
         self._rates = {(row.user, row.kind): Rate(row.per_second, row.burst) for row in rows}

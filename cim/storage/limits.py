@@ -69,7 +69,10 @@ def reset_user_limits_txn(
     return int(connection.execute(statement).rowcount)
 
 
-def user_limits_txn(connection: Connection, user: str) -> list[UserLimitRow]:
+def user_limits_txn(connection: Connection, user: str) -> list[UserLimitRow] | None:
+    """The user's own limits, by kind; None when there is no such user."""
+    if connection.execute(select(users.c.id).where(users.c.name == user)).first() is None:
+        return None
     rows = connection.execute(
         select(user_limits).where(user_limits.c.user_name == user).order_by(user_limits.c.kind)
     ).all()
