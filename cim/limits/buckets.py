@@ -83,10 +83,12 @@ class TokenBuckets:
         buckets = self._buckets
         buckets.sweep(now)
         bucket = buckets.get(key)
-        if bucket is None:
+        if bucket is None or bucket.rate != rate:
+            # New, or its rate changed (an operator raised it): a full bucket at the
+            # new rate, so a raised limit holds at once.
+            bucket = None
             level = float(rate.burst)
         else:
-            bucket.rate = rate
             level = bucket.level(now)
         if level < 1.0:
             return (1.0 - level) / rate.per_second
@@ -105,9 +107,8 @@ class TokenBuckets:
         now = self.clock.seconds()
         self._buckets.sweep(now)
         bucket = self._buckets.get(key)
-        if bucket is None:
+        if bucket is None or bucket.rate != rate:
             return 0.0
-        bucket.rate = rate
         level = bucket.level(now)
         return 0.0 if level >= 1.0 else (1.0 - level) / rate.per_second
 

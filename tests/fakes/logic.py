@@ -26,6 +26,7 @@ from cim.config import parse_config
 from cim.groups.directory import GroupDirectory
 from cim.http.openapi import PublishedSpec
 from cim.im.system import SYSTEM_SENDER
+from cim.limits.policy import NO_LIMITS, Limits
 from cim.logic.context import LogicContext
 from cim.logic.notices import Notices
 from cim.offline.store import OfflineStore
@@ -53,15 +54,16 @@ def fired(d: Deferred[Any]) -> Any:
 
 
 class LogicHarness:
-    """One node with the logic service; ``config`` adds lines to the ``[logic]`` section."""
+    """One node with the logic service; ``config`` adds lines to the ``[logic]`` section,
+    ``limits`` a ``[limits]`` section (without one the service has no rate limits)."""
 
-    def __init__(self, test: SynchronousTestCase, config: str = "") -> None:
+    def __init__(self, test: SynchronousTestCase, config: str = "", limits: str = "") -> None:
         self.test = test
         path = os.path.abspath(test.mktemp())
         os.makedirs(path)
         parsed = parse_config(
             "[node]\nid = node1\n[accounts]\nscrypt_n = 1024\nscrypt_r = 1\n"
-            "[logic]\nenabled = true\n" + config
+            "[logic]\nenabled = true\n" + config + (f"\n[limits]\n{limits}" if limits else "")
         )
         self.config = parsed.logic
         self.node = NodeHarness()
@@ -87,6 +89,7 @@ class LogicHarness:
             Notices(self.node.im.system, self.clock),
             self.clock,
             self.groups,
+            Limits(self.clock, parsed.limits) if limits else NO_LIMITS,
         )
         self.listener = LogicListener(self.ctx)
         self.resource: PublishedSpec = self.listener.resource
