@@ -8,10 +8,10 @@ order, ``cim.limits.messages``). The outbox keeps the same order on its side:
 - the refused message, and every later message of its conversation, is *held*: not
   transmitted, whatever the resend schedule or a reconnect says;
 - when the retry-after has passed, the oldest held message goes alone (the *probe*);
-- once the node takes the probe (msg:A), the next held one goes at once, alone again;
-  a refusal starts a new wait. So a paced conversation sends one message per round
-  trip at the node's rate, never a burst that is refused whole, and no message
-  overtakes an earlier one;
+- once the node takes the probe (msg:A), the next held one goes after the last
+  retry-after again (about the node's rate), alone again; a refusal starts a new wait.
+  So a paced conversation sends at the node's rate, one message at a time, never a
+  burst that is refused whole, and no message overtakes an earlier one;
 - when nothing is held any more, the conversation flows freely again.
 
 Only the order within a conversation is kept: other conversations go on meanwhile.
@@ -35,6 +35,8 @@ class _Pause:
     held: set[int] = field(default_factory=set)
     probe: int | None = None
     until: float = 0.0
+    interval: float = 0.0
+    """The last retry-after: the spacing of the held messages that follow."""
     timer: IDelayedCall | None = None
 
 
@@ -67,6 +69,7 @@ class Pacing:
         if pause.probe == seq:
             pause.probe = None
         pause.held.add(seq)
+        pause.interval = retry_after
         until = self._clock.seconds() + retry_after
         if until > pause.until or pause.timer is None:
             pause.until = max(until, pause.until)
@@ -84,7 +87,10 @@ class Pacing:
         pause.held.discard(seq)
         if pause.probe == seq:
             pause.probe = None
-            self._next(conversation, pause)
+            if pause.held and pause.timer is None:
+                pause.timer = self._clock.callLater(pause.interval, self._waited, conversation)
+            else:
+                self._next(conversation, pause)
 
     def ended(self, conversation: Conversation, seq: int) -> None:
         """``seq`` left the outbox (failed, stopped): it holds nothing back any more."""

@@ -416,6 +416,27 @@ class HistoryServiceTests(DatabaseMixin, TestCase):
         self.assertEqual(ids(second.messages), list(range(10, 0, -1)))
         self.assertEqual((second.more, second.next_before), (False, 0))
 
+    def test_pages_stay_below_the_frame_limit_and_the_readers_own(self) -> None:
+        bomb = "\U0001f4a3" * 16_000
+        self.ok(
+            self.store.archive([message(300 + i, "carol", "dave", text=bomb) for i in range(3)])
+        )
+        answers = []
+        before = 0
+        while True:
+            answer = self.ask("dave", peer="carol", before=before)
+            answers.append(ids(answer.messages))
+            self.assertLess(answer.ByteSize(), 65_536 - 64)  # type byte and tag fit too
+            if not answer.more:
+                break
+            before = answer.next_before
+        self.assertEqual(answers, [[302], [301], [300]])
+        # A reader announcing a smaller frame gets smaller pages of small messages.
+        small = self.ask("bob", peer="alice", limit=50, max_bytes=1024)
+        self.assertLess(small.ByteSize(), 1024)
+        self.assertGreater(len(small.messages), 1)
+        self.assertTrue(small.more)
+
     def test_limit_is_capped(self) -> None:
         self.assertEqual(len(self.ask("bob", peer="alice", limit=7).messages), 7)
         self.ok(self.store.archive([message(1000 + i) for i in range(300)]))

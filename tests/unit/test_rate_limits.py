@@ -23,7 +23,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.test.requesthelper import DummyRequest
 
-from cim.config import LimitsConfig, parse_config
+from cim.config import LimitsConfig, load_config
 from cim.files.http.site import CallsPerUser
 from cim.http.site import HttpError
 from cim.im.collaborators import Bounds
@@ -424,7 +424,7 @@ class CimctlLimitsTests(SynchronousTestCase):
             return status, out.getvalue() + err.getvalue()
 
         self.assertEqual(cimctl_run("user", "add", "alice", stdin="pw-12345678\n")[0], 0)
-        config = parse_config(open(config_path, encoding="utf-8").read())
+        config = load_config(config_path)
         database = Database(config.database_url, None, runner=lambda work: succeed(work()))  # type: ignore[arg-type]
         self.successResultOf(database.start())
         self.addCleanup(database.stop)
