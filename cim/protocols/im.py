@@ -146,15 +146,21 @@ class ImServerProtocol(FrameProtocol, SweptTimeoutMixin):
             return
         self.state = ConnectionState.AUTHENTICATING
         factory = self.factory
+        # Before the RSA decryption: a flood of hellos costs the flooder, not the node.
+        # Counted, not logged: a flood must not become a flood of log lines.
+        wait = factory.limits.take(HELLOS, self.peer_host)
+        if wait > 0:
+            factory.metrics.handshake_failures["rate_limited"] += 1
+            refusal = HandshakeRefused(
+                cim_pb2.HandshakeError.RATE_LIMITED,
+                "too many handshakes from your address; try again later",
+                retry_after_ms=retry_after_ms(wait),
+            )
+            self.state = ConnectionState.CLOSING
+            self.send_plaintext(refusal.to_body())
+            self.lose_connection()
+            return
         try:
-            # Before the RSA decryption: a flood of hellos costs the flooder, not the node.
-            wait = factory.limits.take(HELLOS, self.peer_host)
-            if wait > 0:
-                raise HandshakeRefused(
-                    cim_pb2.HandshakeError.RATE_LIMITED,
-                    "too many handshakes from your address; try again later",
-                    retry_after_ms=retry_after_ms(wait),
-                )
             accepted = accept_client_hello(body, factory.node_key, factory.config.cipher_suites)
         except HandshakeRefused as refusal:
             reason = cim_pb2.HandshakeError.Reason.Name(refusal.reason).lower()
