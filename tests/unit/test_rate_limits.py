@@ -15,6 +15,7 @@ client library.
 from __future__ import annotations
 
 import io
+import json
 import os
 from typing import Any
 
@@ -462,3 +463,34 @@ class CimctlLimitsTests(SynchronousTestCase):
         self.assertEqual(cimctl_run("limits", "alice", "--reset")[0], 0)
         node.clock.advance(1.0)
         self.assertEqual(len(resend(101, 201)), 2)
+
+    def test_cimctl_limits_shows_json_and_refuses_nonsense(self) -> None:
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        config_path = os.path.join(directory, "cim.ini")
+        with open(config_path, "w", encoding="utf-8") as handle:
+            handle.write(
+                f"[node]\nid = t\ndata_dir = {directory}/data\n[accounts]\nscrypt_n = 1024\n"
+            )
+
+        def run(*argv: str, stdin: str = "") -> tuple[int, str, str]:
+            out, err = io.StringIO(), io.StringIO()
+            status = cimctl.main(
+                ["--config", config_path, *argv], stdin=io.StringIO(stdin), stdout=out, stderr=err
+            )
+            return status, out.getvalue(), err.getvalue()
+
+        self.assertEqual(run("user", "add", "ann", stdin="pw-12345678\n")[0], 0)
+        status, out, _ = run("limits", "ann", "--sos-per-minute", "6", "--json")
+        self.assertEqual(status, 0)
+        shown = json.loads(out)
+        self.assertEqual(shown["user"], "ann")
+        sos = next(item for item in shown["items"] if item["kind"] == "sos")
+        self.assertEqual((sos["per_second"], sos["burst"], sos["own"]), (0.1, 5, True))
+        self.assertTrue(sos["updated_at"].endswith("Z"))
+        messages = next(item for item in shown["items"] if item["kind"] == "messages")
+        self.assertEqual((messages["per_second"], messages["own"]), (50.0, False))
+        self.assertEqual(run("limits", "nobody")[0], 1)
+        self.assertEqual(run("limits", "ann", "--burst", "0")[0], 2)
+        self.assertEqual(run("limits", "ann", "--reset", "--burst", "5")[0], 2)
+        self.assertEqual(run("limits", "ann", "--messages-per-second", "-1")[0], 2)
