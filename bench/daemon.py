@@ -174,6 +174,12 @@ class BenchDaemon:
             f"max_connections_per_address = {s.max_connections_per_address}\n"
             f"cipher_suites = {', '.join(s.cipher_suites)}\n"
             f"[admin]\nlisten = tcp:{self.admin_port}:interface=127.0.0.1\n"
+            # A benchmark measures capacity, not the limits: thousands of clients log
+            # in from one address and a few users send at the offered rate.
+            "[limits]\nmessages = off\ngroup_posts = off\ngroup_messages = off\n"
+            "hellos = off\nlogins = off\nlogic = off\nfiles = off\n"
+            "group_backlog = 1000000\nfanout_backlog = 100000000\n"
+            "fanout_backlog_bytes = 4GiB\n"
             f"{s.extra_config}"
         )
 

@@ -101,6 +101,21 @@ def parse_float(raw: str) -> float:
     return value
 
 
+_RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(?:/\s*(s|m|h))?\s*$")
+_RATE_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+
+
+def parse_rate(raw: str) -> float:
+    """Per second; ``20/s``, ``30/m``, ``10/h`` (a bare number is per second), or
+    ``off`` (also 0): no limit."""
+    if raw.strip().lower() == "off":
+        return 0.0
+    match = _RATE.match(raw)
+    if match is None:
+        raise ValueError("expected a rate such as 20/s, 30/m or 10/h, or off")
+    return float(match.group(1)) / _RATE_UNITS[match.group(2)]
+
+
 def parse_str(raw: str) -> str:
     return raw.strip()
 
@@ -240,6 +255,8 @@ class ImConfig:
     rsa_key: str = _opt("", parse_str)
     rsa_key_bits: int = _opt(2048, parse_int, minimum=2048, maximum=8192)
     handshake_replay_window: float = _opt(300.0, parse_duration, minimum=10)
+    # Characters of a message's text; longer ones are refused (BAD_REQUEST).
+    max_text_length: int = _opt(16384, parse_int, minimum=1, maximum=16 << 20)
 
     def validate(self) -> None:
         if not self.cipher_suites:
@@ -491,6 +508,56 @@ class ArchiveConfig:
             )
 
 
+@dataclass(frozen=True)
+class LimitsConfig:
+    """Rate limits and bounds against floods (cim.limits): token buckets per user or
+    per address (a rate and the burst that may be saved up), and the fan-out backlog.
+
+    A user's own limits can be raised with ``cimctl limits``; the nodes read those
+    every ``override_refresh``.
+    """
+
+    section: ClassVar[str] = "limits"
+    # Every msg:R of a user (1:1 and group, all devices together).
+    messages: float = _opt(50.0, parse_rate, minimum=0)
+    messages_burst: int = _opt(200, parse_int, minimum=1)
+    # Group posts of a user, on top of messages: each costs a delivery per member.
+    group_posts: float = _opt(10.0, parse_rate, minimum=0)
+    group_posts_burst: int = _opt(50, parse_int, minimum=1)
+    # Posts into one group, all its members together.
+    group_messages: float = _opt(50.0, parse_rate, minimum=0)
+    group_messages_burst: int = _opt(200, parse_int, minimum=1)
+    # Group messages waiting for their fan-out on this node, per group; and deliveries
+    # (messages times members) and bytes waiting, all groups together. Past either,
+    # posts are refused before they are accepted.
+    group_backlog: int = _opt(1000, parse_int, minimum=1)
+    fanout_backlog: int = _opt(200_000, parse_int, minimum=1)
+    fanout_backlog_bytes: int = _opt(64 << 20, parse_size, minimum=1 << 20)
+    # IM handshakes per address: each costs the node an RSA decryption.
+    hellos: float = _opt(20.0, parse_rate, minimum=0)
+    hellos_burst: int = _opt(200, parse_int, minimum=1)
+    # Router logins per address: each costs a password hash.
+    logins: float = _opt(10.0, parse_rate, minimum=0)
+    logins_burst: int = _opt(100, parse_int, minimum=1)
+    # SOS alarms per device, posts (集赞) per author.
+    sos: float = _opt(1 / 60, parse_rate, minimum=0)
+    sos_burst: int = _opt(5, parse_int, minimum=1)
+    posts: float = _opt(1 / 60, parse_rate, minimum=0)
+    posts_burst: int = _opt(10, parse_int, minimum=1)
+    # Calls of the logic and file services' APIs per user.
+    logic: float = _opt(20.0, parse_rate, minimum=0)
+    logic_burst: int = _opt(100, parse_int, minimum=1)
+    files: float = _opt(20.0, parse_rate, minimum=0)
+    files_burst: int = _opt(100, parse_int, minimum=1)
+    # Users or addresses each limit remembers at most (idle ones are forgotten).
+    max_keys: int = _opt(100_000, parse_int, minimum=100)
+    # How often a node reads the per-user limits set with cimctl limits.
+    override_refresh: float = _opt(10.0, parse_duration, minimum=1, maximum=3600)
+
+    def validate(self) -> None:
+        pass
+
+
 SectionT = TypeVar("SectionT")
 
 
@@ -511,6 +578,7 @@ class CimConfig:
     database: DatabaseConfig
     offline: OfflineConfig
     archive: ArchiveConfig
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
     log: LogConfig = field(default_factory=LogConfig)
     path: str = ""
 
@@ -554,6 +622,7 @@ SECTIONS: tuple[type, ...] = (
     DatabaseConfig,
     OfflineConfig,
     ArchiveConfig,
+    LimitsConfig,
     LogConfig,
 )
 

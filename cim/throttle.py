@@ -2,23 +2,31 @@
 
 The router asks before it runs the password KDF: a blocked attempt is answered
 without hashing anything.
+
+Failures are counted in a sliding window rather than a token bucket
+(``cim.limits.buckets``, which paces everything else): a guesser gets exactly
+``max_failures`` tries in any ``window``, never a burst and then more. Both forget
+idle keys the same way (``cim.limits.keys``).
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict, deque
+from collections import deque
 
 from twisted.internet.interfaces import IReactorTime
+
+from cim.limits.keys import IdleKeys
+
+__all__ = ["FailedLoginThrottle"]
 
 
 class FailedLoginThrottle:
     """At most ``max_failures`` failures per key in any sliding ``window`` seconds.
 
-    Keys are kept in order of their latest failure, so the keys whose failures have
-    all left the window sit at the front and are dropped cheaply on every call. An
-    attacker inventing keys (user names, addresses) can therefore only hold memory for
-    one window, and never more than ``max_keys`` entries: past that the keys with the
-    oldest failures are forgotten first.
+    A key whose failures have all left the window is forgotten, so an attacker
+    inventing keys (user names, addresses) can only hold memory for one window, and
+    never more than ``max_keys`` entries: past that the keys with the oldest failures
+    are forgotten first.
     """
 
     def __init__(
@@ -33,14 +41,16 @@ class FailedLoginThrottle:
         self._clock = clock
         self._max_failures = max_failures
         self._window = window
-        self._max_keys = max_keys
         # Only the newest max_failures timestamps can decide a block, hence the maxlen.
-        self._failures: OrderedDict[str, deque[float]] = OrderedDict()
+        self._failures: IdleKeys[str, deque[float]] = IdleKeys(max_keys, self._stale)
+
+    def _stale(self, failures: deque[float], now: float) -> bool:
+        return failures[-1] <= now - self._window
 
     def blocked(self, key: str) -> float:
         """Seconds until ``key`` may try again; 0 when it may try now."""
         now = self._clock.seconds()
-        self._drop_stale(now)
+        self._failures.sweep(now)
         failures = self._failures.get(key)
         if failures is None or len(failures) < self._max_failures:
             return 0.0
@@ -48,18 +58,15 @@ class FailedLoginThrottle:
 
     def record_failure(self, key: str) -> None:
         now = self._clock.seconds()
-        self._drop_stale(now)
+        self._failures.sweep(now)
         failures = self._failures.get(key)
         if failures is None:
-            failures = self._failures[key] = deque(maxlen=self._max_failures)
-        else:
-            self._failures.move_to_end(key)
+            failures = deque(maxlen=self._max_failures)
         failures.append(now)
-        while len(self._failures) > self._max_keys:
-            self._failures.popitem(last=False)
+        self._failures.touch(key, failures)
 
     def record_success(self, key: str) -> None:
-        self._failures.pop(key, None)
+        self._failures.forget(key)
 
     def forgive(self, key: str) -> None:
         """Take back one failure recorded for ``key`` (the newest).
@@ -73,16 +80,8 @@ class FailedLoginThrottle:
             return
         failures.pop()
         if not failures:
-            del self._failures[key]
+            self._failures.forget(key)
 
     def __len__(self) -> int:
         """How many keys are remembered (for tests and memory checks)."""
         return len(self._failures)
-
-    def _drop_stale(self, now: float) -> None:
-        horizon = now - self._window
-        while self._failures:
-            key, failures = next(iter(self._failures.items()))
-            if failures[-1] > horizon:
-                break
-            del self._failures[key]

@@ -18,6 +18,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
+from cim.client.pacing import Conversation, Pacing
 from cim.client.seen import SeenStore
 from cim.protocols import cim_pb2
 
@@ -81,6 +82,12 @@ class RetryPolicy:
 
 Transmit = Callable[[cim_pb2.Message], bool]
 
+_PACED = (cim_pb2.Error.RATE_LIMITED, cim_pb2.Error.UNAVAILABLE)
+
+
+def _conversation(message: cim_pb2.Message) -> Conversation:
+    return ("group", message.group) if message.group else ("user", message.to)
+
 
 @dataclass(eq=False)
 class _Waiting:
@@ -106,8 +113,11 @@ class Outbox:
     acknowledging": the receiver may or may not have shown it, and resending
     automatically could show it twice only if the receiver's dedup had forgotten it,
     but it could equally never end; the user decides (``resend``). An ERROR
-    BAD_REQUEST for the message is final too; other ERRORs (rate limited, internal)
-    wait for the next resend in ``auto``.
+    BAD_REQUEST for the message is final too. An ERROR with ``retry_after_ms``
+    (RATE_LIMITED, UNAVAILABLE: the node did not take it) paces its conversation
+    (``cim.client.pacing``): it and every later message of that conversation wait,
+    then go again one at a time in order, whatever the policy. Other ERRORs wait for
+    the next resend in ``auto``.
 
     An ack:N that comes after the message was already reported (a manual wait passed
     first) is dropped, to keep the report single; resending the message then gets the
@@ -133,6 +143,7 @@ class Outbox:
         self._report = report
         self._keep_failed = keep_failed
         self._waiting: dict[int, _Waiting] = {}
+        self.pacing = Pacing(clock, self._send_paced)
         # Failed messages the user may still resend, oldest first.
         self._failed: OrderedDict[int, tuple[cim_pb2.Message, str]] = OrderedDict()
 
@@ -191,10 +202,21 @@ class Outbox:
         self._arm(entry)
 
     def _send(self, entry: _Waiting) -> bool:
+        """Transmit now, unless its conversation is paced (then it waits its turn);
+        False only without a connection."""
+        if self.pacing.holds(_conversation(entry.message), entry.message.client_seq):
+            return True
         sent = self._transmit(entry.message)
         if sent:
             entry.sends += 1
         return sent
+
+    def _send_paced(self, client_seq: int) -> None:
+        """The pacing's turn for a held message (without a connection, the reconnect
+        sends it)."""
+        entry = self._waiting.get(client_seq)
+        if entry is not None and self._transmit(entry.message):
+            entry.sends += 1
 
     def _arm(self, entry: _Waiting) -> None:
         wait = self.policy.waits[entry.stage]
@@ -223,6 +245,7 @@ class Outbox:
         entry = self._waiting.get(answer.client_seq)
         if entry is not None:
             entry.msg_id = answer.msg_id
+            self.pacing.taken(_conversation(entry.message), answer.client_seq)
 
     def acknowledged(self, ack: cim_pb2.AckN) -> None:
         """ack:N: the final outcome from the node."""
@@ -245,9 +268,15 @@ class Outbox:
         )
 
     def refused(self, error: cim_pb2.Error) -> None:
-        """ERROR about a msg:R: final for a bad request, retried otherwise (auto)."""
+        """ERROR about a msg:R: final for a bad request, paced with a retry-after,
+        retried otherwise (auto)."""
         entry = self._waiting.get(error.client_seq)
         if entry is None or error.request_type not in (cim_pb2.MSG_R, 0):
+            return
+        if error.retry_after_ms and error.code in _PACED:
+            self.pacing.refused(
+                _conversation(entry.message), error.client_seq, error.retry_after_ms / 1000
+            )
             return
         if error.code == cim_pb2.Error.BAD_REQUEST or self.policy.mode == RETRY_MANUAL:
             self._fail(entry, error.message or cim_pb2.Error.Code.Name(error.code))
@@ -260,6 +289,7 @@ class Outbox:
             return
         for seq in sorted(self._waiting):
             self._send(self._waiting[seq])
+        self.pacing.reconnected()
 
     def connection_lost(self, reason: str = REASON_CONNECTION_CLOSED) -> None:
         """In manual, the connection was the messages' only chance: they failed."""
@@ -286,6 +316,7 @@ class Outbox:
         if entry.timer is not None and entry.timer.active():
             entry.timer.cancel()
         entry.timer = None
+        self.pacing.ended(_conversation(entry.message), seq)
         if outcome.status == "failed":
             self._failed[seq] = (entry.message, entry.to)
             self._failed.move_to_end(seq)

@@ -29,7 +29,7 @@ from twisted.python.failure import Failure
 
 from cim.backends import backoff
 from cim.client.answers import Answers
-from cim.client.connection import ImClientProtocol, LoginRefused
+from cim.client.connection import DEFAULT_MAX_FRAME_SIZE, ImClientProtocol, LoginRefused
 from cim.client.delivery import (
     REASON_CONNECTION_CLOSED,
     RETRY_AUTO,
@@ -132,6 +132,8 @@ class ChatClient:
         self._rng = rng or random.Random()
         self.ticket: LoginTicket | None = None
         self.protocol: ImClientProtocol | None = None
+        self.max_frame_size = DEFAULT_MAX_FRAME_SIZE
+        """The largest frame the connection takes; pages are asked to stay below it."""
         self.state = "offline"
         self._stopping = False
         self._online_waiters: list[Deferred[None]] = []
@@ -236,6 +238,8 @@ class ChatClient:
         except Exception as exc:
             self._attempt += 1
             delay = self._backoff.delay(self._attempt, self._rng)
+            if isinstance(exc, RetryLater):
+                delay = max(delay, exc.delay)
             self.log.info(
                 "connecting failed ({why}); retrying in {delay:.1f} s", why=exc, delay=delay
             )
@@ -294,6 +298,7 @@ class ChatClient:
             self.device,
             self.suite,
             self.offered,
+            max_frame_size=self.max_frame_size,
         )
         events.protocol = protocol
         node = ticket.node
@@ -306,6 +311,8 @@ class ChatClient:
         try:
             await protocol.logged_in
         except HandshakeRefused as refusal:
+            if refusal.reason == cim_pb2.HandshakeError.RATE_LIMITED:
+                raise RetryLater(refusal.retry_after_ms / 1000, str(refusal)) from None
             raise SessionRefused(f"the node refused the handshake: {refusal.message}") from None
         self.protocol = protocol
         self._attempt = 0
@@ -435,7 +442,9 @@ class ChatClient:
         batch: list[cim_pb2.Message] = []
         before = 0
         while True:
-            page = await self.answers.offline_page(cim_pb2.OfflineR(before=before))
+            page = await self.answers.offline_page(
+                cim_pb2.OfflineR(before=before, max_bytes=self.max_frame_size)
+            )
             batch.extend(page.messages)
             if not page.more:
                 break
@@ -478,7 +487,7 @@ class ChatClient:
         ``error == "forbidden"``) comes as an answer with ``error`` set, not a failure.
         These messages bypass the inbox: they are the record, not new arrivals.
         """
-        request = cim_pb2.HistoryR(before=before, limit=limit)
+        request = cim_pb2.HistoryR(before=before, limit=limit, max_bytes=self.max_frame_size)
         if group:
             request.group = peer_or_group
         else:
@@ -563,6 +572,14 @@ class ChatClient:
             except RouterError as error:
                 self.log.info("logout failed: {why}", why=error)
         self.ticket = None
+
+
+class RetryLater(Exception):
+    """The node asked us to come back later (too many handshakes from our address)."""
+
+    def __init__(self, delay: float, why: str) -> None:
+        super().__init__(why)
+        self.delay = delay
 
 
 class SessionRefused(SessionFailed):

@@ -10,9 +10,12 @@ Two backends, following ``[queue] backend``:
 
 - ``memory`` (the all-in-one daemon): messages are buffered in the process and
   written in batches, so a burst costs one transaction per batch rather than one per
-  message. The buffer is bounded: while the database is down it fills, and beyond
-  ``max_buffer`` messages are dropped (counted and logged) rather than growing the
-  node's memory without limit.
+  message. The buffer is bounded by backpressure, never by dropping history: once
+  ``max_buffer`` messages wait (the database is down or slower than the traffic),
+  ``behind`` tells the IM rooms to refuse new messages before they are taken (ERROR
+  ``UNAVAILABLE`` with a retry-after, ``cim.limits.messages``) until the writer has
+  caught up to half of it. Messages already taken are still archived, so the buffer
+  may pass ``max_buffer`` by the messages in flight, never by a flood.
 - ``rabbitmq``: messages are published persistent, with publisher confirms, to a
   durable queue (``cim.archive``). A consumer (on this node or any other with
   ``[archive] consume = true``) writes them in batches and acknowledges each message
@@ -54,6 +57,7 @@ from cim.history.store import (
     direct_conversation,
     group_conversation,
 )
+from cim.offline.store import page_budget
 from cim.protocols import cim_pb2
 from cim.storage.schema import GROUP_ID_LENGTH, USER_NAME_MAX
 
@@ -70,12 +74,13 @@ __all__ = [
 ARCHIVE_QUEUE = "cim.archive"
 DEFAULT_HISTORY_LIMIT = 50
 MAX_HISTORY_LIMIT = 200
-"""Per HISTORY_A: 200 full messages stay well inside the default 64 KiB frame limit
-only for short texts, so the node may still be configured with larger frames."""
+"""Messages per HISTORY_A; the page is also bounded in bytes (``page_budget``)."""
 
 DEFAULT_BATCH_SIZE = 500
 DEFAULT_BATCH_WAIT = 1.0
 DEFAULT_PURGE_INTERVAL = 3600.0
+BEHIND_RETRY = 1.0
+"""Seconds a sender is asked to wait while the archive catches up."""
 RETRY = Backoff(0.5, 30.0)
 """Seconds between attempts to write a batch while the database fails."""
 
@@ -123,8 +128,9 @@ class ArchivePipeline:
     ``counts`` holds plain counters for metrics: ``archived`` (messages committed),
     ``new_rows``, ``published``, ``publish_failed``, ``fallback`` (written directly
     after a failed publish), ``write_failed`` (failed transactions), ``rejected``
-    (messages that can never be archived), ``dropped`` (lost to a full buffer or a
-    failed final flush), ``purged``.
+    (messages that can never be archived), ``dropped`` (lost to a failed final flush,
+    or taken after the archive stopped), ``behind`` (times new messages were held back
+    because the buffer was full), ``purged``.
     """
 
     def __init__(
@@ -175,7 +181,7 @@ class ArchivePipeline:
         )
         self._publishing: set[Deferred[None]] = set()
         self._publish_failing = False
-        self._dropping = False
+        self._behind = False
         self._stopping = False
         self._purge: LoopingCall | None = None
 
@@ -227,6 +233,33 @@ class ArchivePipeline:
         await self._batches.stop(flush=True)
 
     # --- the hot path -----------------------------------------------------------------
+
+    def behind(self) -> float:
+        """Seconds new messages should wait: 0.0 while the archive keeps up.
+
+        Full at ``max_buffer`` messages waiting (in the buffer or being published);
+        it stays full until half of that is written, so senders are not let in and out
+        one message at a time.
+        """
+        waiting = self._batches.pending + len(self._publishing)
+        if self._behind:
+            if waiting >= self._max_buffer // 2:
+                return BEHIND_RETRY
+            self._behind = False
+            _log.info(
+                "archive: caught up ({count} messages wait); taking messages again", count=waiting
+            )
+            return 0.0
+        if waiting < self._max_buffer:
+            return 0.0
+        self._behind = True
+        self.counts["behind"] += 1
+        _log.warn(
+            "archive: {count} messages wait for the database; new messages are refused "
+            "(UNAVAILABLE) until it catches up",
+            count=waiting,
+        )
+        return BEHIND_RETRY
 
     def archive(self, message: cim_pb2.Message) -> None:
         """Archive a message some time soon; never raises and never waits.
@@ -308,19 +341,9 @@ class ArchivePipeline:
     # --- batches ----------------------------------------------------------------------
 
     def _add(self, message: cim_pb2.Message) -> None:
-        # Broker deliveries are bounded by the prefetch window, so only what this
-        # process takes needs a cap.
-        if self._batches.pending >= self._max_buffer:
-            self.counts["dropped"] += 1
-            if not self._dropping:
-                self._dropping = True
-                _log.error(
-                    "archive: {count} messages wait for the database; dropping further "
-                    "ones from the history until it catches up",
-                    count=self._batches.pending,
-                )
-            return
-        # A failed final flush is counted by _give_up.
+        # Never dropped for load: ``behind`` keeps new messages out instead. Broker
+        # deliveries are bounded by the prefetch window. A failed final flush is
+        # counted by _give_up.
         self._batches.add(_Item(message)).addErrback(lambda _: None)
 
     def _write(self, batch: list[_Item]) -> Deferred[int]:
@@ -329,8 +352,6 @@ class ArchivePipeline:
     def _written(self, batch: list[_Item], new_rows: int) -> None:
         self.counts["archived"] += len(batch)
         self.counts["new_rows"] += new_rows
-        if self._dropping and self._batches.pending - len(batch) < self._max_buffer // 2:
-            self._dropping = False
 
     def _write_failed(self, batch: list[_Item], failure: Failure) -> None:
         self.counts["write_failed"] += 1
@@ -399,12 +420,19 @@ class HistoryService:
     Only participants read: the 1:1 conversation is always the reader's own with
     ``peer``, and a group's needs ``is_group_member`` (current membership) to agree.
     A group the reader is not in and a group that does not exist get the same
-    "forbidden", so the answer does not reveal which group ids exist.
+    "forbidden", so the answer does not reveal which group ids exist. A page stays
+    below ``max_page_bytes`` (the node's frame limit) and the reader's ``max_bytes``.
     """
 
-    def __init__(self, history: HistoryStore, is_group_member: IsGroupMember | None) -> None:
+    def __init__(
+        self,
+        history: HistoryStore,
+        is_group_member: IsGroupMember | None,
+        max_page_bytes: int = 65536,
+    ) -> None:
         self._history = history
         self._is_group_member = is_group_member
+        self._max_page_bytes = max_page_bytes
 
     def answer(self, user: str, request: cim_pb2.HistoryR) -> Deferred[cim_pb2.HistoryA]:
         """Never fails: every refusal and error is an answer with ``error`` set."""
@@ -417,7 +445,10 @@ class HistoryService:
         limit = min(request.limit or DEFAULT_HISTORY_LIMIT, MAX_HISTORY_LIMIT)
         # Above the largest id there is nothing more to skip: the newest page.
         before = request.before if 0 < request.before <= _MAX_MSG_ID else None
-        d = self._history.page(user, conversation, before, limit, self._is_group_member)
+        budget = page_budget(self._max_page_bytes, request.max_bytes)
+        d = self._history.page(
+            user, conversation, before, limit, self._is_group_member, max_bytes=budget
+        )
         return d.addCallbacks(_page_answer, self._failed, errbackArgs=(user, request))
 
     def _failed(self, failure: Failure, user: str, request: cim_pb2.HistoryR) -> cim_pb2.HistoryA:

@@ -169,8 +169,10 @@ class HistoryStore:
         before: int | None = None,
         limit: int = DEFAULT_PAGE_SIZE,
         is_group_member: IsGroupMember | None = None,
+        max_bytes: int | None = None,
     ) -> Deferred[HistoryPage]:
-        """A page of the conversation, newest first, for one of its participants.
+        """A page of the conversation, newest first, for one of its participants, at
+        most ``max_bytes`` of messages (but at least one).
 
         A 1:1 conversation is readable by its two users. A group's is readable by
         whoever ``is_group_member`` says is a member now; without it, by nobody.
@@ -185,7 +187,7 @@ class HistoryStore:
         def read(allowed: bool) -> Deferred[HistoryPage]:
             if not allowed:
                 raise HistoryForbidden(reader, conversation)
-            return self._db.run(history_page_txn, conversation, before, limit)
+            return self._db.run(history_page_txn, conversation, before, limit, max_bytes)
 
         return d.addCallback(read)
 

@@ -68,7 +68,9 @@ def _operation(endpoint: Endpoint[Any]) -> dict[str, Any]:
         for status in (endpoint.status, *endpoint.also):
             responses[str(status)] = success
     errors = dict(_COMMON_ERRORS)
-    if not endpoint.authenticated:
+    if endpoint.authenticated:
+        errors[429] = "too many calls by this user; retry after the Retry-After header"
+    else:
         errors.pop(401)
     if endpoint.body is None:
         errors.pop(413)

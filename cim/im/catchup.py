@@ -2,7 +2,10 @@
 
 A client pulls its offline messages page by page (OFFLINE_R, each pull acknowledging
 the page before), acknowledges the last page (OFFLINE_ACK_R) and may ask how many
-wait from whom (OFFLINE_SUMMARY_R). When something reaches the store for a user who
+wait from whom (OFFLINE_SUMMARY_R). A page is bounded in count and in bytes: below
+the node's frame limit and the client's own (``OfflineR.max_bytes``), so a box of
+large messages cannot make a page the client must refuse; one message larger than
+that comes alone. When something reaches the store for a user who
 is connected, here or on another node, that user is told to pull (OFFLINE_NOTICE),
 so a message stored while its receiver was logging in is not left waiting.
 """
@@ -24,6 +27,7 @@ from cim.im.collaborators import (
 )
 from cim.im.peers import Peers
 from cim.interfaces import BusUnavailable, StateUnavailable
+from cim.offline.store import page_budget
 from cim.protocols import cim_pb2
 
 __all__ = ["MAX_OFFLINE_PAGE", "Catchup"]
@@ -60,12 +64,13 @@ class Catchup:
         offline = self._stores.offline
         user = session.record.user
         limit = min(request.limit or self._stores.offline_page_size, MAX_OFFLINE_PAGE)
+        budget = page_budget(self._stores.max_page_bytes, request.max_bytes)
 
         async def answer() -> None:
             acknowledged = 0
             if request.ack_ids:
                 acknowledged = await offline.acknowledge(user, list(request.ack_ids))
-            page = await offline.page(user, request.before or None, limit)
+            page = await offline.page(user, request.before or None, limit, budget)
             session.deliver(
                 OFFLINE_A,
                 cim_pb2.OfflineA(

@@ -25,13 +25,16 @@ from twisted.python.failure import Failure
 
 from cim.content import MediaUrls
 from cim.interfaces import IStateBackend, SessionRecord
+from cim.limits.policy import NoLimits, RateLimits
 from cim.message_ids import MessageIdGenerator
 from cim.metrics import NodeMetrics
 from cim.offline.store import OfflineItem, OfflinePage, SenderCount
 from cim.protocols import cim_pb2
 
 __all__ = [
+    "NO_BOUNDS",
     "Archive",
+    "Bounds",
     "ClientSession",
     "Connected",
     "Directory",
@@ -160,7 +163,11 @@ class OfflineBox(Protocol):
     def store(self, messages: Iterable[OfflineItem], *, capped: bool = True) -> Deferred[int]: ...
 
     def page(
-        self, receiver: str, before: int | None = None, limit: int = ...
+        self,
+        receiver: str,
+        before: int | None = None,
+        limit: int = ...,
+        max_bytes: int | None = None,
     ) -> Deferred[OfflinePage]: ...
 
     def acknowledge(self, receiver: str, msg_ids: Iterable[int]) -> Deferred[int]: ...
@@ -175,7 +182,11 @@ class NoOfflineBox:
         return fail(OfflineStorageOff("this node keeps no offline storage"))
 
     def page(
-        self, receiver: str, before: int | None = None, limit: int = 100
+        self,
+        receiver: str,
+        before: int | None = None,
+        limit: int = 100,
+        max_bytes: int | None = None,
     ) -> Deferred[OfflinePage]:
         return succeed(OfflinePage(records=(), more=False))
 
@@ -191,12 +202,19 @@ class Archive(Protocol):
 
     def archive(self, message: cim_pb2.Message) -> None: ...
 
+    def behind(self) -> float:
+        """Seconds new messages should wait before they are taken (the archive cannot
+        keep up and never drops one); 0.0 while it keeps up."""
+
 
 class NoArchive:
     """The archive is off (``[archive] enabled = false``): nothing is kept."""
 
     def archive(self, message: cim_pb2.Message) -> None:
         pass
+
+    def behind(self) -> float:
+        return 0.0
 
 
 class HistoryAnswers(Protocol):
@@ -223,6 +241,34 @@ class Stores:
     """Messages in an offline page when the client does not say."""
     archive: Archive = field(default_factory=NoArchive)
     history: HistoryAnswers = field(default_factory=NoHistory)
+    max_page_bytes: int = 65536
+    """The largest frame a page may fill ([im] max_frame_size; less if the client says)."""
+
+
+# --- bounds ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Bounds:
+    """What the rooms refuse past (cim.limits): rates, text length, fan-out backlog.
+
+    The default is a node without rate limits (the unit tests'); the daemon makes one
+    from ``[limits]`` and ``[im]``.
+    """
+
+    limits: RateLimits = field(default_factory=NoLimits)
+    max_text_length: int = 16384
+    """Characters of a message's text ([im] max_text_length)."""
+    group_backlog: int = 1000
+    """Messages of one group waiting for their fan-out here ([limits] group_backlog)."""
+    fanout_backlog: int = 200_000
+    """Deliveries (messages times members) waiting for fan-out here, all groups."""
+    fanout_backlog_bytes: int = 64 << 20
+    """Bytes of the group messages waiting for fan-out here, all groups."""
+
+
+NO_BOUNDS = Bounds()
+"""A node without rate limits, with the default bounds."""
 
 
 # --- failures of work nobody waits for ------------------------------------------------

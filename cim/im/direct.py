@@ -9,6 +9,10 @@ server id, and claimed in the state store under (sender, device, client sequence
 a retry, even one arriving on another node or after a restart, gets the same msg:A
 and is not delivered as a second message. A group post is then handed to
 ``cim.im.groups``; a 1:1 message is routed.
+
+Before any of that, the limits (``cim.limits.messages``: the sender's rate, the
+group's, the fan-out backlog, the archive) may refuse it: ERROR ``RATE_LIMITED`` or
+``UNAVAILABLE`` with ``retry_after_ms``; such a message was never taken.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from cim.im.collaborators import ClientSession, FrameTable, NodeCore, log_failur
 from cim.im.groups import GroupMessages
 from cim.im.routing import Routing
 from cim.interfaces import MessageReceipt, StateUnavailable
+from cim.limits.messages import MessageGate
 from cim.message_ids import MessageIdGenerator
 from cim.protocols import cim_pb2
 
@@ -38,16 +43,19 @@ BAD_REQUEST = cim_pb2.Error.BAD_REQUEST
 UNAVAILABLE = cim_pb2.Error.UNAVAILABLE
 
 MAX_TEXT_LENGTH = 16384
+"""The default of ``[im] max_text_length``."""
 
 _MEDIA_TYPES = frozenset((cim_pb2.IMAGE, cim_pb2.VOICE, cim_pb2.FILE))
 
 
-def message_problem(message: cim_pb2.Message, media_urls: MediaUrls) -> str | None:
+def message_problem(
+    message: cim_pb2.Message, media_urls: MediaUrls, max_text_length: int = MAX_TEXT_LENGTH
+) -> str | None:
     """Why a client's msg:R is refused, or None when it is acceptable.
 
     Whatever a receiver will show or open is checked here, once, for everyone: text
-    without control characters but newline and tab, media URLs that are https or this
-    node's file service's (cim.content).
+    without control characters but newline and tab and at most ``[im] max_text_length``
+    characters, media URLs that are https or this node's file service's (cim.content).
     """
     if message.group and message.to:
         return "a message goes to a user ('to') or a group ('group'), not both"
@@ -55,8 +63,8 @@ def message_problem(message: cim_pb2.Message, media_urls: MediaUrls) -> str | No
         return "a message needs a receiver ('to') or a group ('group')"
     if message.type == SYSTEM:
         return "system messages come from the server only"
-    if len(message.text) > MAX_TEXT_LENGTH:
-        return f"a message text holds at most {MAX_TEXT_LENGTH} characters"
+    if len(message.text) > max_text_length:
+        return f"a message text holds at most {max_text_length} characters"
     if message.type in _MEDIA_TYPES and not message.media.url:
         return "an image, voice or file message needs media.url"
     if message.type == cim_pb2.LOCATION and not message.HasField("location"):
@@ -82,12 +90,22 @@ class DirectMessages:
 
     log = Logger()
 
-    def __init__(self, core: NodeCore, routing: Routing, groups: GroupMessages) -> None:
+    def __init__(
+        self,
+        core: NodeCore,
+        routing: Routing,
+        groups: GroupMessages,
+        gate: MessageGate,
+        max_text_length: int = MAX_TEXT_LENGTH,
+    ) -> None:
         self._ids = core.message_ids
         self._media_urls = core.media_urls
         self._receipts = core.state.receipts
+        self._metrics = core.metrics
         self._routing = routing
         self._groups = groups
+        self._gate = gate
+        self._max_text_length = max_text_length
 
     def frame_table(self) -> FrameTable:
         return {
@@ -99,11 +117,16 @@ class DirectMessages:
 
     def message_received(self, session: ClientSession, message: cim_pb2.Message) -> None:
         """msg:R. The sender is the connection's user, whatever the frame claims."""
-        problem = message_problem(message, self._media_urls)
+        problem = message_problem(message, self._media_urls, self._max_text_length)
         if problem is not None:
             self._refuse(session, message.client_seq, BAD_REQUEST, problem)
             return
         record = session.record
+        refusal = self._gate.check(record.user, record.device, message)
+        if refusal is not None:
+            self._metrics.messages["rate_limited"] += 1
+            session.deliver(ERROR, refusal.error(message.client_seq))
+            return
         msg_id = self._ids.next_id()
         sent_at_ms = MessageIdGenerator.timestamp_ms(msg_id)
         message.id = msg_id

@@ -6,11 +6,19 @@ hears "accepted", and the message goes to every other member: those connected he
 directly, in slices so a big group does not stall other users; those on other nodes
 in one bus message per node; the rest into the offline store. Messages of one group
 fan out one after another, in the order the node numbered them.
+
+The fan-out backlog is bounded (``[limits] group_backlog`` messages per group,
+``fanout_backlog`` deliveries and ``fanout_backlog_bytes`` for all groups): past it,
+``backlog_refusal`` tells the take path (``cim.limits.messages``) to refuse new posts
+before they are accepted, so nothing accepted waits longer than the bound allows and
+nothing is accepted and then lost. A group's deliveries are its messages times its
+last known member count (1 until its first fan-out here).
 """
 
 from __future__ import annotations
 
-from collections import deque
+from collections import OrderedDict, deque
+from dataclasses import dataclass
 
 from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
@@ -18,6 +26,7 @@ from twisted.logger import Logger
 
 from cim.im.catchup import Catchup
 from cim.im.collaborators import (
+    Bounds,
     ClientSession,
     Connected,
     Directory,
@@ -30,6 +39,7 @@ from cim.im.collaborators import (
 from cim.im.peers import Peers
 from cim.im.routing import Routing
 from cim.interfaces import BusUnavailable, StateUnavailable
+from cim.limits.messages import Refusal
 from cim.protocols import cim_pb2
 from cim.storage.offline import OfflineFull
 
@@ -38,9 +48,26 @@ __all__ = ["FANOUT_SLICE", "GroupMessages"]
 MSG_N = cim_pb2.MSG_N
 GROUP_A = cim_pb2.GROUP_A
 ACCEPTED = cim_pb2.ACCEPTED
+RATE_LIMITED = cim_pb2.Error.RATE_LIMITED
+UNAVAILABLE = cim_pb2.Error.UNAVAILABLE
 
 FANOUT_SLICE = 100
 """Group deliveries made per reactor turn, so a big group does not stall other users."""
+
+BACKLOG_RETRY = 1.0
+"""Seconds a sender waits when the fan-out backlog is full."""
+
+KNOWN_SIZES = 10_000
+"""Groups whose member count is remembered for the backlog's estimate."""
+
+
+@dataclass(slots=True)
+class _Queued:
+    """A group message waiting for its fan-out, and what it counts in the backlog."""
+
+    message: cim_pb2.Message
+    deliveries: int
+    size: int
 
 
 class GroupMessages:
@@ -57,6 +84,7 @@ class GroupMessages:
         connected: Connected,
         routing: Routing,
         catchup: Catchup,
+        bounds: Bounds,
     ) -> None:
         self._node_id = core.node_id
         self._clock = core.clock
@@ -68,8 +96,14 @@ class GroupMessages:
         self._connected = connected
         self._routing = routing
         self._catchup = catchup
+        self._bounds = bounds
         # Group messages fan out one after another per group, in server-id order.
-        self._fanout_queues: dict[str, deque[cim_pb2.Message]] = {}
+        self._fanout_queues: dict[str, deque[_Queued]] = {}
+        self._sizes: OrderedDict[str, int] = OrderedDict()
+        self.backlog_deliveries = 0
+        """Deliveries waiting for fan-out here, all groups (estimated, see the module)."""
+        self.backlog_bytes = 0
+        """Bytes of the group messages waiting for fan-out here."""
 
     def frame_table(self) -> FrameTable:
         return {cim_pb2.GROUP_R: (cim_pb2.GroupRequest, self.group_requested)}
@@ -80,6 +114,27 @@ class GroupMessages:
         d.addErrback(log_failure, self.log, "answer a group request")
 
     # --- posting ----------------------------------------------------------------------
+
+    def backlog_refusal(self, group: str) -> Refusal | None:
+        """Why a new post to ``group`` cannot be accepted now, or None."""
+        bounds = self._bounds
+        queue = self._fanout_queues.get(group)
+        if queue is not None and len(queue) >= bounds.group_backlog:
+            self._metrics.messages["group_refused_backlog"] += 1
+            return Refusal(
+                RATE_LIMITED,
+                BACKLOG_RETRY,
+                "this group has too many messages waiting to be delivered",
+            )
+        if (
+            self.backlog_deliveries >= bounds.fanout_backlog
+            or self.backlog_bytes >= bounds.fanout_backlog_bytes
+        ):
+            self._metrics.messages["group_refused_backlog"] += 1
+            return Refusal(
+                UNAVAILABLE, BACKLOG_RETRY, "the node has too many group deliveries waiting"
+            )
+        return None
 
     def may_post(self, group: str, user: str) -> Deferred[bool]:
         """Only members post to a group."""
@@ -112,11 +167,14 @@ class GroupMessages:
                 to=message.group,
             ),
         )
+        queued = _Queued(message, self._sizes.get(message.group, 1), message.ByteSize())
+        self.backlog_deliveries += queued.deliveries
+        self.backlog_bytes += queued.size
         queue = self._fanout_queues.get(message.group)
         if queue is not None:
-            queue.append(message)  # a fan-out of this group is running: keep the order
+            queue.append(queued)  # a fan-out of this group is running: keep the order
             return
-        self._fanout_queues[message.group] = deque([message])
+        self._fanout_queues[message.group] = deque([queued])
         done = Deferred.fromCoroutine(self._fan_out(message.group))
         done.addErrback(log_failure, self.log, "fan out a group message")
 
@@ -127,20 +185,37 @@ class GroupMessages:
         queue = self._fanout_queues[group]
         try:
             while queue:
-                message = queue[0]
+                queued = queue[0]
                 try:
-                    await self._fan_out_one(message)
+                    await self._fan_out_one(queued)
                 except Exception:
-                    self.log.failure("fan-out of group message {id} failed", id=message.id)
+                    self.log.failure("fan-out of group message {id} failed", id=queued.message.id)
                     self._metrics.messages["group_fanout_failed"] += 1
                 queue.popleft()
+                self.backlog_deliveries -= queued.deliveries
+                self.backlog_bytes -= queued.size
         finally:
             del self._fanout_queues[group]
+            for queued in queue:  # only if the loop itself broke
+                self.backlog_deliveries -= queued.deliveries
+                self.backlog_bytes -= queued.size
 
-    async def _fan_out_one(self, message: cim_pb2.Message) -> None:
+    def _learned_size(self, queued: _Queued, members: int) -> None:
+        """The group's real member count: the backlog counts it from now on."""
+        group = queued.message.group
+        self.backlog_deliveries += members - queued.deliveries
+        queued.deliveries = members
+        self._sizes[group] = members
+        self._sizes.move_to_end(group)
+        while len(self._sizes) > KNOWN_SIZES:
+            self._sizes.popitem(last=False)
+
+    async def _fan_out_one(self, queued: _Queued) -> None:
+        message = queued.message
         sender = getattr(message, "from")
         names = await self._directory.groups.member_names(message.group)
         members = [m for m in names if m != sender]
+        self._learned_size(queued, max(1, len(members)))
         connected = self._connected
         here = [m for m in members if m in connected]
         elsewhere = [m for m in members if m not in connected]

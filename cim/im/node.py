@@ -22,7 +22,16 @@ from __future__ import annotations
 from typing import Protocol
 
 from cim.im.catchup import Catchup
-from cim.im.collaborators import Connected, Directory, FrameEntry, FrameTable, NodeCore, Stores
+from cim.im.collaborators import (
+    NO_BOUNDS,
+    Bounds,
+    Connected,
+    Directory,
+    FrameEntry,
+    FrameTable,
+    NodeCore,
+    Stores,
+)
 from cim.im.direct import DirectMessages
 from cim.im.groups import GroupMessages
 from cim.im.history import HistoryRequests
@@ -31,6 +40,7 @@ from cim.im.presence import PresenceRequests
 from cim.im.routing import Routing
 from cim.im.sessions import Sessions
 from cim.im.system import SystemMessages
+from cim.limits.messages import MessageGate
 
 __all__ = ["ImNode", "Room"]
 
@@ -43,7 +53,14 @@ class Room(Protocol):
 class ImNode:
     """Builds the rooms from the node's collaborators; holds what the outside uses."""
 
-    def __init__(self, core: NodeCore, directory: Directory, stores: Stores, peers: Peers) -> None:
+    def __init__(
+        self,
+        core: NodeCore,
+        directory: Directory,
+        stores: Stores,
+        peers: Peers,
+        bounds: Bounds = NO_BOUNDS,
+    ) -> None:
         self.core = core
         self.directory = directory
         self.stores = stores
@@ -52,9 +69,17 @@ class ImNode:
         self.catchup = Catchup(core, stores, peers, connected)
         self.routing = Routing(core, directory, stores, peers, connected, self.catchup)
         self.groups = GroupMessages(
-            core, directory, stores, peers, connected, self.routing, self.catchup
+            core, directory, stores, peers, connected, self.routing, self.catchup, bounds
         )
-        self.direct = DirectMessages(core, self.routing, self.groups)
+        self.gate = MessageGate(
+            core.clock,
+            bounds.limits,
+            backlog=self.groups.backlog_refusal,
+            archive_wait=lambda: stores.archive.behind(),
+        )
+        self.direct = DirectMessages(
+            core, self.routing, self.groups, self.gate, bounds.max_text_length
+        )
         self.history = HistoryRequests(stores)
         self.presence = PresenceRequests(core.state.presence)
         self.system = SystemMessages(core, stores, self.catchup)

@@ -11,6 +11,7 @@ from cim.accounts.store import AccountStore
 from cim.config import AccountsConfig, LogicConfig
 from cim.content import MediaUrls
 from cim.interfaces import ISessionStore
+from cim.limits.policy import NO_LIMITS, RateLimits
 from cim.logic.notices import Notices
 from cim.storage.database import Database
 
@@ -59,6 +60,8 @@ class LogicContext:
     """The node's group directory, whose member caches a deleted account leaves."""
     media_urls: MediaUrls = field(default_factory=MediaUrls)
     """Which URLs a post or a profile may carry for others to open (cim.content)."""
+    limits: RateLimits = NO_LIMITS
+    """The node's rate limits ([limits] logic per caller, sos, posts)."""
 
     def now(self) -> float:
         return float(self.clock.seconds())

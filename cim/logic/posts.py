@@ -15,8 +15,9 @@ from __future__ import annotations
 
 from typing import NoReturn
 
+from cim.limits.policy import POSTS
 from cim.logic.context import LogicContext
-from cim.logic.errors import BadInput, Forbidden, NotFound
+from cim.logic.errors import BadInput, Forbidden, NotFound, TooManyAttempts
 from cim.storage.posts import (
     LikeOutcome,
     Likers,
@@ -62,6 +63,10 @@ class Posts:
             raise BadInput(
                 "bad_request", "body.media_url: expected an https URL, or this node's file URL"
             )
+        # Every post is seen by everyone (or the family): an author gets [limits] posts.
+        wait = self.ctx.limits.take(POSTS, author)
+        if wait > 0:
+            raise TooManyAttempts("rate_limited", "too many posts; try again later", wait)
         return await self.ctx.database.run(
             create_post_txn, author, text, media_url, audience, like_goal, self.ctx.now()
         )

@@ -10,8 +10,9 @@ town for an alarm someone else has already answered.
 from __future__ import annotations
 
 from cim.accounts.store import USER_NAME
+from cim.limits.policy import SOS
 from cim.logic.context import Caller, LogicContext
-from cim.logic.errors import BadInput, Forbidden, NotFound
+from cim.logic.errors import BadInput, Forbidden, NotFound, TooManyAttempts
 from cim.storage.bindings import is_active_guardian_txn
 from cim.storage.sos import (
     SosEvent,
@@ -40,6 +41,11 @@ class SosAlarms:
         """The stored alarm, and the guardians it was sent to."""
         if not caller.is_device:
             raise Forbidden("devices_only", "only a device account raises an SOS")
+        # Each alarm reaches every guardian at once, marked urgent: a device gets
+        # [limits] sos of them (a 429 with Retry-After past it).
+        wait = self.ctx.limits.take(SOS, caller.user)
+        if wait > 0:
+            raise TooManyAttempts("rate_limited", "too many SOS alarms; try again later", wait)
         event, guardians = await self.ctx.database.run(
             raise_sos_txn, caller.user, lat, lon, accuracy_m, battery, self.ctx.now()
         )

@@ -177,9 +177,13 @@ class OfflinePipeline:
         return len(bodies)
 
     def page(
-        self, receiver: str, before: int | None = None, limit: int = 100
+        self,
+        receiver: str,
+        before: int | None = None,
+        limit: int = 100,
+        max_bytes: int | None = None,
     ) -> Deferred[OfflinePage]:
-        return self._store.page(receiver, before, limit)
+        return self._store.page(receiver, before, limit, max_bytes)
 
     def acknowledge(self, receiver: str, msg_ids: Iterable[int]) -> Deferred[int]:
         return self._store.acknowledge(receiver, msg_ids)

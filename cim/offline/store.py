@@ -37,6 +37,7 @@ from cim.storage.offline import (
 __all__ = [
     "DEFAULT_PAGE_SIZE",
     "MAX_PAGE_SIZE",
+    "PAGE_FRAME_RESERVE",
     "OfflineFull",
     "OfflineItem",
     "OfflinePage",
@@ -46,12 +47,26 @@ __all__ = [
     "check_msg_id",
     "check_page_limit",
     "message_of",
+    "page_budget",
     "sent_at",
 ]
 
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
 """The most a page may ask for: one answer frame must stay a reasonable size."""
+
+PAGE_FRAME_RESERVE = 256
+"""Bytes of a page's frame that are not its messages: the type byte, the cipher's
+tag, the page's own fields (more, next_before, acknowledged, error)."""
+
+
+def page_budget(frame_limit: int, announced: int = 0) -> int:
+    """Bytes of messages a page may carry: below the node's frame limit and, if the
+    client announced a smaller one (``max_bytes``), below that. A message larger than
+    the budget still travels, alone in its page."""
+    limit = min(frame_limit, announced) if announced else frame_limit
+    return max(1, limit - PAGE_FRAME_RESERVE)
+
 
 _MAX_MSG_ID = (1 << 63) - 1  # the column is a signed BIGINT
 
@@ -140,9 +155,14 @@ class OfflineStore:
         return self._db.run(count_offline_txn, receiver)
 
     def page(
-        self, receiver: str, before: int | None = None, limit: int = DEFAULT_PAGE_SIZE
+        self,
+        receiver: str,
+        before: int | None = None,
+        limit: int = DEFAULT_PAGE_SIZE,
+        max_bytes: int | None = None,
     ) -> Deferred[OfflinePage]:
-        """The newest ``limit`` messages below ``before``; nothing is deleted.
+        """The newest ``limit`` messages below ``before``, at most ``max_bytes`` of
+        them (but at least one); nothing is deleted.
 
         Deleting is ``acknowledge``'s job: a client that crashes before acknowledging
         gets the same messages again on its next pull.
@@ -151,7 +171,7 @@ class OfflineStore:
             check_page_limit(limit)
         except ValueError as exc:
             return fail(exc)
-        return self._db.run(offline_page_txn, receiver, before, limit)
+        return self._db.run(offline_page_txn, receiver, before, limit, max_bytes)
 
     def acknowledge(self, receiver: str, msg_ids: Iterable[int]) -> Deferred[int]:
         """Delete receiver's acknowledged messages; fires with how many went."""

@@ -119,7 +119,7 @@ class KeyMaterial(_message.Message):
     def __init__(self, secret: _Optional[bytes] = ..., token: _Optional[str] = ..., timestamp_ms: _Optional[int] = ..., device: _Optional[str] = ...) -> None: ...
 
 class HandshakeError(_message.Message):
-    __slots__ = ("reason", "message", "allowed_suites")
+    __slots__ = ("reason", "message", "allowed_suites", "retry_after_ms")
     class Reason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         REASON_UNSPECIFIED: _ClassVar[HandshakeError.Reason]
@@ -128,19 +128,23 @@ class HandshakeError(_message.Message):
         UNKNOWN_KEY: _ClassVar[HandshakeError.Reason]
         BAD_HELLO: _ClassVar[HandshakeError.Reason]
         TOO_MANY_CONNECTIONS: _ClassVar[HandshakeError.Reason]
+        RATE_LIMITED: _ClassVar[HandshakeError.Reason]
     REASON_UNSPECIFIED: HandshakeError.Reason
     UNSUPPORTED_VERSION: HandshakeError.Reason
     SUITE_NOT_ALLOWED: HandshakeError.Reason
     UNKNOWN_KEY: HandshakeError.Reason
     BAD_HELLO: HandshakeError.Reason
     TOO_MANY_CONNECTIONS: HandshakeError.Reason
+    RATE_LIMITED: HandshakeError.Reason
     REASON_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     ALLOWED_SUITES_FIELD_NUMBER: _ClassVar[int]
+    RETRY_AFTER_MS_FIELD_NUMBER: _ClassVar[int]
     reason: HandshakeError.Reason
     message: str
     allowed_suites: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, reason: _Optional[_Union[HandshakeError.Reason, str]] = ..., message: _Optional[str] = ..., allowed_suites: _Optional[_Iterable[str]] = ...) -> None: ...
+    retry_after_ms: int
+    def __init__(self, reason: _Optional[_Union[HandshakeError.Reason, str]] = ..., message: _Optional[str] = ..., allowed_suites: _Optional[_Iterable[str]] = ..., retry_after_ms: _Optional[int] = ...) -> None: ...
 
 class NodeAddress(_message.Message):
     __slots__ = ("id", "host", "port")
@@ -302,14 +306,16 @@ class OnlineA(_message.Message):
     def __init__(self, total: _Optional[int] = ..., users: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class OfflineR(_message.Message):
-    __slots__ = ("ack_ids", "before", "limit")
+    __slots__ = ("ack_ids", "before", "limit", "max_bytes")
     ACK_IDS_FIELD_NUMBER: _ClassVar[int]
     BEFORE_FIELD_NUMBER: _ClassVar[int]
     LIMIT_FIELD_NUMBER: _ClassVar[int]
+    MAX_BYTES_FIELD_NUMBER: _ClassVar[int]
     ack_ids: _containers.RepeatedScalarFieldContainer[int]
     before: int
     limit: int
-    def __init__(self, ack_ids: _Optional[_Iterable[int]] = ..., before: _Optional[int] = ..., limit: _Optional[int] = ...) -> None: ...
+    max_bytes: int
+    def __init__(self, ack_ids: _Optional[_Iterable[int]] = ..., before: _Optional[int] = ..., limit: _Optional[int] = ..., max_bytes: _Optional[int] = ...) -> None: ...
 
 class OfflineA(_message.Message):
     __slots__ = ("messages", "more", "next_before", "acknowledged")
@@ -362,16 +368,18 @@ class OfflineNotice(_message.Message):
     def __init__(self) -> None: ...
 
 class HistoryR(_message.Message):
-    __slots__ = ("peer", "group", "before", "limit")
+    __slots__ = ("peer", "group", "before", "limit", "max_bytes")
     PEER_FIELD_NUMBER: _ClassVar[int]
     GROUP_FIELD_NUMBER: _ClassVar[int]
     BEFORE_FIELD_NUMBER: _ClassVar[int]
     LIMIT_FIELD_NUMBER: _ClassVar[int]
+    MAX_BYTES_FIELD_NUMBER: _ClassVar[int]
     peer: str
     group: str
     before: int
     limit: int
-    def __init__(self, peer: _Optional[str] = ..., group: _Optional[str] = ..., before: _Optional[int] = ..., limit: _Optional[int] = ...) -> None: ...
+    max_bytes: int
+    def __init__(self, peer: _Optional[str] = ..., group: _Optional[str] = ..., before: _Optional[int] = ..., limit: _Optional[int] = ..., max_bytes: _Optional[int] = ...) -> None: ...
 
 class HistoryA(_message.Message):
     __slots__ = ("messages", "more", "next_before", "error", "message")
@@ -556,7 +564,7 @@ class GoingAway(_message.Message):
     def __init__(self, reason: _Optional[str] = ..., reconnect_after_ms: _Optional[int] = ...) -> None: ...
 
 class Error(_message.Message):
-    __slots__ = ("code", "message", "request_type", "client_seq")
+    __slots__ = ("code", "message", "request_type", "client_seq", "retry_after_ms")
     class Code(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         CODE_UNSPECIFIED: _ClassVar[Error.Code]
@@ -573,8 +581,10 @@ class Error(_message.Message):
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     REQUEST_TYPE_FIELD_NUMBER: _ClassVar[int]
     CLIENT_SEQ_FIELD_NUMBER: _ClassVar[int]
+    RETRY_AFTER_MS_FIELD_NUMBER: _ClassVar[int]
     code: Error.Code
     message: str
     request_type: FrameType
     client_seq: int
-    def __init__(self, code: _Optional[_Union[Error.Code, str]] = ..., message: _Optional[str] = ..., request_type: _Optional[_Union[FrameType, str]] = ..., client_seq: _Optional[int] = ...) -> None: ...
+    retry_after_ms: int
+    def __init__(self, code: _Optional[_Union[Error.Code, str]] = ..., message: _Optional[str] = ..., request_type: _Optional[_Union[FrameType, str]] = ..., client_seq: _Optional[int] = ..., retry_after_ms: _Optional[int] = ...) -> None: ...

@@ -62,11 +62,19 @@ _BAD_HELLO = cim_pb2.HandshakeError.BAD_HELLO
 class HandshakeRefused(Exception):
     """The node said no; carries exactly what goes into the HANDSHAKE_ERROR frame."""
 
-    def __init__(self, reason: int, message: str, allowed_suites: Sequence[str] = ()) -> None:
+    def __init__(
+        self,
+        reason: int,
+        message: str,
+        allowed_suites: Sequence[str] = (),
+        retry_after_ms: int = 0,
+    ) -> None:
         super().__init__(reason, message)
         self.reason = reason
         self.message = message
         self.allowed_suites: tuple[str, ...] = tuple(allowed_suites)
+        self.retry_after_ms = retry_after_ms
+        """RATE_LIMITED: how long to wait before the next hello."""
 
     @property
     def reason_name(self) -> str:
@@ -81,6 +89,7 @@ class HandshakeRefused(Exception):
             reason=self.reason,  # type: ignore[arg-type]
             message=self.message,
             allowed_suites=self.allowed_suites,
+            retry_after_ms=self.retry_after_ms,
         )
         return bytes((_HANDSHAKE_ERROR,)) + error.SerializeToString()
 
@@ -94,7 +103,7 @@ class HandshakeRefused(Exception):
             error.ParseFromString(body[1:])
         except DecodeError:
             raise ValueError("malformed HANDSHAKE_ERROR frame") from None
-        return cls(error.reason, error.message, tuple(error.allowed_suites))
+        return cls(error.reason, error.message, tuple(error.allowed_suites), error.retry_after_ms)
 
     def __str__(self) -> str:
         text = f"{self.reason_name}: {self.message}"

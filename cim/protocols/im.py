@@ -25,6 +25,8 @@ from cim.backends.state import token_hash
 from cim.config import ImConfig
 from cim.im.sessions import kick_code
 from cim.interfaces import INodeRegistry, IStateBackend, SessionRecord
+from cim.limits.messages import retry_after_ms
+from cim.limits.policy import HELLOS, NO_LIMITS, RateLimits
 from cim.metrics import NodeMetrics
 from cim.oplog import OperationLog
 from cim.protocols import cim_pb2
@@ -144,6 +146,20 @@ class ImServerProtocol(FrameProtocol, SweptTimeoutMixin):
             return
         self.state = ConnectionState.AUTHENTICATING
         factory = self.factory
+        # Before the RSA decryption: a flood of hellos costs the flooder, not the node.
+        # Counted, not logged: a flood must not become a flood of log lines.
+        wait = factory.limits.take(HELLOS, self.peer_host)
+        if wait > 0:
+            factory.metrics.handshake_failures["rate_limited"] += 1
+            refusal = HandshakeRefused(
+                cim_pb2.HandshakeError.RATE_LIMITED,
+                "too many handshakes from your address; try again later",
+                retry_after_ms=retry_after_ms(wait),
+            )
+            self.state = ConnectionState.CLOSING
+            self.send_plaintext(refusal.to_body())
+            self.lose_connection()
+            return
         try:
             accepted = accept_client_hello(body, factory.node_key, factory.config.cipher_suites)
         except HandshakeRefused as refusal:
@@ -318,9 +334,12 @@ class ImServerFactory(Factory):
         registry: INodeRegistry,
         clock: IReactorTime,
         metrics: NodeMetrics,
+        limits: RateLimits = NO_LIMITS,
     ) -> None:
         self.node_id = node_id
         self.config = config
+        self.limits = limits
+        """Hellos per address ([limits] hellos), checked before the RSA decryption."""
         self.node_key = node_key
         self.node = node
         self.state = state

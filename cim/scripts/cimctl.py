@@ -58,6 +58,7 @@ from cim.scripts.invocation import (
     json_argument,
     shown_url,
 )
+from cim.scripts.limit_commands import limits, limits_arguments
 from cim.scripts.node_commands import (
     group_list,
     group_show,
@@ -316,6 +317,13 @@ SUBCOMMANDS: tuple[Subcommand, ...] = (
         "end a user's session (asks the running router); the client does not reconnect",
         kick,
         _kick_arguments,
+    ),
+    Subcommand(
+        ("limits",),
+        "show, raise or reset a user's own rate limits (read by the nodes within "
+        "[limits] override_refresh)",
+        limits,
+        limits_arguments,
     ),
     Subcommand(("group", "list"), "list the groups", group_list, json_argument),
     Subcommand(("group", "show"), "a group and its members", group_show, group_show_arguments),

@@ -3,7 +3,7 @@
 ``CimDaemon`` makes every room from the config and adds one child per room that has a
 lifetime, in the order they depend on each other::
 
-    operation log, SIGHUP reopening, database, accounts (the KDF pool), state,
+    operation log, SIGHUP reopening, database, accounts (the KDF pool), limits, state,
     registry, node number, bus, offline pipeline, archive,
     im (client drain, listener, registry entry), router listener, files, logic,
     admin listener, heap trimmer
@@ -46,10 +46,12 @@ from cim.heap import HeapTrimmer
 from cim.history.archive import HistoryService, archive_from_config
 from cim.history.store import HistoryStore
 from cim.http.operators import OperatorTokens, TokenFileError
-from cim.im.collaborators import Directory, NoArchive, NodeCore, Stores
+from cim.im.collaborators import Bounds, Directory, NoArchive, NodeCore, Stores
 from cim.im.node import ImNode
 from cim.im.peers import BusPeers, LiveNodes
 from cim.interfaces import IStateBackend
+from cim.limits.overrides import StoredOverrides
+from cim.limits.policy import Limits
 from cim.logs import DaemonLog
 from cim.message_ids import MessageIdGenerator
 from cim.metrics import NodeMetrics
@@ -113,6 +115,10 @@ class CimDaemon(OrderedServices):
         self.add(Step("database", database.start, database.stop))
         accounts = AccountStore(database, config.accounts, reactor)
         self.add(Step("accounts", accounts.start, accounts.stop))
+        # One set of rate limits for every service; the users' own from the database.
+        overrides = StoredOverrides(database, reactor, config.limits.override_refresh)
+        limits = self.limits = Limits(reactor, config.limits, overrides)
+        self.add(Step("limits", overrides.start, overrides.stop))
         state = make_state_store(config.state, reactor)
         state_failure = cannot_start("state", config.state.backend)
         self.add(Step("state", state.start, state.stop, state_failure))
@@ -152,9 +158,17 @@ class CimDaemon(OrderedServices):
                 offline,
                 config.offline.page_size,
                 archive if archive is not None else NoArchive(),
-                HistoryService(history, groups.is_member),
+                HistoryService(history, groups.is_member, config.im.max_frame_size),
+                max_page_bytes=config.im.max_frame_size,
             ),
             BusPeers(node_id, bus, state.presence, LiveNodes(registry)),
+            Bounds(
+                limits,
+                config.im.max_text_length,
+                config.limits.group_backlog,
+                config.limits.fanout_backlog,
+                config.limits.fanout_backlog_bytes,
+            ),
         )
         # The offline writer tells connected receivers to pull once it has committed.
         offline.on_stored = im_node.catchup.stored_for
@@ -175,7 +189,7 @@ class CimDaemon(OrderedServices):
             self.add(Step("admin tokens", operators.load, None, admin_tokens_failure))
         if config.im.enabled:
             factory = ImServerFactory(
-                node_id, config.im, node_key, im_node, state, registry, reactor, metrics
+                node_id, config.im, node_key, im_node, state, registry, reactor, metrics, limits
             )
             factory.oplog = oplog
             self.add(
@@ -203,6 +217,7 @@ class CimDaemon(OrderedServices):
                 metrics,
                 oplog=oplog,
                 operators=operators,
+                limits=limits,
             )
             self.add(Listener("router", config.router.listen, reactor, site))
         if config.files.enabled:
@@ -227,7 +242,12 @@ class CimDaemon(OrderedServices):
         """The file service: its storage and key (prepared first), then its port."""
         config = self.config
         files = FilesListener(
-            config.files, config.node.data_dir, database, state.sessions, self.reactor
+            config.files,
+            config.node.data_dir,
+            database,
+            state.sessions,
+            self.reactor,
+            limits=self.limits,
         )
         self.add(Step("files storage", files.prepare, None, files_storage_failure(files)))
         self.add(
@@ -270,6 +290,7 @@ class CimDaemon(OrderedServices):
                 self.reactor,
                 groups,
                 self.media_urls,
+                self.limits,
             )
         )
         self.add(

@@ -21,6 +21,7 @@ from cim.files.signing import UrlSigner, load_or_create_key
 from cim.files.store import FileStore
 from cim.files.thumbnails import set_pixel_limit
 from cim.interfaces import ISessionStore
+from cim.limits.policy import NO_LIMITS, RateLimits
 from cim.reactor import ICimReactor
 from cim.storage.database import Database, Runner, ThreadPoolRunner
 
@@ -40,8 +41,10 @@ class FilesListener:
         sessions: ISessionStore,
         reactor: ICimReactor,
         runner: Runner | None = None,
+        limits: RateLimits = NO_LIMITS,
     ) -> None:
         self.config = config
+        self.limits = limits
         self.reactor = reactor
         self.storage_dir = config.storage_dir or os.path.join(data_dir, "files")
         self.key_path = config.url_key or os.path.join(data_dir, "files_url_key")
@@ -68,7 +71,9 @@ class FilesListener:
         store = self.store
         assert store is not None
         self.work.start()
-        site = files_site(store, self.sessions, self.reactor, self.config.chunk_size)
+        site = files_site(
+            store, self.sessions, self.reactor, self.config.chunk_size, limits=self.limits
+        )
         endpoint = serverFromString(self.reactor, self.config.listen)
         try:
             self.port = await endpoint.listen(site)

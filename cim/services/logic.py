@@ -27,6 +27,7 @@ class LogicListener:
             ctx.sessions,
             ctx.accounts.get_user,
             ctx.config.max_body_size,
+            ctx.limits,
         )
         self.port: IListeningPort | None = None
         self._housekeeping = LoopingCall(self._tidy)

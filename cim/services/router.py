@@ -43,6 +43,7 @@ from cim.interfaces import (
     NodeInfo,
     StateUnavailable,
 )
+from cim.limits.policy import LOGINS, NO_LIMITS, RateLimits
 from cim.metrics import NodeMetrics
 from cim.oplog import OperationLog
 from cim.ring import HashRing
@@ -68,6 +69,7 @@ _OUTCOME_BY_CODE = {
     "unsupported_media_type": "bad_request",
     "bad_request": "bad_request",
     "throttled": "throttled",
+    "rate_limited": "throttled",
     "invalid_credentials": "invalid_credentials",
     "already_logged_in": "refused",
     "no_node": "no_node",
@@ -122,9 +124,11 @@ class RouterResource(EndpointResource[str]):
         token_bytes: Callable[[int], bytes] = os.urandom,
         oplog: OperationLog | None = None,
         operators: Operators = NO_OPERATORS,
+        limits: RateLimits = NO_LIMITS,
     ) -> None:
         self._oplog = oplog
         self._operators = operators
+        self._limits = limits
         super().__init__(
             [
                 Endpoint(
@@ -235,6 +239,12 @@ class RouterResource(EndpointResource[str]):
         return user, password, device
 
     async def _authenticate(self, user: str, password: str, device: str, address: str) -> Reply:
+        # Every login costs a password hash: an address gets [limits] logins of them.
+        wait = self._limits.take(LOGINS, address)
+        if wait > 0:
+            raise too_many_requests(
+                "rate_limited", "too many logins from your address; try again later", wait
+            )
         # Checked before the KDF, so a blocked guesser costs no hashing at all.
         wait = max(self.user_throttle.blocked(user), self.address_throttle.blocked(address))
         if wait > 0:
@@ -431,6 +441,7 @@ def router_site(
     token_bytes: Callable[[int], bytes] = os.urandom,
     oplog: OperationLog | None = None,
     operators: Operators = NO_OPERATORS,
+    limits: RateLimits = NO_LIMITS,
 ) -> server.Site:
     root = RouterResource(
         config,
@@ -444,5 +455,6 @@ def router_site(
         token_bytes,
         oplog,
         operators,
+        limits,
     )
     return bounded_site(root, config.max_body_size, clock)

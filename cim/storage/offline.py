@@ -7,7 +7,10 @@ changes nothing and is not an error.
 
 Pages are keyed by message id, not by offset: server ids are time-ordered and
 unique, so "the ``limit`` newest below ``before``" neither skips nor repeats a
-message when rows are added or deleted between two pages.
+message when rows are added or deleted between two pages. A page is bounded in bytes
+as well (``max_bytes``, what the answer frame may hold): the sizes are read first,
+then only the payloads that fit, so neither the page nor the read is larger than the
+bound; a single message larger than it comes alone.
 
 Inputs are expected to be well-formed (ids in range, names checked): ``cim.offline``
 does that before any database work.
@@ -28,6 +31,7 @@ from sqlalchemy.sql.dml import Insert
 from cim.storage.schema import history, offline_msgs
 
 __all__ = [
+    "PAGE_ENTRY_OVERHEAD",
     "HistoryPage",
     "HistoryRecord",
     "OfflineFull",
@@ -48,6 +52,10 @@ _CHUNK = 500
 """Ids per ``IN (...)``: well below SQLite's bound-parameter limit."""
 
 _CAP_LOCK_CLASS = 0x6F66  # "of": the first key of the per-receiver advisory locks
+
+PAGE_ENTRY_OVERHEAD = 6
+"""Bytes a message costs in a page beyond its serialized size: its field tag and
+length prefix (a varint of at most 5 bytes)."""
 
 
 class OfflineFull(Exception):
@@ -268,15 +276,42 @@ def count_offline_txn(connection: Connection, receiver: str) -> int:
     )
 
 
+def _fitting(sizes: Sequence[Any], limit: int, max_bytes: int | None) -> tuple[list[int], bool]:
+    """The ids (newest first) of a page from ``(msg_id, size)`` rows, at most ``limit``
+    (the rows hold one more, to tell whether more remain) and ``max_bytes``; at least one.
+    """
+    chosen: list[int] = []
+    total = 0
+    for msg_id, size in sizes[:limit]:
+        cost = int(size) + PAGE_ENTRY_OVERHEAD
+        if chosen and max_bytes is not None and total + cost > max_bytes:
+            break
+        chosen.append(int(msg_id))
+        total += cost
+    return chosen, len(sizes) > len(chosen)
+
+
 def offline_page_txn(
-    connection: Connection, receiver: str, before: int | None, limit: int
+    connection: Connection,
+    receiver: str,
+    before: int | None,
+    limit: int,
+    max_bytes: int | None = None,
 ) -> OfflinePage:
     """Every sender's messages for receiver, newest first (design: 方案2, 分页拉取)."""
-    query = select(offline_msgs).where(offline_msgs.c.receiver_uid == receiver)
+    table = offline_msgs
+    mine = table.c.receiver_uid == receiver
+    query = select(table.c.msg_id, func.length(table.c.payload)).where(mine)
     if before is not None:
-        query = query.where(offline_msgs.c.msg_id < before)
-    rows = connection.execute(query.order_by(offline_msgs.c.msg_id.desc()).limit(limit + 1)).all()
-    return OfflinePage(tuple(_offline_record(row) for row in rows[:limit]), len(rows) > limit)
+        query = query.where(table.c.msg_id < before)
+    sizes = connection.execute(query.order_by(table.c.msg_id.desc()).limit(limit + 1)).all()
+    chosen, more = _fitting(sizes, limit, max_bytes)
+    if not chosen:
+        return OfflinePage((), False)
+    rows = connection.execute(
+        select(table).where(mine, table.c.msg_id.in_(chosen)).order_by(table.c.msg_id.desc())
+    ).all()
+    return OfflinePage(tuple(_offline_record(row) for row in rows), more)
 
 
 def delete_offline_txn(connection: Connection, receiver: str, msg_ids: Sequence[int]) -> int:
@@ -337,14 +372,25 @@ def archive_txn(connection: Connection, records: Sequence[HistoryRecord]) -> int
 
 
 def history_page_txn(
-    connection: Connection, conversation: str, before: int | None, limit: int
+    connection: Connection,
+    conversation: str,
+    before: int | None,
+    limit: int,
+    max_bytes: int | None = None,
 ) -> HistoryPage:
     """One conversation, newest first; the caller has checked the reader takes part."""
-    query = select(history).where(history.c.conversation == conversation)
+    ours = history.c.conversation == conversation
+    query = select(history.c.msg_id, func.length(history.c.payload)).where(ours)
     if before is not None:
         query = query.where(history.c.msg_id < before)
-    rows = connection.execute(query.order_by(history.c.msg_id.desc()).limit(limit + 1)).all()
-    return HistoryPage(tuple(_history_record(row) for row in rows[:limit]), len(rows) > limit)
+    sizes = connection.execute(query.order_by(history.c.msg_id.desc()).limit(limit + 1)).all()
+    chosen, more = _fitting(sizes, limit, max_bytes)
+    if not chosen:
+        return HistoryPage((), False)
+    rows = connection.execute(
+        select(history).where(ours, history.c.msg_id.in_(chosen)).order_by(history.c.msg_id.desc())
+    ).all()
+    return HistoryPage(tuple(_history_record(row) for row in rows), more)
 
 
 def purge_history_txn(connection: Connection, cutoff: float, batch_size: int) -> int:

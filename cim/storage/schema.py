@@ -368,3 +368,21 @@ post_likes = Table(
     Column("withdrawn_at", Double, nullable=True),
     Index(None, "user_name"),
 )
+
+LIMIT_KINDS = ("messages", "group_posts", "sos", "posts", "logic", "files")
+"""The per-user limits (cim.limits) an operator can raise for one user."""
+
+user_limits = Table(
+    "user_limits",
+    metadata,
+    _user_column("user_name", primary_key=True),
+    Column("kind", String(16), primary_key=True),
+    # The user's own rate and burst in place of the configured ones ([limits]).
+    Column("per_second", Double, nullable=False),
+    Column("burst", Integer, nullable=False),
+    Column("updated_at", Double, nullable=False),
+    CheckConstraint(
+        "kind IN ('messages', 'group_posts', 'sos', 'posts', 'logic', 'files')", name="kind"
+    ),
+    CheckConstraint("per_second >= 0 AND burst >= 1", name="rate"),
+)

@@ -27,6 +27,7 @@ from cim.content import MediaUrls
 from cim.groups.directory import GroupDirectory
 from cim.http.openapi import PublishedSpec
 from cim.im.system import SYSTEM_SENDER
+from cim.limits.policy import NO_LIMITS, Limits
 from cim.logic.context import LogicContext
 from cim.logic.notices import Notices
 from cim.offline.store import OfflineStore
@@ -55,15 +56,16 @@ def fired(d: Deferred[Any]) -> Any:
 
 class LogicHarness:
     """One node with the logic service; ``config`` adds lines to the ``[logic]`` section
-    (and may open others: ``[files] public_url`` is the node's own file URL)."""
+    (and may open others: ``[files] public_url`` is the node's own file URL), ``limits``
+    a ``[limits]`` section (without one the service has no rate limits)."""
 
-    def __init__(self, test: SynchronousTestCase, config: str = "") -> None:
+    def __init__(self, test: SynchronousTestCase, config: str = "", limits: str = "") -> None:
         self.test = test
         path = os.path.abspath(test.mktemp())
         os.makedirs(path)
         parsed = parse_config(
             "[node]\nid = node1\n[accounts]\nscrypt_n = 1024\nscrypt_r = 1\n"
-            "[logic]\nenabled = true\n" + config
+            "[logic]\nenabled = true\n" + config + (f"\n[limits]\n{limits}" if limits else "")
         )
         self.config = parsed.logic
         self.node = NodeHarness()
@@ -90,6 +92,7 @@ class LogicHarness:
             self.clock,
             self.groups,
             MediaUrls([parsed.files.public_url] if parsed.files.public_url else []),
+            Limits(self.clock, parsed.limits) if limits else NO_LIMITS,
         )
         self.listener = LogicListener(self.ctx)
         self.resource: PublishedSpec = self.listener.resource

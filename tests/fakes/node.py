@@ -24,6 +24,8 @@ from cim.backends.state.memory import MemoryState
 from cim.client.connection import ImClientProtocol
 from cim.config import KNOWN_SUITES, ImConfig, parse_config
 from cim.im.collaborators import (
+    NO_BOUNDS,
+    Bounds,
     Directory,
     GroupMembership,
     NodeCore,
@@ -122,6 +124,7 @@ class NodeHarness:
         known: KnownUsers | None = None,
         stores: Stores | None = None,
         accounts: UserExists | None = None,
+        bounds: Bounds = NO_BOUNDS,
     ) -> None:
         """One node; pass clock, state, bus and known users of another to make a cluster.
 
@@ -129,7 +132,8 @@ class NodeHarness:
         (``NoGroups``), without stores it keeps nothing (``Stores()``), without
         ``accounts`` (e.g. ``AccountStore.exists``) the users it knows are ``users``
         and whoever logs in. ``im`` is the node's rooms; its ``directory`` and
-        ``stores`` can be swapped after the fact.
+        ``stores`` can be swapped after the fact. ``bounds`` brings rate limits (also
+        the hellos per address) and the fan-out bounds; without, the node has none.
         """
         if clock is None:
             clock = MemoryReactorClock()
@@ -163,6 +167,7 @@ class NodeHarness:
             ),
             stores if stores is not None else Stores(),
             self.peers,
+            bounds,
         )
         self.factory = ImServerFactory(
             node_id,
@@ -173,6 +178,7 @@ class NodeHarness:
             self.registry,
             self.clock,
             self.metrics,
+            bounds.limits,
         )
         self._next_port = 40000
         self.pumps: list[iosim.IOPump] = []

@@ -261,6 +261,7 @@ class EveryCommandTests(SynchronousTestCase):
         cimctl("online", "--json", listing=True)
         cimctl("group", "list", "--json", listing=True)
         cimctl("group", "show", kept["id"], "--json")
+        cimctl("limits", "alice", "--messages-per-second", "100", "--json", listing=True)
         listener = client(self.daemon, "bob", "listen", "--timeout", "60", background=True)
         try:
             self.daemon.wait_connections(1)

@@ -155,17 +155,33 @@ class MemoryPipelineTests(DatabaseMixin, TestCase):
         self.assertEqual(self.stored(), [3, 2, 1])
         self.assertEqual(pipeline.counts["archived"], 3)
 
-    def test_a_full_buffer_drops_and_counts(self) -> None:
+    def test_a_full_buffer_holds_new_messages_back_and_drops_none(self) -> None:
+        """Seen 5: a flood while the database lags must not cost anyone history. Past
+        max_buffer the archive asks for backpressure (the IM rooms refuse new messages
+        before taking them); what was taken is all archived once the database is back."""
         self.history.fail_with = lambda _: OperationalError("INSERT", {}, Exception("down"))
         logs = LogCapture(self, "cim.archive")
         pipeline = self.pipeline(batch_size=2, max_buffer=4)
-        for msg_id in range(1, 8):
+        self.assertEqual(pipeline.behind(), 0.0)
+        for msg_id in range(1, 4):
             pipeline.archive(message(msg_id))
-        self.assertEqual(pipeline.counts["dropped"], 3)
-        self.assertEqual(len(logs.lines("error")), 1)
+        self.assertEqual(pipeline.behind(), 0.0)
+        pipeline.archive(message(4))
+        self.assertGreater(pipeline.behind(), 0.0)
+        self.assertEqual(len(logs.lines("warn")), 2)  # the failed write, then "behind"
+        # Messages already taken when it filled are still archived, never dropped.
+        for msg_id in range(5, 8):
+            pipeline.archive(message(msg_id))
+        self.assertGreater(pipeline.behind(), 0.0)
+        self.assertEqual(pipeline.counts["dropped"], 0)
+        self.assertEqual(pipeline.counts["behind"], 1)
         self.history.fail_with = lambda _: None
-        self.clock.advance(30)
-        self.assertEqual(self.stored(), [4, 3, 2, 1])
+        for _ in range(3):
+            self.clock.advance(30)
+        self.assertEqual(self.stored(), [7, 6, 5, 4, 3, 2, 1])
+        self.assertEqual(pipeline.behind(), 0.0)
+        caught_up = [e for e in logs.lines("info") if "caught up" in e["log_format"]]
+        self.assertEqual(len(caught_up), 1)
 
     def test_messages_that_cannot_be_archived_are_rejected_alone(self) -> None:
         logs = LogCapture(self, "cim.archive")
@@ -400,6 +416,27 @@ class HistoryServiceTests(DatabaseMixin, TestCase):
         self.assertEqual(ids(second.messages), list(range(10, 0, -1)))
         self.assertEqual((second.more, second.next_before), (False, 0))
 
+    def test_pages_stay_below_the_frame_limit_and_the_readers_own(self) -> None:
+        bomb = "\U0001f4a3" * 16_000
+        self.ok(
+            self.store.archive([message(300 + i, "carol", "dave", text=bomb) for i in range(3)])
+        )
+        answers = []
+        before = 0
+        while True:
+            answer = self.ask("dave", peer="carol", before=before)
+            answers.append(ids(answer.messages))
+            self.assertLess(answer.ByteSize(), 65_536 - 64)  # type byte and tag fit too
+            if not answer.more:
+                break
+            before = answer.next_before
+        self.assertEqual(answers, [[302], [301], [300]])
+        # A reader announcing a smaller frame gets smaller pages of small messages.
+        small = self.ask("bob", peer="alice", limit=50, max_bytes=1024)
+        self.assertLess(small.ByteSize(), 1024)
+        self.assertGreater(len(small.messages), 1)
+        self.assertTrue(small.more)
+
     def test_limit_is_capped(self) -> None:
         self.assertEqual(len(self.ask("bob", peer="alice", limit=7).messages), 7)
         self.ok(self.store.archive([message(1000 + i) for i in range(300)]))
@@ -538,11 +575,20 @@ class ChatClientHistoryTests(TestCase):
         client.protocol = Protocol()  # type: ignore[assignment]
         first = client.history("alice", limit=10)
         second = client.history(GROUP, before=7, group=True)
-        self.assertEqual(sent, [(cim_pb2.HISTORY_R, cim_pb2.HistoryR(peer="alice", limit=10))])
+        # Each asks for pages below the client's own frame limit (max_bytes).
+        frame = client.max_frame_size
+        self.assertEqual(
+            sent,
+            [(cim_pb2.HISTORY_R, cim_pb2.HistoryR(peer="alice", limit=10, max_bytes=frame))],
+        )
         client.frame_received(cim_pb2.HISTORY_A, cim_pb2.HistoryA(messages=[message(1)]))
         self.assertEqual(ids(self.successResultOf(first).messages), [1])
         self.assertEqual(
-            sent[1], (cim_pb2.HISTORY_R, cim_pb2.HistoryR(group=GROUP, before=7, limit=50))
+            sent[1],
+            (
+                cim_pb2.HISTORY_R,
+                cim_pb2.HistoryR(group=GROUP, before=7, limit=50, max_bytes=frame),
+            ),
         )
         self.assertNoResult(second)
         from twisted.python.failure import Failure

@@ -535,3 +535,73 @@ class FileSeenStoreTests(SynchronousTestCase):
         store = FileSeenStore(self.path())
         store.close()
         self.assertRaises(ValueError, store.record, 1, "a", "b", 1)
+
+
+def limited(seq: int, retry_after_ms: int = 500, code: int = cim_pb2.Error.RATE_LIMITED) -> Any:
+    return cim_pb2.Error(
+        code=code,  # type: ignore[arg-type]
+        request_type=cim_pb2.MSG_R,
+        client_seq=seq,
+        retry_after_ms=retry_after_ms,
+    )
+
+
+class PacingTests(SynchronousTestCase):
+    """A RATE_LIMITED (or UNAVAILABLE) with retry_after_ms paces the conversation."""
+
+    def test_the_refused_one_and_later_ones_wait_then_go_one_at_a_time_in_order(self) -> None:
+        outbox, clock, link, outcomes = make_outbox()
+        for seq in (1, 2, 3):
+            outbox.add(text(seq))
+        outbox.taken(cim_pb2.MsgA(client_seq=1, msg_id=1001))
+        outbox.refused(limited(2))
+        outbox.refused(limited(3))  # pipelined behind 2, refused by the node's order mark
+        outbox.add(text(4))  # held: not sent before 2 and 3
+        outbox.add(text(5, to="carol"))  # another conversation goes at once
+        self.assertEqual([seq for _, seq in link.sent], [1, 2, 3, 5])
+        clock.advance(0.5)
+        self.assertEqual(link.sent[-1], (0.5, 2))  # the oldest alone
+        outbox.taken(cim_pb2.MsgA(client_seq=2, msg_id=1002))
+        self.assertEqual(len(link.sent), 5)  # the next after the last retry-after
+        clock.advance(0.5)
+        self.assertEqual(link.sent[-1], (1.0, 3))
+        outbox.taken(cim_pb2.MsgA(client_seq=3, msg_id=1003))
+        clock.advance(0.5)
+        self.assertEqual(link.sent[-1], (1.5, 4))
+        outbox.taken(cim_pb2.MsgA(client_seq=4, msg_id=1004))
+        self.assertEqual(len(outbox.pacing), 0)  # nothing held: free again
+        outbox.add(text(6))
+        self.assertEqual(link.sent[-1], (1.5, 6))
+        self.assertEqual(outcomes, [])  # pacing is not a failure
+
+    def test_the_resend_schedule_and_a_reconnect_do_not_send_held_messages(self) -> None:
+        outbox, clock, link, _ = make_outbox()
+        outbox.add(text(1))
+        outbox.add(text(2))
+        outbox.refused(limited(1, retry_after_ms=20_000))
+        outbox.refused(limited(2, retry_after_ms=20_000))
+        clock.advance(10)  # the first resend is due, but 1 and 2 wait their turn
+        link.up = False
+        outbox.connection_lost()
+        link.up = True
+        outbox.connection_made()
+        self.assertEqual([seq for _, seq in link.sent], [1, 2])
+        clock.advance(10)
+        self.assertEqual([seq for _, seq in link.sent], [1, 2, 1])
+
+    def test_a_probe_refused_for_good_lets_the_next_go(self) -> None:
+        outbox, clock, link, outcomes = make_outbox()
+        outbox.add(text(1))
+        outbox.add(text(2))
+        outbox.refused(limited(1, code=cim_pb2.Error.UNAVAILABLE))
+        outbox.refused(limited(2, code=cim_pb2.Error.UNAVAILABLE))
+        clock.advance(0.5)
+        outbox.refused(
+            cim_pb2.Error(code=cim_pb2.Error.BAD_REQUEST, request_type=cim_pb2.MSG_R, client_seq=1)
+        )
+        self.assertEqual([o.client_seq for o in outcomes], [1])
+        clock.advance(0.5)
+        self.assertEqual(link.sent[-1], (1.0, 2))
+        outbox.acknowledged(ack_n(2))
+        self.assertEqual(len(outbox.pacing), 0)
+        outbox.fail_all("stop")

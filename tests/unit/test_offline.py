@@ -103,6 +103,28 @@ class OfflineTests(DatabaseMixin, TestCase):
         page = self.ok(self.store.page(receiver, limit=MAX_PAGE_SIZE))
         return [r.msg_id for r in page.records]
 
+    def test_pages_are_bounded_in_bytes_and_a_large_message_comes_alone(self) -> None:
+        """Seen 1: a page of twenty 64 KB messages would not fit a client's frame."""
+        bomb = "\U0001f4a3" * 16_000  # 64,000 bytes of UTF-8
+        self.ok(self.store.store([message(i, text=bomb) for i in range(1, 4)]))
+        self.ok(self.store.store([message(i) for i in range(4, 10)]))
+        budget = 65_536 - 256
+        pages: list[list[int]] = []
+        before = None
+        while True:
+            page = self.ok(self.store.page("bob", before, limit=100, max_bytes=budget))
+            pages.append([r.msg_id for r in page.records])
+            self.assertLessEqual(sum(len(r.payload) + 6 for r in page.records), budget)
+            if not page.more:
+                break
+            before = page.next_before
+        self.assertEqual(pages, [[9, 8, 7, 6, 5, 4, 3], [2], [1]])
+        # A budget below one message: each still travels, alone.
+        tiny = self.ok(self.store.page("bob", limit=100, max_bytes=10))
+        self.assertEqual(([r.msg_id for r in tiny.records], tiny.more), ([9], True))
+        # Without a byte bound, the count alone decides (as before).
+        self.assertEqual(len(self.ok(self.store.page("bob", limit=100)).records), 9)
+
     # --- writes -----------------------------------------------------------------------
 
     def test_store_keeps_the_message_faithfully(self) -> None:

@@ -205,3 +205,45 @@ class OfflineTests(SynchronousTestCase):
         bob.start()
         settle(h.node, 3.0)
         self.assertEqual([(m.group, m.text) for m in shown], [("g1", "hi")])
+
+
+class PoisonedBoxTests(SynchronousTestCase):
+    def test_twenty_64_kb_messages_and_a_later_one_all_reach_the_receiver(self) -> None:
+        """Issue 16, acceptance 1 (Seen 1): 20 messages of 16,000 x U+1F4A3 (64 KB
+        frames) to an offline user, then an ordinary one. Pages bounded only by count
+        made one 1.3 MB frame, over the client's 1 MiB limit: the client looped
+        connect → reconnect and never showed anything again. Bounded in bytes, the
+        pages stay below the frame limit and the user sees all 21, in order, on the
+        first connection."""
+        h = OfflineHarness(self)
+        bomb = "\U0001f4a3" * 16_000
+        alice = h.node.connect("alice")
+        for seq in range(1, 21):
+            alice.protocol.send(cim_pb2.MSG_R, cim_pb2.Message(to="bob", text=bomb, client_seq=seq))
+            settle(h.node)
+        alice.protocol.send(cim_pb2.MSG_R, cim_pb2.Message(to="bob", text="later", client_seq=21))
+        settle(h.node)
+        statuses = [ack.status for ack in alice.events.of_type(cim_pb2.ACK_N)]
+        self.assertEqual(statuses, [cim_pb2.STORED] * 21)
+
+        bob, _, network = make_client(h.node, "bob")
+        shown: list[cim_pb2.Message] = []
+        bob.on_message = shown.append
+        page_sizes: list[int] = []
+        original = bob.frame_received
+
+        def watch(frame_type: int, message: Any) -> None:
+            if frame_type == cim_pb2.OFFLINE_A:
+                page_sizes.append(message.ByteSize())
+            original(frame_type, message)
+
+        bob.frame_received = watch  # type: ignore[method-assign]
+        bob.start()
+        settle(h.node)
+        self.assertEqual([m.client_seq for m in shown], list(range(1, 22)))
+        self.assertEqual([m.text for m in shown], [bomb] * 20 + ["later"])
+        self.assertEqual(len(network.attempts), 1)  # no reconnect loop
+        self.assertEqual(bob.state, "online")
+        self.assertLess(max(page_sizes), h.node.im.stores.max_page_bytes)
+        self.assertEqual(h.stored("bob"), 0)
+        print(f"\npoisoned box: {len(page_sizes)} pages, largest {max(page_sizes)} bytes")

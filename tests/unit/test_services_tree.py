@@ -265,6 +265,7 @@ class DaemonTreeTests(SynchronousTestCase):
                 "SIGHUP reopening",
                 "database",
                 "accounts",
+                "limits",
                 "state",
                 "registry",
                 "node number",

@@ -18,8 +18,9 @@ from cim.files.http.uploads import Uploads
 from cim.files.store import FileProblem, FileStore
 from cim.http.auth import BearerSessions
 from cim.http.endpoints import Endpoint, EndpointResource
-from cim.http.site import Reply, client_host, json_reply
+from cim.http.site import Reply, client_host, json_reply, too_many_requests
 from cim.interfaces import ISessionStore
+from cim.limits.policy import FILES, NO_LIMITS, RateLimits
 
 __all__ = ["JSON_MAX_BODY", "files_resource", "files_site"]
 
@@ -29,10 +30,13 @@ FILE_ID = r"[A-Za-z0-9_-]{1,64}"
 
 
 def files_resource(
-    store: FileStore, sessions: ISessionStore, clock: IReactorTime
+    store: FileStore,
+    sessions: ISessionStore,
+    clock: IReactorTime,
+    limits: RateLimits = NO_LIMITS,
 ) -> EndpointResource[str]:
     """Every file service path; answers JSON for everything but file bytes."""
-    bearer = BearerSessions(sessions)
+    bearer = CallsPerUser(sessions, limits)
 
     def refusal(error: Exception, endpoint: Endpoint[Any]) -> Reply | None:
         if not isinstance(error, FileProblem):
@@ -46,6 +50,24 @@ def files_resource(
         *Downloads(store, bearer, clock).endpoints(FILE_ID),
     ]
     return EndpointResource(endpoints, bearer.user, JSON_MAX_BODY, error_replies=refusal)
+
+
+class CallsPerUser(BearerSessions):
+    """The caller's token, within its rate of calls ([limits] files: a 429 with
+    Retry-After past it). Every call that names its user by token passes here once;
+    downloads by signed URL do not (the HTTP service's connection limits bound those).
+    """
+
+    def __init__(self, sessions: ISessionStore, limits: RateLimits) -> None:
+        super().__init__(sessions)
+        self._limits = limits
+
+    async def user(self, request: server.Request) -> str:
+        user = await super().user(request)
+        wait = self._limits.take(FILES, user)
+        if wait > 0:
+            raise too_many_requests("rate_limited", "too many calls; slow down", wait)
+        return user
 
 
 def _redacted_access_log(timestamp: str, request: server.Request) -> str:
@@ -71,6 +93,7 @@ def files_site(
     clock: IReactorTime,
     max_body_size: int,
     memory_limit: int = MEMORY_SPOOL,
+    limits: RateLimits = NO_LIMITS,
 ) -> server.Site:
     """The service's Site; no request body may be larger than a chunk (or a JSON call)."""
     request_class = type(
@@ -83,7 +106,7 @@ def files_site(
         },
     )
     site = server.Site(
-        files_resource(store, sessions, clock),
+        files_resource(store, sessions, clock, limits),
         requestFactory=request_class,
         reactor=clock,
         logFormatter=_redacted_access_log,

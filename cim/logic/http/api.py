@@ -23,6 +23,7 @@ from cim.http.endpoints import Call, Endpoint, EndpointResource
 from cim.http.openapi import PublishedSpec, openapi_document
 from cim.http.site import HttpError, Reply, bounded_site, json_reply, too_many_requests
 from cim.interfaces import ISessionStore
+from cim.limits.policy import LOGIC, NO_LIMITS, RateLimits
 from cim.logic.context import Caller
 from cim.logic.errors import (
     BadInput,
@@ -81,14 +82,21 @@ def answer(status: int, payload: Any) -> Reply:
 
 
 class LogicCallers:
-    """The caller of a logic endpoint: the token's session, whose account must exist."""
+    """The caller of a logic endpoint: the token's session, whose account must exist,
+    within its rate of calls ([limits] logic: a 429 with Retry-After past it)."""
 
-    def __init__(self, sessions: ISessionStore, users: UserLookup) -> None:
+    def __init__(
+        self, sessions: ISessionStore, users: UserLookup, limits: RateLimits = NO_LIMITS
+    ) -> None:
         self._sessions = BearerSessions(sessions)
         self._users = users
+        self._limits = limits
 
     async def __call__(self, request: server.Request) -> Caller:
         record = await self._sessions.session(request)
+        wait = self._limits.take(LOGIC, record.user)
+        if wait > 0:
+            raise too_many_requests("rate_limited", "too many calls; slow down", wait)
         user = await self._users(record.user)
         if user is None:
             raise invalid_token()
@@ -143,11 +151,12 @@ def logic_resource(
     sessions: ISessionStore,
     users: UserLookup,
     max_body_size: int,
+    limits: RateLimits = NO_LIMITS,
 ) -> PublishedSpec:
     """The endpoints below ``API_PREFIX``, with their OpenAPI document."""
     resource = EndpointResource(
         endpoints,
-        LogicCallers(sessions, users),
+        LogicCallers(sessions, users, limits),
         max_body_size,
         prefix=API_PREFIX,
         error_replies=logic_error_reply,
