@@ -23,6 +23,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from cim.im.shares import FileShares, NoFileShares
 from cim.interfaces import IStateBackend, SessionRecord
 from cim.message_ids import MessageIdGenerator
 from cim.metrics import NodeMetrics
@@ -220,6 +221,8 @@ class Stores:
     """Messages in an offline page when the client does not say."""
     archive: Archive = field(default_factory=NoArchive)
     history: HistoryAnswers = field(default_factory=NoHistory)
+    file_shares: FileShares = field(default_factory=NoFileShares)
+    """Which conversations each file was sent in (cim.im.shares)."""
 
 
 # --- failures of work nobody waits for ------------------------------------------------

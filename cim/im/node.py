@@ -54,7 +54,7 @@ class ImNode:
         self.groups = GroupMessages(
             core, directory, stores, peers, connected, self.routing, self.catchup
         )
-        self.direct = DirectMessages(core, self.routing, self.groups)
+        self.direct = DirectMessages(core, self.routing, self.groups, stores)
         self.history = HistoryRequests(stores)
         self.presence = PresenceRequests(core.state.presence)
         self.system = SystemMessages(core, stores, self.catchup)

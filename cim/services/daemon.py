@@ -46,6 +46,7 @@ from cim.history.store import HistoryStore
 from cim.im.collaborators import Directory, NoArchive, NodeCore, Stores
 from cim.im.node import ImNode
 from cim.im.peers import BusPeers, LiveNodes
+from cim.im.shares import RecordedShares
 from cim.interfaces import IStateBackend
 from cim.logs import DaemonLog
 from cim.message_ids import MessageIdGenerator
@@ -147,6 +148,7 @@ class CimDaemon(OrderedServices):
                 config.offline.page_size,
                 archive if archive is not None else NoArchive(),
                 HistoryService(history, groups.is_member),
+                RecordedShares(database, reactor, config.files.public_url),
             ),
             BusPeers(node_id, bus, state.presence, LiveNodes(registry)),
         )

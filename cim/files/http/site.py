@@ -1,8 +1,9 @@
 """The file service's Site: its declared endpoints, spooled bodies and a quiet access log.
 
-Every call is authenticated with the router's token (``Authorization: Bearer``);
-downloads also accept a signed URL, which is what messages carry. The access log
-shows paths without query strings, so signatures never reach it.
+Every call is authenticated with the router's token (``Authorization: Bearer``),
+downloads included: a file is read by the users it belongs to, and a signed URL only
+narrows that to one user and a short time. The access log shows paths without query
+strings, so signatures never reach it.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ def files_resource(
 
     endpoints = [
         *Uploads(store, bearer).endpoints(FILE_ID),
-        *Downloads(store, bearer, clock).endpoints(FILE_ID),
+        *Downloads(store, clock).endpoints(FILE_ID),
     ]
     return EndpointResource(endpoints, bearer.user, JSON_MAX_BODY, error_replies=refusal)
 
