@@ -294,11 +294,13 @@ def record_chunk_txn(
     return int(count)
 
 
-def finish_upload_txn(connection: Connection, upload_id: str, record: FileRecord) -> FileRecord:
-    """Turn a verified upload into a file held by its uploader.
+def finish_upload_txn(
+    connection: Connection, upload_id: str, record: FileRecord, user: str, now: float
+) -> FileRecord:
+    """Turn a verified upload into a file held by its uploader, ``user``.
 
     When the content is stored already (found by SHA-256), that file is returned
-    and ``record`` is dropped: one content, one file id.
+    and ``record`` is dropped: one content, one file id; ``user`` holds it too.
     """
     existing = file_by_sha256_txn(connection, record.sha256)
     if existing is not None:
@@ -328,7 +330,7 @@ def finish_upload_txn(connection: Connection, upload_id: str, record: FileRecord
             if found is None:
                 raise
             stored = found
-    _add_ref_txn(connection, stored.id, record.created_by, record.created_at)
+    _add_ref_txn(connection, stored.id, user, now)
     connection.execute(delete(uploads).where(uploads.c.id == upload_id))
     return stored
 

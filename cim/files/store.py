@@ -426,7 +426,9 @@ class FileStore:
             existing = await self.database.run(records.file_by_sha256_txn, assembled.sha256)
             record = existing or await self._new_file(upload, assembled)
             placed = await self._place(assembled)
-            stored = await self.database.run(records.finish_upload_txn, upload.id, record)
+            stored = await self.database.run(
+                records.finish_upload_txn, upload.id, record, upload.user, self.clock.seconds()
+            )
             if not placed:
                 # The blob was there, but the purge may have taken it since: the
                 # upload's own copy is kept until the file's row holds the content.

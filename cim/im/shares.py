@@ -52,11 +52,13 @@ def named_files(message: cim_pb2.Message, public_url: str = "") -> list[str]:
         ids.append(media.file_id if _FILE_ID.fullmatch(media.file_id) else _UNREADABLE)
     if public_url:
         base = urllib.parse.urlsplit(public_url)
+        prefix = base.path.rstrip("/")
         for url in (media.url, media.thumbnail_url):
             parts = urllib.parse.urlsplit(url)
-            if (parts.scheme, parts.netloc) != (base.scheme, base.netloc):
+            same_service = (parts.scheme, parts.netloc) == (base.scheme, base.netloc)
+            if not same_service or not parts.path.startswith(prefix + "/files/"):
                 continue
-            match = _FILE_PATH.fullmatch(parts.path.removeprefix(base.path.rstrip("/")))
+            match = _FILE_PATH.fullmatch(parts.path[len(prefix) :])
             if match is not None:
                 ids.append(match.group(1))
     return sorted(set(ids))

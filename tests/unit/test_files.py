@@ -112,6 +112,7 @@ class FileServiceTestCase(SynchronousTestCase):
         user_quota=4 << 20,
         upload_expiry=3600,
         url_ttl=600,
+        purge_grace=3600,
         thumbnail_size=64,
         max_image_pixels=1_000_000,
         public_url="http://files.test",
