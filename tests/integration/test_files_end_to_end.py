@@ -275,7 +275,7 @@ class FilesDaemonTests(SynchronousTestCase):
         )
         self.assertEqual(deleted.returncode, 0, deleted.stderr)
         answer = json.loads(deleted.stdout)
-        self.assertEqual((answer["deleted"], answer["shared"]), (True, True))
+        self.assertEqual((answer["file_id"], answer["shared"]), (shared["file_id"], True))
         self.assertNotDownloadable("alice", shared["url"])
         # Bob was sent it: his copy stays.
         kept = os.path.join(self.workdir, "bobs.txt")

@@ -219,7 +219,6 @@ class DeleteAndPurgeTests(AccessTestCase):
             deleted.json(),
             {
                 "file_id": file["file_id"],
-                "deleted": True,
                 "readable": False,
                 "shared": False,
                 "quota_freed_at": self.clock.seconds() + grace,

@@ -132,7 +132,6 @@ class Uploads:
         deletion = await self.store.delete(call.user, str(call.params["id"]))
         reply: dict[str, object] = {
             "file_id": deletion.file_id,
-            "deleted": True,
             "readable": deletion.readable,
             "shared": deletion.shared,
         }
