@@ -36,7 +36,9 @@ __all__ = [
     "Challenge",
     "ChallengeRefused",
     "Challenges",
+    "check_proof_format",
     "proof_of",
+    "same_proof",
 ]
 
 PROOF_RANGE = 64 * 1024

@@ -8,9 +8,8 @@ possession (``cim.files.proof``); a holder deletes it for themselves, and the pu
 
 Used from the reactor thread; every call returns quickly and leaves the blocking work
 to two pools: the database pool for records, the file pool for bytes (moving chunks,
-MD5 and SHA-256, assembling, thumbnails). Refusals are ``FileProblem`` with the HTTP
-status and error code the service answers with, so the rules and their answers are
-tested together.
+MD5 and SHA-256, assembling, thumbnails). Refusals are ``FileProblem``
+(``cim.files.outcomes``), with the HTTP status and error code the service answers with.
 """
 
 from __future__ import annotations
@@ -20,9 +19,7 @@ import functools
 import math
 import re
 import secrets
-from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.internet.interfaces import IReactorTime
@@ -39,8 +36,17 @@ from cim.files.blobs import (
     is_server_id,
 )
 from cim.files.names import clean_mime, clean_name
+from cim.files.outcomes import (
+    CheckAnswer,
+    Deletion,
+    FileMetrics,
+    FileProblem,
+    ReceivedBody,
+    account_gone,
+    disk_full,
+    not_found,
+)
 from cim.files.proof import (
-    Challenge,
     ChallengeRefused,
     Challenges,
     check_proof_format,
@@ -67,101 +73,6 @@ SWEEP_BATCH = 500
 VARIANT_FILE = "file"
 VARIANT_THUMBNAIL = "thumbnail"
 _MD5_HEX = re.compile(r"[0-9a-f]{32}")
-
-
-class FileProblem(Exception):
-    """A refusal with the HTTP status and error code to answer it with."""
-
-    def __init__(
-        self, status: int, code: str, message: str, extra: dict[str, Any] | None = None
-    ) -> None:
-        super().__init__(status, code, message)
-        self.status = status
-        self.code = code
-        self.message = message
-        self.extra = extra or {}
-
-
-def not_found(what: str = "file") -> FileProblem:
-    return FileProblem(404, "not_found", f"no such {what}")
-
-
-def account_gone() -> FileProblem:
-    return FileProblem(401, "invalid_token", "the account of this session no longer exists")
-
-
-def disk_full() -> FileProblem:
-    return FileProblem(
-        507,
-        "insufficient_storage",
-        "the server's storage is full; the upload is kept, try again later to resume it",
-    )
-
-
-@dataclass
-class FileMetrics:
-    """Plain counters, reported in the admin service's /health."""
-
-    chunks_stored: int = 0
-    chunk_bytes: int = 0
-    uploads_created: int = 0
-    uploads_completed: int = 0
-    instant_uploads: int = 0
-    proofs_failed: int = 0
-    uploads_expired: int = 0
-    downloads: int = 0
-    files_deleted: int = 0
-    files_purged: int = 0
-    bytes_purged: int = 0
-    refused: Counter[str] = field(default_factory=Counter)
-
-    def snapshot(self) -> dict[str, Any]:
-        return {
-            "chunks_stored": self.chunks_stored,
-            "chunk_bytes": self.chunk_bytes,
-            "uploads_created": self.uploads_created,
-            "uploads_completed": self.uploads_completed,
-            "instant_uploads": self.instant_uploads,
-            "proofs_failed": self.proofs_failed,
-            "uploads_expired": self.uploads_expired,
-            "downloads": self.downloads,
-            "files_deleted": self.files_deleted,
-            "files_purged": self.files_purged,
-            "bytes_purged": self.bytes_purged,
-            "refused": dict(sorted(self.refused.items())),
-        }
-
-
-@dataclass(frozen=True)
-class ReceivedBody:
-    """A request body as the HTTP layer received it: spooled to ``path``, or in ``data``.
-
-    Whoever holds it must either store it or discard it: a spooled file is a
-    temporary file in the storage directory.
-    """
-
-    length: int
-    path: str | None = None
-    data: bytes | None = None
-
-
-@dataclass(frozen=True)
-class CheckAnswer:
-    """What ``files/check`` answers: the file, a challenge, or neither (upload it)."""
-
-    record: FileRecord | None = None
-    challenge: Challenge | None = None
-
-
-@dataclass(frozen=True)
-class Deletion:
-    """What DELETE /api/v1/files/{id} tells its caller."""
-
-    file_id: str
-    quota_freed_at: float | None
-    """When the purge gives the caller's quota back; None: it never counted."""
-    readable: bool
-    shared: bool
 
 
 def _check_md5(value: Any) -> str:
