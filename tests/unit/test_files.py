@@ -804,6 +804,12 @@ class PieceTests(SynchronousTestCase):
             (defaults.chunk_size, defaults.max_file_size, defaults.thumbnail_size),
             (1 << 20, 1 << 30, 256),
         )
+        # Signed URLs are short-lived; deleted files are purged after a day.
+        self.assertEqual((defaults.url_ttl, defaults.purge_grace), (3600, 86400))
+        grace = parse_config("[node]\nid = n1\n[files]\npurge_grace = 0\n").files
+        self.assertEqual(grace.purge_grace, 0)
+        with self.assertRaises(ConfigError):
+            parse_config("[node]\nid = n1\n[files]\npurge_grace = -1s\n")
         with self.assertRaises(ConfigError) as caught:
             parse_config("[node]\nid = n1\n[files]\nchunk_size = 1KiB\n")
         self.assertIn("[files] chunk_size", str(caught.exception))
