@@ -8,7 +8,9 @@ a URL under ``[files] public_url``) is taken only if its sender may read that fi
 so nobody shares a file they cannot read; the receiver (both people, for a
 one-to-one conversation) or the group then reads it too.
 
-One small database transaction per media message; text messages never get here.
+One small database transaction per media message; text messages never get here. A
+database that does not answer is reported like the state store that does not: the
+sender hears UNAVAILABLE and sends again.
 """
 
 from __future__ import annotations
@@ -17,9 +19,13 @@ import re
 import urllib.parse
 from typing import Protocol
 
+from sqlalchemy.exc import OperationalError
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
+from twisted.python.failure import Failure
 
+from cim.backends.threads import PoolNotRunning
+from cim.interfaces import StateUnavailable
 from cim.protocols import cim_pb2
 from cim.storage.database import Database
 from cim.storage.files_access import share_txn
@@ -78,6 +84,15 @@ class RecordedShares:
             return succeed(True)
         if _UNREADABLE in ids:
             return succeed(False)
-        return self._database.run(
+        d = self._database.run(
             share_txn, ids, sender, message.to, message.group, self._clock.seconds()
         )
+        d.addErrback(_unavailable)
+        return d
+
+
+def _unavailable(failure: Failure) -> bool:
+    if failure.check(OperationalError, PoolNotRunning):
+        raise StateUnavailable("the database of files is unreachable")
+    failure.raiseException()
+    raise AssertionError("unreachable")

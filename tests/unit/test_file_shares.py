@@ -123,6 +123,14 @@ class FileShareNodeTests(GroupTestsMixin, TestCase):
         self.send(alice, outside)
         self.assertEqual(len(bob.events.of_type(cim_pb2.MSG_N)), 2)
 
+    def test_a_database_that_does_not_answer_asks_the_sender_to_retry(self) -> None:
+        alice = self.node.connect("alice")
+        self.ok(self.db.stop())
+        self.send(alice, image(to="bob"))
+        [error] = alice.events.of_type(cim_pb2.ERROR)
+        self.assertEqual((error.code, error.client_seq), (cim_pb2.Error.UNAVAILABLE, 1))
+        self.assertEqual(alice.events.of_type(cim_pb2.MSG_A), [])
+
 
 class NamedFilesTests(SynchronousTestCase):
     def test_the_files_a_message_names(self) -> None:

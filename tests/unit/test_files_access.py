@@ -117,6 +117,16 @@ class ReadingTests(AccessTestCase):
         self.assertError(self.download(self.file_id, "bob"), 404, "not_found")
 
 
+class DatabaseDownTests(AccessTestCase):
+    def test_a_database_that_does_not_answer_is_503_not_a_traceback(self) -> None:
+        file_id = self.stored(os.urandom(100))["file_id"]
+        self.successResultOf(self.database.stop())
+        for method, path in (("GET", f"/files/{file_id}"), ("DELETE", f"/api/v1/files/{file_id}")):
+            response = self.call(method, path)
+            self.assertError(response, 503, "database_unavailable")
+            self.assertEqual(response.headers["retry-after"], "5")
+
+
 class InstantUploadTests(AccessTestCase):
     def setUp(self) -> None:
         super().setUp()

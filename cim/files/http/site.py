@@ -10,9 +10,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from sqlalchemy.exc import OperationalError
 from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
 from twisted.web import http, server
 
+from cim.backends.threads import PoolNotRunning
 from cim.files.http.bodies import MEMORY_SPOOL, FileRequest
 from cim.files.http.downloads import Downloads
 from cim.files.http.uploads import Uploads
@@ -23,6 +26,8 @@ from cim.http.site import Reply, client_host, json_reply
 from cim.interfaces import ISessionStore
 
 __all__ = ["JSON_MAX_BODY", "files_resource", "files_site"]
+
+_log = Logger()
 
 JSON_MAX_BODY = 16384
 FILE_ID = r"[A-Za-z0-9_-]{1,64}"
@@ -36,6 +41,16 @@ def files_resource(
     bearer = BearerSessions(sessions)
 
     def refusal(error: Exception, endpoint: Endpoint[Any]) -> Reply | None:
+        if isinstance(error, OperationalError | PoolNotRunning):
+            # Every call reads the database (who may read a file): say so, briefly.
+            _log.warn(
+                "database unavailable serving {path}: {error}", path=endpoint.path, error=error
+            )
+            payload = {
+                "error": "database_unavailable",
+                "message": "the database is unreachable; try again shortly",
+            }
+            return json_reply(503, payload, ((b"Retry-After", b"5"),))
         if not isinstance(error, FileProblem):
             return None
         store.metrics.refused[error.code] += 1
