@@ -343,11 +343,14 @@ class FilesConfig:
     public_url: str = _opt("", parse_base_url)
     storage_dir: str = _opt("", parse_str)
     url_key: str = _opt("", parse_str)
-    url_ttl: float = _opt(7 * 86400.0, parse_duration, minimum=60)
+    # Signed URLs are bound to a user and still take their token: short-lived.
+    url_ttl: float = _opt(3600.0, parse_duration, minimum=60)
     max_file_size: int = _opt(1 << 30, parse_size, minimum=1)
     chunk_size: int = _opt(1 << 20, parse_size, minimum=64 << 10, maximum=64 << 20)
     user_quota: int = _opt(10 << 30, parse_size, minimum=0)
     upload_expiry: float = _opt(86400.0, parse_duration, minimum=60)
+    # A deleted file's holding counts (toward the quota, and as a reference) this long.
+    purge_grace: float = _opt(86400.0, parse_duration, minimum=0)
     thumbnail_size: int = _opt(256, parse_int, minimum=16, maximum=4096)
     max_image_pixels: int = _opt(100_000_000, parse_int, minimum=1024, maximum=1 << 31)
     threads: int = _opt(4, parse_int, minimum=1, maximum=64)

@@ -1,27 +1,29 @@
 """Talking to the file service: instant, chunked and resumable uploads, downloads.
 
 An upload first asks whether the server holds the content already (design: 闪电上传,
-by MD5 and size); otherwise it sends the file in chunks, several at once (design:
+by MD5 and size), answering the server's challenge with a keyed hash of the range of
+the file it names (proof of possession: the MD5 alone gets nobody a file); otherwise
+it sends the file in chunks, several at once (design:
 pipeline), each with its MD5 so a damaged chunk is refused and sent again. The
 upload id is written to a small state file before the first chunk leaves, so a client
 that was killed or lost the network resumes with only the chunks the server does not
 list as received (design: 断点续传).
+
+Every download carries the user's token: a file is read by the users it belongs to.
+A URL signed for someone else (an old message's URL) is fetched again without its
+signature, so the token alone decides.
 """
 
 from __future__ import annotations
 
 import base64
-import contextlib
 import hashlib
 import json
-import mimetypes
 import os
 import re
-import tempfile
 import urllib.parse
-import wave
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import IO, Any, Protocol
 
 import treq
@@ -32,13 +34,48 @@ from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThreadPool
 from twisted.web.client import Agent, HTTPConnectionPool
 
+from cim.client.local_files import (
+    STATE_ENV,
+    FileChanged,
+    UploadState,
+    default_state_path,
+    file_md5,
+    guess_mime,
+    voice_duration_ms,
+)
+from cim.client.local_files import read_chunk as read_local_chunk
 from cim.files.names import clean_name
+from cim.files.proof import proof_of
 
-STATE_ENV = "CIM_UPLOAD_STATE"
-HASH_BLOCK = 1 << 20
+__all__ = [
+    "STATE_ENV",
+    "DestinationExists",
+    "FileClient",
+    "FileServiceError",
+    "NoProgress",
+    "ProgressSink",
+    "ProofChallenge",
+    "StoredFile",
+    "UploadReport",
+    "UploadState",
+    "default_state_path",
+    "file_md5",
+    "guess_mime",
+    "read_chunk",
+    "voice_duration_ms",
+]
+
 CHUNK_ATTEMPTS = 4
 RETRY_DELAY = 0.5
 _RETRYABLE_CODES = frozenset(("md5_mismatch", "internal_error", "state_unavailable"))
+
+
+def read_chunk(path: str, offset: int, length: int) -> bytes:
+    """Bytes of a file being sent; a file that shrank meanwhile is a FileServiceError."""
+    try:
+        return read_local_chunk(path, offset, length)
+    except FileChanged as changed:
+        raise FileServiceError(0, "file_changed", str(changed)) from None
 
 
 class FileServiceError(Exception):
@@ -68,6 +105,8 @@ class StoredFile:
     md5: str = ""
     width: int = 0
     height: int = 0
+    signed_url: str = ""
+    """Short-lived and bound to this user (still with their token); ``url`` goes in messages."""
 
     @classmethod
     def from_json(cls, body: dict[str, Any]) -> StoredFile:
@@ -82,11 +121,34 @@ class StoredFile:
                 md5=str(body.get("md5") or ""),
                 width=int(body.get("width") or 0),
                 height=int(body.get("height") or 0),
+                signed_url=str(body.get("signed_url") or ""),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise FileServiceError(
                 0, "bad_response", f"malformed file description: {exc}"
             ) from None
+
+
+@dataclass(frozen=True)
+class ProofChallenge:
+    """What the server asks before an instant upload: a keyed hash of one range."""
+
+    token: str
+    nonce: str
+    offset: int
+    length: int
+
+    @classmethod
+    def from_json(cls, body: Any) -> ProofChallenge:
+        try:
+            return cls(
+                token=str(body["token"]),
+                nonce=str(body["nonce"]),
+                offset=int(body["offset"]),
+                length=int(body["length"]),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise FileServiceError(0, "bad_response", f"malformed challenge: {exc}") from None
 
 
 @dataclass(frozen=True)
@@ -117,109 +179,6 @@ class NoProgress:
 
     def end(self) -> None:
         pass
-
-
-# --- the resume state file -------------------------------------------------------------
-
-
-def default_state_path() -> str:
-    configured = os.environ.get(STATE_ENV)
-    if configured:
-        return configured
-    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(cache, "cim", "uploads.json")
-
-
-@dataclass
-class UploadState:
-    """Unfinished upload ids by (file service, user, MD5, size), in a JSON file.
-
-    Written atomically (a temporary file renamed over the old one) and readable by
-    its owner only; a damaged file is treated as empty: the worst case is an upload
-    that starts again from the first chunk.
-    """
-
-    path: str = field(default_factory=default_state_path)
-
-    @staticmethod
-    def key(base_url: str, user: str, md5: str, size: int) -> str:
-        return f"{base_url}|{user}|{md5}|{size}"
-
-    def _load(self) -> dict[str, str]:
-        try:
-            with open(self.path, encoding="utf-8") as handle:
-                data = json.load(handle)
-        except (OSError, ValueError):
-            return {}
-        if not isinstance(data, dict):
-            return {}
-        return {str(k): str(v) for k, v in data.items() if isinstance(v, str)}
-
-    def _save(self, data: dict[str, str]) -> None:
-        directory = os.path.dirname(os.path.abspath(self.path))
-        os.makedirs(directory, mode=0o700, exist_ok=True)
-        fd, temporary = tempfile.mkstemp(dir=directory, prefix=".uploads-")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                json.dump(data, handle, indent=1, sort_keys=True)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(temporary, self.path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(temporary)
-            raise
-
-    def get(self, key: str) -> str | None:
-        return self._load().get(key)
-
-    def put(self, key: str, upload_id: str) -> None:
-        data = self._load()
-        data[key] = upload_id
-        self._save(data)
-
-    def drop(self, key: str) -> None:
-        data = self._load()
-        if data.pop(key, None) is not None:
-            self._save(data)
-
-
-# --- files on the client's disk ----------------------------------------------------------
-
-
-def file_md5(path: str) -> tuple[str, int]:
-    """Hex MD5 and size of a file, read in blocks (blocking: run it in a thread)."""
-    digest = hashlib.md5(usedforsecurity=False)
-    size = 0
-    with open(path, "rb") as handle:
-        while block := handle.read(HASH_BLOCK):
-            digest.update(block)
-            size += len(block)
-    return digest.hexdigest(), size
-
-
-def read_chunk(path: str, offset: int, length: int) -> bytes:
-    with open(path, "rb") as handle:
-        handle.seek(offset)
-        data = handle.read(length)
-    if len(data) != length:
-        raise FileServiceError(0, "file_changed", f"{path} changed while it was being sent")
-    return data
-
-
-def guess_mime(path: str) -> str:
-    mime, _ = mimetypes.guess_type(path)
-    return mime or "application/octet-stream"
-
-
-def voice_duration_ms(path: str) -> int:
-    """The length of a WAV recording; 0 when it is not one this code can read."""
-    try:
-        with wave.open(path, "rb") as recording:
-            rate = recording.getframerate()
-            return int(recording.getnframes() * 1000 / rate) if rate else 0
-    except (wave.Error, EOFError, OSError):
-        return 0
 
 
 # --- the client ----------------------------------------------------------------------------
@@ -334,9 +293,42 @@ class FileClient:
 
     # --- the API, call by call -----------------------------------------------------------
 
-    async def check(self, md5: str, size: int) -> StoredFile | None:
+    async def check(self, md5: str, size: int) -> StoredFile | ProofChallenge | None:
+        """The file when the caller holds it already, else the challenge to answer."""
         body = await self._call("POST", "/api/v1/files/check", {"md5": md5, "size": size})
+        if body.get("exists"):
+            return StoredFile.from_json(body)
+        if "challenge" in body:
+            return ProofChallenge.from_json(body["challenge"])
+        return None
+
+    async def prove(
+        self, md5: str, size: int, challenge: ProofChallenge, proof: str
+    ) -> StoredFile | None:
+        """The stored file, now held by the caller too; None: upload it after all."""
+        payload = {"md5": md5, "size": size, "challenge": challenge.token, "proof": proof}
+        body = await self._call("POST", "/api/v1/files/check", payload)
         return StoredFile.from_json(body) if body.get("exists") else None
+
+    async def instant(self, path: str, md5: str, size: int) -> StoredFile | None:
+        """Instant upload: the stored file if the server has the content, else None."""
+        answer = await self.check(md5, size)
+        if not isinstance(answer, ProofChallenge):
+            return answer
+        data = await self._in_thread(lambda: read_chunk(path, answer.offset, answer.length))
+        try:
+            return await self.prove(md5, size, answer, proof_of(answer.nonce, data))
+        except FileServiceError as error:
+            if error.code in ("challenge_expired", "bad_challenge"):
+                return None  # a slow disk or clock: uploading works anyway
+            raise
+
+    async def describe(self, file_id: str) -> StoredFile:
+        return StoredFile.from_json(await self._call("GET", f"/api/v1/files/{file_id}"))
+
+    async def delete(self, file_id: str) -> dict[str, Any]:
+        """Delete a file for this user; copies sent to others stay theirs."""
+        return await self._call("DELETE", f"/api/v1/files/{file_id}")
 
     async def create_upload(self, name: str, size: int, md5: str, mime: str) -> dict[str, Any]:
         return await self._call(
@@ -383,7 +375,7 @@ class FileClient:
         md5, size = await self._in_thread(lambda: file_md5(path))
         name = name or os.path.basename(path)
         mime = mime or guess_mime(path)
-        stored = await self.check(md5, size)
+        stored = await self.instant(path, md5, size)
         if stored is not None:
             sink.begin(size, size)
             sink.end()
@@ -538,14 +530,25 @@ class FileClient:
         return await self._receive(response, output, progress, 0)
 
     async def _fetch(self, url: str, offset: int) -> Any:
-        """The download's response (206 from ``offset`` when the server resumes)."""
-        signed = "sig=" in urllib.parse.urlsplit(url).query
+        """The download's response (206 from ``offset`` when the server resumes).
+
+        With the token always; a signed URL the server refuses (made for another
+        user, or expired) is asked for again without its signature.
+        """
+        try:
+            return await self._get(url, offset)
+        except FileServiceError as error:
+            parts = urllib.parse.urlsplit(url)
+            if error.code != "bad_signature" or not parts.query:
+                raise
+        return await self._get(urllib.parse.urlunsplit(parts._replace(query="")), offset)
+
+    async def _get(self, url: str, offset: int) -> Any:
         headers: dict[bytes | str, bytes | str] = {}
         if offset:
             headers["Range"] = f"bytes={offset}-"
-        all_headers = headers if signed else self._headers(headers)
         try:
-            response = await self._http.get(url, headers=all_headers, unbuffered=True)
+            response = await self._http.get(url, headers=self._headers(headers), unbuffered=True)
         except Exception as exc:
             where = url.split("?")[0]
             raise FileServiceError(0, "unreachable", f"cannot reach {where}: {exc}") from None

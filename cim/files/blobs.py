@@ -9,7 +9,8 @@ Layout under ``[files] storage_dir``::
     blobs/ab/cd/abcd...        one file per distinct content, named by its SHA-256
     thumbs/ab/cd/abcd....jpeg  its thumbnail, when it is an image
     uploads/<upload id>/<n>    chunk n of an unfinished upload
-    tmp/                       request bodies being received, files being assembled
+    tmp/                       request bodies being received, files being assembled,
+                               purged blobs for the moment before they are deleted
 
 Several nodes may share the directory (a shared mount): a file only appears under
 its final name by ``os.replace`` from ``tmp/`` on the same filesystem, which is
@@ -179,26 +180,69 @@ class BlobStore:
             raise
         return Assembled(path, size, md5.hexdigest(), sha256.hexdigest())
 
-    def commit(self, assembled: Assembled) -> str:
-        """Give an assembled file its content address; the path of the blob.
+    def place(self, assembled: Assembled) -> bool:
+        """Give an assembled file its content address, unless the blob is there already.
 
-        If the blob exists already (the same content uploaded twice, maybe by another
-        node at the same moment), the copy is dropped: same name, same bytes.
+        True when the copy became the blob. When the blob exists (the same content
+        uploaded twice, maybe by another node at the same moment) the copy stays
+        where it is, for its owner to place again or discard: same name, same bytes.
         """
         final = self.blob_path(assembled.sha256)
         try:
             if os.path.exists(final):
-                _unlink(assembled.path)
-                return final
+                return False
             os.makedirs(os.path.dirname(final), exist_ok=True)
             os.chmod(assembled.path, 0o640)
             os.replace(assembled.path, final)
         except OSError as exc:
-            _unlink(assembled.path)
             if _no_space(exc):
                 raise DiskFull() from None
             raise
-        return final
+        return True
+
+    def read_range(self, sha256: str, offset: int, length: int) -> bytes | None:
+        """``length`` bytes of a blob from ``offset``; None when the blob is not (all) there."""
+        try:
+            with open(self.blob_path(sha256), "rb") as handle:
+                handle.seek(offset)
+                data = handle.read(length)
+        except FileNotFoundError:
+            return None
+        return data if len(data) == length else None
+
+    # --- purging ----------------------------------------------------------------------
+
+    def set_aside(self, sha256: str, thumbnail: str | None) -> list[tuple[str, str]]:
+        """Move a purged file's blob (and thumbnail) into ``tmp/``: (final, aside) pairs.
+
+        A rename, so the bytes can be put back if the content turns out to be wanted
+        again after all (``put_back``); ``tmp/`` is on the same filesystem.
+        """
+        paths = [self.blob_path(sha256)]
+        if thumbnail is not None:
+            paths.append(self.thumbnail_path(sha256, thumbnail))
+        moved = []
+        for final in paths:
+            aside = os.path.join(self.tmp_dir, f".purge-{os.path.basename(final)}")
+            try:
+                os.replace(final, aside)
+            except FileNotFoundError:
+                continue
+            moved.append((final, aside))
+        return moved
+
+    def put_back(self, moved: list[tuple[str, str]]) -> None:
+        """Undo ``set_aside``; where the content was stored again meanwhile, keep that."""
+        for final, aside in moved:
+            if os.path.exists(final):
+                _unlink(aside)
+                continue
+            os.makedirs(os.path.dirname(final), exist_ok=True)
+            os.replace(aside, final)
+
+    def remove_aside(self, moved: list[tuple[str, str]]) -> None:
+        for _, aside in moved:
+            _unlink(aside)
 
     def discard(self, path: str) -> None:
         _unlink(path)

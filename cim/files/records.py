@@ -2,7 +2,8 @@
 
 Quotas are decided inside the same transaction that reserves the space (creating an
 upload, or holding an existing file), so two requests of one user racing each other
-cannot both slip under the limit.
+cannot both slip under the limit. Who may read a file, sharing, deleting and the
+purge are in ``cim.storage.files_access``.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 
-from cim.storage.schema import file_refs, files, upload_chunks, uploads
+from cim.storage.files_access import may_read
+from cim.storage.schema import file_refs, files, upload_chunks, uploads, users
 
 
 class QuotaExceeded(Exception):
@@ -27,6 +29,10 @@ class QuotaExceeded(Exception):
 
 class TooManyUploads(Exception):
     """The user has as many unfinished uploads as allowed."""
+
+
+class NoSuchAccount(Exception):
+    """The caller's session outlived its account (deleted with ``cimctl user del``)."""
 
 
 @dataclass(frozen=True)
@@ -100,9 +106,36 @@ def file_txn(connection: Connection, file_id: str) -> FileRecord | None:
     return None if row is None else _file(row)
 
 
-def file_by_content_txn(connection: Connection, md5: str, size: int) -> FileRecord | None:
+def readable_file_txn(connection: Connection, file_id: str, user: str) -> FileRecord | None:
+    """The file, when ``user`` may read it; None when not, as when there is no such file."""
     row = connection.execute(
-        select(files).where(files.c.md5 == md5, files.c.size == size).order_by(files.c.created_at)
+        select(files).where(files.c.id == file_id, may_read(files.c.id, user))
+    ).first()
+    return None if row is None else _file(row)
+
+
+def files_by_content_txn(connection: Connection, md5: str, size: int) -> list[FileRecord]:
+    """Stored files with this MD5 and size: one, or more when someone made MD5s collide."""
+    rows = connection.execute(
+        select(files)
+        .where(files.c.md5 == md5, files.c.size == size)
+        .order_by(files.c.created_at)
+        .limit(8)
+    ).all()
+    return [_file(row) for row in rows]
+
+
+def held_content_txn(connection: Connection, user: str, md5: str, size: int) -> FileRecord | None:
+    """A file with this content that ``user`` holds (and has not deleted)."""
+    row = connection.execute(
+        select(files)
+        .select_from(files.join(file_refs, file_refs.c.file_id == files.c.id))
+        .where(
+            files.c.md5 == md5,
+            files.c.size == size,
+            file_refs.c.user_name == user,
+            file_refs.c.deleted_at.is_(None),
+        )
     ).first()
     return None if row is None else _file(row)
 
@@ -125,7 +158,8 @@ def used_bytes_txn(connection: Connection, user: str) -> int:
     return int(held) + int(pending)
 
 
-def _holds_txn(connection: Connection, file_id: str, user: str) -> bool:
+def _holding_txn(connection: Connection, file_id: str, user: str) -> bool:
+    """Whether ``user`` has a holding of the file, deleted or not (both count for quota)."""
     row = connection.execute(
         select(file_refs.c.file_id).where(
             file_refs.c.file_id == file_id, file_refs.c.user_name == user
@@ -134,8 +168,19 @@ def _holds_txn(connection: Connection, file_id: str, user: str) -> bool:
     return row is not None
 
 
+def _check_account_txn(connection: Connection, user: str) -> None:
+    if connection.execute(select(users.c.id).where(users.c.name == user)).first() is None:
+        raise NoSuchAccount(user)
+
+
 def _add_ref_txn(connection: Connection, file_id: str, user: str, now: float) -> None:
-    if _holds_txn(connection, file_id, user):
+    """Make ``user`` a holder; a holding deleted during the grace period comes back."""
+    if _holding_txn(connection, file_id, user):
+        connection.execute(
+            update(file_refs)
+            .where(file_refs.c.file_id == file_id, file_refs.c.user_name == user)
+            .values(deleted_at=None)
+        )
         return
     try:
         with connection.begin_nested():
@@ -143,22 +188,29 @@ def _add_ref_txn(connection: Connection, file_id: str, user: str, now: float) ->
                 insert(file_refs).values(file_id=file_id, user_name=user, created_at=now)
             )
     except IntegrityError:
-        if not _holds_txn(connection, file_id, user):
+        if not _holding_txn(connection, file_id, user):
             raise
 
 
-def hold_existing_txn(
-    connection: Connection, md5: str, size: int, user: str, quota: int, now: float
+def hold_txn(
+    connection: Connection, file_id: str, user: str, quota: int, now: float
 ) -> FileRecord | None:
-    """Instant upload: the stored file with this content, now also held by ``user``."""
-    record = file_by_content_txn(connection, md5, size)
+    """Instant upload, once possession is proven: ``user`` holds the file too.
+
+    None when the file is gone (purged meanwhile): the client uploads it instead.
+    """
+    _check_account_txn(connection, user)
+    record = file_txn(connection, file_id)
     if record is None:
         return None
-    if quota and not _holds_txn(connection, record.id, user):
+    if quota and not _holding_txn(connection, file_id, user):
         used = used_bytes_txn(connection, user)
-        if used + size > quota:
-            raise QuotaExceeded(used, size, quota)
-    _add_ref_txn(connection, record.id, user, now)
+        if used + record.size > quota:
+            raise QuotaExceeded(used, record.size, quota)
+    try:
+        _add_ref_txn(connection, file_id, user, now)
+    except IntegrityError:
+        return None  # purged between the read and the insert
     return record
 
 
@@ -168,6 +220,7 @@ def create_upload_txn(
     pending = connection.execute(
         select(func.count()).select_from(uploads).where(uploads.c.user_name == upload.user)
     ).scalar_one()
+    _check_account_txn(connection, upload.user)
     if pending >= max_pending:
         raise TooManyUploads()
     if quota:
@@ -241,11 +294,13 @@ def record_chunk_txn(
     return int(count)
 
 
-def finish_upload_txn(connection: Connection, upload_id: str, record: FileRecord) -> FileRecord:
-    """Turn a verified upload into a file held by its uploader.
+def finish_upload_txn(
+    connection: Connection, upload_id: str, record: FileRecord, user: str, now: float
+) -> FileRecord:
+    """Turn a verified upload into a file held by its uploader, ``user``.
 
     When the content is stored already (found by SHA-256), that file is returned
-    and ``record`` is dropped: one content, one file id.
+    and ``record`` is dropped: one content, one file id; ``user`` holds it too.
     """
     existing = file_by_sha256_txn(connection, record.sha256)
     if existing is not None:
@@ -275,7 +330,7 @@ def finish_upload_txn(connection: Connection, upload_id: str, record: FileRecord
             if found is None:
                 raise
             stored = found
-    _add_ref_txn(connection, stored.id, record.created_by, record.created_at)
+    _add_ref_txn(connection, stored.id, user, now)
     connection.execute(delete(uploads).where(uploads.c.id == upload_id))
     return stored
 

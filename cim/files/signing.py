@@ -1,9 +1,13 @@
-"""Signed download URLs: what lets a message's receiver fetch a file without a token.
+"""The file service's key: signed download URLs and instant-upload challenges.
 
-A message carries ``/files/{id}?expires=T&sig=S`` where S is an HMAC-SHA256 of the
-file id, the variant (the file or its thumbnail) and T under a key only the file
-service knows. Every node that serves the same storage must use the same key, so the
-key is a file an operator can put on the shared mount (``[files] url_key``).
+A signed URL ``/files/{id}?expires=T&sig=S`` is short-lived and bound to one user: S
+is an HMAC-SHA256 of the file id, the variant (the file or its thumbnail), the user
+and T under a key only the file service knows. The user is not in the URL; the
+download checks S against the user of the bearer token, so a URL is worth nothing
+to anyone else, and nothing at all without that user's token. Every node that serves
+the same storage must use the same key, so the key is a file an operator can put on
+the shared mount (``[files] url_key``). Each use has its own first line in what is
+signed, so a MAC made for one purpose never passes for another.
 """
 
 from __future__ import annotations
@@ -64,7 +68,7 @@ def _read_key(path: str) -> bytes:
 
 
 class UrlSigner:
-    """Signs and checks (file id, variant, expiry) triples."""
+    """Signs and checks (file id, variant, user, expiry), and MACs for other purposes."""
 
     def __init__(self, key: bytes) -> None:
         self._key = key
@@ -72,14 +76,20 @@ class UrlSigner:
     def __repr__(self) -> str:
         return "UrlSigner(<key hidden>)"
 
-    def signature(self, file_id: str, variant: str, expires: int) -> str:
-        message = f"cim-file-url\n{file_id}\n{variant}\n{expires}".encode()
+    def mac(self, purpose: str, *fields: object) -> str:
+        """base64url (no padding) of HMAC-SHA256 over the purpose and the fields."""
+        message = "\n".join([purpose, *(str(field) for field in fields)]).encode()
         digest = hmac.new(self._key, message, hashlib.sha256).digest()
         return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
 
-    def check(self, file_id: str, variant: str, expires: int, signature: str, now: float) -> bool:
-        """True when the signature is ours and ``expires`` has not passed."""
+    def signature(self, file_id: str, variant: str, user: str, expires: int) -> str:
+        return self.mac("cim-file-url-v2", file_id, variant, user, expires)
+
+    def check(
+        self, file_id: str, variant: str, user: str, expires: int, signature: str, now: float
+    ) -> bool:
+        """True when the signature is ours, for this user, and ``expires`` has not passed."""
         if expires < now:
             return False
-        expected = self.signature(file_id, variant, expires)
+        expected = self.signature(file_id, variant, user, expires)
         return hmac.compare_digest(expected.encode(), signature.encode("utf-8", "replace"))

@@ -1,10 +1,15 @@
-"""The file service's rules: instant upload, chunked upload, completion, expiry, links.
+"""The file service's rules: instant upload, chunked upload, completion, expiry, access.
+
+A file belongs to someone: it is read by its holders and by the participants of the
+conversations it was sent in (``cim.storage.files_access``), whatever URL or MD5 the
+caller knows; an instant upload links a stored file only after a proof of
+possession (``cim.files.proof``); a holder deletes it for themselves, and the purge
+(``cim.files.purge``) removes what nobody may read any more.
 
 Used from the reactor thread; every call returns quickly and leaves the blocking work
 to two pools: the database pool for records, the file pool for bytes (moving chunks,
-MD5 and SHA-256, assembling, thumbnails). Refusals are ``FileProblem`` with the HTTP
-status and error code the service answers with, so the rules and their answers are
-tested together.
+MD5 and SHA-256, assembling, thumbnails). Refusals are ``FileProblem``
+(``cim.files.outcomes``), with the HTTP status and error code the service answers with.
 """
 
 from __future__ import annotations
@@ -14,9 +19,7 @@ import functools
 import math
 import re
 import secrets
-from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.internet.interfaces import IReactorTime
@@ -33,9 +36,34 @@ from cim.files.blobs import (
     is_server_id,
 )
 from cim.files.names import clean_mime, clean_name
-from cim.files.records import FileRecord, QuotaExceeded, TooManyUploads, UploadRecord
+from cim.files.outcomes import (
+    CheckAnswer,
+    Deletion,
+    FileMetrics,
+    FileProblem,
+    ReceivedBody,
+    account_gone,
+    disk_full,
+    not_found,
+)
+from cim.files.proof import (
+    ChallengeRefused,
+    Challenges,
+    check_proof_format,
+    proof_of,
+    same_proof,
+)
+from cim.files.purge import Purge, PurgeReport
+from cim.files.records import (
+    FileRecord,
+    NoSuchAccount,
+    QuotaExceeded,
+    TooManyUploads,
+    UploadRecord,
+)
 from cim.files.signing import UrlSigner
 from cim.files.thumbnails import ImageRefused, make_thumbnail
+from cim.storage import files_access
 from cim.storage.database import Database, ThreadPoolRunner
 
 MAX_PENDING_UPLOADS = 64
@@ -45,70 +73,6 @@ SWEEP_BATCH = 500
 VARIANT_FILE = "file"
 VARIANT_THUMBNAIL = "thumbnail"
 _MD5_HEX = re.compile(r"[0-9a-f]{32}")
-
-
-class FileProblem(Exception):
-    """A refusal with the HTTP status and error code to answer it with."""
-
-    def __init__(
-        self, status: int, code: str, message: str, extra: dict[str, Any] | None = None
-    ) -> None:
-        super().__init__(status, code, message)
-        self.status = status
-        self.code = code
-        self.message = message
-        self.extra = extra or {}
-
-
-def not_found(what: str = "file") -> FileProblem:
-    return FileProblem(404, "not_found", f"no such {what}")
-
-
-def disk_full() -> FileProblem:
-    return FileProblem(
-        507,
-        "insufficient_storage",
-        "the server's storage is full; the upload is kept, try again later to resume it",
-    )
-
-
-@dataclass
-class FileMetrics:
-    """Plain counters, reported in the admin service's /health."""
-
-    chunks_stored: int = 0
-    chunk_bytes: int = 0
-    uploads_created: int = 0
-    uploads_completed: int = 0
-    instant_uploads: int = 0
-    uploads_expired: int = 0
-    downloads: int = 0
-    refused: Counter[str] = field(default_factory=Counter)
-
-    def snapshot(self) -> dict[str, Any]:
-        return {
-            "chunks_stored": self.chunks_stored,
-            "chunk_bytes": self.chunk_bytes,
-            "uploads_created": self.uploads_created,
-            "uploads_completed": self.uploads_completed,
-            "instant_uploads": self.instant_uploads,
-            "uploads_expired": self.uploads_expired,
-            "downloads": self.downloads,
-            "refused": dict(sorted(self.refused.items())),
-        }
-
-
-@dataclass(frozen=True)
-class ReceivedBody:
-    """A request body as the HTTP layer received it: spooled to ``path``, or in ``data``.
-
-    Whoever holds it must either store it or discard it: a spooled file is a
-    temporary file in the storage directory.
-    """
-
-    length: int
-    path: str | None = None
-    data: bytes | None = None
 
 
 def _check_md5(value: Any) -> str:
@@ -139,6 +103,8 @@ class FileStore:
         self.clock = clock
         self.metrics = metrics or FileMetrics()
         self.public_url = config.public_url
+        self.challenges = Challenges(signer)
+        self._purge = Purge(config, database, blobs, work, clock)
         self._new_id = new_id
         self._completing: set[str] = set()
 
@@ -165,24 +131,53 @@ class FileStore:
 
     # --- instant upload (闪电上传) ------------------------------------------------------
 
-    async def check(self, user: str, md5: Any, size: Any) -> FileRecord | None:
-        """The stored file with this content, now held by ``user`` too; None if absent."""
+    async def check(
+        self, user: str, md5: Any, size: Any, challenge: Any = None, proof: Any = None
+    ) -> CheckAnswer:
+        """Instant upload in two steps: a challenge, then the proof that links the file.
+
+        A caller who holds the content already gets it at once. Anyone else gets a
+        challenge, whether or not the content is stored, and with a right proof the
+        stored file, now held by them too; a wrong proof is answered as for unknown
+        content.
+        """
         digest = _check_md5(md5)
         length = self._check_size(size)
+        now = self.clock.seconds()
+        if challenge is None and proof is None:
+            held = await self.database.run(records.held_content_txn, user, digest, length)
+            if held is not None:
+                return CheckAnswer(record=held)
+            return CheckAnswer(challenge=self.challenges.issue(user, digest, length, now))
+        if challenge is None or proof is None:
+            raise FileProblem(400, "bad_request", "send both 'challenge' and 'proof'")
         try:
-            record = await self.database.run(
-                records.hold_existing_txn,
-                digest,
-                length,
-                user,
-                self.config.user_quota,
-                self.clock.seconds(),
+            issued = self.challenges.verify(user, digest, length, challenge, now)
+            given = check_proof_format(proof)
+        except ChallengeRefused as refused:
+            raise FileProblem(400, refused.code, refused.message) from None
+        candidates = await self.database.run(records.files_by_content_txn, digest, length)
+        for candidate in candidates:
+            read = functools.partial(
+                self.blobs.read_range, candidate.sha256, issued.offset, issued.length
             )
-        except QuotaExceeded as exc:
-            raise self._quota_problem(exc) from None
-        if record is not None:
-            self.metrics.instant_uploads += 1
-        return record
+            data = await self.work.run(read)
+            if data is None or not same_proof(proof_of(issued.nonce, data), given):
+                continue
+            try:
+                record = await self.database.run(
+                    records.hold_txn, candidate.id, user, self.config.user_quota, now
+                )
+            except QuotaExceeded as exc:
+                raise self._quota_problem(exc) from None
+            except NoSuchAccount:
+                raise account_gone() from None
+            if record is not None:
+                self.metrics.instant_uploads += 1
+                return CheckAnswer(record=record)
+        if candidates:
+            self.metrics.proofs_failed += 1
+        return CheckAnswer()
 
     # --- chunked upload ---------------------------------------------------------------
 
@@ -218,6 +213,8 @@ class FileStore:
             )
         except QuotaExceeded as exc:
             raise self._quota_problem(exc) from None
+        except NoSuchAccount:
+            raise account_gone() from None
         except TooManyUploads:
             raise FileProblem(
                 429,
@@ -327,7 +324,6 @@ class FileStore:
             raise disk_full() from None
         except MissingChunk as exc:
             raise self._incomplete(upload, [int(exc.args[0])]) from None
-        keep = False
         try:
             if assembled.size != upload.size or assembled.md5 != upload.md5:
                 await self._drop_upload(upload.id)
@@ -340,16 +336,16 @@ class FileStore:
                 )
             existing = await self.database.run(records.file_by_sha256_txn, assembled.sha256)
             record = existing or await self._new_file(upload, assembled)
-            if existing is None:
-                try:
-                    await self.work.run(lambda: self.blobs.commit(assembled))
-                except DiskFull:
-                    raise disk_full() from None
-                keep = True
-            stored = await self.database.run(records.finish_upload_txn, upload.id, record)
+            placed = await self._place(assembled)
+            stored = await self.database.run(
+                records.finish_upload_txn, upload.id, record, upload.user, self.clock.seconds()
+            )
+            if not placed:
+                # The blob was there, but the purge may have taken it since: the
+                # upload's own copy is kept until the file's row holds the content.
+                await self._place(assembled)
         finally:
-            if not keep:
-                await self.work.run(lambda: self.blobs.discard(assembled.path))
+            await self.work.run(lambda: self.blobs.discard(assembled.path))
         await self.work.run(lambda: self.blobs.remove_upload(upload.id))
         self.metrics.uploads_completed += 1
         self._log.info(
@@ -360,6 +356,12 @@ class FileStore:
             size=stored.size,
         )
         return stored
+
+    async def _place(self, assembled: Assembled) -> bool:
+        try:
+            return bool(await self.work.run(lambda: self.blobs.place(assembled)))
+        except DiskFull:
+            raise disk_full() from None
 
     def _incomplete(self, upload: UploadRecord, missing: list[int]) -> FileProblem:
         return FileProblem(
@@ -445,32 +447,65 @@ class FileStore:
             self._log.info("removed {count} expired uploads", count=expired)
         return expired
 
-    # --- reading ----------------------------------------------------------------------
+    async def purge(self) -> PurgeReport:
+        """Forget deleted holdings past the grace period, then purge unreferenced files."""
+        report = await self._purge()
+        self.metrics.files_purged += report.files
+        self.metrics.bytes_purged += report.bytes
+        return report
 
-    async def file(self, file_id: str) -> FileRecord | None:
+    # --- reading and deleting -------------------------------------------------------------
+
+    async def readable(self, user: str, file_id: str) -> FileRecord | None:
+        """The file if ``user`` may read it; None otherwise, as for no such file."""
         if not is_server_id(file_id):
             return None
-        return await self.database.run(records.file_txn, file_id)
+        return await self.database.run(records.readable_file_txn, file_id, user)
 
-    def signed_url(self, file_id: str, variant: str, expires: int) -> str:
+    async def delete(self, user: str, file_id: str) -> Deletion:
+        """Delete the file for ``user``: their holding and their one-to-one copies."""
+        if not is_server_id(file_id):
+            raise not_found()
+        now = self.clock.seconds()
+        released = await self.database.run(files_access.release_txn, file_id, user, now)
+        if released is None:
+            raise FileProblem(
+                404,
+                "not_found",
+                "you have no such file (a file sent to a group stays with the group)",
+            )
+        self.metrics.files_deleted += 1
+        self._log.info("file {file} deleted by {user!r}", file=file_id, user=user)
+        freed_at = now + self.config.purge_grace if released.held else None
+        return Deletion(file_id, freed_at, released.readable, released.shared)
+
+    def file_url(self, file_id: str, variant: str) -> str:
+        """The file's address: what messages carry; it takes a reader's token."""
         suffix = "/thumbnail" if variant == VARIANT_THUMBNAIL else ""
-        signature = self.signer.signature(file_id, variant, expires)
-        return f"{self.public_url}/files/{file_id}{suffix}?expires={expires}&sig={signature}"
+        return f"{self.public_url}/files/{file_id}{suffix}"
 
-    def describe(self, record: FileRecord) -> dict[str, Any]:
-        """What clients are told about a stored file, with fresh signed URLs."""
+    def signed_url(self, file_id: str, variant: str, user: str, expires: int) -> str:
+        """The address signed for ``user`` until ``expires``; it still takes their token."""
+        signature = self.signer.signature(file_id, variant, user, expires)
+        return f"{self.file_url(file_id, variant)}?expires={expires}&sig={signature}"
+
+    def describe(self, record: FileRecord, user: str) -> dict[str, Any]:
+        """What ``user`` is told about a file they may read, with fresh signed URLs."""
         expires = int(self.clock.seconds() + self.config.url_ttl)
+        thumbnail = record.thumbnail is not None
         return {
             "file_id": record.id,
-            "url": self.signed_url(record.id, VARIANT_FILE, expires),
-            "thumbnail_url": (
-                self.signed_url(record.id, VARIANT_THUMBNAIL, expires) if record.thumbnail else ""
+            "url": self.file_url(record.id, VARIANT_FILE),
+            "thumbnail_url": self.file_url(record.id, VARIANT_THUMBNAIL) if thumbnail else "",
+            "signed_url": self.signed_url(record.id, VARIANT_FILE, user, expires),
+            "signed_thumbnail_url": (
+                self.signed_url(record.id, VARIANT_THUMBNAIL, user, expires) if thumbnail else ""
             ),
+            "expires": expires,
             "size": record.size,
             "mime": record.mime,
             "name": record.name,
             "md5": record.md5,
             "width": record.width or 0,
             "height": record.height or 0,
-            "expires": expires,
         }

@@ -24,6 +24,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from cim.content import MediaUrls
+from cim.im.shares import FileShares, NoFileShares
 from cim.interfaces import IStateBackend, SessionRecord
 from cim.limits.policy import NoLimits, RateLimits
 from cim.message_ids import MessageIdGenerator
@@ -241,6 +242,8 @@ class Stores:
     """Messages in an offline page when the client does not say."""
     archive: Archive = field(default_factory=NoArchive)
     history: HistoryAnswers = field(default_factory=NoHistory)
+    file_shares: FileShares = field(default_factory=NoFileShares)
+    """Which conversations each file was sent in (cim.im.shares)."""
     max_page_bytes: int = 65536
     """The largest frame a page may fill ([im] max_frame_size; less if the client says)."""
 

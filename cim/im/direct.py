@@ -7,8 +7,9 @@ answered with ack:A and the sender is told with ack:N.
 Every msg:R, 1:1 or group, is first checked, stamped with the connection's user and a
 server id, and claimed in the state store under (sender, device, client sequence), so
 a retry, even one arriving on another node or after a restart, gets the same msg:A
-and is not delivered as a second message. A group post is then handed to
-``cim.im.groups``; a 1:1 message is routed.
+and is not delivered as a second message. A message naming a file is taken only if
+its sender may read the file, and the share is recorded first (``cim.im.shares``).
+A group post is then handed to ``cim.im.groups``; a 1:1 message is routed.
 
 Before any of that, the limits (``cim.limits.messages``: the sender's rate, the
 group's, the fan-out backlog, the archive) may refuse it: ERROR ``RATE_LIMITED`` or
@@ -24,7 +25,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from cim.content import MediaUrls, control_characters_in
-from cim.im.collaborators import ClientSession, FrameTable, NodeCore, log_failure
+from cim.im.collaborators import ClientSession, FrameTable, NodeCore, Stores, log_failure
 from cim.im.groups import GroupMessages
 from cim.im.routing import Routing
 from cim.interfaces import MessageReceipt, StateUnavailable
@@ -95,6 +96,7 @@ class DirectMessages:
         core: NodeCore,
         routing: Routing,
         groups: GroupMessages,
+        stores: Stores,
         gate: MessageGate,
         max_text_length: int = MAX_TEXT_LENGTH,
     ) -> None:
@@ -106,6 +108,7 @@ class DirectMessages:
         self._groups = groups
         self._gate = gate
         self._max_text_length = max_text_length
+        self._stores = stores
 
     def frame_table(self) -> FrameTable:
         return {
@@ -146,6 +149,25 @@ class DirectMessages:
                 session, message.client_seq, BAD_REQUEST, "only members can post to a group"
             )
             return succeed(None)
+        if message.HasField("media"):
+            d = self._stores.file_shares.share(session.record.user, message)
+            d.addCallback(self._shared, session, message)
+            return d
+        return self._remember(session, message)
+
+    def _shared(self, readable: bool, session: ClientSession, message: cim_pb2.Message) -> Any:
+        """The files it names are shared now, or the sender may not send one of them."""
+        if not readable:
+            self._refuse(
+                session,
+                message.client_seq,
+                BAD_REQUEST,
+                "media names a file you may not send: upload it (or prove you have it) first",
+            )
+            return succeed(None)
+        return self._remember(session, message)
+
+    def _remember(self, session: ClientSession, message: cim_pb2.Message) -> Any:
         record = session.record
         d = self._receipts.remember_message(
             record.user, record.device, message.client_seq, message.id, message.sent_at_ms

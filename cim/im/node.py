@@ -78,7 +78,7 @@ class ImNode:
             archive_wait=lambda: stores.archive.behind(),
         )
         self.direct = DirectMessages(
-            core, self.routing, self.groups, self.gate, bounds.max_text_length
+            core, self.routing, self.groups, stores, self.gate, bounds.max_text_length
         )
         self.history = HistoryRequests(stores)
         self.presence = PresenceRequests(core.state.presence)

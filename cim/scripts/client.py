@@ -54,7 +54,11 @@ from cim.scripts.chat_commands import (
     online_command,
     send_command,
 )
-from cim.scripts.file_commands import add_file_commands, download_command, send_file_command
+from cim.scripts.file_commands import (
+    FILE_SERVICE_COMMANDS,
+    add_file_commands,
+    send_file_command,
+)
 from cim.scripts.group_commands import add_group_commands, group_command, resolve_group
 from cim.scripts.logic_commands import (
     LOGIC_COMMANDS,
@@ -140,8 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 async def run(reactor: Any, options: argparse.Namespace) -> int:
-    if options.command == "download":
-        return await download_command(reactor, options)
+    if options.command in FILE_SERVICE_COMMANDS:
+        return await FILE_SERVICE_COMMANDS[options.command](reactor, options)
     if options.command in LOGIC_COMMANDS:
         return await logic_command(reactor, options)
     on_state = None
@@ -203,7 +207,7 @@ def start_logging(verbosity: int) -> None:
 def main(argv: Sequence[str] | None = None) -> None:
     parser = build_parser()
     options = parser.parse_args(argv)
-    if not options.user and options.command != "download":
+    if not options.user:
         parser.error("--user is required (or set CIM_USER)")
     start_logging(options.verbose)
     from twisted.internet import asyncioreactor

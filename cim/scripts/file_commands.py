@@ -1,4 +1,7 @@
-"""cim-client send-file and download: the file service, with a progress bar on stderr."""
+"""cim-client send-file, download and delete-file: the file service, with a progress bar.
+
+Every one of them logs in: a file is read and deleted by the users it belongs to.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +9,6 @@ import argparse
 import contextlib
 import os
 import sys
-import urllib.parse
 from typing import Any
 
 from cim.scripts.group_commands import resolve_group
@@ -41,7 +43,9 @@ def add_file_commands(commands: Any) -> None:
         "--limit-rate", default="0", help="average upload rate, e.g. 500KiB or 2MiB (per second)"
     )
     send_file.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for ack:N")
-    download = commands.add_parser("download", help="download a file from a message's URL")
+    download = commands.add_parser(
+        "download", help="download a file from a message's URL (as --user: files are private)"
+    )
     download.add_argument("url")
     download.add_argument(
         "-o", "--output", help="file or directory to save to; - writes the file to stdout"
@@ -49,6 +53,11 @@ def add_file_commands(commands: Any) -> None:
     download.add_argument(
         "-f", "--force", action="store_true", help="replace a file that is already there"
     )
+    delete = commands.add_parser(
+        "delete-file",
+        help="delete a file you uploaded or were sent; the others keep their copies",
+    )
+    delete.add_argument("file_id", help="the file's id (file_id in send-file and listen)")
 
 
 class ProgressBar:
@@ -148,20 +157,11 @@ async def send_file_command(reactor: Any, client: Any, options: argparse.Namespa
 
 
 async def download_command(reactor: Any, options: argparse.Namespace) -> int:
-    """A signed URL needs no login; any other file URL is fetched with a token."""
+    """Download with a login: the server checks the user may read the file."""
     from cim.client.files import FileClient
-    from cim.client.router import RouterError
 
-    signed = "sig=" in urllib.parse.urlsplit(options.url).query
-    router = None
-    token = None
-    if not signed:
-        if not options.user:
-            raise ClientExit(
-                EXIT_USAGE, "this URL is not signed: give --user to download it with a login"
-            )
-        router, token = await router_token(reactor, options)
-    files = FileClient(reactor, options.files, token, user=options.user or "")
+    router, token = await router_token(reactor, options)
+    files = FileClient(reactor, options.files, token, user=options.user)
     try:
         if options.output == "-":
             await _to_stdout(files, options.url)
@@ -171,11 +171,34 @@ async def download_command(reactor: Any, options: argparse.Namespace) -> int:
         )
     finally:
         await files.close()
-        if router is not None and token is not None:
-            with contextlib.suppress(RouterError):
-                await router.logout(token)
+        await _logout(router, token)
     emit({"path": path, "size": size})
     return EXIT_OK
+
+
+async def delete_file_command(reactor: Any, options: argparse.Namespace) -> int:
+    from cim.client.files import FileClient
+
+    router, token = await router_token(reactor, options)
+    files = FileClient(reactor, options.files, token, user=options.user)
+    try:
+        answer = await files.delete(options.file_id)
+    finally:
+        await files.close()
+        await _logout(router, token)
+    emit(answer)
+    return EXIT_OK
+
+
+FILE_SERVICE_COMMANDS = {"download": download_command, "delete-file": delete_file_command}
+"""Commands that talk to the file service only (a router login, no IM session)."""
+
+
+async def _logout(router: Any, token: str) -> None:
+    from cim.client.router import RouterError
+
+    with contextlib.suppress(RouterError):
+        await router.logout(token)
 
 
 async def _to_stdout(files: Any, url: str) -> None:

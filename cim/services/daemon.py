@@ -49,6 +49,7 @@ from cim.http.operators import OperatorTokens, TokenFileError
 from cim.im.collaborators import Bounds, Directory, NoArchive, NodeCore, Stores
 from cim.im.node import ImNode
 from cim.im.peers import BusPeers, LiveNodes
+from cim.im.shares import RecordedShares
 from cim.interfaces import IStateBackend
 from cim.limits.overrides import StoredOverrides
 from cim.limits.policy import Limits
@@ -159,6 +160,7 @@ class CimDaemon(OrderedServices):
                 config.offline.page_size,
                 archive if archive is not None else NoArchive(),
                 HistoryService(history, groups.is_member, config.im.max_frame_size),
+                RecordedShares(database, reactor, config.files.public_url),
                 max_page_bytes=config.im.max_frame_size,
             ),
             BusPeers(node_id, bus, state.presence, LiveNodes(registry)),

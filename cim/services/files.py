@@ -1,6 +1,8 @@
-"""The file service in the daemon: storage, signing key, thread pool, port and sweeper.
+"""The file service in the daemon: storage, signing key, thread pool, port, housekeeping.
 
 Its HTTP is declared in ``cim.files.http``; its rules live in ``cim.files.store``.
+Two jobs run on the node's clock: the sweep of expired uploads (every few minutes)
+and the purge of deleted files (``cim.files.purge``, every ``purge_interval``).
 """
 
 from __future__ import annotations
@@ -25,7 +27,16 @@ from cim.limits.policy import NO_LIMITS, RateLimits
 from cim.reactor import ICimReactor
 from cim.storage.database import Database, Runner, ThreadPoolRunner
 
-__all__ = ["FilesListener"]
+__all__ = ["FilesListener", "purge_interval"]
+
+
+def purge_interval(config: FilesConfig) -> float:
+    """A quarter of the grace period, between a minute and an hour.
+
+    A deleted file is gone at most this long after its grace period ends; the purge
+    scans for unreferenced files, so it does not run much more often than that.
+    """
+    return min(3600.0, max(60.0, config.purge_grace / 4))
 
 
 class FilesListener:
@@ -55,6 +66,7 @@ class FilesListener:
         self.store: FileStore | None = None
         self.port: IListeningPort | None = None
         self._sweeper: LoopingCall | None = None
+        self._purger: LoopingCall | None = None
 
     def prepare(self) -> None:
         """Blocking, once at start-up: directories, the signing key, Pillow's limit."""
@@ -84,6 +96,9 @@ class FilesListener:
         self._sweeper = LoopingCall(self._sweep)
         self._sweeper.clock = self.reactor
         self._sweeper.start(min(300.0, self.config.upload_expiry / 4), now=True)
+        self._purger = LoopingCall(self._purge)
+        self._purger.clock = self.reactor
+        self._purger.start(purge_interval(self.config), now=False)
         self._log.info(
             "files listening on {listen}, storage in {storage}, URLs under {url}",
             listen=self.config.listen,
@@ -115,9 +130,18 @@ class FilesListener:
         except Exception:
             self._log.failure("sweeping expired uploads failed; trying again later")
 
+    async def _purge(self) -> None:
+        if self.store is None:
+            return
+        try:
+            await self.store.purge()
+        except Exception:
+            self._log.failure("purging deleted files failed; trying again later")
+
     async def stop(self) -> None:
-        if self._sweeper is not None and self._sweeper.running:
-            self._sweeper.stop()
+        for job in (self._sweeper, self._purger):
+            if job is not None and job.running:
+                job.stop()
         if self.port is not None:
             await maybeDeferred(self.port.stopListening)
             self.port = None

@@ -138,24 +138,84 @@ files = Table(
 file_refs = Table(
     "file_refs",
     metadata,
-    # Who holds which file, for quotas: a deduplicated file counts for each holder.
-    # No foreign key to users: an attachment outlives its sender's account.
+    # Who holds which file (its uploaders, by upload or proven instant upload): they
+    # read it, may delete it, and it counts toward their quota. Deleting the account
+    # deletes its holdings; copies sent in conversations are in file_shares.
     Column(
         "file_id",
         String(FILE_ID_LENGTH),
         ForeignKey("files.id", ondelete="CASCADE"),
         primary_key=True,
     ),
-    Column("user_name", String(USER_NAME_MAX), primary_key=True),
+    Column(
+        "user_name",
+        String(USER_NAME_MAX),
+        ForeignKey("users.name", ondelete="CASCADE"),
+        primary_key=True,
+    ),
     Column("created_at", Double, nullable=False),
+    # Set by DELETE /api/v1/files/{id}: the holder no longer reads it, but it counts
+    # toward the quota until the purge removes the row after [files] purge_grace.
+    Column("deleted_at", Double, nullable=True),
     Index(None, "user_name"),
+)
+
+file_shares = Table(
+    "file_shares",
+    metadata,
+    # A file sent in a one-to-one conversation: one row per participant, so each
+    # reads it for as long as their own account lives. Written by the IM node when
+    # it takes the message (cim.im.shares), only if the sender may read the file.
+    Column(
+        "file_id",
+        String(FILE_ID_LENGTH),
+        ForeignKey("files.id", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+    Column(
+        "user_name",
+        String(USER_NAME_MAX),
+        ForeignKey("users.name", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+    # The other participant: the conversation is (user_name, peer).
+    Column("peer", String(USER_NAME_MAX), primary_key=True),
+    Column("shared_at", Double, nullable=False),
+    # "Which files may this user read" starts from the user.
+    Index(None, "user_name"),
+)
+
+file_group_shares = Table(
+    "file_group_shares",
+    metadata,
+    # A file sent to a group: read by its members of the moment.
+    Column(
+        "file_id",
+        String(FILE_ID_LENGTH),
+        ForeignKey("files.id", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+    Column(
+        "group_id",
+        String(GROUP_ID_LENGTH),
+        ForeignKey("groups.id", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+    Column("shared_by", String(USER_NAME_MAX), nullable=False),
+    Column("shared_at", Double, nullable=False),
 )
 
 uploads = Table(
     "uploads",
     metadata,
     Column("id", String(FILE_ID_LENGTH), primary_key=True),
-    Column("user_name", String(USER_NAME_MAX), nullable=False, index=True),
+    Column(
+        "user_name",
+        String(USER_NAME_MAX),
+        ForeignKey("users.name", ondelete="CASCADE"),
+        nullable=False,
+        index=True,
+    ),
     Column("name", String(FILE_NAME_MAX), nullable=False),
     Column("size", BigInteger, nullable=False),
     Column("md5", String(32), nullable=False),

@@ -254,19 +254,22 @@ class OutputTests(SynchronousTestCase):
         existing = os.path.join(here, "notes.txt")
         with open(existing, "wb") as handle:
             handle.write(b"mine")
+        # The receiver downloads it, logged in: files are read by the people they were sent to.
+        bob = ("--router", self.daemon.router_url, "--user", "bob", "--files", files)
         for target in (here, existing):
-            kept = cim_client("--files", files, "download", url, "-o", target)
+            kept = cim_client(*bob, "download", url, "-o", target)
             self.assertEqual(kept.returncode, 1, kept)
             self.assertEqual(
                 kept.stderr, f"cim-client: {existing} already exists (--force replaces it)\n"
             )
             with open(existing, "rb") as handle:
                 self.assertEqual(handle.read(), b"mine")
-        forced = cim_client("--files", files, "download", url, "-o", here, "--force")
+        forced = cim_client(*bob, "download", url, "-o", here, "--force")
         self.assertEqual(forced.returncode, 0, forced.stderr)
         self.assertEqual(json.loads(forced.stdout), {"path": existing, "size": 2600})
         streamed = subprocess.run(
-            [os.path.join(BIN, "cim-client"), "--files", files, "download", url, "-o", "-"],
+            [os.path.join(BIN, "cim-client"), *bob, "download", url, "-o", "-"],
+            env=dict(os.environ, CIM_PASSWORD=PASSWORD),
             capture_output=True,
             timeout=60,
             cwd=ROOT,

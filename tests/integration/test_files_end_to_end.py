@@ -3,7 +3,8 @@
 Acceptance 1 kills a real client process halfway through a 50 MiB upload and counts,
 on the server, the chunks the second run sends; acceptance 7 sends an image from one
 user's ``send-file`` to another user's ``listen`` and downloads it from the URL the
-message carries.
+message carries. Issue 17: the receivers (of a 1:1 message, of a group message)
+download it with their own login, and nobody else does, whatever they know of it.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ class FilesDaemonTests(SynchronousTestCase):
                 f"storage_dir = {self.storage}\nchunk_size = 1MiB\n"
             ),
         )
-        for user in ("alice", "bob"):
+        for user in ("alice", "bob", "eve"):
             added = self.daemon.cimctl("user", "add", user, stdin=PASSWORD + "\n")
             self.assertEqual(added.returncode, 0, added.stderr)
         self.daemon.start()
@@ -50,7 +51,7 @@ class FilesDaemonTests(SynchronousTestCase):
     def files_url(self) -> str:
         return f"http://127.0.0.1:{self.files_port}"
 
-    def send_file(self, *args: str, background: bool = False) -> Any:
+    def send_file(self, *args: str, background: bool = False, user: str = "alice") -> Any:
         command = [
             os.path.join(BIN, "cim-client"),
             "--router",
@@ -58,7 +59,7 @@ class FilesDaemonTests(SynchronousTestCase):
             "--files",
             self.files_url,
             "--user",
-            "alice",
+            user,
             "send-file",
             *args,
         ]
@@ -75,6 +76,18 @@ class FilesDaemonTests(SynchronousTestCase):
         return subprocess.run(
             command, env=env, capture_output=True, text=True, timeout=120, cwd=ROOT
         )
+
+    def download(self, user: str, url: str, target: str) -> Any:
+        """cim-client download, logged in as ``user``: files are private."""
+        return client(self.daemon, user, "--files", self.files_url, "download", url, "-o", target)
+
+    def assertNotDownloadable(self, user: str, url: str) -> None:
+        target = os.path.join(self.workdir, f"{user}-should-not-have")
+        refused = self.download(user, url, target)
+        self.assertEqual(refused.returncode, 1, refused)
+        self.assertIn("no such file", refused.stderr)
+        self.assertNotIn("Traceback", refused.stderr)
+        self.assertFalse(os.path.exists(target))
 
     def files_health(self) -> dict[str, Any]:
         return dict(self.daemon.health()["files"])
@@ -137,6 +150,14 @@ class FilesDaemonTests(SynchronousTestCase):
         self.assertTrue(again["instant"])
         self.assertEqual((again["chunks_sent"], again["file_id"]), (0, result["file_id"]))
         self.assertEqual(self.files_health()["chunks_stored"], 50)
+        # Another user with the same bytes answers the server's challenge: instant too.
+        theirs = self.send_file("alice", path, user="eve")
+        self.assertEqual(theirs.returncode, 0, theirs.stderr)
+        instant = json.loads(theirs.stdout)
+        self.assertTrue(instant["instant"])
+        self.assertEqual((instant["chunks_sent"], instant["file_id"]), (0, result["file_id"]))
+        self.assertEqual(self.files_health()["instant_uploads"], 1)
+        self.assertEqual(self.files_health()["chunks_stored"], 50)
 
     def _settled_chunk_count(self) -> int:
         """The server's count once it and the disk agree and have stopped moving."""
@@ -187,32 +208,28 @@ class FilesDaemonTests(SynchronousTestCase):
         self.assertEqual(int(media["size"]), len(photo))
         self.assertEqual((media["width"], media["height"]), (640, 480))
         self.assertEqual(media["file_id"], outcome["file_id"])
-        # The receiver needs no token: the URL is signed.
-        with urllib.request.urlopen(media["url"], timeout=10) as response:
-            self.assertEqual(response.read(), photo)
-            self.assertEqual(response.headers["Content-Type"], "image/jpeg")
-        with urllib.request.urlopen(media["thumbnail_url"], timeout=10) as response:
-            thumbnail = Image.open(io.BytesIO(response.read()))
-            self.assertEqual(thumbnail.size, (256, 192))
-        # Without the signature: refused.
-        with self.assertRaises(urllib.error.HTTPError) as refused:
-            urllib.request.urlopen(media["url"].split("?")[0], timeout=10)
-        self.assertEqual(refused.exception.code, 401)
-        # cim-client download saves the same bytes.
+        self.assertEqual(media["url"], f"{self.files_url}/files/{media['file_id']}")
+        # Without a token: refused, URL or not.
+        for url in (media["url"], media["thumbnail_url"]):
+            with self.assertRaises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(url, timeout=10)
+            self.assertEqual(refused.exception.code, 401)
+        # The receiver downloads it with cim-client, logged in as himself.
         target = os.path.join(self.workdir, "got.jpg")
-        fetched = subprocess.run(
-            [os.path.join(BIN, "cim-client"), "download", media["url"], "-o", target],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            cwd=ROOT,
-        )
+        fetched = self.download("bob", media["url"], target)
         self.assertEqual(fetched.returncode, 0, fetched.stderr)
         self.assertEqual(json.loads(fetched.stdout), {"path": target, "size": len(photo)})
         with open(target, "rb") as handle:
             self.assertEqual(handle.read(), photo)
+        thumb = os.path.join(self.workdir, "thumb.jpg")
+        self.assertEqual(self.download("bob", media["thumbnail_url"], thumb).returncode, 0)
+        with open(thumb, "rb") as handle:
+            self.assertEqual(Image.open(io.BytesIO(handle.read())).size, (256, 192))
+        # Eve was never sent it: neither the file nor its thumbnail, logged in or not.
+        self.assertNotDownloadable("eve", media["url"])
+        self.assertNotDownloadable("eve", media["thumbnail_url"])
         log = self.daemon.log()
-        self.assertNotIn(media["url"].split("sig=")[1], log)
+        self.assertNotIn("sig=", log)
 
     def test_a_file_sent_to_a_group_reaches_its_members(self) -> None:
         created = client(self.daemon, "alice", "group", "create", "team", "bob")
@@ -238,6 +255,31 @@ class FilesDaemonTests(SynchronousTestCase):
         message = json.loads(out_text.strip().splitlines()[0])
         self.assertEqual((message["type"], message["group"]), ("file", group_id))
         self.assertEqual(message["media"]["name"], "note.txt")
+        # A member downloads it; someone outside the group does not.
+        target = os.path.join(self.workdir, "from-the-group.txt")
+        fetched = self.download("bob", message["media"]["url"], target)
+        self.assertEqual(fetched.returncode, 0, fetched.stderr)
+        with open(target, encoding="utf-8") as handle:
+            self.assertEqual(handle.read(), "hello group")
+        self.assertNotDownloadable("eve", message["media"]["url"])
+
+    def test_a_deleted_file_is_no_longer_readable_by_its_uploader(self) -> None:
+        path = os.path.join(self.workdir, "mine.txt")
+        with open(path, "w", encoding="utf-8") as handle:
+            handle.write("just for me")
+        sent = self.send_file("bob", path)
+        self.assertEqual(sent.returncode, 0, sent.stderr)
+        shared = json.loads(sent.stdout)
+        deleted = client(
+            self.daemon, "alice", "--files", self.files_url, "delete-file", shared["file_id"]
+        )
+        self.assertEqual(deleted.returncode, 0, deleted.stderr)
+        answer = json.loads(deleted.stdout)
+        self.assertEqual((answer["file_id"], answer["shared"]), (shared["file_id"], True))
+        self.assertNotDownloadable("alice", shared["url"])
+        # Bob was sent it: his copy stays.
+        kept = os.path.join(self.workdir, "bobs.txt")
+        self.assertEqual(self.download("bob", shared["url"], kept).returncode, 0)
 
 
 class FilesRefusalTests(SynchronousTestCase):

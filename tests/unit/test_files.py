@@ -33,9 +33,11 @@ from cim.files.http import bodies
 from cim.files.http.downloads import ByteRange, parse_range
 from cim.files.http.site import files_site
 from cim.files.names import clean_name, content_disposition
+from cim.files.proof import proof_of
 from cim.files.signing import UrlKeyError, UrlSigner, load_or_create_key
 from cim.files.store import FileStore
 from cim.files.thumbnails import set_pixel_limit
+from cim.storage.accounts import insert_user_txn
 from cim.storage.database import Database, ThreadPoolRunner
 from tests.unit.test_router import HttpConnection, HttpResponse, exchange, request_bytes
 
@@ -110,6 +112,7 @@ class FileServiceTestCase(SynchronousTestCase):
         user_quota=4 << 20,
         upload_expiry=3600,
         url_ttl=600,
+        purge_grace=3600,
         thumbnail_size=64,
         max_image_pixels=1_000_000,
         public_url="http://files.test",
@@ -129,6 +132,10 @@ class FileServiceTestCase(SynchronousTestCase):
         self.database = Database("sqlite://", None, runner=run_now)
         self.successResultOf(self.database.start())
         self.addCleanup(self.database.stop)
+        for user in TOKENS:
+            self.successResultOf(
+                self.database.run(insert_user_txn, user, "scrypt$x", "person", 1.0)
+            )
         self.root = os.path.abspath(self.mktemp())
         self.blobs = FullDisk(self.root)
         self.blobs.prepare()
@@ -230,10 +237,35 @@ class FileServiceTestCase(SynchronousTestCase):
         return cast(dict[str, Any], response.json())
 
     def get_url(
-        self, url: str, headers: list[tuple[str, str]] | None = None, method: str = "GET"
+        self,
+        url: str,
+        headers: list[tuple[str, str]] | None = None,
+        method: str = "GET",
+        user: str | None = "alice",
     ) -> HttpResponse:
+        """A download, by default with the uploader's token (every download has one)."""
         path = url.removeprefix("http://files.test")
-        return self.call(method, path, headers=headers, user=None)
+        return self.call(method, path, headers=headers, user=user)
+
+    def check(self, data: bytes, user: str = "alice", md5: str | None = None) -> HttpResponse:
+        """Instant upload as a client does it: ask, answer the challenge with the bytes."""
+        content = {"md5": md5 or md5_hex(data), "size": len(data)}
+        first = self.post_json("/api/v1/files/check", content, user)
+        self.assertEqual(first.status, 200, first.body)
+        challenge = first.json().get("challenge")
+        if challenge is None:
+            return first
+        self.assertNotIn("file_id", first.json())
+        part = data[challenge["offset"] : challenge["offset"] + challenge["length"]]
+        proof = proof_of(challenge["nonce"], part)
+        return self.post_json(
+            "/api/v1/files/check",
+            {**content, "challenge": challenge["token"], "proof": proof},
+            user,
+        )
+
+    def bearer(self, user: str = "alice") -> tuple[str, str]:
+        return ("Authorization", f"Bearer {TOKENS[user]}")
 
     def assertError(self, response: HttpResponse, status: int, code: str) -> dict[str, Any]:
         self.assertEqual(response.status, status, response.body)
@@ -273,7 +305,10 @@ class UploadTests(FileServiceTestCase):
         )
         self.assertEqual(body["md5"], md5_hex(data))
         self.assertEqual(body["thumbnail_url"], "")
-        self.assertTrue(body["url"].startswith(f"http://files.test/files/{body['file_id']}?"))
+        self.assertEqual(body["url"], f"http://files.test/files/{body['file_id']}")
+        self.assertTrue(
+            body["signed_url"].startswith(f"http://files.test/files/{body['file_id']}?")
+        )
 
         sha = hashlib.sha256(data).hexdigest()
         self.assertEqual(self.files_on_disk(), [f"blobs/{sha[:2]}/{sha[2:4]}/{sha}"])
@@ -312,9 +347,7 @@ class UploadTests(FileServiceTestCase):
         data = os.urandom(CHUNK + 10)
         first = self.stored(data, name="a.bin")
         chunks = self.store.metrics.chunks_stored
-        check = self.post_json(
-            "/api/v1/files/check", {"md5": md5_hex(data), "size": len(data)}, "bob"
-        )
+        check = self.check(data, "bob")
         self.assertEqual(check.status, 200)
         self.assertTrue(check.json()["exists"])
         self.assertEqual(check.json()["file_id"], first["file_id"])
@@ -326,7 +359,7 @@ class UploadTests(FileServiceTestCase):
         self.assertEqual(len(self.files_on_disk("blobs")), 1)
 
     def test_check_for_unknown_content(self) -> None:
-        response = self.post_json("/api/v1/files/check", {"md5": "0" * 32, "size": 5})
+        response = self.check(b"never stored")
         self.assertEqual(response.json(), {"exists": False})
 
     def test_chunk_with_wrong_md5_is_refused(self) -> None:
@@ -349,8 +382,7 @@ class UploadTests(FileServiceTestCase):
         response = self.call("POST", f"/api/v1/uploads/{upload['upload_id']}/complete")
         self.assertError(response, 400, "md5_mismatch")
         self.assertEqual(self.files_on_disk(), [])
-        check = self.post_json("/api/v1/files/check", {"md5": md5_hex(data), "size": len(data)})
-        self.assertFalse(check.json()["exists"])
+        self.assertFalse(self.check(data).json()["exists"])
         gone = self.call("GET", f"/api/v1/uploads/{upload['upload_id']}")
         self.assertError(gone, 404, "not_found")
 
@@ -496,7 +528,7 @@ class DownloadTests(FileServiceTestCase):
             ("If-Modified-Since", headers["last-modified"]),
         ):
             connection = HttpConnection(self.site)
-            connection.send(request_bytes("GET", path, headers=[condition]))
+            connection.send(request_bytes("GET", path, headers=[condition, self.bearer()]))
             raw = connection.transport.value()
             connection.close()
             self.assertTrue(raw.startswith(b"HTTP/1.1 304 "), raw)
@@ -507,51 +539,54 @@ class DownloadTests(FileServiceTestCase):
         stale = self.get_url(self.file["url"], [("Range", "bytes=0-1"), ("If-Range", '"old"')])
         self.assertEqual((stale.status, len(stale.body)), (200, len(self.data)))
         connection = HttpConnection(self.site)
-        connection.send(request_bytes("HEAD", path))
+        connection.send(request_bytes("HEAD", path, headers=[self.bearer()]))
         head = connection.transport.value()
         connection.close()
         self.assertTrue(head.startswith(b"HTTP/1.1 200 "), head)
         self.assertIn(b"\r\nContent-Length: 10240\r\n", head)
         self.assertTrue(head.endswith(b"\r\n\r\n"), head)
 
-    def test_access_needs_a_token_or_a_valid_signed_url(self) -> None:
-        """Acceptance 4, second half."""
+    def test_access_needs_a_token_and_a_signed_url_only_narrows_it(self) -> None:
+        """Acceptance 4, second half (and issue 17: no URL anyone can reuse forever)."""
         file_id = self.file["file_id"]
         bare = self.call("GET", f"/files/{file_id}", user=None)
         self.assertError(bare, 401, "invalid_token")
-        with_token = self.call("GET", f"/files/{file_id}", user="eve")
+        signed_alone = self.get_url(self.file["signed_url"], user=None)
+        self.assertError(signed_alone, 401, "invalid_token")
+        with_token = self.call("GET", f"/files/{file_id}")
         self.assertEqual((with_token.status, with_token.body), (200, self.data))
-        forged = self.get_url(self.file["url"].replace("sig=", "sig=x"))
+        self.assertEqual(self.get_url(self.file["signed_url"]).body, self.data)
+        forged = self.get_url(self.file["signed_url"].replace("sig=", "sig=x"))
         self.assertError(forged, 403, "bad_signature")
         moved = re.sub(
-            r"expires=(\d+)", lambda m: f"expires={int(m.group(1)) + 1}", self.file["url"]
+            r"expires=(\d+)", lambda m: f"expires={int(m.group(1)) + 1}", self.file["signed_url"]
         )
         self.assertError(self.get_url(moved), 403, "bad_signature")
         # A signature for the file does not open the thumbnail, nor another file.
-        thumb = self.file["url"].replace(f"/files/{file_id}?", f"/files/{file_id}/thumbnail?")
+        thumb = self.file["signed_url"].replace(
+            f"/files/{file_id}?", f"/files/{file_id}/thumbnail?"
+        )
         self.assertError(self.get_url(thumb), 403, "bad_signature")
         self.clock.advance(self.config.url_ttl + 1)
-        expired = self.get_url(self.file["url"])
+        expired = self.get_url(self.file["signed_url"])
         self.assertError(expired, 403, "bad_signature")
         # A fresh description carries a fresh URL.
-        fresh = self.call("GET", f"/api/v1/files/{file_id}", user="bob").json()
-        self.assertEqual(self.get_url(fresh["url"]).body, self.data)
-        self.assertError(
-            self.call("GET", "/files/0000000000000000000999", user="bob"), 404, "not_found"
-        )
+        fresh = self.call("GET", f"/api/v1/files/{file_id}").json()
+        self.assertEqual(self.get_url(fresh["signed_url"]).body, self.data)
+        self.assertError(self.call("GET", "/files/0000000000000000000999"), 404, "not_found")
 
     def test_access_log_holds_no_signatures_or_tokens(self) -> None:
         events: list[LogEvent] = []
         observer = cast(ILogObserver, events.append)
         globalLogPublisher.addObserver(observer)
         self.addCleanup(globalLogPublisher.removeObserver, observer)
-        self.get_url(self.file["url"])
-        self.call("GET", f"/files/{self.file['file_id']}", user="bob")
+        self.get_url(self.file["signed_url"])
+        self.call("GET", f"/files/{self.file['file_id']}")
         text = "\n".join(formatEvent(event) for event in events)
         self.assertIn(f"/files/{self.file['file_id']}", text)
-        signature = self.file["url"].split("sig=")[1]
+        signature = self.file["signed_url"].split("sig=")[1]
         self.assertNotIn(signature, text)
-        self.assertNotIn(TOKENS["bob"], text)
+        self.assertNotIn(TOKENS["alice"], text)
         self.assertNotIn("sig=", text)
 
 
@@ -746,14 +781,15 @@ class PieceTests(SynchronousTestCase):
             load_or_create_key(key_path)
         self.assertIn("chmod 600", str(caught.exception))
 
-    def test_signer_hides_its_key_and_checks_expiry(self) -> None:
+    def test_signer_hides_its_key_and_checks_expiry_and_user(self) -> None:
         signer = UrlSigner(KEY)
         self.assertNotIn("k" * 8, repr(signer))
-        signature = signer.signature("f" * 22, "file", 100)
-        self.assertTrue(signer.check("f" * 22, "file", 100, signature, now=100))
-        self.assertFalse(signer.check("f" * 22, "file", 100, signature, now=101))
-        self.assertFalse(signer.check("g" * 22, "file", 100, signature, now=0))
-        self.assertFalse(signer.check("f" * 22, "file", 100, "\udcff", now=0))
+        signature = signer.signature("f" * 22, "file", "alice", 100)
+        self.assertTrue(signer.check("f" * 22, "file", "alice", 100, signature, now=100))
+        self.assertFalse(signer.check("f" * 22, "file", "alice", 100, signature, now=101))
+        self.assertFalse(signer.check("f" * 22, "file", "bob", 100, signature, now=0))
+        self.assertFalse(signer.check("g" * 22, "file", "alice", 100, signature, now=0))
+        self.assertFalse(signer.check("f" * 22, "file", "alice", 100, "\udcff", now=0))
 
     def test_config(self) -> None:
         config = parse_config(
@@ -768,6 +804,12 @@ class PieceTests(SynchronousTestCase):
             (defaults.chunk_size, defaults.max_file_size, defaults.thumbnail_size),
             (1 << 20, 1 << 30, 256),
         )
+        # Signed URLs are short-lived; deleted files are purged after a day.
+        self.assertEqual((defaults.url_ttl, defaults.purge_grace), (3600, 86400))
+        grace = parse_config("[node]\nid = n1\n[files]\npurge_grace = 0\n").files
+        self.assertEqual(grace.purge_grace, 0)
+        with self.assertRaises(ConfigError):
+            parse_config("[node]\nid = n1\n[files]\npurge_grace = -1s\n")
         with self.assertRaises(ConfigError) as caught:
             parse_config("[node]\nid = n1\n[files]\nchunk_size = 1KiB\n")
         self.assertIn("[files] chunk_size", str(caught.exception))
@@ -789,6 +831,7 @@ class ListenerTests(SynchronousTestCase):
         database = Database("sqlite://", None, runner=run_now)
         self.successResultOf(database.start())
         self.addCleanup(database.stop)
+        self.successResultOf(database.run(insert_user_txn, "alice", "scrypt$x", "person", 1.0))
         config = FilesConfig(
             enabled=True, listen="tcp:0", public_url="http://f.test", upload_expiry=120
         )

@@ -20,11 +20,14 @@ from cim.client.files import (
     DestinationExists,
     FileClient,
     FileServiceError,
+    ProofChallenge,
     UploadReport,
     UploadState,
 )
 from cim.client.media import media_message, media_summary
+from cim.files.proof import proof_of
 from cim.protocols import cim_pb2
+from cim.storage.files_access import share_txn
 from tests.unit.test_files import CHUNK, TOKENS, FileServiceTestCase, png_bytes, run_now
 
 
@@ -117,6 +120,30 @@ class FileClientTests(FileServiceTestCase):
         self.assertEqual(again.chunks_sent, 0)
         self.assertEqual(again.file.file_id, report.file.file_id)
         self.assertEqual(self.store.metrics.chunks_stored - before, 6)
+        # Another user with the same bytes: the client answers the challenge, and the
+        # upload is instant for them too.
+        theirs = self.successResultOf(self.send(self.client(user="bob"), path))
+        self.assertTrue(theirs.instant)
+        self.assertEqual(theirs.file.file_id, report.file.file_id)
+        self.assertEqual(self.store.metrics.instant_uploads, 1)
+        self.assertEqual(self.store.metrics.chunks_stored - before, 6)
+
+    def test_a_changed_file_gets_no_instant_upload_from_someone_elses_content(self) -> None:
+        """The proof is about the bytes: the same MD5 and size with other bytes fail it."""
+        data = os.urandom(CHUNK * 2)
+        stored = self.successResultOf(self.send(self.client(), self.write("f.bin", data)))
+        pretender = self.client(user="bob")
+        # Bob knows the MD5 and the size, not the bytes: he answers with his own.
+        d = Deferred.fromCoroutine(pretender.check(stored.file.md5, len(data)))
+        self.settle(d)
+        challenge = self.successResultOf(d)
+        self.assertIsInstance(challenge, ProofChallenge)
+        assert isinstance(challenge, ProofChallenge)
+        guess = proof_of(challenge.nonce, b"\0" * challenge.length)
+        d2 = Deferred.fromCoroutine(pretender.prove(stored.file.md5, len(data), challenge, guess))
+        self.settle(d2)
+        self.assertIsNone(self.successResultOf(d2))
+        self.assertEqual(self.store.metrics.proofs_failed, 1)
 
     def test_an_expired_upload_in_the_state_file_starts_afresh(self) -> None:
         data = os.urandom(CHUNK * 3)
@@ -177,7 +204,17 @@ class FileClientTests(FileServiceTestCase):
         target = os.path.join(self.path, "out")
         os.makedirs(target)
         bob = self.client(user="bob")
-        d = Deferred.fromCoroutine(bob.download(stored.url, target))
+        never_sent = Deferred.fromCoroutine(bob.download(stored.url, target))
+        self.settle(never_sent)
+        refused = self.failureResultOf(never_sent, FileServiceError)
+        self.assertEqual((refused.value.status, refused.value.code), (404, "not_found"))
+        # The IM node records the share when it takes the message; here by hand.
+        shared = self.database.run(
+            share_txn, [stored.file_id], "alice", "bob", "", self.clock.seconds()
+        )
+        self.assertTrue(self.successResultOf(shared))
+        # Alice's signed URL is not Bob's: the client asks again without the signature.
+        d = Deferred.fromCoroutine(bob.download(stored.signed_url, target))
         self.settle(d)
         saved, size = self.successResultOf(d)
         self.assertEqual(saved, os.path.join(target, "holiday.png"))

@@ -1,4 +1,10 @@
-"""Downloads: a file or its thumbnail, by signed URL or bearer token, with ranges.
+"""Downloads: a file or its thumbnail, for a reader with a token, with ranges.
+
+Every download names its user with the router's token, and the user must be one who
+may read the file (its holders, the participants of the conversations it was sent
+in): a file anyone else asks for is "not found", whatever else they know of it. A
+signed URL adds a check, never a right: its signature must be for that same user
+and must not have expired.
 
 Files are read on the file thread pool one block at a time, paused while the
 client's connection is full. Conditional requests (ETag, Last-Modified) and a single
@@ -24,7 +30,6 @@ from cim.files.names import content_disposition, is_inline
 from cim.files.records import FileRecord
 from cim.files.store import VARIANT_FILE, VARIANT_THUMBNAIL, FileStore, not_found
 from cim.files.thumbnails import THUMBNAIL_MIME
-from cim.http.auth import BearerSessions, bearer_token
 from cim.http.endpoints import Call, Endpoint
 from cim.http.site import HttpError
 from cim.storage.database import ThreadPoolRunner
@@ -135,17 +140,16 @@ def parse_range(header: bytes | None, size: int) -> ByteRange | str | None:
 
 
 class Downloads:
-    """GET /files/{id} and /files/{id}/thumbnail: the bytes, for a signed URL or a token.
+    """GET /files/{id} and /files/{id}/thumbnail: the bytes, for a reader of the file.
 
-    Not authenticated by the machinery: a signed URL (what messages carry) needs no
-    token; without a valid signature, the bearer token decides.
+    The caller is authenticated by the machinery (401 without a token); a signed
+    URL that is not theirs or has expired is 403, a file they may not read 404.
     """
 
     _log = Logger()
 
-    def __init__(self, store: FileStore, bearer: BearerSessions, clock: IReactorTime) -> None:
+    def __init__(self, store: FileStore, clock: IReactorTime) -> None:
         self.store = store
-        self.bearer = bearer
         self.clock = clock
 
     def endpoints(self, file_id: str) -> list[Endpoint[str]]:
@@ -159,7 +163,6 @@ class Downloads:
                 "downloads",
                 self._download,
                 segments={"id": file_id},
-                authenticated=False,
             ),
             Endpoint(
                 "GET",
@@ -169,42 +172,41 @@ class Downloads:
                 "downloads",
                 self._download_thumbnail,
                 segments={"id": file_id},
-                authenticated=False,
             ),
         ]
 
     async def _download(self, call: Call[str]) -> None:
-        await self._serve(call.request, str(call.params["id"]), VARIANT_FILE)
+        await self._serve(call.request, call.user, str(call.params["id"]), VARIANT_FILE)
 
     async def _download_thumbnail(self, call: Call[str]) -> None:
-        await self._serve(call.request, str(call.params["id"]), VARIANT_THUMBNAIL)
+        await self._serve(call.request, call.user, str(call.params["id"]), VARIANT_THUMBNAIL)
 
     async def _authorize_download(
-        self, request: server.Request, file_id: str, variant: str
-    ) -> None:
+        self, request: server.Request, user: str, file_id: str, variant: str
+    ) -> FileRecord:
         args = request.args or {}
         signature = (args.get(b"sig") or [b""])[0].decode("latin-1")
         expires_raw = (args.get(b"expires") or [b""])[0]
-        if (
+        if (signature or expires_raw) and not (
             signature
             and expires_raw.isdigit()
             and self.store.signer.check(
-                file_id, variant, int(expires_raw), signature, self.clock.seconds()
+                file_id, variant, user, int(expires_raw), signature, self.clock.seconds()
             )
         ):
-            return
-        if bearer_token(request) is not None or not signature:
-            await self.bearer.user(request)
-            return
-        raise HttpError(
-            403, "bad_signature", "the signed URL is not valid or has expired; ask for a new one"
-        )
-
-    async def _serve(self, request: server.Request, file_id: str, variant: str) -> None:
-        await self._authorize_download(request, file_id, variant)
-        record = await self.store.file(file_id)
+            raise HttpError(
+                403,
+                "bad_signature",
+                "the signed URL is not yours or has expired; ask for a new one, or fetch "
+                "the file's address without it",
+            )
+        record = await self.store.readable(user, file_id)
         if record is None:
             raise not_found()
+        return record
+
+    async def _serve(self, request: server.Request, user: str, file_id: str, variant: str) -> None:
+        record = await self._authorize_download(request, user, file_id, variant)
         blobs = self.store.blobs
         if variant == VARIANT_THUMBNAIL:
             if record.thumbnail is None:

@@ -1,17 +1,21 @@
 """The file service's Site: its declared endpoints, spooled bodies and a quiet access log.
 
-Every call is authenticated with the router's token (``Authorization: Bearer``);
-downloads also accept a signed URL, which is what messages carry. The access log
-shows paths without query strings, so signatures never reach it.
+Every call is authenticated with the router's token (``Authorization: Bearer``),
+downloads included: a file is read by the users it belongs to, and a signed URL only
+narrows that to one user and a short time. The access log shows paths without query
+strings, so signatures never reach it.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from sqlalchemy.exc import OperationalError
 from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
 from twisted.web import http, server
 
+from cim.backends.threads import PoolNotRunning
 from cim.files.http.bodies import MEMORY_SPOOL, FileRequest
 from cim.files.http.downloads import Downloads
 from cim.files.http.uploads import Uploads
@@ -23,6 +27,8 @@ from cim.interfaces import ISessionStore
 from cim.limits.policy import FILES, NO_LIMITS, RateLimits
 
 __all__ = ["JSON_MAX_BODY", "files_resource", "files_site"]
+
+_log = Logger()
 
 JSON_MAX_BODY = 16384
 FILE_ID = r"[A-Za-z0-9_-]{1,64}"
@@ -39,6 +45,16 @@ def files_resource(
     bearer = CallsPerUser(sessions, limits)
 
     def refusal(error: Exception, endpoint: Endpoint[Any]) -> Reply | None:
+        if isinstance(error, OperationalError | PoolNotRunning):
+            # Every call reads the database (who may read a file): say so, briefly.
+            _log.warn(
+                "database unavailable serving {path}: {error}", path=endpoint.path, error=error
+            )
+            payload = {
+                "error": "database_unavailable",
+                "message": "the database is unreachable; try again shortly",
+            }
+            return json_reply(503, payload, ((b"Retry-After", b"5"),))
         if not isinstance(error, FileProblem):
             return None
         store.metrics.refused[error.code] += 1
@@ -47,7 +63,7 @@ def files_resource(
 
     endpoints = [
         *Uploads(store, bearer).endpoints(FILE_ID),
-        *Downloads(store, bearer, clock).endpoints(FILE_ID),
+        *Downloads(store, clock).endpoints(FILE_ID),
     ]
     return EndpointResource(endpoints, bearer.user, JSON_MAX_BODY, error_replies=refusal)
 

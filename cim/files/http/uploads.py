@@ -1,7 +1,8 @@
-"""The file service's JSON calls: instant upload, chunked uploads, file descriptions.
+"""The file service's JSON calls: instant upload, chunked uploads, files and deleting.
 
-A client first asks whether the content is already stored (``/files/check``: then the
-file is its own at once), else creates an upload, puts its chunks (each with its
+A client first asks whether the content is already stored (``/files/check``): it
+answers a challenge about the bytes, and with the right proof the stored file is its
+own at once. Otherwise it creates an upload, puts its chunks (each with its
 ``Content-MD5``, in any order, again after a failure) and completes it. Every call
 is authenticated with the router's token.
 """
@@ -44,9 +45,18 @@ class Uploads:
                 "GET",
                 "/api/v1/files/{id}",
                 "describe_file",
-                "A stored file's name, size, type and signed URLs",
+                "A file the caller may read: name, size, type and signed URLs",
                 "uploads",
                 self._describe,
+                segments=ids,
+            ),
+            Endpoint(
+                "DELETE",
+                "/api/v1/files/{id}",
+                "delete_file",
+                "Delete a file for the caller; copies sent to others stay theirs",
+                "uploads",
+                self._delete,
                 segments=ids,
             ),
             Endpoint(
@@ -101,16 +111,33 @@ class Uploads:
 
     async def _check(self, call: Call[str]) -> Reply:
         body = call.body
-        record = await self.store.check(call.user, body.get("md5"), body.get("size"))
-        if record is None:
-            return json_reply(200, {"exists": False})
-        return json_reply(200, {"exists": True, **self.store.describe(record)})
+        answer = await self.store.check(
+            call.user, body.get("md5"), body.get("size"), body.get("challenge"), body.get("proof")
+        )
+        if answer.record is not None:
+            return json_reply(
+                200, {"exists": True, **self.store.describe(answer.record, call.user)}
+            )
+        if answer.challenge is not None:
+            return json_reply(200, {"challenge": answer.challenge.as_json()})
+        return json_reply(200, {"exists": False})
 
     async def _describe(self, call: Call[str]) -> Reply:
-        record = await self.store.file(str(call.params["id"]))
+        record = await self.store.readable(call.user, str(call.params["id"]))
         if record is None:
             raise not_found()
-        return json_reply(200, self.store.describe(record))
+        return json_reply(200, self.store.describe(record, call.user))
+
+    async def _delete(self, call: Call[str]) -> Reply:
+        deletion = await self.store.delete(call.user, str(call.params["id"]))
+        reply: dict[str, object] = {
+            "file_id": deletion.file_id,
+            "readable": deletion.readable,
+            "shared": deletion.shared,
+        }
+        if deletion.quota_freed_at is not None:
+            reply["quota_freed_at"] = deletion.quota_freed_at
+        return json_reply(200, reply)
 
     async def _create_upload(self, call: Call[str]) -> Reply:
         body = call.body
@@ -176,7 +203,7 @@ class Uploads:
 
     async def _complete(self, call: Call[str]) -> Reply:
         record = await self.store.complete(call.user, str(call.params["id"]))
-        return json_reply(200, self.store.describe(record))
+        return json_reply(200, self.store.describe(record, call.user))
 
 
 def _content_md5(request: server.Request) -> bytes:
