@@ -15,6 +15,16 @@ class Options(usage.Options):
         ["config", "c", "etc/cim.ini", "Path to the configuration file."],
     ]
 
+    def opt_version(self) -> None:
+        """Print the cim version (and git commit) with Twisted's, and exit."""
+        # Twisted's own --version would name only Twisted: a bug report needs cim's.
+        from cim.version import version_string
+        from twisted import copyright
+
+        print(f"cim {version_string()}")
+        print(f"Twisted {copyright.version}")
+        raise SystemExit(0)
+
 
 def makeService(options: Options) -> IService:
     try:
@@ -39,8 +49,10 @@ def makeService(options: Options) -> IService:
             )
         except OSError as error:
             raise SystemExit(f"cim: [log] file = {config.log.file!r}: {error.strerror}") from None
+    from cim.version import current_build
+
     try:
-        return CimDaemon(config, installed_reactor(), daemon_log=daemon_log)
+        return CimDaemon(config, installed_reactor(), daemon_log=daemon_log, build=current_build())
     except StartupError as error:
         # The node's identity (data directory, key) is read here, like the config.
         raise SystemExit(f"cim: could not start node {config.node.id}: {error}") from None

@@ -43,6 +43,7 @@ from cim.groups.directory import GroupDirectory
 from cim.heap import HeapTrimmer
 from cim.history.archive import HistoryService, archive_from_config
 from cim.history.store import HistoryStore
+from cim.http.telemetry import SiteTelemetry
 from cim.im.collaborators import Directory, NoArchive, NodeCore, Stores
 from cim.im.node import ImNode
 from cim.im.peers import BusPeers, LiveNodes
@@ -70,6 +71,7 @@ from cim.services.tree import (
     cannot_start,
 )
 from cim.storage.database import Database
+from cim.version import RELEASE, Build
 
 __all__ = ["CimDaemon", "StartupError"]
 
@@ -78,12 +80,17 @@ class CimDaemon(OrderedServices):
     log = Logger()
 
     def __init__(
-        self, config: CimConfig, reactor: ICimReactor, daemon_log: DaemonLog | None = None
+        self,
+        config: CimConfig,
+        reactor: ICimReactor,
+        daemon_log: DaemonLog | None = None,
+        build: Build = RELEASE,
     ) -> None:
         super().__init__("cim")
         self.config = config
         self.reactor = reactor
         self.daemon_log = daemon_log
+        self.build = build
         self.metrics = NodeMetrics()
         self.ready = False
         self._health_parts: list[Callable[[], dict[str, Any]]] = []
@@ -193,6 +200,7 @@ class CimDaemon(OrderedServices):
                 reactor,
                 metrics,
                 oplog=oplog,
+                telemetry=self._telemetry("router"),
             )
             self.add(Listener("router", config.router.listen, reactor, site))
         if config.files.enabled:
@@ -200,7 +208,9 @@ class CimDaemon(OrderedServices):
         if config.logic.enabled:
             self._add_logic(database, accounts, state, groups)
         if config.admin.enabled:
-            site = admin_site(node_id, metrics, self.health, reactor)
+            site = admin_site(
+                node_id, metrics, self.health, reactor, self.build, self._telemetry("admin")
+            )
             self.add(Listener("admin", config.admin.listen, reactor, site))
 
         trimmer = HeapTrimmer(reactor, config.node.heap_trim_interval)
@@ -210,7 +220,12 @@ class CimDaemon(OrderedServices):
         """The file service: its storage and key (prepared first), then its port."""
         config = self.config
         files = FilesListener(
-            config.files, config.node.data_dir, database, state.sessions, self.reactor
+            config.files,
+            config.node.data_dir,
+            database,
+            state.sessions,
+            self.reactor,
+            telemetry=self._telemetry("files"),
         )
         self.add(Step("files storage", files.prepare, None, files_storage_failure(files)))
         self.add(
@@ -246,11 +261,16 @@ class CimDaemon(OrderedServices):
                 Notices(self.im_node.system, self.reactor),
                 self.reactor,
                 groups,
-            )
+            ),
+            self._telemetry("logic"),
         )
         self.add(
             Step("logic", logic.start, logic.stop, cannot_listen("logic", config.logic.listen))
         )
+
+    def _telemetry(self, service: str) -> SiteTelemetry:
+        """How an HTTP service's Site reports its requests: in /metrics, and the access log."""
+        return SiteTelemetry(service, self.metrics.http, self.config.log.access_log)
 
     # --- twistd ----------------------------------------------------------------------
 

@@ -20,6 +20,7 @@ from cim.files.http.site import files_site
 from cim.files.signing import UrlSigner, load_or_create_key
 from cim.files.store import FileStore
 from cim.files.thumbnails import set_pixel_limit
+from cim.http.telemetry import UNOBSERVED, SiteTelemetry
 from cim.interfaces import ISessionStore
 from cim.reactor import ICimReactor
 from cim.storage.database import Database, Runner, ThreadPoolRunner
@@ -40,8 +41,10 @@ class FilesListener:
         sessions: ISessionStore,
         reactor: ICimReactor,
         runner: Runner | None = None,
+        telemetry: SiteTelemetry = UNOBSERVED,
     ) -> None:
         self.config = config
+        self.telemetry = telemetry
         self.reactor = reactor
         self.storage_dir = config.storage_dir or os.path.join(data_dir, "files")
         self.key_path = config.url_key or os.path.join(data_dir, "files_url_key")
@@ -68,7 +71,9 @@ class FilesListener:
         store = self.store
         assert store is not None
         self.work.start()
-        site = files_site(store, self.sessions, self.reactor, self.config.chunk_size)
+        site = files_site(
+            store, self.sessions, self.reactor, self.config.chunk_size, telemetry=self.telemetry
+        )
         endpoint = serverFromString(self.reactor, self.config.listen)
         try:
             self.port = await endpoint.listen(site)

@@ -33,6 +33,7 @@ from cim.http.site import (
     read_json_object,
     too_many_requests,
 )
+from cim.http.telemetry import UNOBSERVED, SiteTelemetry
 from cim.interfaces import (
     AlreadyLoggedIn,
     INodeRegistry,
@@ -292,10 +293,12 @@ class RouterResource(EndpointResource[None]):
     async def _logout(self, call: Call[None]) -> Reply:
         address = call.address
         record = await self._bearer.end_session(call.request, REASON_LOGGED_OUT)
+        # Debug, as the node's "connected" line: every CLI command logs in and out, and
+        # one info line per command (the login) is what an operator wants to read.
         if record is None:
-            self._log.info("logout refused from {address}: unknown token", address=address)
+            self._log.debug("logout refused from {address}: unknown token", address=address)
             raise invalid_token("the bearer token is missing, expired or unknown")
-        self._log.info("logout of {user!r} from {address}", user=record.user, address=address)
+        self._log.debug("logout of {user!r} from {address}", user=record.user, address=address)
         if self._oplog is not None:
             self._oplog.emit(oplog_events.LOGOUT, user=record.user, peer=address)
         return json_reply(200, {"ok": True})
@@ -387,6 +390,7 @@ def router_site(
     metrics: NodeMetrics,
     token_bytes: Callable[[int], bytes] = os.urandom,
     oplog: OperationLog | None = None,
+    telemetry: SiteTelemetry = UNOBSERVED,
 ) -> server.Site:
     root = RouterResource(
         config,
@@ -400,4 +404,4 @@ def router_site(
         token_bytes,
         oplog,
     )
-    return bounded_site(root, config.max_body_size, clock)
+    return bounded_site(root, config.max_body_size, clock, telemetry)

@@ -115,21 +115,26 @@ class NoDaemonTests(SynchronousTestCase):
             self.assertEqual(ran.returncode, 2, ran)
             self.assertEqual(len(ran.stderr.splitlines()), 1, ran.stderr)
 
-    def test_version_of_both_tools(self) -> None:
+    def test_version_of_every_tool(self) -> None:
         from cim import __version__
 
-        for tool in ("cim-client", "cimctl"):
+        for command, name in (
+            (["cim-client", "--version"], "cim-client"),
+            (["cimctl", "--version"], "cimctl"),
+            (["twistd", "cim", "--version"], "cim"),
+        ):
             ran = subprocess.run(
-                [os.path.join(BIN, tool), "--version"],
+                [os.path.join(BIN, command[0]), *command[1:]],
                 capture_output=True,
                 text=True,
                 timeout=60,
                 cwd=ROOT,
             )
-            self.assertEqual((ran.returncode, ran.stderr), (0, ""), tool)
-            self.assertTrue(ran.stdout.startswith(f"{tool} {__version__}"), ran.stdout)
+            self.assertEqual((ran.returncode, ran.stderr), (0, ""), command)
+            first = ran.stdout.splitlines()[0]
+            self.assertTrue(first.startswith(f"{name} {__version__}"), ran.stdout)
             if os.path.exists(os.path.join(ROOT, ".git")):
-                self.assertRegex(ran.stdout, r"\(git [0-9a-f]{12}(\+modified)?\)\n$")
+                self.assertRegex(first, r"\(git [0-9a-f]{12}(\+modified)?\)$")
 
 
 class UnreachableNodeTests(SynchronousTestCase):

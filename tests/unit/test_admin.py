@@ -11,9 +11,11 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.server import Site
 
+from cim.http.telemetry import SiteTelemetry
 from cim.metrics import NodeMetrics
 from cim.protocols import cim_pb2
 from cim.services.admin import admin_site
+from cim.version import Build
 from tests.unit.test_router import LOCAL_PEER, HttpResponse, exchange
 
 
@@ -25,12 +27,21 @@ class AdminTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.metrics = NodeMetrics()
         self.report: dict[str, Any] = {"status": "ok", "node": "n1", "connections": 0}
-        self.site = admin_site("n1", self.metrics, lambda: dict(self.report), Clock())
+        self.build = Build("0.1.0", "1a2b3c4d5e6f+modified")
+        self.site = admin_site(
+            "n1",
+            self.metrics,
+            lambda: dict(self.report),
+            Clock(),
+            self.build,
+            SiteTelemetry("admin", self.metrics.http),
+        )
 
     def test_health(self) -> None:
         response = fetch(self.site, "/health")
         self.assertEqual(response.status, 200)
-        self.assertEqual(response.json(), self.report)
+        version = {"version": "0.1.0", "commit": "1a2b3c4d5e6f+modified"}
+        self.assertEqual(response.json(), self.report | version)
         self.report["status"] = "starting"
         response = fetch(self.site, "/health")
         self.assertEqual(response.status, 503)
@@ -49,6 +60,48 @@ class AdminTests(SynchronousTestCase):
         self.assertIn('cim_frames_total{direction="in",type="msg_r"} 3.0', text)
         self.assertIn('cim_frames_total{direction="out",type="heartbeat"} 2.0', text)
         self.assertIn('cim_logins_total{outcome="ok"} 4.0', text)
+
+    def test_health_of_a_release_without_a_commit(self) -> None:
+        site = admin_site("n1", self.metrics, lambda: dict(self.report), Clock(), Build("0.2.0"))
+        self.assertEqual(fetch(site, "/health").json(), self.report | {"version": "0.2.0"})
+        self.assertIn(
+            'cim_build_info{commit="unknown",version="0.2.0"} 1.0',
+            fetch(site, "/metrics").body.decode(),
+        )
+
+    def test_build_info_and_process_metrics(self) -> None:
+        text = fetch(self.site, "/metrics").body.decode()
+        self.assertIn('cim_build_info{commit="1a2b3c4d5e6f+modified",version="0.1.0"} 1.0', text)
+        for name in (
+            "process_cpu_seconds_total",
+            "process_resident_memory_bytes",
+            "process_open_fds",
+            "process_max_fds",
+            "python_gc_collections_total",
+            "python_gc_objects_collected_total",
+            "python_info",
+        ):
+            self.assertRegex(text, rf"(?m)^{name}(\{{[^}}]*\}})? [0-9.e+]+$", name)
+
+    def test_http_requests_are_in_the_metrics(self) -> None:
+        fetch(self.site, "/health")
+        fetch(self.site, "/nope")
+        text = fetch(self.site, "/metrics").body.decode()
+        self.assertIn(
+            'cim_http_requests_total{method="GET",route="/health",service="admin",status="200"}'
+            " 1.0",
+            text,
+        )
+        self.assertIn(
+            'cim_http_requests_total{method="GET",route="unmatched",service="admin",status="404"}'
+            " 1.0",
+            text,
+        )
+        self.assertIn(
+            'cim_http_request_duration_seconds_bucket{le="0.005",method="GET",route="/health",'
+            'service="admin",status="200"} 1.0',
+            text,
+        )
 
     def test_non_loopback_peer_refused(self) -> None:
         for peer in (

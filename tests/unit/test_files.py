@@ -36,6 +36,8 @@ from cim.files.names import clean_name, content_disposition
 from cim.files.signing import UrlKeyError, UrlSigner, load_or_create_key
 from cim.files.store import FileStore
 from cim.files.thumbnails import set_pixel_limit
+from cim.http.telemetry import SiteTelemetry
+from cim.metrics import HttpRequests
 from cim.storage.database import Database, ThreadPoolRunner
 from tests.unit.test_router import HttpConnection, HttpResponse, exchange, request_bytes
 
@@ -145,8 +147,14 @@ class FileServiceTestCase(SynchronousTestCase):
             self.clock,
             new_id=lambda: next(self.ids),
         )
+        self.requests = HttpRequests()
         self.site = files_site(
-            self.store, self.state.sessions, self.clock, self.config.chunk_size, self.memory_limit
+            self.store,
+            self.state.sessions,
+            self.clock,
+            self.config.chunk_size,
+            self.memory_limit,
+            SiteTelemetry("files", self.requests, access_log=True),
         )
         self.site.doStart()
         self.addCleanup(self.site.doStop)
@@ -539,6 +547,13 @@ class DownloadTests(FileServiceTestCase):
         self.assertError(
             self.call("GET", "/files/0000000000000000000999", user="bob"), 404, "not_found"
         )
+
+    def test_downloads_are_counted_by_route_template(self) -> None:
+        self.get_url(self.file["url"])
+        self.call("GET", f"/files/{self.file['file_id']}", user="bob")
+        self.call("GET", f"/api/v1/files/{self.file['file_id']}", user="bob")
+        self.assertEqual(self.requests.count("files", "GET", "/files/{id}", "200"), 2)
+        self.assertEqual(self.requests.count("files", "GET", "/api/v1/files/{id}", "200"), 1)
 
     def test_access_log_holds_no_signatures_or_tokens(self) -> None:
         events: list[LogEvent] = []

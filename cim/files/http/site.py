@@ -1,4 +1,4 @@
-"""The file service's Site: its declared endpoints, spooled bodies and a quiet access log.
+"""The file service's Site: its declared endpoints, spooled bodies and a redacted access log.
 
 Every call is authenticated with the router's token (``Authorization: Bearer``);
 downloads also accept a signed URL, which is what messages carry. The access log
@@ -19,6 +19,7 @@ from cim.files.store import FileProblem, FileStore
 from cim.http.auth import BearerSessions
 from cim.http.endpoints import Endpoint, EndpointResource
 from cim.http.site import Reply, client_host, json_reply
+from cim.http.telemetry import UNOBSERVED, ObservedSite, SiteTelemetry
 from cim.interfaces import ISessionStore
 
 __all__ = ["JSON_MAX_BODY", "files_resource", "files_site"]
@@ -71,6 +72,7 @@ def files_site(
     clock: IReactorTime,
     max_body_size: int,
     memory_limit: int = MEMORY_SPOOL,
+    telemetry: SiteTelemetry = UNOBSERVED,
 ) -> server.Site:
     """The service's Site; no request body may be larger than a chunk (or a JSON call)."""
     request_class = type(
@@ -82,8 +84,9 @@ def files_site(
             "memory_limit": memory_limit,
         },
     )
-    site = server.Site(
+    site = ObservedSite(
         files_resource(store, sessions, clock),
+        telemetry,
         requestFactory=request_class,
         reactor=clock,
         logFormatter=_redacted_access_log,
