@@ -36,6 +36,7 @@ from cim.files.names import clean_mime, clean_name
 from cim.files.records import FileRecord, QuotaExceeded, TooManyUploads, UploadRecord
 from cim.files.signing import UrlSigner
 from cim.files.thumbnails import ImageRefused, make_thumbnail
+from cim.json_convention import iso_time, present
 from cim.storage.database import Database, ThreadPoolRunner
 
 MAX_PENDING_UPLOADS = 64
@@ -460,17 +461,23 @@ class FileStore:
     def describe(self, record: FileRecord) -> dict[str, Any]:
         """What clients are told about a stored file, with fresh signed URLs."""
         expires = int(self.clock.seconds() + self.config.url_ttl)
-        return {
-            "file_id": record.id,
-            "url": self.signed_url(record.id, VARIANT_FILE, expires),
-            "thumbnail_url": (
-                self.signed_url(record.id, VARIANT_THUMBNAIL, expires) if record.thumbnail else ""
-            ),
-            "size": record.size,
-            "mime": record.mime,
-            "name": record.name,
-            "md5": record.md5,
-            "width": record.width or 0,
-            "height": record.height or 0,
-            "expires": expires,
-        }
+        # The JSON convention (cim.json_convention): no thumbnail, no dimensions of a
+        # file that is not an image: the keys are left out.
+        return present(
+            {
+                "file_id": record.id,
+                "url": self.signed_url(record.id, VARIANT_FILE, expires),
+                "thumbnail_url": (
+                    self.signed_url(record.id, VARIANT_THUMBNAIL, expires)
+                    if record.thumbnail
+                    else None
+                ),
+                "size": record.size,
+                "mime": record.mime,
+                "name": record.name,
+                "md5": record.md5,
+                "width": record.width or None,
+                "height": record.height or None,
+                "expires_at": iso_time(expires),
+            }
+        )

@@ -42,6 +42,7 @@ from cim.interfaces import (
     NodeInfo,
     StateUnavailable,
 )
+from cim.json_convention import iso_time, listing
 from cim.metrics import NodeMetrics
 from cim.oplog import OperationLog
 from cim.ring import HashRing
@@ -284,7 +285,7 @@ class RouterResource(EndpointResource[None]):
             "heartbeat_interval": im.heartbeat_interval,
             "heartbeat_timeout": im.effective_heartbeat_timeout,
             "cipher_suites": list(im.cipher_suites),
-            "expires_at": record.expires_at,
+            "expires_at": iso_time(record.expires_at),
         }
         return json_reply(200, body)
 
@@ -318,13 +319,13 @@ class RouterResource(EndpointResource[None]):
             raise state_unavailable() from None
         return json_reply(
             200,
-            {
-                "total": total,
-                "nodes": dict(sorted(per_node.items())),
-                "offset": offset,
-                "limit": limit,
-                "users": users,
-            },
+            listing(
+                users,
+                total=total,
+                nodes=dict(sorted(per_node.items())),
+                offset=offset,
+                limit=limit,
+            ),
         )
 
     # --- kick (cimctl kick) -----------------------------------------------------------

@@ -274,7 +274,7 @@ class RouterTests(SynchronousTestCase):
         self.assertEqual(body["heartbeat_interval"], 20)
         self.assertEqual(body["heartbeat_timeout"], 60)
         self.assertEqual(body["cipher_suites"], list(self.im_config.cipher_suites))
-        self.assertEqual(body["expires_at"], 1_000_000 + 3600)
+        self.assertEqual(body["expires_at"], "1970-01-12T14:46:40.000Z")  # 1_000_000 + 3600
 
         record = self.successResultOf(
             self.state.sessions.session_for_token(token_hash(body["token"]))
@@ -571,10 +571,10 @@ class RouterTests(SynchronousTestCase):
         self.assertEqual(response.status, 200, response.body)
         self.assertEqual(
             response.json(),
-            {"total": 2, "nodes": {"n1": 2}, "offset": 0, "limit": 1, "users": ["alice"]},
+            {"items": ["alice"], "total": 2, "nodes": {"n1": 2}, "offset": 0, "limit": 1},
         )
         page = exchange(self.site, "GET", "/api/v1/online?offset=1&limit=5").json()
-        self.assertEqual(page["users"], ["bob"])
+        self.assertEqual(page["items"], ["bob"])
         self.assertError(exchange(self.site, "GET", "/api/v1/online?limit=0"), 400, "bad_request")
         remote = IPv4Address("TCP", "203.0.113.9", 5555)
         self.assertError(
