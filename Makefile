@@ -11,7 +11,7 @@ $(BIN)/python:
 	$(BIN)/pip install --quiet --upgrade pip==26.3
 
 $(VENV)/.installed: $(BIN)/python setup.cfg pyproject.toml requirements/constraints.txt
-	$(BIN)/pip install --quiet -c requirements/constraints.txt --config-settings editable_mode=compat -e .
+	$(BIN)/pip install --quiet -c requirements/constraints.txt -e .
 	$(MAKE) --no-print-directory plugin-cache
 	touch $@
 
@@ -23,7 +23,7 @@ plugin-cache: $(BIN)/python
 		assert 'cim' in [p.tapname for p in getPlugins(IServiceMaker)]"
 
 $(VENV)/.installed-test: $(VENV)/.installed
-	$(BIN)/pip install --quiet -c requirements/constraints.txt --config-settings editable_mode=compat -e '.[test]'
+	$(BIN)/pip install --quiet -c requirements/constraints.txt -e '.[test]'
 	touch $@
 
 install: $(VENV)/.installed
@@ -69,7 +69,7 @@ typecheck: install-test
 
 # The benchmarks also want py-spy, for the profile of the 1:1 path in bench-full.
 $(VENV)/.installed-bench: $(VENV)/.installed-test
-	$(BIN)/pip install --quiet -c requirements/constraints.txt --config-settings editable_mode=compat -e '.[test,bench]'
+	$(BIN)/pip install --quiet -c requirements/constraints.txt -e '.[test,bench]'
 	touch $@
 
 bench: $(VENV)/.installed-bench

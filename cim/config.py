@@ -394,6 +394,8 @@ class LogConfig:
     level: str = _opt("info", parse_str, choices=LOG_LEVELS)
     # Empty: where twistd logs (--logfile, stdout with --nodaemon). SIGHUP reopens it.
     file: str = _opt("", parse_str)
+    # One line per HTTP request (router, logic, files, admin) in the daemon's log.
+    access_log: bool = _opt(False, parse_bool)
 
     def validate(self) -> None:
         pass

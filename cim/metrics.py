@@ -32,6 +32,9 @@ def _frame_type_names() -> dict[int, str]:
 DELIVERY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 # Seconds a transaction waits for a database thread.
 DB_WAIT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0)
+# Seconds from an HTTP request's arrival (headers and body read) to its answer's last byte;
+# a login runs the password KDF, a download streams a whole file.
+HTTP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 120.0)
 
 
 class Histogram:
@@ -62,15 +65,63 @@ class Histogram:
     def count(self) -> int:
         return sum(self.counts)
 
-    def family(self, name: str, documentation: str) -> HistogramMetricFamily:
-        family = HistogramMetricFamily(name, documentation, unit="seconds")
-        cumulative = 0
+    def cumulative(self) -> list[tuple[str, float]]:
+        """The buckets as Prometheus exposes them: ``(le, count at or below it)``."""
+        total = 0
         buckets: list[tuple[str, float]] = []
         for bound, count in zip((*self.bounds, float("inf")), self.counts, strict=True):
-            cumulative += count
-            buckets.append(("+Inf" if bound == float("inf") else repr(bound), cumulative))
-        family.add_metric([], buckets, self.sum)
+            total += count
+            buckets.append(("+Inf" if bound == float("inf") else repr(bound), total))
+        return buckets
+
+    def family(self, name: str, documentation: str) -> HistogramMetricFamily:
+        family = HistogramMetricFamily(name, documentation, unit="seconds")
+        family.add_metric([], self.cumulative(), self.sum)
         return family
+
+
+HTTP_LABELS = ["service", "method", "route", "status"]
+
+
+class HttpRequests:
+    """The requests the node's HTTP services answered: how many and how long each took.
+
+    Kept per service (router, logic, files, admin), method, route template (never the
+    raw path: one series per post id or file id would grow without bound) and status,
+    as plain ints on the reactor thread; rendered at scrape time.
+    """
+
+    def __init__(self) -> None:
+        self._seconds: dict[tuple[str, str, str, str], Histogram] = {}
+
+    def observe(self, service: str, method: str, route: str, status: str, seconds: float) -> None:
+        key = (service, method, route, status)
+        histogram = self._seconds.get(key)
+        if histogram is None:
+            histogram = self._seconds[key] = Histogram(HTTP_BUCKETS)
+        histogram.observe(seconds)
+
+    def count(self, service: str, method: str, route: str, status: str) -> int:
+        histogram = self._seconds.get((service, method, route, status))
+        return 0 if histogram is None else histogram.count
+
+    def families(self) -> Iterator[Metric]:
+        requests = CounterMetricFamily(
+            "cim_http_requests",
+            "HTTP requests answered, by service, method, route template and status.",
+            labels=HTTP_LABELS,
+        )
+        seconds = HistogramMetricFamily(
+            "cim_http_request_duration",
+            "Seconds from an HTTP request's arrival to the last byte of its answer.",
+            labels=HTTP_LABELS,
+            unit="seconds",
+        )
+        for key, histogram in sorted(self._seconds.items()):
+            requests.add_metric(list(key), histogram.count)
+            seconds.add_metric(list(key), histogram.cumulative(), histogram.sum)
+        yield requests
+        yield seconds
 
 
 class NodeMetrics:
@@ -95,6 +146,7 @@ class NodeMetrics:
         self.logins: Counter[str] = Counter()
         self.delivery_latency = Histogram(DELIVERY_BUCKETS)
         self.db_wait = Histogram(DB_WAIT_BUCKETS, threaded=True)
+        self.http = HttpRequests()
         # Read at scrape time; the daemon points them at the switchboard and the
         # offline writer once those exist.
         self.connections_established: Callable[[], int] = lambda: 0
@@ -203,6 +255,7 @@ class NodeMetricsCollector(Collector):
             "cim_database_pool_wait",
             "Seconds a database transaction waited for a pool thread.",
         )
+        yield from m.http.families()
 
         pending = m.offline_pending()
         if pending is not None:

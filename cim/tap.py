@@ -15,6 +15,16 @@ class Options(usage.Options):
         ["config", "c", "etc/cim.ini", "Path to the configuration file."],
     ]
 
+    def opt_version(self) -> None:
+        """Print the cim version (and git commit) with Twisted's, and exit."""
+        # Twisted's own --version would name only Twisted: a bug report needs cim's.
+        from cim.version import version_string
+        from twisted import copyright
+
+        print(f"cim {version_string()}")
+        print(f"Twisted {copyright.version}")
+        raise SystemExit(0)
+
 
 def makeService(options: Options) -> IService:
     try:
@@ -27,9 +37,13 @@ def makeService(options: Options) -> IService:
     from cim.services.daemon import CimDaemon, StartupError
 
     daemon_log = None
-    if not config.log.is_default:
-        # twistd's own options (--logfile, --nodaemon) decide where an unset file goes.
-        parent = getattr(options, "parent", None) or {}
+    parent = getattr(options, "parent", None) or {}
+    # twistd's own observer writes every level, debug included; cim's writes the
+    # configured [log] level (info by default) where twistd would have (its --logfile,
+    # or stdout with --nodaemon). Only an operator's own twistd --syslog or --logger,
+    # with an untouched [log] section, is left to twistd.
+    twistd_chosen = bool(parent.get("syslog") or parent.get("logger"))
+    if not (config.log.is_default and twistd_chosen):
         try:
             daemon_log = DaemonLog(
                 config.log,
@@ -38,9 +52,16 @@ def makeService(options: Options) -> IService:
                 nodaemon=bool(parent.get("nodaemon", True)),
             )
         except OSError as error:
-            raise SystemExit(f"cim: [log] file = {config.log.file!r}: {error.strerror}") from None
+            where = (
+                f"[log] file = {config.log.file!r}"
+                if config.log.file
+                else f"twistd --logfile={parent.get('logfile')}"
+            )
+            raise SystemExit(f"cim: {where}: {error.strerror}") from None
+    from cim.version import current_build
+
     try:
-        return CimDaemon(config, installed_reactor(), daemon_log=daemon_log)
+        return CimDaemon(config, installed_reactor(), daemon_log=daemon_log, build=current_build())
     except StartupError as error:
         # The node's identity (data directory, key) is read here, like the config.
         raise SystemExit(f"cim: could not start node {config.node.id}: {error}") from None

@@ -11,10 +11,11 @@ from __future__ import annotations
 import functools
 import os
 import subprocess
+from dataclasses import dataclass
 
 from cim import __version__
 
-__all__ = ["__version__", "git_commit", "version_string"]
+__all__ = ["RELEASE", "Build", "__version__", "current_build", "git_commit", "version_string"]
 
 CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 """The directory holding the ``cim`` package: a checkout's root when run from one."""
@@ -54,7 +55,30 @@ def git_commit(root: str = CHECKOUT) -> str | None:
     return commit or None
 
 
+@dataclass(frozen=True)
+class Build:
+    """The release and, from a checkout, the commit: what /health and cim_build_info show."""
+
+    version: str = __version__
+    commit: str | None = None
+
+    def __str__(self) -> str:
+        return f"{self.version} (git {self.commit})" if self.commit else self.version
+
+    def as_json(self) -> dict[str, str]:
+        """``{"version", "commit"}``; no commit key when it is not known."""
+        return {"version": self.version} | ({"commit": self.commit} if self.commit else {})
+
+
+RELEASE = Build()
+"""The release alone, for code that must not run git (tests, a node made in a test)."""
+
+
+def current_build() -> Build:
+    """This cim: the release and the checkout's commit (runs git once per process)."""
+    return Build(__version__, git_commit())
+
+
 def version_string() -> str:
     """``0.1.0`` or ``0.1.0 (git 1a2b3c4d5e6f)``: what ``--version`` prints after the name."""
-    commit = git_commit()
-    return f"{__version__} (git {commit})" if commit else __version__
+    return str(current_build())

@@ -18,6 +18,7 @@ from treq.client import HTTPClient
 from twisted.web.client import Agent, HTTPConnectionPool
 
 from cim.client.errors import ServiceError
+from cim.json_convention import iso_time
 
 __all__ = ["API_ROOT", "LogicClient", "LogicError"]
 
@@ -35,6 +36,15 @@ def _segment(name: str) -> str:
 
 def _without_none(fields: Mapping[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in fields.items() if value is not None}
+
+
+def _wire_time(value: float | str | None) -> str | None:
+    """A time as the service takes it (ISO 8601); epoch seconds are converted."""
+    return iso_time(value) if isinstance(value, int | float) else value
+
+
+def _wire_position(position: Mapping[str, Any]) -> dict[str, Any]:
+    return _without_none({**position, "at": _wire_time(position.get("at"))})
 
 
 class LogicClient:
@@ -130,8 +140,9 @@ class LogicClient:
     async def bind(self, device: str, code: str) -> dict[str, Any]:
         return dict(await self.call("POST", "/bindings", {"device": device, "code": code}))
 
-    async def bindings(self) -> list[dict[str, Any]]:
-        return list((await self.call("GET", "/bindings"))["bindings"])
+    async def bindings(self) -> dict[str, Any]:
+        """``{"items": [binding, ...]}``."""
+        return dict(await self.call("GET", "/bindings"))
 
     async def approve_binding(self, device: str, guardian: str) -> dict[str, Any]:
         path = f"/bindings/{_segment(device)}/{_segment(guardian)}/approve"
@@ -154,9 +165,9 @@ class LogicClient:
 
     async def sos_events(
         self, device: str | None = None, limit: int | None = None
-    ) -> list[dict[str, Any]]:
-        answer = await self.call("GET", "/sos", query={"device": device, "limit": limit})
-        return list(answer["events"])
+    ) -> dict[str, Any]:
+        """``{"items": [event, ...]}``, newest first."""
+        return dict(await self.call("GET", "/sos", query={"device": device, "limit": limit}))
 
     async def sos_event(self, event: int) -> dict[str, Any]:
         return dict(await self.call("GET", f"/sos/{int(event)}"))
@@ -178,16 +189,18 @@ class LogicClient:
         body = {"name": name, "polygon": [[lat, lon] for lat, lon in points]}
         return dict(await self.call("POST", f"/devices/{_segment(device)}/fences", body))
 
-    async def fences(self, device: str) -> list[dict[str, Any]]:
-        return list((await self.call("GET", f"/devices/{_segment(device)}/fences"))["fences"])
+    async def fences(self, device: str) -> dict[str, Any]:
+        """``{"items": [fence, ...]}``."""
+        return dict(await self.call("GET", f"/devices/{_segment(device)}/fences"))
 
     async def delete_fence(self, device: str, fence: int) -> dict[str, Any]:
         path = f"/devices/{_segment(device)}/fences/{int(fence)}"
         return dict(await self.call("DELETE", path))
 
     async def report_positions(self, positions: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-        """A device reports fixes: each ``{lat, lon, accuracy_m?, at?}``."""
-        body = {"positions": [_without_none(position) for position in positions]}
+        """A device reports fixes: each ``{lat, lon, accuracy_m?, at?}``, ``at`` in epoch
+        seconds or already an ISO 8601 string."""
+        body = {"positions": [_wire_position(position) for position in positions]}
         return dict(await self.call("POST", "/locations", body))
 
     async def positions(
@@ -196,13 +209,10 @@ class LogicClient:
         since: float | None = None,
         until: float | None = None,
         limit: int | None = None,
-    ) -> list[dict[str, Any]]:
-        answer = await self.call(
-            "GET",
-            f"/devices/{_segment(device)}/locations",
-            query={"since": since, "until": until, "limit": limit},
-        )
-        return list(answer["positions"])
+    ) -> dict[str, Any]:
+        """``{"items": [position, ...]}``, newest first; ``since``/``until`` epoch seconds."""
+        query = {"since": _wire_time(since), "until": _wire_time(until), "limit": limit}
+        return dict(await self.call("GET", f"/devices/{_segment(device)}/locations", query=query))
 
     # --- posts and likes ------------------------------------------------------------------
 
@@ -220,11 +230,10 @@ class LogicClient:
 
     async def posts(
         self, author: str | None = None, before: int | None = None, limit: int | None = None
-    ) -> list[dict[str, Any]]:
-        answer = await self.call(
-            "GET", "/posts", query={"author": author, "before": before, "limit": limit}
-        )
-        return list(answer["posts"])
+    ) -> dict[str, Any]:
+        """``{"items": [post, ...]}``, newest first."""
+        query = {"author": author, "before": before, "limit": limit}
+        return dict(await self.call("GET", "/posts", query=query))
 
     async def post(self, post: int) -> dict[str, Any]:
         return dict(await self.call("GET", f"/posts/{int(post)}"))
@@ -241,6 +250,7 @@ class LogicClient:
     async def likers(
         self, post: int, limit: int | None = None, offset: int | None = None
     ) -> dict[str, Any]:
+        """``{"items": [name, ...], "likes": total}``."""
         answer = await self.call(
             "GET", f"/posts/{int(post)}/likes", query={"limit": limit, "offset": offset}
         )

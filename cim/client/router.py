@@ -15,6 +15,7 @@ from treq.client import HTTPClient
 from twisted.web.client import Agent, HTTPConnectionPool
 
 from cim.client.errors import ServiceError
+from cim.json_convention import epoch_seconds
 
 
 class RouterError(ServiceError):
@@ -63,7 +64,7 @@ def parse_ticket(body: dict[str, Any]) -> LoginTicket:
             heartbeat_interval=float(body["heartbeat_interval"]),
             heartbeat_timeout=float(body["heartbeat_timeout"]),
             cipher_suites=tuple(body.get("cipher_suites", ())),
-            expires_at=float(body.get("expires_at", 0)),
+            expires_at=epoch_seconds(str(body["expires_at"])) if "expires_at" in body else 0.0,
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise RouterError(

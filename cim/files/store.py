@@ -63,6 +63,7 @@ from cim.files.records import (
 )
 from cim.files.signing import UrlSigner
 from cim.files.thumbnails import ImageRefused, make_thumbnail
+from cim.json_convention import iso_time, present
 from cim.storage import files_access
 from cim.storage.database import Database, ThreadPoolRunner
 
@@ -492,20 +493,30 @@ class FileStore:
     def describe(self, record: FileRecord, user: str) -> dict[str, Any]:
         """What ``user`` is told about a file they may read, with fresh signed URLs."""
         expires = int(self.clock.seconds() + self.config.url_ttl)
+        # The JSON convention (cim.json_convention): no thumbnail, no dimensions of a
+        # file that is not an image: the keys are left out. ``url`` is the file's own
+        # address (its readers fetch it with their token); the signed ones are bound
+        # to ``user`` and expire.
         thumbnail = record.thumbnail is not None
-        return {
-            "file_id": record.id,
-            "url": self.file_url(record.id, VARIANT_FILE),
-            "thumbnail_url": self.file_url(record.id, VARIANT_THUMBNAIL) if thumbnail else "",
-            "signed_url": self.signed_url(record.id, VARIANT_FILE, user, expires),
-            "signed_thumbnail_url": (
-                self.signed_url(record.id, VARIANT_THUMBNAIL, user, expires) if thumbnail else ""
-            ),
-            "expires": expires,
-            "size": record.size,
-            "mime": record.mime,
-            "name": record.name,
-            "md5": record.md5,
-            "width": record.width or 0,
-            "height": record.height or 0,
-        }
+        return present(
+            {
+                "file_id": record.id,
+                "url": self.file_url(record.id, VARIANT_FILE),
+                "thumbnail_url": (
+                    self.file_url(record.id, VARIANT_THUMBNAIL) if thumbnail else None
+                ),
+                "signed_url": self.signed_url(record.id, VARIANT_FILE, user, expires),
+                "signed_thumbnail_url": (
+                    self.signed_url(record.id, VARIANT_THUMBNAIL, user, expires)
+                    if thumbnail
+                    else None
+                ),
+                "expires_at": iso_time(expires),
+                "size": record.size,
+                "mime": record.mime,
+                "name": record.name,
+                "md5": record.md5,
+                "width": record.width or None,
+                "height": record.height or None,
+            }
+        )

@@ -34,6 +34,7 @@ from cim.http.site import (
     read_json_object,
     write_reply,
 )
+from cim.http.telemetry import name_route
 
 if TYPE_CHECKING:
     from jsonschema import Draft202012Validator
@@ -197,6 +198,7 @@ class EndpointResource(Resource, Generic[CallerT]):
             match = route.pattern.fullmatch(path)
             if match is None:
                 continue
+            name_route(request, self.prefix + route.endpoint.path)
             if route.endpoint.method != method:
                 allowed.append(route.endpoint.method)
                 continue

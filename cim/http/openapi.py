@@ -15,6 +15,7 @@ from twisted.web.resource import Resource
 from cim.http.endpoints import Endpoint, EndpointResource
 from cim.http.schema import ERROR_SCHEMA, MAX_ID
 from cim.http.site import json_reply, write_reply
+from cim.http.telemetry import name_route
 
 __all__ = ["PublishedSpec", "openapi_document"]
 
@@ -145,5 +146,6 @@ class PublishedSpec(Resource):
 
     def render(self, request: server.Request) -> bytes | int:
         if request.path == self._path and request.method in (b"GET", b"HEAD"):
+            name_route(request, self._path.decode())
             return write_reply(request, self._reply)
         return self._endpoints.render(request)

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from cim.content import control_characters_in
 from cim.http.site import HttpError
+from cim.json_convention import ISO_TIME_PATTERN, epoch_seconds
 
 if TYPE_CHECKING:
     # jsonschema costs ~10 MiB: imported only where a body schema is declared.
@@ -29,12 +30,16 @@ if TYPE_CHECKING:
 __all__ = [
     "ERROR_SCHEMA",
     "MAX_ID",
+    "TIMESTAMP",
+    "TIME_INPUT",
     "array_of",
     "body_problem",
     "body_validator",
     "convert_param",
     "convert_query",
+    "listing_of",
     "object_schema",
+    "time_value",
 ]
 
 MAX_ID = 2**63 - 1
@@ -66,6 +71,47 @@ def array_of(items: Mapping[str, Any], max_items: int | None = None) -> dict[str
     if max_items is not None:
         schema["maxItems"] = max_items
     return schema
+
+
+def listing_of(
+    items: Mapping[str, Any],
+    max_items: int | None = None,
+    beside: Mapping[str, Mapping[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """A list answer as the JSON convention writes it: ``{"items": [...], ...beside}``."""
+    beside = dict(beside or {})
+    return object_schema({"items": array_of(items, max_items), **beside}, ["items", *beside])
+
+
+TIMESTAMP: dict[str, Any] = {
+    "type": "string",
+    "format": "date-time",
+    "description": "ISO 8601 in UTC with milliseconds, e.g. 2026-12-06T09:07:37.290Z",
+}
+"""A time in an answer."""
+TIME_INPUT: dict[str, Any] = {
+    "type": "string",
+    "format": "date-time",
+    "pattern": ISO_TIME_PATTERN,
+    "maxLength": 40,
+    "description": "ISO 8601 with an offset, e.g. 2026-12-06T09:07:37.290Z",
+}
+"""A time in a request (a body field or a query parameter), from 1970 on."""
+
+
+def time_value(text: str, where: str) -> float:
+    """A request's ``TIME_INPUT`` as epoch seconds, or a 400 naming ``where``."""
+    try:
+        seconds = epoch_seconds(text)
+    except (ValueError, OverflowError):
+        seconds = -1.0
+    if seconds < 0:
+        raise HttpError(
+            400,
+            "bad_request",
+            f"{where}: expected an ISO 8601 time from 1970 on, e.g. 2026-12-06T09:07:37.290Z",
+        )
+    return seconds
 
 
 ERROR_SCHEMA = object_schema(
@@ -155,6 +201,8 @@ def convert_param(name: str, raw: str, schema: Mapping[str, Any]) -> Any:
 def convert_query(name: str, raw: bytes, schema: Mapping[str, Any]) -> Any:
     text = raw.decode("utf-8", "replace")
     kind = schema.get("type")
+    if schema.get("format") == "date-time":
+        return time_value(text, f"query {name}")
     if kind in ("integer", "number"):
         try:
             value: Any = int(text) if kind == "integer" else float(text)

@@ -22,6 +22,8 @@ from twisted.python.failure import Failure
 from twisted.web import server
 from twisted.web.resource import Resource
 
+from cim.http.telemetry import UNOBSERVED, ObservedSite, SiteTelemetry
+
 JSON_TYPE = b"application/json"
 
 
@@ -124,13 +126,19 @@ class BoundedRequest(server.Request):
         self.content.write(data)
 
 
-def bounded_site(root: Resource, max_body_size: int, reactor: IReactorTime) -> server.Site:
+def bounded_site(
+    root: Resource,
+    max_body_size: int,
+    reactor: IReactorTime,
+    telemetry: SiteTelemetry = UNOBSERVED,
+) -> server.Site:
     """A Site whose requests hold at most ``max_body_size`` body bytes.
 
-    ``reactor`` drives idle timeouts and access-log timestamps; tests pass a Clock.
+    ``reactor`` drives idle timeouts, request timings and access-log timestamps; tests
+    pass a Clock. ``telemetry``: which service's metrics count its requests.
     """
     request_class = type("BoundedRequest", (BoundedRequest,), {"max_body_size": max_body_size})
-    site = server.Site(root, requestFactory=request_class, reactor=reactor)
+    site = ObservedSite(root, telemetry, requestFactory=request_class, reactor=reactor)
     site.displayTracebacks = False
     return site
 

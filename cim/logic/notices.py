@@ -3,7 +3,7 @@
 Every notification (a binding request, an SOS, a fence crossed, a like) is an
 ordinary message of type SYSTEM from ``@system``, whose text is a JSON object:
 
-    {"event": "sos.raised", "priority": "high", "at": 1800000000.0, ...event fields}
+    {"event": "sos.raised", "priority": "high", "at": "2027-01-15T08:00:00.000Z", ...fields}
 
 so it inherits what every message has: storage until the receiver has it, dedup by
 id, and order. ``priority`` is ``"high"`` for alarms a client should show at once,
@@ -21,6 +21,8 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from cim.json_convention import iso_time, present
+
 __all__ = ["Notices", "SystemMessages", "notice_text"]
 
 HIGH = "high"
@@ -36,8 +38,14 @@ class SystemMessages(Protocol):
 
 
 def notice_text(event: str, at: float, fields: Mapping[str, Any], urgent: bool) -> str:
-    body = {"event": event, "priority": HIGH if urgent else NORMAL, "at": at, **fields}
-    return json.dumps(body, separators=(",", ":"), sort_keys=True)
+    """The notice as JSON in the convention of the HTTP APIs: times (``at``, ``*_at``,
+    given as epoch seconds) as ISO 8601 strings, fields that are not there left out."""
+    body: dict[str, Any] = {"event": event, "priority": HIGH if urgent else NORMAL}
+    for key, value in {"at": at, **fields}.items():
+        if (key == "at" or key.endswith("_at")) and isinstance(value, int | float):
+            value = iso_time(value)
+        body[key] = value
+    return json.dumps(present(body), separators=(",", ":"), sort_keys=True)
 
 
 class Notices:

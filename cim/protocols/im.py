@@ -236,7 +236,8 @@ class ImServerProtocol(FrameProtocol, SweptTimeoutMixin):
         self.inbound = factory.node.inbound
         self.setTimeout(config.effective_heartbeat_timeout)
         factory.metrics.handshakes_ok += 1
-        self.log.info(
+        # Debug: the router's login line is the one info line per session.
+        self.log.debug(
             "{user} connected to {node} from {peer} with {suite}",
             user=record.user,
             node=factory.node_id,

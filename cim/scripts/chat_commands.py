@@ -8,8 +8,9 @@ from typing import Any
 
 from twisted.logger import Logger
 
+from cim.json_convention import listing
 from cim.scripts.arguments import message_id, positive
-from cim.scripts.group_commands import resolve_group
+from cim.scripts.group_commands import REFUSED_CODES, resolve_group
 from cim.scripts.login import with_timeout
 from cim.scripts.output import (
     EXIT_CONNECTION_LOST,
@@ -19,7 +20,6 @@ from cim.scripts.output import (
     ClientExit,
     OutputClosed,
     emit,
-    listing,
     write_line,
 )
 from cim.scripts.records import message_json, outcome_record
@@ -92,8 +92,9 @@ async def online_command(client: Any) -> int:
 async def history_command(client: Any, options: argparse.Namespace) -> int:
     """Print up to --limit messages, newest first, asking page after page.
 
-    Stops at the first refusal with exit status 1, even after printing: a script must
-    not take a partial history for a whole one.
+    Stops at the first refusal, even after printing: a script must not take a partial
+    history for a whole one. Not being a participant is exit status 4 (refused, as any
+    permission refusal); the node's other answers (history unavailable) are 1.
     """
     target = await resolve_group(client, options.peer) if options.group else options.peer
     before = options.before
@@ -103,8 +104,9 @@ async def history_command(client: Any, options: argparse.Namespace) -> int:
             target, min(remaining, HISTORY_PAGE), before, group=options.group
         )
         if page.error:
+            status = EXIT_REFUSED if page.error in REFUSED_CODES else EXIT_FAILED
             raise ClientExit(
-                EXIT_FAILED, f"history refused: {page.message or page.error} ({page.error})"
+                status, f"history refused: {page.message or page.error} ({page.error})"
             )
         for message in page.messages[:remaining]:
             write_line(message_json(message))

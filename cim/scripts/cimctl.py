@@ -45,6 +45,7 @@ from cim.accounts.store import (
     check_user_name,
 )
 from cim.config import CimConfig, ConfigError
+from cim.json_convention import iso_time, listing
 from cim.scripts.invocation import (
     EXIT_OK,
     EXIT_REFUSED,
@@ -66,7 +67,7 @@ from cim.scripts.node_commands import (
     keygen,
     keygen_arguments,
 )
-from cim.scripts.output import add_version_option, listing
+from cim.scripts.output import add_version_option
 from cim.storage.database import DatabaseRevisionError, upgrade
 from cim.storage.schema import USER_KINDS
 
@@ -177,7 +178,9 @@ def user_list(invocation: Invocation) -> int:
     with invocation.accounts() as accounts:
         records = accounts.list_users()
     if invocation.args.json:
-        rows = [{"name": r.name, "kind": r.kind, "created_at": r.created_at} for r in records]
+        rows = [
+            {"name": r.name, "kind": r.kind, "created_at": iso_time(r.created_at)} for r in records
+        ]
         invocation.say_json(listing(rows))
     else:
         for record in records:
@@ -247,13 +250,12 @@ def online(invocation: Invocation) -> int:
     args = invocation.args
     page = ask_router(invocation, f"/api/v1/online?offset={args.offset}&limit={args.limit}")
     if args.json:
-        users = page.pop("users", [])
-        invocation.say_json(listing(users, **page))
+        invocation.say_json(page)  # the router's answer: already {"items": [...], ...}
         return EXIT_OK
     invocation.say(f"{page['total']} online")
     for node, count in page["nodes"].items():
         invocation.say(f"  {node}: {count}")
-    for user in page["users"]:
+    for user in page["items"]:
         invocation.say(user)
     return EXIT_OK
 

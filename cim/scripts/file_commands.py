@@ -11,6 +11,7 @@ import os
 import sys
 from typing import Any
 
+from cim.json_convention import present
 from cim.scripts.group_commands import resolve_group
 from cim.scripts.login import router_token, with_timeout
 from cim.scripts.output import (
@@ -147,10 +148,10 @@ async def send_file_command(reactor: Any, client: Any, options: argparse.Namespa
     }
     outcome = await with_timeout(reactor, client.send_message(message), options.timeout)
     if outcome is None:
-        emit(result | {"status": "failed", "reason": "timeout"})
+        emit(present(result) | {"status": "failed", "reason": "timeout"})
         raise ClientExit(EXIT_FAILED, f"uploaded, but no outcome in {options.timeout:g} s")
     result.update(msg_id=str(outcome.msg_id), status=outcome.status, reason=outcome.reason)
-    emit(result)
+    emit(present(result))
     if outcome.status not in ("delivered", "stored", "accepted"):
         raise ClientExit(EXIT_FAILED, f"uploaded, not delivered: {outcome.reason}")
     return EXIT_OK

@@ -5,16 +5,9 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from cim.json_convention import iso_time, listing
 from cim.scripts.login import with_timeout
-from cim.scripts.output import (
-    EXIT_FAILED,
-    EXIT_OK,
-    EXIT_REFUSED,
-    ClientExit,
-    emit,
-    iso_time,
-    listing,
-)
+from cim.scripts.output import EXIT_FAILED, EXIT_OK, EXIT_REFUSED, ClientExit, emit
 from cim.scripts.records import outcome_record
 
 REFUSED_CODES = frozenset(("forbidden",))
@@ -86,7 +79,8 @@ async def group_command(reactor: Any, client: Any, options: argparse.Namespace) 
         if outcome is None:
             emit({"status": "failed", "reason": "timeout", "group": group_id})
             raise ClientExit(EXIT_FAILED, f"no answer from the node in {options.timeout:g} s")
-        emit(outcome_record(outcome) | {"to": None, "group": group_id})
+        sent = {key: value for key, value in outcome_record(outcome).items() if key != "to"}
+        emit(sent | {"group": group_id})
         if outcome.status != "accepted":
             raise ClientExit(EXIT_FAILED, f"not accepted: {outcome.reason or outcome.status}")
         return EXIT_OK

@@ -16,7 +16,6 @@ from sqlalchemy.engine import make_url
 
 from cim.accounts.store import BlockingAccountStore
 from cim.config import CimConfig, load_config
-from cim.scripts.output import conventional
 from cim.storage.database import open_engine
 
 EXIT_OK = 0
@@ -65,8 +64,8 @@ class Invocation:
         print(line, file=self.stdout)
 
     def say_json(self, document: Any) -> None:
-        """One JSON document in the CLI convention (no null or "", ISO 8601 times)."""
-        self.say(json.dumps(conventional(document), ensure_ascii=False))
+        """One JSON document, built in the convention (cim.json_convention)."""
+        self.say(json.dumps(document, ensure_ascii=False))
 
     def admin_token(self) -> tuple[str, str]:
         """(operator, token) for the admin API, from ``[admin] token_file``: the one

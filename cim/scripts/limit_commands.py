@@ -15,6 +15,7 @@ from typing import Any
 
 from cim.accounts.store import NoSuchUser, check_user_name
 from cim.config import LimitsConfig
+from cim.json_convention import iso_time
 from cim.limits.policy import USER_KINDS, configured_rate
 from cim.scripts.invocation import EXIT_OK, EXIT_USAGE, CommandFailed, Invocation
 from cim.storage.database import open_engine
@@ -163,7 +164,7 @@ class _Shown:
             "own": self.own is not None,
         }
         if self.own is not None:
-            shown["updated_at"] = self.own.updated_at
+            shown["updated_at"] = iso_time(self.own.updated_at)
         return shown
 
 

@@ -1,9 +1,6 @@
 """cim-client's logic service commands (docs/logic.md): register, bind, sos, fence,
-locate, post, like, unlike, likers; each prints the service's answer as JSON.
-
-The answers are put in the CLI's JSON convention here (cim.scripts.output): lists as
-``{"items": [...]}``, the service's epoch-second timestamps as ISO 8601 strings, null
-and empty values left out.
+locate, post, like, unlike, likers; each prints the service's answer as JSON, as it
+came: the service writes the same JSON convention as the CLI (docs/protocol.md).
 """
 
 from __future__ import annotations
@@ -13,7 +10,7 @@ import contextlib
 from typing import Any
 
 from cim.scripts import arguments, login
-from cim.scripts.output import EXIT_OK, EXIT_USAGE, ClientExit, emit, listing
+from cim.scripts.output import EXIT_OK, EXIT_USAGE, ClientExit, emit
 
 LOGIC_DEADLINE = 60.0
 """Seconds a logic call may take: registering runs the password KDF."""
@@ -74,7 +71,9 @@ def add_logic_commands(commands: Any) -> None:
     locate_verbs = locate.add_subparsers(dest="verb", required=True)
     report = locate_verbs.add_parser("report", help="(device) report where you are")
     position_arguments(report)
-    report.add_argument("--at", type=arguments.timestamp, help="the fix's time, epoch seconds")
+    report.add_argument(
+        "--at", type=arguments.timestamp, help="the fix's time: ISO 8601 or epoch seconds"
+    )
     history = locate_verbs.add_parser("list", help="a device's recent positions")
     history.add_argument("of_device", metavar="DEVICE")
     history.add_argument("--since", type=arguments.timestamp)
@@ -127,7 +126,7 @@ async def logic_call(api: Any, options: argparse.Namespace) -> Any:
         if verb == "add":
             return await api.bind(options.of_device, options.code)
         if verb == "list":
-            return listing(await api.bindings())
+            return await api.bindings()
         if verb == "approve":
             return await api.approve_binding(options.of_device, options.guardian)
         return await api.unbind(options.of_device, options.guardian)
@@ -135,7 +134,7 @@ async def logic_call(api: Any, options: argparse.Namespace) -> Any:
         if verb == "raise":
             return await api.raise_sos(options.lat, options.lon, options.accuracy, options.battery)
         if verb == "list":
-            return listing(await api.sos_events(options.of_device, options.limit))
+            return await api.sos_events(options.of_device, options.limit)
         if verb == "show":
             return await api.sos_event(options.id)
         return await api.acknowledge_sos(options.id)
@@ -146,7 +145,7 @@ async def logic_call(api: Any, options: argparse.Namespace) -> Any:
                 return await api.add_circle_fence(options.of_device, options.name, lat, lon, radius)
             return await api.add_polygon_fence(options.of_device, options.name, options.polygon)
         if verb == "list":
-            return listing(await api.fences(options.of_device))
+            return await api.fences(options.of_device)
         return await api.delete_fence(options.of_device, options.fence)
     if command == "locate":
         if verb == "report":
@@ -157,16 +156,13 @@ async def logic_call(api: Any, options: argparse.Namespace) -> Any:
                 "at": options.at,
             }
             return await api.report_positions([position])
-        positions = await api.positions(
-            options.of_device, options.since, options.until, options.limit
-        )
-        return listing(positions)
+        return await api.positions(options.of_device, options.since, options.until, options.limit)
     if command == "post":
         if verb == "add":
             audience = "family" if options.family else None
             return await api.create_post(options.text, options.media_url, options.goal, audience)
         if verb == "list":
-            return listing(await api.posts(options.author, options.before, options.limit))
+            return await api.posts(options.author, options.before, options.limit)
         if verb == "show":
             return await api.post(options.id)
         return await api.delete_post(options.id)
@@ -175,8 +171,7 @@ async def logic_call(api: Any, options: argparse.Namespace) -> Any:
     if command == "unlike":
         return await api.unlike(options.post)
     if command == "likers":
-        answer = dict(await api.likers(options.post, options.limit, options.offset))
-        return listing(answer.get("likers", []), likes=answer.get("likes"))
+        return await api.likers(options.post, options.limit, options.offset)
     raise ClientExit(EXIT_USAGE, f"unknown command {command!r}")
 
 

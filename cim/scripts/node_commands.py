@@ -18,6 +18,7 @@ from cim.http.operators import (
     parse_tokens,
     with_token,
 )
+from cim.json_convention import iso_time, listing, present
 from cim.scripts.invocation import (
     EXIT_OK,
     EXIT_USAGE,
@@ -25,7 +26,6 @@ from cim.scripts.invocation import (
     Invocation,
     json_argument,
 )
-from cim.scripts.output import listing
 from cim.storage.database import open_engine
 
 
@@ -65,7 +65,7 @@ def group_list(invocation: Invocation) -> int:
                 "owner": r.owner,
                 "admins": list(r.admins),
                 "members": r.member_count,
-                "created_at": r.created_at,
+                "created_at": iso_time(r.created_at),
             }
             for r in records
         ]
@@ -103,9 +103,10 @@ def group_show(invocation: Invocation) -> int:
             "id": record.id,
             "name": record.name,
             "owner": record.owner,
-            "created_at": record.created_at,
+            "created_at": iso_time(record.created_at),
             "members": [
-                {"user": m.user, "role": m.role, "joined_at": m.joined_at} for m in members
+                {"user": m.user, "role": m.role, "joined_at": iso_time(m.joined_at)}
+                for m in members
             ],
         }
         invocation.say_json(detail)
@@ -222,12 +223,14 @@ def keygen(invocation: Invocation) -> int:
     invocation.record("node.keygen", key.fingerprint.hex())
     if invocation.args.json:
         invocation.say_json(
-            {
-                "path": path,
-                "previous": previous if had_key else None,
-                "bits": bits,
-                "fingerprint": key.fingerprint.hex(),
-            }
+            present(
+                {
+                    "path": path,
+                    "previous": previous if had_key else None,
+                    "bits": bits,
+                    "fingerprint": key.fingerprint.hex(),
+                }
+            )
         )
         return EXIT_OK
     invocation.say(f"new node key {path} ({bits} bits)")

@@ -1,6 +1,8 @@
-"""What cim-client and cimctl print: the JSON convention, exit statuses, the version.
+"""What cim-client and cimctl print: JSON documents, exit statuses, the version.
 
-The JSON convention (docs/protocol.md, "JSON conventions"), the same for every command:
+The JSON convention (docs/protocol.md, "JSON conventions") is the one of the HTTP APIs
+too, so their answers are printed as they come; what the tools build themselves (IM
+messages, group records, database rows) is built with ``cim.json_convention``:
 
 - a command prints one JSON object, never a bare array or scalar; a command that lists
   things prints ``{"items": [...]}``, with any counts or cursors beside ``items``;
@@ -20,11 +22,10 @@ permission), 5 ``listen --no-reconnect`` lost its connection.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any, TextIO
 
 EXIT_OK = 0
@@ -48,43 +49,6 @@ class OutputClosed(Exception):
     """Whoever read stdout went away (``| head``): the command ends quietly, status 0."""
 
 
-def iso_time(seconds: float) -> str:
-    """Epoch seconds as the convention's timestamp: ``2026-12-06T09:07:37.290Z``."""
-    moment = datetime.datetime.fromtimestamp(seconds, datetime.UTC)
-    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def is_timestamp_key(key: str) -> bool:
-    return key == "at" or key.endswith("_at")
-
-
-def conventional(value: Any) -> Any:
-    """A JSON-ready value following the convention: placeholders ("" and None) left
-    out, epoch timestamps (numbers under ``at``/``*_at`` keys) as ISO strings."""
-    if isinstance(value, Mapping):
-        record: dict[str, Any] = {}
-        for key, item in value.items():
-            if item is None or (isinstance(item, str) and not item):
-                continue
-            if is_timestamp_key(key) and _is_number(item):
-                record[key] = iso_time(float(item))
-            else:
-                record[key] = conventional(item)
-        return record
-    if isinstance(value, list | tuple):
-        return [conventional(item) for item in value]
-    return value
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
-
-
-def listing(items: Sequence[Any], **beside: Any) -> dict[str, Any]:
-    """A list as the convention prints it: ``{"items": [...], ...counts or cursors}``."""
-    return {"items": list(items), **beside}
-
-
 def write_line(text: str, stream: TextIO | None = None) -> None:
     """One line to stdout, flushed; OutputClosed when nobody reads it any more."""
     out = stream if stream is not None else sys.stdout
@@ -97,8 +61,8 @@ def write_line(text: str, stream: TextIO | None = None) -> None:
 
 
 def emit(document: Any, stream: TextIO | None = None) -> None:
-    """One JSON document (or one line of a stream) following the convention."""
-    write_line(json.dumps(conventional(document), ensure_ascii=False), stream)
+    """One JSON document (or one line of a stream), built in the convention."""
+    write_line(json.dumps(document, ensure_ascii=False), stream)
 
 
 def silence(stream: Any) -> None:

@@ -2,7 +2,7 @@
 
 Built field by field rather than with protobuf's JSON mapping, which writes 64-bit
 integers (a file's size) as strings and empty fields as "": the convention
-(cim.scripts.output) wants numbers as numbers and absent values left out. Only the
+(cim.json_convention) wants numbers as numbers and absent values left out. Only the
 message id stays a string (it can pass 2^53).
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from cim.scripts.output import conventional, iso_time
+from cim.json_convention import iso_time, present
 
 MEDIA_FIELDS: tuple[str, ...] = ("url", "mime", "name", "thumbnail_url", "duration_ms")
 MEDIA_FIELDS += ("width", "height", "file_id")
@@ -34,7 +34,7 @@ def message_record(message: Any) -> dict[str, Any]:
     if message.HasField("media"):
         media = message.media
         fields = {name: getattr(media, name) or None for name in MEDIA_FIELDS}
-        record["media"] = fields | {"size": media.size}  # 0 bytes is a size, not a blank
+        record["media"] = present(fields) | {"size": media.size}  # 0 bytes is a size
     if message.HasField("location"):
         location = message.location
         record["location"] = {"lat": location.lat, "lon": location.lon}  # 0 is a place
@@ -42,7 +42,7 @@ def message_record(message: Any) -> dict[str, Any]:
             record["location"]["accuracy_m"] = location.accuracy_m
         if location.name:
             record["location"]["name"] = location.name
-    return dict(conventional(record))
+    return present(record)
 
 
 def message_json(message: Any) -> str:
@@ -58,4 +58,4 @@ def outcome_record(outcome: Any) -> dict[str, Any]:
         "to": outcome.to,
         "reason": outcome.reason,
     }
-    return dict(conventional(record))
+    return present(record)

@@ -46,6 +46,7 @@ from cim.heap import HeapTrimmer
 from cim.history.archive import HistoryService, archive_from_config
 from cim.history.store import HistoryStore
 from cim.http.operators import OperatorTokens, TokenFileError
+from cim.http.telemetry import SiteTelemetry
 from cim.im.collaborators import Bounds, Directory, NoArchive, NodeCore, Stores
 from cim.im.node import ImNode
 from cim.im.peers import BusPeers, LiveNodes
@@ -76,6 +77,7 @@ from cim.services.tree import (
     cannot_start,
 )
 from cim.storage.database import Database
+from cim.version import RELEASE, Build
 
 __all__ = ["CimDaemon", "StartupError"]
 
@@ -84,12 +86,17 @@ class CimDaemon(OrderedServices):
     log = Logger()
 
     def __init__(
-        self, config: CimConfig, reactor: ICimReactor, daemon_log: DaemonLog | None = None
+        self,
+        config: CimConfig,
+        reactor: ICimReactor,
+        daemon_log: DaemonLog | None = None,
+        build: Build = RELEASE,
     ) -> None:
         super().__init__("cim")
         self.config = config
         self.reactor = reactor
         self.daemon_log = daemon_log
+        self.build = build
         self.metrics = NodeMetrics()
         self.ready = False
         self._health_parts: list[Callable[[], dict[str, Any]]] = []
@@ -220,6 +227,7 @@ class CimDaemon(OrderedServices):
                 oplog=oplog,
                 operators=operators,
                 limits=limits,
+                telemetry=self._telemetry("router"),
             )
             self.add(Listener("router", config.router.listen, reactor, site))
         if config.files.enabled:
@@ -234,6 +242,8 @@ class CimDaemon(OrderedServices):
                 reactor,
                 operators,
                 metrics_open=config.admin.metrics_open == "loopback",
+                build=self.build,
+                telemetry=self._telemetry("admin"),
             )
             self.add(Listener("admin", config.admin.listen, reactor, site))
 
@@ -250,6 +260,7 @@ class CimDaemon(OrderedServices):
             state.sessions,
             self.reactor,
             limits=self.limits,
+            telemetry=self._telemetry("files"),
         )
         self.add(Step("files storage", files.prepare, None, files_storage_failure(files)))
         self.add(
@@ -293,11 +304,16 @@ class CimDaemon(OrderedServices):
                 groups,
                 self.media_urls,
                 self.limits,
-            )
+            ),
+            self._telemetry("logic"),
         )
         self.add(
             Step("logic", logic.start, logic.stop, cannot_listen("logic", config.logic.listen))
         )
+
+    def _telemetry(self, service: str) -> SiteTelemetry:
+        """How an HTTP service's Site reports its requests: in /metrics, and the access log."""
+        return SiteTelemetry(service, self.metrics.http, self.config.log.access_log)
 
     # --- twistd ----------------------------------------------------------------------
 

@@ -22,6 +22,7 @@ from cim.files.http.site import files_site
 from cim.files.signing import UrlSigner, load_or_create_key
 from cim.files.store import FileStore
 from cim.files.thumbnails import set_pixel_limit
+from cim.http.telemetry import UNOBSERVED, SiteTelemetry
 from cim.interfaces import ISessionStore
 from cim.limits.policy import NO_LIMITS, RateLimits
 from cim.reactor import ICimReactor
@@ -53,9 +54,11 @@ class FilesListener:
         reactor: ICimReactor,
         runner: Runner | None = None,
         limits: RateLimits = NO_LIMITS,
+        telemetry: SiteTelemetry = UNOBSERVED,
     ) -> None:
         self.config = config
         self.limits = limits
+        self.telemetry = telemetry
         self.reactor = reactor
         self.storage_dir = config.storage_dir or os.path.join(data_dir, "files")
         self.key_path = config.url_key or os.path.join(data_dir, "files_url_key")
@@ -84,7 +87,12 @@ class FilesListener:
         assert store is not None
         self.work.start()
         site = files_site(
-            store, self.sessions, self.reactor, self.config.chunk_size, limits=self.limits
+            store,
+            self.sessions,
+            self.reactor,
+            self.config.chunk_size,
+            limits=self.limits,
+            telemetry=self.telemetry,
         )
         endpoint = serverFromString(self.reactor, self.config.listen)
         try:

@@ -8,6 +8,7 @@ from twisted.internet.interfaces import IListeningPort
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
+from cim.http.telemetry import UNOBSERVED, SiteTelemetry
 from cim.logic.context import LogicContext
 from cim.logic.features import LogicFeatures
 from cim.logic.http.api import logic_resource, logic_site
@@ -19,8 +20,9 @@ __all__ = ["LogicListener"]
 class LogicListener:
     _log = Logger()
 
-    def __init__(self, ctx: LogicContext) -> None:
+    def __init__(self, ctx: LogicContext, telemetry: SiteTelemetry = UNOBSERVED) -> None:
         self.ctx = ctx
+        self.telemetry = telemetry
         self.features = LogicFeatures.build(ctx)
         self.resource = logic_resource(
             logic_endpoints(self.features),
@@ -34,7 +36,8 @@ class LogicListener:
         self._housekeeping.clock = ctx.clock
 
     async def start(self) -> None:
-        site = logic_site(self.resource, self.ctx.config.max_body_size, self.ctx.clock)
+        config = self.ctx.config
+        site = logic_site(self.resource, config.max_body_size, self.ctx.clock, self.telemetry)
         self.port = await serverFromString(self.ctx.clock, self.ctx.config.listen).listen(site)
         self._housekeeping.start(self.ctx.config.purge_interval, now=True)
         self._log.info("logic listening on {listen}", listen=self.ctx.config.listen)

@@ -35,6 +35,7 @@ from cim.http.site import (
     read_json_object,
     too_many_requests,
 )
+from cim.http.telemetry import UNOBSERVED, SiteTelemetry
 from cim.interfaces import (
     AlreadyLoggedIn,
     INodeRegistry,
@@ -43,6 +44,7 @@ from cim.interfaces import (
     NodeInfo,
     StateUnavailable,
 )
+from cim.json_convention import iso_time, listing
 from cim.limits.policy import LOGINS, NO_LIMITS, RateLimits
 from cim.metrics import NodeMetrics
 from cim.oplog import OperationLog
@@ -299,7 +301,7 @@ class RouterResource(EndpointResource[str]):
             "heartbeat_interval": im.heartbeat_interval,
             "heartbeat_timeout": im.effective_heartbeat_timeout,
             "cipher_suites": list(im.cipher_suites),
-            "expires_at": record.expires_at,
+            "expires_at": iso_time(record.expires_at),
         }
         return json_reply(200, body)
 
@@ -308,10 +310,12 @@ class RouterResource(EndpointResource[str]):
     async def _logout(self, call: Call[str]) -> Reply:
         address = call.address
         record = await self._bearer.end_session(call.request, REASON_LOGGED_OUT)
+        # Debug, as the node's "connected" line: every CLI command logs in and out, and
+        # one info line per command (the login) is what an operator wants to read.
         if record is None:
-            self._log.info("logout refused from {address}: unknown token", address=address)
+            self._log.debug("logout refused from {address}: unknown token", address=address)
             raise invalid_token("the bearer token is missing, expired or unknown")
-        self._log.info("logout of {user!r} from {address}", user=record.user, address=address)
+        self._log.debug("logout of {user!r} from {address}", user=record.user, address=address)
         if self._oplog is not None:
             self._oplog.emit(oplog_events.LOGOUT, user=record.user, peer=address)
         return json_reply(200, {"ok": True})
@@ -364,13 +368,13 @@ class RouterResource(EndpointResource[str]):
         self._operator_did(call.user, call.address, "online.list", "", "ok")
         return json_reply(
             200,
-            {
-                "total": total,
-                "nodes": dict(sorted(per_node.items())),
-                "offset": offset,
-                "limit": limit,
-                "users": users,
-            },
+            listing(
+                users,
+                total=total,
+                nodes=dict(sorted(per_node.items())),
+                offset=offset,
+                limit=limit,
+            ),
         )
 
     # --- kick (cimctl kick) -----------------------------------------------------------
@@ -442,6 +446,7 @@ def router_site(
     oplog: OperationLog | None = None,
     operators: Operators = NO_OPERATORS,
     limits: RateLimits = NO_LIMITS,
+    telemetry: SiteTelemetry = UNOBSERVED,
 ) -> server.Site:
     root = RouterResource(
         config,
@@ -457,4 +462,4 @@ def router_site(
         operators,
         limits,
     )
-    return bounded_site(root, config.max_body_size, clock)
+    return bounded_site(root, config.max_body_size, clock, telemetry)

@@ -115,21 +115,26 @@ class NoDaemonTests(SynchronousTestCase):
             self.assertEqual(ran.returncode, 2, ran)
             self.assertEqual(len(ran.stderr.splitlines()), 1, ran.stderr)
 
-    def test_version_of_both_tools(self) -> None:
+    def test_version_of_every_tool(self) -> None:
         from cim import __version__
 
-        for tool in ("cim-client", "cimctl"):
+        for command, name in (
+            (["cim-client", "--version"], "cim-client"),
+            (["cimctl", "--version"], "cimctl"),
+            (["twistd", "cim", "--version"], "cim"),
+        ):
             ran = subprocess.run(
-                [os.path.join(BIN, tool), "--version"],
+                [os.path.join(BIN, command[0]), *command[1:]],
                 capture_output=True,
                 text=True,
                 timeout=60,
                 cwd=ROOT,
             )
-            self.assertEqual((ran.returncode, ran.stderr), (0, ""), tool)
-            self.assertTrue(ran.stdout.startswith(f"{tool} {__version__}"), ran.stdout)
+            self.assertEqual((ran.returncode, ran.stderr), (0, ""), command)
+            first = ran.stdout.splitlines()[0]
+            self.assertTrue(first.startswith(f"{name} {__version__}"), ran.stdout)
             if os.path.exists(os.path.join(ROOT, ".git")):
-                self.assertRegex(ran.stdout, r"\(git [0-9a-f]{12}(\+modified)?\)\n$")
+                self.assertRegex(first, r"\(git [0-9a-f]{12}(\+modified)?\)$")
 
 
 class UnreachableNodeTests(SynchronousTestCase):
@@ -277,3 +282,70 @@ class OutputTests(SynchronousTestCase):
         self.assertEqual((streamed.returncode, streamed.stderr), (0, b""))
         with open(path, "rb") as handle:
             self.assertEqual(streamed.stdout, handle.read())
+
+
+class DaemonReportTests(SynchronousTestCase):
+    """Seen 6 (the version in /health and /metrics), Seen 8 (five log lines per
+    command) and Seen 10 (process and HTTP metrics), on a real daemon."""
+
+    def setUp(self) -> None:
+        self.logic_port = free_port()
+        self.daemon = started_daemon(
+            self,
+            extra=(
+                f"[logic]\nenabled = true\nlisten = tcp:{self.logic_port}:interface=127.0.0.1\n"
+            ),
+        )
+
+    def test_one_info_line_per_command(self) -> None:
+        daemon = self.daemon
+        before = len(daemon.log().splitlines())
+        commands = (["send", "bob", "hello"], ["online"], ["group", "list"])
+        for command in commands:
+            ran = client(daemon, "alice", *command)
+            self.assertEqual(ran.returncode, 0, ran.stderr)
+        # A failed login marks the end: every line the commands caused comes before it.
+        self.assertEqual(daemon.login("nobody", "wrong")[0], 401)
+        deadline = time.monotonic() + 30
+        while "login invalid_credentials for 'nobody'" not in daemon.log():
+            self.assertLess(time.monotonic(), deadline, daemon.log())
+            time.sleep(0.1)
+        lines = daemon.log().splitlines()[before:]
+        self.assertEqual(len(lines), len(commands) + 1, "\n".join(lines))
+        for line in lines[:-1]:
+            self.assertIn("login ok for 'alice' from 127.0.0.1", line)
+
+    def test_the_version_and_the_metrics(self) -> None:
+        from cim import __version__
+
+        daemon = self.daemon
+        health = daemon.health()
+        self.assertEqual(health["version"], __version__)
+        if os.path.exists(os.path.join(ROOT, ".git")):
+            self.assertRegex(health["commit"], r"^[0-9a-f]{12}(\+modified)?$")
+        self.assertEqual(client(daemon, "alice", "online").returncode, 0)
+        registered = cim_client(
+            "--logic", f"http://127.0.0.1:{self.logic_port}", "--user", "carol", "register"
+        )
+        self.assertEqual(registered.returncode, 0, registered.stderr)
+        metrics = daemon.metrics()
+        commit = health.get("commit", "unknown")
+        self.assertIn(f'cim_build_info{{commit="{commit}",version="{__version__}"}} 1.0', metrics)
+        for name in (
+            "process_cpu_seconds_total",
+            "process_resident_memory_bytes",
+            "process_open_fds",
+            "python_gc_collections_total",
+        ):
+            self.assertRegex(metrics, rf"(?m)^{name}(\{{[^}}]*\}})? [0-9.e+]+$")
+        for service, method, route, status in (
+            ("router", "POST", "/api/v1/login", "200"),
+            ("router", "POST", "/api/v1/logout", "200"),
+            ("logic", "POST", "/api/v1/register", "201"),
+            ("admin", "GET", "/health", "200"),
+        ):
+            labels = f'method="{method}",route="{route}",service="{service}",status="{status}"'
+            self.assertRegex(metrics, rf"(?m)^cim_http_requests_total\{{{labels}\}} [1-9]")
+            self.assertRegex(
+                metrics, rf"(?m)^cim_http_request_duration_seconds_count\{{{labels}\}} [1-9]"
+            )

@@ -108,7 +108,7 @@ class ConsoleInTmuxTests(SynchronousTestCase):
 
         self.type_line("bob", "/quit")
         deadline = time.monotonic() + 30
-        while not self.pane_dead("bob") or "bob" in self.daemon.online()["users"]:
+        while not self.pane_dead("bob") or "bob" in self.daemon.online()["items"]:
             if time.monotonic() > deadline:
                 self.fail(f"bob's console did not quit:\n{self.screen('bob')}")
             time.sleep(0.1)

@@ -1,17 +1,24 @@
-"""Every cim-client and cimctl subcommand that prints JSON, run against a real daemon,
-checked against the one convention of docs/protocol.md ("JSON conventions") by one
-checker function (issue #21, Seen 5)."""
+"""Every cim-client and cimctl subcommand that prints JSON, and every JSON answer of the
+router, logic, files and admin HTTP APIs, run against a real daemon and checked against
+the one convention of docs/protocol.md ("JSON conventions") by one checker function
+(issue #21, Seen 5)."""
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import os
 import re
 import time
-from typing import Any
+import urllib.error
+import urllib.parse
+import urllib.request
+from typing import Any, cast
 
 from twisted.trial.unittest import SynchronousTestCase
 
+from cim.json_convention import iso_time
 from tests.integration.support.daemons import PASSWORD, DaemonProcess, client, free_port
 
 ISO_UTC_MS = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z$")
@@ -33,7 +40,6 @@ NUMBER_KEYS = frozenset(
         "chunks_sent",
         "chunk_count",
         "accepted",
-        "deleted",
         "offset",
         "limit",
         "like_goal",
@@ -41,8 +47,11 @@ NUMBER_KEYS = frozenset(
     )
 )
 """Keys whose values are always numbers (a container under the same name is fine)."""
-DIGIT_STRING_KEYS = frozenset(("msg_id", "code", "text", "name", "id", "fingerprint"))
-"""Keys whose string values may be all digits: ids too big for JSON numbers, codes."""
+DIGIT_STRING_KEYS = frozenset(
+    ("msg_id", "code", "text", "name", "id", "fingerprint", "version", "commit")
+)
+"""Keys whose string values may be all digits: ids too big for JSON numbers, codes,
+a version ("1.0") or a commit made only of decimal digits."""
 
 
 def convention_problems(document: Any, listing: bool = False) -> list[str]:
@@ -273,3 +282,269 @@ class EveryCommandTests(SynchronousTestCase):
         cimctl("keygen", "--json")
         cimctl("keygen", "--json")  # with a previous key
         self.assertEverySubcommandChecked()
+
+
+JSON_TYPE = "application/json"
+
+
+class EveryHttpAnswerTests(SynchronousTestCase):
+    """Every JSON answer of the router, logic, files and admin APIs, with the same checker.
+
+    The endpoints are called as a client would, in an order that gives each a real
+    answer; ``assertEveryEndpointChecked`` holds the list against what each service
+    declares, so an endpoint added later without a check here fails this test.
+    """
+
+    def setUp(self) -> None:
+        self.workdir = os.path.abspath(self.mktemp())
+        ports = {"logic": free_port(), "files": free_port()}
+        self.daemon = DaemonProcess(
+            self.workdir,
+            extra=(
+                f"[logic]\nenabled = true\nlisten = tcp:{ports['logic']}:interface=127.0.0.1\n"
+                f"[files]\nenabled = true\nlisten = tcp:{ports['files']}:interface=127.0.0.1\n"
+                f"storage_dir = {self.workdir}/storage\nchunk_size = 64KiB\n"
+            ),
+        )
+        for user in ("alice", "bob"):
+            added = self.daemon.cimctl("user", "add", user, stdin=PASSWORD + "\n")
+            self.assertEqual(added.returncode, 0, added.stderr)
+        self.daemon.start()
+        self.addCleanup(self.daemon.stop)
+        self.base = {
+            "router": self.daemon.router_url,
+            "logic": f"http://127.0.0.1:{ports['logic']}/api/v1",
+            "files": f"http://127.0.0.1:{ports['files']}",
+            "admin": f"http://127.0.0.1:{self.daemon.admin_port}",
+        }
+        self.checked: set[tuple[str, str, str]] = set()
+
+    def http(
+        self,
+        service: str,
+        method: str,
+        template: str,
+        status: int,
+        body: Any = None,
+        token: str | None = None,
+        listing: bool = False,
+        data: bytes | None = None,
+        headers: dict[str, str] | None = None,
+        query: dict[str, str] | None = None,
+        **params: Any,
+    ) -> Any:
+        """Call one endpoint, expect ``status``, check the JSON answer; return it."""
+        path = template.format(
+            **{k: urllib.parse.quote(str(v), safe="") for k, v in params.items()}
+        )
+        url = self.base[service] + path
+        if query:
+            url += "?" + urllib.parse.urlencode(query)
+        sent = dict(headers or {})
+        if body is not None:
+            data = json.dumps(body).encode()
+            sent["Content-Type"] = JSON_TYPE
+        if token is not None:
+            sent["Authorization"] = f"Bearer {token}"
+        request = urllib.request.Request(url, data=data, headers=sent, method=method)
+        try:
+            with urllib.request.urlopen(request, timeout=60) as response:
+                code, content_type, raw = response.status, response.headers, response.read()
+        except urllib.error.HTTPError as error:
+            code, content_type, raw = error.code, error.headers, error.read()
+        what = f"{method} {service} {path}"
+        self.assertEqual(code, status, f"{what}: {raw[:300]!r}")
+        self.assertEqual(content_type.get_content_type(), JSON_TYPE, what)
+        document = json.loads(raw)
+        self.assertEqual(convention_problems(document, listing), [], f"{what}: {document}")
+        self.checked.add((service, method, template))
+        return document
+
+    def login(self, user: str) -> str:
+        answer = self.http(
+            "router", "POST", "/api/v1/login", 200, {"user": user, "password": PASSWORD}
+        )
+        return str(answer["token"])
+
+    def declared(self) -> set[tuple[str, str, str]]:
+        """What every service declares that answers JSON (downloads answer the file)."""
+        from cim.files.http.downloads import Downloads
+        from cim.files.http.site import FILE_ID
+        from cim.files.http.uploads import Uploads
+        from cim.logic.openapi import document
+        from cim.services import router
+
+        every: set[tuple[str, str, str]] = {("admin", "GET", "/health")}
+        for path in (router.LOGIN_PATH, router.LOGOUT_PATH, router.KICK_PATH):
+            every.add(("router", "POST", path))
+        every.add(("router", "GET", router.ONLINE_PATH))
+        for path, operations in document()["paths"].items():
+            for method in operations:
+                every.add(("logic", method.upper(), path.removeprefix("/api/v1")))
+        every.discard(("logic", "GET", "/openapi.json"))  # the schemas, not data
+        nothing = cast(Any, None)
+        for endpoint in Uploads(nothing, nothing).endpoints(FILE_ID):
+            every.add(("files", endpoint.method, endpoint.path))
+        downloads = Downloads(nothing, nothing, nothing).endpoints(FILE_ID)
+        self.assertEqual({e.path for e in downloads}, {"/files/{id}", "/files/{id}/thumbnail"})
+        return every
+
+    def test_every_answer_follows_the_convention(self) -> None:
+        http = self.http
+        # --- the router ---------------------------------------------------------------
+        alice = self.login("alice")
+        bob = self.login("bob")
+        http("router", "POST", "/api/v1/login", 401, {"user": "alice", "password": "wrong"})
+        http("router", "GET", "/api/v1/online", 200, listing=True)
+        http("router", "POST", "/api/v1/admin/kick", 200, {"user": "bob"})
+        http("router", "POST", "/api/v1/admin/kick", 404, {"user": "bob"})
+        http("router", "POST", "/api/v1/logout", 401, token=bob)  # kicked: gone
+        # --- the admin service ---------------------------------------------------------
+        health = http("admin", "GET", "/health", 200)
+        self.assertIn("version", health)
+        # --- the file service -----------------------------------------------------------
+        data = os.urandom(100_000)  # two chunks
+        md5 = hashlib.md5(data, usedforsecurity=False).hexdigest()
+        size = len(data)
+        probe = {"md5": md5, "size": size}
+        self.assertFalse(http("files", "POST", "/api/v1/files/check", 200, probe, alice)["exists"])
+        upload = http(
+            "files",
+            "POST",
+            "/api/v1/uploads",
+            201,
+            {"name": "noise.bin", "size": size, "md5": md5, "mime": "application/octet-stream"},
+            alice,
+        )
+        upload_id, chunk_size = upload["upload_id"], upload["chunk_size"]
+        for chunk in range(upload["chunk_count"]):
+            piece = data[chunk * chunk_size : (chunk + 1) * chunk_size]
+            digest = base64.b64encode(hashlib.md5(piece, usedforsecurity=False).digest()).decode()
+            http(
+                "files",
+                "PUT",
+                "/api/v1/uploads/{id}/chunks/{chunk}",
+                200,
+                token=alice,
+                data=piece,
+                headers={"Content-MD5": digest, "Content-Type": "application/octet-stream"},
+                id=upload_id,
+                chunk=chunk,
+            )
+        http("files", "GET", "/api/v1/uploads/{id}", 200, token=alice, id=upload_id)
+        stored = http(
+            "files", "POST", "/api/v1/uploads/{id}/complete", 200, token=alice, id=upload_id
+        )
+        self.assertNotIn("thumbnail_url", stored)  # not an image: left out, not ""
+        http("files", "GET", "/api/v1/files/{id}", 200, token=alice, id=stored["file_id"])
+        self.assertTrue(http("files", "POST", "/api/v1/files/check", 200, probe, alice)["exists"])
+        other = os.urandom(10)
+        doomed = http(
+            "files",
+            "POST",
+            "/api/v1/uploads",
+            201,
+            {
+                "name": "x.bin",
+                "size": len(other),
+                "md5": hashlib.md5(other, usedforsecurity=False).hexdigest(),
+            },
+            alice,
+        )
+        http("files", "DELETE", "/api/v1/uploads/{id}", 200, token=alice, id=doomed["upload_id"])
+        # --- the logic service ------------------------------------------------------------
+        for name, kind in (("mum", "person"), ("dad", "person"), ("watch1", "device")):
+            body = {"name": name, "password": PASSWORD, "kind": kind}
+            http("logic", "POST", "/register", 201, body)
+        http("logic", "POST", "/register", 201, {"name": "gone", "password": PASSWORD})
+        mum, dad, watch = self.login("mum"), self.login("dad"), self.login("watch1")
+        me = http("logic", "GET", "/me", 200, token=mum)
+        self.assertNotIn("display_name", me)  # not set: left out, not ""
+        http("logic", "PATCH", "/me", 200, {"display_name": "Mum"}, mum)
+        http("logic", "GET", "/users/{name}", 200, token=dad, name="mum")
+        change = {"current_password": PASSWORD, "new_password": PASSWORD + "!"}
+        http("logic", "POST", "/me/password", 200, change, dad)
+        gone = self.login("gone")
+        http("logic", "DELETE", "/me", 200, {"password": PASSWORD}, gone)
+        code = http("logic", "POST", "/devices/me/binding-code", 201, token=watch)["code"]
+        http("logic", "POST", "/bindings", 201, {"device": "watch1", "code": code}, mum)
+        code = http("logic", "POST", "/devices/me/binding-code", 201, token=watch)["code"]
+        pending = http("logic", "POST", "/bindings", 201, {"device": "watch1", "code": code}, dad)
+        self.assertNotIn("approved_at", pending)  # pending: left out, not null
+        http("logic", "GET", "/bindings", 200, token=mum, listing=True)
+        http(
+            "logic",
+            "POST",
+            "/bindings/{device}/{guardian}/approve",
+            200,
+            token=mum,
+            device="watch1",
+            guardian="dad",
+        )
+        alarm = http("logic", "POST", "/sos", 201, {"lat": 52.52, "lon": 13.405}, watch)
+        self.assertNotIn("battery", alarm)
+        http("logic", "GET", "/sos", 200, token=mum, query={"device": "watch1"}, listing=True)
+        http("logic", "GET", "/sos/{id}", 200, token=mum, id=alarm["id"])
+        http("logic", "POST", "/sos/{id}/ack", 200, token=dad, id=alarm["id"])
+        circle = {"name": "school", "circle": {"lat": 52.52, "lon": 13.405, "radius_m": 300}}
+        fence = http("logic", "POST", "/devices/{device}/fences", 201, circle, mum, device="watch1")
+        http(
+            "logic",
+            "GET",
+            "/devices/{device}/fences",
+            200,
+            token=dad,
+            device="watch1",
+            listing=True,
+        )
+        a_minute_ago = time.time() - 60
+        fixes = {
+            "positions": [
+                {"lat": 52.52, "lon": 13.405, "at": iso_time(a_minute_ago)},
+                {"lat": 52.52, "lon": 13.405, "accuracy_m": 10},
+            ]
+        }
+        http("logic", "POST", "/locations", 200, fixes, watch)
+        listed = http(
+            "logic",
+            "GET",
+            "/devices/{device}/locations",
+            200,
+            token=mum,
+            query={"since": iso_time(a_minute_ago - 1)},
+            device="watch1",
+            listing=True,
+        )
+        self.assertEqual(len(listed["items"]), 2, listed)
+        http(
+            "logic",
+            "DELETE",
+            "/devices/{device}/fences/{fence}",
+            200,
+            token=mum,
+            device="watch1",
+            fence=fence["id"],
+        )
+        post = http("logic", "POST", "/posts", 201, {"text": "first steps"}, mum)
+        self.assertNotIn("like_goal", post)
+        http("logic", "GET", "/posts", 200, token=dad, listing=True)
+        http("logic", "GET", "/posts/{post}", 200, token=dad, post=post["id"])
+        http("logic", "PUT", "/posts/{post}/like", 200, token=dad, post=post["id"])
+        likers = http(
+            "logic", "GET", "/posts/{post}/likes", 200, token=mum, post=post["id"], listing=True
+        )
+        self.assertEqual((likers["items"], likers["likes"]), (["dad"], 1))
+        http("logic", "DELETE", "/posts/{post}/like", 200, token=dad, post=post["id"])
+        http("logic", "DELETE", "/posts/{post}", 200, token=mum, post=post["id"])
+        http(
+            "logic",
+            "DELETE",
+            "/bindings/{device}/{guardian}",
+            200,
+            token=dad,
+            device="watch1",
+            guardian="dad",
+        )
+        # --- and the router's logout, last --------------------------------------------
+        http("router", "POST", "/api/v1/logout", 200, token=alice)
+        self.assertEqual(sorted(self.declared() - self.checked), [])

@@ -45,7 +45,7 @@ class RunningNodeTests(SynchronousTestCase):
         workdir = os.path.abspath(self.mktemp())
         self.json_log = os.path.join(workdir, "log", "cim.json")
         self.daemon = DaemonProcess(
-            workdir, extra=f"[log]\nformat = json\nfile = {self.json_log}\n"
+            workdir, extra=f"[log]\nformat = json\nlevel = debug\nfile = {self.json_log}\n"
         )
         for user in ("alice", "bob"):
             added = self.daemon.cimctl("user", "add", user, stdin=PASSWORD + "\n")

@@ -12,9 +12,11 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.server import Site
 
+from cim.http.telemetry import SiteTelemetry
 from cim.metrics import NodeMetrics
 from cim.protocols import cim_pb2
 from cim.services.admin import admin_site
+from cim.version import Build
 from tests.fakes.operators import OPS1_TOKEN, bearer, operator_tokens, write_tokens
 from tests.unit.test_router import LOCAL_PEER, HttpResponse, exchange
 
@@ -39,14 +41,22 @@ class AdminTests(SynchronousTestCase):
             "online_here": 2,
         }
         self.operators = operator_tokens(self)
+        self.build = Build("0.1.0", "1a2b3c4d5e6f+modified")
         self.site = admin_site(
-            "n1", self.metrics, lambda: dict(self.report), Clock(), self.operators
+            "n1",
+            self.metrics,
+            lambda: dict(self.report),
+            Clock(),
+            self.operators,
+            build=self.build,
+            telemetry=SiteTelemetry("admin", self.metrics.http),
         )
 
     def test_health(self) -> None:
         response = fetch(self.site, "/health")
         self.assertEqual(response.status, 200)
-        self.assertEqual(response.json(), self.report)
+        version = {"version": "0.1.0", "commit": "1a2b3c4d5e6f+modified"}
+        self.assertEqual(response.json(), self.report | version)
         self.report["status"] = "starting"
         response = fetch(self.site, "/health")
         self.assertEqual(response.status, 503)
@@ -54,11 +64,12 @@ class AdminTests(SynchronousTestCase):
 
     def test_health_without_a_token_says_only_whether_the_node_is_up(self) -> None:
         response = fetch(self.site, "/health", token=None)
-        self.assertEqual((response.status, response.json()), (200, {"status": "ok", "node": "n1"}))
+        everyone = {"node": "n1", "version": "0.1.0"}
+        self.assertEqual((response.status, response.json()), (200, {"status": "ok"} | everyone))
         self.report["status"] = "starting"
         response = fetch(self.site, "/health", token=None)
         self.assertEqual(response.status, 503)
-        self.assertEqual(response.json(), {"status": "starting", "node": "n1"})
+        self.assertEqual(response.json(), {"status": "starting"} | everyone)
         wrong = fetch(self.site, "/health", token="z" * 43)
         self.assertEqual((wrong.status, wrong.json()["error"]), (401, "invalid_token"))
         self.assertNotIn(b"online_here", wrong.body)
@@ -113,6 +124,55 @@ class AdminTests(SynchronousTestCase):
         self.assertIn('cim_frames_total{direction="in",type="msg_r"} 3.0', text)
         self.assertIn('cim_frames_total{direction="out",type="heartbeat"} 2.0', text)
         self.assertIn('cim_logins_total{outcome="ok"} 4.0', text)
+
+    def test_health_of_a_release_without_a_commit(self) -> None:
+        site = admin_site(
+            "n1",
+            self.metrics,
+            lambda: dict(self.report),
+            Clock(),
+            self.operators,
+            build=Build("0.2.0"),
+        )
+        self.assertEqual(fetch(site, "/health").json(), self.report | {"version": "0.2.0"})
+        self.assertIn(
+            'cim_build_info{commit="unknown",version="0.2.0"} 1.0',
+            fetch(site, "/metrics").body.decode(),
+        )
+
+    def test_build_info_and_process_metrics(self) -> None:
+        text = fetch(self.site, "/metrics").body.decode()
+        self.assertIn('cim_build_info{commit="1a2b3c4d5e6f+modified",version="0.1.0"} 1.0', text)
+        for name in (
+            "process_cpu_seconds_total",
+            "process_resident_memory_bytes",
+            "process_open_fds",
+            "process_max_fds",
+            "python_gc_collections_total",
+            "python_gc_objects_collected_total",
+            "python_info",
+        ):
+            self.assertRegex(text, rf"(?m)^{name}(\{{[^}}]*\}})? [0-9.e+]+$", name)
+
+    def test_http_requests_are_in_the_metrics(self) -> None:
+        fetch(self.site, "/health")
+        fetch(self.site, "/nope")
+        text = fetch(self.site, "/metrics").body.decode()
+        self.assertIn(
+            'cim_http_requests_total{method="GET",route="/health",service="admin",status="200"}'
+            " 1.0",
+            text,
+        )
+        self.assertIn(
+            'cim_http_requests_total{method="GET",route="unmatched",service="admin",status="404"}'
+            " 1.0",
+            text,
+        )
+        self.assertIn(
+            'cim_http_request_duration_seconds_bucket{le="0.005",method="GET",route="/health",'
+            'service="admin",status="200"} 1.0',
+            text,
+        )
 
     def test_non_loopback_peer_refused(self) -> None:
         for peer in (

@@ -547,16 +547,25 @@ class HistoryCommandTests(TestCase):
         self.assertEqual(lines[0]["group"], GROUP)
         self.assertEqual(client.requests, [(GROUP, 50, 9, True)])
 
-    def test_a_refusal_exits_1_with_the_reason(self) -> None:
+    def test_a_refusal_exits_4_with_the_reason(self) -> None:
         client = FakeHistoryClient(
             [cim_pb2.HistoryA(error="forbidden", message="you are not a participant of group x")]
         )
         d, lines = self.run_command(client, "alice")
         error = self.failureResultOf(d, cli.ClientExit).value
-        self.assertEqual(error.status, 1)
+        self.assertEqual(error.status, 4)  # refused, as every permission refusal
         self.assertIn("forbidden", error.message)
         self.assertIn("not a participant", error.message)
         self.assertEqual(lines, [])
+
+    def test_history_unavailable_exits_1(self) -> None:
+        client = FakeHistoryClient(
+            [cim_pb2.HistoryA(error="unavailable", message="history is not kept on this node")]
+        )
+        d, _ = self.run_command(client, "alice")
+        error = self.failureResultOf(d, cli.ClientExit).value
+        self.assertEqual(error.status, 1)
+        self.assertIn("unavailable", error.message)
 
 
 class ChatClientHistoryTests(TestCase):

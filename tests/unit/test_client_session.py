@@ -598,6 +598,23 @@ class TicketTests(SynchronousTestCase):
         with self.assertRaises(RouterError):
             parse_ticket(body)
 
+    def test_the_expiry_is_an_iso_time(self) -> None:
+        key = secrets.token_bytes(64)
+        body = {
+            "token": "t",
+            "user": "alice",
+            "node": {"id": "n", "host": "h", "port": 1},
+            "server_key": base64.b64encode(key).decode(),
+            "key_fingerprint": hashlib.sha256(key).hexdigest(),
+            "heartbeat_interval": 30,
+            "heartbeat_timeout": 90,
+            "expires_at": "2027-01-15T08:00:00.250Z",
+        }
+        self.assertEqual(parse_ticket(body).expires_at, 1_800_000_000.25)
+        body["expires_at"] = 1_800_000_000.25  # the old epoch number is not a time
+        with self.assertRaises(RouterError):
+            parse_ticket(body)
+
     def test_repr_hides_the_token(self) -> None:
         ticket = LoginTicket(
             "secret-token", "s", "alice", NodeTarget("n", "h", 1), b"", b"", 30, 90, (), 0

@@ -37,6 +37,8 @@ from cim.files.proof import proof_of
 from cim.files.signing import UrlKeyError, UrlSigner, load_or_create_key
 from cim.files.store import FileStore
 from cim.files.thumbnails import set_pixel_limit
+from cim.http.telemetry import SiteTelemetry
+from cim.metrics import HttpRequests
 from cim.storage.accounts import insert_user_txn
 from cim.storage.database import Database, ThreadPoolRunner
 from tests.unit.test_router import HttpConnection, HttpResponse, exchange, request_bytes
@@ -152,8 +154,14 @@ class FileServiceTestCase(SynchronousTestCase):
             self.clock,
             new_id=lambda: next(self.ids),
         )
+        self.requests = HttpRequests()
         self.site = files_site(
-            self.store, self.state.sessions, self.clock, self.config.chunk_size, self.memory_limit
+            self.store,
+            self.state.sessions,
+            self.clock,
+            self.config.chunk_size,
+            self.memory_limit,
+            telemetry=SiteTelemetry("files", self.requests, access_log=True),
         )
         self.site.doStart()
         self.addCleanup(self.site.doStop)
@@ -304,7 +312,11 @@ class UploadTests(FileServiceTestCase):
             (body["size"], body["mime"], body["name"]), (len(data), "application/pdf", "report.pdf")
         )
         self.assertEqual(body["md5"], md5_hex(data))
-        self.assertEqual(body["thumbnail_url"], "")
+        # No thumbnail and no dimensions for a PDF: the keys are left out, not blank.
+        self.assertFalse(
+            {"thumbnail_url", "signed_thumbnail_url", "width", "height"} & set(body), body
+        )
+        self.assertRegex(body["expires_at"], r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
         self.assertEqual(body["url"], f"http://files.test/files/{body['file_id']}")
         self.assertTrue(
             body["signed_url"].startswith(f"http://files.test/files/{body['file_id']}?")
@@ -575,6 +587,16 @@ class DownloadTests(FileServiceTestCase):
         self.assertEqual(self.get_url(fresh["signed_url"]).body, self.data)
         self.assertError(self.call("GET", "/files/0000000000000000000999"), 404, "not_found")
 
+    def test_downloads_are_counted_by_route_template(self) -> None:
+        self.get_url(self.file["url"])
+        self.call("GET", f"/files/{self.file['file_id']}", user="alice")
+        self.call("GET", f"/api/v1/files/{self.file['file_id']}", user="alice")
+        # bob was never sent the file: the same route, counted under its own status.
+        self.call("GET", f"/files/{self.file['file_id']}", user="bob")
+        self.assertEqual(self.requests.count("files", "GET", "/files/{id}", "200"), 2)
+        self.assertEqual(self.requests.count("files", "GET", "/files/{id}", "404"), 1)
+        self.assertEqual(self.requests.count("files", "GET", "/api/v1/files/{id}", "200"), 1)
+
     def test_access_log_holds_no_signatures_or_tokens(self) -> None:
         events: list[LogEvent] = []
         observer = cast(ILogObserver, events.append)
@@ -641,7 +663,7 @@ class ThumbnailTests(FileServiceTestCase):
         self.assertError(response, 422, "bad_image")
         # A type Pillow does not decode is stored as a file, served as a download.
         body = self.stored(b"<svg onload=alert(1)>", name="x.svg", mime="image/svg+xml")
-        self.assertEqual(body["thumbnail_url"], "")
+        self.assertNotIn("thumbnail_url", body)
         served = self.get_url(body["url"])
         self.assertEqual(served.headers["content-disposition"].split(";")[0], "attachment")
 

@@ -7,6 +7,7 @@ from typing import Any
 from twisted.internet.defer import ensureDeferred
 from twisted.trial.unittest import SynchronousTestCase
 
+from cim.json_convention import iso_time
 from cim.storage.bindings import bind_with_code_txn
 from cim.storage.schema import binding_codes
 from tests.fakes.logic import LogicHarness, fired
@@ -49,7 +50,8 @@ class CodeTests(SynchronousTestCase):
         self.assertEqual(status, 201)
         code = body["code"]
         self.assertRegex(code, r"^[0-9]{8}$")
-        self.assertEqual(body["expires_at"], h.clock.seconds() + h.config.binding_code_ttl)
+        expires = h.clock.seconds() + h.config.binding_code_ttl
+        self.assertEqual(body["expires_at"], iso_time(expires))
         rows = fired(h.db.run(lambda c: c.execute(binding_codes.select()).all()))
         self.assertEqual(len(rows), 1)
         self.assertNotIn(code, rows[0].code_hash)
@@ -235,11 +237,11 @@ class ApprovalTests(SynchronousTestCase):
         self.assertEqual([(n["device"], n["guardian"]) for n in requested], [("watch", "ben")])
         self.assertEqual(h.notices("ben", "binding.created"), [])
         # The first guardian sees the request; the pending one sees only its own row.
-        listed = h.call("GET", "/bindings", "ann")[1]["bindings"]
+        listed = h.call("GET", "/bindings", "ann")[1]["items"]
         self.assertEqual(
             {(b["guardian"], b["status"]) for b in listed}, {("ann", "active"), ("ben", "pending")}
         )
-        listed = h.call("GET", "/bindings", "ben")[1]["bindings"]
+        listed = h.call("GET", "/bindings", "ben")[1]["items"]
         self.assertEqual([(b["guardian"], b["status"]) for b in listed], [("ben", "pending")])
         # Nobody but the first guardian approves.
         for who in ("ben", "watch", "cat"):
@@ -256,7 +258,7 @@ class ApprovalTests(SynchronousTestCase):
         self.assertEqual(len(h.notices("ben", "binding.approved")), 1)
         status, body = h.call("POST", "/bindings/watch/cat/approve", "ann")
         self.assertEqual((status, body["error"]), (404, "not_found"))
-        listed = h.call("GET", "/bindings", "watch")[1]["bindings"]
+        listed = h.call("GET", "/bindings", "watch")[1]["items"]
         self.assertEqual(
             {(b["guardian"], b["status"]) for b in listed}, {("ann", "active"), ("ben", "active")}
         )
@@ -273,7 +275,7 @@ class ApprovalTests(SynchronousTestCase):
         )
         removed = h.notices("ben", "binding.removed")
         self.assertEqual([(n["reason"], n["removed_by"]) for n in removed], [("declined", "ann")])
-        self.assertEqual(h.call("GET", "/bindings", "ben")[1]["bindings"], [])
+        self.assertEqual(h.call("GET", "/bindings", "ben")[1]["items"], [])
 
     def test_when_the_first_guardian_leaves_the_next_takes_over(self) -> None:
         h = LogicHarness(self)
@@ -308,7 +310,7 @@ class UnbindTests(SynchronousTestCase):
                 [("watch", "ann", "unbound", "watch")],
                 user,
             )
-        self.assertEqual(h.call("GET", "/bindings", "ann")[1]["bindings"], [])
+        self.assertEqual(h.call("GET", "/bindings", "ann")[1]["items"], [])
         status, body = h.call("DELETE", "/bindings/watch/ann", "ann")
         self.assertEqual((status, body["error"]), (404, "not_found"))
 
@@ -327,7 +329,7 @@ class UnbindTests(SynchronousTestCase):
         family(h, "watch", "ann", "ben")
         bind_pair(h, "watch", "ann", "ben")
         h.call("DELETE", "/bindings/watch/ann", "watch")
-        self.assertEqual(h.call("GET", "/bindings", "ann")[1]["bindings"], [])
+        self.assertEqual(h.call("GET", "/bindings", "ann")[1]["items"], [])
         status, body = h.call("DELETE", "/bindings/watch/ben", "ann")
         self.assertEqual((status, body["error"]), (403, "not_allowed"))
         h.add_user("cat")

@@ -17,6 +17,7 @@ from twisted.internet.defer import Deferred
 from twisted.trial.unittest import SynchronousTestCase
 
 from cim.client.logic import LogicClient, LogicError
+from cim.json_convention import iso_time
 from cim.scripts import client as cli
 from cim.scripts import login
 from tests.fakes.logic import PASSWORD, LogicHarness, fired
@@ -60,9 +61,9 @@ class LogicClientTests(SynchronousTestCase):
         self.assertEqual(settle(h, ben.like(post["id"]))["likes"], 1)
         self.assertEqual(len(h.notices("ann", "post.goal_reached")), 1)
         self.assertEqual(
-            settle(h, ben.likers(post["id"], limit=10)), {"likes": 1, "likers": ["ben"]}
+            settle(h, ben.likers(post["id"], limit=10)), {"items": ["ben"], "likes": 1}
         )
-        [listed] = settle(h, ben.posts(author="ann", limit=5))
+        [listed] = settle(h, ben.posts(author="ann", limit=5))["items"]
         self.assertEqual((listed["id"], listed["liked_by_me"]), (post["id"], True))
         self.assertEqual(settle(h, ben.unlike(post["id"]))["liked"], False)
         self.assertEqual(settle(h, ben.post(post["id"]))["likes"], 0)
@@ -109,12 +110,13 @@ class LogicClientTests(SynchronousTestCase):
         code = settle(h, watch.binding_code())["code"]
         bound = settle(h, ann.bind("watch", code))
         self.assertEqual((bound["device"], bound["status"]), ("watch", "active"))
-        [binding] = settle(h, ann.bindings())
+        [binding] = settle(h, ann.bindings())["items"]
         self.assertEqual(binding["guardian"], "ann")
 
         event = settle(h, watch.raise_sos(1.0, 2.0, accuracy_m=5.0, battery=30))
         self.assertEqual(event["notified"], ["ann"])
-        self.assertEqual([e["id"] for e in settle(h, ann.sos_events("watch", 5))], [event["id"]])
+        events = settle(h, ann.sos_events("watch", 5))["items"]
+        self.assertEqual([e["id"] for e in events], [event["id"]])
         self.assertEqual(settle(h, ann.acknowledge_sos(event["id"]))["handled_by"], "ann")
         self.assertEqual(settle(h, watch.sos_event(event["id"]))["handled_by"], "ann")
 
@@ -122,15 +124,24 @@ class LogicClientTests(SynchronousTestCase):
         polygon = settle(
             h, ann.add_polygon_fence("watch", "park", [(0.0, 0.0), (0.0, 0.1), (0.1, 0.1)])
         )
-        listed = {fence["id"] for fence in settle(h, ann.fences("watch"))}
+        listed = {fence["id"] for fence in settle(h, ann.fences("watch"))["items"]}
         self.assertEqual(listed, {circle["id"], polygon["id"]})
         self.assertEqual(
             settle(h, ann.delete_fence("watch", polygon["id"])), {"deleted": polygon["id"]}
         )
         reported = settle(h, watch.report_positions([{"lat": 1.0, "lon": 2.0, "accuracy_m": None}]))
         self.assertEqual(reported["accepted"], 1)
-        [position] = settle(h, ann.positions("watch", limit=10))
+        [position] = settle(h, ann.positions("watch", limit=10))["items"]
         self.assertEqual((position["lat"], position["lon"]), (1.0, 2.0))
+        # Times go out as ISO 8601 whether given as epoch seconds or as text.
+        earlier = h.ctx.now() - 60
+        fixes = [{"lat": 1.5, "lon": 2.0, "at": earlier}, {"lat": 1.6, "lon": 2.0, "at": "x"}]
+        with self.assertRaises(LogicError) as not_a_time:
+            settle(h, watch.report_positions(fixes))
+        self.assertIn("positions.1.at", not_a_time.exception.message)
+        settle(h, watch.report_positions(fixes[:1]))
+        older = settle(h, ann.positions("watch", until=earlier + 1))["items"]
+        self.assertEqual([(p["lat"], p["at"]) for p in older], [(1.5, iso_time(earlier))])
 
         removed = settle(h, ann.unbind("watch", "ann"))
         self.assertEqual(removed["removed"], True)

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import math
 from typing import Any
+from urllib.parse import quote
 
 from sqlalchemy import delete, func, insert, select
 from sqlalchemy.engine import Connection
 from twisted.internet.defer import Deferred
 from twisted.trial.unittest import SynchronousTestCase
 
+from cim.json_convention import epoch_seconds, iso_time
 from cim.logic import fences as fence_feature
 from cim.storage.schema import bindings, fences, locations
 from tests.fakes.logic import LogicHarness, fired
@@ -72,7 +74,9 @@ CIRCLE = {"name": "school", "circle": {"lat": LAT, "lon": LON, "radius_m": 200}}
 def report(h: LogicHarness, *distances: float, start: float | None = None) -> list[Any]:
     """The watch reports positions at these distances north of the centre, a second apart."""
     at = h.ctx.now() if start is None else start
-    positions = [{"lat": north(d), "lon": LON, "at": at + i} for i, d in enumerate(distances)]
+    positions = [
+        {"lat": north(d), "lon": LON, "at": iso_time(at + i)} for i, d in enumerate(distances)
+    ]
     h.clock.advance(len(distances))
     status, body = h.call("POST", "/locations", "watch", {"positions": positions})
     assert status == 200, body
@@ -113,7 +117,7 @@ class FenceCrossingTests(SynchronousTestCase):
             self.assertAlmostEqual(notices[0]["lat"], north(320))
             self.assertAlmostEqual(notices[1]["lat"], north(120))
         status, listed = h.call("GET", "/devices/watch/fences", "ben")
-        self.assertEqual((status, listed["fences"][0]["state"]), (200, "inside"))
+        self.assertEqual((status, listed["items"][0]["state"]), (200, "inside"))
 
     def test_jitter_within_the_margin_band_never_announces(self) -> None:
         h = family("fence_margin = 15\nfence_confirmations = 1\n")(self)
@@ -174,13 +178,13 @@ class FenceCrossingTests(SynchronousTestCase):
         h.call("POST", "/devices/watch/fences", "ann", CIRCLE)
         now = h.ctx.now()
         positions = [
-            {"lat": north(d), "lon": LON, "at": now - 10 + t}
+            {"lat": north(d), "lon": LON, "at": iso_time(now - 10 + t)}
             for t, d in ((5, 500), (0, 0), (6, 500), (1, 0))
         ]
         status, body = h.call("POST", "/locations", "watch", {"positions": positions})
         self.assertEqual(status, 200)
         self.assertEqual([t["event"] for t in body["transitions"]], ["left"])
-        self.assertEqual(body["transitions"][0]["at"], now - 4)
+        self.assertEqual(body["transitions"][0]["at"], iso_time(now - 4))
 
     def test_a_guardian_offline_gets_the_notice_at_login(self) -> None:
         h = LogicHarness(self, "fence_confirmations = 1\n")
@@ -200,13 +204,13 @@ class FenceManagementTests(SynchronousTestCase):
         _, second = h.call("POST", "/devices/watch/fences", "ben", {**CIRCLE, "name": "home"})
         status, listed = h.call("GET", "/devices/watch/fences", "ann")
         self.assertEqual(status, 200)
-        self.assertEqual([f["name"] for f in listed["fences"]], ["school", "home"])
+        self.assertEqual([f["name"] for f in listed["items"]], ["school", "home"])
         status, body = h.call("DELETE", f"/devices/watch/fences/{first['id']}", "ben")
         self.assertEqual((status, body), (200, {"deleted": first["id"]}))
         status, body = h.call("DELETE", f"/devices/watch/fences/{first['id']}", "ben")
         self.assertEqual((status, body["error"]), (404, "not_found"))
         _, listed = h.call("GET", "/devices/watch/fences", "ann")
-        self.assertEqual([f["id"] for f in listed["fences"]], [second["id"]])
+        self.assertEqual([f["id"] for f in listed["items"]], [second["id"]])
 
     def test_bad_shapes_are_400(self) -> None:
         h = family("max_fence_points = 5\n")(self)
@@ -243,7 +247,7 @@ class FenceManagementTests(SynchronousTestCase):
         positions = [{"lat": LAT, "lon": LON}] * 4
         status, body = h.call("POST", "/locations", "watch", {"positions": positions})
         self.assertEqual((status, body["error"]), (400, "bad_request"))
-        future = [{"lat": LAT, "lon": LON, "at": h.ctx.now() + 3600}]
+        future = [{"lat": LAT, "lon": LON, "at": iso_time(h.ctx.now() + 3600)}]
         status, body = h.call("POST", "/locations", "watch", {"positions": future})
         self.assertEqual(status, 400)
         self.assertIn("future", body["message"])
@@ -306,7 +310,7 @@ class AuthorizationTests(SynchronousTestCase):
         status, body = h.call("DELETE", f"/devices/watch/fences/{fence['id']}", "ann")
         self.assertEqual((status, body["error"]), (404, "not_found"))
         _, listed = h.call("GET", "/devices/phone/fences", "ann")
-        self.assertEqual([f["id"] for f in listed["fences"]], [fence["id"]])
+        self.assertEqual([f["id"] for f in listed["items"]], [fence["id"]])
         # A fence on the phone is not moved by the watch's positions.
         report(h, 0, 500, 500)
 
@@ -323,12 +327,28 @@ class HistoryTests(SynchronousTestCase):
         report(h, 0, 10, 20, 30, 40, start=start)
         status, body = h.call("GET", "/devices/watch/locations", "ann")
         self.assertEqual(status, 200)
-        self.assertEqual([p["at"] for p in body["positions"]], [start + i for i in (4, 3, 2, 1, 0)])
-        self.assertEqual(body["positions"][0]["accuracy_m"], None)
-        query = f"?since={start + 1}&until={start + 3}&limit=2"
+        self.assertEqual(
+            [p["at"] for p in body["items"]], [iso_time(start + i) for i in (4, 3, 2, 1, 0)]
+        )
+        self.assertNotIn("accuracy_m", body["items"][0])  # none sent: left out, not null
+        since, until = iso_time(start + 1), "2027-01-15T10:00:03+02:00"  # start + 3, at +02:00
+        self.assertEqual(epoch_seconds(until), start + 3)
+        query = f"?since={since}&until={quote(until)}&limit=2"
         _, body = h.call("GET", "/devices/watch/locations" + query, "ben")
-        self.assertEqual([p["at"] for p in body["positions"]], [start + 3, start + 2])
-        for bad in ("?limit=0", "?limit=1001", "?since=-1", "?until=nan", "?limit=x"):
+        self.assertEqual(
+            [p["at"] for p in body["items"]], [iso_time(start + 3), iso_time(start + 2)]
+        )
+        for bad in (
+            "?limit=0",
+            "?limit=1001",
+            "?since=-1",
+            "?until=nan",
+            "?limit=x",
+            f"?since={start}",  # epoch seconds: not the convention
+            "?since=2027-01-15T08:00:00",  # no offset: ambiguous
+            "?since=2027-13-45T08:00:00Z",
+            "?until=1969-12-31T23:59:59Z",
+        ):
             status, _ = h.call("GET", "/devices/watch/locations" + bad, "ann")
             self.assertEqual(status, 400, bad)
 

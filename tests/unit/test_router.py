@@ -25,6 +25,7 @@ from cim.backends.registry.local import LocalRegistry
 from cim.backends.state import token_hash
 from cim.backends.state.memory import MemoryState
 from cim.config import ImConfig, RouterConfig
+from cim.http.telemetry import SiteTelemetry
 from cim.interfaces import NodeInfo, SessionRecord, StateUnavailable
 from cim.metrics import NodeMetrics
 from cim.oplog import OperationLog
@@ -213,8 +214,9 @@ class RouterTests(SynchronousTestCase):
             oplog=self.oplog,
             operators=self.operators,
             **extra,
+            telemetry=SiteTelemetry("router", self.metrics.http, access_log=True),
         )
-        # Started, so the access log runs too and its lines are checked for secrets.
+        # Started, so the access log (on here) runs too and its lines are checked for secrets.
         site.doStart()
         self.addCleanup(site.doStop)
         return site
@@ -280,7 +282,7 @@ class RouterTests(SynchronousTestCase):
         self.assertEqual(body["heartbeat_interval"], 20)
         self.assertEqual(body["heartbeat_timeout"], 60)
         self.assertEqual(body["cipher_suites"], list(self.im_config.cipher_suites))
-        self.assertEqual(body["expires_at"], 1_000_000 + 3600)
+        self.assertEqual(body["expires_at"], "1970-01-12T14:46:40.000Z")  # 1_000_000 + 3600
 
         record = self.successResultOf(
             self.state.sessions.session_for_token(token_hash(body["token"]))
@@ -454,6 +456,27 @@ class RouterTests(SynchronousTestCase):
         connection.close()
         self.accounts.release()
         self.assertEqual(connection.transport.value(), b"")
+        http = self.metrics.http
+        self.assertEqual(http.count("router", "POST", "/api/v1/login", "disconnected"), 1)
+
+    def test_request_latency_is_measured_on_the_site_clock(self) -> None:
+        self.accounts.hold = True
+        connection = HttpConnection(self.site)
+        body = json.dumps({"user": "alice", "password": self.PASSWORD}).encode()
+        connection.send(request_bytes("POST", "/api/v1/login", body, [("Content-Type", JSON)]))
+        self.clock.advance(0.3)  # the password check takes its time
+        self.accounts.release()
+        self.assertEqual(connection.response().status, 200)
+        connection.close()
+        families = {family.name: family for family in self.metrics.http.families()}
+        samples = {
+            (sample.name, sample.labels.get("le")): sample.value
+            for sample in families["cim_http_request_duration_seconds"].samples
+            if sample.labels["route"] == "/api/v1/login"
+        }
+        self.assertAlmostEqual(samples[("cim_http_request_duration_seconds_sum", None)], 0.3)
+        self.assertEqual(samples[("cim_http_request_duration_seconds_bucket", "0.25")], 0)
+        self.assertEqual(samples[("cim_http_request_duration_seconds_bucket", "0.5")], 1)
         self.assertEqual(self.flushLoggedErrors(), [])
 
     def test_unexpected_error_is_generic_500(self) -> None:
@@ -565,12 +588,12 @@ class RouterTests(SynchronousTestCase):
         self.assertEqual(response.status, 200, response.body)
         self.assertEqual(
             response.json(),
-            {"total": 2, "nodes": {"n1": 2}, "offset": 0, "limit": 1, "users": ["alice"]},
+            {"items": ["alice"], "total": 2, "nodes": {"n1": 2}, "offset": 0, "limit": 1},
         )
         page = exchange(
             self.site, "GET", "/api/v1/online?offset=1&limit=5", headers=[bearer()]
         ).json()
-        self.assertEqual(page["users"], ["bob"])
+        self.assertEqual(page["items"], ["bob"])
         self.assertError(
             exchange(self.site, "GET", "/api/v1/online?limit=0", headers=[bearer()]),
             400,
@@ -724,6 +747,38 @@ class RouterTests(SynchronousTestCase):
             text = (formatEvent(event) or "") + repr(event)
             for secret in secrets:
                 self.assertNotIn(secret, text)
+
+    def test_requests_are_counted_by_route_template_and_status(self) -> None:
+        self.logout(self.login().json()["token"])
+        self.login(password="wrong-password-123")
+        exchange(self.site, "GET", "/api/v1/no/such/thing")
+        exchange(self.site, "GET", "/api/v1/login")
+        http = self.metrics.http
+        self.assertEqual(http.count("router", "POST", "/api/v1/login", "200"), 1)
+        self.assertEqual(http.count("router", "POST", "/api/v1/login", "401"), 1)
+        self.assertEqual(http.count("router", "POST", "/api/v1/logout", "200"), 1)
+        self.assertEqual(http.count("router", "GET", "/api/v1/login", "405"), 1)
+        self.assertEqual(http.count("router", "GET", "unmatched", "404"), 1)
+
+    def test_the_access_log_is_off_unless_asked_for(self) -> None:
+        quiet = router_site(
+            self.config,
+            self.im_config,
+            self.accounts,
+            self.state.sessions,
+            self.state.presence,
+            self.registry,
+            self.clock,
+            self.metrics,
+        )
+        quiet.doStart()
+        self.addCleanup(quiet.doStop)
+        self.login(site=quiet)
+        messages = [formatEvent(event) or "" for event in self.log_events]
+        self.assertEqual([m for m in messages if "POST /api/v1/login" in m], [])
+        self.login()
+        messages = [formatEvent(event) or "" for event in self.log_events]
+        self.assertEqual(len([m for m in messages if '"POST /api/v1/login HTTP/1.1"' in m]), 1)
 
     def test_no_secret_in_log_output(self) -> None:
         token = self.login().json()["token"]

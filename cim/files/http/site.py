@@ -1,4 +1,4 @@
-"""The file service's Site: its declared endpoints, spooled bodies and a quiet access log.
+"""The file service's Site: its declared endpoints, spooled bodies and a redacted access log.
 
 Every call is authenticated with the router's token (``Authorization: Bearer``),
 downloads included: a file is read by the users it belongs to, and a signed URL only
@@ -23,6 +23,7 @@ from cim.files.store import FileProblem, FileStore
 from cim.http.auth import BearerSessions
 from cim.http.endpoints import Endpoint, EndpointResource
 from cim.http.site import Reply, client_host, json_reply, too_many_requests
+from cim.http.telemetry import UNOBSERVED, ObservedSite, SiteTelemetry
 from cim.interfaces import ISessionStore
 from cim.limits.policy import FILES, NO_LIMITS, RateLimits
 
@@ -110,6 +111,7 @@ def files_site(
     max_body_size: int,
     memory_limit: int = MEMORY_SPOOL,
     limits: RateLimits = NO_LIMITS,
+    telemetry: SiteTelemetry = UNOBSERVED,
 ) -> server.Site:
     """The service's Site; no request body may be larger than a chunk (or a JSON call)."""
     request_class = type(
@@ -121,8 +123,9 @@ def files_site(
             "memory_limit": memory_limit,
         },
     )
-    site = server.Site(
+    site = ObservedSite(
         files_resource(store, sessions, clock, limits),
+        telemetry,
         requestFactory=request_class,
         reactor=clock,
         logFormatter=_redacted_access_log,

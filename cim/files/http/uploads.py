@@ -19,6 +19,7 @@ from cim.files.store import FileProblem, FileStore, not_found
 from cim.http.auth import BearerSessions
 from cim.http.endpoints import Call, Endpoint
 from cim.http.site import Reply, json_reply
+from cim.json_convention import iso_time, present
 
 __all__ = ["Uploads"]
 
@@ -151,7 +152,7 @@ class Uploads:
                 "chunk_size": upload.chunk_size,
                 "chunk_count": upload.chunk_count,
                 "name": upload.name,
-                "expires_at": upload.expires_at,
+                "expires_at": iso_time(upload.expires_at),
             },
             ((b"Location", f"/api/v1/uploads/{upload.id}".encode()),),
         )
@@ -160,17 +161,19 @@ class Uploads:
         upload, received = await self.store.upload_status(call.user, str(call.params["id"]))
         return json_reply(
             200,
-            {
-                "upload_id": upload.id,
-                "name": upload.name,
-                "size": upload.size,
-                "md5": upload.md5,
-                "mime": upload.mime,
-                "chunk_size": upload.chunk_size,
-                "chunk_count": upload.chunk_count,
-                "received": received,
-                "expires_at": upload.expires_at,
-            },
+            present(
+                {
+                    "upload_id": upload.id,
+                    "name": upload.name,
+                    "size": upload.size,
+                    "md5": upload.md5,
+                    "mime": upload.mime,
+                    "chunk_size": upload.chunk_size,
+                    "chunk_count": upload.chunk_count,
+                    "received": received,
+                    "expires_at": iso_time(upload.expires_at),
+                }
+            ),
         )
 
     async def _abort_upload(self, call: Call[str]) -> Reply:

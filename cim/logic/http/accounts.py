@@ -5,8 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 from cim.accounts.store import USER_NAME
-from cim.http.schema import object_schema
+from cim.http.schema import TIMESTAMP, object_schema
 from cim.http.site import Reply
+from cim.json_convention import iso_time, present
 from cim.logic.accounts import Accounts
 from cim.logic.http.api import LogicCall, LogicEndpoint, answer
 from cim.storage.profiles import Profile
@@ -31,22 +32,27 @@ PROFILE_SCHEMA = object_schema(
     {
         "name": {"type": "string"},
         "kind": {"type": "string", "enum": list(USER_KINDS)},
-        **_PROFILE_FIELDS,
-        "created_at": {"type": "number"},
+        "display_name": {"type": "string", "minLength": 1},
+        "avatar_url": {"type": "string", "minLength": 1},
+        "about": {"type": "string", "minLength": 1},
+        "created_at": TIMESTAMP,
     },
-    ["name", "kind", "display_name", "avatar_url", "about", "created_at"],
+    ["name", "kind", "created_at"],
+    description="Profile fields that are not set are left out.",
 )
 
 
 def profile_json(profile: Profile) -> dict[str, Any]:
-    return {
-        "name": profile.name,
-        "kind": profile.kind,
-        "display_name": profile.display_name,
-        "avatar_url": profile.avatar_url,
-        "about": profile.about,
-        "created_at": profile.created_at,
-    }
+    return present(
+        {
+            "name": profile.name,
+            "kind": profile.kind,
+            "display_name": profile.display_name,
+            "avatar_url": profile.avatar_url,
+            "about": profile.about,
+            "created_at": iso_time(profile.created_at),
+        }
+    )
 
 
 def account_endpoints(accounts: Accounts) -> list[LogicEndpoint]:

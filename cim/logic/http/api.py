@@ -22,6 +22,7 @@ from cim.http.auth import BearerSessions, invalid_token
 from cim.http.endpoints import Call, Endpoint, EndpointResource
 from cim.http.openapi import PublishedSpec, openapi_document
 from cim.http.site import HttpError, Reply, bounded_site, json_reply, too_many_requests
+from cim.http.telemetry import UNOBSERVED, SiteTelemetry
 from cim.interfaces import ISessionStore
 from cim.limits.policy import LOGIC, NO_LIMITS, RateLimits
 from cim.logic.context import Caller
@@ -165,5 +166,10 @@ def logic_resource(
     return PublishedSpec(resource, OPENAPI_PATH, logic_document(resource.endpoints))
 
 
-def logic_site(resource: PublishedSpec, max_body_size: int, clock: IReactorTime) -> server.Site:
-    return bounded_site(resource, max_body_size, clock)
+def logic_site(
+    resource: PublishedSpec,
+    max_body_size: int,
+    clock: IReactorTime,
+    telemetry: SiteTelemetry = UNOBSERVED,
+) -> server.Site:
+    return bounded_site(resource, max_body_size, clock, telemetry)

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from cim.http.schema import array_of, object_schema
+from cim.http.schema import TIMESTAMP, listing_of, object_schema
 from cim.http.site import Reply
+from cim.json_convention import iso_time, listing, present
 from cim.logic.bindings import Bindings
 from cim.logic.http.accounts import NAME_PARAM
 from cim.logic.http.api import LogicCall, LogicEndpoint, answer
@@ -14,37 +15,38 @@ from cim.storage.bindings import ACTIVE, PENDING, Binding
 __all__ = ["binding_endpoints", "binding_json"]
 
 _NAME = {**NAME_PARAM, "maxLength": 64}
-_NULLABLE_NAME = {"type": ["string", "null"]}
-_NULLABLE_TIME = {"type": ["number", "null"]}
 BINDING_SCHEMA = object_schema(
     {
         "device": {"type": "string"},
         "guardian": {"type": "string"},
         "status": {"type": "string", "enum": [ACTIVE, PENDING]},
-        "created_at": {"type": "number"},
-        "approved_by": _NULLABLE_NAME,
-        "approved_at": _NULLABLE_TIME,
+        "created_at": TIMESTAMP,
+        "approved_by": {"type": "string", "description": "left out while pending"},
+        "approved_at": {**TIMESTAMP, "description": "left out while pending"},
     },
-    ["device", "guardian", "status", "created_at", "approved_by", "approved_at"],
+    ["device", "guardian", "status", "created_at"],
 )
 _PAIR_PARAMS = {"device": NAME_PARAM, "guardian": NAME_PARAM}
 
 
 def binding_json(binding: Binding) -> dict[str, Any]:
-    return {
-        "device": binding.device,
-        "guardian": binding.guardian,
-        "status": binding.status,
-        "created_at": binding.created_at,
-        "approved_by": binding.approved_by,
-        "approved_at": binding.approved_at,
-    }
+    approved_at = binding.approved_at
+    return present(
+        {
+            "device": binding.device,
+            "guardian": binding.guardian,
+            "status": binding.status,
+            "created_at": iso_time(binding.created_at),
+            "approved_by": binding.approved_by,
+            "approved_at": None if approved_at is None else iso_time(approved_at),
+        }
+    )
 
 
 def binding_endpoints(bindings: Bindings) -> list[LogicEndpoint]:
     async def create_code(call: LogicCall) -> Reply:
         code, expires_at = await bindings.create_code(call.user)
-        return answer(201, {"code": code, "expires_at": expires_at})
+        return answer(201, {"code": code, "expires_at": iso_time(expires_at)})
 
     async def bind(call: LogicCall) -> Reply:
         binding, created = await bindings.bind(
@@ -54,7 +56,7 @@ def binding_endpoints(bindings: Bindings) -> list[LogicEndpoint]:
 
     async def list_bindings(call: LogicCall) -> Reply:
         found = await bindings.bindings_of(call.user.user)
-        return answer(200, {"bindings": [binding_json(binding) for binding in found]})
+        return answer(200, listing([binding_json(binding) for binding in found]))
 
     async def approve(call: LogicCall) -> Reply:
         device, guardian = str(call.params["device"]), str(call.params["guardian"])
@@ -74,7 +76,7 @@ def binding_endpoints(bindings: Bindings) -> list[LogicEndpoint]:
             "bindings",
             create_code,
             response=object_schema(
-                {"code": {"type": "string"}, "expires_at": {"type": "number"}},
+                {"code": {"type": "string"}, "expires_at": TIMESTAMP},
                 ["code", "expires_at"],
             ),
             status=201,
@@ -122,7 +124,7 @@ def binding_endpoints(bindings: Bindings) -> list[LogicEndpoint]:
             "The caller's bindings, from either side",
             "bindings",
             list_bindings,
-            response=object_schema({"bindings": array_of(BINDING_SCHEMA)}, ["bindings"]),
+            response=listing_of(BINDING_SCHEMA),
             description=(
                 "A device sees all its guardians, pending ones included; a person its "
                 "own bindings, plus the pending requests for devices it is the first "

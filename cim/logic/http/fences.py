@@ -4,8 +4,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from cim.http.schema import array_of, object_schema
+from cim.http.schema import (
+    TIME_INPUT,
+    TIMESTAMP,
+    array_of,
+    listing_of,
+    object_schema,
+    time_value,
+)
 from cim.http.site import Reply
+from cim.json_convention import iso_time, listing, present
 from cim.logic.fences import Fences, Fix
 from cim.logic.geometry import MAX_FENCE_EXTENT_M
 from cim.logic.http.accounts import NAME_PARAM
@@ -15,15 +23,12 @@ from cim.storage.schema import DISPLAY_NAME_MAX
 
 __all__ = ["fence_endpoints", "fence_json"]
 
-MAX_TIME = 1e11
-"""Timestamps are epoch seconds; this is the year 5138, far past any real fix."""
 MAX_ACCURACY_M = 1e6
 DEFAULT_LOCATIONS = 100
 MAX_LOCATIONS = 1000
 
 _LAT = {"type": "number", "minimum": -90, "maximum": 90}
 _LON = {"type": "number", "minimum": -180, "maximum": 180}
-_TIME = {"type": "number", "minimum": 0, "maximum": MAX_TIME}
 _CIRCLE = object_schema(
     {
         "lat": _LAT,
@@ -44,7 +49,7 @@ _POSITION = object_schema(
         "lat": _LAT,
         "lon": _LON,
         "accuracy_m": {"type": "number", "minimum": 0, "maximum": MAX_ACCURACY_M},
-        "at": {**_TIME, "description": "the fix's time, epoch seconds (default: now)"},
+        "at": {**TIME_INPUT, "description": "the fix's time, ISO 8601 (default: now)"},
     },
     ["lat", "lon"],
 )
@@ -53,7 +58,7 @@ _TRANSITION = object_schema(
         "fence": {"type": "integer"},
         "name": {"type": "string"},
         "event": {"type": "string", "enum": ["entered", "left"]},
-        "at": {"type": "number"},
+        "at": TIMESTAMP,
     },
     ["fence", "name", "event", "at"],
 )
@@ -62,11 +67,11 @@ _POSITION_OUT = object_schema(
         "id": {"type": "integer"},
         "lat": {"type": "number"},
         "lon": {"type": "number"},
-        "accuracy_m": {"type": ["number", "null"]},
-        "at": {"type": "number"},
-        "received_at": {"type": "number"},
+        "accuracy_m": {"type": "number", "description": "left out when the device sent none"},
+        "at": TIMESTAMP,
+        "received_at": TIMESTAMP,
     },
-    ["id", "lat", "lon", "accuracy_m", "at", "received_at"],
+    ["id", "lat", "lon", "at", "received_at"],
 )
 
 
@@ -77,7 +82,7 @@ def fence_json(fence: Fence) -> dict[str, Any]:
         "name": fence.name,
         "shape": fence.shape,
         "created_by": fence.created_by,
-        "created_at": fence.created_at,
+        "created_at": iso_time(fence.created_at),
         "state": fence.state,
     }
     if fence.shape == "circle":
@@ -88,14 +93,16 @@ def fence_json(fence: Fence) -> dict[str, Any]:
 
 
 def position_json(position: Position) -> dict[str, Any]:
-    return {
-        "id": position.id,
-        "lat": position.lat,
-        "lon": position.lon,
-        "accuracy_m": position.accuracy_m,
-        "at": position.at,
-        "received_at": position.received_at,
-    }
+    return present(
+        {
+            "id": position.id,
+            "lat": position.lat,
+            "lon": position.lon,
+            "accuracy_m": position.accuracy_m,
+            "at": iso_time(position.at),
+            "received_at": iso_time(position.received_at),
+        }
+    )
 
 
 def transition_json(transition: Transition) -> dict[str, Any]:
@@ -103,7 +110,7 @@ def transition_json(transition: Transition) -> dict[str, Any]:
         "fence": transition.fence,
         "name": transition.name,
         "event": transition.event,
-        "at": transition.at,
+        "at": iso_time(transition.at),
     }
 
 
@@ -123,7 +130,7 @@ def fence_endpoints(fences: Fences) -> list[LogicEndpoint]:
 
     async def list_fences(call: LogicCall) -> Reply:
         found = await fences.fences_of(call.user.user, str(call.params["device"]))
-        return answer(200, {"fences": [fence_json(fence) for fence in found]})
+        return answer(200, listing([fence_json(fence) for fence in found]))
 
     async def delete_fence(call: LogicCall) -> Reply:
         fence_id = int(call.params["fence"])
@@ -131,7 +138,7 @@ def fence_endpoints(fences: Fences) -> list[LogicEndpoint]:
         return answer(200, {"deleted": fence_id})
 
     async def report_locations(call: LogicCall) -> Reply:
-        fixes = [_fix(raw) for raw in call.body["positions"]]
+        fixes = [_fix(raw, index) for index, raw in enumerate(call.body["positions"])]
         report = await fences.report_positions(call.user, fixes)
         return answer(
             200,
@@ -150,7 +157,7 @@ def fence_endpoints(fences: Fences) -> list[LogicEndpoint]:
             query.get("until"),
             int(query.get("limit", DEFAULT_LOCATIONS)),
         )
-        return answer(200, {"positions": [position_json(p) for p in found]})
+        return answer(200, listing([position_json(p) for p in found]))
 
     fence_schema = object_schema(
         {
@@ -161,7 +168,7 @@ def fence_endpoints(fences: Fences) -> list[LogicEndpoint]:
             "circle": _CIRCLE,
             "polygon": array_of(_POINT),
             "created_by": {"type": "string"},
-            "created_at": {"type": "number"},
+            "created_at": TIMESTAMP,
             "state": {"type": "string", "enum": ["unknown", "inside", "outside"]},
         },
         ["id", "device", "name", "shape", "created_by", "created_at", "state"],
@@ -212,7 +219,7 @@ def fence_endpoints(fences: Fences) -> list[LogicEndpoint]:
             "fences",
             list_fences,
             params=device_param,
-            response=object_schema({"fences": array_of(fence_schema)}, ["fences"]),
+            response=listing_of(fence_schema),
             errors=(403,),
         ),
         LogicEndpoint(
@@ -262,23 +269,23 @@ def fence_endpoints(fences: Fences) -> list[LogicEndpoint]:
             list_locations,
             params=device_param,
             query={
-                "since": _TIME,
-                "until": _TIME,
+                "since": TIME_INPUT,
+                "until": TIME_INPUT,
                 "limit": {"type": "integer", "minimum": 1, "maximum": MAX_LOCATIONS},
             },
-            response=object_schema({"positions": array_of(_POSITION_OUT)}, ["positions"]),
+            response=listing_of(_POSITION_OUT, MAX_LOCATIONS),
             errors=(403,),
             description="The device itself or its active guardians.",
         ),
     ]
 
 
-def _fix(raw: dict[str, Any]) -> Fix:
+def _fix(raw: dict[str, Any], index: int) -> Fix:
     accuracy = raw.get("accuracy_m")
     at = raw.get("at")
     return Fix(
         float(raw["lat"]),
         float(raw["lon"]),
         None if accuracy is None else float(accuracy),
-        None if at is None else float(at),
+        None if at is None else time_value(str(at), f"positions.{index}.at"),
     )

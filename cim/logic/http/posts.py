@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from cim.http.schema import array_of, object_schema
+from cim.http.schema import TIMESTAMP, listing_of, object_schema
 from cim.http.site import Reply
+from cim.json_convention import iso_time, listing, present
 from cim.logic.http.api import LogicCall, LogicEndpoint, answer
 from cim.logic.posts import Posts
 from cim.storage.posts import EVERYONE, LikeOutcome, Post
@@ -51,26 +52,15 @@ POST_SCHEMA = object_schema(
         "id": {"type": "integer"},
         "author": {"type": "string"},
         "text": {"type": "string"},
-        "media_url": {"type": ["string", "null"]},
+        "media_url": {"type": "string", "description": "left out when the post has none"},
         "audience": {"type": "string", "enum": list(POST_AUDIENCES)},
-        "like_goal": {"type": ["integer", "null"]},
+        "like_goal": {"type": "integer", "description": "left out when the post has none"},
         "likes": {"type": "integer"},
         "goal_reached": {"type": "boolean"},
-        "created_at": {"type": "number"},
+        "created_at": TIMESTAMP,
         "liked_by_me": {"type": "boolean"},
     },
-    [
-        "id",
-        "author",
-        "text",
-        "media_url",
-        "audience",
-        "like_goal",
-        "likes",
-        "goal_reached",
-        "created_at",
-        "liked_by_me",
-    ],
+    ["id", "author", "text", "audience", "likes", "goal_reached", "created_at", "liked_by_me"],
 )
 LIKE_SCHEMA = object_schema(
     {"post": {"type": "integer"}, "likes": {"type": "integer"}, "liked": {"type": "boolean"}},
@@ -79,18 +69,20 @@ LIKE_SCHEMA = object_schema(
 
 
 def post_json(post: Post) -> dict[str, Any]:
-    return {
-        "id": post.id,
-        "author": post.author,
-        "text": post.text,
-        "media_url": post.media_url,
-        "audience": post.audience,
-        "like_goal": post.like_goal,
-        "likes": post.likes,
-        "goal_reached": post.goal_reached_at is not None,
-        "created_at": post.created_at,
-        "liked_by_me": post.liked_by_me,
-    }
+    return present(
+        {
+            "id": post.id,
+            "author": post.author,
+            "text": post.text,
+            "media_url": post.media_url,
+            "audience": post.audience,
+            "like_goal": post.like_goal,
+            "likes": post.likes,
+            "goal_reached": post.goal_reached_at is not None,
+            "created_at": iso_time(post.created_at),
+            "liked_by_me": post.liked_by_me,
+        }
+    )
 
 
 def post_endpoints(posts: Posts) -> list[LogicEndpoint]:
@@ -116,7 +108,7 @@ def post_endpoints(posts: Posts) -> list[LogicEndpoint]:
             None if before is None else int(before),
             int(call.query.get("limit", 20)),
         )
-        return answer(200, {"posts": [post_json(post) for post in found]})
+        return answer(200, listing([post_json(post) for post in found]))
 
     async def get_post(call: LogicCall) -> Reply:
         return answer(200, post_json(await posts.post(call.user.user, int(call.params["post"]))))
@@ -141,7 +133,7 @@ def post_endpoints(posts: Posts) -> list[LogicEndpoint]:
             int(call.query.get("limit", 50)),
             int(call.query.get("offset", 0)),
         )
-        return answer(200, {"likes": found.likes, "likers": found.names})
+        return answer(200, listing(found.names, likes=found.likes))
 
     return [
         LogicEndpoint(
@@ -167,7 +159,7 @@ def post_endpoints(posts: Posts) -> list[LogicEndpoint]:
                 "before": {"type": "integer", "minimum": 1, "maximum": 2**63 - 1},
                 "limit": {"type": "integer", "minimum": 1, "maximum": MAX_PAGE},
             },
-            response=object_schema({"posts": array_of(POST_SCHEMA, MAX_PAGE)}, ["posts"]),
+            response=listing_of(POST_SCHEMA, MAX_PAGE),
             description=(
                 "`author` keeps one author's posts; `before` (a post id) pages back "
                 "through older posts; `limit` defaults to 20."
@@ -228,14 +220,9 @@ def post_endpoints(posts: Posts) -> list[LogicEndpoint]:
                 "limit": {"type": "integer", "minimum": 1, "maximum": MAX_PAGE},
                 "offset": {"type": "integer", "minimum": 0, "maximum": MAX_OFFSET},
             },
-            response=object_schema(
-                {
-                    "likes": {"type": "integer"},
-                    "likers": array_of({"type": "string"}, MAX_PAGE),
-                },
-                ["likes", "likers"],
-            ),
-            description="`limit` defaults to 50.",
+            response=listing_of({"type": "string"}, MAX_PAGE, {"likes": {"type": "integer"}}),
+            description="`items` names the likers of this page, `likes` counts them all; "
+            "`limit` defaults to 50.",
         ),
     ]
 

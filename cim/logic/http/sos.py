@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from cim.http.schema import array_of, object_schema
+from cim.http.schema import TIMESTAMP, array_of, listing_of, object_schema
 from cim.http.site import Reply
+from cim.json_convention import iso_time, listing, present
 from cim.logic.http.accounts import NAME_PARAM
 from cim.logic.http.api import LogicCall, LogicEndpoint, answer
 from cim.logic.sos import SosAlarms
@@ -17,37 +18,40 @@ MAX_LIST = 100
 DEFAULT_LIST = 20
 MAX_ACCURACY_M = 100_000.0
 
-_NULLABLE_NAME = {"type": ["string", "null"]}
-_NULLABLE_TIME = {"type": ["number", "null"]}
+_UNTIL_HANDLED = "left out until a guardian acknowledges the alarm"
 SOS_FIELDS: dict[str, dict[str, Any]] = {
     "id": {"type": "integer"},
     "device": {"type": "string"},
     "lat": {"type": "number"},
     "lon": {"type": "number"},
-    "accuracy_m": {"type": ["number", "null"]},
-    "battery": {"type": ["integer", "null"]},
-    "raised_at": {"type": "number"},
-    "handled_by": _NULLABLE_NAME,
-    "handled_at": _NULLABLE_TIME,
+    "accuracy_m": {"type": "number", "description": "left out when the device sent none"},
+    "battery": {"type": "integer", "description": "left out when the device sent none"},
+    "raised_at": TIMESTAMP,
+    "handled_by": {"type": "string", "description": _UNTIL_HANDLED},
+    "handled_at": {**TIMESTAMP, "description": _UNTIL_HANDLED},
 }
-SOS_SCHEMA = object_schema(SOS_FIELDS, list(SOS_FIELDS))
+_SOS_REQUIRED = ["id", "device", "lat", "lon", "raised_at"]
+SOS_SCHEMA = object_schema(SOS_FIELDS, _SOS_REQUIRED)
 RAISED_SCHEMA = object_schema(
-    {**SOS_FIELDS, "notified": array_of({"type": "string"})}, [*SOS_FIELDS, "notified"]
+    {**SOS_FIELDS, "notified": array_of({"type": "string"})}, [*_SOS_REQUIRED, "notified"]
 )
 
 
 def sos_json(event: SosEvent) -> dict[str, Any]:
-    return {
-        "id": event.id,
-        "device": event.device,
-        "lat": event.lat,
-        "lon": event.lon,
-        "accuracy_m": event.accuracy_m,
-        "battery": event.battery,
-        "raised_at": event.raised_at,
-        "handled_by": event.handled_by,
-        "handled_at": event.handled_at,
-    }
+    handled_at = event.handled_at
+    return present(
+        {
+            "id": event.id,
+            "device": event.device,
+            "lat": event.lat,
+            "lon": event.lon,
+            "accuracy_m": event.accuracy_m,
+            "battery": event.battery,
+            "raised_at": iso_time(event.raised_at),
+            "handled_by": event.handled_by,
+            "handled_at": None if handled_at is None else iso_time(handled_at),
+        }
+    )
 
 
 def sos_endpoints(alarms: SosAlarms) -> list[LogicEndpoint]:
@@ -71,7 +75,7 @@ def sos_endpoints(alarms: SosAlarms) -> list[LogicEndpoint]:
             None if device is None else str(device),
             int(call.query.get("limit", DEFAULT_LIST)),
         )
-        return answer(200, {"events": [sos_json(event) for event in events]})
+        return answer(200, listing([sos_json(event) for event in events]))
 
     async def get_alarm(call: LogicCall) -> Reply:
         return answer(200, sos_json(await alarms.alarm(call.user.user, int(call.params["id"]))))
@@ -116,7 +120,7 @@ def sos_endpoints(alarms: SosAlarms) -> list[LogicEndpoint]:
                 "device": {**NAME_PARAM, "maxLength": 64},
                 "limit": {"type": "integer", "minimum": 1, "maximum": MAX_LIST},
             },
-            response=object_schema({"events": array_of(SOS_SCHEMA)}, ["events"]),
+            response=listing_of(SOS_SCHEMA, MAX_LIST),
             errors=(403,),
             description=(
                 "The device itself or its active guardians. Without `device`: a "
