@@ -22,6 +22,8 @@ from twisted.python.failure import Failure
 from twisted.web import server
 from twisted.web.resource import Resource
 
+from cim.http.deadlines import BoundedSite
+
 JSON_TYPE = b"application/json"
 
 
@@ -124,15 +126,14 @@ class BoundedRequest(server.Request):
         self.content.write(data)
 
 
-def bounded_site(root: Resource, max_body_size: int, reactor: IReactorTime) -> server.Site:
+def bounded_site(root: Resource, max_body_size: int, reactor: IReactorTime) -> BoundedSite:
     """A Site whose requests hold at most ``max_body_size`` body bytes.
 
-    ``reactor`` drives idle timeouts and access-log timestamps; tests pass a Clock.
+    ``reactor`` drives the read deadlines (``cim.http.deadlines``) and access-log
+    timestamps; tests pass a Clock.
     """
     request_class = type("BoundedRequest", (BoundedRequest,), {"max_body_size": max_body_size})
-    site = server.Site(root, requestFactory=request_class, reactor=reactor)
-    site.displayTracebacks = False
-    return site
+    return BoundedSite(root, reactor, requestFactory=request_class)
 
 
 _log = Logger()

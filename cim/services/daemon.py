@@ -21,6 +21,7 @@ reactor and exits 1, rather than running half-started.
 from __future__ import annotations
 
 import atexit
+import functools
 import os
 import signal
 import sys
@@ -43,6 +44,7 @@ from cim.groups.directory import GroupDirectory
 from cim.heap import HeapTrimmer
 from cim.history.archive import HistoryService, archive_from_config
 from cim.history.store import HistoryStore
+from cim.http.limits import HttpConnections
 from cim.im.collaborators import Directory, NoArchive, NodeCore, Stores
 from cim.im.node import ImNode
 from cim.im.peers import BusPeers, LiveNodes
@@ -163,7 +165,9 @@ class CimDaemon(OrderedServices):
         if archive is not None:
             self.add(Step("archive", archive.start, archive.stop, queue_failure))
 
-        # --- the listeners
+        # --- the listeners; every HTTP one behind the [http] limits
+        http = self.http = HttpConnections(config.http, reactor)
+        self._health_parts.append(lambda: {"http": http.snapshot()})
         if config.im.enabled:
             factory = ImServerFactory(
                 node_id, config.im, node_key, im_node, state, registry, reactor, metrics
@@ -194,14 +198,14 @@ class CimDaemon(OrderedServices):
                 metrics,
                 oplog=oplog,
             )
-            self.add(Listener("router", config.router.listen, reactor, site))
+            self.add(Listener("router", config.router.listen, reactor, http.guard("router", site)))
         if config.files.enabled:
             self._add_files(database, state)
         if config.logic.enabled:
             self._add_logic(database, accounts, state, groups)
         if config.admin.enabled:
             site = admin_site(node_id, metrics, self.health, reactor)
-            self.add(Listener("admin", config.admin.listen, reactor, site))
+            self.add(Listener("admin", config.admin.listen, reactor, http.guard("admin", site)))
 
         trimmer = HeapTrimmer(reactor, config.node.heap_trim_interval)
         self.add(Step("heap trimmer", trimmer.start, trimmer.stop))
@@ -210,7 +214,12 @@ class CimDaemon(OrderedServices):
         """The file service: its storage and key (prepared first), then its port."""
         config = self.config
         files = FilesListener(
-            config.files, config.node.data_dir, database, state.sessions, self.reactor
+            config.files,
+            config.node.data_dir,
+            database,
+            state.sessions,
+            self.reactor,
+            guard=functools.partial(self.http.guard, "files"),
         )
         self.add(Step("files storage", files.prepare, None, files_storage_failure(files)))
         self.add(
@@ -246,7 +255,8 @@ class CimDaemon(OrderedServices):
                 Notices(self.im_node.system, self.reactor),
                 self.reactor,
                 groups,
-            )
+            ),
+            guard=functools.partial(self.http.guard, "logic"),
         )
         self.add(
             Step("logic", logic.start, logic.stop, cannot_listen("logic", config.logic.listen))

@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Callable
 
 from twisted.internet.defer import maybeDeferred
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.interfaces import IListeningPort
+from twisted.internet.interfaces import IListeningPort, IProtocolFactory
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from twisted.web import server
 
 from cim.config import FilesConfig
 from cim.files.blobs import BlobStore
@@ -20,6 +22,7 @@ from cim.files.http.site import files_site
 from cim.files.signing import UrlSigner, load_or_create_key
 from cim.files.store import FileStore
 from cim.files.thumbnails import set_pixel_limit
+from cim.http.limits import unguarded
 from cim.interfaces import ISessionStore
 from cim.reactor import ICimReactor
 from cim.storage.database import Database, Runner, ThreadPoolRunner
@@ -40,8 +43,10 @@ class FilesListener:
         sessions: ISessionStore,
         reactor: ICimReactor,
         runner: Runner | None = None,
+        guard: Callable[[server.Site], IProtocolFactory] = unguarded,
     ) -> None:
         self.config = config
+        self.guard = guard
         self.reactor = reactor
         self.storage_dir = config.storage_dir or os.path.join(data_dir, "files")
         self.key_path = config.url_key or os.path.join(data_dir, "files_url_key")
@@ -71,7 +76,7 @@ class FilesListener:
         site = files_site(store, self.sessions, self.reactor, self.config.chunk_size)
         endpoint = serverFromString(self.reactor, self.config.listen)
         try:
-            self.port = await endpoint.listen(site)
+            self.port = await endpoint.listen(self.guard(site))
         except BaseException:
             await self.work.stop()
             raise

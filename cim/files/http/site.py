@@ -17,6 +17,7 @@ from cim.files.http.downloads import Downloads
 from cim.files.http.uploads import Uploads
 from cim.files.store import FileProblem, FileStore
 from cim.http.auth import BearerSessions
+from cim.http.deadlines import BoundedSite
 from cim.http.endpoints import Endpoint, EndpointResource
 from cim.http.site import Reply, client_host, json_reply
 from cim.interfaces import ISessionStore
@@ -71,7 +72,7 @@ def files_site(
     clock: IReactorTime,
     max_body_size: int,
     memory_limit: int = MEMORY_SPOOL,
-) -> server.Site:
+) -> BoundedSite:
     """The service's Site; no request body may be larger than a chunk (or a JSON call)."""
     request_class = type(
         "FileRequest",
@@ -82,11 +83,9 @@ def files_site(
             "memory_limit": memory_limit,
         },
     )
-    site = server.Site(
+    return BoundedSite(
         files_resource(store, sessions, clock),
+        clock,
         requestFactory=request_class,
-        reactor=clock,
         logFormatter=_redacted_access_log,
     )
-    site.displayTracebacks = False
-    return site
