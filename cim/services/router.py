@@ -24,6 +24,7 @@ from cim.backends.state import REASON_KICKED_BY_ADMIN, REASON_LOGGED_OUT, token_
 from cim.config import ImConfig, RouterConfig
 from cim.http.auth import BearerSessions, invalid_token, state_unavailable
 from cim.http.endpoints import Call, Endpoint, EndpointResource, nobody
+from cim.http.schema import whole_number
 from cim.http.site import (
     HttpError,
     Reply,
@@ -365,10 +366,8 @@ def _query_int(request: server.Request, name: bytes, default: int, low: int, hig
     values = (request.args or {}).get(name)
     if not values:
         return default
-    try:
-        value = int(values[0])
-    except ValueError:
-        value = low - 1
+    number = whole_number(values[0], name.decode())
+    value = low - 1 if number is None else number
     if not low <= value <= high:
         raise HttpError(
             400, "bad_request", f"'{name.decode()}' must be a whole number from {low} to {high}"
