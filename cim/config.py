@@ -324,7 +324,7 @@ class FilesConfig:
     max_image_pixels: int = _opt(100_000_000, parse_int, minimum=1024, maximum=1 << 31)
     # Memory all thumbnails being made at once may decode into (estimated from each
     # image's header before decoding); more uploads wait their turn.
-    thumbnail_memory: int = _opt(512 << 20, parse_size, minimum=16 << 20, maximum=1 << 40)
+    thumbnail_memory: int = _opt(512 << 20, parse_size, minimum=64 << 20, maximum=1 << 40)
     threads: int = _opt(4, parse_int, minimum=1, maximum=64)
 
     def validate(self) -> None:

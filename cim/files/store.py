@@ -35,7 +35,7 @@ from cim.files.blobs import (
 from cim.files.names import clean_mime, clean_name
 from cim.files.records import FileRecord, QuotaExceeded, TooManyUploads, UploadRecord
 from cim.files.signing import UrlSigner
-from cim.files.thumbnails import ImageRefused, make_thumbnail
+from cim.files.thumbnails import ImageRefused, ThumbnailBudget, Thumbnailer
 from cim.storage.database import Database, ThreadPoolRunner
 
 MAX_PENDING_UPLOADS = 64
@@ -141,6 +141,12 @@ class FileStore:
         self.public_url = config.public_url
         self._new_id = new_id
         self._completing: set[str] = set()
+        self.thumbnails = Thumbnailer(
+            work,
+            ThumbnailBudget(config.thumbnail_memory),
+            config.thumbnail_size,
+            config.max_image_pixels,
+        )
 
     # --- validation -------------------------------------------------------------------
 
@@ -371,16 +377,11 @@ class FileStore:
 
     async def _new_file(self, upload: UploadRecord, assembled: Assembled) -> FileRecord:
         """The record of content seen for the first time, with its thumbnail made."""
-        config = self.config
         try:
-            image = await self.work.run(
-                lambda: make_thumbnail(
-                    assembled.path,
-                    lambda fmt: self.blobs.thumbnail_path(assembled.sha256, fmt),
-                    upload.mime,
-                    config.thumbnail_size,
-                    config.max_image_pixels,
-                )
+            image = await self.thumbnails.make(
+                assembled.path,
+                lambda fmt: self.blobs.thumbnail_path(assembled.sha256, fmt),
+                upload.mime,
             )
         except ImageRefused as refused:
             await self._drop_upload(upload.id)
