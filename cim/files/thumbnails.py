@@ -295,6 +295,8 @@ class ThumbnailBudget:
         self.total = total
         self.in_use = 0
         self.peak = 0
+        self.waited = 0
+        """How many acquisitions had to wait for room."""
         self._line: deque[tuple[int, Deferred[None]]] = deque()
 
     @property
@@ -308,6 +310,8 @@ class ThumbnailBudget:
         granted: Deferred[None] = Deferred(lambda d: self._withdraw(d))
         self._line.append((amount, granted))
         self._grant()
+        if not granted.called:
+            self.waited += 1
         return granted
 
     def release(self, amount: int) -> None:
@@ -340,6 +344,17 @@ class Thumbnailer:
         self.budget = budget
         self.longest_side = longest_side
         self.max_pixels = max_pixels
+
+    def snapshot(self) -> dict[str, int]:
+        """For /health: the budget, what is held now, the most held at once, the line."""
+        budget = self.budget
+        return {
+            "memory_budget": budget.total,
+            "memory_in_use": budget.in_use,
+            "memory_peak": budget.peak,
+            "waiting": budget.waiting,
+            "waited": budget.waited,
+        }
 
     async def make(
         self, source: str, destination: Callable[[str], str], declared_mime: str

@@ -227,7 +227,15 @@ class CimDaemon(OrderedServices):
         )
 
         def health() -> dict[str, Any]:
-            return {} if files.store is None else {"files": files.store.metrics.snapshot()}
+            store = files.store
+            if store is None:
+                return {}
+            return {
+                "files": {
+                    **store.metrics.snapshot(),
+                    "thumbnails": store.thumbnails.snapshot(),
+                }
+            }
 
         self._health_parts.append(health)
 

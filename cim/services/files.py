@@ -22,6 +22,7 @@ from cim.files.http.site import files_site
 from cim.files.signing import UrlSigner, load_or_create_key
 from cim.files.store import FileStore
 from cim.files.thumbnails import set_pixel_limit
+from cim.heap import map_large_allocations
 from cim.http.limits import unguarded
 from cim.interfaces import ISessionStore
 from cim.reactor import ICimReactor
@@ -63,6 +64,9 @@ class FilesListener:
         self.blobs.prepare()
         signer = UrlSigner(load_or_create_key(self.key_path))
         set_pixel_limit(self.config.max_image_pixels)
+        # Decoded images are freed back to the system, so [files] thumbnail_memory
+        # bounds the RSS they cost and not only what is decoding at once.
+        map_large_allocations()
         self.store = FileStore(
             self.config, self.database, self.blobs, self.work, signer, self.reactor
         )
