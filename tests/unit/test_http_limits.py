@@ -225,6 +225,24 @@ class DeadlineTests(SynchronousTestCase):
         connection.send(b"GET /x HTTP/1.1\r\nHost: a\r\n" + headers + b"\r\n")
         self.assertEqual(connection.status(), 431)
 
+    def test_a_5000_digit_content_length_is_answered_413(self) -> None:
+        """int() of it used to raise out of twisted.web: a traceback and no answer."""
+        connection = Connection(self.site)
+        head = b"PUT /x HTTP/1.1\r\nHost: a\r\nContent-Length: " + b"9" * 5000
+        connection.send(head + b"\r\n\r\nbody")
+        self.assertEqual(connection.status(), 413)
+        self.assertEqual(connection.answer()["error"], "body_too_large")
+        self.assertFalse(self.flushLoggedErrors())
+
+    def test_an_odd_content_type_on_a_post_is_no_traceback(self) -> None:
+        """twisted.web's form parsing raised on a \\x1e in Content-Type: no answer."""
+        connection = Connection(self.site)
+        connection.send(
+            b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Type: a\x1eb/json\r\n"
+            b"Content-Length: 2\r\n\r\n{}"
+        )
+        self.assertEqual(connection.status(), 200)
+
     def test_a_malformed_request_gets_a_json_400(self) -> None:
         connection = Connection(self.site)
         connection.send(b"NONSENSE\r\n\r\n")
