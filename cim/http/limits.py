@@ -13,11 +13,13 @@ guarded (``HttpConnections.guard``), and a new connection is admitted only if:
    connection that has waited longest for a request (an idle keep-alive or a head
    still trickling in) is closed to make room, and if none is waiting the new one
    is answered ``503``;
-3. at least ``fd_reserve`` descriptors stay free after it (the admin service may
-   dip into a quarter of the reserve, so /health answers when the other services
-   cannot); otherwise the connection of any HTTP service that has waited longest
-   for a request is closed to make room, and if none is waiting the new one is
-   closed at once, without an answer that would need a descriptor for longer.
+3. more than ``fd_reserve`` descriptors are free (the admin service's floor is a
+   quarter of that, so /health answers when the other services cannot); otherwise
+   the connection of any HTTP service that has waited longest for a request is
+   closed to make room, as long as more than half the floor is free (the closed
+   one's descriptor comes back only after the current burst of accepts); if none
+   is waiting, or half the floor is gone, the new one is closed at once, without an
+   answer that would need a descriptor for longer.
 
 A connection reading a request body or being answered is never closed to make
 room: the deadlines of ``cim.http.deadlines`` bound how long those take. The IM
@@ -40,8 +42,9 @@ from typing import Any
 
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.interfaces import IAddress, IProtocolFactory, IReactorTime
-from twisted.internet.protocol import Protocol, ServerFactory
+from twisted.internet.protocol import Protocol, ServerFactory, connectionDone
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web import server
 
 from cim.config import HttpConfig
@@ -188,13 +191,19 @@ class _Admitted:
 
     def closed(self) -> None:
         self.limits.release(self)
+        self.limits.connections.reserve.gave_back()
 
 
 class _Unavailable(Protocol):
     """Answers 503 to a connection over a limit, and closes it."""
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, reserve: DescriptorReserve) -> None:
         self.message = message
+        self.reserve = reserve
+        reserve.took()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.reserve.gave_back()
 
     def connectionMade(self) -> None:
         body = json.dumps({"error": "too_many_connections", "message": self.message}).encode()
@@ -261,14 +270,16 @@ class ConnectionLimits(ServerFactory):
         channel.watch = admitted
         self.open += 1
         self.by_address[key] += 1
-        self.connections.admitted()
+        self.connections.reserve.took()
         return channel
 
     def _refuse(self, reason: str, limit: str) -> Protocol | None:
         self._count_refusal(reason)
         if not self.connections.have_fd_for(self, evict=False):
             return None
-        return _Unavailable(f"the server allows {limit}; try again shortly")
+        return _Unavailable(
+            f"the server allows {limit}; try again shortly", self.connections.reserve
+        )
 
     def _count_refusal(self, reason: str) -> None:
         self.refused[reason] += 1
@@ -302,7 +313,8 @@ class ConnectionLimits(ServerFactory):
         self.connections.mark_busy(admitted)
 
     def release(self, admitted: _Admitted) -> None:
-        """The connection no longer counts (closed, or being closed to make room)."""
+        """The connection no longer counts against the limits (closed, or being closed
+        to make room); its descriptor is given back once it is actually closed."""
         if admitted.released:
             return
         admitted.released = True
@@ -311,7 +323,6 @@ class ConnectionLimits(ServerFactory):
         self.by_address[admitted.key] -= 1
         if self.by_address[admitted.key] <= 0:
             del self.by_address[admitted.key]
-        self.connections.released()
 
     def snapshot(self) -> dict[str, Any]:
         return {
@@ -381,11 +392,21 @@ class HttpConnections:
         return guarded
 
     def have_fd_for(self, limits: ConnectionLimits, evict: bool = True) -> bool:
-        """Whether a connection to ``limits``'s service may take a descriptor, having
-        closed the longest-waiting connection of any service to make room if need be."""
-        if self.reserve.free() > limits.limits.fd_floor:
+        """Whether a connection to ``limits``'s service may take a descriptor.
+
+        At or under the service's floor, the longest-waiting connection of any service
+        is closed to make room for the new one, while more than half the floor is
+        free: the closed connection's descriptor comes back only once the reactor has
+        closed its socket, after the burst of accepts this one may be part of, so a
+        burst digs into the reserve, but only half-way; past that, new connections
+        are closed at once (and nobody else is) until descriptors come back.
+        """
+        free, floor = self.reserve.free(), limits.limits.fd_floor
+        if free > floor:
             return True
-        return evict and self.evict_oldest(self.waiting)
+        if not evict or free <= floor // 2:
+            return False
+        return self.evict_oldest(self.waiting)
 
     def evict_oldest(self, waiting: OrderedDict[_Admitted, None]) -> bool:
         """Close the connection that has waited longest in ``waiting``, if there is one."""
@@ -403,12 +424,6 @@ class HttpConnections:
 
     def mark_busy(self, admitted: _Admitted) -> None:
         self.waiting.pop(admitted, None)
-
-    def admitted(self) -> None:
-        self.reserve.took()
-
-    def released(self) -> None:
-        self.reserve.gave_back()
 
     def snapshot(self) -> dict[str, Any]:
         """For /health: descriptors, and each service's connections and refusals."""

@@ -376,13 +376,33 @@ class LimitTests(SynchronousTestCase):
     def test_short_of_descriptors_the_longest_waiting_connection_anywhere_goes(self) -> None:
         logic = self.connections.guard("logic", site_on(self.clock))
         idle = self.connect("198.51.100.1", logic)
-        self.fds.open = 900
-        self.clock.advance(1)
+        self.fds.open = 850
+        self.clock.advance(1)  # 150 free: under the reserve (200)
         login = self.connect("198.51.100.2")
         self.assertIsInstance(login.channel, BoundedChannel)
         self.assertTrue(idle.transport.disconnected)
         self.assertEqual(logic.cut["evicted"], 1)
         self.assertEqual(self.connections.evicted, 1)
+
+    def test_a_burst_digs_only_half_way_into_the_reserve(self) -> None:
+        """A closed connection's descriptor returns only once its socket is closed."""
+        waiting = [self.connect(f"198.51.100.{n}") for n in range(1, 4)]
+        self.fds.open = 897
+        self.clock.advance(1)  # counted: 897 open, 103 free (floor 200, half 100)
+        first = self.connect("198.51.100.10")  # room made; 102 free after it
+        second = self.connect("198.51.100.11")  # room made; 101 free after it
+        third = self.connect("198.51.100.12")  # 101 free: still over half the floor
+        fourth = self.connect("198.51.100.13")  # 100 free: refused, nobody else closed
+        self.assertEqual(
+            [c.channel is not None for c in (first, second, third, fourth)],
+            [True, True, True, False],
+        )
+        self.assertTrue(all(c.transport.disconnected for c in waiting))
+        self.assertEqual(self.reserve.free(), 100)
+        for connection in waiting:  # the reactor closes their sockets
+            connection.lose()
+        self.assertEqual(self.reserve.free(), 103)
+        self.assertEqual(self.router.open, 3)
 
     def test_admin_keeps_a_share_of_the_reserve(self) -> None:
         admin = self.connections.guard("admin", site_on(self.clock))
