@@ -207,7 +207,7 @@ class BoundedChannel(http.HTTPChannel):
             return  # no body: allContentReceived follows at once
         self.phase = Phase.BODY
         self._body_bytes = 0
-        self._body_started = self._now()
+        self._body_started = float(self.site.reactor.seconds())
         self.watch.busy()
         self._set_deadline(self.deadlines.body_timeout, self._check_body_rate)
 
@@ -219,13 +219,13 @@ class BoundedChannel(http.HTTPChannel):
         super().rawDataReceived(data)
 
     def allContentReceived(self) -> None:
-        self._clear_deadline()
+        self._deadline = _cancelled(self._deadline)
         self.phase = Phase.SERVING
         self.watch.busy()
         super().allContentReceived()
 
     def requestDone(self, request: server.Request) -> None:
-        self._clear_stall()
+        self._stall = _cancelled(self._stall)
         if self.persistent:
             pipelined = any(self._dataBuffer)
             self._enter_waiting()
@@ -237,8 +237,8 @@ class BoundedChannel(http.HTTPChannel):
         super().requestDone(request)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
-        self._clear_deadline()
-        self._clear_stall()
+        self._deadline = _cancelled(self._deadline)
+        self._stall = _cancelled(self._stall)
         self.phase = Phase.CLOSING
         super().connectionLost(reason)
         self.watch.closed()
@@ -285,7 +285,7 @@ class BoundedChannel(http.HTTPChannel):
         allowed = deadlines.body_timeout
         if deadlines.min_body_rate > 0:
             allowed += self._body_bytes / deadlines.min_body_rate
-        remaining = self._body_started + allowed - self._now()
+        remaining = self._body_started + allowed - float(self.site.reactor.seconds())
         if remaining > 0:
             self._set_deadline(remaining, self._check_body_rate)
             return
@@ -303,7 +303,7 @@ class BoundedChannel(http.HTTPChannel):
         if self.phase is Phase.CLOSING or self.transport is None:
             return
         self.phase = Phase.CLOSING
-        self._clear_deadline()
+        self._deadline = _cancelled(self._deadline)
         self.setTimeout(None)
         body = json.dumps({"error": code, "message": message}, separators=(",", ":")).encode()
         head = (
@@ -346,7 +346,7 @@ class BoundedChannel(http.HTTPChannel):
             self._stall = self.callLater(self.deadlines.send_timeout, self._not_reading)
 
     def resumeProducing(self) -> None:
-        self._clear_stall()
+        self._stall = _cancelled(self._stall)
         super().resumeProducing()
 
     def _not_reading(self) -> None:
@@ -356,22 +356,16 @@ class BoundedChannel(http.HTTPChannel):
 
     # --- timers ----------------------------------------------------------------------
 
-    def _now(self) -> float:
-        return float(self.site.reactor.seconds())
-
     def _set_deadline(self, seconds: float, fire: Any) -> None:
-        self._clear_deadline()
+        _cancelled(self._deadline)
         self._deadline = self.callLater(seconds, fire)
 
-    def _clear_deadline(self) -> None:
-        deadline, self._deadline = self._deadline, None
-        if deadline is not None and deadline.active():
-            deadline.cancel()
 
-    def _clear_stall(self) -> None:
-        stall, self._stall = self._stall, None
-        if stall is not None and stall.active():
-            stall.cancel()
+def _cancelled(call: IDelayedCall | None) -> IDelayedCall | None:
+    """Cancels ``call`` if it is pending; always None, for ``x = _cancelled(x)``."""
+    if call is not None and call.active():
+        call.cancel()
+    return None
 
 
 class BoundedSite(server.Site):
