@@ -353,6 +353,9 @@ class FilesConfig:
     purge_grace: float = _opt(86400.0, parse_duration, minimum=0)
     thumbnail_size: int = _opt(256, parse_int, minimum=16, maximum=4096)
     max_image_pixels: int = _opt(100_000_000, parse_int, minimum=1024, maximum=1 << 31)
+    # Memory all thumbnails being made at once may decode into (estimated from each
+    # image's header before decoding); more uploads wait their turn.
+    thumbnail_memory: int = _opt(512 << 20, parse_size, minimum=64 << 20, maximum=1 << 40)
     threads: int = _opt(4, parse_int, minimum=1, maximum=64)
 
     def validate(self) -> None:
@@ -379,6 +382,37 @@ class AdminConfig:
 
     def validate(self) -> None:
         pass
+
+
+@dataclass(frozen=True)
+class HttpConfig:
+    """What every HTTP service (router, files, logic, admin) allows one connection.
+
+    Slow requests are cut by deadlines rather than idle timers (a byte every few
+    seconds keeps an idle timer happy forever); connections are counted per address
+    and per service; and HTTP stops taking file descriptors while fewer than
+    ``fd_reserve`` are free, so the IM port and /health keep working.
+    """
+
+    section: ClassVar[str] = "http"
+    header_timeout: float = _opt(10.0, parse_duration, minimum=0.5, maximum=600)
+    body_timeout: float = _opt(30.0, parse_duration, minimum=1, maximum=3600)
+    min_body_rate: int = _opt(1024, parse_size, minimum=0, maximum=1 << 30)
+    idle_timeout: float = _opt(60.0, parse_duration, minimum=1, maximum=86400)
+    send_timeout: float = _opt(60.0, parse_duration, minimum=1, maximum=86400)
+    max_connections_per_address: int = _opt(128, parse_int, minimum=1, maximum=1_000_000)
+    max_connections: int = _opt(4096, parse_int, minimum=1, maximum=1_000_000)
+    admin_max_connections: int = _opt(64, parse_int, minimum=1, maximum=100_000)
+    fd_reserve: int = _opt(1024, parse_int, minimum=16, maximum=1_000_000)
+
+    def validate(self) -> None:
+        if self.max_connections_per_address > self.max_connections:
+            raise ConfigError(
+                "http",
+                "max_connections_per_address",
+                str(self.max_connections_per_address),
+                f"must not exceed max_connections ({self.max_connections})",
+            )
 
 
 LOG_FORMATS = ("text", "json")
@@ -585,6 +619,7 @@ class CimConfig:
     archive: ArchiveConfig
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    http: HttpConfig = field(default_factory=HttpConfig)
     path: str = ""
 
     @property
@@ -629,6 +664,7 @@ SECTIONS: tuple[type, ...] = (
     ArchiveConfig,
     LimitsConfig,
     LogConfig,
+    HttpConfig,
 )
 
 

@@ -62,7 +62,7 @@ from cim.files.records import (
     UploadRecord,
 )
 from cim.files.signing import UrlSigner
-from cim.files.thumbnails import ImageRefused, make_thumbnail
+from cim.files.thumbnails import ImageRefused, ThumbnailBudget, Thumbnailer
 from cim.json_convention import iso_time, present
 from cim.storage import files_access
 from cim.storage.database import Database, ThreadPoolRunner
@@ -108,6 +108,12 @@ class FileStore:
         self._purge = Purge(config, database, blobs, work, clock)
         self._new_id = new_id
         self._completing: set[str] = set()
+        self.thumbnails = Thumbnailer(
+            work,
+            ThumbnailBudget(config.thumbnail_memory),
+            config.thumbnail_size,
+            config.max_image_pixels,
+        )
 
     # --- validation -------------------------------------------------------------------
 
@@ -374,16 +380,11 @@ class FileStore:
 
     async def _new_file(self, upload: UploadRecord, assembled: Assembled) -> FileRecord:
         """The record of content seen for the first time, with its thumbnail made."""
-        config = self.config
         try:
-            image = await self.work.run(
-                lambda: make_thumbnail(
-                    assembled.path,
-                    lambda fmt: self.blobs.thumbnail_path(assembled.sha256, fmt),
-                    upload.mime,
-                    config.thumbnail_size,
-                    config.max_image_pixels,
-                )
+            image = await self.thumbnails.make(
+                assembled.path,
+                lambda fmt: self.blobs.thumbnail_path(assembled.sha256, fmt),
+                upload.mime,
             )
         except ImageRefused as refused:
             await self._drop_upload(upload.id)

@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ERROR_SCHEMA",
+    "MAX_DIGITS",
     "MAX_ID",
     "TIMESTAMP",
     "TIME_INPUT",
@@ -40,10 +41,33 @@ __all__ = [
     "listing_of",
     "object_schema",
     "time_value",
+    "whole_number",
 ]
 
 MAX_ID = 2**63 - 1
 """Ids are 64-bit database keys; a larger number in a path is simply not found."""
+
+MAX_DIGITS = 19
+"""The most digits of a whole number taken from a request: any 64-bit value fits."""
+
+_DIGITS = re.compile(rf"[0-9]{{1,{MAX_DIGITS}}}")
+_INTEGER = re.compile(rf"[+-]?[0-9]{{1,{MAX_DIGITS}}}")
+_MAX_NUMBER_TEXT = 64
+
+
+def whole_number(raw: str | bytes, name: str) -> int | None:
+    """``raw`` as a whole number of ASCII digits; None when it is not one.
+
+    Checked before ``int()`` sees it: ``int()`` of thousands of digits is slow and
+    raises past 4,300 of them (Python's limit), and ``"²".isdigit()`` is true of a
+    string ``int()`` refuses. More than ``MAX_DIGITS`` digits is a 400 naming ``name``.
+    """
+    text = raw.decode("latin-1") if isinstance(raw, bytes) else raw
+    if _DIGITS.fullmatch(text):
+        return int(text)
+    if text.isascii() and text.isdigit():
+        raise HttpError(400, "bad_request", f"{name}: at most {MAX_DIGITS} digits")
+    return None
 
 
 def object_schema(
@@ -189,7 +213,7 @@ def _schema_problem(validator: Draft202012Validator, body: Any) -> str | None:
 def convert_param(name: str, raw: str, schema: Mapping[str, Any]) -> Any:
     """A path parameter as its schema's type; a malformed one names nothing that exists."""
     if schema.get("type") == "integer":
-        if not raw.isdigit() or len(raw) > 19 or not 1 <= int(raw) <= MAX_ID:
+        if not _DIGITS.fullmatch(raw) or not 1 <= int(raw) <= MAX_ID:
             raise HttpError(404, "not_found", f"no such {name}")
         return int(raw)
     pattern = schema.get("pattern")
@@ -204,7 +228,11 @@ def convert_query(name: str, raw: bytes, schema: Mapping[str, Any]) -> Any:
     if schema.get("format") == "date-time":
         return time_value(text, f"query {name}")
     if kind in ("integer", "number"):
+        text = text.strip()
+        shaped = _INTEGER.fullmatch(text) if kind == "integer" else len(text) <= _MAX_NUMBER_TEXT
         try:
+            if not shaped:
+                raise ValueError(text)
             value: Any = int(text) if kind == "integer" else float(text)
         except ValueError:
             raise HttpError(400, "bad_request", f"query {name}: expected a {kind}") from None

@@ -131,16 +131,15 @@ def bounded_site(
     max_body_size: int,
     reactor: IReactorTime,
     telemetry: SiteTelemetry = UNOBSERVED,
-) -> server.Site:
+) -> ObservedSite:
     """A Site whose requests hold at most ``max_body_size`` body bytes.
 
-    ``reactor`` drives idle timeouts, request timings and access-log timestamps; tests
-    pass a Clock. ``telemetry``: which service's metrics count its requests.
+    ``reactor`` drives the read deadlines (``cim.http.deadlines``), request timings and
+    access-log timestamps; tests pass a Clock. ``telemetry``: which service's metrics
+    count its requests.
     """
     request_class = type("BoundedRequest", (BoundedRequest,), {"max_body_size": max_body_size})
-    site = ObservedSite(root, telemetry, requestFactory=request_class, reactor=reactor)
-    site.displayTracebacks = False
-    return site
+    return ObservedSite(root, reactor, telemetry, requestFactory=request_class)
 
 
 _log = Logger()

@@ -16,10 +16,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 from twisted.web import http, server
 from twisted.web.resource import Resource
 
+from cim.http.deadlines import BoundedSite
 from cim.metrics import HttpRequests
 
 __all__ = ["UNMATCHED", "UNOBSERVED", "ObservedSite", "SiteTelemetry", "name_route"]
@@ -53,13 +55,18 @@ UNOBSERVED = SiteTelemetry("unobserved", HttpRequests())
 """For sites outside a node (tests, tools): counted into numbers nobody reads."""
 
 
-class ObservedSite(server.Site):
-    """A Site that counts and times every request, and writes an access log only on demand."""
+class ObservedSite(BoundedSite):
+    """A bounded Site (read deadlines, ``cim.http.deadlines``) that counts and times every
+    request, and writes an access log only on demand."""
 
     def __init__(
-        self, resource: Resource, telemetry: SiteTelemetry = UNOBSERVED, **kwargs: Any
+        self,
+        resource: Resource,
+        reactor: IReactorTime,
+        telemetry: SiteTelemetry = UNOBSERVED,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(resource, **kwargs)
+        super().__init__(resource, reactor, **kwargs)
         self.telemetry = telemetry
 
     def getResourceFor(self, request: server.Request) -> Resource:

@@ -22,6 +22,7 @@ reactor and exits 1, rather than running half-started.
 from __future__ import annotations
 
 import atexit
+import functools
 import os
 import signal
 import sys
@@ -45,6 +46,7 @@ from cim.groups.directory import GroupDirectory
 from cim.heap import HeapTrimmer
 from cim.history.archive import HistoryService, archive_from_config
 from cim.history.store import HistoryStore
+from cim.http.limits import HttpConnections
 from cim.http.operators import OperatorTokens, TokenFileError
 from cim.http.telemetry import SiteTelemetry
 from cim.im.collaborators import Bounds, Directory, NoArchive, NodeCore, Stores
@@ -192,7 +194,9 @@ class CimDaemon(OrderedServices):
         if archive is not None:
             self.add(Step("archive", archive.start, archive.stop, queue_failure))
 
-        # --- the listeners
+        # --- the listeners; every HTTP one behind the [http] limits
+        http = self.http = HttpConnections(config.http, reactor)
+        self._health_parts.append(lambda: {"http": http.snapshot()})
         operators = OperatorTokens(config.admin_token_path)
         if config.router.enabled or config.admin.enabled:
             self.add(Step("admin tokens", operators.load, None, admin_tokens_failure))
@@ -229,7 +233,7 @@ class CimDaemon(OrderedServices):
                 limits=limits,
                 telemetry=self._telemetry("router"),
             )
-            self.add(Listener("router", config.router.listen, reactor, site))
+            self.add(Listener("router", config.router.listen, reactor, http.guard("router", site)))
         if config.files.enabled:
             self._add_files(database, state)
         if config.logic.enabled:
@@ -245,7 +249,7 @@ class CimDaemon(OrderedServices):
                 build=self.build,
                 telemetry=self._telemetry("admin"),
             )
-            self.add(Listener("admin", config.admin.listen, reactor, site))
+            self.add(Listener("admin", config.admin.listen, reactor, http.guard("admin", site)))
 
         trimmer = HeapTrimmer(reactor, config.node.heap_trim_interval)
         self.add(Step("heap trimmer", trimmer.start, trimmer.stop))
@@ -261,6 +265,7 @@ class CimDaemon(OrderedServices):
             self.reactor,
             limits=self.limits,
             telemetry=self._telemetry("files"),
+            guard=functools.partial(self.http.guard, "files"),
         )
         self.add(Step("files storage", files.prepare, None, files_storage_failure(files)))
         self.add(
@@ -274,7 +279,15 @@ class CimDaemon(OrderedServices):
         self.add(Step("own file URLs", trust_own_files))
 
         def health() -> dict[str, Any]:
-            return {} if files.store is None else {"files": files.store.metrics.snapshot()}
+            store = files.store
+            if store is None:
+                return {}
+            return {
+                "files": {
+                    **store.metrics.snapshot(),
+                    "thumbnails": store.thumbnails.snapshot(),
+                }
+            }
 
         self._health_parts.append(health)
 
@@ -306,6 +319,7 @@ class CimDaemon(OrderedServices):
                 self.limits,
             ),
             self._telemetry("logic"),
+            guard=functools.partial(self.http.guard, "logic"),
         )
         self.add(
             Step("logic", logic.start, logic.stop, cannot_listen("logic", config.logic.listen))

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Callable
 
 from twisted.internet.defer import maybeDeferred
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.interfaces import IListeningPort
+from twisted.internet.interfaces import IListeningPort, IProtocolFactory
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from twisted.web import server
 
 from cim.config import FilesConfig
 from cim.files.blobs import BlobStore
@@ -22,6 +24,8 @@ from cim.files.http.site import files_site
 from cim.files.signing import UrlSigner, load_or_create_key
 from cim.files.store import FileStore
 from cim.files.thumbnails import set_pixel_limit
+from cim.heap import map_large_allocations
+from cim.http.limits import unguarded
 from cim.http.telemetry import UNOBSERVED, SiteTelemetry
 from cim.interfaces import ISessionStore
 from cim.limits.policy import NO_LIMITS, RateLimits
@@ -55,10 +59,12 @@ class FilesListener:
         runner: Runner | None = None,
         limits: RateLimits = NO_LIMITS,
         telemetry: SiteTelemetry = UNOBSERVED,
+        guard: Callable[[server.Site], IProtocolFactory] = unguarded,
     ) -> None:
         self.config = config
         self.limits = limits
         self.telemetry = telemetry
+        self.guard = guard
         self.reactor = reactor
         self.storage_dir = config.storage_dir or os.path.join(data_dir, "files")
         self.key_path = config.url_key or os.path.join(data_dir, "files_url_key")
@@ -76,6 +82,9 @@ class FilesListener:
         self.blobs.prepare()
         signer = UrlSigner(load_or_create_key(self.key_path))
         set_pixel_limit(self.config.max_image_pixels)
+        # Decoded images are freed back to the system, so [files] thumbnail_memory
+        # bounds the RSS they cost and not only what is decoding at once.
+        map_large_allocations()
         self.store = FileStore(
             self.config, self.database, self.blobs, self.work, signer, self.reactor
         )
@@ -96,7 +105,7 @@ class FilesListener:
         )
         endpoint = serverFromString(self.reactor, self.config.listen)
         try:
-            self.port = await endpoint.listen(site)
+            self.port = await endpoint.listen(self.guard(site))
         except BaseException:
             await self.work.stop()
             raise

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from twisted.internet.defer import maybeDeferred
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.interfaces import IListeningPort
+from twisted.internet.interfaces import IListeningPort, IProtocolFactory
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from twisted.web import server
 
+from cim.http.limits import unguarded
 from cim.http.telemetry import UNOBSERVED, SiteTelemetry
 from cim.logic.context import LogicContext
 from cim.logic.features import LogicFeatures
@@ -20,9 +24,15 @@ __all__ = ["LogicListener"]
 class LogicListener:
     _log = Logger()
 
-    def __init__(self, ctx: LogicContext, telemetry: SiteTelemetry = UNOBSERVED) -> None:
+    def __init__(
+        self,
+        ctx: LogicContext,
+        telemetry: SiteTelemetry = UNOBSERVED,
+        guard: Callable[[server.Site], IProtocolFactory] = unguarded,
+    ) -> None:
         self.ctx = ctx
         self.telemetry = telemetry
+        self.guard = guard
         self.features = LogicFeatures.build(ctx)
         self.resource = logic_resource(
             logic_endpoints(self.features),
@@ -38,7 +48,9 @@ class LogicListener:
     async def start(self) -> None:
         config = self.ctx.config
         site = logic_site(self.resource, config.max_body_size, self.ctx.clock, self.telemetry)
-        self.port = await serverFromString(self.ctx.clock, self.ctx.config.listen).listen(site)
+        self.port = await serverFromString(self.ctx.clock, self.ctx.config.listen).listen(
+            self.guard(site)
+        )
         self._housekeeping.start(self.ctx.config.purge_interval, now=True)
         self._log.info("logic listening on {listen}", listen=self.ctx.config.listen)
 

@@ -25,6 +25,7 @@ from cim.config import ImConfig, RouterConfig
 from cim.http.auth import BearerSessions, invalid_token, state_unavailable
 from cim.http.endpoints import Call, Endpoint, EndpointResource
 from cim.http.operators import NO_OPERATORS, Operators
+from cim.http.schema import whole_number
 from cim.http.site import (
     HttpError,
     Reply,
@@ -422,10 +423,8 @@ def _query_int(request: server.Request, name: bytes, default: int, low: int, hig
     values = (request.args or {}).get(name)
     if not values:
         return default
-    try:
-        value = int(values[0])
-    except ValueError:
-        value = low - 1
+    number = whole_number(values[0], name.decode())
+    value = low - 1 if number is None else number
     if not low <= value <= high:
         raise HttpError(
             400, "bad_request", f"'{name.decode()}' must be a whole number from {low} to {high}"

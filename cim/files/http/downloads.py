@@ -31,6 +31,7 @@ from cim.files.records import FileRecord
 from cim.files.store import VARIANT_FILE, VARIANT_THUMBNAIL, FileStore, not_found
 from cim.files.thumbnails import THUMBNAIL_MIME
 from cim.http.endpoints import Call, Endpoint
+from cim.http.schema import whole_number
 from cim.http.site import HttpError
 from cim.storage.database import ThreadPoolRunner
 
@@ -39,7 +40,7 @@ __all__ = ["BlobSender", "ByteRange", "Downloads", "parse_range"]
 SEND_BLOCK = 256 * 1024
 DOWNLOAD_MAX_AGE = 86400
 
-_RANGE = re.compile(r"bytes=(\d*)-(\d*)")
+_RANGE = re.compile(r"bytes=([0-9]*)-([0-9]*)")
 
 
 @implementer(IPushProducer)
@@ -115,23 +116,25 @@ def parse_range(header: bytes | None, size: int) -> ByteRange | str | None:
     """A single satisfiable range, None to send everything, or "unsatisfiable".
 
     Several ranges in one request are answered with the whole file (RFC 9110
-    allows ignoring Range): media players ask for one range at a time.
+    allows ignoring Range): media players ask for one range at a time. A number of
+    more than 19 digits (past any file's size) is a 400.
     """
     if header is None:
         return None
     match = _RANGE.fullmatch(header.decode("latin-1").strip().replace(" ", ""))
     if match is None:
         return None
-    first, last = match.group(1), match.group(2)
-    if not first and not last:
+    first = whole_number(match.group(1), "Range") if match.group(1) else None
+    last = whole_number(match.group(2), "Range") if match.group(2) else None
+    if first is None and last is None:
         return None
-    if not first:
-        suffix = int(last)
-        if suffix == 0:
+    if first is None:
+        assert last is not None
+        if last == 0:
             return "unsatisfiable"
-        return ByteRange(max(0, size - suffix), size - 1) if size else "unsatisfiable"
-    start = int(first)
-    end = int(last) if last else size - 1
+        return ByteRange(max(0, size - last), size - 1) if size else "unsatisfiable"
+    start = first
+    end = last if last is not None else size - 1
     if start >= size:
         return "unsatisfiable"
     if end < start:
@@ -186,12 +189,12 @@ class Downloads:
     ) -> FileRecord:
         args = request.args or {}
         signature = (args.get(b"sig") or [b""])[0].decode("latin-1")
-        expires_raw = (args.get(b"expires") or [b""])[0]
-        if (signature or expires_raw) and not (
+        expires = whole_number((args.get(b"expires") or [b""])[0], "expires")
+        if (signature or expires is not None) and not (
             signature
-            and expires_raw.isdigit()
+            and expires is not None
             and self.store.signer.check(
-                file_id, variant, user, int(expires_raw), signature, self.clock.seconds()
+                file_id, variant, user, expires, signature, self.clock.seconds()
             )
         ):
             raise HttpError(

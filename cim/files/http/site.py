@@ -112,7 +112,7 @@ def files_site(
     memory_limit: int = MEMORY_SPOOL,
     limits: RateLimits = NO_LIMITS,
     telemetry: SiteTelemetry = UNOBSERVED,
-) -> server.Site:
+) -> ObservedSite:
     """The service's Site; no request body may be larger than a chunk (or a JSON call)."""
     request_class = type(
         "FileRequest",
@@ -123,12 +123,10 @@ def files_site(
             "memory_limit": memory_limit,
         },
     )
-    site = ObservedSite(
+    return ObservedSite(
         files_resource(store, sessions, clock, limits),
+        clock,
         telemetry,
         requestFactory=request_class,
-        reactor=clock,
         logFormatter=_redacted_access_log,
     )
-    site.displayTracebacks = False
-    return site
