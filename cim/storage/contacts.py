@@ -1,0 +1,625 @@
+"""Transactions on contacts, contact requests, blocks and privacy settings.
+
+Who may reach whom is decided here, against the rows the same transaction reads, so
+the IM node's message check, the group directory's invitations and the contact
+requests all follow one rule (docs/privacy.md):
+
+- a *person* takes 1:1 messages from everyone (policy ``everyone``) or only from
+  contacts (``contacts``); contact requests and group invitations from anyone the
+  policy lets message them;
+- a *device* (a child's watch) talks only with its active guardians and the contacts
+  they approved for it, whatever anyone's policy; its guardians answer its requests;
+- a *block* refuses everything from the blocked account, and the blocked account is
+  told exactly what it would be told about a name without an account.
+
+A contact is two rows, one per side. A device's side is given by one of its active
+guardians, a person's by the person: a request holds the requesting side's consent,
+and accepting it adds the other side's. Inputs are well-formed names (the caller
+checks them); refusals are ``ContactError`` subclasses, raised before anything is
+written, so the transaction changes nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import ClassVar
+
+from sqlalchemy import and_, delete, exists, insert, or_, select, update
+from sqlalchemy.engine import Connection
+
+from cim.storage.bindings import ACTIVE, active_guardians_txn
+from cim.storage.schema import (
+    GROUP_ADDS,
+    MESSAGE_POLICIES,
+    bindings,
+    blocks,
+    contact_requests,
+    contacts,
+    group_invites,
+    users,
+)
+
+__all__ = [
+    "CONTACTS",
+    "DEVICE",
+    "EVERYONE",
+    "GUARDIANS",
+    "NOBODY",
+    "BadContactRequest",
+    "Change",
+    "ContactConflict",
+    "ContactError",
+    "ContactForbidden",
+    "ContactList",
+    "ContactNotFound",
+    "ContactRecord",
+    "NotAccepted",
+    "PendingRecord",
+    "PrivacyDefaults",
+    "Settings",
+    "Standing",
+    "accept_txn",
+    "block_txn",
+    "circle_txn",
+    "contact_list_txn",
+    "deciders_txn",
+    "decline_txn",
+    "may_message",
+    "not_accepted_reason",
+    "owner_txn",
+    "remove_txn",
+    "request_txn",
+    "set_settings_txn",
+    "settings_txn",
+    "standings_txn",
+    "unblock_txn",
+]
+
+EVERYONE = "everyone"
+CONTACTS = "contacts"
+NOBODY = "nobody"
+GUARDIANS = "guardians"
+"""A device's ``group_adds`` as reported: only its guardians add it, never by invitation."""
+DEVICE = "device"
+
+
+# --- refusals -------------------------------------------------------------------------
+
+
+class ContactError(Exception):
+    """A refused contact operation: ``code`` for programs, ``message`` for people."""
+
+    code: ClassVar[str] = "bad_request"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class NotAccepted(ContactError):
+    """No such account, or it does not accept this from you: the two are one answer."""
+
+    code = "not_accepted"
+
+
+class ContactForbidden(ContactError):
+    code = "forbidden"
+
+
+class ContactNotFound(ContactError):
+    code = "not_found"
+
+
+class ContactConflict(ContactError):
+    code = "conflict"
+
+
+class BadContactRequest(ContactError):
+    code = "bad_request"
+
+
+# --- the rule -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PrivacyDefaults:
+    """What an account that never chose follows ([im] default_message_policy, ...)."""
+
+    messages: str = EVERYONE
+    group_adds: str = CONTACTS
+
+    def __post_init__(self) -> None:
+        if self.messages not in MESSAGE_POLICIES:
+            raise ValueError(f"message policy {self.messages!r}: expected {MESSAGE_POLICIES}")
+        if self.group_adds not in GROUP_ADDS:
+            raise ValueError(f"group_adds {self.group_adds!r}: expected {GROUP_ADDS}")
+
+
+@dataclass(frozen=True)
+class Standing:
+    """Where ``other`` stands towards one account (``of``), as one statement reads it."""
+
+    of: str
+    other: str
+    other_kind: str | None
+    """The other account's kind (``person``, ``device``); None: no such account."""
+    kind: str
+    messages: str | None
+    """The account's own settings as stored (None: the server's default)."""
+    group_adds: str | None
+    contact: bool
+    blocked: bool
+    """The account blocked ``other``."""
+    family: bool
+    """An active binding joins the two (a device and one of its guardians)."""
+
+    def policy(self, defaults: PrivacyDefaults) -> str:
+        return self.messages or defaults.messages
+
+    def adds(self, defaults: PrivacyDefaults) -> str:
+        return self.group_adds or defaults.group_adds
+
+
+def standings_txn(
+    connection: Connection, other: str, names: Sequence[str], *, lock: bool = False
+) -> dict[str, Standing]:
+    """How each existing account of ``names`` stands towards ``other``, in ONE statement.
+
+    A name without an account is simply absent, so a caller's answer for it can be
+    the answer for a refusal: the same statement ran either way. ``lock`` holds the
+    rows read (``FOR KEY SHARE`` on PostgreSQL) until commit, so an account deleted
+    meanwhile waits for a transaction that writes rows naming it.
+    """
+    if not names:
+        return {}
+    other_kind = select(users.c.kind).where(users.c.name == other).scalar_subquery()
+    is_contact = exists().where(contacts.c.user_name == users.c.name, contacts.c.contact == other)
+    is_blocked = exists().where(blocks.c.user_name == users.c.name, blocks.c.blocked == other)
+    is_family = exists().where(
+        bindings.c.status == ACTIVE,
+        or_(
+            and_(bindings.c.device == users.c.name, bindings.c.guardian == other),
+            and_(bindings.c.device == other, bindings.c.guardian == users.c.name),
+        ),
+    )
+    statement = select(
+        users.c.name,
+        users.c.kind,
+        users.c.message_policy,
+        users.c.group_adds,
+        other_kind.label("other_kind"),
+        is_contact.label("contact"),
+        is_blocked.label("blocked"),
+        is_family.label("family"),
+    ).where(users.c.name.in_(list(names)))
+    if lock:
+        statement = statement.with_for_update(read=True, key_share=True, of=users)
+    return {
+        row.name: Standing(
+            of=row.name,
+            other=other,
+            other_kind=None if row.other_kind is None else str(row.other_kind),
+            kind=str(row.kind),
+            messages=row.message_policy,
+            group_adds=row.group_adds,
+            contact=bool(row.contact),
+            blocked=bool(row.blocked),
+            family=bool(row.family),
+        )
+        for row in connection.execute(statement)
+    }
+
+
+def may_message(standing: Standing | None, defaults: PrivacyDefaults) -> bool:
+    """Whether ``standing.other`` may send a 1:1 message to ``standing.of``.
+
+    None (no such account) and a block refuse; a binding or a contact admits; a device
+    on either side admits nobody else; otherwise the receiver's policy decides.
+    """
+    if standing is None or standing.other_kind is None or standing.blocked:
+        return False
+    if standing.of == standing.other or standing.family or standing.contact:
+        return True
+    if standing.kind == DEVICE or standing.other_kind == DEVICE:
+        return False
+    return standing.policy(defaults) == EVERYONE
+
+
+# --- acting for an account ------------------------------------------------------------
+
+
+def _kind_txn(connection: Connection, name: str) -> str | None:
+    row = connection.execute(select(users.c.kind).where(users.c.name == name)).first()
+    return None if row is None else str(row.kind)
+
+
+def owner_txn(connection: Connection, actor: str, device: str | None) -> str:
+    """Whose contacts ``actor`` changes: its own, or a device's it actively guards."""
+    if device is None or device == actor:
+        return actor
+    guards = connection.execute(
+        select(bindings.c.device)
+        .join(users, users.c.name == bindings.c.device)
+        .where(
+            bindings.c.device == device,
+            bindings.c.guardian == actor,
+            bindings.c.status == ACTIVE,
+            users.c.kind == DEVICE,
+        )
+    ).first()
+    if guards is None:
+        raise ContactForbidden(f"you are not an active guardian of a device named {device!r}")
+    return device
+
+
+def _widening(connection: Connection, actor: str, owner: str) -> None:
+    """Adding a contact to a device takes a guardian: the device cannot do it itself."""
+    if actor == owner and _kind_txn(connection, actor) == DEVICE:
+        raise ContactForbidden(
+            "a device's contacts are chosen by its guardians: ask one of them to do it"
+        )
+
+
+def deciders_txn(connection: Connection, name: str) -> list[str]:
+    """Who answers for an account: the person, or a device's active guardians."""
+    if _kind_txn(connection, name) == DEVICE:
+        return active_guardians_txn(connection, name)
+    return [name]
+
+
+# --- records --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ContactRecord:
+    user: str
+    since: float
+    approved_by: str | None
+
+
+@dataclass(frozen=True)
+class PendingRecord:
+    user: str
+    """The other side of the request."""
+    at: float
+    requested_by: str
+    device: str | None = None
+    """For a guardian's list: which of its devices an incoming request is for."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    messages: str
+    group_adds: str
+
+
+@dataclass(frozen=True)
+class ContactList:
+    contacts: list[ContactRecord]
+    incoming: list[PendingRecord]
+    outgoing: list[PendingRecord]
+    blocked: list[str]
+    settings: Settings
+
+
+@dataclass(frozen=True)
+class Change:
+    """What a change did, so the caller can tell people and drop cached decisions."""
+
+    status: str
+    """``requested``, ``accepted`` (a contact now), ``removed``, ``blocked``, ..."""
+    told: dict[str, dict[str, str]]
+    """Receiver -> the fields of the notice it gets (none for a silent change)."""
+    touched: tuple[str, ...]
+    """Accounts whose decisions changed."""
+
+
+# --- reads ----------------------------------------------------------------------------
+
+
+def settings_txn(connection: Connection, user: str, defaults: PrivacyDefaults) -> Settings:
+    row = connection.execute(
+        select(users.c.kind, users.c.message_policy, users.c.group_adds).where(users.c.name == user)
+    ).first()
+    if row is None:
+        raise ContactNotFound("no such user")
+    if row.kind == DEVICE:
+        return Settings(CONTACTS, GUARDIANS)
+    return Settings(row.message_policy or defaults.messages, row.group_adds or defaults.group_adds)
+
+
+def contact_list_txn(
+    connection: Connection, owner: str, defaults: PrivacyDefaults, *, guarded: bool
+) -> ContactList:
+    """The owner's contacts, requests both ways, blocks and settings; ``guarded`` adds
+    the requests waiting for the devices the owner actively guards."""
+    settings = settings_txn(connection, owner, defaults)
+    rows = connection.execute(
+        select(contacts.c.contact, contacts.c.created_at, contacts.c.approved_by)
+        .where(contacts.c.user_name == owner)
+        .order_by(contacts.c.contact)
+    )
+    found = [ContactRecord(r.contact, float(r.created_at), r.approved_by) for r in rows]
+    incoming = [
+        PendingRecord(r.requester, float(r.created_at), r.requested_by)
+        for r in connection.execute(
+            select(contact_requests)
+            .where(contact_requests.c.target == owner)
+            .order_by(contact_requests.c.created_at, contact_requests.c.requester)
+        )
+    ]
+    if guarded:
+        devices = (
+            select(bindings.c.device)
+            .join(users, users.c.name == bindings.c.device)
+            .where(
+                bindings.c.guardian == owner,
+                bindings.c.status == ACTIVE,
+                users.c.kind == DEVICE,
+            )
+        )
+        incoming += [
+            PendingRecord(r.requester, float(r.created_at), r.requested_by, r.target)
+            for r in connection.execute(
+                select(contact_requests)
+                .where(contact_requests.c.target.in_(devices))
+                .order_by(contact_requests.c.created_at, contact_requests.c.requester)
+            )
+        ]
+    outgoing = [
+        PendingRecord(r.target, float(r.created_at), r.requested_by)
+        for r in connection.execute(
+            select(contact_requests)
+            .where(contact_requests.c.requester == owner)
+            .order_by(contact_requests.c.created_at, contact_requests.c.target)
+        )
+    ]
+    blocked = list(
+        connection.execute(
+            select(blocks.c.blocked).where(blocks.c.user_name == owner).order_by(blocks.c.blocked)
+        ).scalars()
+    )
+    return ContactList(found, incoming, outgoing, blocked, settings)
+
+
+def circle_txn(connection: Connection, user: str) -> list[str]:
+    """Whose presence ``user`` may see: its contacts and the accounts bound to it."""
+    names = set(
+        connection.execute(select(contacts.c.contact).where(contacts.c.user_name == user)).scalars()
+    )
+    for row in connection.execute(
+        select(bindings.c.device, bindings.c.guardian).where(
+            bindings.c.status == ACTIVE,
+            or_(bindings.c.device == user, bindings.c.guardian == user),
+        )
+    ):
+        names.add(row.guardian if row.device == user else row.device)
+    names.discard(user)
+    return sorted(names)
+
+
+# --- changes --------------------------------------------------------------------------
+
+
+def _pair(
+    connection: Connection, first: str, second: str, approvals: dict[str, str | None], now: float
+) -> None:
+    """Both rows of a contact, and no request left between the two."""
+    for side, other in ((first, second), (second, first)):
+        present = connection.execute(
+            select(contacts.c.user_name).where(
+                contacts.c.user_name == side, contacts.c.contact == other
+            )
+        ).first()
+        if present is None:
+            connection.execute(
+                insert(contacts).values(
+                    user_name=side, contact=other, created_at=now, approved_by=approvals[side]
+                )
+            )
+    _drop_requests(connection, first, second)
+
+
+def _drop_requests(connection: Connection, first: str, second: str) -> int:
+    result = connection.execute(
+        delete(contact_requests).where(
+            or_(
+                and_(contact_requests.c.requester == first, contact_requests.c.target == second),
+                and_(contact_requests.c.requester == second, contact_requests.c.target == first),
+            )
+        )
+    )
+    return int(result.rowcount or 0)
+
+
+def _unpair(connection: Connection, first: str, second: str) -> int:
+    result = connection.execute(
+        delete(contacts).where(
+            or_(
+                and_(contacts.c.user_name == first, contacts.c.contact == second),
+                and_(contacts.c.user_name == second, contacts.c.contact == first),
+            )
+        )
+    )
+    return int(result.rowcount or 0)
+
+
+def _approval(connection: Connection, actor: str, side: str) -> str | None:
+    """Who consented for ``side``: a guardian for a device, nobody to record for a person."""
+    return actor if actor != side and _kind_txn(connection, side) == DEVICE else None
+
+
+def _added(connection: Connection, first: str, second: str) -> dict[str, dict[str, str]]:
+    """The "contact.added" notice: each account, and whoever answers for a device."""
+    told: dict[str, dict[str, str]] = {}
+    for side, other in ((first, second), (second, first)):
+        for receiver in {side, *deciders_txn(connection, side)}:
+            told[receiver] = {"event": "contact.added", "account": side, "contact": other}
+    return told
+
+
+def request_txn(connection: Connection, actor: str, owner: str, target: str, now: float) -> Change:
+    """``owner`` (or ``actor`` for it) asks ``target`` to be a contact.
+
+    Refused like a message to a name without an account when ``target`` has none or
+    has blocked the owner. A request the target already made the other way is
+    accepted instead (both sides have consented); asking again changes nothing.
+    """
+    _widening(connection, actor, owner)
+    if target == owner:
+        raise BadContactRequest("you cannot be your own contact")
+    standing = standings_txn(connection, owner, [target], lock=True).get(target)
+    if standing is None or standing.blocked:
+        raise NotAccepted(not_accepted_reason(target))
+    if standing.contact:
+        return Change("accepted", {}, ())
+    if _blocked(connection, owner, target):
+        raise ContactConflict(f"you blocked {target!r}: unblock them first")
+    reverse = connection.execute(
+        select(contact_requests.c.requested_by).where(
+            contact_requests.c.requester == target, contact_requests.c.target == owner
+        )
+    ).first()
+    if reverse is not None:
+        approvals = {
+            owner: _approval(connection, actor, owner),
+            target: _approval(connection, reverse.requested_by, target),
+        }
+        _pair(connection, owner, target, approvals, now)
+        return Change("accepted", _added(connection, owner, target), (owner, target))
+    pending = connection.execute(
+        select(contact_requests.c.target).where(
+            contact_requests.c.requester == owner, contact_requests.c.target == target
+        )
+    ).first()
+    if pending is not None:
+        return Change("requested", {}, ())
+    connection.execute(
+        insert(contact_requests).values(
+            requester=owner, target=target, requested_by=actor, created_at=now
+        )
+    )
+    notice = {"event": "contact.requested", "from": owner, "to": target, "requested_by": actor}
+    told = {receiver: notice for receiver in deciders_txn(connection, target)}
+    return Change("requested", told, ())
+
+
+def accept_txn(
+    connection: Connection, actor: str, owner: str, requester: str, now: float
+) -> Change:
+    _widening(connection, actor, owner)
+    row = connection.execute(
+        select(contact_requests.c.requested_by).where(
+            contact_requests.c.requester == requester, contact_requests.c.target == owner
+        )
+    ).first()
+    if row is None:
+        raise ContactNotFound(f"no request from {requester!r} is waiting")
+    approvals = {
+        owner: _approval(connection, actor, owner),
+        requester: _approval(connection, row.requested_by, requester),
+    }
+    _pair(connection, owner, requester, approvals, now)
+    return Change("accepted", _added(connection, owner, requester), (owner, requester))
+
+
+def decline_txn(connection: Connection, owner: str, requester: str) -> Change:
+    """The requester is not told: it only sees its request gone."""
+    declined = connection.execute(
+        delete(contact_requests).where(
+            contact_requests.c.requester == requester, contact_requests.c.target == owner
+        )
+    )
+    if not declined.rowcount:
+        raise ContactNotFound(f"no request from {requester!r} is waiting")
+    return Change("declined", {}, ())
+
+
+def remove_txn(connection: Connection, owner: str, other: str) -> Change:
+    """End a contact (both sides at once) or withdraw the owner's own request."""
+    removed = _unpair(connection, owner, other)
+    withdrawn = connection.execute(
+        delete(contact_requests).where(
+            contact_requests.c.requester == owner, contact_requests.c.target == other
+        )
+    )
+    if not removed and not withdrawn.rowcount:
+        raise ContactNotFound(f"{other!r} is neither a contact nor waiting for your answer")
+    return Change("removed", {}, (owner, other) if removed else ())
+
+
+def _blocked(connection: Connection, user: str, other: str) -> bool:
+    row = connection.execute(
+        select(blocks.c.user_name).where(blocks.c.user_name == user, blocks.c.blocked == other)
+    ).first()
+    return row is not None
+
+
+def block_txn(connection: Connection, owner: str, other: str, now: float) -> Change:
+    """Refuse everything from ``other``: the contact, the requests both ways and the
+    group invitations ``other`` sent the owner go; ``other`` is not told."""
+    if other == owner:
+        raise BadContactRequest("you cannot block yourself")
+    standing = standings_txn(connection, other, [owner], lock=True).get(owner)
+    if standing is None or standing.other_kind is None:
+        raise ContactNotFound("no such user")
+    if standing.family:
+        raise ContactConflict(
+            f"{other!r} shares a device binding with this account: remove the binding instead"
+        )
+    if not _blocked(connection, owner, other):
+        connection.execute(insert(blocks).values(user_name=owner, blocked=other, created_at=now))
+    _unpair(connection, owner, other)
+    _drop_requests(connection, owner, other)
+    connection.execute(
+        delete(group_invites).where(
+            group_invites.c.user_name == owner, group_invites.c.invited_by == other
+        )
+    )
+    return Change("blocked", {}, (owner, other))
+
+
+def unblock_txn(connection: Connection, owner: str, other: str) -> Change:
+    """Only the block goes; a contact it ended stays ended."""
+    removed = connection.execute(
+        delete(blocks).where(blocks.c.user_name == owner, blocks.c.blocked == other)
+    )
+    if not removed.rowcount:
+        raise ContactNotFound(f"{other!r} is not blocked")
+    return Change("unblocked", {}, (owner, other))
+
+
+def set_settings_txn(
+    connection: Connection,
+    user: str,
+    messages: str | None,
+    group_adds: str | None,
+    defaults: PrivacyDefaults,
+) -> Settings:
+    """Change a person's settings (None: unchanged); a device's are not its own."""
+    kind = _kind_txn(connection, user)
+    if kind is None:
+        raise ContactNotFound("no such user")
+    if kind == DEVICE:
+        raise ContactForbidden(
+            "a device takes messages only from its guardians and the contacts they "
+            "approved; its settings cannot change"
+        )
+    if messages is not None and messages not in MESSAGE_POLICIES:
+        raise BadContactRequest(f"messages: expected one of {', '.join(MESSAGE_POLICIES)}")
+    if group_adds is not None and group_adds not in GROUP_ADDS:
+        raise BadContactRequest(f"group_adds: expected one of {', '.join(GROUP_ADDS)}")
+    values = {
+        key: value
+        for key, value in (("message_policy", messages), ("group_adds", group_adds))
+        if value is not None
+    }
+    if values:
+        connection.execute(update(users).where(users.c.name == user).values(**values))
+    return settings_txn(connection, user, defaults)
+
+
+def not_accepted_reason(name: str) -> str:
+    """The one refusal for a name without an account and for an account that says no."""
+    return f"not accepted: {name!r} does not exist or does not accept this from you"
