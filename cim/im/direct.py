@@ -9,6 +9,12 @@ server id, and claimed in the state store under (sender, device, client sequence
 a retry, even one arriving on another node or after a restart, gets the same msg:A
 and is not delivered as a second message. A group post is then handed to
 ``cim.im.groups``; a 1:1 message is routed.
+
+Before its claim a 1:1 message needs the receiver's consent (docs/privacy.md: its
+policy, its blocks, a device's guardians), asked of the directory's contact rules.
+A refusal and a receiver without an account get one answer, ERROR ``FORBIDDEN``
+with ``REASON_NOT_ACCEPTED``, after one path: the same remembered answer or the same
+single read, so neither the answer nor its timing tells whether the name exists.
 """
 
 from __future__ import annotations
@@ -19,14 +25,14 @@ from twisted.internet.defer import succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from cim.im.collaborators import ClientSession, FrameTable, NodeCore, log_failure
+from cim.im.collaborators import ClientSession, Directory, FrameTable, NodeCore, log_failure
 from cim.im.groups import GroupMessages
 from cim.im.routing import Routing
 from cim.interfaces import MessageReceipt, StateUnavailable
 from cim.message_ids import MessageIdGenerator
 from cim.protocols import cim_pb2
 
-__all__ = ["MAX_TEXT_LENGTH", "DirectMessages", "message_problem"]
+__all__ = ["MAX_TEXT_LENGTH", "REASON_NOT_ACCEPTED", "DirectMessages", "message_problem"]
 
 MSG_A = cim_pb2.MSG_A
 ACK_A = cim_pb2.ACK_A
@@ -35,6 +41,11 @@ FAILED = cim_pb2.FAILED
 SYSTEM = cim_pb2.SYSTEM
 BAD_REQUEST = cim_pb2.Error.BAD_REQUEST
 UNAVAILABLE = cim_pb2.Error.UNAVAILABLE
+FORBIDDEN = cim_pb2.Error.FORBIDDEN
+
+REASON_NOT_ACCEPTED = (
+    "not accepted: the receiver does not exist or does not accept messages from you"
+)
 
 MAX_TEXT_LENGTH = 16384
 
@@ -63,9 +74,12 @@ class DirectMessages:
 
     log = Logger()
 
-    def __init__(self, core: NodeCore, routing: Routing, groups: GroupMessages) -> None:
+    def __init__(
+        self, core: NodeCore, directory: Directory, routing: Routing, groups: GroupMessages
+    ) -> None:
         self._ids = core.message_ids
         self._receipts = core.state.receipts
+        self._directory = directory
         self._routing = routing
         self._groups = groups
 
@@ -94,8 +108,31 @@ class DirectMessages:
             d = self._groups.may_post(message.group, record.user)
             d.addCallback(self._claim, session, message)
         else:
-            d = self._claim(True, session, message)  # the hot path: no extra Deferred
+            d = self._consented(session, message)
         d.addErrback(self._claim_failed, session, message.client_seq)
+
+    # --- consent (docs/privacy.md) ------------------------------------------------------
+
+    def _consented(self, session: ClientSession, message: cim_pb2.Message) -> Any:
+        """Claim a 1:1 message only if its receiver accepts it from the sender.
+
+        The hot path: a remembered answer adds no Deferred. A refusal and a receiver
+        without an account take the same path to the same answer.
+        """
+        contacts = self._directory.contacts
+        sender = session.record.user
+        allowed = contacts.known(sender, message.to)
+        if allowed is None:
+            return contacts.may_message(sender, message.to).addCallback(
+                self._decided, session, message
+            )
+        return self._decided(allowed, session, message)
+
+    def _decided(self, allowed: bool, session: ClientSession, message: cim_pb2.Message) -> Any:
+        if not allowed:
+            self._refuse(session, message.client_seq, FORBIDDEN, REASON_NOT_ACCEPTED)
+            return succeed(None)
+        return self._claim(True, session, message)
 
     def _claim(self, member: bool, session: ClientSession, message: cim_pb2.Message) -> Any:
         if not member:

@@ -13,7 +13,8 @@ family (or a new room, merged into ``inbound`` below).
     groups     group posts: membership, numbering, fan-out; GROUP_R
     catchup    OFFLINE_R, OFFLINE_ACK_R, OFFLINE_SUMMARY_R, the notice to pull
     history    HISTORY_R
-    presence   ONLINE_R
+    presence   ONLINE_R (the caller's contacts and bound accounts only)
+    contacts   CONTACTS_R; the contact rules direct, presence and groups ask
     system     server-made messages (the logic service's notices)
 """
 
@@ -23,6 +24,7 @@ from typing import Protocol
 
 from cim.im.catchup import Catchup
 from cim.im.collaborators import Connected, Directory, FrameEntry, FrameTable, NodeCore, Stores
+from cim.im.contacts import ContactRequests
 from cim.im.direct import DirectMessages
 from cim.im.groups import GroupMessages
 from cim.im.history import HistoryRequests
@@ -54,14 +56,15 @@ class ImNode:
         self.groups = GroupMessages(
             core, directory, stores, peers, connected, self.routing, self.catchup
         )
-        self.direct = DirectMessages(core, self.routing, self.groups)
+        self.direct = DirectMessages(core, directory, self.routing, self.groups)
         self.history = HistoryRequests(stores)
-        self.presence = PresenceRequests(core.state.presence)
+        self.presence = PresenceRequests(core.state.presence, directory)
+        self.contacts = ContactRequests(directory)
         self.system = SystemMessages(core, stores, self.catchup)
         self.sessions = Sessions(core, connected, self.routing)
         peers.listen(self.routing.bus_message_received)
         self.inbound: FrameTable = _merged(
-            self.direct, self.groups, self.catchup, self.history, self.presence
+            self.direct, self.groups, self.catchup, self.history, self.presence, self.contacts
         )
         """What an authenticated client may send: every other frame type closes the
         connection."""

@@ -21,7 +21,7 @@ written, so the transaction changes nothing.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -41,13 +41,16 @@ from cim.storage.schema import (
 )
 
 __all__ = [
+    "ADD",
     "CONTACTS",
     "DEVICE",
     "EVERYONE",
     "GUARDIANS",
+    "INVITE",
     "NOBODY",
     "BadContactRequest",
     "Change",
+    "ChangeTxn",
     "ContactConflict",
     "ContactError",
     "ContactForbidden",
@@ -60,6 +63,8 @@ __all__ = [
     "Settings",
     "Standing",
     "accept_txn",
+    "act_txn",
+    "admission",
     "block_txn",
     "circle_txn",
     "contact_list_txn",
@@ -224,6 +229,27 @@ def may_message(standing: Standing | None, defaults: PrivacyDefaults) -> bool:
     if standing.kind == DEVICE or standing.other_kind == DEVICE:
         return False
     return standing.policy(defaults) == EVERYONE
+
+
+ADD = "add"
+INVITE = "invite"
+
+
+def admission(standing: Standing | None, defaults: PrivacyDefaults) -> str | None:
+    """How ``standing.other`` may bring ``standing.of`` into a group: ``add`` at once,
+    ``invite`` (it joins when it accepts), or not at all (None).
+
+    A device only by one of its guardians, at once. A person: at once by a contact
+    when its ``group_adds`` is ``contacts``; else by invitation, from anyone its
+    message policy lets reach it. A block or a name without an account: not at all.
+    """
+    if standing is None or standing.other_kind is None or standing.blocked:
+        return None
+    if standing.kind == DEVICE:
+        return ADD if standing.family else None
+    if standing.contact or standing.family:
+        return ADD if standing.adds(defaults) == CONTACTS else INVITE
+    return INVITE if standing.policy(defaults) == EVERYONE else None
 
 
 # --- acting for an account ------------------------------------------------------------
@@ -524,7 +550,9 @@ def accept_txn(
     return Change("accepted", _added(connection, owner, requester), (owner, requester))
 
 
-def decline_txn(connection: Connection, owner: str, requester: str) -> Change:
+def decline_txn(
+    connection: Connection, actor: str, owner: str, requester: str, now: float
+) -> Change:
     """The requester is not told: it only sees its request gone."""
     declined = connection.execute(
         delete(contact_requests).where(
@@ -536,7 +564,7 @@ def decline_txn(connection: Connection, owner: str, requester: str) -> Change:
     return Change("declined", {}, ())
 
 
-def remove_txn(connection: Connection, owner: str, other: str) -> Change:
+def remove_txn(connection: Connection, actor: str, owner: str, other: str, now: float) -> Change:
     """End a contact (both sides at once) or withdraw the owner's own request."""
     removed = _unpair(connection, owner, other)
     withdrawn = connection.execute(
@@ -556,7 +584,7 @@ def _blocked(connection: Connection, user: str, other: str) -> bool:
     return row is not None
 
 
-def block_txn(connection: Connection, owner: str, other: str, now: float) -> Change:
+def block_txn(connection: Connection, actor: str, owner: str, other: str, now: float) -> Change:
     """Refuse everything from ``other``: the contact, the requests both ways and the
     group invitations ``other`` sent the owner go; ``other`` is not told."""
     if other == owner:
@@ -580,7 +608,7 @@ def block_txn(connection: Connection, owner: str, other: str, now: float) -> Cha
     return Change("blocked", {}, (owner, other))
 
 
-def unblock_txn(connection: Connection, owner: str, other: str) -> Change:
+def unblock_txn(connection: Connection, actor: str, owner: str, other: str, now: float) -> Change:
     """Only the block goes; a contact it ended stays ended."""
     removed = connection.execute(
         delete(blocks).where(blocks.c.user_name == owner, blocks.c.blocked == other)
@@ -618,6 +646,22 @@ def set_settings_txn(
     if values:
         connection.execute(update(users).where(users.c.name == user).values(**values))
     return settings_txn(connection, user, defaults)
+
+
+ChangeTxn = Callable[[Connection, str, str, str, float], Change]
+"""``(connection, actor, owner, other, now)``: one of the changes above."""
+
+
+def act_txn(
+    connection: Connection,
+    change: ChangeTxn,
+    actor: str,
+    device: str | None,
+    other: str,
+    now: float,
+) -> Change:
+    """``change`` made by ``actor`` for itself, or for a device it actively guards."""
+    return change(connection, actor, owner_txn(connection, actor, device), other, now)
 
 
 def not_accepted_reason(name: str) -> str:

@@ -120,9 +120,7 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("group_id", "user_name", name=op.f("pk_group_invites")),
     )
     with op.batch_alter_table("group_invites", schema=None) as batch_op:
-        batch_op.create_index(
-            batch_op.f("ix_group_invites_user_name"), ["user_name"], unique=False
-        )
+        batch_op.create_index(batch_op.f("ix_group_invites_user_name"), ["user_name"], unique=False)
         batch_op.create_index(
             batch_op.f("ix_group_invites_invited_by"), ["invited_by"], unique=False
         )
