@@ -229,6 +229,13 @@ class ImConfig:
     rsa_key: str = _opt("", parse_str)
     rsa_key_bits: int = _opt(2048, parse_int, minimum=2048, maximum=8192)
     handshake_replay_window: float = _opt(300.0, parse_duration, minimum=10)
+    # Who may send 1:1 messages to a person who never chose (docs/privacy.md):
+    # "everyone", or "contacts" (recommended for family products). A device account
+    # always takes messages only from its guardians and the contacts they approved.
+    default_message_policy: str = _opt("everyone", parse_str, choices=("everyone", "contacts"))
+    # Who may add a person who never chose to a group without an invitation:
+    # "contacts" (their contacts; everyone else invites), or "nobody" (all invite).
+    default_group_adds: str = _opt("contacts", parse_str, choices=("contacts", "nobody"))
 
     def validate(self) -> None:
         if not self.cipher_suites:

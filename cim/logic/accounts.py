@@ -155,6 +155,9 @@ class Accounts:
         # deleted member. Other nodes' caches expire after their cache_ttl.
         for left in deleted.left_groups:
             self.ctx.groups.forget(left.group_id)
+        # Its contacts, requests, blocks and invitations went with the row (ON DELETE
+        # CASCADE); whatever was decided about the name must not outlive them.
+        self.ctx.contacts.forget(user)
         try:
             await self.ctx.sessions.end_user_session(user, REASON_ACCOUNT_DELETED)
         except StateUnavailable:

@@ -10,6 +10,7 @@ from twisted.internet.interfaces import IReactorTime
 from cim.accounts.store import AccountStore
 from cim.config import AccountsConfig, LogicConfig
 from cim.interfaces import ISessionStore
+from cim.logic.contacts import ContactBook
 from cim.logic.notices import Notices
 from cim.storage.database import Database
 
@@ -56,6 +57,8 @@ class LogicContext:
     clock: IReactorTime
     groups: GroupCaches
     """The node's group directory, whose member caches a deleted account leaves."""
+    contacts: ContactBook
+    """The node's contact book, shared with its IM rooms (one cache of decisions)."""
 
     def now(self) -> float:
         return float(self.clock.seconds())

@@ -44,9 +44,12 @@ from cim.heap import HeapTrimmer
 from cim.history.archive import HistoryService, archive_from_config
 from cim.history.store import HistoryStore
 from cim.im.collaborators import Directory, NoArchive, NodeCore, Stores
+from cim.im.contacts import ContactDirectory
 from cim.im.node import ImNode
 from cim.im.peers import BusPeers, LiveNodes
 from cim.interfaces import IStateBackend
+from cim.logic.contacts import DEFAULT_DECISION_TTL, ContactBook
+from cim.logic.notices import Notices
 from cim.logs import DaemonLog
 from cim.message_ids import MessageIdGenerator
 from cim.metrics import NodeMetrics
@@ -69,6 +72,7 @@ from cim.services.tree import (
     cannot_listen,
     cannot_start,
 )
+from cim.storage.contacts import PrivacyDefaults
 from cim.storage.database import Database
 
 __all__ = ["CimDaemon", "StartupError"]
@@ -131,8 +135,14 @@ class CimDaemon(OrderedServices):
         bus = make_bus(config.queue, node_id, reactor)
         # Each node caches group members; changes made on another node reach this
         # cache after its TTL, so a cluster keeps it short.
-        member_cache_ttl = 60.0 if config.registry.backend == "local" else 5.0
-        groups = GroupDirectory(database, reactor, cache_ttl=member_cache_ttl)
+        alone = config.registry.backend == "local"
+        member_cache_ttl = 60.0 if alone else 5.0
+        privacy = PrivacyDefaults(config.im.default_message_policy, config.im.default_group_adds)
+        groups = GroupDirectory(database, reactor, cache_ttl=member_cache_ttl, defaults=privacy)
+        # The same for who may message whom: another node's change is seen after this.
+        contacts = ContactBook(
+            database, reactor, privacy, cache_ttl=DEFAULT_DECISION_TTL if alone else 5.0
+        )
         offline = make_offline_pipeline(config, database, reactor)
         history = HistoryStore(
             database, config.retention_days, reactor, purge_batch=config.archive.purge_batch
@@ -141,7 +151,7 @@ class CimDaemon(OrderedServices):
         archive = archive_from_config(config, history, getattr(bus, "link", None), reactor)
         im_node = self.im_node = ImNode(
             NodeCore(node_id, state, reactor, metrics, ids),
-            Directory(accounts.exists, groups),
+            Directory(accounts.exists, groups, ContactDirectory(contacts)),
             Stores(
                 offline,
                 config.offline.page_size,
@@ -152,6 +162,9 @@ class CimDaemon(OrderedServices):
         )
         # The offline writer tells connected receivers to pull once it has committed.
         offline.on_stored = im_node.catchup.stored_for
+        # Invitations and contact requests are told as system notices, which the node
+        # (made from the directory that holds both) stores.
+        groups.notices = contacts.notices = Notices(im_node.system, reactor)
         metrics.connections_established = lambda: im_node.sessions.connected_count
         metrics.offline_pending = lambda: offline.pending
 
@@ -198,7 +211,7 @@ class CimDaemon(OrderedServices):
         if config.files.enabled:
             self._add_files(database, state)
         if config.logic.enabled:
-            self._add_logic(database, accounts, state, groups)
+            self._add_logic(database, accounts, state, groups, contacts)
         if config.admin.enabled:
             site = admin_site(node_id, metrics, self.health, reactor)
             self.add(Listener("admin", config.admin.listen, reactor, site))
@@ -228,6 +241,7 @@ class CimDaemon(OrderedServices):
         accounts: AccountStore,
         state: IStateBackend,
         groups: GroupDirectory,
+        contacts: ContactBook,
     ) -> None:
         # Imported here: the logic service brings shapely and numpy (about 30 MiB of
         # RSS), which a node without it should not carry.
@@ -246,6 +260,7 @@ class CimDaemon(OrderedServices):
                 Notices(self.im_node.system, self.reactor),
                 self.reactor,
                 groups,
+                contacts,
             )
         )
         self.add(
