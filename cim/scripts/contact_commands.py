@@ -71,33 +71,33 @@ def for_device(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _pending_json(pending: Any, key: str) -> dict[str, Any]:
+def _pending_json(pending: Any, state: str) -> dict[str, Any]:
     return {
         "user": pending.user,
+        "state": state,
         "device": pending.device,
-        key: iso_time(pending.at_ms / 1000),
+        "requested_at": iso_time(pending.at_ms / 1000),
         "requested_by": pending.requested_by if pending.requested_by != pending.user else None,
     }
 
 
 def contact_list_json(book: Any) -> dict[str, Any]:
-    """``{"items": [contacts], "incoming", "outgoing", "blocked", "messages", "group_adds"}``."""
-    items = [
+    """One list, as the convention wants: each entry's ``state`` is ``contact``,
+    ``incoming`` (waiting for your answer; ``device``: for which of your devices),
+    ``outgoing`` (waiting for theirs) or ``blocked``; the settings beside it."""
+    items: list[dict[str, Any]] = [
         {
             "user": contact.user,
+            "state": "contact",
             "added_at": iso_time(contact.since_ms / 1000),
             "approved_by": contact.approved_by,
         }
         for contact in book.contacts
     ]
-    return listing(
-        items,
-        incoming=[_pending_json(pending, "requested_at") for pending in book.incoming],
-        outgoing=[_pending_json(pending, "requested_at") for pending in book.outgoing],
-        blocked=list(book.blocked),
-        messages=book.settings.messages,
-        group_adds=book.settings.group_adds,
-    )
+    items += [_pending_json(pending, "incoming") for pending in book.incoming]
+    items += [_pending_json(pending, "outgoing") for pending in book.outgoing]
+    items += [{"user": user, "state": "blocked"} for user in book.blocked]
+    return listing(items, messages=book.settings.messages, group_adds=book.settings.group_adds)
 
 
 async def contacts_command(client: Any, options: argparse.Namespace) -> int:

@@ -572,26 +572,28 @@ class MigrationTests(TestCase):
                 )
             history = (
                 "INSERT INTO history (conversation, msg_id, sender, receiver, group_id, "
-                "sent_at, msg_type, payload) VALUES (:c, :i, :s, :r, :g, 1, 0, x'00')"
+                "sent_at, msg_type, payload) VALUES (:c, :i, :s, :r, :g, 1, 0, :p)"
             )
             # ann wrote to ben; cat to a deleted account; a group message of g1.
             connection.execute(
-                text(history), {"c": "u:ann:ben", "i": 1, "s": "ann", "r": "ben", "g": None}
+                text(history),
+                {"c": "u:ann:ben", "i": 1, "s": "ann", "r": "ben", "g": None, "p": b"\0"},
             )
             connection.execute(
-                text(history), {"c": "u:cat:gone", "i": 2, "s": "cat", "r": "gone", "g": None}
+                text(history),
+                {"c": "u:cat:gone", "i": 2, "s": "cat", "r": "gone", "g": None, "p": b"\0"},
             )
             connection.execute(
-                text(history), {"c": "g:g1", "i": 3, "s": "fay", "r": None, "g": "g1"}
+                text(history), {"c": "g:g1", "i": 3, "s": "fay", "r": None, "g": "g1", "p": b"\0"}
             )
             # dan has a stored message from eve; a system notice for cat.
             offline = (
                 "INSERT INTO offline_msgs (receiver_uid, msg_id, send_time, sender_uid, "
                 "msg_type, msg_content, group_id, payload) "
-                "VALUES (:r, :i, 1, :s, 0, '', NULL, x'00')"
+                "VALUES (:r, :i, 1, :s, 0, '', NULL, :p)"
             )
-            connection.execute(text(offline), {"r": "dan", "i": 4, "s": "eve"})
-            connection.execute(text(offline), {"r": "cat", "i": 5, "s": "@system"})
+            connection.execute(text(offline), {"r": "dan", "i": 4, "s": "eve", "p": b"\0"})
+            connection.execute(text(offline), {"r": "cat", "i": 5, "s": "@system", "p": b"\0"})
             # fay and gus share a live group; hal was in a dissolved one with fay.
             connection.execute(
                 text(
