@@ -44,7 +44,7 @@ def add_contact_commands(commands: Any) -> None:
     for_device(listed)
     for verb, text in _CHANGES.items():
         change = verbs.add_parser(verb, help=text)
-        change.add_argument("user")
+        change.add_argument("contact", metavar="USER")
         for_device(change)
     policy = verbs.add_parser(
         "policy", help="show or set who may message you and who may add you to groups"
@@ -111,7 +111,7 @@ async def contacts_command(client: Any, options: argparse.Namespace) -> int:
         request.settings.messages = options.messages or ""
         request.settings.group_adds = options.group_adds or ""
     else:
-        getattr(request, verb).user = options.user
+        getattr(request, verb).user = options.contact
     answer = await client.contacts_request(request)
     if not answer.ok:
         status = EXIT_REFUSED if answer.error in REFUSED_CODES else EXIT_FAILED
@@ -121,5 +121,5 @@ async def contacts_command(client: Any, options: argparse.Namespace) -> int:
     elif verb == "policy":
         emit({"messages": answer.settings.messages, "group_adds": answer.settings.group_adds})
     else:
-        emit({"user": options.user, "status": answer.status})
+        emit({"user": options.contact, "status": answer.status})
     return EXIT_OK
