@@ -182,11 +182,8 @@ class GroupDirectory:
         """What accounts that never chose their privacy settings follow."""
         self.notices: Announcer = Silent()
         """How invitees are told; the daemon gives the node's notices once it has them."""
-        self._cache_size = cache_size
-        self._cache_ttl = cache_ttl
         self._new_id = new_id
-        self._cache: OrderedDict[str, _Members] = OrderedDict()
-        self._loading: dict[str, _Load] = {}
+        self._members = _MemberCache(db, clock, cache_size, cache_ttl)
 
     # --- input checks -------------------------------------------------------------------
 
@@ -402,7 +399,7 @@ class GroupDirectory:
 
         return self._db.run(find_groups_txn, user, ref).addCallback(one)
 
-    # --- the member cache ---------------------------------------------------------------
+    # --- GROUP_R and the member cache ---------------------------------------------------
 
     def answer(self, actor: str, request: cim_pb2.GroupRequest) -> Deferred[cim_pb2.GroupAnswer]:
         """A GROUP_R frame answered (never fails: errors become the answer's error)."""
@@ -413,11 +410,11 @@ class GroupDirectory:
 
         An unknown or dissolved group has no members. Fires at once on a cache hit.
         """
-        return self._members(group_id).addCallback(lambda entry: list(entry.names))
+        return self._members.of(group_id).addCallback(lambda entry: list(entry.names))
 
     def is_member(self, group_id: str, user: str) -> Deferred[bool]:
         """Whether user may post to the group; from the same cache as member_names."""
-        return self._members(group_id).addCallback(lambda entry: user in entry.lookup)
+        return self._members.of(group_id).addCallback(lambda entry: user in entry.lookup)
 
     def forget(self, group_id: str) -> None:
         """Drop what is known of the group: the next question reads the database.
@@ -425,13 +422,28 @@ class GroupDirectory:
         A read already running when this is called still answers its callers, but its
         result is not kept, since it may predate the change that led here.
         """
+        self._members.forget(group_id)
+
+
+class _MemberCache:
+    """Member lists by group, least recently used first out, each trusted for ``ttl``."""
+
+    def __init__(self, db: Database, clock: IReactorTime, size: int, ttl: float | None) -> None:
+        self._db = db
+        self._clock = clock
+        self._size = size
+        self._ttl = ttl
+        self._cache: OrderedDict[str, _Members] = OrderedDict()
+        self._loading: dict[str, _Load] = {}
+
+    def forget(self, group_id: str) -> None:
         self._cache.pop(group_id, None)
         self._loading.pop(group_id, None)
 
-    def _members(self, group_id: str) -> Deferred[_Members]:
+    def of(self, group_id: str) -> Deferred[_Members]:
         entry = self._cache.get(group_id)
         if entry is not None:
-            if self._cache_ttl is None or self._clock.seconds() - entry.loaded_at < self._cache_ttl:
+            if self._ttl is None or self._clock.seconds() - entry.loaded_at < self._ttl:
                 self._cache.move_to_end(group_id)
                 return succeed(entry)
             del self._cache[group_id]
@@ -463,7 +475,7 @@ class GroupDirectory:
         if current:
             self._cache[group_id] = entry
             self._cache.move_to_end(group_id)
-            while len(self._cache) > self._cache_size:
+            while len(self._cache) > self._size:
                 self._cache.popitem(last=False)
         for waiter in load.waiters:
             waiter.callback(entry)

@@ -24,10 +24,20 @@ from twisted.internet.interfaces import IReactorTime
 from cim.accounts.store import USER_NAME
 from cim.logic.contacts_cache import DEFAULT_DECISION_CACHE_SIZE, Decisions
 from cim.logic.errors import BadInput, Conflict, Forbidden, LogicError, NotFound
-from cim.storage.contacts import (
-    BadContactRequest,
+from cim.storage.contact_changes import (
     Change,
     ChangeTxn,
+    accept_txn,
+    act_txn,
+    block_txn,
+    decline_txn,
+    remove_txn,
+    request_txn,
+    set_settings_txn,
+    unblock_txn,
+)
+from cim.storage.contacts import (
+    BadContactRequest,
     ContactConflict,
     ContactError,
     ContactForbidden,
@@ -36,21 +46,13 @@ from cim.storage.contacts import (
     NotAccepted,
     PrivacyDefaults,
     Settings,
-    accept_txn,
-    act_txn,
-    block_txn,
     circle_txn,
     contact_list_txn,
-    decline_txn,
     may_message,
     not_accepted_reason,
     owner_txn,
-    remove_txn,
-    request_txn,
-    set_settings_txn,
     settings_txn,
     standings_txn,
-    unblock_txn,
 )
 from cim.storage.database import Database
 
