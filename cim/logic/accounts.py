@@ -79,6 +79,8 @@ class Accounts:
             raise BadInput("invalid_name", "that name is not allowed") from None
         except WeakPassword as exc:
             raise BadInput("weak_password", str(exc)) from None
+        # Messages to the name were refused until now, and may be remembered so.
+        self.ctx.contacts.forget(name)
         if display_name:
             await self.ctx.database.run(
                 update_profile_txn, name, {"display_name": display_name}, self.ctx.now()

@@ -81,6 +81,13 @@ def logic_error(error: ContactError) -> LogicError:
     return BadInput(error.code, error.message)
 
 
+def _receiver_key(receiver: str) -> str:
+    """What a decision is remembered under: a name no account can have (any length a
+    frame allows) is one key, "", so made-up names cannot fill the node's memory; it
+    is still answered by the same one read as any other refusal."""
+    return receiver if USER_NAME.fullmatch(receiver) is not None else ""
+
+
 class Announcer(Protocol):
     """How the book tells people (``cim.logic.notices.Notices``)."""
 
@@ -123,17 +130,14 @@ class ContactBook:
 
     def known(self, sender: str, receiver: str) -> bool | None:
         """The remembered answer to ``may_message``, or None when it must be read."""
-        return self.decisions.known(sender, receiver)
+        return self.decisions.known(sender, _receiver_key(receiver))
 
     def may_message(self, sender: str, receiver: str) -> Deferred[bool]:
         """Whether ``sender`` may send ``receiver`` a 1:1 message; False for a name
         without an account, after the same one read as for any other refusal."""
-        return self.decisions.decide(sender, receiver)
+        return self.decisions.decide(sender, _receiver_key(receiver))
 
     def _read_decision(self, sender: str, receiver: str) -> Deferred[bool]:
-        if USER_NAME.fullmatch(receiver) is None:
-            # No account can have it; answered by the same read as any other refusal.
-            receiver = ""
         d = self._db.run(standings_txn, sender, [receiver])
         return d.addCallback(lambda found: may_message(found.get(receiver), self.defaults))
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from sqlalchemy import and_, delete, insert, or_, select, update
+from sqlalchemy import and_, delete, or_, select, update
 from sqlalchemy.engine import Connection
 
 from cim.storage.bindings import account_kind_txn
@@ -25,6 +25,7 @@ from cim.storage.contacts import (
     PrivacyDefaults,
     Settings,
     deciders_txn,
+    insert_missing,
     not_accepted_reason,
     owner_txn,
     settings_txn,
@@ -81,18 +82,14 @@ def _pair(
     connection: Connection, first: str, second: str, approvals: dict[str, str | None], now: float
 ) -> None:
     """Both rows of a contact, and no request left between the two."""
-    for side, other in ((first, second), (second, first)):
-        present = connection.execute(
-            select(contacts.c.user_name).where(
-                contacts.c.user_name == side, contacts.c.contact == other
-            )
-        ).first()
-        if present is None:
-            connection.execute(
-                insert(contacts).values(
-                    user_name=side, contact=other, created_at=now, approved_by=approvals[side]
-                )
-            )
+    insert_missing(
+        connection,
+        contacts,
+        [
+            {"user_name": side, "contact": other, "created_at": now, "approved_by": approvals[side]}
+            for side, other in ((first, second), (second, first))
+        ],
+    )
     _drop_requests(connection, first, second)
 
 
@@ -163,18 +160,13 @@ def request_txn(connection: Connection, actor: str, owner: str, target: str, now
         }
         _pair(connection, owner, target, approvals, now)
         return Change("accepted", _added(connection, owner, target), (owner, target))
-    pending = connection.execute(
-        select(contact_requests.c.target).where(
-            contact_requests.c.requester == owner, contact_requests.c.target == target
-        )
-    ).first()
-    if pending is not None:
-        return Change("requested", {}, ())
-    connection.execute(
-        insert(contact_requests).values(
-            requester=owner, target=target, requested_by=actor, created_at=now
-        )
+    asked = insert_missing(
+        connection,
+        contact_requests,
+        [{"requester": owner, "target": target, "requested_by": actor, "created_at": now}],
     )
+    if not asked:
+        return Change("requested", {}, ())  # it was waiting already: nobody is told again
     notice = {"event": "contact.requested", "from": owner, "to": target, "requested_by": actor}
     told = {receiver: notice for receiver in deciders_txn(connection, target)}
     return Change("requested", told, ())
@@ -245,8 +237,7 @@ def block_txn(connection: Connection, actor: str, owner: str, other: str, now: f
         raise ContactConflict(
             f"{other!r} shares a device binding with this account: remove the binding instead"
         )
-    if not _blocked(connection, owner, other):
-        connection.execute(insert(blocks).values(user_name=owner, blocked=other, created_at=now))
+    insert_missing(connection, blocks, [{"user_name": owner, "blocked": other, "created_at": now}])
     _unpair(connection, owner, other)
     _drop_requests(connection, owner, other)
     connection.execute(

@@ -22,11 +22,12 @@ written, so the transaction changes nothing.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
-from sqlalchemy import and_, exists, or_, select
+from sqlalchemy import Table, and_, exists, or_, select
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
 from cim.storage.bindings import ACTIVE, account_kind_txn, active_guardians_txn
@@ -64,6 +65,7 @@ __all__ = [
     "circle_txn",
     "contact_list_txn",
     "deciders_txn",
+    "insert_missing",
     "may_message",
     "not_accepted_reason",
     "owner_txn",
@@ -388,6 +390,17 @@ def circle_txn(connection: Connection, user: str) -> list[str]:
         names.add(row.guardian if row.device == user else row.device)
     names.discard(user)
     return sorted(names)
+
+
+def insert_missing(connection: Connection, table: Table, rows: Sequence[Mapping[str, Any]]) -> int:
+    """Insert the rows whose key is not there yet; how many were. A concurrent
+    transaction that inserted the same key first makes this one a no-op, not an error
+    (``ON CONFLICT DO NOTHING`` on both engines)."""
+    if not rows:
+        return 0
+    dialect = postgresql if connection.dialect.name == "postgresql" else sqlite
+    result = connection.execute(dialect.insert(table).on_conflict_do_nothing(), list(rows))
+    return int(result.rowcount or 0)
 
 
 def not_accepted_reason(name: str) -> str:

@@ -11,10 +11,17 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from sqlalchemy import case, delete, func, insert, select, update
+from sqlalchemy import case, delete, func, select, update
 from sqlalchemy.engine import Connection, Row
 
-from cim.storage.contacts import DEVICE, INVITE, PrivacyDefaults, admission, standings_txn
+from cim.storage.contacts import (
+    DEVICE,
+    INVITE,
+    PrivacyDefaults,
+    admission,
+    insert_missing,
+    standings_txn,
+)
 from cim.storage.schema import group_invites, group_members, groups, users
 
 OWNER = "owner"
@@ -251,22 +258,11 @@ def _invite(
     connection: Connection, group_id: str, names: Sequence[str], actor: str, now: float
 ) -> None:
     """Invitations for ``names``; one already waiting stays as it was."""
-    if not names:
-        return
-    waiting = set(
-        connection.execute(
-            select(group_invites.c.user_name).where(
-                group_invites.c.group_id == group_id, group_invites.c.user_name.in_(names)
-            )
-        ).scalars()
-    )
     rows = [
         {"group_id": group_id, "user_name": name, "invited_by": actor, "created_at": now}
         for name in names
-        if name not in waiting
     ]
-    if rows:
-        connection.execute(insert(group_invites), rows)
+    insert_missing(connection, group_invites, rows)
 
 
 def _count(connection: Connection, group_id: str) -> int:

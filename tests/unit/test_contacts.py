@@ -28,6 +28,7 @@ from cim.storage.contacts import (
     NOBODY,
     PrivacyDefaults,
     Standing,
+    insert_missing,
     may_message,
     standings_txn,
 )
@@ -397,6 +398,18 @@ class RuleTests(ContactsMixin, TestCase):
         self.assertFalse(may_message(standing(other_kind="device"), everyone))
         self.assertTrue(may_message(standing(kind="device", family=True), everyone))
         self.assertTrue(may_message(standing(kind="device", contact=True), everyone))
+
+    def test_made_up_names_share_one_remembered_answer(self) -> None:
+        names = [f"-{n}" + "x" * 5000 for n in range(50)]
+        before = self.runner.runs
+        self.assertEqual([self.allowed("alice", name) for name in names], [False] * 50)
+        self.assertEqual((self.runner.runs - before, len(self.book.decisions)), (1, 1))
+
+    def test_a_key_inserted_twice_is_one_row(self) -> None:
+        row = {"user_name": "alice", "blocked": "bob", "created_at": START}
+        self.assertEqual(self.ok(self.db.run(insert_missing, blocks, [row])), 1)
+        self.assertEqual(self.ok(self.db.run(insert_missing, blocks, [row, row])), 0)
+        self.assertEqual(len(self.rows(blocks)), 1)
 
     def test_one_statement_whether_the_name_exists_or_not(self) -> None:
         self.act(self.book.block("bob", "stranger"))

@@ -135,6 +135,14 @@ class ContactApiTests(SynchronousTestCase):
         status, listed = h.call("GET", "/contacts", "alice")
         self.assertEqual(listed["contacts"], [])
 
+    def test_a_new_account_is_reachable_at_once(self) -> None:
+        h = self.h
+        self.assertFalse(fired(h.contacts.may_message("alice", "newbie")))
+        self.assertIs(h.contacts.known("alice", "newbie"), False)
+        status, _ = h.call("POST", "/register", body={"name": "newbie", "password": PASSWORD})
+        self.assertEqual(status, 201)
+        self.assertTrue(fired(h.contacts.may_message("alice", "newbie")))
+
     def test_the_openapi_document_describes_them(self) -> None:
         paths = document()["paths"]
         for path in ("/api/v1/contacts", "/api/v1/contacts/{user}", "/api/v1/blocks/{user}"):
