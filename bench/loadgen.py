@@ -788,7 +788,9 @@ class Worker:
 
         Over the protocol, as a real client does it (one GROUP_R create naming the
         members; the creator becomes the owner), so the daemon's own checks run and
-        the rows are whatever the daemon writes. Answers with the group's id.
+        the rows are whatever the daemon writes. Members who are not the creator's
+        contacts are invited (docs/privacy.md): those connected here accept, as their
+        clients would. Answers with the group's id.
         """
         if not self.conns:
             raise BenchError("group_create needs a connected creator")
@@ -803,11 +805,22 @@ class Worker:
         answer = cim_pb2.GroupAnswer.FromString(plaintext[1:])
         if not answer.ok:
             raise BenchError(f"group create refused: {answer.error}: {answer.message}")
-        return {
-            "group": answer.group.id,
-            "member_count": answer.group.member_count,
-            "creator": creator.user,
-        }
+        member_count = answer.group.member_count
+        invited = set(answer.invited)
+        for conn in self.conns:
+            if conn.user not in invited:
+                continue
+            accept = cim_pb2.GroupRequest(
+                request_id=2, accept=cim_pb2.GroupRef(group=answer.group.id)
+            )
+            plaintext = await _timeout(
+                conn.request(_GROUP_R, accept.SerializeToString(), _GROUP_A), 60
+            )
+            joined = cim_pb2.GroupAnswer.FromString(plaintext[1:])
+            if not joined.ok:
+                raise BenchError(f"{conn.user} could not join: {joined.error}: {joined.message}")
+            member_count = joined.group.member_count
+        return {"group": answer.group.id, "member_count": member_count, "creator": creator.user}
 
     # --- offline messages ---------------------------------------------------------------
 

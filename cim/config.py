@@ -257,6 +257,13 @@ class ImConfig:
     handshake_replay_window: float = _opt(300.0, parse_duration, minimum=10)
     # Characters of a message's text; longer ones are refused (BAD_REQUEST).
     max_text_length: int = _opt(16384, parse_int, minimum=1, maximum=16 << 20)
+    # Who may send 1:1 messages to a person who never chose (docs/privacy.md):
+    # "everyone", or "contacts" (recommended for family products). A device account
+    # always takes messages only from its guardians and the contacts they approved.
+    default_message_policy: str = _opt("everyone", parse_str, choices=("everyone", "contacts"))
+    # Who may add a person who never chose to a group without an invitation:
+    # "contacts" (their contacts; everyone else invites), or "nobody" (all invite).
+    default_group_adds: str = _opt("contacts", parse_str, choices=("contacts", "nobody"))
 
     def validate(self) -> None:
         if not self.cipher_suites:

@@ -1,10 +1,10 @@
 """The session's questions to the node that wait for an answer frame.
 
-Who is online, group requests, history pages, offline pages and summaries: each sends
-one request frame and fires when its answer comes, or fails when the connection goes
-before it does. Answers without a request id (all but GROUP_A) come in the order the
-requests went, except history, which the node may answer out of order: history
-requests go one at a time.
+Who is online, group and contact requests, history pages, offline pages and
+summaries: each sends one request frame and fires when its answer comes, or fails
+when the connection goes before it does. Answers without a request id (all but
+GROUP_A and CONTACTS_A) come in the order the requests went, except history, which
+the node may answer out of order: history requests go one at a time.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ class Answers:
         self._not_connected = not_connected
         self._online: list[Deferred[cim_pb2.OnlineA]] = []
         self._groups: dict[int, Deferred[cim_pb2.GroupAnswer]] = {}
+        self._contacts: dict[int, Deferred[cim_pb2.ContactsAnswer]] = {}
         self._offline: list[Deferred[cim_pb2.OfflineA]] = []
         self._summaries: list[Deferred[cim_pb2.OfflineSummaryA]] = []
         self._history: list[Deferred[cim_pb2.HistoryA]] = []
@@ -66,14 +67,23 @@ class Answers:
         return self._ask(self._summaries, cim_pb2.OFFLINE_SUMMARY_R, request)
 
     def group(self, request: cim_pb2.GroupRequest) -> Deferred[cim_pb2.GroupAnswer]:
+        return self._ask_by_id(self._groups, cim_pb2.GROUP_R, request)
+
+    def contacts(self, request: cim_pb2.ContactsRequest) -> Deferred[cim_pb2.ContactsAnswer]:
+        return self._ask_by_id(self._contacts, cim_pb2.CONTACTS_R, request)
+
+    def _ask_by_id(
+        self, waiters: dict[int, Deferred[Any]], frame_type: int, request: Any
+    ) -> Deferred[Any]:
+        """A request whose answer carries its ``request_id`` (numbered here)."""
         connection = self._connection()
         if connection is None:
             return fail(self._not_connected())
-        waiter: Deferred[cim_pb2.GroupAnswer] = Deferred()
+        waiter: Deferred[Any] = Deferred()
         request.request_id = self._next_request_id
         self._next_request_id += 1
-        self._groups[request.request_id] = waiter
-        connection.send(cim_pb2.GROUP_R, request)
+        waiters[request.request_id] = waiter
+        connection.send(frame_type, request)
         return waiter
 
     def history(self, request: cim_pb2.HistoryR) -> Deferred[cim_pb2.HistoryA]:
@@ -96,10 +106,15 @@ class Answers:
 
     def answer(self, frame_type: int, message: ProtobufMessage) -> bool:
         """Hand an answer frame to its request; False if the frame is not an answer."""
-        if frame_type == cim_pb2.GROUP_A:
-            waiter = self._groups.pop(message.request_id, None)  # type: ignore[attr-defined]
+        by_id: dict[int, dict[int, Deferred[Any]]] = {
+            cim_pb2.GROUP_A: self._groups,
+            cim_pb2.CONTACTS_A: self._contacts,
+        }
+        numbered = by_id.get(frame_type)
+        if numbered is not None:
+            waiter = numbered.pop(message.request_id, None)  # type: ignore[attr-defined]
             if waiter is not None:
-                waiter.callback(message)  # type: ignore[arg-type]
+                waiter.callback(message)
             return True
         queues: dict[int, list[Any]] = {
             cim_pb2.ONLINE_A: self._online,
@@ -119,9 +134,10 @@ class Answers:
     def connection_lost(self, reason: Failure) -> None:
         """Every request in flight (or waiting its turn) fails with ``reason``."""
         waiters: list[Deferred[Any]] = [*self._online, *self._groups.values()]
-        waiters += [*self._offline, *self._summaries, *self._history]
+        waiters += [*self._contacts.values(), *self._offline, *self._summaries, *self._history]
         waiters += [waiter for _, waiter in self._history_waiting]
         self._online, self._groups, self._offline, self._summaries = [], {}, [], []
+        self._contacts = {}
         self._history, self._history_waiting = [], []
         for waiter in waiters:
             waiter.errback(reason)

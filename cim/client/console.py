@@ -37,7 +37,7 @@ HELP = """commands:
   /to USER          talk to USER from now on (plain lines go to them)
   /group NAME       talk in a group from now on (its name, or its id)
   /msg USER TEXT    send one message to USER, staying where you are
-  /online           list online users
+  /online           which of your contacts are online
   /groups           list your groups
   /history [N]      the last N messages (default 20) of this conversation
   /retry            send the last failed message again

@@ -33,6 +33,8 @@ STATUS_NAMES = {
     cim_pb2.FAILED: "failed",
 }
 REASON_CONNECTION_CLOSED = "the connection closed before the receiver acknowledged"
+_FINAL_REFUSALS = (cim_pb2.Error.BAD_REQUEST, cim_pb2.Error.FORBIDDEN)
+"""Refusals a resend cannot change: the message fails at once (others are retried)."""
 
 
 @dataclass(frozen=True)
@@ -278,7 +280,7 @@ class Outbox:
                 _conversation(entry.message), error.client_seq, error.retry_after_ms / 1000
             )
             return
-        if error.code == cim_pb2.Error.BAD_REQUEST or self.policy.mode == RETRY_MANUAL:
+        if error.code in _FINAL_REFUSALS or self.policy.mode == RETRY_MANUAL:
             self._fail(entry, error.message or cim_pb2.Error.Code.Name(error.code))
 
     # --- the connection ---------------------------------------------------------------

@@ -542,6 +542,12 @@ class ChatClient:
         """Send a GROUP_R (create, rename, add, remove, leave, ...) and get its answer."""
         return self.answers.group(request)
 
+    def contacts_request(
+        self, request: cim_pb2.ContactsRequest
+    ) -> Deferred[cim_pb2.ContactsAnswer]:
+        """Send a CONTACTS_R (list, request, accept, block, settings, ...), get its answer."""
+        return self.answers.contacts(request)
+
     def send_group(self, group_id: str, text: str) -> Deferred[DeliveryOutcome]:
         """Post a text to a group; the outcome is "accepted" once the node took it."""
         return self.send_message(cim_pb2.Message(group=group_id, text=text))

@@ -1,10 +1,12 @@
-"""Groups: who is in which group, who may change it, and the answer to a GROUP_R frame.
+"""Groups: who is in which group, who may change it, and who is invited to join.
 
-The rules that depend on stored state (roles, the member limit, dissolved groups)
-are checked inside the transactions of ``cim.storage.groups``, against the rows they
-change; this module checks what needs no database (names, list sizes, the shape of
-an id) before handing work to the pool, and keeps the member lists that group
-fan-out reads for every message.
+The rules that depend on stored state (roles, the member limit, dissolved groups,
+whether someone may be added or only invited: docs/privacy.md) are checked inside
+the transactions of ``cim.storage.groups`` and ``cim.storage.group_invites``, against
+the rows they change; this module checks what needs no database (names, list sizes,
+the shape of an id) before handing work to the pool, tells invitees with a system
+notice, and keeps the member lists that group fan-out reads for every message.
+``cim.groups.answers`` turns GROUP_R frames into these calls.
 
 Member lists are cached in memory because fan-out asks for them on every group
 message. Every change made through a ``GroupDirectory`` drops the group's entry
@@ -28,12 +30,21 @@ from typing import Concatenate, ParamSpec, TypeVar
 from sqlalchemy.engine import Connection
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorTime
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from cim.accounts.store import InvalidUserName, check_user_name
+from cim.groups.answers import answer, group_info_proto
+from cim.logic.contacts import Announcer, Silent
 from cim.protocols import cim_pb2
+from cim.storage.contacts import PrivacyDefaults
 from cim.storage.database import Database
+from cim.storage.group_invites import (
+    InvitationRecord,
+    accept_invitation_txn,
+    decline_invitation_txn,
+    find_invitations_txn,
+    invitations_txn,
+)
 from cim.storage.groups import (
     AmbiguousGroupName,
     BadGroupRequest,
@@ -42,6 +53,7 @@ from cim.storage.groups import (
     GroupError,
     GroupForbidden,
     GroupFull,
+    GroupNotAccepted,
     GroupNotFound,
     GroupRecord,
     LeaveRecord,
@@ -53,6 +65,7 @@ from cim.storage.groups import (
     find_groups_txn,
     group_members_txn,
     groups_of_txn,
+    invite_members_txn,
     leave_group_txn,
     member_names_txn,
     promote_members_txn,
@@ -74,7 +87,9 @@ __all__ = [
     "GroupForbidden",
     "GroupFull",
     "GroupInfo",
+    "GroupNotAccepted",
     "GroupNotFound",
+    "Invitation",
     "LeaveRecord",
     "Member",
     "NoSuchUsers",
@@ -90,12 +105,15 @@ P = ParamSpec("P")
 
 GroupInfo = GroupRecord
 Member = MemberRecord
+Invitation = InvitationRecord
 
 DEFAULT_MAX_MEMBERS = 2000
 DEFAULT_CACHE_SIZE = 10_000
 """Groups whose member lists are kept; the least recently used go first."""
 DEFAULT_CACHE_TTL = 60.0
 """Seconds a member list is trusted: bounds how long another node's change goes unseen."""
+
+DEFAULT_PRIVACY = PrivacyDefaults()
 
 _GROUP_ID = re.compile(rf"[a-z2-7]{{{GROUP_ID_LENGTH}}}")
 
@@ -121,21 +139,6 @@ def check_group_name(name: str) -> None:
         raise BadGroupRequest("a group name cannot start or end with white space")
     if any(unicodedata.category(char) in ("Cc", "Cs", "Zl", "Zp") for char in name):
         raise BadGroupRequest("a group name cannot contain control characters")
-
-
-def group_info_proto(info: GroupInfo) -> cim_pb2.GroupInfo:
-    return cim_pb2.GroupInfo(
-        id=info.id,
-        name=info.name,
-        owner=info.owner,
-        admins=list(info.admins),
-        member_count=info.member_count,
-        created_at_ms=int(info.created_at * 1000),
-    )
-
-
-def _member_proto(member: Member) -> cim_pb2.GroupMember:
-    return cim_pb2.GroupMember(user=member.user, role=member.role)
 
 
 @dataclass
@@ -168,17 +171,19 @@ class GroupDirectory:
         cache_size: int = DEFAULT_CACHE_SIZE,
         cache_ttl: float | None = DEFAULT_CACHE_TTL,
         new_id: Callable[[], str] = new_group_id,
+        defaults: PrivacyDefaults = DEFAULT_PRIVACY,
     ) -> None:
         if max_members < 1:
             raise ValueError("max_members must be at least 1")
         self._db = db
         self._clock = clock
         self.max_members = max_members
-        self._cache_size = cache_size
-        self._cache_ttl = cache_ttl
+        self.defaults = defaults
+        """What accounts that never chose their privacy settings follow."""
+        self.notices: Announcer = Silent()
+        """How invitees are told; the daemon gives the node's notices once it has them."""
         self._new_id = new_id
-        self._cache: OrderedDict[str, _Members] = OrderedDict()
-        self._loading: dict[str, _Load] = {}
+        self._members = _MemberCache(db, clock, cache_size, cache_ttl)
 
     # --- input checks -------------------------------------------------------------------
 
@@ -223,7 +228,8 @@ class GroupDirectory:
     # --- changes ------------------------------------------------------------------------
 
     def create(self, actor: str, name: str, members: Iterable[str] = ()) -> Deferred[GroupInfo]:
-        """actor becomes the owner; members (actor among them or not) plain members."""
+        """actor becomes the owner; members (actor among them or not) plain members,
+        or invited where their settings ask for it (``GroupInfo.invited``)."""
         try:
             check_group_name(name)
             others = [user for user in self._users(members, allow_empty=True) if user != actor]
@@ -231,9 +237,18 @@ class GroupDirectory:
             return fail(exc)
         group_id = self._new_id()
         now = self._clock.seconds()
-        return self._change(
-            group_id, create_group_txn, group_id, name, actor, others, now, self.max_members
+        d = self._change(
+            group_id,
+            create_group_txn,
+            group_id,
+            name,
+            actor,
+            others,
+            now,
+            self.max_members,
+            self.defaults,
         )
+        return d.addCallback(self._tell_invited, actor)
 
     def rename(self, actor: str, group_id: str, name: str) -> Deferred[GroupInfo]:
         try:
@@ -244,16 +259,81 @@ class GroupDirectory:
         return self._change(group_id, rename_group_txn, group_id, actor, name)
 
     def add(self, actor: str, group_id: str, users: Iterable[str]) -> Deferred[GroupInfo]:
-        """Users already in the group stay as they are; unknown users are refused."""
+        """Users already in the group stay as they are; the others are added, or
+        invited where their settings ask for it (``GroupInfo.invited``); one that may
+        not be (no account, a policy or block against the actor) refuses them all."""
+        return self._bring_in(add_members_txn, actor, group_id, users)
+
+    def invite(self, actor: str, group_id: str, users: Iterable[str]) -> Deferred[GroupInfo]:
+        """As ``add``, but persons are always invited (a guardian's device is added)."""
+        return self._bring_in(invite_members_txn, actor, group_id, users)
+
+    def _bring_in(
+        self,
+        txn: Callable[..., GroupInfo],
+        actor: str,
+        group_id: str,
+        users: Iterable[str],
+    ) -> Deferred[GroupInfo]:
         try:
             self._group(group_id)
             names = self._users(users)
         except GroupError as exc:
             return fail(exc)
         now = self._clock.seconds()
-        return self._change(
-            group_id, add_members_txn, group_id, actor, names, now, self.max_members
+        d = self._change(
+            group_id, txn, group_id, actor, names, now, self.max_members, self.defaults
         )
+        return d.addCallback(self._tell_invited, actor)
+
+    def _tell_invited(self, info: GroupInfo, actor: str) -> Deferred[GroupInfo]:
+        """The invitees hear of it as a system notice ("group.invited")."""
+        if not info.invited:
+            return succeed(info)
+        sent = Deferred.fromCoroutine(
+            self.notices.send(
+                info.invited, "group.invited", group=info.id, name=info.name, invited_by=actor
+            )
+        )
+        return sent.addCallback(lambda _: info)
+
+    # --- invitations ------------------------------------------------------------------
+
+    def invitations(self, user: str) -> Deferred[list[Invitation]]:
+        return self._db.run(invitations_txn, user)
+
+    def accept(self, user: str, group_id: str) -> Deferred[GroupInfo]:
+        """The invitee joins; refused when no invitation waits, or the group is full."""
+        try:
+            self._group(group_id)
+        except GroupError as exc:
+            return fail(exc)
+        now = self._clock.seconds()
+        return self._change(group_id, accept_invitation_txn, group_id, user, now, self.max_members)
+
+    def decline(self, user: str, group_id: str) -> Deferred[None]:
+        try:
+            self._group(group_id)
+        except GroupError as exc:
+            return fail(exc)
+        return self._db.run(decline_invitation_txn, group_id, user)
+
+    def resolve_invitation(self, user: str, ref: str) -> Deferred[str]:
+        """The group id ``ref`` means to an invitee: a group id, or the name of a group
+        it is invited to (AmbiguousGroupName when several are)."""
+        if not ref:
+            return fail(BadGroupRequest("name a group (its id or its name)"))
+        if len(ref) > max(GROUP_NAME_MAX, GROUP_ID_LENGTH):
+            return fail(GroupNotFound(f"no invitation to {ref[:80]!r} is waiting for you"))
+
+        def one(ids: list[str]) -> str:
+            if not ids:
+                raise GroupNotFound(f"no invitation to {ref!r} is waiting for you")
+            if len(ids) > 1:
+                raise AmbiguousGroupName(ref, ids)
+            return ids[0]
+
+        return self._db.run(find_invitations_txn, user, ref).addCallback(one)
 
     def remove(self, actor: str, group_id: str, users: Iterable[str]) -> Deferred[GroupInfo]:
         try:
@@ -319,7 +399,7 @@ class GroupDirectory:
 
         return self._db.run(find_groups_txn, user, ref).addCallback(one)
 
-    # --- the member cache ---------------------------------------------------------------
+    # --- GROUP_R and the member cache ---------------------------------------------------
 
     def answer(self, actor: str, request: cim_pb2.GroupRequest) -> Deferred[cim_pb2.GroupAnswer]:
         """A GROUP_R frame answered (never fails: errors become the answer's error)."""
@@ -330,11 +410,11 @@ class GroupDirectory:
 
         An unknown or dissolved group has no members. Fires at once on a cache hit.
         """
-        return self._members(group_id).addCallback(lambda entry: list(entry.names))
+        return self._members.of(group_id).addCallback(lambda entry: list(entry.names))
 
     def is_member(self, group_id: str, user: str) -> Deferred[bool]:
         """Whether user may post to the group; from the same cache as member_names."""
-        return self._members(group_id).addCallback(lambda entry: user in entry.lookup)
+        return self._members.of(group_id).addCallback(lambda entry: user in entry.lookup)
 
     def forget(self, group_id: str) -> None:
         """Drop what is known of the group: the next question reads the database.
@@ -342,13 +422,28 @@ class GroupDirectory:
         A read already running when this is called still answers its callers, but its
         result is not kept, since it may predate the change that led here.
         """
+        self._members.forget(group_id)
+
+
+class _MemberCache:
+    """Member lists by group, least recently used first out, each trusted for ``ttl``."""
+
+    def __init__(self, db: Database, clock: IReactorTime, size: int, ttl: float | None) -> None:
+        self._db = db
+        self._clock = clock
+        self._size = size
+        self._ttl = ttl
+        self._cache: OrderedDict[str, _Members] = OrderedDict()
+        self._loading: dict[str, _Load] = {}
+
+    def forget(self, group_id: str) -> None:
         self._cache.pop(group_id, None)
         self._loading.pop(group_id, None)
 
-    def _members(self, group_id: str) -> Deferred[_Members]:
+    def of(self, group_id: str) -> Deferred[_Members]:
         entry = self._cache.get(group_id)
         if entry is not None:
-            if self._cache_ttl is None or self._clock.seconds() - entry.loaded_at < self._cache_ttl:
+            if self._ttl is None or self._clock.seconds() - entry.loaded_at < self._ttl:
                 self._cache.move_to_end(group_id)
                 return succeed(entry)
             del self._cache[group_id]
@@ -380,73 +475,7 @@ class GroupDirectory:
         if current:
             self._cache[group_id] = entry
             self._cache.move_to_end(group_id)
-            while len(self._cache) > self._cache_size:
+            while len(self._cache) > self._size:
                 self._cache.popitem(last=False)
         for waiter in load.waiters:
             waiter.callback(entry)
-
-
-# --- the GROUP_R frame ----------------------------------------------------------------
-
-_log = Logger(namespace="cim.groups")
-
-
-async def answer(
-    directory: GroupDirectory, actor: str, request: cim_pb2.GroupRequest
-) -> cim_pb2.GroupAnswer:
-    """The GROUP_A for a GROUP_R from actor; never raises.
-
-    Every ``group`` field may be an id or the name of one of actor's groups (the CLI
-    sends what the user typed). A refusal becomes ``ok=False`` with the error's code
-    and message; anything unexpected is logged and answered with code "internal".
-    """
-    reply = cim_pb2.GroupAnswer(request_id=request.request_id)
-    op = request.WhichOneof("op")
-    try:
-        if op == "create":
-            info = await directory.create(actor, request.create.name, request.create.members)
-            reply.group.CopyFrom(group_info_proto(info))
-        elif op == "rename":
-            group_id = await directory.resolve(actor, request.rename.group)
-            info = await directory.rename(actor, group_id, request.rename.name)
-            reply.group.CopyFrom(group_info_proto(info))
-        elif op in ("add", "remove", "promote"):
-            change: cim_pb2.ChangeMembers = getattr(request, op)
-            group_id = await directory.resolve(actor, change.group)
-            method = {
-                "add": directory.add,
-                "remove": directory.remove,
-                "promote": directory.promote,
-            }[op]
-            info = await method(actor, group_id, list(change.users))
-            reply.group.CopyFrom(group_info_proto(info))
-        elif op == "leave":
-            group_id = await directory.resolve(actor, request.leave.group)
-            await directory.leave(actor, group_id)
-        elif op == "dissolve":
-            group_id = await directory.resolve(actor, request.dissolve.group)
-            await directory.dissolve(actor, group_id)
-        elif op == "list":
-            infos = await directory.list_for(actor)
-            reply.groups.extend(group_info_proto(info) for info in infos)
-        elif op == "members":
-            group_id = await directory.resolve(actor, request.members.group)
-            members = await directory.members(actor, group_id)
-            reply.members.extend(_member_proto(member) for member in members)
-        else:
-            raise BadGroupRequest("the request names no group operation")
-    except GroupError as exc:
-        reply.Clear()
-        reply.request_id = request.request_id
-        reply.error = exc.code
-        reply.message = exc.message
-        return reply
-    except Exception:
-        _log.failure("group request {op} from {actor} failed", op=op, actor=actor)
-        reply.Clear()
-        reply.request_id = request.request_id
-        reply.error = "internal"
-        reply.message = "the group request failed on the server; try again"
-        return reply
-    reply.ok = True
-    return reply

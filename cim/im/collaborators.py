@@ -38,12 +38,14 @@ __all__ = [
     "Bounds",
     "ClientSession",
     "Connected",
+    "ContactRules",
     "Directory",
     "FrameEntry",
     "FrameTable",
     "GroupMembership",
     "HistoryAnswers",
     "NoArchive",
+    "NoContacts",
     "NoGroups",
     "NoHistory",
     "NoOfflineBox",
@@ -139,12 +141,58 @@ class NoGroups:
         )
 
 
+class ContactRules(Protocol):
+    """Who may reach whom, and CONTACTS_R (cim.im.contacts.ContactDirectory)."""
+
+    def known(self, sender: str, receiver: str) -> bool | None:
+        """The remembered answer to ``may_message`` (no Deferred), or None."""
+
+    def may_message(self, sender: str, receiver: str) -> Deferred[bool]:
+        """Whether ``sender`` may send ``receiver`` a 1:1 message. False for a name
+        without an account too, by the same path as any other refusal."""
+
+    def circle(self, user: str) -> Deferred[list[str]]:
+        """Whose presence ``user`` may see."""
+
+    def answer(
+        self, actor: str, request: cim_pb2.ContactsRequest
+    ) -> Deferred[cim_pb2.ContactsAnswer]: ...
+
+
+class NoContacts:
+    """A node that keeps no contacts (only tests build one): it has no rules to apply,
+    so every message goes on (routing still says when a receiver has no account),
+    nobody's presence is known to be anyone's business, and requests are refused."""
+
+    def known(self, sender: str, receiver: str) -> bool | None:
+        return True
+
+    def may_message(self, sender: str, receiver: str) -> Deferred[bool]:
+        return succeed(True)
+
+    def circle(self, user: str) -> Deferred[list[str]]:
+        return succeed([])
+
+    def answer(
+        self, actor: str, request: cim_pb2.ContactsRequest
+    ) -> Deferred[cim_pb2.ContactsAnswer]:
+        return succeed(
+            cim_pb2.ContactsAnswer(
+                request_id=request.request_id,
+                ok=False,
+                error="unavailable",
+                message="contacts are not available on this node",
+            )
+        )
+
+
 @dataclass(slots=True)
 class Directory:
-    """Who exists and who belongs to which group."""
+    """Who exists, who belongs to which group, and who may reach whom."""
 
     user_exists: UserExists
     groups: GroupMembership = field(default_factory=NoGroups)
+    contacts: ContactRules = field(default_factory=NoContacts)
 
 
 # --- where messages are kept ----------------------------------------------------------

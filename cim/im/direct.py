@@ -14,6 +14,12 @@ A group post is then handed to ``cim.im.groups``; a 1:1 message is routed.
 Before any of that, the limits (``cim.limits.messages``: the sender's rate, the
 group's, the fan-out backlog, the archive) may refuse it: ERROR ``RATE_LIMITED`` or
 ``UNAVAILABLE`` with ``retry_after_ms``; such a message was never taken.
+
+Before its claim a 1:1 message needs the receiver's consent (docs/privacy.md: its
+policy, its blocks, a device's guardians), asked of the directory's contact rules.
+A refusal and a receiver without an account get one answer, ERROR ``FORBIDDEN``
+with ``REASON_NOT_ACCEPTED``, after one path: the same remembered answer or the same
+single read, so neither the answer nor its timing tells whether the name exists.
 """
 
 from __future__ import annotations
@@ -25,7 +31,14 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from cim.content import MediaUrls, control_characters_in
-from cim.im.collaborators import ClientSession, FrameTable, NodeCore, Stores, log_failure
+from cim.im.collaborators import (
+    ClientSession,
+    Directory,
+    FrameTable,
+    NodeCore,
+    Stores,
+    log_failure,
+)
 from cim.im.groups import GroupMessages
 from cim.im.routing import Routing
 from cim.interfaces import MessageReceipt, StateUnavailable
@@ -33,7 +46,7 @@ from cim.limits.messages import MessageGate
 from cim.message_ids import MessageIdGenerator
 from cim.protocols import cim_pb2
 
-__all__ = ["MAX_TEXT_LENGTH", "DirectMessages", "message_problem"]
+__all__ = ["MAX_TEXT_LENGTH", "REASON_NOT_ACCEPTED", "DirectMessages", "message_problem"]
 
 MSG_A = cim_pb2.MSG_A
 ACK_A = cim_pb2.ACK_A
@@ -42,6 +55,11 @@ FAILED = cim_pb2.FAILED
 SYSTEM = cim_pb2.SYSTEM
 BAD_REQUEST = cim_pb2.Error.BAD_REQUEST
 UNAVAILABLE = cim_pb2.Error.UNAVAILABLE
+FORBIDDEN = cim_pb2.Error.FORBIDDEN
+
+REASON_NOT_ACCEPTED = (
+    "not accepted: the receiver does not exist or does not accept messages from you"
+)
 
 MAX_TEXT_LENGTH = 16384
 """The default of ``[im] max_text_length``."""
@@ -94,6 +112,7 @@ class DirectMessages:
     def __init__(
         self,
         core: NodeCore,
+        directory: Directory,
         routing: Routing,
         groups: GroupMessages,
         stores: Stores,
@@ -104,6 +123,7 @@ class DirectMessages:
         self._media_urls = core.media_urls
         self._receipts = core.state.receipts
         self._metrics = core.metrics
+        self._directory = directory
         self._routing = routing
         self._groups = groups
         self._gate = gate
@@ -140,8 +160,31 @@ class DirectMessages:
             d = self._groups.may_post(message.group, record.user)
             d.addCallback(self._claim, session, message)
         else:
-            d = self._claim(True, session, message)  # the hot path: no extra Deferred
+            d = self._consented(session, message)
         d.addErrback(self._claim_failed, session, message.client_seq)
+
+    # --- consent (docs/privacy.md) ------------------------------------------------------
+
+    def _consented(self, session: ClientSession, message: cim_pb2.Message) -> Any:
+        """Claim a 1:1 message only if its receiver accepts it from the sender.
+
+        The hot path: a remembered answer adds no Deferred. A refusal and a receiver
+        without an account take the same path to the same answer.
+        """
+        contacts = self._directory.contacts
+        sender = session.record.user
+        allowed = contacts.known(sender, message.to)
+        if allowed is None:
+            return contacts.may_message(sender, message.to).addCallback(
+                self._decided, session, message
+            )
+        return self._decided(allowed, session, message)
+
+    def _decided(self, allowed: bool, session: ClientSession, message: cim_pb2.Message) -> Any:
+        if not allowed:
+            self._refuse(session, message.client_seq, FORBIDDEN, REASON_NOT_ACCEPTED)
+            return succeed(None)
+        return self._claim(True, session, message)
 
     def _claim(self, member: bool, session: ClientSession, message: cim_pb2.Message) -> Any:
         if not member:

@@ -13,7 +13,8 @@ family (or a new room, merged into ``inbound`` below).
     groups     group posts: membership, numbering, fan-out; GROUP_R
     catchup    OFFLINE_R, OFFLINE_ACK_R, OFFLINE_SUMMARY_R, the notice to pull
     history    HISTORY_R
-    presence   ONLINE_R
+    presence   ONLINE_R (the caller's contacts and bound accounts only)
+    contacts   CONTACTS_R; the contact rules direct, presence and groups ask
     system     server-made messages (the logic service's notices)
 """
 
@@ -32,6 +33,7 @@ from cim.im.collaborators import (
     NodeCore,
     Stores,
 )
+from cim.im.contacts import ContactRequests
 from cim.im.direct import DirectMessages
 from cim.im.groups import GroupMessages
 from cim.im.history import HistoryRequests
@@ -78,15 +80,16 @@ class ImNode:
             archive_wait=lambda: stores.archive.behind(),
         )
         self.direct = DirectMessages(
-            core, self.routing, self.groups, stores, self.gate, bounds.max_text_length
+            core, directory, self.routing, self.groups, stores, self.gate, bounds.max_text_length
         )
         self.history = HistoryRequests(stores)
-        self.presence = PresenceRequests(core.state.presence)
+        self.presence = PresenceRequests(core.state.presence, directory)
+        self.contacts = ContactRequests(directory)
         self.system = SystemMessages(core, stores, self.catchup)
         self.sessions = Sessions(core, connected, self.routing)
         peers.listen(self.routing.bus_message_received)
         self.inbound: FrameTable = _merged(
-            self.direct, self.groups, self.catchup, self.history, self.presence
+            self.direct, self.groups, self.catchup, self.history, self.presence, self.contacts
         )
         """What an authenticated client may send: every other frame type closes the
         connection."""

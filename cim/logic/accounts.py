@@ -84,6 +84,8 @@ class Accounts:
             raise BadInput("invalid_name", "that name is not allowed") from None
         except WeakPassword as exc:
             raise BadInput("weak_password", str(exc)) from None
+        # Messages to the name were refused until now, and may be remembered so.
+        self.ctx.contacts.forget(name)
         if display_name:
             await self.ctx.database.run(
                 update_profile_txn, name, {"display_name": display_name}, self.ctx.now()
@@ -162,6 +164,9 @@ class Accounts:
         # deleted member. Other nodes' caches expire after their cache_ttl.
         for left in deleted.left_groups:
             self.ctx.groups.forget(left.group_id)
+        # Its contacts, requests, blocks and invitations went with the row (ON DELETE
+        # CASCADE); whatever was decided about the name must not outlive them.
+        self.ctx.contacts.forget(user)
         try:
             await self.ctx.sessions.end_user_session(user, REASON_ACCOUNT_DELETED)
         except StateUnavailable:

@@ -12,6 +12,7 @@ from cim.config import AccountsConfig, LogicConfig
 from cim.content import MediaUrls
 from cim.interfaces import ISessionStore
 from cim.limits.policy import NO_LIMITS, RateLimits
+from cim.logic.contacts import ContactBook
 from cim.logic.notices import Notices
 from cim.storage.database import Database
 
@@ -58,6 +59,8 @@ class LogicContext:
     clock: IReactorTime
     groups: GroupCaches
     """The node's group directory, whose member caches a deleted account leaves."""
+    contacts: ContactBook
+    """The node's contact book, shared with its IM rooms (one cache of decisions)."""
     media_urls: MediaUrls = field(default_factory=MediaUrls)
     """Which URLs a post or a profile may carry for others to open (cim.content)."""
     limits: RateLimits = NO_LIMITS

@@ -7,6 +7,7 @@ from typing import Protocol
 
 from cim.logic.accounts import Accounts
 from cim.logic.bindings import Bindings
+from cim.logic.contacts import ContactBook
 from cim.logic.context import LogicContext
 from cim.logic.fences import Fences
 from cim.logic.posts import Posts
@@ -28,10 +29,13 @@ class LogicFeatures:
     alarms: SosAlarms
     fences: Fences
     posts: Posts
+    contacts: ContactBook
 
     @classmethod
     def build(cls, ctx: LogicContext) -> LogicFeatures:
-        return cls(Accounts(ctx), Bindings(ctx), SosAlarms(ctx), Fences(ctx), Posts(ctx))
+        return cls(
+            Accounts(ctx), Bindings(ctx), SosAlarms(ctx), Fences(ctx), Posts(ctx), ctx.contacts
+        )
 
     def housekeeping(self) -> list[Housekeeping]:
         """The features with periodic work, in the order it runs."""

@@ -15,11 +15,13 @@ from typing import Any, cast
 from twisted.internet.task import Clock
 
 from cim.config import parse_config
+from cim.logic.contacts import ContactBook
 from cim.logic.context import NO_GROUP_CACHES, LogicContext
 from cim.logic.features import LogicFeatures
 from cim.logic.http.api import logic_document
 from cim.logic.http.operations import logic_endpoints
 from cim.logic.notices import Notices
+from cim.storage.contacts import PrivacyDefaults
 
 __all__ = ["document", "main"]
 
@@ -37,6 +39,7 @@ def document() -> dict[str, Any]:
         Notices(absent, clock),
         clock,
         NO_GROUP_CACHES,
+        ContactBook(absent, clock, PrivacyDefaults()),
     )
     return logic_document(logic_endpoints(LogicFeatures.build(ctx)))
 

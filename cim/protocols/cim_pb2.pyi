@@ -32,6 +32,8 @@ class FrameType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     HISTORY_A: _ClassVar[FrameType]
     GROUP_R: _ClassVar[FrameType]
     GROUP_A: _ClassVar[FrameType]
+    CONTACTS_R: _ClassVar[FrameType]
+    CONTACTS_A: _ClassVar[FrameType]
     KICKED: _ClassVar[FrameType]
     GOING_AWAY: _ClassVar[FrameType]
     ERROR: _ClassVar[FrameType]
@@ -75,6 +77,8 @@ HISTORY_R: FrameType
 HISTORY_A: FrameType
 GROUP_R: FrameType
 GROUP_A: FrameType
+CONTACTS_R: FrameType
+CONTACTS_A: FrameType
 KICKED: FrameType
 GOING_AWAY: FrameType
 ERROR: FrameType
@@ -396,7 +400,7 @@ class HistoryA(_message.Message):
     def __init__(self, messages: _Optional[_Iterable[_Union[Message, _Mapping]]] = ..., more: _Optional[bool] = ..., next_before: _Optional[int] = ..., error: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
 
 class GroupRequest(_message.Message):
-    __slots__ = ("request_id", "create", "rename", "add", "remove", "leave", "dissolve", "list", "members", "promote")
+    __slots__ = ("request_id", "create", "rename", "add", "remove", "leave", "dissolve", "list", "members", "promote", "invite", "accept", "decline", "invitations")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     CREATE_FIELD_NUMBER: _ClassVar[int]
     RENAME_FIELD_NUMBER: _ClassVar[int]
@@ -407,6 +411,10 @@ class GroupRequest(_message.Message):
     LIST_FIELD_NUMBER: _ClassVar[int]
     MEMBERS_FIELD_NUMBER: _ClassVar[int]
     PROMOTE_FIELD_NUMBER: _ClassVar[int]
+    INVITE_FIELD_NUMBER: _ClassVar[int]
+    ACCEPT_FIELD_NUMBER: _ClassVar[int]
+    DECLINE_FIELD_NUMBER: _ClassVar[int]
+    INVITATIONS_FIELD_NUMBER: _ClassVar[int]
     request_id: int
     create: CreateGroup
     rename: RenameGroup
@@ -417,7 +425,11 @@ class GroupRequest(_message.Message):
     list: ListGroups
     members: GroupRef
     promote: ChangeMembers
-    def __init__(self, request_id: _Optional[int] = ..., create: _Optional[_Union[CreateGroup, _Mapping]] = ..., rename: _Optional[_Union[RenameGroup, _Mapping]] = ..., add: _Optional[_Union[ChangeMembers, _Mapping]] = ..., remove: _Optional[_Union[ChangeMembers, _Mapping]] = ..., leave: _Optional[_Union[GroupRef, _Mapping]] = ..., dissolve: _Optional[_Union[GroupRef, _Mapping]] = ..., list: _Optional[_Union[ListGroups, _Mapping]] = ..., members: _Optional[_Union[GroupRef, _Mapping]] = ..., promote: _Optional[_Union[ChangeMembers, _Mapping]] = ...) -> None: ...
+    invite: ChangeMembers
+    accept: GroupRef
+    decline: GroupRef
+    invitations: ListInvitations
+    def __init__(self, request_id: _Optional[int] = ..., create: _Optional[_Union[CreateGroup, _Mapping]] = ..., rename: _Optional[_Union[RenameGroup, _Mapping]] = ..., add: _Optional[_Union[ChangeMembers, _Mapping]] = ..., remove: _Optional[_Union[ChangeMembers, _Mapping]] = ..., leave: _Optional[_Union[GroupRef, _Mapping]] = ..., dissolve: _Optional[_Union[GroupRef, _Mapping]] = ..., list: _Optional[_Union[ListGroups, _Mapping]] = ..., members: _Optional[_Union[GroupRef, _Mapping]] = ..., promote: _Optional[_Union[ChangeMembers, _Mapping]] = ..., invite: _Optional[_Union[ChangeMembers, _Mapping]] = ..., accept: _Optional[_Union[GroupRef, _Mapping]] = ..., decline: _Optional[_Union[GroupRef, _Mapping]] = ..., invitations: _Optional[_Union[ListInvitations, _Mapping]] = ...) -> None: ...
 
 class CreateGroup(_message.Message):
     __slots__ = ("name", "members")
@@ -453,6 +465,20 @@ class ListGroups(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class ListInvitations(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class GroupInvitation(_message.Message):
+    __slots__ = ("group", "invited_by", "invited_at_ms")
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    INVITED_BY_FIELD_NUMBER: _ClassVar[int]
+    INVITED_AT_MS_FIELD_NUMBER: _ClassVar[int]
+    group: GroupInfo
+    invited_by: str
+    invited_at_ms: int
+    def __init__(self, group: _Optional[_Union[GroupInfo, _Mapping]] = ..., invited_by: _Optional[str] = ..., invited_at_ms: _Optional[int] = ...) -> None: ...
+
 class GroupInfo(_message.Message):
     __slots__ = ("id", "name", "owner", "admins", "member_count", "created_at_ms")
     ID_FIELD_NUMBER: _ClassVar[int]
@@ -478,7 +504,7 @@ class GroupMember(_message.Message):
     def __init__(self, user: _Optional[str] = ..., role: _Optional[str] = ...) -> None: ...
 
 class GroupAnswer(_message.Message):
-    __slots__ = ("request_id", "ok", "error", "message", "group", "groups", "members")
+    __slots__ = ("request_id", "ok", "error", "message", "group", "groups", "members", "invited", "invitations")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     OK_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
@@ -486,6 +512,8 @@ class GroupAnswer(_message.Message):
     GROUP_FIELD_NUMBER: _ClassVar[int]
     GROUPS_FIELD_NUMBER: _ClassVar[int]
     MEMBERS_FIELD_NUMBER: _ClassVar[int]
+    INVITED_FIELD_NUMBER: _ClassVar[int]
+    INVITATIONS_FIELD_NUMBER: _ClassVar[int]
     request_id: int
     ok: bool
     error: str
@@ -493,7 +521,105 @@ class GroupAnswer(_message.Message):
     group: GroupInfo
     groups: _containers.RepeatedCompositeFieldContainer[GroupInfo]
     members: _containers.RepeatedCompositeFieldContainer[GroupMember]
-    def __init__(self, request_id: _Optional[int] = ..., ok: _Optional[bool] = ..., error: _Optional[str] = ..., message: _Optional[str] = ..., group: _Optional[_Union[GroupInfo, _Mapping]] = ..., groups: _Optional[_Iterable[_Union[GroupInfo, _Mapping]]] = ..., members: _Optional[_Iterable[_Union[GroupMember, _Mapping]]] = ...) -> None: ...
+    invited: _containers.RepeatedScalarFieldContainer[str]
+    invitations: _containers.RepeatedCompositeFieldContainer[GroupInvitation]
+    def __init__(self, request_id: _Optional[int] = ..., ok: _Optional[bool] = ..., error: _Optional[str] = ..., message: _Optional[str] = ..., group: _Optional[_Union[GroupInfo, _Mapping]] = ..., groups: _Optional[_Iterable[_Union[GroupInfo, _Mapping]]] = ..., members: _Optional[_Iterable[_Union[GroupMember, _Mapping]]] = ..., invited: _Optional[_Iterable[str]] = ..., invitations: _Optional[_Iterable[_Union[GroupInvitation, _Mapping]]] = ...) -> None: ...
+
+class ContactsRequest(_message.Message):
+    __slots__ = ("request_id", "device", "list", "request", "accept", "decline", "remove", "block", "unblock", "settings")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    LIST_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_FIELD_NUMBER: _ClassVar[int]
+    ACCEPT_FIELD_NUMBER: _ClassVar[int]
+    DECLINE_FIELD_NUMBER: _ClassVar[int]
+    REMOVE_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_FIELD_NUMBER: _ClassVar[int]
+    UNBLOCK_FIELD_NUMBER: _ClassVar[int]
+    SETTINGS_FIELD_NUMBER: _ClassVar[int]
+    request_id: int
+    device: str
+    list: ListContacts
+    request: ContactRef
+    accept: ContactRef
+    decline: ContactRef
+    remove: ContactRef
+    block: ContactRef
+    unblock: ContactRef
+    settings: PrivacySettings
+    def __init__(self, request_id: _Optional[int] = ..., device: _Optional[str] = ..., list: _Optional[_Union[ListContacts, _Mapping]] = ..., request: _Optional[_Union[ContactRef, _Mapping]] = ..., accept: _Optional[_Union[ContactRef, _Mapping]] = ..., decline: _Optional[_Union[ContactRef, _Mapping]] = ..., remove: _Optional[_Union[ContactRef, _Mapping]] = ..., block: _Optional[_Union[ContactRef, _Mapping]] = ..., unblock: _Optional[_Union[ContactRef, _Mapping]] = ..., settings: _Optional[_Union[PrivacySettings, _Mapping]] = ...) -> None: ...
+
+class ListContacts(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ContactRef(_message.Message):
+    __slots__ = ("user",)
+    USER_FIELD_NUMBER: _ClassVar[int]
+    user: str
+    def __init__(self, user: _Optional[str] = ...) -> None: ...
+
+class PrivacySettings(_message.Message):
+    __slots__ = ("messages", "group_adds")
+    MESSAGES_FIELD_NUMBER: _ClassVar[int]
+    GROUP_ADDS_FIELD_NUMBER: _ClassVar[int]
+    messages: str
+    group_adds: str
+    def __init__(self, messages: _Optional[str] = ..., group_adds: _Optional[str] = ...) -> None: ...
+
+class Contact(_message.Message):
+    __slots__ = ("user", "since_ms", "approved_by")
+    USER_FIELD_NUMBER: _ClassVar[int]
+    SINCE_MS_FIELD_NUMBER: _ClassVar[int]
+    APPROVED_BY_FIELD_NUMBER: _ClassVar[int]
+    user: str
+    since_ms: int
+    approved_by: str
+    def __init__(self, user: _Optional[str] = ..., since_ms: _Optional[int] = ..., approved_by: _Optional[str] = ...) -> None: ...
+
+class PendingContact(_message.Message):
+    __slots__ = ("user", "device", "at_ms", "requested_by")
+    USER_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    AT_MS_FIELD_NUMBER: _ClassVar[int]
+    REQUESTED_BY_FIELD_NUMBER: _ClassVar[int]
+    user: str
+    device: str
+    at_ms: int
+    requested_by: str
+    def __init__(self, user: _Optional[str] = ..., device: _Optional[str] = ..., at_ms: _Optional[int] = ..., requested_by: _Optional[str] = ...) -> None: ...
+
+class ContactBook(_message.Message):
+    __slots__ = ("contacts", "incoming", "outgoing", "blocked", "settings")
+    CONTACTS_FIELD_NUMBER: _ClassVar[int]
+    INCOMING_FIELD_NUMBER: _ClassVar[int]
+    OUTGOING_FIELD_NUMBER: _ClassVar[int]
+    BLOCKED_FIELD_NUMBER: _ClassVar[int]
+    SETTINGS_FIELD_NUMBER: _ClassVar[int]
+    contacts: _containers.RepeatedCompositeFieldContainer[Contact]
+    incoming: _containers.RepeatedCompositeFieldContainer[PendingContact]
+    outgoing: _containers.RepeatedCompositeFieldContainer[PendingContact]
+    blocked: _containers.RepeatedScalarFieldContainer[str]
+    settings: PrivacySettings
+    def __init__(self, contacts: _Optional[_Iterable[_Union[Contact, _Mapping]]] = ..., incoming: _Optional[_Iterable[_Union[PendingContact, _Mapping]]] = ..., outgoing: _Optional[_Iterable[_Union[PendingContact, _Mapping]]] = ..., blocked: _Optional[_Iterable[str]] = ..., settings: _Optional[_Union[PrivacySettings, _Mapping]] = ...) -> None: ...
+
+class ContactsAnswer(_message.Message):
+    __slots__ = ("request_id", "ok", "error", "message", "status", "book", "settings")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    OK_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    BOOK_FIELD_NUMBER: _ClassVar[int]
+    SETTINGS_FIELD_NUMBER: _ClassVar[int]
+    request_id: int
+    ok: bool
+    error: str
+    message: str
+    status: str
+    book: ContactBook
+    settings: PrivacySettings
+    def __init__(self, request_id: _Optional[int] = ..., ok: _Optional[bool] = ..., error: _Optional[str] = ..., message: _Optional[str] = ..., status: _Optional[str] = ..., book: _Optional[_Union[ContactBook, _Mapping]] = ..., settings: _Optional[_Union[PrivacySettings, _Mapping]] = ...) -> None: ...
 
 class BusEnvelope(_message.Message):
     __slots__ = ("origin_node", "deliver", "outcome", "stored")
@@ -572,11 +698,13 @@ class Error(_message.Message):
         RATE_LIMITED: _ClassVar[Error.Code]
         INTERNAL: _ClassVar[Error.Code]
         UNAVAILABLE: _ClassVar[Error.Code]
+        FORBIDDEN: _ClassVar[Error.Code]
     CODE_UNSPECIFIED: Error.Code
     BAD_REQUEST: Error.Code
     RATE_LIMITED: Error.Code
     INTERNAL: Error.Code
     UNAVAILABLE: Error.Code
+    FORBIDDEN: Error.Code
     CODE_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     REQUEST_TYPE_FIELD_NUMBER: _ClassVar[int]

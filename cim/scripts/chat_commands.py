@@ -53,7 +53,9 @@ def add_chat_commands(commands: Any) -> None:
         action="store_true",
         help="exit with status 5 when the connection is lost (default: reconnect)",
     )
-    commands.add_parser("online", help="list online users as JSON")
+    commands.add_parser(
+        "online", help="list who of your contacts (and bound accounts) is online, as JSON"
+    )
     history = commands.add_parser(
         "history", help="print a conversation's archived messages as JSON lines, newest first"
     )
@@ -79,7 +81,11 @@ async def send_command(reactor: Any, client: Any, options: argparse.Namespace) -
         raise ClientExit(EXIT_FAILED, f"no outcome in {options.timeout:g} s")
     emit(outcome_record(outcome))
     if outcome.status not in ("delivered", "stored"):
-        raise ClientExit(EXIT_FAILED, f"not delivered: {outcome.reason or outcome.status}")
+        from cim.im.direct import REASON_NOT_ACCEPTED
+
+        # The receiver's consent (docs/privacy.md) is a permission, not a failure.
+        status = EXIT_REFUSED if outcome.reason == REASON_NOT_ACCEPTED else EXIT_FAILED
+        raise ClientExit(status, f"not delivered: {outcome.reason or outcome.status}")
     return EXIT_OK
 
 

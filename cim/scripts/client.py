@@ -4,7 +4,11 @@
     cim-client --user U listen [--count N] [--timeout S] [--no-reconnect]
     cim-client --user U online
     cim-client --user U history PEER [--group] [--limit N] [--before ID]
-    cim-client --user U group create|add|remove|leave|list|members|send ...
+    cim-client --user U group create|add|invite|remove|leave|list|members|send ...
+    cim-client --user U group accept|decline GROUP | invitations
+    cim-client --user U contacts list | request|accept|decline|remove|block|unblock USER
+                                 [--for DEVICE] | policy [contacts|everyone]
+                                 [--group-adds contacts|nobody]
     cim-client [--files URL] --user U send-file TO PATH [--group]
     cim-client [--files URL] [--user U] download URL [-o PATH|-] [--force]
     cim-client --user U                      (interactive console)
@@ -31,8 +35,8 @@ is one line on stderr and an exit status: 0 ok, 1 the operation failed, 2 usage,
 errors only, ``-v`` adds the library's progress, ``-vv`` everything.
 
 The commands live by concern: chat_commands (send, listen, online, history),
-group_commands, file_commands, logic_commands; login says how each logs in and which
-status each failure gets.
+group_commands, contact_commands, file_commands, logic_commands; login says how each
+logs in and which status each failure gets.
 """
 
 from __future__ import annotations
@@ -54,6 +58,7 @@ from cim.scripts.chat_commands import (
     online_command,
     send_command,
 )
+from cim.scripts.contact_commands import add_contact_commands, contacts_command
 from cim.scripts.file_commands import (
     FILE_SERVICE_COMMANDS,
     add_file_commands,
@@ -138,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command")
     add_chat_commands(commands)
     add_group_commands(commands)
+    add_contact_commands(commands)
     add_file_commands(commands)
     add_logic_commands(commands)
     return parser
@@ -163,6 +169,8 @@ async def run(reactor: Any, options: argparse.Namespace) -> int:
             return await send_file_command(reactor, client, options)
         if options.command == "group":
             return await group_command(reactor, client, options)
+        if options.command == "contacts":
+            return await contacts_command(client, options)
         if options.command == "history":
             return await history_command(client, options)
         if options.command == "online":

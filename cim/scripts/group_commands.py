@@ -1,4 +1,6 @@
-"""cim-client group create|add|remove|leave|list|members|send, over the IM connection."""
+"""cim-client group create|add|invite|remove|leave|list|members|send, and the invitee's
+accept|decline|invitations, over the IM connection (docs/privacy.md: nobody joins a
+group without consent)."""
 
 from __future__ import annotations
 
@@ -10,20 +12,33 @@ from cim.scripts.login import with_timeout
 from cim.scripts.output import EXIT_FAILED, EXIT_OK, EXIT_REFUSED, ClientExit, emit
 from cim.scripts.records import outcome_record
 
-REFUSED_CODES = frozenset(("forbidden",))
+REFUSED_CODES = frozenset(("forbidden", "not_accepted"))
 """Group answers' error codes that mean "not allowed" (exit status 4)."""
 
 
 def add_group_commands(commands: Any) -> None:
     group = commands.add_parser("group", help="create, change, list and post to groups")
     group_commands = group.add_subparsers(dest="group_command", required=True)
-    create = group_commands.add_parser("create", help="create a group (you own it)")
+    create = group_commands.add_parser(
+        "create", help="create a group (you own it); members join or are invited"
+    )
     create.add_argument("name")
     create.add_argument("members", nargs="*")
-    for verb, text in (("add", "add members"), ("remove", "remove members")):
+    for verb, text in (
+        ("add", "add members (or invite those whose settings ask for it)"),
+        ("invite", "invite users: they join when they accept"),
+        ("remove", "remove members, or withdraw invitations"),
+    ):
         change = group_commands.add_parser(verb, help=text)
         change.add_argument("group", help="the group's id, or its name if unambiguous")
         change.add_argument("users", nargs="+")
+    for verb, text in (
+        ("accept", "accept an invitation: join the group"),
+        ("decline", "decline an invitation"),
+    ):
+        answer = group_commands.add_parser(verb, help=text)
+        answer.add_argument("group", help="the group's id, or its name")
+    group_commands.add_parser("invitations", help="invitations waiting for your answer")
     leave = group_commands.add_parser("leave", help="leave a group")
     leave.add_argument("group")
     group_commands.add_parser("list", help="the groups you are in")
@@ -35,6 +50,13 @@ def add_group_commands(commands: Any) -> None:
     group_send.add_argument("group")
     group_send.add_argument("text")
     group_send.add_argument("--timeout", type=float, default=200.0)
+
+
+def invitation_json(invitation: Any) -> dict[str, Any]:
+    record = group_json(invitation.group)
+    record["invited_by"] = invitation.invited_by
+    record["invited_at"] = iso_time(invitation.invited_at_ms / 1000)
+    return record
 
 
 def group_json(info: Any) -> dict[str, Any]:
@@ -91,6 +113,12 @@ async def group_command(reactor: Any, client: Any, options: argparse.Namespace) 
         "add": lambda: cim_pb2.GroupRequest(
             add=cim_pb2.ChangeMembers(group=options.group, users=options.users)
         ),
+        "invite": lambda: cim_pb2.GroupRequest(
+            invite=cim_pb2.ChangeMembers(group=options.group, users=options.users)
+        ),
+        "accept": lambda: cim_pb2.GroupRequest(accept=cim_pb2.GroupRef(group=options.group)),
+        "decline": lambda: cim_pb2.GroupRequest(decline=cim_pb2.GroupRef(group=options.group)),
+        "invitations": lambda: cim_pb2.GroupRequest(invitations=cim_pb2.ListInvitations()),
         "remove": lambda: cim_pb2.GroupRequest(
             remove=cim_pb2.ChangeMembers(group=options.group, users=options.users)
         ),
@@ -106,8 +134,13 @@ async def group_command(reactor: Any, client: Any, options: argparse.Namespace) 
         emit(listing([group_json(info) for info in answer.groups]))
     elif verb == "members":
         emit(listing([{"user": m.user, "role": m.role} for m in answer.members]))
+    elif verb == "invitations":
+        emit(listing([invitation_json(invitation) for invitation in answer.invitations]))
     elif answer.HasField("group"):
-        emit(group_json(answer.group))
+        record = group_json(answer.group)
+        if answer.invited:
+            record["invited"] = list(answer.invited)
+        emit(record)
     else:
         emit({"ok": True})
     return EXIT_OK

@@ -50,12 +50,15 @@ from cim.http.limits import HttpConnections
 from cim.http.operators import OperatorTokens, TokenFileError
 from cim.http.telemetry import SiteTelemetry
 from cim.im.collaborators import Bounds, Directory, NoArchive, NodeCore, Stores
+from cim.im.contacts import ContactDirectory
 from cim.im.node import ImNode
 from cim.im.peers import BusPeers, LiveNodes
 from cim.im.shares import RecordedShares
 from cim.interfaces import IStateBackend
 from cim.limits.overrides import StoredOverrides
 from cim.limits.policy import Limits
+from cim.logic.contacts import DEFAULT_DECISION_TTL, ContactBook
+from cim.logic.notices import Notices
 from cim.logs import DaemonLog
 from cim.message_ids import MessageIdGenerator
 from cim.metrics import NodeMetrics
@@ -78,6 +81,7 @@ from cim.services.tree import (
     cannot_listen,
     cannot_start,
 )
+from cim.storage.contacts import PrivacyDefaults
 from cim.storage.database import Database
 from cim.version import RELEASE, Build
 
@@ -150,8 +154,14 @@ class CimDaemon(OrderedServices):
         bus = make_bus(config.queue, node_id, reactor)
         # Each node caches group members; changes made on another node reach this
         # cache after its TTL, so a cluster keeps it short.
-        member_cache_ttl = 60.0 if config.registry.backend == "local" else 5.0
-        groups = GroupDirectory(database, reactor, cache_ttl=member_cache_ttl)
+        alone = config.registry.backend == "local"
+        member_cache_ttl = 60.0 if alone else 5.0
+        privacy = PrivacyDefaults(config.im.default_message_policy, config.im.default_group_adds)
+        groups = GroupDirectory(database, reactor, cache_ttl=member_cache_ttl, defaults=privacy)
+        # The same for who may message whom: another node's change is seen after this.
+        contacts = ContactBook(
+            database, reactor, privacy, cache_ttl=DEFAULT_DECISION_TTL if alone else 5.0
+        )
         offline = make_offline_pipeline(config, database, reactor)
         history = HistoryStore(
             database, config.retention_days, reactor, purge_batch=config.archive.purge_batch
@@ -163,7 +173,7 @@ class CimDaemon(OrderedServices):
         self.media_urls = MediaUrls([config.files.public_url] if config.files.public_url else [])
         im_node = self.im_node = ImNode(
             NodeCore(node_id, state, reactor, metrics, ids, self.media_urls),
-            Directory(accounts.exists, groups),
+            Directory(accounts.exists, groups, ContactDirectory(contacts)),
             Stores(
                 offline,
                 config.offline.page_size,
@@ -183,6 +193,9 @@ class CimDaemon(OrderedServices):
         )
         # The offline writer tells connected receivers to pull once it has committed.
         offline.on_stored = im_node.catchup.stored_for
+        # Invitations and contact requests are told as system notices, which the node
+        # (made from the directory that holds both) stores.
+        groups.notices = contacts.notices = Notices(im_node.system, reactor)
         metrics.connections_established = lambda: im_node.sessions.connected_count
         metrics.offline_pending = lambda: offline.pending
 
@@ -237,7 +250,7 @@ class CimDaemon(OrderedServices):
         if config.files.enabled:
             self._add_files(database, state)
         if config.logic.enabled:
-            self._add_logic(database, accounts, state, groups)
+            self._add_logic(database, accounts, state, groups, contacts)
         if config.admin.enabled:
             site = admin_site(
                 node_id,
@@ -297,6 +310,7 @@ class CimDaemon(OrderedServices):
         accounts: AccountStore,
         state: IStateBackend,
         groups: GroupDirectory,
+        contacts: ContactBook,
     ) -> None:
         # Imported here: the logic service brings shapely and numpy (about 30 MiB of
         # RSS), which a node without it should not carry.
@@ -315,6 +329,7 @@ class CimDaemon(OrderedServices):
                 Notices(self.im_node.system, self.reactor),
                 self.reactor,
                 groups,
+                contacts,
                 self.media_urls,
                 self.limits,
             ),

@@ -1,4 +1,5 @@
-"""Transactions on ``groups`` and ``group_members``, run by ``Database.run``.
+"""Transactions on ``groups``, ``group_members`` and ``group_invites``, run by
+``Database.run``.
 
 Unlike ``cim.storage.accounts``, these functions check permissions themselves and
 raise ``GroupError`` subclasses: a rule such as "admins cannot remove admins" or "at
@@ -11,24 +12,59 @@ SQLite's ``BEGIN IMMEDIATE`` already serialises writers), so two requests on one
 group, say two admins adding members to a nearly full group or the owner leaving
 while someone is promoted, run one after the other instead of interleaving.
 
+Nobody joins a group without consent (docs/privacy.md): creating a group with
+members, adding and inviting follow ``cim.storage.contacts.admission``: a device is
+added by one of its guardians, a person at once by a contact it lets add it, by
+invitation otherwise (``cim.storage.group_invites`` answers invitations), and not at
+all against its policy or its block.
+
 Inputs are expected to be well-formed (names checked, lists de-duplicated):
-``cim.groups`` does that before any database work.
+``cim.groups`` does that before any database work. The shared refusals, records and
+row helpers are in ``cim.storage.group_rows``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
-from typing import Any, ClassVar
+from collections.abc import Sequence
+from dataclasses import replace
 
-from sqlalchemy import case, delete, func, insert, select, update
-from sqlalchemy.engine import Connection, Row
+from sqlalchemy import delete, insert, select, update
+from sqlalchemy.engine import Connection
 
-from cim.storage.schema import group_members, groups, users
-
-OWNER = "owner"
-ADMIN = "admin"
-MEMBER = "member"
+from cim.storage.contacts import PrivacyDefaults
+from cim.storage.group_rows import (
+    _ROLE_RANK,
+    ADMIN,
+    MEMBER,
+    OWNER,
+    AmbiguousGroupName,
+    BadGroupRequest,
+    GroupConflict,
+    GroupDissolved,
+    GroupError,
+    GroupForbidden,
+    GroupFull,
+    GroupNotAccepted,
+    GroupNotFound,
+    GroupRecord,
+    LeaveRecord,
+    MemberRecord,
+    NoSuchUsers,
+    _admit,
+    _check_live,
+    _check_users_exist,
+    _count,
+    _dissolve,
+    _invite,
+    _leave_locked,
+    _lock_group,
+    _record,
+    _records,
+    _require_role,
+    _role_of,
+    _roles,
+)
+from cim.storage.schema import group_invites, group_members, groups
 
 __all__ = [
     "ADMIN",
@@ -41,6 +77,7 @@ __all__ = [
     "GroupError",
     "GroupForbidden",
     "GroupFull",
+    "GroupNotAccepted",
     "GroupNotFound",
     "GroupRecord",
     "LeaveRecord",
@@ -54,6 +91,7 @@ __all__ = [
     "group_detail_txn",
     "group_members_txn",
     "groups_of_txn",
+    "invite_members_txn",
     "leave_all_groups_txn",
     "leave_group_txn",
     "member_names_txn",
@@ -62,268 +100,23 @@ __all__ = [
     "rename_group_txn",
 ]
 
-
-# --- errors ---------------------------------------------------------------------------
-
-
-class GroupError(Exception):
-    """A refused group request: ``code`` is for programs, ``message`` for people.
-
-    The codes are the ones ``GroupAnswer.error`` carries on the wire.
-    """
-
-    code: ClassVar[str] = "bad_request"
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.message = message
+_DEFAULTS = PrivacyDefaults()
 
 
-class GroupNotFound(GroupError):
-    code = "not_found"
-
-
-class GroupForbidden(GroupError):
-    code = "forbidden"
-
-
-class BadGroupRequest(GroupError):
-    code = "bad_request"
-
-
-class GroupConflict(GroupError):
-    code = "conflict"
-
-
-class NoSuchUsers(GroupNotFound):
-    """Some of the users to add have no account."""
-
-    def __init__(self, users: Sequence[str]) -> None:
-        super().__init__("no such user: " + ", ".join(repr(user) for user in users))
-        self.users = tuple(users)
-
-
-class GroupDissolved(GroupConflict):
-    def __init__(self, group_id: str) -> None:
-        super().__init__(f"group {group_id} was dissolved")
-        self.group_id = group_id
-
-
-class GroupFull(GroupConflict):
-    def __init__(self, group_id: str, limit: int) -> None:
-        super().__init__(f"group {group_id} would exceed {limit} members")
-        self.group_id = group_id
-        self.limit = limit
-
-
-class AmbiguousGroupName(BadGroupRequest):
-    """A name that several of the user's groups carry: only the id can say which."""
-
-    def __init__(self, name: str, group_ids: Sequence[str]) -> None:
-        super().__init__(
-            f"{len(group_ids)} of your groups are named {name!r} "
-            f"({', '.join(group_ids)}): use the group id"
+def _join(connection: Connection, group_id: str, names: Sequence[str], now: float) -> None:
+    if names:
+        connection.execute(
+            insert(group_members),
+            [
+                {"group_id": group_id, "user_name": name, "role": MEMBER, "joined_at": now}
+                for name in names
+            ],
         )
-        self.name = name
-        self.group_ids = tuple(group_ids)
-
-
-# --- records --------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class GroupRecord:
-    id: str
-    name: str
-    owner: str
-    admins: tuple[str, ...]  # longest-standing first
-    member_count: int
-    created_at: float
-
-
-@dataclass(frozen=True)
-class MemberRecord:
-    user: str
-    role: str
-    joined_at: float
-
-
-@dataclass(frozen=True)
-class LeaveRecord:
-    """What leaving did, so the caller can tell the others (a system message, say)."""
-
-    group_id: str
-    new_owner: str | None  # set when the owner left and the group lives on
-    dissolved: bool  # the last member left
-
-
-# --- helpers --------------------------------------------------------------------------
-
-_ROLE_RANK = case((group_members.c.role == OWNER, 0), (group_members.c.role == ADMIN, 1), else_=2)
-"""Owner, then admins, then members: the order listings and successions use."""
-
-
-def _lock_group(connection: Connection, group_id: str) -> Row[Any]:
-    """The live group's row, locked until commit; refuses unknown and dissolved groups."""
-    row = connection.execute(
-        select(groups).where(groups.c.id == group_id).with_for_update()
-    ).first()
-    if row is None:
-        raise GroupNotFound(f"no such group: {group_id}")
-    if row.dissolved_at is not None:
-        raise GroupDissolved(group_id)
-    return row
-
-
-def _check_live(connection: Connection, group_id: str) -> None:
-    """For reads, which need no lock."""
-    row = connection.execute(select(groups.c.dissolved_at).where(groups.c.id == group_id)).first()
-    if row is None:
-        raise GroupNotFound(f"no such group: {group_id}")
-    if row.dissolved_at is not None:
-        raise GroupDissolved(group_id)
-
-
-def _roles(connection: Connection, group_id: str, names: Iterable[str]) -> dict[str, str]:
-    names = list(names)
-    if not names:
-        return {}
-    rows = connection.execute(
-        select(group_members.c.user_name, group_members.c.role).where(
-            group_members.c.group_id == group_id, group_members.c.user_name.in_(names)
-        )
-    ).all()
-    return {row.user_name: row.role for row in rows}
-
-
-def _role_of(connection: Connection, group_id: str, user: str) -> str | None:
-    return _roles(connection, group_id, [user]).get(user)
-
-
-def _require_role(
-    connection: Connection, group_id: str, actor: str, allowed: tuple[str, ...], doing: str
-) -> str:
-    role = _role_of(connection, group_id, actor)
-    if role is None:
-        raise GroupForbidden(f"{actor} is not a member of group {group_id}")
-    if role not in allowed:
-        who = "the owner" if allowed == (OWNER,) else "the owner or an admin"
-        raise GroupForbidden(f"only {who} can {doing}")
-    return role
-
-
-def _check_users_exist(connection: Connection, names: Sequence[str]) -> None:
-    """Refuse unknown users, and hold their rows until commit.
-
-    ``FOR KEY SHARE`` on PostgreSQL makes a concurrent account deletion wait for this
-    transaction instead of slipping in between the check and the insert.
-    """
-    found = set(
         connection.execute(
-            select(users.c.name)
-            .where(users.c.name.in_(names))
-            .with_for_update(read=True, key_share=True)
-        ).scalars()
-    )
-    missing = [name for name in names if name not in found]
-    if missing:
-        raise NoSuchUsers(missing)
-
-
-def _count(connection: Connection, group_id: str) -> int:
-    return int(
-        connection.execute(
-            select(func.count())
-            .select_from(group_members)
-            .where(group_members.c.group_id == group_id)
-        ).scalar_one()
-    )
-
-
-def _records(connection: Connection, group_rows: Sequence[Row[Any]]) -> list[GroupRecord]:
-    ids = [row.id for row in group_rows]
-    if not ids:
-        return []
-    counts: dict[str, int] = dict(
-        connection.execute(
-            select(group_members.c.group_id, func.count())
-            .where(group_members.c.group_id.in_(ids))
-            .group_by(group_members.c.group_id)
-        )
-        .tuples()
-        .all()
-    )
-    admins: dict[str, list[str]] = {group_id: [] for group_id in ids}
-    for group_id, name in connection.execute(
-        select(group_members.c.group_id, group_members.c.user_name)
-        .where(group_members.c.group_id.in_(ids), group_members.c.role == ADMIN)
-        .order_by(group_members.c.joined_at, group_members.c.user_name)
-    ).tuples():
-        admins[group_id].append(name)
-    return [
-        GroupRecord(
-            id=row.id,
-            name=row.name,
-            owner=row.owner,
-            admins=tuple(admins[row.id]),
-            member_count=int(counts.get(row.id, 0)),
-            created_at=row.created_at,
-        )
-        for row in group_rows
-    ]
-
-
-def _record(connection: Connection, group_id: str) -> GroupRecord:
-    row = connection.execute(select(groups).where(groups.c.id == group_id)).one()
-    return _records(connection, [row])[0]
-
-
-def _dissolve(connection: Connection, group_id: str, now: float) -> list[str]:
-    names = list(
-        connection.execute(
-            select(group_members.c.user_name)
-            .where(group_members.c.group_id == group_id)
-            .order_by(_ROLE_RANK, group_members.c.joined_at, group_members.c.user_name)
-        ).scalars()
-    )
-    connection.execute(delete(group_members).where(group_members.c.group_id == group_id))
-    connection.execute(update(groups).where(groups.c.id == group_id).values(dissolved_at=now))
-    return names
-
-
-def _leave_locked(connection: Connection, group: Row[Any], user: str, now: float) -> LeaveRecord:
-    group_id = group.id
-    role = _role_of(connection, group_id, user)
-    if role is None:
-        raise GroupForbidden(f"{user} is not a member of group {group_id}")
-    if role != OWNER:
-        connection.execute(
-            delete(group_members).where(
-                group_members.c.group_id == group_id, group_members.c.user_name == user
+            delete(group_invites).where(
+                group_invites.c.group_id == group_id, group_invites.c.user_name.in_(names)
             )
         )
-        return LeaveRecord(group_id, None, False)
-    successor = connection.execute(
-        select(group_members.c.user_name)
-        .where(group_members.c.group_id == group_id, group_members.c.user_name != user)
-        .order_by(_ROLE_RANK, group_members.c.joined_at, group_members.c.user_name)
-        .limit(1)
-    ).scalar()
-    if successor is None:
-        _dissolve(connection, group_id, now)
-        return LeaveRecord(group_id, None, True)
-    connection.execute(
-        delete(group_members).where(
-            group_members.c.group_id == group_id, group_members.c.user_name == user
-        )
-    )
-    connection.execute(
-        update(group_members)
-        .where(group_members.c.group_id == group_id, group_members.c.user_name == successor)
-        .values(role=OWNER)
-    )
-    connection.execute(update(groups).where(groups.c.id == group_id).values(owner=successor))
-    return LeaveRecord(group_id, successor, False)
 
 
 # --- changes --------------------------------------------------------------------------
@@ -337,26 +130,21 @@ def create_group_txn(
     members: Sequence[str],
     now: float,
     max_members: int,
+    defaults: PrivacyDefaults = _DEFAULTS,
 ) -> GroupRecord:
-    """members excludes the owner; refuses unknown users and too many members."""
-    everyone = [owner, *members]
-    if len(everyone) > max_members:
+    """members excludes the owner: each is added or invited as ``_admit`` decides; the
+    whole creation is refused for one that may not be, and for too many members."""
+    if 1 + len(members) > max_members:
         raise BadGroupRequest(f"a group holds at most {max_members} members")
-    _check_users_exist(connection, everyone)
+    _check_users_exist(connection, [owner])
+    added, invited = _admit(connection, owner, members, defaults)
     connection.execute(insert(groups).values(id=group_id, name=name, owner=owner, created_at=now))
     connection.execute(
-        insert(group_members),
-        [
-            {
-                "group_id": group_id,
-                "user_name": user,
-                "role": OWNER if i == 0 else MEMBER,
-                "joined_at": now,
-            }
-            for i, user in enumerate(everyone)
-        ],
+        insert(group_members).values(group_id=group_id, user_name=owner, role=OWNER, joined_at=now)
     )
-    return _record(connection, group_id)
+    _join(connection, group_id, added, now)
+    _invite(connection, group_id, invited, owner, now)
+    return replace(_record(connection, group_id), invited=tuple(invited))
 
 
 def rename_group_txn(connection: Connection, group_id: str, actor: str, name: str) -> GroupRecord:
@@ -373,42 +161,75 @@ def add_members_txn(
     names: Sequence[str],
     now: float,
     max_members: int,
+    defaults: PrivacyDefaults = _DEFAULTS,
+    *,
+    invite_only: bool = False,
 ) -> GroupRecord:
-    """Users already in the group are left as they are: adding is "make sure they are in"."""
+    """Users already in the group are left as they are: adding is "make sure they are in".
+
+    The others are added or invited as ``_admit`` decides (``invite_only``: every
+    person is invited); one that may not be refuses the whole request.
+    """
     _lock_group(connection, group_id)
-    _require_role(connection, group_id, actor, (OWNER, ADMIN), "add members")
+    doing = "invite members" if invite_only else "add members"
+    _require_role(connection, group_id, actor, (OWNER, ADMIN), doing)
     present = _roles(connection, group_id, names)
     new = [name for name in names if name not in present]
+    invited: list[str] = []
     if new:
-        _check_users_exist(connection, new)
-        if _count(connection, group_id) + len(new) > max_members:
+        added, invited = _admit(connection, actor, new, defaults, invite_only=invite_only)
+        if _count(connection, group_id) + len(added) > max_members:
             raise GroupFull(group_id, max_members)
-        connection.execute(
-            insert(group_members),
-            [
-                {"group_id": group_id, "user_name": name, "role": MEMBER, "joined_at": now}
-                for name in new
-            ],
-        )
-    return _record(connection, group_id)
+        _join(connection, group_id, added, now)
+        _invite(connection, group_id, invited, actor, now)
+    return replace(_record(connection, group_id), invited=tuple(invited))
+
+
+def invite_members_txn(
+    connection: Connection,
+    group_id: str,
+    actor: str,
+    names: Sequence[str],
+    now: float,
+    max_members: int,
+    defaults: PrivacyDefaults = _DEFAULTS,
+) -> GroupRecord:
+    """Invite rather than add, whatever the invitees' ``group_adds`` (a guardian's own
+    device is still added at once: devices take no invitations)."""
+    return add_members_txn(
+        connection, group_id, actor, names, now, max_members, defaults, invite_only=True
+    )
 
 
 def remove_members_txn(
     connection: Connection, group_id: str, actor: str, names: Sequence[str]
 ) -> GroupRecord:
-    """Refuses names that are not members, so a typo is reported rather than ignored."""
+    """Members go, and invitations waiting for an answer are withdrawn; names that are
+    neither are refused, so a typo is reported rather than ignored."""
     _lock_group(connection, group_id)
     role = _require_role(connection, group_id, actor, (OWNER, ADMIN), "remove members")
     if actor in names:
         raise BadGroupRequest("to remove yourself, leave the group")
     present = _roles(connection, group_id, names)
-    missing = [name for name in names if name not in present]
+    withdrawn = (
+        connection.execute(
+            delete(group_invites)
+            .where(
+                group_invites.c.group_id == group_id,
+                group_invites.c.user_name.in_([name for name in names if name not in present]),
+            )
+            .returning(group_invites.c.user_name)
+        )
+        .scalars()
+        .all()
+    )
+    missing = [name for name in names if name not in present and name not in withdrawn]
     if missing:
         raise GroupNotFound(
             f"not a member of group {group_id}: " + ", ".join(repr(name) for name in missing)
         )
     if role == ADMIN:
-        protected = [name for name in names if present[name] in (OWNER, ADMIN)]
+        protected = [name for name in names if present.get(name) in (OWNER, ADMIN)]
         if protected:
             raise GroupForbidden(
                 "an admin cannot remove the owner or another admin: "

@@ -49,6 +49,8 @@ a ``BIGINT`` primary key there would need explicit values.
 
 USER_NAME_MAX = 64
 USER_KINDS = ("person", "device")
+MESSAGE_POLICIES = ("everyone", "contacts")
+GROUP_ADDS = ("contacts", "nobody")
 
 users = Table(
     "users",
@@ -60,7 +62,15 @@ users = Table(
     Column("password_hash", String(255), nullable=False),
     Column("kind", String(16), nullable=False, server_default="person"),
     Column("created_at", Double, nullable=False),
+    # The account's privacy settings (cim.storage.contacts); NULL follows the server's
+    # default ([im] default_message_policy, default_group_adds), so an operator's
+    # change of the default reaches everyone who never chose. A device ignores both:
+    # it always takes messages only from its guardians and the contacts they approved.
+    Column("message_policy", String(16), nullable=True),
+    Column("group_adds", String(16), nullable=True),
     CheckConstraint("kind IN ('person', 'device')", name="kind"),
+    CheckConstraint("message_policy IN ('everyone', 'contacts')", name="message_policy"),
+    CheckConstraint("group_adds IN ('contacts', 'nobody')", name="group_adds"),
 )
 
 GROUP_ID_LENGTH = 26
@@ -106,6 +116,103 @@ group_members = Table(
     CheckConstraint("role IN ('owner', 'admin', 'member')", name="role"),
     # "List my groups" and "resolve a group name" start from the user.
     Index(None, "user_name"),
+)
+
+group_invites = Table(
+    "group_invites",
+    metadata,
+    # An invitation waits for the invitee's answer (cim.storage.group_invites); the
+    # group's dissolution, the invitee's or the inviter's account deletion ends it.
+    Column(
+        "group_id",
+        String(GROUP_ID_LENGTH),
+        ForeignKey("groups.id", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+    Column(
+        "user_name",
+        String(USER_NAME_MAX),
+        ForeignKey("users.name", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+    Column(
+        "invited_by",
+        String(USER_NAME_MAX),
+        ForeignKey("users.name", ondelete="CASCADE"),
+        nullable=False,
+    ),
+    Column("created_at", Double, nullable=False),
+    # "My invitations" starts from the invitee; a block drops the blocked one's.
+    Index(None, "user_name"),
+    Index(None, "invited_by"),
+)
+
+# --- contacts and blocks (cim.storage.contacts) --------------------------------------
+# Rows name accounts with ON DELETE CASCADE: deleting an account ends its contacts,
+# requests and blocks, from both sides.
+
+contacts = Table(
+    "contacts",
+    metadata,
+    # Two rows per pair, one from each side, so "is B a contact of A" is one key
+    # lookup on the message path; both are written and deleted together.
+    Column(
+        "user_name",
+        String(USER_NAME_MAX),
+        ForeignKey("users.name", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+    Column(
+        "contact",
+        String(USER_NAME_MAX),
+        ForeignKey("users.name", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+    Column("created_at", Double, nullable=False),
+    # For a device's side: the guardian who approved the contact (NULL for a person's
+    # own choice, and for pairs made by the 0007 migration from past conversations).
+    Column("approved_by", String(USER_NAME_MAX), nullable=True),
+    Index(None, "contact"),
+)
+
+contact_requests = Table(
+    "contact_requests",
+    metadata,
+    Column(
+        "requester",
+        String(USER_NAME_MAX),
+        ForeignKey("users.name", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+    Column(
+        "target",
+        String(USER_NAME_MAX),
+        ForeignKey("users.name", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+    # The requester itself, or the guardian who asked on a device's behalf.
+    Column("requested_by", String(USER_NAME_MAX), nullable=False),
+    Column("created_at", Double, nullable=False),
+    Index(None, "target"),
+)
+
+blocks = Table(
+    "blocks",
+    metadata,
+    Column(
+        "user_name",
+        String(USER_NAME_MAX),
+        ForeignKey("users.name", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+    Column(
+        "blocked",
+        String(USER_NAME_MAX),
+        ForeignKey("users.name", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+    Column("created_at", Double, nullable=False),
+    Index(None, "blocked"),
 )
 
 # --- the file service (cim.files) ---------------------------------------------------

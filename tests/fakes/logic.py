@@ -26,13 +26,16 @@ from cim.config import parse_config
 from cim.content import MediaUrls
 from cim.groups.directory import GroupDirectory
 from cim.http.openapi import PublishedSpec
+from cim.im.contacts import ContactDirectory
 from cim.im.system import SYSTEM_SENDER
 from cim.limits.policy import NO_LIMITS, Limits
+from cim.logic.contacts import ContactBook
 from cim.logic.context import LogicContext
 from cim.logic.notices import Notices
 from cim.offline.store import OfflineStore
 from cim.protocols import cim_pb2
 from cim.services.logic import LogicListener
+from cim.storage.contacts import PrivacyDefaults
 from cim.storage.database import Database
 from tests.fakes.node import NodeHarness
 from tests.unit.test_client_session import make_client, settle
@@ -82,6 +85,9 @@ class LogicHarness:
         # The node asks whether a receiver exists; the accounts table decides.
         self.node.im.directory.user_exists = self.accounts.exists
         self.groups = GroupDirectory(self.db, self.clock)
+        self.contacts = ContactBook(self.db, self.clock, PrivacyDefaults())
+        self.contacts.notices = self.groups.notices = Notices(self.node.im.system, self.clock)
+        self.node.im.directory.contacts = ContactDirectory(self.contacts)
         self.ctx = LogicContext(
             self.config,
             parsed.accounts,
@@ -91,6 +97,7 @@ class LogicHarness:
             Notices(self.node.im.system, self.clock),
             self.clock,
             self.groups,
+            self.contacts,
             MediaUrls([parsed.files.public_url] if parsed.files.public_url else []),
             Limits(self.clock, parsed.limits) if limits else NO_LIMITS,
         )

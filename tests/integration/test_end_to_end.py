@@ -68,7 +68,8 @@ class WalkThroughTests(SynchronousTestCase):
     def test_online_and_wrong_password(self) -> None:
         online = client(self.daemon, "alice", "online")
         self.assertEqual(online.returncode, 0, online.stderr)
-        self.assertEqual(json.loads(online.stdout), {"items": ["alice"], "total": 1})
+        # Presence is for contacts only (docs/privacy.md), and alice has none yet.
+        self.assertEqual(json.loads(online.stdout), {"items": [], "total": 0})
         refused = client(self.daemon, "alice", "online", password="wrong password!")
         self.assertEqual(refused.returncode, 4)  # refused: the login
         self.assertEqual(
@@ -83,8 +84,18 @@ class WalkThroughTests(SynchronousTestCase):
         self.assertEqual(
             (group["name"], group["owner"], group["member_count"]), ("friends", "alice", 1)
         )
+        # bob is not alice's contact: adding him is an invitation he accepts.
         added = client(self.daemon, "alice", "group", "add", "friends", "bob")
-        self.assertEqual(json.loads(added.stdout)["member_count"], 2, added.stderr)
+        self.assertEqual(
+            (json.loads(added.stdout)["member_count"], json.loads(added.stdout)["invited"]),
+            (1, ["bob"]),
+            added.stderr,
+        )
+        told = client(self.daemon, "bob", "listen", "--count", "1", "--timeout", "30")
+        notice = json.loads(json.loads(told.stdout.splitlines()[0])["text"])
+        self.assertEqual((notice["event"], notice["invited_by"]), ("group.invited", "alice"))
+        accepted = client(self.daemon, "bob", "group", "accept", "friends")
+        self.assertEqual(json.loads(accepted.stdout)["member_count"], 2, accepted.stderr)
         listed = client(self.daemon, "bob", "group", "list")
         self.assertEqual([g["id"] for g in json.loads(listed.stdout)["items"]], [group["id"]])
         listener = client(

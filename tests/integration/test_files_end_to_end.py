@@ -235,6 +235,12 @@ class FilesDaemonTests(SynchronousTestCase):
         created = client(self.daemon, "alice", "group", "create", "team", "bob")
         self.assertEqual(created.returncode, 0, created.stderr)
         group_id = json.loads(created.stdout)["id"]
+        # bob is not alice's contact: he was invited (a notice he reads), and accepts.
+        self.assertEqual(json.loads(created.stdout)["invited"], ["bob"])
+        told = client(self.daemon, "bob", "listen", "--count", "1", "--timeout", "30")
+        self.assertIn("group.invited", told.stdout, told.stderr)
+        accepted = client(self.daemon, "bob", "group", "accept", "team")
+        self.assertEqual(accepted.returncode, 0, accepted.stderr)
         path = os.path.join(self.workdir, "note.txt")
         with open(path, "w", encoding="utf-8") as handle:
             handle.write("hello group")

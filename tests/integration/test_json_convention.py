@@ -212,8 +212,15 @@ class EveryCommandTests(SynchronousTestCase):
         # --- chat and groups ---------------------------------------------------------
         cim("alice", "send", "bob", "while you were out")
         cim("bob", "listen", "--count", "1", "--timeout", "30", lines=True)
+        # --- contacts: alice and bob become contacts, so alice adds bob to groups -----
+        cim("alice", "contacts", "request", "bob")
+        cim("bob", "contacts", "list", listing=True)
+        cim("bob", "contacts", "accept", "alice")
+        cim("bob", "contacts", "policy")
+        cim("bob", "contacts", "policy", "everyone", "--group-adds", "contacts")
         cim("bob", "online", listing=True)
         group = cim("alice", "group", "create", "team", "bob")
+        self.assertNotIn("invited", group)
         cim("alice", "group", "add", group["id"], "alice")
         cim("alice", "group", "members", group["id"], listing=True)
         cim("bob", "group", "list", listing=True)
@@ -239,8 +246,20 @@ class EveryCommandTests(SynchronousTestCase):
         kept = cim("alice", "group", "create", "club", "bob")
         cim("alice", "group", "remove", "team", "bob")
         cim("alice", "group", "leave", "team")
-        # --- the logic service ----------------------------------------------------------
+        # --- invitations and the rest of contacts ------------------------------------
         cim("mum", "register")
+        invited = cim("mum", "group", "create", "family", "alice")
+        self.assertEqual(invited["invited"], ["alice"])
+        cim("alice", "group", "invitations", listing=True)
+        cim("alice", "group", "accept", "family")
+        cim("mum", "group", "invite", "family", "bob")
+        cim("bob", "group", "decline", "family")
+        cim("alice", "contacts", "block", "mum")
+        cim("alice", "contacts", "unblock", "mum")
+        cim("mum", "contacts", "request", "alice")
+        cim("alice", "contacts", "decline", "mum")
+        cim("alice", "contacts", "remove", "bob")
+        # --- the logic service ----------------------------------------------------------
         cim("dad", "register")
         cim("watch1", "register", "--kind", "device")
         code = cim("watch1", "bind", "code")

@@ -325,7 +325,10 @@ class GroupOrderTests(TestCase):
         self.addCleanup(lambda: ensureDeferred(stop_all(clients.values())))
         shown: dict[str, list[tuple[int, int]]] = {user: [] for user in members}
         for user in members:
-            clients[user].on_message = lambda m, user=user: shown[user].append((m.group_seq, m.id))
+            # Group messages only: each invitee also gets its "group.invited" notice.
+            clients[user].on_message = lambda m, user=user: (
+                shown[user].append((m.group_seq, m.id)) if m.group else None
+            )
         await DeferredList([c.start() for c in clients.values()], fireOnOneErrback=True)
         nodes = {c.ticket.node.node_id for c in clients.values() if c.ticket}
         self.assertEqual(len(nodes), 2)
@@ -335,6 +338,18 @@ class GroupOrderTests(TestCase):
         )
         self.assertTrue(answer.ok, answer.message)
         group_id = answer.group.id
+        # Nobody joins without consent (docs/privacy.md): the 49 invitees accept.
+        self.assertEqual(sorted(answer.invited), sorted(members[1:]))
+        joined = await DeferredList(
+            [
+                clients[user].group_request(
+                    cim_pb2.GroupRequest(accept=cim_pb2.GroupRef(group=group_id))
+                )
+                for user in members[1:]
+            ],
+            fireOnOneErrback=True,
+        )
+        self.assertTrue(all(reply.ok for _, reply in joined))
         await sleep(6.0)  # every node's member cache has seen the new group (cache TTL 5 s)
         senders = members[:5]
         sends = []

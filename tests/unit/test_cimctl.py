@@ -282,6 +282,7 @@ class GroupAndKeyTests(CimctlTests):
     def make_groups(self) -> None:
         from cim.storage.database import upgrade
         from cim.storage.groups import create_group_txn
+        from tests.fakes.contacts import befriend_txn
 
         for name in ("alice", "bob", "carol"):
             self.assertEqual(self.add(name).status, 0)
@@ -290,6 +291,7 @@ class GroupAndKeyTests(CimctlTests):
         engine = create_engine_for(config.database_url)
         self.addCleanup(engine.dispose)
         with engine.begin() as connection:
+            befriend_txn(connection, "alice", "bob", "carol")  # so members are added at once
             create_group_txn(connection, "g1", "team", "alice", ["bob"], 1000.0, 500)
             create_group_txn(connection, "g2", "club", "bob", ["alice", "carol"], 2000.0, 500)
             create_group_txn(connection, "g3", "club", "carol", [], 3000.0, 500)

@@ -29,6 +29,7 @@ from cim.storage.files_access import may_read_txn, share_txn
 from cim.storage.groups import create_group_txn, remove_members_txn
 from cim.storage.profiles import delete_account_txn
 from cim.storage.schema import file_refs, files, uploads
+from tests.fakes.contacts import befriend_txn
 from tests.unit.test_files import CHUNK, FileServiceTestCase, md5_hex, png_bytes, run_now
 
 
@@ -106,6 +107,8 @@ class ReadingTests(AccessTestCase):
 
     def test_group_files_are_read_by_the_current_members(self) -> None:
         group_id = "g" * 26
+        # Contacts, so that bob is added at once rather than invited (docs/privacy.md).
+        self.run_txn(befriend_txn, "alice", "bob")
         self.run_txn(
             create_group_txn, group_id, "team", "alice", ["bob"], self.clock.seconds(), 100
         )
@@ -285,6 +288,7 @@ class DeleteAndPurgeTests(AccessTestCase):
     def test_a_group_copy_stays_with_the_group(self) -> None:
         data = os.urandom(CHUNK)
         file_id = self.stored(data)["file_id"]
+        self.run_txn(befriend_txn, "alice", "bob")
         self.run_txn(create_group_txn, "h" * 26, "team", "alice", ["bob"], 1.0, 100)
         self.assertTrue(self.share(file_id, "alice", group="h" * 26))
         refused = self.call("DELETE", f"/api/v1/files/{file_id}", user="bob")

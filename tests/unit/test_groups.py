@@ -32,9 +32,9 @@ from cim.groups.directory import (
     GroupForbidden,
     GroupFull,
     GroupInfo,
+    GroupNotAccepted,
     GroupNotFound,
     LeaveRecord,
-    NoSuchUsers,
     answer,
     check_group_name,
     is_group_id,
@@ -45,6 +45,7 @@ from cim.protocols import cim_pb2
 from cim.storage.accounts import delete_user_txn, insert_user_txn
 from cim.storage.database import Database, upgrade
 from cim.storage.groups import leave_all_groups_txn
+from tests.fakes.contacts import befriend_txn
 from tests.fakes.node import ConnectedClient, NodeHarness
 from tests.integration.test_storage import scratch_postgresql_url
 from tests.unit.test_delivery import settle
@@ -68,8 +69,11 @@ class CountingRunner:
 
 
 def add_users_txn(connection: Connection, names: tuple[str, ...]) -> None:
+    """The users, all contacts of each other: these tests are about group management,
+    so adding a member adds it (consent to join is tests/unit/test_group_invites.py's)."""
     for name in names:
         insert_user_txn(connection, name, "scrypt$not-a-real-hash", "person", 1.0)
+    befriend_txn(connection, *names)
 
 
 class GroupTestsMixin:
@@ -161,10 +165,12 @@ class GroupTests(GroupTestsMixin, TestCase):
         check_group_name("家族 👨‍👩‍👧")
 
     def test_create_refuses_unknown_users(self) -> None:
+        # The answer for a name without an account is the one for a refusal of consent
+        # (docs/privacy.md): nothing says which of the two it was.
         error = self.refused(
             self.groups.create("alice", "team", ["bob", "zed", "yolanda"]),
-            NoSuchUsers,
-            "not_found",
+            GroupNotAccepted,
+            "not_accepted",
         )
         self.assertIn("'zed', 'yolanda'", error.message)
         self.assertEqual(self.ok(self.groups.list_for("alice")), [])
@@ -216,9 +222,10 @@ class GroupTests(GroupTestsMixin, TestCase):
         self.refused(self.groups.add("carol", info.id, ["erin"]), GroupForbidden, "forbidden")
         self.refused(self.groups.add("erin", info.id, ["erin"]), GroupForbidden, "forbidden")
         error = self.refused(
-            self.groups.add("alice", info.id, ["erin", "zed"]), NoSuchUsers, "not_found"
+            self.groups.add("alice", info.id, ["erin", "zed"]), GroupNotAccepted, "not_accepted"
         )
         self.assertIn("zed", error.message)
+        self.assertNotIn("erin", error.message)
         self.refused(self.groups.add("alice", info.id, []), BadGroupRequest, "bad_request")
         self.refused(self.groups.add("alice", info.id, ["-x"]), BadGroupRequest, "bad_request")
         self.refused(self.groups.add("alice", new_group_id(), ["erin"]), GroupNotFound, "not_found")
@@ -466,7 +473,7 @@ class GroupTests(GroupTestsMixin, TestCase):
     def test_refused_change_keeps_cache_right(self) -> None:
         info = self.team()
         self.names(info.id)
-        self.refused(self.groups.add("alice", info.id, ["zed"]), NoSuchUsers, "not_found")
+        self.refused(self.groups.add("alice", info.id, ["zed"]), GroupNotAccepted, "not_accepted")
         self.assertEqual(self.names(info.id), ["alice", "bob", "carol", "dave"])
 
     def test_cache_expires(self) -> None:
@@ -651,7 +658,7 @@ class AnswerTests(GroupTestsMixin, TestCase):
             ("carol", {"add": cim_pb2.ChangeMembers(group=group, users=["erin"])}, "forbidden"),
             ("erin", {"members": cim_pb2.GroupRef(group=group)}, "forbidden"),
             ("erin", {"members": cim_pb2.GroupRef(group="team")}, "not_found"),
-            ("alice", {"add": cim_pb2.ChangeMembers(group=group, users=["zed"])}, "not_found"),
+            ("alice", {"add": cim_pb2.ChangeMembers(group=group, users=["zed"])}, "not_accepted"),
             ("alice", {"create": cim_pb2.CreateGroup(name="")}, "bad_request"),
             ("alice", {"rename": cim_pb2.RenameGroup(group="", name="x")}, "bad_request"),
             ("bob", {"dissolve": cim_pb2.GroupRef(group="team")}, "forbidden"),

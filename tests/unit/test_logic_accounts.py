@@ -212,6 +212,8 @@ class PasswordAndDeletionTests(SynchronousTestCase):
         for name in ("ann", "bob"):
             h.add_user(name)
         group = fired(h.groups.create("bob", "family", ["ann"]))
+        self.assertEqual(group.invited, ("ann",))  # not a contact of bob's: invited
+        fired(h.groups.accept("ann", group.id))
         self.assertEqual(fired(h.groups.member_names(group.id)), ["ann", "bob"])
         status, _ = h.call("DELETE", "/me", "ann", {"password": PASSWORD})
         self.assertEqual(status, 200)

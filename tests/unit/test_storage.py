@@ -123,7 +123,10 @@ class MigrationTests(TestCase):
         tables = set(inspect(engine).get_table_names())
         self.assertLessEqual({"users", "alembic_version"}, tables)
         columns = {c["name"] for c in inspect(engine).get_columns("users")}
-        self.assertEqual(columns, {"id", "name", "password_hash", "kind", "created_at"})
+        self.assertEqual(
+            columns,
+            {"id", "name", "password_hash", "kind", "created_at", "message_policy", "group_adds"},
+        )
 
     def test_upgrade_twice_changes_nothing(self) -> None:
         url = sqlite_url(self)

@@ -6,6 +6,7 @@ from cim.logic.features import LogicFeatures
 from cim.logic.http.accounts import account_endpoints
 from cim.logic.http.api import LogicEndpoint
 from cim.logic.http.bindings import binding_endpoints
+from cim.logic.http.contacts import contact_endpoints
 from cim.logic.http.fences import fence_endpoints
 from cim.logic.http.posts import post_endpoints
 from cim.logic.http.sos import sos_endpoints
@@ -17,6 +18,7 @@ def logic_endpoints(features: LogicFeatures) -> list[LogicEndpoint]:
     return [
         *account_endpoints(features.accounts),
         *binding_endpoints(features.bindings),
+        *contact_endpoints(features.contacts),
         *sos_endpoints(features.alarms),
         *fence_endpoints(features.fences),
         *post_endpoints(features.posts),
