@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cim.files.signing import UrlSigner
+from cim.json_convention import iso_time
 
 __all__ = [
     "CHALLENGE_TTL",
@@ -80,7 +81,7 @@ class Challenge:
             "nonce": self.nonce,
             "offset": self.offset,
             "length": self.length,
-            "expires": self.expires,
+            "expires_at": iso_time(self.expires),
         }
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from cim.json_convention import iso_time, listing
+from cim.json_convention import iso_time, listing, present
 from cim.scripts.output import (
     EXIT_FAILED,
     EXIT_OK,
@@ -71,13 +71,19 @@ def for_device(parser: argparse.ArgumentParser) -> None:
 
 
 def _pending_json(pending: Any, state: str) -> dict[str, Any]:
-    return {
-        "user": pending.user,
-        "state": state,
-        "device": pending.device,
-        "requested_at": iso_time(pending.at_ms / 1000),
-        "requested_by": pending.requested_by if pending.requested_by != pending.user else None,
-    }
+    # The JSON convention: no "" or null placeholders, so a request for no device
+    # (a person's own) and one its own user made leave those keys out.
+    return present(
+        {
+            "user": pending.user,
+            "state": state,
+            "device": pending.device or None,
+            "requested_at": iso_time(pending.at_ms / 1000),
+            "requested_by": (
+                pending.requested_by if pending.requested_by != pending.user else None
+            ),
+        }
+    )
 
 
 def contact_list_json(book: Any) -> dict[str, Any]:
@@ -85,12 +91,14 @@ def contact_list_json(book: Any) -> dict[str, Any]:
     ``incoming`` (waiting for your answer; ``device``: for which of your devices),
     ``outgoing`` (waiting for theirs) or ``blocked``; the settings beside it."""
     items: list[dict[str, Any]] = [
-        {
-            "user": contact.user,
-            "state": "contact",
-            "added_at": iso_time(contact.since_ms / 1000),
-            "approved_by": contact.approved_by,
-        }
+        present(
+            {
+                "user": contact.user,
+                "state": "contact",
+                "added_at": iso_time(contact.since_ms / 1000),
+                "approved_by": contact.approved_by,
+            }
+        )
         for contact in book.contacts
     ]
     items += [_pending_json(pending, "incoming") for pending in book.incoming]

@@ -12,6 +12,8 @@ from typing import Any
 
 from twisted.trial.unittest import TestCase
 
+import cim
+
 
 def ask(url: str, body: dict[str, Any] | None = None, token: str | None = None) -> Any:
     """(status, JSON answer) of a GET, or of a POST of body."""
@@ -96,7 +98,10 @@ class AdminTokenTests(TestCase):
             self.assertEqual((status, answer["error"]), (401, "invalid_token"))
             self.assertEqual(ask(f"{admin}/metrics", token=token)[0], 401)
         status, health = ask(f"{admin}/health")
-        self.assertEqual((status, health), (200, {"status": "ok", "node": daemon.node_id}))
+        self.assertEqual(
+            (status, health),
+            (200, {"status": "ok", "node": daemon.node_id, "version": cim.__version__}),
+        )
 
         # cimctl picks the operator; the router logs the name.
         ops1 = daemon.cimctl("--operator", "ops1", "kick", "bob", "--json")

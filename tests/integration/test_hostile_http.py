@@ -322,15 +322,17 @@ class NumberTests(FilesDaemonCase):
         upload_id = self.prepare_upload(os.urandom(5000), "a.bin", "application/octet-stream")
         status, stored = self.complete(upload_id)
         self.assertEqual(status, 200, stored)
-        path = stored["url"].split(str(self.files_port), 1)[1]
+        # Every download carries its reader's token (issue 17); the numbers are refused
+        # before anything about the file is looked at.
+        path = stored["signed_url"].split(str(self.files_port), 1)[1]
         huge = "9" * 5000
         for header in (f"bytes={huge}-", f"bytes=-{huge}"):
-            status, raw = self.files("GET", path, headers={"Range": header}, token=False)
+            status, raw = self.files("GET", path, headers={"Range": header})
             self.assertEqual((status, json.loads(raw)["error"]), (400, "bad_request"))
         file_path = path.split("?", 1)[0]
-        status, raw = self.files("GET", f"{file_path}?expires={huge}&sig=x", token=False)
+        status, raw = self.files("GET", f"{file_path}?expires={huge}&sig=x")
         self.assertEqual((status, json.loads(raw)["error"]), (400, "bad_request"))
-        status, _ = self.files("GET", path, headers={"Range": "bytes=0-9"}, token=False)
+        status, _ = self.files("GET", path, headers={"Range": "bytes=0-9"})
         self.assertEqual(status, 206)
 
         # 20 KiB of Range over real TCP: the answer arrives whole, then the close.
@@ -421,7 +423,10 @@ class ThumbnailMemoryTests(FilesDaemonCase):
         for status, body in results:
             self.assertEqual(status, 200, body)
             self.assertTrue(body["thumbnail_url"], body)
-            with urllib.request.urlopen(body["thumbnail_url"], timeout=30) as response:
+            request = urllib.request.Request(
+                body["thumbnail_url"], headers={"Authorization": f"Bearer {self.token}"}
+            )
+            with urllib.request.urlopen(request, timeout=30) as response:
                 thumbnail = Image.open(io.BytesIO(response.read()))
                 self.assertEqual(max(thumbnail.size), 256)
         thumbnails = self.daemon.health()["files"]["thumbnails"]

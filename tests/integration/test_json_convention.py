@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import hmac
 import json
 import os
 import re
@@ -404,7 +405,7 @@ class EveryHttpAnswerTests(SynchronousTestCase):
         nothing = cast(Any, None)
         for endpoint in Uploads(nothing, nothing).endpoints(FILE_ID):
             every.add(("files", endpoint.method, endpoint.path))
-        downloads = Downloads(nothing, nothing, nothing).endpoints(FILE_ID)
+        downloads = Downloads(nothing, nothing).endpoints(FILE_ID)
         self.assertEqual({e.path for e in downloads}, {"/files/{id}", "/files/{id}/thumbnail"})
         return every
 
@@ -414,19 +415,38 @@ class EveryHttpAnswerTests(SynchronousTestCase):
         alice = self.login("alice")
         bob = self.login("bob")
         http("router", "POST", "/api/v1/login", 401, {"user": "alice", "password": "wrong"})
-        http("router", "GET", "/api/v1/online", 200, listing=True)
-        http("router", "POST", "/api/v1/admin/kick", 200, {"user": "bob"})
-        http("router", "POST", "/api/v1/admin/kick", 404, {"user": "bob"})
+        # The operators' endpoints answer an operator's token (issue 17).
+        operator = self.daemon.admin_token
+        http("router", "GET", "/api/v1/online", 401)
+        http("router", "GET", "/api/v1/online", 200, listing=True, token=operator)
+        http("router", "POST", "/api/v1/admin/kick", 200, {"user": "bob"}, operator)
+        http("router", "POST", "/api/v1/admin/kick", 404, {"user": "bob"}, operator)
         http("router", "POST", "/api/v1/logout", 401, token=bob)  # kicked: gone
         # --- the admin service ---------------------------------------------------------
-        health = http("admin", "GET", "/health", 200)
+        http("admin", "GET", "/health", 200)
+        health = http("admin", "GET", "/health", 200, token=operator)
         self.assertIn("version", health)
         # --- the file service -----------------------------------------------------------
         data = os.urandom(100_000)  # two chunks
         md5 = hashlib.md5(data, usedforsecurity=False).hexdigest()
         size = len(data)
         probe = {"md5": md5, "size": size}
-        self.assertFalse(http("files", "POST", "/api/v1/files/check", 200, probe, alice)["exists"])
+
+        def check() -> bool:
+            """files/check as a client does it (issue 17): a challenge, then the proof."""
+            asked = http("files", "POST", "/api/v1/files/check", 200, probe, alice)
+            if "exists" in asked:  # the caller holds that content already
+                return bool(asked["exists"])
+            challenge = asked["challenge"]
+            start, length = challenge["offset"], challenge["length"]
+            key = base64.urlsafe_b64decode(
+                challenge["nonce"] + "=" * (-len(challenge["nonce"]) % 4)
+            )
+            proof = hmac.new(key, data[start : start + length], hashlib.sha256).hexdigest()
+            answer = {**probe, "challenge": challenge["token"], "proof": proof}
+            return bool(http("files", "POST", "/api/v1/files/check", 200, answer, alice)["exists"])
+
+        self.assertFalse(check())
         upload = http(
             "files",
             "POST",
@@ -456,7 +476,7 @@ class EveryHttpAnswerTests(SynchronousTestCase):
         )
         self.assertNotIn("thumbnail_url", stored)  # not an image: left out, not ""
         http("files", "GET", "/api/v1/files/{id}", 200, token=alice, id=stored["file_id"])
-        self.assertTrue(http("files", "POST", "/api/v1/files/check", 200, probe, alice)["exists"])
+        self.assertTrue(check())
         other = os.urandom(10)
         doomed = http(
             "files",
