@@ -491,6 +491,10 @@ class EveryHttpAnswerTests(SynchronousTestCase):
             alice,
         )
         http("files", "DELETE", "/api/v1/uploads/{id}", 200, token=alice, id=doomed["upload_id"])
+        deleted = http(
+            "files", "DELETE", "/api/v1/files/{id}", 200, token=alice, id=stored["file_id"]
+        )
+        self.assertEqual(deleted["file_id"], stored["file_id"])
         # --- the logic service ------------------------------------------------------------
         for name, kind in (("mum", "person"), ("dad", "person"), ("watch1", "device")):
             body = {"name": name, "password": PASSWORD, "kind": kind}
@@ -575,6 +579,27 @@ class EveryHttpAnswerTests(SynchronousTestCase):
         self.assertEqual((likers["items"], likers["likes"]), (["dad"], 1))
         http("logic", "DELETE", "/posts/{post}/like", 200, token=dad, post=post["id"])
         http("logic", "DELETE", "/posts/{post}", 200, token=mum, post=post["id"])
+        # Contacts, blocks and privacy: a request declined, another accepted.
+        asked = http("logic", "POST", "/contacts/{user}", 200, token=mum, user="dad")
+        self.assertEqual(asked["status"], "requested")
+        http("logic", "POST", "/contacts/{user}/decline", 200, token=dad, user="mum")
+        http("logic", "POST", "/contacts/{user}", 200, token=mum, user="dad")
+        http("logic", "POST", "/contacts/{user}", 200, token=mum, user="alice")  # outgoing
+        accepted = http("logic", "POST", "/contacts/{user}/accept", 200, token=dad, user="mum")
+        self.assertEqual(accepted["status"], "accepted")
+        book = http("logic", "GET", "/contacts", 200, token=mum, listing=True)
+        states = {entry["user"]: entry["state"] for entry in book["items"]}
+        self.assertEqual((states["dad"], states["alice"]), ("contact", "outgoing"), book)
+        self.assertIn("messages", book)
+        http("logic", "GET", "/contacts", 200, token=alice, listing=True)  # incoming
+        http("logic", "DELETE", "/contacts/{user}", 200, token=mum, user="dad")
+        http("logic", "PUT", "/blocks/{user}", 200, token=dad, user="mum")
+        blocked = http("logic", "GET", "/contacts", 200, token=dad, listing=True)
+        self.assertIn({"user": "mum", "state": "blocked"}, blocked["items"])
+        http("logic", "DELETE", "/blocks/{user}", 200, token=dad, user="mum")
+        http("logic", "GET", "/me/privacy", 200, token=mum)
+        settings = http("logic", "PATCH", "/me/privacy", 200, {"messages": "contacts"}, mum)
+        self.assertEqual(settings["messages"], "contacts")
         http(
             "logic",
             "DELETE",

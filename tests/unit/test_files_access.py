@@ -22,6 +22,7 @@ from cim.config import FilesConfig
 from cim.files import records
 from cim.files.proof import PROOF_RANGE, proof_of
 from cim.files.purge import PurgeReport
+from cim.json_convention import iso_time
 from cim.services.files import FilesListener, purge_interval
 from cim.storage.accounts import delete_user_txn, insert_user_txn
 from cim.storage.database import Database
@@ -234,7 +235,7 @@ class DeleteAndPurgeTests(AccessTestCase):
                 "file_id": file["file_id"],
                 "readable": False,
                 "shared": False,
-                "quota_freed_at": self.clock.seconds() + grace,
+                "quota_freed_at": iso_time(self.clock.seconds() + grace),
             },
         )
         self.assertError(self.download(file["file_id"], "alice"), 404, "not_found")

@@ -137,7 +137,7 @@ class Uploads:
             "shared": deletion.shared,
         }
         if deletion.quota_freed_at is not None:
-            reply["quota_freed_at"] = deletion.quota_freed_at
+            reply["quota_freed_at"] = iso_time(deletion.quota_freed_at)
         return json_reply(200, reply)
 
     async def _create_upload(self, call: Call[str]) -> Reply:

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from cim.http.schema import array_of, object_schema
+from cim.http.schema import TIMESTAMP, listing_of, object_schema
 from cim.http.site import Reply
+from cim.json_convention import iso_time, listing, present
 from cim.logic.contacts import ContactBook
 from cim.logic.http.accounts import NAME_PARAM
 from cim.logic.http.api import LogicCall, LogicEndpoint, answer
@@ -43,33 +44,35 @@ SETTINGS_SCHEMA = object_schema(
     },
     ["messages", "group_adds"],
 )
-_PENDING_SCHEMA = object_schema(
-    {
-        "user": _NAME,
-        "device": {"type": "string", "description": "the device of yours it is for"},
-        "at": {"type": "number"},
-        "requested_by": _NAME,
-    },
-    ["user", "at", "requested_by"],
-)
-LIST_SCHEMA = object_schema(
-    {
-        "contacts": array_of(
-            object_schema(
-                {
-                    "user": _NAME,
-                    "since": {"type": "number"},
-                    "approved_by": {"type": ["string", "null"]},
-                },
-                ["user", "since", "approved_by"],
-            )
-        ),
-        "incoming": array_of(_PENDING_SCHEMA),
-        "outgoing": array_of(_PENDING_SCHEMA),
-        "blocked": array_of(_NAME),
-        "settings": SETTINGS_SCHEMA,
-    },
-    ["contacts", "incoming", "outgoing", "blocked", "settings"],
+LIST_SCHEMA = listing_of(
+    object_schema(
+        {
+            "user": _NAME,
+            "state": {
+                "type": "string",
+                "enum": ["contact", "incoming", "outgoing", "blocked"],
+                "description": "`incoming`: waiting for your answer; "
+                "`outgoing`: waiting for theirs",
+            },
+            "added_at": {**TIMESTAMP, "description": "a contact: since when"},
+            "approved_by": {
+                **_NAME,
+                "description": "a device's contact: the guardian who approved it",
+            },
+            "requested_at": {**TIMESTAMP, "description": "a request: when it was made"},
+            "device": {
+                **_NAME,
+                "description": "an incoming request: the device of yours it is for",
+            },
+            "requested_by": {
+                **_NAME,
+                "description": "a request made by someone other than `user` (a guardian "
+                "for its device)",
+            },
+        },
+        ["user", "state"],
+    ),
+    beside=SETTINGS_SCHEMA["properties"],
 )
 _CHANGE_SCHEMA = object_schema(
     {"user": _NAME, "status": {"type": "string"}},
@@ -81,27 +84,40 @@ def settings_json(settings: Settings) -> dict[str, Any]:
     return {"messages": settings.messages, "group_adds": settings.group_adds}
 
 
-def _pending_json(pending: PendingRecord) -> dict[str, Any]:
-    found: dict[str, Any] = {
-        "user": pending.user,
-        "at": pending.at,
-        "requested_by": pending.requested_by,
-    }
-    if pending.device is not None:
-        found["device"] = pending.device
-    return found
+def _pending_json(pending: PendingRecord, state: str) -> dict[str, Any]:
+    return present(
+        {
+            "user": pending.user,
+            "state": state,
+            "device": pending.device,
+            "requested_at": iso_time(pending.at),
+            "requested_by": (
+                pending.requested_by if pending.requested_by != pending.user else None
+            ),
+        }
+    )
 
 
 def contact_list_json(found: ContactList) -> dict[str, Any]:
-    return {
-        "contacts": [
-            {"user": c.user, "since": c.since, "approved_by": c.approved_by} for c in found.contacts
-        ],
-        "incoming": [_pending_json(pending) for pending in found.incoming],
-        "outgoing": [_pending_json(pending) for pending in found.outgoing],
-        "blocked": list(found.blocked),
-        "settings": settings_json(found.settings),
-    }
+    """The JSON convention's list, the same shape ``cim-client contacts list`` prints
+    (cim.scripts.contact_commands.contact_list_json, from the IM frame's records): each
+    entry's ``state`` is ``contact``, ``incoming``, ``outgoing`` or ``blocked``; the
+    settings beside ``items``."""
+    items: list[dict[str, Any]] = [
+        present(
+            {
+                "user": contact.user,
+                "state": "contact",
+                "added_at": iso_time(contact.since),
+                "approved_by": contact.approved_by,
+            }
+        )
+        for contact in found.contacts
+    ]
+    items += [_pending_json(pending, "incoming") for pending in found.incoming]
+    items += [_pending_json(pending, "outgoing") for pending in found.outgoing]
+    items += [{"user": user, "state": "blocked"} for user in found.blocked]
+    return listing(items, **settings_json(found.settings))
 
 
 def contact_endpoints(book: ContactBook) -> list[LogicEndpoint]:
@@ -163,8 +179,9 @@ def contact_endpoints(book: ContactBook) -> list[LogicEndpoint]:
             response=LIST_SCHEMA,
             errors=(403,),
             description=(
-                "A guardian's `incoming` also holds the requests waiting for its "
-                "devices (with `device`); `?device=` lists a device's own."
+                "One entry per user in `items`, its `state` saying what they are to "
+                "you. A guardian's `incoming` entries also hold the requests waiting "
+                "for its devices (with `device`); `?device=` lists a device's own."
             ),
         ),
         operation(
