@@ -9,7 +9,12 @@ from __future__ import annotations
 
 from twisted.trial.unittest import SynchronousTestCase
 
+from cim.im.contacts import book_proto
+from cim.json_convention import iso_time
+from cim.logic.http.contacts import contact_list_json
 from cim.logic.openapi import document
+from cim.scripts import contact_commands
+from cim.storage.contacts import ContactList, ContactRecord, PendingRecord, Settings
 from tests.fakes.logic import PASSWORD, LogicHarness, fired
 from tests.unit.test_contacts import bind_txn
 
@@ -32,19 +37,24 @@ class ContactApiTests(SynchronousTestCase):
         self.assertEqual((notice["from"], notice["to"]), ("alice", "bob"))
         status, listed = h.call("GET", "/contacts", "bob")
         self.assertEqual(status, 200)
+        asked_at = iso_time(h.clock.seconds())
         self.assertEqual(
-            [(p["user"], p["requested_by"]) for p in listed["incoming"]], [("alice", "alice")]
+            listed,
+            {
+                "items": [{"user": "alice", "state": "incoming", "requested_at": asked_at}],
+                "messages": "everyone",
+                "group_adds": "contacts",
+            },
         )
-        self.assertEqual(listed["settings"], {"messages": "everyone", "group_adds": "contacts"})
         self.assertEqual(
             h.call("POST", "/contacts/alice/accept", "bob"),
             (200, {"user": "alice", "status": "accepted"}),
         )
         status, listed = h.call("GET", "/contacts", "alice")
+        added_at = iso_time(h.clock.seconds())
         self.assertEqual(
-            [(c["user"], c["approved_by"]) for c in listed["contacts"]], [("bob", None)]
+            listed["items"], [{"user": "bob", "state": "contact", "added_at": added_at}]
         )
-        self.assertEqual((listed["incoming"], listed["outgoing"]), ([], []))
         self.assertEqual(
             h.call("DELETE", "/contacts/bob", "alice"), (200, {"user": "bob", "status": "removed"})
         )
@@ -58,7 +68,8 @@ class ContactApiTests(SynchronousTestCase):
         self.assertEqual(len(h.notices("mum", "contact.requested")), 1)
         status, listed = h.call("GET", "/contacts", "mum")
         self.assertEqual(
-            [(p["user"], p["device"]) for p in listed["incoming"]], [("alice", "watch")]
+            [(p["user"], p["state"], p["device"]) for p in listed["items"]],
+            [("alice", "incoming", "watch")],
         )
         status, body = h.call("POST", "/contacts/alice/accept", "watch")
         self.assertEqual((status, body["error"]), (403, "forbidden"))
@@ -70,9 +81,10 @@ class ContactApiTests(SynchronousTestCase):
         )
         status, listed = h.call("GET", "/contacts?device=watch", "mum")
         self.assertEqual(
-            [(c["user"], c["approved_by"]) for c in listed["contacts"]], [("alice", "mum")]
+            [(c["user"], c["state"], c["approved_by"]) for c in listed["items"]],
+            [("alice", "contact", "mum")],
         )
-        self.assertEqual(listed["settings"], {"messages": "contacts", "group_adds": "guardians"})
+        self.assertEqual((listed["messages"], listed["group_adds"]), ("contacts", "guardians"))
         self.assertTrue(fired(h.contacts.may_message("alice", "watch")))
 
     def test_refusals_do_not_tell_a_block_from_a_missing_account(self) -> None:
@@ -89,7 +101,7 @@ class ContactApiTests(SynchronousTestCase):
             (missing[0], missing[1]["message"].replace("ghost", "X")),
         )
         _status, listed = h.call("GET", "/contacts", "bob")
-        self.assertEqual((listed["blocked"], listed["incoming"]), (["stranger"], []))
+        self.assertEqual(listed["items"], [{"user": "stranger", "state": "blocked"}])
         self.assertEqual(
             h.call("DELETE", "/blocks/stranger", "bob"),
             (200, {"user": "stranger", "status": "unblocked"}),
@@ -133,7 +145,7 @@ class ContactApiTests(SynchronousTestCase):
         self.assertIsNone(h.contacts.known("alice", "bob"))
         self.assertFalse(fired(h.contacts.may_message("alice", "bob")))
         status, listed = h.call("GET", "/contacts", "alice")
-        self.assertEqual(listed["contacts"], [])
+        self.assertEqual(listed["items"], [])
 
     def test_a_new_account_is_reachable_at_once(self) -> None:
         h = self.h
@@ -148,3 +160,52 @@ class ContactApiTests(SynchronousTestCase):
         for path in ("/api/v1/contacts", "/api/v1/contacts/{user}", "/api/v1/blocks/{user}"):
             self.assertIn(path, paths)
         self.assertEqual(sorted(paths["/api/v1/me/privacy"]), ["get", "patch"])
+
+
+class ContactListShapeTests(SynchronousTestCase):
+    """GET /contacts and ``cim-client contacts list`` print one shape (the JSON
+    convention's list), from the storage records and from the IM frame's."""
+
+    def test_the_api_and_the_cli_agree(self) -> None:
+        found = ContactList(
+            contacts=[
+                ContactRecord("bob", 1_700_000_000.25, None),
+                ContactRecord("alice", 1_700_000_001.5, "mum"),
+            ],
+            incoming=[
+                PendingRecord("carol", 1_700_000_002.125, "carol"),
+                PendingRecord("dave", 1_700_000_003.0, "dave", device="watch"),
+            ],
+            outgoing=[PendingRecord("erin", 1_700_000_004.75, "mum")],
+            blocked=["mallory"],
+            settings=Settings("contacts", "nobody"),
+        )
+        expected = {
+            "items": [
+                {"user": "bob", "state": "contact", "added_at": "2023-11-14T22:13:20.250Z"},
+                {
+                    "user": "alice",
+                    "state": "contact",
+                    "added_at": "2023-11-14T22:13:21.500Z",
+                    "approved_by": "mum",
+                },
+                {"user": "carol", "state": "incoming", "requested_at": "2023-11-14T22:13:22.125Z"},
+                {
+                    "user": "dave",
+                    "state": "incoming",
+                    "device": "watch",
+                    "requested_at": "2023-11-14T22:13:23.000Z",
+                },
+                {
+                    "user": "erin",
+                    "state": "outgoing",
+                    "requested_at": "2023-11-14T22:13:24.750Z",
+                    "requested_by": "mum",
+                },
+                {"user": "mallory", "state": "blocked"},
+            ],
+            "messages": "contacts",
+            "group_adds": "nobody",
+        }
+        self.assertEqual(contact_list_json(found), expected)
+        self.assertEqual(contact_commands.contact_list_json(book_proto(found)), expected)
