@@ -14,15 +14,34 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import gc
 from collections.abc import Callable
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-__all__ = ["HeapTrimmer", "find_malloc_trim", "map_large_allocations"]
+__all__ = ["HeapTrimmer", "find_malloc_trim", "freeze_startup_heap", "map_large_allocations"]
 
 _M_MMAP_THRESHOLD = -3
+
+
+def freeze_startup_heap() -> None:
+    """Leave what the node built at start out of every later garbage collection.
+
+    CPython's full collection walks every tracked object, and a started node has a
+    few hundred thousand of them (modules, classes, functions, protobuf descriptors,
+    the SQLAlchemy metadata) that live as long as the process. Walking them took
+    tens of milliseconds per full collection, every few seconds under load: the p99
+    latency of every message in flight at that moment (measured: 3.6 ms -> 97 ms at
+    2,000 msg/s once the batch writer added two objects per archived message and so
+    made full collections more frequent). ``gc.freeze`` moves them to the permanent
+    generation, after one collection so no garbage is frozen with them. Called once,
+    by the daemon under twistd, when the node has started (never in tests, which
+    start many nodes in one process and must be able to collect them).
+    """
+    gc.collect()
+    gc.freeze()
 
 
 def find_malloc_trim() -> Callable[[], int] | None:

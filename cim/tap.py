@@ -58,10 +58,17 @@ def makeService(options: Options) -> IService:
                 else f"twistd --logfile={parent.get('logfile')}"
             )
             raise SystemExit(f"cim: {where}: {error.strerror}") from None
+    from cim.heap import freeze_startup_heap
     from cim.version import current_build
 
     try:
-        return CimDaemon(config, installed_reactor(), daemon_log=daemon_log, build=current_build())
+        return CimDaemon(
+            config,
+            installed_reactor(),
+            daemon_log=daemon_log,
+            build=current_build(),
+            when_started=freeze_startup_heap,
+        )
     except StartupError as error:
         # The node's identity (data directory, key) is read here, like the config.
         raise SystemExit(f"cim: could not start node {config.node.id}: {error}") from None

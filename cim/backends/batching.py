@@ -41,10 +41,11 @@ def _ignore(*_: object) -> None:
     """The null hook: nothing to count or say."""
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class _Entry(Generic[T]):
     item: T
-    done: Deferred[None]
+    done: Deferred[None] | None
+    """Fired after the commit; None for an item put without one (``put``)."""
 
 
 class BatchWriter(Generic[T]):
@@ -119,6 +120,17 @@ class BatchWriter(Generic[T]):
         self._waiting.append(_Entry(item, done))
         self._schedule()
         return done
+
+    def put(self, item: T) -> None:
+        """Write item soon, like ``add``, when nobody waits for its commit.
+
+        No Deferred per item: a busy node keeps thousands of items waiting, and each
+        object they hold is one more for every garbage collection to walk. Whatever
+        happens to the item is still told to the hooks.
+        """
+        if not self._stopping:
+            self._waiting.append(_Entry(item, None))
+            self._schedule()
 
     def stop(self, *, flush: bool = False) -> Deferred[None]:
         """Stop writing; fires when the last write is over.
@@ -227,7 +239,8 @@ class BatchWriter(Generic[T]):
             self._failures = 0
             self._log.info("{name}: writing works again", name=self._name)
         for entry in batch:
-            entry.done.callback(None)
+            if entry.done is not None:
+                entry.done.callback(None)
         self._on_written(items, result)
 
     def _set_aside(self, batch: list[_Entry[T]], failure: Failure) -> None:
@@ -238,7 +251,9 @@ class BatchWriter(Generic[T]):
             return
         self._singles = max(0, self._singles - 1)
         self._on_rejected(batch[0].item, failure)
-        batch[0].done.callback(None)  # done with it: writing it again fails again
+        done = batch[0].done
+        if done is not None:
+            done.callback(None)  # done with it: writing it again fails again
 
     def _abandon(self, batch: list[_Entry[T]], failure: Failure) -> None:
         """Stopping, and the write failed: with a flush, what waits goes with it."""
@@ -248,7 +263,8 @@ class BatchWriter(Generic[T]):
         self._on_abandoned([entry.item for entry in entries], failure)
         if self._flushing:
             for entry in entries:
-                entry.done.errback(failure)
+                if entry.done is not None:
+                    entry.done.errback(failure)
 
     def _sleep(self, seconds: float) -> Deferred[None]:
         """A pause ``stop`` can cut short."""

@@ -110,7 +110,7 @@ def unarchivable(message: cim_pb2.Message) -> str | None:
     return None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class _Item:
     message: cim_pb2.Message
     from_broker: bool = False
@@ -344,7 +344,7 @@ class ArchivePipeline:
         # Never dropped for load: ``behind`` keeps new messages out instead. Broker
         # deliveries are bounded by the prefetch window. A failed final flush is
         # counted by _give_up.
-        self._batches.add(_Item(message)).addErrback(lambda _: None)
+        self._batches.put(_Item(message))
 
     def _write(self, batch: list[_Item]) -> Deferred[int]:
         return self._history.archive([item.message for item in batch])

@@ -97,8 +97,11 @@ class CimDaemon(OrderedServices):
         reactor: ICimReactor,
         daemon_log: DaemonLog | None = None,
         build: Build = RELEASE,
+        when_started: Callable[[], None] = lambda: None,
     ) -> None:
         super().__init__("cim")
+        self._when_started = when_started
+        """Told once the node has started: the process's own tuning (cim.tap)."""
         self.config = config
         self.reactor = reactor
         self.daemon_log = daemon_log
@@ -372,6 +375,7 @@ class CimDaemon(OrderedServices):
             return
         self.ready = True
         self.log.info("cim node {node} started", node=self.config.node.id)
+        self._when_started()
 
     def _start_failed(self, failure: Failure) -> None:
         if failure.check(StartupError):

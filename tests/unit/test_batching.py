@@ -123,6 +123,39 @@ class BatchingTests(BatchWriterTestCase):
         self.assertEqual(self.store.batches, [[1], [11]])
         self.successResultOf(added[0])
 
+    def test_put_items_are_batched_with_added_ones_and_told_to_the_hooks(self) -> None:
+        self.store.held = []
+        self.writer.put(1)
+        done = self.writer.add(2)
+        self.writer.put(3)
+        self.assertEqual(self.store.batches, [[1, 2, 3]])
+        self.assertEqual(self.writer.pending, 3)
+        self.store.held[0].callback(3)
+        self.successResultOf(done)
+        self.assertEqual(self.written, [([1, 2, 3], 3)])
+        self.assertEqual(self.writer.pending, 0)
+
+    def test_a_put_item_refused_for_good_is_set_aside_like_an_added_one(self) -> None:
+        self.store.refuse = {2}
+        for i in (1, 2, 3):
+            self.writer.put(i)
+        self.assertEqual(self.rejected, [2])
+        self.assertEqual([batch for batch, _ in self.written], [[1], [3]])
+
+    def test_put_items_abandoned_by_a_failed_final_flush_are_told(self) -> None:
+        self.writer.put(1)
+        self.store.down = 5
+        d = self.writer.stop(flush=True)
+        self.successResultOf(d)
+        self.assertEqual(self.abandoned, [[1]])
+
+    def test_nothing_is_put_after_stop(self) -> None:
+        self.successResultOf(self.writer.stop())
+        self.writer.put(1)
+        self.assertEqual(self.writer.pending, 0)
+        self.clock.advance(10)
+        self.assertEqual(self.store.batches, [])
+
     def test_nonsense_is_refused(self) -> None:
         with self.assertRaises(ValueError):
             self.make(batch_size=0)

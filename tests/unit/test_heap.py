@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import gc
 import sys
+import weakref
 
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from cim.heap import HeapTrimmer, find_malloc_trim
+from cim.heap import HeapTrimmer, find_malloc_trim, freeze_startup_heap
 
 
 class HeapTrimmerTests(SynchronousTestCase):
@@ -47,3 +49,26 @@ class HeapTrimmerTests(SynchronousTestCase):
         trim = find_malloc_trim()
         assert trim is not None
         self.assertIn(trim(), (0, 1))
+
+
+class _Node:
+    def __init__(self) -> None:
+        self.me = self
+
+
+class FreezeStartupHeapTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.addCleanup(gc.unfreeze)
+
+    def test_what_lives_now_leaves_later_collections(self) -> None:
+        kept = _Node()
+        freeze_startup_heap()
+        self.assertGreater(gc.get_freeze_count(), 0)
+        self.assertNotIn(kept, gc.get_objects())  # frozen objects are in no generation
+
+    def test_garbage_is_collected_first_not_frozen(self) -> None:
+        garbage = _Node()
+        gone = weakref.ref(garbage)
+        del garbage
+        freeze_startup_heap()
+        self.assertIsNone(gone())
