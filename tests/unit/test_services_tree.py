@@ -114,6 +114,29 @@ class OrderedServicesTests(SynchronousTestCase):
         tree.stopService()
         self.assertEqual(journal, ["start db", "start state", "stop db"])
 
+    def test_a_nested_tree_that_failed_half_way_stops_what_started_in_it(self) -> None:
+        journal: list[str] = []
+        tree = OrderedServices()
+        db, pool, port = (Room(name, journal) for name in ("db", "pool", "port"))
+        tree.add(db.step())
+        inner = tree.add(OrderedServices("files"))
+        inner.add(pool.step())
+        inner.add(port.step(cannot_start("files", "tcp")))
+        tree.startService()
+        ready = tree.when_ready()
+        for room in (db, pool):
+            assert room.starting is not None
+            room.starting.callback(None)
+        assert port.starting is not None
+        port.starting.errback(OSError("address in use"))
+        self.failureResultOf(ready, StartupError)
+        stopped = tree.stopService()
+        for room in (pool, db):
+            assert room.stopping is not None
+            room.stopping.callback(None)
+        self.successResultOf(stopped)
+        self.assertEqual(journal, ["start db", "start pool", "start port", "stop pool", "stop db"])
+
     def test_a_failure_no_step_explains_passes_through(self) -> None:
         tree = OrderedServices()
         tree.add(Step("broken", lambda: 1 / 0))
