@@ -5,10 +5,12 @@ script is loaded and run), and several hundred unit tests start a ``Database``. 
 first empty SQLite database a test opens is migrated for real (``prepare_schema``,
 as the daemon does) into a template, and every later empty one receives a copy of
 it through SQLite's backup API: the same tables, indexes and alembic revision the
-migrations leave, in a few milliseconds. A database that is not empty (a test that
-set up an older revision, or a file opened again) and every PostgreSQL database go
-through the real ``prepare_schema``, and so do the tests of the migrations
-themselves (``real_migrations``).
+migrations leave, in a few milliseconds. A database already at the head revision (a
+file opened again, as ``cimctl`` does on every command) is left as it is, which is
+all Alembic would do with it. Any other database (a test that set up an older or an
+unknown revision) and every PostgreSQL database go through the real
+``prepare_schema``, and so do the tests of the migrations themselves
+(``real_migrations``).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ T = TypeVar("T")
 _migrate = database_module.prepare_schema
 _lock = threading.Lock()
 _template: list[sqlite3.Connection] = []
+_head_revision: list[str] = []
 
 
 def _is_empty(connection: sqlite3.Connection) -> bool:
@@ -60,9 +63,22 @@ def _with_driver(engine: Engine, use: Callable[[sqlite3.Connection], T]) -> T:
         raw.close()
 
 
+def _at_head(engine: Engine) -> bool:
+    with engine.connect() as connection:
+        return database_module.revision_of(connection) == _head()
+
+
+def _head() -> str:
+    if not _head_revision:
+        _head_revision.append(database_module.head_revision())
+    return _head_revision[0]
+
+
 def prepare_from_template(engine: Engine) -> None:
-    """``prepare_schema`` for tests: an empty SQLite database gets the migrated template."""
-    if engine.dialect.name == "sqlite" and _copy_of_template(engine):
+    """``prepare_schema`` for tests: an empty SQLite database gets the migrated template,
+    and one already at the head revision is left as it is (Alembic would find nothing
+    to do, after loading every migration script again)."""
+    if engine.dialect.name == "sqlite" and (_copy_of_template(engine) or _at_head(engine)):
         return
     _migrate(engine)
 
