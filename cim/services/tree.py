@@ -32,7 +32,6 @@ from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import (
     IListeningPort,
     IProtocolFactory,
-    IReactorCore,
     IStreamServerEndpoint,
 )
 from twisted.logger import Logger
@@ -40,6 +39,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from cim.interfaces import BusUnavailable, NodeIdTaken, StateUnavailable
+from cim.reactor import ICimReactor
 
 __all__ = [
     "AsyncService",
@@ -301,7 +301,7 @@ class Listener(StreamServerEndpointService):
     log = Logger()
 
     def __init__(
-        self, section: str, description: str, reactor: IReactorCore, factory: IProtocolFactory
+        self, section: str, description: str, reactor: ICimReactor, factory: IProtocolFactory
     ) -> None:
         try:
             endpoint = serverFromString(reactor, description)

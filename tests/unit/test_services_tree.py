@@ -310,6 +310,38 @@ class DaemonTreeTests(SynchronousTestCase):
         self.assertFalse(os.path.exists(os.path.join(data_dir, "operations.log")))
         self.assertEqual(daemon.health()["status"], "starting")
 
+    def test_files_and_logic_are_trees_with_their_listeners(self) -> None:
+        self.patch(daemon_module, "load_node_key", lambda config: shared_node_key())
+        data_dir = os.path.abspath(self.mktemp())
+        config = parse_config(
+            f"[node]\nid = n1\ndata_dir = {data_dir}\n"
+            "[files]\nenabled = true\n[logic]\nenabled = true\n"
+        )
+        daemon = CimDaemon(config, MemoryReactorClock())
+        children = {child.name: child for child in daemon.children()}
+        names = list(children)
+        self.assertEqual(
+            names[names.index("router listener") :],
+            [
+                "router listener",
+                "files",
+                "own file URLs",
+                "logic",
+                "admin listener",
+                "heap trimmer",
+            ],
+        )
+        files, logic = children["files"], children["logic"]
+        assert isinstance(files, OrderedServices) and isinstance(logic, OrderedServices)
+        self.assertEqual(
+            [child.name for child in files.children()],
+            ["files storage", "files listener", "files housekeeping"],
+        )
+        self.assertEqual(
+            [child.name for child in logic.children()], ["logic listener", "logic housekeeping"]
+        )
+        self.assertFalse(os.path.exists(os.path.join(data_dir, "files")))
+
 
 class ScriptedDaemon(CimDaemon):
     """The daemon's start and stop reporting, over rooms the test controls."""
