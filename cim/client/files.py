@@ -9,31 +9,35 @@ upload id is written to a small state file before the first chunk leaves, so a c
 that was killed or lost the network resumes with only the chunks the server does not
 list as received (design: 断点续传).
 
-Every download carries the user's token: a file is read by the users it belongs to.
-A URL signed for someone else (an old message's URL) is fetched again without its
-signature, so the token alone decides.
+Downloads are ``cim.client.downloads``; the HTTP calls beneath both, with the user's
+token, are ``cim.client.file_http``; the answers and errors are
+``cim.client.file_values``. ``FileClient`` puts them together for one user.
 """
 
 from __future__ import annotations
 
 import base64
 import hashlib
-import json
 import os
-import re
-import urllib.parse
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import IO, Any, Protocol
+from typing import IO, Any
 
-import treq
 from treq.client import HTTPClient
 from twisted.internet.defer import Deferred, DeferredList
-from twisted.internet.protocol import Protocol as ProtocolBase
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThreadPool
-from twisted.web.client import Agent, HTTPConnectionPool
 
+from cim.client.downloads import Downloads
+from cim.client.file_http import FileHttp
+from cim.client.file_values import (
+    DestinationExists,
+    FileServiceError,
+    NoProgress,
+    ProgressSink,
+    ProofChallenge,
+    StoredFile,
+    UploadReport,
+)
 from cim.client.local_files import (
     STATE_ENV,
     FileChanged,
@@ -44,8 +48,8 @@ from cim.client.local_files import (
     voice_duration_ms,
 )
 from cim.client.local_files import read_chunk as read_local_chunk
-from cim.files.names import clean_name
 from cim.files.proof import proof_of
+from cim.reactor import ICimReactor
 
 __all__ = [
     "STATE_ENV",
@@ -78,123 +82,6 @@ def read_chunk(path: str, offset: int, length: int) -> bytes:
         raise FileServiceError(0, "file_changed", str(changed)) from None
 
 
-class FileServiceError(Exception):
-    """The file service refused, or could not be reached (``status`` 0)."""
-
-    def __init__(
-        self, status: int, code: str, message: str, extra: dict[str, Any] | None = None
-    ) -> None:
-        super().__init__(status, code, message)
-        self.status = status
-        self.code = code
-        self.message = message
-        self.extra = extra or {}
-
-    def __str__(self) -> str:
-        return f"{self.message} ({self.code}, HTTP {self.status})" if self.status else self.message
-
-
-@dataclass(frozen=True)
-class StoredFile:
-    file_id: str
-    url: str
-    thumbnail_url: str
-    size: int
-    mime: str
-    name: str
-    md5: str = ""
-    width: int = 0
-    height: int = 0
-    signed_url: str = ""
-    """Short-lived and bound to this user (still with their token); ``url`` goes in messages."""
-
-    @classmethod
-    def from_json(cls, body: dict[str, Any]) -> StoredFile:
-        try:
-            return cls(
-                file_id=str(body["file_id"]),
-                url=str(body["url"]),
-                thumbnail_url=str(body.get("thumbnail_url") or ""),
-                size=int(body["size"]),
-                mime=str(body.get("mime") or "application/octet-stream"),
-                name=str(body.get("name") or ""),
-                md5=str(body.get("md5") or ""),
-                width=int(body.get("width") or 0),
-                height=int(body.get("height") or 0),
-                signed_url=str(body.get("signed_url") or ""),
-            )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise FileServiceError(
-                0, "bad_response", f"malformed file description: {exc}"
-            ) from None
-
-
-@dataclass(frozen=True)
-class ProofChallenge:
-    """What the server asks before an instant upload: a keyed hash of one range."""
-
-    token: str
-    nonce: str
-    offset: int
-    length: int
-
-    @classmethod
-    def from_json(cls, body: Any) -> ProofChallenge:
-        try:
-            return cls(
-                token=str(body["token"]),
-                nonce=str(body["nonce"]),
-                offset=int(body["offset"]),
-                length=int(body["length"]),
-            )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise FileServiceError(0, "bad_response", f"malformed challenge: {exc}") from None
-
-
-@dataclass(frozen=True)
-class UploadReport:
-    file: StoredFile
-    instant: bool
-    resumed: bool
-    chunks_sent: int
-    chunk_count: int
-
-
-class ProgressSink(Protocol):
-    """Where an upload or download reports its progress (a progress bar, or nothing)."""
-
-    def begin(self, total: int, done: int) -> None: ...
-
-    def advance(self, count: int) -> None: ...
-
-    def end(self) -> None: ...
-
-
-class NoProgress:
-    def begin(self, total: int, done: int) -> None:
-        pass
-
-    def advance(self, count: int) -> None:
-        pass
-
-    def end(self) -> None:
-        pass
-
-
-# --- the client ----------------------------------------------------------------------------
-
-
-def _filename_from_disposition(header: bytes | None) -> str | None:
-    if not header:
-        return None
-    text = header.decode("latin-1")
-    match = re.search(r"filename\*=UTF-8''([^;\s]+)", text, re.IGNORECASE)
-    if match:
-        return urllib.parse.unquote(match.group(1))
-    match = re.search(r'filename="([^"]*)"', text)
-    return match.group(1) if match else None
-
-
 class FileClient:
     """One user's calls to the file service, with the router's token.
 
@@ -204,7 +91,7 @@ class FileClient:
 
     def __init__(
         self,
-        reactor: Any,
+        reactor: ICimReactor,
         base_url: str,
         token: str | None,
         user: str = "",
@@ -217,85 +104,30 @@ class FileClient:
         thread) are for tests; by default they are treq and the reactor's threads."""
         self._reactor = reactor
         self._blocking = blocking
-        self.base_url = base_url.rstrip("/")
-        self._token = token
         self.user = user
         self.parallel = max(1, parallel)
         self.rate_limit = rate_limit
-        self._pool: HTTPConnectionPool | None = None
-        if http is None:
-            self._pool = HTTPConnectionPool(reactor, persistent=True)
-            self._pool.maxPersistentPerHost = self.parallel
-            http = HTTPClient(Agent(reactor, pool=self._pool))
-        self._http = http
+        self._http = FileHttp(reactor, base_url, token, self.parallel, http)
+        self.base_url = self._http.base_url
+        self.downloads = Downloads(self._http)
         self._next_send_at = 0.0
 
     def __repr__(self) -> str:
         return f"FileClient({self.base_url!r}, user={self.user!r})"
 
     async def close(self) -> None:
-        if self._pool is not None:
-            await self._pool.closeCachedConnections()
+        await self._http.close()
 
     def _in_thread(self, work: Callable[[], Any]) -> Deferred[Any]:
         if self._blocking is not None:
             return self._blocking(work)
         return deferToThreadPool(self._reactor, self._reactor.getThreadPool(), work)
 
-    def _headers(
-        self, extra: dict[bytes | str, bytes | str] | None = None
-    ) -> dict[bytes | str, bytes | str]:
-        headers: dict[bytes | str, bytes | str] = {}
-        if self._token is not None:
-            headers["Authorization"] = f"Bearer {self._token}"
-        headers.update(extra or {})
-        return headers
-
-    async def _call(
-        self,
-        method: str,
-        path: str,
-        payload: dict[str, Any] | None = None,
-        data: bytes | None = None,
-        headers: dict[str, str] | None = None,
-        ok: tuple[int, ...] = (200, 201),
-    ) -> dict[str, Any]:
-        extra: dict[bytes | str, bytes | str] = {}
-        extra.update(headers or {})
-        body = data
-        if payload is not None:
-            body = json.dumps(payload).encode()
-            extra["Content-Type"] = "application/json"
-        try:
-            response = await self._http.request(
-                method, self.base_url + path, headers=self._headers(extra), data=body
-            )
-            raw = await treq.content(response)
-        except Exception as exc:  # refused, reset, DNS: all mean "not reachable now"
-            raise FileServiceError(
-                0, "unreachable", f"cannot reach the file service at {self.base_url}: {exc}"
-            ) from None
-        try:
-            parsed = json.loads(raw) if raw else {}
-        except ValueError:
-            parsed = {}
-        if not isinstance(parsed, dict):
-            parsed = {}
-        if response.code not in ok:
-            extra_fields = {k: v for k, v in parsed.items() if k not in ("error", "message")}
-            raise FileServiceError(
-                response.code,
-                str(parsed.get("error", "http_error")),
-                str(parsed.get("message", f"HTTP {response.code}")),
-                extra_fields,
-            )
-        return parsed
-
     # --- the API, call by call -----------------------------------------------------------
 
     async def check(self, md5: str, size: int) -> StoredFile | ProofChallenge | None:
         """The file when the caller holds it already, else the challenge to answer."""
-        body = await self._call("POST", "/api/v1/files/check", {"md5": md5, "size": size})
+        body = await self._http.call("POST", "/api/v1/files/check", {"md5": md5, "size": size})
         if body.get("exists"):
             return StoredFile.from_json(body)
         if "challenge" in body:
@@ -307,7 +139,7 @@ class FileClient:
     ) -> StoredFile | None:
         """The stored file, now held by the caller too; None: upload it after all."""
         payload = {"md5": md5, "size": size, "challenge": challenge.token, "proof": proof}
-        body = await self._call("POST", "/api/v1/files/check", payload)
+        body = await self._http.call("POST", "/api/v1/files/check", payload)
         return StoredFile.from_json(body) if body.get("exists") else None
 
     async def instant(self, path: str, md5: str, size: int) -> StoredFile | None:
@@ -324,20 +156,20 @@ class FileClient:
             raise
 
     async def describe(self, file_id: str) -> StoredFile:
-        return StoredFile.from_json(await self._call("GET", f"/api/v1/files/{file_id}"))
+        return StoredFile.from_json(await self._http.call("GET", f"/api/v1/files/{file_id}"))
 
     async def delete(self, file_id: str) -> dict[str, Any]:
         """Delete a file for this user; copies sent to others stay theirs."""
-        return await self._call("DELETE", f"/api/v1/files/{file_id}")
+        return await self._http.call("DELETE", f"/api/v1/files/{file_id}")
 
     async def create_upload(self, name: str, size: int, md5: str, mime: str) -> dict[str, Any]:
-        return await self._call(
+        return await self._http.call(
             "POST", "/api/v1/uploads", {"name": name, "size": size, "md5": md5, "mime": mime}
         )
 
     async def upload_status(self, upload_id: str) -> dict[str, Any] | None:
         try:
-            return await self._call("GET", f"/api/v1/uploads/{upload_id}")
+            return await self._http.call("GET", f"/api/v1/uploads/{upload_id}")
         except FileServiceError as error:
             if error.status == 404:
                 return None
@@ -345,7 +177,7 @@ class FileClient:
 
     async def put_chunk(self, upload_id: str, chunk: int, data: bytes) -> dict[str, Any]:
         content_md5 = base64.b64encode(hashlib.md5(data, usedforsecurity=False).digest()).decode()
-        return await self._call(
+        return await self._http.call(
             "PUT",
             f"/api/v1/uploads/{upload_id}/chunks/{chunk}",
             data=data,
@@ -354,11 +186,11 @@ class FileClient:
 
     async def complete(self, upload_id: str) -> StoredFile:
         return StoredFile.from_json(
-            await self._call("POST", f"/api/v1/uploads/{upload_id}/complete")
+            await self._http.call("POST", f"/api/v1/uploads/{upload_id}/complete")
         )
 
     async def abort(self, upload_id: str) -> None:
-        await self._call("DELETE", f"/api/v1/uploads/{upload_id}")
+        await self._http.call("DELETE", f"/api/v1/uploads/{upload_id}")
 
     # --- a whole upload ------------------------------------------------------------------
 
@@ -480,7 +312,7 @@ class FileClient:
         if start > now:
             await deferLater(self._reactor, start - now)
 
-    # --- downloads -----------------------------------------------------------------------
+    # --- downloads (``cim.client.downloads``) ------------------------------------------------
 
     async def download(
         self,
@@ -489,115 +321,11 @@ class FileClient:
         progress: ProgressSink | None = None,
         overwrite: bool = False,
     ) -> tuple[str, int]:
-        """Save a file; a ``.part`` left by an interrupted run is continued with Range.
-
-        ``destination`` may be a directory (the server's name for the file is used,
-        stripped of any directory part) or None for the current directory. A file
-        already there raises ``DestinationExists`` (before anything is written) unless
-        ``overwrite``.
-        """
-        target = destination
-        part = f"{target}.part" if target and not os.path.isdir(target) else None
-        if target and part and not overwrite and os.path.exists(target):
-            raise DestinationExists(target)
-        offset = os.path.getsize(part) if part and os.path.exists(part) else 0
-        response = await self._fetch(url, offset)
-        if target is None or os.path.isdir(target):
-            disposition = response.headers.getRawHeaders(b"content-disposition", [None])[0]
-            name = clean_name(_filename_from_disposition(disposition) or "download")
-            target = os.path.join(target or ".", name)
-            part = f"{target}.part"
-            if not overwrite and os.path.exists(target):
-                response.deliverBody(_Abandon())
-                raise DestinationExists(target)
-        assert part is not None
-        if response.code == 200:
-            offset = 0
-        mode = "ab" if response.code == 206 else "wb"
-        with open(part, mode) as handle:
-            await self._receive(response, handle, progress, offset)
-        os.replace(part, target)
-        return target, os.path.getsize(target)
+        """Save a file, continuing a ``.part``: ``Downloads.download``."""
+        return await self.downloads.download(url, destination, progress, overwrite)
 
     async def download_to(
         self, url: str, output: IO[bytes], progress: ProgressSink | None = None
     ) -> int:
-        """Write a file into an open stream (such as stdout): no ``.part``, no resuming.
-
-        Returns how many bytes were written.
-        """
-        response = await self._fetch(url, 0)
-        return await self._receive(response, output, progress, 0)
-
-    async def _fetch(self, url: str, offset: int) -> Any:
-        """The download's response (206 from ``offset`` when the server resumes).
-
-        With the token always; a signed URL the server refuses (made for another
-        user, or expired) is asked for again without its signature.
-        """
-        try:
-            return await self._get(url, offset)
-        except FileServiceError as error:
-            parts = urllib.parse.urlsplit(url)
-            if error.code != "bad_signature" or not parts.query:
-                raise
-        return await self._get(urllib.parse.urlunsplit(parts._replace(query="")), offset)
-
-    async def _get(self, url: str, offset: int) -> Any:
-        headers: dict[bytes | str, bytes | str] = {}
-        if offset:
-            headers["Range"] = f"bytes={offset}-"
-        try:
-            response = await self._http.get(url, headers=self._headers(headers), unbuffered=True)
-        except Exception as exc:
-            where = url.split("?")[0]
-            raise FileServiceError(0, "unreachable", f"cannot reach {where}: {exc}") from None
-        if response.code not in (200, 206):
-            raw = await treq.content(response)
-            try:
-                body = json.loads(raw)
-            except ValueError:
-                body = {}
-            body = body if isinstance(body, dict) else {}
-            raise FileServiceError(
-                response.code,
-                str(body.get("error", "http_error")),
-                str(body.get("message", f"HTTP {response.code}")),
-            )
-        return response
-
-    async def _receive(
-        self, response: Any, output: IO[bytes], progress: ProgressSink | None, offset: int
-    ) -> int:
-        sink = progress or NoProgress()
-        length = response.length if isinstance(response.length, int) else 0
-        sink.begin(offset + length, offset)
-        written = 0
-
-        def write(data: bytes) -> None:
-            nonlocal written
-            output.write(data)
-            written += len(data)
-            sink.advance(len(data))
-
-        try:
-            await treq.collect(response, write)
-        finally:
-            sink.end()
-        return written
-
-
-class DestinationExists(FileExistsError):
-    """A download would replace a file that is already there."""
-
-    def __init__(self, path: str) -> None:
-        super().__init__(f"{path} already exists")
-        self.path = path
-
-
-class _Abandon(ProtocolBase):
-    """Takes a response body only to drop the connection: nothing of it is wanted."""
-
-    def connectionMade(self) -> None:
-        assert self.transport is not None
-        self.transport.stopProducing()  # type: ignore[attr-defined]
+        """Write a file into an open stream: ``Downloads.download_to``."""
+        return await self.downloads.download_to(url, output, progress)

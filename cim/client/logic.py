@@ -19,8 +19,17 @@ from twisted.web.client import Agent, HTTPConnectionPool
 
 from cim.client.errors import ServiceError
 from cim.json_convention import iso_time
+from cim.reactor import ICimReactor
 
-__all__ = ["API_ROOT", "LogicClient", "LogicError"]
+__all__ = [
+    "API_ROOT",
+    "AccountCalls",
+    "LogicApi",
+    "LogicClient",
+    "LogicError",
+    "PostCalls",
+    "SafetyCalls",
+]
 
 API_ROOT = "/api/v1"
 
@@ -47,12 +56,17 @@ def _wire_position(position: Mapping[str, Any]) -> dict[str, Any]:
     return _without_none({**position, "at": _wire_time(position.get("at"))})
 
 
-class LogicClient:
-    """One user's calls to the logic service (``token`` None: only ``register``)."""
+class LogicApi:
+    """One user's connection to the logic service: the token, the pool, one call.
+
+    The calls themselves are grouped by concern in the classes below it, each usable
+    alone (``PostCalls(reactor, url, token).create_post(...)``); ``LogicClient`` has
+    them all, for ``cim-client``. ``token`` None: only ``register`` can be called.
+    """
 
     def __init__(
         self,
-        reactor: Any,
+        reactor: ICimReactor,
         base_url: str,
         token: str | None = None,
         http: HTTPClient | None = None,
@@ -71,7 +85,7 @@ class LogicClient:
         self._http = http
 
     def __repr__(self) -> str:
-        return f"LogicClient({self.base_url!r})"
+        return f"{type(self).__name__}({self.base_url!r})"
 
     async def close(self) -> None:
         if self._pool is not None:
@@ -118,7 +132,9 @@ class LogicClient:
             raise LogicError(status, "bad_response", "the logic service did not answer JSON")
         return answer
 
-    # --- accounts -------------------------------------------------------------------------
+
+class AccountCalls(LogicApi):
+    """The account and its bindings: who a device's guardians are."""
 
     async def register(
         self, name: str, password: str, kind: str = "person", display_name: str | None = None
@@ -130,8 +146,6 @@ class LogicClient:
 
     async def me(self) -> dict[str, Any]:
         return dict(await self.call("GET", "/me"))
-
-    # --- bindings -------------------------------------------------------------------------
 
     async def binding_code(self) -> dict[str, Any]:
         """A device asks for a code to show its guardian."""
@@ -151,7 +165,9 @@ class LogicClient:
     async def unbind(self, device: str, guardian: str) -> dict[str, Any]:
         return dict(await self.call("DELETE", f"/bindings/{_segment(device)}/{_segment(guardian)}"))
 
-    # --- SOS ------------------------------------------------------------------------------
+
+class SafetyCalls(LogicApi):
+    """A device's safety: SOS alarms, geofences and the positions checked against them."""
 
     async def raise_sos(
         self,
@@ -174,8 +190,6 @@ class LogicClient:
 
     async def acknowledge_sos(self, event: int) -> dict[str, Any]:
         return dict(await self.call("POST", f"/sos/{int(event)}/ack"))
-
-    # --- fences and positions -------------------------------------------------------------
 
     async def add_circle_fence(
         self, device: str, name: str, lat: float, lon: float, radius_m: float
@@ -214,7 +228,9 @@ class LogicClient:
         query = {"since": _wire_time(since), "until": _wire_time(until), "limit": limit}
         return dict(await self.call("GET", f"/devices/{_segment(device)}/locations", query=query))
 
-    # --- posts and likes ------------------------------------------------------------------
+
+class PostCalls(LogicApi):
+    """Posts and their likes."""
 
     async def create_post(
         self,
@@ -255,3 +271,7 @@ class LogicClient:
             "GET", f"/posts/{int(post)}/likes", query={"limit": limit, "offset": offset}
         )
         return dict(answer)
+
+
+class LogicClient(AccountCalls, SafetyCalls, PostCalls):
+    """Every call of the logic service on one connection: what ``cim-client`` runs."""

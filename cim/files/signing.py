@@ -93,3 +93,29 @@ class UrlSigner:
             return False
         expected = self.signature(file_id, variant, user, expires)
         return hmac.compare_digest(expected.encode(), signature.encode("utf-8", "replace"))
+
+
+class KeyFileSigner(UrlSigner):
+    """A ``UrlSigner`` whose key is the file at ``path``, read or created by ``load``.
+
+    The file service is made with the service tree, before anything on disk is read or
+    created (the key may live on a shared mount, and a key that cannot be read must
+    stop the start-up with ``[files] url_key: why``); ``load`` runs when the service
+    starts, before its port opens. A signature asked for before that is a bug, never a
+    URL signed with an empty key.
+    """
+
+    def __init__(self, path: str) -> None:
+        super().__init__(b"")
+        self.path = path
+
+    def __repr__(self) -> str:
+        return f"KeyFileSigner({self.path!r}, <key hidden>)"
+
+    def load(self) -> None:
+        self._key = load_or_create_key(self.path)
+
+    def mac(self, purpose: str, *fields: object) -> str:
+        if not self._key:
+            raise RuntimeError(f"the URL signing key {self.path} is used before it was loaded")
+        return super().mac(purpose, *fields)

@@ -29,6 +29,7 @@ close to make room; one reading a body or being answered is not.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any, Protocol
@@ -138,7 +139,8 @@ class BoundedChannel(http.HTTPChannel):
     abortTimeout = int(LINGER)  # after the idle timeout's close, for a peer that reads nothing
     watch: ConnectionWatch = UNWATCHED
     site: BoundedSite
-    callLater: Any  # set by the site to its reactor's
+    callLater: Callable[..., IDelayedCall]
+    """The site's reactor's ``callLater``, set by Twisted's ``HTTPFactory.buildProtocol``."""
 
     def __init__(self) -> None:
         super().__init__()

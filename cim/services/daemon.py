@@ -41,7 +41,6 @@ from cim.backends.registry import make_registry
 from cim.backends.state import make_state_store
 from cim.config import CimConfig
 from cim.content import MediaUrls
-from cim.files.signing import UrlKeyError
 from cim.groups.directory import GroupDirectory
 from cim.heap import HeapTrimmer
 from cim.history.archive import HistoryService, archive_from_config
@@ -68,17 +67,15 @@ from cim.protocols.crypto import KeyFileError, NodeKey
 from cim.protocols.im import ImServerFactory
 from cim.reactor import ICimReactor
 from cim.services.admin import admin_site
-from cim.services.files import FilesListener
+from cim.services.files import FilesService
 from cim.services.im import ImService
 from cim.services.router import router_site
 from cim.services.tree import (
     AsyncService,
-    Explain,
     Listener,
     OrderedServices,
     StartupError,
     Step,
-    cannot_listen,
     cannot_start,
 )
 from cim.storage.contacts import PrivacyDefaults
@@ -271,33 +268,25 @@ class CimDaemon(OrderedServices):
         self.add(Step("heap trimmer", trimmer.start, trimmer.stop))
 
     def _add_files(self, database: Database, state: IStateBackend) -> None:
-        """The file service: its storage and key (prepared first), then its port."""
+        """The file service (storage and key, port, housekeeping), then its URL as media."""
         config = self.config
-        files = FilesListener(
-            config.files,
-            config.node.data_dir,
-            database,
-            state.sessions,
-            self.reactor,
-            limits=self.limits,
-            telemetry=self._telemetry("files"),
-            guard=functools.partial(self.http.guard, "files"),
+        files = self.add(
+            FilesService(
+                config.files,
+                config.node.data_dir,
+                database,
+                state.sessions,
+                self.reactor,
+                limits=self.limits,
+                telemetry=self._telemetry("files"),
+                guard=functools.partial(self.http.guard, "files"),
+            )
         )
-        self.add(Step("files storage", files.prepare, None, files_storage_failure(files)))
-        self.add(
-            Step("files", files.start, files.stop, cannot_listen("files", config.files.listen))
-        )
-
-        def trust_own_files() -> None:
-            assert files.store is not None  # started just before
-            self.media_urls.trust(files.store.public_url)
-
-        self.add(Step("own file URLs", trust_own_files))
+        store = files.store
+        # Known once the service listens: [files] public_url, or the URL it derived.
+        self.add(Step("own file URLs", lambda: self.media_urls.trust(store.public_url)))
 
         def health() -> dict[str, Any]:
-            store = files.store
-            if store is None:
-                return {}
             return {
                 "files": {
                     **store.metrics.snapshot(),
@@ -319,10 +308,10 @@ class CimDaemon(OrderedServices):
         # RSS), which a node without it should not carry.
         from cim.logic.context import LogicContext
         from cim.logic.notices import Notices
-        from cim.services.logic import LogicListener
+        from cim.services.logic import LogicService
 
         config = self.config
-        logic = LogicListener(
+        logic = LogicService(
             LogicContext(
                 config.logic,
                 config.accounts,
@@ -336,12 +325,11 @@ class CimDaemon(OrderedServices):
                 self.media_urls,
                 self.limits,
             ),
+            self.reactor,
             self._telemetry("logic"),
             guard=functools.partial(self.http.guard, "logic"),
         )
-        self.add(
-            Step("logic", logic.start, logic.stop, cannot_listen("logic", config.logic.listen))
-        )
+        self.add(logic)
 
     def _telemetry(self, service: str) -> SiteTelemetry:
         """How an HTTP service's Site reports its requests: in /metrics, and the access log."""
@@ -442,17 +430,6 @@ def admin_tokens_failure(exc: Exception) -> str | None:
     if isinstance(exc, TokenFileError):
         return f"[admin] token_file: {exc}"
     return None
-
-
-def files_storage_failure(files: FilesListener) -> Explain:
-    def explain(exc: Exception) -> str | None:
-        if isinstance(exc, UrlKeyError):
-            return f"[files] url_key: {exc}"
-        if isinstance(exc, OSError):
-            return f"[files] storage_dir = {files.storage_dir!r}: cannot use it: {exc.strerror}"
-        return None
-
-    return explain
 
 
 class ReopenOnSighup(AsyncService):

@@ -1,8 +1,17 @@
-"""The file service in the daemon: storage, signing key, thread pool, port, housekeeping.
+"""The file service in the daemon: storage and pool, then its port, then its housekeeping.
 
 Its HTTP is declared in ``cim.files.http``; its rules live in ``cim.files.store``.
-Two jobs run on the node's clock: the sweep of expired uploads (every few minutes)
-and the purge of deleted files (``cim.files.purge``, every ``purge_interval``).
+``FilesService`` is a small tree of its own (``cim.services.tree``), started in this
+order and stopped in reverse:
+
+1. ``FilesStorage``: the directories, the URL signing key, Pillow's pixel limit and the
+   thread pool; at stop, the last thing: the pool drains the work already handed over.
+2. the files ``Listener``: the port, once the storage behind it is ready; at stop it
+   closes before the pool drains, so no new request arrives meanwhile.
+3. ``FilesHousekeeping``: the URL the service names itself by (``[files] public_url``,
+   or one derived from the port) and two jobs on the node's clock: the sweep of expired
+   uploads (every few minutes) and the purge of deleted files (``cim.files.purge``,
+   every ``purge_interval``).
 """
 
 from __future__ import annotations
@@ -11,9 +20,7 @@ import os
 import socket
 from collections.abc import Callable
 
-from twisted.internet.defer import maybeDeferred
-from twisted.internet.endpoints import serverFromString
-from twisted.internet.interfaces import IListeningPort, IProtocolFactory
+from twisted.internet.interfaces import IProtocolFactory, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.web import server
@@ -21,7 +28,7 @@ from twisted.web import server
 from cim.config import FilesConfig
 from cim.files.blobs import BlobStore
 from cim.files.http.site import files_site
-from cim.files.signing import UrlSigner, load_or_create_key
+from cim.files.signing import KeyFileSigner, UrlKeyError
 from cim.files.store import FileStore
 from cim.files.thumbnails import set_pixel_limit
 from cim.heap import map_large_allocations
@@ -30,9 +37,10 @@ from cim.http.telemetry import UNOBSERVED, SiteTelemetry
 from cim.interfaces import ISessionStore
 from cim.limits.policy import NO_LIMITS, RateLimits
 from cim.reactor import ICimReactor
+from cim.services.tree import AsyncService, Listener, OrderedServices
 from cim.storage.database import Database, Runner, ThreadPoolRunner
 
-__all__ = ["FilesListener", "purge_interval"]
+__all__ = ["FilesHousekeeping", "FilesService", "FilesStorage", "purge_interval"]
 
 
 def purge_interval(config: FilesConfig) -> float:
@@ -44,10 +52,12 @@ def purge_interval(config: FilesConfig) -> float:
     return min(3600.0, max(60.0, config.purge_grace / 4))
 
 
-class FilesListener:
-    """The file service in the daemon: storage, key, thread pool, port and sweeper."""
+class FilesService(OrderedServices):
+    """The file service in the daemon: storage, key and pool; port; sweep and purge.
 
-    _log = Logger()
+    Making it reads and creates nothing: the store and the site are built around a key
+    that ``FilesStorage`` loads when the service starts.
+    """
 
     def __init__(
         self,
@@ -61,71 +71,93 @@ class FilesListener:
         telemetry: SiteTelemetry = UNOBSERVED,
         guard: Callable[[server.Site], IProtocolFactory] = unguarded,
     ) -> None:
+        super().__init__("files")
         self.config = config
-        self.limits = limits
-        self.telemetry = telemetry
-        self.guard = guard
-        self.reactor = reactor
         self.storage_dir = config.storage_dir or os.path.join(data_dir, "files")
         self.key_path = config.url_key or os.path.join(data_dir, "files_url_key")
-        self.work = ThreadPoolRunner("cim-files", config.threads, reactor, runner)
-        self.blobs = BlobStore(self.storage_dir)
-        self.database = database
-        self.sessions = sessions
-        self.store: FileStore | None = None
-        self.port: IListeningPort | None = None
-        self._sweeper: LoopingCall | None = None
-        self._purger: LoopingCall | None = None
+        work = ThreadPoolRunner("cim-files", config.threads, reactor, runner)
+        signer = KeyFileSigner(self.key_path)
+        blobs = BlobStore(self.storage_dir)
+        self.store = FileStore(config, database, blobs, work, signer, reactor)
+        site = files_site(
+            self.store, sessions, reactor, config.chunk_size, limits=limits, telemetry=telemetry
+        )
+        self.add(FilesStorage(config, self.storage_dir, blobs, signer, work))
+        self.listener = self.add(Listener("files", config.listen, reactor, guard(site)))
+        self.add(FilesHousekeeping(config, self.store, self.listener, reactor))
 
-    def prepare(self) -> None:
+
+class FilesStorage(AsyncService):
+    """What the port needs behind it: directories, the signing key, the pool."""
+
+    def __init__(
+        self,
+        config: FilesConfig,
+        storage_dir: str,
+        blobs: BlobStore,
+        signer: KeyFileSigner,
+        work: ThreadPoolRunner,
+    ) -> None:
+        super().__init__("files storage")
+        self.config = config
+        self.storage_dir = storage_dir
+        self.blobs = blobs
+        self.signer = signer
+        self.work = work
+
+    def start(self) -> None:
         """Blocking, once at start-up: directories, the signing key, Pillow's limit."""
         self.blobs.prepare()
-        signer = UrlSigner(load_or_create_key(self.key_path))
+        self.signer.load()
         set_pixel_limit(self.config.max_image_pixels)
         # Decoded images are freed back to the system, so [files] thumbnail_memory
         # bounds the RSS they cost and not only what is decoding at once.
         map_large_allocations()
-        self.store = FileStore(
-            self.config, self.database, self.blobs, self.work, signer, self.reactor
-        )
-
-    async def start(self) -> None:
-        if self.store is None:
-            self.prepare()
-        store = self.store
-        assert store is not None
         self.work.start()
-        site = files_site(
-            store,
-            self.sessions,
-            self.reactor,
-            self.config.chunk_size,
-            limits=self.limits,
-            telemetry=self.telemetry,
-        )
-        endpoint = serverFromString(self.reactor, self.config.listen)
-        try:
-            self.port = await endpoint.listen(self.guard(site))
-        except BaseException:
-            await self.work.stop()
-            raise
-        store.public_url = self.config.public_url or self._derived_url()
+
+    def explain(self, exc: Exception) -> str | None:
+        if isinstance(exc, UrlKeyError):
+            return f"[files] url_key: {exc}"
+        if isinstance(exc, OSError):
+            return f"[files] storage_dir = {self.storage_dir!r}: cannot use it: {exc.strerror}"
+        return None
+
+    async def stop(self) -> None:
+        """The work already handed over finishes; then the threads stop."""
+        await self.work.stop()
+
+
+class FilesHousekeeping(AsyncService):
+    """The service's own URL once it listens, and the sweep and purge on the clock."""
+
+    _log = Logger()
+
+    def __init__(
+        self, config: FilesConfig, store: FileStore, listener: Listener, clock: IReactorTime
+    ) -> None:
+        super().__init__("files housekeeping")
+        self.config = config
+        self.store = store
+        self.listener = listener
         self._sweeper = LoopingCall(self._sweep)
-        self._sweeper.clock = self.reactor
-        self._sweeper.start(min(300.0, self.config.upload_expiry / 4), now=True)
+        self._sweeper.clock = clock
         self._purger = LoopingCall(self._purge)
-        self._purger.clock = self.reactor
+        self._purger.clock = clock
+
+    def start(self) -> None:
+        self.store.public_url = self.config.public_url or self._derived_url()
+        self._sweeper.start(min(300.0, self.config.upload_expiry / 4), now=True)
         self._purger.start(purge_interval(self.config), now=False)
         self._log.info(
-            "files listening on {listen}, storage in {storage}, URLs under {url}",
-            listen=self.config.listen,
-            storage=self.storage_dir,
-            url=store.public_url,
+            "files: storage in {storage}, URLs under {url}",
+            storage=self.store.blobs.root,
+            url=self.store.public_url,
         )
 
     def _derived_url(self) -> str:
-        assert self.port is not None
-        address = self.port.getHost()
+        port = self.listener.port
+        assert port is not None, "the URL is derived once the files port listens"
+        address = port.getHost()
         host = getattr(address, "host", "127.0.0.1")
         if host in ("0.0.0.0", "::", ""):
             host = socket.getfqdn()
@@ -140,26 +172,18 @@ class FilesListener:
         return f"{scheme}://{host}:{getattr(address, 'port', 0)}"
 
     async def _sweep(self) -> None:
-        if self.store is None:
-            return
         try:
             await self.store.sweep()
         except Exception:
             self._log.failure("sweeping expired uploads failed; trying again later")
 
     async def _purge(self) -> None:
-        if self.store is None:
-            return
         try:
             await self.store.purge()
         except Exception:
             self._log.failure("purging deleted files failed; trying again later")
 
-    async def stop(self) -> None:
+    def stop(self) -> None:
         for job in (self._sweeper, self._purger):
-            if job is not None and job.running:
+            if job.running:
                 job.stop()
-        if self.port is not None:
-            await maybeDeferred(self.port.stopListening)
-            self.port = None
-        await self.work.stop()

@@ -1,12 +1,18 @@
-"""The logic service in the daemon: its features, its HTTP port and its housekeeping."""
+"""The logic service in the daemon: its port, then its housekeeping.
+
+Two children (``cim.services.tree``), started in this order and stopped in reverse:
+the logic ``Listener`` (the port, opened once every room before it in the daemon's
+tree, the database and the accounts' KDF pool among them, is ready), then
+``LogicHousekeeping`` (every feature's tidying, every ``[logic] purge_interval``), which
+stops first, so no tidying runs while the port closes. The features hold no pool of
+their own: nothing drains after the port.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-from twisted.internet.defer import maybeDeferred
-from twisted.internet.endpoints import serverFromString
-from twisted.internet.interfaces import IListeningPort, IProtocolFactory
+from twisted.internet.interfaces import IProtocolFactory, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.web import server
@@ -17,42 +23,52 @@ from cim.logic.context import LogicContext
 from cim.logic.features import LogicFeatures
 from cim.logic.http.api import logic_resource, logic_site
 from cim.logic.http.operations import logic_endpoints
+from cim.reactor import ICimReactor
+from cim.services.tree import AsyncService, Listener, OrderedServices
 
-__all__ = ["LogicListener"]
+__all__ = ["LogicHousekeeping", "LogicService"]
 
 
-class LogicListener:
-    _log = Logger()
+class LogicService(OrderedServices):
+    """The logic features behind their HTTP port, and their housekeeping."""
 
     def __init__(
         self,
         ctx: LogicContext,
+        reactor: ICimReactor,
         telemetry: SiteTelemetry = UNOBSERVED,
         guard: Callable[[server.Site], IProtocolFactory] = unguarded,
     ) -> None:
+        super().__init__("logic")
         self.ctx = ctx
-        self.telemetry = telemetry
-        self.guard = guard
         self.features = LogicFeatures.build(ctx)
+        config = ctx.config
         self.resource = logic_resource(
             logic_endpoints(self.features),
             ctx.sessions,
             ctx.accounts.get_user,
-            ctx.config.max_body_size,
+            config.max_body_size,
             ctx.limits,
         )
-        self.port: IListeningPort | None = None
-        self._housekeeping = LoopingCall(self._tidy)
-        self._housekeeping.clock = ctx.clock
+        site = logic_site(self.resource, config.max_body_size, ctx.clock, telemetry)
+        self.listener = self.add(Listener("logic", config.listen, reactor, guard(site)))
+        self.add(LogicHousekeeping(self.features, config.purge_interval, ctx.clock))
 
-    async def start(self) -> None:
-        config = self.ctx.config
-        site = logic_site(self.resource, config.max_body_size, self.ctx.clock, self.telemetry)
-        self.port = await serverFromString(self.ctx.clock, self.ctx.config.listen).listen(
-            self.guard(site)
-        )
-        self._housekeeping.start(self.ctx.config.purge_interval, now=True)
-        self._log.info("logic listening on {listen}", listen=self.ctx.config.listen)
+
+class LogicHousekeeping(AsyncService):
+    """Every feature's tidying (expired codes, old positions...) on the node's clock."""
+
+    _log = Logger()
+
+    def __init__(self, features: LogicFeatures, interval: float, clock: IReactorTime) -> None:
+        super().__init__("logic housekeeping")
+        self.features = features
+        self.interval = interval
+        self._housekeeping = LoopingCall(self._tidy)
+        self._housekeeping.clock = clock
+
+    def start(self) -> None:
+        self._housekeeping.start(self.interval, now=True)
 
     async def _tidy(self) -> None:
         for feature in self.features.housekeeping():
@@ -61,9 +77,6 @@ class LogicListener:
             except Exception:
                 self._log.failure("logic housekeeping failed; trying again later")
 
-    async def stop(self) -> None:
+    def stop(self) -> None:
         if self._housekeeping.running:
             self._housekeeping.stop()
-        if self.port is not None:
-            await maybeDeferred(self.port.stopListening)
-            self.port = None

@@ -32,7 +32,6 @@ from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import (
     IListeningPort,
     IProtocolFactory,
-    IReactorCore,
     IStreamServerEndpoint,
 )
 from twisted.logger import Logger
@@ -40,6 +39,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from cim.interfaces import BusUnavailable, NodeIdTaken, StateUnavailable
+from cim.reactor import ICimReactor
 
 __all__ = [
     "AsyncService",
@@ -95,7 +95,9 @@ class OrderedServices(MultiService):
 
     They stop in reverse, each once the next has finished stopping. Only children that
     finished starting are stopped: one whose start failed or was cut short by the stop
-    cleans up after itself, as a start that fails must anyway. Nothing starts in
+    cleans up after itself, as a start that fails must anyway. A nested tree is the
+    exception, since it stops only its own children that started: one whose start
+    failed half-way is stopped too. Nothing starts in
     ``privilegedStartService``: every child starts in order in ``startService``.
     """
 
@@ -127,8 +129,15 @@ class OrderedServices(MultiService):
     async def _start_in_order(self) -> None:
         for child in self.children():
             child.startService()
-            await child.when_ready()
-            self._running_children.append(child)
+            if isinstance(child, OrderedServices):
+                # A tree stops only those of its children that started, so it is
+                # stopped even when its own start failed half-way: its port closes
+                # and its pool drains, where a Step must clean up after itself.
+                self._running_children.append(child)
+                await child.when_ready()
+            else:
+                await child.when_ready()
+                self._running_children.append(child)
 
     def when_ready(self) -> Deferred[None]:
         if self._starting is None:
@@ -292,7 +301,7 @@ class Listener(StreamServerEndpointService):
     log = Logger()
 
     def __init__(
-        self, section: str, description: str, reactor: IReactorCore, factory: IProtocolFactory
+        self, section: str, description: str, reactor: ICimReactor, factory: IProtocolFactory
     ) -> None:
         try:
             endpoint = serverFromString(reactor, description)

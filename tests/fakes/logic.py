@@ -34,7 +34,7 @@ from cim.logic.context import LogicContext
 from cim.logic.notices import Notices
 from cim.offline.store import OfflineStore
 from cim.protocols import cim_pb2
-from cim.services.logic import LogicListener
+from cim.services.logic import LogicService
 from cim.storage.contacts import PrivacyDefaults
 from cim.storage.database import Database
 from tests.fakes.node import NodeHarness
@@ -101,8 +101,8 @@ class LogicHarness:
             MediaUrls([parsed.files.public_url] if parsed.files.public_url else []),
             Limits(self.clock, parsed.limits) if limits else NO_LIMITS,
         )
-        self.listener = LogicListener(self.ctx)
-        self.resource: PublishedSpec = self.listener.resource
+        self.service = LogicService(self.ctx, self.clock)
+        self.resource: PublishedSpec = self.service.resource
         self.http = StubTreq(self.resource)
         self.tokens: dict[str, str] = {}
         self.clients: dict[str, ChatClient] = {}

@@ -1,7 +1,9 @@
 """cim.groups on PostgreSQL: the migrations, the shared tests again, and row locks.
 
 Each test creates a scratch database (see tests/integration/test_storage.py); the SQLite
-tests are in tests/unit/test_groups.py.
+tests are in tests/unit/test_groups.py. The IM node's rules that ask the directory and
+the accounts (``NodeRuleTests``) run here again on PostgreSQL, and once with the
+database on its thread pool and the real reactor.
 """
 
 from __future__ import annotations
@@ -11,14 +13,21 @@ from collections.abc import Callable
 from sqlalchemy import inspect
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import OperationalError
+from twisted.internet import reactor
+from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
-from cim.groups.directory import new_group_id
+from cim.accounts.store import AccountStore
+from cim.config import parse_config
+from cim.groups.directory import GroupDirectory, new_group_id
+from cim.protocols import cim_pb2
 from cim.storage.accounts import delete_user_txn
-from cim.storage.database import create_engine_for, upgrade
+from cim.storage.database import Database, create_engine_for, upgrade
 from cim.storage.groups import add_members_txn, create_group_txn, leave_group_txn
+from tests.fakes.node import NodeHarness
 from tests.integration.test_storage import scratch_postgresql_url
 from tests.unit import test_groups as unit
+from tests.unit.test_delivery import settle
 from tests.unit.test_groups import START, USERS, add_users_txn
 from tests.unit.test_storage import schema_differences, sqlite_url
 
@@ -110,3 +119,53 @@ class PostgresqlLockTests(TestCase):
         with self.engine.begin() as first:
             add_members_txn(first, self.group, "alice", ["carol"], START, 10)
             self.assert_would_wait(lambda c: delete_user_txn(c, "carol"))
+
+
+class PostgresqlNodeRuleTests(unit.NodeRuleTests):
+    def database_url(self) -> str:
+        url = scratch_postgresql_url(self)
+        upgrade(url)
+        return url
+
+
+class ThreadedNodeRuleTests(TestCase):
+    """The membership and account checks with the database on its thread pool, as in
+    the daemon: their answers come back on a later reactor turn (the node's own time
+    stays fake). On the real reactor and threads, so here and not in tests/unit."""
+
+    timeout = 30
+
+    async def test_members_post_and_strangers_are_refused(self) -> None:
+        db = Database(sqlite_url(self), reactor, threads=2)
+        await db.start()
+        self.addCleanup(db.stop)
+        await db.run(add_users_txn, USERS)
+        node = NodeHarness()
+        node.im.directory.groups = groups = GroupDirectory(db, node.clock)
+        node.im.directory.user_exists = AccountStore(
+            db, parse_config("[node]\nid = node1\n").accounts, reactor=node.clock
+        ).exists
+        team = await groups.create("alice", "team", ["bob"])
+        alice = node.connect("alice")
+        bob = node.connect("bob", auto_ack=True)
+        erin = node.connect("erin")
+
+        async def until(check: Callable[[], bool], what: str) -> None:
+            for _ in range(300):
+                settle(node)
+                if check():
+                    return
+                await deferLater(reactor, 0.01, lambda: None)
+            self.fail(f"gave up waiting for {what}")
+
+        erin.protocol.send(cim_pb2.MSG_R, cim_pb2.Message(group=team.id, text="x", client_seq=1))
+        await until(lambda: bool(erin.events.of_type(cim_pb2.ERROR)), "the refusal")
+        self.assertEqual(
+            erin.events.of_type(cim_pb2.ERROR)[0].message, "only members can post to a group"
+        )
+        alice.protocol.send(cim_pb2.MSG_R, cim_pb2.Message(group=team.id, text="y", client_seq=1))
+        alice.protocol.send(cim_pb2.MSG_R, cim_pb2.Message(to="nobody", text="z", client_seq=2))
+        await until(lambda: len(alice.events.of_type(cim_pb2.ACK_N)) == 2, "both outcomes")
+        outcomes = {a.client_seq: (a.status, a.reason) for a in alice.events.of_type(cim_pb2.ACK_N)}
+        self.assertEqual(outcomes, {1: (cim_pb2.ACCEPTED, ""), 2: (cim_pb2.FAILED, "no such user")})
+        self.assertEqual([m.text for m in bob.events.of_type(cim_pb2.MSG_N)], ["y"])

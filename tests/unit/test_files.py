@@ -841,30 +841,75 @@ class PieceTests(SynchronousTestCase):
             parse_config("[node]\nid = n1\n[files]\nenabled = true\nlisten = unix:/tmp/f.sock\n")
 
 
+class RecordedPort:
+    """A listening port that writes its closing into a journal."""
+
+    def __init__(self, journal: list[str], host: Any) -> None:
+        self.journal = journal
+        self.host = host
+
+    def getHost(self) -> Any:
+        return self.host
+
+    def stopListening(self) -> None:
+        self.journal.append("port closed")
+
+
+class HeldWork:
+    """A pool runner that runs work at once until ``hold``; then keeps it waiting."""
+
+    def __init__(self, journal: list[str]) -> None:
+        self.journal = journal
+        self.held: list[tuple[Any, Deferred[Any]]] = []
+        self.holding = False
+
+    def __call__(self, work: Any) -> Deferred[Any]:
+        if not self.holding:
+            return maybeDeferred(work)
+        d: Deferred[Any] = Deferred()
+        self.held.append((work, d))
+        return d
+
+    def release(self) -> None:
+        for work, d in self.held:
+            self.journal.append("held work done")
+            maybeDeferred(work).chainDeferred(d)
+
+
 class ListenerTests(SynchronousTestCase):
-    def test_listener_sweeps_on_its_clock_and_stops(self) -> None:
+    def files_service(self, config: FilesConfig, runner: Any = run_now) -> Any:
         from twisted.internet.testing import MemoryReactorClock
 
-        from cim.services.files import FilesListener
+        from cim.services.files import FilesService
 
-        reactor = MemoryReactorClock()
+        self.reactor = reactor = MemoryReactorClock()
         reactor.advance(1_700_000_000)
-        data_dir = os.path.abspath(self.mktemp())
-        database = Database("sqlite://", None, runner=run_now)
+        self.data_dir = os.path.abspath(self.mktemp())
+        self.database = database = Database("sqlite://", None, runner=run_now)
         self.successResultOf(database.start())
         self.addCleanup(database.stop)
         self.successResultOf(database.run(insert_user_txn, "alice", "scrypt$x", "person", 1.0))
+        return FilesService(
+            config, self.data_dir, database, MemoryState(reactor).sessions, reactor, runner=runner
+        )
+
+    def test_listener_sweeps_on_its_clock_and_stops(self) -> None:
         config = FilesConfig(
             enabled=True, listen="tcp:0", public_url="http://f.test", upload_expiry=120
         )
-        listener = FilesListener(
-            config, data_dir, database, MemoryState(reactor).sessions, reactor, runner=run_now
+        files = self.files_service(config)
+        reactor, database = self.reactor, self.database
+        self.assertFalse(os.path.exists(self.data_dir))  # made at start, not with the tree
+        self.assertEqual(
+            [child.name for child in files.children()],
+            ["files storage", "files listener", "files housekeeping"],
         )
-        self.successResultOf(Deferred.fromCoroutine(listener.start()))
-        self.assertEqual(os.stat(listener.key_path).st_mode & 0o777, 0o600)
-        self.assertEqual(listener.storage_dir, os.path.join(data_dir, "files"))
-        store = listener.store
-        assert store is not None
+        files.startService()
+        self.successResultOf(files.when_ready())
+        self.assertEqual(os.stat(files.key_path).st_mode & 0o777, 0o600)
+        self.assertEqual(files.storage_dir, os.path.join(self.data_dir, "files"))
+        self.assertEqual(len(reactor.tcpServers), 1)
+        store = files.store
         self.assertEqual(store.public_url, "http://f.test")
         upload = self.successResultOf(
             Deferred.fromCoroutine(store.create_upload("alice", "a", 10, "0" * 32, None))
@@ -874,5 +919,49 @@ class ListenerTests(SynchronousTestCase):
             self.successResultOf(database.run(records.upload_txn, upload.id, reactor.seconds()))
         )
         self.assertEqual(store.metrics.uploads_expired, 1)
-        self.successResultOf(Deferred.fromCoroutine(listener.stop()))
+        self.successResultOf(files.stopService())
         self.assertEqual(reactor.getDelayedCalls(), [])
+
+    def test_the_port_opens_after_the_storage_and_closes_before_the_pool_drains(self) -> None:
+        from twisted.internet.address import IPv4Address
+
+        journal: list[str] = []
+        work = HeldWork(journal)
+        files = self.files_service(FilesConfig(enabled=True, listen="tcp:0"), runner=work)
+        reactor = self.reactor
+
+        def listen(port: int, factory: Any, backlog: int = 50, interface: str = "") -> Any:
+            journal.append(f"listening, key there: {os.path.exists(files.key_path)}")
+            return RecordedPort(journal, IPv4Address("TCP", "127.0.0.7", 8082))
+
+        self.patch(reactor, "listenTCP", listen)
+        files.startService()
+        self.successResultOf(files.when_ready())
+        self.assertEqual(journal, ["listening, key there: True"])
+        # No public_url: the service names itself by the address it listens on.
+        self.assertEqual(files.store.public_url, "http://127.0.0.7:8082")
+        work.holding = True
+        running = files.store.work.run(lambda: None)
+        stopped = files.stopService()
+        self.assertEqual(journal[1:], ["port closed"])
+        self.assertNoResult(stopped)  # the pool waits for the work it was given
+        work.release()
+        self.successResultOf(running)
+        self.successResultOf(stopped)
+        self.assertEqual(journal[1:], ["port closed", "held work done"])
+
+    def test_a_key_that_cannot_be_read_stops_the_start_before_the_port(self) -> None:
+        from cim.services.tree import StartupError
+
+        files = self.files_service(FilesConfig(enabled=True, listen="tcp:0"))
+        os.makedirs(self.data_dir)
+        with open(files.key_path, "w") as handle:
+            handle.write("not a key\n")
+        os.chmod(files.key_path, 0o600)
+        files.startService()
+        failure = self.failureResultOf(files.when_ready(), StartupError)
+        self.assertEqual(
+            failure.getErrorMessage(),
+            f"[files] url_key: the URL signing key {files.key_path} is empty or malformed",
+        )
+        self.assertEqual(self.reactor.tcpServers, [])

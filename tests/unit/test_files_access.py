@@ -23,7 +23,7 @@ from cim.files import records
 from cim.files.proof import PROOF_RANGE, proof_of
 from cim.files.purge import PurgeReport
 from cim.json_convention import iso_time
-from cim.services.files import FilesListener, purge_interval
+from cim.services.files import FilesService, purge_interval
 from cim.storage.accounts import delete_user_txn, insert_user_txn
 from cim.storage.database import Database
 from cim.storage.files_access import may_read_txn, share_txn
@@ -373,7 +373,7 @@ class PurgeJobTests(SynchronousTestCase):
         )
         self.assertEqual(purge_interval(config), 3600)
         self.assertEqual(purge_interval(FilesConfig(purge_grace=0)), 60)
-        listener = FilesListener(
+        files = FilesService(
             config,
             os.path.abspath(self.mktemp()),
             database,
@@ -381,10 +381,10 @@ class PurgeJobTests(SynchronousTestCase):
             reactor,
             runner=run_now,
         )
-        self.successResultOf(Deferred.fromCoroutine(listener.start()))
-        self.addCleanup(lambda: self.successResultOf(Deferred.fromCoroutine(listener.stop())))
-        store = listener.store
-        assert store is not None
+        files.startService()
+        self.successResultOf(files.when_ready())
+        self.addCleanup(lambda: self.successResultOf(files.stopService()))
+        store = files.store
         upload = self.successResultOf(
             Deferred.fromCoroutine(store.create_upload("alice", "a", 5, md5_hex(b"hello"), None))
         )

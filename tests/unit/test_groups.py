@@ -2,11 +2,11 @@
 
 The database runs synchronously through an injected runner (no reactor, no threads),
 and time is a ``task.Clock``. ``GroupTests`` runs on a temporary SQLite file;
-``PostgresqlGroupTests`` runs the same tests on a scratch PostgreSQL database (see
-``tests.unit.test_storage`` for when those are skipped). ``NodeRuleTests`` drive an IM node
-(``tests.support.NodeHarness``) whose membership and account checks go through the
-real directory and accounts; ``ThreadedNodeRuleTests`` do it with the database on its
-thread pool and the real reactor.
+tests/integration/test_groups.py runs the same tests on a scratch PostgreSQL database.
+``NodeRuleTests`` drive an IM node (``tests.fakes.node.NodeHarness``) whose membership,
+account and group-history checks go through the real directory, accounts and history
+on SQLite; tests/integration/test_groups.py runs them again on PostgreSQL, and with the
+database on its thread pool and the real reactor.
 """
 
 from __future__ import annotations
@@ -15,9 +15,8 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from sqlalchemy.engine import Connection
-from twisted.internet import reactor
 from twisted.internet.defer import Deferred, maybeDeferred
-from twisted.internet.task import Clock, deferLater
+from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
 from cim.accounts.store import AccountStore
@@ -40,15 +39,17 @@ from cim.groups.directory import (
     is_group_id,
     new_group_id,
 )
+from cim.history.archive import HistoryService
+from cim.history.store import HistoryStore
 from cim.offline.store import OfflineStore
 from cim.protocols import cim_pb2
 from cim.storage.accounts import delete_user_txn, insert_user_txn
-from cim.storage.database import Database, upgrade
+from cim.storage.database import Database
 from cim.storage.groups import leave_all_groups_txn
 from tests.fakes.contacts import befriend_txn
 from tests.fakes.node import ConnectedClient, NodeHarness
-from tests.integration.test_storage import scratch_postgresql_url
 from tests.unit.test_delivery import settle
+from tests.unit.test_offline import message
 from tests.unit.test_storage import QueuedRunner, sqlite_url
 
 T = TypeVar("T")
@@ -867,52 +868,29 @@ class NodeRuleTests(GroupTestsMixin, TestCase):
         outcomes = [(a.status, a.reason) for a in alice.events.of_type(cim_pb2.ACK_N)]
         self.assertEqual(outcomes, [(cim_pb2.STORED, ""), (cim_pb2.FAILED, "no such user")])
 
+    def test_only_members_read_a_groups_history_and_a_removed_one_no_longer(self) -> None:
+        history = HistoryStore(self.db, retention_days=None, clock=self.node.clock)
+        self.node.im.stores.history = HistoryService(history, self.groups.is_member)
+        team = self.team()
+        self.ok(history.archive([message(900 + n, "alice", group=team.id) for n in range(3)]))
+        carol = self.node.connect("carol")
+        erin = self.node.connect("erin")  # has an account, is no member
+        alice = self.node.connect("alice")
 
-class PostgresqlNodeRuleTests(NodeRuleTests):
-    def database_url(self) -> str:
-        url = scratch_postgresql_url(self)
-        upgrade(url)
-        return url
+        def ask(client: ConnectedClient) -> cim_pb2.HistoryA:
+            client.protocol.send(cim_pb2.HISTORY_R, cim_pb2.HistoryR(group=team.id))
+            settle(self.node)
+            return client.events.of_type(cim_pb2.HISTORY_A)[-1]
 
-
-class ThreadedNodeRuleTests(TestCase):
-    """The membership and account checks with the database on its thread pool, as in
-    the daemon: their answers come back on a later reactor turn (the node's own time
-    stays fake)."""
-
-    timeout = 30
-
-    async def test_members_post_and_strangers_are_refused(self) -> None:
-        db = Database(sqlite_url(self), reactor, threads=2)
-        await db.start()
-        self.addCleanup(db.stop)
-        await db.run(add_users_txn, USERS)
-        node = NodeHarness()
-        node.im.directory.groups = groups = GroupDirectory(db, node.clock)
-        node.im.directory.user_exists = AccountStore(
-            db, parse_config("[node]\nid = node1\n").accounts, reactor=node.clock
-        ).exists
-        team = await groups.create("alice", "team", ["bob"])
-        alice = node.connect("alice")
-        bob = node.connect("bob", auto_ack=True)
-        erin = node.connect("erin")
-
-        async def until(check: Callable[[], bool], what: str) -> None:
-            for _ in range(300):
-                settle(node)
-                if check():
-                    return
-                await deferLater(reactor, 0.01, lambda: None)
-            self.fail(f"gave up waiting for {what}")
-
-        erin.protocol.send(cim_pb2.MSG_R, cim_pb2.Message(group=team.id, text="x", client_seq=1))
-        await until(lambda: bool(erin.events.of_type(cim_pb2.ERROR)), "the refusal")
-        self.assertEqual(
-            erin.events.of_type(cim_pb2.ERROR)[0].message, "only members can post to a group"
+        self.assertEqual([m.id for m in ask(carol).messages], [902, 901, 900])
+        refused = ask(erin)
+        self.assertEqual((refused.error, list(refused.messages)), ("forbidden", []))
+        alice.protocol.send(
+            cim_pb2.GROUP_R,
+            cim_pb2.GroupRequest(
+                request_id=3, remove=cim_pb2.ChangeMembers(group=team.id, users=["carol"])
+            ),
         )
-        alice.protocol.send(cim_pb2.MSG_R, cim_pb2.Message(group=team.id, text="y", client_seq=1))
-        alice.protocol.send(cim_pb2.MSG_R, cim_pb2.Message(to="nobody", text="z", client_seq=2))
-        await until(lambda: len(alice.events.of_type(cim_pb2.ACK_N)) == 2, "both outcomes")
-        outcomes = {a.client_seq: (a.status, a.reason) for a in alice.events.of_type(cim_pb2.ACK_N)}
-        self.assertEqual(outcomes, {1: (cim_pb2.ACCEPTED, ""), 2: (cim_pb2.FAILED, "no such user")})
-        self.assertEqual([m.text for m in bob.events.of_type(cim_pb2.MSG_N)], ["y"])
+        settle(self.node)
+        self.assertTrue(alice.events.of_type(cim_pb2.GROUP_A)[-1].ok)
+        self.assertEqual(ask(carol).error, "forbidden")

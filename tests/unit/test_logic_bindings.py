@@ -91,9 +91,33 @@ class CodeTests(SynchronousTestCase):
         family(h, "watch")
         new_code(h)
         h.clock.advance(h.config.binding_code_ttl + 1)
-        fired(ensureDeferred(h.listener.features.bindings.housekeeping()))
+        fired(ensureDeferred(h.service.features.bindings.housekeeping()))
         rows = fired(h.db.run(lambda c: c.execute(binding_codes.select()).all()))
         self.assertEqual(rows, [])
+
+    def test_the_service_tidies_while_its_port_listens(self) -> None:
+        h = LogicHarness(self)
+        family(h, "watch")
+        new_code(h)
+        service = h.service
+        self.assertEqual(
+            [child.name for child in service.children()],
+            ["logic listener", "logic housekeeping"],
+        )
+        service.startService()
+        fired(service.when_ready())
+        [(port, _, _, interface)] = h.clock.tcpServers
+        self.assertEqual((port, interface), (8081, "127.0.0.1"))
+        h.clock.advance(h.config.binding_code_ttl + 1)
+        h.clock.advance(h.config.purge_interval)  # the housekeeping's next round
+        rows = fired(h.db.run(lambda c: c.execute(binding_codes.select()).all()))
+        self.assertEqual(rows, [])
+        fired(service.stopService())
+        h.tokens.clear()  # the old session expired meanwhile
+        new_code(h)  # once stopped, nothing tidies any more
+        h.clock.advance(h.config.binding_code_ttl + h.config.purge_interval + 1)
+        rows = fired(h.db.run(lambda c: c.execute(binding_codes.select()).all()))
+        self.assertEqual(len(rows), 1)
 
 
 class BindTests(SynchronousTestCase):

@@ -16,7 +16,7 @@ from typing import Any
 from twisted.internet.defer import Deferred
 from twisted.trial.unittest import SynchronousTestCase
 
-from cim.client.logic import LogicClient, LogicError
+from cim.client.logic import AccountCalls, LogicClient, LogicError, PostCalls, SafetyCalls
 from cim.json_convention import iso_time
 from cim.scripts import client as cli
 from cim.scripts import login
@@ -89,6 +89,23 @@ class LogicClientTests(SynchronousTestCase):
             settle(h, self.api().posts())
         self.assertEqual(anonymous.exception.status, 401)
         self.assertIn("HTTP 401", str(anonymous.exception))
+
+    def test_each_family_of_calls_works_alone(self) -> None:
+        h = self.h
+        h.add_user("ann")
+        h.add_user("watch", kind="device")
+        token = h.token("ann")
+        posts = PostCalls(None, "http://logic.invalid", token, http=h.http)  # type: ignore[arg-type]
+        post = settle(h, posts.create_post("alone"))
+        self.assertEqual(settle(h, posts.post(post["id"]))["text"], "alone")
+        accounts = AccountCalls(None, "http://logic.invalid", token, http=h.http)  # type: ignore[arg-type]
+        self.assertEqual(settle(h, accounts.me())["name"], "ann")
+        safety = SafetyCalls(None, "http://logic.invalid", token, http=h.http)  # type: ignore[arg-type]
+        with self.assertRaises(LogicError) as refused:  # ann is no guardian of the watch
+            settle(h, safety.fences("watch"))
+        self.assertEqual(refused.exception.status // 100, 4)
+        self.assertEqual(repr(posts), "PostCalls('http://logic.invalid')")
+        self.assertNotIn(token, repr(posts))
 
     def test_the_base_url_may_name_the_api_root(self) -> None:
         api = LogicClient(None, "http://logic.invalid/api/v1/", None, http=self.h.http)

@@ -354,7 +354,7 @@ class HistoryTests(SynchronousTestCase):
 
     def test_retention_purges_old_positions_in_batches(self) -> None:
         h = family("location_retention = 2h\n")(self)
-        feature = h.listener.features.fences
+        feature = h.service.features.fences
         start = h.ctx.now()
         report(h, *([0.0] * 30), start=start)
         h.clock.advance(3600)

@@ -12,6 +12,10 @@ from cim.interfaces import NodeInfo
 from cim.ring import DEFAULT_VIRTUAL_NODES, HashRing, ring_hash
 
 USERS = [f"user{index}" for index in range(10_000)]
+MOVING_USERS = USERS[:4_000]
+"""Enough for the movement tests: which users move is decided user by user, and with
+4,000 users over at most 11 nodes the largest share stays under 1.2 times the average
+(the bound those tests allow is 1.5); the balance test keeps all 10,000."""
 
 # Every example maps 10,000 users, so a handful of examples is already a lot of work;
 # hypothesis still varies the node ids and counts between runs.
@@ -31,9 +35,9 @@ def cluster(min_size: int, max_size: int) -> st.SearchStrategy[list[NodeInfo]]:
     )
 
 
-def assignment(ring: HashRing) -> dict[str, str]:
+def assignment(ring: HashRing, users: list[str] = USERS) -> dict[str, str]:
     result = {}
-    for user in USERS:
+    for user in users:
         node = ring.node_for(user)
         assert node is not None
         result[user] = node.node_id
@@ -84,11 +88,11 @@ class HashRingTests(SynchronousTestCase):
         self, nodes: list[NodeInfo], data: st.DataObject
     ) -> None:
         newcomer = data.draw(st.sampled_from(nodes))
-        before = assignment(HashRing([node for node in nodes if node != newcomer]))
-        after = assignment(HashRing(nodes))
-        moved = [user for user in USERS if before[user] != after[user]]
+        before = assignment(HashRing([node for node in nodes if node != newcomer]), MOVING_USERS)
+        after = assignment(HashRing(nodes), MOVING_USERS)
+        moved = [user for user in MOVING_USERS if before[user] != after[user]]
         self.assertEqual({after[user] for user in moved}, {newcomer.node_id})
-        self.assertLessEqual(len(moved), 1.5 * len(USERS) / len(nodes))
+        self.assertLessEqual(len(moved), 1.5 * len(MOVING_USERS) / len(nodes))
 
     @RING_SETTINGS
     @given(nodes=cluster(4, 11), data=st.data())
@@ -96,9 +100,9 @@ class HashRingTests(SynchronousTestCase):
         self, nodes: list[NodeInfo], data: st.DataObject
     ) -> None:
         leaver = data.draw(st.sampled_from(nodes))
-        before = assignment(HashRing(nodes))
-        after = assignment(HashRing([node for node in nodes if node != leaver]))
-        moved = [user for user in USERS if before[user] != after[user]]
+        before = assignment(HashRing(nodes), MOVING_USERS)
+        after = assignment(HashRing([node for node in nodes if node != leaver]), MOVING_USERS)
+        moved = [user for user in MOVING_USERS if before[user] != after[user]]
         self.assertEqual({before[user] for user in moved}, {leaver.node_id})
         self.assertEqual(len(moved), sum(1 for owner in before.values() if owner == leaver.node_id))
-        self.assertLessEqual(len(moved), 1.5 * len(USERS) / len(nodes))
+        self.assertLessEqual(len(moved), 1.5 * len(MOVING_USERS) / len(nodes))

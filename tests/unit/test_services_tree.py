@@ -114,6 +114,29 @@ class OrderedServicesTests(SynchronousTestCase):
         tree.stopService()
         self.assertEqual(journal, ["start db", "start state", "stop db"])
 
+    def test_a_nested_tree_that_failed_half_way_stops_what_started_in_it(self) -> None:
+        journal: list[str] = []
+        tree = OrderedServices()
+        db, pool, port = (Room(name, journal) for name in ("db", "pool", "port"))
+        tree.add(db.step())
+        inner = tree.add(OrderedServices("files"))
+        inner.add(pool.step())
+        inner.add(port.step(cannot_start("files", "tcp")))
+        tree.startService()
+        ready = tree.when_ready()
+        for room in (db, pool):
+            assert room.starting is not None
+            room.starting.callback(None)
+        assert port.starting is not None
+        port.starting.errback(OSError("address in use"))
+        self.failureResultOf(ready, StartupError)
+        stopped = tree.stopService()
+        for room in (pool, db):
+            assert room.stopping is not None
+            room.stopping.callback(None)
+        self.successResultOf(stopped)
+        self.assertEqual(journal, ["start db", "start pool", "start port", "stop pool", "stop db"])
+
     def test_a_failure_no_step_explains_passes_through(self) -> None:
         tree = OrderedServices()
         tree.add(Step("broken", lambda: 1 / 0))
@@ -286,6 +309,38 @@ class DaemonTreeTests(SynchronousTestCase):
         )
         self.assertFalse(os.path.exists(os.path.join(data_dir, "operations.log")))
         self.assertEqual(daemon.health()["status"], "starting")
+
+    def test_files_and_logic_are_trees_with_their_listeners(self) -> None:
+        self.patch(daemon_module, "load_node_key", lambda config: shared_node_key())
+        data_dir = os.path.abspath(self.mktemp())
+        config = parse_config(
+            f"[node]\nid = n1\ndata_dir = {data_dir}\n"
+            "[files]\nenabled = true\n[logic]\nenabled = true\n"
+        )
+        daemon = CimDaemon(config, MemoryReactorClock())
+        children = {child.name: child for child in daemon.children()}
+        names = list(children)
+        self.assertEqual(
+            names[names.index("router listener") :],
+            [
+                "router listener",
+                "files",
+                "own file URLs",
+                "logic",
+                "admin listener",
+                "heap trimmer",
+            ],
+        )
+        files, logic = children["files"], children["logic"]
+        assert isinstance(files, OrderedServices) and isinstance(logic, OrderedServices)
+        self.assertEqual(
+            [child.name for child in files.children()],
+            ["files storage", "files listener", "files housekeeping"],
+        )
+        self.assertEqual(
+            [child.name for child in logic.children()], ["logic listener", "logic housekeeping"]
+        )
+        self.assertFalse(os.path.exists(os.path.join(data_dir, "files")))
 
 
 class ScriptedDaemon(CimDaemon):

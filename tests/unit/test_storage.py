@@ -35,6 +35,7 @@ from cim.storage.database import (
     upgrade,
 )
 from cim.storage.schema import metadata, users
+from tests.fakes.schema import prepare_from_template, real_migrations
 
 T = TypeVar("T")
 
@@ -113,6 +114,9 @@ def set_revision(url: str, revision: str) -> None:
 
 
 class MigrationTests(TestCase):
+    def setUp(self) -> None:
+        real_migrations(self)
+
     def test_upgrade_creates_the_tables(self) -> None:
         url = sqlite_url(self, "data")
         self.assertIsNone(current_revision(url))
@@ -164,6 +168,9 @@ class MigrationTests(TestCase):
 
 
 class DatabaseTests(TestCase):
+    def setUp(self) -> None:
+        real_migrations(self)
+
     def start(self, url: str, runner: Any = run_now) -> Database:
         db = Database(url, None, runner=runner)
         self.successResultOf(db.start())
@@ -258,3 +265,32 @@ class DatabaseTests(TestCase):
         reactor.wait_for(stopped)
         self.successResultOf(stopped)
         self.assertEqual(reactor.triggers, {})
+
+
+class SchemaTemplateTests(TestCase):
+    """The unit suite's copied schema (tests.fakes.schema) is what the migrations make."""
+
+    def schema_of(self, url: str) -> list[tuple[Any, ...]]:
+        """Every table, index and trigger by name (two real migrations may write one
+        table's constraints in another order, so the CREATE text is not compared)."""
+        engine = create_engine_for(url)
+        self.addCleanup(engine.dispose)
+        with engine.connect() as connection:
+            rows = connection.exec_driver_sql(
+                "SELECT type, name, tbl_name FROM sqlite_master ORDER BY type, name"
+            )
+            return [tuple(row) for row in rows]
+
+    def test_a_copy_has_the_migrated_schema_and_revision(self) -> None:
+        migrated = sqlite_url(self, "migrated")
+        upgrade(migrated)
+        copied = sqlite_url(self, "copied")
+        engine = create_engine_for(copied)
+        self.addCleanup(engine.dispose)
+        prepare_from_template(engine)
+        self.assertEqual(self.schema_of(copied), self.schema_of(migrated))
+        self.assertEqual(schema_differences(engine), [])
+        self.assertEqual(current_revision(copied), head_revision())
+        with engine.begin() as connection:
+            self.assertEqual(add_alice_txn(connection), 1)
+            self.assertEqual(connection.exec_driver_sql("PRAGMA journal_mode").scalar(), "wal")
