@@ -166,7 +166,12 @@ class FrameFuzzTarget:
         user = KNOWN_USERS[self.tally.sessions % len(KNOWN_USERS)]
         token, _ = node.login(user)
         handshake = ClientHandshake(
-            node.key.public_der, token, "fuzz", self.suite, _SUITES, int(node.clock.seconds() * 1000)
+            node.key.public_der,
+            token,
+            "fuzz",
+            self.suite,
+            _SUITES,
+            int(node.clock.seconds() * 1000),
         )
         body = handshake.hello_body()
         server.dataReceived(_LENGTH.pack(len(body)) + body)
@@ -175,7 +180,10 @@ class FrameFuzzTarget:
         (length,) = _LENGTH.unpack_from(reply, 0)
         sealer, opener, first = handshake.finish(reply[4 : 4 + length])
         result = cim_pb2.LoginResult.FromString(first[1:])
-        if result.status != cim_pb2.LoginResult.OK or server.state is not ConnectionState.ESTABLISHED:
+        if (
+            result.status != cim_pb2.LoginResult.OK
+            or server.state is not ConnectionState.ESTABLISHED
+        ):
             raise RuntimeError(f"the fuzz session did not log in: {result}")
         self.tally.sessions += 1
         return _Session(server, transport, sealer, opener)
@@ -238,7 +246,7 @@ class FrameFuzzTarget:
 
     def _example(self, what: str, action: Action, detail: str) -> None:
         if len(self.tally.examples) < 20:
-            self.tally.examples.append(f"{what}: {action.describe()}\n{detail}".rstrip())
+            self.tally.examples.append(f"{what}: {action.describe()}\n{detail[:4000]}".rstrip())
 
 
 def _about(body: bytes, request_type: int) -> bool:
