@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol, TypeVar
 
 from google.protobuf import message_factory
@@ -149,6 +149,9 @@ class Action:
     truncated  ``plaintext`` sealed, then its last ``cut`` bytes dropped
     oversized  a length prefix of ``length`` (past the node's limit) and ``payload``
     heartbeat  the four zero bytes
+
+    ``splits`` (per mille of the wire bytes) cut the bytes into reads the node gets one
+    by one, as TCP may deliver them: inside the length prefix, inside the body.
     """
 
     kind: str
@@ -157,6 +160,7 @@ class Action:
     request_type: int = 0
     cut: int = 0
     length: int = 0
+    splits: tuple[int, ...] = ()
 
     def describe(self) -> str:
         """A short, loggable account of the input (for the report of a failure)."""
@@ -165,11 +169,21 @@ class Action:
         more = f"...(+{len(body) - 48} bytes)" if len(body) > 48 else ""
         return (
             f"{self.kind} request_type={self.request_type} cut={self.cut} "
-            f"length={self.length} body={head}{more}"
+            f"length={self.length} splits={self.splits} body={head}{more}"
         )
 
 
 def draw_action(draws: Draws, max_frame_size: int) -> Action:
+    """One input; a quarter of them arrive in several reads."""
+    action = _draw_kind(draws, max_frame_size)
+    if draws.integer(0, 3) == 0:
+        count = draws.integer(1, 3)
+        splits = tuple(sorted(draws.integer(0, 1000) for _ in range(count)))
+        return replace(action, splits=splits)
+    return action
+
+
+def _draw_kind(draws: Draws, max_frame_size: int) -> Action:
     roll = draws.integer(0, 99)
     if roll < 70:
         frame_type = draws.choice(tuple(REQUEST_TYPES))

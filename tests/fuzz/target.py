@@ -204,7 +204,14 @@ class FrameFuzzTarget:
         session = self._session
         tally = self.tally
         tally.inputs += 1
-        session.server.dataReceived(self._wire(session, action))
+        wire = self._wire(session, action)
+        start = 0
+        for split in action.splits:
+            end = len(wire) * split // 1000
+            if end > start:
+                session.server.dataReceived(wire[start:end])
+                start = end
+        session.server.dataReceived(wire[start:])
         self.node.clock.advance(0.1)
         answers = session.answers() if not session.transport.disconnecting else []
         if session.closed:
