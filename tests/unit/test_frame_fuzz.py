@@ -23,7 +23,7 @@ from tests.fuzz.target import FrameFuzzTarget
 T = TypeVar("T")
 
 EXAMPLES = 200
-MEMORY_INPUTS = 1000
+MEMORY_INPUTS = 500
 MEMORY_PEAK = 32 * 2**20
 """Peak Python allocations while the node takes MEMORY_INPUTS more inputs (tracemalloc):
 a 64 KiB frame decoded and answered is a few MiB at most."""
