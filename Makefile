@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 CONFIG ?= etc/cim.ini
 
-.PHONY: run test test-unit test-integration install install-test plugin-cache proto openapi lint typecheck bench bench-full services clean
+.PHONY: run test test-unit test-integration install install-test plugin-cache proto openapi lint typecheck bench bench-full fuzz services clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -46,6 +46,16 @@ test-unit: install-test
 ## The integration suite alone (tests/integration): real daemons and services, minutes.
 test-integration: install-test plugin-cache
 	$(BIN)/python -m twisted.trial $(TRIAL_ARGS) tests.integration
+
+## The frame fuzzer after the handshake, both cipher suites: FUZZ_INPUTS inputs (a
+## million by default; tens of minutes), counts and first failures at the end.
+## FUZZ_SEED picks the inputs; FUZZ_SECONDS (if set) stops it earlier.
+FUZZ_INPUTS ?= 1000000
+FUZZ_SEED ?= 1
+FUZZ_SECONDS ?= 0
+fuzz: install-test
+	$(BIN)/python -m tests.fuzz.run --inputs $(FUZZ_INPUTS) --seed $(FUZZ_SEED) \
+		--seconds $(FUZZ_SECONDS)
 
 ## Regenerate cim/protocols/cim_pb2.py(i) from cim.proto.
 proto: install-test

@@ -142,6 +142,7 @@ class NodeMetrics:
         self.heartbeats_out = 0
         self.heartbeat_timeouts = 0
         self.frames_rejected: Counter[str] = Counter()
+        self.frames_refused: Counter[str] = Counter()
         self.messages: Counter[str] = Counter()
         self.logins: Counter[str] = Counter()
         self.delivery_latency = Histogram(DELIVERY_BUCKETS)
@@ -230,6 +231,15 @@ class NodeMetricsCollector(Collector):
         for reason, count in sorted(m.frames_rejected.items()):
             rejected.add_metric([reason], count)
         yield rejected
+
+        refused = CounterMetricFamily(
+            "cim_frames_refused",
+            "Frames answered BAD_REQUEST at the edge (connection kept), by reason.",
+            labels=["reason"],
+        )
+        for reason, count in sorted(m.frames_refused.items()):
+            refused.add_metric([reason], count)
+        yield refused
 
         timeouts = CounterMetricFamily("cim_heartbeat_timeouts", "Connections closed for silence.")
         timeouts.add_metric([], m.heartbeat_timeouts)

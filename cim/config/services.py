@@ -105,6 +105,9 @@ class ImConfig:
     rsa_key: str = _opt("", parse_str)
     rsa_key_bits: int = _opt(2048, parse_int, minimum=2048, maximum=8192)
     handshake_replay_window: float = _opt(300.0, parse_duration, minimum=10)
+    # Frames a connection may send with a number out of range (ids past 2^63-1, unknown
+    # enum values): each is answered BAD_REQUEST; this many close the connection.
+    max_bad_frames: int = _opt(100, parse_int, minimum=1, maximum=1_000_000)
     # Characters of a message's text; longer ones are refused (BAD_REQUEST).
     max_text_length: int = _opt(16384, parse_int, minimum=1, maximum=16 << 20)
     # Who may send 1:1 messages to a person who never chose (docs/privacy.md):

@@ -111,16 +111,18 @@ class ClientHello(_message.Message):
     def __init__(self, version: _Optional[int] = ..., offered_suites: _Optional[_Iterable[str]] = ..., suite: _Optional[str] = ..., client_nonce: _Optional[bytes] = ..., key_fingerprint: _Optional[bytes] = ..., sealed_key: _Optional[bytes] = ...) -> None: ...
 
 class KeyMaterial(_message.Message):
-    __slots__ = ("secret", "token", "timestamp_ms", "device")
+    __slots__ = ("secret", "token", "timestamp_ms", "device", "hello_digest")
     SECRET_FIELD_NUMBER: _ClassVar[int]
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     TIMESTAMP_MS_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
+    HELLO_DIGEST_FIELD_NUMBER: _ClassVar[int]
     secret: bytes
     token: str
     timestamp_ms: int
     device: str
-    def __init__(self, secret: _Optional[bytes] = ..., token: _Optional[str] = ..., timestamp_ms: _Optional[int] = ..., device: _Optional[str] = ...) -> None: ...
+    hello_digest: bytes
+    def __init__(self, secret: _Optional[bytes] = ..., token: _Optional[str] = ..., timestamp_ms: _Optional[int] = ..., device: _Optional[str] = ..., hello_digest: _Optional[bytes] = ...) -> None: ...
 
 class HandshakeError(_message.Message):
     __slots__ = ("reason", "message", "allowed_suites", "retry_after_ms")

@@ -54,8 +54,12 @@ __all__ = [
     "session_ciphers",
 ]
 
-PROTOCOL_VERSION = 1
-"""Wire protocol version; bound into the key schedule so versions never share keys."""
+PROTOCOL_VERSION = 2
+"""Wire protocol version; bound into the key schedule so versions never share keys.
+
+2: KeyMaterial carries the hello_digest (docs/crypto.md, "Replayed hellos"); version 1
+hellos are refused, since a node that took them would reopen the replay they allow.
+"""
 
 SECRET_SIZE = 32
 TAG_SIZE = 16

@@ -9,9 +9,11 @@ token lookup is asynchronous and belongs to the caller, which also consults a
 
 from __future__ import annotations
 
+import hashlib
 import heapq
 import hmac
 import os
+import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -42,12 +44,15 @@ __all__ = [
     "HandshakeRefused",
     "ReplayGuard",
     "accept_client_hello",
+    "hello_digest",
 ]
 
 NONCE_SIZE = 16
 MAX_TOKEN_LENGTH = 256
 MAX_OFFERED_SUITES = 16
 MAX_SUITE_NAME = 64
+HELLO_LABEL = b"cim client hello"
+"""Fixed prefix of the hello digest, so it can never equal a hash made for another use."""
 
 # Resolved once: enum attribute lookups on the generated module are not free.
 _CLIENT_HELLO = cim_pb2.CLIENT_HELLO
@@ -114,6 +119,39 @@ class HandshakeRefused(Exception):
 
 def _bad_hello(message: str) -> HandshakeRefused:
     return HandshakeRefused(_BAD_HELLO, message)
+
+
+def hello_digest(
+    version: int,
+    offered: Sequence[str],
+    suite: str,
+    client_nonce: bytes,
+    fingerprint: bytes,
+) -> bytes:
+    """SHA-256 over a canonical encoding of every plaintext field of a ClientHello.
+
+    The client seals it inside KeyMaterial (RSA-OAEP, which nobody without the node key
+    can read or alter), and the node recomputes it from the hello it received: a
+    captured hello whose version, suites, nonce or fingerprint were changed on the
+    way no longer matches its own sealed key material. Fixed-size or length-prefixed
+    fields, count-prefixed list: two different hellos never encode to the same bytes.
+    """
+    if len(offered) > 255:
+        raise ValueError("at most 255 suites can be offered")
+    parts = [HELLO_LABEL, struct.pack(">I", version)]
+    for field_bytes in (client_nonce, fingerprint):
+        if len(field_bytes) > 255:
+            raise ValueError("a hello field is longer than 255 bytes")
+        parts.append(bytes((len(field_bytes),)))
+        parts.append(field_bytes)
+    parts.append(bytes((len(offered),)))
+    for name in (*offered, suite):
+        encoded = name.encode("utf-8")
+        if len(encoded) > 255:
+            raise ValueError("a suite name is longer than 255 bytes")
+        parts.append(bytes((len(encoded),)))
+        parts.append(encoded)
+    return hashlib.sha256(b"".join(parts)).digest()
 
 
 @dataclass
@@ -191,14 +229,23 @@ def accept_client_hello(
         )
     if len(hello.client_nonce) != NONCE_SIZE:
         raise _bad_hello(f"client_nonce must be {NONCE_SIZE} bytes")
-    # Decryption and parse failures get the same message: the node must not tell a
-    # prober which step failed.
+    # Decryption, parse and digest failures get the same message: the node must not
+    # tell a prober which step failed (nor that an altered blob still decrypted).
+    undecryptable = "sealed_key cannot be decrypted to valid key material for this hello"
     try:
         sealed = node_key.unseal(hello.sealed_key)
         material = cim_pb2.KeyMaterial()
         material.ParseFromString(sealed)
     except (ValueError, DecodeError):
-        raise _bad_hello("sealed_key cannot be decrypted to valid key material") from None
+        raise _bad_hello(undecryptable) from None
+    # The transcript: every plaintext field the replay guard and the key schedule rely
+    # on must be the one the client sealed. A replay with any of them changed stops
+    # here, before the token is looked up or any session is touched.
+    expected = hello_digest(
+        hello.version, offered, hello.suite, hello.client_nonce, hello.key_fingerprint
+    )
+    if not hmac.compare_digest(material.hello_digest, expected):
+        raise _bad_hello(undecryptable)
     if len(material.secret) != SECRET_SIZE:
         raise _bad_hello(f"the key material secret must be {SECRET_SIZE} bytes")
     if not material.token or len(material.token) > MAX_TOKEN_LENGTH:
@@ -288,7 +335,13 @@ class ClientHandshake:
         if len(self.client_nonce) != NONCE_SIZE or len(self._secret) != SECRET_SIZE:
             raise ValueError("random_bytes returned the wrong number of bytes")
         material = cim_pb2.KeyMaterial(
-            secret=self._secret, token=token, timestamp_ms=now_ms, device=device
+            secret=self._secret,
+            token=token,
+            timestamp_ms=now_ms,
+            device=device,
+            hello_digest=hello_digest(
+                PROTOCOL_VERSION, offered, suite, self.client_nonce, self.fingerprint
+            ),
         )
         hello = cim_pb2.ClientHello(
             version=PROTOCOL_VERSION,

@@ -5,12 +5,15 @@ handshake deadline), authenticating (the token is being looked up; nothing is
 allowed), established (the frame table of the node's rooms, ``ImNode.inbound``;
 silence longer than the heartbeat timeout closes the connection). Each state's
 allow-list is the whole of what the client may send then: anything else closes the
-connection. An established connection's frames go straight to the room that answers
-them, with the connection as the session.
+connection. An established connection's frames go to the room that answers them,
+with the connection as the session, once the edge (cim.im.edge) found every number
+in them within the stores' range; a frame that is not is answered BAD_REQUEST, and
+a connection that sends ``[im] max_bad_frames`` of them is closed.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from enum import Enum
 from typing import TYPE_CHECKING, Any
 
@@ -23,10 +26,13 @@ from twisted.python.failure import Failure
 from cim import oplog as oplog_events
 from cim.backends.state import token_hash
 from cim.config import ImConfig
+from cim.im import edge
+from cim.im.collaborators import FrameTable
 from cim.im.sessions import kick_code
 from cim.interfaces import INodeRegistry, IStateBackend, SessionRecord
 from cim.limits.messages import retry_after_ms
 from cim.limits.policy import HELLOS, NO_LIMITS, RateLimits
+from cim.loglimit import LogLimit
 from cim.metrics import NodeMetrics
 from cim.oplog import OperationLog
 from cim.protocols import cim_pb2
@@ -68,6 +74,8 @@ class ImServerProtocol(FrameProtocol, SweptTimeoutMixin):
         self.state = ConnectionState.AWAITING_HELLO
         self.record: SessionRecord | None = None
         self.admitted = False
+        self.bad_frames = 0
+        """Frames refused at the edge so far; ``[im] max_bad_frames`` closes."""
         self.inbound = {}
         # Set by makeConnection and setTimeout later; named here so every instance's
         # attributes keep one order and share one key table (see FrameProtocol).
@@ -233,7 +241,7 @@ class ImServerProtocol(FrameProtocol, SweptTimeoutMixin):
             server_time_ms=int(factory.clock.seconds() * 1000),
         )
         self._send_login_result(accepted, result)
-        self.inbound = factory.node.inbound
+        self.inbound = factory.inbound
         self.setTimeout(config.effective_heartbeat_timeout)
         factory.metrics.handshakes_ok += 1
         # Debug: the router's login line is the one info line per session.
@@ -288,6 +296,31 @@ class ImServerProtocol(FrameProtocol, SweptTimeoutMixin):
         plaintext = bytes((LOGIN_RESULT,)) + result.SerializeToString()
         self.send_plaintext(accepted.reply_body(plaintext))
         self.start_encryption(accepted.sealer, accepted.opener)
+
+    def refuse_at_edge(self, frame_type: int, message: ProtobufMessage, problem: str) -> None:
+        """A frame with a number out of range: answered BAD_REQUEST, never dispatched.
+
+        One log line per connection and minute (cim.loglimit), however many come; the
+        ``max_bad_frames``-th closes the connection.
+        """
+        factory = self.factory
+        factory.metrics.frames_refused["out_of_range"] += 1
+        answer_type, answer = edge.refusal(frame_type, message, problem)
+        self.deliver(answer_type, answer)
+        self.bad_frames += 1
+        key = (id(self), "out_of_range")
+        if factory.log_limit.allow(key):
+            held_back = factory.log_limit.held_back(key)
+            self.log.info(
+                "refused a frame of {user} from {peer} on {node}: {problem}{more}",
+                user=self.record.user if self.record else "-",
+                peer=self.peer_host,
+                node=factory.node_id,
+                problem=problem,
+                more=f" ({held_back} more since the last line)" if held_back else "",
+            )
+        if self.bad_frames >= factory.config.max_bad_frames:
+            self.frame_rejected("too many bad frames", f"{self.bad_frames} refused")
 
     # --- ClientSession (what the rooms call) ------------------------------------------
 
@@ -348,6 +381,10 @@ class ImServerFactory(Factory):
         self.clock = clock
         self.metrics = metrics
         self.replay_guard = ReplayGuard(clock, config.handshake_replay_window)
+        self.inbound = checked_at_the_edge(node.inbound)
+        """The rooms' frame table behind the edge's number checks (cim.im.edge)."""
+        self.log_limit = LogLimit(clock)
+        """One line per connection and reason per minute for what a client gets wrong."""
         # Deadlines are checked at a quarter of the shortest timeout, at most each second.
         shortest = min(config.handshake_timeout, config.effective_heartbeat_timeout)
         self.deadlines = DeadlineSweeper(clock, min(1.0, shortest / 4))
@@ -390,3 +427,26 @@ class ImServerFactory(Factory):
             if node.node_id == node_id:
                 return cim_pb2.NodeAddress(id=node.node_id, host=node.host, port=node.port)
         return cim_pb2.NodeAddress(id=node_id)
+
+
+def checked_at_the_edge(table: FrameTable) -> FrameTable:
+    """The same table, each receiver behind the edge: out-of-range numbers never pass."""
+    return {
+        frame_type: (message_class, _behind_the_edge(frame_type, receive))
+        for frame_type, (message_class, receive) in table.items()
+    }
+
+
+def _behind_the_edge(
+    frame_type: int, receive: Callable[[Any, Any], None]
+) -> Callable[[ImServerProtocol, ProtobufMessage], None]:
+    out_of_range = edge.out_of_range
+
+    def receive_checked(protocol: ImServerProtocol, message: ProtobufMessage) -> None:
+        problem = out_of_range(message)
+        if problem is None:
+            receive(protocol, message)
+        else:
+            protocol.refuse_at_edge(frame_type, message, problem)
+
+    return receive_checked

@@ -95,8 +95,9 @@ class ConfigErrorTests(SynchronousTestCase):
             "config error: [im] heartbeat_intervall = '30': unknown key (known keys: "
             "advertise, cipher_suites, default_group_adds, default_message_policy, enabled, "
             "handshake_replay_window, handshake_timeout, "
-            "heartbeat_interval, heartbeat_timeout, listen, max_connections_per_address, "
-            "max_frame_size, max_text_length, rsa_key, rsa_key_bits)",
+            "heartbeat_interval, heartbeat_timeout, listen, max_bad_frames, "
+            "max_connections_per_address, max_frame_size, max_text_length, rsa_key, "
+            "rsa_key_bits)",
         )
         self.assertEqual(error.key, "heartbeat_intervall")
 

@@ -289,7 +289,7 @@ class KeyScheduleTests(unittest.TestCase):
         info = crypto.key_schedule_info(FINGERPRINT, OFFERED, SUITE_RC4)
         expected = (
             b"cim session keys"
-            + b"\x00\x00\x00\x01"
+            + b"\x00\x00\x00\x02"
             + FINGERPRINT
             + b"\x02"
             + b"\x11chacha20-poly1305"
@@ -416,14 +416,14 @@ class KnownAnswerTests(unittest.TestCase):
 
     VECTORS = {
         SUITE_CHACHA: (
-            "fd2ee29d38c5f76b076aefc6308635ca3624df5a7c77",
-            "766ae5e597edd703696b319a2b341d078558348872a0",
-            "181fe77b5cbdac16f6f2d0337fd3c3b7c0",
+            "2eb9f17c9181510bf5bb6db7dec5d9d1401ea2dfc9cd",
+            "6c865be46cb271aac63e052b5c22688f318ea0972781",
+            "8c05684d42e750cd90f1854170521aa4a5",
         ),
         SUITE_RC4: (
-            "e0200d9ddb2d3f13ebbf0240f76aa16fe9f5327e7b8b",
-            "f65308f9aefe60247805ec652f6d3841407ca54b3915",
-            "f4f84b9702e38e35c0399f4b45c56ba9ca",
+            "fe565b63c1972ffe8ec1369ddd2afdb14b3575a4774e",
+            "71685c1f29f2af9f33f29d32b0a99077c375d09fd2d4",
+            "0480bb31bb3b41ae20a159a2b83de8bee7",
         ),
     }
 
@@ -434,15 +434,15 @@ class KnownAnswerTests(unittest.TestCase):
         info = crypto.key_schedule_info(self.fingerprint, OFFERED, SUITE_CHACHA)
         self.assertEqual(
             info.hex(),
-            "63696d2073657373696f6e206b65797300000001a0a1a2a3a4a5a6a7a8a9aaabacadaeafb0b1b2"
+            "63696d2073657373696f6e206b65797300000002a0a1a2a3a4a5a6a7a8a9aaabacadaeafb0b1b2"
             "b3b4b5b6b7b8b9babbbcbdbebf021163686163686132302d706f6c79313330350f7263342d686d"
             "61632d7368613235361163686163686132302d706f6c7931333035",
         )
         okm = HKDF(hashes.SHA256(), 64, self.client_nonce + self.server_nonce, info)
         self.assertEqual(
             okm.derive(self.secret).hex(),
-            "48322505a91e2787fcc42801f9a838c28e132df7e2be7a5d6f289169fc6908aa"
-            "a4e0f67b19308b74dae691456a0fc3cb7732a2c821874c2dcfdaa764e8fd69af",
+            "5c3ad404f303cb4156102524041fd356986d68a3284b7be34b7d2c7f7a54f837"
+            "bcc26995a09b5f34c96b6a4d66baf67958ecd29399ab5065649d4256a44a95a7",
         )
 
     def test_vectors(self) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 from collections.abc import Callable
 
@@ -15,6 +16,7 @@ from cim.protocols.crypto import (
     FrameAuthenticationError,
     NodeKey,
     seal_for_node,
+    session_ciphers,
 )
 from cim.protocols.handshake import (
     NONCE_SIZE,
@@ -23,6 +25,7 @@ from cim.protocols.handshake import (
     HandshakeRefused,
     ReplayGuard,
     accept_client_hello,
+    hello_digest,
 )
 from tests.unit.test_crypto import shared_node_key
 
@@ -168,11 +171,15 @@ class RefusalTests(unittest.TestCase):
         self.assertEqual(error.allowed_suites, BOTH)
 
     def test_unsupported_version(self) -> None:
-        def edit(hello: cim_pb2.ClientHello) -> None:
-            hello.version = 2
+        """Version 1 had no hello digest: taking it would reopen the replay it allows."""
+        for version in (1, 3):
 
-        error = self.refused(edit_hello(self.client.hello_body(), edit))
-        self.assertEqual(error.reason, Reason.UNSUPPORTED_VERSION)
+            def edit(hello: cim_pb2.ClientHello, version: int = version) -> None:
+                hello.version = version
+
+            error = self.refused(edit_hello(self.client.hello_body(), edit))
+            self.assertEqual(error.reason, Reason.UNSUPPORTED_VERSION)
+            self.assertIn("version 2", error.message)
 
     def test_unknown_key(self) -> None:
         other = ClientHandshake(NodeKey.generate().public_der, TOKEN, "p", SUITE_RC4, BOTH, 0)
@@ -223,8 +230,8 @@ class RefusalTests(unittest.TestCase):
 
     def test_token_too_long(self) -> None:
         # 257 characters do not fit under a 2048-bit key at all; a bigger key shows
-        # the node's own limit.
-        self.node_key = NodeKey.generate(3072)
+        # the node's own limit (4096 bits: a 256-character token and the hello digest).
+        self.node_key = NodeKey.generate(4096)
         self.client = ClientHandshake(
             self.node_key.public_der, TOKEN, "phone", SUITE_RC4, BOTH, NOW_MS
         )
@@ -263,48 +270,82 @@ class RefusalTests(unittest.TestCase):
 
 
 class DowngradeTests(unittest.TestCase):
-    """An attacker edits the plaintext hello; the node allows both suites."""
+    """An attacker edits the plaintext hello; the node allows both suites.
+
+    The node sees the edit (the hello digest sealed in the key material no longer
+    matches) and refuses before deriving anything; and should a node ever take such a
+    hello, the key schedule still makes the client refuse its answer.
+    """
 
     def setUp(self) -> None:
         self.node_key = shared_node_key()
 
-    def run_with(
+    def refused_by_node(
         self, edit: Callable[[cim_pb2.ClientHello], None], suite: str = SUITE_CHACHA
-    ) -> tuple[ClientHandshake, bytes]:
+    ) -> None:
         client = ClientHandshake(self.node_key.public_der, TOKEN, "phone", suite, BOTH, NOW_MS)
         tampered = edit_hello(client.hello_body(), edit)
-        accepted = accept_client_hello(tampered, self.node_key, BOTH)
-        return client, accepted.reply_body(login_result_plaintext())
+        error: HandshakeRefused = self.assertRaises(
+            HandshakeRefused, accept_client_hello, tampered, self.node_key, BOTH
+        )
+        self.assertEqual(error.reason, Reason.BAD_HELLO)
 
-    def test_rewritten_suite_fails(self) -> None:
+    def test_rewritten_suite_is_refused(self) -> None:
         def to_rc4(hello: cim_pb2.ClientHello) -> None:
             hello.suite = SUITE_RC4
 
-        client, reply = self.run_with(to_rc4)
-        self.assertRaises(FrameAuthenticationError, client.finish, reply)
+        self.refused_by_node(to_rc4)
 
-    def test_stripped_offer_fails(self) -> None:
+    def test_stripped_offer_is_refused(self) -> None:
         def strip_chacha(hello: cim_pb2.ClientHello) -> None:
             del hello.offered_suites[:]
             hello.offered_suites.append(SUITE_RC4)
 
-        client, reply = self.run_with(strip_chacha, suite=SUITE_RC4)
-        self.assertRaises(FrameAuthenticationError, client.finish, reply)
+        self.refused_by_node(strip_chacha, suite=SUITE_RC4)
 
-    def test_reordered_offer_fails(self) -> None:
+    def test_reordered_offer_is_refused(self) -> None:
         def reorder(hello: cim_pb2.ClientHello) -> None:
             hello.offered_suites.reverse()
 
-        client, reply = self.run_with(reorder)
+        self.refused_by_node(reorder)
+
+    def test_client_refuses_keys_derived_from_another_offer(self) -> None:
+        """The second line: a node deriving from an edited offer is not believed."""
+        client = ClientHandshake(self.node_key.public_der, TOKEN, "phone", SUITE_RC4, BOTH, NOW_MS)
+        accepted = accept_client_hello(client.hello_body(), self.node_key, BOTH)
+        material = cim_pb2.KeyMaterial.FromString(
+            self.node_key.unseal(cim_pb2.ClientHello.FromString(client.hello_body()[1:]).sealed_key)
+        )
+        sealer, _ = session_ciphers(
+            SUITE_RC4,
+            material.secret,
+            client.client_nonce,
+            accepted.server_nonce,
+            self.node_key.fingerprint,
+            (SUITE_RC4,),
+            "node",
+        )
+        reply = bytes((cim_pb2.LOGIN_RESULT,)) + accepted.server_nonce
+        reply += sealer.seal(login_result_plaintext())
         self.assertRaises(FrameAuthenticationError, client.finish, reply)
 
     def test_rewritten_server_nonce_fails(self) -> None:
-        client, reply = self.run_with(lambda hello: None)
+        client = ClientHandshake(
+            self.node_key.public_der, TOKEN, "phone", SUITE_CHACHA, BOTH, NOW_MS
+        )
+        reply = accept_client_hello(client.hello_body(), self.node_key, BOTH).reply_body(
+            login_result_plaintext()
+        )
         tampered = reply[:1] + bytes((reply[1] ^ 1,)) + reply[2:]
         self.assertRaises(FrameAuthenticationError, client.finish, tampered)
 
     def test_untampered_passes(self) -> None:
-        client, reply = self.run_with(lambda hello: None)
+        client = ClientHandshake(
+            self.node_key.public_der, TOKEN, "phone", SUITE_CHACHA, BOTH, NOW_MS
+        )
+        reply = accept_client_hello(client.hello_body(), self.node_key, BOTH).reply_body(
+            login_result_plaintext()
+        )
         client.finish(reply)
 
     def test_garbage_reply(self) -> None:
@@ -314,6 +355,86 @@ class DowngradeTests(unittest.TestCase):
         self.assertRaises(ValueError, client.finish, b"\x02\xff\xff")
         self.assertRaises(FrameAuthenticationError, client.finish, b"\x03" + bytes(10))
         self.assertRaises(FrameAuthenticationError, client.finish, b"\x03" + bytes(60))
+
+
+class HelloDigestTests(unittest.TestCase):
+    """The digest sealed in KeyMaterial: its layout is what another client must build."""
+
+    def test_known_answer(self) -> None:
+        digest = hello_digest(
+            2, BOTH, SUITE_CHACHA, bytes(range(0x40, 0x50)), bytes(range(0xA0, 0xC0))
+        )
+        self.assertEqual(
+            digest.hex(), "418cb251ffb4ec6fec929fe3a88115ea7c925568768921620c939b5de7e8ffc8"
+        )
+
+    def test_layout(self) -> None:
+        nonce, fingerprint = bytes(range(16)), bytes(range(32))
+        expected = hashlib.sha256(
+            b"cim client hello"
+            + b"\x00\x00\x00\x02"
+            + b"\x10"
+            + nonce
+            + b"\x20"
+            + fingerprint
+            + b"\x02"
+            + b"\x11chacha20-poly1305"
+            + b"\x0frc4-hmac-sha256"
+            + b"\x0frc4-hmac-sha256"
+        ).digest()
+        self.assertEqual(hello_digest(2, BOTH, SUITE_RC4, nonce, fingerprint), expected)
+
+    def test_every_field_changes_it(self) -> None:
+        base = (2, BOTH, SUITE_CHACHA, bytes(16), bytes(32))
+        variants = [
+            (1, BOTH, SUITE_CHACHA, bytes(16), bytes(32)),
+            (2, BOTH[::-1], SUITE_CHACHA, bytes(16), bytes(32)),
+            (2, (SUITE_CHACHA,), SUITE_CHACHA, bytes(16), bytes(32)),
+            (2, BOTH, SUITE_RC4, bytes(16), bytes(32)),
+            (2, BOTH, SUITE_CHACHA, b"\x01" + bytes(15), bytes(32)),
+            (2, BOTH, SUITE_CHACHA, bytes(16), b"\x01" + bytes(31)),
+            # Length prefixes: moving a byte between nonce and fingerprint is visible.
+            (2, BOTH, SUITE_CHACHA, bytes(15), bytes(33)),
+        ]
+        digests = {hello_digest(*base)} | {hello_digest(*v) for v in variants}
+        self.assertEqual(len(digests), len(variants) + 1)
+
+    def test_sealed_in_the_key_material(self) -> None:
+        node_key = shared_node_key()
+        client = ClientHandshake(node_key.public_der, TOKEN, "phone", SUITE_RC4, BOTH, NOW_MS)
+        hello = cim_pb2.ClientHello.FromString(client.hello_body()[1:])
+        material = cim_pb2.KeyMaterial.FromString(node_key.unseal(hello.sealed_key))
+        self.assertEqual(
+            material.hello_digest,
+            hello_digest(
+                hello.version,
+                tuple(hello.offered_suites),
+                hello.suite,
+                hello.client_nonce,
+                hello.key_fingerprint,
+            ),
+        )
+
+    def test_material_without_a_digest_is_refused(self) -> None:
+        """A version-2 hello whose sealed material lacks the digest (or has another)."""
+        node_key = shared_node_key()
+        client = ClientHandshake(node_key.public_der, TOKEN, "phone", SUITE_RC4, BOTH, NOW_MS)
+        for digest in (b"", bytes(32)):
+
+            def edit(hello: cim_pb2.ClientHello, digest: bytes = digest) -> None:
+                material = cim_pb2.KeyMaterial(
+                    secret=bytes(32), token=TOKEN, timestamp_ms=NOW_MS, hello_digest=digest
+                )
+                hello.sealed_key = seal_for_node(node_key.public_der, material.SerializeToString())
+
+            error: HandshakeRefused = self.assertRaises(
+                HandshakeRefused,
+                accept_client_hello,
+                edit_hello(client.hello_body(), edit),
+                node_key,
+                BOTH,
+            )
+            self.assertEqual(error.reason, Reason.BAD_HELLO)
 
 
 class ReplayGuardTests(unittest.TestCase):

@@ -76,9 +76,14 @@ class HandshakeTests(SynchronousTestCase):
 
         node.factory.buildProtocol = tampering_build  # type: ignore[method-assign]
         client = node.connect("alice", suite=SUITE_CHACHA)
-        login_failure(client)
-        self.assertTrue(client.client_transport.disconnecting)
-        # The node took the hello, but the client never accepted its answer.
+        refusal = login_failure(client)
+        # The node sees the edit (the sealed hello digest no longer matches) and closes
+        # with BAD_HELLO: no session is established on either side.
+        self.assertEqual(refusal.reason, cim_pb2.HandshakeError.BAD_HELLO)  # type: ignore[attr-defined]
+        self.assertTrue(client.server_transport.disconnecting)
+        self.assertIsNone(node.im.sessions.session_for("alice"))
+        self.assertEqual(node.metrics.handshake_failures["bad_hello"], 1)
+        self.assertEqual(node.metrics.handshakes_ok, 0)
         self.assertEqual(client.events.frames, [])
 
     def test_unknown_token(self) -> None:
