@@ -124,9 +124,9 @@ class ImConfig:
     # Bytes queued for all connections before the node stops reading from the
     # heaviest senders (until the queued bytes fall below half of it).
     max_queued_bytes: int = _opt(256 << 20, parse_size, minimum=64 << 10)
-    # Messages waiting for the offline store (the database) before the node stops
-    # reading from the heaviest senders, until fewer than half of it wait.
-    max_pending_stores: int = _opt(200, parse_int, minimum=1)
+    # Messages waiting for the offline store, or transactions for the database,
+    # before the node stops reading from the heaviest senders (until half of it).
+    max_pending_work: int = _opt(100, parse_int, minimum=1)
 
     def validate(self) -> None:
         if not self.cipher_suites:

@@ -5,7 +5,7 @@ receiver who is offline, go to the offline store; its writes queue for the datab
 threads that logins, consent checks and catch-up need too. ``PacedOfflineBox`` counts
 the messages handed to the store and not yet stored (or failed) in the node's
 ``NodeQueue`` (cim.protocols.outbound), which stops reading from the heaviest
-senders while too many wait ([im] max_pending_stores): a flood then waits in the
+senders while too many wait ([im] max_pending_work): a flood then waits in the
 flooders' sockets, not in the database's queue.
 """
 

@@ -144,6 +144,7 @@ class ImServerProtocol(FrameProtocol, SweptTimeoutMixin):
     def dataReceived(self, data: bytes) -> None:
         # Counted for the node's choice of whom to stop reading from.
         self.outbound.received += len(data)
+        self.factory.node_queue.check()
         super().dataReceived(data)
 
     def pause_reading(self) -> None:
@@ -425,7 +426,7 @@ class ImServerFactory(Factory):
         # Bytes queued for all connections; past [im] max_queued_bytes the heaviest
         # senders are paused.
         self.node_queue = NodeQueue(
-            clock, config.max_queued_bytes, self._established, config.max_pending_stores
+            clock, config.max_queued_bytes, self._established, config.max_pending_work
         )
         # Frames a read produces for any connection leave when the read ends.
         self.held_writes = HeldWrites()

@@ -9,13 +9,14 @@ frames (``cim.protocols.wire.HeldWrites``). Two bounds keep that memory finite:
   one place that decides it); what it misses is kept for its next pull, and it is
   told to pull (OFFLINE_NOTICE) once its queue has drained. A receiver over its budget
   for ``[im] slow_reader_timeout`` is cut.
-- **Per node** (``[im] max_queued_bytes``, and ``[im] max_pending_stores`` messages
+- **Per node** (``[im] max_queued_bytes``, and ``[im] max_pending_work``: messages
   waiting for the offline store, where the live copies a slow reader did not take
-  go): past either, the node stops reading from the connections that sent the most
-  since the last decision (Twisted's producer API: ``pauseProducing`` on their
-  connections), so the flood waits in their own sockets and clients, not here, and
-  the database's queue stays short for everyone else; they are resumed once both
-  are below half their bound.
+  go, or transactions waiting for the database): past either, the node stops
+  reading from the connections that sent the most since the last decision
+  (Twisted's producer API: ``pauseProducing`` on their connections), so the flood
+  waits in their own sockets and clients, not here, and the database's queue stays
+  short for everyone else (logins, consent checks, catch-up); they are resumed once
+  both are below half their bound.
 
 What is queued is counted, not read from Twisted's private buffers: every byte handed
 to ``transport.write`` is added, and Twisted's consumer API says when the transport's
@@ -123,12 +124,15 @@ class NodeQueue:
         clock: IReactorTime,
         max_bytes: int,
         senders: Callable[[], Iterable[PausableSender]],
-        max_stores: int = 1000,
+        max_pending: int = 1000,
         decision_interval: float = 0.1,
     ) -> None:
         self.clock = clock
         self.max_bytes = max_bytes
-        self.max_stores = max_stores
+        self.max_pending = max_pending
+        self.database_backlog: Callable[[], int] = lambda: 0
+        """Transactions waiting for the database (cim.storage.database.Database.backlog),
+        set by the daemon; none without one."""
         self.total = 0
         """Bytes queued for every connection of the node (held plus in transports)."""
         self.stores = 0
@@ -139,6 +143,7 @@ class NodeQueue:
         # Bytes each sender sent are counted from the start of the window.
         self._window_start = float("-inf")
         self._pressure_at_decision = 0.0
+        self._polling: IDelayedCall | None = None
 
     def grew(self, size: int) -> None:
         self.total += size
@@ -150,9 +155,22 @@ class NodeQueue:
         if self.paused:
             self._maybe_resume()
 
+    @property
+    def pending_work(self) -> int:
+        """Messages waiting for the offline store, or transactions for the database."""
+        return max(self.stores, self.database_backlog())
+
+    def check(self) -> None:
+        """A sender's bytes arrived: pause the heaviest if the node is over a bound.
+
+        Called for every read: database work grows without telling the node.
+        """
+        if self.total >= self.max_bytes or self.pending_work >= self.max_pending:
+            self._over()
+
     def store_started(self, count: int) -> None:
         self.stores += count
-        if self.stores >= self.max_stores:
+        if self.pending_work >= self.max_pending:
             self._over()
 
     def store_finished(self, count: int) -> None:
@@ -163,7 +181,7 @@ class NodeQueue:
     @property
     def pressure(self) -> float:
         """How full the node is: 1.0 at a bound."""
-        return max(self.total / self.max_bytes, self.stores / self.max_stores)
+        return max(self.total / self.max_bytes, self.pending_work / self.max_pending)
 
     def _over(self) -> None:
         now = self.clock.seconds()
@@ -187,8 +205,16 @@ class NodeQueue:
             sender.outbound.decided()
 
     def _maybe_resume(self) -> None:
-        if self.total * 2 < self.max_bytes and self.stores * 2 < self.max_stores:
+        if self.total * 2 < self.max_bytes and self.pending_work * 2 < self.max_pending:
             self._resume_all()
+
+    def _poll(self) -> None:
+        # The database's queue shrinks without telling the node: look while paused.
+        self._polling = None
+        if self.paused:
+            self._maybe_resume()
+        if self.paused:
+            self._polling = self.clock.callLater(self._decision_interval, self._poll)
 
     def forget(self, sender: PausableSender) -> None:
         """The connection is gone."""
@@ -214,15 +240,17 @@ class NodeQueue:
         for sender in chosen:
             self.paused.add(sender)
             sender.pause_reading()
+        if self.paused and self._polling is None:
+            self._polling = self.clock.callLater(self._decision_interval, self._poll)
         if chosen and first:  # one line per episode, not one per decision
             self.log.warn(
-                "{count} bytes queued for clients (limit {limit}), {stores} messages "
-                "waiting for the offline store (limit {max_stores}): stopped reading "
+                "{count} bytes queued for clients (limit {limit}), {pending} messages or "
+                "transactions waiting for storage (limit {max_pending}): stopped reading "
                 "from {senders} heaviest sender(s)",
                 count=self.total,
                 limit=self.max_bytes,
-                stores=self.stores,
-                max_stores=self.max_stores,
+                pending=self.pending_work,
+                max_pending=self.max_pending,
                 senders=len(chosen),
             )
 
@@ -232,10 +260,10 @@ class NodeQueue:
         for sender in paused:
             sender.resume_reading()
         self.log.info(
-            "{count} bytes queued for clients, {stores} waiting for the offline store: "
+            "{count} bytes queued for clients, {pending} waiting for storage: "
             "reading from {senders} sender(s) again",
             count=self.total,
-            stores=self.stores,
+            pending=self.pending_work,
             senders=len(paused),
         )
 

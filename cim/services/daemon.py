@@ -222,6 +222,7 @@ class CimDaemon(OrderedServices):
             factory.oplog = oplog
             # Messages waiting for the offline store count in the node's backpressure.
             im_node.stores.offline = PacedOfflineBox(im_node.stores.offline, factory.node_queue)
+            factory.node_queue.database_backlog = lambda: database.backlog
             self.add(
                 ImService(
                     node_id,

@@ -30,6 +30,7 @@ from twisted.trial.unittest import TestCase
 from cim.protocols import cim_pb2
 from tests.integration.support.daemons import PASSWORD, ROOT, DaemonProcess
 from tests.integration.support.raw_client import RawClient
+from tests.integration.test_contacts_postgresql import upgraded_postgresql
 
 FLOOD_SECONDS = 60
 FLOOD_RATE = 300  # messages a second, each of MESSAGE_SIZE bytes of text
@@ -44,7 +45,7 @@ CONFIG = f"""
 outbound_budget = {BUDGET}
 slow_reader_timeout = {SLOW_READER_TIMEOUT:g}s
 max_queued_bytes = 64MiB
-max_pending_stores = 4
+max_pending_work = 50
 heartbeat_interval = 5s
 [limits]
 messages = off
@@ -204,7 +205,10 @@ class SlowReaderTests(TestCase):
     timeout = 300
 
     def test_a_receiver_that_never_reads_under_a_flood(self) -> None:
-        daemon = DaemonProcess(os.path.abspath(self.mktemp()), extra=CONFIG)
+        database = upgraded_postgresql(self)
+        daemon = DaemonProcess(
+            os.path.abspath(self.mktemp()), extra=CONFIG + f"[database]\nurl = {database}\n"
+        )
         for user in ("flooder", "sink", "canary_a", "canary_b"):
             added = daemon.cimctl("user", "add", user, stdin=PASSWORD + "\n")
             self.assertEqual(added.returncode, 0, added.stderr)
