@@ -221,7 +221,9 @@ class CimDaemon(OrderedServices):
             )
             factory.oplog = oplog
             # Messages waiting for the offline store count in the node's backpressure.
-            im_node.stores.offline = PacedOfflineBox(im_node.stores.offline, factory.node_queue)
+            im_node.stores.offline = PacedOfflineBox(
+                im_node.stores.offline, factory.node_queue, reactor
+            )
             factory.node_queue.database_backlog = lambda: database.backlog
             self.add(
                 ImService(
