@@ -98,7 +98,7 @@ a person chatting sends far less; a flood of 1 KB messages at 16 a second is mor
 
 
 MAX_WINDOW = 2.0
-"""Seconds of sending the choice of whom to pause looks back on, at most."""
+"""Seconds of sending the choice of whom to pause is measured over, at most."""
 
 
 class NodeQueue:
@@ -188,15 +188,14 @@ class NodeQueue:
         window = now - self._window_start
         if window < self._decision_interval:
             return
-        if window > MAX_WINDOW:
-            # Too old to say who sends heavily now: count afresh, decide shortly.
-            self._start_window(now)
-            return
         pressure = self.pressure
         if self.paused and pressure < 1.5 * self._pressure_at_decision:
             return
         self._pressure_at_decision = pressure
-        self._pause_heaviest(window)
+        # A long window (the node was calm) is judged as MAX_WINDOW: whoever sent
+        # that much since then is sending heavily now, and waiting to measure afresh
+        # would let a flood's buffered megabytes in meanwhile.
+        self._pause_heaviest(min(window, MAX_WINDOW))
         self._start_window(now)
 
     def _start_window(self, now: float) -> None:

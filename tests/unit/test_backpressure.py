@@ -7,18 +7,20 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
 from cim.im.collaborators import Stores
+from cim.offline.paced import PacedOfflineBox
 from cim.offline.store import OfflineStore
 from cim.protocols import cim_pb2
 from cim.protocols.outbound import HEAVY_SENDER_RATE, NodeQueue, OutboundBudget
 from cim.protocols.timeouts import NEVER
 from cim.services.stopping import BoundedStop
 from cim.storage.database import Database
+from cim.storage.offline import OfflineFull
 from tests.fakes.node import ConnectedClient, NodeHarness
 from tests.unit.test_offline_delivery import run_now
 from tests.unit.test_wire import RecordingProtocol, _Socket
@@ -320,3 +322,53 @@ class BoundedStopTests(SynchronousTestCase):
         self.assertEqual(self.exits, ["cim: node node1 did not stop in 50 s; exiting now"])
         stopping.callback(None)  # finishing late changes nothing
         self.assertEqual(self.cancelled, 0)
+
+
+class FakeBox:
+    """Records every transaction; refuses a batch holding more than ``cap`` items for
+    one receiver, as the store's per-user cap does."""
+
+    def __init__(self, cap: int = 1000) -> None:
+        self.cap = cap
+        self.transactions: list[list[Any]] = []
+
+    def store(self, messages: Any, *, capped: bool = True) -> Deferred[int]:
+        items = list(messages)
+        self.transactions.append(items)
+        receivers = [receiver for receiver, _ in items]
+        over = sorted({r for r in receivers if receivers.count(r) > self.cap})
+        if capped and over:
+            return fail(OfflineFull(over, self.cap))
+        return succeed(len(items))
+
+
+class PacedOfflineBoxTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.queue = NodeQueue(self.clock, 1 << 30, lambda: [], max_pending=1000)
+        self.box = FakeBox(cap=2)
+        self.paced = PacedOfflineBox(self.box, self.queue, self.clock)  # type: ignore[arg-type]
+        self.message = cim_pb2.Message(id=1, text="x")
+
+    def test_stores_of_one_turn_share_a_transaction_and_count_until_done(self) -> None:
+        first = self.paced.store([("bob", self.message)])
+        second = self.paced.store([("carol", self.message), ("dave", self.message)])
+        self.assertEqual((self.queue.stores, self.box.transactions), (3, []))
+        self.clock.advance(0)
+        self.assertEqual(len(self.box.transactions), 1)
+        self.assertEqual((self.successResultOf(first), self.successResultOf(second)), (1, 2))
+        self.assertEqual(self.queue.stores, 0)
+
+    def test_a_batch_over_a_cap_is_written_caller_by_caller(self) -> None:
+        stores = [self.paced.store([("bob", self.message)]) for _ in range(3)]
+        self.clock.advance(0)
+        # One refused batch, then each alone: every caller gets its own answer.
+        self.assertEqual([len(t) for t in self.box.transactions], [3, 1, 1, 1])
+        self.assertEqual([self.successResultOf(d) for d in stores], [1, 1, 1])
+
+    def test_uncapped_stores_are_not_mixed_with_capped_ones(self) -> None:
+        capped = self.paced.store([("bob", self.message)])
+        urgent = self.paced.store([("bob", self.message)], capped=False)
+        self.clock.advance(0)
+        self.assertEqual(len(self.box.transactions), 2)
+        self.assertEqual((self.successResultOf(capped), self.successResultOf(urgent)), (1, 1))
