@@ -97,6 +97,9 @@ HEAVY_SENDER_RATE = 16 << 10
 a person chatting sends far less; a flood of 1 KB messages at 16 a second is more."""
 
 
+LOOK_INTERVAL = 0.01
+"""Seconds between two looks for heavy senders (each goes over every connection)."""
+
 MAX_WINDOW = 2.0
 """Seconds of sending the choice of whom to pause is measured over, at most."""
 
@@ -105,16 +108,18 @@ class NodeQueue:
     """The node's bytes queued for all its connections and its messages waiting for
     the offline store, and the senders paused for them.
 
-    Past ``max_bytes`` or ``max_stores`` the heaviest senders are paused: ranked by
+    Past ``max_bytes`` or ``max_pending`` the heaviest senders are paused: ranked by
     the bytes each sent since the previous decision, the heaviest first, until the
     paused ones account for at least half of what all sent (at least one), never one
-    that sent less than ``HEAVY_SENDER_RATE`` on average since then. Another
-    decision, pausing more, is made only when the pressure (the larger of the two
-    fractions of their bounds) has grown by half since the last one despite the
-    pauses, at most each ``decision_interval`` seconds: a draining queue (a slow
-    database) is waited for, and light senders (a chat beside the flood) are not
-    paused for what they did not cause. Below half of both bounds every paused sender
-    is resumed.
+    that sent less than ``HEAVY_SENDER_RATE`` on average since then (measured over
+    ``decision_interval`` to ``MAX_WINDOW`` seconds). The node looks at most every
+    ``LOOK_INTERVAL``; while senders are paused, another decision, pausing more, is
+    made only when the pressure (the larger of the two fractions of their bounds) has
+    grown by half since the last one: a draining queue (a slow database) is waited
+    for, and light senders (a chat beside the flood) are not paused for what they did
+    not cause. Every ``decision_interval`` while any is paused, and whenever queued
+    bytes leave, the node checks whether both are below half their bound: then every
+    paused sender is resumed.
     """
 
     log = Logger()
@@ -143,6 +148,7 @@ class NodeQueue:
         # Bytes each sender sent are counted from the start of the window.
         self._window_start = float("-inf")
         self._pressure_at_decision = 0.0
+        self._looked_at = float("-inf")
         self._polling: IDelayedCall | None = None
 
     def grew(self, size: int) -> None:
@@ -185,18 +191,24 @@ class NodeQueue:
 
     def _over(self) -> None:
         now = self.clock.seconds()
-        window = now - self._window_start
-        if window < self._decision_interval:
+        if now - self._looked_at < LOOK_INTERVAL:
             return
+        self._looked_at = now
         pressure = self.pressure
         if self.paused and pressure < 1.5 * self._pressure_at_decision:
             return
-        self._pressure_at_decision = pressure
-        # A long window (the node was calm) is judged as MAX_WINDOW: whoever sent
-        # that much since then is sending heavily now, and waiting to measure afresh
-        # would let a flood's buffered megabytes in meanwhile.
-        self._pause_heaviest(min(window, MAX_WINDOW))
-        self._start_window(now)
+        window = now - self._window_start
+        # A long window (the node was calm) is judged as MAX_WINDOW: whoever sent that
+        # much since it began is sending heavily now; a short one as the decision
+        # interval, so one message is never "heavy".
+        elapsed = min(max(window, self._decision_interval), MAX_WINDOW)
+        if self._pause_heaviest(elapsed):
+            self._pressure_at_decision = pressure
+            self._start_window(now)
+        elif window > MAX_WINDOW:
+            self._start_window(now)  # nobody heavy in it: count afresh
+        # Otherwise the window goes on: a sender just resumed, with nothing read yet,
+        # is judged on its next read, not after a fresh window lets it in.
 
     def _start_window(self, now: float) -> None:
         self._window_start = now
@@ -219,7 +231,7 @@ class NodeQueue:
         """The connection is gone."""
         self.paused.discard(sender)
 
-    def _pause_heaviest(self, elapsed: float) -> None:
+    def _pause_heaviest(self, elapsed: float) -> bool:
         candidates = [s for s in self._senders() if s not in self.paused]
         heavy = HEAVY_SENDER_RATE * elapsed
         ranked = sorted(
@@ -252,6 +264,7 @@ class NodeQueue:
                 max_pending=self.max_pending,
                 senders=len(chosen),
             )
+        return bool(chosen)
 
     def _resume_all(self) -> None:
         paused = list(self.paused)
