@@ -8,9 +8,10 @@ threads that logins, consent checks and catch-up need too. ``PacedOfflineBox``:
   node's ``NodeQueue`` (cim.protocols.outbound), which stops reading from the
   heaviest senders while too many wait ([im] max_pending_work): a flood then waits
   in the flooders' sockets, not in the database's queue;
-- writes the stores asked for in one reactor turn in one transaction (a receiver
+- writes the stores asked for within ``BATCH_WAIT`` in one transaction (a receiver
   cut for reading too slowly leaves up to its whole budget of messages to store at
-  once, one store each; so does a burst for a receiver who is offline). A batch the
+  once, one store each; a flood for a receiver who is offline asks one store per
+  message, each taking the receiver's row lock for its cap). A batch the
   store refuses as over a receiver's cap is written caller by caller instead, so
   each caller gets the answer it would have got alone.
 """
@@ -30,7 +31,11 @@ from cim.offline.store import OfflineItem, OfflinePage, SenderCount
 from cim.protocols.outbound import NodeQueue
 from cim.storage.offline import OfflineFull
 
-__all__ = ["PacedOfflineBox"]
+__all__ = ["BATCH_WAIT", "PacedOfflineBox"]
+
+BATCH_WAIT = 0.02
+"""Seconds a store waits for others to share its transaction: the sender's "stored"
+comes this much later, and the database sees one commit instead of dozens."""
 
 T = TypeVar("T")
 
@@ -44,7 +49,7 @@ class _Waiting:
 
 class PacedOfflineBox:
     """An ``OfflineBox`` whose stores in flight count in the node's queue, and whose
-    stores of one reactor turn share a transaction."""
+    stores within ``BATCH_WAIT`` share a transaction."""
 
     def __init__(self, box: OfflineBox, queue: NodeQueue, clock: IReactorTime) -> None:
         self.box = box
@@ -67,7 +72,7 @@ class PacedOfflineBox:
 
         self._waiting.append(waiting)
         if self._flush is None:
-            self._flush = self._clock.callLater(0, self._write)
+            self._flush = self._clock.callLater(BATCH_WAIT, self._write)
         return waiting.done.addBoth(finished)
 
     def _write(self) -> None:

@@ -144,7 +144,6 @@ class ImServerProtocol(FrameProtocol, SweptTimeoutMixin):
     def dataReceived(self, data: bytes) -> None:
         # Counted for the node's choice of whom to stop reading from.
         self.outbound.received += len(data)
-        self.factory.node_queue.check()
         super().dataReceived(data)
 
     def pause_reading(self) -> None:
@@ -198,6 +197,8 @@ class ImServerProtocol(FrameProtocol, SweptTimeoutMixin):
         # Before the handshake only the deadline counts: heartbeats cannot stretch it.
         if self.state is ConnectionState.ESTABLISHED:
             self.resetTimeout()
+            # Before each frame is handled: a pause stops the very next one.
+            self.factory.node_queue.check()
 
     def heartbeat_received(self) -> None:
         if self.state is not ConnectionState.ESTABLISHED:

@@ -167,9 +167,9 @@ class NodeQueue:
         return max(self.stores, self.database_backlog())
 
     def check(self) -> None:
-        """A sender's bytes arrived: pause the heaviest if the node is over a bound.
+        """A frame arrived: pause the heaviest senders if the node is over a bound.
 
-        Called for every read: database work grows without telling the node.
+        Called for every frame: database work grows without telling the node.
         """
         if self.total >= self.max_bytes or self.pending_work >= self.max_pending:
             self._over()

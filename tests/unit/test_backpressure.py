@@ -13,7 +13,7 @@ from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
 from cim.im.collaborators import Stores
-from cim.offline.paced import PacedOfflineBox
+from cim.offline.paced import BATCH_WAIT, PacedOfflineBox
 from cim.offline.store import OfflineStore
 from cim.protocols import cim_pb2
 from cim.protocols.outbound import HEAVY_SENDER_RATE, NodeQueue, OutboundBudget
@@ -350,18 +350,18 @@ class PacedOfflineBoxTests(SynchronousTestCase):
         self.paced = PacedOfflineBox(self.box, self.queue, self.clock)  # type: ignore[arg-type]
         self.message = cim_pb2.Message(id=1, text="x")
 
-    def test_stores_of_one_turn_share_a_transaction_and_count_until_done(self) -> None:
+    def test_stores_close_together_share_a_transaction_and_count_until_done(self) -> None:
         first = self.paced.store([("bob", self.message)])
         second = self.paced.store([("carol", self.message), ("dave", self.message)])
         self.assertEqual((self.queue.stores, self.box.transactions), (3, []))
-        self.clock.advance(0)
+        self.clock.advance(BATCH_WAIT)
         self.assertEqual(len(self.box.transactions), 1)
         self.assertEqual((self.successResultOf(first), self.successResultOf(second)), (1, 2))
         self.assertEqual(self.queue.stores, 0)
 
     def test_a_batch_over_a_cap_is_written_caller_by_caller(self) -> None:
         stores = [self.paced.store([("bob", self.message)]) for _ in range(3)]
-        self.clock.advance(0)
+        self.clock.advance(BATCH_WAIT)
         # One refused batch, then each alone: every caller gets its own answer.
         self.assertEqual([len(t) for t in self.box.transactions], [3, 1, 1, 1])
         self.assertEqual([self.successResultOf(d) for d in stores], [1, 1, 1])
@@ -369,6 +369,6 @@ class PacedOfflineBoxTests(SynchronousTestCase):
     def test_uncapped_stores_are_not_mixed_with_capped_ones(self) -> None:
         capped = self.paced.store([("bob", self.message)])
         urgent = self.paced.store([("bob", self.message)], capped=False)
-        self.clock.advance(0)
+        self.clock.advance(BATCH_WAIT)
         self.assertEqual(len(self.box.transactions), 2)
         self.assertEqual((self.successResultOf(capped), self.successResultOf(urgent)), (1, 1))
