@@ -45,7 +45,7 @@ CONFIG = f"""
 outbound_budget = {BUDGET}
 slow_reader_timeout = {SLOW_READER_TIMEOUT:g}s
 max_queued_bytes = 64MiB
-max_pending_work = 10
+max_pending_work = 4
 heartbeat_interval = 5s
 [limits]
 messages = off
@@ -269,9 +269,7 @@ class SlowReaderTests(TestCase):
         self.assertGreaterEqual(cut_after, SLOW_READER_TIMEOUT)
         self.assertLess(cut_after, FLOOD_SECONDS)
         sink.close()
-        self.assertLess(rss_peak, RSS_BOUND_MB)
         self.assertGreater(len(latencies_ms), FLOOD_SECONDS * 5)
-        self.assertLess(p99, CANARY_P99_MS)
 
         # It comes back and finds every message the node took.
         self.assertGreater(len(taken), FLOOD_RATE * FLOOD_SECONDS // 2)
@@ -309,3 +307,6 @@ class SlowReaderTests(TestCase):
             f"(status {daemon.process.returncode})"
         )
         self.assertLess(stopped_in, 60)
+        self.assertLess(rss_peak, RSS_BOUND_MB)
+        # The issue's acceptance, on the canary's own round trips.
+        self.assertLess(p99, CANARY_P99_MS)
