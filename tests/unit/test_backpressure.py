@@ -22,6 +22,7 @@ from cim.services.stopping import BoundedStop
 from cim.storage.database import Database
 from cim.storage.offline import OfflineFull
 from tests.fakes.node import ConnectedClient, NodeHarness
+from tests.unit.test_delivery import FakeGroups
 from tests.unit.test_offline_delivery import run_now
 from tests.unit.test_wire import RecordingProtocol, _Socket
 
@@ -206,7 +207,7 @@ class NodeQueueTests(SynchronousTestCase):
 class NodeBackpressureTests(SynchronousTestCase):
     """A whole node on a fake clock: bob never reads (his pump is not run)."""
 
-    def node(self, extra: str) -> NodeHarness:
+    def node(self, extra: str, groups: Any = None) -> NodeHarness:
         path = os.path.abspath(self.mktemp())
         os.makedirs(path)
         db = Database(f"sqlite:///{path}/cim.db", None, runner=run_now)
@@ -214,7 +215,10 @@ class NodeBackpressureTests(SynchronousTestCase):
         self.addCleanup(db.stop)
         self.store = OfflineStore(db, 10_000)
         node = NodeHarness(
-            config_extra=extra, users=("alice", "bob"), stores=Stores(offline=self.store)
+            config_extra=extra,
+            users=("alice", "bob"),
+            stores=Stores(offline=self.store),
+            groups=groups,
         )
         return node
 
@@ -247,6 +251,38 @@ class NodeBackpressureTests(SynchronousTestCase):
         self.assertEqual(len(bob.events.of_type(cim_pb2.MSG_N)), 4)
         self.assertEqual(len(bob.events.of_type(cim_pb2.OFFLINE_NOTICE)), 1)
         self.assertFalse(bob.server.outbound.over_budget)
+
+    def test_a_group_member_over_budget_gets_its_copies_through_the_store(self) -> None:
+        node = self.node("outbound_budget = 4KiB\n", FakeGroups({"g1": ["alice", "bob"]}))
+        alice, bob = self.established(node, "alice"), self.established(node, "bob")
+        for seq in range(1, 11):
+            alice.protocol.send(
+                cim_pb2.MSG_R, cim_pb2.Message(group="g1", text="x" * 1000, client_seq=seq)
+            )
+        alice.flush()
+        node.clock.advance(0)  # the fan-out's slices
+        alice.flush()
+        self.assertEqual(self.stored_for_bob(), 6)
+        self.assertEqual(node.metrics.messages["group_stored"], 6)
+        bob.flush()
+        self.assertEqual(len(bob.events.of_type(cim_pb2.MSG_N)), 4)
+        self.assertEqual(len(bob.events.of_type(cim_pb2.OFFLINE_NOTICE)), 1)
+
+    def test_group_copies_from_another_node_go_to_the_store_when_over_budget(self) -> None:
+        node = self.node("outbound_budget = 4KiB\n")
+        bob = self.established(node, "bob")
+        for msg_id in range(1, 11):
+            message = cim_pb2.Message(id=msg_id, group="g1", text="x" * 1000, group_seq=msg_id)
+            setattr(message, "from", "carol")
+            envelope = cim_pb2.BusEnvelope(
+                origin_node="node2",
+                deliver=cim_pb2.BusDelivery(message=message, receivers=["bob"]),
+            )
+            node.im.routing.bus_message_received(envelope.SerializeToString())
+        self.assertEqual(self.stored_for_bob(), 6)
+        bob.flush()
+        self.assertEqual(len(bob.events.of_type(cim_pb2.MSG_N)), 4)
+        self.assertEqual(len(bob.events.of_type(cim_pb2.OFFLINE_NOTICE)), 1)
 
     def test_a_slow_reader_is_cut_and_everything_waits_for_it_in_the_store(self) -> None:
         node = self.node("outbound_budget = 4KiB\nslow_reader_timeout = 5s\n")
