@@ -126,7 +126,7 @@ class ImConfig:
     max_queued_bytes: int = _opt(256 << 20, parse_size, minimum=64 << 10)
     # Messages waiting for the offline store, or transactions for the database,
     # before the node stops reading from the heaviest senders (until half of it).
-    max_pending_work: int = _opt(100, parse_int, minimum=1)
+    max_pending_work: int = _opt(50, parse_int, minimum=1)
 
     def validate(self) -> None:
         if not self.cipher_suites:

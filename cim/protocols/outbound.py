@@ -98,7 +98,10 @@ a person chatting sends far less; a flood of 1 KB messages at 16 a second is mor
 
 
 LOOK_INTERVAL = 0.01
-"""Seconds between two looks for heavy senders (each goes over every connection)."""
+"""Seconds between two looks for heavy senders (each goes over every connection);
+doubled after each look that finds none, up to ``MAX_LOOK_INTERVAL``."""
+
+MAX_LOOK_INTERVAL = 1.0
 
 MAX_WINDOW = 2.0
 """Seconds of sending the choice of whom to pause is measured over, at most."""
@@ -149,6 +152,7 @@ class NodeQueue:
         self._window_start = float("-inf")
         self._pressure_at_decision = 0.0
         self._looked_at = float("-inf")
+        self._look_interval = LOOK_INTERVAL
         self._polling: IDelayedCall | None = None
 
     def grew(self, size: int) -> None:
@@ -191,7 +195,7 @@ class NodeQueue:
 
     def _over(self) -> None:
         now = self.clock.seconds()
-        if now - self._looked_at < LOOK_INTERVAL:
+        if now - self._looked_at < self._look_interval:
             return
         self._looked_at = now
         pressure = self.pressure
@@ -205,8 +209,13 @@ class NodeQueue:
         if self._pause_heaviest(elapsed):
             self._pressure_at_decision = pressure
             self._start_window(now)
-        elif window > MAX_WINDOW:
-            self._start_window(now)  # nobody heavy in it: count afresh
+            self._look_interval = LOOK_INTERVAL
+            return
+        # Nobody heavy (a slow database, not a flood): each look goes over every
+        # connection, so look less often, up to once a second.
+        self._look_interval = min(2 * self._look_interval, MAX_LOOK_INTERVAL)
+        if window > MAX_WINDOW:
+            self._start_window(now)  # count afresh
         # Otherwise the window goes on: a sender just resumed, with nothing read yet,
         # is judged on its next read, not after a fresh window lets it in.
 
@@ -269,6 +278,7 @@ class NodeQueue:
     def _resume_all(self) -> None:
         paused = list(self.paused)
         self.paused.clear()
+        self._look_interval = LOOK_INTERVAL  # catch a resumed flood on its first read
         for sender in paused:
             sender.resume_reading()
         self.log.info(

@@ -45,7 +45,7 @@ CONFIG = f"""
 outbound_budget = {BUDGET}
 slow_reader_timeout = {SLOW_READER_TIMEOUT:g}s
 max_queued_bytes = 64MiB
-max_pending_work = 4
+max_pending_work = 2
 heartbeat_interval = 5s
 [limits]
 messages = off

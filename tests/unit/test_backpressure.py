@@ -192,6 +192,22 @@ class NodeQueueTests(SynchronousTestCase):
         self.queue.grew(10)
         self.assertEqual(self.chatter.paused, 0)
 
+    def test_looks_back_off_while_nobody_is_heavy(self) -> None:
+        looks = []
+
+        def senders() -> list[FakeSender]:
+            looks.append(self.clock.seconds())
+            return self.senders
+
+        queue = NodeQueue(self.clock, 1000, senders, max_pending=10)
+        queue.database_backlog = lambda: 50  # a slow database, no flood
+        for _ in range(300):
+            queue.check()
+            self.clock.advance(0.01)
+        # Every 10 ms would be 300 looks over every connection; doubling to 1 s: 9.
+        self.assertLess(len(looks), 12)
+        self.assertEqual((self.flooder.paused, self.chatter.paused), (0, 0))
+
     def test_messages_waiting_for_the_offline_store_pause_the_heaviest_too(self) -> None:
         self.queue.store_started(10)
         self.clock.advance(1.0)
