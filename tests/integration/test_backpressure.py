@@ -186,6 +186,7 @@ def pull_everything(client: RawClient, deadline: float) -> set[int]:
     """Every stored message, page by page (each pull acknowledging the page before)."""
     seen: set[int] = set()
     acks: list[int] = []
+    client.sock.settimeout(30)  # a page that never comes fails the read, not the run
     while time.monotonic() < deadline:
         client.send(cim_pb2.OFFLINE_R, cim_pb2.OfflineR(ack_ids=acks, limit=1000))
         while True:
