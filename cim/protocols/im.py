@@ -48,6 +48,10 @@ LOGIN_RESULT = cim_pb2.LOGIN_RESULT
 KICKED = cim_pb2.KICKED
 GOING_AWAY = cim_pb2.GOING_AWAY
 OFFLINE_NOTICE = cim_pb2.OFFLINE_NOTICE
+_NODE_PAUSE = 1
+"""Reading paused because the node has too much queued (NodeQueue)."""
+_BUDGET_PAUSE = 2
+"""Reading paused because this connection is over its own outbound budget."""
 _STATUS = cim_pb2.LoginResult
 
 
@@ -85,7 +89,10 @@ class ImServerProtocol(FrameProtocol, SweptTimeoutMixin):
             factory.node_queue,
             self._cut_slow_reader,
             self._pull_notice,
+            self._behind,
         )
+        # Why reading is paused: _NODE_PAUSE and/or _BUDGET_PAUSE (0: reading).
+        self.reading_held = 0
 
     # --- connection lifecycle ---------------------------------------------------------
 
@@ -147,16 +154,32 @@ class ImServerProtocol(FrameProtocol, SweptTimeoutMixin):
         super().dataReceived(data)
 
     def pause_reading(self) -> None:
-        """The node has too much queued: no frame of ours is read until resumed.
-
-        The heartbeat deadline waits too: the silence is the node's doing.
-        """
+        """The node has too much queued: no frame of ours is read until resumed."""
         self.factory.metrics.senders_paused += 1
-        self.setTimeout(None)
-        self.pauseProducing()
+        self._hold_reading(_NODE_PAUSE)
 
     def resume_reading(self) -> None:
-        if self.state is not ConnectionState.ESTABLISHED:
+        self._release_reading(_NODE_PAUSE)
+
+    def _behind(self, over: bool) -> None:
+        """Over its own budget, the client's requests wait until it reads its answers."""
+        if over and self.state is ConnectionState.ESTABLISHED:
+            self._hold_reading(_BUDGET_PAUSE)
+        else:
+            self._release_reading(_BUDGET_PAUSE)
+
+    def _hold_reading(self, why: int) -> None:
+        # The heartbeat deadline waits too: the silence is the node's doing.
+        if not self.reading_held:
+            self.setTimeout(None)
+            self.pauseProducing()
+        self.reading_held |= why
+
+    def _release_reading(self, why: int) -> None:
+        if not self.reading_held & why:
+            return
+        self.reading_held &= ~why
+        if self.reading_held or self.state is not ConnectionState.ESTABLISHED:
             return
         self.setTimeout(self.factory.config.effective_heartbeat_timeout)
         self.resumeProducing()

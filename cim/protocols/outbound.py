@@ -295,12 +295,15 @@ class OutboundBudget:
 
     ``over_budget`` starts when the queued bytes reach ``limit`` and ends only when
     the transport has sent everything (the one moment Twisted's consumer API reports).
-    While over, ``slow_reader`` is called once ``slow_reader_timeout`` passes, and
-    ``pull_notice`` once it drains if a live copy was refused meanwhile (or a notice
-    to pull was held back: it would only have queued behind the rest).
+    ``behind`` is told both moments (the connection stops reading the client's
+    requests meanwhile: a client that does not read its answers cannot make the node
+    produce more). While over, ``slow_reader`` is called once ``slow_reader_timeout``
+    passes, and ``pull_notice`` once it drains if a live copy was refused meanwhile
+    (or a notice to pull was held back: it would only have queued behind the rest).
     """
 
     __slots__ = (
+        "_behind",
         "_clock",
         "_cut",
         "_node",
@@ -326,8 +329,10 @@ class OutboundBudget:
         node: NodeQueue,
         slow_reader: Callable[[], None],
         pull_notice: Callable[[], None],
+        behind: Callable[[bool], None] = lambda over: None,
     ) -> None:
         self.limit = limit
+        self._behind = behind
         self._slow_reader_timeout = slow_reader_timeout
         self._clock = clock
         self._node = node
@@ -418,6 +423,7 @@ class OutboundBudget:
         if self.over_since is None and self.queued_bytes >= self.limit:
             self.over_since = self._clock.seconds()
             self._cut = self._clock.callLater(self._slow_reader_timeout, self._too_slow)
+            self._behind(True)
 
     def _maybe_back_under(self) -> None:
         # Bytes in the transport only ever leave all at once (the drain), so a
@@ -426,6 +432,7 @@ class OutboundBudget:
             return
         self.over_since = None
         self._stop_timer()
+        self._behind(False)
         if self.notice_owed:
             self.notice_owed = False
             self._pull_notice()

@@ -262,11 +262,17 @@ class NodeBackpressureTests(SynchronousTestCase):
         self.assertEqual(statuses, [cim_pb2.STORED] * len(statuses))
         self.assertEqual((live, self.stored_for_bob()), (4, 6))
         self.assertTrue(bob.server.outbound.over_budget)
+        # Its own requests wait too: a client that does not read its answers cannot
+        # make the node produce more.
+        self.assertTrue(bob.server.paused)
+        self.assertEqual(bob.server.deadline, NEVER)
         self.assertEqual(bob.events.of_type(cim_pb2.MSG_N), [])
         bob.flush()  # bob reads: the transport drains
         self.assertEqual(len(bob.events.of_type(cim_pb2.MSG_N)), 4)
         self.assertEqual(len(bob.events.of_type(cim_pb2.OFFLINE_NOTICE)), 1)
         self.assertFalse(bob.server.outbound.over_budget)
+        self.assertFalse(bob.server.paused)
+        self.assertLess(bob.server.deadline, NEVER)
 
     def test_a_group_member_over_budget_gets_its_copies_through_the_store(self) -> None:
         node = self.node("outbound_budget = 4KiB\n", FakeGroups({"g1": ["alice", "bob"]}))
