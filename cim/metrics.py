@@ -141,6 +141,10 @@ class NodeMetrics:
         self.heartbeats_in = 0
         self.heartbeats_out = 0
         self.heartbeat_timeouts = 0
+        self.slow_readers_cut = 0
+        """Connections cut over their outbound budget ([im] slow_reader_timeout)."""
+        self.senders_paused = 0
+        """Times a sender was paused for the node's queued bytes ([im] max_queued_bytes)."""
         self.frames_rejected: Counter[str] = Counter()
         self.frames_refused: Counter[str] = Counter()
         self.messages: Counter[str] = Counter()
@@ -244,6 +248,18 @@ class NodeMetricsCollector(Collector):
         timeouts = CounterMetricFamily("cim_heartbeat_timeouts", "Connections closed for silence.")
         timeouts.add_metric([], m.heartbeat_timeouts)
         yield timeouts
+
+        slow = CounterMetricFamily(
+            "cim_slow_readers_cut", "Connections cut over their outbound budget."
+        )
+        slow.add_metric([], m.slow_readers_cut)
+        yield slow
+
+        paused = CounterMetricFamily(
+            "cim_senders_paused", "Times reading from a sender paused for queued bytes."
+        )
+        paused.add_metric([], m.senders_paused)
+        yield paused
 
         messages = CounterMetricFamily(
             "cim_messages", "One-to-one messages by outcome.", labels=["outcome"]

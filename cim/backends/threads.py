@@ -118,6 +118,11 @@ class ThreadPoolRunner:
                 waiter.callback(None)
         return result
 
+    @property
+    def pending(self) -> int:
+        """Work handed over and not finished: running, or waiting for a thread."""
+        return self._pending
+
     def when_idle(self) -> Deferred[None]:
         if self._pending == 0:
             return succeed(None)

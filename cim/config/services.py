@@ -34,6 +34,9 @@ class NodeConfig:
     operation_log: str = _opt("", parse_str)
     # How often freed heap memory is handed back to the system (cim.heap); 0: never.
     heap_trim_interval: float = _opt(5.0, parse_duration, minimum=0)
+    # SIGTERM: the stop waits this long for clients to go and queued work to finish,
+    # then the process exits anyway (systemd's TimeoutStopSec is 60 s).
+    stop_timeout: float = _opt(45.0, parse_duration, minimum=1, maximum=3600)
 
     def validate(self) -> None:
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", self.id):
@@ -117,6 +120,16 @@ class ImConfig:
     # Who may add a person who never chose to a group without an invitation:
     # "contacts" (their contacts; everyone else invites), or "nobody" (all invite).
     default_group_adds: str = _opt("contacts", parse_str, choices=("contacts", "nobody"))
+    # Bytes a connection may have queued (unread by its client) before it gets no more
+    # live copies (kept for its next pull); over it this long, it is cut.
+    outbound_budget: int = _opt(1 << 20, parse_size, minimum=4096, maximum=1 << 30)
+    slow_reader_timeout: float = _opt(30.0, parse_duration, minimum=0.1)
+    # Bytes queued for all connections before the node stops reading from the
+    # heaviest senders (until the queued bytes fall below half of it).
+    max_queued_bytes: int = _opt(256 << 20, parse_size, minimum=64 << 10)
+    # Messages waiting for the offline store, or transactions for the database,
+    # before the node stops reading from the heaviest senders (until half of it).
+    max_pending_work: int = _opt(50, parse_int, minimum=1)
 
     def validate(self) -> None:
         if not self.cipher_suites:

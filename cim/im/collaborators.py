@@ -69,6 +69,11 @@ class ClientSession(Protocol):
 
     def deliver(self, frame_type: int, message: ProtobufMessage) -> None: ...
 
+    def may_take_live_copy(self) -> bool:
+        """Whether a live msg:N may be sent now: False while the client is behind on
+        reading (cim.protocols.outbound.OutboundBudget, the one decision). A copy
+        refused is kept for the receiver's pull, as for a receiver offline."""
+
     def kick(self, reason: str) -> None: ...
 
     def going_away(self, reason: str, reconnect_after_ms: int) -> None: ...

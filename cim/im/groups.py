@@ -224,9 +224,13 @@ class GroupMessages:
                 await deferLater(self._clock, 0, lambda: None)  # let other users in
             for member in here[start : start + FANOUT_SLICE]:
                 session = connected.get(member)
-                if session is not None:
+                if session is None:
+                    continue
+                if session.may_take_live_copy():
                     session.deliver(MSG_N, message)
                     self._metrics.messages["group_delivered"] += 1
+                else:
+                    elsewhere.append(member)  # behind on reading: the store, as if offline
         if not elsewhere:
             return
         try:

@@ -47,6 +47,7 @@ __all__ = [
     "REASON_NOT_STORED",
     "REASON_NO_SUCH_USER",
     "REASON_OFFLINE_FULL",
+    "REASON_RECEIVER_BEHIND",
     "REASON_RECEIVER_LEFT",
     "REASON_RECEIVER_OFFLINE",
     "Routing",
@@ -66,6 +67,7 @@ REASON_NOT_ACKNOWLEDGED = "the receiver did not acknowledge in time"
 REASON_NODE_GONE = "the receiver's node is gone"
 REASON_OFFLINE_FULL = "the receiver has too many stored messages"
 REASON_NOT_STORED = "the message could not be stored for the receiver"
+REASON_RECEIVER_BEHIND = "the receiver is not reading its messages"
 
 PENDING_TIMEOUT = 160.0
 """A receiver that holds a msg:N this long without ack:R fails it (the sender's client
@@ -165,6 +167,12 @@ class Routing:
         key = (message.id, receiver)
         if key in self._pending:
             return  # a retry while the receiver still holds it unacknowledged here
+        session = self._connected[receiver]
+        if not session.may_take_live_copy():
+            # The live-copy decision (cim.protocols.outbound.OutboundBudget): a receiver
+            # too far behind on reading gets it through its next pull, as if offline.
+            self._store_offline(message, sender_device, REASON_RECEIVER_BEHIND)
+            return
         self._pending[key] = _Pending(
             getattr(message, "from"),
             sender_device,
@@ -174,7 +182,7 @@ class Routing:
             self._clock.seconds() + PENDING_TIMEOUT,
         )
         self._pending_by_receiver.setdefault(receiver, set()).add(message.id)
-        self._connected[receiver].deliver(MSG_N, message)
+        session.deliver(MSG_N, message)
 
     def _receiver_not_here(self, message: cim_pb2.Message, sender_device: str) -> None:
         def decided(exists: bool) -> None:
@@ -211,6 +219,22 @@ class Routing:
                 reason = REASON_NOT_STORED
             self._settle(message, sender_device, FAILED, reason)
 
+        d.addCallbacks(stored, not_stored)
+
+    def store_group_copies(self, message: cim_pb2.Message, members: list[str]) -> None:
+        """Group members too far behind on reading for a live copy (see
+        ``ClientSession.may_take_live_copy``) get theirs through their next pull."""
+
+        def stored(_: int) -> None:
+            self._metrics.messages["group_stored"] += len(members)
+            self._catchup.stored_for(members)
+
+        def not_stored(failure: Failure) -> None:
+            self._metrics.messages["group_missed"] += len(members)
+            if not failure.check(OfflineFull, OfflineStorageOff):
+                log_failure(failure, self.log, "store group copies for readers behind")
+
+        d = self._stores.offline.store([(member, message) for member in members])
         d.addCallbacks(stored, not_stored)
 
     def _settle(
@@ -355,13 +379,18 @@ class Routing:
     def _delivery_from_bus(self, delivery: cim_pb2.BusDelivery) -> None:
         message = delivery.message
         if message.group:
+            behind = []
             for member in delivery.receivers:
                 session = self._connected.get(member)
-                if session is not None:
+                if session is None:
+                    self._metrics.messages["group_missed"] += 1
+                elif session.may_take_live_copy():
                     session.deliver(MSG_N, message)
                     self._metrics.messages["group_delivered"] += 1
                 else:
-                    self._metrics.messages["group_missed"] += 1
+                    behind.append(member)
+            if behind:
+                self.store_group_copies(message, behind)
             return
         for receiver in delivery.receivers:
             if receiver in self._connected:

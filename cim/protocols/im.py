@@ -43,6 +43,7 @@ from cim.protocols.handshake import (
     ReplayGuard,
     accept_client_hello,
 )
+from cim.protocols.outbound import NodeQueue, OutboundBudget
 from cim.protocols.timeouts import NEVER, DeadlineSweeper, SweptTimeoutMixin
 from cim.protocols.wire import FrameProtocol, HeldWrites
 
@@ -52,6 +53,11 @@ if TYPE_CHECKING:
 LOGIN_RESULT = cim_pb2.LOGIN_RESULT
 KICKED = cim_pb2.KICKED
 GOING_AWAY = cim_pb2.GOING_AWAY
+OFFLINE_NOTICE = cim_pb2.OFFLINE_NOTICE
+_NODE_PAUSE = 1
+"""Reading paused because the node has too much queued (NodeQueue)."""
+_BUDGET_PAUSE = 2
+"""Reading paused because this connection is over its own outbound budget."""
 _STATUS = cim_pb2.LoginResult
 
 
@@ -83,6 +89,18 @@ class ImServerProtocol(FrameProtocol, SweptTimeoutMixin):
         self.transport = None
         self.timeOut = None
         self.deadline = NEVER
+        # What this connection has queued, against [im] outbound_budget.
+        self.outbound: OutboundBudget = OutboundBudget(
+            factory.config.outbound_budget,
+            factory.config.slow_reader_timeout,
+            factory.clock,
+            factory.node_queue,
+            self._cut_slow_reader,
+            self._pull_notice,
+            self._behind,
+        )
+        # Why reading is paused: _NODE_PAUSE and/or _BUDGET_PAUSE (0: reading).
+        self.reading_held = 0
 
     # --- connection lifecycle ---------------------------------------------------------
 
@@ -111,6 +129,7 @@ class ImServerProtocol(FrameProtocol, SweptTimeoutMixin):
         factory = self.factory
         factory.metrics.connections_open -= 1
         factory.release(self)
+        self.outbound.closed()
         if self.record is not None:
             factory.node.sessions.closed(self)  # a no-op if it already left
         self.state = ConnectionState.CLOSING
@@ -135,12 +154,82 @@ class ImServerProtocol(FrameProtocol, SweptTimeoutMixin):
         self.state = ConnectionState.CLOSING
         self.tcp.abortConnection()
 
+    # --- backpressure (cim.protocols.outbound) ----------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        # Counted for the node's choice of whom to stop reading from.
+        self.outbound.received += len(data)
+        super().dataReceived(data)
+
+    def pause_reading(self) -> None:
+        """The node has too much queued: no frame of ours is read until resumed."""
+        self.factory.metrics.senders_paused += 1
+        self._hold_reading(_NODE_PAUSE)
+
+    def resume_reading(self) -> None:
+        self._release_reading(_NODE_PAUSE)
+
+    def _behind(self, over: bool) -> None:
+        """Over its own budget, the client's requests wait until it reads its answers."""
+        if over and self.state is ConnectionState.ESTABLISHED:
+            self._hold_reading(_BUDGET_PAUSE)
+        else:
+            self._release_reading(_BUDGET_PAUSE)
+
+    def _hold_reading(self, why: int) -> None:
+        # The heartbeat deadline waits too: the silence is the node's doing.
+        if not self.reading_held:
+            self.setTimeout(None)
+            self.pauseProducing()
+        self.reading_held |= why
+
+    def _release_reading(self, why: int) -> None:
+        if not self.reading_held & why:
+            return
+        self.reading_held &= ~why
+        if self.reading_held or self.state is not ConnectionState.ESTABLISHED:
+            return
+        self.setTimeout(self.factory.config.effective_heartbeat_timeout)
+        self.resumeProducing()
+
+    def may_take_live_copy(self) -> bool:
+        """Whether a live msg:N may be queued for this receiver (see OutboundBudget)."""
+        return self.outbound.may_take_live_copy()
+
+    def _pull_notice(self) -> None:
+        """The queue drained after live copies were refused: pull what was missed."""
+        self.deliver(OFFLINE_NOTICE, cim_pb2.OfflineNotice())
+
+    def _cut_slow_reader(self) -> None:
+        """Over its outbound budget for [im] slow_reader_timeout: the connection is cut.
+
+        No GOING_AWAY: it would wait behind everything the client is not reading. What
+        it held unacknowledged is kept for its next login (``Sessions.closed``).
+        """
+        if self.state is not ConnectionState.ESTABLISHED:
+            return
+        factory = self.factory
+        factory.metrics.slow_readers_cut += 1
+        self.log.info(
+            "cutting {user} on {node}: {queued} bytes unread for {seconds:g} s",
+            user=self.record.user if self.record else "?",
+            node=factory.node_id,
+            queued=self.outbound.queued_bytes,
+            seconds=factory.config.slow_reader_timeout,
+        )
+        factory.node.sessions.closed(self)
+        self.state = ConnectionState.CLOSING
+        self.inbound = {}
+        self.tcp.abortConnection()
+
     # --- frames -----------------------------------------------------------------------
 
     def frame_activity(self) -> None:
         # Before the handshake only the deadline counts: heartbeats cannot stretch it.
         if self.state is ConnectionState.ESTABLISHED:
             self.resetTimeout()
+            # Before each frame is handled: a pause stops the very next one.
+            self.factory.node_queue.check()
 
     def heartbeat_received(self) -> None:
         if self.state is not ConnectionState.ESTABLISHED:
@@ -325,8 +414,13 @@ class ImServerProtocol(FrameProtocol, SweptTimeoutMixin):
     # --- ClientSession (what the rooms call) ------------------------------------------
 
     def deliver(self, frame_type: int, message: ProtobufMessage) -> None:
-        if self.state is ConnectionState.ESTABLISHED:
-            self.send_frame(frame_type, message)
+        if self.state is not ConnectionState.ESTABLISHED:
+            return
+        # A notice to pull would only queue behind what the client is not reading:
+        # it is sent once the queue drains.
+        if frame_type == OFFLINE_NOTICE and self.outbound.hold_notice():
+            return
+        self.send_frame(frame_type, message)
 
     def kick(self, reason: str) -> None:
         self._close_with(KICKED, cim_pb2.Kicked(reason=reason, code=kick_code(reason)))
@@ -390,6 +484,11 @@ class ImServerFactory(Factory):
         self.deadlines = DeadlineSweeper(clock, min(1.0, shortest / 4))
         self._per_address: dict[str, int] = {}
         self.protocols: set[ImServerProtocol] = set()
+        # Bytes queued for all connections; past [im] max_queued_bytes the heaviest
+        # senders are paused.
+        self.node_queue = NodeQueue(
+            clock, config.max_queued_bytes, self._established, config.max_pending_work
+        )
         # Frames a read produces for any connection leave when the read ends.
         self.held_writes = HeldWrites()
         self.oplog: OperationLog | None = None
@@ -411,8 +510,12 @@ class ImServerFactory(Factory):
         self._per_address[host] = count + 1
         return True
 
+    def _established(self) -> list[ImServerProtocol]:
+        return [p for p in self.protocols if p.state is ConnectionState.ESTABLISHED]
+
     def release(self, protocol: ImServerProtocol) -> None:
         self.protocols.discard(protocol)
+        self.node_queue.forget(protocol)
         if not protocol.admitted:
             return
         host = protocol.peer_host

@@ -34,6 +34,7 @@ from zope.interface import implementer
 
 from cim.metrics import NodeMetrics
 from cim.protocols.crypto import FrameAuthenticationError, FrameOpener, FrameSealer
+from cim.protocols.outbound import NO_OUTBOUND_ACCOUNTING, OutboundAccounting
 
 __all__ = ["HEARTBEAT_FRAME", "FrameProtocol", "HeldWrites", "Inbound"]
 
@@ -100,21 +101,29 @@ class _DrainWatch:
     Registered (as a pull producer, the consumer API's public way to hear "send more")
     only while some of the connection's bytes wait in Twisted's buffer. Meanwhile the
     connection has no socket to write to and uses ``transport.write``, so nothing
-    overtakes them; the watch gives the socket back once they are sent.
+    overtakes them; the watch gives the socket back once they are sent, and tells the
+    connection's outbound accounting (cim.protocols.outbound) that nothing waits.
+    On a transport without a socket of ours (TLS, tests) it only does the latter.
     """
 
     __slots__ = ("_protocol", "_socket", "_transport")
 
-    def __init__(self, protocol: FrameProtocol, transport: IConsumer, sock: socket.socket) -> None:
+    def __init__(
+        self, protocol: FrameProtocol, transport: IConsumer, sock: socket.socket | None
+    ) -> None:
         self._protocol = protocol
         self._transport = transport
         self._socket = sock
 
     def resumeProducing(self) -> None:
+        protocol = self._protocol
         # ``registerProducer`` asks a pull producer at once, before anything waits.
-        if self._protocol._socket is None:
-            self._protocol._socket = self._socket
-            self._transport.unregisterProducer()
+        if not protocol._watching:
+            return
+        protocol._watching = False
+        protocol._socket = self._socket
+        self._transport.unregisterProducer()
+        protocol.outbound.drained()
 
     def stopProducing(self) -> None:
         """The connection is gone; its protocol keeps writing through the transport."""
@@ -168,6 +177,10 @@ class FrameProtocol(Int32StringReceiver):
         # The TCP socket while frames may be written to it directly: None for other
         # transports, and while some of this connection's bytes wait in Twisted's buffer.
         self._socket: socket.socket | None = None
+        # True while a _DrainWatch is registered on the transport.
+        self._watching = False
+        # Told of every byte held or queued, and of the drain (cim.protocols.outbound).
+        self.outbound: OutboundAccounting = NO_OUTBOUND_ACCOUNTING
 
     def makeConnection(self, transport: ITransport) -> None:
         if isinstance(transport, tcp.Connection):
@@ -357,6 +370,7 @@ class FrameProtocol(Int32StringReceiver):
             held.connections.append(self)
         else:
             out.append(data)
+        self.outbound.held(len(data))
 
     def _send(self, data: bytes) -> None:
         """Send on the socket at once when none of this connection's bytes wait in
@@ -370,6 +384,15 @@ class FrameProtocol(Int32StringReceiver):
         sock = self._socket
         if sock is None or transport.disconnecting or not transport.connected:
             transport.write(data)
+            self.outbound.queued(len(data))
+            if (
+                sock is None
+                and not self._watching
+                and self.outbound.counting
+                and not transport.disconnecting
+            ):
+                # Not a socket of ours (TLS, tests): only the accounting needs the drain.
+                self._watch_drain(transport, None)
             return
         try:
             sent = sock.send(data)
@@ -377,18 +400,22 @@ class FrameProtocol(Int32StringReceiver):
             # EAGAIN, or a broken connection that Twisted's own write path will report.
             sent = 0
         if sent < len(data):
-            transport.write(data[sent:] if sent else data)
-            self._write_through_twisted_until_drained(transport, sock)
+            rest = data[sent:] if sent else data
+            transport.write(rest)
+            self.outbound.queued(len(rest))
+            self._watch_drain(transport, sock)
+            # Taken after registering: Twisted asks a new pull producer for data at once.
+            self._socket = None
 
-    def _write_through_twisted_until_drained(
-        self, transport: IConsumer, sock: socket.socket
-    ) -> None:
+    def _watch_drain(self, transport: IConsumer, sock: socket.socket | None) -> None:
         # If someone else's producer holds the transport (RuntimeError), Twisted will
         # not say when its buffer empties, so this connection writes through it for good.
+        register = getattr(transport, "registerProducer", None)
+        if register is None:
+            return  # not a consumer (a test's bare transport): nobody will say
         with contextlib.suppress(RuntimeError):
-            transport.registerProducer(_DrainWatch(self, transport, sock), False)
-        # Taken after registering: Twisted asks a new pull producer for data at once.
-        self._socket = None
+            register(_DrainWatch(self, transport, sock), False)
+            self._watching = True
 
     def lose_connection(self) -> None:
         """Close once everything sent so far is on its way, frames held by a read too."""
@@ -402,8 +429,10 @@ class FrameProtocol(Int32StringReceiver):
         if out is None:
             return
         self._out = None
+        data = out[0] if len(out) == 1 else b"".join(out)
         if self.transport is not None:
-            self._send(out[0] if len(out) == 1 else b"".join(out))
+            self._send(data)
+        self.outbound.released(len(data))
 
     # ---------------------------------------------------------------- rejection
 

@@ -61,6 +61,7 @@ from cim.logic.notices import Notices
 from cim.logs import DaemonLog
 from cim.message_ids import MessageIdGenerator
 from cim.metrics import NodeMetrics
+from cim.offline.paced import PacedOfflineBox
 from cim.offline.pipeline import make_offline_pipeline
 from cim.oplog import OperationLog
 from cim.protocols.crypto import KeyFileError, NodeKey
@@ -70,6 +71,7 @@ from cim.services.admin import admin_site
 from cim.services.files import FilesService
 from cim.services.im import ImService
 from cim.services.router import router_site
+from cim.services.stopping import BoundedStop
 from cim.services.tree import (
     AsyncService,
     Listener,
@@ -218,6 +220,11 @@ class CimDaemon(OrderedServices):
                 node_id, config.im, node_key, im_node, state, registry, reactor, metrics, limits
             )
             factory.oplog = oplog
+            # Messages waiting for the offline store count in the node's backpressure.
+            im_node.stores.offline = PacedOfflineBox(
+                im_node.stores.offline, factory.node_queue, reactor
+            )
+            factory.node_queue.database_backlog = lambda: database.backlog
             self.add(
                 ImService(
                     node_id,
@@ -389,8 +396,10 @@ class CimDaemon(OrderedServices):
         return Deferred.fromCoroutine(self._stop())
 
     async def _stop(self) -> None:
-        await super().stopService()
-        self.log.info("cim node {node} stopped", node=self.config.node.id)
+        node = self.config.node
+        bound = BoundedStop(self.reactor, node.stop_timeout, node.id)
+        if await bound.run(super().stopService(), lambda: self.stopping_child):
+            self.log.info("cim node {node} stopped", node=node.id)
 
     def health(self) -> dict[str, Any]:
         report = {

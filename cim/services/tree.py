@@ -108,6 +108,8 @@ class OrderedServices(MultiService):
         self.name = name
         self._starting: Deferred[None] | None = None
         self._running_children: list[OrderedChild] = []
+        self.stopping_child = ""
+        """The child being stopped now, for the log when a stop takes too long."""
 
     def add(self, child: ChildT) -> ChildT:
         """``child`` starts after every child added before it, and stops before them."""
@@ -154,10 +156,12 @@ class OrderedServices(MultiService):
             starting.cancel()
         while self._running_children:
             child = self._running_children.pop()
+            self.stopping_child = child.name or ""
             try:
                 await maybeDeferred(child.stopService)
             except Exception:
                 self.log.failure("error while stopping {child}", child=child.name)
+        self.stopping_child = ""
 
 
 class AsyncService(Service):

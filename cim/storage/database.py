@@ -307,6 +307,11 @@ class Database:
         self._engine: Engine | None = None
         self._closing = False
 
+    @property
+    def backlog(self) -> int:
+        """Transactions handed over and not finished (the node's backpressure reads it)."""
+        return self._work.pending
+
     def start(self) -> Deferred[None]:
         """Open the engine and make the schema ready: migrate SQLite, check PostgreSQL.
 

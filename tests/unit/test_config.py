@@ -96,8 +96,9 @@ class ConfigErrorTests(SynchronousTestCase):
             "advertise, cipher_suites, default_group_adds, default_message_policy, enabled, "
             "handshake_replay_window, handshake_timeout, "
             "heartbeat_interval, heartbeat_timeout, listen, max_bad_frames, "
-            "max_connections_per_address, max_frame_size, max_text_length, rsa_key, "
-            "rsa_key_bits)",
+            "max_connections_per_address, max_frame_size, max_pending_work, "
+            "max_queued_bytes, max_text_length, outbound_budget, rsa_key, "
+            "rsa_key_bits, slow_reader_timeout)",
         )
         self.assertEqual(error.key, "heartbeat_intervall")
 
