@@ -77,7 +77,7 @@ class ImNode:
             core.clock,
             bounds.limits,
             backlog=self.groups.backlog_refusal,
-            archive_wait=lambda: stores.archive.behind(),
+            store_wait=lambda: stores.timeline.behind(),
         )
         self.direct = DirectMessages(
             core, directory, self.routing, self.groups, stores, self.gate, bounds.max_text_length

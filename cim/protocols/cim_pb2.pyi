@@ -706,10 +706,14 @@ class BusDelivery(_message.Message):
     def __init__(self, message: _Optional[_Union[Message, _Mapping]] = ..., receivers: _Optional[_Iterable[str]] = ..., sender_device: _Optional[str] = ...) -> None: ...
 
 class OfflineReady(_message.Message):
-    __slots__ = ("receivers",)
+    __slots__ = ("receivers", "conversation", "seq")
     RECEIVERS_FIELD_NUMBER: _ClassVar[int]
+    CONVERSATION_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
     receivers: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, receivers: _Optional[_Iterable[str]] = ...) -> None: ...
+    conversation: str
+    seq: int
+    def __init__(self, receivers: _Optional[_Iterable[str]] = ..., conversation: _Optional[str] = ..., seq: _Optional[int] = ...) -> None: ...
 
 class BusOutcome(_message.Message):
     __slots__ = ("sender", "sender_device", "ack")
