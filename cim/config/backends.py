@@ -130,7 +130,8 @@ class OfflineConfig:
 
 @dataclass(frozen=True)
 class ArchiveConfig:
-    """The history archive (cim.history.archive); its transport follows ``[queue] backend``."""
+    """Retention and backlog of the timelines (cim.history.timeline); see docs/operations.md
+    for the keys the archive pipeline had that no longer do anything."""
 
     section: ClassVar[str] = "archive"
     enabled: bool = _opt(True, parse_bool)

@@ -185,7 +185,7 @@ class GateTests(SynchronousTestCase):
             self.clock,
             self.limits,
             backlog=self.backlog.get,
-            store_wait=lambda: self.archive_wait,
+            store_wait=lambda: self.store_wait,
         )
 
     def check(self, seq: int, to: str = "bob", group: str = "") -> Refusal | None:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import sqlalchemy as sa
 from alembic import op
@@ -74,8 +74,7 @@ def _direct(a: str, b: str) -> str:
     return f"d:{_escape(first)}:{_escape(second)}"
 
 
-@dataclass
-class _Row:
+class _Row(NamedTuple):
     msg_id: int
     sender: str
     sent_at: float
