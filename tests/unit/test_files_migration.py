@@ -31,11 +31,10 @@ from cim.storage.schema import (
     files,
     group_members,
     groups,
-    history,
-    offline_msgs,
     uploads,
     users,
 )
+from tests.unit.test_timeline_migration import history, offline_msgs
 from tests.unit.test_storage import sqlite_url
 
 GROUP = "g" * 26
