@@ -138,8 +138,9 @@ class NodeHarness:
         timelines and history on a fresh SQLite database run inline (``database`` to
         share one: a cluster's nodes share theirs), reached as ``timelines``;
         ``Stores()`` is a node that keeps nothing. ``im`` is the node's rooms; its
-        ``directory`` and ``stores`` can be swapped after the fact. ``bounds`` brings rate limits (also
-        the hellos per address) and the fan-out bounds; without, the node has none.
+        ``directory`` and ``stores`` can be swapped after the fact. ``bounds`` brings
+        rate limits (also the hellos per address) and the fan-out bounds; without, the
+        node has none.
         """
         if clock is None:
             clock = MemoryReactorClock()

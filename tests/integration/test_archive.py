@@ -13,12 +13,12 @@ from collections.abc import Callable
 from typing import Any
 
 import pika
+from cim.history.archive import ArchivePipeline
 from twisted.internet import reactor
 from twisted.trial.unittest import TestCase
 
 from cim.backends.bus.amqp import parse_amqp_url
 from cim.backends.bus.amqp_link import AmqpLink
-from cim.history.archive import ArchivePipeline
 from cim.history.store import HistoryStore, direct_conversation
 from cim.storage.database import Database
 from tests.integration.support.rabbitmq import SHARED_URL, amqp_answers

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from cim.storage.offline import OfflineRecord, store_offline_txn
 from sqlalchemy import inspect
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import OperationalError
 from twisted.trial.unittest import TestCase
 
 from cim.storage.database import create_engine_for, upgrade
-from cim.storage.offline import OfflineRecord, store_offline_txn
 from tests.integration.test_storage import scratch_postgresql_url
 from tests.unit import test_offline as unit
 from tests.unit.test_offline import START

@@ -13,6 +13,8 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import pika
+from cim.offline.pipeline import OfflinePipeline, make_offline_pipeline
+from cim.storage.offline import OfflineFull
 from twisted.internet import defer, reactor, task, threads
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
@@ -21,10 +23,8 @@ from twisted.trial.unittest import TestCase
 from cim.backends.backoff import Backoff
 from cim.backends.bus.amqp import parse_amqp_url
 from cim.interfaces import BusUnavailable
-from cim.offline.pipeline import OfflinePipeline, make_offline_pipeline
 from cim.offline.store import OfflineItem, OfflineStore
 from cim.storage.database import Database
-from cim.storage.offline import OfflineFull
 from tests.integration.support.rabbitmq import SHARED_URL, amqp_answers, shared_rabbitmq
 from tests.integration.support.services import eventually, service_missing
 from tests.unit.test_offline import message

@@ -7,9 +7,9 @@ import struct
 from twisted.trial.unittest import SynchronousTestCase
 
 from cim.config import SUITE_CHACHA, SUITE_RC4
+from cim.im.collaborators import Stores
 from cim.protocols import cim_pb2
 from cim.protocols.wire import HEARTBEAT_FRAME
-from cim.im.collaborators import Stores
 from tests.fakes.node import ConnectedClient, NodeHarness
 
 SUITES = (SUITE_CHACHA, SUITE_RC4)

@@ -51,8 +51,8 @@ class DurableNoticeTests(SynchronousTestCase):
         self.assertEqual(fired(Deferred.fromCoroutine(send(["g1", "g2"], "second"))), ["g1", "g2"])
         g1 = fired(h.timelines.summary("g1", "phone"))
         g2 = fired(h.timelines.summary("g2", "phone"))
-        self.assertEqual([(s.conversation, s.unread) for s in g1], [("d:%40system:g1", 2)])
-        self.assertEqual([(s.conversation, s.unread) for s in g2], [("d:%40system:g2", 1)])
+        self.assertEqual([(s.conversation, s.unread) for s in g1], [("d:@system:g1", 2)])
+        self.assertEqual([(s.conversation, s.unread) for s in g2], [("d:@system:g2", 1)])
 
 
 class AcceptanceTests(SynchronousTestCase):
