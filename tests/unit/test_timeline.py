@@ -10,6 +10,7 @@ objects (two pools, two connections) run on PostgreSQL with real threads.
 
 from __future__ import annotations
 
+import atexit
 import threading
 from typing import Any, TypeVar
 
@@ -23,7 +24,7 @@ from cim.history.store import direct_conversation, group_conversation
 from cim.history.timeline import Timelines, TimelineSettings, TimelineUnavailable
 from cim.im.catchup import summary_frame
 from cim.protocols import cim_pb2
-from cim.storage.database import Database, upgrade
+from cim.storage.database import Database, create_engine_for, upgrade
 from cim.storage.schema import conversations, cursors, timeline, user_conversations
 from cim.storage.timeline import (
     CursorMove,
@@ -422,25 +423,57 @@ class TimelinesTests(DatabaseMixin, TestCase):
         self.assertEqual([r.msg_id for r in page.records], [2])
 
 
-class PostgresqlSequenceTests(SequenceTests):
+class _MigratedPostgresql:
+    """One scratch PostgreSQL database at head for the classes below, emptied of
+    timelines before each test: migrating one per test costs seconds."""
+
+    url: str | None = None
+
     def database_url(self) -> str:
-        url = scratch_postgresql_url(self)
-        upgrade(url)
+        cls = _MigratedPostgresql
+        if cls.url is None:
+            holder = _Holder()
+            cls.url = scratch_postgresql_url(holder)  # type: ignore[arg-type]
+            upgrade(cls.url)
+            atexit.register(holder.drop)
+        url = cls.url
+        engine = create_engine_for(url, pool_size=1)
+        try:
+            with engine.begin() as connection:
+                for table in (cursors, user_conversations, timeline, conversations):
+                    connection.execute(table.delete())
+        finally:
+            engine.dispose()
         return url
 
 
-class PostgresqlCursorTests(CursorTests):
-    def database_url(self) -> str:
-        url = scratch_postgresql_url(self)
-        upgrade(url)
-        return url
+class _Holder:
+    """Stands in for the test that owns the shared scratch database: drops it at exit."""
+
+    def __init__(self) -> None:
+        self._cleanups: list[Any] = []
+
+    def addCleanup(self, cleanup: Any) -> None:
+        self._cleanups.append(cleanup)
+
+    def fail(self, reason: str) -> None:
+        raise AssertionError(reason)
+
+    def drop(self) -> None:
+        for cleanup in reversed(self._cleanups):
+            cleanup()
 
 
-class PostgresqlPageTests(PageTests):
-    def database_url(self) -> str:
-        url = scratch_postgresql_url(self)
-        upgrade(url)
-        return url
+class PostgresqlSequenceTests(_MigratedPostgresql, SequenceTests):
+    pass
+
+
+class PostgresqlCursorTests(_MigratedPostgresql, CursorTests):
+    pass
+
+
+class PostgresqlPageTests(_MigratedPostgresql, PageTests):
+    pass
 
 
 class TwoWritersTests(TestCase):
