@@ -273,12 +273,17 @@ class Routing:
 
     def receiver_left(self, receiver: str) -> None:
         """The receiver left holding unacknowledged messages: they wait past its cursor
-        for its next catch-up (it drops any it did show), and their senders hear
-        "stored"."""
-        for msg_id in self._pending_by_receiver.pop(receiver, ()):
+        for its next catch-up (it drops any it did show), their senders hear "stored",
+        and if it is connected to another node already (it moved), it is told to pull."""
+        newest: cim_pb2.Message | None = None
+        for msg_id in sorted(self._pending_by_receiver.pop(receiver, ())):
             pending = self._pending.pop((msg_id, receiver), None)
             if pending is not None:
                 self._settle(pending.message, pending.sender_device, STORED, "")
+                newest = pending.message
+        if newest is not None:
+            # It may have moved: connected to another node already, it pulls there.
+            self._catchup.stored_for([receiver], newest.conversation, newest.seq)
 
     def expire_pending(self) -> int:
         """Settle every msg:N held unacknowledged past its deadline as "stored" (it is
