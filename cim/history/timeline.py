@@ -134,6 +134,7 @@ class Timelines:
         self.counts: Counter[str] = Counter()
         self._failing = False
         self._behind = False
+        self._stopping = False
         self._appends: BatchWriter[_Append] = BatchWriter(
             clock,
             self._write,
@@ -170,6 +171,7 @@ class Timelines:
 
     def stop(self) -> Deferred[None]:
         """Write what is taken (one attempt) before the database stops."""
+        self._stopping = True
         if self._purge is not None and self._purge.running:
             self._purge.stop()
         self._purge = None
@@ -207,7 +209,7 @@ class Timelines:
     def append(self, message: cim_pb2.Message, sender_device: str) -> Deferred[Appended]:
         """Append a taken message; fires once it is durable, with its seq (and the
         first id when it is a resend of one appended before)."""
-        if self._failing:
+        if self._failing or self._stopping:
             return fail(TimelineUnavailable("the timeline cannot be written now"))
         reason = untimelineable(message, sender_device)
         if reason is not None:

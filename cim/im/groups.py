@@ -26,7 +26,6 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
-from cim.im.catchup import Catchup
 from cim.im.collaborators import (
     Bounds,
     ClientSession,
@@ -34,7 +33,6 @@ from cim.im.collaborators import (
     Directory,
     FrameTable,
     NodeCore,
-    Stores,
     log_failure,
 )
 from cim.im.peers import Peers
@@ -79,22 +77,18 @@ class GroupMessages:
         self,
         core: NodeCore,
         directory: Directory,
-        stores: Stores,
         peers: Peers,
         connected: Connected,
         routing: Routing,
-        catchup: Catchup,
         bounds: Bounds,
     ) -> None:
         self._node_id = core.node_id
         self._clock = core.clock
         self._metrics = core.metrics
         self._directory = directory
-        self._stores = stores
         self._peers = peers
         self._connected = connected
         self._routing = routing
-        self._catchup = catchup
         self._bounds = bounds
         # Group messages fan out one after another per group, in server-id order.
         self._fanout_queues: dict[str, deque[_Queued]] = {}

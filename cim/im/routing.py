@@ -30,7 +30,6 @@ from cim.im.collaborators import (
     Connected,
     Directory,
     NodeCore,
-    Stores,
     in_background,
     log_failure,
 )
@@ -84,7 +83,6 @@ class Routing:
         self,
         core: NodeCore,
         directory: Directory,
-        stores: Stores,
         peers: Peers,
         connected: Connected,
         catchup: Catchup,
@@ -94,7 +92,6 @@ class Routing:
         self._metrics = core.metrics
         self._receipts = core.state.receipts
         self._directory = directory
-        self._stores = stores
         self._peers = peers
         self._connected = connected
         self._catchup = catchup
