@@ -21,6 +21,7 @@ node while the copy travelled, or logged in while it was written), it is told to
 
 from __future__ import annotations
 
+from google.protobuf.message import Message as ProtobufMessage
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -57,13 +58,21 @@ _CUT_TEXT = 64
 """Characters of a newest message's text kept when the summary needs room."""
 
 
+def _entry_cost(entry: ProtobufMessage) -> int:
+    """Bytes a repeated entry adds to its message: the entry, its tag and length."""
+    size = entry.ByteSize()
+    return size + 1 + (1 if size < 128 else 2 if size < 16384 else 3)
+
+
 def summary_frame(
     states: list[ConversationState], max_bytes: int, request_id: int
 ) -> cim_pb2.OfflineSummaryA:
     """The summary in one frame below ``max_bytes``: conversations with unread first
     (newest activity first), their newest text cut when the whole does not fit, then
-    the caught-up cursors while room remains; ``more`` when something was left out."""
-    answer = cim_pb2.OfflineSummaryA(request_id=request_id)
+    the caught-up cursors while room remains; ``more`` when something was left out.
+
+    Sizes are added up entry by entry (never the whole frame again per entry), so a
+    user with thousands of conversations costs one pass."""
     unread = [state for state in states if state.unread and state.newest is not None]
     entries = []
     for state in unread:
@@ -78,25 +87,36 @@ def summary_frame(
         assert state.newest is not None
         entry.newest.CopyFrom(message_of(state.newest))
         entries.append(entry)
-    answer.total = min(sum(state.unread for state in unread), 0xFFFFFFFF)
-    answer.conversations.extend(entries)
-    if answer.ByteSize() > max_bytes:
-        for entry in answer.conversations:  # the newest texts give way first
+    total = min(sum(state.unread for state in unread), 0xFFFFFFFF)
+    answer = cim_pb2.OfflineSummaryA(request_id=request_id, total=total, more=True)
+    room = max_bytes - answer.ByteSize()  # ``more`` counted: it may be needed
+    costs = [_entry_cost(entry) for entry in entries]
+    if sum(costs) > room:  # the newest texts give way first
+        for entry in entries:
             if len(entry.newest.text) > _CUT_TEXT or entry.newest.HasField("media"):
                 entry.newest.text = entry.newest.text[:_CUT_TEXT]
                 entry.newest.ClearField("media")
                 entry.newest_cut = True
-        while answer.conversations and answer.ByteSize() > max_bytes:
-            answer.conversations.pop()  # the oldest activity waits for the next frame
-            answer.more = True
+        costs = [_entry_cost(entry) for entry in entries]
+    kept = 0
+    for cost in costs:
+        if cost > room:
+            break  # the oldest activity waits for the next frame
+        room -= cost
+        kept += 1
+    answer.conversations.extend(entries[:kept])
+    left_out = kept < len(entries)
     for state in states:
         if state.unread:
             continue
-        answer.caught_up.add(conversation=state.conversation, seq=state.cursor)
-        if answer.ByteSize() > max_bytes:
-            answer.caught_up.pop()
-            answer.more = True
+        mark = cim_pb2.Cursor(conversation=state.conversation, seq=state.cursor)
+        cost = _entry_cost(mark)
+        if cost > room:
+            left_out = True
             break
+        room -= cost
+        answer.caught_up.append(mark)
+    answer.more = left_out
     return answer
 
 

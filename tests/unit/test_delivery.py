@@ -311,6 +311,25 @@ class GroupFanOutTests(SynchronousTestCase):
         self.assertEqual([m.text for m in bob.events.of_type(cim_pb2.MSG_N)], ["hello"])
         self.assertEqual(alice.events.of_type(cim_pb2.ACK_N)[-1].status, cim_pb2.ACCEPTED)
 
+    def test_a_copy_for_a_member_who_moved_is_dropped_and_she_is_told_to_pull(self) -> None:
+        groups = FakeGroups({"g1": ["alice", "carol"]})
+        one, two = cluster(groups)
+        carol = one.connect("carol")  # she is on node one now
+        settle(one, two)
+        message = cim_pb2.Message(id=77, group="g1", text="late", conversation="g:g1", seq=4)
+        setattr(message, "from", "alice")
+        envelope = cim_pb2.BusEnvelope(
+            origin_node="node1",
+            deliver=cim_pb2.BusDelivery(message=message, receivers=["carol"]),
+        )
+        # A copy node one sent to node two while carol was still there, arriving late.
+        two.im.routing.bus_message_received(envelope.SerializeToString())
+        settle(one, two)
+        self.assertEqual(carol.events.of_type(cim_pb2.MSG_N), [])
+        [notice] = carol.events.of_type(cim_pb2.OFFLINE_NOTICE)
+        self.assertEqual((notice.conversation, notice.seq), ("g:g1", 4))
+        self.assertEqual(two.metrics.messages["group_missed"], 1)
+
     def test_only_members_can_post(self) -> None:
         groups = FakeGroups({"g1": ["alice", "bob"]})
         one, _ = cluster(groups)
