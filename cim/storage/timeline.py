@@ -1,13 +1,13 @@
 """Transactions on the timelines (``conversations``, ``timeline``, ``user_conversations``,
 ``cursors``), run by ``Database.run``; docs/internals.md "Timelines" says why.
 
-``append_txn`` numbers messages inside the transaction that writes them: per
-conversation one ``INSERT ... ON CONFLICT DO UPDATE SET last_seq = last_seq + n
-RETURNING last_seq`` (the conversation's row lock: two nodes appending to one
-conversation wait for each other, so numbers are dense and never given twice; a batch
-that rolls back gives back nothing, because the raised ``last_seq`` rolls back with it),
-then one bulk insert of the rows. Conversations are locked in key order, so two
-batches that share conversations cannot deadlock.
+``append_txn`` numbers messages inside the transaction that writes them: one
+``INSERT ... ON CONFLICT DO UPDATE SET last_seq = last_seq + n RETURNING last_seq``
+for the batch's conversations (each conversation's row lock: two nodes appending to
+one conversation wait for each other, so numbers are dense and never given twice; a
+batch that rolls back gives back nothing, because the raised ``last_seq`` rolls back
+with it), then one bulk insert of the rows. Conversations are locked in key order, so
+two batches that share conversations cannot deadlock.
 
 Reads are pages by seq (one conversation) or by message id (across all of a user's),
 bounded in count and in bytes: the sizes are read first, then only the payloads that
@@ -24,9 +24,10 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import and_, case, delete, or_, select, tuple_
+from sqlalchemy import and_, case, delete, or_, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
+from sqlalchemy.sql.elements import ColumnElement
 
 from cim.history.store import group_conversation
 from cim.storage.schema import conversations, cursors, timeline, user_conversations
@@ -152,6 +153,16 @@ def _chunks(values: Sequence[Any]) -> Iterable[Sequence[Any]]:
         yield values[start : start + _CHUNK]
 
 
+_KEYS_PER_READ = 200
+"""Composite keys per read: SQLite looks up ``a = ? AND b = ? OR ...`` in an index
+(a row-value ``IN`` would scan the table), and its expression depth stays bounded."""
+
+
+def _any_of(columns: Sequence[Any], keys: Iterable[Sequence[Any]]) -> ColumnElement[bool]:
+    """``(c1 = k1 AND c2 = k2 ...) OR ...``: each composite key through its index."""
+    return or_(*(and_(*(c == v for c, v in zip(columns, key, strict=True))) for key in keys))
+
+
 def _record(row: Any) -> TimelineRecord:
     return TimelineRecord(row.conversation, row.seq, row.msg_id, row.sent_at, bytes(row.payload))
 
@@ -177,36 +188,40 @@ def _fitting(sizes: Sequence[Any], limit: int, max_bytes: int | None) -> tuple[l
 def _found_again(
     connection: Connection, batch: Sequence[NewMessage], dedup_since: float
 ) -> dict[int, Appended]:
-    """Messages of the batch already in a timeline: by id (a resend the receipts knew),
-    or by (sender, device, client_seq) within the dedup window (receipts lost)."""
+    """Messages of the batch already in a timeline, in one read: by id (a resend the
+    receipts knew), or by (sender, device, client_seq) within the dedup window (the
+    receipts were lost)."""
     found: dict[int, Appended] = {}
-    ids = [m.msg_id for m in batch]
-    for chunk in _chunks(ids):
-        for row in connection.execute(
-            select(timeline.c.msg_id, timeline.c.conversation, timeline.c.seq).where(
-                timeline.c.msg_id.in_(chunk)
-            )
-        ):
-            found[row.msg_id] = Appended(row.msg_id, row.conversation, row.seq, False)
-    keyed = {
-        (m.sender, m.sender_device, m.client_seq): m.msg_id
-        for m in batch
-        if m.client_seq and m.msg_id not in found
-    }
-    for chunk in _chunks(sorted(keyed)):
-        key = tuple_(timeline.c.sender, timeline.c.sender_device, timeline.c.client_seq)
-        for hit in connection.execute(
-            select(
-                timeline.c.sender,
-                timeline.c.sender_device,
-                timeline.c.client_seq,
-                timeline.c.msg_id,
-                timeline.c.conversation,
-                timeline.c.seq,
-            ).where(key.in_(chunk), timeline.c.sent_at >= dedup_since)
-        ):
-            asked = keyed[(hit.sender, hit.sender_device, hit.client_seq)]
-            found[asked] = Appended(hit.msg_id, hit.conversation, hit.seq, False)
+    keyed = {(m.sender, m.sender_device, m.client_seq): m.msg_id for m in batch if m.client_seq}
+    ids = {m.msg_id for m in batch}
+    key = (timeline.c.sender, timeline.c.sender_device, timeline.c.client_seq)
+    query = select(
+        timeline.c.sender,
+        timeline.c.sender_device,
+        timeline.c.client_seq,
+        timeline.c.msg_id,
+        timeline.c.conversation,
+        timeline.c.seq,
+        timeline.c.sent_at,
+    )
+    by_key: dict[int, Appended] = {}
+    for start in range(0, len(batch), _KEYS_PER_READ):
+        part = batch[start : start + _KEYS_PER_READ]
+        condition: ColumnElement[bool] = timeline.c.msg_id.in_([m.msg_id for m in part])
+        keys = [(m.sender, m.sender_device, m.client_seq) for m in part if m.client_seq]
+        if keys:
+            # The window is checked below, not here: a condition on sent_at would make
+            # SQLite scan the window's rows instead of looking the keys up.
+            condition = or_(condition, _any_of(key, keys))
+        for row in connection.execute(query.where(condition)):
+            where = Appended(row.msg_id, row.conversation, row.seq, False)
+            if row.msg_id in ids:
+                found[row.msg_id] = where
+            asked = keyed.get((row.sender, row.sender_device, row.client_seq))
+            if asked is not None and row.sent_at >= dedup_since:
+                by_key.setdefault(asked, where)
+    for asked, where in by_key.items():
+        found.setdefault(asked, where)  # an id found as itself wins
     return found
 
 
@@ -228,17 +243,24 @@ def append_txn(
         fresh[message.conversation].append(message)
     rows: list[dict[str, Any]] = []
     readers: dict[tuple[str, str], dict[str, Any]] = {}
-    statement = _insert(connection, conversations)
-    for key in sorted(fresh):  # one lock order for every writer: no deadlock
+    keys = sorted(fresh)  # one lock order for every writer: no deadlock
+    last: dict[str, int] = {}
+    for chunk in _chunks(keys):
+        # One statement numbers every conversation of the batch: each row's lock is
+        # held to commit, so a conversation's numbers are this batch's alone.
+        statement = _insert(connection, conversations).values(
+            [{"key": key, "last_seq": len(fresh[key])} for key in chunk]
+        )
+        upsert = statement.on_conflict_do_update(
+            index_elements=[conversations.c.key],
+            set_={"last_seq": conversations.c.last_seq + statement.excluded.last_seq},
+        ).returning(conversations.c.key, conversations.c.last_seq)
+        last.update((key, int(seq)) for key, seq in connection.execute(upsert))
+    for key in keys:
         messages = fresh[key]
         count = len(messages)
-        upsert = statement.values(key=key, last_seq=count).on_conflict_do_update(
-            index_elements=[conversations.c.key],
-            set_={"last_seq": conversations.c.last_seq + count},
-        )
-        last = int(connection.execute(upsert.returning(conversations.c.last_seq)).scalar_one())
         for offset, message in enumerate(messages):
-            seq = last - count + 1 + offset
+            seq = last[key] - count + 1 + offset
             placed[message.msg_id] = Appended(message.msg_id, key, seq, True)
             rows.append(
                 {
@@ -253,7 +275,7 @@ def append_txn(
                     "size": len(message.payload),
                 }
             )
-        if last == count:  # the conversation's first messages: its readers start
+        if last[key] == count:  # the conversation's first messages: its readers start
             for user, peer in messages[0].readers:
                 readers[(user, key)] = {
                     "user_name": user,
@@ -451,9 +473,10 @@ def summary_txn(connection: Connection, user: str, device: str) -> list[Conversa
         if row.last_seq > points[row.conversation]
     ]
     newest: dict[str, TimelineRecord] = {}
-    for chunk in _chunks(unread):
+    for start in range(0, len(unread), _KEYS_PER_READ):
+        chunk = unread[start : start + _KEYS_PER_READ]
         for row in connection.execute(
-            select(timeline).where(tuple_(timeline.c.conversation, timeline.c.seq).in_(chunk))
+            select(timeline).where(_any_of((timeline.c.conversation, timeline.c.seq), chunk))
         ):
             newest[row.conversation] = _record(row)
     states = [
@@ -479,11 +502,16 @@ def _page(
     chosen, more = _fitting(sizes, limit, max_bytes)
     if not chosen:
         return TimelinePage((), False)
+    condition: ColumnElement[bool]
     if by_id:
         condition = timeline.c.msg_id.in_(chosen)
         order = timeline.c.msg_id.desc()
     else:
-        condition = tuple_(timeline.c.conversation, timeline.c.seq).in_(chosen)
+        # One conversation's page: its key and the seqs (an index range lookup).
+        condition = and_(
+            timeline.c.conversation == chosen[0][0],
+            timeline.c.seq.in_([seq for _, seq in chosen]),
+        )
         order = timeline.c.seq.desc()
     records = tuple(
         _record(row)
