@@ -19,15 +19,16 @@ timeline`` does that before any database work.
 
 from __future__ import annotations
 
+import functools
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import and_, case, delete, or_, select
+from sqlalchemy import and_, case, delete, or_, select, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
-from sqlalchemy.sql.elements import ColumnElement
+from sqlalchemy.sql.elements import ColumnElement, TextClause
 
 from cim.history.store import group_conversation
 from cim.storage.schema import conversations, cursors, timeline, user_conversations
@@ -185,6 +186,23 @@ def _fitting(sizes: Sequence[Any], limit: int, max_bytes: int | None) -> tuple[l
 # --- appending ------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=512)
+def _lookup_sql(ids: int, keys: int) -> TextClause:
+    """The resend lookup as plain SQL with named parameters: built from two counts and
+    cached by its text, where an expression tree of thousands of nodes would be built
+    and its cache key computed again for every batch. Each ``sender = ... AND ...``
+    term is a lookup in ``ix_timeline_sender`` (SQLite scans the table for a row-value
+    ``IN``)."""
+    terms = [f"msg_id IN ({', '.join(f':m{i}' for i in range(ids))})"]
+    terms += [
+        f"(sender = :s{i} AND sender_device = :d{i} AND client_seq = :c{i})" for i in range(keys)
+    ]
+    return text(
+        "SELECT msg_id, conversation, seq, sender, sender_device, client_seq, sent_at "
+        "FROM timeline WHERE " + " OR ".join(terms)
+    )
+
+
 def _found_again(
     connection: Connection, batch: Sequence[NewMessage], dedup_since: float
 ) -> dict[int, Appended]:
@@ -192,31 +210,26 @@ def _found_again(
     receipts knew), or by (sender, device, client_seq) within the dedup window (the
     receipts were lost)."""
     found: dict[int, Appended] = {}
+    by_key: dict[int, Appended] = {}
     keyed = {(m.sender, m.sender_device, m.client_seq): m.msg_id for m in batch if m.client_seq}
     ids = {m.msg_id for m in batch}
-    key = (timeline.c.sender, timeline.c.sender_device, timeline.c.client_seq)
-    query = select(
-        timeline.c.sender,
-        timeline.c.sender_device,
-        timeline.c.client_seq,
-        timeline.c.msg_id,
-        timeline.c.conversation,
-        timeline.c.seq,
-        timeline.c.sent_at,
-    )
-    by_key: dict[int, Appended] = {}
     for start in range(0, len(batch), _KEYS_PER_READ):
         part = batch[start : start + _KEYS_PER_READ]
-        condition: ColumnElement[bool] = timeline.c.msg_id.in_([m.msg_id for m in part])
-        keys = [(m.sender, m.sender_device, m.client_seq) for m in part if m.client_seq]
-        if keys:
-            # The window is checked below, not here: a condition on sent_at would make
-            # SQLite scan the window's rows instead of looking the keys up.
-            condition = or_(condition, _any_of(key, keys))
-        for row in connection.execute(query.where(condition)):
+        with_keys = [m for m in part if m.client_seq]
+        params: dict[str, Any] = {f"m{i}": m.msg_id for i, m in enumerate(part)}
+        for i, m in enumerate(with_keys):
+            params[f"s{i}"], params[f"d{i}"], params[f"c{i}"] = (
+                m.sender,
+                m.sender_device,
+                m.client_seq,
+            )
+        rows = connection.execute(_lookup_sql(len(part), len(with_keys)), params)
+        for row in rows:
             where = Appended(row.msg_id, row.conversation, row.seq, False)
             if row.msg_id in ids:
                 found[row.msg_id] = where
+            # The window is checked here, not in SQL: a condition on sent_at would make
+            # SQLite scan the window's rows instead of looking the keys up.
             asked = keyed.get((row.sender, row.sender_device, row.client_seq))
             if asked is not None and row.sent_at >= dedup_since:
                 by_key.setdefault(asked, where)
@@ -245,17 +258,17 @@ def append_txn(
     readers: dict[tuple[str, str], dict[str, Any]] = {}
     keys = sorted(fresh)  # one lock order for every writer: no deadlock
     last: dict[str, int] = {}
-    for chunk in _chunks(keys):
-        # One statement numbers every conversation of the batch: each row's lock is
-        # held to commit, so a conversation's numbers are this batch's alone.
-        statement = _insert(connection, conversations).values(
-            [{"key": key, "last_seq": len(fresh[key])} for key in chunk]
-        )
+    if keys:
+        # One statement (executed as multi-row VALUES batches, compiled once) numbers
+        # every conversation of the batch: each row's lock is held to commit, so a
+        # conversation's numbers are this batch's alone.
+        statement = _insert(connection, conversations)
         upsert = statement.on_conflict_do_update(
             index_elements=[conversations.c.key],
             set_={"last_seq": conversations.c.last_seq + statement.excluded.last_seq},
         ).returning(conversations.c.key, conversations.c.last_seq)
-        last.update((key, int(seq)) for key, seq in connection.execute(upsert))
+        rows_in = [{"key": key, "last_seq": len(fresh[key])} for key in keys]
+        last.update((key, int(seq)) for key, seq in connection.execute(upsert, rows_in))
     for key in keys:
         messages = fresh[key]
         count = len(messages)
