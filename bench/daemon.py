@@ -28,8 +28,8 @@ from sqlalchemy import insert
 from cim.accounts.store import hash_password
 from cim.config import AccountsConfig, load_config
 from cim.storage.database import open_engine
-from cim.storage.offline import count_offline_txn
 from cim.storage.schema import users
+from cim.storage.timeline import unread_count_txn
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)
@@ -223,17 +223,13 @@ class BenchDaemon:
             engine.dispose()
         return len(rows)
 
-    def offline_count(self, user: str) -> int:
-        """Messages the daemon's database holds for ``user`` (the offline store).
-
-        With RabbitMQ, "stored" reaches the sender when the offline queue has the
-        message; its writer puts it in the database a little later, and a pull only
-        sees what is there. Read with the daemon's own query, not SQL of ours.
-        """
+    def offline_count(self, user: str, device: str = "bench") -> int:
+        """Messages ``user``'s ``device`` has not read (past its cursors), read with
+        the daemon's own query, not SQL of ours."""
         engine = open_engine(self.config.database_url)
         try:
             with engine.connect() as connection:
-                return count_offline_txn(connection, user)
+                return unread_count_txn(connection, user, device)
         finally:
             engine.dispose()
 

@@ -891,6 +891,7 @@ class Worker:
         connected = time.monotonic()
         ids: list[int] = []
         senders: Counter[str] = Counter()
+        marks: dict[str, int] = {}
         pages = 0
         before = 0
         while True:
@@ -901,6 +902,7 @@ class Worker:
             for message in page.messages:
                 ids.append(message.id)
                 senders[getattr(message, "from")] += 1
+                marks[message.conversation] = max(marks.get(message.conversation, 0), message.seq)
             if not page.more:
                 break
             if pages >= max_pages:
@@ -908,13 +910,15 @@ class Worker:
             before = page.next_before
         pulled = time.monotonic()
         oldest_first = sorted(set(ids))
+        # Timelines (#14): acknowledging is moving a cursor per conversation.
+        cursors = [cim_pb2.Cursor(conversation=c, seq=s) for c, s in sorted(marks.items())]
         waits = [
             conn.request(
                 _OFFLINE_ACK_R,
-                cim_pb2.OfflineAckR(ack_ids=oldest_first[i : i + ack_chunk]).SerializeToString(),
+                cim_pb2.OfflineAckR(cursors=cursors[i : i + ack_chunk]).SerializeToString(),
                 _OFFLINE_ACK_A,
             )
-            for i in range(0, len(oldest_first), ack_chunk)
+            for i in range(0, len(cursors), ack_chunk)
         ]
         acknowledged = 0
         for waiting in waits:

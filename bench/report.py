@@ -843,7 +843,7 @@ def _offline_details(
         f"{pull['handshake_seconds'] * 1000:.1f} ms, {pull['pages']} pages in "
         f"{pull['pull_seconds']:.3f} s, acknowledgements in {pull['ack_seconds']:.3f} s. "
         f"Counts: {pull['pulled']:,} pulled of {pull['stored']:,} stored, "
-        f"{pull['unique']:,} distinct ids, {pull['acknowledged']:,} acknowledged (deleted), "
+        f"{pull['unique']:,} distinct ids, {pull['acknowledged']:,} cursors moved, "
         f"{pull['left_after']} left afterwards"
         + ("" if pull["consistent"] else " (INCONSISTENT)")
         + ". The daemon's CPU is read from /proc in 10 ms ticks, so a pull this short "

@@ -151,14 +151,12 @@ class IReceiptStore(Interface):
 
 
 class ISequenceStore(Interface):
-    """Numbers shared by every node: node numbers for message ids, group sequences."""
+    """Numbers shared by every node: node numbers for message ids. (Messages are
+    numbered in their conversation's timeline, in the database: cim.history.timeline.)"""
 
     def node_number(node_id: str) -> Deferred[int]:
         """This node's number for message ids (0-1023), the same for the same id and
         unique among the nodes sharing this store."""
-
-    def next_group_seq(group: str) -> Deferred[int]:
-        """The group's next message number (1, 2, 3, ...), shared by every node."""
 
 
 class IStateBackend(Interface):
@@ -172,7 +170,7 @@ class IStateBackend(Interface):
     sessions: ISessionStore = Attribute("ISessionStore: logins")
     presence: IRouteStore = Attribute("IRouteStore: routes (uid -> node) and who is online")
     receipts: IReceiptStore = Attribute("IReceiptStore: answers to sender messages, for retries")
-    sequences: ISequenceStore = Attribute("ISequenceStore: node numbers and group sequences")
+    sequences: ISequenceStore = Attribute("ISequenceStore: node numbers")
 
     def start() -> Deferred[None]:
         """Connect and begin housekeeping; fails with StateUnavailable when the backend

@@ -287,7 +287,7 @@ class NodeMetricsCollector(Collector):
         if pending is not None:
             offline = GaugeMetricFamily(
                 "cim_offline_writer_pending",
-                "Offline messages this node's writer holds, not yet committed.",
+                "Messages this node's timeline writer holds, not yet committed.",
             )
             offline.add_metric([], pending)
             yield offline

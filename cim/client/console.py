@@ -121,15 +121,19 @@ def body(message: cim_pb2.Message) -> str:
 
 
 def offline_summary_line(summary: cim_pb2.OfflineSummaryA) -> str:
-    """ "3 stored messages from alice, 1 from carol" (biggest senders first)."""
-    senders = sorted(summary.senders, key=lambda s: (-s.count, s.sender))
+    """ "3 stored messages from alice, 1 from carol" (biggest conversations first)."""
+
+    def name(entry: cim_pb2.ConversationSummary) -> str:
+        return entry.peer or f"group {entry.group}"
+
+    entries = sorted(summary.conversations, key=lambda e: (-e.count, name(e)))
     parts = []
-    for index, sender in enumerate(senders):
+    for index, entry in enumerate(entries):
         if index == 0:
-            noun = "message" if sender.count == 1 else "messages"
-            parts.append(f"{sender.count} stored {noun} from {sender.sender}")
+            noun = "message" if entry.count == 1 else "messages"
+            parts.append(f"{entry.count} stored {noun} from {name(entry)}")
         else:
-            parts.append(f"{sender.count} from {sender.sender}")
+            parts.append(f"{entry.count} from {name(entry)}")
     return ", ".join(parts)
 
 
@@ -306,8 +310,9 @@ class Console:
         except Exception:
             return  # the connection went again; the next "online" asks again
         if summary.total:
-            for sender in summary.senders:
-                self.known_users.add(sender.sender)
+            for entry in summary.conversations:
+                if entry.peer:
+                    self.known_users.add(entry.peer)
             self.write(f"* while you were away: {offline_summary_line(summary)}")
 
     # --- what the user types ------------------------------------------------------------

@@ -151,6 +151,9 @@ class ChatClient:
         )
         self._offline_ids: set[int] = set()
         self._offline_acks: list[int] = []
+        # msg id -> (conversation, seq) of what was received and not yet acknowledged:
+        # an acknowledgement moves the device's cursor there (timelines, #14).
+        self._places: dict[int, tuple[str, int]] = {}
         self._ack_flush: Any = None
         self._pulling: Deferred[int] | None = None
         self._pull_again = False
@@ -346,6 +349,7 @@ class ChatClient:
         if frame_type == cim_pb2.MSG_N:
             if self._stopping:
                 return  # unacknowledged, so the node stores it for the next login
+            self._places[message.id] = (message.conversation, message.seq)  # type: ignore[attr-defined]
             if self._pulling is not None:
                 # Stored messages are older than live ones: let the pull go first.
                 self._live_during_pull.append(message)  # type: ignore[arg-type]
@@ -402,8 +406,12 @@ class ChatClient:
             if self._ack_flush is None:
                 self._ack_flush = self.clock.callLater(0, self._flush_offline_acks)
             return
+        conversation, seq = self._places.pop(msg_id, ("", 0))
         if self.protocol is not None:
-            self.protocol.send(cim_pb2.ACK_R, cim_pb2.AckR(msg_id=msg_id))
+            self.protocol.send(
+                cim_pb2.ACK_R,
+                cim_pb2.AckR(msg_id=msg_id, conversation=conversation, through_seq=seq),
+            )
 
     # --- offline messages (design: 方案2) ------------------------------------------
 
@@ -451,6 +459,7 @@ class ChatClient:
             before = page.next_before
         for message in sorted(batch, key=lambda m: m.id):
             self._offline_ids.add(message.id)
+            self._places[message.id] = (message.conversation, message.seq)
             self.inbox.receive(message)
         return len(batch)
 
@@ -467,10 +476,16 @@ class ChatClient:
         acks, self._offline_acks = self._offline_acks, []
         if self.protocol is None:
             return  # not acknowledged: the next pull brings them again, the inbox drops them
-        for start in range(0, len(acks), OFFLINE_ACK_CHUNK):
+        marks: dict[str, int] = {}
+        for msg_id in acks:
+            conversation, seq = self._places.pop(msg_id, ("", 0))
+            if conversation:
+                marks[conversation] = max(marks.get(conversation, 0), seq)
+        cursors = [cim_pb2.Cursor(conversation=c, seq=s) for c, s in sorted(marks.items())]
+        for start in range(0, len(cursors), OFFLINE_ACK_CHUNK):
             self.protocol.send(
                 cim_pb2.OFFLINE_ACK_R,
-                cim_pb2.OfflineAckR(ack_ids=acks[start : start + OFFLINE_ACK_CHUNK]),
+                cim_pb2.OfflineAckR(cursors=cursors[start : start + OFFLINE_ACK_CHUNK]),
             )
 
     def offline_summary(self) -> Deferred[cim_pb2.OfflineSummaryA]:

@@ -82,7 +82,7 @@ class CimConfig:
 
     @property
     def retention_days(self) -> float | None:
-        """For HistoryStore: None keeps the history for ever (``retention_days = 0``)."""
+        """For the timelines' purge: None keeps messages for ever (``retention_days = 0``)."""
         return float(self.archive.retention_days) or None
 
 

@@ -1,22 +1,33 @@
-"""Catching up on what was stored while a user was away (design: 方案2, 优化方案1).
+"""Catching up on a device's timelines (design: offline:R / offline:A / offlineack:R,
+方案2, and the summary first, 优化方案1).
 
-A client pulls its offline messages page by page (OFFLINE_R, each pull acknowledging
-the page before), acknowledges the last page (OFFLINE_ACK_R) and may ask how many
-wait from whom (OFFLINE_SUMMARY_R). A page is bounded in count and in bytes: below
-the node's frame limit and the client's own (``OfflineR.max_bytes``), so a box of
-large messages cannot make a page the client must refuse; one message larger than
-that comes alone. When something reaches the store for a user who
-is connected, here or on another node, that user is told to pull (OFFLINE_NOTICE),
-so a message stored while its receiver was logging in is not left waiting.
+A device asks for the summary (OFFLINE_SUMMARY_R): in ONE frame, every conversation
+with messages past its cursor (count, last seq, cursor, newest message; the newest
+text cut when the frame needs room), newest activity first, and the cursors of its
+other conversations (``caught_up``), so a live message can be placed at once. It then
+pulls pages (OFFLINE_R) newest first, of one conversation (by seq) or across all (by
+message id), each pull carrying the cursors of what it now has (``acks``), and ends
+with OFFLINE_ACK_R. Pages are bounded in count and in bytes: below the node's frame
+limit and the client's own (``max_bytes``); one message larger than that comes alone.
+
+Every request's ``request_id`` is echoed; a request the node cannot answer now (the
+database is down) gets ERROR ``UNAVAILABLE`` with the request's type and id, never
+silence.
+
+When a device's timeline moved while no live copy reached it (it moved to another
+node while the copy travelled, or logged in while it was written), it is told to pull
+(OFFLINE_NOTICE with the conversation and seq), here or over the bus.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
+from google.protobuf.message import Message as ProtobufMessage
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
+from cim.history.service import message_of, page_messages
+from cim.history.timeline import TimelineUnavailable
 from cim.im.collaborators import (
     ClientSession,
     Connected,
@@ -29,18 +40,88 @@ from cim.im.peers import Peers
 from cim.interfaces import BusUnavailable, StateUnavailable
 from cim.offline.store import page_budget
 from cim.protocols import cim_pb2
+from cim.storage.timeline import ConversationState
 
-__all__ = ["MAX_OFFLINE_PAGE", "Catchup"]
+__all__ = ["MAX_OFFLINE_PAGE", "UNAVAILABLE_RETRY_MS", "Catchup", "summary_frame"]
 
 OFFLINE_A = cim_pb2.OFFLINE_A
 OFFLINE_ACK_A = cim_pb2.OFFLINE_ACK_A
 OFFLINE_SUMMARY_A = cim_pb2.OFFLINE_SUMMARY_A
 OFFLINE_NOTICE = cim_pb2.OFFLINE_NOTICE
+ERROR = cim_pb2.ERROR
 MAX_OFFLINE_PAGE = 1000
+UNAVAILABLE_RETRY_MS = 1000
+"""How soon a device asks again after the node could not answer."""
+
+_MAX_ID = (1 << 63) - 1
+_CUT_TEXT = 64
+"""Characters of a newest message's text kept when the summary needs room."""
+
+
+def _entry_cost(entry: ProtobufMessage) -> int:
+    """Bytes a repeated entry adds to its message: the entry, its tag and length."""
+    size = entry.ByteSize()
+    return size + 1 + (1 if size < 128 else 2 if size < 16384 else 3)
+
+
+def summary_frame(
+    states: list[ConversationState], max_bytes: int, request_id: int
+) -> cim_pb2.OfflineSummaryA:
+    """The summary in one frame below ``max_bytes``: conversations with unread first
+    (newest activity first), their newest text cut when the whole does not fit, then
+    the caught-up cursors while room remains; ``more`` when something was left out.
+
+    Sizes are added up entry by entry (never the whole frame again per entry), so a
+    user with thousands of conversations costs one pass."""
+    unread = [state for state in states if state.unread and state.newest is not None]
+    entries = []
+    for state in unread:
+        entry = cim_pb2.ConversationSummary(
+            conversation=state.conversation,
+            peer=state.peer or "",
+            group=state.group_id or "",
+            count=min(state.unread, 0xFFFFFFFF),
+            last_seq=state.last_seq,
+            cursor=state.cursor,
+        )
+        assert state.newest is not None
+        entry.newest.CopyFrom(message_of(state.newest))
+        entries.append(entry)
+    total = min(sum(state.unread for state in unread), 0xFFFFFFFF)
+    answer = cim_pb2.OfflineSummaryA(request_id=request_id, total=total, more=True)
+    room = max_bytes - answer.ByteSize()  # ``more`` counted: it may be needed
+    costs = [_entry_cost(entry) for entry in entries]
+    if sum(costs) > room:  # the newest texts give way first
+        for entry in entries:
+            if len(entry.newest.text) > _CUT_TEXT or entry.newest.HasField("media"):
+                entry.newest.text = entry.newest.text[:_CUT_TEXT]
+                entry.newest.ClearField("media")
+                entry.newest_cut = True
+        costs = [_entry_cost(entry) for entry in entries]
+    kept = 0
+    for cost in costs:
+        if cost > room:
+            break  # the oldest activity waits for the next frame
+        room -= cost
+        kept += 1
+    answer.conversations.extend(entries[:kept])
+    left_out = kept < len(entries)
+    for state in states:
+        if state.unread:
+            continue
+        mark = cim_pb2.Cursor(conversation=state.conversation, seq=state.cursor)
+        cost = _entry_cost(mark)
+        if cost > room:
+            left_out = True
+            break
+        room -= cost
+        answer.caught_up.append(mark)
+    answer.more = left_out
+    return answer
 
 
 class Catchup:
-    """OFFLINE_R, OFFLINE_ACK_R, OFFLINE_SUMMARY_R, and the notice to pull."""
+    """OFFLINE_SUMMARY_R, OFFLINE_R, OFFLINE_ACK_R, and the notice to pull."""
 
     log = Logger()
 
@@ -57,73 +138,98 @@ class Catchup:
             cim_pb2.OFFLINE_SUMMARY_R: (cim_pb2.OfflineSummaryR, self.summary_requested),
         }
 
-    # --- the client's questions -------------------------------------------------------
+    # --- the device's questions -------------------------------------------------------
+
+    def summary_requested(self, session: ClientSession, request: cim_pb2.OfflineSummaryR) -> None:
+        record = session.record
+        budget = page_budget(self._stores.max_page_bytes, request.max_bytes)
+        d = self._stores.timeline.summary(record.user, record.device)
+        d.addCallback(
+            lambda states: session.deliver(
+                OFFLINE_SUMMARY_A, summary_frame(states, budget, request.request_id)
+            )
+        )
+        d.addErrback(self._unavailable, session, cim_pb2.OFFLINE_SUMMARY_R, request.request_id)
 
     def offline_requested(self, session: ClientSession, request: cim_pb2.OfflineR) -> None:
-        """A page of the user's stored messages; asking acknowledges the previous page."""
-        offline = self._stores.offline
-        user = session.record.user
+        """A page past the device's cursor; the cursors in ``acks`` move first."""
+        timeline = self._stores.timeline
+        record = session.record
         limit = min(request.limit or self._stores.offline_page_size, MAX_OFFLINE_PAGE)
         budget = page_budget(self._stores.max_page_bytes, request.max_bytes)
+        before = request.before if 0 < request.before <= _MAX_ID else None
 
         async def answer() -> None:
-            acknowledged = 0
-            if request.ack_ids:
-                acknowledged = await offline.acknowledge(user, list(request.ack_ids))
-            page = await offline.page(user, request.before or None, limit, budget)
+            moved = 0
+            if request.acks:
+                moved = await timeline.move_cursors(record.user, record.device, request.acks)
+            page = await timeline.unread_page(
+                record.user, record.device, request.conversation, before, limit, budget
+            )
             session.deliver(
                 OFFLINE_A,
                 cim_pb2.OfflineA(
-                    messages=[cim_pb2.Message.FromString(r.payload) for r in page.records],
+                    messages=page_messages(page),
                     more=page.more,
-                    next_before=page.next_before or 0,
-                    acknowledged=acknowledged,
+                    next_before=page.next_before,
+                    acknowledged=moved,
+                    conversation=request.conversation,
+                    request_id=request.request_id,
                 ),
             )
 
-        Deferred.fromCoroutine(answer()).addErrback(log_failure, self.log, "answer an offline pull")
+        d = Deferred.fromCoroutine(answer())
+        d.addErrback(self._unavailable, session, cim_pb2.OFFLINE_R, request.request_id)
 
     def offline_acknowledged(self, session: ClientSession, request: cim_pb2.OfflineAckR) -> None:
-        d = self._stores.offline.acknowledge(session.record.user, list(request.ack_ids))
+        record = session.record
+        d = self._stores.timeline.move_cursors(record.user, record.device, request.cursors)
         d.addCallback(
-            lambda count: session.deliver(OFFLINE_ACK_A, cim_pb2.OfflineAckA(acknowledged=count))
-        )
-        d.addErrback(log_failure, self.log, "acknowledge offline messages")
-
-    def summary_requested(self, session: ClientSession, request: cim_pb2.OfflineSummaryR) -> None:
-        def answer(senders: list[Any]) -> None:
-            session.deliver(
-                OFFLINE_SUMMARY_A,
-                cim_pb2.OfflineSummaryA(
-                    senders=[
-                        cim_pb2.SenderCount(
-                            sender=s.sender, count=s.count, newest_msg_id=s.newest_msg_id
-                        )
-                        for s in senders
-                    ],
-                    total=sum(s.count for s in senders),
-                ),
+            lambda count: session.deliver(
+                OFFLINE_ACK_A,
+                cim_pb2.OfflineAckA(acknowledged=count, request_id=request.request_id),
             )
+        )
+        d.addErrback(self._unavailable, session, cim_pb2.OFFLINE_ACK_R, request.request_id)
 
-        d = self._stores.offline.summary(session.record.user)
-        d.addCallback(answer)
-        d.addErrback(log_failure, self.log, "summarise offline messages")
+    def _unavailable(
+        self, failure: Failure, session: ClientSession, request_type: int, request_id: int
+    ) -> None:
+        """The one answer to a request the node cannot serve now: never silence."""
+        if not failure.check(TimelineUnavailable):
+            self.log.warn(
+                "could not answer a catch-up request ({why})", why=failure.getErrorMessage()
+            )
+        session.deliver(
+            ERROR,
+            cim_pb2.Error(
+                code=cim_pb2.Error.UNAVAILABLE,
+                message="messages cannot be read right now; ask again",
+                request_type=request_type,  # type: ignore[arg-type]
+                request_id=request_id,
+                retry_after_ms=UNAVAILABLE_RETRY_MS,
+            ),
+        )
 
-    # --- telling receivers to pull ----------------------------------------------------
+    # --- telling devices to pull ------------------------------------------------------
 
-    def notify_stored(self, receivers: list[str]) -> None:
-        """A receiver that logged in while its message was being stored pulls again."""
+    def notify_stored(self, receivers: list[str], conversation: str = "", seq: int = 0) -> None:
+        """Users connected here whose timeline moved without a live copy: pull."""
         for receiver in receivers:
             session = self._connected.get(receiver)
             if session is not None:
-                session.deliver(OFFLINE_NOTICE, cim_pb2.OfflineNotice())
+                session.deliver(
+                    OFFLINE_NOTICE, cim_pb2.OfflineNotice(conversation=conversation, seq=seq)
+                )
 
-    def stored_for(self, receivers: list[str]) -> Deferred[None]:
-        """Messages reached the store for these users (the offline writer committed):
-        those connected anywhere are told to pull (design: no gap)."""
+    def stored_for(
+        self, receivers: list[str], conversation: str = "", seq: int = 0
+    ) -> Deferred[None]:
+        """These users' timeline moved while no live copy reached them: those connected
+        anywhere are told to pull (design: no gap)."""
         connected = self._connected
         here = [user for user in receivers if user in connected]
-        self.notify_stored(here)
+        self.notify_stored(here, conversation, seq)
         elsewhere = [user for user in receivers if user not in connected]
         if not elsewhere:
             return succeed(None)
@@ -137,7 +243,10 @@ class Catchup:
                     by_node.setdefault(node, []).append(user)
             for node, users in by_node.items():
                 envelope = cim_pb2.BusEnvelope(
-                    origin_node=self._node_id, stored=cim_pb2.OfflineReady(receivers=users)
+                    origin_node=self._node_id,
+                    stored=cim_pb2.OfflineReady(
+                        receivers=users, conversation=conversation, seq=seq
+                    ),
                 )
                 await peers.publish(node, envelope)
 

@@ -1,19 +1,18 @@
 """What the IM rooms are given, in three groups: the node's core, its directory of
 people and groups, and the stores messages go to; and what they are handed per frame.
 
-A node can run without groups, offline storage, an archive or history (the tests
-do, and ``[archive] enabled = false`` is a configuration). Each missing one is a null
+A node can run without groups, timelines or history (the tests do). Each missing one is a null
 object with the same interface that answers the way a node without it must answer,
 so no room asks whether a collaborator is there.
 
 ``Directory`` and ``Stores`` are shared by reference between the rooms, which read
 their fields when they use them; swapping a store on the one object (a test that
-gives the node a real offline store) reaches every room at once.
+gives the node real timelines) reaches every room at once.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -24,17 +23,17 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from cim.content import MediaUrls
+from cim.history.timeline import TimelineUnavailable
 from cim.im.shares import FileShares, NoFileShares
 from cim.interfaces import IStateBackend, SessionRecord
 from cim.limits.policy import NoLimits, RateLimits
 from cim.message_ids import MessageIdGenerator
 from cim.metrics import NodeMetrics
-from cim.offline.store import OfflineItem, OfflinePage, SenderCount
 from cim.protocols import cim_pb2
+from cim.storage.timeline import Appended, ConversationState, TimelinePage
 
 __all__ = [
     "NO_BOUNDS",
-    "Archive",
     "Bounds",
     "ClientSession",
     "Connected",
@@ -44,15 +43,13 @@ __all__ = [
     "FrameTable",
     "GroupMembership",
     "HistoryAnswers",
-    "NoArchive",
     "NoContacts",
     "NoGroups",
     "NoHistory",
-    "NoOfflineBox",
+    "NoTimeline",
     "NodeCore",
-    "OfflineBox",
-    "OfflineStorageOff",
     "Stores",
+    "TimelineStore",
     "UserExists",
     "in_background",
     "log_failure",
@@ -203,76 +200,70 @@ class Directory:
 # --- where messages are kept ----------------------------------------------------------
 
 
-class OfflineStorageOff(Exception):
-    """The node keeps no offline storage, so nothing can be stored for a receiver.
-
-    Rooms answer it as a node without storage always has: a 1:1 message fails with the
-    reason the receiver could not be reached, a group member's copy is missed.
-    """
-
-
-class OfflineBox(Protocol):
-    """What the rooms need from offline storage (cim.offline.pipeline.OfflinePipeline)."""
-
-    def store(self, messages: Iterable[OfflineItem], *, capped: bool = True) -> Deferred[int]: ...
-
-    def page(
-        self,
-        receiver: str,
-        before: int | None = None,
-        limit: int = ...,
-        max_bytes: int | None = None,
-    ) -> Deferred[OfflinePage]: ...
-
-    def acknowledge(self, receiver: str, msg_ids: Iterable[int]) -> Deferred[int]: ...
-
-    def summary(self, receiver: str) -> Deferred[list[SenderCount]]: ...
-
-
-class NoOfflineBox:
-    """A node without offline storage: storing fails, every box reads empty."""
-
-    def store(self, messages: Iterable[OfflineItem], *, capped: bool = True) -> Deferred[int]:
-        return fail(OfflineStorageOff("this node keeps no offline storage"))
-
-    def page(
-        self,
-        receiver: str,
-        before: int | None = None,
-        limit: int = 100,
-        max_bytes: int | None = None,
-    ) -> Deferred[OfflinePage]:
-        return succeed(OfflinePage(records=(), more=False))
-
-    def acknowledge(self, receiver: str, msg_ids: Iterable[int]) -> Deferred[int]:
-        return succeed(0)
-
-    def summary(self, receiver: str) -> Deferred[list[SenderCount]]:
-        return succeed([])
-
-
-class Archive(Protocol):
-    """Takes every message that reached its receiver or the store (cim.history.archive)."""
-
-    def archive(self, message: cim_pb2.Message) -> None: ...
+class TimelineStore(Protocol):
+    """What the rooms need from the timelines (cim.history.timeline.Timelines)."""
 
     def behind(self) -> float:
-        """Seconds new messages should wait before they are taken (the archive cannot
-        keep up and never drops one); 0.0 while it keeps up."""
+        """Seconds new messages should wait before they are taken (the writer cannot
+        keep up, or the database fails); 0.0 while it keeps up."""
+
+    def append(self, message: cim_pb2.Message, sender_device: str) -> Deferred[Appended]:
+        """Fires once the message is durable, with its conversation and seq."""
+
+    def move_cursor(self, user: str, device: str, conversation: str, seq: int) -> None: ...
+
+    def move_cursors(
+        self, user: str, device: str, marks: Sequence[cim_pb2.Cursor]
+    ) -> Deferred[int]: ...
+
+    def summary(self, user: str, device: str) -> Deferred[list[ConversationState]]: ...
+
+    def unread_page(
+        self,
+        user: str,
+        device: str,
+        conversation: str,
+        before: int | None,
+        limit: int,
+        max_bytes: int,
+    ) -> Deferred[TimelinePage]: ...
 
 
-class NoArchive:
-    """The archive is off (``[archive] enabled = false``): nothing is kept."""
-
-    def archive(self, message: cim_pb2.Message) -> None:
-        pass
+class NoTimeline:
+    """A node without a database keeps no timeline, so it can promise nothing: every
+    message is refused (UNAVAILABLE) and every catch-up answered the same way."""
 
     def behind(self) -> float:
         return 0.0
 
+    def append(self, message: cim_pb2.Message, sender_device: str) -> Deferred[Appended]:
+        return fail(TimelineUnavailable("this node keeps no timelines"))
+
+    def move_cursor(self, user: str, device: str, conversation: str, seq: int) -> None:
+        pass
+
+    def move_cursors(
+        self, user: str, device: str, marks: Sequence[cim_pb2.Cursor]
+    ) -> Deferred[int]:
+        return fail(TimelineUnavailable("this node keeps no timelines"))
+
+    def summary(self, user: str, device: str) -> Deferred[list[ConversationState]]:
+        return fail(TimelineUnavailable("this node keeps no timelines"))
+
+    def unread_page(
+        self,
+        user: str,
+        device: str,
+        conversation: str,
+        before: int | None,
+        limit: int,
+        max_bytes: int,
+    ) -> Deferred[TimelinePage]:
+        return fail(TimelineUnavailable("this node keeps no timelines"))
+
 
 class HistoryAnswers(Protocol):
-    """Answers HISTORY_R (cim.history.archive.HistoryService)."""
+    """Answers HISTORY_R (cim.history.service.HistoryService)."""
 
     def answer(self, user: str, request: cim_pb2.HistoryR) -> Deferred[cim_pb2.HistoryA]: ...
 
@@ -288,12 +279,11 @@ class NoHistory:
 
 @dataclass(slots=True)
 class Stores:
-    """Where messages go besides their receivers; each a null object when not kept."""
+    """Where messages are kept and read back; each a null object when not kept."""
 
-    offline: OfflineBox = field(default_factory=NoOfflineBox)
+    timeline: TimelineStore = field(default_factory=NoTimeline)
     offline_page_size: int = 100
-    """Messages in an offline page when the client does not say."""
-    archive: Archive = field(default_factory=NoArchive)
+    """Messages in a catch-up page when the client does not say."""
     history: HistoryAnswers = field(default_factory=NoHistory)
     file_shares: FileShares = field(default_factory=NoFileShares)
     """Which conversations each file was sent in (cim.im.shares)."""

@@ -1,8 +1,11 @@
 """msg:R and ack:R: the design's six packets, and the claim every client message takes.
 
-msg:R from the sender is answered at once with msg:A (the node took it and gave it a
-server id); msg:N goes to the receiver (``cim.im.routing``); the receiver's ack:R is
-answered with ack:A and the sender is told with ack:N.
+msg:R from the sender is answered with msg:A once the message is durable in its
+conversation's timeline (``cim.history.timeline``: it carries the conversation and the
+seq); then msg:N goes to the receiver (``cim.im.routing``); the receiver's ack:R is
+answered with ack:A, moves the device's cursor, and the sender is told with ack:N. A
+timeline that cannot take the message: ERROR ``UNAVAILABLE`` with ``retry_after_ms``,
+never msg:A.
 
 Every msg:R, 1:1 or group, is first checked, stamped with the connection's user and a
 server id, and claimed in the state store under (sender, device, client sequence), so
@@ -31,6 +34,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from cim.content import MediaUrls, control_characters_in
+from cim.history.timeline import TimelineUnavailable
 from cim.im.collaborators import (
     ClientSession,
     Directory,
@@ -45,6 +49,7 @@ from cim.interfaces import MessageReceipt, StateUnavailable
 from cim.limits.messages import MessageGate
 from cim.message_ids import MessageIdGenerator
 from cim.protocols import cim_pb2
+from cim.storage.timeline import Appended
 
 __all__ = ["MAX_TEXT_LENGTH", "REASON_NOT_ACCEPTED", "DirectMessages", "message_problem"]
 
@@ -60,6 +65,9 @@ FORBIDDEN = cim_pb2.Error.FORBIDDEN
 REASON_NOT_ACCEPTED = (
     "not accepted: the receiver does not exist or does not accept messages from you"
 )
+
+UNAVAILABLE_RETRY_MS = 500
+"""How soon a sender refused for a store that cannot take messages sends again."""
 
 MAX_TEXT_LENGTH = 16384
 """The default of ``[im] max_text_length``."""
@@ -220,15 +228,37 @@ class DirectMessages:
 
     def _claimed(
         self, receipt: MessageReceipt | None, session: ClientSession, message: cim_pb2.Message
-    ) -> None:
+    ) -> Any:
         if receipt is not None:
             # A retry: the same id as the first time, and never a second message.
             message.id = receipt.msg_id
             message.sent_at_ms = receipt.sent_at_ms
+        # Durable before promised: msg:A (and any ack:N) only once the timeline has it.
+        # A retry is found again there (by id or client sequence), never appended twice.
+        d = self._stores.timeline.append(message, session.record.device)
+        d.addCallback(self._appended, receipt, session, message)
+        return d
+
+    def _appended(
+        self,
+        appended: Appended,
+        receipt: MessageReceipt | None,
+        session: ClientSession,
+        message: cim_pb2.Message,
+    ) -> None:
+        message.id = appended.msg_id
+        message.conversation = appended.conversation
+        message.seq = appended.seq
+        if message.group:
+            message.group_seq = appended.seq
         session.deliver(
             MSG_A,
             cim_pb2.MsgA(
-                client_seq=message.client_seq, msg_id=message.id, sent_at_ms=message.sent_at_ms
+                client_seq=message.client_seq,
+                msg_id=message.id,
+                sent_at_ms=message.sent_at_ms,
+                conversation=message.conversation,
+                seq=message.seq,
             ),
         )
         if receipt is not None and receipt.status and receipt.status != FAILED:
@@ -247,36 +277,52 @@ class DirectMessages:
             )
             return
         if message.group:
-            # First time, or a retry of one never numbered (the state store failed in
-            # between): number it and fan out. Members drop a second copy by id.
-            if receipt is None or not receipt.status:
-                d = self._groups.number(session, message)
-                d.addErrback(self._claim_failed, session, message.client_seq)
+            # Accepted, then live copies to the members online; the rest catch up.
+            self._groups.accepted(session, message)
             return
         # First time, or a retry whose outcome is still open (the node that held it may
-        # have died): deliver (again). The receiver's client drops a duplicate by id.
+        # have died): a live copy (again). The receiver drops a duplicate by seq.
         self._routing.route(message, session.record.device)
 
     def _claim_failed(self, failure: Failure, session: ClientSession, client_seq: int) -> None:
-        if failure.check(StateUnavailable):
+        if failure.check(StateUnavailable, TimelineUnavailable):
             self._refuse(
-                session, client_seq, UNAVAILABLE, "the node cannot take messages right now; retry"
+                session,
+                client_seq,
+                UNAVAILABLE,
+                "the node cannot take messages right now; retry",
+                UNAVAILABLE_RETRY_MS,
             )
+            return
+        if failure.check(ValueError):
+            self._refuse(session, client_seq, BAD_REQUEST, failure.getErrorMessage())
             return
         log_failure(failure, self.log, "take a message")
         self._refuse(session, client_seq, cim_pb2.Error.INTERNAL, "the node failed to take it")
 
-    def _refuse(self, session: ClientSession, client_seq: int, code: Any, text: str) -> None:
+    def _refuse(
+        self, session: ClientSession, client_seq: int, code: Any, text: str, retry_ms: int = 0
+    ) -> None:
         session.deliver(
             ERROR,
             cim_pb2.Error(
-                code=code, message=text, request_type=cim_pb2.MSG_R, client_seq=client_seq
+                code=code,
+                message=text,
+                request_type=cim_pb2.MSG_R,
+                client_seq=client_seq,
+                retry_after_ms=retry_ms,
             ),
         )
 
     # --- ack:R ------------------------------------------------------------------------
 
     def ack_received(self, session: ClientSession, ack: cim_pb2.AckR) -> None:
-        """ack:R. Only the message's receiver can acknowledge it."""
+        """ack:R. Only the message's receiver can acknowledge it; ``through_seq`` moves
+        this device's cursor in the conversation (batched, never back)."""
         session.deliver(ACK_A, cim_pb2.AckA(msg_id=ack.msg_id))
-        self._routing.acknowledged(session.record.user, ack.msg_id)
+        record = session.record
+        self._routing.acknowledged(record.user, ack.msg_id)
+        if ack.through_seq and ack.conversation:
+            self._stores.timeline.move_cursor(
+                record.user, record.device, ack.conversation, ack.through_seq
+            )

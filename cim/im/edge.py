@@ -244,6 +244,7 @@ def refusal(frame_type: int, request: Message, problem: str) -> tuple[int, Messa
     client_seq = getattr(request, "client_seq", 0)
     if isinstance(client_seq, int):
         error.client_seq = client_seq
+    _echo_request_id(request, error)  # so the client ends that request at once
     return cim_pb2.ERROR, error
 
 

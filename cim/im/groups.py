@@ -1,11 +1,13 @@
-"""Group messages: who may post, numbering, and fan-out in order; and GROUP_R requests.
+"""Group messages: who may post, and live copies in order; and GROUP_R requests.
 
 A group post arrives as msg:R (``cim.im.direct`` takes it); only a member may post.
-Once claimed it is numbered (the group's sequence, shared by every node), the sender
-hears "accepted", and the message goes to every other member: those connected here
-directly, in slices so a big group does not stall other users; those on other nodes
-in one bus message per node; the rest into the offline store. Messages of one group
-fan out one after another, in the order the node numbered them.
+Once claimed it is appended to the group's timeline, ONE row whatever the number of
+members, numbered there (its seq: every member shows that order); only then does the
+sender hear "accepted", and live copies go to the members online: those connected
+here directly, in slices so a big group does not stall other users; those on other
+nodes in one bus message per node. Nothing is written per member: a copy that cannot
+go is dropped, since every member catches up from its cursor. Messages of one group
+fan out one after another, in the order they were appended.
 
 The fan-out backlog is bounded (``[limits] group_backlog`` messages per group,
 ``fanout_backlog`` deliveries and ``fanout_backlog_bytes`` for all groups): past it,
@@ -24,7 +26,6 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
-from cim.im.catchup import Catchup
 from cim.im.collaborators import (
     Bounds,
     ClientSession,
@@ -32,8 +33,6 @@ from cim.im.collaborators import (
     Directory,
     FrameTable,
     NodeCore,
-    OfflineStorageOff,
-    Stores,
     log_failure,
 )
 from cim.im.peers import Peers
@@ -41,7 +40,6 @@ from cim.im.routing import Routing
 from cim.interfaces import BusUnavailable, StateUnavailable
 from cim.limits.messages import Refusal
 from cim.protocols import cim_pb2
-from cim.storage.offline import OfflineFull
 
 __all__ = ["FANOUT_SLICE", "GroupMessages"]
 
@@ -79,23 +77,18 @@ class GroupMessages:
         self,
         core: NodeCore,
         directory: Directory,
-        stores: Stores,
         peers: Peers,
         connected: Connected,
         routing: Routing,
-        catchup: Catchup,
         bounds: Bounds,
     ) -> None:
         self._node_id = core.node_id
         self._clock = core.clock
         self._metrics = core.metrics
-        self._sequences = core.state.sequences
         self._directory = directory
-        self._stores = stores
         self._peers = peers
         self._connected = connected
         self._routing = routing
-        self._catchup = catchup
         self._bounds = bounds
         # Group messages fan out one after another per group, in server-id order.
         self._fanout_queues: dict[str, deque[_Queued]] = {}
@@ -140,23 +133,9 @@ class GroupMessages:
         """Only members post to a group."""
         return self._directory.groups.is_member(group, user)
 
-    def number(self, session: ClientSession, message: cim_pb2.Message) -> Deferred[None]:
-        """Give a claimed post its group sequence number, then accept and fan it out.
-
-        Fails (for the caller to answer the sender) when the number cannot be had.
-        """
-        return self._sequences.next_group_seq(message.group).addCallback(
-            self._numbered, session, message
-        )
-
-    def _numbered(self, seq: int, session: ClientSession, message: cim_pb2.Message) -> None:
-        message.group_seq = seq
-        self._accepted(session, message)
-
-    def _accepted(self, session: ClientSession, message: cim_pb2.Message) -> None:
-        """The node is responsible for the group message now: tell the sender, fan out."""
+    def accepted(self, session: ClientSession, message: cim_pb2.Message) -> None:
+        """The group message is in the group's timeline: tell the sender, fan out."""
         self._metrics.messages["group"] += 1
-        self._stores.archive.archive(message)
         self._routing.tell_sender(
             session.record.user,
             session.record.device,
@@ -230,7 +209,8 @@ class GroupMessages:
                     session.deliver(MSG_N, message)
                     self._metrics.messages["group_delivered"] += 1
                 else:
-                    elsewhere.append(member)  # behind on reading: the store, as if offline
+                    # Behind on reading: told to pull once its queue drains.
+                    self._metrics.messages["group_behind"] += 1
         if not elsewhere:
             return
         try:
@@ -247,27 +227,7 @@ class GroupMessages:
                 await self._routing.forward(node, message, users, "")
             except BusUnavailable as exc:
                 self._missed(message, len(users), f"node {node} unreachable: {exc}")
-        reached = {user for users in by_node.values() for user in users}
-        offline = [member for member in elsewhere if member not in reached]
-        if offline:
-            await self._store_copies(message, offline)
-
-    async def _store_copies(self, message: cim_pb2.Message, members: list[str]) -> None:
-        """Offline members get their copy through the offline store."""
-        try:
-            await self._stores.offline.store([(member, message) for member in members])
-        except OfflineStorageOff:
-            self._missed(message, len(members), "offline")
-            return
-        except OfflineFull as full:
-            # Leave out the full boxes (never silently: counted and logged), keep the rest.
-            rest = [member for member in members if member not in set(full.receivers)]
-            self._missed(message, len(members) - len(rest), "offline box full")
-            if rest:
-                await self._store_copies(message, rest)
-            return
-        self._metrics.messages["group_stored"] += len(members)
-        self._catchup.stored_for(members)
+        # The members online nowhere read it from their cursors at their next login.
 
     def _missed(self, message: cim_pb2.Message, count: int, why: str) -> None:
         self._metrics.messages["group_missed"] += count

@@ -1,4 +1,4 @@
-"""HISTORY_R: a page of one of the reader's conversations (cim.history.archive)."""
+"""HISTORY_R: a page of one of the reader's conversations (cim.history.service)."""
 
 from __future__ import annotations
 

@@ -7,11 +7,11 @@ function with itself and the message. A new frame type goes into the room of its
 family (or a new room, merged into ``inbound`` below).
 
     sessions   who is connected here: arrivals, kicks, route refresh, shutdown
-    routing    1:1 route / forward / offline fallback, pending acks, tell the sender,
+    routing    1:1 live copies: route / forward, pending acks, tell the sender,
                what other nodes send over the bus
     direct     msg:R (every message's claim), ack:R
-    groups     group posts: membership, numbering, fan-out; GROUP_R
-    catchup    OFFLINE_R, OFFLINE_ACK_R, OFFLINE_SUMMARY_R, the notice to pull
+    groups     group posts: membership, live copies in order; GROUP_R
+    catchup    OFFLINE_SUMMARY_R, OFFLINE_R, OFFLINE_ACK_R (timelines), the notice to pull
     history    HISTORY_R
     presence   ONLINE_R (the caller's contacts and bound accounts only)
     contacts   CONTACTS_R; the contact rules direct, presence and groups ask
@@ -69,15 +69,13 @@ class ImNode:
         self.peers = peers
         connected: Connected = {}
         self.catchup = Catchup(core, stores, peers, connected)
-        self.routing = Routing(core, directory, stores, peers, connected, self.catchup)
-        self.groups = GroupMessages(
-            core, directory, stores, peers, connected, self.routing, self.catchup, bounds
-        )
+        self.routing = Routing(core, directory, peers, connected, self.catchup)
+        self.groups = GroupMessages(core, directory, peers, connected, self.routing, bounds)
         self.gate = MessageGate(
             core.clock,
             bounds.limits,
             backlog=self.groups.backlog_refusal,
-            archive_wait=lambda: stores.archive.behind(),
+            store_wait=lambda: stores.timeline.behind(),
         )
         self.direct = DirectMessages(
             core, directory, self.routing, self.groups, stores, self.gate, bounds.max_text_length

@@ -1,16 +1,18 @@
-"""How a taken message travels: to a receiver here, over the bus to its node, or into
-the offline store; and how its sender hears the outcome, wherever the sender is.
+"""How a taken message's live copy travels: to a receiver here or over the bus to its
+node; and how its sender hears the outcome, wherever the sender is.
 
-A receiver connected here gets msg:N at once, and the message waits here until its
-ack:R (a pending ack): the sender then hears "delivered". A receiver connected to
-another node is reached over the bus (its route says which node); its ack comes back
-the same way to whichever node the sender is on. A receiver nowhere, a node that
-cannot be reached, a receiver that leaves holding the message: the message is stored
-for the receiver's next pull, and the sender hears "stored" only once the store has
-it (design: 伪造ack:N); a node without offline storage fails it with the reason.
+Every message routed here is already durable in its conversation's timeline (the
+receiver reads it from its cursor at its next catch-up), so a live copy is best
+effort. A receiver connected here gets msg:N at once, and the message waits here
+until its ack:R (a pending ack): the sender then hears "delivered". A receiver
+connected to another node is reached over the bus (its route says which node); its ack
+comes back the same way to whichever node the sender is on. A receiver nowhere, a node
+that cannot be reached, a receiver that leaves holding the message or never
+acknowledges it: the sender hears "stored" (design: 伪造ack:N), and a receiver
+connected somewhere is told to pull (OFFLINE_NOTICE).
 
-Other nodes talk to this one through ``bus_message_received``: deliveries for users
-connected here, "stored for" notices, and outcomes for senders connected here.
+Other nodes talk to this one through ``bus_message_received``: live copies for users
+connected here, "pull" notices, and outcomes for senders connected here.
 """
 
 from __future__ import annotations
@@ -28,8 +30,6 @@ from cim.im.collaborators import (
     Connected,
     Directory,
     NodeCore,
-    OfflineStorageOff,
-    Stores,
     in_background,
     log_failure,
 )
@@ -37,19 +37,12 @@ from cim.im.peers import Peers
 from cim.interfaces import BusUnavailable, StateUnavailable
 from cim.message_ids import MessageIdGenerator
 from cim.protocols import cim_pb2
-from cim.storage.offline import OfflineFull
 
 __all__ = [
     "PENDING_TIMEOUT",
     "REASON_FORWARD_FAILED",
     "REASON_NODE_GONE",
-    "REASON_NOT_ACKNOWLEDGED",
-    "REASON_NOT_STORED",
     "REASON_NO_SUCH_USER",
-    "REASON_OFFLINE_FULL",
-    "REASON_RECEIVER_BEHIND",
-    "REASON_RECEIVER_LEFT",
-    "REASON_RECEIVER_OFFLINE",
     "Routing",
 ]
 
@@ -59,19 +52,14 @@ DELIVERED = cim_pb2.DELIVERED
 STORED = cim_pb2.STORED
 FAILED = cim_pb2.FAILED
 
-REASON_RECEIVER_OFFLINE = "the receiver is offline"
 REASON_NO_SUCH_USER = "no such user"
-REASON_RECEIVER_LEFT = "the receiver disconnected before acknowledging"
 REASON_FORWARD_FAILED = "the receiver's node could not be reached"
-REASON_NOT_ACKNOWLEDGED = "the receiver did not acknowledge in time"
 REASON_NODE_GONE = "the receiver's node is gone"
-REASON_OFFLINE_FULL = "the receiver has too many stored messages"
-REASON_NOT_STORED = "the message could not be stored for the receiver"
-REASON_RECEIVER_BEHIND = "the receiver is not reading its messages"
 
 PENDING_TIMEOUT = 160.0
-"""A receiver that holds a msg:N this long without ack:R fails it (the sender's client
-gives up at the same point), so a client that never acks cannot grow the node."""
+"""A receiver that holds a msg:N this long without ack:R: the sender hears "stored"
+(the receiver catches up from its cursor), so a client that never acks cannot grow
+the node."""
 
 
 @dataclass(slots=True)
@@ -95,7 +83,6 @@ class Routing:
         self,
         core: NodeCore,
         directory: Directory,
-        stores: Stores,
         peers: Peers,
         connected: Connected,
         catchup: Catchup,
@@ -105,7 +92,6 @@ class Routing:
         self._metrics = core.metrics
         self._receipts = core.state.receipts
         self._directory = directory
-        self._stores = stores
         self._peers = peers
         self._connected = connected
         self._catchup = catchup
@@ -133,7 +119,7 @@ class Routing:
         if not self._peers.is_alive(node):
             # Its node died and the route has not expired yet: the receiver is not
             # reachable until it logs in again elsewhere; it finds the message then.
-            self._store_offline(message, sender_device, REASON_NODE_GONE)
+            self._left_for_catchup(message, sender_device)
             return None
         return self.forward(node, message, [message.to], sender_device)
 
@@ -161,7 +147,7 @@ class Routing:
             to=message.to,
             why=failure.getErrorMessage(),
         )
-        self._store_offline(message, sender_device, REASON_FORWARD_FAILED)
+        self._left_for_catchup(message, sender_device)
 
     def _deliver_here(self, message: cim_pb2.Message, sender_device: str, receiver: str) -> None:
         key = (message.id, receiver)
@@ -170,8 +156,9 @@ class Routing:
         session = self._connected[receiver]
         if not session.may_take_live_copy():
             # The live-copy decision (cim.protocols.outbound.OutboundBudget): a receiver
-            # too far behind on reading gets it through its next pull, as if offline.
-            self._store_offline(message, sender_device, REASON_RECEIVER_BEHIND)
+            # too far behind on reading gets it through the pull it is told to make once
+            # its queue drains; the message is in its timeline already.
+            self._left_for_catchup(message, sender_device)
             return
         self._pending[key] = _Pending(
             getattr(message, "from"),
@@ -189,7 +176,7 @@ class Routing:
             if not exists:
                 self._settle(message, sender_device, FAILED, REASON_NO_SUCH_USER)
             else:
-                self._store_offline(message, sender_device, REASON_RECEIVER_OFFLINE)
+                self._left_for_catchup(message, sender_device)
 
         def unknown(failure: Failure) -> None:
             # The account lookup failed: the receiver is not here either way.
@@ -199,43 +186,12 @@ class Routing:
         d = self._directory.user_exists(message.to)
         d.addCallbacks(decided, unknown)
 
-    def _store_offline(self, message: cim_pb2.Message, sender_device: str, why_not: str) -> None:
-        """The receiver cannot be reached now: keep the message for its next pull; the
-        sender hears "stored" only after the store has it (design: 伪造ack:N). Without
-        offline storage the message fails with ``why_not``."""
-        d = self._stores.offline.store([message])
-
-        def stored(_: int) -> None:
-            self._settle(message, sender_device, STORED, "")
-            self._catchup.stored_for([message.to])
-
-        def not_stored(failure: Failure) -> None:
-            if failure.check(OfflineFull):
-                reason = REASON_OFFLINE_FULL
-            elif failure.check(OfflineStorageOff):
-                reason = why_not
-            else:
-                log_failure(failure, self.log, "store a message offline")
-                reason = REASON_NOT_STORED
-            self._settle(message, sender_device, FAILED, reason)
-
-        d.addCallbacks(stored, not_stored)
-
-    def store_group_copies(self, message: cim_pb2.Message, members: list[str]) -> None:
-        """Group members too far behind on reading for a live copy (see
-        ``ClientSession.may_take_live_copy``) get theirs through their next pull."""
-
-        def stored(_: int) -> None:
-            self._metrics.messages["group_stored"] += len(members)
-            self._catchup.stored_for(members)
-
-        def not_stored(failure: Failure) -> None:
-            self._metrics.messages["group_missed"] += len(members)
-            if not failure.check(OfflineFull, OfflineStorageOff):
-                log_failure(failure, self.log, "store group copies for readers behind")
-
-        d = self._stores.offline.store([(member, message) for member in members])
-        d.addCallbacks(stored, not_stored)
+    def _left_for_catchup(self, message: cim_pb2.Message, sender_device: str) -> None:
+        """No live copy reached the receiver: the message waits in its timeline, the
+        sender hears "stored" (design: 伪造ack:N), and a receiver connected anywhere
+        (it moved while the copy travelled) is told to pull."""
+        self._settle(message, sender_device, STORED, "")
+        self._catchup.stored_for([message.to], message.conversation, message.seq)
 
     def _settle(
         self, message: cim_pb2.Message, sender_device: str, status: Any, reason: str
@@ -243,8 +199,6 @@ class Routing:
         """A 1:1 message's final outcome: remember it and tell the sender."""
         outcome = {DELIVERED: "delivered", STORED: "stored"}.get(status, "failed")
         self._metrics.messages[outcome] += 1
-        if outcome != "failed":
-            self._stores.archive.archive(message)
         self.tell_sender(
             getattr(message, "from"),
             sender_device,
@@ -305,7 +259,6 @@ class Routing:
         self._metrics.observe_delivery(
             self._clock.seconds() - MessageIdGenerator.timestamp_ms(msg_id) / 1000
         )
-        self._stores.archive.archive(pending.message)
         self.tell_sender(
             pending.sender,
             pending.sender_device,
@@ -323,21 +276,28 @@ class Routing:
                 session.deliver(MSG_N, pending.message)
 
     def receiver_left(self, receiver: str) -> None:
-        """The receiver left holding unacknowledged messages: store them for its next
-        login (it drops any it did show), or fail them where nothing can be stored."""
-        for msg_id in self._pending_by_receiver.pop(receiver, ()):
+        """The receiver left holding unacknowledged messages: they wait past its cursor
+        for its next catch-up (it drops any it did show), their senders hear "stored",
+        and if it is connected to another node already (it moved), it is told to pull."""
+        newest: cim_pb2.Message | None = None
+        for msg_id in sorted(self._pending_by_receiver.pop(receiver, ())):
             pending = self._pending.pop((msg_id, receiver), None)
             if pending is not None:
-                self._store_offline(pending.message, pending.sender_device, REASON_RECEIVER_LEFT)
+                self._settle(pending.message, pending.sender_device, STORED, "")
+                newest = pending.message
+        if newest is not None:
+            # It may have moved: connected to another node already, it pulls there.
+            self._catchup.stored_for([receiver], newest.conversation, newest.seq)
 
     def expire_pending(self) -> int:
-        """Fail every msg:N held unacknowledged past its deadline; returns how many."""
+        """Settle every msg:N held unacknowledged past its deadline as "stored" (it is
+        in the receiver's timeline, past its cursor); returns how many."""
         now = self._clock.seconds()
         expired = [key for key, pending in self._pending.items() if pending.deadline <= now]
         for msg_id, receiver in expired:
             pending = self._pending.pop((msg_id, receiver))
             self._forget_pending(receiver, msg_id)
-            self._fail_pending(pending, msg_id, REASON_NOT_ACKNOWLEDGED)
+            self._settle(pending.message, pending.sender_device, STORED, "")
         return len(expired)
 
     def _forget_pending(self, receiver: str, msg_id: int) -> None:
@@ -347,20 +307,6 @@ class Routing:
             if not waiting:
                 del self._pending_by_receiver[receiver]
 
-    def _fail_pending(self, pending: _Pending, msg_id: int, reason: str) -> None:
-        self._metrics.messages["failed"] += 1
-        self.tell_sender(
-            pending.sender,
-            pending.sender_device,
-            cim_pb2.AckN(
-                msg_id=msg_id,
-                client_seq=pending.client_seq,
-                status=FAILED,
-                reason=reason,
-                to=pending.receiver,
-            ),
-        )
-
     # --- the bus: other nodes talking to this one -------------------------------------
 
     def bus_message_received(self, payload: bytes) -> None:
@@ -369,7 +315,8 @@ class Routing:
         if kind == "deliver":
             self._delivery_from_bus(envelope.deliver)
         elif kind == "stored":
-            self._catchup.notify_stored(list(envelope.stored.receivers))
+            stored = envelope.stored
+            self._catchup.notify_stored(list(stored.receivers), stored.conversation, stored.seq)
         elif kind == "outcome":
             outcome = envelope.outcome
             session = self._connected.get(outcome.sender)
@@ -379,22 +326,28 @@ class Routing:
     def _delivery_from_bus(self, delivery: cim_pb2.BusDelivery) -> None:
         message = delivery.message
         if message.group:
-            behind = []
+            moved: list[str] = []
             for member in delivery.receivers:
                 session = self._connected.get(member)
                 if session is None:
+                    # It moved or left since the route was read: the copy is dropped
+                    # (the member catches up from its cursor); if it is connected
+                    # elsewhere now, it is told to pull.
                     self._metrics.messages["group_missed"] += 1
+                    moved.append(member)
                 elif session.may_take_live_copy():
                     session.deliver(MSG_N, message)
                     self._metrics.messages["group_delivered"] += 1
                 else:
-                    behind.append(member)
-            if behind:
-                self.store_group_copies(message, behind)
+                    # Too far behind on reading for a live copy: it is told to pull
+                    # once its queue drains (the session owes it that notice).
+                    self._metrics.messages["group_behind"] += 1
+            if moved:
+                self._catchup.stored_for(moved, message.conversation, message.seq)
             return
         for receiver in delivery.receivers:
             if receiver in self._connected:
                 self._deliver_here(message, delivery.sender_device, receiver)
             else:
                 # It moved or left since the sender's node looked up its route.
-                self._receiver_not_here(message, delivery.sender_device)
+                self._left_for_catchup(message, delivery.sender_device)

@@ -1,16 +1,18 @@
 """Messages the server itself sends: the logic service's notices (cim.logic.notices).
 
-A system message is stored first and connected receivers are then told to pull, the
-path an offline message takes: a notice is on disk before anyone is told about it,
-so a connection that drops before acknowledging, a node that dies, or a receiver who
-is offline all end the same way, with the notice delivered at the next pull and
-dropped by id if it ever arrives twice.
+A system message goes into its receiver's timeline, the conversation with
+``@system``, before anyone is told about it; connected receivers are then told to pull
+(OFFLINE_NOTICE with the conversation and seq). So a notice is durable before it is
+announced: a connection that drops, a node that dies or restarts, or a receiver who is
+offline all end the same way, with the notice read at the next catch-up, once per
+device (its cursor), in order.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 
+from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
@@ -18,18 +20,19 @@ from cim.im.catchup import Catchup
 from cim.im.collaborators import NodeCore, Stores, in_background
 from cim.message_ids import MessageIdGenerator
 from cim.protocols import cim_pb2
-from cim.storage.offline import OfflineFull
+from cim.storage.timeline import Appended
 
-__all__ = ["SYSTEM_SENDER", "SystemMessages"]
+__all__ = ["SYSTEM_DEVICE", "SYSTEM_SENDER", "SystemMessages"]
 
 SYSTEM = cim_pb2.SYSTEM
 SYSTEM_SENDER = "@system"
 """The sender of server-made messages: no account can have it (names start with a
 letter or digit), so a client can trust a message from it came from the server."""
+SYSTEM_DEVICE = "server"
 
 
 class SystemMessages:
-    """Stores server-made messages for their receivers and tells them to pull."""
+    """Appends server-made messages to their receivers' timelines, then announces them."""
 
     log = Logger()
 
@@ -44,45 +47,43 @@ class SystemMessages:
     ) -> Deferred[list[str]]:
         """A message the server itself sends (the logic service's notices) to users.
 
-        Fires with the receivers it was stored for; a receiver whose store is full is
-        logged and left out, the others still get it. An ``urgent`` message (an SOS)
-        ignores the cap: a full box of chat must not cost anyone an alarm. Fails
-        (``OfflineStorageOff``) on a node without offline storage.
+        Fires with the receivers it was written for, once it is durable for all of
+        them; fails (``TimelineUnavailable``) when the timelines cannot take it, for
+        the caller to log. ``urgent`` (an SOS) is kept in the text's priority by the
+        caller; every system message is kept whatever the receiver's backlog.
         """
-        offline = self._stores.offline
-        msg_id = self._ids.next_id()
         unique = sorted(set(receivers))
+        timeline = self._stores.timeline
 
-        def copy_for(receiver: str) -> tuple[str, cim_pb2.Message]:
+        def message_for(receiver: str) -> cim_pb2.Message:
+            msg_id = self._ids.next_id()
             message = cim_pb2.Message(
                 id=msg_id,
                 to=receiver,
                 type=SYSTEM,
                 text=text,
                 sent_at_ms=MessageIdGenerator.timestamp_ms(msg_id),
+                device=SYSTEM_DEVICE,
             )
             setattr(message, "from", SYSTEM_SENDER)
-            return receiver, message
+            return message
 
-        async def store() -> list[str]:
-            # One batch; the store names the full boxes when it refuses, as for groups.
-            stored = unique
-            while stored:
-                try:
-                    await offline.store([copy_for(user) for user in stored], capped=not urgent)
-                    break
-                except OfflineFull as full:
-                    self.log.warn(
-                        "system message {id} not stored for {users}: offline store full",
-                        id=msg_id,
-                        users=", ".join(full.receivers),
-                    )
-                    rest = [user for user in stored if user not in set(full.receivers)]
-                    if len(rest) == len(stored):
-                        raise
-                    stored = rest
-            self._metrics.messages["system"] += len(stored)
-            in_background(self._catchup.stored_for(stored), self.log, "announce system messages")
-            return stored
+        async def write() -> list[str]:
+            messages = [message_for(user) for user in unique]
+            try:
+                placed: list[Appended] = await defer.gatherResults(
+                    [timeline.append(message, SYSTEM_DEVICE) for message in messages],
+                    consumeErrors=True,
+                )
+            except defer.FirstError as error:
+                error.subFailure.raiseException()
+            self._metrics.messages["system"] += len(unique)
+            for user, where in zip(unique, placed, strict=True):
+                in_background(
+                    self._catchup.stored_for([user], where.conversation, where.seq),
+                    self.log,
+                    "announce a system message",
+                )
+            return unique
 
-        return Deferred.fromCoroutine(store())
+        return Deferred.fromCoroutine(write())

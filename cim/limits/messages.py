@@ -3,7 +3,7 @@
 ``MessageGate.check`` runs before a message is claimed or accepted, synchronously, so
 a message refused here was never taken: the sender gets ``ERROR`` with a code
 (``RATE_LIMITED`` or ``UNAVAILABLE``) and ``retry_after_ms`` and sends the same
-``MSG_R`` again after that long. It refuses, in this order: when the archive is
+``MSG_R`` again after that long. It refuses, in this order: when the timelines are
 behind (history is never dropped to relieve load: new messages wait instead), when
 the group's fan-out backlog is full, and when the sender (and, for a group post, the
 sender's group posts and the group itself) is out of tokens.
@@ -38,7 +38,7 @@ MARK_GRACE = 10.0
 its conversation: far longer than any round trip, far shorter than a client's patience."""
 
 ARCHIVE_RETRY = 1.0
-"""Seconds a sender waits while the archive catches up."""
+"""Seconds a sender waits while the timelines catch up."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,15 +79,15 @@ def _expired(mark: _Mark, now: float) -> bool:
 Backlog = Callable[[str], "Refusal | None"]
 """Group id -> why its fan-out cannot take more now (cim.im.groups), or None."""
 
-ArchiveWait = Callable[[], float]
-"""Seconds new messages should wait for the archive; 0.0 while it keeps up."""
+StoreWait = Callable[[], float]
+"""Seconds new messages should wait for the timelines; 0.0 while they keep up."""
 
 
 def _no_backlog(group: str) -> Refusal | None:
     return None
 
 
-def _archive_keeps_up() -> float:
+def _store_keeps_up() -> float:
     return 0.0
 
 
@@ -99,13 +99,13 @@ class MessageGate:
         clock: IReactorTime,
         limits: RateLimits,
         backlog: Backlog = _no_backlog,
-        archive_wait: ArchiveWait = _archive_keeps_up,
+        store_wait: StoreWait = _store_keeps_up,
         max_marks: int = 100_000,
     ) -> None:
         self._clock = clock
         self._limits = limits
         self._backlog = backlog
-        self._archive_wait = archive_wait
+        self._store_wait = store_wait
         self._marks: IdleKeys[tuple[str, str, str], _Mark] = IdleKeys(max_marks, _expired)
 
     def __len__(self) -> int:
@@ -141,9 +141,9 @@ class MessageGate:
         return None
 
     def _refusal(self, user: str, message: cim_pb2.Message) -> Refusal | None:
-        wait = self._archive_wait()
+        wait = self._store_wait()
         if wait > 0:
-            return Refusal(UNAVAILABLE, wait, "the history archive is behind; send it again later")
+            return Refusal(UNAVAILABLE, wait, "the message store is behind; send it again later")
         group = message.group
         if group:
             full = self._backlog(group)

@@ -229,7 +229,7 @@ class Location(_message.Message):
     def __init__(self, lat: _Optional[float] = ..., lon: _Optional[float] = ..., accuracy_m: _Optional[float] = ..., name: _Optional[str] = ...) -> None: ...
 
 class Message(_message.Message):
-    __slots__ = ("id", "to", "type", "text", "client_seq", "sent_at_ms", "device", "client_time_ms", "group", "media", "location", "prev_seq", "group_seq")
+    __slots__ = ("id", "to", "type", "text", "client_seq", "sent_at_ms", "device", "client_time_ms", "group", "media", "location", "prev_seq", "group_seq", "conversation", "seq")
     ID_FIELD_NUMBER: _ClassVar[int]
     FROM_FIELD_NUMBER: _ClassVar[int]
     TO_FIELD_NUMBER: _ClassVar[int]
@@ -244,6 +244,8 @@ class Message(_message.Message):
     LOCATION_FIELD_NUMBER: _ClassVar[int]
     PREV_SEQ_FIELD_NUMBER: _ClassVar[int]
     GROUP_SEQ_FIELD_NUMBER: _ClassVar[int]
+    CONVERSATION_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
     id: int
     to: str
     type: MessageType
@@ -257,23 +259,33 @@ class Message(_message.Message):
     location: Location
     prev_seq: int
     group_seq: int
-    def __init__(self, id: _Optional[int] = ..., to: _Optional[str] = ..., type: _Optional[_Union[MessageType, str]] = ..., text: _Optional[str] = ..., client_seq: _Optional[int] = ..., sent_at_ms: _Optional[int] = ..., device: _Optional[str] = ..., client_time_ms: _Optional[int] = ..., group: _Optional[str] = ..., media: _Optional[_Union[Media, _Mapping]] = ..., location: _Optional[_Union[Location, _Mapping]] = ..., prev_seq: _Optional[int] = ..., group_seq: _Optional[int] = ..., **kwargs) -> None: ...
+    conversation: str
+    seq: int
+    def __init__(self, id: _Optional[int] = ..., to: _Optional[str] = ..., type: _Optional[_Union[MessageType, str]] = ..., text: _Optional[str] = ..., client_seq: _Optional[int] = ..., sent_at_ms: _Optional[int] = ..., device: _Optional[str] = ..., client_time_ms: _Optional[int] = ..., group: _Optional[str] = ..., media: _Optional[_Union[Media, _Mapping]] = ..., location: _Optional[_Union[Location, _Mapping]] = ..., prev_seq: _Optional[int] = ..., group_seq: _Optional[int] = ..., conversation: _Optional[str] = ..., seq: _Optional[int] = ..., **kwargs) -> None: ...
 
 class MsgA(_message.Message):
-    __slots__ = ("client_seq", "msg_id", "sent_at_ms")
+    __slots__ = ("client_seq", "msg_id", "sent_at_ms", "conversation", "seq")
     CLIENT_SEQ_FIELD_NUMBER: _ClassVar[int]
     MSG_ID_FIELD_NUMBER: _ClassVar[int]
     SENT_AT_MS_FIELD_NUMBER: _ClassVar[int]
+    CONVERSATION_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
     client_seq: int
     msg_id: int
     sent_at_ms: int
-    def __init__(self, client_seq: _Optional[int] = ..., msg_id: _Optional[int] = ..., sent_at_ms: _Optional[int] = ...) -> None: ...
+    conversation: str
+    seq: int
+    def __init__(self, client_seq: _Optional[int] = ..., msg_id: _Optional[int] = ..., sent_at_ms: _Optional[int] = ..., conversation: _Optional[str] = ..., seq: _Optional[int] = ...) -> None: ...
 
 class AckR(_message.Message):
-    __slots__ = ("msg_id",)
+    __slots__ = ("msg_id", "conversation", "through_seq")
     MSG_ID_FIELD_NUMBER: _ClassVar[int]
+    CONVERSATION_FIELD_NUMBER: _ClassVar[int]
+    THROUGH_SEQ_FIELD_NUMBER: _ClassVar[int]
     msg_id: int
-    def __init__(self, msg_id: _Optional[int] = ...) -> None: ...
+    conversation: str
+    through_seq: int
+    def __init__(self, msg_id: _Optional[int] = ..., conversation: _Optional[str] = ..., through_seq: _Optional[int] = ...) -> None: ...
 
 class AckA(_message.Message):
     __slots__ = ("msg_id",)
@@ -311,95 +323,145 @@ class OnlineA(_message.Message):
     users: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, total: _Optional[int] = ..., users: _Optional[_Iterable[str]] = ...) -> None: ...
 
+class Cursor(_message.Message):
+    __slots__ = ("conversation", "seq")
+    CONVERSATION_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    conversation: str
+    seq: int
+    def __init__(self, conversation: _Optional[str] = ..., seq: _Optional[int] = ...) -> None: ...
+
 class OfflineR(_message.Message):
-    __slots__ = ("ack_ids", "before", "limit", "max_bytes")
-    ACK_IDS_FIELD_NUMBER: _ClassVar[int]
+    __slots__ = ("before", "limit", "max_bytes", "acks", "conversation", "request_id")
     BEFORE_FIELD_NUMBER: _ClassVar[int]
     LIMIT_FIELD_NUMBER: _ClassVar[int]
     MAX_BYTES_FIELD_NUMBER: _ClassVar[int]
-    ack_ids: _containers.RepeatedScalarFieldContainer[int]
+    ACKS_FIELD_NUMBER: _ClassVar[int]
+    CONVERSATION_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     before: int
     limit: int
     max_bytes: int
-    def __init__(self, ack_ids: _Optional[_Iterable[int]] = ..., before: _Optional[int] = ..., limit: _Optional[int] = ..., max_bytes: _Optional[int] = ...) -> None: ...
+    acks: _containers.RepeatedCompositeFieldContainer[Cursor]
+    conversation: str
+    request_id: int
+    def __init__(self, before: _Optional[int] = ..., limit: _Optional[int] = ..., max_bytes: _Optional[int] = ..., acks: _Optional[_Iterable[_Union[Cursor, _Mapping]]] = ..., conversation: _Optional[str] = ..., request_id: _Optional[int] = ...) -> None: ...
 
 class OfflineA(_message.Message):
-    __slots__ = ("messages", "more", "next_before", "acknowledged")
+    __slots__ = ("messages", "more", "next_before", "acknowledged", "conversation", "request_id")
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
     MORE_FIELD_NUMBER: _ClassVar[int]
     NEXT_BEFORE_FIELD_NUMBER: _ClassVar[int]
     ACKNOWLEDGED_FIELD_NUMBER: _ClassVar[int]
+    CONVERSATION_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     messages: _containers.RepeatedCompositeFieldContainer[Message]
     more: bool
     next_before: int
     acknowledged: int
-    def __init__(self, messages: _Optional[_Iterable[_Union[Message, _Mapping]]] = ..., more: _Optional[bool] = ..., next_before: _Optional[int] = ..., acknowledged: _Optional[int] = ...) -> None: ...
+    conversation: str
+    request_id: int
+    def __init__(self, messages: _Optional[_Iterable[_Union[Message, _Mapping]]] = ..., more: _Optional[bool] = ..., next_before: _Optional[int] = ..., acknowledged: _Optional[int] = ..., conversation: _Optional[str] = ..., request_id: _Optional[int] = ...) -> None: ...
 
 class OfflineAckR(_message.Message):
-    __slots__ = ("ack_ids",)
-    ACK_IDS_FIELD_NUMBER: _ClassVar[int]
-    ack_ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, ack_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+    __slots__ = ("cursors", "request_id")
+    CURSORS_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    cursors: _containers.RepeatedCompositeFieldContainer[Cursor]
+    request_id: int
+    def __init__(self, cursors: _Optional[_Iterable[_Union[Cursor, _Mapping]]] = ..., request_id: _Optional[int] = ...) -> None: ...
 
 class OfflineAckA(_message.Message):
-    __slots__ = ("acknowledged",)
+    __slots__ = ("acknowledged", "request_id")
     ACKNOWLEDGED_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     acknowledged: int
-    def __init__(self, acknowledged: _Optional[int] = ...) -> None: ...
+    request_id: int
+    def __init__(self, acknowledged: _Optional[int] = ..., request_id: _Optional[int] = ...) -> None: ...
 
 class OfflineSummaryR(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("request_id", "max_bytes")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    MAX_BYTES_FIELD_NUMBER: _ClassVar[int]
+    request_id: int
+    max_bytes: int
+    def __init__(self, request_id: _Optional[int] = ..., max_bytes: _Optional[int] = ...) -> None: ...
 
-class SenderCount(_message.Message):
-    __slots__ = ("sender", "count", "newest_msg_id")
-    SENDER_FIELD_NUMBER: _ClassVar[int]
+class ConversationSummary(_message.Message):
+    __slots__ = ("conversation", "peer", "group", "count", "last_seq", "cursor", "newest", "newest_cut")
+    CONVERSATION_FIELD_NUMBER: _ClassVar[int]
+    PEER_FIELD_NUMBER: _ClassVar[int]
+    GROUP_FIELD_NUMBER: _ClassVar[int]
     COUNT_FIELD_NUMBER: _ClassVar[int]
-    NEWEST_MSG_ID_FIELD_NUMBER: _ClassVar[int]
-    sender: str
+    LAST_SEQ_FIELD_NUMBER: _ClassVar[int]
+    CURSOR_FIELD_NUMBER: _ClassVar[int]
+    NEWEST_FIELD_NUMBER: _ClassVar[int]
+    NEWEST_CUT_FIELD_NUMBER: _ClassVar[int]
+    conversation: str
+    peer: str
+    group: str
     count: int
-    newest_msg_id: int
-    def __init__(self, sender: _Optional[str] = ..., count: _Optional[int] = ..., newest_msg_id: _Optional[int] = ...) -> None: ...
+    last_seq: int
+    cursor: int
+    newest: Message
+    newest_cut: bool
+    def __init__(self, conversation: _Optional[str] = ..., peer: _Optional[str] = ..., group: _Optional[str] = ..., count: _Optional[int] = ..., last_seq: _Optional[int] = ..., cursor: _Optional[int] = ..., newest: _Optional[_Union[Message, _Mapping]] = ..., newest_cut: _Optional[bool] = ...) -> None: ...
 
 class OfflineSummaryA(_message.Message):
-    __slots__ = ("senders", "total")
-    SENDERS_FIELD_NUMBER: _ClassVar[int]
+    __slots__ = ("total", "conversations", "caught_up", "more", "request_id")
     TOTAL_FIELD_NUMBER: _ClassVar[int]
-    senders: _containers.RepeatedCompositeFieldContainer[SenderCount]
+    CONVERSATIONS_FIELD_NUMBER: _ClassVar[int]
+    CAUGHT_UP_FIELD_NUMBER: _ClassVar[int]
+    MORE_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     total: int
-    def __init__(self, senders: _Optional[_Iterable[_Union[SenderCount, _Mapping]]] = ..., total: _Optional[int] = ...) -> None: ...
+    conversations: _containers.RepeatedCompositeFieldContainer[ConversationSummary]
+    caught_up: _containers.RepeatedCompositeFieldContainer[Cursor]
+    more: bool
+    request_id: int
+    def __init__(self, total: _Optional[int] = ..., conversations: _Optional[_Iterable[_Union[ConversationSummary, _Mapping]]] = ..., caught_up: _Optional[_Iterable[_Union[Cursor, _Mapping]]] = ..., more: _Optional[bool] = ..., request_id: _Optional[int] = ...) -> None: ...
 
 class OfflineNotice(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("conversation", "seq")
+    CONVERSATION_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    conversation: str
+    seq: int
+    def __init__(self, conversation: _Optional[str] = ..., seq: _Optional[int] = ...) -> None: ...
 
 class HistoryR(_message.Message):
-    __slots__ = ("peer", "group", "before", "limit", "max_bytes")
+    __slots__ = ("peer", "group", "before", "limit", "max_bytes", "after", "request_id")
     PEER_FIELD_NUMBER: _ClassVar[int]
     GROUP_FIELD_NUMBER: _ClassVar[int]
     BEFORE_FIELD_NUMBER: _ClassVar[int]
     LIMIT_FIELD_NUMBER: _ClassVar[int]
     MAX_BYTES_FIELD_NUMBER: _ClassVar[int]
+    AFTER_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     peer: str
     group: str
     before: int
     limit: int
     max_bytes: int
-    def __init__(self, peer: _Optional[str] = ..., group: _Optional[str] = ..., before: _Optional[int] = ..., limit: _Optional[int] = ..., max_bytes: _Optional[int] = ...) -> None: ...
+    after: int
+    request_id: int
+    def __init__(self, peer: _Optional[str] = ..., group: _Optional[str] = ..., before: _Optional[int] = ..., limit: _Optional[int] = ..., max_bytes: _Optional[int] = ..., after: _Optional[int] = ..., request_id: _Optional[int] = ...) -> None: ...
 
 class HistoryA(_message.Message):
-    __slots__ = ("messages", "more", "next_before", "error", "message")
+    __slots__ = ("messages", "more", "next_before", "error", "message", "request_id")
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
     MORE_FIELD_NUMBER: _ClassVar[int]
     NEXT_BEFORE_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     messages: _containers.RepeatedCompositeFieldContainer[Message]
     more: bool
     next_before: int
     error: str
     message: str
-    def __init__(self, messages: _Optional[_Iterable[_Union[Message, _Mapping]]] = ..., more: _Optional[bool] = ..., next_before: _Optional[int] = ..., error: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
+    request_id: int
+    def __init__(self, messages: _Optional[_Iterable[_Union[Message, _Mapping]]] = ..., more: _Optional[bool] = ..., next_before: _Optional[int] = ..., error: _Optional[str] = ..., message: _Optional[str] = ..., request_id: _Optional[int] = ...) -> None: ...
 
 class GroupRequest(_message.Message):
     __slots__ = ("request_id", "create", "rename", "add", "remove", "leave", "dissolve", "list", "members", "promote", "invite", "accept", "decline", "invitations")
@@ -646,10 +708,14 @@ class BusDelivery(_message.Message):
     def __init__(self, message: _Optional[_Union[Message, _Mapping]] = ..., receivers: _Optional[_Iterable[str]] = ..., sender_device: _Optional[str] = ...) -> None: ...
 
 class OfflineReady(_message.Message):
-    __slots__ = ("receivers",)
+    __slots__ = ("receivers", "conversation", "seq")
     RECEIVERS_FIELD_NUMBER: _ClassVar[int]
+    CONVERSATION_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
     receivers: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, receivers: _Optional[_Iterable[str]] = ...) -> None: ...
+    conversation: str
+    seq: int
+    def __init__(self, receivers: _Optional[_Iterable[str]] = ..., conversation: _Optional[str] = ..., seq: _Optional[int] = ...) -> None: ...
 
 class BusOutcome(_message.Message):
     __slots__ = ("sender", "sender_device", "ack")
@@ -692,7 +758,7 @@ class GoingAway(_message.Message):
     def __init__(self, reason: _Optional[str] = ..., reconnect_after_ms: _Optional[int] = ...) -> None: ...
 
 class Error(_message.Message):
-    __slots__ = ("code", "message", "request_type", "client_seq", "retry_after_ms")
+    __slots__ = ("code", "message", "request_type", "client_seq", "retry_after_ms", "request_id")
     class Code(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         CODE_UNSPECIFIED: _ClassVar[Error.Code]
@@ -712,9 +778,11 @@ class Error(_message.Message):
     REQUEST_TYPE_FIELD_NUMBER: _ClassVar[int]
     CLIENT_SEQ_FIELD_NUMBER: _ClassVar[int]
     RETRY_AFTER_MS_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     code: Error.Code
     message: str
     request_type: FrameType
     client_seq: int
     retry_after_ms: int
-    def __init__(self, code: _Optional[_Union[Error.Code, str]] = ..., message: _Optional[str] = ..., request_type: _Optional[_Union[FrameType, str]] = ..., client_seq: _Optional[int] = ..., retry_after_ms: _Optional[int] = ...) -> None: ...
+    request_id: int
+    def __init__(self, code: _Optional[_Union[Error.Code, str]] = ..., message: _Optional[str] = ..., request_type: _Optional[_Union[FrameType, str]] = ..., client_seq: _Optional[int] = ..., retry_after_ms: _Optional[int] = ..., request_id: _Optional[int] = ...) -> None: ...

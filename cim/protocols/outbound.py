@@ -6,12 +6,12 @@ frames (``cim.protocols.wire.HeldWrites``). Two bounds keep that memory finite:
 
 - **Per connection** (``[im] outbound_budget``): a receiver whose queued bytes reach
   its budget gets no further live copies (``OutboundBudget.may_take_live_copy``, the
-  one place that decides it); what it misses is kept for its next pull, and it is
+  one place that decides it); what it misses is in its timeline already, and it is
   told to pull (OFFLINE_NOTICE) once its queue has drained. A receiver over its budget
   for ``[im] slow_reader_timeout`` is cut.
 - **Per node** (``[im] max_queued_bytes``, and ``[im] max_pending_work``: messages
-  waiting for the offline store, where the live copies a slow reader did not take
-  go, or transactions waiting for the database): past either, the node stops
+  waiting for their timeline append, or transactions waiting for the database):
+  past either, the node stops
   reading from the connections that sent the most since the last decision
   (Twisted's producer API: ``pauseProducing`` on their connections), so the flood
   waits in their own sockets and clients, not here, and the database's queue stays
@@ -108,8 +108,8 @@ MAX_WINDOW = 2.0
 
 
 class NodeQueue:
-    """The node's bytes queued for all its connections and its messages waiting for
-    the offline store, and the senders paused for them.
+    """The node's bytes queued for all its connections and its work waiting for the
+    database, and the senders paused for them.
 
     Past ``max_bytes`` or ``max_pending`` the heaviest senders are paused: ranked by
     the bytes each sent since the previous decision, the heaviest first, until the
@@ -139,12 +139,11 @@ class NodeQueue:
         self.max_bytes = max_bytes
         self.max_pending = max_pending
         self.database_backlog: Callable[[], int] = lambda: 0
-        """Transactions waiting for the database (cim.storage.database.Database.backlog),
-        set by the daemon; none without one."""
+        """Work waiting for the database: messages waiting for their timeline append or
+        transactions for the pool, whichever is more (set by the daemon; none
+        without one)."""
         self.total = 0
         """Bytes queued for every connection of the node (held plus in transports)."""
-        self.stores = 0
-        """Messages handed to the offline store and not yet stored (or failed)."""
         self.paused: set[PausableSender] = set()
         self._senders = senders
         self._decision_interval = decision_interval
@@ -167,8 +166,8 @@ class NodeQueue:
 
     @property
     def pending_work(self) -> int:
-        """Messages waiting for the offline store, or transactions for the database."""
-        return max(self.stores, self.database_backlog())
+        """Messages waiting for their timeline append, or transactions for the database."""
+        return self.database_backlog()
 
     def check(self) -> None:
         """A frame arrived: pause the heaviest senders if the node is over a bound.
@@ -177,16 +176,6 @@ class NodeQueue:
         """
         if self.total >= self.max_bytes or self.pending_work >= self.max_pending:
             self._over()
-
-    def store_started(self, count: int) -> None:
-        self.stores += count
-        if self.pending_work >= self.max_pending:
-            self._over()
-
-    def store_finished(self, count: int) -> None:
-        self.stores -= count
-        if self.paused:
-            self._maybe_resume()
 
     @property
     def pressure(self) -> float:
@@ -362,11 +351,9 @@ class OutboundBudget:
 
         THE one place the node decides it (the routing room and the group fan-out ask
         before every live copy). A receiver at or past its budget is refused, and then
-        owes a notice to pull, sent once its queue has drained. Today the caller keeps
-        a refused copy in the offline store, exactly as for a receiver that is offline,
-        so nothing is lost. Once conversations are timelines (docs: TIMELINES.md), a
-        refused copy is simply skipped: the device catches up from its cursor when it
-        pulls after the notice.
+        owes a notice to pull, sent once its queue has drained. A refused copy is
+        simply skipped: the message is in its conversation's timeline already, and the
+        device catches up from its cursor when it pulls after the notice.
         """
         if self.queued_bytes < self.limit:
             return True

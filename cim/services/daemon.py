@@ -4,7 +4,7 @@
 lifetime, in the order they depend on each other::
 
     operation log, SIGHUP reopening, database, accounts (the KDF pool), limits, state,
-    registry, node number, bus, offline pipeline, archive,
+    registry, node number, bus, timelines,
     im (client drain, listener, registry entry), router listener, files, logic,
     admin listener, heap trimmer
 
@@ -43,12 +43,12 @@ from cim.config import CimConfig
 from cim.content import MediaUrls
 from cim.groups.directory import GroupDirectory
 from cim.heap import HeapTrimmer
-from cim.history.archive import HistoryService, archive_from_config
-from cim.history.store import HistoryStore
+from cim.history.service import HistoryService
+from cim.history.timeline import Timelines, timeline_settings
 from cim.http.limits import HttpConnections
 from cim.http.operators import OperatorTokens, TokenFileError
 from cim.http.telemetry import SiteTelemetry
-from cim.im.collaborators import Bounds, Directory, NoArchive, NodeCore, Stores
+from cim.im.collaborators import Bounds, Directory, NodeCore, Stores
 from cim.im.contacts import ContactDirectory
 from cim.im.node import ImNode
 from cim.im.peers import BusPeers, LiveNodes
@@ -61,8 +61,6 @@ from cim.logic.notices import Notices
 from cim.logs import DaemonLog
 from cim.message_ids import MessageIdGenerator
 from cim.metrics import NodeMetrics
-from cim.offline.paced import PacedOfflineBox
-from cim.offline.pipeline import make_offline_pipeline
 from cim.oplog import OperationLog
 from cim.protocols.crypto import KeyFileError, NodeKey
 from cim.protocols.im import ImServerFactory
@@ -164,12 +162,8 @@ class CimDaemon(OrderedServices):
         contacts = ContactBook(
             database, reactor, privacy, cache_ttl=DEFAULT_DECISION_TTL if alone else 5.0
         )
-        offline = make_offline_pipeline(config, database, reactor)
-        history = HistoryStore(
-            database, config.retention_days, reactor, purge_batch=config.archive.purge_batch
-        )
-        # The archive rides the node bus's broker connection when there is one.
-        archive = archive_from_config(config, history, getattr(bus, "link", None), reactor)
+        # Every message once, numbered in its durable write (cim.history.timeline).
+        timelines = Timelines(database, reactor, timeline_settings(config))
         # What media URLs messages, posts and avatars may carry: https, or this node's
         # file service's (its public_url, or the URL it derives once it listens).
         self.media_urls = MediaUrls([config.files.public_url] if config.files.public_url else [])
@@ -177,10 +171,9 @@ class CimDaemon(OrderedServices):
             NodeCore(node_id, state, reactor, metrics, ids, self.media_urls),
             Directory(accounts.exists, groups, ContactDirectory(contacts)),
             Stores(
-                offline,
+                timelines,
                 config.offline.page_size,
-                archive if archive is not None else NoArchive(),
-                HistoryService(history, groups.is_member, config.im.max_frame_size),
+                HistoryService(timelines, groups.is_member, config.im.max_frame_size),
                 RecordedShares(database, reactor, config.files.public_url),
                 max_page_bytes=config.im.max_frame_size,
             ),
@@ -193,21 +186,17 @@ class CimDaemon(OrderedServices):
                 config.limits.fanout_backlog_bytes,
             ),
         )
-        # The offline writer tells connected receivers to pull once it has committed.
-        offline.on_stored = im_node.catchup.stored_for
         # Invitations and contact requests are told as system notices, which the node
         # (made from the directory that holds both) stores.
         groups.notices = contacts.notices = Notices(im_node.system, reactor)
         metrics.connections_established = lambda: im_node.sessions.connected_count
-        metrics.offline_pending = lambda: offline.pending
+        metrics.offline_pending = lambda: timelines.pending
 
         # Started after the node registered its bus consumer, so nothing queued for
         # this node while it was down is handed to nobody.
         queue_failure = cannot_start("queue", config.queue.backend)
         self.add(Step("bus", bus.start, bus.stop, queue_failure))
-        self.add(Step("offline pipeline", offline.start, offline.stop, queue_failure))
-        if archive is not None:
-            self.add(Step("archive", archive.start, archive.stop, queue_failure))
+        self.add(Step("timelines", timelines.start, timelines.stop))
 
         # --- the listeners; every HTTP one behind the [http] limits
         http = self.http = HttpConnections(config.http, reactor)
@@ -220,11 +209,9 @@ class CimDaemon(OrderedServices):
                 node_id, config.im, node_key, im_node, state, registry, reactor, metrics, limits
             )
             factory.oplog = oplog
-            # Messages waiting for the offline store count in the node's backpressure.
-            im_node.stores.offline = PacedOfflineBox(
-                im_node.stores.offline, factory.node_queue, reactor
-            )
-            factory.node_queue.database_backlog = lambda: database.backlog
+            # Messages waiting for their timeline append, and transactions waiting for
+            # the database, count in the node's backpressure.
+            factory.node_queue.database_backlog = lambda: max(database.backlog, timelines.pending)
             self.add(
                 ImService(
                     node_id,

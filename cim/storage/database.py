@@ -269,7 +269,10 @@ def current_revision(url: str) -> str | None:
 def prepare_schema(engine: Engine) -> None:
     """What the daemon and cimctl do before use: migrate SQLite, check PostgreSQL."""
     if engine.dialect.name == "sqlite":
-        upgrade_engine(engine)
+        with engine.connect() as connection:
+            current = revision_of(connection)
+        if current != head_revision():  # at head already: nothing to load or run
+            upgrade_engine(engine)
         return
     with engine.connect() as connection:
         check_revision(connection)

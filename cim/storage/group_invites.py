@@ -24,6 +24,7 @@ from cim.storage.group_rows import (
     _role_of,
 )
 from cim.storage.schema import group_invites, group_members, groups
+from cim.storage.timeline import group_joined
 
 __all__ = [
     "InvitationRecord",
@@ -102,6 +103,7 @@ def accept_invitation_txn(
                 group_id=group_id, user_name=user, role=MEMBER, joined_at=now
             )
         )
+        group_joined(connection, group_id, [user])
     return _record(connection, group_id)
 
 

@@ -23,6 +23,7 @@ from cim.storage.contacts import (
     standings_txn,
 )
 from cim.storage.schema import group_invites, group_members, groups, users
+from cim.storage.timeline import group_left
 
 OWNER = "owner"
 ADMIN = "admin"
@@ -322,6 +323,7 @@ def _dissolve(connection: Connection, group_id: str, now: float) -> list[str]:
         ).scalars()
     )
     connection.execute(delete(group_members).where(group_members.c.group_id == group_id))
+    group_left(connection, group_id, None)
     connection.execute(delete(group_invites).where(group_invites.c.group_id == group_id))
     connection.execute(update(groups).where(groups.c.id == group_id).values(dissolved_at=now))
     return names
@@ -338,6 +340,7 @@ def _leave_locked(connection: Connection, group: Row[Any], user: str, now: float
                 group_members.c.group_id == group_id, group_members.c.user_name == user
             )
         )
+        group_left(connection, group_id, [user])
         return LeaveRecord(group_id, None, False)
     successor = connection.execute(
         select(group_members.c.user_name)
@@ -353,6 +356,7 @@ def _leave_locked(connection: Connection, group: Row[Any], user: str, now: float
             group_members.c.group_id == group_id, group_members.c.user_name == user
         )
     )
+    group_left(connection, group_id, [user])
     connection.execute(
         update(group_members)
         .where(group_members.c.group_id == group_id, group_members.c.user_name == successor)

@@ -65,6 +65,7 @@ from cim.storage.group_rows import (
     _roles,
 )
 from cim.storage.schema import group_invites, group_members, groups
+from cim.storage.timeline import group_joined, group_left
 
 __all__ = [
     "ADMIN",
@@ -112,6 +113,7 @@ def _join(connection: Connection, group_id: str, names: Sequence[str], now: floa
                 for name in names
             ],
         )
+        group_joined(connection, group_id, names)
         connection.execute(
             delete(group_invites).where(
                 group_invites.c.group_id == group_id, group_invites.c.user_name.in_(names)
@@ -142,6 +144,7 @@ def create_group_txn(
     connection.execute(
         insert(group_members).values(group_id=group_id, user_name=owner, role=OWNER, joined_at=now)
     )
+    group_joined(connection, group_id, [owner])
     _join(connection, group_id, added, now)
     _invite(connection, group_id, invited, owner, now)
     return replace(_record(connection, group_id), invited=tuple(invited))
@@ -240,6 +243,7 @@ def remove_members_txn(
             group_members.c.group_id == group_id, group_members.c.user_name.in_(names)
         )
     )
+    group_left(connection, group_id, names)
     return _record(connection, group_id)
 
 

@@ -10,7 +10,8 @@ from sqlalchemy.engine import Connection
 
 from cim.storage.bindings import PENDING, bound_accounts_txn, first_guardian_txn
 from cim.storage.groups import LeaveRecord, leave_all_groups_txn
-from cim.storage.schema import bindings, history, offline_msgs, profiles, users
+from cim.storage.schema import bindings, profiles, users
+from cim.storage.timeline import forget_user
 
 
 @dataclass(frozen=True)
@@ -84,9 +85,9 @@ def delete_account_txn(connection: Connection, name: str, now: float) -> Deleted
     The user row is locked first, so two deletions at once run one after the other
     and the second finds nothing (None, as for no such user) instead of telling
     everyone twice. Groups next, with the usual succession (an owned group gets a new
-    owner), then the stored offline messages and its one-to-one history (neither has a
-    foreign key), then the user row, whose cascade takes profile, bindings, codes,
-    fences, positions, SOS events, posts and likes.
+    owner), then its one-to-one timelines and cursors (no foreign keys), then the user
+    row, whose cascade takes profile, bindings, codes, fences, positions, SOS events,
+    posts and likes.
     """
     locked = connection.execute(
         select(users.c.id).where(users.c.name == name).with_for_update()
@@ -111,16 +112,9 @@ def delete_account_txn(connection: Connection, name: str, now: float) -> Deleted
         if first is not None:
             told.add(first)
     left = leave_all_groups_txn(connection, name, now)
-    connection.execute(delete(offline_msgs).where(offline_msgs.c.receiver_uid == name))
-    # Its one-to-one history goes too: history is read by name, and the name is free
+    # Its one-to-one timelines go too: they are read by name, and the name is free
     # to register again, so whoever took it next would otherwise read these chats.
-    # A scan (no index on sender or receiver), acceptable for a rare operation.
-    connection.execute(
-        delete(history).where(
-            history.c.group_id.is_(None),
-            or_(history.c.sender == name, history.c.receiver == name),
-        )
-    )
+    forget_user(connection, name)
     deleted = connection.execute(delete(users).where(users.c.name == name))
     if deleted.rowcount != 1:
         return None

@@ -1,8 +1,8 @@
 """The logic service in memory: real endpoints, real SQLite, a real IM node, fake time.
 
 ``LogicHarness`` puts the service's resource behind ``treq.testing.StubTreq`` (no
-sockets), on a ``NodeHarness`` whose node stores system messages in a real
-offline store, so a test can call the HTTP API and then watch the notices arrive at
+sockets), on a ``NodeHarness`` whose node writes system messages to real
+timelines, so a test can call the HTTP API and then watch the notices arrive at
 IM clients connected through iosim, or find them stored for a client that logs in
 later. Database and KDF work run inline, so every call completes before ``call``
 returns.
@@ -32,12 +32,11 @@ from cim.limits.policy import NO_LIMITS, Limits
 from cim.logic.contacts import ContactBook
 from cim.logic.context import LogicContext
 from cim.logic.notices import Notices
-from cim.offline.store import OfflineStore
 from cim.protocols import cim_pb2
 from cim.services.logic import LogicService
 from cim.storage.contacts import PrivacyDefaults
-from cim.storage.database import Database
 from tests.fakes.node import NodeHarness
+from tests.fakes.timelines import fresh_database
 from tests.unit.test_client_session import make_client, settle
 
 PASSWORD = "Correct-horse-1"
@@ -71,13 +70,11 @@ class LogicHarness:
             "[logic]\nenabled = true\n" + config + (f"\n[limits]\n{limits}" if limits else "")
         )
         self.config = parsed.logic
-        self.node = NodeHarness()
-        self.clock = self.node.clock
-        self.db = Database(f"sqlite:///{path}/cim.db", None, runner=run_now)
-        fired(self.db.start())
+        self.db = fresh_database(path)
         test.addCleanup(self.db.stop)
-        self.offline = OfflineStore(self.db, 10_000)
-        self.node.im.stores.offline = self.offline
+        self.node = NodeHarness(database=self.db)
+        self.clock = self.node.clock
+        self.timelines = self.node.timelines
         self.accounts = AccountStore(
             self.db, parsed.accounts, kdf_runner=run_now, reactor=self.clock
         )

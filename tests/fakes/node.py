@@ -23,6 +23,7 @@ from cim.backends.registry.local import LocalRegistry
 from cim.backends.state.memory import MemoryState
 from cim.client.connection import ImClientProtocol
 from cim.config import KNOWN_SUITES, ImConfig, parse_config
+from cim.history.service import HistoryService
 from cim.im.collaborators import (
     NO_BOUNDS,
     Bounds,
@@ -40,6 +41,8 @@ from cim.message_ids import MessageIdGenerator
 from cim.metrics import NodeMetrics
 from cim.protocols.crypto import NodeKey
 from cim.protocols.im import ImServerFactory, ImServerProtocol
+from cim.storage.database import Database
+from tests.fakes.timelines import fresh_database, inline_timelines
 
 _NODE_KEY: NodeKey | None = None
 
@@ -125,15 +128,19 @@ class NodeHarness:
         stores: Stores | None = None,
         accounts: UserExists | None = None,
         bounds: Bounds = NO_BOUNDS,
+        database: Database | None = None,
     ) -> None:
         """One node; pass clock, state, bus and known users of another to make a cluster.
 
         Without a bus the node is alone (``NoPeers``), without groups it has none
-        (``NoGroups``), without stores it keeps nothing (``Stores()``), without
-        ``accounts`` (e.g. ``AccountStore.exists``) the users it knows are ``users``
-        and whoever logs in. ``im`` is the node's rooms; its ``directory`` and
-        ``stores`` can be swapped after the fact. ``bounds`` brings rate limits (also
-        the hellos per address) and the fan-out bounds; without, the node has none.
+        (``NoGroups``), without ``accounts`` (e.g. ``AccountStore.exists``) the users
+        it knows are ``users`` and whoever logs in. Without ``stores`` the node has real
+        timelines and history on a fresh SQLite database run inline (``database`` to
+        share one: a cluster's nodes share theirs), reached as ``timelines``;
+        ``Stores()`` is a node that keeps nothing. ``im`` is the node's rooms; its
+        ``directory`` and ``stores`` can be swapped after the fact. ``bounds`` brings
+        rate limits (also the hellos per address) and the fan-out bounds; without, the
+        node has none.
         """
         if clock is None:
             clock = MemoryReactorClock()
@@ -150,6 +157,14 @@ class NodeHarness:
         self.users = known if known is not None else KnownUsers()
         self.users.names.update(users)
         self.bus = bus
+        membership = groups if groups is not None else NoGroups()
+        self.database = database
+        if stores is None:
+            self.database = database if database is not None else fresh_database()
+            self.timelines = inline_timelines(self.clock, self.database)
+            stores = Stores(
+                self.timelines, history=HistoryService(self.timelines, membership.is_member)
+            )
         self.peers: Peers = (
             BusPeers(node_id, bus, self.state.presence) if bus is not None else NoPeers()
         )
@@ -161,11 +176,8 @@ class NodeHarness:
                 self.metrics,
                 MessageIdGenerator(self.clock, int(node_id[-1]) if node_id[-1].isdigit() else 1),
             ),
-            Directory(
-                accounts if accounts is not None else self.users,
-                groups if groups is not None else NoGroups(),
-            ),
-            stores if stores is not None else Stores(),
+            Directory(accounts if accounts is not None else self.users, membership),
+            stores,
             self.peers,
             bounds,
         )

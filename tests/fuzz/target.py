@@ -31,10 +31,6 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import LogEvent, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 
-from cim.history.archive import HistoryService
-from cim.history.store import HistoryStore
-from cim.im.collaborators import Stores
-from cim.offline.store import OfflineStore
 from cim.protocols import cim_pb2
 from cim.protocols.crypto import FrameOpener, FrameSealer
 from cim.protocols.handshake import ClientHandshake
@@ -132,11 +128,7 @@ class FrameFuzzTarget:
             failures[0].raiseException()
         clock = MemoryReactorClock()
         clock.advance(1_800_000_000)
-        stores = Stores(
-            offline=OfflineStore(self.db, 1000),
-            history=HistoryService(HistoryStore(self.db, retention_days=None, clock=clock), None),
-        )
-        self.node = NodeHarness(users=KNOWN_USERS, clock=clock, stores=stores)
+        self.node = NodeHarness(users=KNOWN_USERS, clock=clock, database=self.db)
         self.max_frame_size = self.node.config.max_frame_size
         self.tally = Tally()
         self._session: _Session | None = None

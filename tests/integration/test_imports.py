@@ -5,8 +5,8 @@ install Twisted's default one: twistd installs the reactor its options name, and
 module that imported ``twisted.internet.reactor`` first would make that fail. And a
 node whose config uses the embedded backends must not carry pika, kazoo or
 txredisapi: a backend library is imported only by that backend's own module, which
-the backend factories (``make_bus``, ``make_registry``, ``make_state_store``, the
-offline and archive pipelines) import when the config asks for it.
+the backend factories (``make_bus``, ``make_registry``, ``make_state_store``) import
+when the config asks for it.
 
 The imports run in a fresh interpreter (``python -c``), since this test process has
 long since imported all of it.

@@ -4,26 +4,19 @@ bound on a stop. Fake time and fake transports only (cim.protocols.outbound)."""
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
-from cim.im.collaborators import Stores
-from cim.offline.paced import BATCH_WAIT, PacedOfflineBox
-from cim.offline.store import OfflineStore
 from cim.protocols import cim_pb2
 from cim.protocols.outbound import HEAVY_SENDER_RATE, NodeQueue, OutboundBudget
 from cim.protocols.timeouts import NEVER
 from cim.services.stopping import BoundedStop
-from cim.storage.database import Database
-from cim.storage.offline import OfflineFull
 from tests.fakes.node import ConnectedClient, NodeHarness
 from tests.unit.test_delivery import FakeGroups
-from tests.unit.test_offline_delivery import run_now
 from tests.unit.test_wire import RecordingProtocol, _Socket
 
 
@@ -208,35 +201,30 @@ class NodeQueueTests(SynchronousTestCase):
         self.assertLess(len(looks), 12)
         self.assertEqual((self.flooder.paused, self.chatter.paused), (0, 0))
 
-    def test_messages_waiting_for_the_offline_store_pause_the_heaviest_too(self) -> None:
-        self.queue.store_started(10)
+    def test_work_waiting_for_the_database_pauses_the_heaviest_too(self) -> None:
+        waiting = [10]
+        self.queue.database_backlog = lambda: waiting[0]
+        self.queue.check()
         self.clock.advance(1.0)
         self.flooder.outbound.received += HEAVY_SENDER_RATE * 4
-        self.queue.store_started(1)
+        waiting[0] = 11
+        self.queue.check()
         self.assertEqual(self.flooder.paused, 1)
-        self.queue.store_finished(6)  # 5 left: not below half
+        waiting[0] = 5  # not below half
+        self.clock.advance(self.queue._decision_interval)
         self.assertEqual(self.flooder.resumed, 0)
-        self.queue.store_finished(1)
+        waiting[0] = 4
+        self.clock.advance(self.queue._decision_interval)
         self.assertEqual(self.flooder.resumed, 1)
 
 
 class NodeBackpressureTests(SynchronousTestCase):
-    """A whole node on a fake clock: bob never reads (his pump is not run)."""
+    """A whole node on a fake clock, on real timelines: bob never reads (his pump is not
+    run). A live copy bob's budget refuses is skipped, never lost: the message is in
+    his timeline already, and he is told to pull once his queue drains."""
 
     def node(self, extra: str, groups: Any = None) -> NodeHarness:
-        path = os.path.abspath(self.mktemp())
-        os.makedirs(path)
-        db = Database(f"sqlite:///{path}/cim.db", None, runner=run_now)
-        self.successResultOf(db.start())
-        self.addCleanup(db.stop)
-        self.store = OfflineStore(db, 10_000)
-        node = NodeHarness(
-            config_extra=extra,
-            users=("alice", "bob"),
-            stores=Stores(offline=self.store),
-            groups=groups,
-        )
-        return node
+        return NodeHarness(config_extra=extra, users=("alice", "bob"), groups=groups)
 
     def established(self, node: NodeHarness, user: str) -> ConnectedClient:
         client = node.connect(user)
@@ -250,17 +238,20 @@ class NodeBackpressureTests(SynchronousTestCase):
             )
         alice.flush()
 
-    def stored_for_bob(self) -> int:
-        return int(self.successResultOf(self.store.count("bob")))
+    def unread_for_bob(self, node: NodeHarness) -> int:
+        """Messages in bob's timelines past his phone's cursor: what his pull gets."""
+        states = self.successResultOf(node.timelines.summary("bob", "phone"))
+        return sum(state.unread for state in states)
 
-    def test_over_budget_the_store_keeps_the_copies_and_bob_pulls_once_drained(self) -> None:
+    def test_over_budget_copies_are_skipped_and_bob_pulls_once_drained(self) -> None:
         node = self.node("outbound_budget = 4KiB\n")
         alice, bob = self.established(node, "alice"), self.established(node, "bob")
         self.send(alice, 10)
         statuses = [a.status for a in alice.events.of_type(cim_pb2.ACK_N)]
         live = 10 - len(statuses)
         self.assertEqual(statuses, [cim_pb2.STORED] * len(statuses))
-        self.assertEqual((live, self.stored_for_bob()), (4, 6))
+        self.assertEqual((live, len(statuses)), (4, 6))
+        self.assertEqual(self.unread_for_bob(node), 10)  # all ten in his timeline
         self.assertTrue(bob.server.outbound.over_budget)
         # Its own requests wait too: a client that does not read its answers cannot
         # make the node produce more.
@@ -274,7 +265,7 @@ class NodeBackpressureTests(SynchronousTestCase):
         self.assertFalse(bob.server.paused)
         self.assertLess(bob.server.deadline, NEVER)
 
-    def test_a_group_member_over_budget_gets_its_copies_through_the_store(self) -> None:
+    def test_a_group_member_over_budget_is_told_to_pull_once_drained(self) -> None:
         node = self.node("outbound_budget = 4KiB\n", FakeGroups({"g1": ["alice", "bob"]}))
         alice, bob = self.established(node, "alice"), self.established(node, "bob")
         for seq in range(1, 11):
@@ -284,29 +275,30 @@ class NodeBackpressureTests(SynchronousTestCase):
         alice.flush()
         node.clock.advance(0)  # the fan-out's slices
         alice.flush()
-        self.assertEqual(self.stored_for_bob(), 6)
-        self.assertEqual(node.metrics.messages["group_stored"], 6)
+        self.assertEqual(node.metrics.messages["group_behind"], 6)
         bob.flush()
         self.assertEqual(len(bob.events.of_type(cim_pb2.MSG_N)), 4)
         self.assertEqual(len(bob.events.of_type(cim_pb2.OFFLINE_NOTICE)), 1)
 
-    def test_group_copies_from_another_node_go_to_the_store_when_over_budget(self) -> None:
+    def test_group_copies_from_another_node_are_skipped_when_over_budget(self) -> None:
         node = self.node("outbound_budget = 4KiB\n")
         bob = self.established(node, "bob")
-        for msg_id in range(1, 11):
-            message = cim_pb2.Message(id=msg_id, group="g1", text="x" * 1000, group_seq=msg_id)
+        for seq in range(1, 11):
+            message = cim_pb2.Message(
+                id=seq, group="g1", text="x" * 1000, conversation="g:g1", seq=seq
+            )
             setattr(message, "from", "carol")
             envelope = cim_pb2.BusEnvelope(
                 origin_node="node2",
                 deliver=cim_pb2.BusDelivery(message=message, receivers=["bob"]),
             )
             node.im.routing.bus_message_received(envelope.SerializeToString())
-        self.assertEqual(self.stored_for_bob(), 6)
+        self.assertEqual(node.metrics.messages["group_behind"], 6)
         bob.flush()
         self.assertEqual(len(bob.events.of_type(cim_pb2.MSG_N)), 4)
         self.assertEqual(len(bob.events.of_type(cim_pb2.OFFLINE_NOTICE)), 1)
 
-    def test_a_slow_reader_is_cut_and_everything_waits_for_it_in_the_store(self) -> None:
+    def test_a_slow_reader_is_cut_and_everything_waits_for_it_in_its_timeline(self) -> None:
         node = self.node("outbound_budget = 4KiB\nslow_reader_timeout = 5s\n")
         alice, bob = self.established(node, "alice"), self.established(node, "bob")
         self.send(alice, 10)
@@ -319,7 +311,7 @@ class NodeBackpressureTests(SynchronousTestCase):
         alice.flush()
         statuses = [a.status for a in alice.events.of_type(cim_pb2.ACK_N)]
         self.assertEqual(statuses, [cim_pb2.STORED] * 10)
-        self.assertEqual(self.stored_for_bob(), 10)
+        self.assertEqual(self.unread_for_bob(node), 10)
 
     def test_the_heaviest_sender_is_paused_and_no_frame_is_handed_up_meanwhile(self) -> None:
         node = self.node("max_queued_bytes = 64KiB\n")
@@ -380,53 +372,3 @@ class BoundedStopTests(SynchronousTestCase):
         self.assertEqual(self.exits, ["cim: node node1 did not stop in 50 s; exiting now"])
         stopping.callback(None)  # finishing late changes nothing
         self.assertEqual(self.cancelled, 0)
-
-
-class FakeBox:
-    """Records every transaction; refuses a batch holding more than ``cap`` items for
-    one receiver, as the store's per-user cap does."""
-
-    def __init__(self, cap: int = 1000) -> None:
-        self.cap = cap
-        self.transactions: list[list[Any]] = []
-
-    def store(self, messages: Any, *, capped: bool = True) -> Deferred[int]:
-        items = list(messages)
-        self.transactions.append(items)
-        receivers = [receiver for receiver, _ in items]
-        over = sorted({r for r in receivers if receivers.count(r) > self.cap})
-        if capped and over:
-            return fail(OfflineFull(over, self.cap))
-        return succeed(len(items))
-
-
-class PacedOfflineBoxTests(SynchronousTestCase):
-    def setUp(self) -> None:
-        self.clock = Clock()
-        self.queue = NodeQueue(self.clock, 1 << 30, lambda: [], max_pending=1000)
-        self.box = FakeBox(cap=2)
-        self.paced = PacedOfflineBox(self.box, self.queue, self.clock)  # type: ignore[arg-type]
-        self.message = cim_pb2.Message(id=1, text="x")
-
-    def test_stores_close_together_share_a_transaction_and_count_until_done(self) -> None:
-        first = self.paced.store([("bob", self.message)])
-        second = self.paced.store([("carol", self.message), ("dave", self.message)])
-        self.assertEqual((self.queue.stores, self.box.transactions), (3, []))
-        self.clock.advance(BATCH_WAIT)
-        self.assertEqual(len(self.box.transactions), 1)
-        self.assertEqual((self.successResultOf(first), self.successResultOf(second)), (1, 2))
-        self.assertEqual(self.queue.stores, 0)
-
-    def test_a_batch_over_a_cap_is_written_caller_by_caller(self) -> None:
-        stores = [self.paced.store([("bob", self.message)]) for _ in range(3)]
-        self.clock.advance(BATCH_WAIT)
-        # One refused batch, then each alone: every caller gets its own answer.
-        self.assertEqual([len(t) for t in self.box.transactions], [3, 1, 1, 1])
-        self.assertEqual([self.successResultOf(d) for d in stores], [1, 1, 1])
-
-    def test_uncapped_stores_are_not_mixed_with_capped_ones(self) -> None:
-        capped = self.paced.store([("bob", self.message)])
-        urgent = self.paced.store([("bob", self.message)], capped=False)
-        self.clock.advance(BATCH_WAIT)
-        self.assertEqual(len(self.box.transactions), 2)
-        self.assertEqual((self.successResultOf(capped), self.successResultOf(urgent)), (1, 1))

@@ -121,9 +121,7 @@ class FirstContactTests(SynchronousTestCase):
 class StopReceivingTests(SynchronousTestCase):
     def test_stored_messages_past_the_ones_taken_stay_stored(self) -> None:
         h = OfflineHarness(self)
-        self.successResultOf(
-            h.store.store([message_from("alice", "bob", 700 + n, n + 1, str(n)) for n in range(3)])
-        )
+        h.store([message_from("alice", "bob", 700 + n, n + 1, str(n)) for n in range(3)])
         bob, _, _ = make_client(h.node, "bob")
         shown: list[str] = []
 
@@ -148,7 +146,7 @@ class StopReceivingTests(SynchronousTestCase):
 
     def test_a_declined_message_is_not_acknowledged(self) -> None:
         h = OfflineHarness(self)
-        self.successResultOf(h.store.store([message_from("alice", "bob", 800, 1, "x")]))
+        h.store([message_from("alice", "bob", 800, 1, "x")])
         bob, _, _ = make_client(h.node, "bob")
 
         def decline(message: cim_pb2.Message) -> bool:
@@ -164,7 +162,7 @@ class StopReceivingTests(SynchronousTestCase):
 
     def test_a_client_that_takes_nothing_does_not_pull(self) -> None:
         h = OfflineHarness(self)
-        self.successResultOf(h.store.store([message_from("alice", "bob", 900, 1, "x")]))
+        h.store([message_from("alice", "bob", 900, 1, "x")])
         bob, _, network = make_client(h.node, "bob")
         bob.on_message = lambda message: self.fail("handed over")
         bob.stop_receiving()

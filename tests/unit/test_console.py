@@ -284,9 +284,9 @@ class ConsoleTests(SynchronousTestCase):
     def test_offline_summary(self) -> None:
         summary = cim_pb2.OfflineSummaryA(
             total=4,
-            senders=[
-                cim_pb2.SenderCount(sender="carol", count=1),
-                cim_pb2.SenderCount(sender="alice", count=3),
+            conversations=[
+                cim_pb2.ConversationSummary(peer="carol", count=1),
+                cim_pb2.ConversationSummary(peer="alice", count=3),
             ],
         )
         self.assertEqual(

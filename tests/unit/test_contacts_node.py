@@ -28,7 +28,6 @@ from cim.im.direct import REASON_NOT_ACCEPTED
 from cim.im.system import SYSTEM_SENDER
 from cim.logic.contacts import ContactBook
 from cim.logic.notices import Notices
-from cim.offline.store import OfflineStore
 from cim.protocols import cim_pb2
 from cim.storage.contacts import PrivacyDefaults
 from cim.storage.database import Database
@@ -60,8 +59,6 @@ class ContactNodeMixin:
         clock = self.node.clock
         self.book = ContactBook(self.db, clock, PrivacyDefaults())
         self.groups = GroupDirectory(self.db, clock)
-        self.offline = OfflineStore(self.db, 1000)
-        self.node.im.stores.offline = self.offline
         self.book.notices = self.groups.notices = Notices(self.node.im.system, clock)
         directory = self.node.im.directory
         directory.contacts = ContactDirectory(self.book)
@@ -108,7 +105,10 @@ class ContactNodeMixin:
 
     def notices_for(self, user: str) -> list[dict[str, Any]]:
         case: Any = self
-        page = case.successResultOf(self.offline.page(user))
+        # The node's own timelines (its database): the notices wait in @system's.
+        page = case.successResultOf(
+            self.node.timelines.unread_page(user, "phone", "", None, 1000, 1 << 20)
+        )
         found = []
         for record in page.records:
             message = cim_pb2.Message.FromString(record.payload)

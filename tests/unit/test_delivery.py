@@ -60,7 +60,9 @@ class RetryTests(SynchronousTestCase):
         shared = MemoryState(state_clock)
         known = KnownUsers()
         one = NodeHarness(node_id="node1", clock=state_clock, state=shared, known=known)
-        two = NodeHarness(node_id="node2", clock=state_clock, state=shared, known=known)
+        two = NodeHarness(
+            node_id="node2", clock=state_clock, state=shared, known=known, database=one.database
+        )
         alice_on_one = one.connect("alice")
         request = cim_pb2.Message(to="carol", text="x", client_seq=9)
         alice_on_one.protocol.send(cim_pb2.MSG_R, request)
@@ -72,20 +74,23 @@ class RetryTests(SynchronousTestCase):
         [again] = alice_on_two.events.of_type(cim_pb2.MSG_A)
         self.assertEqual(first, again)
 
-    def test_a_resend_after_failure_is_delivered_once_the_receiver_is_back(self) -> None:
+    def test_a_stored_message_is_read_once_and_a_resend_adds_nothing(self) -> None:
         node = NodeHarness(users=("bob",))
         alice = node.connect("alice")
         request = cim_pb2.Message(to="bob", text="are you there", client_seq=4)
         alice.protocol.send(cim_pb2.MSG_R, request)
         settle(node)
-        [failed] = alice.events.of_type(cim_pb2.ACK_N)
-        self.assertEqual(failed.status, cim_pb2.FAILED)
+        [stored] = alice.events.of_type(cim_pb2.ACK_N)
+        self.assertEqual(stored.status, cim_pb2.STORED)
         bob = node.connect("bob", auto_ack=True)
         alice.protocol.send(cim_pb2.MSG_R, request)  # the user's resend, same sequence
         settle(node)
-        [delivered] = bob.events.of_type(cim_pb2.MSG_N)
-        self.assertEqual(delivered.id, failed.msg_id)
-        self.assertEqual(alice.events.of_type(cim_pb2.ACK_N)[-1].status, cim_pb2.DELIVERED)
+        self.assertEqual(bob.events.of_type(cim_pb2.MSG_N), [])  # settled: not again
+        self.assertEqual(alice.events.of_type(cim_pb2.ACK_N)[-1].status, cim_pb2.STORED)
+        bob.protocol.send(cim_pb2.OFFLINE_R, cim_pb2.OfflineR(request_id=1))
+        settle(node)
+        [page] = bob.events.of_type(cim_pb2.OFFLINE_A)
+        self.assertEqual([(m.id, m.seq) for m in page.messages], [(stored.msg_id, 1)])
 
     def test_a_reconnected_receiver_gets_what_its_old_connection_held(self) -> None:
         node = NodeHarness()
@@ -98,7 +103,7 @@ class RetryTests(SynchronousTestCase):
         settle(node)
         self.assertEqual([m.id for m in bob_again.events.of_type(cim_pb2.MSG_N)], [held.id])
 
-    def test_unacknowledged_messages_fail_after_the_deadline(self) -> None:
+    def test_unacknowledged_messages_are_stored_after_the_deadline(self) -> None:
         from cim.im.routing import PENDING_TIMEOUT
 
         node = NodeHarness()
@@ -114,7 +119,7 @@ class RetryTests(SynchronousTestCase):
         self.assertEqual(node.im.routing.expire_pending(), 3)
         settle(node)
         outcomes = alice.events.of_type(cim_pb2.ACK_N)
-        self.assertEqual([a.status for a in outcomes], [cim_pb2.FAILED] * 3)
+        self.assertEqual([a.status for a in outcomes], [cim_pb2.STORED] * 3)
         self.assertEqual(node.im.routing._pending, {})
 
     def test_state_store_down_refuses_with_unavailable(self) -> None:
@@ -133,7 +138,9 @@ class RetryTests(SynchronousTestCase):
 
 
 def cluster(groups: Any = None) -> tuple[NodeHarness, NodeHarness]:
-    clock = NodeHarness().clock
+    """Two nodes on one clock, state store, bus broker and database."""
+    first = NodeHarness()
+    clock = first.clock
     state = MemoryState(clock)
     broker = MemoryBroker(clock)
     known = KnownUsers()
@@ -145,6 +152,7 @@ def cluster(groups: Any = None) -> tuple[NodeHarness, NodeHarness]:
             bus=MemoryBus(clock, node_id, broker),
             groups=groups,
             known=known,
+            database=first.database,
         )
         for node_id in ("node1", "node2")
     )
@@ -196,7 +204,7 @@ class AcrossNodesTests(SynchronousTestCase):
         self.assertEqual(len(bob.events.of_type(cim_pb2.OFFLINE_NOTICE)), 1)
         self.assertEqual(len(carol.events.of_type(cim_pb2.OFFLINE_NOTICE)), 1)
 
-    def test_a_route_to_a_dead_node_fails_at_once(self) -> None:
+    def test_a_route_to_a_dead_node_is_left_for_catch_up_at_once(self) -> None:
         one, two = cluster()
         alice = one.connect("alice")
         two.connect("bob")
@@ -205,12 +213,10 @@ class AcrossNodesTests(SynchronousTestCase):
         alice.protocol.send(cim_pb2.MSG_R, cim_pb2.Message(to="bob", text="hi", client_seq=8))
         settle(one, two)
         [ack_n] = alice.events.of_type(cim_pb2.ACK_N)
-        self.assertEqual(
-            (ack_n.status, ack_n.reason), (cim_pb2.FAILED, "the receiver's node is gone")
-        )
+        self.assertEqual((ack_n.status, ack_n.reason), (cim_pb2.STORED, ""))
         self.assertEqual(one.metrics.messages["forwarded"], 0)
 
-    def test_unreachable_node_fails_the_message_explicitly(self) -> None:
+    def test_an_unreachable_node_leaves_the_message_for_catch_up(self) -> None:
         one, two = cluster()
         alice = one.connect("alice")
         two.connect("bob")
@@ -219,8 +225,7 @@ class AcrossNodesTests(SynchronousTestCase):
         alice.protocol.send(cim_pb2.MSG_R, cim_pb2.Message(to="bob", text="hi", client_seq=2))
         settle(one, two)
         [ack_n] = alice.events.of_type(cim_pb2.ACK_N)
-        self.assertEqual(ack_n.status, cim_pb2.FAILED)
-        self.assertEqual(ack_n.reason, "the receiver's node could not be reached")
+        self.assertEqual((ack_n.status, ack_n.reason), (cim_pb2.STORED, ""))
 
 
 def _unavailable() -> Deferred[None]:
@@ -283,27 +288,47 @@ class GroupFanOutTests(SynchronousTestCase):
                 orders.add(tuple(sorted(ids)))
         self.assertEqual(len(orders), 1)
 
-    def test_a_group_retry_after_a_numbering_failure_still_fans_out(self) -> None:
+    def test_a_group_retry_after_an_append_failure_still_fans_out(self) -> None:
         from twisted.internet.defer import fail
 
-        from cim.interfaces import StateUnavailable
+        from cim.history.timeline import TimelineUnavailable
 
         groups = FakeGroups({"g1": ["alice", "bob"]})
         one, _ = cluster(groups)
         alice = one.connect("alice")
         bob = one.connect("bob", auto_ack=True)
-        numbering = one.state.sequences.next_group_seq
-        one.state.sequences.next_group_seq = lambda group: fail(StateUnavailable("down"))  # type: ignore[method-assign]
+        appending = one.timelines.append
+        one.timelines.append = lambda *a: fail(TimelineUnavailable("down"))  # type: ignore[method-assign]
         request = cim_pb2.Message(group="g1", text="hello", client_seq=1)
         alice.protocol.send(cim_pb2.MSG_R, request)
         settle(one)
         [error] = alice.events.of_type(cim_pb2.ERROR)
         self.assertEqual(error.code, cim_pb2.Error.UNAVAILABLE)
-        one.state.sequences.next_group_seq = numbering  # type: ignore[method-assign]
+        self.assertEqual(alice.events.of_type(cim_pb2.ACK_N), [])  # never "accepted"
+        one.timelines.append = appending  # type: ignore[method-assign]
         alice.protocol.send(cim_pb2.MSG_R, request)
         settle(one)
         self.assertEqual([m.text for m in bob.events.of_type(cim_pb2.MSG_N)], ["hello"])
         self.assertEqual(alice.events.of_type(cim_pb2.ACK_N)[-1].status, cim_pb2.ACCEPTED)
+
+    def test_a_copy_for_a_member_who_moved_is_dropped_and_she_is_told_to_pull(self) -> None:
+        groups = FakeGroups({"g1": ["alice", "carol"]})
+        one, two = cluster(groups)
+        carol = one.connect("carol")  # she is on node one now
+        settle(one, two)
+        message = cim_pb2.Message(id=77, group="g1", text="late", conversation="g:g1", seq=4)
+        setattr(message, "from", "alice")
+        envelope = cim_pb2.BusEnvelope(
+            origin_node="node1",
+            deliver=cim_pb2.BusDelivery(message=message, receivers=["carol"]),
+        )
+        # A copy node one sent to node two while carol was still there, arriving late.
+        two.im.routing.bus_message_received(envelope.SerializeToString())
+        settle(one, two)
+        self.assertEqual(carol.events.of_type(cim_pb2.MSG_N), [])
+        [notice] = carol.events.of_type(cim_pb2.OFFLINE_NOTICE)
+        self.assertEqual((notice.conversation, notice.seq), ("g:g1", 4))
+        self.assertEqual(two.metrics.messages["group_missed"], 1)
 
     def test_only_members_can_post(self) -> None:
         groups = FakeGroups({"g1": ["alice", "bob"]})

@@ -4,7 +4,6 @@ keeps doing it is cut off without flooding the log."""
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
@@ -13,13 +12,10 @@ from twisted.internet.task import Clock
 from twisted.logger import LogEvent, formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
-from cim.im.collaborators import Stores
 from cim.im.edge import STORE_MAX, out_of_range, refusal
 from cim.loglimit import LogLimit
-from cim.offline.store import OfflineStore
 from cim.protocols import cim_pb2
 from cim.protocols.im import ConnectionState
-from cim.storage.database import Database
 from tests.fakes.node import ConnectedClient, NodeHarness
 
 HUGE = 2**63
@@ -63,7 +59,12 @@ class OutOfRangeTests(SynchronousTestCase):
     def test_in_range_frames_pass(self) -> None:
         for message in (
             cim_pb2.Message(id=STORE_MAX, client_seq=1, to="bob", text="hi", type=cim_pb2.IMAGE),
-            cim_pb2.OfflineR(ack_ids=[1, STORE_MAX], before=STORE_MAX, limit=2**32 - 1),
+            cim_pb2.OfflineR(
+                acks=[cim_pb2.Cursor(conversation="d:a:b", seq=STORE_MAX)],
+                before=STORE_MAX,
+                limit=2**32 - 1,
+                request_id=STORE_MAX,
+            ),
             cim_pb2.AckR(msg_id=STORE_MAX),
             cim_pb2.HistoryR(peer="bob", before=STORE_MAX),
             cim_pb2.GroupRequest(request_id=STORE_MAX, create=cim_pb2.CreateGroup(name="x")),
@@ -75,9 +76,19 @@ class OutOfRangeTests(SynchronousTestCase):
     def test_each_wide_field_past_the_bound(self) -> None:
         cases = [
             (cim_pb2.AckR(msg_id=HUGE), "msg_id"),
-            (cim_pb2.OfflineAckR(ack_ids=[5, HUGE]), "ack_ids[1]"),
+            (
+                cim_pb2.OfflineAckR(
+                    cursors=[
+                        cim_pb2.Cursor(conversation="d:a:b", seq=5),
+                        cim_pb2.Cursor(conversation="d:a:c", seq=HUGE),
+                    ]
+                ),
+                "cursors[1].seq",
+            ),
             (cim_pb2.OfflineR(before=2**64 - 1), "before"),
-            (cim_pb2.OfflineR(ack_ids=[HUGE]), "ack_ids[0]"),
+            (cim_pb2.OfflineR(acks=[cim_pb2.Cursor(seq=HUGE)]), "acks[0].seq"),
+            (cim_pb2.AckR(msg_id=1, through_seq=HUGE), "through_seq"),
+            (cim_pb2.HistoryR(peer="bob", after=HUGE), "after"),
             (cim_pb2.HistoryR(peer="bob", before=HUGE), "before"),
             (cim_pb2.Message(to="bob", client_seq=HUGE), "client_seq"),
             (cim_pb2.Message(to="bob", prev_seq=HUGE), "prev_seq"),
@@ -172,19 +183,10 @@ def run_now(work: Any) -> Any:
 
 
 class NodeEdgeTests(SynchronousTestCase):
-    """A node with the real SQLite offline store: 2^63 would overflow its driver."""
+    """A node with real timelines on SQLite: 2^63 would overflow its driver."""
 
     def setUp(self) -> None:
-        path = os.path.abspath(self.mktemp())
-        os.makedirs(path)
-        self.db = Database(f"sqlite:///{path}/cim.db", None, runner=run_now)
-        self.successResultOf(self.db.start())
-        self.addCleanup(self.db.stop)
-        self.node = NodeHarness(
-            "max_bad_frames = 100\n",
-            users=("alice", "bob"),
-            stores=Stores(offline=OfflineStore(self.db, 1000)),
-        )
+        self.node = NodeHarness("max_bad_frames = 100\n", users=("alice", "bob"))
         self.alice = self.node.connect("alice")
         self.alice.flush()
         self.lines: list[str] = []
@@ -205,16 +207,28 @@ class NodeEdgeTests(SynchronousTestCase):
 
     def test_the_store_would_overflow_without_the_edge(self) -> None:
         """What the edge prevents: the driver's OverflowError for 2^63."""
-        store = OfflineStore(self.db, 1000)
-        failure = self.failureResultOf(store.acknowledge("alice", [HUGE]))
+        timelines = self.node.timelines
+        failure = self.failureResultOf(timelines.unread_page("alice", "phone", "", HUGE, 10, 65536))
         self.assertTrue(failure.check(OverflowError), failure)
 
     def test_huge_ids_are_bad_requests_not_tracebacks(self) -> None:
         cases = [
-            (cim_pb2.OFFLINE_ACK_R, cim_pb2.OfflineAckR(ack_ids=[1, HUGE])),
-            (cim_pb2.OFFLINE_R, cim_pb2.OfflineR(ack_ids=[HUGE])),
+            (
+                cim_pb2.OFFLINE_ACK_R,
+                cim_pb2.OfflineAckR(
+                    cursors=[
+                        cim_pb2.Cursor(conversation="d:alice:bob", seq=1),
+                        cim_pb2.Cursor(conversation="d:alice:bob", seq=HUGE),
+                    ]
+                ),
+            ),
+            (
+                cim_pb2.OFFLINE_R,
+                cim_pb2.OfflineR(acks=[cim_pb2.Cursor(conversation="d:alice:bob", seq=HUGE)]),
+            ),
             (cim_pb2.OFFLINE_R, cim_pb2.OfflineR(before=HUGE)),
             (cim_pb2.ACK_R, cim_pb2.AckR(msg_id=HUGE)),
+            (cim_pb2.ACK_R, cim_pb2.AckR(msg_id=1, conversation="d:alice:bob", through_seq=HUGE)),
             (cim_pb2.MSG_R, cim_pb2.Message(to="bob", text="x", client_seq=HUGE)),
         ]
         for frame_type, message in cases:
@@ -225,7 +239,7 @@ class NodeEdgeTests(SynchronousTestCase):
             [(BAD_REQUEST, frame_type) for frame_type, _ in cases],
         )
         self.assertEqual(errors[-1].client_seq, HUGE)
-        self.assertIn("ack_ids[1] is out of range", errors[0].message)
+        self.assertIn("cursors[1].seq is out of range", errors[0].message)
         # No answer from the rooms (they never saw the frames), no traceback.
         self.assertEqual(self.alice.events.of_type(cim_pb2.OFFLINE_ACK_A), [])
         self.assertEqual(self.alice.events.of_type(cim_pb2.OFFLINE_A), [])
@@ -233,8 +247,22 @@ class NodeEdgeTests(SynchronousTestCase):
         self.assertEqual(self.node.metrics.frames_refused["out_of_range"], len(cases))
         # The connection stays: these are answered, not fatal, and the store still works.
         self.assertIs(self.alice.server.state, ConnectionState.ESTABLISHED)
-        self.send(self.alice, cim_pb2.OFFLINE_ACK_R, cim_pb2.OfflineAckR(ack_ids=[STORE_MAX]))
+        self.send(
+            self.alice,
+            cim_pb2.OFFLINE_ACK_R,
+            cim_pb2.OfflineAckR(
+                cursors=[cim_pb2.Cursor(conversation="d:alice:bob", seq=STORE_MAX)]
+            ),
+        )
         self.assertEqual(len(self.alice.events.of_type(cim_pb2.OFFLINE_ACK_A)), 1)
+
+    def test_a_refused_catch_up_request_is_ended_by_its_request_id(self) -> None:
+        self.send(self.alice, cim_pb2.OFFLINE_R, cim_pb2.OfflineR(before=HUGE, request_id=7))
+        [error] = self.errors()
+        self.assertEqual(
+            (error.code, error.request_type, error.request_id),
+            (BAD_REQUEST, cim_pb2.OFFLINE_R, 7),
+        )
 
     def test_history_gets_its_own_answer(self) -> None:
         self.send(self.alice, cim_pb2.HISTORY_R, cim_pb2.HistoryR(peer="bob", before=HUGE))

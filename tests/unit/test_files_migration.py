@@ -31,12 +31,11 @@ from cim.storage.schema import (
     files,
     group_members,
     groups,
-    history,
-    offline_msgs,
     uploads,
     users,
 )
 from tests.unit.test_storage import sqlite_url
+from tests.unit.test_timeline_migration import history, offline_msgs
 
 GROUP = "g" * 26
 SENT, TO_GROUP, WAITING, TO_GONE = ("A" * 22, "B" * 22, "C" * 22, "D" * 22)

@@ -39,9 +39,7 @@ from cim.groups.directory import (
     is_group_id,
     new_group_id,
 )
-from cim.history.archive import HistoryService
-from cim.history.store import HistoryStore
-from cim.offline.store import OfflineStore
+from cim.history.service import HistoryService
 from cim.protocols import cim_pb2
 from cim.storage.accounts import delete_user_txn, insert_user_txn
 from cim.storage.database import Database
@@ -49,7 +47,6 @@ from cim.storage.groups import leave_all_groups_txn
 from tests.fakes.contacts import befriend_txn
 from tests.fakes.node import ConnectedClient, NodeHarness
 from tests.unit.test_delivery import settle
-from tests.unit.test_offline import message
 from tests.unit.test_storage import QueuedRunner, sqlite_url
 
 T = TypeVar("T")
@@ -738,7 +735,7 @@ class NodeRuleTests(GroupTestsMixin, TestCase):
 
     def setUp(self) -> None:
         super().setUp()
-        self.node = NodeHarness()
+        self.node = NodeHarness(database=self.db)
         # The directory and accounts on the node's clock, as the daemon builds them.
         self.groups = GroupDirectory(self.db, self.node.clock)
         accounts = AccountStore(
@@ -746,7 +743,10 @@ class NodeRuleTests(GroupTestsMixin, TestCase):
         )
         self.node.im.directory.groups = self.groups
         self.node.im.directory.user_exists = accounts.exists
-        self.offline = OfflineStore(self.db, 100)
+
+    def unread(self, user: str) -> dict[str, int]:
+        states = self.ok(self.node.timelines.summary(user, "phone"))
+        return {state.conversation: state.unread for state in states if state.unread}
 
     def post(self, client: ConnectedClient, group: str, text: str, seq: int) -> None:
         client.protocol.send(cim_pb2.MSG_R, cim_pb2.Message(group=group, text=text, client_seq=seq))
@@ -787,18 +787,36 @@ class NodeRuleTests(GroupTestsMixin, TestCase):
             self.assertEqual(getattr(received, "from"), "alice")
         self.assertEqual(alice.events.of_type(cim_pb2.MSG_N), [])
         self.assertEqual(erin.events.of_type(cim_pb2.MSG_N), [])
-        # dave is a member but not connected, and this node keeps no offline storage.
+        # dave is a member but not connected: nothing is written for him, he reads the
+        # message from his cursor at his next catch-up.
         self.assertEqual(self.node.metrics.messages["group_delivered"], 2)
-        self.assertEqual(self.node.metrics.messages["group_missed"], 1)
+        self.assertEqual(self.node.metrics.messages["group_missed"], 0)
+        self.assertEqual(self.unread("dave"), {f"g:{team.id}": 1})
 
-    def test_an_offline_member_gets_a_stored_copy(self) -> None:
-        self.node.im.stores.offline = self.offline
+    def test_an_offline_member_reads_it_from_the_groups_timeline(self) -> None:
         team = self.team()
         alice = self.node.connect("alice")
         self.post(alice, team.id, "for later", 1)
         for member in ("bob", "carol", "dave"):
-            self.assertEqual(self.ok(self.offline.count(member)), 1, member)
-        self.assertEqual(self.ok(self.offline.count("alice")), 0)
+            self.assertEqual(self.unread(member), {f"g:{team.id}": 1}, member)
+        self.assertEqual(self.unread("erin"), {})  # not a member
+        dave = self.node.connect("dave")
+        dave.protocol.send(cim_pb2.OFFLINE_R, cim_pb2.OfflineR(request_id=1))
+        settle(self.node)
+        [page] = dave.events.of_type(cim_pb2.OFFLINE_A)
+        self.assertEqual(
+            [(m.text, m.seq, m.group_seq) for m in page.messages], [("for later", 1, 1)]
+        )
+
+    def test_a_member_who_joins_later_does_not_inherit_old_unread(self) -> None:
+        team = self.team()
+        alice = self.node.connect("alice")
+        self.post(alice, team.id, "before erin", 1)
+        self.ok(self.groups.add("alice", team.id, ["erin"]))
+        self.post(alice, team.id, "after erin", 2)
+        self.assertEqual(self.unread("erin"), {f"g:{team.id}": 1})
+        self.ok(self.groups.remove("alice", team.id, ["erin"]))
+        self.assertEqual(self.unread("erin"), {})
 
     def test_a_member_removed_over_group_r_can_no_longer_post(self) -> None:
         team = self.team()
@@ -853,12 +871,11 @@ class NodeRuleTests(GroupTestsMixin, TestCase):
             outcomes,
             {
                 1: (cim_pb2.FAILED, "no such user"),
-                2: (cim_pb2.FAILED, "the receiver is offline"),
+                2: (cim_pb2.STORED, ""),
             },
         )
 
     def test_an_offline_account_holder_gets_it_stored_and_a_deleted_one_does_not(self) -> None:
-        self.node.im.stores.offline = self.offline
         alice = self.node.connect("alice")
         alice.protocol.send(cim_pb2.MSG_R, cim_pb2.Message(to="frank", text="hi", client_seq=1))
         settle(self.node)
@@ -869,20 +886,20 @@ class NodeRuleTests(GroupTestsMixin, TestCase):
         self.assertEqual(outcomes, [(cim_pb2.STORED, ""), (cim_pb2.FAILED, "no such user")])
 
     def test_only_members_read_a_groups_history_and_a_removed_one_no_longer(self) -> None:
-        history = HistoryStore(self.db, retention_days=None, clock=self.node.clock)
-        self.node.im.stores.history = HistoryService(history, self.groups.is_member)
+        self.node.im.stores.history = HistoryService(self.node.timelines, self.groups.is_member)
         team = self.team()
-        self.ok(history.archive([message(900 + n, "alice", group=team.id) for n in range(3)]))
         carol = self.node.connect("carol")
         erin = self.node.connect("erin")  # has an account, is no member
         alice = self.node.connect("alice")
+        for n in range(3):
+            self.post(alice, team.id, f"post {n}", n + 1)
 
         def ask(client: ConnectedClient) -> cim_pb2.HistoryA:
             client.protocol.send(cim_pb2.HISTORY_R, cim_pb2.HistoryR(group=team.id))
             settle(self.node)
             return client.events.of_type(cim_pb2.HISTORY_A)[-1]
 
-        self.assertEqual([m.id for m in ask(carol).messages], [902, 901, 900])
+        self.assertEqual([m.text for m in ask(carol).messages], ["post 2", "post 1", "post 0"])
         refused = ask(erin)
         self.assertEqual((refused.error, list(refused.messages)), ("forbidden", []))
         alice.protocol.send(

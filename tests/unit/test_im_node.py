@@ -7,6 +7,7 @@ import struct
 from twisted.trial.unittest import SynchronousTestCase
 
 from cim.config import SUITE_CHACHA, SUITE_RC4
+from cim.im.collaborators import Stores
 from cim.protocols import cim_pb2
 from cim.protocols.wire import HEARTBEAT_FRAME
 from tests.fakes.node import ConnectedClient, NodeHarness
@@ -218,19 +219,56 @@ class MessageTests(SynchronousTestCase):
                 self.assertNotIn(client.token.encode(), wire)
                 self.assertNotIn(client.token.encode()[:16], wire)
 
-    def test_receiver_offline_or_unknown_fails_explicitly(self) -> None:
+    def test_receiver_offline_is_stored_and_unknown_fails_explicitly(self) -> None:
         node = NodeHarness(users=("carol",))
         alice = node.connect("alice")
         alice.protocol.send(cim_pb2.MSG_R, cim_pb2.Message(to="carol", text="hi", client_seq=1))
         alice.protocol.send(cim_pb2.MSG_R, cim_pb2.Message(to="nobody", text="hi", client_seq=2))
         alice.flush()
         outcomes = {ack.client_seq: ack for ack in alice.events.of_type(cim_pb2.ACK_N)}
-        self.assertEqual(outcomes[1].status, cim_pb2.FAILED)
-        self.assertEqual(outcomes[1].reason, "the receiver is offline")
+        self.assertEqual((outcomes[1].status, outcomes[1].reason), (cim_pb2.STORED, ""))
         self.assertEqual(outcomes[2].status, cim_pb2.FAILED)
         self.assertEqual(outcomes[2].reason, "no such user")
 
-    def test_receiver_leaving_before_ack_fails_the_message(self) -> None:
+    def test_msg_a_comes_after_the_append_with_conversation_and_seq(self) -> None:
+        node = NodeHarness()
+        alice = node.connect("alice")
+        bob = node.connect("bob")
+        for n in (1, 2):
+            alice.protocol.send(cim_pb2.MSG_R, cim_pb2.Message(to="bob", text=f"{n}", client_seq=n))
+        node.flush_all()
+        answers = [
+            (a.client_seq, a.conversation, a.seq) for a in alice.events.of_type(cim_pb2.MSG_A)
+        ]
+        self.assertEqual(answers, [(1, "d:alice:bob", 1), (2, "d:alice:bob", 2)])
+        copies = [(m.text, m.conversation, m.seq) for m in bob.events.of_type(cim_pb2.MSG_N)]
+        self.assertEqual(copies, [("1", "d:alice:bob", 1), ("2", "d:alice:bob", 2)])
+        # A resend of a message already appended: the same id and seq, no new row.
+        alice.protocol.send(cim_pb2.MSG_R, cim_pb2.Message(to="bob", text="1", client_seq=1))
+        node.flush_all()
+        first, *_, resent = alice.events.of_type(cim_pb2.MSG_A)
+        self.assertEqual((resent.msg_id, resent.seq), (first.msg_id, 1))
+        self.assertEqual(
+            self.successResultOf(node.timelines.summary("bob", "phone"))[0].last_seq, 2
+        )
+
+    def test_ack_r_moves_the_devices_cursor(self) -> None:
+        node = NodeHarness()
+        alice = node.connect("alice")
+        bob = node.connect("bob")
+        for n in (1, 2, 3):
+            alice.protocol.send(cim_pb2.MSG_R, cim_pb2.Message(to="bob", text=f"{n}", client_seq=n))
+        node.flush_all()
+        second = bob.events.of_type(cim_pb2.MSG_N)[1]
+        bob.protocol.send(
+            cim_pb2.ACK_R,
+            cim_pb2.AckR(msg_id=second.id, conversation=second.conversation, through_seq=2),
+        )
+        node.flush_all()
+        [state] = self.successResultOf(node.timelines.summary("bob", "phone"))
+        self.assertEqual((state.cursor, state.unread), (2, 1))
+
+    def test_receiver_leaving_before_ack_is_stored(self) -> None:
         node = NodeHarness()
         alice = node.connect("alice")
         bob = node.connect("bob", auto_ack=False)
@@ -242,7 +280,7 @@ class MessageTests(SynchronousTestCase):
         bob.flush()
         alice.flush()
         [ack_n] = alice.events.of_type(cim_pb2.ACK_N)
-        self.assertEqual((ack_n.client_seq, ack_n.status), (3, cim_pb2.FAILED))
+        self.assertEqual((ack_n.client_seq, ack_n.status), (3, cim_pb2.STORED))
 
     def test_only_the_receiver_can_acknowledge(self) -> None:
         node = NodeHarness()
@@ -552,8 +590,8 @@ class DuplicateLoginTests(SynchronousTestCase):
 
 
 class NodeWithoutCollaboratorsTests(SynchronousTestCase):
-    """A node without groups, offline storage, history or bus answers through its null
-    collaborators the way such a node always has."""
+    """A node without groups, timelines, history or bus answers through its null
+    collaborators the way such a node must."""
 
     def test_the_rooms_answer_exactly_the_client_frame_types(self) -> None:
         node = NodeHarness()
@@ -581,14 +619,17 @@ class NodeWithoutCollaboratorsTests(SynchronousTestCase):
         with self.assertRaises(ValueError):
             _merged(node.im.direct, node.im.direct)
 
-    def test_requests_are_answered_as_unavailable_or_empty(self) -> None:
-        node = NodeHarness()
+    def test_requests_are_answered_as_unavailable(self) -> None:
+        node = NodeHarness(stores=Stores())
         alice = node.connect("alice")
         alice.protocol.send(cim_pb2.GROUP_R, cim_pb2.GroupRequest(request_id=3))
-        alice.protocol.send(cim_pb2.HISTORY_R, cim_pb2.HistoryR(peer="bob"))
-        alice.protocol.send(cim_pb2.OFFLINE_R, cim_pb2.OfflineR(ack_ids=[1, 2]))
-        alice.protocol.send(cim_pb2.OFFLINE_ACK_R, cim_pb2.OfflineAckR(ack_ids=[1]))
-        alice.protocol.send(cim_pb2.OFFLINE_SUMMARY_R, cim_pb2.OfflineSummaryR())
+        alice.protocol.send(cim_pb2.HISTORY_R, cim_pb2.HistoryR(peer="bob", request_id=4))
+        mark = cim_pb2.Cursor(conversation="d:alice:bob", seq=2)
+        alice.protocol.send(cim_pb2.OFFLINE_R, cim_pb2.OfflineR(acks=[mark], request_id=5))
+        alice.protocol.send(
+            cim_pb2.OFFLINE_ACK_R, cim_pb2.OfflineAckR(cursors=[mark], request_id=6)
+        )
+        alice.protocol.send(cim_pb2.OFFLINE_SUMMARY_R, cim_pb2.OfflineSummaryR(request_id=7))
         alice.flush()
         [group] = alice.events.of_type(cim_pb2.GROUP_A)
         self.assertEqual(
@@ -600,11 +641,33 @@ class NodeWithoutCollaboratorsTests(SynchronousTestCase):
             (history.error, history.message),
             ("unavailable", "history is not kept on this node"),
         )
-        self.assertEqual(alice.events.of_type(cim_pb2.OFFLINE_A), [cim_pb2.OfflineA()])
-        self.assertEqual(alice.events.of_type(cim_pb2.OFFLINE_ACK_A), [cim_pb2.OfflineAckA()])
+        # Never silence: each catch-up request is refused by type and id.
+        refusals = [
+            (e.code, e.request_type, e.request_id, e.retry_after_ms > 0)
+            for e in alice.events.of_type(cim_pb2.ERROR)
+        ]
+        unavailable = cim_pb2.Error.UNAVAILABLE
         self.assertEqual(
-            alice.events.of_type(cim_pb2.OFFLINE_SUMMARY_A), [cim_pb2.OfflineSummaryA()]
+            refusals,
+            [
+                (unavailable, cim_pb2.OFFLINE_R, 5, True),
+                (unavailable, cim_pb2.OFFLINE_ACK_R, 6, True),
+                (unavailable, cim_pb2.OFFLINE_SUMMARY_R, 7, True),
+            ],
         )
+
+    def test_a_node_without_timelines_promises_nothing(self) -> None:
+        node = NodeHarness(stores=Stores())
+        alice = node.connect("alice")
+        bob = node.connect("bob")
+        alice.protocol.send(cim_pb2.MSG_R, cim_pb2.Message(to="bob", text="x", client_seq=4))
+        node.flush_all()
+        [error] = alice.events.of_type(cim_pb2.ERROR)
+        self.assertEqual((error.code, error.client_seq), (cim_pb2.Error.UNAVAILABLE, 4))
+        self.assertGreater(error.retry_after_ms, 0)
+        self.assertEqual(alice.events.of_type(cim_pb2.MSG_A), [])
+        self.assertEqual(alice.events.of_type(cim_pb2.ACK_N), [])
+        self.assertEqual(bob.events.of_type(cim_pb2.MSG_N), [])
 
     def test_nobody_posts_to_a_group(self) -> None:
         node = NodeHarness()
@@ -616,36 +679,53 @@ class NodeWithoutCollaboratorsTests(SynchronousTestCase):
 
     def test_a_receiver_on_another_node_is_offline_to_a_node_without_a_bus(self) -> None:
         one = NodeHarness(node_id="node1")
-        two = NodeHarness(node_id="node2", clock=one.clock, state=one.state, known=one.users)
+        two = NodeHarness(
+            node_id="node2",
+            clock=one.clock,
+            state=one.state,
+            known=one.users,
+            database=one.database,
+        )
         alice = one.connect("alice")
-        two.connect("bob")
+        bob = two.connect("bob")
         alice.protocol.send(cim_pb2.MSG_R, cim_pb2.Message(to="bob", text="x", client_seq=1))
         alice.flush()
         [ack_n] = alice.events.of_type(cim_pb2.ACK_N)
-        self.assertEqual((ack_n.status, ack_n.reason), (cim_pb2.FAILED, "the receiver is offline"))
+        self.assertEqual((ack_n.status, ack_n.reason), (cim_pb2.STORED, ""))
+        # It waits in bob's timeline: his pull on his own node finds it.
+        bob.protocol.send(cim_pb2.OFFLINE_R, cim_pb2.OfflineR(request_id=1))
+        bob.flush()
+        [page] = bob.events.of_type(cim_pb2.OFFLINE_A)
+        self.assertEqual([(m.text, m.seq) for m in page.messages], [("x", 1)])
 
-    def test_a_receiver_leaving_unacknowledged_fails_the_message_with_why(self) -> None:
+    def test_a_receiver_leaving_unacknowledged_finds_it_at_its_next_catch_up(self) -> None:
         node = NodeHarness()
         alice = node.connect("alice")
         bob = node.connect("bob")
         alice.protocol.send(cim_pb2.MSG_R, cim_pb2.Message(to="bob", text="x", client_seq=1))
         alice.flush()
         bob.flush()
+        self.assertEqual(len(bob.events.of_type(cim_pb2.MSG_N)), 1)
         bob.client_transport.loseConnection()
         bob.flush()
         alice.flush()
         [ack_n] = alice.events.of_type(cim_pb2.ACK_N)
-        self.assertEqual(
-            (ack_n.status, ack_n.reason),
-            (cim_pb2.FAILED, "the receiver disconnected before acknowledging"),
-        )
-        self.assertEqual(node.metrics.messages["failed"], 1)
+        self.assertEqual((ack_n.status, ack_n.reason), (cim_pb2.STORED, ""))
+        self.assertEqual(node.metrics.messages["stored"], 1)
+        again = node.connect("bob")
+        again.protocol.send(cim_pb2.OFFLINE_SUMMARY_R, cim_pb2.OfflineSummaryR(request_id=2))
+        again.protocol.send(cim_pb2.OFFLINE_R, cim_pb2.OfflineR(request_id=3))
+        again.flush()
+        [summary] = again.events.of_type(cim_pb2.OFFLINE_SUMMARY_A)
+        self.assertEqual([(c.peer, c.count) for c in summary.conversations], [("alice", 1)])
+        [page] = again.events.of_type(cim_pb2.OFFLINE_A)
+        self.assertEqual([m.text for m in page.messages], ["x"])
 
-    def test_system_messages_need_offline_storage(self) -> None:
-        from cim.im.collaborators import OfflineStorageOff
+    def test_system_messages_need_timelines(self) -> None:
+        from cim.history.timeline import TimelineUnavailable
 
-        node = NodeHarness()
-        self.failureResultOf(node.im.system.send_system(["alice"], "{}"), OfflineStorageOff)
+        node = NodeHarness(stores=Stores())
+        self.failureResultOf(node.im.system.send_system(["alice"], "{}"), TimelineUnavailable)
         self.assertEqual(node.metrics.messages["system"], 0)
 
 

@@ -180,12 +180,12 @@ class GateTests(SynchronousTestCase):
             group_messages_burst=1,
         )
         self.backlog: dict[str, Refusal] = {}
-        self.archive_wait = 0.0
+        self.store_wait = 0.0
         self.gate = MessageGate(
             self.clock,
             self.limits,
             backlog=self.backlog.get,
-            archive_wait=lambda: self.archive_wait,
+            store_wait=lambda: self.store_wait,
         )
 
     def check(self, seq: int, to: str = "bob", group: str = "") -> Refusal | None:
@@ -240,11 +240,11 @@ class GateTests(SynchronousTestCase):
     def test_a_full_backlog_and_a_lagging_archive_refuse_before_any_token(self) -> None:
         self.backlog["g"] = Refusal(RATE_LIMITED, 1.0, "backlog")
         self.assertEqual(self.check(1, group="g"), self.backlog["g"])
-        self.archive_wait = 1.0
+        self.store_wait = 1.0
         refusal = self.check(1, to="bob")
         assert refusal is not None
         self.assertEqual((refusal.code, refusal.retry_after), (UNAVAILABLE, 1.0))
-        self.archive_wait = 0.0
+        self.store_wait = 0.0
         self.assertIsNone(self.check(1, to="bob"))
         self.assertIsNone(self.check(2, to="bob"))  # both tokens were still there
 

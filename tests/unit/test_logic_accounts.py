@@ -7,7 +7,7 @@ from sqlalchemy.engine import Connection
 from twisted.trial.unittest import SynchronousTestCase
 
 from cim.storage.accounts import password_hash_txn
-from cim.storage.schema import bindings, history
+from cim.storage.schema import bindings, timeline
 from tests.fakes.logic import PASSWORD, LogicHarness, fired
 
 
@@ -174,13 +174,11 @@ class PasswordAndDeletionTests(SynchronousTestCase):
         self.assertFalse(fired_check(h, "ann", PASSWORD))
 
     def test_deleting_removes_the_accounts_one_to_one_history(self) -> None:
-        from cim.history.store import HistoryStore
         from cim.protocols import cim_pb2
 
         h = LogicHarness(self)
         for name in ("ann", "bob", "cat"):
             h.add_user(name)
-        store = HistoryStore(h.db, None, h.clock)
 
         def message(msg_id: int, sender: str, to: str = "", group: str = "") -> cim_pb2.Message:
             m = cim_pb2.Message(id=msg_id, to=to, group=group, text="hi", sent_at_ms=1)
@@ -188,24 +186,29 @@ class PasswordAndDeletionTests(SynchronousTestCase):
             return m
 
         group = "g" * 26
-        fired(
-            store.archive(
-                [
-                    message(1, "ann", "bob"),
-                    message(2, "bob", "ann"),
-                    message(3, "bob", "cat"),
-                    message(4, "ann", group=group),
-                ]
-            )
-        )
+        for m in (
+            message(1, "ann", "bob"),
+            message(2, "bob", "ann"),
+            message(3, "bob", "cat"),
+            message(4, "ann", group=group),
+        ):
+            fired(h.timelines.append(m, "phone"))
         self.assertEqual(h.call("DELETE", "/me", "ann", {"password": PASSWORD})[0], 200)
 
         def left(connection: Connection) -> list[int]:
-            rows = connection.execute(select(history.c.msg_id).order_by(history.c.msg_id))
+            rows = connection.execute(select(timeline.c.msg_id).order_by(timeline.c.msg_id))
             return [int(msg_id) for msg_id in rows.scalars()]
 
         # bob and cat's chat stays, and so does ann's message in the group.
         self.assertEqual(fired(h.db.run(left)), [3, 4])
+        # bob has nothing left unread there, and a new "ann" would start after seq 2.
+        [_bob_cat, ann_bob] = sorted(
+            fired(h.timelines.summary("bob", "phone")), key=lambda s: s.conversation, reverse=True
+        )
+        self.assertEqual(
+            (ann_bob.conversation, ann_bob.unread, ann_bob.last_seq), ("d:ann:bob", 0, 2)
+        )
+        self.assertEqual(fired(h.timelines.summary("ann", "phone")), [])
 
     def test_deleting_takes_the_account_out_of_cached_group_member_lists(self) -> None:
         h = LogicHarness(self)

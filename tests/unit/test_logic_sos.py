@@ -8,8 +8,8 @@ from twisted.internet.defer import Deferred
 from twisted.trial.unittest import SynchronousTestCase
 
 from cim.json_convention import iso_time
-from cim.offline.store import OfflineStore
 from tests.fakes.logic import LogicHarness, fired
+from tests.fakes.node import NodeHarness
 from tests.unit.test_logic_bindings import bind, bind_pair, family
 
 HERE = {"lat": 31.2304, "lon": 121.4737, "accuracy_m": 12.5, "battery": 41}
@@ -25,26 +25,34 @@ def notice_ids(h: LogicHarness, user: str) -> list[str]:
     return [message.id for message in h.inbox.get(user, [])]
 
 
-class FullOfflineStoreTests(SynchronousTestCase):
-    def test_an_sos_reaches_a_guardian_whose_offline_store_is_full(self) -> None:
+class DurableNoticeTests(SynchronousTestCase):
+    def test_an_sos_written_before_a_restart_reaches_the_guardian_after_it(self) -> None:
+        """System messages go into the receiver's timeline (its conversation with
+        @system) before anyone is told: a node that restarts loses none."""
         h = LogicHarness(self)
-        h.node.im.stores.offline = OfflineStore(h.db, 1)
         family(h, "watch", "g1")
-        bind(h, "g1")  # binding.created fills g1's box
-        self.assertEqual(fired(Deferred.fromCoroutine(h.ctx.notices.send(["g1"], "x.y"))), [])
-        raise_sos(h)
+        bind(h, "g1")
+        sos = raise_sos(h)
+        self.assertEqual(sos["notified"], ["g1"])
+        # The node restarts on the same database: a new node, nothing in memory.
+        restarted = NodeHarness(database=h.db, state=h.node.state)
+        h.node = restarted
         h.connect("g1")
-        self.assertEqual(len(h.notices("g1", "sos.raised")), 1)
+        raised = h.notices("g1", "sos.raised")
+        self.assertEqual(len(raised), 1)
+        self.assertEqual(raised[0]["sos"], sos["id"])
 
-    def test_a_full_box_leaves_out_only_its_owner(self) -> None:
+    def test_system_messages_for_two_receivers_are_two_timelines(self) -> None:
         h = LogicHarness(self)
-        h.node.im.stores.offline = OfflineStore(h.db, 1)
         for name in ("g1", "g2"):
             h.add_user(name)
         send = h.ctx.notices.send
         self.assertEqual(fired(Deferred.fromCoroutine(send(["g1"], "first"))), ["g1"])
-        self.assertEqual(fired(Deferred.fromCoroutine(send(["g1", "g2"], "second"))), ["g2"])
-        self.assertEqual(len(self.flushLoggedErrors()), 0)
+        self.assertEqual(fired(Deferred.fromCoroutine(send(["g1", "g2"], "second"))), ["g1", "g2"])
+        g1 = fired(h.timelines.summary("g1", "phone"))
+        g2 = fired(h.timelines.summary("g2", "phone"))
+        self.assertEqual([(s.conversation, s.unread) for s in g1], [("d:@system:g1", 2)])
+        self.assertEqual([(s.conversation, s.unread) for s in g2], [("d:@system:g2", 1)])
 
 
 class AcceptanceTests(SynchronousTestCase):

@@ -1,51 +1,46 @@
-"""Offline messages end to end in memory: stored with ack:N "stored", pulled by pages at
-login, acknowledged only once the application has them, never shown twice."""
+"""Catch-up end to end in memory: messages for a receiver who is away wait in their
+timelines (ack:N "stored" once they are durable), are pulled by pages at login past
+the device's cursor, acknowledged (the cursor moved) only once the application has
+them, and never shown twice."""
 
 from __future__ import annotations
 
 import os
 from typing import Any
 
-from twisted.internet.defer import maybeDeferred
 from twisted.trial.unittest import SynchronousTestCase
 
 from cim.client.session import ChatClient
-from cim.im.collaborators import Stores
-from cim.offline.store import OfflineStore
 from cim.protocols import cim_pb2
-from cim.storage.database import Database
+from cim.storage.timeline import group_joined
 from tests.fakes.node import NodeHarness
+from tests.fakes.timelines import fresh_database
 from tests.unit.test_client_session import make_client, result_of, settle
 from tests.unit.test_delivery import FakeGroups
 
 
-def run_now(work: Any) -> Any:
-    return maybeDeferred(work)
-
-
 class OfflineHarness:
-    def __init__(
-        self,
-        test: SynchronousTestCase,
-        max_per_user: int = 10_000,
-        page_size: int = 100,
-        groups: Any = None,
-    ) -> None:
+    def __init__(self, test: SynchronousTestCase, page_size: int = 100, groups: Any = None) -> None:
         path = os.path.abspath(test.mktemp())
-        os.makedirs(path)
-        self.db = Database(f"sqlite:///{path}/cim.db", None, runner=run_now)
-        test.successResultOf(self.db.start())
+        self.db = fresh_database(path)
         test.addCleanup(self.db.stop)
-        self.store = OfflineStore(self.db, max_per_user)
-        self.node = NodeHarness(
-            users=("alice", "bob", "carol"),
-            groups=groups,
-            stores=Stores(offline=self.store, offline_page_size=page_size),
-        )
+        self.node = NodeHarness(users=("alice", "bob", "carol"), groups=groups, database=self.db)
+        self.node.im.stores.offline_page_size = page_size
+        self.timelines = self.node.timelines
         self.test = test
 
-    def stored(self, receiver: str) -> int:
-        return int(self.test.successResultOf(self.store.count(receiver)))
+    def store(self, messages: list[cim_pb2.Message]) -> None:
+        """Messages appended as the node appends them (durable, numbered)."""
+        for message in messages:
+            self.test.successResultOf(self.timelines.append(message, message.device))
+
+    def join(self, group: str, members: list[str]) -> None:
+        self.test.successResultOf(self.db.run(group_joined, group, members))
+
+    def stored(self, receiver: str, device: str = "phone") -> int:
+        """What the receiver's device has not read yet."""
+        states = self.test.successResultOf(self.timelines.summary(receiver, device))
+        return sum(state.unread for state in states)
 
 
 def message_from(sender: str, to: str, msg_id: int, seq: int, text: str) -> cim_pb2.Message:
@@ -80,7 +75,7 @@ class OfflineTests(SynchronousTestCase):
             message_from(f"sender{n % 20}", "bob", 1000 + n, 10 + n // 20, f"{n}")
             for n in range(1000)
         ]
-        self.successResultOf(h.store.store(messages))
+        h.store(messages)
         bob, _, _ = make_client(h.node, "bob")
         shown: list[cim_pb2.Message] = []
         bob.on_message = shown.append
@@ -106,9 +101,7 @@ class OfflineTests(SynchronousTestCase):
 
     def test_a_page_not_acknowledged_comes_again_and_is_shown_once(self) -> None:
         h = OfflineHarness(self, page_size=10)
-        self.successResultOf(
-            h.store.store([message_from("alice", "bob", 500 + n, n + 1, str(n)) for n in range(5)])
-        )
+        h.store([message_from("alice", "bob", 500 + n, n + 1, str(n)) for n in range(5)])
         # A client that pulls a page and dies before acknowledging it.
         raw = h.node.connect("bob")
         raw.protocol.send(cim_pb2.OFFLINE_R, cim_pb2.OfflineR())
@@ -148,24 +141,22 @@ class OfflineTests(SynchronousTestCase):
         settle(h.node)
         self.assertEqual(shown, ["hold"])
 
-    def test_the_per_user_cap_refuses_explicitly(self) -> None:
-        h = OfflineHarness(self, max_per_user=3)
-        alice = h.node.connect("alice")
-        for seq in range(1, 5):
-            alice.protocol.send(cim_pb2.MSG_R, cim_pb2.Message(to="bob", text="x", client_seq=seq))
-        settle(h.node)
-        outcomes = [(a.status, a.reason) for a in alice.events.of_type(cim_pb2.ACK_N)]
-        self.assertEqual(outcomes[:3], [(cim_pb2.STORED, "")] * 3)
-        self.assertEqual(outcomes[3], (cim_pb2.FAILED, "the receiver has too many stored messages"))
-        self.assertEqual(h.stored("bob"), 3)
-
-    def test_summary_counts_per_sender(self) -> None:
+    def test_a_database_that_cannot_take_the_message_refuses_it(self) -> None:
         h = OfflineHarness(self)
-        self.successResultOf(
-            h.store.store(
-                [message_from("alice", "bob", 10 + n, n + 1, "a") for n in range(3)]
-                + [message_from("carol", "bob", 20, 1, "c")]
-            )
+        alice = h.node.connect("alice")
+        self.successResultOf(h.db.stop())
+        alice.protocol.send(cim_pb2.MSG_R, cim_pb2.Message(to="bob", text="x", client_seq=1))
+        settle(h.node)
+        [error] = alice.events.of_type(cim_pb2.ERROR)
+        self.assertEqual((error.code, error.client_seq), (cim_pb2.Error.UNAVAILABLE, 1))
+        self.assertEqual(alice.events.of_type(cim_pb2.MSG_A), [])
+        self.assertEqual(alice.events.of_type(cim_pb2.ACK_N), [])  # never "stored"
+
+    def test_summary_counts_per_conversation(self) -> None:
+        h = OfflineHarness(self)
+        h.store(
+            [message_from("alice", "bob", 10 + n, n + 1, "a") for n in range(3)]
+            + [message_from("carol", "bob", 20, 1, "c")]
         )
         bob, _, _ = make_client(h.node, "bob")
         bob.pull_offline = lambda: None  # type: ignore[assignment,method-assign]  # lazy client
@@ -174,8 +165,10 @@ class OfflineTests(SynchronousTestCase):
         asked = bob.offline_summary()
         settle(h.node)
         summary = result_of(asked)
-        counts = {entry.sender: entry.count for entry in summary.senders}
+        counts = {entry.peer: entry.count for entry in summary.conversations}
         self.assertEqual((counts, summary.total), ({"alice": 3, "carol": 1}, 4))
+        newest = {entry.peer: (entry.newest.id, entry.last_seq) for entry in summary.conversations}
+        self.assertEqual(newest, {"alice": (12, 3), "carol": (20, 1)})
 
     def test_online_receiver_told_to_pull_when_something_is_stored(self) -> None:
         h = OfflineHarness(self)
@@ -185,14 +178,15 @@ class OfflineTests(SynchronousTestCase):
         bob.start()
         settle(h.node)
         # A message stored for bob while he was logging in (it raced his pull).
-        self.successResultOf(h.store.store([message_from("alice", "bob", 77, 1, "raced")]))
-        h.node.im.catchup.notify_stored(["bob"])
+        h.store([message_from("alice", "bob", 77, 1, "raced")])
+        h.node.im.catchup.notify_stored(["bob"], "d:alice:bob", 1)
         settle(h.node)
         self.assertEqual(shown, ["raced"])
 
-    def test_offline_group_members_get_their_copy(self) -> None:
+    def test_offline_group_members_read_the_groups_timeline(self) -> None:
         groups = FakeGroups({"g1": ["alice", "bob", "carol"]})
         h = OfflineHarness(self, groups=groups)
+        h.join("g1", ["alice", "bob", "carol"])
         alice = h.node.connect("alice")
         carol = h.node.connect("carol", auto_ack=True)
         alice.protocol.send(cim_pb2.MSG_R, cim_pb2.Message(group="g1", text="hi", client_seq=1))

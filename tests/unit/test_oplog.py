@@ -133,18 +133,29 @@ class ConfigTests(TestCase):
         )
         self.assertEqual((config.retention_days, config.archive.batch_wait), (30.0, 0.2))
 
-    def test_archive_from_config(self) -> None:
-        from twisted.internet.task import Clock
+    def test_timeline_settings_from_config(self) -> None:
+        from cim.history.timeline import timeline_settings
 
-        from cim.history.archive import archive_from_config
-
-        history: Any = object()
-        config = parse_config("[node]\nid = n1\n[archive]\nwriter = false\nbatch_size = 7\n")
-        pipeline = archive_from_config(config, history, None, Clock())
-        assert pipeline is not None
-        self.assertEqual(
-            (pipeline.backend, pipeline.queue, pipeline._writer), ("memory", "cim.archive", False)
+        config = parse_config(
+            "[node]\nid = n1\n[offline]\nbatch_size = 7\nbatch_wait = 5ms\n"
+            "[archive]\nretention_days = 30\nmax_buffer = 90\npurge_batch = 11\n"
+            "[state]\ndedup_window = 120s\n"
         )
-        self.assertEqual(pipeline._batch_size, 7)
-        config = parse_config("[node]\nid = n1\n[archive]\nenabled = false\n")
-        self.assertIsNone(archive_from_config(config, history, None, Clock()))
+        settings = timeline_settings(config)
+        self.assertEqual(
+            (
+                settings.batch_size,
+                settings.batch_wait,
+                settings.max_backlog,
+                settings.retention_days,
+                settings.purge_batch,
+                settings.dedup_window,
+            ),
+            (7, 0.005, 90, 30.0, 11, 120.0),
+        )
+        # Keys of the removed pipelines still parse (docs/operations.md says they do
+        # nothing now).
+        parse_config(
+            "[node]\nid = n1\n[archive]\nenabled = false\nwriter = false\nqueue = q\n"
+            "[offline]\nmax_per_user = 5\nwriter = false\nqueue = q\nmax_queued = 9\n"
+        )

@@ -395,7 +395,7 @@ class ReceiptsContract(StateContract):
 
 
 class SequencesContract(StateContract):
-    """ISequenceStore: node numbers and group sequences."""
+    """ISequenceStore: node numbers."""
 
     async def test_provides_interface(self) -> None:
         self.assertTrue(verifyObject(ISequenceStore, self.state.sequences))

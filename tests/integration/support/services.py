@@ -164,6 +164,15 @@ class PrivateRedis:
         """SIGKILL: Redis vanishes the way a crashed host's would."""
         self._end(signal.SIGKILL, timeout)
 
+    def flushall(self, timeout: float = 5.0) -> None:
+        """FLUSHALL: everything Redis held is gone at once (an operator's mistake, a
+        failover to an empty replica), the process and connections stay."""
+        with socket.create_connection((self.host, self.port), timeout=timeout) as connection:
+            connection.sendall(b"*1\r\n$8\r\nFLUSHALL\r\n")
+            reply = connection.recv(64)
+        if not reply.startswith(b"+OK"):
+            raise RuntimeError(f"FLUSHALL answered {reply!r}")
+
     def pause(self) -> None:
         """SIGSTOP: connections stay open but nothing answers (a hung Redis)."""
         if self._process is not None:

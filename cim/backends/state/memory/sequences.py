@@ -11,14 +11,6 @@ from cim.interfaces import ISequenceStore
 
 @implementer(ISequenceStore)
 class MemorySequenceStore:
-    def __init__(self) -> None:
-        self._group_seqs: dict[str, int] = {}
-
     def node_number(self, node_id: str) -> Deferred[int]:
         # One process, one node: any fixed number is unique.
         return defer.succeed(1)
-
-    def next_group_seq(self, group: str) -> Deferred[int]:
-        number = self._group_seqs.get(group, 0) + 1
-        self._group_seqs[group] = number
-        return defer.succeed(number)

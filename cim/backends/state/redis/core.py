@@ -21,7 +21,6 @@ Keys (all under the prefix, ``cim:`` by default)::
                           bring the session back
     session-ended         pub/sub channel: JSON of every session that ends
     sent:{sender triple}  hash: the receipt of one sender message, for the dedup window
-    gseq:{group}          the group's last message number
     node-numbers          hash node id -> number; node-number-seq the last one given
 
 The scripts build key names from the prefix, so they need a single Redis (or a

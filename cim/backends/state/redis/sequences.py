@@ -19,7 +19,3 @@ class RedisSequenceStore:
     def node_number(self, node_id: str) -> Deferred[int]:
         d = self._core.eval(scripts.NODE_NUMBER, node_id, str(MAX_NODE_NUMBER))
         return d.addCallback(int)
-
-    def next_group_seq(self, group: str) -> Deferred[int]:
-        d = self._core.command("INCR", self._core.prefix + "gseq:" + group)
-        return d.addCallback(int)

@@ -1,0 +1,360 @@
+"""Conversations' timelines: every message once, numbered in its durable write (#14).
+
+``Timelines.append`` is the one write of a message: the node promises nothing (msg:A,
+ack:N "stored" or "accepted") before it fires. Appends are group-committed through the
+one batch writer (``cim.backends.batching.BatchWriter``): one transaction per batch,
+which numbers each conversation's new messages under its row lock
+(``cim.storage.timeline.append_txn``).
+
+A database that cannot take an append is said at once, never waited out: the
+Deferred of every message in a failed write fails with ``TimelineUnavailable`` (the
+sender is refused with UNAVAILABLE and resends), and while writes fail new appends are
+refused before they are queued. The writer keeps retrying what it holds; if such a
+batch commits later, the sender's resend finds it again (by id or by its client
+sequence) instead of appending it twice.
+
+Cursor moves from ack:R are batched too (many per transaction, each only forward);
+catch-up reads and the retention purge go straight to the database.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from sqlalchemy.exc import DataError, IntegrityError
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from cim.backends.backoff import Backoff
+from cim.backends.batching import BatchWriter
+from cim.config import CimConfig
+from cim.history.store import conversation_of
+from cim.protocols import cim_pb2
+from cim.storage.database import Database
+from cim.storage.schema import DEVICE_MAX, GROUP_ID_LENGTH, USER_NAME_MAX
+from cim.storage.timeline import (
+    Appended,
+    ConversationState,
+    CursorMove,
+    NewMessage,
+    TimelinePage,
+    append_txn,
+    conversation_page_txn,
+    move_cursors_txn,
+    purge_timeline_txn,
+    summary_txn,
+    unread_page_txn,
+)
+
+__all__ = [
+    "TimelineSettings",
+    "TimelineUnavailable",
+    "Timelines",
+    "timeline_settings",
+    "untimelineable",
+]
+
+_MAX_ID = (1 << 63) - 1
+_PERMANENT = (ValueError, DataError, IntegrityError)
+RETRY = Backoff(0.2, 10.0)
+BEHIND_RETRY = 1.0
+"""Seconds a sender is asked to wait while the timeline writer catches up."""
+
+_log = Logger(namespace="cim.timeline")
+
+
+class TimelineUnavailable(Exception):
+    """The timeline cannot take or read messages now (the database is down or behind)."""
+
+
+def untimelineable(message: cim_pb2.Message, sender_device: str) -> str | None:
+    """Why the timeline could never hold this message, or None if it can."""
+    sender = getattr(message, "from")
+    if not 0 < message.id <= _MAX_ID:
+        return f"message id {message.id} is not a server message id"
+    if not sender or not (message.group or message.to):
+        return "the message has no sender, or neither a receiver nor a group"
+    if len(sender) > USER_NAME_MAX or len(message.to) > USER_NAME_MAX:
+        return "a user name is longer than the database allows"
+    if len(message.group) > GROUP_ID_LENGTH or len(sender_device) > DEVICE_MAX:
+        return "the group id or device name is longer than the database allows"
+    if message.client_seq > _MAX_ID:
+        return "client_seq is 2**63 or more"
+    return None
+
+
+@dataclass(frozen=True)
+class TimelineSettings:
+    """From ``[offline]`` (the group commit) and ``[archive]`` (backlog, retention)."""
+
+    batch_size: int = 200
+    batch_wait: float = 0.002
+    max_backlog: int = 50_000
+    dedup_window: float = 600.0
+    retention_days: float | None = None
+    purge_interval: float = 3600.0
+    purge_batch: int = 1000
+
+
+def timeline_settings(config: CimConfig) -> TimelineSettings:
+    """``[offline] batch_size``/``batch_wait`` group-commit the appends; ``[archive]
+    max_buffer`` bounds what waits, ``retention_days``/``purge_*`` purge old messages;
+    ``[state] dedup_window`` is how far back a resend is looked for."""
+    return TimelineSettings(
+        batch_size=config.offline.batch_size,
+        batch_wait=config.offline.batch_wait,
+        max_backlog=config.archive.max_buffer,
+        dedup_window=config.state.dedup_window,
+        retention_days=config.retention_days,
+        purge_interval=config.archive.purge_interval,
+        purge_batch=config.archive.purge_batch,
+    )
+
+
+@dataclass(eq=False)
+class _Append:
+    message: NewMessage
+    answer: Deferred[Appended] = field(default_factory=Deferred)
+
+
+class Timelines:
+    """The node's timelines: appends, cursor moves, catch-up and history reads."""
+
+    def __init__(
+        self, db: Database, clock: IReactorTime, settings: TimelineSettings = TimelineSettings()
+    ) -> None:
+        self._db = db
+        self._clock = clock
+        self.settings = settings
+        self.counts: Counter[str] = Counter()
+        self._failing = False
+        self._behind = False
+        self._stopping = False
+        self._appends: BatchWriter[_Append] = BatchWriter(
+            clock,
+            self._write,
+            name="timeline",
+            log=_log,
+            batch_size=settings.batch_size,
+            batch_wait=settings.batch_wait,
+            retry=RETRY,
+            permanent=_PERMANENT,
+            on_written=self._written,
+            on_failure=self._write_failed,
+            on_rejected=self._rejected,
+            on_abandoned=self._abandoned,
+        )
+        self._cursors: BatchWriter[CursorMove] = BatchWriter(
+            clock,
+            lambda moves: db.run(move_cursors_txn, moves),
+            name="cursors",
+            log=_log,
+            batch_size=settings.batch_size,
+            batch_wait=max(settings.batch_wait, 0.05),
+            retry=RETRY,
+            permanent=_PERMANENT,
+        )
+        self._purge: LoopingCall | None = None
+
+    # --- lifecycle --------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self.settings.purge_interval and self.settings.retention_days is not None:
+            self._purge = LoopingCall(self.purge)
+            self._purge.clock = self._clock
+            self._purge.start(self.settings.purge_interval, now=True)
+
+    def stop(self) -> Deferred[None]:
+        """Write what is taken (one attempt) before the database stops."""
+        self._stopping = True
+        if self._purge is not None and self._purge.running:
+            self._purge.stop()
+        self._purge = None
+
+        async def drain() -> None:
+            await self._appends.stop(flush=True)
+            await self._cursors.stop(flush=True)
+
+        return Deferred.fromCoroutine(drain())
+
+    # --- appending --------------------------------------------------------------------
+
+    @property
+    def pending(self) -> int:
+        """Messages taken and not yet committed."""
+        return self._appends.pending
+
+    def behind(self) -> float:
+        """Seconds new messages should wait (the writer holds ``max_backlog`` or its
+        writes fail); 0.0 while it keeps up."""
+        if self._failing:
+            return BEHIND_RETRY
+        waiting = self._appends.pending
+        if self._behind:
+            if waiting >= self.settings.max_backlog // 2:
+                return BEHIND_RETRY
+            self._behind = False
+            return 0.0
+        if waiting < self.settings.max_backlog:
+            return 0.0
+        self._behind = True
+        self.counts["behind"] += 1
+        return BEHIND_RETRY
+
+    def append(self, message: cim_pb2.Message, sender_device: str) -> Deferred[Appended]:
+        """Append a taken message; fires once it is durable, with its seq (and the
+        first id when it is a resend of one appended before)."""
+        if self._failing or self._stopping:
+            return fail(TimelineUnavailable("the timeline cannot be written now"))
+        reason = untimelineable(message, sender_device)
+        if reason is not None:
+            return fail(ValueError(reason))
+        sender = getattr(message, "from")
+        readers: tuple[tuple[str, str], ...] = ()
+        if not message.group:
+            # "@system" (cim.im.system) reads nothing: only people get a reader row.
+            pairs = ((sender, message.to), (message.to, sender))
+            readers = tuple(pair for pair in pairs if not pair[0].startswith("@"))
+        sent_ms = message.sent_at_ms or 0
+        entry = _Append(
+            NewMessage(
+                conversation_of(message),
+                message.id,
+                sender,
+                sender_device,
+                message.client_seq,
+                sent_ms / 1000.0,
+                message.SerializeToString(deterministic=True),
+                readers,
+            )
+        )
+        # The answer says how it ended; the writer's own Deferred adds nothing to it.
+        self._appends.add(entry).addErrback(lambda _: None)
+        return entry.answer
+
+    def _write(self, batch: list[_Append]) -> Deferred[int]:
+        since = self._clock.seconds() - self.settings.dedup_window
+        d = self._db.run(append_txn, [entry.message for entry in batch], since)
+
+        def placed(where: dict[int, Appended]) -> int:
+            for entry in batch:
+                if not entry.answer.called:
+                    entry.answer.callback(where[entry.message.msg_id])
+            return sum(1 for appended in where.values() if appended.new)
+
+        return d.addCallback(placed)
+
+    def _written(self, batch: list[_Append], new_rows: int) -> None:
+        self.counts["appended"] += new_rows
+        if self._failing:
+            self._failing = False
+            _log.info("timeline: appends work again")
+
+    def _write_failed(self, batch: list[_Append], failure: Failure) -> None:
+        self.counts["write_failed"] += 1
+        if failure.check(*_PERMANENT):
+            return  # the batch is split to find the one message at fault
+        self._failing = True
+        for entry in batch:
+            if not entry.answer.called:
+                entry.answer.errback(TimelineUnavailable(failure.getErrorMessage()))
+
+    def _rejected(self, entry: _Append, failure: Failure) -> None:
+        self.counts["rejected"] += 1
+        _log.error(
+            "timeline: message {id} cannot be appended: {why}",
+            id=entry.message.msg_id,
+            why=failure.getErrorMessage(),
+        )
+        if not entry.answer.called:
+            entry.answer.errback(failure)
+
+    def _abandoned(self, batch: list[_Append], failure: Failure) -> None:
+        lost = [entry for entry in batch if not entry.answer.called]
+        for entry in lost:
+            entry.answer.errback(TimelineUnavailable("the node stopped before the write"))
+        if lost:
+            _log.error(
+                "timeline: {count} messages were not written at shutdown ({why}); their "
+                "senders were refused and resend them",
+                count=len(lost),
+                why=failure.getErrorMessage(),
+            )
+
+    # --- cursors ----------------------------------------------------------------------
+
+    def move_cursor(self, user: str, device: str, conversation: str, seq: int) -> None:
+        """ack:R: the device has every message of the conversation through ``seq``
+        (batched; a lost move only means those messages are offered again)."""
+        if seq > 0 and conversation:
+            move = CursorMove(user, device, conversation, min(seq, _MAX_ID))
+            self._cursors.add(move).addErrback(lambda _: None)
+
+    def move_cursors(
+        self, user: str, device: str, marks: Sequence[cim_pb2.Cursor]
+    ) -> Deferred[int]:
+        """OFFLINE_R.acks, OFFLINE_ACK_R: fires with how many moved."""
+        moves = [
+            CursorMove(user, device, mark.conversation, min(mark.seq, _MAX_ID))
+            for mark in marks
+            if mark.conversation and mark.seq
+        ]
+        if not moves:
+            return succeed(0)
+        return self._db.run(move_cursors_txn, moves)
+
+    # --- reading ----------------------------------------------------------------------
+
+    def summary(self, user: str, device: str) -> Deferred[list[ConversationState]]:
+        return self._db.run(summary_txn, user, device)
+
+    def unread_page(
+        self,
+        user: str,
+        device: str,
+        conversation: str,
+        before: int | None,
+        limit: int,
+        max_bytes: int,
+    ) -> Deferred[TimelinePage]:
+        return self._db.run(
+            unread_page_txn, user, device, conversation or None, before, limit, max_bytes
+        )
+
+    def conversation_page(
+        self, conversation: str, before: int | None, after: int, limit: int, max_bytes: int
+    ) -> Deferred[TimelinePage]:
+        return self._db.run(conversation_page_txn, conversation, before, after, limit, max_bytes)
+
+    # --- retention --------------------------------------------------------------------
+
+    def purge(self) -> Deferred[None]:
+        """One pass of ``[archive] retention_days``: batches of ``purge_batch`` rows."""
+        days = self.settings.retention_days
+        if days is None:
+            return succeed(None)
+        cutoff = self._clock.seconds() - days * 86400.0
+
+        async def purge() -> None:
+            total = 0
+            while True:
+                deleted = await self._db.run(purge_timeline_txn, cutoff, self.settings.purge_batch)
+                total += deleted
+                if deleted < self.settings.purge_batch:
+                    break
+            self.counts["purged"] += total
+            if total:
+                _log.info("timeline: purged {count} messages past retention", count=total)
+
+        d = Deferred.fromCoroutine(purge())
+        d.addErrback(
+            lambda failure: _log.warn(
+                "timeline: the retention purge failed ({why})", why=failure.getErrorMessage()
+            )
+        )
+        return d

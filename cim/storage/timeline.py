@@ -1,0 +1,633 @@
+"""Transactions on the timelines (``conversations``, ``timeline``, ``user_conversations``,
+``cursors``), run by ``Database.run``; docs/internals.md "Timelines" says why.
+
+``append_txn`` numbers messages inside the transaction that writes them: one
+``INSERT ... ON CONFLICT DO UPDATE SET last_seq = last_seq + n RETURNING last_seq``
+for the batch's conversations (each conversation's row lock: two nodes appending to
+one conversation wait for each other, so numbers are dense and never given twice; a
+batch that rolls back gives back nothing, because the raised ``last_seq`` rolls back
+with it), then one bulk insert of the rows. Conversations are locked in key order, so
+two batches that share conversations cannot deadlock.
+
+Reads are pages by seq (one conversation) or by message id (across all of a user's),
+bounded in count and in bytes: the sizes are read first, then only the payloads that
+fit; one message larger than the bound comes alone.
+
+Inputs are expected to be well-formed (ids in range, names checked): ``cim.history.
+timeline`` does that before any database work.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import and_, case, delete, or_, select, text
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection
+from sqlalchemy.sql.elements import ColumnElement, TextClause
+
+from cim.history.store import group_conversation
+from cim.storage.schema import conversations, cursors, timeline, user_conversations
+
+__all__ = [
+    "PAGE_ENTRY_OVERHEAD",
+    "Appended",
+    "ConversationState",
+    "CursorMove",
+    "NewMessage",
+    "TimelinePage",
+    "TimelineRecord",
+    "add_readers_txn",
+    "append_txn",
+    "conversation_page_txn",
+    "forget_user",
+    "group_joined",
+    "group_left",
+    "move_cursors_txn",
+    "purge_timeline_txn",
+    "remove_readers_txn",
+    "summary_txn",
+    "unread_count_txn",
+    "unread_page_txn",
+]
+
+_CHUNK = 500
+"""Values per ``IN (...)`` or bulk insert: well below SQLite's bound-parameter limit."""
+
+PAGE_ENTRY_OVERHEAD = 6
+"""Bytes a message costs in a page beyond its serialized size: its field tag and
+length prefix (a varint of at most 5 bytes)."""
+
+
+# --- records --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class NewMessage:
+    """A message to append. ``readers``: a 1:1 conversation's two users (user, peer),
+    who read it from its first message on; empty for a group's (members join)."""
+
+    conversation: str
+    msg_id: int
+    sender: str
+    sender_device: str
+    client_seq: int
+    sent_at: float
+    payload: bytes
+    readers: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Appended:
+    """Where a message is: its id (an earlier one's for a resend found again) and seq."""
+
+    msg_id: int
+    conversation: str
+    seq: int
+    new: bool
+
+
+@dataclass(frozen=True, slots=True)
+class CursorMove:
+    user: str
+    device: str
+    conversation: str
+    seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class TimelineRecord:
+    conversation: str
+    seq: int
+    msg_id: int
+    sent_at: float
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class TimelinePage:
+    """Newest first. ``more``: older ones remain; ``next_before`` is where to go on
+    (a seq for one conversation's page, a message id for a page across all)."""
+
+    records: tuple[TimelineRecord, ...]
+    more: bool
+    next_before: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class ConversationState:
+    """One of a user's conversations as one of its devices sees it."""
+
+    conversation: str
+    peer: str | None
+    group_id: str | None
+    last_seq: int
+    cursor: int
+    """The device's read point: its cursor, or the user's floor when that is higher."""
+    newest: TimelineRecord | None
+    """The newest message when some are unread (past ``cursor``), else None."""
+
+    @property
+    def unread(self) -> int:
+        return max(0, self.last_seq - self.cursor)
+
+
+# --- helpers --------------------------------------------------------------------------
+
+
+def _insert(connection: Connection, table: Any) -> Any:
+    """The dialect's own INSERT, since ON CONFLICT is not in SQLAlchemy's generic one."""
+    name = connection.dialect.name
+    if name == "postgresql":
+        return postgresql.insert(table)
+    if name == "sqlite":
+        return sqlite.insert(table)
+    raise NotImplementedError(f"cim does not support the {name} database")
+
+
+def _chunks(values: Sequence[Any]) -> Iterable[Sequence[Any]]:
+    for start in range(0, len(values), _CHUNK):
+        yield values[start : start + _CHUNK]
+
+
+_KEYS_PER_READ = 200
+"""Composite keys per read: SQLite looks up ``a = ? AND b = ? OR ...`` in an index
+(a row-value ``IN`` would scan the table), and its expression depth stays bounded."""
+
+
+def _any_of(columns: Sequence[Any], keys: Iterable[Sequence[Any]]) -> ColumnElement[bool]:
+    """``(c1 = k1 AND c2 = k2 ...) OR ...``: each composite key through its index."""
+    return or_(*(and_(*(c == v for c, v in zip(columns, key, strict=True))) for key in keys))
+
+
+def _record(row: Any) -> TimelineRecord:
+    return TimelineRecord(row.conversation, row.seq, row.msg_id, row.sent_at, bytes(row.payload))
+
+
+def _fitting(sizes: Sequence[Any], limit: int, max_bytes: int | None) -> tuple[list[Any], bool]:
+    """The keys (newest first) of a page from ``(key, size)`` rows, at most ``limit``
+    (the rows hold one more, to tell whether more remain) and ``max_bytes``; at least one.
+    """
+    chosen: list[Any] = []
+    total = 0
+    for key, size in sizes[:limit]:
+        cost = int(size) + PAGE_ENTRY_OVERHEAD
+        if chosen and max_bytes is not None and total + cost > max_bytes:
+            break
+        chosen.append(key)
+        total += cost
+    return chosen, len(sizes) > len(chosen)
+
+
+# --- appending ------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=512)
+def _lookup_sql(ids: int, keys: int) -> TextClause:
+    """The resend lookup as plain SQL with named parameters: built from two counts and
+    cached by its text, where an expression tree of thousands of nodes would be built
+    and its cache key computed again for every batch. Each ``sender = ... AND ...``
+    term is a lookup in ``ix_timeline_sender`` (SQLite scans the table for a row-value
+    ``IN``)."""
+    terms = [f"msg_id IN ({', '.join(f':m{i}' for i in range(ids))})"]
+    terms += [
+        f"(sender = :s{i} AND sender_device = :d{i} AND client_seq = :c{i})" for i in range(keys)
+    ]
+    return text(
+        "SELECT msg_id, conversation, seq, sender, sender_device, client_seq, sent_at "
+        "FROM timeline WHERE " + " OR ".join(terms)
+    )
+
+
+def _found_again(
+    connection: Connection, batch: Sequence[NewMessage], dedup_since: float
+) -> dict[int, Appended]:
+    """Messages of the batch already in a timeline, in one read: by id (a resend the
+    receipts knew), or by (sender, device, client_seq) within the dedup window (the
+    receipts were lost)."""
+    found: dict[int, Appended] = {}
+    by_key: dict[int, Appended] = {}
+    keyed = {(m.sender, m.sender_device, m.client_seq): m.msg_id for m in batch if m.client_seq}
+    ids = {m.msg_id for m in batch}
+    for start in range(0, len(batch), _KEYS_PER_READ):
+        part = batch[start : start + _KEYS_PER_READ]
+        with_keys = [m for m in part if m.client_seq]
+        params: dict[str, Any] = {f"m{i}": m.msg_id for i, m in enumerate(part)}
+        for i, m in enumerate(with_keys):
+            params[f"s{i}"], params[f"d{i}"], params[f"c{i}"] = (
+                m.sender,
+                m.sender_device,
+                m.client_seq,
+            )
+        rows = connection.execute(_lookup_sql(len(part), len(with_keys)), params)
+        for row in rows:
+            where = Appended(row.msg_id, row.conversation, row.seq, False)
+            if row.msg_id in ids:
+                found[row.msg_id] = where
+            # The window is checked here, not in SQL: a condition on sent_at would make
+            # SQLite scan the window's rows instead of looking the keys up.
+            asked = keyed.get((row.sender, row.sender_device, row.client_seq))
+            if asked is not None and row.sent_at >= dedup_since:
+                by_key.setdefault(asked, where)
+    for asked, where in by_key.items():
+        found.setdefault(asked, where)  # an id found as itself wins
+    return found
+
+
+def append_txn(
+    connection: Connection, batch: Sequence[NewMessage], dedup_since: float = 0.0
+) -> dict[int, Appended]:
+    """Append a batch; returns where each message (by the id it came with) now is.
+
+    A message already appended (same id, or same sender, device and client sequence
+    sent since ``dedup_since``) is not appended again: its answer names the first.
+    """
+    placed = _found_again(connection, batch, dedup_since)
+    fresh: dict[str, list[NewMessage]] = defaultdict(list)
+    taken: set[int] = set()
+    for message in batch:
+        if message.msg_id in placed or message.msg_id in taken:
+            continue
+        taken.add(message.msg_id)
+        fresh[message.conversation].append(message)
+    rows: list[dict[str, Any]] = []
+    readers: dict[tuple[str, str], dict[str, Any]] = {}
+    keys = sorted(fresh)  # one lock order for every writer: no deadlock
+    last: dict[str, int] = {}
+    if keys:
+        # One statement (executed as multi-row VALUES batches, compiled once) numbers
+        # every conversation of the batch: each row's lock is held to commit, so a
+        # conversation's numbers are this batch's alone.
+        statement = _insert(connection, conversations)
+        upsert = statement.on_conflict_do_update(
+            index_elements=[conversations.c.key],
+            set_={"last_seq": conversations.c.last_seq + statement.excluded.last_seq},
+        ).returning(conversations.c.key, conversations.c.last_seq)
+        rows_in = [{"key": key, "last_seq": len(fresh[key])} for key in keys]
+        last.update((key, int(seq)) for key, seq in connection.execute(upsert, rows_in))
+    for key in keys:
+        messages = fresh[key]
+        count = len(messages)
+        for offset, message in enumerate(messages):
+            seq = last[key] - count + 1 + offset
+            placed[message.msg_id] = Appended(message.msg_id, key, seq, True)
+            rows.append(
+                {
+                    "conversation": key,
+                    "seq": seq,
+                    "msg_id": message.msg_id,
+                    "sender": message.sender,
+                    "sender_device": message.sender_device,
+                    "client_seq": message.client_seq,
+                    "sent_at": message.sent_at,
+                    "payload": message.payload,
+                    "size": len(message.payload),
+                }
+            )
+        if last[key] == count:  # the conversation's first messages: its readers start
+            for user, peer in messages[0].readers:
+                readers[(user, key)] = {
+                    "user_name": user,
+                    "conversation": key,
+                    "peer": peer,
+                    "group_id": None,
+                    "floor_seq": 0,
+                }
+    for chunk in _chunks(rows):
+        connection.execute(timeline.insert(), list(chunk))
+    if readers:
+        connection.execute(
+            _insert(connection, user_conversations).on_conflict_do_nothing(),
+            list(readers.values()),
+        )
+    return placed
+
+
+# --- readers of a conversation (group membership) -----------------------------------
+
+
+def add_readers_txn(
+    connection: Connection, conversation: str, users: Iterable[str], group_id: str
+) -> None:
+    """Members joining a group read its timeline from now on (floor at ``last_seq``:
+    a new member does not inherit old unread). Runs inside the joining transaction."""
+    names = sorted(set(users))
+    if not names:
+        return
+    connection.execute(
+        _insert(connection, conversations)
+        .values(key=conversation, last_seq=0)
+        .on_conflict_do_nothing(index_elements=[conversations.c.key])
+    )
+    last = int(
+        connection.execute(
+            select(conversations.c.last_seq).where(conversations.c.key == conversation)
+        ).scalar_one()
+    )
+    connection.execute(
+        _insert(connection, user_conversations).on_conflict_do_nothing(),
+        [
+            {
+                "user_name": user,
+                "conversation": conversation,
+                "peer": None,
+                "group_id": group_id,
+                "floor_seq": last,
+            }
+            for user in names
+        ],
+    )
+
+
+def group_joined(connection: Connection, group_id: str, users: Iterable[str]) -> None:
+    """In the transaction that adds members: they read the group from now on."""
+    add_readers_txn(connection, group_conversation(group_id), users, group_id)
+
+
+def group_left(connection: Connection, group_id: str, users: Iterable[str] | None) -> None:
+    """In the transaction that removes members (None: all, dissolved)."""
+    remove_readers_txn(connection, group_conversation(group_id), users)
+
+
+def remove_readers_txn(
+    connection: Connection, conversation: str, users: Iterable[str] | None = None
+) -> None:
+    """Members leaving (None: everyone, the group is gone) stop reading it."""
+    readers = user_conversations.c.conversation == conversation
+    marks = cursors.c.conversation == conversation
+    if users is not None:
+        names = sorted(set(users))
+        if not names:
+            return
+        readers = and_(readers, user_conversations.c.user_name.in_(names))
+        marks = and_(marks, cursors.c.user_name.in_(names))
+    connection.execute(delete(user_conversations).where(readers))
+    connection.execute(delete(cursors).where(marks))
+
+
+def forget_user(connection: Connection, name: str) -> None:
+    """An account is deleted: its 1:1 conversations lose their messages (a name can
+    be registered again, and whoever took it must not read these chats), its reader
+    rows and cursors go; the conversations keep their ``last_seq``, so a seq is never
+    given twice, and the peers' floors move there (nothing left unread)."""
+    mine = list(
+        connection.execute(
+            select(user_conversations.c.conversation).where(
+                user_conversations.c.user_name == name, user_conversations.c.peer.is_not(None)
+            )
+        ).scalars()
+    )
+    for chunk in _chunks(sorted(mine)):
+        connection.execute(delete(timeline).where(timeline.c.conversation.in_(chunk)))
+        connection.execute(
+            user_conversations.update()
+            .where(user_conversations.c.conversation.in_(chunk))
+            .values(
+                floor_seq=select(conversations.c.last_seq)
+                .where(conversations.c.key == user_conversations.c.conversation)
+                .scalar_subquery()
+            )
+        )
+    connection.execute(delete(user_conversations).where(user_conversations.c.user_name == name))
+    connection.execute(delete(cursors).where(cursors.c.user_name == name))
+
+
+# --- cursors --------------------------------------------------------------------------
+
+
+def move_cursors_txn(connection: Connection, moves: Sequence[CursorMove]) -> int:
+    """Move device cursors forward (never back, never past ``last_seq``, only in the
+    user's own conversations); returns how many moved."""
+    wanted: dict[tuple[str, str, str], int] = {}
+    for move in moves:
+        key = (move.user, move.device, move.conversation)
+        wanted[key] = max(wanted.get(key, 0), move.seq)
+    if not wanted:
+        return 0
+    by_user: dict[str, set[str]] = defaultdict(set)
+    for user, _, conversation in wanted:
+        by_user[user].add(conversation)
+    last: dict[tuple[str, str], int] = {}
+    for user, keys in by_user.items():
+        for chunk in _chunks(sorted(keys)):
+            for row in connection.execute(
+                select(user_conversations.c.conversation, conversations.c.last_seq)
+                .join(conversations, conversations.c.key == user_conversations.c.conversation)
+                .where(
+                    user_conversations.c.user_name == user,
+                    user_conversations.c.conversation.in_(chunk),
+                )
+            ):
+                last[(user, row.conversation)] = int(row.last_seq)
+    values = []
+    for (user, device, conversation), seq in sorted(wanted.items()):
+        if (user, conversation) not in last:
+            continue  # not one of the user's conversations
+        target = min(seq, last[(user, conversation)])
+        if target > 0:
+            values.append(
+                {"user_name": user, "device": device, "conversation": conversation, "seq": target}
+            )
+    if not values:
+        return 0
+    statement = _insert(connection, cursors)
+    upsert = statement.on_conflict_do_update(
+        index_elements=[cursors.c.user_name, cursors.c.device, cursors.c.conversation],
+        set_={
+            "seq": case(
+                (statement.excluded.seq > cursors.c.seq, statement.excluded.seq),
+                else_=cursors.c.seq,
+            )
+        },
+        where=statement.excluded.seq > cursors.c.seq,
+    )
+    moved = 0
+    for value in values:
+        moved += connection.execute(upsert, value).rowcount
+    return moved
+
+
+# --- reading --------------------------------------------------------------------------
+
+
+def _read_point(floor: int, cursor: int | None) -> int:
+    return max(int(floor), int(cursor or 0))
+
+
+def summary_txn(connection: Connection, user: str, device: str) -> list[ConversationState]:
+    """Every conversation of the user as ``device`` sees it, newest activity first
+    (design: 优化方案1): its unread count, read point, and newest unread message."""
+    mine = and_(
+        cursors.c.user_name == user_conversations.c.user_name,
+        cursors.c.device == device,
+        cursors.c.conversation == user_conversations.c.conversation,
+    )
+    rows = connection.execute(
+        select(
+            user_conversations.c.conversation,
+            user_conversations.c.peer,
+            user_conversations.c.group_id,
+            user_conversations.c.floor_seq,
+            conversations.c.last_seq,
+            cursors.c.seq,
+        )
+        .join(conversations, conversations.c.key == user_conversations.c.conversation)
+        .outerjoin(cursors, mine)
+        .where(user_conversations.c.user_name == user)
+    ).all()
+    points = {row.conversation: _read_point(row.floor_seq, row.seq) for row in rows}
+    unread = [
+        (row.conversation, int(row.last_seq))
+        for row in rows
+        if row.last_seq > points[row.conversation]
+    ]
+    newest: dict[str, TimelineRecord] = {}
+    for start in range(0, len(unread), _KEYS_PER_READ):
+        chunk = unread[start : start + _KEYS_PER_READ]
+        for row in connection.execute(
+            select(timeline).where(_any_of((timeline.c.conversation, timeline.c.seq), chunk))
+        ):
+            newest[row.conversation] = _record(row)
+    states = [
+        ConversationState(
+            row.conversation,
+            row.peer,
+            row.group_id,
+            int(row.last_seq),
+            points[row.conversation],
+            newest.get(row.conversation),
+        )
+        for row in rows
+    ]
+    states.sort(
+        key=lambda s: (s.newest.msg_id if s.newest is not None else 0, s.last_seq), reverse=True
+    )
+    return states
+
+
+def _page(
+    connection: Connection, sizes: Sequence[Any], limit: int, max_bytes: int | None, by_id: bool
+) -> TimelinePage:
+    chosen, more = _fitting(sizes, limit, max_bytes)
+    if not chosen:
+        return TimelinePage((), False)
+    condition: ColumnElement[bool]
+    if by_id:
+        condition = timeline.c.msg_id.in_(chosen)
+        order = timeline.c.msg_id.desc()
+    else:
+        # One conversation's page: its key and the seqs (an index range lookup).
+        condition = and_(
+            timeline.c.conversation == chosen[0][0],
+            timeline.c.seq.in_([seq for _, seq in chosen]),
+        )
+        order = timeline.c.seq.desc()
+    records = tuple(
+        _record(row)
+        for row in connection.execute(select(timeline).where(condition).order_by(order))
+    )
+    next_before = 0
+    if more and records:
+        next_before = records[-1].msg_id if by_id else records[-1].seq
+    return TimelinePage(records, more, next_before)
+
+
+def conversation_page_txn(
+    connection: Connection,
+    conversation: str,
+    before: int | None,
+    after: int,
+    limit: int,
+    max_bytes: int | None = None,
+) -> TimelinePage:
+    """One conversation by seq, newest first, only ``after < seq < before``: history,
+    a gap fill, or the unread past a read point. The caller checked the reader."""
+    query = select(timeline.c.seq, timeline.c.size).where(
+        timeline.c.conversation == conversation, timeline.c.seq > after
+    )
+    if before is not None:
+        query = query.where(timeline.c.seq < before)
+    sizes = connection.execute(query.order_by(timeline.c.seq.desc()).limit(limit + 1)).all()
+    keyed = [((conversation, seq), size) for seq, size in sizes]
+    return _page(connection, keyed, limit, max_bytes, by_id=False)
+
+
+def unread_page_txn(
+    connection: Connection,
+    user: str,
+    device: str,
+    conversation: str | None,
+    before: int | None,
+    limit: int,
+    max_bytes: int | None = None,
+) -> TimelinePage:
+    """What ``device`` has not read: of one conversation (by seq; ``before`` a seq) or
+    across all of the user's (by message id; ``before`` an id), newest first."""
+    mine = and_(
+        cursors.c.user_name == user,
+        cursors.c.device == device,
+        cursors.c.conversation == user_conversations.c.conversation,
+    )
+    if conversation:
+        point = connection.execute(
+            select(user_conversations.c.floor_seq, cursors.c.seq)
+            .outerjoin(cursors, mine)
+            .where(
+                user_conversations.c.user_name == user,
+                user_conversations.c.conversation == conversation,
+            )
+        ).first()
+        if point is None:
+            return TimelinePage((), False)
+        return conversation_page_txn(
+            connection,
+            conversation,
+            before,
+            _read_point(point.floor_seq, point.seq),
+            limit,
+            max_bytes,
+        )
+    query = (
+        select(timeline.c.msg_id, timeline.c.size)
+        .join(
+            user_conversations,
+            and_(
+                user_conversations.c.user_name == user,
+                user_conversations.c.conversation == timeline.c.conversation,
+            ),
+        )
+        .outerjoin(cursors, mine)
+        .where(
+            timeline.c.seq > user_conversations.c.floor_seq,
+            or_(cursors.c.seq.is_(None), timeline.c.seq > cursors.c.seq),
+        )
+    )
+    if before is not None:
+        query = query.where(timeline.c.msg_id < before)
+    sizes = connection.execute(query.order_by(timeline.c.msg_id.desc()).limit(limit + 1)).all()
+    return _page(connection, sizes, limit, max_bytes, by_id=True)
+
+
+def purge_timeline_txn(connection: Connection, cutoff: float, batch_size: int) -> int:
+    """Delete at most batch_size messages sent before cutoff, oldest first; the
+    conversations keep their ``last_seq``, so no number is ever given again."""
+    oldest = (
+        select(timeline.c.msg_id)
+        .where(timeline.c.sent_at < cutoff)
+        .order_by(timeline.c.sent_at)
+        .limit(batch_size)
+    )
+    ids = list(connection.execute(oldest).scalars())
+    if not ids:
+        return 0
+    result = connection.execute(delete(timeline).where(timeline.c.msg_id.in_(ids)))
+    return int(result.rowcount)
+
+
+def unread_count_txn(connection: Connection, user: str, device: str) -> int:
+    """Messages ``device`` has not read, all conversations (for tests and tools)."""
+    return sum(state.unread for state in summary_txn(connection, user, device))
