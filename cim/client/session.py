@@ -143,6 +143,8 @@ class ChatClient:
             backoff,
             rng,
         )
+        self.offered = self.dialer.offered
+        """The cipher suites the hello offers (only ``suite`` if one was asked for)."""
         self._online_waiters: list[Deferred[None]] = []
         self._next_seq = int(time.time() * 1_000_000)
         # The last client_seq sent to each receiver or group, for Message.prev_seq.

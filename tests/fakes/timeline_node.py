@@ -21,7 +21,7 @@ class FakeTransport:
         self.connection = connection
         self.closed = False
 
-    def loseConnection(self) -> None:  # noqa: N802 (Twisted's name)
+    def loseConnection(self) -> None:
         self.closed = True
 
 

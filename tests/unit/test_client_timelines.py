@@ -80,7 +80,9 @@ class GapTests(SynchronousTestCase):
         self.assertEqual(texts(self.shown), ["three"])
         self.node.pump()
         [ack] = self.node.of_type(cim_pb2.ACK_R)
-        self.assertEqual((ack.msg_id, ack.conversation, ack.through_seq), (three.id, "d:alice:bob", 3))
+        self.assertEqual(
+            (ack.msg_id, ack.conversation, ack.through_seq), (three.id, "d:alice:bob", 3)
+        )
         self.assertEqual(self.node.cursors["d:alice:bob"], 3)
 
     def test_a_lost_live_copy_is_fetched_and_both_shown_once_in_order(self) -> None:
@@ -211,7 +213,9 @@ class CatchUpTests(SynchronousTestCase):
         self.assertEqual(node.cursors, {"d:alice:bob": 7, "d:bob:carol": 2})
         # carol's cursor went with alice's first pull; the pull ended with OFFLINE_ACK_R.
         pulls = node.of_type(cim_pb2.OFFLINE_R)
-        self.assertEqual([list(p.acks) for p in pulls][1], [cim_pb2.Cursor(conversation="d:bob:carol", seq=2)])
+        self.assertEqual(
+            [list(p.acks) for p in pulls][1], [cim_pb2.Cursor(conversation="d:bob:carol", seq=2)]
+        )
         [end] = node.of_type(cim_pb2.OFFLINE_ACK_R)
         self.assertEqual(list(end.cursors), [cim_pb2.Cursor(conversation="d:alice:bob", seq=7)])
 
@@ -408,4 +412,6 @@ class UnavailableSendTests(SynchronousTestCase):
         sent = [m.text for m in node.of_type(cim_pb2.MSG_R)]
         self.assertEqual(sent, ["first", "second", "third", "first", "second", "third"])
         self.assertEqual([self.successResultOf(o).status for o in outcomes], ["stored"] * 3)
-        self.assertEqual([m.text for m in node.timelines["d:alice:bob"]], ["first", "second", "third"])
+        self.assertEqual(
+            [m.text for m in node.timelines["d:alice:bob"]], ["first", "second", "third"]
+        )
