@@ -3,6 +3,7 @@ seq order per conversation) is tested with the session in test_client_timelines.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from typing import Any
@@ -456,7 +457,7 @@ class UnavailableTests(SynchronousTestCase):
             while len(link.sent) == sent:
                 clock.advance(0.01)
             waits.append(round(clock.seconds() - start, 2))
-        self.assertTrue(all(a < b for a, b in zip(waits, waits[1:], strict=False)), waits)
+        self.assertTrue(all(a < b for a, b in itertools.pairwise(waits)), waits)
         self.assertLessEqual(waits[-1], 1.6)
         sent = len(link.sent)
         outbox.refused(limited(1, retry_after_ms=6000, code=cim_pb2.Error.UNAVAILABLE))

@@ -483,7 +483,7 @@ class ReceiverTests(SynchronousTestCase):
         return node, bob, shown
 
     def test_duplicates_are_dropped_and_still_acknowledged(self) -> None:
-        node, bob, shown = self.online_bob()
+        node, _bob, shown = self.online_bob()
         first = node.append("alice", "hello", peer="bob")
         node.live(first)
         node.live(first)  # redelivered by the node
@@ -507,7 +507,7 @@ class ReceiverTests(SynchronousTestCase):
         self.assertEqual([m.id for m in shown], [one.id, group.id])
         self.successResultOf(Deferred.fromCoroutine(first.stop()))
         node.swallow = set()
-        _, second, shown_again = self.online_bob(node, seen_path=path)
+        _, _second, shown_again = self.online_bob(node, seen_path=path)
         self.assertEqual(shown_again, [], "the catch-up brought them again: known ids")
         self.assertEqual(node.cursors, {"d:alice:bob": 1, "g:g": 1})
         two = node.append("alice", "two", peer="bob")
@@ -515,7 +515,7 @@ class ReceiverTests(SynchronousTestCase):
         self.assertEqual([m.id for m in shown_again], [two.id])
 
     def test_a_gap_is_held_then_released_in_seq_order(self) -> None:
-        node, bob, shown = self.online_bob()
+        node, _bob, shown = self.online_bob()
         messages = [node.append("alice", str(n), peer="bob") for n in range(1, 5)]
         node.live(messages[0])
         node.live(messages[3])  # 2 and 3 missing: held, their fill asked
@@ -528,7 +528,7 @@ class ReceiverTests(SynchronousTestCase):
         self.assertEqual([m.through_seq for m in node.of_type(cim_pb2.ACK_R)], [1, 2, 3, 4])
 
     def test_group_messages_are_shown_in_group_sequence(self) -> None:
-        node, bob, shown = self.online_bob()
+        node, _bob, shown = self.online_bob()
         messages = [
             node.append(sender, sender, group="g")
             for sender in ("carol", "dave", "alice")  # one timeline, whoever wrote
