@@ -569,7 +569,7 @@ class HistoryCommandTests(TestCase):
 
 
 class ChatClientHistoryTests(TestCase):
-    def test_requests_go_one_at_a_time_and_answers_match(self) -> None:
+    def test_requests_carry_ids_and_answers_match_them_in_any_order(self) -> None:
         from cim.client.session import ChatClient, SessionFailed
 
         client = ChatClient(Clock(), "http://127.0.0.1:1", "bob", "pw")
@@ -584,23 +584,31 @@ class ChatClientHistoryTests(TestCase):
         client.protocol = Protocol()  # type: ignore[assignment]
         first = client.history("alice", limit=10)
         second = client.history(GROUP, before=7, group=True)
-        # Each asks for pages below the client's own frame limit (max_bytes).
+        third = client.history("carol")
+        # Each asks for pages below the client's own frame limit (max_bytes), numbered.
         frame = client.max_frame_size
+        [(_, one), (_, two), (_, three)] = sent
         self.assertEqual(
-            sent,
-            [(cim_pb2.HISTORY_R, cim_pb2.HistoryR(peer="alice", limit=10, max_bytes=frame))],
+            one,
+            cim_pb2.HistoryR(peer="alice", limit=10, max_bytes=frame, request_id=one.request_id),
         )
-        client.frame_received(cim_pb2.HISTORY_A, cim_pb2.HistoryA(messages=[message(1)]))
-        self.assertEqual(ids(self.successResultOf(first).messages), [1])
         self.assertEqual(
-            sent[1],
-            (
-                cim_pb2.HISTORY_R,
-                cim_pb2.HistoryR(group=GROUP, before=7, limit=50, max_bytes=frame),
+            two,
+            cim_pb2.HistoryR(
+                group=GROUP, before=7, limit=50, max_bytes=frame, request_id=two.request_id
             ),
         )
-        self.assertNoResult(second)
+        self.assertEqual(len({one.request_id, two.request_id, three.request_id}), 3)
+        # The node answers the second first: each answer finds its own request.
+        answer = cim_pb2.HistoryA(messages=[message(2)], request_id=two.request_id)
+        client.frame_received(cim_pb2.HISTORY_A, answer)
+        self.assertEqual(ids(self.successResultOf(second).messages), [2])
+        self.assertNoResult(first)
+        # A release-1 answer (no id) goes to the oldest request still waiting.
+        client.frame_received(cim_pb2.HISTORY_A, cim_pb2.HistoryA(messages=[message(1)]))
+        self.assertEqual(ids(self.successResultOf(first).messages), [1])
+        self.assertNoResult(third)
         from twisted.python.failure import Failure
 
         client.connection_closed(Failure(ConnectionError("gone")))
-        self.failureResultOf(second, ConnectionError)
+        self.failureResultOf(third, ConnectionError)
