@@ -285,8 +285,8 @@ class Inbox:
         return taken is not False
 
     def _ack(self, message: cim_pb2.Message, timeline: _Timeline) -> None:
-        if self.closed and message.seq not in timeline.above:
-            return
+        """ack:R for a message handed over (even the one being handed over as the
+        application closes the inbox) or a repeated one."""
         through = 0 if timeline.declined else (timeline.watermark or 0)
         try:
             self._acknowledge(message, through)

@@ -93,7 +93,6 @@ class FakeClient:
         return succeed(self.history_pages.pop(0))
 
 
-
 def text_message(sender: str, text: str, msg_id: int = 1, **fields: Any) -> cim_pb2.Message:
     message = cim_pb2.Message(id=msg_id, text=text, sent_at_ms=int(time.time() * 1000), **fields)
     setattr(message, "from", sender)
@@ -297,8 +296,8 @@ class ConsoleTests(SynchronousTestCase):
         self.console.groups["g1"] = "friends"
         self.client.catch_up.on_summary(summary)  # the catch-up's summary, before its pull
         self.assertEqual(
-            self.printed(), "* while you were away: 2 unread messages in #friends, 3 with bob, "
-            "1 with carol",
+            self.printed(),
+            "* while you were away: 2 unread messages in #friends, 3 with bob, 1 with carol",
         )
         self.assertIn("carol", self.console.known_users)
         self.client.catch_up.on_summary(cim_pb2.OfflineSummaryA(caught_up=summary.caught_up))
