@@ -81,7 +81,7 @@ class ListenTests(SynchronousTestCase):
         for text in ("a1", "a2", "a3"):
             node.append("alice", text, peer="bob")
         node.append("carol", "c1", peer="bob")
-        done, out, client, clock = self.listen(node, "--count", "5")
+        done, out, _client, clock = self.listen(node, "--count", "5")
         with redirect_stdout(out):
             node.live(node.append("alice", "a4", peer="bob"))
             node.pump()
@@ -95,7 +95,7 @@ class ListenTests(SynchronousTestCase):
         node = TimelineNode("bob", page=2)
         node.append("alice", "x", peer="bob")
         node.append("bob", "y", peer="alice")
-        done, out, client, clock = self.listen(node, "--count", "1")
+        done, out, _client, _clock = self.listen(node, "--count", "1")
         self.assertEqual(self.successResultOf(done), 0)
         self.assertEqual([line["text"] for line in printed(out)], ["x"])
         self.assertEqual(node.cursors["d:alice:bob"], 1)
