@@ -16,9 +16,11 @@ as messages are handed over in order. Then:
   HISTORY_R(after=top, before=seq) (``fill``); the answer is handed over oldest first,
   then the held message and whatever follows it. A gap of more than one page gets its
   newest page handed over; the older part is skipped (the watermark passes it), and
-  stays readable by history paging. A fill that fails (after its retries) hands the held
-  messages over anyway, in order, with the watermark left below the hole, so the next
-  catch-up brings the missing ones (and acknowledging never claims them).
+  stays readable by history paging. A fill the node refuses (or that stays unanswered
+  through its retries) hands the held messages over anyway, in order, with the watermark
+  left below the hole, so the next catch-up brings the missing ones (and acknowledging
+  never claims them); one cut by a lost connection keeps them held for the next
+  login's catch-up, which brings the hole and then releases them in order.
 
 Nothing waits for a fixed window that gives up: a gap is held exactly as long as its
 fill takes, and only its own conversation waits; other conversations flow.
@@ -50,6 +52,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from cim.client.answers import RequestFailed
 from cim.client.seen import SeenStore
 from cim.protocols import cim_pb2
 
@@ -357,6 +360,15 @@ class Inbox:
 
     def _fill_failed(self, failure: Failure, timeline: _Timeline) -> None:
         timeline.filling = False
+        if failure.check(RequestFailed, ValueError) is None:
+            # The connection went: the held messages wait for the next login's catch-up,
+            # which brings the missing ones too (the cursor is below them).
+            self.log.info(
+                "gap fill in {conversation} interrupted: {why}",
+                conversation=timeline.key,
+                why=failure.getErrorMessage(),
+            )
+            return
         self.log.info(
             "could not fill a gap in {conversation}: {why}; showing what came",
             conversation=timeline.key,

@@ -227,6 +227,7 @@ class ChatClient:
         """Close the connection; with logout, also end the session at the router."""
         self.stopping = True
         self.dialer.end_first_contact()
+        self.inbox.close()  # nothing more reaches the application, nor is acknowledged
         self.outbox.fail_all("the client stopped before an answer came")
         self.inbox.seen.close()
         self.dialer.cancel()

@@ -415,3 +415,24 @@ class UnavailableSendTests(SynchronousTestCase):
         self.assertEqual(
             [m.text for m in node.timelines["d:alice:bob"]], ["first", "second", "third"]
         )
+
+
+class ConnectionLossTests(SynchronousTestCase):
+    def test_a_gap_cut_by_a_lost_connection_is_healed_by_the_next_catch_up(self) -> None:
+        node = TimelineNode("bob")
+        client, _, shown = session(node)
+        node.connect(client)
+        node.pump()
+        one, two, three = (node.append("alice", str(n), peer="bob") for n in (1, 2, 3))
+        node.swallow = {cim_pb2.HISTORY_R}
+        node.live(one)
+        node.live(three)  # two's live copy is lost; its fill is asked
+        node.pump()  # the ack of one is answered, the fill never is
+        client.connection_closed(Failure(ConnectionError("cut")))
+        self.assertEqual(texts(shown), ["1"], "three waits: shown after two, not before")
+        node.swallow = set()
+        node.connect(client)
+        node.pump()
+        self.assertEqual(texts(shown), ["1", "2", "3"])
+        self.assertEqual(node.cursors["d:alice:bob"], 3)
+        self.assertEqual(two.seq, 2)
