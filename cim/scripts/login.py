@@ -127,11 +127,16 @@ def exit_for(error: BaseException) -> ClientExit:
     """Any failure as the one line and status cim-client exits with."""
     from twisted.internet.error import ConnectError, ConnectionClosed
 
+    from cim.client.answers import RequestRefused, RequestTimedOut
     from cim.client.files import DestinationExists
     from cim.client.session import SessionFailed, SessionRefused, Unreachable
 
     if isinstance(error, ClientExit):
         return error
+    if isinstance(error, RequestTimedOut):
+        return ClientExit(EXIT_UNREACHABLE, f"the node did not answer {error.what}: {error.why}")
+    if isinstance(error, RequestRefused):
+        return ClientExit(EXIT_FAILED, f"the node refused {error.what}: {error.why}")
     if isinstance(error, OutputClosed):
         return ClientExit(0)
     if isinstance(error, Unreachable):

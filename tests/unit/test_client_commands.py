@@ -99,3 +99,24 @@ class ListenTests(SynchronousTestCase):
         self.assertEqual(self.successResultOf(done), 0)
         self.assertEqual([line["text"] for line in printed(out)], ["x"])
         self.assertEqual(node.cursors["d:alice:bob"], 1)
+
+
+class ExitTests(SynchronousTestCase):
+    def test_a_request_without_answer_or_refused_is_one_line_and_a_status(self) -> None:
+        from cim.client.answers import RequestRefused, RequestTimedOut
+        from cim.scripts.login import exit_for
+        from cim.scripts.output import EXIT_FAILED, EXIT_UNREACHABLE
+
+        silent = exit_for(RequestTimedOut("OFFLINE_SUMMARY_R", "no answer within 10 s, 4 times"))
+        self.assertEqual(
+            (silent.status, silent.message),
+            (
+                EXIT_UNREACHABLE,
+                "the node did not answer OFFLINE_SUMMARY_R: no answer within 10 s, 4 times",
+            ),
+        )
+        refused = exit_for(RequestRefused("GROUP_R", "BAD_REQUEST: no name"))
+        self.assertEqual(
+            (refused.status, refused.message),
+            (EXIT_FAILED, "the node refused GROUP_R: BAD_REQUEST: no name"),
+        )
