@@ -92,6 +92,13 @@ class _Timeline:
             self.above.discard(self.watermark)
         self.top = max(self.top, self.watermark)
 
+    def dealt_with(self, seq: int) -> None:
+        """``seq`` needs nothing more (shown before, or the device's own)."""
+        if self.watermark is None or seq > self.watermark:
+            self.above.add(seq)
+            self.top = max(self.top, seq)
+            self.advance()
+
     def skip_to(self, seq: int) -> None:
         """Everything up to ``seq`` is dealt with (a cursor, a skipped old part)."""
         if self.watermark is None or seq > self.watermark:
@@ -227,7 +234,7 @@ class Inbox:
             self._learn(timeline, message)
             if self._is_duplicate(timeline, message):
                 self.duplicates += 1
-                timeline.above.add(message.seq)  # shown before (live): dealt with
+                timeline.dealt_with(message.seq)  # shown before (live)
                 continue
             timeline.held.pop(message.seq, None)
             if self._hand_over(timeline, message, live=False):
@@ -348,7 +355,7 @@ class Inbox:
                 return
             self._learn(timeline, message)
             if self._is_duplicate(timeline, message):
-                timeline.above.add(message.seq)
+                timeline.dealt_with(message.seq)
                 continue
             self._hand_over(timeline, message, live=True)
         # The node gave everything it has below the held message.
