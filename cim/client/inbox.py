@@ -171,9 +171,7 @@ class Inbox:
             return
         timeline = self._timeline(message.conversation)
         self._learn(timeline, message)
-        if timeline.watermark is None and self.summary_complete:
-            start = 0 if message.conversation.startswith(DIRECT_PREFIX) else message.seq - 1
-            timeline.skip_to(start)
+        self._start_if_new(timeline, message.seq)
         seq = message.seq
         if self._is_duplicate(timeline, message):
             self.duplicates += 1
@@ -194,6 +192,7 @@ class Inbox:
         if self.closed or not conversation or not seq:
             return
         timeline = self._timeline(conversation)
+        self._start_if_new(timeline, seq)
         if timeline.watermark is None or seq <= timeline.watermark:
             return
         if seq <= timeline.top + 1:
@@ -205,6 +204,12 @@ class Inbox:
         timeline.own.add(seq)
         timeline.held[seq] = cim_pb2.Message(conversation=conversation, seq=seq)
         self._fill_gap(timeline)
+
+    def _start_if_new(self, timeline: _Timeline, seq: int) -> None:
+        """A conversation a complete summary did not name is new to the device: a 1:1
+        one starts at its beginning, a group one just below ``seq`` (joined since)."""
+        if timeline.watermark is None and self.summary_complete:
+            timeline.skip_to(0 if timeline.key.startswith(DIRECT_PREFIX) else seq - 1)
 
     def _receive_unnumbered(self, message: cim_pb2.Message) -> None:
         """A message without a timeline place (a release-1 node): dedup by id only."""

@@ -174,6 +174,18 @@ class NewConversationTests(SynchronousTestCase):
         node.live(joined)
         self.assertEqual(texts(shown)[-1], "after joining")
 
+    def test_my_first_message_to_someone_new_is_not_shown_back_to_me(self) -> None:
+        node = TimelineNode("bob")
+        client, _, shown = session(node)
+        node.connect(client)
+        node.pump()
+        client.send_text("erin", "hi erin")
+        node.pump()
+        reply = node.append("erin", "hi bob", peer="bob")
+        node.live(reply)
+        self.assertEqual(texts(shown), ["hi bob"])
+        self.assertEqual(node.of_type(cim_pb2.HISTORY_R), [])
+
     def test_before_the_summary_answers_live_messages_are_not_held(self) -> None:
         node = TimelineNode("bob")
         node.append("alice", "one", peer="bob")
