@@ -32,6 +32,7 @@ from typing import Any, Protocol
 from google.protobuf.message import Message as ProtobufMessage
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from cim.backends.backoff import Backoff
@@ -131,6 +132,8 @@ class Answers:
     connection fails every request at once (the session asks again when it is back).
     """
 
+    log = Logger()
+
     def __init__(
         self,
         clock: IReactorTime,
@@ -216,12 +219,18 @@ class Answers:
             why = f"no answer within {self.policy.deadline:g} s, {pending.attempts} times"
             self._fail(pending, Failure(RequestTimedOut(what, why)))
             return
-        self._again(pending, 0.0)
+        self._again(pending, 0.0, f"unanswered after {self.policy.deadline:g} s")
 
-    def _again(self, pending: _Pending, at_least: float) -> None:
+    def _again(self, pending: _Pending, at_least: float, why: str) -> None:
         """Send ``pending`` again after the backoff (or ``at_least``, if longer)."""
         self.retries += 1
         wait = max(at_least, self.policy.backoff.delay(pending.attempts - 1, self._rng))
+        self.log.info(
+            "{what} {why}; asking again in {wait:.1f} s",
+            what=_name(pending.frame_type),
+            why=why,
+            wait=wait,
+        )
         pending.timer = self.clock.callLater(wait, self._resend, pending)
 
     def _resend(self, pending: _Pending) -> None:
@@ -271,7 +280,7 @@ class Answers:
         code_name = _ERROR.Code.Name(code) if code in _ERROR.Code.values() else str(code)
         why = f"{code_name}: {message}" if message else code_name
         if code in RETRYABLE and pending.attempts < self.policy.attempts:
-            self._again(pending, retry_ms / 1000)
+            self._again(pending, retry_ms / 1000, f"refused ({why})")
             return
         self._fail(pending, Failure(RequestRefused(_name(pending.frame_type), why, code)))
 
