@@ -9,9 +9,10 @@ as messages are handed over in order. Then:
 
 - a live msg:N with ``seq == top + 1`` (``top``: the highest seq handed over) goes to the
   application at once;
-- ``seq <= watermark``, or a message id handed over before (``SeenStore``, which may
-  outlive the process), is a duplicate: dropped, and acknowledged again so the node's
-  cursor is where the device is;
+- ``seq <= watermark``, or a message handed over before (``SeenStore``, which may
+  outlive the process: the same id, or the same sender device and ``client_seq``, a
+  resend the node took anew) is a duplicate: dropped (its place counts as dealt with),
+  and acknowledged again so the node's cursor is where the device is;
 - ``seq > top + 1`` is a gap: the message is held and the missing range is fetched with
   HISTORY_R(after=top, before=seq) (``fill``); the answer is handed over oldest first,
   then the held message and whatever follows it. A gap of more than one page gets its
@@ -175,7 +176,9 @@ class Inbox:
         seq = message.seq
         if self._is_duplicate(timeline, message):
             self.duplicates += 1
+            timeline.dealt_with(seq)
             self._ack(message, timeline)
+            self._drain(timeline)
             return
         if seq in timeline.held:
             self.duplicates += 1
@@ -266,7 +269,9 @@ class Inbox:
         if message.seq in timeline.above:
             return True
         sender = getattr(message, "from")
-        return message.id != 0 and self.seen.is_duplicate(message.id, sender, message.device, 0)
+        # By id, and by the sender device's number: a resend the node took anew (past
+        # its dedup window) has a new id and a new seq, but the same client_seq.
+        return self.seen.is_duplicate(message.id, sender, message.device, message.client_seq)
 
     def _hand_over(self, timeline: _Timeline, message: cim_pb2.Message, live: bool) -> bool:
         """Give one message to the application; True if it took it."""
@@ -324,7 +329,9 @@ class Inbox:
                 timeline.above.add(seq)
                 timeline.top = max(timeline.top, seq)
                 timeline.advance()
-            elif not self._is_duplicate(timeline, message):
+            elif self._is_duplicate(timeline, message):
+                timeline.dealt_with(seq)
+            else:
                 self._hand_over(timeline, message, live=True)
         if timeline.held and not self.closed:
             self._fill_gap(timeline)

@@ -103,6 +103,19 @@ class GapTests(SynchronousTestCase):
         self.assertEqual(self.node.cursors["d:alice:bob"], 4)
         self.assertEqual(self.client.inbox.held(), 0)
 
+    def test_a_resend_the_node_took_anew_is_dropped_and_its_place_dealt_with(self) -> None:
+        three = self.node.append("alice", "three", peer="bob")
+        three.client_seq = 77
+        again = self.node.append("alice", "three", peer="bob")  # past the node's dedup
+        again.client_seq = 77
+        five = self.node.append("alice", "five", peer="bob")
+        for message in (three, again, five):
+            self.node.live(message)
+        self.node.pump()
+        self.assertEqual(texts(self.shown), ["three", "five"])
+        self.assertEqual(self.node.of_type(cim_pb2.HISTORY_R), [])
+        self.assertEqual(self.node.cursors["d:alice:bob"], 5)
+
     def test_other_conversations_are_not_held_behind_a_gap(self) -> None:
         self.node.append("alice", "three", peer="bob")
         four = self.node.append("alice", "four", peer="bob")
