@@ -130,7 +130,14 @@ class CatchUp:
         for _ in range(MAX_SUMMARY_ROUNDS):
             summary = await self.summary()
             result.summary = result.summary or summary
-            waiting = [entry for entry in summary.conversations if entry.count]
+            waiting = []
+            for entry in summary.conversations:
+                shown = self.inbox.watermark(entry.conversation) or 0
+                if entry.count and shown >= entry.last_seq:
+                    # Shown live before (the cursor lagged): only the cursor moves.
+                    self._acks.append(cim_pb2.Cursor(conversation=entry.conversation, seq=shown))
+                elif entry.count:
+                    waiting.append(entry)
             # All of them wait for their pull rather than fill live gaps on their own.
             for entry in waiting:
                 self.inbox.begin_catch_up(entry.conversation, entry.cursor)

@@ -313,10 +313,13 @@ class CatchUpTests(SynchronousTestCase):
         node.cursors = {"d:alice:bob": 2, "d:bob:carol": 0}  # only the first pull's acks
         client.connection_closed(Failure(ConnectionError("cut")))
         node.swallow = set()
+        pulls = len(node.of_type(cim_pb2.OFFLINE_R))
         node.connect(client)
         node.live(live)  # the node sends the unacknowledged live copy again
         node.pump()
         self.assertEqual(len(shown), 10)
+        # Everything was shown before: the cursors move without pulling again.
+        self.assertEqual(len(node.of_type(cim_pb2.OFFLINE_R)), pulls)
         self.assertEqual(sorted(texts(shown)), sorted({*texts(shown)}))
         self.assertEqual(node.cursors, {"d:alice:bob": 8, "d:bob:carol": 2})
 
