@@ -4,7 +4,7 @@
     cim-client --user U listen [--count N] [--timeout S] [--no-reconnect]
     cim-client --user U sync
     cim-client --user U online
-    cim-client --user U history PEER [--group] [--limit N] [--before ID]
+    cim-client --user U history PEER [--group] [--limit N] [--before SEQ]
     cim-client --user U group create|add|invite|remove|leave|list|members|send ...
     cim-client --user U group accept|decline GROUP | invitations
     cim-client --user U contacts list | request|accept|decline|remove|block|unblock USER
