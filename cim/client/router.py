@@ -16,6 +16,7 @@ from twisted.web.client import Agent, HTTPConnectionPool
 
 from cim.client.errors import ServiceError
 from cim.json_convention import epoch_seconds
+from cim.reactor import ICimReactor
 
 
 class RouterError(ServiceError):
@@ -82,7 +83,7 @@ class RouterClient:
     服务器IP), the way a DNS name with several addresses would.
     """
 
-    def __init__(self, reactor: Any, base_urls: str | Sequence[str]) -> None:
+    def __init__(self, reactor: ICimReactor, base_urls: str | Sequence[str]) -> None:
         # One short-lived connection per call: logins are rare, and a persistent pool
         # would keep idle sockets and timers alive for nothing.
         pool = HTTPConnectionPool(reactor, persistent=False)
