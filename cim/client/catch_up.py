@@ -155,16 +155,20 @@ class CatchUp:
     async def summary(self) -> cim_pb2.OfflineSummaryA:
         """Ask for the summary and anchor the inbox's watermarks with it."""
         request = cim_pb2.OfflineSummaryR(max_bytes=self._max_bytes())
-        summary: cim_pb2.OfflineSummaryA = await self.answers.ask(
-            cim_pb2.OFFLINE_SUMMARY_R, request
-        )
+        self.inbox.summary_pending = True
+        try:
+            summary: cim_pb2.OfflineSummaryA = await self.answers.ask(
+                cim_pb2.OFFLINE_SUMMARY_R, request
+            )
+        except Exception:
+            self.inbox.summary_done(complete=False)
+            raise
         self.last_summary = summary
         for cursor in summary.caught_up:
             self.inbox.anchor(cursor.conversation, cursor.seq)
         for entry in summary.conversations:
             self.inbox.anchor(entry.conversation, entry.cursor, entry.peer, entry.group)
-        if not summary.more:
-            self.inbox.summary_complete = True
+        self.inbox.summary_done(complete=not summary.more)
         try:
             self.on_summary(summary)
         except Exception:

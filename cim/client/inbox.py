@@ -32,12 +32,13 @@ brings the same range. Catch-up pages come newest first; each is handed over old
 within itself (``catch_up_page``), and the watermark moves once the pages below have
 come too (``end_catch_up``).
 
-Before the summary answers, a conversation has no watermark ("unanchored"): its
-messages are handed over at once (deduplicated by id) and acknowledged with
-``through_seq`` 0, which moves no cursor; the summary anchors it. After a complete
-summary, a conversation it did not name is new to the device: a 1:1 one starts at 0
-(its first message is 1), a group one just below its first message seen (a member
-joined after the summary starts at its join).
+A conversation without a watermark holds its live messages until the node says where
+the device starts: the login's summary (one request, with its deadline and retries),
+or, for a group the summary did not name (joined since), that conversation's pull
+(``unknown``), which brings every message past the member's start. A 1:1 conversation
+the summary did not name starts at 0. If no summary can say (it failed, or said
+``more`` without naming it), messages go at once, deduplicated by id, and are
+acknowledged with ``through_seq`` 0, which moves no cursor.
 
 Each hand-over calls ``deliver``; returning False declines the message: it is not
 acknowledged and the watermark stops below it (so the node keeps it for the next
@@ -121,13 +122,17 @@ class Inbox:
         deliver: Callable[[cim_pb2.Message], object],
         acknowledge: Acknowledge,
         fill: Fill,
+        unknown: Callable[[str], object] = lambda conversation: None,
     ) -> None:
         self.user = user
         self.seen = seen
         self._deliver = deliver
         self._acknowledge = acknowledge
         self._fill = fill
+        self._unknown = unknown
         self._timelines: dict[str, _Timeline] = {}
+        self.summary_pending = False
+        """The login's summary is on its way: conversations without a watermark wait."""
         self.summary_complete = False
         """A summary named every conversation of the device: others are new."""
         self.duplicates = 0
@@ -172,8 +177,13 @@ class Inbox:
             return
         timeline = self._timeline(message.conversation)
         self._learn(timeline, message)
-        self._start_if_new(timeline, message.seq)
         seq = message.seq
+        if self._waits_for_its_start(timeline):
+            if self._is_duplicate(timeline, message):
+                self.duplicates += 1
+            else:
+                timeline.held.setdefault(seq, message)
+            return
         if self._is_duplicate(timeline, message):
             self.duplicates += 1
             timeline.dealt_with(seq)
@@ -195,7 +205,10 @@ class Inbox:
         if self.closed or not conversation or not seq:
             return
         timeline = self._timeline(conversation)
-        self._start_if_new(timeline, seq)
+        if self._waits_for_its_start(timeline):
+            timeline.own.add(seq)
+            timeline.held[seq] = cim_pb2.Message(conversation=conversation, seq=seq)
+            return
         if timeline.watermark is None or seq <= timeline.watermark:
             return
         if seq <= timeline.top + 1:
@@ -208,11 +221,46 @@ class Inbox:
         timeline.held[seq] = cim_pb2.Message(conversation=conversation, seq=seq)
         self._fill_gap(timeline)
 
-    def _start_if_new(self, timeline: _Timeline, seq: int) -> None:
-        """A conversation a complete summary did not name is new to the device: a 1:1
-        one starts at its beginning, a group one just below ``seq`` (joined since)."""
-        if timeline.watermark is None and self.summary_complete:
-            timeline.skip_to(0 if timeline.key.startswith(DIRECT_PREFIX) else seq - 1)
+    def _waits_for_its_start(self, timeline: _Timeline) -> bool:
+        """Whether a conversation without a watermark holds its messages until the node
+        says where the device starts (True), or hands them over at once (False).
+
+        While the summary is on its way, or the conversation's pull is, they wait. After
+        a complete summary that did not name it, the conversation is new to the device:
+        a 1:1 one starts at its beginning (0); a group one (joined since) is pulled, as
+        the node knows where the member starts. Without a summary (it failed, or said
+        ``more``), nothing will say: messages go at once, acknowledged with
+        ``through_seq`` 0.
+        """
+        if timeline.watermark is not None:
+            return False
+        if self.summary_pending or timeline.catching_up:
+            return True
+        if not self.summary_complete:
+            return False
+        if timeline.key.startswith(DIRECT_PREFIX):
+            timeline.skip_to(0)
+            return False
+        timeline.catching_up = True
+        self._unknown(timeline.key)
+        return True
+
+    def summary_done(self, complete: bool) -> None:
+        """The summary anchored what it named (or failed): release what waited for it."""
+        self.summary_pending = False
+        self.summary_complete = self.summary_complete or complete
+        for timeline in list(self._timelines.values()):
+            if not timeline.held or self.closed or self._waits_for_its_start(timeline):
+                continue
+            if timeline.watermark is not None:
+                self._drain(timeline)
+                continue
+            for seq in sorted(timeline.held):  # unanchored: in seq order, at once
+                message = timeline.held.pop(seq)
+                if seq in timeline.own:
+                    timeline.own.discard(seq)
+                elif not self._is_duplicate(timeline, message):
+                    self._hand_over(timeline, message, live=True)
 
     def _receive_unnumbered(self, message: cim_pb2.Message) -> None:
         """A message without a timeline place (a release-1 node): dedup by id only."""
@@ -240,6 +288,11 @@ class Inbox:
             if self.closed:
                 break
             self._learn(timeline, message)
+            if message.seq in timeline.own:  # this device's own (msg:A): not shown back
+                timeline.own.discard(message.seq)
+                timeline.held.pop(message.seq, None)
+                timeline.dealt_with(message.seq)
+                continue
             if self._is_duplicate(timeline, message):
                 self.duplicates += 1
                 timeline.dealt_with(message.seq)  # shown before (live)

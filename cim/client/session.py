@@ -162,7 +162,14 @@ class ChatClient:
         )
         if seen_store is None:
             seen_store = FileSeenStore(seen_path) if seen_path else MemorySeenStore()
-        self.inbox = Inbox(user, seen_store, self._deliver, self._acknowledge, self._fill)
+        self.inbox = Inbox(
+            user,
+            seen_store,
+            self._deliver,
+            self._acknowledge,
+            self._fill,
+            lambda conversation: self.catch_up.start(conversation),
+        )
         self.catch_up = CatchUp(self.answers, self.inbox, lambda: self.max_frame_size, ordered)
         if not receiving:
             self.inbox.close()

@@ -120,11 +120,11 @@ class GapTests(SynchronousTestCase):
         self.node.append("alice", "three", peer="bob")
         four = self.node.append("alice", "four", peer="bob")
         self.node.live(four)  # waits for its fill
-        group = self.node.append("carol", "hello group", group="g1")
-        self.node.live(group)
-        self.assertEqual(texts(self.shown), ["hello group"])
+        other = self.node.append("carol", "hello bob", peer="bob")
+        self.node.live(other)
+        self.assertEqual(texts(self.shown), ["hello bob"])
         self.node.pump()
-        self.assertEqual(texts(self.shown), ["hello group", "three", "four"])
+        self.assertEqual(texts(self.shown), ["hello bob", "three", "four"])
 
     def test_a_gap_of_more_than_a_page_shows_the_newest_page(self) -> None:
         for number in range(3, 10):
@@ -180,12 +180,22 @@ class NewConversationTests(SynchronousTestCase):
         node.pump()
         self.assertEqual(texts(shown), ["first", "second"])
         del first
-        # A group joined after the summary starts where the device joined.
+        # A group joined after the summary: pulled, as the node knows where the member
+        # starts (its floor, here 5: the five messages from before bob joined).
         for number in range(5):
             node.append("carol", f"old {number}", group="g9")
+        node.cursors["g:g9"] = 5
         joined = node.append("carol", "after joining", group="g9")
+        later = node.append("dave", "and later", group="g9")
+        node.live(later)  # the live copies cross: the later one first
         node.live(joined)
-        self.assertEqual(texts(shown)[-1], "after joining")
+        self.assertEqual(texts(shown), ["first", "second"], "both wait for the pull")
+        [pull] = node.of_type(cim_pb2.OFFLINE_R)
+        self.assertEqual(pull.conversation, "g:g9")
+        node.pump()
+        self.assertEqual(texts(shown), ["first", "second", "after joining", "and later"])
+        self.assertEqual(node.cursors["g:g9"], 7)
+        self.assertEqual([h for h in node.of_type(cim_pb2.HISTORY_R) if h.group], [])
 
     def test_my_first_message_to_someone_new_is_not_shown_back_to_me(self) -> None:
         node = TimelineNode("bob")
@@ -199,18 +209,36 @@ class NewConversationTests(SynchronousTestCase):
         self.assertEqual(texts(shown), ["hi bob"])
         self.assertEqual(node.of_type(cim_pb2.HISTORY_R), [])
 
-    def test_before_the_summary_answers_live_messages_are_not_held(self) -> None:
+    def test_before_the_summary_answers_live_messages_wait_for_it(self) -> None:
+        node = TimelineNode("bob")
+        node.append("alice", "one", peer="bob")  # unread from before the login
+        client, _, shown = session(node, ordered=True)
+        node.connect(client)
+        two = node.append("alice", "two", peer="bob")
+        node.live(two)  # the summary is still unanswered: where is bob in this one?
+        self.assertEqual(shown, [])
+        node.pump()
+        self.assertEqual(texts(shown), ["one", "two"], "in order, each once")
+        self.assertEqual(node.cursors["d:alice:bob"], 2)
+
+    def test_without_a_summary_live_messages_go_at_once(self) -> None:
         node = TimelineNode("bob")
         node.append("alice", "one", peer="bob")
         node.cursors["d:alice:bob"] = 1
+        refused = cim_pb2.Error(code=cim_pb2.Error.FORBIDDEN, message="no summary for you")
+        node.refusals[cim_pb2.OFFLINE_SUMMARY_R] = [refused]
         client, _, shown = session(node)
         node.connect(client)
         two = node.append("alice", "two", peer="bob")
-        node.live(two)  # the summary is still unanswered
+        node.live(two)
+        self.assertEqual(shown, [])
+        node.pump()  # the refusal: nothing will say where bob starts
         self.assertEqual(texts(shown), ["two"])
-        node.pump()
-        self.assertEqual(texts(shown), ["two"], "the catch-up does not show it again")
-        self.assertEqual(node.cursors["d:alice:bob"], 2)
+        [ack] = node.of_type(cim_pb2.ACK_R)
+        self.assertEqual(ack.through_seq, 0)  # moves no cursor it cannot vouch for
+        three = node.append("alice", "three", peer="bob")
+        node.live(three)
+        self.assertEqual(texts(shown), ["two", "three"])
 
 
 class CatchUpTests(SynchronousTestCase):
