@@ -155,6 +155,10 @@ class Answers:
     def __len__(self) -> int:
         return sum(len(pending) for pending in self._pending.values())
 
+    @property
+    def connected(self) -> bool:
+        return self._connection() is not None
+
     # --- asking -----------------------------------------------------------------------
 
     def ask(

@@ -21,21 +21,26 @@ message the application declined, or did not get because it stopped taking them,
 stays past the cursor for the next catch-up. A summary saying ``more`` (more
 conversations than one frame holds) is asked again once these are acknowledged.
 
-Each request has its deadline and retries (``cim.client.answers``); a pull that fails
-ends this catch-up (the next login, OFFLINE_NOTICE or ``catch_up`` call starts
-another), and its conversations go back to live order with gap fills.
+Each request has its deadline and retries (``cim.client.answers``). A catch-up whose
+requests still fail (a slow or refusing node) ends, and is started again after
+``RETRY_BACKOFF`` while the connection lasts (``MAX_RETRIES`` times); one cut by a lost
+connection ends, and the next login catches up. Either way its conversations go back
+to live order with gap fills meanwhile.
 """
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from cim.client.answers import Answers
+from cim.backends.backoff import Backoff
+from cim.client.answers import Answers, RequestFailed
 from cim.client.inbox import Inbox
 from cim.protocols import cim_pb2
 
@@ -43,6 +48,12 @@ __all__ = ["CatchUp", "CatchUpResult"]
 
 MAX_SUMMARY_ROUNDS = 50
 """Summaries asked in one catch-up when each says ``more``: a bound, not a target."""
+
+MAX_RETRIES = 8
+"""A catch-up that failed on the node's side (its requests unanswered or refused after
+their own retries) is started again this many times, waiting ``RETRY_BACKOFF``."""
+
+RETRY_BACKOFF = Backoff(initial=2.0, maximum=60.0, jitter=0.5)
 
 MAX_EMPTY_PAGES = 3
 """Pages in a row that bring nothing yet say ``more`` before the pull gives up."""
@@ -64,12 +75,18 @@ class CatchUp:
 
     def __init__(
         self,
+        clock: IReactorTime,
         answers: Answers,
         inbox: Inbox,
         max_bytes: Callable[[], int],
         ordered: bool = False,
         page_size: int = 0,
+        rng: random.Random | None = None,
     ) -> None:
+        self.clock = clock
+        self._rng = rng
+        self._failures = 0
+        self._retry: IDelayedCall | None = None
         self.answers = answers
         self.inbox = inbox
         self.ordered = ordered
@@ -98,9 +115,19 @@ class CatchUp:
             self._again.add(conversation)
             return self._running
         self._running = Deferred.fromCoroutine(self._run(conversation))
-        self._running.addErrback(self._failed)
+        self._running.addCallbacks(self._succeeded, self._failed, errbackArgs=(conversation,))
         self._running.addBoth(self._ended)
         return self._running
+
+    def stop(self) -> None:
+        """No more retries (the session stops)."""
+        if self._retry is not None and self._retry.active():
+            self._retry.cancel()
+        self._retry = None
+
+    def _succeeded(self, result: CatchUpResult) -> CatchUpResult:
+        self._failures = 0
+        return result
 
     def _ended(self, result: CatchUpResult) -> CatchUpResult:
         self._running = None
@@ -111,10 +138,28 @@ class CatchUp:
             self.start(first)
         return result
 
-    def _failed(self, failure: Failure) -> CatchUpResult:
-        self.log.info("catch-up interrupted: {why}", why=failure.getErrorMessage())
+    def _failed(self, failure: Failure, conversation: str | None) -> CatchUpResult:
         self._acks = []
+        if not failure.check(RequestFailed) or self._failures >= MAX_RETRIES:
+            # A lost connection: the next login catches up.
+            self.log.info("catch-up interrupted: {why}", why=failure.getErrorMessage())
+            return CatchUpResult()
+        # The node is slow or refused for now: the same catch-up again, later.
+        wait = RETRY_BACKOFF.delay(self._failures, self._rng)
+        self._failures += 1
+        self.log.info(
+            "catch-up failed ({why}); again in {wait:.1f} s",
+            why=failure.getErrorMessage(),
+            wait=wait,
+        )
+        self.stop()
+        self._retry = self.clock.callLater(wait, self._again_now, conversation)
         return CatchUpResult()
+
+    def _again_now(self, conversation: str | None) -> None:
+        self._retry = None
+        if self.answers.connected and not self.inbox.closed:
+            self.start(conversation)
 
     async def _run(self, conversation: str | None) -> CatchUpResult:
         result = CatchUpResult()

@@ -170,7 +170,9 @@ class ChatClient:
             self._fill,
             lambda conversation: self.catch_up.start(conversation),
         )
-        self.catch_up = CatchUp(self.answers, self.inbox, lambda: self.max_frame_size, ordered)
+        self.catch_up = CatchUp(
+            reactor, self.answers, self.inbox, lambda: self.max_frame_size, ordered, rng=rng
+        )
         if not receiving:
             self.inbox.close()
         # Application callbacks. on_message returning False declines the message: it is
@@ -235,6 +237,7 @@ class ChatClient:
         self.stopping = True
         self.dialer.end_first_contact()
         self.inbox.close()  # nothing more reaches the application, nor is acknowledged
+        self.catch_up.stop()
         self.outbox.fail_all("the client stopped before an answer came")
         self.inbox.seen.close()
         self.dialer.cancel()

@@ -492,3 +492,38 @@ class ConnectionLossTests(SynchronousTestCase):
         self.assertEqual(texts(shown), ["1", "2", "3"])
         self.assertEqual(node.cursors["d:alice:bob"], 3)
         self.assertEqual(two.seq, 2)
+
+
+class CatchUpRetryTests(SynchronousTestCase):
+    def test_a_catch_up_the_node_does_not_answer_is_started_again_later(self) -> None:
+        node = TimelineNode("bob")
+        node.append("alice", "waiting", peer="bob")
+        policy = RequestPolicy(deadline=5.0, attempts=1)
+        client, clock, shown = session(node, requests=policy)
+        node.swallow = {cim_pb2.OFFLINE_SUMMARY_R}  # a node too busy to answer
+        node.connect(client)
+        clock.advance(5.0)  # the summary's only attempt passes: this catch-up fails
+        self.assertFalse(client.catch_up.running)
+        node.swallow = set()
+        clock.advance(0.99)
+        self.assertEqual(len(node.of_type(cim_pb2.OFFLINE_SUMMARY_R)), 1)
+        clock.advance(1.01)  # RETRY_BACKOFF: 1-2 s the first time
+        node.pump()
+        self.assertEqual(len(node.of_type(cim_pb2.OFFLINE_SUMMARY_R)), 2)
+        self.assertEqual(texts(shown), ["waiting"])
+        self.assertEqual(node.cursors["d:alice:bob"], 1)
+
+    def test_a_lost_connection_is_not_retried_and_stop_cancels_a_retry(self) -> None:
+        node = TimelineNode("bob")
+        policy = RequestPolicy(deadline=5.0, attempts=1)
+        client, clock, _ = session(node, requests=policy)
+        node.swallow = {cim_pb2.OFFLINE_SUMMARY_R}
+        node.connect(client)
+        client.connection_closed(Failure(ConnectionError("cut")))
+        clock.advance(60)
+        self.assertEqual(len(node.of_type(cim_pb2.OFFLINE_SUMMARY_R)), 1)
+        node.connect(client)  # the next login's catch-up, again unanswered
+        clock.advance(5.0)
+        self.successResultOf(Deferred.fromCoroutine(client.stop(logout=False)))
+        clock.advance(60)
+        self.assertEqual(len(node.of_type(cim_pb2.OFFLINE_SUMMARY_R)), 2)
