@@ -32,6 +32,7 @@ from twisted.internet.defer import Deferred
 from cim.client.media import media_summary
 from cim.client.session import DeliveryOutcome
 from cim.protocols import cim_pb2
+from cim.reactor import ICimReactor
 
 HELP = """commands:
   /to USER          talk to USER from now on (plain lines go to them)
@@ -120,20 +121,25 @@ def body(message: cim_pb2.Message) -> str:
     return message.text
 
 
-def offline_summary_line(summary: cim_pb2.OfflineSummaryA) -> str:
-    """ "3 stored messages from alice, 1 from carol" (biggest conversations first)."""
-
-    def name(entry: cim_pb2.ConversationSummary) -> str:
-        return entry.peer or f"group {entry.group}"
-
-    entries = sorted(summary.conversations, key=lambda e: (-e.count, name(e)))
-    parts = []
-    for index, entry in enumerate(entries):
-        if index == 0:
-            noun = "message" if entry.count == 1 else "messages"
-            parts.append(f"{entry.count} stored {noun} from {name(entry)}")
+def offline_summary_line(
+    summary: cim_pb2.OfflineSummaryA, group_names: dict[str, str] | None = None
+) -> str:
+    """ "3 unread messages with alice, 1 in #friends" (newest activity first, as the
+    summary lists them)."""
+    names = group_names or {}
+    parts: list[str] = []
+    for entry in summary.conversations:
+        if not entry.count:
+            continue
+        if entry.group:
+            where = f"in #{names.get(entry.group, entry.group)}"
         else:
-            parts.append(f"{entry.count} from {name(entry)}")
+            where = f"with {entry.peer or entry.conversation}"
+        if not parts:
+            noun = "message" if entry.count == 1 else "messages"
+            parts.append(f"{entry.count} unread {noun} {where}")
+        else:
+            parts.append(f"{entry.count} {where}")
     return ", ".join(parts)
 
 
@@ -196,7 +202,7 @@ class Console:
 
     def __init__(
         self,
-        reactor: Any,
+        reactor: ICimReactor,
         client: Any,
         write: Callable[[str], None] | None = None,
     ) -> None:
@@ -215,6 +221,7 @@ class Console:
         self._app: Any = None
         client.on_message = self.message_arrived
         client.on_state = self.state_changed
+        client.catch_up.on_summary = self.summary_arrived
 
     # --- what arrives -----------------------------------------------------------------
 
@@ -279,7 +286,6 @@ class Console:
                 self.write(f"* connection lost; reconnecting {detail}".rstrip())
         elif state == "online":
             self.write(f"* online again ({detail})" if detail else "* online again")
-            Deferred.fromCoroutine(self.show_offline_summary())
         elif state == "stopped":
             self.write(f"* stopped: {detail}; /quit to leave")
         if self._app is not None:
@@ -303,17 +309,14 @@ class Console:
         offline = "" if self.state == "online" else f" ({self.state})"
         return f"{self.user}{where}{offline}> "
 
-    async def show_offline_summary(self) -> None:
-        """What waited while we were away; the library pulls the messages themselves."""
-        try:
-            summary = await self.client.offline_summary()
-        except Exception:
-            return  # the connection went again; the next "online" asks again
+    def summary_arrived(self, summary: cim_pb2.OfflineSummaryA) -> None:
+        """What waited while we were away (the catch-up's summary, before its pull)."""
+        for entry in summary.conversations:
+            if entry.peer:
+                self.known_users.add(entry.peer)
         if summary.total:
-            for entry in summary.conversations:
-                if entry.peer:
-                    self.known_users.add(entry.peer)
-            self.write(f"* while you were away: {offline_summary_line(summary)}")
+            line = offline_summary_line(summary, self.groups)
+            self.write(f"* while you were away: {line}")
 
     # --- what the user types ------------------------------------------------------------
 
@@ -473,8 +476,9 @@ class Console:
         )
         self._app = session.app
         self.write(f"* logged in as {self.user}; /help lists the commands")
-        if self.state == "online":  # it went online before we were listening
-            Deferred.fromCoroutine(self.show_offline_summary())
+        summary = self.client.catch_up.last_summary
+        if summary is not None:  # it caught up before we were listening
+            self.summary_arrived(summary)
         Deferred.fromCoroutine(self._quietly_list_groups())
         with patch_stdout():
             while True:
@@ -489,5 +493,5 @@ class Console:
                     return
 
 
-async def run_console(reactor: Any, client: Any) -> None:
+async def run_console(reactor: ICimReactor, client: Any) -> None:
     await Console(reactor, client).run()

@@ -14,6 +14,10 @@ order, ``cim.limits.messages``). The outbox keeps the same order on its side:
   burst that is refused whole, and no message overtakes an earlier one;
 - when nothing is held any more, the conversation flows freely again.
 
+A refusal that is no rate (UNAVAILABLE: the node could not write it durably) passes
+``spacing=0``: once the probe is taken, the node is back, and every held message goes
+at once, in order.
+
 Only the order within a conversation is kept: other conversations go on meanwhile.
 """
 
@@ -61,15 +65,24 @@ class Pacing:
         pause.held.add(seq)
         return True
 
-    def refused(self, conversation: Conversation, seq: int, retry_after: float) -> None:
-        """The node refused ``seq`` for now: hold it (and what follows) that long."""
+    def refused(
+        self,
+        conversation: Conversation,
+        seq: int,
+        retry_after: float,
+        spacing: float | None = None,
+    ) -> None:
+        """The node refused ``seq`` for now: hold it (and what follows) that long.
+
+        ``spacing`` is the wait between the held messages once the probe is taken
+        (default: ``retry_after``, the node's rate); 0 sends them all at once."""
         pause = self._pauses.get(conversation)
         if pause is None:
             pause = self._pauses[conversation] = _Pause()
         if pause.probe == seq:
             pause.probe = None
         pause.held.add(seq)
-        pause.interval = retry_after
+        pause.interval = retry_after if spacing is None else spacing
         until = self._clock.seconds() + retry_after
         if until > pause.until or pause.timer is None:
             pause.until = max(until, pause.until)
@@ -87,7 +100,13 @@ class Pacing:
         pause.held.discard(seq)
         if pause.probe == seq:
             pause.probe = None
-            if pause.held and pause.timer is None:
+            if pause.held and pause.timer is None and not pause.interval:
+                held = sorted(pause.held)
+                pause.held.clear()
+                self._end(conversation, pause)
+                for next_seq in held:
+                    self._send(next_seq)
+            elif pause.held and pause.timer is None:
                 pause.timer = self._clock.callLater(pause.interval, self._waited, conversation)
             else:
                 self._next(conversation, pause)

@@ -1,20 +1,21 @@
 """What the receiving client has already handed to its application (design: 业务层面去重).
 
 The node deduplicates retried msg:R, but a duplicate can still reach a client: the
-node may redeliver after a crash, a retry may land where the node's dedup window has
-forgotten it (it then gets a new server id, with the same sender sequence), an
-offline page may be fetched twice. The inbox asks a ``SeenStore`` before the
-application sees a message, by server id and by (sender, sender device, client_seq).
+node may send a live copy again after a reconnect, a catch-up page may bring what a
+live copy already showed, a retry may land where the node's dedup window has
+forgotten it (it then gets a new server id and a new place in the timeline, with the
+same sender sequence). The inbox (``cim.client.inbox``) drops what is at or below a
+conversation's watermark by itself; it asks a ``SeenStore`` about the rest, by server id
+and by (sender, sender device, client_seq), before the application sees a message.
 
 The memory is bounded: the last ``max_ids`` messages exactly, plus per sender device a
-high-water mark (``last``, the highest sequence handed over, which the inbox orders
-against) and a floor (the highest sequence the store has forgotten). A sequence at or
-below the floor counts as seen: a device numbers its messages increasingly, so a
-message that old arriving for the first time would have to have been overtaken by
-``max_ids`` later ones; treating it as a duplicate is the price of a bounded store.
+high-water mark (``last``, the highest sequence handed over; ``last_seq``) and a floor
+(the highest sequence the store has forgotten). Past the memory, only the server id
+tells: a forgotten sequence is not assumed seen.
 
 ``FileSeenStore`` keeps the same in an append-only JSON-lines file so that the
-dedup survives a client restart; one client process per file.
+dedup survives a client restart (when the node's cursor had not moved yet, the next
+catch-up brings the same messages); one client process per file.
 """
 
 from __future__ import annotations

@@ -1,4 +1,11 @@
-"""cim-client send, listen, online and history: the IM connection's commands."""
+"""cim-client send, listen, sync, online and history: the IM connection's commands.
+
+Only ``listen`` (and the console) take received messages: they print the catch-up, each
+conversation oldest first and each message once, then live messages, and acknowledge
+what they printed. The others move no cursor: ``sync`` prints the catch-up summary
+(unread per conversation) without taking anything, ``history`` reads a timeline
+whatever the cursors.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +16,7 @@ from typing import Any
 from twisted.logger import Logger
 
 from cim.json_convention import listing
+from cim.reactor import ICimReactor
 from cim.scripts.arguments import message_id, positive
 from cim.scripts.group_commands import REFUSED_CODES, resolve_group
 from cim.scripts.login import with_timeout
@@ -22,7 +30,7 @@ from cim.scripts.output import (
     emit,
     write_line,
 )
-from cim.scripts.records import message_json, outcome_record
+from cim.scripts.records import message_json, outcome_record, summary_record
 
 HISTORY_PAGE = 200
 """The most the node answers per HISTORY_R."""
@@ -40,7 +48,11 @@ def add_chat_commands(commands: Any) -> None:
         default=200.0,
         help="seconds to wait for the outcome (the library retries for up to 160 s)",
     )
-    listen = commands.add_parser("listen", help="print received messages as JSON lines")
+    listen = commands.add_parser(
+        "listen",
+        help="print unread messages (each conversation oldest first), then live ones, "
+        "as JSON lines",
+    )
     listen.add_argument("--count", type=positive, default=0, help="print N messages, then exit 0")
     listen.add_argument(
         "--timeout",
@@ -52,6 +64,11 @@ def add_chat_commands(commands: Any) -> None:
         "--no-reconnect",
         action="store_true",
         help="exit with status 5 when the connection is lost (default: reconnect)",
+    )
+    commands.add_parser(
+        "sync",
+        help="print what is unread, per conversation (newest activity first), as JSON; "
+        "takes nothing",
     )
     commands.add_parser(
         "online", help="list who of your contacts (and bound accounts) is online, as JSON"
@@ -68,11 +85,11 @@ def add_chat_commands(commands: Any) -> None:
         "--before",
         type=message_id,
         default=0,
-        help="only messages older than this msg_id (the last one printed, to go on)",
+        help="only messages older than this seq (the last one printed, to go on)",
     )
 
 
-async def send_command(reactor: Any, client: Any, options: argparse.Namespace) -> int:
+async def send_command(reactor: ICimReactor, client: Any, options: argparse.Namespace) -> int:
     outcome = await with_timeout(
         reactor, client.send_text(options.to, options.text), options.timeout
     )
@@ -86,6 +103,21 @@ async def send_command(reactor: Any, client: Any, options: argparse.Namespace) -
         # The receiver's consent (docs/privacy.md) is a permission, not a failure.
         status = EXIT_REFUSED if outcome.reason == REASON_NOT_ACCEPTED else EXIT_FAILED
         raise ClientExit(status, f"not delivered: {outcome.reason or outcome.status}")
+    return EXIT_OK
+
+
+async def sync_command(client: Any) -> int:
+    """The catch-up summary: conversations with unread messages, newest activity first
+    (count, last_seq, the device's cursor, the newest message), and the total. It takes
+    nothing: no cursor moves."""
+    summary = await client.offline_summary()
+    emit(
+        listing(
+            [summary_record(entry) for entry in summary.conversations],
+            total=summary.total,
+            more=summary.more,
+        )
+    )
     return EXIT_OK
 
 
@@ -128,12 +160,14 @@ class Listener:
     --no-reconnect) a lost connection; a lost connection otherwise is one line on
     stderr while the library reconnects.
 
-    Exactly --count messages are taken: the library acknowledges a message only once
-    it is printed, and once the count is reached it takes no more, so what came with
-    them (a page of stored messages, a live one) stays on the node for the next run.
+    First the catch-up: every conversation with unread messages, newest activity first,
+    each oldest first; then live messages as they come (in seq order per conversation:
+    the library fills gaps). Exactly --count messages are taken: the cursor moves only
+    over printed messages, and once the count is reached the library takes no more, so
+    what came with them (the rest of a page, a live one) stays unread for the next run.
     """
 
-    def __init__(self, reactor: Any, client: Any, options: argparse.Namespace) -> None:
+    def __init__(self, reactor: ICimReactor, client: Any, options: argparse.Namespace) -> None:
         from twisted.internet.defer import Deferred
 
         self.reactor = reactor

@@ -2,8 +2,9 @@
 
     cim-client [--router URL] --user U [--cipher SUITE] send TO TEXT
     cim-client --user U listen [--count N] [--timeout S] [--no-reconnect]
+    cim-client --user U sync
     cim-client --user U online
-    cim-client --user U history PEER [--group] [--limit N] [--before ID]
+    cim-client --user U history PEER [--group] [--limit N] [--before SEQ]
     cim-client --user U group create|add|invite|remove|leave|list|members|send ...
     cim-client --user U group accept|decline GROUP | invitations
     cim-client --user U contacts list | request|accept|decline|remove|block|unblock USER
@@ -34,7 +35,7 @@ is one line on stderr and an exit status: 0 ok, 1 the operation failed, 2 usage,
 5 ``listen --no-reconnect`` lost its connection. Logging goes to stderr: warnings and
 errors only, ``-v`` adds the library's progress, ``-vv`` everything.
 
-The commands live by concern: chat_commands (send, listen, online, history),
+The commands live by concern: chat_commands (send, listen, sync, online, history),
 group_commands, contact_commands, file_commands, logic_commands; login says how each
 logs in and which status each failure gets.
 """
@@ -50,6 +51,7 @@ from collections.abc import Sequence
 from typing import Any, cast
 
 from cim.config import KNOWN_SUITES
+from cim.reactor import ICimReactor
 from cim.scripts.arguments import OneLineParser
 from cim.scripts.chat_commands import (
     Listener,
@@ -57,6 +59,7 @@ from cim.scripts.chat_commands import (
     history_command,
     online_command,
     send_command,
+    sync_command,
 )
 from cim.scripts.contact_commands import add_contact_commands, contacts_command
 from cim.scripts.file_commands import (
@@ -95,7 +98,8 @@ DEFAULT_FILES = "http://127.0.0.1:8082"
 DEFAULT_LOGIC = "http://127.0.0.1:8081"
 CONNECT_TIMEOUT = 10.0
 RECEIVING_COMMANDS = frozenset(("listen", None))
-"""Commands that take received messages: the others leave them stored for these."""
+"""Commands that take (print, acknowledge) received messages: listen and the console.
+The others, sync included (it prints counts, not messages), move no cursor."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -149,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-async def run(reactor: Any, options: argparse.Namespace) -> int:
+async def run(reactor: ICimReactor, options: argparse.Namespace) -> int:
     if options.command in FILE_SERVICE_COMMANDS:
         return await FILE_SERVICE_COMMANDS[options.command](reactor, options)
     if options.command in LOGIC_COMMANDS:
@@ -175,6 +179,8 @@ async def run(reactor: Any, options: argparse.Namespace) -> int:
             return await history_command(client, options)
         if options.command == "online":
             return await online_command(client)
+        if options.command == "sync":
+            return await sync_command(client)
         if options.command == "listen":
             return await Listener(reactor, client, options).run()
         from cim.client.console import run_console
@@ -223,8 +229,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
     asyncioreactor.install(loop)
-    from twisted.internet import reactor
     from twisted.internet.defer import ensureDeferred
+
+    from cim.reactor import installed_reactor
+
+    reactor = installed_reactor()
 
     status = {"code": EXIT_OK}
 

@@ -12,6 +12,7 @@ import sys
 from typing import Any
 
 from cim.json_convention import present
+from cim.reactor import ICimReactor
 from cim.scripts.group_commands import resolve_group
 from cim.scripts.login import router_token, with_timeout
 from cim.scripts.output import (
@@ -93,7 +94,7 @@ class ProgressBar:
             self._bar = None
 
 
-async def send_file_command(reactor: Any, client: Any, options: argparse.Namespace) -> int:
+async def send_file_command(reactor: ICimReactor, client: Any, options: argparse.Namespace) -> int:
     from cim.client.files import FileClient, FileServiceError, UploadState, voice_duration_ms
     from cim.client.media import media_message
     from cim.config import parse_size
@@ -157,7 +158,7 @@ async def send_file_command(reactor: Any, client: Any, options: argparse.Namespa
     return EXIT_OK
 
 
-async def download_command(reactor: Any, options: argparse.Namespace) -> int:
+async def download_command(reactor: ICimReactor, options: argparse.Namespace) -> int:
     """Download with a login: the server checks the user may read the file."""
     from cim.client.files import FileClient
 
@@ -177,7 +178,7 @@ async def download_command(reactor: Any, options: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-async def delete_file_command(reactor: Any, options: argparse.Namespace) -> int:
+async def delete_file_command(reactor: ICimReactor, options: argparse.Namespace) -> int:
     from cim.client.files import FileClient
 
     router, token = await router_token(reactor, options)

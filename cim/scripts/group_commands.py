@@ -8,6 +8,7 @@ import argparse
 from typing import Any
 
 from cim.json_convention import iso_time, listing
+from cim.reactor import ICimReactor
 from cim.scripts.login import with_timeout
 from cim.scripts.output import EXIT_FAILED, EXIT_OK, EXIT_REFUSED, ClientExit, emit
 from cim.scripts.records import outcome_record
@@ -89,7 +90,7 @@ async def resolve_group(client: Any, reference: str) -> str:
     )
 
 
-async def group_command(reactor: Any, client: Any, options: argparse.Namespace) -> int:
+async def group_command(reactor: ICimReactor, client: Any, options: argparse.Namespace) -> int:
     from cim.protocols import cim_pb2
 
     verb = options.group_command

@@ -9,6 +9,7 @@ import argparse
 import contextlib
 from typing import Any
 
+from cim.reactor import ICimReactor
 from cim.scripts import arguments, login
 from cim.scripts.output import EXIT_OK, EXIT_USAGE, ClientExit, emit
 
@@ -175,7 +176,7 @@ async def logic_call(api: Any, options: argparse.Namespace) -> Any:
     raise ClientExit(EXIT_USAGE, f"unknown command {command!r}")
 
 
-async def logic_command(reactor: Any, options: argparse.Namespace) -> int:
+async def logic_command(reactor: ICimReactor, options: argparse.Namespace) -> int:
     """Log in through the router (except to register), make the call, print the answer.
 
     The login is a session like any other: with one session per user, it ends a

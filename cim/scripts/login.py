@@ -14,6 +14,7 @@ import os
 import sys
 from typing import Any
 
+from cim.reactor import ICimReactor
 from cim.scripts.output import (
     EXIT_FAILED,
     EXIT_REFUSED,
@@ -40,20 +41,27 @@ def password() -> str:
 
 
 async def online_client(
-    reactor: Any, options: argparse.Namespace, receiving: bool, on_state: Any = None
+    reactor: ICimReactor, options: argparse.Namespace, receiving: bool, on_state: Any = None
 ) -> Any:
     """A ``ChatClient`` online at a node, or ClientExit (3 unreachable, 4 refused).
 
     A command that prints no received messages does not take any (``receiving``
-    False): what is stored for the user stays stored for the next ``listen``.
+    False): no catch-up, nothing acknowledged, no cursor moved, so every unread message
+    stays unread for the next ``listen`` or console. Those that do take them get each
+    conversation's catch-up oldest first (``ordered``), as they print it.
     """
     from cim.client.session import ChatClient, SessionRefused, Unreachable
 
     client = ChatClient(
-        reactor, options.router, options.user, password(), options.device, options.cipher
+        reactor,
+        options.router,
+        options.user,
+        password(),
+        options.device,
+        options.cipher,
+        receiving=receiving,
+        ordered=True,
     )
-    if not receiving:
-        client.stop_receiving()
     if on_state is not None:
         client.on_state = on_state
     try:
@@ -65,7 +73,7 @@ async def online_client(
     return client
 
 
-async def router_token(reactor: Any, options: argparse.Namespace) -> tuple[Any, str]:
+async def router_token(reactor: ICimReactor, options: argparse.Namespace) -> tuple[Any, str]:
     """Log in at the router only (logic and file commands): (router, token)."""
     from cim.client.router import RouterClient
 
@@ -77,7 +85,7 @@ async def router_token(reactor: Any, options: argparse.Namespace) -> tuple[Any, 
     return router, ticket.token
 
 
-async def with_timeout(reactor: Any, d: Any, timeout: float | None) -> Any:
+async def with_timeout(reactor: ICimReactor, d: Any, timeout: float | None) -> Any:
     """The result, or None if the timeout passed first (the Deferred is cancelled)."""
     from twisted.internet.defer import CancelledError, TimeoutError
 
@@ -89,7 +97,7 @@ async def with_timeout(reactor: Any, d: Any, timeout: float | None) -> Any:
         return None
 
 
-async def with_deadline(reactor: Any, work: Any, timeout: float, what: str) -> Any:
+async def with_deadline(reactor: ICimReactor, work: Any, timeout: float, what: str) -> Any:
     """The result of ``work`` (a Deferred or coroutine), or ClientExit(3) naming ``what``
     when it had not answered after ``timeout`` seconds (it is cancelled then)."""
     from twisted.internet.defer import Deferred, ensureDeferred
@@ -119,11 +127,16 @@ def exit_for(error: BaseException) -> ClientExit:
     """Any failure as the one line and status cim-client exits with."""
     from twisted.internet.error import ConnectError, ConnectionClosed
 
+    from cim.client.answers import RequestRefused, RequestTimedOut
     from cim.client.files import DestinationExists
     from cim.client.session import SessionFailed, SessionRefused, Unreachable
 
     if isinstance(error, ClientExit):
         return error
+    if isinstance(error, RequestTimedOut):
+        return ClientExit(EXIT_UNREACHABLE, f"the node did not answer {error.what}: {error.why}")
+    if isinstance(error, RequestRefused):
+        return ClientExit(EXIT_FAILED, f"the node refused {error.what}: {error.why}")
     if isinstance(error, OutputClosed):
         return ClientExit(0)
     if isinstance(error, Unreachable):

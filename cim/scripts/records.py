@@ -30,6 +30,8 @@ def message_record(message: Any) -> dict[str, Any]:
         "text": message.text,
         "sent_at": iso_time(message.sent_at_ms / 1000),
         "device": message.device,
+        "conversation": message.conversation,
+        "seq": message.seq or None,
     }
     if message.HasField("media"):
         media = message.media
@@ -48,6 +50,22 @@ def message_record(message: Any) -> dict[str, Any]:
 def message_json(message: Any) -> str:
     """One received message as the JSON line ``listen`` and ``history`` print."""
     return json.dumps(message_record(message), ensure_ascii=False)
+
+
+def summary_record(entry: Any) -> dict[str, Any]:
+    """One conversation of the catch-up summary (``cim-client sync``)."""
+    record: dict[str, Any] = {
+        "conversation": entry.conversation,
+        "peer": entry.peer,
+        "group": entry.group,
+        "count": entry.count,  # 0 is a count
+        "last_seq": entry.last_seq,
+        "cursor": entry.cursor,
+    }
+    if entry.HasField("newest"):
+        record["newest"] = message_record(entry.newest)
+        record["newest_cut"] = entry.newest_cut
+    return present(record)
 
 
 def outcome_record(outcome: Any) -> dict[str, Any]:

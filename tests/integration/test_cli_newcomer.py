@@ -169,8 +169,6 @@ class ListenTests(SynchronousTestCase):
 
     def test_timeout_with_count_says_how_many_came(self) -> None:
         self.send("one", "two")
-        # Each `send` is a new process, so the second one looks like it follows a gap and
-        # waits out the inbox's ordering window (twice 2 s) before it is shown.
         listened = client(self.daemon, "bob", "listen", "--count", "5", "--timeout", "8")
         self.assertEqual(listened.returncode, 1)
         self.assertEqual(listened.stderr, "cim-client: timed out after 8 s, got 2 of 5\n")
@@ -189,6 +187,30 @@ class ListenTests(SynchronousTestCase):
         self.assertEqual((rest.returncode, rest.stderr), (0, ""))
         texts = [json.loads(x)["text"] for x in rest.stdout.splitlines()]
         self.assertEqual(texts, ["two", "three"])
+
+    def test_commands_that_show_no_messages_move_no_cursor(self) -> None:
+        """#14's acceptance 4 (needs the node's timelines): x stored for bob stays unread
+        through bob's send, group list, history and sync; listen then prints it."""
+        self.send("x")
+        for command in (["send", "alice", "y"], ["group", "list"], ["history", "alice"]):
+            ran = client(self.daemon, "bob", *command)
+            self.assertEqual(ran.returncode, 0, ran.stderr)
+        history = client(self.daemon, "bob", "history", "alice")
+        self.assertEqual([json.loads(x)["text"] for x in history.stdout.splitlines()], ["y", "x"])
+        synced = client(self.daemon, "bob", "sync")
+        self.assertEqual((synced.returncode, synced.stderr), (0, ""))
+        summary = json.loads(synced.stdout)
+        [conversation] = summary["items"]
+        self.assertEqual((conversation["peer"], conversation["cursor"]), ("alice", 0))
+        self.assertEqual(conversation["last_seq"], 2)
+        self.assertIn(conversation["newest"]["text"], ("y", "x"))
+        self.assertEqual(summary["total"], conversation["count"])
+        listened = client(self.daemon, "bob", "listen", "--count", "1", "--timeout", "30")
+        self.assertEqual((listened.returncode, listened.stderr), (0, ""))
+        [shown] = [json.loads(x) for x in listened.stdout.splitlines()]
+        self.assertEqual((shown["text"], shown["seq"], shown["from"]), ("x", 1, "alice"))
+        after = json.loads(client(self.daemon, "bob", "sync").stdout)
+        self.assertEqual([item["cursor"] for item in after["items"]], [1] if after["items"] else [])
 
     def test_a_lost_connection_is_one_line_and_listen_reconnects(self) -> None:
         listener = client(self.daemon, "bob", "listen", "--count", "1", background=True)

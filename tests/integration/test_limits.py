@@ -27,7 +27,7 @@ from tests.integration.support.daemons import PASSWORD, DaemonProcess, client
 
 
 def library_client(daemon: DaemonProcess, user: str) -> ChatClient:
-    return ChatClient(
+    client = ChatClient(
         reactor,
         daemon.router_url,
         user,
@@ -36,6 +36,10 @@ def library_client(daemon: DaemonProcess, user: str) -> ChatClient:
         backoff=Backoff(initial=0.2, maximum=1.0),
         rng=random.Random(user),
     )
+    # An application that takes what comes (the library's default takes nothing), so
+    # its senders hear "delivered".
+    client.on_message = lambda message: True
+    return client
 
 
 def rate_limited(daemon: DaemonProcess) -> int:

@@ -1,7 +1,9 @@
-"""The client's outbox (retries, outcomes), inbox (dedup, order) and seen stores."""
+"""The client's outbox (retries, outcomes, pacing) and seen stores; the inbox (dedup and
+seq order per conversation) is tested with the session in test_client_timelines."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from typing import Any
@@ -13,7 +15,6 @@ from twisted.trial.unittest import SynchronousTestCase
 from cim.client.delivery import (
     REASON_CONNECTION_CLOSED,
     DeliveryOutcome,
-    Inbox,
     Outbox,
     RetryPolicy,
 )
@@ -269,186 +270,6 @@ class ExactlyOnceTests(SynchronousTestCase):
         self.assertEqual((len(outcomes), link.sent, outbox.failed()), (1, [], [1]))
 
 
-# ------------------------------------------------------------------------ inbox
-
-
-def incoming(
-    msg_id: int,
-    seq: int,
-    sender: str = "alice",
-    device: str = "phone",
-    group: str = "",
-    group_seq: int = 0,
-) -> cim_pb2.Message:
-    message = cim_pb2.Message(
-        id=msg_id, to="" if group else "bob", text=f"{sender}/{seq}", client_seq=seq, device=device
-    )
-    setattr(message, "from", sender)
-    if group:
-        message.group = group
-        message.group_seq = group_seq
-    return message
-
-
-class Receiver:
-    def __init__(self, window: float = 0.5, seen: Any = None) -> None:
-        self.clock = Clock()
-        self.seen = seen if seen is not None else MemorySeenStore()
-        self.shown: list[cim_pb2.Message] = []
-        self.acks: list[int] = []
-        self.inbox = Inbox(self.clock, self.seen, self.shown.append, self.acks.append, window)
-
-    @property
-    def ids(self) -> list[int]:
-        return [message.id for message in self.shown]
-
-
-class InboxDedupTests(SynchronousTestCase):
-    def test_duplicates_by_id_and_by_sender_sequence_are_dropped_and_acked(self) -> None:
-        r = Receiver()
-        r.inbox.receive(incoming(100, 1))
-        r.inbox.receive(incoming(100, 1))  # the node sent it again
-        r.inbox.receive(incoming(101, 1))  # a retry the node did not recognise: new id
-        r.inbox.receive(incoming(102, 1, device="laptop"))  # another device: new message
-        self.assertEqual(r.ids, [100, 102])
-        self.assertEqual(r.acks, [100, 100, 101, 102])
-        self.assertEqual(r.inbox.duplicates, 2)
-
-    def test_a_duplicate_of_a_held_message_is_acked_when_it_is_released(self) -> None:
-        r = Receiver()
-        r.inbox.receive(incoming(1, 1))
-        r.inbox.receive(incoming(3, 3))  # gap: held
-        r.inbox.receive(incoming(4, 3))  # same sequence, new id: duplicate of a held one
-        r.inbox.receive(incoming(3, 3))
-        self.assertEqual((r.ids, r.acks), ([1], [1]))
-        r.clock.advance(0.5)
-        self.assertEqual((r.ids, r.acks), ([1, 3], [1, 3, 4]))
-
-    def test_group_messages_dedup_by_id(self) -> None:
-        r = Receiver(window=0)
-        r.inbox.receive(incoming(50, 8, group="g"))
-        r.inbox.receive(incoming(50, 8, group="g"))
-        self.assertEqual((r.ids, r.acks), ([50], [50, 50]))
-
-
-class InboxOrderTests(SynchronousTestCase):
-    def test_a_gap_is_held_for_the_window_then_released_in_order(self) -> None:
-        r = Receiver()
-        r.inbox.receive(incoming(10, 1))
-        r.inbox.receive(incoming(14, 4))
-        r.inbox.receive(incoming(13, 3))
-        self.assertEqual(r.ids, [10])
-        self.assertEqual(r.acks, [10])  # acks go with the hand-over
-        r.clock.advance(0.49)
-        self.assertEqual(r.ids, [10])
-        r.clock.advance(0.01)
-        self.assertEqual(r.ids, [10, 13, 14])
-        self.assertEqual(r.acks, [10, 13, 14])
-        self.assertEqual(r.inbox.held, 0)
-        self.assertEqual(r.clock.getDelayedCalls(), [])
-
-    def test_the_missing_one_arriving_releases_the_held_at_once(self) -> None:
-        r = Receiver()
-        r.inbox.receive(incoming(10, 5))
-        r.inbox.receive(incoming(12, 7))
-        r.inbox.receive(incoming(13, 8))
-        r.inbox.receive(incoming(11, 6))
-        self.assertEqual(r.ids, [10, 11, 12, 13])
-        self.assertEqual(r.clock.getDelayedCalls(), [])
-
-    def test_later_arrivals_get_their_own_full_window(self) -> None:
-        r = Receiver()
-        r.inbox.receive(incoming(1, 1))
-        r.inbox.receive(incoming(3, 3))  # held from 0
-        r.clock.advance(0.3)
-        r.inbox.receive(incoming(5, 5))  # held from 0.3
-        r.clock.advance(0.2)
-        self.assertEqual(r.ids, [1, 3])
-        r.inbox.receive(incoming(4, 4))  # fills the gap before 5
-        self.assertEqual(r.ids, [1, 3, 4, 5])
-
-    def test_a_message_after_its_window_is_shown_late_not_dropped(self) -> None:
-        r = Receiver()
-        r.inbox.receive(incoming(1, 1))
-        r.inbox.receive(incoming(3, 3))
-        r.clock.advance(0.5)
-        r.inbox.receive(incoming(2, 2))
-        self.assertEqual(r.ids, [1, 3, 2])
-        self.assertEqual(r.inbox.late, 1)
-
-    def test_senders_and_devices_are_ordered_separately(self) -> None:
-        r = Receiver()
-        r.inbox.receive(incoming(1, 1, "alice"))
-        r.inbox.receive(incoming(2, 100, "carol"))
-        r.inbox.receive(incoming(3, 50, "alice", "laptop"))
-        r.inbox.receive(incoming(4, 2, "alice"))
-        r.inbox.receive(incoming(5, 102, "carol"))  # gap for carol only
-        self.assertEqual(r.ids, [1, 2, 3, 4])
-        r.clock.advance(0.5)
-        self.assertEqual(r.ids, [1, 2, 3, 4, 5])
-
-    def test_window_zero_is_arrival_order(self) -> None:
-        r = Receiver(window=0)
-        for msg_id, seq in ((1, 1), (3, 3), (2, 2)):
-            r.inbox.receive(incoming(msg_id, seq))
-        self.assertEqual(r.ids, [1, 3, 2])
-
-    def test_flush_hands_over_everything_held(self) -> None:
-        r = Receiver()
-        r.inbox.receive(incoming(1, 1))
-        r.inbox.receive(incoming(4, 4))
-        r.inbox.receive(incoming(3, 3))
-        r.inbox.receive(incoming(10, 8, group="g", group_seq=1))
-        r.inbox.receive(incoming(30, 9, group="g", group_seq=3))
-        self.assertEqual(r.ids, [1, 10])
-        r.inbox.flush()
-        self.assertEqual(r.ids, [1, 10, 3, 4, 30])
-        self.assertEqual(r.clock.getDelayedCalls(), [])
-
-
-class GroupOrderTests(SynchronousTestCase):
-    """Group messages follow the group's server-assigned sequence (group_seq)."""
-
-    def test_in_sequence_goes_at_once(self) -> None:
-        r = Receiver()
-        for number, (msg_id, sender) in enumerate(((30, "carol"), (10, "alice"), (20, "dave"))):
-            r.inbox.receive(incoming(msg_id, 1, sender, group="g", group_seq=number + 1))
-        self.assertEqual(r.ids, [30, 10, 20])
-        self.assertEqual(r.clock.getDelayedCalls(), [])
-
-    def test_a_gap_is_held_until_the_missing_one_comes(self) -> None:
-        r = Receiver()
-        r.inbox.receive(incoming(10, 1, group="g", group_seq=1))
-        r.inbox.receive(incoming(30, 1, "carol", group="g", group_seq=3))
-        r.inbox.receive(incoming(40, 2, "carol", group="g", group_seq=4))
-        self.assertEqual(r.ids, [10])
-        r.clock.advance(0.4)
-        r.inbox.receive(incoming(20, 1, "dave", group="g", group_seq=2))  # from another node
-        self.assertEqual(r.ids, [10, 20, 30, 40])
-
-    def test_a_gap_that_never_fills_is_released_after_the_window(self) -> None:
-        r = Receiver()
-        r.inbox.receive(incoming(10, 1, group="g", group_seq=1))
-        r.inbox.receive(incoming(30, 2, group="g", group_seq=3))
-        r.clock.advance(0.5)
-        self.assertEqual(r.ids, [10, 30])
-        r.inbox.receive(incoming(20, 1, "carol", group="g", group_seq=2))
-        self.assertEqual(r.ids, [10, 30, 20])
-        self.assertEqual(r.inbox.late, 1)
-
-    def test_groups_and_senders_are_separate_streams(self) -> None:
-        r = Receiver()
-        r.inbox.receive(incoming(1, 1))
-        r.inbox.receive(incoming(2, 2, group="g", group_seq=1))
-        # The first seen of "other" is its 7th: earlier ones may be on their way.
-        r.inbox.receive(incoming(5, 9, "dave", group="other", group_seq=7))
-        # alice's device numbers everything it sends: 3 follows her group message 2.
-        r.inbox.receive(incoming(3, 3))
-        self.assertEqual(r.ids, [1, 2, 3])
-        r.clock.advance(0.5)
-        self.assertEqual(r.ids, [1, 2, 3, 5])
-
-
 # ------------------------------------------------------------------------ seen stores
 
 
@@ -593,8 +414,8 @@ class PacingTests(SynchronousTestCase):
         outbox, clock, link, outcomes = make_outbox()
         outbox.add(text(1))
         outbox.add(text(2))
-        outbox.refused(limited(1, code=cim_pb2.Error.UNAVAILABLE))
-        outbox.refused(limited(2, code=cim_pb2.Error.UNAVAILABLE))
+        outbox.refused(limited(1))
+        outbox.refused(limited(2))
         clock.advance(0.5)
         outbox.refused(
             cim_pb2.Error(code=cim_pb2.Error.BAD_REQUEST, request_type=cim_pb2.MSG_R, client_seq=1)
@@ -605,3 +426,42 @@ class PacingTests(SynchronousTestCase):
         outbox.acknowledged(ack_n(2))
         self.assertEqual(len(outbox.pacing), 0)
         outbox.fail_all("stop")
+
+
+class UnavailableTests(SynchronousTestCase):
+    """UNAVAILABLE: the node could not write the message durably; it goes again soon."""
+
+    def test_resent_after_a_short_backoff_not_the_ten_second_resend(self) -> None:
+        outbox, clock, link, outcomes = make_outbox()
+        for seq in (1, 2, 3):
+            outbox.add(text(seq))
+        for seq in (1, 2, 3):
+            outbox.refused(limited(seq, retry_after_ms=0, code=cim_pb2.Error.UNAVAILABLE))
+        outbox.add(text(4))  # after the refusals: waits behind them
+        self.assertEqual([seq for _, seq in link.sent], [1, 2, 3])
+        clock.advance(0.2)  # UNAVAILABLE_BACKOFF's first step: at most 0.2 s
+        self.assertEqual([seq for _, seq in link.sent], [1, 2, 3, 1])
+        outbox.taken(cim_pb2.MsgA(client_seq=1, msg_id=1001))  # the node is back
+        self.assertEqual([seq for _, seq in link.sent], [1, 2, 3, 1, 2, 3, 4])
+        self.assertEqual(len(outbox.pacing), 0)
+        self.assertEqual(outcomes, [])
+
+    def test_refusals_in_a_row_back_off_and_the_nodes_wait_wins(self) -> None:
+        outbox, clock, link, _ = make_outbox()
+        outbox.add(text(1))
+        waits = []
+        for _ in range(4):
+            sent = len(link.sent)
+            outbox.refused(limited(1, retry_after_ms=0, code=cim_pb2.Error.UNAVAILABLE))
+            start = clock.seconds()
+            while len(link.sent) == sent:
+                clock.advance(0.01)
+            waits.append(round(clock.seconds() - start, 2))
+        self.assertTrue(all(a < b for a, b in itertools.pairwise(waits)), waits)
+        self.assertLessEqual(waits[-1], 1.6)
+        sent = len(link.sent)
+        outbox.refused(limited(1, retry_after_ms=6000, code=cim_pb2.Error.UNAVAILABLE))
+        clock.advance(5.9)
+        self.assertEqual(len(link.sent), sent)
+        clock.advance(0.1)
+        self.assertEqual(len(link.sent), sent + 1)

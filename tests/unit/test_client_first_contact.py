@@ -1,9 +1,8 @@
 """The client library's first connection has a deadline, and an application can stop
-taking messages without acknowledging those it did not take (issue #21)."""
+taking messages without acknowledging (moving the cursor over) those it did not take
+(issue #21, on timelines since #14)."""
 
 from __future__ import annotations
-
-from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.trial.unittest import SynchronousTestCase
@@ -12,8 +11,9 @@ from cim.client.router import LoginTicket, RouterError
 from cim.client.session import SessionFailed, SessionRefused, Unreachable
 from cim.protocols import cim_pb2
 from tests.fakes.node import NodeHarness
-from tests.unit.test_client_session import FakeRouter, incoming, make_client, result_of, settle
-from tests.unit.test_offline_delivery import OfflineHarness, message_from
+from tests.fakes.timeline_node import TimelineNode
+from tests.unit.test_client_session import FakeRouter, make_client, result_of, settle
+from tests.unit.test_client_timelines import session, texts
 
 
 class SilentRouter(FakeRouter):
@@ -119,10 +119,17 @@ class FirstContactTests(SynchronousTestCase):
 
 
 class StopReceivingTests(SynchronousTestCase):
+    """What the application did not take stays unread: the cursor stays below it."""
+
+    def unread(self, count: int) -> TimelineNode:
+        node = TimelineNode("bob", page=10)
+        for number in range(count):
+            node.append("alice", str(number), peer="bob")
+        return node
+
     def test_stored_messages_past_the_ones_taken_stay_stored(self) -> None:
-        h = OfflineHarness(self)
-        h.store([message_from("alice", "bob", 700 + n, n + 1, str(n)) for n in range(3)])
-        bob, _, _ = make_client(h.node, "bob")
+        node = self.unread(3)
+        bob, _, _ = session(node, ordered=True)
         shown: list[str] = []
 
         def take_one(message: cim_pb2.Message) -> None:
@@ -130,73 +137,61 @@ class StopReceivingTests(SynchronousTestCase):
             bob.stop_receiving()
 
         bob.on_message = take_one
-        bob.start()
-        settle(h.node)
+        node.connect(bob)
+        node.pump()
         self.successResultOf(Deferred.fromCoroutine(bob.stop()))
-        settle(h.node)
         self.assertEqual(shown, ["0"])
-        self.assertEqual(h.stored("bob"), 2)
-        again, _, _ = make_client(h.node, "bob")
-        later: list[str] = []
-        again.on_message = lambda message: later.append(message.text)
-        again.start()
-        settle(h.node)
-        self.assertEqual(later, ["1", "2"])
-        self.assertEqual(h.stored("bob"), 0)
+        self.assertEqual(node.cursors["d:alice:bob"], 1)
+        again, _, later = session(node, ordered=True)
+        node.connect(again)
+        node.pump()
+        self.assertEqual(texts(later), ["1", "2"])
+        self.assertEqual(node.cursors["d:alice:bob"], 3)
 
     def test_a_declined_message_is_not_acknowledged(self) -> None:
-        h = OfflineHarness(self)
-        h.store([message_from("alice", "bob", 800, 1, "x")])
-        bob, _, _ = make_client(h.node, "bob")
+        node = self.unread(1)
+        bob, _, _ = session(node)
 
         def decline(message: cim_pb2.Message) -> bool:
             bob.stop_receiving()
             return False
 
         bob.on_message = decline
-        bob.start()
-        settle(h.node)
+        node.connect(bob)
+        node.pump()
         self.successResultOf(Deferred.fromCoroutine(bob.stop()))
-        settle(h.node)
-        self.assertEqual(h.stored("bob"), 1)
+        self.assertEqual(node.cursors["d:alice:bob"], 0)
+        # The pull ends (OFFLINE_ACK_R) without a cursor, and no ack:R went.
+        self.assertEqual([list(end.cursors) for end in node.of_type(cim_pb2.OFFLINE_ACK_R)], [[]])
+        self.assertEqual(node.of_type(cim_pb2.ACK_R), [])
 
     def test_a_client_that_takes_nothing_does_not_pull(self) -> None:
-        h = OfflineHarness(self)
-        h.store([message_from("alice", "bob", 900, 1, "x")])
-        bob, _, network = make_client(h.node, "bob")
+        node = self.unread(1)
+        bob, _, _ = session(node)
         bob.on_message = lambda message: self.fail("handed over")
         bob.stop_receiving()
-        bob.start()
-        settle(h.node)
+        node.connect(bob)
+        node.pump()
         self.assertEqual(bob.state, "online")
-        self.assertEqual([t for _, t, _ in network.sent if t == cim_pb2.OFFLINE_R], [])
-        self.successResultOf(Deferred.fromCoroutine(bob.stop()))
-        settle(h.node)
-        self.assertEqual(h.stored("bob"), 1)
+        self.assertEqual(node.sent, [])
+        node.live(node.append("alice", "live", peer="bob"))
+        self.assertEqual(node.sent, [])
+        self.assertEqual(node.cursors["d:alice:bob"], 0)
 
     def test_held_messages_are_dropped_unacknowledged(self) -> None:
-        node = NodeHarness()
-        bob, _, _ = make_client(node, "bob", order_window=2.0)
-        shown: list[Any] = []
-        bob.on_message = shown.append
-        bob.start()
-        settle(node)
-        sent: list[int] = []
-        assert bob.protocol is not None
-        original = bob.protocol.send
-
-        def send(frame_type: int, message: Any) -> None:
-            if frame_type == cim_pb2.ACK_R:
-                sent.append(message.msg_id)
-            original(frame_type, message)
-
-        bob.protocol.send = send  # type: ignore[method-assign]
-        bob.frame_received(cim_pb2.MSG_N, incoming(10, 1))
-        bob.frame_received(cim_pb2.MSG_N, incoming(12, 3))  # after a gap: held
-        self.assertEqual(bob.inbox.held, 1)
+        node = self.unread(0)
+        bob, _, shown = session(node)
+        node.connect(bob)
+        node.pump()
+        one, two, three = (node.append("alice", str(n), peer="bob") for n in range(3))
+        node.swallow = {cim_pb2.HISTORY_R}  # the gap's fill is slow
+        node.live(one)
+        node.live(three)  # after a gap: held
+        self.assertEqual(bob.inbox.held(), 1)
         bob.stop_receiving()
-        bob.frame_received(cim_pb2.MSG_N, incoming(11, 2))
-        settle(node, 5.0)
+        node.live(two)
+        node.pump()
         self.successResultOf(Deferred.fromCoroutine(bob.stop()))
-        self.assertEqual([m.id for m in shown], [10])
-        self.assertEqual(sent, [10])
+        self.assertEqual([m.id for m in shown], [one.id])
+        self.assertEqual([m.msg_id for m in node.of_type(cim_pb2.ACK_R)], [one.id])
+        self.assertEqual(node.cursors["d:alice:bob"], 1)

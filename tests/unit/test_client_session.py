@@ -1,5 +1,6 @@
 """The client library's session: login, fast reconnect, backoff, redirects, kicks, and
-reliable delivery end to end (retries, outcomes, dedup, order) against a NodeHarness."""
+reliable delivery end to end (retries, outcomes) against a NodeHarness; receiving (dedup,
+seq order, acks) against a TimelineNode that speaks the timelines' wire."""
 
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ from cim.client.session import Backoff, ChatClient, DeliveryOutcome, SessionFail
 from cim.config import KNOWN_SUITES, SUITE_RC4
 from cim.protocols import cim_pb2
 from tests.fakes.node import NodeHarness
+from tests.fakes.timeline_node import TimelineNode
+from tests.unit.test_client_timelines import session
 
 
 class FakeRouter:
@@ -468,116 +471,89 @@ class SenderRetryTests(SynchronousTestCase):
 
 
 class ReceiverTests(SynchronousTestCase):
-    """The inbox wired to a real connection: dedup, acks, order, across restarts."""
+    """The inbox wired to a session: dedup, acks, seq order, across restarts."""
 
     def online_bob(
-        self, node: NodeHarness | None = None, **options: Any
-    ) -> tuple[NodeHarness, ChatClient, list[cim_pb2.Message], list[tuple[float, int, Any]]]:
-        node = node or NodeHarness()
-        bob, _, _ = make_client(node, "bob", **options)
-        shown: list[cim_pb2.Message] = []
-        bob.on_message = shown.append
-        bob.start()
-        settle(node)
-        return node, bob, shown, record_sends(bob)
+        self, node: TimelineNode | None = None, **options: Any
+    ) -> tuple[TimelineNode, ChatClient, list[cim_pb2.Message]]:
+        node = node or TimelineNode("bob")
+        bob, _, shown = session(node, **options)
+        node.connect(bob)
+        node.pump()
+        return node, bob, shown
 
     def test_duplicates_are_dropped_and_still_acknowledged(self) -> None:
-        _, bob, shown, sent = self.online_bob()
-        bob.frame_received(cim_pb2.MSG_N, incoming(100, 1))
-        bob.frame_received(cim_pb2.MSG_N, incoming(100, 1))  # redelivered by the node
-        bob.frame_received(cim_pb2.MSG_N, incoming(101, 1))  # a retry with a new server id
-        self.assertEqual([m.id for m in shown], [100])
-        self.assertEqual([m.msg_id for _, m in of_type(sent, cim_pb2.ACK_R)], [100, 100, 101])
+        node, _bob, shown = self.online_bob()
+        first = node.append("alice", "hello", peer="bob")
+        node.live(first)
+        node.live(first)  # redelivered by the node
+        retry = cim_pb2.Message()
+        retry.CopyFrom(first)
+        retry.id = first.id + 1  # a retry with a new server id, in the same place
+        node.live(retry)
+        self.assertEqual([m.id for m in shown], [first.id])
+        acks = [(m.msg_id, m.through_seq) for m in node.of_type(cim_pb2.ACK_R)]
+        self.assertEqual(acks, [(first.id, 1), (first.id, 1), (retry.id, 1)])
 
     def test_dedup_survives_a_new_client_with_the_same_seen_path(self) -> None:
         path = os.path.join(self.mktemp(), "bob-seen.jsonl")
-        node, first, shown, _ = self.online_bob(seen_path=path)
-        first.frame_received(cim_pb2.MSG_N, incoming(100, 1))
-        first.frame_received(cim_pb2.MSG_N, incoming(110, 2, group="g"))
-        settle(node, 0.5)
-        self.assertEqual([m.id for m in shown], [100, 110])
-        Deferred.fromCoroutine(first.stop())
-        settle(node)
-        _, second, shown_again, sent = self.online_bob(node, seen_path=path)
-        second.frame_received(cim_pb2.MSG_N, incoming(100, 1))
-        second.frame_received(cim_pb2.MSG_N, incoming(105, 1))
-        second.frame_received(cim_pb2.MSG_N, incoming(110, 2, group="g"))
-        second.frame_received(cim_pb2.MSG_N, incoming(106, 3))  # follows on: shown at once
-        self.assertEqual([m.id for m in shown_again], [106])
-        self.assertEqual([m.msg_id for _, m in of_type(sent, cim_pb2.ACK_R)], [100, 105, 110, 106])
+        node = TimelineNode("bob")
+        node.swallow = {cim_pb2.ACK_R}  # the cursor never moves: all comes again
+        node, first, shown = self.online_bob(node, seen_path=path)
+        one = node.append("alice", "one", peer="bob")
+        group = node.append("carol", "in the group", group="g")
+        node.live(one)
+        node.live(group)  # a group new since the summary: it waits for its pull
+        node.pump()
+        self.assertEqual([m.id for m in shown], [one.id, group.id])
+        self.successResultOf(Deferred.fromCoroutine(first.stop()))
+        node.swallow = set()
+        _, _second, shown_again = self.online_bob(node, seen_path=path)
+        self.assertEqual(shown_again, [], "the catch-up brought them again: known ids")
+        self.assertEqual(node.cursors, {"d:alice:bob": 1, "g:g": 1})
+        two = node.append("alice", "two", peer="bob")
+        node.live(two)
+        self.assertEqual([m.id for m in shown_again], [two.id])
 
-    def test_a_gap_is_held_then_released_in_sender_order(self) -> None:
-        node, bob, shown, sent = self.online_bob()
-        for msg_id, seq in ((10, 5), (12, 7), (13, 8)):
-            bob.frame_received(cim_pb2.MSG_N, incoming(msg_id, seq))
-        self.assertEqual([m.client_seq for m in shown], [5])
-        self.assertEqual([m.msg_id for _, m in of_type(sent, cim_pb2.ACK_R)], [10])
-        bob.frame_received(cim_pb2.MSG_N, incoming(11, 6))  # the late one: all go in order
-        self.assertEqual([m.client_seq for m in shown], [5, 6, 7, 8])
-        bob.frame_received(cim_pb2.MSG_N, incoming(20, 11))
-        bob.frame_received(cim_pb2.MSG_N, incoming(19, 10))
-        settle(node, 1.9)
-        self.assertEqual(len(shown), 4)
-        settle(node, 0.1)  # the window (2 s) passed: the client asks the store once more
-        self.assertEqual(len(shown), 4)
-        settle(node, 2.0)  # a second window without 9: it is not coming
-        self.assertEqual([m.client_seq for m in shown], [5, 6, 7, 8, 10, 11])
-        self.assertEqual(
-            [m.msg_id for _, m in of_type(sent, cim_pb2.ACK_R)], [10, 11, 12, 13, 19, 20]
-        )
+    def test_a_gap_is_held_then_released_in_seq_order(self) -> None:
+        node, _bob, shown = self.online_bob()
+        messages = [node.append("alice", str(n), peer="bob") for n in range(1, 5)]
+        node.live(messages[0])
+        node.live(messages[3])  # 2 and 3 missing: held, their fill asked
+        node.live(messages[2])  # still after the gap
+        self.assertEqual([m.seq for m in shown], [1])
+        node.live(messages[1])  # the late one comes before the fill's answer: all go
+        self.assertEqual([m.seq for m in shown], [1, 2, 3, 4])
+        node.pump()  # the fill's answer brings only duplicates
+        self.assertEqual([m.seq for m in shown], [1, 2, 3, 4])
+        self.assertEqual([m.through_seq for m in node.of_type(cim_pb2.ACK_R)], [1, 2, 3, 4])
 
     def test_group_messages_are_shown_in_group_sequence(self) -> None:
-        _node, bob, shown, sent = self.online_bob()
-        for msg_id, sender, number in ((30, "carol", 1), (10, "alice", 3), (20, "dave", 2)):
-            message = incoming(msg_id, 1, sender, group="g")
-            message.group_seq = number
-            bob.frame_received(cim_pb2.MSG_N, message)
-        self.assertEqual([m.id for m in shown], [30, 20, 10])
-        self.assertEqual([m.msg_id for _, m in of_type(sent, cim_pb2.ACK_R)], [30, 20, 10])
-
-    def test_messages_a_sender_sent_to_others_cause_no_wait(self) -> None:
-        """prev_seq tells bob that alice's skipped sequence went to someone else."""
-        node = NodeHarness()
-        alice, _, _ = make_client(node, "alice")
-        carol = node.connect("carol", auto_ack=True)
-        _, _, shown, _ = self.online_bob(node)
-        alice.start()
-        settle(node)
-        done = [
-            alice.send_text("bob", "1"),
-            alice.send_text("carol", "x"),
-            alice.send_text("bob", "2"),
+        node = TimelineNode("bob")
+        node.append("erin", "welcome", group="g")
+        node.cursors["g:g"] = 1  # bob is a member, and has seen the first one
+        node, _bob, shown = self.online_bob(node)
+        messages = [
+            node.append(sender, sender, group="g")
+            for sender in ("carol", "dave", "alice")  # one timeline, whoever wrote
         ]
-        settle(node)
-        self.assertEqual([m.text for m in shown], ["1", "2"])
-        self.assertEqual([result_of(d).status for d in done], ["delivered"] * 3)
-        self.assertEqual(len(carol.events.of_type(cim_pb2.MSG_N)), 1)
+        node.live(messages[0])
+        node.live(messages[2])
+        node.live(messages[1])
+        self.assertEqual([getattr(m, "from") for m in shown], ["carol", "dave", "alice"])
+        node.pump()
+        self.assertEqual(node.cursors["g:g"], 4)
 
-    def test_prev_seq_holds_only_for_a_message_really_missing(self) -> None:
-        node, bob, shown, _ = self.online_bob()
-
-        def from_alice(msg_id: int, seq: int, prev: int) -> cim_pb2.Message:
-            message = incoming(msg_id, seq)
-            message.prev_seq = prev
-            return message
-
-        bob.frame_received(cim_pb2.MSG_N, from_alice(1, 10, 0))
-        # 14 follows 12 in this conversation; 12 has not arrived: hold 14.
-        bob.frame_received(cim_pb2.MSG_N, from_alice(3, 14, 12))
-        self.assertEqual([m.id for m in shown], [1])
-        # 12 follows 10 (11 went to someone else): both go at once, in order.
-        bob.frame_received(cim_pb2.MSG_N, from_alice(2, 12, 10))
-        self.assertEqual([m.id for m in shown], [1, 2, 3])
-        settle(node, 1.0)
-        self.assertEqual([m.id for m in shown], [1, 2, 3])
-
-    def test_stop_hands_over_what_is_held(self) -> None:
-        node, bob, shown, _ = self.online_bob()
-        bob.frame_received(cim_pb2.MSG_N, incoming(1, 1))
-        bob.frame_received(cim_pb2.MSG_N, incoming(3, 3))
-        Deferred.fromCoroutine(bob.stop())
-        settle(node)
-        self.assertEqual([m.id for m in shown], [1, 3])
+    def test_stop_leaves_what_is_held_unread(self) -> None:
+        node, bob, shown = self.online_bob()
+        messages = [node.append("alice", str(n), peer="bob") for n in range(1, 4)]
+        node.swallow = {cim_pb2.HISTORY_R}
+        node.live(messages[0])
+        node.live(messages[2])
+        node.pump()
+        self.successResultOf(Deferred.fromCoroutine(bob.stop()))
+        self.assertEqual([m.seq for m in shown], [1])
+        self.assertEqual(node.cursors["d:alice:bob"], 1)
 
 
 class TicketTests(SynchronousTestCase):

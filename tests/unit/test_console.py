@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime
 import os
 import time
+from types import SimpleNamespace
 from typing import Any
 
 from prompt_toolkit.completion import CompleteEvent
@@ -52,9 +53,10 @@ class FakeClient:
         self.online_answer: Deferred[cim_pb2.OnlineA] | None = None
         self.history_pages: list[cim_pb2.HistoryA] = []
         self.history_calls: list[tuple[str, int, int, bool]] = []
-        self.summary = cim_pb2.OfflineSummaryA()
         self.on_message: Any = None
         self.on_state: Any = None
+        # The session's catch-up as the console sees it: its summaries, as they come.
+        self.catch_up = SimpleNamespace(on_summary=None, last_summary=None)
 
     def send_message(self, message: cim_pb2.Message) -> Deferred[DeliveryOutcome]:
         message.client_seq = self.next_seq
@@ -89,9 +91,6 @@ class FakeClient:
     ) -> Deferred[cim_pb2.HistoryA]:
         self.history_calls.append((target, limit, before, group))
         return succeed(self.history_pages.pop(0))
-
-    def offline_summary(self) -> Deferred[cim_pb2.OfflineSummaryA]:
-        return succeed(self.summary)
 
 
 def text_message(sender: str, text: str, msg_id: int = 1, **fields: Any) -> cim_pb2.Message:
@@ -283,26 +282,29 @@ class ConsoleTests(SynchronousTestCase):
 
     def test_offline_summary(self) -> None:
         summary = cim_pb2.OfflineSummaryA(
-            total=4,
+            total=6,
             conversations=[
-                cim_pb2.ConversationSummary(peer="carol", count=1),
-                cim_pb2.ConversationSummary(peer="alice", count=3),
+                cim_pb2.ConversationSummary(conversation="g:g1", group="g1", count=2),
+                cim_pb2.ConversationSummary(conversation="d:alice:bob", peer="bob", count=3),
+                cim_pb2.ConversationSummary(conversation="d:alice:carol", peer="carol", count=1),
             ],
+            caught_up=[cim_pb2.Cursor(conversation="d:alice:dave", seq=4)],
         )
         self.assertEqual(
-            offline_summary_line(summary), "3 stored messages from alice, 1 from carol"
+            offline_summary_line(summary), "2 unread messages in #g1, 3 with bob, 1 with carol"
         )
-        self.client.summary = summary
-        self.console.state = "reconnecting"
-        self.console.state_changed("online", "127.0.0.1:4000")
+        self.console.groups["g1"] = "friends"
+        self.client.catch_up.on_summary(summary)  # the catch-up's summary, before its pull
         self.assertEqual(
             self.printed(),
-            "* online again (127.0.0.1:4000)\n"
-            "* while you were away: 3 stored messages from alice, 1 from carol",
+            "* while you were away: 2 unread messages in #friends, 3 with bob, 1 with carol",
         )
-        self.client.summary = cim_pb2.OfflineSummaryA()
-        self.console.state_changed("online", "")
-        self.assertEqual(self.printed(), "* online again")
+        self.assertIn("carol", self.console.known_users)
+        self.client.catch_up.on_summary(cim_pb2.OfflineSummaryA(caught_up=summary.caught_up))
+        self.assertEqual(self.printed(), "")
+        self.console.state = "reconnecting"
+        self.console.state_changed("online", "127.0.0.1:4000")
+        self.assertEqual(self.printed(), "* online again (127.0.0.1:4000)")
 
     def test_connection_states(self) -> None:
         self.assertIn("│ online │", self.console.status_text())

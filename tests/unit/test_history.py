@@ -14,7 +14,6 @@ from typing import Any
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
 from cim.history.service import HistoryService
@@ -221,41 +220,3 @@ class HistoryCommandTests(TestCase):
         error = self.failureResultOf(d, cli.ClientExit).value
         self.assertEqual(error.status, 1)
         self.assertIn("unavailable", error.message)
-
-
-class ChatClientHistoryTests(TestCase):
-    def test_requests_go_one_at_a_time_and_answers_match(self) -> None:
-        from cim.client.session import ChatClient, SessionFailed
-
-        client = ChatClient(Clock(), "http://127.0.0.1:1", "bob", "pw")
-        refused = client.history("alice")
-        self.failureResultOf(refused, SessionFailed)
-        sent: list[tuple[int, Any]] = []
-
-        class Protocol:
-            def send(self, frame_type: int, message: Any) -> None:
-                sent.append((frame_type, message))
-
-        client.protocol = Protocol()  # type: ignore[assignment]
-        first = client.history("alice", limit=10)
-        second = client.history(GROUP, before=7, group=True)
-        # Each asks for pages below the client's own frame limit (max_bytes).
-        frame = client.max_frame_size
-        self.assertEqual(
-            sent,
-            [(cim_pb2.HISTORY_R, cim_pb2.HistoryR(peer="alice", limit=10, max_bytes=frame))],
-        )
-        client.frame_received(cim_pb2.HISTORY_A, cim_pb2.HistoryA(messages=[message(1)]))
-        self.assertEqual(ids(self.successResultOf(first).messages), [1])
-        self.assertEqual(
-            sent[1],
-            (
-                cim_pb2.HISTORY_R,
-                cim_pb2.HistoryR(group=GROUP, before=7, limit=50, max_bytes=frame),
-            ),
-        )
-        self.assertNoResult(second)
-        from twisted.python.failure import Failure
-
-        client.connection_closed(Failure(ConnectionError("gone")))
-        self.failureResultOf(second, ConnectionError)

@@ -76,7 +76,7 @@ class OfflineTests(SynchronousTestCase):
             for n in range(1000)
         ]
         h.store(messages)
-        bob, _, _ = make_client(h.node, "bob")
+        bob, _, _ = make_client(h.node, "bob", ordered=True)
         shown: list[cim_pb2.Message] = []
         bob.on_message = shown.append
         pages: list[list[int]] = []
@@ -90,9 +90,11 @@ class OfflineTests(SynchronousTestCase):
         bob.frame_received = watch  # type: ignore[method-assign]
         bob.start()
         settle(h.node)
-        self.assertEqual(len(pages), 10)
-        flat = [i for page in pages for i in page]
-        self.assertEqual(flat, sorted(flat, reverse=True))  # newest page first
+        # One conversation per sender: one pull each (50 messages fit one page of 100),
+        # every page newest first.
+        self.assertEqual(len(pages), 20)
+        for page in pages:
+            self.assertEqual(page, sorted(page, reverse=True))
         self.assertEqual(sorted(m.id for m in shown), list(range(1000, 2000)))
         for sender in range(20):
             texts = [int(m.text) for m in shown if getattr(m, "from") == f"sender{sender}"]
@@ -220,7 +222,7 @@ class PoisonedBoxTests(SynchronousTestCase):
         statuses = [ack.status for ack in alice.events.of_type(cim_pb2.ACK_N)]
         self.assertEqual(statuses, [cim_pb2.STORED] * 21)
 
-        bob, _, network = make_client(h.node, "bob")
+        bob, _, network = make_client(h.node, "bob", ordered=True)
         shown: list[cim_pb2.Message] = []
         bob.on_message = shown.append
         page_sizes: list[int] = []
