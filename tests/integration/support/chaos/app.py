@@ -9,8 +9,9 @@ The library calls used, all on ``cim.client.session.ChatClient``:
 
 - ``ChatClient(reactor, routers, user, password, device=, backoff=, rng=, retry=,
   order_window=)`` with ``Backoff`` and ``RetryPolicy``;
-- ``start()``, ``stop(logout=False)``, ``state`` (``"online"``), ``ticket.node.node_id``,
-  ``on_state`` (counts the connections: a reset client is back once it has a new one);
+- ``start()``, ``stop(logout=False)``, ``stop_receiving()``, ``state`` (``"online"``),
+  ``ticket.node.node_id``, ``on_state`` (counts the connections: a reset client is back
+  once it has a new one);
 - ``on_message`` (the application's callback: what is counted as shown);
 - ``send_text(to, text)`` and ``send_group(group_id, text)``, whose Deferreds fire with
   a ``DeliveryOutcome`` (``status``: delivered, stored, accepted, failed);
@@ -124,6 +125,9 @@ class ChaosApp:
 
     async def stop(self) -> None:
         await self._client.stop(logout=False)
+        # A pull still on its way when the connection closed must not hold messages
+        # (and their order timers) in a client that is gone.
+        self._client.stop_receiving()
 
     @property
     def online(self) -> bool:
