@@ -52,4 +52,5 @@ class ChaosTests(TestCase):
                 problems.append(f"{where}: {row.failed} failed, more than {bound}: {why}")
         if report.unanswered_catch_ups:
             problems.append(f"{report.unanswered_catch_ups} clients' final catch-up unanswered")
-        self.assertEqual(problems, [], f"\n{report.table()}")
+        if problems:
+            self.fail("\n".join(problems) + f"\n{report.table()}")

@@ -14,14 +14,14 @@ The library calls used, all on ``cim.client.session.ChatClient``:
   once it has a new one);
 - ``on_message`` (the application's callback: what is counted as shown);
 - ``send_text(to, text)`` and ``send_group(group_id, text)``, whose Deferreds fire with
-  a ``DeliveryOutcome`` (``status``: delivered, stored, accepted, failed);
+  a ``DeliveryOutcome`` (``status``: delivered, stored, accepted, failed; ``reason``);
 - ``group_request(GroupRequest(create=...))`` and ``group_request(GroupRequest(accept=...))``;
 - ``pull_offline()``: the catch-up a login or reconnect makes, asked for once more at
   the end of the run;
-- ``protocol.transport.abortConnection()``: a reset connection (the fault, not an
-  application call).
+- ``protocol.transport.abortConnection()`` (``protocol`` is the current connection): a
+  reset connection (the fault, not an application call).
 
-Message fields read: ``text``, ``from``, ``to``, ``group``, ``client_seq``, and
+Message fields read: ``text``, ``from``, ``group``, ``client_seq``, and
 ``seq``/``conversation`` where the wire has them (the timelines wire; the current
 one does not, and the run then orders by ``client_seq``).
 """

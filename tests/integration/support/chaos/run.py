@@ -18,7 +18,7 @@ bounded wait for every copy senders were told is fine.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -184,104 +184,130 @@ class Traffic:
 
 async def run(scope: Any, settings: Settings, out: Callable[[str], None] = print) -> Report:
     """Build the world, run every fault, count; the scope's cleanup ends every process."""
-    started = time.monotonic()
-    world = ChaosWorld(scope)
-    pairs, members = spread_users(world)
-    users = [user for pair in pairs for user in pair] + members
-    world.start(users)
-    ledger = Ledger()
-    apps = {user: ChaosApp(reactor, world.routers, user, PASSWORD, ledger.show) for user in users}
+    chaos = ChaosRun(scope, settings, out)
+    await chaos.set_up()
+    await chaos.faults()
+    return await chaos.count()
 
-    async def stop_apps() -> None:
+
+class ChaosRun:
+    """One run: its world, its clients and their ledger, and what happened when."""
+
+    def __init__(self, scope: Any, settings: Settings, out: Callable[[str], None]) -> None:
+        self.started = time.monotonic()
+        self.scope = scope
+        self.settings = settings
+        self.out = out
+        self.events: list[str] = []
+        self.ledger = Ledger()
+        self.world = ChaosWorld(scope)
+        self.pairs, self.members = spread_users(self.world)
+        self.users = [user for pair in self.pairs for user in pair] + self.members
+        self.apps = {
+            user: ChaosApp(reactor, self.world.routers, user, PASSWORD, self.ledger.show)
+            for user in self.users
+        }
+        self.placement: dict[str, int] = {}
+
+    def event(self, line: str) -> None:
+        self.events.append(f"{time.monotonic() - self.started:6.1f} s  {line}")
+        self.out(self.events[-1])
+
+    async def set_up(self) -> None:
+        """Nodes up, every client online, the group made and joined."""
+        self.world.start(self.users)
+        self.scope.addCleanup(lambda: Deferred.fromCoroutine(self._stop_apps()))
+        apps = self.apps
+        await DeferredList([app.start() for app in apps.values()], fireOnOneErrback=True)
+        self.group_id = await apps[self.members[0]].create_group("chaos", self.members[1:])
+        for member in self.members[1:]:
+            await apps[member].accept_group(self.group_id)
         for app in apps.values():
+            self.placement[app.node_id] = self.placement.get(app.node_id, 0) + 1
+        self.out(f"chaos ({self.settings.name}): {len(apps)} clients, placement {self.placement}")
+
+    async def _stop_apps(self) -> None:
+        for app in self.apps.values():
             await app.stop()
 
-    scope.addCleanup(lambda: Deferred.fromCoroutine(stop_apps()))
-    await DeferredList([app.start() for app in apps.values()], fireOnOneErrback=True)
-    owner = apps[members[0]]
-    group_id = await owner.create_group("chaos", members[1:])
-    for member in members[1:]:
-        await apps[member].accept_group(group_id)
-    placement: dict[str, int] = {}
-    for app in apps.values():
-        placement[app.node_id] = placement.get(app.node_id, 0) + 1
-    out(f"chaos ({settings.name}): {len(users)} clients, placement {placement}")
+    async def faults(self) -> None:
+        """Traffic all along; the faults one after another, each with its recovery."""
+        settings, world, ledger = self.settings, self.world, self.ledger
+        traffic = Traffic(ledger, self.apps, self.pairs, self.group_id, self.members)
+        ledger.phase(BASELINE)
+        traffic.start(settings.tick)
+        await sleep(settings.baseline)
+        killed, paused = world.nodes[1], world.nodes[2]
+        victims = [
+            self.apps[user]
+            for user in (*self.pairs[0], self.pairs[2][1], self.members[1], self.members[2])
+        ]
+        try:
+            await self._fault(NODE_KILLED, world.kill_node(killed, settings.node_down))
+            await self._fault(REDIS_KILLED, world.kill_redis())
+            await self._fault(BROKER_STOPPED, world.stop_broker(settings.broker_down))
+            await self._fault(DATABASE_KILLED, world.kill_database(settings.database_down))
+            await self._fault(NODE_PAUSED, world.pause_node(paused, settings.node_paused))
+            await self._fault(CONNECTIONS_RESET, reset(victims))
+        finally:
+            traffic.stop()
+        self.event(f"traffic stopped: {len(ledger.sent)} messages sent")
 
-    traffic = Traffic(ledger, apps, pairs, group_id, members)
-    events: list[str] = []
+    async def _fault(self, name: str, action: Coroutine[Any, Any, None]) -> None:
+        """``action`` is the fault, not started yet: it begins with the fault's phase."""
+        self.ledger.phase(name)
+        self.event(f"fault: {name}")
+        await action
+        self.event(f"{name}: over")
+        await self._recovered(name)
+        self.event(f"{name} so far: {self.ledger.summary(name)}")
 
-    def event(line: str) -> None:
-        stamp = time.monotonic() - started
-        events.append(f"{stamp:6.1f} s  {line}")
-        out(events[-1])
-
-    async def recovered(what: str) -> None:
+    async def _recovered(self, what: str) -> None:
         """Every node healthy and every client online (the run stops if not), then every
         message sent so far answered (or the table says which were not), so one fault's
         resends do not spill into the next."""
         took = await until(
-            lambda: all(app.online for app in apps.values()) and world.all_healthy(),
-            settings.recovery_deadline,
+            lambda: all(app.online for app in self.apps.values()) and self.world.all_healthy(),
+            self.settings.recovery_deadline,
             f"recovery after {what}: every node healthy, every client online",
         )
-        event(f"{what}: nodes healthy, clients online in {took:.1f} s")
-        sent = list(ledger.sent.values())
+        self.event(f"{what}: nodes healthy, clients online in {took:.1f} s")
+        sent = list(self.ledger.sent.values())
         answered = await _bounded(
             lambda: all(message.status for message in sent),
-            settings.phase_outcomes,
+            self.settings.phase_outcomes,
             "the outcome of every message sent so far",
         )
         waiting = sum(1 for message in sent if not message.status)
-        event(f"{what}: {waiting} of the messages sent so far without an outcome ({answered})")
-        await sleep(settings.settle)
+        self.event(f"{what}: {waiting} of the messages sent so far without an outcome ({answered})")
+        await sleep(self.settings.settle)
 
-    async def fault(name: str, action: Callable[[], Any]) -> None:
-        ledger.phase(name)
-        event(f"fault: {name}")
-        result = action()
-        if isinstance(result, Deferred) or hasattr(result, "__await__"):
-            await result
-        event(f"{name}: over")
-        await recovered(name)
-        event(f"{name} so far: {ledger.summary(name)}")
-
-    ledger.phase(BASELINE)
-    traffic.start(settings.tick)
-    await sleep(settings.baseline)
-    killed, paused = world.nodes[1], world.nodes[2]
-    try:
-        await fault(NODE_KILLED, lambda: world.kill_node(killed, settings.node_down))
-        await fault(REDIS_KILLED, world.kill_redis)
-        await fault(BROKER_STOPPED, lambda: world.stop_broker(settings.broker_down))
-        await fault(DATABASE_KILLED, lambda: world.kill_database(settings.database_down))
-        await fault(NODE_PAUSED, lambda: world.pause_node(paused, settings.node_paused))
-        victims = [apps[user] for user in (*pairs[0], pairs[2][1], members[1], members[2])]
-        await fault(CONNECTIONS_RESET, lambda: reset(victims))
-    finally:
-        traffic.stop()
-    event(f"traffic stopped: {len(ledger.sent)} messages sent")
-
-    with_outcome = await _bounded(
-        lambda: ledger.unanswered() == 0, settings.outcome_deadline, "every outcome"
-    )
-    event(f"outcomes: {ledger.unanswered()} unanswered ({with_outcome})")
-    pulls = [_waiting_for(app.catch_up()) for app in apps.values()]
-    pulled = await _bounded(
-        lambda: all(pull.called for pull in pulls),
-        settings.catch_up_deadline,
-        "every client's catch-up to be answered",
-    )
-    unanswered_pulls = sum(1 for pull in pulls if not pull.called)
-    event(f"final catch-up: {unanswered_pulls} clients without an answer ({pulled})")
-    caught_up = await _bounded(
-        lambda: ledger.missing() == 0, settings.catch_up_deadline, "every copy shown"
-    )
-    event(f"after the catch-up: {ledger.missing()} copies missing ({caught_up})")
-    rows = ledger.rows()
-    for row in rows:
-        for reason, count in row.failure_reasons.most_common():
-            event(f"{row.phase} ({row.kind}): {count} failed: {reason}")
-    return Report(settings, rows, placement, time.monotonic() - started, events, unanswered_pulls)
+    async def count(self) -> Report:
+        """Every outcome, every client's catch-up, every copy shown (each bounded), then
+        the table."""
+        settings, ledger = self.settings, self.ledger
+        with_outcome = await _bounded(
+            lambda: ledger.unanswered() == 0, settings.outcome_deadline, "every outcome"
+        )
+        self.event(f"outcomes: {ledger.unanswered()} unanswered ({with_outcome})")
+        pulls = [_waiting_for(app.catch_up()) for app in self.apps.values()]
+        pulled = await _bounded(
+            lambda: all(pull.called for pull in pulls),
+            settings.catch_up_deadline,
+            "every client's catch-up to be answered",
+        )
+        unanswered_pulls = sum(1 for pull in pulls if not pull.called)
+        self.event(f"final catch-up: {unanswered_pulls} clients without an answer ({pulled})")
+        caught_up = await _bounded(
+            lambda: ledger.missing() == 0, settings.catch_up_deadline, "every copy shown"
+        )
+        self.event(f"after the catch-up: {ledger.missing()} copies missing ({caught_up})")
+        rows = ledger.rows()
+        for row in rows:
+            for reason, count in row.failure_reasons.most_common():
+                self.event(f"{row.phase} ({row.kind}): {count} failed: {reason}")
+        seconds = time.monotonic() - self.started
+        return Report(settings, rows, self.placement, seconds, self.events, unanswered_pulls)
 
 
 def _waiting_for(library: Deferred[object]) -> Deferred[None]:
