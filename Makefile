@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 CONFIG ?= etc/cim.ini
 
-.PHONY: run test test-unit test-integration install install-test plugin-cache proto openapi lint typecheck bench bench-full fuzz services clean
+.PHONY: run test test-unit test-integration install install-test plugin-cache proto openapi lint typecheck bench bench-full fuzz chaos services clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -87,6 +87,12 @@ bench: $(VENV)/.installed-bench
 
 bench-full: $(VENV)/.installed-bench
 	$(BIN)/python -m bench.run --full
+
+## Three real nodes on private Redis, ZooKeeper, RabbitMQ and PostgreSQL under faults, one
+## at a time; prints what applications were shown per fault and writes the table into
+## docs/reliability.md (bench/chaos.py, about 5 minutes). Root, or the services' users.
+chaos: install-test plugin-cache
+	$(BIN)/python -m bench.chaos
 
 clean:
 	rm -rf $(VENV) _trial_temp build *.egg-info

@@ -352,16 +352,22 @@ class BenchConnection(FrameProtocol):
         else:
             self.failed += 1
             self.worker.failure_reasons[outcome.reason or "failed"] += 1
-        if self.window and self.worker.loading and self.budget:
-            self.queue_message(_monotonic_ns())
-        elif not self.pending:
-            self._check_drained()
+        self._answered()
 
     def _request_refused(self, plaintext: bytes) -> None:
         error = _Error.FromString(plaintext[1:])
         if self.pending.pop(error.client_seq, None) is not None:
             self.failed += 1
             self.worker.failure_reasons[f"ERROR: {error.message}"] += 1
+            self._answered()
+
+    def _answered(self) -> None:
+        """A msg:R has its answer (ack:N or a refusal): a window sender sends the next
+        (a refusal answers as much as an ack:N does; before, a refused sender's window
+        emptied and it sent nothing more for the rest of the load)."""
+        if self.window and self.worker.loading and self.budget:
+            self.queue_message(_monotonic_ns())
+        elif not self.pending:
             self._check_drained()
 
     # --- sending ----------------------------------------------------------------------

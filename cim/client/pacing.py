@@ -83,14 +83,15 @@ class Pacing:
             pause.probe = None
         pause.held.add(seq)
         pause.interval = retry_after if spacing is None else spacing
-        until = self._clock.seconds() + retry_after
+        # One reading of the clock: a real one moves between two, and on a loaded
+        # machine by more than a short retry-after (callLater refuses a negative delay).
+        now = self._clock.seconds()
+        until = now + retry_after
         if until > pause.until or pause.timer is None:
             pause.until = max(until, pause.until)
             if pause.timer is not None and pause.timer.active():
                 pause.timer.cancel()
-            pause.timer = self._clock.callLater(
-                pause.until - self._clock.seconds(), self._waited, conversation
-            )
+            pause.timer = self._clock.callLater(pause.until - now, self._waited, conversation)
 
     def taken(self, conversation: Conversation, seq: int) -> None:
         """The node took ``seq`` (or answered it finally): the next held one may go."""

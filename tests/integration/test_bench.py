@@ -37,13 +37,17 @@ class GeneratorCountTests(SynchronousTestCase):
     def call(self, command: dict[str, Any]) -> dict[str, Any]:
         return self.pool.call(command, timeout=120)[0]
 
-    def wait_for(self, done: Any) -> dict[str, Any]:
-        """Poll the worker's totals until ``done(totals)`` (bounded; not a timing check)."""
-        deadline = time.monotonic() + 60
+    def wait_for(self, done: Any, what: str, timeout: float = 60) -> dict[str, Any]:
+        """Poll the worker's totals until ``done(totals)``; fail the test, naming ``what``
+        and the last totals, if that has not happened within ``timeout`` seconds (the
+        later assertions would otherwise check a load that never ran)."""
+        deadline = time.monotonic() + timeout
         while True:
             totals: dict[str, Any] = self.call({"cmd": "totals"})["totals"]
-            if done(totals) or time.monotonic() > deadline:
+            if done(totals):
                 return totals
+            if time.monotonic() > deadline:
+                self.fail(f"gave up after {timeout:g} s waiting for {what}; totals: {totals}")
             time.sleep(0.05)
 
     def test_window_load_counts_every_message_once(self) -> None:
@@ -52,7 +56,9 @@ class GeneratorCountTests(SynchronousTestCase):
         self.assertEqual(self.call({"cmd": "connect", "prefix": "p", "count": 4})["connected"], 4)
         # p0 -> p1 is delivered; p2's messages go to a user who does not exist.
         self.call({"cmd": "load", "window": 4, "redirect": {"p2": "ghost"}})
-        self.wait_for(lambda t: t["delivered"] >= 20 and t["failed"] >= 20)
+        self.wait_for(
+            lambda t: t["delivered"] >= 20 and t["failed"] >= 20, "20 delivered and 20 failed"
+        )
         drained = self.call({"cmd": "stop_load", "timeout": 30})
         totals = drained["totals"]
         self.assertTrue(drained["drained"])
@@ -69,7 +75,10 @@ class GeneratorCountTests(SynchronousTestCase):
         self.call({"cmd": "close"})
         self.call({"cmd": "connect", "prefix": "p", "count": 2})
         self.call({"cmd": "load", "window": 4})
-        self.wait_for(lambda t: t["delivered"] >= totals["delivered"] + 20)
+        self.wait_for(
+            lambda t: t["delivered"] >= totals["delivered"] + 20,
+            "20 more delivered after reconnecting",
+        )
         again = self.call({"cmd": "stop_load", "timeout": 30})["totals"]
         self.assertEqual(again["sent"], again["delivered"] + again["failed"])
         self.assertEqual(again["received"], again["delivered"])
@@ -78,7 +87,7 @@ class GeneratorCountTests(SynchronousTestCase):
         self.call({"cmd": "login", "prefix": "p", "count": 2, "password": PASSWORD})
         self.call({"cmd": "connect", "prefix": "p", "count": 2})
         self.call({"cmd": "load", "rate": 200})
-        self.wait_for(lambda t: t["delivered"] >= 10)
+        self.wait_for(lambda t: t["delivered"] >= 10, "10 delivered at 200/s")
         paced = self.call({"cmd": "stop_load", "timeout": 30})["totals"]
         self.assertEqual(paced["sent"], paced["delivered"] + paced["failed"])
         self.call({"cmd": "close"})
@@ -109,7 +118,7 @@ class GeneratorCountTests(SynchronousTestCase):
         before = self.pool.call({"cmd": "totals"}, 60)
         # Two of the six post; each message goes to the five others.
         self.call({"cmd": "load", "group": created["group"], "senders": 2, "rate": 100})
-        self.wait_for(lambda t: t["accepted"] >= 20)
+        self.wait_for(lambda t: t["accepted"] >= 20, "20 group messages accepted")
         drained = self.pool.call({"cmd": "stop_load", "timeout": 30}, 60)
         totals = _fanout_finished(self.pool, before, drained, receivers=5, timeout=30)
         self.assertTrue(totals["consistent"])

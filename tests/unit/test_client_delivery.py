@@ -367,8 +367,36 @@ def limited(seq: int, retry_after_ms: int = 500, code: int = cim_pb2.Error.RATE_
     )
 
 
+class MovingClock(Clock):
+    """A clock that moves on by ``step`` every time it is read, as a real one does on a
+    loaded machine."""
+
+    step = 0.02
+
+    def seconds(self) -> float:
+        self.rightNow += self.step
+        return self.rightNow
+
+    def callLater(self, delay: float, *args: Any, **kwargs: Any) -> Any:
+        assert delay >= 0, f"{delay} is not greater than or equal to 0 seconds"  # the reactor's
+        return super().callLater(delay, *args, **kwargs)
+
+
 class PacingTests(SynchronousTestCase):
     """A RATE_LIMITED (or UNAVAILABLE) with retry_after_ms paces the conversation."""
+
+    def test_a_short_retry_after_on_a_moving_clock_still_waits(self) -> None:
+        # Seen in tests/integration/test_offline_daemon.py on two loaded cores: the clock
+        # moved past a 10 ms retry-after between two readings and callLater was given a
+        # negative delay (an AssertionError inside the frame handler).
+        clock = MovingClock()
+        link = FakeLink(clock)
+        outbox = Outbox(clock, link, lambda outcome: None, RetryPolicy())
+        outbox.add(text(1))
+        outbox.refused(limited(1, retry_after_ms=10))
+        self.assertEqual(len(link.sent), 1)
+        clock.advance(0.05)
+        self.assertEqual([seq for _, seq in link.sent], [1, 1])
 
     def test_the_refused_one_and_later_ones_wait_then_go_one_at_a_time_in_order(self) -> None:
         outbox, clock, link, outcomes = make_outbox()

@@ -83,6 +83,7 @@ class Cluster:
         prefix: str = "node",
         session_timeout: float = SESSION_TIMEOUT,
         logic: bool = False,
+        database_url: str | None = None,
     ) -> None:
         self.test = test
         self.logic = logic
@@ -98,7 +99,8 @@ class Cluster:
         base = os.path.abspath(test.mktemp())
         os.makedirs(base)
         self.base = base
-        self.database_url = f"sqlite:///{base}/shared.db"
+        # One shared account database: SQLite in the test's directory unless given.
+        self.database_url = database_url or f"sqlite:///{base}/shared.db"
         self.nodes = [
             self.node(f"{prefix}{i + 1}", os.path.join(base, f"n{i + 1}"), state)
             for i in range(count)
