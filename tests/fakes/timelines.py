@@ -1,7 +1,7 @@
 """Real timelines for unit tests: SQLite files at the current schema, run inline.
 
-Migrating a database costs a fifth of a second, so one template is migrated per test
-run and each test gets a copy of it (a few milliseconds). Work runs inline
+The schema comes as the unit suite gives every empty SQLite database its schema: a
+copy of one migrated once per process (``tests.fakes.schema``). Work runs inline
 (``run_now``) and appends are written one at a time (``batch_size`` 1), so a message
 is durable before the call that took it returns, on a fake clock that never needs
 advancing for it.
@@ -19,42 +19,30 @@ from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import IReactorTime
 
 from cim.history.timeline import Timelines, TimelineSettings
-from cim.storage.database import Database, upgrade
+from cim.storage.database import Database
 
 __all__ = ["INLINE", "fresh_database", "inline_timelines", "run_now"]
 
 INLINE = TimelineSettings(batch_size=1, batch_wait=0.001)
 """Every append its own transaction, at once: nothing waits for the clock."""
 
-_template: str | None = None
-_directory: str | None = None
+_directory: list[str] = []
 
 
 def run_now(work: Any) -> Deferred[Any]:
     return maybeDeferred(work)
 
 
-def _template_path() -> str:
-    global _template, _directory
-    if _template is None:
-        _directory = tempfile.mkdtemp(prefix="cim-test-db-")
-        atexit.register(shutil.rmtree, _directory, True)
-        _template = os.path.join(_directory, "template.db")
-        upgrade(f"sqlite:///{_template}")
-    return _template
-
-
 def fresh_database(directory: str | None = None) -> Database:
     """A started database at head in ``directory`` (a fresh temporary one if None);
     the caller stops it (``addCleanup(db.stop)``) where it cares."""
-    template = _template_path()
     if directory is None:
-        assert _directory is not None
-        directory = tempfile.mkdtemp(dir=_directory)
+        if not _directory:
+            _directory.append(tempfile.mkdtemp(prefix="cim-test-db-"))
+            atexit.register(shutil.rmtree, _directory[0], True)
+        directory = tempfile.mkdtemp(dir=_directory[0])
     os.makedirs(directory, exist_ok=True)
-    path = os.path.join(directory, "cim.db")
-    shutil.copyfile(template, path)
-    db = Database(f"sqlite:///{path}", None, runner=run_now)
+    db = Database(f"sqlite:///{os.path.join(directory, 'cim.db')}", None, runner=run_now)
     failures: list[Any] = []
     db.start().addErrback(failures.append)
     if failures:

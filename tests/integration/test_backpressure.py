@@ -183,22 +183,29 @@ def start_flood(daemon: DaemonProcess, to: str, seconds: float) -> subprocess.Po
 
 
 def pull_everything(client: RawClient, deadline: float) -> set[int]:
-    """Every stored message, page by page (each pull acknowledging the page before)."""
+    """Every message past the device's cursors, page by page across all conversations
+    (newest first), then the cursors moved past them (OFFLINE_ACK_R ends the pull)."""
     seen: set[int] = set()
-    acks: list[int] = []
+    newest: dict[str, int] = {}
+    before = 0
     client.sock.settimeout(30)  # a page that never comes fails the read, not the run
     while time.monotonic() < deadline:
-        client.send(cim_pb2.OFFLINE_R, cim_pb2.OfflineR(ack_ids=acks, limit=1000))
+        client.send(
+            cim_pb2.OFFLINE_R, cim_pb2.OfflineR(before=before, limit=1000, request_id=before + 1)
+        )
         while True:
             frame = client.read()
             if frame is not None and frame[0] == cim_pb2.OFFLINE_A:
                 break
         page = cim_pb2.OfflineA.FromString(frame[1])
-        acks = [message.id for message in page.messages]
+        for message in page.messages:
+            newest[message.conversation] = max(newest.get(message.conversation, 0), message.seq)
         seen.update(m.client_seq for m in page.messages if getattr(m, "from") == "flooder")
         if not page.more:
-            client.send(cim_pb2.OFFLINE_ACK_R, cim_pb2.OfflineAckR(ack_ids=acks))
+            cursors = [cim_pb2.Cursor(conversation=c, seq=s) for c, s in newest.items()]
+            client.send(cim_pb2.OFFLINE_ACK_R, cim_pb2.OfflineAckR(cursors=cursors))
             return seen
+        before = page.next_before
     raise AssertionError("the catch-up did not finish in time")
 
 

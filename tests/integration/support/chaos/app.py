@@ -7,16 +7,16 @@ sees only ``ChaosApp`` and ``Shown``.
 
 The library calls used, all on ``cim.client.session.ChatClient``:
 
-- ``ChatClient(reactor, routers, user, password, device=, backoff=, rng=, retry=,
-  order_window=)`` with ``Backoff`` and ``RetryPolicy``;
-- ``start()``, ``stop(logout=False)``, ``stop_receiving()``, ``state`` (``"online"``),
+- ``ChatClient(reactor, routers, user, password, device=, backoff=, rng=, retry=)``
+  with ``Backoff`` and ``RetryPolicy``;
+- ``start()``, ``stop(logout=False)``, ``catch_up.stop()``, ``state`` (``"online"``),
   ``ticket.node.node_id``, ``on_state`` (counts the connections: a reset client is back
   once it has a new one);
 - ``on_message`` (the application's callback: what is counted as shown);
 - ``send_text(to, text)`` and ``send_group(group_id, text)``, whose Deferreds fire with
   a ``DeliveryOutcome`` (``status``: delivered, stored, accepted, failed; ``reason``);
 - ``group_request(GroupRequest(create=...))`` and ``group_request(GroupRequest(accept=...))``;
-- ``pull_offline()``: the catch-up a login or reconnect makes, asked for once more at
+- ``catch_up.start()``: the catch-up a login or reconnect makes, asked for once more at
   the end of the run;
 - ``protocol.transport.abortConnection()`` (``protocol`` is the current connection): a
   reset connection (the fault, not an application call).
@@ -41,7 +41,6 @@ from cim.protocols import cim_pb2
 RETRY = RetryPolicy(delays=(4.0, 8.0, 16.0), final_wait=20.0)
 """Resends after 4, 12 and 28 s, failed at 48 s: longer than every outage of the run
 (so failing is never the right answer for a message) and short enough for CI."""
-ORDER_WINDOW = 5.0
 """How long the library holds a message after a gap (as the reliability tests do)."""
 
 
@@ -94,7 +93,6 @@ class ChaosApp:
             backoff=Backoff(initial=0.2, maximum=2.0),
             rng=random.Random(user),
             retry=RETRY,
-            order_window=ORDER_WINDOW,
         )
         self._client.on_message = self._arrived
         self._client.on_state = self._state_changed
@@ -106,7 +104,7 @@ class ChaosApp:
         if state == "online":
             self.connections += 1
 
-    def _arrived(self, message: cim_pb2.Message) -> None:
+    def _arrived(self, message: cim_pb2.Message) -> bool:
         self._on_shown(
             self.user,
             Shown(
@@ -117,6 +115,7 @@ class ChaosApp:
                 client_seq=message.client_seq,
             ),
         )
+        return True  # taken: the library acknowledges it and moves the cursor
 
     # --- lifecycle --------------------------------------------------------------------
 
@@ -125,9 +124,9 @@ class ChaosApp:
 
     async def stop(self) -> None:
         await self._client.stop(logout=False)
-        # A pull still on its way when the connection closed must not hold messages
-        # (and their order timers) in a client that is gone.
-        self._client.stop_receiving()
+        # A catch-up still retrying when the connection closed must not go on in a
+        # client that is gone.
+        self._client.catch_up.stop()
 
     @property
     def online(self) -> bool:
@@ -173,7 +172,7 @@ class ChaosApp:
         """
         if not self.online:
             return succeed(None)
-        return self._client.pull_offline().addCallback(lambda _: None)
+        return self._client.catch_up.start().addCallback(lambda _: None)
 
     def reset_connection(self) -> bool:
         """Cut the connection as a network reset would (RST); False if there was none."""
