@@ -25,10 +25,10 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import and_, case, delete, or_, select, text
+from sqlalchemy import and_, case, delete, or_, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
-from sqlalchemy.sql.elements import ColumnElement, TextClause
+from sqlalchemy.sql.elements import ColumnElement
 
 from cim.history.store import group_conversation
 from cim.storage.schema import conversations, cursors, timeline, user_conversations
@@ -186,18 +186,41 @@ def _fitting(sizes: Sequence[Any], limit: int, max_bytes: int | None) -> tuple[l
 # --- appending ------------------------------------------------------------------------
 
 
+_COLUMNS = (
+    "conversation",
+    "seq",
+    "msg_id",
+    "sender",
+    "sender_device",
+    "client_seq",
+    "sent_at",
+    "payload",
+    "size",
+)
+
+
+@functools.lru_cache(maxsize=8)
+def _insert_sql(paramstyle: str) -> str:
+    """INSERT INTO timeline in the driver's own placeholders (sqlite3: ``?``,
+    psycopg2: ``%s``)."""
+    mark = "?" if paramstyle == "qmark" else "%s"
+    return (
+        f"INSERT INTO timeline ({', '.join(_COLUMNS)}) VALUES ({', '.join(mark for _ in _COLUMNS)})"
+    )
+
+
 @functools.lru_cache(maxsize=512)
-def _lookup_sql(ids: int, keys: int) -> TextClause:
-    """The resend lookup as plain SQL with named parameters: built from two counts and
-    cached by its text, where an expression tree of thousands of nodes would be built
+def _lookup_sql(paramstyle: str, ids: int, keys: int) -> str:
+    """The resend lookup as plain SQL in the driver's placeholders: built from two
+    counts and cached, where an expression tree of thousands of nodes would be built
     and its cache key computed again for every batch. Each ``sender = ... AND ...``
     term is a lookup in ``ix_timeline_sender`` (SQLite scans the table for a row-value
     ``IN``)."""
-    terms = [f"msg_id IN ({', '.join(f':m{i}' for i in range(ids))})"]
-    terms += [
-        f"(sender = :s{i} AND sender_device = :d{i} AND client_seq = :c{i})" for i in range(keys)
-    ]
-    return text(
+    mark = "?" if paramstyle == "qmark" else "%s"
+    terms = [f"msg_id IN ({', '.join(mark for _ in range(ids))})"]
+    key = f"(sender = {mark} AND sender_device = {mark} AND client_seq = {mark})"
+    terms += [key] * keys
+    return (
         "SELECT msg_id, conversation, seq, sender, sender_device, client_seq, sent_at "
         "FROM timeline WHERE " + " OR ".join(terms)
     )
@@ -216,15 +239,11 @@ def _found_again(
     for start in range(0, len(batch), _KEYS_PER_READ):
         part = batch[start : start + _KEYS_PER_READ]
         with_keys = [m for m in part if m.client_seq]
-        params: dict[str, Any] = {f"m{i}": m.msg_id for i, m in enumerate(part)}
-        for i, m in enumerate(with_keys):
-            params[f"s{i}"], params[f"d{i}"], params[f"c{i}"] = (
-                m.sender,
-                m.sender_device,
-                m.client_seq,
-            )
-        rows = connection.execute(_lookup_sql(len(part), len(with_keys)), params)
-        for row in rows:
+        params: list[Any] = [m.msg_id for m in part]
+        for m in with_keys:
+            params += (m.sender, m.sender_device, m.client_seq)
+        sql = _lookup_sql(connection.dialect.paramstyle, len(part), len(with_keys))
+        for row in connection.exec_driver_sql(sql, tuple(params)):
             where = Appended(row.msg_id, row.conversation, row.seq, False)
             if row.msg_id in ids:
                 found[row.msg_id] = where
@@ -254,7 +273,7 @@ def append_txn(
             continue
         taken.add(message.msg_id)
         fresh[message.conversation].append(message)
-    rows: list[dict[str, Any]] = []
+    rows: list[tuple[Any, ...]] = []
     readers: dict[tuple[str, str], dict[str, Any]] = {}
     keys = sorted(fresh)  # one lock order for every writer: no deadlock
     last: dict[str, int] = {}
@@ -276,17 +295,17 @@ def append_txn(
             seq = last[key] - count + 1 + offset
             placed[message.msg_id] = Appended(message.msg_id, key, seq, True)
             rows.append(
-                {
-                    "conversation": key,
-                    "seq": seq,
-                    "msg_id": message.msg_id,
-                    "sender": message.sender,
-                    "sender_device": message.sender_device,
-                    "client_seq": message.client_seq,
-                    "sent_at": message.sent_at,
-                    "payload": message.payload,
-                    "size": len(message.payload),
-                }
+                (
+                    key,
+                    seq,
+                    message.msg_id,
+                    message.sender,
+                    message.sender_device,
+                    message.client_seq,
+                    message.sent_at,
+                    message.payload,
+                    len(message.payload),
+                )
             )
         if last[key] == count:  # the conversation's first messages: its readers start
             for user, peer in messages[0].readers:
@@ -297,8 +316,10 @@ def append_txn(
                     "group_id": None,
                     "floor_seq": 0,
                 }
-    for chunk in _chunks(rows):
-        connection.execute(timeline.insert(), list(chunk))
+    if rows:
+        # The hot path's one bulk insert straight to the driver: no per-row parameter
+        # processing (the values are plain ints, floats, strings and bytes).
+        connection.exec_driver_sql(_insert_sql(connection.dialect.paramstyle), rows)
     if readers:
         connection.execute(
             _insert(connection, user_conversations).on_conflict_do_nothing(),
