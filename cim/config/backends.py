@@ -119,7 +119,7 @@ class OfflineConfig:
     max_queued: int = _opt(1_000_000, parse_int, minimum=1)
     writer: bool = _opt(True, parse_bool)
     batch_size: int = _opt(200, parse_int, minimum=1, maximum=10000)
-    batch_wait: float = _opt(0.002, parse_duration, minimum=0.001, maximum=60)
+    batch_wait: float = _opt(0.0, parse_duration, minimum=0, maximum=60)
 
     def validate(self) -> None:
         if not re.fullmatch(r"[A-Za-z0-9_.:-]{1,200}", self.queue):

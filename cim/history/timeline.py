@@ -93,7 +93,7 @@ class TimelineSettings:
     """From ``[offline]`` (the group commit) and ``[archive]`` (backlog, retention)."""
 
     batch_size: int = 200
-    batch_wait: float = 0.002
+    batch_wait: float = 0.0
     max_backlog: int = 50_000
     dedup_window: float = 600.0
     retention_days: float | None = None
@@ -233,8 +233,8 @@ class Timelines:
                 readers,
             )
         )
-        # The answer says how it ended; the writer's own Deferred adds nothing to it.
-        self._appends.add(entry).addErrback(lambda _: None)
+        # The answer says how it ended; the writer's own Deferred would add nothing.
+        self._appends.put(entry)
         return entry.answer
 
     def _write(self, batch: list[_Append]) -> Deferred[int]:
