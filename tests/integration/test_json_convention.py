@@ -212,6 +212,8 @@ class EveryCommandTests(SynchronousTestCase):
         cim, cimctl = self.cim, self.cimctl
         # --- chat and groups ---------------------------------------------------------
         cim("alice", "send", "bob", "while you were out")
+        unread = cim("bob", "sync", listing=True)
+        self.assertEqual(unread["total"], 1)
         cim("bob", "listen", "--count", "1", "--timeout", "30", lines=True)
         # --- contacts: alice and bob become contacts, so alice adds bob to groups -----
         cim("alice", "contacts", "request", "bob")
