@@ -22,7 +22,9 @@ were handed (``on_message``):
   at the same seq for everyone;
 - nothing is shown that was never accepted; a post whose outcome was still open at
   the kill (lost with the node) is resent by the library and must end accepted and
-  shown, or failed and never shown.
+  shown, or failed and never shown;
+- the flooder's application is handed none of its own posts (the library knows them
+  as the device's own, even when their msg:A died with the node).
 """
 
 from __future__ import annotations
