@@ -166,6 +166,10 @@ class Outbox:
         """The client_seq of every message waiting for ack:N, in order."""
         return sorted(self._waiting)
 
+    def is_waiting(self, client_seq: int) -> bool:
+        """Whether the message numbered ``client_seq`` still waits for its outcome."""
+        return client_seq in self._waiting
+
     def failed(self) -> list[int]:
         """The client_seq of the failed messages ``resend`` still accepts, oldest first."""
         return list(self._failed)

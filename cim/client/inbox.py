@@ -9,10 +9,12 @@ as messages are handed over in order. Then:
 
 - a live msg:N with ``seq == top + 1`` (``top``: the highest seq handed over) goes to the
   application at once;
-- ``seq <= watermark``, or a message handed over before (``SeenStore``, which may
+- ``seq <= watermark``, a message handed over before (``SeenStore``, which may
   outlive the process: the same id, or the same sender device and ``client_seq``, a
-  resend the node took anew) is a duplicate: dropped (its place counts as dealt with),
-  and acknowledged again so the node's cursor is where the device is;
+  resend the node took anew), or one this device sent and is still waiting to hear
+  about (``sending``: its msg:A died with a node), is a duplicate: dropped
+  (its place counts as dealt with), and acknowledged again so the node's cursor is
+  where the device is;
 - ``seq > top + 1`` is a gap: the message is held and the missing range is fetched with
   HISTORY_R(after=top, before=seq) (``fill``); the answer is handed over oldest first,
   then the held message and whatever follows it. A gap of more than one page gets its
@@ -26,9 +28,12 @@ as messages are handed over in order. Then:
 Nothing waits for a fixed window that gives up: a gap is held exactly as long as its
 fill takes, and only its own conversation waits; other conversations flow.
 
-While a conversation is being caught up (``begin_catch_up`` .. ``end_catch_up``), a live
-message after a gap waits for the catch-up rather than a fill of its own: the pull
-brings the same range. Catch-up pages come newest first; each is handed over oldest first
+While a conversation is being caught up (``begin_catch_up`` .. ``end_catch_up``), or the
+login's summary is on its way, a live message after a gap waits for the catch-up rather
+than a fill of its own: the pull brings the same range. A fill already asked that is
+answered (or fails) once the pull has begun is set aside for the same reason: its
+skip of an older part would move the watermark past messages the pull then drops as
+shown. Catch-up pages come newest first; each is handed over oldest first
 within itself (``catch_up_page``), and the watermark moves once the pages below have
 come too (``end_catch_up``).
 
@@ -123,8 +128,10 @@ class Inbox:
         acknowledge: Acknowledge,
         fill: Fill,
         unknown: Callable[[str], object] = lambda conversation: None,
+        sending: Callable[[cim_pb2.Message], bool] = lambda message: False,
     ) -> None:
         self.user = user
+        self._sending = sending
         self.seen = seen
         self._deliver = deliver
         self._acknowledge = acknowledge
@@ -321,6 +328,11 @@ class Inbox:
             return True
         if message.seq in timeline.above:
             return True
+        if self._sending(message):
+            # This device's own message, still waiting for its answer: usually msg:A
+            # says where it sits (``own``), but when the node died before answering, a
+            # pull can bring it before the resend's msg:A does.
+            return True
         sender = getattr(message, "from")
         # By id, and by the sender device's number: a resend the node took anew (past
         # its dedup window) has a new id and a new seq, but the same client_seq.
@@ -394,6 +406,11 @@ class Inbox:
     def _fill_gap(self, timeline: _Timeline) -> None:
         if timeline.filling or timeline.catching_up or not timeline.held:
             return
+        if self.summary_pending:
+            # The summary on its way says where the device is, and its pull brings the
+            # gap; a fill answered first would skip part of it (``_filled``). Once the
+            # summary is in, ``summary_done`` drains this timeline again.
+            return
         after, before = timeline.top, min(timeline.held)
         if before <= after + 1:
             self._drain(timeline)
@@ -407,6 +424,11 @@ class Inbox:
         self, answer: cim_pb2.HistoryA, timeline: _Timeline, after: int, before: int
     ) -> None:
         timeline.filling = False
+        if timeline.catching_up:
+            # The conversation's pull began meanwhile: it brings this range, in order,
+            # and its end hands the held messages over. Used here, a fill of more than a
+            # page would move the watermark past messages the pull then takes for shown.
+            return
         if answer.error:
             self._fill_failed(Failure(ValueError(answer.message or answer.error)), timeline)
             return
@@ -432,6 +454,8 @@ class Inbox:
 
     def _fill_failed(self, failure: Failure, timeline: _Timeline) -> None:
         timeline.filling = False
+        if timeline.catching_up:
+            return  # the pull brings the hole, then the held messages, in order
         if failure.check(RequestFailed, ValueError) is None:
             # The connection went: the held messages wait for the next login's catch-up,
             # which brings the missing ones too (the cursor is below them).

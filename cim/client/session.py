@@ -169,6 +169,7 @@ class ChatClient:
             self._acknowledge,
             self._fill,
             lambda conversation: self.catch_up.start(conversation),
+            self._sending,
         )
         self.catch_up = CatchUp(
             reactor, self.answers, self.inbox, lambda: self.max_frame_size, ordered, rng=rng
@@ -298,6 +299,14 @@ class ChatClient:
 
     def _deliver(self, message: cim_pb2.Message) -> object:
         return self.on_message(message)  # looked up now: the application sets it later
+
+    def _sending(self, message: cim_pb2.Message) -> bool:
+        """Whether ``message`` is one this session sent and still waits to hear about."""
+        return (
+            getattr(message, "from") == self.user
+            and message.device == self.device
+            and self.outbox.is_waiting(message.client_seq)
+        )
 
     def _acknowledge(self, message: cim_pb2.Message, through_seq: int) -> None:
         """ack:R: the application has ``message``, and the conversation up to

@@ -219,6 +219,7 @@ class TimelineNode:
         peer = request.to
         stored = self.append(self.user, request.text, peer=peer, group=request.group)
         stored.client_seq = request.client_seq
+        stored.device = getattr(self.client, "device", stored.device)  # the sender's
         answer = cim_pb2.MsgA(
             client_seq=request.client_seq,
             msg_id=stored.id,

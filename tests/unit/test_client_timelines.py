@@ -494,6 +494,92 @@ class ConnectionLossTests(SynchronousTestCase):
         self.assertEqual(two.seq, 2)
 
 
+class GapDuringCatchUpTests(SynchronousTestCase):
+    """A gap found around a catch-up of its conversation: the pull brings the missing
+    messages, in order. A gap fill of more than a page hands its newest page over and
+    moves the watermark past the rest; done while a pull is coming, it made the pull
+    drop that rest as already shown (found by tests/integration/test_group_flood_kill.py:
+    a member reconnecting after kill -9 under a group flood never showed 355 posts)."""
+
+    def test_a_gap_seen_before_the_summary_answers_waits_for_the_pull(self) -> None:
+        node = TimelineNode("bob", page=3)
+        client, _, shown = session(node, ordered=True)
+        node.connect(client)
+        node.pump()
+        node.live(node.append("alice", "m1", peer="bob"))
+        node.pump()
+        client.connection_closed(Failure(ConnectionError("the node was killed")))
+        for number in range(2, 10):  # written while bob was away: no live copies
+            node.append("alice", f"m{number}", peer="bob")
+        last = node.append("alice", "m10", peer="bob")
+        node.connect(client)  # the summary is asked
+        node.live(last)  # a live copy before its answer: 2..9 missing
+        self.assertEqual(node.of_type(cim_pb2.HISTORY_R), [], "the summary will say")
+        node.pump()
+        self.assertEqual(texts(shown), [f"m{n}" for n in range(1, 11)])
+        self.assertEqual(node.cursors["d:alice:bob"], 10)
+        self.assertEqual(client.inbox.held(), 0)
+
+    def test_a_fill_answered_during_the_pull_leaves_the_range_to_it(self) -> None:
+        node = TimelineNode("bob", page=3)
+        client, _, shown = session(node, ordered=True)
+        node.connect(client)
+        node.pump()
+        for number in range(1, 10):
+            node.append("alice", f"m{number}", peer="bob")
+        last = node.append("alice", "m10", peer="bob")
+        node.live(last)  # 1..9 missing: their fill is asked
+        [fill] = node.of_type(cim_pb2.HISTORY_R)
+        self.assertEqual((fill.after, fill.before), (0, 10))
+        notice = cim_pb2.OfflineNotice(conversation=last.conversation, seq=10)
+        client.frame_received(cim_pb2.OFFLINE_NOTICE, notice)  # and the pull begins
+        node.pump()
+        self.assertEqual(texts(shown), [f"m{n}" for n in range(1, 11)])
+        self.assertEqual(node.cursors["d:alice:bob"], 10)
+        self.assertEqual(client.inbox.held(), 0)
+
+    def test_a_fill_refused_during_the_pull_leaves_the_range_to_it(self) -> None:
+        node = TimelineNode("bob", page=3)
+        client, _, shown = session(node, ordered=True)
+        node.connect(client)
+        node.pump()
+        for number in range(1, 3):
+            node.append("alice", f"m{number}", peer="bob")
+        last = node.append("alice", "m3", peer="bob")
+        node.refusals[cim_pb2.HISTORY_R] = [cim_pb2.Error(code=cim_pb2.Error.FORBIDDEN)]
+        node.live(last)
+        notice = cim_pb2.OfflineNotice(conversation=last.conversation, seq=3)
+        client.frame_received(cim_pb2.OFFLINE_NOTICE, notice)
+        node.pump()
+        self.assertEqual(texts(shown), ["m1", "m2", "m3"], "m3 not shown before the pull's")
+
+
+class OwnMessagesAfterAKillTests(SynchronousTestCase):
+    def test_a_post_written_before_the_node_died_is_not_handed_back_to_its_device(
+        self,
+    ) -> None:
+        """The node wrote the post and died before its msg:A: after the reconnect the
+        pull brings the post before the resend's msg:A says it is this device's own
+        (found by tests/integration/test_group_flood_kill.py: the flooder's application
+        was handed 54 of its own posts)."""
+        node = TimelineNode("bob", page=3)
+        client, _, shown = session(node, ordered=True)
+        node.connect(client)
+        node.pump()
+        sent = client.send_group("team", "mine")
+        [(_, frame_type, request)] = node.queue
+        node.queue.clear()
+        node.answer(frame_type, request)  # written; the answer dies with the node
+        client.connection_closed(Failure(ConnectionError("the node was killed")))
+        node.append("alice", "theirs", group="team")
+        node.swallow = {cim_pb2.MSG_R}  # the resend is answered after the pull
+        node.connect(client)
+        node.pump()
+        self.assertEqual(texts(shown), ["theirs"])
+        self.assertEqual(node.cursors["g:team"], 2)
+        self.assertNoResult(sent)
+
+
 class CatchUpRetryTests(SynchronousTestCase):
     def test_a_catch_up_the_node_does_not_answer_is_started_again_later(self) -> None:
         node = TimelineNode("bob")
