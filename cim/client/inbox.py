@@ -17,9 +17,9 @@ as messages are handed over in order. Then:
   where the device is;
 - ``seq > top + 1`` is a gap: the message is held and the missing range is fetched with
   HISTORY_R(after=top, before=seq) (``fill``); the answer is handed over oldest first,
-  then the held message and whatever follows it. A gap of more than one page gets its
-  newest page handed over; the older part is skipped (the watermark passes it), and
-  stays readable by history paging. A fill the node refuses (or that stays unanswered
+  then the held message and whatever follows it. A gap of more than one page is
+  brought by the conversation's catch-up instead (``pull``), which hands the whole
+  range over in order and then the held messages. A fill the node refuses (or that stays unanswered
   through its retries) hands the held messages over anyway, in order, with the watermark
   left below the hole, so the next catch-up brings the missing ones (and acknowledging
   never claims them); one cut by a lost connection keeps them held for the next
@@ -31,9 +31,7 @@ fill takes, and only its own conversation waits; other conversations flow.
 While a conversation is being caught up (``begin_catch_up`` .. ``end_catch_up``), or the
 login's summary is on its way, a live message after a gap waits for the catch-up rather
 than a fill of its own: the pull brings the same range. A fill already asked that is
-answered (or fails) once the pull has begun is set aside for the same reason: its
-skip of an older part would move the watermark past messages the pull then drops as
-shown. Catch-up pages come newest first; each is handed over oldest first
+answered (or fails) once the pull has begun is set aside for the same reason. Catch-up pages come newest first; each is handed over oldest first
 within itself (``catch_up_page``), and the watermark moves once the pages below have
 come too (``end_catch_up``).
 
@@ -127,7 +125,7 @@ class Inbox:
         deliver: Callable[[cim_pb2.Message], object],
         acknowledge: Acknowledge,
         fill: Fill,
-        unknown: Callable[[str], object] = lambda conversation: None,
+        pull: Callable[[str], object] = lambda conversation: None,
         sending: Callable[[cim_pb2.Message], bool] = lambda message: False,
     ) -> None:
         self.user = user
@@ -136,7 +134,8 @@ class Inbox:
         self._deliver = deliver
         self._acknowledge = acknowledge
         self._fill = fill
-        self._unknown = unknown
+        self._pull = pull
+        """Start the catch-up of one conversation (it brings what is past the cursor)."""
         self._timelines: dict[str, _Timeline] = {}
         self.summary_pending = False
         """The login's summary is on its way: conversations without a watermark wait."""
@@ -249,7 +248,7 @@ class Inbox:
             timeline.skip_to(0)
             return False
         timeline.catching_up = True
-        self._unknown(timeline.key)
+        self._pull(timeline.key)
         return True
 
     def summary_done(self, complete: bool) -> None:
@@ -434,9 +433,12 @@ class Inbox:
             return
         page = [m for m in answer.messages if after < m.seq < before]
         if page and answer.more:
-            # More than one page missing: the newest page is shown, the older part is
-            # left to history paging (the watermark passes it).
-            timeline.skip_to(min(m.seq for m in page) - 1)
+            # More than one page missing: the conversation's catch-up brings all of it,
+            # page by page from the cursor, and then the held messages, in order. The
+            # application is never handed a part and the rest skipped.
+            timeline.catching_up = True
+            self._pull(timeline.key)
+            return
         for message in sorted(page, key=lambda m: m.seq):
             if self.closed:
                 return

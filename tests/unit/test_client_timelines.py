@@ -126,14 +126,17 @@ class GapTests(SynchronousTestCase):
         self.node.pump()
         self.assertEqual(texts(self.shown), ["hello bob", "three", "four"])
 
-    def test_a_gap_of_more_than_a_page_shows_the_newest_page(self) -> None:
+    def test_a_gap_of_more_than_a_page_is_brought_by_the_catch_up_whole(self) -> None:
         for number in range(3, 10):
             self.node.append("alice", f"m{number}", peer="bob")
         last = self.node.append("alice", "m10", peer="bob")
         self.node.live(last)
         self.node.pump()
-        # The node's pages hold 3: 7, 8, 9 are shown, 3..6 are left to history paging.
-        self.assertEqual(texts(self.shown), ["m7", "m8", "m9", "m10"])
+        # The node's pages hold 3: the fill finds more than a page missing, and the
+        # conversation's catch-up brings all of it, each once, as a catch-up hands
+        # pages over (newest page first, each page oldest first; ``ordered`` for one
+        # order), then the held one.
+        self.assertEqual(texts(self.shown), ["m8", "m9", "m10", "m5", "m6", "m7", "m3", "m4"])
         self.assertEqual(self.client.inbox.watermark("d:alice:bob"), 10)
 
     def test_a_fill_that_fails_shows_what_came_without_claiming_the_hole(self) -> None:
@@ -496,9 +499,9 @@ class ConnectionLossTests(SynchronousTestCase):
 
 class GapDuringCatchUpTests(SynchronousTestCase):
     """A gap found around a catch-up of its conversation: the pull brings the missing
-    messages, in order. A gap fill of more than a page hands its newest page over and
-    moves the watermark past the rest; done while a pull is coming, it made the pull
-    drop that rest as already shown (found by tests/integration/test_group_flood_kill.py:
+    messages, in order. A gap fill of more than a page used to hand its newest page over
+    and move the watermark past the rest; done while a pull was coming, it made the
+    pull drop that rest as already shown (found by tests/integration/test_group_flood_kill.py:
     a member reconnecting after kill -9 under a group flood never showed 355 posts)."""
 
     def test_a_gap_seen_before_the_summary_answers_waits_for_the_pull(self) -> None:
