@@ -31,9 +31,10 @@ fill takes, and only its own conversation waits; other conversations flow.
 While a conversation is being caught up (``begin_catch_up`` .. ``end_catch_up``), or the
 login's summary is on its way, a live message after a gap waits for the catch-up rather
 than a fill of its own: the pull brings the same range. A fill already asked that is
-answered (or fails) once the pull has begun is set aside for the same reason. Catch-up pages come newest first; each is handed over oldest first
-within itself (``catch_up_page``), and the watermark moves once the pages below have
-come too (``end_catch_up``).
+answered (or fails) once the pull has begun is set aside for the same reason.
+Catch-up pages come newest first; each is handed over oldest first within itself
+(``catch_up_page``), and the watermark moves once the pages below have come too
+(``end_catch_up``).
 
 A conversation without a watermark holds its live messages until the node says where
 the device starts: the login's summary (one request, with its deadline and retries),
