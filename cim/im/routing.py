@@ -56,10 +56,12 @@ REASON_NO_SUCH_USER = "no such user"
 REASON_FORWARD_FAILED = "the receiver's node could not be reached"
 REASON_NODE_GONE = "the receiver's node is gone"
 
-PENDING_TIMEOUT = 160.0
+PENDING_TIMEOUT = 30.0
 """A receiver that holds a msg:N this long without ack:R: the sender hears "stored"
-(the receiver catches up from its cursor), so a client that never acks cannot grow
-the node."""
+(the message is in the timeline and the receiver catches up from its cursor), so a
+client that never acks cannot grow the node, and a receiver's library holding a
+message (a gap being filled, a catch-up retried under load) never keeps its sender
+waiting until the sender's own library gives up at 160 s."""
 
 
 @dataclass(slots=True)
