@@ -29,6 +29,7 @@ import base64
 import binascii
 import json
 import logging
+import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -187,6 +188,7 @@ class ZNodes:
         """
         znode = f"{self.path}/{node.node_id}"
         data = encode_node(node)
+        waited_for_self = False
         for _ in range(3):
             try:
                 _retry(self._client.create, znode, data, ephemeral=True)
@@ -201,8 +203,38 @@ class ZNodes:
                 if existing != data:
                     _retry(self._client.set, znode, data, version=stat.version)
                 return
+            if not waited_for_self and self._is_former_self(node, existing):
+                # This node's own registration from before a crash (same address, same
+                # key): its session expires within the session timeout, so a restart
+                # right after kill -9 waits for that instead of refusing to start.
+                waited_for_self = True
+                self._wait_gone(znode, self.session_timeout * 1.5 + 2.0)
+                continue
             raise NodeIdTaken(self.taken_message(node.node_id, existing))
         raise NodeIdTaken(self.taken_message(node.node_id, b""))
+
+    @staticmethod
+    def _is_former_self(node: NodeInfo, existing: bytes) -> bool:
+        try:
+            other = decode_node(node.node_id, existing)
+        except ValueError:
+            return False
+        return (other.host, other.port, other.public_key_der) == (
+            node.host,
+            node.port,
+            node.public_key_der,
+        )
+
+    def _wait_gone(self, znode: str, limit: float) -> None:
+        """Block this pool thread until ``znode`` is gone or ``limit`` seconds passed."""
+        gone = threading.Event()
+
+        def watch(event: Any) -> None:
+            gone.set()
+
+        if _retry(self._client.exists, znode, watch=watch) is None:
+            return
+        gone.wait(limit)
 
     def taken_message(self, node_id: str, existing: bytes) -> str:
         try:

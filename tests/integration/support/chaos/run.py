@@ -266,11 +266,19 @@ class ChaosRun:
         """Every node healthy and every client online (the run stops if not), then every
         message sent so far answered (or the table says which were not), so one fault's
         resends do not spill into the next."""
-        took = await until(
-            lambda: all(app.online for app in self.apps.values()) and self.world.all_healthy(),
-            self.settings.recovery_deadline,
-            f"recovery after {what}: every node healthy, every client online",
-        )
+        try:
+            took = await until(
+                lambda: all(app.online for app in self.apps.values())
+                and self.world.all_healthy(),
+                self.settings.recovery_deadline,
+                f"recovery after {what}: every node healthy, every client online",
+            )
+        except AssertionError as missing:
+            offline = sorted(user for user, app in self.apps.items() if not app.online)
+            healthy = await self.world.all_healthy()
+            raise AssertionError(
+                f"{missing}; clients offline: {offline or 'none'}; every node healthy: {healthy}"
+            ) from None
         self.event(f"{what}: nodes healthy, clients online in {took:.1f} s")
         sent = list(self.ledger.sent.values())
         answered = await _bounded(
