@@ -268,8 +268,7 @@ class ChaosRun:
         resends do not spill into the next."""
         try:
             took = await until(
-                lambda: all(app.online for app in self.apps.values())
-                and self.world.all_healthy(),
+                lambda: all(app.online for app in self.apps.values()) and self.world.all_healthy(),
                 self.settings.recovery_deadline,
                 f"recovery after {what}: every node healthy, every client online",
             )
