@@ -29,7 +29,7 @@ from cim.accounts.store import hash_password
 from cim.config import AccountsConfig, load_config
 from cim.storage.database import open_engine
 from cim.storage.schema import users
-from cim.storage.timeline import unread_count_txn
+from cim.storage.timeline_reads import unread_count_txn
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)

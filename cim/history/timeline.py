@@ -44,8 +44,10 @@ from cim.storage.timeline import (
     NewMessage,
     TimelinePage,
     append_txn,
-    conversation_page_txn,
     move_cursors_txn,
+)
+from cim.storage.timeline_reads import (
+    conversation_page_txn,
     purge_timeline_txn,
     summary_txn,
     unread_page_txn,

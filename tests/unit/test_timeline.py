@@ -30,10 +30,12 @@ from cim.storage.timeline import (
     CursorMove,
     NewMessage,
     append_txn,
-    conversation_page_txn,
     group_joined,
     group_left,
     move_cursors_txn,
+)
+from cim.storage.timeline_reads import (
+    conversation_page_txn,
     purge_timeline_txn,
     summary_txn,
     unread_page_txn,

@@ -25,7 +25,7 @@ from cim.storage.database import (
     upgrade_engine,
 )
 from cim.storage.schema import conversations, group_members, groups, timeline, users
-from cim.storage.timeline import summary_txn, unread_page_txn
+from cim.storage.timeline_reads import summary_txn, unread_page_txn
 from tests.integration.test_storage import scratch_postgresql_url
 from tests.unit.test_storage import sqlite_url
 
