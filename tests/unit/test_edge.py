@@ -7,7 +7,6 @@ from __future__ import annotations
 from typing import Any
 
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
-from twisted.internet.defer import maybeDeferred
 from twisted.internet.task import Clock
 from twisted.logger import LogEvent, formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
@@ -176,10 +175,6 @@ class LogLimitTests(SynchronousTestCase):
     def test_bad_arguments(self) -> None:
         self.assertRaises(ValueError, LogLimit, Clock(), 0)
         self.assertRaises(ValueError, LogLimit, Clock(), 60, 0)
-
-
-def run_now(work: Any) -> Any:
-    return maybeDeferred(work)
 
 
 class NodeEdgeTests(SynchronousTestCase):
