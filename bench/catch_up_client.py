@@ -27,6 +27,7 @@ import json
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -161,11 +162,13 @@ async def observe_catch_up(
     password: str,
     device: str,
     timeout: float,
+    on_finished: Callable[[CatchUpObservation], object] = lambda seen: None,
 ) -> CatchUpObservation:
     """Log ``user``'s ``device`` in, let the library catch up, return what it did.
 
     Waits at most ``timeout`` seconds for the pull's end (OFFLINE_ACK_A); on the
-    deadline the observation so far comes back with ``timed_out``. Then a summary is
+    deadline the observation so far comes back with ``timed_out``. ``on_finished`` is
+    told at the pull's end (the benchmark samples the daemon there). Then a summary is
     asked again to see what is left, and the client logs out.
     """
     client = ObservedClient(reactor, router_url, user, password, device=device)
@@ -174,6 +177,7 @@ async def observe_catch_up(
         await client.start(deadline=timeout)
         await client.finished
         seen = client.seen
+        on_finished(seen)
         if not seen.timed_out:
             left = await client.offline_summary()
             seen.left_after = left.total
@@ -208,12 +212,24 @@ def main(argv: list[str] | None = None) -> None:
     reactor: Any = global_reactor
     print(json.dumps({"ready": True}), flush=True)
     sys.stdin.readline()  # the parent has sampled the daemon: go
+    cpu_at_go = time.process_time()
     outcome: dict[str, Any] = {}
+
+    def finished(seen: CatchUpObservation) -> None:
+        # The pull ended: the parent samples the daemon now, before the check below.
+        done = {"done": True, "client_cpu_seconds": time.process_time() - cpu_at_go}
+        print(json.dumps(done), flush=True)
 
     async def run() -> None:
         try:
             seen = await observe_catch_up(
-                reactor, args.router, args.user, args.password, args.device, args.timeout
+                reactor,
+                args.router,
+                args.user,
+                args.password,
+                args.device,
+                args.timeout,
+                finished,
             )
             outcome.update(seen.as_dict(), ok=True)
         except Exception as exc:
@@ -223,6 +239,8 @@ def main(argv: list[str] | None = None) -> None:
 
     reactor.callWhenRunning(lambda: ensureDeferred(run()))
     reactor.run()
+    if "ok" not in outcome:
+        outcome.update(ok=False, error="the reactor stopped before the catch-up ended")
     print(json.dumps(outcome), flush=True)
 
 
