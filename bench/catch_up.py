@@ -95,14 +95,21 @@ def catch_up(ctx: Context, plan: Plan) -> dict[str, Any]:
     return results
 
 
-def observe(daemon: BenchDaemon, user: str, stored: int, conversations: int) -> dict[str, Any]:
-    """One catch-up by ``bench.catch_up_client``, measured: its observation, the
-    daemon's CPU over it, and the checks."""
+def observe(
+    daemon: BenchDaemon,
+    user: str,
+    stored: int,
+    conversations: int,
+    cpu: int | None = GENERATOR_CPU,
+) -> dict[str, Any]:
+    """One catch-up by ``bench.catch_up_client`` (pinned to ``cpu``), measured: its
+    observation, the daemon's CPU over it, and the checks against ``stored`` messages
+    in ``conversations``."""
     log_path = os.path.join(daemon.workdir, f"catch_up_client_{user}.stderr")
     with open(log_path, "wb") as stderr:
         process = subprocess.Popen(
             [
-                *pinned(GENERATOR_CPU),
+                *pinned(cpu),
                 sys.executable,
                 "-m",
                 "bench.catch_up_client",

@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from bench.report import Row, _busy, _md_table, _num, _verdict, machine_info
+from bench.report import Row, _busy, _md_table, _num, _verdict
 
 __all__ = ["details", "rows"]
 
@@ -82,8 +82,9 @@ def details(results: Sequence[dict[str, Any]], labels: Sequence[str] = ()) -> li
         "page of the newest conversation first) in a process pinned to core 1 "
         "(`bench/catch_up_client.py`), which notes every frame and every message handed "
         "to the application, with the time since the client started (router login, "
-        "handshake and all). *summary*: OFFLINE_SUMMARY_A received; *first page*: the last "
-        "message of the first OFFLINE_A page handed to the application; *all*: "
+        "handshake and all). *online*: the handshake done; *summary*: OFFLINE_SUMMARY_A "
+        "received; *first page*: the last message of the first OFFLINE_A page handed "
+        "to the application; *all*: "
         "OFFLINE_ACK_A received (every page pulled and handed over, the cursors moved). "
         "The daemon's CPU from the login to OFFLINE_ACK_A is divided by the messages "
         "handed over.\n"
@@ -92,6 +93,7 @@ def details(results: Sequence[dict[str, Any]], labels: Sequence[str] = ()) -> li
     figures: list[tuple[str, Callable[[dict[str, Any]], float], int]] = [
         ("stored msg/s", lambda r: r["fill"]["stored_per_s"], 0),
         ("daemon us per stored msg", lambda r: r["fill"]["daemon_cpu_us_per_unit"], 1),
+        ("login to online ms", lambda r: r["catch_up"]["online_seconds"] * 1000, 1),
         ("login to summary ms", lambda r: r["catch_up"]["summary_seconds"] * 1000, 1),
         ("login to first page ms", lambda r: r["catch_up"]["first_page_seconds"] * 1000, 1),
         ("login to all pulled s", lambda r: r["catch_up"]["done_seconds"], 3),
@@ -151,10 +153,11 @@ def main(argv: list[str]) -> int:
         if "catch_up" in saved:
             runs.append(saved["catch_up"])
             labels.append(saved["started"])
-    meta = machine_info()
-    print(
-        f"machine: {meta['cpu']}, {meta['cores']} cores, {meta['memory']}; commit {meta['commit']}"
-    )
+            meta = saved["meta"]
+            print(
+                f"{saved['started']}: {meta['cpu']}, {meta['cores']} cores, "
+                f"{meta['memory']}, Python {meta['python']}, commit {meta['commit']}"
+            )
     print("\n".join(details(runs, labels)))
     return 0 if runs else 1
 
