@@ -361,8 +361,10 @@ def markdown(results: dict[str, Any], analysis: str) -> str:
         "stored (for an offline receiver) or failed, checked for every load; any failure "
         "is listed. Group loads also check that every accepted message reached every "
         "other member once and that every msg:N was acknowledged; the offline pull, that "
-        "it brought every stored message once and left the store empty.\n"
-        "- Figures 4 and 5 run on the embedded daemon in both plans; figure 6 runs the "
+        "it brought every stored message once and left the store empty; the catch-up, "
+        "that the summary was one frame and the client library handed every stored "
+        "message over once, the newest page of the newest conversation first.\n"
+        "- Figures 4, 5 and 8 run on the embedded daemon in both plans; figure 6 runs the "
         "1:1, group and offline scenarios again on PostgreSQL + Redis + RabbitMQ "
         "(`--full`, or `--only backends`).\n"
     )
