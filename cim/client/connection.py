@@ -208,6 +208,7 @@ ESTABLISHED_INBOUND: Inbound = {
         (cim_pb2.GOING_AWAY, cim_pb2.GoingAway),
         (cim_pb2.ERROR, cim_pb2.Error),
         (cim_pb2.APP_STATE_A, cim_pb2.AppStateA),
+        (cim_pb2.TYPING_A, cim_pb2.TypingA),
         (cim_pb2.TYPING_N, cim_pb2.TypingN),
     )
 }
