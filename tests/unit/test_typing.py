@@ -8,21 +8,33 @@ daemon's own ContactBook for a block.
 
 from __future__ import annotations
 
+import io
+import json
+from contextlib import redirect_stdout
 from itertools import pairwise
 from typing import Any
 
 from sqlalchemy import func, select
 from sqlalchemy.engine import Connection
+from twisted.internet import defer
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from cim.client.console import Console
 from cim.im.direct import REASON_NOT_ACCEPTED
 from cim.im.typing_notices import REASON_NOT_MEMBER, TYPING_INTERVAL
 from cim.protocols import cim_pb2
+from cim.scripts import client as cli
+from cim.scripts.chat_commands import Listener, typing_command
+from cim.scripts.output import ClientExit
 from cim.storage.schema import conversations, timeline
 from tests.fakes.node import ConnectedClient, NodeHarness
+from tests.fakes.timeline_node import TimelineNode
 from tests.unit.test_client_session import make_client
 from tests.unit.test_client_session import settle as settle_session
+from tests.unit.test_client_timelines import session
+from tests.unit.test_console import FakeClient, text_message
 from tests.unit.test_contacts_node import ContactNodeMixin
 from tests.unit.test_delivery import FakeGroups, cluster, settle
 from tests.unit.test_storage import sqlite_url
@@ -267,3 +279,135 @@ class ClientLibraryTests(SynchronousTestCase):
         self.assertEqual([a.dropped for a in answers], [False, True])
         [notice] = heard
         self.assertEqual((getattr(notice, "from"), notice.state), ("alice", STARTED))
+
+
+class CommandLineTests(SynchronousTestCase):
+    def run_typing(self, node: NodeHarness, client: Any, *args: str) -> tuple[Any, list[Any]]:
+        options = cli.build_parser().parse_args(["--user", client.user, "typing", *args])
+        out = io.StringIO()
+        with redirect_stdout(out):
+            done = defer.ensureDeferred(typing_command(client, options))
+            settle_session(node)
+        return done, [json.loads(line) for line in out.getvalue().splitlines()]
+
+    def test_typing_prints_sent_then_dropped_and_a_refusal_is_status_4(self) -> None:
+        node = NodeHarness()
+        node.im.directory.contacts = RefusingContacts("mallory")
+        alice, _, _ = make_client(node, "alice")
+        mallory, _, _ = make_client(node, "mallory")
+        alice.start()
+        mallory.start()
+        settle_session(node)
+        done, lines = self.run_typing(node, alice, "bob")
+        self.assertEqual(self.successResultOf(done), 0)
+        self.assertEqual(lines, [{"to": "bob", "state": "typing", "status": "sent"}])
+        done, lines = self.run_typing(node, alice, "bob", "--stopped")
+        self.assertEqual(lines, [{"to": "bob", "state": "stopped", "status": "dropped"}])
+        done, lines = self.run_typing(node, mallory, "bob")
+        failure = self.failureResultOf(done, ClientExit)
+        self.assertEqual(failure.value.status, 4)
+        self.assertIn(REASON_NOT_ACCEPTED, str(failure.value))
+        self.assertEqual(lines, [])
+        done, _ = self.run_typing(node, alice)
+        self.assertEqual(self.failureResultOf(done, ClientExit).value.status, 2)
+
+    def test_listen_prints_typing_events_without_counting_them(self) -> None:
+        node = TimelineNode("bob")
+        client, clock, _ = session(node, ordered=True)
+        options = cli.build_parser().parse_args(["--user", "bob", "listen", "--count", "1"])
+        listener = Listener(clock, client, options)  # type: ignore[arg-type]
+        out = io.StringIO()
+        with redirect_stdout(out):
+            done = defer.ensureDeferred(listener.run())
+            node.connect(client)
+            node.pump()
+            notice = cim_pb2.TypingN(
+                device="phone", to="bob", state=STARTED, conversation="d:alice:bob"
+            )
+            setattr(notice, "from", "alice")
+            client.frame_received(cim_pb2.TYPING_N, notice)
+            self.assertNoResult(done)  # a notice is not one of the --count messages
+            node.live(node.append("alice", "hi", peer="bob"))
+            node.pump()
+            clock.advance(0)
+        self.assertEqual(self.successResultOf(done), 0)
+        first, second = (json.loads(line) for line in out.getvalue().splitlines())
+        self.assertEqual(
+            first,
+            {
+                "event": "typing",
+                "state": "typing",
+                "from": "alice",
+                "device": "phone",
+                "to": "bob",
+                "conversation": "d:alice:bob",
+            },
+        )
+        self.assertEqual(second["text"], "hi")
+
+
+class TypingClient(FakeClient):
+    """The console's fake client, with typing and the app's state."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.typed: list[tuple[str, str]] = []
+        self.app_states: list[str] = []
+        self.on_typing: Any = None
+
+    def typing(self, to: str = "", group: str = "", stopped: bool = False) -> Deferred[Any]:
+        self.typed.append((to, group))
+        return succeed(cim_pb2.TypingA())
+
+    def set_app_state(self, state: str) -> Deferred[Any]:
+        self.app_states.append(state)
+        return succeed(cim_pb2.AppStateA(heartbeat_interval_ms=270_000))
+
+
+class ConsoleTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.reactor = Clock()
+        self.client = TypingClient()
+        self.lines: list[str] = []
+        self.console = Console(self.reactor, self.client, write=self.lines.append)
+
+    def run_line(self, line: str) -> None:
+        self.successResultOf(Deferred.fromCoroutine(self.console.command(line)))
+
+    def notice(self, sender: str, state: int = STARTED, group: str = "") -> None:
+        notice = cim_pb2.TypingN(state=state, group=group)
+        setattr(notice, "from", sender)
+        self.client.on_typing(notice)
+
+    def test_typing_shows_in_the_toolbar_until_stopped_a_message_or_time(self) -> None:
+        self.notice("bob")
+        self.assertIn("bob typing…", self.console.status_text())
+        self.notice("bob", STOPPED)
+        self.assertNotIn("typing…", self.console.status_text())
+        self.notice("bob")
+        self.notice("carol", group="g1")
+        self.console.groups["g1"] = "friends"
+        self.assertIn("bob typing…, carol typing… in #friends", self.console.status_text())
+        self.client.on_message(text_message("bob", "hi"))
+        self.assertNotIn("bob typing…", self.console.status_text())
+        self.reactor.advance(7)  # no newer notice: it goes by itself
+        self.assertNotIn("typing…", self.console.status_text())
+        [line] = self.lines
+        self.assertTrue(line.endswith("] bob: hi"), line)
+
+    def test_typing_a_line_tells_the_other_side_every_3_s_at_most(self) -> None:
+        self.console.text_changed("h")  # no conversation yet: nobody to tell
+        self.run_line("/to bob")
+        for text in ("h", "he", "hel", "/to"):
+            self.console.text_changed(text)
+        self.assertEqual(self.client.typed, [("bob", "")])
+        self.reactor.advance(3)
+        self.console.text_changed("hell")
+        self.assertEqual(self.client.typed, [("bob", ""), ("bob", "")])
+
+    def test_app_command_switches_the_state(self) -> None:
+        self.run_line("/app background")
+        self.run_line("/app asleep")
+        self.assertEqual(self.client.app_states, ["background"])
+        self.assertIn("heartbeat every 270 s", self.lines[0])
+        self.assertIn("usage: /app", self.lines[1])
