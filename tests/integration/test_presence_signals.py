@@ -84,9 +84,7 @@ class PresenceSignalsTests(SynchronousTestCase):
             cim_pb2.AppStateR(state=cim_pb2.APP_BACKGROUND, request_id=1),
         )
         answer = _next_of(background, cim_pb2.APP_STATE_A, cim_pb2.AppStateA)
-        self.assertEqual(
-            (answer.heartbeat_interval_ms, answer.heartbeat_timeout_ms), (4000, 12000)
-        )
+        self.assertEqual((answer.heartbeat_interval_ms, answer.heartbeat_timeout_ms), (4000, 12000))
         foreground = RawClient(self.daemon.router_url, "carol")
         self.addCleanup(foreground.close)
         # carol says nothing: closed after the foreground's 3 s (and the sweep's second).
