@@ -47,6 +47,7 @@ TYPING_A = cim_pb2.TYPING_A
 ERROR = cim_pb2.ERROR
 BAD_REQUEST = cim_pb2.Error.BAD_REQUEST
 FORBIDDEN = cim_pb2.Error.FORBIDDEN
+INTERNAL = cim_pb2.Error.INTERNAL
 _STATES = frozenset((cim_pb2.TYPING_STARTED, cim_pb2.TYPING_STOPPED))
 
 TYPING_INTERVAL = 3.0
@@ -108,7 +109,13 @@ class TypingNotices:
         )
         setattr(notice, "from", record.user)
         d = Deferred.fromCoroutine(self._pass_on(session, request, notice))
-        d.addErrback(log_failure, self.log, "pass a typing notice on")
+        d.addErrback(self._failed, session, request)
+
+    def _failed(self, failure: Failure, session: ClientSession, request: cim_pb2.TypingR) -> None:
+        """A lookup failed (the database, the state store): logged, and said, so a
+        client waiting for its answer is not left to its deadline."""
+        log_failure(failure, self.log, "pass a typing notice on")
+        self._refuse(session, request, INTERNAL, "the node could not pass the notice on")
 
     async def _pass_on(
         self, session: ClientSession, request: cim_pb2.TypingR, notice: cim_pb2.TypingN

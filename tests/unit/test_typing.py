@@ -411,3 +411,20 @@ class ConsoleTests(SynchronousTestCase):
         self.assertEqual(self.client.app_states, ["background"])
         self.assertIn("heartbeat every 270 s", self.lines[0])
         self.assertIn("usage: /app", self.lines[1])
+
+
+class BrokenGroups(FakeGroups):
+    def is_member(self, group: str, user: str) -> Deferred[bool]:
+        return defer.fail(RuntimeError("the database is down"))
+
+
+class FailureTests(SynchronousTestCase):
+    def test_a_failed_lookup_is_logged_and_answered(self) -> None:
+        node = NodeHarness(groups=BrokenGroups({}))
+        alice = node.connect("alice")
+        settle(node)
+        type_to(alice, group="g1", rid=3)
+        settle(node)
+        [error] = alice.events.of_type(cim_pb2.ERROR)
+        self.assertEqual((error.code, error.request_id), (cim_pb2.Error.INTERNAL, 3))
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
