@@ -13,6 +13,11 @@
 - requests that wait for an answer, with deadlines and retries: ``Answers``
   (``cim.client.answers``).
 
+The app's state (``set_app_state``: foreground or background) is the session's own:
+the node is told at once and on every new connection, and the connection's heartbeat
+takes the interval the node answers (a background app wakes the radio less often).
+Typing notices go out with ``typing`` and come in through ``on_typing``.
+
 The session itself only routes frames between the connection and these parts, and
 tells the application (``on_message``, ``on_outcome``, ``on_state``).
 """
@@ -24,7 +29,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -69,6 +74,9 @@ __all__ = [
 
 
 DEFAULT_BACKOFF = Backoff()
+
+APP_STATES = {"foreground": cim_pb2.APP_FOREGROUND, "background": cim_pb2.APP_BACKGROUND}
+"""The app states ``set_app_state`` takes, and their wire values."""
 
 
 def _decline(message: cim_pb2.Message) -> bool:
@@ -181,6 +189,9 @@ class ChatClient:
         self.on_message: Callable[[cim_pb2.Message], object] = _decline
         self.on_state: Callable[[str, str], None] = lambda state, detail: None
         self.on_outcome: Callable[[DeliveryOutcome], None] = lambda outcome: None
+        self.on_typing: Callable[[cim_pb2.TypingN], None] = lambda notice: None
+        self.app_state = "foreground"
+        """What the node is told on every connection (each starts in the foreground)."""
 
     # --- the session's life -----------------------------------------------------------
 
@@ -221,6 +232,8 @@ class ChatClient:
         waiters, self._online_waiters = self._online_waiters, []
         for waiter in waiters:
             waiter.callback(None)
+        if self.app_state != "foreground":
+            self._tell_app_state().addErrback(self._app_state_failed)
         if not self.inbox.closed:
             self.catch_up.start()
 
@@ -264,6 +277,9 @@ class ChatClient:
             self.inbox.own(message.conversation, message.seq)
         elif frame_type == cim_pb2.ACK_N:
             self.outbox.acknowledged(message)
+        elif frame_type == cim_pb2.TYPING_N:
+            if not self.stopping:
+                self.on_typing(message)
         elif frame_type == cim_pb2.OFFLINE_NOTICE:
             mark = self.inbox.watermark(message.conversation) if message.conversation else None
             if mark is None or message.seq > mark:
@@ -369,6 +385,52 @@ class ChatClient:
     ) -> Deferred[cim_pb2.ContactsAnswer]:
         """Send a CONTACTS_R (list, request, accept, block, settings, ...), get its answer."""
         return self.answers.contacts(request)
+
+    # --- the app's state and typing ---------------------------------------------------
+
+    def set_app_state(self, state: str) -> Deferred[cim_pb2.AppStateA | None]:
+        """The app went to the "foreground" or the "background": the node's idle timeout
+        and this connection's heartbeat follow (``[im] background_heartbeat_interval``).
+
+        Remembered for every later connection. Fires with the node's answer, or None
+        while offline (the next connection tells it); fails if the node refuses.
+        """
+        if state not in APP_STATES:
+            raise ValueError(f"app state is one of {', '.join(APP_STATES)}, not {state!r}")
+        self.app_state = state
+        if self.protocol is None:
+            return succeed(None)
+        return self._tell_app_state()
+
+    def _tell_app_state(self) -> Deferred[cim_pb2.AppStateA | None]:
+        request = cim_pb2.AppStateR(state=APP_STATES[self.app_state])
+        d: Deferred[Any] = self.answers.ask(cim_pb2.APP_STATE_R, request)
+        d.addCallback(self._app_state_answered)
+        return d
+
+    def _app_state_answered(self, answer: cim_pb2.AppStateA) -> cim_pb2.AppStateA:
+        protocol = self.protocol
+        if protocol is not None and answer.heartbeat_interval_ms:
+            protocol.set_heartbeat(
+                answer.heartbeat_interval_ms / 1000, answer.heartbeat_timeout_ms / 1000
+            )
+        return answer
+
+    def _app_state_failed(self, failure: Failure) -> None:
+        # The connection keeps the foreground's heartbeat: more often, never too late.
+        self.log.info("telling the app state failed: {why}", why=failure.getErrorMessage())
+
+    def typing(
+        self, to: str = "", group: str = "", stopped: bool = False
+    ) -> Deferred[cim_pb2.TypingA]:
+        """Tell ``to`` (or the group's other members) that this user is typing, or has
+        stopped. The node passes on one per conversation every 3 s: the answer's
+        ``dropped`` says this one was over that. A refusal (the receiver does not accept
+        you, not a member) fails with ``RequestRefused``."""
+        state = cim_pb2.TYPING_STOPPED if stopped else cim_pb2.TYPING_STARTED
+        request = cim_pb2.TypingR(to=to, group=group, state=state)
+        # Not repeated after its deadline: a late "typing" is worse than none.
+        return self.answers.ask(cim_pb2.TYPING_R, request, retry_on_deadline=False)
 
     # --- sending ----------------------------------------------------------------------
 

@@ -15,6 +15,7 @@ family (or a new room, merged into ``inbound`` below).
     history    HISTORY_R
     presence   ONLINE_R (the caller's contacts and bound accounts only)
     contacts   CONTACTS_R; the contact rules direct, presence and groups ask
+    typing     TYPING_R: live "typing" / "stopped" notices, never stored
     system     server-made messages (the logic service's notices)
 """
 
@@ -42,6 +43,7 @@ from cim.im.presence import PresenceRequests
 from cim.im.routing import Routing
 from cim.im.sessions import Sessions
 from cim.im.system import SystemMessages
+from cim.im.typing_notices import TypingNotices
 from cim.limits.messages import MessageGate
 
 __all__ = ["ImNode", "Room"]
@@ -84,10 +86,18 @@ class ImNode:
         self.presence = PresenceRequests(core.state.presence, directory)
         self.contacts = ContactRequests(directory)
         self.system = SystemMessages(core, stores, self.catchup)
+        self.typing = TypingNotices(core, directory, peers, connected)
+        self.routing.bus_bodies["typing"] = self.typing.bus_typing_received
         self.sessions = Sessions(core, connected, self.routing)
         peers.listen(self.routing.bus_message_received)
         self.inbound: FrameTable = _merged(
-            self.direct, self.groups, self.catchup, self.history, self.presence, self.contacts
+            self.direct,
+            self.groups,
+            self.catchup,
+            self.history,
+            self.presence,
+            self.contacts,
+            self.typing,
         )
         """What an authenticated client may send: every other frame type closes the
         connection."""

@@ -37,6 +37,11 @@ class FrameType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     KICKED: _ClassVar[FrameType]
     GOING_AWAY: _ClassVar[FrameType]
     ERROR: _ClassVar[FrameType]
+    APP_STATE_R: _ClassVar[FrameType]
+    APP_STATE_A: _ClassVar[FrameType]
+    TYPING_R: _ClassVar[FrameType]
+    TYPING_A: _ClassVar[FrameType]
+    TYPING_N: _ClassVar[FrameType]
 
 class MessageType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -54,6 +59,18 @@ class DeliveryStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     STORED: _ClassVar[DeliveryStatus]
     FAILED: _ClassVar[DeliveryStatus]
     ACCEPTED: _ClassVar[DeliveryStatus]
+
+class AppState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    APP_STATE_UNSPECIFIED: _ClassVar[AppState]
+    APP_FOREGROUND: _ClassVar[AppState]
+    APP_BACKGROUND: _ClassVar[AppState]
+
+class TypingState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    TYPING_STATE_UNSPECIFIED: _ClassVar[TypingState]
+    TYPING_STARTED: _ClassVar[TypingState]
+    TYPING_STOPPED: _ClassVar[TypingState]
 FRAME_TYPE_UNSPECIFIED: FrameType
 CLIENT_HELLO: FrameType
 HANDSHAKE_ERROR: FrameType
@@ -82,6 +99,11 @@ CONTACTS_A: FrameType
 KICKED: FrameType
 GOING_AWAY: FrameType
 ERROR: FrameType
+APP_STATE_R: FrameType
+APP_STATE_A: FrameType
+TYPING_R: FrameType
+TYPING_A: FrameType
+TYPING_N: FrameType
 TEXT: MessageType
 IMAGE: MessageType
 VOICE: MessageType
@@ -93,6 +115,12 @@ DELIVERED: DeliveryStatus
 STORED: DeliveryStatus
 FAILED: DeliveryStatus
 ACCEPTED: DeliveryStatus
+APP_STATE_UNSPECIFIED: AppState
+APP_FOREGROUND: AppState
+APP_BACKGROUND: AppState
+TYPING_STATE_UNSPECIFIED: TypingState
+TYPING_STARTED: TypingState
+TYPING_STOPPED: TypingState
 
 class ClientHello(_message.Message):
     __slots__ = ("version", "offered_suites", "suite", "client_nonce", "key_fingerprint", "sealed_key")
@@ -685,17 +713,74 @@ class ContactsAnswer(_message.Message):
     settings: PrivacySettings
     def __init__(self, request_id: _Optional[int] = ..., ok: _Optional[bool] = ..., error: _Optional[str] = ..., message: _Optional[str] = ..., status: _Optional[str] = ..., book: _Optional[_Union[ContactBook, _Mapping]] = ..., settings: _Optional[_Union[PrivacySettings, _Mapping]] = ...) -> None: ...
 
+class AppStateR(_message.Message):
+    __slots__ = ("state", "request_id")
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    state: AppState
+    request_id: int
+    def __init__(self, state: _Optional[_Union[AppState, str]] = ..., request_id: _Optional[int] = ...) -> None: ...
+
+class AppStateA(_message.Message):
+    __slots__ = ("state", "heartbeat_interval_ms", "heartbeat_timeout_ms", "request_id")
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_INTERVAL_MS_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    state: AppState
+    heartbeat_interval_ms: int
+    heartbeat_timeout_ms: int
+    request_id: int
+    def __init__(self, state: _Optional[_Union[AppState, str]] = ..., heartbeat_interval_ms: _Optional[int] = ..., heartbeat_timeout_ms: _Optional[int] = ..., request_id: _Optional[int] = ...) -> None: ...
+
+class TypingR(_message.Message):
+    __slots__ = ("to", "group", "state", "request_id")
+    TO_FIELD_NUMBER: _ClassVar[int]
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    to: str
+    group: str
+    state: TypingState
+    request_id: int
+    def __init__(self, to: _Optional[str] = ..., group: _Optional[str] = ..., state: _Optional[_Union[TypingState, str]] = ..., request_id: _Optional[int] = ...) -> None: ...
+
+class TypingA(_message.Message):
+    __slots__ = ("request_id", "dropped")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_FIELD_NUMBER: _ClassVar[int]
+    request_id: int
+    dropped: bool
+    def __init__(self, request_id: _Optional[int] = ..., dropped: _Optional[bool] = ...) -> None: ...
+
+class TypingN(_message.Message):
+    __slots__ = ("device", "to", "group", "state", "conversation")
+    FROM_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    TO_FIELD_NUMBER: _ClassVar[int]
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    CONVERSATION_FIELD_NUMBER: _ClassVar[int]
+    device: str
+    to: str
+    group: str
+    state: TypingState
+    conversation: str
+    def __init__(self, device: _Optional[str] = ..., to: _Optional[str] = ..., group: _Optional[str] = ..., state: _Optional[_Union[TypingState, str]] = ..., conversation: _Optional[str] = ..., **kwargs) -> None: ...
+
 class BusEnvelope(_message.Message):
-    __slots__ = ("origin_node", "deliver", "outcome", "stored")
+    __slots__ = ("origin_node", "deliver", "outcome", "stored", "typing")
     ORIGIN_NODE_FIELD_NUMBER: _ClassVar[int]
     DELIVER_FIELD_NUMBER: _ClassVar[int]
     OUTCOME_FIELD_NUMBER: _ClassVar[int]
     STORED_FIELD_NUMBER: _ClassVar[int]
+    TYPING_FIELD_NUMBER: _ClassVar[int]
     origin_node: str
     deliver: BusDelivery
     outcome: BusOutcome
     stored: OfflineReady
-    def __init__(self, origin_node: _Optional[str] = ..., deliver: _Optional[_Union[BusDelivery, _Mapping]] = ..., outcome: _Optional[_Union[BusOutcome, _Mapping]] = ..., stored: _Optional[_Union[OfflineReady, _Mapping]] = ...) -> None: ...
+    typing: BusTyping
+    def __init__(self, origin_node: _Optional[str] = ..., deliver: _Optional[_Union[BusDelivery, _Mapping]] = ..., outcome: _Optional[_Union[BusOutcome, _Mapping]] = ..., stored: _Optional[_Union[OfflineReady, _Mapping]] = ..., typing: _Optional[_Union[BusTyping, _Mapping]] = ...) -> None: ...
 
 class BusDelivery(_message.Message):
     __slots__ = ("message", "receivers", "sender_device")
@@ -716,6 +801,14 @@ class OfflineReady(_message.Message):
     conversation: str
     seq: int
     def __init__(self, receivers: _Optional[_Iterable[str]] = ..., conversation: _Optional[str] = ..., seq: _Optional[int] = ...) -> None: ...
+
+class BusTyping(_message.Message):
+    __slots__ = ("notice", "receivers")
+    NOTICE_FIELD_NUMBER: _ClassVar[int]
+    RECEIVERS_FIELD_NUMBER: _ClassVar[int]
+    notice: TypingN
+    receivers: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, notice: _Optional[_Union[TypingN, _Mapping]] = ..., receivers: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class BusOutcome(_message.Message):
     __slots__ = ("sender", "sender_device", "ack")

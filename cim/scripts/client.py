@@ -5,6 +5,7 @@
     cim-client --user U sync
     cim-client --user U online
     cim-client --user U history PEER [--group] [--limit N] [--before SEQ]
+    cim-client --user U typing TO|--group G [--stopped]
     cim-client --user U group create|add|invite|remove|leave|list|members|send ...
     cim-client --user U group accept|decline GROUP | invitations
     cim-client --user U contacts list | request|accept|decline|remove|block|unblock USER
@@ -35,7 +36,7 @@ is one line on stderr and an exit status: 0 ok, 1 the operation failed, 2 usage,
 5 ``listen --no-reconnect`` lost its connection. Logging goes to stderr: warnings and
 errors only, ``-v`` adds the library's progress, ``-vv`` everything.
 
-The commands live by concern: chat_commands (send, listen, sync, online, history),
+The commands live by concern: chat_commands (send, listen, sync, online, history, typing),
 group_commands, contact_commands, file_commands, logic_commands; login says how each
 logs in and which status each failure gets.
 """
@@ -60,6 +61,7 @@ from cim.scripts.chat_commands import (
     online_command,
     send_command,
     sync_command,
+    typing_command,
 )
 from cim.scripts.contact_commands import add_contact_commands, contacts_command
 from cim.scripts.file_commands import (
@@ -179,6 +181,8 @@ async def run(reactor: ICimReactor, options: argparse.Namespace) -> int:
             return await history_command(client, options)
         if options.command == "online":
             return await online_command(client)
+        if options.command == "typing":
+            return await typing_command(client, options)
         if options.command == "sync":
             return await sync_command(client)
         if options.command == "listen":

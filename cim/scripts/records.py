@@ -77,3 +77,24 @@ def outcome_record(outcome: Any) -> dict[str, Any]:
         "reason": outcome.reason,
     }
     return present(record)
+
+
+def typing_record(notice: Any) -> dict[str, Any]:
+    """A typing notice, as ``listen`` prints it among the messages: ``event`` says it
+    is not a message; ``state`` is "typing" or "stopped"."""
+    from cim.protocols import cim_pb2
+
+    record = {
+        "event": "typing",
+        "state": "stopped" if notice.state == cim_pb2.TYPING_STOPPED else "typing",
+        "from": getattr(notice, "from"),
+        "device": notice.device,
+        "to": notice.to,
+        "group": notice.group,
+        "conversation": notice.conversation,
+    }
+    return present(record)
+
+
+def typing_json(notice: Any) -> str:
+    return json.dumps(typing_record(notice), ensure_ascii=False)

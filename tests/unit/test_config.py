@@ -93,7 +93,8 @@ class ConfigErrorTests(SynchronousTestCase):
         error = self.assertConfigError(
             MINIMAL + "[im]\nheartbeat_intervall = 30\n",
             "config error: [im] heartbeat_intervall = '30': unknown key (known keys: "
-            "advertise, cipher_suites, default_group_adds, default_message_policy, enabled, "
+            "advertise, background_heartbeat_interval, cipher_suites, default_group_adds, "
+            "default_message_policy, enabled, "
             "handshake_replay_window, handshake_timeout, "
             "heartbeat_interval, heartbeat_timeout, listen, max_bad_frames, "
             "max_connections_per_address, max_frame_size, max_pending_work, "
