@@ -154,6 +154,7 @@ class MessageChanges:
                 seq=entry.seq,
                 entry_id=entry.id,
                 changed_at_ms=entry.changed_at_ms,
+                replaces_seq=entry.replaces_seq,
             ),
         )
         self._metrics.messages[_KINDS[entry.change]] += 1

@@ -503,7 +503,7 @@ class ChangeR(_message.Message):
     def __init__(self, request_id: _Optional[int] = ..., msg_id: _Optional[int] = ..., kind: _Optional[_Union[ChangeKind, str]] = ..., text: _Optional[str] = ...) -> None: ...
 
 class ChangeA(_message.Message):
-    __slots__ = ("request_id", "msg_id", "kind", "conversation", "seq", "entry_id", "changed_at_ms")
+    __slots__ = ("request_id", "msg_id", "kind", "conversation", "seq", "entry_id", "changed_at_ms", "replaces_seq")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MSG_ID_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
@@ -511,6 +511,7 @@ class ChangeA(_message.Message):
     SEQ_FIELD_NUMBER: _ClassVar[int]
     ENTRY_ID_FIELD_NUMBER: _ClassVar[int]
     CHANGED_AT_MS_FIELD_NUMBER: _ClassVar[int]
+    REPLACES_SEQ_FIELD_NUMBER: _ClassVar[int]
     request_id: int
     msg_id: int
     kind: ChangeKind
@@ -518,7 +519,8 @@ class ChangeA(_message.Message):
     seq: int
     entry_id: int
     changed_at_ms: int
-    def __init__(self, request_id: _Optional[int] = ..., msg_id: _Optional[int] = ..., kind: _Optional[_Union[ChangeKind, str]] = ..., conversation: _Optional[str] = ..., seq: _Optional[int] = ..., entry_id: _Optional[int] = ..., changed_at_ms: _Optional[int] = ...) -> None: ...
+    replaces_seq: int
+    def __init__(self, request_id: _Optional[int] = ..., msg_id: _Optional[int] = ..., kind: _Optional[_Union[ChangeKind, str]] = ..., conversation: _Optional[str] = ..., seq: _Optional[int] = ..., entry_id: _Optional[int] = ..., changed_at_ms: _Optional[int] = ..., replaces_seq: _Optional[int] = ...) -> None: ...
 
 class GroupRequest(_message.Message):
     __slots__ = ("request_id", "create", "rename", "add", "remove", "leave", "dissolve", "list", "members", "promote", "invite", "accept", "decline", "invitations")
