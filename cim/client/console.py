@@ -42,6 +42,8 @@ HELP = """commands:
   /groups           list your groups
   /history [N]      the last N messages (default 20) of this conversation
   /retry            send the last failed message again
+  /recall [MSG_ID]  recall your last message here (or the one named)
+  /edit TEXT        replace the text of your last message here
   /help             this text
   /quit             log out and leave (also Ctrl-D)
 Tab completes commands, user and group names; Up/Down recall earlier lines."""
@@ -54,6 +56,8 @@ COMMANDS = (
     "/groups",
     "/history",
     "/retry",
+    "/recall",
+    "/edit",
     "/help",
     "/quit",
 )
@@ -111,6 +115,10 @@ def clock(ms: int, now: float | None = None) -> str:
 
 
 def body(message: cim_pb2.Message) -> str:
+    if message.recalled:
+        return "message recalled"
+    if message.edited:
+        return f"{message.text} (edited)"
     if message.HasField("media"):
         text = media_summary(message)
         return f"{text} {message.text}" if message.text else text
@@ -217,9 +225,13 @@ class Console:
         self.state_detail = ""
         self.reconnect_at: float | None = None
         self.last_failed: tuple[int, str, Conversation] | None = None
+        self.last_sent: dict[Conversation, int] = {}
+        """The id of the last message sent in each conversation: what /recall and /edit
+        change when no id is named."""
         self._asked_groups_for: set[str] = set()
         self._app: Any = None
         client.on_message = self.message_arrived
+        client.on_change = self.change_arrived
         client.on_state = self.state_changed
         client.catch_up.on_summary = self.summary_arrived
 
@@ -241,6 +253,21 @@ class Console:
         if message.group and message.group not in self.groups:
             self._learn_group_name(message.group)
         self.write(self.format_message(message))
+
+    def format_change(self, change: Any) -> str:
+        """A recall or edit (cim.client.corrections.Change) as one line."""
+        message = change.message
+        where = ""
+        if message is not None and message.group:
+            where = f"#{self.groups.get(message.group, message.group)} "
+        sender = getattr(message, "from") if message is not None else change.by
+        if change.event == "recall":
+            by = "" if change.by == sender else f" by {change.by}"
+            return f"[{clock(change.at_ms)}] {where}{sender}: message recalled{by}"
+        return f"[{clock(change.at_ms)}] {where}{sender}: {change.text} (edited)"
+
+    def change_arrived(self, change: Any) -> None:
+        self.write(self.format_change(change))
 
     def _learn_group_name(self, group_id: str) -> None:
         """An unknown group (added since the last list): list once, name later lines."""
@@ -268,6 +295,8 @@ class Console:
         return f"  ✗ failed: {reason}: {what} (/retry sends it again)"
 
     def outcome_arrived(self, outcome: DeliveryOutcome, what: str, where: Conversation) -> None:
+        if outcome.status != "failed" and outcome.msg_id:
+            self.last_sent[where] = outcome.msg_id
         if outcome.status == "failed":
             self.last_failed = (outcome.client_seq, what, where)
         elif self.last_failed is not None and self.last_failed[0] == outcome.client_seq:
@@ -338,6 +367,8 @@ class Console:
             "/groups": self._groups,
             "/history": self._history,
             "/retry": self._retry,
+            "/recall": self._recall,
+            "/edit": self._edit,
         }.get(name)
         if handler is None:
             self.write(f"* unknown command {name}; /help lists them")
@@ -449,6 +480,35 @@ class Console:
         for message in reversed(messages[:wanted]):  # pages come newest first
             self.write(self.format_message(message))
         self.write("---")
+
+    def _last_here(self, what: str) -> int | None:
+        sent = self.last_sent.get(self.conversation) if self.conversation else None
+        if sent is None:
+            self.write(f"* nothing of yours to {what} here: send a message first")
+        return sent
+
+    async def _recall(self, argument: str) -> None:
+        if argument:
+            if not argument.isdigit():
+                self.write("* usage: /recall [MSG_ID]")
+                return
+            msg_id: int | None = int(argument)
+        else:
+            msg_id = self._last_here("recall")
+        if msg_id is None:
+            return
+        change = await self.client.recall(msg_id)
+        self.write(f"* {self.format_change(change)}")
+
+    async def _edit(self, argument: str) -> None:
+        if not argument:
+            self.write("* usage: /edit TEXT (replaces your last message here)")
+            return
+        msg_id = self._last_here("edit")
+        if msg_id is None:
+            return
+        change = await self.client.edit(msg_id, argument)
+        self.write(f"* {self.format_change(change)}")
 
     async def _retry(self, argument: str) -> None:
         if self.last_failed is None:

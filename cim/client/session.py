@@ -60,8 +60,8 @@ from cim.reactor import ICimReactor
 __all__ = [
     "STATUS_NAMES",
     "Backoff",
-    "Change",
     "CatchUpResult",
+    "Change",
     "ChatClient",
     "DeliveryOutcome",
     "RequestFailed",
