@@ -2,7 +2,8 @@
 
 Only ``listen`` (and the console) take received messages: they print the catch-up, each
 conversation oldest first and each message once, then live messages, and acknowledge
-what they printed; a recall or edit is a line with ``event`` "recall" or "edit". The others move no cursor: ``sync`` prints the catch-up summary
+what they printed; a recall or edit is a line with ``event`` "recall" or "edit". The
+others move no cursor: ``sync`` prints the catch-up summary
 (unread per conversation) without taking anything, ``history`` reads a timeline
 whatever the cursors.
 """

@@ -37,8 +37,8 @@ is one line on stderr and an exit status: 0 ok, 1 the operation failed, 2 usage,
 errors only, ``-v`` adds the library's progress, ``-vv`` everything.
 
 The commands live by concern: chat_commands (send, listen, sync, online, history),
-change_commands (recall, edit), group_commands, contact_commands, file_commands, logic_commands; login says how each
-logs in and which status each failure gets.
+change_commands (recall, edit), group_commands, contact_commands, file_commands,
+logic_commands; login says how each logs in and which status each failure gets.
 """
 
 from __future__ import annotations
