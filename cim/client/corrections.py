@@ -93,8 +93,8 @@ class Corrections:
         """Apply ``change`` to the message it names, if remembered; returns the change
         with that message as it now reads."""
         message = self._messages.get(change.msg_id)
-        if message is None:
-            return change
+        if message is None or message.conversation != change.conversation:
+            return change  # (a change names a message of its own conversation only)
         if change.event == "recall":
             message.text = ""
             message.ClearField("media")

@@ -191,6 +191,31 @@ class DirectChangeTests(SynchronousTestCase):
             )
 
 
+class ForgedChangeTests(SynchronousTestCase):
+    def test_a_message_cannot_pose_as_a_change(self) -> None:
+        """msg:R carrying change fields would let anyone "recall" someone else's message
+        on the receiver's device: refused, nothing delivered."""
+        node = NodeHarness(users=("alice", "bob"))
+        alice = node.connect("alice")
+        bob = node.connect("bob", auto_ack=True)
+        settle(node)
+        for fields in (
+            {"change": RECALL, "replaces": 5},
+            {"replaces_seq": 1},
+            {"recalled": True},
+            {"edited": True},
+            {"changed_by": "carol"},
+        ):
+            message = cim_pb2.Message(to="bob", text="x", client_seq=next(_SEQ), **fields)
+            alice.protocol.send(cim_pb2.MSG_R, message)
+            settle(node)
+            error = alice.events.of_type(cim_pb2.ERROR)[-1]
+            self.assertEqual(
+                (error.code, error.client_seq), (cim_pb2.Error.BAD_REQUEST, message.client_seq)
+            )
+        self.assertEqual(bob.events.of_type(cim_pb2.MSG_N), [])
+
+
 class CatchUpTests(SynchronousTestCase):
     def test_a_device_that_was_away_catches_up_the_recall(self) -> None:
         node = NodeHarness(users=("alice", "bob"))

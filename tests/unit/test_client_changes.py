@@ -123,6 +123,17 @@ class CorrectionsTests(SynchronousTestCase):
         assert change is not None
         self.assertIsNone(Corrections().apply(change).message)
 
+    def test_a_change_applies_only_within_its_conversation(self) -> None:
+        corrections = Corrections()
+        corrections.remember(cim_pb2.Message(id=3, text="mine", conversation="d:a:b", seq=2))
+        entry = cim_pb2.Message(
+            id=9, change=cim_pb2.RECALL, replaces=3, replaces_seq=2, conversation="d:b:c"
+        )
+        change = change_of(entry)
+        assert change is not None
+        self.assertIsNone(corrections.apply(change).message)
+        self.assertEqual(corrections.get(3).text, "mine")  # type: ignore[union-attr]
+
     def test_only_so_many_messages_are_remembered(self) -> None:
         corrections = Corrections(size=2)
         for msg_id in (1, 2, 3):
