@@ -16,7 +16,8 @@ every device's cursor, so its next catch-up brings it. ack:R of an entry moves t
 cursor like any message's.
 
 Bad values are answered ERROR with ``request_type`` CHANGE_R, the request's id and a
-machine-readable ``reason`` (docs/protocol.md), and change nothing.
+machine-readable ``reason`` (docs/protocol.md), and change nothing. A change counts in
+its sender's message rate (``[limits] messages``), as the entry it makes is one.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from cim.im.collaborators import (
 from cim.im.peers import Peers
 from cim.im.routing import Routing
 from cim.interfaces import BusUnavailable, StateUnavailable
+from cim.limits.messages import MessageGate, retry_after_ms
 from cim.protocols import cim_pb2
 from cim.storage.changes import NOT_YOURS, ChangeAsked, ChangeMade, ChangeRefused
 
@@ -55,6 +57,7 @@ ERROR = cim_pb2.ERROR
 BAD_REQUEST = cim_pb2.Error.BAD_REQUEST
 FORBIDDEN = cim_pb2.Error.FORBIDDEN
 UNAVAILABLE = cim_pb2.Error.UNAVAILABLE
+RATE_LIMITED = cim_pb2.Error.RATE_LIMITED
 
 BAD_CHANGE = "bad_request"
 """The ERROR reason of a malformed CHANGE_R (no message named, no kind, bad text)."""
@@ -63,6 +66,10 @@ UNAVAILABLE_RETRY_MS = 1000
 """How soon a device asks again when the timeline could not be written."""
 
 _KINDS = {cim_pb2.RECALL: "recalled", cim_pb2.EDIT: "edited"}
+
+_AS_A_MESSAGE = cim_pb2.Message(to="@change")
+"""What the message gate is shown for a change: no group, no client_seq (nothing to
+hold in order), so only the sender's rate and the store's backlog apply."""
 
 
 def _online(connected: Connected, user: str) -> list[ClientSession]:
@@ -85,6 +92,7 @@ class MessageChanges:
         peers: Peers,
         connected: Connected,
         routing: Routing,
+        gate: MessageGate,
         bounds: Bounds,
     ) -> None:
         self._node_id = core.node_id
@@ -96,6 +104,7 @@ class MessageChanges:
         self._peers = peers
         self._connected = connected
         self._routing = routing
+        self._gate = gate
         self._bounds = bounds
 
     def frame_table(self) -> FrameTable:
@@ -127,6 +136,14 @@ class MessageChanges:
             self._refuse(session, request, BAD_REQUEST, BAD_CHANGE, problem)
             return
         record = session.record
+        # Each change is an entry like a message: it counts in the sender's message
+        # rate, and waits while the timeline's writer is behind (cim.limits).
+        refusal = self._gate.check(record.user, record.device, _AS_A_MESSAGE)
+        if refusal is not None:
+            reason = "rate_limited" if refusal.code == RATE_LIMITED else "unavailable"
+            retry = retry_after_ms(refusal.retry_after)
+            self._refuse(session, request, refusal.code, reason, refusal.text, retry)
+            return
         asked = ChangeAsked(
             actor=record.user,
             device=record.device,

@@ -84,7 +84,7 @@ class ImNode:
         )
         self.history = HistoryRequests(stores)
         self.changes = MessageChanges(
-            core, directory, stores, peers, connected, self.routing, bounds
+            core, directory, stores, peers, connected, self.routing, self.gate, bounds
         )
         self.presence = PresenceRequests(core.state.presence, directory)
         self.contacts = ContactRequests(directory)

@@ -18,6 +18,7 @@ from tests.fakes.node import ConnectedClient, NodeHarness
 from tests.fakes.timelines import fresh_database
 from tests.unit.test_delivery import cluster, settle
 from tests.unit.test_groups import add_users_txn
+from tests.unit.test_rate_limits import bounds as rate_bounds
 
 _SEQ = itertools.count(1)
 RECALL = cim_pb2.RECALL
@@ -189,6 +190,25 @@ class DirectChangeTests(SynchronousTestCase):
             self.assertEqual(
                 (answer.code, answer.reason), (cim_pb2.Error.BAD_REQUEST, "bad_request")
             )
+
+
+class ChangeRateTests(SynchronousTestCase):
+    def test_changes_count_in_the_senders_message_rate(self) -> None:
+        first = NodeHarness()
+        node = NodeHarness(
+            clock=first.clock, bounds=rate_bounds(first.clock, messages=1.0, messages_burst=3)
+        )
+        alice = node.connect("alice")
+        settle(node)
+        sent = send(node, alice, "draft", to="bob")
+        answers = [change(node, alice, sent.msg_id, EDIT, f"draft {n}", rid=n) for n in (1, 2, 3)]
+        self.assertIsInstance(answers[0], cim_pb2.ChangeA)
+        self.assertIsInstance(answers[1], cim_pb2.ChangeA)
+        self.assertEqual(
+            (answers[2].code, answers[2].reason), (cim_pb2.Error.RATE_LIMITED, "rate_limited")
+        )
+        self.assertGreater(answers[2].retry_after_ms, 0)
+        self.assertEqual(stored(node, sent.msg_id).text, "draft 2")
 
 
 class ForgedChangeTests(SynchronousTestCase):
