@@ -115,6 +115,10 @@ def clock(ms: int, now: float | None = None) -> str:
 
 
 def body(message: cim_pb2.Message) -> str:
+    if message.change == cim_pb2.RECALL:  # a change entry, as history pages carry them
+        return "(recalled a message)"
+    if message.change == cim_pb2.EDIT:
+        return f"(edited a message: {message.text})"
     if message.recalled:
         return "message recalled"
     if message.edited:

@@ -401,6 +401,8 @@ class ConsoleChangeTests(SynchronousTestCase):
         self.console.message_arrived(edited)
         self.assertTrue(self.lines[0].endswith("bob: message recalled"))
         self.assertTrue(self.lines[1].endswith("bob: new words (edited)"))
+        entry = text_message("bob", "", change=cim_pb2.RECALL, replaces=1)
+        self.assertTrue(self.console.format_message(entry).endswith("bob: (recalled a message)"))
 
     def test_changes_of_others_are_shown(self) -> None:
         original = text_message("bob", "", recalled=True, group="g1")
