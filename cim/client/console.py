@@ -45,6 +45,8 @@ HELP = """commands:
   /history [N]      the last N messages (default 20) of this conversation
   /retry            send the last failed message again
   /app STATE        tell the node the app is in the foreground or the background
+  /recall [MSG_ID]  recall your last message here (or the one named)
+  /edit TEXT        replace the text of your last message here
   /help             this text
   /quit             log out and leave (also Ctrl-D)
 Tab completes commands, user and group names; Up/Down recall earlier lines."""
@@ -58,6 +60,8 @@ COMMANDS = (
     "/history",
     "/retry",
     "/app",
+    "/recall",
+    "/edit",
     "/help",
     "/quit",
 )
@@ -121,6 +125,14 @@ def clock(ms: int, now: float | None = None) -> str:
 
 
 def body(message: cim_pb2.Message) -> str:
+    if message.change == cim_pb2.RECALL:  # a change entry, as history pages carry them
+        return "(recalled a message)"
+    if message.change == cim_pb2.EDIT:
+        return f"(edited a message: {message.text})"
+    if message.recalled:
+        return "message recalled"
+    if message.edited:
+        return f"{message.text} (edited)"
     if message.HasField("media"):
         text = media_summary(message)
         return f"{text} {message.text}" if message.text else text
@@ -227,6 +239,9 @@ class Console:
         self.state_detail = ""
         self.reconnect_at: float | None = None
         self.last_failed: tuple[int, str, Conversation] | None = None
+        self.last_sent: dict[Conversation, int] = {}
+        """The id of the last message sent in each conversation: what /recall and /edit
+        change when no id is named."""
         self._asked_groups_for: set[str] = set()
         self._app: Any = None
         self.typing: dict[tuple[str, str], float] = {}
@@ -234,6 +249,7 @@ class Console:
         self._typing_sent_at = float("-inf")
         client.on_message = self.message_arrived
         client.on_typing = self.typing_arrived
+        client.on_change = self.change_arrived
         client.on_state = self.state_changed
         client.catch_up.on_summary = self.summary_arrived
 
@@ -292,6 +308,21 @@ class Console:
             d = self.client.typing(where.target)
         d.addErrback(lambda failure: None)  # a notice is worth no error line
 
+    def format_change(self, change: Any) -> str:
+        """A recall or edit (cim.client.corrections.Change) as one line."""
+        message = change.message
+        where = ""
+        if message is not None and message.group:
+            where = f"#{self.groups.get(message.group, message.group)} "
+        sender = getattr(message, "from") if message is not None else change.by
+        if change.event == "recall":
+            by = "" if change.by == sender else f" by {change.by}"
+            return f"[{clock(change.at_ms)}] {where}{sender}: message recalled{by}"
+        return f"[{clock(change.at_ms)}] {where}{sender}: {change.text} (edited)"
+
+    def change_arrived(self, change: Any) -> None:
+        self.write(self.format_change(change))
+
     def _learn_group_name(self, group_id: str) -> None:
         """An unknown group (added since the last list): list once, name later lines."""
         if group_id in self._asked_groups_for:
@@ -318,6 +349,8 @@ class Console:
         return f"  ✗ failed: {reason}: {what} (/retry sends it again)"
 
     def outcome_arrived(self, outcome: DeliveryOutcome, what: str, where: Conversation) -> None:
+        if outcome.status != "failed" and outcome.msg_id:
+            self.last_sent[where] = outcome.msg_id
         if outcome.status == "failed":
             self.last_failed = (outcome.client_seq, what, where)
         elif self.last_failed is not None and self.last_failed[0] == outcome.client_seq:
@@ -391,6 +424,8 @@ class Console:
             "/history": self._history,
             "/retry": self._retry,
             "/app": self._app_state,
+            "/recall": self._recall,
+            "/edit": self._edit,
         }.get(name)
         if handler is None:
             self.write(f"* unknown command {name}; /help lists them")
@@ -515,6 +550,35 @@ class Console:
         for message in reversed(messages[:wanted]):  # pages come newest first
             self.write(self.format_message(message))
         self.write("---")
+
+    def _last_here(self, what: str) -> int | None:
+        sent = self.last_sent.get(self.conversation) if self.conversation else None
+        if sent is None:
+            self.write(f"* nothing of yours to {what} here: send a message first")
+        return sent
+
+    async def _recall(self, argument: str) -> None:
+        if argument:
+            if not argument.isdigit():
+                self.write("* usage: /recall [MSG_ID]")
+                return
+            msg_id: int | None = int(argument)
+        else:
+            msg_id = self._last_here("recall")
+        if msg_id is None:
+            return
+        change = await self.client.recall(msg_id)
+        self.write(f"* {self.format_change(change)}")
+
+    async def _edit(self, argument: str) -> None:
+        if not argument:
+            self.write("* usage: /edit TEXT (replaces your last message here)")
+            return
+        msg_id = self._last_here("edit")
+        if msg_id is None:
+            return
+        change = await self.client.edit(msg_id, argument)
+        self.write(f"* {self.format_change(change)}")
 
     async def _retry(self, argument: str) -> None:
         if self.last_failed is None:

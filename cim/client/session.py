@@ -8,6 +8,8 @@
   retries or reports it by the chosen policy;
 - receiving: the ``Inbox`` (``cim.client.inbox``) keeps each conversation's watermark,
   drops duplicates, fills gaps with HISTORY_R and hands messages over in seq order;
+- recall and edit, and the changes of others applied to what was handed over:
+  ``Corrections`` (``cim.client.corrections``);
 - catching up after a login: ``CatchUp`` (``cim.client.catch_up``): the summary, then
   pages newest first;
 - requests that wait for an answer, with deadlines and retries: ``Answers``
@@ -36,6 +38,7 @@ from twisted.python.failure import Failure
 from cim.client.answers import Answers, RequestFailed, RequestPolicy
 from cim.client.catch_up import CatchUp, CatchUpResult
 from cim.client.connection import DEFAULT_MAX_FRAME_SIZE, ImClientProtocol
+from cim.client.corrections import EVENTS, Change, Corrections, change_of
 from cim.client.delivery import (
     REASON_CONNECTION_CLOSED,
     RETRY_AUTO,
@@ -63,6 +66,7 @@ __all__ = [
     "STATUS_NAMES",
     "Backoff",
     "CatchUpResult",
+    "Change",
     "ChatClient",
     "DeliveryOutcome",
     "RequestFailed",
@@ -82,6 +86,11 @@ APP_STATES = {"foreground": cim_pb2.APP_FOREGROUND, "background": cim_pb2.APP_BA
 def _decline(message: cim_pb2.Message) -> bool:
     """The default ``on_message``: an application that set none takes nothing, so the
     node keeps every message for one that does (no cursor moves for unseen messages)."""
+    return False
+
+
+def _decline_change(change: Change) -> bool:
+    """The default ``on_change``: as ``on_message``'s, nothing taken."""
     return False
 
 
@@ -182,6 +191,8 @@ class ChatClient:
         self.catch_up = CatchUp(
             reactor, self.answers, self.inbox, lambda: self.max_frame_size, ordered, rng=rng
         )
+        self.corrections = Corrections()
+        """The last messages handed over, with recalls and edits applied."""
         if not receiving:
             self.inbox.close()
         # Application callbacks. on_message returning False declines the message: it is
@@ -192,6 +203,9 @@ class ChatClient:
         self.on_typing: Callable[[cim_pb2.TypingN], None] = lambda notice: None
         self.app_state = "foreground"
         """What the node is told on every connection (each starts in the foreground)."""
+        # A recall or edit by someone else (or by this user on another device), in its
+        # conversation's order; False declines it as on_message's False does.
+        self.on_change: Callable[[Change], object] = _decline_change
 
     # --- the session's life -----------------------------------------------------------
 
@@ -314,7 +328,12 @@ class ChatClient:
     # --- receiving --------------------------------------------------------------------
 
     def _deliver(self, message: cim_pb2.Message) -> object:
-        return self.on_message(message)  # looked up now: the application sets it later
+        # The callbacks are looked up now: the application sets them later.
+        change = change_of(message)
+        if change is not None:
+            return self.on_change(self.corrections.apply(change))
+        self.corrections.remember(message)
+        return self.on_message(message)
 
     def _sending(self, message: cim_pb2.Message) -> bool:
         """Whether ``message`` is one this session sent and still waits to hear about."""
@@ -370,6 +389,41 @@ class ChatClient:
         else:
             request.peer = peer_or_group
         return self.answers.history(request)
+
+    # --- recall and edit --------------------------------------------------------------
+
+    def recall(self, msg_id: int) -> Deferred[Change]:
+        """Recall one of this user's messages (within ``[im] recall_window``; a group's
+        owner or admin: any message of the group). Fires with the change made; fails
+        with ``RequestRefused`` (its ``reason``: unknown_message, not_yours, too_late,
+        recalled) when the node refuses, and nothing changed then."""
+        return self._change(cim_pb2.ChangeR(msg_id=msg_id, kind=cim_pb2.RECALL))
+
+    def edit(self, msg_id: int, text: str) -> Deferred[Change]:
+        """Replace the text of one of this user's text messages (within ``[im]
+        edit_window``); refusals as ``recall``'s, and not_text."""
+        return self._change(cim_pb2.ChangeR(msg_id=msg_id, kind=cim_pb2.EDIT, text=text))
+
+    def _change(self, request: cim_pb2.ChangeR) -> Deferred[Change]:
+        d = self.answers.change(request)
+        return d.addCallback(self._changed, request)
+
+    def _changed(self, answer: cim_pb2.ChangeA, request: cim_pb2.ChangeR) -> Change:
+        """The change is in the timeline: its entry's place is dealt with here (as a
+        msg:A's), and what this device was handed reads as changed."""
+        self.inbox.own(answer.conversation, answer.seq)
+        change = Change(
+            EVENTS[answer.kind],
+            answer.msg_id,
+            answer.conversation,
+            answer.replaces_seq,
+            self.user,
+            request.text,
+            answer.changed_at_ms,
+            answer.entry_id,
+            answer.seq,
+        )
+        return self.corrections.apply(change)
 
     # --- other requests ---------------------------------------------------------------
 

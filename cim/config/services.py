@@ -133,6 +133,10 @@ class ImConfig:
     # Messages waiting for the offline store, or transactions for the database,
     # before the node stops reading from the heaviest senders (until half of it).
     max_pending_work: int = _opt(50, parse_int, minimum=1)
+    # How long after sending its sender may recall a message (a group's owner or admin
+    # may recall any message of the group at any time), and edit a text (#15).
+    recall_window: float = _opt(120.0, parse_duration, minimum=0, maximum=86400 * 365)
+    edit_window: float = _opt(900.0, parse_duration, minimum=0, maximum=86400 * 365)
 
     def validate(self) -> None:
         if not self.cipher_suites:

@@ -13,6 +13,7 @@ family (or a new room, merged into ``inbound`` below).
     groups     group posts: membership, live copies in order; GROUP_R
     catchup    OFFLINE_SUMMARY_R, OFFLINE_R, OFFLINE_ACK_R (timelines), the notice to pull
     history    HISTORY_R
+    changes    CHANGE_R: recall and edit, entries in the timelines spread like messages
     presence   ONLINE_R (the caller's contacts and bound accounts only)
     contacts   CONTACTS_R; the contact rules direct, presence and groups ask
     typing     TYPING_R: live "typing" / "stopped" notices, never stored
@@ -24,6 +25,7 @@ from __future__ import annotations
 from typing import Protocol
 
 from cim.im.catchup import Catchup
+from cim.im.changes import MessageChanges
 from cim.im.collaborators import (
     NO_BOUNDS,
     Bounds,
@@ -83,6 +85,9 @@ class ImNode:
             core, directory, self.routing, self.groups, stores, self.gate, bounds.max_text_length
         )
         self.history = HistoryRequests(stores)
+        self.changes = MessageChanges(
+            core, directory, stores, peers, connected, self.routing, self.gate, bounds
+        )
         self.presence = PresenceRequests(core.state.presence, directory)
         self.contacts = ContactRequests(directory)
         self.system = SystemMessages(core, stores, self.catchup)
@@ -98,6 +103,7 @@ class ImNode:
             self.presence,
             self.contacts,
             self.typing,
+            self.changes,
         )
         """What an authenticated client may send: every other frame type closes the
         connection."""

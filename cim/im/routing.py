@@ -333,7 +333,8 @@ class Routing:
 
     def _delivery_from_bus(self, delivery: cim_pb2.BusDelivery) -> None:
         message = delivery.message
-        if message.group:
+        if message.group or message.change:
+            # A group post, or a change entry (cim.im.changes): copies held for no ack.
             moved: list[str] = []
             for member in delivery.receivers:
                 session = self._connected.get(member)

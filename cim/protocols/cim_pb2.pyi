@@ -30,6 +30,8 @@ class FrameType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     OFFLINE_NOTICE: _ClassVar[FrameType]
     HISTORY_R: _ClassVar[FrameType]
     HISTORY_A: _ClassVar[FrameType]
+    CHANGE_R: _ClassVar[FrameType]
+    CHANGE_A: _ClassVar[FrameType]
     GROUP_R: _ClassVar[FrameType]
     GROUP_A: _ClassVar[FrameType]
     CONTACTS_R: _ClassVar[FrameType]
@@ -51,6 +53,12 @@ class MessageType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     FILE: _ClassVar[MessageType]
     LOCATION: _ClassVar[MessageType]
     SYSTEM: _ClassVar[MessageType]
+
+class ChangeKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    CHANGE_NONE: _ClassVar[ChangeKind]
+    RECALL: _ClassVar[ChangeKind]
+    EDIT: _ClassVar[ChangeKind]
 
 class DeliveryStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -92,6 +100,8 @@ OFFLINE_SUMMARY_A: FrameType
 OFFLINE_NOTICE: FrameType
 HISTORY_R: FrameType
 HISTORY_A: FrameType
+CHANGE_R: FrameType
+CHANGE_A: FrameType
 GROUP_R: FrameType
 GROUP_A: FrameType
 CONTACTS_R: FrameType
@@ -110,6 +120,9 @@ VOICE: MessageType
 FILE: MessageType
 LOCATION: MessageType
 SYSTEM: MessageType
+CHANGE_NONE: ChangeKind
+RECALL: ChangeKind
+EDIT: ChangeKind
 DELIVERY_STATUS_UNSPECIFIED: DeliveryStatus
 DELIVERED: DeliveryStatus
 STORED: DeliveryStatus
@@ -257,7 +270,7 @@ class Location(_message.Message):
     def __init__(self, lat: _Optional[float] = ..., lon: _Optional[float] = ..., accuracy_m: _Optional[float] = ..., name: _Optional[str] = ...) -> None: ...
 
 class Message(_message.Message):
-    __slots__ = ("id", "to", "type", "text", "client_seq", "sent_at_ms", "device", "client_time_ms", "group", "media", "location", "prev_seq", "group_seq", "conversation", "seq")
+    __slots__ = ("id", "to", "type", "text", "client_seq", "sent_at_ms", "device", "client_time_ms", "group", "media", "location", "prev_seq", "group_seq", "conversation", "seq", "change", "replaces", "replaces_seq", "recalled", "edited", "changed_at_ms", "changed_by")
     ID_FIELD_NUMBER: _ClassVar[int]
     FROM_FIELD_NUMBER: _ClassVar[int]
     TO_FIELD_NUMBER: _ClassVar[int]
@@ -274,6 +287,13 @@ class Message(_message.Message):
     GROUP_SEQ_FIELD_NUMBER: _ClassVar[int]
     CONVERSATION_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
+    CHANGE_FIELD_NUMBER: _ClassVar[int]
+    REPLACES_FIELD_NUMBER: _ClassVar[int]
+    REPLACES_SEQ_FIELD_NUMBER: _ClassVar[int]
+    RECALLED_FIELD_NUMBER: _ClassVar[int]
+    EDITED_FIELD_NUMBER: _ClassVar[int]
+    CHANGED_AT_MS_FIELD_NUMBER: _ClassVar[int]
+    CHANGED_BY_FIELD_NUMBER: _ClassVar[int]
     id: int
     to: str
     type: MessageType
@@ -289,7 +309,14 @@ class Message(_message.Message):
     group_seq: int
     conversation: str
     seq: int
-    def __init__(self, id: _Optional[int] = ..., to: _Optional[str] = ..., type: _Optional[_Union[MessageType, str]] = ..., text: _Optional[str] = ..., client_seq: _Optional[int] = ..., sent_at_ms: _Optional[int] = ..., device: _Optional[str] = ..., client_time_ms: _Optional[int] = ..., group: _Optional[str] = ..., media: _Optional[_Union[Media, _Mapping]] = ..., location: _Optional[_Union[Location, _Mapping]] = ..., prev_seq: _Optional[int] = ..., group_seq: _Optional[int] = ..., conversation: _Optional[str] = ..., seq: _Optional[int] = ..., **kwargs) -> None: ...
+    change: ChangeKind
+    replaces: int
+    replaces_seq: int
+    recalled: bool
+    edited: bool
+    changed_at_ms: int
+    changed_by: str
+    def __init__(self, id: _Optional[int] = ..., to: _Optional[str] = ..., type: _Optional[_Union[MessageType, str]] = ..., text: _Optional[str] = ..., client_seq: _Optional[int] = ..., sent_at_ms: _Optional[int] = ..., device: _Optional[str] = ..., client_time_ms: _Optional[int] = ..., group: _Optional[str] = ..., media: _Optional[_Union[Media, _Mapping]] = ..., location: _Optional[_Union[Location, _Mapping]] = ..., prev_seq: _Optional[int] = ..., group_seq: _Optional[int] = ..., conversation: _Optional[str] = ..., seq: _Optional[int] = ..., change: _Optional[_Union[ChangeKind, str]] = ..., replaces: _Optional[int] = ..., replaces_seq: _Optional[int] = ..., recalled: _Optional[bool] = ..., edited: _Optional[bool] = ..., changed_at_ms: _Optional[int] = ..., changed_by: _Optional[str] = ..., **kwargs) -> None: ...
 
 class MsgA(_message.Message):
     __slots__ = ("client_seq", "msg_id", "sent_at_ms", "conversation", "seq")
@@ -490,6 +517,38 @@ class HistoryA(_message.Message):
     message: str
     request_id: int
     def __init__(self, messages: _Optional[_Iterable[_Union[Message, _Mapping]]] = ..., more: _Optional[bool] = ..., next_before: _Optional[int] = ..., error: _Optional[str] = ..., message: _Optional[str] = ..., request_id: _Optional[int] = ...) -> None: ...
+
+class ChangeR(_message.Message):
+    __slots__ = ("request_id", "msg_id", "kind", "text")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    MSG_ID_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    request_id: int
+    msg_id: int
+    kind: ChangeKind
+    text: str
+    def __init__(self, request_id: _Optional[int] = ..., msg_id: _Optional[int] = ..., kind: _Optional[_Union[ChangeKind, str]] = ..., text: _Optional[str] = ...) -> None: ...
+
+class ChangeA(_message.Message):
+    __slots__ = ("request_id", "msg_id", "kind", "conversation", "seq", "entry_id", "changed_at_ms", "replaces_seq")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    MSG_ID_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    CONVERSATION_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    ENTRY_ID_FIELD_NUMBER: _ClassVar[int]
+    CHANGED_AT_MS_FIELD_NUMBER: _ClassVar[int]
+    REPLACES_SEQ_FIELD_NUMBER: _ClassVar[int]
+    request_id: int
+    msg_id: int
+    kind: ChangeKind
+    conversation: str
+    seq: int
+    entry_id: int
+    changed_at_ms: int
+    replaces_seq: int
+    def __init__(self, request_id: _Optional[int] = ..., msg_id: _Optional[int] = ..., kind: _Optional[_Union[ChangeKind, str]] = ..., conversation: _Optional[str] = ..., seq: _Optional[int] = ..., entry_id: _Optional[int] = ..., changed_at_ms: _Optional[int] = ..., replaces_seq: _Optional[int] = ...) -> None: ...
 
 class GroupRequest(_message.Message):
     __slots__ = ("request_id", "create", "rename", "add", "remove", "leave", "dissolve", "list", "members", "promote", "invite", "accept", "decline", "invitations")
@@ -851,7 +910,7 @@ class GoingAway(_message.Message):
     def __init__(self, reason: _Optional[str] = ..., reconnect_after_ms: _Optional[int] = ...) -> None: ...
 
 class Error(_message.Message):
-    __slots__ = ("code", "message", "request_type", "client_seq", "retry_after_ms", "request_id")
+    __slots__ = ("code", "message", "request_type", "client_seq", "retry_after_ms", "request_id", "reason")
     class Code(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         CODE_UNSPECIFIED: _ClassVar[Error.Code]
@@ -872,10 +931,12 @@ class Error(_message.Message):
     CLIENT_SEQ_FIELD_NUMBER: _ClassVar[int]
     RETRY_AFTER_MS_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
     code: Error.Code
     message: str
     request_type: FrameType
     client_seq: int
     retry_after_ms: int
     request_id: int
-    def __init__(self, code: _Optional[_Union[Error.Code, str]] = ..., message: _Optional[str] = ..., request_type: _Optional[_Union[FrameType, str]] = ..., client_seq: _Optional[int] = ..., retry_after_ms: _Optional[int] = ..., request_id: _Optional[int] = ...) -> None: ...
+    reason: str
+    def __init__(self, code: _Optional[_Union[Error.Code, str]] = ..., message: _Optional[str] = ..., request_type: _Optional[_Union[FrameType, str]] = ..., client_seq: _Optional[int] = ..., retry_after_ms: _Optional[int] = ..., request_id: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...

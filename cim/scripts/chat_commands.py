@@ -3,14 +3,16 @@
 Only ``listen`` (and the console) take received messages: they print the catch-up, each
 conversation oldest first and each message once, then live messages, and acknowledge
 what they printed; ``listen`` prints typing notices too (``"event": "typing"``), which
-are never stored and not counted by ``--count``. The others move no cursor: ``sync``
-prints the catch-up summary (unread per conversation) without taking anything,
-``history`` reads a timeline whatever the cursors, ``typing`` sends one notice.
+are never stored and not counted by ``--count``, and a recall or edit as a line with
+``event`` "recall" or "edit". The others move no cursor: ``sync`` prints the catch-up
+summary (unread per conversation) without taking anything, ``history`` reads a
+timeline whatever the cursors, ``typing`` sends one notice.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from typing import Any
 
@@ -32,7 +34,13 @@ from cim.scripts.output import (
     emit,
     write_line,
 )
-from cim.scripts.records import message_json, outcome_record, summary_record, typing_json
+from cim.scripts.records import (
+    change_record,
+    message_json,
+    outcome_record,
+    summary_record,
+    typing_json,
+)
 
 HISTORY_PAGE = 200
 """The most the node answers per HISTORY_R."""
@@ -216,6 +224,7 @@ class Listener:
     async def run(self) -> int:
         self.client.on_message = self.arrived
         self.client.on_typing = self.typing
+        self.client.on_change = self.changed
         self.client.on_state = self.state_changed
         if self.timeout:
             self.reactor.callLater(self.timeout, self.timed_out)
@@ -237,8 +246,16 @@ class Listener:
             self.done.callback(ending)
 
     def arrived(self, message: Any) -> bool:
+        return self._print(message_json(message))
+
+    def changed(self, change: Any) -> bool:
+        """A recall or edit: one line with its ``event`` ("recall", "edit"); it counts
+        toward --count like a message (it is an entry of the timeline)."""
+        return self._print(json.dumps(change_record(change), ensure_ascii=False))
+
+    def _print(self, line: str) -> bool:
         try:
-            write_line(message_json(message))
+            write_line(line)
         except OutputClosed:
             self.finish(EXIT_OK)
             return False  # not shown to anyone: the node keeps it

@@ -609,6 +609,7 @@ class NodeWithoutCollaboratorsTests(SynchronousTestCase):
                     cim_pb2.HISTORY_R,
                     cim_pb2.CONTACTS_R,
                     cim_pb2.TYPING_R,
+                    cim_pb2.CHANGE_R,
                 ]
             ),
         )
