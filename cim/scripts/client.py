@@ -9,7 +9,8 @@
     cim-client --user U group accept|decline GROUP | invitations
     cim-client --user U contacts list | request|accept|decline|remove|block|unblock USER
                                  [--for DEVICE] | policy [contacts|everyone]
-                                 [--group-adds contacts|nobody]
+                                 [--group-adds contacts|nobody] [--read-receipts on|off]
+    cim-client --user U read CONVERSATION [SEQ]    (CONVERSATION: a user, a group id or a key)
     cim-client [--files URL] --user U send-file TO PATH [--group]
     cim-client [--files URL] [--user U] download URL [-o PATH|-] [--force]
     cim-client --user U                      (interactive console)
