@@ -172,8 +172,8 @@ def mark_read_txn(
         int(after.seq) > old_seq,
         int(after.shown_seq) > old_shown,
         last_seq,
-        getattr(row, "peer"),
-        getattr(row, "group_id"),
+        row.peer,
+        row.group_id,
     )
 
 
