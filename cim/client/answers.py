@@ -51,6 +51,8 @@ ANSWER_TYPES: dict[int, int] = {
     cim_pb2.GROUP_R: cim_pb2.GROUP_A,
     cim_pb2.CONTACTS_R: cim_pb2.CONTACTS_A,
     cim_pb2.ACK_R: cim_pb2.ACK_A,
+    cim_pb2.READ_R: cim_pb2.READ_A,
+    cim_pb2.READERS_R: cim_pb2.READERS_A,
 }
 """Each request frame and the frame that answers it."""
 

@@ -17,6 +17,7 @@ connected here, "pull" notices, and outcomes for senders connected here.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -101,6 +102,8 @@ class Routing:
         self._pending: dict[tuple[int, str], _Pending] = {}
         # receiver -> its unacknowledged msg ids, to settle them when it leaves.
         self._pending_by_receiver: dict[str, set[int]] = {}
+        self.bus_bodies: dict[str, Callable[[Any], None]] = {}
+        """Other rooms' envelope bodies (oneof name -> its handler), e.g. read notices."""
 
     # --- one-to-one routing -----------------------------------------------------------
 
@@ -324,6 +327,8 @@ class Routing:
             session = self._connected.get(outcome.sender)
             if session is not None and session.record.device == outcome.sender_device:
                 session.deliver(ACK_N, outcome.ack)
+        elif kind is not None and kind in self.bus_bodies:
+            self.bus_bodies[kind](getattr(envelope, kind))
 
     def _delivery_from_bus(self, delivery: cim_pb2.BusDelivery) -> None:
         message = delivery.message

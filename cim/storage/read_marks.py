@@ -16,6 +16,7 @@ run through ``Database.run``, returning plain data.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy import and_, case, func, select
 from sqlalchemy.engine import Connection
@@ -97,7 +98,7 @@ def read_receipts_txn(connection: Connection, user: str) -> bool:
     return setting != RECEIPTS_OFF
 
 
-def _reader_row(connection: Connection, user: str, conversation: str) -> tuple[object, int]:
+def _reader_row(connection: Connection, user: str, conversation: str) -> tuple[Any, int]:
     """(the user's reader row, the conversation's last seq), or ReadRefused."""
     row = connection.execute(
         select(

@@ -608,6 +608,8 @@ class NodeWithoutCollaboratorsTests(SynchronousTestCase):
                     cim_pb2.OFFLINE_SUMMARY_R,
                     cim_pb2.HISTORY_R,
                     cim_pb2.CONTACTS_R,
+                    cim_pb2.READ_R,
+                    cim_pb2.READERS_R,
                 ]
             ),
         )
