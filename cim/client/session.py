@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -48,6 +48,7 @@ from cim.client.dialing import (
     Unreachable,
 )
 from cim.client.inbox import Inbox
+from cim.client.reads import ReadEvent, ReadState
 from cim.client.router import LoginTicket, RouterClient
 from cim.client.seen import FileSeenStore, MemorySeenStore, SeenStore
 from cim.config import SUITE_CHACHA
@@ -60,6 +61,7 @@ __all__ = [
     "CatchUpResult",
     "ChatClient",
     "DeliveryOutcome",
+    "ReadEvent",
     "RequestFailed",
     "RetryPolicy",
     "SessionFailed",
@@ -174,6 +176,9 @@ class ChatClient:
         self.catch_up = CatchUp(
             reactor, self.answers, self.inbox, lambda: self.max_frame_size, ordered, rng=rng
         )
+        self.reads = ReadState(user)
+        """Unread counts per conversation, the user's read marks, the peers' (✓✓)."""
+        self.catch_up.bookkeeping = self.reads.summary
         if not receiving:
             self.inbox.close()
         # Application callbacks. on_message returning False declines the message: it is
@@ -181,6 +186,9 @@ class ChatClient:
         self.on_message: Callable[[cim_pb2.Message], object] = _decline
         self.on_state: Callable[[str, str], None] = lambda state, detail: None
         self.on_outcome: Callable[[DeliveryOutcome], None] = lambda outcome: None
+        self.on_read: Callable[[ReadEvent], None] = lambda event: None
+        """A READ_N: another device of the user read (its unread count dropped), or a
+        1:1 peer read the user's messages up to a seq."""
 
     # --- the session's life -----------------------------------------------------------
 
@@ -262,6 +270,9 @@ class ChatClient:
         elif frame_type == cim_pb2.MSG_A:
             self.outbox.taken(message)
             self.inbox.own(message.conversation, message.seq)
+            self.reads.sent(message.conversation, message.seq)
+        elif frame_type == cim_pb2.READ_N:
+            self.on_read(self.reads.notice(message))
         elif frame_type == cim_pb2.ACK_N:
             self.outbox.acknowledged(message)
         elif frame_type == cim_pb2.OFFLINE_NOTICE:
@@ -298,7 +309,10 @@ class ChatClient:
     # --- receiving --------------------------------------------------------------------
 
     def _deliver(self, message: cim_pb2.Message) -> object:
-        return self.on_message(message)  # looked up now: the application sets it later
+        taken = self.on_message(message)  # looked up now: the application sets it later
+        if taken is not False:
+            self.reads.received(message)
+        return taken
 
     def _sending(self, message: cim_pb2.Message) -> bool:
         """Whether ``message`` is one this session sent and still waits to hear about."""
@@ -354,6 +368,35 @@ class ChatClient:
         else:
             request.peer = peer_or_group
         return self.answers.history(request)
+
+    # --- read marks -------------------------------------------------------------------
+
+    def mark_read(self, conversation: str, seq: int | None = None) -> Deferred[cim_pb2.ReadA]:
+        """Mark ``conversation`` (a timeline key, ``Message.conversation``) read up to
+        ``seq``, or (None) up to the newest message this device has there. Fires with
+        READ_A (the mark in effect: a lower ``seq`` changes nothing); a seq past the
+        end or a conversation not the user's fails with ``RequestRefused``. The user's
+        other devices and a 1:1 peer hear of it (READ_N), the peer only while the
+        user's read receipts are on."""
+        if seq is None:
+            seq = self.reads.newest(conversation)
+        if seq <= 0:
+            return fail(ValueError(f"nothing to mark read in {conversation!r} yet"))
+        request = cim_pb2.ReadR(conversation=conversation, seq=seq)
+        d: Deferred[cim_pb2.ReadA] = self.answers.ask(cim_pb2.READ_R, request)
+
+        def marked(answer: cim_pb2.ReadA) -> cim_pb2.ReadA:
+            self.reads.marked(answer)
+            return answer
+
+        return d.addCallback(marked)
+
+    def readers(self, conversation: str, seq: int) -> Deferred[cim_pb2.ReadersA]:
+        """Who has read message ``seq`` of a conversation (its sender asks: anyone
+        else is refused): the count, the names, the members it could count."""
+        request = cim_pb2.ReadersR(conversation=conversation, seq=seq)
+        d: Deferred[cim_pb2.ReadersA] = self.answers.ask(cim_pb2.READERS_R, request)
+        return d
 
     # --- other requests ---------------------------------------------------------------
 
