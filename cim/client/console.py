@@ -30,6 +30,7 @@ from prompt_toolkit.patch_stdout import patch_stdout
 from twisted.internet.defer import Deferred
 
 from cim.client.media import media_summary
+from cim.client.reads import ReadEvent, conversation_key
 from cim.client.session import DeliveryOutcome
 from cim.protocols import cim_pb2
 from cim.reactor import ICimReactor
@@ -41,6 +42,9 @@ HELP = """commands:
   /online           which of your contacts are online
   /groups           list your groups
   /history [N]      the last N messages (default 20) of this conversation
+  /read             mark this conversation read (your other devices and, unless
+                    you turned read receipts off, the other side see it: ✓✓)
+  /unread           unread messages per conversation
   /retry            send the last failed message again
   /help             this text
   /quit             log out and leave (also Ctrl-D)
@@ -53,6 +57,8 @@ COMMANDS = (
     "/online",
     "/groups",
     "/history",
+    "/read",
+    "/unread",
     "/retry",
     "/help",
     "/quit",
@@ -221,6 +227,7 @@ class Console:
         self._app: Any = None
         client.on_message = self.message_arrived
         client.on_state = self.state_changed
+        client.on_read = self.read_arrived
         client.catch_up.on_summary = self.summary_arrived
 
     # --- what arrives -----------------------------------------------------------------
@@ -274,6 +281,25 @@ class Console:
             self.last_failed = None
         self.write(self.format_outcome(outcome, what, where))
 
+    def _name(self, conversation: str) -> str:
+        peer, group = self.client.reads.where(conversation)
+        if group:
+            return f"#{self.groups.get(group, group)}"
+        return peer or conversation
+
+    def read_arrived(self, event: ReadEvent) -> None:
+        """✓✓ when the other side read; another device of ours reading only changes
+        the unread counts (the toolbar)."""
+        if not event.own:
+            self.write(f"  ✓✓ {event.reader} read up to #{event.seq}")
+        if self._app is not None:
+            self._app.invalidate()
+
+    def unread_text(self) -> str:
+        """Unread per conversation, most first (at most 3 in the toolbar)."""
+        counts = sorted(self.client.reads.unread_counts().items(), key=lambda kv: -kv[1])
+        return ", ".join(f"{self._name(key)} {count}" for key, count in counts[:3])
+
     def state_changed(self, state: str, detail: str) -> None:
         """A line for each change the user must know of; the toolbar shows the rest."""
         previous, self.state, self.state_detail = self.state, state, detail
@@ -302,7 +328,9 @@ class Console:
         elif state == "online" and self.state_detail:
             state = f"online {self.state_detail}"
         where = f" → {self.conversation}" if self.conversation else ""
-        return f" {self.user}{where} │ {state} │ /help"
+        unread = self.unread_text()
+        unread = f" │ unread: {unread}" if unread else ""
+        return f" {self.user}{where} │ {state}{unread} │ /help"
 
     def prompt_text(self) -> str:
         where = f" → {self.conversation}" if self.conversation else ""
@@ -337,6 +365,8 @@ class Console:
             "/online": self._online,
             "/groups": self._groups,
             "/history": self._history,
+            "/read": self._read,
+            "/unread": self._unread,
             "/retry": self._retry,
         }.get(name)
         if handler is None:
@@ -449,6 +479,25 @@ class Console:
         for message in reversed(messages[:wanted]):  # pages come newest first
             self.write(self.format_message(message))
         self.write("---")
+
+    async def _read(self, argument: str) -> None:
+        where = self.conversation
+        if where is None:
+            self.write("* no conversation yet: /to USER or /group NAME first")
+            return
+        key = conversation_key(self.user, where.target, where.group)
+        if not self.client.reads.newest(key):
+            self.write(f"* nothing to mark read with {where}")
+            return
+        answer = await self.client.mark_read(key)
+        self.write(f"* {where}: read up to #{answer.seq}")
+
+    async def _unread(self, argument: str) -> None:
+        counts = self.client.reads.unread_counts()
+        if not counts:
+            self.write("* nothing unread")
+        for key, count in sorted(counts.items(), key=lambda kv: -kv[1]):
+            self.write(f"  {self._name(key)}: {count} unread")
 
     async def _retry(self, argument: str) -> None:
         if self.last_failed is None:

@@ -10,7 +10,7 @@
     cim-client --user U contacts list | request|accept|decline|remove|block|unblock USER
                                  [--for DEVICE] | policy [contacts|everyone]
                                  [--group-adds contacts|nobody] [--read-receipts on|off]
-    cim-client --user U read CONVERSATION [SEQ]    (CONVERSATION: a user, a group id or a key)
+    cim-client --user U read CONVERSATION [SEQ] [--group]   (a user, a group, or a key)
     cim-client [--files URL] --user U send-file TO PATH [--group]
     cim-client [--files URL] [--user U] download URL [-o PATH|-] [--force]
     cim-client --user U                      (interactive console)
@@ -57,8 +57,10 @@ from cim.scripts.arguments import OneLineParser
 from cim.scripts.chat_commands import (
     Listener,
     add_chat_commands,
+    add_read_command,
     history_command,
     online_command,
+    read_command,
     send_command,
     sync_command,
 )
@@ -147,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command")
     add_chat_commands(commands)
+    add_read_command(commands)
     add_group_commands(commands)
     add_contact_commands(commands)
     add_file_commands(commands)
@@ -182,6 +185,8 @@ async def run(reactor: ICimReactor, options: argparse.Namespace) -> int:
             return await online_command(client)
         if options.command == "sync":
             return await sync_command(client)
+        if options.command == "read":
+            return await read_command(client, options)
         if options.command == "listen":
             return await Listener(reactor, client, options).run()
         from cim.client.console import run_console
