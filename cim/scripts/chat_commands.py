@@ -122,7 +122,8 @@ async def read_command(client: Any, options: argparse.Namespace) -> int:
         answer = await client.mark_read(key, seq)
     except RequestRefused as refused:
         forbidden = refused.code == cim_pb2.Error.FORBIDDEN
-        raise ClientExit(EXIT_REFUSED if forbidden else EXIT_FAILED, f"not marked: {refused.why}")
+        status = EXIT_REFUSED if forbidden else EXIT_FAILED
+        raise ClientExit(status, f"not marked: {refused.why}") from None
     emit(
         {
             "conversation": answer.conversation,
@@ -208,9 +209,9 @@ class Listener:
     First the catch-up: every conversation with unread messages, newest activity first,
     each oldest first; then live messages as they come (in seq order per conversation:
     the library fills gaps), and read notices (``"event": "read"``: the user's other
-    device read, or a 1:1 peer read up to a seq). Exactly --count messages are taken: the cursor moves only
-    over printed messages, and once the count is reached the library takes no more, so
-    what came with them (the rest of a page, a live one) stays unread for the next run.
+    device read, or a 1:1 peer read up to a seq). Exactly --count messages are taken:
+    the cursor moves only over printed messages, and once the count is reached the
+    library takes no more, so what came with them (the rest of a page, a live one) stays unread for the next run.
     """
 
     def __init__(self, reactor: ICimReactor, client: Any, options: argparse.Namespace) -> None:
