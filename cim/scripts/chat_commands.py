@@ -211,7 +211,8 @@ class Listener:
     the library fills gaps), and read notices (``"event": "read"``: the user's other
     device read, or a 1:1 peer read up to a seq). Exactly --count messages are taken:
     the cursor moves only over printed messages, and once the count is reached the
-    library takes no more, so what came with them (the rest of a page, a live one) stays unread for the next run.
+    library takes no more, so what came with them (the rest of a page, a live one)
+    stays unread for the next run.
     """
 
     def __init__(self, reactor: ICimReactor, client: Any, options: argparse.Namespace) -> None:
