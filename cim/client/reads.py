@@ -34,7 +34,7 @@ class ReadEvent:
     peer: str
     group: str
 
-    def as_json(self) -> dict[str, object]:
+    def json_record(self) -> dict[str, object]:
         """The line ``cim-client listen`` prints (docs/protocol.md, JSON convention)."""
         line: dict[str, object] = {
             "event": "read",

@@ -11,6 +11,7 @@ and a 1:1 peer hear of it; ``listen`` prints such notices as ``"event": "read"``
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from typing import Any
 
@@ -266,7 +267,7 @@ class Listener:
     def read(self, event: Any) -> None:
         """A read notice: one ``"event": "read"`` line (not counted in --count)."""
         try:
-            write_line(event.as_json())
+            write_line(json.dumps(event.json_record(), ensure_ascii=False))
         except OutputClosed:
             self.finish(EXIT_OK)
 

@@ -42,7 +42,7 @@ class DeviceTests(SynchronousTestCase):
         [event] = self.events
         self.assertEqual((event.own, event.unread, event.peer, event.seq), (True, 0, "bob", 3))
         self.assertEqual(
-            event.as_json(),
+            event.json_record(),
             {
                 "event": "read",
                 "conversation": AB,
