@@ -11,15 +11,26 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 
 from cim.history.timeline import TimelineUnavailable
 from cim.storage.database import Database
 from cim.storage.read_marks import Readers, ReadMark, ReadRefused, mark_read_txn, readers_txn
+from cim.storage.schema import CONVERSATION_MAX
 
 __all__ = ["ReadMarks"]
+
+
+def _unreadable(conversation: str) -> str | None:
+    """Why a conversation key could never name a timeline (checked before the
+    database sees it: PostgreSQL refuses a NUL in text, which is not "try again")."""
+    if not conversation.startswith(("d:", "g:")):
+        return "conversation must be a timeline key (d:... or g:...)"
+    if len(conversation) > CONVERSATION_MAX or "\x00" in conversation:
+        return "no such conversation"
+    return None
 
 
 def _unavailable(failure: Failure) -> Failure:
@@ -36,11 +47,17 @@ class ReadMarks:
         self._clock = clock
 
     def mark(self, user: str, conversation: str, seq: int) -> Deferred[ReadMark]:
+        problem = _unreadable(conversation)
+        if problem is not None:
+            return fail(ReadRefused("bad_request", problem))
         d: Deferred[Any] = self._db.run(
             mark_read_txn, user, conversation, seq, self._clock.seconds()
         )
         return d.addErrback(_unavailable)
 
     def readers(self, asker: str, conversation: str, seq: int) -> Deferred[Readers]:
+        problem = _unreadable(conversation)
+        if problem is not None:
+            return fail(ReadRefused("bad_request", problem))
         d: Deferred[Any] = self._db.run(readers_txn, asker, conversation, seq)
         return d.addErrback(_unavailable)

@@ -167,6 +167,16 @@ class ReadTests(SynchronousTestCase):
         self.assertEqual(len(self.web.of_type(cim_pb2.READ_N)), 1)  # only the first moved
         self.assertEqual(len(self.bob.events.of_type(cim_pb2.READ_N)), 1)
 
+    def test_a_conversation_that_is_no_key_is_a_bad_request_not_unavailable(self) -> None:
+        for request_id, key in enumerate(("bob", "d:a\x00b", "g:" + "x" * 400), start=20):
+            self.alice.protocol.send(
+                cim_pb2.READ_R, cim_pb2.ReadR(request_id=request_id, conversation=key, seq=1)
+            )
+        settle(self.node)
+        errors = self.alice.events.of_type(cim_pb2.ERROR)
+        self.assertEqual([e.request_id for e in errors], [20, 21, 22])
+        self.assertEqual({e.code for e in errors}, {cim_pb2.Error.BAD_REQUEST})
+
     def test_moving_backwards_is_a_no_op(self) -> None:
         read(self.node, self.alice, 3)
         read(self.node, self.alice, 1, request_id=8)
