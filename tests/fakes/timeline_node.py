@@ -51,6 +51,8 @@ class TimelineNode:
         self.where: dict[str, tuple[str, str]] = {}  # conversation -> (peer, group)
         self.cursors: dict[str, int] = {}
         self.read_marks: dict[str, int] = {}
+        self.readers: list[str] = []
+        """Who READERS_A says read the message asked about."""
         """The user's read marks (READ_R), per conversation."""
         self.sent: list[tuple[int, Any]] = []
         self.queue: list[tuple[FakeConnection, int, Any]] = []
@@ -139,6 +141,19 @@ class TimelineNode:
             cim_pb2.MSG_R: self._message,
             cim_pb2.ONLINE_R: lambda r: [(cim_pb2.ONLINE_A, cim_pb2.OnlineA(total=1))],
             cim_pb2.READ_R: self._read,
+            cim_pb2.READERS_R: lambda r: [
+                (
+                    cim_pb2.READERS_A,
+                    cim_pb2.ReadersA(
+                        request_id=r.request_id,
+                        conversation=r.conversation,
+                        seq=r.seq,
+                        count=len(self.readers),
+                        readers=self.readers,
+                        members=2,
+                    ),
+                )
+            ],
         }.get(frame_type)
         return handler(message) if handler is not None else []
 

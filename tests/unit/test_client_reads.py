@@ -87,6 +87,29 @@ class DeviceTests(SynchronousTestCase):
         self.assertEqual(self.client.reads.peer_read(AB), 4)
 
 
+class ReadersTests(SynchronousTestCase):
+    def test_the_sender_asks_who_read_a_group_message(self) -> None:
+        node = TimelineNode("alice")
+        client, _, _ = session(node)
+        node.connect(client)
+        node.pump()
+        node.readers = ["bob"]
+        d = client.readers("g:team", 4)
+        node.pump()
+        answer = self.successResultOf(d)
+        [asked] = node.of_type(cim_pb2.READERS_R)
+        self.assertEqual((asked.conversation, asked.seq), ("g:team", 4))
+        self.assertEqual((answer.count, list(answer.readers), answer.members), (1, ["bob"], 2))
+        node.refusals[cim_pb2.READERS_R] = [
+            cim_pb2.Error(code=cim_pb2.Error.FORBIDDEN, message="not yours")
+        ]
+        refused = client.readers("g:team", 3)
+        node.pump()
+        self.assertEqual(
+            self.failureResultOf(refused, RequestRefused).value.code, cim_pb2.Error.FORBIDDEN
+        )
+
+
 class SummaryTests(SynchronousTestCase):
     def test_the_summary_sets_counts_and_peer_marks(self) -> None:
         reads = ReadState("alice")
