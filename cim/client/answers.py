@@ -54,6 +54,8 @@ ANSWER_TYPES: dict[int, int] = {
     cim_pb2.APP_STATE_R: cim_pb2.APP_STATE_A,
     cim_pb2.TYPING_R: cim_pb2.TYPING_A,
     cim_pb2.CHANGE_R: cim_pb2.CHANGE_A,
+    cim_pb2.READ_R: cim_pb2.READ_A,
+    cim_pb2.READERS_R: cim_pb2.READERS_A,
 }
 """Each request frame and the frame that answers it."""
 

@@ -12,6 +12,7 @@ family (or a new room, merged into ``inbound`` below).
     direct     msg:R (every message's claim), ack:R
     groups     group posts: membership, live copies in order; GROUP_R
     catchup    OFFLINE_SUMMARY_R, OFFLINE_R, OFFLINE_ACK_R (timelines), the notice to pull
+    receipts   READ_R, READERS_R: read marks, READ_N to the user's devices and a 1:1 peer
     history    HISTORY_R
     changes    CHANGE_R: recall and edit, entries in the timelines spread like messages
     presence   ONLINE_R (the caller's contacts and bound accounts only)
@@ -42,6 +43,7 @@ from cim.im.groups import GroupMessages
 from cim.im.history import HistoryRequests
 from cim.im.peers import Peers
 from cim.im.presence import PresenceRequests
+from cim.im.receipts import ReadReceipts
 from cim.im.routing import Routing
 from cim.im.sessions import Sessions
 from cim.im.system import SystemMessages
@@ -94,6 +96,8 @@ class ImNode:
         self.typing = TypingNotices(core, directory, peers, connected)
         self.routing.bus_bodies["typing"] = self.typing.bus_typing_received
         self.sessions = Sessions(core, connected, self.routing)
+        self.receipts = ReadReceipts(core, stores, peers, connected)
+        self.routing.bus_bodies["read"] = self.receipts.read_from_bus
         peers.listen(self.routing.bus_message_received)
         self.inbound: FrameTable = _merged(
             self.direct,
@@ -104,6 +108,7 @@ class ImNode:
             self.contacts,
             self.typing,
             self.changes,
+            self.receipts,
         )
         """What an authenticated client may send: every other frame type closes the
         connection."""
