@@ -52,7 +52,12 @@ export function equalBytes(a: Uint8Array, b: Uint8Array): boolean {
   return diff === 0;
 }
 
-/** A fresh ArrayBuffer copy, which WebCrypto wants (not a view on a larger buffer). */
+/**
+ * A fresh ArrayBuffer holding exactly `bytes`, which WebCrypto wants. Not
+ * `bytes.slice().buffer`: a Node Buffer's slice is a view on its (shared) pool.
+ */
 export function buffer(bytes: Uint8Array): ArrayBuffer {
-  return bytes.slice().buffer as ArrayBuffer;
+  const copy = new Uint8Array(bytes.length);
+  copy.set(bytes);
+  return copy.buffer;
 }
