@@ -10,6 +10,7 @@
  * them and tells the application through typed events (`ChatEvents`).
  */
 import { create, type MessageInitShape } from "@bufbuild/protobuf";
+import { mediaMessage, type StoredFile } from "../api/files.js";
 import { RECONNECT_BACKOFF, realClock, type Backoff, type Clock } from "../clock.js";
 import { Emitter } from "../events.js";
 import { pb } from "../protocol/frames.js";
@@ -334,6 +335,12 @@ export class ChatClient extends Emitter<ChatEvents> {
         ? `not connected (${this.state})`
         : undefined;
     return this.outbox.add(message, refuse);
+  }
+
+  /** Send an uploaded file (FileClient.upload's `file`) to a user or, with `group`, a group. */
+  sendFile(toOrGroup: string, file: StoredFile, options: { group?: boolean; text?: string } = {}): Promise<DeliveryOutcome> {
+    const target = options.group ? { group: toOrGroup } : { to: toOrGroup };
+    return this.sendMessage({ ...mediaMessage(file), ...target, text: options.text ?? "" });
   }
 
   /** Send a failed (or still waiting) message again with the same client_seq. */
