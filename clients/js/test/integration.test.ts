@@ -43,7 +43,10 @@ class Peer {
   stderr = "";
 
   constructor(workdir: string) {
-    this.child = spawn(python(), ["-m", "tests.integration.support.js_peer", workdir], { cwd: ROOT });
+    this.child = spawn(python(), ["-m", "tests.integration.support.js_peer", workdir], {
+      cwd: ROOT,
+      env: { ...process.env, PYTHONPATH: ROOT }, // this checkout's cim, whatever the venv points at
+    });
     this.child.stderr.on("data", (chunk) => (this.stderr += String(chunk)));
     createInterface({ input: this.child.stdout }).on("line", (line) => {
       const waiter = this.waiters.shift();
