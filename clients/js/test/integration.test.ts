@@ -107,6 +107,11 @@ function waitFor<K extends keyof ChatEvents>(
   });
 }
 
+/** An outcome for an assertion's message (its ids are bigints). */
+function show(value: unknown): string {
+  return JSON.stringify(value, (_key, v) => (typeof v === "bigint" ? v.toString() : v));
+}
+
 const skip = gatewayPresent() ? false : "the daemon has no WebSocket gateway yet: cim/config knows no [ws] section";
 
 test("Node (alice, this SDK) and Python (bob, cim-client) chat through a real daemon", { skip, timeout: 600_000 }, async () => {
@@ -135,14 +140,14 @@ test("Node (alice, this SDK) and Python (bob, cim-client) chat through a real da
     await firstCatchUp;
     const live = waitFor(alice, "message", (m) => m.message.text === "hello alice, from python", "bob's message");
     const bobSent = await peer.ask({ cmd: "send", to: "alice", text: "hello alice, from python" });
-    assert.ok(["delivered", "stored"].includes(bobSent.outcome.status), JSON.stringify(bobSent));
+    assert.ok(["delivered", "stored"].includes(bobSent.outcome.status), show(bobSent));
     const got = await live;
     assert.equal(got.message.from, "bob");
     assert.equal(got.live, true);
 
     // Node -> Python.
     const outcome = await alice.sendText("bob", "hello bob, from node");
-    assert.ok(["delivered", "stored"].includes(outcome.status), JSON.stringify(outcome));
+    assert.ok(["delivered", "stored"].includes(outcome.status), show(outcome));
     const heard = await peer.ask({ cmd: "listen", count: 1 });
     assert.equal(heard.messages[0].text, "hello bob, from node");
     assert.equal(heard.messages[0].from, "alice");
@@ -166,7 +171,7 @@ test("Node (alice, this SDK) and Python (bob, cim-client) chat through a real da
     assert.equal(report.chunkCount, 4);
     assert.equal(progress.at(-1)!.fraction, 1);
     const sent = await back.sendFile("bob", report.file);
-    assert.ok(["delivered", "stored"].includes(sent.status), JSON.stringify(sent));
+    assert.ok(["delivered", "stored"].includes(sent.status), show(sent));
     const fileMessage = await peer.ask({ cmd: "listen", count: 1 });
     const url = fileMessage.messages[0].media.url;
     const downloaded = await peer.ask({ cmd: "download", url });
