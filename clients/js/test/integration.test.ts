@@ -148,7 +148,7 @@ test("Node (alice, this SDK) and Python (bob, cim-client) chat through a real da
     // Node -> Python.
     const outcome = await alice.sendText("bob", "hello bob, from node");
     assert.ok(["delivered", "stored"].includes(outcome.status), show(outcome));
-    const heard = await peer.ask({ cmd: "listen", count: 1 });
+    const heard = await peer.ask({ cmd: "listen", from: "alice", count: 1 });
     assert.equal(heard.messages[0].text, "hello bob, from node");
     assert.equal(heard.messages[0].from, "alice");
 
@@ -172,7 +172,7 @@ test("Node (alice, this SDK) and Python (bob, cim-client) chat through a real da
     assert.equal(progress.at(-1)!.fraction, 1);
     const sent = await back.sendFile("bob", report.file);
     assert.ok(["delivered", "stored"].includes(sent.status), show(sent));
-    const fileMessage = await peer.ask({ cmd: "listen", count: 1 });
+    const fileMessage = await peer.ask({ cmd: "listen", from: "alice", count: 1 });
     const url = fileMessage.messages[0].media.url;
     const downloaded = await peer.ask({ cmd: "download", url });
     assert.equal(downloaded.sha256, createHash("sha256").update(bytes).digest("hex"));

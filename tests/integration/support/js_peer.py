@@ -6,7 +6,8 @@ line with the URLs, then acts as bob with ``cim-client`` (the Python library a u
 runs) on the commands the Node test writes, one JSON object per line:
 
 - ``{"cmd": "send", "to": U, "text": T}``: bob sends; answers cim-client's outcome.
-- ``{"cmd": "listen", "count": N}``: bob's next N messages (catch-up, then live).
+- ``{"cmd": "listen", "from": U, "count": N}``: bob's next N messages from U (catch-up,
+  then live; his own, which a catch-up may bring back, are left out).
 - ``{"cmd": "download", "url": U}``: bob downloads; answers the SHA-256 of the bytes.
 - ``{"cmd": "stop"}``: stops the daemon and exits.
 
@@ -43,12 +44,7 @@ def _run(
             return {"error": done.stderr.strip()}
         return {"outcome": json.loads(done.stdout)}
     if name == "listen":
-        count = int(command["count"])
-        done = client(daemon, "bob", "listen", "--count", str(count), "--timeout", "60")
-        messages = [json.loads(line) for line in done.stdout.splitlines() if line.strip()]
-        if done.returncode != 0:
-            return {"error": done.stderr.strip(), "messages": messages}
-        return {"messages": messages}
+        return {"messages": _listen(daemon, str(command["from"]), int(command["count"]))}
     if name == "download":
         target = os.path.join(workdir, "bob-download")
         done = client(
@@ -59,6 +55,28 @@ def _run(
         with open(target, "rb") as handle:
             return {"sha256": hashlib.sha256(handle.read()).hexdigest()}
     return {"error": f"unknown command {name!r}"}
+
+
+def _listen(daemon: DaemonProcess, sender: str, count: int) -> list[dict[str, Any]]:
+    """Bob's listen until ``count`` messages from ``sender`` came (bounded by its
+    --timeout: cim-client exits by itself after 60 s at most)."""
+    listening = client(daemon, "bob", "listen", "--timeout", "60", background=True)
+    found: list[dict[str, Any]] = []
+    try:
+        for line in listening.stdout:
+            if not line.strip():
+                continue
+            message = json.loads(line)
+            if message.get("from") == sender:
+                found.append(message)
+                if len(found) >= count:
+                    break
+    finally:
+        listening.terminate()
+        listening.communicate(timeout=30)
+    if len(found) < count:
+        raise RuntimeError(f"bob heard {len(found)} of {count} messages from {sender}")
+    return found
 
 
 def main(workdir: str) -> int:
