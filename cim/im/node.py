@@ -16,10 +16,13 @@ family (or a new room, merged into ``inbound`` below).
     presence   ONLINE_R (the caller's contacts and bound accounts only)
     contacts   CONTACTS_R; the contact rules direct, presence and groups ask
     system     server-made messages (the logic service's notices)
+
+and whatever rooms the daemon adds from outside (PUSH_R: cim.push.frames).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Protocol
 
 from cim.im.catchup import Catchup
@@ -62,7 +65,10 @@ class ImNode:
         stores: Stores,
         peers: Peers,
         bounds: Bounds = NO_BOUNDS,
+        more_rooms: Sequence[Room] = (),
     ) -> None:
+        """``more_rooms``: rooms outside cim.im whose frames the connection answers
+        too (PUSH_R, cim.push.frames)."""
         self.core = core
         self.directory = directory
         self.stores = stores
@@ -87,7 +93,13 @@ class ImNode:
         self.sessions = Sessions(core, connected, self.routing)
         peers.listen(self.routing.bus_message_received)
         self.inbound: FrameTable = _merged(
-            self.direct, self.groups, self.catchup, self.history, self.presence, self.contacts
+            self.direct,
+            self.groups,
+            self.catchup,
+            self.history,
+            self.presence,
+            self.contacts,
+            *more_rooms,
         )
         """What an authenticated client may send: every other frame type closes the
         connection."""
