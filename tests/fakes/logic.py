@@ -25,6 +25,7 @@ from cim.client.session import ChatClient
 from cim.config import parse_config
 from cim.content import MediaUrls
 from cim.groups.directory import GroupDirectory
+from cim.http.openapi import PublishedSpec
 from cim.im.contacts import ContactDirectory
 from cim.im.system import SYSTEM_SENDER
 from cim.limits.policy import NO_LIMITS, Limits
