@@ -287,6 +287,8 @@ class ApnsServer:
 
         async def main() -> None:
             self._loop = asyncio.get_running_loop()
+            # Connections still open when the server stops end cancelled: not news.
+            self._loop.set_exception_handler(lambda loop, context: None)
             self._stop = asyncio.Event()
             self._loop.call_soon(self._started.set)
             await serve(self._app, config, shutdown_trigger=self._stop.wait)  # type: ignore[arg-type]
