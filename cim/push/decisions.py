@@ -235,6 +235,7 @@ class PushDecisions:
         appended_at: float,
     ) -> None:
         kind, title = self._title(message, registration.locale)
+        alarm = notice_fields(message).get("sos") if kind == "sos" else None
         notification = Notification(
             registration=registration,
             conversation=appended.conversation,
@@ -247,6 +248,7 @@ class PushDecisions:
             kind=kind,
             appended_at=appended_at,
             ttl=self.settings.ttl,
+            alarm=alarm if isinstance(alarm, int) else None,
         )
         self.counts.by_kind[kind] = self.counts.by_kind.get(kind, 0) + 1
         if self._enqueue(notification):

@@ -45,6 +45,8 @@ class Notification:
     """When the entry was appended: latency runs from here to the provider's answer."""
     ttl: float
     """Seconds the provider may keep it for a device that is off."""
+    alarm: int | None = None
+    """The SOS alarm's id (its notice's ``sos``): its retries stop once acknowledged."""
 
     @property
     def collapse_key(self) -> str:

@@ -10,8 +10,9 @@ limit keeps them few).
 Answers (cim.push.notification.Outcome): ``accepted`` is done; ``dead`` removes the
 registration; ``retry`` waits the provider's Retry-After when it gave one, else the
 one backoff policy (cim.backends.backoff, jittered), and tries again: a non-urgent
-push ``max_attempts`` times in all, an urgent one until it is accepted or its TTL is
-over; ``failed`` is given up at once.
+push ``max_attempts`` times in all, an urgent one until it is accepted, its SOS
+alarm is acknowledged (``alarm_open``: someone took charge) or its TTL is over;
+``failed`` is given up at once.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ class _Entry:
 
 Send = Callable[[Notification], "Deferred[Outcome]"]
 TokenDead = Callable[[Notification, Outcome], Any]
+AlarmOpen = Callable[[int], "Deferred[bool]"]
 
 
 class PushQueue:
@@ -66,8 +68,10 @@ class PushQueue:
         settings: QueueSettings,
         metrics: PushMetrics,
         rng: random.Random | None = None,
+        alarm_open: AlarmOpen | None = None,
     ) -> None:
         self._clock = clock
+        self._alarm_open = alarm_open
         self._send = send
         self._token_dead = token_dead
         self.settings = settings
@@ -168,8 +172,23 @@ class PushQueue:
         self._next_retry += 1
 
         def again() -> None:
-            del self._retrying[number]
-            (self._urgent if entry.notification.urgent else self._normal).appendleft(entry)
+            alarm = entry.notification.alarm
+            if alarm is None or self._alarm_open is None:
+                requeue(True)
+                return
+            d = self._alarm_open(alarm)
+            d.addErrback(lambda failure: True)  # cannot tell: keep trying
+            d.addCallback(requeue)
+
+        def requeue(wanted: bool) -> None:
+            self._retrying.pop(number, None)
+            if self._stopped:
+                return
+            if not wanted:
+                # Someone took charge of the alarm: waking this phone is moot now.
+                self._metrics.count(entry.notification.registration.provider, "acknowledged")
+            else:
+                (self._urgent if entry.notification.urgent else self._normal).appendleft(entry)
             self._pump()
 
         self._retrying[number] = self._clock.callLater(delay, again)

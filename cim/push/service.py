@@ -35,6 +35,7 @@ from cim.push.registrations import Registrations
 from cim.reactor import ICimReactor
 from cim.services.tree import AsyncService, StartupError
 from cim.storage.database import Database
+from cim.storage.sos import sos_event_txn
 
 __all__ = ["Providers", "PushService"]
 
@@ -96,7 +97,9 @@ class PushService(AsyncService):
             ),
             metrics,
             rng,
+            alarm_open=self._alarm_open,
         )
+        self._database = database
         self.decisions: PushDecisions | None = None
 
     def watch(
@@ -125,6 +128,14 @@ class PushService(AsyncService):
         )
         stores.timeline = DecidingTimeline(timeline, self.decisions)
         self.metrics.queue_depth = lambda: self.queue.depth
+
+    async def _alarm_open_now(self, alarm: int) -> bool:
+        event = await self._database.run(sos_event_txn, alarm)
+        return event is not None and event.handled_by is None
+
+    def _alarm_open(self, alarm: int) -> Deferred[bool]:
+        """Whether an SOS alarm still waits for a guardian (its pushes retry until then)."""
+        return Deferred.fromCoroutine(self._alarm_open_now(alarm))
 
     def _token_dead(self, notification: Notification, outcome: Outcome) -> None:
         in_background(

@@ -392,3 +392,46 @@ class QueueTests(SynchronousTestCase):
         queue.stop()
         self.assertEqual(self.clock.getDelayedCalls(), [])
         self.assertFalse(queue.put(notification()))
+
+
+class AlarmTests(SynchronousTestCase):
+    def test_an_acknowledged_alarm_stops_its_retries(self) -> None:
+        clock = Clock()
+        provider = FakeProvider(clock)
+        provider.answers = [Outcome(RETRY, 503)] * 20
+        metrics = PushMetrics()
+        open_alarms = {7}
+        queue = PushQueue(
+            clock,
+            provider.send,
+            lambda n, o: None,
+            QueueSettings(backoff=Backoff(1.0, 4.0)),
+            metrics,
+            alarm_open=lambda alarm: succeed(alarm in open_alarms),
+        )
+        sos_push = notification(urgent=True)
+        queue.put(type(sos_push)(**{**_fields(sos_push), "alarm": 7}))
+        for _ in range(10):
+            clock.advance(1)
+        tries = len(provider.calls)
+        self.assertGreater(tries, 2)
+        open_alarms.clear()  # a guardian acknowledged it
+        for _ in range(60):
+            clock.advance(1)
+        self.assertEqual(len(provider.calls), tries)
+        self.assertEqual(metrics.outcomes[("apns", "acknowledged")], 1)
+        self.assertEqual(queue.depth, 0)
+
+    def test_the_decision_names_the_alarm(self) -> None:
+        world = World()
+        world.clock.advance(3600)
+        world.registrations.append(registration("mum", "phone"))
+        notice = {"event": "sos.raised", "priority": "high", "device": "watch1", "sos": 41}
+        entry = cim_pb2.Message(to="mum", type=cim_pb2.SYSTEM, text=json.dumps(notice))
+        setattr(entry, "from", "@system")
+        world.append(entry)
+        self.assertEqual([n.alarm for n in world.queued], [41])
+
+
+def _fields(n: Notification) -> dict[str, Any]:
+    return {name: getattr(n, name) for name in Notification.__slots__}
