@@ -23,13 +23,13 @@ from twisted.logger import Logger
 from cim.backends.backoff import Backoff
 from cim.backends.threads import ThreadPoolRunner
 from cim.config import PushConfig
-from cim.im.collaborators import ClientSession, Stores, in_background
+from cim.im.collaborators import Stores, in_background
 from cim.interfaces import IRouteStore
 from cim.metrics import PushMetrics
 from cim.oplog import OperationLog
 from cim.push.decisions import DecidingTimeline, DecisionSettings, PushDecisions
 from cim.push.notification import FAILED, Notification, Outcome, PushProvider
-from cim.push.presence import DevicePresence
+from cim.push.presence import DevicePresence, DevicesHere
 from cim.push.queue import PushQueue, QueueSettings
 from cim.push.registrations import Registrations
 from cim.reactor import ICimReactor
@@ -106,7 +106,7 @@ class PushService(AsyncService):
         self,
         stores: Stores,
         node_id: str,
-        session_for: Callable[[str], ClientSession | None],
+        devices_here: DevicesHere,
         routes: IRouteStore,
         members: Callable[[str], Deferred[list[str]]],
     ) -> None:
@@ -118,7 +118,7 @@ class PushService(AsyncService):
         self.decisions = PushDecisions(
             self.reactor,
             self.registrations.of_users,
-            DevicePresence(node_id, session_for, routes),
+            DevicePresence(node_id, devices_here, routes),
             members,
             timeline.summary,
             self.queue.put,

@@ -65,6 +65,7 @@ from cim.oplog import OperationLog
 from cim.protocols.crypto import KeyFileError, NodeKey
 from cim.protocols.im import ImServerFactory
 from cim.push.frames import PushRequests
+from cim.push.presence import one_session
 from cim.push.service import PushService
 from cim.reactor import ICimReactor
 from cim.services.admin import admin_site
@@ -195,7 +196,7 @@ class CimDaemon(OrderedServices):
         push.watch(
             im_node.stores,
             node_id,
-            im_node.sessions.session_for,
+            one_session(im_node.sessions.session_for),
             state.presence,
             groups.member_names,
         )

@@ -10,17 +10,17 @@ import random
 from collections import Counter
 from typing import Any
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from cim.backends.backoff import Backoff
-from cim.interfaces import SessionRecord
+from cim.interfaces import SessionRecord, StateUnavailable
 from cim.metrics import PushMetrics
 from cim.protocols import cim_pb2
 from cim.push.decisions import DecidingTimeline, DecisionSettings, PushDecisions, is_urgent
 from cim.push.notification import ACCEPTED, DEAD, FAILED, RETRY, Notification, Outcome
-from cim.push.presence import DevicePresence
+from cim.push.presence import DevicePresence, one_session
 from cim.push.queue import PushQueue, QueueSettings
 from cim.push.texts import PREVIEW_LENGTH
 from cim.storage.push import PushRegistration
@@ -58,8 +58,11 @@ class FakeSession:
 class FakeRoutes:
     def __init__(self) -> None:
         self.nodes: dict[str, str] = {}
+        self.down = False
 
     def route(self, user: str) -> Deferred[str | None]:
+        if self.down:
+            return fail(StateUnavailable("redis is down"))
         return succeed(self.nodes.get(user))
 
 
@@ -80,7 +83,7 @@ class World:
         self.decisions = PushDecisions(
             self.clock,
             lambda users: succeed([r for r in self.registrations if r.user in users]),
-            DevicePresence("node1", self.sessions.get, self.routes),  # type: ignore[arg-type]
+            DevicePresence("node1", one_session(self.sessions.get), self.routes),  # type: ignore[arg-type]
             lambda group: succeed(list(self.groups.get(group, []))),
             self.summary,
             self.enqueue,
@@ -182,6 +185,14 @@ class DecisionTests(SynchronousTestCase):
         world.routes.nodes["mum"] = "node2"
         world.append(message("alice", to="mum"))
         self.assertEqual(world.queued, [])
+        world.append(sos("mum"))
+        self.assertEqual([n.kind for n in world.queued], ["sos"])
+
+    def test_a_state_store_that_cannot_say_pushes_only_urgent(self) -> None:
+        world = self.started()
+        world.registrations.append(registration("mum", "phone"))
+        world.routes.down = True
+        world.append(message("alice", to="mum"))
         world.append(sos("mum"))
         self.assertEqual([n.kind for n in world.queued], ["sos"])
 
