@@ -302,6 +302,12 @@ class OneNodeTests(TestCase):
             events = [json.loads(line)["event"] for line in handle]
         self.assertEqual(events.count("push.registered"), 4)
         self.assertIn("push.token_dead", events)
+        await tablet.stop(logout=False)
+        await alice.stop(logout=False)
+        self.assertIn(node.stop(), (0, -15))  # as tests.integration.test_systemd
+        log = node.log()
+        self.assertNotIn("Traceback", log)
+        self.assertNotIn("Unhandled", log)
 
 
 class TwoNodeTests(TestCase):
