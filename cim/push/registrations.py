@@ -10,6 +10,7 @@ reads the same table. The device is always the caller's own session's device.
 from __future__ import annotations
 
 import re
+from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
@@ -93,6 +94,12 @@ class Registrations:
 
     ``providers`` are the ones this node can push through ([push]); a registration
     with another is refused at once rather than stored and never used.
+
+    The decisions ask ``of_users`` for every entry's receivers, so the answers are
+    remembered for ``cache_ttl`` seconds (at most ``cache_size`` users, the least
+    recently asked forgotten first): most users have no registration, and a message
+    must not cost a database read to learn that again. A change made through this
+    node is seen at once; one made through another node within ``cache_ttl``.
     """
 
     def __init__(
@@ -102,12 +109,19 @@ class Registrations:
         enabled: bool,
         providers: Sequence[str],
         oplog: OperationLog | None = None,
+        cache_ttl: float = 10.0,
+        cache_size: int = 100_000,
     ) -> None:
         self._database = database
         self._clock = clock
         self.enabled = enabled
         self.providers = tuple(providers)
         self._oplog = oplog
+        self._cache_ttl = cache_ttl
+        self._cache_size = cache_size
+        self._cache: OrderedDict[str, tuple[float, list[PushRegistration]]] = OrderedDict()
+        self.reads = 0
+        """Database reads ``of_users`` made (the cache's misses)."""
 
     def _emit(self, event: str, user: str, peer: Any = None, **detail: Any) -> None:
         if self._oplog is not None:
@@ -142,12 +156,14 @@ class Registrations:
         )
         if stored is None:
             raise NotFound("no_such_user", "the account does not exist")
+        self._cache.pop(user, None)
         self._emit(REGISTERED, user, peer, device=device, provider=provider, app=app)
         return stored
 
     async def remove(self, user: str, device: str, peer: Any = None) -> bool:
         """Remove the device's registration; False when it had none."""
         removed: bool = await self._database.run(remove_registration_txn, user, device)
+        self._cache.pop(user, None)
         if removed:
             self._emit(REMOVED, user, peer, device=device)
         return removed
@@ -162,13 +178,42 @@ class Registrations:
         return self._database.run(registrations_of_txn, user)
 
     def of_users(self, users: Sequence[str]) -> Deferred[list[PushRegistration]]:
-        return self._database.run(registrations_of_users_txn, list(users))
+        """The registrations of these users, from the cache where it is fresh."""
+        return Deferred.fromCoroutine(self._of_users(list(users)))
+
+    async def _of_users(self, users: list[str]) -> list[PushRegistration]:
+        now = float(self._clock.seconds())
+        found: list[PushRegistration] = []
+        missing: list[str] = []
+        for user in users:
+            cached = self._cache.get(user)
+            if cached is not None and now - cached[0] < self._cache_ttl:
+                self._cache.move_to_end(user)
+                found.extend(cached[1])
+            else:
+                missing.append(user)
+        if missing:
+            self.reads += 1
+            read: list[PushRegistration] = await self._database.run(
+                registrations_of_users_txn, missing
+            )
+            by_user: dict[str, list[PushRegistration]] = {user: [] for user in missing}
+            for registration in read:
+                by_user.setdefault(registration.user, []).append(registration)
+            for user, registrations in by_user.items():
+                self._cache[user] = (now, registrations)
+                self._cache.move_to_end(user)
+            while len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+            found.extend(read)
+        return found
 
     async def token_dead(self, registration: PushRegistration, answer: str) -> bool:
         """The provider said the token is dead: remove it, unless replaced meanwhile."""
         removed: bool = await self._database.run(
             remove_dead_token_txn, registration.user, registration.device, registration.token
         )
+        self._cache.pop(registration.user, None)
         if removed:
             self._emit(
                 TOKEN_DEAD,

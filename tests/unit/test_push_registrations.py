@@ -176,3 +176,22 @@ class FrameTests(SynchronousTestCase):
         self.assertEqual((bad.ok, bad.error), (False, "bad_registration"))
         empty = self.ask(room)
         self.assertEqual((empty.ok, empty.error), (False, "bad_request"))
+
+
+class CacheTests(SynchronousTestCase):
+    def test_of_users_remembers_answers_for_a_while(self) -> None:
+        h, registrations, _ = push_harness(self)
+        for name in ("alice", "bob"):
+            h.add_user(name)
+        self.assertEqual(fired(registrations.of_users(["alice", "bob"])), [])
+        self.assertEqual(fired(registrations.of_users(["alice", "bob"])), [])
+        self.assertEqual(registrations.reads, 1)
+        # A change through this node is seen at once.
+        fired(Deferred.fromCoroutine(registrations.register("bob", "phone", "apns", APNS_TOKEN)))
+        self.assertEqual([r.user for r in fired(registrations.of_users(["alice", "bob"]))], ["bob"])
+        self.assertEqual(registrations.reads, 2)
+        # One made elsewhere (straight into the database) after the TTL.
+        fired(h.db.run(set_registration_txn, "alice", "phone", "fcm", FCM_TOKEN, None, None, 1.0))
+        self.assertEqual([r.user for r in fired(registrations.of_users(["alice"]))], [])
+        h.clock.advance(11)
+        self.assertEqual([r.user for r in fired(registrations.of_users(["alice"]))], ["alice"])
