@@ -370,6 +370,10 @@ class ChatClient:
         """Send a CONTACTS_R (list, request, accept, block, settings, ...), get its answer."""
         return self.answers.contacts(request)
 
+    def push_request(self, request: cim_pb2.PushRequest) -> Deferred[cim_pb2.PushAnswer]:
+        """Send a PUSH_R (register, remove, show this device's push registration)."""
+        return self.answers.push(request)
+
     # --- sending ----------------------------------------------------------------------
 
     def _transmit(self, message: cim_pb2.Message) -> bool:

@@ -19,6 +19,8 @@ from cim.storage.push import (
     set_registration_txn,
 )
 from tests.fakes.logic import LogicHarness, fired
+from tests.fakes.node import NodeHarness
+from tests.unit.test_client_session import make_client, settle
 
 APNS_TOKEN = "ab" * 32
 FCM_TOKEN = "fcm-token:" + "x" * 40
@@ -195,3 +197,23 @@ class CacheTests(SynchronousTestCase):
         self.assertEqual([r.user for r in fired(registrations.of_users(["alice"]))], [])
         h.clock.advance(11)
         self.assertEqual([r.user for r in fired(registrations.of_users(["alice"]))], ["alice"])
+
+
+class ClientLibraryTests(SynchronousTestCase):
+    def test_push_request_over_the_connection(self) -> None:
+        h, registrations, _ = push_harness(self)
+        h.add_user("alice")
+        node = NodeHarness(
+            database=h.db, users=("alice",), more_rooms=[PushRequests(registrations)]
+        )
+        client, _, _ = make_client(node, "alice")
+        client.start()
+        settle(node)
+        wanted = cim_pb2.PushRegistration(provider="apns", token=APNS_TOKEN)
+        d = client.push_request(cim_pb2.PushRequest(register=wanted))
+        settle(node)
+        answer = self.successResultOf(d)
+        self.assertTrue(answer.ok, answer)
+        self.assertEqual(answer.registration.token, APNS_TOKEN)
+        stored = fired(registrations.of_user("alice"))
+        self.assertEqual([(r.device, r.provider) for r in stored], [("phone", "apns")])
