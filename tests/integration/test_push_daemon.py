@@ -25,10 +25,13 @@ from cim.accounts.store import BlockingAccountStore
 from cim.backends.backoff import Backoff
 from cim.client.session import ChatClient
 from cim.config import AccountsConfig
+from cim.groups.directory import new_group_id
 from cim.protocols import cim_pb2
 from cim.push.providers.webhook import SIGNATURE_HEADER, TIMESTAMP_HEADER, verify_signature
 from cim.storage.database import open_engine, upgrade
-from cim.storage.schema import bindings
+from cim.storage.groups import create_group_txn
+from cim.storage.schema import bindings, group_members
+from cim.storage.timeline import group_joined
 from tests.integration.support.cluster import Cluster, chat_client, eventually, sleep
 from tests.integration.support.daemons import PASSWORD, DaemonProcess, free_port
 from tests.integration.support.push_servers import (
@@ -57,6 +60,23 @@ def add_accounts(url: str, people: list[str], devices: list[str]) -> None:
             accounts.add_user(name, PASSWORD)
         for name in devices:
             accounts.add_user(name, PASSWORD, "device")
+    finally:
+        engine.dispose()
+
+
+def family_group(url: str, group_id: str, owner: str, members: list[str]) -> None:
+    """A group made straight in the database (its members' consent is not the point)."""
+    engine = open_engine(url)
+    try:
+        with engine.begin() as connection:
+            create_group_txn(connection, group_id, "family", owner, [], time.time(), 100)
+            for member in members:
+                connection.execute(
+                    group_members.insert().values(
+                        group_id=group_id, user_name=member, role="member", joined_at=1.0
+                    )
+                )
+            group_joined(connection, group_id, members)
     finally:
         engine.dispose()
 
@@ -135,7 +155,7 @@ class Providers:
         self.section = (
             "[push]\nenabled = true\n"
             f"collapse_window = {collapse_window}\n"
-            "retry_initial = 0.5s\nretry_max = 2s\n"
+            "group_rate = off\nretry_initial = 0.5s\nretry_max = 2s\n"
             f"fcm_key_file = {fcm_file}\nfcm_endpoint = {self.http.url}\n"
             f"apns_key_file = {p8}\napns_key_id = TESTKEY123\napns_team_id = TEAM123456\n"
             f"apns_topic = com.example.watch\napns_endpoint = {self.apns.url}\n"
@@ -179,6 +199,8 @@ class OneNodeTests(TestCase):
         os.makedirs(workdir)
         add_accounts(url, ["mum", "alice", "bob", "carol"], ["watch1"])
         bind(url, "watch1", "mum")
+        family = new_group_id()
+        family_group(url, family, "alice", ["bob", "carol"])
         logic_port = free_port()
         node = DaemonProcess(
             workdir,
@@ -256,6 +278,21 @@ class OneNodeTests(TestCase):
             verify_signature(SECRET, timestamp, hook.body, signature, time.time() + 600)
         )
         self.assertEqual(hook.json()["token"], WEBHOOK_CAROL)
+
+        # A group message: each member's registered device but the sender's, once.
+        outcome = await alice.send_group(family, f"{TEXT_MARK}to the family")
+        self.assertEqual(outcome.status, "accepted", outcome)
+        await eventually(
+            lambda: (
+                any(m["data"]["kind"] == "group" for m in providers.fcm_to(FCM_BOB))
+                and any(w.json()["kind"] == "group" for w in providers.http.webhooks)
+            ),
+            15,
+            "the group's pushes to bob and carol",
+        )
+        group_push = next(m for m in providers.fcm_to(FCM_BOB) if m["data"]["kind"] == "group")
+        self.assertEqual(group_push["data"]["conversation"], f"g:{family}")
+        self.assertEqual(group_push["notification"]["title"], "New message from alice in a group")
 
         # 3. A 503 with Retry-After is retried after it; APNs down, an SOS goes when it
         # is back; a 410 removes the registration.
