@@ -117,6 +117,7 @@ class PushDecisions:
         self.counts = DecisionCounts()
         self._windows: dict[tuple[str, str, str], _Window] = {}
         self._started_at = float(clock.seconds())
+        self._stopped = False
 
     @property
     def open_windows(self) -> int:
@@ -125,7 +126,7 @@ class PushDecisions:
     def entry_appended(self, message: cim_pb2.Message, appended: Appended) -> None:
         """A timeline entry was written for the first time: decide its pushes in the
         background. Never raises and never delays the message."""
-        if not appended.new:
+        if not appended.new or self._stopped:
             return
         self.counts.entries += 1
         in_background(
@@ -198,7 +199,9 @@ class PushDecisions:
         self._send(window.registration, message, appended, appended_at)
 
     def stop(self) -> None:
-        """Cancel every window: what waited is not pushed (docs/push.md)."""
+        """Cancel every window: what waited is not pushed (docs/push.md); entries
+        appended from now on (the node's last writes while it stops) push nothing."""
+        self._stopped = True
         for window in self._windows.values():
             if window.call is not None and window.call.active():
                 window.call.cancel()

@@ -237,6 +237,8 @@ class DecisionTests(SynchronousTestCase):
         world.decisions.stop()
         world.clock.advance(60)
         self.assertEqual(len(world.queued), 1)
+        world.append(sos("bob"))
+        self.assertEqual(len(world.queued), 1)
         self.assertEqual(world.clock.getDelayedCalls(), [])
 
     def test_urgent_is_a_high_priority_notice_from_the_server_only(self) -> None:
