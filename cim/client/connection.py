@@ -199,6 +199,7 @@ ESTABLISHED_INBOUND: Inbound = {
         (cim_pb2.ONLINE_A, cim_pb2.OnlineA),
         (cim_pb2.GROUP_A, cim_pb2.GroupAnswer),
         (cim_pb2.CONTACTS_A, cim_pb2.ContactsAnswer),
+        (cim_pb2.PUSH_A, cim_pb2.PushAnswer),
         (cim_pb2.OFFLINE_A, cim_pb2.OfflineA),
         (cim_pb2.OFFLINE_ACK_A, cim_pb2.OfflineAckA),
         (cim_pb2.OFFLINE_SUMMARY_A, cim_pb2.OfflineSummaryA),

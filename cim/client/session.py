@@ -530,6 +530,10 @@ class ChatClient:
         # Not repeated after its deadline: a late "typing" is worse than none.
         return self.answers.ask(cim_pb2.TYPING_R, request, retry_on_deadline=False)
 
+    def push_request(self, request: cim_pb2.PushRequest) -> Deferred[cim_pb2.PushAnswer]:
+        """Send a PUSH_R (register, remove, show this device's push registration)."""
+        return self.answers.push(request)
+
     # --- sending ----------------------------------------------------------------------
 
     def _transmit(self, message: cim_pb2.Message) -> bool:

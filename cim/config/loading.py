@@ -20,6 +20,7 @@ from cim.config.backends import (
     StateConfig,
     _hide_password,
 )
+from cim.config.push import PushConfig
 from cim.config.services import (
     AccountsConfig,
     AdminConfig,
@@ -58,6 +59,7 @@ class CimConfig:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     log: LogConfig = field(default_factory=LogConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
+    push: PushConfig = field(default_factory=PushConfig)
     path: str = ""
 
     @property
@@ -103,6 +105,7 @@ SECTIONS: tuple[type, ...] = (
     LimitsConfig,
     LogConfig,
     HttpConfig,
+    PushConfig,
 )
 
 

@@ -19,10 +19,13 @@ family (or a new room, merged into ``inbound`` below).
     contacts   CONTACTS_R; the contact rules direct, presence and groups ask
     typing     TYPING_R: live "typing" / "stopped" notices, never stored
     system     server-made messages (the logic service's notices)
+
+and whatever rooms the daemon adds from outside (PUSH_R: cim.push.frames).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Protocol
 
 from cim.im.catchup import Catchup
@@ -68,7 +71,10 @@ class ImNode:
         stores: Stores,
         peers: Peers,
         bounds: Bounds = NO_BOUNDS,
+        more_rooms: Sequence[Room] = (),
     ) -> None:
+        """``more_rooms``: rooms outside cim.im whose frames the connection answers
+        too (PUSH_R, cim.push.frames)."""
         self.core = core
         self.directory = directory
         self.stores = stores
@@ -109,6 +115,7 @@ class ImNode:
             self.typing,
             self.changes,
             self.receipts,
+            *more_rooms,
         )
         """What an authenticated client may send: every other frame type closes the
         connection."""

@@ -41,6 +41,8 @@ class FrameType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     READ_N: _ClassVar[FrameType]
     READERS_R: _ClassVar[FrameType]
     READERS_A: _ClassVar[FrameType]
+    PUSH_R: _ClassVar[FrameType]
+    PUSH_A: _ClassVar[FrameType]
     KICKED: _ClassVar[FrameType]
     GOING_AWAY: _ClassVar[FrameType]
     ERROR: _ClassVar[FrameType]
@@ -116,6 +118,8 @@ READ_A: FrameType
 READ_N: FrameType
 READERS_R: FrameType
 READERS_A: FrameType
+PUSH_R: FrameType
+PUSH_A: FrameType
 KICKED: FrameType
 GOING_AWAY: FrameType
 ERROR: FrameType
@@ -1034,3 +1038,51 @@ class Error(_message.Message):
     request_id: int
     reason: str
     def __init__(self, code: _Optional[_Union[Error.Code, str]] = ..., message: _Optional[str] = ..., request_type: _Optional[_Union[FrameType, str]] = ..., client_seq: _Optional[int] = ..., retry_after_ms: _Optional[int] = ..., request_id: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class PushRequest(_message.Message):
+    __slots__ = ("request_id", "register", "remove", "show")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    REGISTER_FIELD_NUMBER: _ClassVar[int]
+    REMOVE_FIELD_NUMBER: _ClassVar[int]
+    SHOW_FIELD_NUMBER: _ClassVar[int]
+    request_id: int
+    register: PushRegistration
+    remove: PushRemove
+    show: PushShow
+    def __init__(self, request_id: _Optional[int] = ..., register: _Optional[_Union[PushRegistration, _Mapping]] = ..., remove: _Optional[_Union[PushRemove, _Mapping]] = ..., show: _Optional[_Union[PushShow, _Mapping]] = ...) -> None: ...
+
+class PushRegistration(_message.Message):
+    __slots__ = ("provider", "token", "app", "locale")
+    PROVIDER_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    APP_FIELD_NUMBER: _ClassVar[int]
+    LOCALE_FIELD_NUMBER: _ClassVar[int]
+    provider: str
+    token: str
+    app: str
+    locale: str
+    def __init__(self, provider: _Optional[str] = ..., token: _Optional[str] = ..., app: _Optional[str] = ..., locale: _Optional[str] = ...) -> None: ...
+
+class PushRemove(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class PushShow(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class PushAnswer(_message.Message):
+    __slots__ = ("request_id", "ok", "error", "message", "registration", "registered")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    OK_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    REGISTRATION_FIELD_NUMBER: _ClassVar[int]
+    REGISTERED_FIELD_NUMBER: _ClassVar[int]
+    request_id: int
+    ok: bool
+    error: str
+    message: str
+    registration: PushRegistration
+    registered: bool
+    def __init__(self, request_id: _Optional[int] = ..., ok: _Optional[bool] = ..., error: _Optional[str] = ..., message: _Optional[str] = ..., registration: _Optional[_Union[PushRegistration, _Mapping]] = ..., registered: _Optional[bool] = ...) -> None: ...

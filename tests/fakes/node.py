@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,7 +36,7 @@ from cim.im.collaborators import (
     Stores,
     UserExists,
 )
-from cim.im.node import ImNode
+from cim.im.node import ImNode, Room
 from cim.im.peers import BusPeers, NoPeers, Peers
 from cim.interfaces import IMessageBus, NodeInfo, SessionRecord
 from cim.message_ids import MessageIdGenerator
@@ -130,6 +131,7 @@ class NodeHarness:
         accounts: UserExists | None = None,
         bounds: Bounds = NO_BOUNDS,
         database: Database | None = None,
+        more_rooms: Sequence[Room] = (),
     ) -> None:
         """One node; pass clock, state, bus and known users of another to make a cluster.
 
@@ -183,6 +185,7 @@ class NodeHarness:
             stores,
             self.peers,
             bounds,
+            more_rooms,
         )
         self.factory = ImServerFactory(
             node_id,
