@@ -69,6 +69,7 @@ export interface ChatClientOptions {
   routers: string | readonly string[];
   user: string;
   password: string;
+  /** This device's name (default "web"); `webDeviceName(localStorage)` keeps one per browser. */
   device?: string;
   /** "auto" (resend after 10, 40, 100 s; failed at 160 s) or "manual", or a RetryPolicy. */
   retry?: RetryMode | RetryPolicy;
