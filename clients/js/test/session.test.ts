@@ -4,7 +4,7 @@ import assert from "node:assert/strict";
 import { test } from "node:test";
 import { pb } from "../src/protocol/frames.js";
 import type { DeliveryOutcome } from "../src/session/delivery.js";
-import { SessionRefused } from "../src/session/dialing.js";
+import { SessionRefused, Unreachable } from "../src/session/dialing.js";
 import { settle, until } from "./support/fake-clock.js";
 import { FakeNode, WS_URL, WS_URL_2 } from "./support/fake-node.js";
 import { online, setup, texts } from "./support/session.js";
@@ -271,6 +271,16 @@ test("WRONG_NODE on a fast reconnect: the router again, which knows where the se
   assert.deepEqual(s.node.links.map((l) => l.url), [WS_URL, WS_URL, WS_URL_2]);
   assert.equal(s.node.routerLogins, 2);
   assert.equal(s.seen.online.at(-1)!.url, WS_URL_2);
+});
+
+test("a node's refusal is heard though the node closes right behind it (opening it is asynchronous)", async () => {
+  const node = new FakeNode();
+  node.redirects.set(WS_URL, { id: "node1", host: "127.0.0.1", port: 9000 });
+  const s = setup({}, node);
+  const started = s.client.start(2_000);
+  await until(() => s.seen.state.some((e) => e.detail.startsWith("in ")), "the refused attempt, a retry scheduled");
+  s.clock.advance(2_000);
+  await assert.rejects(started, (error: unknown) => error instanceof Unreachable && /login refused: WRONG_NODE/.test(error.message));
 });
 
 test("reconnect backoff grows while the node is away", async () => {
