@@ -38,6 +38,7 @@ from cim.config.services import (
     LogicConfig,
     NodeConfig,
     RouterConfig,
+    WebConfig,
     parse_base_url,
 )
 from cim.config.values import (
@@ -84,6 +85,7 @@ __all__ = [
     "RegistryConfig",
     "RouterConfig",
     "StateConfig",
+    "WebConfig",
     "load_config",
     "parse_base_url",
     "parse_bool",

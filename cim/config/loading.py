@@ -29,6 +29,7 @@ from cim.config.services import (
     LogicConfig,
     NodeConfig,
     RouterConfig,
+    WebConfig,
 )
 from cim.config.values import (
     REQUIRED,
@@ -58,6 +59,7 @@ class CimConfig:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     log: LogConfig = field(default_factory=LogConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
+    web: WebConfig = field(default_factory=WebConfig)
     path: str = ""
 
     @property
@@ -103,6 +105,7 @@ SECTIONS: tuple[type, ...] = (
     LimitsConfig,
     LogConfig,
     HttpConfig,
+    WebConfig,
 )
 
 

@@ -1,4 +1,4 @@
-"""The sections of the services: node, router, accounts, im, logic, files, admin, http."""
+"""The sections of the services: node, router, accounts, im, logic, files, admin, web, http."""
 
 from __future__ import annotations
 
@@ -255,6 +255,27 @@ class AdminConfig:
 
     def validate(self) -> None:
         pass
+
+
+@dataclass(frozen=True)
+class WebConfig:
+    """The web chat app (``web/``, built into ``cim/webapp/static``) served as files."""
+
+    section: ClassVar[str] = "web"
+    enabled: bool = _opt(False, parse_bool)
+    listen: str = _opt("tcp:8083:interface=127.0.0.1", parse_endpoint)
+    # The built app's directory; empty means the one shipped in the package
+    # (``make web`` builds it there).
+    root: str = _opt("", parse_str)
+    # Where the app may connect (the CSP's connect-src): the router, logic, files and
+    # WebSocket addresses it is given. The default allows any http(s)/ws(s) address.
+    connect_src: str = _opt("'self' http: https: ws: wss:", parse_str)
+
+    def validate(self) -> None:
+        if any(c in self.connect_src for c in ";,\r\n"):
+            raise ConfigError(
+                "web", "connect_src", self.connect_src, "space-separated CSP sources only"
+            )
 
 
 @dataclass(frozen=True)
