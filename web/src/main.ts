@@ -1,0 +1,417 @@
+/**
+ * The app: logs in through the SDK, feeds its events to the model and the model to
+ * the page. One ChatClient per login; logging out stops it (and the router session).
+ */
+import { resolveServices, STORAGE_KEY, type Services } from "./config.js";
+import { ChatModel, SYSTEM_SENDER, TYPE, type Item, type MediaInfo } from "./model.js";
+import { parseNotice } from "./notices.js";
+import { mediaMessage, ServiceError, WebChat } from "./sdk.js";
+import { acknowledgeSos, Files, register, type StoredFile } from "./services.js";
+import { $, ChatView } from "./view.js";
+
+const START_DEADLINE_MS = 20_000;
+
+let services: Services = resolveServices(window.location, localStorage.getItem(STORAGE_KEY));
+let client: WebChat | undefined;
+let model = new ChatModel("");
+let view: ChatView | undefined;
+let files: Files | undefined;
+const historyLoaded = new Set<string>();
+let renderQueued = false;
+
+function input(id: string): HTMLInputElement {
+  return $(id) as HTMLInputElement;
+}
+
+function describe(error: unknown): string {
+  if (error instanceof ServiceError) return error.message;
+  if (error instanceof Error) return error.message;
+  return String(error);
+}
+
+function showError(id: string, error: unknown): void {
+  $(id).textContent = error === "" ? "" : describe(error);
+}
+
+function render(): void {
+  if (renderQueued) return;
+  renderQueued = true;
+  queueMicrotask(() => {
+    renderQueued = false;
+    view?.renderList();
+    view?.renderMessages();
+  });
+}
+
+// --- logging in ----------------------------------------------------------------------
+
+function fillServers(): void {
+  input("server-router").value = services.router;
+  input("server-logic").value = services.logic;
+  input("server-files").value = services.files;
+}
+
+function readServers(): void {
+  const typed = { router: input("server-router").value, logic: input("server-logic").value, files: input("server-files").value };
+  services = resolveServices({ ...window.location, search: "" }, JSON.stringify(typed));
+  localStorage.setItem(STORAGE_KEY, JSON.stringify(services));
+}
+
+/** A device name per browser and user: its catch-up cursor stays with this browser. */
+function deviceFor(user: string): string {
+  const key = `cim.device.${user}`;
+  let device = localStorage.getItem(key);
+  if (device === null) {
+    device = `web-${Math.random().toString(36).slice(2, 8)}`;
+    localStorage.setItem(key, device);
+  }
+  return device;
+}
+
+async function logIn(registering: boolean): Promise<void> {
+  const user = input("login-user").value.trim();
+  const password = input("login-password").value;
+  showError("login-error", "");
+  if (!user || !password) {
+    showError("login-error", "Type a user name and a password.");
+    return;
+  }
+  readServers();
+  const buttons = [$("login-submit"), $("register-submit")] as HTMLButtonElement[];
+  for (const button of buttons) button.disabled = true;
+  try {
+    if (registering) await register(services.logic, user, password);
+    await startSession(user, password);
+  } catch (error) {
+    await client?.stop(false).catch(() => undefined);
+    client = undefined;
+    showError("login-error", error);
+    setConnection("offline", "");
+  } finally {
+    for (const button of buttons) button.disabled = false;
+  }
+}
+
+async function startSession(user: string, password: string): Promise<void> {
+  model = new ChatModel(user);
+  model.pageVisible = document.visibilityState !== "hidden";
+  historyLoaded.clear();
+  files?.forget();
+  const fileService = new Files(services.files, () => session().token, user);
+  files = fileService;
+  view = new ChatView(model, (url, mime) => fileService.blobUrl(url, mime), openConversation, (sos, button) => void acknowledge(sos, button));
+  view.reset();
+  const chat = new WebChat({ routers: services.router, user, password, device: deviceFor(user) });
+  client = chat;
+  wire(chat);
+  await chat.start(START_DEADLINE_MS);
+  input("login-password").value = "";
+  document.body.classList.replace("signed-out", "signed-in");
+  $("login").hidden = true;
+  $("chat").hidden = false;
+  $("logout").hidden = false;
+  const whoami = $("whoami");
+  whoami.hidden = false;
+  whoami.textContent = user;
+  void loadGroups();
+  render();
+  input("new-chat-user").focus();
+}
+
+function session(): WebChat {
+  if (client === undefined) throw new Error("not logged in");
+  return client;
+}
+
+function setConnection(state: string, detail: string): void {
+  const status = $("connection");
+  status.dataset["state"] = state;
+  const words: Record<string, string> = {
+    online: "Online",
+    connecting: "Connecting…",
+    reconnecting: "Offline, reconnecting…",
+    offline: "Offline",
+    stopped: "Offline",
+  };
+  status.textContent = words[state] ?? state;
+  status.title = detail;
+}
+
+function wire(chat: WebChat): void {
+  chat.on("state", ({ state, detail }) => setConnection(state, detail));
+  chat.on("summary", (summary) => {
+    model.summary(summary.conversations.map((c) => ({ peer: c.peer, group: c.group, count: c.count, newest: c.newest })));
+    render();
+  });
+  chat.on("message", ({ message, live }) => {
+    const item = model.received(message, live);
+    if (item !== undefined && message.type === TYPE.SYSTEM && message.from === SYSTEM_SENDER) notice(item);
+    render();
+  });
+  chat.on("outcome", (outcome) => {
+    model.outcome(outcome);
+    render();
+  });
+  chat.onTaken = (answer) => {
+    model.taken(answer.clientSeq, answer.msgId, answer.seq);
+    render();
+  };
+  chat.on("failed", (error) => {
+    showError("login-error", error);
+    signOut(false);
+  });
+  chat.on("kicked", (kicked) => showError("chat-error", `The server ended this session: ${kicked.reason}`));
+  chat.on("error", (error) => showError("chat-error", `${error.message || "refused"}`));
+}
+
+/** A system notice: an SOS raised or handled goes to the alarm strip too. */
+function notice(item: Item): void {
+  const parsed = parseNotice(item.text);
+  if (parsed.sos === undefined || view === undefined) return;
+  if (parsed.event === "sos.raised") view.alarm(parsed.sos, parsed.summary, false);
+  if (parsed.event === "sos.handled") view.alarm(parsed.sos, parsed.summary, true);
+}
+
+async function acknowledge(sos: number, button: HTMLButtonElement): Promise<void> {
+  button.disabled = true;
+  try {
+    await acknowledgeSos(services.logic, () => session().token, sos);
+    view?.alarm(sos, `SOS ${sos} acknowledged`, true);
+  } catch (error) {
+    button.disabled = false;
+    showError("chat-error", error);
+  }
+}
+
+function signOut(logout: boolean): void {
+  const chat = client;
+  client = undefined;
+  void chat?.stop(logout).catch(() => undefined);
+  document.body.classList.replace("signed-in", "signed-out");
+  $("chat").hidden = true;
+  $("logout").hidden = true;
+  $("whoami").hidden = true;
+  $("login").hidden = false;
+  setConnection("offline", "");
+  view?.reset();
+  input("login-user").focus();
+}
+
+// --- conversations -------------------------------------------------------------------
+
+async function loadGroups(): Promise<void> {
+  try {
+    const answer = await session().listGroups();
+    for (const group of answer.groups) model.conversation(`group:${group.id}`, `# ${group.name || group.id}`);
+    render();
+  } catch (error) {
+    showError("chat-error", error);
+  }
+}
+
+function openConversation(key: string): void {
+  model.opened(key);
+  const conversation = model.conversation(key);
+  $("conversation-title").textContent = conversation.title;
+  $("composer").hidden = false;
+  $("add-members").hidden = !conversation.group;
+  $("chat").classList.add("viewing");
+  showError("chat-error", "");
+  render();
+  input("compose").focus();
+  if (!historyLoaded.has(key)) {
+    historyLoaded.add(key);
+    void loadHistory(key);
+  }
+}
+
+async function loadHistory(key: string): Promise<void> {
+  const conversation = model.conversation(key);
+  try {
+    const page = await session().history(conversation.group || conversation.peer, { group: Boolean(conversation.group), limit: 50 });
+    if (page.error) throw new Error(`${page.error}: ${page.message}`);
+    for (const message of page.messages) model.received(message, false);
+    render();
+  } catch (error) {
+    historyLoaded.delete(key);
+    showError("chat-error", error);
+  }
+}
+
+function target(): { peer?: string; group?: string } | undefined {
+  const key = model.open;
+  if (key === undefined) return undefined;
+  const conversation = model.conversation(key);
+  return conversation.group ? { group: conversation.group } : { peer: conversation.peer };
+}
+
+function addressed(to: { peer?: string; group?: string }): { to?: string; group?: string } {
+  return to.group ? { group: to.group } : { to: to.peer ?? "" };
+}
+
+function track(item: Item, sent: { clientSeq: bigint; outcome: Promise<unknown> }): void {
+  if (sent.clientSeq) model.numbered(item, sent.clientSeq);
+  void sent.outcome.then((outcome) => {
+    const o = outcome as { clientSeq: bigint; msgId: bigint; status: string; reason: string };
+    if (!item.clientSeq) model.numbered(item, o.clientSeq);
+    model.outcome(o);
+    if (o.status === "failed") showError("chat-error", `Not sent: ${o.reason}`);
+    render();
+  });
+}
+
+function sendText(): void {
+  const to = target();
+  const box = $("compose") as HTMLTextAreaElement;
+  const text = box.value.trim();
+  if (to === undefined || !text) return;
+  box.value = "";
+  const item = model.sending(to, "text", text);
+  track(item, session().send({ ...addressed(to), text }));
+  render();
+}
+
+function mediaOf(stored: StoredFile, file: File, service: Files): MediaInfo {
+  return {
+    url: service.absolute(stored.url),
+    thumbnailUrl: service.absolute(stored.thumbnailUrl),
+    name: stored.name || file.name,
+    mime: stored.mime || file.type,
+    size: stored.size,
+    width: stored.width,
+    height: stored.height,
+  };
+}
+
+async function sendFile(file: File): Promise<void> {
+  const to = target();
+  const service = files;
+  if (to === undefined || service === undefined) return;
+  const isImage = file.type.startsWith("image/");
+  const item = model.sending(to, isImage ? "image" : "file", file.name);
+  const bar = $("upload-progress") as HTMLProgressElement;
+  const label = $("upload-label");
+  $("upload").hidden = false;
+  label.textContent = `Uploading ${file.name}`;
+  const shown = (fraction: number) => {
+    const percent = Math.floor(fraction * 100);
+    bar.value = percent;
+    bar.dataset["percent"] = String(percent);
+    item.progress = fraction;
+    render();
+  };
+  shown(0);
+  try {
+    const stored = await service.upload(file, (progress) => shown(progress.fraction));
+    shown(1);
+    label.textContent = `Uploaded ${file.name}`;
+    item.media = mediaOf(stored, file, service);
+    item.progress = undefined;
+    track(item, session().send({ ...addressed(to), ...mediaMessage({ ...stored, url: item.media.url, thumbnailUrl: item.media.thumbnailUrl }) }));
+  } catch (error) {
+    item.mark = "failed";
+    item.progress = undefined;
+    label.textContent = `Upload of ${file.name} failed`;
+    showError("chat-error", error);
+  }
+  render();
+}
+
+// --- the page's controls -------------------------------------------------------------
+
+function main(): void {
+  fillServers();
+  setConnection("offline", "");
+  $("login-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    void logIn(false);
+  });
+  $("register-submit").addEventListener("click", () => void logIn(true));
+  $("logout").addEventListener("click", () => signOut(true));
+  $("new-chat").addEventListener("submit", (event) => {
+    event.preventDefault();
+    const user = input("new-chat-user").value.trim();
+    if (!user) return;
+    input("new-chat-user").value = "";
+    openConversation(`user:${user}`);
+  });
+  $("new-group").addEventListener("submit", (event) => {
+    event.preventDefault();
+    void createGroup();
+  });
+  $("add-members").addEventListener("submit", (event) => {
+    event.preventDefault();
+    void addMembers();
+  });
+  $("composer").addEventListener("submit", (event) => {
+    event.preventDefault();
+    sendText();
+  });
+  $("compose").addEventListener("keydown", (event) => {
+    const key = event as KeyboardEvent;
+    if (key.key === "Enter" && !key.shiftKey && !key.isComposing) {
+      key.preventDefault();
+      sendText();
+    }
+  });
+  $("attach").addEventListener("change", () => {
+    const picker = input("attach");
+    const file = picker.files?.[0];
+    picker.value = "";
+    if (file !== undefined) void sendFile(file);
+  });
+  $("back").addEventListener("click", () => {
+    $("chat").classList.remove("viewing");
+    model.opened(undefined);
+    render();
+    const first = document.querySelector<HTMLButtonElement>(".conversation-button");
+    (first ?? input("new-chat-user")).focus();
+  });
+  document.addEventListener("visibilitychange", () => {
+    model.pageVisible = document.visibilityState !== "hidden";
+    if (model.pageVisible) model.opened(model.open);
+    render();
+  });
+  input("login-user").focus();
+}
+
+function users(raw: string): string[] {
+  return raw
+    .split(/[\s,]+/)
+    .map((u) => u.trim())
+    .filter(Boolean);
+}
+
+async function createGroup(): Promise<void> {
+  const name = input("new-group-name").value.trim();
+  if (!name) return;
+  try {
+    const answer = await session().createGroup(name, users(input("new-group-members").value));
+    if (!answer.ok || answer.group === undefined) throw new Error(`${answer.error}: ${answer.message}`);
+    input("new-group-name").value = "";
+    input("new-group-members").value = "";
+    ($("new-group-box") as HTMLDetailsElement).open = false;
+    const key = `group:${answer.group.id}`;
+    model.conversation(key, `# ${answer.group.name || answer.group.id}`);
+    historyLoaded.add(key);
+    openConversation(key);
+  } catch (error) {
+    showError("chat-error", error);
+  }
+}
+
+async function addMembers(): Promise<void> {
+  const to = target();
+  if (to?.group === undefined) return;
+  try {
+    const answer = await session().addMembers(to.group, users(input("add-members-users").value));
+    if (!answer.ok) throw new Error(`${answer.error}: ${answer.message}`);
+    input("add-members-users").value = "";
+    const invited = answer.invited.length ? ` (invited: ${answer.invited.join(", ")})` : "";
+    showError("chat-error", `Members added${invited}.`);
+  } catch (error) {
+    showError("chat-error", error);
+  }
+}
+
+main();

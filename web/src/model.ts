@@ -1,0 +1,321 @@
+/**
+ * What the app shows, without the DOM: conversations, their messages, unread counts
+ * and each sent message's mark. The SDK's events go in (`received`, `sending`,
+ * `outcome`, `summary`), the view reads the result; keeping it apart from the page is
+ * what lets node --test check it.
+ */
+
+/** sending: not yet taken by the node; sent: stored or accepted; delivered: a device of
+ * the receiver has it; failed: the SDK gave up. */
+export type Mark = "sending" | "sent" | "delivered" | "read" | "failed";
+
+export type ItemKind = "text" | "image" | "file" | "system";
+
+export interface MediaInfo {
+  url: string;
+  thumbnailUrl: string;
+  name: string;
+  mime: string;
+  size: number;
+  width: number;
+  height: number;
+}
+
+/** One message as shown. `key` stays the same from sending to delivered. */
+export interface Item {
+  key: string;
+  msgId: string;
+  clientSeq: string;
+  from: string;
+  mine: boolean;
+  kind: ItemKind;
+  text: string;
+  media: MediaInfo | undefined;
+  seq: number;
+  at: number;
+  mark: Mark | undefined;
+  /** Upload progress of a media message being sent, 0..1; undefined once sent. */
+  progress: number | undefined;
+}
+
+export interface Conversation {
+  /** "user:bob" or "group:g1" (the SDK's outbox key). */
+  key: string;
+  peer: string;
+  group: string;
+  title: string;
+  unread: number;
+  items: Item[];
+  lastAt: number;
+  /** The newest message's one-line preview (from the summary before any item is here). */
+  preview: string;
+}
+
+/** The message fields the model reads (a pb.Message fits). */
+export interface MessageLike {
+  id: bigint;
+  from: string;
+  to: string;
+  group: string;
+  type: number;
+  text: string;
+  clientSeq: bigint;
+  sentAtMs: bigint;
+  seq: bigint;
+  device?: string;
+  media?: {
+    url: string;
+    thumbnailUrl: string;
+    name: string;
+    mime: string;
+    size: bigint;
+    width: number;
+    height: number;
+  };
+}
+
+/** The message types of cim.proto (MessageType). */
+export const TYPE = { TEXT: 0, IMAGE: 1, VOICE: 2, FILE: 3, LOCATION: 4, SYSTEM: 5 } as const;
+
+export const SYSTEM_SENDER = "@system";
+
+export function conversationKey(me: string, message: { from: string; to: string; group: string }): string {
+  if (message.group) return `group:${message.group}`;
+  return `user:${message.from === me ? message.to : message.from}`;
+}
+
+export function kindOf(type: number): ItemKind {
+  if (type === TYPE.IMAGE) return "image";
+  if (type === TYPE.FILE || type === TYPE.VOICE) return "file";
+  if (type === TYPE.SYSTEM) return "system";
+  return "text";
+}
+
+function mediaOf(message: MessageLike): MediaInfo | undefined {
+  const media = message.media;
+  if (media === undefined || !media.url) return undefined;
+  return {
+    url: media.url,
+    thumbnailUrl: media.thumbnailUrl,
+    name: media.name,
+    mime: media.mime,
+    size: Number(media.size),
+    width: media.width,
+    height: media.height,
+  };
+}
+
+/** How a message reads in the conversation list. */
+export function previewOf(item: { kind: ItemKind; text: string; media: MediaInfo | undefined; mine: boolean }): string {
+  const prefix = item.mine ? "You: " : "";
+  if (item.kind === "image") return `${prefix}[image] ${item.media?.name ?? ""}`.trim();
+  if (item.kind === "file") return `${prefix}[file] ${item.media?.name ?? ""}`.trim();
+  if (item.kind === "system") return "[notice]";
+  return prefix + item.text.replace(/\s+/g, " ").slice(0, 80);
+}
+
+const MARK_ORDER: Record<Mark, number> = { failed: -1, sending: 0, sent: 1, delivered: 2, read: 3 };
+
+export class ChatModel {
+  readonly conversations = new Map<string, Conversation>();
+  /** The conversation on screen (its new messages are not unread while the page is seen). */
+  open: string | undefined;
+  pageVisible = true;
+  private readonly byClientSeq = new Map<string, Item>();
+  private readonly byMsgId = new Map<string, Item>();
+  private localCounter = 0;
+
+  constructor(readonly me: string) {}
+
+  conversation(key: string, title?: string): Conversation {
+    let conversation = this.conversations.get(key);
+    if (conversation === undefined) {
+      const [kind, id] = splitKey(key);
+      conversation = {
+        key,
+        peer: kind === "user" ? id : "",
+        group: kind === "group" ? id : "",
+        title: title ?? (kind === "group" ? `# ${id}` : id),
+        unread: 0,
+        items: [],
+        lastAt: 0,
+        preview: "",
+      };
+      this.conversations.set(key, conversation);
+    } else if (title !== undefined) {
+      conversation.title = title;
+    }
+    return conversation;
+  }
+
+  /** Newest activity first. */
+  sorted(): Conversation[] {
+    return [...this.conversations.values()].sort((a, b) => b.lastAt - a.lastAt || a.key.localeCompare(b.key));
+  }
+
+  /** The catch-up summary: unread counts and the newest message of each conversation. */
+  summary(entries: readonly { peer: string; group: string; count: number; newest?: MessageLike | undefined }[]): void {
+    for (const entry of entries) {
+      const key = entry.group ? `group:${entry.group}` : `user:${entry.peer}`;
+      const conversation = this.conversation(key);
+      conversation.unread = this.open === key && this.pageVisible ? 0 : entry.count;
+      const newest = entry.newest;
+      if (newest !== undefined && newest.id) {
+        const at = Number(newest.sentAtMs);
+        if (at >= conversation.lastAt) {
+          conversation.lastAt = at;
+          const mine = newest.from === this.me;
+          conversation.preview = previewOf({ kind: kindOf(newest.type), text: newest.text, media: mediaOf(newest), mine });
+        }
+      }
+    }
+  }
+
+  /**
+   * A message from the SDK (live, from catch-up, or from history). Returns its item,
+   * or undefined when it was already shown. `countUnread`: a catch-up's messages are
+   * counted by the summary already.
+   */
+  received(message: MessageLike, countUnread: boolean): Item | undefined {
+    const msgId = String(message.id);
+    if (message.id && this.byMsgId.has(msgId)) return undefined;
+    const mine = message.from === this.me;
+    if (mine && message.clientSeq) {
+      const waiting = this.byClientSeq.get(String(message.clientSeq));
+      if (waiting !== undefined && waiting.from === message.from) {
+        // Our own message coming back (another device, a history page): one item.
+        waiting.msgId = msgId;
+        waiting.seq = Number(message.seq);
+        this.byMsgId.set(msgId, waiting);
+        return undefined;
+      }
+    }
+    const key = conversationKey(this.me, message);
+    const conversation = this.conversation(key);
+    const item: Item = {
+      key: message.id ? `m${msgId}` : `l${++this.localCounter}`,
+      msgId,
+      clientSeq: String(message.clientSeq),
+      from: message.from,
+      mine,
+      kind: kindOf(message.type),
+      text: message.text,
+      media: mediaOf(message),
+      seq: Number(message.seq),
+      at: Number(message.sentAtMs) || Date.now(),
+      mark: mine ? "sent" : undefined,
+      progress: undefined,
+    };
+    if (message.id) this.byMsgId.set(msgId, item);
+    insertBySeq(conversation.items, item);
+    this.touch(conversation, item);
+    if (!mine && countUnread && !(this.open === key && this.pageVisible)) conversation.unread += 1;
+    return item;
+  }
+
+  /** A message the user is sending (shown at once, marked "sending"). */
+  sending(to: { peer?: string; group?: string }, kind: ItemKind, text: string, media?: MediaInfo): Item {
+    const key = to.group ? `group:${to.group}` : `user:${to.peer}`;
+    const conversation = this.conversation(key);
+    const item: Item = {
+      key: `l${++this.localCounter}`,
+      msgId: "0",
+      clientSeq: "",
+      from: this.me,
+      mine: true,
+      kind,
+      text,
+      media,
+      seq: Number.MAX_SAFE_INTEGER,
+      at: Date.now(),
+      mark: "sending",
+      progress: kind === "text" ? undefined : 0,
+    };
+    conversation.items.push(item);
+    this.touch(conversation, item);
+    return item;
+  }
+
+  /** The SDK numbered the message (its client_seq), so its outcome can find it. */
+  numbered(item: Item, clientSeq: bigint): void {
+    item.clientSeq = String(clientSeq);
+    this.byClientSeq.set(item.clientSeq, item);
+  }
+
+  /** msg:A: the node took it (its id and place). */
+  taken(clientSeq: bigint, msgId: bigint, seq: bigint): Item | undefined {
+    const item = this.byClientSeq.get(String(clientSeq));
+    if (item === undefined) return undefined;
+    item.msgId = String(msgId);
+    if (seq) item.seq = Number(seq);
+    this.byMsgId.set(item.msgId, item);
+    this.raise(item, "sent");
+    return item;
+  }
+
+  /** The SDK's outcome for a sent message. */
+  outcome(outcome: { clientSeq: bigint; msgId: bigint; status: string }): Item | undefined {
+    const item = this.byClientSeq.get(String(outcome.clientSeq));
+    if (item === undefined) return undefined;
+    if (outcome.msgId) {
+      item.msgId = String(outcome.msgId);
+      this.byMsgId.set(item.msgId, item);
+    }
+    if (outcome.status === "failed") item.mark = "failed";
+    else if (outcome.status === "delivered") this.raise(item, "delivered");
+    else this.raise(item, "sent");
+    return item;
+  }
+
+  /** The peer read up to `seq` in `key` (read receipts): every own message there up to it. */
+  readThrough(key: string, seq: number): Item[] {
+    const conversation = this.conversations.get(key);
+    if (conversation === undefined) return [];
+    const changed: Item[] = [];
+    for (const item of conversation.items) {
+      if (item.mine && item.seq <= seq && item.mark !== "read" && item.mark !== "failed") {
+        item.mark = "read";
+        changed.push(item);
+      }
+    }
+    return changed;
+  }
+
+  /** The user opened a conversation (or came back to the page showing it). */
+  opened(key: string | undefined): void {
+    this.open = key;
+    if (key !== undefined && this.pageVisible) {
+      const conversation = this.conversations.get(key);
+      if (conversation !== undefined) conversation.unread = 0;
+    }
+  }
+
+  totalUnread(): number {
+    let total = 0;
+    for (const conversation of this.conversations.values()) total += conversation.unread;
+    return total;
+  }
+
+  private raise(item: Item, mark: Mark): void {
+    if (item.mark === undefined || item.mark === "failed" || MARK_ORDER[mark] > MARK_ORDER[item.mark]) item.mark = mark;
+  }
+
+  private touch(conversation: Conversation, item: Item): void {
+    if (item.at >= conversation.lastAt) {
+      conversation.lastAt = item.at;
+      conversation.preview = previewOf(item);
+    }
+  }
+}
+
+function splitKey(key: string): [string, string] {
+  const at = key.indexOf(":");
+  return [key.slice(0, at), key.slice(at + 1)];
+}
+
+/** Keep items in timeline order; those not yet placed (seq unknown) stay last. */
+function insertBySeq(items: Item[], item: Item): void {
+  let index = items.length;
+  while (index > 0 && items[index - 1]!.seq > item.seq) index--;
+  items.splice(index, 0, item);
+}

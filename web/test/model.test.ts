@@ -1,0 +1,137 @@
+import assert from "node:assert/strict";
+import { test } from "node:test";
+import { ChatModel, conversationKey, previewOf, TYPE, type MessageLike } from "../src/model.js";
+
+let nextId = 100n;
+function message(fields: Partial<MessageLike>): MessageLike {
+  return {
+    id: nextId++,
+    from: "bob",
+    to: "alice",
+    group: "",
+    type: TYPE.TEXT,
+    text: "hi",
+    clientSeq: 0n,
+    sentAtMs: 1000n,
+    seq: 1n,
+    ...fields,
+  };
+}
+
+test("a 1:1 conversation is keyed by the other user, a group by its id", () => {
+  assert.equal(conversationKey("alice", { from: "bob", to: "alice", group: "" }), "user:bob");
+  assert.equal(conversationKey("alice", { from: "alice", to: "bob", group: "" }), "user:bob");
+  assert.equal(conversationKey("alice", { from: "bob", to: "", group: "g7" }), "group:g7");
+});
+
+test("live messages in a conversation not on screen count as unread; the open one does not", () => {
+  const model = new ChatModel("alice");
+  model.received(message({ from: "bob", seq: 1n }), true);
+  model.received(message({ from: "carol", to: "alice", seq: 1n }), true);
+  model.opened("user:carol");
+  model.received(message({ from: "carol", seq: 2n }), true);
+  model.received(message({ from: "bob", seq: 2n }), true);
+  assert.equal(model.conversation("user:bob").unread, 2);
+  assert.equal(model.conversation("user:carol").unread, 0);
+  assert.equal(model.totalUnread(), 2);
+  model.opened("user:bob");
+  assert.equal(model.totalUnread(), 0);
+});
+
+test("a hidden page counts messages of the open conversation as unread until it is seen", () => {
+  const model = new ChatModel("alice");
+  model.opened("user:bob");
+  model.pageVisible = false;
+  model.received(message({ seq: 1n }), true);
+  assert.equal(model.conversation("user:bob").unread, 1);
+  model.pageVisible = true;
+  model.opened("user:bob");
+  assert.equal(model.conversation("user:bob").unread, 0);
+});
+
+test("the catch-up summary sets unread counts and previews; its messages are not counted twice", () => {
+  const model = new ChatModel("bob");
+  const newest = message({ from: "alice", to: "bob", text: "third", seq: 5n, sentAtMs: 5000n });
+  model.summary([{ peer: "alice", group: "", count: 3, newest }]);
+  assert.equal(model.conversation("user:alice").unread, 3);
+  assert.equal(model.conversation("user:alice").preview, "third");
+  for (const seq of [3n, 4n, 5n]) model.received(message({ from: "alice", to: "bob", seq }), false);
+  assert.equal(model.conversation("user:alice").unread, 3);
+  assert.deepEqual(
+    model.conversation("user:alice").items.map((item) => item.seq),
+    [3, 4, 5],
+  );
+});
+
+test("a message already shown (same id) is not shown again", () => {
+  const model = new ChatModel("alice");
+  const first = message({ id: 7n });
+  assert.ok(model.received(first, true));
+  assert.equal(model.received({ ...first }, true), undefined);
+  assert.equal(model.conversation("user:bob").items.length, 1);
+  assert.equal(model.conversation("user:bob").unread, 1);
+});
+
+test("messages are kept in timeline order whatever order they arrive in", () => {
+  const model = new ChatModel("alice");
+  for (const seq of [3n, 1n, 2n]) model.received(message({ seq }), false);
+  assert.deepEqual(
+    model.conversation("user:bob").items.map((item) => item.seq),
+    [1, 2, 3],
+  );
+});
+
+test("a sent message goes sending, sent (msg:A), delivered (ack:N); read marks go up to the peer's seq", () => {
+  const model = new ChatModel("alice");
+  const item = model.sending({ peer: "bob" }, "text", "hello");
+  assert.equal(item.mark, "sending");
+  model.numbered(item, 41n);
+  model.taken(41n, 900n, 6n);
+  assert.equal(item.mark, "sent");
+  assert.equal(item.seq, 6);
+  model.outcome({ clientSeq: 41n, msgId: 900n, status: "delivered" });
+  assert.equal(item.mark, "delivered");
+  model.taken(41n, 900n, 6n); // a late msg:A never lowers the mark
+  assert.equal(item.mark, "delivered");
+  const later = model.sending({ peer: "bob" }, "text", "later");
+  model.numbered(later, 42n);
+  model.taken(42n, 901n, 7n);
+  assert.deepEqual(
+    model.readThrough("user:bob", 6).map((i) => i.text),
+    ["hello"],
+  );
+  assert.equal(item.mark, "read");
+  assert.equal(later.mark, "sent");
+});
+
+test("a failed message is marked failed; our own message coming back is not a second item", () => {
+  const model = new ChatModel("alice");
+  const item = model.sending({ peer: "bob" }, "text", "x");
+  model.numbered(item, 5n);
+  model.outcome({ clientSeq: 5n, msgId: 0n, status: "failed" });
+  assert.equal(item.mark, "failed");
+  const other = model.sending({ peer: "bob" }, "text", "y");
+  model.numbered(other, 6n);
+  assert.equal(model.received(message({ id: 55n, from: "alice", to: "bob", clientSeq: 6n, seq: 9n }), true), undefined);
+  assert.equal(model.conversation("user:bob").items.length, 2);
+  assert.equal(other.seq, 9);
+  assert.equal(model.conversation("user:bob").unread, 0);
+});
+
+test("previews say what a message is", () => {
+  const media = { url: "u", thumbnailUrl: "", name: "cat.png", mime: "image/png", size: 3, width: 1, height: 1 };
+  assert.equal(previewOf({ kind: "image", text: "", media, mine: true }), "You: [image] cat.png");
+  assert.equal(previewOf({ kind: "text", text: "a\n b", media: undefined, mine: false }), "a b");
+  assert.equal(previewOf({ kind: "system", text: "{}", media: undefined, mine: false }), "[notice]");
+});
+
+test("conversations are listed newest activity first", () => {
+  const model = new ChatModel("alice");
+  model.received(message({ from: "bob", sentAtMs: 1000n }), true);
+  model.received(message({ from: "carol", sentAtMs: 3000n }), true);
+  model.received(message({ from: "dave", sentAtMs: 2000n }), true);
+  assert.deepEqual(
+    model.sorted().map((c) => c.key),
+    ["user:carol", "user:dave", "user:bob"],
+  );
+});
