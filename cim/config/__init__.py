@@ -38,6 +38,7 @@ from cim.config.services import (
     LogicConfig,
     NodeConfig,
     RouterConfig,
+    WsConfig,
     parse_base_url,
 )
 from cim.config.values import (
@@ -83,6 +84,7 @@ __all__ = [
     "QueueConfig",
     "RegistryConfig",
     "RouterConfig",
+    "WsConfig",
     "StateConfig",
     "load_config",
     "parse_base_url",

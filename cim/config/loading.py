@@ -29,6 +29,7 @@ from cim.config.services import (
     LogicConfig,
     NodeConfig,
     RouterConfig,
+    WsConfig,
 )
 from cim.config.values import (
     REQUIRED,
@@ -58,6 +59,7 @@ class CimConfig:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     log: LogConfig = field(default_factory=LogConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
+    ws: WsConfig = field(default_factory=WsConfig)
     path: str = ""
 
     @property
@@ -103,6 +105,7 @@ SECTIONS: tuple[type, ...] = (
     LimitsConfig,
     LogConfig,
     HttpConfig,
+    WsConfig,
 )
 
 
@@ -165,6 +168,18 @@ def parse_config(text: str, path: str = "<string>") -> CimConfig:
     config = CimConfig(path=path, **parsed)
     if config.im.enabled and not config.im.advertise:
         _advertise_from_listen(config.im.listen)
+    if config.ws.enabled:
+        if not config.im.enabled:
+            raise ConfigError(
+                "ws", "enabled", "true", "the gateway serves the IM node: enable [im] too"
+            )
+        if not config.ws.advertise and not config.ws.listen.startswith(("tcp:", "ssl:")):
+            raise ConfigError(
+                "ws",
+                "advertise",
+                "",
+                f"set it: it cannot be derived from listen = {config.ws.listen!r}",
+            )
     return config
 
 

@@ -1,0 +1,108 @@
+"""The WebSocket gateway: autobahn's server protocol in front of the IM connection.
+
+Autobahn does the HTTP upgrade and the WebSocket framing; everything cim is the IM
+node's own connection protocol (``ImServerProtocol``, from the IM factory the TCP
+port uses), started on a ``MessageTransport`` (cim.protocols.websocket) once the
+upgrade is done. So a browser is the same kind of session as a phone on TCP: same
+handshake, same allow-lists, same rooms, counted in the same per-address limit and
+drained at stop with the rest.
+
+Added here, before the upgrade: the page's ``Origin`` must be in ``[ws]
+allowed_origins`` (a request without one is not from a browser page and goes on),
+and autobahn is told the ``[im]`` limits: the largest message (``max_frame_size``)
+and the deadline of the upgrade (``handshake_timeout``; the cim hello then has its
+own, as on TCP).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from autobahn.twisted.websocket import (
+    WebSocketServerFactory,
+    WebSocketServerProtocol,
+)
+from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from cim.config import WsConfig
+from cim.http.cors import OriginPolicy
+from cim.protocols.im import ImServerFactory
+from cim.protocols.websocket import MessageTransport
+
+__all__ = ["CLOSE_HANDSHAKE_TIMEOUT", "GatewayFactory", "GatewayProtocol"]
+
+CLOSE_HANDSHAKE_TIMEOUT = 1.0
+"""Seconds a peer has to answer our close frame before the connection is dropped."""
+
+
+class GatewayProtocol(WebSocketServerProtocol):
+    """One browser connection: the upgrade here, the IM connection behind it."""
+
+    factory: GatewayFactory
+    frames: MessageTransport | None = None
+    log = Logger()
+
+    def onConnect(self, request: ConnectionRequest) -> None:
+        origin = request.headers.get("origin")
+        if origin is not None and not self.factory.origins.allows(origin):
+            self.factory.im.metrics.connections_refused["origin"] += 1
+            self.log.info(
+                "WebSocket upgrade from {peer} refused: origin {origin} not allowed",
+                peer=request.peer,
+                origin=origin[:200],
+            )
+            raise ConnectionDeny(ConnectionDeny.FORBIDDEN, "origin not allowed")
+
+    def onOpen(self) -> None:
+        factory = self.factory
+        frames = MessageTransport(self, factory.clock, factory.config.max_pings_per_second)
+        self.frames = frames
+        frames.attach(factory.im.buildProtocol(self.transport.getPeer()))
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        if self.frames is not None:
+            self.frames.message_received(payload, isBinary)
+
+    def onPing(self, payload: bytes) -> None:
+        if self.frames is not None:
+            self.frames.ping_received(payload)
+
+    def connectionLost(self, reason: Failure | None = None) -> None:
+        if reason is None:
+            reason = Failure(ConnectionError("connection lost"))
+        super().connectionLost(reason)
+        if self.frames is not None:
+            self.frames.connection_lost(reason)
+
+
+class GatewayFactory(WebSocketServerFactory):
+    """The ``[ws]`` port's factory: its connections are the IM factory's connections."""
+
+    protocol = GatewayProtocol
+
+    def __init__(
+        self, config: WsConfig, im: ImServerFactory, clock: IReactorTime, reactor: Any = None
+    ) -> None:
+        super().__init__(reactor=reactor if reactor is not None else clock)
+        self.config = config
+        self.im = im
+        self.clock = clock
+        self.origins = OriginPolicy(config.allowed_origins)
+        self.isSecure = config.listen.startswith("ssl:")
+        limits = im.config
+        self.setProtocolOptions(
+            maxMessagePayloadSize=limits.max_frame_size,
+            maxFramePayloadSize=limits.max_frame_size,
+            openHandshakeTimeout=limits.handshake_timeout,
+            closeHandshakeTimeout=CLOSE_HANDSHAKE_TIMEOUT,
+            # A violation is answered with a close frame the page can show (1003,
+            # 1008, 1009), then dropped if the peer does not answer in time.
+            failByDrop=False,
+            # Heartbeats are cim's own (empty messages), as on TCP.
+            autoPingInterval=0,
+            # The origin is checked in onConnect, with the same policy as CORS.
+            allowedOrigins=["*"],
+        )
