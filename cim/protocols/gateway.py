@@ -70,6 +70,11 @@ class GatewayProtocol(WebSocketServerProtocol):
         if self.frames is not None:
             self.frames.ping_received(payload)
 
+    def close_with(self, code: int, reason: str) -> None:
+        # sendClose takes only 1000 and 3000-4999 (codes for applications); the
+        # protocol's own codes (1003 text, 1008 policy) need the frame-level call.
+        self.sendCloseFrame(code, reason.encode() if reason else None, isReply=False)
+
     def connectionLost(self, reason: Failure | None = None) -> None:
         if reason is None:
             reason = Failure(ConnectionError("connection lost"))

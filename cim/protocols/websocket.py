@@ -64,7 +64,9 @@ class WebSocketChannel(Protocol):
 
     def sendMessage(self, payload: bytes, isBinary: bool = False) -> None: ...
 
-    def sendClose(self, code: int | None = None, reason: str | None = None) -> None: ...
+    def close_with(self, code: int, reason: str) -> None:
+        """Send a close frame with any code (1003 and 1008 too), then wait for the
+        peer's answer until a deadline."""
 
     def sendPong(self, payload: bytes | None = None) -> None: ...
 
@@ -184,7 +186,7 @@ class MessageTransport:
             return
         self.disconnecting = True
         code, reason = self._close_with or (1000, "")
-        self.channel.sendClose(code, reason or None)
+        self.channel.close_with(code, reason)
 
     def abortConnection(self) -> None:
         if self._close_with is not None:

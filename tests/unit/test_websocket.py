@@ -40,14 +40,14 @@ class FakeChannel:
         self.transport = StringTransport(hostAddress=HOST, peerAddress=peer)
         self.sent: list[bytes] = []
         self.text_sent: list[bytes] = []
-        self.closes: list[tuple[int | None, str | None]] = []
+        self.closes: list[tuple[int, str]] = []
         self.pongs: list[bytes | None] = []
         self.dropped: list[bool] = []
 
     def sendMessage(self, payload: bytes, isBinary: bool = False) -> None:
         (self.sent if isBinary else self.text_sent).append(payload)
 
-    def sendClose(self, code: int | None = None, reason: str | None = None) -> None:
+    def close_with(self, code: int, reason: str) -> None:
         self.closes.append((code, reason))
 
     def sendPong(self, payload: bytes | None = None) -> None:
@@ -175,7 +175,7 @@ class AdapterTests(SynchronousTestCase):
     def test_lose_connection_closes_the_websocket_cleanly_once(self) -> None:
         self.protocol.lose_connection()
         self.protocol.lose_connection()
-        self.assertEqual(self.channel.closes, [(1000, None)])
+        self.assertEqual(self.channel.closes, [(1000, "")])
         self.frames.message_received(b"\x01late", True)
         self.assertEqual(self.protocol.plaintexts, [])
 
@@ -284,7 +284,7 @@ class SameSessionTests(SynchronousTestCase):
         alice = WebSocketClient(node, "alice")
         self.assertIsNot(alice.server.state, ConnectionState.ESTABLISHED)
         self.assertEqual(node.metrics.connections_refused["per_address_limit"], 1)
-        self.assertEqual(alice.server_channel.closes, [(1000, None)])
+        self.assertEqual(alice.server_channel.closes, [(1000, "")])
         self.failureResultOf(alice.protocol.logged_in, HandshakeRefused)
 
     def test_the_heartbeat_timeout_drops_a_silent_browser(self) -> None:
