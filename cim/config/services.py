@@ -41,14 +41,14 @@ def parse_origins(raw: str) -> tuple[str, ...]:
     An origin is compared as the browser sends it, so a trailing slash or a path is a
     mistake that would silently refuse every page: it is refused here instead.
     """
-    origins = parse_list(raw)
+    origins = tuple(origin.lower() for origin in parse_list(raw))
     for origin in origins:
         if origin != "*" and not re.fullmatch(r"https?://[^\s/?#*]+", origin):
             raise ValueError(
                 f"{origin!r} is not an origin: expected scheme://host[:port] "
                 "(no path, no trailing slash) or *"
             )
-    return tuple(origin.lower() for origin in origins)
+    return origins
 
 
 @dataclass(frozen=True)

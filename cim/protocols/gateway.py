@@ -60,7 +60,7 @@ class GatewayProtocol(WebSocketServerProtocol):
         factory = self.factory
         frames = MessageTransport(self, factory.clock, factory.config.max_pings_per_second)
         self.frames = frames
-        frames.attach(factory.im.buildProtocol(self.transport.getPeer()))
+        frames.attach(factory.im.buildProtocol(frames.getPeer()))
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         if self.frames is not None:
@@ -86,7 +86,7 @@ class GatewayProtocol(WebSocketServerProtocol):
 class GatewayFactory(WebSocketServerFactory):
     """The ``[ws]`` port's factory: its connections are the IM factory's connections."""
 
-    protocol = GatewayProtocol
+    protocol = GatewayProtocol  # type: ignore[assignment]
 
     def __init__(
         self, config: WsConfig, im: ImServerFactory, clock: IReactorTime, reactor: Any = None

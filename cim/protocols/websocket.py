@@ -24,6 +24,7 @@ heartbeats) faster than ``max_pings_per_second``. The autobahn protocol
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterable
 from typing import Any, Protocol
 
 from twisted.internet.interfaces import (
@@ -178,7 +179,7 @@ class MessageTransport:
             offset = start + length
             send(data[start:offset], True)
 
-    def writeSequence(self, data: list[bytes]) -> None:
+    def writeSequence(self, data: Iterable[bytes]) -> None:
         self.write(b"".join(data))
 
     def loseConnection(self) -> None:
@@ -198,10 +199,10 @@ class MessageTransport:
         self.channel.dropConnection(abort=True)
 
     def getPeer(self) -> IAddress:
-        return self.channel.transport.getPeer()  # type: ignore[no-any-return]
+        return self.channel.transport.getPeer()
 
     def getHost(self) -> IAddress:
-        return self.channel.transport.getHost()  # type: ignore[no-any-return]
+        return self.channel.transport.getHost()
 
     # --- producers: straight to the stream under the WebSocket -------------------------
 

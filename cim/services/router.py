@@ -292,15 +292,15 @@ class RouterResource(EndpointResource[str]):
             raise state_unavailable() from None
 
         im = self._im_config
-        address: dict[str, Any] = {"id": node.node_id, "host": node.host, "port": node.port}
+        where: dict[str, Any] = {"id": node.node_id, "host": node.host, "port": node.port}
         if node.ws_url:
             # The same node's WebSocket gateway, for browsers (docs/protocol.md).
-            address["ws_url"] = node.ws_url
+            where["ws_url"] = node.ws_url
         body: dict[str, Any] = {
             "token": token,
             "session_id": record.session_id,
             "user": user,
-            "node": address,
+            "node": where,
             "server_key": base64.b64encode(node.public_key_der).decode(),
             "key_fingerprint": hashlib.sha256(node.public_key_der).hexdigest(),
             "heartbeat_interval": im.heartbeat_interval,

@@ -94,7 +94,9 @@ class AdapterTests(SynchronousTestCase):
         self.frames.message_received(b"\x01hello", False)
         self.frames.message_received(b"\x01after", True)
         self.assertEqual(self.protocol.plaintexts, [])
-        self.assertEqual(self.channel.closes, [(CLOSE_UNSUPPORTED, "cim frames are binary messages")])
+        self.assertEqual(
+            self.channel.closes, [(CLOSE_UNSUPPORTED, "cim frames are binary messages")]
+        )
         self.assertEqual(self.channel.dropped, [])
         self.assertEqual(self.metrics.frames_rejected["text message"], 1)
 
@@ -253,7 +255,9 @@ class SameSessionTests(SynchronousTestCase):
         self.assertEqual([kind for kind, _ in alice.events.frames], [cim_pb2.MSG_A, cim_pb2.ACK_N])
         self.assertEqual([kind for kind, _ in bob.events.frames], [cim_pb2.MSG_N, cim_pb2.ACK_A])
         msg_n = bob.events.of_type(cim_pb2.MSG_N)[0]
-        self.assertEqual((getattr(msg_n, "from"), msg_n.device, msg_n.text), ("alice", "browser", "hi"))
+        self.assertEqual(
+            (getattr(msg_n, "from"), msg_n.device, msg_n.text), ("alice", "browser", "hi")
+        )
         self.assertEqual(alice.events.of_type(cim_pb2.ACK_N)[0].status, cim_pb2.DELIVERED)
 
     def test_six_packets_from_tcp_to_websocket(self) -> None:
