@@ -43,7 +43,24 @@ class GatewayProtocol(WebSocketServerProtocol):
 
     factory: GatewayFactory
     frames: MessageTransport | None = None
+    upgrading: str | None = None
+    """The peer's host while the upgrade is under way (counted by the factory)."""
+    refused = False
     log = Logger()
+
+    def connectionMade(self) -> None:
+        stream: Any = self.transport
+        host = getattr(stream.getPeer(), "host", "?")
+        if not self.factory.admit_upgrade(host):
+            # Over [im] max_connections_per_address before any byte is read, as the
+            # TCP port refuses it (there with a handshake error frame; here nothing
+            # WebSocket can carry yet).
+            self.factory.im.metrics.connections_refused["per_address_limit"] += 1
+            self.refused = True
+            stream.abortConnection()
+            return
+        self.upgrading = host
+        super().connectionMade()
 
     def onConnect(self, request: ConnectionRequest) -> None:
         origin = request.headers.get("origin")
@@ -58,6 +75,7 @@ class GatewayProtocol(WebSocketServerProtocol):
 
     def onOpen(self) -> None:
         factory = self.factory
+        self._upgraded()
         frames = MessageTransport(self, factory.clock, factory.config.max_pings_per_second)
         self.frames = frames
         frames.attach(factory.im.buildProtocol(frames.getPeer()))
@@ -78,9 +96,34 @@ class GatewayProtocol(WebSocketServerProtocol):
     def connectionLost(self, reason: Failure | None = None) -> None:
         if reason is None:
             reason = Failure(ConnectionError("connection lost"))
+        self._upgraded()
+        if self.refused:
+            return  # refused in connectionMade: autobahn never started
         super().connectionLost(reason)
         if self.frames is not None:
             self.frames.connection_lost(reason)
+
+    def _upgraded(self) -> None:
+        """The upgrade is over (done or failed): the IM factory counts from here."""
+        if self.upgrading is not None:
+            self.factory.upgrade_done(self.upgrading)
+            self.upgrading = None
+
+
+class _ClockTimer:
+    """autobahn's timer interface (``call_later``) on a given clock.
+
+    autobahn batches its timers into 200 ms buckets on txaio's global reactor; the
+    gateway's timers are the upgrade and close deadlines only (heartbeats are cim's,
+    on the IM factory's sweeper), each short-lived, so plain calls on the clock the
+    rest of the node uses (a fake one in tests) cost nothing while connections idle.
+    """
+
+    def __init__(self, clock: IReactorTime) -> None:
+        self.clock = clock
+
+    def call_later(self, delay: float, func: Any, *args: Any, **kwargs: Any) -> Any:
+        return self.clock.callLater(delay, func, *args, **kwargs)
 
 
 class GatewayFactory(WebSocketServerFactory):
@@ -92,10 +135,15 @@ class GatewayFactory(WebSocketServerFactory):
         self, config: WsConfig, im: ImServerFactory, clock: IReactorTime, reactor: Any = None
     ) -> None:
         super().__init__(reactor=reactor if reactor is not None else clock)
+        # autobahn's deadlines (upgrade, close) on our clock, not txaio's global one.
+        self._batched_timer = _ClockTimer(clock)
         self.config = config
         self.im = im
         self.clock = clock
         self.origins = OriginPolicy(config.allowed_origins)
+        # Connections per address still upgrading; with the IM factory's own count
+        # they stay within [im] max_connections_per_address.
+        self._upgrading: dict[str, int] = {}
         self.isSecure = config.listen.startswith("ssl:")
         limits = im.config
         self.setProtocolOptions(
@@ -111,3 +159,17 @@ class GatewayFactory(WebSocketServerFactory):
             # The origin is checked in onConnect, with the same policy as CORS.
             allowedOrigins=["*"],
         )
+
+    def admit_upgrade(self, host: str) -> bool:
+        pending = self._upgrading.get(host, 0)
+        if pending + self.im.connections_from(host) >= self.im.config.max_connections_per_address:
+            return False
+        self._upgrading[host] = pending + 1
+        return True
+
+    def upgrade_done(self, host: str) -> None:
+        pending = self._upgrading.get(host, 0) - 1
+        if pending > 0:
+            self._upgrading[host] = pending
+        else:
+            self._upgrading.pop(host, None)

@@ -503,6 +503,10 @@ class ImServerFactory(Factory):
         self.protocols.add(protocol)
         return protocol
 
+    def connections_from(self, host: str) -> int:
+        """Connections admitted from ``host`` and still open (the gateway counts with it)."""
+        return self._per_address.get(host, 0)
+
     def admit(self, host: str) -> bool:
         count = self._per_address.get(host, 0)
         if count >= self.config.max_connections_per_address:

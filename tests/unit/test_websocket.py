@@ -23,7 +23,7 @@ from cim.client.connection import ImClientProtocol
 from cim.config import KNOWN_SUITES
 from cim.metrics import NodeMetrics
 from cim.protocols import cim_pb2
-from cim.protocols.handshake import HandshakeRefused
+from cim.protocols.handshake import ClientHandshake, HandshakeRefused
 from cim.protocols.im import ConnectionState, ImServerProtocol
 from cim.protocols.websocket import CLOSE_POLICY, CLOSE_UNSUPPORTED, MessageTransport
 from tests.fakes.node import NodeHarness, RecordingEvents
@@ -299,3 +299,126 @@ class SameSessionTests(SynchronousTestCase):
         node.clock.advance(node.config.effective_heartbeat_timeout + 2)
         self.assertEqual(alice.server_channel.dropped, [True])
         self.assertEqual(node.metrics.heartbeat_timeouts, 1)
+
+
+def upgrade_request(origin: str | None) -> bytes:
+    lines = [
+        "GET / HTTP/1.1",
+        "Host: 127.0.0.1:9001",
+        "Upgrade: websocket",
+        "Connection: Upgrade",
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+        "Sec-WebSocket-Version: 13",
+    ]
+    if origin is not None:
+        lines.append(f"Origin: {origin}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+def client_frame(opcode: int, payload: bytes) -> bytes:
+    """A masked client frame (zero key), as a browser sends."""
+    length = len(payload)
+    if length < 126:
+        header = struct.pack(">BB", 0x80 | opcode, 0x80 | length)
+    else:
+        header = struct.pack(">BBH", 0x80 | opcode, 0x80 | 126, length)
+    return header + b"\x00\x00\x00\x00" + payload
+
+
+def server_frames(data: bytes) -> list[tuple[int, bytes]]:
+    frames = []
+    while data:
+        opcode, length, offset = data[0] & 0x0F, data[1] & 0x7F, 2
+        if length == 126:
+            (length,) = struct.unpack_from(">H", data, 2)
+            offset = 4
+        frames.append((opcode, data[offset : offset + length]))
+        data = data[offset + length :]
+    return frames
+
+
+class TcpStream(StringTransport):
+    """A StringTransport that, like Twisted's TCP transport, lets a consumer without a
+    producer unregister (autobahn does it on every close)."""
+
+    def unregisterProducer(self) -> None:
+        self.producer = None
+        self.streaming = None
+
+
+class GatewayProtocolTests(SynchronousTestCase):
+    """autobahn's protocol in front of the node's, on a StringTransport and a fake clock."""
+
+    PAGE = "https://chat.example.com"
+
+    def setUp(self) -> None:
+        from cim.config import WsConfig
+        from cim.protocols.gateway import GatewayFactory
+
+        self.node = NodeHarness("max_connections_per_address = 2")
+        config = WsConfig(enabled=True, allowed_origins=(self.PAGE,))
+        self.factory = GatewayFactory(config, self.node.factory, self.node.clock)
+
+    def connect(self, origin: str | None) -> tuple[Any, StringTransport]:
+        protocol = self.factory.buildProtocol(PEER)
+        transport = TcpStream(hostAddress=HOST, peerAddress=PEER)
+        protocol.makeConnection(transport)
+        protocol.dataReceived(upgrade_request(origin))
+        return protocol, transport
+
+    def test_a_page_of_another_origin_is_refused_at_the_upgrade(self) -> None:
+        _, transport = self.connect("https://evil.example")
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 403"), transport.value())
+        self.assertEqual(self.node.metrics.connections_refused["origin"], 1)
+        self.assertEqual(self.node.factory.protocols, set())
+
+    def test_the_handshake_through_autobahn_reaches_the_node(self) -> None:
+        token, _ = self.node.login("alice", "browser")
+        protocol, transport = self.connect(self.PAGE)
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 101"), transport.value())
+        transport.clear()
+        handshake = ClientHandshake(
+            self.node.key.public_der,
+            token,
+            "browser",
+            "chacha20-poly1305",
+            KNOWN_SUITES,
+            int(self.node.clock.seconds() * 1000),
+        )
+        protocol.dataReceived(client_frame(0x2, handshake.hello_body()))
+        [(opcode, reply)] = server_frames(transport.value())
+        self.assertEqual(opcode, 0x2)
+        _sealer, _opener, first = handshake.finish(reply)
+        result = cim_pb2.LoginResult.FromString(first[1:])
+        self.assertEqual((result.status, result.user), (cim_pb2.LoginResult.OK, "alice"))
+        [server] = self.node.factory.protocols
+        self.assertIs(server.state, ConnectionState.ESTABLISHED)
+        # A text message: the close frame with 1003, then nothing more is read.
+        transport.clear()
+        protocol.dataReceived(client_frame(0x1, b"hi"))
+        [(opcode, payload)] = server_frames(transport.value())
+        self.assertEqual((opcode, payload[:2]), (0x8, struct.pack(">H", 1003)))
+
+    def test_a_request_without_origin_is_not_a_page_and_goes_on(self) -> None:
+        _, transport = self.connect(None)
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 101"), transport.value())
+        self.assertEqual(len(self.node.factory.protocols), 1)
+
+    def test_connections_still_upgrading_count_toward_the_per_address_limit(self) -> None:
+        waiting = []
+        for _ in range(3):
+            protocol = self.factory.buildProtocol(PEER)
+            transport = TcpStream(hostAddress=HOST, peerAddress=PEER)
+            protocol.makeConnection(transport)
+            waiting.append(transport)
+        self.assertEqual([t.disconnecting for t in waiting], [False, False, True])
+        self.assertEqual(self.node.metrics.connections_refused["per_address_limit"], 1)
+
+    def test_the_upgrade_has_the_handshake_deadline(self) -> None:
+        protocol = self.factory.buildProtocol(PEER)
+        transport = TcpStream(hostAddress=HOST, peerAddress=PEER)
+        protocol.makeConnection(transport)
+        self.node.clock.advance(self.node.config.handshake_timeout - 1)
+        self.assertFalse(transport.disconnecting)
+        self.node.clock.advance(2)
+        self.assertTrue(transport.disconnecting or transport.disconnected)
