@@ -532,7 +532,9 @@ class ImServerFactory(Factory):
     def address_of(self, node_id: str) -> cim_pb2.NodeAddress:
         for node in self.registry.live_nodes():
             if node.node_id == node_id:
-                return cim_pb2.NodeAddress(id=node.node_id, host=node.host, port=node.port)
+                return cim_pb2.NodeAddress(
+                    id=node.node_id, host=node.host, port=node.port, ws_url=node.ws_url
+                )
         return cim_pb2.NodeAddress(id=node_id)
 
 

@@ -19,8 +19,9 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from cim.client.connection import ImClientProtocol
+from cim.client.connection import ImClientProtocol, LoginRefused
 from cim.config import KNOWN_SUITES
+from cim.interfaces import NodeInfo
 from cim.metrics import NodeMetrics
 from cim.protocols import cim_pb2
 from cim.protocols.handshake import ClientHandshake, HandshakeRefused
@@ -198,8 +199,10 @@ class AdapterTests(SynchronousTestCase):
 class WebSocketClient:
     """The client library's connection on an adapter, joined to a node's by a pump."""
 
-    def __init__(self, node: NodeHarness, user: str, auto_ack: bool = False) -> None:
-        token, _ = node.login(user, "browser")
+    def __init__(
+        self, node: NodeHarness, user: str, auto_ack: bool = False, node_id: str | None = None
+    ) -> None:
+        token, _ = node.login(user, "browser", node_id)
         self.events = RecordingEvents(auto_ack=auto_ack)
         self.protocol = ImClientProtocol(
             node.clock,
@@ -290,6 +293,20 @@ class SameSessionTests(SynchronousTestCase):
         self.assertEqual(node.metrics.connections_refused["per_address_limit"], 1)
         self.assertEqual(alice.server_channel.closes, [(1000, "")])
         self.failureResultOf(alice.protocol.logged_in, HandshakeRefused)
+
+    def test_a_browser_sent_to_the_wrong_node_is_told_its_websocket_url(self) -> None:
+        node = NodeHarness()
+        here = node.registry.live_nodes()[0]
+        there = NodeInfo("node2", "10.0.0.2", 9000, b"key", "wss://node2.example/ws")
+        node.registry.live_nodes = lambda: [here, there]  # type: ignore[method-assign]
+        alice = WebSocketClient(node, "alice", node_id="node2")
+        refusal = self.failureResultOf(alice.protocol.logged_in, LoginRefused).value
+        assert isinstance(refusal, LoginRefused) and refusal.node is not None
+        self.assertEqual(refusal.status, cim_pb2.LoginResult.WRONG_NODE)
+        self.assertEqual(
+            (refusal.node.host, refusal.node.port, refusal.node.ws_url),
+            ("10.0.0.2", 9000, "wss://node2.example/ws"),
+        )
 
     def test_the_heartbeat_timeout_drops_a_silent_browser(self) -> None:
         node = NodeHarness()
