@@ -39,6 +39,7 @@ from cim.config.services import (
     NodeConfig,
     RouterConfig,
     WebConfig,
+    WsConfig,
     parse_base_url,
 )
 from cim.config.values import (
@@ -86,6 +87,7 @@ __all__ = [
     "RouterConfig",
     "StateConfig",
     "WebConfig",
+    "WsConfig",
     "load_config",
     "parse_base_url",
     "parse_bool",

@@ -224,6 +224,7 @@ class CimDaemon(OrderedServices):
                     config.state.route_ttl,
                     refresh_routes=im_node.sessions.refresh_routes,
                     going_away=im_node.sessions.shutdown,
+                    ws_config=config.ws,
                 )
             )
         if config.router.enabled:
