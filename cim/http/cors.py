@@ -25,7 +25,9 @@ __all__ = ["CorsPolicy", "OriginPolicy", "normalize_origin"]
 _DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
 
 ALLOWED_METHODS = b"GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
-ALLOWED_HEADERS = b"Authorization, Content-Type, Content-Range, Range, If-None-Match, If-Range"
+ALLOWED_HEADERS = (
+    b"Authorization, Content-Type, Content-MD5, Content-Range, Range, If-None-Match, If-Range"
+)
 EXPOSED_HEADERS = b"Retry-After, ETag, Content-Range, Content-Disposition, Location"
 PREFLIGHT_MAX_AGE = b"600"
 
