@@ -114,6 +114,7 @@ async function startSession(user: string, password: string): Promise<void> {
   whoami.hidden = false;
   whoami.textContent = user;
   void loadGroups();
+  void invitationsWanted();
   render();
   input("new-chat-user").focus();
 }
@@ -140,11 +141,12 @@ function setConnection(state: string, detail: string): void {
 function wire(chat: WebChat): void {
   chat.on("state", ({ state, detail }) => setConnection(state, detail));
   chat.on("summary", (summary) => {
-    model.summary(summary.conversations.map((c) => ({ peer: c.peer, group: c.group, count: c.count, newest: c.newest })));
+    model.summary(summary.conversations.map((c) => ({ peer: c.peer, group: c.group, count: c.count, lastSeq: c.lastSeq, newest: c.newest })));
     render();
   });
-  chat.on("message", ({ message, live }) => {
-    const item = model.received(message, live);
+  chat.on("message", ({ message }) => {
+    if (message.group && !model.conversations.has(`group:${message.group}`)) namesWanted();
+    const item = model.received(message);
     if (item !== undefined && message.type === TYPE.SYSTEM && message.from === SYSTEM_SENDER) notice(item);
     render();
   });
@@ -164,10 +166,17 @@ function wire(chat: WebChat): void {
   chat.on("error", (error) => showError("chat-error", `${error.message || "refused"}`));
 }
 
-/** A system notice: an SOS raised or handled goes to the alarm strip too. */
+/** A system notice: an SOS raised or handled goes to the alarm strip too, a group
+ * invitation to the invitations strip. */
 function notice(item: Item): void {
   const parsed = parseNotice(item.text);
-  if (parsed.sos === undefined || view === undefined) return;
+  if (view === undefined) return;
+  if (parsed.event === "group.invited") {
+    const group = String(parsed.fields["group"] ?? "");
+    if (group) void invitationsWanted();
+    return;
+  }
+  if (parsed.sos === undefined) return;
   if (parsed.event === "sos.raised") view.alarm(parsed.sos, parsed.summary, false);
   if (parsed.event === "sos.handled") view.alarm(parsed.sos, parsed.summary, true);
 }
@@ -198,6 +207,46 @@ function signOut(logout: boolean): void {
 }
 
 // --- conversations -------------------------------------------------------------------
+
+/** The pending group invitations, each with Accept and Decline. */
+async function invitationsWanted(): Promise<void> {
+  try {
+    const answer = await session().groupRequest({ op: { case: "invitations", value: {} } });
+    for (const invitation of answer.invitations) {
+      const group = invitation.group;
+      if (group === undefined) continue;
+      const text = `${invitation.invitedBy || "someone"} invites you to the group ${group.name || group.id}`;
+      view?.invitation(group.id, text, (accept) => answerInvitation(group.id, group.name, accept));
+    }
+  } catch (error) {
+    showError("chat-error", error);
+  }
+}
+
+async function answerInvitation(group: string, name: string, accept: boolean): Promise<void> {
+  try {
+    const answer = accept
+      ? await session().acceptInvitation(group)
+      : await session().groupRequest({ op: { case: "decline", value: { group } } });
+    if (!answer.ok) throw new Error(`${answer.error}: ${answer.message}`);
+    if (accept) {
+      model.conversation(`group:${group}`, `# ${name || group}`);
+      render();
+    }
+  } catch (error) {
+    showError("chat-error", error);
+    throw error;
+  }
+}
+
+let namesAsked: Promise<void> | undefined;
+
+/** A message from a group not yet listed (we were just added): ask for the names once. */
+function namesWanted(): void {
+  namesAsked ??= loadGroups().finally(() => {
+    namesAsked = undefined;
+  });
+}
 
 async function loadGroups(): Promise<void> {
   try {
@@ -230,7 +279,7 @@ async function loadHistory(key: string): Promise<void> {
   try {
     const page = await session().history(conversation.group || conversation.peer, { group: Boolean(conversation.group), limit: 50 });
     if (page.error) throw new Error(`${page.error}: ${page.message}`);
-    for (const message of page.messages) model.received(message, false);
+    for (const message of page.messages) model.received(message);
     render();
   } catch (error) {
     historyLoaded.delete(key);
@@ -375,6 +424,11 @@ function main(): void {
   input("login-user").focus();
 }
 
+/** Who was invited rather than added (they join when they accept). */
+function membersSaid(invited: readonly string[], otherwise: string): string {
+  return invited.length ? `Invited (they join when they accept): ${invited.join(", ")}.` : otherwise;
+}
+
 function users(raw: string): string[] {
   return raw
     .split(/[\s,]+/)
@@ -395,6 +449,7 @@ async function createGroup(): Promise<void> {
     model.conversation(key, `# ${answer.group.name || answer.group.id}`);
     historyLoaded.add(key);
     openConversation(key);
+    if (answer.invited.length) showError("chat-error", membersSaid(answer.invited, ""));
   } catch (error) {
     showError("chat-error", error);
   }
@@ -407,8 +462,7 @@ async function addMembers(): Promise<void> {
     const answer = await session().addMembers(to.group, users(input("add-members-users").value));
     if (!answer.ok) throw new Error(`${answer.error}: ${answer.message}`);
     input("add-members-users").value = "";
-    const invited = answer.invited.length ? ` (invited: ${answer.invited.join(", ")})` : "";
-    showError("chat-error", `Members added${invited}.`);
+    showError("chat-error", membersSaid(answer.invited, "Members added."));
   } catch (error) {
     showError("chat-error", error);
   }

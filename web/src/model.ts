@@ -49,6 +49,8 @@ export interface Conversation {
   lastAt: number;
   /** The newest message's one-line preview (from the summary before any item is here). */
   preview: string;
+  /** Messages up to this seq are in `unread` already (the summary counted them) or were seen. */
+  countedThrough: number;
 }
 
 /** The message fields the model reads (a pb.Message fits). */
@@ -140,6 +142,7 @@ export class ChatModel {
         items: [],
         lastAt: 0,
         preview: "",
+        countedThrough: 0,
       };
       this.conversations.set(key, conversation);
     } else if (title !== undefined) {
@@ -154,11 +157,14 @@ export class ChatModel {
   }
 
   /** The catch-up summary: unread counts and the newest message of each conversation. */
-  summary(entries: readonly { peer: string; group: string; count: number; newest?: MessageLike | undefined }[]): void {
+  summary(
+    entries: readonly { peer: string; group: string; count: number; lastSeq: bigint; newest?: MessageLike | undefined }[],
+  ): void {
     for (const entry of entries) {
       const key = entry.group ? `group:${entry.group}` : `user:${entry.peer}`;
       const conversation = this.conversation(key);
       conversation.unread = this.open === key && this.pageVisible ? 0 : entry.count;
+      conversation.countedThrough = Math.max(conversation.countedThrough, Number(entry.lastSeq));
       const newest = entry.newest;
       if (newest !== undefined && newest.id) {
         const at = Number(newest.sentAtMs);
@@ -172,11 +178,11 @@ export class ChatModel {
   }
 
   /**
-   * A message from the SDK (live, from catch-up, or from history). Returns its item,
-   * or undefined when it was already shown. `countUnread`: a catch-up's messages are
-   * counted by the summary already.
+   * A message from the SDK (live, from catch-up or gap healing, or from history).
+   * Returns its item, or undefined when it was already shown. Another's message past
+   * what the summary counted is unread unless its conversation is on screen.
    */
-  received(message: MessageLike, countUnread: boolean): Item | undefined {
+  received(message: MessageLike): Item | undefined {
     const msgId = String(message.id);
     if (message.id && this.byMsgId.has(msgId)) return undefined;
     const mine = message.from === this.me;
@@ -209,7 +215,11 @@ export class ChatModel {
     if (message.id) this.byMsgId.set(msgId, item);
     insertBySeq(conversation.items, item);
     this.touch(conversation, item);
-    if (!mine && countUnread && !(this.open === key && this.pageVisible)) conversation.unread += 1;
+    const seq = Number(message.seq);
+    if (!mine && (seq === 0 || seq > conversation.countedThrough) && !(this.open === key && this.pageVisible)) {
+      conversation.unread += 1;
+    }
+    conversation.countedThrough = Math.max(conversation.countedThrough, seq);
     return item;
   }
 

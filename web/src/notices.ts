@@ -21,6 +21,7 @@ const DESCRIPTIONS: Record<string, (f: Record<string, unknown>) => string> = {
   "contact.requested": (f) => `${str(f["from"])} asks to be a contact of ${str(f["to"])}`,
   "contact.added": (f) => `${str(f["contact"])} and ${str(f["account"])} are contacts`,
   "binding.requested": (f) => `${str(f["guardian"])} asks to be a guardian of ${str(f["device"])}`,
+  "group.invited": (f) => `${str(f["invited_by"])} invites you to the group ${str(f["name"] ?? f["group"])}`,
   "fence.crossed": (f) => `${str(f["device"])} ${str(f["direction"]) || "crossed"} ${str(f["fence_name"] ?? f["fence"])}`,
 };
 

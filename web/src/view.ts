@@ -54,8 +54,10 @@ export class ChatView {
     this.shownConversation = undefined;
     $("conversations").replaceChildren();
     $("messages").replaceChildren();
-    $("alarms").replaceChildren();
-    $("alarms").hidden = true;
+    for (const strip of ["alarms", "invitations"]) {
+      $(strip).replaceChildren();
+      $(strip).hidden = true;
+    }
   }
 
   /** The conversation list: newest activity first, unread badges, previews. */
@@ -214,6 +216,37 @@ export class ChatView {
         });
     }
     li.insertBefore(link, li.querySelector(".meta"));
+  }
+
+  /** A group invitation with its Accept and Decline buttons; `answered` removes it. */
+  invitation(group: string, text: string, answer: (accept: boolean) => Promise<void>): void {
+    const strip = $("invitations");
+    if (strip.querySelector(`[data-group="${CSS.escape(group)}"]`) !== null) return;
+    const entry = element("div", "invitation");
+    entry.dataset["group"] = group;
+    entry.append(element("span", "invitation-text", text));
+    for (const [label, accept] of [
+      ["Accept", true],
+      ["Decline", false],
+    ] as const) {
+      const button = element("button", "", label);
+      button.type = "button";
+      button.addEventListener("click", () => {
+        for (const b of entry.querySelectorAll("button")) b.disabled = true;
+        void answer(accept).then(
+          () => {
+            entry.remove();
+            strip.hidden = strip.childElementCount === 0;
+          },
+          () => {
+            for (const b of entry.querySelectorAll("button")) b.disabled = false;
+          },
+        );
+      });
+      entry.append(button);
+    }
+    strip.append(entry);
+    strip.hidden = false;
   }
 
   /** An SOS for a guardian: on top of everything, with its acknowledge button. */

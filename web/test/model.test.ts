@@ -26,11 +26,11 @@ test("a 1:1 conversation is keyed by the other user, a group by its id", () => {
 
 test("live messages in a conversation not on screen count as unread; the open one does not", () => {
   const model = new ChatModel("alice");
-  model.received(message({ from: "bob", seq: 1n }), true);
-  model.received(message({ from: "carol", to: "alice", seq: 1n }), true);
+  model.received(message({ from: "bob", seq: 1n }));
+  model.received(message({ from: "carol", to: "alice", seq: 1n }));
   model.opened("user:carol");
-  model.received(message({ from: "carol", seq: 2n }), true);
-  model.received(message({ from: "bob", seq: 2n }), true);
+  model.received(message({ from: "carol", seq: 2n }));
+  model.received(message({ from: "bob", seq: 2n }));
   assert.equal(model.conversation("user:bob").unread, 2);
   assert.equal(model.conversation("user:carol").unread, 0);
   assert.equal(model.totalUnread(), 2);
@@ -42,7 +42,7 @@ test("a hidden page counts messages of the open conversation as unread until it 
   const model = new ChatModel("alice");
   model.opened("user:bob");
   model.pageVisible = false;
-  model.received(message({ seq: 1n }), true);
+  model.received(message({ seq: 1n }));
   assert.equal(model.conversation("user:bob").unread, 1);
   model.pageVisible = true;
   model.opened("user:bob");
@@ -52,10 +52,10 @@ test("a hidden page counts messages of the open conversation as unread until it 
 test("the catch-up summary sets unread counts and previews; its messages are not counted twice", () => {
   const model = new ChatModel("bob");
   const newest = message({ from: "alice", to: "bob", text: "third", seq: 5n, sentAtMs: 5000n });
-  model.summary([{ peer: "alice", group: "", count: 3, newest }]);
+  model.summary([{ peer: "alice", group: "", count: 3, lastSeq: 5n, newest }]);
   assert.equal(model.conversation("user:alice").unread, 3);
   assert.equal(model.conversation("user:alice").preview, "third");
-  for (const seq of [3n, 4n, 5n]) model.received(message({ from: "alice", to: "bob", seq }), false);
+  for (const seq of [3n, 4n, 5n]) model.received(message({ from: "alice", to: "bob", seq }));
   assert.equal(model.conversation("user:alice").unread, 3);
   assert.deepEqual(
     model.conversation("user:alice").items.map((item) => item.seq),
@@ -63,18 +63,28 @@ test("the catch-up summary sets unread counts and previews; its messages are not
   );
 });
 
+test("after the summary, a message past what it counted is unread however it came", () => {
+  const model = new ChatModel("bob");
+  model.summary([{ peer: "alice", group: "", count: 1, lastSeq: 4n }]);
+  model.received(message({ from: "alice", to: "bob", seq: 4n }));
+  model.received(message({ from: "alice", to: "bob", seq: 5n }));
+  model.received(message({ from: "carol", to: "", group: "g1", seq: 1n })); // a new group's first
+  assert.equal(model.conversation("user:alice").unread, 2);
+  assert.equal(model.conversation("group:g1").unread, 1);
+});
+
 test("a message already shown (same id) is not shown again", () => {
   const model = new ChatModel("alice");
   const first = message({ id: 7n });
-  assert.ok(model.received(first, true));
-  assert.equal(model.received({ ...first }, true), undefined);
+  assert.ok(model.received(first));
+  assert.equal(model.received({ ...first }), undefined);
   assert.equal(model.conversation("user:bob").items.length, 1);
   assert.equal(model.conversation("user:bob").unread, 1);
 });
 
 test("messages are kept in timeline order whatever order they arrive in", () => {
   const model = new ChatModel("alice");
-  for (const seq of [3n, 1n, 2n]) model.received(message({ seq }), false);
+  for (const seq of [3n, 1n, 2n]) model.received(message({ seq }));
   assert.deepEqual(
     model.conversation("user:bob").items.map((item) => item.seq),
     [1, 2, 3],
@@ -112,7 +122,7 @@ test("a failed message is marked failed; our own message coming back is not a se
   assert.equal(item.mark, "failed");
   const other = model.sending({ peer: "bob" }, "text", "y");
   model.numbered(other, 6n);
-  assert.equal(model.received(message({ id: 55n, from: "alice", to: "bob", clientSeq: 6n, seq: 9n }), true), undefined);
+  assert.equal(model.received(message({ id: 55n, from: "alice", to: "bob", clientSeq: 6n, seq: 9n })), undefined);
   assert.equal(model.conversation("user:bob").items.length, 2);
   assert.equal(other.seq, 9);
   assert.equal(model.conversation("user:bob").unread, 0);
@@ -127,9 +137,9 @@ test("previews say what a message is", () => {
 
 test("conversations are listed newest activity first", () => {
   const model = new ChatModel("alice");
-  model.received(message({ from: "bob", sentAtMs: 1000n }), true);
-  model.received(message({ from: "carol", sentAtMs: 3000n }), true);
-  model.received(message({ from: "dave", sentAtMs: 2000n }), true);
+  model.received(message({ from: "bob", sentAtMs: 1000n }));
+  model.received(message({ from: "carol", sentAtMs: 3000n }));
+  model.received(message({ from: "dave", sentAtMs: 2000n }));
   assert.deepEqual(
     model.sorted().map((c) => c.key),
     ["user:carol", "user:dave", "user:bob"],
