@@ -7,7 +7,9 @@ Debian's headless Chromium through playwright-core: alice logs in, bob registers
 the page; alice sends a text and an image, bob sees both live with the thumbnail,
 alice sees them delivered; bob's page closes, alice sends three more, bob comes back
 to an unread count of 3 and the three messages; screenshots of both pages; a group
-(create, invitation accepted, a post); no console errors.
+(create, invitation accepted, a post); a watch's SOS shown to its guardian carol and
+acknowledged from her page; no console errors; and when the daemon stops, both pages
+say they are offline and reconnecting.
 
 ``make test`` builds the app's npm packages first (``make web``); without Node,
 those packages or Chromium the test is skipped, or fails when CIM_REQUIRE_SERVICES
@@ -38,7 +40,9 @@ STEPS = (
     "bob opens the page again, the conversation shows 3 unread and the three messages",
     "screenshots",
     "alice creates a group with bob and posts; bob sees it",
+    "a watch raises an SOS, its guardian carol sees it on top and acknowledges it",
     "no console errors",
+    "the daemon stops, the pages show that they are offline and reconnecting",
 )
 
 
@@ -125,6 +129,7 @@ class WebAppInBrowserTests(SynchronousTestCase):
             CIM_PASSWORD=PASSWORD,
             CIM_SHOTS=shots,
             CIM_CHROMIUM=CHROMIUM,
+            CIM_DAEMON_PID=str(self.daemon.process.pid),
             PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD="1",
         )
         run = subprocess.run(

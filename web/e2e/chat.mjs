@@ -72,7 +72,7 @@ function png(width, height) {
 
 // --- the pages -----------------------------------------------------------------------
 
-function watch(page, who) {
+function observed(page, who) {
   page.on("console", (message) => {
     if (message.type() === "error") consoleErrors.push(`${who}: console: ${message.text()}`);
   });
@@ -120,6 +120,51 @@ async function waitMark(page, text, marks) {
   return markOf(page, text);
 }
 
+/** One call to the router or the logic service, as the watch (a Node script here) makes it. */
+async function call(base, method, path, body, token) {
+  const headers = { "Content-Type": "application/json", ...(token ? { Authorization: `Bearer ${token}` } : {}) };
+  const response = await fetch(`${base}/api/v1${path}`, { method, headers, ...(body ? { body: JSON.stringify(body) } : {}) });
+  const text = await response.text();
+  if (!response.ok) throw new Error(`${method} ${path}: HTTP ${response.status} ${text}`);
+  return text ? JSON.parse(text) : {};
+}
+
+/**
+ * The guardian's side of an SOS, in the page: a watch (kind device) is bound to carol
+ * with its binding code, carol logs in on the web, the watch raises an SOS, carol's
+ * page shows it on top of everything and her Acknowledge calls the logic API.
+ */
+async function sosFlow(browser) {
+  const router = env("CIM_ROUTER");
+  const logic = env("CIM_LOGIC");
+  await call(logic, "POST", "/register", { name: "watch1", password: PASSWORD, kind: "device" });
+  await call(logic, "POST", "/register", { name: "carol", password: PASSWORD, kind: "person" });
+  const watch = (await call(router, "POST", "/login", { user: "watch1", password: PASSWORD, device: "watch" })).token;
+  const carolToken = (await call(router, "POST", "/login", { user: "carol", password: PASSWORD, device: "setup" })).token;
+  const { code } = await call(logic, "POST", "/devices/me/binding-code", undefined, watch);
+  const binding = await call(logic, "POST", "/bindings", { device: "watch1", code }, carolToken);
+  if (binding.status !== "active") throw new Error(`the binding is ${binding.status}`);
+  await call(router, "POST", "/logout", {}, carolToken);
+
+  const carolContext = await browser.newContext({ viewport: { width: 1000, height: 700 } });
+  const carol = observed(await carolContext.newPage(), "carol");
+  await logIn(carol, "carol");
+  const raised = await call(logic, "POST", "/sos", { lat: 31.2304, lon: 121.4737, battery: 35 }, watch);
+  const id = raised.id ?? raised.sos ?? raised.event;
+  const alarm = carol.locator(`#alarms .alarm[data-sos="${id}"]`);
+  await alarm.locator(".alarm-text", { hasText: "SOS from watch1" }).waitFor();
+  await carol.screenshot({ path: join(SHOTS, "web-carol-sos.png") });
+  const acknowledge = alarm.getByRole("button", { name: "Acknowledge" });
+  await acknowledge.focus();
+  await carol.keyboard.press("Enter");
+  await alarm.and(carol.locator(".handled")).waitFor();
+  const event = await call(logic, "GET", `/sos/${id}`, undefined, watch);
+  const state = event.status ?? event.state ?? (event.handled_by ? "handled" : "open");
+  if (event.handled_by !== "carol") throw new Error(`the SOS was not acknowledged by carol: ${JSON.stringify(event)}`);
+  await carolContext.close();
+  return { id, state: `${state} by ${event.handled_by}` };
+}
+
 async function main() {
   // No --user-data-dir: launch() gives each run a fresh temporary profile of its own.
   const browser = await chromium.launch({
@@ -138,8 +183,8 @@ async function main() {
     // Alice on a desktop-sized window, bob on a phone-sized one.
     const aliceContext = await browser.newContext({ viewport: { width: 1000, height: 700 } });
     const bobContext = await browser.newContext({ viewport: { width: 390, height: 740 }, isMobile: false, hasTouch: true });
-    const alice = watch(await aliceContext.newPage(), "alice");
-    let bob = watch(await bobContext.newPage(), "bob");
+    const alice = observed(await aliceContext.newPage(), "alice");
+    let bob = observed(await bobContext.newPage(), "bob");
 
     step = "alice logs in, bob registers and is logged in";
     await logIn(alice, "alice");
@@ -200,7 +245,7 @@ async function main() {
     ok(step);
 
     step = "bob opens the page again, the conversation shows 3 unread and the three messages";
-    bob = watch(await bobContext.newPage(), "bob");
+    bob = observed(await bobContext.newPage(), "bob");
     await logIn(bob, "bob");
     const unread = conversationButton(bob, "user:alice").locator(".unread");
     await unread.and(bob.locator(":not([hidden])")).waitFor();
@@ -245,8 +290,21 @@ async function main() {
     ok(step);
 
 
+    step = "a watch raises an SOS, its guardian carol sees it on top and acknowledges it";
+    const sos = await sosFlow(browser);
+    ok(step, `SOS ${sos.id} ${sos.state}`);
+
     step = "no console errors";
     if (consoleErrors.length) throw new Error(consoleErrors.join("\n"));
+    ok(step);
+
+    step = "the daemon stops, the pages show that they are offline and reconnecting";
+    process.kill(Number(env("CIM_DAEMON_PID")), "SIGTERM");
+    for (const page of [alice, bob]) {
+      await page.locator('#connection[data-state="reconnecting"], #connection[data-state="connecting"]').waitFor({ timeout: 40_000 });
+      await page.locator("#connection", { hasText: /reconnecting|Connecting/ }).waitFor();
+    }
+    await alice.screenshot({ path: join(SHOTS, "web-alice-reconnecting.png") });
     ok(step);
   } catch (error) {
     // What each page showed when the step failed, beside the other screenshots.

@@ -266,6 +266,8 @@ function openConversation(key: string): void {
   $("add-members").hidden = !conversation.group;
   $("chat").classList.add("viewing");
   showError("chat-error", "");
+  $("chat-info").textContent = "";
+  if (!$("upload-label").textContent?.startsWith("Uploading")) $("upload").hidden = true;
   render();
   input("compose").focus();
   if (!historyLoaded.has(key)) {
@@ -449,7 +451,7 @@ async function createGroup(): Promise<void> {
     model.conversation(key, `# ${answer.group.name || answer.group.id}`);
     historyLoaded.add(key);
     openConversation(key);
-    if (answer.invited.length) showError("chat-error", membersSaid(answer.invited, ""));
+    $("chat-info").textContent = membersSaid(answer.invited, "");
   } catch (error) {
     showError("chat-error", error);
   }
@@ -462,7 +464,7 @@ async function addMembers(): Promise<void> {
     const answer = await session().addMembers(to.group, users(input("add-members-users").value));
     if (!answer.ok) throw new Error(`${answer.error}: ${answer.message}`);
     input("add-members-users").value = "";
-    showError("chat-error", membersSaid(answer.invited, "Members added."));
+    $("chat-info").textContent = membersSaid(answer.invited, "Members added.");
   } catch (error) {
     showError("chat-error", error);
   }

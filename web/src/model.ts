@@ -7,6 +7,8 @@
 
 /** sending: not yet taken by the node; sent: stored or accepted; delivered: a device of
  * the receiver has it; failed: the SDK gave up. */
+import { parseNotice } from "./notices.js";
+
 export type Mark = "sending" | "sent" | "delivered" | "read" | "failed";
 
 export type ItemKind = "text" | "image" | "file" | "system";
@@ -112,7 +114,7 @@ export function previewOf(item: { kind: ItemKind; text: string; media: MediaInfo
   const prefix = item.mine ? "You: " : "";
   if (item.kind === "image") return `${prefix}[image] ${item.media?.name ?? ""}`.trim();
   if (item.kind === "file") return `${prefix}[file] ${item.media?.name ?? ""}`.trim();
-  if (item.kind === "system") return "[notice]";
+  if (item.kind === "system") return parseNotice(item.text).summary.slice(0, 80);
   return prefix + item.text.replace(/\s+/g, " ").slice(0, 80);
 }
 
@@ -137,7 +139,7 @@ export class ChatModel {
         key,
         peer: kind === "user" ? id : "",
         group: kind === "group" ? id : "",
-        title: title ?? (kind === "group" ? `# ${id}` : id),
+        title: title ?? (kind === "group" ? `# ${id}` : id === SYSTEM_SENDER ? "System notices" : id),
         unread: 0,
         items: [],
         lastAt: 0,

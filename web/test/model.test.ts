@@ -132,7 +132,8 @@ test("previews say what a message is", () => {
   const media = { url: "u", thumbnailUrl: "", name: "cat.png", mime: "image/png", size: 3, width: 1, height: 1 };
   assert.equal(previewOf({ kind: "image", text: "", media, mine: true }), "You: [image] cat.png");
   assert.equal(previewOf({ kind: "text", text: "a\n b", media: undefined, mine: false }), "a b");
-  assert.equal(previewOf({ kind: "system", text: "{}", media: undefined, mine: false }), "[notice]");
+  assert.equal(previewOf({ kind: "system", text: '{"event":"sos.raised","device":"w1"}', media: undefined, mine: false }), "SOS from w1");
+  assert.equal(new ChatModel("carol").conversation("user:@system").title, "System notices");
 });
 
 test("conversations are listed newest activity first", () => {
