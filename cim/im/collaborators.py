@@ -30,6 +30,7 @@ from cim.limits.policy import NoLimits, RateLimits
 from cim.message_ids import MessageIdGenerator
 from cim.metrics import NodeMetrics
 from cim.protocols import cim_pb2
+from cim.storage.changes import ChangeAsked, ChangeMade
 from cim.storage.timeline import Appended, ConversationState, TimelinePage
 
 __all__ = [
@@ -212,6 +213,9 @@ class TimelineStore(Protocol):
 
     def move_cursor(self, user: str, device: str, conversation: str, seq: int) -> None: ...
 
+    def change(self, asked: ChangeAsked) -> Deferred[ChangeMade]:
+        """A recall or edit (cim.storage.changes): fires once its entry is durable."""
+
     def move_cursors(
         self, user: str, device: str, marks: Sequence[cim_pb2.Cursor]
     ) -> Deferred[int]: ...
@@ -241,6 +245,9 @@ class NoTimeline:
 
     def move_cursor(self, user: str, device: str, conversation: str, seq: int) -> None:
         pass
+
+    def change(self, asked: ChangeAsked) -> Deferred[ChangeMade]:
+        return fail(TimelineUnavailable("this node keeps no timelines"))
 
     def move_cursors(
         self, user: str, device: str, marks: Sequence[cim_pb2.Cursor]
@@ -311,6 +318,10 @@ class Bounds:
     """Deliveries (messages times members) waiting for fan-out here, all groups."""
     fanout_backlog_bytes: int = 64 << 20
     """Bytes of the group messages waiting for fan-out here, all groups."""
+    recall_window: float = 120.0
+    """Seconds after sending that its sender may recall a message ([im] recall_window)."""
+    edit_window: float = 900.0
+    """Seconds after sending that its sender may edit a text ([im] edit_window)."""
 
 
 NO_BOUNDS = Bounds()

@@ -1,15 +1,18 @@
-"""cim-client send, listen, sync, online and history: the IM connection's commands.
+"""cim-client send, listen, sync, online, history and typing: the IM connection's commands.
 
 Only ``listen`` (and the console) take received messages: they print the catch-up, each
 conversation oldest first and each message once, then live messages, and acknowledge
-what they printed. The others move no cursor: ``sync`` prints the catch-up summary
-(unread per conversation) without taking anything, ``history`` reads a timeline
-whatever the cursors.
+what they printed; ``listen`` prints typing notices too (``"event": "typing"``), which
+are never stored and not counted by ``--count``, and a recall or edit as a line with
+``event`` "recall" or "edit". The others move no cursor: ``sync`` prints the catch-up
+summary (unread per conversation) without taking anything, ``history`` reads a
+timeline whatever the cursors, ``typing`` sends one notice.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from typing import Any
 
@@ -25,12 +28,19 @@ from cim.scripts.output import (
     EXIT_FAILED,
     EXIT_OK,
     EXIT_REFUSED,
+    EXIT_USAGE,
     ClientExit,
     OutputClosed,
     emit,
     write_line,
 )
-from cim.scripts.records import message_json, outcome_record, summary_record
+from cim.scripts.records import (
+    change_record,
+    message_json,
+    outcome_record,
+    summary_record,
+    typing_json,
+)
 
 HISTORY_PAGE = 200
 """The most the node answers per HISTORY_R."""
@@ -87,6 +97,14 @@ def add_chat_commands(commands: Any) -> None:
         default=0,
         help="only messages older than this seq (the last one printed, to go on)",
     )
+    typing = commands.add_parser(
+        "typing",
+        help='tell TO (or a group\'s other members) that you are typing; prints "sent" '
+        'or "dropped" (one per conversation every 3 s goes on)',
+    )
+    typing.add_argument("to", nargs="?", default="", help="the other user")
+    typing.add_argument("--group", default="", metavar="G", help="a group (id or name)")
+    typing.add_argument("--stopped", action="store_true", help='say "stopped" instead of "typing"')
 
 
 async def send_command(reactor: ICimReactor, client: Any, options: argparse.Namespace) -> int:
@@ -155,6 +173,28 @@ async def history_command(client: Any, options: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+async def typing_command(client: Any, options: argparse.Namespace) -> int:
+    """One typing notice. Refused (the receiver does not accept you, not a member of
+    the group): exit status 4, as a refused message."""
+    from cim.client.answers import RequestRefused
+
+    if bool(options.to) == bool(options.group):
+        raise ClientExit(EXIT_USAGE, "name the other user (TO) or --group G, one of them")
+    group = await resolve_group(client, options.group) if options.group else ""
+    try:
+        answer = await client.typing(options.to, group, stopped=options.stopped)
+    except RequestRefused as refusal:
+        raise ClientExit(EXIT_REFUSED, f"typing refused: {refusal.why}") from None
+    record = {
+        "to": options.to or None,
+        "group": group or None,
+        "state": "stopped" if options.stopped else "typing",
+        "status": "dropped" if answer.dropped else "sent",
+    }
+    emit({key: value for key, value in record.items() if value is not None})
+    return EXIT_OK
+
+
 class Listener:
     """``listen``: prints messages until --count, --timeout, a kick or (with
     --no-reconnect) a lost connection; a lost connection otherwise is one line on
@@ -183,6 +223,8 @@ class Listener:
 
     async def run(self) -> int:
         self.client.on_message = self.arrived
+        self.client.on_typing = self.typing
+        self.client.on_change = self.changed
         self.client.on_state = self.state_changed
         if self.timeout:
             self.reactor.callLater(self.timeout, self.timed_out)
@@ -204,8 +246,16 @@ class Listener:
             self.done.callback(ending)
 
     def arrived(self, message: Any) -> bool:
+        return self._print(message_json(message))
+
+    def changed(self, change: Any) -> bool:
+        """A recall or edit: one line with its ``event`` ("recall", "edit"); it counts
+        toward --count like a message (it is an entry of the timeline)."""
+        return self._print(json.dumps(change_record(change), ensure_ascii=False))
+
+    def _print(self, line: str) -> bool:
         try:
-            write_line(message_json(message))
+            write_line(line)
         except OutputClosed:
             self.finish(EXIT_OK)
             return False  # not shown to anyone: the node keeps it
@@ -213,6 +263,15 @@ class Listener:
         if self.count and self.received >= self.count:
             self.finish(EXIT_OK)  # after this one, which is taken
         return True
+
+    def typing(self, notice: Any) -> None:
+        """Printed as it comes, not counted: a notice is no message."""
+        if self.done.called:
+            return
+        try:
+            write_line(typing_json(notice))
+        except OutputClosed:
+            self.finish(EXIT_OK)
 
     def timed_out(self) -> None:
         if self.count:

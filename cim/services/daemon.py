@@ -185,6 +185,8 @@ class CimDaemon(OrderedServices):
                 config.limits.group_backlog,
                 config.limits.fanout_backlog,
                 config.limits.fanout_backlog_bytes,
+                config.im.recall_window,
+                config.im.edit_window,
             ),
         )
         # Invitations and contact requests are told as system notices, which the node

@@ -389,6 +389,9 @@ timeline = Table(
     Column("payload", LargeBinary, nullable=False),
     # len(payload): pages are bounded in bytes without reading the payloads first.
     Column("size", Integer, nullable=False),
+    # A change entry (recall, edit: #15): the message it changes. A recall finds the
+    # earlier edits of its message by it, to take their text out too.
+    Column("replaces", MSG_ID, nullable=True, index=True),
     # A resent msg:R whose receipt the state store lost finds its message here.
     Index(None, "sender", "sender_device", "client_seq"),
 )

@@ -31,6 +31,7 @@ from cim.client.console import (
     parse_command,
     snippet,
 )
+from cim.client.corrections import Change
 from cim.client.session import DeliveryOutcome, SessionFailed
 from cim.protocols import cim_pb2
 
@@ -368,3 +369,62 @@ class ConsoleTests(SynchronousTestCase):
             pass  # a file where the directory should be
         self.patch(os, "environ", dict(os.environ, XDG_CACHE_HOME=os.path.join(cache, "blocked")))
         self.assertIsInstance(input_history("alice"), InMemoryHistory)
+
+
+class ConsoleChangeTests(SynchronousTestCase):
+    """Recall and edit in the console (#15): "(edited)", "message recalled", and
+    /recall and /edit of the last message sent here."""
+
+    def setUp(self) -> None:
+        self.client = FakeClient()
+        self.changes: list[tuple[str, int, str]] = []
+        self.client.recall = self.recall  # type: ignore[attr-defined]
+        self.client.edit = self.edit  # type: ignore[attr-defined]
+        self.lines: list[str] = []
+        self.console = Console(Clock(), self.client, write=self.lines.append)
+
+    def recall(self, msg_id: int) -> Deferred[Change]:
+        self.changes.append(("recall", msg_id, ""))
+        return succeed(Change("recall", msg_id, "d:alice:bob", 3, "alice", "", 1000, 9, 4))
+
+    def edit(self, msg_id: int, text: str) -> Deferred[Change]:
+        self.changes.append(("edit", msg_id, text))
+        return succeed(Change("edit", msg_id, "d:alice:bob", 3, "alice", text, 1000, 9, 4))
+
+    def run_line(self, line: str) -> None:
+        self.successResultOf(Deferred.fromCoroutine(self.console.command(line)))
+
+    def test_stored_messages_read_as_recalled_or_edited(self) -> None:
+        recalled = text_message("bob", "", recalled=True)
+        edited = text_message("bob", "new words", edited=True)
+        self.console.message_arrived(recalled)
+        self.console.message_arrived(edited)
+        self.assertTrue(self.lines[0].endswith("bob: message recalled"))
+        self.assertTrue(self.lines[1].endswith("bob: new words (edited)"))
+        entry = text_message("bob", "", change=cim_pb2.RECALL, replaces=1)
+        self.assertTrue(self.console.format_message(entry).endswith("bob: (recalled a message)"))
+
+    def test_changes_of_others_are_shown(self) -> None:
+        original = text_message("bob", "", recalled=True, group="g1")
+        self.console.change_arrived(
+            Change("recall", 1, "g:g1", 2, "carol", "", 1000, 7, 5, original)
+        )
+        self.console.change_arrived(Change("edit", 2, "d:alice:bob", 3, "bob", "fixed", 1000, 8, 6))
+        self.assertTrue(self.lines[0].endswith("#g1 bob: message recalled by carol"))
+        self.assertTrue(self.lines[1].endswith("bob: fixed (edited)"))
+
+    def test_recall_and_edit_change_the_last_message_sent_here(self) -> None:
+        self.run_line("/recall")
+        self.assertIn("nothing of yours to recall here", self.lines[-1])
+        self.run_line("/to bob")
+        self.run_line("hello")
+        [(_, waiter)] = self.client.sent
+        waiter.callback(DeliveryOutcome(100, 55, "bob", "delivered"))
+        self.run_line("/edit hello there")
+        self.run_line("/recall")
+        self.run_line("/recall 77")
+        self.assertEqual(
+            self.changes, [("edit", 55, "hello there"), ("recall", 55, ""), ("recall", 77, "")]
+        )
+        self.assertIn("alice: hello there (edited)", self.lines[-3])
+        self.assertIn("alice: message recalled", self.lines[-1])

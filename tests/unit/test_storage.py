@@ -36,13 +36,9 @@ from cim.storage.database import (
 )
 from cim.storage.schema import metadata, users
 from tests.fakes.schema import prepare_from_template, real_migrations
+from tests.fakes.timelines import run_now
 
 T = TypeVar("T")
-
-
-def run_now(work: Callable[[], T]) -> Deferred[T]:
-    """The runner tests inject: the work runs at once, on the test's thread."""
-    return maybeDeferred(work)
 
 
 class QueuedRunner:

@@ -52,7 +52,10 @@ CLIENT_FRAMES: list[tuple[int, ProtobufMessage]] = [
     (
         cim_pb2.MSG_R,
         cim_pb2.Message(
-            to="bob", text="hello, bob \u2603", client_seq=1_796_000_000_000_001, prev_seq=0,
+            to="bob",
+            text="hello, bob \u2603",
+            client_seq=1_796_000_000_000_001,
+            prev_seq=0,
             client_time_ms=TIMESTAMP_MS,
         ),
     ),
@@ -64,7 +67,10 @@ CLIENT_FRAMES: list[tuple[int, ProtobufMessage]] = [
     (
         cim_pb2.OFFLINE_R,
         cim_pb2.OfflineR(
-            conversation="d:alice:bob", before=9, limit=50, request_id=2,
+            conversation="d:alice:bob",
+            before=9,
+            limit=50,
+            request_id=2,
             acks=[cim_pb2.Cursor(conversation="g:team", seq=3)],
         ),
     ),
@@ -81,10 +87,17 @@ CLIENT_FRAMES: list[tuple[int, ProtobufMessage]] = [
     (
         cim_pb2.MSG_R,
         cim_pb2.Message(
-            group="0123456789abcdef", type=cim_pb2.IMAGE, client_seq=1_796_000_000_000_002,
+            group="0123456789abcdef",
+            type=cim_pb2.IMAGE,
+            client_seq=1_796_000_000_000_002,
             media=cim_pb2.Media(
-                url="http://127.0.0.1:8082/files/f1", size=1795, mime="image/png",
-                name="cat.png", width=64, height=48, file_id="f1",
+                url="http://127.0.0.1:8082/files/f1",
+                size=1795,
+                mime="image/png",
+                name="cat.png",
+                width=64,
+                height=48,
+                file_id="f1",
             ),
         ),
     ),
@@ -93,32 +106,49 @@ NODE_FRAMES: list[tuple[int, ProtobufMessage]] = [
     (
         cim_pb2.MSG_A,
         cim_pb2.MsgA(
-            client_seq=1_796_000_000_000_001, msg_id=387923101993668608,
-            sent_at_ms=TIMESTAMP_MS + 5, conversation="d:alice:bob", seq=8,
+            client_seq=1_796_000_000_000_001,
+            msg_id=387923101993668608,
+            sent_at_ms=TIMESTAMP_MS + 5,
+            conversation="d:alice:bob",
+            seq=8,
         ),
     ),
     (
         cim_pb2.MSG_N,
         cim_pb2.Message(
-            id=387923101993668609, to="alice", text="hi alice", client_seq=42,
-            sent_at_ms=TIMESTAMP_MS + 9, device="phone", conversation="d:alice:bob", seq=9,
-            prev_seq=41, **{"from": "bob"},
+            id=387923101993668609,
+            to="alice",
+            text="hi alice",
+            client_seq=42,
+            sent_at_ms=TIMESTAMP_MS + 9,
+            device="phone",
+            conversation="d:alice:bob",
+            seq=9,
+            prev_seq=41,
+            **{"from": "bob"},
         ),
     ),
     (
         cim_pb2.ACK_N,
         cim_pb2.AckN(
-            msg_id=387923101993668608, client_seq=1_796_000_000_000_001,
-            status=cim_pb2.DELIVERED, to="bob",
+            msg_id=387923101993668608,
+            client_seq=1_796_000_000_000_001,
+            status=cim_pb2.DELIVERED,
+            to="bob",
         ),
     ),
     (
         cim_pb2.OFFLINE_SUMMARY_A,
         cim_pb2.OfflineSummaryA(
-            request_id=1, total=2,
+            request_id=1,
+            total=2,
             conversations=[
                 cim_pb2.ConversationSummary(
-                    conversation="g:team", group="team", count=2, last_seq=5, cursor=3,
+                    conversation="g:team",
+                    group="team",
+                    count=2,
+                    last_seq=5,
+                    cursor=3,
                     newest=cim_pb2.Message(id=5, text="newest", group="team", seq=5),
                 )
             ],
@@ -128,8 +158,11 @@ NODE_FRAMES: list[tuple[int, ProtobufMessage]] = [
     (
         cim_pb2.ERROR,
         cim_pb2.Error(
-            code=cim_pb2.Error.RATE_LIMITED, message="slow down", request_type=cim_pb2.MSG_R,
-            client_seq=1_796_000_000_000_002, retry_after_ms=250,
+            code=cim_pb2.Error.RATE_LIMITED,
+            message="slow down",
+            request_type=cim_pb2.MSG_R,
+            client_seq=1_796_000_000_000_002,
+            retry_after_ms=250,
         ),
     ),
     (cim_pb2.KICKED, cim_pb2.Kicked(code=cim_pb2.Kicked.LOGGED_IN_ELSEWHERE, reason="elsewhere")),
@@ -160,17 +193,23 @@ def _tcp(body: bytes) -> bytes:
     return struct.pack(">I", len(body)) + body
 
 
-def _session(
-    key: NodeKey, offered: list[str], suite: str, sealed: bytes | None
-) -> dict[str, Any]:
+def _session(key: NodeKey, offered: list[str], suite: str, sealed: bytes | None) -> dict[str, Any]:
     """One whole session: the hello, the node's answer, then frames both ways."""
     fingerprint = key.fingerprint
     client = ClientHandshake(
-        key.public_der, TOKEN, DEVICE, suite, offered, TIMESTAMP_MS,
+        key.public_der,
+        TOKEN,
+        DEVICE,
+        suite,
+        offered,
+        TIMESTAMP_MS,
         random_bytes=_fixed(CLIENT_NONCE, SECRET),
     )
     material = cim_pb2.KeyMaterial(
-        secret=SECRET, token=TOKEN, timestamp_ms=TIMESTAMP_MS, device=DEVICE,
+        secret=SECRET,
+        token=TOKEN,
+        timestamp_ms=TIMESTAMP_MS,
+        device=DEVICE,
         hello_digest=hello_digest(2, offered, suite, CLIENT_NONCE, fingerprint),
     ).SerializeToString()
     hello = cim_pb2.ClientHello.FromString(client.hello_body()[1:])
@@ -179,8 +218,11 @@ def _session(
     hello_body = bytes((cim_pb2.CLIENT_HELLO,)) + hello.SerializeToString()
     accepted = accept_client_hello(hello_body, key, offered, random_bytes=_fixed(SERVER_NONCE))
     login = cim_pb2.LoginResult(
-        status=cim_pb2.LoginResult.OK, user="alice", device=DEVICE,
-        heartbeat_interval_ms=30_000, heartbeat_timeout_ms=90_000,
+        status=cim_pb2.LoginResult.OK,
+        user="alice",
+        device=DEVICE,
+        heartbeat_interval_ms=30_000,
+        heartbeat_timeout_ms=90_000,
         server_time_ms=TIMESTAMP_MS + 1,
     )
     reply = accepted.reply_body(bytes((cim_pb2.LOGIN_RESULT,)) + login.SerializeToString())
@@ -237,7 +279,8 @@ def _frame(
 
 def _refusal() -> dict[str, Any]:
     refusal = cim_pb2.HandshakeError(
-        reason=cim_pb2.HandshakeError.SUITE_NOT_ALLOWED, message="suite not allowed",
+        reason=cim_pb2.HandshakeError.SUITE_NOT_ALLOWED,
+        message="suite not allowed",
         allowed_suites=[SUITE_RC4],
     )
     body = bytes((cim_pb2.HANDSHAKE_ERROR,)) + refusal.SerializeToString()
@@ -377,7 +420,7 @@ def current() -> tuple[dict[str, Any] | None, str]:
 
 def stale() -> list[str]:
     """The files that differ from what the code produces now (empty: all current)."""
-    previous, fresh = current()
+    _previous, fresh = current()
     problems = []
     with open(JSON_PATH, encoding="utf-8") as handle:
         if handle.read() != fresh:

@@ -13,6 +13,7 @@ export { LoginRefused, ConnectionClosed, defaultWebSocket, type WebSocketLike, t
 export { RouterClient, RouterError, ServiceError, parseTicket, type LoginTicket } from "./session/router.js";
 export { MemorySeenStore, type SeenStore } from "./session/seen.js";
 export type { CatchUpResult } from "./session/catch-up.js";
+export { Corrections, changeOf, type Change, type ChangeEvent } from "./session/corrections.js";
 export { LogicClient, LogicError } from "./api/logic.js";
 export {
   FileClient,

@@ -33,7 +33,9 @@ function setup(options: Partial<ChatClientOptions> = {}, node = new FakeNode()):
     backoff: new Backoff(500, 30_000, 0.5),
     ...options,
   });
-  const seen = { state: [], online: [], message: [], outcome: [], summary: [], caughtUp: [], kicked: [], goingAway: [], error: [], failed: [] } as Setup["seen"];
+  const seen = {
+    state: [], online: [], message: [], outcome: [], summary: [], caughtUp: [], kicked: [], goingAway: [], error: [], failed: [], change: [], typing: [],
+  } as unknown as Setup["seen"];
   for (const name of Object.keys(seen) as (keyof ChatEvents)[]) {
     client.on(name, ((value: unknown) => (seen[name] as unknown[]).push(value)) as never);
   }
@@ -209,20 +211,71 @@ test("catch-up: summary first, newest conversation first, pages newest first, cu
   assert.equal(s.seen.caughtUp[0]!.handed, 3);
 });
 
-test("heartbeats when quiet; stretched in the background; a probe on coming back", async () => {
+test("heartbeats when quiet; the node's background pace after APP_STATE; a probe on coming back", async () => {
   const s = await online();
   const link = s.node.link;
   s.clock.advance(30_000);
   await until(() => link.heartbeats === 1, "a heartbeat after 30 s of quiet");
   s.client.setForeground(false);
-  s.clock.advance(30_000);
+  await until(() => link.of(T.APP_STATE_R).length === 1 && s.client.answers.size === 0, "APP_STATE_R answered");
+  assert.equal(link.of(T.APP_STATE_R)[0].state, pb.AppState.APP_BACKGROUND);
+  s.clock.advance(100_000);
   await settle();
-  assert.equal(link.heartbeats, 1, "the background interval is longer");
-  s.clock.advance(30_000);
-  await until(() => link.heartbeats === 2, "the background heartbeat at 60 s");
+  assert.equal(link.heartbeats, 1, "the node's background interval (120 s) is longer");
+  s.clock.advance(20_000);
+  await until(() => link.heartbeats === 2, "the background heartbeat at 120 s");
   s.client.setForeground(true);
   await until(() => link.heartbeats === 3, "the probe on coming back");
+  await until(() => link.of(T.APP_STATE_R).length === 2, "back in the foreground, told");
   assert.equal(s.client.state, "online");
+});
+
+test("a node that refuses APP_STATE: the client stretches its background heartbeat itself", async () => {
+  const node = new FakeNode();
+  node.appStates = false;
+  const s = await online({}, node);
+  const link = s.node.link;
+  s.client.setForeground(false);
+  await until(() => s.client.answers.size === 0 && link.of(T.APP_STATE_R).length === 1, "the refusal");
+  s.clock.advance(59_000);
+  await settle();
+  assert.equal(link.heartbeats, 0);
+  s.clock.advance(1_000);
+  await until(() => link.heartbeats === 1, "two thirds of the timeout");
+});
+
+test("typing goes out and comes in; recall and edit, sent and received", async () => {
+  const s = await online();
+  const link = s.node.link;
+  const typing = s.client.typing("bob");
+  await until(() => link.of(T.TYPING_R).length === 1, "TYPING_R");
+  const ask = link.of(T.TYPING_R)[0];
+  assert.deepEqual([ask.to, ask.state], ["bob", pb.TypingState.TYPING_STARTED]);
+  link.send(T.TYPING_A, pb.TypingASchema, { requestId: ask.requestId });
+  assert.equal((await typing).dropped, false);
+  link.send(T.TYPING_N, pb.TypingNSchema, { from: "bob", device: "phone", to: "alice", state: pb.TypingState.TYPING_STARTED, conversation: "d:alice:bob" });
+  await until(() => s.seen.typing.length === 1, "bob typing");
+  // Bob's message, then his edit of it: the change event carries the message as it reads now.
+  const base = { from: "bob", to: "alice", device: "phone", conversation: "d:alice:bob" };
+  link.send(T.MSG_N, pb.MessageSchema, { ...base, id: 1n, seq: 1n, clientSeq: 1n, text: "helo" });
+  link.send(T.MSG_N, pb.MessageSchema, { ...base, id: 2n, seq: 2n, clientSeq: 2n, text: "hello", change: pb.ChangeKind.EDIT, replaces: 1n, replacesSeq: 1n });
+  await until(() => s.seen.change.length === 1, "the edit");
+  const edit = s.seen.change[0]!.change;
+  assert.deepEqual([edit.event, edit.msgId, edit.text, edit.message?.text, edit.message?.edited], ["edit", 1n, "hello", "hello", true]);
+  assert.equal(s.seen.message.length, 1, "the change is not a new message");
+  // Alice recalls her own message.
+  const recalled = s.client.recall(77n);
+  await until(() => link.of(T.CHANGE_R).length === 1, "CHANGE_R");
+  const change = link.of(T.CHANGE_R)[0];
+  assert.deepEqual([change.msgId, change.kind], [77n, pb.ChangeKind.RECALL]);
+  link.send(T.CHANGE_A, pb.ChangeASchema, { requestId: change.requestId, msgId: 77n, kind: pb.ChangeKind.RECALL, conversation: "d:alice:bob", seq: 3n, entryId: 90n, replacesSeq: 2n });
+  const made = await recalled;
+  assert.deepEqual([made.event, made.entrySeq], ["recall", 3n]);
+  assert.equal(s.client.inbox.watermark("d:alice:bob"), 3n, "the entry's place is this device's own");
+  const tooLate = s.client.edit(1n, "x");
+  await until(() => link.of(T.CHANGE_R).length === 2, "the second CHANGE_R");
+  link.send(T.ERROR, pb.ErrorSchema, { code: pb.Error_Code.FORBIDDEN, requestType: T.CHANGE_R, requestId: link.of(T.CHANGE_R)[1].requestId, reason: "not_yours", message: "not yours" });
+  await assert.rejects(tooLate, (error: unknown) => (error as { reason: string }).reason === "not_yours");
 });
 
 test("a silent node is left after the heartbeat timeout; the reconnect is fast (no router login)", async () => {

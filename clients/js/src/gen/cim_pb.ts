@@ -23,7 +23,7 @@ import type { Message as Message$1 } from "@bufbuild/protobuf";
  * Describes the file cim.proto.
  */
 export const file_cim: GenFile = /*@__PURE__*/
-  fileDesc("CgljaW0ucHJvdG8SBmNpbS52MSKIAQoLQ2xpZW50SGVsbG8SDwoHdmVyc2lvbhgBIAEoDRIWCg5vZmZlcmVkX3N1aXRlcxgCIAMoCRINCgVzdWl0ZRgDIAEoCRIUCgxjbGllbnRfbm9uY2UYBCABKAwSFwoPa2V5X2ZpbmdlcnByaW50GAUgASgMEhIKCnNlYWxlZF9rZXkYBiABKAwiaAoLS2V5TWF0ZXJpYWwSDgoGc2VjcmV0GAEgASgMEg0KBXRva2VuGAIgASgJEhQKDHRpbWVzdGFtcF9tcxgDIAEoBBIOCgZkZXZpY2UYBCABKAkSFAoMaGVsbG9fZGlnZXN0GAUgASgMIp8CCg5IYW5kc2hha2VFcnJvchItCgZyZWFzb24YASABKA4yHS5jaW0udjEuSGFuZHNoYWtlRXJyb3IuUmVhc29uEg8KB21lc3NhZ2UYAiABKAkSFgoOYWxsb3dlZF9zdWl0ZXMYAyADKAkSFgoOcmV0cnlfYWZ0ZXJfbXMYBCABKA0inAEKBlJlYXNvbhIWChJSRUFTT05fVU5TUEVDSUZJRUQQABIXChNVTlNVUFBPUlRFRF9WRVJTSU9OEAESFQoRU1VJVEVfTk9UX0FMTE9XRUQQAhIPCgtVTktOT1dOX0tFWRADEg0KCUJBRF9IRUxMTxAEEhgKFFRPT19NQU5ZX0NPTk5FQ1RJT05TEAUSEAoMUkFURV9MSU1JVEVEEAYiNQoLTm9kZUFkZHJlc3MSCgoCaWQYASABKAkSDAoEaG9zdBgCIAEoCRIMCgRwb3J0GAMgASgNIsICCgtMb2dpblJlc3VsdBIqCgZzdGF0dXMYASABKA4yGi5jaW0udjEuTG9naW5SZXN1bHQuU3RhdHVzEg8KB21lc3NhZ2UYAiABKAkSDAoEdXNlchgDIAEoCRIOCgZkZXZpY2UYBCABKAkSHQoVaGVhcnRiZWF0X2ludGVydmFsX21zGAUgASgNEhwKFGhlYXJ0YmVhdF90aW1lb3V0X21zGAYgASgNEiEKBG5vZGUYByABKAsyEy5jaW0udjEuTm9kZUFkZHJlc3MSFgoOc2VydmVyX3RpbWVfbXMYCCABKAQiYAoGU3RhdHVzEgYKAk9LEAASEQoNSU5WQUxJRF9UT0tFThABEhcKE0xPR0dFRF9JTl9FTFNFV0hFUkUQAhIOCgpXUk9OR19OT0RFEAMSEgoOUkVQTEFZRURfSEVMTE8QBCKaAQoFTWVkaWESCwoDdXJsGAEgASgJEgwKBHNpemUYAiABKAQSDAoEbWltZRgDIAEoCRIMCgRuYW1lGAQgASgJEhUKDXRodW1ibmFpbF91cmwYBSABKAkSEwoLZHVyYXRpb25fbXMYBiABKA0SDQoFd2lkdGgYByABKA0SDgoGaGVpZ2h0GAggASgNEg8KB2ZpbGVfaWQYCSABKAkiRgoITG9jYXRpb24SCwoDbGF0GAEgASgBEgsKA2xvbhgCIAEoARISCgphY2N1cmFjeV9tGAMgASgCEgwKBG5hbWUYBCABKAkiyQIKB01lc3NhZ2USCgoCaWQYASABKAQSDAoEZnJvbRgCIAEoCRIKCgJ0bxgDIAEoCRIhCgR0eXBlGAQgASgOMhMuY2ltLnYxLk1lc3NhZ2VUeXBlEgwKBHRleHQYBSABKAkSEgoKY2xpZW50X3NlcRgGIAEoBBISCgpzZW50X2F0X21zGAcgASgEEg4KBmRldmljZRgIIAEoCRIWCg5jbGllbnRfdGltZV9tcxgJIAEoBBINCgVncm91cBgKIAEoCRIcCgVtZWRpYRgLIAEoCzINLmNpbS52MS5NZWRpYRIiCghsb2NhdGlvbhgMIAEoCzIQLmNpbS52MS5Mb2NhdGlvbhIQCghwcmV2X3NlcRgNIAEoBBIRCglncm91cF9zZXEYDiABKAQSFAoMY29udmVyc2F0aW9uGA8gASgJEgsKA3NlcRgQIAEoBCJhCgRNc2dBEhIKCmNsaWVudF9zZXEYASABKAQSDgoGbXNnX2lkGAIgASgEEhIKCnNlbnRfYXRfbXMYAyABKAQSFAoMY29udmVyc2F0aW9uGAQgASgJEgsKA3NlcRgFIAEoBCJBCgRBY2tSEg4KBm1zZ19pZBgBIAEoBBIUCgxjb252ZXJzYXRpb24YAiABKAkSEwoLdGhyb3VnaF9zZXEYAyABKAQiFgoEQWNrQRIOCgZtc2dfaWQYASABKAQibgoEQWNrThIOCgZtc2dfaWQYASABKAQSEgoKY2xpZW50X3NlcRgCIAEoBBImCgZzdGF0dXMYAyABKA4yFi5jaW0udjEuRGVsaXZlcnlTdGF0dXMSDgoGcmVhc29uGAQgASgJEgoKAnRvGAUgASgJIigKB09ubGluZVISDgoGb2Zmc2V0GAEgASgNEg0KBWxpbWl0GAIgASgNIicKB09ubGluZUESDQoFdG90YWwYASABKA0SDQoFdXNlcnMYAiADKAkiKwoGQ3Vyc29yEhQKDGNvbnZlcnNhdGlvbhgBIAEoCRILCgNzZXEYAiABKAQiigEKCE9mZmxpbmVSEg4KBmJlZm9yZRgCIAEoBBINCgVsaW1pdBgDIAEoDRIRCgltYXhfYnl0ZXMYBCABKA0SHAoEYWNrcxgFIAMoCzIOLmNpbS52MS5DdXJzb3ISFAoMY29udmVyc2F0aW9uGAYgASgJEhIKCnJlcXVlc3RfaWQYByABKARKBAgBEAIikAEKCE9mZmxpbmVBEiEKCG1lc3NhZ2VzGAEgAygLMg8uY2ltLnYxLk1lc3NhZ2USDAoEbW9yZRgCIAEoCBITCgtuZXh0X2JlZm9yZRgDIAEoBBIUCgxhY2tub3dsZWRnZWQYBCABKA0SFAoMY29udmVyc2F0aW9uGAUgASgJEhIKCnJlcXVlc3RfaWQYBiABKAQiSAoLT2ZmbGluZUFja1ISHwoHY3Vyc29ycxgCIAMoCzIOLmNpbS52MS5DdXJzb3ISEgoKcmVxdWVzdF9pZBgDIAEoBEoECAEQAiI3CgtPZmZsaW5lQWNrQRIUCgxhY2tub3dsZWRnZWQYASABKA0SEgoKcmVxdWVzdF9pZBgCIAEoBCI4Cg9PZmZsaW5lU3VtbWFyeVISEgoKcmVxdWVzdF9pZBgBIAEoBBIRCgltYXhfYnl0ZXMYAiABKA0irgEKE0NvbnZlcnNhdGlvblN1bW1hcnkSFAoMY29udmVyc2F0aW9uGAEgASgJEgwKBHBlZXIYAiABKAkSDQoFZ3JvdXAYAyABKAkSDQoFY291bnQYBCABKA0SEAoIbGFzdF9zZXEYBSABKAQSDgoGY3Vyc29yGAYgASgEEh8KBm5ld2VzdBgHIAEoCzIPLmNpbS52MS5NZXNzYWdlEhIKCm5ld2VzdF9jdXQYCCABKAginwEKD09mZmxpbmVTdW1tYXJ5QRINCgV0b3RhbBgCIAEoDRIyCg1jb252ZXJzYXRpb25zGAMgAygLMhsuY2ltLnYxLkNvbnZlcnNhdGlvblN1bW1hcnkSIQoJY2F1Z2h0X3VwGAQgAygLMg4uY2ltLnYxLkN1cnNvchIMCgRtb3JlGAUgASgIEhIKCnJlcXVlc3RfaWQYBiABKARKBAgBEAIiMgoNT2ZmbGluZU5vdGljZRIUCgxjb252ZXJzYXRpb24YASABKAkSCwoDc2VxGAIgASgEInwKCEhpc3RvcnlSEgwKBHBlZXIYASABKAkSDQoFZ3JvdXAYAiABKAkSDgoGYmVmb3JlGAMgASgEEg0KBWxpbWl0GAQgASgNEhEKCW1heF9ieXRlcxgFIAEoDRINCgVhZnRlchgGIAEoBBISCgpyZXF1ZXN0X2lkGAcgASgEIoQBCghIaXN0b3J5QRIhCghtZXNzYWdlcxgBIAMoCzIPLmNpbS52MS5NZXNzYWdlEgwKBG1vcmUYAiABKAgSEwoLbmV4dF9iZWZvcmUYAyABKAQSDQoFZXJyb3IYBCABKAkSDwoHbWVzc2FnZRgFIAEoCRISCgpyZXF1ZXN0X2lkGAYgASgEIqMECgxHcm91cFJlcXVlc3QSEgoKcmVxdWVzdF9pZBgBIAEoBBIlCgZjcmVhdGUYAiABKAsyEy5jaW0udjEuQ3JlYXRlR3JvdXBIABIlCgZyZW5hbWUYAyABKAsyEy5jaW0udjEuUmVuYW1lR3JvdXBIABIkCgNhZGQYBCABKAsyFS5jaW0udjEuQ2hhbmdlTWVtYmVyc0gAEicKBnJlbW92ZRgFIAEoCzIVLmNpbS52MS5DaGFuZ2VNZW1iZXJzSAASIQoFbGVhdmUYBiABKAsyEC5jaW0udjEuR3JvdXBSZWZIABIkCghkaXNzb2x2ZRgHIAEoCzIQLmNpbS52MS5Hcm91cFJlZkgAEiIKBGxpc3QYCCABKAsyEi5jaW0udjEuTGlzdEdyb3Vwc0gAEiMKB21lbWJlcnMYCSABKAsyEC5jaW0udjEuR3JvdXBSZWZIABIoCgdwcm9tb3RlGAogASgLMhUuY2ltLnYxLkNoYW5nZU1lbWJlcnNIABInCgZpbnZpdGUYCyABKAsyFS5jaW0udjEuQ2hhbmdlTWVtYmVyc0gAEiIKBmFjY2VwdBgMIAEoCzIQLmNpbS52MS5Hcm91cFJlZkgAEiMKB2RlY2xpbmUYDSABKAsyEC5jaW0udjEuR3JvdXBSZWZIABIuCgtpbnZpdGF0aW9ucxgOIAEoCzIXLmNpbS52MS5MaXN0SW52aXRhdGlvbnNIAEIECgJvcCIsCgtDcmVhdGVHcm91cBIMCgRuYW1lGAEgASgJEg8KB21lbWJlcnMYAiADKAkiKgoLUmVuYW1lR3JvdXASDQoFZ3JvdXAYASABKAkSDAoEbmFtZRgCIAEoCSItCg1DaGFuZ2VNZW1iZXJzEg0KBWdyb3VwGAEgASgJEg0KBXVzZXJzGAIgAygJIhkKCEdyb3VwUmVmEg0KBWdyb3VwGAEgASgJIgwKCkxpc3RHcm91cHMiEQoPTGlzdEludml0YXRpb25zIl4KD0dyb3VwSW52aXRhdGlvbhIgCgVncm91cBgBIAEoCzIRLmNpbS52MS5Hcm91cEluZm8SEgoKaW52aXRlZF9ieRgCIAEoCRIVCg1pbnZpdGVkX2F0X21zGAMgASgEInEKCUdyb3VwSW5mbxIKCgJpZBgBIAEoCRIMCgRuYW1lGAIgASgJEg0KBW93bmVyGAMgASgJEg4KBmFkbWlucxgEIAMoCRIUCgxtZW1iZXJfY291bnQYBSABKA0SFQoNY3JlYXRlZF9hdF9tcxgGIAEoBCIpCgtHcm91cE1lbWJlchIMCgR1c2VyGAEgASgJEgwKBHJvbGUYAiABKAki9wEKC0dyb3VwQW5zd2VyEhIKCnJlcXVlc3RfaWQYASABKAQSCgoCb2sYAiABKAgSDQoFZXJyb3IYAyABKAkSDwoHbWVzc2FnZRgEIAEoCRIgCgVncm91cBgFIAEoCzIRLmNpbS52MS5Hcm91cEluZm8SIQoGZ3JvdXBzGAYgAygLMhEuY2ltLnYxLkdyb3VwSW5mbxIkCgdtZW1iZXJzGAcgAygLMhMuY2ltLnYxLkdyb3VwTWVtYmVyEg8KB2ludml0ZWQYCCADKAkSLAoLaW52aXRhdGlvbnMYCSADKAsyFy5jaW0udjEuR3JvdXBJbnZpdGF0aW9uIvQCCg9Db250YWN0c1JlcXVlc3QSEgoKcmVxdWVzdF9pZBgBIAEoBBIOCgZkZXZpY2UYAiABKAkSJAoEbGlzdBgDIAEoCzIULmNpbS52MS5MaXN0Q29udGFjdHNIABIlCgdyZXF1ZXN0GAQgASgLMhIuY2ltLnYxLkNvbnRhY3RSZWZIABIkCgZhY2NlcHQYBSABKAsyEi5jaW0udjEuQ29udGFjdFJlZkgAEiUKB2RlY2xpbmUYBiABKAsyEi5jaW0udjEuQ29udGFjdFJlZkgAEiQKBnJlbW92ZRgHIAEoCzISLmNpbS52MS5Db250YWN0UmVmSAASIwoFYmxvY2sYCCABKAsyEi5jaW0udjEuQ29udGFjdFJlZkgAEiUKB3VuYmxvY2sYCSABKAsyEi5jaW0udjEuQ29udGFjdFJlZkgAEisKCHNldHRpbmdzGAogASgLMhcuY2ltLnYxLlByaXZhY3lTZXR0aW5nc0gAQgQKAm9wIg4KDExpc3RDb250YWN0cyIaCgpDb250YWN0UmVmEgwKBHVzZXIYASABKAkiNwoPUHJpdmFjeVNldHRpbmdzEhAKCG1lc3NhZ2VzGAEgASgJEhIKCmdyb3VwX2FkZHMYAiABKAkiPgoHQ29udGFjdBIMCgR1c2VyGAEgASgJEhAKCHNpbmNlX21zGAIgASgEEhMKC2FwcHJvdmVkX2J5GAMgASgJIlMKDlBlbmRpbmdDb250YWN0EgwKBHVzZXIYASABKAkSDgoGZGV2aWNlGAIgASgJEg0KBWF0X21zGAMgASgEEhQKDHJlcXVlc3RlZF9ieRgEIAEoCSLAAQoLQ29udGFjdEJvb2sSIQoIY29udGFjdHMYASADKAsyDy5jaW0udjEuQ29udGFjdBIoCghpbmNvbWluZxgCIAMoCzIWLmNpbS52MS5QZW5kaW5nQ29udGFjdBIoCghvdXRnb2luZxgDIAMoCzIWLmNpbS52MS5QZW5kaW5nQ29udGFjdBIPCgdibG9ja2VkGAQgAygJEikKCHNldHRpbmdzGAUgASgLMhcuY2ltLnYxLlByaXZhY3lTZXR0aW5ncyKuAQoOQ29udGFjdHNBbnN3ZXISEgoKcmVxdWVzdF9pZBgBIAEoBBIKCgJvaxgCIAEoCBINCgVlcnJvchgDIAEoCRIPCgdtZXNzYWdlGAQgASgJEg4KBnN0YXR1cxgFIAEoCRIhCgRib29rGAYgASgLMhMuY2ltLnYxLkNvbnRhY3RCb29rEikKCHNldHRpbmdzGAcgASgLMhcuY2ltLnYxLlByaXZhY3lTZXR0aW5ncyKhAQoLQnVzRW52ZWxvcGUSEwoLb3JpZ2luX25vZGUYASABKAkSJgoHZGVsaXZlchgCIAEoCzITLmNpbS52MS5CdXNEZWxpdmVyeUgAEiUKB291dGNvbWUYAyABKAsyEi5jaW0udjEuQnVzT3V0Y29tZUgAEiYKBnN0b3JlZBgEIAEoCzIULmNpbS52MS5PZmZsaW5lUmVhZHlIAEIGCgRib2R5IlkKC0J1c0RlbGl2ZXJ5EiAKB21lc3NhZ2UYASABKAsyDy5jaW0udjEuTWVzc2FnZRIRCglyZWNlaXZlcnMYAiADKAkSFQoNc2VuZGVyX2RldmljZRgDIAEoCSJECgxPZmZsaW5lUmVhZHkSEQoJcmVjZWl2ZXJzGAEgAygJEhQKDGNvbnZlcnNhdGlvbhgCIAEoCRILCgNzZXEYAyABKAQiTgoKQnVzT3V0Y29tZRIOCgZzZW5kZXIYASABKAkSFQoNc2VuZGVyX2RldmljZRgCIAEoCRIZCgNhY2sYAyABKAsyDC5jaW0udjEuQWNrTiKzAQoGS2lja2VkEg4KBnJlYXNvbhgBIAEoCRIhCgRjb2RlGAIgASgOMhMuY2ltLnYxLktpY2tlZC5Db2RlInYKBENvZGUSFAoQQ09ERV9VTlNQRUNJRklFRBAAEhcKE0xPR0dFRF9JTl9FTFNFV0hFUkUQARIOCgpMT0dHRURfT1VUEAISEwoPU0VTU0lPTl9FWFBJUkVEEAMSDAoIUkVQTEFDRUQQBBIMCghCWV9BRE1JThAFIjcKCUdvaW5nQXdheRIOCgZyZWFzb24YASABKAkSGgoScmVjb25uZWN0X2FmdGVyX21zGAIgASgNIpICCgVFcnJvchIgCgRjb2RlGAEgASgOMhIuY2ltLnYxLkVycm9yLkNvZGUSDwoHbWVzc2FnZRgCIAEoCRInCgxyZXF1ZXN0X3R5cGUYAyABKA4yES5jaW0udjEuRnJhbWVUeXBlEhIKCmNsaWVudF9zZXEYBCABKAQSFgoOcmV0cnlfYWZ0ZXJfbXMYBSABKA0SEgoKcmVxdWVzdF9pZBgGIAEoBCJtCgRDb2RlEhQKEENPREVfVU5TUEVDSUZJRUQQABIPCgtCQURfUkVRVUVTVBABEhAKDFJBVEVfTElNSVRFRBACEgwKCElOVEVSTkFMEAMSDwoLVU5BVkFJTEFCTEUQBBINCglGT1JCSURERU4QBSrDAwoJRnJhbWVUeXBlEhoKFkZSQU1FX1RZUEVfVU5TUEVDSUZJRUQQABIQCgxDTElFTlRfSEVMTE8QARITCg9IQU5EU0hBS0VfRVJST1IQAhIQCgxMT0dJTl9SRVNVTFQQAxIJCgVNU0dfUhAKEgkKBU1TR19BEAsSCQoFTVNHX04QDBIJCgVBQ0tfUhANEgkKBUFDS19BEA4SCQoFQUNLX04QDxIMCghPTkxJTkVfUhAUEgwKCE9OTElORV9BEBUSDQoJT0ZGTElORV9SEDISDQoJT0ZGTElORV9BEDMSEQoNT0ZGTElORV9BQ0tfUhA0EhEKDU9GRkxJTkVfQUNLX0EQNRIVChFPRkZMSU5FX1NVTU1BUllfUhA2EhUKEU9GRkxJTkVfU1VNTUFSWV9BEDcSEgoOT0ZGTElORV9OT1RJQ0UQOBINCglISVNUT1JZX1IQPBINCglISVNUT1JZX0EQPRILCgdHUk9VUF9SECgSCwoHR1JPVVBfQRApEg4KCkNPTlRBQ1RTX1IQRhIOCgpDT05UQUNUU19BEEcSCgoGS0lDS0VEEB4SDgoKR09JTkdfQVdBWRAfEgkKBUVSUk9SECAqUQoLTWVzc2FnZVR5cGUSCAoEVEVYVBAAEgkKBUlNQUdFEAESCQoFVk9JQ0UQAhIICgRGSUxFEAMSDAoITE9DQVRJT04QBBIKCgZTWVNURU0QBSpmCg5EZWxpdmVyeVN0YXR1cxIfChtERUxJVkVSWV9TVEFUVVNfVU5TUEVDSUZJRUQQABINCglERUxJVkVSRUQQARIKCgZTVE9SRUQQAhIKCgZGQUlMRUQQAxIMCghBQ0NFUFRFRBAEYgZwcm90bzM");
+  fileDesc("CgljaW0ucHJvdG8SBmNpbS52MSKIAQoLQ2xpZW50SGVsbG8SDwoHdmVyc2lvbhgBIAEoDRIWCg5vZmZlcmVkX3N1aXRlcxgCIAMoCRINCgVzdWl0ZRgDIAEoCRIUCgxjbGllbnRfbm9uY2UYBCABKAwSFwoPa2V5X2ZpbmdlcnByaW50GAUgASgMEhIKCnNlYWxlZF9rZXkYBiABKAwiaAoLS2V5TWF0ZXJpYWwSDgoGc2VjcmV0GAEgASgMEg0KBXRva2VuGAIgASgJEhQKDHRpbWVzdGFtcF9tcxgDIAEoBBIOCgZkZXZpY2UYBCABKAkSFAoMaGVsbG9fZGlnZXN0GAUgASgMIp8CCg5IYW5kc2hha2VFcnJvchItCgZyZWFzb24YASABKA4yHS5jaW0udjEuSGFuZHNoYWtlRXJyb3IuUmVhc29uEg8KB21lc3NhZ2UYAiABKAkSFgoOYWxsb3dlZF9zdWl0ZXMYAyADKAkSFgoOcmV0cnlfYWZ0ZXJfbXMYBCABKA0inAEKBlJlYXNvbhIWChJSRUFTT05fVU5TUEVDSUZJRUQQABIXChNVTlNVUFBPUlRFRF9WRVJTSU9OEAESFQoRU1VJVEVfTk9UX0FMTE9XRUQQAhIPCgtVTktOT1dOX0tFWRADEg0KCUJBRF9IRUxMTxAEEhgKFFRPT19NQU5ZX0NPTk5FQ1RJT05TEAUSEAoMUkFURV9MSU1JVEVEEAYiNQoLTm9kZUFkZHJlc3MSCgoCaWQYASABKAkSDAoEaG9zdBgCIAEoCRIMCgRwb3J0GAMgASgNIsICCgtMb2dpblJlc3VsdBIqCgZzdGF0dXMYASABKA4yGi5jaW0udjEuTG9naW5SZXN1bHQuU3RhdHVzEg8KB21lc3NhZ2UYAiABKAkSDAoEdXNlchgDIAEoCRIOCgZkZXZpY2UYBCABKAkSHQoVaGVhcnRiZWF0X2ludGVydmFsX21zGAUgASgNEhwKFGhlYXJ0YmVhdF90aW1lb3V0X21zGAYgASgNEiEKBG5vZGUYByABKAsyEy5jaW0udjEuTm9kZUFkZHJlc3MSFgoOc2VydmVyX3RpbWVfbXMYCCABKAQiYAoGU3RhdHVzEgYKAk9LEAASEQoNSU5WQUxJRF9UT0tFThABEhcKE0xPR0dFRF9JTl9FTFNFV0hFUkUQAhIOCgpXUk9OR19OT0RFEAMSEgoOUkVQTEFZRURfSEVMTE8QBCKaAQoFTWVkaWESCwoDdXJsGAEgASgJEgwKBHNpemUYAiABKAQSDAoEbWltZRgDIAEoCRIMCgRuYW1lGAQgASgJEhUKDXRodW1ibmFpbF91cmwYBSABKAkSEwoLZHVyYXRpb25fbXMYBiABKA0SDQoFd2lkdGgYByABKA0SDgoGaGVpZ2h0GAggASgNEg8KB2ZpbGVfaWQYCSABKAkiRgoITG9jYXRpb24SCwoDbGF0GAEgASgBEgsKA2xvbhgCIAEoARISCgphY2N1cmFjeV9tGAMgASgCEgwKBG5hbWUYBCABKAki4gMKB01lc3NhZ2USCgoCaWQYASABKAQSDAoEZnJvbRgCIAEoCRIKCgJ0bxgDIAEoCRIhCgR0eXBlGAQgASgOMhMuY2ltLnYxLk1lc3NhZ2VUeXBlEgwKBHRleHQYBSABKAkSEgoKY2xpZW50X3NlcRgGIAEoBBISCgpzZW50X2F0X21zGAcgASgEEg4KBmRldmljZRgIIAEoCRIWCg5jbGllbnRfdGltZV9tcxgJIAEoBBINCgVncm91cBgKIAEoCRIcCgVtZWRpYRgLIAEoCzINLmNpbS52MS5NZWRpYRIiCghsb2NhdGlvbhgMIAEoCzIQLmNpbS52MS5Mb2NhdGlvbhIQCghwcmV2X3NlcRgNIAEoBBIRCglncm91cF9zZXEYDiABKAQSFAoMY29udmVyc2F0aW9uGA8gASgJEgsKA3NlcRgQIAEoBBIiCgZjaGFuZ2UYHiABKA4yEi5jaW0udjEuQ2hhbmdlS2luZBIQCghyZXBsYWNlcxgfIAEoBBIUCgxyZXBsYWNlc19zZXEYICABKAQSEAoIcmVjYWxsZWQYISABKAgSDgoGZWRpdGVkGCIgASgIEhUKDWNoYW5nZWRfYXRfbXMYIyABKAQSEgoKY2hhbmdlZF9ieRgkIAEoCSJhCgRNc2dBEhIKCmNsaWVudF9zZXEYASABKAQSDgoGbXNnX2lkGAIgASgEEhIKCnNlbnRfYXRfbXMYAyABKAQSFAoMY29udmVyc2F0aW9uGAQgASgJEgsKA3NlcRgFIAEoBCJBCgRBY2tSEg4KBm1zZ19pZBgBIAEoBBIUCgxjb252ZXJzYXRpb24YAiABKAkSEwoLdGhyb3VnaF9zZXEYAyABKAQiFgoEQWNrQRIOCgZtc2dfaWQYASABKAQibgoEQWNrThIOCgZtc2dfaWQYASABKAQSEgoKY2xpZW50X3NlcRgCIAEoBBImCgZzdGF0dXMYAyABKA4yFi5jaW0udjEuRGVsaXZlcnlTdGF0dXMSDgoGcmVhc29uGAQgASgJEgoKAnRvGAUgASgJIigKB09ubGluZVISDgoGb2Zmc2V0GAEgASgNEg0KBWxpbWl0GAIgASgNIicKB09ubGluZUESDQoFdG90YWwYASABKA0SDQoFdXNlcnMYAiADKAkiKwoGQ3Vyc29yEhQKDGNvbnZlcnNhdGlvbhgBIAEoCRILCgNzZXEYAiABKAQiigEKCE9mZmxpbmVSEg4KBmJlZm9yZRgCIAEoBBINCgVsaW1pdBgDIAEoDRIRCgltYXhfYnl0ZXMYBCABKA0SHAoEYWNrcxgFIAMoCzIOLmNpbS52MS5DdXJzb3ISFAoMY29udmVyc2F0aW9uGAYgASgJEhIKCnJlcXVlc3RfaWQYByABKARKBAgBEAIikAEKCE9mZmxpbmVBEiEKCG1lc3NhZ2VzGAEgAygLMg8uY2ltLnYxLk1lc3NhZ2USDAoEbW9yZRgCIAEoCBITCgtuZXh0X2JlZm9yZRgDIAEoBBIUCgxhY2tub3dsZWRnZWQYBCABKA0SFAoMY29udmVyc2F0aW9uGAUgASgJEhIKCnJlcXVlc3RfaWQYBiABKAQiSAoLT2ZmbGluZUFja1ISHwoHY3Vyc29ycxgCIAMoCzIOLmNpbS52MS5DdXJzb3ISEgoKcmVxdWVzdF9pZBgDIAEoBEoECAEQAiI3CgtPZmZsaW5lQWNrQRIUCgxhY2tub3dsZWRnZWQYASABKA0SEgoKcmVxdWVzdF9pZBgCIAEoBCI4Cg9PZmZsaW5lU3VtbWFyeVISEgoKcmVxdWVzdF9pZBgBIAEoBBIRCgltYXhfYnl0ZXMYAiABKA0irgEKE0NvbnZlcnNhdGlvblN1bW1hcnkSFAoMY29udmVyc2F0aW9uGAEgASgJEgwKBHBlZXIYAiABKAkSDQoFZ3JvdXAYAyABKAkSDQoFY291bnQYBCABKA0SEAoIbGFzdF9zZXEYBSABKAQSDgoGY3Vyc29yGAYgASgEEh8KBm5ld2VzdBgHIAEoCzIPLmNpbS52MS5NZXNzYWdlEhIKCm5ld2VzdF9jdXQYCCABKAginwEKD09mZmxpbmVTdW1tYXJ5QRINCgV0b3RhbBgCIAEoDRIyCg1jb252ZXJzYXRpb25zGAMgAygLMhsuY2ltLnYxLkNvbnZlcnNhdGlvblN1bW1hcnkSIQoJY2F1Z2h0X3VwGAQgAygLMg4uY2ltLnYxLkN1cnNvchIMCgRtb3JlGAUgASgIEhIKCnJlcXVlc3RfaWQYBiABKARKBAgBEAIiMgoNT2ZmbGluZU5vdGljZRIUCgxjb252ZXJzYXRpb24YASABKAkSCwoDc2VxGAIgASgEInwKCEhpc3RvcnlSEgwKBHBlZXIYASABKAkSDQoFZ3JvdXAYAiABKAkSDgoGYmVmb3JlGAMgASgEEg0KBWxpbWl0GAQgASgNEhEKCW1heF9ieXRlcxgFIAEoDRINCgVhZnRlchgGIAEoBBISCgpyZXF1ZXN0X2lkGAcgASgEIoQBCghIaXN0b3J5QRIhCghtZXNzYWdlcxgBIAMoCzIPLmNpbS52MS5NZXNzYWdlEgwKBG1vcmUYAiABKAgSEwoLbmV4dF9iZWZvcmUYAyABKAQSDQoFZXJyb3IYBCABKAkSDwoHbWVzc2FnZRgFIAEoCRISCgpyZXF1ZXN0X2lkGAYgASgEIl0KB0NoYW5nZVISEgoKcmVxdWVzdF9pZBgBIAEoBBIOCgZtc2dfaWQYAiABKAQSIAoEa2luZBgDIAEoDjISLmNpbS52MS5DaGFuZ2VLaW5kEgwKBHRleHQYBCABKAkisQEKB0NoYW5nZUESEgoKcmVxdWVzdF9pZBgBIAEoBBIOCgZtc2dfaWQYAiABKAQSIAoEa2luZBgDIAEoDjISLmNpbS52MS5DaGFuZ2VLaW5kEhQKDGNvbnZlcnNhdGlvbhgEIAEoCRILCgNzZXEYBSABKAQSEAoIZW50cnlfaWQYBiABKAQSFQoNY2hhbmdlZF9hdF9tcxgHIAEoBBIUCgxyZXBsYWNlc19zZXEYCCABKAQiowQKDEdyb3VwUmVxdWVzdBISCgpyZXF1ZXN0X2lkGAEgASgEEiUKBmNyZWF0ZRgCIAEoCzITLmNpbS52MS5DcmVhdGVHcm91cEgAEiUKBnJlbmFtZRgDIAEoCzITLmNpbS52MS5SZW5hbWVHcm91cEgAEiQKA2FkZBgEIAEoCzIVLmNpbS52MS5DaGFuZ2VNZW1iZXJzSAASJwoGcmVtb3ZlGAUgASgLMhUuY2ltLnYxLkNoYW5nZU1lbWJlcnNIABIhCgVsZWF2ZRgGIAEoCzIQLmNpbS52MS5Hcm91cFJlZkgAEiQKCGRpc3NvbHZlGAcgASgLMhAuY2ltLnYxLkdyb3VwUmVmSAASIgoEbGlzdBgIIAEoCzISLmNpbS52MS5MaXN0R3JvdXBzSAASIwoHbWVtYmVycxgJIAEoCzIQLmNpbS52MS5Hcm91cFJlZkgAEigKB3Byb21vdGUYCiABKAsyFS5jaW0udjEuQ2hhbmdlTWVtYmVyc0gAEicKBmludml0ZRgLIAEoCzIVLmNpbS52MS5DaGFuZ2VNZW1iZXJzSAASIgoGYWNjZXB0GAwgASgLMhAuY2ltLnYxLkdyb3VwUmVmSAASIwoHZGVjbGluZRgNIAEoCzIQLmNpbS52MS5Hcm91cFJlZkgAEi4KC2ludml0YXRpb25zGA4gASgLMhcuY2ltLnYxLkxpc3RJbnZpdGF0aW9uc0gAQgQKAm9wIiwKC0NyZWF0ZUdyb3VwEgwKBG5hbWUYASABKAkSDwoHbWVtYmVycxgCIAMoCSIqCgtSZW5hbWVHcm91cBINCgVncm91cBgBIAEoCRIMCgRuYW1lGAIgASgJIi0KDUNoYW5nZU1lbWJlcnMSDQoFZ3JvdXAYASABKAkSDQoFdXNlcnMYAiADKAkiGQoIR3JvdXBSZWYSDQoFZ3JvdXAYASABKAkiDAoKTGlzdEdyb3VwcyIRCg9MaXN0SW52aXRhdGlvbnMiXgoPR3JvdXBJbnZpdGF0aW9uEiAKBWdyb3VwGAEgASgLMhEuY2ltLnYxLkdyb3VwSW5mbxISCgppbnZpdGVkX2J5GAIgASgJEhUKDWludml0ZWRfYXRfbXMYAyABKAQicQoJR3JvdXBJbmZvEgoKAmlkGAEgASgJEgwKBG5hbWUYAiABKAkSDQoFb3duZXIYAyABKAkSDgoGYWRtaW5zGAQgAygJEhQKDG1lbWJlcl9jb3VudBgFIAEoDRIVCg1jcmVhdGVkX2F0X21zGAYgASgEIikKC0dyb3VwTWVtYmVyEgwKBHVzZXIYASABKAkSDAoEcm9sZRgCIAEoCSL3AQoLR3JvdXBBbnN3ZXISEgoKcmVxdWVzdF9pZBgBIAEoBBIKCgJvaxgCIAEoCBINCgVlcnJvchgDIAEoCRIPCgdtZXNzYWdlGAQgASgJEiAKBWdyb3VwGAUgASgLMhEuY2ltLnYxLkdyb3VwSW5mbxIhCgZncm91cHMYBiADKAsyES5jaW0udjEuR3JvdXBJbmZvEiQKB21lbWJlcnMYByADKAsyEy5jaW0udjEuR3JvdXBNZW1iZXISDwoHaW52aXRlZBgIIAMoCRIsCgtpbnZpdGF0aW9ucxgJIAMoCzIXLmNpbS52MS5Hcm91cEludml0YXRpb24i9AIKD0NvbnRhY3RzUmVxdWVzdBISCgpyZXF1ZXN0X2lkGAEgASgEEg4KBmRldmljZRgCIAEoCRIkCgRsaXN0GAMgASgLMhQuY2ltLnYxLkxpc3RDb250YWN0c0gAEiUKB3JlcXVlc3QYBCABKAsyEi5jaW0udjEuQ29udGFjdFJlZkgAEiQKBmFjY2VwdBgFIAEoCzISLmNpbS52MS5Db250YWN0UmVmSAASJQoHZGVjbGluZRgGIAEoCzISLmNpbS52MS5Db250YWN0UmVmSAASJAoGcmVtb3ZlGAcgASgLMhIuY2ltLnYxLkNvbnRhY3RSZWZIABIjCgVibG9jaxgIIAEoCzISLmNpbS52MS5Db250YWN0UmVmSAASJQoHdW5ibG9jaxgJIAEoCzISLmNpbS52MS5Db250YWN0UmVmSAASKwoIc2V0dGluZ3MYCiABKAsyFy5jaW0udjEuUHJpdmFjeVNldHRpbmdzSABCBAoCb3AiDgoMTGlzdENvbnRhY3RzIhoKCkNvbnRhY3RSZWYSDAoEdXNlchgBIAEoCSI3Cg9Qcml2YWN5U2V0dGluZ3MSEAoIbWVzc2FnZXMYASABKAkSEgoKZ3JvdXBfYWRkcxgCIAEoCSI+CgdDb250YWN0EgwKBHVzZXIYASABKAkSEAoIc2luY2VfbXMYAiABKAQSEwoLYXBwcm92ZWRfYnkYAyABKAkiUwoOUGVuZGluZ0NvbnRhY3QSDAoEdXNlchgBIAEoCRIOCgZkZXZpY2UYAiABKAkSDQoFYXRfbXMYAyABKAQSFAoMcmVxdWVzdGVkX2J5GAQgASgJIsABCgtDb250YWN0Qm9vaxIhCghjb250YWN0cxgBIAMoCzIPLmNpbS52MS5Db250YWN0EigKCGluY29taW5nGAIgAygLMhYuY2ltLnYxLlBlbmRpbmdDb250YWN0EigKCG91dGdvaW5nGAMgAygLMhYuY2ltLnYxLlBlbmRpbmdDb250YWN0Eg8KB2Jsb2NrZWQYBCADKAkSKQoIc2V0dGluZ3MYBSABKAsyFy5jaW0udjEuUHJpdmFjeVNldHRpbmdzIq4BCg5Db250YWN0c0Fuc3dlchISCgpyZXF1ZXN0X2lkGAEgASgEEgoKAm9rGAIgASgIEg0KBWVycm9yGAMgASgJEg8KB21lc3NhZ2UYBCABKAkSDgoGc3RhdHVzGAUgASgJEiEKBGJvb2sYBiABKAsyEy5jaW0udjEuQ29udGFjdEJvb2sSKQoIc2V0dGluZ3MYByABKAsyFy5jaW0udjEuUHJpdmFjeVNldHRpbmdzIkAKCUFwcFN0YXRlUhIfCgVzdGF0ZRgBIAEoDjIQLmNpbS52MS5BcHBTdGF0ZRISCgpyZXF1ZXN0X2lkGAIgASgEIn0KCUFwcFN0YXRlQRIfCgVzdGF0ZRgBIAEoDjIQLmNpbS52MS5BcHBTdGF0ZRIdChVoZWFydGJlYXRfaW50ZXJ2YWxfbXMYAiABKA0SHAoUaGVhcnRiZWF0X3RpbWVvdXRfbXMYAyABKA0SEgoKcmVxdWVzdF9pZBgEIAEoBCJcCgdUeXBpbmdSEgoKAnRvGAEgASgJEg0KBWdyb3VwGAIgASgJEiIKBXN0YXRlGAMgASgOMhMuY2ltLnYxLlR5cGluZ1N0YXRlEhIKCnJlcXVlc3RfaWQYBCABKAQiLgoHVHlwaW5nQRISCgpyZXF1ZXN0X2lkGAEgASgEEg8KB2Ryb3BwZWQYAiABKAgifAoHVHlwaW5nThIMCgRmcm9tGAEgASgJEg4KBmRldmljZRgCIAEoCRIKCgJ0bxgDIAEoCRINCgVncm91cBgEIAEoCRIiCgVzdGF0ZRgFIAEoDjITLmNpbS52MS5UeXBpbmdTdGF0ZRIUCgxjb252ZXJzYXRpb24YBiABKAkixgEKC0J1c0VudmVsb3BlEhMKC29yaWdpbl9ub2RlGAEgASgJEiYKB2RlbGl2ZXIYAiABKAsyEy5jaW0udjEuQnVzRGVsaXZlcnlIABIlCgdvdXRjb21lGAMgASgLMhIuY2ltLnYxLkJ1c091dGNvbWVIABImCgZzdG9yZWQYBCABKAsyFC5jaW0udjEuT2ZmbGluZVJlYWR5SAASIwoGdHlwaW5nGDIgASgLMhEuY2ltLnYxLkJ1c1R5cGluZ0gAQgYKBGJvZHkiWQoLQnVzRGVsaXZlcnkSIAoHbWVzc2FnZRgBIAEoCzIPLmNpbS52MS5NZXNzYWdlEhEKCXJlY2VpdmVycxgCIAMoCRIVCg1zZW5kZXJfZGV2aWNlGAMgASgJIkQKDE9mZmxpbmVSZWFkeRIRCglyZWNlaXZlcnMYASADKAkSFAoMY29udmVyc2F0aW9uGAIgASgJEgsKA3NlcRgDIAEoBCI/CglCdXNUeXBpbmcSHwoGbm90aWNlGAEgASgLMg8uY2ltLnYxLlR5cGluZ04SEQoJcmVjZWl2ZXJzGAIgAygJIk4KCkJ1c091dGNvbWUSDgoGc2VuZGVyGAEgASgJEhUKDXNlbmRlcl9kZXZpY2UYAiABKAkSGQoDYWNrGAMgASgLMgwuY2ltLnYxLkFja04iswEKBktpY2tlZBIOCgZyZWFzb24YASABKAkSIQoEY29kZRgCIAEoDjITLmNpbS52MS5LaWNrZWQuQ29kZSJ2CgRDb2RlEhQKEENPREVfVU5TUEVDSUZJRUQQABIXChNMT0dHRURfSU5fRUxTRVdIRVJFEAESDgoKTE9HR0VEX09VVBACEhMKD1NFU1NJT05fRVhQSVJFRBADEgwKCFJFUExBQ0VEEAQSDAoIQllfQURNSU4QBSI3CglHb2luZ0F3YXkSDgoGcmVhc29uGAEgASgJEhoKEnJlY29ubmVjdF9hZnRlcl9tcxgCIAEoDSKiAgoFRXJyb3ISIAoEY29kZRgBIAEoDjISLmNpbS52MS5FcnJvci5Db2RlEg8KB21lc3NhZ2UYAiABKAkSJwoMcmVxdWVzdF90eXBlGAMgASgOMhEuY2ltLnYxLkZyYW1lVHlwZRISCgpjbGllbnRfc2VxGAQgASgEEhYKDnJldHJ5X2FmdGVyX21zGAUgASgNEhIKCnJlcXVlc3RfaWQYBiABKAQSDgoGcmVhc29uGB4gASgJIm0KBENvZGUSFAoQQ09ERV9VTlNQRUNJRklFRBAAEg8KC0JBRF9SRVFVRVNUEAESEAoMUkFURV9MSU1JVEVEEAISDAoISU5URVJOQUwQAxIPCgtVTkFWQUlMQUJMRRAEEg0KCUZPUkJJRERFThAFKqsECglGcmFtZVR5cGUSGgoWRlJBTUVfVFlQRV9VTlNQRUNJRklFRBAAEhAKDENMSUVOVF9IRUxMTxABEhMKD0hBTkRTSEFLRV9FUlJPUhACEhAKDExPR0lOX1JFU1VMVBADEgkKBU1TR19SEAoSCQoFTVNHX0EQCxIJCgVNU0dfThAMEgkKBUFDS19SEA0SCQoFQUNLX0EQDhIJCgVBQ0tfThAPEgwKCE9OTElORV9SEBQSDAoIT05MSU5FX0EQFRINCglPRkZMSU5FX1IQMhINCglPRkZMSU5FX0EQMxIRCg1PRkZMSU5FX0FDS19SEDQSEQoNT0ZGTElORV9BQ0tfQRA1EhUKEU9GRkxJTkVfU1VNTUFSWV9SEDYSFQoRT0ZGTElORV9TVU1NQVJZX0EQNxISCg5PRkZMSU5FX05PVElDRRA4Eg0KCUhJU1RPUllfUhA8Eg0KCUhJU1RPUllfQRA9EgwKCENIQU5HRV9SEG4SDAoIQ0hBTkdFX0EQbxILCgdHUk9VUF9SECgSCwoHR1JPVVBfQRApEg4KCkNPTlRBQ1RTX1IQRhIOCgpDT05UQUNUU19BEEcSCgoGS0lDS0VEEB4SDgoKR09JTkdfQVdBWRAfEgkKBUVSUk9SECASDwoLQVBQX1NUQVRFX1IQWhIPCgtBUFBfU1RBVEVfQRBbEgwKCFRZUElOR19SEFwSDAoIVFlQSU5HX0EQXRIMCghUWVBJTkdfThBeKlEKC01lc3NhZ2VUeXBlEggKBFRFWFQQABIJCgVJTUFHRRABEgkKBVZPSUNFEAISCAoERklMRRADEgwKCExPQ0FUSU9OEAQSCgoGU1lTVEVNEAUqMwoKQ2hhbmdlS2luZBIPCgtDSEFOR0VfTk9ORRAAEgoKBlJFQ0FMTBABEggKBEVESVQQAipmCg5EZWxpdmVyeVN0YXR1cxIfChtERUxJVkVSWV9TVEFUVVNfVU5TUEVDSUZJRUQQABINCglERUxJVkVSRUQQARIKCgZTVE9SRUQQAhIKCgZGQUlMRUQQAxIMCghBQ0NFUFRFRBAEKk0KCEFwcFN0YXRlEhkKFUFQUF9TVEFURV9VTlNQRUNJRklFRBAAEhIKDkFQUF9GT1JFR1JPVU5EEAESEgoOQVBQX0JBQ0tHUk9VTkQQAipTCgtUeXBpbmdTdGF0ZRIcChhUWVBJTkdfU1RBVEVfVU5TUEVDSUZJRUQQABISCg5UWVBJTkdfU1RBUlRFRBABEhIKDlRZUElOR19TVE9QUEVEEAJiBnByb3RvMw");
 
 /**
  * @generated from message cim.v1.ClientHello
@@ -563,6 +563,61 @@ export type Message = Message$1<"cim.v1.Message"> & {
    * @generated from field: uint64 seq = 16;
    */
   seq: bigint;
+
+  /**
+   * (1, 2, 3, ...), assigned by the node in the durable write;
+   * every device of every member shows this order
+   * Recall and edit (#15; field numbers 30-39).
+   *
+   * a change entry (RECALL, EDIT); CHANGE_NONE for a message
+   *
+   * @generated from field: cim.v1.ChangeKind change = 30;
+   */
+  change: ChangeKind;
+
+  /**
+   * a change entry: the id of the message it changes
+   *
+   * @generated from field: uint64 replaces = 31;
+   */
+  replaces: bigint;
+
+  /**
+   * a change entry: that message's seq (same conversation)
+   *
+   * @generated from field: uint64 replaces_seq = 32;
+   */
+  replacesSeq: bigint;
+
+  /**
+   * a stored message that was recalled: text, media and
+   *
+   * @generated from field: bool recalled = 33;
+   */
+  recalled: boolean;
+
+  /**
+   * location are gone (removed from the node's storage)
+   *
+   * a stored message whose text was edited: `text` is the newest
+   *
+   * @generated from field: bool edited = 34;
+   */
+  edited: boolean;
+
+  /**
+   * when it was recalled or last edited (node time)
+   *
+   * @generated from field: uint64 changed_at_ms = 35;
+   */
+  changedAtMs: bigint;
+
+  /**
+   * who recalled it: its sender, or a group owner or admin
+   *
+   * @generated from field: string changed_by = 36;
+   */
+  changedBy: string;
 };
 
 /**
@@ -1191,6 +1246,108 @@ export const HistoryASchema: GenMessage<HistoryA> = /*@__PURE__*/
   messageDesc(file_cim, 24);
 
 /**
+ * @generated from message cim.v1.ChangeR
+ */
+export type ChangeR = Message$1<"cim.v1.ChangeR"> & {
+  /**
+   * echoed in ChangeA or in the ERROR (request_type CHANGE_R)
+   *
+   * @generated from field: uint64 request_id = 1;
+   */
+  requestId: bigint;
+
+  /**
+   * the message to change (a message, not a change entry)
+   *
+   * @generated from field: uint64 msg_id = 2;
+   */
+  msgId: bigint;
+
+  /**
+   * RECALL or EDIT
+   *
+   * @generated from field: cim.v1.ChangeKind kind = 3;
+   */
+  kind: ChangeKind;
+
+  /**
+   * EDIT: the new text (a TEXT message's, checked as msg:R's)
+   *
+   * @generated from field: string text = 4;
+   */
+  text: string;
+};
+
+/**
+ * Describes the message cim.v1.ChangeR.
+ * Use `create(ChangeRSchema)` to create a new message.
+ */
+export const ChangeRSchema: GenMessage<ChangeR> = /*@__PURE__*/
+  messageDesc(file_cim, 25);
+
+/**
+ * @generated from message cim.v1.ChangeA
+ */
+export type ChangeA = Message$1<"cim.v1.ChangeA"> & {
+  /**
+   * @generated from field: uint64 request_id = 1;
+   */
+  requestId: bigint;
+
+  /**
+   * the changed message
+   *
+   * @generated from field: uint64 msg_id = 2;
+   */
+  msgId: bigint;
+
+  /**
+   * @generated from field: cim.v1.ChangeKind kind = 3;
+   */
+  kind: ChangeKind;
+
+  /**
+   * the timeline the change entry is in
+   *
+   * @generated from field: string conversation = 4;
+   */
+  conversation: string;
+
+  /**
+   * the entry's place there (like msg:A's)
+   *
+   * @generated from field: uint64 seq = 5;
+   */
+  seq: bigint;
+
+  /**
+   * the entry's own message id
+   *
+   * @generated from field: uint64 entry_id = 6;
+   */
+  entryId: bigint;
+
+  /**
+   * @generated from field: uint64 changed_at_ms = 7;
+   */
+  changedAtMs: bigint;
+
+  /**
+   * the changed message's seq
+   *
+   * @generated from field: uint64 replaces_seq = 8;
+   */
+  replacesSeq: bigint;
+};
+
+/**
+ * Describes the message cim.v1.ChangeA.
+ * Use `create(ChangeASchema)` to create a new message.
+ */
+export const ChangeASchema: GenMessage<ChangeA> = /*@__PURE__*/
+  messageDesc(file_cim, 26);
+
+/**
  * @generated from message cim.v1.GroupRequest
  */
 export type GroupRequest = Message$1<"cim.v1.GroupRequest"> & {
@@ -1302,7 +1459,7 @@ export type GroupRequest = Message$1<"cim.v1.GroupRequest"> & {
  * Use `create(GroupRequestSchema)` to create a new message.
  */
 export const GroupRequestSchema: GenMessage<GroupRequest> = /*@__PURE__*/
-  messageDesc(file_cim, 25);
+  messageDesc(file_cim, 27);
 
 /**
  * @generated from message cim.v1.CreateGroup
@@ -1326,7 +1483,7 @@ export type CreateGroup = Message$1<"cim.v1.CreateGroup"> & {
  * Use `create(CreateGroupSchema)` to create a new message.
  */
 export const CreateGroupSchema: GenMessage<CreateGroup> = /*@__PURE__*/
-  messageDesc(file_cim, 26);
+  messageDesc(file_cim, 28);
 
 /**
  * @generated from message cim.v1.RenameGroup
@@ -1348,7 +1505,7 @@ export type RenameGroup = Message$1<"cim.v1.RenameGroup"> & {
  * Use `create(RenameGroupSchema)` to create a new message.
  */
 export const RenameGroupSchema: GenMessage<RenameGroup> = /*@__PURE__*/
-  messageDesc(file_cim, 27);
+  messageDesc(file_cim, 29);
 
 /**
  * @generated from message cim.v1.ChangeMembers
@@ -1370,7 +1527,7 @@ export type ChangeMembers = Message$1<"cim.v1.ChangeMembers"> & {
  * Use `create(ChangeMembersSchema)` to create a new message.
  */
 export const ChangeMembersSchema: GenMessage<ChangeMembers> = /*@__PURE__*/
-  messageDesc(file_cim, 28);
+  messageDesc(file_cim, 30);
 
 /**
  * @generated from message cim.v1.GroupRef
@@ -1387,7 +1544,7 @@ export type GroupRef = Message$1<"cim.v1.GroupRef"> & {
  * Use `create(GroupRefSchema)` to create a new message.
  */
 export const GroupRefSchema: GenMessage<GroupRef> = /*@__PURE__*/
-  messageDesc(file_cim, 29);
+  messageDesc(file_cim, 31);
 
 /**
  * @generated from message cim.v1.ListGroups
@@ -1400,7 +1557,7 @@ export type ListGroups = Message$1<"cim.v1.ListGroups"> & {
  * Use `create(ListGroupsSchema)` to create a new message.
  */
 export const ListGroupsSchema: GenMessage<ListGroups> = /*@__PURE__*/
-  messageDesc(file_cim, 30);
+  messageDesc(file_cim, 32);
 
 /**
  * @generated from message cim.v1.ListInvitations
@@ -1413,7 +1570,7 @@ export type ListInvitations = Message$1<"cim.v1.ListInvitations"> & {
  * Use `create(ListInvitationsSchema)` to create a new message.
  */
 export const ListInvitationsSchema: GenMessage<ListInvitations> = /*@__PURE__*/
-  messageDesc(file_cim, 31);
+  messageDesc(file_cim, 33);
 
 /**
  * @generated from message cim.v1.GroupInvitation
@@ -1440,7 +1597,7 @@ export type GroupInvitation = Message$1<"cim.v1.GroupInvitation"> & {
  * Use `create(GroupInvitationSchema)` to create a new message.
  */
 export const GroupInvitationSchema: GenMessage<GroupInvitation> = /*@__PURE__*/
-  messageDesc(file_cim, 32);
+  messageDesc(file_cim, 34);
 
 /**
  * @generated from message cim.v1.GroupInfo
@@ -1482,7 +1639,7 @@ export type GroupInfo = Message$1<"cim.v1.GroupInfo"> & {
  * Use `create(GroupInfoSchema)` to create a new message.
  */
 export const GroupInfoSchema: GenMessage<GroupInfo> = /*@__PURE__*/
-  messageDesc(file_cim, 33);
+  messageDesc(file_cim, 35);
 
 /**
  * @generated from message cim.v1.GroupMember
@@ -1506,7 +1663,7 @@ export type GroupMember = Message$1<"cim.v1.GroupMember"> & {
  * Use `create(GroupMemberSchema)` to create a new message.
  */
 export const GroupMemberSchema: GenMessage<GroupMember> = /*@__PURE__*/
-  messageDesc(file_cim, 34);
+  messageDesc(file_cim, 36);
 
 /**
  * @generated from message cim.v1.GroupAnswer
@@ -1579,7 +1736,7 @@ export type GroupAnswer = Message$1<"cim.v1.GroupAnswer"> & {
  * Use `create(GroupAnswerSchema)` to create a new message.
  */
 export const GroupAnswerSchema: GenMessage<GroupAnswer> = /*@__PURE__*/
-  messageDesc(file_cim, 35);
+  messageDesc(file_cim, 37);
 
 /**
  * @generated from message cim.v1.ContactsRequest
@@ -1672,7 +1829,7 @@ export type ContactsRequest = Message$1<"cim.v1.ContactsRequest"> & {
  * Use `create(ContactsRequestSchema)` to create a new message.
  */
 export const ContactsRequestSchema: GenMessage<ContactsRequest> = /*@__PURE__*/
-  messageDesc(file_cim, 36);
+  messageDesc(file_cim, 38);
 
 /**
  * @generated from message cim.v1.ListContacts
@@ -1685,7 +1842,7 @@ export type ListContacts = Message$1<"cim.v1.ListContacts"> & {
  * Use `create(ListContactsSchema)` to create a new message.
  */
 export const ListContactsSchema: GenMessage<ListContacts> = /*@__PURE__*/
-  messageDesc(file_cim, 37);
+  messageDesc(file_cim, 39);
 
 /**
  * @generated from message cim.v1.ContactRef
@@ -1702,7 +1859,7 @@ export type ContactRef = Message$1<"cim.v1.ContactRef"> & {
  * Use `create(ContactRefSchema)` to create a new message.
  */
 export const ContactRefSchema: GenMessage<ContactRef> = /*@__PURE__*/
-  messageDesc(file_cim, 38);
+  messageDesc(file_cim, 40);
 
 /**
  * @generated from message cim.v1.PrivacySettings
@@ -1728,7 +1885,7 @@ export type PrivacySettings = Message$1<"cim.v1.PrivacySettings"> & {
  * Use `create(PrivacySettingsSchema)` to create a new message.
  */
 export const PrivacySettingsSchema: GenMessage<PrivacySettings> = /*@__PURE__*/
-  messageDesc(file_cim, 39);
+  messageDesc(file_cim, 41);
 
 /**
  * @generated from message cim.v1.Contact
@@ -1757,7 +1914,7 @@ export type Contact = Message$1<"cim.v1.Contact"> & {
  * Use `create(ContactSchema)` to create a new message.
  */
 export const ContactSchema: GenMessage<Contact> = /*@__PURE__*/
-  messageDesc(file_cim, 40);
+  messageDesc(file_cim, 42);
 
 /**
  * @generated from message cim.v1.PendingContact
@@ -1795,7 +1952,7 @@ export type PendingContact = Message$1<"cim.v1.PendingContact"> & {
  * Use `create(PendingContactSchema)` to create a new message.
  */
 export const PendingContactSchema: GenMessage<PendingContact> = /*@__PURE__*/
-  messageDesc(file_cim, 41);
+  messageDesc(file_cim, 43);
 
 /**
  * @generated from message cim.v1.ContactBook
@@ -1838,7 +1995,7 @@ export type ContactBook = Message$1<"cim.v1.ContactBook"> & {
  * Use `create(ContactBookSchema)` to create a new message.
  */
 export const ContactBookSchema: GenMessage<ContactBook> = /*@__PURE__*/
-  messageDesc(file_cim, 42);
+  messageDesc(file_cim, 44);
 
 /**
  * @generated from message cim.v1.ContactsAnswer
@@ -1895,7 +2052,182 @@ export type ContactsAnswer = Message$1<"cim.v1.ContactsAnswer"> & {
  * Use `create(ContactsAnswerSchema)` to create a new message.
  */
 export const ContactsAnswerSchema: GenMessage<ContactsAnswer> = /*@__PURE__*/
-  messageDesc(file_cim, 43);
+  messageDesc(file_cim, 45);
+
+/**
+ * @generated from message cim.v1.AppStateR
+ */
+export type AppStateR = Message$1<"cim.v1.AppStateR"> & {
+  /**
+   * @generated from field: cim.v1.AppState state = 1;
+   */
+  state: AppState;
+
+  /**
+   * echoed in the answer or in an ERROR
+   *
+   * @generated from field: uint64 request_id = 2;
+   */
+  requestId: bigint;
+};
+
+/**
+ * Describes the message cim.v1.AppStateR.
+ * Use `create(AppStateRSchema)` to create a new message.
+ */
+export const AppStateRSchema: GenMessage<AppStateR> = /*@__PURE__*/
+  messageDesc(file_cim, 46);
+
+/**
+ * @generated from message cim.v1.AppStateA
+ */
+export type AppStateA = Message$1<"cim.v1.AppStateA"> & {
+  /**
+   * @generated from field: cim.v1.AppState state = 1;
+   */
+  state: AppState;
+
+  /**
+   * send a heartbeat after this long without a frame
+   *
+   * @generated from field: uint32 heartbeat_interval_ms = 2;
+   */
+  heartbeatIntervalMs: number;
+
+  /**
+   * the node closes the connection after this silence
+   *
+   * @generated from field: uint32 heartbeat_timeout_ms = 3;
+   */
+  heartbeatTimeoutMs: number;
+
+  /**
+   * @generated from field: uint64 request_id = 4;
+   */
+  requestId: bigint;
+};
+
+/**
+ * Describes the message cim.v1.AppStateA.
+ * Use `create(AppStateASchema)` to create a new message.
+ */
+export const AppStateASchema: GenMessage<AppStateA> = /*@__PURE__*/
+  messageDesc(file_cim, 47);
+
+/**
+ * To a user (`to`) or a group (`group`), exactly one. At most one per device and
+ * conversation every 3 s goes on; the node drops the rest. Refusals (the receiver does
+ * not accept you, you are not a member) are ERROR frames. An app sends request_id 0
+ * and hears nothing else; with a request_id the node also answers TYPING_A.
+ *
+ * @generated from message cim.v1.TypingR
+ */
+export type TypingR = Message$1<"cim.v1.TypingR"> & {
+  /**
+   * @generated from field: string to = 1;
+   */
+  to: string;
+
+  /**
+   * @generated from field: string group = 2;
+   */
+  group: string;
+
+  /**
+   * @generated from field: cim.v1.TypingState state = 3;
+   */
+  state: TypingState;
+
+  /**
+   * echoed in TYPING_A or an ERROR; 0: no TYPING_A
+   *
+   * @generated from field: uint64 request_id = 4;
+   */
+  requestId: bigint;
+};
+
+/**
+ * Describes the message cim.v1.TypingR.
+ * Use `create(TypingRSchema)` to create a new message.
+ */
+export const TypingRSchema: GenMessage<TypingR> = /*@__PURE__*/
+  messageDesc(file_cim, 48);
+
+/**
+ * @generated from message cim.v1.TypingA
+ */
+export type TypingA = Message$1<"cim.v1.TypingA"> & {
+  /**
+   * @generated from field: uint64 request_id = 1;
+   */
+  requestId: bigint;
+
+  /**
+   * over the rate (one per 3 s): not passed on
+   *
+   * @generated from field: bool dropped = 2;
+   */
+  dropped: boolean;
+};
+
+/**
+ * Describes the message cim.v1.TypingA.
+ * Use `create(TypingASchema)` to create a new message.
+ */
+export const TypingASchema: GenMessage<TypingA> = /*@__PURE__*/
+  messageDesc(file_cim, 49);
+
+/**
+ * @generated from message cim.v1.TypingN
+ */
+export type TypingN = Message$1<"cim.v1.TypingN"> & {
+  /**
+   * set by the node from the authenticated connection
+   *
+   * @generated from field: string from = 1;
+   */
+  from: string;
+
+  /**
+   * the sender's device
+   *
+   * @generated from field: string device = 2;
+   */
+  device: string;
+
+  /**
+   * 1:1: the receiver; empty for a group
+   *
+   * @generated from field: string to = 3;
+   */
+  to: string;
+
+  /**
+   * a group's id
+   *
+   * @generated from field: string group = 4;
+   */
+  group: string;
+
+  /**
+   * @generated from field: cim.v1.TypingState state = 5;
+   */
+  state: TypingState;
+
+  /**
+   * the conversation's timeline key ("d:..." or "g:...")
+   *
+   * @generated from field: string conversation = 6;
+   */
+  conversation: string;
+};
+
+/**
+ * Describes the message cim.v1.TypingN.
+ * Use `create(TypingNSchema)` to create a new message.
+ */
+export const TypingNSchema: GenMessage<TypingN> = /*@__PURE__*/
+  messageDesc(file_cim, 50);
 
 /**
  * @generated from message cim.v1.BusEnvelope
@@ -1933,6 +2265,14 @@ export type BusEnvelope = Message$1<"cim.v1.BusEnvelope"> & {
      */
     value: OfflineReady;
     case: "stored";
+  } | {
+    /**
+     * give this typing notice to these receivers connected to you
+     *
+     * @generated from field: cim.v1.BusTyping typing = 50;
+     */
+    value: BusTyping;
+    case: "typing";
   } | { case: undefined; value?: undefined };
 };
 
@@ -1941,7 +2281,7 @@ export type BusEnvelope = Message$1<"cim.v1.BusEnvelope"> & {
  * Use `create(BusEnvelopeSchema)` to create a new message.
  */
 export const BusEnvelopeSchema: GenMessage<BusEnvelope> = /*@__PURE__*/
-  messageDesc(file_cim, 44);
+  messageDesc(file_cim, 51);
 
 /**
  * @generated from message cim.v1.BusDelivery
@@ -1972,7 +2312,7 @@ export type BusDelivery = Message$1<"cim.v1.BusDelivery"> & {
  * Use `create(BusDeliverySchema)` to create a new message.
  */
 export const BusDeliverySchema: GenMessage<BusDelivery> = /*@__PURE__*/
-  messageDesc(file_cim, 45);
+  messageDesc(file_cim, 52);
 
 /**
  * these users' timelines moved while no live copy went
@@ -2003,7 +2343,33 @@ export type OfflineReady = Message$1<"cim.v1.OfflineReady"> & {
  * Use `create(OfflineReadySchema)` to create a new message.
  */
 export const OfflineReadySchema: GenMessage<OfflineReady> = /*@__PURE__*/
-  messageDesc(file_cim, 46);
+  messageDesc(file_cim, 53);
+
+/**
+ * @generated from message cim.v1.BusTyping
+ */
+export type BusTyping = Message$1<"cim.v1.BusTyping"> & {
+  /**
+   * from, device, conversation already set
+   *
+   * @generated from field: cim.v1.TypingN notice = 1;
+   */
+  notice?: TypingN | undefined;
+
+  /**
+   * users to give it to on the target node
+   *
+   * @generated from field: repeated string receivers = 2;
+   */
+  receivers: string[];
+};
+
+/**
+ * Describes the message cim.v1.BusTyping.
+ * Use `create(BusTypingSchema)` to create a new message.
+ */
+export const BusTypingSchema: GenMessage<BusTyping> = /*@__PURE__*/
+  messageDesc(file_cim, 54);
 
 /**
  * @generated from message cim.v1.BusOutcome
@@ -2030,7 +2396,7 @@ export type BusOutcome = Message$1<"cim.v1.BusOutcome"> & {
  * Use `create(BusOutcomeSchema)` to create a new message.
  */
 export const BusOutcomeSchema: GenMessage<BusOutcome> = /*@__PURE__*/
-  messageDesc(file_cim, 47);
+  messageDesc(file_cim, 55);
 
 /**
  * @generated from message cim.v1.Kicked
@@ -2054,7 +2420,7 @@ export type Kicked = Message$1<"cim.v1.Kicked"> & {
  * Use `create(KickedSchema)` to create a new message.
  */
 export const KickedSchema: GenMessage<Kicked> = /*@__PURE__*/
-  messageDesc(file_cim, 48);
+  messageDesc(file_cim, 56);
 
 /**
  * @generated from enum cim.v1.Kicked.Code
@@ -2105,7 +2471,7 @@ export enum Kicked_Code {
  * Describes the enum cim.v1.Kicked.Code.
  */
 export const Kicked_CodeSchema: GenEnum<Kicked_Code> = /*@__PURE__*/
-  enumDesc(file_cim, 48, 0);
+  enumDesc(file_cim, 56, 0);
 
 /**
  * @generated from message cim.v1.GoingAway
@@ -2127,7 +2493,7 @@ export type GoingAway = Message$1<"cim.v1.GoingAway"> & {
  * Use `create(GoingAwaySchema)` to create a new message.
  */
 export const GoingAwaySchema: GenMessage<GoingAway> = /*@__PURE__*/
-  messageDesc(file_cim, 49);
+  messageDesc(file_cim, 57);
 
 /**
  * @generated from message cim.v1.Error
@@ -2168,6 +2534,13 @@ export type Error = Message$1<"cim.v1.Error"> & {
    * @generated from field: uint64 request_id = 6;
    */
   requestId: bigint;
+
+  /**
+   * machine-readable, where a request names several causes
+   *
+   * @generated from field: string reason = 30;
+   */
+  reason: string;
 };
 
 /**
@@ -2175,7 +2548,7 @@ export type Error = Message$1<"cim.v1.Error"> & {
  * Use `create(ErrorSchema)` to create a new message.
  */
 export const ErrorSchema: GenMessage<Error> = /*@__PURE__*/
-  messageDesc(file_cim, 50);
+  messageDesc(file_cim, 58);
 
 /**
  * @generated from enum cim.v1.Error.Code
@@ -2220,7 +2593,7 @@ export enum Error_Code {
  * Describes the enum cim.v1.Error.Code.
  */
 export const Error_CodeSchema: GenEnum<Error_Code> = /*@__PURE__*/
-  enumDesc(file_cim, 50, 0);
+  enumDesc(file_cim, 58, 0);
 
 /**
  * @generated from enum cim.v1.FrameType
@@ -2382,6 +2755,24 @@ export enum FrameType {
   HISTORY_A = 61,
 
   /**
+   * Recall and edit (#15): a change to a sent message is an entry in its timeline (a
+   * Message with `change` set, numbered like any other): every other device of both
+   * sides (every member) gets it as MSG_N, or in its catch-up pages.
+   *
+   * client -> node: ChangeR (recall or edit a message)
+   *
+   * @generated from enum value: CHANGE_R = 110;
+   */
+  CHANGE_R = 110,
+
+  /**
+   * node -> client: ChangeA (the change is durable: its entry's place)
+   *
+   * @generated from enum value: CHANGE_A = 111;
+   */
+  CHANGE_A = 111,
+
+  /**
    * Groups.
    *
    * client -> node: GroupRequest (create, rename, members, invite, ...)
@@ -2435,6 +2826,43 @@ export enum FrameType {
    * @generated from enum value: ERROR = 32;
    */
   ERROR = 32,
+
+  /**
+   * The app's state and typing notices (issue #15): live only, never stored.
+   *
+   * client -> node: AppStateR (foreground or background)
+   *
+   * @generated from enum value: APP_STATE_R = 90;
+   */
+  APP_STATE_R = 90,
+
+  /**
+   * node -> client: AppStateA (the heartbeat that state asks for)
+   *
+   * @generated from enum value: APP_STATE_A = 91;
+   */
+  APP_STATE_A = 91,
+
+  /**
+   * client -> node: TypingR ("typing" / "stopped" in a conversation)
+   *
+   * @generated from enum value: TYPING_R = 92;
+   */
+  TYPING_R = 92,
+
+  /**
+   * node -> client: TypingA (only for a TypingR with a request_id)
+   *
+   * @generated from enum value: TYPING_A = 93;
+   */
+  TYPING_A = 93,
+
+  /**
+   * node -> client: TypingN (from = the authenticated sender)
+   *
+   * @generated from enum value: TYPING_N = 94;
+   */
+  TYPING_N = 94,
 }
 
 /**
@@ -2485,6 +2913,40 @@ export const MessageTypeSchema: GenEnum<MessageType> = /*@__PURE__*/
   enumDesc(file_cim, 1);
 
 /**
+ * What a timeline entry changes (docs/protocol.md "Recall and edit").
+ *
+ * @generated from enum cim.v1.ChangeKind
+ */
+export enum ChangeKind {
+  /**
+   * a message
+   *
+   * @generated from enum value: CHANGE_NONE = 0;
+   */
+  CHANGE_NONE = 0,
+
+  /**
+   * the message `replaces` is recalled: its content is gone
+   *
+   * @generated from enum value: RECALL = 1;
+   */
+  RECALL = 1,
+
+  /**
+   * the message `replaces` now reads `text`
+   *
+   * @generated from enum value: EDIT = 2;
+   */
+  EDIT = 2,
+}
+
+/**
+ * Describes the enum cim.v1.ChangeKind.
+ */
+export const ChangeKindSchema: GenEnum<ChangeKind> = /*@__PURE__*/
+  enumDesc(file_cim, 2);
+
+/**
  * @generated from enum cim.v1.DeliveryStatus
  */
 export enum DeliveryStatus {
@@ -2526,5 +2988,66 @@ export enum DeliveryStatus {
  * Describes the enum cim.v1.DeliveryStatus.
  */
 export const DeliveryStatusSchema: GenEnum<DeliveryStatus> = /*@__PURE__*/
-  enumDesc(file_cim, 2);
+  enumDesc(file_cim, 3);
+
+/**
+ * A device says whether its app is in the foreground or the background; the node's
+ * idle timeout for the connection follows ([im] heartbeat_interval, or
+ * background_heartbeat_interval), and the answer says which heartbeat to keep.
+ * Every connection starts in the foreground.
+ *
+ * @generated from enum cim.v1.AppState
+ */
+export enum AppState {
+  /**
+   * @generated from enum value: APP_STATE_UNSPECIFIED = 0;
+   */
+  APP_STATE_UNSPECIFIED = 0,
+
+  /**
+   * @generated from enum value: APP_FOREGROUND = 1;
+   */
+  APP_FOREGROUND = 1,
+
+  /**
+   * @generated from enum value: APP_BACKGROUND = 2;
+   */
+  APP_BACKGROUND = 2,
+}
+
+/**
+ * Describes the enum cim.v1.AppState.
+ */
+export const AppStateSchema: GenEnum<AppState> = /*@__PURE__*/
+  enumDesc(file_cim, 4);
+
+/**
+ * @generated from enum cim.v1.TypingState
+ */
+export enum TypingState {
+  /**
+   * @generated from enum value: TYPING_STATE_UNSPECIFIED = 0;
+   */
+  TYPING_STATE_UNSPECIFIED = 0,
+
+  /**
+   * "typing"
+   *
+   * @generated from enum value: TYPING_STARTED = 1;
+   */
+  TYPING_STARTED = 1,
+
+  /**
+   * "stopped"
+   *
+   * @generated from enum value: TYPING_STOPPED = 2;
+   */
+  TYPING_STOPPED = 2,
+}
+
+/**
+ * Describes the enum cim.v1.TypingState.
+ */
+export const TypingStateSchema: GenEnum<TypingState> = /*@__PURE__*/
+  enumDesc(file_cim, 5);
 

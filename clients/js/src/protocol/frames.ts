@@ -29,6 +29,10 @@ export const ESTABLISHED_INBOUND = new Map<number, DescMessage>([
   [pb.FrameType.KICKED, pb.KickedSchema],
   [pb.FrameType.GOING_AWAY, pb.GoingAwaySchema],
   [pb.FrameType.ERROR, pb.ErrorSchema],
+  [pb.FrameType.CHANGE_A, pb.ChangeASchema],
+  [pb.FrameType.APP_STATE_A, pb.AppStateASchema],
+  [pb.FrameType.TYPING_A, pb.TypingASchema],
+  [pb.FrameType.TYPING_N, pb.TypingNSchema],
 ]);
 
 /** What the client sends after the handshake, and the message each carries. */
@@ -42,6 +46,9 @@ export const ESTABLISHED_OUTBOUND = new Map<number, DescMessage>([
   [pb.FrameType.OFFLINE_ACK_R, pb.OfflineAckRSchema],
   [pb.FrameType.OFFLINE_SUMMARY_R, pb.OfflineSummaryRSchema],
   [pb.FrameType.HISTORY_R, pb.HistoryRSchema],
+  [pb.FrameType.CHANGE_R, pb.ChangeRSchema],
+  [pb.FrameType.APP_STATE_R, pb.AppStateRSchema],
+  [pb.FrameType.TYPING_R, pb.TypingRSchema],
 ]);
 
 /** A frame that breaks the protocol: the connection must close (never a retry). */

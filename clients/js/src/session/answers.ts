@@ -24,6 +24,9 @@ export const ANSWER_TYPES = new Map<number, number>([
   [T.GROUP_R, T.GROUP_A],
   [T.CONTACTS_R, T.CONTACTS_A],
   [T.ACK_R, T.ACK_A],
+  [T.APP_STATE_R, T.APP_STATE_A],
+  [T.TYPING_R, T.TYPING_A],
+  [T.CHANGE_R, T.CHANGE_A],
 ]);
 const ANSWERS = new Set(ANSWER_TYPES.values());
 const BY_ORDER = new Set<number>([T.ONLINE_A]);
@@ -37,10 +40,12 @@ function frameName(type: number): string {
 /** A request got no usable answer (refused, or silent past its retries). */
 export class RequestFailed extends Error {
   override name = "RequestFailed";
+  /** `reason`: the ERROR's machine-readable cause, where it gives one (CHANGE_R's). */
   constructor(
     readonly what: string,
     readonly why: string,
     readonly code = 0,
+    readonly reason = "",
   ) {
     super(`${what}: ${why}`);
   }
@@ -225,11 +230,11 @@ export class Answers {
       error.requestId && !BY_ORDER.has(answerType) && !BY_MESSAGE.has(answerType)
         ? this.find(answerType, error.requestId)
         : this.oldest(answerType, true);
-    if (pending !== undefined) this.refusedNow(pending, error.code, error.message, error.retryAfterMs);
+    if (pending !== undefined) this.refusedNow(pending, error.code, error.message, error.retryAfterMs, error.reason);
     return true;
   }
 
-  private refusedNow(pending: Pending, code: number, message: string, retryMs: number): void {
+  private refusedNow(pending: Pending, code: number, message: string, retryMs: number, reason = ""): void {
     pending.timer?.cancel();
     pending.timer = undefined;
     pending.inFlight = false;
@@ -239,7 +244,7 @@ export class Answers {
       this.again(pending, retryMs);
       return;
     }
-    this.fail(pending, new RequestRefused(frameName(pending.type), why, code));
+    this.fail(pending, new RequestRefused(frameName(pending.type), why, code, reason));
   }
 
   private find(answerType: number, key: bigint): Pending | undefined {

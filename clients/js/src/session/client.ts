@@ -18,6 +18,7 @@ import { Answers, ConnectionLost, DEFAULT_REQUEST_POLICY, type RequestPolicy } f
 import { CatchUp, type CatchUpResult } from "./catch-up.js";
 import { DEFAULT_MAX_FRAME_SIZE, type ImConnection, type WebSocketFactory } from "./connection.js";
 import { Outbox, REASON_CONNECTION_CLOSED, RetryPolicy, type DeliveryOutcome, type RetryMode } from "./delivery.js";
+import { Corrections, changeOf, type Change } from "./corrections.js";
 import { Dialer, SessionFailed, SessionRefused } from "./dialing.js";
 import { Inbox } from "./inbox.js";
 import { RouterClient, type Fetch, type LoginTicket } from "./router.js";
@@ -43,6 +44,10 @@ export interface ChatEvents {
   kicked: pb.Kicked;
   /** The node is shutting down; the session reconnects after `reconnectAfterMs`. */
   goingAway: pb.GoingAway;
+  /** A message was recalled or edited (by its sender, or a group's owner or admin). */
+  change: { change: Change; live: boolean };
+  /** Someone is typing in a conversation with this user (or stopped). */
+  typing: pb.TypingN;
   /** An ERROR the session could not tie to a request or message. */
   error: pb.Error;
   /** The session stopped for good without the user asking (bad password, kicked). */
@@ -83,6 +88,7 @@ export class ChatClient extends Emitter<ChatEvents> {
   readonly inbox: Inbox;
   readonly catchUp: CatchUp;
   readonly router: RouterClient;
+  readonly corrections = new Corrections();
   readonly maxFrameSize = DEFAULT_MAX_FRAME_SIZE;
   state: SessionState = "offline";
   stopping = false;
@@ -119,7 +125,7 @@ export class ChatClient extends Emitter<ChatEvents> {
     this.inbox = new Inbox(
       this.user,
       options.seen ?? new MemorySeenStore(),
-      (message, live) => this.emit("message", { message, live }),
+      (message, live) => this.deliver(message, live),
       (message, through) => this.acknowledge(message, through),
       (conversation, peer, group, after, before) =>
         this.answers.ask<pb.HistoryA>(
@@ -164,11 +170,29 @@ export class ChatClient extends Emitter<ChatEvents> {
     this.setState("stopped", "stopped by the application");
   }
 
-  /** The application came to the foreground or went to the background (Node apps call this). */
+  /**
+   * The application came to the foreground or went to the background (a browser's page
+   * visibility does this by itself; Node apps call it). The node is told (APP_STATE_R):
+   * its idle timeout and this connection's heartbeat follow its answer (`[im]
+   * background_heartbeat_interval`). Remembered for every later connection.
+   */
   setForeground(foreground: boolean): void {
+    const changed = foreground !== this.foreground;
     this.foreground = foreground;
     this.current?.setForeground(foreground);
+    if (changed && this.connection() !== undefined) this.tellAppState().catch(() => {});
     if (foreground) this.dialer.hurry();
+  }
+
+  /** APP_STATE_R with the app's state; the answer sets the connection's heartbeat. */
+  private async tellAppState(): Promise<pb.AppStateA> {
+    const state = this.foreground ? pb.AppState.APP_FOREGROUND : pb.AppState.APP_BACKGROUND;
+    const connection = this.current;
+    const answer = await this.answers.ask<pb.AppStateA>(pb.FrameType.APP_STATE_R, create(pb.AppStateRSchema, { state }));
+    if (connection !== undefined && connection === this.current && answer.heartbeatIntervalMs) {
+      connection.setHeartbeat(answer.heartbeatIntervalMs, answer.heartbeatTimeoutMs);
+    }
+    return answer;
   }
 
   private watchPage(): void {
@@ -198,6 +222,9 @@ export class ChatClient extends Emitter<ChatEvents> {
     this.setState("online", where);
     this.emit("online", { loginResult: result, url: where });
     for (const waiter of this.waiters.splice(0)) waiter.resolve();
+    // Every connection starts in the foreground: a background app says so (a node that
+    // refuses keeps the foreground's heartbeat, more often, never too late).
+    if (!this.foreground) this.tellAppState().catch(() => {});
     if (!this.inbox.closed) void this.catchUp.start().then((result) => this.emit("caughtUp", result));
   }
 
@@ -229,6 +256,9 @@ export class ChatClient extends Emitter<ChatEvents> {
       }
       case T.ACK_N:
         this.outbox.acknowledged(message as pb.AckN);
+        break;
+      case T.TYPING_N:
+        if (!this.stopping) this.emit("typing", message as pb.TypingN);
         break;
       case T.OFFLINE_NOTICE: {
         const notice = message as pb.OfflineNotice;
@@ -281,6 +311,17 @@ export class ChatClient extends Emitter<ChatEvents> {
   }
 
   // --- receiving ----------------------------------------------------------------------
+
+  /** The inbox hands over a message or a change entry, in its conversation's order. */
+  private deliver(message: pb.Message, live: boolean): void {
+    const change = changeOf(message);
+    if (change !== undefined) {
+      this.emit("change", { change: this.corrections.apply(change), live });
+      return;
+    }
+    this.corrections.remember(message);
+    this.emit("message", { message, live });
+  }
 
   private acknowledge(message: pb.Message, throughSeq: bigint): void {
     if (this.connection() === undefined) return; // the next catch-up moves the cursor
@@ -346,6 +387,53 @@ export class ChatClient extends Emitter<ChatEvents> {
   /** Send a failed (or still waiting) message again with the same client_seq. */
   resend(clientSeq: bigint): Promise<DeliveryOutcome> {
     return this.outbox.resend(clientSeq);
+  }
+
+  // --- recall, edit, typing -----------------------------------------------------------
+
+  /**
+   * Recall one of this user's messages (within `[im] recall_window`; a group's owner or
+   * admin: any message of the group). Resolves with the change made; rejects with
+   * RequestRefused (its `reason`: unknown_message, not_yours, too_late, recalled).
+   */
+  recall(msgId: bigint): Promise<Change> {
+    return this.change(create(pb.ChangeRSchema, { msgId, kind: pb.ChangeKind.RECALL }));
+  }
+
+  /** Replace the text of one of this user's text messages (within `[im] edit_window`). */
+  edit(msgId: bigint, text: string): Promise<Change> {
+    return this.change(create(pb.ChangeRSchema, { msgId, kind: pb.ChangeKind.EDIT, text }));
+  }
+
+  private async change(request: pb.ChangeR): Promise<Change> {
+    // Not repeated after a silence: the node may have made it.
+    const answer = await this.answers.ask<pb.ChangeA>(pb.FrameType.CHANGE_R, request, false);
+    // The entry's place is dealt with here (as a msg:A's): not shown back.
+    this.inbox.own(answer.conversation, answer.seq);
+    return this.corrections.apply({
+      event: answer.kind === pb.ChangeKind.RECALL ? "recall" : "edit",
+      msgId: answer.msgId,
+      conversation: answer.conversation,
+      seq: answer.replacesSeq,
+      by: this.user,
+      text: request.text,
+      atMs: answer.changedAtMs,
+      entryId: answer.entryId,
+      entrySeq: answer.seq,
+    });
+  }
+
+  /**
+   * Tell `toOrGroup` that this user is typing (or, `stopped`, no longer). The node
+   * passes on one per conversation every 3 s (the answer's `dropped`); never stored.
+   */
+  typing(toOrGroup: string, options: { group?: boolean; stopped?: boolean } = {}): Promise<pb.TypingA> {
+    const request = create(pb.TypingRSchema, {
+      ...(options.group ? { group: toOrGroup } : { to: toOrGroup }),
+      state: options.stopped ? pb.TypingState.TYPING_STOPPED : pb.TypingState.TYPING_STARTED,
+    });
+    // Not repeated after its deadline: a late "typing" is worse than none.
+    return this.answers.ask(pb.FrameType.TYPING_R, request, false);
   }
 
   // --- requests -----------------------------------------------------------------------

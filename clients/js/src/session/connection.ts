@@ -81,6 +81,7 @@ export class ImConnection {
   private closed = false;
   private lastHeard = 0;
   private foreground: boolean;
+  private nodePaced = false;
   /** ms, from the LoginResult (the router's values until then). */
   heartbeatInterval = 30_000;
   heartbeatTimeout = 90_000;
@@ -199,9 +200,26 @@ export class ImConnection {
     }
   }
 
-  /** The heartbeat interval in use: the node's in the foreground, stretched in the background. */
+  /**
+   * Another pace from now on: the node's APP_STATE_A for the app's state. Both timers
+   * start again with the new values, and the interval is the node's from then on.
+   */
+  setHeartbeat(interval: number, timeout: number): void {
+    this.heartbeatInterval = interval;
+    this.heartbeatTimeout = timeout;
+    this.nodePaced = true;
+    if (this.established) {
+      this.restartSilence();
+      this.restartIdle();
+    }
+  }
+
+  /**
+   * The heartbeat interval in use: the node's (its APP_STATE_A, when it answered one);
+   * else, in the background, stretched towards the node's timeout.
+   */
   get currentInterval(): number {
-    if (this.foreground) return this.heartbeatInterval;
+    if (this.foreground || this.nodePaced) return this.heartbeatInterval;
     // Still well inside the node's timeout: a late background timer must not cost the session.
     return Math.max(this.heartbeatInterval, Math.floor((this.heartbeatTimeout * 2) / 3));
   }

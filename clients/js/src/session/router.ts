@@ -35,7 +35,7 @@ export interface LoginTicket {
   sessionId: string;
   user: string;
   node: NodeTarget;
-  /** The node's WebSocket URL (the `[ws] advertise` of the node), if it has a gateway. */
+  /** The node's WebSocket gateway (`node.ws_url`: its `[ws] advertise`), if it has one. */
   ws: string | undefined;
   serverKey: Uint8Array;
   keyFingerprint: Uint8Array;
@@ -53,7 +53,8 @@ export function parseTicket(body: Record<string, unknown>): LoginTicket {
   let ticket: LoginTicket;
   try {
     const node = body["node"] as Record<string, unknown>;
-    const ws = body["ws"] ?? node["ws"];
+    // The node's gateway, `node.ws_url` in the login answer (absent: no gateway).
+    const ws = node["ws_url"] ?? body["ws_url"];
     ticket = {
       token: requireString(body["token"], "token"),
       sessionId: String(body["session_id"] ?? ""),

@@ -146,6 +146,8 @@ export class FakeNode {
   unreachableRouters = new Set<string>(["http://down.test"]);
   /** Called for every frame the client sends (after the node recorded it). */
   onFrame: (link: NodeLink, frame: Received) => void = () => {};
+  /** Answer APP_STATE_R (foreground 30/90 s, background 120/300 s); false: refuse it. */
+  appStates = true;
   /** Answer the login's summary at once with nothing unread (most tests). */
   autoSummary = true;
 
@@ -184,8 +186,7 @@ export class FakeNode {
         token,
         session_id: `s${this.routerLogins}`,
         user: body.user,
-        node: { id: "node1", host: "127.0.0.1", port: 9000 },
-        ws: WS_URL,
+        node: { id: "node1", host: "127.0.0.1", port: 9000, ws_url: WS_URL },
         server_key: toBase64(SERVER_KEY),
         key_fingerprint: vectors.key_fingerprint,
         heartbeat_interval: this.heartbeatInterval / 1000,
@@ -208,6 +209,19 @@ export class FakeNode {
       link.send(T.OFFLINE_SUMMARY_A, pb.OfflineSummaryASchema, { requestId: frame.message.requestId });
     } else if (frame.type === T.ACK_R) {
       link.send(T.ACK_A, pb.AckASchema, { msgId: frame.message.msgId });
+    } else if (frame.type === T.APP_STATE_R) {
+      const requestId = frame.message.requestId;
+      if (!this.appStates) {
+        link.send(T.ERROR, pb.ErrorSchema, { code: pb.Error_Code.BAD_REQUEST, requestType: T.APP_STATE_R, requestId, message: "unknown frame" });
+        return;
+      }
+      const background = frame.message.state === pb.AppState.APP_BACKGROUND;
+      link.send(T.APP_STATE_A, pb.AppStateASchema, {
+        requestId,
+        state: frame.message.state,
+        heartbeatIntervalMs: background ? 120_000 : 30_000,
+        heartbeatTimeoutMs: background ? 300_000 : 90_000,
+      });
     } else if (frame.type === T.OFFLINE_ACK_R) {
       link.send(T.OFFLINE_ACK_A, pb.OfflineAckASchema, { requestId: frame.message.requestId, acknowledged: frame.message.cursors.length });
     }
