@@ -235,6 +235,33 @@ async function main() {
     ok(step, `text ${textMark}, image ${imageMark}`);
     console.log("skip read mark: the SDK has no read receipts yet (branch receipts)");
 
+    step = "alice types, bob sees that she is typing";
+    await alice.locator("#compose").focus();
+    await alice.keyboard.type("See you");
+    await bob.locator("#typing", { hasText: "alice is typing…" }).waitFor();
+    await alice.keyboard.type(" at 5");
+    await alice.keyboard.press("Enter");
+    await message(bob, "See you at 5").waitFor();
+    await bob.locator("#typing:empty").waitFor({ state: "attached" });
+    ok(step);
+
+    step = "alice edits one message and recalls another, bob sees both changes";
+    await waitMark(alice, "See you at 5", ["sent", "delivered"]);
+    await message(alice, "See you at 5").getByRole("button", { name: "Edit this message" }).click();
+    if ((await alice.locator("#compose").inputValue()) !== "See you at 5") throw new Error("the composer does not hold the text to edit");
+    await alice.locator("#compose").fill("See you at 6");
+    await alice.locator("#compose").press("Enter");
+    await message(bob, "See you at 6").locator(".edited:not([hidden])").waitFor();
+    await alice.locator("#compose").fill("Oops, wrong chat");
+    await alice.locator("#compose").press("Enter");
+    await message(bob, "Oops, wrong chat").waitFor();
+    await waitMark(alice, "Oops, wrong chat", ["sent", "delivered"]);
+    await message(alice, "Oops, wrong chat").getByRole("button", { name: "Recall this message" }).click();
+    await message(bob, "Message recalled").waitFor();
+    await message(alice, "You recalled this message").waitFor();
+    if (await message(bob, "Oops, wrong chat").count()) throw new Error("bob still sees the recalled text");
+    ok(step);
+
     step = "bob's page is closed; alice sends three more";
     await bob.close();
     for (const text of ["First while you were away", "Second while you were away", "Third while you were away"]) {

@@ -5,11 +5,15 @@
 import { resolveServices, STORAGE_KEY, type Services } from "./config.js";
 import { ChatModel, SYSTEM_SENDER, TYPE, type Item, type MediaInfo } from "./model.js";
 import { parseNotice } from "./notices.js";
-import { mediaMessage, ServiceError, WebChat } from "./sdk.js";
+import { mediaMessage, pb, ServiceError, WebChat } from "./sdk.js";
 import { acknowledgeSos, Files, register, type StoredFile } from "./services.js";
 import { $, ChatView } from "./view.js";
 
 const START_DEADLINE_MS = 20_000;
+/** How long a "typing" notice shows without another (the node passes one per 3 s). */
+const TYPING_SHOWN_MS = 6_000;
+/** How often this page tells a conversation that its user is typing. */
+const TYPING_EVERY_MS = 3_000;
 
 let services: Services = resolveServices(window.location, localStorage.getItem(STORAGE_KEY));
 let client: WebChat | undefined;
@@ -18,6 +22,10 @@ let view: ChatView | undefined;
 let files: Files | undefined;
 const historyLoaded = new Set<string>();
 let renderQueued = false;
+/** The own message being edited in the composer, if any. */
+let editing: Item | undefined;
+/** When this page last said "typing" in the open conversation (0: it has not, or stopped). */
+let typingSaid = 0;
 
 function input(id: string): HTMLInputElement {
   return $(id) as HTMLInputElement;
@@ -40,6 +48,7 @@ function render(): void {
     renderQueued = false;
     view?.renderList();
     view?.renderMessages();
+    view?.renderTyping(model.open === undefined ? [] : model.typingIn(model.open, Date.now()));
   });
 }
 
@@ -99,7 +108,13 @@ async function startSession(user: string, password: string): Promise<void> {
   files?.forget();
   const fileService = new Files(services.files, () => session().token, user);
   files = fileService;
-  view = new ChatView(model, (url, mime) => fileService.blobUrl(url, mime), openConversation, (sos, button) => void acknowledge(sos, button));
+  view = new ChatView(model, {
+    loadBlob: (url, mime) => fileService.blobUrl(url, mime),
+    open: openConversation,
+    acknowledge: (sos, button) => void acknowledge(sos, button),
+    edit: startEditing,
+    recall: (item) => void recall(item),
+  });
   view.reset();
   const chat = new WebChat({ routers: services.router, user, password, device: deviceFor(user) });
   client = chat;
@@ -149,6 +164,18 @@ function wire(chat: WebChat): void {
     const item = model.received(message);
     if (item !== undefined && message.type === TYPE.SYSTEM && message.from === SYSTEM_SENDER) notice(item);
     render();
+  });
+  chat.on("change", ({ change }) => {
+    model.changed(change);
+    render();
+  });
+  chat.on("typing", (notice) => {
+    if (notice.from === model.me) return; // this user's other devices
+    const key = notice.group ? `group:${notice.group}` : `user:${notice.from}`;
+    const started = notice.state === pb.TypingState.TYPING_STARTED;
+    model.typing(key, notice.from, started ? Date.now() + TYPING_SHOWN_MS : 0);
+    render();
+    if (started) setTimeout(render, TYPING_SHOWN_MS + 100);
   });
   chat.on("outcome", (outcome) => {
     model.outcome(outcome);
@@ -259,6 +286,9 @@ async function loadGroups(): Promise<void> {
 }
 
 function openConversation(key: string): void {
+  if (editing !== undefined) stopEditing();
+  typingSaid = 0;
+  stopTypingTimer();
   model.opened(key);
   const conversation = model.conversation(key);
   $("conversation-title").textContent = conversation.title;
@@ -311,12 +341,114 @@ function track(item: Item, sent: { clientSeq: bigint; outcome: Promise<unknown> 
   });
 }
 
+// --- typing, edits and recalls ------------------------------------------------------
+
+/** When the user last typed in the composer (ms). */
+let lastInput = 0;
+let typingTimer: ReturnType<typeof setInterval> | undefined;
+
+function sayTyping(stopped: boolean): void {
+  const to = target();
+  if (to === undefined || client === undefined) return;
+  const where = to.group ?? to.peer ?? "";
+  client.typing(where, { group: Boolean(to.group), stopped }).then(
+    (answer) => {
+      if (answer.dropped) typingSaid = 0; // the node's one per 3 s: the next tick says it again
+    },
+    () => undefined,
+  );
+}
+
+function stopTypingTimer(): void {
+  if (typingTimer !== undefined) clearInterval(typingTimer);
+  typingTimer = undefined;
+}
+
+/**
+ * The user typed in the composer: "typing" at once and again every few seconds while
+ * they go on (docs/protocol.md, "Typing notices"); an emptied box says "stopped".
+ */
+function composing(): void {
+  if (target() === undefined || editing !== undefined) return;
+  const typed = ($("compose") as HTMLTextAreaElement).value.trim() !== "";
+  lastInput = Date.now();
+  if (!typed) {
+    stopTypingTimer();
+    if (typingSaid) sayTyping(true);
+    typingSaid = 0;
+    return;
+  }
+  const tick = () => {
+    const now = Date.now();
+    const stillTyping = now - lastInput < TYPING_SHOWN_MS && ($("compose") as HTMLTextAreaElement).value.trim() !== "";
+    if (!stillTyping) {
+      stopTypingTimer();
+      return;
+    }
+    if (now - typingSaid >= TYPING_EVERY_MS) {
+      typingSaid = now;
+      sayTyping(false);
+    }
+  };
+  tick();
+  typingTimer ??= setInterval(tick, TYPING_EVERY_MS / 3);
+}
+
+function startEditing(item: Item): void {
+  editing = item;
+  const box = $("compose") as HTMLTextAreaElement;
+  box.value = item.text;
+  $("composer").classList.add("editing");
+  $("cancel-edit").hidden = false;
+  $("send").textContent = "Save";
+  $("chat-info").textContent = "Editing a message: Enter saves, Escape cancels.";
+  box.focus();
+}
+
+function stopEditing(): void {
+  editing = undefined;
+  ($("compose") as HTMLTextAreaElement).value = "";
+  $("composer").classList.remove("editing");
+  $("cancel-edit").hidden = true;
+  $("send").textContent = "Send";
+  $("chat-info").textContent = "";
+}
+
+async function saveEdit(item: Item, text: string): Promise<void> {
+  stopEditing();
+  if (text === item.text) return;
+  try {
+    const change = await session().edit(BigInt(item.msgId), text);
+    model.changed(change);
+    render();
+  } catch (error) {
+    showError("chat-error", `Not edited: ${describe(error)}`);
+  }
+}
+
+async function recall(item: Item): Promise<void> {
+  try {
+    const change = await session().recall(BigInt(item.msgId));
+    model.changed(change);
+    if (editing === item) stopEditing();
+    render();
+  } catch (error) {
+    showError("chat-error", `Not recalled: ${describe(error)}`);
+  }
+}
+
 function sendText(): void {
   const to = target();
   const box = $("compose") as HTMLTextAreaElement;
   const text = box.value.trim();
+  if (editing !== undefined) {
+    if (text) void saveEdit(editing, text);
+    return;
+  }
   if (to === undefined || !text) return;
   box.value = "";
+  typingSaid = 0;
+  stopTypingTimer();
   const item = model.sending(to, "text", text);
   track(item, session().send({ ...addressed(to), text }));
   render();
@@ -398,8 +530,18 @@ function main(): void {
     event.preventDefault();
     sendText();
   });
+  $("compose").addEventListener("input", composing);
+  $("cancel-edit").addEventListener("click", () => {
+    stopEditing();
+    input("compose").focus();
+  });
   $("compose").addEventListener("keydown", (event) => {
     const key = event as KeyboardEvent;
+    if (key.key === "Escape" && editing !== undefined) {
+      key.preventDefault();
+      stopEditing();
+      return;
+    }
     if (key.key === "Enter" && !key.shiftKey && !key.isComposing) {
       key.preventDefault();
       sendText();

@@ -38,6 +38,8 @@ export interface Item {
   mark: Mark | undefined;
   /** Upload progress of a media message being sent, 0..1; undefined once sent. */
   progress: number | undefined;
+  recalled: boolean;
+  edited: boolean;
 }
 
 export interface Conversation {
@@ -67,6 +69,10 @@ export interface MessageLike {
   sentAtMs: bigint;
   seq: bigint;
   device?: string;
+  /** A timeline entry that recalls or edits another message (ChangeKind), not a message. */
+  change?: number;
+  recalled?: boolean;
+  edited?: boolean;
   media?: {
     url: string;
     thumbnailUrl: string;
@@ -110,8 +116,15 @@ function mediaOf(message: MessageLike): MediaInfo | undefined {
 }
 
 /** How a message reads in the conversation list. */
-export function previewOf(item: { kind: ItemKind; text: string; media: MediaInfo | undefined; mine: boolean }): string {
+export function previewOf(item: {
+  kind: ItemKind;
+  text: string;
+  media: MediaInfo | undefined;
+  mine: boolean;
+  recalled?: boolean;
+}): string {
   const prefix = item.mine ? "You: " : "";
+  if (item.recalled) return `${prefix}message recalled`;
   if (item.kind === "image") return `${prefix}[image] ${item.media?.name ?? ""}`.trim();
   if (item.kind === "file") return `${prefix}[file] ${item.media?.name ?? ""}`.trim();
   if (item.kind === "system") return parseNotice(item.text).summary.slice(0, 80);
@@ -127,6 +140,7 @@ export class ChatModel {
   pageVisible = true;
   private readonly byClientSeq = new Map<string, Item>();
   private readonly byMsgId = new Map<string, Item>();
+  private readonly typists = new Map<string, Map<string, number>>();
   private localCounter = 0;
 
   constructor(readonly me: string) {}
@@ -168,7 +182,7 @@ export class ChatModel {
       conversation.unread = this.open === key && this.pageVisible ? 0 : entry.count;
       conversation.countedThrough = Math.max(conversation.countedThrough, Number(entry.lastSeq));
       const newest = entry.newest;
-      if (newest !== undefined && newest.id) {
+      if (newest !== undefined && newest.id && !newest.change) {
         const at = Number(newest.sentAtMs);
         if (at >= conversation.lastAt) {
           conversation.lastAt = at;
@@ -185,6 +199,7 @@ export class ChatModel {
    * what the summary counted is unread unless its conversation is on screen.
    */
   received(message: MessageLike): Item | undefined {
+    if (message.change) return undefined; // a change entry: `changed` applies it
     const msgId = String(message.id);
     if (message.id && this.byMsgId.has(msgId)) return undefined;
     const mine = message.from === this.me;
@@ -200,6 +215,7 @@ export class ChatModel {
     }
     const key = conversationKey(this.me, message);
     const conversation = this.conversation(key);
+    this.typists.get(key)?.delete(message.from); // what they typed has arrived
     const item: Item = {
       key: message.id ? `m${msgId}` : `l${++this.localCounter}`,
       msgId,
@@ -213,6 +229,8 @@ export class ChatModel {
       at: Number(message.sentAtMs) || Date.now(),
       mark: mine ? "sent" : undefined,
       progress: undefined,
+      recalled: Boolean(message.recalled),
+      edited: Boolean(message.edited),
     };
     if (message.id) this.byMsgId.set(msgId, item);
     insertBySeq(conversation.items, item);
@@ -242,6 +260,8 @@ export class ChatModel {
       at: Date.now(),
       mark: "sending",
       progress: kind === "text" ? undefined : 0,
+      recalled: false,
+      edited: false,
     };
     conversation.items.push(item);
     this.touch(conversation, item);
@@ -277,6 +297,45 @@ export class ChatModel {
     else if (outcome.status === "delivered") this.raise(item, "delivered");
     else this.raise(item, "sent");
     return item;
+  }
+
+  /**
+   * A message was recalled (its content gone) or edited (its new text), by whoever the
+   * node allowed; the item it names, if shown.
+   */
+  changed(change: { event: string; msgId: bigint; text: string }): Item | undefined {
+    const item = this.byMsgId.get(String(change.msgId));
+    if (item === undefined) return undefined;
+    if (change.event === "recall") {
+      item.recalled = true;
+      item.edited = false;
+      item.text = "";
+      item.media = undefined;
+    } else if (change.event === "edit" && !item.recalled) {
+      item.text = change.text;
+      item.edited = true;
+    }
+    for (const conversation of this.conversations.values()) {
+      const last = conversation.items[conversation.items.length - 1];
+      if (last === item) conversation.preview = previewOf(item);
+    }
+    return item;
+  }
+
+  /** Someone is typing (until `until`, ms) in a conversation, or stopped (`until` 0). */
+  typing(key: string, user: string, until: number): void {
+    let users = this.typists.get(key);
+    if (users === undefined) this.typists.set(key, (users = new Map()));
+    if (until > 0) users.set(user, until);
+    else users.delete(user);
+  }
+
+  /** Who is typing in `key` at `now` (ms), in the order they started. */
+  typingIn(key: string, now: number): string[] {
+    const users = this.typists.get(key);
+    if (users === undefined) return [];
+    for (const [user, until] of users) if (until <= now) users.delete(user);
+    return [...users.keys()];
   }
 
   /** The peer read up to `seq` in `key` (read receipts): every own message there up to it. */

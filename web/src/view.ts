@@ -32,8 +32,15 @@ const MARK_TEXT: Record<Mark, [string, string]> = {
   failed: ["! not sent", "failed"],
 };
 
-/** Thumbnails and file links are read with the token: the page asks for blob: URLs. */
-export type BlobLoader = (url: string, mime?: string) => Promise<string>;
+/** What the page's controls ask of the app. */
+export interface ViewHandlers {
+  /** Thumbnails and file links are read with the token: the page asks for blob: URLs. */
+  loadBlob: (url: string, mime?: string) => Promise<string>;
+  open: (key: string) => void;
+  acknowledge: (sos: number, button: HTMLButtonElement) => void;
+  edit: (item: Item) => void;
+  recall: (item: Item) => void;
+}
 
 export class ChatView {
   private readonly listItems = new Map<string, HTMLLIElement>();
@@ -43,9 +50,7 @@ export class ChatView {
 
   constructor(
     private readonly model: ChatModel,
-    private readonly loadBlob: BlobLoader,
-    private readonly onOpen: (key: string) => void,
-    private readonly onAcknowledge: (sos: number, button: HTMLButtonElement) => void,
+    private readonly handlers: ViewHandlers,
   ) {}
 
   reset(): void {
@@ -92,7 +97,7 @@ export class ChatView {
     button.type = "button";
     button.dataset["key"] = conversation.key;
     button.append(element("span", "title"), element("span", "badge unread"), element("span", "preview"));
-    button.addEventListener("click", () => this.onOpen(conversation.key));
+    button.addEventListener("click", () => this.handlers.open(conversation.key));
     li.append(button);
     return li;
   }
@@ -136,7 +141,7 @@ export class ChatView {
       this.fillMessage(li, item);
       if (list.children[index] !== li) list.insertBefore(li, list.children[index] ?? null);
     });
-    if (added && (atBottom || conversation.items[conversation.items.length - 1]?.mine)) list.scrollTop = list.scrollHeight;
+    if (atBottom || (added && conversation.items[conversation.items.length - 1]?.mine)) list.scrollTop = list.scrollHeight;
   }
 
   private messageEntry(item: Item, conversation: Conversation): HTMLLIElement {
@@ -157,14 +162,45 @@ export class ChatView {
       li.append(element("span", "text", item.text));
     }
     const meta = element("span", "meta");
-    meta.append(element("time", "time", new Date(item.at).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" })));
+    const edited = element("span", "edited", "(edited)");
+    edited.hidden = true;
+    meta.append(edited, element("time", "time", new Date(item.at).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" })));
     if (item.mine) meta.append(element("span", "mark"));
     li.append(meta);
+    if (item.mine && item.kind !== "system") meta.prepend(this.actions(item));
     return li;
+  }
+
+  /** Edit (text messages) and Recall for one's own messages, once the node named them. */
+  private actions(item: Item): HTMLElement {
+    const actions = element("span", "actions");
+    const make = (label: string, name: string, act: (item: Item) => void) => {
+      const button = element("button", `action ${name}`, label);
+      button.type = "button";
+      button.setAttribute("aria-label", `${label} this message`);
+      button.addEventListener("click", () => act(item));
+      return button;
+    };
+    if (item.kind === "text") actions.append(make("Edit", "edit", this.handlers.edit));
+    actions.append(make("Recall", "recall", this.handlers.recall));
+    actions.hidden = true;
+    return actions;
   }
 
   private fillMessage(li: HTMLLIElement, item: Item): void {
     li.dataset["msgId"] = item.msgId;
+    const text = li.querySelector<HTMLElement>(".text");
+    if (item.recalled) {
+      li.classList.add("recalled");
+      if (text !== null) text.textContent = item.mine ? "You recalled this message" : "Message recalled";
+      for (const gone of li.querySelectorAll(".thumb, .download, progress")) gone.remove();
+    } else if (item.kind === "text" && text !== null) {
+      text.textContent = item.text;
+    }
+    const edited = li.querySelector<HTMLElement>(".edited");
+    if (edited !== null) edited.hidden = !item.edited || item.recalled;
+    const actions = li.querySelector<HTMLElement>(".actions");
+    if (actions !== null) actions.hidden = item.recalled || item.msgId === "0" || item.mark === "failed";
     const mark = li.querySelector<HTMLElement>(".mark");
     if (mark !== null && item.mark !== undefined) {
       const [text, label] = MARK_TEXT[item.mark];
@@ -179,7 +215,7 @@ export class ChatView {
       if (item.progress !== undefined) bar.value = Math.round(item.progress * 100);
     }
     const media = item.media;
-    if (media !== undefined && item.progress === undefined && !this.loadedThumbs.has(item.key)) {
+    if (media !== undefined && !item.recalled && item.progress === undefined && !this.loadedThumbs.has(item.key)) {
       this.loadedThumbs.add(item.key);
       this.attachMedia(li, item);
     }
@@ -193,7 +229,7 @@ export class ChatView {
     link.addEventListener("click", (event) => {
       if (link.dataset["ready"]) return;
       event.preventDefault();
-      void this.loadBlob(media.url, media.mime).then((url) => {
+      void this.handlers.loadBlob(media.url, media.mime).then((url) => {
         link.href = url;
         link.dataset["ready"] = "1";
         link.click();
@@ -207,7 +243,8 @@ export class ChatView {
         img.height = Math.round((img.width * media.height) / media.width);
       }
       li.insertBefore(img, li.querySelector(".meta"));
-      this.loadBlob(media.thumbnailUrl || media.url)
+      this.handlers
+        .loadBlob(media.thumbnailUrl || media.url)
         .then((url) => {
           img.src = url;
         })
@@ -216,6 +253,13 @@ export class ChatView {
         });
     }
     li.insertBefore(link, li.querySelector(".meta"));
+  }
+
+  /** Who is typing in the open conversation, in one line (empty: nobody). */
+  renderTyping(users: readonly string[]): void {
+    const line = $("typing");
+    const text = users.length === 0 ? "" : users.length === 1 ? `${users[0]} is typing…` : `${users.join(", ")} are typing…`;
+    if (line.textContent !== text) line.textContent = text;
   }
 
   /** A group invitation with its Accept and Decline buttons; `answered` removes it. */
@@ -260,7 +304,7 @@ export class ChatView {
       entry.append(element("span", "alarm-text", summary));
       const button = element("button", "", "Acknowledge");
       button.type = "button";
-      button.addEventListener("click", () => this.onAcknowledge(sos, button));
+      button.addEventListener("click", () => this.handlers.acknowledge(sos, button));
       entry.append(button);
       alarms.prepend(entry);
     }

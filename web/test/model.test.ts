@@ -146,3 +146,39 @@ test("conversations are listed newest activity first", () => {
     ["user:carol", "user:dave", "user:bob"],
   );
 });
+
+test("a recall empties the message and an edit replaces its text; the list's preview follows", () => {
+  const model = new ChatModel("bob");
+  model.received(message({ id: 1n, from: "alice", to: "bob", text: "See you at 5", seq: 1n }));
+  model.received(message({ id: 2n, from: "alice", to: "bob", text: "Oops", seq: 2n }));
+  const edited = model.changed({ event: "edit", msgId: 1n, text: "See you at 6" });
+  assert.equal(edited?.text, "See you at 6");
+  assert.equal(edited?.edited, true);
+  const recalled = model.changed({ event: "recall", msgId: 2n, text: "" });
+  assert.equal(recalled?.recalled, true);
+  assert.equal(recalled?.text, "");
+  assert.equal(model.conversation("user:alice").preview, "message recalled");
+  assert.equal(model.changed({ event: "edit", msgId: 2n, text: "back" })?.text, "", "a recalled message stays recalled");
+  assert.equal(model.changed({ event: "edit", msgId: 99n, text: "x" }), undefined);
+});
+
+test("change entries are not messages; stored messages keep their recalled and edited flags", () => {
+  const model = new ChatModel("bob");
+  assert.equal(model.received(message({ id: 5n, from: "alice", to: "bob", change: 2, text: "new", seq: 3n })), undefined);
+  const item = model.received(message({ id: 6n, from: "alice", to: "bob", edited: true, text: "fixed", seq: 4n }));
+  assert.equal(item?.edited, true);
+  assert.equal(model.conversation("user:alice").items.length, 1);
+});
+
+test("typing shows until it expires, is stopped, or the typist's message arrives", () => {
+  const model = new ChatModel("bob");
+  model.typing("user:alice", "alice", 6000);
+  assert.deepEqual(model.typingIn("user:alice", 1000), ["alice"]);
+  assert.deepEqual(model.typingIn("user:alice", 6000), []);
+  model.typing("user:alice", "alice", 9000);
+  model.typing("user:alice", "alice", 0);
+  assert.deepEqual(model.typingIn("user:alice", 1000), []);
+  model.typing("user:alice", "alice", 9000);
+  model.received(message({ from: "alice", to: "bob" }));
+  assert.deepEqual(model.typingIn("user:alice", 1000), []);
+});
