@@ -43,6 +43,7 @@ STEPS = (
     "screenshots",
     "alice creates a group with bob and posts; bob sees it",
     "a watch raises an SOS, its guardian carol sees it on top and acknowledges it",
+    "every control on the pages has a name, and the keyboard reaches it",
     "no console errors",
     "the daemon stops, the pages show that they are offline and reconnecting",
 )

@@ -321,6 +321,21 @@ async function main() {
     const sos = await sosFlow(browser);
     ok(step, `SOS ${sos.id} ${sos.state}`);
 
+    step = "every control on the pages has a name, and the keyboard reaches it";
+    for (const page of [alice, bob]) {
+      const unnamed = await page.evaluate(() =>
+        [...document.querySelectorAll("button, input, textarea, a[href], select")]
+          .filter((el) => el.getClientRects().length > 0 || el.id === "attach")
+          .filter((el) => {
+            const labelled = (el.labels?.length ?? 0) > 0 || el.getAttribute("aria-label") || el.textContent?.trim();
+            return !labelled || el.tabIndex < 0;
+          })
+          .map((el) => el.outerHTML.slice(0, 80)),
+      );
+      if (unnamed.length) throw new Error(`controls without a name or out of the tab order: ${unnamed.join(" | ")}`);
+    }
+    ok(step);
+
     step = "no console errors";
     if (consoleErrors.length) throw new Error(consoleErrors.join("\n"));
     ok(step);

@@ -5,34 +5,15 @@
  * (so the page's item can be matched to its outcome).
  */
 import type { MessageInitShape } from "@bufbuild/protobuf";
-import { ChatClient, pb, type ChatClientOptions, type DeliveryOutcome } from "../../clients/js/src/index.js";
+import { ChatClient, pb, type DeliveryOutcome } from "../../clients/js/src/index.js";
 
 export { pb, ChatClient };
 export type { DeliveryOutcome };
 export { ServiceError, mediaMessage } from "../../clients/js/src/index.js";
 
-/**
- * The router names the gateway `node.ws_url` (cim/services/router.py); the SDK's
- * parseTicket reads `ws` / `node.ws`. Until it reads both, the login answer is given
- * the name the SDK looks for. (Reported to the SDK's author.)
- */
-export const loginFetch: typeof fetch = async (input, init) => {
-  const response = await fetch(input, init);
-  const url = typeof input === "string" ? input : input instanceof URL ? input.href : input.url;
-  if (!response.ok || !url.endsWith("/api/v1/login")) return response;
-  const body = (await response.json()) as Record<string, unknown>;
-  const node = body["node"] as Record<string, unknown> | undefined;
-  if (body["ws"] === undefined && typeof node?.["ws_url"] === "string") body["ws"] = node["ws_url"];
-  return new Response(JSON.stringify(body), { status: response.status, headers: response.headers });
-};
-
 export class WebChat extends ChatClient {
   /** msg:A arrived for one of our messages. */
   onTaken: (answer: pb.MsgA) => void = () => {};
-
-  constructor(options: ChatClientOptions) {
-    super({ fetch: loginFetch, ...options });
-  }
 
   override frame(type: number, message: object): void {
     super.frame(type, message);
