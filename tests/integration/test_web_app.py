@@ -5,11 +5,12 @@ so the test sees the sources as they are), the WebSocket gateway, and the router
 logic and file services with CORS for the app's origin. ``web/e2e/chat.mjs`` drives
 Debian's headless Chromium through playwright-core: alice logs in, bob registers from
 the page; alice sends a text and an image, bob sees both live with the thumbnail,
-alice sees them delivered; bob sees alice typing, an edit and a recall; bob's page
-closes, alice sends three more, bob comes back to an unread count of 3 and the three
-messages; screenshots of both pages; a group (create, invitation accepted, a post); a
-watch's SOS shown to its guardian carol and acknowledged from her page; no console
-errors; and when the daemon stops, both pages say they are offline and reconnecting.
+alice sees them delivered; bob sees alice typing, an edit and a recall; a file bob
+downloads byte for byte; bob's page closes, alice sends three more, bob comes back to
+an unread count of 3 and the three messages; screenshots of both pages; a group
+(create, invitation accepted, a post); a watch's SOS shown to its guardian carol and
+acknowledged from her page; every control named and reachable; no console errors; and
+when the daemon stops, both pages say they are offline and reconnecting.
 
 ``make test`` builds the app's npm packages first (``make web``); without Node,
 those packages or Chromium the test is skipped, or fails when CIM_REQUIRE_SERVICES
@@ -38,6 +39,7 @@ STEPS = (
     "alice sees both delivered (read receipts are not in the SDK yet)",
     "alice types, bob sees that she is typing",
     "alice edits one message and recalls another, bob sees both changes",
+    "alice sends a file, bob downloads the same bytes",
     "bob's page is closed; alice sends three more",
     "bob opens the page again, the conversation shows 3 unread and the three messages",
     "screenshots",

@@ -262,6 +262,18 @@ async function main() {
     if (await message(bob, "Oops, wrong chat").count()) throw new Error("bob still sees the recalled text");
     ok(step);
 
+    step = "alice sends a file, bob downloads the same bytes";
+    const notes = Buffer.from("minutes of the meeting\n".repeat(200));
+    await alice.locator("#attach").setInputFiles({ name: "notes.txt", mimeType: "text/plain", buffer: notes });
+    await alice.locator("#upload-label", { hasText: "Uploaded notes.txt" }).waitFor();
+    const file = message(bob, "File: notes.txt");
+    await file.waitFor();
+    const [download] = await Promise.all([bob.waitForEvent("download"), file.getByRole("link", { name: "Download" }).click()]);
+    const saved = await download.path();
+    const { readFileSync } = await import("node:fs");
+    if (!readFileSync(saved).equals(notes)) throw new Error("the downloaded file differs from the one sent");
+    ok(step, `${notes.length} bytes as ${download.suggestedFilename()}`);
+
     step = "bob's page is closed; alice sends three more";
     await bob.close();
     for (const text of ["First while you were away", "Second while you were away", "Third while you were away"]) {
