@@ -266,7 +266,7 @@ async function main() {
     const notes = Buffer.from("minutes of the meeting\n".repeat(200));
     await alice.locator("#attach").setInputFiles({ name: "notes.txt", mimeType: "text/plain", buffer: notes });
     await alice.locator("#upload-label", { hasText: "Uploaded notes.txt" }).waitFor();
-    const file = message(bob, "File: notes.txt");
+    const file = message(bob, "File: notes.txt (4.5 KiB)");
     await file.waitFor();
     const [download] = await Promise.all([bob.waitForEvent("download"), file.getByRole("link", { name: "Download" }).click()]);
     const saved = await download.path();

@@ -42,6 +42,19 @@ export interface ViewHandlers {
   recall: (item: Item) => void;
 }
 
+/** Bytes as people read them: 930 B, 4.5 KiB, 1.2 MiB. */
+export function humanSize(size: number): string {
+  if (size < 1024) return `${size} B`;
+  const units = ["KiB", "MiB", "GiB"];
+  let value = size / 1024;
+  let unit = 0;
+  while (value >= 1024 && unit < units.length - 1) {
+    value /= 1024;
+    unit++;
+  }
+  return `${value.toFixed(1)} ${units[unit]}`;
+}
+
 export class ChatView {
   private readonly listItems = new Map<string, HTMLLIElement>();
   private readonly messageItems = new Map<string, HTMLLIElement>();
@@ -196,6 +209,8 @@ export class ChatView {
       for (const gone of li.querySelectorAll(".thumb, .download, progress")) gone.remove();
     } else if (item.kind === "text" && text !== null) {
       text.textContent = item.text;
+    } else if ((item.kind === "image" || item.kind === "file") && text !== null && item.media !== undefined) {
+      text.textContent = `${item.kind === "image" ? "Image" : "File"}: ${item.media.name || "file"} (${humanSize(item.media.size)})`;
     }
     const edited = li.querySelector<HTMLElement>(".edited");
     if (edited !== null) edited.hidden = !item.edited || item.recalled;
