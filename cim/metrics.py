@@ -124,6 +124,42 @@ class HttpRequests:
         yield seconds
 
 
+# Seconds from a message's append to a push provider's acceptance (retries included).
+PUSH_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 3600.0)
+
+
+class PushMetrics:
+    """Pushes by provider and outcome, the queue's depth, the latency (cim.push)."""
+
+    def __init__(self) -> None:
+        self.outcomes: Counter[tuple[str, str]] = Counter()
+        self.latency = Histogram(PUSH_BUCKETS)
+        self.queue_depth: Callable[[], int | None] = lambda: None
+
+    def count(self, provider: str, outcome: str) -> None:
+        self.outcomes[(provider, outcome)] += 1
+
+    def families(self) -> Iterator[Metric]:
+        depth = self.queue_depth()
+        if depth is None:
+            return
+        pushes = CounterMetricFamily(
+            "cim_pushes", "Pushes by provider and outcome.", labels=["provider", "outcome"]
+        )
+        for (provider, outcome), count in sorted(self.outcomes.items()):
+            pushes.add_metric([provider, outcome], count)
+        yield pushes
+        gauge = GaugeMetricFamily(
+            "cim_push_queue_depth", "Pushes this node holds: waiting, in flight or to retry."
+        )
+        gauge.add_metric([], depth)
+        yield gauge
+        yield self.latency.family(
+            "cim_push_latency",
+            "Seconds from a message's append to the push provider's acceptance.",
+        )
+
+
 class NodeMetrics:
     """Plain counters for one daemon; every field is cheap to bump."""
 
@@ -152,6 +188,7 @@ class NodeMetrics:
         self.delivery_latency = Histogram(DELIVERY_BUCKETS)
         self.db_wait = Histogram(DB_WAIT_BUCKETS, threaded=True)
         self.http = HttpRequests()
+        self.push = PushMetrics()
         # Read at scrape time; the daemon points them at the switchboard and the
         # offline writer once those exist.
         self.connections_established: Callable[[], int] = lambda: 0
@@ -282,6 +319,7 @@ class NodeMetricsCollector(Collector):
             "Seconds a database transaction waited for a pool thread.",
         )
         yield from m.http.families()
+        yield from m.push.families()
 
         pending = m.offline_pending()
         if pending is not None:

@@ -50,10 +50,13 @@ ANSWER_TYPES: dict[int, int] = {
     cim_pb2.HISTORY_R: cim_pb2.HISTORY_A,
     cim_pb2.GROUP_R: cim_pb2.GROUP_A,
     cim_pb2.CONTACTS_R: cim_pb2.CONTACTS_A,
+    cim_pb2.PUSH_R: cim_pb2.PUSH_A,
     cim_pb2.ACK_R: cim_pb2.ACK_A,
     cim_pb2.APP_STATE_R: cim_pb2.APP_STATE_A,
     cim_pb2.TYPING_R: cim_pb2.TYPING_A,
     cim_pb2.CHANGE_R: cim_pb2.CHANGE_A,
+    cim_pb2.READ_R: cim_pb2.READ_A,
+    cim_pb2.READERS_R: cim_pb2.READERS_A,
 }
 """Each request frame and the frame that answers it."""
 
@@ -200,6 +203,9 @@ class Answers:
 
     def contacts(self, request: cim_pb2.ContactsRequest) -> Deferred[cim_pb2.ContactsAnswer]:
         return self.ask(cim_pb2.CONTACTS_R, request)
+
+    def push(self, request: cim_pb2.PushRequest) -> Deferred[cim_pb2.PushAnswer]:
+        return self.ask(cim_pb2.PUSH_R, request)
 
     def history(self, request: cim_pb2.HistoryR) -> Deferred[cim_pb2.HistoryA]:
         return self.ask(cim_pb2.HISTORY_R, request)

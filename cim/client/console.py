@@ -32,6 +32,7 @@ from prompt_toolkit.patch_stdout import patch_stdout
 from twisted.internet.defer import Deferred
 
 from cim.client.media import media_summary
+from cim.client.reads import ReadEvent, conversation_key
 from cim.client.session import DeliveryOutcome
 from cim.protocols import cim_pb2
 from cim.reactor import ICimReactor
@@ -43,6 +44,9 @@ HELP = """commands:
   /online           which of your contacts are online
   /groups           list your groups
   /history [N]      the last N messages (default 20) of this conversation
+  /read             mark this conversation read (your other devices and, unless
+                    you turned read receipts off, the other side see it: ✓✓)
+  /unread           unread messages per conversation
   /retry            send the last failed message again
   /app STATE        tell the node the app is in the foreground or the background
   /recall [MSG_ID]  recall your last message here (or the one named)
@@ -58,6 +62,8 @@ COMMANDS = (
     "/online",
     "/groups",
     "/history",
+    "/read",
+    "/unread",
     "/retry",
     "/app",
     "/recall",
@@ -251,6 +257,7 @@ class Console:
         client.on_typing = self.typing_arrived
         client.on_change = self.change_arrived
         client.on_state = self.state_changed
+        client.on_read = self.read_arrived
         client.catch_up.on_summary = self.summary_arrived
 
     # --- what arrives -----------------------------------------------------------------
@@ -357,6 +364,25 @@ class Console:
             self.last_failed = None
         self.write(self.format_outcome(outcome, what, where))
 
+    def _name(self, conversation: str) -> str:
+        peer, group = self.client.reads.where(conversation)
+        if group:
+            return f"#{self.groups.get(group, group)}"
+        return peer or conversation
+
+    def read_arrived(self, event: ReadEvent) -> None:
+        """✓✓ when the other side read; another device of ours reading only changes
+        the unread counts (the toolbar)."""
+        if not event.own:
+            self.write(f"  ✓✓ {event.reader} read up to #{event.seq}")
+        if self._app is not None:
+            self._app.invalidate()
+
+    def unread_text(self) -> str:
+        """Unread per conversation, most first (at most 3 in the toolbar)."""
+        counts = sorted(self.client.reads.unread_counts().items(), key=lambda kv: -kv[1])
+        return ", ".join(f"{self._name(key)} {count}" for key, count in counts[:3])
+
     def state_changed(self, state: str, detail: str) -> None:
         """A line for each change the user must know of; the toolbar shows the rest."""
         previous, self.state, self.state_detail = self.state, state, detail
@@ -387,7 +413,9 @@ class Console:
         where = f" → {self.conversation}" if self.conversation else ""
         typing = self.typing_text()
         typing = f" │ {typing}" if typing else ""
-        return f" {self.user}{where} │ {state}{typing} │ /help"
+        unread = self.unread_text()
+        unread = f" │ unread: {unread}" if unread else ""
+        return f" {self.user}{where} │ {state}{unread}{typing} │ /help"
 
     def prompt_text(self) -> str:
         where = f" → {self.conversation}" if self.conversation else ""
@@ -422,6 +450,8 @@ class Console:
             "/online": self._online,
             "/groups": self._groups,
             "/history": self._history,
+            "/read": self._read,
+            "/unread": self._unread,
             "/retry": self._retry,
             "/app": self._app_state,
             "/recall": self._recall,
@@ -579,6 +609,25 @@ class Console:
             return
         change = await self.client.edit(msg_id, argument)
         self.write(f"* {self.format_change(change)}")
+
+    async def _read(self, argument: str) -> None:
+        where = self.conversation
+        if where is None:
+            self.write("* no conversation yet: /to USER or /group NAME first")
+            return
+        key = conversation_key(self.user, where.target, where.group)
+        if not self.client.reads.newest(key):
+            self.write(f"* nothing to mark read with {where}")
+            return
+        answer = await self.client.mark_read(key)
+        self.write(f"* {where}: read up to #{answer.seq}")
+
+    async def _unread(self, argument: str) -> None:
+        counts = self.client.reads.unread_counts()
+        if not counts:
+            self.write("* nothing unread")
+        for key, count in sorted(counts.items(), key=lambda kv: -kv[1]):
+            self.write(f"  {self._name(key)}: {count} unread")
 
     async def _retry(self, argument: str) -> None:
         if self.last_failed is None:

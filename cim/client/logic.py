@@ -273,5 +273,22 @@ class PostCalls(LogicApi):
         return dict(answer)
 
 
-class LogicClient(AccountCalls, SafetyCalls, PostCalls):
+class PushCalls(LogicApi):
+    """This device's push registration (docs/push.md): the session's device, always."""
+
+    async def register_push(
+        self, provider: str, token: str, app: str | None = None, locale: str | None = None
+    ) -> dict[str, Any]:
+        body = _without_none({"provider": provider, "token": token, "app": app, "locale": locale})
+        return dict(await self.call("PUT", "/devices/me/push", body))
+
+    async def push_registration(self) -> dict[str, Any]:
+        return dict(await self.call("GET", "/devices/me/push"))
+
+    async def remove_push(self) -> dict[str, Any]:
+        await self.call("DELETE", "/devices/me/push")
+        return {"removed": True}
+
+
+class LogicClient(AccountCalls, SafetyCalls, PostCalls, PushCalls):
     """Every call of the logic service on one connection: what ``cim-client`` runs."""

@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -56,6 +56,7 @@ from cim.client.dialing import (
     Unreachable,
 )
 from cim.client.inbox import Inbox
+from cim.client.reads import ReadEvent, ReadState
 from cim.client.router import LoginTicket, RouterClient
 from cim.client.seen import FileSeenStore, MemorySeenStore, SeenStore
 from cim.config import SUITE_CHACHA
@@ -69,6 +70,7 @@ __all__ = [
     "Change",
     "ChatClient",
     "DeliveryOutcome",
+    "ReadEvent",
     "RequestFailed",
     "RetryPolicy",
     "SessionFailed",
@@ -193,6 +195,9 @@ class ChatClient:
         )
         self.corrections = Corrections()
         """The last messages handed over, with recalls and edits applied."""
+        self.reads = ReadState(user)
+        """Unread counts per conversation, the user's read marks, the peers' (✓✓)."""
+        self.catch_up.bookkeeping = self.reads.summary
         if not receiving:
             self.inbox.close()
         # Application callbacks. on_message returning False declines the message: it is
@@ -206,6 +211,9 @@ class ChatClient:
         # A recall or edit by someone else (or by this user on another device), in its
         # conversation's order; False declines it as on_message's False does.
         self.on_change: Callable[[Change], object] = _decline_change
+        self.on_read: Callable[[ReadEvent], None] = lambda event: None
+        """A READ_N: another device of the user read (its unread count dropped), or a
+        1:1 peer read the user's messages up to a seq."""
 
     # --- the session's life -----------------------------------------------------------
 
@@ -289,6 +297,9 @@ class ChatClient:
         elif frame_type == cim_pb2.MSG_A:
             self.outbox.taken(message)
             self.inbox.own(message.conversation, message.seq)
+            self.reads.sent(message.conversation, message.seq)
+        elif frame_type == cim_pb2.READ_N:
+            self.on_read(self.reads.notice(message))
         elif frame_type == cim_pb2.ACK_N:
             self.outbox.acknowledged(message)
         elif frame_type == cim_pb2.TYPING_N:
@@ -331,9 +342,13 @@ class ChatClient:
         # The callbacks are looked up now: the application sets them later.
         change = change_of(message)
         if change is not None:
-            return self.on_change(self.corrections.apply(change))
-        self.corrections.remember(message)
-        return self.on_message(message)
+            taken = self.on_change(self.corrections.apply(change))
+        else:
+            self.corrections.remember(message)
+            taken = self.on_message(message)
+        if taken is not False:
+            self.reads.received(message)
+        return taken
 
     def _sending(self, message: cim_pb2.Message) -> bool:
         """Whether ``message`` is one this session sent and still waits to hear about."""
@@ -425,6 +440,35 @@ class ChatClient:
         )
         return self.corrections.apply(change)
 
+    # --- read marks -------------------------------------------------------------------
+
+    def mark_read(self, conversation: str, seq: int | None = None) -> Deferred[cim_pb2.ReadA]:
+        """Mark ``conversation`` (a timeline key, ``Message.conversation``) read up to
+        ``seq``, or (None) up to the newest message this device has there. Fires with
+        READ_A (the mark in effect: a lower ``seq`` changes nothing); a seq past the
+        end or a conversation not the user's fails with ``RequestRefused``. The user's
+        other devices and a 1:1 peer hear of it (READ_N), the peer only while the
+        user's read receipts are on."""
+        if seq is None:
+            seq = self.reads.newest(conversation)
+        if seq <= 0:
+            return fail(ValueError(f"nothing to mark read in {conversation!r} yet"))
+        request = cim_pb2.ReadR(conversation=conversation, seq=seq)
+        d: Deferred[cim_pb2.ReadA] = self.answers.ask(cim_pb2.READ_R, request)
+
+        def marked(answer: cim_pb2.ReadA) -> cim_pb2.ReadA:
+            self.reads.marked(answer)
+            return answer
+
+        return d.addCallback(marked)
+
+    def readers(self, conversation: str, seq: int) -> Deferred[cim_pb2.ReadersA]:
+        """Who has read message ``seq`` of a conversation (its sender asks: anyone
+        else is refused): the count, the names, the members it could count."""
+        request = cim_pb2.ReadersR(conversation=conversation, seq=seq)
+        d: Deferred[cim_pb2.ReadersA] = self.answers.ask(cim_pb2.READERS_R, request)
+        return d
+
     # --- other requests ---------------------------------------------------------------
 
     def online(self, offset: int = 0, limit: int = 100) -> Deferred[cim_pb2.OnlineA]:
@@ -485,6 +529,10 @@ class ChatClient:
         request = cim_pb2.TypingR(to=to, group=group, state=state)
         # Not repeated after its deadline: a late "typing" is worse than none.
         return self.answers.ask(cim_pb2.TYPING_R, request, retry_on_deadline=False)
+
+    def push_request(self, request: cim_pb2.PushRequest) -> Deferred[cim_pb2.PushAnswer]:
+        """Send a PUSH_R (register, remove, show this device's push registration)."""
+        return self.answers.push(request)
 
     # --- sending ----------------------------------------------------------------------
 

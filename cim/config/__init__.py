@@ -6,7 +6,7 @@ and the daemon run exactly the same validation.
 
 The parts: ``values`` (the parsers and ConfigError), ``services`` (the sections of the
 services), ``backends`` (the sections of the backends and plumbing), ``loading``
-(CimConfig, parse_config, load_config).
+(CimConfig, parse_config, load_config), ``push`` (the push providers).
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from cim.config.loading import (
     load_config,
     parse_config,
 )
+from cim.config.push import PUSH_PROVIDERS, PushConfig
 from cim.config.services import (
     AccountsConfig,
     AdminConfig,
@@ -64,6 +65,7 @@ __all__ = [
     "KNOWN_SUITES",
     "LOG_FORMATS",
     "LOG_LEVELS",
+    "PUSH_PROVIDERS",
     "REQUIRED",
     "SECTIONS",
     "SUITE_CHACHA",
@@ -82,6 +84,7 @@ __all__ = [
     "LogicConfig",
     "NodeConfig",
     "OfflineConfig",
+    "PushConfig",
     "QueueConfig",
     "RegistryConfig",
     "RouterConfig",

@@ -20,6 +20,7 @@ from cim.config.backends import (
     StateConfig,
     _hide_password,
 )
+from cim.config.push import PushConfig
 from cim.config.services import (
     AccountsConfig,
     AdminConfig,
@@ -60,6 +61,7 @@ class CimConfig:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     log: LogConfig = field(default_factory=LogConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
+    push: PushConfig = field(default_factory=PushConfig)
     web: WebConfig = field(default_factory=WebConfig)
     ws: WsConfig = field(default_factory=WsConfig)
     path: str = ""
@@ -107,6 +109,7 @@ SECTIONS: tuple[type, ...] = (
     LimitsConfig,
     LogConfig,
     HttpConfig,
+    PushConfig,
     WebConfig,
     WsConfig,
 )

@@ -31,6 +31,7 @@ from cim.message_ids import MessageIdGenerator
 from cim.metrics import NodeMetrics
 from cim.protocols import cim_pb2
 from cim.storage.changes import ChangeAsked, ChangeMade
+from cim.storage.read_marks import Readers, ReadMark
 from cim.storage.timeline import Appended, ConversationState, TimelinePage
 
 __all__ = [
@@ -47,8 +48,10 @@ __all__ = [
     "NoContacts",
     "NoGroups",
     "NoHistory",
+    "NoReadMarks",
     "NoTimeline",
     "NodeCore",
+    "ReadMarkStore",
     "Stores",
     "TimelineStore",
     "UserExists",
@@ -269,6 +272,25 @@ class NoTimeline:
         return fail(TimelineUnavailable("this node keeps no timelines"))
 
 
+class ReadMarkStore(Protocol):
+    """Users' read marks (cim.history.read_marks.ReadMarks); both fail with
+    ``ReadRefused`` (nothing changed) or ``TimelineUnavailable``."""
+
+    def mark(self, user: str, conversation: str, seq: int) -> Deferred[ReadMark]: ...
+
+    def readers(self, asker: str, conversation: str, seq: int) -> Deferred[Readers]: ...
+
+
+class NoReadMarks:
+    """A node without a database keeps no read marks: every request is UNAVAILABLE."""
+
+    def mark(self, user: str, conversation: str, seq: int) -> Deferred[ReadMark]:
+        return fail(TimelineUnavailable("this node keeps no read marks"))
+
+    def readers(self, asker: str, conversation: str, seq: int) -> Deferred[Readers]:
+        return fail(TimelineUnavailable("this node keeps no read marks"))
+
+
 class HistoryAnswers(Protocol):
     """Answers HISTORY_R (cim.history.service.HistoryService)."""
 
@@ -296,6 +318,8 @@ class Stores:
     """Which conversations each file was sent in (cim.im.shares)."""
     max_page_bytes: int = 65536
     """The largest frame a page may fill ([im] max_frame_size; less if the client says)."""
+    read_marks: ReadMarkStore = field(default_factory=NoReadMarks)
+    """Users' read marks in their conversations (read receipts, cim.im.receipts)."""
 
 
 # --- bounds ---------------------------------------------------------------------------

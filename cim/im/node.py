@@ -12,16 +12,20 @@ family (or a new room, merged into ``inbound`` below).
     direct     msg:R (every message's claim), ack:R
     groups     group posts: membership, live copies in order; GROUP_R
     catchup    OFFLINE_SUMMARY_R, OFFLINE_R, OFFLINE_ACK_R (timelines), the notice to pull
+    receipts   READ_R, READERS_R: read marks, READ_N to the user's devices and a 1:1 peer
     history    HISTORY_R
     changes    CHANGE_R: recall and edit, entries in the timelines spread like messages
     presence   ONLINE_R (the caller's contacts and bound accounts only)
     contacts   CONTACTS_R; the contact rules direct, presence and groups ask
     typing     TYPING_R: live "typing" / "stopped" notices, never stored
     system     server-made messages (the logic service's notices)
+
+and whatever rooms the daemon adds from outside (PUSH_R: cim.push.frames).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Protocol
 
 from cim.im.catchup import Catchup
@@ -42,6 +46,7 @@ from cim.im.groups import GroupMessages
 from cim.im.history import HistoryRequests
 from cim.im.peers import Peers
 from cim.im.presence import PresenceRequests
+from cim.im.receipts import ReadReceipts
 from cim.im.routing import Routing
 from cim.im.sessions import Sessions
 from cim.im.system import SystemMessages
@@ -66,7 +71,10 @@ class ImNode:
         stores: Stores,
         peers: Peers,
         bounds: Bounds = NO_BOUNDS,
+        more_rooms: Sequence[Room] = (),
     ) -> None:
+        """``more_rooms``: rooms outside cim.im whose frames the connection answers
+        too (PUSH_R, cim.push.frames)."""
         self.core = core
         self.directory = directory
         self.stores = stores
@@ -94,6 +102,8 @@ class ImNode:
         self.typing = TypingNotices(core, directory, peers, connected)
         self.routing.bus_bodies["typing"] = self.typing.bus_typing_received
         self.sessions = Sessions(core, connected, self.routing)
+        self.receipts = ReadReceipts(core, stores, peers, connected)
+        self.routing.bus_bodies["read"] = self.receipts.read_from_bus
         peers.listen(self.routing.bus_message_received)
         self.inbound: FrameTable = _merged(
             self.direct,
@@ -104,6 +114,8 @@ class ImNode:
             self.contacts,
             self.typing,
             self.changes,
+            self.receipts,
+            *more_rooms,
         )
         """What an authenticated client may send: every other frame type closes the
         connection."""

@@ -104,7 +104,7 @@ class Routing:
         self._pending_by_receiver: dict[str, set[int]] = {}
         self.bus_bodies: dict[str, Callable[[Any], None]] = {}
         """Other rooms' envelope bodies (BusEnvelope's oneof name -> receiver of the
-        body): live notices that are not messages, such as typing."""
+        body): live notices that are not messages, such as typing and read notices."""
 
     # --- one-to-one routing -----------------------------------------------------------
 

@@ -25,6 +25,8 @@ class Caller:
 
     user: str
     kind: str
+    device: str = ""
+    """The session's device (a push registration belongs to it)."""
 
     @property
     def is_device(self) -> bool:

@@ -21,6 +21,8 @@ from cim.logic.features import LogicFeatures
 from cim.logic.http.api import logic_document
 from cim.logic.http.operations import logic_endpoints
 from cim.logic.notices import Notices
+from cim.push.http import push_endpoints
+from cim.push.registrations import Registrations
 from cim.storage.contacts import PrivacyDefaults
 
 __all__ = ["document", "main"]
@@ -41,7 +43,9 @@ def document() -> dict[str, Any]:
         NO_GROUP_CACHES,
         ContactBook(absent, clock, PrivacyDefaults()),
     )
-    return logic_document(logic_endpoints(LogicFeatures.build(ctx)))
+    # The daemon serves the push registration (cim.push.http) on the same port.
+    push = push_endpoints(Registrations(absent, clock, False, ()))
+    return logic_document([*logic_endpoints(LogicFeatures.build(ctx)), *push])
 
 
 def render() -> str:

@@ -36,6 +36,13 @@ class FrameType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     GROUP_A: _ClassVar[FrameType]
     CONTACTS_R: _ClassVar[FrameType]
     CONTACTS_A: _ClassVar[FrameType]
+    READ_R: _ClassVar[FrameType]
+    READ_A: _ClassVar[FrameType]
+    READ_N: _ClassVar[FrameType]
+    READERS_R: _ClassVar[FrameType]
+    READERS_A: _ClassVar[FrameType]
+    PUSH_R: _ClassVar[FrameType]
+    PUSH_A: _ClassVar[FrameType]
     KICKED: _ClassVar[FrameType]
     GOING_AWAY: _ClassVar[FrameType]
     ERROR: _ClassVar[FrameType]
@@ -106,6 +113,13 @@ GROUP_R: FrameType
 GROUP_A: FrameType
 CONTACTS_R: FrameType
 CONTACTS_A: FrameType
+READ_R: FrameType
+READ_A: FrameType
+READ_N: FrameType
+READERS_R: FrameType
+READERS_A: FrameType
+PUSH_R: FrameType
+PUSH_A: FrameType
 KICKED: FrameType
 GOING_AWAY: FrameType
 ERROR: FrameType
@@ -445,7 +459,7 @@ class OfflineSummaryR(_message.Message):
     def __init__(self, request_id: _Optional[int] = ..., max_bytes: _Optional[int] = ...) -> None: ...
 
 class ConversationSummary(_message.Message):
-    __slots__ = ("conversation", "peer", "group", "count", "last_seq", "cursor", "newest", "newest_cut")
+    __slots__ = ("conversation", "peer", "group", "count", "last_seq", "cursor", "newest", "newest_cut", "read_seq", "peer_read_seq")
     CONVERSATION_FIELD_NUMBER: _ClassVar[int]
     PEER_FIELD_NUMBER: _ClassVar[int]
     GROUP_FIELD_NUMBER: _ClassVar[int]
@@ -454,6 +468,8 @@ class ConversationSummary(_message.Message):
     CURSOR_FIELD_NUMBER: _ClassVar[int]
     NEWEST_FIELD_NUMBER: _ClassVar[int]
     NEWEST_CUT_FIELD_NUMBER: _ClassVar[int]
+    READ_SEQ_FIELD_NUMBER: _ClassVar[int]
+    PEER_READ_SEQ_FIELD_NUMBER: _ClassVar[int]
     conversation: str
     peer: str
     group: str
@@ -462,21 +478,25 @@ class ConversationSummary(_message.Message):
     cursor: int
     newest: Message
     newest_cut: bool
-    def __init__(self, conversation: _Optional[str] = ..., peer: _Optional[str] = ..., group: _Optional[str] = ..., count: _Optional[int] = ..., last_seq: _Optional[int] = ..., cursor: _Optional[int] = ..., newest: _Optional[_Union[Message, _Mapping]] = ..., newest_cut: _Optional[bool] = ...) -> None: ...
+    read_seq: int
+    peer_read_seq: int
+    def __init__(self, conversation: _Optional[str] = ..., peer: _Optional[str] = ..., group: _Optional[str] = ..., count: _Optional[int] = ..., last_seq: _Optional[int] = ..., cursor: _Optional[int] = ..., newest: _Optional[_Union[Message, _Mapping]] = ..., newest_cut: _Optional[bool] = ..., read_seq: _Optional[int] = ..., peer_read_seq: _Optional[int] = ...) -> None: ...
 
 class OfflineSummaryA(_message.Message):
-    __slots__ = ("total", "conversations", "caught_up", "more", "request_id")
+    __slots__ = ("total", "conversations", "caught_up", "more", "request_id", "peer_reads")
     TOTAL_FIELD_NUMBER: _ClassVar[int]
     CONVERSATIONS_FIELD_NUMBER: _ClassVar[int]
     CAUGHT_UP_FIELD_NUMBER: _ClassVar[int]
     MORE_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    PEER_READS_FIELD_NUMBER: _ClassVar[int]
     total: int
     conversations: _containers.RepeatedCompositeFieldContainer[ConversationSummary]
     caught_up: _containers.RepeatedCompositeFieldContainer[Cursor]
     more: bool
     request_id: int
-    def __init__(self, total: _Optional[int] = ..., conversations: _Optional[_Iterable[_Union[ConversationSummary, _Mapping]]] = ..., caught_up: _Optional[_Iterable[_Union[Cursor, _Mapping]]] = ..., more: _Optional[bool] = ..., request_id: _Optional[int] = ...) -> None: ...
+    peer_reads: _containers.RepeatedCompositeFieldContainer[Cursor]
+    def __init__(self, total: _Optional[int] = ..., conversations: _Optional[_Iterable[_Union[ConversationSummary, _Mapping]]] = ..., caught_up: _Optional[_Iterable[_Union[Cursor, _Mapping]]] = ..., more: _Optional[bool] = ..., request_id: _Optional[int] = ..., peer_reads: _Optional[_Iterable[_Union[Cursor, _Mapping]]] = ...) -> None: ...
 
 class OfflineNotice(_message.Message):
     __slots__ = ("conversation", "seq")
@@ -713,12 +733,80 @@ class ContactRef(_message.Message):
     def __init__(self, user: _Optional[str] = ...) -> None: ...
 
 class PrivacySettings(_message.Message):
-    __slots__ = ("messages", "group_adds")
+    __slots__ = ("messages", "group_adds", "read_receipts")
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
     GROUP_ADDS_FIELD_NUMBER: _ClassVar[int]
+    READ_RECEIPTS_FIELD_NUMBER: _ClassVar[int]
     messages: str
     group_adds: str
-    def __init__(self, messages: _Optional[str] = ..., group_adds: _Optional[str] = ...) -> None: ...
+    read_receipts: str
+    def __init__(self, messages: _Optional[str] = ..., group_adds: _Optional[str] = ..., read_receipts: _Optional[str] = ...) -> None: ...
+
+class ReadR(_message.Message):
+    __slots__ = ("request_id", "conversation", "seq")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    CONVERSATION_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    request_id: int
+    conversation: str
+    seq: int
+    def __init__(self, request_id: _Optional[int] = ..., conversation: _Optional[str] = ..., seq: _Optional[int] = ...) -> None: ...
+
+class ReadA(_message.Message):
+    __slots__ = ("request_id", "conversation", "seq", "moved", "last_seq")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    CONVERSATION_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    MOVED_FIELD_NUMBER: _ClassVar[int]
+    LAST_SEQ_FIELD_NUMBER: _ClassVar[int]
+    request_id: int
+    conversation: str
+    seq: int
+    moved: bool
+    last_seq: int
+    def __init__(self, request_id: _Optional[int] = ..., conversation: _Optional[str] = ..., seq: _Optional[int] = ..., moved: _Optional[bool] = ..., last_seq: _Optional[int] = ...) -> None: ...
+
+class ReadNotice(_message.Message):
+    __slots__ = ("conversation", "reader", "seq", "last_seq", "peer", "group")
+    CONVERSATION_FIELD_NUMBER: _ClassVar[int]
+    READER_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    LAST_SEQ_FIELD_NUMBER: _ClassVar[int]
+    PEER_FIELD_NUMBER: _ClassVar[int]
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    conversation: str
+    reader: str
+    seq: int
+    last_seq: int
+    peer: str
+    group: str
+    def __init__(self, conversation: _Optional[str] = ..., reader: _Optional[str] = ..., seq: _Optional[int] = ..., last_seq: _Optional[int] = ..., peer: _Optional[str] = ..., group: _Optional[str] = ...) -> None: ...
+
+class ReadersR(_message.Message):
+    __slots__ = ("request_id", "conversation", "seq")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    CONVERSATION_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    request_id: int
+    conversation: str
+    seq: int
+    def __init__(self, request_id: _Optional[int] = ..., conversation: _Optional[str] = ..., seq: _Optional[int] = ...) -> None: ...
+
+class ReadersA(_message.Message):
+    __slots__ = ("request_id", "conversation", "seq", "count", "readers", "members")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    CONVERSATION_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    READERS_FIELD_NUMBER: _ClassVar[int]
+    MEMBERS_FIELD_NUMBER: _ClassVar[int]
+    request_id: int
+    conversation: str
+    seq: int
+    count: int
+    readers: _containers.RepeatedScalarFieldContainer[str]
+    members: int
+    def __init__(self, request_id: _Optional[int] = ..., conversation: _Optional[str] = ..., seq: _Optional[int] = ..., count: _Optional[int] = ..., readers: _Optional[_Iterable[str]] = ..., members: _Optional[int] = ...) -> None: ...
 
 class Contact(_message.Message):
     __slots__ = ("user", "since_ms", "approved_by")
@@ -830,18 +918,28 @@ class TypingN(_message.Message):
     def __init__(self, device: _Optional[str] = ..., to: _Optional[str] = ..., group: _Optional[str] = ..., state: _Optional[_Union[TypingState, str]] = ..., conversation: _Optional[str] = ..., **kwargs) -> None: ...
 
 class BusEnvelope(_message.Message):
-    __slots__ = ("origin_node", "deliver", "outcome", "stored", "typing")
+    __slots__ = ("origin_node", "deliver", "outcome", "stored", "typing", "read")
     ORIGIN_NODE_FIELD_NUMBER: _ClassVar[int]
     DELIVER_FIELD_NUMBER: _ClassVar[int]
     OUTCOME_FIELD_NUMBER: _ClassVar[int]
     STORED_FIELD_NUMBER: _ClassVar[int]
     TYPING_FIELD_NUMBER: _ClassVar[int]
+    READ_FIELD_NUMBER: _ClassVar[int]
     origin_node: str
     deliver: BusDelivery
     outcome: BusOutcome
     stored: OfflineReady
     typing: BusTyping
-    def __init__(self, origin_node: _Optional[str] = ..., deliver: _Optional[_Union[BusDelivery, _Mapping]] = ..., outcome: _Optional[_Union[BusOutcome, _Mapping]] = ..., stored: _Optional[_Union[OfflineReady, _Mapping]] = ..., typing: _Optional[_Union[BusTyping, _Mapping]] = ...) -> None: ...
+    read: BusRead
+    def __init__(self, origin_node: _Optional[str] = ..., deliver: _Optional[_Union[BusDelivery, _Mapping]] = ..., outcome: _Optional[_Union[BusOutcome, _Mapping]] = ..., stored: _Optional[_Union[OfflineReady, _Mapping]] = ..., typing: _Optional[_Union[BusTyping, _Mapping]] = ..., read: _Optional[_Union[BusRead, _Mapping]] = ...) -> None: ...
+
+class BusRead(_message.Message):
+    __slots__ = ("receivers", "notice")
+    RECEIVERS_FIELD_NUMBER: _ClassVar[int]
+    NOTICE_FIELD_NUMBER: _ClassVar[int]
+    receivers: _containers.RepeatedScalarFieldContainer[str]
+    notice: ReadNotice
+    def __init__(self, receivers: _Optional[_Iterable[str]] = ..., notice: _Optional[_Union[ReadNotice, _Mapping]] = ...) -> None: ...
 
 class BusDelivery(_message.Message):
     __slots__ = ("message", "receivers", "sender_device")
@@ -942,3 +1040,51 @@ class Error(_message.Message):
     request_id: int
     reason: str
     def __init__(self, code: _Optional[_Union[Error.Code, str]] = ..., message: _Optional[str] = ..., request_type: _Optional[_Union[FrameType, str]] = ..., client_seq: _Optional[int] = ..., retry_after_ms: _Optional[int] = ..., request_id: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class PushRequest(_message.Message):
+    __slots__ = ("request_id", "register", "remove", "show")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    REGISTER_FIELD_NUMBER: _ClassVar[int]
+    REMOVE_FIELD_NUMBER: _ClassVar[int]
+    SHOW_FIELD_NUMBER: _ClassVar[int]
+    request_id: int
+    register: PushRegistration
+    remove: PushRemove
+    show: PushShow
+    def __init__(self, request_id: _Optional[int] = ..., register: _Optional[_Union[PushRegistration, _Mapping]] = ..., remove: _Optional[_Union[PushRemove, _Mapping]] = ..., show: _Optional[_Union[PushShow, _Mapping]] = ...) -> None: ...
+
+class PushRegistration(_message.Message):
+    __slots__ = ("provider", "token", "app", "locale")
+    PROVIDER_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    APP_FIELD_NUMBER: _ClassVar[int]
+    LOCALE_FIELD_NUMBER: _ClassVar[int]
+    provider: str
+    token: str
+    app: str
+    locale: str
+    def __init__(self, provider: _Optional[str] = ..., token: _Optional[str] = ..., app: _Optional[str] = ..., locale: _Optional[str] = ...) -> None: ...
+
+class PushRemove(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class PushShow(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class PushAnswer(_message.Message):
+    __slots__ = ("request_id", "ok", "error", "message", "registration", "registered")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    OK_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    REGISTRATION_FIELD_NUMBER: _ClassVar[int]
+    REGISTERED_FIELD_NUMBER: _ClassVar[int]
+    request_id: int
+    ok: bool
+    error: str
+    message: str
+    registration: PushRegistration
+    registered: bool
+    def __init__(self, request_id: _Optional[int] = ..., ok: _Optional[bool] = ..., error: _Optional[str] = ..., message: _Optional[str] = ..., registration: _Optional[_Union[PushRegistration, _Mapping]] = ..., registered: _Optional[bool] = ...) -> None: ...

@@ -1,12 +1,14 @@
-"""cim-client send, listen, sync, online, history and typing: the IM connection's commands.
+"""cim-client send, listen, sync, online, history, typing, read: the IM connection's commands.
 
 Only ``listen`` (and the console) take received messages: they print the catch-up, each
 conversation oldest first and each message once, then live messages, and acknowledge
 what they printed; ``listen`` prints typing notices too (``"event": "typing"``), which
-are never stored and not counted by ``--count``, and a recall or edit as a line with
-``event`` "recall" or "edit". The others move no cursor: ``sync`` prints the catch-up
-summary (unread per conversation) without taking anything, ``history`` reads a
-timeline whatever the cursors, ``typing`` sends one notice.
+are never stored and not counted by ``--count``, a recall or edit as a line with
+``event`` "recall" or "edit", and read notices as ``"event": "read"`` lines. The others
+move no cursor: ``sync`` prints the catch-up summary (unread per conversation) without
+taking anything, ``history`` reads a timeline whatever the cursors, ``typing`` sends one
+notice, ``read`` marks a conversation read (the user's other devices and a 1:1 peer
+hear of it).
 """
 
 from __future__ import annotations
@@ -107,6 +109,51 @@ def add_chat_commands(commands: Any) -> None:
     typing.add_argument("--stopped", action="store_true", help='say "stopped" instead of "typing"')
 
 
+def add_read_command(commands: Any) -> None:
+    read = commands.add_parser(
+        "read", help="mark a conversation read up to SEQ (default: its newest message)"
+    )
+    read.add_argument(
+        "conversation",
+        metavar="CONVERSATION",
+        help="the other user, a group (with --group), or a conversation key (d:... / g:...)",
+    )
+    read.add_argument("seq", nargs="?", type=positive, default=None, help="read up to here")
+    read.add_argument("--group", action="store_true", help="CONVERSATION names a group")
+
+
+async def read_command(client: Any, options: argparse.Namespace) -> int:
+    """Mark read; prints the mark in effect (``moved`` false: it was already there).
+    A seq past the end is refused (exit 1), a conversation not yours too (exit 4)."""
+    from cim.client.answers import RequestRefused
+    from cim.client.reads import conversation_key
+    from cim.protocols import cim_pb2
+
+    name = await resolve_group(client, options.conversation) if options.group else None
+    key = conversation_key(client.user, name or options.conversation, group=bool(name))
+    seq = options.seq
+    if seq is None:
+        await client.offline_summary()  # the newest seq of each conversation; takes nothing
+        seq = client.reads.newest(key)
+        if not seq:
+            raise ClientExit(EXIT_FAILED, f"no messages in {key} to mark read")
+    try:
+        answer = await client.mark_read(key, seq)
+    except RequestRefused as refused:
+        forbidden = refused.code == cim_pb2.Error.FORBIDDEN
+        status = EXIT_REFUSED if forbidden else EXIT_FAILED
+        raise ClientExit(status, f"not marked: {refused.why}") from None
+    emit(
+        {
+            "conversation": answer.conversation,
+            "seq": answer.seq,
+            "moved": answer.moved,
+            "last_seq": answer.last_seq,
+        }
+    )
+    return EXIT_OK
+
+
 async def send_command(reactor: ICimReactor, client: Any, options: argparse.Namespace) -> int:
     outcome = await with_timeout(
         reactor, client.send_text(options.to, options.text), options.timeout
@@ -202,9 +249,11 @@ class Listener:
 
     First the catch-up: every conversation with unread messages, newest activity first,
     each oldest first; then live messages as they come (in seq order per conversation:
-    the library fills gaps). Exactly --count messages are taken: the cursor moves only
-    over printed messages, and once the count is reached the library takes no more, so
-    what came with them (the rest of a page, a live one) stays unread for the next run.
+    the library fills gaps), and read notices (``"event": "read"``: the user's other
+    device read, or a 1:1 peer read up to a seq). Exactly --count messages are taken:
+    the cursor moves only over printed messages, and once the count is reached the
+    library takes no more, so what came with them (the rest of a page, a live one)
+    stays unread for the next run.
     """
 
     def __init__(self, reactor: ICimReactor, client: Any, options: argparse.Namespace) -> None:
@@ -225,6 +274,7 @@ class Listener:
         self.client.on_message = self.arrived
         self.client.on_typing = self.typing
         self.client.on_change = self.changed
+        self.client.on_read = self.read
         self.client.on_state = self.state_changed
         if self.timeout:
             self.reactor.callLater(self.timeout, self.timed_out)
@@ -270,6 +320,15 @@ class Listener:
             return
         try:
             write_line(typing_json(notice))
+        except OutputClosed:
+            self.finish(EXIT_OK)
+
+    def read(self, event: Any) -> None:
+        """A read notice: one ``"event": "read"`` line (not counted in --count)."""
+        if self.done.called:
+            return
+        try:
+            write_line(json.dumps(event.json_record(), ensure_ascii=False))
         except OutputClosed:
             self.finish(EXIT_OK)
 

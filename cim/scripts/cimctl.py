@@ -68,6 +68,7 @@ from cim.scripts.node_commands import (
     keygen_arguments,
 )
 from cim.scripts.output import add_version_option
+from cim.scripts.push_commands import push_show, push_show_arguments
 from cim.storage.database import DatabaseRevisionError, upgrade
 from cim.storage.schema import USER_KINDS
 
@@ -299,6 +300,7 @@ GROUP_HELP: dict[tuple[str, ...], str] = {
     ("db",): "the database schema",
     ("user",): "accounts",
     ("group",): "groups (read from the database)",
+    ("push",): "push registrations (read from the database)",
 }
 
 SUBCOMMANDS: tuple[Subcommand, ...] = (
@@ -326,6 +328,12 @@ SUBCOMMANDS: tuple[Subcommand, ...] = (
         "[limits] override_refresh)",
         limits,
         limits_arguments,
+    ),
+    Subcommand(
+        ("push", "show"),
+        "a user's push registrations, by device",
+        push_show,
+        push_show_arguments,
     ),
     Subcommand(("group", "list"), "list the groups", group_list, json_argument),
     Subcommand(("group", "show"), "a group and its members", group_show, group_show_arguments),

@@ -11,7 +11,8 @@
     cim-client --user U group accept|decline GROUP | invitations
     cim-client --user U contacts list | request|accept|decline|remove|block|unblock USER
                                  [--for DEVICE] | policy [contacts|everyone]
-                                 [--group-adds contacts|nobody]
+                                 [--group-adds contacts|nobody] [--read-receipts on|off]
+    cim-client --user U read CONVERSATION [SEQ] [--group]   (a user, a group, or a key)
     cim-client [--files URL] --user U send-file TO PATH [--group]
     cim-client [--files URL] [--user U] download URL [-o PATH|-] [--force]
     cim-client --user U                      (interactive console)
@@ -59,8 +60,10 @@ from cim.scripts.change_commands import CHANGE_COMMANDS, add_change_commands, ch
 from cim.scripts.chat_commands import (
     Listener,
     add_chat_commands,
+    add_read_command,
     history_command,
     online_command,
+    read_command,
     send_command,
     sync_command,
     typing_command,
@@ -151,6 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command")
     add_chat_commands(commands)
     add_change_commands(commands)
+    add_read_command(commands)
     add_group_commands(commands)
     add_contact_commands(commands)
     add_file_commands(commands)
@@ -190,6 +194,8 @@ async def run(reactor: ICimReactor, options: argparse.Namespace) -> int:
             return await typing_command(client, options)
         if options.command == "sync":
             return await sync_command(client)
+        if options.command == "read":
+            return await read_command(client, options)
         if options.command == "listen":
             return await Listener(reactor, client, options).run()
         from cim.client.console import run_console

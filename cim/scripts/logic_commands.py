@@ -12,12 +12,13 @@ from typing import Any
 from cim.reactor import ICimReactor
 from cim.scripts import arguments, login
 from cim.scripts.output import EXIT_OK, EXIT_USAGE, ClientExit, emit
+from cim.scripts.push_commands import add_push_commands, push_call
 
 LOGIC_DEADLINE = 60.0
 """Seconds a logic call may take: registering runs the password KDF."""
 
 LOGIC_COMMANDS = frozenset(
-    ("register", "bind", "sos", "fence", "locate", "post", "like", "unlike", "likers")
+    ("register", "bind", "sos", "fence", "locate", "post", "like", "unlike", "likers", "push")
 )
 
 
@@ -41,6 +42,8 @@ def add_logic_commands(commands: Any) -> None:
         change = bind_verbs.add_parser(verb, help=text)
         change.add_argument("of_device", metavar="DEVICE")
         change.add_argument("guardian")
+
+    add_push_commands(commands)
 
     sos = commands.add_parser("sos", help="raise, list and acknowledge SOS alarms")
     sos_verbs = sos.add_subparsers(dest="verb", required=True)
@@ -131,6 +134,8 @@ async def logic_call(api: Any, options: argparse.Namespace) -> Any:
         if verb == "approve":
             return await api.approve_binding(options.of_device, options.guardian)
         return await api.unbind(options.of_device, options.guardian)
+    if command == "push":
+        return await push_call(api, options)
     if command == "sos":
         if verb == "raise":
             return await api.raise_sos(options.lat, options.lon, options.accuracy, options.battery)

@@ -88,6 +88,10 @@ def summary_record(entry: Any) -> dict[str, Any]:
         "last_seq": entry.last_seq,
         "cursor": entry.cursor,
     }
+    if entry.read_seq:
+        record["read_seq"] = entry.read_seq  # the user's read mark (any device)
+    if entry.peer_read_seq:
+        record["peer_read_seq"] = entry.peer_read_seq  # a 1:1: how far the peer read
     if entry.HasField("newest"):
         record["newest"] = message_record(entry.newest)
         record["newest_cut"] = entry.newest_cut

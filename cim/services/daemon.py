@@ -4,7 +4,7 @@
 lifetime, in the order they depend on each other::
 
     operation log, SIGHUP reopening, database, accounts (the KDF pool), limits, state,
-    registry, node number, bus, timelines,
+    registry, node number, bus, timelines, push,
     im (client drain, listener, registry entry), router listener, files, logic,
     admin listener, web listener, heap trimmer
 
@@ -43,6 +43,7 @@ from cim.config import CimConfig
 from cim.content import MediaUrls
 from cim.groups.directory import GroupDirectory
 from cim.heap import HeapTrimmer
+from cim.history.read_marks import ReadMarks
 from cim.history.service import HistoryService
 from cim.history.timeline import Timelines, timeline_settings
 from cim.http.limits import HttpConnections
@@ -64,6 +65,9 @@ from cim.metrics import NodeMetrics
 from cim.oplog import OperationLog
 from cim.protocols.crypto import KeyFileError, NodeKey
 from cim.protocols.im import ImServerFactory
+from cim.push.frames import PushRequests
+from cim.push.presence import one_session
+from cim.push.service import PushService
 from cim.reactor import ICimReactor
 from cim.services.admin import admin_site
 from cim.services.files import FilesService
@@ -168,6 +172,8 @@ class CimDaemon(OrderedServices):
         # What media URLs messages, posts and avatars may carry: https, or this node's
         # file service's (its public_url, or the URL it derives once it listens).
         self.media_urls = MediaUrls([config.files.public_url] if config.files.public_url else [])
+        # Pushes for devices that are away (cim.push); registrations are served always.
+        push = self.push = PushService(config.push, reactor, database, metrics.push, oplog)
         im_node = self.im_node = ImNode(
             NodeCore(node_id, state, reactor, metrics, ids, self.media_urls),
             Directory(accounts.exists, groups, ContactDirectory(contacts)),
@@ -177,6 +183,7 @@ class CimDaemon(OrderedServices):
                 HistoryService(timelines, groups.is_member, config.im.max_frame_size),
                 RecordedShares(database, reactor, config.files.public_url),
                 max_page_bytes=config.im.max_frame_size,
+                read_marks=ReadMarks(database, reactor),
             ),
             BusPeers(node_id, bus, state.presence, LiveNodes(registry)),
             Bounds(
@@ -188,6 +195,15 @@ class CimDaemon(OrderedServices):
                 config.im.recall_window,
                 config.im.edit_window,
             ),
+            more_rooms=[PushRequests(push.registrations)],
+        )
+        # Every new timeline entry is handed to the push decisions (when enabled).
+        push.watch(
+            im_node.stores,
+            node_id,
+            one_session(im_node.sessions.session_for),
+            state.presence,
+            groups.member_names,
         )
         # Invitations and contact requests are told as system notices, which the node
         # (made from the directory that holds both) stores.
@@ -200,6 +216,7 @@ class CimDaemon(OrderedServices):
         queue_failure = cannot_start("queue", config.queue.backend)
         self.add(Step("bus", bus.start, bus.stop, queue_failure))
         self.add(Step("timelines", timelines.start, timelines.stop))
+        self.add(push)
 
         # --- the listeners; every HTTP one behind the [http] limits
         http = self.http = HttpConnections(config.http, reactor)
@@ -317,6 +334,7 @@ class CimDaemon(OrderedServices):
         # RSS), which a node without it should not carry.
         from cim.logic.context import LogicContext
         from cim.logic.notices import Notices
+        from cim.push.http import push_endpoints
         from cim.services.logic import LogicService
 
         config = self.config
@@ -337,6 +355,7 @@ class CimDaemon(OrderedServices):
             self.reactor,
             self._telemetry("logic"),
             guard=functools.partial(self.http.guard, "logic"),
+            more_endpoints=push_endpoints(self.push.registrations),
         )
         self.add(logic)
 

@@ -10,7 +10,7 @@ their own: nothing drains after the port.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from twisted.internet.interfaces import IProtocolFactory, IReactorTime
 from twisted.internet.task import LoopingCall
@@ -21,7 +21,7 @@ from cim.http.limits import unguarded
 from cim.http.telemetry import UNOBSERVED, SiteTelemetry
 from cim.logic.context import LogicContext
 from cim.logic.features import LogicFeatures
-from cim.logic.http.api import logic_resource, logic_site
+from cim.logic.http.api import LogicEndpoint, logic_resource, logic_site
 from cim.logic.http.operations import logic_endpoints
 from cim.reactor import ICimReactor
 from cim.services.tree import AsyncService, Listener, OrderedServices
@@ -38,13 +38,16 @@ class LogicService(OrderedServices):
         reactor: ICimReactor,
         telemetry: SiteTelemetry = UNOBSERVED,
         guard: Callable[[server.Site], IProtocolFactory] = unguarded,
+        more_endpoints: Sequence[LogicEndpoint] = (),
     ) -> None:
+        """``more_endpoints``: operations of rooms outside cim.logic served on the same
+        port under the same rules (the push registrations, cim.push.http)."""
         super().__init__("logic")
         self.ctx = ctx
         self.features = LogicFeatures.build(ctx)
         config = ctx.config
         self.resource = logic_resource(
-            logic_endpoints(self.features),
+            [*logic_endpoints(self.features), *more_endpoints],
             ctx.sessions,
             ctx.accounts.get_user,
             config.max_body_size,

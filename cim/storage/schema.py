@@ -21,6 +21,7 @@ from sqlalchemy import (
     Column,
     Double,
     ForeignKey,
+    ForeignKeyConstraint,
     Index,
     Integer,
     LargeBinary,
@@ -51,6 +52,7 @@ USER_NAME_MAX = 64
 USER_KINDS = ("person", "device")
 MESSAGE_POLICIES = ("everyone", "contacts")
 GROUP_ADDS = ("contacts", "nobody")
+READ_RECEIPTS = ("on", "off")
 
 users = Table(
     "users",
@@ -68,9 +70,12 @@ users = Table(
     # it always takes messages only from its guardians and the contacts they approved.
     Column("message_policy", String(16), nullable=True),
     Column("group_adds", String(16), nullable=True),
+    # Whether others see what this account read (read receipts, issue #15); NULL: on.
+    Column("read_receipts", String(8), nullable=True),
     CheckConstraint("kind IN ('person', 'device')", name="kind"),
     CheckConstraint("message_policy IN ('everyone', 'contacts')", name="message_policy"),
     CheckConstraint("group_adds IN ('contacts', 'nobody')", name="group_adds"),
+    CheckConstraint("read_receipts IN ('on', 'off')", name="read_receipts"),
 )
 
 GROUP_ID_LENGTH = 26
@@ -417,6 +422,26 @@ cursors = Table(
     Column("seq", MSG_ID, nullable=False),
 )
 
+read_marks = Table(
+    "read_marks",
+    metadata,
+    # A user's read mark in one of its conversations (cim.storage.read_marks): any of its
+    # devices moves it, never back. It goes with the reader row (a member who leaves, an
+    # account deleted): the foreign key cascades.
+    Column("user_name", String(USER_NAME_MAX), primary_key=True),
+    Column("conversation", String(CONVERSATION_MAX), primary_key=True),
+    Column("seq", MSG_ID, nullable=False),
+    # What others may see (read receipts): moved only while the user's setting is on, so
+    # turning it off hides every later read, at once and at catch-up.
+    Column("shown_seq", MSG_ID, nullable=False),
+    Column("read_at", Double, nullable=False),
+    ForeignKeyConstraint(
+        ["user_name", "conversation"],
+        ["user_conversations.user_name", "user_conversations.conversation"],
+        ondelete="CASCADE",
+    ),
+)
+
 # --- the logic service (cim.logic) ----------------------------------------------------
 # Every row belongs to accounts by name with ON DELETE CASCADE: deleting an account
 # takes its profile, bindings, fences, positions, SOS events, posts and likes with it.
@@ -573,4 +598,27 @@ user_limits = Table(
         "kind IN ('messages', 'group_posts', 'sos', 'posts', 'logic', 'files')", name="kind"
     ),
     CheckConstraint("per_second >= 0 AND burst >= 1", name="rate"),
+)
+
+# --- push registrations (cim.push) -----------------------------------------------------
+
+PUSH_PROVIDER_NAMES = ("fcm", "apns", "webhook")
+PUSH_TOKEN_MAX = 4096
+PUSH_APP_MAX = 255
+PUSH_LOCALE_MAX = 35
+
+push_registrations = Table(
+    "push_registrations",
+    metadata,
+    # One registration per (user, device): a device registers again to replace its
+    # token. Deleting the account takes its registrations with it.
+    _user_column("user_name", primary_key=True),
+    Column("device", String(DEVICE_MAX), primary_key=True),
+    Column("provider", String(16), nullable=False),
+    Column("token", String(PUSH_TOKEN_MAX), nullable=False),
+    Column("app", String(PUSH_APP_MAX), nullable=True),
+    Column("locale", String(PUSH_LOCALE_MAX), nullable=True),
+    Column("created_at", Double, nullable=False),
+    Column("updated_at", Double, nullable=False),
+    CheckConstraint("provider IN ('fcm', 'apns', 'webhook')", name="provider"),
 )

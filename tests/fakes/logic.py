@@ -33,6 +33,8 @@ from cim.logic.contacts import ContactBook
 from cim.logic.context import LogicContext
 from cim.logic.notices import Notices
 from cim.protocols import cim_pb2
+from cim.push.http import push_endpoints
+from cim.push.registrations import Registrations
 from cim.services.logic import LogicService
 from cim.storage.contacts import PrivacyDefaults
 from tests.fakes.node import NodeHarness
@@ -94,12 +96,21 @@ class LogicHarness:
             MediaUrls([parsed.files.public_url] if parsed.files.public_url else []),
             Limits(self.clock, parsed.limits) if limits else NO_LIMITS,
         )
-        self.service = LogicService(self.ctx, self.clock)
-        self.resource: PublishedSpec = self.service.resource
-        self.http = StubTreq(self.resource)
+        # The daemon serves the push registrations on the same port (cim.push.http);
+        # a test that pushes swaps in its own with ``serve_push``.
+        self.push = Registrations(self.db, self.clock, False, ())
+        self.serve_push(self.push)
         self.tokens: dict[str, str] = {}
         self.clients: dict[str, ChatClient] = {}
         self.inbox: dict[str, list[cim_pb2.Message]] = {}
+
+    def serve_push(self, registrations: Registrations) -> None:
+        self.push = registrations
+        self.service = LogicService(
+            self.ctx, self.clock, more_endpoints=push_endpoints(registrations)
+        )
+        self.resource: PublishedSpec = self.service.resource
+        self.http = StubTreq(self.resource)
 
     # --- accounts and sessions -----------------------------------------------------------
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +24,7 @@ from cim.backends.registry.local import LocalRegistry
 from cim.backends.state.memory import MemoryState
 from cim.client.connection import ImClientProtocol
 from cim.config import KNOWN_SUITES, ImConfig, parse_config
+from cim.history.read_marks import ReadMarks
 from cim.history.service import HistoryService
 from cim.im.collaborators import (
     NO_BOUNDS,
@@ -34,7 +36,7 @@ from cim.im.collaborators import (
     Stores,
     UserExists,
 )
-from cim.im.node import ImNode
+from cim.im.node import ImNode, Room
 from cim.im.peers import BusPeers, NoPeers, Peers
 from cim.interfaces import IMessageBus, NodeInfo, SessionRecord
 from cim.message_ids import MessageIdGenerator
@@ -129,6 +131,7 @@ class NodeHarness:
         accounts: UserExists | None = None,
         bounds: Bounds = NO_BOUNDS,
         database: Database | None = None,
+        more_rooms: Sequence[Room] = (),
     ) -> None:
         """One node; pass clock, state, bus and known users of another to make a cluster.
 
@@ -163,7 +166,9 @@ class NodeHarness:
             self.database = database if database is not None else fresh_database()
             self.timelines = inline_timelines(self.clock, self.database)
             stores = Stores(
-                self.timelines, history=HistoryService(self.timelines, membership.is_member)
+                self.timelines,
+                history=HistoryService(self.timelines, membership.is_member),
+                read_marks=ReadMarks(self.database, self.clock),
             )
         self.peers: Peers = (
             BusPeers(node_id, bus, self.state.presence) if bus is not None else NoPeers()
@@ -180,6 +185,7 @@ class NodeHarness:
             stores,
             self.peers,
             bounds,
+            more_rooms,
         )
         self.factory = ImServerFactory(
             node_id,

@@ -53,6 +53,9 @@ REQUEST_TYPES: dict[int, type[Message]] = {
     cim_pb2.TYPING_R: cim_pb2.TypingR,
     cim_pb2.APP_STATE_R: cim_pb2.AppStateR,
     cim_pb2.CHANGE_R: cim_pb2.ChangeR,
+    cim_pb2.READ_R: cim_pb2.ReadR,
+    cim_pb2.READERS_R: cim_pb2.ReadersR,
+    cim_pb2.PUSH_R: cim_pb2.PushRequest,
 }
 """What a client may send once logged in (the test checks it is the connection's
 table: the rooms' and the connection's own)."""

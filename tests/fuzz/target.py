@@ -36,6 +36,8 @@ from cim.protocols.crypto import FrameOpener, FrameSealer
 from cim.protocols.handshake import ClientHandshake
 from cim.protocols.im import ConnectionState, ImServerProtocol
 from cim.protocols.wire import HEARTBEAT_FRAME
+from cim.push.frames import PushRequests
+from cim.push.registrations import Registrations
 from cim.storage.database import Database
 from tests.fakes.node import NodeHarness
 from tests.fuzz.frames import KNOWN_USERS, Action
@@ -128,7 +130,13 @@ class FrameFuzzTarget:
             failures[0].raiseException()
         clock = MemoryReactorClock()
         clock.advance(1_800_000_000)
-        self.node = NodeHarness(users=KNOWN_USERS, clock=clock, database=self.db)
+        registrations = Registrations(self.db, clock, True, ("fcm", "apns", "webhook"))
+        self.node = NodeHarness(
+            users=KNOWN_USERS,
+            clock=clock,
+            database=self.db,
+            more_rooms=[PushRequests(registrations)],
+        )
         self.max_frame_size = self.node.config.max_frame_size
         self.tally = Tally()
         self._session: _Session | None = None

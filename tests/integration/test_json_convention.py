@@ -215,6 +215,7 @@ class EveryCommandTests(SynchronousTestCase):
         unread = cim("bob", "sync", listing=True)
         self.assertEqual(unread["total"], 1)
         cim("bob", "listen", "--count", "1", "--timeout", "30", lines=True)
+        self.assertEqual(cim("bob", "read", "alice")["seq"], 1)
         # --- recall and edit (#15): the changes, and listen's lines of them ------------
         later = cim("alice", "send", "bob", "one more")
         self.assertEqual(cim("alice", "edit", later["msg_id"], "one more, edited")["event"], "edit")
@@ -226,6 +227,7 @@ class EveryCommandTests(SynchronousTestCase):
         cim("bob", "contacts", "accept", "alice")
         cim("bob", "contacts", "policy")
         cim("bob", "contacts", "policy", "everyone", "--group-adds", "contacts")
+        cim("bob", "contacts", "policy", "--read-receipts", "on")
         cim("bob", "online", listing=True)
         group = cim("alice", "group", "create", "team", "bob")
         self.assertNotIn("invited", group)

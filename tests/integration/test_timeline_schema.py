@@ -57,7 +57,7 @@ class TimelineSchemaTests(TestCase):
         self.down_and_up(url)
 
     def down_and_up(self, url: str) -> None:
-        """0011 down to 0010 (the column goes, the rows stay) and up again."""
+        """Down to 0010 through 0012 and 0011 (the column goes, the rows stay) and up again."""
         engine = create_engine_for(url)
         self.addCleanup(engine.dispose)
         row = {

@@ -32,6 +32,7 @@ from cim.client.console import (
     snippet,
 )
 from cim.client.corrections import Change
+from cim.client.reads import ReadState
 from cim.client.session import DeliveryOutcome, SessionFailed
 from cim.protocols import cim_pb2
 
@@ -58,6 +59,18 @@ class FakeClient:
         self.on_state: Any = None
         # The session's catch-up as the console sees it: its summaries, as they come.
         self.catch_up = SimpleNamespace(on_summary=None, last_summary=None)
+        self.reads = ReadState("alice")
+        self.on_read: Any = None
+        self.marked: list[tuple[str, int | None]] = []
+
+    def mark_read(self, conversation: str, seq: int | None = None) -> Deferred[cim_pb2.ReadA]:
+        self.marked.append((conversation, seq))
+        newest = self.reads.newest(conversation)
+        answer = cim_pb2.ReadA(
+            conversation=conversation, seq=seq or newest, moved=True, last_seq=newest
+        )
+        self.reads.marked(answer)
+        return succeed(answer)
 
     def send_message(self, message: cim_pb2.Message) -> Deferred[DeliveryOutcome]:
         message.client_seq = self.next_seq
@@ -306,6 +319,34 @@ class ConsoleTests(SynchronousTestCase):
         self.console.state = "reconnecting"
         self.console.state_changed("online", "127.0.0.1:4000")
         self.assertEqual(self.printed(), "* online again (127.0.0.1:4000)")
+
+    def test_unread_counts_and_read_marks(self) -> None:
+        summary = cim_pb2.OfflineSummaryA(
+            total=3,
+            conversations=[
+                cim_pb2.ConversationSummary(
+                    conversation="d:alice:bob", peer="bob", count=3, last_seq=5, cursor=2
+                )
+            ],
+        )
+        self.client.reads.summary(summary)  # the session's own bookkeeping
+        self.assertIn("│ unread: bob 3 │", self.console.status_text())
+        self.run_line("/unread")
+        self.assertEqual(self.printed(), "  bob: 3 unread")
+        seen = cim_pb2.ReadNotice(conversation="d:alice:bob", reader="bob", seq=4, peer="bob")
+        self.client.on_read(self.client.reads.notice(seen))
+        self.assertEqual(self.printed(), "  ✓✓ bob read up to #4")
+        mine = cim_pb2.ReadNotice(conversation="d:alice:bob", reader="alice", seq=5, last_seq=5)
+        self.client.on_read(self.client.reads.notice(mine))  # read on another device
+        self.assertEqual(self.printed(), "")
+        self.assertNotIn("unread", self.console.status_text())
+        self.run_line("/read")
+        self.assertIn("no conversation yet", self.printed())
+        self.run_line("/to bob")
+        self.printed()
+        self.run_line("/read")
+        self.assertEqual(self.printed(), "* bob: read up to #5")
+        self.assertEqual(self.client.marked, [("d:alice:bob", None)])
 
     def test_connection_states(self) -> None:
         self.assertIn("│ online │", self.console.status_text())

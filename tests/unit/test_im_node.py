@@ -610,6 +610,8 @@ class NodeWithoutCollaboratorsTests(SynchronousTestCase):
                     cim_pb2.CONTACTS_R,
                     cim_pb2.TYPING_R,
                     cim_pb2.CHANGE_R,
+                    cim_pb2.READ_R,
+                    cim_pb2.READERS_R,
                 ]
             ),
         )

@@ -293,6 +293,12 @@ class ArgumentTests(SynchronousTestCase):
             (["unlike", "4"], ("unlike", (4,))),
             (["likers", "4"], ("likers", (4, None, None))),
             (["likers", "4", "--limit", "2", "--offset", "0"], ("likers", (4, 2, 0))),
+            (
+                ["push", "register", "--provider", "apns", "--token", "ab12", "--locale", "zh"],
+                ("register_push", ("apns", "ab12", None, "zh")),
+            ),
+            (["push", "show"], ("push_registration", ())),
+            (["push", "remove"], ("remove_push", ())),
         ]
         for argv, expected in cases:
             self.assertEqual(self.dispatch(*argv), expected, argv)

@@ -294,6 +294,7 @@ class DaemonTreeTests(SynchronousTestCase):
                 "node number",
                 "bus",
                 "timelines",
+                "push",
                 "admin tokens",
                 "im",
                 "router listener",

@@ -125,7 +125,16 @@ class MigrationTests(TestCase):
         columns = {c["name"] for c in inspect(engine).get_columns("users")}
         self.assertEqual(
             columns,
-            {"id", "name", "password_hash", "kind", "created_at", "message_policy", "group_adds"},
+            {
+                "id",
+                "name",
+                "password_hash",
+                "kind",
+                "created_at",
+                "message_policy",
+                "group_adds",
+                "read_receipts",
+            },
         )
 
     def test_upgrade_twice_changes_nothing(self) -> None:

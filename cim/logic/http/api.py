@@ -101,7 +101,7 @@ class LogicCallers:
         user = await self._users(record.user)
         if user is None:
             raise invalid_token()
-        return Caller(user.name, user.kind)
+        return Caller(user.name, user.kind, record.device)
 
 
 def logic_error_reply(error: Exception, endpoint: Endpoint[Any]) -> Reply | None:

@@ -84,9 +84,12 @@ class Cluster:
         session_timeout: float = SESSION_TIMEOUT,
         logic: bool = False,
         database_url: str | None = None,
+        extra: str = "",
     ) -> None:
         self.test = test
         self.logic = logic
+        # More config for every node (sections of their own, e.g. [push]).
+        self.extra = extra
         # Each node's [logic] port when the logic service runs on every node.
         self.logic_ports: dict[str, int] = {}
         self.session_timeout = session_timeout
@@ -126,7 +129,10 @@ class Cluster:
             + f"[registry]\nbackend = zookeeper\nzookeeper_hosts = {self.zookeeper.hosts}\n"
             f"session_timeout = {self.session_timeout:g}s\n"
             f"[database]\nurl = {self.database_url}\n"
-            f"[im]\nheartbeat_interval = {HEARTBEAT:g}s\n" + self._queue_section() + logic_section,
+            f"[im]\nheartbeat_interval = {HEARTBEAT:g}s\n"
+            + self._queue_section()
+            + logic_section
+            + self.extra,
         )
 
     def _queue_section(self) -> str:

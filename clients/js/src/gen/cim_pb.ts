@@ -23,7 +23,7 @@ import type { Message as Message$1 } from "@bufbuild/protobuf";
  * Describes the file cim.proto.
  */
 export const file_cim: GenFile = /*@__PURE__*/
-  fileDesc("CgljaW0ucHJvdG8SBmNpbS52MSKIAQoLQ2xpZW50SGVsbG8SDwoHdmVyc2lvbhgBIAEoDRIWCg5vZmZlcmVkX3N1aXRlcxgCIAMoCRINCgVzdWl0ZRgDIAEoCRIUCgxjbGllbnRfbm9uY2UYBCABKAwSFwoPa2V5X2ZpbmdlcnByaW50GAUgASgMEhIKCnNlYWxlZF9rZXkYBiABKAwiaAoLS2V5TWF0ZXJpYWwSDgoGc2VjcmV0GAEgASgMEg0KBXRva2VuGAIgASgJEhQKDHRpbWVzdGFtcF9tcxgDIAEoBBIOCgZkZXZpY2UYBCABKAkSFAoMaGVsbG9fZGlnZXN0GAUgASgMIp8CCg5IYW5kc2hha2VFcnJvchItCgZyZWFzb24YASABKA4yHS5jaW0udjEuSGFuZHNoYWtlRXJyb3IuUmVhc29uEg8KB21lc3NhZ2UYAiABKAkSFgoOYWxsb3dlZF9zdWl0ZXMYAyADKAkSFgoOcmV0cnlfYWZ0ZXJfbXMYBCABKA0inAEKBlJlYXNvbhIWChJSRUFTT05fVU5TUEVDSUZJRUQQABIXChNVTlNVUFBPUlRFRF9WRVJTSU9OEAESFQoRU1VJVEVfTk9UX0FMTE9XRUQQAhIPCgtVTktOT1dOX0tFWRADEg0KCUJBRF9IRUxMTxAEEhgKFFRPT19NQU5ZX0NPTk5FQ1RJT05TEAUSEAoMUkFURV9MSU1JVEVEEAYiNQoLTm9kZUFkZHJlc3MSCgoCaWQYASABKAkSDAoEaG9zdBgCIAEoCRIMCgRwb3J0GAMgASgNIsICCgtMb2dpblJlc3VsdBIqCgZzdGF0dXMYASABKA4yGi5jaW0udjEuTG9naW5SZXN1bHQuU3RhdHVzEg8KB21lc3NhZ2UYAiABKAkSDAoEdXNlchgDIAEoCRIOCgZkZXZpY2UYBCABKAkSHQoVaGVhcnRiZWF0X2ludGVydmFsX21zGAUgASgNEhwKFGhlYXJ0YmVhdF90aW1lb3V0X21zGAYgASgNEiEKBG5vZGUYByABKAsyEy5jaW0udjEuTm9kZUFkZHJlc3MSFgoOc2VydmVyX3RpbWVfbXMYCCABKAQiYAoGU3RhdHVzEgYKAk9LEAASEQoNSU5WQUxJRF9UT0tFThABEhcKE0xPR0dFRF9JTl9FTFNFV0hFUkUQAhIOCgpXUk9OR19OT0RFEAMSEgoOUkVQTEFZRURfSEVMTE8QBCKaAQoFTWVkaWESCwoDdXJsGAEgASgJEgwKBHNpemUYAiABKAQSDAoEbWltZRgDIAEoCRIMCgRuYW1lGAQgASgJEhUKDXRodW1ibmFpbF91cmwYBSABKAkSEwoLZHVyYXRpb25fbXMYBiABKA0SDQoFd2lkdGgYByABKA0SDgoGaGVpZ2h0GAggASgNEg8KB2ZpbGVfaWQYCSABKAkiRgoITG9jYXRpb24SCwoDbGF0GAEgASgBEgsKA2xvbhgCIAEoARISCgphY2N1cmFjeV9tGAMgASgCEgwKBG5hbWUYBCABKAki4gMKB01lc3NhZ2USCgoCaWQYASABKAQSDAoEZnJvbRgCIAEoCRIKCgJ0bxgDIAEoCRIhCgR0eXBlGAQgASgOMhMuY2ltLnYxLk1lc3NhZ2VUeXBlEgwKBHRleHQYBSABKAkSEgoKY2xpZW50X3NlcRgGIAEoBBISCgpzZW50X2F0X21zGAcgASgEEg4KBmRldmljZRgIIAEoCRIWCg5jbGllbnRfdGltZV9tcxgJIAEoBBINCgVncm91cBgKIAEoCRIcCgVtZWRpYRgLIAEoCzINLmNpbS52MS5NZWRpYRIiCghsb2NhdGlvbhgMIAEoCzIQLmNpbS52MS5Mb2NhdGlvbhIQCghwcmV2X3NlcRgNIAEoBBIRCglncm91cF9zZXEYDiABKAQSFAoMY29udmVyc2F0aW9uGA8gASgJEgsKA3NlcRgQIAEoBBIiCgZjaGFuZ2UYHiABKA4yEi5jaW0udjEuQ2hhbmdlS2luZBIQCghyZXBsYWNlcxgfIAEoBBIUCgxyZXBsYWNlc19zZXEYICABKAQSEAoIcmVjYWxsZWQYISABKAgSDgoGZWRpdGVkGCIgASgIEhUKDWNoYW5nZWRfYXRfbXMYIyABKAQSEgoKY2hhbmdlZF9ieRgkIAEoCSJhCgRNc2dBEhIKCmNsaWVudF9zZXEYASABKAQSDgoGbXNnX2lkGAIgASgEEhIKCnNlbnRfYXRfbXMYAyABKAQSFAoMY29udmVyc2F0aW9uGAQgASgJEgsKA3NlcRgFIAEoBCJBCgRBY2tSEg4KBm1zZ19pZBgBIAEoBBIUCgxjb252ZXJzYXRpb24YAiABKAkSEwoLdGhyb3VnaF9zZXEYAyABKAQiFgoEQWNrQRIOCgZtc2dfaWQYASABKAQibgoEQWNrThIOCgZtc2dfaWQYASABKAQSEgoKY2xpZW50X3NlcRgCIAEoBBImCgZzdGF0dXMYAyABKA4yFi5jaW0udjEuRGVsaXZlcnlTdGF0dXMSDgoGcmVhc29uGAQgASgJEgoKAnRvGAUgASgJIigKB09ubGluZVISDgoGb2Zmc2V0GAEgASgNEg0KBWxpbWl0GAIgASgNIicKB09ubGluZUESDQoFdG90YWwYASABKA0SDQoFdXNlcnMYAiADKAkiKwoGQ3Vyc29yEhQKDGNvbnZlcnNhdGlvbhgBIAEoCRILCgNzZXEYAiABKAQiigEKCE9mZmxpbmVSEg4KBmJlZm9yZRgCIAEoBBINCgVsaW1pdBgDIAEoDRIRCgltYXhfYnl0ZXMYBCABKA0SHAoEYWNrcxgFIAMoCzIOLmNpbS52MS5DdXJzb3ISFAoMY29udmVyc2F0aW9uGAYgASgJEhIKCnJlcXVlc3RfaWQYByABKARKBAgBEAIikAEKCE9mZmxpbmVBEiEKCG1lc3NhZ2VzGAEgAygLMg8uY2ltLnYxLk1lc3NhZ2USDAoEbW9yZRgCIAEoCBITCgtuZXh0X2JlZm9yZRgDIAEoBBIUCgxhY2tub3dsZWRnZWQYBCABKA0SFAoMY29udmVyc2F0aW9uGAUgASgJEhIKCnJlcXVlc3RfaWQYBiABKAQiSAoLT2ZmbGluZUFja1ISHwoHY3Vyc29ycxgCIAMoCzIOLmNpbS52MS5DdXJzb3ISEgoKcmVxdWVzdF9pZBgDIAEoBEoECAEQAiI3CgtPZmZsaW5lQWNrQRIUCgxhY2tub3dsZWRnZWQYASABKA0SEgoKcmVxdWVzdF9pZBgCIAEoBCI4Cg9PZmZsaW5lU3VtbWFyeVISEgoKcmVxdWVzdF9pZBgBIAEoBBIRCgltYXhfYnl0ZXMYAiABKA0irgEKE0NvbnZlcnNhdGlvblN1bW1hcnkSFAoMY29udmVyc2F0aW9uGAEgASgJEgwKBHBlZXIYAiABKAkSDQoFZ3JvdXAYAyABKAkSDQoFY291bnQYBCABKA0SEAoIbGFzdF9zZXEYBSABKAQSDgoGY3Vyc29yGAYgASgEEh8KBm5ld2VzdBgHIAEoCzIPLmNpbS52MS5NZXNzYWdlEhIKCm5ld2VzdF9jdXQYCCABKAginwEKD09mZmxpbmVTdW1tYXJ5QRINCgV0b3RhbBgCIAEoDRIyCg1jb252ZXJzYXRpb25zGAMgAygLMhsuY2ltLnYxLkNvbnZlcnNhdGlvblN1bW1hcnkSIQoJY2F1Z2h0X3VwGAQgAygLMg4uY2ltLnYxLkN1cnNvchIMCgRtb3JlGAUgASgIEhIKCnJlcXVlc3RfaWQYBiABKARKBAgBEAIiMgoNT2ZmbGluZU5vdGljZRIUCgxjb252ZXJzYXRpb24YASABKAkSCwoDc2VxGAIgASgEInwKCEhpc3RvcnlSEgwKBHBlZXIYASABKAkSDQoFZ3JvdXAYAiABKAkSDgoGYmVmb3JlGAMgASgEEg0KBWxpbWl0GAQgASgNEhEKCW1heF9ieXRlcxgFIAEoDRINCgVhZnRlchgGIAEoBBISCgpyZXF1ZXN0X2lkGAcgASgEIoQBCghIaXN0b3J5QRIhCghtZXNzYWdlcxgBIAMoCzIPLmNpbS52MS5NZXNzYWdlEgwKBG1vcmUYAiABKAgSEwoLbmV4dF9iZWZvcmUYAyABKAQSDQoFZXJyb3IYBCABKAkSDwoHbWVzc2FnZRgFIAEoCRISCgpyZXF1ZXN0X2lkGAYgASgEIl0KB0NoYW5nZVISEgoKcmVxdWVzdF9pZBgBIAEoBBIOCgZtc2dfaWQYAiABKAQSIAoEa2luZBgDIAEoDjISLmNpbS52MS5DaGFuZ2VLaW5kEgwKBHRleHQYBCABKAkisQEKB0NoYW5nZUESEgoKcmVxdWVzdF9pZBgBIAEoBBIOCgZtc2dfaWQYAiABKAQSIAoEa2luZBgDIAEoDjISLmNpbS52MS5DaGFuZ2VLaW5kEhQKDGNvbnZlcnNhdGlvbhgEIAEoCRILCgNzZXEYBSABKAQSEAoIZW50cnlfaWQYBiABKAQSFQoNY2hhbmdlZF9hdF9tcxgHIAEoBBIUCgxyZXBsYWNlc19zZXEYCCABKAQiowQKDEdyb3VwUmVxdWVzdBISCgpyZXF1ZXN0X2lkGAEgASgEEiUKBmNyZWF0ZRgCIAEoCzITLmNpbS52MS5DcmVhdGVHcm91cEgAEiUKBnJlbmFtZRgDIAEoCzITLmNpbS52MS5SZW5hbWVHcm91cEgAEiQKA2FkZBgEIAEoCzIVLmNpbS52MS5DaGFuZ2VNZW1iZXJzSAASJwoGcmVtb3ZlGAUgASgLMhUuY2ltLnYxLkNoYW5nZU1lbWJlcnNIABIhCgVsZWF2ZRgGIAEoCzIQLmNpbS52MS5Hcm91cFJlZkgAEiQKCGRpc3NvbHZlGAcgASgLMhAuY2ltLnYxLkdyb3VwUmVmSAASIgoEbGlzdBgIIAEoCzISLmNpbS52MS5MaXN0R3JvdXBzSAASIwoHbWVtYmVycxgJIAEoCzIQLmNpbS52MS5Hcm91cFJlZkgAEigKB3Byb21vdGUYCiABKAsyFS5jaW0udjEuQ2hhbmdlTWVtYmVyc0gAEicKBmludml0ZRgLIAEoCzIVLmNpbS52MS5DaGFuZ2VNZW1iZXJzSAASIgoGYWNjZXB0GAwgASgLMhAuY2ltLnYxLkdyb3VwUmVmSAASIwoHZGVjbGluZRgNIAEoCzIQLmNpbS52MS5Hcm91cFJlZkgAEi4KC2ludml0YXRpb25zGA4gASgLMhcuY2ltLnYxLkxpc3RJbnZpdGF0aW9uc0gAQgQKAm9wIiwKC0NyZWF0ZUdyb3VwEgwKBG5hbWUYASABKAkSDwoHbWVtYmVycxgCIAMoCSIqCgtSZW5hbWVHcm91cBINCgVncm91cBgBIAEoCRIMCgRuYW1lGAIgASgJIi0KDUNoYW5nZU1lbWJlcnMSDQoFZ3JvdXAYASABKAkSDQoFdXNlcnMYAiADKAkiGQoIR3JvdXBSZWYSDQoFZ3JvdXAYASABKAkiDAoKTGlzdEdyb3VwcyIRCg9MaXN0SW52aXRhdGlvbnMiXgoPR3JvdXBJbnZpdGF0aW9uEiAKBWdyb3VwGAEgASgLMhEuY2ltLnYxLkdyb3VwSW5mbxISCgppbnZpdGVkX2J5GAIgASgJEhUKDWludml0ZWRfYXRfbXMYAyABKAQicQoJR3JvdXBJbmZvEgoKAmlkGAEgASgJEgwKBG5hbWUYAiABKAkSDQoFb3duZXIYAyABKAkSDgoGYWRtaW5zGAQgAygJEhQKDG1lbWJlcl9jb3VudBgFIAEoDRIVCg1jcmVhdGVkX2F0X21zGAYgASgEIikKC0dyb3VwTWVtYmVyEgwKBHVzZXIYASABKAkSDAoEcm9sZRgCIAEoCSL3AQoLR3JvdXBBbnN3ZXISEgoKcmVxdWVzdF9pZBgBIAEoBBIKCgJvaxgCIAEoCBINCgVlcnJvchgDIAEoCRIPCgdtZXNzYWdlGAQgASgJEiAKBWdyb3VwGAUgASgLMhEuY2ltLnYxLkdyb3VwSW5mbxIhCgZncm91cHMYBiADKAsyES5jaW0udjEuR3JvdXBJbmZvEiQKB21lbWJlcnMYByADKAsyEy5jaW0udjEuR3JvdXBNZW1iZXISDwoHaW52aXRlZBgIIAMoCRIsCgtpbnZpdGF0aW9ucxgJIAMoCzIXLmNpbS52MS5Hcm91cEludml0YXRpb24i9AIKD0NvbnRhY3RzUmVxdWVzdBISCgpyZXF1ZXN0X2lkGAEgASgEEg4KBmRldmljZRgCIAEoCRIkCgRsaXN0GAMgASgLMhQuY2ltLnYxLkxpc3RDb250YWN0c0gAEiUKB3JlcXVlc3QYBCABKAsyEi5jaW0udjEuQ29udGFjdFJlZkgAEiQKBmFjY2VwdBgFIAEoCzISLmNpbS52MS5Db250YWN0UmVmSAASJQoHZGVjbGluZRgGIAEoCzISLmNpbS52MS5Db250YWN0UmVmSAASJAoGcmVtb3ZlGAcgASgLMhIuY2ltLnYxLkNvbnRhY3RSZWZIABIjCgVibG9jaxgIIAEoCzISLmNpbS52MS5Db250YWN0UmVmSAASJQoHdW5ibG9jaxgJIAEoCzISLmNpbS52MS5Db250YWN0UmVmSAASKwoIc2V0dGluZ3MYCiABKAsyFy5jaW0udjEuUHJpdmFjeVNldHRpbmdzSABCBAoCb3AiDgoMTGlzdENvbnRhY3RzIhoKCkNvbnRhY3RSZWYSDAoEdXNlchgBIAEoCSI3Cg9Qcml2YWN5U2V0dGluZ3MSEAoIbWVzc2FnZXMYASABKAkSEgoKZ3JvdXBfYWRkcxgCIAEoCSI+CgdDb250YWN0EgwKBHVzZXIYASABKAkSEAoIc2luY2VfbXMYAiABKAQSEwoLYXBwcm92ZWRfYnkYAyABKAkiUwoOUGVuZGluZ0NvbnRhY3QSDAoEdXNlchgBIAEoCRIOCgZkZXZpY2UYAiABKAkSDQoFYXRfbXMYAyABKAQSFAoMcmVxdWVzdGVkX2J5GAQgASgJIsABCgtDb250YWN0Qm9vaxIhCghjb250YWN0cxgBIAMoCzIPLmNpbS52MS5Db250YWN0EigKCGluY29taW5nGAIgAygLMhYuY2ltLnYxLlBlbmRpbmdDb250YWN0EigKCG91dGdvaW5nGAMgAygLMhYuY2ltLnYxLlBlbmRpbmdDb250YWN0Eg8KB2Jsb2NrZWQYBCADKAkSKQoIc2V0dGluZ3MYBSABKAsyFy5jaW0udjEuUHJpdmFjeVNldHRpbmdzIq4BCg5Db250YWN0c0Fuc3dlchISCgpyZXF1ZXN0X2lkGAEgASgEEgoKAm9rGAIgASgIEg0KBWVycm9yGAMgASgJEg8KB21lc3NhZ2UYBCABKAkSDgoGc3RhdHVzGAUgASgJEiEKBGJvb2sYBiABKAsyEy5jaW0udjEuQ29udGFjdEJvb2sSKQoIc2V0dGluZ3MYByABKAsyFy5jaW0udjEuUHJpdmFjeVNldHRpbmdzIkAKCUFwcFN0YXRlUhIfCgVzdGF0ZRgBIAEoDjIQLmNpbS52MS5BcHBTdGF0ZRISCgpyZXF1ZXN0X2lkGAIgASgEIn0KCUFwcFN0YXRlQRIfCgVzdGF0ZRgBIAEoDjIQLmNpbS52MS5BcHBTdGF0ZRIdChVoZWFydGJlYXRfaW50ZXJ2YWxfbXMYAiABKA0SHAoUaGVhcnRiZWF0X3RpbWVvdXRfbXMYAyABKA0SEgoKcmVxdWVzdF9pZBgEIAEoBCJcCgdUeXBpbmdSEgoKAnRvGAEgASgJEg0KBWdyb3VwGAIgASgJEiIKBXN0YXRlGAMgASgOMhMuY2ltLnYxLlR5cGluZ1N0YXRlEhIKCnJlcXVlc3RfaWQYBCABKAQiLgoHVHlwaW5nQRISCgpyZXF1ZXN0X2lkGAEgASgEEg8KB2Ryb3BwZWQYAiABKAgifAoHVHlwaW5nThIMCgRmcm9tGAEgASgJEg4KBmRldmljZRgCIAEoCRIKCgJ0bxgDIAEoCRINCgVncm91cBgEIAEoCRIiCgVzdGF0ZRgFIAEoDjITLmNpbS52MS5UeXBpbmdTdGF0ZRIUCgxjb252ZXJzYXRpb24YBiABKAkixgEKC0J1c0VudmVsb3BlEhMKC29yaWdpbl9ub2RlGAEgASgJEiYKB2RlbGl2ZXIYAiABKAsyEy5jaW0udjEuQnVzRGVsaXZlcnlIABIlCgdvdXRjb21lGAMgASgLMhIuY2ltLnYxLkJ1c091dGNvbWVIABImCgZzdG9yZWQYBCABKAsyFC5jaW0udjEuT2ZmbGluZVJlYWR5SAASIwoGdHlwaW5nGDIgASgLMhEuY2ltLnYxLkJ1c1R5cGluZ0gAQgYKBGJvZHkiWQoLQnVzRGVsaXZlcnkSIAoHbWVzc2FnZRgBIAEoCzIPLmNpbS52MS5NZXNzYWdlEhEKCXJlY2VpdmVycxgCIAMoCRIVCg1zZW5kZXJfZGV2aWNlGAMgASgJIkQKDE9mZmxpbmVSZWFkeRIRCglyZWNlaXZlcnMYASADKAkSFAoMY29udmVyc2F0aW9uGAIgASgJEgsKA3NlcRgDIAEoBCI/CglCdXNUeXBpbmcSHwoGbm90aWNlGAEgASgLMg8uY2ltLnYxLlR5cGluZ04SEQoJcmVjZWl2ZXJzGAIgAygJIk4KCkJ1c091dGNvbWUSDgoGc2VuZGVyGAEgASgJEhUKDXNlbmRlcl9kZXZpY2UYAiABKAkSGQoDYWNrGAMgASgLMgwuY2ltLnYxLkFja04iswEKBktpY2tlZBIOCgZyZWFzb24YASABKAkSIQoEY29kZRgCIAEoDjITLmNpbS52MS5LaWNrZWQuQ29kZSJ2CgRDb2RlEhQKEENPREVfVU5TUEVDSUZJRUQQABIXChNMT0dHRURfSU5fRUxTRVdIRVJFEAESDgoKTE9HR0VEX09VVBACEhMKD1NFU1NJT05fRVhQSVJFRBADEgwKCFJFUExBQ0VEEAQSDAoIQllfQURNSU4QBSI3CglHb2luZ0F3YXkSDgoGcmVhc29uGAEgASgJEhoKEnJlY29ubmVjdF9hZnRlcl9tcxgCIAEoDSKiAgoFRXJyb3ISIAoEY29kZRgBIAEoDjISLmNpbS52MS5FcnJvci5Db2RlEg8KB21lc3NhZ2UYAiABKAkSJwoMcmVxdWVzdF90eXBlGAMgASgOMhEuY2ltLnYxLkZyYW1lVHlwZRISCgpjbGllbnRfc2VxGAQgASgEEhYKDnJldHJ5X2FmdGVyX21zGAUgASgNEhIKCnJlcXVlc3RfaWQYBiABKAQSDgoGcmVhc29uGB4gASgJIm0KBENvZGUSFAoQQ09ERV9VTlNQRUNJRklFRBAAEg8KC0JBRF9SRVFVRVNUEAESEAoMUkFURV9MSU1JVEVEEAISDAoISU5URVJOQUwQAxIPCgtVTkFWQUlMQUJMRRAEEg0KCUZPUkJJRERFThAFKqsECglGcmFtZVR5cGUSGgoWRlJBTUVfVFlQRV9VTlNQRUNJRklFRBAAEhAKDENMSUVOVF9IRUxMTxABEhMKD0hBTkRTSEFLRV9FUlJPUhACEhAKDExPR0lOX1JFU1VMVBADEgkKBU1TR19SEAoSCQoFTVNHX0EQCxIJCgVNU0dfThAMEgkKBUFDS19SEA0SCQoFQUNLX0EQDhIJCgVBQ0tfThAPEgwKCE9OTElORV9SEBQSDAoIT05MSU5FX0EQFRINCglPRkZMSU5FX1IQMhINCglPRkZMSU5FX0EQMxIRCg1PRkZMSU5FX0FDS19SEDQSEQoNT0ZGTElORV9BQ0tfQRA1EhUKEU9GRkxJTkVfU1VNTUFSWV9SEDYSFQoRT0ZGTElORV9TVU1NQVJZX0EQNxISCg5PRkZMSU5FX05PVElDRRA4Eg0KCUhJU1RPUllfUhA8Eg0KCUhJU1RPUllfQRA9EgwKCENIQU5HRV9SEG4SDAoIQ0hBTkdFX0EQbxILCgdHUk9VUF9SECgSCwoHR1JPVVBfQRApEg4KCkNPTlRBQ1RTX1IQRhIOCgpDT05UQUNUU19BEEcSCgoGS0lDS0VEEB4SDgoKR09JTkdfQVdBWRAfEgkKBUVSUk9SECASDwoLQVBQX1NUQVRFX1IQWhIPCgtBUFBfU1RBVEVfQRBbEgwKCFRZUElOR19SEFwSDAoIVFlQSU5HX0EQXRIMCghUWVBJTkdfThBeKlEKC01lc3NhZ2VUeXBlEggKBFRFWFQQABIJCgVJTUFHRRABEgkKBVZPSUNFEAISCAoERklMRRADEgwKCExPQ0FUSU9OEAQSCgoGU1lTVEVNEAUqMwoKQ2hhbmdlS2luZBIPCgtDSEFOR0VfTk9ORRAAEgoKBlJFQ0FMTBABEggKBEVESVQQAipmCg5EZWxpdmVyeVN0YXR1cxIfChtERUxJVkVSWV9TVEFUVVNfVU5TUEVDSUZJRUQQABINCglERUxJVkVSRUQQARIKCgZTVE9SRUQQAhIKCgZGQUlMRUQQAxIMCghBQ0NFUFRFRBAEKk0KCEFwcFN0YXRlEhkKFUFQUF9TVEFURV9VTlNQRUNJRklFRBAAEhIKDkFQUF9GT1JFR1JPVU5EEAESEgoOQVBQX0JBQ0tHUk9VTkQQAipTCgtUeXBpbmdTdGF0ZRIcChhUWVBJTkdfU1RBVEVfVU5TUEVDSUZJRUQQABISCg5UWVBJTkdfU1RBUlRFRBABEhIKDlRZUElOR19TVE9QUEVEEAJiBnByb3RvMw");
+  fileDesc("CgljaW0ucHJvdG8SBmNpbS52MSKIAQoLQ2xpZW50SGVsbG8SDwoHdmVyc2lvbhgBIAEoDRIWCg5vZmZlcmVkX3N1aXRlcxgCIAMoCRINCgVzdWl0ZRgDIAEoCRIUCgxjbGllbnRfbm9uY2UYBCABKAwSFwoPa2V5X2ZpbmdlcnByaW50GAUgASgMEhIKCnNlYWxlZF9rZXkYBiABKAwiaAoLS2V5TWF0ZXJpYWwSDgoGc2VjcmV0GAEgASgMEg0KBXRva2VuGAIgASgJEhQKDHRpbWVzdGFtcF9tcxgDIAEoBBIOCgZkZXZpY2UYBCABKAkSFAoMaGVsbG9fZGlnZXN0GAUgASgMIp8CCg5IYW5kc2hha2VFcnJvchItCgZyZWFzb24YASABKA4yHS5jaW0udjEuSGFuZHNoYWtlRXJyb3IuUmVhc29uEg8KB21lc3NhZ2UYAiABKAkSFgoOYWxsb3dlZF9zdWl0ZXMYAyADKAkSFgoOcmV0cnlfYWZ0ZXJfbXMYBCABKA0inAEKBlJlYXNvbhIWChJSRUFTT05fVU5TUEVDSUZJRUQQABIXChNVTlNVUFBPUlRFRF9WRVJTSU9OEAESFQoRU1VJVEVfTk9UX0FMTE9XRUQQAhIPCgtVTktOT1dOX0tFWRADEg0KCUJBRF9IRUxMTxAEEhgKFFRPT19NQU5ZX0NPTk5FQ1RJT05TEAUSEAoMUkFURV9MSU1JVEVEEAYiNQoLTm9kZUFkZHJlc3MSCgoCaWQYASABKAkSDAoEaG9zdBgCIAEoCRIMCgRwb3J0GAMgASgNIsICCgtMb2dpblJlc3VsdBIqCgZzdGF0dXMYASABKA4yGi5jaW0udjEuTG9naW5SZXN1bHQuU3RhdHVzEg8KB21lc3NhZ2UYAiABKAkSDAoEdXNlchgDIAEoCRIOCgZkZXZpY2UYBCABKAkSHQoVaGVhcnRiZWF0X2ludGVydmFsX21zGAUgASgNEhwKFGhlYXJ0YmVhdF90aW1lb3V0X21zGAYgASgNEiEKBG5vZGUYByABKAsyEy5jaW0udjEuTm9kZUFkZHJlc3MSFgoOc2VydmVyX3RpbWVfbXMYCCABKAQiYAoGU3RhdHVzEgYKAk9LEAASEQoNSU5WQUxJRF9UT0tFThABEhcKE0xPR0dFRF9JTl9FTFNFV0hFUkUQAhIOCgpXUk9OR19OT0RFEAMSEgoOUkVQTEFZRURfSEVMTE8QBCKaAQoFTWVkaWESCwoDdXJsGAEgASgJEgwKBHNpemUYAiABKAQSDAoEbWltZRgDIAEoCRIMCgRuYW1lGAQgASgJEhUKDXRodW1ibmFpbF91cmwYBSABKAkSEwoLZHVyYXRpb25fbXMYBiABKA0SDQoFd2lkdGgYByABKA0SDgoGaGVpZ2h0GAggASgNEg8KB2ZpbGVfaWQYCSABKAkiRgoITG9jYXRpb24SCwoDbGF0GAEgASgBEgsKA2xvbhgCIAEoARISCgphY2N1cmFjeV9tGAMgASgCEgwKBG5hbWUYBCABKAki4gMKB01lc3NhZ2USCgoCaWQYASABKAQSDAoEZnJvbRgCIAEoCRIKCgJ0bxgDIAEoCRIhCgR0eXBlGAQgASgOMhMuY2ltLnYxLk1lc3NhZ2VUeXBlEgwKBHRleHQYBSABKAkSEgoKY2xpZW50X3NlcRgGIAEoBBISCgpzZW50X2F0X21zGAcgASgEEg4KBmRldmljZRgIIAEoCRIWCg5jbGllbnRfdGltZV9tcxgJIAEoBBINCgVncm91cBgKIAEoCRIcCgVtZWRpYRgLIAEoCzINLmNpbS52MS5NZWRpYRIiCghsb2NhdGlvbhgMIAEoCzIQLmNpbS52MS5Mb2NhdGlvbhIQCghwcmV2X3NlcRgNIAEoBBIRCglncm91cF9zZXEYDiABKAQSFAoMY29udmVyc2F0aW9uGA8gASgJEgsKA3NlcRgQIAEoBBIiCgZjaGFuZ2UYHiABKA4yEi5jaW0udjEuQ2hhbmdlS2luZBIQCghyZXBsYWNlcxgfIAEoBBIUCgxyZXBsYWNlc19zZXEYICABKAQSEAoIcmVjYWxsZWQYISABKAgSDgoGZWRpdGVkGCIgASgIEhUKDWNoYW5nZWRfYXRfbXMYIyABKAQSEgoKY2hhbmdlZF9ieRgkIAEoCSJhCgRNc2dBEhIKCmNsaWVudF9zZXEYASABKAQSDgoGbXNnX2lkGAIgASgEEhIKCnNlbnRfYXRfbXMYAyABKAQSFAoMY29udmVyc2F0aW9uGAQgASgJEgsKA3NlcRgFIAEoBCJBCgRBY2tSEg4KBm1zZ19pZBgBIAEoBBIUCgxjb252ZXJzYXRpb24YAiABKAkSEwoLdGhyb3VnaF9zZXEYAyABKAQiFgoEQWNrQRIOCgZtc2dfaWQYASABKAQibgoEQWNrThIOCgZtc2dfaWQYASABKAQSEgoKY2xpZW50X3NlcRgCIAEoBBImCgZzdGF0dXMYAyABKA4yFi5jaW0udjEuRGVsaXZlcnlTdGF0dXMSDgoGcmVhc29uGAQgASgJEgoKAnRvGAUgASgJIigKB09ubGluZVISDgoGb2Zmc2V0GAEgASgNEg0KBWxpbWl0GAIgASgNIicKB09ubGluZUESDQoFdG90YWwYASABKA0SDQoFdXNlcnMYAiADKAkiKwoGQ3Vyc29yEhQKDGNvbnZlcnNhdGlvbhgBIAEoCRILCgNzZXEYAiABKAQiigEKCE9mZmxpbmVSEg4KBmJlZm9yZRgCIAEoBBINCgVsaW1pdBgDIAEoDRIRCgltYXhfYnl0ZXMYBCABKA0SHAoEYWNrcxgFIAMoCzIOLmNpbS52MS5DdXJzb3ISFAoMY29udmVyc2F0aW9uGAYgASgJEhIKCnJlcXVlc3RfaWQYByABKARKBAgBEAIikAEKCE9mZmxpbmVBEiEKCG1lc3NhZ2VzGAEgAygLMg8uY2ltLnYxLk1lc3NhZ2USDAoEbW9yZRgCIAEoCBITCgtuZXh0X2JlZm9yZRgDIAEoBBIUCgxhY2tub3dsZWRnZWQYBCABKA0SFAoMY29udmVyc2F0aW9uGAUgASgJEhIKCnJlcXVlc3RfaWQYBiABKAQiSAoLT2ZmbGluZUFja1ISHwoHY3Vyc29ycxgCIAMoCzIOLmNpbS52MS5DdXJzb3ISEgoKcmVxdWVzdF9pZBgDIAEoBEoECAEQAiI3CgtPZmZsaW5lQWNrQRIUCgxhY2tub3dsZWRnZWQYASABKA0SEgoKcmVxdWVzdF9pZBgCIAEoBCI4Cg9PZmZsaW5lU3VtbWFyeVISEgoKcmVxdWVzdF9pZBgBIAEoBBIRCgltYXhfYnl0ZXMYAiABKA0i1wEKE0NvbnZlcnNhdGlvblN1bW1hcnkSFAoMY29udmVyc2F0aW9uGAEgASgJEgwKBHBlZXIYAiABKAkSDQoFZ3JvdXAYAyABKAkSDQoFY291bnQYBCABKA0SEAoIbGFzdF9zZXEYBSABKAQSDgoGY3Vyc29yGAYgASgEEh8KBm5ld2VzdBgHIAEoCzIPLmNpbS52MS5NZXNzYWdlEhIKCm5ld2VzdF9jdXQYCCABKAgSEAoIcmVhZF9zZXEYKCABKAQSFQoNcGVlcl9yZWFkX3NlcRgpIAEoBCLDAQoPT2ZmbGluZVN1bW1hcnlBEg0KBXRvdGFsGAIgASgNEjIKDWNvbnZlcnNhdGlvbnMYAyADKAsyGy5jaW0udjEuQ29udmVyc2F0aW9uU3VtbWFyeRIhCgljYXVnaHRfdXAYBCADKAsyDi5jaW0udjEuQ3Vyc29yEgwKBG1vcmUYBSABKAgSEgoKcmVxdWVzdF9pZBgGIAEoBBIiCgpwZWVyX3JlYWRzGCggAygLMg4uY2ltLnYxLkN1cnNvckoECAEQAiIyCg1PZmZsaW5lTm90aWNlEhQKDGNvbnZlcnNhdGlvbhgBIAEoCRILCgNzZXEYAiABKAQifAoISGlzdG9yeVISDAoEcGVlchgBIAEoCRINCgVncm91cBgCIAEoCRIOCgZiZWZvcmUYAyABKAQSDQoFbGltaXQYBCABKA0SEQoJbWF4X2J5dGVzGAUgASgNEg0KBWFmdGVyGAYgASgEEhIKCnJlcXVlc3RfaWQYByABKAQihAEKCEhpc3RvcnlBEiEKCG1lc3NhZ2VzGAEgAygLMg8uY2ltLnYxLk1lc3NhZ2USDAoEbW9yZRgCIAEoCBITCgtuZXh0X2JlZm9yZRgDIAEoBBINCgVlcnJvchgEIAEoCRIPCgdtZXNzYWdlGAUgASgJEhIKCnJlcXVlc3RfaWQYBiABKAQiXQoHQ2hhbmdlUhISCgpyZXF1ZXN0X2lkGAEgASgEEg4KBm1zZ19pZBgCIAEoBBIgCgRraW5kGAMgASgOMhIuY2ltLnYxLkNoYW5nZUtpbmQSDAoEdGV4dBgEIAEoCSKxAQoHQ2hhbmdlQRISCgpyZXF1ZXN0X2lkGAEgASgEEg4KBm1zZ19pZBgCIAEoBBIgCgRraW5kGAMgASgOMhIuY2ltLnYxLkNoYW5nZUtpbmQSFAoMY29udmVyc2F0aW9uGAQgASgJEgsKA3NlcRgFIAEoBBIQCghlbnRyeV9pZBgGIAEoBBIVCg1jaGFuZ2VkX2F0X21zGAcgASgEEhQKDHJlcGxhY2VzX3NlcRgIIAEoBCKjBAoMR3JvdXBSZXF1ZXN0EhIKCnJlcXVlc3RfaWQYASABKAQSJQoGY3JlYXRlGAIgASgLMhMuY2ltLnYxLkNyZWF0ZUdyb3VwSAASJQoGcmVuYW1lGAMgASgLMhMuY2ltLnYxLlJlbmFtZUdyb3VwSAASJAoDYWRkGAQgASgLMhUuY2ltLnYxLkNoYW5nZU1lbWJlcnNIABInCgZyZW1vdmUYBSABKAsyFS5jaW0udjEuQ2hhbmdlTWVtYmVyc0gAEiEKBWxlYXZlGAYgASgLMhAuY2ltLnYxLkdyb3VwUmVmSAASJAoIZGlzc29sdmUYByABKAsyEC5jaW0udjEuR3JvdXBSZWZIABIiCgRsaXN0GAggASgLMhIuY2ltLnYxLkxpc3RHcm91cHNIABIjCgdtZW1iZXJzGAkgASgLMhAuY2ltLnYxLkdyb3VwUmVmSAASKAoHcHJvbW90ZRgKIAEoCzIVLmNpbS52MS5DaGFuZ2VNZW1iZXJzSAASJwoGaW52aXRlGAsgASgLMhUuY2ltLnYxLkNoYW5nZU1lbWJlcnNIABIiCgZhY2NlcHQYDCABKAsyEC5jaW0udjEuR3JvdXBSZWZIABIjCgdkZWNsaW5lGA0gASgLMhAuY2ltLnYxLkdyb3VwUmVmSAASLgoLaW52aXRhdGlvbnMYDiABKAsyFy5jaW0udjEuTGlzdEludml0YXRpb25zSABCBAoCb3AiLAoLQ3JlYXRlR3JvdXASDAoEbmFtZRgBIAEoCRIPCgdtZW1iZXJzGAIgAygJIioKC1JlbmFtZUdyb3VwEg0KBWdyb3VwGAEgASgJEgwKBG5hbWUYAiABKAkiLQoNQ2hhbmdlTWVtYmVycxINCgVncm91cBgBIAEoCRINCgV1c2VycxgCIAMoCSIZCghHcm91cFJlZhINCgVncm91cBgBIAEoCSIMCgpMaXN0R3JvdXBzIhEKD0xpc3RJbnZpdGF0aW9ucyJeCg9Hcm91cEludml0YXRpb24SIAoFZ3JvdXAYASABKAsyES5jaW0udjEuR3JvdXBJbmZvEhIKCmludml0ZWRfYnkYAiABKAkSFQoNaW52aXRlZF9hdF9tcxgDIAEoBCJxCglHcm91cEluZm8SCgoCaWQYASABKAkSDAoEbmFtZRgCIAEoCRINCgVvd25lchgDIAEoCRIOCgZhZG1pbnMYBCADKAkSFAoMbWVtYmVyX2NvdW50GAUgASgNEhUKDWNyZWF0ZWRfYXRfbXMYBiABKAQiKQoLR3JvdXBNZW1iZXISDAoEdXNlchgBIAEoCRIMCgRyb2xlGAIgASgJIvcBCgtHcm91cEFuc3dlchISCgpyZXF1ZXN0X2lkGAEgASgEEgoKAm9rGAIgASgIEg0KBWVycm9yGAMgASgJEg8KB21lc3NhZ2UYBCABKAkSIAoFZ3JvdXAYBSABKAsyES5jaW0udjEuR3JvdXBJbmZvEiEKBmdyb3VwcxgGIAMoCzIRLmNpbS52MS5Hcm91cEluZm8SJAoHbWVtYmVycxgHIAMoCzITLmNpbS52MS5Hcm91cE1lbWJlchIPCgdpbnZpdGVkGAggAygJEiwKC2ludml0YXRpb25zGAkgAygLMhcuY2ltLnYxLkdyb3VwSW52aXRhdGlvbiL0AgoPQ29udGFjdHNSZXF1ZXN0EhIKCnJlcXVlc3RfaWQYASABKAQSDgoGZGV2aWNlGAIgASgJEiQKBGxpc3QYAyABKAsyFC5jaW0udjEuTGlzdENvbnRhY3RzSAASJQoHcmVxdWVzdBgEIAEoCzISLmNpbS52MS5Db250YWN0UmVmSAASJAoGYWNjZXB0GAUgASgLMhIuY2ltLnYxLkNvbnRhY3RSZWZIABIlCgdkZWNsaW5lGAYgASgLMhIuY2ltLnYxLkNvbnRhY3RSZWZIABIkCgZyZW1vdmUYByABKAsyEi5jaW0udjEuQ29udGFjdFJlZkgAEiMKBWJsb2NrGAggASgLMhIuY2ltLnYxLkNvbnRhY3RSZWZIABIlCgd1bmJsb2NrGAkgASgLMhIuY2ltLnYxLkNvbnRhY3RSZWZIABIrCghzZXR0aW5ncxgKIAEoCzIXLmNpbS52MS5Qcml2YWN5U2V0dGluZ3NIAEIECgJvcCIOCgxMaXN0Q29udGFjdHMiGgoKQ29udGFjdFJlZhIMCgR1c2VyGAEgASgJIk4KD1ByaXZhY3lTZXR0aW5ncxIQCghtZXNzYWdlcxgBIAEoCRISCgpncm91cF9hZGRzGAIgASgJEhUKDXJlYWRfcmVjZWlwdHMYKCABKAkiPgoFUmVhZFISEgoKcmVxdWVzdF9pZBgBIAEoBBIUCgxjb252ZXJzYXRpb24YAiABKAkSCwoDc2VxGAMgASgEIl8KBVJlYWRBEhIKCnJlcXVlc3RfaWQYASABKAQSFAoMY29udmVyc2F0aW9uGAIgASgJEgsKA3NlcRgDIAEoBBINCgVtb3ZlZBgEIAEoCBIQCghsYXN0X3NlcRgFIAEoBCJuCgpSZWFkTm90aWNlEhQKDGNvbnZlcnNhdGlvbhgBIAEoCRIOCgZyZWFkZXIYAiABKAkSCwoDc2VxGAMgASgEEhAKCGxhc3Rfc2VxGAQgASgEEgwKBHBlZXIYBSABKAkSDQoFZ3JvdXAYBiABKAkiQQoIUmVhZGVyc1ISEgoKcmVxdWVzdF9pZBgBIAEoBBIUCgxjb252ZXJzYXRpb24YAiABKAkSCwoDc2VxGAMgASgEInIKCFJlYWRlcnNBEhIKCnJlcXVlc3RfaWQYASABKAQSFAoMY29udmVyc2F0aW9uGAIgASgJEgsKA3NlcRgDIAEoBBINCgVjb3VudBgEIAEoDRIPCgdyZWFkZXJzGAUgAygJEg8KB21lbWJlcnMYBiABKA0iPgoHQ29udGFjdBIMCgR1c2VyGAEgASgJEhAKCHNpbmNlX21zGAIgASgEEhMKC2FwcHJvdmVkX2J5GAMgASgJIlMKDlBlbmRpbmdDb250YWN0EgwKBHVzZXIYASABKAkSDgoGZGV2aWNlGAIgASgJEg0KBWF0X21zGAMgASgEEhQKDHJlcXVlc3RlZF9ieRgEIAEoCSLAAQoLQ29udGFjdEJvb2sSIQoIY29udGFjdHMYASADKAsyDy5jaW0udjEuQ29udGFjdBIoCghpbmNvbWluZxgCIAMoCzIWLmNpbS52MS5QZW5kaW5nQ29udGFjdBIoCghvdXRnb2luZxgDIAMoCzIWLmNpbS52MS5QZW5kaW5nQ29udGFjdBIPCgdibG9ja2VkGAQgAygJEikKCHNldHRpbmdzGAUgASgLMhcuY2ltLnYxLlByaXZhY3lTZXR0aW5ncyKuAQoOQ29udGFjdHNBbnN3ZXISEgoKcmVxdWVzdF9pZBgBIAEoBBIKCgJvaxgCIAEoCBINCgVlcnJvchgDIAEoCRIPCgdtZXNzYWdlGAQgASgJEg4KBnN0YXR1cxgFIAEoCRIhCgRib29rGAYgASgLMhMuY2ltLnYxLkNvbnRhY3RCb29rEikKCHNldHRpbmdzGAcgASgLMhcuY2ltLnYxLlByaXZhY3lTZXR0aW5ncyJACglBcHBTdGF0ZVISHwoFc3RhdGUYASABKA4yEC5jaW0udjEuQXBwU3RhdGUSEgoKcmVxdWVzdF9pZBgCIAEoBCJ9CglBcHBTdGF0ZUESHwoFc3RhdGUYASABKA4yEC5jaW0udjEuQXBwU3RhdGUSHQoVaGVhcnRiZWF0X2ludGVydmFsX21zGAIgASgNEhwKFGhlYXJ0YmVhdF90aW1lb3V0X21zGAMgASgNEhIKCnJlcXVlc3RfaWQYBCABKAQiXAoHVHlwaW5nUhIKCgJ0bxgBIAEoCRINCgVncm91cBgCIAEoCRIiCgVzdGF0ZRgDIAEoDjITLmNpbS52MS5UeXBpbmdTdGF0ZRISCgpyZXF1ZXN0X2lkGAQgASgEIi4KB1R5cGluZ0ESEgoKcmVxdWVzdF9pZBgBIAEoBBIPCgdkcm9wcGVkGAIgASgIInwKB1R5cGluZ04SDAoEZnJvbRgBIAEoCRIOCgZkZXZpY2UYAiABKAkSCgoCdG8YAyABKAkSDQoFZ3JvdXAYBCABKAkSIgoFc3RhdGUYBSABKA4yEy5jaW0udjEuVHlwaW5nU3RhdGUSFAoMY29udmVyc2F0aW9uGAYgASgJIucBCgtCdXNFbnZlbG9wZRITCgtvcmlnaW5fbm9kZRgBIAEoCRImCgdkZWxpdmVyGAIgASgLMhMuY2ltLnYxLkJ1c0RlbGl2ZXJ5SAASJQoHb3V0Y29tZRgDIAEoCzISLmNpbS52MS5CdXNPdXRjb21lSAASJgoGc3RvcmVkGAQgASgLMhQuY2ltLnYxLk9mZmxpbmVSZWFkeUgAEiMKBnR5cGluZxgyIAEoCzIRLmNpbS52MS5CdXNUeXBpbmdIABIfCgRyZWFkGCggASgLMg8uY2ltLnYxLkJ1c1JlYWRIAEIGCgRib2R5IkAKB0J1c1JlYWQSEQoJcmVjZWl2ZXJzGAEgAygJEiIKBm5vdGljZRgCIAEoCzISLmNpbS52MS5SZWFkTm90aWNlIlkKC0J1c0RlbGl2ZXJ5EiAKB21lc3NhZ2UYASABKAsyDy5jaW0udjEuTWVzc2FnZRIRCglyZWNlaXZlcnMYAiADKAkSFQoNc2VuZGVyX2RldmljZRgDIAEoCSJECgxPZmZsaW5lUmVhZHkSEQoJcmVjZWl2ZXJzGAEgAygJEhQKDGNvbnZlcnNhdGlvbhgCIAEoCRILCgNzZXEYAyABKAQiPwoJQnVzVHlwaW5nEh8KBm5vdGljZRgBIAEoCzIPLmNpbS52MS5UeXBpbmdOEhEKCXJlY2VpdmVycxgCIAMoCSJOCgpCdXNPdXRjb21lEg4KBnNlbmRlchgBIAEoCRIVCg1zZW5kZXJfZGV2aWNlGAIgASgJEhkKA2FjaxgDIAEoCzIMLmNpbS52MS5BY2tOIrMBCgZLaWNrZWQSDgoGcmVhc29uGAEgASgJEiEKBGNvZGUYAiABKA4yEy5jaW0udjEuS2lja2VkLkNvZGUidgoEQ29kZRIUChBDT0RFX1VOU1BFQ0lGSUVEEAASFwoTTE9HR0VEX0lOX0VMU0VXSEVSRRABEg4KCkxPR0dFRF9PVVQQAhITCg9TRVNTSU9OX0VYUElSRUQQAxIMCghSRVBMQUNFRBAEEgwKCEJZX0FETUlOEAUiNwoJR29pbmdBd2F5Eg4KBnJlYXNvbhgBIAEoCRIaChJyZWNvbm5lY3RfYWZ0ZXJfbXMYAiABKA0iogIKBUVycm9yEiAKBGNvZGUYASABKA4yEi5jaW0udjEuRXJyb3IuQ29kZRIPCgdtZXNzYWdlGAIgASgJEicKDHJlcXVlc3RfdHlwZRgDIAEoDjIRLmNpbS52MS5GcmFtZVR5cGUSEgoKY2xpZW50X3NlcRgEIAEoBBIWCg5yZXRyeV9hZnRlcl9tcxgFIAEoDRISCgpyZXF1ZXN0X2lkGAYgASgEEg4KBnJlYXNvbhgeIAEoCSJtCgRDb2RlEhQKEENPREVfVU5TUEVDSUZJRUQQABIPCgtCQURfUkVRVUVTVBABEhAKDFJBVEVfTElNSVRFRBACEgwKCElOVEVSTkFMEAMSDwoLVU5BVkFJTEFCTEUQBBINCglGT1JCSURERU4QBSKdAQoLUHVzaFJlcXVlc3QSEgoKcmVxdWVzdF9pZBgBIAEoBBIsCghyZWdpc3RlchgCIAEoCzIYLmNpbS52MS5QdXNoUmVnaXN0cmF0aW9uSAASJAoGcmVtb3ZlGAMgASgLMhIuY2ltLnYxLlB1c2hSZW1vdmVIABIgCgRzaG93GAQgASgLMhAuY2ltLnYxLlB1c2hTaG93SABCBAoCb3AiUAoQUHVzaFJlZ2lzdHJhdGlvbhIQCghwcm92aWRlchgBIAEoCRINCgV0b2tlbhgCIAEoCRILCgNhcHAYAyABKAkSDgoGbG9jYWxlGAQgASgJIgwKClB1c2hSZW1vdmUiCgoIUHVzaFNob3cikAEKClB1c2hBbnN3ZXISEgoKcmVxdWVzdF9pZBgBIAEoBBIKCgJvaxgCIAEoCBINCgVlcnJvchgDIAEoCRIPCgdtZXNzYWdlGAQgASgJEi4KDHJlZ2lzdHJhdGlvbhgFIAEoCzIYLmNpbS52MS5QdXNoUmVnaXN0cmF0aW9uEhIKCnJlZ2lzdGVyZWQYBiABKAgqhQUKCUZyYW1lVHlwZRIaChZGUkFNRV9UWVBFX1VOU1BFQ0lGSUVEEAASEAoMQ0xJRU5UX0hFTExPEAESEwoPSEFORFNIQUtFX0VSUk9SEAISEAoMTE9HSU5fUkVTVUxUEAMSCQoFTVNHX1IQChIJCgVNU0dfQRALEgkKBU1TR19OEAwSCQoFQUNLX1IQDRIJCgVBQ0tfQRAOEgkKBUFDS19OEA8SDAoIT05MSU5FX1IQFBIMCghPTkxJTkVfQRAVEg0KCU9GRkxJTkVfUhAyEg0KCU9GRkxJTkVfQRAzEhEKDU9GRkxJTkVfQUNLX1IQNBIRCg1PRkZMSU5FX0FDS19BEDUSFQoRT0ZGTElORV9TVU1NQVJZX1IQNhIVChFPRkZMSU5FX1NVTU1BUllfQRA3EhIKDk9GRkxJTkVfTk9USUNFEDgSDQoJSElTVE9SWV9SEDwSDQoJSElTVE9SWV9BED0SDAoIQ0hBTkdFX1IQbhIMCghDSEFOR0VfQRBvEgsKB0dST1VQX1IQKBILCgdHUk9VUF9BECkSDgoKQ09OVEFDVFNfUhBGEg4KCkNPTlRBQ1RTX0EQRxIKCgZSRUFEX1IQZBIKCgZSRUFEX0EQZRIKCgZSRUFEX04QZhINCglSRUFERVJTX1IQZxINCglSRUFERVJTX0EQaBIKCgZQVVNIX1IQeBIKCgZQVVNIX0EQeRIKCgZLSUNLRUQQHhIOCgpHT0lOR19BV0FZEB8SCQoFRVJST1IQIBIPCgtBUFBfU1RBVEVfUhBaEg8KC0FQUF9TVEFURV9BEFsSDAoIVFlQSU5HX1IQXBIMCghUWVBJTkdfQRBdEgwKCFRZUElOR19OEF4qUQoLTWVzc2FnZVR5cGUSCAoEVEVYVBAAEgkKBUlNQUdFEAESCQoFVk9JQ0UQAhIICgRGSUxFEAMSDAoITE9DQVRJT04QBBIKCgZTWVNURU0QBSozCgpDaGFuZ2VLaW5kEg8KC0NIQU5HRV9OT05FEAASCgoGUkVDQUxMEAESCAoERURJVBACKmYKDkRlbGl2ZXJ5U3RhdHVzEh8KG0RFTElWRVJZX1NUQVRVU19VTlNQRUNJRklFRBAAEg0KCURFTElWRVJFRBABEgoKBlNUT1JFRBACEgoKBkZBSUxFRBADEgwKCEFDQ0VQVEVEEAQqTQoIQXBwU3RhdGUSGQoVQVBQX1NUQVRFX1VOU1BFQ0lGSUVEEAASEgoOQVBQX0ZPUkVHUk9VTkQQARISCg5BUFBfQkFDS0dST1VORBACKlMKC1R5cGluZ1N0YXRlEhwKGFRZUElOR19TVEFURV9VTlNQRUNJRklFRBAAEhIKDlRZUElOR19TVEFSVEVEEAESEgoOVFlQSU5HX1NUT1BQRUQQAmIGcHJvdG8z");
 
 /**
  * @generated from message cim.v1.ClientHello
@@ -1058,6 +1058,22 @@ export type ConversationSummary = Message$1<"cim.v1.ConversationSummary"> & {
    * @generated from field: bool newest_cut = 8;
    */
   newestCut: boolean;
+
+  /**
+   * the user's read mark (any device's READ_R); count is past
+   *
+   * @generated from field: uint64 read_seq = 40;
+   */
+  readSeq: bigint;
+
+  /**
+   * the higher of it and the cursor
+   *
+   * a 1:1: how far the peer has read (0: nothing shown)
+   *
+   * @generated from field: uint64 peer_read_seq = 41;
+   */
+  peerReadSeq: bigint;
 };
 
 /**
@@ -1105,6 +1121,13 @@ export type OfflineSummaryA = Message$1<"cim.v1.OfflineSummaryA"> & {
    * @generated from field: uint64 request_id = 6;
    */
   requestId: bigint;
+
+  /**
+   * caught-up 1:1s: how far the peer has read there
+   *
+   * @generated from field: repeated cim.v1.Cursor peer_reads = 40;
+   */
+  peerReads: Cursor[];
 };
 
 /**
@@ -1878,6 +1901,15 @@ export type PrivacySettings = Message$1<"cim.v1.PrivacySettings"> & {
    * @generated from field: string group_adds = 2;
    */
   groupAdds: string;
+
+  /**
+   * "contacts" or "nobody" (a device: "guardians")
+   *
+   * whether 1:1 peers and group senders see what you read:
+   *
+   * @generated from field: string read_receipts = 40;
+   */
+  readReceipts: string;
 };
 
 /**
@@ -1886,6 +1918,205 @@ export type PrivacySettings = Message$1<"cim.v1.PrivacySettings"> & {
  */
 export const PrivacySettingsSchema: GenMessage<PrivacySettings> = /*@__PURE__*/
   messageDesc(file_cim, 41);
+
+/**
+ * @generated from message cim.v1.ReadR
+ */
+export type ReadR = Message$1<"cim.v1.ReadR"> & {
+  /**
+   * @generated from field: uint64 request_id = 1;
+   */
+  requestId: bigint;
+
+  /**
+   * the timeline's key (Message.conversation)
+   *
+   * @generated from field: string conversation = 2;
+   */
+  conversation: string;
+
+  /**
+   * read up to here (past the newest: refused)
+   *
+   * @generated from field: uint64 seq = 3;
+   */
+  seq: bigint;
+};
+
+/**
+ * Describes the message cim.v1.ReadR.
+ * Use `create(ReadRSchema)` to create a new message.
+ */
+export const ReadRSchema: GenMessage<ReadR> = /*@__PURE__*/
+  messageDesc(file_cim, 42);
+
+/**
+ * @generated from message cim.v1.ReadA
+ */
+export type ReadA = Message$1<"cim.v1.ReadA"> & {
+  /**
+   * @generated from field: uint64 request_id = 1;
+   */
+  requestId: bigint;
+
+  /**
+   * @generated from field: string conversation = 2;
+   */
+  conversation: string;
+
+  /**
+   * the user's mark now (never lower than before)
+   *
+   * @generated from field: uint64 seq = 3;
+   */
+  seq: bigint;
+
+  /**
+   * false: the mark was already there or past it
+   *
+   * @generated from field: bool moved = 4;
+   */
+  moved: boolean;
+
+  /**
+   * @generated from field: uint64 last_seq = 5;
+   */
+  lastSeq: bigint;
+};
+
+/**
+ * Describes the message cim.v1.ReadA.
+ * Use `create(ReadASchema)` to create a new message.
+ */
+export const ReadASchema: GenMessage<ReadA> = /*@__PURE__*/
+  messageDesc(file_cim, 43);
+
+/**
+ * @generated from message cim.v1.ReadNotice
+ */
+export type ReadNotice = Message$1<"cim.v1.ReadNotice"> & {
+  /**
+   * @generated from field: string conversation = 1;
+   */
+  conversation: string;
+
+  /**
+   * whose mark moved: the user itself (another device), or the peer
+   *
+   * @generated from field: string reader = 2;
+   */
+  reader: string;
+
+  /**
+   * read up to here
+   *
+   * @generated from field: uint64 seq = 3;
+   */
+  seq: bigint;
+
+  /**
+   * the conversation's newest seq when it was read (own devices)
+   *
+   * @generated from field: uint64 last_seq = 4;
+   */
+  lastSeq: bigint;
+
+  /**
+   * a 1:1: the other user as the receiver sees it (the reader)
+   *
+   * @generated from field: string peer = 5;
+   */
+  peer: string;
+
+  /**
+   * @generated from field: string group = 6;
+   */
+  group: string;
+};
+
+/**
+ * Describes the message cim.v1.ReadNotice.
+ * Use `create(ReadNoticeSchema)` to create a new message.
+ */
+export const ReadNoticeSchema: GenMessage<ReadNotice> = /*@__PURE__*/
+  messageDesc(file_cim, 44);
+
+/**
+ * @generated from message cim.v1.ReadersR
+ */
+export type ReadersR = Message$1<"cim.v1.ReadersR"> & {
+  /**
+   * @generated from field: uint64 request_id = 1;
+   */
+  requestId: bigint;
+
+  /**
+   * @generated from field: string conversation = 2;
+   */
+  conversation: string;
+
+  /**
+   * the message asked about
+   *
+   * @generated from field: uint64 seq = 3;
+   */
+  seq: bigint;
+};
+
+/**
+ * Describes the message cim.v1.ReadersR.
+ * Use `create(ReadersRSchema)` to create a new message.
+ */
+export const ReadersRSchema: GenMessage<ReadersR> = /*@__PURE__*/
+  messageDesc(file_cim, 45);
+
+/**
+ * @generated from message cim.v1.ReadersA
+ */
+export type ReadersA = Message$1<"cim.v1.ReadersA"> & {
+  /**
+   * @generated from field: uint64 request_id = 1;
+   */
+  requestId: bigint;
+
+  /**
+   * @generated from field: string conversation = 2;
+   */
+  conversation: string;
+
+  /**
+   * @generated from field: uint64 seq = 3;
+   */
+  seq: bigint;
+
+  /**
+   * members (the sender left out) who have read it
+   *
+   * @generated from field: uint32 count = 4;
+   */
+  count: number;
+
+  /**
+   * who (at most 1000 names)
+   *
+   * @generated from field: repeated string readers = 5;
+   */
+  readers: string[];
+
+  /**
+   * members besides the sender
+   *
+   * @generated from field: uint32 members = 6;
+   */
+  members: number;
+};
+
+/**
+ * Describes the message cim.v1.ReadersA.
+ * Use `create(ReadersASchema)` to create a new message.
+ */
+export const ReadersASchema: GenMessage<ReadersA> = /*@__PURE__*/
+  messageDesc(file_cim, 46);
 
 /**
  * @generated from message cim.v1.Contact
@@ -1914,7 +2145,7 @@ export type Contact = Message$1<"cim.v1.Contact"> & {
  * Use `create(ContactSchema)` to create a new message.
  */
 export const ContactSchema: GenMessage<Contact> = /*@__PURE__*/
-  messageDesc(file_cim, 42);
+  messageDesc(file_cim, 47);
 
 /**
  * @generated from message cim.v1.PendingContact
@@ -1952,7 +2183,7 @@ export type PendingContact = Message$1<"cim.v1.PendingContact"> & {
  * Use `create(PendingContactSchema)` to create a new message.
  */
 export const PendingContactSchema: GenMessage<PendingContact> = /*@__PURE__*/
-  messageDesc(file_cim, 43);
+  messageDesc(file_cim, 48);
 
 /**
  * @generated from message cim.v1.ContactBook
@@ -1995,7 +2226,7 @@ export type ContactBook = Message$1<"cim.v1.ContactBook"> & {
  * Use `create(ContactBookSchema)` to create a new message.
  */
 export const ContactBookSchema: GenMessage<ContactBook> = /*@__PURE__*/
-  messageDesc(file_cim, 44);
+  messageDesc(file_cim, 49);
 
 /**
  * @generated from message cim.v1.ContactsAnswer
@@ -2052,7 +2283,7 @@ export type ContactsAnswer = Message$1<"cim.v1.ContactsAnswer"> & {
  * Use `create(ContactsAnswerSchema)` to create a new message.
  */
 export const ContactsAnswerSchema: GenMessage<ContactsAnswer> = /*@__PURE__*/
-  messageDesc(file_cim, 45);
+  messageDesc(file_cim, 50);
 
 /**
  * @generated from message cim.v1.AppStateR
@@ -2076,7 +2307,7 @@ export type AppStateR = Message$1<"cim.v1.AppStateR"> & {
  * Use `create(AppStateRSchema)` to create a new message.
  */
 export const AppStateRSchema: GenMessage<AppStateR> = /*@__PURE__*/
-  messageDesc(file_cim, 46);
+  messageDesc(file_cim, 51);
 
 /**
  * @generated from message cim.v1.AppStateA
@@ -2112,7 +2343,7 @@ export type AppStateA = Message$1<"cim.v1.AppStateA"> & {
  * Use `create(AppStateASchema)` to create a new message.
  */
 export const AppStateASchema: GenMessage<AppStateA> = /*@__PURE__*/
-  messageDesc(file_cim, 47);
+  messageDesc(file_cim, 52);
 
 /**
  * To a user (`to`) or a group (`group`), exactly one. At most one per device and
@@ -2151,7 +2382,7 @@ export type TypingR = Message$1<"cim.v1.TypingR"> & {
  * Use `create(TypingRSchema)` to create a new message.
  */
 export const TypingRSchema: GenMessage<TypingR> = /*@__PURE__*/
-  messageDesc(file_cim, 48);
+  messageDesc(file_cim, 53);
 
 /**
  * @generated from message cim.v1.TypingA
@@ -2175,7 +2406,7 @@ export type TypingA = Message$1<"cim.v1.TypingA"> & {
  * Use `create(TypingASchema)` to create a new message.
  */
 export const TypingASchema: GenMessage<TypingA> = /*@__PURE__*/
-  messageDesc(file_cim, 49);
+  messageDesc(file_cim, 54);
 
 /**
  * @generated from message cim.v1.TypingN
@@ -2227,7 +2458,7 @@ export type TypingN = Message$1<"cim.v1.TypingN"> & {
  * Use `create(TypingNSchema)` to create a new message.
  */
 export const TypingNSchema: GenMessage<TypingN> = /*@__PURE__*/
-  messageDesc(file_cim, 50);
+  messageDesc(file_cim, 55);
 
 /**
  * @generated from message cim.v1.BusEnvelope
@@ -2273,6 +2504,14 @@ export type BusEnvelope = Message$1<"cim.v1.BusEnvelope"> & {
      */
     value: BusTyping;
     case: "typing";
+  } | {
+    /**
+     * give this read notice to these users connected to you
+     *
+     * @generated from field: cim.v1.BusRead read = 40;
+     */
+    value: BusRead;
+    case: "read";
   } | { case: undefined; value?: undefined };
 };
 
@@ -2281,7 +2520,29 @@ export type BusEnvelope = Message$1<"cim.v1.BusEnvelope"> & {
  * Use `create(BusEnvelopeSchema)` to create a new message.
  */
 export const BusEnvelopeSchema: GenMessage<BusEnvelope> = /*@__PURE__*/
-  messageDesc(file_cim, 51);
+  messageDesc(file_cim, 56);
+
+/**
+ * @generated from message cim.v1.BusRead
+ */
+export type BusRead = Message$1<"cim.v1.BusRead"> & {
+  /**
+   * @generated from field: repeated string receivers = 1;
+   */
+  receivers: string[];
+
+  /**
+   * @generated from field: cim.v1.ReadNotice notice = 2;
+   */
+  notice?: ReadNotice | undefined;
+};
+
+/**
+ * Describes the message cim.v1.BusRead.
+ * Use `create(BusReadSchema)` to create a new message.
+ */
+export const BusReadSchema: GenMessage<BusRead> = /*@__PURE__*/
+  messageDesc(file_cim, 57);
 
 /**
  * @generated from message cim.v1.BusDelivery
@@ -2312,7 +2573,7 @@ export type BusDelivery = Message$1<"cim.v1.BusDelivery"> & {
  * Use `create(BusDeliverySchema)` to create a new message.
  */
 export const BusDeliverySchema: GenMessage<BusDelivery> = /*@__PURE__*/
-  messageDesc(file_cim, 52);
+  messageDesc(file_cim, 58);
 
 /**
  * these users' timelines moved while no live copy went
@@ -2343,7 +2604,7 @@ export type OfflineReady = Message$1<"cim.v1.OfflineReady"> & {
  * Use `create(OfflineReadySchema)` to create a new message.
  */
 export const OfflineReadySchema: GenMessage<OfflineReady> = /*@__PURE__*/
-  messageDesc(file_cim, 53);
+  messageDesc(file_cim, 59);
 
 /**
  * @generated from message cim.v1.BusTyping
@@ -2369,7 +2630,7 @@ export type BusTyping = Message$1<"cim.v1.BusTyping"> & {
  * Use `create(BusTypingSchema)` to create a new message.
  */
 export const BusTypingSchema: GenMessage<BusTyping> = /*@__PURE__*/
-  messageDesc(file_cim, 54);
+  messageDesc(file_cim, 60);
 
 /**
  * @generated from message cim.v1.BusOutcome
@@ -2396,7 +2657,7 @@ export type BusOutcome = Message$1<"cim.v1.BusOutcome"> & {
  * Use `create(BusOutcomeSchema)` to create a new message.
  */
 export const BusOutcomeSchema: GenMessage<BusOutcome> = /*@__PURE__*/
-  messageDesc(file_cim, 55);
+  messageDesc(file_cim, 61);
 
 /**
  * @generated from message cim.v1.Kicked
@@ -2420,7 +2681,7 @@ export type Kicked = Message$1<"cim.v1.Kicked"> & {
  * Use `create(KickedSchema)` to create a new message.
  */
 export const KickedSchema: GenMessage<Kicked> = /*@__PURE__*/
-  messageDesc(file_cim, 56);
+  messageDesc(file_cim, 62);
 
 /**
  * @generated from enum cim.v1.Kicked.Code
@@ -2471,7 +2732,7 @@ export enum Kicked_Code {
  * Describes the enum cim.v1.Kicked.Code.
  */
 export const Kicked_CodeSchema: GenEnum<Kicked_Code> = /*@__PURE__*/
-  enumDesc(file_cim, 56, 0);
+  enumDesc(file_cim, 62, 0);
 
 /**
  * @generated from message cim.v1.GoingAway
@@ -2493,7 +2754,7 @@ export type GoingAway = Message$1<"cim.v1.GoingAway"> & {
  * Use `create(GoingAwaySchema)` to create a new message.
  */
 export const GoingAwaySchema: GenMessage<GoingAway> = /*@__PURE__*/
-  messageDesc(file_cim, 57);
+  messageDesc(file_cim, 63);
 
 /**
  * @generated from message cim.v1.Error
@@ -2548,7 +2809,7 @@ export type Error = Message$1<"cim.v1.Error"> & {
  * Use `create(ErrorSchema)` to create a new message.
  */
 export const ErrorSchema: GenMessage<Error> = /*@__PURE__*/
-  messageDesc(file_cim, 58);
+  messageDesc(file_cim, 64);
 
 /**
  * @generated from enum cim.v1.Error.Code
@@ -2593,7 +2854,168 @@ export enum Error_Code {
  * Describes the enum cim.v1.Error.Code.
  */
 export const Error_CodeSchema: GenEnum<Error_Code> = /*@__PURE__*/
-  enumDesc(file_cim, 58, 0);
+  enumDesc(file_cim, 64, 0);
+
+/**
+ * The connection's device's push registration: the device is the session's, never
+ * named in the frame.
+ *
+ * @generated from message cim.v1.PushRequest
+ */
+export type PushRequest = Message$1<"cim.v1.PushRequest"> & {
+  /**
+   * @generated from field: uint64 request_id = 1;
+   */
+  requestId: bigint;
+
+  /**
+   * @generated from oneof cim.v1.PushRequest.op
+   */
+  op: {
+    /**
+     * register or replace
+     *
+     * @generated from field: cim.v1.PushRegistration register = 2;
+     */
+    value: PushRegistration;
+    case: "register";
+  } | {
+    /**
+     * @generated from field: cim.v1.PushRemove remove = 3;
+     */
+    value: PushRemove;
+    case: "remove";
+  } | {
+    /**
+     * @generated from field: cim.v1.PushShow show = 4;
+     */
+    value: PushShow;
+    case: "show";
+  } | { case: undefined; value?: undefined };
+};
+
+/**
+ * Describes the message cim.v1.PushRequest.
+ * Use `create(PushRequestSchema)` to create a new message.
+ */
+export const PushRequestSchema: GenMessage<PushRequest> = /*@__PURE__*/
+  messageDesc(file_cim, 65);
+
+/**
+ * @generated from message cim.v1.PushRegistration
+ */
+export type PushRegistration = Message$1<"cim.v1.PushRegistration"> & {
+  /**
+   * "fcm", "apns" or "webhook"
+   *
+   * @generated from field: string provider = 1;
+   */
+  provider: string;
+
+  /**
+   * the provider's device token
+   *
+   * @generated from field: string token = 2;
+   */
+  token: string;
+
+  /**
+   * optional application id
+   *
+   * @generated from field: string app = 3;
+   */
+  app: string;
+
+  /**
+   * optional language tag for the built-in texts (en, zh-Hans)
+   *
+   * @generated from field: string locale = 4;
+   */
+  locale: string;
+};
+
+/**
+ * Describes the message cim.v1.PushRegistration.
+ * Use `create(PushRegistrationSchema)` to create a new message.
+ */
+export const PushRegistrationSchema: GenMessage<PushRegistration> = /*@__PURE__*/
+  messageDesc(file_cim, 66);
+
+/**
+ * @generated from message cim.v1.PushRemove
+ */
+export type PushRemove = Message$1<"cim.v1.PushRemove"> & {
+};
+
+/**
+ * Describes the message cim.v1.PushRemove.
+ * Use `create(PushRemoveSchema)` to create a new message.
+ */
+export const PushRemoveSchema: GenMessage<PushRemove> = /*@__PURE__*/
+  messageDesc(file_cim, 67);
+
+/**
+ * @generated from message cim.v1.PushShow
+ */
+export type PushShow = Message$1<"cim.v1.PushShow"> & {
+};
+
+/**
+ * Describes the message cim.v1.PushShow.
+ * Use `create(PushShowSchema)` to create a new message.
+ */
+export const PushShowSchema: GenMessage<PushShow> = /*@__PURE__*/
+  messageDesc(file_cim, 68);
+
+/**
+ * @generated from message cim.v1.PushAnswer
+ */
+export type PushAnswer = Message$1<"cim.v1.PushAnswer"> & {
+  /**
+   * @generated from field: uint64 request_id = 1;
+   */
+  requestId: bigint;
+
+  /**
+   * @generated from field: bool ok = 2;
+   */
+  ok: boolean;
+
+  /**
+   * a code, as the logic service's (push_disabled, bad_registration, ...)
+   *
+   * @generated from field: string error = 3;
+   */
+  error: string;
+
+  /**
+   * for people
+   *
+   * @generated from field: string message = 4;
+   */
+  message: string;
+
+  /**
+   * register and show: the stored registration
+   *
+   * @generated from field: cim.v1.PushRegistration registration = 5;
+   */
+  registration?: PushRegistration | undefined;
+
+  /**
+   * show: whether the device has one; remove: whether it had one
+   *
+   * @generated from field: bool registered = 6;
+   */
+  registered: boolean;
+};
+
+/**
+ * Describes the message cim.v1.PushAnswer.
+ * Use `create(PushAnswerSchema)` to create a new message.
+ */
+export const PushAnswerSchema: GenMessage<PushAnswer> = /*@__PURE__*/
+  messageDesc(file_cim, 69);
 
 /**
  * @generated from enum cim.v1.FrameType
@@ -2803,6 +3225,59 @@ export enum FrameType {
    * @generated from enum value: CONTACTS_A = 71;
    */
   CONTACTS_A = 71,
+
+  /**
+   * Read receipts (issue #15): a user's read mark per conversation.
+   *
+   * client -> node: ReadR (mark a conversation read up to seq)
+   *
+   * @generated from enum value: READ_R = 100;
+   */
+  READ_R = 100,
+
+  /**
+   * node -> client: ReadA (the mark in effect)
+   *
+   * @generated from enum value: READ_A = 101;
+   */
+  READ_A = 101,
+
+  /**
+   * node -> client: ReadNotice (the user's other devices; a 1:1 peer)
+   *
+   * @generated from enum value: READ_N = 102;
+   */
+  READ_N = 102,
+
+  /**
+   * client -> node: ReadersR (who has read a message: its sender asks)
+   *
+   * @generated from enum value: READERS_R = 103;
+   */
+  READERS_R = 103,
+
+  /**
+   * node -> client: ReadersA
+   *
+   * @generated from enum value: READERS_A = 104;
+   */
+  READERS_A = 104,
+
+  /**
+   * Push registration of this connection's device (docs/push.md).
+   *
+   * client -> node: PushRequest (register, remove, show)
+   *
+   * @generated from enum value: PUSH_R = 120;
+   */
+  PUSH_R = 120,
+
+  /**
+   * node -> client: PushAnswer
+   *
+   * @generated from enum value: PUSH_A = 121;
+   */
+  PUSH_A = 121,
 
   /**
    * Session control.
