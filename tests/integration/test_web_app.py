@@ -5,7 +5,7 @@ so the test sees the sources as they are), the WebSocket gateway, and the router
 logic and file services with CORS for the app's origin. ``web/e2e/chat.mjs`` drives
 Debian's headless Chromium through playwright-core: alice logs in, bob registers from
 the page; alice sends a text and an image, bob sees both live with the thumbnail,
-alice sees them delivered; bob sees alice typing, an edit and a recall; a file bob
+alice sees them read; bob sees alice typing, an edit and a recall; a file bob
 downloads byte for byte; bob's page closes, alice sends three more, bob comes back to
 an unread count of 3 and the three messages; screenshots of both pages; a group
 (create, invitation accepted, a post); a watch's SOS shown to its guardian carol and
@@ -36,7 +36,7 @@ STEPS = (
     "bob sees the text live",
     "alice sends an image; the progress bar reaches 100%",
     "bob sees the image live with its thumbnail",
-    "alice sees both delivered (read receipts are not in the SDK yet)",
+    "bob has the conversation open, so he has read both, alice sees them marked read",
     "alice types, bob sees that she is typing",
     "alice edits one message and recalls another, bob sees both changes",
     "alice sends a file, bob downloads the same bytes",

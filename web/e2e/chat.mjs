@@ -229,11 +229,11 @@ async function main() {
     const size = await thumb.evaluate((img) => `${img.naturalWidth}x${img.naturalHeight}`);
     ok(step, `thumbnail ${size}`);
 
-    step = "alice sees both delivered (read receipts are not in the SDK yet)";
-    const textMark = await waitMark(alice, "Hello bob, from the web", ["delivered", "read"]);
-    const imageMark = await alice.locator("#messages li.msg.mine.image .mark").and(alice.locator('[data-mark="delivered"], [data-mark="read"]')).getAttribute("data-mark");
-    ok(step, `text ${textMark}, image ${imageMark}`);
-    console.log("skip read mark: the SDK has no read receipts yet (branch receipts)");
+    step = "bob has the conversation open, so he has read both, alice sees them marked read";
+    const textMark = await waitMark(alice, "Hello bob, from the web", ["read"]);
+    await alice.locator('#messages li.msg.mine.image .mark[data-mark="read"]').waitFor();
+    const label = await alice.locator('#messages li.msg.mine.image .mark').getAttribute("aria-label");
+    ok(step, `text ${textMark}, image ${label}`);
 
     step = "alice types, bob sees that she is typing";
     await alice.locator("#compose").focus();
@@ -246,7 +246,7 @@ async function main() {
     ok(step);
 
     step = "alice edits one message and recalls another, bob sees both changes";
-    await waitMark(alice, "See you at 5", ["sent", "delivered"]);
+    await waitMark(alice, "See you at 5", ["sent", "delivered", "read"]);
     await message(alice, "See you at 5").getByRole("button", { name: "Edit this message" }).click();
     if ((await alice.locator("#compose").inputValue()) !== "See you at 5") throw new Error("the composer does not hold the text to edit");
     await alice.locator("#compose").fill("See you at 6");
@@ -255,7 +255,7 @@ async function main() {
     await alice.locator("#compose").fill("Oops, wrong chat");
     await alice.locator("#compose").press("Enter");
     await message(bob, "Oops, wrong chat").waitFor();
-    await waitMark(alice, "Oops, wrong chat", ["sent", "delivered"]);
+    await waitMark(alice, "Oops, wrong chat", ["sent", "delivered", "read"]);
     await message(alice, "Oops, wrong chat").getByRole("button", { name: "Recall this message" }).click();
     await message(bob, "Message recalled").waitFor();
     await message(alice, "You recalled this message").waitFor();
@@ -279,7 +279,7 @@ async function main() {
     for (const text of ["First while you were away", "Second while you were away", "Third while you were away"]) {
       await alice.locator("#compose").fill(text);
       await alice.locator("#compose").press("Enter");
-      await waitMark(alice, text, ["sent", "delivered"]);
+      await waitMark(alice, text, ["sent", "delivered", "read"]);
     }
     ok(step);
 
@@ -296,6 +296,7 @@ async function main() {
     await bob.keyboard.press("Enter");
     for (const text of ["First while you were away", "Second while you were away", "Third while you were away"]) await message(bob, text).waitFor();
     await bob.locator('.conversation-button[data-key="user:alice"] .unread[hidden]').waitFor({ state: "attached" });
+    await waitMark(alice, "Third while you were away", ["read"]); // bob read them: alice sees it
     ok(step, `preview ${JSON.stringify(preview)}`);
 
     console.log("skip the CLI message on alice's page: one user on two devices needs the devices branch");
@@ -321,7 +322,7 @@ async function main() {
     await group.waitFor();
     await alice.locator("#compose").fill("Dinner at seven");
     await alice.locator("#compose").press("Enter");
-    await waitMark(alice, "Dinner at seven", ["sent", "delivered"]);
+    await waitMark(alice, "Dinner at seven", ["sent", "delivered", "read"]);
     await group.locator(".unread", { hasText: "1" }).waitFor();
     await group.click();
     await message(bob, "Dinner at seven").locator(".from", { hasText: "alice" }).waitFor();

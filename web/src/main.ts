@@ -3,9 +3,9 @@
  * the page. One ChatClient per login; logging out stops it (and the router session).
  */
 import { resolveServices, STORAGE_KEY, type Services } from "./config.js";
-import { ChatModel, SYSTEM_SENDER, TYPE, type Item, type MediaInfo } from "./model.js";
+import { ChatModel, keyOfTimeline, SYSTEM_SENDER, TYPE, type Item, type MediaInfo } from "./model.js";
 import { parseNotice } from "./notices.js";
-import { mediaMessage, pb, ServiceError, WebChat } from "./sdk.js";
+import { conversationKey, mediaMessage, pb, ServiceError, WebChat } from "./sdk.js";
 import { acknowledgeSos, Files, register, type StoredFile } from "./services.js";
 import { $, ChatView } from "./view.js";
 
@@ -134,6 +134,40 @@ async function startSession(user: string, password: string): Promise<void> {
   input("new-chat-user").focus();
 }
 
+/** The page's key of an SDK timeline key. */
+function pageKey(chat: WebChat, timeline: string): string | undefined {
+  const [peer, group] = chat.reads.where(timeline);
+  if (group) return `group:${group}`;
+  if (peer) return `user:${peer}`;
+  return keyOfTimeline(chat.user, timeline);
+}
+
+/** The SDK's timeline key of the page's conversation. */
+function timelineOf(key: string): string {
+  const conversation = model.conversation(key);
+  return conversationKey(model.me, conversation.group || conversation.peer, Boolean(conversation.group));
+}
+
+let marking = false;
+
+/**
+ * The user is looking at a conversation with unread messages: mark it read up to the
+ * newest (READ_R; the user's other devices and a 1:1 peer hear of it). Once per turn.
+ */
+function markSeen(): void {
+  if (marking) return;
+  marking = true;
+  queueMicrotask(() => {
+    marking = false;
+    const key = model.open;
+    const chat = client;
+    if (key === undefined || chat === undefined || !model.seeing(key)) return;
+    const timeline = timelineOf(key);
+    if (chat.reads.unread(timeline) === 0) return;
+    chat.markRead(timeline).catch(() => undefined); // the next look tries again
+  });
+}
+
 function session(): WebChat {
   if (client === undefined) throw new Error("not logged in");
   return client;
@@ -156,7 +190,21 @@ function setConnection(state: string, detail: string): void {
 function wire(chat: WebChat): void {
   chat.on("state", ({ state, detail }) => setConnection(state, detail));
   chat.on("summary", (summary) => {
-    model.summary(summary.conversations.map((c) => ({ peer: c.peer, group: c.group, count: c.count, lastSeq: c.lastSeq, newest: c.newest })));
+    model.summary(summary.conversations.map((c) => ({ peer: c.peer, group: c.group, newest: c.newest })));
+    render();
+  });
+  chat.on("unread", ({ conversation, unread }) => {
+    const key = pageKey(chat, conversation);
+    if (key === undefined) return;
+    model.setUnread(key, unread);
+    if (model.seeing(key) && unread > 0) markSeen();
+    render();
+  });
+  chat.on("read", (event) => {
+    const key = pageKey(chat, event.conversation);
+    if (key === undefined) return;
+    if (event.own) model.setUnread(key, event.unread); // read on another device
+    else model.readThrough(key, Number(event.seq)); // the peer read ours: ✓✓ read
     render();
   });
   chat.on("message", ({ message }) => {
@@ -299,6 +347,7 @@ function openConversation(key: string): void {
   $("chat-info").textContent = "";
   if (!$("upload-label").textContent?.startsWith("Uploading")) $("upload").hidden = true;
   render();
+  markSeen();
   input("compose").focus();
   if (!historyLoaded.has(key)) {
     historyLoaded.add(key);
@@ -309,9 +358,12 @@ function openConversation(key: string): void {
 async function loadHistory(key: string): Promise<void> {
   const conversation = model.conversation(key);
   try {
-    const page = await session().history(conversation.group || conversation.peer, { group: Boolean(conversation.group), limit: 50 });
+    const chat = session();
+    const page = await chat.history(conversation.group || conversation.peer, { group: Boolean(conversation.group), limit: 50 });
     if (page.error) throw new Error(`${page.error}: ${page.message}`);
     for (const message of page.messages) model.received(message);
+    model.readThrough(key, Number(chat.reads.peerRead(timelineOf(key)))); // read before this page
+    markSeen();
     render();
   } catch (error) {
     historyLoaded.delete(key);
@@ -563,6 +615,7 @@ function main(): void {
   document.addEventListener("visibilitychange", () => {
     model.pageVisible = document.visibilityState !== "hidden";
     if (model.pageVisible) model.opened(model.open);
+    markSeen();
     render();
   });
   input("login-user").focus();

@@ -53,8 +53,6 @@ export interface Conversation {
   lastAt: number;
   /** The newest message's one-line preview (from the summary before any item is here). */
   preview: string;
-  /** Messages up to this seq are in `unread` already (the summary counted them) or were seen. */
-  countedThrough: number;
 }
 
 /** The message fields the model reads (a pb.Message fits). */
@@ -92,6 +90,22 @@ export const SYSTEM_SENDER = "@system";
 export function conversationKey(me: string, message: { from: string; to: string; group: string }): string {
   if (message.group) return `group:${message.group}`;
   return `user:${message.from === me ? message.to : message.from}`;
+}
+
+/**
+ * The page's key of an SDK timeline key ("d:alice:bob" with ':' and '%' escaped,
+ * "g:ID"): the group, or the 1:1's other user; undefined for anything else.
+ */
+export function keyOfTimeline(me: string, timeline: string): string | undefined {
+  if (timeline.startsWith("g:")) return `group:${timeline.slice(2)}`;
+  if (!timeline.startsWith("d:")) return undefined;
+  const names = timeline
+    .slice(2)
+    .split(":")
+    .map((name) => name.replaceAll("%3A", ":").replaceAll("%25", "%"));
+  if (names.length !== 2) return undefined;
+  const other = names[0] === me ? names[1] : names[0];
+  return `user:${other}`;
 }
 
 export function kindOf(type: number): ItemKind {
@@ -158,7 +172,6 @@ export class ChatModel {
         items: [],
         lastAt: 0,
         preview: "",
-        countedThrough: 0,
       };
       this.conversations.set(key, conversation);
     } else if (title !== undefined) {
@@ -172,15 +185,11 @@ export class ChatModel {
     return [...this.conversations.values()].sort((a, b) => b.lastAt - a.lastAt || a.key.localeCompare(b.key));
   }
 
-  /** The catch-up summary: unread counts and the newest message of each conversation. */
-  summary(
-    entries: readonly { peer: string; group: string; count: number; lastSeq: bigint; newest?: MessageLike | undefined }[],
-  ): void {
+  /** The catch-up summary: the conversations and their newest messages (the SDK counts). */
+  summary(entries: readonly { peer: string; group: string; newest?: MessageLike | undefined }[]): void {
     for (const entry of entries) {
       const key = entry.group ? `group:${entry.group}` : `user:${entry.peer}`;
       const conversation = this.conversation(key);
-      conversation.unread = this.open === key && this.pageVisible ? 0 : entry.count;
-      conversation.countedThrough = Math.max(conversation.countedThrough, Number(entry.lastSeq));
       const newest = entry.newest;
       if (newest !== undefined && newest.id && !newest.change) {
         const at = Number(newest.sentAtMs);
@@ -195,8 +204,8 @@ export class ChatModel {
 
   /**
    * A message from the SDK (live, from catch-up or gap healing, or from history).
-   * Returns its item, or undefined when it was already shown. Another's message past
-   * what the summary counted is unread unless its conversation is on screen.
+   * Returns its item, or undefined when it was already shown. (Unread counts are the
+   * SDK's, from read marks: `setUnread`.)
    */
   received(message: MessageLike): Item | undefined {
     if (message.change) return undefined; // a change entry: `changed` applies it
@@ -235,11 +244,6 @@ export class ChatModel {
     if (message.id) this.byMsgId.set(msgId, item);
     insertBySeq(conversation.items, item);
     this.touch(conversation, item);
-    const seq = Number(message.seq);
-    if (!mine && (seq === 0 || seq > conversation.countedThrough) && !(this.open === key && this.pageVisible)) {
-      conversation.unread += 1;
-    }
-    conversation.countedThrough = Math.max(conversation.countedThrough, seq);
     return item;
   }
 
@@ -350,6 +354,19 @@ export class ChatModel {
       }
     }
     return changed;
+  }
+
+  /**
+   * The SDK's unread count of a conversation (newest seq minus the user's read point,
+   * read on any device). The one on screen shows none: the page marks it read.
+   */
+  setUnread(key: string, unread: number): void {
+    this.conversation(key).unread = this.open === key && this.pageVisible ? 0 : unread;
+  }
+
+  /** Whether the user is looking at `key` now (its messages are being read). */
+  seeing(key: string): boolean {
+    return this.open === key && this.pageVisible;
   }
 
   /** The user opened a conversation (or came back to the page showing it). */

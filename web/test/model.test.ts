@@ -1,6 +1,6 @@
 import assert from "node:assert/strict";
 import { test } from "node:test";
-import { ChatModel, conversationKey, previewOf, TYPE, type MessageLike } from "../src/model.js";
+import { ChatModel, conversationKey, keyOfTimeline, previewOf, TYPE, type MessageLike } from "../src/model.js";
 
 let nextId = 100n;
 function message(fields: Partial<MessageLike>): MessageLike {
@@ -24,53 +24,42 @@ test("a 1:1 conversation is keyed by the other user, a group by its id", () => {
   assert.equal(conversationKey("alice", { from: "bob", to: "", group: "g7" }), "group:g7");
 });
 
-test("live messages in a conversation not on screen count as unread; the open one does not", () => {
+test("the SDK's unread counts show, but not for the conversation on screen of a visible page", () => {
   const model = new ChatModel("alice");
-  model.received(message({ from: "bob", seq: 1n }));
-  model.received(message({ from: "carol", to: "alice", seq: 1n }));
+  model.setUnread("user:bob", 2);
+  model.setUnread("user:carol", 1);
   model.opened("user:carol");
-  model.received(message({ from: "carol", seq: 2n }));
-  model.received(message({ from: "bob", seq: 2n }));
+  model.setUnread("user:carol", 4);
   assert.equal(model.conversation("user:bob").unread, 2);
   assert.equal(model.conversation("user:carol").unread, 0);
   assert.equal(model.totalUnread(), 2);
-  model.opened("user:bob");
-  assert.equal(model.totalUnread(), 0);
-});
-
-test("a hidden page counts messages of the open conversation as unread until it is seen", () => {
-  const model = new ChatModel("alice");
-  model.opened("user:bob");
   model.pageVisible = false;
-  model.received(message({ seq: 1n }));
-  assert.equal(model.conversation("user:bob").unread, 1);
+  assert.equal(model.seeing("user:carol"), false);
+  model.setUnread("user:carol", 5);
+  assert.equal(model.conversation("user:carol").unread, 5);
   model.pageVisible = true;
-  model.opened("user:bob");
-  assert.equal(model.conversation("user:bob").unread, 0);
+  model.opened("user:carol");
+  assert.equal(model.conversation("user:carol").unread, 0);
+  assert.equal(model.seeing("user:carol"), true);
 });
 
-test("the catch-up summary sets unread counts and previews; its messages are not counted twice", () => {
+test("the summary gives the list its conversations and newest messages", () => {
   const model = new ChatModel("bob");
   const newest = message({ from: "alice", to: "bob", text: "third", seq: 5n, sentAtMs: 5000n });
-  model.summary([{ peer: "alice", group: "", count: 3, lastSeq: 5n, newest }]);
-  assert.equal(model.conversation("user:alice").unread, 3);
+  model.summary([{ peer: "alice", group: "", newest }, { peer: "", group: "g1" }]);
   assert.equal(model.conversation("user:alice").preview, "third");
-  for (const seq of [3n, 4n, 5n]) model.received(message({ from: "alice", to: "bob", seq }));
-  assert.equal(model.conversation("user:alice").unread, 3);
   assert.deepEqual(
-    model.conversation("user:alice").items.map((item) => item.seq),
-    [3, 4, 5],
+    model.sorted().map((c) => c.key),
+    ["user:alice", "group:g1"],
   );
 });
 
-test("after the summary, a message past what it counted is unread however it came", () => {
-  const model = new ChatModel("bob");
-  model.summary([{ peer: "alice", group: "", count: 1, lastSeq: 4n }]);
-  model.received(message({ from: "alice", to: "bob", seq: 4n }));
-  model.received(message({ from: "alice", to: "bob", seq: 5n }));
-  model.received(message({ from: "carol", to: "", group: "g1", seq: 1n })); // a new group's first
-  assert.equal(model.conversation("user:alice").unread, 2);
-  assert.equal(model.conversation("group:g1").unread, 1);
+test("SDK timeline keys name the page's conversations", () => {
+  assert.equal(keyOfTimeline("alice", "d:alice:bob"), "user:bob");
+  assert.equal(keyOfTimeline("bob", "d:alice:bob"), "user:alice");
+  assert.equal(keyOfTimeline("a:b", "d:a%3Ab:c%25d"), "user:c%d");
+  assert.equal(keyOfTimeline("alice", "g:G7"), "group:G7");
+  assert.equal(keyOfTimeline("alice", "x:1"), undefined);
 });
 
 test("a message already shown (same id) is not shown again", () => {
@@ -79,7 +68,6 @@ test("a message already shown (same id) is not shown again", () => {
   assert.ok(model.received(first));
   assert.equal(model.received({ ...first }), undefined);
   assert.equal(model.conversation("user:bob").items.length, 1);
-  assert.equal(model.conversation("user:bob").unread, 1);
 });
 
 test("messages are kept in timeline order whatever order they arrive in", () => {
@@ -125,7 +113,6 @@ test("a failed message is marked failed; our own message coming back is not a se
   assert.equal(model.received(message({ id: 55n, from: "alice", to: "bob", clientSeq: 6n, seq: 9n })), undefined);
   assert.equal(model.conversation("user:bob").items.length, 2);
   assert.equal(other.seq, 9);
-  assert.equal(model.conversation("user:bob").unread, 0);
 });
 
 test("previews say what a message is", () => {
