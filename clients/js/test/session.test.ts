@@ -2,58 +2,14 @@
 // hello, the six packets, heartbeats, reconnects, dedup, order, gaps, catch-up.
 import assert from "node:assert/strict";
 import { test } from "node:test";
-import { Backoff } from "../src/clock.js";
 import { pb } from "../src/protocol/frames.js";
-import { ChatClient, type ChatClientOptions, type ChatEvents } from "../src/session/client.js";
 import type { DeliveryOutcome } from "../src/session/delivery.js";
 import { SessionRefused } from "../src/session/dialing.js";
-import { FakeClock, settle, until } from "./support/fake-clock.js";
+import { settle, until } from "./support/fake-clock.js";
 import { FakeNode } from "./support/fake-node.js";
+import { online, setup, texts } from "./support/session.js";
 
 const T = pb.FrameType;
-
-interface Setup {
-  node: FakeNode;
-  clock: FakeClock;
-  client: ChatClient;
-  seen: { [K in keyof ChatEvents]: ChatEvents[K][] };
-}
-
-function setup(options: Partial<ChatClientOptions> = {}, node = new FakeNode()): Setup {
-  const clock = new FakeClock();
-  const client = new ChatClient({
-    routers: ["http://down.test", "http://router.test"],
-    user: "alice",
-    password: "secret",
-    device: "web-1",
-    webSocket: node.webSocket,
-    fetch: node.fetch,
-    clock,
-    random: () => 0.5,
-    backoff: new Backoff(500, 30_000, 0.5),
-    ...options,
-  });
-  const seen = {
-    state: [], online: [], message: [], outcome: [], summary: [], caughtUp: [], kicked: [], goingAway: [], error: [], failed: [], change: [], typing: [],
-  } as unknown as Setup["seen"];
-  for (const name of Object.keys(seen) as (keyof ChatEvents)[]) {
-    client.on(name, ((value: unknown) => (seen[name] as unknown[]).push(value)) as never);
-  }
-  return { node, clock, client, seen };
-}
-
-async function online(options: Partial<ChatClientOptions> = {}, node?: FakeNode): Promise<Setup> {
-  const s = setup(options, node);
-  const started = s.client.start();
-  await until(() => s.client.state === "online", "online");
-  await started;
-  await until(() => s.seen.caughtUp.length === 1, "the login's catch-up");
-  return s;
-}
-
-function texts(s: Setup): string[] {
-  return s.seen.message.map((m) => m.message.text);
-}
 
 test("logs in through the second router when the first is down, then summary first", async () => {
   const s = await online();

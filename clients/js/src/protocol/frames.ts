@@ -30,6 +30,9 @@ export const ESTABLISHED_INBOUND = new Map<number, DescMessage>([
   [pb.FrameType.GOING_AWAY, pb.GoingAwaySchema],
   [pb.FrameType.ERROR, pb.ErrorSchema],
   [pb.FrameType.CHANGE_A, pb.ChangeASchema],
+  [pb.FrameType.READ_A, pb.ReadASchema],
+  [pb.FrameType.READ_N, pb.ReadNoticeSchema],
+  [pb.FrameType.READERS_A, pb.ReadersASchema],
   [pb.FrameType.APP_STATE_A, pb.AppStateASchema],
   [pb.FrameType.TYPING_A, pb.TypingASchema],
   [pb.FrameType.TYPING_N, pb.TypingNSchema],
@@ -47,6 +50,8 @@ export const ESTABLISHED_OUTBOUND = new Map<number, DescMessage>([
   [pb.FrameType.OFFLINE_SUMMARY_R, pb.OfflineSummaryRSchema],
   [pb.FrameType.HISTORY_R, pb.HistoryRSchema],
   [pb.FrameType.CHANGE_R, pb.ChangeRSchema],
+  [pb.FrameType.READ_R, pb.ReadRSchema],
+  [pb.FrameType.READERS_R, pb.ReadersRSchema],
   [pb.FrameType.APP_STATE_R, pb.AppStateRSchema],
   [pb.FrameType.TYPING_R, pb.TypingRSchema],
 ]);

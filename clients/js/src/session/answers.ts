@@ -2,7 +2,7 @@
  * Requests that wait for an answer: deadlines, retries, refusals (cim/client/answers.py).
  *
  * Every request (summary, pulls and their end, ack:R, history, groups, contacts,
- * online) has a deadline; one without an answer by then goes again after the request
+ * online, read marks) has a deadline; one without an answer by then goes again after the request
  * backoff, a few times, then fails with RequestTimedOut. An ERROR naming the request
  * ends its wait at once: UNAVAILABLE, RATE_LIMITED and INTERNAL are retried after the
  * node's retry_after_ms or the backoff, whichever is longer; anything else fails it
@@ -27,6 +27,8 @@ export const ANSWER_TYPES = new Map<number, number>([
   [T.APP_STATE_R, T.APP_STATE_A],
   [T.TYPING_R, T.TYPING_A],
   [T.CHANGE_R, T.CHANGE_A],
+  [T.READ_R, T.READ_A],
+  [T.READERS_R, T.READERS_A],
 ]);
 const ANSWERS = new Set(ANSWER_TYPES.values());
 const BY_ORDER = new Set<number>([T.ONLINE_A]);

@@ -36,6 +36,8 @@ export class CatchUp {
   lastSummary: pb.OfflineSummaryA | undefined;
   /** Told every summary, before its pull (an app's conversation list, unread counts). */
   onSummary: (summary: pb.OfflineSummaryA) => void = () => {};
+  /** The SDK's own state told every summary first (read marks, unread counts). */
+  bookkeeping: (summary: pb.OfflineSummaryA) => void = () => {};
 
   constructor(
     private readonly clock: Clock,
@@ -152,6 +154,7 @@ export class CatchUp {
     for (const entry of summary.conversations) {
       this.inbox.anchor(entry.conversation, entry.cursor, entry.peer, entry.group);
     }
+    this.bookkeeping(summary);
     this.inbox.summaryDone(!summary.more);
     try {
       this.onSummary(summary);

@@ -6,7 +6,8 @@
  * connection (connection.ts: handshake, heartbeats following foreground/background),
  * sending (delivery.ts: the outbox with auto/manual retries), receiving (inbox.ts:
  * dedup, order, gap healing), catching up (catch-up.ts: summary first, newest page
- * first) and requests with deadlines (answers.ts). The session routes frames between
+ * first), read marks and unread counts (reads.ts) and requests with deadlines
+ * (answers.ts). The session routes frames between
  * them and tells the application through typed events (`ChatEvents`).
  */
 import { create, type MessageInitShape } from "@bufbuild/protobuf";
@@ -14,13 +15,14 @@ import { mediaMessage, type StoredFile } from "../api/files.js";
 import { RECONNECT_BACKOFF, realClock, type Backoff, type Clock } from "../clock.js";
 import { Emitter } from "../events.js";
 import { pb } from "../protocol/frames.js";
-import { Answers, ConnectionLost, DEFAULT_REQUEST_POLICY, type RequestPolicy } from "./answers.js";
+import { Answers, ConnectionLost, DEFAULT_REQUEST_POLICY, RequestRefused, type RequestPolicy } from "./answers.js";
 import { CatchUp, type CatchUpResult } from "./catch-up.js";
 import { DEFAULT_MAX_FRAME_SIZE, type ImConnection, type WebSocketFactory } from "./connection.js";
 import { Outbox, REASON_CONNECTION_CLOSED, RetryPolicy, type DeliveryOutcome, type RetryMode } from "./delivery.js";
 import { Corrections, changeOf, type Change } from "./corrections.js";
 import { Dialer, SessionFailed, SessionRefused } from "./dialing.js";
 import { Inbox } from "./inbox.js";
+import { ReadState, type ReadEvent, type UnreadChange } from "./reads.js";
 import { RouterClient, type Fetch, type LoginTicket } from "./router.js";
 import { MemorySeenStore, type SeenStore } from "./seen.js";
 
@@ -32,8 +34,12 @@ export interface ChatEvents {
   state: { state: SessionState; detail: string };
   /** Logged in on a node (every connection, first and reconnects). */
   online: { loginResult: pb.LoginResult; url: string };
-  /** A message for the application, once, in seq order per conversation. `live`: not from catch-up. */
-  message: { message: pb.Message; live: boolean };
+  /**
+   * A message for the application, once, in seq order per conversation. `live`: not
+   * from catch-up. `own`: the user sent it (from another device: this device's own
+   * sends are not handed back).
+   */
+  message: { message: pb.Message; live: boolean; own: boolean };
   /** A sent message ended: delivered, stored, accepted or failed. */
   outcome: DeliveryOutcome;
   /** The catch-up summary (unread per conversation), before its pull. */
@@ -48,6 +54,10 @@ export interface ChatEvents {
   change: { change: Change; live: boolean };
   /** Someone is typing in a conversation with this user (or stopped). */
   typing: pb.TypingN;
+  /** READ_N: another device of the user read (`own`: the unread count dropped), or a 1:1 peer read up to `seq` (✓✓). */
+  read: ReadEvent;
+  /** A conversation's unread count changed (summary, messages, read marks from any device). */
+  unread: UnreadChange;
   /** An ERROR the session could not tie to a request or message. */
   error: pb.Error;
   /** The session stopped for good without the user asking (bad password, kicked). */
@@ -89,6 +99,8 @@ export class ChatClient extends Emitter<ChatEvents> {
   readonly catchUp: CatchUp;
   readonly router: RouterClient;
   readonly corrections = new Corrections();
+  /** Unread counts per conversation, the user's read marks, the peers' (✓✓). */
+  readonly reads: ReadState;
   readonly maxFrameSize = DEFAULT_MAX_FRAME_SIZE;
   state: SessionState = "offline";
   stopping = false;
@@ -137,6 +149,9 @@ export class ChatClient extends Emitter<ChatEvents> {
     );
     this.catchUp = new CatchUp(this.clock, this.answers, this.inbox, () => this.maxFrameSize, options.ordered ?? false, 0, random);
     this.catchUp.onSummary = (summary) => this.emit("summary", summary);
+    this.reads = new ReadState(this.user);
+    this.reads.onUnread = (change) => this.emit("unread", change);
+    this.catchUp.bookkeeping = (summary) => this.reads.summary(summary);
     if (options.receiving === false) this.inbox.close();
     if (options.watchVisibility ?? true) this.watchPage();
   }
@@ -252,8 +267,12 @@ export class ChatClient extends Emitter<ChatEvents> {
         const answer = message as pb.MsgA;
         this.outbox.taken(answer);
         this.inbox.own(answer.conversation, answer.seq);
+        this.reads.sent(answer.conversation, answer.seq);
         break;
       }
+      case T.READ_N:
+        if (!this.stopping) this.emit("read", this.reads.notice(message as pb.ReadNotice));
+        break;
       case T.ACK_N:
         this.outbox.acknowledged(message as pb.AckN);
         break;
@@ -314,13 +333,14 @@ export class ChatClient extends Emitter<ChatEvents> {
 
   /** The inbox hands over a message or a change entry, in its conversation's order. */
   private deliver(message: pb.Message, live: boolean): void {
+    this.reads.received(message); // first: a listener reads the counts as they now are
     const change = changeOf(message);
     if (change !== undefined) {
       this.emit("change", { change: this.corrections.apply(change), live });
       return;
     }
     this.corrections.remember(message);
-    this.emit("message", { message, live });
+    this.emit("message", { message, live, own: message.from === this.user });
   }
 
   private acknowledge(message: pb.Message, throughSeq: bigint): void {
@@ -410,6 +430,7 @@ export class ChatClient extends Emitter<ChatEvents> {
     const answer = await this.answers.ask<pb.ChangeA>(pb.FrameType.CHANGE_R, request, false);
     // The entry's place is dealt with here (as a msg:A's): not shown back.
     this.inbox.own(answer.conversation, answer.seq);
+    this.reads.sent(answer.conversation, answer.seq);
     return this.corrections.apply({
       event: answer.kind === pb.ChangeKind.RECALL ? "recall" : "edit",
       msgId: answer.msgId,
@@ -434,6 +455,48 @@ export class ChatClient extends Emitter<ChatEvents> {
     });
     // Not repeated after its deadline: a late "typing" is worse than none.
     return this.answers.ask(pb.FrameType.TYPING_R, request, false);
+  }
+
+  // --- read marks ---------------------------------------------------------------------
+
+  /**
+   * Mark `conversation` (a timeline key, `Message.conversation`; `conversationKey()`
+   * makes one from a name) read up to `seq`, or up to the newest message this device
+   * has there. Resolves with READ_A (the mark in effect: a lower `seq` changes
+   * nothing); a seq past the end or a conversation not the user's rejects with
+   * RequestRefused, nothing to mark with a RangeError. The user's other devices and a
+   * 1:1 peer hear of it (READ_N), the peer only while the user's `read_receipts` are on.
+   */
+  async markRead(conversation: string, seq?: bigint): Promise<pb.ReadA> {
+    const upTo = seq ?? this.reads.newest(conversation);
+    if (upTo <= 0n) throw new RangeError(`nothing to mark read in ${JSON.stringify(conversation)} yet`);
+    const answer = await this.answers.ask<pb.ReadA>(pb.FrameType.READ_R, create(pb.ReadRSchema, { conversation, seq: upTo }));
+    this.reads.marked(answer);
+    return answer;
+  }
+
+  /**
+   * Who has read message `seq` of a conversation (its sender asks; anyone else is
+   * refused, FORBIDDEN): `count`, `readers` (at most 1,000 names), `members` counted.
+   */
+  readers(conversation: string, seq: bigint): Promise<pb.ReadersA> {
+    return this.answers.ask(pb.FrameType.READERS_R, create(pb.ReadersRSchema, { conversation, seq }));
+  }
+
+  /**
+   * The user's privacy settings (CONTACTS_R `settings`): with `changes`, those fields
+   * change (empty ones stay); resolves with the settings in effect. `read_receipts`
+   * "off": peers and group senders no longer see what the user reads.
+   */
+  async privacySettings(changes: MessageInitShape<typeof pb.PrivacySettingsSchema> = {}): Promise<pb.PrivacySettings> {
+    const answer = await this.contactsRequest({ op: { case: "settings", value: changes } });
+    if (!answer.ok) throw new RequestRefused("CONTACTS_R", answer.message || answer.error, 0, answer.error);
+    return answer.settings ?? create(pb.PrivacySettingsSchema);
+  }
+
+  /** Turn read receipts on or off (the `read_receipts` privacy setting). */
+  setReadReceipts(on: boolean): Promise<pb.PrivacySettings> {
+    return this.privacySettings({ readReceipts: on ? "on" : "off" });
   }
 
   // --- requests -----------------------------------------------------------------------
