@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 CONFIG ?= etc/cim.ini
 
-.PHONY: run test test-unit test-integration test-js install install-test plugin-cache proto openapi lint typecheck bench bench-full fuzz chaos services clean
+.PHONY: web web-test run test test-unit test-integration test-js install install-test plugin-cache proto openapi lint typecheck bench bench-full fuzz chaos services clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -30,13 +30,29 @@ install: $(VENV)/.installed
 
 install-test: $(VENV)/.installed-test
 
-## Install and run the daemon in the foreground on the embedded backends. Ctrl-C (or
-## SIGTERM to the daemon) stops it cleanly and make exits 0 (cim/scripts/foreground.py).
-run: install
+# The web app's npm packages, exactly as web/package-lock.json pins them (no browser
+# download: the browser tests drive Debian's chromium).
+web/node_modules/.installed: web/package.json web/package-lock.json
+	cd web && PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 npm ci --no-audit --no-fund
+	touch $@
+
+## Build the web chat app (web/, docs/web.md) into cim/webapp/static, where [web] serves it.
+web: web/node_modules/.installed
+	cd web && node build.mjs
+
+## The web app's own unit tests (node --test) and its type check.
+web-test: web/node_modules/.installed
+	cd web && npm run --silent check && npm test
+
+## Install, build the web app and run the daemon in the foreground on the embedded
+## backends; the app is at http://127.0.0.1:8083/. Ctrl-C (or SIGTERM to the daemon)
+## stops it cleanly and make exits 0 (cim/scripts/foreground.py).
+run: install web
 	$(BIN)/python -m cim.scripts.foreground $(BIN)/twistd --nodaemon --pidfile= cim --config $(CONFIG)
 
-## Install the test dependencies and run the whole test suite (the JS SDK's too).
-test: install-test plugin-cache test-js
+## Install the test dependencies and run the whole test suite (the JS SDK's too, and
+## the web app's browser test, hence `web`).
+test: install-test plugin-cache test-js web
 	$(BIN)/python -m twisted.trial $(TRIAL_ARGS) tests
 
 ## The unit suite alone (tests/unit): no processes, no services, no sleeps; under a minute.
@@ -44,7 +60,7 @@ test-unit: install-test
 	$(BIN)/python -m twisted.trial $(TRIAL_ARGS) tests.unit
 
 ## The integration suite alone (tests/integration): real daemons and services, minutes.
-test-integration: install-test plugin-cache
+test-integration: install-test plugin-cache web
 	$(BIN)/python -m twisted.trial $(TRIAL_ARGS) tests.integration
 
 ## The TypeScript SDK (clients/js): npm ci (the npm registry, versions pinned by its
@@ -102,4 +118,4 @@ chaos: install-test plugin-cache
 	$(BIN)/python -m bench.chaos
 
 clean:
-	rm -rf $(VENV) _trial_temp build *.egg-info
+	rm -rf $(VENV) _trial_temp build *.egg-info web/build cim/webapp/static

@@ -40,6 +40,8 @@ class NodeInfo:
     port: int
     public_key_der: bytes = b""
     """The node's RSA public key (SubjectPublicKeyInfo DER), handed to clients at login."""
+    ws_url: str = ""
+    """The node's WebSocket gateway (``[ws] advertise``) for browsers; empty: none."""
 
 
 @dataclass(frozen=True, slots=True)

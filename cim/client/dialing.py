@@ -196,7 +196,9 @@ class Dialer:
                 return
             except LoginRefused as refusal:
                 if refusal.status == _STATUS.WRONG_NODE and refusal.node is not None:
-                    moved = NodeTarget(refusal.node.id, refusal.node.host, refusal.node.port)
+                    moved = NodeTarget(
+                        refusal.node.id, refusal.node.host, refusal.node.port, refusal.node.ws_url
+                    )
                     self.session.ticket = replace(cached, node=moved)
                     await self._open(self.session.ticket)
                     return

@@ -286,8 +286,7 @@ class PushCalls(LogicApi):
         return dict(await self.call("GET", "/devices/me/push"))
 
     async def remove_push(self) -> dict[str, Any]:
-        await self.call("DELETE", "/devices/me/push")
-        return {"removed": True}
+        return dict(await self.call("DELETE", "/devices/me/push"))
 
 
 class LogicClient(AccountCalls, SafetyCalls, PostCalls, PushCalls):

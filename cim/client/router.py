@@ -28,6 +28,8 @@ class NodeTarget:
     node_id: str
     host: str
     port: int
+    ws_url: str = ""
+    """The node's WebSocket gateway (docs/protocol.md), when it has one."""
 
 
 @dataclass(frozen=True)
@@ -59,7 +61,12 @@ def parse_ticket(body: dict[str, Any]) -> LoginTicket:
             token=str(body["token"]),
             session_id=str(body.get("session_id", "")),
             user=str(body["user"]),
-            node=NodeTarget(str(node.get("id", "")), str(node["host"]), int(node["port"])),
+            node=NodeTarget(
+                str(node.get("id", "")),
+                str(node["host"]),
+                int(node["port"]),
+                str(node.get("ws_url", "")),
+            ),
             server_key=server_key,
             key_fingerprint=fingerprint,
             heartbeat_interval=float(body["heartbeat_interval"]),

@@ -39,6 +39,8 @@ from cim.config.services import (
     LogicConfig,
     NodeConfig,
     RouterConfig,
+    WebConfig,
+    WsConfig,
     parse_base_url,
 )
 from cim.config.values import (
@@ -87,6 +89,8 @@ __all__ = [
     "RegistryConfig",
     "RouterConfig",
     "StateConfig",
+    "WebConfig",
+    "WsConfig",
     "load_config",
     "parse_base_url",
     "parse_bool",

@@ -30,6 +30,8 @@ from cim.config.services import (
     LogicConfig,
     NodeConfig,
     RouterConfig,
+    WebConfig,
+    WsConfig,
 )
 from cim.config.values import (
     REQUIRED,
@@ -60,6 +62,8 @@ class CimConfig:
     log: LogConfig = field(default_factory=LogConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
     push: PushConfig = field(default_factory=PushConfig)
+    web: WebConfig = field(default_factory=WebConfig)
+    ws: WsConfig = field(default_factory=WsConfig)
     path: str = ""
 
     @property
@@ -106,6 +110,8 @@ SECTIONS: tuple[type, ...] = (
     LogConfig,
     HttpConfig,
     PushConfig,
+    WebConfig,
+    WsConfig,
 )
 
 
@@ -168,6 +174,18 @@ def parse_config(text: str, path: str = "<string>") -> CimConfig:
     config = CimConfig(path=path, **parsed)
     if config.im.enabled and not config.im.advertise:
         _advertise_from_listen(config.im.listen)
+    if config.ws.enabled:
+        if not config.im.enabled:
+            raise ConfigError(
+                "ws", "enabled", "true", "the gateway serves the IM node: enable [im] too"
+            )
+        if not config.ws.advertise and not config.ws.listen.startswith(("tcp:", "ssl:")):
+            raise ConfigError(
+                "ws",
+                "advertise",
+                "",
+                f"set it: it cannot be derived from listen = {config.ws.listen!r}",
+            )
     return config
 
 

@@ -1,4 +1,4 @@
-"""The sections of the services: node, router, accounts, im, logic, files, admin, http."""
+"""The sections of the services: node, router, accounts, im, ws, logic, files, admin, web, http."""
 
 from __future__ import annotations
 
@@ -23,6 +23,32 @@ from cim.config.values import (
     parse_size,
     parse_str,
 )
+
+
+def parse_ws_url(raw: str) -> str:
+    """A ws:// or wss:// URL clients are handed, or empty for "derive it from listen"."""
+    url = raw.strip()
+    if not url:
+        return ""
+    if not re.fullmatch(r"wss?://[^\s/?#]+(/[^\s#]*)?", url):
+        raise ValueError("expected a WebSocket URL such as wss://chat.example.com/ws")
+    return url
+
+
+def parse_origins(raw: str) -> tuple[str, ...]:
+    """Web origins (scheme://host[:port], lower case, no path), or * for any origin.
+
+    An origin is compared as the browser sends it, so a trailing slash or a path is a
+    mistake that would silently refuse every page: it is refused here instead.
+    """
+    origins = tuple(origin.lower() for origin in parse_list(raw))
+    for origin in origins:
+        if origin != "*" and not re.fullmatch(r"https?://[^\s/?#*]+", origin):
+            raise ValueError(
+                f"{origin!r} is not an origin: expected scheme://host[:port] "
+                "(no path, no trailing slash) or *"
+            )
+    return origins
 
 
 @dataclass(frozen=True)
@@ -55,6 +81,8 @@ class RouterConfig:
     failed_login_window: float = _opt(300.0, parse_duration, minimum=1)
     max_body_size: int = _opt(16384, parse_size, minimum=256)
     virtual_nodes: int = _opt(160, parse_int, minimum=1, maximum=4096)
+    # Web pages (origins) whose scripts may call this API from another origin (CORS).
+    cors_origins: tuple[str, ...] = _opt((), parse_origins)
 
     def validate(self) -> None:
         pass
@@ -179,6 +207,29 @@ class ImConfig:
 
 
 @dataclass(frozen=True)
+class WsConfig:
+    """The WebSocket gateway: the IM connection protocol for browsers (cim.gateway).
+
+    Frame size, handshake deadline, heartbeats and connections per address are the
+    ``[im]`` ones: a WebSocket connection is an IM connection on another transport.
+    """
+
+    section: ClassVar[str] = "ws"
+    enabled: bool = _opt(False, parse_bool)
+    listen: str = _opt("tcp:9001:interface=127.0.0.1", parse_endpoint)
+    # The URL the router hands out; empty: ws://<listen interface>:<port>/ (wss with ssl:).
+    advertise: str = _opt("", parse_ws_url)
+    # Origins (web pages) allowed to open a connection; clients that send no Origin
+    # (not browsers) are not bound by it. "*" allows every page.
+    allowed_origins: tuple[str, ...] = _opt((), parse_origins)
+    # WebSocket pings and cim heartbeats a connection may send per second; more closes it.
+    max_pings_per_second: int = _opt(5, parse_int, minimum=1, maximum=10000)
+
+    def validate(self) -> None:
+        pass
+
+
+@dataclass(frozen=True)
 class LogicConfig:
     """The logic service (cim.logic): accounts, device binding, SOS, geofences, likes."""
 
@@ -210,6 +261,8 @@ class LogicConfig:
     max_positions_per_report: int = _opt(500, parse_int, minimum=1, maximum=100000)
     location_retention: float = _opt(30 * 86400.0, parse_duration, minimum=3600)
     purge_interval: float = _opt(3600.0, parse_duration, minimum=10)
+    # Web pages (origins) whose scripts may call this API from another origin (CORS).
+    cors_origins: tuple[str, ...] = _opt((), parse_origins)
 
     def validate(self) -> None:
         try:
@@ -252,6 +305,8 @@ class FilesConfig:
     # image's header before decoding); more uploads wait their turn.
     thumbnail_memory: int = _opt(512 << 20, parse_size, minimum=64 << 20, maximum=1 << 40)
     threads: int = _opt(4, parse_int, minimum=1, maximum=64)
+    # Web pages (origins) whose scripts may upload and download from another origin.
+    cors_origins: tuple[str, ...] = _opt((), parse_origins)
 
     def validate(self) -> None:
         if self.enabled and not self.public_url and not self.listen.startswith(("tcp:", "ssl:")):
@@ -277,6 +332,27 @@ class AdminConfig:
 
     def validate(self) -> None:
         pass
+
+
+@dataclass(frozen=True)
+class WebConfig:
+    """The web chat app (``web/``, built into ``cim/webapp/static``) served as files."""
+
+    section: ClassVar[str] = "web"
+    enabled: bool = _opt(False, parse_bool)
+    listen: str = _opt("tcp:8083:interface=127.0.0.1", parse_endpoint)
+    # The built app's directory; empty means the one shipped in the package
+    # (``make web`` builds it there).
+    root: str = _opt("", parse_str)
+    # Where the app may connect (the CSP's connect-src): the router, logic, files and
+    # WebSocket addresses it is given. The default allows any http(s)/ws(s) address.
+    connect_src: str = _opt("'self' http: https: ws: wss:", parse_str)
+
+    def validate(self) -> None:
+        if any(c in self.connect_src for c in ";,\r\n"):
+            raise ConfigError(
+                "web", "connect_src", self.connect_src, "space-separated CSP sources only"
+            )
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from twisted.python.failure import Failure
 from twisted.web import server
 from twisted.web.resource import Resource
 
+from cim.http.cors import CorsPolicy
 from cim.http.telemetry import UNOBSERVED, ObservedSite, SiteTelemetry
 
 JSON_TYPE = b"application/json"
@@ -131,6 +132,7 @@ def bounded_site(
     max_body_size: int,
     reactor: IReactorTime,
     telemetry: SiteTelemetry = UNOBSERVED,
+    cors_origins: tuple[str, ...] = (),
 ) -> ObservedSite:
     """A Site whose requests hold at most ``max_body_size`` body bytes.
 
@@ -139,7 +141,14 @@ def bounded_site(
     count its requests.
     """
     request_class = type("BoundedRequest", (BoundedRequest,), {"max_body_size": max_body_size})
-    return ObservedSite(root, reactor, telemetry, requestFactory=request_class)
+    site = ObservedSite(root, reactor, telemetry, requestFactory=request_class)
+    site.cors = cors_policy(cors_origins)
+    return site
+
+
+def cors_policy(origins: tuple[str, ...]) -> CorsPolicy | None:
+    """A service's ``cors_origins`` as its Site's CORS policy; None when it names none."""
+    return CorsPolicy(origins) if origins else None
 
 
 _log = Logger()

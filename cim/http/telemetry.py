@@ -14,7 +14,7 @@ twisted.web's access log (one line per request, in the daemon's log) is off unle
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
@@ -23,6 +23,9 @@ from twisted.web.resource import Resource
 
 from cim.http.deadlines import BoundedSite
 from cim.metrics import HttpRequests
+
+if TYPE_CHECKING:
+    from cim.http.cors import CorsPolicy
 
 __all__ = ["UNMATCHED", "UNOBSERVED", "ObservedSite", "SiteTelemetry", "name_route"]
 
@@ -59,6 +62,9 @@ class ObservedSite(BoundedSite):
     """A bounded Site (read deadlines, ``cim.http.deadlines``) that counts and times every
     request, and writes an access log only on demand."""
 
+    cors: CorsPolicy | None = None
+    """Which other origins' pages may call the service (cim.http.cors); None: none."""
+
     def __init__(
         self,
         resource: Resource,
@@ -73,6 +79,11 @@ class ObservedSite(BoundedSite):
         # Called once per request, when it has arrived whole and is about to be served.
         started = self.reactor.seconds()
         request.notifyFinish().addBoth(self._observe, request, started)
+        cors = self.cors
+        if cors is not None:
+            preflight = cors.check(request)
+            if preflight is not None:
+                return preflight
         return super().getResourceFor(request)
 
     def _observe(self, result: Failure | None, request: server.Request, started: float) -> None:

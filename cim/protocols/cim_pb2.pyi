@@ -208,14 +208,16 @@ class HandshakeError(_message.Message):
     def __init__(self, reason: _Optional[_Union[HandshakeError.Reason, str]] = ..., message: _Optional[str] = ..., allowed_suites: _Optional[_Iterable[str]] = ..., retry_after_ms: _Optional[int] = ...) -> None: ...
 
 class NodeAddress(_message.Message):
-    __slots__ = ("id", "host", "port")
+    __slots__ = ("id", "host", "port", "ws_url")
     ID_FIELD_NUMBER: _ClassVar[int]
     HOST_FIELD_NUMBER: _ClassVar[int]
     PORT_FIELD_NUMBER: _ClassVar[int]
+    WS_URL_FIELD_NUMBER: _ClassVar[int]
     id: str
     host: str
     port: int
-    def __init__(self, id: _Optional[str] = ..., host: _Optional[str] = ..., port: _Optional[int] = ...) -> None: ...
+    ws_url: str
+    def __init__(self, id: _Optional[str] = ..., host: _Optional[str] = ..., port: _Optional[int] = ..., ws_url: _Optional[str] = ...) -> None: ...
 
 class LoginResult(_message.Message):
     __slots__ = ("status", "message", "user", "device", "heartbeat_interval_ms", "heartbeat_timeout_ms", "node", "server_time_ms")

@@ -555,6 +555,10 @@ class ImServerFactory(Factory):
         self.protocols.add(protocol)
         return protocol
 
+    def connections_from(self, host: str) -> int:
+        """Connections admitted from ``host`` and still open (the gateway counts with it)."""
+        return self._per_address.get(host, 0)
+
     def admit(self, host: str) -> bool:
         count = self._per_address.get(host, 0)
         if count >= self.config.max_connections_per_address:
@@ -580,7 +584,9 @@ class ImServerFactory(Factory):
     def address_of(self, node_id: str) -> cim_pb2.NodeAddress:
         for node in self.registry.live_nodes():
             if node.node_id == node_id:
-                return cim_pb2.NodeAddress(id=node.node_id, host=node.host, port=node.port)
+                return cim_pb2.NodeAddress(
+                    id=node.node_id, host=node.host, port=node.port, ws_url=node.ws_url
+                )
         return cim_pb2.NodeAddress(id=node_id)
 
 

@@ -32,6 +32,9 @@ REGISTRATION_SCHEMA = object_schema(
     },
     ["device", "provider", "token", "created_at", "updated_at"],
 )
+REMOVED_SCHEMA = object_schema(
+    {"device": {"type": "string"}, "removed": {"type": "boolean"}}, ["device", "removed"]
+)
 REQUEST_SCHEMA = object_schema(
     {
         "provider": {"type": "string", "enum": list(PUSH_PROVIDER_NAMES)},
@@ -62,7 +65,7 @@ def push_endpoints(registrations: Registrations) -> list[LogicEndpoint]:
     async def remove(call: LogicCall) -> Reply:
         if not await registrations.remove(call.user.user, call.user.device, peer=call.address):
             raise NotFound("not_registered", "this device has no push registration")
-        return answer(204, None)
+        return answer(200, {"device": call.user.device, "removed": True})
 
     async def show(call: LogicCall) -> Reply:
         found = await registrations.of_device(call.user.user, call.user.device)
@@ -104,6 +107,6 @@ def push_endpoints(registrations: Registrations) -> list[LogicEndpoint]:
             "Remove the calling device's push registration",
             "push",
             remove,
-            status=204,
+            response=REMOVED_SCHEMA,
         ),
     ]

@@ -6,7 +6,7 @@ lifetime, in the order they depend on each other::
     operation log, SIGHUP reopening, database, accounts (the KDF pool), limits, state,
     registry, node number, bus, timelines, push,
     im (client drain, listener, registry entry), router listener, files, logic,
-    admin listener, heap trimmer
+    admin listener, web listener, heap trimmer
 
 ``OrderedServices`` (cim.services.tree) starts them in that order, each once the one
 before is ready, and stops them in reverse, each once the one after has stopped.
@@ -85,6 +85,7 @@ from cim.services.tree import (
 from cim.storage.contacts import PrivacyDefaults
 from cim.storage.database import Database
 from cim.version import RELEASE, Build
+from cim.webapp.site import PACKAGED_ROOT, MissingApp, web_site
 
 __all__ = ["CimDaemon", "StartupError"]
 
@@ -242,6 +243,7 @@ class CimDaemon(OrderedServices):
                     config.state.route_ttl,
                     refresh_routes=im_node.sessions.refresh_routes,
                     going_away=im_node.sessions.shutdown,
+                    ws_config=config.ws,
                 )
             )
         if config.router.enabled:
@@ -276,6 +278,17 @@ class CimDaemon(OrderedServices):
                 telemetry=self._telemetry("admin"),
             )
             self.add(Listener("admin", config.admin.listen, reactor, http.guard("admin", site)))
+        if config.web.enabled:
+            try:
+                site = web_site(
+                    config.web.root or PACKAGED_ROOT,
+                    reactor,
+                    config.web.connect_src,
+                    telemetry=self._telemetry("web"),
+                )
+            except MissingApp as error:
+                raise StartupError(f"[web] root: {error}") from None
+            self.add(Listener("web", config.web.listen, reactor, http.guard("web", site)))
 
         trimmer = HeapTrimmer(reactor, config.node.heap_trim_interval)
         self.add(Step("heap trimmer", trimmer.start, trimmer.stop))

@@ -80,7 +80,13 @@ class FilesService(OrderedServices):
         blobs = BlobStore(self.storage_dir)
         self.store = FileStore(config, database, blobs, work, signer, reactor)
         site = files_site(
-            self.store, sessions, reactor, config.chunk_size, limits=limits, telemetry=telemetry
+            self.store,
+            sessions,
+            reactor,
+            config.chunk_size,
+            limits=limits,
+            telemetry=telemetry,
+            cors_origins=config.cors_origins,
         )
         self.add(FilesStorage(config, self.storage_dir, blobs, signer, work))
         self.listener = self.add(Listener("files", config.listen, reactor, guard(site)))

@@ -53,7 +53,9 @@ class LogicService(OrderedServices):
             config.max_body_size,
             ctx.limits,
         )
-        site = logic_site(self.resource, config.max_body_size, ctx.clock, telemetry)
+        site = logic_site(
+            self.resource, config.max_body_size, ctx.clock, telemetry, config.cors_origins
+        )
         self.listener = self.add(Listener("logic", config.listen, reactor, guard(site)))
         self.add(LogicHousekeeping(self.features, config.purge_interval, ctx.clock))
 

@@ -292,11 +292,15 @@ class RouterResource(EndpointResource[str]):
             raise state_unavailable() from None
 
         im = self._im_config
+        where: dict[str, Any] = {"id": node.node_id, "host": node.host, "port": node.port}
+        if node.ws_url:
+            # The same node's WebSocket gateway, for browsers (docs/protocol.md).
+            where["ws_url"] = node.ws_url
         body: dict[str, Any] = {
             "token": token,
             "session_id": record.session_id,
             "user": user,
-            "node": {"id": node.node_id, "host": node.host, "port": node.port},
+            "node": where,
             "server_key": base64.b64encode(node.public_key_der).decode(),
             "key_fingerprint": hashlib.sha256(node.public_key_der).hexdigest(),
             "heartbeat_interval": im.heartbeat_interval,
@@ -461,4 +465,4 @@ def router_site(
         operators,
         limits,
     )
-    return bounded_site(root, config.max_body_size, clock, telemetry)
+    return bounded_site(root, config.max_body_size, clock, telemetry, config.cors_origins)

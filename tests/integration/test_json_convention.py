@@ -135,6 +135,19 @@ class CheckerTests(SynchronousTestCase):
         self.assertEqual(convention_problems(good, listing=True), [])
 
 
+def push_section(workdir: str) -> str:
+    """Push on, through a webhook nobody listens at: registrations are all these tests
+    need (nobody is pushed to: no registered device is ever away with a message)."""
+    os.makedirs(workdir, exist_ok=True)
+    secret = os.path.join(workdir, "webhook_secret")
+    with open(secret, "w", encoding="utf-8") as handle:
+        handle.write("s" * 32 + "\n")
+    return (
+        "[push]\nenabled = true\n"
+        f"webhook_url = http://127.0.0.1:{free_port()}/push\nwebhook_secret_file = {secret}\n"
+    )
+
+
 class EveryCommandTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.workdir = os.path.abspath(self.mktemp())
@@ -146,6 +159,7 @@ class EveryCommandTests(SynchronousTestCase):
                 f"[logic]\nenabled = true\nlisten = tcp:{self.logic_port}:interface=127.0.0.1\n"
                 f"[files]\nenabled = true\nlisten = tcp:{self.files_port}:interface=127.0.0.1\n"
                 f"storage_dir = {self.workdir}/storage\n"
+                f"{push_section(self.workdir)}"
             ),
         )
         for user in ("alice", "bob"):
@@ -216,6 +230,7 @@ class EveryCommandTests(SynchronousTestCase):
         self.assertEqual(unread["total"], 1)
         cim("bob", "listen", "--count", "1", "--timeout", "30", lines=True)
         self.assertEqual(cim("bob", "read", "alice")["seq"], 1)
+        self.assertEqual(cim("bob", "typing", "alice")["state"], "typing")
         # --- recall and edit (#15): the changes, and listen's lines of them ------------
         later = cim("alice", "send", "bob", "one more")
         self.assertEqual(cim("alice", "edit", later["msg_id"], "one more, edited")["event"], "edit")
@@ -310,6 +325,11 @@ class EveryCommandTests(SynchronousTestCase):
             listener.communicate()
         cimctl("keygen", "--json")
         cimctl("keygen", "--json")  # with a previous key
+        # --- push registrations (#19) ------------------------------------------------
+        cim("alice", "push", "register", "--provider", "webhook", "--token", "alice-token")
+        self.assertEqual(cim("alice", "push", "show")["token"], "alice-token")
+        cimctl("push", "show", "alice", "--json", listing=True)
+        self.assertTrue(cim("alice", "push", "remove")["removed"])
         self.assertEverySubcommandChecked()
 
 
@@ -333,6 +353,7 @@ class EveryHttpAnswerTests(SynchronousTestCase):
                 f"[logic]\nenabled = true\nlisten = tcp:{ports['logic']}:interface=127.0.0.1\n"
                 f"[files]\nenabled = true\nlisten = tcp:{ports['files']}:interface=127.0.0.1\n"
                 f"storage_dir = {self.workdir}/storage\nchunk_size = 64KiB\n"
+                f"{push_section(self.workdir)}"
             ),
         )
         for user in ("alice", "bob"):
@@ -618,6 +639,12 @@ class EveryHttpAnswerTests(SynchronousTestCase):
             device="watch1",
             guardian="dad",
         )
+        # Push registration of the calling device (#19).
+        body = {"provider": "webhook", "token": "mum-token", "locale": "en"}
+        registered = http("logic", "PUT", "/devices/me/push", 200, body, mum)
+        self.assertEqual(registered["token"], "mum-token")
+        http("logic", "GET", "/devices/me/push", 200, token=mum)
+        self.assertTrue(http("logic", "DELETE", "/devices/me/push", 200, token=mum)["removed"])
         # --- and the router's logout, last --------------------------------------------
         http("router", "POST", "/api/v1/logout", 200, token=alice)
         self.assertEqual(sorted(self.declared() - self.checked), [])

@@ -1,6 +1,6 @@
 """`make run` stops cleanly: Ctrl-C, or SIGTERM to the daemon, ends with exit status 0
 and no make error line (issue #21, Seen 8). make runs on the test's own virtualenv with
-`-o install`, so nothing is installed."""
+`-o install`, so nothing is installed, and `-o web` (the test's config serves no web app)."""
 
 from __future__ import annotations
 
@@ -30,6 +30,8 @@ def make_command(config: str) -> list[str]:
         "--no-print-directory",
         "-o",
         "install",
+        "-o",
+        "web",
         "run",
         f"VENV={VENV}",
         f"CONFIG={config}",

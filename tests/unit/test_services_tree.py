@@ -342,6 +342,22 @@ class DaemonTreeTests(SynchronousTestCase):
         )
         self.assertFalse(os.path.exists(os.path.join(data_dir, "files")))
 
+    def test_the_web_app_listens_last_and_must_be_built(self) -> None:
+        self.patch(daemon_module, "load_node_key", lambda config: shared_node_key())
+        data_dir = os.path.abspath(self.mktemp())
+        app = os.path.abspath(self.mktemp())
+        os.makedirs(app)
+        text = f"[node]\nid = n1\ndata_dir = {data_dir}\n[web]\nenabled = true\nroot = {app}\n"
+        with self.assertRaises(StartupError) as caught:
+            CimDaemon(parse_config(text), MemoryReactorClock())
+        self.assertIn("[web] root", str(caught.exception))
+        self.assertIn("make web", str(caught.exception))
+        with open(os.path.join(app, "index.html"), "w") as f:
+            f.write("<!doctype html>")
+        daemon = CimDaemon(parse_config(text), MemoryReactorClock())
+        names = [child.name for child in daemon.children()]
+        self.assertEqual(names[-3:], ["admin listener", "web listener", "heap trimmer"])
+
 
 class ScriptedDaemon(CimDaemon):
     """The daemon's start and stop reporting, over rooms the test controls."""

@@ -109,15 +109,15 @@ def _kazoo_logger(reactor: ICimReactor) -> logging.Logger:
 
 def encode_node(node: NodeInfo) -> bytes:
     """The znode's data: JSON, so operators can read it with zkCli.sh."""
-    return json.dumps(
-        {
-            "id": node.node_id,
-            "host": node.host,
-            "port": node.port,
-            "public_key": base64.b64encode(node.public_key_der).decode("ascii"),
-        },
-        sort_keys=True,
-    ).encode()
+    fields: dict[str, object] = {
+        "id": node.node_id,
+        "host": node.host,
+        "port": node.port,
+        "public_key": base64.b64encode(node.public_key_der).decode("ascii"),
+    }
+    if node.ws_url:
+        fields["ws_url"] = node.ws_url
+    return json.dumps(fields, sort_keys=True).encode()
 
 
 def decode_node(name: str, data: bytes) -> NodeInfo:
@@ -138,11 +138,14 @@ def decode_node(name: str, data: bytes) -> NodeInfo:
         raise ValueError(f"bad port {port!r}")
     if not isinstance(key, str):
         raise ValueError("public_key is not a string")
+    ws_url = fields.get("ws_url", "")
+    if not isinstance(ws_url, str):
+        raise ValueError("ws_url is not a string")
     try:
         key_der = base64.b64decode(key, validate=True)
     except binascii.Error:
         raise ValueError("public_key is not base64") from None
-    return NodeInfo(node_id, host, port, key_der)
+    return NodeInfo(node_id, host, port, key_der, ws_url)
 
 
 class ZNodes:

@@ -22,7 +22,7 @@ from cim.files.http.uploads import Uploads
 from cim.files.store import FileProblem, FileStore
 from cim.http.auth import BearerSessions
 from cim.http.endpoints import Endpoint, EndpointResource
-from cim.http.site import Reply, client_host, json_reply, too_many_requests
+from cim.http.site import Reply, client_host, cors_policy, json_reply, too_many_requests
 from cim.http.telemetry import UNOBSERVED, ObservedSite, SiteTelemetry
 from cim.interfaces import ISessionStore
 from cim.limits.policy import FILES, NO_LIMITS, RateLimits
@@ -112,6 +112,7 @@ def files_site(
     memory_limit: int = MEMORY_SPOOL,
     limits: RateLimits = NO_LIMITS,
     telemetry: SiteTelemetry = UNOBSERVED,
+    cors_origins: tuple[str, ...] = (),
 ) -> ObservedSite:
     """The service's Site; no request body may be larger than a chunk (or a JSON call)."""
     request_class = type(
@@ -123,10 +124,12 @@ def files_site(
             "memory_limit": memory_limit,
         },
     )
-    return ObservedSite(
+    site = ObservedSite(
         files_resource(store, sessions, clock, limits),
         clock,
         telemetry,
         requestFactory=request_class,
         logFormatter=_redacted_access_log,
     )
+    site.cors = cors_policy(cors_origins)
+    return site

@@ -171,5 +171,6 @@ def logic_site(
     max_body_size: int,
     clock: IReactorTime,
     telemetry: SiteTelemetry = UNOBSERVED,
+    cors_origins: tuple[str, ...] = (),
 ) -> server.Site:
-    return bounded_site(resource, max_body_size, clock, telemetry)
+    return bounded_site(resource, max_body_size, clock, telemetry, cors_origins)

@@ -48,5 +48,5 @@ def upgrade() -> None:
 def downgrade() -> None:
     op.drop_table("read_marks")
     with op.batch_alter_table("users", schema=None) as batch_op:
-        batch_op.drop_constraint("ck_users_read_receipts", type_="check")
+        batch_op.drop_constraint(batch_op.f("ck_users_read_receipts"), type_="check")
         batch_op.drop_column("read_receipts")

@@ -1,0 +1,1 @@
+"""The web chat app's files and the site that serves them (``[web]``)."""

@@ -1,0 +1,300 @@
+"""Issue 18, the gateway, with a real daemon: browsers on WebSocket, phones on TCP.
+
+The router hands out the node's WebSocket URL; a client on the gateway and one on
+TCP chat both ways through the six packets; the router answers CORS preflights for
+``[router] cors_origins``. Acceptance 4: wrong origin, text messages, 1 MiB
+messages, 10,000 pings in a second and a client that never reads are each refused,
+closed or throttled, while a canary pair chats on TCP through all of it (every one
+of its messages delivered; the figures are printed).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import threading
+import time
+import urllib.error
+import urllib.request
+
+from twisted.trial.unittest import TestCase
+
+from cim.protocols import cim_pb2
+from tests.integration.support.daemons import PASSWORD, DaemonProcess, free_port
+from tests.integration.support.raw_client import RawClient
+from tests.integration.support.raw_ws import (
+    PING,
+    TEXT,
+    Closed,
+    RawWebSocket,
+    RawWsClient,
+    UpgradeRefused,
+)
+from tests.integration.test_backpressure import Canary, counter, percentile
+
+PAGE = "http://app.example:8083"
+USERS = ("alice", "bob", "slow", "flooder", "canary_a", "canary_b")
+SLOW_READER_TIMEOUT = 3.0
+
+
+def read_until(client: RawClient | RawWsClient, frame_type: int, limit: int = 50) -> bytes:
+    """The next frame of ``frame_type`` (heartbeats and other frames skipped, bounded)."""
+    for _ in range(limit):
+        frame = client.read()
+        if frame is not None and frame[0] == frame_type:
+            return frame[1]
+    raise AssertionError(f"no frame of type {frame_type} in {limit} frames")
+
+
+def chat(
+    test: TestCase, sender: RawClient | RawWsClient, receiver: RawClient | RawWsClient, seq: int
+) -> None:
+    """One message through the six packets; every step checked."""
+    text = f"from {sender.user} over the other transport"
+    sender.send(cim_pb2.MSG_R, cim_pb2.Message(to=receiver.user, text=text, client_seq=seq))
+    msg_a = cim_pb2.MsgA.FromString(read_until(sender, cim_pb2.MSG_A))
+    test.assertEqual(msg_a.client_seq, seq)
+    msg_n = cim_pb2.Message.FromString(read_until(receiver, cim_pb2.MSG_N))
+    test.assertEqual(
+        (getattr(msg_n, "from"), msg_n.text, msg_n.id), (sender.user, text, msg_a.msg_id)
+    )
+    receiver.send(cim_pb2.ACK_R, cim_pb2.AckR(msg_id=msg_n.id))
+    ack_a = cim_pb2.AckA.FromString(read_until(receiver, cim_pb2.ACK_A))
+    test.assertEqual(ack_a.msg_id, msg_n.id)
+    ack_n = cim_pb2.AckN.FromString(read_until(sender, cim_pb2.ACK_N))
+    test.assertEqual((ack_n.msg_id, ack_n.status), (msg_a.msg_id, cim_pb2.DELIVERED))
+
+
+class GatewayTests(TestCase):
+    timeout = 240
+
+    def setUp(self) -> None:
+        self.ws_port = free_port()
+        daemon = DaemonProcess(
+            os.path.abspath(self.mktemp()),
+            node_id="ws1",
+            extra=(
+                f"[ws]\nenabled = true\nlisten = tcp:{self.ws_port}:interface=127.0.0.1\n"
+                f"allowed_origins = {PAGE}\n"
+                f"[router]\ncors_origins = {PAGE}\n"
+                f"[im]\noutbound_budget = 64KiB\nslow_reader_timeout = {SLOW_READER_TIMEOUT:g}s\n"
+                "[limits]\nmessages = off\nhellos = off\n"
+            ),
+        )
+        for user in USERS:
+            added = daemon.cimctl("user", "add", user, stdin=PASSWORD + "\n")
+            self.assertEqual(added.returncode, 0, added.stderr)
+        daemon.start()
+        self.addCleanup(daemon.stop)
+        self.daemon = daemon
+
+    def test_the_router_hands_out_the_websocket_url(self) -> None:
+        status, body = self.daemon.login("alice")
+        self.assertEqual(status, 200)
+        self.assertEqual(body["node"]["ws_url"], f"ws://127.0.0.1:{self.ws_port}/")
+        self.assertEqual(body["node"]["port"], self.daemon.im_port)
+
+    def test_a_websocket_client_and_a_tcp_client_chat_both_ways(self) -> None:
+        alice = RawWsClient(self.daemon.router_url, "alice", origin=PAGE)
+        bob = RawClient(self.daemon.router_url, "bob")
+        self.addCleanup(alice.close)
+        self.addCleanup(bob.close)
+        chat(self, alice, bob, 1)
+        chat(self, bob, alice, 2)
+        alice.heartbeat()
+        self.assertIsNone(alice.read(), "an empty message is answered with one")
+        online = self.daemon.online()["items"]
+        self.assertEqual(sorted(online), ["alice", "bob"])
+
+    def test_cors_preflight_and_answers_of_the_router(self) -> None:
+        def preflight(origin: str) -> tuple[int, dict[str, str]]:
+            request = urllib.request.Request(
+                f"{self.daemon.router_url}/api/v1/login",
+                method="OPTIONS",
+                headers={
+                    "Origin": origin,
+                    "Access-Control-Request-Method": "POST",
+                    "Access-Control-Request-Headers": "content-type",
+                },
+            )
+            try:
+                with urllib.request.urlopen(request, timeout=10) as response:
+                    return response.status, dict(response.headers)
+            except urllib.error.HTTPError as error:
+                return error.code, dict(error.headers)
+
+        status, headers = preflight(PAGE)
+        self.assertEqual(status, 204)
+        self.assertEqual(headers["Access-Control-Allow-Origin"], PAGE)
+        self.assertIn("POST", headers["Access-Control-Allow-Methods"])
+        self.assertIn("Content-Type", headers["Access-Control-Allow-Headers"])
+        status, headers = preflight("http://evil.example")
+        self.assertEqual(status, 403)
+        self.assertNotIn("Access-Control-Allow-Origin", headers)
+        login = urllib.request.Request(
+            f"{self.daemon.router_url}/api/v1/login",
+            data=json.dumps({"user": "alice", "password": PASSWORD}).encode(),
+            headers={"Content-Type": "application/json", "Origin": PAGE},
+        )
+        with urllib.request.urlopen(login, timeout=10) as response:
+            self.assertEqual(response.headers["Access-Control-Allow-Origin"], PAGE)
+            self.assertIn("ws_url", json.loads(response.read())["node"])
+
+    def test_hostile_clients_are_refused_closed_or_throttled_and_the_canary_goes_on(
+        self,
+    ) -> None:
+        daemon = self.daemon
+        url = f"ws://127.0.0.1:{self.ws_port}/"
+        canary = Canary(daemon)
+        canary.start()
+        self.addCleanup(canary.stop)
+        figures: list[str] = []
+
+        # 1. A page of another origin: refused at the upgrade.
+        with self.assertRaises(UpgradeRefused) as refused:
+            RawWebSocket(url, origin="http://evil.example")
+        self.assertEqual(refused.exception.status, 403)
+        figures.append(f"wrong origin: HTTP {refused.exception.status} at the upgrade")
+
+        # 2. A text message: closed with 1003.
+        texter = RawWsClient(daemon.router_url, "alice", origin=PAGE)
+        texter.ws.send_frame(TEXT, b"hello as text")
+        with self.assertRaises(Closed) as closed:
+            for _ in range(10):
+                texter.read()
+        self.assertEqual(closed.exception.code, 1003)
+        figures.append(f"text message: closed with {closed.exception.code}")
+        texter.close()
+
+        # 3. A 1 MiB message (the frame limit is 64 KiB): closed with 1009.
+        big = RawWsClient(daemon.router_url, "alice", origin=PAGE)
+        with contextlib.suppress(OSError):  # the node may close before taking it all
+            big.ws.send_binary(b"\x01" * (1 << 20))
+        with self.assertRaises((Closed, OSError)) as closed:
+            for _ in range(10):
+                big.read()
+        code = getattr(closed.exception, "code", None)
+        self.assertIn(code, (1009, None))
+        figures.append(f"1 MiB message: closed with {code or 'the TCP connection ended'}")
+        big.close()
+
+        # 4. 10,000 pings in a second: closed with 1008 after the allowed few.
+        pinger = RawWsClient(daemon.router_url, "alice", origin=PAGE)
+        started = time.monotonic()
+        sent = 0
+        try:
+            for sent in range(1, 10_001):
+                pinger.ws.send_frame(PING, b"p")
+                if sent % 1000 == 0 and time.monotonic() - started > 1.0:
+                    break
+        except OSError:
+            pass  # closed while we were still sending
+        elapsed = time.monotonic() - started
+        pongs = 0
+        with self.assertRaises((Closed, OSError)) as closed:
+            for _ in range(20_000):
+                opcode, payload = pinger.ws.read_frame()
+                if opcode == 0xA:
+                    pongs += 1
+                elif opcode == 0x8:
+                    raise Closed(int.from_bytes(payload[:2], "big"))
+        self.assertEqual(getattr(closed.exception, "code", None), 1008)
+        self.assertLessEqual(pongs, 5)
+        figures.append(
+            f"pings: {sent} sent in {elapsed:.2f} s, {pongs} answered, then closed with 1008"
+        )
+        pinger.close()
+
+        # 5. A client that never reads, flooded: no more live copies, then cut.
+        slow = RawWsClient(daemon.router_url, "slow", origin=PAGE, receive_buffer=4096)
+        flooder = RawClient(daemon.router_url, "flooder")
+        answers = threading.Thread(target=drain, args=(flooder,), daemon=True)
+        answers.start()
+        flood_started = time.monotonic()
+        cut_before = counter(daemon, "cim_slow_readers_cut_total")
+        text = "x" * 1000
+        flooded = 0
+        beats = Beats(slow)
+        for flooded in range(1, 3001):
+            flooder.send(cim_pb2.MSG_R, cim_pb2.Message(to="slow", text=text, client_seq=flooded))
+            if flooded % 100 == 0:
+                beats.maybe()  # alive, just not reading
+                if counter(daemon, "cim_slow_readers_cut_total") > cut_before:
+                    break
+                time.sleep(0.05)
+        deadline = time.monotonic() + SLOW_READER_TIMEOUT + 20
+        while counter(daemon, "cim_slow_readers_cut_total") <= cut_before:
+            self.assertLess(time.monotonic(), deadline, "the slow reader was never cut")
+            beats.maybe()
+            time.sleep(0.2)
+        cut_after = time.monotonic() - flood_started
+        figures.append(
+            f"non-reading client: {flooded} messages of 1 KB sent to it, cut after "
+            f"{cut_after:.1f} s ([im] slow_reader_timeout = {SLOW_READER_TIMEOUT:g} s)"
+        )
+        flooder.close()
+        slow.close()
+
+        # The canary chatted on TCP through all of it.
+        time.sleep(1.0)
+        canary.stop()
+        sent_by_canary = len(canary.sent)
+        delivered = len(canary.latencies)
+        latencies_ms = [latency * 1000 for latency in canary.latencies]
+        figures.append(
+            f"canary on TCP: {delivered}/{sent_by_canary} delivered, p50 "
+            f"{percentile(latencies_ms, 0.5):.1f} ms, p99 {percentile(latencies_ms, 0.99):.1f} ms, "
+            f"max {max(latencies_ms):.1f} ms"
+        )
+        metrics = daemon.metrics()
+        figures.append(
+            "node counted: text messages "
+            f"{labelled(metrics, 'cim_frames_rejected', 'text message'):g}, ping floods "
+            f"{labelled(metrics, 'cim_frames_rejected', 'ping flood'):g}, origin refusals "
+            f"{labelled(metrics, 'cim_connections_refused', 'origin'):g}"
+        )
+        print("\n" + "\n".join(f"  gateway hostile input: {line}" for line in figures))
+        self.assertEqual(labelled(metrics, "cim_frames_rejected", "ping flood"), 1)
+        self.assertEqual(labelled(metrics, "cim_frames_rejected", "text message"), 1)
+        # Every canary message but those still in flight when it stopped arrived.
+        self.assertGreater(sent_by_canary, 20)
+        self.assertGreaterEqual(delivered, sent_by_canary - 1)
+        self.assertEqual(daemon.health()["status"], "ok")
+        self.assertIsNone(daemon.process.poll() if daemon.process else None)
+
+
+class Beats:
+    """A heartbeat a second at most (more would be a ping flood), until the node cuts."""
+
+    def __init__(self, client: RawWsClient) -> None:
+        self.client = client
+        self.last = 0.0
+        self.cut = False
+
+    def maybe(self) -> None:
+        now = time.monotonic()
+        if self.cut or now - self.last < 1.0:
+            return
+        self.last = now
+        try:
+            self.client.heartbeat()
+        except OSError:
+            self.cut = True
+
+
+def labelled(metrics: str, name: str, reason: str) -> float:
+    """One labelled sample of a Prometheus text page (0 when absent)."""
+    pattern = rf'^{name}(?:_total)?\{{reason="{re.escape(reason)}"\}} (\S+)$'
+    match = re.search(pattern, metrics, re.M)
+    return float(match.group(1)) if match else 0.0
+
+
+def drain(client: RawClient) -> None:
+    """Read (and drop) everything the node answers a flooding sender."""
+    while True:
+        try:
+            client.read()
+        except (ConnectionError, OSError):
+            return
