@@ -283,6 +283,20 @@ test("a node's refusal is heard though the node closes right behind it (opening 
   await assert.rejects(started, (error: unknown) => error instanceof Unreachable && /login refused: WRONG_NODE/.test(error.message));
 });
 
+test("WRONG_NODE naming a node with a gateway: followed at once with the same token", async () => {
+  const s = await online();
+  s.node.redirects.set(WS_URL, { id: "node2", host: "10.0.0.2", port: 9000, wsUrl: WS_URL_2 });
+  s.node.link.drop();
+  s.clock.advance(500);
+  await until(() => s.client.state === "online" && s.node.links.length === 3, "online on node2");
+  assert.deepEqual(s.node.links.map((l) => l.url), [WS_URL, WS_URL, WS_URL_2]);
+  assert.equal(s.node.routerLogins, 1, "no new login: the token was good, only the node moved");
+  assert.equal(s.node.links[2]!.token, s.node.links[0]!.token);
+  assert.equal(s.client.ticket?.ws, WS_URL_2);
+  assert.equal(s.client.ticket?.node.id, "node2");
+  assert.equal(s.seen.online.at(-1)!.url, WS_URL_2);
+});
+
 test("reconnect backoff grows while the node is away", async () => {
   const s = await online();
   s.node.tokens.clear();
