@@ -9,6 +9,8 @@ runs) on the commands the Node test writes, one JSON object per line:
 - ``{"cmd": "listen", "from": U, "count": N}``: bob's next N messages from U (catch-up,
   then live; his own, which a catch-up may bring back, are left out).
 - ``{"cmd": "download", "url": U}``: bob downloads; answers the SHA-256 of the bytes.
+- ``{"cmd": "read", "with": U}``: bob marks his 1:1 with U read up to its newest message
+  (``cim-client read``); answers the mark in effect (``conversation``, ``seq``, ``moved``).
 - ``{"cmd": "stop"}``: stops the daemon and exits.
 
 Every answer is one JSON line; a command that fails answers ``{"error": ...}``. The
@@ -54,6 +56,11 @@ def _run(
             return {"error": done.stderr.strip()}
         with open(target, "rb") as handle:
             return {"sha256": hashlib.sha256(handle.read()).hexdigest()}
+    if name == "read":
+        done = client(daemon, "bob", "read", str(command["with"]))
+        if done.returncode != 0:
+            return {"error": done.stderr.strip()}
+        return {"mark": json.loads(done.stdout)}
     return {"error": f"unknown command {name!r}"}
 
 
