@@ -30,19 +30,18 @@ from twisted.python.failure import Failure
 from cim.config import WsConfig
 from cim.http.cors import OriginPolicy
 from cim.protocols.im import ImServerFactory
-from cim.protocols.websocket import MessageTransport
+from cim.protocols.websocket import FramesOverMessages, MessageTransport
 
-__all__ = ["CLOSE_HANDSHAKE_TIMEOUT", "GatewayFactory", "GatewayProtocol"]
+__all__ = ["CLOSE_HANDSHAKE_TIMEOUT", "ClockTimer", "GatewayFactory", "GatewayProtocol"]
 
 CLOSE_HANDSHAKE_TIMEOUT = 1.0
 """Seconds a peer has to answer our close frame before the connection is dropped."""
 
 
-class GatewayProtocol(WebSocketServerProtocol):
+class GatewayProtocol(FramesOverMessages, WebSocketServerProtocol):  # type: ignore[misc]
     """One browser connection: the upgrade here, the IM connection behind it."""
 
     factory: GatewayFactory
-    frames: MessageTransport | None = None
     upgrading: str | None = None
     """The peer's host while the upgrade is under way (counted by the factory)."""
     refused = False
@@ -80,19 +79,6 @@ class GatewayProtocol(WebSocketServerProtocol):
         self.frames = frames
         frames.attach(factory.im.buildProtocol(frames.getPeer()))
 
-    def onMessage(self, payload: bytes, isBinary: bool) -> None:
-        if self.frames is not None:
-            self.frames.message_received(payload, isBinary)
-
-    def onPing(self, payload: bytes) -> None:
-        if self.frames is not None:
-            self.frames.ping_received(payload)
-
-    def close_with(self, code: int, reason: str) -> None:
-        # sendClose takes only 1000 and 3000-4999 (codes for applications); the
-        # protocol's own codes (1003 text, 1008 policy) need the frame-level call.
-        self.sendCloseFrame(code, reason.encode() if reason else None, isReply=False)
-
     def connectionLost(self, reason: Failure | None = None) -> None:
         if reason is None:
             reason = Failure(ConnectionError("connection lost"))
@@ -100,8 +86,7 @@ class GatewayProtocol(WebSocketServerProtocol):
         if self.refused:
             return  # refused in connectionMade: autobahn never started
         super().connectionLost(reason)
-        if self.frames is not None:
-            self.frames.connection_lost(reason)
+        self.frames_lost(reason)
 
     def _upgraded(self) -> None:
         """The upgrade is over (done or failed): the IM factory counts from here."""
@@ -110,7 +95,7 @@ class GatewayProtocol(WebSocketServerProtocol):
             self.upgrading = None
 
 
-class _ClockTimer:
+class ClockTimer:
     """autobahn's timer interface (``call_later``) on a given clock.
 
     autobahn batches its timers into 200 ms buckets on txaio's global reactor; the
@@ -136,7 +121,7 @@ class GatewayFactory(WebSocketServerFactory):
     ) -> None:
         super().__init__(reactor=reactor if reactor is not None else clock)
         # autobahn's deadlines (upgrade, close) on our clock, not txaio's global one.
-        self._batched_timer = _ClockTimer(clock)
+        self._batched_timer = ClockTimer(clock)
         self.config = config
         self.im = im
         self.clock = clock

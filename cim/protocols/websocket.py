@@ -43,6 +43,7 @@ from cim.protocols.wire import FrameProtocol
 __all__ = [
     "CLOSE_POLICY",
     "CLOSE_UNSUPPORTED",
+    "FramesOverMessages",
     "MessageTransport",
     "WebSocketChannel",
 ]
@@ -221,3 +222,32 @@ class MessageTransport:
 
     def stopProducing(self) -> None:
         self.abortConnection()
+
+
+class FramesOverMessages:
+    """What an autobahn protocol (the gateway's, the client's) hands its MessageTransport.
+
+    Mixed into autobahn's server and client protocols, in front of them in the MRO:
+    messages and pings go to ``frames``, a lost connection reaches the protocol on it,
+    and ``close_with`` sends any close code.
+    """
+
+    frames: MessageTransport | None = None
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        if self.frames is not None:
+            self.frames.message_received(payload, isBinary)
+
+    def onPing(self, payload: bytes) -> None:
+        if self.frames is not None:
+            self.frames.ping_received(payload)
+
+    def close_with(self, code: int, reason: str) -> None:
+        # sendClose takes only 1000 and 3000-4999 (codes for applications); the
+        # protocol's own codes (1003 text, 1008 policy) need the frame-level call.
+        channel: Any = self
+        channel.sendCloseFrame(code, reason.encode() if reason else None, isReply=False)
+
+    def frames_lost(self, reason: Failure) -> None:
+        if self.frames is not None:
+            self.frames.connection_lost(reason)

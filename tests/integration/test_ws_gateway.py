@@ -13,16 +13,20 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import re
 import threading
 import time
 import urllib.error
 import urllib.request
 
+from twisted.internet.defer import ensureDeferred
 from twisted.trial.unittest import TestCase
 
+from cim.client.session import Backoff, ChatClient
 from cim.protocols import cim_pb2
-from tests.integration.support.daemons import PASSWORD, DaemonProcess, free_port
+from tests.integration.support.cluster import eventually, reactor
+from tests.integration.support.daemons import PASSWORD, DaemonProcess, client, free_port
 from tests.integration.support.raw_client import RawClient
 from tests.integration.support.raw_ws import (
     PING,
@@ -96,6 +100,14 @@ class GatewayTests(TestCase):
         self.assertEqual(body["node"]["ws_url"], f"ws://127.0.0.1:{self.ws_port}/")
         self.assertEqual(body["node"]["port"], self.daemon.im_port)
 
+    def test_cim_client_sends_over_the_gateway(self) -> None:
+        sent = client(self.daemon, "alice", "--transport", "websocket", "send", "bob", "hi")
+        self.assertEqual(sent.returncode, 0, sent.stderr)
+        self.assertEqual(json.loads(sent.stdout)["status"], "stored")  # bob is offline
+        heard = client(self.daemon, "bob", "listen", "--count", "1")
+        self.assertEqual(heard.returncode, 0, heard.stderr)
+        self.assertEqual(json.loads(heard.stdout)["text"], "hi")
+
     def test_a_websocket_client_and_a_tcp_client_chat_both_ways(self) -> None:
         alice = RawWsClient(self.daemon.router_url, "alice", origin=PAGE)
         bob = RawClient(self.daemon.router_url, "bob")
@@ -107,6 +119,40 @@ class GatewayTests(TestCase):
         self.assertIsNone(alice.read(), "an empty message is answered with one")
         online = self.daemon.online()["items"]
         self.assertEqual(sorted(online), ["alice", "bob"])
+
+    def test_the_client_library_chats_over_the_gateway_with_one_on_tcp(self) -> None:
+        return ensureDeferred(self._library_chat())  # type: ignore[return-value]
+
+    async def _library_chat(self) -> None:
+        def library_client(user: str, transport: str) -> ChatClient:
+            chat_client = ChatClient(
+                reactor,
+                self.daemon.router_url,
+                user,
+                PASSWORD,
+                device=transport,
+                transport=transport,
+                backoff=Backoff(initial=0.2, maximum=1.0),
+                rng=random.Random(user),
+            )
+            self.addCleanup(lambda: ensureDeferred(chat_client.stop(logout=False)))
+            return chat_client
+
+        alice = library_client("alice", "websocket")
+        bob = library_client("bob", "tcp")
+        shown: dict[str, list[tuple[str, str]]] = {"alice": [], "bob": []}
+        alice.on_message = lambda m: shown["alice"].append((getattr(m, "from"), m.text))
+        bob.on_message = lambda m: shown["bob"].append((getattr(m, "from"), m.text))
+        await alice.start()
+        await bob.start()
+        self.assertEqual(alice.state, "online")
+        outcome = await alice.send_text("bob", "from the browser's library")
+        self.assertEqual(outcome.status, "delivered")
+        outcome = await bob.send_text("alice", "from the phone")
+        self.assertEqual(outcome.status, "delivered")
+        await eventually(lambda: bool(shown["alice"] and shown["bob"]), 30, "both messages shown")
+        self.assertEqual(shown["bob"], [("alice", "from the browser's library")])
+        self.assertEqual(shown["alice"], [("bob", "from the phone")])
 
     def test_cors_preflight_and_answers_of_the_router(self) -> None:
         def preflight(origin: str) -> tuple[int, dict[str, str]]:
