@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from importlib import metadata
 from typing import Any
 
+from bench import gateway
 from bench.daemon import BENCH_SCRYPT_N, BENCH_SCRYPT_R, DEFAULT_SCRYPT_N, DEFAULT_SCRYPT_R, ROOT
 
 ANALYSIS_BEGIN = "<!-- analysis: hand-written, kept when the tool regenerates this file -->"
@@ -256,6 +257,7 @@ def rows(results: dict[str, Any]) -> list[Row]:
                 _verdict(cpu_ratio <= FLAT_CPU_RATIO),
             )
         )
+    out.extend(Row(*figure) for figure in gateway.figures(results.get("gateway")))
     return out
 
 

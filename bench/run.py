@@ -22,12 +22,12 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from bench import report, scenarios
+from bench import gateway, report, scenarios
 from bench.daemon import ROOT
 
 RESULTS_DIR = os.path.join(ROOT, "bench", "results")
 DOCS_PATH = os.path.join(ROOT, "docs", "benchmarks.md")
-SCENARIOS = ("idle", "one_to_one", "group", "offline", "churn", "backends")
+SCENARIOS = ("idle", "one_to_one", "group", "offline", "churn", "backends", "gateway")
 QUICK_SCENARIOS = ("idle", "one_to_one", "group", "offline", "churn")
 """The quick plan leaves out the external backends (they need the services)."""
 
@@ -162,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
         results["churn"] = attempt("churn", lambda: scenarios.churn(ctx, plan))
     if "backends" in wanted:
         results["backends"] = run_external(ctx, plan, attempt)
+    if "gateway" in wanted:
+        results["gateway"] = attempt("gateway", lambda: gateway.gateway(ctx, plan))
     results["notes"] += ctx.notes
     results["seconds"] = time.monotonic() - began
 

@@ -1,6 +1,6 @@
 """The client library's connection over the WebSocket gateway (``ws://``, ``wss://``).
 
-The same ``ImClientProtocol`` as on TCP, on a ``MessageTransport`` (one binary
+The same ``ImClientProtocol`` (cim.client.connection) as on TCP, on a ``MessageTransport`` (one binary
 message per frame, cim.protocols.websocket) under autobahn's client protocol: what a
 browser does, for tests and for networks that let only HTTP(S) through.
 ``connect_websocket`` fires once the upgrade is done (the cim hello is then on its
@@ -19,9 +19,9 @@ from twisted.internet.error import ConnectError
 from twisted.internet.ssl import optionsForClientTLS
 from twisted.python.failure import Failure
 
-from cim.client.connection import ImClientProtocol
 from cim.protocols.gateway import CLOSE_HANDSHAKE_TIMEOUT, ClockTimer
 from cim.protocols.websocket import FramesOverMessages, MessageTransport
+from cim.protocols.wire import FrameProtocol
 from cim.reactor import ICimReactor
 
 __all__ = ["connect_websocket"]
@@ -56,7 +56,7 @@ class _ClientChannel(FramesOverMessages, WebSocketClientProtocol):  # type: igno
 class _ClientFactory(WebSocketClientFactory):
     protocol = _ClientChannel  # type: ignore[assignment]
 
-    def __init__(self, url: str, reactor: ICimReactor, im: ImClientProtocol) -> None:
+    def __init__(self, url: str, reactor: ICimReactor, im: FrameProtocol) -> None:
         super().__init__(url, reactor=reactor)
         self._batched_timer = ClockTimer(reactor)
         self.clock = reactor
@@ -72,8 +72,9 @@ class _ClientFactory(WebSocketClientFactory):
         )
 
 
-def connect_websocket(reactor: ICimReactor, url: str, protocol: ImClientProtocol) -> Deferred[Any]:
-    """Open ``url`` and start ``protocol`` on it once the upgrade is done."""
+def connect_websocket(reactor: ICimReactor, url: str, protocol: FrameProtocol) -> Deferred[Any]:
+    """Open ``url`` and start ``protocol`` (the client's, or the benchmark's lean one)
+    on it once the upgrade is done."""
     parts = urlsplit(url)
     secure = parts.scheme == "wss"
     host = parts.hostname or ""
