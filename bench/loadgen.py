@@ -38,8 +38,8 @@ from collections.abc import Callable, Coroutine, Iterable
 from typing import Any, TypeVar
 
 from twisted.internet import reactor as _reactor
-from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet import tcp
+from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
 from twisted.internet.stdio import StandardIO

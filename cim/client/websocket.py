@@ -1,8 +1,9 @@
 """The client library's connection over the WebSocket gateway (``ws://``, ``wss://``).
 
-The same ``ImClientProtocol`` (cim.client.connection) as on TCP, on a ``MessageTransport`` (one binary
-message per frame, cim.protocols.websocket) under autobahn's client protocol: what a
-browser does, for tests and for networks that let only HTTP(S) through.
+The same ``ImClientProtocol`` (cim.client.connection) as on TCP, on a
+``MessageTransport`` (one binary message per frame, cim.protocols.websocket) under
+autobahn's client protocol: what a browser does, for tests and for networks that let
+only HTTP(S) through.
 ``connect_websocket`` fires once the upgrade is done (the cim hello is then on its
 way); a refused upgrade (a wrong origin, a full node) fails it with ``ConnectError``.
 """
