@@ -29,7 +29,8 @@ RESULTS_DIR = os.path.join(ROOT, "bench", "results")
 DOCS_PATH = os.path.join(ROOT, "docs", "benchmarks.md")
 SCENARIOS = ("idle", "one_to_one", "group", "offline", "churn", "backends", "gateway")
 QUICK_SCENARIOS = ("idle", "one_to_one", "group", "offline", "churn")
-"""The quick plan leaves out the external backends (they need the services)."""
+"""The quick plan leaves out the external backends (they need the services) and the
+WebSocket gateway beside TCP (figure 8, bench.gateway: a minute more)."""
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -27,6 +27,7 @@ import struct
 from collections.abc import Iterable
 from typing import Any, Protocol
 
+from autobahn.websocket.protocol import WebSocketProtocol
 from twisted.internet.interfaces import (
     IAddress,
     IConsumer,
@@ -73,6 +74,9 @@ class WebSocketChannel(Protocol):
     def sendPong(self, payload: bytes | None = None) -> None: ...
 
     def dropConnection(self, abort: bool = False) -> None: ...
+
+    def sending_allowed(self) -> bool:
+        """Whether messages may still be sent (not after a close frame either way)."""
 
 
 @implementer(ITransport, IConsumer, IPushProducer)
@@ -168,8 +172,14 @@ class MessageTransport:
     # --- down: frames to messages (ITransport) ----------------------------------------
 
     def write(self, data: bytes) -> None:
-        """Whole length-prefixed frames (all FrameProtocol writes), one message each."""
-        if not self.connected:
+        """Whole length-prefixed frames (all FrameProtocol writes), one message each.
+
+        Once closing (our close frame, the peer's, or a dropped connection) nothing
+        more may be sent, and frames for this connection are dropped as a TCP
+        transport drops writes after ``abortConnection``: the rooms delivering to a
+        session that is going away must not fail for it.
+        """
+        if not self.connected or self.disconnecting or not self.channel.sending_allowed():
             return
         send = self.channel.sendMessage
         end = len(data)
@@ -233,6 +243,10 @@ class FramesOverMessages:
     """
 
     frames: MessageTransport | None = None
+
+    def sending_allowed(self) -> bool:
+        channel: Any = self
+        return bool(channel.state == WebSocketProtocol.STATE_OPEN)
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         if self.frames is not None:

@@ -44,6 +44,10 @@ class FakeChannel:
         self.closes: list[tuple[int, str]] = []
         self.pongs: list[bytes | None] = []
         self.dropped: list[bool] = []
+        self.open = True
+
+    def sending_allowed(self) -> bool:
+        return self.open
 
     def sendMessage(self, payload: bytes, isBinary: bool = False) -> None:
         (self.sent if isBinary else self.text_sent).append(payload)
@@ -181,6 +185,14 @@ class AdapterTests(SynchronousTestCase):
         self.assertEqual(self.channel.closes, [(1000, "")])
         self.frames.message_received(b"\x01late", True)
         self.assertEqual(self.protocol.plaintexts, [])
+
+    def test_nothing_is_sent_once_the_websocket_is_closing(self) -> None:
+        # The peer's close frame, or autobahn failing the connection (1009): the
+        # connection is not lost yet, but no message may follow.
+        self.channel.open = False
+        self.protocol.send_plaintext(b"\x02late")
+        self.protocol.send_heartbeat()
+        self.assertEqual(self.channel.sent, [])
 
     def test_the_peer_is_the_address_under_the_websocket(self) -> None:
         self.assertEqual(self.frames.getPeer(), PEER)
@@ -415,6 +427,11 @@ class GatewayProtocolTests(SynchronousTestCase):
         protocol.dataReceived(client_frame(0x1, b"hi"))
         [(opcode, payload)] = server_frames(transport.value())
         self.assertEqual((opcode, payload[:2]), (0x8, struct.pack(">H", 1003)))
+        # Until the TCP connection is gone the session is still in the rooms: what
+        # they deliver to it is dropped, and the room (someone else's send) goes on.
+        transport.clear()
+        server.deliver(cim_pb2.MSG_N, cim_pb2.Message(to="alice", text="late"))
+        self.assertEqual(transport.value(), b"")
 
     def test_a_request_without_origin_is_not_a_page_and_goes_on(self) -> None:
         _, transport = self.connect(None)
