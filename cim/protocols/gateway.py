@@ -36,6 +36,9 @@ __all__ = ["CLOSE_HANDSHAKE_TIMEOUT", "ClockTimer", "GatewayFactory", "GatewayPr
 
 CLOSE_HANDSHAKE_TIMEOUT = 1.0
 """Seconds a peer has to answer our close frame before the connection is dropped."""
+MAX_UPGRADE_BYTES = 16384
+"""The upgrade request's size at most (autobahn buffers it without a bound until its
+end or the deadline); a browser's is well under 2 KiB."""
 
 
 _UPGRADE_LEFTOVERS = (
@@ -60,6 +63,7 @@ class GatewayProtocol(FramesOverMessages, WebSocketServerProtocol):  # type: ign
     upgrading: str | None = None
     """The peer's host while the upgrade is under way (counted by the factory)."""
     refused = False
+    upgrade_bytes = 0
     log = Logger()
 
     def connectionMade(self) -> None:
@@ -75,6 +79,17 @@ class GatewayProtocol(FramesOverMessages, WebSocketServerProtocol):  # type: ign
             return
         self.upgrading = host
         super().connectionMade()
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.upgrading is not None:
+            self.upgrade_bytes += len(data)
+            if self.upgrade_bytes > MAX_UPGRADE_BYTES:
+                self.factory.im.metrics.connections_refused["upgrade_too_large"] += 1
+                self._upgraded()
+                stream: Any = self.transport
+                stream.abortConnection()
+                return
+        super().dataReceived(data)
 
     def onConnect(self, request: ConnectionRequest) -> None:
         origin = request.headers.get("origin")

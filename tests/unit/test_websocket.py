@@ -448,6 +448,16 @@ class GatewayProtocolTests(SynchronousTestCase):
         self.assertEqual([t.disconnecting for t in waiting], [False, False, True])
         self.assertEqual(self.node.metrics.connections_refused["per_address_limit"], 1)
 
+    def test_an_endless_upgrade_request_is_cut(self) -> None:
+        protocol = self.factory.buildProtocol(PEER)
+        transport = TcpStream(hostAddress=HOST, peerAddress=PEER)
+        protocol.makeConnection(transport)
+        protocol.dataReceived(b"GET / HTTP/1.1\r\n")
+        for _ in range(20):
+            protocol.dataReceived(b"X-Padding: " + b"a" * 1000 + b"\r\n")
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(self.node.metrics.connections_refused["upgrade_too_large"], 1)
+
     def test_the_upgrade_has_the_handshake_deadline(self) -> None:
         protocol = self.factory.buildProtocol(PEER)
         transport = TcpStream(hostAddress=HOST, peerAddress=PEER)
