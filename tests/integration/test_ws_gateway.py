@@ -76,6 +76,8 @@ class GatewayTests(TestCase):
 
     def setUp(self) -> None:
         self.ws_port = free_port()
+        self.logic_port = free_port()
+        self.files_port = free_port()
         daemon = DaemonProcess(
             os.path.abspath(self.mktemp()),
             node_id="ws1",
@@ -83,6 +85,10 @@ class GatewayTests(TestCase):
                 f"[ws]\nenabled = true\nlisten = tcp:{self.ws_port}:interface=127.0.0.1\n"
                 f"allowed_origins = {PAGE}\n"
                 f"[router]\ncors_origins = {PAGE}\n"
+                f"[logic]\nenabled = true\ncors_origins = {PAGE}\n"
+                f"listen = tcp:{self.logic_port}:interface=127.0.0.1\n"
+                f"[files]\nenabled = true\ncors_origins = {PAGE}\n"
+                f"listen = tcp:{self.files_port}:interface=127.0.0.1\n"
                 f"[im]\noutbound_budget = 64KiB\nslow_reader_timeout = {SLOW_READER_TIMEOUT:g}s\n"
                 "[limits]\nmessages = off\nhellos = off\n"
             ),
@@ -154,10 +160,10 @@ class GatewayTests(TestCase):
         self.assertEqual(shown["bob"], [("alice", "from the browser's library")])
         self.assertEqual(shown["alice"], [("bob", "from the phone")])
 
-    def test_cors_preflight_and_answers_of_the_router(self) -> None:
-        def preflight(origin: str) -> tuple[int, dict[str, str]]:
+    def test_cors_preflight_and_answers_of_router_logic_and_files(self) -> None:
+        def preflight(base: str, path: str, origin: str) -> tuple[int, dict[str, str]]:
             request = urllib.request.Request(
-                f"{self.daemon.router_url}/api/v1/login",
+                f"{base}{path}",
                 method="OPTIONS",
                 headers={
                     "Origin": origin,
@@ -171,12 +177,23 @@ class GatewayTests(TestCase):
             except urllib.error.HTTPError as error:
                 return error.code, dict(error.headers)
 
-        status, headers = preflight(PAGE)
+        for base, path in (
+            (f"http://127.0.0.1:{self.logic_port}", "/api/v1/register"),
+            (f"http://127.0.0.1:{self.files_port}", "/files/uploads"),
+        ):
+            status, headers = preflight(base, path, PAGE)
+            self.assertEqual((status, headers["Access-Control-Allow-Origin"]), (204, PAGE), base)
+            status, headers = preflight(base, path, "http://evil.example")
+            self.assertEqual(status, 403, base)
+            self.assertNotIn("Access-Control-Allow-Origin", headers)
+
+        router = self.daemon.router_url
+        status, headers = preflight(router, "/api/v1/login", PAGE)
         self.assertEqual(status, 204)
         self.assertEqual(headers["Access-Control-Allow-Origin"], PAGE)
         self.assertIn("POST", headers["Access-Control-Allow-Methods"])
         self.assertIn("Content-Type", headers["Access-Control-Allow-Headers"])
-        status, headers = preflight("http://evil.example")
+        status, headers = preflight(router, "/api/v1/login", "http://evil.example")
         self.assertEqual(status, 403)
         self.assertNotIn("Access-Control-Allow-Origin", headers)
         login = urllib.request.Request(
