@@ -25,7 +25,13 @@ from twisted.trial.unittest import TestCase
 
 from cim.client.session import Backoff, ChatClient
 from cim.protocols import cim_pb2
-from tests.integration.support.cluster import eventually, reactor
+from tests.integration.support.cluster import (
+    Cluster,
+    eventually,
+    login_body,
+    reactor,
+    ring_of,
+)
 from tests.integration.support.daemons import PASSWORD, DaemonProcess, client, free_port
 from tests.integration.support.raw_client import RawClient
 from tests.integration.support.raw_ws import (
@@ -37,6 +43,7 @@ from tests.integration.support.raw_ws import (
     UpgradeRefused,
 )
 from tests.integration.test_backpressure import Canary, counter, percentile
+from tests.integration.test_reliability import shared_broker
 
 PAGE = "http://app.example:8083"
 USERS = ("alice", "bob", "slow", "flooder", "canary_a", "canary_b")
@@ -361,3 +368,63 @@ def drain(client: RawClient) -> None:
             client.read()
         except (ConnectionError, OSError):
             return
+
+
+class CrossNodeGatewayTests(TestCase):
+    """Two nodes on ZooKeeper, Redis and RabbitMQ: a browser on one node's gateway and a
+    phone on the other's TCP port chat through the bus, and any router hands out the
+    right node's WebSocket URL (from the node's registry record)."""
+
+    timeout = 300
+
+    def test_a_browser_on_one_node_and_a_phone_on_another(self) -> None:
+        return ensureDeferred(self._across())  # type: ignore[return-value]
+
+    async def _across(self) -> None:
+        cluster = Cluster(self, count=2, amqp_url=shared_broker(self), websocket=True)
+        ring = ring_of(cluster.nodes)
+        names = (f"user{i}" for i in range(1000))
+        alice = next(n for n in names if ring.node_for(n).node_id == "node1")  # type: ignore[union-attr]
+        bob = next(n for n in names if ring.node_for(n).node_id == "node2")  # type: ignore[union-attr]
+        cluster.start([alice, bob])
+        node1, node2 = cluster.nodes
+        # node2's router sends alice to node1, and names node1's gateway.
+        body = await login_body(node2, alice)
+        self.assertEqual(body["node"]["id"], "node1")
+        self.assertEqual(body["node"]["ws_url"], f"ws://127.0.0.1:{cluster.ws_ports['node1']}/")
+
+        def library_client(user: str, first: DaemonProcess, transport: str) -> ChatClient:
+            routers = [first.router_url] + [n.router_url for n in cluster.nodes if n is not first]
+            chat_client = ChatClient(
+                reactor,
+                routers,
+                user,
+                PASSWORD,
+                device=transport,
+                transport=transport,
+                backoff=Backoff(initial=0.2, maximum=2.0),
+                rng=random.Random(user),
+            )
+            self.addCleanup(lambda: ensureDeferred(chat_client.stop(logout=False)))
+            return chat_client
+
+        browser = library_client(alice, node2, "websocket")
+        phone = library_client(bob, node1, "tcp")
+        shown: list[tuple[str, str]] = []
+        browser.on_message = lambda m: shown.append((getattr(m, "from"), m.text)) or True
+        phone.on_message = lambda m: shown.append((getattr(m, "from"), m.text)) or True
+        await browser.start()
+        await phone.start()
+        assert browser.ticket is not None and phone.ticket is not None
+        self.assertEqual(
+            (browser.ticket.node.node_id, phone.ticket.node.node_id), ("node1", "node2")
+        )
+        outcome = await browser.send_text(bob, "from a browser on node1")
+        self.assertEqual(outcome.status, "delivered")
+        outcome = await phone.send_text(alice, "from a phone on node2")
+        self.assertEqual(outcome.status, "delivered")
+        await eventually(lambda: len(shown) == 2, 30, "both messages shown")
+        self.assertEqual(
+            sorted(shown),
+            sorted([(alice, "from a browser on node1"), (bob, "from a phone on node2")]),
+        )

@@ -84,9 +84,13 @@ class Cluster:
         session_timeout: float = SESSION_TIMEOUT,
         logic: bool = False,
         database_url: str | None = None,
+        websocket: bool = False,
     ) -> None:
         self.test = test
         self.logic = logic
+        self.websocket = websocket
+        # Each node's [ws] port when the WebSocket gateway runs on every node.
+        self.ws_ports: dict[str, int] = {}
         # Each node's [logic] port when the logic service runs on every node.
         self.logic_ports: dict[str, int] = {}
         self.session_timeout = session_timeout
@@ -113,6 +117,9 @@ class Cluster:
         if self.logic:
             port = self.logic_ports[node_id] = free_port()
             logic_section = f"[logic]\nenabled = true\nlisten = tcp:{port}:interface=127.0.0.1\n"
+        if self.websocket:
+            port = self.ws_ports[node_id] = free_port()
+            logic_section += f"[ws]\nenabled = true\nlisten = tcp:{port}:interface=127.0.0.1\n"
         state_section = (
             f"[state]\nbackend = redis\nredis_url = {self.redis.url}\nredis_timeout = 1s\n"
             f"route_ttl = {ROUTE_TTL:g}s\n"
