@@ -15,6 +15,7 @@ import json
 import os
 import random
 import re
+import ssl
 import threading
 import time
 import urllib.error
@@ -428,3 +429,80 @@ class CrossNodeGatewayTests(TestCase):
             sorted(shown),
             sorted([(alice, "from a browser on node1"), (bob, "from a phone on node2")]),
         )
+
+
+def self_signed(directory: str) -> tuple[str, str]:
+    """A key and a certificate for 127.0.0.1 (PEM files), as an operator's would be."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    key_path = os.path.join(directory, "ws-key.pem")
+    cert_path = os.path.join(directory, "ws-cert.pem")
+    with open(key_path, "wb") as handle:
+        handle.write(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
+    with open(cert_path, "wb") as handle:
+        handle.write(certificate.public_bytes(serialization.Encoding.PEM))
+    return key_path, cert_path
+
+
+class SecureGatewayTests(TestCase):
+    """``[ws] listen = ssl:...``: the router hands out wss://, and a chat runs over TLS."""
+
+    timeout = 120
+
+    def test_ssl_listen_gives_wss(self) -> None:
+        workdir = os.path.abspath(self.mktemp())
+        os.makedirs(workdir)
+        key_path, cert_path = self_signed(workdir)
+        port = free_port()
+        daemon = DaemonProcess(
+            os.path.join(workdir, "node"),
+            node_id="wss1",
+            extra=(
+                f"[ws]\nenabled = true\nlisten = ssl:{port}:privateKey={key_path}:"
+                f"certKey={cert_path}:interface=127.0.0.1\n"
+            ),
+        )
+        for user in ("alice", "bob"):
+            added = daemon.cimctl("user", "add", user, stdin=PASSWORD + "\n")
+            self.assertEqual(added.returncode, 0, added.stderr)
+        daemon.start()
+        self.addCleanup(daemon.stop)
+        status, body = daemon.login("alice")
+        self.assertEqual(status, 200)
+        self.assertEqual(body["node"]["ws_url"], f"wss://127.0.0.1:{port}/")
+        tls = ssl.create_default_context(cafile=cert_path)
+        alice = RawWsClient(daemon.router_url, "alice", tls=tls)
+        bob = RawClient(daemon.router_url, "bob")
+        self.addCleanup(alice.close)
+        self.addCleanup(bob.close)
+        chat(self, alice, bob, 1)
+        chat(self, bob, alice, 2)
