@@ -18,7 +18,8 @@ of a WebSocket connection, so the same protocol object serves a browser:
 
 What WebSocket adds is refused here: text messages, and pings (WebSocket's or cim's
 heartbeats) faster than ``max_pings_per_second``. The autobahn protocol
-(cim.gateway) only forwards to this class, so it is tested with a fake.
+(cim.protocols.gateway, and the client's in cim.client.websocket) only forwards
+to this class, so it is tested with a fake.
 """
 
 from __future__ import annotations
