@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 CONFIG ?= etc/cim.ini
 
-.PHONY: run test test-unit test-integration install install-test plugin-cache proto openapi lint typecheck bench bench-full fuzz chaos services clean
+.PHONY: run test test-unit test-integration test-js install install-test plugin-cache proto openapi lint typecheck bench bench-full fuzz chaos services clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -35,8 +35,8 @@ install-test: $(VENV)/.installed-test
 run: install
 	$(BIN)/python -m cim.scripts.foreground $(BIN)/twistd --nodaemon --pidfile= cim --config $(CONFIG)
 
-## Install the test dependencies and run the whole test suite.
-test: install-test plugin-cache
+## Install the test dependencies and run the whole test suite (the JS SDK's too).
+test: install-test plugin-cache test-js
 	$(BIN)/python -m twisted.trial $(TRIAL_ARGS) tests
 
 ## The unit suite alone (tests/unit): no processes, no services, no sleeps; under a minute.
@@ -46,6 +46,13 @@ test-unit: install-test
 ## The integration suite alone (tests/integration): real daemons and services, minutes.
 test-integration: install-test plugin-cache
 	$(BIN)/python -m twisted.trial $(TRIAL_ARGS) tests.integration
+
+## The TypeScript SDK (clients/js): npm ci (the npm registry, versions pinned by its
+## package-lock.json), build, the generated code's staleness check, the protocol test
+## vectors and its unit tests, and the Node <-> Python chat through a real daemon.
+JS := clients/js
+test-js: install-test plugin-cache
+	cd $(JS) && npm ci --no-audit --no-fund && CIM_PYTHON=$(abspath $(BIN)/python) npm test
 
 ## The frame fuzzer after the handshake, both cipher suites: FUZZ_INPUTS inputs (a
 ## million by default; tens of minutes), counts and first failures at the end.

@@ -1,4 +1,4 @@
-"""Figure 5 of issue 18: the WebSocket gateway beside the TCP connector.
+"""Figure 9 (issue 18, acceptance 5): the WebSocket gateway beside the TCP connector.
 
 The same clients (``bench.loadgen``: the real handshake and sealed frames) reach the
 same daemon's node through its TCP port and through its gateway (``[ws]``), one
@@ -89,7 +89,7 @@ def _one_transport(ctx: Context, plan: Plan, transport: str, count: int) -> dict
 
 def figures(results: dict[str, Any] | None) -> list[tuple[str, str, str, str]]:
     """(figure, measured, target, verdict) rows for the report's table."""
-    name = "8. WebSocket gateway"
+    name = "9. WebSocket gateway"
     if results is None:
         return [(name, "not run (--only gateway, or --full)", "", "")]
     if "error" in results:

@@ -231,6 +231,7 @@ def rows(results: dict[str, Any]) -> list[Row]:
     out.extend(_group_rows(results.get("group")))
     out.extend(_offline_rows(results.get("offline")))
     out.extend(_external_rows(results))
+    out.extend(_catch_up_rows(results.get("catch_up")))
     churn = results.get("churn", {})
     if "error" in churn:
         out.append(Row("7. churn", "FAILED", "", churn["error"]))
@@ -362,8 +363,10 @@ def markdown(results: dict[str, Any], analysis: str) -> str:
         "stored (for an offline receiver) or failed, checked for every load; any failure "
         "is listed. Group loads also check that every accepted message reached every "
         "other member once and that every msg:N was acknowledged; the offline pull, that "
-        "it brought every stored message once and left the store empty.\n"
-        "- Figures 4 and 5 run on the embedded daemon in both plans; figure 6 runs the "
+        "it brought every stored message once and left the store empty; the catch-up, "
+        "that the summary was one frame and the client library handed every stored "
+        "message over once, the newest page of the newest conversation first.\n"
+        "- Figures 4, 5 and 8 run on the embedded daemon in both plans; figure 6 runs the "
         "1:1, group and offline scenarios again on PostgreSQL + Redis + RabbitMQ "
         "(`--full`, or `--only backends`).\n"
     )
@@ -371,7 +374,8 @@ def markdown(results: dict[str, Any], analysis: str) -> str:
     add(
         "```sh\nmake bench        # quick: about two minutes, prints the table\n"
         "make bench-full   # everything; rewrites this file\n"
-        "# some scenarios only (idle, one_to_one, group, offline, churn, backends, gateway):\n"
+        "# some scenarios only (idle, one_to_one, group, offline, catch_up, churn, "
+        "backends, gateway):\n"
         ".venv/bin/python -m bench.run --full --only group,offline,backends --no-docs\n"
         "# a daemon from another checkout (a hot-path change), same generator:\n"
         ".venv/bin/python -m bench.run --quick --source /path/to/other/checkout\n```\n"
@@ -522,6 +526,7 @@ def _details(results: dict[str, Any]) -> str:
     out.extend(_group_details(results.get("group")))
     out.extend(_offline_details(results.get("offline")))
     out.extend(_external_details(results))
+    out.extend(_catch_up_details(results.get("catch_up")))
     churn = results.get("churn", {})
     if churn and "error" not in churn:
         out.append("### 7. Churn\n")
@@ -950,6 +955,19 @@ def _external_details(results: dict[str, Any]) -> list[str]:
     out.extend(_group_details(group, f"#### Group fan-out on {EXTERNAL}"))
     out.extend(_offline_details(offline, f"#### Offline messages on {EXTERNAL}"))
     return out
+
+
+def _catch_up_rows(result: dict[str, Any] | None) -> list[Row]:
+    # Imported here: bench.catch_up_report formats with this module's helpers.
+    from bench import catch_up_report
+
+    return catch_up_report.rows(result)
+
+
+def _catch_up_details(result: dict[str, Any] | None) -> list[str]:
+    from bench import catch_up_report
+
+    return catch_up_report.details([result] if result else [])
 
 
 def _pair(row: dict[str, Any] | None, first: str, d1: int, second: str, d2: int) -> str:

@@ -22,15 +22,24 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from bench import gateway, report, scenarios
+from bench import catch_up, gateway, report, scenarios
 from bench.daemon import ROOT
 
 RESULTS_DIR = os.path.join(ROOT, "bench", "results")
 DOCS_PATH = os.path.join(ROOT, "docs", "benchmarks.md")
-SCENARIOS = ("idle", "one_to_one", "group", "offline", "churn", "backends", "gateway")
-QUICK_SCENARIOS = ("idle", "one_to_one", "group", "offline", "churn")
+SCENARIOS = (
+    "idle",
+    "one_to_one",
+    "group",
+    "offline",
+    "catch_up",
+    "churn",
+    "backends",
+    "gateway",
+)
+QUICK_SCENARIOS = ("idle", "one_to_one", "group", "offline", "catch_up", "churn")
 """The quick plan leaves out the external backends (they need the services) and the
-WebSocket gateway beside TCP (figure 8, bench.gateway: a minute more)."""
+WebSocket gateway beside TCP (figure 9, bench.gateway: a minute more)."""
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -159,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
         results["group"] = attempt("group", lambda: scenarios.group(ctx, plan))
     if "offline" in wanted:
         results["offline"] = attempt("offline", lambda: scenarios.offline(ctx, plan))
+    if "catch_up" in wanted:
+        results["catch_up"] = attempt("catch-up", lambda: catch_up.catch_up(ctx, plan))
     if "churn" in wanted:
         results["churn"] = attempt("churn", lambda: scenarios.churn(ctx, plan))
     if "backends" in wanted:

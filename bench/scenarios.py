@@ -64,6 +64,9 @@ class Plan:
     offline_messages: int = 10_000
     offline_senders: int = 8
     offline_window: int = 8
+    catch_up_messages: int = 10_000
+    catch_up_conversations: int = 50
+    """One sender per conversation; each stores an equal share (``bench.catch_up``)."""
     suites: tuple[str, ...] = ("chacha20-poly1305", "rc4-hmac-sha256")
     """The 1:1 saturation runs' suites (figure 6 runs chacha20-poly1305 only)."""
     workers: int = 2

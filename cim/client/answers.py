@@ -51,6 +51,11 @@ ANSWER_TYPES: dict[int, int] = {
     cim_pb2.GROUP_R: cim_pb2.GROUP_A,
     cim_pb2.CONTACTS_R: cim_pb2.CONTACTS_A,
     cim_pb2.ACK_R: cim_pb2.ACK_A,
+    cim_pb2.APP_STATE_R: cim_pb2.APP_STATE_A,
+    cim_pb2.TYPING_R: cim_pb2.TYPING_A,
+    cim_pb2.CHANGE_R: cim_pb2.CHANGE_A,
+    cim_pb2.READ_R: cim_pb2.READ_A,
+    cim_pb2.READERS_R: cim_pb2.READERS_A,
 }
 """Each request frame and the frame that answers it."""
 
@@ -67,11 +72,13 @@ RETRYABLE = frozenset((_ERROR.UNAVAILABLE, _ERROR.RATE_LIMITED, _ERROR.INTERNAL)
 class RequestFailed(Exception):
     """A request got no usable answer (refused, or silent past its retries)."""
 
-    def __init__(self, what: str, why: str, code: int = 0) -> None:
+    def __init__(self, what: str, why: str, code: int = 0, reason: str = "") -> None:
         super().__init__(f"{what}: {why}")
         self.what = what
         self.why = why
         self.code = code
+        self.reason = reason
+        """The ERROR's machine-readable ``reason`` (CHANGE_R's), if it gave one."""
 
 
 class RequestRefused(RequestFailed):
@@ -199,6 +206,11 @@ class Answers:
     def history(self, request: cim_pb2.HistoryR) -> Deferred[cim_pb2.HistoryA]:
         return self.ask(cim_pb2.HISTORY_R, request)
 
+    def change(self, request: cim_pb2.ChangeR) -> Deferred[cim_pb2.ChangeA]:
+        """Not sent again past its deadline: an edit made twice is two entries (a
+        refusal that says "not now" still goes again: the node did nothing)."""
+        return self.ask(cim_pb2.CHANGE_R, request, retry_on_deadline=False)
+
     # --- sending and waiting ----------------------------------------------------------
 
     def _send(self, pending: _Pending) -> None:
@@ -275,10 +287,12 @@ class Answers:
             pending = self._oldest(answer_type, in_flight=True)
         if pending is None:
             return True
-        self._refused_now(pending, error.code, error.message, error.retry_after_ms)
+        self._refused_now(pending, error.code, error.message, error.retry_after_ms, error.reason)
         return True
 
-    def _refused_now(self, pending: _Pending, code: int, message: str, retry_ms: int) -> None:
+    def _refused_now(
+        self, pending: _Pending, code: int, message: str, retry_ms: int, reason: str = ""
+    ) -> None:
         self._cancel_timer(pending)
         pending.in_flight = False
         code_name = _ERROR.Code.Name(code) if code in _ERROR.Code.values() else str(code)
@@ -286,7 +300,8 @@ class Answers:
         if code in RETRYABLE and pending.attempts < self.policy.attempts:
             self._again(pending, retry_ms / 1000, f"refused ({why})")
             return
-        self._fail(pending, Failure(RequestRefused(_name(pending.frame_type), why, code)))
+        refused = RequestRefused(_name(pending.frame_type), why, code, reason)
+        self._fail(pending, Failure(refused))
 
     def _find(self, answer_type: int, key: int) -> _Pending | None:
         return self._pending.get(answer_type, {}).get(key)

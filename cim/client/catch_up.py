@@ -97,6 +97,8 @@ class CatchUp:
         self._acks: list[cim_pb2.Cursor] = []
         self.last_summary: cim_pb2.OfflineSummaryA | None = None
         self.on_summary: Callable[[cim_pb2.OfflineSummaryA], object] = lambda summary: None
+        self.bookkeeping: Callable[[cim_pb2.OfflineSummaryA], None] = lambda summary: None
+        """The library's own state told every summary first (read marks, unread counts)."""
         """Told every summary, before its pull (the console's "while you were away")."""
 
     @property
@@ -213,6 +215,7 @@ class CatchUp:
             self.inbox.anchor(cursor.conversation, cursor.seq)
         for entry in summary.conversations:
             self.inbox.anchor(entry.conversation, entry.cursor, entry.peer, entry.group)
+        self.bookkeeping(summary)
         self.inbox.summary_done(complete=not summary.more)
         try:
             self.on_summary(summary)

@@ -162,6 +162,15 @@ class ImClientProtocol(FrameProtocol):
     def heartbeat_received(self) -> None:
         """The node echoes our heartbeats; frame_activity already noted it is alive."""
 
+    def set_heartbeat(self, interval: float, timeout: float) -> None:
+        """Another pace from now on (the node's APP_STATE_A for the app's state): both
+        timers start again with the new values."""
+        self.heartbeat_interval = interval
+        self.heartbeat_timeout = timeout
+        if self.inbound:
+            self._restart_silence_timer()
+            self._restart_idle_timer()
+
     # --- sending ----------------------------------------------------------------------
 
     def send(self, frame_type: int, message: ProtobufMessage) -> None:
@@ -195,9 +204,16 @@ ESTABLISHED_INBOUND: Inbound = {
         (cim_pb2.OFFLINE_SUMMARY_A, cim_pb2.OfflineSummaryA),
         (cim_pb2.OFFLINE_NOTICE, cim_pb2.OfflineNotice),
         (cim_pb2.HISTORY_A, cim_pb2.HistoryA),
+        (cim_pb2.CHANGE_A, cim_pb2.ChangeA),
+        (cim_pb2.READ_A, cim_pb2.ReadA),
+        (cim_pb2.READ_N, cim_pb2.ReadNotice),
+        (cim_pb2.READERS_A, cim_pb2.ReadersA),
         (cim_pb2.KICKED, cim_pb2.Kicked),
         (cim_pb2.GOING_AWAY, cim_pb2.GoingAway),
         (cim_pb2.ERROR, cim_pb2.Error),
+        (cim_pb2.APP_STATE_A, cim_pb2.AppStateA),
+        (cim_pb2.TYPING_A, cim_pb2.TypingA),
+        (cim_pb2.TYPING_N, cim_pb2.TypingN),
     )
 }
 """What a logged-in client accepts; each goes to ConnectionEvents.frame_received."""

@@ -4,7 +4,9 @@ Incoming messages, delivery outcomes and connection changes print above the prom
 without disturbing what the user is typing (prompt_toolkit's patch_stdout), so one can
 chat while the other side answers. The bottom toolbar always shows the connection
 state, so a user typing into a dead connection knows it (the library keeps the
-message and sends it after reconnecting).
+message and sends it after reconnecting), and who is typing to us ("alice typing…").
+Typing a plain line tells the other side we are typing (one notice per 3 s at most);
+``/app background`` slows the heartbeat as a phone's app would.
 
 Everything that decides what to print is plain methods on ``Console`` taking a
 ``write`` function, so it is tested without a terminal; only ``run`` needs one.
@@ -30,6 +32,7 @@ from prompt_toolkit.patch_stdout import patch_stdout
 from twisted.internet.defer import Deferred
 
 from cim.client.media import media_summary
+from cim.client.reads import ReadEvent, conversation_key
 from cim.client.session import DeliveryOutcome
 from cim.protocols import cim_pb2
 from cim.reactor import ICimReactor
@@ -41,7 +44,13 @@ HELP = """commands:
   /online           which of your contacts are online
   /groups           list your groups
   /history [N]      the last N messages (default 20) of this conversation
+  /read             mark this conversation read (your other devices and, unless
+                    you turned read receipts off, the other side see it: ✓✓)
+  /unread           unread messages per conversation
   /retry            send the last failed message again
+  /app STATE        tell the node the app is in the foreground or the background
+  /recall [MSG_ID]  recall your last message here (or the one named)
+  /edit TEXT        replace the text of your last message here
   /help             this text
   /quit             log out and leave (also Ctrl-D)
 Tab completes commands, user and group names; Up/Down recall earlier lines."""
@@ -53,10 +62,21 @@ COMMANDS = (
     "/online",
     "/groups",
     "/history",
+    "/read",
+    "/unread",
     "/retry",
+    "/app",
+    "/recall",
+    "/edit",
     "/help",
     "/quit",
 )
+
+TYPING_SHOWN = 6.0
+"""Seconds "typing…" stays without a newer notice (the sender repeats it every 3 s
+while typing, so it ends by itself when a "stopped" was lost)."""
+TYPING_EVERY = 3.0
+"""Seconds between our own notices while the user types (the node's rate)."""
 
 HISTORY_DEFAULT = 20
 HISTORY_MOST = 1000
@@ -111,6 +131,14 @@ def clock(ms: int, now: float | None = None) -> str:
 
 
 def body(message: cim_pb2.Message) -> str:
+    if message.change == cim_pb2.RECALL:  # a change entry, as history pages carry them
+        return "(recalled a message)"
+    if message.change == cim_pb2.EDIT:
+        return f"(edited a message: {message.text})"
+    if message.recalled:
+        return "message recalled"
+    if message.edited:
+        return f"{message.text} (edited)"
     if message.HasField("media"):
         text = media_summary(message)
         return f"{text} {message.text}" if message.text else text
@@ -217,10 +245,19 @@ class Console:
         self.state_detail = ""
         self.reconnect_at: float | None = None
         self.last_failed: tuple[int, str, Conversation] | None = None
+        self.last_sent: dict[Conversation, int] = {}
+        """The id of the last message sent in each conversation: what /recall and /edit
+        change when no id is named."""
         self._asked_groups_for: set[str] = set()
         self._app: Any = None
+        self.typing: dict[tuple[str, str], float] = {}
+        """(who, group) -> until when "typing…" shows for them."""
+        self._typing_sent_at = float("-inf")
         client.on_message = self.message_arrived
+        client.on_typing = self.typing_arrived
+        client.on_change = self.change_arrived
         client.on_state = self.state_changed
+        client.on_read = self.read_arrived
         client.catch_up.on_summary = self.summary_arrived
 
     # --- what arrives -----------------------------------------------------------------
@@ -240,7 +277,58 @@ class Console:
             self.known_users.add(sender)
         if message.group and message.group not in self.groups:
             self._learn_group_name(message.group)
+        self.typing.pop((sender, message.group), None)  # the message they were typing
         self.write(self.format_message(message))
+
+    def typing_arrived(self, notice: cim_pb2.TypingN) -> None:
+        key = (getattr(notice, "from"), notice.group)
+        if notice.state == cim_pb2.TYPING_STOPPED:
+            self.typing.pop(key, None)
+        else:
+            self.typing[key] = self.reactor.seconds() + TYPING_SHOWN
+        if self._app is not None:
+            self._app.invalidate()
+
+    def typing_text(self) -> str:
+        """ "alice typing…, bob typing… in #team" for the notices still fresh."""
+        now = self.reactor.seconds()
+        for key in [key for key, until in self.typing.items() if until <= now]:
+            del self.typing[key]
+        parts = []
+        for who, group in sorted(self.typing):
+            where = f" in #{self.groups.get(group, group)}" if group else ""
+            parts.append(f"{who} typing…{where}")
+        return ", ".join(parts)
+
+    def text_changed(self, text: str) -> None:
+        """The user is typing a line for the conversation: say so, every 3 s at most."""
+        where = self.conversation
+        if where is None or not text.strip() or text.startswith("/") or self.state != "online":
+            return
+        now = self.reactor.seconds()
+        if now - self._typing_sent_at < TYPING_EVERY:
+            return
+        self._typing_sent_at = now
+        if where.group:
+            d = self.client.typing(group=where.target)
+        else:
+            d = self.client.typing(where.target)
+        d.addErrback(lambda failure: None)  # a notice is worth no error line
+
+    def format_change(self, change: Any) -> str:
+        """A recall or edit (cim.client.corrections.Change) as one line."""
+        message = change.message
+        where = ""
+        if message is not None and message.group:
+            where = f"#{self.groups.get(message.group, message.group)} "
+        sender = getattr(message, "from") if message is not None else change.by
+        if change.event == "recall":
+            by = "" if change.by == sender else f" by {change.by}"
+            return f"[{clock(change.at_ms)}] {where}{sender}: message recalled{by}"
+        return f"[{clock(change.at_ms)}] {where}{sender}: {change.text} (edited)"
+
+    def change_arrived(self, change: Any) -> None:
+        self.write(self.format_change(change))
 
     def _learn_group_name(self, group_id: str) -> None:
         """An unknown group (added since the last list): list once, name later lines."""
@@ -268,11 +356,32 @@ class Console:
         return f"  ✗ failed: {reason}: {what} (/retry sends it again)"
 
     def outcome_arrived(self, outcome: DeliveryOutcome, what: str, where: Conversation) -> None:
+        if outcome.status != "failed" and outcome.msg_id:
+            self.last_sent[where] = outcome.msg_id
         if outcome.status == "failed":
             self.last_failed = (outcome.client_seq, what, where)
         elif self.last_failed is not None and self.last_failed[0] == outcome.client_seq:
             self.last_failed = None
         self.write(self.format_outcome(outcome, what, where))
+
+    def _name(self, conversation: str) -> str:
+        peer, group = self.client.reads.where(conversation)
+        if group:
+            return f"#{self.groups.get(group, group)}"
+        return peer or conversation
+
+    def read_arrived(self, event: ReadEvent) -> None:
+        """✓✓ when the other side read; another device of ours reading only changes
+        the unread counts (the toolbar)."""
+        if not event.own:
+            self.write(f"  ✓✓ {event.reader} read up to #{event.seq}")
+        if self._app is not None:
+            self._app.invalidate()
+
+    def unread_text(self) -> str:
+        """Unread per conversation, most first (at most 3 in the toolbar)."""
+        counts = sorted(self.client.reads.unread_counts().items(), key=lambda kv: -kv[1])
+        return ", ".join(f"{self._name(key)} {count}" for key, count in counts[:3])
 
     def state_changed(self, state: str, detail: str) -> None:
         """A line for each change the user must know of; the toolbar shows the rest."""
@@ -302,7 +411,11 @@ class Console:
         elif state == "online" and self.state_detail:
             state = f"online {self.state_detail}"
         where = f" → {self.conversation}" if self.conversation else ""
-        return f" {self.user}{where} │ {state} │ /help"
+        typing = self.typing_text()
+        typing = f" │ {typing}" if typing else ""
+        unread = self.unread_text()
+        unread = f" │ unread: {unread}" if unread else ""
+        return f" {self.user}{where} │ {state}{unread}{typing} │ /help"
 
     def prompt_text(self) -> str:
         where = f" → {self.conversation}" if self.conversation else ""
@@ -337,7 +450,12 @@ class Console:
             "/online": self._online,
             "/groups": self._groups,
             "/history": self._history,
+            "/read": self._read,
+            "/unread": self._unread,
             "/retry": self._retry,
+            "/app": self._app_state,
+            "/recall": self._recall,
+            "/edit": self._edit,
         }.get(name)
         if handler is None:
             self.write(f"* unknown command {name}; /help lists them")
@@ -363,6 +481,19 @@ class Console:
         # The Deferred, not on_outcome: it fires even when the send is refused at once.
         outcome: Deferred[DeliveryOutcome] = self.client.send_message(message)
         outcome.addCallback(self.outcome_arrived, what, where)
+
+    async def _app_state(self, argument: str) -> None:
+        state = argument.strip().lower()
+        if state not in ("foreground", "background"):
+            self.write("* usage: /app foreground|background")
+            return
+        answer = await self.client.set_app_state(state)
+        if answer is None:
+            self.write(f"* app in the {state}; the node is told when online again")
+        else:
+            self.write(
+                f"* app in the {state}: heartbeat every {answer.heartbeat_interval_ms / 1000:g} s"
+            )
 
     async def _help(self, argument: str) -> None:
         self.write(HELP)
@@ -450,6 +581,54 @@ class Console:
             self.write(self.format_message(message))
         self.write("---")
 
+    def _last_here(self, what: str) -> int | None:
+        sent = self.last_sent.get(self.conversation) if self.conversation else None
+        if sent is None:
+            self.write(f"* nothing of yours to {what} here: send a message first")
+        return sent
+
+    async def _recall(self, argument: str) -> None:
+        if argument:
+            if not argument.isdigit():
+                self.write("* usage: /recall [MSG_ID]")
+                return
+            msg_id: int | None = int(argument)
+        else:
+            msg_id = self._last_here("recall")
+        if msg_id is None:
+            return
+        change = await self.client.recall(msg_id)
+        self.write(f"* {self.format_change(change)}")
+
+    async def _edit(self, argument: str) -> None:
+        if not argument:
+            self.write("* usage: /edit TEXT (replaces your last message here)")
+            return
+        msg_id = self._last_here("edit")
+        if msg_id is None:
+            return
+        change = await self.client.edit(msg_id, argument)
+        self.write(f"* {self.format_change(change)}")
+
+    async def _read(self, argument: str) -> None:
+        where = self.conversation
+        if where is None:
+            self.write("* no conversation yet: /to USER or /group NAME first")
+            return
+        key = conversation_key(self.user, where.target, where.group)
+        if not self.client.reads.newest(key):
+            self.write(f"* nothing to mark read with {where}")
+            return
+        answer = await self.client.mark_read(key)
+        self.write(f"* {where}: read up to #{answer.seq}")
+
+    async def _unread(self, argument: str) -> None:
+        counts = self.client.reads.unread_counts()
+        if not counts:
+            self.write("* nothing unread")
+        for key, count in sorted(counts.items(), key=lambda kv: -kv[1]):
+            self.write(f"  {self._name(key)}: {count} unread")
+
     async def _retry(self, argument: str) -> None:
         if self.last_failed is None:
             self.write("* nothing failed to send")
@@ -475,6 +654,7 @@ class Console:
             refresh_interval=0.5,
         )
         self._app = session.app
+        session.default_buffer.on_text_changed += lambda buffer: self.text_changed(buffer.text)
         self.write(f"* logged in as {self.user}; /help lists the commands")
         summary = self.client.catch_up.last_summary
         if summary is not None:  # it caught up before we were listening

@@ -8,10 +8,17 @@
   retries or reports it by the chosen policy;
 - receiving: the ``Inbox`` (``cim.client.inbox``) keeps each conversation's watermark,
   drops duplicates, fills gaps with HISTORY_R and hands messages over in seq order;
+- recall and edit, and the changes of others applied to what was handed over:
+  ``Corrections`` (``cim.client.corrections``);
 - catching up after a login: ``CatchUp`` (``cim.client.catch_up``): the summary, then
   pages newest first;
 - requests that wait for an answer, with deadlines and retries: ``Answers``
   (``cim.client.answers``).
+
+The app's state (``set_app_state``: foreground or background) is the session's own:
+the node is told at once and on every new connection, and the connection's heartbeat
+takes the interval the node answers (a background app wakes the radio less often).
+Typing notices go out with ``typing`` and come in through ``on_typing``.
 
 The session itself only routes frames between the connection and these parts, and
 tells the application (``on_message``, ``on_outcome``, ``on_state``).
@@ -24,13 +31,14 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from cim.client.answers import Answers, RequestFailed, RequestPolicy
 from cim.client.catch_up import CatchUp, CatchUpResult
 from cim.client.connection import DEFAULT_MAX_FRAME_SIZE, ImClientProtocol
+from cim.client.corrections import EVENTS, Change, Corrections, change_of
 from cim.client.delivery import (
     REASON_CONNECTION_CLOSED,
     RETRY_AUTO,
@@ -48,6 +56,7 @@ from cim.client.dialing import (
     Unreachable,
 )
 from cim.client.inbox import Inbox
+from cim.client.reads import ReadEvent, ReadState
 from cim.client.router import LoginTicket, RouterClient
 from cim.client.seen import FileSeenStore, MemorySeenStore, SeenStore
 from cim.config import SUITE_CHACHA
@@ -58,8 +67,10 @@ __all__ = [
     "STATUS_NAMES",
     "Backoff",
     "CatchUpResult",
+    "Change",
     "ChatClient",
     "DeliveryOutcome",
+    "ReadEvent",
     "RequestFailed",
     "RetryPolicy",
     "SessionFailed",
@@ -70,10 +81,18 @@ __all__ = [
 
 DEFAULT_BACKOFF = Backoff()
 
+APP_STATES = {"foreground": cim_pb2.APP_FOREGROUND, "background": cim_pb2.APP_BACKGROUND}
+"""The app states ``set_app_state`` takes, and their wire values."""
+
 
 def _decline(message: cim_pb2.Message) -> bool:
     """The default ``on_message``: an application that set none takes nothing, so the
     node keeps every message for one that does (no cursor moves for unseen messages)."""
+    return False
+
+
+def _decline_change(change: Change) -> bool:
+    """The default ``on_change``: as ``on_message``'s, nothing taken."""
     return False
 
 
@@ -178,6 +197,11 @@ class ChatClient:
         self.catch_up = CatchUp(
             reactor, self.answers, self.inbox, lambda: self.max_frame_size, ordered, rng=rng
         )
+        self.corrections = Corrections()
+        """The last messages handed over, with recalls and edits applied."""
+        self.reads = ReadState(user)
+        """Unread counts per conversation, the user's read marks, the peers' (✓✓)."""
+        self.catch_up.bookkeeping = self.reads.summary
         if not receiving:
             self.inbox.close()
         # Application callbacks. on_message returning False declines the message: it is
@@ -185,6 +209,15 @@ class ChatClient:
         self.on_message: Callable[[cim_pb2.Message], object] = _decline
         self.on_state: Callable[[str, str], None] = lambda state, detail: None
         self.on_outcome: Callable[[DeliveryOutcome], None] = lambda outcome: None
+        self.on_typing: Callable[[cim_pb2.TypingN], None] = lambda notice: None
+        self.app_state = "foreground"
+        """What the node is told on every connection (each starts in the foreground)."""
+        # A recall or edit by someone else (or by this user on another device), in its
+        # conversation's order; False declines it as on_message's False does.
+        self.on_change: Callable[[Change], object] = _decline_change
+        self.on_read: Callable[[ReadEvent], None] = lambda event: None
+        """A READ_N: another device of the user read (its unread count dropped), or a
+        1:1 peer read the user's messages up to a seq."""
 
     # --- the session's life -----------------------------------------------------------
 
@@ -225,6 +258,8 @@ class ChatClient:
         waiters, self._online_waiters = self._online_waiters, []
         for waiter in waiters:
             waiter.callback(None)
+        if self.app_state != "foreground":
+            self._tell_app_state().addErrback(self._app_state_failed)
         if not self.inbox.closed:
             self.catch_up.start()
 
@@ -266,8 +301,14 @@ class ChatClient:
         elif frame_type == cim_pb2.MSG_A:
             self.outbox.taken(message)
             self.inbox.own(message.conversation, message.seq)
+            self.reads.sent(message.conversation, message.seq)
+        elif frame_type == cim_pb2.READ_N:
+            self.on_read(self.reads.notice(message))
         elif frame_type == cim_pb2.ACK_N:
             self.outbox.acknowledged(message)
+        elif frame_type == cim_pb2.TYPING_N:
+            if not self.stopping:
+                self.on_typing(message)
         elif frame_type == cim_pb2.OFFLINE_NOTICE:
             mark = self.inbox.watermark(message.conversation) if message.conversation else None
             if mark is None or message.seq > mark:
@@ -302,7 +343,16 @@ class ChatClient:
     # --- receiving --------------------------------------------------------------------
 
     def _deliver(self, message: cim_pb2.Message) -> object:
-        return self.on_message(message)  # looked up now: the application sets it later
+        # The callbacks are looked up now: the application sets them later.
+        change = change_of(message)
+        if change is not None:
+            taken = self.on_change(self.corrections.apply(change))
+        else:
+            self.corrections.remember(message)
+            taken = self.on_message(message)
+        if taken is not False:
+            self.reads.received(message)
+        return taken
 
     def _sending(self, message: cim_pb2.Message) -> bool:
         """Whether ``message`` is one this session sent and still waits to hear about."""
@@ -359,6 +409,70 @@ class ChatClient:
             request.peer = peer_or_group
         return self.answers.history(request)
 
+    # --- recall and edit --------------------------------------------------------------
+
+    def recall(self, msg_id: int) -> Deferred[Change]:
+        """Recall one of this user's messages (within ``[im] recall_window``; a group's
+        owner or admin: any message of the group). Fires with the change made; fails
+        with ``RequestRefused`` (its ``reason``: unknown_message, not_yours, too_late,
+        recalled) when the node refuses, and nothing changed then."""
+        return self._change(cim_pb2.ChangeR(msg_id=msg_id, kind=cim_pb2.RECALL))
+
+    def edit(self, msg_id: int, text: str) -> Deferred[Change]:
+        """Replace the text of one of this user's text messages (within ``[im]
+        edit_window``); refusals as ``recall``'s, and not_text."""
+        return self._change(cim_pb2.ChangeR(msg_id=msg_id, kind=cim_pb2.EDIT, text=text))
+
+    def _change(self, request: cim_pb2.ChangeR) -> Deferred[Change]:
+        d = self.answers.change(request)
+        return d.addCallback(self._changed, request)
+
+    def _changed(self, answer: cim_pb2.ChangeA, request: cim_pb2.ChangeR) -> Change:
+        """The change is in the timeline: its entry's place is dealt with here (as a
+        msg:A's), and what this device was handed reads as changed."""
+        self.inbox.own(answer.conversation, answer.seq)
+        change = Change(
+            EVENTS[answer.kind],
+            answer.msg_id,
+            answer.conversation,
+            answer.replaces_seq,
+            self.user,
+            request.text,
+            answer.changed_at_ms,
+            answer.entry_id,
+            answer.seq,
+        )
+        return self.corrections.apply(change)
+
+    # --- read marks -------------------------------------------------------------------
+
+    def mark_read(self, conversation: str, seq: int | None = None) -> Deferred[cim_pb2.ReadA]:
+        """Mark ``conversation`` (a timeline key, ``Message.conversation``) read up to
+        ``seq``, or (None) up to the newest message this device has there. Fires with
+        READ_A (the mark in effect: a lower ``seq`` changes nothing); a seq past the
+        end or a conversation not the user's fails with ``RequestRefused``. The user's
+        other devices and a 1:1 peer hear of it (READ_N), the peer only while the
+        user's read receipts are on."""
+        if seq is None:
+            seq = self.reads.newest(conversation)
+        if seq <= 0:
+            return fail(ValueError(f"nothing to mark read in {conversation!r} yet"))
+        request = cim_pb2.ReadR(conversation=conversation, seq=seq)
+        d: Deferred[cim_pb2.ReadA] = self.answers.ask(cim_pb2.READ_R, request)
+
+        def marked(answer: cim_pb2.ReadA) -> cim_pb2.ReadA:
+            self.reads.marked(answer)
+            return answer
+
+        return d.addCallback(marked)
+
+    def readers(self, conversation: str, seq: int) -> Deferred[cim_pb2.ReadersA]:
+        """Who has read message ``seq`` of a conversation (its sender asks: anyone
+        else is refused): the count, the names, the members it could count."""
+        request = cim_pb2.ReadersR(conversation=conversation, seq=seq)
+        d: Deferred[cim_pb2.ReadersA] = self.answers.ask(cim_pb2.READERS_R, request)
+        return d
+
     # --- other requests ---------------------------------------------------------------
 
     def online(self, offset: int = 0, limit: int = 100) -> Deferred[cim_pb2.OnlineA]:
@@ -373,6 +487,52 @@ class ChatClient:
     ) -> Deferred[cim_pb2.ContactsAnswer]:
         """Send a CONTACTS_R (list, request, accept, block, settings, ...), get its answer."""
         return self.answers.contacts(request)
+
+    # --- the app's state and typing ---------------------------------------------------
+
+    def set_app_state(self, state: str) -> Deferred[cim_pb2.AppStateA | None]:
+        """The app went to the "foreground" or the "background": the node's idle timeout
+        and this connection's heartbeat follow (``[im] background_heartbeat_interval``).
+
+        Remembered for every later connection. Fires with the node's answer, or None
+        while offline (the next connection tells it); fails if the node refuses.
+        """
+        if state not in APP_STATES:
+            raise ValueError(f"app state is one of {', '.join(APP_STATES)}, not {state!r}")
+        self.app_state = state
+        if self.protocol is None:
+            return succeed(None)
+        return self._tell_app_state()
+
+    def _tell_app_state(self) -> Deferred[cim_pb2.AppStateA | None]:
+        request = cim_pb2.AppStateR(state=APP_STATES[self.app_state])
+        d: Deferred[Any] = self.answers.ask(cim_pb2.APP_STATE_R, request)
+        d.addCallback(self._app_state_answered)
+        return d
+
+    def _app_state_answered(self, answer: cim_pb2.AppStateA) -> cim_pb2.AppStateA:
+        protocol = self.protocol
+        if protocol is not None and answer.heartbeat_interval_ms:
+            protocol.set_heartbeat(
+                answer.heartbeat_interval_ms / 1000, answer.heartbeat_timeout_ms / 1000
+            )
+        return answer
+
+    def _app_state_failed(self, failure: Failure) -> None:
+        # The connection keeps the foreground's heartbeat: more often, never too late.
+        self.log.info("telling the app state failed: {why}", why=failure.getErrorMessage())
+
+    def typing(
+        self, to: str = "", group: str = "", stopped: bool = False
+    ) -> Deferred[cim_pb2.TypingA]:
+        """Tell ``to`` (or the group's other members) that this user is typing, or has
+        stopped. The node passes on one per conversation every 3 s: the answer's
+        ``dropped`` says this one was over that. A refusal (the receiver does not accept
+        you, not a member) fails with ``RequestRefused``."""
+        state = cim_pb2.TYPING_STOPPED if stopped else cim_pb2.TYPING_STARTED
+        request = cim_pb2.TypingR(to=to, group=group, state=state)
+        # Not repeated after its deadline: a late "typing" is worse than none.
+        return self.answers.ask(cim_pb2.TYPING_R, request, retry_on_deadline=False)
 
     # --- sending ----------------------------------------------------------------------
 

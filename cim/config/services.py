@@ -131,6 +131,9 @@ class ImConfig:
     handshake_timeout: float = _opt(10.0, parse_duration, minimum=0.1)
     heartbeat_interval: float = _opt(30.0, parse_duration, minimum=1)
     heartbeat_timeout: float = _opt(0.0, parse_duration, minimum=0)
+    # The heartbeat of a device whose app says it is in the background (APP_STATE_R):
+    # phones save battery and radio; the node waits as many of these intervals.
+    background_heartbeat_interval: float = _opt(270.0, parse_duration, minimum=1, maximum=3600)
     max_connections_per_address: int = _opt(1000, parse_int, minimum=1)
     cipher_suites: tuple[str, ...] = _opt((SUITE_CHACHA, SUITE_RC4), parse_list)
     rsa_key: str = _opt("", parse_str)
@@ -158,6 +161,10 @@ class ImConfig:
     # Messages waiting for the offline store, or transactions for the database,
     # before the node stops reading from the heaviest senders (until half of it).
     max_pending_work: int = _opt(50, parse_int, minimum=1)
+    # How long after sending its sender may recall a message (a group's owner or admin
+    # may recall any message of the group at any time), and edit a text (#15).
+    recall_window: float = _opt(120.0, parse_duration, minimum=0, maximum=86400 * 365)
+    edit_window: float = _opt(900.0, parse_duration, minimum=0, maximum=86400 * 365)
 
     def validate(self) -> None:
         if not self.cipher_suites:
@@ -177,11 +184,26 @@ class ImConfig:
                 str(self.heartbeat_timeout),
                 f"must be longer than heartbeat_interval ({self.heartbeat_interval:g} s)",
             )
+        if self.background_heartbeat_interval < self.heartbeat_interval:
+            raise ConfigError(
+                "im",
+                "background_heartbeat_interval",
+                str(self.background_heartbeat_interval),
+                f"must be at least heartbeat_interval ({self.heartbeat_interval:g} s)",
+            )
 
     @property
     def effective_heartbeat_timeout(self) -> float:
         """Three silent intervals unless configured."""
         return self.heartbeat_timeout or 3 * self.heartbeat_interval
+
+    @property
+    def background_heartbeat_timeout(self) -> float:
+        """The foreground's ratio of timeout to interval (3 unless heartbeat_timeout
+        says otherwise) applied to the background interval: as many heartbeats may be
+        missed in the background as in the foreground (default 810 s)."""
+        ratio = self.effective_heartbeat_timeout / self.heartbeat_interval
+        return ratio * self.background_heartbeat_interval
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,7 @@ from cim.backends.batching import BatchWriter
 from cim.config import CimConfig
 from cim.history.store import conversation_of
 from cim.protocols import cim_pb2
+from cim.storage.changes import ChangeAsked, ChangeMade, change_txn
 from cim.storage.database import Database
 from cim.storage.schema import DEVICE_MAX, GROUP_ID_LENGTH, USER_NAME_MAX
 from cim.storage.timeline import (
@@ -309,6 +310,16 @@ class Timelines:
         if not moves:
             return succeed(0)
         return self._db.run(move_cursors_txn, moves)
+
+    # --- recall and edit ---------------------------------------------------------------
+
+    def change(self, asked: ChangeAsked) -> Deferred[ChangeMade]:
+        """CHANGE_R (cim.storage.changes): its own transaction, not the appends' batch
+        (rare, and its checks must see the row as the entry is written); fails with
+        ``ChangeRefused`` when the change cannot be made, and changes nothing then."""
+        if self._stopping:
+            return fail(TimelineUnavailable("the timeline cannot be written now"))
+        return self._db.run(change_txn, asked)
 
     # --- reading ----------------------------------------------------------------------
 

@@ -69,7 +69,9 @@ def summary_frame(
 ) -> cim_pb2.OfflineSummaryA:
     """The summary in one frame below ``max_bytes``: conversations with unread first
     (newest activity first), their newest text cut when the whole does not fit, then
-    the caught-up cursors while room remains; ``more`` when something was left out.
+    the caught-up cursors and the peers' read marks there while room remains; ``more``
+    when something was left out. Counts are past the device's read point, which the
+    user's read mark raises (cim.storage.read_marks).
 
     Sizes are added up entry by entry (never the whole frame again per entry), so a
     user with thousands of conversations costs one pass."""
@@ -83,6 +85,8 @@ def summary_frame(
             count=min(state.unread, 0xFFFFFFFF),
             last_seq=state.last_seq,
             cursor=state.cursor,
+            read_seq=state.read,
+            peer_read_seq=state.peer_read,
         )
         assert state.newest is not None
         entry.newest.CopyFrom(message_of(state.newest))
@@ -116,6 +120,16 @@ def summary_frame(
             break
         room -= cost
         answer.caught_up.append(mark)
+    for state in states:  # how far 1:1 peers read, where no entry says it
+        if state.unread or not state.peer_read or left_out:
+            continue
+        mark = cim_pb2.Cursor(conversation=state.conversation, seq=state.peer_read)
+        cost = _entry_cost(mark)
+        if cost > room:
+            left_out = True
+            break
+        room -= cost
+        answer.peer_reads.append(mark)
     answer.more = left_out
     return answer
 

@@ -30,6 +30,8 @@ from cim.limits.policy import NoLimits, RateLimits
 from cim.message_ids import MessageIdGenerator
 from cim.metrics import NodeMetrics
 from cim.protocols import cim_pb2
+from cim.storage.changes import ChangeAsked, ChangeMade
+from cim.storage.read_marks import Readers, ReadMark
 from cim.storage.timeline import Appended, ConversationState, TimelinePage
 
 __all__ = [
@@ -46,8 +48,10 @@ __all__ = [
     "NoContacts",
     "NoGroups",
     "NoHistory",
+    "NoReadMarks",
     "NoTimeline",
     "NodeCore",
+    "ReadMarkStore",
     "Stores",
     "TimelineStore",
     "UserExists",
@@ -212,6 +216,9 @@ class TimelineStore(Protocol):
 
     def move_cursor(self, user: str, device: str, conversation: str, seq: int) -> None: ...
 
+    def change(self, asked: ChangeAsked) -> Deferred[ChangeMade]:
+        """A recall or edit (cim.storage.changes): fires once its entry is durable."""
+
     def move_cursors(
         self, user: str, device: str, marks: Sequence[cim_pb2.Cursor]
     ) -> Deferred[int]: ...
@@ -242,6 +249,9 @@ class NoTimeline:
     def move_cursor(self, user: str, device: str, conversation: str, seq: int) -> None:
         pass
 
+    def change(self, asked: ChangeAsked) -> Deferred[ChangeMade]:
+        return fail(TimelineUnavailable("this node keeps no timelines"))
+
     def move_cursors(
         self, user: str, device: str, marks: Sequence[cim_pb2.Cursor]
     ) -> Deferred[int]:
@@ -260,6 +270,25 @@ class NoTimeline:
         max_bytes: int,
     ) -> Deferred[TimelinePage]:
         return fail(TimelineUnavailable("this node keeps no timelines"))
+
+
+class ReadMarkStore(Protocol):
+    """Users' read marks (cim.history.read_marks.ReadMarks); both fail with
+    ``ReadRefused`` (nothing changed) or ``TimelineUnavailable``."""
+
+    def mark(self, user: str, conversation: str, seq: int) -> Deferred[ReadMark]: ...
+
+    def readers(self, asker: str, conversation: str, seq: int) -> Deferred[Readers]: ...
+
+
+class NoReadMarks:
+    """A node without a database keeps no read marks: every request is UNAVAILABLE."""
+
+    def mark(self, user: str, conversation: str, seq: int) -> Deferred[ReadMark]:
+        return fail(TimelineUnavailable("this node keeps no read marks"))
+
+    def readers(self, asker: str, conversation: str, seq: int) -> Deferred[Readers]:
+        return fail(TimelineUnavailable("this node keeps no read marks"))
 
 
 class HistoryAnswers(Protocol):
@@ -289,6 +318,8 @@ class Stores:
     """Which conversations each file was sent in (cim.im.shares)."""
     max_page_bytes: int = 65536
     """The largest frame a page may fill ([im] max_frame_size; less if the client says)."""
+    read_marks: ReadMarkStore = field(default_factory=NoReadMarks)
+    """Users' read marks in their conversations (read receipts, cim.im.receipts)."""
 
 
 # --- bounds ---------------------------------------------------------------------------
@@ -311,6 +342,10 @@ class Bounds:
     """Deliveries (messages times members) waiting for fan-out here, all groups."""
     fanout_backlog_bytes: int = 64 << 20
     """Bytes of the group messages waiting for fan-out here, all groups."""
+    recall_window: float = 120.0
+    """Seconds after sending that its sender may recall a message ([im] recall_window)."""
+    edit_window: float = 900.0
+    """Seconds after sending that its sender may edit a text ([im] edit_window)."""
 
 
 NO_BOUNDS = Bounds()

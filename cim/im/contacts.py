@@ -33,7 +33,11 @@ def _ms(seconds: float) -> int:
 
 
 def settings_proto(settings: Settings) -> cim_pb2.PrivacySettings:
-    return cim_pb2.PrivacySettings(messages=settings.messages, group_adds=settings.group_adds)
+    return cim_pb2.PrivacySettings(
+        messages=settings.messages,
+        group_adds=settings.group_adds,
+        read_receipts=settings.read_receipts,
+    )
 
 
 def _pending_proto(pending: PendingRecord) -> cim_pb2.PendingContact:
@@ -93,7 +97,10 @@ async def answer(
                 raise BadInput("bad_request", "privacy settings are each person's own")
             wanted = request.settings
             settings = await book.change_settings(
-                actor, wanted.messages or None, wanted.group_adds or None
+                actor,
+                wanted.messages or None,
+                wanted.group_adds or None,
+                wanted.read_receipts or None,
             )
             reply.settings.CopyFrom(settings_proto(settings))
         else:

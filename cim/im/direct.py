@@ -90,6 +90,10 @@ def message_problem(
         return "a message needs a receiver ('to') or a group ('group')"
     if message.type == SYSTEM:
         return "system messages come from the server only"
+    if message.change or message.replaces or message.replaces_seq:
+        return "a recall or an edit is asked with CHANGE_R, not sent as a message"
+    if message.recalled or message.edited or message.changed_at_ms or message.changed_by:
+        return "recalled, edited and changed_* are set by the node only"
     if len(message.text) > max_text_length:
         return f"a message text holds at most {max_text_length} characters"
     if message.type in _MEDIA_TYPES and not message.media.url:

@@ -12,9 +12,12 @@ family (or a new room, merged into ``inbound`` below).
     direct     msg:R (every message's claim), ack:R
     groups     group posts: membership, live copies in order; GROUP_R
     catchup    OFFLINE_SUMMARY_R, OFFLINE_R, OFFLINE_ACK_R (timelines), the notice to pull
+    receipts   READ_R, READERS_R: read marks, READ_N to the user's devices and a 1:1 peer
     history    HISTORY_R
+    changes    CHANGE_R: recall and edit, entries in the timelines spread like messages
     presence   ONLINE_R (the caller's contacts and bound accounts only)
     contacts   CONTACTS_R; the contact rules direct, presence and groups ask
+    typing     TYPING_R: live "typing" / "stopped" notices, never stored
     system     server-made messages (the logic service's notices)
 """
 
@@ -23,6 +26,7 @@ from __future__ import annotations
 from typing import Protocol
 
 from cim.im.catchup import Catchup
+from cim.im.changes import MessageChanges
 from cim.im.collaborators import (
     NO_BOUNDS,
     Bounds,
@@ -39,9 +43,11 @@ from cim.im.groups import GroupMessages
 from cim.im.history import HistoryRequests
 from cim.im.peers import Peers
 from cim.im.presence import PresenceRequests
+from cim.im.receipts import ReadReceipts
 from cim.im.routing import Routing
 from cim.im.sessions import Sessions
 from cim.im.system import SystemMessages
+from cim.im.typing_notices import TypingNotices
 from cim.limits.messages import MessageGate
 
 __all__ = ["ImNode", "Room"]
@@ -81,13 +87,28 @@ class ImNode:
             core, directory, self.routing, self.groups, stores, self.gate, bounds.max_text_length
         )
         self.history = HistoryRequests(stores)
+        self.changes = MessageChanges(
+            core, directory, stores, peers, connected, self.routing, self.gate, bounds
+        )
         self.presence = PresenceRequests(core.state.presence, directory)
         self.contacts = ContactRequests(directory)
         self.system = SystemMessages(core, stores, self.catchup)
+        self.typing = TypingNotices(core, directory, peers, connected)
+        self.routing.bus_bodies["typing"] = self.typing.bus_typing_received
         self.sessions = Sessions(core, connected, self.routing)
+        self.receipts = ReadReceipts(core, stores, peers, connected)
+        self.routing.bus_bodies["read"] = self.receipts.read_from_bus
         peers.listen(self.routing.bus_message_received)
         self.inbound: FrameTable = _merged(
-            self.direct, self.groups, self.catchup, self.history, self.presence, self.contacts
+            self.direct,
+            self.groups,
+            self.catchup,
+            self.history,
+            self.presence,
+            self.contacts,
+            self.typing,
+            self.changes,
+            self.receipts,
         )
         """What an authenticated client may send: every other frame type closes the
         connection."""

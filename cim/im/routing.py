@@ -17,6 +17,7 @@ connected here, "pull" notices, and outcomes for senders connected here.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -101,6 +102,9 @@ class Routing:
         self._pending: dict[tuple[int, str], _Pending] = {}
         # receiver -> its unacknowledged msg ids, to settle them when it leaves.
         self._pending_by_receiver: dict[str, set[int]] = {}
+        self.bus_bodies: dict[str, Callable[[Any], None]] = {}
+        """Other rooms' envelope bodies (BusEnvelope's oneof name -> receiver of the
+        body): live notices that are not messages, such as typing and read notices."""
 
     # --- one-to-one routing -----------------------------------------------------------
 
@@ -324,10 +328,13 @@ class Routing:
             session = self._connected.get(outcome.sender)
             if session is not None and session.record.device == outcome.sender_device:
                 session.deliver(ACK_N, outcome.ack)
+        elif kind is not None and kind in self.bus_bodies:
+            self.bus_bodies[kind](getattr(envelope, kind))
 
     def _delivery_from_bus(self, delivery: cim_pb2.BusDelivery) -> None:
         message = delivery.message
-        if message.group:
+        if message.group or message.change:
+            # A group post, or a change entry (cim.im.changes): copies held for no ack.
             moved: list[str] = []
             for member in delivery.receivers:
                 session = self._connected.get(member)

@@ -168,10 +168,16 @@ class ContactBook:
     # --- changes ------------------------------------------------------------------------
 
     async def change_settings(
-        self, user: str, messages: str | None = None, group_adds: str | None = None
+        self,
+        user: str,
+        messages: str | None = None,
+        group_adds: str | None = None,
+        read_receipts: str | None = None,
     ) -> Settings:
         settings = await self._refusing(
-            lambda: self._db.run(set_settings_txn, user, messages, group_adds, self.defaults)
+            lambda: self._db.run(
+                set_settings_txn, user, messages, group_adds, self.defaults, read_receipts
+            )
         )
         self.forget(user)
         return settings

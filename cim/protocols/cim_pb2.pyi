@@ -30,13 +30,25 @@ class FrameType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     OFFLINE_NOTICE: _ClassVar[FrameType]
     HISTORY_R: _ClassVar[FrameType]
     HISTORY_A: _ClassVar[FrameType]
+    CHANGE_R: _ClassVar[FrameType]
+    CHANGE_A: _ClassVar[FrameType]
     GROUP_R: _ClassVar[FrameType]
     GROUP_A: _ClassVar[FrameType]
     CONTACTS_R: _ClassVar[FrameType]
     CONTACTS_A: _ClassVar[FrameType]
+    READ_R: _ClassVar[FrameType]
+    READ_A: _ClassVar[FrameType]
+    READ_N: _ClassVar[FrameType]
+    READERS_R: _ClassVar[FrameType]
+    READERS_A: _ClassVar[FrameType]
     KICKED: _ClassVar[FrameType]
     GOING_AWAY: _ClassVar[FrameType]
     ERROR: _ClassVar[FrameType]
+    APP_STATE_R: _ClassVar[FrameType]
+    APP_STATE_A: _ClassVar[FrameType]
+    TYPING_R: _ClassVar[FrameType]
+    TYPING_A: _ClassVar[FrameType]
+    TYPING_N: _ClassVar[FrameType]
 
 class MessageType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -47,6 +59,12 @@ class MessageType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     LOCATION: _ClassVar[MessageType]
     SYSTEM: _ClassVar[MessageType]
 
+class ChangeKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    CHANGE_NONE: _ClassVar[ChangeKind]
+    RECALL: _ClassVar[ChangeKind]
+    EDIT: _ClassVar[ChangeKind]
+
 class DeliveryStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     DELIVERY_STATUS_UNSPECIFIED: _ClassVar[DeliveryStatus]
@@ -54,6 +72,18 @@ class DeliveryStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     STORED: _ClassVar[DeliveryStatus]
     FAILED: _ClassVar[DeliveryStatus]
     ACCEPTED: _ClassVar[DeliveryStatus]
+
+class AppState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    APP_STATE_UNSPECIFIED: _ClassVar[AppState]
+    APP_FOREGROUND: _ClassVar[AppState]
+    APP_BACKGROUND: _ClassVar[AppState]
+
+class TypingState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    TYPING_STATE_UNSPECIFIED: _ClassVar[TypingState]
+    TYPING_STARTED: _ClassVar[TypingState]
+    TYPING_STOPPED: _ClassVar[TypingState]
 FRAME_TYPE_UNSPECIFIED: FrameType
 CLIENT_HELLO: FrameType
 HANDSHAKE_ERROR: FrameType
@@ -75,24 +105,45 @@ OFFLINE_SUMMARY_A: FrameType
 OFFLINE_NOTICE: FrameType
 HISTORY_R: FrameType
 HISTORY_A: FrameType
+CHANGE_R: FrameType
+CHANGE_A: FrameType
 GROUP_R: FrameType
 GROUP_A: FrameType
 CONTACTS_R: FrameType
 CONTACTS_A: FrameType
+READ_R: FrameType
+READ_A: FrameType
+READ_N: FrameType
+READERS_R: FrameType
+READERS_A: FrameType
 KICKED: FrameType
 GOING_AWAY: FrameType
 ERROR: FrameType
+APP_STATE_R: FrameType
+APP_STATE_A: FrameType
+TYPING_R: FrameType
+TYPING_A: FrameType
+TYPING_N: FrameType
 TEXT: MessageType
 IMAGE: MessageType
 VOICE: MessageType
 FILE: MessageType
 LOCATION: MessageType
 SYSTEM: MessageType
+CHANGE_NONE: ChangeKind
+RECALL: ChangeKind
+EDIT: ChangeKind
 DELIVERY_STATUS_UNSPECIFIED: DeliveryStatus
 DELIVERED: DeliveryStatus
 STORED: DeliveryStatus
 FAILED: DeliveryStatus
 ACCEPTED: DeliveryStatus
+APP_STATE_UNSPECIFIED: AppState
+APP_FOREGROUND: AppState
+APP_BACKGROUND: AppState
+TYPING_STATE_UNSPECIFIED: TypingState
+TYPING_STARTED: TypingState
+TYPING_STOPPED: TypingState
 
 class ClientHello(_message.Message):
     __slots__ = ("version", "offered_suites", "suite", "client_nonce", "key_fingerprint", "sealed_key")
@@ -231,7 +282,7 @@ class Location(_message.Message):
     def __init__(self, lat: _Optional[float] = ..., lon: _Optional[float] = ..., accuracy_m: _Optional[float] = ..., name: _Optional[str] = ...) -> None: ...
 
 class Message(_message.Message):
-    __slots__ = ("id", "to", "type", "text", "client_seq", "sent_at_ms", "device", "client_time_ms", "group", "media", "location", "prev_seq", "group_seq", "conversation", "seq")
+    __slots__ = ("id", "to", "type", "text", "client_seq", "sent_at_ms", "device", "client_time_ms", "group", "media", "location", "prev_seq", "group_seq", "conversation", "seq", "change", "replaces", "replaces_seq", "recalled", "edited", "changed_at_ms", "changed_by")
     ID_FIELD_NUMBER: _ClassVar[int]
     FROM_FIELD_NUMBER: _ClassVar[int]
     TO_FIELD_NUMBER: _ClassVar[int]
@@ -248,6 +299,13 @@ class Message(_message.Message):
     GROUP_SEQ_FIELD_NUMBER: _ClassVar[int]
     CONVERSATION_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
+    CHANGE_FIELD_NUMBER: _ClassVar[int]
+    REPLACES_FIELD_NUMBER: _ClassVar[int]
+    REPLACES_SEQ_FIELD_NUMBER: _ClassVar[int]
+    RECALLED_FIELD_NUMBER: _ClassVar[int]
+    EDITED_FIELD_NUMBER: _ClassVar[int]
+    CHANGED_AT_MS_FIELD_NUMBER: _ClassVar[int]
+    CHANGED_BY_FIELD_NUMBER: _ClassVar[int]
     id: int
     to: str
     type: MessageType
@@ -263,7 +321,14 @@ class Message(_message.Message):
     group_seq: int
     conversation: str
     seq: int
-    def __init__(self, id: _Optional[int] = ..., to: _Optional[str] = ..., type: _Optional[_Union[MessageType, str]] = ..., text: _Optional[str] = ..., client_seq: _Optional[int] = ..., sent_at_ms: _Optional[int] = ..., device: _Optional[str] = ..., client_time_ms: _Optional[int] = ..., group: _Optional[str] = ..., media: _Optional[_Union[Media, _Mapping]] = ..., location: _Optional[_Union[Location, _Mapping]] = ..., prev_seq: _Optional[int] = ..., group_seq: _Optional[int] = ..., conversation: _Optional[str] = ..., seq: _Optional[int] = ..., **kwargs) -> None: ...
+    change: ChangeKind
+    replaces: int
+    replaces_seq: int
+    recalled: bool
+    edited: bool
+    changed_at_ms: int
+    changed_by: str
+    def __init__(self, id: _Optional[int] = ..., to: _Optional[str] = ..., type: _Optional[_Union[MessageType, str]] = ..., text: _Optional[str] = ..., client_seq: _Optional[int] = ..., sent_at_ms: _Optional[int] = ..., device: _Optional[str] = ..., client_time_ms: _Optional[int] = ..., group: _Optional[str] = ..., media: _Optional[_Union[Media, _Mapping]] = ..., location: _Optional[_Union[Location, _Mapping]] = ..., prev_seq: _Optional[int] = ..., group_seq: _Optional[int] = ..., conversation: _Optional[str] = ..., seq: _Optional[int] = ..., change: _Optional[_Union[ChangeKind, str]] = ..., replaces: _Optional[int] = ..., replaces_seq: _Optional[int] = ..., recalled: _Optional[bool] = ..., edited: _Optional[bool] = ..., changed_at_ms: _Optional[int] = ..., changed_by: _Optional[str] = ..., **kwargs) -> None: ...
 
 class MsgA(_message.Message):
     __slots__ = ("client_seq", "msg_id", "sent_at_ms", "conversation", "seq")
@@ -390,7 +455,7 @@ class OfflineSummaryR(_message.Message):
     def __init__(self, request_id: _Optional[int] = ..., max_bytes: _Optional[int] = ...) -> None: ...
 
 class ConversationSummary(_message.Message):
-    __slots__ = ("conversation", "peer", "group", "count", "last_seq", "cursor", "newest", "newest_cut")
+    __slots__ = ("conversation", "peer", "group", "count", "last_seq", "cursor", "newest", "newest_cut", "read_seq", "peer_read_seq")
     CONVERSATION_FIELD_NUMBER: _ClassVar[int]
     PEER_FIELD_NUMBER: _ClassVar[int]
     GROUP_FIELD_NUMBER: _ClassVar[int]
@@ -399,6 +464,8 @@ class ConversationSummary(_message.Message):
     CURSOR_FIELD_NUMBER: _ClassVar[int]
     NEWEST_FIELD_NUMBER: _ClassVar[int]
     NEWEST_CUT_FIELD_NUMBER: _ClassVar[int]
+    READ_SEQ_FIELD_NUMBER: _ClassVar[int]
+    PEER_READ_SEQ_FIELD_NUMBER: _ClassVar[int]
     conversation: str
     peer: str
     group: str
@@ -407,21 +474,25 @@ class ConversationSummary(_message.Message):
     cursor: int
     newest: Message
     newest_cut: bool
-    def __init__(self, conversation: _Optional[str] = ..., peer: _Optional[str] = ..., group: _Optional[str] = ..., count: _Optional[int] = ..., last_seq: _Optional[int] = ..., cursor: _Optional[int] = ..., newest: _Optional[_Union[Message, _Mapping]] = ..., newest_cut: _Optional[bool] = ...) -> None: ...
+    read_seq: int
+    peer_read_seq: int
+    def __init__(self, conversation: _Optional[str] = ..., peer: _Optional[str] = ..., group: _Optional[str] = ..., count: _Optional[int] = ..., last_seq: _Optional[int] = ..., cursor: _Optional[int] = ..., newest: _Optional[_Union[Message, _Mapping]] = ..., newest_cut: _Optional[bool] = ..., read_seq: _Optional[int] = ..., peer_read_seq: _Optional[int] = ...) -> None: ...
 
 class OfflineSummaryA(_message.Message):
-    __slots__ = ("total", "conversations", "caught_up", "more", "request_id")
+    __slots__ = ("total", "conversations", "caught_up", "more", "request_id", "peer_reads")
     TOTAL_FIELD_NUMBER: _ClassVar[int]
     CONVERSATIONS_FIELD_NUMBER: _ClassVar[int]
     CAUGHT_UP_FIELD_NUMBER: _ClassVar[int]
     MORE_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    PEER_READS_FIELD_NUMBER: _ClassVar[int]
     total: int
     conversations: _containers.RepeatedCompositeFieldContainer[ConversationSummary]
     caught_up: _containers.RepeatedCompositeFieldContainer[Cursor]
     more: bool
     request_id: int
-    def __init__(self, total: _Optional[int] = ..., conversations: _Optional[_Iterable[_Union[ConversationSummary, _Mapping]]] = ..., caught_up: _Optional[_Iterable[_Union[Cursor, _Mapping]]] = ..., more: _Optional[bool] = ..., request_id: _Optional[int] = ...) -> None: ...
+    peer_reads: _containers.RepeatedCompositeFieldContainer[Cursor]
+    def __init__(self, total: _Optional[int] = ..., conversations: _Optional[_Iterable[_Union[ConversationSummary, _Mapping]]] = ..., caught_up: _Optional[_Iterable[_Union[Cursor, _Mapping]]] = ..., more: _Optional[bool] = ..., request_id: _Optional[int] = ..., peer_reads: _Optional[_Iterable[_Union[Cursor, _Mapping]]] = ...) -> None: ...
 
 class OfflineNotice(_message.Message):
     __slots__ = ("conversation", "seq")
@@ -464,6 +535,38 @@ class HistoryA(_message.Message):
     message: str
     request_id: int
     def __init__(self, messages: _Optional[_Iterable[_Union[Message, _Mapping]]] = ..., more: _Optional[bool] = ..., next_before: _Optional[int] = ..., error: _Optional[str] = ..., message: _Optional[str] = ..., request_id: _Optional[int] = ...) -> None: ...
+
+class ChangeR(_message.Message):
+    __slots__ = ("request_id", "msg_id", "kind", "text")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    MSG_ID_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    request_id: int
+    msg_id: int
+    kind: ChangeKind
+    text: str
+    def __init__(self, request_id: _Optional[int] = ..., msg_id: _Optional[int] = ..., kind: _Optional[_Union[ChangeKind, str]] = ..., text: _Optional[str] = ...) -> None: ...
+
+class ChangeA(_message.Message):
+    __slots__ = ("request_id", "msg_id", "kind", "conversation", "seq", "entry_id", "changed_at_ms", "replaces_seq")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    MSG_ID_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    CONVERSATION_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    ENTRY_ID_FIELD_NUMBER: _ClassVar[int]
+    CHANGED_AT_MS_FIELD_NUMBER: _ClassVar[int]
+    REPLACES_SEQ_FIELD_NUMBER: _ClassVar[int]
+    request_id: int
+    msg_id: int
+    kind: ChangeKind
+    conversation: str
+    seq: int
+    entry_id: int
+    changed_at_ms: int
+    replaces_seq: int
+    def __init__(self, request_id: _Optional[int] = ..., msg_id: _Optional[int] = ..., kind: _Optional[_Union[ChangeKind, str]] = ..., conversation: _Optional[str] = ..., seq: _Optional[int] = ..., entry_id: _Optional[int] = ..., changed_at_ms: _Optional[int] = ..., replaces_seq: _Optional[int] = ...) -> None: ...
 
 class GroupRequest(_message.Message):
     __slots__ = ("request_id", "create", "rename", "add", "remove", "leave", "dissolve", "list", "members", "promote", "invite", "accept", "decline", "invitations")
@@ -626,12 +729,80 @@ class ContactRef(_message.Message):
     def __init__(self, user: _Optional[str] = ...) -> None: ...
 
 class PrivacySettings(_message.Message):
-    __slots__ = ("messages", "group_adds")
+    __slots__ = ("messages", "group_adds", "read_receipts")
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
     GROUP_ADDS_FIELD_NUMBER: _ClassVar[int]
+    READ_RECEIPTS_FIELD_NUMBER: _ClassVar[int]
     messages: str
     group_adds: str
-    def __init__(self, messages: _Optional[str] = ..., group_adds: _Optional[str] = ...) -> None: ...
+    read_receipts: str
+    def __init__(self, messages: _Optional[str] = ..., group_adds: _Optional[str] = ..., read_receipts: _Optional[str] = ...) -> None: ...
+
+class ReadR(_message.Message):
+    __slots__ = ("request_id", "conversation", "seq")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    CONVERSATION_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    request_id: int
+    conversation: str
+    seq: int
+    def __init__(self, request_id: _Optional[int] = ..., conversation: _Optional[str] = ..., seq: _Optional[int] = ...) -> None: ...
+
+class ReadA(_message.Message):
+    __slots__ = ("request_id", "conversation", "seq", "moved", "last_seq")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    CONVERSATION_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    MOVED_FIELD_NUMBER: _ClassVar[int]
+    LAST_SEQ_FIELD_NUMBER: _ClassVar[int]
+    request_id: int
+    conversation: str
+    seq: int
+    moved: bool
+    last_seq: int
+    def __init__(self, request_id: _Optional[int] = ..., conversation: _Optional[str] = ..., seq: _Optional[int] = ..., moved: _Optional[bool] = ..., last_seq: _Optional[int] = ...) -> None: ...
+
+class ReadNotice(_message.Message):
+    __slots__ = ("conversation", "reader", "seq", "last_seq", "peer", "group")
+    CONVERSATION_FIELD_NUMBER: _ClassVar[int]
+    READER_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    LAST_SEQ_FIELD_NUMBER: _ClassVar[int]
+    PEER_FIELD_NUMBER: _ClassVar[int]
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    conversation: str
+    reader: str
+    seq: int
+    last_seq: int
+    peer: str
+    group: str
+    def __init__(self, conversation: _Optional[str] = ..., reader: _Optional[str] = ..., seq: _Optional[int] = ..., last_seq: _Optional[int] = ..., peer: _Optional[str] = ..., group: _Optional[str] = ...) -> None: ...
+
+class ReadersR(_message.Message):
+    __slots__ = ("request_id", "conversation", "seq")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    CONVERSATION_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    request_id: int
+    conversation: str
+    seq: int
+    def __init__(self, request_id: _Optional[int] = ..., conversation: _Optional[str] = ..., seq: _Optional[int] = ...) -> None: ...
+
+class ReadersA(_message.Message):
+    __slots__ = ("request_id", "conversation", "seq", "count", "readers", "members")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    CONVERSATION_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    READERS_FIELD_NUMBER: _ClassVar[int]
+    MEMBERS_FIELD_NUMBER: _ClassVar[int]
+    request_id: int
+    conversation: str
+    seq: int
+    count: int
+    readers: _containers.RepeatedScalarFieldContainer[str]
+    members: int
+    def __init__(self, request_id: _Optional[int] = ..., conversation: _Optional[str] = ..., seq: _Optional[int] = ..., count: _Optional[int] = ..., readers: _Optional[_Iterable[str]] = ..., members: _Optional[int] = ...) -> None: ...
 
 class Contact(_message.Message):
     __slots__ = ("user", "since_ms", "approved_by")
@@ -687,17 +858,84 @@ class ContactsAnswer(_message.Message):
     settings: PrivacySettings
     def __init__(self, request_id: _Optional[int] = ..., ok: _Optional[bool] = ..., error: _Optional[str] = ..., message: _Optional[str] = ..., status: _Optional[str] = ..., book: _Optional[_Union[ContactBook, _Mapping]] = ..., settings: _Optional[_Union[PrivacySettings, _Mapping]] = ...) -> None: ...
 
+class AppStateR(_message.Message):
+    __slots__ = ("state", "request_id")
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    state: AppState
+    request_id: int
+    def __init__(self, state: _Optional[_Union[AppState, str]] = ..., request_id: _Optional[int] = ...) -> None: ...
+
+class AppStateA(_message.Message):
+    __slots__ = ("state", "heartbeat_interval_ms", "heartbeat_timeout_ms", "request_id")
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_INTERVAL_MS_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    state: AppState
+    heartbeat_interval_ms: int
+    heartbeat_timeout_ms: int
+    request_id: int
+    def __init__(self, state: _Optional[_Union[AppState, str]] = ..., heartbeat_interval_ms: _Optional[int] = ..., heartbeat_timeout_ms: _Optional[int] = ..., request_id: _Optional[int] = ...) -> None: ...
+
+class TypingR(_message.Message):
+    __slots__ = ("to", "group", "state", "request_id")
+    TO_FIELD_NUMBER: _ClassVar[int]
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    to: str
+    group: str
+    state: TypingState
+    request_id: int
+    def __init__(self, to: _Optional[str] = ..., group: _Optional[str] = ..., state: _Optional[_Union[TypingState, str]] = ..., request_id: _Optional[int] = ...) -> None: ...
+
+class TypingA(_message.Message):
+    __slots__ = ("request_id", "dropped")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_FIELD_NUMBER: _ClassVar[int]
+    request_id: int
+    dropped: bool
+    def __init__(self, request_id: _Optional[int] = ..., dropped: _Optional[bool] = ...) -> None: ...
+
+class TypingN(_message.Message):
+    __slots__ = ("device", "to", "group", "state", "conversation")
+    FROM_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    TO_FIELD_NUMBER: _ClassVar[int]
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    CONVERSATION_FIELD_NUMBER: _ClassVar[int]
+    device: str
+    to: str
+    group: str
+    state: TypingState
+    conversation: str
+    def __init__(self, device: _Optional[str] = ..., to: _Optional[str] = ..., group: _Optional[str] = ..., state: _Optional[_Union[TypingState, str]] = ..., conversation: _Optional[str] = ..., **kwargs) -> None: ...
+
 class BusEnvelope(_message.Message):
-    __slots__ = ("origin_node", "deliver", "outcome", "stored")
+    __slots__ = ("origin_node", "deliver", "outcome", "stored", "typing", "read")
     ORIGIN_NODE_FIELD_NUMBER: _ClassVar[int]
     DELIVER_FIELD_NUMBER: _ClassVar[int]
     OUTCOME_FIELD_NUMBER: _ClassVar[int]
     STORED_FIELD_NUMBER: _ClassVar[int]
+    TYPING_FIELD_NUMBER: _ClassVar[int]
+    READ_FIELD_NUMBER: _ClassVar[int]
     origin_node: str
     deliver: BusDelivery
     outcome: BusOutcome
     stored: OfflineReady
-    def __init__(self, origin_node: _Optional[str] = ..., deliver: _Optional[_Union[BusDelivery, _Mapping]] = ..., outcome: _Optional[_Union[BusOutcome, _Mapping]] = ..., stored: _Optional[_Union[OfflineReady, _Mapping]] = ...) -> None: ...
+    typing: BusTyping
+    read: BusRead
+    def __init__(self, origin_node: _Optional[str] = ..., deliver: _Optional[_Union[BusDelivery, _Mapping]] = ..., outcome: _Optional[_Union[BusOutcome, _Mapping]] = ..., stored: _Optional[_Union[OfflineReady, _Mapping]] = ..., typing: _Optional[_Union[BusTyping, _Mapping]] = ..., read: _Optional[_Union[BusRead, _Mapping]] = ...) -> None: ...
+
+class BusRead(_message.Message):
+    __slots__ = ("receivers", "notice")
+    RECEIVERS_FIELD_NUMBER: _ClassVar[int]
+    NOTICE_FIELD_NUMBER: _ClassVar[int]
+    receivers: _containers.RepeatedScalarFieldContainer[str]
+    notice: ReadNotice
+    def __init__(self, receivers: _Optional[_Iterable[str]] = ..., notice: _Optional[_Union[ReadNotice, _Mapping]] = ...) -> None: ...
 
 class BusDelivery(_message.Message):
     __slots__ = ("message", "receivers", "sender_device")
@@ -718,6 +956,14 @@ class OfflineReady(_message.Message):
     conversation: str
     seq: int
     def __init__(self, receivers: _Optional[_Iterable[str]] = ..., conversation: _Optional[str] = ..., seq: _Optional[int] = ...) -> None: ...
+
+class BusTyping(_message.Message):
+    __slots__ = ("notice", "receivers")
+    NOTICE_FIELD_NUMBER: _ClassVar[int]
+    RECEIVERS_FIELD_NUMBER: _ClassVar[int]
+    notice: TypingN
+    receivers: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, notice: _Optional[_Union[TypingN, _Mapping]] = ..., receivers: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class BusOutcome(_message.Message):
     __slots__ = ("sender", "sender_device", "ack")
@@ -760,7 +1006,7 @@ class GoingAway(_message.Message):
     def __init__(self, reason: _Optional[str] = ..., reconnect_after_ms: _Optional[int] = ...) -> None: ...
 
 class Error(_message.Message):
-    __slots__ = ("code", "message", "request_type", "client_seq", "retry_after_ms", "request_id")
+    __slots__ = ("code", "message", "request_type", "client_seq", "retry_after_ms", "request_id", "reason")
     class Code(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         CODE_UNSPECIFIED: _ClassVar[Error.Code]
@@ -781,10 +1027,12 @@ class Error(_message.Message):
     CLIENT_SEQ_FIELD_NUMBER: _ClassVar[int]
     RETRY_AFTER_MS_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
     code: Error.Code
     message: str
     request_type: FrameType
     client_seq: int
     retry_after_ms: int
     request_id: int
-    def __init__(self, code: _Optional[_Union[Error.Code, str]] = ..., message: _Optional[str] = ..., request_type: _Optional[_Union[FrameType, str]] = ..., client_seq: _Optional[int] = ..., retry_after_ms: _Optional[int] = ..., request_id: _Optional[int] = ...) -> None: ...
+    reason: str
+    def __init__(self, code: _Optional[_Union[Error.Code, str]] = ..., message: _Optional[str] = ..., request_type: _Optional[_Union[FrameType, str]] = ..., client_seq: _Optional[int] = ..., retry_after_ms: _Optional[int] = ..., request_id: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...

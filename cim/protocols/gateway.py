@@ -106,7 +106,7 @@ class GatewayProtocol(FramesOverMessages, WebSocketServerProtocol):  # type: ign
         factory = self.factory
         self._upgraded()
         # The upgrade's request and answer, kept by autobahn for its test suite, are
-        # about 1.5 KiB of each idle connection (docs/benchmarks.md, figure 8).
+        # about 1.5 KiB of each idle connection (docs/benchmarks.md, figure 9).
         for name in _UPGRADE_LEFTOVERS:
             self.__dict__.pop(name, None)
         frames = MessageTransport(self, factory.clock, factory.config.max_pings_per_second)

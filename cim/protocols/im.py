@@ -9,6 +9,10 @@ connection. An established connection's frames go to the room that answers them,
 with the connection as the session, once the edge (cim.im.edge) found every number
 in them within the stores' range; a frame that is not is answered BAD_REQUEST, and
 a connection that sends ``[im] max_bad_frames`` of them is closed.
+
+APP_STATE_R is the connection's own frame (not a room's): a device whose app is in
+the background heartbeats every ``[im] background_heartbeat_interval``, and the
+silence the node waits for before closing follows.
 """
 
 from __future__ import annotations
@@ -54,6 +58,10 @@ LOGIN_RESULT = cim_pb2.LOGIN_RESULT
 KICKED = cim_pb2.KICKED
 GOING_AWAY = cim_pb2.GOING_AWAY
 OFFLINE_NOTICE = cim_pb2.OFFLINE_NOTICE
+APP_STATE_A = cim_pb2.APP_STATE_A
+ERROR = cim_pb2.ERROR
+APP_BACKGROUND = cim_pb2.APP_BACKGROUND
+APP_FOREGROUND = cim_pb2.APP_FOREGROUND
 _NODE_PAUSE = 1
 """Reading paused because the node has too much queued (NodeQueue)."""
 _BUDGET_PAUSE = 2
@@ -101,6 +109,8 @@ class ImServerProtocol(FrameProtocol, SweptTimeoutMixin):
         )
         # Why reading is paused: _NODE_PAUSE and/or _BUDGET_PAUSE (0: reading).
         self.reading_held = 0
+        self.background = False
+        """The app said it is in the background (APP_STATE_R): the longer timeout."""
 
     # --- connection lifecycle ---------------------------------------------------------
 
@@ -189,7 +199,7 @@ class ImServerProtocol(FrameProtocol, SweptTimeoutMixin):
         self.reading_held &= ~why
         if self.reading_held or self.state is not ConnectionState.ESTABLISHED:
             return
-        self.setTimeout(self.factory.config.effective_heartbeat_timeout)
+        self.setTimeout(self.heartbeat_timeout())
         self.resumeProducing()
 
     def may_take_live_copy(self) -> bool:
@@ -236,6 +246,47 @@ class ImServerProtocol(FrameProtocol, SweptTimeoutMixin):
             self.frame_rejected("unexpected heartbeat", "before the handshake")
             return
         self.send_heartbeat()
+
+    # --- the app's state (foreground, background) -------------------------------------
+
+    def heartbeat_timeout(self) -> float:
+        """The silence after which this connection is closed, for its app's state."""
+        config = self.factory.config
+        if self.background:
+            return config.background_heartbeat_timeout
+        return config.effective_heartbeat_timeout
+
+    def app_state_received(self, request: cim_pb2.AppStateR) -> None:
+        """APP_STATE_R: the idle timeout follows the app's state at once; the answer
+        says which heartbeat interval the node expects from now on."""
+        if request.state not in (APP_FOREGROUND, APP_BACKGROUND):
+            self.deliver(
+                ERROR,
+                cim_pb2.Error(
+                    code=cim_pb2.Error.BAD_REQUEST,
+                    message="state must be APP_FOREGROUND or APP_BACKGROUND",
+                    request_type=cim_pb2.APP_STATE_R,
+                    request_id=request.request_id,
+                ),
+            )
+            return
+        self.background = request.state == APP_BACKGROUND
+        config = self.factory.config
+        interval = (
+            config.background_heartbeat_interval if self.background else config.heartbeat_interval
+        )
+        timeout = self.heartbeat_timeout()
+        if not self.reading_held:  # held: the deadline waits, and is set on release
+            self.setTimeout(timeout)
+        self.deliver(
+            APP_STATE_A,
+            cim_pb2.AppStateA(
+                state=request.state,
+                heartbeat_interval_ms=int(interval * 1000),
+                heartbeat_timeout_ms=int(timeout * 1000),
+                request_id=request.request_id,
+            ),
+        )
 
     def plaintext_frame_received(self, body: bytes) -> None:
         if self.state is not ConnectionState.AWAITING_HELLO:
@@ -475,8 +526,9 @@ class ImServerFactory(Factory):
         self.clock = clock
         self.metrics = metrics
         self.replay_guard = ReplayGuard(clock, config.handshake_replay_window)
-        self.inbound = checked_at_the_edge(node.inbound)
-        """The rooms' frame table behind the edge's number checks (cim.im.edge)."""
+        self.inbound = checked_at_the_edge({**node.inbound, **CONNECTION_FRAMES})
+        """The rooms' frame table and the connection's own, behind the edge's number
+        checks (cim.im.edge)."""
         self.log_limit = LogLimit(clock)
         """One line per connection and reason per minute for what a client gets wrong."""
         # Deadlines are checked at a quarter of the shortest timeout, at most each second.
@@ -536,6 +588,12 @@ class ImServerFactory(Factory):
                     id=node.node_id, host=node.host, port=node.port, ws_url=node.ws_url
                 )
         return cim_pb2.NodeAddress(id=node_id)
+
+
+CONNECTION_FRAMES: FrameTable = {
+    cim_pb2.APP_STATE_R: (cim_pb2.AppStateR, ImServerProtocol.app_state_received),
+}
+"""Frames about the connection itself, answered by the protocol, not by a room."""
 
 
 def checked_at_the_edge(table: FrameTable) -> FrameTable:

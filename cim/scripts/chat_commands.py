@@ -1,15 +1,20 @@
-"""cim-client send, listen, sync, online and history: the IM connection's commands.
+"""cim-client send, listen, sync, online, history, typing, read: the IM connection's commands.
 
 Only ``listen`` (and the console) take received messages: they print the catch-up, each
 conversation oldest first and each message once, then live messages, and acknowledge
-what they printed. The others move no cursor: ``sync`` prints the catch-up summary
-(unread per conversation) without taking anything, ``history`` reads a timeline
-whatever the cursors.
+what they printed; ``listen`` prints typing notices too (``"event": "typing"``), which
+are never stored and not counted by ``--count``, a recall or edit as a line with
+``event`` "recall" or "edit", and read notices as ``"event": "read"`` lines. The others
+move no cursor: ``sync`` prints the catch-up summary (unread per conversation) without
+taking anything, ``history`` reads a timeline whatever the cursors, ``typing`` sends one
+notice, ``read`` marks a conversation read (the user's other devices and a 1:1 peer
+hear of it).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from typing import Any
 
@@ -25,12 +30,19 @@ from cim.scripts.output import (
     EXIT_FAILED,
     EXIT_OK,
     EXIT_REFUSED,
+    EXIT_USAGE,
     ClientExit,
     OutputClosed,
     emit,
     write_line,
 )
-from cim.scripts.records import message_json, outcome_record, summary_record
+from cim.scripts.records import (
+    change_record,
+    message_json,
+    outcome_record,
+    summary_record,
+    typing_json,
+)
 
 HISTORY_PAGE = 200
 """The most the node answers per HISTORY_R."""
@@ -87,6 +99,59 @@ def add_chat_commands(commands: Any) -> None:
         default=0,
         help="only messages older than this seq (the last one printed, to go on)",
     )
+    typing = commands.add_parser(
+        "typing",
+        help='tell TO (or a group\'s other members) that you are typing; prints "sent" '
+        'or "dropped" (one per conversation every 3 s goes on)',
+    )
+    typing.add_argument("to", nargs="?", default="", help="the other user")
+    typing.add_argument("--group", default="", metavar="G", help="a group (id or name)")
+    typing.add_argument("--stopped", action="store_true", help='say "stopped" instead of "typing"')
+
+
+def add_read_command(commands: Any) -> None:
+    read = commands.add_parser(
+        "read", help="mark a conversation read up to SEQ (default: its newest message)"
+    )
+    read.add_argument(
+        "conversation",
+        metavar="CONVERSATION",
+        help="the other user, a group (with --group), or a conversation key (d:... / g:...)",
+    )
+    read.add_argument("seq", nargs="?", type=positive, default=None, help="read up to here")
+    read.add_argument("--group", action="store_true", help="CONVERSATION names a group")
+
+
+async def read_command(client: Any, options: argparse.Namespace) -> int:
+    """Mark read; prints the mark in effect (``moved`` false: it was already there).
+    A seq past the end is refused (exit 1), a conversation not yours too (exit 4)."""
+    from cim.client.answers import RequestRefused
+    from cim.client.reads import conversation_key
+    from cim.protocols import cim_pb2
+
+    name = await resolve_group(client, options.conversation) if options.group else None
+    key = conversation_key(client.user, name or options.conversation, group=bool(name))
+    seq = options.seq
+    if seq is None:
+        await client.offline_summary()  # the newest seq of each conversation; takes nothing
+        seq = client.reads.newest(key)
+        if not seq:
+            raise ClientExit(EXIT_FAILED, f"no messages in {key} to mark read")
+    try:
+        answer = await client.mark_read(key, seq)
+    except RequestRefused as refused:
+        forbidden = refused.code == cim_pb2.Error.FORBIDDEN
+        status = EXIT_REFUSED if forbidden else EXIT_FAILED
+        raise ClientExit(status, f"not marked: {refused.why}") from None
+    emit(
+        {
+            "conversation": answer.conversation,
+            "seq": answer.seq,
+            "moved": answer.moved,
+            "last_seq": answer.last_seq,
+        }
+    )
+    return EXIT_OK
 
 
 async def send_command(reactor: ICimReactor, client: Any, options: argparse.Namespace) -> int:
@@ -155,6 +220,28 @@ async def history_command(client: Any, options: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+async def typing_command(client: Any, options: argparse.Namespace) -> int:
+    """One typing notice. Refused (the receiver does not accept you, not a member of
+    the group): exit status 4, as a refused message."""
+    from cim.client.answers import RequestRefused
+
+    if bool(options.to) == bool(options.group):
+        raise ClientExit(EXIT_USAGE, "name the other user (TO) or --group G, one of them")
+    group = await resolve_group(client, options.group) if options.group else ""
+    try:
+        answer = await client.typing(options.to, group, stopped=options.stopped)
+    except RequestRefused as refusal:
+        raise ClientExit(EXIT_REFUSED, f"typing refused: {refusal.why}") from None
+    record = {
+        "to": options.to or None,
+        "group": group or None,
+        "state": "stopped" if options.stopped else "typing",
+        "status": "dropped" if answer.dropped else "sent",
+    }
+    emit({key: value for key, value in record.items() if value is not None})
+    return EXIT_OK
+
+
 class Listener:
     """``listen``: prints messages until --count, --timeout, a kick or (with
     --no-reconnect) a lost connection; a lost connection otherwise is one line on
@@ -162,9 +249,11 @@ class Listener:
 
     First the catch-up: every conversation with unread messages, newest activity first,
     each oldest first; then live messages as they come (in seq order per conversation:
-    the library fills gaps). Exactly --count messages are taken: the cursor moves only
-    over printed messages, and once the count is reached the library takes no more, so
-    what came with them (the rest of a page, a live one) stays unread for the next run.
+    the library fills gaps), and read notices (``"event": "read"``: the user's other
+    device read, or a 1:1 peer read up to a seq). Exactly --count messages are taken:
+    the cursor moves only over printed messages, and once the count is reached the
+    library takes no more, so what came with them (the rest of a page, a live one)
+    stays unread for the next run.
     """
 
     def __init__(self, reactor: ICimReactor, client: Any, options: argparse.Namespace) -> None:
@@ -183,6 +272,9 @@ class Listener:
 
     async def run(self) -> int:
         self.client.on_message = self.arrived
+        self.client.on_typing = self.typing
+        self.client.on_change = self.changed
+        self.client.on_read = self.read
         self.client.on_state = self.state_changed
         if self.timeout:
             self.reactor.callLater(self.timeout, self.timed_out)
@@ -204,8 +296,16 @@ class Listener:
             self.done.callback(ending)
 
     def arrived(self, message: Any) -> bool:
+        return self._print(message_json(message))
+
+    def changed(self, change: Any) -> bool:
+        """A recall or edit: one line with its ``event`` ("recall", "edit"); it counts
+        toward --count like a message (it is an entry of the timeline)."""
+        return self._print(json.dumps(change_record(change), ensure_ascii=False))
+
+    def _print(self, line: str) -> bool:
         try:
-            write_line(message_json(message))
+            write_line(line)
         except OutputClosed:
             self.finish(EXIT_OK)
             return False  # not shown to anyone: the node keeps it
@@ -213,6 +313,24 @@ class Listener:
         if self.count and self.received >= self.count:
             self.finish(EXIT_OK)  # after this one, which is taken
         return True
+
+    def typing(self, notice: Any) -> None:
+        """Printed as it comes, not counted: a notice is no message."""
+        if self.done.called:
+            return
+        try:
+            write_line(typing_json(notice))
+        except OutputClosed:
+            self.finish(EXIT_OK)
+
+    def read(self, event: Any) -> None:
+        """A read notice: one ``"event": "read"`` line (not counted in --count)."""
+        if self.done.called:
+            return
+        try:
+            write_line(json.dumps(event.json_record(), ensure_ascii=False))
+        except OutputClosed:
+            self.finish(EXIT_OK)
 
     def timed_out(self) -> None:
         if self.count:

@@ -5,11 +5,14 @@
     cim-client --user U sync
     cim-client --user U online
     cim-client --user U history PEER [--group] [--limit N] [--before SEQ]
+    cim-client --user U typing TO|--group G [--stopped]
+    cim-client --user U recall MSG_ID | edit MSG_ID TEXT
     cim-client --user U group create|add|invite|remove|leave|list|members|send ...
     cim-client --user U group accept|decline GROUP | invitations
     cim-client --user U contacts list | request|accept|decline|remove|block|unblock USER
                                  [--for DEVICE] | policy [contacts|everyone]
-                                 [--group-adds contacts|nobody]
+                                 [--group-adds contacts|nobody] [--read-receipts on|off]
+    cim-client --user U read CONVERSATION [SEQ] [--group]   (a user, a group, or a key)
     cim-client [--files URL] --user U send-file TO PATH [--group]
     cim-client [--files URL] [--user U] download URL [-o PATH|-] [--force]
     cim-client --user U                      (interactive console)
@@ -35,9 +38,9 @@ is one line on stderr and an exit status: 0 ok, 1 the operation failed, 2 usage,
 5 ``listen --no-reconnect`` lost its connection. Logging goes to stderr: warnings and
 errors only, ``-v`` adds the library's progress, ``-vv`` everything.
 
-The commands live by concern: chat_commands (send, listen, sync, online, history),
-group_commands, contact_commands, file_commands, logic_commands; login says how each
-logs in and which status each failure gets.
+The commands live by concern: chat_commands (send, listen, sync, online, history, typing),
+change_commands (recall, edit), group_commands, contact_commands, file_commands,
+logic_commands; login says how each logs in and which status each failure gets.
 """
 
 from __future__ import annotations
@@ -53,13 +56,17 @@ from typing import Any, cast
 from cim.config import KNOWN_SUITES
 from cim.reactor import ICimReactor
 from cim.scripts.arguments import OneLineParser
+from cim.scripts.change_commands import CHANGE_COMMANDS, add_change_commands, change_command
 from cim.scripts.chat_commands import (
     Listener,
     add_chat_commands,
+    add_read_command,
     history_command,
     online_command,
+    read_command,
     send_command,
     sync_command,
+    typing_command,
 )
 from cim.scripts.contact_commands import add_contact_commands, contacts_command
 from cim.scripts.file_commands import (
@@ -152,6 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command")
     add_chat_commands(commands)
+    add_change_commands(commands)
+    add_read_command(commands)
     add_group_commands(commands)
     add_contact_commands(commands)
     add_file_commands(commands)
@@ -183,10 +192,16 @@ async def run(reactor: ICimReactor, options: argparse.Namespace) -> int:
             return await contacts_command(client, options)
         if options.command == "history":
             return await history_command(client, options)
+        if options.command in CHANGE_COMMANDS:
+            return await change_command(client, options)
         if options.command == "online":
             return await online_command(client)
+        if options.command == "typing":
+            return await typing_command(client, options)
         if options.command == "sync":
             return await sync_command(client)
+        if options.command == "read":
+            return await read_command(client, options)
         if options.command == "listen":
             return await Listener(reactor, client, options).run()
         from cim.client.console import run_console

@@ -59,6 +59,11 @@ def add_contact_commands(commands: Any) -> None:
         choices=("contacts", "nobody"),
         help="who may add you to a group without an invitation",
     )
+    policy.add_argument(
+        "--read-receipts",
+        choices=("on", "off"),
+        help="whether others see what you read (off: your own devices still sync)",
+    )
 
 
 def for_device(parser: argparse.ArgumentParser) -> None:
@@ -104,7 +109,12 @@ def contact_list_json(book: Any) -> dict[str, Any]:
     items += [_pending_json(pending, "incoming") for pending in book.incoming]
     items += [_pending_json(pending, "outgoing") for pending in book.outgoing]
     items += [{"user": user, "state": "blocked"} for user in book.blocked]
-    return listing(items, messages=book.settings.messages, group_adds=book.settings.group_adds)
+    return listing(
+        items,
+        messages=book.settings.messages,
+        group_adds=book.settings.group_adds,
+        read_receipts=book.settings.read_receipts,
+    )
 
 
 async def contacts_command(client: Any, options: argparse.Namespace) -> int:
@@ -117,6 +127,7 @@ async def contacts_command(client: Any, options: argparse.Namespace) -> int:
     elif verb == "policy":
         request.settings.messages = options.messages or ""
         request.settings.group_adds = options.group_adds or ""
+        request.settings.read_receipts = options.read_receipts or ""
     else:
         getattr(request, verb).user = options.contact
     answer = await client.contacts_request(request)
@@ -126,7 +137,14 @@ async def contacts_command(client: Any, options: argparse.Namespace) -> int:
     if verb == "list":
         emit(contact_list_json(answer.book))
     elif verb == "policy":
-        emit({"messages": answer.settings.messages, "group_adds": answer.settings.group_adds})
+        settings = answer.settings
+        emit(
+            {
+                "messages": settings.messages,
+                "group_adds": settings.group_adds,
+                "read_receipts": settings.read_receipts,
+            }
+        )
     else:
         emit({"user": options.contact, "status": answer.status})
     return EXIT_OK

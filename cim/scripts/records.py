@@ -33,6 +33,16 @@ def message_record(message: Any) -> dict[str, Any]:
         "conversation": message.conversation,
         "seq": message.seq or None,
     }
+    if message.change:  # a change entry (history prints them; listen prints change_record)
+        record["change"] = cim_pb2.ChangeKind.Name(message.change).lower()
+        record["replaces"] = str(message.replaces)
+    if message.recalled:
+        record["recalled"] = True
+        record["changed_by"] = message.changed_by
+    if message.edited:
+        record["edited"] = True
+    if message.changed_at_ms:
+        record["changed_at"] = iso_time(message.changed_at_ms / 1000)
     if message.HasField("media"):
         media = message.media
         fields = {name: getattr(media, name) or None for name in MEDIA_FIELDS}
@@ -52,6 +62,22 @@ def message_json(message: Any) -> str:
     return json.dumps(message_record(message), ensure_ascii=False)
 
 
+def change_record(change: Any) -> dict[str, Any]:
+    """A recall or an edit (``cim.client.corrections.Change``) as ``listen`` prints it
+    and ``recall``/``edit`` answer: ``event`` says which."""
+    record: dict[str, Any] = {
+        "event": change.event,
+        "msg_id": str(change.msg_id),
+        "conversation": change.conversation,
+        "seq": change.seq or None,
+        "by": change.by,
+        "text": change.text if change.event == "edit" else None,
+        "at": iso_time(change.at_ms / 1000) if change.at_ms else None,
+        "entry_seq": change.entry_seq or None,
+    }
+    return present(record)
+
+
 def summary_record(entry: Any) -> dict[str, Any]:
     """One conversation of the catch-up summary (``cim-client sync``)."""
     record: dict[str, Any] = {
@@ -62,6 +88,10 @@ def summary_record(entry: Any) -> dict[str, Any]:
         "last_seq": entry.last_seq,
         "cursor": entry.cursor,
     }
+    if entry.read_seq:
+        record["read_seq"] = entry.read_seq  # the user's read mark (any device)
+    if entry.peer_read_seq:
+        record["peer_read_seq"] = entry.peer_read_seq  # a 1:1: how far the peer read
     if entry.HasField("newest"):
         record["newest"] = message_record(entry.newest)
         record["newest_cut"] = entry.newest_cut
@@ -77,3 +107,24 @@ def outcome_record(outcome: Any) -> dict[str, Any]:
         "reason": outcome.reason,
     }
     return present(record)
+
+
+def typing_record(notice: Any) -> dict[str, Any]:
+    """A typing notice, as ``listen`` prints it among the messages: ``event`` says it
+    is not a message; ``state`` is "typing" or "stopped"."""
+    from cim.protocols import cim_pb2
+
+    record = {
+        "event": "typing",
+        "state": "stopped" if notice.state == cim_pb2.TYPING_STOPPED else "typing",
+        "from": getattr(notice, "from"),
+        "device": notice.device,
+        "to": notice.to,
+        "group": notice.group,
+        "conversation": notice.conversation,
+    }
+    return present(record)
+
+
+def typing_json(notice: Any) -> str:
+    return json.dumps(typing_record(notice), ensure_ascii=False)

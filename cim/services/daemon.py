@@ -43,6 +43,7 @@ from cim.config import CimConfig
 from cim.content import MediaUrls
 from cim.groups.directory import GroupDirectory
 from cim.heap import HeapTrimmer
+from cim.history.read_marks import ReadMarks
 from cim.history.service import HistoryService
 from cim.history.timeline import Timelines, timeline_settings
 from cim.http.limits import HttpConnections
@@ -176,6 +177,7 @@ class CimDaemon(OrderedServices):
                 HistoryService(timelines, groups.is_member, config.im.max_frame_size),
                 RecordedShares(database, reactor, config.files.public_url),
                 max_page_bytes=config.im.max_frame_size,
+                read_marks=ReadMarks(database, reactor),
             ),
             BusPeers(node_id, bus, state.presence, LiveNodes(registry)),
             Bounds(
@@ -184,6 +186,8 @@ class CimDaemon(OrderedServices):
                 config.limits.group_backlog,
                 config.limits.fanout_backlog,
                 config.limits.fanout_backlog_bytes,
+                config.im.recall_window,
+                config.im.edit_window,
             ),
         )
         # Invitations and contact requests are told as system notices, which the node

@@ -34,6 +34,7 @@ from cim.storage.contacts import (
 from cim.storage.schema import (
     GROUP_ADDS,
     MESSAGE_POLICIES,
+    READ_RECEIPTS,
     blocks,
     contact_requests,
     contacts,
@@ -264,11 +265,21 @@ def set_settings_txn(
     messages: str | None,
     group_adds: str | None,
     defaults: PrivacyDefaults,
+    read_receipts: str | None = None,
 ) -> Settings:
-    """Change a person's settings (None: unchanged); a device's are not its own."""
+    """Change a person's settings (None: unchanged); a device's are not its own, except
+    read receipts (whether others see what it read), which any account chooses."""
     kind = account_kind_txn(connection, user)
     if kind is None:
         raise ContactNotFound("no such user")
+    if read_receipts is not None and read_receipts not in READ_RECEIPTS:
+        raise BadContactRequest(f"read_receipts: expected one of {', '.join(READ_RECEIPTS)}")
+    if read_receipts is not None:
+        connection.execute(
+            update(users).where(users.c.name == user).values(read_receipts=read_receipts)
+        )
+    if kind == DEVICE and messages is None and group_adds is None:
+        return settings_txn(connection, user, defaults)
     if kind == DEVICE:
         raise ContactForbidden(
             "a device takes messages only from its guardians and the contacts they "

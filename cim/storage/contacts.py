@@ -297,6 +297,8 @@ class PendingRecord:
 class Settings:
     messages: str
     group_adds: str
+    read_receipts: str = "on"
+    """Whether others see what the account reads (cim.storage.read_marks): on, off."""
 
 
 @dataclass(frozen=True)
@@ -313,13 +315,20 @@ class ContactList:
 
 def settings_txn(connection: Connection, user: str, defaults: PrivacyDefaults) -> Settings:
     row = connection.execute(
-        select(users.c.kind, users.c.message_policy, users.c.group_adds).where(users.c.name == user)
+        select(
+            users.c.kind, users.c.message_policy, users.c.group_adds, users.c.read_receipts
+        ).where(users.c.name == user)
     ).first()
     if row is None:
         raise ContactNotFound("no such user")
+    receipts = row.read_receipts or "on"
     if row.kind == DEVICE:
-        return Settings(CONTACTS, GUARDIANS)
-    return Settings(row.message_policy or defaults.messages, row.group_adds or defaults.group_adds)
+        return Settings(CONTACTS, GUARDIANS, receipts)
+    return Settings(
+        row.message_policy or defaults.messages,
+        row.group_adds or defaults.group_adds,
+        receipts,
+    )
 
 
 def contact_list_txn(

@@ -21,6 +21,7 @@ from sqlalchemy import (
     Column,
     Double,
     ForeignKey,
+    ForeignKeyConstraint,
     Index,
     Integer,
     LargeBinary,
@@ -51,6 +52,7 @@ USER_NAME_MAX = 64
 USER_KINDS = ("person", "device")
 MESSAGE_POLICIES = ("everyone", "contacts")
 GROUP_ADDS = ("contacts", "nobody")
+READ_RECEIPTS = ("on", "off")
 
 users = Table(
     "users",
@@ -68,9 +70,12 @@ users = Table(
     # it always takes messages only from its guardians and the contacts they approved.
     Column("message_policy", String(16), nullable=True),
     Column("group_adds", String(16), nullable=True),
+    # Whether others see what this account read (read receipts, issue #15); NULL: on.
+    Column("read_receipts", String(8), nullable=True),
     CheckConstraint("kind IN ('person', 'device')", name="kind"),
     CheckConstraint("message_policy IN ('everyone', 'contacts')", name="message_policy"),
     CheckConstraint("group_adds IN ('contacts', 'nobody')", name="group_adds"),
+    CheckConstraint("read_receipts IN ('on', 'off')", name="read_receipts"),
 )
 
 GROUP_ID_LENGTH = 26
@@ -389,6 +394,9 @@ timeline = Table(
     Column("payload", LargeBinary, nullable=False),
     # len(payload): pages are bounded in bytes without reading the payloads first.
     Column("size", Integer, nullable=False),
+    # A change entry (recall, edit: #15): the message it changes. A recall finds the
+    # earlier edits of its message by it, to take their text out too.
+    Column("replaces", MSG_ID, nullable=True, index=True),
     # A resent msg:R whose receipt the state store lost finds its message here.
     Index(None, "sender", "sender_device", "client_seq"),
 )
@@ -412,6 +420,26 @@ cursors = Table(
     Column("conversation", String(CONVERSATION_MAX), primary_key=True),
     # The device has dealt with every message of the conversation up to here; never back.
     Column("seq", MSG_ID, nullable=False),
+)
+
+read_marks = Table(
+    "read_marks",
+    metadata,
+    # A user's read mark in one of its conversations (cim.storage.read_marks): any of its
+    # devices moves it, never back. It goes with the reader row (a member who leaves, an
+    # account deleted): the foreign key cascades.
+    Column("user_name", String(USER_NAME_MAX), primary_key=True),
+    Column("conversation", String(CONVERSATION_MAX), primary_key=True),
+    Column("seq", MSG_ID, nullable=False),
+    # What others may see (read receipts): moved only while the user's setting is on, so
+    # turning it off hides every later read, at once and at catch-up.
+    Column("shown_seq", MSG_ID, nullable=False),
+    Column("read_at", Double, nullable=False),
+    ForeignKeyConstraint(
+        ["user_name", "conversation"],
+        ["user_conversations.user_name", "user_conversations.conversation"],
+        ondelete="CASCADE",
+    ),
 )
 
 # --- the logic service (cim.logic) ----------------------------------------------------

@@ -117,9 +117,14 @@ class ConversationState:
     group_id: str | None
     last_seq: int
     cursor: int
-    """The device's read point: its cursor, or the user's floor when that is higher."""
+    """The device's read point: the highest of its cursor, the user's floor and the
+    user's read mark (cim.storage.read_marks): what is past it is unread."""
     newest: TimelineRecord | None
     """The newest message when some are unread (past ``cursor``), else None."""
+    read: int = 0
+    """The user's read mark (any of its devices marked the conversation read so far)."""
+    peer_read: int = 0
+    """A 1:1: how far the peer has read, as the peer lets others see (0: nothing)."""
 
     @property
     def unread(self) -> int:

@@ -1,5 +1,6 @@
-"""Reading the timelines: a device's summary, pages past its cursor, pages of one
-conversation by seq (history and gap fills), the unread count, the retention purge.
+"""Reading the timelines: a device's summary, pages past its read point (its cursor,
+the user's floor and read mark), pages of one conversation by seq (history and gap
+fills), the unread count, the retention purge.
 
 The writing side (appends, readers, cursors) and the records are ``cim.storage.timeline``.
 Every function is a ``*_txn`` run through ``Database.run``, returning plain data.
@@ -14,7 +15,13 @@ from sqlalchemy import and_, delete, or_, select
 from sqlalchemy.engine import Connection
 from sqlalchemy.sql.elements import ColumnElement
 
-from cim.storage.schema import conversations, cursors, timeline, user_conversations
+from cim.storage.schema import (
+    conversations,
+    cursors,
+    read_marks,
+    timeline,
+    user_conversations,
+)
 from cim.storage.timeline import (
     _KEYS_PER_READ,
     ConversationState,
@@ -59,18 +66,29 @@ def _fitting(sizes: Sequence[Any], limit: int, max_bytes: int | None) -> tuple[l
 # --- reading --------------------------------------------------------------------------
 
 
-def _read_point(floor: int, cursor: int | None) -> int:
-    return max(int(floor), int(cursor or 0))
+def _read_point(floor: int, cursor: int | None, read: int | None = None) -> int:
+    """Where unread begins for a device: past its cursor, the user's floor (a group
+    joined late) and the user's read mark, whichever is highest."""
+    return max(int(floor), int(cursor or 0), int(read or 0))
+
+
+_OWN_MARK = and_(
+    read_marks.c.user_name == user_conversations.c.user_name,
+    read_marks.c.conversation == user_conversations.c.conversation,
+)
+"""The user's own read mark in a conversation (outer-joined: maybe none)."""
 
 
 def summary_txn(connection: Connection, user: str, device: str) -> list[ConversationState]:
     """Every conversation of the user as ``device`` sees it, newest activity first
-    (design: 优化方案1): its unread count, read point, and newest unread message."""
+    (design: 优化方案1): its unread count, read point, newest unread message, the user's
+    read mark and (a 1:1) how far the peer has read, as the peer shows it."""
     mine = and_(
         cursors.c.user_name == user_conversations.c.user_name,
         cursors.c.device == device,
         cursors.c.conversation == user_conversations.c.conversation,
     )
+    peer_marks = read_marks.alias("peer_marks")
     rows = connection.execute(
         select(
             user_conversations.c.conversation,
@@ -79,12 +97,22 @@ def summary_txn(connection: Connection, user: str, device: str) -> list[Conversa
             user_conversations.c.floor_seq,
             conversations.c.last_seq,
             cursors.c.seq,
+            read_marks.c.seq.label("read_seq"),
+            peer_marks.c.shown_seq.label("peer_read"),
         )
         .join(conversations, conversations.c.key == user_conversations.c.conversation)
         .outerjoin(cursors, mine)
+        .outerjoin(read_marks, _OWN_MARK)
+        .outerjoin(
+            peer_marks,
+            and_(
+                peer_marks.c.user_name == user_conversations.c.peer,
+                peer_marks.c.conversation == user_conversations.c.conversation,
+            ),
+        )
         .where(user_conversations.c.user_name == user)
     ).all()
-    points = {row.conversation: _read_point(row.floor_seq, row.seq) for row in rows}
+    points = {row.conversation: _read_point(row.floor_seq, row.seq, row.read_seq) for row in rows}
     unread = [
         (row.conversation, int(row.last_seq))
         for row in rows
@@ -105,6 +133,8 @@ def summary_txn(connection: Connection, user: str, device: str) -> list[Conversa
             int(row.last_seq),
             points[row.conversation],
             newest.get(row.conversation),
+            int(row.read_seq or 0),
+            int(row.peer_read or 0),
         )
         for row in rows
     ]
@@ -179,8 +209,9 @@ def unread_page_txn(
     )
     if conversation:
         point = connection.execute(
-            select(user_conversations.c.floor_seq, cursors.c.seq)
+            select(user_conversations.c.floor_seq, cursors.c.seq, read_marks.c.seq.label("read"))
             .outerjoin(cursors, mine)
+            .outerjoin(read_marks, _OWN_MARK)
             .where(
                 user_conversations.c.user_name == user,
                 user_conversations.c.conversation == conversation,
@@ -192,7 +223,7 @@ def unread_page_txn(
             connection,
             conversation,
             before,
-            _read_point(point.floor_seq, point.seq),
+            _read_point(point.floor_seq, point.seq, point.read),
             limit,
             max_bytes,
         )
@@ -206,9 +237,11 @@ def unread_page_txn(
             ),
         )
         .outerjoin(cursors, mine)
+        .outerjoin(read_marks, _OWN_MARK)
         .where(
             timeline.c.seq > user_conversations.c.floor_seq,
             or_(cursors.c.seq.is_(None), timeline.c.seq > cursors.c.seq),
+            or_(read_marks.c.seq.is_(None), timeline.c.seq > read_marks.c.seq),
         )
     )
     if before is not None:

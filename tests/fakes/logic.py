@@ -16,7 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 from treq.testing import StubTreq
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -36,15 +36,11 @@ from cim.protocols import cim_pb2
 from cim.services.logic import LogicService
 from cim.storage.contacts import PrivacyDefaults
 from tests.fakes.node import NodeHarness
-from tests.fakes.timelines import fresh_database
+from tests.fakes.timelines import fresh_database, run_now
 from tests.unit.test_client_session import make_client, settle
 
 PASSWORD = "Correct-horse-1"
 BASE = "http://logic.invalid/api/v1"
-
-
-def run_now(work: Any) -> Any:
-    return maybeDeferred(work)
 
 
 def fired(d: Deferred[Any]) -> Any:

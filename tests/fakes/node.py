@@ -23,6 +23,7 @@ from cim.backends.registry.local import LocalRegistry
 from cim.backends.state.memory import MemoryState
 from cim.client.connection import ImClientProtocol
 from cim.config import KNOWN_SUITES, ImConfig, parse_config
+from cim.history.read_marks import ReadMarks
 from cim.history.service import HistoryService
 from cim.im.collaborators import (
     NO_BOUNDS,
@@ -163,7 +164,9 @@ class NodeHarness:
             self.database = database if database is not None else fresh_database()
             self.timelines = inline_timelines(self.clock, self.database)
             stores = Stores(
-                self.timelines, history=HistoryService(self.timelines, membership.is_member)
+                self.timelines,
+                history=HistoryService(self.timelines, membership.is_member),
+                read_marks=ReadMarks(self.database, self.clock),
             )
         self.peers: Peers = (
             BusPeers(node_id, bus, self.state.presence) if bus is not None else NoPeers()

@@ -50,6 +50,10 @@ class TimelineNode:
         self.timelines: dict[str, list[cim_pb2.Message]] = {}
         self.where: dict[str, tuple[str, str]] = {}  # conversation -> (peer, group)
         self.cursors: dict[str, int] = {}
+        self.read_marks: dict[str, int] = {}
+        self.readers: list[str] = []
+        """Who READERS_A says read the message asked about."""
+        """The user's read marks (READ_R), per conversation."""
         self.sent: list[tuple[int, Any]] = []
         self.queue: list[tuple[FakeConnection, int, Any]] = []
         self.swallow: set[int] = set()
@@ -136,6 +140,20 @@ class TimelineNode:
             cim_pb2.ACK_R: self._ack,
             cim_pb2.MSG_R: self._message,
             cim_pb2.ONLINE_R: lambda r: [(cim_pb2.ONLINE_A, cim_pb2.OnlineA(total=1))],
+            cim_pb2.READ_R: self._read,
+            cim_pb2.READERS_R: lambda r: [
+                (
+                    cim_pb2.READERS_A,
+                    cim_pb2.ReadersA(
+                        request_id=r.request_id,
+                        conversation=r.conversation,
+                        seq=r.seq,
+                        count=len(self.readers),
+                        readers=self.readers,
+                        members=2,
+                    ),
+                )
+            ],
         }.get(frame_type)
         return handler(message) if handler is not None else []
 
@@ -146,6 +164,28 @@ class TimelineNode:
                 self.cursors[cursor.conversation] = cursor.seq
                 moved += 1
         return moved
+
+    def _read(self, request: cim_pb2.ReadR) -> list[tuple[int, Any]]:
+        """READ_R: the user's mark moves forward only, never past the end."""
+        last = len(self.timelines.get(request.conversation, []))
+        if not 0 < request.seq <= last:
+            error = cim_pb2.Error(
+                code=cim_pb2.Error.BAD_REQUEST,
+                message="past the end",
+                request_type=cim_pb2.READ_R,
+                request_id=request.request_id,
+            )
+            return [(cim_pb2.ERROR, error)]
+        before = self.read_marks.get(request.conversation, 0)
+        mark = self.read_marks[request.conversation] = max(before, request.seq)
+        answer = cim_pb2.ReadA(
+            request_id=request.request_id,
+            conversation=request.conversation,
+            seq=mark,
+            moved=mark > before,
+            last_seq=last,
+        )
+        return [(cim_pb2.READ_A, answer)]
 
     def _summary(self, request: cim_pb2.OfflineSummaryR) -> list[tuple[int, Any]]:
         answer = cim_pb2.OfflineSummaryA(request_id=request.request_id)

@@ -13,13 +13,16 @@ import atexit
 import os
 import shutil
 import tempfile
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import IReactorTime
 
 from cim.history.timeline import Timelines, TimelineSettings
 from cim.storage.database import Database
+
+T = TypeVar("T")
 
 __all__ = ["INLINE", "fresh_database", "inline_timelines", "run_now"]
 
@@ -29,7 +32,8 @@ INLINE = TimelineSettings(batch_size=1, batch_wait=0.001)
 _directory: list[str] = []
 
 
-def run_now(work: Any) -> Deferred[Any]:
+def run_now(work: Callable[[], T]) -> Deferred[T]:
+    """The database runner tests inject: the work runs at once, on the test's thread."""
     return maybeDeferred(work)
 
 

@@ -50,8 +50,14 @@ REQUEST_TYPES: dict[int, type[Message]] = {
     cim_pb2.HISTORY_R: cim_pb2.HistoryR,
     cim_pb2.GROUP_R: cim_pb2.GroupRequest,
     cim_pb2.CONTACTS_R: cim_pb2.ContactsRequest,
+    cim_pb2.TYPING_R: cim_pb2.TypingR,
+    cim_pb2.APP_STATE_R: cim_pb2.AppStateR,
+    cim_pb2.CHANGE_R: cim_pb2.ChangeR,
+    cim_pb2.READ_R: cim_pb2.ReadR,
+    cim_pb2.READERS_R: cim_pb2.ReadersR,
 }
-"""What a client may send once logged in (the test checks it is the node's table)."""
+"""What a client may send once logged in (the test checks it is the connection's
+table: the rooms' and the connection's own)."""
 
 _EDGE_INTEGERS = (
     0,

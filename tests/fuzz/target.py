@@ -11,7 +11,7 @@ Per input:
 
 - no traceback: nothing logged as a failure or at error level (``tracebacks``);
 - every request answered (its A frame, or an ERROR) unless the node closed the
-  connection (``unanswered``);
+  connection (``unanswered``); a TYPING_R without a request_id asks for no answer;
 - memory: the caller measures it around the run (tracemalloc), since the node's
   state must stay bounded across sessions, not just within one.
 """
@@ -208,7 +208,7 @@ class FrameFuzzTarget:
         answers = session.answers() if not session.transport.disconnecting else []
         if session.closed:
             tally.closed += 1
-        elif action.request_type:
+        elif action.request_type and _expects_answer(action):
             tally.requests += 1
             answer_type = action.request_type + 1
             if any(
@@ -246,6 +246,17 @@ class FrameFuzzTarget:
     def _example(self, what: str, action: Action, detail: str) -> None:
         if len(self.tally.examples) < 20:
             self.tally.examples.append(f"{what}: {action.describe()}\n{detail[:4000]}".rstrip())
+
+
+def _expects_answer(action: Any) -> bool:
+    """A TYPING_R without a request_id is answered only when refused (docs/protocol.md):
+    an app's notices cost no answer frames."""
+    if action.request_type != cim_pb2.TYPING_R:
+        return True
+    try:
+        return bool(cim_pb2.TypingR.FromString(action.plaintext[1:]).request_id)
+    except Exception:
+        return True  # not a TypingR: the node closes the connection
 
 
 def _about(body: bytes, request_type: int) -> bool:

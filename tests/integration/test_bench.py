@@ -13,6 +13,7 @@ from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
 
+from bench.catch_up import observe
 from bench.daemon import BenchDaemon, DaemonSettings
 from bench.scenarios import PASSWORD, _fanout_finished
 from bench.workers import WorkerPool
@@ -149,9 +150,39 @@ class GeneratorCountTests(SynchronousTestCase):
         self.assertEqual(pulled["senders"], {"f0": 75, "f1": 75})
         self.assertEqual(self.daemon.offline_count("o0"), 0)
 
+    def test_catch_up_observes_one_summary_the_newest_page_first_and_every_message_once(
+        self,
+    ) -> None:
+        """The catch-up scenario's instrument on a small backlog: its checks hold, and
+        its counts are the stored ones."""
+        self.call({"cmd": "login", "prefix": "f", "count": 2, "password": PASSWORD})
+        self.call({"cmd": "connect", "prefix": "f", "count": 2})
+        fill = self.call({"cmd": "fill", "to": "o0", "count": 250, "window": 4})
+        self.assertEqual(fill["counts"]["stored"], 250)
+        self.call({"cmd": "close"})
+
+        row = observe(self.daemon, "o0", 250, 2, cpu=None)
+        self.assertEqual(
+            row["checks"],
+            {
+                "one_summary_frame": True,
+                "newest_page_first": True,
+                "pulled_is_stored_once": True,
+                "nothing_left": True,
+            },
+        )
+        self.assertTrue(row["consistent"])
+        self.assertEqual((row["pulled"], row["unique"], row["stored"]), (250, 250, 250))
+        self.assertEqual(row["summary_counts"], [125, 125])
+        # 125 per conversation in pages of 100: two pages each, one pull in flight.
+        self.assertEqual(row["sent"], {"OFFLINE_SUMMARY_R": 1, "OFFLINE_R": 4, "OFFLINE_ACK_R": 1})
+        self.assertEqual(len(row["first_page"]), 100)
+        self.assertIsNotNone(row["daemon_cpu_us_per_message"])
+        self.assertEqual(self.daemon.offline_count("o0"), 0)
+
 
 class GatewayGeneratorTests(SynchronousTestCase):
-    """The generator over the WebSocket gateway (figure 8) counts exactly too."""
+    """The generator over the WebSocket gateway (figure 9) counts exactly too."""
 
     def test_window_load_over_the_gateway_counts_every_message_once(self) -> None:
         workdir = os.path.abspath(self.mktemp())

@@ -49,7 +49,7 @@ NUMBER_KEYS = frozenset(
 )
 """Keys whose values are always numbers (a container under the same name is fine)."""
 DIGIT_STRING_KEYS = frozenset(
-    ("msg_id", "code", "text", "name", "id", "fingerprint", "version", "commit")
+    ("msg_id", "replaces", "code", "text", "name", "id", "fingerprint", "version", "commit")
 )
 """Keys whose string values may be all digits: ids too big for JSON numbers, codes,
 a version ("1.0") or a commit made only of decimal digits."""
@@ -215,12 +215,19 @@ class EveryCommandTests(SynchronousTestCase):
         unread = cim("bob", "sync", listing=True)
         self.assertEqual(unread["total"], 1)
         cim("bob", "listen", "--count", "1", "--timeout", "30", lines=True)
+        self.assertEqual(cim("bob", "read", "alice")["seq"], 1)
+        # --- recall and edit (#15): the changes, and listen's lines of them ------------
+        later = cim("alice", "send", "bob", "one more")
+        self.assertEqual(cim("alice", "edit", later["msg_id"], "one more, edited")["event"], "edit")
+        self.assertEqual(cim("alice", "recall", later["msg_id"])["event"], "recall")
+        cim("bob", "listen", "--count", "3", "--timeout", "30", lines=True)
         # --- contacts: alice and bob become contacts, so alice adds bob to groups -----
         cim("alice", "contacts", "request", "bob")
         cim("bob", "contacts", "list", listing=True)
         cim("bob", "contacts", "accept", "alice")
         cim("bob", "contacts", "policy")
         cim("bob", "contacts", "policy", "everyone", "--group-adds", "contacts")
+        cim("bob", "contacts", "policy", "--read-receipts", "on")
         cim("bob", "online", listing=True)
         group = cim("alice", "group", "create", "team", "bob")
         self.assertNotIn("invited", group)

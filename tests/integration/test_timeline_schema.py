@@ -1,13 +1,16 @@
-"""The timelines' tables as migration 0010 makes them, on SQLite and PostgreSQL: the
-keys and indexes the appends, pages and the purge rely on (the shared tests run on
-PostgreSQL too, in tests/unit/test_timeline.py)."""
+"""The timelines' tables as migrations 0010 and 0011 make them, on SQLite and
+PostgreSQL: the keys and indexes the appends, pages, the purge and recalls rely on (the
+shared tests run on PostgreSQL too, in tests/unit/test_timeline.py and
+test_change_storage.py); 0011 goes down to 0010 and up again keeping the rows."""
 
 from __future__ import annotations
 
-from sqlalchemy import inspect
+from alembic import command
+from sqlalchemy import inspect, select
 from twisted.trial.unittest import TestCase
 
-from cim.storage.database import create_engine_for, upgrade
+from cim.storage.database import alembic_config, create_engine_for, upgrade
+from cim.storage.schema import timeline
 from tests.integration.test_storage import scratch_postgresql_url
 from tests.unit.test_storage import schema_differences, sqlite_url
 
@@ -44,12 +47,43 @@ class TimelineSchemaTests(TestCase):
         self.assertEqual(
             indexes,
             [
+                ("ix_timeline_replaces", ["replaces"]),
                 ("ix_timeline_sender", ["sender", "sender_device", "client_seq"]),
                 ("ix_timeline_sent_at", ["sent_at"]),
             ],
         )
         [unique] = inspector.get_unique_constraints("timeline")
         self.assertEqual(unique["column_names"], ["msg_id"])
+        self.down_and_up(url)
+
+    def down_and_up(self, url: str) -> None:
+        """Down to 0010 through 0012 and 0011 (the column goes, the rows stay) and up again."""
+        engine = create_engine_for(url)
+        self.addCleanup(engine.dispose)
+        row = {
+            "conversation": "d:alice:bob",
+            "seq": 1,
+            "msg_id": 7,
+            "sender": "alice",
+            "sender_device": "phone",
+            "client_seq": 1,
+            "sent_at": 1.0,
+            "payload": b"x",
+            "size": 1,
+        }
+        with engine.begin() as connection:
+            connection.execute(timeline.insert().values(**row, replaces=None))
+        with engine.connect() as connection:
+            config = alembic_config()
+            config.attributes["connection"] = connection
+            command.downgrade(config, "0010_timelines")
+            connection.commit()
+        columns = {c["name"] for c in inspect(engine).get_columns("timeline")}
+        self.assertNotIn("replaces", columns)
+        upgrade(url)
+        with engine.begin() as connection:
+            ids = connection.execute(select(timeline.c.msg_id, timeline.c.replaces)).all()
+        self.assertEqual([tuple(r) for r in ids], [(7, None)])
 
     def test_sqlite(self) -> None:
         self.check_schema(sqlite_url(self))

@@ -100,6 +100,36 @@ class ListenTests(SynchronousTestCase):
         self.assertEqual([line["text"] for line in printed(out)], ["x"])
         self.assertEqual(node.cursors["d:alice:bob"], 1)
 
+    def test_recall_and_edit_are_lines_with_an_event(self) -> None:
+        """#15: at catch-up and live, a change is one JSON line naming its event."""
+        node = TimelineNode("bob", page=5)
+        first = node.append("alice", "oops", peer="bob")
+        second = node.append("alice", "tpyo", peer="bob")
+        recall = node.append("alice", "", peer="bob")
+        recall.change, recall.replaces, recall.replaces_seq = cim_pb2.RECALL, first.id, first.seq
+        done, out, _client, clock = self.listen(node, "--count", "4")
+        edit = node.append("alice", "typo", peer="bob")
+        edit.change, edit.replaces, edit.replaces_seq = cim_pb2.EDIT, second.id, second.seq
+        with redirect_stdout(out):
+            node.live(edit)
+            node.pump()
+            clock.advance(0)
+        self.assertEqual(self.successResultOf(done), 0)
+        lines = printed(out)
+        self.assertEqual([line.get("text") for line in lines[:2]], ["oops", "tpyo"])
+        self.assertEqual(
+            [(line["event"], line["msg_id"], line.get("text")) for line in lines[2:]],
+            [("recall", str(first.id), None), ("edit", str(second.id), "typo")],
+        )
+        self.assertEqual(lines[3]["by"], "alice")
+        self.assertEqual(node.cursors["d:alice:bob"], 4)
+
+    def test_the_parser_knows_recall_and_edit(self) -> None:
+        options = cli.build_parser().parse_args(["--user", "bob", "edit", "42", "new text"])
+        self.assertEqual((options.command, options.msg_id, options.text), ("edit", 42, "new text"))
+        options = cli.build_parser().parse_args(["--user", "bob", "recall", "42"])
+        self.assertEqual((options.command, options.msg_id), ("recall", 42))
+
 
 class ExitTests(SynchronousTestCase):
     def test_a_request_without_answer_or_refused_is_one_line_and_a_status(self) -> None:

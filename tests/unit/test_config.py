@@ -93,11 +93,12 @@ class ConfigErrorTests(SynchronousTestCase):
         error = self.assertConfigError(
             MINIMAL + "[im]\nheartbeat_intervall = 30\n",
             "config error: [im] heartbeat_intervall = '30': unknown key (known keys: "
-            "advertise, cipher_suites, default_group_adds, default_message_policy, enabled, "
+            "advertise, background_heartbeat_interval, cipher_suites, default_group_adds, "
+            "default_message_policy, edit_window, enabled, "
             "handshake_replay_window, handshake_timeout, "
             "heartbeat_interval, heartbeat_timeout, listen, max_bad_frames, "
             "max_connections_per_address, max_frame_size, max_pending_work, "
-            "max_queued_bytes, max_text_length, outbound_budget, rsa_key, "
+            "max_queued_bytes, max_text_length, outbound_budget, recall_window, rsa_key, "
             "rsa_key_bits, slow_reader_timeout)",
         )
         self.assertEqual(error.key, "heartbeat_intervall")

@@ -31,6 +31,8 @@ from cim.client.console import (
     parse_command,
     snippet,
 )
+from cim.client.corrections import Change
+from cim.client.reads import ReadState
 from cim.client.session import DeliveryOutcome, SessionFailed
 from cim.protocols import cim_pb2
 
@@ -57,6 +59,18 @@ class FakeClient:
         self.on_state: Any = None
         # The session's catch-up as the console sees it: its summaries, as they come.
         self.catch_up = SimpleNamespace(on_summary=None, last_summary=None)
+        self.reads = ReadState("alice")
+        self.on_read: Any = None
+        self.marked: list[tuple[str, int | None]] = []
+
+    def mark_read(self, conversation: str, seq: int | None = None) -> Deferred[cim_pb2.ReadA]:
+        self.marked.append((conversation, seq))
+        newest = self.reads.newest(conversation)
+        answer = cim_pb2.ReadA(
+            conversation=conversation, seq=seq or newest, moved=True, last_seq=newest
+        )
+        self.reads.marked(answer)
+        return succeed(answer)
 
     def send_message(self, message: cim_pb2.Message) -> Deferred[DeliveryOutcome]:
         message.client_seq = self.next_seq
@@ -306,6 +320,34 @@ class ConsoleTests(SynchronousTestCase):
         self.console.state_changed("online", "127.0.0.1:4000")
         self.assertEqual(self.printed(), "* online again (127.0.0.1:4000)")
 
+    def test_unread_counts_and_read_marks(self) -> None:
+        summary = cim_pb2.OfflineSummaryA(
+            total=3,
+            conversations=[
+                cim_pb2.ConversationSummary(
+                    conversation="d:alice:bob", peer="bob", count=3, last_seq=5, cursor=2
+                )
+            ],
+        )
+        self.client.reads.summary(summary)  # the session's own bookkeeping
+        self.assertIn("│ unread: bob 3 │", self.console.status_text())
+        self.run_line("/unread")
+        self.assertEqual(self.printed(), "  bob: 3 unread")
+        seen = cim_pb2.ReadNotice(conversation="d:alice:bob", reader="bob", seq=4, peer="bob")
+        self.client.on_read(self.client.reads.notice(seen))
+        self.assertEqual(self.printed(), "  ✓✓ bob read up to #4")
+        mine = cim_pb2.ReadNotice(conversation="d:alice:bob", reader="alice", seq=5, last_seq=5)
+        self.client.on_read(self.client.reads.notice(mine))  # read on another device
+        self.assertEqual(self.printed(), "")
+        self.assertNotIn("unread", self.console.status_text())
+        self.run_line("/read")
+        self.assertIn("no conversation yet", self.printed())
+        self.run_line("/to bob")
+        self.printed()
+        self.run_line("/read")
+        self.assertEqual(self.printed(), "* bob: read up to #5")
+        self.assertEqual(self.client.marked, [("d:alice:bob", None)])
+
     def test_connection_states(self) -> None:
         self.assertIn("│ online │", self.console.status_text())
         self.console.state_changed("reconnecting", "in 4.2 s")
@@ -368,3 +410,62 @@ class ConsoleTests(SynchronousTestCase):
             pass  # a file where the directory should be
         self.patch(os, "environ", dict(os.environ, XDG_CACHE_HOME=os.path.join(cache, "blocked")))
         self.assertIsInstance(input_history("alice"), InMemoryHistory)
+
+
+class ConsoleChangeTests(SynchronousTestCase):
+    """Recall and edit in the console (#15): "(edited)", "message recalled", and
+    /recall and /edit of the last message sent here."""
+
+    def setUp(self) -> None:
+        self.client = FakeClient()
+        self.changes: list[tuple[str, int, str]] = []
+        self.client.recall = self.recall  # type: ignore[attr-defined]
+        self.client.edit = self.edit  # type: ignore[attr-defined]
+        self.lines: list[str] = []
+        self.console = Console(Clock(), self.client, write=self.lines.append)
+
+    def recall(self, msg_id: int) -> Deferred[Change]:
+        self.changes.append(("recall", msg_id, ""))
+        return succeed(Change("recall", msg_id, "d:alice:bob", 3, "alice", "", 1000, 9, 4))
+
+    def edit(self, msg_id: int, text: str) -> Deferred[Change]:
+        self.changes.append(("edit", msg_id, text))
+        return succeed(Change("edit", msg_id, "d:alice:bob", 3, "alice", text, 1000, 9, 4))
+
+    def run_line(self, line: str) -> None:
+        self.successResultOf(Deferred.fromCoroutine(self.console.command(line)))
+
+    def test_stored_messages_read_as_recalled_or_edited(self) -> None:
+        recalled = text_message("bob", "", recalled=True)
+        edited = text_message("bob", "new words", edited=True)
+        self.console.message_arrived(recalled)
+        self.console.message_arrived(edited)
+        self.assertTrue(self.lines[0].endswith("bob: message recalled"))
+        self.assertTrue(self.lines[1].endswith("bob: new words (edited)"))
+        entry = text_message("bob", "", change=cim_pb2.RECALL, replaces=1)
+        self.assertTrue(self.console.format_message(entry).endswith("bob: (recalled a message)"))
+
+    def test_changes_of_others_are_shown(self) -> None:
+        original = text_message("bob", "", recalled=True, group="g1")
+        self.console.change_arrived(
+            Change("recall", 1, "g:g1", 2, "carol", "", 1000, 7, 5, original)
+        )
+        self.console.change_arrived(Change("edit", 2, "d:alice:bob", 3, "bob", "fixed", 1000, 8, 6))
+        self.assertTrue(self.lines[0].endswith("#g1 bob: message recalled by carol"))
+        self.assertTrue(self.lines[1].endswith("bob: fixed (edited)"))
+
+    def test_recall_and_edit_change_the_last_message_sent_here(self) -> None:
+        self.run_line("/recall")
+        self.assertIn("nothing of yours to recall here", self.lines[-1])
+        self.run_line("/to bob")
+        self.run_line("hello")
+        [(_, waiter)] = self.client.sent
+        waiter.callback(DeliveryOutcome(100, 55, "bob", "delivered"))
+        self.run_line("/edit hello there")
+        self.run_line("/recall")
+        self.run_line("/recall 77")
+        self.assertEqual(
+            self.changes, [("edit", 55, "hello there"), ("recall", 55, ""), ("recall", 77, "")]
+        )
+        self.assertIn("alice: hello there (edited)", self.lines[-3])
+        self.assertIn("alice: message recalled", self.lines[-1])

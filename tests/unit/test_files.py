@@ -41,15 +41,12 @@ from cim.http.telemetry import SiteTelemetry
 from cim.metrics import HttpRequests
 from cim.storage.accounts import insert_user_txn
 from cim.storage.database import Database, ThreadPoolRunner
+from tests.fakes.timelines import run_now
 from tests.unit.test_router import HttpConnection, HttpResponse, exchange, request_bytes
 
 CHUNK = 4096
 TOKENS = {"alice": "alice-token-0123456789", "bob": "bob-token-0123456789", "eve": "eve-token-0"}
 KEY = b"k" * 32
-
-
-def run_now(work: Any) -> Deferred[Any]:
-    return maybeDeferred(work)
 
 
 def md5_hex(data: bytes) -> str:

@@ -117,9 +117,10 @@ class FrameFuzzTests(SynchronousTestCase):
         self.fuzz("rc4-hmac-sha256")
 
     def test_the_fuzzer_sends_every_frame_type_a_client_may(self) -> None:
-        """A frame type added to the node's table must be added to the fuzzer too."""
+        """A frame type added to the connection's table must be added to the fuzzer too."""
         target = FrameFuzzTarget(os.path.abspath(self.mktemp()), "chacha20-poly1305")
         self.addCleanup(target.close)
-        self.assertEqual(sorted(REQUEST_TYPES), sorted(target.node.im.inbound))
+        inbound = target.node.factory.inbound
+        self.assertEqual(sorted(REQUEST_TYPES), sorted(inbound))
         for frame_type, message_class in REQUEST_TYPES.items():
-            self.assertIs(target.node.im.inbound[frame_type][0], message_class)
+            self.assertIs(inbound[frame_type][0], message_class)

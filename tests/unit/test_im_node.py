@@ -608,8 +608,16 @@ class NodeWithoutCollaboratorsTests(SynchronousTestCase):
                     cim_pb2.OFFLINE_SUMMARY_R,
                     cim_pb2.HISTORY_R,
                     cim_pb2.CONTACTS_R,
+                    cim_pb2.TYPING_R,
+                    cim_pb2.CHANGE_R,
+                    cim_pb2.READ_R,
+                    cim_pb2.READERS_R,
                 ]
             ),
+        )
+        # The connection answers its own frame besides the rooms'.
+        self.assertEqual(
+            sorted(node.factory.inbound), sorted([*node.im.inbound, cim_pb2.APP_STATE_R])
         )
 
     def test_two_rooms_cannot_answer_one_frame_type(self) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 
-from twisted.internet.defer import fail, maybeDeferred
+from twisted.internet.defer import fail
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -30,6 +30,7 @@ from cim.storage.limits import (
     set_user_limits_txn,
     user_limits_txn,
 )
+from tests.fakes.timelines import run_now
 from tests.unit.test_bus_memory import LogCapture
 
 RATE_LIMITED = cim_pb2.Error.RATE_LIMITED
@@ -252,10 +253,6 @@ class GateTests(SynchronousTestCase):
         self.assertEqual(retry_after_ms(0.0001), 1)
         self.assertEqual(retry_after_ms(0.0015), 2)
         self.assertEqual(retry_after_ms(2.0), 2000)
-
-
-def run_now(work: object) -> object:
-    return maybeDeferred(work)  # type: ignore[arg-type]
 
 
 class StoredOverridesTests(SynchronousTestCase):

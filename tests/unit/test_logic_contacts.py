@@ -44,6 +44,7 @@ class ContactApiTests(SynchronousTestCase):
                 "items": [{"user": "alice", "state": "incoming", "requested_at": asked_at}],
                 "messages": "everyone",
                 "group_adds": "contacts",
+                "read_receipts": "on",
             },
         )
         self.assertEqual(
@@ -112,14 +113,21 @@ class ContactApiTests(SynchronousTestCase):
         h = self.h
         self.assertEqual(
             h.call("GET", "/me/privacy", "bob"),
-            (200, {"messages": "everyone", "group_adds": "contacts"}),
+            (200, {"messages": "everyone", "group_adds": "contacts", "read_receipts": "on"}),
         )
         self.assertEqual(
             h.call("PATCH", "/me/privacy", "bob", {"messages": "contacts"}),
-            (200, {"messages": "contacts", "group_adds": "contacts"}),
+            (200, {"messages": "contacts", "group_adds": "contacts", "read_receipts": "on"}),
         )
+        self.assertEqual(
+            h.call("PATCH", "/me/privacy", "bob", {"read_receipts": "off"}),
+            (200, {"messages": "contacts", "group_adds": "contacts", "read_receipts": "off"}),
+        )
+        status, answer = h.call("PATCH", "/me/privacy", "watch", {"read_receipts": "off"})
+        self.assertEqual((status, answer["read_receipts"]), (200, "off"))  # a device's own
         self.assertFalse(fired(h.contacts.may_message("alice", "bob")))
-        for body in ({}, {"messages": "friends"}, {"group_adds": "all"}, {"other": 1}):
+        wrong = ({}, {"messages": "friends"}, {"group_adds": "all"}, {"read_receipts": "no"})
+        for body in (*wrong, {"other": 1}):
             status, answer = h.call("PATCH", "/me/privacy", "bob", body)
             self.assertEqual((status, answer["error"]), (400, "bad_request"), body)
         status, answer = h.call("PATCH", "/me/privacy", "watch", {"messages": "everyone"})
@@ -206,6 +214,7 @@ class ContactListShapeTests(SynchronousTestCase):
             ],
             "messages": "contacts",
             "group_adds": "nobody",
+            "read_receipts": "on",
         }
         self.assertEqual(contact_list_json(found), expected)
         self.assertEqual(contact_commands.contact_list_json(book_proto(found)), expected)

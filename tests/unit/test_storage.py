@@ -36,13 +36,9 @@ from cim.storage.database import (
 )
 from cim.storage.schema import metadata, users
 from tests.fakes.schema import prepare_from_template, real_migrations
+from tests.fakes.timelines import run_now
 
 T = TypeVar("T")
-
-
-def run_now(work: Callable[[], T]) -> Deferred[T]:
-    """The runner tests inject: the work runs at once, on the test's thread."""
-    return maybeDeferred(work)
 
 
 class QueuedRunner:
@@ -129,7 +125,16 @@ class MigrationTests(TestCase):
         columns = {c["name"] for c in inspect(engine).get_columns("users")}
         self.assertEqual(
             columns,
-            {"id", "name", "password_hash", "kind", "created_at", "message_policy", "group_adds"},
+            {
+                "id",
+                "name",
+                "password_hash",
+                "kind",
+                "created_at",
+                "message_policy",
+                "group_adds",
+                "read_receipts",
+            },
         )
 
     def test_upgrade_twice_changes_nothing(self) -> None:

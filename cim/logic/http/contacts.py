@@ -16,7 +16,7 @@ from cim.logic.contacts import ContactBook
 from cim.logic.http.accounts import NAME_PARAM
 from cim.logic.http.api import LogicCall, LogicEndpoint, answer
 from cim.storage.contacts import ContactList, PendingRecord, Settings
-from cim.storage.schema import GROUP_ADDS, MESSAGE_POLICIES
+from cim.storage.schema import GROUP_ADDS, MESSAGE_POLICIES, READ_RECEIPTS
 
 __all__ = ["contact_endpoints", "contact_list_json", "settings_json"]
 
@@ -41,8 +41,13 @@ SETTINGS_SCHEMA = object_schema(
             "description": "who may add you to a group without an invitation "
             "(a device: its guardians)",
         },
+        "read_receipts": {
+            "type": "string",
+            "enum": list(READ_RECEIPTS),
+            "description": "whether others see what you read (your own devices always do)",
+        },
     },
-    ["messages", "group_adds"],
+    ["messages", "group_adds", "read_receipts"],
 )
 LIST_SCHEMA = listing_of(
     object_schema(
@@ -81,7 +86,11 @@ _CHANGE_SCHEMA = object_schema(
 
 
 def settings_json(settings: Settings) -> dict[str, Any]:
-    return {"messages": settings.messages, "group_adds": settings.group_adds}
+    return {
+        "messages": settings.messages,
+        "group_adds": settings.group_adds,
+        "read_receipts": settings.read_receipts,
+    }
 
 
 def _pending_json(pending: PendingRecord, state: str) -> dict[str, Any]:
@@ -142,10 +151,12 @@ def contact_endpoints(book: ContactBook) -> list[LogicEndpoint]:
 
     async def change_settings(call: LogicCall) -> Reply:
         messages, group_adds = call.body.get("messages"), call.body.get("group_adds")
+        receipts = call.body.get("read_receipts")
         settings = await book.change_settings(
             call.user.user,
             None if messages is None else str(messages),
             None if group_adds is None else str(group_adds),
+            None if receipts is None else str(receipts),
         )
         return answer(200, settings_json(settings))
 
@@ -256,7 +267,7 @@ def contact_endpoints(book: ContactBook) -> list[LogicEndpoint]:
             "PATCH",
             "/me/privacy",
             "update_privacy",
-            "Change who may message you and who may add you to groups",
+            "Change who may message you, who may add you to groups, read receipts",
             "contacts",
             change_settings,
             body={
@@ -264,12 +275,13 @@ def contact_endpoints(book: ContactBook) -> list[LogicEndpoint]:
                     {
                         "messages": {"type": "string", "enum": list(MESSAGE_POLICIES)},
                         "group_adds": {"type": "string", "enum": list(GROUP_ADDS)},
+                        "read_receipts": {"type": "string", "enum": list(READ_RECEIPTS)},
                     }
                 ),
                 "minProperties": 1,
             },
             response=SETTINGS_SCHEMA,
             errors=(403,),
-            description="Persons only: a device's settings are fixed.",
+            description="A device's settings are fixed, except read_receipts.",
         ),
     ]

@@ -218,7 +218,8 @@ async def start_clients(cluster: Cluster, users: list[str]) -> dict[str, ChatCli
 
 def connected_port(client: ChatClient) -> int:
     assert client.protocol is not None and client.protocol.transport is not None
-    return int(client.protocol.transport.getPeer().port)
+    peer: Any = client.protocol.transport.getPeer()  # an IPv4Address
+    return int(peer.port)
 
 
 async def handshake_status(ticket_body: dict[str, Any]) -> int:
@@ -244,7 +245,7 @@ async def handshake_status(ticket_body: dict[str, Any]) -> int:
     await connectProtocol(HostnameEndpoint(reactor, ticket.node.host, ticket.node.port), protocol)
     try:
         await protocol.logged_in
-        status = cim_pb2.LoginResult.OK
+        status: int = cim_pb2.LoginResult.OK
     except LoginRefused as refusal:
         status = refusal.status
     finally:
@@ -255,12 +256,13 @@ async def handshake_status(ticket_body: dict[str, Any]) -> int:
 
 async def login_body(node: DaemonProcess, user: str) -> dict[str, Any]:
 
+    headers: dict[bytes | str, bytes | str] = {"Content-Type": "application/json"}
     response = await treq.post(
         f"{node.router_url}/api/v1/login",
         data=json.dumps({"user": user, "password": PASSWORD}).encode(),
-        headers={"Content-Type": "application/json"},
+        headers=headers,
         persistent=False,
     )
-    body = await treq.json_content(response)
+    body: dict[str, Any] = await treq.json_content(response)
     body["status"] = response.code
-    return body  # type: ignore[no-any-return]
+    return body

@@ -124,7 +124,8 @@ class DaemonProcess:
             return bytes(response.read())
 
     def health(self) -> dict[str, Any]:
-        return json.loads(self._get("/health"))  # type: ignore[no-any-return]
+        health: dict[str, Any] = json.loads(self._get("/health"))
+        return health
 
     def metrics(self) -> str:
         return self._get("/metrics").decode()
@@ -134,7 +135,8 @@ class DaemonProcess:
             f"{self.router_url}/api/v1/online?limit=1000", headers=self.operator_headers()
         )
         with urllib.request.urlopen(request, timeout=5) as response:
-            return json.loads(response.read())  # type: ignore[no-any-return]
+            online: dict[str, Any] = json.loads(response.read())
+            return online
 
     def login(self, user: str, password: str = PASSWORD) -> tuple[int, dict[str, Any]]:
         request = urllib.request.Request(

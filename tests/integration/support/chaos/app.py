@@ -179,5 +179,6 @@ class ChaosApp:
         protocol = self._client.protocol
         if protocol is None or protocol.transport is None:
             return False
-        protocol.transport.abortConnection()
+        transport: Any = protocol.transport  # a TCP connection: ITCPTransport
+        transport.abortConnection()
         return True
