@@ -111,6 +111,7 @@ class GatewayProtocol(FramesOverMessages, WebSocketServerProtocol):  # type: ign
             self.__dict__.pop(name, None)
         frames = MessageTransport(self, factory.clock, factory.config.max_pings_per_second)
         self.frames = frames
+        factory.im.metrics.websocket_open += 1
         frames.attach(factory.im.buildProtocol(frames.getPeer()))
 
     def connectionLost(self, reason: Failure | None = None) -> None:
@@ -120,6 +121,8 @@ class GatewayProtocol(FramesOverMessages, WebSocketServerProtocol):  # type: ign
         if self.refused:
             return  # refused in connectionMade: autobahn never started
         super().connectionLost(reason)
+        if self.frames is not None:
+            self.factory.im.metrics.websocket_open -= 1
         self.frames_lost(reason)
 
     def _upgraded(self) -> None:

@@ -422,6 +422,7 @@ class GatewayProtocolTests(SynchronousTestCase):
         self.assertEqual((result.status, result.user), (cim_pb2.LoginResult.OK, "alice"))
         [server] = self.node.factory.protocols
         self.assertIs(server.state, ConnectionState.ESTABLISHED)
+        self.assertEqual(self.node.metrics.websocket_open, 1)
         # A text message: the close frame with 1003, then nothing more is read.
         transport.clear()
         protocol.dataReceived(client_frame(0x1, b"hi"))
@@ -432,6 +433,9 @@ class GatewayProtocolTests(SynchronousTestCase):
         transport.clear()
         server.deliver(cim_pb2.MSG_N, cim_pb2.Message(to="alice", text="late"))
         self.assertEqual(transport.value(), b"")
+        protocol.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(self.node.metrics.websocket_open, 0)
+        self.assertEqual(self.node.factory.protocols, set())
 
     def test_a_request_without_origin_is_not_a_page_and_goes_on(self) -> None:
         _, transport = self.connect(None)
