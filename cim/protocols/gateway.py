@@ -16,7 +16,7 @@ own, as on TCP).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 from autobahn.twisted.websocket import (
     WebSocketServerFactory,
@@ -105,10 +105,11 @@ class GatewayProtocol(FramesOverMessages, WebSocketServerProtocol):  # type: ign
     def onOpen(self) -> None:
         factory = self.factory
         self._upgraded()
-        # The upgrade's request and answer, kept by autobahn for its test suite, are
-        # about 1.5 KiB of each idle connection (docs/benchmarks.md, figure 9).
+        # What autobahn keeps of the upgrade (for its own test suite): about 1.5 KiB
+        # of each idle connection (docs/benchmarks.md, figure 9).
+        kept = self.__dict__
         for name in _UPGRADE_LEFTOVERS:
-            self.__dict__.pop(name, None)
+            kept.pop(name, None)
         frames = MessageTransport(self, factory.clock, factory.config.max_pings_per_second)
         self.frames = frames
         factory.im.metrics.websocket_open += 1
@@ -180,6 +181,13 @@ class GatewayFactory(WebSocketServerFactory):
             autoPingInterval=0,
             # The origin is checked in onConnect, with the same policy as CORS.
             allowedOrigins=["*"],
+        )
+        # autobahn copies its ~30 options into each connection's own dictionary unless
+        # the protocol class has them: a protocol class of this factory's own holds
+        # them once for all its connections (docs/benchmarks.md, figure 9).
+        options = {name: getattr(self, name) for name in GatewayProtocol.CONFIG_ATTRS}
+        self.protocol = cast(
+            "type[GatewayProtocol]", type("GatewayProtocol", (GatewayProtocol,), options)
         )
 
     def admit_upgrade(self, host: str) -> bool:
