@@ -16,6 +16,7 @@ own, as on TCP).
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, cast
 
 from autobahn.twisted.websocket import (
@@ -185,7 +186,12 @@ class GatewayFactory(WebSocketServerFactory):
         # autobahn copies its ~30 options into each connection's own dictionary unless
         # the protocol class has them: a protocol class of this factory's own holds
         # them once for all its connections (docs/benchmarks.md, figure 9).
-        options = {name: getattr(self, name) for name in GatewayProtocol.CONFIG_ATTRS}
+        # A function among them (perMessageCompressionAccept) must stay a plain function,
+        # not become a method of the connection.
+        options = {
+            name: staticmethod(value) if inspect.isfunction(value) else value
+            for name, value in ((n, getattr(self, n)) for n in GatewayProtocol.CONFIG_ATTRS)
+        }
         self.protocol = cast(
             "type[GatewayProtocol]", type("GatewayProtocol", (GatewayProtocol,), options)
         )

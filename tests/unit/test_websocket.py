@@ -330,7 +330,7 @@ class SameSessionTests(SynchronousTestCase):
         self.assertEqual(node.metrics.heartbeat_timeouts, 1)
 
 
-def upgrade_request(origin: str | None) -> bytes:
+def upgrade_request(origin: str | None, *extra: str) -> bytes:
     lines = [
         "GET / HTTP/1.1",
         "Host: 127.0.0.1:9001",
@@ -341,6 +341,7 @@ def upgrade_request(origin: str | None) -> bytes:
     ]
     if origin is not None:
         lines.append(f"Origin: {origin}")
+    lines.extend(extra)
     return ("\r\n".join(lines) + "\r\n\r\n").encode()
 
 
@@ -436,6 +437,18 @@ class GatewayProtocolTests(SynchronousTestCase):
         protocol.connectionLost(Failure(ConnectionDone()))
         self.assertEqual(self.node.metrics.websocket_open, 0)
         self.assertEqual(self.node.factory.protocols, set())
+
+    def test_compression_offered_by_a_browser_is_declined_and_the_upgrade_goes_on(self) -> None:
+        # Browsers and Node's ws offer permessage-deflate: sealed frames do not compress,
+        # and a compressed message could inflate past the frame limit.
+        protocol = self.factory.buildProtocol(PEER)
+        transport = TcpStream(hostAddress=HOST, peerAddress=PEER)
+        protocol.makeConnection(transport)
+        offer = "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits"
+        protocol.dataReceived(upgrade_request(self.PAGE, offer))
+        answer = transport.value()
+        self.assertTrue(answer.startswith(b"HTTP/1.1 101"), answer)
+        self.assertNotIn(b"permessage-deflate", answer)
 
     def test_a_request_without_origin_is_not_a_page_and_goes_on(self) -> None:
         _, transport = self.connect(None)
