@@ -131,6 +131,8 @@ class DaemonSettings:
     """Whole sections appended to the config (the external backends of figure 6)."""
     external: bool = False
     """The daemon uses the machine's PostgreSQL, Redis and RabbitMQ (bench.services)."""
+    websocket: bool = False
+    """The WebSocket gateway ([ws]) on a port of its own (bench.gateway)."""
 
 
 class BenchDaemon:
@@ -151,6 +153,7 @@ class BenchDaemon:
         self.router_port = free_port()
         self.im_port = free_port()
         self.admin_port = free_port()
+        self.ws_port = free_port() if settings.websocket else 0
         self.config_path = os.path.join(self.workdir, "bench.ini")
         self.log_path = os.path.join(self.workdir, "twistd.log")
         self.process: subprocess.Popen[bytes] | None = None
@@ -160,6 +163,11 @@ class BenchDaemon:
 
     def config_text(self) -> str:
         s = self.settings
+        gateway = (
+            f"[ws]\nenabled = true\nlisten = tcp:{self.ws_port}:interface=127.0.0.1\n"
+            if s.websocket
+            else ""
+        )
         return (
             "# Written by bench/daemon.py for one benchmark run.\n"
             f"[node]\nid = {s.node_id}\ndata_dir = {self.workdir}/data\n"
@@ -174,6 +182,7 @@ class BenchDaemon:
             f"max_connections_per_address = {s.max_connections_per_address}\n"
             f"cipher_suites = {', '.join(s.cipher_suites)}\n"
             f"[admin]\nlisten = tcp:{self.admin_port}:interface=127.0.0.1\n"
+            f"{gateway}"
             # A benchmark measures capacity, not the limits: thousands of clients log
             # in from one address and a few users send at the offered rate.
             "[limits]\nmessages = off\ngroup_posts = off\ngroup_messages = off\n"

@@ -38,6 +38,7 @@ from collections.abc import Callable, Coroutine, Iterable
 from typing import Any, TypeVar
 
 from twisted.internet import reactor as _reactor
+from twisted.internet import tcp
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
@@ -235,11 +236,16 @@ class BenchConnection(FrameProtocol):
         self.heartbeats_received = 0
         self.drained: Deferred[None] | None = None
         self._answers: dict[int, list[Deferred[bytes]]] = {}
+        self._direct = False
 
     # --- lifecycle --------------------------------------------------------------------
 
     def connectionMade(self) -> None:
-        self.tcp.setTcpNoDelay(True)
+        # Over the WebSocket gateway the transport is a MessageTransport (one message
+        # per frame, cim.protocols.websocket): no socket of ours to write to.
+        self._direct = isinstance(self.transport, tcp.Connection)
+        if self._direct:
+            self.tcp.setTcpNoDelay(True)
         assert self._handshake is not None
         self.send_plaintext(self._handshake.hello_body())
 
@@ -395,7 +401,7 @@ class BenchConnection(FrameProtocol):
         if transport is not None and self.established:
             data = b"".join(out)
             self.last_out = time.monotonic()
-            if transport.dataBuffer or transport._tempDataBuffer:
+            if not self._direct or transport.dataBuffer or transport._tempDataBuffer:
                 transport.write(data)
             else:
                 send_now(transport, data)
@@ -520,6 +526,8 @@ class Worker:
         self.router_port = int(port or 80)
         self.im_override = im_override
         self.single_suite = True
+        self.transport = "tcp"
+        """tcp, or websocket: the node's gateway (the login's ws_url), as a browser."""
         self.tickets: dict[str, LoginTicket] = {}
         self.conns: list[BenchConnection] = []
         self.live: set[BenchConnection] = set()
@@ -625,8 +633,13 @@ class Worker:
 
     async def open(self, ticket: LoginTicket, suite: str, timeout: float = 30.0) -> BenchConnection:
         conn = BenchConnection(self, ticket, suite)
-        endpoint = TCP4ClientEndpoint(reactor, ticket.node.host, ticket.node.port, timeout=10)
-        await _timeout(connectProtocol(endpoint, conn), timeout)
+        if self.transport == "websocket":
+            from cim.client.websocket import connect_websocket
+
+            await _timeout(connect_websocket(reactor, ticket.node.ws_url, conn), timeout)
+        else:
+            endpoint = TCP4ClientEndpoint(reactor, ticket.node.host, ticket.node.port, timeout=10)
+            await _timeout(connectProtocol(endpoint, conn), timeout)
         await _timeout(conn.ready, timeout)
         return conn
 
@@ -634,6 +647,7 @@ class Worker:
         names = _names(spec)
         suite = str(spec.get("suite", KNOWN_SUITES[0]))
         self.single_suite = bool(spec.get("single_suite", True))
+        self.transport = str(spec.get("transport", "tcp"))
         started = time.monotonic()
         opened: dict[str, BenchConnection] = {}
         todo = iter(names)

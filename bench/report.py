@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from importlib import metadata
 from typing import Any
 
+from bench import gateway
 from bench.daemon import BENCH_SCRYPT_N, BENCH_SCRYPT_R, DEFAULT_SCRYPT_N, DEFAULT_SCRYPT_R, ROOT
 
 ANALYSIS_BEGIN = "<!-- analysis: hand-written, kept when the tool regenerates this file -->"
@@ -257,6 +258,7 @@ def rows(results: dict[str, Any]) -> list[Row]:
                 _verdict(cpu_ratio <= FLAT_CPU_RATIO),
             )
         )
+    out.extend(Row(*figure) for figure in gateway.figures(results.get("gateway")))
     return out
 
 
@@ -373,7 +375,7 @@ def markdown(results: dict[str, Any], analysis: str) -> str:
         "```sh\nmake bench        # quick: about two minutes, prints the table\n"
         "make bench-full   # everything; rewrites this file\n"
         "# some scenarios only (idle, one_to_one, group, offline, catch_up, churn, "
-        "backends):\n"
+        "backends, gateway):\n"
         ".venv/bin/python -m bench.run --full --only group,offline,backends --no-docs\n"
         "# a daemon from another checkout (a hot-path change), same generator:\n"
         ".venv/bin/python -m bench.run --quick --source /path/to/other/checkout\n```\n"

@@ -22,14 +22,24 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from bench import catch_up, report, scenarios
+from bench import catch_up, gateway, report, scenarios
 from bench.daemon import ROOT
 
 RESULTS_DIR = os.path.join(ROOT, "bench", "results")
 DOCS_PATH = os.path.join(ROOT, "docs", "benchmarks.md")
-SCENARIOS = ("idle", "one_to_one", "group", "offline", "catch_up", "churn", "backends")
+SCENARIOS = (
+    "idle",
+    "one_to_one",
+    "group",
+    "offline",
+    "catch_up",
+    "churn",
+    "backends",
+    "gateway",
+)
 QUICK_SCENARIOS = ("idle", "one_to_one", "group", "offline", "catch_up", "churn")
-"""The quick plan leaves out the external backends (they need the services)."""
+"""The quick plan leaves out the external backends (they need the services) and the
+WebSocket gateway beside TCP (figure 9, bench.gateway: a minute more)."""
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -164,6 +174,8 @@ def main(argv: list[str] | None = None) -> int:
         results["churn"] = attempt("churn", lambda: scenarios.churn(ctx, plan))
     if "backends" in wanted:
         results["backends"] = run_external(ctx, plan, attempt)
+    if "gateway" in wanted:
+        results["gateway"] = attempt("gateway", lambda: gateway.gateway(ctx, plan))
     results["notes"] += ctx.notes
     results["seconds"] = time.monotonic() - began
 

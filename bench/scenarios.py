@@ -251,11 +251,19 @@ CONNECTS_IN_FLIGHT = 32
 no SYN is dropped and retried a second later, which would measure the backlog."""
 
 
-def _connect(pool: WorkerPool, prefix: str, count: int, suite: str) -> list[Answer]:
+def _connect(
+    pool: WorkerPool, prefix: str, count: int, suite: str, transport: str = "tcp"
+) -> list[Answer]:
     slices = _names(prefix, count, len(pool))
     concurrency = max(1, CONNECTS_IN_FLIGHT // len(pool))
     answers = pool.call(
-        lambda i: {"cmd": "connect", "suite": suite, "concurrency": concurrency, **slices[i]},
+        lambda i: {
+            "cmd": "connect",
+            "suite": suite,
+            "concurrency": concurrency,
+            "transport": transport,
+            **slices[i],
+        },
         timeout=600,
     )
     failed = _sum(answers, "failed")

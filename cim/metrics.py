@@ -166,6 +166,8 @@ class NodeMetrics:
     def __init__(self) -> None:
         self.connections_open = 0
         self.connections_total = 0
+        self.websocket_open = 0
+        """Of connections_open, those on the WebSocket gateway (cim.protocols.gateway)."""
         self.connections_refused: Counter[str] = Counter()
         self.handshakes_ok = 0
         self.handshake_failures: Counter[str] = Counter()
@@ -213,6 +215,14 @@ class NodeMetricsCollector(Collector):
         )
         gauge.add_metric([self._node_id], m.connections_open)
         yield gauge
+
+        browsers = GaugeMetricFamily(
+            "cim_websocket_connections",
+            "Client connections open now on the WebSocket gateway (also in cim_connections).",
+            labels=["node"],
+        )
+        browsers.add_metric([self._node_id], m.websocket_open)
+        yield browsers
 
         established = min(m.connections_established(), m.connections_open)
         states = GaugeMetricFamily(

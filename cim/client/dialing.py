@@ -98,8 +98,11 @@ class Dialer:
         connector: Connector | None,
         backoff: Backoff,
         rng: random.Random,
+        transport: str = "tcp",
     ) -> None:
         self.session = session
+        self.transport = transport
+        """tcp, or websocket: the node's gateway (``ws_url`` of the login), as a browser."""
         self.reactor = reactor
         self.router = router
         self._password = password
@@ -240,8 +243,19 @@ class Dialer:
         )
         events.protocol = protocol
         node = ticket.node
-        self._reaching = f"the node {node.node_id} at {node.host}:{node.port}".replace("  ", " ")
-        self._connecting = self._connect(ticket.node.host, ticket.node.port, protocol)
+        where = f"{node.host}:{node.port}"
+        if self.transport == "websocket":
+            if not node.ws_url:
+                raise SessionRefused(f"the node {node.node_id} runs no WebSocket gateway")
+            where = node.ws_url
+        self._reaching = f"the node {node.node_id} at {where}".replace("  ", " ")
+        if self.transport == "websocket":
+            # Imported here: a client on TCP does not load autobahn.
+            from cim.client.websocket import connect_websocket
+
+            self._connecting = connect_websocket(self.reactor, node.ws_url, protocol)
+        else:
+            self._connecting = self._connect(node.host, node.port, protocol)
         try:
             await self._connecting
         finally:
@@ -254,7 +268,7 @@ class Dialer:
             raise SessionRefused(f"the node refused the handshake: {refusal.message}") from None
         self._attempt = 0
         self.end_first_contact()
-        self.session._online(protocol, f"{ticket.node.host}:{ticket.node.port}")
+        self.session._online(protocol, where)
 
     def _tcp_connect(self, host: str, port: int, protocol: ImClientProtocol) -> Deferred[Any]:
         return connectProtocol(HostnameEndpoint(self.reactor, host, port, timeout=10), protocol)

@@ -112,7 +112,9 @@ class ChatClient:
     messages over (``cim.client.catch_up``): False, the newest page of the newest
     conversation first, page by page; True, each conversation oldest first. Live
     messages always come in seq order per conversation. ``requests`` is the deadline
-    and retries of every request (``cim.client.answers``).
+    and retries of every request (``cim.client.answers``). ``transport`` "websocket"
+    connects to the node's WebSocket gateway (the login's ``ws_url``) instead of its
+    TCP port, as a browser does (``cim.client.websocket``).
 
     Client sequences start from the wall clock in microseconds, so they keep
     increasing across restarts of the sender and the node's dedup of resent messages
@@ -140,6 +142,7 @@ class ChatClient:
         receiving: bool = True,
         ordered: bool = False,
         requests: RequestPolicy | None = None,
+        transport: str = "tcp",
     ) -> None:
         self.reactor = reactor
         self.user = user
@@ -161,6 +164,7 @@ class ChatClient:
             connector,
             backoff,
             rng,
+            transport,
         )
         self.offered = self.dialer.offered
         """The cipher suites the hello offers (only ``suite`` if one was asked for)."""

@@ -208,7 +208,7 @@ class ImConfig:
 
 @dataclass(frozen=True)
 class WsConfig:
-    """The WebSocket gateway: the IM connection protocol for browsers (cim.gateway).
+    """The WebSocket gateway: the IM connection protocol for browsers (cim.protocols.gateway).
 
     Frame size, handshake deadline, heartbeats and connections per address are the
     ``[im]`` ones: a WebSocket connection is an IM connection on another transport.

@@ -16,7 +16,8 @@ own, as on TCP).
 
 from __future__ import annotations
 
-from typing import Any
+import inspect
+from typing import Any, cast
 
 from autobahn.twisted.websocket import (
     WebSocketServerFactory,
@@ -30,22 +31,40 @@ from twisted.python.failure import Failure
 from cim.config import WsConfig
 from cim.http.cors import OriginPolicy
 from cim.protocols.im import ImServerFactory
-from cim.protocols.websocket import MessageTransport
+from cim.protocols.websocket import FramesOverMessages, MessageTransport
 
-__all__ = ["CLOSE_HANDSHAKE_TIMEOUT", "GatewayFactory", "GatewayProtocol"]
+__all__ = ["CLOSE_HANDSHAKE_TIMEOUT", "ClockTimer", "GatewayFactory", "GatewayProtocol"]
 
 CLOSE_HANDSHAKE_TIMEOUT = 1.0
 """Seconds a peer has to answer our close frame before the connection is dropped."""
+MAX_UPGRADE_BYTES = 16384
+"""The upgrade request's size at most (autobahn buffers it without a bound until its
+end or the deadline); a browser's is well under 2 KiB."""
 
 
-class GatewayProtocol(WebSocketServerProtocol):
+_UPGRADE_LEFTOVERS = (
+    "http_headers",
+    "http_request_data",
+    "http_response_data",
+    "http_request_params",
+    "http_status_line",
+    "http_request_uri",
+    "http_request_path",
+    "http_request_host",
+    "_wskey",
+    "websocket_origin",
+)
+"""What autobahn keeps of the upgrade and never reads once the connection is open."""
+
+
+class GatewayProtocol(FramesOverMessages, WebSocketServerProtocol):  # type: ignore[misc]
     """One browser connection: the upgrade here, the IM connection behind it."""
 
     factory: GatewayFactory
-    frames: MessageTransport | None = None
     upgrading: str | None = None
     """The peer's host while the upgrade is under way (counted by the factory)."""
     refused = False
+    upgrade_bytes = 0
     log = Logger()
 
     def connectionMade(self) -> None:
@@ -62,6 +81,17 @@ class GatewayProtocol(WebSocketServerProtocol):
         self.upgrading = host
         super().connectionMade()
 
+    def dataReceived(self, data: bytes) -> None:
+        if self.upgrading is not None:
+            self.upgrade_bytes += len(data)
+            if self.upgrade_bytes > MAX_UPGRADE_BYTES:
+                self.factory.im.metrics.connections_refused["upgrade_too_large"] += 1
+                self._upgraded()
+                stream: Any = self.transport
+                stream.abortConnection()
+                return
+        super().dataReceived(data)
+
     def onConnect(self, request: ConnectionRequest) -> None:
         origin = request.headers.get("origin")
         if origin is not None and not self.factory.origins.allows(origin):
@@ -76,22 +106,15 @@ class GatewayProtocol(WebSocketServerProtocol):
     def onOpen(self) -> None:
         factory = self.factory
         self._upgraded()
+        # What autobahn keeps of the upgrade (for its own test suite): about 1.5 KiB
+        # of each idle connection (docs/benchmarks.md, figure 9).
+        kept = self.__dict__
+        for name in _UPGRADE_LEFTOVERS:
+            kept.pop(name, None)
         frames = MessageTransport(self, factory.clock, factory.config.max_pings_per_second)
         self.frames = frames
+        factory.im.metrics.websocket_open += 1
         frames.attach(factory.im.buildProtocol(frames.getPeer()))
-
-    def onMessage(self, payload: bytes, isBinary: bool) -> None:
-        if self.frames is not None:
-            self.frames.message_received(payload, isBinary)
-
-    def onPing(self, payload: bytes) -> None:
-        if self.frames is not None:
-            self.frames.ping_received(payload)
-
-    def close_with(self, code: int, reason: str) -> None:
-        # sendClose takes only 1000 and 3000-4999 (codes for applications); the
-        # protocol's own codes (1003 text, 1008 policy) need the frame-level call.
-        self.sendCloseFrame(code, reason.encode() if reason else None, isReply=False)
 
     def connectionLost(self, reason: Failure | None = None) -> None:
         if reason is None:
@@ -101,7 +124,8 @@ class GatewayProtocol(WebSocketServerProtocol):
             return  # refused in connectionMade: autobahn never started
         super().connectionLost(reason)
         if self.frames is not None:
-            self.frames.connection_lost(reason)
+            self.factory.im.metrics.websocket_open -= 1
+        self.frames_lost(reason)
 
     def _upgraded(self) -> None:
         """The upgrade is over (done or failed): the IM factory counts from here."""
@@ -110,7 +134,7 @@ class GatewayProtocol(WebSocketServerProtocol):
             self.upgrading = None
 
 
-class _ClockTimer:
+class ClockTimer:
     """autobahn's timer interface (``call_later``) on a given clock.
 
     autobahn batches its timers into 200 ms buckets on txaio's global reactor; the
@@ -136,7 +160,7 @@ class GatewayFactory(WebSocketServerFactory):
     ) -> None:
         super().__init__(reactor=reactor if reactor is not None else clock)
         # autobahn's deadlines (upgrade, close) on our clock, not txaio's global one.
-        self._batched_timer = _ClockTimer(clock)
+        self._batched_timer = ClockTimer(clock)
         self.config = config
         self.im = im
         self.clock = clock
@@ -158,6 +182,18 @@ class GatewayFactory(WebSocketServerFactory):
             autoPingInterval=0,
             # The origin is checked in onConnect, with the same policy as CORS.
             allowedOrigins=["*"],
+        )
+        # autobahn copies its ~30 options into each connection's own dictionary unless
+        # the protocol class has them: a protocol class of this factory's own holds
+        # them once for all its connections (docs/benchmarks.md, figure 9).
+        # A function among them (perMessageCompressionAccept) must stay a plain function,
+        # not become a method of the connection.
+        options = {
+            name: staticmethod(value) if inspect.isfunction(value) else value
+            for name, value in ((n, getattr(self, n)) for n in GatewayProtocol.CONFIG_ATTRS)
+        }
+        self.protocol = cast(
+            "type[GatewayProtocol]", type("GatewayProtocol", (GatewayProtocol,), options)
         )
 
     def admit_upgrade(self, host: str) -> bool:

@@ -18,7 +18,8 @@ of a WebSocket connection, so the same protocol object serves a browser:
 
 What WebSocket adds is refused here: text messages, and pings (WebSocket's or cim's
 heartbeats) faster than ``max_pings_per_second``. The autobahn protocol
-(cim.gateway) only forwards to this class, so it is tested with a fake.
+(cim.protocols.gateway, and the client's in cim.client.websocket) only forwards
+to this class, so it is tested with a fake.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import struct
 from collections.abc import Iterable
 from typing import Any, Protocol
 
+from autobahn.websocket.protocol import WebSocketProtocol
 from twisted.internet.interfaces import (
     IAddress,
     IConsumer,
@@ -43,6 +45,7 @@ from cim.protocols.wire import FrameProtocol
 __all__ = [
     "CLOSE_POLICY",
     "CLOSE_UNSUPPORTED",
+    "FramesOverMessages",
     "MessageTransport",
     "WebSocketChannel",
 ]
@@ -72,6 +75,9 @@ class WebSocketChannel(Protocol):
     def sendPong(self, payload: bytes | None = None) -> None: ...
 
     def dropConnection(self, abort: bool = False) -> None: ...
+
+    def sending_allowed(self) -> bool:
+        """Whether messages may still be sent (not after a close frame either way)."""
 
 
 @implementer(ITransport, IConsumer, IPushProducer)
@@ -167,8 +173,14 @@ class MessageTransport:
     # --- down: frames to messages (ITransport) ----------------------------------------
 
     def write(self, data: bytes) -> None:
-        """Whole length-prefixed frames (all FrameProtocol writes), one message each."""
-        if not self.connected:
+        """Whole length-prefixed frames (all FrameProtocol writes), one message each.
+
+        Once closing (our close frame, the peer's, or a dropped connection) nothing
+        more may be sent, and frames for this connection are dropped as a TCP
+        transport drops writes after ``abortConnection``: the rooms delivering to a
+        session that is going away must not fail for it.
+        """
+        if not self.connected or self.disconnecting or not self.channel.sending_allowed():
             return
         send = self.channel.sendMessage
         end = len(data)
@@ -221,3 +233,36 @@ class MessageTransport:
 
     def stopProducing(self) -> None:
         self.abortConnection()
+
+
+class FramesOverMessages:
+    """What an autobahn protocol (the gateway's, the client's) hands its MessageTransport.
+
+    Mixed into autobahn's server and client protocols, in front of them in the MRO:
+    messages and pings go to ``frames``, a lost connection reaches the protocol on it,
+    and ``close_with`` sends any close code.
+    """
+
+    frames: MessageTransport | None = None
+
+    def sending_allowed(self) -> bool:
+        channel: Any = self
+        return bool(channel.state == WebSocketProtocol.STATE_OPEN)
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        if self.frames is not None:
+            self.frames.message_received(payload, isBinary)
+
+    def onPing(self, payload: bytes) -> None:
+        if self.frames is not None:
+            self.frames.ping_received(payload)
+
+    def close_with(self, code: int, reason: str) -> None:
+        # sendClose takes only 1000 and 3000-4999 (codes for applications); the
+        # protocol's own codes (1003 text, 1008 policy) need the frame-level call.
+        channel: Any = self
+        channel.sendCloseFrame(code, reason.encode() if reason else None, isReply=False)
+
+    def frames_lost(self, reason: Failure) -> None:
+        if self.frames is not None:
+            self.frames.connection_lost(reason)

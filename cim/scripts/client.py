@@ -137,6 +137,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--cipher", choices=KNOWN_SUITES, default=None, help="insist on one cipher suite"
     )
     parser.add_argument(
+        "--transport",
+        choices=("tcp", "websocket"),
+        default="tcp",
+        help="reach the node on its TCP port (default) or its WebSocket gateway, as a browser",
+    )
+    parser.add_argument(
         "--connect-timeout",
         type=float,
         default=CONNECT_TIMEOUT,

@@ -61,6 +61,7 @@ async def online_client(
         options.cipher,
         receiving=receiving,
         ordered=True,
+        transport=getattr(options, "transport", "tcp"),
     )
     if on_state is not None:
         client.on_state = on_state

@@ -179,3 +179,36 @@ class GeneratorCountTests(SynchronousTestCase):
         self.assertEqual(len(row["first_page"]), 100)
         self.assertIsNotNone(row["daemon_cpu_us_per_message"])
         self.assertEqual(self.daemon.offline_count("o0"), 0)
+
+
+class GatewayGeneratorTests(SynchronousTestCase):
+    """The generator over the WebSocket gateway (figure 9) counts exactly too."""
+
+    def test_window_load_over_the_gateway_counts_every_message_once(self) -> None:
+        workdir = os.path.abspath(self.mktemp())
+        daemon = BenchDaemon(workdir, DaemonSettings(cpu=None, websocket=True))
+        daemon.add_users([f"p{n}" for n in range(4)], PASSWORD)
+        daemon.start()
+        self.addCleanup(daemon.stop)
+        pool = WorkerPool(1, daemon.router_url, None, workdir)
+        self.addCleanup(pool.close)
+
+        def call(command: dict[str, Any]) -> dict[str, Any]:
+            return pool.call(command, timeout=120)[0]
+
+        login = {"cmd": "login", "prefix": "p", "count": 4, "password": PASSWORD}
+        self.assertEqual(call(login)["logged_in"], 4)
+        # Each connection is opened at the login's ws_url (none there: connect fails).
+        connect = {"cmd": "connect", "prefix": "p", "count": 4, "transport": "websocket"}
+        self.assertEqual(call(connect)["connected"], 4)
+        call({"cmd": "load", "window": 4})
+        deadline = time.monotonic() + 60
+        while call({"cmd": "totals"})["totals"]["delivered"] < 50:
+            self.assertLess(time.monotonic(), deadline, "50 messages through the gateway")
+            time.sleep(0.05)
+        drained = call({"cmd": "stop_load", "timeout": 30})
+        totals = drained["totals"]
+        self.assertTrue(drained["drained"])
+        self.assertEqual(totals["sent"], totals["delivered"] + totals["failed"])
+        self.assertEqual(totals["failed"], 0)
+        self.assertEqual(totals["received"], totals["delivered"])

@@ -13,16 +13,27 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import re
+import ssl
 import threading
 import time
 import urllib.error
 import urllib.request
 
+from twisted.internet.defer import ensureDeferred
 from twisted.trial.unittest import TestCase
 
+from cim.client.session import Backoff, ChatClient
 from cim.protocols import cim_pb2
-from tests.integration.support.daemons import PASSWORD, DaemonProcess, free_port
+from tests.integration.support.cluster import (
+    Cluster,
+    eventually,
+    login_body,
+    reactor,
+    ring_of,
+)
+from tests.integration.support.daemons import PASSWORD, DaemonProcess, client, free_port
 from tests.integration.support.raw_client import RawClient
 from tests.integration.support.raw_ws import (
     PING,
@@ -33,6 +44,7 @@ from tests.integration.support.raw_ws import (
     UpgradeRefused,
 )
 from tests.integration.test_backpressure import Canary, counter, percentile
+from tests.integration.test_reliability import shared_broker
 
 PAGE = "http://app.example:8083"
 USERS = ("alice", "bob", "slow", "flooder", "canary_a", "canary_b")
@@ -72,6 +84,8 @@ class GatewayTests(TestCase):
 
     def setUp(self) -> None:
         self.ws_port = free_port()
+        self.logic_port = free_port()
+        self.files_port = free_port()
         daemon = DaemonProcess(
             os.path.abspath(self.mktemp()),
             node_id="ws1",
@@ -79,6 +93,10 @@ class GatewayTests(TestCase):
                 f"[ws]\nenabled = true\nlisten = tcp:{self.ws_port}:interface=127.0.0.1\n"
                 f"allowed_origins = {PAGE}\n"
                 f"[router]\ncors_origins = {PAGE}\n"
+                f"[logic]\nenabled = true\ncors_origins = {PAGE}\n"
+                f"listen = tcp:{self.logic_port}:interface=127.0.0.1\n"
+                f"[files]\nenabled = true\ncors_origins = {PAGE}\n"
+                f"listen = tcp:{self.files_port}:interface=127.0.0.1\n"
                 f"[im]\noutbound_budget = 64KiB\nslow_reader_timeout = {SLOW_READER_TIMEOUT:g}s\n"
                 "[limits]\nmessages = off\nhellos = off\n"
             ),
@@ -96,6 +114,14 @@ class GatewayTests(TestCase):
         self.assertEqual(body["node"]["ws_url"], f"ws://127.0.0.1:{self.ws_port}/")
         self.assertEqual(body["node"]["port"], self.daemon.im_port)
 
+    def test_cim_client_sends_over_the_gateway(self) -> None:
+        sent = client(self.daemon, "alice", "--transport", "websocket", "send", "bob", "hi")
+        self.assertEqual(sent.returncode, 0, sent.stderr)
+        self.assertEqual(json.loads(sent.stdout)["status"], "stored")  # bob is offline
+        heard = client(self.daemon, "bob", "listen", "--count", "1")
+        self.assertEqual(heard.returncode, 0, heard.stderr)
+        self.assertEqual(json.loads(heard.stdout)["text"], "hi")
+
     def test_a_websocket_client_and_a_tcp_client_chat_both_ways(self) -> None:
         alice = RawWsClient(self.daemon.router_url, "alice", origin=PAGE)
         bob = RawClient(self.daemon.router_url, "bob")
@@ -108,10 +134,44 @@ class GatewayTests(TestCase):
         online = self.daemon.online()["items"]
         self.assertEqual(sorted(online), ["alice", "bob"])
 
-    def test_cors_preflight_and_answers_of_the_router(self) -> None:
-        def preflight(origin: str) -> tuple[int, dict[str, str]]:
+    def test_the_client_library_chats_over_the_gateway_with_one_on_tcp(self) -> None:
+        return ensureDeferred(self._library_chat())  # type: ignore[return-value]
+
+    async def _library_chat(self) -> None:
+        def library_client(user: str, transport: str) -> ChatClient:
+            chat_client = ChatClient(
+                reactor,
+                self.daemon.router_url,
+                user,
+                PASSWORD,
+                device=transport,
+                transport=transport,
+                backoff=Backoff(initial=0.2, maximum=1.0),
+                rng=random.Random(user),
+            )
+            self.addCleanup(lambda: ensureDeferred(chat_client.stop(logout=False)))
+            return chat_client
+
+        alice = library_client("alice", "websocket")
+        bob = library_client("bob", "tcp")
+        shown: dict[str, list[tuple[str, str]]] = {"alice": [], "bob": []}
+        alice.on_message = lambda m: shown["alice"].append((getattr(m, "from"), m.text))
+        bob.on_message = lambda m: shown["bob"].append((getattr(m, "from"), m.text))
+        await alice.start()
+        await bob.start()
+        self.assertEqual(alice.state, "online")
+        outcome = await alice.send_text("bob", "from the browser's library")
+        self.assertEqual(outcome.status, "delivered")
+        outcome = await bob.send_text("alice", "from the phone")
+        self.assertEqual(outcome.status, "delivered")
+        await eventually(lambda: bool(shown["alice"] and shown["bob"]), 30, "both messages shown")
+        self.assertEqual(shown["bob"], [("alice", "from the browser's library")])
+        self.assertEqual(shown["alice"], [("bob", "from the phone")])
+
+    def test_cors_preflight_and_answers_of_router_logic_and_files(self) -> None:
+        def preflight(base: str, path: str, origin: str) -> tuple[int, dict[str, str]]:
             request = urllib.request.Request(
-                f"{self.daemon.router_url}/api/v1/login",
+                f"{base}{path}",
                 method="OPTIONS",
                 headers={
                     "Origin": origin,
@@ -125,12 +185,23 @@ class GatewayTests(TestCase):
             except urllib.error.HTTPError as error:
                 return error.code, dict(error.headers)
 
-        status, headers = preflight(PAGE)
+        for base, path in (
+            (f"http://127.0.0.1:{self.logic_port}", "/api/v1/register"),
+            (f"http://127.0.0.1:{self.files_port}", "/files/uploads"),
+        ):
+            status, headers = preflight(base, path, PAGE)
+            self.assertEqual((status, headers["Access-Control-Allow-Origin"]), (204, PAGE), base)
+            status, headers = preflight(base, path, "http://evil.example")
+            self.assertEqual(status, 403, base)
+            self.assertNotIn("Access-Control-Allow-Origin", headers)
+
+        router = self.daemon.router_url
+        status, headers = preflight(router, "/api/v1/login", PAGE)
         self.assertEqual(status, 204)
         self.assertEqual(headers["Access-Control-Allow-Origin"], PAGE)
         self.assertIn("POST", headers["Access-Control-Allow-Methods"])
         self.assertIn("Content-Type", headers["Access-Control-Allow-Headers"])
-        status, headers = preflight("http://evil.example")
+        status, headers = preflight(router, "/api/v1/login", "http://evil.example")
         self.assertEqual(status, 403)
         self.assertNotIn("Access-Control-Allow-Origin", headers)
         login = urllib.request.Request(
@@ -298,3 +369,140 @@ def drain(client: RawClient) -> None:
             client.read()
         except (ConnectionError, OSError):
             return
+
+
+class CrossNodeGatewayTests(TestCase):
+    """Two nodes on ZooKeeper, Redis and RabbitMQ: a browser on one node's gateway and a
+    phone on the other's TCP port chat through the bus, and any router hands out the
+    right node's WebSocket URL (from the node's registry record)."""
+
+    timeout = 300
+
+    def test_a_browser_on_one_node_and_a_phone_on_another(self) -> None:
+        return ensureDeferred(self._across())  # type: ignore[return-value]
+
+    async def _across(self) -> None:
+        cluster = Cluster(self, count=2, amqp_url=shared_broker(self), websocket=True)
+        ring = ring_of(cluster.nodes)
+        names = (f"user{i}" for i in range(1000))
+        alice = next(n for n in names if ring.node_for(n).node_id == "node1")  # type: ignore[union-attr]
+        bob = next(n for n in names if ring.node_for(n).node_id == "node2")  # type: ignore[union-attr]
+        cluster.start([alice, bob])
+        node1, node2 = cluster.nodes
+        # node2's router sends alice to node1, and names node1's gateway.
+        body = await login_body(node2, alice)
+        self.assertEqual(body["node"]["id"], "node1")
+        self.assertEqual(body["node"]["ws_url"], f"ws://127.0.0.1:{cluster.ws_ports['node1']}/")
+
+        def library_client(user: str, first: DaemonProcess, transport: str) -> ChatClient:
+            routers = [first.router_url] + [n.router_url for n in cluster.nodes if n is not first]
+            chat_client = ChatClient(
+                reactor,
+                routers,
+                user,
+                PASSWORD,
+                device=transport,
+                transport=transport,
+                backoff=Backoff(initial=0.2, maximum=2.0),
+                rng=random.Random(user),
+            )
+            self.addCleanup(lambda: ensureDeferred(chat_client.stop(logout=False)))
+            return chat_client
+
+        browser = library_client(alice, node2, "websocket")
+        phone = library_client(bob, node1, "tcp")
+        shown: list[tuple[str, str]] = []
+        browser.on_message = lambda m: shown.append((getattr(m, "from"), m.text)) or True
+        phone.on_message = lambda m: shown.append((getattr(m, "from"), m.text)) or True
+        await browser.start()
+        await phone.start()
+        assert browser.ticket is not None and phone.ticket is not None
+        self.assertEqual(
+            (browser.ticket.node.node_id, phone.ticket.node.node_id), ("node1", "node2")
+        )
+        outcome = await browser.send_text(bob, "from a browser on node1")
+        self.assertEqual(outcome.status, "delivered")
+        outcome = await phone.send_text(alice, "from a phone on node2")
+        self.assertEqual(outcome.status, "delivered")
+        await eventually(lambda: len(shown) == 2, 30, "both messages shown")
+        self.assertEqual(
+            sorted(shown),
+            sorted([(alice, "from a browser on node1"), (bob, "from a phone on node2")]),
+        )
+
+
+def self_signed(directory: str) -> tuple[str, str]:
+    """A key and a certificate for 127.0.0.1 (PEM files), as an operator's would be."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    key_path = os.path.join(directory, "ws-key.pem")
+    cert_path = os.path.join(directory, "ws-cert.pem")
+    with open(key_path, "wb") as handle:
+        handle.write(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
+    with open(cert_path, "wb") as handle:
+        handle.write(certificate.public_bytes(serialization.Encoding.PEM))
+    return key_path, cert_path
+
+
+class SecureGatewayTests(TestCase):
+    """``[ws] listen = ssl:...``: the router hands out wss://, and a chat runs over TLS."""
+
+    timeout = 120
+
+    def test_ssl_listen_gives_wss(self) -> None:
+        workdir = os.path.abspath(self.mktemp())
+        os.makedirs(workdir)
+        key_path, cert_path = self_signed(workdir)
+        port = free_port()
+        daemon = DaemonProcess(
+            os.path.join(workdir, "node"),
+            node_id="wss1",
+            extra=(
+                f"[ws]\nenabled = true\nlisten = ssl:{port}:privateKey={key_path}:"
+                f"certKey={cert_path}:interface=127.0.0.1\n"
+            ),
+        )
+        for user in ("alice", "bob"):
+            added = daemon.cimctl("user", "add", user, stdin=PASSWORD + "\n")
+            self.assertEqual(added.returncode, 0, added.stderr)
+        daemon.start()
+        self.addCleanup(daemon.stop)
+        status, body = daemon.login("alice")
+        self.assertEqual(status, 200)
+        self.assertEqual(body["node"]["ws_url"], f"wss://127.0.0.1:{port}/")
+        tls = ssl.create_default_context(cafile=cert_path)
+        alice = RawWsClient(daemon.router_url, "alice", tls=tls)
+        bob = RawClient(daemon.router_url, "bob")
+        self.addCleanup(alice.close)
+        self.addCleanup(bob.close)
+        chat(self, alice, bob, 1)
+        chat(self, bob, alice, 2)

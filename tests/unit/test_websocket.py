@@ -44,6 +44,10 @@ class FakeChannel:
         self.closes: list[tuple[int, str]] = []
         self.pongs: list[bytes | None] = []
         self.dropped: list[bool] = []
+        self.open = True
+
+    def sending_allowed(self) -> bool:
+        return self.open
 
     def sendMessage(self, payload: bytes, isBinary: bool = False) -> None:
         (self.sent if isBinary else self.text_sent).append(payload)
@@ -182,6 +186,14 @@ class AdapterTests(SynchronousTestCase):
         self.frames.message_received(b"\x01late", True)
         self.assertEqual(self.protocol.plaintexts, [])
 
+    def test_nothing_is_sent_once_the_websocket_is_closing(self) -> None:
+        # The peer's close frame, or autobahn failing the connection (1009): the
+        # connection is not lost yet, but no message may follow.
+        self.channel.open = False
+        self.protocol.send_plaintext(b"\x02late")
+        self.protocol.send_heartbeat()
+        self.assertEqual(self.channel.sent, [])
+
     def test_the_peer_is_the_address_under_the_websocket(self) -> None:
         self.assertEqual(self.frames.getPeer(), PEER)
         self.assertEqual(self.frames.getHost(), HOST)
@@ -318,7 +330,7 @@ class SameSessionTests(SynchronousTestCase):
         self.assertEqual(node.metrics.heartbeat_timeouts, 1)
 
 
-def upgrade_request(origin: str | None) -> bytes:
+def upgrade_request(origin: str | None, *extra: str) -> bytes:
     lines = [
         "GET / HTTP/1.1",
         "Host: 127.0.0.1:9001",
@@ -329,6 +341,7 @@ def upgrade_request(origin: str | None) -> bytes:
     ]
     if origin is not None:
         lines.append(f"Origin: {origin}")
+    lines.extend(extra)
     return ("\r\n".join(lines) + "\r\n\r\n").encode()
 
 
@@ -410,11 +423,32 @@ class GatewayProtocolTests(SynchronousTestCase):
         self.assertEqual((result.status, result.user), (cim_pb2.LoginResult.OK, "alice"))
         [server] = self.node.factory.protocols
         self.assertIs(server.state, ConnectionState.ESTABLISHED)
+        self.assertEqual(self.node.metrics.websocket_open, 1)
         # A text message: the close frame with 1003, then nothing more is read.
         transport.clear()
         protocol.dataReceived(client_frame(0x1, b"hi"))
         [(opcode, payload)] = server_frames(transport.value())
         self.assertEqual((opcode, payload[:2]), (0x8, struct.pack(">H", 1003)))
+        # Until the TCP connection is gone the session is still in the rooms: what
+        # they deliver to it is dropped, and the room (someone else's send) goes on.
+        transport.clear()
+        server.deliver(cim_pb2.MSG_N, cim_pb2.Message(to="alice", text="late"))
+        self.assertEqual(transport.value(), b"")
+        protocol.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(self.node.metrics.websocket_open, 0)
+        self.assertEqual(self.node.factory.protocols, set())
+
+    def test_compression_offered_by_a_browser_is_declined_and_the_upgrade_goes_on(self) -> None:
+        # Browsers and Node's ws offer permessage-deflate: sealed frames do not compress,
+        # and a compressed message could inflate past the frame limit.
+        protocol = self.factory.buildProtocol(PEER)
+        transport = TcpStream(hostAddress=HOST, peerAddress=PEER)
+        protocol.makeConnection(transport)
+        offer = "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits"
+        protocol.dataReceived(upgrade_request(self.PAGE, offer))
+        answer = transport.value()
+        self.assertTrue(answer.startswith(b"HTTP/1.1 101"), answer)
+        self.assertNotIn(b"permessage-deflate", answer)
 
     def test_a_request_without_origin_is_not_a_page_and_goes_on(self) -> None:
         _, transport = self.connect(None)
@@ -430,6 +464,16 @@ class GatewayProtocolTests(SynchronousTestCase):
             waiting.append(transport)
         self.assertEqual([t.disconnecting for t in waiting], [False, False, True])
         self.assertEqual(self.node.metrics.connections_refused["per_address_limit"], 1)
+
+    def test_an_endless_upgrade_request_is_cut(self) -> None:
+        protocol = self.factory.buildProtocol(PEER)
+        transport = TcpStream(hostAddress=HOST, peerAddress=PEER)
+        protocol.makeConnection(transport)
+        protocol.dataReceived(b"GET / HTTP/1.1\r\n")
+        for _ in range(20):
+            protocol.dataReceived(b"X-Padding: " + b"a" * 1000 + b"\r\n")
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(self.node.metrics.connections_refused["upgrade_too_large"], 1)
 
     def test_the_upgrade_has_the_handshake_deadline(self) -> None:
         protocol = self.factory.buildProtocol(PEER)

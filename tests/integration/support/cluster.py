@@ -85,11 +85,15 @@ class Cluster:
         logic: bool = False,
         database_url: str | None = None,
         extra: str = "",
+        websocket: bool = False,
     ) -> None:
         self.test = test
         self.logic = logic
         # More config for every node (sections of their own, e.g. [push]).
         self.extra = extra
+        self.websocket = websocket
+        # Each node's [ws] port when the WebSocket gateway runs on every node.
+        self.ws_ports: dict[str, int] = {}
         # Each node's [logic] port when the logic service runs on every node.
         self.logic_ports: dict[str, int] = {}
         self.session_timeout = session_timeout
@@ -116,6 +120,9 @@ class Cluster:
         if self.logic:
             port = self.logic_ports[node_id] = free_port()
             logic_section = f"[logic]\nenabled = true\nlisten = tcp:{port}:interface=127.0.0.1\n"
+        if self.websocket:
+            port = self.ws_ports[node_id] = free_port()
+            logic_section += f"[ws]\nenabled = true\nlisten = tcp:{port}:interface=127.0.0.1\n"
         state_section = (
             f"[state]\nbackend = redis\nredis_url = {self.redis.url}\nredis_timeout = 1s\n"
             f"route_ttl = {ROUTE_TTL:g}s\n"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import os
 import socket
+import ssl
 import struct
 import time
 from urllib.parse import urlsplit
@@ -47,14 +48,20 @@ class RawWebSocket:
         origin: str | None = None,
         receive_buffer: int = 0,
         timeout: float = 10,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
+        """``tls``: for ``wss://``, the context that trusts the node's certificate."""
         parts = urlsplit(url)
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        plain = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         if receive_buffer:
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
-        self.sock.settimeout(timeout)
-        self.sock.connect((parts.hostname or "127.0.0.1", parts.port or 80))
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            plain.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+        plain.settimeout(timeout)
+        plain.connect((parts.hostname or "127.0.0.1", parts.port or 80))
+        plain.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock: socket.socket = plain
+        if parts.scheme == "wss":
+            assert tls is not None, "wss:// needs a TLS context"
+            self.sock = tls.wrap_socket(plain, server_hostname=parts.hostname)
         key = base64.b64encode(os.urandom(16)).decode()
         lines = [
             f"GET {parts.path or '/'} HTTP/1.1",
@@ -143,12 +150,13 @@ class RawWsClient:
         device: str = "browser",
         origin: str | None = None,
         receive_buffer: int = 0,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         ticket = login(router_url, user)
         if not ticket.node.ws_url:
             raise AssertionError("the router handed out no WebSocket URL")
         self.user = user
-        self.ws = RawWebSocket(ticket.node.ws_url, origin, receive_buffer)
+        self.ws = RawWebSocket(ticket.node.ws_url, origin, receive_buffer, tls=tls)
         handshake = ClientHandshake(
             ticket.server_key,
             ticket.token,
