@@ -130,6 +130,10 @@ class ImConfig:
     # Messages waiting for the offline store, or transactions for the database,
     # before the node stops reading from the heaviest senders (until half of it).
     max_pending_work: int = _opt(50, parse_int, minimum=1)
+    # Devices of one user online at once (phone, tablet, web, ...); a login past it
+    # follows [router] duplicate_login: kick_old ends the device idle longest,
+    # refuse_new refuses the login. The same device logging in again replaces itself.
+    max_devices_per_user: int = _opt(5, parse_int, minimum=1, maximum=100)
 
     def validate(self) -> None:
         if not self.cipher_suites:

@@ -6,7 +6,8 @@ through (cim.protocols.im): the connection parses a frame and calls the room's
 function with itself and the message. A new frame type goes into the room of its
 family (or a new room, merged into ``inbound`` below).
 
-    sessions   who is connected here: arrivals, kicks, route refresh, shutdown
+    sessions   who is connected here (user -> {device: session}): arrivals, kicks,
+               route refresh, shutdown; DEVICES_R
     routing    1:1 live copies: route / forward, pending acks, tell the sender,
                what other nodes send over the bus
     direct     msg:R (every message's claim), ack:R
@@ -67,7 +68,7 @@ class ImNode:
         self.directory = directory
         self.stores = stores
         self.peers = peers
-        connected: Connected = {}
+        connected = Connected()
         self.catchup = Catchup(core, stores, peers, connected)
         self.routing = Routing(core, directory, peers, connected, self.catchup)
         self.groups = GroupMessages(core, directory, peers, connected, self.routing, bounds)
@@ -84,10 +85,16 @@ class ImNode:
         self.presence = PresenceRequests(core.state.presence, directory)
         self.contacts = ContactRequests(directory)
         self.system = SystemMessages(core, stores, self.catchup)
-        self.sessions = Sessions(core, connected, self.routing)
+        self.sessions = Sessions(core, connected, self.routing, bounds.max_devices_per_user)
         peers.listen(self.routing.bus_message_received)
         self.inbound: FrameTable = _merged(
-            self.direct, self.groups, self.catchup, self.history, self.presence, self.contacts
+            self.direct,
+            self.groups,
+            self.catchup,
+            self.history,
+            self.presence,
+            self.contacts,
+            self.sessions,
         )
         """What an authenticated client may send: every other frame type closes the
         connection."""

@@ -184,6 +184,7 @@ class CimDaemon(OrderedServices):
                 config.limits.group_backlog,
                 config.limits.fanout_backlog,
                 config.limits.fanout_backlog_bytes,
+                config.im.max_devices_per_user,
             ),
         )
         # Invitations and contact requests are told as system notices, which the node

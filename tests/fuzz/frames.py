@@ -50,6 +50,7 @@ REQUEST_TYPES: dict[int, type[Message]] = {
     cim_pb2.HISTORY_R: cim_pb2.HistoryR,
     cim_pb2.GROUP_R: cim_pb2.GroupRequest,
     cim_pb2.CONTACTS_R: cim_pb2.ContactsRequest,
+    cim_pb2.DEVICES_R: cim_pb2.DevicesR,
 }
 """What a client may send once logged in (the test checks it is the node's table)."""
 
