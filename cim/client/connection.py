@@ -195,6 +195,7 @@ ESTABLISHED_INBOUND: Inbound = {
         (cim_pb2.OFFLINE_SUMMARY_A, cim_pb2.OfflineSummaryA),
         (cim_pb2.OFFLINE_NOTICE, cim_pb2.OfflineNotice),
         (cim_pb2.HISTORY_A, cim_pb2.HistoryA),
+        (cim_pb2.DEVICES_A, cim_pb2.DevicesA),
         (cim_pb2.KICKED, cim_pb2.Kicked),
         (cim_pb2.GOING_AWAY, cim_pb2.GoingAway),
         (cim_pb2.ERROR, cim_pb2.Error),

@@ -4,6 +4,7 @@
     cim-client --user U listen [--count N] [--timeout S] [--no-reconnect]
     cim-client --user U sync
     cim-client --user U online
+    cim-client --user U devices               (your devices online now)
     cim-client --user U history PEER [--group] [--limit N] [--before SEQ]
     cim-client --user U group create|add|invite|remove|leave|list|members|send ...
     cim-client --user U group accept|decline GROUP | invitations
@@ -45,7 +46,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import socket
 import sys
 from collections.abc import Sequence
 from typing import Any, cast
@@ -56,6 +56,7 @@ from cim.scripts.arguments import OneLineParser
 from cim.scripts.chat_commands import (
     Listener,
     add_chat_commands,
+    devices_command,
     history_command,
     online_command,
     send_command,
@@ -124,7 +125,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--user", default=os.environ.get("CIM_USER"), help="your user name (default $CIM_USER)"
     )
     parser.add_argument(
-        "--device", default=f"cli-{socket.gethostname()}"[:64], help="this device's name"
+        "--device",
+        default=os.environ.get("CIM_DEVICE"),
+        help="this device's name (default $CIM_DEVICE, else cli-HOST for the console, listen "
+        "and sync, cli-HOST-cmd for other commands); each device of a user has a session",
     )
     parser.add_argument(
         "--cipher", choices=KNOWN_SUITES, default=None, help="insist on one cipher suite"
@@ -179,6 +183,8 @@ async def run(reactor: ICimReactor, options: argparse.Namespace) -> int:
             return await history_command(client, options)
         if options.command == "online":
             return await online_command(client)
+        if options.command == "devices":
+            return await devices_command(client)
         if options.command == "sync":
             return await sync_command(client)
         if options.command == "listen":

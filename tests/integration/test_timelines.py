@@ -86,6 +86,12 @@ class TimelineClusterTests(TestCase):
         make_group(cluster.database_url, [alice, bob, carol])
         sender = await connect(one, alice)
         receiver = await connect(two, bob)
+        # bob's laptop is known to his account (its first summary enrolled it) and
+        # offline while the messages come.
+        laptop = await connect(two, bob, device="laptop")
+        await laptop.summary()
+        laptop.drop()
+        await eventually(lambda: laptop.closed, 10, "the laptop's drop")
         sender.post("one to one", to=bob)
         sender.post("to the group", group=GROUP)
         await eventually(lambda: len(receiver.live()) == 2, 20, "both live copies")
