@@ -440,9 +440,7 @@ class RedisOutageTests(TestCase):
         self.assertEqual(await n2.presence.route("bob"), "n1")
         self.assertEqual(await n2.presence.online_count_by_node(), {"n1": 2})
         # Notifications flow again: n2 resubscribed after the restart.
-        await n1.sessions.create_session(
-            token_hash("ta2"), "alice", "phone", "n1", TTL, "kick_old"
-        )
+        await n1.sessions.create_session(token_hash("ta2"), "alice", "phone", "n1", TTL, "kick_old")
 
         async def n2_told() -> bool:
             return (alice, "logged in again on this device") in ended2
