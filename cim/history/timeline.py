@@ -44,7 +44,6 @@ from cim.storage.timeline import (
     NewMessage,
     TimelinePage,
     append_txn,
-    enrol_device_txn,
     move_cursors_txn,
 )
 from cim.storage.timeline_reads import (
@@ -310,11 +309,6 @@ class Timelines:
         if not moves:
             return succeed(0)
         return self._db.run(move_cursors_txn, moves)
-
-    def enrol_device(self, user: str, device: str) -> Deferred[bool]:
-        """A device connected: if it is new to the account it starts at the present
-        (``enrol_device_txn``; reads enrol it too, whichever comes first)."""
-        return self._db.run(enrol_device_txn, user, device)
 
     # --- reading ----------------------------------------------------------------------
 

@@ -22,13 +22,11 @@ from cim.backends.state import (
     REASON_LOGGED_IN_AGAIN,
     REASON_TOO_MANY_DEVICES,
 )
-from cim.history.timeline import TimelineUnavailable
 from cim.im.collaborators import (
     ClientSession,
     Connected,
     FrameTable,
     NodeCore,
-    Stores,
     in_background,
     log_failure,
 )
@@ -76,7 +74,6 @@ class Sessions:
         core: NodeCore,
         connected: Connected,
         routing: Routing,
-        stores: Stores,
         max_devices: int = 5,
     ) -> None:
         self._node_id = core.node_id
@@ -84,7 +81,6 @@ class Sessions:
         self._presence = core.state.presence
         self._connected = connected
         self._routing = routing
-        self._stores = stores
         self._max_devices = max_devices
         core.state.sessions.add_session_ended_listener(self._session_ended)
 
@@ -137,11 +133,6 @@ class Sessions:
             previous.kick(REASON_REPLACED if same else REASON_LOGGED_IN_AGAIN)
             self._routing.hand_over(record.user, record.device, session)
         in_background(self._presence.mark_online(record), self.log, "mark online")
-        # Queued before anything it can acknowledge: a device new to the account starts
-        # at the present (its reads enrol it too, should this fail).
-        enrolled = self._stores.timeline.enrol_device(record.user, record.device)
-        enrolled.addErrback(lambda failure: failure.trap(TimelineUnavailable))
-        in_background(enrolled, self.log, "enrol a device")
         devices = self._connected.devices_of(record.user)
         if len(devices) > self._max_devices:
             others = [s for s in devices if s is not session]

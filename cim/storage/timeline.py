@@ -405,8 +405,11 @@ def enrol_device_txn(connection: Connection, user: str, device: str) -> bool:
     history). The account's first device keeps the floors (what waited for the user
     is unread). Either way the device is marked known; True when it was new.
 
-    A device is known once it has any cursor row: one that acknowledged anything
-    before devices were enrolled is not moved."""
+    Run by a device's first catch-up read (summary or page), which a client makes
+    before it shows or acknowledges anything: a device that never reads its
+    timelines (``cim-client send``) is never enrolled and never counts as another
+    device. A device is known once it has any cursor row: one that acknowledged
+    anything before devices were enrolled is not moved."""
     known = connection.execute(
         select(cursors.c.seq)
         .where(cursors.c.user_name == user, cursors.c.device == device)

@@ -222,6 +222,7 @@ class EveryCommandTests(SynchronousTestCase):
         cim("bob", "contacts", "policy")
         cim("bob", "contacts", "policy", "everyone", "--group-adds", "contacts")
         cim("bob", "online", listing=True)
+        cim("bob", "devices", listing=True)
         group = cim("alice", "group", "create", "team", "bob")
         self.assertNotIn("invited", group)
         cim("alice", "group", "add", group["id"], "alice")
