@@ -232,7 +232,10 @@ class Console:
             where = f"#{self.groups.get(message.group, message.group)} "
         elif sender == self.user and message.to:
             where = f"→ {message.to} "  # sent from another of my devices, or history
-        return f"[{clock(message.sent_at_ms)}] {where}{sender}: {body(message)}"
+        who = sender
+        if sender == self.user and message.device and message.device != self.device:
+            who = f"{sender} ({message.device})"  # mine, sent from that device
+        return f"[{clock(message.sent_at_ms)}] {where}{who}: {body(message)}"
 
     def message_arrived(self, message: cim_pb2.Message) -> None:
         sender = getattr(message, "from")
@@ -256,6 +259,10 @@ class Console:
     @property
     def user(self) -> str:
         return str(self.client.user)
+
+    @property
+    def device(self) -> str:
+        return str(getattr(self.client, "device", ""))
 
     def format_outcome(self, outcome: DeliveryOutcome, what: str, where: Conversation) -> str:
         if outcome.status == "delivered":

@@ -223,6 +223,19 @@ class ConsoleTests(SynchronousTestCase):
         self.assertIn("#friends carol: again", self.printed())
         self.assertEqual(self.client.group_requests, 1)
 
+    def test_my_messages_from_another_device(self) -> None:
+        """Issue #15: what alice sends from her phone shows on this device as hers."""
+        self.client.device = "cli"  # type: ignore[attr-defined]
+        mine = text_message("alice", "hi bob", to="bob")
+        mine.device = "phone"
+        self.console.message_arrived(mine)
+        self.assertTrue(self.printed().endswith("→ bob alice (phone): hi bob"))
+        posted = text_message("alice", "hi all", msg_id=2, group="g1")
+        posted.device = "phone"
+        self.console.message_arrived(posted)
+        self.assertTrue(self.printed().endswith("#friends alice (phone): hi all"))
+        self.assertNotIn("alice", self.console.known_users)
+
     def test_media_and_location(self) -> None:
         image = text_message(
             "bob",
