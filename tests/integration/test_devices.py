@@ -196,6 +196,7 @@ class OneNodeTests(DeviceSteps):
         # cimctl sees the devices and kicks one of them; the others stay.
         online = json.loads(daemon.cimctl("online", "--json").stdout)
         self.assertEqual(online["devices"]["alice"], ["pad", "phone", "web"])
+        self.assertIn("alice  (pad, phone, web)", daemon.cimctl("online").stdout.splitlines())
         kicked = daemon.cimctl("kick", "alice", "--device", "pad")
         self.assertEqual(kicked.returncode, 0, kicked.stderr)
         self.assertIn("kicked alice on pad", kicked.stdout)
