@@ -39,6 +39,7 @@ HELP = """commands:
   /group NAME       talk in a group from now on (its name, or its id)
   /msg USER TEXT    send one message to USER, staying where you are
   /online           which of your contacts are online
+  /devices          your own devices online now (this one marked *)
   /groups           list your groups
   /history [N]      the last N messages (default 20) of this conversation
   /retry            send the last failed message again
@@ -51,6 +52,7 @@ COMMANDS = (
     "/group",
     "/msg",
     "/online",
+    "/devices",
     "/groups",
     "/history",
     "/retry",
@@ -342,6 +344,7 @@ class Console:
             "/group": self._group,
             "/msg": self._msg,
             "/online": self._online,
+            "/devices": self._devices,
             "/groups": self._groups,
             "/history": self._history,
             "/retry": self._retry,
@@ -418,6 +421,11 @@ class Console:
             self.write("* you are in no group")
         for info in groups:
             self.write(f"  #{info.name}  id {info.id}, {info.member_count} members")
+
+    async def _devices(self, argument: str) -> None:
+        answer = await self.client.devices()
+        names = [f"{d.device}{' *' if d.this_device else ''}" for d in answer.devices]
+        self.write(f"* {len(names)} devices online: {', '.join(names)}")
 
     async def _online(self, argument: str) -> None:
         page = await self.client.online(0, 1000)

@@ -58,6 +58,16 @@ class FakeClient:
         # The session's catch-up as the console sees it: its summaries, as they come.
         self.catch_up = SimpleNamespace(on_summary=None, last_summary=None)
 
+    def devices(self) -> Deferred[cim_pb2.DevicesA]:
+        return succeed(
+            cim_pb2.DevicesA(
+                devices=[
+                    cim_pb2.DeviceOnline(device="cli", this_device=True),
+                    cim_pb2.DeviceOnline(device="phone"),
+                ]
+            )
+        )
+
     def send_message(self, message: cim_pb2.Message) -> Deferred[DeliveryOutcome]:
         message.client_seq = self.next_seq
         self.next_seq += 1
@@ -235,6 +245,8 @@ class ConsoleTests(SynchronousTestCase):
         self.console.message_arrived(posted)
         self.assertTrue(self.printed().endswith("#friends alice (phone): hi all"))
         self.assertNotIn("alice", self.console.known_users)
+        self.run_line("/devices")
+        self.assertEqual(self.printed(), "* 2 devices online: cli *, phone")
 
     def test_media_and_location(self) -> None:
         image = text_message(
