@@ -44,6 +44,7 @@ from cim.storage.timeline import (
     NewMessage,
     TimelinePage,
     append_txn,
+    enrol_device_txn,
     move_cursors_txn,
 )
 from cim.storage.timeline_reads import (
@@ -309,6 +310,11 @@ class Timelines:
         if not moves:
             return succeed(0)
         return self._db.run(move_cursors_txn, moves)
+
+    def enrol_device(self, user: str, device: str) -> Deferred[bool]:
+        """A device connected: one new to the account starts at the present
+        (``enrol_device_txn``; its catch-up reads enrol it too, whichever comes first)."""
+        return self._db.run(enrol_device_txn, user, device)
 
     # --- reading ----------------------------------------------------------------------
 

@@ -286,6 +286,11 @@ class TimelineStore(Protocol):
     def append(self, message: cim_pb2.Message, sender_device: str) -> Deferred[Appended]:
         """Fires once the message is durable, with its conversation and seq."""
 
+    def enrol_device(self, user: str, device: str) -> Deferred[bool]:
+        """A device connected: one new to the account starts at the present (its
+        cursors at each conversation's end, once another device has read); True when
+        it was new."""
+
     def move_cursor(self, user: str, device: str, conversation: str, seq: int) -> None: ...
 
     def move_cursors(
@@ -314,6 +319,9 @@ class NoTimeline:
 
     def append(self, message: cim_pb2.Message, sender_device: str) -> Deferred[Appended]:
         return fail(TimelineUnavailable("this node keeps no timelines"))
+
+    def enrol_device(self, user: str, device: str) -> Deferred[bool]:
+        return succeed(False)
 
     def move_cursor(self, user: str, device: str, conversation: str, seq: int) -> None:
         pass

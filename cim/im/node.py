@@ -85,7 +85,7 @@ class ImNode:
         self.presence = PresenceRequests(core.state.presence, directory)
         self.contacts = ContactRequests(directory)
         self.system = SystemMessages(core, stores, self.catchup)
-        self.sessions = Sessions(core, connected, self.routing, bounds.max_devices_per_user)
+        self.sessions = Sessions(core, connected, self.routing, stores, bounds.max_devices_per_user)
         peers.listen(self.routing.bus_message_received)
         self.inbound: FrameTable = _merged(
             self.direct,

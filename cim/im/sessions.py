@@ -20,13 +20,16 @@ from twisted.logger import Logger
 
 from cim.backends.state import (
     REASON_LOGGED_IN_AGAIN,
+    REASON_MOVED,
     REASON_TOO_MANY_DEVICES,
 )
+from cim.history.timeline import TimelineUnavailable
 from cim.im.collaborators import (
     ClientSession,
     Connected,
     FrameTable,
     NodeCore,
+    Stores,
     in_background,
     log_failure,
 )
@@ -48,6 +51,7 @@ _KICK_CODES = {
     REASON_REPLACED: cim_pb2.Kicked.REPLACED,
     REASON_LOGGED_IN_AGAIN: cim_pb2.Kicked.REPLACED,
     REASON_TOO_MANY_DEVICES: cim_pb2.Kicked.TOO_MANY_DEVICES,
+    REASON_MOVED: cim_pb2.Kicked.SESSION_EXPIRED,  # log in again: lands with the others
     "logged out": cim_pb2.Kicked.LOGGED_OUT,
     "expired": cim_pb2.Kicked.SESSION_EXPIRED,
     "kicked by an administrator": cim_pb2.Kicked.BY_ADMIN,
@@ -74,6 +78,7 @@ class Sessions:
         core: NodeCore,
         connected: Connected,
         routing: Routing,
+        stores: Stores,
         max_devices: int = 5,
     ) -> None:
         self._node_id = core.node_id
@@ -81,6 +86,7 @@ class Sessions:
         self._presence = core.state.presence
         self._connected = connected
         self._routing = routing
+        self._stores = stores
         self._max_devices = max_devices
         core.state.sessions.add_session_ended_listener(self._session_ended)
 
@@ -133,6 +139,11 @@ class Sessions:
             previous.kick(REASON_REPLACED if same else REASON_LOGGED_IN_AGAIN)
             self._routing.hand_over(record.user, record.device, session)
         in_background(self._presence.mark_online(record), self.log, "mark online")
+        # Queued before anything it could acknowledge: a device new to the account
+        # starts at the present (its catch-up reads enrol it too, should this fail).
+        enrolled = self._stores.timeline.enrol_device(record.user, record.device)
+        enrolled.addErrback(lambda failure: failure.trap(TimelineUnavailable))
+        in_background(enrolled, self.log, "enrol a device")
         devices = self._connected.devices_of(record.user)
         if len(devices) > self._max_devices:
             others = [s for s in devices if s is not session]

@@ -399,17 +399,16 @@ ever joins it; it only says the account knows the device."""
 
 
 def enrol_device_txn(connection: Connection, user: str, device: str) -> bool:
-    """A device new to the account starts at the present (issue #15): when the account
-    has other devices, its cursors are set at each conversation's ``last_seq``, so
-    nothing already there counts as unread on it (it can still page back through
-    history). The account's first device keeps the floors (what waited for the user
-    is unread). Either way the device is marked known; True when it was new.
+    """A device new to the account starts at the present (issue #15): when another
+    device of the account has read something (a cursor in a conversation), its cursors
+    are set at each conversation's ``last_seq``, so nothing already there counts as
+    unread on it (it can still page back through history). Otherwise it starts at the
+    user's floors, as the account's first device does (what waited for the user is
+    unread). Either way the device is marked known; True when it was new.
 
-    Run by a device's first catch-up read (summary or page), which a client makes
-    before it shows or acknowledges anything: a device that never reads its
-    timelines (``cim-client send``) is never enrolled and never counts as another
-    device. A device is known once it has any cursor row: one that acknowledged
-    anything before devices were enrolled is not moved."""
+    Run when a device connects, before anything reaches it, and again by its catch-up
+    reads (a no-op then). A device is known once it has any cursor row: one that
+    acknowledged anything before devices were enrolled is not moved."""
     known = connection.execute(
         select(cursors.c.seq)
         .where(cursors.c.user_name == user, cursors.c.device == device)
@@ -419,7 +418,11 @@ def enrol_device_txn(connection: Connection, user: str, device: str) -> bool:
         return False
     others = connection.execute(
         select(cursors.c.device)
-        .where(cursors.c.user_name == user, cursors.c.device != device)
+        .where(
+            cursors.c.user_name == user,
+            cursors.c.device != device,
+            cursors.c.conversation != ENROLMENT_MARK,
+        )
         .limit(1)
     ).first()
     rows = [{"user_name": user, "device": device, "conversation": ENROLMENT_MARK, "seq": 0}]

@@ -24,7 +24,7 @@ from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from cim.backends.state import token_hash
+from cim.backends.state import REASON_MOVED, token_hash
 from cim.backends.state.redis import RedisState, scripts
 from cim.backends.state.redis.address import parse_redis_url
 from cim.backends.state.redis.scripts import Script
@@ -326,6 +326,27 @@ class RedisClusterTests(RedisFixture):
         self.assertEqual(ended1, [(alice, "logged in again on this device")])
         self.assertEqual(await n1.sessions.session_for_token(token_hash("ta2")), newer)
         self.assertIsNone(await n1.sessions.session_for_token(token_hash("ta")))
+
+    async def test_a_device_left_on_the_old_node_of_a_moved_user_logs_in_again(self) -> None:
+        """#15: the ring moved alice to n2 while n1 lives; n1's refresh does not take
+        her route back from her devices on n2: its device is told to log in again."""
+        n1, n2, ended1, _ = await self.nodes()
+        phone, _ = await n1.sessions.create_session(
+            token_hash("tp"), "alice", "phone", "n1", TTL, "kick_old", 5
+        )
+        await n1.presence.mark_online(phone)
+        web, _ = await n2.sessions.create_session(
+            token_hash("tw"), "alice", "web", "n2", TTL, "kick_old", 5
+        )
+        await n2.presence.mark_online(web)
+        self.assertEqual(await n1.presence.route("alice"), "n2")
+        await n1.presence.refresh_sessions("n1", [phone])
+        await n2.presence.refresh_sessions("n2", [web])
+        self.assertEqual(await n1.presence.route("alice"), "n2")
+        self.assertEqual(await n1.presence.online_devices(["alice"]), {"alice": ["web"]})
+        self.assertIn((phone, REASON_MOVED), ended1)
+        self.assertIsNone(await n1.sessions.session_for_token(token_hash("tp")))
+        self.assertEqual(await n1.sessions.session_for_token(token_hash("tw")), web)
 
     async def test_routes_of_a_silent_node_expire(self) -> None:
         store = await self.make_store(route_ttl=3.0)

@@ -2,7 +2,7 @@
 -- Keys: session:<token hash> (a hash), devices:<user> (device -> token hash of its
 -- current session), route:<user> (node, and d:<device> -> session id per device
 -- online), online:<node> and online (sorted sets of users), nodes, ended:<token hash>.
--- The dollar-sign names (EXPIRED, ELSEWHERE, AGAIN, REFUSE_NEW) are replaced when the scripts
+-- The dollar-sign names (EXPIRED, ELSEWHERE, AGAIN, MOVED, REFUSE_NEW) are replaced when the scripts
 -- are loaded by Lua string literals of the reasons and policy in cim.backends.state.
 
 local p = ARGV[1]

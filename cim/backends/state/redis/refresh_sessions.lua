@@ -24,6 +24,13 @@ for i = 7, #ARGV, 6 do
     -- a newer login of the device replaced it while its notification went missing
     if s then finish(th, s, $AGAIN, tombstone_ms) else set_offline(user, sid, device) end
     table.insert(ended, {th, $AGAIN})
+  elseif redis.call('HGET', p .. 'route:' .. user, 'node') ~= node
+      and redis.call('HLEN', p .. 'route:' .. user) > 1 then
+    -- the user's devices are online on another node now (the ring moved the user while
+    -- this node lives): this device logs in again and joins them, rather than the two
+    -- nodes taking the route from each other at every refresh
+    if s then finish(th, s, $MOVED, tombstone_ms) end
+    table.insert(ended, {th, $MOVED})
   else
     if not s then
       local pttl = int((tonumber(expires) - now) * 1000 + grace_ms)

@@ -20,6 +20,7 @@ from cim.backends.state import (
     REASON_EXPIRED,
     REASON_LOGGED_IN_AGAIN,
     REASON_LOGGED_IN_ELSEWHERE,
+    REASON_MOVED,
     REFUSE_NEW,
 )
 
@@ -45,6 +46,7 @@ def load_script(name: str) -> Script:
         .replace("$EXPIRED", json.dumps(REASON_EXPIRED))
         .replace("$ELSEWHERE", json.dumps(REASON_LOGGED_IN_ELSEWHERE))
         .replace("$AGAIN", json.dumps(REASON_LOGGED_IN_AGAIN))
+        .replace("$MOVED", json.dumps(REASON_MOVED))
         .replace("$REFUSE_NEW", json.dumps(REFUSE_NEW))
     )
     return Script(source, hashlib.sha1(source.encode()).hexdigest())
