@@ -59,7 +59,8 @@ class MessageReceipt:
 
 
 class AlreadyLoggedIn(Exception):
-    """duplicate_login = refuse_new and the user has a connected session."""
+    """duplicate_login = refuse_new and max_devices_per_user devices of the user are
+    online."""
 
 
 class StateUnavailable(Exception):
@@ -78,14 +79,27 @@ class ISessionStore(Interface):
     """Logins: what the router issued and the IM node checks (the state backend's sessions)."""
 
     def create_session(
-        token_hash: str, user: str, device: str, node_id: str, ttl: float, policy: str
+        token_hash: str,
+        user: str,
+        device: str,
+        node_id: str,
+        ttl: float,
+        policy: str,
+        max_devices: int = 1,
     ) -> Deferred[tuple[SessionRecord, SessionRecord | None]]:
-        """Atomically decide a duplicate login and store the new session.
+        """Atomically decide a login of one device and store the new session.
 
-        policy 'kick_old': any previous session of the user ends (listeners are told,
-        reason 'logged in elsewhere') and is returned as the second element.
-        policy 'refuse_new': fails with AlreadyLoggedIn when the user has a session
-        that is currently online; a previous session that is not online is replaced.
+        A user has one session per device, up to ``max_devices`` ([im]
+        max_devices_per_user). The same device's previous session always ends
+        (listeners told 'logged in again on this device') and is returned as the second
+        element. Otherwise, past the limit:
+        policy 'refuse_new': fails with AlreadyLoggedIn when ``max_devices`` other
+        devices of the user are online;
+        policy 'kick_old': the login is taken (the IM node then ends the device idle
+        longest, which only it knows).
+        Either way sessions of devices not online give way first, oldest first
+        (listeners told 'logged in elsewhere'), so at most ``max_devices`` sessions are
+        kept unless all of them are online.
         """
 
     def session_for_token(token_hash: str) -> Deferred[SessionRecord | None]:
@@ -94,28 +108,38 @@ class ISessionStore(Interface):
     def end_session(token_hash: str, reason: str) -> Deferred[SessionRecord | None]:
         """Logout: remove the session and its route; listeners are told."""
 
-    def end_user_session(user: str, reason: str) -> Deferred[SessionRecord | None]:
-        """End the user's current session whatever its token (an administrator's
-        kick); listeners are told with reason. None when the user has no live session."""
+    def end_user_sessions(
+        user: str, reason: str, device: str = ""
+    ) -> Deferred[list[SessionRecord]]:
+        """End the user's current sessions whatever their tokens (an administrator's
+        kick, an account deleted): every device's, or only ``device``'s; listeners are
+        told with reason. The sessions ended, sorted by device (empty: none was live)."""
 
     def add_session_ended_listener(listener: SessionEndedListener) -> None:
         """Be told whenever a session ends (kick, logout, expiry), on any node."""
 
 
 class IRouteStore(Interface):
-    """Where each online user is connected (uid -> node) and who is online."""
+    """Where each online user is connected (uid -> node) and who is online.
+
+    A user is online while any of its devices is; all its devices are on one node (the
+    ring places users), so a route names that node."""
 
     def mark_online(record: SessionRecord) -> Deferred[None]:
         """The session's connection finished its handshake on record.node_id."""
 
     def mark_offline(record: SessionRecord) -> Deferred[None]:
-        """The session's connection closed; a no-op if a newer one took over."""
+        """The session's connection closed; a no-op if a newer one of the device took
+        over. The user stays online while another of its devices is."""
 
     def route(user: str) -> Deferred[str | None]:
         """The node id the user is connected to, or None when offline."""
 
     def routes(users: list[str]) -> Deferred[dict[str, str]]:
         """The node id of each online user among users (offline ones are left out)."""
+
+    def online_devices(users: list[str]) -> Deferred[dict[str, list[str]]]:
+        """The devices online of each online user among users, sorted."""
 
     def online_users(offset: int, limit: int) -> Deferred[tuple[int, list[str]]]:
         """(total online, a page of user names sorted by name)."""

@@ -51,6 +51,7 @@ ANSWER_TYPES: dict[int, int] = {
     cim_pb2.GROUP_R: cim_pb2.GROUP_A,
     cim_pb2.CONTACTS_R: cim_pb2.CONTACTS_A,
     cim_pb2.PUSH_R: cim_pb2.PUSH_A,
+    cim_pb2.DEVICES_R: cim_pb2.DEVICES_A,
     cim_pb2.ACK_R: cim_pb2.ACK_A,
     cim_pb2.APP_STATE_R: cim_pb2.APP_STATE_A,
     cim_pb2.TYPING_R: cim_pb2.TYPING_A,
@@ -196,6 +197,9 @@ class Answers:
 
     def online(self, offset: int, limit: int) -> Deferred[cim_pb2.OnlineA]:
         return self.ask(cim_pb2.ONLINE_R, cim_pb2.OnlineR(offset=offset, limit=limit))
+
+    def devices(self) -> Deferred[cim_pb2.DevicesA]:
+        return self.ask(cim_pb2.DEVICES_R, cim_pb2.DevicesR())
 
     def group(self, request: cim_pb2.GroupRequest) -> Deferred[cim_pb2.GroupAnswer]:
         creating = request.WhichOneof("op") == "create"

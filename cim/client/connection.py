@@ -209,6 +209,7 @@ ESTABLISHED_INBOUND: Inbound = {
         (cim_pb2.READ_A, cim_pb2.ReadA),
         (cim_pb2.READ_N, cim_pb2.ReadNotice),
         (cim_pb2.READERS_A, cim_pb2.ReadersA),
+        (cim_pb2.DEVICES_A, cim_pb2.DevicesA),
         (cim_pb2.KICKED, cim_pb2.Kicked),
         (cim_pb2.GOING_AWAY, cim_pb2.GoingAway),
         (cim_pb2.ERROR, cim_pb2.Error),

@@ -42,6 +42,7 @@ HELP = """commands:
   /group NAME       talk in a group from now on (its name, or its id)
   /msg USER TEXT    send one message to USER, staying where you are
   /online           which of your contacts are online
+  /devices          your own devices online now (this one marked *)
   /groups           list your groups
   /history [N]      the last N messages (default 20) of this conversation
   /read             mark this conversation read (your other devices and, unless
@@ -60,6 +61,7 @@ COMMANDS = (
     "/group",
     "/msg",
     "/online",
+    "/devices",
     "/groups",
     "/history",
     "/read",
@@ -269,7 +271,10 @@ class Console:
             where = f"#{self.groups.get(message.group, message.group)} "
         elif sender == self.user and message.to:
             where = f"→ {message.to} "  # sent from another of my devices, or history
-        return f"[{clock(message.sent_at_ms)}] {where}{sender}: {body(message)}"
+        who = sender
+        if sender == self.user and message.device and message.device != self.device:
+            who = f"{sender} ({message.device})"  # mine, sent from that device
+        return f"[{clock(message.sent_at_ms)}] {where}{who}: {body(message)}"
 
     def message_arrived(self, message: cim_pb2.Message) -> None:
         sender = getattr(message, "from")
@@ -344,6 +349,10 @@ class Console:
     @property
     def user(self) -> str:
         return str(self.client.user)
+
+    @property
+    def device(self) -> str:
+        return str(getattr(self.client, "device", ""))
 
     def format_outcome(self, outcome: DeliveryOutcome, what: str, where: Conversation) -> str:
         if outcome.status == "delivered":
@@ -448,6 +457,7 @@ class Console:
             "/group": self._group,
             "/msg": self._msg,
             "/online": self._online,
+            "/devices": self._devices,
             "/groups": self._groups,
             "/history": self._history,
             "/read": self._read,
@@ -542,6 +552,11 @@ class Console:
             self.write("* you are in no group")
         for info in groups:
             self.write(f"  #{info.name}  id {info.id}, {info.member_count} members")
+
+    async def _devices(self, argument: str) -> None:
+        answer = await self.client.devices()
+        names = [f"{d.device}{' *' if d.this_device else ''}" for d in answer.devices]
+        self.write(f"* {len(names)} devices online: {', '.join(names)}")
 
     async def _online(self, argument: str) -> None:
         page = await self.client.online(0, 1000)

@@ -478,6 +478,10 @@ class ChatClient:
     def online(self, offset: int = 0, limit: int = 100) -> Deferred[cim_pb2.OnlineA]:
         return self.answers.online(offset, limit)
 
+    def devices(self) -> Deferred[cim_pb2.DevicesA]:
+        """This user's devices online now (this one among them, ``this_device``)."""
+        return self.answers.devices()
+
     def group_request(self, request: cim_pb2.GroupRequest) -> Deferred[cim_pb2.GroupAnswer]:
         """Send a GROUP_R (create, rename, add, remove, leave, ...) and get its answer."""
         return self.answers.group(request)

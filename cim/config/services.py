@@ -165,6 +165,10 @@ class ImConfig:
     # may recall any message of the group at any time), and edit a text (#15).
     recall_window: float = _opt(120.0, parse_duration, minimum=0, maximum=86400 * 365)
     edit_window: float = _opt(900.0, parse_duration, minimum=0, maximum=86400 * 365)
+    # Devices of one user online at once (phone, tablet, web, ...); a login past it
+    # follows [router] duplicate_login: kick_old ends the device idle longest,
+    # refuse_new refuses the login. The same device logging in again replaces itself.
+    max_devices_per_user: int = _opt(5, parse_int, minimum=1, maximum=100)
 
     def validate(self) -> None:
         if not self.cipher_suites:

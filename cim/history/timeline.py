@@ -45,6 +45,7 @@ from cim.storage.timeline import (
     NewMessage,
     TimelinePage,
     append_txn,
+    enrol_device_txn,
     move_cursors_txn,
 )
 from cim.storage.timeline_reads import (
@@ -320,6 +321,11 @@ class Timelines:
         if self._stopping:
             return fail(TimelineUnavailable("the timeline cannot be written now"))
         return self._db.run(change_txn, asked)
+
+    def enrol_device(self, user: str, device: str) -> Deferred[bool]:
+        """A device connected: one new to the account starts at the present
+        (``enrol_device_txn``; its catch-up reads enrol it too, whichever comes first)."""
+        return self._db.run(enrol_device_txn, user, device)
 
     # --- reading ----------------------------------------------------------------------
 

@@ -228,10 +228,10 @@ class Catchup:
     # --- telling devices to pull ------------------------------------------------------
 
     def notify_stored(self, receivers: list[str], conversation: str = "", seq: int = 0) -> None:
-        """Users connected here whose timeline moved without a live copy: pull."""
+        """Users connected here whose timeline moved without a live copy: every device
+        of them pulls."""
         for receiver in receivers:
-            session = self._connected.get(receiver)
-            if session is not None:
+            for session in self._connected.devices_of(receiver):
                 session.deliver(
                     OFFLINE_NOTICE, cim_pb2.OfflineNotice(conversation=conversation, seq=seq)
                 )

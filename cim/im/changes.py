@@ -73,10 +73,8 @@ hold in order), so only the sender's rate and the store's backlog apply."""
 
 
 def _online(connected: Connected, user: str) -> list[ClientSession]:
-    """The sessions of ``user`` connected to this node: the one place this room asks
-    how a user's devices are found (today one session per user)."""
-    session = connected.get(user)
-    return [session] if session is not None else []
+    """The sessions of ``user`` connected to this node: one per online device."""
+    return connected.devices_of(user)
 
 
 class MessageChanges:

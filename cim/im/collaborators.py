@@ -12,7 +12,7 @@ gives the node real timelines) reaches every room at once.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -64,9 +64,15 @@ __all__ = [
 
 
 class ClientSession(Protocol):
-    """What a room needs from an authenticated connection (cim.protocols.im)."""
+    """What a room needs from an authenticated connection (cim.protocols.im): one
+    device of a user (``record.user``, ``record.device``)."""
 
     record: SessionRecord
+    connected_at: float
+    """Node time the handshake finished."""
+    active_at: float
+    """Node time of the client's last frame other than a heartbeat (or connected_at):
+    past [im] max_devices_per_user, the device idle longest goes (kick_old)."""
 
     def deliver(self, frame_type: int, message: ProtobufMessage) -> None: ...
 
@@ -80,8 +86,78 @@ class ClientSession(Protocol):
     def going_away(self, reason: str, reconnect_after_ms: int) -> None: ...
 
 
-Connected = dict[str, ClientSession]
-"""user -> its connection to this node: the one mapping every room reads."""
+class Connected:
+    """Who is connected to this node: user -> {device: session}, the one mapping every
+    room reads (``cim.im.sessions`` alone changes it).
+
+    A user may be online on several devices at once (phone, tablet, web: up to
+    ``[im] max_devices_per_user``), all on this node (the ring places users, not
+    devices). A room that reaches "the user" reaches every device of it::
+
+        for session in connected.devices_of(user):
+            session.deliver(frame_type, message)
+
+    ``user in connected`` says whether any device of the user is here.
+    """
+
+    __slots__ = ("_by_user", "_count")
+
+    def __init__(self) -> None:
+        self._by_user: dict[str, dict[str, ClientSession]] = {}
+        self._count = 0
+
+    def devices_of(self, user: str) -> list[ClientSession]:
+        """The user's sessions here, one per device, in the order they connected
+        ([] when none)."""
+        devices = self._by_user.get(user)
+        return list(devices.values()) if devices else []
+
+    def session_of(self, user: str, device: str) -> ClientSession | None:
+        """One device's session here, or None."""
+        devices = self._by_user.get(user)
+        return devices.get(device) if devices else None
+
+    def __contains__(self, user: object) -> bool:
+        return user in self._by_user
+
+    def users(self) -> list[str]:
+        """Users with at least one device here."""
+        return list(self._by_user)
+
+    def sessions(self) -> Iterator[ClientSession]:
+        """Every session here (a copy: safe to kick while iterating)."""
+        return iter([s for devices in self._by_user.values() for s in devices.values()])
+
+    @property
+    def user_count(self) -> int:
+        return len(self._by_user)
+
+    def __len__(self) -> int:
+        """Sessions (devices) here."""
+        return self._count
+
+    def add(self, session: ClientSession) -> ClientSession | None:
+        """``session`` is its device's connection now; returns the one it replaced."""
+        record = session.record
+        devices = self._by_user.setdefault(record.user, {})
+        previous = devices.pop(record.device, None)
+        devices[record.device] = session
+        if previous is None:
+            self._count += 1
+        return previous
+
+    def remove(self, session: ClientSession) -> bool:
+        """Forget ``session``, if it is still its device's connection."""
+        record = session.record
+        devices = self._by_user.get(record.user)
+        if devices is None or devices.get(record.device) is not session:
+            return False
+        del devices[record.device]
+        self._count -= 1
+        if not devices:
+            del self._by_user[record.user]
+        return True
+
 
 FrameEntry = tuple[type[ProtobufMessage], Callable[[Any, Any], None]]
 FrameTable = Mapping[int, FrameEntry]
@@ -214,6 +290,11 @@ class TimelineStore(Protocol):
     def append(self, message: cim_pb2.Message, sender_device: str) -> Deferred[Appended]:
         """Fires once the message is durable, with its conversation and seq."""
 
+    def enrol_device(self, user: str, device: str) -> Deferred[bool]:
+        """A device connected: one new to the account starts at the present (its
+        cursors at each conversation's end, once another device has read); True when
+        it was new."""
+
     def move_cursor(self, user: str, device: str, conversation: str, seq: int) -> None: ...
 
     def change(self, asked: ChangeAsked) -> Deferred[ChangeMade]:
@@ -245,6 +326,9 @@ class NoTimeline:
 
     def append(self, message: cim_pb2.Message, sender_device: str) -> Deferred[Appended]:
         return fail(TimelineUnavailable("this node keeps no timelines"))
+
+    def enrol_device(self, user: str, device: str) -> Deferred[bool]:
+        return succeed(False)
 
     def move_cursor(self, user: str, device: str, conversation: str, seq: int) -> None:
         pass
@@ -346,6 +430,8 @@ class Bounds:
     """Seconds after sending that its sender may recall a message ([im] recall_window)."""
     edit_window: float = 900.0
     """Seconds after sending that its sender may edit a text ([im] edit_window)."""
+    max_devices_per_user: int = 5
+    """Devices of one user connected at once ([im] max_devices_per_user)."""
 
 
 NO_BOUNDS = Bounds()

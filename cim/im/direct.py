@@ -321,8 +321,9 @@ class DirectMessages:
     # --- ack:R ------------------------------------------------------------------------
 
     def ack_received(self, session: ClientSession, ack: cim_pb2.AckR) -> None:
-        """ack:R. Only the message's receiver can acknowledge it; ``through_seq`` moves
-        this device's cursor in the conversation (batched, never back)."""
+        """ack:R. Only the message's receiver can acknowledge it (any of its devices:
+        the first settles it); ``through_seq`` moves this device's cursor in the
+        conversation (batched, never back)."""
         session.deliver(ACK_A, cim_pb2.AckA(msg_id=ack.msg_id))
         record = session.record
         self._routing.acknowledged(record.user, ack.msg_id)

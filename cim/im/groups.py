@@ -3,9 +3,10 @@
 A group post arrives as msg:R (``cim.im.direct`` takes it); only a member may post.
 Once claimed it is appended to the group's timeline, ONE row whatever the number of
 members, numbered there (its seq: every member shows that order); only then does the
-sender hear "accepted", and live copies go to the members online: those connected
-here directly, in slices so a big group does not stall other users; those on other
-nodes in one bus message per node. Nothing is written per member: a copy that cannot
+sender hear "accepted", and live copies go to every device of the members online (the
+sender's other devices too, never the one it posted from): those connected here
+directly, in slices so a big group does not stall other users; those on other nodes in
+one bus message per node. Nothing is written per member: a copy that cannot
 go is dropped, since every member catches up from its cursor. Messages of one group
 fan out one after another, in the order they were appended.
 
@@ -193,24 +194,25 @@ class GroupMessages:
         message = queued.message
         sender = getattr(message, "from")
         names = await self._directory.groups.member_names(message.group)
-        members = [m for m in names if m != sender]
-        self._learned_size(queued, max(1, len(members)))
+        self._learned_size(queued, max(1, sum(1 for m in names if m != sender)))
+        # Every device of every member, the sender's other devices too (they show what
+        # it posted from this one); not the device that posted it (it has msg:A).
         connected = self._connected
-        here = [m for m in members if m in connected]
-        elsewhere = [m for m in members if m not in connected]
+        here = [m for m in names if m in connected]
+        elsewhere = [m for m in names if m not in connected and m != sender]
         for start in range(0, len(here), FANOUT_SLICE):
             if start:
                 await deferLater(self._clock, 0, lambda: None)  # let other users in
             for member in here[start : start + FANOUT_SLICE]:
-                session = connected.get(member)
-                if session is None:
-                    continue
-                if session.may_take_live_copy():
-                    session.deliver(MSG_N, message)
-                    self._metrics.messages["group_delivered"] += 1
-                else:
-                    # Behind on reading: told to pull once its queue drains.
-                    self._metrics.messages["group_behind"] += 1
+                for session in connected.devices_of(member):
+                    if member == sender and session.record.device == message.device:
+                        continue
+                    if session.may_take_live_copy():
+                        session.deliver(MSG_N, message)
+                        self._metrics.messages["group_delivered"] += 1
+                    else:
+                        # Behind on reading: told to pull once its queue drains.
+                        self._metrics.messages["group_behind"] += 1
         if not elsewhere:
             return
         try:

@@ -6,7 +6,8 @@ through (cim.protocols.im): the connection parses a frame and calls the room's
 function with itself and the message. A new frame type goes into the room of its
 family (or a new room, merged into ``inbound`` below).
 
-    sessions   who is connected here: arrivals, kicks, route refresh, shutdown
+    sessions   who is connected here (user -> {device: session}): arrivals, kicks,
+               route refresh, shutdown; DEVICES_R
     routing    1:1 live copies: route / forward, pending acks, tell the sender,
                what other nodes send over the bus
     direct     msg:R (every message's claim), ack:R
@@ -79,7 +80,7 @@ class ImNode:
         self.directory = directory
         self.stores = stores
         self.peers = peers
-        connected: Connected = {}
+        connected = self.connected = Connected()
         self.catchup = Catchup(core, stores, peers, connected)
         self.routing = Routing(core, directory, peers, connected, self.catchup)
         self.groups = GroupMessages(core, directory, peers, connected, self.routing, bounds)
@@ -101,7 +102,7 @@ class ImNode:
         self.system = SystemMessages(core, stores, self.catchup)
         self.typing = TypingNotices(core, directory, peers, connected)
         self.routing.bus_bodies["typing"] = self.typing.bus_typing_received
-        self.sessions = Sessions(core, connected, self.routing)
+        self.sessions = Sessions(core, connected, self.routing, stores, bounds.max_devices_per_user)
         self.receipts = ReadReceipts(core, stores, peers, connected)
         self.routing.bus_bodies["read"] = self.receipts.read_from_bus
         peers.listen(self.routing.bus_message_received)
@@ -115,6 +116,7 @@ class ImNode:
             self.typing,
             self.changes,
             self.receipts,
+            self.sessions,
             *more_rooms,
         )
         """What an authenticated client may send: every other frame type closes the

@@ -64,9 +64,8 @@ _CODES = {
 
 
 def _online(connected: Connected, user: str) -> list[ClientSession]:
-    """The user's sessions on this node (one today; several devices soon)."""
-    session = connected.get(user)
-    return [session] if session is not None else []
+    """The sessions of ``user`` connected to this node: one per online device."""
+    return connected.devices_of(user)
 
 
 class ReadReceipts:

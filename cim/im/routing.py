@@ -3,8 +3,10 @@ node; and how its sender hears the outcome, wherever the sender is.
 
 Every message routed here is already durable in its conversation's timeline (the
 receiver reads it from its cursor at its next catch-up), so a live copy is best
-effort. A receiver connected here gets msg:N at once, and the message waits here
-until its ack:R (a pending ack): the sender then hears "delivered". A receiver
+effort. Every device of a receiver connected here gets msg:N at once, and the message
+waits here until the first ack:R of any of them (a pending ack): the sender then hears
+"delivered", once. The sender's other devices here get the same msg:N (same id), so
+each device of a user shows what it sent from another. A receiver
 connected to another node is reached over the bus (its route says which node); its ack
 comes back the same way to whichever node the sender is on. A receiver nowhere, a node
 that cannot be reached, a receiver that leaves holding the message or never
@@ -75,6 +77,8 @@ class _Pending:
     receiver: str
     message: cim_pb2.Message
     deadline: float
+    devices: set[str]
+    """The receiver's devices holding it unacknowledged: the first ack settles it."""
 
 
 class Routing:
@@ -98,10 +102,11 @@ class Routing:
         self._peers = peers
         self._connected = connected
         self._catchup = catchup
-        # (msg_id, receiver) -> who to tell when the receiver acknowledges.
+        # (msg_id, receiver) -> who to tell when a device of the receiver acknowledges.
         self._pending: dict[tuple[int, str], _Pending] = {}
-        # receiver -> its unacknowledged msg ids, to settle them when it leaves.
-        self._pending_by_receiver: dict[str, set[int]] = {}
+        # (receiver, device) -> the msg ids the device holds unacknowledged, to hand
+        # them to its next connection or settle them when the last device leaves.
+        self._pending_by_device: dict[tuple[str, str], set[int]] = {}
         self.bus_bodies: dict[str, Callable[[Any], None]] = {}
         """Other rooms' envelope bodies (BusEnvelope's oneof name -> receiver of the
         body): live notices that are not messages, such as typing and read notices."""
@@ -109,7 +114,9 @@ class Routing:
     # --- one-to-one routing -----------------------------------------------------------
 
     def route(self, message: cim_pb2.Message, sender_device: str) -> None:
-        """A taken 1:1 message to its receiver, wherever that is."""
+        """A taken 1:1 message to its receiver, wherever that is, and to the sender's
+        other devices here."""
+        self.copy_to_own_devices(message, sender_device)
         receiver = message.to
         if receiver in self._connected:
             self._deliver_here(message, sender_device, receiver)
@@ -155,15 +162,26 @@ class Routing:
         )
         self._left_for_catchup(message, sender_device)
 
+    def copy_to_own_devices(self, message: cim_pb2.Message, sender_device: str) -> None:
+        """The sender's other devices here get what it sent from ``sender_device`` (the
+        same msg:N, same id: a client drops a copy it has). Best effort, as every live
+        copy: a device behind or offline reads it from its cursor."""
+        sender = getattr(message, "from")
+        if message.to == sender:
+            return  # a note to self: its receiver's copies are these
+        for session in self._connected.devices_of(sender):
+            if session.record.device != sender_device and session.may_take_live_copy():
+                session.deliver(MSG_N, message)
+
     def _deliver_here(self, message: cim_pb2.Message, sender_device: str, receiver: str) -> None:
         key = (message.id, receiver)
         if key in self._pending:
             return  # a retry while the receiver still holds it unacknowledged here
-        session = self._connected[receiver]
-        if not session.may_take_live_copy():
-            # The live-copy decision (cim.protocols.outbound.OutboundBudget): a receiver
-            # too far behind on reading gets it through the pull it is told to make once
-            # its queue drains; the message is in its timeline already.
+        # The live-copy decision (cim.protocols.outbound.OutboundBudget): a device too
+        # far behind on reading gets it through the pull it is told to make once its
+        # queue drains; the message is in its timeline already.
+        taking = [s for s in self._connected.devices_of(receiver) if s.may_take_live_copy()]
+        if not taking:
             self._left_for_catchup(message, sender_device)
             return
         self._pending[key] = _Pending(
@@ -173,9 +191,13 @@ class Routing:
             receiver,
             message,
             self._clock.seconds() + PENDING_TIMEOUT,
+            {session.record.device for session in taking},
         )
-        self._pending_by_receiver.setdefault(receiver, set()).add(message.id)
-        session.deliver(MSG_N, message)
+        for session in taking:
+            self._pending_by_device.setdefault((receiver, session.record.device), set()).add(
+                message.id
+            )
+            session.deliver(MSG_N, message)
 
     def _receiver_not_here(self, message: cim_pb2.Message, sender_device: str) -> None:
         def decided(exists: bool) -> None:
@@ -228,11 +250,12 @@ class Routing:
             self.log,
             "record an outcome",
         )
-        session = self._connected.get(sender)
+        session = self._connected.session_of(sender, sender_device)
         if session is not None:
-            if session.record.device == sender_device:
-                session.deliver(ACK_N, ack)
+            session.deliver(ACK_N, ack)
             return
+        if sender in self._connected:
+            return  # its user is here, that device is not: its retry reads the outcome
         envelope = cim_pb2.BusEnvelope(
             origin_node=self._node_id,
             outcome=cim_pb2.BusOutcome(sender=sender, sender_device=sender_device, ack=ack),
@@ -252,15 +275,17 @@ class Routing:
     # --- pending acks -----------------------------------------------------------------
 
     def acknowledged(self, receiver: str, msg_id: int) -> None:
-        """ack:R from the receiver of a msg:N held here: its sender hears "delivered".
+        """ack:R from a device of the receiver of a msg:N held here: its sender hears
+        "delivered" (once: the other devices' acks only move their cursors).
 
-        Anything else (a group message, a duplicate ack, someone else's message) is
-        ignored.
+        Anything else (a group message, a duplicate ack, a copy of the user's own
+        message, someone else's message) is ignored.
         """
         pending = self._pending.pop((msg_id, receiver), None)
         if pending is None:
             return
-        self._forget_pending(receiver, msg_id)
+        for device in pending.devices:
+            self._forget_pending(receiver, device, msg_id)
         self._metrics.messages["delivered"] += 1
         self._metrics.observe_delivery(
             self._clock.seconds() - MessageIdGenerator.timestamp_ms(msg_id) / 1000
@@ -273,22 +298,28 @@ class Routing:
             ),
         )
 
-    def hand_over(self, receiver: str, session: ClientSession) -> None:
-        """What the receiver's old connection held unacknowledged goes to its new one at
+    def hand_over(self, receiver: str, device: str, session: ClientSession) -> None:
+        """What the device's old connection held unacknowledged goes to its new one at
         once (the client drops what it already showed)."""
-        for msg_id in sorted(self._pending_by_receiver.get(receiver, ())):
+        for msg_id in sorted(self._pending_by_device.get((receiver, device), ())):
             pending = self._pending.get((msg_id, receiver))
             if pending is not None:
                 session.deliver(MSG_N, pending.message)
 
-    def receiver_left(self, receiver: str) -> None:
-        """The receiver left holding unacknowledged messages: they wait past its cursor
-        for its next catch-up (it drops any it did show), their senders hear "stored",
-        and if it is connected to another node already (it moved), it is told to pull."""
+    def receiver_left(self, receiver: str, device: str) -> None:
+        """A device left holding unacknowledged messages: they wait past its cursor for
+        its next catch-up (it drops any it did show). A message no other device of the
+        receiver holds now is settled: its sender hears "stored", and if the receiver
+        is connected to another node already (it moved), it is told to pull."""
         newest: cim_pb2.Message | None = None
-        for msg_id in sorted(self._pending_by_receiver.pop(receiver, ())):
-            pending = self._pending.pop((msg_id, receiver), None)
-            if pending is not None:
+        for msg_id in sorted(self._pending_by_device.pop((receiver, device), ())):
+            key = (msg_id, receiver)
+            pending = self._pending.get(key)
+            if pending is None:
+                continue
+            pending.devices.discard(device)
+            if not pending.devices:
+                del self._pending[key]
                 self._settle(pending.message, pending.sender_device, STORED, "")
                 newest = pending.message
         if newest is not None:
@@ -302,16 +333,18 @@ class Routing:
         expired = [key for key, pending in self._pending.items() if pending.deadline <= now]
         for msg_id, receiver in expired:
             pending = self._pending.pop((msg_id, receiver))
-            self._forget_pending(receiver, msg_id)
+            for device in pending.devices:
+                self._forget_pending(receiver, device, msg_id)
             self._settle(pending.message, pending.sender_device, STORED, "")
         return len(expired)
 
-    def _forget_pending(self, receiver: str, msg_id: int) -> None:
-        waiting = self._pending_by_receiver.get(receiver)
+    def _forget_pending(self, receiver: str, device: str, msg_id: int) -> None:
+        key = (receiver, device)
+        waiting = self._pending_by_device.get(key)
         if waiting is not None:
             waiting.discard(msg_id)
             if not waiting:
-                del self._pending_by_receiver[receiver]
+                del self._pending_by_device[key]
 
     # --- the bus: other nodes talking to this one -------------------------------------
 
@@ -325,8 +358,8 @@ class Routing:
             self._catchup.notify_stored(list(stored.receivers), stored.conversation, stored.seq)
         elif kind == "outcome":
             outcome = envelope.outcome
-            session = self._connected.get(outcome.sender)
-            if session is not None and session.record.device == outcome.sender_device:
+            session = self._connected.session_of(outcome.sender, outcome.sender_device)
+            if session is not None:
                 session.deliver(ACK_N, outcome.ack)
         elif kind is not None and kind in self.bus_bodies:
             self.bus_bodies[kind](getattr(envelope, kind))
@@ -336,21 +369,25 @@ class Routing:
         if message.group or message.change:
             # A group post, or a change entry (cim.im.changes): copies held for no ack.
             moved: list[str] = []
+            sender = getattr(message, "from")
             for member in delivery.receivers:
-                session = self._connected.get(member)
-                if session is None:
+                sessions = self._connected.devices_of(member)
+                if not sessions:
                     # It moved or left since the route was read: the copy is dropped
                     # (the member catches up from its cursor); if it is connected
                     # elsewhere now, it is told to pull.
                     self._metrics.messages["group_missed"] += 1
                     moved.append(member)
-                elif session.may_take_live_copy():
-                    session.deliver(MSG_N, message)
-                    self._metrics.messages["group_delivered"] += 1
-                else:
-                    # Too far behind on reading for a live copy: it is told to pull
-                    # once its queue drains (the session owes it that notice).
-                    self._metrics.messages["group_behind"] += 1
+                for session in sessions:
+                    if member == sender and session.record.device == message.device:
+                        continue  # the post's own device has it (msg:A)
+                    if session.may_take_live_copy():
+                        session.deliver(MSG_N, message)
+                        self._metrics.messages["group_delivered"] += 1
+                    else:
+                        # Too far behind on reading for a live copy: it is told to pull
+                        # once its queue drains (the session owes it that notice).
+                        self._metrics.messages["group_behind"] += 1
             if moved:
                 self._catchup.stored_for(moved, message.conversation, message.seq)
             return

@@ -57,10 +57,8 @@ REASON_NOT_MEMBER = "only members can type in a group"
 
 
 def _online(connected: Connected, user: str) -> list[ClientSession]:
-    """The user's sessions on this node: the one place that knows how ``Connected``
-    holds them (one per user today, several devices per user later)."""
-    session = connected.get(user)
-    return [session] if session is not None else []
+    """The sessions of ``user`` connected to this node: one per online device."""
+    return connected.devices_of(user)
 
 
 class TypingNotices:

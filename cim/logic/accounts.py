@@ -168,11 +168,11 @@ class Accounts:
         # CASCADE); whatever was decided about the name must not outlive them.
         self.ctx.contacts.forget(user)
         try:
-            await self.ctx.sessions.end_user_session(user, REASON_ACCOUNT_DELETED)
+            await self.ctx.sessions.end_user_sessions(user, REASON_ACCOUNT_DELETED)
         except StateUnavailable:
             # The account is gone, so its token no longer authenticates anywhere; the
             # connection ends when its session or route expires.
-            self.log.warn("session store down: {user}'s session not ended at once", user=user)
+            self.log.warn("session store down: {user}'s sessions not ended at once", user=user)
         await self.ctx.notices.send(
             deleted.told, "binding.removed", account=user, reason="account_deleted"
         )

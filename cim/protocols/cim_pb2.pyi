@@ -43,6 +43,8 @@ class FrameType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     READERS_A: _ClassVar[FrameType]
     PUSH_R: _ClassVar[FrameType]
     PUSH_A: _ClassVar[FrameType]
+    DEVICES_R: _ClassVar[FrameType]
+    DEVICES_A: _ClassVar[FrameType]
     KICKED: _ClassVar[FrameType]
     GOING_AWAY: _ClassVar[FrameType]
     ERROR: _ClassVar[FrameType]
@@ -120,6 +122,8 @@ READERS_R: FrameType
 READERS_A: FrameType
 PUSH_R: FrameType
 PUSH_A: FrameType
+DEVICES_R: FrameType
+DEVICES_A: FrameType
 KICKED: FrameType
 GOING_AWAY: FrameType
 ERROR: FrameType
@@ -393,6 +397,32 @@ class OnlineA(_message.Message):
     total: int
     users: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, total: _Optional[int] = ..., users: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class DevicesR(_message.Message):
+    __slots__ = ("request_id",)
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    request_id: int
+    def __init__(self, request_id: _Optional[int] = ...) -> None: ...
+
+class DeviceOnline(_message.Message):
+    __slots__ = ("device", "connected_at_ms", "active_at_ms", "this_device")
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    CONNECTED_AT_MS_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_AT_MS_FIELD_NUMBER: _ClassVar[int]
+    THIS_DEVICE_FIELD_NUMBER: _ClassVar[int]
+    device: str
+    connected_at_ms: int
+    active_at_ms: int
+    this_device: bool
+    def __init__(self, device: _Optional[str] = ..., connected_at_ms: _Optional[int] = ..., active_at_ms: _Optional[int] = ..., this_device: _Optional[bool] = ...) -> None: ...
+
+class DevicesA(_message.Message):
+    __slots__ = ("request_id", "devices")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    DEVICES_FIELD_NUMBER: _ClassVar[int]
+    request_id: int
+    devices: _containers.RepeatedCompositeFieldContainer[DeviceOnline]
+    def __init__(self, request_id: _Optional[int] = ..., devices: _Optional[_Iterable[_Union[DeviceOnline, _Mapping]]] = ...) -> None: ...
 
 class Cursor(_message.Message):
     __slots__ = ("conversation", "seq")
@@ -989,12 +1019,14 @@ class Kicked(_message.Message):
         SESSION_EXPIRED: _ClassVar[Kicked.Code]
         REPLACED: _ClassVar[Kicked.Code]
         BY_ADMIN: _ClassVar[Kicked.Code]
+        TOO_MANY_DEVICES: _ClassVar[Kicked.Code]
     CODE_UNSPECIFIED: Kicked.Code
     LOGGED_IN_ELSEWHERE: Kicked.Code
     LOGGED_OUT: Kicked.Code
     SESSION_EXPIRED: Kicked.Code
     REPLACED: Kicked.Code
     BY_ADMIN: Kicked.Code
+    TOO_MANY_DEVICES: Kicked.Code
     REASON_FIELD_NUMBER: _ClassVar[int]
     CODE_FIELD_NUMBER: _ClassVar[int]
     reason: str

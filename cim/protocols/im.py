@@ -87,6 +87,10 @@ class ImServerProtocol(FrameProtocol, SweptTimeoutMixin):
         self.peer_host = getattr(address, "host", str(address))
         self.state = ConnectionState.AWAITING_HELLO
         self.record: SessionRecord | None = None
+        # When the handshake finished, and the last frame other than a heartbeat: past
+        # [im] max_devices_per_user the device idle longest goes (cim.im.sessions).
+        self.connected_at = 0.0
+        self.active_at = 0.0
         self.admitted = False
         self.bad_frames = 0
         """Frames refused at the edge so far; ``[im] max_bad_frames`` closes."""
@@ -371,6 +375,7 @@ class ImServerProtocol(FrameProtocol, SweptTimeoutMixin):
             return
         self.record = record
         self.state = ConnectionState.ESTABLISHED
+        self.connected_at = self.active_at = factory.clock.seconds()
         config = factory.config
         result = cim_pb2.LoginResult(
             status=_STATUS.OK,
@@ -610,6 +615,7 @@ def _behind_the_edge(
     out_of_range = edge.out_of_range
 
     def receive_checked(protocol: ImServerProtocol, message: ProtobufMessage) -> None:
+        protocol.active_at = protocol.factory.clock.seconds()
         problem = out_of_range(message)
         if problem is None:
             receive(protocol, message)

@@ -295,6 +295,9 @@ class DecidingTimeline:
     def behind(self) -> float:
         return self.inner.behind()
 
+    def enrol_device(self, user: str, device: str) -> Deferred[bool]:
+        return self.inner.enrol_device(user, device)
+
     def change(self, asked: ChangeAsked) -> Deferred[ChangeMade]:
         """A recall or edit: an entry that wakes nobody (it changes a message already
         pushed for)."""

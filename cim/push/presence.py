@@ -1,16 +1,8 @@
 """The one question push asks of presence: is device D of user U connected anywhere?
 
-Everything else in cim.push asks through ``DevicePresence.connected``, so the change
-from one session per user to several devices per user changes this module (and the
-one line of the daemon that passes ``devices_here``) only. Once the route store
-answers per device (``IRouteStore.online_devices``), ``connected`` becomes::
-
-    online = await self._routes.online_devices([user])
-    return device in online.get(user, ())
-
-Today a user has at most one session: it is connected on this node (the node's own
-sessions say with which device), or on another node (the route store names the node,
-not the device: unknown), or nowhere.
+Everything else in cim.push asks through ``DevicePresence.connected``. The node's own
+sessions answer for the users it holds (one session per online device); for a user
+held elsewhere, the route store names the devices online (``online_devices``).
 """
 
 from __future__ import annotations
@@ -20,20 +12,10 @@ from collections.abc import Callable, Sequence
 from cim.im.collaborators import ClientSession
 from cim.interfaces import IRouteStore, StateUnavailable
 
-__all__ = ["DevicePresence", "one_session"]
+__all__ = ["DevicePresence", "DevicesHere"]
 
 DevicesHere = Callable[[str], Sequence[ClientSession]]
-"""The user's sessions on this node (``Connected.devices_of`` once devices land)."""
-
-
-def one_session(session_for: Callable[[str], ClientSession | None]) -> DevicesHere:
-    """``DevicesHere`` from today's one session per user (``Sessions.session_for``)."""
-
-    def devices_here(user: str) -> Sequence[ClientSession]:
-        session = session_for(user)
-        return [] if session is None else [session]
-
-    return devices_here
+"""The user's sessions on this node, one per online device (``Connected.devices_of``)."""
 
 
 class DevicePresence:
@@ -44,18 +26,16 @@ class DevicePresence:
 
     async def connected(self, user: str, device: str) -> bool | None:
         """True: the device is connected (it gets the entry over IM); False: it is
-        not; None: unknown (the user is online on another node, or the state store
-        cannot say). The caller pushes an urgent entry when unknown, not a normal one.
+        not; None: unknown (the state store cannot say). The caller pushes an urgent
+        entry when unknown, not a normal one.
         """
         here = self._devices_here(user)
         if any(session.record.device == device for session in here):
             return True
         if here:
-            return False  # one session per user: it is another device's
+            return False  # the user is held here, and that device is not among them
         try:
-            node = await self._routes.route(user)
+            online = await self._routes.online_devices([user])
         except StateUnavailable:
             return None
-        if node is None or node == self._node_id:
-            return False  # online nowhere, or a route this node no longer holds
-        return None
+        return device in online.get(user, ())

@@ -1,4 +1,5 @@
-"""cim-client send, listen, sync, online, history, typing, read: the IM connection's commands.
+"""cim-client send, listen, sync, online, devices, history, typing, read: the IM
+connection's commands.
 
 Only ``listen`` (and the console) take received messages: they print the catch-up, each
 conversation oldest first and each message once, then live messages, and acknowledge
@@ -20,7 +21,7 @@ from typing import Any
 
 from twisted.logger import Logger
 
-from cim.json_convention import listing
+from cim.json_convention import iso_time, listing
 from cim.reactor import ICimReactor
 from cim.scripts.arguments import message_id, positive
 from cim.scripts.group_commands import REFUSED_CODES, resolve_group
@@ -85,6 +86,7 @@ def add_chat_commands(commands: Any) -> None:
     commands.add_parser(
         "online", help="list who of your contacts (and bound accounts) is online, as JSON"
     )
+    commands.add_parser("devices", help="list your own devices online now (this one too), as JSON")
     history = commands.add_parser(
         "history", help="print a conversation's archived messages as JSON lines, newest first"
     )
@@ -189,6 +191,26 @@ async def sync_command(client: Any) -> int:
 async def online_command(client: Any) -> int:
     page = await client.online(0, 1000)
     emit(listing(list(page.users), total=page.total))
+    return EXIT_OK
+
+
+async def devices_command(client: Any) -> int:
+    """The user's devices online now, by name: when each connected, when it last did
+    something other than a heartbeat, and which one is this command's."""
+    answer = await client.devices()
+    emit(
+        listing(
+            [
+                {
+                    "device": each.device,
+                    "connected_at": iso_time(each.connected_at_ms / 1000),
+                    "active_at": iso_time(each.active_at_ms / 1000),
+                    "this_device": each.this_device,
+                }
+                for each in answer.devices
+            ]
+        )
+    )
     return EXIT_OK
 
 

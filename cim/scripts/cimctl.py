@@ -256,8 +256,10 @@ def online(invocation: Invocation) -> int:
     invocation.say(f"{page['total']} online")
     for node, count in page["nodes"].items():
         invocation.say(f"  {node}: {count}")
+    devices = page.get("devices", {})
     for user in page["items"]:
-        invocation.say(user)
+        on = devices.get(user, [])
+        invocation.say(f"{user}  ({', '.join(on)})" if on else user)
     return EXIT_OK
 
 
@@ -267,24 +269,35 @@ def _no_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _kick_arguments(parser: argparse.ArgumentParser) -> None:
     _user_name_argument(parser)
+    parser.add_argument(
+        "--device", default="", help="end only this device's session (default: every device's)"
+    )
     json_argument(parser)
 
 
 def kick(invocation: Invocation) -> int:
-    """End a user's session through the router; the client is told not to reconnect."""
+    """End a user's sessions (every device's, or ``--device``'s) through the router;
+    the clients are told not to reconnect."""
     name = invocation.args.name
+    device = invocation.args.device
     check_user_name(name)
+    body = {"user": name, "device": device} if device else {"user": name}
     try:
-        reply = ask_router(invocation, "/api/v1/admin/kick", {"user": name})
+        reply = ask_router(invocation, "/api/v1/admin/kick", body)
     except CommandFailed as failure:
         if "(HTTP 404)" in str(failure):
-            raise CommandFailed(f"{name} is not logged in") from None
+            target = f"{name} on {device}" if device else name
+            raise CommandFailed(f"{target} is not logged in") from None
         raise
     # The router writes the admin event, naming the operator whose token it was.
     if invocation.args.json:
         invocation.say_json(reply)
-    else:
-        invocation.say(f"kicked {name} (session {reply['session_id']} on node {reply['node']})")
+        return EXIT_OK
+    for each in reply.get("devices") or [reply]:
+        invocation.say(
+            f"kicked {name} on {each.get('device', '?')} "
+            f"(session {each['session_id']} on node {each['node']})"
+        )
     return EXIT_OK
 
 

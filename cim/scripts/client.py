@@ -4,6 +4,7 @@
     cim-client --user U listen [--count N] [--timeout S] [--no-reconnect]
     cim-client --user U sync
     cim-client --user U online
+    cim-client --user U devices               (your devices online now)
     cim-client --user U history PEER [--group] [--limit N] [--before SEQ]
     cim-client --user U typing TO|--group G [--stopped]
     cim-client --user U recall MSG_ID | edit MSG_ID TEXT
@@ -48,7 +49,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import socket
 import sys
 from collections.abc import Sequence
 from typing import Any, cast
@@ -61,6 +61,7 @@ from cim.scripts.chat_commands import (
     Listener,
     add_chat_commands,
     add_read_command,
+    devices_command,
     history_command,
     online_command,
     read_command,
@@ -131,7 +132,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--user", default=os.environ.get("CIM_USER"), help="your user name (default $CIM_USER)"
     )
     parser.add_argument(
-        "--device", default=f"cli-{socket.gethostname()}"[:64], help="this device's name"
+        "--device",
+        default=os.environ.get("CIM_DEVICE"),
+        help="this device's name (default $CIM_DEVICE, else cli-HOST for the console, listen "
+        "and sync, cli-HOST-cmd for other commands); each device of a user has a session",
     )
     parser.add_argument(
         "--cipher", choices=KNOWN_SUITES, default=None, help="insist on one cipher suite"
@@ -198,6 +202,8 @@ async def run(reactor: ICimReactor, options: argparse.Namespace) -> int:
             return await online_command(client)
         if options.command == "typing":
             return await typing_command(client, options)
+        if options.command == "devices":
+            return await devices_command(client)
         if options.command == "sync":
             return await sync_command(client)
         if options.command == "read":

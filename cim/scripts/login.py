@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import getpass
 import os
+import socket
 import sys
 from typing import Any
 
@@ -40,6 +41,23 @@ def password() -> str:
     return getpass.getpass("password: ")
 
 
+MAIN_DEVICE_COMMANDS = frozenset(("listen", "sync", None))
+"""Commands that show this host's device's messages or unread counts (None: the console)."""
+
+
+def device_of(options: argparse.Namespace) -> str:
+    """``--device``, or a stable name from the host: ``cli-HOST`` for the console,
+    ``listen`` and ``sync`` (the device whose messages and cursors they show), and
+    ``cli-HOST-cmd`` for one-shot commands, so a ``send`` from another shell does not
+    replace the console's session (each device has one; docs/protocol.md "Devices")."""
+    if getattr(options, "device", None):
+        return str(options.device)
+    host = socket.gethostname() or "host"
+    if getattr(options, "command", None) in MAIN_DEVICE_COMMANDS:
+        return f"cli-{host}"[:64]
+    return f"cli-{host}"[:60] + "-cmd"
+
+
 async def online_client(
     reactor: ICimReactor, options: argparse.Namespace, receiving: bool, on_state: Any = None
 ) -> Any:
@@ -57,7 +75,7 @@ async def online_client(
         options.router,
         options.user,
         password(),
-        options.device,
+        device_of(options),
         options.cipher,
         receiving=receiving,
         ordered=True,
@@ -79,7 +97,7 @@ async def router_token(reactor: ICimReactor, options: argparse.Namespace) -> tup
     from cim.client.router import RouterClient
 
     router = RouterClient(reactor, options.router)
-    login = router.login(options.user, password(), options.device)
+    login = router.login(options.user, password(), device_of(options))
     ticket = await with_deadline(
         reactor, login, options.connect_timeout, f"the router at {options.router}"
     )

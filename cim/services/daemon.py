@@ -66,7 +66,6 @@ from cim.oplog import OperationLog
 from cim.protocols.crypto import KeyFileError, NodeKey
 from cim.protocols.im import ImServerFactory
 from cim.push.frames import PushRequests
-from cim.push.presence import one_session
 from cim.push.service import PushService
 from cim.reactor import ICimReactor
 from cim.services.admin import admin_site
@@ -194,6 +193,7 @@ class CimDaemon(OrderedServices):
                 config.limits.fanout_backlog_bytes,
                 config.im.recall_window,
                 config.im.edit_window,
+                config.im.max_devices_per_user,
             ),
             more_rooms=[PushRequests(push.registrations)],
         )
@@ -201,7 +201,7 @@ class CimDaemon(OrderedServices):
         push.watch(
             im_node.stores,
             node_id,
-            one_session(im_node.sessions.session_for),
+            im_node.connected.devices_of,
             state.presence,
             groups.member_names,
         )

@@ -74,7 +74,7 @@ _OUTCOME_BY_CODE = {
     "throttled": "throttled",
     "rate_limited": "throttled",
     "invalid_credentials": "invalid_credentials",
-    "already_logged_in": "refused",
+    "too_many_devices": "refused",
     "no_node": "no_node",
     "state_unavailable": "unavailable",
 }
@@ -283,10 +283,15 @@ class RouterResource(EndpointResource[str]):
                 node.node_id,
                 self._config.token_ttl,
                 self._config.duplicate_login,
+                self._im_config.max_devices_per_user,
             )
         except AlreadyLoggedIn:
+            limit = self._im_config.max_devices_per_user
             raise HttpError(
-                409, "already_logged_in", "this user is already logged in on another device"
+                409,
+                "too_many_devices",
+                f"{user} is online on {limit} devices already, the most allowed "
+                "([im] max_devices_per_user); log out on one of them first",
             ) from None
         except StateUnavailable:
             raise state_unavailable() from None
@@ -368,6 +373,7 @@ class RouterResource(EndpointResource[str]):
         try:
             total, users = await self._presence.online_users(offset, limit)
             per_node = await self._presence.online_count_by_node()
+            devices = await self._presence.online_devices(users)
         except StateUnavailable:
             raise state_unavailable() from None
         self._operator_did(call.user, call.address, "online.list", "", "ok")
@@ -375,6 +381,7 @@ class RouterResource(EndpointResource[str]):
             200,
             listing(
                 users,
+                devices={user: devices[user] for user in users if user in devices},
                 total=total,
                 nodes=dict(sorted(per_node.items())),
                 offset=offset,
@@ -385,41 +392,58 @@ class RouterResource(EndpointResource[str]):
     # --- kick (cimctl kick) -----------------------------------------------------------
 
     async def _kick_user(self, call: Call[str]) -> Reply:
-        """End a user's session by name, on whichever node it is connected."""
+        """End a user's sessions by name (every device's, or one device's), on
+        whichever node they are connected."""
         request = call.request
         body = read_json_object(request, self._config.max_body_size)
         user = body.get("user")
+        device = body.get("device", "")
         if not isinstance(user, str) or not 1 <= len(user) <= MAX_USER_LENGTH:
             raise HttpError(
                 400, "bad_request", f"'user' must be a string of 1 to {MAX_USER_LENGTH} characters"
             )
+        if not isinstance(device, str) or len(device) > MAX_DEVICE_LENGTH:
+            raise HttpError(
+                400, "bad_request", f"'device' must be a string of at most {MAX_DEVICE_LENGTH}"
+            )
+        target = f"{user}/{device}" if device else user
         try:
-            record = await self._sessions.end_user_session(user, REASON_KICKED_BY_ADMIN)
+            records = await self._sessions.end_user_sessions(user, REASON_KICKED_BY_ADMIN, device)
         except StateUnavailable:
             raise state_unavailable() from None
         address = call.address
-        if record is None:
+        if not records:
             self._log.info(
-                "kick of {user!r} by {operator} from {address}: no session",
-                user=user,
+                "kick of {target!r} by {operator} from {address}: no session",
+                target=target,
                 operator=call.user,
                 address=address,
             )
-            self._operator_did(call.user, address, "user.kick", user, "no_session")
-            raise HttpError(404, "no_session", f"{user} has no session")
+            self._operator_did(call.user, address, "user.kick", target, "no_session")
+            raise HttpError(404, "no_session", f"{target} has no session")
         self._log.info(
-            "kicked {user!r} on {node} at the request of {operator} from {address}",
-            user=user,
-            node=record.node_id,
+            "kicked {target!r} ({devices}) at the request of {operator} from {address}",
+            target=target,
+            devices=", ".join(f"{r.device} on {r.node_id}" for r in records),
             operator=call.user,
             address=address,
         )
         # The operation log hears of it here (an admin event naming the operator) and
         # from the node that closes the connection (a kick event).
-        self._operator_did(call.user, address, "user.kick", user, "ok")
+        self._operator_did(call.user, address, "user.kick", target, "ok")
+        first = records[0]
         return json_reply(
             200,
-            {"ok": True, "user": user, "session_id": record.session_id, "node": record.node_id},
+            {
+                "ok": True,
+                "user": user,
+                "session_id": first.session_id,
+                "node": first.node_id,
+                "devices": [
+                    {"device": r.device, "session_id": r.session_id, "node": r.node_id}
+                    for r in records
+                ],
+            },
         )
 
 

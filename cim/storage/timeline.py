@@ -34,6 +34,7 @@ from cim.history.store import group_conversation
 from cim.storage.schema import conversations, cursors, timeline, user_conversations
 
 __all__ = [
+    "ENROLMENT_MARK",
     "Appended",
     "ConversationState",
     "CursorMove",
@@ -42,6 +43,7 @@ __all__ = [
     "TimelineRecord",
     "add_readers_txn",
     "append_txn",
+    "enrol_device_txn",
     "forget_user",
     "group_joined",
     "group_left",
@@ -394,6 +396,57 @@ def forget_user(connection: Connection, name: str) -> None:
 
 
 # --- cursors --------------------------------------------------------------------------
+
+ENROLMENT_MARK = ""
+"""The conversation key of a device's enrolment mark: a cursor row ``(user, device, "",
+0)``. No conversation has this key (every key starts with "d:" or "g:"), so no read
+ever joins it; it only says the account knows the device."""
+
+
+def enrol_device_txn(connection: Connection, user: str, device: str) -> bool:
+    """A device new to the account starts at the present (issue #15): when another
+    device of the account has read something (a cursor in a conversation), its cursors
+    are set at each conversation's ``last_seq``, so nothing already there counts as
+    unread on it (it can still page back through history). Otherwise it starts at the
+    user's floors, as the account's first device does (what waited for the user is
+    unread). Either way the device is marked known; True when it was new.
+
+    Run when a device connects, before anything reaches it, and again by its catch-up
+    reads (a no-op then). A device is known once it has any cursor row: one that
+    acknowledged anything before devices were enrolled is not moved."""
+    known = connection.execute(
+        select(cursors.c.seq)
+        .where(cursors.c.user_name == user, cursors.c.device == device)
+        .limit(1)
+    ).first()
+    if known is not None:
+        return False
+    others = connection.execute(
+        select(cursors.c.device)
+        .where(
+            cursors.c.user_name == user,
+            cursors.c.device != device,
+            cursors.c.conversation != ENROLMENT_MARK,
+        )
+        .limit(1)
+    ).first()
+    rows = [{"user_name": user, "device": device, "conversation": ENROLMENT_MARK, "seq": 0}]
+    if others is not None:
+        for row in connection.execute(
+            select(user_conversations.c.conversation, conversations.c.last_seq)
+            .join(conversations, conversations.c.key == user_conversations.c.conversation)
+            .where(user_conversations.c.user_name == user)
+        ):
+            rows.append(
+                {
+                    "user_name": user,
+                    "device": device,
+                    "conversation": row.conversation,
+                    "seq": int(row.last_seq),
+                }
+            )
+    connection.execute(_insert(connection, cursors).on_conflict_do_nothing(), rows)
+    return True
 
 
 def move_cursors_txn(connection: Connection, moves: Sequence[CursorMove]) -> int:

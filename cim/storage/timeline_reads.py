@@ -28,6 +28,7 @@ from cim.storage.timeline import (
     TimelinePage,
     TimelineRecord,
     _any_of,
+    enrol_device_txn,
 )
 
 __all__ = [
@@ -82,7 +83,9 @@ _OWN_MARK = and_(
 def summary_txn(connection: Connection, user: str, device: str) -> list[ConversationState]:
     """Every conversation of the user as ``device`` sees it, newest activity first
     (design: 优化方案1): its unread count, read point, newest unread message, the user's
-    read mark and (a 1:1) how far the peer has read, as the peer shows it."""
+    read mark and (a 1:1) how far the peer has read, as the peer shows it. A device new
+    to the account is enrolled first (``enrol_device_txn``)."""
+    enrol_device_txn(connection, user, device)
     mine = and_(
         cursors.c.user_name == user_conversations.c.user_name,
         cursors.c.device == device,
@@ -201,7 +204,9 @@ def unread_page_txn(
     max_bytes: int | None = None,
 ) -> TimelinePage:
     """What ``device`` has not read: of one conversation (by seq; ``before`` a seq) or
-    across all of the user's (by message id; ``before`` an id), newest first."""
+    across all of the user's (by message id; ``before`` an id), newest first. A device
+    new to the account is enrolled first (``enrol_device_txn``)."""
+    enrol_device_txn(connection, user, device)
     mine = and_(
         cursors.c.user_name == user,
         cursors.c.device == device,

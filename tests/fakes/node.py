@@ -152,6 +152,7 @@ class NodeHarness:
         self.node_id = node_id
         self.config = im_config(config_extra)
         self.policy = policy
+        self.bounds = bounds
         self.metrics = NodeMetrics()
         self.state = state if state is not None else MemoryState(self.clock)
         self.registry = LocalRegistry()
@@ -209,7 +210,13 @@ class NodeHarness:
         self.users.names.add(user)
         token = secrets.token_urlsafe(32)
         d = self.state.sessions.create_session(
-            hashlib.sha256(token.encode()).hexdigest(), user, device, node_id, 3600.0, self.policy
+            hashlib.sha256(token.encode()).hexdigest(),
+            user,
+            device,
+            node_id,
+            3600.0,
+            self.policy,
+            self.bounds.max_devices_per_user,
         )
         results: list[Any] = []
         d.addBoth(results.append)

@@ -56,6 +56,7 @@ REQUEST_TYPES: dict[int, type[Message]] = {
     cim_pb2.READ_R: cim_pb2.ReadR,
     cim_pb2.READERS_R: cim_pb2.ReadersR,
     cim_pb2.PUSH_R: cim_pb2.PushRequest,
+    cim_pb2.DEVICES_R: cim_pb2.DevicesR,
 }
 """What a client may send once logged in (the test checks it is the connection's
 table: the rooms' and the connection's own)."""

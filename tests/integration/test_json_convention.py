@@ -244,6 +244,7 @@ class EveryCommandTests(SynchronousTestCase):
         cim("bob", "contacts", "policy", "everyone", "--group-adds", "contacts")
         cim("bob", "contacts", "policy", "--read-receipts", "on")
         cim("bob", "online", listing=True)
+        cim("bob", "devices", listing=True)
         group = cim("alice", "group", "create", "team", "bob")
         self.assertNotIn("invited", group)
         cim("alice", "group", "add", group["id"], "alice")

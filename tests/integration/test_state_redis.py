@@ -24,7 +24,7 @@ from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from cim.backends.state import token_hash
+from cim.backends.state import REASON_MOVED, token_hash
 from cim.backends.state.redis import RedisState, scripts
 from cim.backends.state.redis.address import parse_redis_url
 from cim.backends.state.redis.scripts import Script
@@ -247,11 +247,11 @@ class RedisClusterTests(RedisFixture):
         )
         await n2.presence.mark_online(first)
         second, _ = await n1.sessions.create_session(
-            token_hash("t2"), "alice", "pc", "n1", TTL, "kick_old"
+            token_hash("t2"), "alice", "phone", "n1", TTL, "kick_old"
         )
         await n2.sessions.end_session(token_hash("t2"), "logged out")
         await self.barrier(n1, n2)
-        expected = [(first, "logged in elsewhere"), (second, "logged out")]
+        expected = [(first, "logged in again on this device"), (second, "logged out")]
         self.assertEqual([e for e in ended1 if e[0].user == "alice"], expected)
         self.assertEqual([e for e in ended2 if e[0].user == "alice"], expected)
         self.assertEqual(await n1.presence.route("alice"), None)
@@ -296,7 +296,7 @@ class RedisClusterTests(RedisFixture):
         # The rewritten state is whole: duplicate login and logout work on it.
         await self.assert_refused(n2, "alice")
         _, previous = await n2.sessions.create_session(
-            token_hash("tb2"), "bob", "pc", "n1", TTL, "kick_old"
+            token_hash("tb2"), "bob", "phone", "n1", TTL, "kick_old"
         )
         self.assertEqual(previous, bob)
 
@@ -318,14 +318,35 @@ class RedisClusterTests(RedisFixture):
         await self.delete_keys()
         # Redis forgot alice, so this login replaces nothing and no one is told...
         newer, previous = await n2.sessions.create_session(
-            token_hash("ta2"), "alice", "pc", "n2", TTL, "kick_old"
+            token_hash("ta2"), "alice", "phone", "n2", TTL, "kick_old"
         )
         self.assertIsNone(previous)
-        # ...until n1's refresh finds a newer session in place of its own.
+        # ...until n1's refresh finds a newer session of the device in place of its own.
         await n1.presence.refresh_sessions("n1", [alice])
-        self.assertEqual(ended1, [(alice, "logged in elsewhere")])
+        self.assertEqual(ended1, [(alice, "logged in again on this device")])
         self.assertEqual(await n1.sessions.session_for_token(token_hash("ta2")), newer)
         self.assertIsNone(await n1.sessions.session_for_token(token_hash("ta")))
+
+    async def test_a_device_left_on_the_old_node_of_a_moved_user_logs_in_again(self) -> None:
+        """#15: the ring moved alice to n2 while n1 lives; n1's refresh does not take
+        her route back from her devices on n2: its device is told to log in again."""
+        n1, n2, ended1, _ = await self.nodes()
+        phone, _ = await n1.sessions.create_session(
+            token_hash("tp"), "alice", "phone", "n1", TTL, "kick_old", 5
+        )
+        await n1.presence.mark_online(phone)
+        web, _ = await n2.sessions.create_session(
+            token_hash("tw"), "alice", "web", "n2", TTL, "kick_old", 5
+        )
+        await n2.presence.mark_online(web)
+        self.assertEqual(await n1.presence.route("alice"), "n2")
+        await n1.presence.refresh_sessions("n1", [phone])
+        await n2.presence.refresh_sessions("n2", [web])
+        self.assertEqual(await n1.presence.route("alice"), "n2")
+        self.assertEqual(await n1.presence.online_devices(["alice"]), {"alice": ["web"]})
+        self.assertIn((phone, REASON_MOVED), ended1)
+        self.assertIsNone(await n1.sessions.session_for_token(token_hash("tp")))
+        self.assertEqual(await n1.sessions.session_for_token(token_hash("tw")), web)
 
     async def test_routes_of_a_silent_node_expire(self) -> None:
         store = await self.make_store(route_ttl=3.0)
@@ -440,10 +461,10 @@ class RedisOutageTests(TestCase):
         self.assertEqual(await n2.presence.route("bob"), "n1")
         self.assertEqual(await n2.presence.online_count_by_node(), {"n1": 2})
         # Notifications flow again: n2 resubscribed after the restart.
-        await n1.sessions.create_session(token_hash("ta2"), "alice", "pc", "n1", TTL, "kick_old")
+        await n1.sessions.create_session(token_hash("ta2"), "alice", "phone", "n1", TTL, "kick_old")
 
         async def n2_told() -> bool:
-            return (alice, "logged in elsewhere") in ended2
+            return (alice, "logged in again on this device") in ended2
 
         await eventually(reactor, n2_told, 10, "the kick to reach the other node")
 

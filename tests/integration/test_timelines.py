@@ -86,6 +86,12 @@ class TimelineClusterTests(TestCase):
         make_group(cluster.database_url, [alice, bob, carol])
         sender = await connect(one, alice)
         receiver = await connect(two, bob)
+        # bob's laptop is known to his account (its first summary enrolled it) and
+        # offline while the messages come.
+        laptop = await connect(two, bob, device="laptop")
+        await laptop.summary()
+        laptop.drop()
+        await eventually(lambda: laptop.closed, 10, "the laptop's drop")
         sender.post("one to one", to=bob)
         sender.post("to the group", group=GROUP)
         await eventually(lambda: len(receiver.live()) == 2, 20, "both live copies")
@@ -207,7 +213,11 @@ class TimelineClusterTests(TestCase):
             self.assertEqual([(m.text, m.seq) for m in device.live()], expected, member)
         answers = [a for d in devices.values() for a in d.of_type(cim_pb2.MSG_A)]
         self.assertEqual(sorted(a.seq for a in answers), [1, 2])  # no number given twice
-        # Catch-up of a new device shows the same order.
+        # Catch-up of a new device shows the same order (no device of the member has
+        # read anything, so it starts where the member's first device does: #15).
         fresh = await connect(one if members[1] in homes[one.node_id] else two, members[1], "tab")
         pulled = await fresh.pull(group_conversation(GROUP))
         self.assertEqual([(m.text, m.seq) for m in reversed(pulled)], order)
+        fresh.send(cim_pb2.HISTORY_R, cim_pb2.HistoryR(group=GROUP, request_id=99))
+        history = await fresh.answer(cim_pb2.HISTORY_A, 99)
+        self.assertEqual([(m.text, m.seq) for m in reversed(history.messages)], order)

@@ -93,6 +93,7 @@ def make_client(
     user: str = "alice",
     suite: str | None = None,
     router: FakeRouter | None = None,
+    device: str = "phone",
     **options: Any,
 ) -> tuple[ChatClient, FakeRouter, Network]:
     router = router or FakeRouter(node)
@@ -102,7 +103,7 @@ def make_client(
         "http://router.invalid",
         user,
         "pw",
-        device="phone",
+        device=device,
         suite=suite,
         connector=network,
         router=router,  # type: ignore[arg-type]
@@ -283,6 +284,7 @@ class ChatClientTests(SynchronousTestCase):
         self.assertEqual(client.state, "online")
 
     def test_kicked_session_does_not_reconnect(self) -> None:
+        """The same device logging in again ends its older session for good."""
         node = NodeHarness()
         first, router, _ = make_client(node)
         states: list[tuple[str, str]] = []
@@ -293,7 +295,7 @@ class ChatClientTests(SynchronousTestCase):
         second.start()
         settle(node)
         self.assertEqual(first.state, "stopped")
-        self.assertIn(("stopped", "kicked: logged in elsewhere"), states)
+        self.assertIn(("stopped", "kicked: logged in again on this device"), states)
         self.assertEqual(second.state, "online")
         settle(node, 60)
         self.assertEqual(first.state, "stopped")

@@ -97,11 +97,18 @@ class ConfigErrorTests(SynchronousTestCase):
             "default_message_policy, edit_window, enabled, "
             "handshake_replay_window, handshake_timeout, "
             "heartbeat_interval, heartbeat_timeout, listen, max_bad_frames, "
-            "max_connections_per_address, max_frame_size, max_pending_work, "
-            "max_queued_bytes, max_text_length, outbound_budget, recall_window, rsa_key, "
+            "max_connections_per_address, max_devices_per_user, max_frame_size, "
+            "max_pending_work, max_queued_bytes, max_text_length, outbound_budget, "
+            "recall_window, rsa_key, "
             "rsa_key_bits, slow_reader_timeout)",
         )
         self.assertEqual(error.key, "heartbeat_intervall")
+
+    def test_max_devices_per_user_is_bounded(self) -> None:
+        self.assertConfigError(
+            MINIMAL + "[im]\nmax_devices_per_user = 0\n",
+            "config error: [im] max_devices_per_user = '0': must be at least 1",
+        )
 
     def test_unknown_section(self) -> None:
         with self.assertRaises(ConfigError) as caught:

@@ -72,6 +72,16 @@ class FakeClient:
         self.reads.marked(answer)
         return succeed(answer)
 
+    def devices(self) -> Deferred[cim_pb2.DevicesA]:
+        return succeed(
+            cim_pb2.DevicesA(
+                devices=[
+                    cim_pb2.DeviceOnline(device="cli", this_device=True),
+                    cim_pb2.DeviceOnline(device="phone"),
+                ]
+            )
+        )
+
     def send_message(self, message: cim_pb2.Message) -> Deferred[DeliveryOutcome]:
         message.client_seq = self.next_seq
         self.next_seq += 1
@@ -236,6 +246,21 @@ class ConsoleTests(SynchronousTestCase):
         self.console.message_arrived(text_message("carol", "again", msg_id=2, group="g1"))
         self.assertIn("#friends carol: again", self.printed())
         self.assertEqual(self.client.group_requests, 1)
+
+    def test_my_messages_from_another_device(self) -> None:
+        """Issue #15: what alice sends from her phone shows on this device as hers."""
+        self.client.device = "cli"  # type: ignore[attr-defined]
+        mine = text_message("alice", "hi bob", to="bob")
+        mine.device = "phone"
+        self.console.message_arrived(mine)
+        self.assertTrue(self.printed().endswith("→ bob alice (phone): hi bob"))
+        posted = text_message("alice", "hi all", msg_id=2, group="g1")
+        posted.device = "phone"
+        self.console.message_arrived(posted)
+        self.assertTrue(self.printed().endswith("#friends alice (phone): hi all"))
+        self.assertNotIn("alice", self.console.known_users)
+        self.run_line("/devices")
+        self.assertEqual(self.printed(), "* 2 devices online: cli *, phone")
 
     def test_media_and_location(self) -> None:
         image = text_message(

@@ -7,7 +7,7 @@ import struct
 from twisted.trial.unittest import SynchronousTestCase
 
 from cim.config import SUITE_CHACHA, SUITE_RC4
-from cim.im.collaborators import Stores
+from cim.im.collaborators import Bounds, Stores
 from cim.protocols import cim_pb2
 from cim.protocols.wire import HEARTBEAT_FRAME
 from tests.fakes.node import ConnectedClient, NodeHarness
@@ -547,14 +547,27 @@ class HeartbeatTests(SynchronousTestCase):
 
 
 class DuplicateLoginTests(SynchronousTestCase):
-    def test_kick_old(self) -> None:
+    def test_devices_of_one_user_stay_online_side_by_side(self) -> None:
         node = NodeHarness(policy="kick_old")
         first = node.connect("alice")
         logged_in(first)
         second = node.connect("alice", device="tablet")
+        logged_in(second)
+        first.flush()
+        self.assertEqual(first.events.of_type(cim_pb2.KICKED), [])
+        self.assertIs(node.im.sessions.session_for("alice", "phone"), first.server)
+        self.assertIs(node.im.sessions.session_for("alice", "tablet"), second.server)
+        self.assertEqual(node.im.sessions.connected_count, 2)
+
+    def test_the_same_device_logging_in_again_replaces_its_session(self) -> None:
+        node = NodeHarness(policy="kick_old")
+        first = node.connect("alice")
+        logged_in(first)
+        second = node.connect("alice")
         first.flush()
         [kicked] = first.events.of_type(cim_pb2.KICKED)
-        self.assertEqual(kicked.reason, "logged in elsewhere")
+        self.assertEqual(kicked.reason, "logged in again on this device")
+        self.assertEqual(kicked.code, cim_pb2.Kicked.REPLACED)
         self.assertTrue(first.server_transport.disconnecting)
         self.assertIs(node.im.sessions.session_for("alice"), second.server)
         logged_in(second)
@@ -562,7 +575,7 @@ class DuplicateLoginTests(SynchronousTestCase):
     def test_refuse_new(self) -> None:
         from cim.interfaces import AlreadyLoggedIn
 
-        node = NodeHarness(policy="refuse_new")
+        node = NodeHarness(policy="refuse_new", bounds=Bounds(max_devices_per_user=1))
         first = node.connect("alice")
         logged_in(first)
         with self.assertRaises(AlreadyLoggedIn):
@@ -612,6 +625,7 @@ class NodeWithoutCollaboratorsTests(SynchronousTestCase):
                     cim_pb2.CHANGE_R,
                     cim_pb2.READ_R,
                     cim_pb2.READERS_R,
+                    cim_pb2.DEVICES_R,
                 ]
             ),
         )

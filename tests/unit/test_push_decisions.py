@@ -20,7 +20,7 @@ from cim.metrics import PushMetrics
 from cim.protocols import cim_pb2
 from cim.push.decisions import DecidingTimeline, DecisionSettings, PushDecisions, is_urgent
 from cim.push.notification import ACCEPTED, DEAD, FAILED, RETRY, Notification, Outcome
-from cim.push.presence import DevicePresence, one_session
+from cim.push.presence import DevicePresence
 from cim.push.queue import PushQueue, QueueSettings
 from cim.push.texts import PREVIEW_LENGTH
 from cim.storage.push import PushRegistration
@@ -57,13 +57,14 @@ class FakeSession:
 
 class FakeRoutes:
     def __init__(self) -> None:
-        self.nodes: dict[str, str] = {}
+        self.devices: dict[str, list[str]] = {}
+        """The devices online of users held by other nodes."""
         self.down = False
 
-    def route(self, user: str) -> Deferred[str | None]:
+    def online_devices(self, users: list[str]) -> Deferred[dict[str, list[str]]]:
         if self.down:
             return fail(StateUnavailable("redis is down"))
-        return succeed(self.nodes.get(user))
+        return succeed({user: self.devices[user] for user in users if user in self.devices})
 
 
 class World:
@@ -83,12 +84,17 @@ class World:
         self.decisions = PushDecisions(
             self.clock,
             lambda users: succeed([r for r in self.registrations if r.user in users]),
-            DevicePresence("node1", one_session(self.sessions.get), self.routes),  # type: ignore[arg-type]
+            DevicePresence("node1", self.devices_here, self.routes),  # type: ignore[arg-type]
             lambda group: succeed(list(self.groups.get(group, []))),
             self.summary,
             self.enqueue,
             settings or DecisionSettings(collapse_window=10.0),
         )
+
+    def devices_here(self, user: str) -> list[FakeSession]:
+        """One session per user in these tests (several devices: test_devices)."""
+        session = self.sessions.get(user)
+        return [] if session is None else [session]
 
     def summary(self, user: str, device: str) -> Deferred[list[ConversationState]]:
         count = self.unread[(user, device)]
@@ -179,14 +185,13 @@ class DecisionTests(SynchronousTestCase):
         world.append(message("alice", to="bob"), new=False)
         self.assertEqual(world.queued, [])
 
-    def test_unknown_presence_pushes_only_urgent(self) -> None:
+    def test_only_devices_not_online_on_another_node_are_pushed(self) -> None:
         world = self.started()
         world.registrations.append(registration("mum", "phone"))
-        world.routes.nodes["mum"] = "node2"
+        world.registrations.append(registration("mum", "tablet"))
+        world.routes.devices["mum"] = ["tablet"]  # mum's node is another one
         world.append(message("alice", to="mum"))
-        self.assertEqual(world.queued, [])
-        world.append(sos("mum"))
-        self.assertEqual([n.kind for n in world.queued], ["sos"])
+        self.assertEqual([n.registration.device for n in world.queued], ["phone"])
 
     def test_a_state_store_that_cannot_say_pushes_only_urgent(self) -> None:
         world = self.started()

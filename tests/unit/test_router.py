@@ -410,27 +410,46 @@ class RouterTests(SynchronousTestCase):
         self.assertEqual(self.login(device="d" * 64).status, 200)
 
     def test_refuse_new_while_online(self) -> None:
+        """Past [im] max_devices_per_user devices online, refuse_new refuses a new
+        device with a clear error; a device already counted may log in again."""
+        self.im_config = ImConfig(heartbeat_interval=20, max_devices_per_user=2)
         site = self.make_site(RouterConfig(duplicate_login="refuse_new"))
-        first = self.login(site=site)
-        self.assertEqual(first.status, 200)
-        record = self.successResultOf(
-            self.state.sessions.session_for_token(token_hash(first.json()["token"]))
-        )
-        assert record is not None
-        self.successResultOf(self.state.presence.mark_online(record))
-        self.assertError(self.login(site=site), 409, "already_logged_in")
+        records = []
+        for device in ("phone", "web"):
+            answer = self.login(device=device, site=site)
+            self.assertEqual(answer.status, 200)
+            record = self.successResultOf(
+                self.state.sessions.session_for_token(token_hash(answer.json()["token"]))
+            )
+            assert record is not None
+            self.successResultOf(self.state.presence.mark_online(record))
+            records.append(record)
+        refused = self.login(device="pad", site=site)
+        self.assertError(refused, 409, "too_many_devices")
+        self.assertIn("max_devices_per_user", refused.json()["message"])
         self.assertEqual(self.metrics.logins["refused"], 1)
-        self.successResultOf(self.state.presence.mark_offline(record))
-        self.assertEqual(self.login(site=site).status, 200)
+        self.assertEqual(self.login(device="web", site=site).status, 200)
+        self.successResultOf(self.state.presence.mark_offline(records[0]))
+        self.assertEqual(self.login(device="pad", site=site).status, 200)
 
     def test_kick_old(self) -> None:
         first = self.login().json()
         second = self.login().json()
         self.assertNotEqual(first["token"], second["token"])
-        self.assertEqual([why for _, why in self.ended], ["logged in elsewhere"])
+        self.assertEqual([why for _, why in self.ended], ["logged in again on this device"])
         self.assertIsNone(
             self.successResultOf(self.state.sessions.session_for_token(token_hash(first["token"])))
         )
+
+    def test_devices_of_one_user_log_in_side_by_side(self) -> None:
+        phone = self.login(device="phone").json()
+        web = self.login(device="web").json()
+        self.assertEqual(self.ended, [])
+        for answer in (phone, web):
+            record = self.successResultOf(
+                self.state.sessions.session_for_token(token_hash(answer["token"]))
+            )
+            self.assertIsNotNone(record)
 
     def test_no_node(self) -> None:
         self.successResultOf(self.registry.unregister())
@@ -519,7 +538,7 @@ class RouterTests(SynchronousTestCase):
             token = self.login().json()["token"]
             self.assertEqual(self.logout(token).status, 200)
         self.assertEqual(self.state.table.sessions, {})
-        self.assertEqual(self.state.table.token_hash_by_user, {})
+        self.assertEqual(self.state.table.devices_by_user, {})
         root: Any = self.site.resource
         self.assertEqual(len(root.user_throttle), 0)
         self.assertEqual(len(root.address_throttle), 0)
@@ -588,7 +607,14 @@ class RouterTests(SynchronousTestCase):
         self.assertEqual(response.status, 200, response.body)
         self.assertEqual(
             response.json(),
-            {"items": ["alice"], "total": 2, "nodes": {"n1": 2}, "offset": 0, "limit": 1},
+            {
+                "items": ["alice"],
+                "devices": {"alice": ["default"]},
+                "total": 2,
+                "nodes": {"n1": 2},
+                "offset": 0,
+                "limit": 1,
+            },
         )
         page = exchange(
             self.site, "GET", "/api/v1/online?offset=1&limit=5", headers=[bearer()]
@@ -614,6 +640,28 @@ class RouterTests(SynchronousTestCase):
                 "outcome": "ok",
             },
             self.admin_events(),
+        )
+
+    def test_admin_kick_of_one_device(self) -> None:
+        """cimctl kick USER --device D ends that device's session only."""
+        phone = self.login(device="phone").json()["token"]
+        web = self.login(device="web").json()["token"]
+        headers = [("Content-Type", "application/json"), bearer(OPS2_TOKEN)]
+        body = json.dumps({"user": "alice", "device": "web"}).encode()
+        response = exchange(self.site, "POST", "/api/v1/admin/kick", body, headers)
+        self.assertEqual(response.status, 200, response.body)
+        self.assertEqual([d["device"] for d in response.json()["devices"]], ["web"])
+        self.assertIsNone(
+            self.successResultOf(self.state.sessions.session_for_token(token_hash(web)))
+        )
+        self.assertIsNotNone(
+            self.successResultOf(self.state.sessions.session_for_token(token_hash(phone)))
+        )
+        again = exchange(self.site, "POST", "/api/v1/admin/kick", body, headers)
+        self.assertError(again, 404, "no_session")
+        bad = json.dumps({"user": "alice", "device": 3}).encode()
+        self.assertError(
+            exchange(self.site, "POST", "/api/v1/admin/kick", bad, headers), 400, "bad_request"
         )
 
     def test_online_list_needs_an_admin_token_from_loopback_too(self) -> None:
@@ -666,7 +714,13 @@ class RouterTests(SynchronousTestCase):
         self.assertEqual(response.status, 200, response.body)
         self.assertEqual(
             response.json(),
-            {"ok": True, "user": "alice", "session_id": record.session_id, "node": "n1"},
+            {
+                "ok": True,
+                "user": "alice",
+                "session_id": record.session_id,
+                "node": "n1",
+                "devices": [{"device": "default", "session_id": record.session_id, "node": "n1"}],
+            },
         )
         self.assertEqual(ended, [(record, "kicked by an administrator")])
         self.assertIsNone(

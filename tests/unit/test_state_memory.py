@@ -80,10 +80,12 @@ class StateContract(_ContractBase):
         ttl: float = TTL,
         node: str = "n1",
         state: IStateBackend | None = None,
+        device: str = "phone",
+        max_devices: int = 1,
     ) -> tuple[SessionRecord, SessionRecord | None]:
         target = state if state is not None else self.state
         return await target.sessions.create_session(
-            token_hash(token), user, "phone", node, ttl, policy
+            token_hash(token), user, device, node, ttl, policy, max_devices
         )
 
     async def lookup(self, token: str) -> SessionRecord | None:
@@ -129,7 +131,7 @@ class SessionsContract(StateContract):
         second, previous = await self.login("t2", "alice")
         self.assertEqual(previous, first)
         self.assertNotEqual(second.session_id, first.session_id)
-        self.assertEqual(self.ended, [(first, "logged in elsewhere")])
+        self.assertEqual(self.ended, [(first, "logged in again on this device")])
         self.assertIsNone(await self.lookup("t1"))
         self.assertEqual(await self.lookup("t2"), second)
         # The kicked session's connection was online; the route is gone with it.
@@ -140,21 +142,107 @@ class SessionsContract(StateContract):
         record, _ = await self.login("t1", "alice")
         await self.state.presence.mark_online(record)
         await self.login("t2", "bob")
-        ended = await self.state.sessions.end_user_session("alice", "kicked by an administrator")
-        self.assertEqual(ended, record)
+        ended = await self.state.sessions.end_user_sessions("alice", "kicked by an administrator")
+        self.assertEqual(ended, [record])
         self.assertEqual(self.ended, [(record, "kicked by an administrator")])
         self.assertIsNone(await self.lookup("t1"))
         self.assertIsNone(await self.state.presence.route("alice"))
         self.assertIsNotNone(await self.lookup("t2"))  # nobody else's session
-        self.assertIsNone(await self.state.sessions.end_user_session("alice", "again"))
-        self.assertIsNone(await self.state.sessions.end_user_session("carol", "never logged in"))
+        self.assertEqual(await self.state.sessions.end_user_sessions("alice", "again"), [])
+        self.assertEqual(await self.state.sessions.end_user_sessions("carol", "never"), [])
         self.assertEqual(len(self.ended), 1)
 
     async def test_end_user_session_after_expiry_is_none(self) -> None:
         record, _ = await self.login("t1", "alice")
         self.clock.advance(TTL)
-        self.assertIsNone(await self.state.sessions.end_user_session("alice", "kicked"))
+        self.assertEqual(await self.state.sessions.end_user_sessions("alice", "kicked"), [])
         self.assertEqual(self.ended, [(record, "expired")])
+
+    # --- many devices per user (issue #15) ---------------------------------------------
+
+    async def test_devices_of_one_user_have_a_session_each(self) -> None:
+        phone, _ = await self.login("t1", "alice", device="phone", max_devices=3)
+        web, previous = await self.login("t2", "alice", device="web", max_devices=3)
+        self.assertIsNone(previous)
+        for record in (phone, web):
+            await self.state.presence.mark_online(record)
+        self.assertEqual(await self.lookup("t1"), phone)
+        self.assertEqual(await self.lookup("t2"), web)
+        self.assertEqual(await self.state.presence.route("alice"), "n1")
+        self.assertEqual(await self.state.presence.online_users(0, 10), (1, ["alice"]))
+        self.assertEqual(await self.state.presence.online_count_by_node(), {"n1": 1})
+        self.assertEqual(
+            await self.state.presence.online_devices(["alice", "bob"]),
+            {"alice": ["phone", "web"]},
+        )
+        # One device leaving keeps the user online; the last one takes the route.
+        await self.state.presence.mark_offline(phone)
+        self.assertEqual(await self.state.presence.route("alice"), "n1")
+        self.assertEqual(await self.state.presence.online_devices(["alice"]), {"alice": ["web"]})
+        await self.state.presence.mark_offline(web)
+        self.assertIsNone(await self.state.presence.route("alice"))
+        self.assertEqual(await self.state.presence.online_users(0, 10), (0, []))
+        self.assertEqual(self.ended, [])
+
+    async def test_the_same_device_logging_in_again_replaces_only_itself(self) -> None:
+        phone, _ = await self.login("t1", "alice", device="phone", max_devices=3)
+        web, _ = await self.login("t2", "alice", device="web", max_devices=3)
+        await self.state.presence.mark_online(phone)
+        again, previous = await self.login("t3", "alice", device="phone", max_devices=3)
+        self.assertEqual(previous, phone)
+        self.assertEqual(self.ended, [(phone, "logged in again on this device")])
+        self.assertEqual(await self.lookup("t2"), web)
+        self.assertEqual(await self.lookup("t3"), again)
+
+    async def test_refuse_new_past_the_limit(self) -> None:
+        records = []
+        for i in range(3):
+            record, _ = await self.login(
+                f"t{i}", "alice", "refuse_new", device=f"d{i}", max_devices=3
+            )
+            await self.state.presence.mark_online(record)
+            records.append(record)
+        await self.assert_fails(
+            self.state.sessions.create_session(
+                token_hash("t9"), "alice", "d9", "n1", TTL, "refuse_new", 3
+            ),
+            AlreadyLoggedIn,
+        )
+        self.assertIsNone(await self.lookup("t9"))
+        # A device already counted may always log in again; one going offline makes room.
+        await self.login("t5", "alice", "refuse_new", device="d0", max_devices=3)
+        await self.state.presence.mark_offline(records[1])
+        await self.login("t6", "alice", "refuse_new", device="d9", max_devices=3)
+        self.assertIsNone(await self.lookup("t1"))  # the offline one gave way
+        self.assertEqual(self.ended[-1], (records[1], "logged in elsewhere"))
+
+    async def test_kick_old_past_the_limit_takes_the_login_and_drops_offline_first(
+        self,
+    ) -> None:
+        old, _ = await self.login("t0", "alice", device="old", max_devices=2)
+        self.clock.advance(1)
+        online, _ = await self.login("t1", "alice", device="on", max_devices=2)
+        await self.state.presence.mark_online(online)
+        self.clock.advance(1)
+        new, _ = await self.login("t2", "alice", device="new", max_devices=2)
+        self.assertEqual(self.ended, [(old, "logged in elsewhere")])
+        await self.state.presence.mark_online(new)
+        # Both online: the next one is taken too (the node ends the device idle longest).
+        newest, _ = await self.login("t3", "alice", device="newest", max_devices=2)
+        self.assertEqual(await self.lookup("t1"), online)
+        self.assertEqual(await self.lookup("t2"), new)
+        self.assertEqual(await self.lookup("t3"), newest)
+
+    async def test_kick_one_device_or_all(self) -> None:
+        phone, _ = await self.login("t1", "alice", device="phone", max_devices=3)
+        web, _ = await self.login("t2", "alice", device="web", max_devices=3)
+        pad, _ = await self.login("t3", "alice", device="pad", max_devices=3)
+        ended = await self.state.sessions.end_user_sessions("alice", "kicked", "web")
+        self.assertEqual(ended, [web])
+        self.assertEqual(await self.lookup("t1"), phone)
+        ended = await self.state.sessions.end_user_sessions("alice", "kicked")
+        self.assertEqual(ended, [pad, phone])
+        self.assertEqual(await self.leftovers(), 0)
 
     async def test_listener_sees_the_new_session_in_place(self) -> None:
         await self.login("t1", "alice")
@@ -237,7 +325,7 @@ class SessionsContract(StateContract):
         await self.login("t1", "alice", state=other)
         second, previous = await self.login("t2", "alice", state=other)
         self.assertIsNotNone(previous)
-        self.assertEqual(after, ["logged in elsewhere"])
+        self.assertEqual(after, ["logged in again on this device"])
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
         self.assertEqual(await other.sessions.session_for_token(token_hash("t2")), second)
 
@@ -349,7 +437,7 @@ class RoutesContract(StateContract):
         self.assertIsNone(await self.lookup("t1"))
         self.assertEqual(await self.lookup("t2"), second)
         self.assertIsNone(await self.state.presence.route("alice"))
-        self.assertEqual(self.ended, [(first, "logged in elsewhere")])
+        self.assertEqual(self.ended, [(first, "logged in again on this device")])
 
     async def test_refresh_ends_an_expired_session_once(self) -> None:
         alice, _ = await self.login("ta", "alice", ttl=100)
@@ -477,7 +565,7 @@ def sizes(state: MemoryState) -> dict[str, int]:
     table = state.table
     return {
         "sessions": len(table.sessions),
-        "users": len(table.token_hash_by_user),
+        "users": len(table.devices_by_user),
         "online": len(table.online),
         "per_node": len(table.online_per_node),
         "expiry": sum(len(queue) for queue in table.expiry_queues.values()),

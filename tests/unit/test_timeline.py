@@ -30,6 +30,7 @@ from cim.storage.timeline import (
     CursorMove,
     NewMessage,
     append_txn,
+    enrol_device_txn,
     group_joined,
     group_left,
     move_cursors_txn,
@@ -209,7 +210,36 @@ class CursorTests(DatabaseMixin, TestCase):
     def test_cursors_are_per_device(self) -> None:
         self.txn(move_cursors_txn, [CursorMove("bob", "phone", AB, 4)])
         self.assertEqual(self.point("bob", "phone"), 4)
-        self.assertEqual(self.point("bob", "laptop"), 0)
+        # The laptop is new to bob's account: it starts at the present (5), not at 4.
+        self.assertEqual(self.point("bob", "laptop"), 5)
+        self.txn(append_txn, [new(message(6))])
+        self.assertEqual(self.point("bob", "phone"), 4)
+        self.assertEqual(self.point("bob", "laptop"), 5)
+
+    def test_the_accounts_first_device_keeps_what_waited_for_the_user(self) -> None:
+        """Nothing was ever read by bob: his devices see all 5 as unread. Once one of
+        them has read, a device new to the account sees none of them (issue #15)."""
+        [first] = self.txn(summary_txn, "bob", "phone")
+        self.assertEqual((first.cursor, first.unread), (0, 5))
+        [second] = self.txn(summary_txn, "bob", "web")
+        self.assertEqual((second.cursor, second.unread), (0, 5))
+        self.txn(move_cursors_txn, [CursorMove("bob", "phone", AB, 3)])
+        self.assertTrue(self.txn(enrol_device_txn, "bob", "pad"))
+        [third] = self.txn(summary_txn, "bob", "pad")
+        self.assertEqual((third.cursor, third.unread), (5, 0))
+        self.assertFalse(self.txn(enrol_device_txn, "bob", "pad"))  # known now
+        [second] = self.txn(summary_txn, "bob", "web")
+        self.assertEqual((second.cursor, second.unread), (0, 5))  # enrolled before
+        # The new one can still page back through what came before it.
+        page = self.txn(conversation_page_txn, AB, None, 0, 10)
+        self.assertEqual([r.seq for r in page.records], [5, 4, 3, 2, 1])
+        self.assertEqual(self.txn(unread_page_txn, "bob", "pad", None, None, 10).records, ())
+
+    def test_a_device_that_read_before_enrolment_is_not_moved(self) -> None:
+        self.txn(move_cursors_txn, [CursorMove("bob", "phone", AB, 2)])
+        self.txn(move_cursors_txn, [CursorMove("bob", "web", AB, 1)])
+        self.assertFalse(self.txn(enrol_device_txn, "bob", "web"))
+        self.assertEqual(self.point("bob", "web"), 1)
 
     def test_only_the_users_own_conversations(self) -> None:
         moved = self.txn(

@@ -20,6 +20,15 @@ REASON_LOGGED_IN_ELSEWHERE = "logged in elsewhere"
 REASON_LOGGED_OUT = "logged out"
 REASON_EXPIRED = "expired"
 REASON_KICKED_BY_ADMIN = "kicked by an administrator"
+REASON_LOGGED_IN_AGAIN = "logged in again on this device"
+"""The same device logged in again (fast reconnect): its older session goes."""
+REASON_MOVED = "the user's other devices are on another node now: log in again"
+"""A node's refresh found the user's devices online on another node (the ring moved the
+user while this node lives): the device logs in again (Kicked SESSION_EXPIRED) and
+joins them, instead of two nodes taking the user's route from each other."""
+REASON_TOO_MANY_DEVICES = "too many devices online: this one was idle longest"
+"""[router] duplicate_login = kick_old past [im] max_devices_per_user (the IM node picks
+the device idle longest; cim.im.sessions)."""
 
 # The duplicate-login policies ([router] duplicate_login) create_session decides by.
 KICK_OLD = "kick_old"

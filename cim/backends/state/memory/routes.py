@@ -19,8 +19,7 @@ class MemoryRouteStore:
 
     def mark_online(self, record: SessionRecord) -> Deferred[None]:
         table = self._table
-        current_hash = table.token_hash_by_user.get(record.user)
-        current = table.sessions.get(current_hash) if current_hash is not None else None
+        current = table.current(record.user, record.device)
         if current is None or current.session_id != record.session_id:
             # The session ended (kicked, logged out) while its handshake was in flight.
             return defer.succeed(None)
@@ -28,22 +27,33 @@ class MemoryRouteStore:
         return defer.succeed(None)
 
     def mark_offline(self, record: SessionRecord) -> Deferred[None]:
-        online = self._table.online.get(record.user)
+        online = self._table.online.get(record.user, {}).get(record.device)
         if (
             online is not None
             and online.session_id == record.session_id
             and online.node_id == record.node_id
         ):
-            self._table.set_offline(record.user)
+            self._table.set_offline(record)
         return defer.succeed(None)
 
     def route(self, user: str) -> Deferred[str | None]:
-        online = self._table.online.get(user)
-        return defer.succeed(online.node_id if online is not None else None)
+        return defer.succeed(self._node_of(user))
 
     def routes(self, users: list[str]) -> Deferred[dict[str, str]]:
+        nodes = {user: self._node_of(user) for user in users}
+        return defer.succeed({user: node for user, node in nodes.items() if node is not None})
+
+    def _node_of(self, user: str) -> str | None:
+        """The node of the user's newest connected device (all are on one node, but
+        while a user moves the newest is where the router sends it now)."""
+        devices = self._table.online.get(user)
+        if not devices:
+            return None
+        return max(devices.values(), key=lambda record: record.created_at).node_id
+
+    def online_devices(self, users: list[str]) -> Deferred[dict[str, list[str]]]:
         online = self._table.online
-        return defer.succeed({user: online[user].node_id for user in users if user in online})
+        return defer.succeed({user: sorted(online[user]) for user in users if user in online})
 
     def online_users(self, offset: int, limit: int) -> Deferred[tuple[int, list[str]]]:
         if offset < 0 or limit < 0:
@@ -53,7 +63,9 @@ class MemoryRouteStore:
         return defer.succeed((len(names), names[offset : offset + limit]))
 
     def online_count_by_node(self) -> Deferred[dict[str, int]]:
-        return defer.succeed(dict(self._table.online_per_node))
+        return defer.succeed(
+            {node: len(users) for node, users in self._table.online_per_node.items()}
+        )
 
     def refresh_sessions(self, node_id: str, records: list[SessionRecord]) -> Deferred[None]:
         """Put back the online entry of any live session the node still holds.
@@ -67,7 +79,8 @@ class MemoryRouteStore:
         for record in records:
             if record.node_id != node_id:
                 continue
-            current_hash = record.token_hash or table.token_hash_by_user.get(record.user)
+            current = table.current(record.user, record.device)
+            current_hash = record.token_hash or (current.token_hash if current else None)
             if current_hash is None:
                 continue
             live = table.live(current_hash)

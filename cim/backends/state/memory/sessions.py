@@ -1,4 +1,4 @@
-"""The memory backend's sessions facet: logins, duplicate-login decisions, logouts."""
+"""The memory backend's sessions facet: logins, per-device limits, logouts."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from zope.interface import implementer
 from cim.backends.state import (
     KICK_OLD,
     REASON_EXPIRED,
+    REASON_LOGGED_IN_AGAIN,
     REASON_LOGGED_IN_ELSEWHERE,
     REFUSE_NEW,
 )
@@ -20,7 +21,7 @@ from cim.interfaces import AlreadyLoggedIn, ISessionStore, SessionEndedListener,
 
 @implementer(ISessionStore)
 class MemorySessionStore:
-    """One current session per user, decided and ended on the shared table."""
+    """One current session per device of a user, decided and ended on the shared table."""
 
     def __init__(self, table: SessionTable) -> None:
         self._table = table
@@ -33,6 +34,7 @@ class MemorySessionStore:
         node_id: str,
         ttl: float,
         policy: str,
+        max_devices: int = 1,
     ) -> Deferred[tuple[SessionRecord, SessionRecord | None]]:
         table = self._table
         if policy not in (KICK_OLD, REFUSE_NEW):
@@ -41,17 +43,28 @@ class MemorySessionStore:
             # Only a broken token generator gets here; never let one login take over another.
             return defer.fail(ValueError("token hash already in use"))
         now = table.clock.seconds()
-        previous: SessionRecord | None = None
-        previous_hash = table.token_hash_by_user.get(user)
-        if previous_hash is not None:
-            old = table.sessions[previous_hash]
+        same: str | None = None
+        online = 0
+        offline: list[SessionRecord] = []
+        for other_device, other_hash in list(table.devices_by_user.get(user, {}).items()):
+            old = table.sessions[other_hash]
             if old.expires_at <= now:
-                table.end(previous_hash, REASON_EXPIRED)
-            elif policy == REFUSE_NEW and table.is_online(old):
-                return defer.fail(AlreadyLoggedIn(user))
+                table.end(other_hash, REASON_EXPIRED)
+            elif other_device == device:
+                same = other_hash
+            elif table.is_online(old):
+                online += 1
             else:
-                previous = table.forget(previous_hash)
-
+                offline.append(old)
+        if same is None and policy == REFUSE_NEW and online >= max_devices:
+            return defer.fail(AlreadyLoggedIn(user))
+        previous = table.forget(same) if same is not None else None
+        # At most max_devices sessions: devices offline give way first, oldest first.
+        # Past that (kick_old, all online) the node ends the device idle longest once the
+        # new one connects: only it knows which that is.
+        offline.sort(key=lambda record: record.created_at)
+        excess = max(0, online + len(offline) + 1 - max_devices)
+        dropped = [table.forget(old.token_hash) for old in offline[:excess]]
         record = SessionRecord(
             session_id=uuid.uuid4().hex,
             user=user,
@@ -62,10 +75,13 @@ class MemorySessionStore:
             token_hash=token_hash,
         )
         table.add(record)
-        # Listeners hear of the kick only once the new session is in place, so a
+        # Listeners hear of the ends only once the new session is in place, so a
         # listener that looks the user up sees the state as it now is.
         if previous is not None:
-            table.tell(previous, REASON_LOGGED_IN_ELSEWHERE)
+            table.tell(previous, REASON_LOGGED_IN_AGAIN)
+        for old_record in dropped:
+            if old_record is not None:
+                table.tell(old_record, REASON_LOGGED_IN_ELSEWHERE)
         return defer.succeed((record, previous))
 
     def session_for_token(self, token_hash: str) -> Deferred[SessionRecord | None]:
@@ -76,11 +92,20 @@ class MemorySessionStore:
             return defer.succeed(None)
         return defer.succeed(self._table.end(token_hash, reason))
 
-    def end_user_session(self, user: str, reason: str) -> Deferred[SessionRecord | None]:
-        token_hash = self._table.token_hash_by_user.get(user)
-        if token_hash is None or self._table.live(token_hash) is None:
-            return defer.succeed(None)
-        return defer.succeed(self._table.end(token_hash, reason))
+    def end_user_sessions(
+        self, user: str, reason: str, device: str = ""
+    ) -> Deferred[list[SessionRecord]]:
+        table = self._table
+        ended: list[SessionRecord] = []
+        for each, token_hash in sorted(table.devices_by_user.get(user, {}).items()):
+            if device and each != device:
+                continue
+            if table.live(token_hash) is None:
+                continue
+            record = table.end(token_hash, reason)
+            if record is not None:
+                ended.append(record)
+        return defer.succeed(ended)
 
     def add_session_ended_listener(self, listener: SessionEndedListener) -> None:
         self._table.add_listener(listener)

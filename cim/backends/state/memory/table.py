@@ -1,5 +1,8 @@
 """The data the memory backend's sessions and routes facets share: one table of logins.
 
+A user has one session per device (up to ``[im] max_devices_per_user``, decided by
+``create_session``); the user is online while any of its devices is.
+
 A session and its online entry live and die together (a kick takes the route with it,
 a refuse_new login asks whether the old session is online), so both facets work on
 this one table instead of on each other. Every entry is reachable from a live session
@@ -19,7 +22,8 @@ from cim.interfaces import SessionEndedListener, SessionRecord
 
 
 class SessionTable:
-    """Sessions keyed by token hash, one current session per user, and who is online.
+    """Sessions keyed by token hash, one current session per (user, device), and which
+    devices are online.
 
     Expiry is enforced on every lookup (``live``), so correctness never waits for the
     prune; ``end_expired`` only gives back the memory of sessions nobody looks up again.
@@ -32,9 +36,12 @@ class SessionTable:
     def __init__(self, clock: IReactorTime) -> None:
         self.clock = clock
         self.sessions: dict[str, SessionRecord] = {}
-        self.token_hash_by_user: dict[str, str] = {}
-        self.online: dict[str, SessionRecord] = {}
-        self.online_per_node: dict[str, int] = {}
+        self.devices_by_user: dict[str, dict[str, str]] = {}
+        """user -> device -> token hash of its current session."""
+        self.online: dict[str, dict[str, SessionRecord]] = {}
+        """user -> device -> the session connected (every online user has one or more)."""
+        self.online_per_node: dict[str, dict[str, int]] = {}
+        """node -> user -> how many of the user's devices are connected there."""
         # One queue per TTL, each in creation order. With a monotonic clock that is
         # also expiry order, so the prune pops expired sessions off the front and
         # never walks the live ones.
@@ -47,10 +54,10 @@ class SessionTable:
     # --- sessions ---------------------------------------------------------------------
 
     def add(self, record: SessionRecord) -> None:
-        """Store a new session as its user's current one."""
+        """Store a new session as its device's current one."""
         token_hash = record.token_hash
         self.sessions[token_hash] = record
-        self.token_hash_by_user[record.user] = token_hash
+        self.devices_by_user.setdefault(record.user, {})[record.device] = token_hash
         queue = self.expiry_queues.setdefault(_lifetime(record), OrderedDict())
         queue[token_hash] = record.expires_at
 
@@ -76,10 +83,13 @@ class SessionTable:
         record = self.sessions.pop(token_hash, None)
         if record is None:
             return None
-        if self.token_hash_by_user.get(record.user) == token_hash:
-            del self.token_hash_by_user[record.user]
+        devices = self.devices_by_user.get(record.user)
+        if devices is not None and devices.get(record.device) == token_hash:
+            del devices[record.device]
+            if not devices:
+                del self.devices_by_user[record.user]
         if self.is_online(record):
-            self.set_offline(record.user)
+            self.set_offline(record)
         lifetime = _lifetime(record)
         queue = self.expiry_queues.get(lifetime)
         if queue is not None:
@@ -114,24 +124,38 @@ class SessionTable:
 
     # --- online entries ---------------------------------------------------------------
 
+    def current(self, user: str, device: str) -> SessionRecord | None:
+        """The device's current session (expired or not), or None."""
+        token_hash = self.devices_by_user.get(user, {}).get(device)
+        return self.sessions.get(token_hash) if token_hash is not None else None
+
     def is_online(self, record: SessionRecord) -> bool:
-        online = self.online.get(record.user)
+        online = self.online.get(record.user, {}).get(record.device)
         return online is not None and online.session_id == record.session_id
 
     def set_online(self, record: SessionRecord) -> None:
-        self.set_offline(record.user)
-        self.online[record.user] = record
-        self.online_per_node[record.node_id] = self.online_per_node.get(record.node_id, 0) + 1
+        devices = self.online.get(record.user, {})
+        previous = devices.get(record.device)
+        if previous is not None:
+            self.set_offline(previous)
+        self.online.setdefault(record.user, {})[record.device] = record
+        users = self.online_per_node.setdefault(record.node_id, {})
+        users[record.user] = users.get(record.user, 0) + 1
 
-    def set_offline(self, user: str) -> None:
-        online = self.online.pop(user, None)
+    def set_offline(self, record: SessionRecord) -> None:
+        """The device's connection is gone (whichever session it held)."""
+        devices = self.online.get(record.user)
+        online = devices.pop(record.device, None) if devices is not None else None
         if online is None:
             return
-        remaining = self.online_per_node[online.node_id] - 1
-        if remaining:
-            self.online_per_node[online.node_id] = remaining
-        else:
-            del self.online_per_node[online.node_id]
+        if not devices:
+            del self.online[record.user]
+        users = self.online_per_node[online.node_id]
+        users[online.user] -= 1
+        if not users[online.user]:
+            del users[online.user]
+            if not users:
+                del self.online_per_node[online.node_id]
 
 
 def _lifetime(record: SessionRecord) -> float:

@@ -1,8 +1,19 @@
--- ARGV: prefix, user, now, reason, tombstone ttl (ms). The user's session, whatever
--- its token: an administrator's kick.
-local user, now, reason = ARGV[2], tonumber(ARGV[3]), ARGV[4]
-local th = redis.call('GET', p .. 'user:' .. user)
-if not th then return false end
-local s = session_fields(th)
-if not s then return false end
-return end_session(th, s, now, reason, ARGV[5])
+-- ARGV: prefix, user, now, reason, tombstone ttl (ms), device ('' for every device).
+-- The user's sessions, whatever their tokens: an administrator's kick, an account gone.
+-- Returns one {'ended' or 'expired', session} per session ended.
+local user, now, reason, device = ARGV[2], tonumber(ARGV[3]), ARGV[4], ARGV[6]
+local dkey = p .. 'devices:' .. user
+local out = {}
+local flat = redis.call('HGETALL', dkey)
+for i = 1, #flat, 2 do
+  local dev, th = flat[i], flat[i + 1]
+  if device == '' or dev == device then
+    local s = session_fields(th)
+    if s then
+      table.insert(out, end_session(th, s, now, reason, ARGV[5]))
+    else
+      redis.call('HDEL', dkey, dev)
+    end
+  end
+end
+return out

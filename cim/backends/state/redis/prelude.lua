@@ -1,5 +1,8 @@
 -- Prepended to every script (scripts.py). ARGV[1] is always the key prefix.
--- The dollar-sign names (EXPIRED, ELSEWHERE, REFUSE_NEW) are replaced when the scripts
+-- Keys: session:<token hash> (a hash), devices:<user> (device -> token hash of its
+-- current session), route:<user> (node, and d:<device> -> session id per device
+-- online), online:<node> and online (sorted sets of users), nodes, ended:<token hash>.
+-- The dollar-sign names (EXPIRED, ELSEWHERE, AGAIN, MOVED, REFUSE_NEW) are replaced when the scripts
 -- are loaded by Lua string literals of the reasons and policy in cim.backends.state.
 
 local p = ARGV[1]
@@ -31,25 +34,42 @@ local function drop_online(user, node)
   if redis.call('ZCARD', key) == 0 then redis.call('SREM', p .. 'nodes', node) end
 end
 
-local function set_online(user, sid, node, route_ms, clock)
+-- A device online on node; a user moved to another node leaves its old node's
+-- devices behind (that node is gone or lets them go).
+local function set_online(user, sid, device, node, route_ms, clock)
   local rkey = p .. 'route:' .. user
   local old = redis.call('HGET', rkey, 'node')
-  if old and old ~= node then drop_online(user, old) end
-  redis.call('HSET', rkey, 'node', node, 'sid', sid)
+  if old and old ~= node then
+    drop_online(user, old)
+    redis.call('DEL', rkey)
+  end
+  redis.call('HSET', rkey, 'node', node, 'd:' .. device, sid)
   redis.call('PEXPIRE', rkey, route_ms)
   redis.call('ZADD', p .. 'online:' .. node, int(clock + tonumber(route_ms)), user)
   redis.call('ZADD', p .. 'online', 0, user)
   redis.call('SADD', p .. 'nodes', node)
 end
 
-local function set_offline(user, sid)
+-- The device's connection is gone; the user stays online while another device is.
+local function set_offline(user, sid, device)
   local rkey = p .. 'route:' .. user
-  local route = redis.call('HMGET', rkey, 'node', 'sid')
-  if route[2] ~= sid then return 0 end
-  redis.call('DEL', rkey)
-  drop_online(user, route[1])
-  redis.call('ZREM', p .. 'online', user)
+  local field = 'd:' .. device
+  if redis.call('HGET', rkey, field) ~= sid then return 0 end
+  redis.call('HDEL', rkey, field)
+  if redis.call('HLEN', rkey) <= 1 then
+    local node = redis.call('HGET', rkey, 'node')
+    redis.call('DEL', rkey)
+    if node then drop_online(user, node) end
+    redis.call('ZREM', p .. 'online', user)
+  end
   return 1
+end
+
+-- The device's session is its current one (devices:<user> names its token hash).
+local function set_current(user, device, th, pttl)
+  local dkey = p .. 'devices:' .. user
+  redis.call('HSET', dkey, device, th)
+  if redis.call('PTTL', dkey) < tonumber(pttl) then redis.call('PEXPIRE', dkey, pttl) end
 end
 
 local function write_session(th, sid, user, device, node, created, expires, pttl)
@@ -63,9 +83,9 @@ end
 local function finish(th, s, reason, tombstone_ms)
   redis.call('DEL', p .. 'session:' .. th)
   redis.call('ZREM', p .. 'expiry', th)
-  local ukey = p .. 'user:' .. s.user
-  if redis.call('GET', ukey) == th then redis.call('DEL', ukey) end
-  set_offline(s.user, s.session_id)
+  local dkey = p .. 'devices:' .. s.user
+  if redis.call('HGET', dkey, s.device) == th then redis.call('HDEL', dkey, s.device) end
+  set_offline(s.user, s.session_id, s.device)
   redis.call('SET', p .. 'ended:' .. th, reason, 'PX', tombstone_ms)
   redis.call('PUBLISH', p .. 'session-ended', cjson.encode({
     session_id = s.session_id, user = s.user, device = s.device, node_id = s.node_id,

@@ -26,12 +26,19 @@ class RedisRouteStore:
 
     def mark_online(self, record: SessionRecord) -> Deferred[None]:
         d = self._core.eval(
-            scripts.MARK_ONLINE, record.user, record.session_id, record.node_id, self._core.route_ms
+            scripts.MARK_ONLINE,
+            record.user,
+            record.session_id,
+            record.node_id,
+            self._core.route_ms,
+            record.device,
         )
         return d.addCallback(lambda _: None)
 
     def mark_offline(self, record: SessionRecord) -> Deferred[None]:
-        d = self._core.eval(scripts.MARK_OFFLINE, record.user, record.session_id, record.node_id)
+        d = self._core.eval(
+            scripts.MARK_OFFLINE, record.user, record.session_id, record.node_id, record.device
+        )
         return d.addCallback(lambda _: None)
 
     def route(self, user: str) -> Deferred[str | None]:
@@ -44,6 +51,18 @@ class RedisRouteStore:
 
         def pair(nodes: list[Any]) -> dict[str, str]:
             return {user: node for user, node in zip(users, nodes, strict=True) if node}
+
+        return d.addCallback(pair)
+
+    def online_devices(self, users: list[str]) -> Deferred[dict[str, list[str]]]:
+        if not users:
+            return defer.succeed({})
+        d = self._core.eval(scripts.ONLINE_DEVICES, *users)
+
+        def pair(lists: list[Any]) -> dict[str, list[str]]:
+            return {
+                user: sorted(devices) for user, devices in zip(users, lists, strict=True) if devices
+            }
 
         return d.addCallback(pair)
 

@@ -16,7 +16,13 @@ import json
 from dataclasses import dataclass
 from importlib import resources
 
-from cim.backends.state import REASON_EXPIRED, REASON_LOGGED_IN_ELSEWHERE, REFUSE_NEW
+from cim.backends.state import (
+    REASON_EXPIRED,
+    REASON_LOGGED_IN_AGAIN,
+    REASON_LOGGED_IN_ELSEWHERE,
+    REASON_MOVED,
+    REFUSE_NEW,
+)
 
 
 @dataclass(frozen=True)
@@ -39,6 +45,8 @@ def load_script(name: str) -> Script:
         (_read("prelude") + _read(name))
         .replace("$EXPIRED", json.dumps(REASON_EXPIRED))
         .replace("$ELSEWHERE", json.dumps(REASON_LOGGED_IN_ELSEWHERE))
+        .replace("$AGAIN", json.dumps(REASON_LOGGED_IN_AGAIN))
+        .replace("$MOVED", json.dumps(REASON_MOVED))
         .replace("$REFUSE_NEW", json.dumps(REFUSE_NEW))
     )
     return Script(source, hashlib.sha1(source.encode()).hexdigest())
@@ -53,6 +61,7 @@ END_USER_SESSION = load_script("end_user_session")
 MARK_ONLINE = load_script("mark_online")
 MARK_OFFLINE = load_script("mark_offline")
 ROUTES = load_script("routes")
+ONLINE_DEVICES = load_script("online_devices")
 ONLINE_USERS = load_script("online_users")
 ONLINE_COUNT_BY_NODE = load_script("online_count_by_node")
 REFRESH_SESSIONS = load_script("refresh_sessions")

@@ -12,6 +12,7 @@ from zope.interface import implementer
 from cim.backends.state import (
     KICK_OLD,
     REASON_EXPIRED,
+    REASON_LOGGED_IN_AGAIN,
     REASON_LOGGED_IN_ELSEWHERE,
     REFUSE_NEW,
 )
@@ -22,7 +23,8 @@ from cim.interfaces import AlreadyLoggedIn, ISessionStore, SessionEndedListener,
 
 @implementer(ISessionStore)
 class RedisSessionStore:
-    """Sessions shared by every node; their endings reach every node's listeners."""
+    """Sessions (one per device of a user) shared by every node; their endings reach
+    every node's listeners."""
 
     def __init__(self, core: RedisCore) -> None:
         self._core = core
@@ -35,6 +37,7 @@ class RedisSessionStore:
         node_id: str,
         ttl: float,
         policy: str,
+        max_devices: int = 1,
     ) -> Deferred[tuple[SessionRecord, SessionRecord | None]]:
         if policy not in (KICK_OLD, REFUSE_NEW):
             return defer.fail(ValueError(f"unknown duplicate-login policy {policy!r}"))
@@ -61,6 +64,7 @@ class RedisSessionStore:
             record.session_id,
             pttl,
             self._core.tombstone_ms,
+            str(max_devices),
         )
 
         def decided(reply: list[Any]) -> tuple[SessionRecord, SessionRecord | None]:
@@ -70,10 +74,12 @@ class RedisSessionStore:
             if reply[0] == "refused":
                 raise AlreadyLoggedIn(user)
             previous = record_from_reply(reply[1]) if reply[1] else None
-            if reply[2]:
-                self._core.tell(record_from_reply(reply[2]), REASON_EXPIRED)
+            for expired in reply[2] or ():
+                self._core.tell(record_from_reply(expired), REASON_EXPIRED)
             if previous is not None:
-                self._core.tell(previous, REASON_LOGGED_IN_ELSEWHERE)
+                self._core.tell(previous, REASON_LOGGED_IN_AGAIN)
+            for dropped in reply[3] or ():
+                self._core.tell(record_from_reply(dropped), REASON_LOGGED_IN_ELSEWHERE)
             return record, previous
 
         return d.addCallback(decided)
@@ -88,10 +94,17 @@ class RedisSessionStore:
         d = core.eval(scripts.END_SESSION, token_hash, core.now(), reason, core.tombstone_ms)
         return d.addCallback(self._ended, reason)
 
-    def end_user_session(self, user: str, reason: str) -> Deferred[SessionRecord | None]:
+    def end_user_sessions(
+        self, user: str, reason: str, device: str = ""
+    ) -> Deferred[list[SessionRecord]]:
         core = self._core
-        d = core.eval(scripts.END_USER_SESSION, user, core.now(), reason, core.tombstone_ms)
-        return d.addCallback(self._ended, reason)
+        d = core.eval(scripts.END_USER_SESSION, user, core.now(), reason, core.tombstone_ms, device)
+
+        def ended(replies: list[Any] | None) -> list[SessionRecord]:
+            records = [self._ended(reply, reason) for reply in replies or ()]
+            return sorted((r for r in records if r is not None), key=lambda r: r.device)
+
+        return d.addCallback(ended)
 
     def add_session_ended_listener(self, listener: SessionEndedListener) -> None:
         self._core.add_listener(listener)

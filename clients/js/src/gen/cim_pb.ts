@@ -23,7 +23,7 @@ import type { Message as Message$1 } from "@bufbuild/protobuf";
  * Describes the file cim.proto.
  */
 export const file_cim: GenFile = /*@__PURE__*/
-  fileDesc("CgljaW0ucHJvdG8SBmNpbS52MSKIAQoLQ2xpZW50SGVsbG8SDwoHdmVyc2lvbhgBIAEoDRIWCg5vZmZlcmVkX3N1aXRlcxgCIAMoCRINCgVzdWl0ZRgDIAEoCRIUCgxjbGllbnRfbm9uY2UYBCABKAwSFwoPa2V5X2ZpbmdlcnByaW50GAUgASgMEhIKCnNlYWxlZF9rZXkYBiABKAwiaAoLS2V5TWF0ZXJpYWwSDgoGc2VjcmV0GAEgASgMEg0KBXRva2VuGAIgASgJEhQKDHRpbWVzdGFtcF9tcxgDIAEoBBIOCgZkZXZpY2UYBCABKAkSFAoMaGVsbG9fZGlnZXN0GAUgASgMIp8CCg5IYW5kc2hha2VFcnJvchItCgZyZWFzb24YASABKA4yHS5jaW0udjEuSGFuZHNoYWtlRXJyb3IuUmVhc29uEg8KB21lc3NhZ2UYAiABKAkSFgoOYWxsb3dlZF9zdWl0ZXMYAyADKAkSFgoOcmV0cnlfYWZ0ZXJfbXMYBCABKA0inAEKBlJlYXNvbhIWChJSRUFTT05fVU5TUEVDSUZJRUQQABIXChNVTlNVUFBPUlRFRF9WRVJTSU9OEAESFQoRU1VJVEVfTk9UX0FMTE9XRUQQAhIPCgtVTktOT1dOX0tFWRADEg0KCUJBRF9IRUxMTxAEEhgKFFRPT19NQU5ZX0NPTk5FQ1RJT05TEAUSEAoMUkFURV9MSU1JVEVEEAYiRQoLTm9kZUFkZHJlc3MSCgoCaWQYASABKAkSDAoEaG9zdBgCIAEoCRIMCgRwb3J0GAMgASgNEg4KBndzX3VybBg8IAEoCSLCAgoLTG9naW5SZXN1bHQSKgoGc3RhdHVzGAEgASgOMhouY2ltLnYxLkxvZ2luUmVzdWx0LlN0YXR1cxIPCgdtZXNzYWdlGAIgASgJEgwKBHVzZXIYAyABKAkSDgoGZGV2aWNlGAQgASgJEh0KFWhlYXJ0YmVhdF9pbnRlcnZhbF9tcxgFIAEoDRIcChRoZWFydGJlYXRfdGltZW91dF9tcxgGIAEoDRIhCgRub2RlGAcgASgLMhMuY2ltLnYxLk5vZGVBZGRyZXNzEhYKDnNlcnZlcl90aW1lX21zGAggASgEImAKBlN0YXR1cxIGCgJPSxAAEhEKDUlOVkFMSURfVE9LRU4QARIXChNMT0dHRURfSU5fRUxTRVdIRVJFEAISDgoKV1JPTkdfTk9ERRADEhIKDlJFUExBWUVEX0hFTExPEAQimgEKBU1lZGlhEgsKA3VybBgBIAEoCRIMCgRzaXplGAIgASgEEgwKBG1pbWUYAyABKAkSDAoEbmFtZRgEIAEoCRIVCg10aHVtYm5haWxfdXJsGAUgASgJEhMKC2R1cmF0aW9uX21zGAYgASgNEg0KBXdpZHRoGAcgASgNEg4KBmhlaWdodBgIIAEoDRIPCgdmaWxlX2lkGAkgASgJIkYKCExvY2F0aW9uEgsKA2xhdBgBIAEoARILCgNsb24YAiABKAESEgoKYWNjdXJhY3lfbRgDIAEoAhIMCgRuYW1lGAQgASgJIuIDCgdNZXNzYWdlEgoKAmlkGAEgASgEEgwKBGZyb20YAiABKAkSCgoCdG8YAyABKAkSIQoEdHlwZRgEIAEoDjITLmNpbS52MS5NZXNzYWdlVHlwZRIMCgR0ZXh0GAUgASgJEhIKCmNsaWVudF9zZXEYBiABKAQSEgoKc2VudF9hdF9tcxgHIAEoBBIOCgZkZXZpY2UYCCABKAkSFgoOY2xpZW50X3RpbWVfbXMYCSABKAQSDQoFZ3JvdXAYCiABKAkSHAoFbWVkaWEYCyABKAsyDS5jaW0udjEuTWVkaWESIgoIbG9jYXRpb24YDCABKAsyEC5jaW0udjEuTG9jYXRpb24SEAoIcHJldl9zZXEYDSABKAQSEQoJZ3JvdXBfc2VxGA4gASgEEhQKDGNvbnZlcnNhdGlvbhgPIAEoCRILCgNzZXEYECABKAQSIgoGY2hhbmdlGB4gASgOMhIuY2ltLnYxLkNoYW5nZUtpbmQSEAoIcmVwbGFjZXMYHyABKAQSFAoMcmVwbGFjZXNfc2VxGCAgASgEEhAKCHJlY2FsbGVkGCEgASgIEg4KBmVkaXRlZBgiIAEoCBIVCg1jaGFuZ2VkX2F0X21zGCMgASgEEhIKCmNoYW5nZWRfYnkYJCABKAkiYQoETXNnQRISCgpjbGllbnRfc2VxGAEgASgEEg4KBm1zZ19pZBgCIAEoBBISCgpzZW50X2F0X21zGAMgASgEEhQKDGNvbnZlcnNhdGlvbhgEIAEoCRILCgNzZXEYBSABKAQiQQoEQWNrUhIOCgZtc2dfaWQYASABKAQSFAoMY29udmVyc2F0aW9uGAIgASgJEhMKC3Rocm91Z2hfc2VxGAMgASgEIhYKBEFja0ESDgoGbXNnX2lkGAEgASgEIm4KBEFja04SDgoGbXNnX2lkGAEgASgEEhIKCmNsaWVudF9zZXEYAiABKAQSJgoGc3RhdHVzGAMgASgOMhYuY2ltLnYxLkRlbGl2ZXJ5U3RhdHVzEg4KBnJlYXNvbhgEIAEoCRIKCgJ0bxgFIAEoCSIoCgdPbmxpbmVSEg4KBm9mZnNldBgBIAEoDRINCgVsaW1pdBgCIAEoDSInCgdPbmxpbmVBEg0KBXRvdGFsGAEgASgNEg0KBXVzZXJzGAIgAygJIisKBkN1cnNvchIUCgxjb252ZXJzYXRpb24YASABKAkSCwoDc2VxGAIgASgEIooBCghPZmZsaW5lUhIOCgZiZWZvcmUYAiABKAQSDQoFbGltaXQYAyABKA0SEQoJbWF4X2J5dGVzGAQgASgNEhwKBGFja3MYBSADKAsyDi5jaW0udjEuQ3Vyc29yEhQKDGNvbnZlcnNhdGlvbhgGIAEoCRISCgpyZXF1ZXN0X2lkGAcgASgESgQIARACIpABCghPZmZsaW5lQRIhCghtZXNzYWdlcxgBIAMoCzIPLmNpbS52MS5NZXNzYWdlEgwKBG1vcmUYAiABKAgSEwoLbmV4dF9iZWZvcmUYAyABKAQSFAoMYWNrbm93bGVkZ2VkGAQgASgNEhQKDGNvbnZlcnNhdGlvbhgFIAEoCRISCgpyZXF1ZXN0X2lkGAYgASgEIkgKC09mZmxpbmVBY2tSEh8KB2N1cnNvcnMYAiADKAsyDi5jaW0udjEuQ3Vyc29yEhIKCnJlcXVlc3RfaWQYAyABKARKBAgBEAIiNwoLT2ZmbGluZUFja0ESFAoMYWNrbm93bGVkZ2VkGAEgASgNEhIKCnJlcXVlc3RfaWQYAiABKAQiOAoPT2ZmbGluZVN1bW1hcnlSEhIKCnJlcXVlc3RfaWQYASABKAQSEQoJbWF4X2J5dGVzGAIgASgNItcBChNDb252ZXJzYXRpb25TdW1tYXJ5EhQKDGNvbnZlcnNhdGlvbhgBIAEoCRIMCgRwZWVyGAIgASgJEg0KBWdyb3VwGAMgASgJEg0KBWNvdW50GAQgASgNEhAKCGxhc3Rfc2VxGAUgASgEEg4KBmN1cnNvchgGIAEoBBIfCgZuZXdlc3QYByABKAsyDy5jaW0udjEuTWVzc2FnZRISCgpuZXdlc3RfY3V0GAggASgIEhAKCHJlYWRfc2VxGCggASgEEhUKDXBlZXJfcmVhZF9zZXEYKSABKAQiwwEKD09mZmxpbmVTdW1tYXJ5QRINCgV0b3RhbBgCIAEoDRIyCg1jb252ZXJzYXRpb25zGAMgAygLMhsuY2ltLnYxLkNvbnZlcnNhdGlvblN1bW1hcnkSIQoJY2F1Z2h0X3VwGAQgAygLMg4uY2ltLnYxLkN1cnNvchIMCgRtb3JlGAUgASgIEhIKCnJlcXVlc3RfaWQYBiABKAQSIgoKcGVlcl9yZWFkcxgoIAMoCzIOLmNpbS52MS5DdXJzb3JKBAgBEAIiMgoNT2ZmbGluZU5vdGljZRIUCgxjb252ZXJzYXRpb24YASABKAkSCwoDc2VxGAIgASgEInwKCEhpc3RvcnlSEgwKBHBlZXIYASABKAkSDQoFZ3JvdXAYAiABKAkSDgoGYmVmb3JlGAMgASgEEg0KBWxpbWl0GAQgASgNEhEKCW1heF9ieXRlcxgFIAEoDRINCgVhZnRlchgGIAEoBBISCgpyZXF1ZXN0X2lkGAcgASgEIoQBCghIaXN0b3J5QRIhCghtZXNzYWdlcxgBIAMoCzIPLmNpbS52MS5NZXNzYWdlEgwKBG1vcmUYAiABKAgSEwoLbmV4dF9iZWZvcmUYAyABKAQSDQoFZXJyb3IYBCABKAkSDwoHbWVzc2FnZRgFIAEoCRISCgpyZXF1ZXN0X2lkGAYgASgEIl0KB0NoYW5nZVISEgoKcmVxdWVzdF9pZBgBIAEoBBIOCgZtc2dfaWQYAiABKAQSIAoEa2luZBgDIAEoDjISLmNpbS52MS5DaGFuZ2VLaW5kEgwKBHRleHQYBCABKAkisQEKB0NoYW5nZUESEgoKcmVxdWVzdF9pZBgBIAEoBBIOCgZtc2dfaWQYAiABKAQSIAoEa2luZBgDIAEoDjISLmNpbS52MS5DaGFuZ2VLaW5kEhQKDGNvbnZlcnNhdGlvbhgEIAEoCRILCgNzZXEYBSABKAQSEAoIZW50cnlfaWQYBiABKAQSFQoNY2hhbmdlZF9hdF9tcxgHIAEoBBIUCgxyZXBsYWNlc19zZXEYCCABKAQiowQKDEdyb3VwUmVxdWVzdBISCgpyZXF1ZXN0X2lkGAEgASgEEiUKBmNyZWF0ZRgCIAEoCzITLmNpbS52MS5DcmVhdGVHcm91cEgAEiUKBnJlbmFtZRgDIAEoCzITLmNpbS52MS5SZW5hbWVHcm91cEgAEiQKA2FkZBgEIAEoCzIVLmNpbS52MS5DaGFuZ2VNZW1iZXJzSAASJwoGcmVtb3ZlGAUgASgLMhUuY2ltLnYxLkNoYW5nZU1lbWJlcnNIABIhCgVsZWF2ZRgGIAEoCzIQLmNpbS52MS5Hcm91cFJlZkgAEiQKCGRpc3NvbHZlGAcgASgLMhAuY2ltLnYxLkdyb3VwUmVmSAASIgoEbGlzdBgIIAEoCzISLmNpbS52MS5MaXN0R3JvdXBzSAASIwoHbWVtYmVycxgJIAEoCzIQLmNpbS52MS5Hcm91cFJlZkgAEigKB3Byb21vdGUYCiABKAsyFS5jaW0udjEuQ2hhbmdlTWVtYmVyc0gAEicKBmludml0ZRgLIAEoCzIVLmNpbS52MS5DaGFuZ2VNZW1iZXJzSAASIgoGYWNjZXB0GAwgASgLMhAuY2ltLnYxLkdyb3VwUmVmSAASIwoHZGVjbGluZRgNIAEoCzIQLmNpbS52MS5Hcm91cFJlZkgAEi4KC2ludml0YXRpb25zGA4gASgLMhcuY2ltLnYxLkxpc3RJbnZpdGF0aW9uc0gAQgQKAm9wIiwKC0NyZWF0ZUdyb3VwEgwKBG5hbWUYASABKAkSDwoHbWVtYmVycxgCIAMoCSIqCgtSZW5hbWVHcm91cBINCgVncm91cBgBIAEoCRIMCgRuYW1lGAIgASgJIi0KDUNoYW5nZU1lbWJlcnMSDQoFZ3JvdXAYASABKAkSDQoFdXNlcnMYAiADKAkiGQoIR3JvdXBSZWYSDQoFZ3JvdXAYASABKAkiDAoKTGlzdEdyb3VwcyIRCg9MaXN0SW52aXRhdGlvbnMiXgoPR3JvdXBJbnZpdGF0aW9uEiAKBWdyb3VwGAEgASgLMhEuY2ltLnYxLkdyb3VwSW5mbxISCgppbnZpdGVkX2J5GAIgASgJEhUKDWludml0ZWRfYXRfbXMYAyABKAQicQoJR3JvdXBJbmZvEgoKAmlkGAEgASgJEgwKBG5hbWUYAiABKAkSDQoFb3duZXIYAyABKAkSDgoGYWRtaW5zGAQgAygJEhQKDG1lbWJlcl9jb3VudBgFIAEoDRIVCg1jcmVhdGVkX2F0X21zGAYgASgEIikKC0dyb3VwTWVtYmVyEgwKBHVzZXIYASABKAkSDAoEcm9sZRgCIAEoCSL3AQoLR3JvdXBBbnN3ZXISEgoKcmVxdWVzdF9pZBgBIAEoBBIKCgJvaxgCIAEoCBINCgVlcnJvchgDIAEoCRIPCgdtZXNzYWdlGAQgASgJEiAKBWdyb3VwGAUgASgLMhEuY2ltLnYxLkdyb3VwSW5mbxIhCgZncm91cHMYBiADKAsyES5jaW0udjEuR3JvdXBJbmZvEiQKB21lbWJlcnMYByADKAsyEy5jaW0udjEuR3JvdXBNZW1iZXISDwoHaW52aXRlZBgIIAMoCRIsCgtpbnZpdGF0aW9ucxgJIAMoCzIXLmNpbS52MS5Hcm91cEludml0YXRpb24i9AIKD0NvbnRhY3RzUmVxdWVzdBISCgpyZXF1ZXN0X2lkGAEgASgEEg4KBmRldmljZRgCIAEoCRIkCgRsaXN0GAMgASgLMhQuY2ltLnYxLkxpc3RDb250YWN0c0gAEiUKB3JlcXVlc3QYBCABKAsyEi5jaW0udjEuQ29udGFjdFJlZkgAEiQKBmFjY2VwdBgFIAEoCzISLmNpbS52MS5Db250YWN0UmVmSAASJQoHZGVjbGluZRgGIAEoCzISLmNpbS52MS5Db250YWN0UmVmSAASJAoGcmVtb3ZlGAcgASgLMhIuY2ltLnYxLkNvbnRhY3RSZWZIABIjCgVibG9jaxgIIAEoCzISLmNpbS52MS5Db250YWN0UmVmSAASJQoHdW5ibG9jaxgJIAEoCzISLmNpbS52MS5Db250YWN0UmVmSAASKwoIc2V0dGluZ3MYCiABKAsyFy5jaW0udjEuUHJpdmFjeVNldHRpbmdzSABCBAoCb3AiDgoMTGlzdENvbnRhY3RzIhoKCkNvbnRhY3RSZWYSDAoEdXNlchgBIAEoCSJOCg9Qcml2YWN5U2V0dGluZ3MSEAoIbWVzc2FnZXMYASABKAkSEgoKZ3JvdXBfYWRkcxgCIAEoCRIVCg1yZWFkX3JlY2VpcHRzGCggASgJIj4KBVJlYWRSEhIKCnJlcXVlc3RfaWQYASABKAQSFAoMY29udmVyc2F0aW9uGAIgASgJEgsKA3NlcRgDIAEoBCJfCgVSZWFkQRISCgpyZXF1ZXN0X2lkGAEgASgEEhQKDGNvbnZlcnNhdGlvbhgCIAEoCRILCgNzZXEYAyABKAQSDQoFbW92ZWQYBCABKAgSEAoIbGFzdF9zZXEYBSABKAQibgoKUmVhZE5vdGljZRIUCgxjb252ZXJzYXRpb24YASABKAkSDgoGcmVhZGVyGAIgASgJEgsKA3NlcRgDIAEoBBIQCghsYXN0X3NlcRgEIAEoBBIMCgRwZWVyGAUgASgJEg0KBWdyb3VwGAYgASgJIkEKCFJlYWRlcnNSEhIKCnJlcXVlc3RfaWQYASABKAQSFAoMY29udmVyc2F0aW9uGAIgASgJEgsKA3NlcRgDIAEoBCJyCghSZWFkZXJzQRISCgpyZXF1ZXN0X2lkGAEgASgEEhQKDGNvbnZlcnNhdGlvbhgCIAEoCRILCgNzZXEYAyABKAQSDQoFY291bnQYBCABKA0SDwoHcmVhZGVycxgFIAMoCRIPCgdtZW1iZXJzGAYgASgNIj4KB0NvbnRhY3QSDAoEdXNlchgBIAEoCRIQCghzaW5jZV9tcxgCIAEoBBITCgthcHByb3ZlZF9ieRgDIAEoCSJTCg5QZW5kaW5nQ29udGFjdBIMCgR1c2VyGAEgASgJEg4KBmRldmljZRgCIAEoCRINCgVhdF9tcxgDIAEoBBIUCgxyZXF1ZXN0ZWRfYnkYBCABKAkiwAEKC0NvbnRhY3RCb29rEiEKCGNvbnRhY3RzGAEgAygLMg8uY2ltLnYxLkNvbnRhY3QSKAoIaW5jb21pbmcYAiADKAsyFi5jaW0udjEuUGVuZGluZ0NvbnRhY3QSKAoIb3V0Z29pbmcYAyADKAsyFi5jaW0udjEuUGVuZGluZ0NvbnRhY3QSDwoHYmxvY2tlZBgEIAMoCRIpCghzZXR0aW5ncxgFIAEoCzIXLmNpbS52MS5Qcml2YWN5U2V0dGluZ3MirgEKDkNvbnRhY3RzQW5zd2VyEhIKCnJlcXVlc3RfaWQYASABKAQSCgoCb2sYAiABKAgSDQoFZXJyb3IYAyABKAkSDwoHbWVzc2FnZRgEIAEoCRIOCgZzdGF0dXMYBSABKAkSIQoEYm9vaxgGIAEoCzITLmNpbS52MS5Db250YWN0Qm9vaxIpCghzZXR0aW5ncxgHIAEoCzIXLmNpbS52MS5Qcml2YWN5U2V0dGluZ3MiQAoJQXBwU3RhdGVSEh8KBXN0YXRlGAEgASgOMhAuY2ltLnYxLkFwcFN0YXRlEhIKCnJlcXVlc3RfaWQYAiABKAQifQoJQXBwU3RhdGVBEh8KBXN0YXRlGAEgASgOMhAuY2ltLnYxLkFwcFN0YXRlEh0KFWhlYXJ0YmVhdF9pbnRlcnZhbF9tcxgCIAEoDRIcChRoZWFydGJlYXRfdGltZW91dF9tcxgDIAEoDRISCgpyZXF1ZXN0X2lkGAQgASgEIlwKB1R5cGluZ1ISCgoCdG8YASABKAkSDQoFZ3JvdXAYAiABKAkSIgoFc3RhdGUYAyABKA4yEy5jaW0udjEuVHlwaW5nU3RhdGUSEgoKcmVxdWVzdF9pZBgEIAEoBCIuCgdUeXBpbmdBEhIKCnJlcXVlc3RfaWQYASABKAQSDwoHZHJvcHBlZBgCIAEoCCJ8CgdUeXBpbmdOEgwKBGZyb20YASABKAkSDgoGZGV2aWNlGAIgASgJEgoKAnRvGAMgASgJEg0KBWdyb3VwGAQgASgJEiIKBXN0YXRlGAUgASgOMhMuY2ltLnYxLlR5cGluZ1N0YXRlEhQKDGNvbnZlcnNhdGlvbhgGIAEoCSLnAQoLQnVzRW52ZWxvcGUSEwoLb3JpZ2luX25vZGUYASABKAkSJgoHZGVsaXZlchgCIAEoCzITLmNpbS52MS5CdXNEZWxpdmVyeUgAEiUKB291dGNvbWUYAyABKAsyEi5jaW0udjEuQnVzT3V0Y29tZUgAEiYKBnN0b3JlZBgEIAEoCzIULmNpbS52MS5PZmZsaW5lUmVhZHlIABIjCgZ0eXBpbmcYMiABKAsyES5jaW0udjEuQnVzVHlwaW5nSAASHwoEcmVhZBgoIAEoCzIPLmNpbS52MS5CdXNSZWFkSABCBgoEYm9keSJACgdCdXNSZWFkEhEKCXJlY2VpdmVycxgBIAMoCRIiCgZub3RpY2UYAiABKAsyEi5jaW0udjEuUmVhZE5vdGljZSJZCgtCdXNEZWxpdmVyeRIgCgdtZXNzYWdlGAEgASgLMg8uY2ltLnYxLk1lc3NhZ2USEQoJcmVjZWl2ZXJzGAIgAygJEhUKDXNlbmRlcl9kZXZpY2UYAyABKAkiRAoMT2ZmbGluZVJlYWR5EhEKCXJlY2VpdmVycxgBIAMoCRIUCgxjb252ZXJzYXRpb24YAiABKAkSCwoDc2VxGAMgASgEIj8KCUJ1c1R5cGluZxIfCgZub3RpY2UYASABKAsyDy5jaW0udjEuVHlwaW5nThIRCglyZWNlaXZlcnMYAiADKAkiTgoKQnVzT3V0Y29tZRIOCgZzZW5kZXIYASABKAkSFQoNc2VuZGVyX2RldmljZRgCIAEoCRIZCgNhY2sYAyABKAsyDC5jaW0udjEuQWNrTiKzAQoGS2lja2VkEg4KBnJlYXNvbhgBIAEoCRIhCgRjb2RlGAIgASgOMhMuY2ltLnYxLktpY2tlZC5Db2RlInYKBENvZGUSFAoQQ09ERV9VTlNQRUNJRklFRBAAEhcKE0xPR0dFRF9JTl9FTFNFV0hFUkUQARIOCgpMT0dHRURfT1VUEAISEwoPU0VTU0lPTl9FWFBJUkVEEAMSDAoIUkVQTEFDRUQQBBIMCghCWV9BRE1JThAFIjcKCUdvaW5nQXdheRIOCgZyZWFzb24YASABKAkSGgoScmVjb25uZWN0X2FmdGVyX21zGAIgASgNIqICCgVFcnJvchIgCgRjb2RlGAEgASgOMhIuY2ltLnYxLkVycm9yLkNvZGUSDwoHbWVzc2FnZRgCIAEoCRInCgxyZXF1ZXN0X3R5cGUYAyABKA4yES5jaW0udjEuRnJhbWVUeXBlEhIKCmNsaWVudF9zZXEYBCABKAQSFgoOcmV0cnlfYWZ0ZXJfbXMYBSABKA0SEgoKcmVxdWVzdF9pZBgGIAEoBBIOCgZyZWFzb24YHiABKAkibQoEQ29kZRIUChBDT0RFX1VOU1BFQ0lGSUVEEAASDwoLQkFEX1JFUVVFU1QQARIQCgxSQVRFX0xJTUlURUQQAhIMCghJTlRFUk5BTBADEg8KC1VOQVZBSUxBQkxFEAQSDQoJRk9SQklEREVOEAUinQEKC1B1c2hSZXF1ZXN0EhIKCnJlcXVlc3RfaWQYASABKAQSLAoIcmVnaXN0ZXIYAiABKAsyGC5jaW0udjEuUHVzaFJlZ2lzdHJhdGlvbkgAEiQKBnJlbW92ZRgDIAEoCzISLmNpbS52MS5QdXNoUmVtb3ZlSAASIAoEc2hvdxgEIAEoCzIQLmNpbS52MS5QdXNoU2hvd0gAQgQKAm9wIlAKEFB1c2hSZWdpc3RyYXRpb24SEAoIcHJvdmlkZXIYASABKAkSDQoFdG9rZW4YAiABKAkSCwoDYXBwGAMgASgJEg4KBmxvY2FsZRgEIAEoCSIMCgpQdXNoUmVtb3ZlIgoKCFB1c2hTaG93IpABCgpQdXNoQW5zd2VyEhIKCnJlcXVlc3RfaWQYASABKAQSCgoCb2sYAiABKAgSDQoFZXJyb3IYAyABKAkSDwoHbWVzc2FnZRgEIAEoCRIuCgxyZWdpc3RyYXRpb24YBSABKAsyGC5jaW0udjEuUHVzaFJlZ2lzdHJhdGlvbhISCgpyZWdpc3RlcmVkGAYgASgIKoUFCglGcmFtZVR5cGUSGgoWRlJBTUVfVFlQRV9VTlNQRUNJRklFRBAAEhAKDENMSUVOVF9IRUxMTxABEhMKD0hBTkRTSEFLRV9FUlJPUhACEhAKDExPR0lOX1JFU1VMVBADEgkKBU1TR19SEAoSCQoFTVNHX0EQCxIJCgVNU0dfThAMEgkKBUFDS19SEA0SCQoFQUNLX0EQDhIJCgVBQ0tfThAPEgwKCE9OTElORV9SEBQSDAoIT05MSU5FX0EQFRINCglPRkZMSU5FX1IQMhINCglPRkZMSU5FX0EQMxIRCg1PRkZMSU5FX0FDS19SEDQSEQoNT0ZGTElORV9BQ0tfQRA1EhUKEU9GRkxJTkVfU1VNTUFSWV9SEDYSFQoRT0ZGTElORV9TVU1NQVJZX0EQNxISCg5PRkZMSU5FX05PVElDRRA4Eg0KCUhJU1RPUllfUhA8Eg0KCUhJU1RPUllfQRA9EgwKCENIQU5HRV9SEG4SDAoIQ0hBTkdFX0EQbxILCgdHUk9VUF9SECgSCwoHR1JPVVBfQRApEg4KCkNPTlRBQ1RTX1IQRhIOCgpDT05UQUNUU19BEEcSCgoGUkVBRF9SEGQSCgoGUkVBRF9BEGUSCgoGUkVBRF9OEGYSDQoJUkVBREVSU19SEGcSDQoJUkVBREVSU19BEGgSCgoGUFVTSF9SEHgSCgoGUFVTSF9BEHkSCgoGS0lDS0VEEB4SDgoKR09JTkdfQVdBWRAfEgkKBUVSUk9SECASDwoLQVBQX1NUQVRFX1IQWhIPCgtBUFBfU1RBVEVfQRBbEgwKCFRZUElOR19SEFwSDAoIVFlQSU5HX0EQXRIMCghUWVBJTkdfThBeKlEKC01lc3NhZ2VUeXBlEggKBFRFWFQQABIJCgVJTUFHRRABEgkKBVZPSUNFEAISCAoERklMRRADEgwKCExPQ0FUSU9OEAQSCgoGU1lTVEVNEAUqMwoKQ2hhbmdlS2luZBIPCgtDSEFOR0VfTk9ORRAAEgoKBlJFQ0FMTBABEggKBEVESVQQAipmCg5EZWxpdmVyeVN0YXR1cxIfChtERUxJVkVSWV9TVEFUVVNfVU5TUEVDSUZJRUQQABINCglERUxJVkVSRUQQARIKCgZTVE9SRUQQAhIKCgZGQUlMRUQQAxIMCghBQ0NFUFRFRBAEKk0KCEFwcFN0YXRlEhkKFUFQUF9TVEFURV9VTlNQRUNJRklFRBAAEhIKDkFQUF9GT1JFR1JPVU5EEAESEgoOQVBQX0JBQ0tHUk9VTkQQAipTCgtUeXBpbmdTdGF0ZRIcChhUWVBJTkdfU1RBVEVfVU5TUEVDSUZJRUQQABISCg5UWVBJTkdfU1RBUlRFRBABEhIKDlRZUElOR19TVE9QUEVEEAJiBnByb3RvMw");
+  fileDesc("CgljaW0ucHJvdG8SBmNpbS52MSKIAQoLQ2xpZW50SGVsbG8SDwoHdmVyc2lvbhgBIAEoDRIWCg5vZmZlcmVkX3N1aXRlcxgCIAMoCRINCgVzdWl0ZRgDIAEoCRIUCgxjbGllbnRfbm9uY2UYBCABKAwSFwoPa2V5X2ZpbmdlcnByaW50GAUgASgMEhIKCnNlYWxlZF9rZXkYBiABKAwiaAoLS2V5TWF0ZXJpYWwSDgoGc2VjcmV0GAEgASgMEg0KBXRva2VuGAIgASgJEhQKDHRpbWVzdGFtcF9tcxgDIAEoBBIOCgZkZXZpY2UYBCABKAkSFAoMaGVsbG9fZGlnZXN0GAUgASgMIp8CCg5IYW5kc2hha2VFcnJvchItCgZyZWFzb24YASABKA4yHS5jaW0udjEuSGFuZHNoYWtlRXJyb3IuUmVhc29uEg8KB21lc3NhZ2UYAiABKAkSFgoOYWxsb3dlZF9zdWl0ZXMYAyADKAkSFgoOcmV0cnlfYWZ0ZXJfbXMYBCABKA0inAEKBlJlYXNvbhIWChJSRUFTT05fVU5TUEVDSUZJRUQQABIXChNVTlNVUFBPUlRFRF9WRVJTSU9OEAESFQoRU1VJVEVfTk9UX0FMTE9XRUQQAhIPCgtVTktOT1dOX0tFWRADEg0KCUJBRF9IRUxMTxAEEhgKFFRPT19NQU5ZX0NPTk5FQ1RJT05TEAUSEAoMUkFURV9MSU1JVEVEEAYiRQoLTm9kZUFkZHJlc3MSCgoCaWQYASABKAkSDAoEaG9zdBgCIAEoCRIMCgRwb3J0GAMgASgNEg4KBndzX3VybBg8IAEoCSLCAgoLTG9naW5SZXN1bHQSKgoGc3RhdHVzGAEgASgOMhouY2ltLnYxLkxvZ2luUmVzdWx0LlN0YXR1cxIPCgdtZXNzYWdlGAIgASgJEgwKBHVzZXIYAyABKAkSDgoGZGV2aWNlGAQgASgJEh0KFWhlYXJ0YmVhdF9pbnRlcnZhbF9tcxgFIAEoDRIcChRoZWFydGJlYXRfdGltZW91dF9tcxgGIAEoDRIhCgRub2RlGAcgASgLMhMuY2ltLnYxLk5vZGVBZGRyZXNzEhYKDnNlcnZlcl90aW1lX21zGAggASgEImAKBlN0YXR1cxIGCgJPSxAAEhEKDUlOVkFMSURfVE9LRU4QARIXChNMT0dHRURfSU5fRUxTRVdIRVJFEAISDgoKV1JPTkdfTk9ERRADEhIKDlJFUExBWUVEX0hFTExPEAQimgEKBU1lZGlhEgsKA3VybBgBIAEoCRIMCgRzaXplGAIgASgEEgwKBG1pbWUYAyABKAkSDAoEbmFtZRgEIAEoCRIVCg10aHVtYm5haWxfdXJsGAUgASgJEhMKC2R1cmF0aW9uX21zGAYgASgNEg0KBXdpZHRoGAcgASgNEg4KBmhlaWdodBgIIAEoDRIPCgdmaWxlX2lkGAkgASgJIkYKCExvY2F0aW9uEgsKA2xhdBgBIAEoARILCgNsb24YAiABKAESEgoKYWNjdXJhY3lfbRgDIAEoAhIMCgRuYW1lGAQgASgJIuIDCgdNZXNzYWdlEgoKAmlkGAEgASgEEgwKBGZyb20YAiABKAkSCgoCdG8YAyABKAkSIQoEdHlwZRgEIAEoDjITLmNpbS52MS5NZXNzYWdlVHlwZRIMCgR0ZXh0GAUgASgJEhIKCmNsaWVudF9zZXEYBiABKAQSEgoKc2VudF9hdF9tcxgHIAEoBBIOCgZkZXZpY2UYCCABKAkSFgoOY2xpZW50X3RpbWVfbXMYCSABKAQSDQoFZ3JvdXAYCiABKAkSHAoFbWVkaWEYCyABKAsyDS5jaW0udjEuTWVkaWESIgoIbG9jYXRpb24YDCABKAsyEC5jaW0udjEuTG9jYXRpb24SEAoIcHJldl9zZXEYDSABKAQSEQoJZ3JvdXBfc2VxGA4gASgEEhQKDGNvbnZlcnNhdGlvbhgPIAEoCRILCgNzZXEYECABKAQSIgoGY2hhbmdlGB4gASgOMhIuY2ltLnYxLkNoYW5nZUtpbmQSEAoIcmVwbGFjZXMYHyABKAQSFAoMcmVwbGFjZXNfc2VxGCAgASgEEhAKCHJlY2FsbGVkGCEgASgIEg4KBmVkaXRlZBgiIAEoCBIVCg1jaGFuZ2VkX2F0X21zGCMgASgEEhIKCmNoYW5nZWRfYnkYJCABKAkiYQoETXNnQRISCgpjbGllbnRfc2VxGAEgASgEEg4KBm1zZ19pZBgCIAEoBBISCgpzZW50X2F0X21zGAMgASgEEhQKDGNvbnZlcnNhdGlvbhgEIAEoCRILCgNzZXEYBSABKAQiQQoEQWNrUhIOCgZtc2dfaWQYASABKAQSFAoMY29udmVyc2F0aW9uGAIgASgJEhMKC3Rocm91Z2hfc2VxGAMgASgEIhYKBEFja0ESDgoGbXNnX2lkGAEgASgEIm4KBEFja04SDgoGbXNnX2lkGAEgASgEEhIKCmNsaWVudF9zZXEYAiABKAQSJgoGc3RhdHVzGAMgASgOMhYuY2ltLnYxLkRlbGl2ZXJ5U3RhdHVzEg4KBnJlYXNvbhgEIAEoCRIKCgJ0bxgFIAEoCSIoCgdPbmxpbmVSEg4KBm9mZnNldBgBIAEoDRINCgVsaW1pdBgCIAEoDSInCgdPbmxpbmVBEg0KBXRvdGFsGAEgASgNEg0KBXVzZXJzGAIgAygJIh4KCERldmljZXNSEhIKCnJlcXVlc3RfaWQYASABKAQiYgoMRGV2aWNlT25saW5lEg4KBmRldmljZRgBIAEoCRIXCg9jb25uZWN0ZWRfYXRfbXMYAiABKAQSFAoMYWN0aXZlX2F0X21zGAMgASgEEhMKC3RoaXNfZGV2aWNlGAQgASgIIkUKCERldmljZXNBEhIKCnJlcXVlc3RfaWQYASABKAQSJQoHZGV2aWNlcxgCIAMoCzIULmNpbS52MS5EZXZpY2VPbmxpbmUiKwoGQ3Vyc29yEhQKDGNvbnZlcnNhdGlvbhgBIAEoCRILCgNzZXEYAiABKAQiigEKCE9mZmxpbmVSEg4KBmJlZm9yZRgCIAEoBBINCgVsaW1pdBgDIAEoDRIRCgltYXhfYnl0ZXMYBCABKA0SHAoEYWNrcxgFIAMoCzIOLmNpbS52MS5DdXJzb3ISFAoMY29udmVyc2F0aW9uGAYgASgJEhIKCnJlcXVlc3RfaWQYByABKARKBAgBEAIikAEKCE9mZmxpbmVBEiEKCG1lc3NhZ2VzGAEgAygLMg8uY2ltLnYxLk1lc3NhZ2USDAoEbW9yZRgCIAEoCBITCgtuZXh0X2JlZm9yZRgDIAEoBBIUCgxhY2tub3dsZWRnZWQYBCABKA0SFAoMY29udmVyc2F0aW9uGAUgASgJEhIKCnJlcXVlc3RfaWQYBiABKAQiSAoLT2ZmbGluZUFja1ISHwoHY3Vyc29ycxgCIAMoCzIOLmNpbS52MS5DdXJzb3ISEgoKcmVxdWVzdF9pZBgDIAEoBEoECAEQAiI3CgtPZmZsaW5lQWNrQRIUCgxhY2tub3dsZWRnZWQYASABKA0SEgoKcmVxdWVzdF9pZBgCIAEoBCI4Cg9PZmZsaW5lU3VtbWFyeVISEgoKcmVxdWVzdF9pZBgBIAEoBBIRCgltYXhfYnl0ZXMYAiABKA0i1wEKE0NvbnZlcnNhdGlvblN1bW1hcnkSFAoMY29udmVyc2F0aW9uGAEgASgJEgwKBHBlZXIYAiABKAkSDQoFZ3JvdXAYAyABKAkSDQoFY291bnQYBCABKA0SEAoIbGFzdF9zZXEYBSABKAQSDgoGY3Vyc29yGAYgASgEEh8KBm5ld2VzdBgHIAEoCzIPLmNpbS52MS5NZXNzYWdlEhIKCm5ld2VzdF9jdXQYCCABKAgSEAoIcmVhZF9zZXEYKCABKAQSFQoNcGVlcl9yZWFkX3NlcRgpIAEoBCLDAQoPT2ZmbGluZVN1bW1hcnlBEg0KBXRvdGFsGAIgASgNEjIKDWNvbnZlcnNhdGlvbnMYAyADKAsyGy5jaW0udjEuQ29udmVyc2F0aW9uU3VtbWFyeRIhCgljYXVnaHRfdXAYBCADKAsyDi5jaW0udjEuQ3Vyc29yEgwKBG1vcmUYBSABKAgSEgoKcmVxdWVzdF9pZBgGIAEoBBIiCgpwZWVyX3JlYWRzGCggAygLMg4uY2ltLnYxLkN1cnNvckoECAEQAiIyCg1PZmZsaW5lTm90aWNlEhQKDGNvbnZlcnNhdGlvbhgBIAEoCRILCgNzZXEYAiABKAQifAoISGlzdG9yeVISDAoEcGVlchgBIAEoCRINCgVncm91cBgCIAEoCRIOCgZiZWZvcmUYAyABKAQSDQoFbGltaXQYBCABKA0SEQoJbWF4X2J5dGVzGAUgASgNEg0KBWFmdGVyGAYgASgEEhIKCnJlcXVlc3RfaWQYByABKAQihAEKCEhpc3RvcnlBEiEKCG1lc3NhZ2VzGAEgAygLMg8uY2ltLnYxLk1lc3NhZ2USDAoEbW9yZRgCIAEoCBITCgtuZXh0X2JlZm9yZRgDIAEoBBINCgVlcnJvchgEIAEoCRIPCgdtZXNzYWdlGAUgASgJEhIKCnJlcXVlc3RfaWQYBiABKAQiXQoHQ2hhbmdlUhISCgpyZXF1ZXN0X2lkGAEgASgEEg4KBm1zZ19pZBgCIAEoBBIgCgRraW5kGAMgASgOMhIuY2ltLnYxLkNoYW5nZUtpbmQSDAoEdGV4dBgEIAEoCSKxAQoHQ2hhbmdlQRISCgpyZXF1ZXN0X2lkGAEgASgEEg4KBm1zZ19pZBgCIAEoBBIgCgRraW5kGAMgASgOMhIuY2ltLnYxLkNoYW5nZUtpbmQSFAoMY29udmVyc2F0aW9uGAQgASgJEgsKA3NlcRgFIAEoBBIQCghlbnRyeV9pZBgGIAEoBBIVCg1jaGFuZ2VkX2F0X21zGAcgASgEEhQKDHJlcGxhY2VzX3NlcRgIIAEoBCKjBAoMR3JvdXBSZXF1ZXN0EhIKCnJlcXVlc3RfaWQYASABKAQSJQoGY3JlYXRlGAIgASgLMhMuY2ltLnYxLkNyZWF0ZUdyb3VwSAASJQoGcmVuYW1lGAMgASgLMhMuY2ltLnYxLlJlbmFtZUdyb3VwSAASJAoDYWRkGAQgASgLMhUuY2ltLnYxLkNoYW5nZU1lbWJlcnNIABInCgZyZW1vdmUYBSABKAsyFS5jaW0udjEuQ2hhbmdlTWVtYmVyc0gAEiEKBWxlYXZlGAYgASgLMhAuY2ltLnYxLkdyb3VwUmVmSAASJAoIZGlzc29sdmUYByABKAsyEC5jaW0udjEuR3JvdXBSZWZIABIiCgRsaXN0GAggASgLMhIuY2ltLnYxLkxpc3RHcm91cHNIABIjCgdtZW1iZXJzGAkgASgLMhAuY2ltLnYxLkdyb3VwUmVmSAASKAoHcHJvbW90ZRgKIAEoCzIVLmNpbS52MS5DaGFuZ2VNZW1iZXJzSAASJwoGaW52aXRlGAsgASgLMhUuY2ltLnYxLkNoYW5nZU1lbWJlcnNIABIiCgZhY2NlcHQYDCABKAsyEC5jaW0udjEuR3JvdXBSZWZIABIjCgdkZWNsaW5lGA0gASgLMhAuY2ltLnYxLkdyb3VwUmVmSAASLgoLaW52aXRhdGlvbnMYDiABKAsyFy5jaW0udjEuTGlzdEludml0YXRpb25zSABCBAoCb3AiLAoLQ3JlYXRlR3JvdXASDAoEbmFtZRgBIAEoCRIPCgdtZW1iZXJzGAIgAygJIioKC1JlbmFtZUdyb3VwEg0KBWdyb3VwGAEgASgJEgwKBG5hbWUYAiABKAkiLQoNQ2hhbmdlTWVtYmVycxINCgVncm91cBgBIAEoCRINCgV1c2VycxgCIAMoCSIZCghHcm91cFJlZhINCgVncm91cBgBIAEoCSIMCgpMaXN0R3JvdXBzIhEKD0xpc3RJbnZpdGF0aW9ucyJeCg9Hcm91cEludml0YXRpb24SIAoFZ3JvdXAYASABKAsyES5jaW0udjEuR3JvdXBJbmZvEhIKCmludml0ZWRfYnkYAiABKAkSFQoNaW52aXRlZF9hdF9tcxgDIAEoBCJxCglHcm91cEluZm8SCgoCaWQYASABKAkSDAoEbmFtZRgCIAEoCRINCgVvd25lchgDIAEoCRIOCgZhZG1pbnMYBCADKAkSFAoMbWVtYmVyX2NvdW50GAUgASgNEhUKDWNyZWF0ZWRfYXRfbXMYBiABKAQiKQoLR3JvdXBNZW1iZXISDAoEdXNlchgBIAEoCRIMCgRyb2xlGAIgASgJIvcBCgtHcm91cEFuc3dlchISCgpyZXF1ZXN0X2lkGAEgASgEEgoKAm9rGAIgASgIEg0KBWVycm9yGAMgASgJEg8KB21lc3NhZ2UYBCABKAkSIAoFZ3JvdXAYBSABKAsyES5jaW0udjEuR3JvdXBJbmZvEiEKBmdyb3VwcxgGIAMoCzIRLmNpbS52MS5Hcm91cEluZm8SJAoHbWVtYmVycxgHIAMoCzITLmNpbS52MS5Hcm91cE1lbWJlchIPCgdpbnZpdGVkGAggAygJEiwKC2ludml0YXRpb25zGAkgAygLMhcuY2ltLnYxLkdyb3VwSW52aXRhdGlvbiL0AgoPQ29udGFjdHNSZXF1ZXN0EhIKCnJlcXVlc3RfaWQYASABKAQSDgoGZGV2aWNlGAIgASgJEiQKBGxpc3QYAyABKAsyFC5jaW0udjEuTGlzdENvbnRhY3RzSAASJQoHcmVxdWVzdBgEIAEoCzISLmNpbS52MS5Db250YWN0UmVmSAASJAoGYWNjZXB0GAUgASgLMhIuY2ltLnYxLkNvbnRhY3RSZWZIABIlCgdkZWNsaW5lGAYgASgLMhIuY2ltLnYxLkNvbnRhY3RSZWZIABIkCgZyZW1vdmUYByABKAsyEi5jaW0udjEuQ29udGFjdFJlZkgAEiMKBWJsb2NrGAggASgLMhIuY2ltLnYxLkNvbnRhY3RSZWZIABIlCgd1bmJsb2NrGAkgASgLMhIuY2ltLnYxLkNvbnRhY3RSZWZIABIrCghzZXR0aW5ncxgKIAEoCzIXLmNpbS52MS5Qcml2YWN5U2V0dGluZ3NIAEIECgJvcCIOCgxMaXN0Q29udGFjdHMiGgoKQ29udGFjdFJlZhIMCgR1c2VyGAEgASgJIk4KD1ByaXZhY3lTZXR0aW5ncxIQCghtZXNzYWdlcxgBIAEoCRISCgpncm91cF9hZGRzGAIgASgJEhUKDXJlYWRfcmVjZWlwdHMYKCABKAkiPgoFUmVhZFISEgoKcmVxdWVzdF9pZBgBIAEoBBIUCgxjb252ZXJzYXRpb24YAiABKAkSCwoDc2VxGAMgASgEIl8KBVJlYWRBEhIKCnJlcXVlc3RfaWQYASABKAQSFAoMY29udmVyc2F0aW9uGAIgASgJEgsKA3NlcRgDIAEoBBINCgVtb3ZlZBgEIAEoCBIQCghsYXN0X3NlcRgFIAEoBCJuCgpSZWFkTm90aWNlEhQKDGNvbnZlcnNhdGlvbhgBIAEoCRIOCgZyZWFkZXIYAiABKAkSCwoDc2VxGAMgASgEEhAKCGxhc3Rfc2VxGAQgASgEEgwKBHBlZXIYBSABKAkSDQoFZ3JvdXAYBiABKAkiQQoIUmVhZGVyc1ISEgoKcmVxdWVzdF9pZBgBIAEoBBIUCgxjb252ZXJzYXRpb24YAiABKAkSCwoDc2VxGAMgASgEInIKCFJlYWRlcnNBEhIKCnJlcXVlc3RfaWQYASABKAQSFAoMY29udmVyc2F0aW9uGAIgASgJEgsKA3NlcRgDIAEoBBINCgVjb3VudBgEIAEoDRIPCgdyZWFkZXJzGAUgAygJEg8KB21lbWJlcnMYBiABKA0iPgoHQ29udGFjdBIMCgR1c2VyGAEgASgJEhAKCHNpbmNlX21zGAIgASgEEhMKC2FwcHJvdmVkX2J5GAMgASgJIlMKDlBlbmRpbmdDb250YWN0EgwKBHVzZXIYASABKAkSDgoGZGV2aWNlGAIgASgJEg0KBWF0X21zGAMgASgEEhQKDHJlcXVlc3RlZF9ieRgEIAEoCSLAAQoLQ29udGFjdEJvb2sSIQoIY29udGFjdHMYASADKAsyDy5jaW0udjEuQ29udGFjdBIoCghpbmNvbWluZxgCIAMoCzIWLmNpbS52MS5QZW5kaW5nQ29udGFjdBIoCghvdXRnb2luZxgDIAMoCzIWLmNpbS52MS5QZW5kaW5nQ29udGFjdBIPCgdibG9ja2VkGAQgAygJEikKCHNldHRpbmdzGAUgASgLMhcuY2ltLnYxLlByaXZhY3lTZXR0aW5ncyKuAQoOQ29udGFjdHNBbnN3ZXISEgoKcmVxdWVzdF9pZBgBIAEoBBIKCgJvaxgCIAEoCBINCgVlcnJvchgDIAEoCRIPCgdtZXNzYWdlGAQgASgJEg4KBnN0YXR1cxgFIAEoCRIhCgRib29rGAYgASgLMhMuY2ltLnYxLkNvbnRhY3RCb29rEikKCHNldHRpbmdzGAcgASgLMhcuY2ltLnYxLlByaXZhY3lTZXR0aW5ncyJACglBcHBTdGF0ZVISHwoFc3RhdGUYASABKA4yEC5jaW0udjEuQXBwU3RhdGUSEgoKcmVxdWVzdF9pZBgCIAEoBCJ9CglBcHBTdGF0ZUESHwoFc3RhdGUYASABKA4yEC5jaW0udjEuQXBwU3RhdGUSHQoVaGVhcnRiZWF0X2ludGVydmFsX21zGAIgASgNEhwKFGhlYXJ0YmVhdF90aW1lb3V0X21zGAMgASgNEhIKCnJlcXVlc3RfaWQYBCABKAQiXAoHVHlwaW5nUhIKCgJ0bxgBIAEoCRINCgVncm91cBgCIAEoCRIiCgVzdGF0ZRgDIAEoDjITLmNpbS52MS5UeXBpbmdTdGF0ZRISCgpyZXF1ZXN0X2lkGAQgASgEIi4KB1R5cGluZ0ESEgoKcmVxdWVzdF9pZBgBIAEoBBIPCgdkcm9wcGVkGAIgASgIInwKB1R5cGluZ04SDAoEZnJvbRgBIAEoCRIOCgZkZXZpY2UYAiABKAkSCgoCdG8YAyABKAkSDQoFZ3JvdXAYBCABKAkSIgoFc3RhdGUYBSABKA4yEy5jaW0udjEuVHlwaW5nU3RhdGUSFAoMY29udmVyc2F0aW9uGAYgASgJIucBCgtCdXNFbnZlbG9wZRITCgtvcmlnaW5fbm9kZRgBIAEoCRImCgdkZWxpdmVyGAIgASgLMhMuY2ltLnYxLkJ1c0RlbGl2ZXJ5SAASJQoHb3V0Y29tZRgDIAEoCzISLmNpbS52MS5CdXNPdXRjb21lSAASJgoGc3RvcmVkGAQgASgLMhQuY2ltLnYxLk9mZmxpbmVSZWFkeUgAEiMKBnR5cGluZxgyIAEoCzIRLmNpbS52MS5CdXNUeXBpbmdIABIfCgRyZWFkGCggASgLMg8uY2ltLnYxLkJ1c1JlYWRIAEIGCgRib2R5IkAKB0J1c1JlYWQSEQoJcmVjZWl2ZXJzGAEgAygJEiIKBm5vdGljZRgCIAEoCzISLmNpbS52MS5SZWFkTm90aWNlIlkKC0J1c0RlbGl2ZXJ5EiAKB21lc3NhZ2UYASABKAsyDy5jaW0udjEuTWVzc2FnZRIRCglyZWNlaXZlcnMYAiADKAkSFQoNc2VuZGVyX2RldmljZRgDIAEoCSJECgxPZmZsaW5lUmVhZHkSEQoJcmVjZWl2ZXJzGAEgAygJEhQKDGNvbnZlcnNhdGlvbhgCIAEoCRILCgNzZXEYAyABKAQiPwoJQnVzVHlwaW5nEh8KBm5vdGljZRgBIAEoCzIPLmNpbS52MS5UeXBpbmdOEhEKCXJlY2VpdmVycxgCIAMoCSJOCgpCdXNPdXRjb21lEg4KBnNlbmRlchgBIAEoCRIVCg1zZW5kZXJfZGV2aWNlGAIgASgJEhkKA2FjaxgDIAEoCzIMLmNpbS52MS5BY2tOIsoBCgZLaWNrZWQSDgoGcmVhc29uGAEgASgJEiEKBGNvZGUYAiABKA4yEy5jaW0udjEuS2lja2VkLkNvZGUijAEKBENvZGUSFAoQQ09ERV9VTlNQRUNJRklFRBAAEhcKE0xPR0dFRF9JTl9FTFNFV0hFUkUQARIOCgpMT0dHRURfT1VUEAISEwoPU0VTU0lPTl9FWFBJUkVEEAMSDAoIUkVQTEFDRUQQBBIMCghCWV9BRE1JThAFEhQKEFRPT19NQU5ZX0RFVklDRVMQFCI3CglHb2luZ0F3YXkSDgoGcmVhc29uGAEgASgJEhoKEnJlY29ubmVjdF9hZnRlcl9tcxgCIAEoDSKiAgoFRXJyb3ISIAoEY29kZRgBIAEoDjISLmNpbS52MS5FcnJvci5Db2RlEg8KB21lc3NhZ2UYAiABKAkSJwoMcmVxdWVzdF90eXBlGAMgASgOMhEuY2ltLnYxLkZyYW1lVHlwZRISCgpjbGllbnRfc2VxGAQgASgEEhYKDnJldHJ5X2FmdGVyX21zGAUgASgNEhIKCnJlcXVlc3RfaWQYBiABKAQSDgoGcmVhc29uGB4gASgJIm0KBENvZGUSFAoQQ09ERV9VTlNQRUNJRklFRBAAEg8KC0JBRF9SRVFVRVNUEAESEAoMUkFURV9MSU1JVEVEEAISDAoISU5URVJOQUwQAxIPCgtVTkFWQUlMQUJMRRAEEg0KCUZPUkJJRERFThAFIp0BCgtQdXNoUmVxdWVzdBISCgpyZXF1ZXN0X2lkGAEgASgEEiwKCHJlZ2lzdGVyGAIgASgLMhguY2ltLnYxLlB1c2hSZWdpc3RyYXRpb25IABIkCgZyZW1vdmUYAyABKAsyEi5jaW0udjEuUHVzaFJlbW92ZUgAEiAKBHNob3cYBCABKAsyEC5jaW0udjEuUHVzaFNob3dIAEIECgJvcCJQChBQdXNoUmVnaXN0cmF0aW9uEhAKCHByb3ZpZGVyGAEgASgJEg0KBXRva2VuGAIgASgJEgsKA2FwcBgDIAEoCRIOCgZsb2NhbGUYBCABKAkiDAoKUHVzaFJlbW92ZSIKCghQdXNoU2hvdyKQAQoKUHVzaEFuc3dlchISCgpyZXF1ZXN0X2lkGAEgASgEEgoKAm9rGAIgASgIEg0KBWVycm9yGAMgASgJEg8KB21lc3NhZ2UYBCABKAkSLgoMcmVnaXN0cmF0aW9uGAUgASgLMhguY2ltLnYxLlB1c2hSZWdpc3RyYXRpb24SEgoKcmVnaXN0ZXJlZBgGIAEoCCqjBQoJRnJhbWVUeXBlEhoKFkZSQU1FX1RZUEVfVU5TUEVDSUZJRUQQABIQCgxDTElFTlRfSEVMTE8QARITCg9IQU5EU0hBS0VfRVJST1IQAhIQCgxMT0dJTl9SRVNVTFQQAxIJCgVNU0dfUhAKEgkKBU1TR19BEAsSCQoFTVNHX04QDBIJCgVBQ0tfUhANEgkKBUFDS19BEA4SCQoFQUNLX04QDxIMCghPTkxJTkVfUhAUEgwKCE9OTElORV9BEBUSDQoJT0ZGTElORV9SEDISDQoJT0ZGTElORV9BEDMSEQoNT0ZGTElORV9BQ0tfUhA0EhEKDU9GRkxJTkVfQUNLX0EQNRIVChFPRkZMSU5FX1NVTU1BUllfUhA2EhUKEU9GRkxJTkVfU1VNTUFSWV9BEDcSEgoOT0ZGTElORV9OT1RJQ0UQOBINCglISVNUT1JZX1IQPBINCglISVNUT1JZX0EQPRIMCghDSEFOR0VfUhBuEgwKCENIQU5HRV9BEG8SCwoHR1JPVVBfUhAoEgsKB0dST1VQX0EQKRIOCgpDT05UQUNUU19SEEYSDgoKQ09OVEFDVFNfQRBHEgoKBlJFQURfUhBkEgoKBlJFQURfQRBlEgoKBlJFQURfThBmEg0KCVJFQURFUlNfUhBnEg0KCVJFQURFUlNfQRBoEgoKBlBVU0hfUhB4EgoKBlBVU0hfQRB5Eg0KCURFVklDRVNfUhBQEg0KCURFVklDRVNfQRBREgoKBktJQ0tFRBAeEg4KCkdPSU5HX0FXQVkQHxIJCgVFUlJPUhAgEg8KC0FQUF9TVEFURV9SEFoSDwoLQVBQX1NUQVRFX0EQWxIMCghUWVBJTkdfUhBcEgwKCFRZUElOR19BEF0SDAoIVFlQSU5HX04QXipRCgtNZXNzYWdlVHlwZRIICgRURVhUEAASCQoFSU1BR0UQARIJCgVWT0lDRRACEggKBEZJTEUQAxIMCghMT0NBVElPThAEEgoKBlNZU1RFTRAFKjMKCkNoYW5nZUtpbmQSDwoLQ0hBTkdFX05PTkUQABIKCgZSRUNBTEwQARIICgRFRElUEAIqZgoORGVsaXZlcnlTdGF0dXMSHwobREVMSVZFUllfU1RBVFVTX1VOU1BFQ0lGSUVEEAASDQoJREVMSVZFUkVEEAESCgoGU1RPUkVEEAISCgoGRkFJTEVEEAMSDAoIQUNDRVBURUQQBCpNCghBcHBTdGF0ZRIZChVBUFBfU1RBVEVfVU5TUEVDSUZJRUQQABISCg5BUFBfRk9SRUdST1VORBABEhIKDkFQUF9CQUNLR1JPVU5EEAIqUwoLVHlwaW5nU3RhdGUSHAoYVFlQSU5HX1NUQVRFX1VOU1BFQ0lGSUVEEAASEgoOVFlQSU5HX1NUQVJURUQQARISCg5UWVBJTkdfU1RPUFBFRBACYgZwcm90bzM");
 
 /**
  * @generated from message cim.v1.ClientHello
@@ -810,6 +810,90 @@ export const OnlineASchema: GenMessage<OnlineA> = /*@__PURE__*/
   messageDesc(file_cim, 13);
 
 /**
+ * The user's own devices online now (DEVICES_R): on the user's node, where the ring
+ * places all of them.
+ *
+ * @generated from message cim.v1.DevicesR
+ */
+export type DevicesR = Message$1<"cim.v1.DevicesR"> & {
+  /**
+   * echoed
+   *
+   * @generated from field: uint64 request_id = 1;
+   */
+  requestId: bigint;
+};
+
+/**
+ * Describes the message cim.v1.DevicesR.
+ * Use `create(DevicesRSchema)` to create a new message.
+ */
+export const DevicesRSchema: GenMessage<DevicesR> = /*@__PURE__*/
+  messageDesc(file_cim, 14);
+
+/**
+ * @generated from message cim.v1.DeviceOnline
+ */
+export type DeviceOnline = Message$1<"cim.v1.DeviceOnline"> & {
+  /**
+   * @generated from field: string device = 1;
+   */
+  device: string;
+
+  /**
+   * node time the device's connection was established
+   *
+   * @generated from field: uint64 connected_at_ms = 2;
+   */
+  connectedAtMs: bigint;
+
+  /**
+   * node time of the device's last frame other than a heartbeat
+   *
+   * @generated from field: uint64 active_at_ms = 3;
+   */
+  activeAtMs: bigint;
+
+  /**
+   * the device that asked
+   *
+   * @generated from field: bool this_device = 4;
+   */
+  thisDevice: boolean;
+};
+
+/**
+ * Describes the message cim.v1.DeviceOnline.
+ * Use `create(DeviceOnlineSchema)` to create a new message.
+ */
+export const DeviceOnlineSchema: GenMessage<DeviceOnline> = /*@__PURE__*/
+  messageDesc(file_cim, 15);
+
+/**
+ * @generated from message cim.v1.DevicesA
+ */
+export type DevicesA = Message$1<"cim.v1.DevicesA"> & {
+  /**
+   * @generated from field: uint64 request_id = 1;
+   */
+  requestId: bigint;
+
+  /**
+   * sorted by device name
+   *
+   * @generated from field: repeated cim.v1.DeviceOnline devices = 2;
+   */
+  devices: DeviceOnline[];
+};
+
+/**
+ * Describes the message cim.v1.DevicesA.
+ * Use `create(DevicesASchema)` to create a new message.
+ */
+export const DevicesASchema: GenMessage<DevicesA> = /*@__PURE__*/
+  messageDesc(file_cim, 16);
+
+/**
  * @generated from message cim.v1.Cursor
  */
 export type Cursor = Message$1<"cim.v1.Cursor"> & {
@@ -831,7 +915,7 @@ export type Cursor = Message$1<"cim.v1.Cursor"> & {
  * Use `create(CursorSchema)` to create a new message.
  */
 export const CursorSchema: GenMessage<Cursor> = /*@__PURE__*/
-  messageDesc(file_cim, 14);
+  messageDesc(file_cim, 17);
 
 /**
  * @generated from message cim.v1.OfflineR
@@ -887,7 +971,7 @@ export type OfflineR = Message$1<"cim.v1.OfflineR"> & {
  * Use `create(OfflineRSchema)` to create a new message.
  */
 export const OfflineRSchema: GenMessage<OfflineR> = /*@__PURE__*/
-  messageDesc(file_cim, 15);
+  messageDesc(file_cim, 18);
 
 /**
  * @generated from message cim.v1.OfflineA
@@ -935,7 +1019,7 @@ export type OfflineA = Message$1<"cim.v1.OfflineA"> & {
  * Use `create(OfflineASchema)` to create a new message.
  */
 export const OfflineASchema: GenMessage<OfflineA> = /*@__PURE__*/
-  messageDesc(file_cim, 16);
+  messageDesc(file_cim, 19);
 
 /**
  * @generated from message cim.v1.OfflineAckR
@@ -959,7 +1043,7 @@ export type OfflineAckR = Message$1<"cim.v1.OfflineAckR"> & {
  * Use `create(OfflineAckRSchema)` to create a new message.
  */
 export const OfflineAckRSchema: GenMessage<OfflineAckR> = /*@__PURE__*/
-  messageDesc(file_cim, 17);
+  messageDesc(file_cim, 20);
 
 /**
  * @generated from message cim.v1.OfflineAckA
@@ -983,7 +1067,7 @@ export type OfflineAckA = Message$1<"cim.v1.OfflineAckA"> & {
  * Use `create(OfflineAckASchema)` to create a new message.
  */
 export const OfflineAckASchema: GenMessage<OfflineAckA> = /*@__PURE__*/
-  messageDesc(file_cim, 18);
+  messageDesc(file_cim, 21);
 
 /**
  * @generated from message cim.v1.OfflineSummaryR
@@ -1007,7 +1091,7 @@ export type OfflineSummaryR = Message$1<"cim.v1.OfflineSummaryR"> & {
  * Use `create(OfflineSummaryRSchema)` to create a new message.
  */
 export const OfflineSummaryRSchema: GenMessage<OfflineSummaryR> = /*@__PURE__*/
-  messageDesc(file_cim, 19);
+  messageDesc(file_cim, 22);
 
 /**
  * @generated from message cim.v1.ConversationSummary
@@ -1089,7 +1173,7 @@ export type ConversationSummary = Message$1<"cim.v1.ConversationSummary"> & {
  * Use `create(ConversationSummarySchema)` to create a new message.
  */
 export const ConversationSummarySchema: GenMessage<ConversationSummary> = /*@__PURE__*/
-  messageDesc(file_cim, 20);
+  messageDesc(file_cim, 23);
 
 /**
  * @generated from message cim.v1.OfflineSummaryA
@@ -1143,7 +1227,7 @@ export type OfflineSummaryA = Message$1<"cim.v1.OfflineSummaryA"> & {
  * Use `create(OfflineSummaryASchema)` to create a new message.
  */
 export const OfflineSummaryASchema: GenMessage<OfflineSummaryA> = /*@__PURE__*/
-  messageDesc(file_cim, 21);
+  messageDesc(file_cim, 24);
 
 /**
  * @generated from message cim.v1.OfflineNotice
@@ -1169,7 +1253,7 @@ export type OfflineNotice = Message$1<"cim.v1.OfflineNotice"> & {
  * Use `create(OfflineNoticeSchema)` to create a new message.
  */
 export const OfflineNoticeSchema: GenMessage<OfflineNotice> = /*@__PURE__*/
-  messageDesc(file_cim, 22);
+  messageDesc(file_cim, 25);
 
 /**
  * @generated from message cim.v1.HistoryR
@@ -1228,7 +1312,7 @@ export type HistoryR = Message$1<"cim.v1.HistoryR"> & {
  * Use `create(HistoryRSchema)` to create a new message.
  */
 export const HistoryRSchema: GenMessage<HistoryR> = /*@__PURE__*/
-  messageDesc(file_cim, 23);
+  messageDesc(file_cim, 26);
 
 /**
  * @generated from message cim.v1.HistoryA
@@ -1274,7 +1358,7 @@ export type HistoryA = Message$1<"cim.v1.HistoryA"> & {
  * Use `create(HistoryASchema)` to create a new message.
  */
 export const HistoryASchema: GenMessage<HistoryA> = /*@__PURE__*/
-  messageDesc(file_cim, 24);
+  messageDesc(file_cim, 27);
 
 /**
  * @generated from message cim.v1.ChangeR
@@ -1314,7 +1398,7 @@ export type ChangeR = Message$1<"cim.v1.ChangeR"> & {
  * Use `create(ChangeRSchema)` to create a new message.
  */
 export const ChangeRSchema: GenMessage<ChangeR> = /*@__PURE__*/
-  messageDesc(file_cim, 25);
+  messageDesc(file_cim, 28);
 
 /**
  * @generated from message cim.v1.ChangeA
@@ -1376,7 +1460,7 @@ export type ChangeA = Message$1<"cim.v1.ChangeA"> & {
  * Use `create(ChangeASchema)` to create a new message.
  */
 export const ChangeASchema: GenMessage<ChangeA> = /*@__PURE__*/
-  messageDesc(file_cim, 26);
+  messageDesc(file_cim, 29);
 
 /**
  * @generated from message cim.v1.GroupRequest
@@ -1490,7 +1574,7 @@ export type GroupRequest = Message$1<"cim.v1.GroupRequest"> & {
  * Use `create(GroupRequestSchema)` to create a new message.
  */
 export const GroupRequestSchema: GenMessage<GroupRequest> = /*@__PURE__*/
-  messageDesc(file_cim, 27);
+  messageDesc(file_cim, 30);
 
 /**
  * @generated from message cim.v1.CreateGroup
@@ -1514,7 +1598,7 @@ export type CreateGroup = Message$1<"cim.v1.CreateGroup"> & {
  * Use `create(CreateGroupSchema)` to create a new message.
  */
 export const CreateGroupSchema: GenMessage<CreateGroup> = /*@__PURE__*/
-  messageDesc(file_cim, 28);
+  messageDesc(file_cim, 31);
 
 /**
  * @generated from message cim.v1.RenameGroup
@@ -1536,7 +1620,7 @@ export type RenameGroup = Message$1<"cim.v1.RenameGroup"> & {
  * Use `create(RenameGroupSchema)` to create a new message.
  */
 export const RenameGroupSchema: GenMessage<RenameGroup> = /*@__PURE__*/
-  messageDesc(file_cim, 29);
+  messageDesc(file_cim, 32);
 
 /**
  * @generated from message cim.v1.ChangeMembers
@@ -1558,7 +1642,7 @@ export type ChangeMembers = Message$1<"cim.v1.ChangeMembers"> & {
  * Use `create(ChangeMembersSchema)` to create a new message.
  */
 export const ChangeMembersSchema: GenMessage<ChangeMembers> = /*@__PURE__*/
-  messageDesc(file_cim, 30);
+  messageDesc(file_cim, 33);
 
 /**
  * @generated from message cim.v1.GroupRef
@@ -1575,7 +1659,7 @@ export type GroupRef = Message$1<"cim.v1.GroupRef"> & {
  * Use `create(GroupRefSchema)` to create a new message.
  */
 export const GroupRefSchema: GenMessage<GroupRef> = /*@__PURE__*/
-  messageDesc(file_cim, 31);
+  messageDesc(file_cim, 34);
 
 /**
  * @generated from message cim.v1.ListGroups
@@ -1588,7 +1672,7 @@ export type ListGroups = Message$1<"cim.v1.ListGroups"> & {
  * Use `create(ListGroupsSchema)` to create a new message.
  */
 export const ListGroupsSchema: GenMessage<ListGroups> = /*@__PURE__*/
-  messageDesc(file_cim, 32);
+  messageDesc(file_cim, 35);
 
 /**
  * @generated from message cim.v1.ListInvitations
@@ -1601,7 +1685,7 @@ export type ListInvitations = Message$1<"cim.v1.ListInvitations"> & {
  * Use `create(ListInvitationsSchema)` to create a new message.
  */
 export const ListInvitationsSchema: GenMessage<ListInvitations> = /*@__PURE__*/
-  messageDesc(file_cim, 33);
+  messageDesc(file_cim, 36);
 
 /**
  * @generated from message cim.v1.GroupInvitation
@@ -1628,7 +1712,7 @@ export type GroupInvitation = Message$1<"cim.v1.GroupInvitation"> & {
  * Use `create(GroupInvitationSchema)` to create a new message.
  */
 export const GroupInvitationSchema: GenMessage<GroupInvitation> = /*@__PURE__*/
-  messageDesc(file_cim, 34);
+  messageDesc(file_cim, 37);
 
 /**
  * @generated from message cim.v1.GroupInfo
@@ -1670,7 +1754,7 @@ export type GroupInfo = Message$1<"cim.v1.GroupInfo"> & {
  * Use `create(GroupInfoSchema)` to create a new message.
  */
 export const GroupInfoSchema: GenMessage<GroupInfo> = /*@__PURE__*/
-  messageDesc(file_cim, 35);
+  messageDesc(file_cim, 38);
 
 /**
  * @generated from message cim.v1.GroupMember
@@ -1694,7 +1778,7 @@ export type GroupMember = Message$1<"cim.v1.GroupMember"> & {
  * Use `create(GroupMemberSchema)` to create a new message.
  */
 export const GroupMemberSchema: GenMessage<GroupMember> = /*@__PURE__*/
-  messageDesc(file_cim, 36);
+  messageDesc(file_cim, 39);
 
 /**
  * @generated from message cim.v1.GroupAnswer
@@ -1767,7 +1851,7 @@ export type GroupAnswer = Message$1<"cim.v1.GroupAnswer"> & {
  * Use `create(GroupAnswerSchema)` to create a new message.
  */
 export const GroupAnswerSchema: GenMessage<GroupAnswer> = /*@__PURE__*/
-  messageDesc(file_cim, 37);
+  messageDesc(file_cim, 40);
 
 /**
  * @generated from message cim.v1.ContactsRequest
@@ -1860,7 +1944,7 @@ export type ContactsRequest = Message$1<"cim.v1.ContactsRequest"> & {
  * Use `create(ContactsRequestSchema)` to create a new message.
  */
 export const ContactsRequestSchema: GenMessage<ContactsRequest> = /*@__PURE__*/
-  messageDesc(file_cim, 38);
+  messageDesc(file_cim, 41);
 
 /**
  * @generated from message cim.v1.ListContacts
@@ -1873,7 +1957,7 @@ export type ListContacts = Message$1<"cim.v1.ListContacts"> & {
  * Use `create(ListContactsSchema)` to create a new message.
  */
 export const ListContactsSchema: GenMessage<ListContacts> = /*@__PURE__*/
-  messageDesc(file_cim, 39);
+  messageDesc(file_cim, 42);
 
 /**
  * @generated from message cim.v1.ContactRef
@@ -1890,7 +1974,7 @@ export type ContactRef = Message$1<"cim.v1.ContactRef"> & {
  * Use `create(ContactRefSchema)` to create a new message.
  */
 export const ContactRefSchema: GenMessage<ContactRef> = /*@__PURE__*/
-  messageDesc(file_cim, 40);
+  messageDesc(file_cim, 43);
 
 /**
  * @generated from message cim.v1.PrivacySettings
@@ -1925,7 +2009,7 @@ export type PrivacySettings = Message$1<"cim.v1.PrivacySettings"> & {
  * Use `create(PrivacySettingsSchema)` to create a new message.
  */
 export const PrivacySettingsSchema: GenMessage<PrivacySettings> = /*@__PURE__*/
-  messageDesc(file_cim, 41);
+  messageDesc(file_cim, 44);
 
 /**
  * @generated from message cim.v1.ReadR
@@ -1956,7 +2040,7 @@ export type ReadR = Message$1<"cim.v1.ReadR"> & {
  * Use `create(ReadRSchema)` to create a new message.
  */
 export const ReadRSchema: GenMessage<ReadR> = /*@__PURE__*/
-  messageDesc(file_cim, 42);
+  messageDesc(file_cim, 45);
 
 /**
  * @generated from message cim.v1.ReadA
@@ -1997,7 +2081,7 @@ export type ReadA = Message$1<"cim.v1.ReadA"> & {
  * Use `create(ReadASchema)` to create a new message.
  */
 export const ReadASchema: GenMessage<ReadA> = /*@__PURE__*/
-  messageDesc(file_cim, 43);
+  messageDesc(file_cim, 46);
 
 /**
  * @generated from message cim.v1.ReadNotice
@@ -2047,7 +2131,7 @@ export type ReadNotice = Message$1<"cim.v1.ReadNotice"> & {
  * Use `create(ReadNoticeSchema)` to create a new message.
  */
 export const ReadNoticeSchema: GenMessage<ReadNotice> = /*@__PURE__*/
-  messageDesc(file_cim, 44);
+  messageDesc(file_cim, 47);
 
 /**
  * @generated from message cim.v1.ReadersR
@@ -2076,7 +2160,7 @@ export type ReadersR = Message$1<"cim.v1.ReadersR"> & {
  * Use `create(ReadersRSchema)` to create a new message.
  */
 export const ReadersRSchema: GenMessage<ReadersR> = /*@__PURE__*/
-  messageDesc(file_cim, 45);
+  messageDesc(file_cim, 48);
 
 /**
  * @generated from message cim.v1.ReadersA
@@ -2124,7 +2208,7 @@ export type ReadersA = Message$1<"cim.v1.ReadersA"> & {
  * Use `create(ReadersASchema)` to create a new message.
  */
 export const ReadersASchema: GenMessage<ReadersA> = /*@__PURE__*/
-  messageDesc(file_cim, 46);
+  messageDesc(file_cim, 49);
 
 /**
  * @generated from message cim.v1.Contact
@@ -2153,7 +2237,7 @@ export type Contact = Message$1<"cim.v1.Contact"> & {
  * Use `create(ContactSchema)` to create a new message.
  */
 export const ContactSchema: GenMessage<Contact> = /*@__PURE__*/
-  messageDesc(file_cim, 47);
+  messageDesc(file_cim, 50);
 
 /**
  * @generated from message cim.v1.PendingContact
@@ -2191,7 +2275,7 @@ export type PendingContact = Message$1<"cim.v1.PendingContact"> & {
  * Use `create(PendingContactSchema)` to create a new message.
  */
 export const PendingContactSchema: GenMessage<PendingContact> = /*@__PURE__*/
-  messageDesc(file_cim, 48);
+  messageDesc(file_cim, 51);
 
 /**
  * @generated from message cim.v1.ContactBook
@@ -2234,7 +2318,7 @@ export type ContactBook = Message$1<"cim.v1.ContactBook"> & {
  * Use `create(ContactBookSchema)` to create a new message.
  */
 export const ContactBookSchema: GenMessage<ContactBook> = /*@__PURE__*/
-  messageDesc(file_cim, 49);
+  messageDesc(file_cim, 52);
 
 /**
  * @generated from message cim.v1.ContactsAnswer
@@ -2291,7 +2375,7 @@ export type ContactsAnswer = Message$1<"cim.v1.ContactsAnswer"> & {
  * Use `create(ContactsAnswerSchema)` to create a new message.
  */
 export const ContactsAnswerSchema: GenMessage<ContactsAnswer> = /*@__PURE__*/
-  messageDesc(file_cim, 50);
+  messageDesc(file_cim, 53);
 
 /**
  * @generated from message cim.v1.AppStateR
@@ -2315,7 +2399,7 @@ export type AppStateR = Message$1<"cim.v1.AppStateR"> & {
  * Use `create(AppStateRSchema)` to create a new message.
  */
 export const AppStateRSchema: GenMessage<AppStateR> = /*@__PURE__*/
-  messageDesc(file_cim, 51);
+  messageDesc(file_cim, 54);
 
 /**
  * @generated from message cim.v1.AppStateA
@@ -2351,7 +2435,7 @@ export type AppStateA = Message$1<"cim.v1.AppStateA"> & {
  * Use `create(AppStateASchema)` to create a new message.
  */
 export const AppStateASchema: GenMessage<AppStateA> = /*@__PURE__*/
-  messageDesc(file_cim, 52);
+  messageDesc(file_cim, 55);
 
 /**
  * To a user (`to`) or a group (`group`), exactly one. At most one per device and
@@ -2390,7 +2474,7 @@ export type TypingR = Message$1<"cim.v1.TypingR"> & {
  * Use `create(TypingRSchema)` to create a new message.
  */
 export const TypingRSchema: GenMessage<TypingR> = /*@__PURE__*/
-  messageDesc(file_cim, 53);
+  messageDesc(file_cim, 56);
 
 /**
  * @generated from message cim.v1.TypingA
@@ -2414,7 +2498,7 @@ export type TypingA = Message$1<"cim.v1.TypingA"> & {
  * Use `create(TypingASchema)` to create a new message.
  */
 export const TypingASchema: GenMessage<TypingA> = /*@__PURE__*/
-  messageDesc(file_cim, 54);
+  messageDesc(file_cim, 57);
 
 /**
  * @generated from message cim.v1.TypingN
@@ -2466,7 +2550,7 @@ export type TypingN = Message$1<"cim.v1.TypingN"> & {
  * Use `create(TypingNSchema)` to create a new message.
  */
 export const TypingNSchema: GenMessage<TypingN> = /*@__PURE__*/
-  messageDesc(file_cim, 55);
+  messageDesc(file_cim, 58);
 
 /**
  * @generated from message cim.v1.BusEnvelope
@@ -2528,7 +2612,7 @@ export type BusEnvelope = Message$1<"cim.v1.BusEnvelope"> & {
  * Use `create(BusEnvelopeSchema)` to create a new message.
  */
 export const BusEnvelopeSchema: GenMessage<BusEnvelope> = /*@__PURE__*/
-  messageDesc(file_cim, 56);
+  messageDesc(file_cim, 59);
 
 /**
  * @generated from message cim.v1.BusRead
@@ -2550,7 +2634,7 @@ export type BusRead = Message$1<"cim.v1.BusRead"> & {
  * Use `create(BusReadSchema)` to create a new message.
  */
 export const BusReadSchema: GenMessage<BusRead> = /*@__PURE__*/
-  messageDesc(file_cim, 57);
+  messageDesc(file_cim, 60);
 
 /**
  * @generated from message cim.v1.BusDelivery
@@ -2581,7 +2665,7 @@ export type BusDelivery = Message$1<"cim.v1.BusDelivery"> & {
  * Use `create(BusDeliverySchema)` to create a new message.
  */
 export const BusDeliverySchema: GenMessage<BusDelivery> = /*@__PURE__*/
-  messageDesc(file_cim, 58);
+  messageDesc(file_cim, 61);
 
 /**
  * these users' timelines moved while no live copy went
@@ -2612,7 +2696,7 @@ export type OfflineReady = Message$1<"cim.v1.OfflineReady"> & {
  * Use `create(OfflineReadySchema)` to create a new message.
  */
 export const OfflineReadySchema: GenMessage<OfflineReady> = /*@__PURE__*/
-  messageDesc(file_cim, 59);
+  messageDesc(file_cim, 62);
 
 /**
  * @generated from message cim.v1.BusTyping
@@ -2638,7 +2722,7 @@ export type BusTyping = Message$1<"cim.v1.BusTyping"> & {
  * Use `create(BusTypingSchema)` to create a new message.
  */
 export const BusTypingSchema: GenMessage<BusTyping> = /*@__PURE__*/
-  messageDesc(file_cim, 60);
+  messageDesc(file_cim, 63);
 
 /**
  * @generated from message cim.v1.BusOutcome
@@ -2665,7 +2749,7 @@ export type BusOutcome = Message$1<"cim.v1.BusOutcome"> & {
  * Use `create(BusOutcomeSchema)` to create a new message.
  */
 export const BusOutcomeSchema: GenMessage<BusOutcome> = /*@__PURE__*/
-  messageDesc(file_cim, 61);
+  messageDesc(file_cim, 64);
 
 /**
  * @generated from message cim.v1.Kicked
@@ -2689,7 +2773,7 @@ export type Kicked = Message$1<"cim.v1.Kicked"> & {
  * Use `create(KickedSchema)` to create a new message.
  */
 export const KickedSchema: GenMessage<Kicked> = /*@__PURE__*/
-  messageDesc(file_cim, 62);
+  messageDesc(file_cim, 65);
 
 /**
  * @generated from enum cim.v1.Kicked.Code
@@ -2734,13 +2818,20 @@ export enum Kicked_Code {
    * @generated from enum value: BY_ADMIN = 5;
    */
   BY_ADMIN = 5,
+
+  /**
+   * [im] max_devices_per_user devices of the user were online
+   *
+   * @generated from enum value: TOO_MANY_DEVICES = 20;
+   */
+  TOO_MANY_DEVICES = 20,
 }
 
 /**
  * Describes the enum cim.v1.Kicked.Code.
  */
 export const Kicked_CodeSchema: GenEnum<Kicked_Code> = /*@__PURE__*/
-  enumDesc(file_cim, 62, 0);
+  enumDesc(file_cim, 65, 0);
 
 /**
  * @generated from message cim.v1.GoingAway
@@ -2762,7 +2853,7 @@ export type GoingAway = Message$1<"cim.v1.GoingAway"> & {
  * Use `create(GoingAwaySchema)` to create a new message.
  */
 export const GoingAwaySchema: GenMessage<GoingAway> = /*@__PURE__*/
-  messageDesc(file_cim, 63);
+  messageDesc(file_cim, 66);
 
 /**
  * @generated from message cim.v1.Error
@@ -2817,7 +2908,7 @@ export type Error = Message$1<"cim.v1.Error"> & {
  * Use `create(ErrorSchema)` to create a new message.
  */
 export const ErrorSchema: GenMessage<Error> = /*@__PURE__*/
-  messageDesc(file_cim, 64);
+  messageDesc(file_cim, 67);
 
 /**
  * @generated from enum cim.v1.Error.Code
@@ -2862,7 +2953,7 @@ export enum Error_Code {
  * Describes the enum cim.v1.Error.Code.
  */
 export const Error_CodeSchema: GenEnum<Error_Code> = /*@__PURE__*/
-  enumDesc(file_cim, 64, 0);
+  enumDesc(file_cim, 67, 0);
 
 /**
  * The connection's device's push registration: the device is the session's, never
@@ -2907,7 +2998,7 @@ export type PushRequest = Message$1<"cim.v1.PushRequest"> & {
  * Use `create(PushRequestSchema)` to create a new message.
  */
 export const PushRequestSchema: GenMessage<PushRequest> = /*@__PURE__*/
-  messageDesc(file_cim, 65);
+  messageDesc(file_cim, 68);
 
 /**
  * @generated from message cim.v1.PushRegistration
@@ -2947,7 +3038,7 @@ export type PushRegistration = Message$1<"cim.v1.PushRegistration"> & {
  * Use `create(PushRegistrationSchema)` to create a new message.
  */
 export const PushRegistrationSchema: GenMessage<PushRegistration> = /*@__PURE__*/
-  messageDesc(file_cim, 66);
+  messageDesc(file_cim, 69);
 
 /**
  * @generated from message cim.v1.PushRemove
@@ -2960,7 +3051,7 @@ export type PushRemove = Message$1<"cim.v1.PushRemove"> & {
  * Use `create(PushRemoveSchema)` to create a new message.
  */
 export const PushRemoveSchema: GenMessage<PushRemove> = /*@__PURE__*/
-  messageDesc(file_cim, 67);
+  messageDesc(file_cim, 70);
 
 /**
  * @generated from message cim.v1.PushShow
@@ -2973,7 +3064,7 @@ export type PushShow = Message$1<"cim.v1.PushShow"> & {
  * Use `create(PushShowSchema)` to create a new message.
  */
 export const PushShowSchema: GenMessage<PushShow> = /*@__PURE__*/
-  messageDesc(file_cim, 68);
+  messageDesc(file_cim, 71);
 
 /**
  * @generated from message cim.v1.PushAnswer
@@ -3023,7 +3114,7 @@ export type PushAnswer = Message$1<"cim.v1.PushAnswer"> & {
  * Use `create(PushAnswerSchema)` to create a new message.
  */
 export const PushAnswerSchema: GenMessage<PushAnswer> = /*@__PURE__*/
-  messageDesc(file_cim, 69);
+  messageDesc(file_cim, 72);
 
 /**
  * @generated from enum cim.v1.FrameType
@@ -3286,6 +3377,22 @@ export enum FrameType {
    * @generated from enum value: PUSH_A = 121;
    */
   PUSH_A = 121,
+
+  /**
+   * Devices: the user's own devices online (issue #15, many devices per user).
+   *
+   * client -> node: DevicesR
+   *
+   * @generated from enum value: DEVICES_R = 80;
+   */
+  DEVICES_R = 80,
+
+  /**
+   * node -> client: DevicesA
+   *
+   * @generated from enum value: DEVICES_A = 81;
+   */
+  DEVICES_A = 81,
 
   /**
    * Session control.
