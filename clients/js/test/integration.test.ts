@@ -1,7 +1,8 @@
 // Acceptance 2: Node <-> Python chat through a real daemon with the WebSocket gateway.
 // alice is this SDK in Node; bob is the Python library (cim-client), driven by
 // tests/integration/support/js_peer.py, which also starts the daemon with
-// `[ws] enabled = true` and the file service. Both ways, read receipts both ways,
+// `[ws] enabled = true` and the file service. Both ways, alice's own message from her
+// other device (cim-client) shown as hers, her devices online, read receipts both ways,
 // catch-up after an offline period with its unread count, and a file uploaded from JS
 // that downloads byte-identical in Python.
 //
@@ -166,6 +167,19 @@ test("Node (alice, this SDK) and Python (bob, cim-client) chat through a real da
     const notice = await bobRead;
     assert.deepEqual([notice.own, notice.conversation, notice.seq], [false, key, BigInt(bobMark.mark.seq)]);
     assert.equal(alice.reads.peerRead(key), alice.reads.newest(key), "her newest message is read");
+
+    // Alice sends from her other device (cim-client): this one shows it as hers, once.
+    const mine = waitFor(alice, "message", (m) => m.message.text === "from my other device", "her own copy");
+    const otherSent = await peer.ask({ cmd: "send", as: "alice", to: "bob", text: "from my other device" });
+    assert.ok(["delivered", "stored"].includes(otherSent.outcome.status), show(otherSent));
+    const bobGot = await peer.ask({ cmd: "listen", from: "alice", count: 1 });
+    assert.equal(bobGot.messages[0].text, "from my other device");
+    const copy = await mine;
+    assert.deepEqual([copy.own, copy.message.from, copy.message.to, copy.live], [true, "alice", "bob", true]);
+    assert.notEqual(copy.message.device, "node-1");
+    assert.equal(alice.reads.unread(key), 0, "her own message is not unread");
+    const devices = await alice.devices();
+    assert.deepEqual(devices.filter((d) => d.thisDevice).map((d) => d.device), ["node-1"]);
 
     // Catch-up after an offline period: three messages while alice is away.
     await alice.stop(false);
