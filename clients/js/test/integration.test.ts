@@ -9,11 +9,11 @@
 // Skipped while the daemon has no WebSocket gateway: cim/config must know a `ws`
 // section (the gateway is issue #18's other half, built on its own branch).
 import assert from "node:assert/strict";
-import { spawn, type ChildProcessWithoutNullStreams } from "node:child_process";
+import { execFileSync, spawn, type ChildProcessWithoutNullStreams } from "node:child_process";
 import { createHash, randomBytes } from "node:crypto";
 import { existsSync, mkdtempSync, readFileSync, readdirSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
-import { join } from "node:path";
+import { dirname, join } from "node:path";
 import { createInterface } from "node:readline";
 import { fileURLToPath } from "node:url";
 import { test } from "node:test";
@@ -31,8 +31,23 @@ function gatewayPresent(): boolean {
     .some((name) => /section:\s*ClassVar\[str\]\s*=\s*["']ws["']/.test(readFileSync(join(configDir, name), "utf8")));
 }
 
+/** The main checkout of this repository (a git worktree shares its virtualenv). */
+function mainCheckout(): string | undefined {
+  try {
+    const common = execFileSync("git", ["rev-parse", "--path-format=absolute", "--git-common-dir"], { cwd: ROOT, encoding: "utf8" }).trim();
+    return dirname(common);
+  } catch {
+    return undefined;
+  }
+}
+
 function python(): string {
-  const candidates = [process.env["CIM_PYTHON"], join(ROOT, ".venv", "bin", "python")].filter(Boolean) as string[];
+  const main = mainCheckout();
+  const candidates = [
+    process.env["CIM_PYTHON"],
+    join(ROOT, ".venv", "bin", "python"),
+    main === undefined ? undefined : join(main, ".venv", "bin", "python"),
+  ].filter(Boolean) as string[];
   const found = candidates.find((path) => existsSync(path));
   if (found === undefined) throw new Error(`no Python for the peer: set CIM_PYTHON (tried ${candidates.join(", ")})`);
   return found;
