@@ -12,7 +12,7 @@ export { SessionFailed, SessionRefused, Unreachable } from "./session/dialing.js
 export { LoginRefused, ConnectionClosed, defaultWebSocket, type WebSocketLike, type WebSocketFactory } from "./session/connection.js";
 export { RouterClient, RouterError, ServiceError, parseTicket, type LoginTicket } from "./session/router.js";
 export { MemorySeenStore, type SeenStore } from "./session/seen.js";
-export { WebStorageSeenStore, WebStorageUploadState, type StorageLike } from "./session/web-storage.js";
+export { WebStorageSeenStore, WebStorageUploadState, webDeviceName, type StorageLike } from "./session/web-storage.js";
 export type { CatchUpResult } from "./session/catch-up.js";
 export { ReadState, conversationKey, type ReadEvent, type UnreadChange } from "./session/reads.js";
 export { Corrections, changeOf, type Change, type ChangeEvent } from "./session/corrections.js";

@@ -1,22 +1,25 @@
 // Acceptance 2: Node <-> Python chat through a real daemon with the WebSocket gateway.
 // alice is this SDK in Node; bob is the Python library (cim-client), driven by
 // tests/integration/support/js_peer.py, which also starts the daemon with
-// `[ws] enabled = true` and the file service. Both ways, catch-up after an offline
-// period, and a file uploaded from JS that downloads byte-identical in Python.
+// `[ws] enabled = true` and the file service. Both ways, alice's own message from her
+// other device (cim-client) shown as hers, her devices online, read receipts both ways,
+// catch-up after an offline period with its unread count, and a file uploaded from JS
+// that downloads byte-identical in Python.
 //
 // Skipped while the daemon has no WebSocket gateway: cim/config must know a `ws`
 // section (the gateway is issue #18's other half, built on its own branch).
 import assert from "node:assert/strict";
-import { spawn, type ChildProcessWithoutNullStreams } from "node:child_process";
+import { execFileSync, spawn, type ChildProcessWithoutNullStreams } from "node:child_process";
 import { createHash, randomBytes } from "node:crypto";
 import { existsSync, mkdtempSync, readFileSync, readdirSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
-import { join } from "node:path";
+import { dirname, join } from "node:path";
 import { createInterface } from "node:readline";
 import { fileURLToPath } from "node:url";
 import { test } from "node:test";
 import { FileClient, type UploadProgress } from "../src/api/files.js";
 import { ChatClient, type ChatEvents } from "../src/session/client.js";
+import { conversationKey } from "../src/session/reads.js";
 
 const ROOT = fileURLToPath(new URL("../../../../", import.meta.url));
 
@@ -28,8 +31,23 @@ function gatewayPresent(): boolean {
     .some((name) => /section:\s*ClassVar\[str\]\s*=\s*["']ws["']/.test(readFileSync(join(configDir, name), "utf8")));
 }
 
+/** The main checkout of this repository (a git worktree shares its virtualenv). */
+function mainCheckout(): string | undefined {
+  try {
+    const common = execFileSync("git", ["rev-parse", "--path-format=absolute", "--git-common-dir"], { cwd: ROOT, encoding: "utf8" }).trim();
+    return dirname(common);
+  } catch {
+    return undefined;
+  }
+}
+
 function python(): string {
-  const candidates = [process.env["CIM_PYTHON"], join(ROOT, ".venv", "bin", "python")].filter(Boolean) as string[];
+  const main = mainCheckout();
+  const candidates = [
+    process.env["CIM_PYTHON"],
+    join(ROOT, ".venv", "bin", "python"),
+    main === undefined ? undefined : join(main, ".venv", "bin", "python"),
+  ].filter(Boolean) as string[];
   const found = candidates.find((path) => existsSync(path));
   if (found === undefined) throw new Error(`no Python for the peer: set CIM_PYTHON (tried ${candidates.join(", ")})`);
   return found;
@@ -144,6 +162,12 @@ test("Node (alice, this SDK) and Python (bob, cim-client) chat through a real da
     const got = await live;
     assert.equal(got.message.from, "bob");
     assert.equal(got.live, true);
+    assert.equal(got.own, false);
+    const key = conversationKey("alice", "bob");
+    assert.equal(got.message.conversation, key);
+    assert.equal(alice.reads.unread(key), 1);
+    const mark = await alice.markRead(key);
+    assert.deepEqual([mark.seq, mark.moved, alice.reads.unread(key)], [got.message.seq, true, 0]);
 
     // Node -> Python.
     const outcome = await alice.sendText("bob", "hello bob, from node");
@@ -151,6 +175,26 @@ test("Node (alice, this SDK) and Python (bob, cim-client) chat through a real da
     const heard = await peer.ask({ cmd: "listen", from: "alice", count: 1 });
     assert.equal(heard.messages[0].text, "hello bob, from node");
     assert.equal(heard.messages[0].from, "alice");
+
+    // Bob (Python) reads: alice's device hears it (✓✓ on her message).
+    const bobRead = waitFor(alice, "read", (r) => r.reader === "bob", "bob's read");
+    const bobMark = await peer.ask({ cmd: "read", with: "alice" });
+    const notice = await bobRead;
+    assert.deepEqual([notice.own, notice.conversation, notice.seq], [false, key, BigInt(bobMark.mark.seq)]);
+    assert.equal(alice.reads.peerRead(key), alice.reads.newest(key), "her newest message is read");
+
+    // Alice sends from her other device (cim-client): this one shows it as hers, once.
+    const mine = waitFor(alice, "message", (m) => m.message.text === "from my other device", "her own copy");
+    const otherSent = await peer.ask({ cmd: "send", as: "alice", to: "bob", text: "from my other device" });
+    assert.ok(["delivered", "stored"].includes(otherSent.outcome.status), show(otherSent));
+    const bobGot = await peer.ask({ cmd: "listen", from: "alice", count: 1 });
+    assert.equal(bobGot.messages[0].text, "from my other device");
+    const copy = await mine;
+    assert.deepEqual([copy.own, copy.message.from, copy.message.to, copy.live], [true, "alice", "bob", true]);
+    assert.notEqual(copy.message.device, "node-1");
+    assert.equal(alice.reads.unread(key), 0, "her own message is not unread");
+    const devices = await alice.devices();
+    assert.deepEqual(devices.filter((d) => d.thisDevice).map((d) => d.device), ["node-1"]);
 
     // Catch-up after an offline period: three messages while alice is away.
     await alice.stop(false);
@@ -164,6 +208,11 @@ test("Node (alice, this SDK) and Python (bob, cim-client) chat through a real da
     await back.start(30_000);
     await caughtUp;
     assert.deepEqual(received, ["while you were away 1", "while you were away 2", "while you were away 3"]);
+    // The summary's count and what came: three unread, until she reads them.
+    assert.equal(back.reads.unread(key), 3);
+    assert.equal(back.reads.peerRead(key) > 0n, true, "bob's read mark came with the summary");
+    await back.markRead(key);
+    assert.equal(back.reads.unread(key), 0);
 
     // A file from JS (chunked: 64 KiB chunks), byte-identical in Python.
     const bytes = randomBytes(200_000);

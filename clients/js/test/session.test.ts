@@ -4,9 +4,9 @@ import assert from "node:assert/strict";
 import { test } from "node:test";
 import { pb } from "../src/protocol/frames.js";
 import type { DeliveryOutcome } from "../src/session/delivery.js";
-import { SessionRefused } from "../src/session/dialing.js";
+import { SessionRefused, Unreachable } from "../src/session/dialing.js";
 import { settle, until } from "./support/fake-clock.js";
-import { FakeNode } from "./support/fake-node.js";
+import { FakeNode, WS_URL, WS_URL_2 } from "./support/fake-node.js";
 import { online, setup, texts } from "./support/session.js";
 
 const T = pb.FrameType;
@@ -259,6 +259,42 @@ test("an expired token on reconnect: log in through the router again", async () 
   s.clock.advance(500);
   await until(() => s.node.routerLogins === 2 && s.client.state === "online", "a new login");
   assert.equal(s.node.links.length, 3, "the cached attempt, then the new login");
+});
+
+test("WRONG_NODE on a fast reconnect: the router again, which knows where the session lives", async () => {
+  const s = await online();
+  s.node.redirects.set(WS_URL, { id: "node2", host: "10.0.0.2", port: 9000 });
+  s.node.routerGateway = WS_URL_2;
+  s.node.link.drop();
+  s.clock.advance(500);
+  await until(() => s.client.state === "online" && s.node.links.length === 3, "online on node2");
+  assert.deepEqual(s.node.links.map((l) => l.url), [WS_URL, WS_URL, WS_URL_2]);
+  assert.equal(s.node.routerLogins, 2);
+  assert.equal(s.seen.online.at(-1)!.url, WS_URL_2);
+});
+
+test("a node's refusal is heard though the node closes right behind it (opening it is asynchronous)", async () => {
+  const node = new FakeNode();
+  node.redirects.set(WS_URL, { id: "node1", host: "127.0.0.1", port: 9000 });
+  const s = setup({}, node);
+  const started = s.client.start(2_000);
+  await until(() => s.seen.state.some((e) => e.detail.startsWith("in ")), "the refused attempt, a retry scheduled");
+  s.clock.advance(2_000);
+  await assert.rejects(started, (error: unknown) => error instanceof Unreachable && /login refused: WRONG_NODE/.test(error.message));
+});
+
+test("WRONG_NODE naming a node with a gateway: followed at once with the same token", async () => {
+  const s = await online();
+  s.node.redirects.set(WS_URL, { id: "node2", host: "10.0.0.2", port: 9000, wsUrl: WS_URL_2 });
+  s.node.link.drop();
+  s.clock.advance(500);
+  await until(() => s.client.state === "online" && s.node.links.length === 3, "online on node2");
+  assert.deepEqual(s.node.links.map((l) => l.url), [WS_URL, WS_URL, WS_URL_2]);
+  assert.equal(s.node.routerLogins, 1, "no new login: the token was good, only the node moved");
+  assert.equal(s.node.links[2]!.token, s.node.links[0]!.token);
+  assert.equal(s.client.ticket?.ws, WS_URL_2);
+  assert.equal(s.client.ticket?.node.id, "node2");
+  assert.equal(s.seen.online.at(-1)!.url, WS_URL_2);
 });
 
 test("reconnect backoff grows while the node is away", async () => {

@@ -1,7 +1,7 @@
 // What a browser keeps across a reload: dedup memory and uploads to resume.
 import assert from "node:assert/strict";
 import { test } from "node:test";
-import { WebStorageSeenStore, WebStorageUploadState, type StorageLike } from "../src/session/web-storage.js";
+import { WebStorageSeenStore, WebStorageUploadState, webDeviceName, type StorageLike } from "../src/session/web-storage.js";
 
 class MemoryStorage implements StorageLike {
   items = new Map<string, string>();
@@ -48,4 +48,19 @@ test("upload ids to resume, kept per key", () => {
   assert.equal(new WebStorageUploadState(storage).get("a"), "u1");
   state.drop("a");
   assert.equal(state.get("a"), undefined);
+});
+
+test("a device name made once per browser and kept; a storage that cannot keep it still gives one", () => {
+  const storage = new MemoryStorage();
+  const name = webDeviceName(storage);
+  assert.match(name, /^web-[a-z0-9]{8}$/);
+  assert.equal(webDeviceName(storage), name, "the same after a reload");
+  assert.equal(storage.items.get("cim.device"), name);
+  assert.notEqual(webDeviceName(storage, "cim.device.tab2"), name, "another key, another device");
+  storage.items.set("cim.device", "bad name with spaces");
+  assert.match(webDeviceName(storage), /^web-/, "a foreign value is replaced");
+  assert.notEqual(storage.items.get("cim.device"), "bad name with spaces");
+  const full = new MemoryStorage();
+  full.full = true;
+  assert.match(webDeviceName(full, "k", "kiosk-"), /^kiosk-[a-z0-9]{8}$/);
 });

@@ -6,9 +6,12 @@ line with the URLs, then acts as bob with ``cim-client`` (the Python library a u
 runs) on the commands the Node test writes, one JSON object per line:
 
 - ``{"cmd": "send", "to": U, "text": T}``: bob sends; answers cim-client's outcome.
+  With ``"as": "alice"`` alice sends instead, from cim-client (another device of hers).
 - ``{"cmd": "listen", "from": U, "count": N}``: bob's next N messages from U (catch-up,
   then live; his own, which a catch-up may bring back, are left out).
 - ``{"cmd": "download", "url": U}``: bob downloads; answers the SHA-256 of the bytes.
+- ``{"cmd": "read", "with": U}``: bob marks his 1:1 with U read up to its newest message
+  (``cim-client read``); answers the mark in effect (``conversation``, ``seq``, ``moved``).
 - ``{"cmd": "stop"}``: stops the daemon and exits.
 
 Every answer is one JSON line; a command that fails answers ``{"error": ...}``. The
@@ -39,7 +42,10 @@ def _run(
 ) -> dict[str, Any]:
     name = command.get("cmd")
     if name == "send":
-        done = client(daemon, "bob", "send", str(command["to"]), str(command["text"]))
+        sender = str(command.get("as", "bob"))
+        if sender not in USERS:
+            return {"error": f"unknown user {sender!r}"}
+        done = client(daemon, sender, "send", str(command["to"]), str(command["text"]))
         if done.returncode != 0:
             return {"error": done.stderr.strip()}
         return {"outcome": json.loads(done.stdout)}
@@ -54,6 +60,11 @@ def _run(
             return {"error": done.stderr.strip()}
         with open(target, "rb") as handle:
             return {"sha256": hashlib.sha256(handle.read()).hexdigest()}
+    if name == "read":
+        done = client(daemon, "bob", "read", str(command["with"]))
+        if done.returncode != 0:
+            return {"error": done.stderr.strip()}
+        return {"mark": json.loads(done.stdout)}
     return {"error": f"unknown command {name!r}"}
 
 

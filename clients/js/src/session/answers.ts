@@ -2,7 +2,7 @@
  * Requests that wait for an answer: deadlines, retries, refusals (cim/client/answers.py).
  *
  * Every request (summary, pulls and their end, ack:R, history, groups, contacts,
- * online, read marks) has a deadline; one without an answer by then goes again after the request
+ * online, devices, read marks) has a deadline; one without an answer by then goes again after the request
  * backoff, a few times, then fails with RequestTimedOut. An ERROR naming the request
  * ends its wait at once: UNAVAILABLE, RATE_LIMITED and INTERNAL are retried after the
  * node's retry_after_ms or the backoff, whichever is longer; anything else fails it
@@ -17,6 +17,7 @@ const T = pb.FrameType;
 
 export const ANSWER_TYPES = new Map<number, number>([
   [T.ONLINE_R, T.ONLINE_A],
+  [T.DEVICES_R, T.DEVICES_A],
   [T.OFFLINE_R, T.OFFLINE_A],
   [T.OFFLINE_ACK_R, T.OFFLINE_ACK_A],
   [T.OFFLINE_SUMMARY_R, T.OFFLINE_SUMMARY_A],

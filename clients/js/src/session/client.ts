@@ -69,6 +69,7 @@ export interface ChatClientOptions {
   routers: string | readonly string[];
   user: string;
   password: string;
+  /** This device's name (default "web"); `webDeviceName(localStorage)` keeps one per browser. */
   device?: string;
   /** "auto" (resend after 10, 40, 100 s; failed at 160 s) or "manual", or a RetryPolicy. */
   retry?: RetryMode | RetryPolicy;
@@ -306,6 +307,12 @@ export class ChatClient extends Emitter<ChatEvents> {
     }
   }
 
+  /**
+   * KICKED: only SESSION_EXPIRED logs in again; every other code (logged in elsewhere,
+   * logged out, replaced by a newer connection of this device, by an admin, too many
+   * devices of the user online) stops the session: reconnecting would take the place
+   * back from whoever took it.
+   */
   private kicked(kicked: pb.Kicked): void {
     this.emit("kicked", kicked);
     if (this.stopping) return;
@@ -523,6 +530,15 @@ export class ChatClient extends Emitter<ChatEvents> {
 
   online(offset = 0, limit = 100): Promise<pb.OnlineA> {
     return this.answers.ask(pb.FrameType.ONLINE_R, create(pb.OnlineRSchema, { offset, limit }));
+  }
+
+  /**
+   * The user's own devices online now (DEVICES_R), sorted by name: `device`,
+   * `connectedAtMs`, `activeAtMs` (node time of its last frame), `thisDevice`.
+   */
+  async devices(): Promise<pb.DeviceOnline[]> {
+    const answer = await this.answers.ask<pb.DevicesA>(pb.FrameType.DEVICES_R, create(pb.DevicesRSchema));
+    return answer.devices;
   }
 
   /** Any GROUP_R (create, rename, add, invite, remove, promote, leave, dissolve, list, ...). */

@@ -89,6 +89,8 @@ export class ImConnection {
   heartbeatsSent = 0;
   heartbeatsReceived = 0;
   private incoming: Promise<void> = Promise.resolve();
+  /** Messages received and not yet dealt with (opening them is asynchronous). */
+  private opening = 0;
   private settle: { resolve: (r: pb.LoginResult) => void; reject: (e: Error) => void } | undefined;
 
   constructor(
@@ -128,12 +130,18 @@ export class ImConnection {
       // In order, one at a time: the handshake's reply is opened asynchronously
       // (WebCrypto), and frames right behind it must wait for the keys.
       socket.onmessage = (event) => {
-        this.incoming = this.incoming.then(() => this.received(event.data));
+        this.opening++;
+        this.incoming = this.incoming.then(() => this.received(event.data)).finally(() => this.opening--);
       };
       socket.onerror = () => {};
       if (socket.readyState === 1) socket.send(this.handshake.helloBody); // already open
-      socket.onclose = (event) =>
-        this.close(`the connection closed${event?.code ? ` (${event.code}${event.reason ? `: ${event.reason}` : ""})` : ""}`, false);
+      // Behind the messages that came before it: a node that refuses the login (or
+      // kicks) closes right after saying why, and the why is still being opened.
+      socket.onclose = (event) => {
+        const why = `the connection closed${event?.code ? ` (${event.code}${event.reason ? `: ${event.reason}` : ""})` : ""}`;
+        if (this.opening) this.incoming = this.incoming.then(() => this.close(why, false));
+        else this.close(why, false);
+      };
     } catch (error) {
       this.close(error instanceof Error ? error.message : String(error), true, error);
     }

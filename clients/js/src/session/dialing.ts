@@ -3,7 +3,8 @@
  * (cim/client/dialing.py).
  *
  * Reconnecting tries the node it had with the still-valid token first (design: 快速连接,
- * one round trip); only if that fails does it log in through the router again. Failed
+ * one round trip); only if that fails does it log in through the router again. A node
+ * that redirects (WRONG_NODE naming a node with a gateway, `ws_url`) is followed once. Failed
  * attempts wait the reconnect backoff (jittered: the clients of a node that went away
  * do not all come back at once); a node that asks for longer (a RATE_LIMITED
  * handshake, GOING_AWAY) gets it. The first connection may have a deadline.
@@ -37,6 +38,14 @@ class RetryLater extends Error {
   ) {
     super(why);
   }
+}
+
+/** The ticket moved to the node a WRONG_NODE names, if that node has a gateway. */
+function redirect(error: unknown, ticket: LoginTicket): LoginTicket | undefined {
+  if (!(error instanceof LoginRefused) || error.result.status !== pb.LoginResult_Status.WRONG_NODE) return undefined;
+  const node = error.result.node;
+  if (node === undefined || !node.wsUrl) return undefined; // the router knows where it lives
+  return { ...ticket, node: { id: node.id, host: node.host, port: node.port }, ws: node.wsUrl };
 }
 
 /** What the dialer needs from its session. */
@@ -153,6 +162,12 @@ export class Dialer {
         await this.open(cached, generation);
         return;
       } catch (error) {
+        const moved = redirect(error, cached);
+        if (moved !== undefined && generation === this.generation) {
+          this.session.ticket = moved;
+          await this.open(moved, generation);
+          return;
+        }
         if (error instanceof SessionFailed || error instanceof RetryLater) throw error;
         // The cached login no longer works (token gone, node gone): the router again.
       }

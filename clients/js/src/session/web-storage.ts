@@ -1,6 +1,6 @@
 /**
  * What a browser keeps across a page reload (cim/client/seen.py's FileSeenStore, the
- * upload state file): the inbox's dedup memory and the uploads to resume, in a Web
+ * upload state file): the device's name, the inbox's dedup memory and the uploads to resume, in a Web
  * Storage (`localStorage`, or any object with its getItem/setItem/removeItem).
  *
  * A reload before the node's cursor moved brings the same messages again at the next
@@ -9,6 +9,7 @@
  * cannot be written (quota, private mode) weakens dedup; it never loses a message.
  */
 import type { UploadStateStore } from "../api/files.js";
+import { randomBytes } from "../protocol/crypto.js";
 import { MemorySeenStore, type SeenStore } from "./seen.js";
 
 export interface StorageLike {
@@ -83,4 +84,29 @@ export class WebStorageUploadState implements UploadStateStore {
   drop(key: string): void {
     this.storage.removeItem(this.prefix + key);
   }
+}
+
+/**
+ * This browser's device name, made once and kept (`web-` and 8 random characters):
+ * the node keeps a session, cursors and read state per device, and a device new to
+ * the account starts at the present, so a page must log in as the same device after
+ * a reload. Tabs sharing the storage are one device (a second tab's login replaces the
+ * first's connection): give each tab its own `key` (sessionStorage) to have them apart.
+ * A storage that cannot be written gives a fresh name each time.
+ */
+export function webDeviceName(storage: StorageLike, key = "cim.device", prefix = "web-"): string {
+  try {
+    const saved = storage.getItem(key);
+    if (saved && /^[\x21-\x7e]{1,64}$/.test(saved)) return saved;
+  } catch {
+    // unreadable: make one
+  }
+  const alphabet = "abcdefghijklmnopqrstuvwxyz0123456789";
+  const name = prefix + [...randomBytes(8)].map((b) => alphabet[b % alphabet.length]).join("");
+  try {
+    storage.setItem(key, name);
+  } catch {
+    // quota or private mode: this page's name only
+  }
+  return name;
 }

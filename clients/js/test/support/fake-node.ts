@@ -12,6 +12,8 @@ const vectors = JSON.parse(readFileSync(new URL("../../../../../tests/vectors/pr
 export const NODE_KEY_PEM: string = vectors.node_key_pem;
 export const SERVER_KEY = fromHex(vectors.server_key);
 export const WS_URL = "ws://node1.test/ws";
+/** A second node's gateway (WRONG_NODE tests). */
+export const WS_URL_2 = "ws://node2.test/ws";
 
 export interface Received {
   type: number;
@@ -54,7 +56,10 @@ export class NodeLink {
   closed = false;
   private queue: Promise<void> = Promise.resolve();
 
-  constructor(readonly node: FakeNode) {
+  constructor(
+    readonly node: FakeNode,
+    readonly url = WS_URL,
+  ) {
     this.socket = new FakeSocket(this);
   }
 
@@ -90,9 +95,12 @@ export class NodeLink {
     this.device = material.device;
     const serverNonce = randomBytes(16);
     const ciphers = await sessionCiphers(hello.suite, material.secret, hello.clientNonce, serverNonce, hello.keyFingerprint, hello.offeredSuites, "node");
-    const status = this.node.tokens.has(material.token) ? pb.LoginResult_Status.OK : pb.LoginResult_Status.INVALID_TOKEN;
+    const moved = this.node.redirects.get(this.url);
+    let status = this.node.tokens.has(material.token) ? pb.LoginResult_Status.OK : pb.LoginResult_Status.INVALID_TOKEN;
+    if (moved !== undefined && status === pb.LoginResult_Status.OK) status = pb.LoginResult_Status.WRONG_NODE;
     const result = create(pb.LoginResultSchema, {
       status,
+      ...(status === pb.LoginResult_Status.WRONG_NODE ? { node: moved } : {}),
       user: this.node.tokens.get(material.token) ?? "",
       device: material.device,
       heartbeatIntervalMs: this.node.heartbeatInterval,
@@ -150,6 +158,12 @@ export class FakeNode {
   appStates = true;
   /** Answer the login's summary at once with nothing unread (most tests). */
   autoSummary = true;
+  /** A login at this gateway URL is answered WRONG_NODE naming that node. */
+  redirects = new Map<string, MessageInitShape<typeof pb.NodeAddressSchema>>();
+  /** The gateway URLs that answer (the router hands out WS_URL). */
+  gateways = new Set<string>([WS_URL, WS_URL_2]);
+  /** The gateway the router's login answer names. */
+  routerGateway = WS_URL;
 
   constructor() {
     this.onFrame = (link, frame) => this.autoAnswer(link, frame);
@@ -160,8 +174,8 @@ export class FakeNode {
   }
 
   webSocket = (url: string): WebSocketLike => {
-    if (url !== WS_URL) throw new Error(`unknown WebSocket URL ${url}`);
-    const link = new NodeLink(this);
+    if (!this.gateways.has(url)) throw new Error(`unknown WebSocket URL ${url}`);
+    const link = new NodeLink(this, url);
     this.links.push(link);
     setImmediate(() => {
       link.socket.readyState = 1;
@@ -186,7 +200,7 @@ export class FakeNode {
         token,
         session_id: `s${this.routerLogins}`,
         user: body.user,
-        node: { id: "node1", host: "127.0.0.1", port: 9000, ws_url: WS_URL },
+        node: { id: "node1", host: "127.0.0.1", port: 9000, ws_url: this.routerGateway },
         server_key: toBase64(SERVER_KEY),
         key_fingerprint: vectors.key_fingerprint,
         heartbeat_interval: this.heartbeatInterval / 1000,
