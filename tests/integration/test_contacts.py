@@ -71,7 +71,8 @@ class ContactsThroughTheCliTests(SynchronousTestCase):
 
         # --- a person whose policy is contacts ---------------------------------------------
         policy = self.ok("alice", "contacts", "policy", "contacts")
-        self.assertEqual(policy, {"messages": "contacts", "group_adds": "contacts"})
+        expected = {"messages": "contacts", "group_adds": "contacts", "read_receipts": "on"}
+        self.assertEqual(policy, expected)
         self.assertEqual(self.refused("stranger", "send", "alice", "hello"), NOT_ACCEPTED)
         self.assertEqual(self.ok("stranger", "send", "carol", "hi")["status"], "stored")
 
