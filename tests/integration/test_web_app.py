@@ -11,7 +11,9 @@ an unread count of 3 and the three messages; alice, also logged in with cim-clie
 (``--device cli``) beside her page, sends bob a message there: her page shows it once
 as hers (read by bob), bob's once as alice's; screenshots of both pages; a group
 (create, invitation accepted, a post); a watch's SOS shown to its guardian carol and
-acknowledged from her page; every control named and reachable; no console errors; and
+acknowledged from her page; every control named and reachable; a second tab of
+alice's (the same browser, so the same device) takes over and the first says so at its
+login form, not reconnecting; no console errors; and
 when the daemon stops, both pages say they are offline and reconnecting.
 
 ``make test`` builds the app's npm packages first (``make web``); without Node,
@@ -49,6 +51,7 @@ STEPS = (
     "alice creates a group with bob and posts; bob sees it",
     "a watch raises an SOS, its guardian carol sees it on top and acknowledges it",
     "every control on the pages has a name, and the keyboard reaches it",
+    "a second tab of alice's is the same device; it takes over, the first says so and stays out until she logs in there",
     "no console errors",
     "the daemon stops, the pages show that they are offline and reconnecting",
 )

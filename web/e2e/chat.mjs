@@ -387,6 +387,20 @@ async function main() {
     }
     ok(step);
 
+    step = "a second tab of alice's is the same device; it takes over, the first says so and stays out until she logs in there";
+    const device = await alice.evaluate(() => localStorage.getItem("cim.device.alice"));
+    const secondTab = observed(await aliceContext.newPage(), "alice's second tab");
+    await logIn(secondTab, "alice");
+    // The first tab was replaced (KICKED REPLACED): back at the login form, saying why.
+    await alice.locator("#login-error", { hasText: "opened in another tab or window" }).waitFor();
+    await alice.locator('#connection[data-state="offline"]').waitFor();
+    const online = (await cli("alice", "cli", "devices")).items.map((d) => d.device).filter((name) => name.startsWith("web-"));
+    if (online.join() !== device) throw new Error(`alice's web devices online: ${online.join(" ")}, this browser's is ${device}`);
+    await secondTab.locator('#connection[data-state="online"]').waitFor(); // not taken back
+    await secondTab.close();
+    await logIn(alice, "alice"); // her choice: the first tab again
+    ok(step, `one device ${device}`);
+
     step = "no console errors";
     if (consoleErrors.length) throw new Error(consoleErrors.join("\n"));
     ok(step);
