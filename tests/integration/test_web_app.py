@@ -51,7 +51,7 @@ STEPS = (
     "alice creates a group with bob and posts; bob sees it",
     "a watch raises an SOS, its guardian carol sees it on top and acknowledges it",
     "every control on the pages has a name, and the keyboard reaches it",
-    "a second tab of alice's is the same device; it takes over, the first says so and stays out until she logs in there",
+    "a second tab of alice's takes her device over, the first says so at its login form",
     "no console errors",
     "the daemon stops, the pages show that they are offline and reconnecting",
 )

@@ -387,7 +387,7 @@ async function main() {
     }
     ok(step);
 
-    step = "a second tab of alice's is the same device; it takes over, the first says so and stays out until she logs in there";
+    step = "a second tab of alice's takes her device over, the first says so at its login form";
     const device = await alice.evaluate(() => localStorage.getItem("cim.device.alice"));
     const secondTab = observed(await aliceContext.newPage(), "alice's second tab");
     await logIn(secondTab, "alice");
