@@ -7,9 +7,13 @@ Debian's headless Chromium through playwright-core: alice logs in, bob registers
 the page; alice sends a text and an image, bob sees both live with the thumbnail,
 alice sees them read; bob sees alice typing, an edit and a recall; a file bob
 downloads byte for byte; bob's page closes, alice sends three more, bob comes back to
-an unread count of 3 and the three messages; screenshots of both pages; a group
+an unread count of 3 and the three messages; alice, also logged in with cim-client
+(``--device cli``) beside her page, sends bob a message there: her page shows it once
+as hers (read by bob), bob's once as alice's; screenshots of both pages; a group
 (create, invitation accepted, a post); a watch's SOS shown to its guardian carol and
-acknowledged from her page; every control named and reachable; no console errors; and
+acknowledged from her page; every control named and reachable; a second tab of
+alice's (the same browser, so the same device) takes over and the first says so at its
+login form, not reconnecting; no console errors; and
 when the daemon stops, both pages say they are offline and reconnecting.
 
 ``make test`` builds the app's npm packages first (``make web``); without Node,
@@ -25,7 +29,7 @@ import subprocess
 
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
-from tests.integration.support.daemons import PASSWORD, ROOT, DaemonProcess, free_port
+from tests.integration.support.daemons import BIN, PASSWORD, ROOT, DaemonProcess, free_port
 
 WEB = os.path.join(ROOT, "web")
 CHROMIUM = "/usr/bin/chromium"
@@ -42,10 +46,12 @@ STEPS = (
     "alice sends a file, bob downloads the same bytes",
     "bob's page is closed; alice sends three more",
     "bob opens the page again, the conversation shows 3 unread and the three messages",
+    "alice is also logged in from the Python CLI and her web page shows the message she sent there",
     "screenshots",
     "alice creates a group with bob and posts; bob sees it",
     "a watch raises an SOS, its guardian carol sees it on top and acknowledges it",
     "every control on the pages has a name, and the keyboard reaches it",
+    "a second tab of alice's takes her device over, the first says so at its login form",
     "no console errors",
     "the daemon stops, the pages show that they are offline and reconnecting",
 )
@@ -134,6 +140,7 @@ class WebAppInBrowserTests(SynchronousTestCase):
             CIM_PASSWORD=PASSWORD,
             CIM_SHOTS=shots,
             CIM_CHROMIUM=CHROMIUM,
+            CIM_CLIENT=os.path.join(BIN, "cim-client"),
             CIM_DAEMON_PID=str(self.daemon.process.pid),
             PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD="1",
         )

@@ -5,11 +5,14 @@
 //   CIM_WEB_URL     the app, served by [web]      CIM_ROUTER, CIM_LOGIC, CIM_FILES
 //   CIM_PASSWORD    alice's and bob's password     CIM_SHOTS  where screenshots go
 //   CIM_CHROMIUM    the browser (default /usr/bin/chromium)
+//   CIM_CLIENT      the Python CLI, cim-client (alice's other device)
 //
 // Each step prints "ok <step>" or "skip <step>: why"; any failure prints
 // "FAILED <step>: why" and exits 1. Console errors and page errors fail the run.
 import { chromium } from "playwright-core";
+import { execFile } from "node:child_process";
 import { join } from "node:path";
+import { promisify } from "node:util";
 import { deflateSync } from "node:zlib";
 
 const env = (name, fallback) => {
@@ -118,6 +121,19 @@ async function waitMark(page, text, marks) {
   const selector = marks.map((mark) => `[data-mark="${mark}"]`).join(", ");
   await page.locator("#messages li.msg.mine", { hasText: text }).locator(".mark").and(page.locator(selector)).waitFor();
   return markOf(page, text);
+}
+
+/**
+ * One cim-client command as `user` on the device `device` (the CLI logs in, does it and
+ * logs out); its JSON answer. A non-zero exit throws with what it said.
+ */
+async function cli(user, device, ...args) {
+  const command = [env("CIM_CLIENT"), "--router", env("CIM_ROUTER"), "--user", user, "--device", device, ...args];
+  const { stdout } = await promisify(execFile)(command[0], command.slice(1), {
+    env: { ...process.env, CIM_PASSWORD: PASSWORD },
+    timeout: 60_000,
+  });
+  return JSON.parse(stdout);
 }
 
 /** One call to the router or the logic service, as the watch (a Node script here) makes it. */
@@ -299,7 +315,29 @@ async function main() {
     await waitMark(alice, "Third while you were away", ["read"]); // bob read them: alice sees it
     ok(step, `preview ${JSON.stringify(preview)}`);
 
-    console.log("skip the CLI message on alice's page: one user on two devices needs the devices branch");
+    step = "alice is also logged in from the Python CLI and her web page shows the message she sent there";
+    const fromCli = "Sent from my terminal";
+    const devices = (await cli("alice", "cli", "devices")).items.map((d) => d.device);
+    const webDevices = devices.filter((name) => /^web-[a-z0-9]{8}$/.test(name));
+    if (webDevices.length !== 1 || !devices.includes("cli")) throw new Error(`alice's devices online: ${devices.join(" ")}`);
+    const sentFromCli = await cli("alice", "cli", "send", "--timeout", "30", "bob", fromCli);
+    if (!["delivered", "stored"].includes(sentFromCli.status)) throw new Error(`cim-client send: ${JSON.stringify(sentFromCli)}`);
+    // On alice's page: hers (right side, a mark, "via cli"), in the chat with bob, not unread.
+    const hers = alice.locator("#messages li.msg.mine", { hasText: fromCli });
+    await hers.locator(".via", { hasText: "via cli" }).waitFor();
+    await waitMark(alice, fromCli, ["read"]); // bob has the chat open: he read it, she sees it
+    const aliceCopies = await message(alice, fromCli).count();
+    if (aliceCopies !== 1) throw new Error(`alice's page shows the CLI message ${aliceCopies} times`);
+    if ((await alice.locator("#conversation-title").textContent())?.includes("bob") !== true) throw new Error("alice's page is not on the chat with bob");
+    await conversationButton(alice, "user:bob").locator(".unread[hidden]").waitFor({ state: "attached" });
+    const alicePreview = await conversationButton(alice, "user:bob").locator(".preview").textContent();
+    if (alicePreview !== `You: ${fromCli}`) throw new Error(`alice's list says ${JSON.stringify(alicePreview)}`);
+    await alice.locator('#connection[data-state="online"]').waitFor(); // the CLI did not take her page's place
+    // On bob's page: from alice, once.
+    await bob.locator("#messages li.msg.theirs", { hasText: fromCli }).waitFor();
+    const bobCopies = await message(bob, fromCli).count();
+    if (bobCopies !== 1) throw new Error(`bob's page shows the CLI message ${bobCopies} times`);
+    ok(step, `alice's devices online: ${devices.join(", ")}; ${sentFromCli.status}, read on her page`);
 
     step = "screenshots";
     await alice.screenshot({ path: join(SHOTS, "web-alice.png") });
@@ -348,6 +386,20 @@ async function main() {
       if (unnamed.length) throw new Error(`controls without a name or out of the tab order: ${unnamed.join(" | ")}`);
     }
     ok(step);
+
+    step = "a second tab of alice's takes her device over, the first says so at its login form";
+    const device = await alice.evaluate(() => localStorage.getItem("cim.device.alice"));
+    const secondTab = observed(await aliceContext.newPage(), "alice's second tab");
+    await logIn(secondTab, "alice");
+    // The first tab was replaced (KICKED REPLACED): back at the login form, saying why.
+    await alice.locator("#login-error", { hasText: "opened in another tab or window" }).waitFor();
+    await alice.locator('#connection[data-state="offline"]').waitFor();
+    const online = (await cli("alice", "cli", "devices")).items.map((d) => d.device).filter((name) => name.startsWith("web-"));
+    if (online.join() !== device) throw new Error(`alice's web devices online: ${online.join(" ")}, this browser's is ${device}`);
+    await secondTab.locator('#connection[data-state="online"]').waitFor(); // not taken back
+    await secondTab.close();
+    await logIn(alice, "alice"); // her choice: the first tab again
+    ok(step, `one device ${device}`);
 
     step = "no console errors";
     if (consoleErrors.length) throw new Error(consoleErrors.join("\n"));

@@ -5,7 +5,7 @@
 import { resolveServices, STORAGE_KEY, type Services } from "./config.js";
 import { ChatModel, keyOfTimeline, SYSTEM_SENDER, TYPE, type Item, type MediaInfo } from "./model.js";
 import { parseNotice } from "./notices.js";
-import { conversationKey, mediaMessage, pb, ServiceError, WebChat } from "./sdk.js";
+import { conversationKey, mediaMessage, pb, ServiceError, WebChat, webDeviceName } from "./sdk.js";
 import { acknowledgeSos, Files, register, type StoredFile } from "./services.js";
 import { $, ChatView } from "./view.js";
 
@@ -66,15 +66,15 @@ function readServers(): void {
   localStorage.setItem(STORAGE_KEY, JSON.stringify(services));
 }
 
-/** A device name per browser and user: its catch-up cursor stays with this browser. */
+/**
+ * This browser's device name for `user` (the SDK's webDeviceName: `web-` and 8 random
+ * characters, made once and kept in localStorage): a reload is the same device, so the
+ * node's catch-up cursor and read state stay with this browser. Another browser, or
+ * another user here, is another name. Tabs of one browser share it: a second tab's login
+ * takes the device over and the first stops (KICKED REPLACED) without reconnecting.
+ */
 function deviceFor(user: string): string {
-  const key = `cim.device.${user}`;
-  let device = localStorage.getItem(key);
-  if (device === null) {
-    device = `web-${Math.random().toString(36).slice(2, 8)}`;
-    localStorage.setItem(key, device);
-  }
-  return device;
+  return webDeviceName(localStorage, `cim.device.${user}`);
 }
 
 async function logIn(registering: boolean): Promise<void> {
@@ -102,7 +102,8 @@ async function logIn(registering: boolean): Promise<void> {
 }
 
 async function startSession(user: string, password: string): Promise<void> {
-  model = new ChatModel(user);
+  const device = deviceFor(user);
+  model = new ChatModel(user, device);
   model.pageVisible = document.visibilityState !== "hidden";
   historyLoaded.clear();
   files?.forget();
@@ -116,7 +117,7 @@ async function startSession(user: string, password: string): Promise<void> {
     recall: (item) => void recall(item),
   });
   view.reset();
-  const chat = new WebChat({ routers: services.router, user, password, device: deviceFor(user) });
+  const chat = new WebChat({ routers: services.router, user, password, device });
   client = chat;
   wire(chat);
   await chat.start(START_DEADLINE_MS);
@@ -188,6 +189,8 @@ function setConnection(state: string, detail: string): void {
 }
 
 function wire(chat: WebChat): void {
+  /** KICKED REPLACED: this device logged in again elsewhere (another tab, most likely). */
+  let replaced = false;
   chat.on("state", ({ state, detail }) => setConnection(state, detail));
   chat.on("summary", (summary) => {
     model.summary(summary.conversations.map((c) => ({ peer: c.peer, group: c.group, newest: c.newest })));
@@ -234,10 +237,13 @@ function wire(chat: WebChat): void {
     render();
   };
   chat.on("failed", (error) => {
-    showError("login-error", error);
+    showError("login-error", replaced ? `${model.me} was opened in another tab or window of this browser (it is one device, ${model.device}); log in to use it here.` : error);
     signOut(false);
   });
-  chat.on("kicked", (kicked) => showError("chat-error", `The server ended this session: ${kicked.reason}`));
+  chat.on("kicked", (kicked) => {
+    replaced = kicked.code === pb.Kicked_Code.REPLACED;
+    showError("chat-error", `The server ended this session: ${kicked.reason}`);
+  });
   chat.on("error", (error) => showError("chat-error", `${error.message || "refused"}`));
 }
 

@@ -30,6 +30,8 @@ export interface Item {
   clientSeq: string;
   from: string;
   mine: boolean;
+  /** The user's own message sent from another of their devices: that device's name. */
+  via: string;
   kind: ItemKind;
   text: string;
   media: MediaInfo | undefined;
@@ -157,7 +159,12 @@ export class ChatModel {
   private readonly typists = new Map<string, Map<string, number>>();
   private localCounter = 0;
 
-  constructor(readonly me: string) {}
+  /** `device`: this page's device name (its own messages coming back are matched by
+   * client_seq only when they came from it; the user's other devices number theirs). */
+  constructor(
+    readonly me: string,
+    readonly device = "",
+  ) {}
 
   conversation(key: string, title?: string): Conversation {
     let conversation = this.conversations.get(key);
@@ -212,7 +219,8 @@ export class ChatModel {
     const msgId = String(message.id);
     if (message.id && this.byMsgId.has(msgId)) return undefined;
     const mine = message.from === this.me;
-    if (mine && message.clientSeq) {
+    const fromHere = !message.device || !this.device || message.device === this.device;
+    if (mine && fromHere && message.clientSeq) {
       const waiting = this.byClientSeq.get(String(message.clientSeq));
       if (waiting !== undefined && waiting.from === message.from) {
         // Our own message coming back (another device, a history page): one item.
@@ -231,6 +239,7 @@ export class ChatModel {
       clientSeq: String(message.clientSeq),
       from: message.from,
       mine,
+      via: mine && !fromHere ? (message.device ?? "") : "",
       kind: kindOf(message.type),
       text: message.text,
       media: mediaOf(message),
@@ -257,6 +266,7 @@ export class ChatModel {
       clientSeq: "",
       from: this.me,
       mine: true,
+      via: "",
       kind,
       text,
       media,

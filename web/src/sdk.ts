@@ -9,7 +9,7 @@ import { ChatClient, pb, type DeliveryOutcome } from "../../clients/js/src/index
 
 export { pb, ChatClient };
 export type { DeliveryOutcome };
-export { ServiceError, conversationKey, mediaMessage } from "../../clients/js/src/index.js";
+export { ServiceError, conversationKey, mediaMessage, webDeviceName } from "../../clients/js/src/index.js";
 
 export class WebChat extends ChatClient {
   /** msg:A arrived for one of our messages. */

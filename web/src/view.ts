@@ -178,6 +178,12 @@ export class ChatView {
     const edited = element("span", "edited", "(edited)");
     edited.hidden = true;
     meta.append(edited, element("time", "time", new Date(item.at).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" })));
+    if (item.via) {
+      // Sent by this user from another device (the CLI, a phone): said, not hidden.
+      const via = element("span", "via", `via ${item.via}`);
+      via.title = `Sent from your device ${item.via}`;
+      meta.prepend(via);
+    }
     if (item.mine) meta.append(element("span", "mark"));
     li.append(meta);
     if (item.mine && item.kind !== "system") meta.prepend(this.actions(item));

@@ -115,6 +115,27 @@ test("a failed message is marked failed; our own message coming back is not a se
   assert.equal(other.seq, 9);
 });
 
+test("the user's message from another device is hers, marked sent, said to come from there, shown once", () => {
+  const model = new ChatModel("alice", "web-abc");
+  const waiting = model.sending({ peer: "bob" }, "text", "from this page");
+  model.numbered(waiting, 7n);
+  // The CLI numbers its messages on its own: the same client_seq is not this page's message.
+  const cli = message({ id: 70n, from: "alice", to: "bob", device: "cli", clientSeq: 7n, seq: 4n, text: "from the terminal", sentAtMs: BigInt(Date.now() + 1000) });
+  const item = model.received(cli);
+  assert.ok(item);
+  assert.deepEqual([item.mine, item.via, item.mark, item.from], [true, "cli", "sent", "alice"]);
+  assert.equal(waiting.msgId, "0", "this page's own message was not taken for it");
+  assert.equal(model.received({ ...cli }), undefined, "the same id again is not a second item");
+  assert.equal(model.conversation("user:bob").items.filter((i) => i.text === "from the terminal").length, 1);
+  assert.equal(model.conversation("user:bob").preview, "You: from the terminal");
+  assert.equal(model.conversation("user:bob").unread, 0);
+  assert.deepEqual(model.readThrough("user:bob", 4).map((i) => i.text), ["from the terminal"]);
+  // This page's own message coming back (a history page) names this device: no "via".
+  const back = model.received(message({ id: 71n, from: "alice", to: "bob", device: "web-abc", clientSeq: 7n, seq: 5n }));
+  assert.equal(back, undefined);
+  assert.deepEqual([waiting.msgId, waiting.via], ["71", ""]);
+});
+
 test("previews say what a message is", () => {
   const media = { url: "u", thumbnailUrl: "", name: "cat.png", mime: "image/png", size: 3, width: 1, height: 1 };
   assert.equal(previewOf({ kind: "image", text: "", media, mine: true }), "You: [image] cat.png");
