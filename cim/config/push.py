@@ -45,6 +45,13 @@ class PushConfig:
     # Off: "New message from alice", no text leaves the server. On: a preview of
     # the first 100 characters.
     show_text: bool = _opt(False, parse_bool)
+    # A device connected with its app in the background (APP_STATE_R) gets an entry
+    # over IM but may never show it: it is pushed unless it acknowledges the entry
+    # within this grace (an SOS is pushed at once). 0: pushed like a device away.
+    background_grace: float = _opt(5.0, parse_duration, minimum=0, maximum=300)
+    # Entries held for a background device's ack at once, on this node; past it they
+    # are pushed without waiting.
+    background_pending: int = _opt(10000, parse_int, minimum=1, maximum=10_000_000)
     # Pushes waiting for a provider on this node; past it non-urgent ones are dropped
     # (and counted), so a provider that is down never holds messages back.
     queue_size: int = _opt(10000, parse_int, minimum=1, maximum=10_000_000)

@@ -73,6 +73,9 @@ class ClientSession(Protocol):
     active_at: float
     """Node time of the client's last frame other than a heartbeat (or connected_at):
     past [im] max_devices_per_user, the device idle longest goes (kick_old)."""
+    background: bool
+    """The app said it is in the background (APP_STATE_R): it may not show what it
+    gets, so push waits a grace for its ack before waking it (cim.push.grace)."""
 
     def deliver(self, frame_type: int, message: ProtobufMessage) -> None: ...
 

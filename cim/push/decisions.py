@@ -6,7 +6,17 @@ unique message id), and only that answer reaches ``entry_appended`` (a retry fou
 again is not new). So each entry is decided on one node, once, for each device of
 each receiver (docs/push.md).
 
-For each receiver's registered device that is not connected (``DevicePresence``):
+For each receiver's registered device, by its presence (``DevicePresence``):
+
+- connected here with its app in the foreground: not pushed (it shows the entry);
+- connected here with its app in the background: an urgent entry is pushed at once;
+  any other waits ``[push] background_grace`` for the device's ack
+  (``cim.push.grace``), and is pushed (collapsed, below) only without one;
+- connected to another node (its app state is not known here): an urgent entry is
+  pushed (the safe side for an SOS), any other is not;
+- not connected: pushed, as below; the state store cannot say: urgent only.
+
+A device pushed:
 
 - an urgent entry (an SOS: a system message whose notice has priority ``high``) is
   queued at once, never collapsed;
@@ -35,8 +45,9 @@ from twisted.logger import Logger
 from cim.im.collaborators import TimelineStore, in_background
 from cim.im.system import SYSTEM_SENDER
 from cim.protocols import cim_pb2
+from cim.push.grace import BackgroundGrace, GraceKey, Held
 from cim.push.notification import Notification
-from cim.push.presence import DevicePresence
+from cim.push.presence import DevicePresence, Presence
 from cim.push.texts import notice_fields, preview, sos_device, title_for
 from cim.storage.changes import ChangeAsked, ChangeMade
 from cim.storage.push import PushRegistration
@@ -61,6 +72,10 @@ class DecisionSettings:
     """Pushes per second a group may cause per device; 0: no extra collapsing."""
     show_text: bool = False
     ttl: float = 86400.0
+    background_grace: float = 5.0
+    """How long a background device has to acknowledge an entry before it is pushed."""
+    background_pending: int = 10000
+    """Entries held for a background device's ack at once; past it, pushed at once."""
 
     def window(self, group: bool) -> float:
         if group and self.group_rate > 0:
@@ -119,6 +134,7 @@ class PushDecisions:
         self._windows: dict[tuple[str, str, str], _Window] = {}
         self._started_at = float(clock.seconds())
         self._stopped = False
+        self.grace = BackgroundGrace(clock, settings.background_grace, settings.background_pending)
 
     @property
     def open_windows(self) -> int:
@@ -149,14 +165,49 @@ class PushDecisions:
         urgent = is_urgent(message)
         appended_at = float(self._clock.seconds())
         for registration in await self._registered(receivers):
-            connected = await self._presence.connected(registration.user, registration.device)
-            if connected or (connected is None and not urgent):
+            presence = await self._presence.state(registration.user, registration.device)
+            if presence is Presence.FOREGROUND or (
+                presence in (Presence.ELSEWHERE, Presence.UNKNOWN) and not urgent
+            ):
                 self.counts.connected += 1
-                continue
-            if urgent:
+            elif urgent:
                 await self._push(registration, message, appended, appended_at)
+            elif presence is Presence.BACKGROUND:
+                self._hold(registration, message, appended, appended_at)
             else:
                 self._collapse(registration, message, appended, appended_at)
+
+    # --- a background device's grace -------------------------------------------------
+
+    def _hold(
+        self,
+        registration: PushRegistration,
+        message: cim_pb2.Message,
+        appended: Appended,
+        appended_at: float,
+    ) -> None:
+        """Wait for the background device's ack; without one, push (collapsed)."""
+        key: GraceKey = (registration.user, registration.device, appended.conversation)
+
+        def expired() -> None:
+            if self._stopped:
+                return
+            now = self._presence.here(registration.user, registration.device)
+            if now is Presence.FOREGROUND:
+                self.counts.connected += 1  # back in front: it shows what it has
+                return
+            self._collapse(registration, message, appended, appended_at)
+
+        held = self.grace.wait(key, appended.seq, expired)
+        if held is Held.FULL:
+            self._collapse(registration, message, appended, appended_at)
+        elif held is Held.ACKNOWLEDGED:
+            self.counts.connected += 1
+
+    def cursor_moved(self, user: str, device: str, conversation: str, seq: int) -> None:
+        """The device acknowledged the conversation through ``seq`` (ack:R's
+        ``through_seq``, OFFLINE_R's acks, OFFLINE_ACK_R): what it held is not pushed."""
+        self.grace.cursor_moved((user, device, conversation), seq)
 
     # --- collapsing -------------------------------------------------------------------
 
@@ -203,6 +254,7 @@ class PushDecisions:
         """Cancel every window: what waited is not pushed (docs/push.md); entries
         appended from now on (the node's last writes while it stops) push nothing."""
         self._stopped = True
+        self.grace.stop()
         for window in self._windows.values():
             if window.call is not None and window.call.active():
                 window.call.cancel()
@@ -304,12 +356,22 @@ class DecidingTimeline:
         return self.inner.change(asked)
 
     def move_cursor(self, user: str, device: str, conversation: str, seq: int) -> None:
+        """ack:R with ``through_seq``: also the ack a background device's grace waits for."""
+        self._cursor_moved(user, device, conversation, seq)
         self.inner.move_cursor(user, device, conversation, seq)
 
     def move_cursors(
         self, user: str, device: str, marks: Sequence[cim_pb2.Cursor]
     ) -> Deferred[int]:
+        for mark in marks:
+            self._cursor_moved(user, device, mark.conversation, mark.seq)
         return self.inner.move_cursors(user, device, marks)
+
+    def _cursor_moved(self, user: str, device: str, conversation: str, seq: int) -> None:
+        try:
+            self._decisions.cursor_moved(user, device, conversation, seq)
+        except Exception:
+            self._decisions.log.failure("could not tell the push decisions of an ack")
 
     def summary(self, user: str, device: str) -> Deferred[list[ConversationState]]:
         return self.inner.summary(user, device)

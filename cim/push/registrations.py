@@ -160,13 +160,22 @@ class Registrations:
         self._emit(REGISTERED, user, peer, device=device, provider=provider, app=app)
         return stored
 
-    async def remove(self, user: str, device: str, peer: Any = None) -> bool:
-        """Remove the device's registration; False when it had none."""
+    async def remove(
+        self, user: str, device: str, peer: Any = None, reason: str | None = None
+    ) -> bool:
+        """Remove the device's registration; False when it had none. ``reason`` (the
+        operation log's): ``logout`` when the device signed out."""
         removed: bool = await self._database.run(remove_registration_txn, user, device)
         self._cache.pop(user, None)
         if removed:
-            self._emit(REMOVED, user, peer, device=device)
+            detail = {"reason": reason} if reason else {}
+            self._emit(REMOVED, user, peer, device=device, **detail)
         return removed
+
+    async def signed_out(self, user: str, device: str, peer: Any = None) -> None:
+        """The device logged out (the router's ``signed_out``): its registration ends,
+        so an account no longer signed in on the phone does not wake it."""
+        await self.remove(user, device, peer, reason="logout")
 
     async def of_device(self, user: str, device: str) -> PushRegistration | None:
         for registration in await self.of_user(user):

@@ -123,7 +123,12 @@ class PushService(AsyncService):
             timeline.summary,
             self.queue.put,
             DecisionSettings(
-                config.collapse_window, config.group_rate, config.show_text, config.ttl
+                config.collapse_window,
+                config.group_rate,
+                config.show_text,
+                config.ttl,
+                config.background_grace,
+                config.background_pending,
             ),
         )
         stores.timeline = DecidingTimeline(timeline, self.decisions)

@@ -204,7 +204,10 @@ async def logic_command(reactor: ICimReactor, options: argparse.Namespace) -> in
         )
     finally:
         await api.close()
-        if router is not None and token is not None:
+        # A logout is the device signing out, which ends its push registration
+        # (docs/push.md): `push` leaves its session to expire (or to the device's
+        # next login) instead.
+        if router is not None and token is not None and options.command != "push":
             with contextlib.suppress(RouterError):
                 await router.logout(token)
     emit(answer)

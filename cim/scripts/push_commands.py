@@ -78,7 +78,11 @@ def push_show(invocation: Invocation) -> int:
 
 def add_push_commands(commands: Any) -> None:
     """cim-client push register --provider P --token T | remove | show."""
-    push = commands.add_parser("push", help="this device's push registration (logic service)")
+    push = commands.add_parser(
+        "push",
+        help="this device's push registration (logic service); it ends when the device "
+        "logs out, so this command does not log out",
+    )
     verbs = push.add_subparsers(dest="verb", required=True)
     register = verbs.add_parser("register", help="register or replace this device's token")
     register.add_argument("--provider", required=True, choices=("fcm", "apns", "webhook"))

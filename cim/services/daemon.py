@@ -260,6 +260,8 @@ class CimDaemon(OrderedServices):
                 operators=operators,
                 limits=limits,
                 telemetry=self._telemetry("router"),
+                # A device's logout ends its push registration (docs/push.md).
+                signed_out=push.registrations.signed_out,
             )
             self.add(Listener("router", config.router.listen, reactor, http.guard("router", site)))
         if config.files.enabled:

@@ -3,7 +3,8 @@
 Login checks the password, decides a duplicate login, picks the IM node and issues a
 token; the client then presents that token in its handshake with the node. Only the
 token's hash is stored and nothing secret is ever logged: log lines carry the user,
-the peer address and the outcome.
+the peer address and the outcome. A logout also ends what belongs to the device alone
+(``signed_out``: its push registration).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred
@@ -65,6 +66,11 @@ DEFAULT_DEVICE = "default"
 MAX_DEVICE_LENGTH = 64
 MAX_USER_LENGTH = 256
 MAX_PASSWORD_LENGTH = 4096
+
+SignedOut = Callable[[str, str, str], Awaitable[Any]]
+"""Called with (user, device, peer address) after a device logged out: a logout is
+the device signing out, and what belongs to it alone ends with it (cim.push: its
+push registration). Not called for a kick, an expiry or a newer login of the device."""
 
 # What each refusal counts as in metrics.logins; anything unlisted is "error".
 _OUTCOME_BY_CODE = {
@@ -128,8 +134,10 @@ class RouterResource(EndpointResource[str]):
         oplog: OperationLog | None = None,
         operators: Operators = NO_OPERATORS,
         limits: RateLimits = NO_LIMITS,
+        signed_out: SignedOut | None = None,
     ) -> None:
         self._oplog = oplog
+        self._signed_out = signed_out
         self._operators = operators
         self._limits = limits
         super().__init__(
@@ -328,6 +336,14 @@ class RouterResource(EndpointResource[str]):
         self._log.debug("logout of {user!r} from {address}", user=record.user, address=address)
         if self._oplog is not None:
             self._oplog.emit(oplog_events.LOGOUT, user=record.user, peer=address)
+        if self._signed_out is not None and record.device:
+            # The device signed out: what belongs to it alone ends too (its push
+            # registration: an account no longer signed in must not wake the phone).
+            # The session is over either way; a failure here is logged, not answered.
+            try:
+                await self._signed_out(record.user, record.device, address)
+            except Exception:
+                self._log.failure("could not end what the device's logout ends")
         return json_reply(200, {"ok": True})
 
     # --- operators (cim.http.operators) ------------------------------------------------
@@ -474,6 +490,7 @@ def router_site(
     operators: Operators = NO_OPERATORS,
     limits: RateLimits = NO_LIMITS,
     telemetry: SiteTelemetry = UNOBSERVED,
+    signed_out: SignedOut | None = None,
 ) -> server.Site:
     root = RouterResource(
         config,
@@ -488,5 +505,6 @@ def router_site(
         oplog,
         operators,
         limits,
+        signed_out,
     )
     return bounded_site(root, config.max_body_size, clock, telemetry, config.cors_origins)

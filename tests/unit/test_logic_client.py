@@ -305,6 +305,49 @@ class ArgumentTests(SynchronousTestCase):
         commands = {argv[0] for argv, _ in cases}
         self.assertEqual(commands, set(cli.LOGIC_COMMANDS))
 
+    def test_push_commands_keep_their_session_the_others_log_out(self) -> None:
+        """A logout ends the device's push registration (docs/push.md): ``push
+        register`` must not undo itself."""
+        from twisted.internet.defer import succeed
+        from twisted.internet.task import Clock
+
+        import cim.client.logic
+        from cim.scripts import logic_commands, output
+
+        logouts: list[str] = []
+
+        class Router:
+            def logout(self, token: str) -> Deferred[None]:
+                logouts.append(token)
+                return succeed(None)
+
+        class Api:
+            def __init__(self, *args: Any) -> None:
+                pass
+
+            def close(self) -> Deferred[None]:
+                return succeed(None)
+
+            def __getattr__(self, name: str) -> Any:
+                return lambda *args: succeed({"called": name})
+
+        async def router_token(reactor: Any, options: Any) -> tuple[Router, str]:
+            return Router(), "the-token"
+
+        self.patch(login, "router_token", router_token)
+        self.patch(cim.client.logic, "LogicClient", Api)
+        self.patch(output, "write_line", lambda *args: None)
+        self.patch(logic_commands, "emit", lambda *args: None)
+        for argv, logged_out in (
+            (["push", "register", "--provider", "apns", "--token", "ab12"], False),
+            (["push", "show"], False),
+            (["like", "4"], True),
+        ):
+            del logouts[:]
+            run = Deferred.fromCoroutine(logic_commands.logic_command(Clock(), parse(*argv)))  # type: ignore[arg-type]
+            self.assertEqual(fired(run), 0)
+            self.assertEqual(logouts, ["the-token"] if logged_out else [], argv)
+
     def test_the_login_device_is_not_the_device_argument(self) -> None:
         options = parse("--device", "laptop", "fence", "list", "watch")
         self.assertEqual((options.device, options.of_device), ("laptop", "watch"))

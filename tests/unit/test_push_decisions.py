@@ -51,8 +51,9 @@ def sos(guardian: str, device: str = "watch1") -> cim_pb2.Message:
 
 
 class FakeSession:
-    def __init__(self, user: str, device: str) -> None:
+    def __init__(self, user: str, device: str, background: bool = False) -> None:
         self.record = SessionRecord("s", user, device, "node1", 0.0, 1e12)
+        self.background = background
 
 
 class FakeRoutes:

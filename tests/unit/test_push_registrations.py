@@ -72,6 +72,22 @@ class StorageTests(SynchronousTestCase):
         fired(h.accounts.delete_user("alice"))
         self.assertEqual(fired(registrations.of_user("alice")), [])
 
+    def test_a_logout_of_the_device_ends_its_registration_only(self) -> None:
+        h, registrations, log_path = push_harness(self)
+        h.add_user("alice")
+        for device in ("phone", "tablet"):
+            fired(
+                Deferred.fromCoroutine(registrations.register("alice", device, "apns", APNS_TOKEN))
+            )
+        fired(Deferred.fromCoroutine(registrations.signed_out("alice", "phone", "10.0.0.1")))
+        fired(Deferred.fromCoroutine(registrations.signed_out("alice", "watch", "10.0.0.1")))
+        left = fired(registrations.of_user("alice"))
+        self.assertEqual([r.device for r in left], ["tablet"])
+        removed = [line for line in oplog_lines(log_path) if line["event"] == "push.removed"]
+        self.assertEqual(len(removed), 1)
+        detail = removed[0]["detail"]
+        self.assertEqual((detail["device"], detail["reason"]), ("phone", "logout"))
+
 
 class ValidationTests(SynchronousTestCase):
     def test_problems(self) -> None:

@@ -194,6 +194,8 @@ class RouterTests(SynchronousTestCase):
         self.oplog_path = self.operators.path + ".log"
         self.oplog = OperationLog(self.oplog_path, "n1", self.clock.seconds)
         self.addCleanup(self.oplog.close)
+        self.signed_out: list[tuple[str, str, str]] = []
+        self.signed_out_fails = False
         self.site = self.make_site(self.config, token_bytes)
         self.log_events: list[LogEvent] = []
         observer = cast(ILogObserver, self.log_events.append)
@@ -215,6 +217,7 @@ class RouterTests(SynchronousTestCase):
             operators=self.operators,
             **extra,
             telemetry=SiteTelemetry("router", self.metrics.http, access_log=True),
+            signed_out=self.device_signed_out,
         )
         # Started, so the access log (on here) runs too and its lines are checked for secrets.
         site.doStart()
@@ -251,6 +254,11 @@ class RouterTests(SynchronousTestCase):
             peer,
             chunked,
         )
+
+    async def device_signed_out(self, user: str, device: str, peer: str) -> None:
+        self.signed_out.append((user, device, peer))
+        if self.signed_out_fails:
+            raise RuntimeError("the database is down")
 
     def logout(self, token: str | None) -> HttpResponse:
         headers = [] if token is None else [("Authorization", f"Bearer {token}")]
@@ -522,6 +530,24 @@ class RouterTests(SynchronousTestCase):
             self.successResultOf(self.state.sessions.session_for_token(token_hash(token)))
         )
         self.assertError(self.logout(token), 401, "invalid_token")
+
+    def test_a_logout_ends_what_belongs_to_the_device(self) -> None:
+        """Its push registration goes (cim.push); a newer login of the device does not."""
+        token = self.login(device="phone").json()["token"]
+        self.login(device="phone")  # a newer login of the same device: not a logout
+        self.assertEqual(self.signed_out, [])
+        token = self.login(device="phone").json()["token"]
+        self.assertEqual(self.logout(token).status, 200)
+        self.assertEqual([(u, d) for u, d, _ in self.signed_out], [("alice", "phone")])
+        # What it ends failing does not fail the logout: the session is over.
+        self.signed_out_fails = True
+        token = self.login(device="tablet").json()["token"]
+        self.assertEqual(self.logout(token).status, 200)
+        self.assertEqual(self.signed_out[-1][:2], ("alice", "tablet"))
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertIsNone(
+            self.successResultOf(self.state.sessions.session_for_token(token_hash(token)))
+        )
 
     def test_logout_without_valid_token(self) -> None:
         response = self.logout(None)
