@@ -1,0 +1,200 @@
+"""Read receipts across several real devices of one user (#15 acceptance 3 and 8).
+
+alice has a phone and a web device (two ``ChatClient`` sessions, the real library, the
+real daemons), bob one device:
+
+- alice reads on the phone: the web device's unread count for bob drops to 0 at once
+  (it gets READ_N: the library's ``reads`` and ``on_read``), and bob sees "read up to
+  n" (his ``on_read``, his ``reads.peer_read``);
+- the web device, offline while she reads on the phone, shows 0 unread for bob in its
+  summary at its next login, though messages came meanwhile;
+- with alice's read receipts off (her privacy setting), her web device still syncs and
+  bob hears nothing;
+- acceptance 8: the same with alice's node killed between the steps (her devices log
+  in again through the library and land on the other node).
+"""
+
+from __future__ import annotations
+
+import os
+
+from twisted.internet.defer import ensureDeferred
+from twisted.trial.unittest import TestCase
+
+from cim.history.store import direct_conversation
+from cim.protocols import cim_pb2
+from tests.integration.support.cluster import Cluster, eventually, ring_of, sleep
+from tests.integration.support.daemons import PASSWORD, DaemonProcess
+from tests.integration.support.devices import Device
+from tests.integration.test_reliability import shared_broker
+
+AB = direct_conversation("alice", "bob")
+
+
+class ReadSteps(TestCase):
+    """The steps, on whatever nodes the test gives them (no tests itself)."""
+
+    async def bob_sends(self, bob: Device, texts: list[str], *alice: Device) -> int:
+        """bob's texts reach every online device of alice; the conversation's newest seq."""
+        before = {device: len(device.messages) for device in alice}
+        for text in texts:
+            outcome = await bob.client.send_text("alice", text)
+            self.assertIn(outcome.status, ("delivered", "stored"), outcome)
+        for device in alice:
+            await device.has(before[device] + len(texts), f"bob's {texts}")
+            self.assertEqual(device.texts()[before[device] :], texts)
+        return max(m.seq for m in alice[0].messages if m.conversation == AB)
+
+    async def read_on_the_phone(
+        self, phone: Device, web: Device, bob: Device, receipts: bool = True
+    ) -> int:
+        """alice marks the conversation read on her phone; the web device's count drops
+        at once; bob sees it (``receipts``) or nothing. Returns the mark."""
+        newest = phone.client.reads.newest(AB)
+        self.assertGreater(web.unread(AB), 0)  # there is something to drop
+        web_heard, bob_heard = len(web.read_events), len(bob.read_events)
+        bob_mark = bob.client.reads.peer_read(AB)
+        answer = await phone.client.mark_read(AB)
+        self.assertEqual((answer.conversation, answer.seq, answer.moved), (AB, newest, True))
+        self.assertEqual(phone.unread(AB), 0)
+        await eventually(lambda: len(web.read_events) > web_heard, 20, "READ_N on the web")
+        [own] = web.read_events[web_heard:]
+        self.assertEqual((own.reader, own.seq, own.own, own.unread), ("alice", newest, True, 0))
+        self.assertEqual(web.unread(AB), 0)
+        if receipts:
+            await eventually(lambda: len(bob.read_events) > bob_heard, 20, "READ_N at bob's")
+            [seen] = bob.read_events[bob_heard:]
+            self.assertEqual(
+                (seen.conversation, seen.reader, seen.seq, seen.own, seen.peer),
+                (AB, "alice", newest, False, "alice"),
+            )
+            self.assertEqual(bob.client.reads.peer_read(AB), newest)
+        else:
+            # A READ_N would be at bob's before alice's next message is (one node), or
+            # soon after (the bus): her message, then a while, and still none.
+            outcome = await phone.client.send_text("bob", "after reading")
+            self.assertEqual(outcome.status, "delivered", outcome)
+            await eventually(lambda: bob.texts()[-1:] == ["after reading"], 20, "alice's")
+            await sleep(1.0)
+            self.assertEqual(bob.read_events[bob_heard:], [])
+            self.assertEqual(bob.client.reads.peer_read(AB), bob_mark)
+        return newest
+
+    async def web_comes_back(self, web: Device, routers: list[str], mark: int) -> Device:
+        """The web device, offline while alice read on the phone, logs in again: its
+        summary shows nothing unread for bob, and its library agrees."""
+        back = await Device(routers, "alice", web.name).start()
+        [summary] = back.summaries
+        counts = {entry.conversation: entry.count for entry in summary.conversations}
+        self.assertEqual(counts.get(AB, 0), 0, summary)
+        self.assertEqual(summary.total, 0, summary)
+        self.assertEqual(back.client.reads.newest(AB), mark)  # it knows they came...
+        self.assertEqual(back.unread(AB), 0)  # ...and that they are read
+        return back
+
+    async def receipts_off(self, phone: Device, web: Device, bob: Device) -> None:
+        """alice turns read receipts off: her devices still sync, bob hears nothing."""
+        request = cim_pb2.ContactsRequest()
+        request.settings.read_receipts = "off"
+        answer = await phone.client.contacts_request(request)
+        self.assertTrue(answer.ok, answer)
+        self.assertEqual(answer.settings.read_receipts, "off")
+        await self.bob_sends(bob, ["while she hides her reading"], phone, web)
+        await self.read_on_the_phone(phone, web, bob, receipts=False)
+
+
+class OneNodeTests(ReadSteps):
+    timeout = 180
+
+    def test_acceptance_3(self) -> None:
+        return ensureDeferred(self._three())
+
+    async def _three(self) -> None:
+        daemon = DaemonProcess(os.path.abspath(self.mktemp()))
+        for user in ("alice", "bob"):
+            added = daemon.cimctl("user", "add", user, stdin=PASSWORD + "\n")
+            self.assertEqual(added.returncode, 0, added.stderr)
+        daemon.start()
+        self.addCleanup(daemon.stop)
+        routers = [daemon.router_url]
+        phone = await Device(routers, "alice", "phone").start()
+        web = await Device(routers, "alice", "web").start()
+        bob = await Device(routers, "bob", "phone").start()
+        for device in (phone, web, bob):
+            self.addCleanup(device.stop)
+
+        await self.bob_sends(bob, ["one", "two", "three"], phone, web)
+        self.assertEqual((phone.unread(AB), web.unread(AB)), (3, 3))
+        await self.read_on_the_phone(phone, web, bob)
+
+        # The web device is away while two more come and alice reads them on the phone.
+        await web.stop()
+        await self.bob_sends(bob, ["four", "five"], phone)
+        mark = await self.read_on_the_phone_alone(phone, bob)
+        web = await self.web_comes_back(web, routers, mark)
+        self.addCleanup(web.stop)
+
+        await self.receipts_off(phone, web, bob)
+
+    async def read_on_the_phone_alone(self, phone: Device, bob: Device) -> int:
+        heard = len(bob.read_events)
+        answer = await phone.client.mark_read(AB)
+        await eventually(lambda: len(bob.read_events) > heard, 20, "READ_N at bob's")
+        self.assertEqual(bob.read_events[-1].seq, answer.seq)
+        return int(answer.seq)
+
+
+class CrossNodeTests(ReadSteps):
+    timeout = 300
+
+    def test_acceptance_8_reads_with_alice_moved(self) -> None:
+        return ensureDeferred(self._moving())
+
+    async def _moving(self) -> None:
+        cluster = Cluster(self, count=2, amqp_url=shared_broker(self))
+        cluster.start(["alice", "bob"])
+        ring = ring_of(cluster.nodes)
+        home = cluster.by_id(ring.node_for("alice").node_id)  # type: ignore[union-attr]
+        other = next(node for node in cluster.nodes if node is not home)
+        # Every router, alice's home first: the library goes on when it is gone.
+        routers = [home.router_url, other.router_url]
+        phone = await Device(routers, "alice", "phone").start()
+        web = await Device(routers, "alice", "web").start()
+        bob = await Device([other.router_url, home.router_url], "bob", "phone").start()
+        for device in (phone, web, bob):
+            self.addCleanup(device.stop)
+        assert phone.client.ticket is not None
+        self.assertEqual(phone.client.ticket.node.node_id, home.node_id)
+
+        await self.bob_sends(bob, ["one", "two"], phone, web)
+        self.assertEqual(web.unread(AB), 2)
+        # Between the steps: the web device goes away, alice's node dies; her phone
+        # logs in again by itself and lands on the other node.
+        await web.stop()
+        home.kill()
+
+        def moved() -> bool:
+            ticket = phone.client.ticket
+            return (
+                phone.client.state == "online"
+                and ticket is not None
+                and ticket.node.node_id == other.node_id
+            )
+
+        await eventually(moved, 60, "alice's phone on the other node")
+        await eventually(lambda: bob.client.state == "online", 60, "bob online")
+        await eventually(
+            lambda: other.online()["devices"].get("alice") == ["phone"], 30, "alice's route"
+        )
+        heard = len(bob.read_events)
+        answer = await phone.client.mark_read(AB)
+        self.assertEqual(answer.seq, 2)
+        await eventually(lambda: len(bob.read_events) > heard, 30, "READ_N at bob's")
+        self.assertEqual((bob.read_events[-1].seq, bob.client.reads.peer_read(AB)), (2, 2))
+        web = await self.web_comes_back(web, routers, 2)
+        self.addCleanup(web.stop)
+
+        # Both devices on the new node: the live steps again.
+        await self.bob_sends(bob, ["three", "four"], phone, web)
+        await self.read_on_the_phone(phone, web, bob)
+        await self.receipts_off(phone, web, bob)
