@@ -163,6 +163,8 @@ class OneNodeTests(ChangeSteps):
             self.addCleanup(device.stop)
             self.caught_up(device, hidden, fixed, "fixed")
             self.assertNotIn("never seen", device.texts())
+            [copy] = [m for m in device.messages if m.id == unseen]  # shown as recalled
+            self.assertTrue(copy.recalled)
             self.assertNotIn("hidden", device.texts())
         page = await bob.client.history("alice")
         texts = {m.id: m.text for m in page.messages if not m.change}

@@ -17,6 +17,7 @@ real daemons), bob one device:
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 
 from twisted.internet.defer import ensureDeferred
 from twisted.trial.unittest import TestCase
@@ -80,16 +81,20 @@ class ReadSteps(TestCase):
             self.assertEqual(bob.client.reads.peer_read(AB), bob_mark)
         return newest
 
-    async def web_comes_back(self, web: Device, routers: list[str], mark: int) -> Device:
+    async def web_comes_back(
+        self, web: Device, routers: list[str], mark: int, after: Sequence[str] = ()
+    ) -> Device:
         """The web device, offline while alice read on the phone, logs in again: its
-        summary shows nothing unread for bob, and its library agrees."""
+        summary shows nothing unread for bob but what came ``after`` the mark, and its
+        library agrees (the read messages are in history, not pulled again)."""
         back = await Device(routers, "alice", web.name).start()
         [summary] = back.summaries
         counts = {entry.conversation: entry.count for entry in summary.conversations}
-        self.assertEqual(counts.get(AB, 0), 0, summary)
-        self.assertEqual(summary.total, 0, summary)
-        self.assertEqual(back.client.reads.newest(AB), mark)  # it knows they came...
-        self.assertEqual(back.unread(AB), 0)  # ...and that they are read
+        self.assertEqual(counts.get(AB, 0), len(after), summary)
+        self.assertEqual(summary.total, len(after), summary)
+        self.assertEqual(back.client.reads.newest(AB), mark + len(after))  # it knows...
+        self.assertEqual(back.unread(AB), len(after))  # ...which are read
+        self.assertEqual(back.texts(), list(after))
         return back
 
     async def receipts_off(self, phone: Device, web: Device, bob: Device) -> None:
@@ -120,21 +125,28 @@ class OneNodeTests(ReadSteps):
         phone = await Device(routers, "alice", "phone").start()
         web = await Device(routers, "alice", "web").start()
         bob = await Device(routers, "bob", "phone").start()
-        for device in (phone, web, bob):
+        laptop = await Device(routers, "bob", "laptop").start()
+        for device in (phone, web, bob, laptop):
             self.addCleanup(device.stop)
 
         await self.bob_sends(bob, ["one", "two", "three"], phone, web)
         self.assertEqual((phone.unread(AB), web.unread(AB)), (3, 3))
         await self.read_on_the_phone(phone, web, bob)
+        # Every device of bob's sees it, not only the one that wrote.
+        await eventually(lambda: laptop.client.reads.peer_read(AB) == 3, 20, "the laptop's ✓✓")
+        self.assertEqual([(e.reader, e.seq) for e in laptop.read_events], [("alice", 3)])
 
         # The web device is away while two more come and alice reads them on the phone.
         await web.stop()
         await self.bob_sends(bob, ["four", "five"], phone)
         mark = await self.read_on_the_phone_alone(phone, bob)
-        web = await self.web_comes_back(web, routers, mark)
+        await self.bob_sends(bob, ["six"], phone)  # after her mark: unread on the web
+        web = await self.web_comes_back(web, routers, mark, ["six"])
         self.addCleanup(web.stop)
 
+        heard = len(laptop.read_events)
         await self.receipts_off(phone, web, bob)
+        self.assertEqual(laptop.read_events[heard:], [])
 
     async def read_on_the_phone_alone(self, phone: Device, bob: Device) -> int:
         heard = len(bob.read_events)
