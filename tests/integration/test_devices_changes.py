@@ -13,7 +13,9 @@ the ``on_change`` events.
 - bob cannot recall or edit alice's message (not_yours); past the windows (4 s here,
   waited out with a bounded wait) alice cannot either, from any device (too_late), and
   nothing changes.
-- Acceptance 8: the same with alice's node killed between the message and its change.
+- Acceptance 8: the same with alice's node killed between the message and its change:
+  her devices land on another node, bob's on a third, so the changes reach him over
+  the bus (``tests.integration.support.devices.split_cluster``).
 """
 
 from __future__ import annotations
@@ -26,10 +28,9 @@ from twisted.trial.unittest import TestCase
 
 from cim.client.answers import RequestRefused
 from cim.history.store import direct_conversation
-from tests.integration.support.cluster import Cluster, eventually, ring_of, sleep
+from tests.integration.support.cluster import eventually, sleep
 from tests.integration.support.daemons import PASSWORD, DaemonProcess
-from tests.integration.support.devices import Device
-from tests.integration.test_reliability import shared_broker
+from tests.integration.support.devices import Device, moved, split_cluster
 
 AB = direct_conversation("alice", "bob")
 WINDOW = 4.0
@@ -196,43 +197,31 @@ class CrossNodeTests(ChangeSteps):
 
     async def _moving(self) -> None:
         # Windows long enough for the move (a dead node's routes expire first).
-        cluster = Cluster(self, count=2, amqp_url=shared_broker(self), extra=windows(120))
-        cluster.start(["alice", "bob"])
-        ring = ring_of(cluster.nodes)
-        home = cluster.by_id(ring.node_for("alice").node_id)  # type: ignore[union-attr]
-        other = next(node for node in cluster.nodes if node is not home)
-        routers = [home.router_url, other.router_url]
+        split = split_cluster(self, extra=windows(120))
+        routers = split.routers(split.home)
         phone = await Device(routers, "alice", "phone").start()
         web = await Device(routers, "alice", "web").start()
-        bob = await Device([other.router_url, home.router_url], "bob", "phone").start()
+        bob = await Device(routers, "bob", "phone").start()
         for device in (phone, web, bob):
             self.addCleanup(device.stop)
+        await moved(phone, split.home, 5)
 
-        # Sent on alice's home node; her web device goes away, the node dies.
+        # Sent on the home node; alice's web device goes away, the node dies; her phone
+        # lands on her next node, bob's on another.
         secret = await self.alice_sends(phone, "a secret", web, bob)
         typo = await self.alice_sends(phone, "teh", web, bob)
         gone = await self.alice_sends(web, "on the web", phone, bob)
         await web.stop()
-        home.kill()
-
-        def moved() -> bool:
-            ticket = phone.client.ticket
-            return (
-                phone.client.state == "online"
-                and ticket is not None
-                and ticket.node.node_id == other.node_id
-            )
-
-        await eventually(moved, 60, "alice's phone on the other node")
-        await eventually(lambda: bob.client.state == "online", 60, "bob online")
-        await eventually(
-            lambda: other.online()["devices"].get("alice") == ["phone"], 30, "alice's route"
-        )
-        # Changed on the other node: live at bob's, at the web's catch-up.
+        split.home.kill()
+        await moved(phone, split.alice_next)
+        await moved(bob, split.bob_next)
+        # Changed on alice's new node: live at bob's (over the bus), at the web's
+        # catch-up.
         await self.recalled_live(secret, phone, bob)
         await self.edited_live(typo, "the", phone, bob)
         web = await Device(routers, "alice", "web").start()
         self.addCleanup(web.stop)
+        await moved(web, split.alice_next, 5)
         self.caught_up(web, secret, typo, "the")
         # The web device, on the new node, recalls what it sent from the old one: live
         # on her phone and at bob's.

@@ -11,15 +11,21 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
+from dataclasses import dataclass
+
+from twisted.trial.unittest import TestCase
 
 from cim.client.corrections import Change
 from cim.client.reads import ReadEvent
 from cim.client.session import Backoff, ChatClient
+from cim.interfaces import NodeInfo
 from cim.protocols import cim_pb2
-from tests.integration.support.cluster import eventually, reactor
-from tests.integration.support.daemons import PASSWORD
+from cim.ring import HashRing
+from tests.integration.support.cluster import Cluster, eventually, reactor, ring_of
+from tests.integration.support.daemons import PASSWORD, DaemonProcess
+from tests.integration.test_reliability import shared_broker
 
-__all__ = ["Device"]
+__all__ = ["Device", "Split", "moved", "split_cluster"]
 
 
 class Device:
@@ -89,3 +95,51 @@ class Device:
 
     async def has(self, count: int, what: str, timeout: float = 30) -> None:
         await eventually(lambda: len(self.messages) >= count, timeout, f"{what} on {self}")
+
+
+@dataclass
+class Split:
+    """Three nodes where alice and bob share a home; once it dies, alice's next node
+    and bob's are two different ones, so what she does after the move reaches him over
+    the bus."""
+
+    cluster: Cluster
+    home: DaemonProcess
+    alice_next: DaemonProcess
+    bob_next: DaemonProcess
+
+    def routers(self, first: DaemonProcess) -> list[str]:
+        """Every router, ``first`` first: the library goes on when one is gone."""
+        others = [n.router_url for n in self.cluster.nodes if n is not first]
+        return [first.router_url, *others]
+
+
+def split_cluster(test: TestCase, extra: str = "") -> Split:
+    """Private ZooKeeper and Redis, the shared RabbitMQ (skipped, or failed under
+    CIM_REQUIRE_SERVICES, when it is not there), nodes s1..s3 with ``extra``."""
+    cluster = Cluster(test, count=3, amqp_url=shared_broker(test), prefix="s", extra=extra)
+    ring = ring_of(cluster.nodes)
+    [home] = {ring.node_for(user).node_id for user in ("alice", "bob")}  # type: ignore[union-attr]
+    after = HashRing(
+        [NodeInfo(n.node_id, "127.0.0.1", n.im_port) for n in cluster.nodes if n.node_id != home],
+        160,
+    )
+    alice_next = after.node_for("alice").node_id  # type: ignore[union-attr]
+    bob_next = after.node_for("bob").node_id  # type: ignore[union-attr]
+    assert alice_next != bob_next, "the ring changed: find a prefix that splits them"
+    cluster.start(["alice", "bob"])
+    return Split(cluster, cluster.by_id(home), cluster.by_id(alice_next), cluster.by_id(bob_next))
+
+
+async def moved(device: Device, node: DaemonProcess, timeout: float = 60) -> None:
+    """``device`` logged in again by itself and is online on ``node``."""
+
+    def there() -> bool:
+        ticket = device.client.ticket
+        return (
+            device.client.state == "online"
+            and ticket is not None
+            and ticket.node.node_id == node.node_id
+        )
+
+    await eventually(there, timeout, f"{device} online on {node.node_id}")
