@@ -158,6 +158,8 @@ class OneNodeTests(ChangeSteps):
         unseen = await self.alice_sends(phone, "never seen", bob)
         taken = time.monotonic()  # the node took it before this: its windows end by +4 s
         await self.recalled_live(unseen, phone, bob)
+        rewritten = await self.alice_sends(phone, "nevr", bob)
+        await self.edited_live(rewritten, "never", phone, bob)
         web = await Device(routers, "alice", "web").start()
         laptop = await Device(routers, "bob", "laptop").start()
         for device in (web, laptop):
@@ -166,6 +168,8 @@ class OneNodeTests(ChangeSteps):
             self.assertNotIn("never seen", device.texts())
             [copy] = [m for m in device.messages if m.id == unseen]  # shown as recalled
             self.assertTrue(copy.recalled)
+            [copy] = [m for m in device.messages if m.id == rewritten]  # shown as edited
+            self.assertEqual((copy.text, copy.edited), ("never", True))
             self.assertNotIn("hidden", device.texts())
         page = await bob.client.history("alice")
         texts = {m.id: m.text for m in page.messages if not m.change}
@@ -184,6 +188,8 @@ class OneNodeTests(ChangeSteps):
         await self.refused(phone.client.edit(fixed, "too late"), "too_late")
         await self.refused(web.client.edit(typo, "too late"), "too_late")
         await self.nothing_changed([phone, web, bob, laptop], counts)
+        # The device that made a change was told by its answer, not again as news.
+        self.assertEqual(phone.changes_of(secret) + phone.changes_of(typo), [])
         page = await bob.client.history("alice")
         texts = {m.id: m.text for m in page.messages if not m.change}
         self.assertEqual((texts[typo], texts[fixed]), ("the", "fixed"))
