@@ -136,13 +136,18 @@ class OneNodeTests(ReadSteps):
         await eventually(lambda: laptop.client.reads.peer_read(AB) == 3, 20, "the laptop's ✓✓")
         self.assertEqual([(e.reader, e.seq) for e in laptop.read_events], [("alice", 3)])
 
-        # The web device is away while two more come and alice reads them on the phone.
+        # The web device is away while two more come and alice reads them on the phone;
+        # bob's laptop is away too: it finds her mark at its next login (stored).
         await web.stop()
+        await laptop.stop()
         await self.bob_sends(bob, ["four", "five"], phone)
         mark = await self.read_on_the_phone_alone(phone, bob)
         await self.bob_sends(bob, ["six"], phone)  # after her mark: unread on the web
         web = await self.web_comes_back(web, routers, mark, ["six"])
         self.addCleanup(web.stop)
+        laptop = await Device(routers, "bob", "laptop").start()
+        self.addCleanup(laptop.stop)
+        self.assertEqual(laptop.client.reads.peer_read(AB), mark)
 
         heard = len(laptop.read_events)
         await self.receipts_off(phone, web, bob)
