@@ -141,6 +141,9 @@ class OneNodeTests(ChangeSteps):
         # recalled on the web, gone from her phone (the sender) too.
         secret = await self.alice_sends(phone, "a secret", web, bob, laptop)
         await self.recalled_live(secret, phone, web, bob, laptop)
+        # Gone for every device of hers: her web device cannot recall or edit it again.
+        await self.refused(web.client.recall(secret), "recalled")
+        await self.refused(web.client.edit(secret, "back"), "recalled")
         oops = await self.alice_sends(phone, "oops", web, bob, laptop)
         await self.recalled_live(oops, web, bob, laptop)
         await eventually(lambda: phone.changes_of(oops) == ["recall"], 20, "the phone's recall")
