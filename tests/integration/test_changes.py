@@ -6,6 +6,9 @@ reason in a JSON line) and change nothing.
 
 The windows are 15 s (``[im] recall_window``/``edit_window``), so a change made right
 after its message is inside, and the test waits (bounded) until one has passed.
+
+Several devices of each user at once (live and at catch-up, and across a node's
+death) are tests.integration.test_devices_changes.
 """
 
 from __future__ import annotations

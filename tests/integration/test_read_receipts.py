@@ -3,8 +3,10 @@ marks her conversation with bob read (``cim-client read bob``) and bob's ``liste
 prints ``"event": "read"``; with read receipts turned off it prints nothing, and
 alice's catch-up summary agrees with her mark.
 
-One session per user today, so alice's "other device" is tested at unit level
-(tests.unit.test_receipts, tests.unit.test_client_reads); here the other side is bob.
+Here the other side is bob, through the command line; alice's other devices (a phone
+and a web device at once, one node and across a node's death) are
+tests.integration.test_devices_reads, and the unit level tests.unit.test_receipts and
+tests.unit.test_client_reads.
 """
 
 from __future__ import annotations

@@ -209,10 +209,12 @@ def write_admin_token(config_path: str) -> str:
 
 
 def _merge(base: str, extra: str) -> str:
-    """Config text with `extra`'s keys overriding or extending `base`'s sections."""
+    """Config text with `extra`'s keys overriding or extending `base`'s sections (a
+    section may come twice in `extra`, as a cluster's own [im] and a test's: the later
+    key wins)."""
     import configparser
 
-    merged = configparser.ConfigParser(interpolation=None)
+    merged = configparser.ConfigParser(interpolation=None, strict=False)
     merged.optionxform = str  # type: ignore[assignment,method-assign]
     merged.read_string(base)
     if extra:
