@@ -90,3 +90,28 @@ class TimelineSchemaTests(TestCase):
 
     def test_postgresql(self) -> None:
         self.check_schema(scratch_postgresql_url(self))
+
+
+class MigrationChainTests(TestCase):
+    """Every migration's downgrade runs: head down to base and up again leaves the
+    schema the code declares (a constraint dropped under a name the naming convention
+    mangles, as 0007's and 0012's once did, fails here)."""
+
+    def down_to_base_and_up(self, url: str) -> None:
+        upgrade(url)
+        engine = create_engine_for(url)
+        self.addCleanup(engine.dispose)
+        with engine.connect() as connection:
+            config = alembic_config()
+            config.attributes["connection"] = connection
+            command.downgrade(config, "base")
+            connection.commit()
+        self.assertEqual(set(inspect(engine).get_table_names()) - {"alembic_version"}, set())
+        upgrade(url)
+        self.assertEqual(schema_differences(engine), [])
+
+    def test_sqlite(self) -> None:
+        self.down_to_base_and_up(sqlite_url(self))
+
+    def test_postgresql(self) -> None:
+        self.down_to_base_and_up(scratch_postgresql_url(self))

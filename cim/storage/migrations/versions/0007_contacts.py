@@ -143,7 +143,7 @@ def downgrade() -> None:
         batch_op.drop_index(batch_op.f("ix_contacts_contact"))
     op.drop_table("contacts")
     with op.batch_alter_table("users", schema=None) as batch_op:
-        batch_op.drop_constraint("ck_users_group_adds", type_="check")
-        batch_op.drop_constraint("ck_users_message_policy", type_="check")
+        batch_op.drop_constraint(batch_op.f("ck_users_group_adds"), type_="check")
+        batch_op.drop_constraint(batch_op.f("ck_users_message_policy"), type_="check")
         batch_op.drop_column("group_adds")
         batch_op.drop_column("message_policy")
