@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from importlib import metadata
 from typing import Any
 
-from bench import gateway
+from bench import gateway, push_outage
 from bench.daemon import BENCH_SCRYPT_N, BENCH_SCRYPT_R, DEFAULT_SCRYPT_N, DEFAULT_SCRYPT_R, ROOT
 
 ANALYSIS_BEGIN = "<!-- analysis: hand-written, kept when the tool regenerates this file -->"
@@ -259,6 +259,7 @@ def rows(results: dict[str, Any]) -> list[Row]:
             )
         )
     out.extend(Row(*figure) for figure in gateway.figures(results.get("gateway")))
+    out.extend(Row(*figure) for figure in push_outage.figures(results.get("push_outage")))
     return out
 
 
