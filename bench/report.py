@@ -376,7 +376,7 @@ def markdown(results: dict[str, Any], analysis: str) -> str:
         "```sh\nmake bench        # quick: about two minutes, prints the table\n"
         "make bench-full   # everything; rewrites this file\n"
         "# some scenarios only (idle, one_to_one, group, offline, catch_up, churn, "
-        "backends, gateway):\n"
+        "backends, gateway, push_outage):\n"
         ".venv/bin/python -m bench.run --full --only group,offline,backends --no-docs\n"
         "# a daemon from another checkout (a hot-path change), same generator:\n"
         ".venv/bin/python -m bench.run --quick --source /path/to/other/checkout\n```\n"
