@@ -182,6 +182,8 @@ class BenchDaemon:
             f"max_connections_per_address = {s.max_connections_per_address}\n"
             f"cipher_suites = {', '.join(s.cipher_suites)}\n"
             f"[admin]\nlisten = tcp:{self.admin_port}:interface=127.0.0.1\n"
+            # metrics_text() reads /metrics without an operator's token.
+            "metrics_open = loopback\n"
             f"{gateway}"
             # A benchmark measures capacity, not the limits: thousands of clients log
             # in from one address and a few users send at the offered rate.

@@ -5,11 +5,14 @@ The real run (a daemon and a worker process) is in tests/integration/test_bench.
 
 from __future__ import annotations
 
+from prometheus_client import CollectorRegistry, generate_latest
 from twisted.trial.unittest import SynchronousTestCase
 
 from bench.loadgen import TEXT_SIZE, BenchConnection, varint
+from bench.push_outage import parse_push_metrics
 from bench.scenarios import percentiles, saturated_side, summarise_folded
 from bench.workers import split
+from cim.metrics import NodeMetrics, NodeMetricsCollector
 from cim.protocols import cim_pb2
 
 
@@ -74,3 +77,32 @@ class ArithmeticTests(SynchronousTestCase):
         summary = summarise_folded(folded)
         self.assertEqual(summary["samples"], 4)
         self.assertEqual(dict(summary["own"]), {"doRead (tcp.py)": 75.0, "seal (crypto.py)": 25.0})
+
+
+class PushMetricsTests(SynchronousTestCase):
+    """bench.push_outage reads the push figures from the daemon's /metrics page."""
+
+    def test_reads_queue_depth_and_outcomes_from_the_real_exposition(self) -> None:
+        metrics = NodeMetrics()
+        metrics.push.queue_depth = lambda: 17
+        for outcome, times in (("dropped", 3), ("retried", 5), ("gave_up", 2)):
+            for _ in range(times):
+                metrics.push.count("apns", outcome)
+        metrics.push.count("fcm", "dropped")
+        registry = CollectorRegistry()
+        registry.register(NodeMetricsCollector(metrics, "bench"))
+        found = parse_push_metrics(generate_latest(registry).decode())
+        self.assertEqual(
+            found,
+            {
+                "queue_depth": 17.0,
+                "pushes_dropped": 4.0,
+                "pushes_retried": 5.0,
+                "pushes_gave_up": 2.0,
+            },
+        )
+
+    def test_push_off_has_no_push_figures(self) -> None:
+        registry = CollectorRegistry()
+        registry.register(NodeMetricsCollector(NodeMetrics(), "bench"))
+        self.assertEqual(parse_push_metrics(generate_latest(registry).decode()), {})
