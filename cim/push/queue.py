@@ -13,6 +13,13 @@ one backoff policy (cim.backends.backoff, jittered), and tries again: a non-urge
 push ``max_attempts`` times in all, an urgent one until it is accepted, its SOS
 alarm is acknowledged (``alarm_open``: someone took charge) or its TTL is over;
 ``failed`` is given up at once.
+
+A provider that is down is not hammered: after ``BREAKER_AFTER`` requests in a row
+fail (refused, timed out, 5xx, 429), its pushes are held (still counted in the
+bound) and one request probes it when the breaker's backoff ends; the first answer
+that is not a failure (accepted, a dead token, a refusal of the push itself) lets
+what is held go again. A node whose provider is down then costs what the decisions
+cost, not a stream of failing requests (docs/benchmarks.md, figure 10).
 """
 
 from __future__ import annotations
@@ -36,6 +43,10 @@ __all__ = ["PushQueue", "QueueSettings"]
 
 MAX_RETRY_AFTER = 3600.0
 """A Retry-After is honoured up to an hour; a longer one is read as an hour."""
+BREAKER_AFTER = 3
+"""Failed requests in a row after which a provider's pushes are held."""
+BREAKER = Backoff(1.0, 60.0, jitter=0.5)
+"""How long a held provider waits before the next probe (after the n-th failed probe)."""
 
 
 @dataclass(frozen=True)
@@ -50,6 +61,28 @@ class QueueSettings:
 class _Entry:
     notification: Notification
     attempts: int = 0
+    probe: bool = False
+    """Sent to find out whether a held provider answers again."""
+
+
+@dataclass
+class _Provider:
+    """The breaker of one provider: failures in a row, and the pushes it holds."""
+
+    failures: int = 0
+    until: float = 0.0
+    probing: bool = False
+    urgent: deque[_Entry] = field(default_factory=deque)
+    normal: deque[_Entry] = field(default_factory=deque)
+    wake: IDelayedCall | None = None
+
+    @property
+    def tripped(self) -> bool:
+        return self.failures >= BREAKER_AFTER
+
+    @property
+    def held(self) -> int:
+        return len(self.urgent) + len(self.normal)
 
 
 Send = Callable[[Notification], "Deferred[Outcome]"]
@@ -83,11 +116,20 @@ class PushQueue:
         self._retrying: dict[int, IDelayedCall] = {}
         self._next_retry = 0
         self._stopped = False
+        self._providers: dict[str, _Provider] = {}
 
     @property
     def depth(self) -> int:
-        """Pushes this node holds: waiting, in flight, or waiting to retry."""
-        return len(self._urgent) + len(self._normal) + self._in_flight + len(self._retrying)
+        """Pushes this node holds: waiting, in flight, waiting to retry, or held for a
+        provider that is down."""
+        held = sum(state.held for state in self._providers.values())
+        return len(self._urgent) + len(self._normal) + self._in_flight + len(self._retrying) + held
+
+    def _state(self, provider: str) -> _Provider:
+        state = self._providers.get(provider)
+        if state is None:
+            state = self._providers[provider] = _Provider()
+        return state
 
     def put(self, notification: Notification) -> bool:
         """Take a push; False when it was dropped (the queue is full, or stopped)."""
@@ -115,12 +157,70 @@ class PushQueue:
                 entry = self._normal.popleft()
             else:
                 return
+            state = self._state(entry.notification.registration.provider)
+            if state.tripped:
+                if state.probing or self._clock.seconds() < state.until:
+                    self._hold(state, entry)
+                    continue
+                state.probing = entry.probe = True  # does it answer again?
             self._in_flight += 1
             entry.attempts += 1
             d = maybeDeferred(self._send, entry.notification)
             d.addErrback(self._send_failed)
             d.addCallback(self._answered, entry)
             d.addErrback(self._broken)
+
+    def _hold(self, state: _Provider, entry: _Entry) -> None:
+        (state.urgent if entry.notification.urgent else state.normal).append(entry)
+        if state.wake is None and not state.probing:
+            delay = max(0.0, state.until - float(self._clock.seconds()))
+            state.wake = self._clock.callLater(delay, self._probe, state)
+
+    def _probe(self, state: _Provider) -> None:
+        """The breaker's wait is over: one held push goes (urgent first)."""
+        state.wake = None
+        if self._stopped:
+            return
+        if state.urgent:
+            self._urgent.appendleft(state.urgent.popleft())
+        elif state.normal:
+            self._normal.appendleft(state.normal.popleft())
+        self._pump()
+
+    def _release(self, state: _Provider) -> None:
+        """The provider answers again: what it held goes back, in order, first."""
+        if state.wake is not None and state.wake.active():
+            state.wake.cancel()
+        state.wake = None
+        self._urgent.extendleft(reversed(state.urgent))
+        self._normal.extendleft(reversed(state.normal))
+        state.urgent.clear()
+        state.normal.clear()
+
+    def _breaker(self, entry: _Entry, failed: bool, now: float) -> None:
+        state = self._state(entry.notification.registration.provider)
+        if entry.probe:
+            entry.probe = state.probing = False
+        provider = entry.notification.registration.provider
+        if not failed:
+            if state.tripped:
+                self.log.info("push provider {provider} answers again", provider=provider)
+            state.failures, state.until = 0, 0.0
+            self._release(state)
+            return
+        state.failures += 1
+        if not state.tripped:
+            return
+        if state.failures == BREAKER_AFTER:
+            self.log.warn(
+                "push provider {provider}: {count} requests failed in a row; its pushes "
+                "wait, and one request at a time finds out when it answers again",
+                provider=provider,
+                count=state.failures,
+            )
+        state.until = now + BREAKER.after(state.failures - BREAKER_AFTER + 1, self._rng)
+        if state.wake is None and state.held:
+            state.wake = self._clock.callLater(state.until - now, self._probe, state)
 
     def _send_failed(self, failure: Failure) -> Outcome:
         self.log.failure("a push provider failed", failure)
@@ -134,6 +234,7 @@ class PushQueue:
         notification = entry.notification
         provider = notification.registration.provider
         now = float(self._clock.seconds())
+        self._breaker(entry, outcome.kind == RETRY, now)
         if outcome.kind == ACCEPTED:
             self._metrics.count(provider, ACCEPTED)
             self._metrics.latency.observe(now - notification.appended_at)
@@ -203,3 +304,9 @@ class PushQueue:
         self._retrying.clear()
         self._urgent.clear()
         self._normal.clear()
+        for state in self._providers.values():
+            if state.wake is not None and state.wake.active():
+                state.wake.cancel()
+            state.wake = None
+            state.urgent.clear()
+            state.normal.clear()

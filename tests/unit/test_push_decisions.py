@@ -454,3 +454,60 @@ class AlarmTests(SynchronousTestCase):
 
 def _fields(n: Notification) -> dict[str, Any]:
     return {name: getattr(n, name) for name in Notification.__slots__}
+
+
+class BreakerTests(SynchronousTestCase):
+    """A provider that is down is probed one request at a time, not hammered."""
+
+    def make(self) -> tuple[PushQueue, FakeProvider, PushMetrics]:
+        self.clock = Clock()
+        provider = FakeProvider(self.clock)
+        metrics = PushMetrics()
+        settings = QueueSettings(backoff=Backoff(1.0, 60.0, jitter=0.5), max_attempts=5)
+        queue = PushQueue(
+            self.clock, provider.send, lambda n, o: None, settings, metrics, random.Random(7)
+        )
+        return queue, provider, metrics
+
+    def test_a_provider_that_is_down_gets_few_requests_and_what_waits_goes_when_it_is_back(
+        self,
+    ) -> None:
+        queue, provider, metrics = self.make()
+        provider.answers = [Outcome(RETRY, 503)] * 1000
+        for _ in range(50):
+            queue.put(notification())
+        for _ in range(60):  # a minute of outage
+            self.clock.advance(1)
+        down_calls = len(provider.calls)
+        # Without the breaker: 8 at once, then every push retried (250 requests);
+        # with it: the first failures, then one probe per breaker wait.
+        self.assertLess(down_calls, 40, down_calls)
+        self.assertEqual(queue.depth, 50)  # nothing given up while it only waited
+        provider.answers = []  # it answers again: accepted
+        for _ in range(120):
+            self.clock.advance(1)
+        self.assertEqual(metrics.outcomes[("apns", ACCEPTED)], 50)
+        self.assertEqual(queue.depth, 0)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_an_urgent_push_is_the_probe(self) -> None:
+        queue, provider, _metrics = self.make()
+        provider.answers = [Outcome(RETRY, 503)] * 8
+        for _ in range(8):
+            queue.put(notification())
+        self.clock.advance(0)
+        queue.put(notification(urgent=True))
+        for _ in range(100):
+            self.clock.advance(1)
+            if len(provider.calls) > 8:
+                break
+        self.assertTrue(provider.calls[8][1].urgent)
+
+    def test_stop_cancels_the_breakers_wait(self) -> None:
+        queue, provider, _metrics = self.make()
+        provider.answers = [Outcome(RETRY, 503)] * 100
+        for _ in range(10):
+            queue.put(notification())
+        queue.stop()
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.assertEqual(queue.depth, 0)
