@@ -122,9 +122,13 @@ class PushDecisions:
         summary: Summary,
         enqueue: Enqueue,
         settings: DecisionSettings,
+        unregistered: Callable[[str], bool] = lambda user: False,
     ) -> None:
         self._clock = clock
         self._registered = registered
+        self._unregistered = unregistered
+        """True when a user is known (fresh in the registrations' cache) to have no
+        registration: most 1:1 receivers, decided without a Deferred."""
         self._presence = presence
         self._members = members
         self._summary = summary
@@ -146,6 +150,8 @@ class PushDecisions:
         if not appended.new or self._stopped:
             return
         self.counts.entries += 1
+        if not message.group and self._unregistered(message.to):
+            return  # the hot path: a 1:1 receiver with no device to push
         in_background(
             Deferred.fromCoroutine(self._decide(message, appended)),
             self.log,
@@ -333,16 +339,14 @@ class DecidingTimeline:
         self._decisions = decisions
 
     def append(self, message: cim_pb2.Message, sender_device: str) -> Deferred[Appended]:
-        d = self.inner.append(message, sender_device)
+        return self.inner.append(message, sender_device).addCallback(self._decide, message)
 
-        def decide(appended: Appended) -> Appended:
-            try:
-                self._decisions.entry_appended(message, appended)
-            except Exception:
-                self._decisions.log.failure("could not decide the pushes of a message")
-            return appended
-
-        return d.addCallback(decide)
+    def _decide(self, appended: Appended, message: cim_pb2.Message) -> Appended:
+        try:
+            self._decisions.entry_appended(message, appended)
+        except Exception:
+            self._decisions.log.failure("could not decide the pushes of a message")
+        return appended
 
     def behind(self) -> float:
         return self.inner.behind()

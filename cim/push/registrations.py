@@ -186,6 +186,16 @@ class Registrations:
     def of_user(self, user: str) -> Deferred[list[PushRegistration]]:
         return self._database.run(registrations_of_txn, user)
 
+    def known_unregistered(self, user: str) -> bool:
+        """Whether the cache says, freshly, that ``user`` has no registration (no
+        Deferred, no read: what the decisions ask first of every 1:1 receiver)."""
+        cached = self._cache.get(user)
+        return (
+            cached is not None
+            and not cached[1]
+            and float(self._clock.seconds()) - cached[0] < self._cache_ttl
+        )
+
     def of_users(self, users: Sequence[str]) -> Deferred[list[PushRegistration]]:
         """The registrations of these users, from the cache where it is fresh."""
         return Deferred.fromCoroutine(self._of_users(list(users)))

@@ -130,6 +130,7 @@ class PushService(AsyncService):
                 config.background_grace,
                 config.background_pending,
             ),
+            self.registrations.known_unregistered,
         )
         stores.timeline = DecidingTimeline(timeline, self.decisions)
         self.metrics.queue_depth = lambda: self.queue.depth

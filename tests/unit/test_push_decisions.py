@@ -133,6 +133,24 @@ class DecisionTests(SynchronousTestCase):
         world.clock.advance(3600)
         return world
 
+    def test_a_receiver_known_to_have_no_registration_costs_no_lookup(self) -> None:
+        world = self.started()
+        looked_up: list[list[str]] = []
+        registered = world.decisions._registered
+
+        def counting(users: Any) -> Any:
+            looked_up.append(list(users))
+            return registered(users)
+
+        world.decisions._registered = counting
+        world.decisions._unregistered = lambda user: user == "carol"
+        world.registrations.append(registration("bob", "phone"))
+        world.append(message("alice", to="carol"))
+        self.assertEqual(looked_up, [])
+        world.append(message("alice", to="bob"))
+        self.assertEqual(looked_up, [["bob"]])
+        self.assertEqual([n.registration.device for n in world.queued], ["phone"])
+
     def test_a_registered_device_away_is_pushed_a_connected_one_is_not(self) -> None:
         world = self.started()
         world.registrations += [registration("mum", "phone"), registration("mum", "tablet")]

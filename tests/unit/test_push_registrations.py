@@ -201,17 +201,22 @@ class CacheTests(SynchronousTestCase):
         h, registrations, _ = push_harness(self)
         for name in ("alice", "bob"):
             h.add_user(name)
+        self.assertFalse(registrations.known_unregistered("alice"))  # not asked yet
         self.assertEqual(fired(registrations.of_users(["alice", "bob"])), [])
         self.assertEqual(fired(registrations.of_users(["alice", "bob"])), [])
         self.assertEqual(registrations.reads, 1)
+        self.assertTrue(registrations.known_unregistered("bob"))
         # A change through this node is seen at once.
         fired(Deferred.fromCoroutine(registrations.register("bob", "phone", "apns", APNS_TOKEN)))
+        self.assertFalse(registrations.known_unregistered("bob"))
         self.assertEqual([r.user for r in fired(registrations.of_users(["alice", "bob"]))], ["bob"])
         self.assertEqual(registrations.reads, 2)
         # One made elsewhere (straight into the database) after the TTL.
         fired(h.db.run(set_registration_txn, "alice", "phone", "fcm", FCM_TOKEN, None, None, 1.0))
         self.assertEqual([r.user for r in fired(registrations.of_users(["alice"]))], [])
+        self.assertTrue(registrations.known_unregistered("alice"))
         h.clock.advance(11)
+        self.assertFalse(registrations.known_unregistered("alice"))  # too old to say
         self.assertEqual([r.user for r in fired(registrations.of_users(["alice"]))], ["alice"])
 
 
