@@ -72,11 +72,6 @@ _AS_A_MESSAGE = cim_pb2.Message(to="@change")
 hold in order), so only the sender's rate and the store's backlog apply."""
 
 
-def _online(connected: Connected, user: str) -> list[ClientSession]:
-    """The sessions of ``user`` connected to this node: one per online device."""
-    return connected.devices_of(user)
-
-
 class MessageChanges:
     """Answers CHANGE_R and spreads its entry to the devices that show the message."""
 
@@ -228,7 +223,7 @@ class MessageChanges:
             users = await self._directory.groups.member_names(entry.group)
         elsewhere: list[str] = []
         for user in users:
-            sessions = _online(self._connected, user)
+            sessions = self._connected.devices_of(user)
             if not sessions:
                 elsewhere.append(user)
             for session in sessions:

@@ -23,9 +23,6 @@ what a member read is shown to the one whose message it was, not to everyone.
 A peer connected to another node is reached over the bus (BusRead), as the other live
 notices are (cim.im.catchup's OfflineReady): nothing is lost when the bus cannot
 take it, the peer's next summary carries the mark.
-
-"The online sessions of a user" is one function here (``_online``): the node is
-moving from one session per user to several devices per user, and only it changes.
 """
 
 from __future__ import annotations
@@ -61,11 +58,6 @@ _CODES = {
     "not_found": cim_pb2.Error.BAD_REQUEST,
     "bad_request": cim_pb2.Error.BAD_REQUEST,
 }
-
-
-def _online(connected: Connected, user: str) -> list[ClientSession]:
-    """The sessions of ``user`` connected to this node: one per online device."""
-    return connected.devices_of(user)
 
 
 class ReadReceipts:
@@ -114,7 +106,7 @@ class ReadReceipts:
                 peer=mark.peer or "",
                 group=mark.group_id or "",
             )
-            for device in _online(self._connected, mark.user):
+            for device in self._connected.devices_of(mark.user):
                 if device is not session:
                     device.deliver(READ_N, own)
         if mark.shown_moved and mark.peer:
@@ -169,7 +161,7 @@ class ReadReceipts:
 
     def tell(self, user: str, notice: cim_pb2.ReadNotice) -> Deferred[None]:
         """READ_N to ``user``'s devices: here, or on the node its route names."""
-        here = _online(self._connected, user)
+        here = self._connected.devices_of(user)
         for device in here:
             device.deliver(READ_N, notice)
         if here:
@@ -195,5 +187,5 @@ class ReadReceipts:
     def read_from_bus(self, body: cim_pb2.BusRead) -> None:
         """Another node's READ_N for users it found connected here."""
         for receiver in body.receivers:
-            for device in _online(self._connected, receiver):
+            for device in self._connected.devices_of(receiver):
                 device.deliver(READ_N, body.notice)

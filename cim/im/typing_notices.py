@@ -56,11 +56,6 @@ TYPING_INTERVAL = 3.0
 REASON_NOT_MEMBER = "only members can type in a group"
 
 
-def _online(connected: Connected, user: str) -> list[ClientSession]:
-    """The sessions of ``user`` connected to this node: one per online device."""
-    return connected.devices_of(user)
-
-
 class TypingNotices:
     """Answers TYPING_R; gives notices from other nodes to the users connected here."""
 
@@ -142,7 +137,7 @@ class TypingNotices:
 
     def _give(self, user: str, notice: cim_pb2.TypingN) -> bool:
         """The notice to the user's sessions here; False if it has none here."""
-        sessions = _online(self._connected, user)
+        sessions = self._connected.devices_of(user)
         for session in sessions:
             # A client behind on reading would only queue a notice that is stale
             # by the time it reads it.

@@ -2,22 +2,18 @@
 devices and to a 1:1 peer (here or over the bus), the read_receipts setting, the
 summary at the next login, READERS_R. In memory, on a fake clock, on real timelines.
 
-The node has one session per user today; "the user's other devices" are tested by
-putting a second session in the room's ``_online`` (a recording stand-in beside the
-real phone connection), as the multi-device node will.
+"The user's other devices" are a second connection of alice's (her web device) beside
+her phone.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
 
 from cim.history.store import direct_conversation, group_conversation
-from cim.im import receipts
-from cim.im.collaborators import ClientSession, Connected, Stores
-from cim.interfaces import SessionRecord
+from cim.im.collaborators import Stores
 from cim.protocols import cim_pb2
 from cim.storage.accounts import insert_user_txn
 from cim.storage.contact_changes import set_settings_txn
@@ -28,29 +24,6 @@ from tests.unit.test_delivery import cluster, settle
 
 AB = direct_conversation("alice", "bob")
 GROUP = "abcdefghijklmnopqrstuvwxyz"
-
-
-@dataclass
-class OtherDevice:
-    """A second device of a user, as the multi-device node will hold it."""
-
-    record: SessionRecord
-    frames: list[tuple[int, Any]] = field(default_factory=list)
-
-    def deliver(self, frame_type: int, message: Any) -> None:
-        self.frames.append((frame_type, message))
-
-    def of_type(self, frame_type: int) -> list[Any]:
-        return [message for kind, message in self.frames if kind == frame_type]
-
-    def may_take_live_copy(self) -> bool:
-        return True
-
-    def kick(self, reason: str) -> None:
-        pass
-
-    def going_away(self, reason: str, reconnect_after_ms: int) -> None:
-        pass
 
 
 def run(node: NodeHarness, txn: Any, *args: Any) -> Any:
@@ -89,15 +62,8 @@ class ReadTests(SynchronousTestCase):
         settle(self.node)
         send(self.node, self.bob, "alice", 3)
         # alice's web device, online beside her phone.
-        self.web = OtherDevice(SessionRecord("s-web", "alice", "web", "node1", 0.0, 3600.0))
-        phone = self.alice.server
-        real_online = receipts._online
-
-        def online(connected: Connected, user: str) -> list[ClientSession]:
-            found = real_online(connected, user)
-            return [phone, self.web] if user == "alice" and found else found
-
-        self.patch(receipts, "_online", online)
+        self.web = self.node.connect("alice", device="web", auto_ack=True).events
+        settle(self.node)
 
     def test_reading_on_the_phone_reaches_the_web_device_and_the_peer(self) -> None:
         """Acceptance 3: the web device's unread count for bob drops to 0 at once (its
