@@ -184,8 +184,8 @@ async def logic_call(api: Any, options: argparse.Namespace) -> Any:
 async def logic_command(reactor: ICimReactor, options: argparse.Namespace) -> int:
     """Log in through the router (except to register), make the call, print the answer.
 
-    The login is a session like any other: with one session per user, it ends a
-    ``listen`` of the same user running elsewhere (notices wait for its next login).
+    The login is a session of its own device (``cli-HOST-cmd`` unless ``--device``
+    says otherwise), so a ``listen`` or console of the same user goes on.
     """
     from cim.client.logic import LogicClient
     from cim.client.router import RouterError
