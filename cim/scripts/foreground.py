@@ -58,8 +58,8 @@ def run(command: Sequence[str]) -> int:
         signal.signal(signum, forward)
     child = subprocess.Popen(command, process_group=0)
     started.append(child)
-    for signum in early:
-        forward(signum, None)
+    for received in early:
+        forward(received, None)
     if terminal is not None:
         # Handing the terminal over (and back) from outside its foreground group.
         signal.signal(signal.SIGTTOU, signal.SIG_IGN)

@@ -108,6 +108,7 @@ class MakeRunTests(SynchronousTestCase):
             stdout=terminal,
             stderr=terminal,
             preexec_fn=own_terminal,
+            text=True,  # no pipes: only so that it types as DaemonProcess.process
         )
         os.close(terminal)
         shown = b""
