@@ -8,8 +8,10 @@ expect, which make reports as ``*** [run] Terminated``.
 
 So the command runs in its own process group, which is given the terminal: Ctrl-C
 reaches the daemon only. SIGTERM, SIGINT or SIGHUP sent to this process (make passes
-its own SIGTERM on to it) go to the daemon too. A daemon that ended because of one of
-those signals ended as asked: exit status 0. Any other status is passed on.
+its own SIGTERM on to it) go to the daemon too, and the daemon starts with them at
+their defaults even when make was started with them ignored (a script's background
+job). A daemon that ended because of one of those signals ended as asked: exit
+status 0. Any other status is passed on.
 
     python -m cim.scripts.foreground COMMAND [ARGUMENT ...]
 """
