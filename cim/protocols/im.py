@@ -410,7 +410,7 @@ class ImServerProtocol(FrameProtocol, SweptTimeoutMixin):
             peer=self.peer_host,
             suite=accepted.suite,
         )
-        factory.node.sessions.opened(self)
+        factory.node.sessions.opened(self, enrolled=accepted.ticket is not None)
 
     def _refuse_resumption(self) -> None:
         """The ticket was used before or its session ended: plaintext, so the client
