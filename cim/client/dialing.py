@@ -49,7 +49,6 @@ __all__ = [
 ]
 
 _STATUS = cim_pb2.LoginResult
-RESUME_REFUSED = cim_pb2.HandshakeError.RESUME_REFUSED
 
 Connector = Callable[[str, int, ImClientProtocol], "Deferred[Any]"]
 
@@ -256,9 +255,9 @@ class Dialer:
         try:
             await self._open_with(ticket, resume)
         except SessionFailed as failure:
+            # RESUME_REFUSED, or any refusal of the resume hello (a node of an older
+            # release answers it BAD_HELLO): the full hello decides.
             if resume is None or not isinstance(failure.__cause__, HandshakeRefused):
-                raise
-            if failure.__cause__.reason != RESUME_REFUSED:
                 raise
             self.log.info("resumption refused ({why}); full login", why=failure.__cause__)
             await self._open_with(ticket, None)

@@ -266,7 +266,9 @@ export class Dialer {
       if (session.current === connection) session.current = undefined;
       if (error instanceof HandshakeRefused) {
         if (error.reason === pb.HandshakeError_Reason.RATE_LIMITED) throw new RetryLater(error.retryAfterMs, error.message);
-        if (error.reason === pb.HandshakeError_Reason.RESUME_REFUSED && resume) throw new ResumeRefused(error.message);
+        // RESUME_REFUSED, or any refusal of a resume hello (an older node answers it
+        // BAD_HELLO): the full hello decides.
+        if (resume) throw new ResumeRefused(error.message);
         throw new SessionRefused(`the node refused the handshake: ${error.message}`);
       }
       if (error instanceof LoginRefused && error.result.status === pb.LoginResult_Status.WRONG_NODE) {
