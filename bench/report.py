@@ -467,6 +467,18 @@ def _details(results: dict[str, Any]) -> str:
                 ],
             )
         )
+        resumed = [r for r in idle_rows if "resume_cpu_ms" in r]
+        if resumed:
+            out.append(
+                "\nThe same connections closed and back with the resumption ticket of their"
+                " login (`[im] resume_window`: no router, no RSA): "
+                + "; ".join(
+                    f"{r['connections']:,}: {_num(r['resumptions_per_s'])} resumptions/s, "
+                    f"{r['resume_cpu_ms']:.2f} ms of daemon CPU each"
+                    for r in resumed
+                )
+                + ".\n"
+            )
         router = idle_rows[0].get("router_default_cost")
         if router:
             out.append(
