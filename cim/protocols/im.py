@@ -416,6 +416,9 @@ class ImServerProtocol(FrameProtocol, SweptTimeoutMixin):
         """The ticket was used before or its session ended: plaintext, so the client
         knows to log in again with a full hello."""
         self.factory.metrics.handshake_failures["resume_refused"] += 1
+        self.factory.record(
+            oplog_events.HANDSHAKE_FAILED, peer=self.peer_host, reason="resume_refused"
+        )
         self.state = ConnectionState.CLOSING
         self.send_plaintext(RESUME_USED_BODY)
         self.lose_connection()
