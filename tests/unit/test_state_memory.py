@@ -329,6 +329,32 @@ class SessionsContract(StateContract):
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
         self.assertEqual(await other.sessions.session_for_token(token_hash("t2")), second)
 
+    async def redeem(
+        self, ticket_id: str, token: str, expires_at: float = START + 60
+    ) -> SessionRecord | None:
+        return await self.state.sessions.redeem_ticket(ticket_id, token_hash(token), expires_at)
+
+    async def test_a_ticket_is_redeemed_once(self) -> None:
+        record, _ = await self.login("t1", "alice")
+        self.assertEqual(await self.redeem("a" * 32, "t1"), record)
+        self.assertIsNone(await self.redeem("a" * 32, "t1"))
+        self.assertEqual(await self.redeem("b" * 32, "t1"), record)
+
+    async def test_a_ticket_dies_with_its_session(self) -> None:
+        await self.login("t1", "alice")
+        self.assertIsNone(await self.redeem("a" * 32, "unknown"))
+        await self.state.sessions.end_session(token_hash("t1"), "logged out")
+        self.assertIsNone(await self.redeem("b" * 32, "t1"))
+        record, _ = await self.login("t2", "alice", ttl=10)
+        self.clock.advance(10)
+        self.assertIsNone(await self.redeem("c" * 32, "t2"))
+        self.assertEqual(self.ended[-1], (record, "expired"))
+
+    async def test_an_expired_ticket_is_not_redeemed(self) -> None:
+        await self.login("t1", "alice")
+        self.clock.advance(60)
+        self.assertIsNone(await self.redeem("a" * 32, "t1"))
+
     async def test_login_cycles_leave_nothing_behind(self) -> None:
         for i in range(50):
             record, _ = await self.login(f"t{i}", f"user{i % 7}")
