@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from importlib import metadata
 from typing import Any
 
-from bench import gateway, push_outage
+from bench import gateway, push_outage, steady
 from bench.daemon import BENCH_SCRYPT_N, BENCH_SCRYPT_R, DEFAULT_SCRYPT_N, DEFAULT_SCRYPT_R, ROOT
 
 ANALYSIS_BEGIN = "<!-- analysis: hand-written, kept when the tool regenerates this file -->"
@@ -213,6 +213,7 @@ def rows(results: dict[str, Any]) -> list[Row]:
                 _verdict(ok),
             )
         )
+    out.extend(_steady_rows(results))
     loads = one.get("throughput", []) + one.get("latency", [])
     if loads:
         bad = [
@@ -572,6 +573,11 @@ def _details(results: dict[str, Any]) -> str:
 # ------------------------------------------------------------ figures 4, 5 and 6
 
 
+def _steady_rows(results: dict[str, Any]) -> list[Row]:
+    """Issue #20's steady 2,000 msg/s on the shipped configuration (bench.steady)."""
+    return [Row(*figure) for figure in steady.figures(results.get("steady"))]
+
+
 def _failed(value: Any) -> bool:
     return isinstance(value, dict) and "error" in value
 
@@ -700,6 +706,7 @@ def _external_rows(results: dict[str, Any]) -> list[Row]:
                 "",
             )
         )
+    out.extend(_steady_rows(results))
     loads = one.get("throughput", []) + one.get("latency", [])
     if loads:
         bad = [row for row in loads if not row["totals"]["consistent"]]

@@ -6,19 +6,25 @@ The real run (a daemon and a worker process) is in tests/integration/test_bench.
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, generate_latest
+from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from bench.loadgen import TEXT_SIZE, BenchConnection, varint
 from bench.push_outage import parse_push_metrics
 from bench.scenarios import percentiles, saturated_side, summarise_folded
+from bench.steady import figures as steady_figures
+from bench.steady import parse_reactor_gaps, stalls_between
 from bench.workers import split
-from cim.metrics import NodeMetrics, NodeMetricsCollector
+from cim.metrics import NodeMetrics, NodeMetricsCollector, ReactorLag
 from cim.protocols import cim_pb2
 
 
 class _PlainSealer:
     def seal(self, plaintext: bytes) -> bytes:
         return plaintext
+
+    def release(self) -> None:
+        """Nothing to wipe: it holds no key."""
 
 
 class FrameTests(SynchronousTestCase):
@@ -106,3 +112,59 @@ class PushMetricsTests(SynchronousTestCase):
         registry = CollectorRegistry()
         registry.register(NodeMetricsCollector(NodeMetrics(), "bench"))
         self.assertEqual(parse_push_metrics(generate_latest(registry).decode()), {})
+
+
+class SteadyTests(SynchronousTestCase):
+    """bench.steady reads the daemon's lag probe from /metrics, before and after."""
+
+    def _scrape(self, metrics: NodeMetrics) -> str:
+        registry = CollectorRegistry()
+        registry.register(NodeMetricsCollector(metrics, "n1"))
+        return generate_latest(registry).decode()
+
+    def test_stalls_of_the_window_are_counted_from_two_scrapes(self) -> None:
+        clock = Clock()
+        metrics = NodeMetrics()
+        lag = metrics.reactor_lag = ReactorLag(clock, 0.005)
+        lag.start()
+        clock.advance(0.2)  # a stall before the window: not the window's
+        before = parse_reactor_gaps(self._scrape(metrics))
+        for _ in range(10):
+            clock.advance(0.005)
+        clock.advance(0.03)
+        clock.advance(0.012)
+        after = parse_reactor_gaps(self._scrape(metrics))
+        window = stalls_between(before, after)
+        self.assertEqual((window["probe_runs"], window["stalls_over_10ms"]), (12, 2))
+        # The longest since start (0.2 s) came before: the window's is bounded by a bucket.
+        self.assertEqual((window["longest_stall_ms"], window["longest_exact"]), (50.0, False))
+        clock.advance(0.3)
+        later = parse_reactor_gaps(self._scrape(metrics))
+        window = stalls_between(after, later)
+        self.assertEqual((window["probe_runs"], window["stalls_over_10ms"]), (1, 1))
+        self.assertAlmostEqual(window["longest_stall_ms"], 300.0)
+        self.assertTrue(window["longest_exact"])
+        lag.stop()
+
+    def test_a_daemon_without_the_probe_is_an_error(self) -> None:
+        with self.assertRaises(ValueError):
+            parse_reactor_gaps(self._scrape(NodeMetrics()))
+
+    def test_figures_judge_every_target(self) -> None:
+        result = {
+            "offered_per_s": 2000,
+            "seconds": 15.0,
+            "p50_ms": 0.4,
+            "p99_ms": 1.5,
+            "p999_ms": 6.0,
+            "max_ms": 9.0,
+            "daemon_cpu_us_per_message": 90.0,
+            "delivered_per_s": 2000.0,
+            "longest_stall_ms": 8.0,
+            "longest_exact": True,
+            "stalls_over_10ms": 0,
+            "totals": {"consistent": True, "received_matches": True},
+        }
+        verdicts = [row[3] for row in steady_figures(result)]
+        self.assertEqual(verdicts, ["MISSES", "meets", "meets"])
+        self.assertEqual(steady_figures({"error": "boom"})[0][1], "FAILED")

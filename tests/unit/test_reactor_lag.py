@@ -1,0 +1,55 @@
+"""The reactor lag probe: gaps between its runs, the longest, and their rendering."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, generate_latest
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+
+from cim.metrics import NodeMetrics, NodeMetricsCollector, ReactorLag
+
+
+class ReactorLagTests(SynchronousTestCase):
+    def test_gaps_between_runs_are_counted_and_the_longest_kept(self) -> None:
+        clock = Clock()
+        lag = ReactorLag(clock, 0.005)
+        lag.start()
+        clock.advance(0.005)
+        clock.advance(0.005)
+        # The reactor was held for 40 ms: the next run comes that much later.
+        clock.advance(0.040)
+        clock.advance(0.005)
+        self.assertEqual(lag.gaps.count, 4)
+        self.assertAlmostEqual(lag.longest, 0.040)
+        over_10ms = sum(
+            count
+            for bound, count in zip((*lag.gaps.bounds, float("inf")), lag.gaps.counts, strict=True)
+            if bound > 0.01
+        )
+        self.assertEqual(over_10ms, 1)
+        lag.stop()
+        clock.advance(1.0)
+        self.assertEqual(lag.gaps.count, 4)
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_off_schedules_nothing_and_renders_nothing(self) -> None:
+        clock = Clock()
+        lag = ReactorLag(clock, 0.0)
+        lag.start()
+        self.assertEqual(clock.getDelayedCalls(), [])
+        self.assertEqual(list(lag.families()), [])
+
+    def test_metrics_show_the_gaps_once_the_probe_is_set(self) -> None:
+        clock = Clock()
+        metrics = NodeMetrics()
+        registry = CollectorRegistry()
+        registry.register(NodeMetricsCollector(metrics, "n1"))
+        self.assertNotIn(b"cim_reactor_gap", generate_latest(registry))
+        metrics.reactor_lag = ReactorLag(clock, 0.005)
+        metrics.reactor_lag.start()
+        clock.advance(0.030)
+        text = generate_latest(registry).decode()
+        self.assertIn('cim_reactor_gap_seconds_bucket{le="0.025"} 0.0', text)
+        self.assertIn('cim_reactor_gap_seconds_bucket{le="0.05"} 1.0', text)
+        self.assertIn("cim_reactor_gap_max_seconds 0.03", text)
+        metrics.reactor_lag.stop()
