@@ -5,12 +5,15 @@ The real run (a daemon and a worker process) is in tests/integration/test_bench.
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, generate_latest
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from bench.loadgen import TEXT_SIZE, BenchConnection, varint
 from bench.push_outage import parse_push_metrics
+from bench.scaling import markdown, per_unit, project, redis_delta
 from bench.scenarios import percentiles, saturated_side, summarise_folded
 from bench.steady import figures as steady_figures
 from bench.steady import parse_reactor_gaps, stalls_between
@@ -168,3 +171,71 @@ class SteadyTests(SynchronousTestCase):
         verdicts = [row[3] for row in steady_figures(result)]
         self.assertEqual(verdicts, ["MISSES", "meets", "meets"])
         self.assertEqual(steady_figures({"error": "boom"})[0][1], "FAILED")
+
+
+def _three_node_run() -> dict[str, Any]:
+    """A bench.scaling run as saved: 200 connections, 10 s idle, 1,000 messages."""
+    return {
+        "nodes": 3,
+        "connections": 200,
+        "rss_empty_kib": [50_000, 50_000, 50_000],
+        "rss_connected_kib": [50_400, 50_400, 50_400],
+        "idle": {"seconds": 10.0, "daemon_cpu": 0.02, "redis": {"calls": 400}},
+        "load": {
+            "offered_per_s": 100,
+            "seconds": 10.0,
+            "delivered": 1000,
+            "failed": 0,
+            "daemon_cpu": [0.1, 0.1, 0.1],
+            "redis": {
+                "calls": 5000,
+                "commands": {"hset": 5000},
+                "cpu": 0.02,
+                "used_memory": 300_000,
+            },
+            "bus_messages": 1334,
+            "postgresql": {
+                "xact_commit": 500,
+                "tup_inserted": 2000,
+                "tup_updated": 1000,
+                "tup_deleted": 0,
+                "tup_fetched": 0,
+            },
+            "totals": {"consistent": True},
+        },
+        "loadavg": [1.0, 1.0, 1.0],
+    }
+
+
+class ScalingTests(SynchronousTestCase):
+    """bench.scaling: costs per unit from the counted deltas, and the projection."""
+
+    def test_costs_per_message_and_connection(self) -> None:
+        unit = per_unit(_three_node_run())
+        self.assertAlmostEqual(unit["cim_cpu_us_per_msg"], 300.0)
+        self.assertAlmostEqual(unit["cim_rss_kib_per_conn"], 6.0)
+        self.assertAlmostEqual(unit["cim_idle_cpu_us_per_conn_s"], 10.0)
+        self.assertAlmostEqual(unit["redis_ops_per_msg"], 5.0)
+        self.assertAlmostEqual(unit["redis_ops_per_conn_s"], 0.2)
+        self.assertAlmostEqual(unit["redis_cpu_us_per_op"], 4.0)
+        self.assertAlmostEqual(unit["bus_msgs_per_msg"], 1.334)
+        self.assertAlmostEqual(unit["pg_rows_written_per_msg"], 3.0)
+
+    def test_projection_scales_each_component(self) -> None:
+        low, high = project(_three_node_run(), users=1_000_000, rates=(10_000, 100_000))
+        # cim: 10,000 x 300 us + 1M x 10 us/s = 13 cores, at 0.6 of a core each.
+        self.assertAlmostEqual(low["cim_cores"], 13.0)
+        self.assertEqual(low["cim_nodes"], 22)
+        self.assertAlmostEqual(low["redis_ops_per_s"], 10_000 * 5 + 1_000_000 * 0.2)
+        self.assertEqual(low["redis_shards"], 2)  # 250,000 x 4 us = 1 core
+        self.assertAlmostEqual(high["pg_rows_per_s"], 300_000)
+        # Bus messages follow the share crossing nodes: 2/3 measured, 21/22 at 22 nodes.
+        self.assertAlmostEqual(low["bus_msgs_per_s"], 10_000 * 1.334 * (21 / 22) / (2 / 3))
+        self.assertIn("| 10,000 msg/s | 13.0 | 22 |", markdown(_three_node_run()))
+
+    def test_redis_deltas_leave_out_the_probe(self) -> None:
+        before = {"commands": {"get": 5, "info": 2}, "used_memory": 100, "cpu": 1.0}
+        after = {"commands": {"get": 9, "info": 4, "hset": 3}, "used_memory": 160, "cpu": 1.5}
+        delta = redis_delta(before, after)
+        self.assertEqual((delta["calls"], delta["commands"]), (7, {"get": 4, "hset": 3}))
+        self.assertEqual(delta["used_memory"], 60)
