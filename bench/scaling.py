@@ -256,7 +256,14 @@ def measure(
             daemon.start()
         time.sleep(3.0)  # every router sees the three nodes in ZooKeeper
         tap = BusTap(exchange, node_ids)  # the nodes declared the exchange
-        rss_empty = [d.sample().rss_kib for d in daemons]
+        # The nodes' own background (timers, ZooKeeper, Redis housekeeping) with no
+        # client: taken out of the cost of an idle connection below.
+        log(f"scaling: {NODES} nodes without clients for {idle_seconds / 2:.0f} s")
+        empty_start, redis_empty = [d.sample() for d in daemons], redis.info()
+        time.sleep(idle_seconds / 2)
+        empty_end = [d.sample() for d in daemons]
+        empty_redis = redis_delta(redis_empty, redis.info())
+        rss_empty = [d.rss_kib for d in empty_end]
         with WorkerPool(2, daemons[0].router_url, GENERATOR_CPU, workdir) as pool:
             log(f"scaling: {users} users log in and connect to {NODES} nodes")
             _login(pool, "u", users)
@@ -298,6 +305,15 @@ def measure(
         result.update(
             {
                 "rss_empty_kib": rss_empty,
+                "empty": {
+                    "seconds": max(
+                        e.wall_since(s) for s, e in zip(empty_start, empty_end, strict=True)
+                    ),
+                    "daemon_cpu": sum(
+                        e.cpu_since(s) for s, e in zip(empty_start, empty_end, strict=True)
+                    ),
+                    "redis": empty_redis,
+                },
                 "rss_connected_kib": [s.rss_kib for s in idle_start],
                 "idle": {
                     "seconds": idle_wall,
@@ -348,12 +364,16 @@ def per_unit(run: dict[str, Any]) -> dict[str, float]:
     connections = run["connections"]
     pg = load["postgresql"]
     rss_per_conn = (sum(run["rss_connected_kib"]) - sum(run["rss_empty_kib"])) / connections
+    # Per second with the connections idle, less per second with none (the nodes' own).
+    empty = run.get("empty") or {"seconds": 1.0, "daemon_cpu": 0.0, "redis": {"calls": 0}}
+    idle_cpu = idle["daemon_cpu"] / idle["seconds"] - empty["daemon_cpu"] / empty["seconds"]
+    idle_ops = idle["redis"]["calls"] / idle["seconds"] - empty["redis"]["calls"] / empty["seconds"]
     return {
         "cim_cpu_us_per_msg": sum(load["daemon_cpu"]) * 1e6 / delivered,
-        "cim_idle_cpu_us_per_conn_s": idle["daemon_cpu"] * 1e6 / connections / idle["seconds"],
+        "cim_idle_cpu_us_per_conn_s": max(idle_cpu, 0.0) * 1e6 / connections,
         "cim_rss_kib_per_conn": rss_per_conn,
         "redis_ops_per_msg": load["redis"]["calls"] / delivered,
-        "redis_ops_per_conn_s": idle["redis"]["calls"] / connections / idle["seconds"],
+        "redis_ops_per_conn_s": max(idle_ops, 0.0) / connections,
         "redis_cpu_us_per_op": load["redis"]["cpu"] * 1e6 / max(load["redis"]["calls"], 1),
         "redis_bytes_per_msg": load["redis"]["used_memory"] / delivered,
         "bus_msgs_per_msg": load["bus_messages"] / delivered,

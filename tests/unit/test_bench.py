@@ -174,12 +174,14 @@ class SteadyTests(SynchronousTestCase):
 
 
 def _three_node_run() -> dict[str, Any]:
-    """A bench.scaling run as saved: 200 connections, 10 s idle, 1,000 messages."""
+    """A bench.scaling run as saved: 10 s without clients, 200 connections 10 s idle,
+    1,000 messages."""
     return {
         "nodes": 3,
         "connections": 200,
         "rss_empty_kib": [50_000, 50_000, 50_000],
         "rss_connected_kib": [50_400, 50_400, 50_400],
+        "empty": {"seconds": 10.0, "daemon_cpu": 0.01, "redis": {"calls": 100}},
         "idle": {"seconds": 10.0, "daemon_cpu": 0.02, "redis": {"calls": 400}},
         "load": {
             "offered_per_s": 100,
@@ -214,24 +216,25 @@ class ScalingTests(SynchronousTestCase):
         unit = per_unit(_three_node_run())
         self.assertAlmostEqual(unit["cim_cpu_us_per_msg"], 300.0)
         self.assertAlmostEqual(unit["cim_rss_kib_per_conn"], 6.0)
-        self.assertAlmostEqual(unit["cim_idle_cpu_us_per_conn_s"], 10.0)
+        # Idle: (20 ms - the nodes' own 10 ms) / 10 s / 200 connections.
+        self.assertAlmostEqual(unit["cim_idle_cpu_us_per_conn_s"], 5.0)
         self.assertAlmostEqual(unit["redis_ops_per_msg"], 5.0)
-        self.assertAlmostEqual(unit["redis_ops_per_conn_s"], 0.2)
+        self.assertAlmostEqual(unit["redis_ops_per_conn_s"], 0.15)
         self.assertAlmostEqual(unit["redis_cpu_us_per_op"], 4.0)
         self.assertAlmostEqual(unit["bus_msgs_per_msg"], 1.334)
         self.assertAlmostEqual(unit["pg_rows_written_per_msg"], 3.0)
 
     def test_projection_scales_each_component(self) -> None:
         low, high = project(_three_node_run(), users=1_000_000, rates=(10_000, 100_000))
-        # cim: 10,000 x 300 us + 1M x 10 us/s = 13 cores, at 0.6 of a core each.
-        self.assertAlmostEqual(low["cim_cores"], 13.0)
-        self.assertEqual(low["cim_nodes"], 22)
-        self.assertAlmostEqual(low["redis_ops_per_s"], 10_000 * 5 + 1_000_000 * 0.2)
-        self.assertEqual(low["redis_shards"], 2)  # 250,000 x 4 us = 1 core
+        # cim: 10,000 x 300 us + 1M x 5 us/s = 8 cores, at 0.6 of a core each.
+        self.assertAlmostEqual(low["cim_cores"], 8.0)
+        self.assertEqual(low["cim_nodes"], 14)
+        self.assertAlmostEqual(low["redis_ops_per_s"], 10_000 * 5 + 1_000_000 * 0.15)
+        self.assertEqual(low["redis_shards"], 2)  # 200,000 x 4 us = 0.8 core
         self.assertAlmostEqual(high["pg_rows_per_s"], 300_000)
-        # Bus messages follow the share crossing nodes: 2/3 measured, 21/22 at 22 nodes.
-        self.assertAlmostEqual(low["bus_msgs_per_s"], 10_000 * 1.334 * (21 / 22) / (2 / 3))
-        self.assertIn("| 10,000 msg/s | 13.0 | 22 |", markdown(_three_node_run()))
+        # Bus messages follow the share crossing nodes: 2/3 measured, 13/14 at 14 nodes.
+        self.assertAlmostEqual(low["bus_msgs_per_s"], 10_000 * 1.334 * (13 / 14) / (2 / 3))
+        self.assertIn("| 10,000 msg/s | 8.0 | 14 |", markdown(_three_node_run()))
 
     def test_redis_deltas_leave_out_the_probe(self) -> None:
         before = {"commands": {"get": 5, "info": 2}, "used_memory": 100, "cpu": 1.0}
