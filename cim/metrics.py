@@ -9,6 +9,7 @@ someone scrapes ``/metrics``.
 from __future__ import annotations
 
 import threading
+import time
 from bisect import bisect_left
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
@@ -181,12 +182,25 @@ class ReactorLag:
     second.
     """
 
-    def __init__(self, clock: IReactorTime, interval: float) -> None:
+    def __init__(
+        self,
+        clock: IReactorTime,
+        interval: float,
+        cpu_time: Callable[[], float] = time.process_time,
+    ) -> None:
         self.interval = interval
         self.gaps = Histogram(REACTOR_GAP_BUCKETS)
         self.longest = 0.0
+        self.gap_cpu = Histogram(REACTOR_GAP_BUCKETS)
+        """The process's CPU time within each gap: a long gap with little CPU in it is
+        the process waiting (descheduled on a busy machine, or a blocking call), one
+        with as much CPU as wall time is its own work (a callback, a collection, a
+        thread holding the GIL)."""
+        self.longest_cpu = 0.0
         self._clock = clock
+        self._cpu_time = cpu_time
         self._last: float | None = None
+        self._last_cpu = 0.0
         self._loop = LoopingCall(self._tick)
         self._loop.clock = clock
 
@@ -200,14 +214,18 @@ class ReactorLag:
             self._loop.stop()
 
     def _tick(self) -> None:
-        now = self._clock.seconds()
+        now, cpu = self._clock.seconds(), self._cpu_time()
         last, self._last = self._last, now
+        last_cpu, self._last_cpu = self._last_cpu, cpu
         if last is None:
             return
-        gap = now - last
+        gap, used = now - last, cpu - last_cpu
         self.gaps.observe(gap)
+        self.gap_cpu.observe(used)
         if gap > self.longest:
             self.longest = gap
+        if used > self.longest_cpu:
+            self.longest_cpu = used
 
     def families(self) -> Iterator[Metric]:
         if self.interval <= 0:
@@ -224,6 +242,18 @@ class ReactorLag:
         )
         longest.add_metric([], self.longest)
         yield longest
+        yield self.gap_cpu.family(
+            "cim_reactor_gap_cpu",
+            "CPU seconds the process used within each gap of the lag probe "
+            "(all threads: its own work, not waiting).",
+        )
+        longest_cpu = GaugeMetricFamily(
+            "cim_reactor_gap_cpu_max",
+            "The most CPU the process used within one gap of the lag probe since it started.",
+            unit="seconds",
+        )
+        longest_cpu.add_metric([], self.longest_cpu)
+        yield longest_cpu
 
 
 class NodeMetrics:

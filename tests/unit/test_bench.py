@@ -128,7 +128,7 @@ class SteadyTests(SynchronousTestCase):
     def test_stalls_of_the_window_are_counted_from_two_scrapes(self) -> None:
         clock = Clock()
         metrics = NodeMetrics()
-        lag = metrics.reactor_lag = ReactorLag(clock, 0.005)
+        lag = metrics.reactor_lag = ReactorLag(clock, 0.005, cpu_time=lambda: 0.0)
         lag.start()
         clock.advance(0.2)  # a stall before the window: not the window's
         before = parse_reactor_gaps(self._scrape(metrics))
@@ -147,6 +147,9 @@ class SteadyTests(SynchronousTestCase):
         self.assertEqual((window["probe_runs"], window["stalls_over_10ms"]), (1, 1))
         self.assertAlmostEqual(window["longest_stall_ms"], 300.0)
         self.assertTrue(window["longest_exact"])
+        # No CPU was used in any gap: none of them was the process's own work.
+        cpu_after = parse_reactor_gaps(self._scrape(metrics), "cim_reactor_gap_cpu")
+        self.assertEqual((cpu_after["count"], cpu_after["max_s"]), (14.0, 0.0))
         lag.stop()
 
     def test_a_daemon_without_the_probe_is_an_error(self) -> None:

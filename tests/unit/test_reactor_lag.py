@@ -32,6 +32,24 @@ class ReactorLagTests(SynchronousTestCase):
         self.assertEqual(lag.gaps.count, 4)
         self.assertEqual(clock.getDelayedCalls(), [])
 
+    def test_cpu_within_each_gap_tells_own_work_from_waiting(self) -> None:
+        clock = Clock()
+        used = [0.0]
+        lag = ReactorLag(clock, 0.005, cpu_time=lambda: used[0])
+        lag.start()
+        used[0] += 0.001
+        clock.advance(0.005)
+        # 60 ms of wall time, 2 ms of CPU: the process was waiting, not working.
+        used[0] += 0.002
+        clock.advance(0.060)
+        # 30 ms of wall time, all of it CPU: its own work held the reactor.
+        used[0] += 0.030
+        clock.advance(0.030)
+        self.assertAlmostEqual(lag.longest, 0.060)
+        self.assertAlmostEqual(lag.longest_cpu, 0.030)
+        self.assertEqual(lag.gap_cpu.count, 3)
+        lag.stop()
+
     def test_off_schedules_nothing_and_renders_nothing(self) -> None:
         clock = Clock()
         lag = ReactorLag(clock, 0.0)
@@ -52,4 +70,6 @@ class ReactorLagTests(SynchronousTestCase):
         self.assertIn('cim_reactor_gap_seconds_bucket{le="0.025"} 0.0', text)
         self.assertIn('cim_reactor_gap_seconds_bucket{le="0.05"} 1.0', text)
         self.assertIn("cim_reactor_gap_max_seconds 0.03", text)
+        self.assertIn("cim_reactor_gap_cpu_seconds_count 1.0", text)
+        self.assertIn("cim_reactor_gap_cpu_max_seconds", text)
         metrics.reactor_lag.stop()
