@@ -371,12 +371,18 @@ def markdown(results: dict[str, Any], analysis: str) -> str:
         "- Figures 4, 5 and 8 run on the embedded daemon in both plans; figure 6 runs the "
         "1:1, group and offline scenarios again on PostgreSQL + Redis + RabbitMQ "
         "(`--full`, or `--only backends`).\n"
+        "- Figure 3b (bench.steady) holds 2,000 msg/s for 15 s (30 s in `--full`) on the "
+        "shipped configuration (heartbeat 30 s) and reads the daemon's reactor lag probe "
+        "(`[node] lag_probe_interval = 5ms`, `cim_reactor_gap_*` on /metrics) before and "
+        "after: the longest gap between two of its runs is the longest stall.\n"
+        "- The three-node run on the distributed backends and its projection to a million "
+        "users are in docs/scaling.md (`python -m bench.scaling`).\n"
     )
     add("### How to reproduce\n")
     add(
         "```sh\nmake bench        # quick: about two minutes, prints the table\n"
         "make bench-full   # everything; rewrites this file\n"
-        "# some scenarios only (idle, one_to_one, group, offline, catch_up, churn, "
+        "# some scenarios only (idle, one_to_one, steady, group, offline, catch_up, churn, "
         "backends, gateway, push_outage):\n"
         ".venv/bin/python -m bench.run --full --only group,offline,backends --no-docs\n"
         "# a daemon from another checkout (a hot-path change), same generator:\n"
