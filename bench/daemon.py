@@ -170,10 +170,11 @@ class BenchDaemon:
             if s.websocket
             else ""
         )
+        # Only when asked: a checkout from before the probe (--source) has no such key.
+        probe = f"lag_probe_interval = {s.lag_probe_interval:g}\n" if s.lag_probe_interval else ""
         return (
             "# Written by bench/daemon.py for one benchmark run.\n"
-            f"[node]\nid = {s.node_id}\ndata_dir = {self.workdir}/data\n"
-            f"lag_probe_interval = {s.lag_probe_interval:g}\n"
+            f"[node]\nid = {s.node_id}\ndata_dir = {self.workdir}/data\n{probe}"
             f"[router]\nlisten = tcp:{self.router_port}:interface=127.0.0.1\n"
             # Every benchmark client logs in from 127.0.0.1, so only the address cap
             # has to go; the per-user throttle only counts failures.
