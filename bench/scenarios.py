@@ -69,6 +69,9 @@ class Plan:
     """One sender per conversation; each stores an equal share (``bench.catch_up``)."""
     suites: tuple[str, ...] = ("chacha20-poly1305", "rc4-hmac-sha256")
     """The 1:1 saturation runs' suites (figure 6 runs chacha20-poly1305 only)."""
+    steady_rate: int = 2000
+    steady_seconds: float = 15.0
+    """bench.steady: one rate held this long on the shipped configuration."""
     workers: int = 2
     profile_seconds: float = 0.0
     profile_window: int = 8
@@ -112,6 +115,7 @@ FULL = Plan(
     group_rates=(10, 20, 30),
     group_seconds=10.0,
     profile_seconds=10.0,
+    steady_seconds=30.0,
 )
 
 

@@ -60,6 +60,8 @@ class NodeConfig:
     operation_log: str = _opt("", parse_str)
     # How often freed heap memory is handed back to the system (cim.heap); 0: never.
     heap_trim_interval: float = _opt(5.0, parse_duration, minimum=0)
+    # How often the reactor lag probe runs (cim.metrics.ReactorLag); 0: never.
+    lag_probe_interval: float = _opt(0.0, parse_duration, minimum=0, maximum=1)
     # SIGTERM: the stop waits this long for clients to go and queued work to finish,
     # then the process exits anyway (systemd's TimeoutStopSec is 60 s).
     stop_timeout: float = _opt(45.0, parse_duration, minimum=1, maximum=3600)
