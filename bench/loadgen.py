@@ -825,14 +825,30 @@ class Worker:
         answer = cim_pb2.GroupAnswer.FromString(plaintext[1:])
         if not answer.ok:
             raise BenchError(f"group create refused: {answer.error}: {answer.message}")
-        member_count = answer.group.member_count
-        invited = set(answer.invited)
+        invited = list(answer.invited)
+        joined = await self._accept_invitations(answer.group.id, invited)
+        return {
+            "group": answer.group.id,
+            "member_count": max(answer.group.member_count, joined),
+            "creator": creator.user,
+            "invited": invited,
+        }
+
+    async def cmd_group_join(self, spec: dict[str, Any]) -> dict[str, Any]:
+        """The invited members connected to this worker accept (``group_create`` ran on
+        another worker): answers with the member count the last acceptance saw."""
+        joined = await self._accept_invitations(str(spec["group"]), list(spec["invited"]))
+        return {"member_count": joined}
+
+    async def _accept_invitations(self, group: str, invited: list[str]) -> int:
+        """Each of ``invited`` connected here accepts, as its client would; returns the
+        member count after the last acceptance (0 if none was made here)."""
+        names = set(invited)
+        member_count = 0
         for conn in self.conns:
-            if conn.user not in invited:
+            if conn.user not in names:
                 continue
-            accept = cim_pb2.GroupRequest(
-                request_id=2, accept=cim_pb2.GroupRef(group=answer.group.id)
-            )
+            accept = cim_pb2.GroupRequest(request_id=2, accept=cim_pb2.GroupRef(group=group))
             plaintext = await _timeout(
                 conn.request(_GROUP_R, accept.SerializeToString(), _GROUP_A), 60
             )
@@ -840,7 +856,7 @@ class Worker:
             if not joined.ok:
                 raise BenchError(f"{conn.user} could not join: {joined.error}: {joined.message}")
             member_count = joined.group.member_count
-        return {"group": answer.group.id, "member_count": member_count, "creator": creator.user}
+        return member_count
 
     # --- offline messages ---------------------------------------------------------------
 
