@@ -41,6 +41,7 @@ from cim.im.routing import Routing
 from cim.interfaces import BusUnavailable, StateUnavailable
 from cim.limits.messages import Refusal
 from cim.protocols import cim_pb2
+from cim.protocols.wire import encode_frame
 
 __all__ = ["FANOUT_SLICE", "GroupMessages"]
 
@@ -200,19 +201,26 @@ class GroupMessages:
         connected = self._connected
         here = [m for m in names if m in connected]
         elsewhere = [m for m in names if m not in connected and m != sender]
+        # Serialized once for every member; each connection only seals it.
+        frame = encode_frame(MSG_N, message)
+        counts = self._metrics.messages
         for start in range(0, len(here), FANOUT_SLICE):
             if start:
                 await deferLater(self._clock, 0, lambda: None)  # let other users in
+            delivered = behind = 0
             for member in here[start : start + FANOUT_SLICE]:
                 for session in connected.devices_of(member):
                     if member == sender and session.record.device == message.device:
                         continue
                     if session.may_take_live_copy():
-                        session.deliver(MSG_N, message)
-                        self._metrics.messages["group_delivered"] += 1
+                        session.deliver_encoded(frame)
+                        delivered += 1
                     else:
                         # Behind on reading: told to pull once its queue drains.
-                        self._metrics.messages["group_behind"] += 1
+                        behind += 1
+            counts["group_delivered"] += delivered
+            if behind:
+                counts["group_behind"] += behind
         if not elsewhere:
             return
         try:

@@ -478,6 +478,11 @@ class ImServerProtocol(FrameProtocol, SweptTimeoutMixin):
             return
         self.send_frame(frame_type, message)
 
+    def deliver_encoded(self, frame: bytes) -> None:
+        """``deliver`` of a frame serialized once for many (cim.protocols.wire.encode_frame)."""
+        if self.state is ConnectionState.ESTABLISHED:
+            self.send_encoded(frame)
+
     def kick(self, reason: str) -> None:
         self._close_with(KICKED, cim_pb2.Kicked(reason=reason, code=kick_code(reason)))
         user = self.record.user if self.record else None

@@ -458,21 +458,27 @@ def move_cursors_txn(connection: Connection, moves: Sequence[CursorMove]) -> int
         wanted[key] = max(wanted.get(key, 0), move.seq)
     if not wanted:
         return 0
-    by_user: dict[str, set[str]] = defaultdict(set)
-    for user, _, conversation in wanted:
-        by_user[user].add(conversation)
+    # One read per chunk of users and chunk of conversations, not one per user: a
+    # group's members acknowledging the same message are one batch of many users and
+    # one conversation. Rows for pairs nobody asked about are ignored.
+    users = sorted({user for user, _, _ in wanted})
+    keys = sorted({conversation for _, _, conversation in wanted})
     last: dict[tuple[str, str], int] = {}
-    for user, keys in by_user.items():
-        for chunk in _chunks(sorted(keys)):
+    for user_chunk in _chunks(users):
+        for chunk in _chunks(keys):
             for row in connection.execute(
-                select(user_conversations.c.conversation, conversations.c.last_seq)
+                select(
+                    user_conversations.c.user_name,
+                    user_conversations.c.conversation,
+                    conversations.c.last_seq,
+                )
                 .join(conversations, conversations.c.key == user_conversations.c.conversation)
                 .where(
-                    user_conversations.c.user_name == user,
+                    user_conversations.c.user_name.in_(user_chunk),
                     user_conversations.c.conversation.in_(chunk),
                 )
             ):
-                last[(user, row.conversation)] = int(row.last_seq)
+                last[(row.user_name, row.conversation)] = int(row.last_seq)
     values = []
     for (user, device, conversation), seq in sorted(wanted.items()):
         if (user, conversation) not in last:
