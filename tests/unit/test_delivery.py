@@ -162,6 +162,65 @@ def cluster(groups: Any = None) -> tuple[NodeHarness, NodeHarness]:
     return nodes  # type: ignore[return-value]
 
 
+class CumulativeAckTests(SynchronousTestCase):
+    """ack:R with conversation + through_seq acknowledges everything up to it there."""
+
+    def test_one_ack_settles_every_earlier_message_of_the_conversation(self) -> None:
+        node = NodeHarness()
+        alice = node.connect("alice")
+        bob = node.connect("bob")  # acknowledges by hand
+        for seq in (1, 2, 3):
+            request = cim_pb2.Message(to="bob", text=str(seq), client_seq=seq)
+            alice.protocol.send(cim_pb2.MSG_R, request)
+            settle(node)
+        received = bob.events.of_type(cim_pb2.MSG_N)
+        self.assertEqual([m.seq for m in received], [1, 2, 3])
+        self.assertEqual(alice.events.of_type(cim_pb2.ACK_N), [])
+        # The second message's ack, standing for the first two: the third stays open.
+        second = received[1]
+        bob.protocol.send(
+            cim_pb2.ACK_R,
+            cim_pb2.AckR(
+                msg_id=second.id, conversation=second.conversation, through_seq=second.seq
+            ),
+        )
+        settle(node)
+        outcomes = alice.events.of_type(cim_pb2.ACK_N)
+        self.assertEqual(sorted(a.client_seq for a in outcomes), [1, 2])
+        self.assertTrue(all(a.status == cim_pb2.DELIVERED for a in outcomes))
+        self.assertEqual(len(bob.events.of_type(cim_pb2.ACK_A)), 1, "one ack:A per ack:R")
+        # A cumulative ack naming no message settles the rest.
+        bob.protocol.send(
+            cim_pb2.ACK_R, cim_pb2.AckR(conversation=second.conversation, through_seq=3)
+        )
+        settle(node)
+        outcomes = alice.events.of_type(cim_pb2.ACK_N)
+        self.assertEqual(sorted(a.client_seq for a in outcomes), [1, 2, 3])
+        self.assertEqual(node.metrics.messages["delivered"], 3)
+        self.assertEqual(len(bob.events.of_type(cim_pb2.ACK_A)), 2)
+
+    def test_an_ack_in_another_conversation_settles_nothing_here(self) -> None:
+        node = NodeHarness()
+        alice = node.connect("alice")
+        carol = node.connect("carol")
+        bob = node.connect("bob")
+        alice.protocol.send(cim_pb2.MSG_R, cim_pb2.Message(to="bob", text="a", client_seq=1))
+        carol.protocol.send(cim_pb2.MSG_R, cim_pb2.Message(to="bob", text="c", client_seq=1))
+        settle(node)
+        from_alice, from_carol = sorted(
+            bob.events.of_type(cim_pb2.MSG_N), key=lambda m: getattr(m, "from")
+        )
+        bob.protocol.send(
+            cim_pb2.ACK_R,
+            cim_pb2.AckR(conversation=from_carol.conversation, through_seq=from_carol.seq + 5),
+        )
+        settle(node)
+        self.assertEqual(alice.events.of_type(cim_pb2.ACK_N), [])
+        [outcome] = carol.events.of_type(cim_pb2.ACK_N)
+        self.assertEqual(outcome.status, cim_pb2.DELIVERED)
+        self.assertNotEqual(from_alice.conversation, from_carol.conversation)
+
+
 class AcrossNodesTests(SynchronousTestCase):
     def test_six_packets_across_two_nodes(self) -> None:
         one, two = cluster()
