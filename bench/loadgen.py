@@ -331,8 +331,8 @@ class BenchConnection(FrameProtocol):
             self._outcome_arrived(plaintext)
         elif kind == _ACK_A:
             # The node saw this client's ack:R, and with it the msg:N it stood for.
-            waiting = self._acks_waiting
-            self.acks_answered += waiting.popleft() if waiting else 1
+            covered = self._acks_waiting
+            self.acks_answered += covered.popleft() if covered else 1
         elif kind == _ERROR:
             self._request_refused(plaintext)
         elif kind in _ANSWERS:
