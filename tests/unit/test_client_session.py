@@ -554,6 +554,28 @@ class ReceiverTests(SynchronousTestCase):
         acks = [(m.msg_id, m.conversation, m.through_seq) for m in node.of_type(cim_pb2.ACK_R)]
         self.assertEqual(acks, [(messages[2].id, "g:g", 4)], "one ack:R for the three")
 
+    def test_group_messages_whose_ack_never_left_come_again_once_at_catch_up(self) -> None:
+        """The connection drops inside the cumulative ack's wait: nothing was
+        acknowledged, the catch-up brings the messages again, none is shown twice."""
+        node = TimelineNode("bob")
+        node.append("erin", "welcome", group="g")
+        node.cursors["g:g"] = 1
+        bob, clock, shown = session(node)
+        node.connect(bob)
+        node.pump()
+        messages = [node.append("carol", str(n), group="g") for n in range(2, 5)]
+        for message in messages:
+            node.live(message)
+        self.assertEqual([m.seq for m in shown], [2, 3, 4])
+        bob.connection_closed(Failure(ConnectionError("cut")))
+        clock.advance(GROUP_ACK_DELAY)
+        self.assertEqual(node.of_type(cim_pb2.ACK_R), [], "the ack never left")
+        self.assertEqual(node.cursors["g:g"], 1)
+        node.connect(bob)
+        node.pump()
+        self.assertEqual([m.seq for m in shown], [2, 3, 4], "shown once")
+        self.assertEqual(node.cursors["g:g"], 4, "the catch-up's cursors moved it")
+
     def test_stop_leaves_what_is_held_unread(self) -> None:
         node, bob, shown = self.online_bob()
         messages = [node.append("alice", str(n), peer="bob") for n in range(1, 4)]
