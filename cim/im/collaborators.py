@@ -12,7 +12,7 @@ gives the node real timelines) reaches every room at once.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -118,6 +118,17 @@ class Connected:
         ([] when none)."""
         devices = self._by_user.get(user)
         return list(devices.values()) if devices else []
+
+    def devices_of_all(self, users: Iterable[str]) -> list[ClientSession]:
+        """Every device here of each of ``users``, in their order (one list for a slice
+        of a group's members, not one per member)."""
+        by_user = self._by_user
+        return [
+            session
+            for user in users
+            if (devices := by_user.get(user))
+            for session in devices.values()
+        ]
 
     def session_of(self, user: str, device: str) -> ClientSession | None:
         """One device's session here, or None."""

@@ -208,16 +208,16 @@ class GroupMessages:
             if start:
                 await deferLater(self._clock, 0, lambda: None)  # let other users in
             delivered = behind = 0
-            for member in here[start : start + FANOUT_SLICE]:
-                for session in connected.devices_of(member):
-                    if member == sender and session.record.device == message.device:
-                        continue
-                    if session.may_take_live_copy():
-                        session.deliver_encoded(frame)
-                        delivered += 1
-                    else:
-                        # Behind on reading: told to pull once its queue drains.
-                        behind += 1
+            for session in connected.devices_of_all(here[start : start + FANOUT_SLICE]):
+                record = session.record
+                if record.device == message.device and record.user == sender:
+                    continue
+                if session.may_take_live_copy():
+                    session.deliver_encoded(frame)
+                    delivered += 1
+                else:
+                    # Behind on reading: told to pull once its queue drains.
+                    behind += 1
             counts["group_delivered"] += delivered
             if behind:
                 counts["group_behind"] += behind
