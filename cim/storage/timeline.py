@@ -480,12 +480,12 @@ def move_cursors_txn(connection: Connection, moves: Sequence[CursorMove]) -> int
                 )
             ):
                 last[(row.user_name, row.conversation)] = int(row.last_seq)
-            for row in connection.execute(
+            for mark in connection.execute(
                 select(
                     cursors.c.user_name, cursors.c.device, cursors.c.conversation, cursors.c.seq
                 ).where(cursors.c.user_name.in_(user_chunk), cursors.c.conversation.in_(chunk))
             ):
-                now[(row.user_name, row.device, row.conversation)] = int(row.seq)
+                now[(mark.user_name, mark.device, mark.conversation)] = int(mark.seq)
     values = []
     for (user, device, conversation), seq in sorted(wanted.items()):
         if (user, conversation) not in last:
