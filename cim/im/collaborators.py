@@ -79,9 +79,10 @@ class ClientSession(Protocol):
 
     def deliver(self, frame_type: int, message: ProtobufMessage) -> None: ...
 
-    def deliver_encoded(self, frame: bytes) -> None:
-        """``deliver`` of a frame encoded once for many receivers (a group's msg:N:
-        cim.protocols.wire.encode_frame), sealed here for this connection only."""
+    def deliver_encoded(self, frames: Sequence[bytes]) -> None:
+        """``deliver`` of frames encoded once for many receivers (a group's msg:N:
+        cim.protocols.wire.encode_frame), sealed here for this connection only and
+        written together, in order."""
 
     def may_take_live_copy(self) -> bool:
         """Whether a live msg:N may be sent now: False while the client is behind on

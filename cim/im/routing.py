@@ -407,7 +407,7 @@ class Routing:
                     if member == sender and session.record.device == message.device:
                         continue  # the post's own device has it (msg:A)
                     if session.may_take_live_copy():
-                        session.deliver_encoded(frame)
+                        session.deliver_encoded((frame,))
                         self._metrics.messages["group_delivered"] += 1
                     else:
                         # Too far behind on reading for a live copy: it is told to pull

@@ -340,16 +340,30 @@ class FrameProtocol(Int32StringReceiver):
     def send_frame(self, frame_type: int, message: Message) -> None:
         self.send_encoded(_TYPE_BYTES[frame_type] + message.SerializeToString())
 
-    def send_encoded(self, frame: bytes) -> None:
-        """Seal and send a frame made by ``encode_frame``: a message that goes to many
-        connections (a group's msg:N) is serialized once, and only sealed per
-        connection (each has its own keys and counter)."""
-        body = self._sealer.seal(frame)
-        self._emit(_LENGTH(len(body)) + body)
+    def send_encoded(self, *frames: bytes) -> None:
+        """Seal and send frames made by ``encode_frame``, in one write: a message that
+        goes to many connections (a group's msg:N) is serialized once, and only sealed
+        per connection (each has its own keys and counter)."""
+        seal = self._sealer.seal
         metrics = self.metrics
-        if metrics is not None:
-            metrics.frames_out[frame[0]] += 1
-            metrics.bytes_out += _PREFIX_SIZE + len(body)
+        if len(frames) == 1:
+            frame = frames[0]
+            body = seal(frame)
+            self._emit(_LENGTH(len(body)) + body)
+            if metrics is not None:
+                metrics.frames_out[frame[0]] += 1
+                metrics.bytes_out += _PREFIX_SIZE + len(body)
+            return
+        parts = []
+        for frame in frames:
+            body = seal(frame)
+            parts.append(_LENGTH(len(body)))
+            parts.append(body)
+            if metrics is not None:
+                metrics.frames_out[frame[0]] += 1
+                metrics.bytes_out += _PREFIX_SIZE + len(body)
+        if parts:
+            self._emit(b"".join(parts))
 
     def send_plaintext(self, body: bytes) -> None:
         """Send a handshake frame body (type byte included) without sealing it."""

@@ -309,6 +309,27 @@ class FakeGroups:
         return succeed(cim_pb2.GroupAnswer(request_id=request.request_id, ok=True))
 
 
+class HeldGroups(FakeGroups):
+    """Member lists read only when the test releases them: the fan-out waits, and the
+    messages posted meanwhile queue behind it."""
+
+    def __init__(self, members: dict[str, list[str]]) -> None:
+        super().__init__(members)
+        self.waiting: list[tuple[str, Deferred[list[str]]]] = []
+
+    def member_names(self, group: str) -> Deferred[list[str]]:
+        d: Deferred[list[str]] = Deferred()
+        self.waiting.append((group, d))
+        return d
+
+    def release(self) -> int:
+        """Answer every read asked so far (with the list as it is now); how many."""
+        waiting, self.waiting = self.waiting, []
+        for group, d in waiting:
+            d.callback(list(self.members.get(group, [])))
+        return len(waiting)
+
+
 class GroupFanOutTests(SynchronousTestCase):
     def test_members_on_both_nodes_see_the_same_order(self) -> None:
         names = [f"m{i}" for i in range(60)]
@@ -346,6 +367,52 @@ class GroupFanOutTests(SynchronousTestCase):
             if name not in senders:
                 orders.add(tuple(sorted(ids)))
         self.assertEqual(len(orders), 1)
+
+    def backlog(self, join_after: int) -> tuple[NodeHarness, list[bytes], ConnectedClient]:
+        """Four posts queue behind the first one's member list; the lists are then read
+        one at a time, dave joining after the ``join_after``-th read (0: never).
+        Returns the node, bob's connection's writes, and dave's client."""
+        groups = HeldGroups({"g1": ["alice", "bob", "carol"]})
+        one, _ = cluster(groups)
+        alice = one.connect("alice")
+        bob = one.connect("bob")
+        one.connect("carol")
+        dave = one.connect("dave")
+        settle(one)
+        writes: list[bytes] = []
+        original = bob.server_transport.write
+
+        def recording(data: bytes) -> None:
+            writes.append(bytes(data))
+            original(data)
+
+        bob.server_transport.write = recording  # type: ignore[method-assign]
+        for n in range(1, 5):
+            alice.protocol.send(
+                cim_pb2.MSG_R, cim_pb2.Message(group="g1", text=str(n), client_seq=n)
+            )
+            settle(one)
+        self.assertEqual(bob.events.of_type(cim_pb2.MSG_N), [], "the member list waits")
+        for read in range(1, 5):
+            self.assertEqual(groups.release(), 1)
+            if read == join_after:
+                groups.members["g1"].append("dave")
+            settle(one)
+        self.assertEqual(groups.waiting, [])
+        self.assertEqual([m.text for m in bob.events.of_type(cim_pb2.MSG_N)], ["1", "2", "3", "4"])
+        return one, writes, dave
+
+    def test_a_backlog_goes_out_together_one_write_per_connection(self) -> None:
+        one, writes, _ = self.backlog(join_after=0)
+        # Message 1 alone (nothing queued yet), then 2, 3 and 4 in one write.
+        self.assertEqual(len(writes), 2)
+        self.assertEqual(one.metrics.messages["group_delivered"], 8)
+
+    def test_a_member_list_that_changed_within_a_batch_goes_one_by_one(self) -> None:
+        one, writes, dave = self.backlog(join_after=2)
+        self.assertEqual(len(writes), 4)
+        self.assertEqual([m.text for m in dave.events.of_type(cim_pb2.MSG_N)], ["3", "4"])
+        self.assertEqual(one.metrics.messages["group_delivered"], 10)
 
     def test_a_group_retry_after_an_append_failure_still_fans_out(self) -> None:
         from twisted.internet.defer import fail
