@@ -8,7 +8,10 @@ sender's other devices too, never the one it posted from): those connected here
 directly, in slices so a big group does not stall other users; those on other nodes in
 one bus message per node. Nothing is written per member: a copy that cannot
 go is dropped, since every member catches up from its cursor. Messages of one group
-fan out one after another, in the order they were appended.
+fan out one after another, in the order they were appended; each is serialized once
+and only sealed per connection. Once a backlog forms, up to ``FANOUT_BATCH`` queued
+messages go together, a connection getting them in one write. Members acknowledge
+cumulatively (docs/protocol.md), and nothing here waits for their acks.
 
 The fan-out backlog is bounded (``[limits] group_backlog`` messages per group,
 ``fanout_backlog`` deliveries and ``fanout_backlog_bytes`` for all groups): past it,
