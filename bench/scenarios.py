@@ -607,6 +607,16 @@ def group(ctx: Context, plan: Plan) -> dict[str, Any]:
             creator = pool.workers[0]
             creator.send({"cmd": "group_create", "prefix": "g", "count": members})
             created = creator.receive(120)
+            # The creator's worker accepted for its own connections; the others'
+            # invited members accept from theirs (docs/privacy.md: non-contacts are
+            # invited, not added).
+            for worker in pool.workers[1:]:
+                worker.send(
+                    {"cmd": "group_join", "group": created["group"], "invited": created["invited"]}
+                )
+            for worker in pool.workers[1:]:
+                joined = worker.receive(120)
+                created["member_count"] = max(created["member_count"], joined["member_count"])
             if created["member_count"] != members:
                 raise RuntimeError(
                     f"the group has {created['member_count']} members, not {members}"

@@ -17,7 +17,7 @@ silence the node waits for before closing follows.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from enum import Enum
 from typing import TYPE_CHECKING, Any
 
@@ -501,6 +501,11 @@ class ImServerProtocol(FrameProtocol, SweptTimeoutMixin):
         if frame_type == OFFLINE_NOTICE and self.outbound.hold_notice():
             return
         self.send_frame(frame_type, message)
+
+    def deliver_encoded(self, frames: Sequence[bytes]) -> None:
+        """``deliver`` of frames serialized once for many (cim.protocols.wire.encode_frame)."""
+        if self.state is ConnectionState.ESTABLISHED:
+            self.send_encoded(*frames)
 
     def kick(self, reason: str) -> None:
         self._close_with(KICKED, cim_pb2.Kicked(reason=reason, code=kick_code(reason)))

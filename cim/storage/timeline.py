@@ -463,34 +463,47 @@ def _enrol_sql(paramstyle: str) -> _EnrolSql:
 
 def move_cursors_txn(connection: Connection, moves: Sequence[CursorMove]) -> int:
     """Move device cursors forward (never back, never past ``last_seq``, only in the
-    user's own conversations); returns how many moved."""
+    user's own conversations); returns how many moved. Two reads per chunk of users and
+    conversations and one batched upsert, whatever the number of users: a group's
+    members acknowledging one message are one batch."""
     wanted: dict[tuple[str, str, str], int] = {}
     for move in moves:
         key = (move.user, move.device, move.conversation)
         wanted[key] = max(wanted.get(key, 0), move.seq)
     if not wanted:
         return 0
-    by_user: dict[str, set[str]] = defaultdict(set)
-    for user, _, conversation in wanted:
-        by_user[user].add(conversation)
+    # Rows for (user, conversation) pairs nobody asked about are ignored.
+    users = sorted({user for user, _, _ in wanted})
+    keys = sorted({conversation for _, _, conversation in wanted})
     last: dict[tuple[str, str], int] = {}
-    for user, keys in by_user.items():
-        for chunk in _chunks(sorted(keys)):
+    now: dict[tuple[str, str, str], int] = {}
+    for user_chunk in _chunks(users):
+        for chunk in _chunks(keys):
             for row in connection.execute(
-                select(user_conversations.c.conversation, conversations.c.last_seq)
+                select(
+                    user_conversations.c.user_name,
+                    user_conversations.c.conversation,
+                    conversations.c.last_seq,
+                )
                 .join(conversations, conversations.c.key == user_conversations.c.conversation)
                 .where(
-                    user_conversations.c.user_name == user,
+                    user_conversations.c.user_name.in_(user_chunk),
                     user_conversations.c.conversation.in_(chunk),
                 )
             ):
-                last[(user, row.conversation)] = int(row.last_seq)
+                last[(row.user_name, row.conversation)] = int(row.last_seq)
+            for mark in connection.execute(
+                select(
+                    cursors.c.user_name, cursors.c.device, cursors.c.conversation, cursors.c.seq
+                ).where(cursors.c.user_name.in_(user_chunk), cursors.c.conversation.in_(chunk))
+            ):
+                now[(mark.user_name, mark.device, mark.conversation)] = int(mark.seq)
     values = []
     for (user, device, conversation), seq in sorted(wanted.items()):
         if (user, conversation) not in last:
             continue  # not one of the user's conversations
         target = min(seq, last[(user, conversation)])
-        if target > 0:
+        if target > now.get((user, device, conversation), 0):
             values.append(
                 {"user_name": user, "device": device, "conversation": conversation, "seq": target}
             )
@@ -507,7 +520,7 @@ def move_cursors_txn(connection: Connection, moves: Sequence[CursorMove]) -> int
         },
         where=statement.excluded.seq > cursors.c.seq,
     )
-    moved = 0
-    for value in values:
-        moved += connection.execute(upsert, value).rowcount
-    return moved
+    # One statement for the batch (executemany); the guard still keeps a cursor from
+    # going back if another transaction moved it since the read above.
+    connection.execute(upsert, values)
+    return len(values)

@@ -14,6 +14,7 @@ export { RouterClient, RouterError, ServiceError, parseTicket, type LoginTicket 
 export { MemorySeenStore, type SeenStore } from "./session/seen.js";
 export { WebStorageSeenStore, WebStorageUploadState, webDeviceName, type StorageLike } from "./session/web-storage.js";
 export type { CatchUpResult } from "./session/catch-up.js";
+export { CumulativeAcks, GROUP_ACK_DELAY_MS, GROUP_ACK_EVERY } from "./session/acks.js";
 export { ReadState, conversationKey, type ReadEvent, type UnreadChange } from "./session/reads.js";
 export { Corrections, changeOf, type Change, type ChangeEvent } from "./session/corrections.js";
 export { LogicClient, LogicError } from "./api/logic.js";
