@@ -156,6 +156,8 @@ class Journal:
         self._loading: set[object] = set()
         self._turn: IDelayedCall | None = None
         self._buffer: list[tuple[_Taken, Numbered, bytes]] = []
+        self._resends: list[tuple[_Taken, Appended]] = []
+        """Resends answered after the turn's write (their first may be in it)."""
         self._index = 0
         """Records journaled (promised) so far."""
         self._copied_to = 0
@@ -263,7 +265,10 @@ class Journal:
             return False
         if isinstance(found, Appended):
             self.counts["resent"] += 1
-            taken.answer.callback(found)
+            if self._buffer:  # its first may be in this turn's write: answer after it
+                self._resends.append((taken, found))
+            else:
+                taken.answer.callback(found)
             return True
         self._last[m.conversation] = seq = last + 1
         self._last.move_to_end(m.conversation)
@@ -320,13 +325,20 @@ class Journal:
             self._turn.cancel()
         self._turn = None
         buffer, self._buffer = self._buffer, []
-        if not buffer:
-            return
-        try:
-            generation = self._files.write(b"".join(r for _, _, r in buffer), len(buffer))
-        except OSError as e:
-            self._unnumber(buffer, e)
-            return
+        resends, self._resends = self._resends, []
+        if buffer:
+            try:
+                generation = self._files.write(b"".join(r for _, _, r in buffer), len(buffer))
+            except OSError as e:
+                self._unnumber(buffer, e)
+                for taken, _ in resends:
+                    taken.answer.errback(TimelineUnavailable(f"the journal cannot be written: {e}"))
+                return
+            self._promise(buffer, generation)
+        for taken, found in resends:
+            taken.answer.callback(found)
+
+    def _promise(self, buffer: list[tuple[_Taken, Numbered, bytes]], generation: int) -> None:
         for _taken, numbered, _ in buffer:
             self._index += 1
             self._copies.put(_Copy(numbered, generation, self._index))
