@@ -227,6 +227,12 @@ class Journal:
         waiting = sum(len(q) for q in self._queues.values())
         return waiting + len(self._buffer) + self._index - self._copied_to
 
+    @property
+    def waiting(self) -> int:
+        """Messages taken and not yet promised (waiting for a load or the turn's write):
+        what the node's backpressure counts; the copies' backlog is ``behind``'s."""
+        return sum(len(q) for q in self._queues.values()) + len(self._buffer)
+
     def journal_bytes(self) -> int:
         return self._files.size()
 

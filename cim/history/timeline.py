@@ -220,6 +220,14 @@ class Timelines:
             return self.journal.unwritten
         return self._appends.pending
 
+    @property
+    def waiting(self) -> int:
+        """Messages taken and not yet promised: the node's backpressure (with a journal,
+        the copies' backlog is held back by ``behind`` instead)."""
+        if self.journal is not None:
+            return self.journal.waiting
+        return self._appends.pending
+
     def settled(self) -> Deferred[None]:
         """Fires once every message promised so far is in the database: what a read
         that must see them waits for (at once without a journal)."""

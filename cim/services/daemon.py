@@ -238,7 +238,7 @@ class CimDaemon(OrderedServices):
             factory.oplog = oplog
             # Messages waiting for their timeline append, and transactions waiting for
             # the database, count in the node's backpressure.
-            factory.node_queue.database_backlog = lambda: max(database.backlog, timelines.pending)
+            factory.node_queue.database_backlog = lambda: max(database.backlog, timelines.waiting)
             self.add(
                 ImService(
                     node_id,
