@@ -180,6 +180,13 @@ class Journal:
         return Deferred.fromCoroutine(self._start())
 
     async def _start(self) -> None:
+        try:
+            self._files.lock()
+        except OSError as e:
+            raise TimelineUnavailable(
+                f"the timeline journal in {self._files.directory} is in use by another "
+                f"process ({e.strerror}): one node per SQLite database"
+            ) from None
         replayed = 0
         chunk: list[Numbered] = []
         for record in self._files.recover():
@@ -224,13 +231,14 @@ class Journal:
     @property
     def unwritten(self) -> int:
         """Messages taken (numbered or waiting to be) and not yet in the database."""
-        waiting = sum(len(q) for q in self._queues.values())
-        return waiting + len(self._buffer) + self._index - self._copied_to
+        return self.waiting + self._index - self._copied_to
 
     @property
     def waiting(self) -> int:
         """Messages taken and not yet promised (waiting for a load or the turn's write):
         what the node's backpressure counts; the copies' backlog is ``behind``'s."""
+        if not self._queues:  # nearly always: asked for every frame the node reads
+            return len(self._buffer)
         return sum(len(q) for q in self._queues.values()) + len(self._buffer)
 
     def journal_bytes(self) -> int:

@@ -17,6 +17,7 @@ for the commit it stands in for (docs/reliability.md).
 
 from __future__ import annotations
 
+import fcntl
 import os
 import struct
 import zlib
@@ -130,6 +131,7 @@ class JournalFiles:
         self.roll_bytes = roll_bytes
         self._files: list[_File] = []
         """Oldest first; the last one is written."""
+        self._lock: int | None = None
 
     # --- start ------------------------------------------------------------------------
 
@@ -149,6 +151,24 @@ class JournalFiles:
             with open(path, "rb") as f:
                 records, _ = read_records(f.read())
             yield from records
+
+    def lock(self) -> None:
+        """Hold ``<stem>.lock`` while running: a second node on the same directory
+        would replay, roll and delete this one's files (``BlockingIOError`` then)."""
+        fd = os.open(
+            os.path.join(self.directory, self.stem + ".lock"), os.O_RDWR | os.O_CREAT, 0o600
+        )
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise
+        self._lock = fd
+
+    def unlock(self) -> None:
+        if self._lock is not None:
+            os.close(self._lock)  # closing the descriptor releases the lock
+            self._lock = None
 
     def open(self) -> None:
         """Delete what an earlier run left (replayed by now) and start a new file."""
@@ -227,3 +247,4 @@ class JournalFiles:
             if clean:
                 os.unlink(f.path)
         self._files = []
+        self.unlock()

@@ -168,12 +168,14 @@ class CimDaemon(OrderedServices):
             database, reactor, privacy, cache_ttl=DEFAULT_DECISION_TTL if alone else 5.0
         )
         # Every message once, numbered in its durable write (cim.history.timeline).
-        # On SQLite numbered in memory and journaled beside the file (cim.history.journal).
+        # A node alone on SQLite is its database's only writer: it numbers in memory and
+        # journals beside the file (cim.history.journal). Nodes of a cluster, even on
+        # one shared SQLite file, number in the transaction.
         timelines = Timelines(
             database,
             reactor,
             timeline_settings(config),
-            journal=journal_directory(config.database_url),
+            journal=journal_directory(config.database_url) if alone else None,
         )
         # What media URLs messages, posts and avatars may carry: https, or this node's
         # file service's (its public_url, or the URL it derives once it listens).

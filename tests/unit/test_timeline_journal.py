@@ -57,7 +57,13 @@ class JournalTests(DatabaseMixin, TestCase):
         return sum(os.path.getsize(os.path.join(self.directory, n)) for n in self.journal_files())
 
     def journal_files(self) -> list[str]:
-        return sorted(n for n in os.listdir(self.directory) if n.startswith("timeline.journal"))
+        names = os.listdir(self.directory)
+        return sorted(n for n in names if n.startswith("timeline.journal.") and n[17:].isdigit())
+
+    def kill(self, timelines: Timelines) -> None:
+        """The process dies: nothing more is written, its lock on the journal goes."""
+        assert timelines.journal is not None
+        timelines.journal._files.unlock()
 
     # --- numbering and copying ----------------------------------------------------------
 
@@ -140,7 +146,8 @@ class JournalTests(DatabaseMixin, TestCase):
         first = self.timelines()
         for n in (1, 2, 3):
             self.append(first, n)
-        self.assertEqual(self.rows(), [])  # killed before any copy
+        self.assertEqual(self.rows(), [])
+        self.kill(first)  # before any copy
         second = self.timelines()
         self.assertEqual(self.rows(), [(AB, 1, 1), (AB, 2, 2), (AB, 3, 3)])
         self.assertEqual(second.counts["replayed"], 3)
@@ -152,13 +159,13 @@ class JournalTests(DatabaseMixin, TestCase):
             self.append(first, n)
         self.clock.advance(COPY_WAIT)  # copied, and the journal not yet rolled
         self.assertEqual(len(self.rows()), 2)
-        kept = os.path.join(self.directory, "kept")
-        data = open(os.path.join(self.directory, self.journal_files()[0]), "rb").read()
+        with open(os.path.join(self.directory, self.journal_files()[0]), "rb") as f:
+            data = f.read()
         records, _ = read_records(data)
         self.assertEqual(len(records), 2)
         with open(os.path.join(self.directory, "timeline.journal.99"), "wb") as f:
             f.write(data)  # the same records again, as if their copy were not known
-        del kept
+        self.kill(first)
         self.timelines()
         self.assertEqual(self.rows(), [(AB, 1, 1), (AB, 2, 2)])
 
@@ -180,6 +187,7 @@ class JournalTests(DatabaseMixin, TestCase):
     def test_a_resend_is_found_again_after_a_restart(self) -> None:
         first = self.timelines()
         self.append(first, 1, client_seq=500)
+        self.kill(first)
         second = self.timelines()
         # The receipts knew it: the same id.
         again = self.append(second, 1, client_seq=500)
@@ -258,6 +266,11 @@ class JournalTests(DatabaseMixin, TestCase):
         self.assertEqual(self.append(timelines, 3).seq, 3)
         self.clock.advance(COPY_WAIT)
         self.assertEqual([seq for _, seq, _ in self.rows()], [1, 2, 3])
+
+    def test_one_process_per_journal(self) -> None:
+        self.timelines()
+        second = Timelines(self.db, self.clock, TimelineSettings(), journal=self.directory)
+        self.failureResultOf(second.start(), TimelineUnavailable)
 
 
 class DirectoryTests(TestCase):
