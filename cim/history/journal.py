@@ -216,6 +216,9 @@ class Journal:
 
         async def drain() -> None:
             await self._copies.stop(flush=True)
+            waiters, self._waiters = self._waiters, []
+            for _, d in waiters:  # a read that waited for what could not be copied
+                d.errback(TimelineUnavailable("the node stopped before the write"))
             clean = self.unwritten == 0
             if self._ready:
                 self._files.close(clean=clean)
