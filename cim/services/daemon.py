@@ -177,6 +177,7 @@ class CimDaemon(OrderedServices):
             timeline_settings(config),
             journal=journal_directory(config.database_url) if alone else None,
         )
+        groups.settled = timelines.settled
         # What media URLs messages, posts and avatars may carry: https, or this node's
         # file service's (its public_url, or the URL it derives once it listens).
         self.media_urls = MediaUrls([config.files.public_url] if config.files.public_url else [])
@@ -362,6 +363,7 @@ class CimDaemon(OrderedServices):
                 contacts,
                 self.media_urls,
                 self.limits,
+                settled=groups.settled,
             ),
             self.reactor,
             self._telemetry("logic"),

@@ -18,6 +18,7 @@ from sqlalchemy.exc import OperationalError
 from twisted.internet.defer import Deferred, fail
 from twisted.trial.unittest import TestCase
 
+from cim.groups.directory import GroupDirectory
 from cim.history.journal import COPY_WAIT, journal_directory
 from cim.history.journal_file import encode, read_records
 from cim.history.timeline import Timelines, TimelineSettings, TimelineUnavailable
@@ -25,6 +26,7 @@ from cim.storage.changes import ChangeAsked
 from cim.storage.schema import conversations, timeline, user_conversations
 from cim.storage.timeline import Appended
 from cim.storage.timeline_journal import Numbered
+from tests.unit.test_groups import USERS, add_users_txn
 from tests.unit.test_timeline import AB, GROUP, START, DatabaseMixin, message, new
 
 
@@ -254,6 +256,26 @@ class JournalTests(DatabaseMixin, TestCase):
         self.assertEqual(len(self.journal_files()), 1)
         self.timelines()
         self.assertEqual(self.rows(), [(AB, 1, 1)])
+
+    def test_a_member_joins_after_every_promised_message(self) -> None:
+        self.txn(add_users_txn, USERS)
+        groups = GroupDirectory(self.db, self.clock)
+        timelines = self.timelines()
+        groups.settled = timelines.settled
+        team = self.ok(groups.create("alice", "team", ["bob"]))
+        sent = message(1, group=team.id)
+        d = timelines.append(sent, "phone")
+        self.clock.advance(0)
+        self.assertEqual(self.ok(d).seq, 1)  # promised, not yet copied
+        self.ok(groups.add("alice", team.id, ["carol"]))
+        floor = self.txn(
+            lambda c: c.execute(
+                select(user_conversations.c.floor_seq).where(
+                    user_conversations.c.user_name == "carol"
+                )
+            ).scalar()
+        )
+        self.assertEqual(floor, 1)  # the message before the join is not carol's unread
 
     # --- changes ------------------------------------------------------------------------
 
