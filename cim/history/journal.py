@@ -323,8 +323,8 @@ class Journal:
         if len(self._ids) > IDS_KEPT:
             forgotten, _ = self._ids.popitem(last=False)
             self._id_floor = max(self._id_floor, forgotten)
-        if m.client_seq:
-            device = self._devices[(m.sender, m.sender_device)]
+        device = self._devices.get((m.sender, m.sender_device)) if m.client_seq else None
+        if device is not None:  # one not loaded (looked up by id) loads after a settle
             device.high = max(device.high, m.client_seq)
             device.recent[m.client_seq] = (appended, m.sent_at)
             if len(device.recent) > RECENT_PER_DEVICE:

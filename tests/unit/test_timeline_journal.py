@@ -214,6 +214,18 @@ class JournalTests(DatabaseMixin, TestCase):
         self.clock.advance(COPY_WAIT)
         self.assertEqual(len(self.rows()), 2)
 
+    def test_an_old_id_from_a_device_not_yet_seen_is_looked_up_then_taken(self) -> None:
+        first = self.timelines()
+        self.append(first, 5, client_seq=100)
+        self.kill(first)
+        second = self.timelines()
+        # An id below the highest stored one, from a device this run has not seen.
+        got = self.append(second, 3, sender="carol", client_seq=7)
+        self.assertEqual((got.seq, got.new), (1, True))
+        self.assertEqual(second.counts["looked_up"], 1)
+        again = self.append(second, 9, sender="carol", client_seq=7)
+        self.assertEqual((again.msg_id, again.new), (3, False))
+
     def test_a_lower_client_seq_is_looked_up_then_taken(self) -> None:
         timelines = self.timelines()
         self.append(timelines, 1, client_seq=100)
