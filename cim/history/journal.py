@@ -134,6 +134,7 @@ class Journal:
         self._clock = clock
         self._files = JournalFiles(directory, roll_bytes=roll_bytes)
         self._window = dedup_window
+        self._copy_batch = copy_batch
         self.counts = counts
         self._copies: BatchWriter[_Copy] = BatchWriter(
             clock,
@@ -234,15 +235,19 @@ class Journal:
     @property
     def unwritten(self) -> int:
         """Messages taken (numbered or waiting to be) and not yet in the database."""
-        return self.waiting + self._index - self._copied_to
+        queued = sum(len(q) for q in self._queues.values()) if self._queues else 0
+        return queued + len(self._buffer) + self._index - self._copied_to
 
     @property
     def waiting(self) -> int:
-        """Messages taken and not yet promised (waiting for a load or the turn's write):
-        what the node's backpressure counts; the copies' backlog is ``behind``'s."""
+        """What the node's backpressure counts (``[im] max_pending_work``): messages
+        not yet promised (waiting for a load or the turn's write), and the copies'
+        backlog past one batch (the database falls behind). A batch in the making is
+        not pressure: the copy waits for it on purpose."""
+        lag = max(0, self._index - self._copied_to - self._copy_batch)
         if not self._queues:  # nearly always: asked for every frame the node reads
-            return len(self._buffer)
-        return sum(len(q) for q in self._queues.values()) + len(self._buffer)
+            return len(self._buffer) + lag
+        return sum(len(q) for q in self._queues.values()) + len(self._buffer) + lag
 
     def journal_bytes(self) -> int:
         return self._files.size()

@@ -134,6 +134,19 @@ class JournalTests(DatabaseMixin, TestCase):
         self.assertEqual(self.rows(), [(AB, 1, 1), (AB, 2, 2)])
         self.ok(timelines.summary("bob", "phone"))
 
+    def test_the_node_is_pressed_by_copies_behind_by_more_than_a_batch(self) -> None:
+        timelines = Timelines(self.db, self.clock, TimelineSettings(), journal=self.directory)
+        assert timelines.journal is not None
+        timelines.journal._copy_batch = 2
+        self.ok(timelines.start())
+        for n in (1, 2):
+            self.append(timelines, n)
+        self.assertEqual((timelines.waiting, timelines.pending), (0, 2))  # a batch forming
+        self.db.run = lambda *a, **k: fail(OperationalError("INSERT", {}, Exception("locked")))  # type: ignore[method-assign]
+        self.clock.advance(COPY_WAIT)
+        self.append(timelines, 3)
+        self.assertEqual((timelines.waiting, timelines.pending), (1, 3))
+
     def test_a_full_backlog_refuses_new_messages(self) -> None:
         timelines = self.timelines(max_backlog=2)
         for n in (1, 2):
