@@ -222,8 +222,8 @@ class Timelines:
 
     @property
     def waiting(self) -> int:
-        """Messages taken and not yet promised: the node's backpressure (with a journal,
-        the copies' backlog is held back by ``behind`` instead)."""
+        """The node's backpressure: messages taken and not yet promised (with a
+        journal, and its copies' backlog past one batch: ``Journal.waiting``)."""
         if self.journal is not None:
             return self.journal.waiting
         return self._appends.pending
