@@ -132,6 +132,15 @@ class BatchWriter(Generic[T]):
             self._waiting.append(_Entry(item, None))
             self._schedule()
 
+    def flush(self) -> None:
+        """Write what waits now, without waiting out ``batch_wait``: someone needs it
+        in the database (a read that must see it). Batches still follow each other."""
+        if self._waiting and not self._stopping:
+            _cancel(self._timer)
+            self._timer = None
+            self._overdue = True
+            self._schedule()
+
     def stop(self, *, flush: bool = False) -> Deferred[None]:
         """Stop writing; fires when the last write is over.
 

@@ -184,6 +184,10 @@ class GroupDirectory:
         """How invitees are told; the daemon gives the node's notices once it has them."""
         self._new_id = new_id
         self._members = _MemberCache(db, clock, cache_size, cache_ttl)
+        self.settled: Callable[[], Deferred[None]] = lambda: succeed(None)
+        """The timelines' read barrier (``Timelines.settled``; the daemon gives it): a
+        member joins at the group's ``last_seq``, which must count every message
+        promised before the join."""
 
     # --- input checks -------------------------------------------------------------------
 
@@ -221,7 +225,7 @@ class GroupDirectory:
             self.forget(group_id)
             return result
 
-        d: Deferred[T] = self._db.run(txn, *args, **kwargs)
+        d: Deferred[T] = self.settled().addCallback(lambda _: self._db.run(txn, *args, **kwargs))
         d.addBoth(changed)
         return d
 

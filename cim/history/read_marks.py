@@ -9,6 +9,7 @@ refusal (``ReadRefused``) passes through unchanged.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.defer import Deferred, fail
@@ -42,22 +43,33 @@ def _unavailable(failure: Failure) -> Failure:
 class ReadMarks:
     """``ReadMarkStore`` on the node's database."""
 
-    def __init__(self, db: Database, clock: IReactorTime) -> None:
+    def __init__(
+        self,
+        db: Database,
+        clock: IReactorTime,
+        settled: Callable[[], Deferred[None]] | None = None,
+    ) -> None:
+        """``settled``: the timelines' (``Timelines.settled``): a mark checks its seq
+        against the conversation, which must hold every message promised before."""
         self._db = db
         self._clock = clock
+        self._settled = settled
+
+    def _run(self, txn: Callable[..., Any], *args: Any) -> Deferred[Any]:
+        if self._settled is None:
+            return self._db.run(txn, *args)
+        return self._settled().addCallback(lambda _: self._db.run(txn, *args))
 
     def mark(self, user: str, conversation: str, seq: int) -> Deferred[ReadMark]:
         problem = _unreadable(conversation)
         if problem is not None:
             return fail(ReadRefused("bad_request", problem))
-        d: Deferred[Any] = self._db.run(
-            mark_read_txn, user, conversation, seq, self._clock.seconds()
-        )
+        d: Deferred[Any] = self._run(mark_read_txn, user, conversation, seq, self._clock.seconds())
         return d.addErrback(_unavailable)
 
     def readers(self, asker: str, conversation: str, seq: int) -> Deferred[Readers]:
         problem = _unreadable(conversation)
         if problem is not None:
             return fail(ReadRefused("bad_request", problem))
-        d: Deferred[Any] = self._db.run(readers_txn, asker, conversation, seq)
+        d: Deferred[Any] = self._run(readers_txn, asker, conversation, seq)
         return d.addErrback(_unavailable)

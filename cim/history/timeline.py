@@ -15,13 +15,20 @@ sequence) instead of appending it twice.
 
 Cursor moves from ack:R are batched too (many per transaction, each only forward);
 catch-up reads and the retention purge go straight to the database.
+
+On the embedded SQLite database (a ``journal`` directory given), appends are numbered
+in memory and journaled instead (``cim.history.journal``): promised once the journal
+file has them, copied into SQLite in large batches. Every read of the timelines (and
+the cursor moves, which check a seq) then waits first for what was promised before it
+(``settled``).
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from sqlalchemy.exc import DataError, IntegrityError
 from twisted.internet.defer import Deferred, fail, succeed
@@ -33,6 +40,7 @@ from twisted.python.failure import Failure
 from cim.backends.backoff import Backoff
 from cim.backends.batching import BatchWriter
 from cim.config import CimConfig
+from cim.history.journal import Journal, TimelineUnavailable
 from cim.history.store import conversation_of
 from cim.protocols import cim_pb2
 from cim.storage.changes import ChangeAsked, ChangeMade, change_txn
@@ -63,6 +71,9 @@ __all__ = [
     "untimelineable",
 ]
 
+P = ParamSpec("P")
+R = TypeVar("R")
+
 _MAX_ID = (1 << 63) - 1
 _PERMANENT = (ValueError, DataError, IntegrityError)
 RETRY = Backoff(0.2, 10.0)
@@ -70,10 +81,6 @@ BEHIND_RETRY = 1.0
 """Seconds a sender is asked to wait while the timeline writer catches up."""
 
 _log = Logger(namespace="cim.timeline")
-
-
-class TimelineUnavailable(Exception):
-    """The timeline cannot take or read messages now (the database is down or behind)."""
 
 
 def untimelineable(message: cim_pb2.Message, sender_device: str) -> str | None:
@@ -130,8 +137,14 @@ class Timelines:
     """The node's timelines: appends, cursor moves, catch-up and history reads."""
 
     def __init__(
-        self, db: Database, clock: IReactorTime, settings: TimelineSettings = TimelineSettings()
+        self,
+        db: Database,
+        clock: IReactorTime,
+        settings: TimelineSettings = TimelineSettings(),
+        journal: str | None = None,
     ) -> None:
+        """``journal``: the directory of the journal (the SQLite database's, see
+        ``cim.history.journal.journal_directory``); None: numbered in SQL."""
         self._db = db
         self._clock = clock
         self.settings = settings
@@ -153,9 +166,14 @@ class Timelines:
             on_rejected=self._rejected,
             on_abandoned=self._abandoned,
         )
+        self.journal: Journal | None = None
+        if journal is not None:
+            self.journal = Journal(
+                db, clock, journal, dedup_window=settings.dedup_window, counts=self.counts
+            )
         self._cursors: BatchWriter[CursorMove] = BatchWriter(
             clock,
-            lambda moves: db.run(move_cursors_txn, moves),
+            lambda moves: self._read(move_cursors_txn, moves),
             name="cursors",
             log=_log,
             batch_size=settings.batch_size,
@@ -167,7 +185,12 @@ class Timelines:
 
     # --- lifecycle --------------------------------------------------------------------
 
-    def start(self) -> None:
+    def start(self) -> Deferred[None]:
+        """Replay the journal (when there is one) before anything is taken."""
+        d = self.journal.start() if self.journal is not None else succeed(None)
+        return d.addCallback(lambda _: self._start_purge())
+
+    def _start_purge(self) -> None:
         if self.settings.purge_interval and self.settings.retention_days is not None:
             self._purge = LoopingCall(self.purge)
             self._purge.clock = self._clock
@@ -182,6 +205,8 @@ class Timelines:
 
         async def drain() -> None:
             await self._appends.stop(flush=True)
+            if self.journal is not None:
+                await self.journal.stop()
             await self._cursors.stop(flush=True)
 
         return Deferred.fromCoroutine(drain())
@@ -191,14 +216,41 @@ class Timelines:
     @property
     def pending(self) -> int:
         """Messages taken and not yet committed."""
+        if self.journal is not None:
+            return self.journal.unwritten
         return self._appends.pending
+
+    @property
+    def waiting(self) -> int:
+        """The node's backpressure: messages taken and not yet promised (with a
+        journal, and its copies' backlog past one batch: ``Journal.waiting``)."""
+        if self.journal is not None:
+            return self.journal.waiting
+        return self._appends.pending
+
+    def settled(self) -> Deferred[None]:
+        """Fires once every message promised so far is in the database: what a read
+        that must see them waits for (at once without a journal)."""
+        if self.journal is None:
+            return succeed(None)
+        return self.journal.settled()
+
+    def _read(
+        self, txn: Callable[Concatenate[Any, P], R], *args: P.args, **kwargs: P.kwargs
+    ) -> Deferred[R]:
+        """``Database.run`` after ``settled``: the one way the timelines are read."""
+        if self.journal is None:
+            return self._db.run(txn, *args, **kwargs)
+        d = self.journal.settled()
+        return d.addCallback(lambda _: self._db.run(txn, *args, **kwargs))
 
     def behind(self) -> float:
         """Seconds new messages should wait (the writer holds ``max_backlog`` or its
         writes fail); 0.0 while it keeps up."""
-        if self._failing:
+        journal = self.journal
+        if self._failing or (journal is not None and journal.broken):
             return BEHIND_RETRY
-        waiting = self._appends.pending
+        waiting = self.pending
         if self._behind:
             if waiting >= self.settings.max_backlog // 2:
                 return BEHIND_RETRY
@@ -225,18 +277,19 @@ class Timelines:
             pairs = ((sender, message.to), (message.to, sender))
             readers = tuple(pair for pair in pairs if not pair[0].startswith("@"))
         sent_ms = message.sent_at_ms or 0
-        entry = _Append(
-            NewMessage(
-                conversation_of(message),
-                message.id,
-                sender,
-                sender_device,
-                message.client_seq,
-                sent_ms / 1000.0,
-                message.SerializeToString(deterministic=True),
-                readers,
-            )
+        new = NewMessage(
+            conversation_of(message),
+            message.id,
+            sender,
+            sender_device,
+            message.client_seq,
+            sent_ms / 1000.0,
+            message.SerializeToString(deterministic=True),
+            readers,
         )
+        if self.journal is not None:
+            return self.journal.append(new)
+        entry = _Append(new)
         # The answer says how it ended; the writer's own Deferred would add nothing.
         self._appends.put(entry)
         return entry.answer
@@ -310,7 +363,7 @@ class Timelines:
         ]
         if not moves:
             return succeed(0)
-        return self._db.run(move_cursors_txn, moves)
+        return self._read(move_cursors_txn, moves)
 
     # --- recall and edit ---------------------------------------------------------------
 
@@ -320,17 +373,27 @@ class Timelines:
         ``ChangeRefused`` when the change cannot be made, and changes nothing then."""
         if self._stopping:
             return fail(TimelineUnavailable("the timeline cannot be written now"))
-        return self._db.run(change_txn, asked)
+        journal = self.journal
+        if journal is None:
+            return self._db.run(change_txn, asked)
+
+        async def change() -> ChangeMade:
+            made = await self._db.run(change_txn, asked)
+            journal.numbered(made.appended.conversation, made.appended.seq)
+            return made
+
+        # Its entry is numbered in SQL: the journal's numbering waits meanwhile.
+        return journal.exclusive(change)
 
     def enrol_device(self, user: str, device: str) -> Deferred[bool]:
         """A device connected: one new to the account starts at the present
         (``enrol_device_txn``; its catch-up reads enrol it too, whichever comes first)."""
-        return self._db.run(enrol_device_txn, user, device)
+        return self._read(enrol_device_txn, user, device)
 
     # --- reading ----------------------------------------------------------------------
 
     def summary(self, user: str, device: str) -> Deferred[list[ConversationState]]:
-        return self._db.run(summary_txn, user, device)
+        return self._read(summary_txn, user, device)
 
     def unread_page(
         self,
@@ -341,14 +404,14 @@ class Timelines:
         limit: int,
         max_bytes: int,
     ) -> Deferred[TimelinePage]:
-        return self._db.run(
+        return self._read(
             unread_page_txn, user, device, conversation or None, before, limit, max_bytes
         )
 
     def conversation_page(
         self, conversation: str, before: int | None, after: int, limit: int, max_bytes: int
     ) -> Deferred[TimelinePage]:
-        return self._db.run(conversation_page_txn, conversation, before, after, limit, max_bytes)
+        return self._read(conversation_page_txn, conversation, before, after, limit, max_bytes)
 
     # --- retention --------------------------------------------------------------------
 
@@ -362,7 +425,7 @@ class Timelines:
         async def purge() -> None:
             total = 0
             while True:
-                deleted = await self._db.run(purge_timeline_txn, cutoff, self.settings.purge_batch)
+                deleted = await self._read(purge_timeline_txn, cutoff, self.settings.purge_batch)
                 total += deleted
                 if deleted < self.settings.purge_batch:
                     break

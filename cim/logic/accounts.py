@@ -157,6 +157,7 @@ class Accounts:
     async def delete_account(self, user: str, password: str) -> None:
         """Everything the account owns goes; its session ends; its bindings are told."""
         await self._prove(user, password)
+        await self.ctx.settled()
         deleted = await self.ctx.database.run(delete_account_txn, user, self.ctx.now())
         if deleted is None:
             raise NotFound("not_found", "no such user")

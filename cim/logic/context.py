@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 
 from cim.accounts.store import AccountStore
@@ -67,6 +69,9 @@ class LogicContext:
     """Which URLs a post or a profile may carry for others to open (cim.content)."""
     limits: RateLimits = NO_LIMITS
     """The node's rate limits ([limits] logic per caller, sos, posts)."""
+    settled: Callable[[], Deferred[None]] = lambda: succeed(None)
+    """The timelines' read barrier (``Timelines.settled``): deleting an account deletes
+    its 1:1 timelines, which must hold every message promised before."""
 
     def now(self) -> float:
         return float(self.clock.seconds())

@@ -43,6 +43,7 @@ from cim.config import CimConfig
 from cim.content import MediaUrls
 from cim.groups.directory import GroupDirectory
 from cim.heap import HeapTrimmer
+from cim.history.journal import journal_directory
 from cim.history.read_marks import ReadMarks
 from cim.history.service import HistoryService
 from cim.history.timeline import Timelines, timeline_settings
@@ -167,7 +168,16 @@ class CimDaemon(OrderedServices):
             database, reactor, privacy, cache_ttl=DEFAULT_DECISION_TTL if alone else 5.0
         )
         # Every message once, numbered in its durable write (cim.history.timeline).
-        timelines = Timelines(database, reactor, timeline_settings(config))
+        # A node alone on SQLite is its database's only writer: it numbers in memory and
+        # journals beside the file (cim.history.journal). Nodes of a cluster, even on
+        # one shared SQLite file, number in the transaction.
+        timelines = Timelines(
+            database,
+            reactor,
+            timeline_settings(config),
+            journal=journal_directory(config.database_url) if alone else None,
+        )
+        groups.settled = timelines.settled
         # What media URLs messages, posts and avatars may carry: https, or this node's
         # file service's (its public_url, or the URL it derives once it listens).
         self.media_urls = MediaUrls([config.files.public_url] if config.files.public_url else [])
@@ -182,7 +192,7 @@ class CimDaemon(OrderedServices):
                 HistoryService(timelines, groups.is_member, config.im.max_frame_size),
                 RecordedShares(database, reactor, config.files.public_url),
                 max_page_bytes=config.im.max_frame_size,
-                read_marks=ReadMarks(database, reactor),
+                read_marks=ReadMarks(database, reactor, timelines.settled),
             ),
             BusPeers(node_id, bus, state.presence, LiveNodes(registry)),
             Bounds(
@@ -231,7 +241,7 @@ class CimDaemon(OrderedServices):
             factory.oplog = oplog
             # Messages waiting for their timeline append, and transactions waiting for
             # the database, count in the node's backpressure.
-            factory.node_queue.database_backlog = lambda: max(database.backlog, timelines.pending)
+            factory.node_queue.database_backlog = lambda: max(database.backlog, timelines.waiting)
             self.add(
                 ImService(
                     node_id,
@@ -356,6 +366,7 @@ class CimDaemon(OrderedServices):
                 contacts,
                 self.media_urls,
                 self.limits,
+                settled=groups.settled,
             ),
             self.reactor,
             self._telemetry("logic"),

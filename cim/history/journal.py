@@ -1,0 +1,537 @@
+"""Timelines numbered in memory and journaled (the embedded SQLite database).
+
+On SQLite the node is the database's only writer, so it need not number a message in
+the transaction that writes it (``cim.storage.timeline.append_txn``, what PostgreSQL
+keeps, where several nodes write): it keeps each conversation's last seq in memory
+and numbers a message at once, on the reactor thread. Before a message is promised
+(the Deferred of ``append`` fires: msg:A, msg:N), its record is appended to a journal
+file beside the database (``cim.history.journal_file``), one ``os.write`` per reactor
+turn; the records are then copied into SQLite in large batches through the one batch
+writer (``copy_txn``: replay-safe, renumbers nothing), and a journal file is deleted
+once all its records are there. At start, what an earlier run journaled is copied
+first (``start``), so a promise survives the process being killed.
+
+The database lags the promises by up to a batch, so everything that reads the
+timelines waits first for what was journaled before it (``settled``: the waiting
+batch is written at once). A conversation not in memory is loaded by one read after
+such a wait (so an entry can be forgotten at any time: the database is current for
+it when it comes back); so is the highest client sequence of a sender device.
+
+Resends (``[state] dedup_window``) are found without a read for nearly every
+message: cim's clients number their messages from the clock in microseconds
+(``cim.client.session``, clients/js), so a device's client sequences rise; a message
+above the device's highest one is new. One at or below it is looked up among the
+device's recent ones, then, rarely (a clock stepped back, a forgotten entry), in the
+database. Message ids likewise: one above every id the database held at start and
+not among the recent ones is new.
+
+A recall or edit (``change``) numbers its entry in its own transaction: numbering
+pauses (appends wait in their conversation's queue) while it runs.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter, OrderedDict, deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+from sqlalchemy.engine import make_url
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from cim.backends.backoff import Backoff
+from cim.backends.batching import BatchWriter
+from cim.history.journal_file import JournalFiles, encode
+from cim.storage.database import Database, is_sqlite
+from cim.storage.timeline import Appended, NewMessage
+from cim.storage.timeline_journal import (
+    Numbered,
+    copy_txn,
+    device_high_txn,
+    found_again_txn,
+    highest_id_txn,
+    last_seq_txn,
+)
+
+__all__ = ["COPY_BATCH", "COPY_WAIT", "Journal", "TimelineUnavailable", "journal_directory"]
+
+T = TypeVar("T")
+
+COPY_BATCH = 500
+"""Records per copy transaction."""
+COPY_WAIT = 0.03
+"""Seconds a record waits for others before its copy is written (a read does not)."""
+CONVERSATIONS_KEPT = 200_000
+DEVICES_KEPT = 50_000
+IDS_KEPT = 100_000
+RECENT_PER_DEVICE = 32
+RETRY = Backoff(0.2, 10.0)
+
+_log = Logger(namespace="cim.timeline")
+
+
+class TimelineUnavailable(Exception):
+    """The timeline cannot take or read messages now (the database is down or behind,
+    the journal cannot be written). ``cim.history.timeline`` names it for callers."""
+
+
+def journal_directory(url: str) -> str | None:
+    """Where the journal goes: beside a SQLite file; None for PostgreSQL or a SQLite
+    database in memory (nothing to survive a restart: appends number in SQL)."""
+    if not is_sqlite(url):
+        return None
+    path = make_url(url).database
+    if not path or path == ":memory:" or path.startswith("file::memory:"):
+        return None
+    return os.path.dirname(os.path.abspath(path))
+
+
+@dataclass(eq=False, slots=True)
+class _Taken:
+    message: NewMessage
+    answer: Deferred[Appended] = field(default_factory=Deferred)
+    checked: bool = False
+    """The full resend lookup found nothing: it is new."""
+
+
+@dataclass(eq=False, slots=True)
+class _Copy:
+    numbered: Numbered
+    generation: int
+    index: int
+
+
+@dataclass(eq=False, slots=True)
+class _Device:
+    high: int
+    recent: OrderedDict[int, tuple[Appended, float]] = field(default_factory=OrderedDict)
+
+
+_LOAD = object()
+_LOOKUP = object()
+
+
+class Journal:
+    """Numbering, the journal and the copy into SQLite; see the module."""
+
+    def __init__(
+        self,
+        db: Database,
+        clock: IReactorTime,
+        directory: str,
+        *,
+        dedup_window: float,
+        counts: Counter[str],
+        copy_batch: int = COPY_BATCH,
+        copy_wait: float = COPY_WAIT,
+        roll_bytes: int = 8 << 20,
+    ) -> None:
+        self._db = db
+        self._clock = clock
+        self._files = JournalFiles(directory, roll_bytes=roll_bytes)
+        self._window = dedup_window
+        self._copy_batch = copy_batch
+        self.counts = counts
+        self._copies: BatchWriter[_Copy] = BatchWriter(
+            clock,
+            lambda batch: db.run(copy_txn, [c.numbered for c in batch]),
+            name="timeline journal",
+            log=_log,
+            batch_size=copy_batch,
+            batch_wait=copy_wait,
+            retry=RETRY,
+            permanent=(ValueError,),
+            on_written=self._copied,
+            on_failure=self._copy_failed,
+            on_rejected=self._copy_rejected,
+        )
+        self._last: OrderedDict[str, int] = OrderedDict()
+        self._devices: OrderedDict[tuple[str, str], _Device] = OrderedDict()
+        self._ids: OrderedDict[int, Appended] = OrderedDict()
+        self._id_floor = 0
+        self._queues: dict[str, deque[_Taken]] = {}
+        self._loading: set[object] = set()
+        self._turn: IDelayedCall | None = None
+        self._buffer: list[tuple[_Taken, Numbered, bytes]] = []
+        self._resends: list[tuple[_Taken, Appended]] = []
+        """Resends answered after the turn's write (their first may be in it)."""
+        self._index = 0
+        """Records journaled (promised) so far."""
+        self._copied_to = 0
+        """Every record up to this index is in the database."""
+        self._waiters: list[tuple[int, Deferred[None]]] = []
+        self._paused = 0
+        self._draining = False
+        self._drain_again = False
+        self._ready = False
+        self._stopping = False
+        self.failing = False
+        """The copies fail (retried); reads cannot settle meanwhile."""
+        self.broken = False
+        """A journal write failed and could not be undone: no message is taken."""
+
+    # --- lifecycle --------------------------------------------------------------------
+
+    def start(self) -> Deferred[None]:
+        """Copy what an earlier run journaled, then start a fresh file."""
+        return Deferred.fromCoroutine(self._start())
+
+    async def _start(self) -> None:
+        try:
+            self._files.lock()
+        except OSError as e:
+            raise TimelineUnavailable(
+                f"the timeline journal in {self._files.directory} is in use by another "
+                f"process ({e.strerror}): one node per SQLite database"
+            ) from None
+        replayed = 0
+        chunk: list[Numbered] = []
+        for record in self._files.recover():
+            chunk.append(record)
+            if len(chunk) >= COPY_BATCH:
+                replayed += await self._db.run(copy_txn, chunk)
+                chunk = []
+        if chunk:
+            replayed += await self._db.run(copy_txn, chunk)
+        if replayed:
+            _log.info("timeline: replayed {count} journaled messages", count=replayed)
+        self.counts["replayed"] += replayed
+        self._files.open()
+        self._id_floor = await self._db.run(highest_id_txn)
+        self._ready = True
+
+    def stop(self) -> Deferred[None]:
+        """Journal and copy what is held; a copy that fails stays in the journal, for
+        the next start."""
+        self._stopping = True
+        for queue in self._queues.values():
+            for taken in queue:
+                if not taken.answer.called:
+                    taken.answer.errback(TimelineUnavailable("the node is stopping"))
+        self._queues.clear()
+        self._write_turn()
+
+        async def drain() -> None:
+            await self._copies.stop(flush=True)
+            waiters, self._waiters = self._waiters, []
+            for _, d in waiters:  # a read that waited for what could not be copied
+                d.errback(TimelineUnavailable("the node stopped before the write"))
+            clean = self.unwritten == 0
+            if self._ready:
+                self._files.close(clean=clean)
+            if not clean:
+                _log.warn(
+                    "timeline: {count} journaled messages are not in the database yet; "
+                    "the next start copies them",
+                    count=self.unwritten,
+                )
+
+        return Deferred.fromCoroutine(drain())
+
+    @property
+    def unwritten(self) -> int:
+        """Messages taken (numbered or waiting to be) and not yet in the database."""
+        queued = sum(len(q) for q in self._queues.values()) if self._queues else 0
+        return queued + len(self._buffer) + self._index - self._copied_to
+
+    @property
+    def waiting(self) -> int:
+        """What the node's backpressure counts (``[im] max_pending_work``): messages
+        not yet promised (waiting for a load or the turn's write), and the copies'
+        backlog past one batch (the database falls behind). A batch in the making is
+        not pressure: the copy waits for it on purpose."""
+        lag = max(0, self._index - self._copied_to - self._copy_batch)
+        if not self._queues:  # nearly always: asked for every frame the node reads
+            return len(self._buffer) + lag
+        return sum(len(q) for q in self._queues.values()) + len(self._buffer) + lag
+
+    def journal_bytes(self) -> int:
+        return self._files.size()
+
+    # --- appending --------------------------------------------------------------------
+
+    def append(self, message: NewMessage) -> Deferred[Appended]:
+        if not self._ready or self._stopping or self.broken:
+            return fail(TimelineUnavailable("the timeline cannot be written now"))
+        taken = _Taken(message)
+        key = message.conversation
+        queue = self._queues.get(key)
+        if queue is not None:
+            queue.append(taken)
+        elif self._paused or not self._step(taken):
+            # Queued only now: what _step started may have ended already (a database
+            # that answers at once), so the queue is tried again.
+            self._queues[key] = deque([taken])
+            self._drain()
+        return taken.answer
+
+    def _step(self, taken: _Taken) -> bool:
+        """Answer or number ``taken`` now (True), or start what it waits for (False)."""
+        if self._paused:
+            return False
+        m = taken.message
+        last = self._last.get(m.conversation)
+        if last is None:
+            self._load(m.conversation, self._load_conversation)
+            return False
+        found = None if taken.checked else self._known(m)
+        if found is _LOAD:
+            self._load((m.sender, m.sender_device), self._load_device)
+            return False
+        if found is _LOOKUP:
+            self._load(taken, self._look_up)
+            return False
+        if isinstance(found, Appended):
+            self.counts["resent"] += 1
+            if self._buffer:  # its first may be in this turn's write: answer after it
+                self._resends.append((taken, found))
+            else:
+                taken.answer.callback(found)
+            return True
+        self._last[m.conversation] = seq = last + 1
+        self._last.move_to_end(m.conversation)
+        self._number(taken, seq)
+        return True
+
+    def _known(self, m: NewMessage) -> object:
+        """The earlier Appended of a resend, None for a new message, or what to do to
+        know (``_LOAD`` the device, ``_LOOKUP`` in the database)."""
+        hit = self._ids.get(m.msg_id)
+        if hit is not None:
+            return Appended(hit.msg_id, hit.conversation, hit.seq, False)
+        if m.msg_id <= self._id_floor:
+            return _LOOKUP
+        if not m.client_seq:
+            return None
+        device = self._devices.get((m.sender, m.sender_device))
+        if device is None:
+            return _LOAD
+        self._devices.move_to_end((m.sender, m.sender_device))
+        if m.client_seq > device.high:
+            return None
+        recent = device.recent.get(m.client_seq)
+        if recent is None:
+            return _LOOKUP
+        appended, sent_at = recent
+        if sent_at < self._clock.seconds() - self._window:
+            return None  # past the window: taken again, as the database lookup would
+        return Appended(appended.msg_id, appended.conversation, appended.seq, False)
+
+    def _number(self, taken: _Taken, seq: int) -> None:
+        m = taken.message
+        appended = Appended(m.msg_id, m.conversation, seq, True)
+        self._ids[m.msg_id] = appended
+        if len(self._ids) > IDS_KEPT:
+            forgotten, _ = self._ids.popitem(last=False)
+            self._id_floor = max(self._id_floor, forgotten)
+        device = self._devices.get((m.sender, m.sender_device)) if m.client_seq else None
+        if device is not None:  # one not loaded (looked up by id) loads after a settle
+            device.high = max(device.high, m.client_seq)
+            device.recent[m.client_seq] = (appended, m.sent_at)
+            if len(device.recent) > RECENT_PER_DEVICE:
+                device.recent.popitem(last=False)
+        numbered = Numbered(seq, m)
+        self._buffer.append((taken, numbered, encode(numbered)))
+        if self._turn is None:
+            self._turn = self._clock.callLater(0, self._write_turn)
+        while len(self._last) > CONVERSATIONS_KEPT:
+            self._last.popitem(last=False)  # loaded again, after a settle, if needed
+
+    def _write_turn(self) -> None:
+        """One write for the turn's records, then their promises."""
+        if self._turn is not None and self._turn.active():
+            self._turn.cancel()
+        self._turn = None
+        buffer, self._buffer = self._buffer, []
+        resends, self._resends = self._resends, []
+        if buffer:
+            try:
+                generation = self._files.write(b"".join(r for _, _, r in buffer), len(buffer))
+            except OSError as e:
+                self._unnumber(buffer, e)
+                for taken, _ in resends:
+                    taken.answer.errback(TimelineUnavailable(f"the journal cannot be written: {e}"))
+                return
+            self._promise(buffer, generation)
+        for taken, found in resends:
+            taken.answer.callback(found)
+
+    def _promise(self, buffer: list[tuple[_Taken, Numbered, bytes]], generation: int) -> None:
+        for _taken, numbered, _ in buffer:
+            self._index += 1
+            self._copies.put(_Copy(numbered, generation, self._index))
+        self.counts["journaled"] += len(buffer)
+        for taken, numbered, _ in buffer:
+            taken.answer.callback(_appended(numbered))
+
+    def _unnumber(self, buffer: list[tuple[_Taken, Numbered, bytes]], error: OSError) -> None:
+        """The journal write failed: nothing of it was promised, its numbers are free."""
+        self.counts["journal_failed"] += 1
+        _log.error("timeline: the journal write failed ({why})", why=str(error))
+        for taken, numbered, _ in buffer:
+            m = numbered.message
+            self._ids.pop(m.msg_id, None)
+            self._last.pop(m.conversation, None)  # loaded again after a settle
+            device = self._devices.get((m.sender, m.sender_device))
+            if device is not None:
+                device.recent.pop(m.client_seq, None)
+            taken.answer.errback(TimelineUnavailable(f"the journal cannot be written: {error}"))
+        if not self._files.files:
+            self.broken = True
+
+    # --- loading ----------------------------------------------------------------------
+
+    def _load(self, key: object, load: Callable[[object], Awaitable[None]]) -> None:
+        """Start ``load(key)`` once; every queue is tried again when it ends."""
+        if key in self._loading:
+            return
+        self._loading.add(key)
+
+        async def run() -> None:
+            try:
+                await self.settled()
+                await load(key)
+            finally:
+                self._loading.discard(key)
+
+        d = Deferred.fromCoroutine(run())
+        d.addErrback(self._load_failed, key)
+        d.addCallback(lambda _: self._drain())
+
+    async def _load_conversation(self, key: object) -> None:
+        assert isinstance(key, str)
+        last = await self._db.run(last_seq_txn, key)
+        self._last.setdefault(key, last)
+
+    async def _load_device(self, key: object) -> None:
+        assert isinstance(key, tuple)
+        high = await self._db.run(device_high_txn, key[0], key[1])
+        self._devices.setdefault(key, _Device(high))
+        while len(self._devices) > DEVICES_KEPT:
+            self._devices.popitem(last=False)
+
+    async def _look_up(self, key: object) -> None:
+        assert isinstance(key, _Taken)
+        self.counts["looked_up"] += 1
+        since = self._clock.seconds() - self._window
+        found = await self._db.run(found_again_txn, key.message, since)
+        if found is None:
+            key.checked = True
+        elif not key.answer.called:
+            self.counts["resent"] += 1
+            key.answer.callback(found)  # the drain takes it off its queue
+
+    def _load_failed(self, failure: Failure, key: object) -> None:
+        """The database did not answer: what waited on it is refused (the sender
+        resends), and nothing is numbered from a guess."""
+        conversation = key.message.conversation if isinstance(key, _Taken) else key
+        queues = [conversation] if isinstance(conversation, str) else list(self._queues)
+        for name in queues:
+            queue = self._queues.pop(name, None) or deque()
+            for taken in queue:
+                if not taken.answer.called:
+                    taken.answer.errback(TimelineUnavailable(failure.getErrorMessage()))
+
+    def _drain(self) -> None:
+        """Number what waits, in each conversation's order (not re-entered: a load
+        that ends at once asks for another pass instead)."""
+        if self._draining:
+            self._drain_again = True
+            return
+        self._draining = True
+        try:
+            self._drain_again = True
+            while self._drain_again:
+                self._drain_again = False
+                for key in list(self._queues):
+                    queue = self._queues.get(key)
+                    while queue and (queue[0].answer.called or self._step(queue[0])):
+                        queue.popleft()
+                    if not queue:
+                        self._queues.pop(key, None)
+        finally:
+            self._draining = False
+
+    # --- copying ----------------------------------------------------------------------
+
+    def settled(self) -> Deferred[None]:
+        """Fires once every message promised so far is in the database (the waiting
+        batch is written at once); fails while the copies fail."""
+        if self.failing:
+            return fail(TimelineUnavailable("the timeline's database writes fail"))
+        mark = self._index
+        if self._copied_to >= mark:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._waiters.append((mark, d))
+        self._copies.flush()
+        return d
+
+    def _copied(self, batch: list[_Copy], rows: object) -> None:
+        self._done(batch)
+        if self.failing:
+            self.failing = False
+            _log.info("timeline: journal copies work again")
+
+    def _done(self, batch: list[_Copy]) -> None:
+        by_file = Counter(c.generation for c in batch)
+        for generation, count in by_file.items():
+            self._files.committed(generation, count)
+        self._copied_to = max(self._copied_to, batch[-1].index)
+        self.counts["appended"] += len(batch)
+        ready = [d for mark, d in self._waiters if mark <= self._copied_to]
+        self._waiters = [(m, d) for m, d in self._waiters if m > self._copied_to]
+        if self._waiters:
+            self._copies.flush()
+        for d in ready:
+            d.callback(None)
+
+    def _copy_failed(self, batch: list[_Copy], failure: Failure) -> None:
+        self.counts["write_failed"] += 1
+        if failure.check(ValueError):
+            return
+        self.failing = True
+        waiters, self._waiters = self._waiters, []
+        for _, d in waiters:
+            d.errback(TimelineUnavailable(failure.getErrorMessage()))
+
+    def _copy_rejected(self, item: _Copy, failure: Failure) -> None:
+        self.counts["rejected"] += 1
+        _log.error(
+            "timeline: journaled message {id} cannot be copied into the database: {why}",
+            id=item.numbered.message.msg_id,
+            why=failure.getErrorMessage(),
+        )
+        self._done([item])
+
+    # --- changes ----------------------------------------------------------------------
+
+    def exclusive(self, work: Callable[[], Awaitable[T]]) -> Deferred[T]:
+        """Run ``work`` (which numbers in SQL: a change) with numbering paused and the
+        database current; ``work`` tells ``numbered`` what it numbered."""
+
+        async def run() -> T:
+            self._paused += 1
+            try:
+                await self.settled()
+                return await work()
+            finally:
+                self._paused -= 1
+                if not self._paused:
+                    self._drain()
+
+        return Deferred.fromCoroutine(run())
+
+    def numbered(self, conversation: str, seq: int) -> None:
+        """A seq given in SQL (``exclusive``): the next message comes after it."""
+        if conversation in self._last:
+            self._last[conversation] = max(self._last[conversation], seq)
+
+
+def _appended(numbered: Numbered) -> Appended:
+    m = numbered.message
+    return Appended(m.msg_id, m.conversation, numbered.seq, True)

@@ -1,0 +1,146 @@
+"""Transactions for timelines numbered in memory (the embedded SQLite database, whose
+node is its only writer): ``cim.history.journal`` numbers each message on the reactor
+thread, journals it, and copies it here in large batches.
+
+``copy_txn`` writes messages that already carry their seq: it renumbers nothing and
+is replay-safe (a row already there, by its key or its id, is left as it is), raises
+``conversations.last_seq`` to the highest seq written, and writes the reader rows of a
+1:1 conversation's first message, the rows ``append_txn`` writes. The reads are what
+the numbering and the resend check load once per conversation and sender device.
+PostgreSQL (several nodes write it) keeps ``cim.storage.timeline.append_txn``.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.engine import Connection
+
+from cim.storage.schema import conversations, timeline, user_conversations
+from cim.storage.timeline import Appended, NewMessage, _found_again, _insert
+
+__all__ = [
+    "Numbered",
+    "copy_txn",
+    "device_high_txn",
+    "found_again_txn",
+    "highest_id_txn",
+    "last_seq_txn",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class Numbered:
+    """A message numbered by the node: where it goes, and the message."""
+
+    seq: int
+    message: NewMessage
+
+
+_COLUMNS = (
+    "conversation",
+    "seq",
+    "msg_id",
+    "sender",
+    "sender_device",
+    "client_seq",
+    "sent_at",
+    "payload",
+    "size",
+)
+
+
+@functools.lru_cache(maxsize=8)
+def _copy_sql(paramstyle: str) -> str:
+    """The rows as they are, skipped when already there (a replay): ``ON CONFLICT DO
+    NOTHING`` without a target covers the key and the unique id alike."""
+    mark = "?" if paramstyle == "qmark" else "%s"
+    return (
+        f"INSERT INTO timeline ({', '.join(_COLUMNS)}) "
+        f"VALUES ({', '.join(mark for _ in _COLUMNS)}) ON CONFLICT DO NOTHING"
+    )
+
+
+def copy_txn(connection: Connection, batch: Sequence[Numbered]) -> int:
+    """Write numbered messages; returns how many were in the batch."""
+    if not batch:
+        return 0
+    last: dict[str, int] = {}
+    readers: dict[tuple[str, str], dict[str, Any]] = {}
+    rows: list[tuple[Any, ...]] = []
+    for item in batch:
+        m = item.message
+        if item.seq > last.get(m.conversation, 0):
+            last[m.conversation] = item.seq
+        rows.append(
+            (
+                m.conversation,
+                item.seq,
+                m.msg_id,
+                m.sender,
+                m.sender_device,
+                m.client_seq,
+                m.sent_at,
+                m.payload,
+                len(m.payload),
+            )
+        )
+        if item.seq == 1:  # the conversation's first message: its readers start
+            for user, peer in m.readers:
+                readers[(user, m.conversation)] = {
+                    "user_name": user,
+                    "conversation": m.conversation,
+                    "peer": peer,
+                    "group_id": None,
+                    "floor_seq": 0,
+                }
+    statement = _insert(connection, conversations)
+    raise_last = statement.on_conflict_do_update(
+        index_elements=[conversations.c.key],
+        set_={"last_seq": func.max(conversations.c.last_seq, statement.excluded.last_seq)},
+    )
+    connection.execute(raise_last, [{"key": k, "last_seq": s} for k, s in sorted(last.items())])
+    connection.exec_driver_sql(_copy_sql(connection.dialect.paramstyle), rows)
+    if readers:
+        connection.execute(
+            _insert(connection, user_conversations).on_conflict_do_nothing(),
+            list(readers.values()),
+        )
+    return len(rows)
+
+
+def last_seq_txn(connection: Connection, conversation: str) -> int:
+    """The conversation's last seq (0: no message yet)."""
+    last = connection.execute(
+        select(conversations.c.last_seq).where(conversations.c.key == conversation)
+    ).scalar()
+    return int(last or 0)
+
+
+def device_high_txn(connection: Connection, sender: str, device: str) -> int:
+    """The highest client sequence the device ever had appended (0: none): one seek in
+    ``ix_timeline_sender``. Not bounded by the dedup window, which only makes it
+    higher: a higher mark sends more resends to the full lookup, never fewer."""
+    high = connection.execute(
+        select(func.max(timeline.c.client_seq)).where(
+            timeline.c.sender == sender, timeline.c.sender_device == device
+        )
+    ).scalar()
+    return int(high or 0)
+
+
+def highest_id_txn(connection: Connection) -> int:
+    """The highest message id in the timelines (0: none): one seek in its unique index."""
+    return int(connection.execute(select(func.max(timeline.c.msg_id))).scalar() or 0)
+
+
+def found_again_txn(
+    connection: Connection, message: NewMessage, dedup_since: float
+) -> Appended | None:
+    """The full resend lookup of one message (the rare slow path): by id, or by sender,
+    device and client sequence sent since ``dedup_since``."""
+    return _found_again(connection, [message], dedup_since).get(message.msg_id)

@@ -1,0 +1,328 @@
+"""cim.history.journal (and its files, cim.history.journal_file; its transactions,
+cim.storage.timeline_journal): appends numbered in memory and journaled on SQLite.
+
+A temporary SQLite file, the database run inline, a ``task.Clock``: a record is
+journaled at the end of the reactor turn (``clock.advance(0)``) and copied after the
+copy wait (``COPY_WAIT``) or at once when a read needs it. A "restart" is a second
+``Timelines`` on the same database and directory, the first never stopped (as after
+kill -9).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.exc import OperationalError
+from twisted.internet.defer import Deferred, fail
+from twisted.trial.unittest import TestCase
+
+from cim.groups.directory import GroupDirectory
+from cim.history.journal import COPY_WAIT, journal_directory
+from cim.history.journal_file import encode, read_records
+from cim.history.timeline import Timelines, TimelineSettings, TimelineUnavailable
+from cim.storage.changes import ChangeAsked
+from cim.storage.schema import conversations, timeline, user_conversations
+from cim.storage.timeline import Appended
+from cim.storage.timeline_journal import Numbered
+from tests.unit.test_groups import USERS, add_users_txn
+from tests.unit.test_timeline import AB, GROUP, START, DatabaseMixin, message, new
+
+
+class JournalTests(DatabaseMixin, TestCase):
+    def setUp(self) -> None:
+        super().setUp()
+        self.directory = self.mktemp()
+        os.makedirs(self.directory)
+
+    def timelines(self, **settings: Any) -> Timelines:
+        timelines = Timelines(
+            self.db, self.clock, TimelineSettings(**settings), journal=self.directory
+        )
+        self.ok(timelines.start())
+        return timelines
+
+    def append(self, timelines: Timelines, *args: Any, **kwargs: Any) -> Appended:
+        d = timelines.append(message(*args, **kwargs), "phone")
+        if not d.called:  # a new one waits for the turn's write; a resend may not
+            self.clock.advance(0)
+        return self.ok(d)
+
+    def rows(self) -> list[tuple[str, int, int]]:
+        query = select(timeline.c.conversation, timeline.c.seq, timeline.c.msg_id).order_by(
+            timeline.c.conversation, timeline.c.seq
+        )
+        return [tuple(row) for row in self.txn(lambda c: list(c.execute(query)))]
+
+    def journal_size(self) -> int:
+        return sum(os.path.getsize(os.path.join(self.directory, n)) for n in self.journal_files())
+
+    def journal_files(self) -> list[str]:
+        names = os.listdir(self.directory)
+        return sorted(n for n in names if n.startswith("timeline.journal.") and n[17:].isdigit())
+
+    def kill(self, timelines: Timelines) -> None:
+        """The process dies: nothing more is written, its lock on the journal goes."""
+        assert timelines.journal is not None
+        timelines.journal._files.unlock()
+
+    # --- numbering and copying ----------------------------------------------------------
+
+    def test_numbered_at_once_copied_after_the_wait_in_one_batch(self) -> None:
+        timelines = self.timelines()
+        seqs = [self.append(timelines, n).seq for n in (1, 2, 3)]
+        self.assertEqual(seqs, [1, 2, 3])
+        self.assertEqual(self.rows(), [])  # promised: in the journal, not in SQLite yet
+        self.assertEqual(timelines.pending, 3)
+        self.clock.advance(COPY_WAIT)
+        self.assertEqual(self.rows(), [(AB, 1, 1), (AB, 2, 2), (AB, 3, 3)])
+        last = self.txn(lambda c: c.execute(select(conversations.c.last_seq)).scalar())
+        self.assertEqual(last, 3)
+        readers = self.txn(
+            lambda c: c.execute(select(func.count()).select_from(user_conversations)).scalar()
+        )
+        self.assertEqual(readers, 2)  # the 1:1's two reader rows, as append_txn writes
+        self.assertEqual(timelines.pending, 0)
+
+    def test_a_turn_is_one_write_and_promises_follow_it(self) -> None:
+        timelines = self.timelines()
+        answers = [timelines.append(message(n), "phone") for n in (1, 2, 3)]
+        resend = timelines.append(message(9, client_seq=2), "phone")
+        for d in [*answers, resend]:
+            self.assertNoResult(d)  # nothing is promised before the turn's write
+        self.assertEqual(self.journal_size(), 0)
+        self.clock.advance(0)
+        self.assertEqual([self.ok(d).seq for d in answers], [1, 2, 3])
+        found = self.ok(resend)
+        self.assertEqual((found.msg_id, found.new), (2, False))
+        self.assertEqual(timelines.counts["journaled"], 3)
+        self.assertGreater(self.journal_size(), 0)
+
+    def test_group_messages_number_in_their_own_timeline(self) -> None:
+        timelines = self.timelines()
+        self.append(timelines, 1)
+        got = self.append(timelines, 2, group=GROUP)
+        self.assertEqual((got.seq, got.new), (1, True))
+
+    # --- the read barrier ---------------------------------------------------------------
+
+    def test_a_read_sees_every_promised_message_without_waiting_the_batch_out(self) -> None:
+        timelines = self.timelines()
+        for n in (1, 2):
+            self.append(timelines, n)
+        page = self.ok(timelines.conversation_page(AB, None, 0, 10, 1 << 20))
+        self.assertEqual([r.seq for r in page.records], [2, 1])
+        summary = self.ok(timelines.summary("bob", "phone"))
+        self.assertEqual([(s.conversation, s.last_seq) for s in summary], [(AB, 2)])
+
+    def test_a_read_is_refused_while_the_copies_fail(self) -> None:
+        timelines = self.timelines()
+        self.append(timelines, 1)
+        real = self.db.run
+
+        def down(*args: Any, **kwargs: Any) -> Deferred[Any]:
+            return fail(OperationalError("INSERT", {}, Exception("database is locked")))
+
+        self.db.run = down  # type: ignore[method-assign]
+        self.clock.advance(COPY_WAIT)
+        self.failureResultOf(timelines.summary("bob", "phone"), TimelineUnavailable)
+        # Still taken, and promised: the journal holds it.
+        self.assertEqual(self.append(timelines, 2).seq, 2)
+        self.db.run = real  # type: ignore[method-assign]
+        self.clock.advance(30)  # the retry commits both
+        self.assertEqual(self.rows(), [(AB, 1, 1), (AB, 2, 2)])
+        self.ok(timelines.summary("bob", "phone"))
+
+    def test_the_node_is_pressed_by_copies_behind_by_more_than_a_batch(self) -> None:
+        timelines = Timelines(self.db, self.clock, TimelineSettings(), journal=self.directory)
+        assert timelines.journal is not None
+        timelines.journal._copy_batch = 2
+        self.ok(timelines.start())
+        for n in (1, 2):
+            self.append(timelines, n)
+        self.assertEqual((timelines.waiting, timelines.pending), (0, 2))  # a batch forming
+        self.db.run = lambda *a, **k: fail(OperationalError("INSERT", {}, Exception("locked")))  # type: ignore[method-assign]
+        self.clock.advance(COPY_WAIT)
+        self.append(timelines, 3)
+        self.assertEqual((timelines.waiting, timelines.pending), (1, 3))
+
+    def test_a_full_backlog_refuses_new_messages(self) -> None:
+        timelines = self.timelines(max_backlog=2)
+        for n in (1, 2):
+            self.append(timelines, n)
+        self.assertGreater(timelines.behind(), 0)
+        self.clock.advance(COPY_WAIT)
+        self.assertEqual(timelines.behind(), 0.0)
+
+    # --- restarts -----------------------------------------------------------------------
+
+    def test_replay_after_a_kill_then_numbering_goes_on(self) -> None:
+        first = self.timelines()
+        for n in (1, 2, 3):
+            self.append(first, n)
+        self.assertEqual(self.rows(), [])
+        self.kill(first)  # before any copy
+        second = self.timelines()
+        self.assertEqual(self.rows(), [(AB, 1, 1), (AB, 2, 2), (AB, 3, 3)])
+        self.assertEqual(second.counts["replayed"], 3)
+        self.assertEqual(self.append(second, 4).seq, 4)  # no seq given twice
+
+    def test_replay_is_idempotent(self) -> None:
+        first = self.timelines()
+        for n in (1, 2):
+            self.append(first, n)
+        self.clock.advance(COPY_WAIT)  # copied, and the journal not yet rolled
+        self.assertEqual(len(self.rows()), 2)
+        with open(os.path.join(self.directory, self.journal_files()[0]), "rb") as f:
+            data = f.read()
+        records, _ = read_records(data)
+        self.assertEqual(len(records), 2)
+        with open(os.path.join(self.directory, "timeline.journal.99"), "wb") as f:
+            f.write(data)  # the same records again, as if their copy were not known
+        self.kill(first)
+        self.timelines()
+        self.assertEqual(self.rows(), [(AB, 1, 1), (AB, 2, 2)])
+
+    def test_a_torn_tail_is_dropped(self) -> None:
+        whole = encode(Numbered(1, new(message(1))))
+        torn = encode(Numbered(2, new(message(2))))[:-3]
+        with open(os.path.join(self.directory, "timeline.journal.1"), "wb") as f:
+            f.write(whole + torn)
+        records, used = read_records(whole + torn)
+        self.assertEqual((len(records), used), (1, len(whole)))
+        damaged = bytearray(encode(Numbered(2, new(message(2)))))
+        damaged[-1] ^= 0xFF  # a whole length, a wrong CRC
+        self.assertEqual(len(read_records(whole + bytes(damaged))[0]), 1)
+        timelines = self.timelines()
+        self.assertEqual(self.rows(), [(AB, 1, 1)])
+        self.assertEqual(self.journal_files(), ["timeline.journal.2"])  # a fresh file
+        self.assertEqual(self.append(timelines, 3).seq, 2)
+
+    def test_a_resend_is_found_again_after_a_restart(self) -> None:
+        first = self.timelines()
+        self.append(first, 1, client_seq=500)
+        self.kill(first)
+        second = self.timelines()
+        # The receipts knew it: the same id.
+        again = self.append(second, 1, client_seq=500)
+        self.assertEqual((again.msg_id, again.seq, again.new), (1, 1, False))
+        # The receipts were lost: a new id, the same client sequence.
+        again = self.append(second, 7, client_seq=500)
+        self.assertEqual((again.msg_id, again.seq, again.new), (1, 1, False))
+        self.assertEqual(second.counts["looked_up"], 2)
+        self.assertEqual(self.append(second, 8, client_seq=501).seq, 2)
+        self.clock.advance(COPY_WAIT)
+        self.assertEqual(self.rows(), [(AB, 1, 1), (AB, 2, 8)])
+
+    def test_resends_without_a_read(self) -> None:
+        timelines = self.timelines()
+        self.append(timelines, 1, client_seq=100)
+        self.append(timelines, 2, client_seq=101)
+        again = self.append(timelines, 9, client_seq=100)
+        self.assertEqual((again.msg_id, again.seq, again.new), (1, 1, False))
+        again = self.append(timelines, 2, client_seq=101)
+        self.assertEqual((again.msg_id, again.new), (2, False))
+        self.assertEqual(timelines.counts["looked_up"], 0)
+        self.clock.advance(COPY_WAIT)
+        self.assertEqual(len(self.rows()), 2)
+
+    def test_an_old_id_from_a_device_not_yet_seen_is_looked_up_then_taken(self) -> None:
+        first = self.timelines()
+        self.append(first, 5, client_seq=100)
+        self.kill(first)
+        second = self.timelines()
+        # An id below the highest stored one, from a device this run has not seen.
+        got = self.append(second, 3, sender="carol", client_seq=7)
+        self.assertEqual((got.seq, got.new), (1, True))
+        self.assertEqual(second.counts["looked_up"], 1)
+        again = self.append(second, 9, sender="carol", client_seq=7)
+        self.assertEqual((again.msg_id, again.new), (3, False))
+
+    def test_a_lower_client_seq_is_looked_up_then_taken(self) -> None:
+        timelines = self.timelines()
+        self.append(timelines, 1, client_seq=100)
+        # A device whose clock stepped back: not among its recent ones, not stored.
+        got = self.append(timelines, 2, client_seq=50)
+        self.assertEqual((got.seq, got.new), (2, True))
+        self.assertEqual(timelines.counts["looked_up"], 1)
+
+    def test_a_resend_past_the_window_is_taken_again(self) -> None:
+        timelines = self.timelines(dedup_window=60)
+        self.append(timelines, 1, client_seq=100)
+        self.clock.advance(61)
+        got = self.append(timelines, 2, client_seq=100)
+        self.assertEqual((got.seq, got.new), (2, True))
+
+    # --- checkpoints --------------------------------------------------------------------
+
+    def test_files_roll_and_go_once_copied(self) -> None:
+        timelines = Timelines(self.db, self.clock, TimelineSettings(), journal=self.directory)
+        assert timelines.journal is not None
+        timelines.journal._files.roll_bytes = 200  # a record is about 150 bytes
+        self.ok(timelines.start())
+        for n in range(1, 6):
+            self.append(timelines, n)
+        self.assertGreater(len(self.journal_files()), 1)
+        self.clock.advance(COPY_WAIT)
+        self.assertEqual(len(self.journal_files()), 1)  # only the one being written
+        self.append(timelines, 6)
+        self.ok(timelines.stop())
+        self.assertEqual(self.journal_files(), [])
+        self.assertEqual(len(self.rows()), 6)
+
+    def test_a_stop_that_cannot_copy_leaves_the_journal_for_the_next_start(self) -> None:
+        timelines = self.timelines()
+        self.append(timelines, 1)
+        real = self.db.run
+        self.db.run = lambda *a, **k: fail(OperationalError("INSERT", {}, Exception("full")))  # type: ignore[method-assign]
+        self.ok(timelines.stop())
+        self.db.run = real  # type: ignore[method-assign]
+        self.assertEqual(len(self.journal_files()), 1)
+        self.timelines()
+        self.assertEqual(self.rows(), [(AB, 1, 1)])
+
+    def test_a_member_joins_after_every_promised_message(self) -> None:
+        self.txn(add_users_txn, USERS)
+        groups = GroupDirectory(self.db, self.clock)
+        timelines = self.timelines()
+        groups.settled = timelines.settled
+        team = self.ok(groups.create("alice", "team", ["bob"]))
+        sent = message(1, group=team.id)
+        d = timelines.append(sent, "phone")
+        self.clock.advance(0)
+        self.assertEqual(self.ok(d).seq, 1)  # promised, not yet copied
+        self.ok(groups.add("alice", team.id, ["carol"]))
+        floor = self.txn(
+            lambda c: c.execute(
+                select(user_conversations.c.floor_seq).where(
+                    user_conversations.c.user_name == "carol"
+                )
+            ).scalar()
+        )
+        self.assertEqual(floor, 1)  # the message before the join is not carol's unread
+
+    # --- changes ------------------------------------------------------------------------
+
+    def test_a_change_numbers_between_journaled_messages(self) -> None:
+        timelines = self.timelines()
+        self.append(timelines, 1)
+        asked = ChangeAsked("alice", "phone", 1, 1, "", 50, START, 3600.0, 3600.0)
+        made = self.ok(timelines.change(asked))
+        self.assertEqual(made.appended.seq, 2)
+        self.assertEqual(self.append(timelines, 3).seq, 3)
+        self.clock.advance(COPY_WAIT)
+        self.assertEqual([seq for _, seq, _ in self.rows()], [1, 2, 3])
+
+    def test_one_process_per_journal(self) -> None:
+        self.timelines()
+        second = Timelines(self.db, self.clock, TimelineSettings(), journal=self.directory)
+        self.failureResultOf(second.start(), TimelineUnavailable)
+
+
+class DirectoryTests(TestCase):
+    def test_beside_a_sqlite_file_only(self) -> None:
+        self.assertEqual(journal_directory("sqlite:////var/lib/cim/cim.db"), "/var/lib/cim")
+        self.assertIsNone(journal_directory("sqlite://"))
+        self.assertIsNone(journal_directory("sqlite:///:memory:"))
+        self.assertIsNone(journal_directory("postgresql://cim@localhost/cim"))
