@@ -272,9 +272,9 @@ class HelloLimitTests(SynchronousTestCase):
         decrypted: list[bytes] = []
         original = im_protocol.accept_client_hello
 
-        def counting(body: bytes, *args: Any) -> Any:
+        def counting(body: bytes, *args: Any, **kwargs: Any) -> Any:
             decrypted.append(body)
-            return original(body, *args)
+            return original(body, *args, **kwargs)
 
         self.patch(im_protocol, "accept_client_hello", counting)
         first = node.connect("u1", host="198.51.100.1")
