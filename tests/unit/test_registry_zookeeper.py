@@ -22,7 +22,7 @@ from twisted.logger import LogLevel, capturedLogs
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
-from cim.backends.registry.znodes import decode_node, encode_node
+from cim.backends.registry.zookeeper_znodes import decode_node, encode_node
 from cim.backends.registry.zookeeper import ZooKeeperRegistry, ZooKeeperUnavailable
 from cim.interfaces import INodeRegistry, NodeIdTaken, NodeInfo
 

@@ -39,7 +39,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from cim.backends.registry.local import ViewListener, tell_listeners
-from cim.backends.registry.znodes import ZNodes
+from cim.backends.registry.zookeeper_znodes import ZNodes
 from cim.backends.threads import PoolNotRunning, Runner, ThreadPoolRunner
 from cim.interfaces import INodeRegistry, NodeIdTaken, NodeInfo
 from cim.reactor import ICimReactor
