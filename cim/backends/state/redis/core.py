@@ -70,6 +70,7 @@ class RedisCore:
         reconnect_delay: float,
         max_reconnect_delay: float,
     ) -> None:
+        self.reactor = reactor
         self.clock = clock
         self.prefix = key_prefix
         self.route_ms = str(int(route_ttl * 1000))
