@@ -32,7 +32,7 @@ class RedisReceiptStore:
         self, sender: str, device: str, client_seq: int, msg_id: int, sent_at_ms: int
     ) -> Deferred[MessageReceipt | None]:
         d = self._claims.call((_sent_key(sender, device, client_seq), str(msg_id), str(sent_at_ms)))
-        return d.addCallback(_receipt)
+        return d
 
     def record_outcome(
         self, sender: str, device: str, client_seq: int, status: int, reason: str
@@ -41,17 +41,23 @@ class RedisReceiptStore:
         return d.addCallback(lambda _: None)
 
     def _remember(self, claims: Sequence[tuple[str, str, str]]) -> Deferred[list[Any]]:
-        return self._core.eval(scripts.REMEMBER_MESSAGES, self._ttl_ms, *_flat(claims))
+        d = self._core.eval(scripts.REMEMBER_MESSAGES, self._ttl_ms, *_flat(claims))
+        return d.addCallback(_spread, len(claims))
 
     def _record(self, outcomes: Sequence[tuple[str, str, str]]) -> Deferred[list[Any]]:
-        return self._core.eval(scripts.RECORD_OUTCOMES, *_flat(outcomes))
+        d = self._core.eval(scripts.RECORD_OUTCOMES, *_flat(outcomes))
+        return d.addCallback(lambda _: [None] * len(outcomes))
 
 
-def _receipt(reply: list[Any] | None) -> MessageReceipt | None:
-    if not reply:
-        return None
-    msg, sent_at, status, reason = reply
-    return MessageReceipt(int(msg), int(sent_at), int(status or 0), reason or "")
+def _spread(known: list[Any], count: int) -> list[MessageReceipt | None]:
+    """One answer per claim from the script's list of only the known ones."""
+    answers: list[MessageReceipt | None] = [None] * count
+    for at in range(0, len(known), 5):
+        index, msg, sent_at, status, reason = known[at : at + 5]
+        answers[int(index) - 1] = MessageReceipt(
+            int(msg), int(sent_at), int(status or 0), reason or ""
+        )
+    return answers
 
 
 def _flat(items: Sequence[tuple[str, str, str]]) -> list[str]:
