@@ -18,7 +18,7 @@ from typing import Any
 import txredisapi
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.internet.interfaces import IDelayedCall, IStreamClientEndpoint
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -31,6 +31,10 @@ from cim.interfaces import StateUnavailable
 from cim.reactor import ICimReactor
 
 _log = Logger(namespace="cim.state.redis")
+
+LAST_CHANCE = 0.01
+"""Seconds past a reply's deadline before it counts as lost: the reactor polls its
+sockets in between, so a reply that came while the node was behind is read first."""
 
 
 class _CommandProtocol(txredisapi.RedisProtocol):
@@ -237,7 +241,8 @@ class RedisConnection:
 
     def command(self, *args: str) -> Deferred[Any]:
         try:
-            d: Deferred[Any] = self._connection().execute_command(*args)
+            protocol = self._connection()
+            d = self._timed(protocol, protocol.execute_command(*args, apply_timeout=False))
         except (StateUnavailable, txredisapi.ConnectionError) as exc:
             return defer.fail(_unavailable_error(exc))
         return d.addErrback(_unavailable)
@@ -245,8 +250,11 @@ class RedisConnection:
     def eval(self, script: Script, *args: str) -> Deferred[Any]:
         """EVALSHA, and EVAL once when Redis does not know the script (NOSCRIPT)."""
         try:
-            connection = self._connection()
-            d: Deferred[Any] = connection.execute_command("EVALSHA", script.sha, 0, *args)
+            protocol = self._connection()
+            d = self._timed(
+                protocol,
+                protocol.execute_command("EVALSHA", script.sha, 0, *args, apply_timeout=False),
+            )
         except (StateUnavailable, txredisapi.ConnectionError) as exc:
             return defer.fail(_unavailable_error(exc))
 
@@ -254,10 +262,55 @@ class RedisConnection:
             if failure.check(txredisapi.ResponseError) and str(failure.value).startswith(
                 "NOSCRIPT"
             ):
-                return connection.execute_command("EVAL", script.source, 0, *args)
+                return self._timed(
+                    protocol,
+                    protocol.execute_command("EVAL", script.source, 0, *args, apply_timeout=False),
+                )
             return failure
 
         return d.addErrback(load).addErrback(_unavailable)
+
+    def _timed(self, protocol: Any, reply: Deferred[Any]) -> Deferred[Any]:
+        """The reply timeout, for a node that may be behind itself.
+
+        txredisapi's own timer aborts the connection the moment it fires. A node
+        that fell behind (one turn that took seconds: a burst of frames, a starved
+        core) runs its due timers before it reads the sockets, so the reply sitting
+        unread in the Redis socket counted as lost and every call in flight failed
+        with it: under load, a burst of refusals for a Redis that had answered. Here
+        a timer that fires gives the reactor one more pass over its sockets (a timer
+        set while the timers run fires after the next poll at the earliest) and only
+        then gives up.
+        """
+        answer: Deferred[Any] = Deferred()
+        timers: list[IDelayedCall] = []
+
+        def expire(last_chance: bool) -> None:
+            if answer.called:
+                return
+            if not last_chance:
+                timers.append(self._reactor.callLater(LAST_CHANCE, expire, True))
+                return
+            why = f"Not received Redis response in {self._timeout:g} seconds"
+            answer.errback(txredisapi.TimeoutError(why))
+            if protocol.transport is not None:
+                protocol.transport.abortConnection()
+
+        timers.append(self._reactor.callLater(self._timeout, expire, False))
+
+        def settled(result: Any) -> None:
+            for timer in timers:
+                if timer.active():
+                    timer.cancel()
+            if answer.called:
+                return  # given up on already; the connection is being closed
+            if isinstance(result, Failure):
+                answer.errback(result)
+            else:
+                answer.callback(result)
+
+        reply.addBoth(settled)
+        return answer
 
     def ping_notifications(self) -> None:
         """A silent notification connection could be dead: make it answer or reconnect."""
