@@ -197,7 +197,7 @@ class ReplyTimeoutTests(SynchronousTestCase):
             self.reactor,
             RedisAddress("127.0.0.1", 6390),
             5.0,
-            "cim:session-ended",
+            ["cim:session-ended", "cim:route-changed"],
             lambda channel, message: None,
             0.2,
             5.0,

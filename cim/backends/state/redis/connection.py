@@ -159,11 +159,13 @@ def _link(
 
 
 class RedisConnection:
-    """Commands and session-ended notifications, each on a link of its own.
+    """Commands and notifications, each on a link of its own.
 
     ``open`` insists on Redis (a node does not start without its state); once open,
     the links survive outages and calls fail fast with StateUnavailable meanwhile.
-    Notifications on ``channel`` go to ``on_message``.
+    Notifications on ``channels`` go to ``on_message``; ``on_subscribed`` is called
+    each time the notification connection is subscribed again (what was published
+    while it was down is lost).
     """
 
     def __init__(
@@ -171,14 +173,16 @@ class RedisConnection:
         reactor: ICimReactor,
         address: RedisAddress,
         reply_timeout: float,
-        channel: str,
+        channels: list[str],
         on_message: Callable[[str, str], None],
         reconnect_delay: float,
         max_reconnect_delay: float,
+        on_subscribed: Callable[[], None] = lambda: None,
     ) -> None:
         self._reactor = reactor
         self._timeout = reply_timeout
-        self._channel = channel
+        self._channels = channels
+        self._on_subscribed = on_subscribed
         self.where = str(address)
         endpoint = address.endpoint(reactor, reply_timeout)
         # Jitter keeps a fleet of nodes from reconnecting in lockstep after an outage.
@@ -207,6 +211,11 @@ class RedisConnection:
     def connected(self) -> bool:
         """Whether calls can reach Redis right now (both connections are up)."""
         return self._commands.connected and self._notifications.connected
+
+    @property
+    def notified(self) -> bool:
+        """Whether notifications reach this node right now."""
+        return self._notifications.usable is not None
 
     def open(self) -> Deferred[None]:
         """Connect; fails with StateUnavailable if Redis is not reached in time."""
@@ -331,8 +340,14 @@ class RedisConnection:
         return protocol
 
     def _subscribe(self, protocol: Any) -> Deferred[Any]:
-        d: Deferred[Any] = protocol.subscribe(self._channel)
-        return d.addTimeout(self._timeout, self._reactor)
+        d: Deferred[Any] = protocol.subscribe(self._channels)
+        d.addTimeout(self._timeout, self._reactor)
+
+        def subscribed(result: Any) -> Any:
+            self._on_subscribed()
+            return result
+
+        return d.addCallback(subscribed)
 
 
 def _ping(protocol: Any) -> Deferred[Any]:
