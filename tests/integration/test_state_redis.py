@@ -354,6 +354,7 @@ class RedisClusterTests(RedisFixture):
         self.patch(redis_routes, "CACHE_AGE", 3600.0)
         n1, n2, _, _ = await self.nodes()
         self.assertIsNone(await n1.presence.route("carol"))
+        self.assertEqual(await n1.presence.routes(["carol", "erin"]), {})
         carol, _ = await n2.sessions.create_session(
             token_hash("tc"), "carol", "phone", "node-b", TTL, "kick_old"
         )
@@ -364,9 +365,11 @@ class RedisClusterTests(RedisFixture):
             return await n1.presence.route("carol") == node
 
         await eventually(reactor, functools.partial(n1_sees, "node-b"), 10, "the new route")
+        self.assertEqual(await n1.presence.routes(["carol", "erin"]), {"carol": "node-b"})
         await n2.presence.mark_offline(carol)
         self.assertIsNone(await n2.presence.route("carol"))
         await eventually(reactor, functools.partial(n1_sees, None), 10, "the route to go")
+        self.assertEqual(await n1.presence.routes(["carol", "erin"]), {})
 
     async def test_a_route_is_answered_from_the_cache_until_it_is_old(self) -> None:
         self.patch(redis_routes, "CACHE_AGE", 3600.0)

@@ -81,23 +81,44 @@ class RedisRouteStore:
         d = self._core.command("HGET", self._core.prefix + "route:" + user, "node")
 
         def keep(node: str | None) -> str | None:
-            if changes == self._changes and self._core.connection.notified:
-                if len(self._cached) >= CACHED_ROUTES:
-                    self._cached.clear()
-                self._cached[user] = (node, now)
+            self._keep(changes, now, {user: node})
             return node
 
         return d.addCallback(keep)
 
     def routes(self, users: list[str]) -> Deferred[dict[str, str]]:
-        if not users:
-            return defer.succeed({})
-        d = self._core.eval(scripts.ROUTES, *users)
+        now = self._core.reactor.seconds()
+        known: dict[str, str] = {}
+        asked: list[str] = []
+        for user in users:
+            cached = self._cached.get(user)
+            if cached is not None and now - cached[1] < CACHE_AGE:
+                if cached[0] is not None:
+                    known[user] = cached[0]
+            else:
+                asked.append(user)
+        if not asked:
+            return defer.succeed(known)
+        changes = self._changes
+        d = self._core.eval(scripts.ROUTES, *asked)
 
         def pair(nodes: list[Any]) -> dict[str, str]:
-            return {user: node for user, node in zip(users, nodes, strict=True) if node}
+            read = dict(zip(asked, (node or None for node in nodes), strict=True))
+            self._keep(changes, now, read)
+            known.update((user, node) for user, node in read.items() if node)
+            return known
 
         return d.addCallback(pair)
+
+    def _keep(self, changes: int, now: float, read: dict[str, str | None]) -> None:
+        """Cache what was read, unless a change was heard meanwhile or could have been
+        missed (the notifications are down)."""
+        if changes != self._changes or not self._core.connection.notified:
+            return
+        if len(self._cached) + len(read) > CACHED_ROUTES:
+            self._cached.clear()
+        for user, node in read.items():
+            self._cached[user] = (node, now)
 
     def online_devices(self, users: list[str]) -> Deferred[dict[str, list[str]]]:
         if not users:
