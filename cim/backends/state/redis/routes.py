@@ -26,8 +26,8 @@ died and stopped refreshing it), so a cached one is read again this often."""
 class RedisRouteStore:
     """Routes that expire unless their node refreshes them, so a dead node's users go.
 
-    ``route`` answers from a cache of the users' nodes (None included: not online),
-    which every change of a user's node empties for that user: the scripts publish the
+    ``route`` answers from a cache of the users' nodes, which every change of a
+    user's node empties for that user: the scripts publish the
     user on ``route-changed`` whenever its route's node changes or the route goes, and
     every node forgets it (and the node that made the change, at its reply: a node
     reads its own writes, the command connection answering in order). An answer read
@@ -38,12 +38,16 @@ class RedisRouteStore:
     the registry's to tell (``Peers.is_alive``). A message sent on a cached route to
     a user who moved anyway is caught by the node it reaches (the user is not
     connected there: "stored", and a pull notice to wherever it is now).
+
+    "Not online" is never cached: a message stored for a user who is connecting
+    must reach its node as a pull notice (the user's catch-up may have read its
+    timeline already), and a late notification on a busy node would lose that.
     """
 
     def __init__(self, core: RedisCore) -> None:
         self._core = core
-        self._cached: dict[str, tuple[str | None, float]] = {}
-        """user -> (its node or None, when that was read)"""
+        self._cached: dict[str, tuple[str, float]] = {}
+        """user -> (its node, when that was read)"""
         self._changes = 0
         """Changes heard so far: an answer read across one is not cached."""
         core.add_route_listener(self._changed)
@@ -93,8 +97,7 @@ class RedisRouteStore:
         for user in users:
             cached = self._cached.get(user)
             if cached is not None and now - cached[1] < CACHE_AGE:
-                if cached[0] is not None:
-                    known[user] = cached[0]
+                known[user] = cached[0]
             else:
                 asked.append(user)
         if not asked:
@@ -118,7 +121,8 @@ class RedisRouteStore:
         if len(self._cached) + len(read) > CACHED_ROUTES:
             self._cached.clear()
         for user, node in read.items():
-            self._cached[user] = (node, now)
+            if node is not None:
+                self._cached[user] = (node, now)
 
     def online_devices(self, users: list[str]) -> Deferred[dict[str, list[str]]]:
         if not users:
