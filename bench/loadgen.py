@@ -57,7 +57,7 @@ from twisted.python.failure import Failure
 from cim.client.router import LoginTicket, NodeTarget, RouterError, parse_ticket
 from cim.config import KNOWN_SUITES
 from cim.protocols import cim_pb2
-from cim.protocols.handshake import ClientHandshake, HandshakeRefused
+from cim.protocols.handshake import ClientHandshake, HandshakeRefused, Resumption
 from cim.protocols.wire import HEARTBEAT_FRAME, FrameProtocol
 
 reactor: Any = _reactor
@@ -201,13 +201,25 @@ class BenchConnection(FrameProtocol):
     parse for frames whose content it does not need, no Deferred per message.
     """
 
-    def __init__(self, worker: Worker, ticket: LoginTicket, suite: str) -> None:
+    def __init__(
+        self,
+        worker: Worker,
+        ticket: LoginTicket,
+        suite: str,
+        resume: Resumption | None = None,
+    ) -> None:
         super().__init__(MAX_FRAME)
         self.worker = worker
         self.user = ticket.user
         offered = (suite,) if worker.single_suite else KNOWN_SUITES
         self._handshake: ClientHandshake | None = ClientHandshake(
-            ticket.server_key, ticket.token, DEVICE, suite, offered, int(time.time() * 1000)
+            ticket.server_key,
+            ticket.token,
+            DEVICE,
+            suite,
+            offered,
+            int(time.time() * 1000),
+            resume=resume,
         )
         self.ready: Deferred[BenchConnection] = Deferred()
         self.closed: Deferred[None] = Deferred()
@@ -270,6 +282,10 @@ class BenchConnection(FrameProtocol):
             )
             return
         self.heartbeat_interval = result.heartbeat_interval_ms / 1000 or 30.0
+        # The ticket for the next connection of this user ([im] resume_window).
+        resumption = handshake.resumption_after(result, time.time())
+        if resumption is not None:
+            self.worker.resumptions[self.user] = resumption
         self.established = True
         self.worker.live.add(self)
         self.ready.callback(self)
@@ -529,6 +545,9 @@ class Worker:
         self.transport = "tcp"
         """tcp, or websocket: the node's gateway (the login's ws_url), as a browser."""
         self.tickets: dict[str, LoginTicket] = {}
+        self.resumptions: dict[str, Resumption] = {}
+        """Each user's resumption ticket from its last connection (``connect`` with
+        ``resume`` uses them)."""
         self.conns: list[BenchConnection] = []
         self.live: set[BenchConnection] = set()
         self.retired = Totals()
@@ -631,8 +650,14 @@ class Worker:
 
     # --- IM connections ---------------------------------------------------------------
 
-    async def open(self, ticket: LoginTicket, suite: str, timeout: float = 30.0) -> BenchConnection:
-        conn = BenchConnection(self, ticket, suite)
+    async def open(
+        self,
+        ticket: LoginTicket,
+        suite: str,
+        timeout: float = 30.0,
+        resume: Resumption | None = None,
+    ) -> BenchConnection:
+        conn = BenchConnection(self, ticket, suite, resume)
         if self.transport == "websocket":
             from cim.client.websocket import connect_websocket
 
@@ -648,6 +673,8 @@ class Worker:
         suite = str(spec.get("suite", KNOWN_SUITES[0]))
         self.single_suite = bool(spec.get("single_suite", True))
         self.transport = str(spec.get("transport", "tcp"))
+        # resume: each user comes back with the ticket of its last connection (no RSA).
+        resume = bool(spec.get("resume", False))
         started = time.monotonic()
         opened: dict[str, BenchConnection] = {}
         todo = iter(names)
@@ -658,8 +685,12 @@ class Worker:
                 if ticket is None:
                     self.errors["connect: not logged in"] += 1
                     continue
+                resumption = self.resumptions.pop(user, None) if resume else None
+                if resume and resumption is None:
+                    self.errors["connect: no resumption ticket"] += 1
+                    continue
                 try:
-                    opened[user] = await self.open(ticket, suite)
+                    opened[user] = await self.open(ticket, suite, resume=resumption)
                 except Exception as exc:
                     self.errors[f"connect: {_label(exc)}"] += 1
 
@@ -672,6 +703,7 @@ class Worker:
             "connected": len(self.conns),
             "failed": len(names) - len(self.conns),
             "seconds": seconds,
+            "errors": dict(self.errors),
         }
 
     async def cmd_close(self, spec: dict[str, Any]) -> dict[str, Any]:

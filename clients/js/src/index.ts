@@ -32,7 +32,14 @@ export {
 export { Backoff, realClock, type Clock, type Timer } from "./clock.js";
 export { Emitter } from "./events.js";
 export { pb, FrameType, encodeFrame, decodeFrame, lengthPrefixed, FrameSplitter, ProtocolError } from "./protocol/frames.js";
-export { ClientHandshake, HandshakeRefused, helloDigest } from "./protocol/handshake.js";
+export {
+  ClientHandshake,
+  HandshakeRefused,
+  helloDigest,
+  nextResumptionSecret,
+  resumeProof,
+  type Resumption,
+} from "./protocol/handshake.js";
 export {
   FrameAuthenticationError,
   PROTOCOL_VERSION,
