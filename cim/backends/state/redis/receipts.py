@@ -1,7 +1,8 @@
 """The Redis backend's receipts facet: the answer to each sender message, on every node.
 
-Claims and outcomes are gathered per reactor turn (``turns.PerTurn``): one script call
-for all of a turn's claims and one for its outcomes, not one call per message.
+Claims and outcomes made while one of their kind is in flight go together as the next
+script call (``turns.PerTurn``): under load, one call for a turn's claims and one for
+its outcomes, not one call per message.
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ class RedisReceiptStore:
     def __init__(self, core: RedisCore, dedup_window: float) -> None:
         self._core = core
         self._ttl_ms = str(int(dedup_window * 1000))
-        self._claims: PerTurn[tuple[str, str, str]] = PerTurn(core.reactor, self._remember)
-        self._outcomes: PerTurn[tuple[str, str, str]] = PerTurn(core.reactor, self._record)
+        self._claims: PerTurn[tuple[str, str, str]] = PerTurn(self._remember)
+        self._outcomes: PerTurn[tuple[str, str, str]] = PerTurn(self._record)
 
     def remember_message(
         self, sender: str, device: str, client_seq: int, msg_id: int, sent_at_ms: int
