@@ -1,7 +1,7 @@
 """The Redis backend's receipts facet: the answer to each sender message, on every node.
 
 Claims and outcomes made while one of their kind is in flight go together as the next
-script call (``turns.PerTurn``): under load, one call for a turn's claims and one for
+script call (``gather.Gather``): under load, one call for a turn's claims and one for
 its outcomes, not one call per message.
 """
 
@@ -15,7 +15,7 @@ from zope.interface import implementer
 
 from cim.backends.state.redis import scripts
 from cim.backends.state.redis.core import RedisCore
-from cim.backends.state.redis.turns import PerTurn
+from cim.backends.state.redis.gather import Gather
 from cim.interfaces import IReceiptStore, MessageReceipt
 
 
@@ -26,8 +26,8 @@ class RedisReceiptStore:
     def __init__(self, core: RedisCore, dedup_window: float) -> None:
         self._core = core
         self._ttl_ms = str(int(dedup_window * 1000))
-        self._claims: PerTurn[tuple[str, str, str]] = PerTurn(self._remember)
-        self._outcomes: PerTurn[tuple[str, str, str]] = PerTurn(self._record)
+        self._claims: Gather[tuple[str, str, str]] = Gather(self._remember)
+        self._outcomes: Gather[tuple[str, str, str]] = Gather(self._record)
 
     def remember_message(
         self, sender: str, device: str, client_seq: int, msg_id: int, sent_at_ms: int

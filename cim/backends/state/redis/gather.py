@@ -30,7 +30,7 @@ PER_CALL = 256
 """Items per script call at most: bounds how long one script holds Redis."""
 
 
-class PerTurn(Generic[T]):
+class Gather(Generic[T]):
     """Sends an item at once when no call is in flight, else gathers it for the next
     call (at most ``limit`` items each); ``send`` fires with one reply per item, in
     order."""

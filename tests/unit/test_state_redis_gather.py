@@ -1,4 +1,4 @@
-"""PerTurn (cim.backends.state.redis.turns): a call goes at once when none is in
+"""Gather (cim.backends.state.redis.gather): a call goes at once when none is in
 flight, the calls made meanwhile go together next; the scripts themselves run against
 real Redis in the receipts contract (tests/integration/test_state_redis.py)."""
 
@@ -10,11 +10,11 @@ from typing import Any
 from twisted.internet.defer import Deferred
 from twisted.trial.unittest import SynchronousTestCase
 
-from cim.backends.state.redis.turns import PerTurn
+from cim.backends.state.redis.gather import Gather
 from cim.interfaces import StateUnavailable
 
 
-class PerTurnTests(SynchronousTestCase):
+class GatherTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.sent: list[list[str]] = []
         self.replies: list[Deferred[list[Any]]] = []
@@ -29,7 +29,7 @@ class PerTurnTests(SynchronousTestCase):
         self.replies[index].callback([item.upper() for item in self.sent[index]])
 
     def test_a_call_goes_at_once_when_none_is_in_flight(self) -> None:
-        batch = PerTurn(self.send)
+        batch = Gather(self.send)
         first = batch.call("a")
         self.assertEqual(self.sent, [["a"]])
         self.answer(0)
@@ -40,7 +40,7 @@ class PerTurnTests(SynchronousTestCase):
         self.assertEqual(self.successResultOf(second), "B")
 
     def test_calls_made_meanwhile_go_together_in_order(self) -> None:
-        batch = PerTurn(self.send)
+        batch = Gather(self.send)
         first = batch.call("a")
         waiting = [batch.call(item) for item in ("b", "c", "d")]
         self.assertEqual(self.sent, [["a"]])
@@ -53,7 +53,7 @@ class PerTurnTests(SynchronousTestCase):
         self.assertEqual([self.successResultOf(d) for d in waiting], ["B", "C", "D"])
 
     def test_a_full_batch_goes_without_waiting(self) -> None:
-        batch = PerTurn(self.send, limit=2)
+        batch = Gather(self.send, limit=2)
         batch.call("a")
         rest = [batch.call(item) for item in ("b", "c", "d")]
         self.assertEqual(self.sent, [["a"], ["b", "c"]])
@@ -65,7 +65,7 @@ class PerTurnTests(SynchronousTestCase):
         self.assertEqual([self.successResultOf(d) for d in rest], ["B", "C", "D"])
 
     def test_a_failed_call_fails_every_item_of_it_and_the_next_ones_still_go(self) -> None:
-        batch = PerTurn(self.send)
+        batch = Gather(self.send)
         first = batch.call("a")
         waiting = [batch.call(item) for item in ("b", "c")]
         self.replies[0].errback(StateUnavailable("Redis is unreachable"))
@@ -76,7 +76,7 @@ class PerTurnTests(SynchronousTestCase):
             self.failureResultOf(d, StateUnavailable)
 
     def test_a_reply_of_the_wrong_length_fails_every_item(self) -> None:
-        batch = PerTurn(self.send)
+        batch = Gather(self.send)
         batch.call("a")
         waiting = [batch.call(item) for item in ("b", "c")]
         self.answer(0)
@@ -88,9 +88,9 @@ class PerTurnTests(SynchronousTestCase):
         def broken(items: Sequence[str]) -> Deferred[list[Any]]:
             raise StateUnavailable("not connected")
 
-        batch = PerTurn(broken)
+        batch = Gather(broken)
         self.failureResultOf(batch.call("a"), StateUnavailable)
         self.failureResultOf(batch.call("b"), StateUnavailable)
 
     def test_limit_must_be_positive(self) -> None:
-        self.assertRaises(ValueError, PerTurn, self.send, 0)
+        self.assertRaises(ValueError, Gather, self.send, 0)
