@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from importlib import metadata
 from typing import Any
 
-from bench import gateway, push_outage, steady
+from bench import distributed, gateway, push_outage, steady
 from bench.daemon import BENCH_SCRYPT_N, BENCH_SCRYPT_R, DEFAULT_SCRYPT_N, DEFAULT_SCRYPT_R, ROOT
 
 ANALYSIS_BEGIN = "<!-- analysis: hand-written, kept when the tool regenerates this file -->"
@@ -280,6 +280,7 @@ def rows(results: dict[str, Any]) -> list[Row]:
         )
     out.extend(Row(*figure) for figure in gateway.figures(results.get("gateway")))
     out.extend(Row(*figure) for figure in push_outage.figures(results.get("push_outage")))
+    out.extend(Row(*figure) for figure in distributed.figures(results.get("distributed")))
     return out
 
 
@@ -402,7 +403,7 @@ def markdown(results: dict[str, Any], analysis: str) -> str:
         "```sh\nmake bench        # quick: about two minutes, prints the table\n"
         "make bench-full   # everything; rewrites this file\n"
         "# some scenarios only (idle, one_to_one, steady, group, offline, catch_up, churn, "
-        "backends, gateway, push_outage):\n"
+        "backends, gateway, push_outage, distributed):\n"
         ".venv/bin/python -m bench.run --full --only group,offline,backends --no-docs\n"
         "# a daemon from another checkout (a hot-path change), same generator:\n"
         ".venv/bin/python -m bench.run --quick --source /path/to/other/checkout\n```\n"

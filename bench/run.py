@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from bench import catch_up, gateway, push_outage, report, scenarios, steady
+from bench import catch_up, distributed, gateway, push_outage, report, scenarios, steady
 from bench.daemon import ROOT
 
 RESULTS_DIR = os.path.join(ROOT, "bench", "results")
@@ -38,11 +38,13 @@ SCENARIOS = (
     "backends",
     "gateway",
     "push_outage",
+    "distributed",
 )
 QUICK_SCENARIOS = ("idle", "one_to_one", "steady", "group", "offline", "catch_up", "churn")
 """The quick plan leaves out the external backends (they need the services) and the
 WebSocket gateway beside TCP (figure 9, bench.gateway: a minute more) and the push
-provider outage (figure 10, bench.push_outage: two minutes more)."""
+provider outage (figure 10, bench.push_outage: two minutes more), and one node and two
+on PostgreSQL + Redis + RabbitMQ + ZooKeeper (figure 11, bench.distributed: issue #20)."""
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -182,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
         results["gateway"] = attempt("gateway", lambda: gateway.gateway(ctx, plan))
     if "push_outage" in wanted:
         results["push_outage"] = attempt("push outage", lambda: push_outage.push_outage(ctx, plan))
+    if "distributed" in wanted:
+        results["distributed"] = attempt("distributed", lambda: distributed.distributed(ctx, plan))
     results["notes"] += ctx.notes
     results["seconds"] = time.monotonic() - began
 

@@ -229,10 +229,17 @@ class ExternalServices:
     database_url: str = ""
     redis_db: int | None = None
     opened: bool = False
+    nodes: int = 1
+    """Daemons sharing these services (bench.distributed runs two): each has a node id
+    and so a node queue of its own."""
 
     @property
     def node_id(self) -> str:
         return f"bench-{self.run_id}"
+
+    @property
+    def node_ids(self) -> list[str]:
+        return [self.node_id] + [f"{self.node_id}-{n}" for n in range(1, self.nodes)]
 
     @property
     def exchange(self) -> str:
@@ -240,7 +247,11 @@ class ExternalServices:
 
     @property
     def queues(self) -> list[str]:
-        return [node_queue(self.node_id), f"{self.exchange}.offline", f"{self.exchange}.archive"]
+        return [
+            *(node_queue(node) for node in self.node_ids),
+            f"{self.exchange}.offline",
+            f"{self.exchange}.archive",
+        ]
 
     def open(self) -> None:
         try:

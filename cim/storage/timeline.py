@@ -177,14 +177,36 @@ _COLUMNS = (
 )
 
 
-@functools.lru_cache(maxsize=8)
-def _insert_sql(paramstyle: str) -> str:
-    """INSERT INTO timeline in the driver's own placeholders (sqlite3: ``?``,
-    psycopg2: ``%s``)."""
+@functools.lru_cache(maxsize=256)
+def _insert_sql(paramstyle: str, rows: int = 1) -> str:
+    """INSERT INTO timeline of ``rows`` rows in the driver's own placeholders (sqlite3:
+    ``?``, psycopg2: ``%s``)."""
     mark = "?" if paramstyle == "qmark" else "%s"
-    return (
-        f"INSERT INTO timeline ({', '.join(_COLUMNS)}) VALUES ({', '.join(mark for _ in _COLUMNS)})"
-    )
+    row = f"({', '.join(mark for _ in _COLUMNS)})"
+    return f"INSERT INTO timeline ({', '.join(_COLUMNS)}) VALUES {', '.join([row] * rows)}"
+
+
+_ROWS_PER_INSERT = 100
+"""Rows per multi-row INSERT on PostgreSQL: a batch of 200 is two statements, and the
+statement texts (one per size up to this) stay few enough to cache (``_insert_sql``)."""
+
+
+def _insert_rows(connection: Connection, rows: Sequence[tuple[Any, ...]]) -> None:
+    """The hot path's bulk insert, straight to the driver (the values are plain ints,
+    floats, strings and bytes: no per-row parameter processing).
+
+    psycopg2's ``executemany`` is one round trip to the server per row, which made
+    the insert most of a PostgreSQL batch's time; there the rows go as multi-row
+    ``VALUES`` instead (one round trip per ``_ROWS_PER_INSERT``). SQLite runs in
+    process, where ``executemany`` is the cheap way."""
+    paramstyle = connection.dialect.paramstyle
+    if connection.dialect.name != "postgresql":
+        connection.exec_driver_sql(_insert_sql(paramstyle), list(rows))
+        return
+    for start in range(0, len(rows), _ROWS_PER_INSERT):
+        part = rows[start : start + _ROWS_PER_INSERT]
+        flat = tuple(value for row in part for value in row)
+        connection.exec_driver_sql(_insert_sql(paramstyle, len(part)), flat)
 
 
 @functools.lru_cache(maxsize=512)
@@ -295,9 +317,7 @@ def append_txn(
                     "floor_seq": 0,
                 }
     if rows:
-        # The hot path's one bulk insert straight to the driver: no per-row parameter
-        # processing (the values are plain ints, floats, strings and bytes).
-        connection.exec_driver_sql(_insert_sql(connection.dialect.paramstyle), rows)
+        _insert_rows(connection, rows)
     if readers:
         connection.execute(
             _insert(connection, user_conversations).on_conflict_do_nothing(),

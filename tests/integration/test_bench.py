@@ -13,8 +13,9 @@ from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
 
+from bench import distributed
 from bench.catch_up import observe
-from bench.daemon import BenchDaemon, DaemonSettings
+from bench.daemon import BenchDaemon, DaemonSettings, ProcSample
 from bench.scenarios import PASSWORD, _fanout_finished
 from bench.workers import WorkerPool
 from cim.im.direct import REASON_NOT_ACCEPTED
@@ -212,3 +213,47 @@ class GatewayGeneratorTests(SynchronousTestCase):
         self.assertEqual(totals["sent"], totals["delivered"] + totals["failed"])
         self.assertEqual(totals["failed"], 0)
         self.assertEqual(totals["received"], totals["delivered"])
+
+
+class DistributedCountTests(SynchronousTestCase):
+    """bench.distributed's figures of one load: refusals are the load's own ERROR
+    answers, CPU is summed over every node, crossings are per message sent."""
+
+    def test_counts_of_one_load_over_two_nodes(self) -> None:
+        refused = "ERROR: the node cannot take messages right now; retry"
+
+        def answer(sent: int, delivered: int, failed: int, reasons: dict[str, int]) -> Any:
+            totals = {
+                "sent": sent,
+                "delivered": delivered,
+                "accepted": 0,
+                "stored": 0,
+                "failed": failed,
+                "received": delivered,
+                "acks_answered": delivered,
+            }
+            return {"totals": totals, "failure_reasons": reasons, "errors": {}}
+
+        # Two workers; the first had 3 refusals and a failure of another kind before.
+        before = [answer(100, 96, 4, {refused: 3, "no such user": 1}), answer(50, 50, 0, {})]
+        drained = [
+            answer(300, 290, 10, {refused: 12, "no such user": 2}),
+            answer(250, 248, 2, {refused: 2}),
+        ]
+        reports = [
+            {"counts": {"delivered": 180, "failed": 5}},
+            {"counts": {"delivered": 190, "failed": 1}},
+        ]
+        starts = [ProcSample(10.0, 1.0, 0), ProcSample(10.0, 2.0, 0)]
+        ends = [ProcSample(12.0, 1.5, 0), ProcSample(12.0, 2.25, 0)]
+        row = distributed.counts(reports, before, drained, starts, ends, 0.37, 200)
+        self.assertEqual(row["refused"], 9 + 2)
+        self.assertEqual(row["refusals"], {refused: 11})
+        self.assertEqual(row["delivered"], 370)
+        self.assertEqual(row["failed_in_window"], 6)
+        self.assertAlmostEqual(row["daemon_cpu_us_per_message"], 0.75e6 / 370)
+        self.assertAlmostEqual(row["services_cpu_us_per_message"], 0.37e6 / 370)
+        self.assertEqual(row["daemon_cpu_share_per_node"], [0.25, 0.125])
+        self.assertEqual(row["totals"]["sent"], 400)
+        self.assertTrue(row["totals"]["consistent"])
+        self.assertAlmostEqual(row["crossing_share"], 200 / 400)

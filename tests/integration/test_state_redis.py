@@ -26,6 +26,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from cim.backends.state import REASON_MOVED, token_hash
 from cim.backends.state.redis import RedisState, scripts
+from cim.backends.state.redis import routes as redis_routes
 from cim.backends.state.redis.address import parse_redis_url
 from cim.backends.state.redis.scripts import Script
 from cim.interfaces import AlreadyLoggedIn, IStateBackend, StateUnavailable
@@ -363,6 +364,47 @@ class RedisClusterTests(RedisFixture):
         self.assertIn((phone, REASON_MOVED), ended1)
         self.assertIsNone(await n1.sessions.session_for_token(token_hash("tp")))
         self.assertEqual(await n1.sessions.session_for_token(token_hash("tw")), web)
+
+    async def test_a_cached_route_is_forgotten_when_another_node_changes_it(self) -> None:
+        # Kept for an hour here: only the route-changed notification can update them.
+        self.patch(redis_routes, "CACHE_AGE", 3600.0)
+        n1, n2, _, _ = await self.nodes()
+        self.assertIsNone(await n1.presence.route("carol"))
+        self.assertEqual(await n1.presence.routes(["carol", "erin"]), {})
+        carol, _ = await n2.sessions.create_session(
+            token_hash("tc"), "carol", "phone", "node-b", TTL, "kick_old"
+        )
+        await n2.presence.mark_online(carol)
+        self.assertEqual(await n2.presence.route("carol"), "node-b")
+
+        async def n1_sees(node: str | None) -> bool:
+            return await n1.presence.route("carol") == node
+
+        await eventually(reactor, functools.partial(n1_sees, "node-b"), 10, "the new route")
+        self.assertEqual(await n1.presence.routes(["carol", "erin"]), {"carol": "node-b"})
+        await n2.presence.mark_offline(carol)
+        self.assertIsNone(await n2.presence.route("carol"))
+        await eventually(reactor, functools.partial(n1_sees, None), 10, "the route to go")
+        self.assertEqual(await n1.presence.routes(["carol", "erin"]), {})
+
+    async def test_a_route_is_answered_from_the_cache_until_it_is_old(self) -> None:
+        self.patch(redis_routes, "CACHE_AGE", 3600.0)
+        store = await self.make_store()
+        dave, _ = await store.sessions.create_session(
+            token_hash("td"), "dave", "phone", "node-a", TTL, "kick_old"
+        )
+        await store.presence.mark_online(dave)
+        await self.barrier(store)  # its own route-changed notice has come back
+        self.assertEqual(await store.presence.route("dave"), "node-a")
+        # Gone behind the cache's back (as a dead node's route expires: no notice).
+        connection = await self.redis()
+        try:
+            await connection.delete([self.prefix + "route:dave"])
+        finally:
+            await connection.disconnect()
+        self.assertEqual(await store.presence.route("dave"), "node-a")
+        self.patch(redis_routes, "CACHE_AGE", 0.0)
+        self.assertIsNone(await store.presence.route("dave"))
 
     async def test_routes_of_a_silent_node_expire(self) -> None:
         store = await self.make_store(route_ttl=3.0)

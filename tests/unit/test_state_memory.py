@@ -510,6 +510,31 @@ class ReceiptsContract(StateContract):
         await self.state.receipts.record_outcome("bob", "phone", 1, 1, "")
         self.assertIsNone(await self.state.receipts.remember_message("bob", "phone", 1, 7, 7))
 
+    async def test_calls_made_together_answer_as_if_made_one_after_the_other(self) -> None:
+        """The Redis store sends a turn's claims (and outcomes) as one script call: the
+        answers are those of the calls in the order they were made."""
+        receipts = self.state.receipts
+        first = receipts.remember_message("carol", "phone", 1, 11, 1)
+        resend = receipts.remember_message("carol", "phone", 1, 12, 2)
+        other = receipts.remember_message("carol", "phone", 2, 13, 3)
+        self.assertIsNone(await first)
+        again = await resend
+        assert again is not None
+        self.assertEqual((again.msg_id, again.sent_at_ms, again.status), (11, 1, 0))
+        self.assertIsNone(await other)
+        delivered = receipts.record_outcome("carol", "phone", 1, 1, "")
+        stale = receipts.record_outcome("carol", "phone", 1, 3, "too late")
+        failed = receipts.record_outcome("carol", "phone", 2, 3, "no such user")
+        nobody = receipts.record_outcome("dave", "phone", 1, 1, "")
+        for d in (delivered, stale, failed, nobody):
+            await d
+        one = await receipts.remember_message("carol", "phone", 1, 99, 9)
+        two = await receipts.remember_message("carol", "phone", 2, 99, 9)
+        assert one is not None and two is not None
+        self.assertEqual((one.msg_id, one.status, one.reason), (11, 1, ""))
+        self.assertEqual((two.msg_id, two.status, two.reason), (13, 3, "no such user"))
+        self.assertIsNone(await receipts.remember_message("dave", "phone", 1, 7, 7))
+
 
 class SequencesContract(StateContract):
     """ISequenceStore: node numbers."""

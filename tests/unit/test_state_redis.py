@@ -6,8 +6,10 @@ tests/integration/test_state_redis.py.
 
 from __future__ import annotations
 
-from typing import cast
+from typing import Any, cast
 
+import txredisapi
+from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.interfaces import IConnector
 from twisted.internet.testing import MemoryReactorClock
@@ -20,7 +22,14 @@ from cim.backends.backoff import Backoff
 from cim.backends.state import make_state_store, token_hash
 from cim.backends.state.redis import RedisState
 from cim.backends.state.redis.address import RedisAddress, parse_redis_url
-from cim.backends.state.redis.connection import _CommandProtocol, _link, _ping, _RedisFactory
+from cim.backends.state.redis.connection import (
+    LAST_CHANCE,
+    RedisConnection,
+    _CommandProtocol,
+    _link,
+    _ping,
+    _RedisFactory,
+)
 from cim.config import StateConfig
 from cim.interfaces import IStateBackend, SessionRecord, StateUnavailable
 from tests.unit.test_state_memory import START, TTL
@@ -164,3 +173,65 @@ def _note_user(seen: set[str], record: SessionRecord, why: str) -> None:
 
 def record() -> SessionRecord:
     return SessionRecord("s", "alice", "pc", "n1", START, START + TTL, token_hash("t"))
+
+
+class _Transport:
+    def __init__(self) -> None:
+        self.aborted = False
+
+    def abortConnection(self) -> None:
+        self.aborted = True
+
+
+class _Protocol:
+    def __init__(self) -> None:
+        self.transport = _Transport()
+
+
+class ReplyTimeoutTests(SynchronousTestCase):
+    """The reply timeout gives a node that fell behind one more pass over its sockets."""
+
+    def setUp(self) -> None:
+        self.reactor = MemoryReactorClock()
+        self.connection = RedisConnection(
+            self.reactor,
+            RedisAddress("127.0.0.1", 6390),
+            5.0,
+            ["cim:session-ended", "cim:route-changed"],
+            lambda channel, message: None,
+            0.2,
+            5.0,
+        )
+        self.protocol = _Protocol()
+        self.reply: Deferred[Any] = Deferred()
+        self.answer = self.connection._timed(self.protocol, self.reply)
+
+    def test_a_reply_read_in_the_pass_after_the_deadline_counts(self) -> None:
+        # One turn took longer than the timeout: the timer runs before the socket is
+        # read, the reply is read in the I/O pass that follows.
+        self.reactor.advance(6.0)
+        self.assertNoResult(self.answer)
+        self.reply.callback("PONG")
+        self.reactor.advance(LAST_CHANCE)
+        self.assertEqual(self.successResultOf(self.answer), "PONG")
+        self.assertFalse(self.protocol.transport.aborted)
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+
+    def test_no_reply_after_that_pass_is_a_timeout_that_drops_the_connection(self) -> None:
+        self.reactor.advance(5.0)
+        self.assertNoResult(self.answer)
+        self.reactor.advance(LAST_CHANCE)
+        self.failureResultOf(self.answer, txredisapi.TimeoutError)
+        self.assertTrue(self.protocol.transport.aborted)
+        # The reply (or the lost connection's error) that comes later changes nothing.
+        self.reply.errback(txredisapi.ConnectionError("lost"))
+
+    def test_a_reply_in_time_cancels_the_timer(self) -> None:
+        self.reply.callback(["ok"])
+        self.assertEqual(self.successResultOf(self.answer), ["ok"])
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+
+    def test_an_error_reply_is_passed_on(self) -> None:
+        self.reply.errback(txredisapi.ResponseError("NOSCRIPT"))
+        self.failureResultOf(self.answer, txredisapi.ResponseError)
+        self.assertFalse(self.protocol.transport.aborted)

@@ -18,7 +18,7 @@ from typing import Any
 import txredisapi
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.internet.interfaces import IDelayedCall, IStreamClientEndpoint
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -31,6 +31,10 @@ from cim.interfaces import StateUnavailable
 from cim.reactor import ICimReactor
 
 _log = Logger(namespace="cim.state.redis")
+
+LAST_CHANCE = 0.01
+"""Seconds past a reply's deadline before it counts as lost: the reactor polls its
+sockets in between, so a reply that came while the node was behind is read first."""
 
 
 class _CommandProtocol(txredisapi.RedisProtocol):
@@ -155,11 +159,13 @@ def _link(
 
 
 class RedisConnection:
-    """Commands and session-ended notifications, each on a link of its own.
+    """Commands and notifications, each on a link of its own.
 
     ``open`` insists on Redis (a node does not start without its state); once open,
     the links survive outages and calls fail fast with StateUnavailable meanwhile.
-    Notifications on ``channel`` go to ``on_message``.
+    Notifications on ``channels`` go to ``on_message``; ``on_subscribed`` is called
+    each time the notification connection is subscribed again (what was published
+    while it was down is lost).
     """
 
     def __init__(
@@ -167,14 +173,16 @@ class RedisConnection:
         reactor: ICimReactor,
         address: RedisAddress,
         reply_timeout: float,
-        channel: str,
+        channels: list[str],
         on_message: Callable[[str, str], None],
         reconnect_delay: float,
         max_reconnect_delay: float,
+        on_subscribed: Callable[[], None] = lambda: None,
     ) -> None:
         self._reactor = reactor
         self._timeout = reply_timeout
-        self._channel = channel
+        self._channels = channels
+        self._on_subscribed = on_subscribed
         self.where = str(address)
         endpoint = address.endpoint(reactor, reply_timeout)
         # Jitter keeps a fleet of nodes from reconnecting in lockstep after an outage.
@@ -203,6 +211,11 @@ class RedisConnection:
     def connected(self) -> bool:
         """Whether calls can reach Redis right now (both connections are up)."""
         return self._commands.connected and self._notifications.connected
+
+    @property
+    def notified(self) -> bool:
+        """Whether notifications reach this node right now."""
+        return self._notifications.usable is not None
 
     def open(self) -> Deferred[None]:
         """Connect; fails with StateUnavailable if Redis is not reached in time."""
@@ -237,7 +250,8 @@ class RedisConnection:
 
     def command(self, *args: str) -> Deferred[Any]:
         try:
-            d: Deferred[Any] = self._connection().execute_command(*args)
+            protocol = self._connection()
+            d = self._timed(protocol, protocol.execute_command(*args, apply_timeout=False))
         except (StateUnavailable, txredisapi.ConnectionError) as exc:
             return defer.fail(_unavailable_error(exc))
         return d.addErrback(_unavailable)
@@ -245,8 +259,11 @@ class RedisConnection:
     def eval(self, script: Script, *args: str) -> Deferred[Any]:
         """EVALSHA, and EVAL once when Redis does not know the script (NOSCRIPT)."""
         try:
-            connection = self._connection()
-            d: Deferred[Any] = connection.execute_command("EVALSHA", script.sha, 0, *args)
+            protocol = self._connection()
+            d = self._timed(
+                protocol,
+                protocol.execute_command("EVALSHA", script.sha, 0, *args, apply_timeout=False),
+            )
         except (StateUnavailable, txredisapi.ConnectionError) as exc:
             return defer.fail(_unavailable_error(exc))
 
@@ -254,10 +271,55 @@ class RedisConnection:
             if failure.check(txredisapi.ResponseError) and str(failure.value).startswith(
                 "NOSCRIPT"
             ):
-                return connection.execute_command("EVAL", script.source, 0, *args)
+                return self._timed(
+                    protocol,
+                    protocol.execute_command("EVAL", script.source, 0, *args, apply_timeout=False),
+                )
             return failure
 
         return d.addErrback(load).addErrback(_unavailable)
+
+    def _timed(self, protocol: Any, reply: Deferred[Any]) -> Deferred[Any]:
+        """The reply timeout, for a node that may be behind itself.
+
+        txredisapi's own timer aborts the connection the moment it fires. A node
+        that fell behind (one turn that took seconds: a burst of frames, a starved
+        core) runs its due timers before it reads the sockets, so the reply sitting
+        unread in the Redis socket counted as lost and every call in flight failed
+        with it: under load, a burst of refusals for a Redis that had answered. Here
+        a timer that fires gives the reactor one more pass over its sockets (a timer
+        set while the timers run fires after the next poll at the earliest) and only
+        then gives up.
+        """
+        answer: Deferred[Any] = Deferred()
+        timers: list[IDelayedCall] = []
+
+        def expire(last_chance: bool) -> None:
+            if answer.called:
+                return
+            if not last_chance:
+                timers.append(self._reactor.callLater(LAST_CHANCE, expire, True))
+                return
+            why = f"Not received Redis response in {self._timeout:g} seconds"
+            answer.errback(txredisapi.TimeoutError(why))
+            if protocol.transport is not None:
+                protocol.transport.abortConnection()
+
+        timers.append(self._reactor.callLater(self._timeout, expire, False))
+
+        def settled(result: Any) -> None:
+            for timer in timers:
+                if timer.active():
+                    timer.cancel()
+            if answer.called:
+                return  # given up on already; the connection is being closed
+            if isinstance(result, Failure):
+                answer.errback(result)
+            else:
+                answer.callback(result)
+
+        reply.addBoth(settled)
+        return answer
 
     def ping_notifications(self) -> None:
         """A silent notification connection could be dead: make it answer or reconnect."""
@@ -278,8 +340,14 @@ class RedisConnection:
         return protocol
 
     def _subscribe(self, protocol: Any) -> Deferred[Any]:
-        d: Deferred[Any] = protocol.subscribe(self._channel)
-        return d.addTimeout(self._timeout, self._reactor)
+        d: Deferred[Any] = protocol.subscribe(self._channels)
+        d.addTimeout(self._timeout, self._reactor)
+
+        def subscribed(result: Any) -> Any:
+            self._on_subscribed()
+            return result
+
+        return d.addCallback(subscribed)
 
 
 def _ping(protocol: Any) -> Deferred[Any]:

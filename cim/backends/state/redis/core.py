@@ -20,6 +20,8 @@ Keys (all under the prefix, ``cim:`` by default)::
     ended:{token_hash}    tombstone (the reason) so a refresh racing a logout cannot
                           bring the session back
     session-ended         pub/sub channel: JSON of every session that ends
+    route-changed         pub/sub channel: a user whose route's node changed (or went),
+                          for the nodes' caches of routes (routes.py)
     sent:{sender triple}  hash: the receipt of one sender message, for the dedup window
     node-numbers          hash node id -> number; node-number-seq the last one given
 
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import json
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.defer import Deferred
@@ -45,6 +48,7 @@ from cim.reactor import ICimReactor
 
 SESSION_GRACE = 3600.0
 """Seconds a session's data outlives its expiry, so the sweep can announce it."""
+ROUTE_CHANGED = "route-changed"
 TOLD_MEMORY = 10_000
 """Session ids remembered as already told, to drop the echo of our own publications."""
 
@@ -70,6 +74,7 @@ class RedisCore:
         reconnect_delay: float,
         max_reconnect_delay: float,
     ) -> None:
+        self.reactor = reactor
         self.clock = clock
         self.prefix = key_prefix
         self.route_ms = str(int(route_ttl * 1000))
@@ -79,12 +84,14 @@ class RedisCore:
             reactor,
             address,
             reply_timeout,
-            key_prefix + "session-ended",
+            [key_prefix + "session-ended", key_prefix + ROUTE_CHANGED],
             self._notified,
             reconnect_delay,
             max_reconnect_delay,
+            self._resubscribed,
         )
         self._listeners: list[SessionEndedListener] = []
+        self._route_listeners: list[Callable[[str | None], None]] = []
         self._told: OrderedDict[str, None] = OrderedDict()
 
     def now(self) -> str:
@@ -110,6 +117,8 @@ class RedisCore:
         as the echo of its own publication; a refresh may find an ending this node
         was also notified of. The memory of told session ids drops the repeats.
         """
+        # Whatever ended it changed the user's route: forget it now, not at the echo.
+        self.route_changed(record.user)
         if record.session_id in self._told:
             return
         self._told[record.session_id] = None
@@ -122,7 +131,27 @@ class RedisCore:
                 # One faulty listener must not stop the others or corrupt the store.
                 _log.failure("session-ended listener failed for user {user!r}", user=record.user)
 
+    # --- route-changed notifications ---------------------------------------------------
+
+    def add_route_listener(self, listener: Callable[[str | None], None]) -> None:
+        """``listener(user)`` when the user's route changed; ``listener(None)`` when
+        changes may have been missed (the notifications were resubscribed)."""
+        self._route_listeners.append(listener)
+
+    def route_changed(self, user: str) -> None:
+        """This node changed the user's route (its reply is in): its cache forgets it
+        at once, before the notification comes back."""
+        for listener in self._route_listeners:
+            listener(user)
+
+    def _resubscribed(self) -> None:
+        for listener in self._route_listeners:
+            listener(None)
+
     def _notified(self, channel: str, message: str) -> None:
+        if channel == self.prefix + ROUTE_CHANGED:
+            self.route_changed(message)
+            return
         try:
             data = json.loads(message)
             record = SessionRecord(

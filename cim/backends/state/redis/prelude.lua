@@ -44,6 +44,8 @@ local function set_online(user, sid, device, node, route_ms, clock)
     drop_online(user, old)
     redis.call('DEL', rkey)
   end
+  -- Nodes cache the user's node (routes.py): tell them it changed.
+  if old ~= node then redis.call('PUBLISH', p .. 'route-changed', user) end
   redis.call('HSET', rkey, 'node', node, 'd:' .. device, sid)
   redis.call('PEXPIRE', rkey, route_ms)
   redis.call('ZADD', p .. 'online:' .. node, int(clock + tonumber(route_ms)), user)
@@ -62,6 +64,7 @@ local function set_offline(user, sid, device)
     redis.call('DEL', rkey)
     if node then drop_online(user, node) end
     redis.call('ZREM', p .. 'online', user)
+    redis.call('PUBLISH', p .. 'route-changed', user)
   end
   return 1
 end

@@ -15,14 +15,49 @@ from cim.interfaces import IRouteStore, SessionRecord
 
 REFRESH_BATCH = 500
 """Records per refresh script: bounds how long one script holds Redis."""
+CACHED_ROUTES = 100_000
+"""Users whose node this node remembers at most (then it forgets them all, and asks)."""
+CACHE_AGE = 1.0
+"""Seconds a cached node is used: no notification says a route expired (its node
+died and stopped refreshing it), so a cached one is read again this often."""
 
 
 @implementer(IRouteStore)
 class RedisRouteStore:
-    """Routes that expire unless their node refreshes them, so a dead node's users go."""
+    """Routes that expire unless their node refreshes them, so a dead node's users go.
+
+    ``route`` answers from a cache of the users' nodes, which every change of a
+    user's node empties for that user: the scripts publish the
+    user on ``route-changed`` whenever its route's node changes or the route goes, and
+    every node forgets it (and the node that made the change, at its reply: a node
+    reads its own writes, the command connection answering in order). An answer read
+    while a change was published is not kept
+    (the two connections may deliver them in either order), and the whole cache goes
+    when the notifications were down. No notification says a route expired with its
+    node, so an answer is kept ``CACHE_AGE`` at most; meanwhile the node's death is
+    the registry's to tell (``Peers.is_alive``). A message sent on a cached route to
+    a user who moved anyway is caught by the node it reaches (the user is not
+    connected there: "stored", and a pull notice to wherever it is now).
+
+    "Not online" is never cached: a message stored for a user who is connecting
+    must reach its node as a pull notice (the user's catch-up may have read its
+    timeline already), and a late notification on a busy node would lose that.
+    """
 
     def __init__(self, core: RedisCore) -> None:
         self._core = core
+        self._cached: dict[str, tuple[str, float]] = {}
+        """user -> (its node, when that was read)"""
+        self._changes = 0
+        """Changes heard so far: an answer read across one is not cached."""
+        core.add_route_listener(self._changed)
+
+    def _changed(self, user: str | None) -> None:
+        self._changes += 1
+        if user is None:
+            self._cached.clear()
+        else:
+            self._cached.pop(user, None)
 
     def mark_online(self, record: SessionRecord) -> Deferred[None]:
         d = self._core.eval(
@@ -33,26 +68,61 @@ class RedisRouteStore:
             self._core.route_ms,
             record.device,
         )
-        return d.addCallback(lambda _: None)
+        return d.addCallback(lambda _: self._core.route_changed(record.user))
 
     def mark_offline(self, record: SessionRecord) -> Deferred[None]:
         d = self._core.eval(
             scripts.MARK_OFFLINE, record.user, record.session_id, record.node_id, record.device
         )
-        return d.addCallback(lambda _: None)
+        return d.addCallback(lambda _: self._core.route_changed(record.user))
 
     def route(self, user: str) -> Deferred[str | None]:
-        return self._core.command("HGET", self._core.prefix + "route:" + user, "node")
+        now = self._core.reactor.seconds()
+        cached = self._cached.get(user)
+        if cached is not None and now - cached[1] < CACHE_AGE:
+            return defer.succeed(cached[0])
+        changes = self._changes
+        d = self._core.command("HGET", self._core.prefix + "route:" + user, "node")
+
+        def keep(node: str | None) -> str | None:
+            self._keep(changes, now, {user: node})
+            return node
+
+        return d.addCallback(keep)
 
     def routes(self, users: list[str]) -> Deferred[dict[str, str]]:
-        if not users:
-            return defer.succeed({})
-        d = self._core.eval(scripts.ROUTES, *users)
+        now = self._core.reactor.seconds()
+        known: dict[str, str] = {}
+        asked: list[str] = []
+        for user in users:
+            cached = self._cached.get(user)
+            if cached is not None and now - cached[1] < CACHE_AGE:
+                known[user] = cached[0]
+            else:
+                asked.append(user)
+        if not asked:
+            return defer.succeed(known)
+        changes = self._changes
+        d = self._core.eval(scripts.ROUTES, *asked)
 
         def pair(nodes: list[Any]) -> dict[str, str]:
-            return {user: node for user, node in zip(users, nodes, strict=True) if node}
+            read = dict(zip(asked, (node or None for node in nodes), strict=True))
+            self._keep(changes, now, read)
+            known.update((user, node) for user, node in read.items() if node)
+            return known
 
         return d.addCallback(pair)
+
+    def _keep(self, changes: int, now: float, read: dict[str, str | None]) -> None:
+        """Cache what was read, unless a change was heard meanwhile or could have been
+        missed (the notifications are down)."""
+        if changes != self._changes or not self._core.connection.notified:
+            return
+        if len(self._cached) + len(read) > CACHED_ROUTES:
+            self._cached.clear()
+        for user, node in read.items():
+            if node is not None:
+                self._cached[user] = (node, now)
 
     def online_devices(self, users: list[str]) -> Deferred[dict[str, list[str]]]:
         if not users:

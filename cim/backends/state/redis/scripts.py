@@ -67,8 +67,8 @@ ONLINE_USERS = load_script("online_users")
 ONLINE_COUNT_BY_NODE = load_script("online_count_by_node")
 REFRESH_SESSIONS = load_script("refresh_sessions")
 # receipts
-REMEMBER_MESSAGE = load_script("remember_message")
-RECORD_OUTCOME = load_script("record_outcome")
+REMEMBER_MESSAGES = load_script("remember_messages")
+RECORD_OUTCOMES = load_script("record_outcomes")
 # sequences
 NODE_NUMBER = load_script("node_number")
 # housekeeping

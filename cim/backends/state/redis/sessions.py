@@ -68,6 +68,7 @@ class RedisSessionStore:
         )
 
         def decided(reply: list[Any]) -> tuple[SessionRecord, SessionRecord | None]:
+            self._core.route_changed(user)
             if reply[0] == "taken":
                 # Only a broken token generator gets here; never let one login take over another.
                 raise ValueError("token hash already in use")
