@@ -47,7 +47,7 @@ from cim.protocols.handshake import (
     ReplayGuard,
     accept_client_hello,
 )
-from cim.protocols.outbound import NodeQueue, OutboundBudget
+from cim.protocols.outbound import NodeQueue, OutboundBudget, OutboundRules
 from cim.protocols.timeouts import NEVER, DeadlineSweeper, SweptTimeoutMixin
 from cim.protocols.wire import FrameProtocol, HeldWrites
 
@@ -102,15 +102,7 @@ class ImServerProtocol(FrameProtocol, SweptTimeoutMixin):
         self.timeOut = None
         self.deadline = NEVER
         # What this connection has queued, against [im] outbound_budget.
-        self.outbound: OutboundBudget = OutboundBudget(
-            factory.config.outbound_budget,
-            factory.config.slow_reader_timeout,
-            factory.clock,
-            factory.node_queue,
-            self._cut_slow_reader,
-            self._pull_notice,
-            self._behind,
-        )
+        self.outbound: OutboundBudget = OutboundBudget(factory.outbound_rules, self)
         # Why reading is paused: _NODE_PAUSE and/or _BUDGET_PAUSE (0: reading).
         self.reading_held = 0
         self.background = False
@@ -183,7 +175,7 @@ class ImServerProtocol(FrameProtocol, SweptTimeoutMixin):
     def resume_reading(self) -> None:
         self._release_reading(_NODE_PAUSE)
 
-    def _behind(self, over: bool) -> None:
+    def behind(self, over: bool) -> None:
         """Over its own budget, the client's requests wait until it reads its answers."""
         if over and self.state is ConnectionState.ESTABLISHED:
             self._hold_reading(_BUDGET_PAUSE)
@@ -210,11 +202,11 @@ class ImServerProtocol(FrameProtocol, SweptTimeoutMixin):
         """Whether a live msg:N may be queued for this receiver (see OutboundBudget)."""
         return self.outbound.may_take_live_copy()
 
-    def _pull_notice(self) -> None:
+    def pull_notice(self) -> None:
         """The queue drained after live copies were refused: pull what was missed."""
         self.deliver(OFFLINE_NOTICE, cim_pb2.OfflineNotice())
 
-    def _cut_slow_reader(self) -> None:
+    def cut_slow_reader(self) -> None:
         """Over its outbound budget for [im] slow_reader_timeout: the connection is cut.
 
         No GOING_AWAY: it would wait behind everything the client is not reading. What
@@ -244,6 +236,13 @@ class ImServerProtocol(FrameProtocol, SweptTimeoutMixin):
             self.resetTimeout()
             # Before each frame is handled: a pause stops the very next one.
             self.factory.node_queue.check()
+
+    def ciphers_used(self) -> None:
+        # The node's sweep frees them again if the connection stays quiet (timeouts.py).
+        self.deadlines.used(self)
+
+    def release_idle(self) -> None:
+        self.release_ciphers()
 
     def heartbeat_received(self) -> None:
         if self.state is not ConnectionState.ESTABLISHED:
@@ -545,6 +544,9 @@ class ImServerFactory(Factory):
         # senders are paused.
         self.node_queue = NodeQueue(
             clock, config.max_queued_bytes, self._established, config.max_pending_work
+        )
+        self.outbound_rules = OutboundRules(
+            config.outbound_budget, config.slow_reader_timeout, clock, self.node_queue
         )
         # Frames a read produces for any connection leave when the read ends.
         self.held_writes = HeldWrites()
