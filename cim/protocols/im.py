@@ -440,6 +440,9 @@ class ImServerProtocol(FrameProtocol, SweptTimeoutMixin):
         plaintext = bytes((LOGIN_RESULT,)) + result.SerializeToString()
         self.send_plaintext(accepted.reply_body(plaintext))
         self.start_encryption(accepted.sealer, accepted.opener)
+        # Freed at once, not at the next sweep: during a login storm the next
+        # handshake reuses the memory instead of each holding a context for a second.
+        self.release_ciphers()
 
     def refuse_at_edge(self, frame_type: int, message: ProtobufMessage, problem: str) -> None:
         """A frame with a number out of range: answered BAD_REQUEST, never dispatched.
