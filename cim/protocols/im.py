@@ -77,6 +77,23 @@ class ConnectionState(Enum):
 
 
 class ImServerProtocol(FrameProtocol, SweptTimeoutMixin):
+    # Slots, like FrameProtocol's: an idle connection's memory (issue #20).
+    __slots__ = (
+        "active_at",
+        "admitted",
+        "background",
+        "bad_frames",
+        "connected_at",
+        "deadline",
+        "deadlines",
+        "factory",
+        "peer_host",
+        "reading_held",
+        "record",
+        "state",
+        "timeOut",
+    )
+
     log = Logger()
 
     def __init__(self, factory: ImServerFactory, address: IAddress | None) -> None:
@@ -95,10 +112,7 @@ class ImServerProtocol(FrameProtocol, SweptTimeoutMixin):
         self.bad_frames = 0
         """Frames refused at the edge so far; ``[im] max_bad_frames`` closes."""
         self.inbound = {}
-        # Set by makeConnection and setTimeout later; named here so every instance's
-        # attributes keep one order and share one key table (see FrameProtocol).
-        self.connected = 0
-        self.transport = None
+        # Set by setTimeout later; a slot has no class-level default to fall back on.
         self.timeOut = None
         self.deadline = NEVER
         # What this connection has queued, against [im] outbound_budget.
@@ -132,6 +146,7 @@ class ImServerProtocol(FrameProtocol, SweptTimeoutMixin):
 
     def connectionLost(self, reason: Failure | None = None) -> None:
         self.setTimeout(None)
+        self.deadlines.gone(self)
         factory = self.factory
         factory.metrics.connections_open -= 1
         factory.release(self)

@@ -99,6 +99,11 @@ class DeadlineSweeper:
         self._used.add(connection)
         self._run()
 
+    def gone(self, connection: SweptTimeoutMixin) -> None:
+        """The connection closed: no release is due, and its deadline is forgotten."""
+        self._used.discard(connection)
+        self.forget(connection)
+
     def _run(self) -> None:
         if not self._loop.running:
             self._loop.start(self.resolution, now=False)

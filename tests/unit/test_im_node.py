@@ -570,6 +570,25 @@ class HeartbeatTests(SynchronousTestCase):
         self.assertTrue(alice.client_transport.disconnecting)
 
 
+class IdleMemoryTests(SynchronousTestCase):
+    """What an idle connection holds (issue #20: at most 3 KiB each)."""
+
+    def test_an_established_connection_keeps_its_attributes_in_slots(self) -> None:
+        # Twisted's base classes give the protocol an instance dict; CPython 3.11 keeps
+        # it compact only up to 29 attributes a class, past which every connection
+        # pays about 1.3 KiB more. So every attribute has a slot and the dict is empty:
+        # an attribute added without one fails here, not in production's RSS.
+        node = NodeHarness()
+        alice = node.connect("alice")
+        logged_in(alice)
+        alice.protocol.send_frame(cim_pb2.DEVICES_R, cim_pb2.DevicesR(request_id=1))
+        alice.flush()
+        node.clock.advance(31)
+        alice.flush()
+        self.assertEqual(vars(alice.server), {})
+        self.assertFalse(hasattr(alice.server.outbound, "__dict__"))
+
+
 class DuplicateLoginTests(SynchronousTestCase):
     def test_devices_of_one_user_stay_online_side_by_side(self) -> None:
         node = NodeHarness(policy="kick_old")
