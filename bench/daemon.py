@@ -131,6 +131,8 @@ class DaemonSettings:
     """Whole sections appended to the config (the external backends of figure 6)."""
     external: bool = False
     """The daemon uses the machine's PostgreSQL, Redis and RabbitMQ (bench.services)."""
+    lag_probe_interval: float = 0.0
+    """[node] lag_probe_interval: the reactor lag probe on /metrics (bench.steady)."""
     websocket: bool = False
     """The WebSocket gateway ([ws]) on a port of its own (bench.gateway)."""
 
@@ -168,9 +170,11 @@ class BenchDaemon:
             if s.websocket
             else ""
         )
+        # Only when asked: a checkout from before the probe (--source) has no such key.
+        probe = f"lag_probe_interval = {s.lag_probe_interval:g}\n" if s.lag_probe_interval else ""
         return (
             "# Written by bench/daemon.py for one benchmark run.\n"
-            f"[node]\nid = {s.node_id}\ndata_dir = {self.workdir}/data\n"
+            f"[node]\nid = {s.node_id}\ndata_dir = {self.workdir}/data\n{probe}"
             f"[router]\nlisten = tcp:{self.router_port}:interface=127.0.0.1\n"
             # Every benchmark client logs in from 127.0.0.1, so only the address cap
             # has to go; the per-user throttle only counts failures.

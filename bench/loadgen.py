@@ -15,6 +15,10 @@ the daemon and not this process is the side that runs out of CPU:
 - everything a connection has to send in reaction to one read is sealed into a list
   and written with one ``transport.write`` at the end of that read;
 - heartbeats come from one sweep per worker per second, not a timer per connection;
+- group messages are acknowledged cumulatively, as the client library does
+  (``cim.client.acks``): one ack:R per conversation for every ``GROUP_ACK_EVERY``
+  messages, the rest by a sweep per worker every ``GROUP_ACK_DELAY``; 1:1 messages
+  are acknowledged one by one, at once;
 - the router login uses a bare HTTP/1.1 keep-alive connection, not an HTTP library.
 
 Counting is exact, whatever happens: every msg:R sent ends counted once, as
@@ -23,7 +27,8 @@ to fan out), stored (ack:N STORED: kept for an offline receiver) or failed (ack:
 FAILED, an ERROR frame, the connection closing with it unanswered, or still
 unanswered at the drain deadline). So ``sent == delivered + accepted + stored +
 failed`` always holds after a drain; ``tests/{unit,integration}/test_bench.py`` checks it. Receivers
-count every msg:N they get (1:1 or group) and every ack:A that answers their ack:R.
+count every msg:N they get (1:1 or group) and, per ack:A, the msg:N its ack:R stood for
+(``acks_answered``: every msg:N acknowledged once the counts are equal).
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ import json
 import os
 import sys
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Coroutine, Iterable
 from typing import Any, TypeVar
 
@@ -54,10 +59,11 @@ from twisted.logger import (
 from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 
+from cim.client.acks import GROUP_ACK_DELAY, GROUP_ACK_EVERY
 from cim.client.router import LoginTicket, NodeTarget, RouterError, parse_ticket
 from cim.config import KNOWN_SUITES
 from cim.protocols import cim_pb2
-from cim.protocols.handshake import ClientHandshake, HandshakeRefused
+from cim.protocols.handshake import ClientHandshake, HandshakeRefused, Resumption
 from cim.protocols.wire import HEARTBEAT_FRAME, FrameProtocol
 
 reactor: Any = _reactor
@@ -201,13 +207,25 @@ class BenchConnection(FrameProtocol):
     parse for frames whose content it does not need, no Deferred per message.
     """
 
-    def __init__(self, worker: Worker, ticket: LoginTicket, suite: str) -> None:
+    def __init__(
+        self,
+        worker: Worker,
+        ticket: LoginTicket,
+        suite: str,
+        resume: Resumption | None = None,
+    ) -> None:
         super().__init__(MAX_FRAME)
         self.worker = worker
         self.user = ticket.user
         offered = (suite,) if worker.single_suite else KNOWN_SUITES
         self._handshake: ClientHandshake | None = ClientHandshake(
-            ticket.server_key, ticket.token, DEVICE, suite, offered, int(time.time() * 1000)
+            ticket.server_key,
+            ticket.token,
+            DEVICE,
+            suite,
+            offered,
+            int(time.time() * 1000),
+            resume=resume,
         )
         self.ready: Deferred[BenchConnection] = Deferred()
         self.closed: Deferred[None] = Deferred()
@@ -232,6 +250,11 @@ class BenchConnection(FrameProtocol):
         self.failed = 0
         self.received = 0
         self.acks_answered = 0
+        """msg:N covered by the ack:R that ack:A answered."""
+        self._acks_waiting: deque[int] = deque()
+        """Per ack:R sent and not yet answered, how many msg:N it stands for."""
+        self.owed: dict[str, list[int]] = {}
+        """Group conversation -> [newest msg id, highest seq, msg:N not yet acknowledged]."""
         self.heartbeats_sent = 0
         self.heartbeats_received = 0
         self.drained: Deferred[None] | None = None
@@ -270,6 +293,10 @@ class BenchConnection(FrameProtocol):
             )
             return
         self.heartbeat_interval = result.heartbeat_interval_ms / 1000 or 30.0
+        # The ticket for the next connection of this user ([im] resume_window).
+        resumption = handshake.resumption_after(result, time.time())
+        if resumption is not None:
+            self.worker.resumptions[self.user] = resumption
         self.established = True
         self.worker.live.add(self)
         self.ready.callback(self)
@@ -288,6 +315,8 @@ class BenchConnection(FrameProtocol):
             worker.failure_reasons["connection closed before ack:N"] += lost
             self.pending.clear()
         self.established = False
+        self.owed.clear()  # never acknowledged: past the cursor, for the next catch-up
+        self._acks_waiting.clear()
         worker.retire(self)
         if not self.ready.called:
             self.ready.errback(BenchError("connection closed during the handshake"))
@@ -317,7 +346,9 @@ class BenchConnection(FrameProtocol):
         elif kind == _ACK_N:
             self._outcome_arrived(plaintext)
         elif kind == _ACK_A:
-            self.acks_answered += 1  # the node saw this client's ack:R
+            # The node saw this client's ack:R, and with it the msg:N it stood for.
+            covered = self._acks_waiting
+            self.acks_answered += covered.popleft() if covered else 1
         elif kind == _ERROR:
             self._request_refused(plaintext)
         elif kind in _ANSWERS:
@@ -340,8 +371,37 @@ class BenchConnection(FrameProtocol):
         if latencies is not None:
             sent_ns = int(message.text[:_STAMP_DIGITS])
             latencies.append((_monotonic_ns() - sent_ns) // 1000)
+        if message.group:
+            # Cumulative: one ack:R per GROUP_ACK_EVERY, the rest by the worker's sweep.
+            owed = self.owed.get(message.conversation)
+            if owed is None:
+                owed = self.owed[message.conversation] = [message.id, message.seq, 1]
+            else:
+                owed[0] = message.id
+                owed[1] = max(owed[1], message.seq)
+                owed[2] += 1
+            if owed[2] >= GROUP_ACK_EVERY:
+                del self.owed[message.conversation]
+                self.queue_group_ack(message.conversation, owed)
+            return
         body = self._sealer.seal(_ACK_R_HEAD + varint(message.id))
         self.out.append(_length_prefix(len(body)) + body)
+        self._acks_waiting.append(1)
+
+    def queue_group_ack(self, conversation: str, owed: list[int]) -> None:
+        """ack:R for ``owed[2]`` messages of a group conversation, up to seq ``owed[1]``."""
+        ack = cim_pb2.AckR(msg_id=owed[0], conversation=conversation, through_seq=owed[1])
+        body = self._sealer.seal(bytes((_ACK_R,)) + ack.SerializeToString())
+        self.out.append(_length_prefix(len(body)) + body)
+        self._acks_waiting.append(owed[2])
+
+    def flush_group_acks(self) -> None:
+        """The worker's sweep: every group ack owed goes now."""
+        owed, self.owed = self.owed, {}
+        for conversation, entry in owed.items():
+            self.queue_group_ack(conversation, entry)
+        if self.out:
+            self.flush()
 
     def _outcome_arrived(self, plaintext: bytes) -> None:
         outcome = _AckN.FromString(plaintext[1:])
@@ -529,6 +589,9 @@ class Worker:
         self.transport = "tcp"
         """tcp, or websocket: the node's gateway (the login's ws_url), as a browser."""
         self.tickets: dict[str, LoginTicket] = {}
+        self.resumptions: dict[str, Resumption] = {}
+        """Each user's resumption ticket from its last connection (``connect`` with
+        ``resume`` uses them)."""
         self.conns: list[BenchConnection] = []
         self.live: set[BenchConnection] = set()
         self.retired = Totals()
@@ -541,6 +604,8 @@ class Worker:
         self._mark: dict[str, Any] = {}
         self._heartbeats = LoopingCall(self._heartbeat_sweep)
         self._heartbeats.clock = reactor
+        self._group_acks = LoopingCall(self._group_ack_sweep)
+        self._group_acks.clock = reactor
 
     # --- bookkeeping ------------------------------------------------------------------
 
@@ -563,9 +628,16 @@ class Worker:
             if now - conn.last_out >= conn.heartbeat_interval:
                 conn.send_heartbeat_frame()
 
+    def _group_ack_sweep(self) -> None:
+        for conn in self.live:
+            if conn.owed:
+                conn.flush_group_acks()
+
     def start_heartbeats(self) -> None:
         if not self._heartbeats.running:
             self._heartbeats.start(1.0, now=False)
+        if not self._group_acks.running:
+            self._group_acks.start(GROUP_ACK_DELAY, now=False)
 
     # --- router -----------------------------------------------------------------------
 
@@ -631,8 +703,14 @@ class Worker:
 
     # --- IM connections ---------------------------------------------------------------
 
-    async def open(self, ticket: LoginTicket, suite: str, timeout: float = 30.0) -> BenchConnection:
-        conn = BenchConnection(self, ticket, suite)
+    async def open(
+        self,
+        ticket: LoginTicket,
+        suite: str,
+        timeout: float = 30.0,
+        resume: Resumption | None = None,
+    ) -> BenchConnection:
+        conn = BenchConnection(self, ticket, suite, resume)
         if self.transport == "websocket":
             from cim.client.websocket import connect_websocket
 
@@ -648,6 +726,8 @@ class Worker:
         suite = str(spec.get("suite", KNOWN_SUITES[0]))
         self.single_suite = bool(spec.get("single_suite", True))
         self.transport = str(spec.get("transport", "tcp"))
+        # resume: each user comes back with the ticket of its last connection (no RSA).
+        resume = bool(spec.get("resume", False))
         started = time.monotonic()
         opened: dict[str, BenchConnection] = {}
         todo = iter(names)
@@ -658,8 +738,12 @@ class Worker:
                 if ticket is None:
                     self.errors["connect: not logged in"] += 1
                     continue
+                resumption = self.resumptions.pop(user, None) if resume else None
+                if resume and resumption is None:
+                    self.errors["connect: no resumption ticket"] += 1
+                    continue
                 try:
-                    opened[user] = await self.open(ticket, suite)
+                    opened[user] = await self.open(ticket, suite, resume=resumption)
                 except Exception as exc:
                     self.errors[f"connect: {_label(exc)}"] += 1
 
@@ -672,6 +756,7 @@ class Worker:
             "connected": len(self.conns),
             "failed": len(names) - len(self.conns),
             "seconds": seconds,
+            "errors": dict(self.errors),
         }
 
     async def cmd_close(self, spec: dict[str, Any]) -> dict[str, Any]:
@@ -825,14 +910,30 @@ class Worker:
         answer = cim_pb2.GroupAnswer.FromString(plaintext[1:])
         if not answer.ok:
             raise BenchError(f"group create refused: {answer.error}: {answer.message}")
-        member_count = answer.group.member_count
-        invited = set(answer.invited)
+        invited = list(answer.invited)
+        joined = await self._accept_invitations(answer.group.id, invited)
+        return {
+            "group": answer.group.id,
+            "member_count": max(answer.group.member_count, joined),
+            "creator": creator.user,
+            "invited": invited,
+        }
+
+    async def cmd_group_join(self, spec: dict[str, Any]) -> dict[str, Any]:
+        """The invited members connected to this worker accept (``group_create`` ran on
+        another worker): answers with the member count the last acceptance saw."""
+        joined = await self._accept_invitations(str(spec["group"]), list(spec["invited"]))
+        return {"member_count": joined}
+
+    async def _accept_invitations(self, group: str, invited: list[str]) -> int:
+        """Each of ``invited`` connected here accepts, as its client would; returns the
+        member count after the last acceptance (0 if none was made here)."""
+        names = set(invited)
+        member_count = 0
         for conn in self.conns:
-            if conn.user not in invited:
+            if conn.user not in names:
                 continue
-            accept = cim_pb2.GroupRequest(
-                request_id=2, accept=cim_pb2.GroupRef(group=answer.group.id)
-            )
+            accept = cim_pb2.GroupRequest(request_id=2, accept=cim_pb2.GroupRef(group=group))
             plaintext = await _timeout(
                 conn.request(_GROUP_R, accept.SerializeToString(), _GROUP_A), 60
             )
@@ -840,7 +941,7 @@ class Worker:
             if not joined.ok:
                 raise BenchError(f"{conn.user} could not join: {joined.error}: {joined.message}")
             member_count = joined.group.member_count
-        return {"group": answer.group.id, "member_count": member_count, "creator": creator.user}
+        return member_count
 
     # --- offline messages ---------------------------------------------------------------
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from importlib import metadata
 from typing import Any
 
-from bench import gateway, push_outage
+from bench import gateway, push_outage, steady
 from bench.daemon import BENCH_SCRYPT_N, BENCH_SCRYPT_R, DEFAULT_SCRYPT_N, DEFAULT_SCRYPT_R, ROOT
 
 ANALYSIS_BEGIN = "<!-- analysis: hand-written, kept when the tool regenerates this file -->"
@@ -156,6 +156,25 @@ def rows(results: dict[str, Any]) -> list[Row]:
                 _verdict(cpu <= 1.4),
             )
         )
+        login = idle["router_cpu_ms_per_login"] + cpu
+        out.append(
+            Row(
+                f"1. daemon CPU per login, router + IM handshake ({n:,})",
+                f"{login:.2f} ms",
+                "<= 0.9 ms",
+                _verdict(login <= 0.9),
+            )
+        )
+        if "resume_cpu_ms" in idle:
+            resume = idle["resume_cpu_ms"]
+            out.append(
+                Row(
+                    f"1. daemon CPU per resumed handshake, ticket, no RSA ({n:,})",
+                    f"{resume:.2f} ms ({_num(idle['resumptions_per_s'])}/s)",
+                    "<= 0.3 ms",
+                    _verdict(resume <= 0.3),
+                )
+            )
         out.append(
             Row(
                 f"1. router login, KDF lowered to n={BENCH_SCRYPT_N} r={BENCH_SCRYPT_R} ({n:,})",
@@ -213,6 +232,7 @@ def rows(results: dict[str, Any]) -> list[Row]:
                 _verdict(ok),
             )
         )
+    out.extend(_steady_rows(results))
     loads = one.get("throughput", []) + one.get("latency", [])
     if loads:
         bad = [
@@ -370,12 +390,18 @@ def markdown(results: dict[str, Any], analysis: str) -> str:
         "- Figures 4, 5 and 8 run on the embedded daemon in both plans; figure 6 runs the "
         "1:1, group and offline scenarios again on PostgreSQL + Redis + RabbitMQ "
         "(`--full`, or `--only backends`).\n"
+        "- Figure 3b (bench.steady) holds 2,000 msg/s for 15 s (30 s in `--full`) on the "
+        "shipped configuration (heartbeat 30 s) and reads the daemon's reactor lag probe "
+        "(`[node] lag_probe_interval = 5ms`, `cim_reactor_gap_*` on /metrics) before and "
+        "after: the longest gap between two of its runs is the longest stall.\n"
+        "- The three-node run on the distributed backends and its projection to a million "
+        "users are in docs/scaling.md (`python -m bench.scaling`).\n"
     )
     add("### How to reproduce\n")
     add(
         "```sh\nmake bench        # quick: about two minutes, prints the table\n"
         "make bench-full   # everything; rewrites this file\n"
-        "# some scenarios only (idle, one_to_one, group, offline, catch_up, churn, "
+        "# some scenarios only (idle, one_to_one, steady, group, offline, catch_up, churn, "
         "backends, gateway, push_outage):\n"
         ".venv/bin/python -m bench.run --full --only group,offline,backends --no-docs\n"
         "# a daemon from another checkout (a hot-path change), same generator:\n"
@@ -448,6 +474,18 @@ def _details(results: dict[str, Any]) -> str:
                 ],
             )
         )
+        resumed = [r for r in idle_rows if "resume_cpu_ms" in r]
+        if resumed:
+            out.append(
+                "\nThe same connections closed and back with the resumption ticket of their"
+                " login (`[im] resume_window`: no router, no RSA): "
+                + "; ".join(
+                    f"{r['connections']:,}: {_num(r['resumptions_per_s'])} resumptions/s, "
+                    f"{r['resume_cpu_ms']:.2f} ms of daemon CPU each"
+                    for r in resumed
+                )
+                + ".\n"
+            )
         router = idle_rows[0].get("router_default_cost")
         if router:
             out.append(
@@ -570,6 +608,11 @@ def _details(results: dict[str, Any]) -> str:
 
 
 # ------------------------------------------------------------ figures 4, 5 and 6
+
+
+def _steady_rows(results: dict[str, Any]) -> list[Row]:
+    """Issue #20's steady 2,000 msg/s on the shipped configuration (bench.steady)."""
+    return [Row(*figure) for figure in steady.figures(results.get("steady"))]
 
 
 def _failed(value: Any) -> bool:
@@ -700,6 +743,7 @@ def _external_rows(results: dict[str, Any]) -> list[Row]:
                 "",
             )
         )
+    out.extend(_steady_rows(results))
     loads = one.get("throughput", []) + one.get("latency", [])
     if loads:
         bad = [row for row in loads if not row["totals"]["consistent"]]
@@ -740,7 +784,9 @@ def _group_details(group: dict[str, Any] | None, title: str = "### 4. Group fan-
         "member's client sends a GROUP_R create naming the others. "
         f"{group['senders']} of the members post to it at a paced, fixed rate; every "
         f"message reaches the other {group['receivers_per_message']} members as msg:N, "
-        "each of which answers ack:R and gets ack:A. A group delivery is one member's "
+        "acknowledged cumulatively as the client library does (one ack:R per member "
+        "per 32 messages or 0.5 s, naming the conversation and through_seq, which moves "
+        "the member's cursor; each answered by ack:A). A group delivery is one member's "
         "msg:N received and acknowledged; the daemon's CPU in the interval is divided by "
         "the msg:N the members received in it (the senders' msg:R, msg:A and ack:N "
         "included). Latency runs from the send stamp to each member's receipt, so it "

@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from bench import catch_up, gateway, push_outage, report, scenarios
+from bench import catch_up, gateway, push_outage, report, scenarios, steady
 from bench.daemon import ROOT
 
 RESULTS_DIR = os.path.join(ROOT, "bench", "results")
@@ -30,6 +30,7 @@ DOCS_PATH = os.path.join(ROOT, "docs", "benchmarks.md")
 SCENARIOS = (
     "idle",
     "one_to_one",
+    "steady",
     "group",
     "offline",
     "catch_up",
@@ -38,7 +39,7 @@ SCENARIOS = (
     "gateway",
     "push_outage",
 )
-QUICK_SCENARIOS = ("idle", "one_to_one", "group", "offline", "catch_up", "churn")
+QUICK_SCENARIOS = ("idle", "one_to_one", "steady", "group", "offline", "catch_up", "churn")
 """The quick plan leaves out the external backends (they need the services) and the
 WebSocket gateway beside TCP (figure 9, bench.gateway: a minute more) and the push
 provider outage (figure 10, bench.push_outage: two minutes more)."""
@@ -166,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     if "one_to_one" in wanted:
         profiler = scenarios.py_spy_profiler(run_dir, log) if profile_on else None
         results["one_to_one"] = attempt("1:1", lambda: scenarios.one_to_one(ctx, plan, profiler))
+    run_steady(ctx, plan, wanted, results, attempt)
     if "group" in wanted:
         results["group"] = attempt("group", lambda: scenarios.group(ctx, plan))
     if "offline" in wanted:
@@ -202,6 +204,18 @@ def main(argv: list[str] | None = None) -> int:
     ]
     failed += [f"idle {r.get('connections')}" for r in results.get("idle", []) if "error" in r]
     return 1 if failed else 0
+
+
+def run_steady(
+    ctx: scenarios.Context,
+    plan: scenarios.Plan,
+    wanted: list[str],
+    results: dict[str, Any],
+    attempt: Callable[[str, Callable[[], Any]], Any],
+) -> None:
+    """Issue #20: a steady 2,000 msg/s on the shipped configuration (bench.steady)."""
+    if "steady" in wanted:
+        results["steady"] = attempt("steady", lambda: steady.steady(ctx, plan))
 
 
 def run_external(

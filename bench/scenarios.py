@@ -69,6 +69,9 @@ class Plan:
     """One sender per conversation; each stores an equal share (``bench.catch_up``)."""
     suites: tuple[str, ...] = ("chacha20-poly1305", "rc4-hmac-sha256")
     """The 1:1 saturation runs' suites (figure 6 runs chacha20-poly1305 only)."""
+    steady_rate: int = 2000
+    steady_seconds: float = 15.0
+    """bench.steady: one rate held this long on the shipped configuration."""
     workers: int = 2
     profile_seconds: float = 0.0
     profile_window: int = 8
@@ -112,6 +115,7 @@ FULL = Plan(
     group_rates=(10, 20, 30),
     group_seconds=10.0,
     profile_seconds=10.0,
+    steady_seconds=30.0,
 )
 
 
@@ -252,7 +256,12 @@ no SYN is dropped and retried a second later, which would measure the backlog.""
 
 
 def _connect(
-    pool: WorkerPool, prefix: str, count: int, suite: str, transport: str = "tcp"
+    pool: WorkerPool,
+    prefix: str,
+    count: int,
+    suite: str,
+    transport: str = "tcp",
+    resume: bool = False,
 ) -> list[Answer]:
     slices = _names(prefix, count, len(pool))
     concurrency = max(1, CONNECTS_IN_FLIGHT // len(pool))
@@ -262,6 +271,7 @@ def _connect(
             "suite": suite,
             "concurrency": concurrency,
             "transport": transport,
+            "resume": resume,
             **slices[i],
         },
         timeout=600,
@@ -318,6 +328,8 @@ def idle(ctx: Context, plan: Plan, count: int) -> dict[str, Any]:
             beats_after = pool.call({"cmd": "totals"}, 60)
 
             pool.call({"cmd": "close"}, 120)
+            resumed = _resume_cost(daemon, pool, count)
+            pool.call({"cmd": "close"}, 120)
             # Last: each check at the default cost allocates 16 MiB, which the
             # allocator may keep, and must not sit in the "empty" RSS above.
             ctx.log(f"idle {count}: router check at the default KDF cost")
@@ -351,6 +363,22 @@ def idle(ctx: Context, plan: Plan, count: int) -> dict[str, Any]:
         "heartbeats_answered": _sum(beats_after, "totals", "heartbeats_received")
         - _sum(beats_before, "totals", "heartbeats_received"),
         "router_default_cost": router,
+        **resumed,
+    }
+
+
+def _resume_cost(daemon: BenchDaemon, pool: WorkerPool, count: int) -> dict[str, float]:
+    """Every connection of the figure back with its resumption ticket: no router, no
+    RSA ([im] resume_window). Daemon CPU per resumed handshake, measured as the full
+    handshakes are (accept, handshake, session opened)."""
+    before = daemon.settle()
+    started = time.monotonic()
+    _connect(pool, "i", count, SUITES[0], resume=True)
+    wall = time.monotonic() - started
+    after = daemon.sample()
+    return {
+        "resumptions_per_s": count / wall,
+        "resume_cpu_ms": after.cpu_since(before) * 1000 / count,
     }
 
 
@@ -579,6 +607,16 @@ def group(ctx: Context, plan: Plan) -> dict[str, Any]:
             creator = pool.workers[0]
             creator.send({"cmd": "group_create", "prefix": "g", "count": members})
             created = creator.receive(120)
+            # The creator's worker accepted for its own connections; the others'
+            # invited members accept from theirs (docs/privacy.md: non-contacts are
+            # invited, not added).
+            for worker in pool.workers[1:]:
+                worker.send(
+                    {"cmd": "group_join", "group": created["group"], "invited": created["invited"]}
+                )
+            for worker in pool.workers[1:]:
+                joined = worker.receive(120)
+                created["member_count"] = max(created["member_count"], joined["member_count"])
             if created["member_count"] != members:
                 raise RuntimeError(
                     f"the group has {created['member_count']} members, not {members}"

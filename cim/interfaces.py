@@ -105,6 +105,17 @@ class ISessionStore(Interface):
     def session_for_token(token_hash: str) -> Deferred[SessionRecord | None]:
         """The live, unexpired session for a token hash, or None."""
 
+    def redeem_ticket(
+        ticket_id: str, token_hash: str, expires_at: float
+    ) -> Deferred[SessionRecord | None]:
+        """Use a resumption ticket (cim.protocols.resumption) once, atomically.
+
+        The live, unexpired session of ``token_hash`` when ``ticket_id`` was never
+        redeemed before; None when it was (a replayed resume hello) or when the session
+        ended (the ticket dies with its token). The id is remembered until
+        ``expires_at``, after which the node refuses the ticket by its expiry alone.
+        """
+
     def end_session(token_hash: str, reason: str) -> Deferred[SessionRecord | None]:
         """Logout: remove the session and its route; listeners are told."""
 

@@ -9,6 +9,7 @@ someone scrapes ``/metrics``.
 from __future__ import annotations
 
 import threading
+import time
 from bisect import bisect_left
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
@@ -20,6 +21,8 @@ from prometheus_client.core import (
     Metric,
 )
 from prometheus_client.registry import Collector
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
 
 from cim.protocols import cim_pb2
 
@@ -160,6 +163,99 @@ class PushMetrics:
         )
 
 
+# Seconds between two turns of the reactor's lag probe: anything well past the probe's
+# interval is a stall (a long callback, a full garbage collection, the GIL held by a thread).
+REACTOR_GAP_BUCKETS = (0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+class ReactorLag:
+    """How long the reactor went without running a timer: its longest stalls.
+
+    A stall delays every message in flight at that moment, so a p99 of tens of
+    milliseconds at a modest rate comes from them, not from the per-message cost. A
+    LoopingCall every ``interval`` notes the wall time between its own runs: while the
+    reactor is free that is the interval; a callback (or a thread holding the GIL)
+    that keeps it busy for S seconds makes one gap of about S. Histogram and maximum
+    are plain numbers rendered at scrape time, so a scraper (the benchmark) can tell
+    how many gaps past 10 ms a window had from two scrapes. Off unless
+    ``[node] lag_probe_interval`` is set: it wakes an idle node ``1/interval`` times a
+    second.
+    """
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        interval: float,
+        cpu_time: Callable[[], float] = time.process_time,
+    ) -> None:
+        self.interval = interval
+        self.gaps = Histogram(REACTOR_GAP_BUCKETS)
+        self.longest = 0.0
+        self.gap_cpu = Histogram(REACTOR_GAP_BUCKETS)
+        """The process's CPU time within each gap: a long gap with little CPU in it is
+        the process waiting (descheduled on a busy machine, or a blocking call), one
+        with as much CPU as wall time is its own work (a callback, a collection, a
+        thread holding the GIL)."""
+        self.longest_cpu = 0.0
+        self._clock = clock
+        self._cpu_time = cpu_time
+        self._last: float | None = None
+        self._last_cpu = 0.0
+        self._loop = LoopingCall(self._tick)
+        self._loop.clock = clock
+
+    def start(self) -> None:
+        if self.interval > 0 and not self._loop.running:
+            self._last = None
+            self._loop.start(self.interval, now=True)
+
+    def stop(self) -> None:
+        if self._loop.running:
+            self._loop.stop()
+
+    def _tick(self) -> None:
+        now, cpu = self._clock.seconds(), self._cpu_time()
+        last, self._last = self._last, now
+        last_cpu, self._last_cpu = self._last_cpu, cpu
+        if last is None:
+            return
+        gap, used = now - last, cpu - last_cpu
+        self.gaps.observe(gap)
+        self.gap_cpu.observe(used)
+        if gap > self.longest:
+            self.longest = gap
+        if used > self.longest_cpu:
+            self.longest_cpu = used
+
+    def families(self) -> Iterator[Metric]:
+        if self.interval <= 0:
+            return
+        yield self.gaps.family(
+            "cim_reactor_gap",
+            f"Seconds between two runs of the reactor's lag probe (every {self.interval:g} s); "
+            "past the interval, the reactor was held.",
+        )
+        longest = GaugeMetricFamily(
+            "cim_reactor_gap_max",
+            "The longest gap between two runs of the lag probe since the node started.",
+            unit="seconds",
+        )
+        longest.add_metric([], self.longest)
+        yield longest
+        yield self.gap_cpu.family(
+            "cim_reactor_gap_cpu",
+            "CPU seconds the process used within each gap of the lag probe "
+            "(all threads: its own work, not waiting).",
+        )
+        longest_cpu = GaugeMetricFamily(
+            "cim_reactor_gap_cpu_max",
+            "The most CPU the process used within one gap of the lag probe since it started.",
+            unit="seconds",
+        )
+        longest_cpu.add_metric([], self.longest_cpu)
+        yield longest_cpu
+
+
 class NodeMetrics:
     """Plain counters for one daemon; every field is cheap to bump."""
 
@@ -191,6 +287,8 @@ class NodeMetrics:
         self.db_wait = Histogram(DB_WAIT_BUCKETS, threaded=True)
         self.http = HttpRequests()
         self.push = PushMetrics()
+        self.reactor_lag: ReactorLag | None = None
+        """Set by the daemon when [node] lag_probe_interval is on."""
         # Read at scrape time; the daemon points them at the switchboard and the
         # offline writer once those exist.
         self.connections_established: Callable[[], int] = lambda: 0
@@ -330,6 +428,8 @@ class NodeMetricsCollector(Collector):
         )
         yield from m.http.families()
         yield from m.push.families()
+        if m.reactor_lag is not None:
+            yield from m.reactor_lag.families()
 
         pending = m.offline_pending()
         if pending is not None:

@@ -20,7 +20,7 @@ from twisted.python.failure import Failure
 
 from cim.protocols import cim_pb2
 from cim.protocols.crypto import FrameAuthenticationError
-from cim.protocols.handshake import ClientHandshake, HandshakeRefused
+from cim.protocols.handshake import ClientHandshake, HandshakeRefused, Resumption
 from cim.protocols.wire import FrameProtocol, Inbound
 
 _STATUS = cim_pb2.LoginResult
@@ -63,13 +63,24 @@ class ImClientProtocol(FrameProtocol):
         offered: Sequence[str],
         handshake_timeout: float = 10.0,
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+        resume: Resumption | None = None,
     ) -> None:
         super().__init__(max_frame_size)
         self.clock = clock
         self.events = events
         self._handshake = ClientHandshake(
-            server_key, token, device, suite, offered, int(clock.seconds() * 1000)
+            server_key,
+            token,
+            device,
+            suite,
+            offered,
+            int(clock.seconds() * 1000),
+            resume=resume,
         )
+        self.resumed = resume is not None
+        """The hello carried a resumption ticket (no RSA)."""
+        self.resumption: Resumption | None = None
+        """What the next connection to this node resumes with, once logged in."""
         self.suite = suite
         self._handshake_timeout = handshake_timeout
         self.logged_in: Deferred[cim_pb2.LoginResult] = Deferred()
@@ -129,6 +140,7 @@ class ImClientProtocol(FrameProtocol):
             return
         self.heartbeat_interval = result.heartbeat_interval_ms / 1000 or self.heartbeat_interval
         self.heartbeat_timeout = result.heartbeat_timeout_ms / 1000 or self.heartbeat_timeout
+        self.resumption = self._handshake.resumption_after(result, self.clock.seconds())
         self.inbound = ESTABLISHED_INBOUND
         self._restart_silence_timer()
         self._restart_idle_timer()

@@ -9,70 +9,37 @@ Typing a plain line tells the other side we are typing (one notice per 3 s at mo
 ``/app background`` slows the heartbeat as a phone's app would.
 
 Everything that decides what to print is plain methods on ``Console`` taking a
-``write`` function, so it is tested without a terminal; only ``run`` needs one.
+``write`` function, so it is tested without a terminal; only ``run`` needs one. How
+a message or a line reads is in ``console_lines``, the help text, completion and
+input history in ``console_input``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime
-import os
 import re
-import time
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
 from prompt_toolkit import PromptSession
-from prompt_toolkit.completion import CompleteEvent, Completer, Completion
-from prompt_toolkit.document import Document
-from prompt_toolkit.history import FileHistory, History, InMemoryHistory
+from prompt_toolkit.history import History
 from prompt_toolkit.patch_stdout import patch_stdout
 from twisted.internet.defer import Deferred
 
-from cim.client.media import media_summary
+from cim.client.console_input import HELP, ChatCompleter, input_history
+from cim.client.console_lines import (
+    Conversation,
+    body,
+    clock,
+    offline_summary_line,
+    parse_command,
+    snippet,
+)
 from cim.client.reads import ReadEvent, conversation_key
 from cim.client.session import DeliveryOutcome
 from cim.protocols import cim_pb2
 from cim.reactor import ICimReactor
-
-HELP = """commands:
-  /to USER          talk to USER from now on (plain lines go to them)
-  /group NAME       talk in a group from now on (its name, or its id)
-  /msg USER TEXT    send one message to USER, staying where you are
-  /online           which of your contacts are online
-  /devices          your own devices online now (this one marked *)
-  /groups           list your groups
-  /history [N]      the last N messages (default 20) of this conversation
-  /read             mark this conversation read (your other devices and, unless
-                    you turned read receipts off, the other side see it: ✓✓)
-  /unread           unread messages per conversation
-  /retry            send the last failed message again
-  /app STATE        tell the node the app is in the foreground or the background
-  /recall [MSG_ID]  recall your last message here (or the one named)
-  /edit TEXT        replace the text of your last message here
-  /help             this text
-  /quit             log out and leave (also Ctrl-D)
-Tab completes commands, user and group names; Up/Down recall earlier lines."""
-
-COMMANDS = (
-    "/to",
-    "/group",
-    "/msg",
-    "/online",
-    "/devices",
-    "/groups",
-    "/history",
-    "/read",
-    "/unread",
-    "/retry",
-    "/app",
-    "/recall",
-    "/edit",
-    "/help",
-    "/quit",
-)
 
 TYPING_SHOWN = 6.0
 """Seconds "typing…" stays without a newer notice (the sender repeats it every 3 s
@@ -84,143 +51,6 @@ HISTORY_DEFAULT = 20
 HISTORY_MOST = 1000
 HISTORY_PAGE = 200
 """The most the node answers per HISTORY_R: longer histories take several pages."""
-
-
-@dataclass(frozen=True)
-class Conversation:
-    """Where plain lines go: a user, or a group (by id, shown by name)."""
-
-    target: str
-    label: str
-    group: bool = False
-
-    def __str__(self) -> str:
-        return f"#{self.label}" if self.group else self.label
-
-
-def parse_command(line: str) -> tuple[str, str]:
-    """Split an input line into (command, argument); a plain line is ("", text).
-
-    A leading "//" escapes the slash, so a message may start with one.
-    """
-    line = line.strip()
-    if line.startswith("//"):
-        return "", line[1:]
-    if not line.startswith("/"):
-        return "", line
-    name, _, rest = line.partition(" ")
-    return name.lower(), rest.strip()
-
-
-def snippet(text: str, words: int = 5, width: int = 32) -> str:
-    """The first words of a message, so an outcome line says which message it is."""
-    parts = text.split()
-    short = " ".join(parts[:words])
-    if len(short) > width:
-        short = short[: width - 1].rstrip() + "…"
-    elif len(parts) > words:
-        short += " …"
-    return f'"{short}"'
-
-
-def clock(ms: int, now: float | None = None) -> str:
-    """Time of day for today's messages; older ones (stored, history) get the date."""
-    when = datetime.datetime.fromtimestamp(ms / 1000)
-    today = datetime.datetime.fromtimestamp(time.time() if now is None else now).date()
-    if when.date() == today:
-        return when.strftime("%H:%M:%S")
-    return when.strftime("%Y-%m-%d %H:%M")
-
-
-def body(message: cim_pb2.Message) -> str:
-    if message.change == cim_pb2.RECALL:  # a change entry, as history pages carry them
-        return "(recalled a message)"
-    if message.change == cim_pb2.EDIT:
-        return f"(edited a message: {message.text})"
-    if message.recalled:
-        return "message recalled"
-    if message.edited:
-        return f"{message.text} (edited)"
-    if message.HasField("media"):
-        text = media_summary(message)
-        return f"{text} {message.text}" if message.text else text
-    if message.type == cim_pb2.LOCATION and message.HasField("location"):
-        place = message.location
-        name = f"{place.name} " if place.name else ""
-        return f"[location] {name}({place.lat:.5f}, {place.lon:.5f})"
-    return message.text
-
-
-def offline_summary_line(
-    summary: cim_pb2.OfflineSummaryA, group_names: dict[str, str] | None = None
-) -> str:
-    """ "3 unread messages with alice, 1 in #friends" (newest activity first, as the
-    summary lists them)."""
-    names = group_names or {}
-    parts: list[str] = []
-    for entry in summary.conversations:
-        if not entry.count:
-            continue
-        if entry.group:
-            where = f"in #{names.get(entry.group, entry.group)}"
-        else:
-            where = f"with {entry.peer or entry.conversation}"
-        if not parts:
-            noun = "message" if entry.count == 1 else "messages"
-            parts.append(f"{entry.count} unread {noun} {where}")
-        else:
-            parts.append(f"{entry.count} {where}")
-    return ", ".join(parts)
-
-
-def history_path(user: str) -> str:
-    """Per-user input history under the XDG cache dir (it holds what the user typed)."""
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    safe = re.sub(r"[^A-Za-z0-9._-]", "_", user)
-    return os.path.join(base, "cim", f"history-{safe}")
-
-
-def input_history(user: str) -> History:
-    """A file history when the cache dir is writable, else one for this run only."""
-    path = history_path(user)
-    try:
-        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-        with open(path, "a", encoding="utf-8"):
-            pass
-        os.chmod(path, 0o600)
-    except OSError:
-        return InMemoryHistory()
-    return FileHistory(path)
-
-
-class ChatCompleter(Completer):
-    """Commands first; then user names after /to and /msg, group names after /group."""
-
-    def __init__(self, console: Console) -> None:
-        self.console = console
-
-    def get_completions(
-        self, document: Document, complete_event: CompleteEvent
-    ) -> Iterable[Completion]:
-        text = document.text_before_cursor
-        if not text.startswith("/"):
-            return
-        command, space, argument = text.partition(" ")
-        if not space:
-            for name in COMMANDS:
-                if name.startswith(command.lower()):
-                    yield Completion(name, -len(command))
-            return
-        command = command.lower()
-        if command == "/group":
-            names = sorted(set(self.console.groups.values()))
-            for name in names:
-                if name.lower().startswith(argument.lower()):
-                    yield Completion(name, -len(argument))
-        elif command in ("/to", "/msg") and " " not in argument:
-            for user in sorted(self.console.known_users):
-                if user.lower().startswith(argument.lower()):
-                    yield Completion(user, -len(argument))
 
 
 class Console:

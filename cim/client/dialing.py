@@ -31,7 +31,8 @@ from cim.client.errors import failure_line
 from cim.client.router import LoginTicket, NodeTarget, RouterClient, RouterError
 from cim.config import KNOWN_SUITES
 from cim.protocols import cim_pb2
-from cim.protocols.handshake import HandshakeRefused
+from cim.protocols.crypto import fingerprint_of
+from cim.protocols.handshake import HandshakeRefused, Resumption
 from cim.reactor import ICimReactor
 
 if TYPE_CHECKING:
@@ -123,6 +124,9 @@ class Dialer:
         self._last_failure = ""
         self.going_away = 0.0
         """The node's GOING_AWAY wait before the next connection, once."""
+        self.resumption: Resumption | None = None
+        """The last session's resumption ticket: the next connection to the same node
+        within its window skips RSA (and the router); refused, a full hello follows."""
 
     def first_deadline(self, deadline: float) -> None:
         if self._first_contact is None:
@@ -208,6 +212,7 @@ class Dialer:
                 self.log.info("cached login no longer valid: {why}", why=refusal)
             except (ConnectError, OSError) as exc:
                 self.log.info("fast reconnect to the cached node failed: {why}", why=exc)
+        self.resumption = None
         self.session.ticket = await self._login()
         await self._open(self.session.ticket)
 
@@ -229,7 +234,35 @@ class Dialer:
         self.session.suite = usable[0]
         return ticket
 
+    def _resumable(self, ticket: LoginTicket) -> Resumption | None:
+        """The resumption to offer this node, if one is still good for it."""
+        resumption = self.resumption
+        if resumption is None:
+            return None
+        if (
+            resumption.expires_at <= self.reactor.seconds()
+            or resumption.fingerprint != fingerprint_of(ticket.server_key)
+            or resumption.device != self.session.device
+        ):
+            self.resumption = None
+            return None
+        return resumption
+
     async def _open(self, ticket: LoginTicket) -> None:
+        resume = self._resumable(ticket)
+        # Single use whatever happens: the node may have redeemed it before failing.
+        self.resumption = None
+        try:
+            await self._open_with(ticket, resume)
+        except SessionFailed as failure:
+            # RESUME_REFUSED, or any refusal of the resume hello (a node of an older
+            # release answers it BAD_HELLO): the full hello decides.
+            if resume is None or not isinstance(failure.__cause__, HandshakeRefused):
+                raise
+            self.log.info("resumption refused ({why}); full login", why=failure.__cause__)
+            await self._open_with(ticket, None)
+
+    async def _open_with(self, ticket: LoginTicket, resume: Resumption | None) -> None:
         events = _CurrentConnectionOnly(self.session)
         protocol = ImClientProtocol(
             self.reactor,
@@ -240,6 +273,7 @@ class Dialer:
             self.session.suite,
             self.offered,
             max_frame_size=self.session.max_frame_size,
+            resume=resume,
         )
         events.protocol = protocol
         node = ticket.node
@@ -265,7 +299,8 @@ class Dialer:
         except HandshakeRefused as refusal:
             if refusal.reason == cim_pb2.HandshakeError.RATE_LIMITED:
                 raise RetryLater(refusal.retry_after_ms / 1000, str(refusal)) from None
-            raise SessionRefused(f"the node refused the handshake: {refusal.message}") from None
+            raise SessionRefused(f"the node refused the handshake: {refusal.message}") from refusal
+        self.resumption = protocol.resumption
         self._attempt = 0
         self.end_first_contact()
         self.session._online(protocol, where)
@@ -281,6 +316,7 @@ class Dialer:
             except RouterError as error:
                 self.log.info("logout failed: {why}", why=error)
         self.session.ticket = None
+        self.resumption = None
 
 
 class _CurrentConnectionOnly:

@@ -35,6 +35,7 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from cim.client.acks import CumulativeAcks
 from cim.client.answers import Answers, RequestFailed, RequestPolicy
 from cim.client.catch_up import CatchUp, CatchUpResult
 from cim.client.connection import DEFAULT_MAX_FRAME_SIZE, ImClientProtocol
@@ -183,6 +184,8 @@ class ChatClient:
             requests,
             rng,
         )
+        self.acks = CumulativeAcks(reactor, self._send_ack)
+        """Group acks, one ack:R per conversation for many messages (cim.client.acks)."""
         if seen_store is None:
             seen_store = FileSeenStore(seen_path) if seen_path else MemorySeenStore()
         self.inbox = Inbox(
@@ -277,6 +280,7 @@ class ChatClient:
         self.stopping = True
         self.dialer.end_first_contact()
         self.inbox.close()  # nothing more reaches the application, nor is acknowledged
+        self.acks.flush()  # what it did take is acknowledged before the connection goes
         self.catch_up.stop()
         self.outbox.fail_all("the client stopped before an answer came")
         self.inbox.seen.close()
@@ -330,6 +334,7 @@ class ChatClient:
 
     def connection_closed(self, reason: Failure) -> None:
         protocol, self.protocol = self.protocol, None
+        self.acks.forget()  # past the cursors: the next catch-up brings them again
         if protocol is None:
             return  # never got online; the dialer handles it
         self.outbox.connection_lost(REASON_CONNECTION_CLOSED)
@@ -364,13 +369,16 @@ class ChatClient:
 
     def _acknowledge(self, message: cim_pb2.Message, through_seq: int) -> None:
         """ack:R: the application has ``message``, and the conversation up to
-        ``through_seq`` (the node moves this device's cursor there)."""
+        ``through_seq`` (the node moves this device's cursor there); a group's is
+        cumulative, one for many messages (cim.client.acks)."""
         if self.protocol is None:
             return  # the next catch-up acknowledges it by the cursor
-        ack = cim_pb2.AckR(
-            msg_id=message.id, conversation=message.conversation, through_seq=through_seq
-        )
-        self.answers.ask(cim_pb2.ACK_R, ack).addErrback(self._ack_failed, message.id)
+        self.acks.acknowledge(message, through_seq)
+
+    def _send_ack(self, ack: cim_pb2.AckR) -> None:
+        if self.protocol is None:
+            return  # the next catch-up acknowledges it by the cursor
+        self.answers.ask(cim_pb2.ACK_R, ack).addErrback(self._ack_failed, ack.msg_id)
 
     def _ack_failed(self, failure: Failure, msg_id: int) -> None:
         # The cursor is only behind: the next catch-up's cursors move it.

@@ -60,6 +60,8 @@ class NodeConfig:
     operation_log: str = _opt("", parse_str)
     # How often freed heap memory is handed back to the system (cim.heap); 0: never.
     heap_trim_interval: float = _opt(5.0, parse_duration, minimum=0)
+    # How often the reactor lag probe runs (cim.metrics.ReactorLag); 0: never.
+    lag_probe_interval: float = _opt(0.0, parse_duration, minimum=0, maximum=1)
     # SIGTERM: the stop waits this long for clients to go and queued work to finish,
     # then the process exits anyway (systemd's TimeoutStopSec is 60 s).
     stop_timeout: float = _opt(45.0, parse_duration, minimum=1, maximum=3600)
@@ -139,6 +141,9 @@ class ImConfig:
     rsa_key: str = _opt("", parse_str)
     rsa_key_bits: int = _opt(2048, parse_int, minimum=2048, maximum=8192)
     handshake_replay_window: float = _opt(300.0, parse_duration, minimum=10)
+    # A reconnect within this long of a login resumes with the ticket its LoginResult
+    # carried: no RSA, no router (docs/crypto.md, "Resumption"). 0 turns it off.
+    resume_window: float = _opt(600.0, parse_duration, minimum=0, maximum=86400)
     # Frames a connection may send with a number out of range (ids past 2^63-1, unknown
     # enum values): each is answered BAD_REQUEST; this many close the connection.
     max_bad_frames: int = _opt(100, parse_int, minimum=1, maximum=1_000_000)

@@ -12,7 +12,7 @@ gives the node real timelines) reaches every room at once.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -79,6 +79,11 @@ class ClientSession(Protocol):
 
     def deliver(self, frame_type: int, message: ProtobufMessage) -> None: ...
 
+    def deliver_encoded(self, frames: Sequence[bytes]) -> None:
+        """``deliver`` of frames encoded once for many receivers (a group's msg:N:
+        cim.protocols.wire.encode_frame), sealed here for this connection only and
+        written together, in order."""
+
     def may_take_live_copy(self) -> bool:
         """Whether a live msg:N may be sent now: False while the client is behind on
         reading (cim.protocols.outbound.OutboundBudget, the one decision). A copy
@@ -114,6 +119,17 @@ class Connected:
         ([] when none)."""
         devices = self._by_user.get(user)
         return list(devices.values()) if devices else []
+
+    def devices_of_all(self, users: Iterable[str]) -> list[ClientSession]:
+        """Every device here of each of ``users``, in their order (one list for a slice
+        of a group's members, not one per member)."""
+        by_user = self._by_user
+        return [
+            session
+            for user in users
+            if (devices := by_user.get(user))
+            for session in devices.values()
+        ]
 
     def session_of(self, user: str, device: str) -> ClientSession | None:
         """One device's session here, or None."""

@@ -321,12 +321,17 @@ class DirectMessages:
     # --- ack:R ------------------------------------------------------------------------
 
     def ack_received(self, session: ClientSession, ack: cim_pb2.AckR) -> None:
-        """ack:R. Only the message's receiver can acknowledge it (any of its devices:
-        the first settles it); ``through_seq`` moves this device's cursor in the
-        conversation (batched, never back)."""
+        """ack:R, cumulative per conversation: ``conversation`` + ``through_seq`` say
+        this device has every message there up to ``through_seq`` (its cursor moves,
+        batched, never back), so one ack:R stands for all of them; ``msg_id`` names one
+        message (0: none). Only the receiver can acknowledge a 1:1 message (any of its
+        devices: the first settles it, and settles every earlier one of the same
+        conversation that device holds). Answered with one ack:A."""
         session.deliver(ACK_A, cim_pb2.AckA(msg_id=ack.msg_id))
         record = session.record
-        self._routing.acknowledged(record.user, ack.msg_id)
+        self._routing.acknowledged(
+            record.user, record.device, ack.msg_id, ack.conversation, ack.through_seq
+        )
         if ack.through_seq and ack.conversation:
             self._stores.timeline.move_cursor(
                 record.user, record.device, ack.conversation, ack.through_seq

@@ -8,7 +8,10 @@ sender's other devices too, never the one it posted from): those connected here
 directly, in slices so a big group does not stall other users; those on other nodes in
 one bus message per node. Nothing is written per member: a copy that cannot
 go is dropped, since every member catches up from its cursor. Messages of one group
-fan out one after another, in the order they were appended.
+fan out one after another, in the order they were appended; each is serialized once
+and only sealed per connection. Once a backlog forms, up to ``FANOUT_BATCH`` queued
+messages go together, a connection getting them in one write. Members acknowledge
+cumulatively (docs/protocol.md), and nothing here waits for their acks.
 
 The fan-out backlog is bounded (``[limits] group_backlog`` messages per group,
 ``fanout_backlog`` deliveries and ``fanout_backlog_bytes`` for all groups): past it,
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 from collections import OrderedDict, deque
 from dataclasses import dataclass
+from itertools import islice
 
 from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
@@ -41,6 +45,7 @@ from cim.im.routing import Routing
 from cim.interfaces import BusUnavailable, StateUnavailable
 from cim.limits.messages import Refusal
 from cim.protocols import cim_pb2
+from cim.protocols.wire import encode_frame
 
 __all__ = ["FANOUT_SLICE", "GroupMessages"]
 
@@ -51,7 +56,11 @@ RATE_LIMITED = cim_pb2.Error.RATE_LIMITED
 UNAVAILABLE = cim_pb2.Error.UNAVAILABLE
 
 FANOUT_SLICE = 100
-"""Group deliveries made per reactor turn, so a big group does not stall other users."""
+"""Group members served per reactor turn, so a big group does not stall other users."""
+
+FANOUT_BATCH = 8
+"""Queued messages of one group fanned out together: a connection gets them in one
+write (one system call instead of one per message) once a backlog has formed."""
 
 BACKLOG_RETRY = 1.0
 """Seconds a sender waits when the fan-out backlog is full."""
@@ -161,19 +170,24 @@ class GroupMessages:
     # --- fan-out ----------------------------------------------------------------------
 
     async def _fan_out(self, group: str) -> None:
-        """Each queued message of a group to every member, in slices, in order."""
+        """The queued messages of a group to every member, in slices, in order; up to
+        ``FANOUT_BATCH`` queued ones together (a backlog makes its own batches)."""
         queue = self._fanout_queues[group]
         try:
             while queue:
-                queued = queue[0]
+                batch = list(islice(queue, FANOUT_BATCH))
                 try:
-                    await self._fan_out_one(queued)
+                    await self._fan_out_batch(batch)
                 except Exception:
-                    self.log.failure("fan-out of group message {id} failed", id=queued.message.id)
-                    self._metrics.messages["group_fanout_failed"] += 1
-                queue.popleft()
-                self.backlog_deliveries -= queued.deliveries
-                self.backlog_bytes -= queued.size
+                    self.log.failure(
+                        "fan-out of group messages {ids} failed",
+                        ids=[queued.message.id for queued in batch],
+                    )
+                    self._metrics.messages["group_fanout_failed"] += len(batch)
+                for queued in batch:
+                    queue.popleft()
+                    self.backlog_deliveries -= queued.deliveries
+                    self.backlog_bytes -= queued.size
         finally:
             del self._fanout_queues[group]
             for queued in queue:  # only if the loop itself broke
@@ -190,29 +204,66 @@ class GroupMessages:
         while len(self._sizes) > KNOWN_SIZES:
             self._sizes.popitem(last=False)
 
-    async def _fan_out_one(self, queued: _Queued) -> None:
-        message = queued.message
-        sender = getattr(message, "from")
-        names = await self._directory.groups.member_names(message.group)
-        self._learned_size(queued, max(1, sum(1 for m in names if m != sender)))
-        # Every device of every member, the sender's other devices too (they show what
-        # it posted from this one); not the device that posted it (it has msg:A).
+    async def _fan_out_batch(self, batch: list[_Queued]) -> None:
+        """Members here get the batch's messages in one write per connection, in order,
+        when one member list holds for all of them (nobody joined or left in between);
+        else one message after another. Then the copies for other nodes, in order."""
+        lists: list[list[str]] = []
+        for queued in batch:
+            message = queued.message
+            sender = getattr(message, "from")
+            names = await self._directory.groups.member_names(message.group)
+            self._learned_size(queued, max(1, sum(1 for m in names if m != sender)))
+            lists.append(names)
+        messages = [queued.message for queued in batch]
+        if all(names == lists[0] for names in lists[1:]):
+            await self._deliver_here(messages, lists[0])
+        else:
+            for message, names in zip(messages, lists, strict=True):
+                await self._deliver_here([message], names)
+        for message, names in zip(messages, lists, strict=True):
+            await self._forward_elsewhere(message, names)
+
+    async def _deliver_here(self, messages: list[cim_pb2.Message], names: list[str]) -> None:
+        """Every device here of every member, the sender's other devices too (they show
+        what it posted from this one); not the device that posted it (it has msg:A)."""
         connected = self._connected
         here = [m for m in names if m in connected]
-        elsewhere = [m for m in names if m not in connected and m != sender]
+        # Serialized once for every member; each connection only seals them.
+        frames = [
+            (message.device, getattr(message, "from"), encode_frame(MSG_N, message))
+            for message in messages
+        ]
+        counts = self._metrics.messages
         for start in range(0, len(here), FANOUT_SLICE):
             if start:
                 await deferLater(self._clock, 0, lambda: None)  # let other users in
-            for member in here[start : start + FANOUT_SLICE]:
-                for session in connected.devices_of(member):
-                    if member == sender and session.record.device == message.device:
-                        continue
-                    if session.may_take_live_copy():
-                        session.deliver(MSG_N, message)
-                        self._metrics.messages["group_delivered"] += 1
-                    else:
-                        # Behind on reading: told to pull once its queue drains.
-                        self._metrics.messages["group_behind"] += 1
+            delivered = behind = 0
+            for session in connected.devices_of_all(here[start : start + FANOUT_SLICE]):
+                record = session.record
+                out = [
+                    frame
+                    for device, sender, frame in frames
+                    if device != record.device or sender != record.user
+                ]
+                if not out:
+                    continue
+                if session.may_take_live_copy():
+                    session.deliver_encoded(out)
+                    delivered += len(out)
+                else:
+                    # Behind on reading: told to pull once its queue drains.
+                    behind += len(out)
+            counts["group_delivered"] += delivered
+            if behind:
+                counts["group_behind"] += behind
+
+    async def _forward_elsewhere(self, message: cim_pb2.Message, names: list[str]) -> None:
+        """One bus message per node holding members; the members online nowhere read it
+        from their cursors at their next login."""
+        connected = self._connected
+        sender = getattr(message, "from")
+        elsewhere = [m for m in names if m not in connected and m != sender]
         if not elsewhere:
             return
         try:
@@ -229,7 +280,6 @@ class GroupMessages:
                 await self._routing.forward(node, message, users, "")
             except BusUnavailable as exc:
                 self._missed(message, len(users), f"node {node} unreachable: {exc}")
-        # The members online nowhere read it from their cursors at their next login.
 
     def _missed(self, message: cim_pb2.Message, count: int, why: str) -> None:
         self._metrics.messages["group_missed"] += count

@@ -40,6 +40,7 @@ from cim.im.peers import Peers
 from cim.interfaces import BusUnavailable, StateUnavailable
 from cim.message_ids import MessageIdGenerator
 from cim.protocols import cim_pb2
+from cim.protocols.wire import encode_frame
 
 __all__ = [
     "PENDING_TIMEOUT",
@@ -274,13 +275,36 @@ class Routing:
 
     # --- pending acks -----------------------------------------------------------------
 
-    def acknowledged(self, receiver: str, msg_id: int) -> None:
-        """ack:R from a device of the receiver of a msg:N held here: its sender hears
-        "delivered" (once: the other devices' acks only move their cursors).
+    def acknowledged(
+        self, receiver: str, device: str, msg_id: int, conversation: str, through_seq: int
+    ) -> None:
+        """ack:R from a device of the receiver: the msg:N ``msg_id`` held here, and,
+        the ack being cumulative, every one this device holds in ``conversation`` up to
+        ``through_seq``: each one's sender hears "delivered" (once: the other devices'
+        acks only move their cursors).
 
         Anything else (a group message, a duplicate ack, a copy of the user's own
         message, someone else's message) is ignored.
         """
+        self._settle_delivered(receiver, msg_id)
+        if not (conversation and through_seq):
+            return
+        held = self._pending_by_device.get((receiver, device))
+        if not held:
+            return
+        covered = []
+        for held_id in held:
+            pending = self._pending.get((held_id, receiver))
+            if (
+                pending is not None
+                and pending.message.conversation == conversation
+                and pending.message.seq <= through_seq
+            ):
+                covered.append(held_id)
+        for held_id in sorted(covered):
+            self._settle_delivered(receiver, held_id)
+
+    def _settle_delivered(self, receiver: str, msg_id: int) -> None:
         pending = self._pending.pop((msg_id, receiver), None)
         if pending is None:
             return
@@ -370,6 +394,7 @@ class Routing:
             # A group post, or a change entry (cim.im.changes): copies held for no ack.
             moved: list[str] = []
             sender = getattr(message, "from")
+            frame = encode_frame(MSG_N, message)  # serialized once, sealed per connection
             for member in delivery.receivers:
                 sessions = self._connected.devices_of(member)
                 if not sessions:
@@ -382,7 +407,7 @@ class Routing:
                     if member == sender and session.record.device == message.device:
                         continue  # the post's own device has it (msg:A)
                     if session.may_take_live_copy():
-                        session.deliver(MSG_N, message)
+                        session.deliver_encoded((frame,))
                         self._metrics.messages["group_delivered"] += 1
                     else:
                         # Too far behind on reading for a live copy: it is told to pull

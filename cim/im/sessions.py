@@ -129,9 +129,14 @@ class Sessions:
         """Connections (devices) established here."""
         return len(self._connected)
 
-    def opened(self, session: ClientSession) -> None:
+    def opened(self, session: ClientSession, enrolled: bool = False) -> None:
         """A connection finished its handshake: an older connection of the same device
-        goes, and past the limit the device idle longest."""
+        goes, and past the limit the device idle longest.
+
+        ``enrolled``: the device is known to the account already, so the enrolment
+        transaction is skipped. A resumed session (cim.protocols.resumption) is: the
+        full login that issued its ticket enrolled it (and should that have failed,
+        the device's catch-up reads enrol it)."""
         record = session.record
         previous = self._connected.add(session)
         if previous is not None and previous is not session:
@@ -141,9 +146,10 @@ class Sessions:
         in_background(self._presence.mark_online(record), self.log, "mark online")
         # Queued before anything it could acknowledge: a device new to the account
         # starts at the present (its catch-up reads enrol it too, should this fail).
-        enrolled = self._stores.timeline.enrol_device(record.user, record.device)
-        enrolled.addErrback(lambda failure: failure.trap(TimelineUnavailable))
-        in_background(enrolled, self.log, "enrol a device")
+        if not enrolled:
+            enrolling = self._stores.timeline.enrol_device(record.user, record.device)
+            enrolling.addErrback(lambda failure: failure.trap(TimelineUnavailable))
+            in_background(enrolling, self.log, "enrol a device")
         devices = self._connected.devices_of(record.user)
         if len(devices) > self._max_devices:
             others = [s for s in devices if s is not session]

@@ -154,20 +154,26 @@ TYPING_STARTED: TypingState
 TYPING_STOPPED: TypingState
 
 class ClientHello(_message.Message):
-    __slots__ = ("version", "offered_suites", "suite", "client_nonce", "key_fingerprint", "sealed_key")
+    __slots__ = ("version", "offered_suites", "suite", "client_nonce", "key_fingerprint", "sealed_key", "resume_ticket", "resume_proof", "resume_device")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     OFFERED_SUITES_FIELD_NUMBER: _ClassVar[int]
     SUITE_FIELD_NUMBER: _ClassVar[int]
     CLIENT_NONCE_FIELD_NUMBER: _ClassVar[int]
     KEY_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     SEALED_KEY_FIELD_NUMBER: _ClassVar[int]
+    RESUME_TICKET_FIELD_NUMBER: _ClassVar[int]
+    RESUME_PROOF_FIELD_NUMBER: _ClassVar[int]
+    RESUME_DEVICE_FIELD_NUMBER: _ClassVar[int]
     version: int
     offered_suites: _containers.RepeatedScalarFieldContainer[str]
     suite: str
     client_nonce: bytes
     key_fingerprint: bytes
     sealed_key: bytes
-    def __init__(self, version: _Optional[int] = ..., offered_suites: _Optional[_Iterable[str]] = ..., suite: _Optional[str] = ..., client_nonce: _Optional[bytes] = ..., key_fingerprint: _Optional[bytes] = ..., sealed_key: _Optional[bytes] = ...) -> None: ...
+    resume_ticket: bytes
+    resume_proof: bytes
+    resume_device: str
+    def __init__(self, version: _Optional[int] = ..., offered_suites: _Optional[_Iterable[str]] = ..., suite: _Optional[str] = ..., client_nonce: _Optional[bytes] = ..., key_fingerprint: _Optional[bytes] = ..., sealed_key: _Optional[bytes] = ..., resume_ticket: _Optional[bytes] = ..., resume_proof: _Optional[bytes] = ..., resume_device: _Optional[str] = ...) -> None: ...
 
 class KeyMaterial(_message.Message):
     __slots__ = ("secret", "token", "timestamp_ms", "device", "hello_digest")
@@ -194,6 +200,7 @@ class HandshakeError(_message.Message):
         BAD_HELLO: _ClassVar[HandshakeError.Reason]
         TOO_MANY_CONNECTIONS: _ClassVar[HandshakeError.Reason]
         RATE_LIMITED: _ClassVar[HandshakeError.Reason]
+        RESUME_REFUSED: _ClassVar[HandshakeError.Reason]
     REASON_UNSPECIFIED: HandshakeError.Reason
     UNSUPPORTED_VERSION: HandshakeError.Reason
     SUITE_NOT_ALLOWED: HandshakeError.Reason
@@ -201,6 +208,7 @@ class HandshakeError(_message.Message):
     BAD_HELLO: HandshakeError.Reason
     TOO_MANY_CONNECTIONS: HandshakeError.Reason
     RATE_LIMITED: HandshakeError.Reason
+    RESUME_REFUSED: HandshakeError.Reason
     REASON_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     ALLOWED_SUITES_FIELD_NUMBER: _ClassVar[int]
@@ -224,7 +232,7 @@ class NodeAddress(_message.Message):
     def __init__(self, id: _Optional[str] = ..., host: _Optional[str] = ..., port: _Optional[int] = ..., ws_url: _Optional[str] = ...) -> None: ...
 
 class LoginResult(_message.Message):
-    __slots__ = ("status", "message", "user", "device", "heartbeat_interval_ms", "heartbeat_timeout_ms", "node", "server_time_ms")
+    __slots__ = ("status", "message", "user", "device", "heartbeat_interval_ms", "heartbeat_timeout_ms", "node", "server_time_ms", "resume_ticket", "resume_window_ms")
     class Status(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         OK: _ClassVar[LoginResult.Status]
@@ -245,6 +253,8 @@ class LoginResult(_message.Message):
     HEARTBEAT_TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
     NODE_FIELD_NUMBER: _ClassVar[int]
     SERVER_TIME_MS_FIELD_NUMBER: _ClassVar[int]
+    RESUME_TICKET_FIELD_NUMBER: _ClassVar[int]
+    RESUME_WINDOW_MS_FIELD_NUMBER: _ClassVar[int]
     status: LoginResult.Status
     message: str
     user: str
@@ -253,7 +263,9 @@ class LoginResult(_message.Message):
     heartbeat_timeout_ms: int
     node: NodeAddress
     server_time_ms: int
-    def __init__(self, status: _Optional[_Union[LoginResult.Status, str]] = ..., message: _Optional[str] = ..., user: _Optional[str] = ..., device: _Optional[str] = ..., heartbeat_interval_ms: _Optional[int] = ..., heartbeat_timeout_ms: _Optional[int] = ..., node: _Optional[_Union[NodeAddress, _Mapping]] = ..., server_time_ms: _Optional[int] = ...) -> None: ...
+    resume_ticket: bytes
+    resume_window_ms: int
+    def __init__(self, status: _Optional[_Union[LoginResult.Status, str]] = ..., message: _Optional[str] = ..., user: _Optional[str] = ..., device: _Optional[str] = ..., heartbeat_interval_ms: _Optional[int] = ..., heartbeat_timeout_ms: _Optional[int] = ..., node: _Optional[_Union[NodeAddress, _Mapping]] = ..., server_time_ms: _Optional[int] = ..., resume_ticket: _Optional[bytes] = ..., resume_window_ms: _Optional[int] = ...) -> None: ...
 
 class Media(_message.Message):
     __slots__ = ("url", "size", "mime", "name", "thumbnail_url", "duration_ms", "width", "height", "file_id")

@@ -208,6 +208,16 @@ class NodeKey:
         _fsync_directory(parent)
         return key
 
+    def derived_key(self, label: bytes) -> bytes:
+        """32 bytes derived from the private key for one use (``label``): as secret as
+        the key, the same after a restart, and new when the key is replaced."""
+        der = self._private_key.private_bytes(
+            serialization.Encoding.DER,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=label).derive(der)
+
     def unseal(self, sealed: bytes) -> bytes:
         """Decrypt an RSA-OAEP(SHA-256) blob sealed to this key; ValueError if it fails."""
         try:

@@ -32,6 +32,14 @@ from cim.protocols.crypto import (
     seal_for_node,
     session_ciphers,
 )
+from cim.protocols.resumption import (
+    RESUME_REFUSED,
+    OpenedTicket,
+    Tickets,
+    next_resumption_secret,
+    proof_matches,
+    resume_proof,
+)
 
 __all__ = [
     "MAX_OFFERED_SUITES",
@@ -43,6 +51,7 @@ __all__ = [
     "ClientHelloAccepted",
     "HandshakeRefused",
     "ReplayGuard",
+    "Resumption",
     "accept_client_hello",
     "hello_digest",
 ]
@@ -166,6 +175,17 @@ class ClientHelloAccepted:
     server_nonce: bytes = field(repr=False)
     sealer: FrameSealer = field(repr=False)
     opener: FrameOpener = field(repr=False)
+    session_secret: bytes = field(repr=False, default=b"")
+    """What the session keys were derived from: the next resumption secret comes from it."""
+    fingerprint: bytes = field(repr=False, default=b"")
+    ticket: OpenedTicket | None = None
+    """Set when the hello resumed with a ticket (then ``token`` is empty)."""
+
+    def resumption_secret(self) -> bytes:
+        """The secret the ticket issued for this session carries (cim.protocols.resumption)."""
+        return next_resumption_secret(
+            self.session_secret, self.client_nonce, self.server_nonce, self.fingerprint
+        )
 
     def reply_body(self, first_plaintext: bytes) -> bytes:
         """The node's answer: type byte, server nonce, then the first sealed frame.
@@ -181,11 +201,16 @@ def accept_client_hello(
     node_key: NodeKey,
     allowed_suites: Sequence[str],
     random_bytes: Callable[[int], bytes] = os.urandom,
+    *,
+    tickets: Tickets | None = None,
+    now: float = 0.0,
 ) -> ClientHelloAccepted:
     """Check a CLIENT_HELLO frame body and derive the session's ciphers (node side).
 
     Raises HandshakeRefused with the reason to send back. The cheap checks come
-    before the RSA decryption so junk costs the node as little as possible.
+    before the RSA decryption so junk costs the node as little as possible. A hello
+    with a resumption ticket is checked against ``tickets`` at time ``now`` instead
+    (no RSA); the caller still has to redeem the ticket in the state store.
     """
     if not body or body[0] != _CLIENT_HELLO:
         raise _bad_hello("the first frame must be a CLIENT_HELLO")
@@ -229,6 +254,8 @@ def accept_client_hello(
         )
     if len(hello.client_nonce) != NONCE_SIZE:
         raise _bad_hello(f"client_nonce must be {NONCE_SIZE} bytes")
+    if hello.resume_ticket:
+        return _accept_resumption(hello, offered, node_key, tickets, now, random_bytes)
     # Decryption, parse and digest failures get the same message: the node must not
     # tell a prober which step failed (nor that an altered blob still decrypted).
     undecryptable = "sealed_key cannot be decrypted to valid key material for this hello"
@@ -271,6 +298,70 @@ def accept_client_hello(
         server_nonce=server_nonce,
         sealer=sealer,
         opener=opener,
+        session_secret=material.secret,
+        fingerprint=node_key.fingerprint,
+    )
+
+
+def _resume_refused(message: str) -> HandshakeRefused:
+    return HandshakeRefused(RESUME_REFUSED, message + "; log in again with a full hello")
+
+
+def _accept_resumption(
+    hello: cim_pb2.ClientHello,
+    offered: tuple[str, ...],
+    node_key: NodeKey,
+    tickets: Tickets | None,
+    now: float,
+    random_bytes: Callable[[int], bytes],
+) -> ClientHelloAccepted:
+    """The resume hello's checks: the node's own ticket, unexpired, for this device,
+    and the proof that the sender holds the ticket's resumption secret."""
+    if hello.sealed_key:
+        raise _bad_hello("a hello carries sealed_key or resume_ticket, not both")
+    if tickets is None or tickets.window <= 0:
+        raise _resume_refused("this node does not resume sessions")
+    opened = tickets.open(hello.resume_ticket)
+    # A forged ticket, another node's and a wrong proof get one message: the node is
+    # no oracle for which check failed.
+    invalid = "the resumption ticket is not valid here"
+    if opened is None:
+        raise _resume_refused(invalid)
+    digest = hello_digest(
+        hello.version, offered, hello.suite, hello.client_nonce, hello.key_fingerprint
+    )
+    if not proof_matches(
+        opened, digest, hello.resume_ticket, hello.resume_device, hello.resume_proof
+    ):
+        raise _resume_refused(invalid)
+    if opened.expires_at <= now:
+        raise _resume_refused("the resumption ticket expired")
+    if not hmac.compare_digest(opened.device.encode("utf-8"), hello.resume_device.encode("utf-8")):
+        raise _resume_refused("the resumption ticket was issued to another device")
+    server_nonce = random_bytes(NONCE_SIZE)
+    if len(server_nonce) != NONCE_SIZE:
+        raise ValueError("random_bytes returned the wrong number of bytes")
+    sealer, opener = session_ciphers(
+        hello.suite,
+        opened.secret,
+        hello.client_nonce,
+        server_nonce,
+        node_key.fingerprint,
+        offered,
+        "node",
+    )
+    return ClientHelloAccepted(
+        suite=hello.suite,
+        token="",
+        device=opened.device,
+        timestamp_ms=0,
+        client_nonce=hello.client_nonce,
+        server_nonce=server_nonce,
+        sealer=sealer,
+        opener=opener,
+        session_secret=opened.secret,
+        fingerprint=node_key.fingerprint,
+        ticket=opened,
     )
 
 
@@ -309,8 +400,26 @@ class ReplayGuard:
         return True
 
 
+@dataclass(frozen=True)
+class Resumption:
+    """What a client keeps to resume its session with one node: the ticket of the last
+    LoginResult and the resumption secret both sides derived (never sent)."""
+
+    ticket: bytes = field(repr=False)
+    secret: bytes = field(repr=False)
+    fingerprint: bytes
+    """The node key the session was made with: a ticket is only offered to that key."""
+    device: str
+    expires_at: float
+    """Client clock, seconds: after this the ticket is not offered."""
+
+
 class ClientHandshake:
-    """The client's half: builds the hello and turns the node's reply into ciphers."""
+    """The client's half: builds the hello and turns the node's reply into ciphers.
+
+    With ``resume`` (from ``resumption_after`` of the previous session with this node)
+    the hello carries the ticket and its proof instead of RSA-sealed key material.
+    """
 
     def __init__(
         self,
@@ -321,18 +430,42 @@ class ClientHandshake:
         offered: Sequence[str],
         now_ms: int,
         random_bytes: Callable[[int], bytes] = os.urandom,
+        resume: Resumption | None = None,
     ) -> None:
         offered = tuple(offered)
         if suite not in offered:
             raise ValueError(f"the chosen suite {suite!r} must be one of the offered suites")
-        if not token or len(token) > MAX_TOKEN_LENGTH:
-            raise ValueError(f"the token must be 1 to {MAX_TOKEN_LENGTH} characters")
         self.suite = suite
         self.offered = offered
         self.fingerprint = fingerprint_of(public_der)
+        self.device = device
+        self.resumed = resume is not None
         self.client_nonce = random_bytes(NONCE_SIZE)
+        if len(self.client_nonce) != NONCE_SIZE:
+            raise ValueError("random_bytes returned the wrong number of bytes")
+        if resume is not None:
+            if resume.fingerprint != self.fingerprint:
+                raise ValueError("the resumption ticket is for another node key")
+            self._secret = resume.secret
+            digest = hello_digest(
+                PROTOCOL_VERSION, offered, suite, self.client_nonce, self.fingerprint
+            )
+            hello = cim_pb2.ClientHello(
+                version=PROTOCOL_VERSION,
+                offered_suites=offered,
+                suite=suite,
+                client_nonce=self.client_nonce,
+                key_fingerprint=self.fingerprint,
+                resume_ticket=resume.ticket,
+                resume_proof=resume_proof(resume.secret, digest, resume.ticket, resume.device),
+                resume_device=resume.device,
+            )
+            self._hello_body = bytes((_CLIENT_HELLO,)) + hello.SerializeToString()
+            return
+        if not token or len(token) > MAX_TOKEN_LENGTH:
+            raise ValueError(f"the token must be 1 to {MAX_TOKEN_LENGTH} characters")
         self._secret = random_bytes(SECRET_SIZE)
-        if len(self.client_nonce) != NONCE_SIZE or len(self._secret) != SECRET_SIZE:
+        if len(self._secret) != SECRET_SIZE:
             raise ValueError("random_bytes returned the wrong number of bytes")
         material = cim_pb2.KeyMaterial(
             secret=self._secret,
@@ -385,7 +518,23 @@ class ClientHandshake:
         first_plaintext = opener.open(reply_body[1 + NONCE_SIZE :])
         if not first_plaintext or first_plaintext[0] != _LOGIN_RESULT:
             raise ValueError("the first encrypted frame is not a LOGIN_RESULT")
+        self._server_nonce = server_nonce
         return sealer, opener, first_plaintext
+
+    def resumption_after(self, result: cim_pb2.LoginResult, now: float) -> Resumption | None:
+        """What to resume with next time, from the LoginResult ``finish`` returned
+        (None when the node issued no ticket). Call after a successful ``finish``."""
+        if not result.resume_ticket or not result.resume_window_ms:
+            return None
+        return Resumption(
+            ticket=result.resume_ticket,
+            secret=next_resumption_secret(
+                self._secret, self.client_nonce, self._server_nonce, self.fingerprint
+            ),
+            fingerprint=self.fingerprint,
+            device=result.device or self.device,
+            expires_at=now + result.resume_window_ms / 1000,
+        )
 
     def __repr__(self) -> str:
         return f"<ClientHandshake suite={self.suite} offered={','.join(self.offered)}>"

@@ -17,7 +17,7 @@ silence the node waits for before closing follows.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from enum import Enum
 from typing import TYPE_CHECKING, Any
 
@@ -28,7 +28,6 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from cim import oplog as oplog_events
-from cim.backends.state import token_hash
 from cim.config import ImConfig
 from cim.im import edge
 from cim.im.collaborators import FrameTable
@@ -48,6 +47,7 @@ from cim.protocols.handshake import (
     accept_client_hello,
 )
 from cim.protocols.outbound import NodeQueue, OutboundBudget, OutboundRules
+from cim.protocols.resumption import RESUME_USED_BODY, TICKET_KEY_LABEL, Tickets, session_of
 from cim.protocols.timeouts import NEVER, DeadlineSweeper, SweptTimeoutMixin
 from cim.protocols.wire import FrameProtocol, HeldWrites
 
@@ -327,7 +327,13 @@ class ImServerProtocol(FrameProtocol, SweptTimeoutMixin):
             self.lose_connection()
             return
         try:
-            accepted = accept_client_hello(body, factory.node_key, factory.config.cipher_suites)
+            accepted = accept_client_hello(
+                body,
+                factory.node_key,
+                factory.config.cipher_suites,
+                tickets=factory.tickets,
+                now=factory.clock.seconds(),
+            )
         except HandshakeRefused as refusal:
             reason = cim_pb2.HandshakeError.Reason.Name(refusal.reason).lower()
             factory.metrics.handshake_failures[reason] += 1
@@ -343,7 +349,7 @@ class ImServerProtocol(FrameProtocol, SweptTimeoutMixin):
             self.send_plaintext(refusal.to_body())
             self.lose_connection()
             return
-        d = factory.state.sessions.session_for_token(token_hash(accepted.token))
+        d = session_of(factory.state.sessions, accepted)
         d.addCallback(self._token_checked, accepted)
         d.addErrback(self._token_check_failed)
 
@@ -351,6 +357,9 @@ class ImServerProtocol(FrameProtocol, SweptTimeoutMixin):
         if self.state is not ConnectionState.AUTHENTICATING:
             return  # the connection went away while we looked
         factory = self.factory
+        if record is None and accepted.ticket is not None:
+            self._refuse_resumption()
+            return
         if record is None:
             self._refuse_login(
                 accepted, _STATUS.INVALID_TOKEN, "unknown or expired token", "invalid_token"
@@ -368,7 +377,10 @@ class ImServerProtocol(FrameProtocol, SweptTimeoutMixin):
             )
             return
         # Checked after the token so a flood of junk hellos cannot fill the guard.
-        if not factory.replay_guard.fresh(accepted.client_nonce, accepted.timestamp_ms):
+        # A resume hello is single use by its ticket (redeemed in the state store).
+        if accepted.ticket is None and not factory.replay_guard.fresh(
+            accepted.client_nonce, accepted.timestamp_ms
+        ):
             self._refuse_login(
                 accepted,
                 _STATUS.REPLAYED_HELLO,
@@ -399,6 +411,7 @@ class ImServerProtocol(FrameProtocol, SweptTimeoutMixin):
             heartbeat_timeout_ms=int(config.effective_heartbeat_timeout * 1000),
             server_time_ms=int(factory.clock.seconds() * 1000),
         )
+        factory.tickets.issue_into(result, record, accepted, self.connected_at)
         self._send_login_result(accepted, result)
         self.inbound = factory.inbound
         self.setTimeout(config.effective_heartbeat_timeout)
@@ -411,7 +424,18 @@ class ImServerProtocol(FrameProtocol, SweptTimeoutMixin):
             peer=self.peer_host,
             suite=accepted.suite,
         )
-        factory.node.sessions.opened(self)
+        factory.node.sessions.opened(self, enrolled=accepted.ticket is not None)
+
+    def _refuse_resumption(self) -> None:
+        """The ticket was used before or its session ended: plaintext, so the client
+        knows to log in again with a full hello."""
+        self.factory.metrics.handshake_failures["resume_refused"] += 1
+        self.factory.record(
+            oplog_events.HANDSHAKE_FAILED, peer=self.peer_host, reason="resume_refused"
+        )
+        self.state = ConnectionState.CLOSING
+        self.send_plaintext(RESUME_USED_BODY)
+        self.lose_connection()
 
     def _token_check_failed(self, failure: Failure) -> None:
         self.log.failure(
@@ -495,6 +519,11 @@ class ImServerProtocol(FrameProtocol, SweptTimeoutMixin):
             return
         self.send_frame(frame_type, message)
 
+    def deliver_encoded(self, frames: Sequence[bytes]) -> None:
+        """``deliver`` of frames serialized once for many (cim.protocols.wire.encode_frame)."""
+        if self.state is ConnectionState.ESTABLISHED:
+            self.send_encoded(*frames)
+
     def kick(self, reason: str) -> None:
         self._close_with(KICKED, cim_pb2.Kicked(reason=reason, code=kick_code(reason)))
         user = self.record.user if self.record else None
@@ -548,6 +577,10 @@ class ImServerFactory(Factory):
         self.clock = clock
         self.metrics = metrics
         self.replay_guard = ReplayGuard(clock, config.handshake_replay_window)
+        self.tickets = Tickets(
+            node_key.derived_key(TICKET_KEY_LABEL), node_id, config.resume_window
+        )
+        """Resumption tickets ([im] resume_window; cim.protocols.resumption)."""
         self.inbound = checked_at_the_edge({**node.inbound, **CONNECTION_FRAMES})
         """The rooms' frame table and the connection's own, behind the edge's number
         checks (cim.im.edge)."""

@@ -36,7 +36,7 @@ from cim.metrics import NodeMetrics
 from cim.protocols.crypto import FrameAuthenticationError, FrameOpener, FrameSealer
 from cim.protocols.outbound import NO_OUTBOUND_ACCOUNTING, OutboundAccounting
 
-__all__ = ["HEARTBEAT_FRAME", "FrameProtocol", "HeldWrites", "Inbound"]
+__all__ = ["HEARTBEAT_FRAME", "FrameProtocol", "HeldWrites", "Inbound", "encode_frame"]
 
 HEARTBEAT_FRAME = b"\x00\x00\x00\x00"
 """A zero-length frame: the whole heartbeat is its 4-byte length prefix."""
@@ -55,6 +55,11 @@ _UNPACK_LENGTH = struct.Struct(">I").unpack_from
 _TYPE_BYTES = tuple(bytes((number,)) for number in range(256))
 _PREFIX_SIZE = 4
 _NOTHING_ALLOWED: Inbound = MappingProxyType({})
+
+
+def encode_frame(frame_type: int, message: Message) -> bytes:
+    """``u8 frame type || protobuf``: the plaintext ``FrameProtocol.send_encoded`` seals."""
+    return _TYPE_BYTES[frame_type] + message.SerializeToString()
 
 
 # --- writing -------------------------------------------------------------------------
@@ -380,15 +385,35 @@ class FrameProtocol(Int32StringReceiver):
             self._opener.release()
 
     def send_frame(self, frame_type: int, message: Message) -> None:
-        body = self._sealer.seal(_TYPE_BYTES[frame_type] + message.SerializeToString())
+        self.send_encoded(_TYPE_BYTES[frame_type] + message.SerializeToString())
+
+    def send_encoded(self, *frames: bytes) -> None:
+        """Seal and send frames made by ``encode_frame``, in one write: a message that
+        goes to many connections (a group's msg:N) is serialized once, and only sealed
+        per connection (each has its own keys and counter)."""
+        seal = self._sealer.seal
         if not self._ciphers_warm:
             self._ciphers_warm = True
             self.ciphers_used()
-        self._emit(_LENGTH(len(body)) + body)
         metrics = self.metrics
-        if metrics is not None:
-            metrics.frames_out[frame_type] += 1
-            metrics.bytes_out += _PREFIX_SIZE + len(body)
+        if len(frames) == 1:
+            frame = frames[0]
+            body = seal(frame)
+            self._emit(_LENGTH(len(body)) + body)
+            if metrics is not None:
+                metrics.frames_out[frame[0]] += 1
+                metrics.bytes_out += _PREFIX_SIZE + len(body)
+            return
+        parts = []
+        for frame in frames:
+            body = seal(frame)
+            parts.append(_LENGTH(len(body)))
+            parts.append(body)
+            if metrics is not None:
+                metrics.frames_out[frame[0]] += 1
+                metrics.bytes_out += _PREFIX_SIZE + len(body)
+        if parts:
+            self._emit(b"".join(parts))
 
     def send_plaintext(self, body: bytes) -> None:
         """Send a handshake frame body (type byte included) without sealing it."""

@@ -8,8 +8,10 @@ expect, which make reports as ``*** [run] Terminated``.
 
 So the command runs in its own process group, which is given the terminal: Ctrl-C
 reaches the daemon only. SIGTERM, SIGINT or SIGHUP sent to this process (make passes
-its own SIGTERM on to it) go to the daemon too. A daemon that ended because of one of
-those signals ended as asked: exit status 0. Any other status is passed on.
+its own SIGTERM on to it) go to the daemon too, and the daemon starts with them at
+their defaults even when make was started with them ignored (a script's background
+job). A daemon that ended because of one of those signals ended as asked: exit
+status 0. Any other status is passed on.
 
     python -m cim.scripts.foreground COMMAND [ARGUMENT ...]
 """
@@ -39,14 +41,27 @@ def _terminal() -> int | None:
 
 def run(command: Sequence[str]) -> int:
     terminal = _terminal()
-    child = subprocess.Popen(command, process_group=0)
+    started: list[subprocess.Popen[bytes]] = []
+    early: list[int] = []
 
     def forward(signum: int, frame: FrameType | None) -> None:
+        if not started:
+            early.append(signum)  # passed on once the child exists
+            return
         with contextlib.suppress(ProcessLookupError):  # it has just ended
-            os.killpg(child.pid, signum)
+            os.killpg(started[0].pid, signum)
 
+    # Caught before the child starts, not after: a caught signal is reset to its
+    # default in the child, an ignored one stays ignored. A shell runs a background
+    # job (`make test &` in a script) with SIGINT ignored, and a Python started with
+    # SIGINT ignored never installs a handler for it, so twistd would sit through a
+    # Ctrl-C. The daemon must start with the stop signals at their defaults.
     for signum in STOP_SIGNALS:
         signal.signal(signum, forward)
+    child = subprocess.Popen(command, process_group=0)
+    started.append(child)
+    for received in early:
+        forward(received, None)
     if terminal is not None:
         # Handing the terminal over (and back) from outside its foreground group.
         signal.signal(signal.SIGTTOU, signal.SIG_IGN)

@@ -61,7 +61,7 @@ from cim.logic.contacts import DEFAULT_DECISION_TTL, ContactBook
 from cim.logic.notices import Notices
 from cim.logs import DaemonLog
 from cim.message_ids import MessageIdGenerator
-from cim.metrics import NodeMetrics
+from cim.metrics import NodeMetrics, ReactorLag
 from cim.oplog import OperationLog
 from cim.protocols.crypto import KeyFileError, NodeKey
 from cim.protocols.im import ImServerFactory
@@ -294,6 +294,9 @@ class CimDaemon(OrderedServices):
 
         trimmer = HeapTrimmer(reactor, config.node.heap_trim_interval)
         self.add(Step("heap trimmer", trimmer.start, trimmer.stop))
+        if config.node.lag_probe_interval > 0:
+            lag = metrics.reactor_lag = ReactorLag(reactor, config.node.lag_probe_interval)
+            self.add(Step("reactor lag probe", lag.start, lag.stop))
 
     def _add_files(self, database: Database, state: IStateBackend) -> None:
         """The file service (storage and key, port, housekeeping), then its URL as media."""

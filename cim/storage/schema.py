@@ -3,6 +3,9 @@
 This module is the reference the migrations must reproduce: ``tests.unit.test_storage``
 compares a freshly migrated database with ``metadata`` and fails on any difference, so
 a new table needs both a ``Table`` here and a migration in ``migrations/versions``.
+The shared pieces (``metadata``, ``BIG_ID``, common sizes) are in
+``table_conventions``; the file service's, the logic service's and the push service's
+tables in ``file_tables``, ``logic_tables`` and ``push_tables``, all gathered here.
 
 Conventions every table follows, so SQLite and PostgreSQL behave the same:
 
@@ -25,30 +28,26 @@ from sqlalchemy import (
     Index,
     Integer,
     LargeBinary,
-    MetaData,
     String,
     Table,
-    Text,
 )
 
-NAMING_CONVENTION = {
-    "ix": "ix_%(column_0_label)s",
-    "uq": "uq_%(table_name)s_%(column_0_name)s",
-    "ck": "ck_%(table_name)s_%(constraint_name)s",
-    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
-    "pk": "pk_%(table_name)s",
-}
+# The tables of one concern that no other table refers to are in modules of their
+# own; every name they define is here too, so ``from cim.storage.schema import X``
+# works for each table and constant, and every table is on ``metadata``.
+from cim.storage.file_tables import *  # noqa: F403
+from cim.storage.logic_tables import *  # noqa: F403
+from cim.storage.push_tables import *  # noqa: F403
+from cim.storage.table_conventions import BIG_ID as BIG_ID
+from cim.storage.table_conventions import (
+    DEVICE_MAX,
+    GROUP_ID_LENGTH,
+    USER_NAME_MAX,
+    metadata,
+)
+from cim.storage.table_conventions import NAMING_CONVENTION as NAMING_CONVENTION
+from cim.storage.table_conventions import user_column as _user_column
 
-metadata = MetaData(naming_convention=NAMING_CONVENTION)
-
-BIG_ID = BigInteger().with_variant(Integer(), "sqlite")
-"""A 64-bit key on PostgreSQL that still autoincrements on SQLite.
-
-SQLite only autoincrements an ``INTEGER PRIMARY KEY`` (the rowid, already 64-bit);
-a ``BIGINT`` primary key there would need explicit values.
-"""
-
-USER_NAME_MAX = 64
 USER_KINDS = ("person", "device")
 MESSAGE_POLICIES = ("everyone", "contacts")
 GROUP_ADDS = ("contacts", "nobody")
@@ -78,8 +77,6 @@ users = Table(
     CheckConstraint("read_receipts IN ('on', 'off')", name="read_receipts"),
 )
 
-GROUP_ID_LENGTH = 26
-"""16 random bytes in lowercase base32 without padding: opaque and unguessable."""
 GROUP_NAME_MAX = 64
 GROUP_ROLES = ("owner", "admin", "member")
 
@@ -220,139 +217,6 @@ blocks = Table(
     Index(None, "blocked"),
 )
 
-# --- the file service (cim.files) ---------------------------------------------------
-
-FILE_ID_LENGTH = 22
-"""16 random bytes, URL-safe base64 without padding: unguessable file and upload ids."""
-FILE_NAME_MAX = 255
-MIME_MAX = 127
-
-files = Table(
-    "files",
-    metadata,
-    Column("id", String(FILE_ID_LENGTH), primary_key=True),
-    # The content address: the blob's path is derived from it, never from a name.
-    Column("sha256", String(64), nullable=False, unique=True),
-    # What instant upload (闪电上传) looks files up by, together with the size.
-    Column("md5", String(32), nullable=False, index=True),
-    Column("size", BigInteger, nullable=False),
-    Column("mime", String(MIME_MAX), nullable=False),
-    # For display and Content-Disposition only; already stripped of any path.
-    Column("name", String(FILE_NAME_MAX), nullable=False),
-    Column("width", Integer, nullable=True),
-    Column("height", Integer, nullable=True),
-    # The thumbnail's format ("jpeg" or "png"), NULL when the file is no image.
-    Column("thumbnail", String(16), nullable=True),
-    Column("created_by", String(USER_NAME_MAX), nullable=False),
-    Column("created_at", Double, nullable=False),
-)
-
-file_refs = Table(
-    "file_refs",
-    metadata,
-    # Who holds which file (its uploaders, by upload or proven instant upload): they
-    # read it, may delete it, and it counts toward their quota. Deleting the account
-    # deletes its holdings; copies sent in conversations are in file_shares.
-    Column(
-        "file_id",
-        String(FILE_ID_LENGTH),
-        ForeignKey("files.id", ondelete="CASCADE"),
-        primary_key=True,
-    ),
-    Column(
-        "user_name",
-        String(USER_NAME_MAX),
-        ForeignKey("users.name", ondelete="CASCADE"),
-        primary_key=True,
-    ),
-    Column("created_at", Double, nullable=False),
-    # Set by DELETE /api/v1/files/{id}: the holder no longer reads it, but it counts
-    # toward the quota until the purge removes the row after [files] purge_grace.
-    Column("deleted_at", Double, nullable=True),
-    Index(None, "user_name"),
-)
-
-file_shares = Table(
-    "file_shares",
-    metadata,
-    # A file sent in a one-to-one conversation: one row per participant, so each
-    # reads it for as long as their own account lives. Written by the IM node when
-    # it takes the message (cim.im.shares), only if the sender may read the file.
-    Column(
-        "file_id",
-        String(FILE_ID_LENGTH),
-        ForeignKey("files.id", ondelete="CASCADE"),
-        primary_key=True,
-    ),
-    Column(
-        "user_name",
-        String(USER_NAME_MAX),
-        ForeignKey("users.name", ondelete="CASCADE"),
-        primary_key=True,
-    ),
-    # The other participant: the conversation is (user_name, peer).
-    Column("peer", String(USER_NAME_MAX), primary_key=True),
-    Column("shared_at", Double, nullable=False),
-    # "Which files may this user read" starts from the user.
-    Index(None, "user_name"),
-)
-
-file_group_shares = Table(
-    "file_group_shares",
-    metadata,
-    # A file sent to a group: read by its members of the moment.
-    Column(
-        "file_id",
-        String(FILE_ID_LENGTH),
-        ForeignKey("files.id", ondelete="CASCADE"),
-        primary_key=True,
-    ),
-    Column(
-        "group_id",
-        String(GROUP_ID_LENGTH),
-        ForeignKey("groups.id", ondelete="CASCADE"),
-        primary_key=True,
-    ),
-    Column("shared_by", String(USER_NAME_MAX), nullable=False),
-    Column("shared_at", Double, nullable=False),
-)
-
-uploads = Table(
-    "uploads",
-    metadata,
-    Column("id", String(FILE_ID_LENGTH), primary_key=True),
-    Column(
-        "user_name",
-        String(USER_NAME_MAX),
-        ForeignKey("users.name", ondelete="CASCADE"),
-        nullable=False,
-        index=True,
-    ),
-    Column("name", String(FILE_NAME_MAX), nullable=False),
-    Column("size", BigInteger, nullable=False),
-    Column("md5", String(32), nullable=False),
-    Column("mime", String(MIME_MAX), nullable=False),
-    Column("chunk_size", Integer, nullable=False),
-    Column("chunk_count", Integer, nullable=False),
-    Column("created_at", Double, nullable=False),
-    # Moved forward by every stored chunk; the sweeper deletes what is past it.
-    Column("expires_at", Double, nullable=False, index=True),
-)
-
-upload_chunks = Table(
-    "upload_chunks",
-    metadata,
-    Column(
-        "upload_id",
-        String(FILE_ID_LENGTH),
-        ForeignKey("uploads.id", ondelete="CASCADE"),
-        primary_key=True,
-    ),
-    Column("chunk", Integer, primary_key=True),
-    Column("size", Integer, nullable=False),
-    Column("received_at", Double, nullable=False),
-)
-
 # --- timelines (cim.history.timeline, docs/internals.md "Timelines") -------------------
 # A conversation's messages are numbered 1, 2, 3, ... (seq) in the transaction that
 # writes them: ``conversations.last_seq`` is raised under its row lock, so two writers of
@@ -365,8 +229,6 @@ variant, and they are never generated by the database anyway."""
 CONVERSATION_MAX = 2 + 2 * 3 * USER_NAME_MAX + 1
 """"d:" and two user names with every character escaped ("%3A"), or "g:" and a group id."""
 
-DEVICE_MAX = 64
-"""The router's bound on a device name (cim.services.router.MAX_DEVICE_LENGTH)."""
 
 conversations = Table(
     "conversations",
@@ -442,146 +304,6 @@ read_marks = Table(
     ),
 )
 
-# --- the logic service (cim.logic) ----------------------------------------------------
-# Every row belongs to accounts by name with ON DELETE CASCADE: deleting an account
-# takes its profile, bindings, fences, positions, SOS events, posts and likes with it.
-
-DISPLAY_NAME_MAX = 64
-URL_MAX = 2048
-BINDING_STATUSES = ("active", "pending")
-FENCE_SHAPES = ("circle", "polygon")
-FENCE_STATES = ("unknown", "inside", "outside")
-POST_AUDIENCES = ("everyone", "family")
-
-
-def _user_column(name: str, *, primary_key: bool = False) -> Column[str]:
-    return Column(
-        name,
-        String(USER_NAME_MAX),
-        ForeignKey("users.name", ondelete="CASCADE"),
-        primary_key=primary_key,
-        nullable=False,
-    )
-
-
-profiles = Table(
-    "profiles",
-    metadata,
-    _user_column("user_name", primary_key=True),
-    Column("display_name", String(DISPLAY_NAME_MAX), nullable=False),
-    Column("avatar_url", String(URL_MAX), nullable=False),
-    Column("about", String(280), nullable=False),
-    Column("updated_at", Double, nullable=False),
-)
-
-binding_codes = Table(
-    "binding_codes",
-    metadata,
-    # One live code per device: asking again replaces it.
-    _user_column("device", primary_key=True),
-    # SHA-256 of the code: a leaked table does not hand out bindings.
-    Column("code_hash", String(64), nullable=False),
-    Column("expires_at", Double, nullable=False),
-    Column("created_at", Double, nullable=False),
-)
-
-bindings = Table(
-    "bindings",
-    metadata,
-    _user_column("device", primary_key=True),
-    _user_column("guardian", primary_key=True),
-    # 'pending' waits for the device's first guardian to approve it.
-    Column("status", String(8), nullable=False),
-    Column("created_at", Double, nullable=False),
-    Column("approved_by", String(USER_NAME_MAX), nullable=True),
-    Column("approved_at", Double, nullable=True),
-    CheckConstraint("status IN ('active', 'pending')", name="status"),
-    # "My devices" starts from the guardian.
-    Index(None, "guardian"),
-)
-
-sos_events = Table(
-    "sos_events",
-    metadata,
-    Column("id", BIG_ID, primary_key=True, autoincrement=True),
-    _user_column("device"),
-    Column("lat", Double, nullable=False),
-    Column("lon", Double, nullable=False),
-    Column("accuracy_m", Double, nullable=True),
-    Column("battery", Integer, nullable=True),
-    Column("raised_at", Double, nullable=False),
-    # Who acknowledged it first; later acknowledgements change nothing.
-    Column("handled_by", String(USER_NAME_MAX), nullable=True),
-    Column("handled_at", Double, nullable=True),
-    Index(None, "device", "raised_at"),
-)
-
-fences = Table(
-    "fences",
-    metadata,
-    Column("id", BIG_ID, primary_key=True, autoincrement=True),
-    _user_column("device"),
-    Column("name", String(DISPLAY_NAME_MAX), nullable=False),
-    Column("shape", String(8), nullable=False),
-    # JSON: {"lat", "lon", "radius_m"} for a circle, {"points": [[lat, lon], ...]}.
-    Column("geometry", Text, nullable=False),
-    Column("created_by", String(USER_NAME_MAX), nullable=False),
-    Column("created_at", Double, nullable=False),
-    # Hysteresis: the confirmed side of the boundary, and a candidate side that
-    # becomes the state after enough consecutive reports agree.
-    Column("state", String(8), nullable=False, server_default="unknown"),
-    Column("candidate", String(8), nullable=True),
-    Column("candidate_count", Integer, nullable=False, server_default="0"),
-    Column("state_changed_at", Double, nullable=True),
-    CheckConstraint("shape IN ('circle', 'polygon')", name="shape"),
-    CheckConstraint("state IN ('unknown', 'inside', 'outside')", name="state"),
-    Index(None, "device"),
-)
-
-locations = Table(
-    "locations",
-    metadata,
-    Column("id", BIG_ID, primary_key=True, autoincrement=True),
-    _user_column("device"),
-    Column("lat", Double, nullable=False),
-    Column("lon", Double, nullable=False),
-    Column("accuracy_m", Double, nullable=True),
-    # The device's own time of the fix; the retention purge goes by it.
-    Column("recorded_at", Double, nullable=False, index=True),
-    Column("received_at", Double, nullable=False),
-    Index(None, "device", "recorded_at"),
-)
-
-posts = Table(
-    "posts",
-    metadata,
-    Column("id", BIG_ID, primary_key=True, autoincrement=True),
-    _user_column("author"),
-    Column("text", Text, nullable=False),
-    Column("media_url", String(URL_MAX), nullable=True),
-    # 'everyone': every user; 'family': the author and the accounts bound to it.
-    Column("audience", String(8), nullable=False, server_default="everyone"),
-    Column("like_goal", Integer, nullable=True),
-    # Set once, in the transaction that stores the like reaching the goal, so the
-    # author is told exactly once however many likes race.
-    Column("goal_reached_at", Double, nullable=True),
-    Column("created_at", Double, nullable=False),
-    CheckConstraint("audience IN ('everyone', 'family')", name="audience"),
-    Index(None, "author", "id"),
-)
-
-post_likes = Table(
-    "post_likes",
-    metadata,
-    Column("post_id", BIG_ID, ForeignKey("posts.id", ondelete="CASCADE"), primary_key=True),
-    _user_column("user_name", primary_key=True),
-    Column("created_at", Double, nullable=False),
-    # Set by an unlike: the row stays so that liking again is known not to be a first
-    # like (the author is told of each liker once).
-    Column("withdrawn_at", Double, nullable=True),
-    Index(None, "user_name"),
-)
-
 LIMIT_KINDS = ("messages", "group_posts", "sos", "posts", "logic", "files")
 """The per-user limits (cim.limits) an operator can raise for one user."""
 
@@ -598,27 +320,4 @@ user_limits = Table(
         "kind IN ('messages', 'group_posts', 'sos', 'posts', 'logic', 'files')", name="kind"
     ),
     CheckConstraint("per_second >= 0 AND burst >= 1", name="rate"),
-)
-
-# --- push registrations (cim.push) -----------------------------------------------------
-
-PUSH_PROVIDER_NAMES = ("fcm", "apns", "webhook")
-PUSH_TOKEN_MAX = 4096
-PUSH_APP_MAX = 255
-PUSH_LOCALE_MAX = 35
-
-push_registrations = Table(
-    "push_registrations",
-    metadata,
-    # One registration per (user, device): a device registers again to replace its
-    # token. Deleting the account takes its registrations with it.
-    _user_column("user_name", primary_key=True),
-    Column("device", String(DEVICE_MAX), primary_key=True),
-    Column("provider", String(16), nullable=False),
-    Column("token", String(PUSH_TOKEN_MAX), nullable=False),
-    Column("app", String(PUSH_APP_MAX), nullable=True),
-    Column("locale", String(PUSH_LOCALE_MAX), nullable=True),
-    Column("created_at", Double, nullable=False),
-    Column("updated_at", Double, nullable=False),
-    CheckConstraint("provider IN ('fcm', 'apns', 'webhook')", name="provider"),
 )

@@ -414,71 +414,96 @@ def enrol_device_txn(connection: Connection, user: str, device: str) -> bool:
     Run when a device connects, before anything reaches it, and again by its catch-up
     reads (a no-op then). A device is known once it has any cursor row: one that
     acknowledged anything before devices were enrolled is not moved."""
-    known = connection.execute(
-        select(cursors.c.seq)
-        .where(cursors.c.user_name == user, cursors.c.device == device)
-        .limit(1)
-    ).first()
-    if known is not None:
+    # Plain SQL in the driver's placeholders, like the timeline's hot paths: it runs at
+    # every login, and building the expression trees cost several times the queries.
+    sql = _enrol_sql(connection.dialect.paramstyle)
+    if connection.exec_driver_sql(sql.known, (user, device)).first() is not None:
         return False
-    others = connection.execute(
-        select(cursors.c.device)
-        .where(
-            cursors.c.user_name == user,
-            cursors.c.device != device,
-            cursors.c.conversation != ENROLMENT_MARK,
-        )
-        .limit(1)
-    ).first()
-    rows = [{"user_name": user, "device": device, "conversation": ENROLMENT_MARK, "seq": 0}]
+    others = connection.exec_driver_sql(sql.others, (user, device, ENROLMENT_MARK)).first()
+    rows = [(user, device, ENROLMENT_MARK, 0)]
     if others is not None:
-        for row in connection.execute(
-            select(user_conversations.c.conversation, conversations.c.last_seq)
-            .join(conversations, conversations.c.key == user_conversations.c.conversation)
-            .where(user_conversations.c.user_name == user)
-        ):
-            rows.append(
-                {
-                    "user_name": user,
-                    "device": device,
-                    "conversation": row.conversation,
-                    "seq": int(row.last_seq),
-                }
-            )
-    connection.execute(_insert(connection, cursors).on_conflict_do_nothing(), rows)
+        rows.extend(
+            (user, device, conversation, int(last_seq))
+            for conversation, last_seq in connection.exec_driver_sql(sql.last_seqs, (user,))
+        )
+    connection.exec_driver_sql(sql.insert, rows)
     return True
+
+
+@dataclass(frozen=True)
+class _EnrolSql:
+    known: str
+    others: str
+    last_seqs: str
+    insert: str
+
+
+@functools.lru_cache(maxsize=4)
+def _enrol_sql(paramstyle: str) -> _EnrolSql:
+    """enrol_device_txn's statements in the driver's placeholders (sqlite3: ``?``,
+    psycopg2: ``%s``); both databases take ``ON CONFLICT DO NOTHING``."""
+    mark = "?" if paramstyle == "qmark" else "%s"
+    return _EnrolSql(
+        known=f"SELECT 1 FROM cursors WHERE user_name = {mark} AND device = {mark} LIMIT 1",
+        others=(
+            f"SELECT 1 FROM cursors WHERE user_name = {mark} AND device <> {mark} "
+            f"AND conversation <> {mark} LIMIT 1"
+        ),
+        last_seqs=(
+            "SELECT uc.conversation, c.last_seq FROM user_conversations AS uc "
+            'JOIN conversations AS c ON c."key" = uc.conversation '
+            f"WHERE uc.user_name = {mark}"
+        ),
+        insert=(
+            "INSERT INTO cursors (user_name, device, conversation, seq) "
+            f"VALUES ({mark}, {mark}, {mark}, {mark}) ON CONFLICT DO NOTHING"
+        ),
+    )
 
 
 def move_cursors_txn(connection: Connection, moves: Sequence[CursorMove]) -> int:
     """Move device cursors forward (never back, never past ``last_seq``, only in the
-    user's own conversations); returns how many moved."""
+    user's own conversations); returns how many moved. Two reads per chunk of users and
+    conversations and one batched upsert, whatever the number of users: a group's
+    members acknowledging one message are one batch."""
     wanted: dict[tuple[str, str, str], int] = {}
     for move in moves:
         key = (move.user, move.device, move.conversation)
         wanted[key] = max(wanted.get(key, 0), move.seq)
     if not wanted:
         return 0
-    by_user: dict[str, set[str]] = defaultdict(set)
-    for user, _, conversation in wanted:
-        by_user[user].add(conversation)
+    # Rows for (user, conversation) pairs nobody asked about are ignored.
+    users = sorted({user for user, _, _ in wanted})
+    keys = sorted({conversation for _, _, conversation in wanted})
     last: dict[tuple[str, str], int] = {}
-    for user, keys in by_user.items():
-        for chunk in _chunks(sorted(keys)):
+    now: dict[tuple[str, str, str], int] = {}
+    for user_chunk in _chunks(users):
+        for chunk in _chunks(keys):
             for row in connection.execute(
-                select(user_conversations.c.conversation, conversations.c.last_seq)
+                select(
+                    user_conversations.c.user_name,
+                    user_conversations.c.conversation,
+                    conversations.c.last_seq,
+                )
                 .join(conversations, conversations.c.key == user_conversations.c.conversation)
                 .where(
-                    user_conversations.c.user_name == user,
+                    user_conversations.c.user_name.in_(user_chunk),
                     user_conversations.c.conversation.in_(chunk),
                 )
             ):
-                last[(user, row.conversation)] = int(row.last_seq)
+                last[(row.user_name, row.conversation)] = int(row.last_seq)
+            for mark in connection.execute(
+                select(
+                    cursors.c.user_name, cursors.c.device, cursors.c.conversation, cursors.c.seq
+                ).where(cursors.c.user_name.in_(user_chunk), cursors.c.conversation.in_(chunk))
+            ):
+                now[(mark.user_name, mark.device, mark.conversation)] = int(mark.seq)
     values = []
     for (user, device, conversation), seq in sorted(wanted.items()):
         if (user, conversation) not in last:
             continue  # not one of the user's conversations
         target = min(seq, last[(user, conversation)])
-        if target > 0:
+        if target > now.get((user, device, conversation), 0):
             values.append(
                 {"user_name": user, "device": device, "conversation": conversation, "seq": target}
             )
@@ -495,7 +520,7 @@ def move_cursors_txn(connection: Connection, moves: Sequence[CursorMove]) -> int
         },
         where=statement.excluded.seq > cursors.c.seq,
     )
-    moved = 0
-    for value in values:
-        moved += connection.execute(upsert, value).rowcount
-    return moved
+    # One statement for the batch (executemany); the guard still keeps a cursor from
+    # going back if another transaction moved it since the read above.
+    connection.execute(upsert, values)
+    return len(values)

@@ -42,6 +42,7 @@ from cim.interfaces import IMessageBus, NodeInfo, SessionRecord
 from cim.message_ids import MessageIdGenerator
 from cim.metrics import NodeMetrics
 from cim.protocols.crypto import NodeKey
+from cim.protocols.handshake import Resumption
 from cim.protocols.im import ImServerFactory, ImServerProtocol
 from cim.storage.database import Database
 from tests.fakes.timelines import fresh_database, inline_timelines
@@ -236,6 +237,7 @@ class NodeHarness:
         auto_ack: bool = False,
         host: str = "10.0.0.1",
         server_key: bytes | None = None,
+        resume: Resumption | None = None,
     ) -> ConnectedClient:
         if token is None:
             assert user is not None
@@ -249,6 +251,7 @@ class NodeHarness:
             device,
             suite,
             offered if offered is not None else KNOWN_SUITES,
+            resume=resume,
         )
         events.protocol = client
         server, server_transport, client_transport, pump, recorded = self.attach(client, host)

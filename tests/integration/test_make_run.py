@@ -4,6 +4,7 @@ and no make error line (issue #21, Seen 8). make runs on the test's own virtuale
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import select
@@ -56,6 +57,13 @@ def twistd_pid(config: str, timeout: float = 30) -> int:
     raise AssertionError("twistd did not start")
 
 
+def stop_leftover_daemon(config: str) -> None:
+    """Kill the twistd of a failed test, which killing make would leave running
+    (holding its ports and loading the rest of the suite)."""
+    with contextlib.suppress(AssertionError, ProcessLookupError):
+        os.kill(twistd_pid(config, 1), signal.SIGKILL)
+
+
 class MakeRunTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.daemon = DaemonProcess(os.path.abspath(self.mktemp()))
@@ -76,7 +84,7 @@ class MakeRunTests(SynchronousTestCase):
             _, err = make.communicate(timeout=60)
         finally:
             if make.poll() is None:
-                os.kill(twistd_pid(self.daemon.config, 1), signal.SIGKILL)
+                stop_leftover_daemon(self.daemon.config)
                 make.kill()
                 make.wait()
         self.assertEqual(make.returncode, 0, err)
@@ -88,6 +96,10 @@ class MakeRunTests(SynchronousTestCase):
         def own_terminal() -> None:
             os.setsid()
             fcntl.ioctl(terminal, termios.TIOCSCTTY, 0)
+            # As a shell starts a background job (`make test &` in a CI script): the
+            # test must not depend on how the suite was started, and the daemon must
+            # still get the Ctrl-C (a Python started with SIGINT ignored keeps it so).
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
 
         make = subprocess.Popen(
             make_command(self.daemon.config),
@@ -96,6 +108,7 @@ class MakeRunTests(SynchronousTestCase):
             stdout=terminal,
             stderr=terminal,
             preexec_fn=own_terminal,
+            text=True,  # no pipes: only so that it types as DaemonProcess.process
         )
         os.close(terminal)
         shown = b""
@@ -122,6 +135,7 @@ class MakeRunTests(SynchronousTestCase):
             read_for(0.3)
         finally:
             if make.poll() is None:
+                stop_leftover_daemon(self.daemon.config)
                 make.kill()
             make.wait()
             os.close(master)

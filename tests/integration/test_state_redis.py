@@ -156,8 +156,11 @@ class RedisContractFixture(RedisFixture, StateContract):
         return await self.make_store()
 
     async def leftovers(self) -> int:
-        # Tombstones of ended sessions expire by themselves; anything else is a leak.
-        return len([key for key in await self.keys() if ":ended:" not in key])
+        # Tombstones of ended sessions and used resumption ticket ids expire by
+        # themselves; anything else is a leak.
+        return len(
+            [key for key in await self.keys() if ":ended:" not in key and ":ticket:" not in key]
+        )
 
 
 class RedisSessionsContractTests(SessionsContract, RedisContractFixture):
@@ -239,6 +242,19 @@ class RedisClusterTests(RedisFixture):
             self.assertIsInstance(cast(Failure, result).value, AlreadyLoggedIn)
         self.assertEqual(await n2.sessions.session_for_token(token_hash("t0")), online)
         self.assertEqual(await n2.presence.route("alice"), "n1")
+
+    async def test_a_resumption_ticket_is_redeemed_once_across_nodes(self) -> None:
+        n1, n2, _, _ = await self.nodes()
+        record, _ = await n1.sessions.create_session(
+            token_hash("t1"), "alice", "phone", "n1", TTL, "kick_old"
+        )
+        expires = n1.sessions._core.clock.seconds() + 60  # type: ignore[attr-defined]
+        attempts = [
+            (n1 if i % 2 else n2).sessions.redeem_ticket("a" * 32, token_hash("t1"), expires)
+            for i in range(6)
+        ]
+        results = await defer.gatherResults(attempts)
+        self.assertEqual([r for r in results if r is not None], [record])
 
     async def test_session_ended_reaches_every_node_once(self) -> None:
         n1, n2, ended1, ended2 = await self.nodes()

@@ -5,20 +5,29 @@ The real run (a daemon and a worker process) is in tests/integration/test_bench.
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, generate_latest
+from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from bench.loadgen import TEXT_SIZE, BenchConnection, varint
 from bench.push_outage import parse_push_metrics
+from bench.scaling import markdown, per_unit, project, redis_delta
 from bench.scenarios import percentiles, saturated_side, summarise_folded
+from bench.steady import figures as steady_figures
+from bench.steady import parse_reactor_gaps, stalls_between
 from bench.workers import split
-from cim.metrics import NodeMetrics, NodeMetricsCollector
+from cim.metrics import NodeMetrics, NodeMetricsCollector, ReactorLag
 from cim.protocols import cim_pb2
 
 
 class _PlainSealer:
     def seal(self, plaintext: bytes) -> bytes:
         return plaintext
+
+    def release(self) -> None:
+        """Nothing to wipe: it holds no key."""
 
 
 class FrameTests(SynchronousTestCase):
@@ -106,3 +115,133 @@ class PushMetricsTests(SynchronousTestCase):
         registry = CollectorRegistry()
         registry.register(NodeMetricsCollector(NodeMetrics(), "bench"))
         self.assertEqual(parse_push_metrics(generate_latest(registry).decode()), {})
+
+
+class SteadyTests(SynchronousTestCase):
+    """bench.steady reads the daemon's lag probe from /metrics, before and after."""
+
+    def _scrape(self, metrics: NodeMetrics) -> str:
+        registry = CollectorRegistry()
+        registry.register(NodeMetricsCollector(metrics, "n1"))
+        return generate_latest(registry).decode()
+
+    def test_stalls_of_the_window_are_counted_from_two_scrapes(self) -> None:
+        clock = Clock()
+        metrics = NodeMetrics()
+        lag = metrics.reactor_lag = ReactorLag(clock, 0.005, cpu_time=lambda: 0.0)
+        lag.start()
+        clock.advance(0.2)  # a stall before the window: not the window's
+        before = parse_reactor_gaps(self._scrape(metrics))
+        for _ in range(10):
+            clock.advance(0.005)
+        clock.advance(0.03)
+        clock.advance(0.012)
+        after = parse_reactor_gaps(self._scrape(metrics))
+        window = stalls_between(before, after)
+        self.assertEqual((window["probe_runs"], window["stalls_over_10ms"]), (12, 2))
+        # The longest since start (0.2 s) came before: the window's is bounded by a bucket.
+        self.assertEqual((window["longest_stall_ms"], window["longest_exact"]), (50.0, False))
+        clock.advance(0.3)
+        later = parse_reactor_gaps(self._scrape(metrics))
+        window = stalls_between(after, later)
+        self.assertEqual((window["probe_runs"], window["stalls_over_10ms"]), (1, 1))
+        self.assertAlmostEqual(window["longest_stall_ms"], 300.0)
+        self.assertTrue(window["longest_exact"])
+        # No CPU was used in any gap: none of them was the process's own work.
+        cpu_after = parse_reactor_gaps(self._scrape(metrics), "cim_reactor_gap_cpu")
+        self.assertEqual((cpu_after["count"], cpu_after["max_s"]), (14.0, 0.0))
+        lag.stop()
+
+    def test_a_daemon_without_the_probe_is_an_error(self) -> None:
+        with self.assertRaises(ValueError):
+            parse_reactor_gaps(self._scrape(NodeMetrics()))
+
+    def test_figures_judge_every_target(self) -> None:
+        result = {
+            "offered_per_s": 2000,
+            "seconds": 15.0,
+            "p50_ms": 0.4,
+            "p99_ms": 1.5,
+            "p999_ms": 6.0,
+            "max_ms": 9.0,
+            "daemon_cpu_us_per_message": 90.0,
+            "delivered_per_s": 2000.0,
+            "longest_stall_ms": 8.0,
+            "longest_exact": True,
+            "stalls_over_10ms": 0,
+            "totals": {"consistent": True, "received_matches": True},
+        }
+        verdicts = [row[3] for row in steady_figures(result)]
+        self.assertEqual(verdicts, ["MISSES", "meets", "meets"])
+        self.assertEqual(steady_figures({"error": "boom"})[0][1], "FAILED")
+
+
+def _three_node_run() -> dict[str, Any]:
+    """A bench.scaling run as saved: 10 s without clients, 200 connections 10 s idle,
+    1,000 messages."""
+    return {
+        "nodes": 3,
+        "connections": 200,
+        "rss_empty_kib": [50_000, 50_000, 50_000],
+        "rss_connected_kib": [50_400, 50_400, 50_400],
+        "empty": {"seconds": 10.0, "daemon_cpu": 0.01, "redis": {"calls": 100}},
+        "idle": {"seconds": 10.0, "daemon_cpu": 0.02, "redis": {"calls": 400}},
+        "load": {
+            "offered_per_s": 100,
+            "seconds": 10.0,
+            "delivered": 1000,
+            "failed": 0,
+            "daemon_cpu": [0.1, 0.1, 0.1],
+            "redis": {
+                "calls": 5000,
+                "commands": {"hset": 5000},
+                "cpu": 0.02,
+                "used_memory": 300_000,
+            },
+            "bus_messages": 1334,
+            "postgresql": {
+                "xact_commit": 500,
+                "tup_inserted": 2000,
+                "tup_updated": 1000,
+                "tup_deleted": 0,
+                "tup_fetched": 0,
+            },
+            "totals": {"consistent": True},
+        },
+        "loadavg": [1.0, 1.0, 1.0],
+    }
+
+
+class ScalingTests(SynchronousTestCase):
+    """bench.scaling: costs per unit from the counted deltas, and the projection."""
+
+    def test_costs_per_message_and_connection(self) -> None:
+        unit = per_unit(_three_node_run())
+        self.assertAlmostEqual(unit["cim_cpu_us_per_msg"], 300.0)
+        self.assertAlmostEqual(unit["cim_rss_kib_per_conn"], 6.0)
+        # Idle: (20 ms - the nodes' own 10 ms) / 10 s / 200 connections.
+        self.assertAlmostEqual(unit["cim_idle_cpu_us_per_conn_s"], 5.0)
+        self.assertAlmostEqual(unit["redis_ops_per_msg"], 5.0)
+        self.assertAlmostEqual(unit["redis_ops_per_conn_s"], 0.15)
+        self.assertAlmostEqual(unit["redis_cpu_us_per_op"], 4.0)
+        self.assertAlmostEqual(unit["bus_msgs_per_msg"], 1.334)
+        self.assertAlmostEqual(unit["pg_rows_written_per_msg"], 3.0)
+
+    def test_projection_scales_each_component(self) -> None:
+        low, high = project(_three_node_run(), users=1_000_000, rates=(10_000, 100_000))
+        # cim: 10,000 x 300 us + 1M x 5 us/s = 8 cores, at 0.6 of a core each.
+        self.assertAlmostEqual(low["cim_cores"], 8.0)
+        self.assertEqual(low["cim_nodes"], 14)
+        self.assertAlmostEqual(low["redis_ops_per_s"], 10_000 * 5 + 1_000_000 * 0.15)
+        self.assertEqual(low["redis_shards"], 2)  # 200,000 x 4 us = 0.8 core
+        self.assertAlmostEqual(high["pg_rows_per_s"], 300_000)
+        # Bus messages follow the share crossing nodes: 2/3 measured, 13/14 at 14 nodes.
+        self.assertAlmostEqual(low["bus_msgs_per_s"], 10_000 * 1.334 * (13 / 14) / (2 / 3))
+        self.assertIn("| 10,000 msg/s | 8.0 | 14 |", markdown(_three_node_run()))
+
+    def test_redis_deltas_leave_out_the_probe(self) -> None:
+        before = {"commands": {"get": 5, "info": 2}, "used_memory": 100, "cpu": 1.0}
+        after = {"commands": {"get": 9, "info": 4, "hset": 3}, "used_memory": 160, "cpu": 1.5}
+        delta = redis_delta(before, after)
+        self.assertEqual((delta["calls"], delta["commands"]), (7, {"get": 4, "hset": 3}))
+        self.assertEqual(delta["used_memory"], 60)

@@ -16,6 +16,7 @@ from twisted.internet.error import ConnectionRefusedError
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
+from cim.client.acks import GROUP_ACK_DELAY
 from cim.client.router import LoginTicket, NodeTarget, RouterError, parse_ticket
 from cim.client.session import Backoff, ChatClient, DeliveryOutcome, SessionFailed
 from cim.config import KNOWN_SUITES, SUITE_RC4
@@ -534,7 +535,9 @@ class ReceiverTests(SynchronousTestCase):
         node = TimelineNode("bob")
         node.append("erin", "welcome", group="g")
         node.cursors["g:g"] = 1  # bob is a member, and has seen the first one
-        node, _bob, shown = self.online_bob(node)
+        bob, clock, shown = session(node)
+        node.connect(bob)
+        node.pump()
         messages = [
             node.append(sender, sender, group="g")
             for sender in ("carol", "dave", "alice")  # one timeline, whoever wrote
@@ -544,7 +547,34 @@ class ReceiverTests(SynchronousTestCase):
         node.live(messages[1])
         self.assertEqual([getattr(m, "from") for m in shown], ["carol", "dave", "alice"])
         node.pump()
+        self.assertEqual(node.cursors["g:g"], 1, "a group's ack:R waits (cumulative)")
+        clock.advance(GROUP_ACK_DELAY)
+        node.pump()
         self.assertEqual(node.cursors["g:g"], 4)
+        acks = [(m.msg_id, m.conversation, m.through_seq) for m in node.of_type(cim_pb2.ACK_R)]
+        self.assertEqual(acks, [(messages[2].id, "g:g", 4)], "one ack:R for the three")
+
+    def test_group_messages_whose_ack_never_left_come_again_once_at_catch_up(self) -> None:
+        """The connection drops inside the cumulative ack's wait: nothing was
+        acknowledged, the catch-up brings the messages again, none is shown twice."""
+        node = TimelineNode("bob")
+        node.append("erin", "welcome", group="g")
+        node.cursors["g:g"] = 1
+        bob, clock, shown = session(node)
+        node.connect(bob)
+        node.pump()
+        messages = [node.append("carol", str(n), group="g") for n in range(2, 5)]
+        for message in messages:
+            node.live(message)
+        self.assertEqual([m.seq for m in shown], [2, 3, 4])
+        bob.connection_closed(Failure(ConnectionError("cut")))
+        clock.advance(GROUP_ACK_DELAY)
+        self.assertEqual(node.of_type(cim_pb2.ACK_R), [], "the ack never left")
+        self.assertEqual(node.cursors["g:g"], 1)
+        node.connect(bob)
+        node.pump()
+        self.assertEqual([m.seq for m in shown], [2, 3, 4], "shown once")
+        self.assertEqual(node.cursors["g:g"], 4, "the catch-up's cursors moved it")
 
     def test_stop_leaves_what_is_held_unread(self) -> None:
         node, bob, shown = self.online_bob()

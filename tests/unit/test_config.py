@@ -99,7 +99,7 @@ class ConfigErrorTests(SynchronousTestCase):
             "heartbeat_interval, heartbeat_timeout, listen, max_bad_frames, "
             "max_connections_per_address, max_devices_per_user, max_frame_size, "
             "max_pending_work, max_queued_bytes, max_text_length, outbound_budget, "
-            "recall_window, rsa_key, "
+            "recall_window, resume_window, rsa_key, "
             "rsa_key_bits, slow_reader_timeout)",
         )
         self.assertEqual(error.key, "heartbeat_intervall")

@@ -21,12 +21,11 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from cim.client.console import (
-    Console,
+from cim.client.console import Console
+from cim.client.console_input import history_path, input_history
+from cim.client.console_lines import (
     Conversation,
     clock,
-    history_path,
-    input_history,
     offline_summary_line,
     parse_command,
     snippet,

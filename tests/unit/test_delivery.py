@@ -162,6 +162,65 @@ def cluster(groups: Any = None) -> tuple[NodeHarness, NodeHarness]:
     return nodes  # type: ignore[return-value]
 
 
+class CumulativeAckTests(SynchronousTestCase):
+    """ack:R with conversation + through_seq acknowledges everything up to it there."""
+
+    def test_one_ack_settles_every_earlier_message_of_the_conversation(self) -> None:
+        node = NodeHarness()
+        alice = node.connect("alice")
+        bob = node.connect("bob")  # acknowledges by hand
+        for seq in (1, 2, 3):
+            request = cim_pb2.Message(to="bob", text=str(seq), client_seq=seq)
+            alice.protocol.send(cim_pb2.MSG_R, request)
+            settle(node)
+        received = bob.events.of_type(cim_pb2.MSG_N)
+        self.assertEqual([m.seq for m in received], [1, 2, 3])
+        self.assertEqual(alice.events.of_type(cim_pb2.ACK_N), [])
+        # The second message's ack, standing for the first two: the third stays open.
+        second = received[1]
+        bob.protocol.send(
+            cim_pb2.ACK_R,
+            cim_pb2.AckR(
+                msg_id=second.id, conversation=second.conversation, through_seq=second.seq
+            ),
+        )
+        settle(node)
+        outcomes = alice.events.of_type(cim_pb2.ACK_N)
+        self.assertEqual(sorted(a.client_seq for a in outcomes), [1, 2])
+        self.assertTrue(all(a.status == cim_pb2.DELIVERED for a in outcomes))
+        self.assertEqual(len(bob.events.of_type(cim_pb2.ACK_A)), 1, "one ack:A per ack:R")
+        # A cumulative ack naming no message settles the rest.
+        bob.protocol.send(
+            cim_pb2.ACK_R, cim_pb2.AckR(conversation=second.conversation, through_seq=3)
+        )
+        settle(node)
+        outcomes = alice.events.of_type(cim_pb2.ACK_N)
+        self.assertEqual(sorted(a.client_seq for a in outcomes), [1, 2, 3])
+        self.assertEqual(node.metrics.messages["delivered"], 3)
+        self.assertEqual(len(bob.events.of_type(cim_pb2.ACK_A)), 2)
+
+    def test_an_ack_in_another_conversation_settles_nothing_here(self) -> None:
+        node = NodeHarness()
+        alice = node.connect("alice")
+        carol = node.connect("carol")
+        bob = node.connect("bob")
+        alice.protocol.send(cim_pb2.MSG_R, cim_pb2.Message(to="bob", text="a", client_seq=1))
+        carol.protocol.send(cim_pb2.MSG_R, cim_pb2.Message(to="bob", text="c", client_seq=1))
+        settle(node)
+        from_alice, from_carol = sorted(
+            bob.events.of_type(cim_pb2.MSG_N), key=lambda m: getattr(m, "from")
+        )
+        bob.protocol.send(
+            cim_pb2.ACK_R,
+            cim_pb2.AckR(conversation=from_carol.conversation, through_seq=from_carol.seq + 5),
+        )
+        settle(node)
+        self.assertEqual(alice.events.of_type(cim_pb2.ACK_N), [])
+        [outcome] = carol.events.of_type(cim_pb2.ACK_N)
+        self.assertEqual(outcome.status, cim_pb2.DELIVERED)
+        self.assertNotEqual(from_alice.conversation, from_carol.conversation)
+
+
 class AcrossNodesTests(SynchronousTestCase):
     def test_six_packets_across_two_nodes(self) -> None:
         one, two = cluster()
@@ -250,6 +309,27 @@ class FakeGroups:
         return succeed(cim_pb2.GroupAnswer(request_id=request.request_id, ok=True))
 
 
+class HeldGroups(FakeGroups):
+    """Member lists read only when the test releases them: the fan-out waits, and the
+    messages posted meanwhile queue behind it."""
+
+    def __init__(self, members: dict[str, list[str]]) -> None:
+        super().__init__(members)
+        self.waiting: list[tuple[str, Deferred[list[str]]]] = []
+
+    def member_names(self, group: str) -> Deferred[list[str]]:
+        d: Deferred[list[str]] = Deferred()
+        self.waiting.append((group, d))
+        return d
+
+    def release(self) -> int:
+        """Answer every read asked so far (with the list as it is now); how many."""
+        waiting, self.waiting = self.waiting, []
+        for group, d in waiting:
+            d.callback(list(self.members.get(group, [])))
+        return len(waiting)
+
+
 class GroupFanOutTests(SynchronousTestCase):
     def test_members_on_both_nodes_see_the_same_order(self) -> None:
         names = [f"m{i}" for i in range(60)]
@@ -287,6 +367,52 @@ class GroupFanOutTests(SynchronousTestCase):
             if name not in senders:
                 orders.add(tuple(sorted(ids)))
         self.assertEqual(len(orders), 1)
+
+    def backlog(self, join_after: int) -> tuple[NodeHarness, list[bytes], ConnectedClient]:
+        """Four posts queue behind the first one's member list; the lists are then read
+        one at a time, dave joining after the ``join_after``-th read (0: never).
+        Returns the node, bob's connection's writes, and dave's client."""
+        groups = HeldGroups({"g1": ["alice", "bob", "carol"]})
+        one, _ = cluster(groups)
+        alice = one.connect("alice")
+        bob = one.connect("bob")
+        one.connect("carol")
+        dave = one.connect("dave")
+        settle(one)
+        writes: list[bytes] = []
+        original = bob.server_transport.write
+
+        def recording(data: bytes) -> None:
+            writes.append(bytes(data))
+            original(data)
+
+        bob.server_transport.write = recording  # type: ignore[method-assign]
+        for n in range(1, 5):
+            alice.protocol.send(
+                cim_pb2.MSG_R, cim_pb2.Message(group="g1", text=str(n), client_seq=n)
+            )
+            settle(one)
+        self.assertEqual(bob.events.of_type(cim_pb2.MSG_N), [], "the member list waits")
+        for read in range(1, 5):
+            self.assertEqual(groups.release(), 1)
+            if read == join_after:
+                groups.members["g1"].append("dave")
+            settle(one)
+        self.assertEqual(groups.waiting, [])
+        self.assertEqual([m.text for m in bob.events.of_type(cim_pb2.MSG_N)], ["1", "2", "3", "4"])
+        return one, writes, dave
+
+    def test_a_backlog_goes_out_together_one_write_per_connection(self) -> None:
+        one, writes, _ = self.backlog(join_after=0)
+        # Message 1 alone (nothing queued yet), then 2, 3 and 4 in one write.
+        self.assertEqual(len(writes), 2)
+        self.assertEqual(one.metrics.messages["group_delivered"], 8)
+
+    def test_a_member_list_that_changed_within_a_batch_goes_one_by_one(self) -> None:
+        one, writes, dave = self.backlog(join_after=2)
+        self.assertEqual(len(writes), 4)
+        self.assertEqual([m.text for m in dave.events.of_type(cim_pb2.MSG_N)], ["3", "4"])
+        self.assertEqual(one.metrics.messages["group_delivered"], 10)
 
     def test_a_group_retry_after_an_append_failure_still_fans_out(self) -> None:
         from twisted.internet.defer import fail

@@ -14,7 +14,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from cim.backends.registry.local import LocalRegistry
-from cim.backends.registry.zookeeper import decode_node, encode_node
+from cim.backends.registry.znodes import decode_node, encode_node
 from cim.backends.state.memory import MemoryState
 from cim.config import ConfigError, ImConfig, RouterConfig, WsConfig, parse_config
 from cim.http.cors import OriginPolicy, normalize_origin

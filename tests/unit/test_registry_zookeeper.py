@@ -22,12 +22,8 @@ from twisted.logger import LogLevel, capturedLogs
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
-from cim.backends.registry.zookeeper import (
-    ZooKeeperRegistry,
-    ZooKeeperUnavailable,
-    decode_node,
-    encode_node,
-)
+from cim.backends.registry.znodes import decode_node, encode_node
+from cim.backends.registry.zookeeper import ZooKeeperRegistry, ZooKeeperUnavailable
 from cim.interfaces import INodeRegistry, NodeIdTaken, NodeInfo
 
 NODE_A = NodeInfo("node-a", "10.0.0.1", 9000, b"key-a")

@@ -15,10 +15,11 @@ from __future__ import annotations
 import functools
 import inspect
 from collections.abc import Callable, Coroutine
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
@@ -32,8 +33,10 @@ from cim.interfaces import (
     ISequenceStore,
     ISessionStore,
     IStateBackend,
+    MessageReceipt,
     SessionRecord,
 )
+from cim.reactor import ICimReactor
 
 T = TypeVar("T")
 TTL = 3600.0
@@ -329,6 +332,32 @@ class SessionsContract(StateContract):
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
         self.assertEqual(await other.sessions.session_for_token(token_hash("t2")), second)
 
+    async def redeem(
+        self, ticket_id: str, token: str, expires_at: float = START + 60
+    ) -> SessionRecord | None:
+        return await self.state.sessions.redeem_ticket(ticket_id, token_hash(token), expires_at)
+
+    async def test_a_ticket_is_redeemed_once(self) -> None:
+        record, _ = await self.login("t1", "alice")
+        self.assertEqual(await self.redeem("a" * 32, "t1"), record)
+        self.assertIsNone(await self.redeem("a" * 32, "t1"))
+        self.assertEqual(await self.redeem("b" * 32, "t1"), record)
+
+    async def test_a_ticket_dies_with_its_session(self) -> None:
+        await self.login("t1", "alice")
+        self.assertIsNone(await self.redeem("a" * 32, "unknown"))
+        await self.state.sessions.end_session(token_hash("t1"), "logged out")
+        self.assertIsNone(await self.redeem("b" * 32, "t1"))
+        record, _ = await self.login("t2", "alice", ttl=10)
+        self.clock.advance(10)
+        self.assertIsNone(await self.redeem("c" * 32, "t2"))
+        self.assertEqual(self.ended[-1], (record, "expired"))
+
+    async def test_an_expired_ticket_is_not_redeemed(self) -> None:
+        await self.login("t1", "alice")
+        self.clock.advance(60)
+        self.assertIsNone(await self.redeem("a" * 32, "t1"))
+
     async def test_login_cycles_leave_nothing_behind(self) -> None:
         for i in range(50):
             record, _ = await self.login(f"t{i}", f"user{i % 7}")
@@ -616,15 +645,92 @@ class MemoryStateTests(SynchronousTestCase):
     def test_prune_forgets_receipts_past_the_dedup_window(self) -> None:
         state = MemoryState(self.clock, prune_interval=60, dedup_window=100)
         self.result(state.receipts.remember_message("alice", "phone", 1, 1001, 55))
+        self.result(state.receipts.remember_message("bob", "phone", 1, 2001, 57))
         self.clock.advance(50)
         self.result(state.receipts.remember_message("alice", "phone", 2, 1002, 56))
         self.clock.advance(50)
         self.assertEqual(state.prune_expired(), 0)
         receipts: Any = state.receipts
-        self.assertEqual(list(receipts._receipts), [("alice", "phone", 2)])
+        # bob's only receipt has expired: his device goes; alice's first is skipped.
+        self.assertEqual(list(receipts._devices), [("alice", "phone")])
+        self.assertEqual(len(receipts), 1)
         self.clock.advance(50)
         state.prune_expired()
-        self.assertEqual(len(receipts._receipts), 0)
+        self.assertEqual(len(receipts._devices), 0)
+
+    def test_a_retry_is_recognised_until_its_window_has_passed_exactly(self) -> None:
+        receipts = MemoryState(self.clock, dedup_window=100).receipts
+        self.result(receipts.remember_message("alice", "phone", 10, 1001, 55))
+        self.clock.advance(99.999)
+        again = self.result(receipts.remember_message("alice", "phone", 10, 2002, 66))
+        self.assertEqual(again, MessageReceipt(1001, 55, 0, ""))
+        self.clock.advance(0.001)
+        # Past the window the same sequence is a new message (kept for a window again).
+        self.assertIsNone(self.result(receipts.remember_message("alice", "phone", 10, 3003, 77)))
+        again = self.result(receipts.remember_message("alice", "phone", 10, 4004, 88))
+        self.assertEqual(again, MessageReceipt(3003, 77, 0, ""))
+
+    def test_many_receipts_of_one_device_stay_found_as_old_ones_expire(self) -> None:
+        store = MemoryState(self.clock, dedup_window=100).receipts
+        receipts: Any = store
+        for seq in range(1000):
+            self.result(store.remember_message("alice", "phone", 5000 + seq, seq, seq))
+            self.clock.advance(0.25)  # 250 s in all: the first 601 expire on the way
+        packed = receipts._devices[("alice", "phone")]
+        self.assertLess(len(packed.seqs), 1000)  # expired ones were cut off, not only skipped
+        self.assertEqual(len(packed.data), 3 * len(packed.seqs))
+        self.assertEqual(len(store), 400)  # as of the last one: 600 expired at 250 s
+        for seq in (601, 777, 999):
+            receipt = self.result(store.remember_message("alice", "phone", 5000 + seq, -1, -1))
+            self.assertEqual(receipt, MessageReceipt(seq, seq, 0, ""))
+        # An expired sequence is a new message, and its outcome is not kept.
+        self.result(store.record_outcome("alice", "phone", 5600, 1, ""))
+        self.assertIsNone(self.result(store.remember_message("alice", "phone", 5600, 1, 1)))
+
+    def test_a_device_numbering_from_lower_again_is_still_deduplicated(self) -> None:
+        store = MemoryState(self.clock, dedup_window=100).receipts
+        for seq in (100, 101, 102):
+            self.result(store.remember_message("alice", "phone", seq, seq, seq))
+        # Reinstalled: it starts again from 1, interleaved with retries of the old ones.
+        self.assertIsNone(self.result(store.remember_message("alice", "phone", 1, 901, 9)))
+        self.assertEqual(
+            self.result(store.remember_message("alice", "phone", 101, 0, 0)),
+            MessageReceipt(101, 101, 0, ""),
+        )
+        self.assertIsNone(self.result(store.remember_message("alice", "phone", 2, 902, 9)))
+        self.assertEqual(
+            self.result(store.remember_message("alice", "phone", 1, 0, 0)),
+            MessageReceipt(901, 9, 0, ""),
+        )
+        self.clock.advance(100)
+        receipts: Any = store
+        store.forget_expired()
+        self.assertEqual(len(receipts._devices), 0)
+        # Once they have all expired the device's receipts are bisected again.
+        self.assertIsNone(self.result(store.remember_message("alice", "phone", 3, 903, 9)))
+        self.assertTrue(receipts._devices[("alice", "phone")].ordered)
+
+    def test_outcomes_with_reasons_and_stale_failures(self) -> None:
+        store = MemoryState(self.clock, dedup_window=100).receipts
+        self.result(store.remember_message("alice", "phone", 1, 1001, 55))
+        self.result(store.remember_message("alice", "phone", 2, 1002, 56))
+        self.result(store.record_outcome("alice", "phone", 1, 2, ""))
+        self.result(store.record_outcome("alice", "phone", 1, 3, "too late"))
+        self.result(store.record_outcome("alice", "phone", 2, 3, "blocked"))
+        self.assertEqual(
+            self.result(store.remember_message("alice", "phone", 1, 0, 0)),
+            MessageReceipt(1001, 55, 2, ""),
+        )
+        self.assertEqual(
+            self.result(store.remember_message("alice", "phone", 2, 0, 0)),
+            MessageReceipt(1002, 56, 3, "blocked"),
+        )
+        # A resend after a failure that is then delivered drops the reason.
+        self.result(store.record_outcome("alice", "phone", 2, 1, ""))
+        self.assertEqual(
+            self.result(store.remember_message("alice", "phone", 2, 0, 0)),
+            MessageReceipt(1002, 56, 1, ""),
+        )
 
     def test_prune_with_mixed_ttls(self) -> None:
         # A long-lived session created first must not hold back shorter ones behind it.
@@ -668,6 +774,6 @@ class MakeStateStoreTests(SynchronousTestCase):
     def test_memory_is_the_default(self) -> None:
         from cim.config import StateConfig
 
-        state = make_state_store(StateConfig(), Clock())
+        state = make_state_store(StateConfig(), cast(ICimReactor, MemoryReactorClock()))
         self.assertIsInstance(state, MemoryState)
         self.assertTrue(verifyObject(IStateBackend, state))

@@ -249,6 +249,23 @@ class CursorTests(DatabaseMixin, TestCase):
         self.assertEqual(moved, 0)
         self.assertEqual(self.txn(lambda c: c.execute(select(cursors)).all()), [])
 
+    def test_one_batch_of_many_users_and_devices_counts_only_what_moved(self) -> None:
+        """A batch as a group's acks make it: many users and devices, one read each way
+        and one upsert; a cursor already past its move stays and is not counted."""
+        self.txn(move_cursors_txn, [CursorMove("bob", "phone", AB, 4)])
+        moves = [
+            CursorMove("alice", "phone", AB, 2),
+            CursorMove("alice", "web", AB, 5),
+            CursorMove("bob", "phone", AB, 3),  # behind: no move
+            CursorMove("bob", "web", AB, 9),  # past the end: to 5
+            CursorMove("carol", "phone", AB, 5),  # not hers
+        ]
+        self.assertEqual(self.txn(move_cursors_txn, moves), 3)
+        self.assertEqual(self.point("alice", "phone"), 2)
+        self.assertEqual(self.point("alice", "web"), 5)
+        self.assertEqual(self.point("bob", "phone"), 4)
+        self.assertEqual(self.point("bob", "web"), 5)
+
     def test_many_moves_of_one_cursor_keep_the_highest(self) -> None:
         moves = [CursorMove("bob", "phone", AB, n) for n in (2, 4, 3)]
         self.assertEqual(self.txn(move_cursors_txn, moves), 1)

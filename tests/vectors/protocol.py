@@ -29,7 +29,13 @@ from google.protobuf.message import Message as ProtobufMessage
 
 from cim.protocols import cim_pb2
 from cim.protocols.crypto import SUITE_CHACHA, SUITE_RC4, NodeKey
-from cim.protocols.handshake import ClientHandshake, accept_client_hello, hello_digest
+from cim.protocols.handshake import (
+    ClientHandshake,
+    Resumption,
+    accept_client_hello,
+    hello_digest,
+)
+from cim.protocols.resumption import TICKET_KEY_LABEL, Tickets, next_resumption_secret
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 JSON_PATH = os.path.join(HERE, "protocol.json")
@@ -43,6 +49,12 @@ SERVER_NONCE = bytes(range(0x80, 0x90))
 TOKEN = "tok-" + "A" * 39  # a router token is 43 characters
 DEVICE = "web-1"
 TIMESTAMP_MS = 1_796_000_000_000
+RESUME_CLIENT_NONCE = bytes(range(0x50, 0x60))
+RESUME_SERVER_NONCE = bytes(range(0x90, 0xA0))
+TICKET_RANDOM = (bytes(range(0xC0, 0xD0)), bytes(range(0xD0, 0xDC)))
+"""The ticket id and its AEAD nonce (the ticket is opaque to clients; fixed here so the
+vectors do not change)."""
+RESUME_WINDOW_MS = 600_000
 OFFERED = [SUITE_CHACHA]
 """What the JS SDK offers (ChaCha20-Poly1305 only); the second case offers both."""
 
@@ -287,6 +299,75 @@ def _refusal() -> dict[str, Any]:
     return {"json": _json(refusal), "body": body.hex(), "tcp": _tcp(body).hex()}
 
 
+def _resumption(key: NodeKey) -> dict[str, Any]:
+    """The first session's LoginResult carried a ticket; the next hello resumes with it.
+
+    The resumption secret comes from the first session (its secret and both nonces);
+    the resume hello has its own client nonce and no sealed_key; the node's reply is
+    sealed with keys derived from the resumption secret and both new nonces.
+    """
+    fingerprint = key.fingerprint
+    secret = next_resumption_secret(SECRET, CLIENT_NONCE, SERVER_NONCE, fingerprint)
+    tickets = Tickets(
+        key.derived_key(TICKET_KEY_LABEL), "node1", RESUME_WINDOW_MS / 1000, _fixed(*TICKET_RANDOM)
+    )
+    ticket = tickets.seal(TIMESTAMP_MS / 1000, "00" * 32, "alice", DEVICE, secret)
+    resume = Resumption(ticket, secret, fingerprint, DEVICE, TIMESTAMP_MS / 1000 + 600)
+    client = ClientHandshake(
+        key.public_der,
+        "",
+        DEVICE,
+        SUITE_CHACHA,
+        OFFERED,
+        TIMESTAMP_MS,
+        random_bytes=_fixed(RESUME_CLIENT_NONCE),
+        resume=resume,
+    )
+    hello_body = client.hello_body()
+    hello = cim_pb2.ClientHello.FromString(hello_body[1:])
+    accepted = accept_client_hello(
+        hello_body,
+        key,
+        OFFERED,
+        random_bytes=_fixed(RESUME_SERVER_NONCE),
+        tickets=tickets,
+        now=TIMESTAMP_MS / 1000,
+    )
+    login = cim_pb2.LoginResult(
+        status=cim_pb2.LoginResult.OK,
+        user="alice",
+        device=DEVICE,
+        heartbeat_interval_ms=30_000,
+        heartbeat_timeout_ms=90_000,
+        server_time_ms=TIMESTAMP_MS + 2,
+        resume_ticket=b"\x01" + bytes(range(0x20, 0x40)),
+        resume_window_ms=RESUME_WINDOW_MS,
+    )
+    plaintext = bytes((cim_pb2.LOGIN_RESULT,)) + login.SerializeToString()
+    reply = accepted.reply_body(plaintext)
+    _, _, first = client.finish(reply)
+    assert first == plaintext
+    following = client.resumption_after(login, TIMESTAMP_MS / 1000)
+    assert following is not None and following.secret == accepted.resumption_secret()
+    return {
+        "client_nonce": RESUME_CLIENT_NONCE.hex(),
+        "server_nonce": RESUME_SERVER_NONCE.hex(),
+        "resumption_secret": secret.hex(),
+        "ticket": ticket.hex(),
+        "resume_window_ms": RESUME_WINDOW_MS,
+        "hello_digest": hello_digest(
+            2, OFFERED, SUITE_CHACHA, RESUME_CLIENT_NONCE, fingerprint
+        ).hex(),
+        "resume_proof": hello.resume_proof.hex(),
+        "hello_body": hello_body.hex(),
+        "hello_tcp": _tcp(hello_body).hex(),
+        "login_result": _json(login),
+        "login_result_plaintext": plaintext.hex(),
+        "reply_body": reply.hex(),
+        "next_resumption_secret": following.secret.hex(),
+    }
+
+
 def build(previous: dict[str, Any] | None) -> dict[str, Any]:
     if previous is not None:
         pem = previous["node_key_pem"].encode()
@@ -322,6 +403,7 @@ def build(previous: dict[str, Any] | None) -> dict[str, Any]:
         "heartbeat": {"body": "", "tcp": "00000000"},
         "handshake_error": _refusal(),
         "sessions": sessions,
+        "resumption": _resumption(key),
     }
 
 
@@ -393,6 +475,25 @@ def markdown(vectors: dict[str, Any]) -> str:
         f"A refusal (`HANDSHAKE_ERROR`, plaintext): {json.dumps(refusal['json'])} is the body "
         f"`{refusal['body']}`. A heartbeat is the empty body (`00000000` on TCP)."
     )
+    lines.append("")
+    resumed = vectors["resumption"]
+    lines.append(
+        "Resumption: the session above left this resumption secret; the node's ticket is"
+        f" opaque to the client. The resume hello's `client_nonce` = "
+        f"{resumed['client_nonce'][:4]}..{resumed['client_nonce'][-2:]}, the node's nonce = "
+        f"{resumed['server_nonce'][:4]}..{resumed['server_nonce'][-2:]}:"
+    )
+    lines.append("")
+    lines.append("```")
+    block("resume secret", resumed["resumption_secret"])
+    block("ticket", resumed["ticket"])
+    block("hello_digest", resumed["hello_digest"])
+    block("resume_proof", resumed["resume_proof"])
+    block("CLIENT_HELLO", resumed["hello_body"])
+    block("reply", resumed["reply_body"])
+    block("LoginResult pt", resumed["login_result_plaintext"])
+    block("next secret", resumed["next_resumption_secret"])
+    lines.append("```")
     lines.append("")
     lines.append(END)
     return "\n".join(lines)

@@ -14,6 +14,7 @@ export { RouterClient, RouterError, ServiceError, parseTicket, type LoginTicket 
 export { MemorySeenStore, type SeenStore } from "./session/seen.js";
 export { WebStorageSeenStore, WebStorageUploadState, webDeviceName, type StorageLike } from "./session/web-storage.js";
 export type { CatchUpResult } from "./session/catch-up.js";
+export { CumulativeAcks, GROUP_ACK_DELAY_MS, GROUP_ACK_EVERY } from "./session/acks.js";
 export { ReadState, conversationKey, type ReadEvent, type UnreadChange } from "./session/reads.js";
 export { Corrections, changeOf, type Change, type ChangeEvent } from "./session/corrections.js";
 export { LogicClient, LogicError } from "./api/logic.js";
@@ -32,7 +33,14 @@ export {
 export { Backoff, realClock, type Clock, type Timer } from "./clock.js";
 export { Emitter } from "./events.js";
 export { pb, FrameType, encodeFrame, decodeFrame, lengthPrefixed, FrameSplitter, ProtocolError } from "./protocol/frames.js";
-export { ClientHandshake, HandshakeRefused, helloDigest } from "./protocol/handshake.js";
+export {
+  ClientHandshake,
+  HandshakeRefused,
+  helloDigest,
+  nextResumptionSecret,
+  resumeProof,
+  type Resumption,
+} from "./protocol/handshake.js";
 export {
   FrameAuthenticationError,
   PROTOCOL_VERSION,

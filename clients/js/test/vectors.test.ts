@@ -25,7 +25,13 @@ import {
   lengthPrefixed,
   pb,
 } from "../src/protocol/frames.js";
-import { ClientHandshake, HandshakeRefused, helloDigest } from "../src/protocol/handshake.js";
+import {
+  ClientHandshake,
+  HandshakeRefused,
+  helloDigest,
+  nextResumptionSecret,
+  resumeProof,
+} from "../src/protocol/handshake.js";
 
 interface FrameVector {
   direction: "client_to_node" | "node_to_client";
@@ -66,6 +72,21 @@ interface Vectors {
   heartbeat: { body: string; tcp: string };
   handshake_error: { json: JsonValue; body: string; tcp: string };
   sessions: SessionVector[];
+  resumption: {
+    client_nonce: string;
+    server_nonce: string;
+    resumption_secret: string;
+    ticket: string;
+    resume_window_ms: number;
+    hello_digest: string;
+    resume_proof: string;
+    hello_body: string;
+    hello_tcp: string;
+    login_result: JsonValue;
+    login_result_plaintext: string;
+    reply_body: string;
+    next_resumption_secret: string;
+  };
 }
 
 const vectors: Vectors = JSON.parse(
@@ -250,4 +271,67 @@ test("the key schedule vectors of docs/protocol.md (chacha20-poly1305 chosen)", 
 test("a key material too large for the node key is refused before sealing", async () => {
   await assert.rejects(sealForNode(serverKey, new Uint8Array(191)), /cannot be sealed/);
   assert.equal((await sealForNode(serverKey, new Uint8Array(190))).length, 256);
+});
+
+test("resumption: the secret, the resume hello, its proof and the reply, byte for byte", async () => {
+  const resumed = vectors.resumption;
+  const fingerprint = fromHex(vectors.key_fingerprint);
+  const secret = await nextResumptionSecret(
+    fromHex(inputs.secret),
+    fromHex(inputs.client_nonce),
+    fromHex(inputs.server_nonce),
+    fingerprint,
+  );
+  assert.equal(toHex(secret), resumed.resumption_secret);
+  const ticket = fromHex(resumed.ticket);
+  const nonce = fromHex(resumed.client_nonce);
+  const digest = helloDigest(2, [SUITE_CHACHA], SUITE_CHACHA, nonce, fingerprint);
+  assert.equal(toHex(digest), resumed.hello_digest);
+  assert.equal(toHex(resumeProof(secret, digest, ticket, inputs.device)), resumed.resume_proof);
+  const client = await ClientHandshake.create({
+    serverKey,
+    token: "",
+    device: inputs.device,
+    suite: SUITE_CHACHA,
+    offered: [SUITE_CHACHA],
+    nowMs: inputs.timestamp_ms,
+    random: (size) => {
+      assert.equal(size, 16, "a resume hello asks for the nonce only (no secret, no RSA)");
+      return nonce;
+    },
+    seal: async () => assert.fail("a resume hello seals nothing"),
+    resume: { ticket, secret, fingerprint, device: inputs.device, expiresAt: inputs.timestamp_ms + 600_000 },
+  });
+  assert.ok(client.resumed);
+  assert.equal(toHex(client.helloBody), resumed.hello_body);
+  assert.equal(toHex(lengthPrefixed(client.helloBody)), resumed.hello_tcp);
+  const { loginResult } = await client.finish(fromHex(resumed.reply_body));
+  assert.deepEqual(toJson(pb.LoginResultSchema, loginResult), resumed.login_result);
+  const following = await client.resumptionAfter(loginResult, 1_000);
+  assert.ok(following !== undefined);
+  assert.equal(toHex(following.secret), resumed.next_resumption_secret);
+  assert.equal(following.expiresAt, 1_000 + resumed.resume_window_ms);
+  assert.deepEqual(following.ticket, loginResult.resumeTicket);
+});
+
+test("resumption: a ticket is only offered to the node key it came from", async () => {
+  const resumed = vectors.resumption;
+  await assert.rejects(
+    ClientHandshake.create({
+      serverKey,
+      token: "",
+      device: inputs.device,
+      suite: SUITE_CHACHA,
+      offered: [SUITE_CHACHA],
+      nowMs: 0,
+      resume: {
+        ticket: fromHex(resumed.ticket),
+        secret: fromHex(resumed.resumption_secret),
+        fingerprint: new Uint8Array(32),
+        device: inputs.device,
+        expiresAt: 1,
+      },
+    }),
+    /another node key/,
+  );
 });

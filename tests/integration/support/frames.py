@@ -16,12 +16,12 @@ from google.protobuf.message import Message as ProtobufMessage
 from twisted.internet.endpoints import HostnameEndpoint, connectProtocol
 
 from cim.client.connection import ImClientProtocol
-from cim.client.router import parse_ticket
+from cim.client.router import LoginTicket, parse_ticket
 from cim.protocols import cim_pb2
 from tests.integration.support.cluster import eventually, reactor, sleep
 from tests.integration.support.daemons import PASSWORD, DaemonProcess
 
-__all__ = ["FrameClient", "connect"]
+__all__ = ["FrameClient", "connect", "login_ticket"]
 
 SUITE = "chacha20-poly1305"
 
@@ -142,11 +142,11 @@ class FrameClient:
             self.protocol.transport.abortConnection()
 
 
-async def connect(
+async def login_ticket(
     node: DaemonProcess, user: str, device: str = "phone", on: str | None = None
-) -> FrameClient:
-    """Log in through ``node``'s router and connect to the node it names; with ``on``,
-    log in again (bounded) until the router names that node (the registry changed)."""
+) -> LoginTicket:
+    """Log in through ``node``'s router; with ``on``, log in again (bounded) until the
+    router names that node (the registry changed)."""
     for _ in range(300):
         response = await treq.post(
             f"{node.router_url}/api/v1/login",
@@ -162,6 +162,15 @@ async def connect(
         await sleep(0.1)
     else:
         raise AssertionError(f"the router never sent {user} to {on}")
+    return ticket
+
+
+async def connect(
+    node: DaemonProcess, user: str, device: str = "phone", on: str | None = None
+) -> FrameClient:
+    """Log in through ``node``'s router and connect to the node it names (``on``: see
+    login_ticket)."""
+    ticket = await login_ticket(node, user, device, on)
     client = FrameClient(user, device)
     protocol = ImClientProtocol(
         reactor, client, ticket.server_key, ticket.token, device, SUITE, (SUITE,)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import heapq
 import uuid
+from dataclasses import dataclass, field
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
@@ -19,12 +21,22 @@ from cim.backends.state.memory.table import SessionTable
 from cim.interfaces import AlreadyLoggedIn, ISessionStore, SessionEndedListener, SessionRecord
 
 
+@dataclass
+class _UsedTickets:
+    """Resumption ticket ids redeemed so far, each kept until its ticket expires (then
+    the expiry alone refuses it): memory follows the tickets used within one window."""
+
+    ids: set[str] = field(default_factory=set)
+    expiries: list[tuple[float, str]] = field(default_factory=list)
+
+
 @implementer(ISessionStore)
 class MemorySessionStore:
     """One current session per device of a user, decided and ended on the shared table."""
 
     def __init__(self, table: SessionTable) -> None:
         self._table = table
+        self._used_tickets = _UsedTickets()
 
     def create_session(
         self,
@@ -86,6 +98,22 @@ class MemorySessionStore:
 
     def session_for_token(self, token_hash: str) -> Deferred[SessionRecord | None]:
         return defer.succeed(self._table.live(token_hash))
+
+    def redeem_ticket(
+        self, ticket_id: str, token_hash: str, expires_at: float
+    ) -> Deferred[SessionRecord | None]:
+        record = self._table.live(token_hash)
+        if record is None:
+            return defer.succeed(None)
+        used = self._used_tickets
+        now = self._table.clock.seconds()
+        while used.expiries and used.expiries[0][0] <= now:
+            used.ids.discard(heapq.heappop(used.expiries)[1])
+        if expires_at <= now or ticket_id in used.ids:
+            return defer.succeed(None)
+        used.ids.add(ticket_id)
+        heapq.heappush(used.expiries, (expires_at, ticket_id))
+        return defer.succeed(record)
 
     def end_session(self, token_hash: str, reason: str) -> Deferred[SessionRecord | None]:
         if self._table.live(token_hash) is None:

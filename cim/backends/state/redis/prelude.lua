@@ -1,7 +1,8 @@
 -- Prepended to every script (scripts.py). ARGV[1] is always the key prefix.
 -- Keys: session:<token hash> (a hash), devices:<user> (device -> token hash of its
 -- current session), route:<user> (node, and d:<device> -> session id per device
--- online), online:<node> and online (sorted sets of users), nodes, ended:<token hash>.
+-- online), online:<node> and online (sorted sets of users), nodes, ended:<token hash>,
+-- ticket:<id> (a resumption ticket redeemed, kept until the ticket expires).
 -- The dollar-sign names (EXPIRED, ELSEWHERE, AGAIN, MOVED, REFUSE_NEW) are replaced when the scripts
 -- are loaded by Lua string literals of the reasons and policy in cim.backends.state.
 

@@ -55,6 +55,7 @@ def load_script(name: str) -> Script:
 # sessions
 CREATE_SESSION = load_script("create_session")
 SESSION_FOR_TOKEN = load_script("session_for_token")
+REDEEM_TICKET = load_script("redeem_ticket")
 END_SESSION = load_script("end_session")
 END_USER_SESSION = load_script("end_user_session")
 # routes

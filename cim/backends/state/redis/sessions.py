@@ -89,6 +89,20 @@ class RedisSessionStore:
         d = core.eval(scripts.SESSION_FOR_TOKEN, token_hash, core.now(), core.tombstone_ms)
         return d.addCallback(self._live_or_told)
 
+    def redeem_ticket(
+        self, ticket_id: str, token_hash: str, expires_at: float
+    ) -> Deferred[SessionRecord | None]:
+        core = self._core
+        d = core.eval(
+            scripts.REDEEM_TICKET,
+            token_hash,
+            core.now(),
+            core.tombstone_ms,
+            ticket_id,
+            str(int(expires_at * 1000)),
+        )
+        return d.addCallback(self._live_or_told)
+
     def end_session(self, token_hash: str, reason: str) -> Deferred[SessionRecord | None]:
         core = self._core
         d = core.eval(scripts.END_SESSION, token_hash, core.now(), reason, core.tombstone_ms)

@@ -15,6 +15,7 @@ import { mediaMessage, type StoredFile } from "../api/files.js";
 import { RECONNECT_BACKOFF, realClock, type Backoff, type Clock } from "../clock.js";
 import { Emitter } from "../events.js";
 import { pb } from "../protocol/frames.js";
+import { CumulativeAcks } from "./acks.js";
 import { Answers, ConnectionLost, DEFAULT_REQUEST_POLICY, RequestRefused, type RequestPolicy } from "./answers.js";
 import { CatchUp, type CatchUpResult } from "./catch-up.js";
 import { DEFAULT_MAX_FRAME_SIZE, type ImConnection, type WebSocketFactory } from "./connection.js";
@@ -97,6 +98,8 @@ export class ChatClient extends Emitter<ChatEvents> {
   readonly outbox: Outbox;
   readonly answers: Answers;
   readonly inbox: Inbox;
+  /** Group acks, one ack:R per conversation for many messages (acks.ts). */
+  readonly acks: CumulativeAcks;
   readonly catchUp: CatchUp;
   readonly router: RouterClient;
   readonly corrections = new Corrections();
@@ -135,6 +138,7 @@ export class ChatClient extends Emitter<ChatEvents> {
     const retry = options.retry instanceof RetryPolicy ? options.retry : new RetryPolicy(options.retry ?? "auto");
     this.outbox = new Outbox(this.clock, (m) => this.transmit(m), (o) => this.emit("outcome", o), retry, 1000, random);
     this.answers = new Answers(this.clock, () => this.connection(), options.requests ?? DEFAULT_REQUEST_POLICY, random);
+    this.acks = new CumulativeAcks(this.clock, (ack) => this.sendAck(ack));
     this.inbox = new Inbox(
       this.user,
       options.seen ?? new MemorySeenStore(),
@@ -174,6 +178,7 @@ export class ChatClient extends Emitter<ChatEvents> {
     this.dialer.endFirstContact();
     this.dialer.cancel();
     this.inbox.close();
+    this.acks.flush(); // what it did take is acknowledged before the connection goes
     this.catchUp.stop();
     this.outbox.failAll("the client stopped before an answer came");
     for (const off of this.unwatch.splice(0)) off();
@@ -326,6 +331,7 @@ export class ChatClient extends Emitter<ChatEvents> {
   closed(reason: string): void {
     if (this.current === undefined) return;
     this.current = undefined;
+    this.acks.forget(); // past the cursors: the next catch-up brings them again
     this.outbox.connectionLost(REASON_CONNECTION_CLOSED);
     this.answers.connectionLost(reason);
     if (this.stopping) {
@@ -350,9 +356,14 @@ export class ChatClient extends Emitter<ChatEvents> {
     this.emit("message", { message, live, own: message.from === this.user });
   }
 
+  /** ack:R: a group's is cumulative, one for many messages (acks.ts). */
   private acknowledge(message: pb.Message, throughSeq: bigint): void {
     if (this.connection() === undefined) return; // the next catch-up moves the cursor
-    const ack = create(pb.AckRSchema, { msgId: message.id, conversation: message.conversation, throughSeq });
+    this.acks.acknowledge(message, throughSeq);
+  }
+
+  private sendAck(ack: pb.AckR): void {
+    if (this.connection() === undefined) return; // the next catch-up moves the cursor
     this.answers.ask(pb.FrameType.ACK_R, ack).catch(() => {
       // Only the cursor is behind: the next catch-up's cursors move it.
     });

@@ -14,7 +14,7 @@
 import type { Clock, Timer } from "../clock.js";
 import { FrameAuthenticationError, type FrameOpener, type FrameSealer } from "../protocol/crypto.js";
 import { ESTABLISHED_INBOUND, ESTABLISHED_OUTBOUND, ProtocolError, decodeFrame, encodeFrame, pb } from "../protocol/frames.js";
-import { ClientHandshake, HandshakeRefused, type HandshakeOptions } from "../protocol/handshake.js";
+import { ClientHandshake, HandshakeRefused, type HandshakeOptions, type Resumption } from "../protocol/handshake.js";
 
 export const DEFAULT_MAX_FRAME_SIZE = 1 << 20;
 export const HANDSHAKE_TIMEOUT = 10_000;
@@ -86,6 +86,8 @@ export class ImConnection {
   heartbeatInterval = 30_000;
   heartbeatTimeout = 90_000;
   loginResult: pb.LoginResult | undefined;
+  /** The next connection to this node resumes with this (once logged in). */
+  resumption: Resumption | undefined;
   heartbeatsSent = 0;
   heartbeatsReceived = 0;
   private incoming: Promise<void> = Promise.resolve();
@@ -98,6 +100,11 @@ export class ImConnection {
     private readonly events: ConnectionEvents,
   ) {
     this.foreground = options.foreground ?? true;
+  }
+
+  /** The hello carried a resumption ticket (no RSA, no router). */
+  get resumed(): boolean {
+    return this.handshake?.resumed ?? false;
   }
 
   get established(): boolean {
@@ -193,6 +200,7 @@ export class ImConnection {
         this.close(`login refused: ${pb.LoginResult_Status[loginResult.status]}`, true, new LoginRefused(loginResult));
         return;
       }
+      this.resumption = await this.handshake!.resumptionAfter(loginResult, this.options.clock.now());
       this.sealer = sealer;
       this.opener = opener;
       this.heartbeatInterval = loginResult.heartbeatIntervalMs || this.heartbeatInterval;

@@ -10,9 +10,9 @@
  * handshake, GOING_AWAY) gets it. The first connection may have a deadline.
  */
 import type { Backoff, Clock, Timer } from "../clock.js";
-import { SUITE_CHACHA } from "../protocol/crypto.js";
+import { SUITE_CHACHA, fingerprintOf } from "../protocol/crypto.js";
 import { pb } from "../protocol/frames.js";
-import { HandshakeRefused } from "../protocol/handshake.js";
+import { HandshakeRefused, type Resumption } from "../protocol/handshake.js";
 import { ImConnection, LoginRefused, type ConnectionEvents, type WebSocketFactory } from "./connection.js";
 import { RouterError, type LoginTicket, type RouterClient } from "./router.js";
 
@@ -30,6 +30,9 @@ export class SessionRefused extends SessionFailed {
 export class Unreachable extends SessionFailed {
   override name = "Unreachable";
 }
+
+/** The node would not resume with the ticket: a full hello follows at once. */
+class ResumeRefused extends Error {}
 
 class RetryLater extends Error {
   constructor(
@@ -75,6 +78,11 @@ export class Dialer {
   private lastFailure = "";
   /** The node's GOING_AWAY wait (ms) before the next connection, once. */
   goingAway = 0;
+  /**
+   * The last session's resumption ticket: the next connection to the same node within
+   * its window skips RSA (and the router); refused, a full hello follows.
+   */
+  resumption: Resumption | undefined;
 
   constructor(
     private readonly session: DialTarget,
@@ -173,6 +181,7 @@ export class Dialer {
       }
     }
     if (generation !== this.generation) return;
+    this.resumption = undefined;
     this.session.ticket = await this.login();
     await this.open(this.session.ticket, generation);
   }
@@ -197,7 +206,32 @@ export class Dialer {
     return ticket;
   }
 
+  /** The resumption to offer this node, if one is still good for it. */
+  private resumable(ticket: LoginTicket): Resumption | undefined {
+    const resumption = this.resumption;
+    if (resumption === undefined) return undefined;
+    const fingerprint = fingerprintOf(ticket.serverKey);
+    const sameKey =
+      fingerprint.length === resumption.fingerprint.length &&
+      fingerprint.every((value, index) => value === resumption.fingerprint[index]);
+    if (resumption.expiresAt <= this.clock.now() || !sameKey || resumption.device !== this.session.device) {
+      return undefined;
+    }
+    return resumption;
+  }
+
   private async open(ticket: LoginTicket, generation: number): Promise<void> {
+    const resume = this.resumable(ticket);
+    this.resumption = undefined; // single use whatever happens
+    try {
+      await this.openWith(ticket, generation, resume);
+    } catch (error) {
+      if (!(error instanceof ResumeRefused) || generation !== this.generation) throw error;
+      await this.openWith(ticket, generation, undefined);
+    }
+  }
+
+  private async openWith(ticket: LoginTicket, generation: number, resume: Resumption | undefined): Promise<void> {
     const session = this.session;
     let connection: ImConnection;
     const events: ConnectionEvents = {
@@ -216,6 +250,7 @@ export class Dialer {
         offered: OFFERED_SUITES,
         maxFrameSize: session.maxFrameSize,
         foreground: session.foreground,
+        ...(resume ? { resume } : {}),
         ...(this.webSocket ? { webSocket: this.webSocket } : {}),
       },
       events,
@@ -231,6 +266,9 @@ export class Dialer {
       if (session.current === connection) session.current = undefined;
       if (error instanceof HandshakeRefused) {
         if (error.reason === pb.HandshakeError_Reason.RATE_LIMITED) throw new RetryLater(error.retryAfterMs, error.message);
+        // RESUME_REFUSED, or any refusal of a resume hello (an older node answers it
+        // BAD_HELLO): the full hello decides.
+        if (resume) throw new ResumeRefused(error.message);
         throw new SessionRefused(`the node refused the handshake: ${error.message}`);
       }
       if (error instanceof LoginRefused && error.result.status === pb.LoginResult_Status.WRONG_NODE) {
@@ -243,6 +281,7 @@ export class Dialer {
       connection.close("no longer wanted");
       return;
     }
+    this.resumption = connection.resumption;
     this.attempt = 0;
     this.lastFailure = "";
     this.endFirstContact();
@@ -253,6 +292,7 @@ export class Dialer {
   async logout(): Promise<void> {
     const ticket = this.session.ticket;
     this.session.ticket = undefined;
+    this.resumption = undefined;
     if (ticket === undefined) return;
     try {
       await this.router.logout(ticket.token);

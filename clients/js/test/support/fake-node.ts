@@ -3,8 +3,9 @@
 import { create, fromBinary, toBinary, type DescMessage, type MessageInitShape } from "@bufbuild/protobuf";
 import { constants, privateDecrypt } from "node:crypto";
 import { readFileSync } from "node:fs";
-import { concat, fromHex, toBase64 } from "../../src/protocol/bytes.js";
+import { concat, fromHex, toBase64, toHex } from "../../src/protocol/bytes.js";
 import { randomBytes, sessionCiphers, type FrameOpener, type FrameSealer } from "../../src/protocol/crypto.js";
+import { helloDigest, nextResumptionSecret, resumeProof } from "../../src/protocol/handshake.js";
 import { ESTABLISHED_OUTBOUND, decodeFrame, encodeFrame, pb } from "../../src/protocol/frames.js";
 import type { WebSocketLike } from "../../src/session/connection.js";
 
@@ -87,25 +88,56 @@ export class NodeLink {
 
   private async handshake(body: Uint8Array): Promise<void> {
     const hello = fromBinary(pb.ClientHelloSchema, body.subarray(1));
-    const material = fromBinary(
-      pb.KeyMaterialSchema,
-      privateDecrypt({ key: NODE_KEY_PEM, padding: constants.RSA_PKCS1_OAEP_PADDING, oaepHash: "sha256" }, hello.sealedKey),
-    );
-    this.token = material.token;
-    this.device = material.device;
+    let secret: Uint8Array;
+    if (hello.resumeTicket.length > 0) {
+      // Single use: taken out whatever follows. Refused: a plaintext HANDSHAKE_ERROR.
+      const key = toHex(hello.resumeTicket);
+      const ticket = this.node.tickets.get(key);
+      this.node.tickets.delete(key);
+      const digest = helloDigest(hello.version, hello.offeredSuites, hello.suite, hello.clientNonce, hello.keyFingerprint);
+      const proof = ticket && resumeProof(ticket.secret, digest, hello.resumeTicket, hello.resumeDevice);
+      if (ticket === undefined || !this.node.tokens.has(ticket.token) || toHex(proof!) !== toHex(hello.resumeProof)) {
+        const refusal = create(pb.HandshakeErrorSchema, { reason: pb.HandshakeError_Reason.RESUME_REFUSED, message: "resumption refused" });
+        this.deliver(concat(Uint8Array.of(pb.FrameType.HANDSHAKE_ERROR), toBinary(pb.HandshakeErrorSchema, refusal)));
+        this.drop(1000);
+        return;
+      }
+      this.token = ticket.token;
+      this.device = ticket.device;
+      secret = ticket.secret;
+      this.node.resumptions++;
+    } else {
+      const material = fromBinary(
+        pb.KeyMaterialSchema,
+        privateDecrypt({ key: NODE_KEY_PEM, padding: constants.RSA_PKCS1_OAEP_PADDING, oaepHash: "sha256" }, hello.sealedKey),
+      );
+      this.token = material.token;
+      this.device = material.device;
+      secret = material.secret;
+    }
     const serverNonce = randomBytes(16);
-    const ciphers = await sessionCiphers(hello.suite, material.secret, hello.clientNonce, serverNonce, hello.keyFingerprint, hello.offeredSuites, "node");
+    const ciphers = await sessionCiphers(hello.suite, secret, hello.clientNonce, serverNonce, hello.keyFingerprint, hello.offeredSuites, "node");
     const moved = this.node.redirects.get(this.url);
-    let status = this.node.tokens.has(material.token) ? pb.LoginResult_Status.OK : pb.LoginResult_Status.INVALID_TOKEN;
+    let status = this.node.tokens.has(this.token) ? pb.LoginResult_Status.OK : pb.LoginResult_Status.INVALID_TOKEN;
     if (moved !== undefined && status === pb.LoginResult_Status.OK) status = pb.LoginResult_Status.WRONG_NODE;
     const result = create(pb.LoginResultSchema, {
       status,
       ...(status === pb.LoginResult_Status.WRONG_NODE ? { node: moved } : {}),
-      user: this.node.tokens.get(material.token) ?? "",
-      device: material.device,
+      user: this.node.tokens.get(this.token) ?? "",
+      device: this.device,
       heartbeatIntervalMs: this.node.heartbeatInterval,
       heartbeatTimeoutMs: this.node.heartbeatTimeout,
     });
+    if (status === pb.LoginResult_Status.OK && this.node.resumeWindow > 0) {
+      const ticket = randomBytes(24);
+      this.node.tickets.set(toHex(ticket), {
+        token: this.token,
+        device: this.device,
+        secret: await nextResumptionSecret(secret, hello.clientNonce, serverNonce, hello.keyFingerprint),
+      });
+      result.resumeTicket = ticket;
+      result.resumeWindowMs = this.node.resumeWindow;
+    }
     const first = encodeFrame(pb.FrameType.LOGIN_RESULT, pb.LoginResultSchema, result);
     this.deliver(concat(Uint8Array.of(pb.FrameType.LOGIN_RESULT), serverNonce, ciphers.sealer.seal(first)));
     this.node.logins++;
@@ -144,6 +176,12 @@ export class NodeLink {
 export class FakeNode {
   links: NodeLink[] = [];
   tokens = new Map<string, string>();
+  /** Resumption tickets issued and not yet used (hex ticket -> what it resumes). */
+  tickets = new Map<string, { token: string; device: string; secret: Uint8Array }>();
+  /** [im] resume_window in ms; 0: no tickets. */
+  resumeWindow = 600_000;
+  /** Hellos that resumed with a ticket. */
+  resumptions = 0;
   logins = 0;
   routerLogins = 0;
   routerLogouts = 0;
