@@ -46,7 +46,7 @@ from cim.protocols.handshake import (
     ReplayGuard,
     accept_client_hello,
 )
-from cim.protocols.outbound import NodeQueue, OutboundBudget
+from cim.protocols.outbound import NodeQueue, OutboundBudget, OutboundRules
 from cim.protocols.resumption import RESUME_USED_BODY, TICKET_KEY_LABEL, Tickets, session_of
 from cim.protocols.timeouts import NEVER, DeadlineSweeper, SweptTimeoutMixin
 from cim.protocols.wire import FrameProtocol, HeldWrites
@@ -77,6 +77,23 @@ class ConnectionState(Enum):
 
 
 class ImServerProtocol(FrameProtocol, SweptTimeoutMixin):
+    # Slots, like FrameProtocol's: an idle connection's memory (issue #20).
+    __slots__ = (
+        "active_at",
+        "admitted",
+        "background",
+        "bad_frames",
+        "connected_at",
+        "deadline",
+        "deadlines",
+        "factory",
+        "peer_host",
+        "reading_held",
+        "record",
+        "state",
+        "timeOut",
+    )
+
     log = Logger()
 
     def __init__(self, factory: ImServerFactory, address: IAddress | None) -> None:
@@ -95,22 +112,11 @@ class ImServerProtocol(FrameProtocol, SweptTimeoutMixin):
         self.bad_frames = 0
         """Frames refused at the edge so far; ``[im] max_bad_frames`` closes."""
         self.inbound = {}
-        # Set by makeConnection and setTimeout later; named here so every instance's
-        # attributes keep one order and share one key table (see FrameProtocol).
-        self.connected = 0
-        self.transport = None
+        # Set by setTimeout later; a slot has no class-level default to fall back on.
         self.timeOut = None
         self.deadline = NEVER
         # What this connection has queued, against [im] outbound_budget.
-        self.outbound: OutboundBudget = OutboundBudget(
-            factory.config.outbound_budget,
-            factory.config.slow_reader_timeout,
-            factory.clock,
-            factory.node_queue,
-            self._cut_slow_reader,
-            self._pull_notice,
-            self._behind,
-        )
+        self.outbound: OutboundBudget = OutboundBudget(factory.outbound_rules, self)
         # Why reading is paused: _NODE_PAUSE and/or _BUDGET_PAUSE (0: reading).
         self.reading_held = 0
         self.background = False
@@ -140,6 +146,7 @@ class ImServerProtocol(FrameProtocol, SweptTimeoutMixin):
 
     def connectionLost(self, reason: Failure | None = None) -> None:
         self.setTimeout(None)
+        self.deadlines.gone(self)
         factory = self.factory
         factory.metrics.connections_open -= 1
         factory.release(self)
@@ -183,7 +190,7 @@ class ImServerProtocol(FrameProtocol, SweptTimeoutMixin):
     def resume_reading(self) -> None:
         self._release_reading(_NODE_PAUSE)
 
-    def _behind(self, over: bool) -> None:
+    def behind(self, over: bool) -> None:
         """Over its own budget, the client's requests wait until it reads its answers."""
         if over and self.state is ConnectionState.ESTABLISHED:
             self._hold_reading(_BUDGET_PAUSE)
@@ -210,11 +217,11 @@ class ImServerProtocol(FrameProtocol, SweptTimeoutMixin):
         """Whether a live msg:N may be queued for this receiver (see OutboundBudget)."""
         return self.outbound.may_take_live_copy()
 
-    def _pull_notice(self) -> None:
+    def pull_notice(self) -> None:
         """The queue drained after live copies were refused: pull what was missed."""
         self.deliver(OFFLINE_NOTICE, cim_pb2.OfflineNotice())
 
-    def _cut_slow_reader(self) -> None:
+    def cut_slow_reader(self) -> None:
         """Over its outbound budget for [im] slow_reader_timeout: the connection is cut.
 
         No GOING_AWAY: it would wait behind everything the client is not reading. What
@@ -244,6 +251,13 @@ class ImServerProtocol(FrameProtocol, SweptTimeoutMixin):
             self.resetTimeout()
             # Before each frame is handled: a pause stops the very next one.
             self.factory.node_queue.check()
+
+    def ciphers_used(self) -> None:
+        # The node's sweep frees them again if the connection stays quiet (timeouts.py).
+        self.deadlines.used(self)
+
+    def release_idle(self) -> None:
+        self.release_ciphers()
 
     def heartbeat_received(self) -> None:
         if self.state is not ConnectionState.ESTABLISHED:
@@ -465,6 +479,9 @@ class ImServerProtocol(FrameProtocol, SweptTimeoutMixin):
         plaintext = bytes((LOGIN_RESULT,)) + result.SerializeToString()
         self.send_plaintext(accepted.reply_body(plaintext))
         self.start_encryption(accepted.sealer, accepted.opener)
+        # Freed at once, not at the next sweep: during a login storm the next
+        # handshake reuses the memory instead of each holding a context for a second.
+        self.release_ciphers()
 
     def refuse_at_edge(self, frame_type: int, message: ProtobufMessage, problem: str) -> None:
         """A frame with a number out of range: answered BAD_REQUEST, never dispatched.
@@ -578,6 +595,9 @@ class ImServerFactory(Factory):
         # senders are paused.
         self.node_queue = NodeQueue(
             clock, config.max_queued_bytes, self._established, config.max_pending_work
+        )
+        self.outbound_rules = OutboundRules(
+            config.outbound_budget, config.slow_reader_timeout, clock, self.node_queue
         )
         # Frames a read produces for any connection leave when the read ends.
         self.held_writes = HeldWrites()

@@ -35,9 +35,11 @@ from twisted.logger import Logger
 
 __all__ = [
     "NO_OUTBOUND_ACCOUNTING",
+    "BudgetOwner",
     "NodeQueue",
     "OutboundAccounting",
     "OutboundBudget",
+    "OutboundRules",
     "PausableSender",
 ]
 
@@ -279,28 +281,56 @@ class NodeQueue:
         )
 
 
+class BudgetOwner(Protocol):
+    """The connection an ``OutboundBudget`` reports to (the IM server protocol).
+
+    The budget holds its owner, not three bound methods of it: on a node holding tens
+    of thousands of idle connections those would cost about 0.2 KiB each.
+    """
+
+    def cut_slow_reader(self) -> None:
+        """Over the budget for ``slow_reader_timeout``: the connection is cut."""
+
+    def pull_notice(self) -> None:
+        """The queue drained after a live copy was refused: tell the client to pull."""
+
+    def behind(self, over: bool) -> None:
+        """The connection went over its budget (True) or is under it again (False)."""
+
+
+class OutboundRules:
+    """What every connection's budget of one node shares: the bound, the cut, the clock
+    and the node's queue (one object per node, so a connection holds one reference)."""
+
+    __slots__ = ("clock", "limit", "node", "slow_reader_timeout")
+
+    def __init__(
+        self, limit: int, slow_reader_timeout: float, clock: IReactorTime, node: NodeQueue
+    ) -> None:
+        self.limit = limit
+        self.slow_reader_timeout = slow_reader_timeout
+        self.clock = clock
+        self.node = node
+
+
 class OutboundBudget:
     """One connection's queued bytes against its budget, and the live-copy decision.
 
     ``over_budget`` starts when the queued bytes reach ``limit`` and ends only when
     the transport has sent everything (the one moment Twisted's consumer API reports).
-    ``behind`` is told both moments (the connection stops reading the client's
-    requests meanwhile: a client that does not read its answers cannot make the node
-    produce more). While over, ``slow_reader`` is called once ``slow_reader_timeout``
-    passes, and ``pull_notice`` once it drains if a live copy was refused meanwhile
-    (or a notice to pull was held back: it would only have queued behind the rest).
+    The owner's ``behind`` is told both moments (the connection stops reading the
+    client's requests meanwhile: a client that does not read its answers cannot make
+    the node produce more). While over, the owner's ``cut_slow_reader`` is called once
+    ``slow_reader_timeout`` passes, and its ``pull_notice`` once it drains if a live
+    copy was refused meanwhile (or a notice to pull was held back: it would only have
+    queued behind the rest).
     """
 
     __slots__ = (
-        "_behind",
-        "_clock",
         "_cut",
-        "_node",
-        "_pull_notice",
-        "_slow_reader",
-        "_slow_reader_timeout",
+        "_owner",
+        "_rules",
         "held_bytes",
-        "limit",
         "notice_owed",
         "over_since",
         "received",
@@ -310,23 +340,9 @@ class OutboundBudget:
 
     counting = True
 
-    def __init__(
-        self,
-        limit: int,
-        slow_reader_timeout: float,
-        clock: IReactorTime,
-        node: NodeQueue,
-        slow_reader: Callable[[], None],
-        pull_notice: Callable[[], None],
-        behind: Callable[[bool], None] = lambda over: None,
-    ) -> None:
-        self.limit = limit
-        self._behind = behind
-        self._slow_reader_timeout = slow_reader_timeout
-        self._clock = clock
-        self._node = node
-        self._slow_reader = slow_reader
-        self._pull_notice = pull_notice
+    def __init__(self, rules: OutboundRules, owner: BudgetOwner) -> None:
+        self._rules = rules
+        self._owner = owner
         self._cut: IDelayedCall | None = None
         self.held_bytes = 0
         self.transport_bytes = 0
@@ -355,7 +371,7 @@ class OutboundBudget:
         simply skipped: the message is in its conversation's timeline already, and the
         device catches up from its cursor when it pulls after the notice.
         """
-        if self.queued_bytes < self.limit:
+        if self.queued_bytes < self._rules.limit:
             return True
         self.notice_owed = True
         return False
@@ -375,7 +391,7 @@ class OutboundBudget:
 
     def released(self, size: int) -> None:
         self.held_bytes -= size
-        self._node.shrank(size)
+        self._rules.node.shrank(size)
         self._maybe_back_under()
 
     def queued(self, size: int) -> None:
@@ -385,13 +401,13 @@ class OutboundBudget:
     def drained(self) -> None:
         sent = self.transport_bytes
         self.transport_bytes = 0
-        self._node.shrank(sent)
+        self._rules.node.shrank(sent)
         self._maybe_back_under()
 
     def closed(self) -> None:
         """The connection is gone: its queued bytes no longer count for the node."""
         self._stop_timer()
-        self._node.shrank(self.queued_bytes)
+        self._rules.node.shrank(self.queued_bytes)
         self.held_bytes = self.transport_bytes = 0
 
     # --- the node's choice of senders to pause ----------------------------------------
@@ -406,27 +422,29 @@ class OutboundBudget:
     # ----------------------------------------------------------------------------------
 
     def _grew(self, size: int) -> None:
-        self._node.grew(size)
-        if self.over_since is None and self.queued_bytes >= self.limit:
-            self.over_since = self._clock.seconds()
-            self._cut = self._clock.callLater(self._slow_reader_timeout, self._too_slow)
-            self._behind(True)
+        rules = self._rules
+        rules.node.grew(size)
+        if self.over_since is None and self.queued_bytes >= rules.limit:
+            self.over_since = rules.clock.seconds()
+            self._cut = rules.clock.callLater(rules.slow_reader_timeout, self._too_slow)
+            self._owner.behind(True)
 
     def _maybe_back_under(self) -> None:
         # Bytes in the transport only ever leave all at once (the drain), so a
         # receiver that went over stays over until its transport is empty.
-        if self.over_since is None or self.queued_bytes >= self.limit:
+        if self.over_since is None or self.queued_bytes >= self._rules.limit:
             return
         self.over_since = None
         self._stop_timer()
-        self._behind(False)
+        owner = self._owner
+        owner.behind(False)
         if self.notice_owed:
             self.notice_owed = False
-            self._pull_notice()
+            owner.pull_notice()
 
     def _too_slow(self) -> None:
         self._cut = None
-        self._slow_reader()
+        self._owner.cut_slow_reader()
 
     def _stop_timer(self) -> None:
         cut = self._cut

@@ -24,6 +24,7 @@ from twisted.logger import Logger
 
 from cim.config import ImConfig, WsConfig
 from cim.interfaces import INodeRegistry, NodeInfo
+from cim.protocols.compact import CompactServer
 from cim.protocols.im import ImServerFactory
 from cim.reactor import ICimReactor
 from cim.services.tree import AsyncService, Listener, OrderedServices, backend_failure
@@ -61,7 +62,11 @@ class ImService(OrderedServices):
         super().__init__("im")
         self.factory = factory
         self.add(ClientDrain(factory, reactor, going_away))
-        self.listener = self.add(Listener("im", config.listen, reactor, factory))
+        # Tens of thousands of mostly idle connections: Twisted's TCP connection
+        # without the strings it formats for each up front (issue #20).
+        self.listener = self.add(
+            Listener("im", config.listen, reactor, factory, connections=CompactServer)
+        )
         self.ws_listener: Listener | None = None
         if ws_config is not None and ws_config.enabled:
             # Imported here: a node without the gateway does not load autobahn.

@@ -26,6 +26,7 @@ from typing import Any, Protocol, TypeVar, cast
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService, Service
+from twisted.internet import tcp
 from twisted.internet.defer import CancelledError, Deferred, maybeDeferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
@@ -274,8 +275,11 @@ class _ReportedEndpoint:
     the service sees no port (None), which it knows how to stop.
     """
 
-    def __init__(self, endpoint: IStreamServerEndpoint) -> None:
+    def __init__(
+        self, endpoint: IStreamServerEndpoint, connections: type[tcp.Server] | None = None
+    ) -> None:
         self._endpoint = endpoint
+        self._connections = connections
         self.port: IListeningPort | None = None
         self.outcome: Deferred[IListeningPort] = Deferred()
 
@@ -283,6 +287,9 @@ class _ReportedEndpoint:
         """Fires with the port, or with None (the outcome has the failure)."""
 
         def listening(port: IListeningPort) -> IListeningPort:
+            if self._connections is not None and isinstance(port, tcp.Port):
+                # Set before the reactor first accepts on it (listenTCP is synchronous).
+                port.transport = self._connections
             self.port = port
             self.outcome.callback(port)
             return port
@@ -299,19 +306,26 @@ class Listener(StreamServerEndpointService):
 
     ``description`` is the config's endpoint string (``tcp:5222:interface=...``);
     ``when_ready`` fires once the port listens, or fails with
-    ``[section] listen = '...': cannot listen: why``.
+    ``[section] listen = '...': cannot listen: why``. ``connections``, on a plain TCP
+    port, is the class its connections are made of (the IM port's
+    ``cim.protocols.compact.CompactServer``).
     """
 
     log = Logger()
 
     def __init__(
-        self, section: str, description: str, reactor: ICimReactor, factory: IProtocolFactory
+        self,
+        section: str,
+        description: str,
+        reactor: ICimReactor,
+        factory: IProtocolFactory,
+        connections: type[tcp.Server] | None = None,
     ) -> None:
         try:
             endpoint = serverFromString(reactor, description)
         except (ValueError, KeyError, TypeError, OSError) as exc:
             raise StartupError(f"[{section}] listen = {description!r}: {exc}") from None
-        self._reported = _ReportedEndpoint(endpoint)
+        self._reported = _ReportedEndpoint(endpoint, connections)
         super().__init__(self._reported, factory)
         self.name = f"{section} listener"
         self.section = section

@@ -12,7 +12,7 @@ from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
 from cim.protocols import cim_pb2
-from cim.protocols.outbound import HEAVY_SENDER_RATE, NodeQueue, OutboundBudget
+from cim.protocols.outbound import HEAVY_SENDER_RATE, NodeQueue, OutboundBudget, OutboundRules
 from cim.protocols.timeouts import NEVER
 from cim.services.stopping import BoundedStop
 from tests.fakes.node import ConnectedClient, NodeHarness
@@ -28,11 +28,29 @@ class Recorder:
         self.calls += 1
 
 
+class Owner:
+    """What a budget tells its connection, counted."""
+
+    def __init__(self) -> None:
+        self.cut = Recorder()
+        self.notice = Recorder()
+        self.behind_calls: list[bool] = []
+
+    def cut_slow_reader(self) -> None:
+        self.cut()
+
+    def pull_notice(self) -> None:
+        self.notice()
+
+    def behind(self, over: bool) -> None:
+        self.behind_calls.append(over)
+
+
 class FakeSender:
     """A connection as the node queue sees it."""
 
     def __init__(self, queue: NodeQueue, clock: Clock) -> None:
-        self.outbound = OutboundBudget(1 << 20, 30.0, clock, queue, Recorder(), Recorder())
+        self.outbound = OutboundBudget(OutboundRules(1 << 20, 30.0, clock, queue), Owner())
         self.paused = 0
         self.resumed = 0
 
@@ -47,9 +65,10 @@ class OutboundBudgetTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.clock = Clock()
         self.queue = NodeQueue(self.clock, 1 << 30, lambda: [])
-        self.cut = Recorder()
-        self.notice = Recorder()
-        self.budget = OutboundBudget(1000, 5.0, self.clock, self.queue, self.cut, self.notice)
+        self.owner = Owner()
+        self.cut = self.owner.cut
+        self.notice = self.owner.notice
+        self.budget = OutboundBudget(OutboundRules(1000, 5.0, self.clock, self.queue), self.owner)
 
     def test_under_its_budget_a_receiver_takes_live_copies(self) -> None:
         self.budget.queued(999)
@@ -94,6 +113,7 @@ class OutboundBudgetTests(SynchronousTestCase):
         self.clock.advance(10.0)
         self.assertEqual(self.cut.calls, 0)
         self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.assertEqual(self.owner.behind_calls, [True, False])
 
     def test_a_closed_connection_gives_its_bytes_back_to_the_node(self) -> None:
         self.budget.held(100)
@@ -110,7 +130,7 @@ class FramingAccountingTests(SynchronousTestCase):
         protocol = RecordingProtocol()
         clock = Clock()
         protocol.outbound = OutboundBudget(
-            8, 5.0, clock, NodeQueue(clock, 1 << 30, lambda: []), Recorder(), Recorder()
+            OutboundRules(8, 5.0, clock, NodeQueue(clock, 1 << 30, lambda: [])), Owner()
         )
         transport = StringTransport()
         protocol.makeConnection(transport)

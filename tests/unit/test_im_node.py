@@ -15,6 +15,12 @@ from tests.fakes.node import ConnectedClient, NodeHarness
 SUITES = (SUITE_CHACHA, SUITE_RC4)
 
 
+def holds_cipher_context(protocol: object) -> bool:
+    """Whether the node side of a chacha20-poly1305 connection holds an AEAD context."""
+    ciphers = (getattr(protocol, "_sealer", None), getattr(protocol, "_opener", None))
+    return any(getattr(cipher, "_aead", None) is not None for cipher in ciphers)
+
+
 def logged_in(client: ConnectedClient) -> cim_pb2.LoginResult:
     results: list[object] = []
     client.protocol.logged_in.addBoth(results.append)
@@ -505,6 +511,24 @@ class HeartbeatTests(SynchronousTestCase):
         # The client's heartbeat and the node's echo: 4 bytes each.
         self.assertEqual(alice.recorded[before:], [HEARTBEAT_FRAME, HEARTBEAT_FRAME])
 
+    def test_a_quiet_connection_frees_its_cipher_contexts_before_any_heartbeat(self) -> None:
+        # Issue #20: the ChaCha20-Poly1305 contexts (2.3 KiB each once used) go at the
+        # node's next sweep (at most a second), not at the first heartbeat (30 s); the
+        # LOGIN_RESULT's at once.
+        node = NodeHarness()
+        alice = node.connect("alice")
+        logged_in(alice)
+        self.assertFalse(holds_cipher_context(alice.server))
+        # The next frame rebuilds them and the stream goes on.
+        alice.protocol.send_frame(cim_pb2.DEVICES_R, cim_pb2.DevicesR(request_id=7))
+        alice.flush()
+        self.assertTrue(holds_cipher_context(alice.server))
+        [answer] = alice.events.of_type(cim_pb2.DEVICES_A)
+        self.assertEqual(answer.request_id, 7)
+        node.clock.advance(1.0)
+        self.assertFalse(holds_cipher_context(alice.server))
+        self.assertFalse(alice.server_transport.disconnecting)
+
     def test_live_connection_survives_many_intervals(self) -> None:
         node = NodeHarness("heartbeat_interval = 10\n")
         alice = node.connect("alice")
@@ -544,6 +568,25 @@ class HeartbeatTests(SynchronousTestCase):
         self.assertFalse(alice.client_transport.disconnecting)
         node.clock.advance(1)
         self.assertTrue(alice.client_transport.disconnecting)
+
+
+class IdleMemoryTests(SynchronousTestCase):
+    """What an idle connection holds (issue #20: at most 3 KiB each)."""
+
+    def test_an_established_connection_keeps_its_attributes_in_slots(self) -> None:
+        # Twisted's base classes give the protocol an instance dict; CPython 3.11 keeps
+        # it compact only up to 29 attributes a class, past which every connection
+        # pays about 1.3 KiB more. So every attribute has a slot and the dict is empty:
+        # an attribute added without one fails here, not in production's RSS.
+        node = NodeHarness()
+        alice = node.connect("alice")
+        logged_in(alice)
+        alice.protocol.send_frame(cim_pb2.DEVICES_R, cim_pb2.DevicesR(request_id=1))
+        alice.flush()
+        node.clock.advance(31)
+        alice.flush()
+        self.assertEqual(vars(alice.server), {})
+        self.assertFalse(hasattr(alice.server.outbound, "__dict__"))
 
 
 class DuplicateLoginTests(SynchronousTestCase):

@@ -77,3 +77,64 @@ class DeadlineTests(SynchronousTestCase):
         self.clock.pump([0.5, 0.5])
         self.assertEqual({conn.closed_at for conn in conns}, {1.0})
         self.assertEqual(len(self.sweeper), 0)
+
+
+class ReleasingConn(Conn):
+    """A connection with something to free when quiet (its cipher contexts)."""
+
+    def __init__(self, sweeper: DeadlineSweeper) -> None:
+        super().__init__(sweeper)
+        self.released_at: list[float] = []
+
+    def release_idle(self) -> None:
+        self.released_at.append(self.deadlines.clock.seconds())
+
+
+class ReleaseTests(SynchronousTestCase):
+    """The same sweep frees what quiet connections can rebuild (issue #20)."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.sweeper = DeadlineSweeper(self.clock, 0.5)
+
+    def test_a_used_connection_is_released_at_the_next_sweep(self) -> None:
+        conn = ReleasingConn(self.sweeper)
+        self.clock.advance(0.25)
+        self.sweeper.used(conn)
+        self.clock.advance(0.25)
+        self.assertEqual(conn.released_at, [])
+        self.clock.advance(0.25)
+        self.assertEqual(conn.released_at, [0.75])
+        # Nothing watched and nothing used: the timer stops.
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.clock.advance(5)
+        self.assertEqual(conn.released_at, [0.75])
+
+    def test_a_busy_connection_is_released_once_per_sweep_not_per_frame(self) -> None:
+        conn = ReleasingConn(self.sweeper)
+        conn.setTimeout(30)
+        for _ in range(16):
+            self.sweeper.used(conn)
+            conn.resetTimeout()
+            self.clock.advance(0.125)
+        self.assertEqual(conn.released_at, [0.5, 1.0, 1.5, 2.0])
+        self.assertIsNone(conn.closed_at)
+
+    def test_deadlines_and_releases_share_one_timer(self) -> None:
+        conns = [ReleasingConn(self.sweeper) for _ in range(50)]
+        for conn in conns:
+            conn.setTimeout(10)
+            self.sweeper.used(conn)
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1)
+        self.clock.advance(0.5)
+        self.assertEqual({len(conn.released_at) for conn in conns}, {1})
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1)
+
+    def test_a_connection_that_stops_its_timeout_is_still_released(self) -> None:
+        conn = ReleasingConn(self.sweeper)
+        conn.setTimeout(10)
+        self.sweeper.used(conn)
+        conn.setTimeout(None)  # reading held: the deadline waits, the release does not
+        self.clock.advance(0.5)
+        self.assertEqual(conn.released_at, [0.5])
+        self.assertEqual(self.clock.getDelayedCalls(), [])

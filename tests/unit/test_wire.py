@@ -10,6 +10,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
 from twisted.internet.testing import StringTransport
 from twisted.logger import capturedLogs
+from twisted.protocols.basic import Int32StringReceiver
 from twisted.test import iosim
 from twisted.trial import unittest
 
@@ -93,7 +94,9 @@ class FramingTests(unittest.TestCase):
 
     def test_max_length_is_per_instance(self) -> None:
         self.assertEqual(self.protocol.MAX_LENGTH, MAX_FRAME)
-        self.assertEqual(RecordingProtocol.MAX_LENGTH, 99999)
+        self.assertEqual(FrameProtocol(17).MAX_LENGTH, 17)
+        self.assertEqual(self.protocol.MAX_LENGTH, MAX_FRAME)
+        self.assertEqual(Int32StringReceiver.MAX_LENGTH, 99999)  # Twisted's default untouched
 
     def test_heartbeat_is_four_bytes_and_calls_the_hook(self) -> None:
         self.protocol.send_heartbeat()
