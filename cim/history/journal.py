@@ -115,6 +115,10 @@ _LOAD = object()
 _LOOKUP = object()
 
 
+def _run_now(work: Callable[[], object]) -> object:
+    return work()
+
+
 class Journal:
     """Numbering, the journal and the copy into SQLite; see the module."""
 
@@ -136,6 +140,8 @@ class Journal:
         self._window = dedup_window
         self._copy_batch = copy_batch
         self.counts = counts
+        self.answer_scope: Callable[[Callable[[], object]], object] = _run_now
+        """Runs the code that answers a turn's messages (``Timelines.answer_in``)."""
         self._copies: BatchWriter[_Copy] = BatchWriter(
             clock,
             lambda batch: db.run(copy_txn, [c.numbered for c in batch]),
@@ -342,10 +348,14 @@ class Journal:
             self._last.popitem(last=False)  # loaded again, after a settle, if needed
 
     def _write_turn(self) -> None:
-        """One write for the turn's records, then their promises."""
+        """One write for the turn's records, then their promises, inside
+        ``answer_scope`` so the frames they make leave in one send per connection."""
         if self._turn is not None and self._turn.active():
             self._turn.cancel()
         self._turn = None
+        self.answer_scope(self._write_and_promise)
+
+    def _write_and_promise(self) -> None:
         buffer, self._buffer = self._buffer, []
         resends, self._resends = self._resends, []
         if buffer:

@@ -133,6 +133,10 @@ class _Append:
     answer: Deferred[Appended] = field(default_factory=Deferred)
 
 
+def _run_now(work: Callable[[], object]) -> object:
+    return work()
+
+
 class Timelines:
     """The node's timelines: appends, cursor moves, catch-up and history reads."""
 
@@ -166,6 +170,7 @@ class Timelines:
             on_rejected=self._rejected,
             on_abandoned=self._abandoned,
         )
+        self._answer_scope: Callable[[Callable[[], object]], object] = _run_now
         self.journal: Journal | None = None
         if journal is not None:
             self.journal = Journal(
@@ -184,6 +189,15 @@ class Timelines:
         self._purge: LoopingCall | None = None
 
     # --- lifecycle --------------------------------------------------------------------
+
+    def answer_in(self, scope: Callable[[Callable[[], object]], object]) -> None:
+        """Answer appends (a batch's, a journal turn's) inside ``scope``: the IM
+        listener's ``HeldWrites.around``, so the msg:A, msg:N and ack:N frames that many
+        answers make for one connection leave in one send, as those made during a read
+        do (``cim.protocols.wire``)."""
+        self._answer_scope = scope
+        if self.journal is not None:
+            self.journal.answer_scope = scope
 
     def start(self) -> Deferred[None]:
         """Replay the journal (when there is one) before anything is taken."""
@@ -299,9 +313,12 @@ class Timelines:
         d = self._db.run(append_txn, [entry.message for entry in batch], since)
 
         def placed(where: dict[int, Appended]) -> int:
-            for entry in batch:
-                if not entry.answer.called:
-                    entry.answer.callback(where[entry.message.msg_id])
+            def answer() -> None:
+                for entry in batch:
+                    if not entry.answer.called:
+                        entry.answer.callback(where[entry.message.msg_id])
+
+            self._answer_scope(answer)
             return sum(1 for appended in where.values() if appended.new)
 
         return d.addCallback(placed)

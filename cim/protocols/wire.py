@@ -90,6 +90,22 @@ class HeldWrites:
         self.connections: list[FrameProtocol] = []
         """Connections holding frames until the outermost read ends."""
 
+    def around(self, work: Callable[[], object]) -> None:
+        """Run ``work`` as if it were a read: the frames it makes for a connection
+        leave in one send when it ends (or when the read it runs inside ends).
+
+        For work that answers many messages at once outside any read: the timelines'
+        answers (msg:A, msg:N and ack:N for a turn's or a batch's messages), which would
+        otherwise cost one send per frame.
+        """
+        self.depth += 1
+        try:
+            work()
+        finally:
+            self.depth -= 1
+            if not self.depth:
+                self.flush()
+
     def flush(self) -> None:
         connections = self.connections
         while connections:
