@@ -288,8 +288,13 @@ class Timelines:
         readers: tuple[tuple[str, str], ...] = ()
         if not message.group:
             # "@system" (cim.im.system) reads nothing: only people get a reader row.
-            pairs = ((sender, message.to), (message.to, sender))
-            readers = tuple(pair for pair in pairs if not pair[0].startswith("@"))
+            to = message.to
+            if sender[:1] == "@":
+                readers = () if to[:1] == "@" else ((to, sender),)
+            elif to[:1] == "@":
+                readers = ((sender, to),)
+            else:
+                readers = ((sender, to), (to, sender))
         sent_ms = message.sent_at_ms or 0
         new = NewMessage(
             conversation_of(message),
