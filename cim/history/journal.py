@@ -517,6 +517,11 @@ class Journal:
         async def run() -> T:
             self._paused += 1
             try:
+                # What this turn numbered is not yet journaled, so ``settled`` would
+                # not wait for it, and ``work`` would give its seq again in SQL (the
+                # copy then drops the promised message as already there).
+                if self._buffer:
+                    self._write_turn()
                 await self.settled()
                 return await work()
             finally:

@@ -314,6 +314,19 @@ class JournalTests(DatabaseMixin, TestCase):
         self.clock.advance(COPY_WAIT)
         self.assertEqual([seq for _, seq, _ in self.rows()], [1, 2, 3])
 
+    def test_a_change_does_not_take_the_seq_of_a_message_numbered_in_its_turn(self) -> None:
+        timelines = self.timelines()
+        self.append(timelines, 1)
+        self.clock.advance(COPY_WAIT)  # copied: the database is current
+        sent = timelines.append(message(2), "phone")  # numbered 2, journaled at the turn's end
+        asked = ChangeAsked("alice", "phone", 1, 1, "", 50, START, 3600.0, 3600.0)
+        made = timelines.change(asked)  # in the same turn
+        self.clock.advance(0)
+        self.assertEqual(self.ok(sent).seq, 2)
+        self.assertEqual(self.ok(made).appended.seq, 3)
+        self.clock.advance(COPY_WAIT)
+        self.assertEqual(self.rows(), [(AB, 1, 1), (AB, 2, 2), (AB, 3, 50)])
+
     def test_one_process_per_journal(self) -> None:
         self.timelines()
         second = Timelines(self.db, self.clock, TimelineSettings(), journal=self.directory)
