@@ -152,6 +152,10 @@ class Journal:
         self._last: OrderedDict[str, int] = OrderedDict()
         self._devices: OrderedDict[tuple[str, str], _Device] = OrderedDict()
         self._ids: OrderedDict[int, Appended] = OrderedDict()
+        self._unloaded: OrderedDict[tuple[str, str], int] = OrderedDict()
+        """The highest client sequence numbered for a device not loaded (a message
+        taken after the full lookup): its load may read the database before that
+        message's copy, and must not come back lower (the resend would look new)."""
         self._id_floor = 0
         self._queues: dict[str, deque[_Taken]] = {}
         self._loading: set[object] = set()
@@ -329,11 +333,16 @@ class Journal:
             forgotten, _ = self._ids.popitem(last=False)
             self._id_floor = max(self._id_floor, forgotten)
         device = self._devices.get((m.sender, m.sender_device)) if m.client_seq else None
-        if device is not None:  # one not loaded (looked up by id) loads after a settle
+        if device is not None:
             device.high = max(device.high, m.client_seq)
             device.recent[m.client_seq] = (appended, m.sent_at)
             if len(device.recent) > RECENT_PER_DEVICE:
                 device.recent.popitem(last=False)
+        elif m.client_seq:  # looked up by id, the device not loaded: its load takes this
+            key = (m.sender, m.sender_device)
+            self._unloaded[key] = max(self._unloaded.pop(key, 0), m.client_seq)
+            while len(self._unloaded) > DEVICES_KEPT:
+                self._unloaded.popitem(last=False)
         numbered = Numbered(seq, m)
         self._buffer.append((taken, numbered, encode(numbered)))
         if self._turn is None:
@@ -410,6 +419,7 @@ class Journal:
     async def _load_device(self, key: object) -> None:
         assert isinstance(key, tuple)
         high = await self._db.run(device_high_txn, key[0], key[1])
+        high = max(high, self._unloaded.pop(key, 0))
         self._devices.setdefault(key, _Device(high))
         while len(self._devices) > DEVICES_KEPT:
             self._devices.popitem(last=False)

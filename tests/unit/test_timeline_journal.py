@@ -247,6 +247,22 @@ class JournalTests(DatabaseMixin, TestCase):
         self.assertEqual((got.seq, got.new), (2, True))
         self.assertEqual(timelines.counts["looked_up"], 1)
 
+    def test_a_device_loaded_in_the_turn_of_its_message_still_finds_the_resend(self) -> None:
+        first = self.timelines()
+        self.append(first, 5, client_seq=100)
+        self.kill(first)
+        second = self.timelines()
+        # Looked up (an id below the highest stored one), then numbered: carol's device
+        # is not loaded by that, and its message is not journaled before the turn ends.
+        sent = second.append(message(3, sender="carol", client_seq=700), "phone")
+        # The same turn: a message of the device with a lower client sequence loads it.
+        other = second.append(message(6, sender="carol", to="dave", client_seq=600), "phone")
+        self.clock.advance(0)
+        self.assertEqual([self.ok(d).new for d in (sent, other)], [True, True])
+        # The first resent under a new id (its receipt was lost): the same message.
+        again = self.append(second, 9, sender="carol", client_seq=700)
+        self.assertEqual((again.msg_id, again.new), (3, False))
+
     def test_a_resend_past_the_window_is_taken_again(self) -> None:
         timelines = self.timelines(dedup_window=60)
         self.append(timelines, 1, client_seq=100)
