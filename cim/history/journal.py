@@ -389,7 +389,7 @@ class Journal:
             if device is not None:
                 device.recent.pop(m.client_seq, None)
             taken.answer.errback(TimelineUnavailable(f"the journal cannot be written: {error}"))
-        if not self._files.files:
+        if not self._files.writable:
             self.broken = True
 
     # --- loading ----------------------------------------------------------------------

@@ -270,6 +270,57 @@ class JournalTests(DatabaseMixin, TestCase):
         got = self.append(timelines, 2, client_seq=100)
         self.assertEqual((got.seq, got.new), (2, True))
 
+    def test_a_failed_write_whose_new_file_cannot_be_made_promises_nothing_wrong(self) -> None:
+        timelines = self.timelines()
+        self.append(timelines, 1)
+        real_write, real_open = os.write, os.open
+
+        def full(*args: Any) -> Any:
+            raise OSError(28, "No space left on device")
+
+        self.patch(os, "write", full)
+        self.patch(os, "open", full)  # nor can the next file be made
+        d = timelines.append(message(2), "phone")
+        self.clock.advance(0)
+        self.failureResultOf(d, TimelineUnavailable)
+        self.patch(os, "write", real_write)
+        self.patch(os, "open", real_open)
+        # The disk has room again: message 2 resent is taken (not answered as a message
+        # appended before), and what is promised reaches the database.
+        again = timelines.append(message(2), "phone")
+        self.clock.advance(0)
+        taken = self.ok(again)
+        self.assertEqual((taken.seq, taken.new), (2, True))
+        self.clock.advance(COPY_WAIT)
+        self.assertEqual(self.rows(), [(AB, 1, 1), (AB, 2, 2)])
+
+    def test_a_torn_write_that_cannot_be_cut_back_is_not_written_after(self) -> None:
+        timelines = self.timelines()
+        self.append(timelines, 1)
+        real_write, real_ftruncate = os.write, os.ftruncate
+        writes: list[int] = []
+
+        def torn(fd: int, data: Any) -> int:
+            if writes:
+                raise OSError(5, "Input/output error")
+            writes.append(fd)
+            return real_write(fd, bytes(data[:10]))  # part of a record, then the error
+
+        def refused(*args: Any) -> None:
+            raise OSError(5, "Input/output error")
+
+        self.patch(os, "write", torn)
+        self.patch(os, "ftruncate", refused)
+        d = timelines.append(message(2), "phone")
+        self.clock.advance(0)
+        self.failureResultOf(d, TimelineUnavailable)
+        self.patch(os, "write", real_write)
+        self.patch(os, "ftruncate", real_ftruncate)
+        self.assertEqual(self.append(timelines, 3).seq, 2)  # promised, not yet copied
+        self.kill(timelines)
+        self.timelines()
+        self.assertEqual(self.rows(), [(AB, 1, 1), (AB, 2, 3)])
+
     # --- checkpoints --------------------------------------------------------------------
 
     def test_files_roll_and_go_once_copied(self) -> None:
