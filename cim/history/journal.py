@@ -55,6 +55,7 @@ from cim.storage.timeline_journal import (
     found_again_txn,
     highest_id_txn,
     last_seq_txn,
+    replay_txn,
 )
 
 __all__ = ["COPY_BATCH", "COPY_WAIT", "Journal", "TimelineUnavailable", "journal_directory"]
@@ -197,10 +198,10 @@ class Journal:
         for record in self._files.recover():
             chunk.append(record)
             if len(chunk) >= COPY_BATCH:
-                replayed += await self._db.run(copy_txn, chunk)
+                replayed += await self._db.run(replay_txn, chunk)
                 chunk = []
         if chunk:
-            replayed += await self._db.run(copy_txn, chunk)
+            replayed += await self._db.run(replay_txn, chunk)
         if replayed:
             _log.info("timeline: replayed {count} journaled messages", count=replayed)
         self.counts["replayed"] += replayed

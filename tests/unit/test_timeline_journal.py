@@ -24,7 +24,7 @@ from cim.history.journal_file import encode, read_records
 from cim.history.timeline import Timelines, TimelineSettings, TimelineUnavailable
 from cim.storage.changes import ChangeAsked
 from cim.storage.schema import conversations, timeline, user_conversations
-from cim.storage.timeline import Appended
+from cim.storage.timeline import Appended, forget_user
 from cim.storage.timeline_journal import Numbered
 from tests.unit.test_groups import USERS, add_users_txn
 from tests.unit.test_timeline import AB, GROUP, START, DatabaseMixin, message, new
@@ -183,6 +183,22 @@ class JournalTests(DatabaseMixin, TestCase):
         self.kill(first)
         self.timelines()
         self.assertEqual(self.rows(), [(AB, 1, 1), (AB, 2, 2)])
+
+    def test_a_replay_does_not_bring_back_what_was_deleted_after_its_copy(self) -> None:
+        first = self.timelines()
+        for n in (1, 2):
+            self.append(first, n)
+        self.clock.advance(COPY_WAIT)  # copied; the journal file is still the one written
+        self.txn(forget_user, "bob")  # an account deleted (the retention purge alike)
+        self.assertEqual(self.rows(), [])
+        self.append(first, 3)  # promised after, not yet copied
+        self.kill(first)
+        self.timelines()
+        self.assertEqual(self.rows(), [(AB, 3, 3)])
+        readers = self.txn(
+            lambda c: list(c.execute(select(user_conversations.c.user_name)).scalars())
+        )
+        self.assertEqual(readers, ["alice"])  # bob's reader row stays deleted
 
     def test_a_torn_tail_is_dropped(self) -> None:
         whole = encode(Numbered(1, new(message(1))))
