@@ -18,6 +18,7 @@ for the commit it stands in for (docs/reliability.md).
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import struct
@@ -189,8 +190,10 @@ class JournalFiles:
     def write(self, data: bytes, records: int) -> int:
         """Append ``records`` framed records in one write; returns the generation of the
         file they are in (``committed`` is told it back)."""
-        if self._files[-1].fd is None or self._files[-1].size >= self.roll_bytes:
-            self._roll()  # a file that could not be cut back is not written again
+        if self._files[-1].fd is None:
+            raise OSError(errno.EIO, "the journal file could not be cut back after a failure")
+        if self._files[-1].size >= self.roll_bytes:
+            self._roll()
         current = self._files[-1]
         assert current.fd is not None
         view = memoryview(data)
@@ -200,16 +203,18 @@ class JournalFiles:
                 view = view[written:]
         except OSError:
             # Nothing of a failed write may stay: its records were never promised.
-            # Cut the file back and go on in a new one. A file that cannot be cut back
-            # is closed for good (records after its torn tail would not be read back);
-            # then, with no new file either, the journal cannot be written and the
-            # caller stops taking messages (``writable``).
+            # Cut the file back and go on in a new one (or in this one, if no new one
+            # can be made). A file that cannot be cut back may keep whole records of
+            # the failed write, which the next start would copy, and a torn one, after
+            # which nothing would be read back: the journal is not written again
+            # (``writable``), and the caller stops taking messages, so that no seq
+            # given back is given again before that start.
             try:
                 os.ftruncate(current.fd, current.size)
             except OSError:
                 os.close(current.fd)
                 current.fd = None
-            # Still in the file cut back, or in none: ``writable`` says which.
+                raise
             with contextlib.suppress(OSError):
                 self._roll()
             raise
