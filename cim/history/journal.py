@@ -55,6 +55,7 @@ from cim.storage.timeline_journal import (
     found_again_txn,
     highest_id_txn,
     last_seq_txn,
+    replay_txn,
 )
 
 __all__ = ["COPY_BATCH", "COPY_WAIT", "Journal", "TimelineUnavailable", "journal_directory"]
@@ -158,6 +159,10 @@ class Journal:
         self._last: OrderedDict[str, int] = OrderedDict()
         self._devices: OrderedDict[tuple[str, str], _Device] = OrderedDict()
         self._ids: OrderedDict[int, Appended] = OrderedDict()
+        self._unloaded: OrderedDict[tuple[str, str], int] = OrderedDict()
+        """The highest client sequence numbered for a device not loaded (a message
+        taken after the full lookup): its load may read the database before that
+        message's copy, and must not come back lower (the resend would look new)."""
         self._id_floor = 0
         self._queues: dict[str, deque[_Taken]] = {}
         self._loading: set[object] = set()
@@ -199,10 +204,10 @@ class Journal:
         for record in self._files.recover():
             chunk.append(record)
             if len(chunk) >= COPY_BATCH:
-                replayed += await self._db.run(copy_txn, chunk)
+                replayed += await self._db.run(replay_txn, chunk)
                 chunk = []
         if chunk:
-            replayed += await self._db.run(copy_txn, chunk)
+            replayed += await self._db.run(replay_txn, chunk)
         if replayed:
             _log.info("timeline: replayed {count} journaled messages", count=replayed)
         self.counts["replayed"] += replayed
@@ -335,11 +340,16 @@ class Journal:
             forgotten, _ = self._ids.popitem(last=False)
             self._id_floor = max(self._id_floor, forgotten)
         device = self._devices.get((m.sender, m.sender_device)) if m.client_seq else None
-        if device is not None:  # one not loaded (looked up by id) loads after a settle
+        if device is not None:
             device.high = max(device.high, m.client_seq)
             device.recent[m.client_seq] = (appended, m.sent_at)
             if len(device.recent) > RECENT_PER_DEVICE:
                 device.recent.popitem(last=False)
+        elif m.client_seq:  # looked up by id, the device not loaded: its load takes this
+            key = (m.sender, m.sender_device)
+            self._unloaded[key] = max(self._unloaded.pop(key, 0), m.client_seq)
+            while len(self._unloaded) > DEVICES_KEPT:
+                self._unloaded.popitem(last=False)
         numbered = Numbered(seq, m)
         self._buffer.append((taken, numbered, encode(numbered)))
         if self._turn is None:
@@ -390,7 +400,7 @@ class Journal:
             if device is not None:
                 device.recent.pop(m.client_seq, None)
             taken.answer.errback(TimelineUnavailable(f"the journal cannot be written: {error}"))
-        if not self._files.files:
+        if not self._files.writable:
             self.broken = True
 
     # --- loading ----------------------------------------------------------------------
@@ -420,6 +430,7 @@ class Journal:
     async def _load_device(self, key: object) -> None:
         assert isinstance(key, tuple)
         high = await self._db.run(device_high_txn, key[0], key[1])
+        high = max(high, self._unloaded.pop(key, 0))
         self._devices.setdefault(key, _Device(high))
         while len(self._devices) > DEVICES_KEPT:
             self._devices.popitem(last=False)
@@ -527,6 +538,11 @@ class Journal:
         async def run() -> T:
             self._paused += 1
             try:
+                # What this turn numbered is not yet journaled, so ``settled`` would
+                # not wait for it, and ``work`` would give its seq again in SQL (the
+                # copy then drops the promised message as already there).
+                if self._buffer:
+                    self._write_turn()
                 await self.settled()
                 return await work()
             finally:

@@ -17,6 +17,8 @@ for the commit it stands in for (docs/reliability.md).
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import fcntl
 import os
 import struct
@@ -188,6 +190,8 @@ class JournalFiles:
     def write(self, data: bytes, records: int) -> int:
         """Append ``records`` framed records in one write; returns the generation of the
         file they are in (``committed`` is told it back)."""
+        if self._files[-1].fd is None:
+            raise OSError(errno.EIO, "the journal file could not be cut back after a failure")
         if self._files[-1].size >= self.roll_bytes:
             self._roll()
         current = self._files[-1]
@@ -199,10 +203,20 @@ class JournalFiles:
                 view = view[written:]
         except OSError:
             # Nothing of a failed write may stay: its records were never promised.
-            # Cut the file back and go on in a new one; if even that fails, the
-            # journal cannot be trusted and the caller stops taking messages.
-            os.ftruncate(current.fd, current.size)
-            self._roll()
+            # Cut the file back and go on in a new one (or in this one, if no new one
+            # can be made). A file that cannot be cut back may keep whole records of
+            # the failed write, which the next start would copy, and a torn one, after
+            # which nothing would be read back: the journal is not written again
+            # (``writable``), and the caller stops taking messages, so that no seq
+            # given back is given again before that start.
+            try:
+                os.ftruncate(current.fd, current.size)
+            except OSError:
+                os.close(current.fd)
+                current.fd = None
+                raise
+            with contextlib.suppress(OSError):
+                self._roll()
             raise
         current.size += len(data)
         current.unwritten += records
@@ -220,15 +234,21 @@ class JournalFiles:
             os.unlink(f.path)
 
     def _roll(self) -> None:
-        """Go on in a new file: the old one is deleted once its records are written."""
+        """Go on in a new file: the old one is deleted once its records are written.
+        The new file is made first: if it cannot be, the old one stays the one written."""
         current = self._files[-1]
-        assert current.fd is not None
-        os.close(current.fd)
-        current.fd = None
         self._start_file(current.generation + 1)
+        if current.fd is not None:
+            os.close(current.fd)
+            current.fd = None
         if current.unwritten <= 0:
             self._files.remove(current)
             os.unlink(current.path)
+
+    @property
+    def writable(self) -> bool:
+        """Whether a write has a file to go to."""
+        return bool(self._files) and self._files[-1].fd is not None
 
     @property
     def files(self) -> int:

@@ -30,6 +30,7 @@ __all__ = [
     "found_again_txn",
     "highest_id_txn",
     "last_seq_txn",
+    "replay_txn",
 ]
 
 
@@ -111,6 +112,26 @@ def copy_txn(connection: Connection, batch: Sequence[Numbered]) -> int:
             list(readers.values()),
         )
     return len(rows)
+
+
+def replay_txn(connection: Connection, batch: Sequence[Numbered]) -> int:
+    """Write what an earlier run journaled and may not have copied; returns how many
+    were written. A record at or below its conversation's ``last_seq`` was copied
+    already (copies commit in journal order, and ``copy_txn`` raises ``last_seq`` in
+    the same transaction), and may have been deleted since (an account deleted, the
+    retention purge): it is not written again."""
+    keys = sorted({item.message.conversation for item in batch})
+    last: dict[str, int] = {}
+    for start in range(0, len(keys), 500):
+        part = keys[start : start + 500]
+        rows = connection.execute(
+            select(conversations.c.key, conversations.c.last_seq).where(
+                conversations.c.key.in_(part)
+            )
+        )
+        last.update((str(key), int(seq)) for key, seq in rows)
+    fresh = [item for item in batch if item.seq > last.get(item.message.conversation, 0)]
+    return copy_txn(connection, fresh)
 
 
 def last_seq_txn(connection: Connection, conversation: str) -> int:

@@ -24,7 +24,7 @@ from cim.history.journal_file import encode, read_records
 from cim.history.timeline import Timelines, TimelineSettings, TimelineUnavailable
 from cim.storage.changes import ChangeAsked
 from cim.storage.schema import conversations, timeline, user_conversations
-from cim.storage.timeline import Appended
+from cim.storage.timeline import Appended, forget_user
 from cim.storage.timeline_journal import Numbered
 from tests.unit.test_groups import USERS, add_users_txn
 from tests.unit.test_timeline import AB, GROUP, START, DatabaseMixin, message, new
@@ -184,6 +184,22 @@ class JournalTests(DatabaseMixin, TestCase):
         self.timelines()
         self.assertEqual(self.rows(), [(AB, 1, 1), (AB, 2, 2)])
 
+    def test_a_replay_does_not_bring_back_what_was_deleted_after_its_copy(self) -> None:
+        first = self.timelines()
+        for n in (1, 2):
+            self.append(first, n)
+        self.clock.advance(COPY_WAIT)  # copied; the journal file is still the one written
+        self.txn(forget_user, "bob")  # an account deleted (the retention purge alike)
+        self.assertEqual(self.rows(), [])
+        self.append(first, 3)  # promised after, not yet copied
+        self.kill(first)
+        self.timelines()
+        self.assertEqual(self.rows(), [(AB, 3, 3)])
+        readers = self.txn(
+            lambda c: list(c.execute(select(user_conversations.c.user_name)).scalars())
+        )
+        self.assertEqual(readers, ["alice"])  # bob's reader row stays deleted
+
     def test_a_torn_tail_is_dropped(self) -> None:
         whole = encode(Numbered(1, new(message(1))))
         torn = encode(Numbered(2, new(message(2))))[:-3]
@@ -247,12 +263,83 @@ class JournalTests(DatabaseMixin, TestCase):
         self.assertEqual((got.seq, got.new), (2, True))
         self.assertEqual(timelines.counts["looked_up"], 1)
 
+    def test_a_device_loaded_in_the_turn_of_its_message_still_finds_the_resend(self) -> None:
+        first = self.timelines()
+        self.append(first, 5, client_seq=100)
+        self.kill(first)
+        second = self.timelines()
+        # Looked up (an id below the highest stored one), then numbered: carol's device
+        # is not loaded by that, and its message is not journaled before the turn ends.
+        sent = second.append(message(3, sender="carol", client_seq=700), "phone")
+        # The same turn: a message of the device with a lower client sequence loads it.
+        other = second.append(message(6, sender="carol", to="dave", client_seq=600), "phone")
+        self.clock.advance(0)
+        self.assertEqual([self.ok(d).new for d in (sent, other)], [True, True])
+        # The first resent under a new id (its receipt was lost): the same message.
+        again = self.append(second, 9, sender="carol", client_seq=700)
+        self.assertEqual((again.msg_id, again.new), (3, False))
+
     def test_a_resend_past_the_window_is_taken_again(self) -> None:
         timelines = self.timelines(dedup_window=60)
         self.append(timelines, 1, client_seq=100)
         self.clock.advance(61)
         got = self.append(timelines, 2, client_seq=100)
         self.assertEqual((got.seq, got.new), (2, True))
+
+    def test_a_failed_write_whose_new_file_cannot_be_made_promises_nothing_wrong(self) -> None:
+        timelines = self.timelines()
+        self.append(timelines, 1)
+        real_write, real_open = os.write, os.open
+
+        def full(*args: Any) -> Any:
+            raise OSError(28, "No space left on device")
+
+        self.patch(os, "write", full)
+        self.patch(os, "open", full)  # nor can the next file be made
+        d = timelines.append(message(2), "phone")
+        self.clock.advance(0)
+        self.failureResultOf(d, TimelineUnavailable)
+        self.patch(os, "write", real_write)
+        self.patch(os, "open", real_open)
+        # The disk has room again: message 2 resent is taken (not answered as a message
+        # appended before), and what is promised reaches the database.
+        again = timelines.append(message(2), "phone")
+        self.clock.advance(0)
+        taken = self.ok(again)
+        self.assertEqual((taken.seq, taken.new), (2, True))
+        self.clock.advance(COPY_WAIT)
+        self.assertEqual(self.rows(), [(AB, 1, 1), (AB, 2, 2)])
+
+    def test_a_torn_write_that_cannot_be_cut_back_is_not_written_after(self) -> None:
+        timelines = self.timelines()
+        self.append(timelines, 1)
+        real_write, real_ftruncate = os.write, os.ftruncate
+        writes: list[int] = []
+
+        def torn(fd: int, data: Any) -> int:
+            if writes:
+                raise OSError(5, "Input/output error")
+            writes.append(fd)
+            return real_write(fd, bytes(data[:10]))  # part of a record, then the error
+
+        def refused(*args: Any) -> None:
+            raise OSError(5, "Input/output error")
+
+        self.patch(os, "write", torn)
+        self.patch(os, "ftruncate", refused)
+        d = timelines.append(message(2), "phone")
+        self.clock.advance(0)
+        self.failureResultOf(d, TimelineUnavailable)
+        self.patch(os, "write", real_write)
+        self.patch(os, "ftruncate", real_ftruncate)
+        # Nothing more is taken: seq 2 must not be given before the next start, which
+        # copies whatever of the failed write stayed whole.
+        self.failureResultOf(timelines.append(message(3), "phone"), TimelineUnavailable)
+        self.assertGreater(timelines.behind(), 0)
+        self.kill(timelines)
+        second = self.timelines()
+        self.assertEqual(self.rows(), [(AB, 1, 1)])  # the torn record is dropped
+        self.assertEqual(self.append(second, 3).seq, 2)
 
     # --- checkpoints --------------------------------------------------------------------
 
@@ -313,6 +400,19 @@ class JournalTests(DatabaseMixin, TestCase):
         self.assertEqual(self.append(timelines, 3).seq, 3)
         self.clock.advance(COPY_WAIT)
         self.assertEqual([seq for _, seq, _ in self.rows()], [1, 2, 3])
+
+    def test_a_change_does_not_take_the_seq_of_a_message_numbered_in_its_turn(self) -> None:
+        timelines = self.timelines()
+        self.append(timelines, 1)
+        self.clock.advance(COPY_WAIT)  # copied: the database is current
+        sent = timelines.append(message(2), "phone")  # numbered 2, journaled at the turn's end
+        asked = ChangeAsked("alice", "phone", 1, 1, "", 50, START, 3600.0, 3600.0)
+        made = timelines.change(asked)  # in the same turn
+        self.clock.advance(0)
+        self.assertEqual(self.ok(sent).seq, 2)
+        self.assertEqual(self.ok(made).appended.seq, 3)
+        self.clock.advance(COPY_WAIT)
+        self.assertEqual(self.rows(), [(AB, 1, 1), (AB, 2, 2), (AB, 3, 50)])
 
     def test_one_process_per_journal(self) -> None:
         self.timelines()
