@@ -68,8 +68,14 @@ COPY_WAIT = 0.03
 """Seconds a record waits for others before its copy is written (a read does not)."""
 CONVERSATIONS_KEPT = 200_000
 DEVICES_KEPT = 50_000
-IDS_KEPT = 100_000
-RECENT_PER_DEVICE = 32
+IDS_KEPT = 10_000
+"""Recent message ids answered from memory. New ids only grow, so a new message never
+needs this; only a resend of an older id is looked up in the database (rare: a resend
+carries its client sequence, found in the device's recent ones first). Kept small so
+a busy node's memory does not grow with its traffic (figure 7, churn)."""
+RECENT_PER_DEVICE = 8
+"""Client sequences per device answered from memory: about a sending window; an
+older resend is looked up in the database. 50,000 devices hold about 20 MB."""
 RETRY = Backoff(0.2, 10.0)
 
 _log = Logger(namespace="cim.timeline")
