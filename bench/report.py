@@ -408,7 +408,7 @@ def markdown(results: dict[str, Any], analysis: str) -> str:
         "# a daemon from another checkout (a hot-path change), same generator:\n"
         ".venv/bin/python -m bench.run --quick --source /path/to/other/checkout\n```\n"
     )
-    add("## Figures against the targets of issue 6\n")
+    add("## Figures against the targets (issues 6 and 20)\n")
     add(
         _md_table(
             ["figure", "measured", "target", "verdict"],
@@ -744,7 +744,6 @@ def _external_rows(results: dict[str, Any]) -> list[Row]:
                 "",
             )
         )
-    out.extend(_steady_rows(results))
     loads = one.get("throughput", []) + one.get("latency", [])
     if loads:
         bad = [row for row in loads if not row["totals"]["consistent"]]
