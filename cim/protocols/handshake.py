@@ -277,29 +277,15 @@ def accept_client_hello(
         raise _bad_hello(f"the key material secret must be {SECRET_SIZE} bytes")
     if not material.token or len(material.token) > MAX_TOKEN_LENGTH:
         raise _bad_hello(f"the token must be 1 to {MAX_TOKEN_LENGTH} characters")
-    server_nonce = random_bytes(NONCE_SIZE)
-    if len(server_nonce) != NONCE_SIZE:
-        raise ValueError("random_bytes returned the wrong number of bytes")
-    sealer, opener = session_ciphers(
-        hello.suite,
-        material.secret,
-        hello.client_nonce,
-        server_nonce,
-        node_key.fingerprint,
+    return _accepted(
+        hello,
         offered,
-        "node",
-    )
-    return ClientHelloAccepted(
-        suite=hello.suite,
+        node_key,
+        random_bytes,
+        secret=material.secret,
         token=material.token,
         device=material.device,
         timestamp_ms=material.timestamp_ms,
-        client_nonce=hello.client_nonce,
-        server_nonce=server_nonce,
-        sealer=sealer,
-        opener=opener,
-        session_secret=material.secret,
-        fingerprint=node_key.fingerprint,
     )
 
 
@@ -338,30 +324,51 @@ def _accept_resumption(
         raise _resume_refused("the resumption ticket expired")
     if not hmac.compare_digest(opened.device.encode("utf-8"), hello.resume_device.encode("utf-8")):
         raise _resume_refused("the resumption ticket was issued to another device")
+    return _accepted(
+        hello,
+        offered,
+        node_key,
+        random_bytes,
+        secret=opened.secret,
+        token="",
+        device=opened.device,
+        timestamp_ms=0,
+        ticket=opened,
+    )
+
+
+def _accepted(
+    hello: cim_pb2.ClientHello,
+    offered: Sequence[str],
+    node_key: NodeKey,
+    random_bytes: Callable[[int], bytes],
+    *,
+    secret: bytes,
+    token: str,
+    device: str,
+    timestamp_ms: int,
+    ticket: OpenedTicket | None = None,
+) -> ClientHelloAccepted:
+    """The node's nonce and the session's ciphers, one way for a full and a resumed hello
+    (only the secret differs: the key material's, or the ticket's resumption secret)."""
     server_nonce = random_bytes(NONCE_SIZE)
     if len(server_nonce) != NONCE_SIZE:
         raise ValueError("random_bytes returned the wrong number of bytes")
     sealer, opener = session_ciphers(
-        hello.suite,
-        opened.secret,
-        hello.client_nonce,
-        server_nonce,
-        node_key.fingerprint,
-        offered,
-        "node",
+        hello.suite, secret, hello.client_nonce, server_nonce, node_key.fingerprint, offered, "node"
     )
     return ClientHelloAccepted(
         suite=hello.suite,
-        token="",
-        device=opened.device,
-        timestamp_ms=0,
+        token=token,
+        device=device,
+        timestamp_ms=timestamp_ms,
         client_nonce=hello.client_nonce,
         server_nonce=server_nonce,
         sealer=sealer,
         opener=opener,
-        session_secret=opened.secret,
+        session_secret=secret,
         fingerprint=node_key.fingerprint,
-        ticket=opened,
+        ticket=ticket,
     )
 
 

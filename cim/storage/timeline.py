@@ -35,6 +35,7 @@ from cim.storage.schema import conversations, cursors, timeline, user_conversati
 
 __all__ = [
     "ENROLMENT_MARK",
+    "TIMELINE_COLUMNS",
     "Appended",
     "ConversationState",
     "CursorMove",
@@ -164,7 +165,7 @@ def _any_of(columns: Sequence[Any], keys: Iterable[Sequence[Any]]) -> ColumnElem
 # --- appending ------------------------------------------------------------------------
 
 
-_COLUMNS = (
+TIMELINE_COLUMNS = (
     "conversation",
     "seq",
     "msg_id",
@@ -175,6 +176,8 @@ _COLUMNS = (
     "payload",
     "size",
 )
+"""The timeline's columns in the order both inserts write them (append_txn here, the
+journal's copy in cim.storage.timeline_journal)."""
 
 
 @functools.lru_cache(maxsize=256)
@@ -182,8 +185,8 @@ def _insert_sql(paramstyle: str, rows: int = 1) -> str:
     """INSERT INTO timeline of ``rows`` rows in the driver's own placeholders (sqlite3:
     ``?``, psycopg2: ``%s``)."""
     mark = "?" if paramstyle == "qmark" else "%s"
-    row = f"({', '.join(mark for _ in _COLUMNS)})"
-    return f"INSERT INTO timeline ({', '.join(_COLUMNS)}) VALUES {', '.join([row] * rows)}"
+    row = f"({', '.join(mark for _ in TIMELINE_COLUMNS)})"
+    return f"INSERT INTO timeline ({', '.join(TIMELINE_COLUMNS)}) VALUES {', '.join([row] * rows)}"
 
 
 _ROWS_PER_INSERT = 100

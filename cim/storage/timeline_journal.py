@@ -21,7 +21,7 @@ from sqlalchemy import func, select
 from sqlalchemy.engine import Connection
 
 from cim.storage.schema import conversations, timeline, user_conversations
-from cim.storage.timeline import Appended, NewMessage, _found_again, _insert
+from cim.storage.timeline import TIMELINE_COLUMNS, Appended, NewMessage, _found_again, _insert
 
 __all__ = [
     "Numbered",
@@ -42,27 +42,14 @@ class Numbered:
     message: NewMessage
 
 
-_COLUMNS = (
-    "conversation",
-    "seq",
-    "msg_id",
-    "sender",
-    "sender_device",
-    "client_seq",
-    "sent_at",
-    "payload",
-    "size",
-)
-
-
 @functools.lru_cache(maxsize=8)
 def _copy_sql(paramstyle: str) -> str:
     """The rows as they are, skipped when already there (a replay): ``ON CONFLICT DO
     NOTHING`` without a target covers the key and the unique id alike."""
     mark = "?" if paramstyle == "qmark" else "%s"
     return (
-        f"INSERT INTO timeline ({', '.join(_COLUMNS)}) "
-        f"VALUES ({', '.join(mark for _ in _COLUMNS)}) ON CONFLICT DO NOTHING"
+        f"INSERT INTO timeline ({', '.join(TIMELINE_COLUMNS)}) "
+        f"VALUES ({', '.join(mark for _ in TIMELINE_COLUMNS)}) ON CONFLICT DO NOTHING"
     )
 
 
