@@ -30,7 +30,7 @@ from twisted.python.failure import Failure
 
 from cim.config import WsConfig
 from cim.http.cors import OriginPolicy
-from cim.protocols.im import ImServerFactory
+from cim.protocols.im_listener import ImServerFactory
 from cim.protocols.websocket import FramesOverMessages, MessageTransport
 
 __all__ = ["CLOSE_HANDSHAKE_TIMEOUT", "ClockTimer", "GatewayFactory", "GatewayProtocol"]

@@ -65,7 +65,7 @@ from cim.message_ids import MessageIdGenerator
 from cim.metrics import NodeMetrics, ReactorLag
 from cim.oplog import OperationLog
 from cim.protocols.crypto import KeyFileError, NodeKey
-from cim.protocols.im import ImServerFactory
+from cim.protocols.im_listener import ImServerFactory
 from cim.push.frames import PushRequests
 from cim.push.service import PushService
 from cim.reactor import ICimReactor

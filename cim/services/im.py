@@ -25,7 +25,7 @@ from twisted.logger import Logger
 from cim.config import ImConfig, WsConfig
 from cim.interfaces import INodeRegistry, NodeInfo
 from cim.protocols.compact import CompactServer
-from cim.protocols.im import ImServerFactory
+from cim.protocols.im_listener import ImServerFactory
 from cim.reactor import ICimReactor
 from cim.services.tree import AsyncService, Listener, OrderedServices, backend_failure
 

@@ -43,7 +43,8 @@ from cim.message_ids import MessageIdGenerator
 from cim.metrics import NodeMetrics
 from cim.protocols.crypto import NodeKey
 from cim.protocols.handshake import Resumption
-from cim.protocols.im import ImServerFactory, ImServerProtocol
+from cim.protocols.im import ImServerProtocol
+from cim.protocols.im_listener import ImServerFactory
 from cim.storage.database import Database
 from tests.fakes.timelines import fresh_database, inline_timelines
 
