@@ -240,7 +240,9 @@ class BenchDaemon:
 
     def offline_count(self, user: str, device: str = "bench") -> int:
         """Messages ``user``'s ``device`` has not read (past its cursors), read with
-        the daemon's own query, not SQL of ours."""
+        the daemon's own query, not SQL of ours, once the daemon has copied what it
+        journaled (a message is promised before it reaches the database file)."""
+        self.wait_for_copies()
         engine = open_engine(self.config.database_url)
         try:
             with engine.connect() as connection:
@@ -296,6 +298,24 @@ class BenchDaemon:
         url = f"http://127.0.0.1:{self.admin_port}/metrics"
         with urllib.request.urlopen(url, timeout=5) as response:
             return str(response.read().decode())
+
+    def wait_for_copies(self, timeout: float = 30.0) -> None:
+        """Until the daemon's timeline writer holds nothing uncommitted
+        (``cim_offline_writer_pending`` on /metrics), checked every 20 ms."""
+        deadline = time.monotonic() + timeout
+        while True:
+            for line in self.metrics_text().splitlines():
+                if line.startswith("cim_offline_writer_pending "):
+                    if float(line.split()[1]) == 0:
+                        return
+                    break
+            else:
+                return  # a daemon without the gauge writes before it promises
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"the daemon's timeline copies did not finish in {timeout:.0f} s"
+                )
+            time.sleep(0.02)
 
     def sample(self) -> ProcSample:
         return sample_process(self.pid)
