@@ -259,7 +259,7 @@ class EveryCommandTests(SynchronousTestCase):
         self.assertIsInstance(shared["size"], int)
         cim("bob", "listen", "--count", "1", "--timeout", "30", lines=True)  # the file
         cim("bob", "download", shared["url"], "-o", os.path.join(self.workdir, "got.txt"))
-        cim("bob", "delete-file", shared["file_id"])
+        cim("bob", "delete-file", "--", shared["file_id"])  # an id may begin with "-"
         deadline = time.monotonic() + 30
         while True:  # the archive writes in batches
             history = client(self.daemon, "bob", "history", "alice")
