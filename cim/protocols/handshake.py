@@ -450,47 +450,35 @@ class ClientHandshake:
         self.client_nonce = random_bytes(NONCE_SIZE)
         if len(self.client_nonce) != NONCE_SIZE:
             raise ValueError("random_bytes returned the wrong number of bytes")
-        if resume is not None:
-            if resume.fingerprint != self.fingerprint:
-                raise ValueError("the resumption ticket is for another node key")
-            self._secret = resume.secret
-            digest = hello_digest(
-                PROTOCOL_VERSION, offered, suite, self.client_nonce, self.fingerprint
-            )
-            hello = cim_pb2.ClientHello(
-                version=PROTOCOL_VERSION,
-                offered_suites=offered,
-                suite=suite,
-                client_nonce=self.client_nonce,
-                key_fingerprint=self.fingerprint,
-                resume_ticket=resume.ticket,
-                resume_proof=resume_proof(resume.secret, digest, resume.ticket, resume.device),
-                resume_device=resume.device,
-            )
-            self._hello_body = bytes((_CLIENT_HELLO,)) + hello.SerializeToString()
-            return
-        if not token or len(token) > MAX_TOKEN_LENGTH:
-            raise ValueError(f"the token must be 1 to {MAX_TOKEN_LENGTH} characters")
-        self._secret = random_bytes(SECRET_SIZE)
-        if len(self._secret) != SECRET_SIZE:
-            raise ValueError("random_bytes returned the wrong number of bytes")
-        material = cim_pb2.KeyMaterial(
-            secret=self._secret,
-            token=token,
-            timestamp_ms=now_ms,
-            device=device,
-            hello_digest=hello_digest(
-                PROTOCOL_VERSION, offered, suite, self.client_nonce, self.fingerprint
-            ),
-        )
+        digest = hello_digest(PROTOCOL_VERSION, offered, suite, self.client_nonce, self.fingerprint)
         hello = cim_pb2.ClientHello(
             version=PROTOCOL_VERSION,
             offered_suites=offered,
             suite=suite,
             client_nonce=self.client_nonce,
             key_fingerprint=self.fingerprint,
-            sealed_key=seal_for_node(public_der, material.SerializeToString()),
         )
+        if resume is not None:
+            if resume.fingerprint != self.fingerprint:
+                raise ValueError("the resumption ticket is for another node key")
+            self._secret = resume.secret
+            hello.resume_ticket = resume.ticket
+            hello.resume_proof = resume_proof(resume.secret, digest, resume.ticket, resume.device)
+            hello.resume_device = resume.device
+        else:
+            if not token or len(token) > MAX_TOKEN_LENGTH:
+                raise ValueError(f"the token must be 1 to {MAX_TOKEN_LENGTH} characters")
+            self._secret = random_bytes(SECRET_SIZE)
+            if len(self._secret) != SECRET_SIZE:
+                raise ValueError("random_bytes returned the wrong number of bytes")
+            material = cim_pb2.KeyMaterial(
+                secret=self._secret,
+                token=token,
+                timestamp_ms=now_ms,
+                device=device,
+                hello_digest=digest,
+            )
+            hello.sealed_key = seal_for_node(public_der, material.SerializeToString())
         self._hello_body = bytes((_CLIENT_HELLO,)) + hello.SerializeToString()
 
     def hello_body(self) -> bytes:
