@@ -180,7 +180,8 @@ class Journal:
         """Records journaled (promised) so far."""
         self._copied_to = 0
         """Every record up to this index is in the database."""
-        self._waiters: list[tuple[int, Deferred[None]]] = []
+        self._waiters: list[tuple[int, Deferred[None], bool]] = []
+        """(index to reach, who waits, whether the copies were hurried for it)."""
         self._paused = 0
         self._draining = False
         self._drain_again = False
@@ -235,7 +236,7 @@ class Journal:
         async def drain() -> None:
             await self._copies.stop(flush=True)
             waiters, self._waiters = self._waiters, []
-            for _, d in waiters:  # a read that waited for what could not be copied
+            for _, d, _ in waiters:  # a read that waited for what could not be copied
                 d.errback(TimelineUnavailable("the node stopped before the write"))
             clean = self.unwritten == 0
             if self._ready:
@@ -485,17 +486,20 @@ class Journal:
 
     # --- copying ----------------------------------------------------------------------
 
-    def settled(self) -> Deferred[None]:
-        """Fires once every message promised so far is in the database (the waiting
-        batch is written at once); fails while the copies fail."""
+    def settled(self, *, hurry: bool = True) -> Deferred[None]:
+        """Fires once every message promised so far is in the database; fails while
+        the copies fail. ``hurry``: the waiting batch is written at once (a read someone
+        waits for); without it the copies keep their pace (``COPY_WAIT``), for work
+        nobody waits for (cursor moves), so it adds no transaction of its own."""
         if self.failing:
             return fail(TimelineUnavailable("the timeline's database writes fail"))
         mark = self._index
         if self._copied_to >= mark:
             return succeed(None)
         d: Deferred[None] = Deferred()
-        self._waiters.append((mark, d))
-        self._copies.flush()
+        self._waiters.append((mark, d, hurry))
+        if hurry:
+            self._copies.flush()
         return d
 
     def _copied(self, batch: list[_Copy], rows: object) -> None:
@@ -510,9 +514,10 @@ class Journal:
             self._files.committed(generation, count)
         self._copied_to = max(self._copied_to, batch[-1].index)
         self.counts["appended"] += len(batch)
-        ready = [d for mark, d in self._waiters if mark <= self._copied_to]
-        self._waiters = [(m, d) for m, d in self._waiters if m > self._copied_to]
-        if self._waiters:
+        copied_to = self._copied_to
+        ready = [d for mark, d, _ in self._waiters if mark <= copied_to]
+        self._waiters = [w for w in self._waiters if w[0] > copied_to]
+        if any(hurry for _, _, hurry in self._waiters):
             self._copies.flush()
         for d in ready:
             d.callback(None)
@@ -523,7 +528,7 @@ class Journal:
             return
         self.failing = True
         waiters, self._waiters = self._waiters, []
-        for _, d in waiters:
+        for _, d, _ in waiters:
             d.errback(TimelineUnavailable(failure.getErrorMessage()))
 
     def _copy_rejected(self, item: _Copy, failure: Failure) -> None:

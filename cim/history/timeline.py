@@ -137,6 +137,14 @@ def _run_now(work: Callable[[], object]) -> object:
     return work()
 
 
+
+@dataclass(eq=False, slots=True)
+class _Move:
+    """A cursor move waiting for its batch; raised in place until the batch takes it."""
+
+    key: tuple[str, str, str]
+    seq: int
+
 class Timelines:
     """The node's timelines: appends, cursor moves, catch-up and history reads."""
 
@@ -176,9 +184,13 @@ class Timelines:
             self.journal = Journal(
                 db, clock, journal, dedup_window=settings.dedup_window, counts=self.counts
             )
-        self._cursors: BatchWriter[CursorMove] = BatchWriter(
+        self._moves: dict[tuple[str, str, str], _Move] = {}
+        """Cursor moves not yet taken by a batch, by (user, device, conversation): a
+        later ack of the same conversation raises the waiting move instead of adding
+        one (a busy pair acknowledges every message; the batch needs the last)."""
+        self._cursors: BatchWriter[_Move] = BatchWriter(
             clock,
-            lambda moves: self._read(move_cursors_txn, moves),
+            self._write_moves,
             name="cursors",
             log=_log,
             batch_size=settings.batch_size,
@@ -370,9 +382,29 @@ class Timelines:
     def move_cursor(self, user: str, device: str, conversation: str, seq: int) -> None:
         """ack:R: the device has every message of the conversation through ``seq``
         (batched; a lost move only means those messages are offered again)."""
-        if seq > 0 and conversation:
-            move = CursorMove(user, device, conversation, min(seq, _MAX_ID))
-            self._cursors.add(move).addErrback(lambda _: None)
+        if seq <= 0 or not conversation:
+            return
+        seq = min(seq, _MAX_ID)
+        key = (user, device, conversation)
+        waiting = self._moves.get(key)
+        if waiting is not None:
+            if seq > waiting.seq:
+                waiting.seq = seq
+            return
+        move = self._moves[key] = _Move(key, seq)
+        self._cursors.put(move)
+
+    def _write_moves(self, moves: list[_Move]) -> Deferred[int]:
+        """One batch of cursor moves: taken now (a later ack adds a new move), written
+        once the copies reach what was promised, at their pace (no copy of its own)."""
+        for move in moves:
+            if self._moves.get(move.key) is move:
+                del self._moves[move.key]
+        rows = [CursorMove(*move.key, move.seq) for move in moves]
+        if self.journal is None:
+            return self._db.run(move_cursors_txn, rows)
+        d = self.journal.settled(hurry=False)
+        return d.addCallback(lambda _: self._db.run(move_cursors_txn, rows))
 
     def move_cursors(
         self, user: str, device: str, marks: Sequence[cim_pb2.Cursor]
