@@ -137,13 +137,13 @@ def _run_now(work: Callable[[], object]) -> object:
     return work()
 
 
-
 @dataclass(eq=False, slots=True)
 class _Move:
     """A cursor move waiting for its batch; raised in place until the batch takes it."""
 
     key: tuple[str, str, str]
     seq: int
+
 
 class Timelines:
     """The node's timelines: appends, cursor moves, catch-up and history reads."""
