@@ -2,8 +2,8 @@
 
 An id is 16 random bytes in URL-safe base64 without padding: 22 characters of
 ``[A-Za-z0-9_-]``, which go into URLs unescaped and name an upload's directory on disk.
-People type file ids (``cim-client delete-file ID``) and operators type upload ids
-(``ls uploads/ID``), and a word beginning with '-' is taken for an option there:
+People type file ids (``cim-client delete-file ID``) and operators upload ids (``rm -r
+ID`` inside the uploads directory), and a word beginning with '-' is taken for an option:
 argparse answered "the following arguments are required: file_id". Encoded plainly,
 one id in 64 began with '-' (its first character carries the first 6 random bits).
 
