@@ -18,7 +18,6 @@ import errno
 import functools
 import math
 import re
-import secrets
 from collections.abc import Callable
 from typing import Any
 
@@ -35,6 +34,7 @@ from cim.files.blobs import (
     MissingChunk,
     is_server_id,
 )
+from cim.files.ids import new_file_id
 from cim.files.names import clean_mime, clean_name
 from cim.files.outcomes import (
     CheckAnswer,
@@ -93,7 +93,7 @@ class FileStore:
         work: ThreadPoolRunner,
         signer: UrlSigner,
         clock: IReactorTime,
-        new_id: Callable[[], str] = lambda: secrets.token_urlsafe(16),
+        new_id: Callable[[], str] = new_file_id,
         metrics: FileMetrics | None = None,
     ) -> None:
         self.config = config

@@ -6,14 +6,24 @@ from __future__ import annotations
 import argparse
 import datetime
 import math
-from typing import NoReturn
+from typing import Any, NoReturn
 
 
 class OneLineParser(argparse.ArgumentParser):
-    """Usage errors as one line on stderr (``cim-client send: ...``), exit status 2."""
+    """Usage errors as one line on stderr (``cim-client send: ...``), exit status 2.
+
+    ``usage_hint`` (a subcommand's keyword to ``add_parser``) follows every usage error
+    of that subcommand: the likeliest cause there, when the message cannot name it
+    (argparse reports an id that begins with '-' as a missing argument).
+    """
+
+    def __init__(self, *args: Any, usage_hint: str | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.usage_hint = usage_hint
 
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+        hint = f"; {self.usage_hint}" if self.usage_hint else ""
+        self.exit(2, f"{self.prog}: {message}{hint} (see {self.prog} --help)\n")
 
 
 def positive(raw: str) -> int:

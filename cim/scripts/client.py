@@ -16,6 +16,7 @@
     cim-client --user U read CONVERSATION [SEQ] [--group]   (a user, a group, or a key)
     cim-client [--files URL] --user U send-file TO PATH [--group]
     cim-client [--files URL] [--user U] download URL [-o PATH|-] [--force]
+    cim-client [--files URL] --user U delete-file [--] FILE_ID   (an old id may begin with '-')
     cim-client --user U                      (interactive console)
 
 The logic service (docs/logic.md), each printing the JSON answer:

@@ -25,6 +25,10 @@ from cim.scripts.output import (
     silence,
 )
 
+DASH_ID_HINT = "a file id that begins with '-' goes after '--': delete-file -- ID"
+"""File ids made before ``cim.files.ids`` drew again may begin with '-'; argparse takes
+such a word for an option and reports the id missing, so every usage error says this."""
+
 
 def add_file_commands(commands: Any) -> None:
     send_file = commands.add_parser(
@@ -58,8 +62,13 @@ def add_file_commands(commands: Any) -> None:
     delete = commands.add_parser(
         "delete-file",
         help="delete a file you uploaded or were sent; the others keep their copies",
+        usage_hint=DASH_ID_HINT,
     )
-    delete.add_argument("file_id", help="the file's id (file_id in send-file and listen)")
+    delete.add_argument(
+        "file_id",
+        help="the file's id (file_id in send-file and listen); an id made by an older "
+        "server may begin with '-': put it after '--' (delete-file -- ID)",
+    )
 
 
 class ProgressBar:
