@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from twisted.internet.defer import Deferred
 from zope.interface import Attribute, Interface
@@ -44,8 +45,7 @@ class NodeInfo:
     """The node's WebSocket gateway (``[ws] advertise``) for browsers; empty: none."""
 
 
-@dataclass(frozen=True, slots=True)
-class MessageReceipt:
+class MessageReceipt(NamedTuple):
     """What the node answered for one sender message, kept to answer retries the same.
 
     status is a cim_pb2.DeliveryStatus value; 0 (unspecified) while the outcome is

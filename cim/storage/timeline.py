@@ -23,7 +23,7 @@ import functools
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import and_, case, delete, or_, select
 from sqlalchemy.dialects import postgresql, sqlite
@@ -57,10 +57,12 @@ _CHUNK = 500
 
 
 # --- records --------------------------------------------------------------------------
+# The records made for every message are NamedTuples: as immutable as a frozen
+# dataclass, and made in half the time (a frozen dataclass sets each field with
+# ``object.__setattr__``), which the message path pays several times per message.
 
 
-@dataclass(frozen=True, slots=True)
-class NewMessage:
+class NewMessage(NamedTuple):
     """A message to append. ``readers``: a 1:1 conversation's two users (user, peer),
     who read it from its first message on; empty for a group's (members join)."""
 
@@ -74,8 +76,7 @@ class NewMessage:
     readers: tuple[tuple[str, str], ...] = ()
 
 
-@dataclass(frozen=True, slots=True)
-class Appended:
+class Appended(NamedTuple):
     """Where a message is: its id (an earlier one's for a resend found again) and seq."""
 
     msg_id: int
@@ -84,8 +85,7 @@ class Appended:
     new: bool
 
 
-@dataclass(frozen=True, slots=True)
-class CursorMove:
+class CursorMove(NamedTuple):
     user: str
     device: str
     conversation: str
