@@ -132,6 +132,12 @@ class BatchWriter(Generic[T]):
             self._waiting.append(_Entry(item, None))
             self._schedule()
 
+    def put_many(self, items: list[T]) -> None:
+        """``put`` for several items at once (a journal turn's copies): one schedule."""
+        if items and not self._stopping:
+            self._waiting.extend([_Entry(item, None) for item in items])
+            self._schedule()
+
     def flush(self) -> None:
         """Write what waits now, without waiting out ``batch_wait``: someone needs it
         in the database (a read that must see it). Batches still follow each other."""

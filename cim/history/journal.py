@@ -118,6 +118,10 @@ class _Device:
     recent: OrderedDict[int, tuple[Appended, float]] = field(default_factory=OrderedDict)
 
 
+_Held = tuple[_Taken, Numbered, bytes, Appended]
+"""A message numbered this turn: who waits, the record, its journal bytes, the answer
+(the same Appended the resends of its id are answered from)."""
+
 _LOAD = object()
 _LOOKUP = object()
 
@@ -173,7 +177,7 @@ class Journal:
         self._queues: dict[str, deque[_Taken]] = {}
         self._loading: set[object] = set()
         self._turn: IDelayedCall | None = None
-        self._buffer: list[tuple[_Taken, Numbered, bytes]] = []
+        self._buffer: list[_Held] = []
         self._resends: list[tuple[_Taken, Appended]] = []
         """Resends answered after the turn's write (their first may be in it)."""
         self._index = 0
@@ -358,7 +362,7 @@ class Journal:
             while len(self._unloaded) > DEVICES_KEPT:
                 self._unloaded.popitem(last=False)
         numbered = Numbered(seq, m)
-        self._buffer.append((taken, numbered, encode(numbered)))
+        self._buffer.append((taken, numbered, encode(numbered), appended))
         if self._turn is None:
             self._turn = self._clock.callLater(0, self._write_turn)
         while len(self._last) > CONVERSATIONS_KEPT:
@@ -377,7 +381,7 @@ class Journal:
         resends, self._resends = self._resends, []
         if buffer:
             try:
-                generation = self._files.write(b"".join(r for _, _, r in buffer), len(buffer))
+                generation = self._files.write(b"".join([held[2] for held in buffer]), len(buffer))
             except OSError as e:
                 self._unnumber(buffer, e)
                 for taken, _ in resends:
@@ -387,19 +391,21 @@ class Journal:
         for taken, found in resends:
             taken.answer.callback(found)
 
-    def _promise(self, buffer: list[tuple[_Taken, Numbered, bytes]], generation: int) -> None:
-        for _taken, numbered, _ in buffer:
-            self._index += 1
-            self._copies.put(_Copy(numbered, generation, self._index))
+    def _promise(self, buffer: list[_Held], generation: int) -> None:
+        first = self._index + 1
+        self._index += len(buffer)
+        self._copies.put_many(
+            [_Copy(held[1], generation, first + i) for i, held in enumerate(buffer)]
+        )
         self.counts["journaled"] += len(buffer)
-        for taken, numbered, _ in buffer:
-            taken.answer.callback(_appended(numbered))
+        for taken, _, _, appended in buffer:
+            taken.answer.callback(appended)
 
-    def _unnumber(self, buffer: list[tuple[_Taken, Numbered, bytes]], error: OSError) -> None:
+    def _unnumber(self, buffer: list[_Held], error: OSError) -> None:
         """The journal write failed: nothing of it was promised, its numbers are free."""
         self.counts["journal_failed"] += 1
         _log.error("timeline: the journal write failed ({why})", why=str(error))
-        for taken, numbered, _ in buffer:
+        for taken, numbered, _, _ in buffer:
             m = numbered.message
             self._ids.pop(m.msg_id, None)
             self._last.pop(m.conversation, None)  # loaded again after a settle
@@ -568,7 +574,3 @@ class Journal:
         if conversation in self._last:
             self._last[conversation] = max(self._last[conversation], seq)
 
-
-def _appended(numbered: Numbered) -> Appended:
-    m = numbered.message
-    return Appended(m.msg_id, m.conversation, numbered.seq, True)
