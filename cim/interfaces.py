@@ -187,6 +187,17 @@ class IReceiptStore(Interface):
         """The final outcome of a remembered message, for answering later retries."""
 
 
+class IImmediateReceipts(Interface):
+    """A receipt store that answers in this process (the memory store), offering the
+    claim without a Deferred: the message path takes every msg:R through it, and a
+    fired Deferred there costs a callback chain per message for nothing."""
+
+    def remember_message_now(
+        sender: str, device: str, client_seq: int, msg_id: int, sent_at_ms: int
+    ) -> MessageReceipt | None:
+        """``IReceiptStore.remember_message``'s answer, returned at once."""
+
+
 class ISequenceStore(Interface):
     """Numbers shared by every node: node numbers for message ids. (Messages are
     numbered in their conversation's timeline, in the database: cim.history.timeline.)"""

@@ -573,4 +573,3 @@ class Journal:
         """A seq given in SQL (``exclusive``): the next message comes after it."""
         if conversation in self._last:
             self._last[conversation] = max(self._last[conversation], seq)
-

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet.defer import succeed
+from twisted.internet.defer import fail, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -45,7 +45,7 @@ from cim.im.collaborators import (
 )
 from cim.im.groups import GroupMessages
 from cim.im.routing import Routing
-from cim.interfaces import MessageReceipt, StateUnavailable
+from cim.interfaces import IImmediateReceipts, MessageReceipt, StateUnavailable
 from cim.limits.messages import MessageGate
 from cim.message_ids import MessageIdGenerator
 from cim.protocols import cim_pb2
@@ -134,6 +134,12 @@ class DirectMessages:
         self._ids = core.message_ids
         self._media_urls = core.media_urls
         self._receipts = core.state.receipts
+        self._remember_now = (
+            self._receipts.remember_message_now
+            if IImmediateReceipts.providedBy(self._receipts)
+            else None
+        )
+        """The claim without a Deferred, from a store in this process."""
         self._metrics = core.metrics
         self._directory = directory
         self._routing = routing
@@ -224,6 +230,14 @@ class DirectMessages:
 
     def _remember(self, session: ClientSession, message: cim_pb2.Message) -> Any:
         record = session.record
+        if self._remember_now is not None:
+            try:
+                receipt = self._remember_now(
+                    record.user, record.device, message.client_seq, message.id, message.sent_at_ms
+                )
+            except Exception:
+                return fail()
+            return self._claimed(receipt, session, message)
         d = self._receipts.remember_message(
             record.user, record.device, message.client_seq, message.id, message.sent_at_ms
         )

@@ -129,7 +129,25 @@ class RetryTests(SynchronousTestCase):
 
         node = NodeHarness()
         alice = node.connect("alice")
+        # A store in another process (Redis) answers with a Deferred: no claim at once.
+        node.im.direct._remember_now = None
         node.state.receipts.remember_message = lambda *a: fail(StateUnavailable("down"))  # type: ignore[method-assign]
+        alice.protocol.send(cim_pb2.MSG_R, cim_pb2.Message(to="bob", text="x", client_seq=3))
+        settle(node)
+        [error] = alice.events.of_type(cim_pb2.ERROR)
+        self.assertEqual((error.code, error.client_seq), (cim_pb2.Error.UNAVAILABLE, 3))
+        self.assertEqual(alice.events.of_type(cim_pb2.MSG_A), [])
+
+    def test_a_claim_at_once_that_fails_refuses_with_unavailable(self) -> None:
+        from cim.interfaces import MessageReceipt, StateUnavailable
+
+        node = NodeHarness()
+        alice = node.connect("alice")
+
+        def down(sender: str, device: str, seq: int, msg_id: int, at: int) -> MessageReceipt:
+            raise StateUnavailable("down")
+
+        node.im.direct._remember_now = down  # type: ignore[assignment]
         alice.protocol.send(cim_pb2.MSG_R, cim_pb2.Message(to="bob", text="x", client_seq=3))
         settle(node)
         [error] = alice.events.of_type(cim_pb2.ERROR)

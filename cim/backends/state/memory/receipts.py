@@ -31,7 +31,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from zope.interface import implementer
 
-from cim.interfaces import IReceiptStore, MessageReceipt
+from cim.interfaces import IImmediateReceipts, IReceiptStore, MessageReceipt
 
 _FAILED = 3  # cim_pb2.FAILED; DELIVERED, STORED, ACCEPTED below
 _SUCCESS = frozenset((1, 2, 4))
@@ -125,7 +125,7 @@ class _DeviceReceipts:
         return len(self.seqs) - self.head
 
 
-@implementer(IReceiptStore)
+@implementer(IReceiptStore, IImmediateReceipts)
 class MemoryReceiptStore:
     """Receipts kept for the dedup window, packed per device, then forgotten."""
 
@@ -141,6 +141,13 @@ class MemoryReceiptStore:
     def remember_message(
         self, sender: str, device: str, client_seq: int, msg_id: int, sent_at_ms: int
     ) -> Deferred[MessageReceipt | None]:
+        return defer.succeed(
+            self.remember_message_now(sender, device, client_seq, msg_id, sent_at_ms)
+        )
+
+    def remember_message_now(
+        self, sender: str, device: str, client_seq: int, msg_id: int, sent_at_ms: int
+    ) -> MessageReceipt | None:
         key = (sender, device)
         now_ms = self._now_ms()
         receipts = self._devices.get(key)
@@ -151,9 +158,9 @@ class MemoryReceiptStore:
             receipts.expire(now_ms - self._window_ms)
             index = receipts.find(client_seq)
             if index >= 0:
-                return defer.succeed(receipts.receipt(index))
+                return receipts.receipt(index)
         receipts.add(client_seq, msg_id, sent_at_ms, now_ms)
-        return defer.succeed(None)
+        return None
 
     def record_outcome(
         self, sender: str, device: str, client_seq: int, status: int, reason: str
