@@ -4,16 +4,19 @@ and nothing else, so a test decides exactly when (and whether) it reads.
 Run as a program it is the flooding sender of tests/integration/test_backpressure.py,
 in its own process so its sealing loop does not share a GIL with the test's canary:
 
-    python -m tests.integration.support.raw_client ROUTER_URL USER TO RATE SECONDS SIZE
+    python -m tests.integration.support.raw_client ROUTER_URL USER TO RATE SECONDS SIZE [PROGRESS]
 
 It logs in, sends msg:R of SIZE bytes of text to TO at RATE a second for SECONDS,
 reads every answer, and prints one JSON line: the client_seqs the node took (msg:A),
-the outcomes (ack:N) by status, and the refusals.
+the outcomes (ack:N) by status, and the refusals. With PROGRESS (a file made by
+``FloodProgress``) it keeps its two counts there as it goes, so the test can say where
+the flood stood at any moment of its own (when a canary message was sent, delivered).
 """
 
 from __future__ import annotations
 
 import json
+import mmap
 import socket
 import struct
 import sys
@@ -120,8 +123,54 @@ class RawClient:
         self.sock.close()
 
 
-def flood(router_url: str, user: str, to: str, rate: float, seconds: float, size: int) -> None:
+class FloodProgress:
+    """Two counts the flooding process keeps in a shared file: messages it has sent
+    (written to its socket) and messages the node has taken (msg:A read).
+
+    Each count is written by one thread of the flooder and only ever grows; a reader
+    takes two equal reads of a count as its value, so a torn read is never seen.
+    """
+
+    _SENT, _TAKEN = 0, 8
+
+    def __init__(self, path: str, create: bool = False) -> None:
+        self.path = path
+        if create:
+            with open(path, "wb") as empty:
+                empty.write(bytes(16))
+        with open(path, "r+b") as shared:
+            self._map = mmap.mmap(shared.fileno(), 16)
+
+    def sent(self, count: int) -> None:
+        struct.pack_into("<Q", self._map, self._SENT, count)
+
+    def taken(self, count: int) -> None:
+        struct.pack_into("<Q", self._map, self._TAKEN, count)
+
+    def _read(self, offset: int) -> int:
+        while True:
+            (first,) = struct.unpack_from("<Q", self._map, offset)
+            (second,) = struct.unpack_from("<Q", self._map, offset)
+            if first == second:
+                return int(first)
+
+    def now(self) -> tuple[int, int]:
+        """(sent, taken) as they stand: taken first, so taken <= sent."""
+        taken = self._read(self._TAKEN)
+        return self._read(self._SENT), taken
+
+
+def flood(
+    router_url: str,
+    user: str,
+    to: str,
+    rate: float,
+    seconds: float,
+    size: int,
+    progress_path: str | None = None,
+) -> None:
     client = RawClient(router_url, user, device="flood")
+    progress = FloodProgress(progress_path) if progress_path else None
     taken: list[int] = []
     outcomes: dict[str, int] = {}
     refused: dict[str, int] = {}
@@ -137,6 +186,8 @@ def flood(router_url: str, user: str, to: str, rate: float, seconds: float, size
             kind, payload = frame
             if kind == cim_pb2.MSG_A:
                 taken.append(cim_pb2.MsgA.FromString(payload).client_seq)
+                if progress is not None:
+                    progress.taken(len(taken))
             elif kind == cim_pb2.ACK_N:
                 status = cim_pb2.DeliveryStatus.Name(cim_pb2.AckN.FromString(payload).status)
                 outcomes[status] = outcomes.get(status, 0) + 1
@@ -153,6 +204,8 @@ def flood(router_url: str, user: str, to: str, rate: float, seconds: float, size
         while time.monotonic() - start < seconds:
             seq += 1
             client.send(cim_pb2.MSG_R, cim_pb2.Message(to=to, text=text, client_seq=seq))
+            if progress is not None:
+                progress.sent(seq)
             ahead = start + seq / rate - time.monotonic()
             if ahead > 0:
                 time.sleep(ahead)
@@ -177,4 +230,5 @@ def flood(router_url: str, user: str, to: str, rate: float, seconds: float, size
 
 if __name__ == "__main__":
     url, sender, receiver, per_second, duration, text_size = sys.argv[1:7]
-    flood(url, sender, receiver, float(per_second), float(duration), int(text_size))
+    shared = sys.argv[7] if len(sys.argv) > 7 else None
+    flood(url, sender, receiver, float(per_second), float(duration), int(text_size), shared)
