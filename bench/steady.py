@@ -61,6 +61,42 @@ def parse_reactor_gaps(text: str, name: str = "cim_reactor_gap") -> dict[str, An
     return {"buckets": buckets, "count": count, "max_s": longest}
 
 
+def parse_collector(text: str) -> dict[str, list[float]]:
+    """The garbage collector's figures in a /metrics text, by generation (0, 1, 2):
+    collections, seconds spent, and the longest pause since start
+    (``cim.metrics.CollectorPauses``, on with the lag probe)."""
+    found: dict[str, list[float]] = {
+        "collections": [0.0] * 3,
+        "seconds": [0.0] * 3,
+        "longest": [0.0] * 3,
+    }
+    names = {
+        "cim_gc_collections_total": "collections",
+        "cim_gc_pause_seconds_total": "seconds",
+        "cim_gc_pause_max_seconds": "longest",
+    }
+    for line in text.splitlines():
+        name, _, rest = line.partition('{generation="')
+        key = names.get(name)
+        if key is None or not rest:
+            continue
+        generation, _, value = rest.partition('"} ')
+        found[key][int(generation)] = float(value)
+    return found
+
+
+def collections_between(
+    before: dict[str, list[float]], after: dict[str, list[float]]
+) -> dict[str, Any]:
+    """What the collector did in a window: full collections, all its pauses together,
+    and the longest full one (since start: the window's when it grew in the window)."""
+    return {
+        "gc_full_collections": int(after["collections"][2] - before["collections"][2]),
+        "gc_ms": 1000 * sum(after["seconds"][g] - before["seconds"][g] for g in range(3)),
+        "gc_longest_full_ms": 1000 * after["longest"][2],
+    }
+
+
 def stalls_between(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
     """Gaps past STALL_MS in the window, and the longest gap of the window.
 
@@ -131,6 +167,9 @@ def steady(ctx: Context, plan: Plan) -> dict[str, Any]:
                 parse_reactor_gaps(text_before, cpu), parse_reactor_gaps(text_after, cpu)
             )
             result["cpu_stalls_over_10ms"] = own["stalls_over_10ms"]
+            result.update(
+                collections_between(parse_collector(text_before), parse_collector(text_after))
+            )
             result["longest_cpu_stall_ms"] = own["longest_stall_ms"]
             result["totals"] = _consistency(drained, before)
             pool.call({"cmd": "close"}, 120)
@@ -172,7 +211,7 @@ def figures(result: dict[str, Any] | None) -> list[tuple[str, str, str, str]]:
             f"{name}: longest reactor stall (lag probe)",
             f"{stall:.1f} ms{bound}; {result['stalls_over_10ms']} gaps over 10 ms "
             f"(CPU within a gap: at most {result.get('longest_cpu_stall_ms', 0):.1f} ms, "
-            f"{result.get('cpu_stalls_over_10ms', 0)} over 10 ms)",
+            f"{result.get('cpu_stalls_over_10ms', 0)} over 10 ms)" + _collector_text(result),
             "no stall over 10 ms",
             verdict(result["stalls_over_10ms"] == 0),
         ),
@@ -184,3 +223,14 @@ def figures(result: dict[str, Any] | None) -> list[tuple[str, str, str, str]]:
             verdict(cpu is not None and cpu <= 100.0 and exact),
         ),
     ]
+
+
+def _collector_text(result: dict[str, Any]) -> str:
+    """The collector's part of the stalls, when the run measured it."""
+    if "gc_full_collections" not in result:
+        return ""
+    return (
+        f"; garbage collection {result['gc_ms']:.0f} ms in the window, "
+        f"{result['gc_full_collections']} full (the longest full one since start "
+        f"{result['gc_longest_full_ms']:.1f} ms)"
+    )

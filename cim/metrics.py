@@ -8,6 +8,7 @@ someone scrapes ``/metrics``.
 
 from __future__ import annotations
 
+import gc
 import threading
 import time
 from bisect import bisect_left
@@ -256,6 +257,78 @@ class ReactorLag:
         yield longest_cpu
 
 
+class CollectorPauses:
+    """The garbage collector's pauses, by generation: what a stall of the reactor was.
+
+    CPython stops the process for each collection; a full one (generation 2) walks
+    every object made since start-up (``cim.heap.freeze_startup_heap`` left the rest
+    out) and is the longest, tens of milliseconds on a busy node. With the lag probe
+    (``ReactorLag``) it tells a scraper how many of a window's stalls were
+    collections. ``gc.callbacks`` calls ``observe`` at each collection's start and
+    stop; the daemon installs it with the lag probe (``[node] lag_probe_interval``).
+    """
+
+    def __init__(self, timer: Callable[[], float] = time.perf_counter) -> None:
+        self.collections = [0, 0, 0]
+        self.seconds = [0.0, 0.0, 0.0]
+        self.longest = [0.0, 0.0, 0.0]
+        self.full = Histogram(REACTOR_GAP_BUCKETS)
+        """The full collections' pauses (generation 2)."""
+        self._timer = timer
+        self._started = 0.0
+        self._installed = False
+
+    def observe(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._started = self._timer()
+            return
+        pause = self._timer() - self._started
+        generation = min(max(int(info.get("generation", 0)), 0), 2)
+        self.collections[generation] += 1
+        self.seconds[generation] += pause
+        if pause > self.longest[generation]:
+            self.longest[generation] = pause
+        if generation == 2:
+            self.full.observe(pause)
+
+    def install(self) -> None:
+        if not self._installed:
+            gc.callbacks.append(self.observe)
+            self._installed = True
+
+    def uninstall(self) -> None:
+        if self._installed:
+            gc.callbacks.remove(self.observe)
+            self._installed = False
+
+    def families(self) -> Iterator[Metric]:
+        count = CounterMetricFamily(
+            "cim_gc_collections", "Garbage collections, by generation.", labels=["generation"]
+        )
+        spent = CounterMetricFamily(
+            "cim_gc_pause_seconds",
+            "Seconds the process stood still in garbage collections, by generation.",
+            labels=["generation"],
+        )
+        longest = GaugeMetricFamily(
+            "cim_gc_pause_max",
+            "The longest garbage collection since the node started, by generation.",
+            labels=["generation"],
+            unit="seconds",
+        )
+        for generation in range(3):
+            label = [str(generation)]
+            count.add_metric(label, self.collections[generation])
+            spent.add_metric(label, self.seconds[generation])
+            longest.add_metric(label, self.longest[generation])
+        yield count
+        yield spent
+        yield longest
+        yield self.full.family(
+            "cim_gc_full_pause", "Pauses of the full garbage collections (generation 2)."
+        )
+
+
 class NodeMetrics:
     """Plain counters for one daemon; every field is cheap to bump."""
 
@@ -289,6 +362,8 @@ class NodeMetrics:
         self.push = PushMetrics()
         self.reactor_lag: ReactorLag | None = None
         """Set by the daemon when [node] lag_probe_interval is on."""
+        self.collector_pauses: CollectorPauses | None = None
+        """Set by the daemon with the lag probe."""
         # Read at scrape time; the daemon points them at the switchboard and the
         # offline writer once those exist.
         self.connections_established: Callable[[], int] = lambda: 0
@@ -430,6 +505,8 @@ class NodeMetricsCollector(Collector):
         yield from m.push.families()
         if m.reactor_lag is not None:
             yield from m.reactor_lag.families()
+        if m.collector_pauses is not None:
+            yield from m.collector_pauses.families()
 
         pending = m.offline_pending()
         if pending is not None:

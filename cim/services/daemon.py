@@ -62,7 +62,7 @@ from cim.logic.contacts import DEFAULT_DECISION_TTL, ContactBook
 from cim.logic.notices import Notices
 from cim.logs import DaemonLog
 from cim.message_ids import MessageIdGenerator
-from cim.metrics import NodeMetrics, ReactorLag
+from cim.metrics import CollectorPauses, NodeMetrics, ReactorLag
 from cim.oplog import OperationLog
 from cim.protocols.crypto import KeyFileError, NodeKey
 from cim.protocols.im_listener import ImServerFactory
@@ -308,6 +308,8 @@ class CimDaemon(OrderedServices):
         if config.node.lag_probe_interval > 0:
             lag = metrics.reactor_lag = ReactorLag(reactor, config.node.lag_probe_interval)
             self.add(Step("reactor lag probe", lag.start, lag.stop))
+            pauses = metrics.collector_pauses = CollectorPauses()
+            self.add(Step("garbage collector pauses", pauses.install, pauses.uninstall))
 
     def _add_files(self, database: Database, state: IStateBackend) -> None:
         """The file service (storage and key, port, housekeeping), then its URL as media."""

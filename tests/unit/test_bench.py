@@ -15,10 +15,10 @@ from bench.loadgen import TEXT_SIZE, BenchConnection, varint
 from bench.push_outage import parse_push_metrics
 from bench.scaling import markdown, per_unit, project, redis_delta
 from bench.scenarios import percentiles, saturated_side, summarise_folded
+from bench.steady import collections_between, parse_collector, parse_reactor_gaps, stalls_between
 from bench.steady import figures as steady_figures
-from bench.steady import parse_reactor_gaps, stalls_between
 from bench.workers import split
-from cim.metrics import NodeMetrics, NodeMetricsCollector, ReactorLag
+from cim.metrics import CollectorPauses, NodeMetrics, NodeMetricsCollector, ReactorLag
 from cim.protocols import cim_pb2
 
 
@@ -152,12 +152,34 @@ class SteadyTests(SynchronousTestCase):
         self.assertEqual((cpu_after["count"], cpu_after["max_s"]), (14.0, 0.0))
         lag.stop()
 
+    def test_the_collectors_pauses_of_the_window_from_two_scrapes(self) -> None:
+        now = [0.0]
+        metrics = NodeMetrics()
+        pauses = metrics.collector_pauses = CollectorPauses(timer=lambda: now[0])
+
+        def collect(generation: int, seconds: float) -> None:
+            pauses.observe("start", {"generation": generation})
+            now[0] += seconds
+            pauses.observe("stop", {"generation": generation})
+
+        collect(2, 0.0625)  # before the window
+        before = parse_collector(self._scrape(metrics))
+        collect(0, 0.001953125)
+        collect(2, 0.015625)
+        collect(2, 0.03125)
+        window = collections_between(before, parse_collector(self._scrape(metrics)))
+        self.assertEqual(window["gc_full_collections"], 2)
+        self.assertEqual(window["gc_ms"], 1000 * (0.001953125 + 0.015625 + 0.03125))
+        self.assertEqual(window["gc_longest_full_ms"], 62.5)  # since start
+        [_, stalls, _] = steady_figures({**self._result(), **window})
+        self.assertIn("2 full", stalls[1])
+
     def test_a_daemon_without_the_probe_is_an_error(self) -> None:
         with self.assertRaises(ValueError):
             parse_reactor_gaps(self._scrape(NodeMetrics()))
 
-    def test_figures_judge_every_target(self) -> None:
-        result = {
+    def _result(self) -> dict[str, Any]:
+        return {
             "offered_per_s": 2000,
             "seconds": 15.0,
             "p50_ms": 0.4,
@@ -171,7 +193,9 @@ class SteadyTests(SynchronousTestCase):
             "stalls_over_10ms": 0,
             "totals": {"consistent": True, "received_matches": True},
         }
-        verdicts = [row[3] for row in steady_figures(result)]
+
+    def test_figures_judge_every_target(self) -> None:
+        verdicts = [row[3] for row in steady_figures(self._result())]
         self.assertEqual(verdicts, ["MISSES", "meets", "meets"])
         self.assertEqual(steady_figures({"error": "boom"})[0][1], "FAILED")
 

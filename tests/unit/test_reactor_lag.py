@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import gc
+
 from prometheus_client import CollectorRegistry, generate_latest
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from cim.metrics import NodeMetrics, NodeMetricsCollector, ReactorLag
+from cim.metrics import CollectorPauses, NodeMetrics, NodeMetricsCollector, ReactorLag
 
 
 class ReactorLagTests(SynchronousTestCase):
@@ -73,3 +75,38 @@ class ReactorLagTests(SynchronousTestCase):
         self.assertIn("cim_reactor_gap_cpu_seconds_count 1.0", text)
         self.assertIn("cim_reactor_gap_cpu_max_seconds", text)
         metrics.reactor_lag.stop()
+
+
+class CollectorPausesTests(SynchronousTestCase):
+    def test_each_collection_counted_by_generation_and_full_ones_histogrammed(self) -> None:
+        now = [0.0]
+        pauses = CollectorPauses(timer=lambda: now[0])
+        # Powers of two: exact in binary, so the rendered numbers are exact too.
+        for generation, seconds in ((0, 2**-10), (1, 2**-8), (2, 2**-5), (0, 2**-9)):
+            pauses.observe("start", {"generation": generation})
+            now[0] += seconds
+            pauses.observe("stop", {"generation": generation, "collected": 0})
+        self.assertEqual(pauses.collections, [2, 1, 1])
+        self.assertEqual(pauses.seconds[0], 2**-10 + 2**-9)
+        self.assertEqual(pauses.longest, [2**-9, 2**-8, 2**-5])
+        self.assertEqual(pauses.full.count, 1)
+        metrics = NodeMetrics()
+        metrics.collector_pauses = pauses
+        registry = CollectorRegistry()
+        registry.register(NodeMetricsCollector(metrics, "n1"))
+        text = generate_latest(registry).decode()
+        self.assertIn('cim_gc_collections_total{generation="0"} 2.0', text)
+        self.assertIn('cim_gc_pause_max_seconds{generation="2"} 0.03125', text)
+        self.assertIn('cim_gc_full_pause_seconds_bucket{le="0.05"} 1.0', text)
+
+    def test_installed_it_sees_a_real_collection_and_uninstalled_it_does_not(self) -> None:
+        pauses = CollectorPauses()
+        pauses.install()
+        try:
+            gc.collect()
+        finally:
+            pauses.uninstall()
+        self.assertEqual(pauses.collections[2], 1)
+        gc.collect()
+        self.assertEqual(pauses.collections[2], 1)
+        self.assertNotIn(pauses.observe, gc.callbacks)
