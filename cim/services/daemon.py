@@ -308,8 +308,9 @@ class CimDaemon(OrderedServices):
         if config.node.lag_probe_interval > 0:
             lag = metrics.reactor_lag = ReactorLag(reactor, config.node.lag_probe_interval)
             self.add(Step("reactor lag probe", lag.start, lag.stop))
-            pauses = metrics.collector_pauses = CollectorPauses()
-            self.add(Step("garbage collector pauses", pauses.install, pauses.uninstall))
+            # Counted from the end of start-up (``_started``): the collection that
+            # freezes the start-up heap is not a pause any client waited for.
+            metrics.collector_pauses = CollectorPauses()
 
     def _add_files(self, database: Database, state: IStateBackend) -> None:
         """The file service (storage and key, port, housekeeping), then its URL as media."""
@@ -411,6 +412,8 @@ class CimDaemon(OrderedServices):
         self.ready = True
         self.log.info("cim node {node} started", node=self.config.node.id)
         self._when_started()
+        if self.metrics.collector_pauses is not None:
+            self.metrics.collector_pauses.install()
 
     def _start_failed(self, failure: Failure) -> None:
         if failure.check(StartupError):
@@ -433,6 +436,8 @@ class CimDaemon(OrderedServices):
     def stopService(self) -> Deferred[None]:
         """Reverse order: listeners first (clients told), then the backends, the database."""
         self.ready = False
+        if self.metrics.collector_pauses is not None:
+            self.metrics.collector_pauses.uninstall()
         return Deferred.fromCoroutine(self._stop())
 
     async def _stop(self) -> None:
