@@ -4,6 +4,7 @@ takes part in which (design: 用户的行为数据收集).
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -55,11 +56,13 @@ def _unescape(text: str) -> str:
     return _ESCAPED.sub(lambda match: "%" if match.group(1) == "25" else ":", text)
 
 
+@functools.lru_cache(maxsize=65536)
 def direct_conversation(a: str, b: str) -> str:
     """The key of a 1:1 conversation: the same whoever sent, never another pair's.
 
     The names are sorted so both directions share one key, and escaped so that a ':'
-    inside a name cannot make "a:b" + "c" collide with "a" + "b:c".
+    inside a name cannot make "a:b" + "c" collide with "a" + "b:c". Remembered for the
+    pairs that talk most (every 1:1 message asks; about 200 bytes a pair).
     """
     first, second = sorted((a, b))
     return f"{_DIRECT}{_escape(first)}:{_escape(second)}"
