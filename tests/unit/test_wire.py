@@ -584,14 +584,22 @@ class HeldWritesTests(unittest.TestCase):
     def connected(self, protocol: FrameProtocol) -> list[bytes]:
         return connect_recording_writes(protocol)
 
-    def test_frames_made_during_a_read_leave_in_one_write_per_connection(self) -> None:
-        # The node's connections share one HeldWrites (the IM factory's).
-        held = HeldWrites()
+    def relay_and_peer(
+        self, held: HeldWrites | None
+    ) -> tuple[Relay, RecordingProtocol, list[bytes], list[bytes]]:
+        """A relay and its peer, encrypted, sharing ``held`` (None: each its own), and
+        the writes each makes."""
         relay, peer = Relay(held), RecordingProtocol(held_writes=held)
         relay.peer = peer
         relay_writes, peer_writes = self.connected(relay), self.connected(peer)
         for protocol in (relay, peer):
             protocol.start_encryption(*ciphers(SUITE_CHACHA, "node"))
+        return relay, peer, relay_writes, peer_writes
+
+    def test_frames_made_during_a_read_leave_in_one_write_per_connection(self) -> None:
+        # The node's connections share one HeldWrites (the IM factory's).
+        held = HeldWrites()
+        relay, _peer, relay_writes, peer_writes = self.relay_and_peer(held)
         sealer, _ = ciphers(SUITE_CHACHA, "client")
         relay.dataReceived(b"".join(frame(sealer.seal(message_body(str(n)))) for n in range(3)))
         # Six frames back to the sender and three to the peer, in one write each.
@@ -604,11 +612,7 @@ class HeldWritesTests(unittest.TestCase):
         self.assertEqual(len(split_frames(peer_writes[0])[0]), 3)
 
     def test_without_a_shared_one_other_connections_send_at_once(self) -> None:
-        relay, peer = Relay(), RecordingProtocol()
-        relay.peer = peer
-        relay_writes, peer_writes = self.connected(relay), self.connected(peer)
-        for protocol in (relay, peer):
-            protocol.start_encryption(*ciphers(SUITE_CHACHA, "node"))
+        relay, _peer, relay_writes, peer_writes = self.relay_and_peer(None)
         sealer, _ = ciphers(SUITE_CHACHA, "client")
         relay.dataReceived(b"".join(frame(sealer.seal(message_body(str(n)))) for n in range(3)))
         self.assertEqual((len(relay_writes), len(peer_writes)), (1, 3))
@@ -623,11 +627,7 @@ class HeldWritesTests(unittest.TestCase):
     def test_work_at_the_end_of_a_read_sends_with_the_reads_frames(self) -> None:
         # The journal's write: msg:A and msg:N made when the read ends, in its sends.
         held = HeldWrites()
-        relay, peer = Relay(held), RecordingProtocol(held_writes=held)
-        relay.peer = peer
-        relay_writes, peer_writes = self.connected(relay), self.connected(peer)
-        for protocol in (relay, peer):
-            protocol.start_encryption(*ciphers(SUITE_CHACHA, "node"))
+        relay, peer, relay_writes, peer_writes = self.relay_and_peer(held)
         self.assertFalse(held.at_end(lambda: None))  # no read: the caller waits a turn
         ran: list[str] = []
 
