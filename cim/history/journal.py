@@ -5,13 +5,11 @@ the transaction that writes it (``cim.storage.timeline.append_txn``, what Postgr
 keeps, where several nodes write): it keeps each conversation's last seq in memory
 and numbers a message at once, on the reactor thread. Before a message is promised
 (the Deferred of ``append`` fires: msg:A, msg:N), its record is appended to a journal
-file beside the database (``cim.history.journal_file``), one ``os.write`` for what a
-read took, when that read ends (its answers then leave in the read's own send), or per
-reactor turn for what was taken outside a read; the records are then copied into
-SQLite in large batches through the one batch writer (``copy_txn``: replay-safe,
-renumbers nothing), and a journal file is deleted once all its records are there. At
-start, what an earlier run journaled is copied first (``start``), so a promise
-survives the process being killed.
+file beside the database (``cim.history.journal_file``), one ``os.write`` per reactor
+turn; the records are then copied into SQLite in large batches through the one batch
+writer (``copy_txn``: replay-safe, renumbers nothing), and a journal file is deleted
+once all its records are there. At start, what an earlier run journaled is copied
+first (``start``), so a promise survives the process being killed.
 
 The database lags the promises by up to a batch, so everything that reads the
 timelines waits first for what was journaled before it (``settled``: the waiting
@@ -132,10 +130,6 @@ def _run_now(work: Callable[[], object]) -> object:
     return work()
 
 
-def _no_read(work: Callable[[], object]) -> bool:
-    return False
-
-
 class Journal:
     """Numbering, the journal and the copy into SQLite; see the module."""
 
@@ -159,9 +153,6 @@ class Journal:
         self.counts = counts
         self.answer_scope: Callable[[Callable[[], object]], object] = _run_now
         """Runs the code that answers a turn's messages (``Timelines.answer_in``)."""
-        self.at_read_end: Callable[[Callable[[], object]], bool] = _no_read
-        """Takes the journal write for when the read that took the messages ends (True),
-        or says no read is running (False): the write waits for a reactor turn then."""
         self._copies: BatchWriter[_Copy] = BatchWriter(
             clock,
             lambda batch: db.run(copy_txn, [c.numbered for c in batch]),
@@ -186,7 +177,6 @@ class Journal:
         self._queues: dict[str, deque[_Taken]] = {}
         self._loading: set[object] = set()
         self._turn: IDelayedCall | None = None
-        self._turn_due = False
         self._buffer: list[_Held] = []
         self._resends: list[tuple[_Taken, Appended]] = []
         """Resends answered after the turn's write (their first may be in it)."""
@@ -373,10 +363,8 @@ class Journal:
                 self._unloaded.popitem(last=False)
         numbered = Numbered(seq, m)
         self._buffer.append((taken, numbered, encode(numbered), appended))
-        if not self._turn_due:
-            self._turn_due = True
-            if not self.at_read_end(self._write_turn):
-                self._turn = self._clock.callLater(0, self._write_turn)
+        if self._turn is None:
+            self._turn = self._clock.callLater(0, self._write_turn)
         while len(self._last) > CONVERSATIONS_KEPT:
             self._last.popitem(last=False)  # loaded again, after a settle, if needed
 
@@ -386,7 +374,6 @@ class Journal:
         if self._turn is not None and self._turn.active():
             self._turn.cancel()
         self._turn = None
-        self._turn_due = False
         self.answer_scope(self._write_and_promise)
 
     def _write_and_promise(self) -> None:

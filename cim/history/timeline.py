@@ -202,22 +202,14 @@ class Timelines:
 
     # --- lifecycle --------------------------------------------------------------------
 
-    def answer_in(
-        self,
-        scope: Callable[[Callable[[], object]], object],
-        at_read_end: Callable[[Callable[[], object]], bool] | None = None,
-    ) -> None:
+    def answer_in(self, scope: Callable[[Callable[[], object]], object]) -> None:
         """Answer appends (a batch's, a journal turn's) inside ``scope``: the IM
         listener's ``HeldWrites.around``, so the msg:A, msg:N and ack:N frames that many
         answers make for one connection leave in one send, as those made during a read
-        do (``cim.protocols.wire``). ``at_read_end`` (``HeldWrites.at_end``): the
-        journal writes what a read took when that read ends, so the answers leave in
-        the read's own send (one reactor turn and one send per connection sooner)."""
+        do (``cim.protocols.wire``)."""
         self._answer_scope = scope
         if self.journal is not None:
             self.journal.answer_scope = scope
-            if at_read_end is not None:
-                self.journal.at_read_end = at_read_end
 
     def start(self) -> Deferred[None]:
         """Replay the journal (when there is one) before anything is taken."""

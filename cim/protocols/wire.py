@@ -80,31 +80,15 @@ class HeldWrites:
     One is shared by every connection of a node (the IM factory's), so a read on one
     connection that produces frames for others (a msg:N to the receiver) also sends
     once per connection. A protocol made without one gets its own.
-
-    Work can also wait for the outermost read to end (``at_end``): the timeline
-    journal writes the messages a read took then, and their answers (msg:A, msg:N)
-    leave in that read's send, rather than one reactor turn later in sends of their own.
     """
 
-    __slots__ = ("_at_end", "connections", "depth")
-
-    log = Logger()
+    __slots__ = ("connections", "depth")
 
     def __init__(self) -> None:
         self.depth = 0
         """How many reads are on the stack (a read can cause another)."""
         self.connections: list[FrameProtocol] = []
         """Connections holding frames until the outermost read ends."""
-        self._at_end: list[Callable[[], object]] = []
-
-    def at_end(self, work: Callable[[], object]) -> bool:
-        """Run ``work`` when the outermost read (or ``around``) ends, before its held
-        frames are written, so the frames ``work`` makes leave with them. False when
-        no read is running: the caller finds another moment (a reactor turn)."""
-        if not self.depth:
-            return False
-        self._at_end.append(work)
-        return True
 
     def around(self, work: Callable[[], object]) -> None:
         """Run ``work`` as if it were a read: the frames it makes for a connection
@@ -120,23 +104,7 @@ class HeldWrites:
         finally:
             self.depth -= 1
             if not self.depth:
-                self.end()
-
-    def end(self) -> None:
-        """The outermost read ended: run what waited for it (its frames held too), then
-        write every connection's frames."""
-        while self._at_end:
-            waiting, self._at_end = self._at_end, []
-            self.depth += 1
-            try:
-                for work in waiting:
-                    try:
-                        work()
-                    except Exception:
-                        self.log.failure("work at the end of a read failed")
-            finally:
-                self.depth -= 1
-        self.flush()
+                self.flush()
 
     def flush(self) -> None:
         connections = self.connections
@@ -300,7 +268,7 @@ class FrameProtocol(Int32StringReceiver):
             self._delivering = False
             held.depth -= 1
             if not held.depth:
-                held.end()
+                held.flush()
 
     def _frames_received(self, data: bytes) -> None:
         buffer = self._unprocessed + data if self._unprocessed else data

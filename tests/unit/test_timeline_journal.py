@@ -22,7 +22,6 @@ from cim.groups.directory import GroupDirectory
 from cim.history.journal import COPY_WAIT, journal_directory
 from cim.history.journal_file import encode, read_records
 from cim.history.timeline import Timelines, TimelineSettings, TimelineUnavailable
-from cim.protocols.wire import HeldWrites
 from cim.storage.changes import ChangeAsked
 from cim.storage.schema import conversations, timeline, user_conversations
 from cim.storage.timeline import Appended, forget_user
@@ -99,30 +98,6 @@ class JournalTests(DatabaseMixin, TestCase):
         self.assertEqual((found.msg_id, found.new), (2, False))
         self.assertEqual(timelines.counts["journaled"], 3)
         self.assertGreater(self.journal_size(), 0)
-
-    def test_messages_taken_in_a_read_are_written_when_it_ends_not_a_turn_later(self) -> None:
-        timelines = self.timelines()
-        held = HeldWrites()
-        scopes: list[str] = []
-
-        def scope(work: Any) -> None:
-            scopes.append("answer")
-            held.around(work)
-
-        timelines.answer_in(scope, held.at_end)
-        answers: list[Deferred[Appended]] = []
-        # A read: what it takes is journaled (one write) and promised when it ends.
-        held.around(lambda: answers.extend(timelines.append(message(n), "phone") for n in (1, 2)))
-        self.assertEqual([self.ok(d).seq for d in answers], [1, 2])
-        assert timelines.journal is not None
-        self.assertIsNone(timelines.journal._turn)  # no reactor turn was waited for
-        self.assertEqual(scopes, ["answer"])
-        self.assertEqual(timelines.counts["journaled"], 2)
-        # Outside a read (a load that ended): the turn's write, as before.
-        later = timelines.append(message(3), "phone")
-        self.assertNoResult(later)
-        self.clock.advance(0)
-        self.assertEqual(self.ok(later).seq, 3)
 
     def test_group_messages_number_in_their_own_timeline(self) -> None:
         timelines = self.timelines()

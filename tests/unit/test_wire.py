@@ -624,46 +624,6 @@ class HeldWritesTests(unittest.TestCase):
         protocol.send_heartbeat()
         self.assertEqual(writes, [HEARTBEAT_FRAME, HEARTBEAT_FRAME])
 
-    def test_work_at_the_end_of_a_read_sends_with_the_reads_frames(self) -> None:
-        # The journal's write: msg:A and msg:N made when the read ends, in its sends.
-        held = HeldWrites()
-        relay, peer, relay_writes, peer_writes = self.relay_and_peer(held)
-        self.assertFalse(held.at_end(lambda: None))  # no read: the caller waits a turn
-        ran: list[str] = []
-
-        def answer() -> None:
-            ran.append("answer")
-            relay.send_frame(cim_pb2.ACK_N, cim_pb2.AckN(msg_id=7))
-            peer.send_frame(cim_pb2.MSG_N, cim_pb2.Message(text="late"))
-            self.assertTrue(held.at_end(lambda: ran.append("again")))  # work adds work
-
-        def fails() -> None:
-            raise RuntimeError("broken")
-
-        class Taker(Relay):
-            def dispatch_plaintext(self, plaintext: bytes) -> None:
-                super().dispatch_plaintext(plaintext)
-                if not taken:  # the read's first frame asks for the work, once
-                    taken.append(True)
-                    self_test.assertTrue(held.at_end(fails))
-                    self_test.assertTrue(held.at_end(answer))
-
-        taken: list[bool] = []
-
-        self_test = self
-        relay.__class__ = Taker
-        sealer, _ = ciphers(SUITE_CHACHA, "client")
-        relay.dataReceived(b"".join(frame(sealer.seal(message_body(str(n)))) for n in range(2)))
-        self.assertEqual(ran, ["answer", "again"])  # after the broken one, logged
-        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
-        self.assertEqual((len(relay_writes), len(peer_writes)), (1, 1))
-        _, opener = ciphers(SUITE_CHACHA, "client")
-        frames, _ = split_frames(relay_writes[0])
-        types = [opener.open(body)[0] for body in frames]
-        self.assertEqual(types, [cim_pb2.MSG_A, cim_pb2.ACK_A] * 2 + [cim_pb2.ACK_N])
-        self.assertEqual(len(split_frames(peer_writes[0])[0]), 3)
-        self.assertEqual(held.depth, 0)
-
     def test_closing_during_a_read_sends_the_held_frames_first(self) -> None:
         class Refuser(RecordingProtocol):
             def plaintext_frame_received(self, body: bytes) -> None:
