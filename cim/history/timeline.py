@@ -254,12 +254,13 @@ class Timelines:
             return self.journal.waiting
         return self._appends.pending
 
-    def settled(self) -> Deferred[None]:
+    def settled(self, *, hurry: bool = True) -> Deferred[None]:
         """Fires once every message promised so far is in the database: what a read
-        that must see them waits for (at once without a journal)."""
+        that must see them waits for (at once without a journal). ``hurry``: see
+        ``Journal.settled``."""
         if self.journal is None:
             return succeed(None)
-        return self.journal.settled()
+        return self.journal.settled(hurry=hurry)
 
     def _read(
         self, txn: Callable[Concatenate[Any, P], R], *args: P.args, **kwargs: P.kwargs
@@ -401,9 +402,7 @@ class Timelines:
             if self._moves.get(move.key) is move:
                 del self._moves[move.key]
         rows = [CursorMove(*move.key, move.seq) for move in moves]
-        if self.journal is None:
-            return self._db.run(move_cursors_txn, rows)
-        d = self.journal.settled(hurry=False)
+        d = self.settled(hurry=False)
         return d.addCallback(lambda _: self._db.run(move_cursors_txn, rows))
 
     def move_cursors(
