@@ -30,7 +30,7 @@ from google.protobuf.message import Message
 
 from cim.protocols import cim_pb2
 
-__all__ = ["STORE_MAX", "out_of_range", "refusal"]
+__all__ = ["STORE_MAX", "checker_for", "out_of_range", "refusal"]
 
 STORE_MAX = 2**63 - 1
 """The largest integer the stores take: a signed 64-bit column."""
@@ -174,8 +174,22 @@ def out_of_range(message: Message) -> str | None:
     return _walk(message, "")
 
 
+def checker_for(message_class: type[Message]) -> Callable[[Message], str | None]:
+    """``out_of_range`` for frames of one type, its plan looked up once: the
+    connection checks every frame it reads with one of these."""
+    plan = _plan_of(message_class.DESCRIPTOR)
+
+    def check(message: Message) -> str | None:
+        return _walk_plan(plan, message, "")
+
+    return check
+
+
 def _walk(message: Message, prefix: str) -> str | None:
-    plan = _plan_of(message.DESCRIPTOR)
+    return _walk_plan(_plan_of(message.DESCRIPTOR), message, prefix)
+
+
+def _walk_plan(plan: _Plan, message: Message, prefix: str) -> str | None:
     if plan.wide:
         values = plan.read_wide(message)
         if max(values) > STORE_MAX:

@@ -241,7 +241,8 @@ class ImServerProtocol(FrameProtocol, SweptTimeoutMixin):
         # Before the handshake only the deadline counts: heartbeats cannot stretch it.
         if self.state is ConnectionState.ESTABLISHED:
             self.resetTimeout()
-            # Before each frame is handled: a pause stops the very next one.
+            # Before the read's frames are handled: a pause stops all of them (they
+            # wait in the buffer until the node resumes this connection).
             self.factory.node_queue.check()
 
     def ciphers_used(self) -> None:

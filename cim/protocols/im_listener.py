@@ -141,15 +141,15 @@ CONNECTION_FRAMES: FrameTable = {
 def checked_at_the_edge(table: FrameTable) -> FrameTable:
     """The same table, each receiver behind the edge: out-of-range numbers never pass."""
     return {
-        frame_type: (message_class, _behind_the_edge(frame_type, receive))
+        frame_type: (message_class, _behind_the_edge(frame_type, message_class, receive))
         for frame_type, (message_class, receive) in table.items()
     }
 
 
 def _behind_the_edge(
-    frame_type: int, receive: Callable[[Any, Any], None]
+    frame_type: int, message_class: type[ProtobufMessage], receive: Callable[[Any, Any], None]
 ) -> Callable[[ImServerProtocol, ProtobufMessage], None]:
-    out_of_range = edge.out_of_range
+    out_of_range = edge.checker_for(message_class)
 
     def receive_checked(protocol: ImServerProtocol, message: ProtobufMessage) -> None:
         protocol.active_at = protocol.factory.clock.seconds()

@@ -159,7 +159,7 @@ class NodeQueue:
     def grew(self, size: int) -> None:
         self.total += size
         if self.total >= self.max_bytes:
-            self._over()
+            self.over()
 
     def shrank(self, size: int) -> None:
         self.total -= size
@@ -172,19 +172,22 @@ class NodeQueue:
         return self.database_backlog()
 
     def check(self) -> None:
-        """A frame arrived: pause the heaviest senders if the node is over a bound.
+        """Frames arrived: pause the heaviest senders if the node is over a bound.
 
-        Called for every frame: database work grows without telling the node.
+        Called for every read that brings whole frames, before they are handled:
+        database work grows without telling the node.
         """
-        if self.total >= self.max_bytes or self.pending_work >= self.max_pending:
-            self._over()
+        if self.total >= self.max_bytes or self.database_backlog() >= self.max_pending:
+            self.over()
 
     @property
     def pressure(self) -> float:
         """How full the node is: 1.0 at a bound."""
         return max(self.total / self.max_bytes, self.pending_work / self.max_pending)
 
-    def _over(self) -> None:
+    def over(self) -> None:
+        """Over a bound (counted by the caller): pause the heaviest senders, if it is time
+        to look again."""
         now = self.clock.seconds()
         if now - self._looked_at < self._look_interval:
             return
@@ -386,13 +389,22 @@ class OutboundBudget:
     # --- the framing's reports (OutboundAccounting) ----------------------------------
 
     def held(self, size: int) -> None:
+        # Every frame a read answers passes here: the node's total and this budget are
+        # kept in one call (what ``_grew`` and ``NodeQueue.grew`` would do).
         self.held_bytes += size
-        self._grew(size)
+        rules = self._rules
+        node = rules.node
+        node.total += size
+        if node.total >= node.max_bytes:
+            node.over()
+        if self.over_since is None and self.held_bytes + self.transport_bytes >= rules.limit:
+            self._went_over()
 
     def released(self, size: int) -> None:
         self.held_bytes -= size
         self._rules.node.shrank(size)
-        self._maybe_back_under()
+        if self.over_since is not None:
+            self._maybe_back_under()
 
     def queued(self, size: int) -> None:
         self.transport_bytes += size
@@ -425,9 +437,13 @@ class OutboundBudget:
         rules = self._rules
         rules.node.grew(size)
         if self.over_since is None and self.queued_bytes >= rules.limit:
-            self.over_since = rules.clock.seconds()
-            self._cut = rules.clock.callLater(rules.slow_reader_timeout, self._too_slow)
-            self._owner.behind(True)
+            self._went_over()
+
+    def _went_over(self) -> None:
+        rules = self._rules
+        self.over_since = rules.clock.seconds()
+        self._cut = rules.clock.callLater(rules.slow_reader_timeout, self._too_slow)
+        self._owner.behind(True)
 
     def _maybe_back_under(self) -> None:
         # Bytes in the transport only ever leave all at once (the drain), so a

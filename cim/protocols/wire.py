@@ -165,7 +165,8 @@ class FrameProtocol(Int32StringReceiver):
 
     Subclasses set ``inbound`` for their connection state and override the hooks
     ``plaintext_frame_received`` (the handshake), ``heartbeat_received``,
-    ``frame_activity`` (idle timers) and ``ciphers_used`` (freeing cipher contexts).
+    ``frame_activity`` (idle timers; called once per read that brings whole frames,
+    before the first is handled) and ``ciphers_used`` (freeing cipher contexts).
 
     It is a push producer of frames, like Twisted's own receivers: ``pauseProducing``
     stops the transport reading and delivers no further frame, not even one already
@@ -275,6 +276,7 @@ class FrameProtocol(Int32StringReceiver):
         end = len(buffer)
         offset = 0
         limit = self.MAX_LENGTH
+        active = False
         while end - offset >= _PREFIX_SIZE:
             (length,) = _UNPACK_LENGTH(buffer, offset)
             if length > limit:
@@ -285,6 +287,14 @@ class FrameProtocol(Int32StringReceiver):
             stop = start + length
             if stop > end:
                 break
+            if not active:
+                # Once per read that brings whole frames, before the first is handled:
+                # the idle timer and the node's backpressure look cost a call each,
+                # and a read carries several frames (a partial frame is no activity).
+                active = True
+                self.frame_activity()
+                if self.paused:  # the node stopped reading us: this frame waits too
+                    break
             offset = stop
             self.stringReceived(buffer[start:stop])
             # One check per frame covers both ways frames stop (rejection pauses too).
@@ -313,7 +323,6 @@ class FrameProtocol(Int32StringReceiver):
             self.dataReceived(b"")
 
     def stringReceived(self, body: bytes) -> None:
-        self.frame_activity()
         metrics = self.metrics
         if not body:
             if metrics is not None:

@@ -104,10 +104,12 @@ class FramingTests(unittest.TestCase):
         self.assertEqual(HEARTBEAT_FRAME, b"\x00\x00\x00\x00")
         self.protocol.dataReceived(HEARTBEAT_FRAME * 2)
         self.assertEqual(self.protocol.heartbeats, 2)
+        self.assertEqual(self.protocol.activity, 1)  # once per read that brings frames
+        self.protocol.dataReceived(HEARTBEAT_FRAME)
         self.assertEqual(self.protocol.activity, 2)
-        self.assertEqual(self.metrics.heartbeats_in, 2)
+        self.assertEqual(self.metrics.heartbeats_in, 3)
         self.assertEqual(self.metrics.heartbeats_out, 1)
-        self.assertEqual(self.metrics.bytes_in, 8)
+        self.assertEqual(self.metrics.bytes_in, 12)
         self.assertEqual(self.metrics.bytes_out, 4)
 
     def test_heartbeats_stay_plain_after_encryption(self) -> None:
@@ -130,6 +132,24 @@ class FramingTests(unittest.TestCase):
         self.protocol.dataReceived(frame(b"\x01hello") + HEARTBEAT_FRAME)
         self.assertEqual(self.protocol.plaintexts, [])
         self.assertEqual(self.protocol.heartbeats, 0)
+
+    def test_a_pause_decided_before_a_read_keeps_all_its_frames(self) -> None:
+        """The activity hook runs before the read's first frame (the node's
+        backpressure look): a pause there holds every frame of the read, the first
+        included, until resumed."""
+        protocol = self.protocol
+
+        def pause_once() -> None:
+            protocol.activity += 1
+            if protocol.activity == 1:
+                protocol.pauseProducing()
+
+        protocol.frame_activity = pause_once  # type: ignore[method-assign]
+        protocol.dataReceived(frame(b"\x01one") + frame(b"\x01two"))
+        self.assertEqual(protocol.plaintexts, [])
+        protocol.resumeProducing()
+        self.assertEqual(protocol.plaintexts, [b"\x01one", b"\x01two"])
+        self.assertEqual(protocol.activity, 2)
 
     def test_largest_allowed_frame_passes(self) -> None:
         self.protocol.dataReceived(frame(b"\x01" * MAX_FRAME))
@@ -210,7 +230,7 @@ class EncryptedFramingTestsMixin(_MixinBase):
         self.assertEqual(self.protocol.received[1].msg_id, 7)
         self.assertEqual(self.metrics.frames_in[cim_pb2.MSG_R], 1)
         self.assertEqual(self.metrics.frames_in[cim_pb2.ACK_R], 1)
-        self.assertEqual(self.protocol.activity, 2)
+        self.assertEqual(self.protocol.activity, 1)  # one read
         self.assertFalse(self.transport.disconnecting)
 
     def test_frames_split_anywhere_arrive_whole(self) -> None:
