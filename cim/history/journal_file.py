@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import functools
 import os
 import struct
 import zlib
@@ -43,31 +44,44 @@ _MAX_RECORD = 1 << 28
 def encode(item: Numbered) -> bytes:
     """One record, framed."""
     m = item.message
-    conversation = m.conversation.encode()
-    sender = m.sender.encode()
-    device = m.sender_device.encode()
-    parts = [
-        _FIXED.pack(
-            m.msg_id,
-            item.seq,
-            m.client_seq,
-            m.sent_at,
-            len(conversation),
-            len(sender),
-            len(device),
-            len(m.readers),
-            len(m.payload),
-        ),
-        conversation,
-        sender,
-        device,
-    ]
-    for user, peer in m.readers:
+    nc, ns, nd, names = _names(m.conversation, m.sender, m.sender_device, m.readers)
+    payload = m.payload
+    body = b"".join(
+        (
+            _FIXED.pack(
+                m.msg_id,
+                item.seq,
+                m.client_seq,
+                m.sent_at,
+                nc,
+                ns,
+                nd,
+                len(m.readers),
+                len(payload),
+            ),
+            names,
+            payload,
+        )
+    )
+    return _FRAME.pack(len(body), zlib.crc32(body)) + body
+
+
+@functools.lru_cache(maxsize=16384)
+def _names(
+    conversation: str, sender: str, device: str, readers: tuple[tuple[str, str], ...]
+) -> tuple[int, int, int, bytes]:
+    """The lengths of conversation, sender and device, and the encoded names that
+    follow the fixed fields (those three, then each reader pair, length-prefixed).
+
+    Cached: a conversation's messages repeat them (the same sender, device and
+    readers), and encoding them is most of a record's cost.
+    """
+    c, s, d = conversation.encode(), sender.encode(), device.encode()
+    parts = [c, s, d]
+    for user, peer in readers:
         a, b = user.encode(), peer.encode()
         parts += (_PAIR.pack(len(a), len(b)), a, b)
-    parts.append(m.payload)
-    body = b"".join(parts)
-    return _FRAME.pack(len(body), zlib.crc32(body)) + body
+    return len(c), len(s), len(d), b"".join(parts)
 
 
 def decode(body: bytes) -> Numbered:

@@ -24,7 +24,7 @@ from cim.history.journal_file import encode, read_records
 from cim.history.timeline import Timelines, TimelineSettings, TimelineUnavailable
 from cim.storage.changes import ChangeAsked
 from cim.storage.schema import conversations, timeline, user_conversations
-from cim.storage.timeline import Appended, forget_user
+from cim.storage.timeline import Appended, NewMessage, forget_user
 from cim.storage.timeline_journal import Numbered
 from tests.unit.test_groups import USERS, add_users_txn
 from tests.unit.test_timeline import AB, GROUP, START, DatabaseMixin, message, new
@@ -199,6 +199,30 @@ class JournalTests(DatabaseMixin, TestCase):
             lambda c: list(c.execute(select(user_conversations.c.user_name)).scalars())
         )
         self.assertEqual(readers, ["alice"])  # bob's reader row stays deleted
+
+    def test_records_read_back_as_written(self) -> None:
+        """Each record decodes to what was encoded, whichever names a message shares
+        with the one before (encode caches the encoded names of a conversation)."""
+        first = NewMessage(
+            "d:alice:bob",
+            11,
+            "alice",
+            "phone",
+            1,
+            1.5,
+            b"one",
+            (("alice", "bob"), ("bob", "alice")),
+        )
+        items = [
+            Numbered(1, first),
+            Numbered(2, first._replace(msg_id=12, client_seq=2, payload=b"")),
+            Numbered(
+                3, first._replace(msg_id=13, sender_device="w\u00e4tch", payload=b"\x00" * 300)
+            ),
+            Numbered(1, NewMessage("g:room", 14, "z\u00fcri", "web", 0, 2.0, b"group", ())),
+        ]
+        data = b"".join(encode(item) for item in items)
+        self.assertEqual(read_records(data), (items, len(data)))
 
     def test_a_torn_tail_is_dropped(self) -> None:
         whole = encode(Numbered(1, new(message(1))))

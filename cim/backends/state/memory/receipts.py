@@ -149,7 +149,7 @@ class MemoryReceiptStore:
         self, sender: str, device: str, client_seq: int, msg_id: int, sent_at_ms: int
     ) -> MessageReceipt | None:
         key = (sender, device)
-        now_ms = self._now_ms()
+        now_ms = int(self._clock.seconds() * 1000)
         receipts = self._devices.get(key)
         if receipts is None:
             receipts = self._devices[key] = _DeviceReceipts()
@@ -167,7 +167,7 @@ class MemoryReceiptStore:
     ) -> Deferred[None]:
         receipts = self._devices.get((sender, device))
         if receipts is not None:
-            receipts.expire(self._now_ms() - self._window_ms)
+            receipts.expire(int(self._clock.seconds() * 1000) - self._window_ms)
             index = receipts.find(client_seq)
             if index >= 0:
                 receipts.settle(index, status, reason)
