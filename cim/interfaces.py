@@ -197,6 +197,11 @@ class IImmediateReceipts(Interface):
     ) -> MessageReceipt | None:
         """``IReceiptStore.remember_message``'s answer, returned at once."""
 
+    def record_outcome_now(
+        sender: str, device: str, client_seq: int, status: int, reason: str
+    ) -> None:
+        """``IReceiptStore.record_outcome``, done at once (every ack:N records one)."""
+
 
 class ISequenceStore(Interface):
     """Numbers shared by every node: node numbers for message ids. (Messages are

@@ -96,24 +96,36 @@ def message_problem(
         return "recalled, edited and changed_* are set by the node only"
     if len(message.text) > max_text_length:
         return f"a message text holds at most {max_text_length} characters"
-    if message.type in _MEDIA_TYPES and not message.media.url:
+    has_media = message.HasField("media")
+    if message.type in _MEDIA_TYPES and not (has_media and message.media.url):
         return "an image, voice or file message needs media.url"
-    if message.type == cim_pb2.LOCATION and not message.HasField("location"):
+    has_location = message.HasField("location")
+    if message.type == cim_pb2.LOCATION and not has_location:
         return "a location message needs location"
-    media, location = message.media, message.location
-    for field, value in (
-        ("text", message.text),
-        ("media.name", media.name),
-        ("media.mime", media.mime),
-        ("media.file_id", media.file_id),
-        ("location.name", location.name),
-    ):
-        if control_characters_in(value):
-            return f"{field} may not contain control characters (newline and tab are fine)"
-    for field, value in (("media.url", media.url), ("media.thumbnail_url", media.thumbnail_url)):
-        if value and not media_urls.accepts(value):
-            return f"{field} must be an https URL, or one of this node's file service"
+    if control_characters_in(message.text):
+        return _CONTROL_CHARACTERS.format(field="text")
+    # Most messages are text: media and location are read only when they are there.
+    if has_media:
+        media = message.media
+        for field, value in (
+            ("media.name", media.name),
+            ("media.mime", media.mime),
+            ("media.file_id", media.file_id),
+        ):
+            if control_characters_in(value):
+                return _CONTROL_CHARACTERS.format(field=field)
+        for field, value in (
+            ("media.url", media.url),
+            ("media.thumbnail_url", media.thumbnail_url),
+        ):
+            if value and not media_urls.accepts(value):
+                return f"{field} must be an https URL, or one of this node's file service"
+    if has_location and control_characters_in(message.location.name):
+        return _CONTROL_CHARACTERS.format(field="location.name")
     return None
+
+
+_CONTROL_CHARACTERS = "{field} may not contain control characters (newline and tab are fine)"
 
 
 class DirectMessages:

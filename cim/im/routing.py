@@ -37,7 +37,7 @@ from cim.im.collaborators import (
     log_failure,
 )
 from cim.im.peers import Peers
-from cim.interfaces import BusUnavailable, StateUnavailable
+from cim.interfaces import BusUnavailable, IImmediateReceipts, StateUnavailable
 from cim.message_ids import MessageIdGenerator
 from cim.protocols import cim_pb2
 from cim.protocols.wire import encode_frame
@@ -99,6 +99,12 @@ class Routing:
         self._clock = core.clock
         self._metrics = core.metrics
         self._receipts = core.state.receipts
+        self._record_now = (
+            self._receipts.record_outcome_now
+            if IImmediateReceipts.providedBy(self._receipts)
+            else None
+        )
+        """Outcomes recorded without a Deferred, in a store in this process."""
         self._directory = directory
         self._peers = peers
         self._connected = connected
@@ -185,6 +191,7 @@ class Routing:
         if not taking:
             self._left_for_catchup(message, sender_device)
             return
+        devices: set[str] = set()
         self._pending[key] = _Pending(
             getattr(message, "from"),
             sender_device,
@@ -192,12 +199,17 @@ class Routing:
             receiver,
             message,
             self._clock.seconds() + PENDING_TIMEOUT,
-            {session.record.device for session in taking},
+            devices,
         )
+        by_device = self._pending_by_device
         for session in taking:
-            self._pending_by_device.setdefault((receiver, session.record.device), set()).add(
-                message.id
-            )
+            device = session.record.device
+            devices.add(device)
+            held = by_device.get((receiver, device))
+            if held is None:
+                by_device[(receiver, device)] = {message.id}
+            else:
+                held.add(message.id)
             session.deliver(MSG_N, message)
 
     def _receiver_not_here(self, message: cim_pb2.Message, sender_device: str) -> None:
@@ -244,13 +256,16 @@ class Routing:
 
     def tell_sender(self, sender: str, sender_device: str, ack: cim_pb2.AckN) -> None:
         """Record the outcome for retries, then reach the sender wherever it is."""
-        in_background(
-            self._receipts.record_outcome(
-                sender, sender_device, ack.client_seq, ack.status, ack.reason
-            ),
-            self.log,
-            "record an outcome",
-        )
+        if self._record_now is not None:
+            self._record_now(sender, sender_device, ack.client_seq, ack.status, ack.reason)
+        else:
+            in_background(
+                self._receipts.record_outcome(
+                    sender, sender_device, ack.client_seq, ack.status, ack.reason
+                ),
+                self.log,
+                "record an outcome",
+            )
         session = self._connected.session_of(sender, sender_device)
         if session is not None:
             session.deliver(ACK_N, ack)

@@ -41,7 +41,25 @@ class RetryTests(SynchronousTestCase):
         self.assertEqual(delivered.id, answers[0].msg_id)
 
     def test_retry_after_the_outcome_gets_it_again_without_delivering(self) -> None:
+        self.retry_after_the_outcome(at_once=True)
+
+    def test_an_outcome_recorded_through_a_deferred_is_found_by_a_retry(self) -> None:
+        """A store in another process (Redis) records outcomes through a Deferred."""
+        self.retry_after_the_outcome(at_once=False)
+
+    def retry_after_the_outcome(self, at_once: bool) -> None:
         node = NodeHarness()
+        recorded: list[int] = []
+        store = node.state.receipts
+        real = store.record_outcome
+
+        def record(sender: str, device: str, seq: int, status: int, reason: str) -> Any:
+            recorded.append(status)
+            return real(sender, device, seq, status, reason)
+
+        store.record_outcome = record  # type: ignore[method-assign]
+        if not at_once:
+            node.im.routing._record_now = None
         alice = node.connect("alice")
         bob = node.connect("bob", auto_ack=True)
         request = cim_pb2.Message(to="bob", text="hello", client_seq=7)
@@ -53,6 +71,9 @@ class RetryTests(SynchronousTestCase):
         first, second = alice.events.of_type(cim_pb2.ACK_N)
         self.assertEqual(first, second)
         self.assertEqual(first.status, cim_pb2.DELIVERED)
+        # The memory store records at once, not through its Deferred method (each answer
+        # records its outcome, the retry's too).
+        self.assertEqual(recorded, [] if at_once else [cim_pb2.DELIVERED] * 2)
 
     def test_retry_reaches_another_node_through_shared_state(self) -> None:
         """The dedup window lives in the state store, not in one node's memory."""

@@ -165,13 +165,18 @@ class MemoryReceiptStore:
     def record_outcome(
         self, sender: str, device: str, client_seq: int, status: int, reason: str
     ) -> Deferred[None]:
+        self.record_outcome_now(sender, device, client_seq, status, reason)
+        return defer.succeed(None)
+
+    def record_outcome_now(
+        self, sender: str, device: str, client_seq: int, status: int, reason: str
+    ) -> None:
         receipts = self._devices.get((sender, device))
         if receipts is not None:
             receipts.expire(int(self._clock.seconds() * 1000) - self._window_ms)
             index = receipts.find(client_seq)
             if index >= 0:
                 receipts.settle(index, status, reason)
-        return defer.succeed(None)
 
     def forget_expired(self) -> None:
         """Drop the devices all of whose receipts have passed their window.
