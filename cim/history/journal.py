@@ -319,6 +319,12 @@ class Journal:
         self._number(taken, seq)
         return True
 
+    def _forget_quiet_conversations(self) -> None:
+        """Keep the numbering of the ``CONVERSATIONS_KEPT`` most recent conversations
+        (a conversation is added only by its load, so it is trimmed only there)."""
+        while len(self._last) > CONVERSATIONS_KEPT:
+            self._last.popitem(last=False)  # loaded again, after a settle, if needed
+
     def _known(self, m: NewMessage) -> object:
         """The earlier Appended of a resend, None for a new message, or what to do to
         know (``_LOAD`` the device, ``_LOOKUP`` in the database)."""
@@ -346,16 +352,21 @@ class Journal:
     def _number(self, taken: _Taken, seq: int) -> None:
         m = taken.message
         appended = Appended(m.msg_id, m.conversation, seq, True)
-        self._ids[m.msg_id] = appended
-        if len(self._ids) > IDS_KEPT:
-            forgotten, _ = self._ids.popitem(last=False)
-            self._id_floor = max(self._id_floor, forgotten)
-        device = self._devices.get((m.sender, m.sender_device)) if m.client_seq else None
+        ids = self._ids
+        ids[m.msg_id] = appended
+        if len(ids) > IDS_KEPT:
+            forgotten, _ = ids.popitem(last=False)
+            if forgotten > self._id_floor:
+                self._id_floor = forgotten
+        client_seq = m.client_seq
+        device = self._devices.get((m.sender, m.sender_device)) if client_seq else None
         if device is not None:
-            device.high = max(device.high, m.client_seq)
-            device.recent[m.client_seq] = (appended, m.sent_at)
-            if len(device.recent) > RECENT_PER_DEVICE:
-                device.recent.popitem(last=False)
+            if client_seq > device.high:
+                device.high = client_seq
+            recent = device.recent
+            recent[client_seq] = (appended, m.sent_at)
+            if len(recent) > RECENT_PER_DEVICE:
+                recent.popitem(last=False)
         elif m.client_seq:  # looked up by id, the device not loaded: its load takes this
             key = (m.sender, m.sender_device)
             self._unloaded[key] = max(self._unloaded.pop(key, 0), m.client_seq)
@@ -365,8 +376,6 @@ class Journal:
         self._buffer.append((taken, numbered, encode(numbered), appended))
         if self._turn is None:
             self._turn = self._clock.callLater(0, self._write_turn)
-        while len(self._last) > CONVERSATIONS_KEPT:
-            self._last.popitem(last=False)  # loaded again, after a settle, if needed
 
     def _write_turn(self) -> None:
         """One write for the turn's records, then their promises, inside
@@ -439,6 +448,7 @@ class Journal:
         assert isinstance(key, str)
         last = await self._db.run(last_seq_txn, key)
         self._last.setdefault(key, last)
+        self._forget_quiet_conversations()
 
     async def _load_device(self, key: object) -> None:
         assert isinstance(key, tuple)

@@ -424,10 +424,11 @@ class FrameProtocol(Int32StringReceiver):
         if len(frames) == 1:
             frame = frames[0]
             body = seal(frame)
-            self._emit(_LENGTH(len(body)) + body)
+            size = len(body)
+            self._emit(_LENGTH(size) + body)
             if metrics is not None:
                 metrics.frames_out[frame[0]] += 1
-                metrics.bytes_out += _PREFIX_SIZE + len(body)
+                metrics.bytes_out += _PREFIX_SIZE + size
             return
         parts = []
         for frame in frames:
