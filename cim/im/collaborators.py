@@ -248,6 +248,11 @@ class ContactRules(Protocol):
     def known(self, sender: str, receiver: str) -> bool | None:
         """The remembered answer to ``may_message`` (no Deferred), or None."""
 
+    def account_known(self, sender: str, receiver: str) -> bool:
+        """Whether a remembered answer for this pair read the receiver's account (an
+        allowed message: ``may_message`` is False without one), so the receiver is
+        known to exist without a read of its own."""
+
     def may_message(self, sender: str, receiver: str) -> Deferred[bool]:
         """Whether ``sender`` may send ``receiver`` a 1:1 message. False for a name
         without an account too, by the same path as any other refusal."""
@@ -267,6 +272,9 @@ class NoContacts:
 
     def known(self, sender: str, receiver: str) -> bool | None:
         return True
+
+    def account_known(self, sender: str, receiver: str) -> bool:
+        return False  # no rules read no account
 
     def may_message(self, sender: str, receiver: str) -> Deferred[bool]:
         return succeed(True)

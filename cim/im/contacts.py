@@ -129,6 +129,9 @@ class ContactDirectory:
     def known(self, sender: str, receiver: str) -> bool | None:
         return self.book.known(sender, receiver)
 
+    def account_known(self, sender: str, receiver: str) -> bool:
+        return self.book.known(sender, receiver) is True
+
     def may_message(self, sender: str, receiver: str) -> Deferred[bool]:
         return self.book.may_message(sender, receiver)
 

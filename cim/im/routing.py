@@ -213,6 +213,13 @@ class Routing:
             session.deliver(MSG_N, message)
 
     def _receiver_not_here(self, message: cim_pb2.Message, sender_device: str) -> None:
+        if self._directory.contacts.account_known(getattr(message, "from"), message.to):
+            # The consent decision that let it in read the receiver's account (at most
+            # the decision's TTL ago, dropped when the account changes on this node):
+            # no second read per message for a receiver who is offline.
+            self._left_for_catchup(message, sender_device)
+            return
+
         def decided(exists: bool) -> None:
             if not exists:
                 self._settle(message, sender_device, FAILED, REASON_NO_SUCH_USER)

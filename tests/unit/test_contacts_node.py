@@ -23,6 +23,7 @@ from twisted.trial.unittest import TestCase
 from cim.accounts.store import AccountStore
 from cim.config import parse_config
 from cim.groups.directory import GroupDirectory
+from cim.im.collaborators import NoContacts
 from cim.im.contacts import ContactDirectory
 from cim.im.direct import REASON_NOT_ACCEPTED
 from cim.im.system import SYSTEM_SENDER
@@ -38,6 +39,7 @@ from tests.unit.test_groups import CountingRunner
 from tests.unit.test_storage import sqlite_url
 
 FORBIDDEN = cim_pb2.Error.FORBIDDEN
+NO_RULES = NoContacts()
 
 
 class ContactNodeMixin:
@@ -197,6 +199,30 @@ class MessageConsentTests(ContactNodeMixin, TestCase):
             [c.user for c in self.ask(watch, list=cim_pb2.ListContacts()).book.contacts],
             ["stranger"],
         )
+
+    def test_an_offline_receiver_the_consent_read_found_is_not_read_again(self) -> None:
+        """The decision that let a message in read the receiver's account: storing
+        it for an offline receiver reads nothing more. Rules that read no account
+        leave routing to read it (and to fail a name without one)."""
+        reads: list[str] = []
+        exists = self.node.im.directory.user_exists
+
+        def counted(name: str) -> Any:
+            reads.append(name)
+            return exists(name)
+
+        self.node.im.directory.user_exists = counted
+        alice = self.node.connect("alice")
+        for seq in (1, 2, 3):
+            self.send(alice, "carol", seq)
+        self.assertEqual(self.outcomes(alice), {n: (cim_pb2.STORED, "") for n in (1, 2, 3)})
+        self.assertEqual(reads, [])
+        self.node.im.directory.contacts = NO_RULES  # rules that read no account
+        self.send(alice, "carol", 4)
+        self.assertEqual(self.outcomes(alice)[4], (cim_pb2.STORED, ""))
+        self.assertEqual(reads, ["carol"])
+        self.send(alice, "nobody", 5)
+        self.assertEqual(self.outcomes(alice)[5], (cim_pb2.FAILED, "no such user"))
 
     def test_once_a_person_accepts_the_message_is_delivered(self) -> None:
         bob = self.node.connect("bob", auto_ack=True)

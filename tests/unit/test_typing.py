@@ -71,6 +71,9 @@ class RefusingContacts:
     def known(self, sender: str, receiver: str) -> bool | None:
         return None  # always asked, as for an answer not remembered
 
+    def account_known(self, sender: str, receiver: str) -> bool:
+        return False
+
     def may_message(self, sender: str, receiver: str) -> Deferred[bool]:
         return succeed(sender not in self.refused)
 
