@@ -247,14 +247,28 @@ class Catchup:
         elsewhere = [user for user in receivers if user not in connected]
         if not elsewhere:
             return succeed(None)
+        d: Deferred[None] = self._peers.nodes_of(elsewhere).addCallback(
+            self._tell_their_nodes, conversation, seq
+        )
+        # Not telling is not losing: the receiver's next pull finds the messages.
+        d.addErrback(lambda failure: failure.trap(BusUnavailable, StateUnavailable))
+        d.addErrback(log_failure, self.log, "tell receivers to pull")
+        return d
+
+    def _tell_their_nodes(
+        self, routes: dict[str, str], conversation: str, seq: int
+    ) -> Deferred[None] | None:
+        """Each live node other than this one holding some of them hears once. Most
+        receivers of a stored message are offline everywhere: no route, no work."""
         peers = self._peers
+        by_node: dict[str, list[str]] = {}
+        for user, node in routes.items():
+            if node != self._node_id and peers.is_alive(node):
+                by_node.setdefault(node, []).append(user)
+        if not by_node:
+            return None
 
         async def tell() -> None:
-            routes = await peers.nodes_of(elsewhere)
-            by_node: dict[str, list[str]] = {}
-            for user, node in routes.items():
-                if node != self._node_id and peers.is_alive(node):
-                    by_node.setdefault(node, []).append(user)
             for node, users in by_node.items():
                 envelope = cim_pb2.BusEnvelope(
                     origin_node=self._node_id,
@@ -264,8 +278,4 @@ class Catchup:
                 )
                 await peers.publish(node, envelope)
 
-        d = Deferred.fromCoroutine(tell())
-        # Not telling is not losing: the receiver's next pull finds the messages.
-        d.addErrback(lambda failure: failure.trap(BusUnavailable, StateUnavailable))
-        d.addErrback(log_failure, self.log, "tell receivers to pull")
-        return d
+        return Deferred.fromCoroutine(tell())
