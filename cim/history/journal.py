@@ -31,10 +31,12 @@ pauses (appends wait in their conversation's queue) while it runs.
 
 from __future__ import annotations
 
+import operator
 import os
 from collections import Counter, OrderedDict, deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from itertools import repeat
 from typing import TypeVar
 
 from sqlalchemy.engine import make_url
@@ -105,11 +107,12 @@ class _Taken:
     """The full resend lookup found nothing: it is new."""
 
 
-@dataclass(eq=False, slots=True)
-class _Copy:
-    numbered: Numbered
-    generation: int
-    index: int
+_Copy = tuple[Numbered, int, int]
+"""A record waiting for its copy: the record, its journal file's generation and its
+index among everything journaled (plain tuples, made for a whole turn at once)."""
+
+_NUMBERED = operator.itemgetter(1)
+"""A ``_Held``'s record."""
 
 
 @dataclass(eq=False, slots=True)
@@ -155,7 +158,7 @@ class Journal:
         """Runs the code that answers a turn's messages (``Timelines.answer_in``)."""
         self._copies: BatchWriter[_Copy] = BatchWriter(
             clock,
-            lambda batch: db.run(copy_txn, [c.numbered for c in batch]),
+            lambda batch: db.run(copy_txn, [c[0] for c in batch]),
             name="timeline journal",
             log=_log,
             batch_size=copy_batch,
@@ -404,7 +407,7 @@ class Journal:
         first = self._index + 1
         self._index += len(buffer)
         self._copies.put_many(
-            [_Copy(held[1], generation, first + i) for i, held in enumerate(buffer)]
+            zip(map(_NUMBERED, buffer), repeat(generation), range(first, self._index + 1))
         )
         self.counts["journaled"] += len(buffer)
         for taken, _, _, appended in buffer:
@@ -525,10 +528,10 @@ class Journal:
             _log.info("timeline: journal copies work again")
 
     def _done(self, batch: list[_Copy]) -> None:
-        by_file = Counter(c.generation for c in batch)
+        by_file = Counter(c[1] for c in batch)
         for generation, count in by_file.items():
             self._files.committed(generation, count)
-        self._copied_to = max(self._copied_to, batch[-1].index)
+        self._copied_to = max(self._copied_to, batch[-1][2])
         self.counts["appended"] += len(batch)
         copied_to = self._copied_to
         ready = [d for mark, d, _ in self._waiters if mark <= copied_to]
@@ -551,7 +554,7 @@ class Journal:
         self.counts["rejected"] += 1
         _log.error(
             "timeline: journaled message {id} cannot be copied into the database: {why}",
-            id=item.numbered.message.msg_id,
+            id=item[0].message.msg_id,
             why=failure.getErrorMessage(),
         )
         self._done([item])

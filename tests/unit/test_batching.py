@@ -96,6 +96,17 @@ class BatchingTests(BatchWriterTestCase):
         self.assertEqual(self.store.batches, [[1]])
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
+    def test_put_many_takes_any_iterable_in_order_with_one_schedule(self) -> None:
+        self.writer.put_many(iter(range(1, 6)))
+        self.assertEqual(self.store.batches, [[1, 2, 3]])
+        self.writer.put_many(iter(()))  # nothing: no timer of its own
+        self.writer.put_many(x for x in (6,))
+        self.clock.advance(1.0)
+        self.assertEqual(self.store.batches, [[1, 2, 3], [4, 5, 6]])
+        self.assertEqual([batch for batch, _ in self.written], [[1, 2, 3], [4, 5, 6]])
+        self.assertEqual(self.writer.pending, 0)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
     def test_a_burst_is_cut_into_batches(self) -> None:
         for i in range(1, 8):
             self.writer.add(i)
