@@ -47,6 +47,7 @@ from twisted.python.failure import Failure
 
 from cim.backends.backoff import Backoff
 from cim.backends.batching import BatchWriter
+from cim.history.answers import Answer
 from cim.history.journal_file import JournalFiles, encode
 from cim.storage.database import Database, is_sqlite
 from cim.storage.timeline import Appended, NewMessage
@@ -102,7 +103,7 @@ def journal_directory(url: str) -> str | None:
 @dataclass(eq=False, slots=True)
 class _Taken:
     message: NewMessage
-    answer: Deferred[Appended] = field(default_factory=Deferred)
+    answer: Answer
     checked: bool = False
     """The full resend lookup found nothing: it is new."""
 
@@ -280,9 +281,16 @@ class Journal:
     # --- appending --------------------------------------------------------------------
 
     def append(self, message: NewMessage) -> Deferred[Appended]:
+        answer: Deferred[Appended] = Deferred()
+        self.take(message, answer)
+        return answer
+
+    def take(self, message: NewMessage, answer: Answer) -> None:
+        """``append``, answered through ``answer`` (``cim.history.answers``)."""
         if not self._ready or self._stopping or self.broken:
-            return fail(TimelineUnavailable("the timeline cannot be written now"))
-        taken = _Taken(message)
+            answer.errback(TimelineUnavailable("the timeline cannot be written now"))
+            return
+        taken = _Taken(message, answer)
         key = message.conversation
         queue = self._queues.get(key)
         if queue is not None:
@@ -292,7 +300,6 @@ class Journal:
             # that answers at once), so the queue is tried again.
             self._queues[key] = deque([taken])
             self._drain()
-        return taken.answer
 
     def _step(self, taken: _Taken) -> bool:
         """Answer or number ``taken`` now (True), or start what it waits for (False)."""

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from sqlalchemy.exc import DataError, IntegrityError
@@ -40,6 +40,7 @@ from twisted.python.failure import Failure
 from cim.backends.backoff import Backoff
 from cim.backends.batching import BatchWriter
 from cim.config import CimConfig
+from cim.history.answers import Answer, Then
 from cim.history.journal import Journal, TimelineUnavailable
 from cim.history.store import conversation_of
 from cim.protocols import cim_pb2
@@ -130,7 +131,7 @@ def timeline_settings(config: CimConfig) -> TimelineSettings:
 @dataclass(eq=False)
 class _Append:
     message: NewMessage
-    answer: Deferred[Appended] = field(default_factory=Deferred)
+    answer: Answer
 
 
 def _run_now(work: Callable[[], object]) -> object:
@@ -292,11 +293,30 @@ class Timelines:
     def append(self, message: cim_pb2.Message, sender_device: str) -> Deferred[Appended]:
         """Append a taken message; fires once it is durable, with its seq (and the
         first id when it is a resend of one appended before)."""
+        answer: Deferred[Appended] = Deferred()
+        self.take(message, sender_device, answer)
+        return answer
+
+    def append_then(
+        self,
+        message: cim_pb2.Message,
+        sender_device: str,
+        done: Callable[..., object],
+        failed: Callable[..., object],
+        *args: Any,
+    ) -> None:
+        """``append``, answered by ``done(appended, *args)`` or ``failed(failure,
+        *args)`` without a Deferred (``cim.history.answers``)."""
+        self.take(message, sender_device, Then(done, failed, args))
+
+    def take(self, message: cim_pb2.Message, sender_device: str, answer: Answer) -> None:
         if self._failing or self._stopping:
-            return fail(TimelineUnavailable("the timeline cannot be written now"))
+            answer.errback(TimelineUnavailable("the timeline cannot be written now"))
+            return
         reason = untimelineable(message, sender_device)
         if reason is not None:
-            return fail(ValueError(reason))
+            answer.errback(ValueError(reason))
+            return
         sender = getattr(message, "from")
         readers: tuple[tuple[str, str], ...] = ()
         if not message.group:
@@ -320,11 +340,10 @@ class Timelines:
             readers,
         )
         if self.journal is not None:
-            return self.journal.append(new)
-        entry = _Append(new)
+            self.journal.take(new, answer)
+            return
         # The answer says how it ended; the writer's own Deferred would add nothing.
-        self._appends.put(entry)
-        return entry.answer
+        self._appends.put(_Append(new, answer))
 
     def _write(self, batch: list[_Append]) -> Deferred[int]:
         since = self._clock.seconds() - self.settings.dedup_window

@@ -317,6 +317,17 @@ class TimelineStore(Protocol):
     def append(self, message: cim_pb2.Message, sender_device: str) -> Deferred[Appended]:
         """Fires once the message is durable, with its conversation and seq."""
 
+    def append_then(
+        self,
+        message: cim_pb2.Message,
+        sender_device: str,
+        done: Callable[..., object],
+        failed: Callable[..., object],
+        *args: Any,
+    ) -> None:
+        """``append``, answered by ``done(appended, *args)`` or ``failed(failure,
+        *args)`` instead of a Deferred (the 1:1 hot path)."""
+
     def enrol_device(self, user: str, device: str) -> Deferred[bool]:
         """A device connected: one new to the account starts at the present (its
         cursors at each conversation's end, once another device has read); True when
@@ -353,6 +364,16 @@ class NoTimeline:
 
     def append(self, message: cim_pb2.Message, sender_device: str) -> Deferred[Appended]:
         return fail(TimelineUnavailable("this node keeps no timelines"))
+
+    def append_then(
+        self,
+        message: cim_pb2.Message,
+        sender_device: str,
+        done: Callable[..., object],
+        failed: Callable[..., object],
+        *args: Any,
+    ) -> None:
+        failed(Failure(TimelineUnavailable("this node keeps no timelines")), *args)
 
     def enrol_device(self, user: str, device: str) -> Deferred[bool]:
         return succeed(False)

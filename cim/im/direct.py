@@ -191,7 +191,8 @@ class DirectMessages:
             d.addCallback(self._claim, session, message)
         else:
             d = self._consented(session, message)
-        d.addErrback(self._claim_failed, session, message.client_seq)
+        if d is not None:  # None: taken at once, answered through the timeline's call
+            d.addErrback(self._claim_failed, session, message.client_seq)
 
     # --- consent (docs/privacy.md) ------------------------------------------------------
 
@@ -265,9 +266,25 @@ class DirectMessages:
             message.sent_at_ms = receipt.sent_at_ms
         # Durable before promised: msg:A (and any ack:N) only once the timeline has it.
         # A retry is found again there (by id or client sequence), never appended twice.
-        d = self._stores.timeline.append(message, session.record.device)
-        d.addCallback(self._appended, receipt, session, message)
-        return d
+        self._stores.timeline.append_then(
+            message,
+            session.record.device,
+            self._appended,
+            self._append_failed,
+            receipt,
+            session,
+            message,
+        )
+        return None
+
+    def _append_failed(
+        self,
+        failure: Failure,
+        receipt: MessageReceipt | None,
+        session: ClientSession,
+        message: cim_pb2.Message,
+    ) -> None:
+        self._claim_failed(failure, session, message.client_seq)
 
     def _appended(
         self,

@@ -41,6 +41,7 @@ from typing import Any
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from cim.im.collaborators import TimelineStore, in_background
 from cim.im.system import SYSTEM_SENDER
@@ -340,6 +341,39 @@ class DecidingTimeline:
 
     def append(self, message: cim_pb2.Message, sender_device: str) -> Deferred[Appended]:
         return self.inner.append(message, sender_device).addCallback(self._decide, message)
+
+    def append_then(
+        self,
+        message: cim_pb2.Message,
+        sender_device: str,
+        done: Callable[..., object],
+        failed: Callable[..., object],
+        *args: Any,
+    ) -> None:
+        self.inner.append_then(
+            message, sender_device, self._decided, self._refused, message, done, failed, args
+        )
+
+    def _decided(
+        self,
+        appended: Appended,
+        message: cim_pb2.Message,
+        done: Callable[..., object],
+        failed: Callable[..., object],
+        args: tuple[Any, ...],
+    ) -> None:
+        self._decide(appended, message)
+        done(appended, *args)
+
+    @staticmethod
+    def _refused(
+        failure: Failure,
+        message: cim_pb2.Message,
+        done: Callable[..., object],
+        failed: Callable[..., object],
+        args: tuple[Any, ...],
+    ) -> None:
+        failed(failure, *args)
 
     def _decide(self, appended: Appended, message: cim_pb2.Message) -> Appended:
         try:

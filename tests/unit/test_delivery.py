@@ -454,23 +454,22 @@ class GroupFanOutTests(SynchronousTestCase):
         self.assertEqual(one.metrics.messages["group_delivered"], 10)
 
     def test_a_group_retry_after_an_append_failure_still_fans_out(self) -> None:
-        from twisted.internet.defer import fail
-
         from cim.history.timeline import TimelineUnavailable
 
         groups = FakeGroups({"g1": ["alice", "bob"]})
         one, _ = cluster(groups)
         alice = one.connect("alice")
         bob = one.connect("bob", auto_ack=True)
-        appending = one.timelines.append
-        one.timelines.append = lambda *a: fail(TimelineUnavailable("down"))  # type: ignore[method-assign]
+        taking = one.timelines.take
+        # Every append goes through ``take``, with a Deferred or without one.
+        one.timelines.take = lambda m, d, answer: answer.errback(TimelineUnavailable("down"))  # type: ignore[method-assign]
         request = cim_pb2.Message(group="g1", text="hello", client_seq=1)
         alice.protocol.send(cim_pb2.MSG_R, request)
         settle(one)
         [error] = alice.events.of_type(cim_pb2.ERROR)
         self.assertEqual(error.code, cim_pb2.Error.UNAVAILABLE)
         self.assertEqual(alice.events.of_type(cim_pb2.ACK_N), [])  # never "accepted"
-        one.timelines.append = appending  # type: ignore[method-assign]
+        one.timelines.take = taking  # type: ignore[method-assign]
         alice.protocol.send(cim_pb2.MSG_R, request)
         settle(one)
         self.assertEqual([m.text for m in bob.events.of_type(cim_pb2.MSG_N)], ["hello"])

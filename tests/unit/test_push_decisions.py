@@ -299,6 +299,46 @@ class DecidingTimelineTests(SynchronousTestCase):
         self.assertEqual(len(seen), 1)
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
 
+    def test_append_then_decides_then_answers_and_passes_refusals_on(self) -> None:
+        from cim.history.answers import Then
+        from cim.history.timeline import TimelineUnavailable
+
+        seen: list[Any] = []
+
+        class Decisions:
+            def entry_appended(self, entry: Any, appended: Appended) -> None:
+                seen.append((getattr(entry, "from"), appended.seq))
+
+        class Inner:
+            refuse = False
+
+            def append_then(
+                self, entry: Any, device: str, done: Any, failed: Any, *args: Any
+            ) -> None:
+                answer = Then(done, failed, args)
+                if self.refuse:
+                    answer.errback(TimelineUnavailable("down"))
+                else:
+                    answer.callback(Appended(1, "d:a:b", 3, True))
+
+        inner = Inner()
+        timeline = DecidingTimeline(inner, Decisions())  # type: ignore[arg-type]
+        done: list[Any] = []
+        failed: list[Any] = []
+
+        def ok(appended: Appended, *args: Any) -> None:
+            done.append((appended.seq, args))
+
+        def refused(failure: Any, *args: Any) -> None:
+            failed.append((failure.type, args))
+
+        timeline.append_then(message("a", to="b"), "phone", ok, refused, "x", 7)
+        self.assertEqual((seen, done, failed), ([("a", 3)], [(3, ("x", 7))], []))
+        inner.refuse = True
+        timeline.append_then(message("a", to="b"), "phone", ok, refused, "y")
+        self.assertEqual(failed, [(TimelineUnavailable, ("y",))])
+        self.assertEqual(len(seen), 1)  # nothing to decide about a refused message
+
 
 def notification(urgent: bool = False, provider: str = "apns", at: float = 0.0) -> Notification:
     return Notification(
