@@ -42,7 +42,7 @@ from cim.backends.batching import BatchWriter
 from cim.config import CimConfig
 from cim.history.answers import Answer, Then
 from cim.history.journal import Journal, TimelineUnavailable
-from cim.history.store import conversation_of
+from cim.history.store import direct_conversation, group_conversation
 from cim.protocols import cim_pb2
 from cim.storage.changes import ChangeAsked, ChangeMade, change_txn
 from cim.storage.database import Database
@@ -278,7 +278,7 @@ class Timelines:
         journal = self.journal
         if self._failing or (journal is not None and journal.broken):
             return BEHIND_RETRY
-        waiting = self.pending
+        waiting = journal.unwritten if journal is not None else self._appends.pending
         if self._behind:
             if waiting >= self.settings.max_backlog // 2:
                 return BEHIND_RETRY
@@ -319,9 +319,13 @@ class Timelines:
             return
         sender = getattr(message, "from")
         readers: tuple[tuple[str, str], ...] = ()
-        if not message.group:
+        group = message.group
+        if group:
+            conversation = group_conversation(group)
+        else:
             # "@system" (cim.im.system) reads nothing: only people get a reader row.
             to = message.to
+            conversation = direct_conversation(sender, to)
             if sender[:1] == "@":
                 readers = () if to[:1] == "@" else ((to, sender),)
             elif to[:1] == "@":
@@ -330,7 +334,7 @@ class Timelines:
                 readers = ((sender, to), (to, sender))
         sent_ms = message.sent_at_ms or 0
         new = NewMessage(
-            conversation_of(message),
+            conversation,
             message.id,
             sender,
             sender_device,

@@ -120,6 +120,14 @@ class Connected:
         devices = self._by_user.get(user)
         return list(devices.values()) if devices else []
 
+    def other_devices(self, user: str, device: str) -> Sequence[ClientSession]:
+        """The user's sessions here but ``device``'s (what a sender's other devices get
+        of what it sent): nothing to make when the user has only that one here."""
+        devices = self._by_user.get(user)
+        if not devices or (len(devices) == 1 and device in devices):
+            return ()
+        return [session for name, session in devices.items() if name != device]
+
     def devices_of_all(self, users: Iterable[str]) -> list[ClientSession]:
         """Every device here of each of ``users``, in their order (one list for a slice
         of a group's members, not one per member)."""

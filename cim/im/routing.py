@@ -176,8 +176,8 @@ class Routing:
         sender = getattr(message, "from")
         if message.to == sender:
             return  # a note to self: its receiver's copies are these
-        for session in self._connected.devices_of(sender):
-            if session.record.device != sender_device and session.may_take_live_copy():
+        for session in self._connected.other_devices(sender, sender_device):
+            if session.may_take_live_copy():
                 session.deliver(MSG_N, message)
 
     def _deliver_here(self, message: cim_pb2.Message, sender_device: str, receiver: str) -> None:

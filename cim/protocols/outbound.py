@@ -374,7 +374,7 @@ class OutboundBudget:
         simply skipped: the message is in its conversation's timeline already, and the
         device catches up from its cursor when it pulls after the notice.
         """
-        if self.queued_bytes < self._rules.limit:
+        if self.held_bytes + self.transport_bytes < self._rules.limit:
             return True
         self.notice_owed = True
         return False

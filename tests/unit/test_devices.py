@@ -44,11 +44,15 @@ class ConnectedTests(SynchronousTestCase):
         self.assertNotIn("bob", connected)
         self.assertEqual(connected.devices_of("alice"), [phone, web])
         self.assertEqual(connected.devices_of("bob"), [])
+        self.assertEqual(list(connected.other_devices("alice", "phone")), [web])
+        self.assertEqual(list(connected.other_devices("alice", "watch")), [phone, web])
+        self.assertEqual(list(connected.other_devices("bob", "phone")), [])
         self.assertIs(connected.add(again), phone)  # type: ignore[arg-type]
         self.assertIs(connected.session_of("alice", "phone"), again)
         self.assertEqual((len(connected), connected.user_count), (2, 1))
         self.assertFalse(connected.remove(phone))  # type: ignore[arg-type]  # replaced already
         self.assertTrue(connected.remove(again))  # type: ignore[arg-type]
+        self.assertEqual(list(connected.other_devices("alice", "web")), [])  # only that one
         self.assertTrue(connected.remove(web))  # type: ignore[arg-type]
         self.assertNotIn("alice", connected)
         self.assertEqual((len(connected), connected.users()), (0, []))

@@ -82,6 +82,14 @@ class _DeviceReceipts:
             head = 0
         self.head = head
 
+    def live(self, client_seq: int, cutoff_ms: int) -> int:
+        """``expire(cutoff_ms)``, then ``find(client_seq)``: what every msg:R and every
+        outcome asks, in one call (the expiry is nearly always nothing to do)."""
+        head = self.head
+        if head < len(self.seqs) and self.data[3 * head + 2] >> _STATUS_BITS <= cutoff_ms:
+            self.expire(cutoff_ms)
+        return self.find(client_seq)
+
     def find(self, client_seq: int) -> int:
         """The index of the live receipt for ``client_seq``, or -1."""
         seqs, head = self.seqs, self.head
@@ -155,8 +163,7 @@ class MemoryReceiptStore:
             receipts = self._devices[key] = _DeviceReceipts()
         else:
             self._devices.move_to_end(key)
-            receipts.expire(now_ms - self._window_ms)
-            index = receipts.find(client_seq)
+            index = receipts.live(client_seq, now_ms - self._window_ms)
             if index >= 0:
                 return receipts.receipt(index)
         receipts.add(client_seq, msg_id, sent_at_ms, now_ms)
@@ -173,8 +180,7 @@ class MemoryReceiptStore:
     ) -> None:
         receipts = self._devices.get((sender, device))
         if receipts is not None:
-            receipts.expire(int(self._clock.seconds() * 1000) - self._window_ms)
-            index = receipts.find(client_seq)
+            index = receipts.live(client_seq, int(self._clock.seconds() * 1000) - self._window_ms)
             if index >= 0:
                 receipts.settle(index, status, reason)
 
