@@ -1,5 +1,6 @@
 """Timelines (#14) with real daemons: a cluster of two nodes on a private ZooKeeper and
-a private Redis, the shared RabbitMQ (queues of the test's own) and one SQLite file.
+a private Redis, the shared RabbitMQ (queues of the test's own: node ids of its own,
+see ``timeline_cluster``) and one SQLite file.
 
 - Acceptance 2: a member that drops after msg:N and before ack:R, and a member that
   moved to another node while a forward to its old node was in flight, each get the
@@ -15,17 +16,19 @@ from __future__ import annotations
 
 import os
 import signal
+import uuid
 
 from sqlalchemy import insert
 from twisted.internet.defer import ensureDeferred
 from twisted.trial.unittest import TestCase
 
+from cim.backends.bus import node_queue
 from cim.history.store import direct_conversation, group_conversation
 from cim.protocols import cim_pb2
 from cim.storage.database import open_engine
 from cim.storage.schema import group_members, groups
 from cim.storage.timeline import group_joined
-from tests.integration.support.cluster import Cluster, eventually, ring_of, sleep
+from tests.integration.support.cluster import Cluster, eventually, ring_of
 from tests.integration.support.frames import FrameClient, connect
 from tests.integration.test_reliability import shared_broker
 
@@ -67,13 +70,59 @@ def make_group(database_url: str, members: list[str]) -> None:
         engine.dispose()
 
 
+def timeline_cluster(test: TestCase) -> Cluster:
+    """Two nodes on the shared broker, started, with node ids no other cluster has.
+
+    A node's bus queue is named by its node id alone (``cim.node.<id>``), whatever the
+    exchange: clusters of the default ids (node1, node2) running at once on the shared
+    broker (``trial -j2``) consumed each other's live copies and pull notices, and one
+    test's cleanup deleted the queues another was reading (ConsumerCancelled)."""
+    prefix = f"t{uuid.uuid4().hex[:6]}-"
+    cluster = Cluster(test, count=2, amqp_url=shared_broker(test), prefix=prefix)
+    cluster.start(NAMES)
+    return cluster
+
+
+def consumers(amqp_url: str, queue: str) -> int:
+    """How many consumers the broker counts on ``queue`` (0: no such queue)."""
+    import pika
+    from pika.exceptions import ChannelClosedByBroker
+
+    connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
+    try:
+        frame = connection.channel().queue_declare(queue, passive=True)
+        return int(frame.method.consumer_count)
+    except ChannelClosedByBroker:
+        return 0
+    finally:
+        connection.close()
+
+
 class TimelineClusterTests(TestCase):
     timeout = 300
 
     def cluster(self) -> Cluster:
-        cluster = Cluster(self, count=2, amqp_url=shared_broker(self))
-        cluster.start(NAMES)
-        return cluster
+        return timeline_cluster(self)
+
+    def test_two_clusters_at_once_each_consume_only_their_own_node_queues(self) -> None:
+        return ensureDeferred(self._two_at_once())
+
+    async def _two_at_once(self) -> None:
+        # What trial -j2 does when two modules build clusters on the shared broker.
+        first, second = self.cluster(), self.cluster()
+        assert first.amqp_url is not None
+        queues = [node_queue(node.node_id) for node in first.nodes + second.nodes]
+        self.assertEqual(len(set(queues)), 4, queues)
+        url = first.amqp_url
+        await eventually(
+            lambda: all(consumers(url, queue) >= 1 for queue in queues),
+            30,
+            "every node consuming its queue",
+        )
+        # One consumer each: no node reads another cluster's live copies.
+        self.assertEqual(
+            {queue: consumers(url, queue) for queue in queues}, dict.fromkeys(queues, 1)
+        )
 
     def test_a_receiver_dropping_before_ack_gets_it_once_at_its_next_catch_up(self) -> None:
         return ensureDeferred(self._dropping())
@@ -195,8 +244,12 @@ class TimelineClusterTests(TestCase):
         )
         cluster.redis.flushall()
         # The nodes rewrite their users' routes into the empty Redis on their next
-        # refresh; the group's numbers never lived there.
-        await sleep(3.0)
+        # refresh (every ROUTE_TTL / 3, later on a loaded machine); the group's numbers
+        # never lived there. Until then a member's route is missing and its live copy is
+        # not sent (it catches up from its cursor): wait for the routes, not a guess.
+        await eventually(
+            lambda: set(members) <= set(one.online()["items"]), 20, "the routes rewritten"
+        )
         devices[second].post("after the flush", group=GROUP)
         await eventually(
             lambda: (

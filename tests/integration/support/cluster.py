@@ -101,7 +101,10 @@ class Cluster:
         self.redis = PrivateRedis(test)
         self.redis.start()
         self.amqp_url = amqp_url
-        # A broker shared with other tests gets an exchange of this cluster's own.
+        # A broker shared with other tests gets an exchange of this cluster's own. That
+        # is not enough for the node queues, named by node id alone (cim.node.<id>): on
+        # the shared broker a test passes a prefix of its own, or clusters running at
+        # once (trial -j2) read each other's queues.
         self.exchange = f"cim.test.{uuid.uuid4().hex[:12]}"
         base = os.path.abspath(test.mktemp())
         os.makedirs(base)
