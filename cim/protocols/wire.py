@@ -410,7 +410,19 @@ class FrameProtocol(Int32StringReceiver):
             self._opener.release()
 
     def send_frame(self, frame_type: int, message: Message) -> None:
-        self.send_encoded(_TYPE_BYTES[frame_type] + message.SerializeToString())
+        # ``send_encoded`` of one frame, written out: every frame a connection answers
+        # or receives passes here, four for each 1:1 message.
+        frame = _TYPE_BYTES[frame_type] + message.SerializeToString()
+        if not self._ciphers_warm:
+            self._ciphers_warm = True
+            self.ciphers_used()
+        body = self._sealer.seal(frame)
+        size = len(body)
+        self._emit(_LENGTH(size) + body)
+        metrics = self.metrics
+        if metrics is not None:
+            metrics.frames_out[frame_type] += 1
+            metrics.bytes_out += _PREFIX_SIZE + size
 
     def send_encoded(self, *frames: bytes) -> None:
         """Seal and send frames made by ``encode_frame``, in one write: a message that
