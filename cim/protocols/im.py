@@ -241,8 +241,8 @@ class ImServerProtocol(FrameProtocol, SweptTimeoutMixin):
         # Before the handshake only the deadline counts: heartbeats cannot stretch it.
         if self.state is ConnectionState.ESTABLISHED:
             self.resetTimeout()
-            # Before the read's frames are handled: a pause stops all of them (they
-            # wait in the buffer until the node resumes this connection).
+            # Before the read's frames are handled (and every ACTIVITY_EVERY of a long
+            # read): a pause stops the rest (they wait in the buffer until resumed).
             self.factory.node_queue.check()
 
     def ciphers_used(self) -> None:

@@ -174,8 +174,9 @@ class NodeQueue:
     def check(self) -> None:
         """Frames arrived: pause the heaviest senders if the node is over a bound.
 
-        Called for every read that brings whole frames, before they are handled:
-        database work grows without telling the node.
+        Called before the frames of each read are handled, and every
+        ``cim.protocols.wire.ACTIVITY_EVERY`` frames of a long read: database work
+        grows without telling the node.
         """
         if self.total >= self.max_bytes or self.database_backlog() >= self.max_pending:
             self.over()

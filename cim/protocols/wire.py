@@ -36,7 +36,14 @@ from cim.metrics import NodeMetrics
 from cim.protocols.crypto import FrameAuthenticationError, FrameOpener, FrameSealer
 from cim.protocols.outbound import NO_OUTBOUND_ACCOUNTING, OutboundAccounting
 
-__all__ = ["HEARTBEAT_FRAME", "FrameProtocol", "HeldWrites", "Inbound", "encode_frame"]
+__all__ = [
+    "ACTIVITY_EVERY",
+    "HEARTBEAT_FRAME",
+    "FrameProtocol",
+    "HeldWrites",
+    "Inbound",
+    "encode_frame",
+]
 
 HEARTBEAT_FRAME = b"\x00\x00\x00\x00"
 """A zero-length frame: the whole heartbeat is its 4-byte length prefix."""
@@ -55,6 +62,12 @@ _UNPACK_LENGTH = struct.Struct(">I").unpack_from
 _TYPE_BYTES = tuple(bytes((number,)) for number in range(256))
 _PREFIX_SIZE = 4
 _NOTHING_ALLOWED: Inbound = MappingProxyType({})
+
+
+ACTIVITY_EVERY = 16
+"""Frames of one read handled between two ``frame_activity`` calls: a pause the node
+decides there (too much queued, the database behind) stops a flooder's read within
+this many frames, while a chat's read of a few frames costs one call."""
 
 
 def encode_frame(frame_type: int, message: Message) -> bytes:
@@ -165,8 +178,9 @@ class FrameProtocol(Int32StringReceiver):
 
     Subclasses set ``inbound`` for their connection state and override the hooks
     ``plaintext_frame_received`` (the handshake), ``heartbeat_received``,
-    ``frame_activity`` (idle timers; called once per read that brings whole frames,
-    before the first is handled) and ``ciphers_used`` (freeing cipher contexts).
+    ``frame_activity`` (idle timers, backpressure; called before the first whole frame
+    of each read and before every ``ACTIVITY_EVERY``-th after it) and ``ciphers_used``
+    (freeing cipher contexts).
 
     It is a push producer of frames, like Twisted's own receivers: ``pauseProducing``
     stops the transport reading and delivers no further frame, not even one already
@@ -276,7 +290,7 @@ class FrameProtocol(Int32StringReceiver):
         end = len(buffer)
         offset = 0
         limit = self.MAX_LENGTH
-        active = False
+        countdown = 0
         while end - offset >= _PREFIX_SIZE:
             (length,) = _UNPACK_LENGTH(buffer, offset)
             if length > limit:
@@ -287,14 +301,16 @@ class FrameProtocol(Int32StringReceiver):
             stop = start + length
             if stop > end:
                 break
-            if not active:
-                # Once per read that brings whole frames, before the first is handled:
-                # the idle timer and the node's backpressure look cost a call each,
-                # and a read carries several frames (a partial frame is no activity).
-                active = True
+            if not countdown:
+                # Before the first whole frame of a read, and again every
+                # ACTIVITY_EVERY frames of a long one (a flood's 64 KiB read carries
+                # hundreds): the idle timer and the node's backpressure look cost a
+                # call each, and a chat's read carries a few frames.
+                countdown = ACTIVITY_EVERY
                 self.frame_activity()
                 if self.paused:  # the node stopped reading us: this frame waits too
                     break
+            countdown -= 1
             offset = stop
             self.stringReceived(buffer[start:stop])
             # One check per frame covers both ways frames stop (rejection pauses too).

@@ -25,7 +25,7 @@ from cim.protocols.crypto import (
     session_ciphers,
 )
 from cim.protocols.handshake import ClientHandshake, accept_client_hello
-from cim.protocols.wire import HEARTBEAT_FRAME, FrameProtocol, HeldWrites
+from cim.protocols.wire import ACTIVITY_EVERY, HEARTBEAT_FRAME, FrameProtocol, HeldWrites
 from tests.unit.test_crypto import shared_node_key
 
 MAX_FRAME = 1024
@@ -132,6 +132,26 @@ class FramingTests(unittest.TestCase):
         self.protocol.dataReceived(frame(b"\x01hello") + HEARTBEAT_FRAME)
         self.assertEqual(self.protocol.plaintexts, [])
         self.assertEqual(self.protocol.heartbeats, 0)
+
+    def test_a_long_read_looks_again_every_activity_every_frames(self) -> None:
+        """A flood's read carries hundreds of frames: the hook (the node's look at
+        its backpressure) runs before the 1st, the 17th, the 33rd..., and a pause it
+        decides stops the read there, the rest waiting in the buffer."""
+        protocol = self.protocol
+        protocol.dataReceived(HEARTBEAT_FRAME * (2 * ACTIVITY_EVERY + 1))
+        self.assertEqual(protocol.activity, 3)
+        self.assertEqual(protocol.heartbeats, 2 * ACTIVITY_EVERY + 1)
+
+        def pause_on_the_second_look() -> None:
+            protocol.activity += 1
+            if protocol.activity == 5:
+                protocol.pauseProducing()
+
+        protocol.frame_activity = pause_on_the_second_look  # type: ignore[method-assign]
+        protocol.dataReceived(HEARTBEAT_FRAME * (3 * ACTIVITY_EVERY))
+        self.assertEqual(protocol.heartbeats, 2 * ACTIVITY_EVERY + 1 + ACTIVITY_EVERY)
+        protocol.resumeProducing()
+        self.assertEqual(protocol.heartbeats, 2 * ACTIVITY_EVERY + 1 + 3 * ACTIVITY_EVERY)
 
     def test_a_pause_decided_before_a_read_keeps_all_its_frames(self) -> None:
         """The activity hook runs before the read's first frame (the node's
