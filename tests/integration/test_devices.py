@@ -27,7 +27,14 @@ from twisted.trial.unittest import TestCase
 
 from cim.history.store import direct_conversation
 from cim.protocols import cim_pb2
-from tests.integration.support.cluster import Cluster, eventually, ring_of, sleep
+from cim.ring import HashRing
+from tests.integration.support.cluster import (
+    Cluster,
+    eventually,
+    own_prefix_where,
+    ring_of,
+    sleep,
+)
 from tests.integration.support.daemons import PASSWORD, DaemonProcess, client
 from tests.integration.support.frames import FrameClient, connect
 from tests.integration.test_reliability import shared_broker
@@ -44,6 +51,10 @@ def show(device: FrameClient, messages: list[cim_pb2.Message]) -> None:
                 msg_id=message.id, conversation=message.conversation, through_seq=message.seq
             ),
         )
+
+
+def alice_and_bob_together(ring: HashRing) -> bool:
+    return ring.node_for("alice") == ring.node_for("bob")
 
 
 def resumed(old: FrameClient, new: FrameClient) -> FrameClient:
@@ -258,7 +269,10 @@ class CrossNodeTests(DeviceSteps):
         return ensureDeferred(self._moving())
 
     async def _moving(self) -> None:
-        cluster = Cluster(self, count=2, amqp_url=shared_broker(self))
+        # Node ids of this cluster's own (queues are named by them on the shared
+        # broker), placing alice and bob together as node1 and node2 did: both move.
+        prefix = own_prefix_where("d", 2, alice_and_bob_together)
+        cluster = Cluster(self, count=2, amqp_url=shared_broker(self), prefix=prefix)
         cluster.start(["alice", "bob", "carol", "dave"])
         ring = ring_of(cluster.nodes)
         home = cluster.by_id(ring.node_for("alice").node_id)  # type: ignore[union-attr]

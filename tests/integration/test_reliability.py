@@ -11,7 +11,6 @@ import itertools
 import os
 import random
 import time
-import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -25,7 +24,14 @@ from cim.client.connection import ImClientProtocol
 from cim.client.router import RouterClient
 from cim.client.session import Backoff, ChatClient, DeliveryOutcome
 from cim.protocols import cim_pb2
-from tests.integration.support.cluster import Cluster, eventually, reactor, ring_of, sleep
+from tests.integration.support.cluster import (
+    Cluster,
+    eventually,
+    own_prefix,
+    reactor,
+    ring_of,
+    sleep,
+)
 from tests.integration.support.daemons import PASSWORD, DaemonProcess
 from tests.integration.support.services import service_missing
 
@@ -134,7 +140,7 @@ class SixPacketTests(TestCase):
         return ensureDeferred(self._across())
 
     async def _across(self) -> None:
-        prefix = f"r{uuid.uuid4().hex[:6]}-"
+        prefix = own_prefix("r")
         cluster = Cluster(self, count=2, amqp_url=shared_broker(self), prefix=prefix)
         [alice] = first_on(cluster, f"{prefix}1", "alice")
         [bob] = first_on(cluster, f"{prefix}2", "bob")
@@ -163,7 +169,7 @@ class RetryTests(TestCase):
         return ensureDeferred(self._three_copies())
 
     async def _three_copies(self) -> None:
-        prefix = f"r{uuid.uuid4().hex[:6]}-"
+        prefix = own_prefix("r")
         cluster = Cluster(self, count=2, amqp_url=shared_broker(self), prefix=prefix)
         [alice] = first_on(cluster, f"{prefix}1", "alice")
         [bob] = first_on(cluster, f"{prefix}2", "bob")
@@ -192,7 +198,7 @@ class RetryTests(TestCase):
         return ensureDeferred(self._killed_after_ack())
 
     async def _killed_after_ack(self) -> None:
-        prefix = f"r{uuid.uuid4().hex[:6]}-"
+        prefix = own_prefix("r")
         cluster = Cluster(self, count=2, amqp_url=shared_broker(self), prefix=prefix)
         [alice] = first_on(cluster, f"{prefix}1", "alice")
         [bob] = first_on(cluster, f"{prefix}2", "bob")
@@ -237,7 +243,7 @@ class SoakTests(TestCase):
     async def _soak(self) -> None:
         pairs = 50
         total = 10_000
-        prefix = f"s{uuid.uuid4().hex[:6]}-"
+        prefix = own_prefix("s")
         # A hundred clients load both cores: a 4 s ZooKeeper session could expire under
         # the load and take a healthy node out of the routers' view for a moment.
         cluster = Cluster(
@@ -340,7 +346,7 @@ class GroupOrderTests(TestCase):
         return ensureDeferred(self._group())
 
     async def _group(self) -> None:
-        prefix = f"g{uuid.uuid4().hex[:6]}-"
+        prefix = own_prefix("g")
         cluster = Cluster(self, count=2, amqp_url=shared_broker(self), prefix=prefix)
         members = [f"member{i}" for i in range(50)]
         cluster.start(members)
@@ -406,7 +412,7 @@ class BrokerRestartTests(TestCase):
 
         broker = PrivateRabbitMQ(self)
         broker.start()
-        prefix = f"b{uuid.uuid4().hex[:6]}-"
+        prefix = own_prefix("b")
         cluster = Cluster(self, count=2, amqp_url=broker.url, prefix=prefix)
         senders = first_on(cluster, f"{prefix}1", "snd", 5)
         receivers = first_on(cluster, f"{prefix}2", "rcv", 5)

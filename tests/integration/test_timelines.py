@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import signal
-import uuid
 
 from sqlalchemy import insert
 from twisted.internet.defer import ensureDeferred
@@ -28,7 +27,7 @@ from cim.protocols import cim_pb2
 from cim.storage.database import open_engine
 from cim.storage.schema import group_members, groups
 from cim.storage.timeline import group_joined
-from tests.integration.support.cluster import Cluster, eventually, ring_of
+from tests.integration.support.cluster import Cluster, eventually, own_prefix, ring_of
 from tests.integration.support.frames import FrameClient, connect
 from tests.integration.test_reliability import shared_broker
 
@@ -71,13 +70,9 @@ def make_group(database_url: str, members: list[str]) -> None:
 
 
 def timeline_cluster(test: TestCase) -> Cluster:
-    """Two nodes on the shared broker, started, with node ids no other cluster has.
-
-    A node's bus queue is named by its node id alone (``cim.node.<id>``), whatever the
-    exchange: clusters of the default ids (node1, node2) running at once on the shared
-    broker (``trial -j2``) consumed each other's live copies and pull notices, and one
-    test's cleanup deleted the queues another was reading (ConsumerCancelled)."""
-    prefix = f"t{uuid.uuid4().hex[:6]}-"
+    """Two nodes on the shared broker, started, with node ids no other cluster has
+    (``own_prefix`` says why)."""
+    prefix = own_prefix("t")
     cluster = Cluster(test, count=2, amqp_url=shared_broker(test), prefix=prefix)
     cluster.start(NAMES)
     return cluster

@@ -383,17 +383,21 @@ class CrossNodeGatewayTests(TestCase):
         return ensureDeferred(self._across())  # type: ignore[return-value]
 
     async def _across(self) -> None:
+        # Node ids of this cluster's own (cluster.py: own_prefix); alice is placed on
+        # the first node, bob on the second.
         cluster = Cluster(self, count=2, amqp_url=shared_broker(self), websocket=True)
-        ring = ring_of(cluster.nodes)
-        names = (f"user{i}" for i in range(1000))
-        alice = next(n for n in names if ring.node_for(n).node_id == "node1")  # type: ignore[union-attr]
-        bob = next(n for n in names if ring.node_for(n).node_id == "node2")  # type: ignore[union-attr]
-        cluster.start([alice, bob])
         node1, node2 = cluster.nodes
+        ring = ring_of(cluster.nodes)
+        names = [f"user{i}" for i in range(1000)]
+        alice = next(n for n in names if ring.node_for(n).node_id == node1.node_id)  # type: ignore[union-attr]
+        bob = next(n for n in names if ring.node_for(n).node_id == node2.node_id)  # type: ignore[union-attr]
+        cluster.start([alice, bob])
         # node2's router sends alice to node1, and names node1's gateway.
         body = await login_body(node2, alice)
-        self.assertEqual(body["node"]["id"], "node1")
-        self.assertEqual(body["node"]["ws_url"], f"ws://127.0.0.1:{cluster.ws_ports['node1']}/")
+        self.assertEqual(body["node"]["id"], node1.node_id)
+        self.assertEqual(
+            body["node"]["ws_url"], f"ws://127.0.0.1:{cluster.ws_ports[node1.node_id]}/"
+        )
 
         def library_client(user: str, first: DaemonProcess, transport: str) -> ChatClient:
             routers = [first.router_url] + [n.router_url for n in cluster.nodes if n is not first]
@@ -419,7 +423,8 @@ class CrossNodeGatewayTests(TestCase):
         await phone.start()
         assert browser.ticket is not None and phone.ticket is not None
         self.assertEqual(
-            (browser.ticket.node.node_id, phone.ticket.node.node_id), ("node1", "node2")
+            (browser.ticket.node.node_id, phone.ticket.node.node_id),
+            (node1.node_id, node2.node_id),
         )
         outcome = await browser.send_text(bob, "from a browser on node1")
         self.assertEqual(outcome.status, "delivered")

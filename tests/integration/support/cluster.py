@@ -73,6 +73,34 @@ def add_users(database_url: str, names: list[str]) -> None:
         engine.dispose()
 
 
+def own_prefix(letter: str = "n") -> str:
+    """A node-id prefix no other cluster has (``n3f9a1c-`` makes n3f9a1c-1, -2, ...).
+
+    A node's bus queue is named by its node id alone (``cim.node.<id>``), whatever the
+    exchange: clusters of the same ids running at once on the shared broker
+    (``trial -j2``) consumed each other's live copies and pull notices, and one test's
+    cleanup deleted the queues another was reading (ConsumerCancelled)."""
+    return f"{letter}{uuid.uuid4().hex[:6]}-"
+
+
+def node_ids(prefix: str, count: int) -> list[str]:
+    """The ids of a cluster of ``count`` nodes made with ``prefix``."""
+    return [f"{prefix}{i + 1}" for i in range(count)]
+
+
+def own_prefix_where(
+    letter: str, count: int, fits: Callable[[HashRing], bool], tries: int = 1000
+) -> str:
+    """A prefix of one's own whose nodes' ring ``fits``, for a test that needs its
+    users placed a certain way: placement follows the node ids (the ring is built from
+    them alone), so a test either picks users from the ring or ids for its users."""
+    for _ in range(tries):
+        prefix = own_prefix(letter)
+        if fits(ring_of_ids(node_ids(prefix, count))):
+            return prefix
+    raise AssertionError(f"no {count}-node ring in {tries} tries fits")
+
+
 class Cluster:
     def __init__(
         self,
@@ -80,7 +108,7 @@ class Cluster:
         count: int = 3,
         state: str = "redis",
         amqp_url: str | None = None,
-        prefix: str = "node",
+        prefix: str | None = None,
         session_timeout: float = SESSION_TIMEOUT,
         logic: bool = False,
         database_url: str | None = None,
@@ -103,8 +131,10 @@ class Cluster:
         self.amqp_url = amqp_url
         # A broker shared with other tests gets an exchange of this cluster's own. That
         # is not enough for the node queues, named by node id alone (cim.node.<id>): on
-        # the shared broker a test passes a prefix of its own, or clusters running at
-        # once (trial -j2) read each other's queues.
+        # a broker the nodes get ids of their own too (own_prefix) unless the test
+        # names a prefix; without one, node1, node2, ...
+        if prefix is None:
+            prefix = own_prefix() if amqp_url is not None else "node"
         self.exchange = f"cim.test.{uuid.uuid4().hex[:12]}"
         base = os.path.abspath(test.mktemp())
         os.makedirs(base)
@@ -112,8 +142,8 @@ class Cluster:
         # One shared account database: SQLite in the test's directory unless given.
         self.database_url = database_url or f"sqlite:///{base}/shared.db"
         self.nodes = [
-            self.node(f"{prefix}{i + 1}", os.path.join(base, f"n{i + 1}"), state)
-            for i in range(count)
+            self.node(node_id, os.path.join(base, f"n{i + 1}"), state)
+            for i, node_id in enumerate(node_ids(prefix, count))
         ]
         if amqp_url is not None:
             test.addCleanup(delete_queues, amqp_url, self.exchange, [n.node_id for n in self.nodes])
@@ -191,6 +221,11 @@ def delete_queues(amqp_url: str, exchange: str, node_ids: list[str]) -> None:
 
 def ring_of(nodes: list[DaemonProcess]) -> HashRing:
     return HashRing([NodeInfo(n.node_id, "127.0.0.1", n.im_port) for n in nodes], 160)
+
+
+def ring_of_ids(ids: list[str]) -> HashRing:
+    """The ring nodes of these ids make (where a user goes does not depend on ports)."""
+    return HashRing([NodeInfo(node_id, "127.0.0.1", 0) for node_id in ids], 160)
 
 
 def chat_client(cluster: Cluster, first: DaemonProcess, user: str) -> ChatClient:

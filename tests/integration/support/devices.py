@@ -18,14 +18,19 @@ from twisted.trial.unittest import TestCase
 from cim.client.corrections import Change
 from cim.client.reads import ReadEvent
 from cim.client.session import Backoff, ChatClient
-from cim.interfaces import NodeInfo
 from cim.protocols import cim_pb2
 from cim.ring import HashRing
-from tests.integration.support.cluster import Cluster, eventually, reactor, ring_of
+from tests.integration.support.cluster import (
+    Cluster,
+    eventually,
+    own_prefix_where,
+    reactor,
+    ring_of,
+)
 from tests.integration.support.daemons import PASSWORD, DaemonProcess
 from tests.integration.test_reliability import shared_broker
 
-__all__ = ["Device", "Split", "moved", "split_cluster"]
+__all__ = ["Device", "Split", "moved", "split_cluster", "splits_alice_and_bob"]
 
 
 class Device:
@@ -114,21 +119,35 @@ class Split:
         return [first.router_url, *others]
 
 
+def splits_alice_and_bob(ring: HashRing) -> bool:
+    """alice and bob share a home on ``ring``, and once it is gone their next nodes
+    are two different ones."""
+    homes = {ring.node_for(user) for user in ("alice", "bob")}
+    if len(homes) != 1 or None in homes:
+        return False
+    [home] = homes
+    assert home is not None
+    after = HashRing([node for node in ring.nodes if node != home], ring.virtual_nodes)
+    return after.node_for("alice") != after.node_for("bob")
+
+
 def split_cluster(test: TestCase, extra: str = "") -> Split:
     """Private ZooKeeper and Redis, the shared RabbitMQ (skipped, or failed under
-    CIM_REQUIRE_SERVICES, when it is not there), nodes s1..s3 with ``extra``."""
-    cluster = Cluster(test, count=3, amqp_url=shared_broker(test), prefix="s", extra=extra)
+    CIM_REQUIRE_SERVICES, when it is not there), three nodes with ``extra``.
+
+    The nodes get ids of their own (another cluster on the broker at the same time
+    would read queues of the same names), drawn until the ring splits alice and bob
+    as ``Split`` says: where a user goes follows the node ids."""
+    prefix = own_prefix_where("s", 3, splits_alice_and_bob)
+    cluster = Cluster(test, count=3, amqp_url=shared_broker(test), prefix=prefix, extra=extra)
     ring = ring_of(cluster.nodes)
-    [home] = {ring.node_for(user).node_id for user in ("alice", "bob")}  # type: ignore[union-attr]
-    after = HashRing(
-        [NodeInfo(n.node_id, "127.0.0.1", n.im_port) for n in cluster.nodes if n.node_id != home],
-        160,
-    )
+    assert splits_alice_and_bob(ring), cluster.nodes
+    home = cluster.by_id(ring.node_for("alice").node_id)  # type: ignore[union-attr]
+    after = ring_of([node for node in cluster.nodes if node is not home])
     alice_next = after.node_for("alice").node_id  # type: ignore[union-attr]
     bob_next = after.node_for("bob").node_id  # type: ignore[union-attr]
-    assert alice_next != bob_next, "the ring changed: find a prefix that splits them"
     cluster.start(["alice", "bob"])
-    return Split(cluster, cluster.by_id(home), cluster.by_id(alice_next), cluster.by_id(bob_next))
+    return Split(cluster, home, cluster.by_id(alice_next), cluster.by_id(bob_next))
 
 
 async def moved(device: Device, node: DaemonProcess, timeout: float = 60) -> None:
