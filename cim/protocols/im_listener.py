@@ -23,11 +23,11 @@ from cim.oplog import OperationLog
 from cim.protocols import cim_pb2
 from cim.protocols.crypto import NodeKey
 from cim.protocols.handshake import ReplayGuard
+from cim.protocols.held_writes import HeldWrites
 from cim.protocols.im import ConnectionState, ImServerProtocol
 from cim.protocols.outbound import NodeQueue, OutboundRules
 from cim.protocols.resumption import TICKET_KEY_LABEL, Tickets
 from cim.protocols.timeouts import DeadlineSweeper
-from cim.protocols.wire import HeldWrites
 
 if TYPE_CHECKING:
     from cim.im.node import ImNode

@@ -2,7 +2,7 @@
 
 A client that never reads still gets every frame the node writes for it, and those
 bytes wait in the node's memory: in Twisted's write buffer and in cim's own held
-frames (``cim.protocols.wire.HeldWrites``). Two bounds keep that memory finite:
+frames (``cim.protocols.held_writes.HeldWrites``). Two bounds keep that memory finite:
 
 - **Per connection** (``[im] outbound_budget``): a receiver whose queued bytes reach
   its budget gets no further live copies (``OutboundBudget.may_take_live_copy``, the
@@ -159,7 +159,7 @@ class NodeQueue:
     def grew(self, size: int) -> None:
         self.total += size
         if self.total >= self.max_bytes:
-            self.over()
+            self._over()
 
     def shrank(self, size: int) -> None:
         self.total -= size
@@ -179,16 +179,14 @@ class NodeQueue:
         grows without telling the node.
         """
         if self.total >= self.max_bytes or self.database_backlog() >= self.max_pending:
-            self.over()
+            self._over()
 
     @property
     def pressure(self) -> float:
         """How full the node is: 1.0 at a bound."""
         return max(self.total / self.max_bytes, self.pending_work / self.max_pending)
 
-    def over(self) -> None:
-        """Over a bound (counted by the caller): pause the heaviest senders, if it is time
-        to look again."""
+    def _over(self) -> None:
         now = self.clock.seconds()
         if now - self._looked_at < self._look_interval:
             return
@@ -390,22 +388,13 @@ class OutboundBudget:
     # --- the framing's reports (OutboundAccounting) ----------------------------------
 
     def held(self, size: int) -> None:
-        # Every frame a read answers passes here: the node's total and this budget are
-        # kept in one call (what ``_grew`` and ``NodeQueue.grew`` would do).
         self.held_bytes += size
-        rules = self._rules
-        node = rules.node
-        node.total += size
-        if node.total >= node.max_bytes:
-            node.over()
-        if self.over_since is None and self.held_bytes + self.transport_bytes >= rules.limit:
-            self._went_over()
+        self._grew(size)
 
     def released(self, size: int) -> None:
         self.held_bytes -= size
         self._rules.node.shrank(size)
-        if self.over_since is not None:
-            self._maybe_back_under()
+        self._maybe_back_under()
 
     def queued(self, size: int) -> None:
         self.transport_bytes += size
@@ -437,14 +426,10 @@ class OutboundBudget:
     def _grew(self, size: int) -> None:
         rules = self._rules
         rules.node.grew(size)
-        if self.over_since is None and self.queued_bytes >= rules.limit:
-            self._went_over()
-
-    def _went_over(self) -> None:
-        rules = self._rules
-        self.over_since = rules.clock.seconds()
-        self._cut = rules.clock.callLater(rules.slow_reader_timeout, self._too_slow)
-        self._owner.behind(True)
+        if self.over_since is None and self.held_bytes + self.transport_bytes >= rules.limit:
+            self.over_since = rules.clock.seconds()
+            self._cut = rules.clock.callLater(rules.slow_reader_timeout, self._too_slow)
+            self._owner.behind(True)
 
     def _maybe_back_under(self) -> None:
         # Bytes in the transport only ever leave all at once (the drain), so a

@@ -34,13 +34,13 @@ from zope.interface import implementer
 
 from cim.metrics import NodeMetrics
 from cim.protocols.crypto import FrameAuthenticationError, FrameOpener, FrameSealer
+from cim.protocols.held_writes import HeldWrites
 from cim.protocols.outbound import NO_OUTBOUND_ACCOUNTING, OutboundAccounting
 
 __all__ = [
     "ACTIVITY_EVERY",
     "HEARTBEAT_FRAME",
     "FrameProtocol",
-    "HeldWrites",
     "Inbound",
     "encode_frame",
 ]
@@ -85,47 +85,6 @@ def encode_frame(frame_type: int, message: Message) -> bytes:
 # msg:R frames answers with one send of eight msg:A, not eight). Whatever the socket
 # does not take goes the normal way, through ``transport.write``, and the connection
 # then writes through Twisted until Twisted says its buffer is empty (see _DrainWatch).
-
-
-class HeldWrites:
-    """Frames produced while reads are being processed, written when the outermost ends.
-
-    One is shared by every connection of a node (the IM factory's), so a read on one
-    connection that produces frames for others (a msg:N to the receiver) also sends
-    once per connection. A protocol made without one gets its own.
-    """
-
-    __slots__ = ("connections", "depth")
-
-    def __init__(self) -> None:
-        self.depth = 0
-        """How many reads are on the stack (a read can cause another)."""
-        self.connections: list[FrameProtocol] = []
-        """Connections holding frames until the outermost read ends."""
-
-    def around(self, work: Callable[[], object]) -> None:
-        """Run ``work`` as if it were a read: the frames it makes for a connection
-        leave in one send when it ends (or when the read it runs inside ends).
-
-        For work that answers many messages at once outside any read: the timelines'
-        answers (msg:A, msg:N and ack:N for a turn's or a batch's messages), which would
-        otherwise cost one send per frame.
-        """
-        self.depth += 1
-        try:
-            work()
-        finally:
-            self.depth -= 1
-            if not self.depth:
-                self.flush()
-
-    def flush(self) -> None:
-        connections = self.connections
-        while connections:
-            holding = list(connections)
-            connections.clear()
-            for connection in holding:
-                connection.flush_held()
 
 
 @implementer(IPullProducer)
@@ -426,38 +385,20 @@ class FrameProtocol(Int32StringReceiver):
             self._opener.release()
 
     def send_frame(self, frame_type: int, message: Message) -> None:
-        # ``send_encoded`` of one frame, written out: every frame a connection answers
-        # or receives passes here, four for each 1:1 message.
-        frame = _TYPE_BYTES[frame_type] + message.SerializeToString()
-        if not self._ciphers_warm:
-            self._ciphers_warm = True
-            self.ciphers_used()
-        body = self._sealer.seal(frame)
-        size = len(body)
-        self._emit(_LENGTH(size) + body)
-        metrics = self.metrics
-        if metrics is not None:
-            metrics.frames_out[frame_type] += 1
-            metrics.bytes_out += _PREFIX_SIZE + size
+        self._send_one(_TYPE_BYTES[frame_type] + message.SerializeToString())
 
     def send_encoded(self, *frames: bytes) -> None:
         """Seal and send frames made by ``encode_frame``, in one write: a message that
         goes to many connections (a group's msg:N) is serialized once, and only sealed
         per connection (each has its own keys and counter)."""
+        if len(frames) == 1:
+            self._send_one(frames[0])
+            return
         seal = self._sealer.seal
         if not self._ciphers_warm:
             self._ciphers_warm = True
             self.ciphers_used()
         metrics = self.metrics
-        if len(frames) == 1:
-            frame = frames[0]
-            body = seal(frame)
-            size = len(body)
-            self._emit(_LENGTH(size) + body)
-            if metrics is not None:
-                metrics.frames_out[frame[0]] += 1
-                metrics.bytes_out += _PREFIX_SIZE + size
-            return
         parts = []
         for frame in frames:
             body = seal(frame)
@@ -468,6 +409,20 @@ class FrameProtocol(Int32StringReceiver):
                 metrics.bytes_out += _PREFIX_SIZE + len(body)
         if parts:
             self._emit(b"".join(parts))
+
+    def _send_one(self, frame: bytes) -> None:
+        """One frame sealed and written: every frame a connection answers or receives
+        (four for each 1:1 message) comes this way."""
+        if not self._ciphers_warm:
+            self._ciphers_warm = True
+            self.ciphers_used()
+        body = self._sealer.seal(frame)
+        size = len(body)
+        self._emit(_LENGTH(size) + body)
+        metrics = self.metrics
+        if metrics is not None:
+            metrics.frames_out[frame[0]] += 1
+            metrics.bytes_out += _PREFIX_SIZE + size
 
     def send_plaintext(self, body: bytes) -> None:
         """Send a handshake frame body (type byte included) without sealing it."""

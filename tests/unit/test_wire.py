@@ -25,7 +25,8 @@ from cim.protocols.crypto import (
     session_ciphers,
 )
 from cim.protocols.handshake import ClientHandshake, accept_client_hello
-from cim.protocols.wire import ACTIVITY_EVERY, HEARTBEAT_FRAME, FrameProtocol, HeldWrites
+from cim.protocols.held_writes import HeldWrites
+from cim.protocols.wire import ACTIVITY_EVERY, HEARTBEAT_FRAME, FrameProtocol
 from tests.unit.test_crypto import shared_node_key
 
 MAX_FRAME = 1024
