@@ -36,6 +36,7 @@ import os
 from collections import Counter, OrderedDict, deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from functools import partial
 from itertools import repeat
 from typing import TypeVar
 
@@ -126,8 +127,18 @@ _Held = tuple[_Taken, Numbered, bytes, Appended]
 """A message numbered this turn: who waits, the record, its journal bytes, the answer
 (the same Appended the resends of its id are answered from)."""
 
-_LOAD = object()
-_LOOKUP = object()
+
+class _Wait:
+    """What numbering a message waits for: its device loaded, or the full lookup."""
+
+
+_LOAD = _Wait()
+_LOOKUP = _Wait()
+
+# The records made for every message, built by tuple's own constructor: a NamedTuple's
+# generated ``__new__`` is a Python call, about 0.1 µs each (docs/benchmarks.md).
+_appended: Callable[[tuple[int, str, int, bool]], Appended] = partial(tuple.__new__, Appended)
+_numbered: Callable[[tuple[int, NewMessage]], Numbered] = partial(tuple.__new__, Numbered)
 
 
 def _run_now(work: Callable[[], object]) -> object:
@@ -310,13 +321,16 @@ class Journal:
         if last is None:
             self._load(m.conversation, self._load_conversation)
             return False
-        found = None if taken.checked else self._known(m)
-        if found is _LOAD:
-            self._load((m.sender, m.sender_device), self._load_device)
-            return False
-        if found is _LOOKUP:
-            self._load(taken, self._look_up)
-            return False
+        found: _Device | Appended | _Wait | None
+        if taken.checked:
+            found = self._devices.get((m.sender, m.sender_device)) if m.client_seq else None
+        else:
+            found = self._known(m)
+        if found is None or isinstance(found, _Device):  # a new message
+            self._last[m.conversation] = seq = last + 1
+            self._last.move_to_end(m.conversation)
+            self._number(taken, seq, found)
+            return True
         if isinstance(found, Appended):
             self.counts["resent"] += 1
             if self._buffer:  # its first may be in this turn's write: answer after it
@@ -324,10 +338,11 @@ class Journal:
             else:
                 taken.answer.callback(found)
             return True
-        self._last[m.conversation] = seq = last + 1
-        self._last.move_to_end(m.conversation)
-        self._number(taken, seq)
-        return True
+        if found is _LOAD:
+            self._load((m.sender, m.sender_device), self._load_device)
+        else:
+            self._load(taken, self._look_up)
+        return False
 
     def _forget_quiet_conversations(self) -> None:
         """Keep the numbering of the ``CONVERSATIONS_KEPT`` most recent conversations
@@ -335,33 +350,36 @@ class Journal:
         while len(self._last) > CONVERSATIONS_KEPT:
             self._last.popitem(last=False)  # loaded again, after a settle, if needed
 
-    def _known(self, m: NewMessage) -> object:
-        """The earlier Appended of a resend, None for a new message, or what to do to
-        know (``_LOAD`` the device, ``_LOOKUP`` in the database)."""
+    def _known(self, m: NewMessage) -> _Device | Appended | _Wait | None:
+        """The earlier Appended of a resend; for a new message its sender device's
+        ``_Device`` (None when it has no client sequence), so numbering it looks the
+        device up once; or what to do to know (``_LOAD`` the device, ``_LOOKUP`` in
+        the database)."""
         hit = self._ids.get(m.msg_id)
         if hit is not None:
-            return Appended(hit.msg_id, hit.conversation, hit.seq, False)
+            return _appended((hit.msg_id, hit.conversation, hit.seq, False))
         if m.msg_id <= self._id_floor:
             return _LOOKUP
         if not m.client_seq:
             return None
-        device = self._devices.get((m.sender, m.sender_device))
+        key = (m.sender, m.sender_device)
+        device = self._devices.get(key)
         if device is None:
             return _LOAD
-        self._devices.move_to_end((m.sender, m.sender_device))
+        self._devices.move_to_end(key)
         if m.client_seq > device.high:
-            return None
+            return device
         recent = device.recent.get(m.client_seq)
         if recent is None:
             return _LOOKUP
         appended, sent_at = recent
         if sent_at < self._clock.seconds() - self._window:
-            return None  # past the window: taken again, as the database lookup would
-        return Appended(appended.msg_id, appended.conversation, appended.seq, False)
+            return device  # past the window: taken again, as the database lookup would
+        return _appended((appended.msg_id, appended.conversation, appended.seq, False))
 
-    def _number(self, taken: _Taken, seq: int) -> None:
+    def _number(self, taken: _Taken, seq: int, device: _Device | None) -> None:
         m = taken.message
-        appended = Appended(m.msg_id, m.conversation, seq, True)
+        appended = _appended((m.msg_id, m.conversation, seq, True))
         ids = self._ids
         ids[m.msg_id] = appended
         if len(ids) > IDS_KEPT:
@@ -369,7 +387,6 @@ class Journal:
             if forgotten > self._id_floor:
                 self._id_floor = forgotten
         client_seq = m.client_seq
-        device = self._devices.get((m.sender, m.sender_device)) if client_seq else None
         if device is not None:
             if client_seq > device.high:
                 device.high = client_seq
@@ -382,7 +399,7 @@ class Journal:
             self._unloaded[key] = max(self._unloaded.pop(key, 0), m.client_seq)
             while len(self._unloaded) > DEVICES_KEPT:
                 self._unloaded.popitem(last=False)
-        numbered = Numbered(seq, m)
+        numbered = _numbered((seq, m))
         self._buffer.append((taken, numbered, encode(numbered), appended))
         if self._turn is None:
             self._turn = self._clock.callLater(0, self._write_turn)
