@@ -54,3 +54,9 @@ class MessageIdGenerator:
     def timestamp_ms(message_id: int) -> int:
         """The node time (epoch milliseconds) encoded in an id."""
         return (message_id >> (NODE_BITS + SEQUENCE_BITS)) + EPOCH_MS
+
+
+def first_id_at(epoch_ms: int) -> int:
+    """The lowest id any node gives at or after ``epoch_ms``: every id below it was
+    given earlier (what the timeline's retention purge deletes by)."""
+    return max(0, epoch_ms - EPOCH_MS) << (NODE_BITS + SEQUENCE_BITS)

@@ -23,6 +23,7 @@ from twisted.trial.unittest import TestCase
 from cim.history.store import direct_conversation, group_conversation
 from cim.history.timeline import Timelines, TimelineSettings, TimelineUnavailable
 from cim.im.catchup import summary_frame
+from cim.message_ids import first_id_at
 from cim.protocols import cim_pb2
 from cim.storage.database import Database, create_engine_for, upgrade
 from cim.storage.schema import conversations, cursors, timeline, user_conversations
@@ -46,7 +47,8 @@ from tests.unit.test_storage import run_now, sqlite_url
 
 T = TypeVar("T")
 
-START = 1_700_000_000.0
+START = 1_800_000_000.0
+"""After the id epoch (cim.message_ids), so ids made from times are real ones."""
 GROUP = "abcdefghijklmnopqrstuvwxyz"
 AB = direct_conversation("alice", "bob")
 
@@ -334,12 +336,20 @@ class PageTests(DatabaseMixin, TestCase):
         self.assertEqual(self.txn(summary_txn, "bob", "phone"), [])
 
     def test_purge_is_bounded_oldest_first_and_numbers_stay_used(self) -> None:
-        self.txn(append_txn, [new(message(n, sent_at=START + n)) for n in range(1, 6)])
-        self.assertEqual(self.txn(purge_timeline_txn, START + 4, 2), 2)
-        self.assertEqual(self.txn(purge_timeline_txn, START + 4, 2), 1)
-        self.assertEqual(self.txn(purge_timeline_txn, START + 4, 2), 0)
-        placed = self.txn(append_txn, [new(message(9))])
-        self.assertEqual(placed[9].seq, 6)
+        # Ids as a node gives them: a second apart, each the first of its millisecond.
+        now = START
+        ids = [first_id_at(int((now + n) * 1000)) + 7 for n in range(1, 6)]
+        self.txn(
+            append_txn,
+            [new(message(i, sent_at=now + n, client_seq=n)) for n, i in enumerate(ids, 1)],
+        )
+        self.assertEqual(self.txn(purge_timeline_txn, now + 4, 2), 2)
+        self.assertEqual(self.txn(purge_timeline_txn, now + 4, 2), 1)
+        self.assertEqual(self.txn(purge_timeline_txn, now + 4, 2), 0)
+        left = self.txn(conversation_page_txn, AB, None, 0, 10)
+        self.assertEqual([r.msg_id for r in left.records], [ids[4], ids[3]])
+        placed = self.txn(append_txn, [new(message(ids[4] + 1, client_seq=9))])
+        self.assertEqual(placed[ids[4] + 1].seq, 6)
 
 
 class SummaryTests(DatabaseMixin, TestCase):
@@ -464,12 +474,14 @@ class TimelinesTests(DatabaseMixin, TestCase):
 
     def test_the_purge_runs_on_its_interval(self) -> None:
         timelines = self.timelines(batch_size=1, retention_days=1.0, purge_interval=3600.0)
-        self.ok(timelines.append(message(1, sent_at=START - 2 * 86400), "phone"))
-        self.ok(timelines.append(message(2, sent_at=START), "phone"))
+        old = first_id_at(int((START - 2 * 86400) * 1000))
+        recent = first_id_at(int(START * 1000))
+        self.ok(timelines.append(message(old, sent_at=START - 2 * 86400, client_seq=1), "phone"))
+        self.ok(timelines.append(message(recent, sent_at=START, client_seq=2), "phone"))
         timelines.start()
         self.addCleanup(timelines.stop)
         page = self.ok(timelines.conversation_page(AB, None, 0, 10, 65000))
-        self.assertEqual([r.msg_id for r in page.records], [2])
+        self.assertEqual([r.msg_id for r in page.records], [recent])
 
 
 class _MigratedPostgresql:
