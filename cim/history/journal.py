@@ -53,6 +53,7 @@ from cim.history.journal_file import JournalFiles, encode
 from cim.storage.database import Database, is_sqlite
 from cim.storage.timeline import Appended, NewMessage
 from cim.storage.timeline_journal import (
+    Copy,
     Numbered,
     copy_txn,
     device_high_txn,
@@ -109,21 +110,23 @@ class _Taken:
     """The full resend lookup found nothing: it is new."""
 
 
-_Copy = tuple[Numbered, int, int]
+_Copy = tuple[Copy, int, int]
 """A record waiting for its copy: the record, its journal file's generation and its
 index among everything journaled (plain tuples, made for a whole turn at once)."""
 
-_NUMBERED = operator.itemgetter(1)
-"""A ``_Held``'s record."""
+_COPY = operator.itemgetter(1)
+"""A ``_Held``'s copy."""
 
 
 @dataclass(eq=False, slots=True)
 class _Device:
     high: int
-    recent: OrderedDict[int, tuple[Appended, float]] = field(default_factory=OrderedDict)
+    recent: OrderedDict[int, tuple[int, str, int, float]] = field(default_factory=OrderedDict)
+    """client_seq -> (msg_id, conversation, seq, sent_at): plain tuples, which the
+    garbage collector stops tracking (see ``_ids``)."""
 
 
-_Held = tuple[_Taken, Numbered, bytes, Appended]
+_Held = tuple[_Taken, Copy, bytes, Appended]
 """A message numbered this turn: who waits, the record, its journal bytes, the answer
 (the same Appended the resends of its id are answered from)."""
 
@@ -135,10 +138,9 @@ class _Wait:
 _LOAD = _Wait()
 _LOOKUP = _Wait()
 
-# The records made for every message, built by tuple's own constructor: a NamedTuple's
-# generated ``__new__`` is a Python call, about 0.1 µs each (docs/benchmarks.md).
+# Each message's answer, built by tuple's own constructor: a NamedTuple's generated
+# ``__new__`` is a Python call, about 0.1 µs (docs/benchmarks.md).
 _appended: Callable[[tuple[int, str, int, bool]], Appended] = partial(tuple.__new__, Appended)
-_numbered: Callable[[tuple[int, NewMessage]], Numbered] = partial(tuple.__new__, Numbered)
 
 
 def _run_now(work: Callable[[], object]) -> object:
@@ -183,7 +185,11 @@ class Journal:
         )
         self._last: OrderedDict[str, int] = OrderedDict()
         self._devices: OrderedDict[tuple[str, str], _Device] = OrderedDict()
-        self._ids: OrderedDict[int, Appended] = OrderedDict()
+        self._ids: OrderedDict[int, tuple[int, str, int]] = OrderedDict()
+        """msg_id -> (msg_id, conversation, seq) of the last ``IDS_KEPT`` numbered.
+        Plain tuples, not ``Appended``: CPython stops tracking a tuple of untracked
+        values at its first collection, but never a tuple subclass, so ten thousand
+        kept ``Appended`` were walked by every full collection (docs/benchmarks.md)."""
         self._unloaded: OrderedDict[tuple[str, str], int] = OrderedDict()
         """The highest client sequence numbered for a device not loaded (a message
         taken after the full lookup): its load may read the database before that
@@ -357,7 +363,7 @@ class Journal:
         the database)."""
         hit = self._ids.get(m.msg_id)
         if hit is not None:
-            return _appended((hit.msg_id, hit.conversation, hit.seq, False))
+            return _appended((*hit, False))
         if m.msg_id <= self._id_floor:
             return _LOOKUP
         if not m.client_seq:
@@ -372,16 +378,16 @@ class Journal:
         recent = device.recent.get(m.client_seq)
         if recent is None:
             return _LOOKUP
-        appended, sent_at = recent
+        msg_id, conversation, seq, sent_at = recent
         if sent_at < self._clock.seconds() - self._window:
             return device  # past the window: taken again, as the database lookup would
-        return _appended((appended.msg_id, appended.conversation, appended.seq, False))
+        return _appended((msg_id, conversation, seq, False))
 
     def _number(self, taken: _Taken, seq: int, device: _Device | None) -> None:
         m = taken.message
         appended = _appended((m.msg_id, m.conversation, seq, True))
         ids = self._ids
-        ids[m.msg_id] = appended
+        ids[m.msg_id] = (m.msg_id, m.conversation, seq)
         if len(ids) > IDS_KEPT:
             forgotten, _ = ids.popitem(last=False)
             if forgotten > self._id_floor:
@@ -391,7 +397,7 @@ class Journal:
             if client_seq > device.high:
                 device.high = client_seq
             recent = device.recent
-            recent[client_seq] = (appended, m.sent_at)
+            recent[client_seq] = (m.msg_id, m.conversation, seq, m.sent_at)
             if len(recent) > RECENT_PER_DEVICE:
                 recent.popitem(last=False)
         elif m.client_seq:  # looked up by id, the device not loaded: its load takes this
@@ -399,8 +405,22 @@ class Journal:
             self._unloaded[key] = max(self._unloaded.pop(key, 0), m.client_seq)
             while len(self._unloaded) > DEVICES_KEPT:
                 self._unloaded.popitem(last=False)
-        numbered = _numbered((seq, m))
-        self._buffer.append((taken, numbered, encode(numbered), appended))
+        payload = m.payload
+        copy = (
+            (
+                m.conversation,
+                seq,
+                m.msg_id,
+                m.sender,
+                m.sender_device,
+                client_seq,
+                m.sent_at,
+                payload,
+                len(payload),
+            ),
+            m.readers,
+        )
+        self._buffer.append((taken, copy, encode(*copy), appended))
         if self._turn is None:
             self._turn = self._clock.callLater(0, self._write_turn)
 
@@ -431,7 +451,7 @@ class Journal:
         first = self._index + 1
         self._index += len(buffer)
         self._copies.put_many(
-            zip(map(_NUMBERED, buffer), repeat(generation), range(first, self._index + 1))
+            zip(map(_COPY, buffer), repeat(generation), range(first, self._index + 1))
         )
         self.counts["journaled"] += len(buffer)
         for taken, _, _, appended in buffer:
@@ -441,8 +461,8 @@ class Journal:
         """The journal write failed: nothing of it was promised, its numbers are free."""
         self.counts["journal_failed"] += 1
         _log.error("timeline: the journal write failed ({why})", why=str(error))
-        for taken, numbered, _, _ in buffer:
-            m = numbered.message
+        for taken, _, _, _ in buffer:
+            m = taken.message
             self._ids.pop(m.msg_id, None)
             self._last.pop(m.conversation, None)  # loaded again after a settle
             device = self._devices.get((m.sender, m.sender_device))
@@ -578,7 +598,7 @@ class Journal:
         self.counts["rejected"] += 1
         _log.error(
             "timeline: journaled message {id} cannot be copied into the database: {why}",
-            id=item[0].message.msg_id,
+            id=item[0][0][2],
             why=failure.getErrorMessage(),
         )
         self._done([item])

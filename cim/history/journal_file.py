@@ -28,7 +28,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from cim.storage.timeline import NewMessage
-from cim.storage.timeline_journal import Numbered
+from cim.storage.timeline_journal import CopyRow, Numbered, Readers
 
 __all__ = ["JournalFiles", "decode", "encode", "read_records"]
 
@@ -41,24 +41,13 @@ _MAX_RECORD = 1 << 28
 """A length beyond this is garbage (a torn header), not a record."""
 
 
-def encode(item: Numbered) -> bytes:
-    """One record, framed."""
-    m = item.message
-    nc, ns, nd, names = _names(m.conversation, m.sender, m.sender_device, m.readers)
-    payload = m.payload
+def encode(row: CopyRow, readers: Readers) -> bytes:
+    """One record, framed: a message as the copy writes it (``copy_of``)."""
+    conversation, seq, msg_id, sender, device, client_seq, sent_at, payload, size = row
+    nc, ns, nd, names = _names(conversation, sender, device, readers)
     body = b"".join(
         (
-            _FIXED.pack(
-                m.msg_id,
-                item.seq,
-                m.client_seq,
-                m.sent_at,
-                nc,
-                ns,
-                nd,
-                len(m.readers),
-                len(payload),
-            ),
+            _FIXED.pack(msg_id, seq, client_seq, sent_at, nc, ns, nd, len(readers), size),
             names,
             payload,
         )

@@ -159,6 +159,11 @@ class DirectMessages:
         self._gate = gate
         self._max_text_length = max_text_length
         self._stores = stores
+        # Bound once: every message's append answers through these two, and a bound
+        # method made per message is one more object for each garbage collection to
+        # walk while the message waits for its journal write.
+        self._answer_appended = self._appended
+        self._answer_failed = self._append_failed
 
     def frame_table(self) -> FrameTable:
         return {
@@ -269,8 +274,8 @@ class DirectMessages:
         self._stores.timeline.append_then(
             message,
             session.record.device,
-            self._appended,
-            self._append_failed,
+            self._answer_appended,
+            self._answer_failed,
             receipt,
             session,
             message,

@@ -23,7 +23,11 @@ from cim.storage.schema import conversations, timeline, user_conversations
 from cim.storage.timeline import TIMELINE_COLUMNS, Appended, NewMessage, _found_again, _insert
 
 __all__ = [
+    "Copy",
+    "CopyRow",
     "Numbered",
+    "Readers",
+    "copy_of",
     "copy_txn",
     "device_high_txn",
     "found_again_txn",
@@ -38,6 +42,16 @@ class Numbered(NamedTuple):
 
     seq: int
     message: NewMessage
+
+
+CopyRow = tuple[str, int, int, str, str, int, float, bytes, int]
+"""A timeline row, in ``TIMELINE_COLUMNS`` order."""
+Readers = tuple[tuple[str, str], ...]
+Copy = tuple[CopyRow, Readers]
+"""A numbered message as the journal keeps it until it is copied: its row and the
+readers its conversation starts with. Plain tuples of strings and numbers, which
+CPython's collector stops tracking at their first collection; a ``NamedTuple`` (a
+tuple subclass) it tracks as long as it lives, and the copies live for a batch."""
 
 
 @functools.lru_cache(maxsize=8)
@@ -61,7 +75,24 @@ tenth of the copy's Python time). SQLite's two-argument ``max``: the journal, an
 ``copy_txn``, is the embedded SQLite database's alone."""
 
 
-def copy_txn(connection: Connection, batch: Sequence[Numbered]) -> int:
+def copy_of(item: Numbered) -> Copy:
+    """A numbered message as the copy writes it."""
+    m = item.message
+    row = (
+        m.conversation,
+        item.seq,
+        m.msg_id,
+        m.sender,
+        m.sender_device,
+        m.client_seq,
+        m.sent_at,
+        m.payload,
+        len(m.payload),
+    )
+    return row, m.readers
+
+
+def copy_txn(connection: Connection, batch: Sequence[Copy]) -> int:
     """Write numbered messages; returns how many were in the batch."""
     if not batch:
         return 0
@@ -69,41 +100,27 @@ def copy_txn(connection: Connection, batch: Sequence[Numbered]) -> int:
         raise ValueError("copy_txn writes the embedded SQLite database only")
     last: dict[str, int] = {}
     readers: dict[tuple[str, str], dict[str, Any]] = {}
-    rows: list[tuple[Any, ...]] = []
-    for item in batch:
-        m = item.message
-        if item.seq > last.get(m.conversation, 0):
-            last[m.conversation] = item.seq
-        rows.append(
-            (
-                m.conversation,
-                item.seq,
-                m.msg_id,
-                m.sender,
-                m.sender_device,
-                m.client_seq,
-                m.sent_at,
-                m.payload,
-                len(m.payload),
-            )
-        )
-        if item.seq == 1:  # the conversation's first message: its readers start
-            for user, peer in m.readers:
-                readers[(user, m.conversation)] = {
+    for row, pair in batch:
+        conversation, seq = row[0], row[1]
+        if seq > last.get(conversation, 0):
+            last[conversation] = seq
+        if seq == 1:  # the conversation's first message: its readers start
+            for user, peer in pair:
+                readers[(user, conversation)] = {
                     "user_name": user,
-                    "conversation": m.conversation,
+                    "conversation": conversation,
                     "peer": peer,
                     "group_id": None,
                     "floor_seq": 0,
                 }
     connection.exec_driver_sql(_RAISE_LAST, sorted(last.items()))
-    connection.exec_driver_sql(_copy_sql(connection.dialect.paramstyle), rows)
+    connection.exec_driver_sql(_copy_sql(connection.dialect.paramstyle), [c[0] for c in batch])
     if readers:
         connection.execute(
             _insert(connection, user_conversations).on_conflict_do_nothing(),
             list(readers.values()),
         )
-    return len(rows)
+    return len(batch)
 
 
 def replay_txn(connection: Connection, batch: Sequence[Numbered]) -> int:
@@ -123,7 +140,7 @@ def replay_txn(connection: Connection, batch: Sequence[Numbered]) -> int:
         )
         last.update((str(key), int(seq)) for key, seq in rows)
     fresh = [item for item in batch if item.seq > last.get(item.message.conversation, 0)]
-    return copy_txn(connection, fresh)
+    return copy_txn(connection, [copy_of(item) for item in fresh])
 
 
 def last_seq_txn(connection: Connection, conversation: str) -> int:
