@@ -37,7 +37,6 @@ from collections import Counter, OrderedDict, deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from functools import partial
-from itertools import repeat
 from typing import TypeVar
 
 from sqlalchemy.engine import make_url
@@ -53,8 +52,9 @@ from cim.history.journal_file import JournalFiles, encode
 from cim.storage.database import Database, is_sqlite
 from cim.storage.timeline import Appended, NewMessage
 from cim.storage.timeline_journal import (
-    Copy,
+    CopyRow,
     Numbered,
+    Readers,
     copy_txn,
     device_high_txn,
     found_again_txn,
@@ -110,12 +110,8 @@ class _Taken:
     """The full resend lookup found nothing: it is new."""
 
 
-_Copy = tuple[Copy, int, int]
-"""A record waiting for its copy: the record, its journal file's generation and its
-index among everything journaled (plain tuples, made for a whole turn at once)."""
-
-_COPY = operator.itemgetter(1)
-"""A ``_Held``'s copy."""
+_ROW = operator.itemgetter(1)
+"""A ``_Held``'s row: what the copy writes, and all the batch writer keeps."""
 
 
 @dataclass(eq=False, slots=True)
@@ -126,7 +122,7 @@ class _Device:
     garbage collector stops tracking (see ``_ids``)."""
 
 
-_Held = tuple[_Taken, Copy, bytes, Appended]
+_Held = tuple[_Taken, CopyRow, bytes, Appended]
 """A message numbered this turn: who waits, the record, its journal bytes, the answer
 (the same Appended the resends of its id are answered from)."""
 
@@ -170,9 +166,9 @@ class Journal:
         self.counts = counts
         self.answer_scope: Callable[[Callable[[], object]], object] = _run_now
         """Runs the code that answers a turn's messages (``Timelines.answer_in``)."""
-        self._copies: BatchWriter[_Copy] = BatchWriter(
+        self._copies: BatchWriter[CopyRow] = BatchWriter(
             clock,
-            lambda batch: db.run(copy_txn, [c[0] for c in batch]),
+            lambda batch: db.run(copy_txn, batch, self._starting_in(batch)),
             name="timeline journal",
             log=_log,
             batch_size=copy_batch,
@@ -203,6 +199,13 @@ class Journal:
         """Resends answered after the turn's write (their first may be in it)."""
         self._index = 0
         """Records journaled (promised) so far."""
+        self._runs: deque[list[int]] = deque()
+        """[generation, count] of the records waiting for their copy, oldest first:
+        the copies commit in the order they were journaled (``BatchWriter`` writes,
+        retries and sets aside in order), so each commit's count says which files it
+        emptied, and a copy waiting is one flat row, not a row in a wrapper."""
+        self._starting: dict[str, Readers] = {}
+        """The readers of a 1:1 conversation whose first message waits for its copy."""
         self._copied_to = 0
         """Every record up to this index is in the database."""
         self._waiters: list[tuple[int, Deferred[None], bool]] = []
@@ -406,21 +409,20 @@ class Journal:
             while len(self._unloaded) > DEVICES_KEPT:
                 self._unloaded.popitem(last=False)
         payload = m.payload
-        copy = (
-            (
-                m.conversation,
-                seq,
-                m.msg_id,
-                m.sender,
-                m.sender_device,
-                client_seq,
-                m.sent_at,
-                payload,
-                len(payload),
-            ),
-            m.readers,
+        row = (
+            m.conversation,
+            seq,
+            m.msg_id,
+            m.sender,
+            m.sender_device,
+            client_seq,
+            m.sent_at,
+            payload,
+            len(payload),
         )
-        self._buffer.append((taken, copy, encode(*copy), appended))
+        if seq == 1 and m.readers:
+            self._starting[m.conversation] = m.readers
+        self._buffer.append((taken, row, encode(row, m.readers), appended))
         if self._turn is None:
             self._turn = self._clock.callLater(0, self._write_turn)
 
@@ -448,11 +450,13 @@ class Journal:
             taken.answer.callback(found)
 
     def _promise(self, buffer: list[_Held], generation: int) -> None:
-        first = self._index + 1
         self._index += len(buffer)
-        self._copies.put_many(
-            zip(map(_COPY, buffer), repeat(generation), range(first, self._index + 1))
-        )
+        self._copies.put_many(map(_ROW, buffer))
+        runs = self._runs
+        if runs and runs[-1][0] == generation:
+            runs[-1][1] += len(buffer)
+        else:
+            runs.append([generation, len(buffer)])
         self.counts["journaled"] += len(buffer)
         for taken, _, _, appended in buffer:
             taken.answer.callback(appended)
@@ -461,8 +465,10 @@ class Journal:
         """The journal write failed: nothing of it was promised, its numbers are free."""
         self.counts["journal_failed"] += 1
         _log.error("timeline: the journal write failed ({why})", why=str(error))
-        for taken, _, _, _ in buffer:
+        for taken, row, _, _ in buffer:
             m = taken.message
+            if row[1] == 1:
+                self._starting.pop(m.conversation, None)
             self._ids.pop(m.msg_id, None)
             self._last.pop(m.conversation, None)  # loaded again after a settle
             device = self._devices.get((m.sender, m.sender_device))
@@ -565,18 +571,36 @@ class Journal:
             self._copies.flush()
         return d
 
-    def _copied(self, batch: list[_Copy], rows: object) -> None:
+    def _starting_in(self, batch: list[CopyRow]) -> dict[str, Readers]:
+        """The readers ``copy_txn`` writes for the first messages in ``batch``."""
+        starting = self._starting
+        if not starting:
+            return {}
+        return {row[0]: starting[row[0]] for row in batch if row[1] == 1 and row[0] in starting}
+
+    def _copied(self, batch: list[CopyRow], rows: object) -> None:
         self._done(batch)
         if self.failing:
             self.failing = False
             _log.info("timeline: journal copies work again")
 
-    def _done(self, batch: list[_Copy]) -> None:
-        by_file = Counter(c[1] for c in batch)
-        for generation, count in by_file.items():
-            self._files.committed(generation, count)
-        self._copied_to = max(self._copied_to, batch[-1][2])
-        self.counts["appended"] += len(batch)
+    def _done(self, batch: list[CopyRow]) -> None:
+        count = len(batch)
+        self._copied_to += count
+        self.counts["appended"] += count
+        runs = self._runs
+        while count:
+            run = runs[0]
+            taken = min(count, run[1])
+            self._files.committed(run[0], taken)
+            run[1] -= taken
+            count -= taken
+            if not run[1]:
+                runs.popleft()
+        if self._starting:
+            for row in batch:
+                if row[1] == 1:
+                    self._starting.pop(row[0], None)
         copied_to = self._copied_to
         ready = [d for mark, d, _ in self._waiters if mark <= copied_to]
         self._waiters = [w for w in self._waiters if w[0] > copied_to]
@@ -585,7 +609,7 @@ class Journal:
         for d in ready:
             d.callback(None)
 
-    def _copy_failed(self, batch: list[_Copy], failure: Failure) -> None:
+    def _copy_failed(self, batch: list[CopyRow], failure: Failure) -> None:
         self.counts["write_failed"] += 1
         if failure.check(ValueError):
             return
@@ -594,11 +618,11 @@ class Journal:
         for _, d, _ in waiters:
             d.errback(TimelineUnavailable(failure.getErrorMessage()))
 
-    def _copy_rejected(self, item: _Copy, failure: Failure) -> None:
+    def _copy_rejected(self, item: CopyRow, failure: Failure) -> None:
         self.counts["rejected"] += 1
         _log.error(
             "timeline: journaled message {id} cannot be copied into the database: {why}",
-            id=item[0][0][2],
+            id=item[2],
             why=failure.getErrorMessage(),
         )
         self._done([item])

@@ -42,7 +42,7 @@ _MAX_RECORD = 1 << 28
 
 
 def encode(row: CopyRow, readers: Readers) -> bytes:
-    """One record, framed: a message as the copy writes it (``copy_of``)."""
+    """One record, framed: a message as the copy writes it (``row_of``), and its readers."""
     conversation, seq, msg_id, sender, device, client_seq, sent_at, payload, size = row
     nc, ns, nd, names = _names(conversation, sender, device, readers)
     body = b"".join(

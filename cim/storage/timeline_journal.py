@@ -13,7 +13,7 @@ PostgreSQL (several nodes write it) keeps ``cim.storage.timeline.append_txn``.
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 from sqlalchemy import func, select
@@ -23,17 +23,16 @@ from cim.storage.schema import conversations, timeline, user_conversations
 from cim.storage.timeline import TIMELINE_COLUMNS, Appended, NewMessage, _found_again, _insert
 
 __all__ = [
-    "Copy",
     "CopyRow",
     "Numbered",
     "Readers",
-    "copy_of",
     "copy_txn",
     "device_high_txn",
     "found_again_txn",
     "highest_id_txn",
     "last_seq_txn",
     "replay_txn",
+    "row_of",
 ]
 
 
@@ -45,13 +44,28 @@ class Numbered(NamedTuple):
 
 
 CopyRow = tuple[str, int, int, str, str, int, float, bytes, int]
-"""A timeline row, in ``TIMELINE_COLUMNS`` order."""
+"""A numbered message as the journal keeps it until it is copied: a timeline row in
+``TIMELINE_COLUMNS`` order, flat. CPython's collector stops tracking a tuple of
+strings and numbers at its first collection; a ``NamedTuple`` (a tuple subclass) it
+tracks as long as it lives, and a tuple in a tuple is let go one level per collection
+that walks it; the copies wait for a whole batch (docs/benchmarks.md)."""
 Readers = tuple[tuple[str, str], ...]
-Copy = tuple[CopyRow, Readers]
-"""A numbered message as the journal keeps it until it is copied: its row and the
-readers its conversation starts with. Plain tuples of strings and numbers, which
-CPython's collector stops tracking at their first collection; a ``NamedTuple`` (a
-tuple subclass) it tracks as long as it lives, and the copies live for a batch."""
+
+
+def row_of(item: Numbered) -> CopyRow:
+    """A numbered message's row."""
+    m = item.message
+    return (
+        m.conversation,
+        item.seq,
+        m.msg_id,
+        m.sender,
+        m.sender_device,
+        m.client_seq,
+        m.sent_at,
+        m.payload,
+        len(m.payload),
+    )
 
 
 @functools.lru_cache(maxsize=8)
@@ -75,37 +89,23 @@ tenth of the copy's Python time). SQLite's two-argument ``max``: the journal, an
 ``copy_txn``, is the embedded SQLite database's alone."""
 
 
-def copy_of(item: Numbered) -> Copy:
-    """A numbered message as the copy writes it."""
-    m = item.message
-    row = (
-        m.conversation,
-        item.seq,
-        m.msg_id,
-        m.sender,
-        m.sender_device,
-        m.client_seq,
-        m.sent_at,
-        m.payload,
-        len(m.payload),
-    )
-    return row, m.readers
-
-
-def copy_txn(connection: Connection, batch: Sequence[Copy]) -> int:
-    """Write numbered messages; returns how many were in the batch."""
+def copy_txn(
+    connection: Connection, batch: Sequence[CopyRow], starting: Mapping[str, Readers]
+) -> int:
+    """Write numbered messages; returns how many were in the batch. ``starting``: the
+    readers of the 1:1 conversations whose first message (seq 1) is in the batch."""
     if not batch:
         return 0
     if connection.dialect.name != "sqlite":
         raise ValueError("copy_txn writes the embedded SQLite database only")
     last: dict[str, int] = {}
     readers: dict[tuple[str, str], dict[str, Any]] = {}
-    for row, pair in batch:
+    for row in batch:
         conversation, seq = row[0], row[1]
         if seq > last.get(conversation, 0):
             last[conversation] = seq
         if seq == 1:  # the conversation's first message: its readers start
-            for user, peer in pair:
+            for user, peer in starting.get(conversation, ()):
                 readers[(user, conversation)] = {
                     "user_name": user,
                     "conversation": conversation,
@@ -114,7 +114,7 @@ def copy_txn(connection: Connection, batch: Sequence[Copy]) -> int:
                     "floor_seq": 0,
                 }
     connection.exec_driver_sql(_RAISE_LAST, sorted(last.items()))
-    connection.exec_driver_sql(_copy_sql(connection.dialect.paramstyle), [c[0] for c in batch])
+    connection.exec_driver_sql(_copy_sql(connection.dialect.paramstyle), list(batch))
     if readers:
         connection.execute(
             _insert(connection, user_conversations).on_conflict_do_nothing(),
@@ -140,7 +140,12 @@ def replay_txn(connection: Connection, batch: Sequence[Numbered]) -> int:
         )
         last.update((str(key), int(seq)) for key, seq in rows)
     fresh = [item for item in batch if item.seq > last.get(item.message.conversation, 0)]
-    return copy_txn(connection, [copy_of(item) for item in fresh])
+    starting = {
+        item.message.conversation: item.message.readers
+        for item in fresh
+        if item.seq == 1 and item.message.readers
+    }
+    return copy_txn(connection, [row_of(item) for item in fresh], starting)
 
 
 def last_seq_txn(connection: Connection, conversation: str) -> int:

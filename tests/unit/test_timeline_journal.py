@@ -25,7 +25,7 @@ from cim.history.timeline import Timelines, TimelineSettings, TimelineUnavailabl
 from cim.storage.changes import ChangeAsked
 from cim.storage.schema import conversations, timeline, user_conversations
 from cim.storage.timeline import Appended, NewMessage, forget_user
-from cim.storage.timeline_journal import Numbered, copy_of
+from cim.storage.timeline_journal import Numbered, row_of
 from tests.unit.test_groups import USERS, add_users_txn
 from tests.unit.test_timeline import AB, GROUP, START, DatabaseMixin, message, new
 
@@ -221,17 +221,18 @@ class JournalTests(DatabaseMixin, TestCase):
             ),
             Numbered(1, NewMessage("g:room", 14, "z\u00fcri", "web", 0, 2.0, b"group", ())),
         ]
-        data = b"".join(encode(*copy_of(item)) for item in items)
+        data = b"".join(encode(row_of(item), item.message.readers) for item in items)
         self.assertEqual(read_records(data), (items, len(data)))
 
     def test_a_torn_tail_is_dropped(self) -> None:
-        whole = encode(*copy_of(Numbered(1, new(message(1)))))
-        torn = encode(*copy_of(Numbered(2, new(message(2)))))[:-3]
+        first, second = new(message(1)), new(message(2))
+        whole = encode(row_of(Numbered(1, first)), first.readers)
+        torn = encode(row_of(Numbered(2, second)), second.readers)[:-3]
         with open(os.path.join(self.directory, "timeline.journal.1"), "wb") as f:
             f.write(whole + torn)
         records, used = read_records(whole + torn)
         self.assertEqual((len(records), used), (1, len(whole)))
-        damaged = bytearray(encode(*copy_of(Numbered(2, new(message(2))))))
+        damaged = bytearray(encode(row_of(Numbered(2, second)), second.readers))
         damaged[-1] ^= 0xFF  # a whole length, a wrong CRC
         self.assertEqual(len(read_records(whole + bytes(damaged))[0]), 1)
         timelines = self.timelines()
