@@ -69,7 +69,7 @@ T = TypeVar("T")
 
 COPY_BATCH = 500
 """Records per copy transaction."""
-COPY_WAIT = 0.03
+COPY_WAIT = 0.25
 """Seconds a record waits for others before its copy is written (a read does not)."""
 CONVERSATIONS_KEPT = 200_000
 DEVICES_KEPT = 50_000
