@@ -14,9 +14,13 @@ import socket
 from typing import Any
 
 from twisted.internet import tcp
+from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 
 __all__ = ["CompactServer"]
+
+_CLASS_PREFIXES: dict[type, str] = {}
+"""Protocol classes whose log prefix is their name (``Protocol.logPrefix``)."""
 
 
 class CompactServer(tcp.Server):
@@ -48,8 +52,19 @@ class CompactServer(tcp.Server):
         super().connectionLost(reason)
 
     def logPrefix(self) -> str:
+        # Asked for every event the reactor hands this connection (callWithLogger),
+        # not only when something is logged: the protocol's part is remembered per
+        # protocol class when that class keeps Twisted's own (its name).
         protocol = getattr(self, "protocol", None)
-        prefix = self._getLogPrefix(protocol) if protocol is not None else "-"
+        if protocol is None:
+            return f"-,{self.sessionno},{self.hostname}"
+        kind = type(protocol)
+        known = _CLASS_PREFIXES.get(kind)
+        if known is not None:
+            return f"{known},{self.sessionno},{self.hostname}"
+        prefix = self._getLogPrefix(protocol)
+        if getattr(kind, "logPrefix", None) is Protocol.logPrefix:
+            _CLASS_PREFIXES[kind] = prefix
         return f"{prefix},{self.sessionno},{self.hostname}"
 
     def __repr__(self) -> str:

@@ -32,6 +32,15 @@ class _Recording(Protocol):
         self.lost.append(reason)
 
 
+class _Named(_Recording):
+    """A protocol whose log prefix changes (Twisted asks ``ILoggingContext`` each time)."""
+
+    name = "-"
+
+    def logPrefix(self) -> str:
+        return self.name
+
+
 class CompactServerTests(SynchronousTestCase):
     def connection(self, cls: type[tcp.Server]) -> tuple[Any, _Recording]:
         ours, theirs = socket.socketpair()
@@ -50,6 +59,18 @@ class CompactServerTests(SynchronousTestCase):
         self.assertEqual(repr(compact), repr(twisted))
         self.assertEqual(compact.logPrefix(), "_Recording,12,10.0.0.7")
         self.assertEqual(compact.fileno(), compact.socket.fileno())
+
+    def test_a_protocol_with_its_own_prefix_is_asked_every_time(self) -> None:
+        compact, protocol = self.connection(CompactServer)
+        self.assertEqual(compact.logPrefix(), "_Recording,12,10.0.0.7")  # remembered
+        own = _Named()
+        compact.protocol = own
+        own.name = "alice"
+        self.assertEqual(compact.logPrefix(), "alice,12,10.0.0.7")
+        own.name = "bob"
+        self.assertEqual(compact.logPrefix(), "bob,12,10.0.0.7")
+        compact.protocol = protocol
+        self.assertEqual(compact.logPrefix(), "_Recording,12,10.0.0.7")
 
     def test_it_keeps_none_of_the_three_per_connection(self) -> None:
         compact, _ = self.connection(CompactServer)
