@@ -6,13 +6,27 @@ test_change_storage.py); 0011 goes down to 0010 and up again keeping the rows.""
 from __future__ import annotations
 
 from alembic import command
-from sqlalchemy import inspect, select
+from sqlalchemy import inspect, select, text
 from twisted.trial.unittest import TestCase
 
 from cim.storage.database import alembic_config, create_engine_for, upgrade
 from cim.storage.schema import timeline
 from tests.integration.test_storage import scratch_postgresql_url
 from tests.unit.test_storage import schema_differences, sqlite_url
+
+
+def _index_definition(url: str, name: str) -> str:
+    """The index's DDL as the database keeps it."""
+    engine = create_engine_for(url)
+    try:
+        with engine.connect() as connection:
+            if engine.dialect.name == "sqlite":
+                query = "SELECT sql FROM sqlite_master WHERE type = 'index' AND name = :name"
+            else:
+                query = "SELECT indexdef FROM pg_indexes WHERE indexname = :name"
+            return str(connection.execute(text(query), {"name": name}).scalar_one())
+    finally:
+        engine.dispose()
 
 
 class TimelineSchemaTests(TestCase):
@@ -49,9 +63,10 @@ class TimelineSchemaTests(TestCase):
             [
                 ("ix_timeline_replaces", ["replaces"]),
                 ("ix_timeline_sender", ["sender", "sender_device", "client_seq"]),
-                ("ix_timeline_sent_at", ["sent_at"]),
             ],
         )
+        # Migration 0014: only change entries write the index on replaces.
+        self.assertIn("replaces IS NOT NULL", _index_definition(url, "ix_timeline_replaces"))
         [unique] = inspector.get_unique_constraints("timeline")
         self.assertEqual(unique["column_names"], ["msg_id"])
         self.down_and_up(url)

@@ -47,6 +47,8 @@ def redis_available(host: str = "127.0.0.1", port: int = 6379, timeout: float = 
         return False
 
 
+_given: set[int] = set()
+"""Ports this process handed out (never the same one twice while it runs)."""
 _ports = random.Random()
 
 
@@ -57,13 +59,20 @@ def free_port(host: str = "127.0.0.1") -> int:
     many outgoing connections (to Redis, RabbitMQ, the daemons) before the server
     binds it; picking below that range leaves only listeners to collide with.
     """
+    if len(_given) > 8000:
+        _given.clear()
     for _ in range(200):
         port = _ports.randrange(20000, 32000)
+        if port in _given:
+            # Handed out already: its caller may not have bound it yet (a daemon is
+            # given its three ports before it starts, and once got the same one twice).
+            continue
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
             try:
                 sock.bind((host, port))
             except OSError:
                 continue
+            _given.add(port)
             return port
     raise RuntimeError("no free port found between 20000 and 32000")
 
