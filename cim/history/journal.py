@@ -123,8 +123,8 @@ class _Device:
 
 
 _Held = tuple[_Taken, CopyRow, bytes, Appended]
-"""A message numbered this turn: who waits, the record, its journal bytes, the answer
-(the same Appended the resends of its id are answered from)."""
+"""A message numbered this turn: who waits, its row (what the copy writes), its journal
+record's bytes, and the answer."""
 
 
 class _Wait:
