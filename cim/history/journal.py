@@ -5,11 +5,13 @@ the transaction that writes it (``cim.storage.timeline.append_txn``, what Postgr
 keeps, where several nodes write): it keeps each conversation's last seq in memory
 and numbers a message at once, on the reactor thread. Before a message is promised
 (the Deferred of ``append`` fires: msg:A, msg:N), its record is appended to a journal
-file beside the database (``cim.history.journal_file``), one ``os.write`` per reactor
-turn; the records are then copied into SQLite in large batches through the one batch
-writer (``copy_txn``: replay-safe, renumbers nothing), and a journal file is deleted
-once all its records are there. At start, what an earlier run journaled is copied
-first (``start``), so a promise survives the process being killed.
+file beside the database (``cim.history.journal_file``), one ``os.write`` for the
+records a client's read numbered, as that read ends (so their answers leave with the
+read's own frames), or, outside reads, per reactor turn; the records are then copied
+into SQLite in large batches through the one batch writer (``copy_txn``: replay-safe,
+renumbers nothing), and a journal file is deleted once all its records are there. At
+start, what an earlier run journaled is copied first (``start``), so a promise
+survives the process being killed.
 
 The database lags the promises by up to a batch, so everything that reads the
 timelines waits first for what was journaled before it (``settled``: the waiting
@@ -143,6 +145,10 @@ def _run_now(work: Callable[[], object]) -> object:
     return work()
 
 
+def _no_read(work: Callable[[], object]) -> bool:
+    return False
+
+
 class Journal:
     """Numbering, the journal and the copy into SQLite; see the module."""
 
@@ -166,6 +172,9 @@ class Journal:
         self.counts = counts
         self.answer_scope: Callable[[Callable[[], object]], object] = _run_now
         """Runs the code that answers a turn's messages (``Timelines.answer_in``)."""
+        self.at_read_end: Callable[[Callable[[], object]], bool] = _no_read
+        """Runs work as the read under way ends, or says there is none
+        (``HeldWrites.at_read_end``): records numbered in a read are written then."""
         self._copies: BatchWriter[CopyRow] = BatchWriter(
             clock,
             lambda batch: db.run(copy_txn, batch, self._starting_in(batch)),
@@ -194,6 +203,8 @@ class Journal:
         self._queues: dict[str, deque[_Taken]] = {}
         self._loading: set[object] = set()
         self._turn: IDelayedCall | None = None
+        self._turn_at_read_end = False
+        """The turn's write waits for the end of the read under way, not ``_turn``."""
         self._buffer: list[_Held] = []
         self._resends: list[tuple[_Taken, Appended]] = []
         """Resends answered after the turn's write (their first may be in it)."""
@@ -423,15 +434,27 @@ class Journal:
         if seq == 1 and m.readers:
             self._starting[m.conversation] = m.readers
         self._buffer.append((taken, row, encode(row, m.readers), appended))
-        if self._turn is None:
-            self._turn = self._clock.callLater(0, self._write_turn)
+        if self._turn is None and not self._turn_at_read_end:
+            if self.at_read_end(self._write_at_read_end):
+                self._turn_at_read_end = True
+            else:
+                self._turn = self._clock.callLater(0, self._write_turn)
+
+    def _write_at_read_end(self) -> None:
+        """The write for the records a read numbered, as that read ends: the answers
+        leave with the read's own frames (``HeldWrites.at_read_end``). Unless a stop or
+        an exclusive change wrote them already."""
+        if self._turn_at_read_end:
+            self._turn_at_read_end = False
+            self._write_and_promise()
 
     def _write_turn(self) -> None:
         """One write for the turn's records, then their promises, inside
         ``answer_scope`` so the frames they make leave in one send per connection."""
-        if self._turn is not None and self._turn.active():
-            self._turn.cancel()
-        self._turn = None
+        turn, self._turn = self._turn, None
+        self._turn_at_read_end = False
+        if turn is not None and turn.active():
+            turn.cancel()
         self.answer_scope(self._write_and_promise)
 
     def _write_and_promise(self) -> None:

@@ -209,14 +209,23 @@ class Timelines:
 
     # --- lifecycle --------------------------------------------------------------------
 
-    def answer_in(self, scope: Callable[[Callable[[], object]], object]) -> None:
+    def answer_in(
+        self,
+        scope: Callable[[Callable[[], object]], object],
+        at_read_end: Callable[[Callable[[], object]], bool] | None = None,
+    ) -> None:
         """Answer appends (a batch's, a journal turn's) inside ``scope``: the IM
         listener's ``HeldWrites.around``, so the msg:A, msg:N and ack:N frames that many
         answers make for one connection leave in one send, as those made during a read
-        do (``cim.protocols.wire``)."""
+        do (``cim.protocols.wire``). With ``at_read_end`` (``HeldWrites.at_read_end``)
+        the journal writes what a read numbered as that read ends, not a reactor turn
+        later: at a paced rate a turn holds several reads, and each message's answers
+        waited for all of them (docs/benchmarks.md)."""
         self._answer_scope = scope
         if self.journal is not None:
             self.journal.answer_scope = scope
+            if at_read_end is not None:
+                self.journal.at_read_end = at_read_end
 
     def start(self) -> Deferred[None]:
         """Replay the journal (when there is one) before anything is taken."""

@@ -1,13 +1,21 @@
 """Frames held while reads are processed, written once per connection when the
 outermost read ends (``cim.protocols.wire`` explains why: a read carrying eight msg:R
-answers with one send of eight msg:A, not eight)."""
+answers with one send of eight msg:A, not eight).
+
+Work can also wait for that moment (``at_read_end``): the timelines' journal writes the
+records a read numbered there, so their answers leave with the read's own frames instead
+of one reactor turn later, behind every other read of the turn."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Protocol
 
+from twisted.logger import Logger
+
 __all__ = ["HeldWrites"]
+
+_log = Logger()
 
 
 class _Holding(Protocol):
@@ -24,13 +32,24 @@ class HeldWrites:
     once per connection. A protocol made without one gets its own.
     """
 
-    __slots__ = ("connections", "depth")
+    __slots__ = ("_at_end", "connections", "depth")
 
     def __init__(self) -> None:
         self.depth = 0
         """How many reads are on the stack (a read can cause another)."""
         self.connections: list[_Holding] = []
         """Connections holding frames until the outermost read ends."""
+        self._at_end: list[Callable[[], object]] = []
+        """Work to run when the outermost read ends, before its frames leave."""
+
+    def at_read_end(self, work: Callable[[], object]) -> bool:
+        """Run ``work`` when the outermost read ends, before the frames held leave (the
+        frames ``work`` makes leave with them). False, and nothing kept, when no read
+        is under way: the caller picks its own moment."""
+        if not self.depth:
+            return False
+        self._at_end.append(work)
+        return True
 
     def around(self, work: Callable[[], object]) -> None:
         """Run ``work`` as if it were a read: the frames it makes for a connection
@@ -49,9 +68,26 @@ class HeldWrites:
                 self.flush()
 
     def flush(self) -> None:
+        at_end = self._at_end
+        if at_end:
+            self._run_at_end(at_end)
         connections = self.connections
         while connections:
             holding = list(connections)
             connections.clear()
             for connection in holding:
                 connection.flush_held()
+
+    def _run_at_end(self, at_end: list[Callable[[], object]]) -> None:
+        # As a read would: what the work sends is held, then leaves below. A failure
+        # is logged, like one in a reactor call, and the frames still leave.
+        self.depth += 1
+        try:
+            while at_end:
+                work = at_end.pop(0)
+                try:
+                    work()
+                except Exception:
+                    _log.failure("work at the end of a read failed")
+        finally:
+            self.depth -= 1

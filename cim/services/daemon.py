@@ -239,7 +239,8 @@ class CimDaemon(OrderedServices):
                 node_id, config.im, node_key, im_node, state, registry, reactor, metrics, limits
             )
             factory.oplog = oplog
-            timelines.answer_in(factory.held_writes.around)
+            held = factory.held_writes
+            timelines.answer_in(held.around, held.at_read_end)
             # Messages waiting for their timeline append, and transactions waiting for
             # the database, count in the node's backpressure.
             factory.node_queue.database_backlog = lambda: max(database.backlog, timelines.waiting)

@@ -22,6 +22,7 @@ from cim.groups.directory import GroupDirectory
 from cim.history.journal import COPY_WAIT, journal_directory
 from cim.history.journal_file import encode, read_records
 from cim.history.timeline import Timelines, TimelineSettings, TimelineUnavailable
+from cim.protocols.held_writes import HeldWrites
 from cim.storage.changes import ChangeAsked
 from cim.storage.schema import conversations, timeline, user_conversations
 from cim.storage.timeline import Appended, NewMessage, forget_user
@@ -98,6 +99,45 @@ class JournalTests(DatabaseMixin, TestCase):
         self.assertEqual((found.msg_id, found.new), (2, False))
         self.assertEqual(timelines.counts["journaled"], 3)
         self.assertGreater(self.journal_size(), 0)
+
+    def test_in_a_read_the_write_comes_at_its_end_not_a_turn_later(self) -> None:
+        held = HeldWrites()
+        timelines = self.timelines()
+        timelines.answer_in(held.around, held.at_read_end)
+        answers: list[Deferred[Appended]] = []
+
+        def read() -> None:
+            answers.extend(timelines.append(message(n), "phone") for n in (1, 2))
+            for d in answers:
+                self.assertNoResult(d)  # promised only after the write
+
+        held.around(read)  # as a client's read: ends with no reactor turn
+        self.assertEqual([self.ok(d).seq for d in answers], [1, 2])
+        self.assertGreater(self.journal_size(), 0)
+        self.assertEqual(timelines.counts["journaled"], 2)
+        # Outside a read, the turn's write as before.
+        later = timelines.append(message(3), "phone")
+        self.assertNoResult(later)
+        self.clock.advance(0)
+        self.assertEqual(self.ok(later).seq, 3)
+
+    def test_a_write_forced_inside_the_read_is_not_made_twice(self) -> None:
+        held = HeldWrites()
+        timelines = self.timelines()
+        timelines.answer_in(held.around, held.at_read_end)
+        journal = timelines.journal
+        assert journal is not None
+        results: list[Deferred[Appended]] = []
+
+        def read() -> None:
+            results.append(timelines.append(message(1), "phone"))
+            journal._write_turn()  # what a stop or an exclusive change does
+            self.assertEqual(self.ok(results[0]).seq, 1)
+
+        held.around(read)
+        self.assertEqual(timelines.counts["journaled"], 1)
+        self.clock.advance(COPY_WAIT)
+        self.assertEqual(self.rows(), [(AB, 1, 1)])
 
     def test_group_messages_number_in_their_own_timeline(self) -> None:
         timelines = self.timelines()

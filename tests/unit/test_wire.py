@@ -665,6 +665,65 @@ class HeldWritesTests(unittest.TestCase):
         protocol.send_heartbeat()
         self.assertEqual(writes, [HEARTBEAT_FRAME, HEARTBEAT_FRAME])
 
+    def test_work_at_the_read_end_runs_before_the_held_frames_leave(self) -> None:
+        # The timelines' journal writes what a read numbered there: its answers (here a
+        # msg:N to the peer) must leave in the same sends as the read's own frames.
+        held = HeldWrites()
+        relay, peer, relay_writes, peer_writes = self.relay_and_peer(held)
+        seen: list[tuple[int, int]] = []
+        kept: list[bool] = []
+
+        def at_end() -> None:
+            seen.append((len(relay_writes), len(peer_writes)))
+            peer.send_frame(cim_pb2.MSG_N, cim_pb2.Message(text="answered at the end"))
+
+        def relay_and_defer(protocol: Any, message: Any) -> None:
+            _relay(protocol, message)
+            if not kept:  # once for the read, as the journal does
+                kept.append(held.at_read_end(at_end))
+
+        relay.inbound = {cim_pb2.MSG_R: (cim_pb2.Message, relay_and_defer)}
+        sealer, _ = ciphers(SUITE_CHACHA, "client")
+        relay.dataReceived(b"".join(frame(sealer.seal(message_body(str(n)))) for n in range(2)))
+        self.assertEqual(kept, [True])  # a read was under way: the work was kept
+        self.assertEqual(seen, [(0, 0)])  # ran once, before anything was written
+        self.assertEqual((len(relay_writes), len(peer_writes)), (1, 1))
+        _, opener = ciphers(SUITE_CHACHA, "client")
+        texts = [
+            cim_pb2.Message.FromString(opener.open(body)[1:]).text
+            for body in split_frames(peer_writes[0])[0]
+        ]
+        self.assertEqual(texts, ["0", "1", "answered at the end"])
+
+    def test_no_work_is_kept_outside_a_read(self) -> None:
+        held = HeldWrites()
+        ran: list[int] = []
+        self.assertFalse(held.at_read_end(lambda: ran.append(1)))
+        held.around(lambda: None)
+        self.assertEqual(ran, [])
+        # Inside ``around`` (as a read) it is kept and runs as that ends.
+        held.around(lambda: held.at_read_end(lambda: ran.append(2)))
+        self.assertEqual(ran, [2])
+
+    def test_failing_work_at_the_read_end_is_logged_and_the_frames_still_leave(self) -> None:
+        held = HeldWrites()
+        relay, _peer, relay_writes, peer_writes = self.relay_and_peer(held)
+
+        def fails() -> None:
+            raise RuntimeError("broken")
+
+        def relay_and_fail(protocol: Any, message: Any) -> None:
+            _relay(protocol, message)
+            held.at_read_end(fails)
+
+        relay.inbound = {cim_pb2.MSG_R: (cim_pb2.Message, relay_and_fail)}
+        sealer, _ = ciphers(SUITE_CHACHA, "client")
+        with capturedLogs() as events:
+            relay.dataReceived(frame(sealer.seal(message_body("x"))))
+        self.assertEqual((len(relay_writes), len(peer_writes)), (1, 1))
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertTrue(any("end of a read" in e.get("log_format", "") for e in events))
+
     def test_closing_during_a_read_sends_the_held_frames_first(self) -> None:
         class Refuser(RecordingProtocol):
             def plaintext_frame_received(self, body: bytes) -> None:
