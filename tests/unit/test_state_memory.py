@@ -667,6 +667,35 @@ class MemoryStateTests(SynchronousTestCase):
         self.clock.advance(1000)
         self.assertEqual(set(sizes(self.state).values()), {0})
 
+    def test_a_one_device_user_costs_no_dict_per_user(self) -> None:
+        # Nearly every user has one device: its entries are the record itself, and a
+        # second device turns them into dicts, which go back as it leaves.
+        sessions, table = self.state.sessions, self.state.table
+        phone, _ = self.result(
+            sessions.create_session(token_hash("p"), "ann", "phone", "n1", TTL, "kick_old", 3)
+        )
+        self.result(self.state.presence.mark_online(phone))
+        self.assertIs(table.devices_by_user["ann"], phone)
+        self.assertIs(table.online["ann"], phone)
+        self.clock.advance(1)
+        watch, _ = self.result(
+            sessions.create_session(token_hash("w"), "ann", "watch", "n1", TTL, "kick_old", 3)
+        )
+        self.result(self.state.presence.mark_online(watch))
+        self.assertEqual(table.devices_by_user["ann"], {"phone": phone, "watch": watch})
+        self.assertEqual(table.online["ann"], {"phone": phone, "watch": watch})
+        self.assertEqual(
+            self.result(self.state.presence.online_devices(["ann"])), {"ann": ["phone", "watch"]}
+        )
+        self.assertIs(table.newest_online("ann"), watch)
+        self.result(self.state.presence.mark_offline(watch))
+        self.assertIs(table.online["ann"], phone)
+        self.result(sessions.end_session(token_hash("p"), "logged_out"))
+        self.assertIs(table.devices_by_user["ann"], watch)
+        self.assertNotIn("ann", table.online)
+        self.assertEqual(self.result(sessions.end_user_sessions("ann", "logged_out")), [watch])
+        self.assertEqual(set(sizes(self.state).values()), {0})
+
     def test_prune_forgets_receipts_past_the_dedup_window(self) -> None:
         state = MemoryState(self.clock, prune_interval=60, dedup_window=100)
         self.result(state.receipts.remember_message("alice", "phone", 1, 1001, 55))

@@ -27,7 +27,7 @@ class MemoryRouteStore:
         return defer.succeed(None)
 
     def mark_offline(self, record: SessionRecord) -> Deferred[None]:
-        online = self._table.online.get(record.user, {}).get(record.device)
+        online = self._table.online_session(record.user, record.device)
         if (
             online is not None
             and online.session_id == record.session_id
@@ -46,14 +46,18 @@ class MemoryRouteStore:
     def _node_of(self, user: str) -> str | None:
         """The node of the user's newest connected device (all are on one node, but
         while a user moves the newest is where the router sends it now)."""
-        devices = self._table.online.get(user)
-        if not devices:
-            return None
-        return max(devices.values(), key=lambda record: record.created_at).node_id
+        newest = self._table.newest_online(user)
+        return newest.node_id if newest is not None else None
 
     def online_devices(self, users: list[str]) -> Deferred[dict[str, list[str]]]:
-        online = self._table.online
-        return defer.succeed({user: sorted(online[user]) for user in users if user in online})
+        table = self._table
+        return defer.succeed(
+            {
+                user: sorted(record.device for record in table.online_sessions(user))
+                for user in users
+                if user in table.online
+            }
+        )
 
     def online_users(self, offset: int, limit: int) -> Deferred[tuple[int, list[str]]]:
         if offset < 0 or limit < 0:

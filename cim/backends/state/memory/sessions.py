@@ -58,12 +58,11 @@ class MemorySessionStore:
         same: str | None = None
         online = 0
         offline: list[SessionRecord] = []
-        for other_device, other_hash in list(table.devices_by_user.get(user, {}).items()):
-            old = table.sessions[other_hash]
+        for old in table.device_sessions(user):
             if old.expires_at <= now:
-                table.end(other_hash, REASON_EXPIRED)
-            elif other_device == device:
-                same = other_hash
+                table.end(old.token_hash, REASON_EXPIRED)
+            elif old.device == device:
+                same = old.token_hash
             elif table.is_online(old):
                 online += 1
             else:
@@ -125,12 +124,12 @@ class MemorySessionStore:
     ) -> Deferred[list[SessionRecord]]:
         table = self._table
         ended: list[SessionRecord] = []
-        for each, token_hash in sorted(table.devices_by_user.get(user, {}).items()):
-            if device and each != device:
+        for current in sorted(table.device_sessions(user), key=lambda each: each.device):
+            if device and current.device != device:
                 continue
-            if table.live(token_hash) is None:
+            if table.live(current.token_hash) is None:
                 continue
-            record = table.end(token_hash, reason)
+            record = table.end(current.token_hash, reason)
             if record is not None:
                 ended.append(record)
         return defer.succeed(ended)
