@@ -42,30 +42,29 @@ from functools import partial
 from typing import TypeVar
 
 from sqlalchemy.engine import make_url
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from cim.backends.backoff import Backoff
-from cim.backends.batching import BatchWriter
 from cim.history.answers import Answer
+from cim.history.journal_copies import JournalCopies
 from cim.history.journal_file import JournalFiles, encode
+from cim.history.unavailable import TimelineUnavailable
 from cim.storage.database import Database, is_sqlite
 from cim.storage.timeline import Appended, NewMessage
 from cim.storage.timeline_journal import (
     CopyRow,
     Numbered,
-    Readers,
-    copy_txn,
     device_high_txn,
     found_again_txn,
     highest_id_txn,
     last_seq_txn,
     replay_txn,
+    row_of,
 )
 
-__all__ = ["COPY_BATCH", "COPY_WAIT", "Journal", "TimelineUnavailable", "journal_directory"]
+__all__ = ["COPY_BATCH", "COPY_WAIT", "Journal", "journal_directory"]
 
 T = TypeVar("T")
 
@@ -83,14 +82,7 @@ a busy node's memory does not grow with its traffic (figure 7, churn)."""
 RECENT_PER_DEVICE = 8
 """Client sequences per device answered from memory: about a sending window; an
 older resend is looked up in the database. 50,000 devices hold about 20 MB."""
-RETRY = Backoff(0.2, 10.0)
-
 _log = Logger(namespace="cim.timeline")
-
-
-class TimelineUnavailable(Exception):
-    """The timeline cannot take or read messages now (the database is down or behind,
-    the journal cannot be written). ``cim.history.timeline`` names it for callers."""
 
 
 def journal_directory(url: str) -> str | None:
@@ -168,25 +160,14 @@ class Journal:
         self._clock = clock
         self._files = JournalFiles(directory, roll_bytes=roll_bytes)
         self._window = dedup_window
-        self._copy_batch = copy_batch
         self.counts = counts
         self.answer_scope: Callable[[Callable[[], object]], object] = _run_now
         """Runs the code that answers a turn's messages (``Timelines.answer_in``)."""
         self.at_read_end: Callable[[Callable[[], object]], bool] = _no_read
         """Runs work as the read under way ends, or says there is none
         (``HeldWrites.at_read_end``): records numbered in a read are written then."""
-        self._copies: BatchWriter[CopyRow] = BatchWriter(
-            clock,
-            lambda batch: db.run(copy_txn, batch, self._starting_in(batch)),
-            name="timeline journal",
-            log=_log,
-            batch_size=copy_batch,
-            batch_wait=copy_wait,
-            retry=RETRY,
-            permanent=(ValueError,),
-            on_written=self._copied,
-            on_failure=self._copy_failed,
-            on_rejected=self._copy_rejected,
+        self._copies = JournalCopies(
+            db, clock, self._files, counts, batch_size=copy_batch, batch_wait=copy_wait
         )
         self._last: OrderedDict[str, int] = OrderedDict()
         self._devices: OrderedDict[tuple[str, str], _Device] = OrderedDict()
@@ -208,26 +189,11 @@ class Journal:
         self._buffer: list[_Held] = []
         self._resends: list[tuple[_Taken, Appended]] = []
         """Resends answered after the turn's write (their first may be in it)."""
-        self._index = 0
-        """Records journaled (promised) so far."""
-        self._runs: deque[list[int]] = deque()
-        """[generation, count] of the records waiting for their copy, oldest first:
-        the copies commit in the order they were journaled (``BatchWriter`` writes,
-        retries and sets aside in order), so each commit's count says which files it
-        emptied, and a copy waiting is one flat row, not a row in a wrapper."""
-        self._starting: dict[str, Readers] = {}
-        """The readers of a 1:1 conversation whose first message waits for its copy."""
-        self._copied_to = 0
-        """Every record up to this index is in the database."""
-        self._waiters: list[tuple[int, Deferred[None], bool]] = []
-        """(index to reach, who waits, whether the copies were hurried for it)."""
         self._paused = 0
         self._draining = False
         self._drain_again = False
         self._ready = False
         self._stopping = False
-        self.failing = False
-        """The copies fail (retried); reads cannot settle meanwhile."""
         self.broken = False
         """A journal write failed and could not be undone: no message is taken."""
 
@@ -273,10 +239,7 @@ class Journal:
         self._write_turn()
 
         async def drain() -> None:
-            await self._copies.stop(flush=True)
-            waiters, self._waiters = self._waiters, []
-            for _, d, _ in waiters:  # a read that waited for what could not be copied
-                d.errback(TimelineUnavailable("the node stopped before the write"))
+            await self._copies.stop()
             clean = self.unwritten == 0
             if self._ready:
                 self._files.close(clean=clean)
@@ -293,7 +256,7 @@ class Journal:
     def unwritten(self) -> int:
         """Messages taken (numbered or waiting to be) and not yet in the database."""
         queued = sum(len(q) for q in self._queues.values()) if self._queues else 0
-        return queued + len(self._buffer) + self._index - self._copied_to
+        return queued + len(self._buffer) + self._copies.behind
 
     @property
     def waiting(self) -> int:
@@ -301,7 +264,8 @@ class Journal:
         not yet promised (waiting for a load or the turn's write), and the copies'
         backlog past one batch (the database falls behind). A batch in the making is
         not pressure: the copy waits for it on purpose."""
-        lag = max(0, self._index - self._copied_to - self._copy_batch)
+        copies = self._copies
+        lag = max(0, copies.behind - copies.batch_size)
         if not self._queues:  # nearly always: asked for every frame the node reads
             return len(self._buffer) + lag
         return sum(len(q) for q in self._queues.values()) + len(self._buffer) + lag
@@ -419,20 +383,9 @@ class Journal:
             self._unloaded[key] = max(self._unloaded.pop(key, 0), m.client_seq)
             while len(self._unloaded) > DEVICES_KEPT:
                 self._unloaded.popitem(last=False)
-        payload = m.payload
-        row = (
-            m.conversation,
-            seq,
-            m.msg_id,
-            m.sender,
-            m.sender_device,
-            client_seq,
-            m.sent_at,
-            payload,
-            len(payload),
-        )
+        row = row_of(m, seq)
         if seq == 1 and m.readers:
-            self._starting[m.conversation] = m.readers
+            self._copies.starting[m.conversation] = m.readers
         self._buffer.append((taken, row, encode(row, m.readers), appended))
         if self._turn is None and not self._turn_at_read_end:
             if self.at_read_end(self._write_at_read_end):
@@ -473,13 +426,7 @@ class Journal:
             taken.answer.callback(found)
 
     def _promise(self, buffer: list[_Held], generation: int) -> None:
-        self._index += len(buffer)
-        self._copies.put_many(map(_ROW, buffer))
-        runs = self._runs
-        if runs and runs[-1][0] == generation:
-            runs[-1][1] += len(buffer)
-        else:
-            runs.append([generation, len(buffer)])
+        self._copies.add(map(_ROW, buffer), len(buffer), generation)
         self.counts["journaled"] += len(buffer)
         for taken, _, _, appended in buffer:
             taken.answer.callback(appended)
@@ -491,7 +438,7 @@ class Journal:
         for taken, row, _, _ in buffer:
             m = taken.message
             if row[1] == 1:
-                self._starting.pop(m.conversation, None)
+                self._copies.starting.pop(m.conversation, None)
             self._ids.pop(m.msg_id, None)
             self._last.pop(m.conversation, None)  # loaded again after a settle
             device = self._devices.get((m.sender, m.sender_device))
@@ -579,76 +526,8 @@ class Journal:
     # --- copying ----------------------------------------------------------------------
 
     def settled(self, *, hurry: bool = True) -> Deferred[None]:
-        """Fires once every message promised so far is in the database; fails while
-        the copies fail. ``hurry``: the waiting batch is written at once (a read someone
-        waits for); without it the copies keep their pace (``COPY_WAIT``), for work
-        nobody waits for (cursor moves), so it adds no transaction of its own."""
-        if self.failing:
-            return fail(TimelineUnavailable("the timeline's database writes fail"))
-        mark = self._index
-        if self._copied_to >= mark:
-            return succeed(None)
-        d: Deferred[None] = Deferred()
-        self._waiters.append((mark, d, hurry))
-        if hurry:
-            self._copies.flush()
-        return d
-
-    def _starting_in(self, batch: list[CopyRow]) -> dict[str, Readers]:
-        """The readers ``copy_txn`` writes for the first messages in ``batch``."""
-        starting = self._starting
-        if not starting:
-            return {}
-        return {row[0]: starting[row[0]] for row in batch if row[1] == 1 and row[0] in starting}
-
-    def _copied(self, batch: list[CopyRow], rows: object) -> None:
-        self._done(batch)
-        if self.failing:
-            self.failing = False
-            _log.info("timeline: journal copies work again")
-
-    def _done(self, batch: list[CopyRow]) -> None:
-        count = len(batch)
-        self._copied_to += count
-        self.counts["appended"] += count
-        runs = self._runs
-        while count:
-            run = runs[0]
-            taken = min(count, run[1])
-            self._files.committed(run[0], taken)
-            run[1] -= taken
-            count -= taken
-            if not run[1]:
-                runs.popleft()
-        if self._starting:
-            for row in batch:
-                if row[1] == 1:
-                    self._starting.pop(row[0], None)
-        copied_to = self._copied_to
-        ready = [d for mark, d, _ in self._waiters if mark <= copied_to]
-        self._waiters = [w for w in self._waiters if w[0] > copied_to]
-        if any(hurry for _, _, hurry in self._waiters):
-            self._copies.flush()
-        for d in ready:
-            d.callback(None)
-
-    def _copy_failed(self, batch: list[CopyRow], failure: Failure) -> None:
-        self.counts["write_failed"] += 1
-        if failure.check(ValueError):
-            return
-        self.failing = True
-        waiters, self._waiters = self._waiters, []
-        for _, d, _ in waiters:
-            d.errback(TimelineUnavailable(failure.getErrorMessage()))
-
-    def _copy_rejected(self, item: CopyRow, failure: Failure) -> None:
-        self.counts["rejected"] += 1
-        _log.error(
-            "timeline: journaled message {id} cannot be copied into the database: {why}",
-            id=item[2],
-            why=failure.getErrorMessage(),
-        )
-        self._done([item])
+        """``JournalCopies.settled``: every message promised so far in the database."""
+        return self._copies.settled(hurry=hurry)
 
     # --- changes ----------------------------------------------------------------------
 

@@ -42,8 +42,9 @@ from cim.backends.backoff import Backoff
 from cim.backends.batching import BatchWriter
 from cim.config import CimConfig
 from cim.history.answers import Answer, Then
-from cim.history.journal import Journal, TimelineUnavailable
+from cim.history.journal import Journal
 from cim.history.store import direct_conversation, group_conversation
+from cim.history.unavailable import TimelineUnavailable
 from cim.protocols import cim_pb2
 from cim.storage.changes import ChangeAsked, ChangeMade, change_txn
 from cim.storage.database import Database

@@ -52,12 +52,11 @@ that walks it; the copies wait for a whole batch (docs/benchmarks.md)."""
 Readers = tuple[tuple[str, str], ...]
 
 
-def row_of(item: Numbered) -> CopyRow:
-    """A numbered message's row."""
-    m = item.message
+def row_of(m: NewMessage, seq: int) -> CopyRow:
+    """The row of ``m`` numbered ``seq``: what the copy writes and the journal holds."""
     return (
         m.conversation,
-        item.seq,
+        seq,
         m.msg_id,
         m.sender,
         m.sender_device,
@@ -145,7 +144,7 @@ def replay_txn(connection: Connection, batch: Sequence[Numbered]) -> int:
         for item in fresh
         if item.seq == 1 and item.message.readers
     }
-    return copy_txn(connection, [row_of(item) for item in fresh], starting)
+    return copy_txn(connection, [row_of(item.message, item.seq) for item in fresh], starting)
 
 
 def last_seq_txn(connection: Connection, conversation: str) -> int:

@@ -177,7 +177,7 @@ class JournalTests(DatabaseMixin, TestCase):
     def test_the_node_is_pressed_by_copies_behind_by_more_than_a_batch(self) -> None:
         timelines = Timelines(self.db, self.clock, TimelineSettings(), journal=self.directory)
         assert timelines.journal is not None
-        timelines.journal._copy_batch = 2
+        timelines.journal._copies.batch_size = 2
         self.ok(timelines.start())
         for n in (1, 2):
             self.append(timelines, n)
@@ -261,18 +261,20 @@ class JournalTests(DatabaseMixin, TestCase):
             ),
             Numbered(1, NewMessage("g:room", 14, "z\u00fcri", "web", 0, 2.0, b"group", ())),
         ]
-        data = b"".join(encode(row_of(item), item.message.readers) for item in items)
+        data = b"".join(
+            encode(row_of(item.message, item.seq), item.message.readers) for item in items
+        )
         self.assertEqual(read_records(data), (items, len(data)))
 
     def test_a_torn_tail_is_dropped(self) -> None:
         first, second = new(message(1)), new(message(2))
-        whole = encode(row_of(Numbered(1, first)), first.readers)
-        torn = encode(row_of(Numbered(2, second)), second.readers)[:-3]
+        whole = encode(row_of(first, 1), first.readers)
+        torn = encode(row_of(second, 2), second.readers)[:-3]
         with open(os.path.join(self.directory, "timeline.journal.1"), "wb") as f:
             f.write(whole + torn)
         records, used = read_records(whole + torn)
         self.assertEqual((len(records), used), (1, len(whole)))
-        damaged = bytearray(encode(row_of(Numbered(2, second)), second.readers))
+        damaged = bytearray(encode(row_of(second, 2), second.readers))
         damaged[-1] ^= 0xFF  # a whole length, a wrong CRC
         self.assertEqual(len(read_records(whole + bytes(damaged))[0]), 1)
         timelines = self.timelines()
