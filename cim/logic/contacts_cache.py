@@ -9,6 +9,13 @@ that was running meanwhile is not kept; a change made elsewhere (another node, a
 account created with cimctl) is seen once the answer is older than ``ttl``.
 Concurrent questions about the same pair share one read, so messages that wait for
 it are answered in the order they came.
+
+An answer asked for in the last part of its life (``REFRESH_AT`` of ``ttl``) is read
+again in the background while it still answers: a pair that keeps talking never waits
+for a read. Before, every answer of a busy node expired together every ``ttl``, and the
+next message of each pair waited for its read, queued behind the timeline copy's
+transaction on the database thread: a stall of about 100 ms every 10 s at 1,000 msg/s
+(docs/benchmarks.md). The answer still never outlives ``ttl``.
 """
 
 from __future__ import annotations
@@ -25,6 +32,8 @@ __all__ = ["DEFAULT_DECISION_CACHE_SIZE", "Decisions"]
 
 DEFAULT_DECISION_CACHE_SIZE = 100_000
 """Pairs remembered; the least recently used go first (about 200 bytes each)."""
+REFRESH_AT = 0.75
+"""The share of ``ttl`` after which an answer asked for is read again in the background."""
 
 Pair = tuple[str, str]
 Load = Callable[[str, str], "Deferred[bool]"]
@@ -65,9 +74,14 @@ class Decisions:
         if kept is None:
             return None
         allowed, read_at = kept
-        if self._ttl is not None and self._clock.seconds() - read_at >= self._ttl:
-            self._drop(pair)
-            return None
+        ttl = self._ttl
+        if ttl is not None:
+            age = self._clock.seconds() - read_at
+            if age >= ttl:
+                self._drop(pair)
+                return None
+            if age >= ttl * REFRESH_AT and pair not in self._reading:
+                self._start_read(pair, [])  # this answer holds until the new one comes
         self._answers.move_to_end(pair)
         return allowed
 
@@ -82,10 +96,14 @@ class Decisions:
         if reading is not None:
             reading.waiters.append(waiter)
             return waiter
-        reading = self._reading[pair] = _Reading([waiter])
-        started = self._clock.seconds()
-        self._load(sender, receiver).addBoth(self._read, pair, reading, started)
+        self._start_read(pair, [waiter])
         return waiter
+
+    def _start_read(self, pair: Pair, waiters: list[Deferred[bool]]) -> None:
+        # The waiters are in place first: a read may answer at once.
+        reading = self._reading[pair] = _Reading(waiters)
+        started = self._clock.seconds()
+        self._load(*pair).addBoth(self._read, pair, reading, started)
 
     def forget(self, user: str) -> None:
         """Drop every answer about ``user``, kept or being read (its rows changed)."""

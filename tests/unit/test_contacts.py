@@ -457,11 +457,16 @@ class DecisionCacheTests(ContactsMixin, TestCase):
         other = self.make_book(cache_ttl=5.0)  # another node's book
         self.assertTrue(self.ok(other.may_message("alice", "bob")))
         self.act(self.book.block("bob", "alice"))
-        self.clock.advance(4)
-        self.assertTrue(other.known("alice", "bob"))
+        self.clock.advance(3)
+        self.assertTrue(other.known("alice", "bob"))  # from memory, not read again yet
         self.clock.advance(1)
-        self.assertIsNone(other.known("alice", "bob"))
+        # Late in its life the answer still holds while it is read again (here at once).
+        self.assertTrue(other.known("alice", "bob"))
+        self.assertFalse(other.known("alice", "bob"))  # the new read saw the block
         self.assertFalse(self.ok(other.may_message("alice", "bob")))
+        # Unused, an answer expires: the next question waits for a read.
+        self.clock.advance(5)
+        self.assertIsNone(other.known("alice", "bob"))
 
     def test_the_cache_is_bounded(self) -> None:
         book = self.make_book(cache_size=2)
@@ -507,6 +512,40 @@ class DecisionReadTests(TestCase):
         self.failureResultOf(first, RuntimeError)
         self.failureResultOf(second, RuntimeError)
         self.assertIsNone(self.decisions.known("a", "b"))
+
+    def test_an_answer_in_use_is_read_again_before_it_expires(self) -> None:
+        # A pair that keeps talking never waits: late in its life the answer is read
+        # again in the background, and holds until the new one comes.
+        self.decisions.decide("a", "b")
+        self.reads.pop()[2].callback(True)
+        self.clock.advance(7)
+        self.assertIs(self.decisions.known("a", "b"), True)
+        self.assertEqual(self.reads, [])  # not yet in the last quarter of its life
+        self.clock.advance(1)
+        answered = self.decisions.decide("a", "b")
+        self.assertTrue(self.successResultOf(answered))  # from memory, no wait
+        self.assertEqual(len(self.reads), 1)  # and one read started
+        self.assertIs(self.decisions.known("a", "b"), True)
+        self.assertEqual(len(self.reads), 1)  # one at a time
+        self.clock.advance(1)
+        self.reads.pop()[2].callback(False)  # the rows changed meanwhile
+        self.assertIs(self.decisions.known("a", "b"), False)
+        self.clock.advance(6)  # 15 s after the first read, 7 s after the new one
+        self.assertIs(self.decisions.known("a", "b"), False)
+        self.assertEqual(self.reads, [])
+
+    def test_an_answer_never_outlives_its_ttl(self) -> None:
+        self.decisions.decide("a", "b")
+        self.reads.pop()[2].callback(True)
+        self.clock.advance(8)
+        self.assertIs(self.decisions.known("a", "b"), True)  # starts a read
+        self.reads.pop()[2].errback(RuntimeError("database down"))  # not kept
+        self.clock.advance(2)
+        self.assertIsNone(self.decisions.known("a", "b"))  # expired: no stale answer
+        waiting = self.decisions.decide("a", "b")
+        self.assertNoResult(waiting)
+        self.reads.pop()[2].callback(True)
+        self.assertTrue(self.successResultOf(waiting))
 
     def test_forget_drops_both_directions(self) -> None:
         for pair in (("a", "b"), ("b", "a"), ("c", "d")):
