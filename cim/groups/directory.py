@@ -33,6 +33,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 
 from cim.accounts.store import InvalidUserName, check_user_name
+from cim.caching import refresh_due
 from cim.groups.answers import answer, group_info_proto
 from cim.logic.contacts import Announcer, Silent
 from cim.protocols import cim_pb2
@@ -430,7 +431,8 @@ class GroupDirectory:
 
 
 class _MemberCache:
-    """Member lists by group, least recently used first out, each trusted for ``ttl``."""
+    """Member lists by group, least recently used first out, each trusted for ``ttl``
+    and read again in the background when asked for late in it (``cim.caching``)."""
 
     def __init__(self, db: Database, clock: IReactorTime, size: int, ttl: float | None) -> None:
         self._db = db
@@ -447,8 +449,12 @@ class _MemberCache:
     def of(self, group_id: str) -> Deferred[_Members]:
         entry = self._cache.get(group_id)
         if entry is not None:
-            if self._ttl is None or self._clock.seconds() - entry.loaded_at < self._ttl:
+            ttl = self._ttl
+            age = self._clock.seconds() - entry.loaded_at
+            if ttl is None or age < ttl:
                 self._cache.move_to_end(group_id)
+                if ttl is not None and refresh_due(age, ttl) and group_id not in self._loading:
+                    self._start_load(group_id, [])  # this list holds until the new one comes
                 return succeed(entry)
             del self._cache[group_id]
         if not is_group_id(group_id):
@@ -458,12 +464,15 @@ class _MemberCache:
         if load is not None:
             load.waiters.append(waiter)
             return waiter
-        load = _Load([waiter])
-        self._loading[group_id] = load
+        self._start_load(group_id, [waiter])
+        return waiter
+
+    def _start_load(self, group_id: str, waiters: list[Deferred[_Members]]) -> None:
+        # The waiters are in place first: a read may answer at once.
+        load = self._loading[group_id] = _Load(waiters)
         started = self._clock.seconds()
         d = self._db.run(member_names_txn, group_id)
         d.addBoth(self._loaded, group_id, load, started)
-        return waiter
 
     def _loaded(
         self, result: list[str] | Failure, group_id: str, load: _Load, started: float

@@ -10,12 +10,8 @@ account created with cimctl) is seen once the answer is older than ``ttl``.
 Concurrent questions about the same pair share one read, so messages that wait for
 it are answered in the order they came.
 
-An answer asked for in the last part of its life (``REFRESH_AT`` of ``ttl``) is read
-again in the background while it still answers: a pair that keeps talking never waits
-for a read. Before, every answer of a busy node expired together every ``ttl``, and the
-next message of each pair waited for its read, queued behind the timeline copy's
-transaction on the database thread: a stall of about 100 ms every 10 s at 1,000 msg/s
-(docs/benchmarks.md). The answer still never outlives ``ttl``.
+An answer asked for in the last part of its life is read again in the background while
+it still answers (``cim.caching``): a pair that keeps talking never waits for a read.
 """
 
 from __future__ import annotations
@@ -28,12 +24,12 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 
+from cim.caching import refresh_due
+
 __all__ = ["DEFAULT_DECISION_CACHE_SIZE", "Decisions"]
 
 DEFAULT_DECISION_CACHE_SIZE = 100_000
 """Pairs remembered; the least recently used go first (about 200 bytes each)."""
-REFRESH_AT = 0.75
-"""The share of ``ttl`` after which an answer asked for is read again in the background."""
 
 Pair = tuple[str, str]
 Load = Callable[[str, str], "Deferred[bool]"]
@@ -80,7 +76,7 @@ class Decisions:
             if age >= ttl:
                 self._drop(pair)
                 return None
-            if age >= ttl * REFRESH_AT and pair not in self._reading:
+            if refresh_due(age, ttl) and pair not in self._reading:
                 self._start_read(pair, [])  # this answer holds until the new one comes
         self._answers.move_to_end(pair)
         return allowed

@@ -484,6 +484,23 @@ class GroupTests(GroupTestsMixin, TestCase):
         self.clock.advance(1)
         self.assertTrue(self.ok(other.is_member(info.id, "erin")))
 
+    def test_a_list_in_use_is_read_again_before_it_expires(self) -> None:
+        info = self.team()
+        other = self.directory(cache_ttl=40.0)  # say, another node
+        self.assertFalse(self.ok(other.is_member(info.id, "erin")))
+        self.ok(self.groups.add("alice", info.id, ["erin"]))
+        runs = self.runner.runs
+        self.clock.advance(29)  # not yet in the last quarter of its life: memory only
+        self.assertFalse(self.ok(other.is_member(info.id, "erin")))
+        self.assertEqual(self.runner.runs, runs)
+        self.clock.advance(1)
+        # Answered from memory at once, and read again meanwhile (here the read answers
+        # at once): the next question sees the change, and nobody waited for it.
+        self.assertFalse(self.ok(other.is_member(info.id, "erin")))
+        self.assertEqual(self.runner.runs, runs + 1)
+        self.assertTrue(self.ok(other.is_member(info.id, "erin")))
+        self.assertEqual(self.runner.runs, runs + 1)
+
     def test_forget(self) -> None:
         info = self.team()
         other = self.directory(cache_ttl=None)
