@@ -31,6 +31,7 @@ from typing import Concatenate, ParamSpec, TypeVar
 from sqlalchemy.engine import Connection, Engine
 from twisted.internet.defer import Deferred, fail, succeed
 
+from cim.backends.threads import BELOW_THE_REACTOR
 from cim.config import AccountsConfig
 from cim.reactor import ICimReactor
 from cim.storage.accounts import (
@@ -264,7 +265,9 @@ class AccountStore:
         self._db = db
         self._config = config
         self._reactor = reactor
-        self._kdf = ThreadPoolRunner("cim-kdf", KDF_THREADS, reactor, kdf_runner)
+        self._kdf = ThreadPoolRunner(
+            "cim-kdf", KDF_THREADS, reactor, kdf_runner, nice=BELOW_THE_REACTOR
+        )
         self._dummy_hash = _dummy_hash(config)
 
     def start(self) -> None:

@@ -4,10 +4,20 @@ The database (SQLAlchemy, "cim-db"), the file store ("cim-files"), password hash
 ("cim-kdf") and the ZooKeeper registry (kazoo, "cim-zookeeper") all run blocking calls
 off the reactor thread. Each gets its own named pool, so a thread dump says who is
 busy, and they all start, run and stop the same way, here.
+
+A pool may run below the reactor (``nice``): on Linux each of its threads lowers its own
+scheduling priority before its first piece of work. On a core the reactor shares with a
+busy pool (the timeline copy's transactions every ``COPY_WAIT``), the kernel otherwise
+kept running the pool thread while the reactor waited for the CPU and then for the GIL:
+about 5 ms stalls several times a second at 1,000 msg/s with everything on one core
+(p99 3-13 ms; with the database pool at nice 10, 1.7-1.8 ms; docs/benchmarks.md).
 """
 
 from __future__ import annotations
 
+import os
+import sys
+import threading
 import time
 from collections.abc import Callable
 from typing import Any, Protocol, TypeVar
@@ -18,9 +28,29 @@ from twisted.python.threadpool import ThreadPool
 
 from cim.reactor import ICimReactor
 
-__all__ = ["PoolNotRunning", "Runner", "ThreadPoolRunner"]
+__all__ = ["BELOW_THE_REACTOR", "PoolNotRunning", "Runner", "ThreadPoolRunner", "lower_this_thread"]
 
 T = TypeVar("T")
+
+BELOW_THE_REACTOR = 10
+"""The ``nice`` of pools whose work waits while the reactor answers clients."""
+
+
+def lower_this_thread(by: int) -> bool:
+    """Lower the calling thread's scheduling priority by ``by`` nice steps (Linux: a
+    thread's nice is its own; elsewhere it is the process's, so nothing is done).
+    False when nothing was changed."""
+    if by <= 0 or not sys.platform.startswith("linux"):
+        return False
+    tid = threading.get_native_id()
+    try:
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + by))
+    except OSError:
+        return False
+    return True
+
+
+_lowered = threading.local()
 
 
 class Runner(Protocol):
@@ -59,8 +89,13 @@ class ThreadPoolRunner:
         on_wait: Callable[[float], None] | None = None,
         *,
         stop_at_shutdown: bool = True,
+        nice: int = 0,
+        lower: Callable[[int], object] = lower_this_thread,
     ) -> None:
         self.name = name
+        self.nice = nice
+        """How far below the reactor the pool's threads run (``lower_this_thread``)."""
+        self._lower = lower
         # Told (on the worker thread) how long each piece of work waited for a thread.
         self.on_wait = on_wait
         self._reactor = reactor
@@ -100,6 +135,8 @@ class ThreadPoolRunner:
                 return inner()
 
             work = timed
+        if self.nice > 0 and self._runner is None:  # an injected runner is the caller's
+            work = self._below_the_reactor(work)
         if self._runner is not None:
             d = self._runner(work)
         elif self._pool is not None and self._reactor is not None:
@@ -109,6 +146,18 @@ class ThreadPoolRunner:
         self._pending += 1
         d.addBoth(self._finished)
         return d
+
+    def _below_the_reactor(self, work: Callable[[], T]) -> Callable[[], T]:
+        nice, lower = self.nice, self._lower
+
+        def lowered_first() -> T:
+            # Once per thread: a pool's threads live until it stops.
+            if not getattr(_lowered, self.name, False):
+                setattr(_lowered, self.name, True)
+                lower(nice)
+            return work()
+
+        return lowered_first
 
     def _finished(self, result: T) -> T:
         self._pending -= 1

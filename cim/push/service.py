@@ -21,7 +21,7 @@ from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.logger import Logger
 
 from cim.backends.backoff import Backoff
-from cim.backends.threads import ThreadPoolRunner
+from cim.backends.threads import BELOW_THE_REACTOR, ThreadPoolRunner
 from cim.config import PushConfig
 from cim.im.collaborators import Stores, in_background
 from cim.interfaces import IRouteStore
@@ -83,7 +83,7 @@ class PushService(AsyncService):
         self.registrations = Registrations(
             database, reactor, config.enabled, config.providers, oplog
         )
-        self.runner = ThreadPoolRunner("cim-push", config.threads, reactor)
+        self.runner = ThreadPoolRunner("cim-push", config.threads, reactor, nice=BELOW_THE_REACTOR)
         self.providers = Providers({})
         self.queue = PushQueue(
             reactor,

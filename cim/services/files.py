@@ -25,6 +25,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.web import server
 
+from cim.backends.threads import BELOW_THE_REACTOR
 from cim.config import FilesConfig
 from cim.files.blobs import BlobStore
 from cim.files.http.site import files_site
@@ -75,7 +76,9 @@ class FilesService(OrderedServices):
         self.config = config
         self.storage_dir = config.storage_dir or os.path.join(data_dir, "files")
         self.key_path = config.url_key or os.path.join(data_dir, "files_url_key")
-        work = ThreadPoolRunner("cim-files", config.threads, reactor, runner)
+        work = ThreadPoolRunner(
+            "cim-files", config.threads, reactor, runner, nice=BELOW_THE_REACTOR
+        )
         signer = KeyFileSigner(self.key_path)
         blobs = BlobStore(self.storage_dir)
         self.store = FileStore(config, database, blobs, work, signer, reactor)

@@ -29,7 +29,7 @@ from sqlalchemy.pool import StaticPool
 from twisted.internet.defer import Deferred, fail
 from twisted.python.failure import Failure
 
-from cim.backends.threads import PoolNotRunning, Runner, ThreadPoolRunner
+from cim.backends.threads import BELOW_THE_REACTOR, PoolNotRunning, Runner, ThreadPoolRunner
 from cim.reactor import ICimReactor
 
 T = TypeVar("T")
@@ -313,7 +313,9 @@ class Database:
         self.url = url
         # SQLite has one writer anyway; one thread turns lock waits into a queue.
         self._threads = 1 if is_sqlite(url) else threads
-        self._work = ThreadPoolRunner("cim-db", self._threads, reactor, runner, on_wait)
+        self._work = ThreadPoolRunner(
+            "cim-db", self._threads, reactor, runner, on_wait, nice=BELOW_THE_REACTOR
+        )
         self._engine: Engine | None = None
         self._closing = False
 

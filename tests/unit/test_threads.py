@@ -3,12 +3,14 @@ ZooKeeper registry run their blocking calls on it)."""
 
 from __future__ import annotations
 
+import os
+import sys
 import threading
 from typing import Any, cast
 
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
-from cim.backends.threads import PoolNotRunning, ThreadPoolRunner
+from cim.backends.threads import PoolNotRunning, ThreadPoolRunner, lower_this_thread
 from tests.unit.test_storage import QueuedRunner, ThreadHopReactor, run_now
 
 
@@ -68,3 +70,52 @@ class ThreadPoolRunnerTests(SynchronousTestCase):
         self.successResultOf(pool.run(lambda: None))
         self.assertEqual(len(waits), 1)
         self.assertGreaterEqual(waits[0], 0.0)
+
+
+class BelowTheReactorTests(SynchronousTestCase):
+    """A pool with ``nice`` lowers each of its threads once, before their first work."""
+
+    def test_each_thread_of_a_nice_pool_lowers_itself_once(self) -> None:
+        reactor = ThreadHopReactor()
+        lowered: list[tuple[str, int]] = []
+        pool = ThreadPoolRunner(
+            "cim-test",
+            1,
+            cast(Any, reactor),
+            nice=7,
+            lower=lambda by: lowered.append((threading.current_thread().name, by)),
+        )
+        pool.start()
+        for _ in range(3):
+            done = pool.run(lambda: None)
+            reactor.wait_for(done)
+        self.assertEqual(len(lowered), 1)
+        name, by = lowered[0]
+        self.assertTrue(name.startswith("PoolThread-cim-test-"))
+        self.assertEqual(by, 7)
+        reactor.wait_for(pool.stop())
+
+    def test_an_injected_runner_is_never_lowered(self) -> None:
+        # It runs the work in the caller's thread (tests): that is not the pool's.
+        lowered: list[int] = []
+        pool = ThreadPoolRunner("cim-test", 1, None, run_now, nice=7, lower=lowered.append)
+        pool.start()
+        self.successResultOf(pool.run(lambda: None))
+        self.assertEqual(lowered, [])
+
+    def test_lowering_a_thread_leaves_the_others(self) -> None:
+        if not sys.platform.startswith("linux"):
+            raise SkipTest("a thread's own nice is Linux's")
+        here = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+        seen: list[tuple[bool, int]] = []
+
+        def in_a_thread() -> None:
+            changed = lower_this_thread(5)
+            seen.append((changed, os.getpriority(os.PRIO_PROCESS, threading.get_native_id())))
+
+        thread = threading.Thread(target=in_a_thread)
+        thread.start()
+        thread.join(30)
+        self.assertEqual(seen, [(True, min(19, here + 5))])
+        self.assertEqual(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()), here)
+        self.assertFalse(lower_this_thread(0))
