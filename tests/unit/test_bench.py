@@ -11,7 +11,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from bench.loadgen import TEXT_SIZE, BenchConnection, varint
+from bench.clients import TEXT_SIZE, BenchConnection, varint
 from bench.push_outage import parse_push_metrics
 from bench.scaling import markdown, per_unit, project, redis_delta
 from bench.scenarios import percentiles, saturated_side, summarise_folded
