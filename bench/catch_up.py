@@ -29,19 +29,8 @@ from collections import Counter
 from typing import IO, Any
 
 from bench.daemon import ROOT, BenchDaemon, DaemonSettings, pinned, sample_cores
-from bench.scenarios import (
-    GENERATOR_CPU,
-    PASSWORD,
-    SUITES,
-    Context,
-    Interval,
-    Plan,
-    _connect,
-    _fill,
-    _login,
-    _Meter,
-    _shares,
-)
+from bench.scenarios import Context, Plan, _fill
+from bench.steps import GENERATOR_CPU, PASSWORD, SUITES, Interval, _connect, _login, _Meter, _shares
 from bench.workers import WorkerPool
 
 __all__ = ["CATCH_UP_USER", "catch_up", "observe"]

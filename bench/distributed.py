@@ -24,18 +24,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from bench.daemon import BenchDaemon, DaemonSettings
-from bench.scenarios import (
-    GENERATOR_CPU,
-    PASSWORD,
-    Context,
-    Plan,
-    _connect,
-    _consistency,
-    _login,
-    _sum,
-    percentiles,
-)
+from bench.scenarios import Context, Plan
 from bench.services import ExternalServices, sample_service_cpu, wait_until
+from bench.steps import GENERATOR_CPU, PASSWORD, _connect, _consistency, _login, _sum, percentiles
 from bench.workers import Answer, WorkerPool
 
 RATE = 5000

@@ -40,15 +40,13 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from sqlalchemy import insert
 
 from bench.daemon import BenchDaemon, DaemonSettings, free_port
-from bench.scenarios import (
+from bench.scenarios import Context, Plan, _fanout_finished
+from bench.steps import (
     GENERATOR_CPU,
     PASSWORD,
     SUITES,
-    Context,
-    Plan,
     _connect,
     _consistency,
-    _fanout_finished,
     _login,
     _measure,
     _rates,

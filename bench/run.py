@@ -22,7 +22,17 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from bench import catch_up, distributed, gateway, push_outage, report, scenarios, steady
+from bench import (
+    catch_up,
+    distributed,
+    gateway,
+    profiling,
+    push_outage,
+    report,
+    scenarios,
+    steady,
+    steps,
+)
 from bench.daemon import ROOT
 
 RESULTS_DIR = os.path.join(ROOT, "bench", "results")
@@ -99,7 +109,7 @@ def pin_to_generator_core() -> list[str]:
         notes.append("only one core: daemon and generator share it; figures are not comparable")
         return notes
     try:
-        os.sched_setaffinity(0, {scenarios.GENERATOR_CPU})
+        os.sched_setaffinity(0, {steps.GENERATOR_CPU})
     except (AttributeError, OSError) as exc:
         notes.append(f"could not pin the benchmark script: {exc}")
     return notes
@@ -167,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
 
             results["idle"].append({"connections": count, **attempt(f"idle {count}", run_idle)})
     if "one_to_one" in wanted:
-        profiler = scenarios.py_spy_profiler(run_dir, log) if profile_on else None
+        profiler = profiling.py_spy_profiler(run_dir, log) if profile_on else None
         results["one_to_one"] = attempt("1:1", lambda: scenarios.one_to_one(ctx, plan, profiler))
     run_steady(ctx, plan, wanted, results, attempt)
     if "group" in wanted:
@@ -231,7 +241,7 @@ def run_external(
     scenario gets a fresh database, Redis database and queues of its own.
     """
     external = dataclasses.replace(ctx, external=True, notes=ctx.notes, _services={})
-    one_plan = dataclasses.replace(plan, suites=(scenarios.SUITES[0],))
+    one_plan = dataclasses.replace(plan, suites=(steps.SUITES[0],))
     ctx.log("backends: PostgreSQL + Redis + RabbitMQ")
     return {
         "one_to_one": attempt(

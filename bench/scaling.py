@@ -38,15 +38,6 @@ import pika
 from sqlalchemy import text
 
 from bench.daemon import ROOT, BenchDaemon, DaemonSettings, free_port, sample_process
-from bench.scenarios import (
-    GENERATOR_CPU,
-    PASSWORD,
-    SUITES,
-    _connect,
-    _consistency,
-    _login,
-    _sum,
-)
 from bench.services import (
     AMQP_URL,
     RedisConnection,
@@ -56,6 +47,7 @@ from bench.services import (
     drop_database,
     wait_until,
 )
+from bench.steps import GENERATOR_CPU, PASSWORD, SUITES, _connect, _consistency, _login, _sum
 from bench.workers import WorkerPool
 from cim.backends.bus import node_queue
 from cim.storage.database import open_engine

@@ -13,28 +13,33 @@ import dataclasses
 import math
 import os
 import shutil
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from bench.daemon import BenchDaemon, CoreSample, DaemonSettings, ProcSample, sample_cores
-from bench.services import ExternalServices, sample_service_cpu, wait_until
+from bench.daemon import BenchDaemon, DaemonSettings, sample_cores
+from bench.services import ExternalServices, wait_until
+from bench.steps import (
+    DAEMON_CPU,
+    GENERATOR_CPU,
+    PASSWORD,
+    SUITES,
+    Log,
+    _connect,
+    _consistency,
+    _login,
+    _measure,
+    _Meter,
+    _names,
+    _rates,
+    _shares,
+    _sum,
+    _utilisation,
+    _warm_up,
+    percentiles,
+)
 from bench.workers import Answer, WorkerPool, cpu_between, split
-
-PASSWORD = "bench-password"
-SUITES = ("chacha20-poly1305", "rc4-hmac-sha256")
-DAEMON_CPU = 0
-GENERATOR_CPU = 1
-SATURATED = 0.85
-"""A side using at least this share of its core is the one that limits the rate.
-
-Not 100 %: a saturated side still waits a little for the other between bursts, and
-/proc counts CPU in 10 ms ticks."""
-
-Log = Callable[[str], None]
 
 
 @dataclass(frozen=True)
@@ -168,120 +173,6 @@ class Context:
             shutil.rmtree(os.path.join(daemon.workdir, "data"), ignore_errors=True)
 
 
-def _utilisation(cpu: float, wall: float) -> float:
-    return cpu / wall if wall > 0 else 0.0
-
-
-def saturated_side(daemon_core_busy: float, generator_core_busy: float) -> str:
-    """Which side ran out of CPU: the one whose core was (nearly) always busy.
-
-    The cores' busy shares come from /proc/stat, so a core full because some other
-    process ran on it too still counts as full: that side could go no faster. The
-    daemon's and the generator's own shares say how much of it they had.
-    """
-    if daemon_core_busy >= SATURATED:
-        return "daemon"
-    if generator_core_busy >= SATURATED:
-        return "generator"
-    return "neither (the offered load or the window limits the rate)"
-
-
-def _sum(answers: Sequence[Answer], *path: str) -> int:
-    total = 0
-    for answer in answers:
-        value: Any = answer
-        for key in path:
-            value = value[key]
-        total += int(value)
-    return total
-
-
-def _merge_counts(answers: Sequence[Answer], key: str) -> dict[str, int]:
-    merged: dict[str, int] = {}
-    for answer in answers:
-        for name, count in answer.get(key, {}).items():
-            merged[name] = merged.get(name, 0) + int(count)
-    return merged
-
-
-def _consistency(
-    answers: Sequence[Answer], before: Sequence[Answer] | None = None
-) -> dict[str, Any]:
-    """Exact totals of a drained load: sent must equal delivered + failed.
-
-    ``before`` (the workers' totals when the load started) makes them this load's own.
-    """
-
-    def count(name: str) -> int:
-        earlier = _sum(before, "totals", name) if before else 0
-        return _sum(answers, "totals", name) - earlier
-
-    sent, delivered, failed = count("sent"), count("delivered"), count("failed")
-    accepted, stored = count("accepted"), count("stored")
-    return {
-        "sent": sent,
-        "delivered": delivered,
-        "accepted": accepted,
-        "stored": stored,
-        "failed": failed,
-        "received": count("received"),
-        "acks_answered": count("acks_answered"),
-        "consistent": sent == delivered + accepted + stored + failed,
-        # Every delivered message was seen by its receiver (1:1: exactly once).
-        "received_matches": count("received") == delivered,
-        "failure_reasons": _merge_counts(answers, "failure_reasons"),
-        "errors": _merge_counts(answers, "errors"),
-    }
-
-
-def _names(prefix: str, count: int, parts: int) -> list[dict[str, Any]]:
-    return [{"prefix": prefix, "start": start, "count": n} for start, n in split(count, parts)]
-
-
-def _login(pool: WorkerPool, prefix: str, count: int, concurrency: int = 8) -> list[Answer]:
-    slices = _names(prefix, count, len(pool))
-    answers = pool.call(
-        lambda i: {"cmd": "login", "password": PASSWORD, "concurrency": concurrency, **slices[i]},
-        timeout=600,
-    )
-    failed = _sum(answers, "failed")
-    if failed:
-        raise RuntimeError(f"{failed} router logins failed: {_merge_counts(answers, 'errors')}")
-    return answers
-
-
-CONNECTS_IN_FLIGHT = 32
-"""Handshakes under way at once, over all workers: below the listen backlog (50), so
-no SYN is dropped and retried a second later, which would measure the backlog."""
-
-
-def _connect(
-    pool: WorkerPool,
-    prefix: str,
-    count: int,
-    suite: str,
-    transport: str = "tcp",
-    resume: bool = False,
-) -> list[Answer]:
-    slices = _names(prefix, count, len(pool))
-    concurrency = max(1, CONNECTS_IN_FLIGHT // len(pool))
-    answers = pool.call(
-        lambda i: {
-            "cmd": "connect",
-            "suite": suite,
-            "concurrency": concurrency,
-            "transport": transport,
-            "resume": resume,
-            **slices[i],
-        },
-        timeout=600,
-    )
-    failed = _sum(answers, "failed")
-    if failed:
-        raise RuntimeError(f"{failed} connections failed: {_merge_counts(answers, 'errors')}")
-    return answers
-
-
 # ----------------------------------------------------------------------------- idle
 
 
@@ -382,16 +273,6 @@ def _resume_cost(daemon: BenchDaemon, pool: WorkerPool, count: int) -> dict[str,
     }
 
 
-def _warm_up(pool: WorkerPool, prefix: str, count: int) -> None:
-    """A few logins and messages first, so lazy imports and caches are not measured."""
-    _login(pool, prefix, count)
-    _connect(pool, prefix, count, SUITES[0])
-    pool.call({"cmd": "load", "window": 2}, 60)
-    time.sleep(0.5)
-    pool.call({"cmd": "stop_load", "timeout": 30}, 60)
-    pool.call({"cmd": "close"}, 60)
-
-
 def _router_default_cost(daemon: BenchDaemon, pool: WorkerPool, count: int) -> dict[str, Any]:
     """Logins/s through the router with passwords hashed at the shipped scrypt cost."""
     before = daemon.settle()
@@ -412,89 +293,6 @@ def _router_default_cost(daemon: BenchDaemon, pool: WorkerPool, count: int) -> d
 
 
 # ----------------------------------------------------------------- 1:1 and latency
-
-
-@dataclass
-class Interval:
-    """A measured interval: daemon, generators and both cores, sampled at both ends."""
-
-    start: ProcSample
-    end: ProcSample
-    generator_cpu: float
-    cores_start: CoreSample
-    cores_end: CoreSample
-    services_cpu: float | None = None
-    """CPU of the machine's PostgreSQL, Redis and RabbitMQ (external daemons only)."""
-
-    def core_busy(self, core: int) -> float:
-        return self.cores_end.busy_share_since(self.cores_start, core)
-
-
-class _Meter:
-    """Samples the daemon, the workers, both cores (and the services) at both ends."""
-
-    def __init__(self, daemon: BenchDaemon, pool: WorkerPool) -> None:
-        self.daemon = daemon
-        self.pool = pool
-        self.cores = sample_cores()
-        self.services = sample_service_cpu() if daemon.settings.external else None
-        self.start = daemon.sample()
-        self.generators = pool.samples()
-
-    def stop(self) -> Interval:
-        end = self.daemon.sample()
-        generator_cpu = cpu_between(self.generators, self.pool.samples())
-        services = None
-        if self.services is not None:
-            services = sample_service_cpu() - self.services
-        return Interval(self.start, end, generator_cpu, self.cores, sample_cores(), services)
-
-
-def _measure(
-    daemon: BenchDaemon, pool: WorkerPool, seconds: float, latency: bool
-) -> tuple[Interval, list[Answer]]:
-    pool.call({"cmd": "mark", "latency": latency}, 60)
-    meter = _Meter(daemon, pool)
-    time.sleep(seconds)
-    reports = pool.call({"cmd": "report"}, 120)
-    return meter.stop(), reports
-
-
-def _shares(interval: Interval, work: int) -> dict[str, Any]:
-    """CPU shares of both sides and both cores, which side saturated, CPU per unit."""
-    start, end = interval.start, interval.end
-    wall = end.wall_since(start)
-    cpu = end.cpu_since(start)
-    daemon_core = interval.core_busy(DAEMON_CPU)
-    generator_core = interval.core_busy(GENERATOR_CPU)
-    shares = {
-        "seconds": wall,
-        "daemon_cpu_share": _utilisation(cpu, wall),
-        "generator_cpu_share": _utilisation(interval.generator_cpu, wall),
-        "daemon_core_busy": daemon_core,
-        "generator_core_busy": generator_core,
-        "saturated": saturated_side(daemon_core, generator_core),
-        "rss_kib": end.rss_kib,
-        "daemon_cpu_us_per_unit": cpu * 1e6 / work if work else None,
-        "generator_cpu_us_per_unit": interval.generator_cpu * 1e6 / work if work else None,
-    }
-    if interval.services_cpu is not None:
-        shares["services_cpu_share"] = _utilisation(interval.services_cpu, wall)
-        shares["services_cpu_us_per_unit"] = interval.services_cpu * 1e6 / work if work else None
-    return shares
-
-
-def _rates(interval: Interval, reports: Sequence[Answer]) -> dict[str, Any]:
-    delivered = _sum(reports, "counts", "delivered")
-    row = _shares(interval, delivered)
-    wall = row["seconds"]
-    row.update(
-        delivered=delivered,
-        delivered_per_s=delivered / wall if wall else 0.0,
-        failed_in_window=_sum(reports, "counts", "failed"),
-        daemon_cpu_us_per_message=row["daemon_cpu_us_per_unit"],
-    )
-    return row
 
 
 def one_to_one(
@@ -558,25 +356,6 @@ def one_to_one(
     finally:
         ctx.finish(daemon)
     return results
-
-
-def percentiles(sorted_samples: Sequence[int]) -> dict[str, Any]:
-    """p50, p99, p99.9 and max in milliseconds (nearest-rank)."""
-    count = len(sorted_samples)
-    if not count:
-        return {"samples": 0, "p50_ms": None, "p99_ms": None, "p999_ms": None, "max_ms": None}
-
-    def rank(q: float) -> float:
-        index = min(count - 1, max(0, math.ceil(q * count) - 1))
-        return sorted_samples[index] / 1000
-
-    return {
-        "samples": count,
-        "p50_ms": rank(0.50),
-        "p99_ms": rank(0.99),
-        "p999_ms": rank(0.999),
-        "max_ms": sorted_samples[-1] / 1000,
-    }
 
 
 # ---------------------------------------------------------------------------- group
@@ -917,92 +696,6 @@ def churn(ctx: Context, plan: Plan) -> dict[str, Any]:
         "segments": segments,
         "totals": totals,
     }
-
-
-# -------------------------------------------------------------------------- profile
-
-
-def py_spy_profiler(out_dir: str, log: Log) -> Callable[[int, float], dict[str, Any]] | None:
-    """A function that samples a pid with py-spy, or None if py-spy is not installed."""
-    binary = shutil.which("py-spy") or os.path.join(os.path.dirname(sys.executable), "py-spy")
-    if not os.path.exists(binary):
-        log("py-spy is not installed: no profile (pip install py-spy==0.4.3)")
-        return None
-
-    def profile(pid: int, seconds: float) -> dict[str, Any]:
-        raw = os.path.join(out_dir, "profile.folded")
-        version = subprocess.run(
-            [binary, "--version"], capture_output=True, text=True, timeout=30
-        ).stdout.strip()
-        completed = subprocess.run(
-            [
-                binary,
-                "record",
-                "--pid",
-                str(pid),
-                "--duration",
-                str(int(seconds)),
-                "--rate",
-                "250",
-                "--format",
-                "raw",
-                "--output",
-                raw,
-            ],
-            capture_output=True,
-            text=True,
-            timeout=seconds + 60,
-        )
-        if completed.returncode != 0 or not os.path.exists(raw):
-            return {"error": completed.stderr.strip()[-500:], "tool": version}
-        with open(raw, encoding="utf-8") as handle:
-            return {"tool": version, **summarise_folded(handle.read())}
-
-    return profile
-
-
-REACTOR_FRAME = "mainLoop ("
-
-
-def summarise_folded(text: str, top: int = 25) -> dict[str, Any]:
-    """Own and inclusive shares per function of the reactor thread's py-spy samples."""
-    own: dict[str, int] = {}
-    inclusive: dict[str, int] = {}
-    total = 0
-    for line in text.splitlines():
-        stack, _, count_text = line.rpartition(" ")
-        # Only the reactor thread: the idle database and KDF pool threads sit in
-        # Condition.wait, which py-spy does not count as idle.
-        if not stack or not count_text.isdigit() or REACTOR_FRAME not in stack:
-            continue
-        count = int(count_text)
-        frames = [_short_frame(frame) for frame in stack.split(";")]
-        total += count
-        own[frames[-1]] = own.get(frames[-1], 0) + count
-        for frame in set(frames):
-            inclusive[frame] = inclusive.get(frame, 0) + count
-
-    def ranked(table: dict[str, int]) -> list[tuple[str, float]]:
-        rows = sorted(table.items(), key=lambda item: -item[1])
-        # Frames on every stack (twistd's start-up chain, the reactor loop) say nothing.
-        rows = [(name, count) for name, count in rows if count < 0.99 * total][:top]
-        return [(name, 100.0 * count / total) for name, count in rows]
-
-    return {"samples": total, "own": ranked(own), "inclusive": ranked(inclusive)}
-
-
-def _short_frame(frame: str) -> str:
-    """``function (path/to/module.py:123)`` -> ``function (module.py)``; lines dropped."""
-    name, _, where = frame.partition(" (")
-    where = where.rstrip(")")
-    path = where.rsplit(":", 1)[0]
-    parts = path.split("/")
-    for marker in ("site-packages", "main", "cim_head"):
-        if marker in parts:
-            parts = parts[parts.index(marker) + 1 :]
-            break
-    short = "/".join(parts[-2:]) if parts else path
-    return f"{name} ({short})" if where else name
 
 
 def plan_dict(plan: Plan) -> dict[str, Any]:

@@ -16,12 +16,11 @@ import time
 from typing import Any
 
 from bench.daemon import BenchDaemon, DaemonSettings
-from bench.scenarios import (
+from bench.scenarios import Context, Plan
+from bench.steps import (
     GENERATOR_CPU,
     PASSWORD,
     SUITES,
-    Context,
-    Plan,
     _connect,
     _consistency,
     _login,

@@ -16,7 +16,8 @@ from twisted.trial.unittest import SynchronousTestCase
 from bench import distributed
 from bench.catch_up import observe
 from bench.daemon import BenchDaemon, DaemonSettings, ProcSample
-from bench.scenarios import PASSWORD, _fanout_finished
+from bench.scenarios import _fanout_finished
+from bench.steps import PASSWORD
 from bench.workers import WorkerPool
 from cim.im.direct import REASON_NOT_ACCEPTED
 

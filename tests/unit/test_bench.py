@@ -12,11 +12,12 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from bench.clients import TEXT_SIZE, BenchConnection, varint
+from bench.profiling import summarise_folded
 from bench.push_outage import parse_push_metrics
 from bench.scaling import markdown, per_unit, project, redis_delta
-from bench.scenarios import percentiles, saturated_side, summarise_folded
 from bench.steady import collections_between, parse_collector, parse_reactor_gaps, stalls_between
 from bench.steady import figures as steady_figures
+from bench.steps import percentiles, saturated_side
 from bench.workers import split
 from cim.metrics import CollectorPauses, NodeMetrics, NodeMetricsCollector, ReactorLag
 from cim.protocols import cim_pb2
