@@ -30,6 +30,7 @@ from cim.backends.state.redis.connection import (
     _ping,
     _RedisFactory,
 )
+from cim.backends.state.redis.routes import RedisRouteStore
 from cim.config import StateConfig
 from cim.interfaces import IStateBackend, SessionRecord, StateUnavailable
 from tests.unit.test_state_memory import START, TTL
@@ -235,3 +236,73 @@ class ReplyTimeoutTests(SynchronousTestCase):
         self.reply.errback(txredisapi.ResponseError("NOSCRIPT"))
         self.failureResultOf(self.answer, txredisapi.ResponseError)
         self.assertFalse(self.protocol.transport.aborted)
+
+
+class CommandEncodingTests(SynchronousTestCase):
+    """The command protocol's own encoder writes what txredisapi's writes."""
+
+    def test_the_same_bytes_as_txredisapi_for_every_kind_of_argument(self) -> None:
+        ours, theirs = _CommandProtocol(), txredisapi.RedisProtocol()
+        cases: list[tuple[Any, ...]] = [
+            ("PING",),
+            ("EVALSHA", "a" * 40, 0, "alice", "phone", 1_700_000_000_123, -5),
+            ("SET", "k\u00fcr", b"\x00\xff raw", 2.5, True, bytearray(b"ba")),
+            ("GET", ""),
+        ]
+        for args in cases:
+            self.assertEqual(ours._build_command(*args), theirs._build_command(*args))
+        self.assertEqual(
+            ours._build_command("EVALSHA", "s", 0, "u"),
+            b"*4\r\n$7\r\nEVALSHA\r\n$1\r\ns\r\n$1\r\n0\r\n$1\r\nu\r\n",
+        )
+
+    def test_without_a_charset_a_string_goes_txredisapis_way(self) -> None:
+        ours, theirs = _CommandProtocol(charset=None), txredisapi.RedisProtocol(charset=None)
+        self.assertEqual(ours._build_command("GET", "k"), theirs._build_command("GET", "k"))
+
+
+class _FakeCore:
+    """Just enough of RedisCore for the route store: commands wait for the test."""
+
+    def __init__(self) -> None:
+        self.reactor = MemoryReactorClock()
+        self.prefix = "cim:"
+        self.sent: list[tuple[tuple[Any, ...], Deferred[Any]]] = []
+        self.connection = type("Connection", (), {"notified": True})()
+        self.listeners: list[Any] = []
+
+    def add_route_listener(self, listener: Any) -> None:
+        self.listeners.append(listener)
+
+    def command(self, *args: Any) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred()
+        self.sent.append((args, d))
+        return d
+
+
+class SharedRouteReadTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.core = _FakeCore()
+        self.routes = RedisRouteStore(cast(Any, self.core))
+
+    def test_lookups_while_a_read_is_on_its_way_share_it(self) -> None:
+        first, second = self.routes.route("bob"), self.routes.route("bob")
+        other = self.routes.route("carol")
+        self.assertEqual(
+            [args for args, _ in self.core.sent],
+            [("HGET", "cim:route:bob", "node"), ("HGET", "cim:route:carol", "node")],
+        )
+        self.core.sent[0][1].callback(None)  # bob is not online
+        self.assertEqual((self.successResultOf(first), self.successResultOf(second)), (None, None))
+        self.assertNoResult(other)
+        # "Not online" is not kept: the next lookup reads again.
+        self.routes.route("bob")
+        self.assertEqual(len(self.core.sent), 3)
+
+    def test_a_failed_read_fails_everyone_who_shared_it(self) -> None:
+        first, second = self.routes.route("bob"), self.routes.route("bob")
+        self.core.sent[0][1].errback(StateUnavailable("redis is down"))
+        self.failureResultOf(first, StateUnavailable)
+        self.failureResultOf(second, StateUnavailable)
+        self.routes.route("bob")
+        self.assertEqual(len(self.core.sent), 2)  # nothing left waiting on the failed one

@@ -42,6 +42,9 @@ class RedisRouteStore:
     "Not online" is never cached: a message stored for a user who is connecting
     must reach its node as a pull notice (the user's catch-up may have read its
     timeline already), and a late notification on a busy node would lose that.
+    Lookups of one user while a read of its route is on its way share that read:
+    eight senders writing to one offline user made one HGET per message, the largest
+    part of storing a message on Redis (docs/benchmarks.md).
     """
 
     def __init__(self, core: RedisCore) -> None:
@@ -50,6 +53,8 @@ class RedisRouteStore:
         """user -> (its node, when that was read)"""
         self._changes = 0
         """Changes heard so far: an answer read across one is not cached."""
+        self._asking: dict[str, list[Deferred[str | None]]] = {}
+        """Users whose route is being read, and who else waits for that answer."""
         core.add_route_listener(self._changed)
 
     def _changed(self, user: str | None) -> None:
@@ -81,6 +86,15 @@ class RedisRouteStore:
         cached = self._cached.get(user)
         if cached is not None and now - cached[1] < CACHE_AGE:
             return defer.succeed(cached[0])
+        waiting = self._asking.get(user)
+        if waiting is not None:
+            # A read for this user is on its way: share its answer (no older than one
+            # round trip, which a "not online" answer may be anyway: the message is
+            # stored, and the look after the store finds a user who came meanwhile).
+            shared: Deferred[str | None] = Deferred()
+            waiting.append(shared)
+            return shared
+        self._asking[user] = []
         changes = self._changes
         d = self._core.command("HGET", self._core.prefix + "route:" + user, "node")
 
@@ -88,7 +102,15 @@ class RedisRouteStore:
             self._keep(changes, now, {user: node})
             return node
 
-        return d.addCallback(keep)
+        def share(result: str | Failure | None) -> str | Failure | None:
+            for waiter in self._asking.pop(user, ()):
+                if isinstance(result, Failure):
+                    waiter.errback(result)
+                else:
+                    waiter.callback(result)
+            return result
+
+        return d.addCallback(keep).addBoth(share)
 
     def routes(self, users: list[str]) -> Deferred[dict[str, str]]:
         now = self._core.reactor.seconds()
