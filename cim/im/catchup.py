@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from google.protobuf.message import Message as ProtobufMessage
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -141,9 +142,15 @@ class Catchup:
 
     def __init__(self, core: NodeCore, stores: Stores, peers: Peers, connected: Connected) -> None:
         self._node_id = core.node_id
+        self._clock = core.clock
         self._stores = stores
         self._peers = peers
         self._connected = connected
+        self._to_look_up: dict[str, dict[str, int]] = {}
+        """Receivers not connected here whose timeline moved this turn: conversation ->
+        its highest seq, for one lookup of where they are at the end of the turn."""
+        self._looking: list[Deferred[None]] = []
+        self._look_up_turn: IDelayedCall | None = None
 
     def frame_table(self) -> FrameTable:
         return {
@@ -247,29 +254,54 @@ class Catchup:
         elsewhere = [user for user in receivers if user not in connected]
         if not elsewhere:
             return succeed(None)
-        d: Deferred[None] = self._peers.nodes_of(elsewhere).addCallback(
-            self._tell_their_nodes, conversation, seq
+        # Where they are is read once for the whole turn, after every store of the
+        # turn (so it still finds a receiver who connected meanwhile): eight senders
+        # writing to one offline user made one lookup per message (docs/benchmarks.md).
+        to_look_up = self._to_look_up
+        for user in elsewhere:
+            seqs = to_look_up.setdefault(user, {})
+            if seq >= seqs.get(conversation, 0):
+                seqs[conversation] = seq
+        done: Deferred[None] = Deferred()
+        self._looking.append(done)
+        if self._look_up_turn is None:
+            self._look_up_turn = self._clock.callLater(0, self._look_up)
+        return done
+
+    def _look_up(self) -> None:
+        self._look_up_turn = None
+        wanted, self._to_look_up = self._to_look_up, {}
+        waiting, self._looking = self._looking, []
+        d: Deferred[None] = self._peers.nodes_of(list(wanted)).addCallback(
+            self._tell_their_nodes, wanted
         )
         # Not telling is not losing: the receiver's next pull finds the messages.
         d.addErrback(lambda failure: failure.trap(BusUnavailable, StateUnavailable))
         d.addErrback(log_failure, self.log, "tell receivers to pull")
-        return d
+
+        def answer(_: object) -> None:
+            for each in waiting:
+                each.callback(None)
+
+        d.addBoth(answer)
 
     def _tell_their_nodes(
-        self, routes: dict[str, str], conversation: str, seq: int
+        self, routes: dict[str, str], wanted: dict[str, dict[str, int]]
     ) -> Deferred[None] | None:
-        """Each live node other than this one holding some of them hears once. Most
-        receivers of a stored message are offline everywhere: no route, no work."""
+        """Each live node other than this one holding some of them hears once per
+        conversation, with its newest seq. Most receivers of a stored message are
+        offline everywhere: no route, no work."""
         peers = self._peers
-        by_node: dict[str, list[str]] = {}
+        by_node: dict[tuple[str, str, int], list[str]] = {}
         for user, node in routes.items():
             if node != self._node_id and peers.is_alive(node):
-                by_node.setdefault(node, []).append(user)
+                for conversation, seq in wanted.get(user, {}).items():
+                    by_node.setdefault((node, conversation, seq), []).append(user)
         if not by_node:
             return None
 
         async def tell() -> None:
-            for node, users in by_node.items():
+            for (node, conversation, seq), users in by_node.items():
                 envelope = cim_pb2.BusEnvelope(
                     origin_node=self._node_id,
                     stored=cim_pb2.OfflineReady(

@@ -302,6 +302,34 @@ class AcrossNodesTests(SynchronousTestCase):
         self.assertEqual(len(bob.events.of_type(cim_pb2.OFFLINE_NOTICE)), 1)
         self.assertEqual(len(carol.events.of_type(cim_pb2.OFFLINE_NOTICE)), 1)
 
+    def test_stores_in_one_turn_look_their_receivers_up_once(self) -> None:
+        one, two = cluster()
+        bob = two.connect("bob")
+        settle(one, two)
+        catchup = one.im.catchup
+        peers: Any = catchup._peers
+        asked: list[list[str]] = []
+        real = peers.nodes_of
+
+        def nodes_of(users: list[str]) -> Any:
+            asked.append(sorted(users))
+            return real(users)
+
+        peers.nodes_of = nodes_of
+        done = [catchup.stored_for(["bob"], "c:1", seq) for seq in (3, 5, 4)]
+        done.append(catchup.stored_for(["bob", "nobody"], "c:2", 1))
+        self.assertEqual(asked, [])  # at the end of the turn, after every store of it
+        settle(one, two)
+        self.assertEqual(asked, [["bob", "nobody"]])
+        for d in done:
+            self.successResultOf(d)
+        notices = bob.events.of_type(cim_pb2.OFFLINE_NOTICE)
+        self.assertEqual(sorted((n.conversation, n.seq) for n in notices), [("c:1", 5), ("c:2", 1)])
+        # The next turn looks up again: a receiver may have moved meanwhile.
+        catchup.stored_for(["bob"], "c:1", 6)
+        settle(one, two)
+        self.assertEqual(len(asked), 2)
+
     def test_a_route_to_a_dead_node_is_left_for_catch_up_at_once(self) -> None:
         one, two = cluster()
         alice = one.connect("alice")
