@@ -179,6 +179,29 @@ TIMELINE_COLUMNS = (
 """The timeline's columns in the order both inserts write them (append_txn here, the
 journal's copy in cim.storage.timeline_journal)."""
 
+CopyRow = tuple[str, int, int, str, str, int, float, bytes, int]
+"""A numbered message as the journal keeps it until it is copied: a timeline row in
+``TIMELINE_COLUMNS`` order, flat. CPython's collector stops tracking a tuple of
+strings and numbers at its first collection; a ``NamedTuple`` (a tuple subclass) it
+tracks as long as it lives, and a tuple in a tuple is let go one level per collection
+that walks it; the copies wait for a whole batch (docs/benchmarks.md)."""
+
+
+def row_of(m: NewMessage, seq: int) -> CopyRow:
+    """The row of ``m`` numbered ``seq``: what a timeline append inserts, and what the
+    journal holds and its copy writes."""
+    return (
+        m.conversation,
+        seq,
+        m.msg_id,
+        m.sender,
+        m.sender_device,
+        m.client_seq,
+        m.sent_at,
+        m.payload,
+        len(m.payload),
+    )
+
 
 @functools.lru_cache(maxsize=256)
 def _insert_sql(paramstyle: str, rows: int = 1) -> str:
@@ -297,19 +320,7 @@ def append_txn(
         for offset, message in enumerate(messages):
             seq = last[key] - count + 1 + offset
             placed[message.msg_id] = Appended(message.msg_id, key, seq, True)
-            rows.append(
-                (
-                    key,
-                    seq,
-                    message.msg_id,
-                    message.sender,
-                    message.sender_device,
-                    message.client_seq,
-                    message.sent_at,
-                    message.payload,
-                    len(message.payload),
-                )
-            )
+            rows.append(row_of(message, seq))
         if last[key] == count:  # the conversation's first messages: its readers start
             for user, peer in messages[0].readers:
                 readers[(user, key)] = {

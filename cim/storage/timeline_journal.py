@@ -20,7 +20,15 @@ from sqlalchemy import func, select
 from sqlalchemy.engine import Connection
 
 from cim.storage.schema import conversations, timeline, user_conversations
-from cim.storage.timeline import TIMELINE_COLUMNS, Appended, NewMessage, _found_again, _insert
+from cim.storage.timeline import (
+    TIMELINE_COLUMNS,
+    Appended,
+    CopyRow,
+    NewMessage,
+    _found_again,
+    _insert,
+    row_of,
+)
 
 __all__ = [
     "CopyRow",
@@ -43,28 +51,7 @@ class Numbered(NamedTuple):
     message: NewMessage
 
 
-CopyRow = tuple[str, int, int, str, str, int, float, bytes, int]
-"""A numbered message as the journal keeps it until it is copied: a timeline row in
-``TIMELINE_COLUMNS`` order, flat. CPython's collector stops tracking a tuple of
-strings and numbers at its first collection; a ``NamedTuple`` (a tuple subclass) it
-tracks as long as it lives, and a tuple in a tuple is let go one level per collection
-that walks it; the copies wait for a whole batch (docs/benchmarks.md)."""
 Readers = tuple[tuple[str, str], ...]
-
-
-def row_of(m: NewMessage, seq: int) -> CopyRow:
-    """The row of ``m`` numbered ``seq``: what the copy writes and the journal holds."""
-    return (
-        m.conversation,
-        seq,
-        m.msg_id,
-        m.sender,
-        m.sender_device,
-        m.client_seq,
-        m.sent_at,
-        m.payload,
-        len(m.payload),
-    )
 
 
 @functools.lru_cache(maxsize=8)

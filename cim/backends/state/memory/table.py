@@ -58,14 +58,19 @@ def _put(entry: ByDevice | None, record: SessionRecord) -> ByDevice:
     return entry
 
 
-def _drop(entry: ByDevice, device: str) -> ByDevice | None:
-    """``entry`` without ``device`` (back to the bare record at one device)."""
+def _remove(by_user: dict[str, ByDevice], user: str, device: str) -> None:
+    """The user's entry without ``device``: back to the bare record at one device, gone
+    at none."""
+    entry = by_user[user]
     if isinstance(entry, SessionRecord):
-        return None if entry.device == device else entry
-    entry.pop(device, None)
-    if len(entry) == 1:
-        return next(iter(entry.values()))
-    return entry or None
+        left: ByDevice | None = None if entry.device == device else entry
+    else:
+        entry.pop(device, None)
+        left = next(iter(entry.values())) if len(entry) == 1 else (entry or None)
+    if left is None:
+        del by_user[user]
+    else:
+        by_user[user] = left
 
 
 class SessionTable:
@@ -133,14 +138,9 @@ class SessionTable:
         if record is None:
             return None
         by_user = self.devices_by_user
-        devices = by_user.get(record.user)
-        current = _of(devices, record.device)
-        if devices is not None and current is not None and current.token_hash == token_hash:
-            left = _drop(devices, record.device)
-            if left is None:
-                del by_user[record.user]
-            else:
-                by_user[record.user] = left
+        current = _of(by_user.get(record.user), record.device)
+        if current is not None and current.token_hash == token_hash:
+            _remove(by_user, record.user, record.device)
         if self.is_online(record):
             self.set_offline(record)
         lifetime = _lifetime(record)
@@ -213,15 +213,10 @@ class SessionTable:
 
     def set_offline(self, record: SessionRecord) -> None:
         """The device's connection is gone (whichever session it held)."""
-        devices = self.online.get(record.user)
-        online = _of(devices, record.device)
-        if devices is None or online is None:
+        online = _of(self.online.get(record.user), record.device)
+        if online is None:
             return
-        left = _drop(devices, record.device)
-        if left is None:
-            del self.online[record.user]
-        else:
-            self.online[record.user] = left
+        _remove(self.online, record.user, record.device)
         users = self.online_per_node[online.node_id]
         users[online.user] -= 1
         if not users[online.user]:
