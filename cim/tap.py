@@ -33,7 +33,7 @@ def makeService(options: Options) -> IService:
         # One line, no traceback, non-zero status: SystemExit(str) does all three.
         raise SystemExit(f"cim: {error}") from None
     from cim.logs import DaemonLog
-    from cim.reactor import installed_reactor
+    from cim.reactor import dispatch_without_log_context, installed_reactor
     from cim.services.daemon import CimDaemon, StartupError
 
     daemon_log = None
@@ -61,10 +61,12 @@ def makeService(options: Options) -> IService:
     from cim.heap import freeze_startup_heap
     from cim.version import current_build
 
+    reactor = installed_reactor()
+    dispatch_without_log_context(reactor)
     try:
         return CimDaemon(
             config,
-            installed_reactor(),
+            reactor,
             daemon_log=daemon_log,
             build=current_build(),
             when_started=freeze_startup_heap,
