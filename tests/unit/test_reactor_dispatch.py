@@ -65,13 +65,18 @@ class DispatchTests(SynchronousTestCase):
         self.addCleanup(theirs.close)
         return ours, theirs
 
+    def _ready_reader(self, reactor: EPollReactor, fail: bool = False) -> _Reader:
+        """A reader added to ``reactor`` with a byte waiting for it."""
+        ours, theirs = self._pair()
+        reader = _Reader(ours, fail)
+        reactor.addReader(reader)
+        theirs.send(b"x")
+        return reader
+
     def test_a_read_event_reaches_its_selectable_without_the_log_context(self) -> None:
         reactor = self._reactor()
         self.assertTrue(dispatch_without_log_context(reactor))
-        ours, theirs = self._pair()
-        reader = _Reader(ours)
-        reactor.addReader(reader)
-        theirs.send(b"x")
+        reader = self._ready_reader(reactor)
         reactor.doIteration(0)
         # Twisted's own doPoll would have run it with {"system": "reader-prefix"}.
         self.assertEqual(reader.systems, ["-"])
@@ -82,20 +87,14 @@ class DispatchTests(SynchronousTestCase):
         # The control: the same reader on an unchanged reactor sees its prefix, so the
         # test above would see it too had nothing been changed.
         reactor = self._reactor()
-        ours, theirs = self._pair()
-        reader = _Reader(ours)
-        reactor.addReader(reader)
-        theirs.send(b"x")
+        reader = self._ready_reader(reactor)
         reactor.doIteration(0)
         self.assertEqual(reader.systems, ["reader-prefix"])
 
     def test_a_failing_read_is_logged_and_its_selectable_closed_as_before(self) -> None:
         reactor = self._reactor()
         dispatch_without_log_context(reactor)
-        ours, theirs = self._pair()
-        reader = _Reader(ours, fail=True)
-        reactor.addReader(reader)
-        theirs.send(b"x")
+        reader = self._ready_reader(reactor, fail=True)
         reactor.doIteration(0)
         self.assertEqual(len(reader.lost), 1)
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
@@ -107,13 +106,8 @@ class DispatchTests(SynchronousTestCase):
         # selectable's connectionLost then raises: logged, as callWithLogger would.
         reactor = self._reactor()
         dispatch_without_log_context(reactor)
-        first, first_peer = self._pair()
-        second, second_peer = self._pair()
-        broken, healthy = _Reader(first, fail=True), _Reader(second)
-        reactor.addReader(broken)
-        reactor.addReader(healthy)
-        first_peer.send(b"x")
-        second_peer.send(b"y")
+        self._ready_reader(reactor, fail=True)  # ready first: epoll hands it over first
+        healthy = self._ready_reader(reactor)
         reactor.doIteration(0)
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
         self.assertEqual(len(self.flushLoggedErrors(ValueError)), 1)
@@ -122,12 +116,9 @@ class DispatchTests(SynchronousTestCase):
     def test_an_event_for_a_descriptor_already_removed_is_dropped(self) -> None:
         reactor = self._reactor()
         dispatch_without_log_context(reactor)
-        ours, theirs = self._pair()
-        reader = _Reader(ours)
-        reactor.addReader(reader)
-        theirs.send(b"x")
+        reader = self._ready_reader(reactor)
         # Ready in the kernel, gone from the reactor's table (removed in the same turn).
-        del reactor._selectables[ours.fileno()]
+        del reactor._selectables[reader.fileno()]
         reactor.doIteration(0)
         self.assertEqual(reader.systems, [])
 
