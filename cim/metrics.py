@@ -257,6 +257,47 @@ class ReactorLag:
         yield longest_cpu
 
 
+REACTOR_HOLD_BUCKETS = (0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+
+
+class ReactorHolds:
+    """How long the reactor held on between two of its polls: a turn's work, and any
+    wait for the core or the GIL inside it, timed at the poll itself
+    (``cim.reactor.dispatch_without_log_context``).
+
+    The lag probe (``ReactorLag``) sees a hold only as its own timer coming late, and a
+    late ``LoopingCall`` goes back on its grid, so a gap it records is the hold plus up
+    to one interval; this is the hold. Only holds of at least ``FLOOR`` are counted: a
+    busy node turns thousands of times a second, each far shorter, and a histogram
+    update per turn would cost more than the timing itself.
+    """
+
+    FLOOR = 0.001
+
+    def __init__(self) -> None:
+        self.holds = Histogram(REACTOR_HOLD_BUCKETS)
+        self.longest = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.holds.observe(seconds)
+        if seconds > self.longest:
+            self.longest = seconds
+
+    def families(self) -> Iterator[Metric]:
+        yield self.holds.family(
+            "cim_reactor_hold",
+            f"Seconds the reactor went from one poll to the next, for turns of at least "
+            f"{self.FLOOR:g} s: its work, and any wait for the core or the GIL within it.",
+        )
+        longest = GaugeMetricFamily(
+            "cim_reactor_hold_max",
+            "The longest the reactor went from one poll to the next since the node started.",
+            unit="seconds",
+        )
+        longest.add_metric([], self.longest)
+        yield longest
+
+
 class CollectorPauses:
     """The garbage collector's pauses, by generation: what a stall of the reactor was.
 
@@ -364,6 +405,8 @@ class NodeMetrics:
         """Set by the daemon when [node] lag_probe_interval is on."""
         self.collector_pauses: CollectorPauses | None = None
         """Set by the daemon with the lag probe."""
+        self.reactor_holds: ReactorHolds | None = None
+        """Set by the daemon when its reactor times its holds (``cim.tap``)."""
         # Read at scrape time; the daemon points them at the switchboard and the
         # offline writer once those exist.
         self.connections_established: Callable[[], int] = lambda: 0
@@ -507,6 +550,8 @@ class NodeMetricsCollector(Collector):
             yield from m.reactor_lag.families()
         if m.collector_pauses is not None:
             yield from m.collector_pauses.families()
+        if m.reactor_holds is not None:
+            yield from m.reactor_holds.families()
 
         pending = m.offline_pending()
         if pending is not None:

@@ -10,7 +10,9 @@ of the reactor twistd installed, the way Synapse's ``ISynapseReactor`` does; onl
 from __future__ import annotations
 
 import errno
-from typing import cast
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, cast
 
 from twisted.internet.interfaces import (
     IReactorCore,
@@ -22,6 +24,9 @@ from twisted.internet.interfaces import (
     IReactorUNIX,
 )
 from twisted.logger import Logger
+
+if TYPE_CHECKING:
+    from cim.metrics import ReactorHolds
 
 _log = Logger()
 
@@ -45,7 +50,11 @@ def installed_reactor() -> ICimReactor:
     return cast(ICimReactor, reactor)
 
 
-def dispatch_without_log_context(reactor: object) -> bool:
+def dispatch_without_log_context(
+    reactor: object,
+    holds: ReactorHolds | None = None,
+    clock: Callable[[], float] = time.perf_counter,
+) -> bool:
     """Make an epoll reactor hand each event to its selectable without a log context.
 
     Twisted's ``EPollReactor.doPoll`` runs every event through ``log.callWithLogger``:
@@ -60,6 +69,10 @@ def dispatch_without_log_context(reactor: object) -> bool:
     prefix; it is logged as before, and the connection is closed as before
     (``_doReadOrWrite`` is Twisted's own).
 
+    With ``holds``, the time from each poll's return to the next poll (the turn's
+    work, and any wait for the core or the GIL inside it) is told to it when at least
+    ``holds.FLOOR``: two ``clock`` calls a turn.
+
     Only the installed reactor of a daemon is changed (``cim.tap``); any reactor that
     is not an ``EPollReactor`` is left as it is. True when the reactor was changed.
     """
@@ -70,15 +83,25 @@ def dispatch_without_log_context(reactor: object) -> bool:
     poller = reactor._poller
     selectables = reactor._selectables
     handle = reactor._doReadOrWrite
+    floor = holds.FLOOR if holds is not None else 0.0
+    returned: float | None = None
 
     def poll(timeout: float | None) -> None:
         # EPollReactor.doPoll, less the log context around each event.
+        nonlocal returned
+        if holds is not None and returned is not None:
+            held = clock() - returned
+            if held >= floor:
+                holds.observe(held)
         try:
             events = poller.poll(-1 if timeout is None else timeout, len(selectables))
         except OSError as err:
             if err.errno == errno.EINTR:
+                returned = clock()
                 return
             raise
+        if holds is not None:
+            returned = clock()
         for fd, event in events:
             selectable = selectables.get(fd)
             if selectable is not None:

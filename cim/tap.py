@@ -59,14 +59,18 @@ def makeService(options: Options) -> IService:
             )
             raise SystemExit(f"cim: {where}: {error.strerror}") from None
     from cim.heap import freeze_startup_heap
+    from cim.metrics import ReactorHolds
     from cim.version import current_build
 
     reactor = installed_reactor()
-    dispatch_without_log_context(reactor)
+    holds: ReactorHolds | None = ReactorHolds()
+    if not dispatch_without_log_context(reactor, holds):
+        holds = None  # not an epoll reactor: nothing times its turns
     try:
         return CimDaemon(
             config,
             reactor,
+            reactor_holds=holds,
             daemon_log=daemon_log,
             build=current_build(),
             when_started=freeze_startup_heap,

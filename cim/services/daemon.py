@@ -62,7 +62,7 @@ from cim.logic.contacts import DEFAULT_DECISION_TTL, ContactBook
 from cim.logic.notices import Notices
 from cim.logs import DaemonLog
 from cim.message_ids import MessageIdGenerator
-from cim.metrics import CollectorPauses, NodeMetrics, ReactorLag
+from cim.metrics import CollectorPauses, NodeMetrics, ReactorHolds, ReactorLag
 from cim.oplog import OperationLog
 from cim.protocols.crypto import KeyFileError, NodeKey
 from cim.protocols.im_listener import ImServerFactory
@@ -100,6 +100,7 @@ class CimDaemon(OrderedServices):
         daemon_log: DaemonLog | None = None,
         build: Build = RELEASE,
         when_started: Callable[[], None] = lambda: None,
+        reactor_holds: ReactorHolds | None = None,
     ) -> None:
         super().__init__("cim")
         self._when_started = when_started
@@ -109,6 +110,8 @@ class CimDaemon(OrderedServices):
         self.daemon_log = daemon_log
         self.build = build
         self.metrics = NodeMetrics()
+        # The reactor's turns, timed at its polls (cim.tap sets that up, before us).
+        self.metrics.reactor_holds = reactor_holds
         self.ready = False
         self._health_parts: list[Callable[[], dict[str, Any]]] = []
         self._build()

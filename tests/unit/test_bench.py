@@ -15,11 +15,23 @@ from bench.clients import TEXT_SIZE, BenchConnection, varint
 from bench.profiling import summarise_folded
 from bench.push_outage import parse_push_metrics
 from bench.scaling import markdown, per_unit, project, redis_delta
-from bench.steady import collections_between, parse_collector, parse_reactor_gaps, stalls_between
+from bench.steady import (
+    collections_between,
+    holds_between,
+    parse_collector,
+    parse_reactor_gaps,
+    stalls_between,
+)
 from bench.steady import figures as steady_figures
 from bench.steps import percentiles, saturated_side
 from bench.workers import split
-from cim.metrics import CollectorPauses, NodeMetrics, NodeMetricsCollector, ReactorLag
+from cim.metrics import (
+    CollectorPauses,
+    NodeMetrics,
+    NodeMetricsCollector,
+    ReactorHolds,
+    ReactorLag,
+)
 from cim.protocols import cim_pb2
 
 
@@ -152,6 +164,29 @@ class SteadyTests(SynchronousTestCase):
         cpu_after = parse_reactor_gaps(self._scrape(metrics), "cim_reactor_gap_cpu")
         self.assertEqual((cpu_after["count"], cpu_after["max_s"]), (14.0, 0.0))
         lag.stop()
+
+    def test_the_reactors_holds_of_the_window_from_two_scrapes(self) -> None:
+        metrics = NodeMetrics()
+        # Without the holds (another reactor, an older --source): nothing to report.
+        self.assertEqual(holds_between(self._scrape(metrics), self._scrape(metrics)), {})
+        holds = metrics.reactor_holds = ReactorHolds()
+        holds.observe(0.04)  # before the window
+        before = self._scrape(metrics)
+        for seconds in (0.0015, 0.003, 0.012, 0.02):
+            holds.observe(seconds)
+        window = holds_between(before, self._scrape(metrics))
+        # Two over 10 ms; the longest since start came before, so a bucket bounds it.
+        self.assertEqual(window["holds_over_10ms"], 2)
+        self.assertEqual((window["longest_hold_ms"], window["longest_hold_exact"]), (25.0, False))
+        [_, stalls, _] = steady_figures({**self._result(), **window})
+        self.assertEqual(stalls[0].rsplit(": ", 1)[1], "longest reactor stall (between two polls)")
+        self.assertTrue(stalls[1].startswith("25.0 ms (bound: bucket), 2 over 10 ms; lag probe"))
+        self.assertEqual(stalls[3], "MISSES")  # the probe's count (0) is not the verdict
+        # And the other way: the probe counts late timers, the holds say none was 10 ms.
+        quiet = {**self._result(), "stalls_over_10ms": 3, "holds_over_10ms": 0}
+        quiet["longest_hold_ms"] = 6.0
+        [_, stalls, _] = steady_figures({**quiet, "longest_hold_exact": True})
+        self.assertEqual(stalls[3], "meets")
 
     def test_the_collectors_pauses_of_the_window_from_two_scrapes(self) -> None:
         now = [0.0]

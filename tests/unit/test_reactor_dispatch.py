@@ -14,6 +14,7 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.python import context, failure, log
 from twisted.trial.unittest import SynchronousTestCase
 
+from cim.metrics import ReactorHolds
 from cim.reactor import dispatch_without_log_context
 
 
@@ -121,6 +122,22 @@ class DispatchTests(SynchronousTestCase):
         del reactor._selectables[reader.fileno()]
         reactor.doIteration(0)
         self.assertEqual(reader.systems, [])
+
+    def test_the_time_between_two_polls_is_told_from_the_floor_up(self) -> None:
+        reactor = self._reactor()
+        holds = ReactorHolds()
+        now = [100.0]
+        dispatch_without_log_context(reactor, holds, clock=lambda: now[0])
+        reactor.doIteration(0)  # the first poll: no turn before it to time
+        now[0] += 0.0125  # a turn that held the reactor 12.5 ms
+        reactor.doIteration(0)
+        now[0] += holds.FLOOR / 2  # a short turn: not counted
+        reactor.doIteration(0)
+        now[0] += 0.003
+        reactor.doIteration(0)
+        self.assertEqual(holds.holds.count, 2)
+        self.assertAlmostEqual(holds.holds.sum, 0.0155)
+        self.assertAlmostEqual(holds.longest, 0.0125)
 
     def test_other_reactors_are_left_alone(self) -> None:
         reactor = MemoryReactorClock()
