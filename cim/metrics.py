@@ -231,30 +231,33 @@ class ReactorLag:
     def families(self) -> Iterator[Metric]:
         if self.interval <= 0:
             return
-        yield self.gaps.family(
+        yield from _with_longest(
+            self.gaps,
             "cim_reactor_gap",
             f"Seconds between two runs of the reactor's lag probe (every {self.interval:g} s); "
             "past the interval, the reactor was held.",
-        )
-        longest = GaugeMetricFamily(
-            "cim_reactor_gap_max",
+            self.longest,
             "The longest gap between two runs of the lag probe since the node started.",
-            unit="seconds",
         )
-        longest.add_metric([], self.longest)
-        yield longest
-        yield self.gap_cpu.family(
+        yield from _with_longest(
+            self.gap_cpu,
             "cim_reactor_gap_cpu",
             "CPU seconds the process used within each gap of the lag probe "
             "(all threads: its own work, not waiting).",
-        )
-        longest_cpu = GaugeMetricFamily(
-            "cim_reactor_gap_cpu_max",
+            self.longest_cpu,
             "The most CPU the process used within one gap of the lag probe since it started.",
-            unit="seconds",
         )
-        longest_cpu.add_metric([], self.longest_cpu)
-        yield longest_cpu
+
+
+def _with_longest(
+    histogram: Histogram, name: str, documentation: str, longest: float, longest_doc: str
+) -> Iterator[Metric]:
+    """A histogram of seconds and, as ``<name>_max_seconds``, the longest it has seen
+    (a histogram bounds it only by a bucket)."""
+    yield histogram.family(name, documentation)
+    gauge = GaugeMetricFamily(f"{name}_max", longest_doc, unit="seconds")
+    gauge.add_metric([], longest)
+    yield gauge
 
 
 REACTOR_HOLD_BUCKETS = (0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
@@ -284,18 +287,14 @@ class ReactorHolds:
             self.longest = seconds
 
     def families(self) -> Iterator[Metric]:
-        yield self.holds.family(
+        yield from _with_longest(
+            self.holds,
             "cim_reactor_hold",
             f"Seconds the reactor went from one poll to the next, for turns of at least "
             f"{self.FLOOR:g} s: its work, and any wait for the core or the GIL within it.",
-        )
-        longest = GaugeMetricFamily(
-            "cim_reactor_hold_max",
+            self.longest,
             "The longest the reactor went from one poll to the next since the node started.",
-            unit="seconds",
         )
-        longest.add_metric([], self.longest)
-        yield longest
 
 
 class CollectorPauses:
