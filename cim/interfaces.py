@@ -120,11 +120,13 @@ class ISessionStore(Interface):
         """Logout: remove the session and its route; listeners are told."""
 
     def end_user_sessions(
-        user: str, reason: str, device: str = ""
+        user: str, reason: str, device: str = "", keep_device: str = ""
     ) -> Deferred[list[SessionRecord]]:
         """End the user's current sessions whatever their tokens (an administrator's
-        kick, an account deleted): every device's, or only ``device``'s; listeners are
-        told with reason. The sessions ended, sorted by device (empty: none was live)."""
+        kick, an account deleted, a password changed): every device's, only
+        ``device``'s, or every device's but ``keep_device``'s (the one that changed the
+        password stays logged in); listeners are told with reason. The sessions ended,
+        sorted by device (empty: none was live)."""
 
     def add_session_ended_listener(listener: SessionEndedListener) -> None:
         """Be told whenever a session ends (kick, logout, expiry), on any node."""

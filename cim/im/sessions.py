@@ -21,6 +21,7 @@ from twisted.logger import Logger
 from cim.backends.state import (
     REASON_LOGGED_IN_AGAIN,
     REASON_MOVED,
+    REASON_PASSWORD_CHANGED,
     REASON_TOO_MANY_DEVICES,
 )
 from cim.history.timeline import TimelineUnavailable
@@ -55,6 +56,7 @@ _KICK_CODES = {
     "logged out": cim_pb2.Kicked.LOGGED_OUT,
     "expired": cim_pb2.Kicked.SESSION_EXPIRED,
     "kicked by an administrator": cim_pb2.Kicked.BY_ADMIN,
+    REASON_PASSWORD_CHANGED: cim_pb2.Kicked.LOGGED_OUT,  # the old token is no good
 }
 
 

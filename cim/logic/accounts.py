@@ -1,5 +1,9 @@
 """Accounts: registration, profiles, password change, deleting an account.
 
+A password change ends the sessions of the user's other devices, as a deletion ends
+them all: whoever holds a token or resumption ticket from before (a lost phone, a
+stolen token) is logged out with the old password. The device that changed it stays.
+
 The rules come from two places: ``[accounts]`` (the password length and the KDF cost,
 shared with cimctl) and ``[logic]`` (what open registration accepts: a name pattern
 and a mix of character classes). Every call that proves a password runs the KDF on
@@ -22,6 +26,7 @@ from cim.accounts.store import (
     WeakPassword,
     is_reserved_name,
 )
+from cim.backends.state import REASON_PASSWORD_CHANGED
 from cim.interfaces import StateUnavailable
 from cim.logic.context import LogicContext
 from cim.logic.errors import BadInput, Conflict, Forbidden, NotFound, TooManyAttempts
@@ -144,7 +149,12 @@ class Accounts:
             raise Forbidden("wrong_password", "the password is wrong")
         failures.record_success(user)
 
-    async def change_password(self, user: str, current: str, new: str) -> None:
+    async def change_password(
+        self, user: str, current: str, new: str, device: str
+    ) -> list[str] | None:
+        """The devices logged out (every one of the user's but ``device``), or None
+        when the session store could not be reached: the password is changed either
+        way, and the other sessions then end when they expire."""
         self._check_password_rules(new)
         await self._prove(user, current)
         try:
@@ -153,6 +163,18 @@ class Accounts:
             raise BadInput("weak_password", str(exc)) from None
         except NoSuchUser:
             raise NotFound("not_found", "no such user") from None
+        # After the change, so a login racing it needs the new password to survive.
+        try:
+            ended = await self.ctx.sessions.end_user_sessions(
+                user, REASON_PASSWORD_CHANGED, keep_device=device
+            )
+        except StateUnavailable:
+            self.log.warn(
+                "session store down: {user}'s other sessions not ended after a password change",
+                user=user,
+            )
+            return None
+        return [record.device for record in ended]
 
     async def delete_account(self, user: str, password: str) -> None:
         """Everything the account owns goes; its session ends; its bindings are told."""

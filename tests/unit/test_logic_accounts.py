@@ -4,8 +4,11 @@ from __future__ import annotations
 
 from sqlalchemy import select
 from sqlalchemy.engine import Connection
+from twisted.internet.defer import Deferred, fail
 from twisted.trial.unittest import SynchronousTestCase
 
+from cim.backends.state import REASON_PASSWORD_CHANGED
+from cim.interfaces import SessionRecord, StateUnavailable
 from cim.storage.accounts import password_hash_txn
 from cim.storage.schema import bindings, timeline
 from tests.fakes.logic import PASSWORD, LogicHarness, fired
@@ -136,6 +139,55 @@ class PasswordAndDeletionTests(SynchronousTestCase):
         body["current_password"] = PASSWORD
         self.assertEqual(h.call("POST", "/me/password", "ann", body)[0], 200)
         self.assertTrue(fired_check(h, "ann", "New-pass-12"))
+
+    def test_change_password_logs_out_the_other_devices(self) -> None:
+        """A token or connection from before (a lost phone) stops working; the device
+        that changed the password stays logged in."""
+        h = LogicHarness(self)
+        h.add_user("ann")
+        phone = h.connect("ann")  # device "phone", online
+        states: list[tuple[str, str]] = []
+        phone.on_state = lambda state, detail: states.append((state, detail))
+        tablet_token, _ = h.node.login("ann", device="tablet")
+        web_token, _ = h.node.login("ann", device="web")
+        body = {"current_password": PASSWORD, "new_password": "New-pass-12"}
+        status, answer = h.call("POST", "/me/password", token=web_token, body=body)
+        self.assertEqual(
+            (status, answer),
+            (
+                200,
+                {
+                    "ok": True,
+                    "other_sessions_ended": True,
+                    "logged_out_devices": ["phone", "tablet"],
+                },
+            ),
+        )
+        h.flush()
+        self.assertEqual(h.call("GET", "/me", token=tablet_token)[0], 401)
+        self.assertEqual(h.call("GET", "/me", token=web_token)[0], 200)
+        self.assertEqual(phone.state, "stopped")
+        self.assertIn(("stopped", f"kicked: {REASON_PASSWORD_CHANGED}"), states)
+
+    def test_change_password_with_the_session_store_down(self) -> None:
+        """The password is changed; the answer says the other sessions were not ended."""
+        h = LogicHarness(self)
+        h.add_user("ann")
+        tablet_token, _ = h.node.login("ann", device="tablet")
+        sessions = h.node.state.sessions
+
+        def down(*args: object, **kwargs: object) -> Deferred[list[SessionRecord]]:
+            return fail(StateUnavailable("the state store is down"))
+
+        self.patch(sessions, "end_user_sessions", down)
+        body = {"current_password": PASSWORD, "new_password": "New-pass-12"}
+        status, answer = h.call("POST", "/me/password", "ann", body)
+        self.assertEqual(
+            (status, answer),
+            (200, {"ok": True, "other_sessions_ended": False, "logged_out_devices": []}),
+        )
+        self.assertTrue(fired_check(h, "ann", "New-pass-12"))
+        self.assertEqual(h.call("GET", "/me", token=tablet_token)[0], 200)
 
     def test_wrong_passwords_sent_at_once_cannot_exceed_the_budget(self) -> None:
         """Each attempt counts before the KDF answers, not after."""

@@ -19,7 +19,11 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from cim.backends.state import REASON_KICKED_BY_ADMIN, REASON_LOGGED_OUT
+from cim.backends.state import (
+    REASON_KICKED_BY_ADMIN,
+    REASON_LOGGED_OUT,
+    REASON_PASSWORD_CHANGED,
+)
 from cim.backends.state.memory import MemoryState
 from cim.protocols import cim_pb2
 from cim.protocols.crypto import NodeKey
@@ -167,6 +171,11 @@ class NodeResumptionTests(SynchronousTestCase):
                 "alice", REASON_KICKED_BY_ADMIN
             ),
             "new login of the device": lambda: self.node.login("alice", "phone"),
+            "password changed on another device": lambda: (
+                self.node.state.sessions.end_user_sessions(
+                    "alice", REASON_PASSWORD_CHANGED, keep_device="web"
+                )
+            ),
         }
         for name, end in cases.items():
             with self.subTest(name):

@@ -247,6 +247,26 @@ class SessionsContract(StateContract):
         self.assertEqual(ended, [pad, phone])
         self.assertEqual(await self.leftovers(), 0)
 
+    async def test_end_every_device_but_one(self) -> None:
+        """A password change: the device that made it stays, every other one ends."""
+        phone, _ = await self.login("t1", "alice", device="phone", max_devices=3)
+        web, _ = await self.login("t2", "alice", device="web", max_devices=3)
+        pad, _ = await self.login("t3", "alice", device="pad", max_devices=3)
+        bob, _ = await self.login("t4", "bob", device="phone")
+        ended = await self.state.sessions.end_user_sessions(
+            "alice", "password changed", keep_device="web"
+        )
+        self.assertEqual(ended, [pad, phone])
+        told = sorted(self.ended[-2:], key=lambda each: each[0].device)  # in any order
+        self.assertEqual(told, [(pad, "password changed"), (phone, "password changed")])
+        self.assertEqual(await self.lookup("t2"), web)
+        self.assertIsNone(await self.lookup("t1"))
+        self.assertIsNone(await self.lookup("t3"))
+        self.assertEqual(await self.lookup("t4"), bob)
+        self.assertEqual(
+            await self.state.sessions.end_user_sessions("alice", "again", keep_device="web"), []
+        )
+
     async def test_listener_sees_the_new_session_in_place(self) -> None:
         await self.login("t1", "alice")
         seen: list[Deferred[SessionRecord | None]] = []

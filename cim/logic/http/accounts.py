@@ -78,10 +78,20 @@ def account_endpoints(accounts: Accounts) -> list[LogicEndpoint]:
         return answer(200, profile_json(await accounts.profile(str(call.params["name"]))))
 
     async def change_password(call: LogicCall) -> Reply:
-        await accounts.change_password(
-            call.user.user, str(call.body["current_password"]), str(call.body["new_password"])
+        logged_out = await accounts.change_password(
+            call.user.user,
+            str(call.body["current_password"]),
+            str(call.body["new_password"]),
+            call.user.device,
         )
-        return answer(200, {"ok": True})
+        return answer(
+            200,
+            {
+                "ok": True,
+                "other_sessions_ended": logged_out is not None,
+                "logged_out_devices": logged_out or [],
+            },
+        )
 
     async def delete_me(call: LogicCall) -> Reply:
         user = call.user.user
@@ -147,15 +157,31 @@ def account_endpoints(accounts: Accounts) -> list[LogicEndpoint]:
             "POST",
             "/me/password",
             "change_password",
-            "Change the caller's password (the current one proves it is them)",
+            "Change the caller's password (the current one proves it is them); the "
+            "user's other devices are logged out",
             "accounts",
             change_password,
             body=object_schema(
                 {"current_password": _PASSWORD, "new_password": _PASSWORD},
                 ["current_password", "new_password"],
             ),
-            response=object_schema({"ok": {"type": "boolean"}}, ["ok"]),
+            response=object_schema(
+                {
+                    "ok": {"type": "boolean"},
+                    "other_sessions_ended": {"type": "boolean"},
+                    "logged_out_devices": {"type": "array", "items": {"type": "string"}},
+                },
+                ["ok", "other_sessions_ended", "logged_out_devices"],
+            ),
             errors=(403, 429),
+            description=(
+                "Every session of the user's other devices ends (their tokens and "
+                "resumption tickets stop working; connected ones are kicked with "
+                "`LOGGED_OUT`); the calling device stays logged in. "
+                "`other_sessions_ended` is false when the session store could not be "
+                "reached: the password is changed, and those sessions end when they "
+                "expire."
+            ),
         ),
         LogicEndpoint(
             "DELETE",

@@ -120,12 +120,12 @@ class MemorySessionStore:
         return defer.succeed(self._table.end(token_hash, reason))
 
     def end_user_sessions(
-        self, user: str, reason: str, device: str = ""
+        self, user: str, reason: str, device: str = "", keep_device: str = ""
     ) -> Deferred[list[SessionRecord]]:
         table = self._table
         ended: list[SessionRecord] = []
         for current in sorted(table.device_sessions(user), key=lambda each: each.device):
-            if device and current.device != device:
+            if (device and current.device != device) or current.device == keep_device:
                 continue
             if table.live(current.token_hash) is None:
                 continue

@@ -110,10 +110,18 @@ class RedisSessionStore:
         return d.addCallback(self._ended, reason)
 
     def end_user_sessions(
-        self, user: str, reason: str, device: str = ""
+        self, user: str, reason: str, device: str = "", keep_device: str = ""
     ) -> Deferred[list[SessionRecord]]:
         core = self._core
-        d = core.eval(scripts.END_USER_SESSION, user, core.now(), reason, core.tombstone_ms, device)
+        d = core.eval(
+            scripts.END_USER_SESSION,
+            user,
+            core.now(),
+            reason,
+            core.tombstone_ms,
+            device,
+            keep_device,
+        )
 
         def ended(replies: list[Any] | None) -> list[SessionRecord]:
             records = [self._ended(reply, reason) for reply in replies or ()]
