@@ -303,16 +303,14 @@ class DirectMessages:
         message.seq = appended.seq
         if message.group:
             message.group_seq = appended.seq
-        session.deliver(
-            MSG_A,
-            cim_pb2.MsgA(
-                client_seq=message.client_seq,
-                msg_id=message.id,
-                sent_at_ms=message.sent_at_ms,
-                conversation=message.conversation,
-                seq=message.seq,
-            ),
-        )
+        elif (
+            receipt is None or not receipt.status or receipt.status == FAILED
+        ) and self._routing.route_live_here(message, session.record.device):
+            # First time (or a retry still open) to a receiver connected here: its live
+            # copy went first, so it leaves before the sender's msg:A.
+            self._accepted(session, message)
+            return
+        self._accepted(session, message)
         if receipt is not None and receipt.status and receipt.status != FAILED:
             # Settled: answer the retry with the same outcome, deliver nothing again.
             # A FAILED one is routed again (a user's resend), under the same id.
@@ -335,6 +333,20 @@ class DirectMessages:
         # First time, or a retry whose outcome is still open (the node that held it may
         # have died): a live copy (again). The receiver drops a duplicate by seq.
         self._routing.route(message, session.record.device)
+
+    @staticmethod
+    def _accepted(session: ClientSession, message: cim_pb2.Message) -> None:
+        """msg:A: the message is in its timeline, at ``seq``."""
+        session.deliver(
+            MSG_A,
+            cim_pb2.MsgA(
+                client_seq=message.client_seq,
+                msg_id=message.id,
+                sent_at_ms=message.sent_at_ms,
+                conversation=message.conversation,
+                seq=message.seq,
+            ),
+        )
 
     def _claim_failed(self, failure: Failure, session: ClientSession, client_seq: int) -> None:
         if failure.check(StateUnavailable, TimelineUnavailable):

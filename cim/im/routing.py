@@ -123,6 +123,8 @@ class Routing:
     def route(self, message: cim_pb2.Message, sender_device: str) -> None:
         """A taken 1:1 message to its receiver, wherever that is, and to the sender's
         other devices here."""
+        if self.route_live_here(message, sender_device):
+            return
         self.copy_to_own_devices(message, sender_device)
         receiver = message.to
         if receiver in self._connected:
@@ -131,6 +133,29 @@ class Routing:
         d = self._peers.node_of(receiver)
         d.addCallback(self._routed, message, sender_device)
         d.addErrback(self._forward_failed, message, sender_device)
+
+    def route_live_here(self, message: cim_pb2.Message, sender_device: str) -> bool:
+        """``route``, when routing it tells the sender nothing: the receiver is
+        connected here and one of its devices takes the live copy (or holds it
+        already). False, with nothing done, otherwise (``route`` then may answer the
+        sender: ack:N stored or failed).
+
+        So the sender's msg:A can follow the receiver's msg:N: the frames of a read
+        leave in the order their connections were first written to, and the live copy
+        need not wait for the sender's answer to be built, sealed and sent. A note to
+        oneself is left to ``route``: the sending device is a receiver there, and its
+        msg:A comes before the copy.
+        """
+        receiver = message.to
+        if receiver not in self._connected or receiver == getattr(message, "from"):
+            return False
+        if (message.id, receiver) not in self._pending:
+            taking = [s for s in self._connected.devices_of(receiver) if s.may_take_live_copy()]
+            if not taking:
+                return False
+            self._hand_live_copies(message, sender_device, receiver, taking)
+        self.copy_to_own_devices(message, sender_device)
+        return True
 
     def _routed(self, node: str | None, message: cim_pb2.Message, sender_device: str) -> Any:
         if node is None or node == self._node_id:
@@ -191,6 +216,18 @@ class Routing:
         if not taking:
             self._left_for_catchup(message, sender_device)
             return
+        self._hand_live_copies(message, sender_device, receiver, taking)
+
+    def _hand_live_copies(
+        self,
+        message: cim_pb2.Message,
+        sender_device: str,
+        receiver: str,
+        taking: list[ClientSession],
+    ) -> None:
+        """msg:N to each of ``taking``, the receiver's devices here; its ack:R (any
+        device's) settles the message."""
+        key = (message.id, receiver)
         devices: set[str] = set()
         self._pending[key] = _Pending(
             getattr(message, "from"),

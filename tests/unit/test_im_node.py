@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -235,6 +236,47 @@ class MessageTests(SynchronousTestCase):
         self.assertEqual((outcomes[1].status, outcomes[1].reason), (cim_pb2.STORED, ""))
         self.assertEqual(outcomes[2].status, cim_pb2.FAILED)
         self.assertEqual(outcomes[2].reason, "no such user")
+
+    def test_the_live_copy_leaves_before_the_senders_msg_a(self) -> None:
+        """Both wait for the append; then the receiver's msg:N is written first (the
+        latency that counts is the receiver's), and the sender still hears msg:A
+        before any ack:N, whether the receiver is here, offline or unknown."""
+        node = NodeHarness(users=("carol",))
+        alice = node.connect("alice")
+        bob = node.connect("bob", auto_ack=True)
+        node.flush_all()
+        written: list[str] = []
+        for name, client in (("alice", alice), ("bob", bob)):
+            write = client.server_transport.write
+
+            def logged(data: bytes, name: str = name, write: Any = write) -> None:
+                written.append(name)
+                write(data)
+
+            client.server_transport.write = logged  # type: ignore[method-assign]
+        alice.protocol.send(cim_pb2.MSG_R, cim_pb2.Message(to="bob", text="hi", client_seq=1))
+        node.flush_all()
+        self.assertEqual(written[:2], ["bob", "alice"])
+        self.assertEqual(len(bob.events.of_type(cim_pb2.MSG_N)), 1)
+        for n, to in ((2, "carol"), (3, "nobody")):
+            alice.protocol.send(cim_pb2.MSG_R, cim_pb2.Message(to=to, text="hi", client_seq=n))
+        node.flush_all()
+        answers = [
+            (kind, frame.client_seq)
+            for kind, frame in alice.events.frames
+            if kind in (cim_pb2.MSG_A, cim_pb2.ACK_N)
+        ]
+        self.assertEqual(
+            answers,
+            [
+                (cim_pb2.MSG_A, 1),
+                (cim_pb2.ACK_N, 1),
+                (cim_pb2.MSG_A, 2),
+                (cim_pb2.ACK_N, 2),
+                (cim_pb2.MSG_A, 3),
+                (cim_pb2.ACK_N, 3),
+            ],
+        )
 
     def test_msg_a_comes_after_the_append_with_conversation_and_seq(self) -> None:
         node = NodeHarness()
