@@ -27,6 +27,8 @@ single read, so neither the answer nor its timing tells whether the name exists.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from twisted.internet.defer import fail, succeed
@@ -128,6 +130,10 @@ def message_problem(
 _CONTROL_CHARACTERS = "{field} may not contain control characters (newline and tab are fine)"
 
 
+def _not_held(work: Callable[[], object]) -> bool:
+    return False
+
+
 class DirectMessages:
     """Takes msg:R (claims it, answers msg:A and retries) and ack:R."""
 
@@ -164,6 +170,11 @@ class DirectMessages:
         # walk while the message waits for its journal write.
         self._answer_appended = self._appended
         self._answer_failed = self._append_failed
+        self.after_live_copies: Callable[[Callable[[], object]], bool] = _not_held
+        """Runs work once the live copies the read under way made have left, or says
+        no read is under way (``HeldWrites.after_flush``): a 1:1 sender's msg:A."""
+        self._answers_waiting: set[str] = set()
+        """Conversations with a msg:A waiting for the read's frames to leave."""
 
     def frame_table(self) -> FrameTable:
         return {
@@ -303,13 +314,44 @@ class DirectMessages:
         message.seq = appended.seq
         if message.group:
             message.group_seq = appended.seq
-        elif (
-            receipt is None or not receipt.status or receipt.status == FAILED
-        ) and self._routing.route_live_here(message, session.record.device):
-            # First time (or a retry still open) to a receiver connected here: its live
-            # copy went first, so it leaves before the sender's msg:A.
-            self._accepted(session, message)
-            return
+        else:
+            live = (
+                receipt is None or not receipt.status or receipt.status == FAILED
+            ) and self._routing.route_live_here(message, session.record.device)
+            # The live copy to a receiver connected here (first time, or a retry still
+            # open) went at once; the sender's msg:A waits until it has left (the read's
+            # frames), so the copy never waits for the answer. So does everything after
+            # an answer that waits in the same conversation: its msg:A, its outcome or
+            # its way on, so the sender's frames of a conversation keep their order.
+            conversation = message.conversation
+            if live or conversation in self._answers_waiting:
+                answer = partial(self._answer_later, receipt, session, message, live)
+                if self.after_live_copies(answer):
+                    self._answers_waiting.add(conversation)
+                    return
+                answer()
+                return
+        self._answer(receipt, session, message, False)
+
+    def _answer_later(
+        self,
+        receipt: MessageReceipt | None,
+        session: ClientSession,
+        message: cim_pb2.Message,
+        routed: bool,
+    ) -> None:
+        self._answers_waiting.discard(message.conversation)
+        self._answer(receipt, session, message, routed)
+
+    def _answer(
+        self,
+        receipt: MessageReceipt | None,
+        session: ClientSession,
+        message: cim_pb2.Message,
+        routed: bool,
+    ) -> None:
+        """msg:A, then a settled retry's outcome again, or the message's way on (a
+        group's fan-out, a 1:1 message's route unless its live copy went already)."""
         self._accepted(session, message)
         if receipt is not None and receipt.status and receipt.status != FAILED:
             # Settled: answer the retry with the same outcome, deliver nothing again.
@@ -331,8 +373,10 @@ class DirectMessages:
             self._groups.accepted(session, message)
             return
         # First time, or a retry whose outcome is still open (the node that held it may
-        # have died): a live copy (again). The receiver drops a duplicate by seq.
-        self._routing.route(message, session.record.device)
+        # have died): a live copy (again), unless it went already. The receiver drops a
+        # duplicate by seq.
+        if not routed:
+            self._routing.route(message, session.record.device)
 
     @staticmethod
     def _accepted(session: ClientSession, message: cim_pb2.Message) -> None:

@@ -4,11 +4,14 @@ answers with one send of eight msg:A, not eight).
 
 Work can also wait for that moment (``at_read_end``): the timelines' journal writes the
 records a read numbered there, so their answers leave with the read's own frames instead
-of one reactor turn later, behind every other read of the turn."""
+of one reactor turn later, behind every other read of the turn. And work can wait until
+those frames have left (``after_flush``): a 1:1 sender's msg:A is built and sent after
+the receiver's live copy is on its way, so the copy never waits for it."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from typing import Protocol
 
 from twisted.logger import Logger
@@ -32,7 +35,7 @@ class HeldWrites:
     once per connection. A protocol made without one gets its own.
     """
 
-    __slots__ = ("_at_end", "connections", "depth")
+    __slots__ = ("_after", "_at_end", "connections", "depth")
 
     def __init__(self) -> None:
         self.depth = 0
@@ -41,6 +44,8 @@ class HeldWrites:
         """Connections holding frames until the outermost read ends."""
         self._at_end: list[Callable[[], object]] = []
         """Work to run when the outermost read ends, before its frames leave."""
+        self._after: list[Callable[[], object]] = []
+        """Work to run once those frames have left."""
 
     def at_read_end(self, work: Callable[[], object]) -> bool:
         """Run ``work`` when the outermost read ends, before the frames held leave (the
@@ -49,6 +54,15 @@ class HeldWrites:
         if not self.depth:
             return False
         self._at_end.append(work)
+        return True
+
+    def after_flush(self, work: Callable[[], object]) -> bool:
+        """Run ``work`` once the frames held now have left, as a read of its own (what
+        it sends leaves in one send per connection, in the order the work was given).
+        False, and nothing kept, when no read is under way: the caller runs it now."""
+        if not self.depth:
+            return False
+        self._after.append(work)
         return True
 
     def around(self, work: Callable[[], object]) -> None:
@@ -77,6 +91,17 @@ class HeldWrites:
             connections.clear()
             for connection in holding:
                 connection.flush_held()
+        if self._after:
+            after, self._after = self._after, []
+            self.around(partial(self._run_each, after))
+
+    @staticmethod
+    def _run_each(works: list[Callable[[], object]]) -> None:
+        for work in works:
+            try:
+                work()
+            except Exception:
+                _log.failure("work after a read's frames left failed")
 
     def _run_at_end(self, at_end: list[Callable[[], object]]) -> None:
         # As a read would: what the work sends is held, then leaves below. A failure

@@ -83,8 +83,10 @@ class ImServerFactory(Factory):
         self.outbound_rules = OutboundRules(
             config.outbound_budget, config.slow_reader_timeout, clock, self.node_queue
         )
-        # Frames a read produces for any connection leave when the read ends.
+        # Frames a read produces for any connection leave when the read ends; a 1:1
+        # sender's msg:A after them (the receiver's copy does not wait for it).
         self.held_writes = HeldWrites()
+        node.direct.after_live_copies = self.held_writes.after_flush
         self.oplog: OperationLog | None = None
 
     def record(self, event: str, **fields: Any) -> None:

@@ -278,6 +278,29 @@ class MessageTests(SynchronousTestCase):
             ],
         )
 
+    def test_a_conversations_answers_keep_their_order_when_a_copy_is_refused(self) -> None:
+        """Two messages in one read, the receiver's budget full after the first: the
+        second is stored, and its msg:A and ack:N still come after the first's msg:A."""
+        node = NodeHarness()
+        alice = node.connect("alice")
+        bob = node.connect("bob")
+        node.flush_all()
+        budget = iter([True])
+        bob.server.may_take_live_copy = lambda: next(budget, False)  # type: ignore[method-assign]
+        for n in (1, 2):
+            alice.protocol.send(cim_pb2.MSG_R, cim_pb2.Message(to="bob", text=f"{n}", client_seq=n))
+        node.flush_all()
+        answers = [
+            (kind, frame.client_seq, getattr(frame, "status", 0))
+            for kind, frame in alice.events.frames
+            if kind in (cim_pb2.MSG_A, cim_pb2.ACK_N)
+        ]
+        self.assertEqual(
+            answers,
+            [(cim_pb2.MSG_A, 1, 0), (cim_pb2.MSG_A, 2, 0), (cim_pb2.ACK_N, 2, cim_pb2.STORED)],
+        )
+        self.assertEqual([m.seq for m in bob.events.of_type(cim_pb2.MSG_N)], [1])
+
     def test_msg_a_comes_after_the_append_with_conversation_and_seq(self) -> None:
         node = NodeHarness()
         alice = node.connect("alice")

@@ -724,6 +724,56 @@ class HeldWritesTests(unittest.TestCase):
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
         self.assertTrue(any("end of a read" in e.get("log_format", "") for e in events))
 
+    def test_work_after_the_flush_runs_once_the_held_frames_left(self) -> None:
+        # A 1:1 sender's msg:A: built and sent after the receiver's copy is on its
+        # way; the answers of one read still leave in one send per connection.
+        held = HeldWrites()
+        relay, peer, relay_writes, peer_writes = self.relay_and_peer(held)
+        seen: list[tuple[int, int]] = []
+
+        def answer(n: int) -> None:
+            seen.append((len(relay_writes), len(peer_writes)))
+            relay.send_frame(cim_pb2.MSG_A, cim_pb2.MsgA(client_seq=n))
+
+        def copy_now_answer_later(protocol: Any, message: Any) -> None:
+            peer.send_frame(cim_pb2.MSG_N, message)
+            self.assertTrue(held.after_flush(lambda: answer(int(message.text))))
+
+        relay.inbound = {cim_pb2.MSG_R: (cim_pb2.Message, copy_now_answer_later)}
+        sealer, _ = ciphers(SUITE_CHACHA, "client")
+        relay.dataReceived(b"".join(frame(sealer.seal(message_body(str(n)))) for n in range(3)))
+        # The peer's three copies had left (one write) before the first answer was made.
+        self.assertEqual(seen, [(0, 1)] * 3)
+        self.assertEqual((len(relay_writes), len(peer_writes)), (1, 1))
+        _, opener = ciphers(SUITE_CHACHA, "client")
+        answers = [
+            cim_pb2.MsgA.FromString(opener.open(body)[1:]).client_seq
+            for body in split_frames(relay_writes[0])[0]
+        ]
+        self.assertEqual(answers, [0, 1, 2])
+
+    def test_work_after_the_flush_outside_a_read_is_not_kept_and_failures_are_logged(
+        self,
+    ) -> None:
+        held = HeldWrites()
+        ran: list[int] = []
+        self.assertFalse(held.after_flush(lambda: ran.append(1)))
+        held.around(lambda: None)
+        self.assertEqual(ran, [])
+
+        def fails() -> None:
+            raise RuntimeError("broken")
+
+        def keep_both() -> None:
+            held.after_flush(fails)
+            held.after_flush(lambda: ran.append(2))
+
+        with capturedLogs() as events:
+            held.around(keep_both)
+        self.assertEqual(ran, [2])
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertTrue(any("frames left" in e.get("log_format", "") for e in events))
+
     def test_closing_during_a_read_sends_the_held_frames_first(self) -> None:
         class Refuser(RecordingProtocol):
             def plaintext_frame_received(self, body: bytes) -> None:
