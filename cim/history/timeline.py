@@ -56,7 +56,7 @@ from cim.storage.timeline import (
     NewMessage,
     TimelinePage,
     append_txn,
-    enrol_device_txn,
+    enrol_and_move_txn,
     move_cursors_txn,
 )
 from cim.storage.timeline_reads import (
@@ -153,6 +153,15 @@ class _Move:
     seq: int
 
 
+@dataclass(frozen=True, slots=True)
+class _Enrol:
+    """A device that connected, waiting for its batch: enrolled before the batch's
+    cursor moves (``enrol_and_move_txn``), as before any of its own."""
+
+    user: str
+    device: str
+
+
 class Timelines:
     """The node's timelines: appends, cursor moves, catch-up and history reads."""
 
@@ -196,7 +205,7 @@ class Timelines:
         """Cursor moves not yet taken by a batch, by (user, device, conversation): a
         later ack of the same conversation raises the waiting move instead of adding
         one (a busy pair acknowledges every message; the batch needs the last)."""
-        self._cursors: BatchWriter[_Move] = BatchWriter(
+        self._cursors: BatchWriter[_Move | _Enrol] = BatchWriter(
             clock,
             self._write_moves,
             name="cursors",
@@ -436,15 +445,21 @@ class Timelines:
         move = self._moves[key] = _Move(key, seq)
         self._cursors.put(move)
 
-    def _write_moves(self, moves: list[_Move]) -> Deferred[int]:
-        """One batch of cursor moves: taken now (a later ack adds a new move), written
-        once the copies reach what was promised, at their pace (no copy of its own)."""
-        for move in moves:
-            if self._moves.get(move.key) is move:
-                del self._moves[move.key]
-        rows = [CursorMove(*move.key, move.seq) for move in moves]
+    def _write_moves(self, entries: list[_Move | _Enrol]) -> Deferred[int]:
+        """One batch of enrolments and cursor moves: taken now (a later ack adds a new
+        move), written once the copies reach what was promised, at their pace (no copy
+        of its own)."""
+        enrolments: list[tuple[str, str]] = []
+        rows: list[CursorMove] = []
+        for entry in entries:
+            if isinstance(entry, _Enrol):
+                enrolments.append((entry.user, entry.device))
+                continue
+            if self._moves.get(entry.key) is entry:
+                del self._moves[entry.key]
+            rows.append(CursorMove(*entry.key, entry.seq))
         d = self.settled(hurry=False)
-        return d.addCallback(lambda _: self._db.run(move_cursors_txn, rows))
+        return d.addCallback(lambda _: self._db.run(enrol_and_move_txn, enrolments, rows))
 
     def move_cursors(
         self, user: str, device: str, marks: Sequence[cim_pb2.Cursor]
@@ -479,10 +494,15 @@ class Timelines:
         # Its entry is numbered in SQL: the journal's numbering waits meanwhile.
         return journal.exclusive(change)
 
-    def enrol_device(self, user: str, device: str) -> Deferred[bool]:
+    def enrol_device(self, user: str, device: str) -> Deferred[None]:
         """A device connected: one new to the account starts at the present
-        (``enrol_device_txn``; its catch-up reads enrol it too, whichever comes first)."""
-        return self._read(enrol_device_txn, user, device)
+        (``enrol_device_txn``; its catch-up reads enrol it too, whichever comes first).
+
+        Batched with the cursor moves, in one transaction per batch: a storm of logins
+        is a few transactions, not one each. Each waited on the database thread
+        before, and that thread runs below the reactor (``cim.backends.threads``), so
+        a storm queued thousands of them at once, whose memory the process kept."""
+        return self._cursors.add(_Enrol(user, device))
 
     # --- reading ----------------------------------------------------------------------
 

@@ -336,10 +336,10 @@ class TimelineStore(Protocol):
         """``append``, answered by ``done(appended, *args)`` or ``failed(failure,
         *args)`` instead of a Deferred (the 1:1 hot path)."""
 
-    def enrol_device(self, user: str, device: str) -> Deferred[bool]:
+    def enrol_device(self, user: str, device: str) -> Deferred[None]:
         """A device connected: one new to the account starts at the present (its
-        cursors at each conversation's end, once another device has read); True when
-        it was new."""
+        cursors at each conversation's end, once another device has read); fires once
+        that is written (batched with the cursor moves)."""
 
     def move_cursor(self, user: str, device: str, conversation: str, seq: int) -> None: ...
 
@@ -383,8 +383,8 @@ class NoTimeline:
     ) -> None:
         failed(Failure(TimelineUnavailable("this node keeps no timelines")), *args)
 
-    def enrol_device(self, user: str, device: str) -> Deferred[bool]:
-        return succeed(False)
+    def enrol_device(self, user: str, device: str) -> Deferred[None]:
+        return succeed(None)
 
     def move_cursor(self, user: str, device: str, conversation: str, seq: int) -> None:
         pass

@@ -385,7 +385,7 @@ class DecidingTimeline:
     def behind(self) -> float:
         return self.inner.behind()
 
-    def enrol_device(self, user: str, device: str) -> Deferred[bool]:
+    def enrol_device(self, user: str, device: str) -> Deferred[None]:
         return self.inner.enrol_device(user, device)
 
     def change(self, asked: ChangeAsked) -> Deferred[ChangeMade]:

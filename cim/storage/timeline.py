@@ -44,6 +44,7 @@ __all__ = [
     "TimelineRecord",
     "add_readers_txn",
     "append_txn",
+    "enrol_and_move_txn",
     "enrol_device_txn",
     "forget_user",
     "group_joined",
@@ -493,6 +494,19 @@ def _enrol_sql(paramstyle: str) -> _EnrolSql:
             f"VALUES ({mark}, {mark}, {mark}, {mark}) ON CONFLICT DO NOTHING"
         ),
     )
+
+
+def enrol_and_move_txn(
+    connection: Connection, enrolments: Sequence[tuple[str, str]], moves: Sequence[CursorMove]
+) -> int:
+    """A batch of the node's cursor work in one transaction: the devices that connected
+    (``enrol_device_txn``, each (user, device) in turn), then the cursor moves
+    (``move_cursors_txn``, whose count it returns). Enrolments first: a device's own
+    moves all come after its enrolment, so a device new to the account is never taken
+    as known because of a move of its own."""
+    for user, device in enrolments:
+        enrol_device_txn(connection, user, device)
+    return move_cursors_txn(connection, moves) if moves else 0
 
 
 def move_cursors_txn(connection: Connection, moves: Sequence[CursorMove]) -> int:

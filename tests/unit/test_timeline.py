@@ -31,6 +31,7 @@ from cim.storage.timeline import (
     CursorMove,
     NewMessage,
     append_txn,
+    enrol_and_move_txn,
     enrol_device_txn,
     group_joined,
     group_left,
@@ -242,6 +243,25 @@ class CursorTests(DatabaseMixin, TestCase):
         self.txn(move_cursors_txn, [CursorMove("bob", "web", AB, 1)])
         self.assertFalse(self.txn(enrol_device_txn, "bob", "web"))
         self.assertEqual(self.point("bob", "web"), 1)
+
+    def test_a_batch_enrols_its_devices_before_it_moves_cursors(self) -> None:
+        """The node's cursor batch (``enrol_and_move_txn``): the pad, new to bob's
+        account after the phone has read, starts at the present even with a move of its
+        own in the same batch (taken as known because of it, it would stay at 1)."""
+        self.txn(move_cursors_txn, [CursorMove("bob", "phone", AB, 3)])
+        moved = self.txn(
+            enrol_and_move_txn,
+            [("bob", "pad"), ("bob", "tv")],
+            [CursorMove("bob", "pad", AB, 1), CursorMove("bob", "phone", AB, 4)],
+        )
+        self.assertEqual(moved, 1)  # the phone's; the pad is at 5 already
+        # Asked before any read (a summary enrols too): the batch enrolled the tv.
+        self.assertFalse(self.txn(enrol_device_txn, "bob", "tv"))
+        self.assertEqual(
+            (self.point("bob", "pad"), self.point("bob", "tv"), self.point("bob", "phone")),
+            (5, 5, 4),
+        )
+        self.assertEqual(self.txn(enrol_and_move_txn, [("bob", "tv")], []), 0)
 
     def test_only_the_users_own_conversations(self) -> None:
         moved = self.txn(
