@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from functools import partial
-from typing import Any
+from typing import Any, TypeGuard
 
 from twisted.internet.defer import fail, succeed
 from twisted.logger import Logger
@@ -132,6 +132,12 @@ _CONTROL_CHARACTERS = "{field} may not contain control characters (newline and t
 
 def _not_held(work: Callable[[], object]) -> bool:
     return False
+
+
+def _settled(receipt: MessageReceipt | None) -> TypeGuard[MessageReceipt]:
+    """The claim found a retry whose outcome is known: answered again, not routed. A
+    FAILED one is routed again (a user's resend), under the same id."""
+    return receipt is not None and bool(receipt.status) and receipt.status != FAILED
 
 
 class DirectMessages:
@@ -315,9 +321,9 @@ class DirectMessages:
         if message.group:
             message.group_seq = appended.seq
         else:
-            live = (
-                receipt is None or not receipt.status or receipt.status == FAILED
-            ) and self._routing.route_live_here(message, session.record.device)
+            live = not _settled(receipt) and self._routing.route_live_here(
+                message, session.record.device
+            )
             # The live copy to a receiver connected here (first time, or a retry still
             # open) went at once; the sender's msg:A waits until it has left (the read's
             # frames), so the copy never waits for the answer. So does everything after
@@ -353,9 +359,8 @@ class DirectMessages:
         """msg:A, then a settled retry's outcome again, or the message's way on (a
         group's fan-out, a 1:1 message's route unless its live copy went already)."""
         self._accepted(session, message)
-        if receipt is not None and receipt.status and receipt.status != FAILED:
-            # Settled: answer the retry with the same outcome, deliver nothing again.
-            # A FAILED one is routed again (a user's resend), under the same id.
+        if _settled(receipt):
+            # The retry gets the same outcome again; nothing is delivered again.
             self._routing.tell_sender(
                 session.record.user,
                 session.record.device,

@@ -149,11 +149,8 @@ class Routing:
         receiver = message.to
         if receiver not in self._connected or receiver == getattr(message, "from"):
             return False
-        if (message.id, receiver) not in self._pending:
-            taking = [s for s in self._connected.devices_of(receiver) if s.may_take_live_copy()]
-            if not taking:
-                return False
-            self._hand_live_copies(message, sender_device, receiver, taking)
+        if not self._live_copy(message, sender_device, receiver):
+            return False
         self.copy_to_own_devices(message, sender_device)
         return True
 
@@ -206,28 +203,22 @@ class Routing:
                 session.deliver(MSG_N, message)
 
     def _deliver_here(self, message: cim_pb2.Message, sender_device: str, receiver: str) -> None:
+        if not self._live_copy(message, sender_device, receiver):
+            self._left_for_catchup(message, sender_device)
+
+    def _live_copy(self, message: cim_pb2.Message, sender_device: str, receiver: str) -> bool:
+        """msg:N to each of the receiver's devices here that takes a live copy; its
+        ack:R (any device's) settles the message. True too for a retry the receiver
+        still holds unacknowledged here (nothing is sent again); False when no device
+        takes it: the live-copy decision (cim.protocols.outbound.OutboundBudget) sends a
+        device too far behind on reading to the pull it is told to make once its queue
+        drains, and the message is in its timeline already."""
         key = (message.id, receiver)
         if key in self._pending:
-            return  # a retry while the receiver still holds it unacknowledged here
-        # The live-copy decision (cim.protocols.outbound.OutboundBudget): a device too
-        # far behind on reading gets it through the pull it is told to make once its
-        # queue drains; the message is in its timeline already.
+            return True
         taking = [s for s in self._connected.devices_of(receiver) if s.may_take_live_copy()]
         if not taking:
-            self._left_for_catchup(message, sender_device)
-            return
-        self._hand_live_copies(message, sender_device, receiver, taking)
-
-    def _hand_live_copies(
-        self,
-        message: cim_pb2.Message,
-        sender_device: str,
-        receiver: str,
-        taking: list[ClientSession],
-    ) -> None:
-        """msg:N to each of ``taking``, the receiver's devices here; its ack:R (any
-        device's) settles the message."""
-        key = (message.id, receiver)
+            return False
         devices: set[str] = set()
         self._pending[key] = _Pending(
             getattr(message, "from"),
@@ -248,6 +239,7 @@ class Routing:
             else:
                 held.add(message.id)
             session.deliver(MSG_N, message)
+        return True
 
     def _receiver_not_here(self, message: cim_pb2.Message, sender_device: str) -> None:
         if self._directory.contacts.account_known(getattr(message, "from"), message.to):

@@ -506,7 +506,7 @@ def enrol_and_move_txn(
     as known because of a move of its own."""
     for user, device in enrolments:
         enrol_device_txn(connection, user, device)
-    return move_cursors_txn(connection, moves) if moves else 0
+    return move_cursors_txn(connection, moves)
 
 
 def move_cursors_txn(connection: Connection, moves: Sequence[CursorMove]) -> int:
