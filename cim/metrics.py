@@ -411,9 +411,6 @@ class NodeMetrics:
         self.connections_established: Callable[[], int] = lambda: 0
         self.offline_pending: Callable[[], int | None] = lambda: None
 
-    def observe_delivery(self, seconds: float) -> None:
-        self.delivery_latency.observe(seconds)
-
 
 class NodeMetricsCollector(Collector):
     """Renders NodeMetrics as Prometheus families at scrape time."""

@@ -265,7 +265,7 @@ class Journal:
         backlog past one batch (the database falls behind). A batch in the making is
         not pressure: the copy waits for it on purpose."""
         copies = self._copies
-        lag = max(0, copies.behind - copies.batch_size)
+        lag = max(0, copies.journaled - copies.copied - copies.batch_size)  # ``behind``
         if not self._queues:  # nearly always: asked for every frame the node reads
             return len(self._buffer) + lag
         return sum(len(q) for q in self._queues.values()) + len(self._buffer) + lag
@@ -421,15 +421,13 @@ class Journal:
                 for taken, _ in resends:
                     taken.answer.errback(TimelineUnavailable(f"the journal cannot be written: {e}"))
                 return
-            self._promise(buffer, generation)
+            # Promised: the copy takes the rows, and each message is answered.
+            self._copies.add(map(_ROW, buffer), len(buffer), generation)
+            self.counts["journaled"] += len(buffer)
+            for taken, _, _, appended in buffer:
+                taken.answer.callback(appended)
         for taken, found in resends:
             taken.answer.callback(found)
-
-    def _promise(self, buffer: list[_Held], generation: int) -> None:
-        self._copies.add(map(_ROW, buffer), len(buffer), generation)
-        self.counts["journaled"] += len(buffer)
-        for taken, _, _, appended in buffer:
-            taken.answer.callback(appended)
 
     def _unnumber(self, buffer: list[_Held], error: OSError) -> None:
         """The journal write failed: nothing of it was promised, its numbers are free."""

@@ -231,7 +231,9 @@ class DirectMessages:
             return contacts.may_message(sender, message.to).addCallback(
                 self._decided, session, message
             )
-        return self._decided(allowed, session, message)
+        if allowed:
+            return self._claim(True, session, message)
+        return self._decided(False, session, message)
 
     def _decided(self, allowed: bool, session: ClientSession, message: cim_pb2.Message) -> Any:
         if not allowed:
@@ -321,7 +323,8 @@ class DirectMessages:
         if message.group:
             message.group_seq = appended.seq
         else:
-            live = not _settled(receipt) and self._routing.route_live_here(
+            # (A receipt is nearly always None: a first send, not a retry.)
+            live = (receipt is None or not _settled(receipt)) and self._routing.route_live_here(
                 message, session.record.device
             )
             # The live copy to a receiver connected here (first time, or a retry still
@@ -359,7 +362,7 @@ class DirectMessages:
         """msg:A, then a settled retry's outcome again, or the message's way on (a
         group's fan-out, a 1:1 message's route unless its live copy went already)."""
         self._accepted(session, message)
-        if _settled(receipt):
+        if receipt is not None and _settled(receipt):
             # The retry gets the same outcome again; nothing is delivered again.
             self._routing.tell_sender(
                 session.record.user,

@@ -362,7 +362,7 @@ class Routing:
         for device in pending.devices:
             self._forget_pending(receiver, device, msg_id)
         self._metrics.messages["delivered"] += 1
-        self._metrics.observe_delivery(
+        self._metrics.delivery_latency.observe(
             self._clock.seconds() - MessageIdGenerator.timestamp_ms(msg_id) / 1000
         )
         self.tell_sender(

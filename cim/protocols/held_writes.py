@@ -11,7 +11,6 @@ the receiver's live copy is on its way, so the copy never waits for it."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from functools import partial
 from typing import Protocol
 
 from twisted.logger import Logger
@@ -82,9 +81,22 @@ class HeldWrites:
                 self.flush()
 
     def flush(self) -> None:
+        # Runs twice for every message a read takes (once for the read, once for the
+        # work after it), so the steps are inline rather than calls.
         at_end = self._at_end
         if at_end:
-            self._run_at_end(at_end)
+            # As a read would: what the work sends is held, then leaves below. A
+            # failure is logged, like one in a reactor call, and the frames still leave.
+            self.depth += 1
+            try:
+                while at_end:
+                    work = at_end.pop(0)
+                    try:
+                        work()
+                    except Exception:
+                        _log.failure("work at the end of a read failed")
+            finally:
+                self.depth -= 1
         connections = self.connections
         while connections:
             holding = list(connections)
@@ -92,27 +104,16 @@ class HeldWrites:
             for connection in holding:
                 connection.flush_held()
         if self._after:
+            # As a read of its own (``around``): its frames leave when it ends.
             after, self._after = self._after, []
-            self.around(partial(self._run_each, after))
-
-    @staticmethod
-    def _run_each(works: list[Callable[[], object]]) -> None:
-        for work in works:
+            self.depth += 1
             try:
-                work()
-            except Exception:
-                _log.failure("work after a read's frames left failed")
-
-    def _run_at_end(self, at_end: list[Callable[[], object]]) -> None:
-        # As a read would: what the work sends is held, then leaves below. A failure
-        # is logged, like one in a reactor call, and the frames still leave.
-        self.depth += 1
-        try:
-            while at_end:
-                work = at_end.pop(0)
-                try:
-                    work()
-                except Exception:
-                    _log.failure("work at the end of a read failed")
-        finally:
-            self.depth -= 1
+                for work in after:
+                    try:
+                        work()
+                    except Exception:
+                        _log.failure("work after a read's frames left failed")
+            finally:
+                self.depth -= 1
+                if not self.depth:
+                    self.flush()

@@ -159,12 +159,12 @@ class NodeQueue:
     def grew(self, size: int) -> None:
         self.total += size
         if self.total >= self.max_bytes:
-            self._over()
+            self.over()
 
     def shrank(self, size: int) -> None:
         self.total -= size
         if self.paused:
-            self._maybe_resume()
+            self.maybe_resume()
 
     @property
     def pending_work(self) -> int:
@@ -179,14 +179,15 @@ class NodeQueue:
         grows without telling the node.
         """
         if self.total >= self.max_bytes or self.database_backlog() >= self.max_pending:
-            self._over()
+            self.over()
 
     @property
     def pressure(self) -> float:
         """How full the node is: 1.0 at a bound."""
         return max(self.total / self.max_bytes, self.pending_work / self.max_pending)
 
-    def _over(self) -> None:
+    def over(self) -> None:
+        """The node is at a bound: pause the heaviest senders (at most every look)."""
         now = self.clock.seconds()
         if now - self._looked_at < self._look_interval:
             return
@@ -217,7 +218,8 @@ class NodeQueue:
         for sender in self._senders():
             sender.outbound.decided()
 
-    def _maybe_resume(self) -> None:
+    def maybe_resume(self) -> None:
+        """Resume every paused sender once both counts are below half their bound."""
         if self.total * 2 < self.max_bytes and self.pending_work * 2 < self.max_pending:
             self._resume_all()
 
@@ -225,7 +227,7 @@ class NodeQueue:
         # The database's queue shrinks without telling the node: look while paused.
         self._polling = None
         if self.paused:
-            self._maybe_resume()
+            self.maybe_resume()
         if self.paused:
             self._polling = self.clock.callLater(self._decision_interval, self._poll)
 
@@ -387,14 +389,27 @@ class OutboundBudget:
 
     # --- the framing's reports (OutboundAccounting) ----------------------------------
 
+    # held and released run for every frame a read makes (four per 1:1 message), so
+    # each is one call: the node's count and the budget's checks are inline here.
+
     def held(self, size: int) -> None:
-        self.held_bytes += size
-        self._grew(size)
+        held = self.held_bytes = self.held_bytes + size
+        rules = self._rules
+        node = rules.node
+        node.total += size
+        if node.total >= node.max_bytes:
+            node.over()
+        if self.over_since is None and held + self.transport_bytes >= rules.limit:
+            self._went_over(rules)
 
     def released(self, size: int) -> None:
         self.held_bytes -= size
-        self._rules.node.shrank(size)
-        self._maybe_back_under()
+        node = self._rules.node
+        node.total -= size
+        if node.paused:
+            node.maybe_resume()
+        if self.over_since is not None:
+            self._maybe_back_under()
 
     def queued(self, size: int) -> None:
         self.transport_bytes += size
@@ -427,9 +442,12 @@ class OutboundBudget:
         rules = self._rules
         rules.node.grew(size)
         if self.over_since is None and self.held_bytes + self.transport_bytes >= rules.limit:
-            self.over_since = rules.clock.seconds()
-            self._cut = rules.clock.callLater(rules.slow_reader_timeout, self._too_slow)
-            self._owner.behind(True)
+            self._went_over(rules)
+
+    def _went_over(self, rules: OutboundRules) -> None:
+        self.over_since = rules.clock.seconds()
+        self._cut = rules.clock.callLater(rules.slow_reader_timeout, self._too_slow)
+        self._owner.behind(True)
 
     def _maybe_back_under(self) -> None:
         # Bytes in the transport only ever leave all at once (the drain), so a

@@ -86,8 +86,11 @@ class _DeviceReceipts:
         """``expire(cutoff_ms)``, then ``find(client_seq)``: what every msg:R and every
         outcome asks, in one call (the expiry is nearly always nothing to do)."""
         head = self.head
-        if head < len(self.seqs) and self.data[3 * head + 2] >> _STATUS_BITS <= cutoff_ms:
+        seqs = self.seqs
+        if head < len(seqs) and self.data[3 * head + 2] >> _STATUS_BITS <= cutoff_ms:
             self.expire(cutoff_ms)
+        elif self.ordered and (head == len(seqs) or seqs[-1] < client_seq):
+            return -1  # a new message: its client sequence is past every one kept
         return self.find(client_seq)
 
     def find(self, client_seq: int) -> int:
