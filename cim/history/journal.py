@@ -5,9 +5,10 @@ the transaction that writes it (``cim.storage.timeline.append_txn``, what Postgr
 keeps, where several nodes write): it keeps each conversation's last seq in memory
 and numbers a message at once, on the reactor thread. Before a message is promised
 (the Deferred of ``append`` fires: msg:A, msg:N), its record is appended to a journal
-file beside the database (``cim.history.journal_file``), one ``os.write`` for the
-records a client's read numbered, as that read ends (so their answers leave with the
-read's own frames), or, outside reads, per reactor turn; the records are then copied
+file beside the database (``cim.history.journal_file``, a reserved and mapped file),
+one write for the records a client's read numbered, as that read ends (so their
+answers leave with the read's own frames), or, outside reads, per reactor turn; the
+records are then copied
 into SQLite in large batches through the one batch writer (``copy_txn``: replay-safe,
 renumbers nothing), and a journal file is deleted once all its records are there. At
 start, what an earlier run journaled is copied first (``start``), so a promise

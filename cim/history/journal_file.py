@@ -3,16 +3,24 @@
 A record is ``length (4 bytes) | CRC-32 of the body (4 bytes) | body``; the body is
 the message's fixed fields, then its strings and payload, each length-prefixed. A
 process killed in the middle of a write leaves a torn tail: the first record whose
-length runs past the end or whose CRC does not match ends the file, and what follows
-is dropped (it was never promised: the promise comes after the write returns).
+length runs past the end, is 0, or whose CRC does not match ends the file, and what
+follows is dropped (it was never promised: the promise comes after the write returns).
 
-Files are ``<stem>.<generation>`` in one directory. Records go to the newest file with
-one ``os.write`` of everything taken in a reactor turn; a file whose records are all
-in the database is deleted (``JournalFiles.committed``), and the newest one is rolled
-when it grows past ``roll_bytes``, so the journal holds roughly what is not written
-yet. The writes are not fsync'ed: a record survives the process being killed, not the
-machine losing power, which is what SQLite in WAL with ``synchronous=NORMAL`` promises
-for the commit it stands in for (docs/reliability.md).
+Files are ``<stem>.<generation>`` in one directory. Each file's space is reserved when
+it is made (``posix_fallocate``) and mapped into memory, and the records a reactor
+turn (or a read) numbered are copied into the mapping: no system call per write, and
+no moment at which the reactor lets go of the GIL to another thread (the journal's
+copy into SQLite runs on one) with every message of the read waiting. A file system
+that cannot reserve space gets plain appends (``os.write``) instead: a write into a
+mapping whose blocks were never reserved would kill the process (SIGBUS) on a full
+disk instead of raising an error. A file whose records are all in the database is
+deleted (``JournalFiles.committed``), and the newest one is rolled when the next
+write does not fit (a mapped file holds ``MAPPED_BYTES``, so its pages cost the node
+at most that much memory) or when it grows past ``roll_bytes``; a rolled file is cut
+back to its records. The journal holds roughly what is not written yet. The records
+are not fsync'ed: they survive the process being killed (the mapping is the page
+cache's), not the machine losing power, which is what SQLite in WAL with
+``synchronous=NORMAL`` promises for the commit it stands in for (docs/reliability.md).
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ import contextlib
 import errno
 import fcntl
 import functools
+import mmap
 import os
 import struct
 import zlib
@@ -30,7 +39,11 @@ from dataclasses import dataclass
 from cim.storage.timeline import NewMessage
 from cim.storage.timeline_journal import CopyRow, Numbered, Readers
 
-__all__ = ["JournalFiles", "decode", "encode", "read_records"]
+__all__ = ["MAPPED_BYTES", "JournalFiles", "decode", "encode", "read_records"]
+
+MAPPED_BYTES = 1 << 20
+"""The space of a mapped journal file: about 4,500 records of a short text."""
+_CANNOT_RESERVE = frozenset((errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS))
 
 _FRAME = struct.Struct(">II")
 _FIXED = struct.Struct(">qqqdHHHBI")
@@ -104,8 +117,8 @@ def read_records(data: bytes) -> tuple[list[Numbered], int]:
     while at + _FRAME.size <= len(data):
         length, crc = _FRAME.unpack_from(data, at)
         end = at + _FRAME.size + length
-        if length > _MAX_RECORD or end > len(data):
-            break
+        if not length or length > _MAX_RECORD or end > len(data):
+            break  # 0: the reserved space of a mapped file, never written
         body = data[at + _FRAME.size : end]
         if zlib.crc32(body) != crc:
             break
@@ -122,6 +135,8 @@ class _File:
     generation: int
     path: str
     fd: int | None
+    mapping: mmap.mmap | None = None
+    """The file's reserved space, mapped; None: written with ``os.write``."""
     size: int = 0
     unwritten: int = 0
     """Its records not yet in the database."""
@@ -183,21 +198,57 @@ class JournalFiles:
             os.unlink(path)
         self._start_file(generation + 1)
 
-    def _start_file(self, generation: int) -> None:
+    def _start_file(self, generation: int, at_least: int = 0) -> None:
         path = os.path.join(self.directory, f"{self.stem}.{generation}")
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_TRUNC, 0o600)
-        self._files.append(_File(generation, path, fd))
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC, 0o600)
+        try:
+            mapping = self._reserve(fd, max(min(self.roll_bytes, MAPPED_BYTES), at_least))
+        except OSError:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            raise
+        self._files.append(_File(generation, path, fd, mapping))
+
+    @staticmethod
+    def _reserve(fd: int, size: int) -> mmap.mmap | None:
+        """The file's space, reserved and mapped; None where the file system cannot
+        reserve it (the file is appended to instead). A full disk raises OSError."""
+        try:
+            os.posix_fallocate(fd, 0, size)
+        except OSError as e:
+            if e.errno in _CANNOT_RESERVE:
+                return None
+            raise
+        return mmap.mmap(fd, size)
 
     # --- running ----------------------------------------------------------------------
 
     def write(self, data: bytes, records: int) -> int:
-        """Append ``records`` framed records in one write; returns the generation of the
-        file they are in (``committed`` is told it back)."""
-        if self._files[-1].fd is None:
-            raise OSError(errno.EIO, "the journal file could not be cut back after a failure")
-        if self._files[-1].size >= self.roll_bytes:
-            self._roll()
+        """Append ``records`` framed records at once; returns the generation of the
+        file they are in (``committed`` is told it back). Raises OSError, with nothing
+        of ``data`` kept, when it cannot be written."""
         current = self._files[-1]
+        if current.fd is None:
+            raise OSError(errno.EIO, "the journal file could not be cut back after a failure")
+        mapping = current.mapping
+        end = current.size + len(data)
+        if current.size >= self.roll_bytes or (mapping is not None and end > len(mapping)):
+            self._roll(len(data))  # a new file that cannot be made raises: nothing written
+            current = self._files[-1]
+            mapping = current.mapping
+            end = current.size + len(data)
+        if mapping is not None:
+            mapping[current.size : end] = data
+        else:
+            self._append(current, data)
+        current.size = end
+        current.unwritten += records
+        return current.generation
+
+    def _append(self, current: _File, data: bytes) -> None:
+        """``os.write`` until all of ``data`` is in the file (a file that cannot be
+        reserved), or nothing of it is."""
         assert current.fd is not None
         view = memoryview(data)
         try:
@@ -221,9 +272,6 @@ class JournalFiles:
             with contextlib.suppress(OSError):
                 self._roll()
             raise
-        current.size += len(data)
-        current.unwritten += records
-        return current.generation
 
     def committed(self, generation: int, records: int) -> None:
         """That many records of that file are in the database: delete the older files
@@ -236,17 +284,29 @@ class JournalFiles:
             self._files.remove(f)
             os.unlink(f.path)
 
-    def _roll(self) -> None:
+    def _roll(self, at_least: int = 0) -> None:
         """Go on in a new file: the old one is deleted once its records are written.
         The new file is made first: if it cannot be, the old one stays the one written."""
         current = self._files[-1]
-        self._start_file(current.generation + 1)
-        if current.fd is not None:
-            os.close(current.fd)
-            current.fd = None
+        self._start_file(current.generation + 1, at_least)
+        self._close(current, cut=True)
         if current.unwritten <= 0:
             self._files.remove(current)
             os.unlink(current.path)
+
+    @staticmethod
+    def _close(f: _File, *, cut: bool) -> None:
+        """Unmap and close ``f``; ``cut``: back to its records (a mapped file's
+        reserved space after them is given back)."""
+        if f.mapping is not None:
+            f.mapping.close()
+            f.mapping = None
+            if cut and f.fd is not None:
+                with contextlib.suppress(OSError):
+                    os.ftruncate(f.fd, f.size)
+        if f.fd is not None:
+            os.close(f.fd)
+            f.fd = None
 
     @property
     def writable(self) -> bool:
@@ -264,9 +324,7 @@ class JournalFiles:
     def close(self, *, clean: bool) -> None:
         """Close the files; ``clean``: every record is in the database, delete them."""
         for f in self._files:
-            if f.fd is not None:
-                os.close(f.fd)
-                f.fd = None
+            self._close(f, cut=not clean)
             if clean:
                 os.unlink(f.path)
         self._files = []

@@ -10,6 +10,7 @@ kill -9).
 
 from __future__ import annotations
 
+import errno
 import os
 from typing import Any
 
@@ -57,7 +58,21 @@ class JournalTests(DatabaseMixin, TestCase):
         return [tuple(row) for row in self.txn(lambda c: list(c.execute(query)))]
 
     def journal_size(self) -> int:
-        return sum(os.path.getsize(os.path.join(self.directory, n)) for n in self.journal_files())
+        """Bytes of whole records in the journal's files (a mapped file's reserved
+        space after them is not counted)."""
+        return sum(self.records_in(n)[1] for n in self.journal_files())
+
+    def records_in(self, name: str) -> tuple[list[Numbered], int]:
+        with open(os.path.join(self.directory, name), "rb") as f:
+            return read_records(f.read())
+
+    def cannot_reserve(self) -> None:
+        """A file system without ``posix_fallocate``: the journal appends instead."""
+
+        def unsupported(*args: Any) -> None:
+            raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+
+        self.patch(os, "posix_fallocate", unsupported)
 
     def journal_files(self) -> list[str]:
         names = os.listdir(self.directory)
@@ -354,6 +369,7 @@ class JournalTests(DatabaseMixin, TestCase):
         self.assertEqual((got.seq, got.new), (2, True))
 
     def test_a_failed_write_whose_new_file_cannot_be_made_promises_nothing_wrong(self) -> None:
+        self.cannot_reserve()  # appended with os.write, which can fail
         timelines = self.timelines()
         self.append(timelines, 1)
         real_write, real_open = os.write, os.open
@@ -378,6 +394,7 @@ class JournalTests(DatabaseMixin, TestCase):
         self.assertEqual(self.rows(), [(AB, 1, 1), (AB, 2, 2)])
 
     def test_a_torn_write_that_cannot_be_cut_back_is_not_written_after(self) -> None:
+        self.cannot_reserve()  # appended with os.write, which can tear
         timelines = self.timelines()
         self.append(timelines, 1)
         real_write, real_ftruncate = os.write, os.ftruncate
@@ -407,6 +424,76 @@ class JournalTests(DatabaseMixin, TestCase):
         second = self.timelines()
         self.assertEqual(self.rows(), [(AB, 1, 1)])  # the torn record is dropped
         self.assertEqual(self.append(second, 3).seq, 2)
+
+    def test_a_mapped_file_is_reserved_and_read_back_to_its_last_record(self) -> None:
+        first = self.timelines()
+        self.append(first, 1)
+        self.append(first, 2)
+        self.kill(first)
+        [name] = self.journal_files()
+        records, used = self.records_in(name)
+        self.assertEqual([item.seq for item in records], [1, 2])
+        # The space after the records was reserved (zeros), and is not read as records.
+        self.assertGreater(os.path.getsize(os.path.join(self.directory, name)), used)
+        second = self.timelines()
+        self.assertEqual(self.rows(), [(AB, 1, 1), (AB, 2, 2)])
+        self.assertEqual(self.append(second, 3).seq, 3)
+
+    def test_a_new_file_that_the_disk_has_no_room_for_promises_nothing(self) -> None:
+        timelines = Timelines(self.db, self.clock, TimelineSettings(), journal=self.directory)
+        assert timelines.journal is not None
+        timelines.journal._files.roll_bytes = 200  # one record (about 150 bytes) a file
+        self.ok(timelines.start())
+        self.append(timelines, 1)
+        real = os.posix_fallocate
+
+        def full(*args: Any) -> None:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        self.patch(os, "posix_fallocate", full)
+        d = timelines.append(message(2), "phone")
+        self.clock.advance(0)
+        self.failureResultOf(d, TimelineUnavailable)
+        self.assertEqual(self.journal_files(), ["timeline.journal.1"])  # none half made
+        self.patch(os, "posix_fallocate", real)
+        # Room again: message 2 resent is new (its seq was given back), and reaches
+        # the database with what was promised before.
+        taken = self.append(timelines, 2)
+        self.assertEqual((taken.seq, taken.new), (2, True))
+        self.clock.advance(COPY_WAIT)
+        self.assertEqual(self.rows(), [(AB, 1, 1), (AB, 2, 2)])
+
+    def test_a_write_larger_than_a_file_gets_a_file_of_its_own(self) -> None:
+        timelines = Timelines(self.db, self.clock, TimelineSettings(), journal=self.directory)
+        assert timelines.journal is not None
+        timelines.journal._files.roll_bytes = 200
+        self.ok(timelines.start())
+        self.append(timelines, 1)
+        answers = [timelines.append(message(n), "phone") for n in (2, 3, 4)]
+        self.clock.advance(0)  # one turn: one write of three records, about 450 bytes
+        self.assertEqual([self.ok(d).seq for d in answers], [2, 3, 4])
+        first, second = self.journal_files()
+        # The file rolled away from is cut back to its records.
+        records, used = self.records_in(first)
+        self.assertEqual(([item.seq for item in records], used), ([1], self.size_of(first)))
+        self.assertEqual([item.seq for item in self.records_in(second)[0]], [2, 3, 4])
+        self.ok(timelines.stop())
+        self.assertEqual(self.journal_files(), [])
+        self.assertEqual(len(self.rows()), 4)
+
+    def test_without_reserved_space_the_journal_appends(self) -> None:
+        self.cannot_reserve()
+        first = self.timelines()
+        self.append(first, 1)
+        self.append(first, 2)
+        self.kill(first)
+        [name] = self.journal_files()
+        self.assertEqual(self.records_in(name)[1], self.size_of(name))  # no reserved space
+        self.timelines()
+        self.assertEqual(self.rows(), [(AB, 1, 1), (AB, 2, 2)])
+
+    def size_of(self, name: str) -> int:
+        return os.path.getsize(os.path.join(self.directory, name))
 
     # --- checkpoints --------------------------------------------------------------------
 
