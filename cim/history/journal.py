@@ -107,6 +107,8 @@ class _Taken:
 
 _ROW = operator.itemgetter(1)
 """A ``_Held``'s row: what the copy writes, and all the batch writer keeps."""
+_RECORD = operator.itemgetter(2)
+"""A ``_Held``'s journal record."""
 
 
 @dataclass(eq=False, slots=True)
@@ -257,7 +259,8 @@ class Journal:
     def unwritten(self) -> int:
         """Messages taken (numbered or waiting to be) and not yet in the database."""
         queued = sum(len(q) for q in self._queues.values()) if self._queues else 0
-        return queued + len(self._buffer) + self._copies.behind
+        copies = self._copies
+        return queued + len(self._buffer) + copies.journaled - copies.copied  # ``behind``
 
     @property
     def waiting(self) -> int:
@@ -416,7 +419,7 @@ class Journal:
         resends, self._resends = self._resends, []
         if buffer:
             try:
-                generation = self._files.write(b"".join([held[2] for held in buffer]), len(buffer))
+                generation = self._files.write(b"".join(map(_RECORD, buffer)), len(buffer))
             except OSError as e:
                 self._unnumber(buffer, e)
                 for taken, _ in resends:

@@ -232,7 +232,9 @@ class DirectMessages:
                 self._decided, session, message
             )
         if allowed:
-            return self._claim(True, session, message)
+            if message.HasField("media"):
+                return self._claim(True, session, message)
+            return self._remember(session, message)  # nothing to share: the claim
         return self._decided(False, session, message)
 
     def _decided(self, allowed: bool, session: ClientSession, message: cim_pb2.Message) -> Any:
@@ -361,7 +363,17 @@ class DirectMessages:
     ) -> None:
         """msg:A, then a settled retry's outcome again, or the message's way on (a
         group's fan-out, a 1:1 message's route unless its live copy went already)."""
-        self._accepted(session, message)
+        # msg:A: the message is in its timeline, at ``seq``.
+        session.deliver(
+            MSG_A,
+            cim_pb2.MsgA(
+                client_seq=message.client_seq,
+                msg_id=message.id,
+                sent_at_ms=message.sent_at_ms,
+                conversation=message.conversation,
+                seq=message.seq,
+            ),
+        )
         if receipt is not None and _settled(receipt):
             # The retry gets the same outcome again; nothing is delivered again.
             self._routing.tell_sender(
@@ -385,20 +397,6 @@ class DirectMessages:
         # duplicate by seq.
         if not routed:
             self._routing.route(message, session.record.device)
-
-    @staticmethod
-    def _accepted(session: ClientSession, message: cim_pb2.Message) -> None:
-        """msg:A: the message is in its timeline, at ``seq``."""
-        session.deliver(
-            MSG_A,
-            cim_pb2.MsgA(
-                client_seq=message.client_seq,
-                msg_id=message.id,
-                sent_at_ms=message.sent_at_ms,
-                conversation=message.conversation,
-                seq=message.seq,
-            ),
-        )
 
     def _claim_failed(self, failure: Failure, session: ClientSession, client_seq: int) -> None:
         if failure.check(StateUnavailable, TimelineUnavailable):

@@ -23,6 +23,7 @@ from __future__ import annotations
 import operator
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from google.protobuf.descriptor import FieldDescriptor
@@ -177,19 +178,15 @@ def out_of_range(message: Message) -> str | None:
 def checker_for(message_class: type[Message]) -> Callable[[Message], str | None]:
     """``out_of_range`` for frames of one type, its plan looked up once: the
     connection checks every frame it reads with one of these."""
-    plan = _plan_of(message_class.DESCRIPTOR)
-
-    def check(message: Message) -> str | None:
-        return _walk_plan(plan, message, "")
-
-    return check
+    # A partial, not a closure: one Python call per frame instead of two.
+    return partial(_walk_plan, _plan_of(message_class.DESCRIPTOR))
 
 
 def _walk(message: Message, prefix: str) -> str | None:
     return _walk_plan(_plan_of(message.DESCRIPTOR), message, prefix)
 
 
-def _walk_plan(plan: _Plan, message: Message, prefix: str) -> str | None:
+def _walk_plan(plan: _Plan, message: Message, prefix: str = "") -> str | None:
     if plan.wide:
         values = plan.read_wide(message)
         if max(values) > STORE_MAX:

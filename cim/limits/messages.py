@@ -117,8 +117,14 @@ class MessageGate:
         retry; nothing was counted."""
         now = self._clock.seconds()
         marks = self._marks
-        marks.sweep(now)
         seq = message.client_seq
+        if not marks:  # nearly always: no conversation holds a refused message
+            refusal = self._refusal(user, message)
+            if refusal is not None and seq:
+                key = (user, device, f"g:{message.group}" if message.group else f"u:{message.to}")
+                marks.touch(key, _Mark(seq, refusal, now + refusal.retry_after))
+            return refusal
+        marks.sweep(now)
         key = (user, device, f"g:{message.group}" if message.group else f"u:{message.to}")
         mark = marks.get(key)
         if mark is not None and _expired(mark, now):

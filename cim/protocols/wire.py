@@ -40,6 +40,7 @@ from cim.protocols.outbound import NO_OUTBOUND_ACCOUNTING, OutboundAccounting
 __all__ = [
     "ACTIVITY_EVERY",
     "HEARTBEAT_FRAME",
+    "TYPE_BYTES",
     "FrameProtocol",
     "Inbound",
     "encode_frame",
@@ -59,7 +60,8 @@ cost each idle connection a dict and a tuple and a method object per frame type,
 
 _LENGTH = struct.Struct(">I").pack
 _UNPACK_LENGTH = struct.Struct(">I").unpack_from
-_TYPE_BYTES = tuple(bytes((number,)) for number in range(256))
+TYPE_BYTES = tuple(bytes((number,)) for number in range(256))
+"""Each frame type's byte, made once: a frame is ``TYPE_BYTES[type] + body``."""
 _PREFIX_SIZE = 4
 _NOTHING_ALLOWED: Inbound = MappingProxyType({})
 
@@ -72,7 +74,7 @@ this many frames, while a chat's read of a few frames costs one call."""
 
 def encode_frame(frame_type: int, message: Message) -> bytes:
     """``u8 frame type || protobuf``: the plaintext ``FrameProtocol.send_encoded`` seals."""
-    return _TYPE_BYTES[frame_type] + message.SerializeToString()
+    return TYPE_BYTES[frame_type] + message.SerializeToString()
 
 
 # --- writing -------------------------------------------------------------------------
@@ -385,7 +387,7 @@ class FrameProtocol(Int32StringReceiver):
             self._opener.release()
 
     def send_frame(self, frame_type: int, message: Message) -> None:
-        self._send_one(_TYPE_BYTES[frame_type] + message.SerializeToString())
+        self._send_one(TYPE_BYTES[frame_type] + message.SerializeToString())
 
     def send_encoded(self, *frames: bytes) -> None:
         """Seal and send frames made by ``encode_frame``, in one write: a message that
