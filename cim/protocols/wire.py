@@ -420,19 +420,7 @@ class FrameProtocol(Int32StringReceiver):
             self.ciphers_used()
         body = self._sealer.seal(frame)
         size = len(body)
-        # ``_emit``, inline: every frame a read makes is held this way.
-        held = self._held_writes
-        if held.depth and self.transport is not None:
-            data = _LENGTH(size) + body
-            out = self._out
-            if out is None:
-                self._out = [data]
-                held.connections.append(self)
-            else:
-                out.append(data)
-            self.outbound.held(_PREFIX_SIZE + size)
-        else:
-            self._emit(_LENGTH(size) + body)
+        self._emit(_LENGTH(size) + body)
         metrics = self.metrics
         if metrics is not None:
             metrics.frames_out[frame[0]] += 1
