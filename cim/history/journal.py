@@ -226,7 +226,13 @@ class Journal:
         if replayed:
             _log.info("timeline: replayed {count} journaled messages", count=replayed)
         self.counts["replayed"] += replayed
-        self._files.open()
+        try:
+            self._files.open()
+        except OSError as e:
+            self._files.unlock()  # a later start (the service retried) may take it
+            raise TimelineUnavailable(
+                f"the timeline journal in {self._files.directory} cannot be written ({e.strerror})"
+            ) from None
         self._id_floor = await self._db.run(highest_id_txn)
         self._ready = True
 

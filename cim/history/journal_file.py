@@ -10,10 +10,14 @@ Files are ``<stem>.<generation>`` in one directory. Each file's space is reserve
 it is made (``posix_fallocate``) and mapped into memory, and the records a reactor
 turn (or a read) numbered are copied into the mapping: no system call per write, and
 no moment at which the reactor lets go of the GIL to another thread (the journal's
-copy into SQLite runs on one) with every message of the read waiting. A file system
-that cannot reserve space gets plain appends (``os.write``) instead: a write into a
-mapping whose blocks were never reserved would kill the process (SIGBUS) on a full
-disk instead of raising an error. A file whose records are all in the database is
+copy into SQLite runs on one) with every message of the read waiting. Only on a file
+system where reserved blocks stay reserved (``MAPPABLE``: ext4, XFS, tmpfs; not
+copy-on-write ones such as btrfs or ZFS, nor network ones), and only when the
+reservation succeeds: a write into a mapping whose blocks are not there kills the
+process (SIGBUS) on a full disk instead of raising an error. Anywhere else, and for a
+file whose space could not be reserved (a full disk), the records are written with
+``os.pwrite`` at the file's end, and a write that fails is cut back out. A file whose
+records are all in the database is
 deleted (``JournalFiles.committed``), and the newest one is rolled when the next
 write does not fit (a mapped file holds ``MAPPED_BYTES``, so its pages cost the node
 at most that much memory) or when it grows past ``roll_bytes``; a rolled file is cut
@@ -43,7 +47,29 @@ __all__ = ["MAPPED_BYTES", "JournalFiles", "decode", "encode", "read_records"]
 
 MAPPED_BYTES = 1 << 20
 """The space of a mapped journal file: about 4,500 records of a short text."""
-_CANNOT_RESERVE = frozenset((errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS))
+MAPPABLE = frozenset(("ext2", "ext3", "ext4", "xfs", "tmpfs", "overlay"))
+"""File systems whose reserved blocks a mapped write cannot run out of."""
+
+
+def file_system_of(path: str) -> str | None:
+    """The type of the file system ``path`` is on (the deepest mount point above it in
+    ``/proc/self/mounts``), or None where that cannot be read."""
+    real = os.path.realpath(path)
+    found, kind = "", None
+    try:
+        with open("/proc/self/mounts", encoding="utf-8") as mounts:
+            for line in mounts:
+                fields = line.split()
+                if len(fields) < 3:
+                    continue
+                point = fields[1].replace("\\040", " ")
+                inside = real == point or real.startswith(point.rstrip("/") + "/")
+                if inside and len(point) >= len(found):
+                    found, kind = point, fields[2]
+    except OSError:
+        return None
+    return kind
+
 
 _FRAME = struct.Struct(">II")
 _FIXED = struct.Struct(">qqqdHHHBI")
@@ -136,7 +162,7 @@ class _File:
     path: str
     fd: int | None
     mapping: mmap.mmap | None = None
-    """The file's reserved space, mapped; None: written with ``os.write``."""
+    """The file's reserved space, mapped; None: written with ``os.pwrite``."""
     size: int = 0
     unwritten: int = 0
     """Its records not yet in the database."""
@@ -152,6 +178,8 @@ class JournalFiles:
         self._files: list[_File] = []
         """Oldest first; the last one is written."""
         self._lock: int | None = None
+        self.mapped = file_system_of(directory) in MAPPABLE
+        """Whether files are reserved and mapped here (else written with pwrite)."""
 
     # --- start ------------------------------------------------------------------------
 
@@ -200,27 +228,24 @@ class JournalFiles:
 
     def _start_file(self, generation: int, at_least: int = 0) -> None:
         path = os.path.join(self.directory, f"{self.stem}.{generation}")
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC, 0o600)
-        try:
+        # Not O_APPEND: glibc cannot emulate posix_fallocate on such a descriptor.
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        mapping = None
+        if self.mapped:
             mapping = self._reserve(fd, max(min(self.roll_bytes, MAPPED_BYTES), at_least))
-        except OSError:
-            os.close(fd)
-            with contextlib.suppress(OSError):
-                os.unlink(path)
-            raise
         self._files.append(_File(generation, path, fd, mapping))
 
     @staticmethod
     def _reserve(fd: int, size: int) -> mmap.mmap | None:
-        """The file's space, reserved and mapped; None where the file system cannot
-        reserve it (the file is appended to instead). A full disk raises OSError."""
+        """The file's space, reserved and mapped; None where it cannot be reserved (a
+        full disk: the file is written with pwrite, whose failures are reported)."""
         try:
             os.posix_fallocate(fd, 0, size)
-        except OSError as e:
-            if e.errno in _CANNOT_RESERVE:
-                return None
-            raise
-        return mmap.mmap(fd, size)
+            return mmap.mmap(fd, size)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, 0)  # whatever was reserved of it
+            return None
 
     # --- running ----------------------------------------------------------------------
 
@@ -247,14 +272,16 @@ class JournalFiles:
         return current.generation
 
     def _append(self, current: _File, data: bytes) -> None:
-        """``os.write`` until all of ``data`` is in the file (a file that cannot be
-        reserved), or nothing of it is."""
+        """``os.pwrite`` at the file's end until all of ``data`` is in the file (a file
+        not mapped), or nothing of it is."""
         assert current.fd is not None
         view = memoryview(data)
+        at = current.size
         try:
             while view:
-                written = os.write(current.fd, view)
+                written = os.pwrite(current.fd, view, at)
                 view = view[written:]
+                at += written
         except OSError:
             # Nothing of a failed write may stay: its records were never promised.
             # Cut the file back and go on in a new one (or in this one, if no new one
@@ -305,8 +332,8 @@ class JournalFiles:
                 with contextlib.suppress(OSError):
                     os.ftruncate(f.fd, f.size)
         if f.fd is not None:
-            os.close(f.fd)
-            f.fd = None
+            fd, f.fd = f.fd, None
+            os.close(fd)
 
     @property
     def writable(self) -> bool:

@@ -20,6 +20,7 @@ from twisted.internet.defer import Deferred, fail
 from twisted.trial.unittest import TestCase
 
 from cim.groups.directory import GroupDirectory
+from cim.history import journal_file
 from cim.history.journal import COPY_WAIT, journal_directory
 from cim.history.journal_file import encode, read_records
 from cim.history.timeline import Timelines, TimelineSettings, TimelineUnavailable
@@ -30,6 +31,8 @@ from cim.storage.timeline import Appended, NewMessage, forget_user
 from cim.storage.timeline_journal import Numbered, row_of
 from tests.unit.test_groups import USERS, add_users_txn
 from tests.unit.test_timeline import AB, GROUP, START, DatabaseMixin, message, new
+
+real_start_file = journal_file.JournalFiles._start_file
 
 
 class JournalTests(DatabaseMixin, TestCase):
@@ -67,7 +70,7 @@ class JournalTests(DatabaseMixin, TestCase):
             return read_records(f.read())
 
     def cannot_reserve(self) -> None:
-        """A file system without ``posix_fallocate``: the journal appends instead."""
+        """No space can be reserved: the journal writes with pwrite instead."""
 
         def unsupported(*args: Any) -> None:
             raise OSError(errno.EOPNOTSUPP, "Operation not supported")
@@ -369,20 +372,20 @@ class JournalTests(DatabaseMixin, TestCase):
         self.assertEqual((got.seq, got.new), (2, True))
 
     def test_a_failed_write_whose_new_file_cannot_be_made_promises_nothing_wrong(self) -> None:
-        self.cannot_reserve()  # appended with os.write, which can fail
+        self.cannot_reserve()  # written with os.pwrite, which can fail
         timelines = self.timelines()
         self.append(timelines, 1)
-        real_write, real_open = os.write, os.open
+        real_write, real_open = os.pwrite, os.open
 
         def full(*args: Any) -> Any:
             raise OSError(28, "No space left on device")
 
-        self.patch(os, "write", full)
+        self.patch(os, "pwrite", full)
         self.patch(os, "open", full)  # nor can the next file be made
         d = timelines.append(message(2), "phone")
         self.clock.advance(0)
         self.failureResultOf(d, TimelineUnavailable)
-        self.patch(os, "write", real_write)
+        self.patch(os, "pwrite", real_write)
         self.patch(os, "open", real_open)
         # The disk has room again: message 2 resent is taken (not answered as a message
         # appended before), and what is promised reaches the database.
@@ -394,27 +397,27 @@ class JournalTests(DatabaseMixin, TestCase):
         self.assertEqual(self.rows(), [(AB, 1, 1), (AB, 2, 2)])
 
     def test_a_torn_write_that_cannot_be_cut_back_is_not_written_after(self) -> None:
-        self.cannot_reserve()  # appended with os.write, which can tear
+        self.cannot_reserve()  # written with os.pwrite, which can tear
         timelines = self.timelines()
         self.append(timelines, 1)
-        real_write, real_ftruncate = os.write, os.ftruncate
+        real_write, real_ftruncate = os.pwrite, os.ftruncate
         writes: list[int] = []
 
-        def torn(fd: int, data: Any) -> int:
+        def torn(fd: int, data: Any, offset: int) -> int:
             if writes:
                 raise OSError(5, "Input/output error")
             writes.append(fd)
-            return real_write(fd, bytes(data[:10]))  # part of a record, then the error
+            return real_write(fd, bytes(data[:10]), offset)  # part of a record, then the error
 
         def refused(*args: Any) -> None:
             raise OSError(5, "Input/output error")
 
-        self.patch(os, "write", torn)
+        self.patch(os, "pwrite", torn)
         self.patch(os, "ftruncate", refused)
         d = timelines.append(message(2), "phone")
         self.clock.advance(0)
         self.failureResultOf(d, TimelineUnavailable)
-        self.patch(os, "write", real_write)
+        self.patch(os, "pwrite", real_write)
         self.patch(os, "ftruncate", real_ftruncate)
         # Nothing more is taken: seq 2 must not be given before the next start, which
         # copies whatever of the failed write stayed whole.
@@ -439,23 +442,27 @@ class JournalTests(DatabaseMixin, TestCase):
         self.assertEqual(self.rows(), [(AB, 1, 1), (AB, 2, 2)])
         self.assertEqual(self.append(second, 3).seq, 3)
 
-    def test_a_new_file_that_the_disk_has_no_room_for_promises_nothing(self) -> None:
+    def test_a_full_disk_refuses_the_write_that_needs_a_new_file(self) -> None:
         timelines = Timelines(self.db, self.clock, TimelineSettings(), journal=self.directory)
         assert timelines.journal is not None
         timelines.journal._files.roll_bytes = 200  # one record (about 150 bytes) a file
         self.ok(timelines.start())
         self.append(timelines, 1)
-        real = os.posix_fallocate
+        real_reserve, real_write = os.posix_fallocate, os.pwrite
 
         def full(*args: Any) -> None:
             raise OSError(errno.ENOSPC, "No space left on device")
 
+        # No space to reserve: the new file is not mapped (a write there would be
+        # SIGBUS) but written, and that write fails as well.
         self.patch(os, "posix_fallocate", full)
+        self.patch(os, "pwrite", full)
         d = timelines.append(message(2), "phone")
         self.clock.advance(0)
         self.failureResultOf(d, TimelineUnavailable)
-        self.assertEqual(self.journal_files(), ["timeline.journal.1"])  # none half made
-        self.patch(os, "posix_fallocate", real)
+        self.assertEqual(self.journal_size(), self.records_in("timeline.journal.1")[1])
+        self.patch(os, "posix_fallocate", real_reserve)
+        self.patch(os, "pwrite", real_write)
         # Room again: message 2 resent is new (its seq was given back), and reaches
         # the database with what was promised before.
         taken = self.append(timelines, 2)
@@ -491,6 +498,33 @@ class JournalTests(DatabaseMixin, TestCase):
         self.assertEqual(self.records_in(name)[1], self.size_of(name))  # no reserved space
         self.timelines()
         self.assertEqual(self.rows(), [(AB, 1, 1), (AB, 2, 2)])
+
+    def test_a_copy_on_write_file_system_is_not_mapped(self) -> None:
+        # btrfs or ZFS may still run out of blocks a mapped write needs (SIGBUS).
+        self.patch(journal_file, "file_system_of", lambda path: "btrfs")
+        first = self.timelines()
+        self.append(first, 1)
+        self.kill(first)
+        [name] = self.journal_files()
+        self.assertEqual(self.records_in(name)[1], self.size_of(name))  # no reserved space
+        self.timelines()
+        self.assertEqual(self.rows(), [(AB, 1, 1)])
+
+    def test_the_file_system_is_read_from_the_mounts(self) -> None:
+        self.assertEqual(journal_file.file_system_of("/proc/self"), "proc")
+        self.assertIn(journal_file.file_system_of(self.directory), journal_file.MAPPABLE)
+
+    def test_a_journal_that_cannot_be_written_fails_the_start_and_lets_go(self) -> None:
+        def refused(*args: Any) -> None:
+            raise PermissionError(errno.EACCES, "Permission denied")
+
+        self.patch(journal_file.JournalFiles, "_start_file", refused)
+        timelines = Timelines(self.db, self.clock, TimelineSettings(), journal=self.directory)
+        failure = self.failureResultOf(timelines.start(), TimelineUnavailable)
+        self.assertIn("cannot be written (Permission denied)", failure.getErrorMessage())
+        self.patch(journal_file.JournalFiles, "_start_file", real_start_file)
+        # The lock was let go: a second start in this process takes the journal.
+        self.assertEqual(self.append(self.timelines(), 1).seq, 1)
 
     def size_of(self, name: str) -> int:
         return os.path.getsize(os.path.join(self.directory, name))
