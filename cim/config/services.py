@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import cached_property
 from typing import ClassVar
 
 from cim.config.values import (
@@ -201,12 +202,14 @@ class ImConfig:
                 f"must be at least heartbeat_interval ({self.heartbeat_interval:g} s)",
             )
 
-    @property
+    # Cached: every connection keeps the timeout it was given (its ``timeOut``), and a
+    # float made per call would be one more object per idle connection (issue #20).
+    @cached_property
     def effective_heartbeat_timeout(self) -> float:
         """Three silent intervals unless configured."""
         return self.heartbeat_timeout or 3 * self.heartbeat_interval
 
-    @property
+    @cached_property
     def background_heartbeat_timeout(self) -> float:
         """The foreground's ratio of timeout to interval (3 unless heartbeat_timeout
         says otherwise) applied to the background interval: as many heartbeats may be

@@ -326,10 +326,9 @@ def session_ciphers(
         send_keys, receive_keys, send_direction = node_to_client, client_to_node, _NODE_TO_CLIENT
     receive_direction = _CLIENT_TO_NODE + _NODE_TO_CLIENT - send_direction
     if suite == SUITE_CHACHA:
-        return (
-            ChaChaSealer(send_keys, send_direction),
-            ChaChaOpener(receive_keys, receive_direction),
-        )
+        # Both hold the one 64-byte string and take their direction's half when they
+        # make their context: one object per connection instead of two halves kept.
+        return ChaChaSealer(keys, send_direction), ChaChaOpener(keys, receive_direction)
     return (
         Rc4HmacSealer(send_keys[:32], send_keys[32:]),
         Rc4HmacOpener(receive_keys[:32], receive_keys[32:]),
@@ -339,18 +338,27 @@ def session_ciphers(
 # -------------------------------------------------------------- chacha20-poly1305
 
 
+def _chacha_key(keys: bytes, direction: int) -> bytes:
+    """One direction's key of the session's 64 bytes (client to node first)."""
+    return keys[:32] if direction == _CLIENT_TO_NODE else keys[32:]
+
+
 class ChaChaSealer:
     """Seals one direction's frames; the nonce is the direction and the frame counter.
 
     The AEAD object holds about 2.3 KiB of OpenSSL context once used, more than the
     rest of an idle connection; ``release`` drops it while the connection only
     exchanges heartbeats, and the next frame rebuilds it from the key (~1 µs).
+    ``keys`` are both directions' (64 bytes, client to node first), shared with the
+    connection's opener: the sealer takes its ``direction``'s half when it builds.
     """
 
-    __slots__ = ("_aead", "_counter", "_direction", "_key")
+    __slots__ = ("_aead", "_counter", "_direction", "_keys")
 
-    def __init__(self, key: bytes, direction: int) -> None:
-        self._key = key
+    def __init__(self, keys: bytes, direction: int) -> None:
+        if len(keys) != 64 or direction not in (_CLIENT_TO_NODE, _NODE_TO_CLIENT):
+            raise ValueError("chacha20-poly1305 needs both directions' 64 bytes of keys")
+        self._keys = keys
         self._aead: ChaCha20Poly1305 | None = None
         self._direction = direction
         self._counter = 0
@@ -358,7 +366,7 @@ class ChaChaSealer:
     def seal(self, plaintext: bytes) -> bytes:
         aead = self._aead
         if aead is None:
-            aead = self._aead = ChaCha20Poly1305(self._key)
+            aead = self._aead = ChaCha20Poly1305(_chacha_key(self._keys, self._direction))
         counter = self._counter
         self._counter = counter + 1
         return aead.encrypt(_NONCE.pack(self._direction, counter), plaintext, None)
@@ -371,12 +379,15 @@ class ChaChaSealer:
 
 
 class ChaChaOpener:
-    """Opens one direction's frames in order; any failure ends the stream."""
+    """Opens one direction's frames in order; any failure ends the stream. ``keys`` as
+    for ChaChaSealer."""
 
-    __slots__ = ("_aead", "_counter", "_direction", "_failed", "_key")
+    __slots__ = ("_aead", "_counter", "_direction", "_failed", "_keys")
 
-    def __init__(self, key: bytes, direction: int) -> None:
-        self._key = key
+    def __init__(self, keys: bytes, direction: int) -> None:
+        if len(keys) != 64 or direction not in (_CLIENT_TO_NODE, _NODE_TO_CLIENT):
+            raise ValueError("chacha20-poly1305 needs both directions' 64 bytes of keys")
+        self._keys = keys
         self._aead: ChaCha20Poly1305 | None = None
         self._direction = direction
         self._counter = 0
@@ -387,7 +398,7 @@ class ChaChaOpener:
         if aead is None:
             if self._failed:
                 raise FrameAuthenticationError("the stream already failed authentication")
-            aead = self._aead = ChaCha20Poly1305(self._key)
+            aead = self._aead = ChaCha20Poly1305(_chacha_key(self._keys, self._direction))
         try:
             plaintext = aead.decrypt(_NONCE.pack(self._direction, self._counter), body, None)
         except (InvalidTag, ValueError):

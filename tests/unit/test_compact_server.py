@@ -79,6 +79,25 @@ class CompactServerTests(SynchronousTestCase):
         self.assertEqual(kept & set(vars(twisted)), kept)
         self.assertEqual(kept & set(vars(compact)), set())
 
+    def test_twisteds_write_buffer_is_a_list_only_while_it_holds_bytes(self) -> None:
+        ours, theirs = socket.socketpair()
+        self.addCleanup(theirs.close)
+        self.addCleanup(ours.close)
+        ours.setblocking(False)
+        protocol = _Recording()
+        compact = CompactServer(ours, protocol, ("10.0.0.7", 40001), _Port(), 12, MemoryReactor())  # type: ignore[arg-type]
+        protocol.makeConnection(compact)
+        self.assertNotIn("_tempDataBuffer", vars(compact))
+        self.assertIsNone(compact._pending_writes)
+        compact.write(b"one ")
+        compact.writeSequence([b"two ", b"three"])
+        self.assertEqual(compact._pending_writes, [b"one ", b"two ", b"three"])
+        self.assertEqual(compact._tempDataLen, 13)
+        compact.doWrite()
+        self.assertIsNone(compact._pending_writes)
+        self.assertEqual(compact._tempDataLen, 0)
+        self.assertEqual(theirs.recv(100), b"one two three")
+
     def test_a_lost_connection_closes_like_twisteds(self) -> None:
         compact, protocol = self.connection(CompactServer)
         compact.connectionLost(Failure(ConnectionDone()))

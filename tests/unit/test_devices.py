@@ -57,6 +57,43 @@ class ConnectedTests(SynchronousTestCase):
         self.assertNotIn("alice", connected)
         self.assertEqual((len(connected), connected.users()), (0, []))
 
+    def test_one_device_is_the_session_itself_and_more_a_dict(self) -> None:
+        """A user on one device maps to the session, not a dict of one (issue #20's idle
+        memory); from the second device on to a dict in connecting order, and back."""
+        connected: Connected = Connected()
+        phone, web, tab, bob = (
+            _Session("alice", "phone"),
+            _Session("alice", "web"),
+            _Session("alice", "tab"),
+            _Session("bob", "phone"),
+        )
+        forms = connected._by_user
+        for session in (phone, bob):
+            connected.add(session)  # type: ignore[arg-type]
+        self.assertIs(forms["alice"], phone)
+        self.assertIsNone(connected.session_of("alice", "web"))
+        self.assertIs(connected.session_of("alice", "phone"), phone)
+        self.assertFalse(connected.remove(_Session("alice", "web")))  # type: ignore[arg-type]
+        self.assertFalse(connected.remove(_Session("alice", "phone")))  # type: ignore[arg-type]
+        connected.add(web)  # type: ignore[arg-type]
+        connected.add(tab)  # type: ignore[arg-type]
+        self.assertEqual(forms["alice"], {"phone": phone, "web": web, "tab": tab})
+        self.assertEqual(
+            connected.devices_of_all(["bob", "carol", "alice"]), [bob, phone, web, tab]
+        )
+        self.assertEqual(list(connected.sessions()), [phone, web, tab, bob])
+        self.assertTrue(connected.remove(web))  # type: ignore[arg-type]
+        self.assertEqual(connected.devices_of("alice"), [phone, tab])
+        self.assertTrue(connected.remove(phone))  # type: ignore[arg-type]
+        self.assertIs(forms["alice"], tab)
+        self.assertEqual(list(connected.other_devices("alice", "phone")), [tab])
+        again = _Session("alice", "tab")
+        self.assertIs(connected.add(again), tab)  # type: ignore[arg-type]
+        self.assertIs(forms["alice"], again)
+        self.assertEqual((len(connected), connected.user_count), (2, 2))
+        self.assertTrue(connected.remove(again))  # type: ignore[arg-type]
+        self.assertEqual(connected.users(), ["bob"])
+
 
 class EveryDeviceInSyncTests(SynchronousTestCase):
     def test_acceptance_1_phone_and_web_with_bob(self) -> None:
