@@ -265,8 +265,7 @@ class Journal:
     def unwritten(self) -> int:
         """Messages taken (numbered or waiting to be) and not yet in the database."""
         queued = sum(len(q) for q in self._queues.values()) if self._queues else 0
-        copies = self._copies
-        return queued + len(self._buffer) + copies.journaled - copies.copied  # ``behind``
+        return queued + len(self._buffer) + self._copies.behind
 
     @property
     def waiting(self) -> int:
@@ -275,7 +274,7 @@ class Journal:
         backlog past one batch (the database falls behind). A batch in the making is
         not pressure: the copy waits for it on purpose."""
         copies = self._copies
-        lag = max(0, copies.journaled - copies.copied - copies.batch_size)  # ``behind``
+        lag = max(0, copies.behind - copies.batch_size)
         if not self._queues:  # nearly always: asked for every frame the node reads
             return len(self._buffer) + lag
         return sum(len(q) for q in self._queues.values()) + len(self._buffer) + lag

@@ -232,9 +232,7 @@ class DirectMessages:
                 self._decided, session, message
             )
         if allowed:
-            if message.HasField("media"):
-                return self._claim(True, session, message)
-            return self._remember(session, message)  # nothing to share: the claim
+            return self._claim(True, session, message)
         return self._decided(False, session, message)
 
     def _decided(self, allowed: bool, session: ClientSession, message: cim_pb2.Message) -> Any:

@@ -91,6 +91,12 @@ def _store_keeps_up() -> float:
     return 0.0
 
 
+def _conversation_key(user: str, device: str, message: cim_pb2.Message) -> tuple[str, str, str]:
+    """Where a refused message holds the ones after it: the sender's device and the
+    conversation (a group's or a user's)."""
+    return (user, device, f"g:{message.group}" if message.group else f"u:{message.to}")
+
+
 class MessageGate:
     """Limits and bounds checked before a message is taken; keeps each sender's order."""
 
@@ -118,32 +124,28 @@ class MessageGate:
         now = self._clock.seconds()
         marks = self._marks
         seq = message.client_seq
-        if not marks:  # nearly always: no conversation holds a refused message
-            refusal = self._refusal(user, message)
-            if refusal is not None and seq:
-                key = (user, device, f"g:{message.group}" if message.group else f"u:{message.to}")
-                marks.touch(key, _Mark(seq, refusal, now + refusal.retry_after))
-            return refusal
-        marks.sweep(now)
-        key = (user, device, f"g:{message.group}" if message.group else f"u:{message.to}")
-        mark = marks.get(key)
-        if mark is not None and _expired(mark, now):
-            marks.forget(key)
-            mark = None
-        if mark is not None and seq > mark.seq:
-            held = mark.refusal
-            return Refusal(
-                held.code,
-                max(mark.retry_at - now, 0.001),
-                f"{held.text}; an earlier message of this conversation waits to be sent again",
-            )
+        mark = None
+        if marks:  # nearly always empty: no conversation holds a refused message
+            marks.sweep(now)
+            mark = marks.get(_conversation_key(user, device, message))
+            if mark is not None and _expired(mark, now):
+                marks.forget(_conversation_key(user, device, message))
+                mark = None
+            if mark is not None and seq > mark.seq:
+                held = mark.refusal
+                return Refusal(
+                    held.code,
+                    max(mark.retry_at - now, 0.001),
+                    f"{held.text}; an earlier message of this conversation waits to be sent again",
+                )
         refusal = self._refusal(user, message)
         if refusal is not None:
             if seq and (mark is None or seq <= mark.seq):
+                key = _conversation_key(user, device, message)
                 marks.touch(key, _Mark(seq, refusal, now + refusal.retry_after))
             return refusal
         if mark is not None and seq == mark.seq:
-            marks.forget(key)
+            marks.forget(_conversation_key(user, device, message))
         return None
 
     def _refusal(self, user: str, message: cim_pb2.Message) -> Refusal | None:

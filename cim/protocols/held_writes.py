@@ -11,6 +11,7 @@ the receiver's live copy is on its way, so the copy never waits for it."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from typing import Protocol
 
 from twisted.logger import Logger
@@ -82,7 +83,7 @@ class HeldWrites:
 
     def flush(self) -> None:
         # Runs twice for every message a read takes (once for the read, once for the
-        # work after it), so the steps are inline rather than calls.
+        # work after it): the end-of-read work runs inline rather than as a call.
         at_end = self._at_end
         if at_end:
             # As a read would: what the work sends is held, then leaves below. A
@@ -104,16 +105,14 @@ class HeldWrites:
             for connection in holding:
                 connection.flush_held()
         if self._after:
-            # As a read of its own (``around``): its frames leave when it ends.
+            # As a read of its own: its frames leave when it ends.
             after, self._after = self._after, []
-            self.depth += 1
+            self.around(partial(self._run_each, after))
+
+    @staticmethod
+    def _run_each(works: list[Callable[[], object]]) -> None:
+        for work in works:
             try:
-                for work in after:
-                    try:
-                        work()
-                    except Exception:
-                        _log.failure("work after a read's frames left failed")
-            finally:
-                self.depth -= 1
-                if not self.depth:
-                    self.flush()
+                work()
+            except Exception:
+                _log.failure("work after a read's frames left failed")

@@ -246,15 +246,7 @@ class CimDaemon(OrderedServices):
             timelines.answer_in(held.around, held.at_read_end)
             # Messages waiting for their timeline append, and transactions waiting for
             # the database, count in the node's backpressure.
-            # (Asked before every read's frames: the journal's count without the
-            # timelines' property in between.)
-            journal = timelines.journal
-            if journal is not None:
-                factory.node_queue.database_backlog = lambda: max(database.backlog, journal.waiting)
-            else:
-                factory.node_queue.database_backlog = lambda: max(
-                    database.backlog, timelines.waiting
-                )
+            factory.node_queue.database_backlog = lambda: max(database.backlog, timelines.waiting)
             self.add(
                 ImService(
                     node_id,
