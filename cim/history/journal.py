@@ -99,6 +99,9 @@ def journal_directory(url: str) -> str | None:
 
 @dataclass(eq=False, slots=True)
 class _Taken:
+    """A message waiting in its conversation's queue (a load, a lookup, a pause). One
+    numbered at once is never wrapped in one."""
+
     message: NewMessage
     answer: Answer
     checked: bool = False
@@ -119,9 +122,9 @@ class _Device:
     garbage collector stops tracking (see ``_ids``)."""
 
 
-_Held = tuple[_Taken, CopyRow, bytes, Appended]
-"""A message numbered this turn: who waits, its row (what the copy writes), its journal
-record's bytes, and the answer."""
+_Held = tuple[Answer, CopyRow, bytes, Appended]
+"""A message numbered this turn: who waits, its row (what the copy writes, and what a
+failed write gives back), its journal record's bytes, and the answer."""
 
 
 class _Wait:
@@ -190,7 +193,7 @@ class Journal:
         self._turn_at_read_end = False
         """The turn's write waits for the end of the read under way, not ``_turn``."""
         self._buffer: list[_Held] = []
-        self._resends: list[tuple[_Taken, Appended]] = []
+        self._resends: list[tuple[Answer, Appended]] = []
         """Resends answered after the turn's write (their first may be in it)."""
         self._paused = 0
         self._draining = False
@@ -294,46 +297,46 @@ class Journal:
         if not self._ready or self._stopping or self.broken:
             answer.errback(TimelineUnavailable("the timeline cannot be written now"))
             return
-        taken = _Taken(message, answer)
         key = message.conversation
         queue = self._queues.get(key)
         if queue is not None:
-            queue.append(taken)
-        elif self._paused or not self._step(taken):
+            queue.append(_Taken(message, answer))
+        elif not self._step(message, answer, None):
             # Queued only now: what _step started may have ended already (a database
-            # that answers at once), so the queue is tried again.
-            self._queues[key] = deque([taken])
+            # that answers at once), so the queue is tried again; a full lookup
+            # starts there, for the queued message.
+            self._queues[key] = deque([_Taken(message, answer)])
             self._drain()
 
-    def _step(self, taken: _Taken) -> bool:
-        """Answer or number ``taken`` now (True), or start what it waits for (False)."""
+    def _step(self, m: NewMessage, answer: Answer, taken: _Taken | None) -> bool:
+        """Answer or number ``m`` now (True), or start what it waits for (False).
+        ``taken``: its place in a queue; None when it is not queued yet."""
         if self._paused:
             return False
-        m = taken.message
         last = self._last.get(m.conversation)
         if last is None:
             self._load(m.conversation, self._load_conversation)
             return False
         found: _Device | Appended | _Wait | None
-        if taken.checked:
+        if taken is not None and taken.checked:
             found = self._devices.get((m.sender, m.sender_device)) if m.client_seq else None
         else:
             found = self._known(m)
         if found is None or isinstance(found, _Device):  # a new message
             self._last[m.conversation] = seq = last + 1
             self._last.move_to_end(m.conversation)
-            self._number(taken, seq, found)
+            self._number(m, answer, seq, found)
             return True
         if isinstance(found, Appended):
             self.counts["resent"] += 1
             if self._buffer:  # its first may be in this turn's write: answer after it
-                self._resends.append((taken, found))
+                self._resends.append((answer, found))
             else:
-                taken.answer.callback(found)
+                answer.callback(found)
             return True
         if found is _LOAD:
             self._load((m.sender, m.sender_device), self._load_device)
-        else:
+        elif taken is not None:
             self._load(taken, self._look_up)
         return False
 
@@ -370,8 +373,7 @@ class Journal:
             return device  # past the window: taken again, as the database lookup would
         return _appended((msg_id, conversation, seq, False))
 
-    def _number(self, taken: _Taken, seq: int, device: _Device | None) -> None:
-        m = taken.message
+    def _number(self, m: NewMessage, answer: Answer, seq: int, device: _Device | None) -> None:
         appended = _appended((m.msg_id, m.conversation, seq, True))
         ids = self._ids
         ids[m.msg_id] = (m.msg_id, m.conversation, seq)
@@ -395,7 +397,7 @@ class Journal:
         row = row_of(m, seq)
         if seq == 1 and m.readers:
             self._copies.starting[m.conversation] = m.readers
-        self._buffer.append((taken, row, encode(row, m.readers), appended))
+        self._buffer.append((answer, row, encode(row, m.readers), appended))
         if self._turn is None and not self._turn_at_read_end:
             if self.at_read_end(self._write_at_read_end):
                 self._turn_at_read_end = True
@@ -427,31 +429,31 @@ class Journal:
                 generation = self._files.write(b"".join(map(_RECORD, buffer)), len(buffer))
             except OSError as e:
                 self._unnumber(buffer, e)
-                for taken, _ in resends:
-                    taken.answer.errback(TimelineUnavailable(f"the journal cannot be written: {e}"))
+                for answer, _ in resends:
+                    answer.errback(TimelineUnavailable(f"the journal cannot be written: {e}"))
                 return
             # Promised: the copy takes the rows, and each message is answered.
             self._copies.add(map(_ROW, buffer), len(buffer), generation)
             self.counts["journaled"] += len(buffer)
-            for taken, _, _, appended in buffer:
-                taken.answer.callback(appended)
-        for taken, found in resends:
-            taken.answer.callback(found)
+            for answer, _, _, appended in buffer:
+                answer.callback(appended)
+        for answer, found in resends:
+            answer.callback(found)
 
     def _unnumber(self, buffer: list[_Held], error: OSError) -> None:
         """The journal write failed: nothing of it was promised, its numbers are free."""
         self.counts["journal_failed"] += 1
         _log.error("timeline: the journal write failed ({why})", why=str(error))
-        for taken, row, _, _ in buffer:
-            m = taken.message
-            if row[1] == 1:
-                self._copies.starting.pop(m.conversation, None)
-            self._ids.pop(m.msg_id, None)
-            self._last.pop(m.conversation, None)  # loaded again after a settle
-            device = self._devices.get((m.sender, m.sender_device))
+        for answer, row, _, _ in buffer:
+            conversation, seq, msg_id, sender, sender_device, client_seq = row[:6]
+            if seq == 1:
+                self._copies.starting.pop(conversation, None)
+            self._ids.pop(msg_id, None)
+            self._last.pop(conversation, None)  # loaded again after a settle
+            device = self._devices.get((sender, sender_device))
             if device is not None:
-                device.recent.pop(m.client_seq, None)
-            taken.answer.errback(TimelineUnavailable(f"the journal cannot be written: {error}"))
+                device.recent.pop(client_seq, None)
+            answer.errback(TimelineUnavailable(f"the journal cannot be written: {error}"))
         if not self._files.writable:
             self.broken = True
 
@@ -523,7 +525,10 @@ class Journal:
                 self._drain_again = False
                 for key in list(self._queues):
                     queue = self._queues.get(key)
-                    while queue and (queue[0].answer.called or self._step(queue[0])):
+                    while queue:
+                        head = queue[0]
+                        if not (head.answer.called or self._step(head.message, head.answer, head)):
+                            break
                         queue.popleft()
                     if not queue:
                         self._queues.pop(key, None)

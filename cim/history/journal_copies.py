@@ -83,12 +83,13 @@ class JournalCopies:
     def add(self, rows: Iterable[CopyRow], count: int, generation: int) -> None:
         """``count`` records, just written to journal file ``generation``."""
         self.journaled += count
-        self._writer.put_many(rows)
         runs = self._runs
         if runs and runs[-1][0] == generation:
             runs[-1][1] += count
         else:
             runs.append([generation, count])
+        # Counted first: a database that answers at once commits inside put_many.
+        self._writer.put_many(rows)
 
     def settled(self, *, hurry: bool = True) -> Deferred[None]:
         """Fires once every record journaled so far is in the database; fails while

@@ -366,7 +366,7 @@ class Timelines:
                 sender_device,
                 message.client_seq,
                 sent_ms / 1000.0,
-                message.SerializeToString(deterministic=True),
+                message.SerializeToString(),  # no map field: the same bytes either way
                 readers,
             )
         )

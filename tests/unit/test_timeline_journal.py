@@ -104,6 +104,22 @@ class JournalTests(DatabaseMixin, TestCase):
         self.assertEqual(readers, 2)  # the 1:1's two reader rows, as append_txn writes
         self.assertEqual(timelines.pending, 0)
 
+    def test_a_copy_committed_inside_its_own_hand_over_is_counted(self) -> None:
+        # A full batch is written at once, and this database answers at once: the
+        # copy commits while the journal is still handing it over. Its records must
+        # be counted as journaled by then, or the commit finds nothing to settle.
+        timelines = self.timelines()
+        assert timelines.journal is not None
+        timelines.journal._copies._writer.batch_size = 2
+        seqs = [self.append(timelines, n).seq for n in (1, 2, 3)]
+        self.assertEqual(seqs, [1, 2, 3])
+        self.assertEqual(self.rows(), [(AB, 1, 1), (AB, 2, 2)])
+        self.assertEqual(self.flushLoggedErrors(), [])
+        self.assertEqual(timelines.pending, 1)
+        self.clock.advance(COPY_WAIT)
+        self.assertEqual(self.rows(), [(AB, 1, 1), (AB, 2, 2), (AB, 3, 3)])
+        self.assertEqual(timelines.pending, 0)
+
     def test_a_turn_is_one_write_and_promises_follow_it(self) -> None:
         timelines = self.timelines()
         answers = [timelines.append(message(n), "phone") for n in (1, 2, 3)]
