@@ -52,6 +52,7 @@ from cim.history.answers import Answer
 from cim.history.journal_copies import JournalCopies
 from cim.history.journal_file import JournalFiles, encode
 from cim.history.unavailable import TimelineUnavailable
+from cim.protocols.held_writes import Later, no_read
 from cim.storage.database import Database, is_sqlite
 from cim.storage.timeline import Appended, NewMessage
 from cim.storage.timeline_journal import (
@@ -143,10 +144,6 @@ def _run_now(work: Callable[[], object]) -> object:
     return work()
 
 
-def _no_read(work: Callable[[], object]) -> bool:
-    return False
-
-
 class Journal:
     """Numbering, the journal and the copy into SQLite; see the module."""
 
@@ -169,9 +166,12 @@ class Journal:
         self.counts = counts
         self.answer_scope: Callable[[Callable[[], object]], object] = _run_now
         """Runs the code that answers a turn's messages (``Timelines.answer_in``)."""
-        self.at_read_end: Callable[[Callable[[], object]], bool] = _no_read
+        self.at_read_end: Later = no_read
         """Runs work as the read under way ends, or says there is none
         (``HeldWrites.at_read_end``): records numbered in a read are written then."""
+        self.after_flush: Later = no_read
+        """Runs work once the frames the read under way made have left, or says there
+        is none (``HeldWrites.after_flush``): a turn's rows reach the copy then."""
         self._copies = JournalCopies(
             db, clock, self._files, counts, batch_size=copy_batch, batch_wait=copy_wait
         )
@@ -432,11 +432,17 @@ class Journal:
                 for answer, _ in resends:
                     answer.errback(TimelineUnavailable(f"the journal cannot be written: {e}"))
                 return
-            # Promised: the copy takes the rows, and each message is answered.
-            self._copies.add(map(_ROW, buffer), len(buffer), generation)
-            self.counts["journaled"] += len(buffer)
+            # Promised: each message is answered. The copy counts the records now and
+            # takes their rows once the answers' frames have left: a live copy does
+            # not wait for that bookkeeping.
+            count = len(buffer)
+            self._copies.count(count, generation)
+            self.counts["journaled"] += count
             for answer, _, _, appended in buffer:
                 answer.callback(appended)
+            rows = partial(self._copies.put, map(_ROW, buffer))
+            if not self.after_flush(rows):
+                rows()
         for answer, found in resends:
             answer.callback(found)
 

@@ -74,6 +74,8 @@ class JournalCopies:
         """(index to reach, who waits, whether the copies were hurried for it)."""
         self.failing = False
         """The copies fail (retried); reads cannot settle meanwhile."""
+        self._hurried = False
+        """A read asked for the copies since the last ``put``."""
 
     @property
     def behind(self) -> int:
@@ -82,14 +84,28 @@ class JournalCopies:
 
     def add(self, rows: Iterable[CopyRow], count: int, generation: int) -> None:
         """``count`` records, just written to journal file ``generation``."""
+        self.count(count, generation)
+        self.put(rows)
+
+    def count(self, count: int, generation: int) -> None:
+        """The first half of ``add``: ``count`` records written to journal file
+        ``generation`` wait for their copy (``settled`` waits for them from now).
+        Their rows follow with ``put``, before any later records are counted."""
         self.journaled += count
         runs = self._runs
         if runs and runs[-1][0] == generation:
             runs[-1][1] += count
         else:
             runs.append([generation, count])
-        # Counted first: a database that answers at once commits inside put_many.
+
+    def put(self, rows: Iterable[CopyRow]) -> None:
+        """The second half of ``add``: the rows of the records counted last. Counted
+        first: a database that answers at once commits inside ``put_many``."""
         self._writer.put_many(rows)
+        if self._hurried:
+            # A read asked for the copies while these rows were on their way.
+            self._hurried = False
+            self._writer.flush()
 
     def settled(self, *, hurry: bool = True) -> Deferred[None]:
         """Fires once every record journaled so far is in the database; fails while
@@ -105,6 +121,7 @@ class JournalCopies:
         self._waiters.append((mark, d, hurry))
         if hurry:
             self._writer.flush()
+            self._hurried = True  # rows counted and not yet put: flushed when they are
         return d
 
     async def stop(self) -> None:

@@ -46,6 +46,7 @@ from cim.history.journal import Journal
 from cim.history.store import direct_conversation, group_conversation
 from cim.history.unavailable import TimelineUnavailable
 from cim.protocols import cim_pb2
+from cim.protocols.held_writes import Later
 from cim.storage.changes import ChangeAsked, ChangeMade, change_txn
 from cim.storage.database import Database
 from cim.storage.schema import DEVICE_MAX, GROUP_ID_LENGTH, USER_NAME_MAX
@@ -222,7 +223,8 @@ class Timelines:
     def answer_in(
         self,
         scope: Callable[[Callable[[], object]], object],
-        at_read_end: Callable[[Callable[[], object]], bool] | None = None,
+        at_read_end: Later | None = None,
+        after_flush: Later | None = None,
     ) -> None:
         """Answer appends (a batch's, a journal turn's) inside ``scope``: the IM
         listener's ``HeldWrites.around``, so the msg:A, msg:N and ack:N frames that many
@@ -230,12 +232,16 @@ class Timelines:
         do (``cim.protocols.wire``). With ``at_read_end`` (``HeldWrites.at_read_end``)
         the journal writes what a read numbered as that read ends, not a reactor turn
         later: at a paced rate a turn holds several reads, and each message's answers
-        waited for all of them (docs/benchmarks.md)."""
+        waited for all of them (docs/benchmarks.md). With ``after_flush``
+        (``HeldWrites.after_flush``) the journal hands a turn's rows to its copy once
+        the answers' frames have left."""
         self._answer_scope = scope
         if self.journal is not None:
             self.journal.answer_scope = scope
             if at_read_end is not None:
                 self.journal.at_read_end = at_read_end
+            if after_flush is not None:
+                self.journal.after_flush = after_flush
 
     def start(self) -> Deferred[None]:
         """Replay the journal (when there is one) before anything is taken."""

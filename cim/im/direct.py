@@ -27,7 +27,6 @@ single read, so neither the answer nor its timing tells whether the name exists.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from functools import partial
 from typing import Any, TypeGuard
 
@@ -51,6 +50,7 @@ from cim.interfaces import IImmediateReceipts, MessageReceipt, StateUnavailable
 from cim.limits.messages import MessageGate
 from cim.message_ids import MessageIdGenerator
 from cim.protocols import cim_pb2
+from cim.protocols.held_writes import Later, no_read
 from cim.storage.timeline import Appended
 
 __all__ = ["MAX_TEXT_LENGTH", "REASON_NOT_ACCEPTED", "DirectMessages", "message_problem"]
@@ -130,10 +130,6 @@ def message_problem(
 _CONTROL_CHARACTERS = "{field} may not contain control characters (newline and tab are fine)"
 
 
-def _not_held(work: Callable[[], object]) -> bool:
-    return False
-
-
 def _settled(receipt: MessageReceipt | None) -> TypeGuard[MessageReceipt]:
     """The claim found a retry whose outcome is known: answered again, not routed. A
     FAILED one is routed again (a user's resend), under the same id."""
@@ -176,7 +172,7 @@ class DirectMessages:
         # walk while the message waits for its journal write.
         self._answer_appended = self._appended
         self._answer_failed = self._append_failed
-        self.after_live_copies: Callable[[Callable[[], object]], bool] = _not_held
+        self.after_live_copies: Later = no_read
         """Runs work once the live copies the read under way made have left, or says
         no read is under way (``HeldWrites.after_flush``): a 1:1 sender's msg:A."""
         self._answers_waiting: set[str] = set()

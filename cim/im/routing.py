@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from twisted.internet.defer import Deferred
@@ -40,6 +41,7 @@ from cim.im.peers import Peers
 from cim.interfaces import BusUnavailable, IImmediateReceipts, StateUnavailable
 from cim.message_ids import MessageIdGenerator
 from cim.protocols import cim_pb2
+from cim.protocols.held_writes import Later, no_read
 from cim.protocols.wire import encode_frame
 
 __all__ = [
@@ -114,6 +116,9 @@ class Routing:
         # (receiver, device) -> the msg ids the device holds unacknowledged, to hand
         # them to its next connection or settle them when the last device leaves.
         self._pending_by_device: dict[tuple[str, str], set[int]] = {}
+        self.after_live_copies: Later = no_read
+        """Runs work once the live copies the read under way made have left, or says
+        no read is under way (``HeldWrites.after_flush``): what their acks need."""
         self.bus_bodies: dict[str, Callable[[Any], None]] = {}
         """Other rooms' envelope bodies (BusEnvelope's oneof name -> receiver of the
         body): live notices that are not messages, such as typing and read notices."""
@@ -149,10 +154,7 @@ class Routing:
         receiver = message.to
         if receiver not in self._connected or receiver == getattr(message, "from"):
             return False
-        if not self._live_copy(message, sender_device, receiver):
-            return False
-        self.copy_to_own_devices(message, sender_device)
-        return True
+        return self._live_copy(message, sender_device, receiver, own_devices=True)
 
     def _routed(self, node: str | None, message: cim_pb2.Message, sender_device: str) -> Any:
         if node is None or node == self._node_id:
@@ -206,19 +208,49 @@ class Routing:
         if not self._live_copy(message, sender_device, receiver):
             self._left_for_catchup(message, sender_device)
 
-    def _live_copy(self, message: cim_pb2.Message, sender_device: str, receiver: str) -> bool:
+    def _live_copy(
+        self,
+        message: cim_pb2.Message,
+        sender_device: str,
+        receiver: str,
+        own_devices: bool = False,
+    ) -> bool:
         """msg:N to each of the receiver's devices here that takes a live copy; its
         ack:R (any device's) settles the message. True too for a retry the receiver
         still holds unacknowledged here (nothing is sent again); False when no device
         takes it: the live-copy decision (cim.protocols.outbound.OutboundBudget) sends a
         device too far behind on reading to the pull it is told to make once its queue
-        drains, and the message is in its timeline already."""
+        drains, and the message is in its timeline already. ``own_devices``: then the
+        sender's other devices here get it too (``copy_to_own_devices``).
+
+        What the ack:R will need is recorded once the read's frames have left (no ack
+        can arrive before the read ends), so the copy does not wait for it.
+        """
         key = (message.id, receiver)
         if key in self._pending:
+            if own_devices:
+                self.copy_to_own_devices(message, sender_device)
             return True
         taking = [s for s in self._connected.devices_of(receiver) if s.may_take_live_copy()]
         if not taking:
             return False
+        for session in taking:
+            session.deliver(MSG_N, message)
+        held = partial(self._held_by, key, message, sender_device, taking, own_devices)
+        if not self.after_live_copies(held):
+            held()
+        return True
+
+    def _held_by(
+        self,
+        key: tuple[int, str],
+        message: cim_pb2.Message,
+        sender_device: str,
+        taking: list[ClientSession],
+        own_devices: bool,
+    ) -> None:
+        """The live copy ``key`` is held unacknowledged by the devices ``taking``."""
+        receiver = key[1]
         devices: set[str] = set()
         self._pending[key] = _Pending(
             getattr(message, "from"),
@@ -238,8 +270,8 @@ class Routing:
                 by_device[(receiver, device)] = {message.id}
             else:
                 held.add(message.id)
-            session.deliver(MSG_N, message)
-        return True
+        if own_devices:
+            self.copy_to_own_devices(message, sender_device)
 
     def _receiver_not_here(self, message: cim_pb2.Message, sender_device: str) -> None:
         if self._directory.contacts.account_known(getattr(message, "from"), message.to):

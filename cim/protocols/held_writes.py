@@ -16,9 +16,19 @@ from typing import Protocol
 
 from twisted.logger import Logger
 
-__all__ = ["HeldWrites"]
+__all__ = ["HeldWrites", "Later", "no_read"]
 
 _log = Logger()
+
+
+Later = Callable[[Callable[[], object]], bool]
+"""``HeldWrites.at_read_end`` or ``after_flush`` as a room holds it: run the work at
+that moment and say True, or say False (no read under way: the caller runs it)."""
+
+
+def no_read(work: Callable[[], object]) -> bool:
+    """A ``Later`` before a listener's ``HeldWrites`` is wired in: never a read."""
+    return False
 
 
 class _Holding(Protocol):

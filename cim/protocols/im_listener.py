@@ -87,6 +87,7 @@ class ImServerFactory(Factory):
         # sender's msg:A after them (the receiver's copy does not wait for it).
         self.held_writes = HeldWrites()
         node.direct.after_live_copies = self.held_writes.after_flush
+        node.routing.after_live_copies = self.held_writes.after_flush
         self.oplog: OperationLog | None = None
 
     def record(self, event: str, **fields: Any) -> None:

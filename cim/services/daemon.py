@@ -243,7 +243,7 @@ class CimDaemon(OrderedServices):
             )
             factory.oplog = oplog
             held = factory.held_writes
-            timelines.answer_in(held.around, held.at_read_end)
+            timelines.answer_in(held.around, held.at_read_end, held.after_flush)
             # Messages waiting for their timeline append, and transactions waiting for
             # the database, count in the node's backpressure.
             factory.node_queue.database_backlog = lambda: max(database.backlog, timelines.waiting)

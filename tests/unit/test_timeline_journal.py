@@ -155,6 +155,28 @@ class JournalTests(DatabaseMixin, TestCase):
         self.clock.advance(0)
         self.assertEqual(self.ok(later).seq, 3)
 
+    def test_in_a_read_the_rows_reach_the_copy_after_the_answers_frames(self) -> None:
+        held = HeldWrites()
+        timelines = self.timelines()
+        timelines.answer_in(held.around, held.at_read_end, held.after_flush)
+        settled: list[Deferred[None]] = []
+
+        def answered(appended: Appended) -> None:
+            # Promised and counted: a read asking now waits for the copy, which gets
+            # the row only after this read's frames, then at once (it was asked).
+            self.assertEqual(timelines.pending, 1)
+            settled.append(timelines.settled())
+            self.assertNoResult(settled[0])
+
+        def read() -> None:
+            timelines.append(message(1), "phone").addCallback(answered)
+
+        held.around(read)
+        self.assertEqual(len(settled), 1)
+        self.ok(settled[0])  # no copy wait: the read asked for it
+        self.assertEqual(self.rows(), [(AB, 1, 1)])
+        self.assertEqual(timelines.pending, 0)
+
     def test_a_write_forced_inside_the_read_is_not_made_twice(self) -> None:
         held = HeldWrites()
         timelines = self.timelines()
