@@ -40,6 +40,7 @@ from collections import Counter, OrderedDict, deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from functools import partial
+from itertools import islice
 from typing import TypeVar
 
 from sqlalchemy.engine import make_url
@@ -69,6 +70,8 @@ from cim.storage.timeline_journal import (
 __all__ = ["COPY_BATCH", "COPY_WAIT", "Journal", "journal_directory"]
 
 T = TypeVar("T")
+K = TypeVar("K")
+V = TypeVar("V")
 
 COPY_BATCH = 500
 """Records per copy transaction."""
@@ -76,6 +79,10 @@ COPY_WAIT = 0.25
 """Seconds a record waits for others before its copy is written (a read does not)."""
 CONVERSATIONS_KEPT = 200_000
 DEVICES_KEPT = 50_000
+"""Conversations and devices whose numbering is kept in memory. Past these, the
+earliest loaded eighth is dropped at once (loaded again, after a settle, when next
+needed): first loaded, first dropped, not least recently used, so numbering a
+message does not reorder them (a cache miss or two per message on a quiet core)."""
 IDS_KEPT = 10_000
 """Recent message ids answered from memory. New ids only grow, so a new message never
 needs this; only a resend of an older id is looked up in the database (rare: a resend
@@ -140,6 +147,13 @@ _LOOKUP = _Wait()
 _appended: Callable[[tuple[int, str, int, bool]], Appended] = partial(tuple.__new__, Appended)
 
 
+def _keep_at_most(kept: dict[K, V], most: int) -> None:
+    """Past ``most`` entries, drop the earliest added eighth (one pass, not one each)."""
+    if len(kept) > most:
+        for key in list(islice(kept, len(kept) - most + most // 8)):
+            del kept[key]
+
+
 def _run_now(work: Callable[[], object]) -> object:
     return work()
 
@@ -175,8 +189,8 @@ class Journal:
         self._copies = JournalCopies(
             db, clock, self._files, counts, batch_size=copy_batch, batch_wait=copy_wait
         )
-        self._last: OrderedDict[str, int] = OrderedDict()
-        self._devices: OrderedDict[tuple[str, str], _Device] = OrderedDict()
+        self._last: dict[str, int] = {}
+        self._devices: dict[tuple[str, str], _Device] = {}
         self._ids: OrderedDict[int, tuple[int, str, int]] = OrderedDict()
         """msg_id -> (msg_id, conversation, seq) of the last ``IDS_KEPT`` numbered.
         Plain tuples, not ``Appended``: CPython stops tracking a tuple of untracked
@@ -324,7 +338,6 @@ class Journal:
             found = self._known(m)
         if found is None or isinstance(found, _Device):  # a new message
             self._last[m.conversation] = seq = last + 1
-            self._last.move_to_end(m.conversation)
             self._number(m, answer, seq, found)
             return True
         if isinstance(found, Appended):
@@ -339,12 +352,6 @@ class Journal:
         elif taken is not None:
             self._load(taken, self._look_up)
         return False
-
-    def _forget_quiet_conversations(self) -> None:
-        """Keep the numbering of the ``CONVERSATIONS_KEPT`` most recent conversations
-        (a conversation is added only by its load, so it is trimmed only there)."""
-        while len(self._last) > CONVERSATIONS_KEPT:
-            self._last.popitem(last=False)  # loaded again, after a settle, if needed
 
     def _known(self, m: NewMessage) -> _Device | Appended | _Wait | None:
         """The earlier Appended of a resend; for a new message its sender device's
@@ -362,7 +369,6 @@ class Journal:
         device = self._devices.get(key)
         if device is None:
             return _LOAD
-        self._devices.move_to_end(key)
         if m.client_seq > device.high:
             return device
         recent = device.recent.get(m.client_seq)
@@ -486,15 +492,14 @@ class Journal:
         assert isinstance(key, str)
         last = await self._db.run(last_seq_txn, key)
         self._last.setdefault(key, last)
-        self._forget_quiet_conversations()
+        _keep_at_most(self._last, CONVERSATIONS_KEPT)
 
     async def _load_device(self, key: object) -> None:
         assert isinstance(key, tuple)
         high = await self._db.run(device_high_txn, key[0], key[1])
         high = max(high, self._unloaded.pop(key, 0))
         self._devices.setdefault(key, _Device(high))
-        while len(self._devices) > DEVICES_KEPT:
-            self._devices.popitem(last=False)
+        _keep_at_most(self._devices, DEVICES_KEPT)
 
     async def _look_up(self, key: object) -> None:
         assert isinstance(key, _Taken)

@@ -92,18 +92,20 @@ _new_message: Callable[[_NewMessageFields], NewMessage] = partial(tuple.__new__,
 tuple's generated ``__new__`` is a Python call (docs/benchmarks.md)."""
 
 
-def untimelineable(message: cim_pb2.Message, sender_device: str) -> str | None:
-    """Why the timeline could never hold this message, or None if it can."""
-    sender = getattr(message, "from")
-    if not 0 < message.id <= _MAX_ID:
-        return f"message id {message.id} is not a server message id"
-    if not sender or not (message.group or message.to):
+def untimelineable(
+    msg_id: int, sender: str, to: str, group: str, sender_device: str, client_seq: int
+) -> str | None:
+    """Why the timeline could never hold a message of these fields, or None if it can
+    (the fields, not the message: ``Timelines.take`` reads each once)."""
+    if not 0 < msg_id <= _MAX_ID:
+        return f"message id {msg_id} is not a server message id"
+    if not sender or not (group or to):
         return "the message has no sender, or neither a receiver nor a group"
-    if len(sender) > USER_NAME_MAX or len(message.to) > USER_NAME_MAX:
+    if len(sender) > USER_NAME_MAX or len(to) > USER_NAME_MAX:
         return "a user name is longer than the database allows"
-    if len(message.group) > GROUP_ID_LENGTH or len(sender_device) > DEVICE_MAX:
+    if len(group) > GROUP_ID_LENGTH or len(sender_device) > DEVICE_MAX:
         return "the group id or device name is longer than the database allows"
-    if message.client_seq > _MAX_ID:
+    if client_seq > _MAX_ID:
         return "client_seq is 2**63 or more"
     return None
 
@@ -344,18 +346,20 @@ class Timelines:
         if self._failing or self._stopping:
             answer.errback(TimelineUnavailable("the timeline cannot be written now"))
             return
-        reason = untimelineable(message, sender_device)
+        sender = getattr(message, "from")
+        to = message.to
+        group = message.group
+        msg_id = message.id
+        client_seq = message.client_seq
+        reason = untimelineable(msg_id, sender, to, group, sender_device, client_seq)
         if reason is not None:
             answer.errback(ValueError(reason))
             return
-        sender = getattr(message, "from")
         readers: tuple[tuple[str, str], ...] = ()
-        group = message.group
         if group:
             conversation = group_conversation(group)
         else:
             # "@system" (cim.im.system) reads nothing: only people get a reader row.
-            to = message.to
             conversation = direct_conversation(sender, to)
             if sender[:1] == "@":
                 readers = () if to[:1] == "@" else ((to, sender),)
@@ -367,10 +371,10 @@ class Timelines:
         new = _new_message(
             (
                 conversation,
-                message.id,
+                msg_id,
                 sender,
                 sender_device,
-                message.client_seq,
+                client_seq,
                 sent_ms / 1000.0,
                 message.SerializeToString(),  # no map field: the same bytes either way
                 readers,

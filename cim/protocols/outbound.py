@@ -99,6 +99,8 @@ HEAVY_SENDER_RATE = 16 << 10
 a person chatting sends far less; a flood of 1 KB messages at 16 a second is more."""
 
 
+BACKLOG_EVERY = 16
+"""``NodeQueue.check`` looks at the database work once in this many calls."""
 LOOK_INTERVAL = 0.01
 """Seconds between two looks for heavy senders (each goes over every connection);
 doubled after each look that finds none, up to ``MAX_LOOK_INTERVAL``."""
@@ -146,6 +148,8 @@ class NodeQueue:
         without one)."""
         self.total = 0
         """Bytes queued for every connection of the node (held plus in transports)."""
+        self._backlog_countdown = 0
+        """Checks left before the next look at ``database_backlog``."""
         self.paused: set[PausableSender] = set()
         self._senders = senders
         self._decision_interval = decision_interval
@@ -176,9 +180,20 @@ class NodeQueue:
 
         Called before the frames of each read are handled, and every
         ``cim.protocols.wire.ACTIVITY_EVERY`` frames of a long read: database work
-        grows without telling the node.
+        grows without telling the node. The bytes are looked at every time; the
+        database work, a chain of calls into the pools, every ``BACKLOG_EVERY`` calls
+        (the work those reads carried at most, a few hundred frames in a flood, is
+        what the bound can be passed by).
         """
-        if self.total >= self.max_bytes or self.database_backlog() >= self.max_pending:
+        if self.total >= self.max_bytes:
+            self.over()
+            return
+        countdown = self._backlog_countdown
+        if countdown:
+            self._backlog_countdown = countdown - 1
+            return
+        self._backlog_countdown = BACKLOG_EVERY - 1
+        if self.database_backlog() >= self.max_pending:
             self.over()
 
     @property

@@ -12,7 +12,13 @@ from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
 from cim.protocols import cim_pb2
-from cim.protocols.outbound import HEAVY_SENDER_RATE, NodeQueue, OutboundBudget, OutboundRules
+from cim.protocols.outbound import (
+    BACKLOG_EVERY,
+    HEAVY_SENDER_RATE,
+    NodeQueue,
+    OutboundBudget,
+    OutboundRules,
+)
 from cim.protocols.timeouts import NEVER
 from cim.services.stopping import BoundedStop
 from tests.fakes.node import ConnectedClient, NodeHarness
@@ -221,6 +227,13 @@ class NodeQueueTests(SynchronousTestCase):
         self.assertLess(len(looks), 12)
         self.assertEqual((self.flooder.paused, self.chatter.paused), (0, 0))
 
+    def test_the_database_work_is_looked_at_once_in_every_few_checks(self) -> None:
+        looks = []
+        self.queue.database_backlog = lambda: looks.append(1) or 0
+        for _ in range(3 * BACKLOG_EVERY):
+            self.queue.check()
+        self.assertEqual(len(looks), 3)
+
     def test_work_waiting_for_the_database_pauses_the_heaviest_too(self) -> None:
         waiting = [10]
         self.queue.database_backlog = lambda: waiting[0]
@@ -228,6 +241,10 @@ class NodeQueueTests(SynchronousTestCase):
         self.clock.advance(1.0)
         self.flooder.outbound.received += HEAVY_SENDER_RATE * 4
         waiting[0] = 11
+        # Looked at once in BACKLOG_EVERY checks: the bound is seen within them.
+        for _ in range(BACKLOG_EVERY - 1):
+            self.queue.check()
+        self.assertEqual(self.flooder.paused, 0)
         self.queue.check()
         self.assertEqual(self.flooder.paused, 1)
         waiting[0] = 5  # not below half

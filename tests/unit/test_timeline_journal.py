@@ -120,6 +120,20 @@ class JournalTests(DatabaseMixin, TestCase):
         self.assertEqual(self.rows(), [(AB, 1, 1), (AB, 2, 2), (AB, 3, 3)])
         self.assertEqual(timelines.pending, 0)
 
+    def test_past_the_kept_conversations_the_earliest_loaded_are_loaded_again(self) -> None:
+        from cim.history import journal as journal_module
+
+        self.patch(journal_module, "CONVERSATIONS_KEPT", 8)
+        timelines = self.timelines()
+        assert timelines.journal is not None
+        first = [self.append(timelines, n, to=f"u{n}").seq for n in range(1, 11)]
+        self.assertEqual(first, [1] * 10)
+        self.assertLessEqual(len(timelines.journal._last), 8)
+        self.assertNotIn("d:alice:u1", timelines.journal._last)  # dropped: loaded first
+        # Its numbering comes back from the database: the next is 2, not 1 again.
+        again = [self.append(timelines, 10 + n, to=f"u{n}").seq for n in (1, 10)]
+        self.assertEqual(again, [2, 2])
+
     def test_a_turn_is_one_write_and_promises_follow_it(self) -> None:
         timelines = self.timelines()
         answers = [timelines.append(message(n), "phone") for n in (1, 2, 3)]
