@@ -87,7 +87,8 @@ IDS_KEPT = 10_000
 """Recent message ids answered from memory. New ids only grow, so a new message never
 needs this; only a resend of an older id is looked up in the database (rare: a resend
 carries its client sequence, found in the device's recent ones first). Kept small so
-a busy node's memory does not grow with its traffic (figure 7, churn)."""
+a busy node's memory does not grow with its traffic (figure 7, churn); past it, the
+earliest eighth is dropped at once, as for conversations."""
 RECENT_PER_DEVICE = 8
 """Client sequences per device answered from memory: about a sending window; an
 older resend is looked up in the database. 50,000 devices hold about 20 MB."""
@@ -147,11 +148,15 @@ _LOOKUP = _Wait()
 _appended: Callable[[tuple[int, str, int, bool]], Appended] = partial(tuple.__new__, Appended)
 
 
-def _keep_at_most(kept: dict[K, V], most: int) -> None:
-    """Past ``most`` entries, drop the earliest added eighth (one pass, not one each)."""
-    if len(kept) > most:
-        for key in list(islice(kept, len(kept) - most + most // 8)):
-            del kept[key]
+def _keep_at_most(kept: dict[K, V], most: int) -> list[K]:
+    """Past ``most`` entries, drop the earliest added eighth (one pass, not one each);
+    returns the keys dropped."""
+    if len(kept) <= most:
+        return []
+    dropped = list(islice(kept, len(kept) - most + most // 8))
+    for key in dropped:
+        del kept[key]
+    return dropped
 
 
 def _run_now(work: Callable[[], object]) -> object:
@@ -191,7 +196,7 @@ class Journal:
         )
         self._last: dict[str, int] = {}
         self._devices: dict[tuple[str, str], _Device] = {}
-        self._ids: OrderedDict[int, tuple[int, str, int]] = OrderedDict()
+        self._ids: dict[int, tuple[int, str, int]] = {}
         """msg_id -> (msg_id, conversation, seq) of the last ``IDS_KEPT`` numbered.
         Plain tuples, not ``Appended``: CPython stops tracking a tuple of untracked
         values at its first collection, but never a tuple subclass, so ten thousand
@@ -384,9 +389,8 @@ class Journal:
         ids = self._ids
         ids[m.msg_id] = (m.msg_id, m.conversation, seq)
         if len(ids) > IDS_KEPT:
-            forgotten, _ = ids.popitem(last=False)
-            if forgotten > self._id_floor:
-                self._id_floor = forgotten
+            forgotten = _keep_at_most(ids, IDS_KEPT)
+            self._id_floor = max(self._id_floor, *forgotten)
         client_seq = m.client_seq
         if device is not None:
             if client_seq > device.high:
