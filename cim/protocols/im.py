@@ -238,9 +238,12 @@ class ImServerProtocol(FrameProtocol, SweptTimeoutMixin):
     # --- frames -----------------------------------------------------------------------
 
     def frame_activity(self) -> None:
+        # The read's time, once: its frames are stamped with it (``active_at``).
+        factory = self.factory
+        factory.read_at = now = factory.clock.seconds()
         # Before the handshake only the deadline counts: heartbeats cannot stretch it.
         if self.state is ConnectionState.ESTABLISHED:
-            self.resetTimeout()
+            self.active_until(now)
             # Before the read's frames are handled (and every ACTIVITY_EVERY of a long
             # read): a pause stops the rest (they wait in the buffer until resumed).
             self.factory.node_queue.check()

@@ -86,6 +86,9 @@ class ImServerFactory(Factory):
         # Frames a read produces for any connection leave when the read ends; a 1:1
         # sender's msg:A after them (the receiver's copy does not wait for it).
         self.held_writes = HeldWrites()
+        self.read_at = clock.seconds()
+        """When the read under way began (``ImServerProtocol.frame_activity``): its
+        frames are stamped with it, one clock read per read."""
         node.direct.after_live_copies = self.held_writes.after_flush
         node.routing.after_live_copies = self.held_writes.after_flush
         self.oplog: OperationLog | None = None
@@ -155,7 +158,7 @@ def _behind_the_edge(
     out_of_range = edge.checker_for(message_class)
 
     def receive_checked(protocol: ImServerProtocol, message: ProtobufMessage) -> None:
-        protocol.active_at = protocol.factory.clock.seconds()
+        protocol.active_at = protocol.factory.read_at
         problem = out_of_range(message)
         if problem is None:
             receive(protocol, message)

@@ -53,8 +53,12 @@ class SweptTimeoutMixin:
 
     def resetTimeout(self) -> None:
         """There was activity: the deadline moves ``timeOut`` seconds from now."""
+        self.active_until(self.deadlines.clock.seconds())
+
+    def active_until(self, now: float) -> None:
+        """``resetTimeout`` with the clock read already (a read's frames read it once)."""
         if self.timeOut is not None:
-            self.deadline = self.deadlines.clock.seconds() + self.timeOut
+            self.deadline = now + self.timeOut
 
     def timeoutConnection(self) -> None:
         raise NotImplementedError

@@ -576,6 +576,21 @@ class HeartbeatTests(SynchronousTestCase):
         # The client's heartbeat and the node's echo: 4 bytes each.
         self.assertEqual(alice.recorded[before:], [HEARTBEAT_FRAME, HEARTBEAT_FRAME])
 
+    def test_a_frame_marks_the_device_active_and_a_heartbeat_does_not(self) -> None:
+        node = NodeHarness("heartbeat_interval = 10\n")
+        alice = node.connect("alice")
+        logged_in(alice)
+        node.clock.advance(5)
+        alice.protocol.send_frame(cim_pb2.DEVICES_R, cim_pb2.DevicesR(request_id=7))
+        alice.flush()
+        self.assertEqual(alice.server.active_at, node.clock.seconds())
+        stamped = alice.server.active_at
+        node.clock.advance(10.5)  # the client's heartbeat goes, the node echoes it
+        alice.flush()
+        self.assertEqual(alice.recorded[-2:], [HEARTBEAT_FRAME, HEARTBEAT_FRAME])
+        self.assertEqual(alice.server.active_at, stamped)
+        self.assertFalse(alice.server_transport.disconnecting)
+
     def test_a_quiet_connection_frees_its_cipher_contexts_before_any_heartbeat(self) -> None:
         # Issue #20: the ChaCha20-Poly1305 contexts (2.3 KiB each once used) go at the
         # node's next sweep (at most a second), not at the first heartbeat (30 s); the
