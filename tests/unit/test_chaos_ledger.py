@@ -39,6 +39,17 @@ class LedgerTests(SynchronousTestCase):
         self.assertEqual(self.row(GROUP).lost, 2)
         self.assertEqual(self.ledger.missing(), 2)
 
+    def test_each_missing_copy_is_named_with_the_seqs_around_its_hole(self) -> None:
+        for n in (1, 2, 3, 4):
+            self.ledger.send(f"g{n}", GROUP, "m0", ("m1",))
+            self.ledger.outcome(f"g{n}", "accepted")
+        for n in (1, 2, 4):
+            self.ledger.show("m1", Shown(f"g{n}", "m0", "g:7", n, n))
+        self.assertEqual(
+            self.ledger.missing_copies(),
+            ["m1 never shown g3 (group from m0, fault, accepted); shown seqs: g:7: 1-2, 4"],
+        )
+
     def test_a_failed_message_is_not_lost_but_showing_it_is_counted(self) -> None:
         self.ledger.send("1", DIRECT, "a", ("b",))
         self.ledger.outcome("1", "failed")

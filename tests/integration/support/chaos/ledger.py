@@ -118,6 +118,33 @@ class Ledger:
             if (receiver, key) not in shown
         )
 
+    def missing_copies(self, most: int = 10) -> list[str]:
+        """The first ``most`` copies ``missing`` counts, one line each: whose, which
+        message, and the seqs that receiver was shown in the message's conversations
+        (where the hole is)."""
+        shown = {(receiver, s.text) for receiver, views in self.shown.items() for s in views}
+        lines = []
+        for key, sent in self.sent.items():
+            if sent.status not in TOLD_OK:
+                continue
+            for receiver in sent.recipients:
+                if (receiver, key) in shown or len(lines) >= most:
+                    continue
+                seqs: dict[str, list[int]] = defaultdict(list)
+                for view in self.shown[receiver]:
+                    if view.sender == sent.sender or sent.kind == GROUP:
+                        seqs[view.conversation].append(view.seq)
+                around = "; ".join(
+                    f"{conversation}: {_ranges(sorted(numbers))}"
+                    for conversation, numbers in sorted(seqs.items())
+                    if sent.kind == DIRECT or conversation.startswith("g")
+                )
+                lines.append(
+                    f"{receiver} never shown {key} ({sent.kind} from {sent.sender}, "
+                    f"{sent.phase}, {sent.status}); shown seqs: {around or 'none'}"
+                )
+        return lines
+
     # --- the table --------------------------------------------------------------------
 
     def rows(self) -> list[Row]:
@@ -195,3 +222,14 @@ def table(rows: list[Row]) -> str:
             f"| {row.shown_though_failed} |"
         )
     return "\n".join(lines)
+
+
+def _ranges(numbers: list[int]) -> str:
+    """1-4, 6, 9-12: a sorted list of seqs, its runs joined."""
+    runs: list[list[int]] = []
+    for n in numbers:
+        if runs and n <= runs[-1][1] + 1:
+            runs[-1][1] = max(runs[-1][1], n)
+        else:
+            runs.append([n, n])
+    return ", ".join(f"{a}-{b}" if a != b else f"{a}" for a, b in runs)

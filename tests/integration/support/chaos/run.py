@@ -309,6 +309,8 @@ class ChaosRun:
             lambda: ledger.missing() == 0, settings.catch_up_deadline, "every copy shown"
         )
         self.event(f"after the catch-up: {ledger.missing()} copies missing ({caught_up})")
+        for line in ledger.missing_copies():
+            self.event(line)
         rows = ledger.rows()
         for row in rows:
             for reason, count in row.failure_reasons.most_common():
