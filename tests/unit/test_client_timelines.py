@@ -164,9 +164,7 @@ class GapTests(SynchronousTestCase):
         self.shown.clear()
         missed = [self.node.append("carol", f"missed {n}", group="team") for n in (3, 4)]
         came = self.node.append("dave", "came", group="team")
-        self.node.refusals[cim_pb2.HISTORY_R] = [
-            cim_pb2.Error(code=cim_pb2.Error.UNAVAILABLE)
-        ] * 10
+        self.node.refusals[cim_pb2.HISTORY_R] = [cim_pb2.Error(code=cim_pb2.Error.UNAVAILABLE)] * 10
         self.node.live(came)
         self.settle()
         self.assertEqual(texts(self.shown), ["came"])  # shown what came
