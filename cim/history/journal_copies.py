@@ -74,8 +74,10 @@ class JournalCopies:
         """(index to reach, who waits, whether the copies were hurried for it)."""
         self.failing = False
         """The copies fail (retried); reads cannot settle meanwhile."""
+        self._unput = False
+        """Records are counted whose rows ``put`` has not brought yet."""
         self._hurried = False
-        """A read asked for the copies since the last ``put``."""
+        """A read asked for the copies while such rows were on their way."""
 
     @property
     def behind(self) -> int:
@@ -92,6 +94,7 @@ class JournalCopies:
         ``generation`` wait for their copy (``settled`` waits for them from now).
         Their rows follow with ``put``, before any later records are counted."""
         self.journaled += count
+        self._unput = True
         runs = self._runs
         if runs and runs[-1][0] == generation:
             runs[-1][1] += count
@@ -101,6 +104,7 @@ class JournalCopies:
     def put(self, rows: Iterable[CopyRow]) -> None:
         """The second half of ``add``: the rows of the records counted last. Counted
         first: a database that answers at once commits inside ``put_many``."""
+        self._unput = False
         self._writer.put_many(rows)
         if self._hurried:
             # A read asked for the copies while these rows were on their way.
@@ -121,7 +125,8 @@ class JournalCopies:
         self._waiters.append((mark, d, hurry))
         if hurry:
             self._writer.flush()
-            self._hurried = True  # rows counted and not yet put: flushed when they are
+            if self._unput:  # flushed too when they come
+                self._hurried = True
         return d
 
     async def stop(self) -> None:

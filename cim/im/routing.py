@@ -224,7 +224,8 @@ class Routing:
         sender's other devices here get it too (``copy_to_own_devices``).
 
         What the ack:R will need is recorded once the read's frames have left (no ack
-        can arrive before the read ends), so the copy does not wait for it.
+        can arrive before the read ends), so the copy does not wait for it. A retry in
+        the same read as its first copy is sent again (the receiver drops it by seq).
         """
         key = (message.id, receiver)
         if key in self._pending:

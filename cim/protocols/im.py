@@ -246,7 +246,7 @@ class ImServerProtocol(FrameProtocol, SweptTimeoutMixin):
             self.active_until(now)
             # Before the read's frames are handled (and every ACTIVITY_EVERY of a long
             # read): a pause stops the rest (they wait in the buffer until resumed).
-            self.factory.node_queue.check()
+            factory.node_queue.check()
 
     def ciphers_used(self) -> None:
         # The node's sweep frees them again if the connection stays quiet (timeouts.py).

@@ -191,6 +191,16 @@ class JournalTests(DatabaseMixin, TestCase):
         self.assertEqual(self.rows(), [(AB, 1, 1)])
         self.assertEqual(timelines.pending, 0)
 
+    def test_a_read_asking_with_nothing_on_its_way_does_not_hurry_later_rows(self) -> None:
+        timelines = self.timelines()
+        self.append(timelines, 1)
+        self.ok(timelines.settled())  # hurried: copied at once
+        self.assertEqual(self.rows(), [(AB, 1, 1)])
+        self.append(timelines, 2)  # a later turn's row keeps the copy's pace
+        self.assertEqual(self.rows(), [(AB, 1, 1)])
+        self.clock.advance(COPY_WAIT)
+        self.assertEqual(self.rows(), [(AB, 1, 1), (AB, 2, 2)])
+
     def test_a_write_forced_inside_the_read_is_not_made_twice(self) -> None:
         held = HeldWrites()
         timelines = self.timelines()
