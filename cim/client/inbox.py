@@ -67,6 +67,10 @@ __all__ = ["Inbox"]
 DIRECT_PREFIX = "d:"
 """Conversation keys of 1:1 timelines start with this (groups' with "g:")."""
 
+MAX_MARKED_RANGE = 4096
+"""Seqs a gap fill may mark dealt with above an open hole (``_Timeline.filled``): a
+fill is one page, so only rows removed in between make its range wider."""
+
 Acknowledge = Callable[[cim_pb2.Message, int], None]
 """ack:R for a handed-over live message: (message, through_seq)."""
 
@@ -111,6 +115,25 @@ class _Timeline:
             self.watermark = seq
             self.above = {s for s in self.above if s > seq}
         self.top = max(self.top, seq)
+        self.advance()
+
+    def filled(self, after: int, before: int) -> None:
+        """A gap fill brought everything the node has in ``after < seq < before``.
+
+        That says nothing of the seqs at or below ``after``: when a hole is open below
+        it (an earlier fill failed, and what came after was shown), the range is only
+        marked dealt with, and the watermark stays below the hole, so acknowledging
+        never claims it and the next catch-up brings it. Skipping to ``before - 1``
+        there lost the hole's messages for good (the chaos run's group loss,
+        docs/reliability.md). A range too wide to mark (rows purged in between) only
+        moves ``top``: the next catch-up settles it.
+        """
+        if self.watermark is None or self.watermark >= after:
+            self.skip_to(before - 1)
+            return
+        if before - after - 1 <= MAX_MARKED_RANGE:
+            self.above.update(range(after + 1, before))
+        self.top = max(self.top, before - 1)
         self.advance()
 
 
@@ -448,9 +471,9 @@ class Inbox:
                 timeline.dealt_with(message.seq)
                 continue
             self._hand_over(timeline, message, live=True)
-        # The node gave everything it has below the held message.
+        # The node gave everything it has between ``after`` and the held message.
         if not timeline.declined:
-            timeline.skip_to(before - 1)
+            timeline.filled(after, before)
         else:
             timeline.top = max(timeline.top, before - 1)
         self._drain(timeline)
@@ -481,7 +504,7 @@ class Inbox:
             message = timeline.held.pop(seq)
             if seq in timeline.own:
                 timeline.own.discard(seq)
-                timeline.top = max(timeline.top, seq)
+                timeline.dealt_with(seq)  # not shown back; past the hole all the same
                 continue
             if not self._is_duplicate(timeline, message):
                 self._hand_over(timeline, message, live=True)

@@ -73,6 +73,40 @@ test("a refused gap fill shows the held messages with the watermark below the ho
   assert.deepEqual(h.acks, [[104n, 1n]]);
 });
 
+test("a later gap's fill does not skip the hole a refused fill left", async () => {
+  const h = harness();
+  h.inbox.anchor("d:alice:bob", 2n);
+  h.inbox.receive(msg(4)); // 3 missing
+  h.fills[0]!.fail(new RequestRefused("HISTORY_R", "UNAVAILABLE"));
+  await settle(5);
+  h.inbox.receive(msg(6)); // 5 missing: this fill is answered
+  assert.equal(h.fills.length, 2);
+  assert.deepEqual([h.fills[1]!.after, h.fills[1]!.before], [4n, 6n]);
+  h.fills[1]!.answer(create(pb.HistoryASchema, { messages: [msg(5)] }));
+  await settle(5);
+  assert.deepEqual(h.shown, ["m4", "m5", "m6"]);
+  assert.equal(h.inbox.watermark("d:alice:bob"), 2n, "3 is still missing");
+  assert.ok(h.acks.every(([, through]) => through <= 2n), "no ack claims 3");
+  h.inbox.beginCatchUp("d:alice:bob", 2n);
+  h.inbox.catchUpPage("d:alice:bob", [msg(3), msg(4), msg(5), msg(6)]);
+  assert.equal(h.inbox.endCatchUp("d:alice:bob", 6n, true), 6n);
+  assert.deepEqual(h.shown, ["m4", "m5", "m6", "m3"]);
+});
+
+test("an own message held through a refused fill is not shown back by the catch-up", async () => {
+  const h = harness();
+  h.inbox.anchor("d:alice:bob", 2n);
+  h.inbox.receive(msg(4)); // 3 missing
+  h.inbox.own("d:alice:bob", 5n); // msg:A while the fill is out
+  h.fills[0]!.fail(new RequestRefused("HISTORY_R", "UNAVAILABLE"));
+  await settle(5);
+  assert.deepEqual(h.shown, ["m4"]);
+  h.inbox.beginCatchUp("d:alice:bob", 2n);
+  h.inbox.catchUpPage("d:alice:bob", [msg(3), msg(4), msg(5, "mine")]);
+  assert.equal(h.inbox.endCatchUp("d:alice:bob", 5n, true), 5n);
+  assert.deepEqual(h.shown, ["m4", "m3"]);
+});
+
 test("a fill cut by a lost connection keeps the held message for the next catch-up", async () => {
   const h = harness();
   h.inbox.anchor("d:alice:bob", 1n);

@@ -22,6 +22,10 @@ export const DIRECT_PREFIX = "d:";
 
 export type Fill = (conversation: string, peer: string, group: string, after: bigint, before: bigint) => Promise<pb.HistoryA>;
 
+/** Seqs a gap fill may mark dealt with above an open hole (a fill is one page: only
+ * rows removed in between make its range wider). */
+const MAX_MARKED_RANGE = 4096n;
+
 class Timeline {
   watermark: bigint | undefined;
   top = 0n;
@@ -59,6 +63,25 @@ class Timeline {
       this.above = new Set([...this.above].filter((s) => s > seq));
     }
     if (seq > this.top) this.top = seq;
+    this.advance();
+  }
+
+  /**
+   * A gap fill brought everything the node has in `after < seq < before`. It says
+   * nothing of what is at or below `after`: with a hole open there (an earlier fill
+   * failed and what came after was shown), the range is only marked dealt with and
+   * the watermark stays below the hole, so no ack claims it and the next catch-up
+   * brings it (skipping to `before - 1` lost it: the Python library's chaos loss).
+   */
+  filled(after: bigint, before: bigint): void {
+    if (this.watermark === undefined || this.watermark >= after) {
+      this.skipTo(before - 1n);
+      return;
+    }
+    if (before - after - 1n <= MAX_MARKED_RANGE) {
+      for (let seq = after + 1n; seq < before; seq++) this.above.add(seq);
+    }
+    if (before - 1n > this.top) this.top = before - 1n;
     this.advance();
   }
 
@@ -352,7 +375,7 @@ export class Inbox {
       }
       this.handOver(timeline, message, true);
     }
-    if (!timeline.declined) timeline.skipTo(before - 1n);
+    if (!timeline.declined) timeline.filled(after, before);
     else if (before - 1n > timeline.top) timeline.top = before - 1n;
     this.drain(timeline);
   }
@@ -368,7 +391,7 @@ export class Inbox {
       timeline.held.delete(seq);
       if (timeline.own.has(seq)) {
         timeline.own.delete(seq);
-        if (seq > timeline.top) timeline.top = seq;
+        timeline.dealtWith(seq); // not shown back; past the hole all the same
         continue;
       }
       if (!this.isDuplicate(timeline, message)) this.handOver(timeline, message, true);
