@@ -21,9 +21,11 @@ as messages are handed over in order. Then:
   brought by the conversation's catch-up instead (``pull``), which hands the whole
   range over in order and then the held messages. A fill the node refuses (or that stays unanswered
   through its retries) hands the held messages over anyway, in order, with the watermark
-  left below the hole, so the next catch-up brings the missing ones (and acknowledging
-  never claims them); one cut by a lost connection keeps them held for the next
-  login's catch-up, which brings the hole and then releases them in order.
+  left below the hole, and asks for the conversation's catch-up, which brings the
+  missing ones once the node can (acknowledging never claims them); one cut by a lost
+  connection keeps them held for the next login's catch-up, which brings the hole and
+  then releases them in order. A later fill answers only its own range: it moves the
+  watermark only when no older hole is open below it (``_Timeline.filled``).
 
 Nothing waits for a fixed window that gives up: a gap is held exactly as long as its
 fill takes, and only its own conversation waits; other conversations flow.
@@ -497,7 +499,9 @@ class Inbox:
             why=failure.getErrorMessage(),
         )
         # Hand the held ones over in order; the watermark stays below the hole, so the
-        # next catch-up brings the missing messages.
+        # conversation's catch-up brings the missing messages: asked now (it retries
+        # with its backoff while the node refuses), not left to the next login, which
+        # on a steady connection may be days away with the cursor held below the hole.
         for seq in sorted(timeline.held):
             if self.closed:
                 return
@@ -508,6 +512,8 @@ class Inbox:
                 continue
             if not self._is_duplicate(timeline, message):
                 self._hand_over(timeline, message, live=True)
+        if timeline.watermark is not None and timeline.watermark < timeline.top:
+            self._pull(timeline.key)
 
     # --- bookkeeping ------------------------------------------------------------------
 

@@ -69,8 +69,9 @@ test("a refused gap fill shows the held messages with the watermark below the ho
   h.fills[0]!.fail(new RequestRefused("HISTORY_R", "UNAVAILABLE"));
   await settle(5);
   assert.deepEqual(h.shown, ["m4"]);
-  assert.equal(h.inbox.watermark("d:alice:bob"), 1n, "the next catch-up brings 2 and 3");
+  assert.equal(h.inbox.watermark("d:alice:bob"), 1n, "the catch-up brings 2 and 3");
   assert.deepEqual(h.acks, [[104n, 1n]]);
+  assert.deepEqual(h.pulls, ["d:alice:bob"], "asked at once, not left to the next login");
 });
 
 test("a later gap's fill does not skip the hole a refused fill left", async () => {

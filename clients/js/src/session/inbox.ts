@@ -384,7 +384,9 @@ export class Inbox {
     timeline.filling = false;
     if (timeline.catchingUp) return;
     if (!(error instanceof RequestFailed)) return; // the connection went: the next login's catch-up
-    // Show what came, in order; the watermark stays below the hole for the next catch-up.
+    // Show what came, in order; the watermark stays below the hole, and the
+    // conversation's catch-up is asked now (it retries while the node refuses) rather
+    // than left to the next login, days away on a steady connection.
     for (const seq of [...timeline.held.keys()].sort(compare)) {
       if (this.closed) return;
       const message = timeline.held.get(seq)!;
@@ -396,6 +398,7 @@ export class Inbox {
       }
       if (!this.isDuplicate(timeline, message)) this.handOver(timeline, message, true);
     }
+    if (timeline.watermark !== undefined && timeline.watermark < timeline.top) this.pull(timeline.key);
   }
 
   private timeline(conversation: string): Timeline {
