@@ -19,13 +19,17 @@ as messages are handed over in order. Then:
   HISTORY_R(after=top, before=seq) (``fill``); the answer is handed over oldest first,
   then the held message and whatever follows it. A gap of more than one page is
   brought by the conversation's catch-up instead (``pull``), which hands the whole
-  range over in order and then the held messages. A fill the node refuses (or that stays unanswered
-  through its retries) hands the held messages over anyway, in order, with the watermark
-  left below the hole, and asks for the conversation's catch-up, which brings the
-  missing ones once the node can (acknowledging never claims them); one cut by a lost
-  connection keeps them held for the next login's catch-up, which brings the hole and
-  then releases them in order. A later fill answers only its own range: it moves the
-  watermark only when no older hole is open below it (``_Timeline.filled``).
+  range over in order and then the held messages. A fill refused for now (the node's
+  database is down: UNAVAILABLE, or no answer through its retries) hands the gap to the
+  conversation's catch-up the same way, the held messages still held, so a short outage
+  delays the conversation and keeps its order. After ``MAX_REFUSED_ROUNDS`` such tries,
+  or a refusal that will not change, the held messages are handed over anyway, in
+  order, with the watermark left below the hole, and the conversation's catch-up is
+  asked for, which brings the missing ones once the node can (acknowledging never
+  claims them). A fill cut by a lost connection keeps them held for the next login's
+  catch-up, which brings the hole and then releases them in order. A later fill answers
+  only its own range: it moves the watermark only when no older hole is open below it
+  (``_Timeline.filled``).
 
 Nothing waits for a fixed window that gives up: a gap is held exactly as long as its
 fill takes, and only its own conversation waits; other conversations flow.
@@ -60,7 +64,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from cim.client.answers import RequestFailed
+from cim.client.answers import RETRYABLE, RequestFailed, RequestRefused, RequestTimedOut
 from cim.client.seen import SeenStore
 from cim.protocols import cim_pb2
 
@@ -68,6 +72,12 @@ __all__ = ["Inbox"]
 
 DIRECT_PREFIX = "d:"
 """Conversation keys of 1:1 timelines start with this (groups' with "g:")."""
+
+MAX_REFUSED_ROUNDS = 6
+"""Tries in a row to bring one gap that the node refused for now (each fill, and each
+catch-up it handed the gap to, with its own retries: about 3 s each) before the
+messages held behind it are shown without it. Order is kept through an outage of
+about 20 s; a longer one holds a conversation back no longer than that."""
 
 MAX_MARKED_RANGE = 4096
 """Seqs a gap fill may mark dealt with above an open hole (``_Timeline.filled``): a
@@ -92,6 +102,9 @@ class _Timeline:
     """Held places of this device's own messages (msg:A): dealt with, never handed over."""
     declined: bool = False
     filling: bool = False
+    refused_rounds: int = 0
+    """Tries in a row to bring the open gap that ended without it: a fill refused for
+    now, or the catch-up it was handed to ending incomplete (``MAX_REFUSED_ROUNDS``)."""
     catching_up: bool = False
     peer: str = ""
     group: str = ""
@@ -341,7 +354,10 @@ class Inbox:
         timeline = self._timeline(conversation)
         timeline.catching_up = False
         if complete and not timeline.declined and not self.closed:
+            timeline.refused_rounds = 0
             timeline.skip_to(through)
+        elif timeline.held:
+            timeline.refused_rounds += 1
         timeline.advance()
         self._drain(timeline)
         return timeline.watermark or 0
@@ -457,6 +473,7 @@ class Inbox:
         if answer.error:
             self._fill_failed(Failure(ValueError(answer.message or answer.error)), timeline)
             return
+        timeline.refused_rounds = 0
         page = [m for m in answer.messages if after < m.seq < before]
         if page and answer.more:
             # More than one page missing: the conversation's catch-up brings all of it,
@@ -493,6 +510,19 @@ class Inbox:
                 why=failure.getErrorMessage(),
             )
             return
+        if _for_now(failure) and timeline.refused_rounds < MAX_REFUSED_ROUNDS:
+            # The node cannot read now: its catch-up of the conversation (retried with
+            # its backoff) brings the gap and then what is held, in order.
+            timeline.refused_rounds += 1
+            self.log.info(
+                "gap fill in {conversation} refused for now ({why}); its catch-up brings it",
+                conversation=timeline.key,
+                why=failure.getErrorMessage(),
+            )
+            timeline.catching_up = True
+            self._pull(timeline.key)
+            return
+        timeline.refused_rounds = 0
         self.log.info(
             "could not fill a gap in {conversation}: {why}; showing what came",
             conversation=timeline.key,
@@ -530,3 +560,12 @@ class Inbox:
         elif not timeline.peer:
             sender = getattr(message, "from")
             timeline.peer = message.to if sender == self.user else sender
+
+
+def _for_now(failure: Failure) -> bool:
+    """Whether a fill's failure may pass (the node's "not now", or no answer), rather
+    than one a retry cannot change (not a participant, a bad request)."""
+    error = failure.value
+    if isinstance(error, RequestTimedOut):
+        return True
+    return isinstance(error, RequestRefused) and error.code in RETRYABLE

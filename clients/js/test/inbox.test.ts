@@ -108,6 +108,37 @@ test("an own message held through a refused fill is not shown back by the catch-
   assert.deepEqual(h.shown, ["m4", "m3"]);
 });
 
+test("a fill refused for now hands the gap to the catch-up, holding what came, in order", async () => {
+  const h = harness();
+  h.inbox.anchor("d:alice:bob", 2n);
+  h.inbox.receive(msg(4)); // 3 missing
+  h.fills[0]!.fail(new RequestRefused("HISTORY_R", "UNAVAILABLE", pb.Error_Code.UNAVAILABLE));
+  await settle(5);
+  assert.deepEqual(h.shown, [], "4 waits for 3");
+  assert.deepEqual(h.pulls, ["d:alice:bob"]);
+  h.inbox.beginCatchUp("d:alice:bob", 2n);
+  h.inbox.catchUpPage("d:alice:bob", [msg(3), msg(4)]);
+  assert.equal(h.inbox.endCatchUp("d:alice:bob", 4n, true), 4n);
+  assert.deepEqual(h.shown, ["m3", "m4"]);
+});
+
+test("a gap refused for now too many times shows what came without it", async () => {
+  const h = harness();
+  h.inbox.anchor("d:alice:bob", 2n);
+  h.inbox.receive(msg(4)); // 3 missing
+  for (let round = 0; round < 20 && h.shown.length === 0; round++) {
+    h.fills.at(-1)!.fail(new RequestRefused("HISTORY_R", "UNAVAILABLE", pb.Error_Code.UNAVAILABLE));
+    await settle(5);
+    if (h.shown.length) break;
+    // The catch-up it was handed to ends incomplete too; the next fill goes out.
+    h.inbox.beginCatchUp("d:alice:bob", 2n);
+    h.inbox.endCatchUp("d:alice:bob", 0n, false);
+  }
+  assert.deepEqual(h.shown, ["m4"]);
+  assert.equal(h.inbox.watermark("d:alice:bob"), 2n, "no ack claims 3");
+  assert.equal(h.fills.length, 4, "refused fills and incomplete catch-ups: six tries, then shown");
+});
+
 test("a fill cut by a lost connection keeps the held message for the next catch-up", async () => {
   const h = harness();
   h.inbox.anchor("d:alice:bob", 1n);

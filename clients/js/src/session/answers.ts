@@ -34,7 +34,7 @@ export const ANSWER_TYPES = new Map<number, number>([
 const ANSWERS = new Set(ANSWER_TYPES.values());
 const BY_ORDER = new Set<number>([T.ONLINE_A]);
 const BY_MESSAGE = new Set<number>([T.ACK_A]);
-const RETRYABLE = new Set<number>([pb.Error_Code.UNAVAILABLE, pb.Error_Code.RATE_LIMITED, pb.Error_Code.INTERNAL]);
+export const RETRYABLE = new Set<number>([pb.Error_Code.UNAVAILABLE, pb.Error_Code.RATE_LIMITED, pb.Error_Code.INTERNAL]);
 
 function frameName(type: number): string {
   return pb.FrameType[type] ?? String(type);

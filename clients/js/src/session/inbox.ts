@@ -10,11 +10,15 @@
  * duplicate: dropped and acknowledged again; a seq after a gap is held and the gap
  * is asked at once with HISTORY_R(after = top, before = seq) (gap healing). A gap of
  * more than a page, or one while the conversation is being caught up, waits for the
- * catch-up instead. Nothing waits for a window that gives up.
+ * catch-up instead, and so does one whose fill the node refused for now (a database
+ * down): what came stays held, so order holds through a short outage. After
+ * MAX_REFUSED_ROUNDS such tries, or a refusal that will not change, what came is
+ * shown with the watermark below the hole, and the catch-up brings the hole later. A
+ * fill answers only its own range. Nothing waits for a window that gives up.
  */
 import { create } from "@bufbuild/protobuf";
 import { pb } from "../protocol/frames.js";
-import { RequestFailed } from "./answers.js";
+import { RETRYABLE, RequestFailed, RequestRefused, RequestTimedOut } from "./answers.js";
 import { compare } from "./delivery.js";
 import type { SeenStore } from "./seen.js";
 
@@ -26,6 +30,19 @@ export type Fill = (conversation: string, peer: string, group: string, after: bi
  * rows removed in between make its range wider). */
 const MAX_MARKED_RANGE = 4096n;
 
+/** Tries in a row to bring one gap the node refused for now (each fill, and each
+ * catch-up it handed the gap to, with its own retries: about 3 s each) before the
+ * messages held behind it are shown without it: order is kept through an outage of
+ * about 20 s, and a longer one holds a conversation back no longer than that. */
+const MAX_REFUSED_ROUNDS = 6;
+
+/** A fill's failure that may pass (the node's "not now", or no answer), rather than
+ * one a retry cannot change (not a participant, a bad request). */
+function forNow(error: unknown): boolean {
+  if (error instanceof RequestTimedOut) return true;
+  return error instanceof RequestRefused && RETRYABLE.has(error.code);
+}
+
 class Timeline {
   watermark: bigint | undefined;
   top = 0n;
@@ -35,6 +52,8 @@ class Timeline {
   declined = false;
   filling = false;
   catchingUp = false;
+  /** Tries in a row to bring the open gap that ended without it (MAX_REFUSED_ROUNDS). */
+  refusedRounds = 0;
   peer = "";
   group = "";
 
@@ -267,7 +286,12 @@ export class Inbox {
   endCatchUp(conversation: string, through: bigint, complete: boolean): bigint {
     const timeline = this.timeline(conversation);
     timeline.catchingUp = false;
-    if (complete && !timeline.declined && !this.closed) timeline.skipTo(through);
+    if (complete && !timeline.declined && !this.closed) {
+      timeline.refusedRounds = 0;
+      timeline.skipTo(through);
+    } else if (timeline.held.size) {
+      timeline.refusedRounds += 1;
+    }
     timeline.advance();
     this.drain(timeline);
     return timeline.watermark ?? 0n;
@@ -360,6 +384,7 @@ export class Inbox {
       this.fillFailed(new RequestFailed("HISTORY_R", answer.message || answer.error), timeline);
       return;
     }
+    timeline.refusedRounds = 0;
     const page = answer.messages.filter((m) => after < m.seq && m.seq < before);
     if (page.length && answer.more) {
       timeline.catchingUp = true; // more than a page: the catch-up brings all of it
@@ -384,6 +409,15 @@ export class Inbox {
     timeline.filling = false;
     if (timeline.catchingUp) return;
     if (!(error instanceof RequestFailed)) return; // the connection went: the next login's catch-up
+    if (forNow(error) && timeline.refusedRounds < MAX_REFUSED_ROUNDS) {
+      // The node cannot read now: the conversation's catch-up (retried with its
+      // backoff) brings the gap and then what is held, in order.
+      timeline.refusedRounds += 1;
+      timeline.catchingUp = true;
+      this.pull(timeline.key);
+      return;
+    }
+    timeline.refusedRounds = 0;
     // Show what came, in order; the watermark stays below the hole, and the
     // conversation's catch-up is asked now (it retries while the node refuses) rather
     // than left to the next login, days away on a steady connection.
