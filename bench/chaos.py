@@ -44,11 +44,16 @@ def section(report: Any) -> str:
         f"(a round every {settings.tick:g} s; node down {settings.node_down:g} s, RabbitMQ "
         f"down {settings.broker_down:g} s, PostgreSQL down {settings.database_down:g} s, "
         f"node stopped {settings.node_paused:g} s; {settings.settle:g} s of traffic after "
-        f"each recovery), {report.seconds:.0f} s in all, clients per node "
+        f"each recovery{_refused(settings.refused_fills)}), {report.seconds:.0f} s in all, "
+        "clients per node "
         f"{dict(sorted(report.placement.items()))}.\n\n"
         f"{report.table()}\n"
         f"{END}"
     )
+
+
+def _refused(share: float) -> str:
+    return f"; {share:.0%} of gap fills refused throughout" if share else ""
 
 
 def write_docs(text: str) -> None:

@@ -1,12 +1,14 @@
 """The chaos run, shortened for CI (tests/integration/support/chaos/run.py ``CI``).
 
-Three real nodes on private Redis, ZooKeeper, RabbitMQ and PostgreSQL; 20 1:1 pairs
-and a ten-member group write through the client library while each fault comes and
-goes. For every fault: nothing a sender was told went well is missing from its
-receivers' applications after the final catch-up, nothing is shown twice, nothing is
-shown out of the server's order, every send ended, and no message failed: every
-outage here is shorter than the library's retry budget, so refusing a message for
-good is never the right answer (see ``FAILED_BOUNDS``).
+Three real nodes on private Redis, ZooKeeper, RabbitMQ and PostgreSQL; 20 1:1 pairs and
+a ten-member group write through the client library while each fault comes and goes, and
+30 % of every client's gap fills are refused throughout (``CI.refused_fills``: the
+refusal a node whose database is down gives, which once lost messages). For every fault:
+nothing a sender was told went well is missing from its receivers' applications after
+the final catch-up, nothing is shown twice, nothing is shown out of the server's order,
+every send ended, and no message failed: every outage here is shorter than the library's
+retry budget, so refusing a message for good is never the right answer (see
+``FAILED_BOUNDS``).
 """
 
 from __future__ import annotations

@@ -3,9 +3,12 @@ its table counts what it says, so a run that loses, repeats or reorders cannot p
 
 from __future__ import annotations
 
+from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.integration.support.chaos.app import Shown
+from cim.client.answers import RequestRefused
+from cim.protocols import cim_pb2
+from tests.integration.support.chaos.app import REFUSAL_DELAY, ChaosApp, Shown
 from tests.integration.support.chaos.ledger import DIRECT, GROUP, HEADER, Ledger, Row, table
 
 
@@ -106,3 +109,30 @@ class LedgerTests(SynchronousTestCase):
         self.assertIn("| fault | 1:1 | 1 | 0 | 0 | 0 | 0 | 1 | 0 | 0 | 0 | 0 |", text)
         self.assertIn("| fault | group | 0 |", text)
         self.assertEqual(len(text.splitlines()), 4)
+
+
+class RefusedFillTests(SynchronousTestCase):
+    """The run's standing fault (``ChaosApp`` ``refuse_fills``): a gap fill refused as the
+    node's UNAVAILABLE would be, later; anything else asked goes on to the library."""
+
+    def app(self, share: float) -> tuple[ChaosApp, Clock]:
+        clock = Clock()
+        app = ChaosApp(clock, ["http://router.invalid"], "u1", "pw", lambda *_: None, share)
+        return app, clock
+
+    def test_every_fill_refused_at_a_share_of_one(self) -> None:
+        app, clock = self.app(1.0)
+        asked = app._client.answers.history(cim_pb2.HistoryR(group="g", after=4, before=7))
+        self.assertNoResult(asked)
+        clock.advance(REFUSAL_DELAY)
+        failure = self.failureResultOf(asked, RequestRefused)
+        self.assertEqual(failure.value.code, cim_pb2.Error.UNAVAILABLE)
+        self.assertEqual((app.fills, app.refused_fills), (1, 1))
+
+    def test_history_pages_and_an_unrefusing_run_go_to_the_library(self) -> None:
+        app, _ = self.app(1.0)
+        page = app._client.answers.history(cim_pb2.HistoryR(group="g", before=7))
+        self.failureResultOf(page)  # the library's own answer: not connected
+        self.assertEqual((app.fills, app.refused_fills), (0, 0))
+        plain, _ = self.app(0.0)
+        self.assertNotIn("history", vars(plain._client.answers))

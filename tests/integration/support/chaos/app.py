@@ -19,7 +19,9 @@ The library calls used, all on ``cim.client.session.ChatClient``:
 - ``catch_up.start()``: the catch-up a login or reconnect makes, asked for once more at
   the end of the run;
 - ``protocol.transport.abortConnection()`` (``protocol`` is the current connection): a
-  reset connection (the fault, not an application call).
+  reset connection (the fault, not an application call);
+- ``answers.history``, wrapped when the run refuses gap fills (``refuse_fills``: the
+  fault, not an application call).
 
 Message fields read: ``text``, ``from``, ``group``, ``client_seq``, and
 ``seq``/``conversation`` where the wire has them (the timelines wire; the current
@@ -34,14 +36,21 @@ from dataclasses import dataclass
 from typing import Any
 
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.task import deferLater
 
+from cim.client.answers import RequestRefused
 from cim.client.session import Backoff, ChatClient, DeliveryOutcome, RetryPolicy
 from cim.protocols import cim_pb2
 
 RETRY = RetryPolicy(delays=(4.0, 8.0, 16.0), final_wait=20.0)
 """Resends after 4, 12 and 28 s, failed at 48 s: longer than every outage of the run
 (so failing is never the right answer for a message) and short enough for CI."""
-"""How long the library holds a message after a gap (as the reliability tests do)."""
+
+_UNAVAILABLE: int = cim_pb2.Error.UNAVAILABLE
+
+REFUSAL_DELAY = 0.2
+"""Seconds a refused gap fill takes to come back (``ChaosApp`` ``refuse_fills``): the
+round trip of a node's answer, so the refusal comes as the node's would, later."""
 
 
 @dataclass(frozen=True)
@@ -82,6 +91,7 @@ class ChaosApp:
         user: str,
         password: str,
         on_shown: Callable[[str, Shown], None],
+        refuse_fills: float = 0.0,
     ) -> None:
         self.user = user
         self._client = ChatClient(
@@ -99,6 +109,34 @@ class ChaosApp:
         self._on_shown = on_shown
         self.connections = 0
         """How many times the library has come online (a reconnect adds one)."""
+        self.fills = 0
+        """Gap fills asked (counted where the run refuses some: ``refuse_fills``)."""
+        self.refused_fills = 0
+        if refuse_fills:
+            self._refuse_fills(reactor, refuse_fills)
+
+    def _refuse_fills(self, reactor: Any, fraction: float) -> None:
+        """A standing fault: ``fraction`` of this device's gap fills (HISTORY_R with
+        ``after``) refused UNAVAILABLE, as a node whose database is down refuses them,
+        once their retries are spent. The library's handling of a refused fill lost
+        messages the faults alone showed about once in 13 runs (docs/reliability.md);
+        refused here, it is exercised in every run. Done where the library asks, so the
+        nodes run as shipped."""
+        answers = self._client.answers
+        asked = answers.history
+        rng = random.Random(f"fills:{self.user}")
+
+        def refused() -> cim_pb2.HistoryA:
+            self.refused_fills += 1
+            raise RequestRefused("HISTORY_R", "UNAVAILABLE: refused by the chaos run", _UNAVAILABLE)
+
+        def history(request: cim_pb2.HistoryR) -> Deferred[cim_pb2.HistoryA]:
+            self.fills += 1 if request.after else 0
+            if request.after and rng.random() < fraction:
+                return deferLater(reactor, REFUSAL_DELAY, refused)
+            return asked(request)
+
+        answers.history = history  # type: ignore[method-assign]
 
     def _state_changed(self, state: str, detail: str) -> None:
         if state == "online":

@@ -69,6 +69,9 @@ class Settings:
     phase_outcomes: float
     """How long each fault's recovery waits for the outcomes of what was sent so far
     (the table reports what never ended; the final wait is the retry budget's)."""
+    refused_fills: float = 0.0
+    """A standing fault beside the phases' own: the share of every client's gap fills
+    refused UNAVAILABLE (``ChaosApp`` ``refuse_fills``)."""
     recovery_deadline: float = 120.0
     outcome_deadline: float = sum(RETRY.waits) + 30.0
     catch_up_deadline: float = 60.0
@@ -96,6 +99,7 @@ CI = Settings(
     node_paused=10,
     phase_outcomes=10,
     catch_up_deadline=30,
+    refused_fills=0.3,
 )
 
 
@@ -204,7 +208,14 @@ class ChaosRun:
         self.pairs, self.members = spread_users(self.world)
         self.users = [user for pair in self.pairs for user in pair] + self.members
         self.apps = {
-            user: ChaosApp(reactor, self.world.routers, user, PASSWORD, self.ledger.show)
+            user: ChaosApp(
+                reactor,
+                self.world.routers,
+                user,
+                PASSWORD,
+                self.ledger.show,
+                refuse_fills=settings.refused_fills,
+            )
             for user in self.users
         }
         self.placement: dict[str, int] = {}
@@ -309,6 +320,10 @@ class ChaosRun:
             lambda: ledger.missing() == 0, settings.catch_up_deadline, "every copy shown"
         )
         self.event(f"after the catch-up: {ledger.missing()} copies missing ({caught_up})")
+        if settings.refused_fills:
+            fills = sum(app.fills for app in self.apps.values())
+            refused = sum(app.refused_fills for app in self.apps.values())
+            self.event(f"gap fills: {fills} asked, {refused} refused by the run")
         for line in ledger.missing_copies():
             self.event(line)
         rows = ledger.rows()
