@@ -6,13 +6,21 @@ a ``FakeConnection`` the way the design says (summary, pulls newest first past t
 cursor, OFFLINE_ACK_R, HISTORY_R by seq, ack:R moving the cursor, msg:R appended then
 msg:A). Answers wait in a queue until ``pump`` delivers them, so a test can look
 between a request and its answer, refuse a request with an ERROR, or drop it.
+
+``session(node)`` makes the ``ChatClient`` these tests drive (a ``Clock``, a router that
+never answers, what the application was shown); ``texts`` lists the shown texts.
 """
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable
 from typing import Any
 
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+
+from cim.client.session import ChatClient
 from cim.protocols import cim_pb2
 
 
@@ -276,3 +284,46 @@ def _copy(message: cim_pb2.Message) -> cim_pb2.Message:
     copy = cim_pb2.Message()
     copy.CopyFrom(message)
     return copy
+
+
+# --- the client under test ---------------------------------------------------------
+
+
+class SilentRouter:
+    """A router that never answers: the dialer's reconnects go nowhere in these tests."""
+
+    async def login(self, user: str, password: str, device: str) -> Any:
+        await Deferred()
+
+    async def logout(self, token: str) -> None:
+        return None
+
+
+def session(
+    node: TimelineNode, ordered: bool = False, receiving: bool = True, **options: Any
+) -> tuple[ChatClient, Clock, list[cim_pb2.Message]]:
+    clock = Clock()
+    client = ChatClient(
+        clock,  # type: ignore[arg-type]
+        "http://router.invalid",
+        node.user,
+        "pw",
+        device="phone",
+        router=SilentRouter(),  # type: ignore[arg-type]
+        rng=random.Random(3),
+        receiving=receiving,
+        ordered=ordered,
+        **options,
+    )
+    shown: list[cim_pb2.Message] = []
+
+    def take(message: cim_pb2.Message) -> bool:
+        shown.append(message)
+        return True
+
+    client.on_message = take
+    return client, clock, shown
+
+
+def texts(messages: list[cim_pb2.Message]) -> list[str]:
+    return [message.text for message in messages]

@@ -16,8 +16,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from cim.protocols import cim_pb2
 from cim.scripts import client as cli
 from cim.scripts.chat_commands import Listener, sync_command
-from tests.fakes.timeline_node import TimelineNode
-from tests.unit.test_client_timelines import session
+from tests.fakes.timeline_node import TimelineNode, session
 
 
 def printed(out: io.StringIO) -> list[dict[str, Any]]:

@@ -1,5 +1,6 @@
 """The client's outbox (retries, outcomes, pacing) and seen stores; the inbox (dedup and
-seq order per conversation) is tested with the session in test_client_timelines."""
+seq order per conversation) is tested with the session in test_client_timelines and
+test_client_gaps."""
 
 from __future__ import annotations
 

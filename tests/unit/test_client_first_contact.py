@@ -11,9 +11,8 @@ from cim.client.router import LoginTicket, RouterError
 from cim.client.session import SessionFailed, SessionRefused, Unreachable
 from cim.protocols import cim_pb2
 from tests.fakes.node import NodeHarness
-from tests.fakes.timeline_node import TimelineNode
+from tests.fakes.timeline_node import TimelineNode, session, texts
 from tests.unit.test_client_session import FakeRouter, make_client, result_of, settle
-from tests.unit.test_client_timelines import session, texts
 
 
 class SilentRouter(FakeRouter):

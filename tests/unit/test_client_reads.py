@@ -13,8 +13,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from cim.client.answers import RequestRefused
 from cim.client.reads import ReadEvent, ReadState, conversation_key
 from cim.protocols import cim_pb2
-from tests.fakes.timeline_node import TimelineNode
-from tests.unit.test_client_timelines import session
+from tests.fakes.timeline_node import TimelineNode, session
 
 AB = "d:alice:bob"
 

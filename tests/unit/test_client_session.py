@@ -22,8 +22,7 @@ from cim.client.session import Backoff, ChatClient, DeliveryOutcome, SessionFail
 from cim.config import KNOWN_SUITES, SUITE_RC4
 from cim.protocols import cim_pb2
 from tests.fakes.node import NodeHarness
-from tests.fakes.timeline_node import TimelineNode
-from tests.unit.test_client_timelines import session
+from tests.fakes.timeline_node import TimelineNode, session
 
 
 class FakeRouter:

@@ -30,10 +30,9 @@ from cim.scripts.chat_commands import Listener, typing_command
 from cim.scripts.output import ClientExit
 from cim.storage.schema import conversations, timeline
 from tests.fakes.node import ConnectedClient, NodeHarness
-from tests.fakes.timeline_node import TimelineNode
+from tests.fakes.timeline_node import TimelineNode, session
 from tests.unit.test_client_session import make_client
 from tests.unit.test_client_session import settle as settle_session
-from tests.unit.test_client_timelines import session
 from tests.unit.test_console import FakeClient, text_message
 from tests.unit.test_contacts_node import ContactNodeMixin
 from tests.unit.test_delivery import FakeGroups, cluster, settle
