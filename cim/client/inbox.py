@@ -286,8 +286,7 @@ class Inbox:
         if timeline.key.startswith(DIRECT_PREFIX):
             timeline.skip_to(0)
             return False
-        timeline.catching_up = True
-        self._pull(timeline.key)
+        self._pull_instead(timeline)
         return True
 
     def summary_done(self, complete: bool) -> None:
@@ -479,8 +478,7 @@ class Inbox:
             # More than one page missing: the conversation's catch-up brings all of it,
             # page by page from the cursor, and then the held messages, in order. The
             # application is never handed a part and the rest skipped.
-            timeline.catching_up = True
-            self._pull(timeline.key)
+            self._pull_instead(timeline)
             return
         for message in sorted(page, key=lambda m: m.seq):
             if self.closed:
@@ -519,8 +517,7 @@ class Inbox:
                 conversation=timeline.key,
                 why=failure.getErrorMessage(),
             )
-            timeline.catching_up = True
-            self._pull(timeline.key)
+            self._pull_instead(timeline)
             return
         timeline.refused_rounds = 0
         self.log.info(
@@ -544,6 +541,12 @@ class Inbox:
                 self._hand_over(timeline, message, live=True)
         if timeline.watermark is not None and timeline.watermark < timeline.top:
             self._pull(timeline.key)
+
+    def _pull_instead(self, timeline: _Timeline) -> None:
+        """The conversation's catch-up brings the gap, then what is held, in order;
+        live messages after a gap wait for it meanwhile (``catching_up``)."""
+        timeline.catching_up = True
+        self._pull(timeline.key)
 
     # --- bookkeeping ------------------------------------------------------------------
 

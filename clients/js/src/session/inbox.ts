@@ -218,8 +218,7 @@ export class Inbox {
       timeline.skipTo(0n);
       return false;
     }
-    timeline.catchingUp = true;
-    this.pull(timeline.key);
+    this.pullInstead(timeline);
     return true;
   }
 
@@ -387,8 +386,7 @@ export class Inbox {
     timeline.refusedRounds = 0;
     const page = answer.messages.filter((m) => after < m.seq && m.seq < before);
     if (page.length && answer.more) {
-      timeline.catchingUp = true; // more than a page: the catch-up brings all of it
-      this.pull(timeline.key);
+      this.pullInstead(timeline); // more than a page: the catch-up brings all of it
       return;
     }
     for (const message of page.sort((a, b) => compare(a.seq, b.seq))) {
@@ -413,8 +411,7 @@ export class Inbox {
       // The node cannot read now: the conversation's catch-up (retried with its
       // backoff) brings the gap and then what is held, in order.
       timeline.refusedRounds += 1;
-      timeline.catchingUp = true;
-      this.pull(timeline.key);
+      this.pullInstead(timeline);
       return;
     }
     timeline.refusedRounds = 0;
@@ -433,6 +430,13 @@ export class Inbox {
       if (!this.isDuplicate(timeline, message)) this.handOver(timeline, message, true);
     }
     if (timeline.watermark !== undefined && timeline.watermark < timeline.top) this.pull(timeline.key);
+  }
+
+  /** The conversation's catch-up brings the gap, then what is held, in order; live
+   * messages after a gap wait for it meanwhile (`catchingUp`). */
+  private pullInstead(timeline: Timeline): void {
+    timeline.catchingUp = true;
+    this.pull(timeline.key);
   }
 
   private timeline(conversation: string): Timeline {

@@ -131,8 +131,10 @@ class ChaosApp:
             raise RequestRefused("HISTORY_R", "UNAVAILABLE: refused by the chaos run", _UNAVAILABLE)
 
         def history(request: cim_pb2.HistoryR) -> Deferred[cim_pb2.HistoryA]:
-            self.fills += 1 if request.after else 0
-            if request.after and rng.random() < fraction:
+            if not request.after:
+                return asked(request)  # a history page, not a gap fill
+            self.fills += 1
+            if rng.random() < fraction:
                 return deferLater(reactor, REFUSAL_DELAY, refused)
             return asked(request)
 
